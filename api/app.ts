@@ -1,0 +1,86 @@
+import { randomUUID } from 'node:crypto';
+import express, { type Express } from 'express';
+import { pinoHttp } from 'pino-http';
+import type { Client } from '@temporalio/client';
+import { AppError, NotFoundError } from '../core/errors';
+import type { Logger } from '../core/logger';
+import type { Pool } from '../db/pool';
+import { appendAudit, errorDetail, isAudited, outcomeOf } from '../vault/audit';
+import { hashToken, type Identities } from '../vault/identities';
+import type { Vault } from '../vault/vault';
+import type { AuthDeps } from './endpoint';
+import { problemHandler } from './problem';
+import { auditRoutes } from './routes/audit';
+import { healthRoutes } from './routes/health';
+import { identityRoutes } from './routes/identities';
+import { mailRoutes } from './routes/mail';
+import { rotationRoutes } from './routes/rotations';
+import { vaultRoutes } from './routes/vault';
+
+export interface ApiDeps {
+  pool: Pool;
+  vault: Vault;
+  identities: Identities;
+  client: Client;
+  namespace: string;
+  taskQueue: string;
+  adminToken: string;
+  logger: Logger;
+}
+
+const REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/;
+
+export function createApp(deps: ApiDeps): Express {
+  const app = express();
+  app.disable('x-powered-by');
+  app.set('query parser', 'simple');
+  const auth: AuthDeps = { identities: deps.identities, adminTokenHash: hashToken(deps.adminToken) };
+
+  app.use((req, res, next) => {
+    const given = req.get('x-request-id');
+    res.locals.requestId = given && REQUEST_ID.test(given) ? given : randomUUID();
+    res.setHeader('X-Request-Id', res.locals.requestId);
+    res.setHeader('X-Content-Type-Options', 'nosniff');
+    // Responses may carry secrets: never cache them anywhere.
+    res.setHeader('Cache-Control', 'no-store');
+    next();
+  });
+  app.use(
+    pinoHttp({
+      logger: deps.logger,
+      genReqId: (_req, res) => (res as express.Response).locals.requestId,
+      // Method, path and status only: no headers (tokens), no bodies (values), no query strings.
+      serializers: {
+        req: (req) => ({ id: req.id, method: req.method, path: String(req.url).split('?')[0] }),
+        res: (res) => ({ statusCode: res.statusCode }),
+      },
+      customProps: (_req, res) => ({ identity: (res as express.Response).locals?.identity?.id }),
+    }),
+  );
+
+  app.use(healthRoutes({ pool: deps.pool, client: deps.client, namespace: deps.namespace }));
+  app.use(identityRoutes(auth, deps.identities));
+  app.use(vaultRoutes(auth, deps.vault));
+  app.use(mailRoutes(auth, deps));
+  app.use(rotationRoutes(auth, deps));
+  app.use(auditRoutes(auth, deps));
+
+  app.use((req) => {
+    throw new NotFoundError(`no route ${req.method} ${req.path}`);
+  });
+  app.use(
+    problemHandler(deps.logger, async (res, err: AppError, original) => {
+      const action: string | undefined = res.locals.action;
+      if (!action || isAudited(original)) return;
+      await appendAudit(deps.pool, {
+        identityId: res.locals.identity?.id ?? null,
+        actor: res.locals.identity ? `identity:${res.locals.identity.id}` : res.locals.admin ? 'admin' : 'anonymous',
+        action,
+        outcome: outcomeOf(err),
+        requestId: res.locals.requestId,
+        detail: errorDetail(err),
+      });
+    }),
+  );
+  return app;
+}

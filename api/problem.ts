@@ -1,0 +1,64 @@
+import type { ErrorRequestHandler, Response } from 'express';
+import { AppError, UnavailableError, type FieldError } from '../core/errors';
+import type { Logger } from '../core/logger';
+
+/** RFC 9457 problem details: the one place errors become HTTP responses. */
+export const PROBLEM_BASE = 'https://mailgent.dev/problems/';
+
+export interface Problem {
+  type: string;
+  title: string;
+  status: number;
+  detail: string;
+  instance?: string;
+  requestId?: string;
+  errors?: FieldError[];
+  [extra: string]: unknown;
+}
+
+const DB_DOWN_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EPIPE', '57P01', '57P02', '57P03', '08000', '08001', '08003', '08004', '08006']);
+
+/** Maps any thrown value to an AppError; unknown errors become a 500 that says nothing internal. */
+export function toAppError(err: unknown): AppError {
+  if (err instanceof AppError) return err;
+  const e = err as { code?: string; message?: string; type?: string; status?: number };
+  if (e?.type === 'entity.parse.failed') return new AppError(400, 'malformed-json', 'Malformed JSON', 'the request body is not valid JSON');
+  if (e?.type === 'entity.too.large') return new AppError(413, 'payload-too-large', 'Request too large', 'the request body is larger than 256 KiB');
+  if (e?.type === 'encoding.unsupported' || e?.type === 'charset.unsupported') {
+    return new AppError(415, 'unsupported-media-type', 'Unsupported media type', 'the request body must be UTF-8 JSON');
+  }
+  if (e?.status && e.status >= 400 && e.status < 500) return new AppError(400, 'validation-failed', 'Bad request', 'the request could not be read');
+  if ((e?.code && DB_DOWN_CODES.has(e.code)) || /Connection terminated|timeout exceeded when trying to connect|connect ECONNREFUSED/i.test(e?.message ?? '')) {
+    return new UnavailableError('the database is unavailable; try again shortly');
+  }
+  return new AppError(500, 'internal', 'Internal error', 'the server failed to handle this request; the request id identifies it in the logs');
+}
+
+export function problemOf(err: AppError, instance?: string, requestId?: string): Problem {
+  return {
+    type: PROBLEM_BASE + err.slug,
+    title: err.title,
+    status: err.status,
+    detail: err.message,
+    ...(instance ? { instance } : {}),
+    ...(requestId ? { requestId } : {}),
+    ...err.extra,
+  };
+}
+
+export function sendProblem(res: Response, err: AppError): void {
+  const problem = problemOf(err, res.req.path, res.locals.requestId);
+  if (err.status === 401) res.setHeader('WWW-Authenticate', 'Bearer realm="mailgent"');
+  if (err.status === 503) res.setHeader('Retry-After', '5');
+  res.status(err.status).type('application/problem+json').send(JSON.stringify(problem));
+}
+
+export function problemHandler(logger: Logger, audit: (res: Response, err: AppError, original: unknown) => Promise<void>): ErrorRequestHandler {
+  return async (err, _req, res, _next) => {
+    const appErr = toAppError(err);
+    if (appErr.status >= 500) logger.error({ err, requestId: res.locals.requestId }, 'request failed');
+    await audit(res, appErr, err).catch((auditErr) => logger.error({ err: auditErr, requestId: res.locals.requestId }, 'could not audit a failed request'));
+    if (res.headersSent) return;
+    sendProblem(res, appErr);
+  };
+}

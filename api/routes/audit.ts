@@ -1,0 +1,42 @@
+import { Router } from 'express';
+import type { Pool } from '../../db/pool';
+import { listAudit, verifyAuditChain } from '../../vault/audit';
+import type { Vault } from '../../vault/vault';
+import { endpoint, type AuthDeps } from '../endpoint';
+import { auditQuery } from '../schemas';
+
+export function auditRoutes(auth: AuthDeps, deps: { pool: Pool; vault: Vault }): Router {
+  const router = Router();
+
+  router.get(
+    '/v1/audit/verify',
+    ...endpoint(auth, { who: 'admin', action: 'audit.verify' }, async () => ({ body: await verifyAuditChain(deps.pool) })),
+  );
+
+  // An identity sees its own events; the admin token sees everyone's.
+  router.get(
+    '/v1/audit',
+    ...endpoint(auth, { who: 'identity-or-admin', query: auditQuery }, async ({ query, identity }) => {
+      let credentialId: string | undefined;
+      if (query.credential) {
+        if (identity) {
+          const { found } = await deps.vault.resolve(identity.id, [query.credential]);
+          // Unknown to this identity: an empty list, same as a credential with no events.
+          credentialId = found.get(query.credential) ?? '00000000-0000-0000-0000-000000000000';
+        } else {
+          credentialId = /^[0-9a-f-]{36}$/i.test(query.credential) ? query.credential : '00000000-0000-0000-0000-000000000000';
+        }
+      }
+      const items = await listAudit(deps.pool, {
+        identityId: identity?.id,
+        credentialId,
+        since: query.since ? new Date(query.since) : undefined,
+        afterSeq: query.after,
+        limit: query.limit,
+      });
+      return { body: { items, nextCursor: items.length === query.limit ? items.at(-1)!.seq : null } };
+    }),
+  );
+
+  return router;
+}

@@ -1,0 +1,121 @@
+import { z } from 'zod';
+import { KINDS } from '../vault/vault';
+import { MAX_PERIOD_SECONDS } from '../vault/totp';
+
+/**
+ * Request schemas of the HTTP API. Objects are strict: an unknown field is an error, not ignored.
+ * Messages never include the offending value.
+ */
+export const MAX_VALUE_BYTES = 64 * 1024;
+export const MAX_REQUEST_BYTES = 256 * 1024;
+
+const credentialName = z
+  .string()
+  .min(1)
+  .max(200)
+  .regex(/^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$/, 'must start with a letter or digit and use only letters, digits and . _ : / @ + -');
+const credentialId = z.uuid('must be a credential id (UUID)');
+const email = z.email('must be an email address').max(254);
+const kind = z.enum(KINDS);
+const days = z.coerce.number().int().min(0).max(36500);
+
+export const identityCreate = z.strictObject({
+  name: z.string().min(1).max(100).regex(/^[A-Za-z0-9][A-Za-z0-9._@-]*$/, 'must use only letters, digits and . _ @ -'),
+  email: email.optional(),
+});
+
+const totp = z.union([
+  z.strictObject({ otpauthUri: z.string().min(1).max(2048).startsWith('otpauth://', 'must be an otpauth:// URI') }),
+  z.strictObject({
+    secret: z.string().min(16).max(200),
+    algorithm: z.enum(['SHA1', 'SHA256', 'SHA512']).optional(),
+    digits: z.union([z.literal(6), z.literal(8)]).optional(),
+    period: z.number().int().min(1).max(MAX_PERIOD_SECONDS).optional(),
+  }),
+]);
+
+export const rotationPolicy = z.strictObject({
+  provider: z.string().min(1).max(64),
+  settings: z.record(z.string(), z.unknown()).default({}),
+  periodDays: z.number().int().min(1).max(3650).default(90),
+});
+
+export const vaultStore = z
+  .strictObject({
+    name: credentialName,
+    kind,
+    value: z
+      .string()
+      .min(1)
+      .refine((v) => Buffer.byteLength(v, 'utf8') <= MAX_VALUE_BYTES, `must be at most ${MAX_VALUE_BYTES} bytes`)
+      .optional(),
+    totp: totp.optional(),
+    metadata: z
+      .record(z.string().min(1).max(64), z.union([z.string().max(1024), z.number(), z.boolean(), z.null()]))
+      .refine((m) => Object.keys(m).length <= 50, 'may have at most 50 keys')
+      .optional(),
+    owners: z.array(email).max(20).optional(),
+    rotation: rotationPolicy.nullable().optional(),
+    expiresAt: z.iso.datetime({ offset: true }).nullable().optional(),
+    expectedVersion: z.number().int().min(0).optional(),
+  })
+  .superRefine((body, ctx) => {
+    if (body.kind === 'totp_seed') {
+      if (!body.totp) ctx.addIssue({ code: 'custom', path: ['totp'], message: 'is required when kind is totp_seed' });
+      if (body.value !== undefined) ctx.addIssue({ code: 'custom', path: ['value'], message: 'is not allowed when kind is totp_seed (use totp)' });
+    } else {
+      if (body.value === undefined) ctx.addIssue({ code: 'custom', path: ['value'], message: 'is required' });
+      if (body.totp) ctx.addIssue({ code: 'custom', path: ['totp'], message: 'is only allowed when kind is totp_seed' });
+    }
+  });
+
+const oneRef = <T extends { name?: string; id?: string }>(body: T, ctx: z.RefinementCtx) => {
+  if ((body.name === undefined) === (body.id === undefined)) {
+    ctx.addIssue({ code: 'custom', path: ['name'], message: 'give exactly one of name or id' });
+  }
+};
+
+export const vaultGet = z
+  .strictObject({ name: credentialName.optional(), id: credentialId.optional(), version: z.number().int().min(1).optional() })
+  .superRefine(oneRef);
+
+export const vaultTotp = z.strictObject({ name: credentialName.optional(), id: credentialId.optional() }).superRefine(oneRef);
+
+export const mailSend = z.strictObject({
+  to: z.array(email).min(1).max(50),
+  subject: z
+    .string()
+    .min(1)
+    .max(998)
+    .refine((s) => !/[\r\n]/.test(s), 'must be one line'),
+  text: z.string().min(1).max(100_000),
+  html: z.string().min(1).max(200_000).optional(),
+});
+
+export const credentialsQuery = z.strictObject({
+  kind: kind.optional(),
+  olderThanDays: days.optional(),
+  dueWithinDays: days.optional(),
+  after: credentialName.optional(),
+  limit: z.coerce.number().int().min(1).max(1000).default(100),
+});
+
+export const rotationsStart = z
+  .strictObject({
+    credentials: z.array(z.string().min(1).max(200)).min(1).max(1000).optional(),
+    filter: z.strictObject({ kind: kind.optional(), olderThanDays: z.number().int().min(0).max(36500).optional() }).optional(),
+    reason: z.string().max(500).optional(),
+    notify: z.array(email).max(20).optional(),
+  })
+  .superRefine((body, ctx) => {
+    if ((body.credentials === undefined) === (body.filter === undefined)) {
+      ctx.addIssue({ code: 'custom', path: ['credentials'], message: 'give exactly one of credentials or filter' });
+    }
+  });
+
+export const auditQuery = z.strictObject({
+  credential: z.string().min(1).max(200).optional(),
+  since: z.iso.datetime({ offset: true }).optional(),
+  after: z.coerce.number().int().min(0).optional(),
+  limit: z.coerce.number().int().min(1).max(1000).default(100),
+});

@@ -1,0 +1,118 @@
+import { once } from 'node:events';
+import type { Server } from 'node:http';
+import path from 'node:path';
+import { Client, Connection } from '@temporalio/client';
+import { NativeConnection } from '@temporalio/worker';
+import { createApp } from '../api/app';
+import type { Config } from '../core/config';
+import type { Logger } from '../core/logger';
+import { openServices } from '../core/services';
+import { migrate } from '../db/pool';
+import { startEmbeddedPostgres } from '../embedded/postgres';
+import { startSmtpSink } from '../embedded/smtp-sink';
+import { adminTokenPath, ensureAdminToken, ensureDataDir, ensureKeyringFile } from '../embedded/state';
+import { startEmbeddedTemporal } from '../embedded/temporal';
+import { Keyring } from '../vault/keyring';
+import { createWorker, installTemporalLogging } from '../worker/worker';
+
+type Part = 'api' | 'worker';
+
+/**
+ * Runs the service: the servers it must embed (those without an external address), then the
+ * worker and/or the API. Stops everything in reverse order on SIGINT/SIGTERM.
+ */
+export async function serve(config: Config, logger: Logger, parts: Part[] = ['api', 'worker']): Promise<void> {
+  const closers: { name: string; close: () => Promise<unknown> }[] = [];
+  const onClose = (name: string, close: () => Promise<unknown>) => closers.unshift({ name, close });
+  let stopping = false;
+
+  const stop = async (code: number) => {
+    if (stopping) return;
+    stopping = true;
+    logger.info('shutting down');
+    for (const { name, close } of closers) {
+      await close().catch((err) => logger.error({ err, part: name }, 'failed to stop cleanly'));
+    }
+    logger.info('stopped');
+    process.exitCode = code;
+  };
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+    process.on(signal, () => {
+      if (stopping) {
+        logger.warn(`second ${signal}: exiting now`);
+        process.exit(130);
+      }
+      void stop(0);
+    });
+  }
+
+  try {
+    installTemporalLogging(logger);
+    ensureDataDir(config.dataDir);
+    const databaseUrl = config.DATABASE_URL ?? (await embed(onClose, 'postgres', startEmbeddedPostgres({ dataDir: config.dataDir, logger }))).url;
+    const temporalAddress =
+      config.TEMPORAL_ADDRESS ??
+      (await embed(onClose, 'temporal', startEmbeddedTemporal({ dataDir: config.dataDir, namespace: config.TEMPORAL_NAMESPACE, cliPath: config.TEMPORAL_CLI_PATH, logger }))).address;
+    const smtpUrl =
+      config.SMTP_URL ?? (parts.includes('worker') ? (await embed(onClose, 'smtp', startSmtpSink({ mailDir: path.join(config.dataDir, 'mail'), logger }))).url : 'smtp://unused');
+
+    await migrate(databaseUrl, logger);
+    const keyring = Keyring.fromSetting(config.VAULT_MASTER_KEY ?? ensureKeyringFile(config.dataDir));
+    const services = openServices({ databaseUrl, poolSize: config.DATABASE_POOL_SIZE, keyring, smtpUrl, mailFrom: config.MAIL_FROM, logger });
+    onClose('services', () => services.close());
+
+    if (parts.includes('worker')) {
+      const connection = await NativeConnection.connect({ address: temporalAddress });
+      onClose('worker connection', () => connection.close());
+      const worker = await createWorker({ connection, namespace: config.TEMPORAL_NAMESPACE, taskQueue: config.TASK_QUEUE, deps: services });
+      const running = worker.run();
+      onClose('worker', async () => {
+        if (worker.getState() === 'RUNNING') worker.shutdown();
+        await running;
+      });
+      running.catch((err) => {
+        logger.fatal({ err }, 'worker failed');
+        void stop(1);
+      });
+      logger.info({ taskQueue: config.TASK_QUEUE }, 'worker running');
+    }
+
+    if (parts.includes('api')) {
+      const connection = await Connection.connect({ address: temporalAddress });
+      onClose('temporal client', () => connection.close());
+      const client = new Client({ connection, namespace: config.TEMPORAL_NAMESPACE });
+      const adminToken = config.ADMIN_TOKEN ?? announceAdminToken(config.dataDir, logger);
+      const app = createApp({ ...services, client, namespace: config.TEMPORAL_NAMESPACE, taskQueue: config.TASK_QUEUE, adminToken, logger });
+      const server: Server = app.listen(config.PORT, config.HOST);
+      await once(server, 'listening');
+      // Stop taking connections, let in-flight requests finish, then close idle keep-alive sockets.
+      onClose('http', () => {
+        const closed = new Promise((resolve) => server.close(resolve));
+        server.closeIdleConnections();
+        return closed;
+      });
+      logger.info({ port: config.PORT, host: config.HOST }, 'API listening');
+    }
+  } catch (err) {
+    await stop(1);
+    throw err;
+  }
+}
+
+async function embed<T extends { stop(): Promise<void> }>(onClose: (name: string, close: () => Promise<unknown>) => void, name: string, starting: Promise<T>): Promise<T> {
+  const started = await starting;
+  onClose(name, () => started.stop());
+  return started;
+}
+
+/** The generated admin token is printed once, when it is created, and only to a terminal. */
+function announceAdminToken(dataDir: string, logger: Logger): string {
+  const { token, created } = ensureAdminToken(dataDir);
+  const file = adminTokenPath(dataDir);
+  if (created && process.stdout.isTTY) {
+    process.stdout.write(`\nAdmin token (shown once; also kept in ${file}, mode 0600):\n  ${token}\n\n`);
+  } else if (created) {
+    logger.info({ file }, 'generated the admin token; read it from the file');
+  }
+  return token;
+}

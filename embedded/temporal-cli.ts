@@ -1,0 +1,58 @@
+import { execFile } from 'node:child_process';
+import { accessSync, constants, mkdirSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import type { Logger } from '../core/logger';
+
+/**
+ * Finds the Temporal CLI (whose `server start-dev` is the embedded Temporal), in this order:
+ * TEMPORAL_CLI_PATH, `temporal` on PATH, a cached build, a fresh `go install` into the cache.
+ * v1.5.1 is pinned: later tags carry a `replace` directive that `go install` refuses.
+ * Returns undefined when none of these routes exists; the caller then tries the SDK's download.
+ */
+export const TEMPORAL_CLI_MODULE = 'github.com/temporalio/cli/cmd/temporal@v1.5.1';
+
+export function cacheDir(): string {
+  return process.env.MAILGENT_CACHE_DIR ?? path.join(process.env.XDG_CACHE_HOME ?? path.join(os.homedir(), '.cache'), 'mailgent');
+}
+
+export async function findTemporalCli(opts: { configured?: string; logger?: Logger; build?: boolean }): Promise<string | undefined> {
+  if (opts.configured) return opts.configured;
+  const onPath = which('temporal');
+  if (onPath) return onPath;
+  const bin = path.join(cacheDir(), 'bin');
+  const cached = path.join(bin, 'temporal');
+  if (isExecutable(cached)) return cached;
+  const go = which('go');
+  if (!go || opts.build === false) return undefined;
+  mkdirSync(bin, { recursive: true });
+  opts.logger?.info({ module: TEMPORAL_CLI_MODULE, into: bin }, 'building the Temporal CLI with go install (first run only; takes a few minutes)');
+  try {
+    await promisify(execFile)(go, ['install', TEMPORAL_CLI_MODULE], {
+      env: { ...process.env, GOBIN: bin, GOFLAGS: `${process.env.GOFLAGS ?? ''} -buildvcs=false`.trim() },
+      maxBuffer: 64 * 1024 * 1024,
+    });
+  } catch (err) {
+    const e = err as { stderr?: string; message: string };
+    throw new Error(`go install ${TEMPORAL_CLI_MODULE} failed: ${(e.stderr || e.message).trim().split('\n').slice(-5).join('\n')}`, { cause: err });
+  }
+  return cached;
+}
+
+function which(name: string): string | undefined {
+  for (const dir of (process.env.PATH ?? '').split(path.delimiter)) {
+    const candidate = path.join(dir, name);
+    if (dir && isExecutable(candidate)) return candidate;
+  }
+  return undefined;
+}
+
+function isExecutable(file: string): boolean {
+  try {
+    accessSync(file, constants.X_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}

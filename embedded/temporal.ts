@@ -1,0 +1,78 @@
+import { mkdirSync } from 'node:fs';
+import path from 'node:path';
+import { Connection } from '@temporalio/client';
+import type { Logger } from '../core/logger';
+import { startChild, waitUntilReady } from './child';
+import { freePort } from './ports';
+import { findTemporalCli } from './temporal-cli';
+
+/**
+ * The Temporal dev server with its state in a SQLite file under DATA_DIR, so workflows survive a
+ * restart. Falls back to the SDK's own download of the same server when no CLI can be found or built.
+ */
+export interface EmbeddedTemporal {
+  address: string;
+  stop(): Promise<void>;
+}
+
+export async function startEmbeddedTemporal(opts: {
+  dataDir: string;
+  namespace: string;
+  cliPath?: string;
+  logger?: Logger;
+}): Promise<EmbeddedTemporal> {
+  mkdirSync(opts.dataDir, { recursive: true });
+  const dbFile = path.join(opts.dataDir, 'temporal.sqlite');
+  const port = await freePort();
+  let cli: string | undefined;
+  let buildError: Error | undefined;
+  try {
+    cli = await findTemporalCli({ configured: opts.cliPath, logger: opts.logger });
+  } catch (err) {
+    buildError = err as Error;
+  }
+  if (!cli) return startWithSdkDownload({ ...opts, dbFile, port, buildError });
+
+  const args = ['server', 'start-dev', '--headless', '--ip', '127.0.0.1', '--port', String(port), '--http-port', String(await freePort()),
+    '--metrics-port', String(await freePort()), '--db-filename', dbFile, '--namespace', opts.namespace, '--log-level', 'warn'];
+  const child = startChild(cli, args, { logFile: path.join(opts.dataDir, 'logs', 'temporal.log'), deathSignal: 'TERM' });
+  const address = `127.0.0.1:${port}`;
+  await waitUntilReady(child, `Temporal dev server (${cli})`, () => probe(address, opts.namespace), 90_000);
+  opts.logger?.info({ address, dbFile }, 'embedded Temporal ready');
+  return { address, stop: () => child.stop('SIGTERM', 20_000) };
+}
+
+/** Ready means the frontend answers and the namespace exists. */
+async function probe(address: string, namespace: string): Promise<void> {
+  const connection = await Connection.connect({ address, connectTimeout: 1_000 });
+  try {
+    await connection.workflowService.describeNamespace({ namespace });
+  } finally {
+    await connection.close();
+  }
+}
+
+async function startWithSdkDownload(opts: { dbFile: string; port: number; namespace: string; logger?: Logger; buildError?: Error }): Promise<EmbeddedTemporal> {
+  opts.logger?.warn({ reason: opts.buildError?.message ?? 'no temporal CLI and no Go toolchain' }, 'falling back to the Temporal SDK download of the dev server');
+  const { TestWorkflowEnvironment } = await import('@temporalio/testing');
+  try {
+    const env = await TestWorkflowEnvironment.createLocal({
+      server: {
+        executable: { type: 'cached-download' },
+        ip: '127.0.0.1',
+        port: opts.port,
+        dbFilename: opts.dbFile,
+        namespace: opts.namespace,
+        extraArgs: ['--headless'],
+      },
+    });
+    return { address: env.address, stop: () => env.teardown() };
+  } catch (err) {
+    throw new Error(
+      'No Temporal server could be started. Set TEMPORAL_ADDRESS to use an external server, set TEMPORAL_CLI_PATH, ' +
+        `or install Go so the CLI can be built. ${opts.buildError ? `Building failed: ${opts.buildError.message}. ` : ''}` +
+        `The SDK download failed: ${(err as Error).message}`,
+      { cause: err },
+    );
+  }
+}

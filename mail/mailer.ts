@@ -1,0 +1,35 @@
+import nodemailer from 'nodemailer';
+
+/** Sends one message over SMTP. A stable Message-ID lets receivers drop a resent duplicate. */
+export interface OutgoingMail {
+  id: string;
+  to: string[];
+  subject: string;
+  text: string;
+  html?: string | null;
+}
+
+export interface Mailer {
+  send(mail: OutgoingMail): Promise<void>;
+  close(): void;
+}
+
+export function createMailer(smtpUrl: string, from: string): Mailer {
+  const transport = nodemailer.createTransport(smtpUrl);
+  return {
+    async send(mail) {
+      const info = await transport.sendMail({
+        from,
+        to: mail.to,
+        subject: mail.subject,
+        text: mail.text,
+        html: mail.html ?? undefined,
+        messageId: `<${mail.id}@mailgent>`,
+      });
+      if (info.rejected.length > 0) {
+        throw new Error(`the SMTP server refused ${info.rejected.length} of ${mail.to.length} recipients`);
+      }
+    },
+    close: () => transport.close(),
+  };
+}

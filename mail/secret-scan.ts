@@ -1,0 +1,32 @@
+/**
+ * Finds a stored secret inside an outgoing message: the value itself or its common encodings
+ * (base64, base64url, hex, URL-encoding), and for TOTP seeds the bare base32 secret.
+ * Values shorter than MIN_SCANNED_LENGTH are not matched: they would block ordinary words.
+ */
+export const MIN_SCANNED_LENGTH = 6;
+
+export interface ScannedMessage {
+  subject: string;
+  text: string;
+  html?: string | null;
+}
+
+export function findStoredValue(message: ScannedMessage, stored: { name: string; value: string }[]): string | undefined {
+  const haystack = [message.subject, message.text, message.html ?? ''].join('\n');
+  const lower = haystack.toLowerCase();
+  for (const { name, value } of stored) {
+    for (const form of forms(value)) {
+      if (form.length < MIN_SCANNED_LENGTH) continue;
+      if (haystack.includes(form) || (/^[0-9a-f]+$/i.test(form) && lower.includes(form.toLowerCase()))) return name;
+    }
+  }
+  return undefined;
+}
+
+function forms(value: string): string[] {
+  const bytes = Buffer.from(value, 'utf8');
+  const out = [value, bytes.toString('base64'), bytes.toString('base64url'), bytes.toString('hex'), encodeURIComponent(value)];
+  const seed = /^otpauth:\/\/.*[?&]secret=([A-Z2-7]+)/i.exec(value)?.[1];
+  if (seed) out.push(seed);
+  return [...new Set(out)];
+}

@@ -1,0 +1,191 @@
+import { randomBytes } from 'node:crypto';
+import { once } from 'node:events';
+import { createWriteStream, mkdirSync, readFileSync } from 'node:fs';
+import type { AddressInfo } from 'node:net';
+import path from 'node:path';
+import pg from 'pg';
+import { Client, Connection } from '@temporalio/client';
+import { NativeConnection, type Worker } from '@temporalio/worker';
+import { inject } from 'vitest';
+import { createApp } from '../../api/app';
+import { createLogger } from '../../core/logger';
+import { openServices, type Services } from '../../core/services';
+import { newToken } from '../../vault/identities';
+import { generateMasterKey, Keyring, masterKeyId, writeKeyringFile } from '../../vault/keyring';
+import { createWorker } from '../../worker/worker';
+import { withDatabase } from './global-setup';
+
+/**
+ * One test file's world: its own database (cloned from the migrated template), keyring, admin
+ * token, Temporal task queue and, when asked, a worker — all against the run's real servers.
+ * The API runs in-process on a real HTTP port; the product code is the same as `npm start`'s.
+ */
+export interface Harness {
+  url: string;
+  adminToken: string;
+  databaseUrl: string;
+  keyringFile: string;
+  services: Services;
+  client: Client;
+  taskQueue: string;
+  logFile: string;
+  /** Runs SQL on this file's database as the superuser (for fixtures and tampering). */
+  sql<R extends pg.QueryResultRow = any>(text: string, params?: unknown[]): Promise<pg.QueryResult<R>>;
+  api(method: string, route: string, opts?: { token?: string; body?: unknown; raw?: string; headers?: Record<string, string> }): Promise<ApiResponse>;
+  createIdentity(name?: string, email?: string): Promise<{ id: string; token: string; name: string }>;
+  /** Remembers a secret value so the leak check can look for it. */
+  secret<T extends string>(value: T): T;
+  secrets: string[];
+  close(): Promise<void>;
+}
+
+export interface ApiResponse {
+  status: number;
+  headers: Headers;
+  body: any;
+  text: string;
+}
+
+export async function startHarness(opts: { worker?: boolean; clock?: () => Date } = {}): Promise<Harness> {
+  const tag = randomBytes(4).toString('hex');
+  const dbName = `t_${tag}`;
+  const adminUrl = inject('pgAdminUrl');
+  await createDatabase(adminUrl, dbName, inject('templateDb'));
+  const databaseUrl = withDatabase(adminUrl, dbName);
+
+  const dir = path.join(inject('tmpDir'), `harness-${tag}`);
+  mkdirSync(dir, { recursive: true });
+  const keyringFile = path.join(dir, 'master-keys.json');
+  const master = generateMasterKey();
+  writeKeyringFile(keyringFile, [{ id: masterKeyId(master), key: master }], masterKeyId(master));
+  const logFile = path.join(dir, 'service.log');
+  const logStream = createWriteStream(logFile);
+  const logger = createLogger({ level: 'info', destination: logStream });
+
+  const services = openServices({
+    databaseUrl,
+    poolSize: 10,
+    keyring: Keyring.fromSetting(keyringFile),
+    smtpUrl: inject('smtpUrl'),
+    mailFrom: 'mailgent-test@localhost',
+    logger,
+    clock: opts.clock,
+  });
+  const superuser = new pg.Pool({ connectionString: databaseUrl, max: 2 });
+  const connection = await Connection.connect({ address: inject('temporalAddress') });
+  const client = new Client({ connection, namespace: 'default' });
+  const taskQueue = `test-${tag}`;
+
+  let worker: Worker | undefined;
+  let workerRun: Promise<void> | undefined;
+  let nativeConnection: NativeConnection | undefined;
+  if (opts.worker) {
+    nativeConnection = await NativeConnection.connect({ address: inject('temporalAddress') });
+    worker = await createWorker({
+      connection: nativeConnection,
+      namespace: 'default',
+      taskQueue,
+      deps: services,
+      workflowBundle: { codePath: inject('workflowBundlePath') },
+    });
+    workerRun = worker.run();
+  }
+
+  const adminToken = newToken();
+  const app = createApp({ ...services, client, namespace: 'default', taskQueue, adminToken, logger });
+  const server = app.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  const secrets: string[] = [];
+
+  const api: Harness['api'] = async (method, route, o = {}) => {
+    const headers: Record<string, string> = { ...(o.headers ?? {}) };
+    if (o.token) headers.authorization = `Bearer ${o.token}`;
+    let body: string | undefined = o.raw;
+    if (o.body !== undefined) {
+      body = JSON.stringify(o.body);
+      headers['content-type'] ??= 'application/json';
+    }
+    const res = await fetch(url + route, { method, headers, body });
+    const text = await res.text();
+    let parsed: unknown;
+    try {
+      parsed = text ? JSON.parse(text) : undefined;
+    } catch {
+      parsed = undefined;
+    }
+    return { status: res.status, headers: res.headers, body: parsed, text };
+  };
+
+  return {
+    url,
+    adminToken,
+    databaseUrl,
+    keyringFile,
+    services,
+    client,
+    taskQueue,
+    logFile,
+    sql: (text, params) => superuser.query(text, params as unknown[]),
+    api,
+    async createIdentity(name = `agent-${randomBytes(3).toString('hex')}`, email?: string) {
+      const res = await api('POST', '/v1/identities', { token: adminToken, body: { name, ...(email ? { email } : {}) } });
+      if (res.status !== 201) throw new Error(`creating identity failed: ${res.status} ${res.text}`);
+      secrets.push(res.body.token);
+      return { id: res.body.id, token: res.body.token, name };
+    },
+    secret(value) {
+      secrets.push(value);
+      return value;
+    },
+    secrets,
+    async close() {
+      server.closeAllConnections();
+      await new Promise((resolve) => server.close(resolve));
+      if (worker) {
+        worker.shutdown();
+        await workerRun;
+        await nativeConnection!.close();
+      }
+      await connection.close();
+      await services.close();
+      await superuser.end();
+      await new Promise((resolve) => logStream.end(resolve));
+      await dropDatabase(adminUrl, dbName);
+    },
+  };
+}
+
+async function createDatabase(adminUrl: string, name: string, template: string): Promise<void> {
+  const admin = new pg.Client({ connectionString: adminUrl });
+  await admin.connect();
+  try {
+    // Two files cloning the template at the same moment make PostgreSQL refuse one; retry it.
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await admin.query(`CREATE DATABASE ${name} TEMPLATE ${template}`);
+        return;
+      } catch (err) {
+        if (attempt >= 20 || !/being accessed by other users/.test((err as Error).message)) throw err;
+        await new Promise((r) => setTimeout(r, 100 + Math.random() * 200));
+      }
+    }
+  } finally {
+    await admin.end();
+  }
+}
+
+async function dropDatabase(adminUrl: string, name: string): Promise<void> {
+  const admin = new pg.Client({ connectionString: adminUrl });
+  await admin.connect();
+  try {
+    await admin.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
+  } finally {
+    await admin.end();
+  }
+}
+
+/** Reads the harness's own log file (for leak checks). */
+export function readLog(h: Harness): string {
+  return readFileSync(h.logFile, 'utf8');
+}

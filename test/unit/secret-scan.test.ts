@@ -1,0 +1,30 @@
+import { describe, expect, it } from 'vitest';
+import { findStoredValue } from '../../mail/secret-scan';
+
+const stored = [
+  { name: 'stripe', value: 'sk_live_51HxYz' },
+  { name: 'pin', value: '1234' },
+  { name: 'gh-2fa', value: 'otpauth://totp/gh?secret=JBSWY3DPEHPK3PXP&algorithm=SHA1&digits=6&period=30' },
+];
+
+describe('finding a stored secret in a message', () => {
+  it('finds the value in the subject, the text or the html', () => {
+    expect(findStoredValue({ subject: 'key sk_live_51HxYz', text: 'hi' }, stored)).toBe('stripe');
+    expect(findStoredValue({ subject: 's', text: 'hi', html: '<b>sk_live_51HxYz</b>' }, stored)).toBe('stripe');
+  });
+
+  it('finds base64, base64url, hex (any case) and URL-encoded forms', () => {
+    const v = 'sk_live_51HxYz';
+    for (const form of [Buffer.from(v).toString('base64'), Buffer.from(v).toString('hex').toUpperCase(), encodeURIComponent(v)]) {
+      expect(findStoredValue({ subject: 's', text: `see ${form}` }, stored)).toBe('stripe');
+    }
+  });
+
+  it('finds the bare seed of a TOTP credential', () => {
+    expect(findStoredValue({ subject: 's', text: 'seed JBSWY3DPEHPK3PXP' }, stored)).toBe('gh-2fa');
+  });
+
+  it('passes ordinary mail, and does not match values too short to tell apart from words', () => {
+    expect(findStoredValue({ subject: 'Rotation done', text: 'version 2 of stripe is current; call 1234' }, stored)).toBeUndefined();
+  });
+});

@@ -1,0 +1,50 @@
+import { describe, expect, it } from 'vitest';
+import { normalizeTotp, parseStoredTotp, toOtpauthUri, totpCode } from '../../vault/totp';
+
+const base32 = (s: string) => {
+  const alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ234567';
+  let bits = 0;
+  let value = 0;
+  let out = '';
+  for (const byte of Buffer.from(s)) {
+    value = (value << 8) | byte;
+    bits += 8;
+    while (bits >= 5) {
+      out += alphabet[(value >>> (bits - 5)) & 31];
+      bits -= 5;
+    }
+  }
+  return bits > 0 ? out + alphabet[(value << (5 - bits)) & 31] : out;
+};
+
+describe('TOTP parameters', () => {
+  it('normalises a secret with spaces and lower case, and round-trips through the stored URI', () => {
+    const p = normalizeTotp({ secret: 'jbsw y3dp ehpk 3pxp', algorithm: 'SHA256', digits: 8, period: 45 }, 'acme');
+    expect(p.secret).toBe('JBSWY3DPEHPK3PXP');
+    expect(parseStoredTotp(toOtpauthUri(p))).toMatchObject({ secret: 'JBSWY3DPEHPK3PXP', algorithm: 'SHA256', digits: 8, period: 45 });
+  });
+
+  it('imports an otpauth URI with its issuer, algorithm, digits and period', () => {
+    const p = normalizeTotp({ otpauthUri: 'otpauth://totp/ACME:alice?secret=JBSWY3DPEHPK3PXP&issuer=ACME&algorithm=SHA512&digits=8&period=60' }, 'x');
+    expect(p).toMatchObject({ issuer: 'ACME', algorithm: 'SHA512', digits: 8, period: 60, label: 'ACME:alice' });
+  });
+
+  it('rejects bad seeds, HOTP and impossible parameters without echoing the secret', () => {
+    expect(() => normalizeTotp({ secret: 'AAAA' }, 'x')).toThrow(/must decode to 10–64 bytes/);
+    expect(() => normalizeTotp({ secret: 'not!base32!at!all!!' }, 'x')).toThrow(/not valid base32/);
+    expect(() => normalizeTotp({ otpauthUri: 'otpauth://hotp/x?secret=JBSWY3DPEHPK3PXP&counter=1' }, 'x')).toThrow(/HOTP is not supported/);
+    expect(() => normalizeTotp({ secret: 'JBSWY3DPEHPK3PXP', period: 0 }, 'x')).toThrow(/period/);
+    try {
+      normalizeTotp({ otpauthUri: 'otpauth://totp/x?secret=SECRETSEED234567&digits=7' }, 'x');
+      expect.unreachable();
+    } catch (err) {
+      expect((err as Error).message).not.toContain('SECRETSEED234567');
+    }
+  });
+
+  it('reports when the code expires', () => {
+    const p = normalizeTotp({ secret: base32('12345678901234567890') }, 'x');
+    expect(totpCode(p, 59_000)).toEqual({ code: '287082', period: 30, digits: 6, expiresInSeconds: 1 });
+    expect(totpCode(p, 60_000).expiresInSeconds).toBe(30);
+  });
+});

@@ -1,0 +1,133 @@
+import type { Db, Pool } from '../db/pool';
+import { AppError } from '../core/errors';
+
+/**
+ * The audit log. Rows are chained by a database trigger (see the foundation migration); this
+ * module writes rows, lists them and re-checks the chain. Detail never holds a secret value.
+ */
+export type AuditOutcome = 'ok' | 'denied' | 'rejected' | 'conflict' | 'failed';
+
+export interface AuditEntry {
+  identityId: string | null;
+  actor: string;
+  action: string;
+  credentialId?: string | null;
+  outcome: AuditOutcome;
+  requestId?: string | null;
+  detail?: Record<string, unknown>;
+}
+
+export interface AuditRow {
+  seq: number;
+  at: string;
+  identityId: string | null;
+  actor: string;
+  action: string;
+  credentialId: string | null;
+  outcome: AuditOutcome;
+  requestId: string | null;
+  detail: Record<string, unknown>;
+}
+
+/** Append one row. Callers in a transaction make this their last statement: it takes the chain lock. */
+export async function appendAudit(db: Db, e: AuditEntry): Promise<void> {
+  await db.query(
+    `INSERT INTO audit_log (identity_id, actor, action, credential_id, outcome, request_id, detail)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)`,
+    [e.identityId, e.actor, e.action, e.credentialId ?? null, e.outcome, e.requestId ?? null, e.detail ?? {}],
+  );
+}
+
+export function outcomeOf(err: unknown): AuditOutcome {
+  if (!(err instanceof AppError)) return 'failed';
+  if (err.status === 401 || err.status === 403 || err.status === 404) return 'denied';
+  if (err.status === 409) return 'conflict';
+  if (err.status >= 400 && err.status < 500) return 'rejected';
+  return 'failed';
+}
+
+/** What an audit row may say about an error: its kind, never its message (which might echo input). */
+export function errorDetail(err: unknown): Record<string, unknown> {
+  return err instanceof AppError ? { error: err.slug, status: err.status } : { error: 'internal' };
+}
+
+export interface AuditQuery {
+  identityId?: string;
+  credentialId?: string;
+  since?: Date;
+  afterSeq?: number;
+  limit: number;
+}
+
+export async function listAudit(db: Db, q: AuditQuery): Promise<AuditRow[]> {
+  const { rows } = await db.query(
+    `SELECT seq, at, identity_id, actor, action, credential_id, outcome, request_id, detail
+       FROM audit_log
+      WHERE ($1::uuid IS NULL OR identity_id = $1)
+        AND ($2::uuid IS NULL OR credential_id = $2)
+        AND ($3::timestamptz IS NULL OR at >= $3)
+        AND seq > $4
+      ORDER BY seq
+      LIMIT $5`,
+    [q.identityId ?? null, q.credentialId ?? null, q.since ?? null, q.afterSeq ?? 0, q.limit],
+  );
+  return rows.map((r) => ({
+    seq: Number(r.seq),
+    at: (r.at as Date).toISOString(),
+    identityId: r.identity_id,
+    actor: r.actor,
+    action: r.action,
+    credentialId: r.credential_id,
+    outcome: r.outcome,
+    requestId: r.request_id,
+    detail: r.detail,
+  }));
+}
+
+export interface ChainReport {
+  ok: boolean;
+  rows: number;
+  firstBroken?: { seq: number; reason: string };
+}
+
+const GENESIS = Buffer.alloc(32);
+const BATCH = 5_000;
+
+/** Walks the whole chain in seq order, recomputing every hash; names the first row that fails. */
+export async function verifyAuditChain(pool: Pool): Promise<ChainReport> {
+  let expectedPrev: Buffer = GENESIS;
+  let after = 0;
+  let rows = 0;
+  for (;;) {
+    const batch = await pool.query(
+      `SELECT seq, prev_hash, hash, sha256(prev_hash || audit_payload(a)) AS computed
+         FROM audit_log a WHERE seq > $1 ORDER BY seq LIMIT $2`,
+      [after, BATCH],
+    );
+    for (const r of batch.rows as { seq: string; prev_hash: Buffer; hash: Buffer; computed: Buffer }[]) {
+      const seq = Number(r.seq);
+      if (!r.prev_hash.equals(expectedPrev)) {
+        return { ok: false, rows, firstBroken: { seq, reason: 'chain link broken: the row before it was removed, inserted or rewritten' } };
+      }
+      if (!r.hash.equals(r.computed)) {
+        return { ok: false, rows, firstBroken: { seq, reason: 'hash mismatch: the row was edited after it was written' } };
+      }
+      expectedPrev = r.hash;
+      after = seq;
+      rows += 1;
+    }
+    if (batch.rows.length < BATCH) return { ok: true, rows };
+  }
+}
+
+const audited = new WeakSet<object>();
+
+/** Marks an error as already written to the audit log, so outer layers do not write it twice. */
+export function markAudited<E>(err: E): E {
+  if (typeof err === 'object' && err !== null) audited.add(err);
+  return err;
+}
+
+export function isAudited(err: unknown): boolean {
+  return typeof err === 'object' && err !== null && audited.has(err);
+}

@@ -1,0 +1,115 @@
+import { randomBytes, randomUUID } from 'node:crypto';
+import type { Db, Pool } from '../db/pool';
+import { withTransaction } from '../db/pool';
+import { IntegrityError } from '../core/errors';
+import { dataKeyAad, KEY_BYTES, open, seal } from './crypto';
+import type { Keyring } from './keyring';
+
+/**
+ * Per-identity data keys, wrapped by the master keyring. Unwrapped keys are cached briefly in
+ * memory so a read costs one database round trip, not two; the cache holds keys, never values.
+ */
+const CACHE_TTL_MS = 5 * 60_000;
+
+export interface DataKey {
+  id: string;
+  identityId: string;
+  key: Buffer;
+}
+
+export class DataKeys {
+  private byId = new Map<string, { key: DataKey; expires: number }>();
+  private activeByIdentity = new Map<string, string>();
+
+  constructor(
+    private readonly pool: Pool,
+    private readonly keyring: Keyring,
+  ) {}
+
+  /** Creates the first data key of a new identity, inside the caller's transaction. */
+  async create(db: Db, identityId: string): Promise<void> {
+    const id = randomUUID();
+    const key = randomBytes(KEY_BYTES);
+    const master = this.keyring.current;
+    await db.query('INSERT INTO data_keys (id, identity_id, master_key_id, wrapped) VALUES ($1, $2, $3, $4)', [
+      id,
+      identityId,
+      master.id,
+      seal(master.key, key, dataKeyAad(identityId, id)),
+    ]);
+    key.fill(0);
+  }
+
+  /** The key new versions of this identity are sealed with. */
+  async active(db: Db, identityId: string): Promise<DataKey> {
+    const cachedId = this.activeByIdentity.get(identityId);
+    const cached = cachedId ? this.cached(cachedId) : undefined;
+    if (cached) return cached;
+    const { rows } = await db.query(
+      `SELECT id, master_key_id, wrapped FROM data_keys
+        WHERE identity_id = $1 AND retired_at IS NULL ORDER BY created_at DESC LIMIT 1`,
+      [identityId],
+    );
+    if (!rows[0]) throw new IntegrityError(`identity ${identityId} has no data key`);
+    const key = this.unwrap(identityId, rows[0]);
+    this.activeByIdentity.set(identityId, key.id);
+    return key;
+  }
+
+  /** The key a stored version was sealed with; it must belong to the same identity. */
+  async byKeyId(db: Db, identityId: string, dataKeyId: string): Promise<DataKey> {
+    const cached = this.cached(dataKeyId);
+    if (cached && cached.identityId === identityId) return cached;
+    const { rows } = await db.query('SELECT id, master_key_id, wrapped FROM data_keys WHERE id = $1 AND identity_id = $2', [
+      dataKeyId,
+      identityId,
+    ]);
+    if (!rows[0]) throw new IntegrityError(`data key ${dataKeyId} does not belong to identity ${identityId}`);
+    return this.unwrap(identityId, rows[0]);
+  }
+
+  /**
+   * Re-wraps every data key not wrapped by the keyring's current master key. Secret rows are not
+   * touched. Returns how many keys were re-wrapped and which master key ids are still in use.
+   */
+  async rewrapAll(): Promise<{ rewrapped: number; masterKeysInUse: string[] }> {
+    const current = this.keyring.current;
+    return withTransaction(this.pool, async (tx) => {
+      const { rows } = await tx.query(
+        'SELECT id, identity_id, master_key_id, wrapped FROM data_keys WHERE master_key_id <> $1 FOR UPDATE',
+        [current.id],
+      );
+      for (const row of rows) {
+        const key = this.unwrap(row.identity_id, row);
+        await tx.query('UPDATE data_keys SET master_key_id = $2, wrapped = $3 WHERE id = $1', [
+          row.id,
+          current.id,
+          seal(current.key, key.key, dataKeyAad(row.identity_id, row.id)),
+        ]);
+      }
+      const inUse = await tx.query('SELECT DISTINCT master_key_id FROM data_keys');
+      return { rewrapped: rows.length, masterKeysInUse: inUse.rows.map((r) => r.master_key_id as string) };
+    });
+  }
+
+  private cached(id: string): DataKey | undefined {
+    const hit = this.byId.get(id);
+    if (!hit) return undefined;
+    if (hit.expires > Date.now()) return hit.key;
+    hit.key.key.fill(0);
+    this.byId.delete(id);
+    return undefined;
+  }
+
+  private unwrap(identityId: string, row: { id: string; master_key_id: string; wrapped: Buffer }): DataKey {
+    const master = this.keyring.find(row.master_key_id);
+    if (!master) {
+      throw new IntegrityError(
+        `data key ${row.id} is wrapped by master key ${row.master_key_id}, which this keyring does not hold (was VAULT_MASTER_KEY rotated?)`,
+      );
+    }
+    const key: DataKey = { id: row.id, identityId, key: open(master, row.wrapped, dataKeyAad(identityId, row.id), `data key ${row.id}`) };
+    this.byId.set(row.id, { key, expires: Date.now() + CACHE_TTL_MS });
+    return key;
+  }
+}

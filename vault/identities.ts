@@ -1,0 +1,71 @@
+import { createHash, randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
+import type { Pool } from '../db/pool';
+import { withTransaction } from '../db/pool';
+import { ConflictError } from '../core/errors';
+import { appendAudit } from './audit';
+import type { DataKeys } from './data-keys';
+
+/**
+ * Identities (agents or teams) and their bearer tokens. A token is 256 random bits, shown once
+ * and stored only as its SHA-256 hash; lookups go by hash, and the final comparison is constant-time.
+ */
+export interface Identity {
+  id: string;
+  name: string;
+  email: string | null;
+}
+
+export const TOKEN_PREFIX = 'mgt_';
+
+export function newToken(): string {
+  return TOKEN_PREFIX + randomBytes(32).toString('base64url');
+}
+
+export function hashToken(token: string): Buffer {
+  return createHash('sha256').update(token, 'utf8').digest();
+}
+
+export function tokensEqual(presented: string, expectedHash: Buffer): boolean {
+  return timingSafeEqual(hashToken(presented), expectedHash);
+}
+
+export class Identities {
+  constructor(
+    private readonly pool: Pool,
+    private readonly dataKeys: Pick<DataKeys, 'create'>,
+  ) {}
+
+  async create(input: { name: string; email?: string }, audit: { actor: string; requestId?: string }): Promise<Identity & { token: string }> {
+    const id = randomUUID();
+    const token = newToken();
+    try {
+      await withTransaction(this.pool, async (tx) => {
+        await tx.query('INSERT INTO identities (id, name, email, token_hash) VALUES ($1, $2, $3, $4)', [
+          id,
+          input.name,
+          input.email ?? null,
+          hashToken(token),
+        ]);
+        await this.dataKeys.create(tx, id);
+        await appendAudit(tx, { identityId: id, actor: audit.actor, action: 'identity.create', outcome: 'ok', requestId: audit.requestId, detail: { name: input.name } });
+      });
+    } catch (err) {
+      if ((err as { code?: string }).code === '23505') throw new ConflictError(`an identity named '${input.name}' already exists`);
+      throw err;
+    }
+    return { id, name: input.name, email: input.email ?? null, token };
+  }
+
+  async authenticate(token: string): Promise<Identity | undefined> {
+    const hash = hashToken(token);
+    const { rows } = await this.pool.query('SELECT id, name, email, token_hash FROM identities WHERE token_hash = $1', [hash]);
+    const row = rows[0];
+    if (!row || !timingSafeEqual(hash, row.token_hash)) return undefined;
+    return { id: row.id, name: row.name, email: row.email };
+  }
+
+  async get(id: string): Promise<Identity | undefined> {
+    const { rows } = await this.pool.query('SELECT id, name, email FROM identities WHERE id = $1', [id]);
+    return rows[0];
+  }
+}

@@ -1,0 +1,121 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
+import { z } from 'zod';
+import { isInlineMasterKey } from '../core/config';
+import { KEY_BYTES } from './crypto';
+
+/**
+ * Master keys wrap the per-identity data keys; they never touch the database. A keyring holds
+ * one current key (used to wrap) and any older keys still needed to unwrap until `rekey` runs.
+ * Key ids are derived from the key itself, so a bare base64 key always has the same id.
+ */
+export interface MasterKey {
+  id: string;
+  key: Buffer;
+}
+
+const fileSchema = z.object({
+  version: z.literal(1),
+  current: z.string(),
+  keys: z.array(z.object({ id: z.string(), key: z.string(), createdAt: z.string() })).min(1),
+});
+type KeyringFile = z.infer<typeof fileSchema>;
+
+export function masterKeyId(key: Buffer): string {
+  return `mk_${createHash('sha256').update('mailgent/master-key-id\0').update(key).digest('hex').slice(0, 16)}`;
+}
+
+export function generateMasterKey(): Buffer {
+  return randomBytes(KEY_BYTES);
+}
+
+export class Keyring {
+  private keys = new Map<string, Buffer>();
+  private currentId: string;
+  private loadedMtimeMs = 0;
+
+  /**
+   * `file` is set when the keyring lives in a file that `rekey` may rewrite while the service runs:
+   * a changed file is re-read before wrapping, and an unknown key id re-reads it once.
+   */
+  private constructor(keys: MasterKey[], currentId: string, readonly file?: string) {
+    for (const k of keys) this.keys.set(k.id, k.key);
+    this.currentId = currentId;
+    if (file) this.loadedMtimeMs = statSync(file).mtimeMs;
+  }
+
+  static fromKeys(keys: MasterKey[], currentId = keys[0]?.id): Keyring {
+    if (!currentId || !keys.some((k) => k.id === currentId)) throw new Error('keyring has no current key');
+    return new Keyring(keys, currentId);
+  }
+
+  /** VAULT_MASTER_KEY: base64 of 32 bytes, or the path of a keyring file (JSON, or one base64 key). */
+  static fromSetting(setting: string): Keyring {
+    if (isInlineMasterKey(setting)) {
+      const key = Buffer.from(setting, 'base64');
+      return Keyring.fromKeys([{ id: masterKeyId(key), key }]);
+    }
+    const { keys, current } = readKeyringFile(setting);
+    return new Keyring(keys, current, setting);
+  }
+
+  get current(): MasterKey {
+    if (this.file && statSync(this.file).mtimeMs !== this.loadedMtimeMs) this.reload();
+    return { id: this.currentId, key: this.keys.get(this.currentId)! };
+  }
+
+  get ids(): string[] {
+    return [...this.keys.keys()];
+  }
+
+  /** The key with this id, re-reading the keyring file once if it is not known (a rekey may have added it). */
+  find(id: string): Buffer | undefined {
+    if (!this.keys.has(id) && this.file) this.reload();
+    return this.keys.get(id);
+  }
+
+  private reload(): void {
+    const file = this.file!;
+    this.loadedMtimeMs = statSync(file).mtimeMs;
+    const { keys, current } = readKeyringFile(file);
+    for (const k of keys) this.keys.set(k.id, k.key);
+    this.currentId = current;
+  }
+}
+
+export function readKeyringFile(file: string): { keys: MasterKey[]; current: string } {
+  const text = readFileSync(file, 'utf8').trim();
+  if (isInlineMasterKey(text)) {
+    const key = Buffer.from(text, 'base64');
+    return { keys: [{ id: masterKeyId(key), key }], current: masterKeyId(key) };
+  }
+  let parsed: KeyringFile;
+  try {
+    parsed = fileSchema.parse(JSON.parse(text));
+  } catch {
+    throw new Error(`keyring file ${file} is neither one base64 key nor a keyring JSON document`);
+  }
+  const keys = parsed.keys.map((k) => {
+    const key = Buffer.from(k.key, 'base64');
+    if (key.length !== KEY_BYTES || masterKeyId(key) !== k.id) {
+      throw new Error(`keyring file ${file}: key ${k.id} is not a 32-byte key matching its id`);
+    }
+    return { id: k.id, key };
+  });
+  if (!keys.some((k) => k.id === parsed.current)) {
+    throw new Error(`keyring file ${file}: current key ${parsed.current} is not in the file`);
+  }
+  return { keys, current: parsed.current };
+}
+
+/** Writes a keyring file atomically with mode 0600. */
+export function writeKeyringFile(file: string, keys: MasterKey[], current: string, now = new Date()): void {
+  const doc: KeyringFile = {
+    version: 1,
+    current,
+    keys: keys.map((k) => ({ id: k.id, key: k.key.toString('base64'), createdAt: now.toISOString() })),
+  };
+  const tmp = `${file}.${process.pid}.tmp`;
+  writeFileSync(tmp, `${JSON.stringify(doc, null, 2)}\n`, { mode: 0o600 });
+  renameSync(tmp, file);
+}

@@ -1,0 +1,107 @@
+import { createGuardrails, generateSync, ScureBase32Plugin } from 'otplib';
+import { parse as parseOtpauth } from '@otplib/uri';
+import { UnprocessableError } from '../core/errors';
+
+/**
+ * TOTP (RFC 6238) seeds are stored as a canonical otpauth:// URI, sealed like any other value,
+ * so `vault.get` of a totp_seed returns something every authenticator app can import.
+ */
+export type TotpAlgorithm = 'SHA1' | 'SHA256' | 'SHA512';
+
+export interface TotpParams {
+  secret: string;
+  algorithm: TotpAlgorithm;
+  digits: 6 | 8;
+  period: number;
+  issuer?: string;
+  label: string;
+}
+
+export type TotpInput =
+  | { otpauthUri: string }
+  | { secret: string; algorithm?: TotpAlgorithm; digits?: 6 | 8; period?: number };
+
+// Real issuers hand out 80-bit seeds (16 base32 characters), below otplib's 128-bit default.
+export const MIN_SEED_BYTES = 10;
+export const MAX_SEED_BYTES = 64;
+export const MAX_PERIOD_SECONDS = 86_400;
+const guardrails = createGuardrails({ MIN_SECRET_BYTES: MIN_SEED_BYTES, MAX_SECRET_BYTES: MAX_SEED_BYTES, MAX_PERIOD: MAX_PERIOD_SECONDS });
+const base32 = new ScureBase32Plugin();
+
+export function normalizeTotp(input: TotpInput, label: string): TotpParams {
+  if ('otpauthUri' in input) {
+    let uri: ReturnType<typeof parseOtpauth>;
+    try {
+      uri = parseOtpauth(input.otpauthUri);
+    } catch (err) {
+      throw new UnprocessableError(`totp.otpauthUri is not a valid otpauth:// URI: ${(err as Error).message.replace(/secret=[^&\s]*/gi, 'secret=…')}`);
+    }
+    if (uri.type !== 'totp') throw new UnprocessableError('totp.otpauthUri must be an otpauth://totp/ URI (HOTP is not supported)');
+    return checked({
+      secret: uri.params.secret,
+      algorithm: (uri.params.algorithm?.toUpperCase() ?? 'SHA1') as TotpAlgorithm,
+      digits: (uri.params.digits ?? 6) as 6 | 8,
+      period: uri.params.period ?? 30,
+      issuer: uri.params.issuer,
+      label: uri.label || label,
+    });
+  }
+  return checked({
+    secret: input.secret,
+    algorithm: input.algorithm ?? 'SHA1',
+    digits: input.digits ?? 6,
+    period: input.period ?? 30,
+    label,
+  });
+}
+
+function checked(params: TotpParams): TotpParams {
+  const secret = params.secret.replace(/[\s-]/g, '').replace(/=+$/, '').toUpperCase();
+  let bytes: Uint8Array;
+  try {
+    bytes = base32.decode(secret);
+  } catch {
+    throw new UnprocessableError('the TOTP secret is not valid base32 (letters A-Z and digits 2-7)');
+  }
+  if (bytes.length < MIN_SEED_BYTES || bytes.length > MAX_SEED_BYTES) {
+    throw new UnprocessableError(`the TOTP secret must decode to ${MIN_SEED_BYTES}–${MAX_SEED_BYTES} bytes, not ${bytes.length}`);
+  }
+  if (!['SHA1', 'SHA256', 'SHA512'].includes(params.algorithm)) {
+    throw new UnprocessableError('the TOTP algorithm must be SHA1, SHA256 or SHA512');
+  }
+  if (params.digits !== 6 && params.digits !== 8) throw new UnprocessableError('TOTP digits must be 6 or 8');
+  if (!Number.isInteger(params.period) || params.period < 1 || params.period > MAX_PERIOD_SECONDS) {
+    throw new UnprocessableError(`the TOTP period must be a whole number of seconds from 1 to ${MAX_PERIOD_SECONDS}`);
+  }
+  return { ...params, secret };
+}
+
+export function toOtpauthUri(p: TotpParams): string {
+  const query = new URLSearchParams({ secret: p.secret, algorithm: p.algorithm, digits: String(p.digits), period: String(p.period) });
+  if (p.issuer) query.set('issuer', p.issuer);
+  return `otpauth://totp/${encodeURIComponent(p.label)}?${query.toString()}`;
+}
+
+export function parseStoredTotp(uri: string): TotpParams {
+  return normalizeTotp({ otpauthUri: uri }, 'stored');
+}
+
+export interface TotpCode {
+  code: string;
+  period: number;
+  digits: number;
+  expiresInSeconds: number;
+}
+
+export function totpCode(p: TotpParams, nowMs: number): TotpCode {
+  const epoch = Math.floor(nowMs / 1000);
+  const code = generateSync({
+    secret: p.secret,
+    algorithm: p.algorithm.toLowerCase() as 'sha1' | 'sha256' | 'sha512',
+    digits: p.digits,
+    period: p.period,
+    epoch,
+    guardrails,
+  });
+  return { code, period: p.period, digits: p.digits, expiresInSeconds: p.period - (epoch % p.period) };
+}

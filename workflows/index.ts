@@ -1,0 +1,2 @@
+export { rotateCredential, progressQuery } from './rotate-credential';
+export { deliverMail } from './deliver-mail';
