@@ -35,7 +35,8 @@ export interface AuthDeps {
   adminTokenHash: Buffer;
 }
 
-const jsonParser = express.json({ limit: MAX_REQUEST_BYTES, strict: true });
+// Not strict: a top-level string or number is valid JSON and gets the clearer "must be a JSON object" error.
+const jsonParser = express.json({ limit: MAX_REQUEST_BYTES, strict: false });
 
 export function endpoint<BS extends z.ZodType | undefined = undefined, QS extends z.ZodType | undefined = undefined>(
   auth: AuthDeps,
@@ -78,10 +79,11 @@ function parse<S extends z.ZodType>(schema: S, input: unknown, where: 'body' | '
   }
   const result = schema.safeParse(input);
   if (result.success) return result.data;
-  const errors = result.error.issues.map((i) => ({
-    path: i.path.length ? i.path.join('.') : where,
-    message: i.message,
-  }));
+  const errors = result.error.issues.flatMap((i) =>
+    i.code === 'unrecognized_keys'
+      ? i.keys.map((key) => ({ path: [...i.path, key].join('.'), message: 'is not a known field' }))
+      : [{ path: i.path.length ? i.path.join('.') : where, message: i.message }],
+  );
   throw new ValidationError(`the request ${where} is not valid: ${errors.map((e) => `${e.path}: ${e.message}`).join('; ')}`, errors);
 }
 

@@ -356,7 +356,7 @@ export class Vault {
     input: StoreInput,
   ): Promise<{ id: string; created: boolean; currentVersion: number; kind: Kind }> {
     for (let attempt = 0; attempt < 2; attempt++) {
-      const found = await tx.query('SELECT id, kind, current_version FROM credentials WHERE identity_id = $1 AND name = $2 FOR UPDATE', [
+      const found = await tx.query('SELECT id, kind, current_version FROM credentials WHERE identity_id = $1 AND name = $2 FOR NO KEY UPDATE', [
         identityId,
         input.name,
       ]);
@@ -379,7 +379,7 @@ export class Vault {
   }
 
   private async lockById(tx: Db, identityId: string, credentialId: string) {
-    const { rows } = await tx.query('SELECT * FROM credentials WHERE id = $1 AND identity_id = $2 FOR UPDATE', [credentialId, identityId]);
+    const { rows } = await tx.query('SELECT * FROM credentials WHERE id = $1 AND identity_id = $2 FOR NO KEY UPDATE', [credentialId, identityId]);
     if (!rows[0]) throw new NotFoundError(`no credential with id ${credentialId}`);
     return rows[0];
   }

@@ -43,29 +43,32 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     }
   };
 
+  // The run reports its outcome only once the notice is out, so "succeeded" means finished.
+  let outcome: 'succeeded' | 'failed';
   try {
     const pending = await step('create_pending', () => provider.createPendingVersion(ids));
     progress.fromVersion = pending.basedOn;
     progress.toVersion = pending.version;
     await step('promote', () => db.promotePendingVersion({ ...ids, version: pending.version }));
     progress.steps.find((s) => s.name === 'compensate')!.state = 'skipped';
-    progress.state = 'succeeded';
+    outcome = 'succeeded';
   } catch (err) {
     progress.error = failureMessage(err);
     await step('compensate', () => db.discardPendingVersion({ ...ids, version: progress.toVersion ?? null }));
-    progress.state = 'failed';
+    outcome = 'failed';
   }
 
   await step('notify', () =>
     mail.sendRotationNotice({
       ...ids,
-      outcome: progress.state === 'succeeded' ? 'rotated' : 'failed',
+      outcome: outcome === 'succeeded' ? 'rotated' : 'failed',
       fromVersion: progress.fromVersion,
       toVersion: progress.toVersion,
       error: progress.error,
     }),
   );
-  if (progress.state === 'failed') {
+  progress.state = outcome;
+  if (outcome === 'failed') {
     throw ApplicationFailure.create({ type: 'RotationFailed', message: progress.error ?? 'rotation failed', nonRetryable: true });
   }
   return progress;

@@ -12,7 +12,7 @@ import { createLogger } from '../../core/logger';
 import { openServices, type Services } from '../../core/services';
 import { newToken } from '../../vault/identities';
 import { generateMasterKey, Keyring, masterKeyId, writeKeyringFile } from '../../vault/keyring';
-import { createWorker } from '../../worker/worker';
+import { createWorker, installTemporalLogging } from '../../worker/worker';
 import { withDatabase } from './global-setup';
 
 /**
@@ -46,7 +46,7 @@ export interface ApiResponse {
   text: string;
 }
 
-export async function startHarness(opts: { worker?: boolean; clock?: () => Date } = {}): Promise<Harness> {
+export async function startHarness(opts: { worker?: boolean; clock?: () => Date; smtpUrl?: string } = {}): Promise<Harness> {
   const tag = randomBytes(4).toString('hex');
   const dbName = `t_${tag}`;
   const adminUrl = inject('pgAdminUrl');
@@ -61,12 +61,13 @@ export async function startHarness(opts: { worker?: boolean; clock?: () => Date 
   const logFile = path.join(dir, 'service.log');
   const logStream = createWriteStream(logFile);
   const logger = createLogger({ level: 'info', destination: logStream });
+  if (opts.worker) quietTemporal(logger);
 
   const services = openServices({
     databaseUrl,
     poolSize: 10,
     keyring: Keyring.fromSetting(keyringFile),
-    smtpUrl: inject('smtpUrl'),
+    smtpUrl: opts.smtpUrl ?? inject('smtpUrl'),
     mailFrom: 'mailgent-test@localhost',
     logger,
     clock: opts.clock,
@@ -182,6 +183,19 @@ async function dropDatabase(adminUrl: string, name: string): Promise<void> {
     await admin.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
   } finally {
     await admin.end();
+  }
+}
+
+let temporalLoggingInstalled = false;
+
+/** The SDK's logs (expected failures included) go to the first harness's log file, not the console. */
+function quietTemporal(logger: ReturnType<typeof createLogger>): void {
+  if (temporalLoggingInstalled) return;
+  temporalLoggingInstalled = true;
+  try {
+    installTemporalLogging(logger);
+  } catch {
+    // Already installed in this process.
   }
 }
 

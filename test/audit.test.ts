@@ -1,0 +1,122 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { findLeaks } from './support/leaks';
+import { startHarness, type Harness } from './support/harness';
+
+describe('audit log', () => {
+  let h: Harness;
+  let agent: { id: string; token: string };
+
+  const rowsFor = async (requestId: string) =>
+    (await h.sql('SELECT identity_id, actor, action, credential_id, outcome, detail FROM audit_log WHERE request_id = $1 ORDER BY seq', [requestId])).rows;
+
+  beforeAll(async () => {
+    h = await startHarness({ worker: true });
+    agent = await h.createIdentity('auditor-agent', 'agent@example.com');
+  });
+  afterAll(async () => {
+    expect(await findLeaks(h)).toEqual([]);
+    await h.close();
+  });
+
+  it('writes one row per primitive call, with identity, action, credential, outcome and request id', async () => {
+    const call = (route: string, body: unknown, requestId: string) =>
+      h.api('POST', route, { token: agent.token, body, headers: { 'x-request-id': requestId } });
+    const stored = await call('/v1/vault.store', { name: 'seed', kind: 'totp_seed', totp: { secret: h.secret('JBSWY3DPEHPK3PXPJBSWY3DP') } }, 'req-store');
+    await call('/v1/vault.get', { name: 'seed' }, 'req-get');
+    await call('/v1/vault.totp', { name: 'seed' }, 'req-totp');
+    const mail = await call('/v1/mail.send', { to: ['someone@example.com'], subject: 'hello', text: 'no secrets here' }, 'req-mail');
+    expect(mail.status).toBe(202);
+    const actor = `identity:${agent.id}`;
+    const id = stored.body.id;
+    expect(await rowsFor('req-store')).toEqual([{ identity_id: agent.id, actor, action: 'vault.store', credential_id: id, outcome: 'ok', detail: { name: 'seed', version: 1 } }]);
+    expect(await rowsFor('req-get')).toEqual([{ identity_id: agent.id, actor, action: 'vault.get', credential_id: id, outcome: 'ok', detail: { name: 'seed', version: 1 } }]);
+    expect(await rowsFor('req-totp')).toEqual([{ identity_id: agent.id, actor, action: 'vault.totp', credential_id: id, outcome: 'ok', detail: { name: 'seed', version: 1 } }]);
+    expect(await rowsFor('req-mail')).toEqual([
+      { identity_id: agent.id, actor, action: 'mail.send', credential_id: null, outcome: 'ok', detail: { messageId: mail.body.messageId, recipients: 1 } },
+    ]);
+  });
+
+  it('writes a row for every denied, rejected and failed call too', async () => {
+    await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'missing' }, headers: { 'x-request-id': 'req-404' } });
+    await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'x', extra: 1 }, headers: { 'x-request-id': 'req-400' } });
+    await h.api('POST', '/v1/vault.get', { body: { name: 'seed' }, headers: { 'x-request-id': 'req-401' } });
+    await h.api('POST', '/v1/vault.store', { token: agent.token, raw: '{"name":', headers: { 'content-type': 'application/json', 'x-request-id': 'req-json' } });
+    await h.api('POST', '/v1/identities', { token: agent.token, body: { name: 'nope' }, headers: { 'x-request-id': 'req-403' } });
+    expect(await rowsFor('req-404')).toMatchObject([{ action: 'vault.get', outcome: 'denied', detail: { name: 'missing', error: 'not-found', status: 404 } }]);
+    expect(await rowsFor('req-400')).toMatchObject([{ identity_id: agent.id, action: 'vault.get', outcome: 'rejected', detail: { error: 'validation-failed', status: 400 } }]);
+    expect(await rowsFor('req-401')).toEqual([{ identity_id: null, actor: 'anonymous', action: 'vault.get', credential_id: null, outcome: 'denied', detail: { error: 'unauthorized', status: 401 } }]);
+    expect(await rowsFor('req-json')).toMatchObject([{ identity_id: agent.id, action: 'vault.store', outcome: 'rejected', detail: { error: 'malformed-json' } }]);
+    expect(await rowsFor('req-403')).toMatchObject([{ identity_id: agent.id, action: 'identity.create', outcome: 'denied', detail: { error: 'forbidden' } }]);
+  });
+
+  it('a read that cannot be audited fails and returns no secret', async () => {
+    await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'guarded', kind: 'password', value: h.secret('guarded-password-value') } });
+    await h.sql(`CREATE TRIGGER audit_refuse_get BEFORE INSERT ON audit_log FOR EACH ROW
+                 WHEN (NEW.action = 'vault.get') EXECUTE FUNCTION audit_log_refuse()`);
+    try {
+      const res = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'guarded' } });
+      expect(res.status).toBe(500);
+      expect(res.text).not.toContain('guarded-password-value');
+      const cred = (await h.sql("SELECT last_accessed_at FROM credentials WHERE name = 'guarded'")).rows[0];
+      expect(cred.last_accessed_at).toBeNull();
+    } finally {
+      await h.sql('DROP TRIGGER audit_refuse_get ON audit_log');
+    }
+  });
+
+  it('lists an identity\'s own events only, filtered by credential and time', async () => {
+    const other = await h.createIdentity();
+    await h.api('POST', '/v1/vault.store', { token: other.token, body: { name: 'seed', kind: 'generic', value: h.secret('other-seed-value') } });
+    const mine = await h.api('GET', '/v1/audit?limit=1000', { token: agent.token });
+    expect(mine.status).toBe(200);
+    expect(mine.body.items.length).toBeGreaterThan(5);
+    expect(mine.body.items.every((e: { identityId: string }) => e.identityId === agent.id)).toBe(true);
+    const seed = await h.api('GET', '/v1/audit?credential=seed', { token: agent.token });
+    expect(seed.body.items.map((e: { action: string }) => e.action)).toEqual(['vault.store', 'vault.get', 'vault.totp']);
+    const future = await h.api('GET', `/v1/audit?since=${new Date(Date.now() + 60_000).toISOString()}`, { token: agent.token });
+    expect(future.body.items).toEqual([]);
+    const page = await h.api('GET', '/v1/audit?limit=2', { token: agent.token });
+    const next = await h.api('GET', `/v1/audit?limit=2&after=${page.body.nextCursor}`, { token: agent.token });
+    expect(next.body.items[0].seq).toBeGreaterThan(page.body.items[1].seq);
+    const all = await h.api('GET', '/v1/audit?limit=1000', { token: h.adminToken });
+    expect(new Set(all.body.items.map((e: { identityId: string }) => e.identityId)).size).toBeGreaterThan(1);
+  });
+
+  it('is append-only: the service\'s own connection cannot update, delete or truncate it', async () => {
+    for (const statement of ["UPDATE audit_log SET outcome = 'ok'", 'DELETE FROM audit_log', 'TRUNCATE audit_log']) {
+      await expect(h.services.pool.query(statement)).rejects.toThrow(/audit_log is append-only/);
+    }
+  });
+
+  it('verify walks the chain; an edited row is named, and so is the row after a deleted one', async () => {
+    const ok = await h.api('GET', '/v1/audit/verify', { token: h.adminToken });
+    expect(ok.status).toBe(200);
+    const total = Number((await h.sql('SELECT count(*) FROM audit_log')).rows[0].count);
+    expect(ok.body).toEqual({ ok: true, rows: total });
+    expect((await h.api('GET', '/v1/audit/verify', { token: agent.token })).status).toBe(403);
+
+    const target = Number((await h.sql("SELECT seq FROM audit_log WHERE request_id = 'req-get'")).rows[0].seq);
+    // A superuser can switch triggers off for its session; the chain still tells.
+    await h.sql(`DO $$ BEGIN
+                   SET LOCAL session_replication_role = replica;
+                   UPDATE audit_log SET outcome = 'denied' WHERE seq = ${target};
+                 END $$`);
+    const edited = await h.api('GET', '/v1/audit/verify', { token: h.adminToken });
+    expect(edited.body).toEqual({ ok: false, rows: expect.any(Number), firstBroken: { seq: target, reason: 'hash mismatch: the row was edited after it was written' } });
+
+    await h.sql(`DO $$ BEGIN
+                   SET LOCAL session_replication_role = replica;
+                   UPDATE audit_log SET outcome = 'ok' WHERE seq = ${target};
+                 END $$`);
+    expect((await h.api('GET', '/v1/audit/verify', { token: h.adminToken })).body.ok).toBe(true);
+
+    const victim = Number((await h.sql("SELECT seq FROM audit_log WHERE request_id = 'req-totp'")).rows[0].seq);
+    const after = Number((await h.sql('SELECT min(seq) AS s FROM audit_log WHERE seq > $1', [victim])).rows[0].s);
+    await h.sql(`DO $$ BEGIN
+                   SET LOCAL session_replication_role = replica;
+                   DELETE FROM audit_log WHERE seq = ${victim};
+                 END $$`);
+    const deleted = await h.api('GET', '/v1/audit/verify', { token: h.adminToken });
+    expect(deleted.body.firstBroken).toEqual({ seq: after, reason: 'chain link broken: the row before it was removed, inserted or rewritten' });
+  });
+});

@@ -1,0 +1,140 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { findLeaks } from './support/leaks';
+import { startHarness, type Harness } from './support/harness';
+
+/** Bad input gets a clear RFC 9457 problem, and nothing is stored. */
+describe('bad input', () => {
+  let h: Harness;
+  let agent: { id: string; token: string };
+  let before: Record<string, number>;
+
+  const TABLES = ['identities', 'data_keys', 'credentials', 'secret_versions', 'mail_outbox', 'rotations', 'rotation_runs'];
+  const counts = async () =>
+    Object.fromEntries(await Promise.all(TABLES.map(async (t) => [t, Number((await h.sql(`SELECT count(*) FROM ${t}`)).rows[0].count)] as const)));
+
+  const expectProblem = (res: { status: number; headers: Headers; body: any; text: string }, status: number, slug: string) => {
+    expect(res.status).toBe(status);
+    expect(res.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+    expect(res.body).toMatchObject({ type: `https://mailgent.dev/problems/${slug}`, status, title: expect.any(String), detail: expect.any(String) });
+    // Nothing internal leaks: no stack frames, file paths or SQL.
+    expect(res.text).not.toMatch(/\bat .+\(|node_modules|\/work\/|\.ts:\d|SELECT|INSERT|pg_/);
+  };
+
+  beforeAll(async () => {
+    h = await startHarness();
+    agent = await h.createIdentity();
+    before = await counts();
+  });
+  afterAll(async () => {
+    // Every rejected call left the stored data as it was; only audit rows were added.
+    expect(await counts()).toEqual(before);
+    const audit = (
+      await h.sql(`SELECT DISTINCT outcome FROM audit_log WHERE action <> 'identity.create'
+                     AND NOT (action = 'vault.store' AND outcome = 'ok' AND detail->>'name' IN ('ten-byte-seed', 'edge'))`)
+    ).rows.map((r) => r.outcome);
+    expect(audit.sort()).toEqual(['denied', 'rejected']);
+    expect(await findLeaks(h)).toEqual([]);
+    await h.close();
+  });
+
+  const post = (route: string, o: { body?: unknown; raw?: string; headers?: Record<string, string>; token?: string | null }) =>
+    h.api('POST', route, { token: o.token === null ? undefined : (o.token ?? agent.token), body: o.body, raw: o.raw, headers: o.headers });
+
+  const ROUTES = ['/v1/vault.store', '/v1/vault.get', '/v1/vault.totp', '/v1/mail.send', '/v1/rotations'];
+
+  it.each(ROUTES)('%s: malformed JSON is a 400', async (route) => {
+    for (const raw of ['{"name":', 'not json', '{"a":1,}', '']) {
+      const res = await post(route, { raw, headers: { 'content-type': 'application/json' } });
+      expectProblem(res, 400, raw === '' ? 'validation-failed' : 'malformed-json');
+    }
+  });
+
+  it.each(ROUTES)('%s: a body that is not a JSON object, or not JSON at all, is refused', async (route) => {
+    expectProblem(await post(route, { body: [1, 2] }), 400, 'validation-failed');
+    expectProblem(await post(route, { body: 'a string' }), 400, 'validation-failed');
+    expectProblem(await post(route, { raw: 'name=x', headers: { 'content-type': 'application/x-www-form-urlencoded' } }), 415, 'unsupported-media-type');
+  });
+
+  it.each(ROUTES)('%s: no token is a 401 before the body is even read', async (route) => {
+    expectProblem(await post(route, { token: null, raw: '{"broken', headers: { 'content-type': 'application/json' } }), 401, 'unauthorized');
+  });
+
+  it('unknown fields are named', async () => {
+    const res = await post('/v1/vault.store', { body: { name: 'a', kind: 'api_key', value: 'v-unknown-fields', colour: 'red', __proto__x: 1 } });
+    expectProblem(res, 400, 'validation-failed');
+    expect(res.body.errors).toEqual([
+      { path: 'colour', message: 'is not a known field' },
+      { path: '__proto__x', message: 'is not a known field' },
+    ]);
+    const nested = await post('/v1/vault.store', { body: { name: 'a', kind: 'api_key', value: 'v', rotation: { provider: 'generated', every: 3 } } });
+    expect(nested.body.errors).toEqual([{ path: 'rotation.every', message: 'is not a known field' }]);
+    const proto = await post('/v1/vault.get', { raw: '{"name":"a","__proto__":{"admin":true}}', headers: { 'content-type': 'application/json' } });
+    expectProblem(proto, 400, 'validation-failed');
+  });
+
+  it('wrong types and impossible values are named by path, without echoing the value', async () => {
+    const cases: [string, unknown, string][] = [
+      ['/v1/vault.store', { name: 'a', kind: 'api_key', value: 12345 }, 'value'],
+      ['/v1/vault.store', { name: 'a', kind: 'laser', value: 'secret-kind-value' }, 'kind'],
+      ['/v1/vault.store', { name: ' spaced', kind: 'api_key', value: 'x' }, 'name'],
+      ['/v1/vault.store', { name: 'a', kind: 'api_key' }, 'value'],
+      ['/v1/vault.store', { name: 'a', kind: 'totp_seed', value: 'JBSWY3DPEHPK3PXP' }, 'totp'],
+      ['/v1/vault.store', { name: 'a', kind: 'api_key', value: 'secret-version-value', expectedVersion: -1 }, 'expectedVersion'],
+      ['/v1/vault.store', { name: 'a', kind: 'api_key', value: 'x', owners: ['not-an-email'] }, 'owners.0'],
+      ['/v1/vault.store', { name: 'a', kind: 'api_key', value: 'x', expiresAt: 'tomorrow' }, 'expiresAt'],
+      ['/v1/vault.get', { name: 'a', id: '5d4f6b2e-8a51-4c53-9d0f-1c3f5c1d2e3f' }, 'name'],
+      ['/v1/vault.get', { id: 'not-a-uuid' }, 'id'],
+      ['/v1/vault.get', { name: 'a', version: 0 }, 'version'],
+      ['/v1/mail.send', { to: [], subject: 's', text: 't' }, 'to'],
+      ['/v1/mail.send', { to: ['a@example.com'], subject: 'two\r\nBcc: x@evil.com', text: 't' }, 'subject'],
+      ['/v1/rotations', { credentials: ['a'], filter: { kind: 'api_key' } }, 'credentials'],
+    ];
+    for (const [route, body, path] of cases) {
+      const res = await post(route, { body });
+      expectProblem(res, 400, 'validation-failed');
+      expect(res.body.errors.map((e: { path: string }) => e.path)).toContain(path);
+      expect(res.text).not.toContain('secret-kind-value');
+      expect(res.text).not.toContain('secret-version-value');
+    }
+  });
+
+  it('semantic errors are 422 with the reason', async () => {
+    // An 80-bit seed (16 base32 characters) is what many issuers hand out: accepted.
+    const tenBytes = await post('/v1/vault.store', { body: { name: 'ten-byte-seed', kind: 'totp_seed', totp: { secret: h.secret('ABCDEFGHIJKLMNOP') } } });
+    expect(tenBytes.status).toBe(201);
+    before = await counts();
+    const notBase32 = await post('/v1/vault.store', { body: { name: 'b', kind: 'totp_seed', totp: { secret: 'ABCDEFGHIJKLMNO1' } } });
+    expectProblem(notBase32, 422, 'unprocessable');
+    expect(notBase32.body.detail).toBe('the TOTP secret is not valid base32 (letters A-Z and digits 2-7)');
+    const hotp = await post('/v1/vault.store', { body: { name: 'c', kind: 'totp_seed', totp: { otpauthUri: 'otpauth://hotp/x?secret=JBSWY3DPEHPK3PXP&counter=3' } } });
+    expectProblem(hotp, 422, 'unprocessable');
+    const provider = await post('/v1/vault.store', { body: { name: 'd', kind: 'api_key', value: 'v', rotation: { provider: 'aws-magic' } } });
+    expectProblem(provider, 422, 'unprocessable');
+    expect(provider.body.detail).toBe("rotation.provider 'aws-magic' is unknown; known providers: generated");
+  });
+
+  it('a value over 64 KiB is a 400; a request over 256 KiB is a 413', async () => {
+    const big = await post('/v1/vault.store', { body: { name: 'big', kind: 'generic', value: 'x'.repeat(64 * 1024 + 1) } });
+    expectProblem(big, 400, 'validation-failed');
+    expect(big.body.errors).toEqual([{ path: 'value', message: 'must be at most 65536 bytes' }]);
+    const multibyte = await post('/v1/vault.store', { body: { name: 'big', kind: 'generic', value: 'é'.repeat(32 * 1024 + 1) } });
+    expectProblem(multibyte, 400, 'validation-failed');
+    const exactly = await post('/v1/vault.store', { body: { name: 'edge', kind: 'generic', value: h.secret('y'.repeat(64 * 1024)) } });
+    expect(exactly.status).toBe(201);
+    before = await counts();
+    const huge = await post('/v1/vault.store', { body: { name: 'huge', kind: 'generic', value: 'x'.repeat(300 * 1024) } });
+    expectProblem(huge, 413, 'payload-too-large');
+  });
+
+  it('unknown routes and methods are 404 problems', async () => {
+    expectProblem(await h.api('GET', '/v1/nothing', { token: agent.token }), 404, 'not-found');
+    expectProblem(await h.api('DELETE', '/v1/vault.get', { token: agent.token }), 404, 'not-found');
+  });
+
+  it('query strings are validated too', async () => {
+    expectProblem(await h.api('GET', '/v1/credentials?limit=0', { token: agent.token }), 400, 'validation-failed');
+    expectProblem(await h.api('GET', '/v1/credentials?kind=a&kind=b', { token: agent.token }), 400, 'validation-failed');
+    expectProblem(await h.api('GET', '/v1/credentials?sneaky=1', { token: agent.token }), 400, 'validation-failed');
+    expectProblem(await h.api('GET', '/v1/audit?since=yesterday', { token: agent.token }), 400, 'validation-failed');
+  });
+});

@@ -1,0 +1,144 @@
+import { readFileSync } from 'node:fs';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { rekey } from '../cli/rekey';
+import { loadConfig } from '../core/config';
+import { createLogger } from '../core/logger';
+import { openServices } from '../core/services';
+import { generateMasterKey, Keyring, readKeyringFile } from '../vault/keyring';
+import { findLeaks } from './support/leaks';
+import { startHarness, type Harness } from './support/harness';
+
+const silent = createLogger({ level: 'silent' });
+
+describe('envelope encryption at rest', () => {
+  let h: Harness;
+  let agent: { id: string; token: string };
+  const values: Record<string, string> = {};
+
+  const store = async (name: string, value: string) => {
+    values[name] = h.secret(value);
+    const res = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name, kind: 'generic', value } });
+    expect(res.status).toBe(201);
+    return res.body.id as string;
+  };
+  const get = (name: string) => h.api('POST', '/v1/vault.get', { token: agent.token, body: { name } });
+
+  beforeAll(async () => {
+    h = await startHarness();
+    agent = await h.createIdentity();
+  });
+  afterAll(async () => {
+    expect(await findLeaks(h)).toEqual([]);
+    await h.close();
+  });
+
+  it('stores no plaintext: the row holds a nonce, the ciphertext and the tag', async () => {
+    const id = await store('plain-check', 'this-is-the-plaintext-value');
+    const row = (await h.sql('SELECT sealed, data_key_id FROM secret_versions WHERE credential_id = $1', [id])).rows[0];
+    expect(row.sealed.includes(Buffer.from('this-is-the-plaintext-value'))).toBe(false);
+    expect(row.sealed.length).toBe(12 + 'this-is-the-plaintext-value'.length + 16);
+    const dataKey = (await h.sql('SELECT identity_id, master_key_id, wrapped FROM data_keys WHERE id = $1', [row.data_key_id])).rows[0];
+    expect(dataKey.identity_id).toBe(agent.id);
+    expect(dataKey.wrapped.length).toBe(12 + 32 + 16);
+  });
+
+  it('a flipped ciphertext byte gives an integrity error, audited, with no value', async () => {
+    const id = await store('flipped', 'value-that-will-be-tampered');
+    await h.sql('UPDATE secret_versions SET sealed = set_byte(sealed, 20, get_byte(sealed, 20) # 1) WHERE credential_id = $1', [id]);
+    const res = await get('flipped');
+    expect(res.status).toBe(500);
+    expect(res.body).toMatchObject({
+      type: 'https://mailgent.dev/problems/integrity-failure',
+      title: 'Stored data failed its integrity check',
+      detail: "version 1 of 'flipped' failed authentication: it was altered or does not belong to this record",
+    });
+    const audit = (await h.sql("SELECT outcome, detail FROM audit_log WHERE credential_id = $1 AND action = 'vault.get'", [id])).rows;
+    expect(audit).toEqual([{ outcome: 'failed', detail: { name: 'flipped', version: 1, error: 'integrity-failure', status: 500 } }]);
+  });
+
+  it('two ciphertexts swapped between rows both fail; swapped back, both read again', async () => {
+    const a = await store('swap-a', 'swap-value-aaaaaaaa');
+    const b = await store('swap-b', 'swap-value-bbbbbbbb');
+    const swap = () =>
+      h.sql(`UPDATE secret_versions v SET sealed = o.sealed
+               FROM secret_versions o
+              WHERE v.credential_id IN ($1, $2) AND o.credential_id IN ($1, $2) AND o.credential_id <> v.credential_id`, [a, b]);
+    await swap();
+    expect((await get('swap-a')).body.type).toBe('https://mailgent.dev/problems/integrity-failure');
+    expect((await get('swap-b')).body.type).toBe('https://mailgent.dev/problems/integrity-failure');
+    await swap();
+    expect((await get('swap-a')).body.value).toBe('swap-value-aaaaaaaa');
+  });
+
+  it('a version moved to another version number fails (the AAD binds the version)', async () => {
+    const id = await store('moved', 'moved-version-one');
+    await store('moved', 'moved-version-two');
+    await h.sql(`UPDATE secret_versions SET sealed = (SELECT sealed FROM secret_versions WHERE credential_id = $1 AND version = 1)
+                  WHERE credential_id = $1 AND version = 2`, [id]);
+    expect((await get('moved')).status).toBe(500);
+  });
+
+  it('a tampered wrapped data key fails for a process that has not cached it', async () => {
+    await store('dk-check', 'data-key-check-value');
+    await h.sql('UPDATE data_keys SET wrapped = set_byte(wrapped, 15, get_byte(wrapped, 15) # 1) WHERE identity_id = $1', [agent.id]);
+    const fresh = openServices({ databaseUrl: h.databaseUrl, poolSize: 2, keyring: Keyring.fromSetting(h.keyringFile), smtpUrl: 'smtp://unused', mailFrom: 'x@localhost' });
+    try {
+      await expect(fresh.vault.get({ identityId: agent.id, actor: 'test' }, { name: 'dk-check' })).rejects.toThrow(/data key .* failed authentication/);
+    } finally {
+      await fresh.close();
+    }
+    await h.sql('UPDATE data_keys SET wrapped = set_byte(wrapped, 15, get_byte(wrapped, 15) # 1) WHERE identity_id = $1', [agent.id]);
+  });
+
+  it('rekey re-wraps the data keys under a new master key without touching secret rows', async () => {
+    const other = await h.createIdentity();
+    values['other-identity'] = h.secret('other-identity-value');
+    await h.api('POST', '/v1/vault.store', { token: other.token, body: { name: 'other-identity', kind: 'generic', value: 'other-identity-value' } });
+    const before = (await h.sql('SELECT credential_id, version, sealed FROM secret_versions ORDER BY 1, 2')).rows;
+    const oldKeyId = readKeyringFile(h.keyringFile).current;
+
+    const config = loadConfig({ VAULT_MASTER_KEY: h.keyringFile, DATABASE_URL: h.databaseUrl });
+    const result = await rekey(config, silent);
+
+    expect(result.rewrapped).toBe(2);
+    expect(result.retiredMasterKeys).toEqual([oldKeyId]);
+    const file = readKeyringFile(h.keyringFile);
+    expect(file.keys.map((k) => k.id)).toEqual([result.newMasterKeyId]);
+    expect((await h.sql('SELECT DISTINCT master_key_id FROM data_keys')).rows).toEqual([{ master_key_id: result.newMasterKeyId }]);
+    expect((await h.sql('SELECT credential_id, version, sealed FROM secret_versions ORDER BY 1, 2')).rows).toEqual(before);
+
+    // The running service keeps reading (and a new identity gets a data key under the new master key)...
+    expect((await get('swap-b')).body.value).toBe('swap-value-bbbbbbbb');
+    const late = await h.createIdentity();
+    expect((await h.sql('SELECT master_key_id FROM data_keys WHERE identity_id = $1', [late.id])).rows[0].master_key_id).toBe(result.newMasterKeyId);
+
+    // ...and so does a restarted one, which only has the new key.
+    const restarted = openServices({ databaseUrl: h.databaseUrl, poolSize: 2, keyring: Keyring.fromSetting(h.keyringFile), smtpUrl: 'smtp://unused', mailFrom: 'x@localhost' });
+    try {
+      for (const name of ['plain-check', 'swap-a', 'swap-b', 'dk-check']) {
+        expect((await restarted.vault.get({ identityId: agent.id, actor: 'test' }, { name })).value).toBe(values[name]);
+      }
+      expect((await restarted.vault.get({ identityId: other.id, actor: 'test' }, { name: 'other-identity' })).value).toBe('other-identity-value');
+    } finally {
+      await restarted.close();
+    }
+    const audit = (await h.sql("SELECT actor, detail FROM audit_log WHERE action = 'vault.rekey'")).rows;
+    expect(audit).toEqual([{ actor: 'admin', detail: { masterKeyId: result.newMasterKeyId, rewrapped: 2, retired: [oldKeyId] } }]);
+  });
+
+  it('rekey from an inline VAULT_MASTER_KEY takes the new key from NEW_VAULT_MASTER_KEY', async () => {
+    const current = JSON.parse(readFileSync(h.keyringFile, 'utf8')).keys[0].key as string;
+    const next = generateMasterKey().toString('base64');
+    const config = loadConfig({ VAULT_MASTER_KEY: current, DATABASE_URL: h.databaseUrl });
+    await expect(rekey(config, silent, {})).rejects.toThrow(/NEW_VAULT_MASTER_KEY/);
+    const result = await rekey(config, silent, { NEW_VAULT_MASTER_KEY: next });
+    expect(result.rewrapped).toBeGreaterThanOrEqual(3);
+    expect(result.action).toMatch(/set VAULT_MASTER_KEY/);
+    const restarted = openServices({ databaseUrl: h.databaseUrl, poolSize: 2, keyring: Keyring.fromSetting(next), smtpUrl: 'smtp://unused', mailFrom: 'x@localhost' });
+    try {
+      expect((await restarted.vault.get({ identityId: agent.id, actor: 'test' }, { name: 'swap-a' })).value).toBe('swap-value-aaaaaaaa');
+    } finally {
+      await restarted.close();
+    }
+  });
+});

@@ -1,0 +1,125 @@
+import { randomUUID } from 'node:crypto';
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startSmtpSink } from '../embedded/smtp-sink';
+import { freePort } from '../embedded/ports';
+import { findLeaks } from './support/leaks';
+import { startHarness, type Harness } from './support/harness';
+import { readMailbox, recipients, waitForMail } from './support/mail';
+
+describe('mail.send', () => {
+  let h: Harness;
+  let agent: { id: string; token: string };
+  const secretValue = 'xoxb-slack-bot-token-9f8e7d';
+
+  beforeAll(async () => {
+    h = await startHarness({ worker: true });
+    agent = await h.createIdentity();
+    await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'slack', kind: 'token', value: h.secret(secretValue) } });
+  });
+  afterAll(async () => {
+    expect(await findLeaks(h)).toEqual([]);
+    await h.close();
+  });
+
+  it('queues the message and delivers it over SMTP once, with a stable Message-ID', async () => {
+    const to = `team-${randomUUID().slice(0, 8)}@example.com`;
+    const res = await h.api('POST', '/v1/mail.send', {
+      token: agent.token,
+      body: { to: [to, 'cc-someone@example.com'], subject: 'Deploy finished', text: 'Release 42 is live.', html: '<p>Release <b>42</b> is live.</p>' },
+    });
+    expect(res.status).toBe(202);
+    expect(res.body).toEqual({ messageId: expect.stringMatching(/^[0-9a-f-]{36}$/), status: 'queued' });
+    const [delivered] = await waitForMail(to);
+    expect(delivered!.mail.subject).toBe('Deploy finished');
+    expect(delivered!.mail.text?.trim()).toBe('Release 42 is live.');
+    expect(delivered!.mail.html).toContain('<b>42</b>');
+    expect(delivered!.mail.messageId).toBe(`<${res.body.messageId}@mailgent>`);
+    expect(recipients(delivered!.mail)).toEqual([to, 'cc-someone@example.com']);
+    const row = (await h.sql('SELECT status, attempts FROM mail_outbox WHERE id = $1', [res.body.messageId])).rows[0];
+    expect(row).toEqual({ status: 'sent', attempts: 1 });
+    await new Promise((r) => setTimeout(r, 500));
+    expect(await waitForMail(to, 2, 0)).toHaveLength(1);
+  });
+
+  it('refuses (422) a message carrying a stored value in any part or common encoding; nothing is queued or sent', async () => {
+    const to = `leak-${randomUUID().slice(0, 8)}@example.com`;
+    const attempts = [
+      { subject: `token ${secretValue}`, text: 'hi' },
+      { subject: 'hi', text: `the token is ${secretValue}, keep it safe` },
+      { subject: 'hi', text: 'see html', html: `<code>${secretValue}</code>` },
+      { subject: 'hi', text: `b64: ${Buffer.from(secretValue).toString('base64')}` },
+      { subject: 'hi', text: `hex: ${Buffer.from(secretValue).toString('hex')}` },
+    ];
+    const queued = Number((await h.sql('SELECT count(*) FROM mail_outbox')).rows[0].count);
+    for (const message of attempts) {
+      const res = await h.api('POST', '/v1/mail.send', { token: agent.token, body: { to: [to], ...message } });
+      expect(res.status).toBe(422);
+      expect(res.body).toMatchObject({
+        type: 'https://mailgent.dev/problems/secret-in-message',
+        detail: "the message contains the value of credential 'slack' (or an encoding of it); mail never carries a secret",
+      });
+      expect(res.text).not.toContain(secretValue);
+    }
+    expect(Number((await h.sql('SELECT count(*) FROM mail_outbox')).rows[0].count)).toBe(queued);
+    const audit = (await h.sql("SELECT outcome, detail FROM audit_log WHERE action = 'mail.send' AND outcome <> 'ok'")).rows;
+    expect(audit).toHaveLength(attempts.length);
+    expect(audit[0]).toEqual({ outcome: 'rejected', detail: { error: 'secret-in-message', status: 422 } });
+    await new Promise((r) => setTimeout(r, 500));
+    expect((await readMailbox()).filter((m) => recipients(m.mail).includes(to))).toHaveLength(0);
+  });
+
+  it('an old version of a value is still a secret', async () => {
+    await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'slack', kind: 'token', value: h.secret('xoxb-newer-token-value-123') } });
+    const res = await h.api('POST', '/v1/mail.send', { token: agent.token, body: { to: ['a@example.com'], subject: 's', text: `old one: ${secretValue}` } });
+    expect(res.status).toBe(422);
+  });
+});
+
+describe('mail.send while SMTP is down', () => {
+  let h: Harness;
+  let port: number;
+  let mailDir: string;
+
+  beforeAll(async () => {
+    port = await freePort();
+    mailDir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-sink-'));
+    h = await startHarness({ worker: true, smtpUrl: `smtp://127.0.0.1:${port}` });
+  });
+  afterAll(async () => {
+    expect(await findLeaks(h)).toEqual([]);
+    await h.close();
+    rmSync(mailDir, { recursive: true, force: true });
+  });
+
+  it('retries with backoff and delivers the message exactly once when SMTP is back', async () => {
+    const agent = await h.createIdentity();
+    const res = await h.api('POST', '/v1/mail.send', { token: agent.token, body: { to: ['late@example.com'], subject: 'eventually', text: 'arrives once' } });
+    expect(res.status).toBe(202);
+    // Nobody listens on the port: the first attempt fails and is recorded.
+    for (let i = 0; i < 50; i++) {
+      const row = (await h.sql('SELECT attempts, last_error FROM mail_outbox WHERE id = $1', [res.body.messageId])).rows[0];
+      if (row.attempts > 0) {
+        expect(row.last_error).toMatch(/ECONNREFUSED|connect/);
+        break;
+      }
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const sink = await startSmtpSink({ mailDir, port });
+    try {
+      for (let i = 0; i < 150; i++) {
+        const row = (await h.sql('SELECT status FROM mail_outbox WHERE id = $1', [res.body.messageId])).rows[0];
+        if (row.status === 'sent') break;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      const row = (await h.sql('SELECT status, attempts FROM mail_outbox WHERE id = $1', [res.body.messageId])).rows[0];
+      expect(row.status).toBe('sent');
+      expect(row.attempts).toBeGreaterThan(1);
+      expect(readdirSync(mailDir).filter((f) => f.endsWith('.eml'))).toHaveLength(1);
+    } finally {
+      await sink.stop();
+    }
+  });
+});

@@ -1,0 +1,217 @@
+import { randomUUID } from 'node:crypto';
+import { WorkflowFailedError } from '@temporalio/client';
+import { ApplicationFailure } from '@temporalio/common';
+import pg from 'pg';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createActivities } from '../activities';
+import { findLeaks } from './support/leaks';
+import { startHarness, type Harness } from './support/harness';
+import { waitForMail } from './support/mail';
+
+/** Rotation through the real Temporal dev server, a real worker, PostgreSQL and the SMTP sink. */
+describe('rotateCredential', () => {
+  let h: Harness;
+  let agent: { id: string; token: string };
+
+  const waitForRotation = async (rotationId: string) => {
+    for (let i = 0; i < 150; i++) {
+      const res = await h.api('GET', `/v1/rotations/${rotationId}`, { token: agent.token });
+      if (res.body.state !== 'running') return res.body;
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    throw new Error(`rotation ${rotationId} did not finish`);
+  };
+  const history = async (workflowId: string) =>
+    JSON.stringify(await h.client.workflow.getHandle(workflowId).fetchHistory(), (_k, v) => (v instanceof Uint8Array ? Buffer.from(v).toString('utf8') : v));
+
+  beforeAll(async () => {
+    h = await startHarness({ worker: true });
+    agent = await h.createIdentity('rotator', 'rotator-identity@example.com');
+  });
+  afterAll(async () => {
+    expect(await findLeaks(h)).toEqual([]);
+    await h.close();
+  });
+
+  it('creates a pending version, promotes it (v1 kept as previous) and emails the owners once, without either value', async () => {
+    const owner = `owner-${randomUUID().slice(0, 8)}@example.com`;
+    const v1 = h.secret('sk_live_original_value_0001');
+    const stored = await h.api('POST', '/v1/vault.store', {
+      token: agent.token,
+      body: { name: 'payments-key', kind: 'api_key', value: v1, owners: [owner], rotation: { provider: 'generated', settings: { length: 40, prefix: 'sk_' }, periodDays: 90 } },
+    });
+    const credentialId = stored.body.id;
+
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['payments-key'], reason: 'quarterly' } });
+    expect(started.status).toBe(202);
+    expect(started.body.workflowIds).toEqual([`rotate:${credentialId}`]);
+    const report = await waitForRotation(started.body.rotationId);
+    expect(report).toMatchObject({ state: 'succeeded', reason: 'quarterly' });
+    expect(report.credentials[0]).toMatchObject({
+      credentialId,
+      name: 'payments-key',
+      status: 'COMPLETED',
+      progress: {
+        state: 'succeeded',
+        fromVersion: 1,
+        toVersion: 2,
+        steps: [
+          { name: 'create_pending', state: 'done' },
+          { name: 'promote', state: 'done' },
+          { name: 'compensate', state: 'skipped' },
+          { name: 'notify', state: 'done' },
+        ],
+      },
+    });
+
+    const current = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'payments-key' } });
+    expect(current.body).toMatchObject({ version: 2, label: 'current' });
+    const v2 = h.secret(current.body.value as string);
+    expect(v2).toMatch(/^sk_[A-Za-z0-9]{40}$/);
+    const previous = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'payments-key', version: 1 } });
+    expect(previous.body).toMatchObject({ label: 'previous', value: v1 });
+
+    const mails = await waitForMail(owner);
+    expect(mails).toHaveLength(1);
+    const [notice] = mails;
+    expect(notice!.mail.subject).toBe('[mailgent] Rotated payments-key');
+    expect(notice!.mail.text).toContain('Version 2 is now current; version 1 is kept as previous.');
+    for (const value of [v1, v2]) {
+      expect(notice!.raw).not.toContain(value);
+      expect(notice!.raw).not.toContain(Buffer.from(value).toString('base64'));
+    }
+
+    const events = await history(`rotate:${credentialId}`);
+    expect(events).toContain(credentialId);
+    for (const value of [v1, v2]) {
+      expect(events).not.toContain(value);
+      expect(events).not.toContain(Buffer.from(value).toString('base64'));
+    }
+
+    const audit = (await h.sql('SELECT action, outcome, actor FROM audit_log WHERE credential_id = $1 ORDER BY seq', [credentialId])).rows;
+    expect(audit).toEqual([
+      { action: 'vault.store', outcome: 'ok', actor: `identity:${agent.id}` },
+      { action: 'rotation.create_pending', outcome: 'ok', actor: `workflow:rotate:${credentialId}` },
+      { action: 'rotation.promote', outcome: 'ok', actor: `workflow:rotate:${credentialId}` },
+      { action: 'mail.send', outcome: 'ok', actor: `workflow:rotate:${credentialId}` },
+      { action: 'vault.get', outcome: 'ok', actor: `identity:${agent.id}` },
+      { action: 'vault.get', outcome: 'ok', actor: `identity:${agent.id}` },
+    ]);
+
+    // The same credential can be rotated again once the first run is closed.
+    const again = await h.api('POST', '/v1/rotations', { token: agent.token, body: { filter: { kind: 'api_key' } } });
+    expect((await waitForRotation(again.body.rotationId)).state).toBe('succeeded');
+    const third = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'payments-key' } });
+    h.secret(third.body.value);
+    expect(third.body).toMatchObject({ version: 3, label: 'current' });
+    expect((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'payments-key', version: 1 } })).body.label).toBeNull();
+  });
+
+  it('a failing rotation compensates, marks the credential rotation_failed, tells the owners and fails the run', async () => {
+    const owner = `owner-${randomUUID().slice(0, 8)}@example.com`;
+    const stored = await h.api('POST', '/v1/vault.store', {
+      token: agent.token,
+      body: { name: 'totp-login', kind: 'totp_seed', owners: [owner], totp: { secret: h.secret('JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP') } },
+    });
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: [stored.body.id] } });
+    const report = await waitForRotation(started.body.rotationId);
+    expect(report.state).toBe('failed');
+    expect(report.credentials[0]).toMatchObject({
+      status: 'FAILED',
+      progress: {
+        state: 'failed',
+        error: "credential 'totp-login' is a totp_seed; a generated value would not be a TOTP seed",
+        steps: [
+          { name: 'create_pending', state: 'failed' },
+          { name: 'promote', state: 'waiting' },
+          { name: 'compensate', state: 'done' },
+          { name: 'notify', state: 'done' },
+        ],
+      },
+    });
+
+    const failure = await h.client.workflow.getHandle(`rotate:${stored.body.id}`).result().catch((e) => e);
+    expect(failure).toBeInstanceOf(WorkflowFailedError);
+    expect(failure.cause).toBeInstanceOf(ApplicationFailure);
+    expect(failure.cause.type).toBe('RotationFailed');
+
+    const list = await h.api('GET', '/v1/credentials', { token: agent.token });
+    expect(list.body.items.find((c: { name: string }) => c.name === 'totp-login')).toMatchObject({ status: 'rotation_failed', version: 1, pendingVersion: null });
+    const [notice] = await waitForMail(owner);
+    expect(notice!.mail.subject).toBe('[mailgent] Rotation FAILED for totp-login');
+    expect(notice!.mail.text).toContain('Error: credential \'totp-login\' is a totp_seed');
+    // The seed still produces codes: nothing changed.
+    expect((await h.api('POST', '/v1/vault.totp', { token: agent.token, body: { name: 'totp-login' } })).status).toBe(200);
+  });
+
+  it('two requests for one credential make one run and one new version', async () => {
+    await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'shared', kind: 'token', value: h.secret('shared-token-value-1') } });
+    // Hold the credential's row lock so the first run cannot finish before the second request arrives.
+    const lock = new pg.Client({ connectionString: h.databaseUrl });
+    await lock.connect();
+    await lock.query('BEGIN');
+    await lock.query("SELECT 1 FROM credentials WHERE name = 'shared' FOR NO KEY UPDATE");
+    const [a, b] = await Promise.all([
+      h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['shared'] } }),
+      h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['shared'] } }),
+    ]);
+    await lock.query('COMMIT');
+    await lock.end();
+    await waitForRotation(a.body.rotationId);
+    await waitForRotation(b.body.rotationId);
+    const runs = (await h.sql('SELECT DISTINCT run_id FROM rotation_runs r JOIN credentials c ON c.id = r.credential_id WHERE c.name = $1', ['shared'])).rows;
+    expect(runs).toHaveLength(1);
+    const current = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'shared' } });
+    h.secret(current.body.value);
+    expect(current.body.version).toBe(2);
+  });
+
+  it('every step is idempotent: a retried activity makes no second version and sends no second notice', async () => {
+    const owner = `owner-${randomUUID().slice(0, 8)}@example.com`;
+    const stored = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'retry-me', kind: 'password', owners: [owner], value: h.secret('retry-original-pass') } });
+    const acts = createActivities(h.services);
+    const rotationId = randomUUID();
+    await h.sql('INSERT INTO rotations (id, identity_id) VALUES ($1, $2)', [rotationId, agent.id]);
+    const ids = { rotationId, identityId: agent.id, credentialId: stored.body.id, workflowId: `rotate:${stored.body.id}` };
+    const first = await acts.createPendingVersion(ids);
+    const retried = await acts.createPendingVersion(ids);
+    expect(retried).toEqual(first);
+    await acts.promotePendingVersion({ ...ids, version: first.version });
+    expect(await acts.promotePendingVersion({ ...ids, version: first.version })).toEqual({ current: 2, previous: 1 });
+    const notice = { ...ids, outcome: 'rotated' as const, fromVersion: 1, toVersion: 2 };
+    expect((await acts.sendRotationNotice(notice)).delivery).toBe('sent');
+    expect((await acts.sendRotationNotice(notice)).delivery).toBe('already-sent');
+    expect(await waitForMail(owner, 2, 2_000)).toHaveLength(1);
+    h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'retry-me' } })).body.value);
+  });
+
+  it('a pending version left by an abandoned rotation does not block the next one', async () => {
+    const stored = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'stuck', kind: 'password', value: h.secret('stuck-original-pass') } });
+    const acts = createActivities(h.services);
+    const abandoned = { rotationId: randomUUID(), identityId: agent.id, credentialId: stored.body.id, workflowId: 'abandoned' };
+    const pending = await acts.createPendingVersion(abandoned);
+    h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'stuck', version: pending.version } })).body.value);
+
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['stuck'] } });
+    expect((await waitForRotation(started.body.rotationId)).state).toBe('succeeded');
+    const current = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'stuck' } });
+    h.secret(current.body.value);
+    expect(current.body).toMatchObject({ version: 3, label: 'current' });
+    // The abandoned pending version can no longer be promoted over the newer one.
+    await expect(acts.promotePendingVersion({ ...abandoned, version: pending.version })).rejects.toThrow(/is not pending/);
+  });
+
+  it('rejects an empty selection and unknown credentials before starting anything', async () => {
+    const none = await h.api('POST', '/v1/rotations', { token: agent.token, body: { filter: { kind: 'service_account' } } });
+    expect(none.status).toBe(422);
+    const missing = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['payments-key', 'ghost'] } });
+    expect(missing.status).toBe(404);
+    expect(missing.body.detail).toBe('no credential named or with id: ghost');
+    expect((await h.api('GET', '/v1/rotations/not-a-uuid', { token: agent.token })).status).toBe(404);
+    const other = await h.createIdentity();
+    const mine = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['payments-key'] } });
+    expect((await h.api('GET', `/v1/rotations/${mine.body.rotationId}`, { token: other.token })).status).toBe(404);
+    await waitForRotation(mine.body.rotationId);
+    h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'payments-key' } })).body.value);
+  });
+});

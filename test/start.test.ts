@@ -1,0 +1,141 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { freePort } from '../embedded/ports';
+
+/**
+ * `npm start` end to end: the real entry point with no configuration embeds PostgreSQL, Temporal
+ * and the SMTP sink under DATA_DIR, serves the README's walk-through, stops everything on SIGTERM,
+ * and finds its data again on the next start.
+ */
+const ROOT = path.resolve(import.meta.dirname, '..');
+
+function start(env: Record<string, string>): { proc: ChildProcess; output: () => string; exited: Promise<number | null> } {
+  const clean = Object.fromEntries(
+    Object.entries(process.env).filter(([k]) => !['DATABASE_URL', 'TEMPORAL_ADDRESS', 'SMTP_URL', 'VAULT_MASTER_KEY', 'ADMIN_TOKEN', 'PORT'].includes(k)),
+  );
+  const proc = spawn(process.execPath, ['--import', 'tsx', 'cli/main.ts', 'serve'], { cwd: ROOT, env: { ...clean, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  proc.stdout!.on('data', (d) => (out += d));
+  proc.stderr!.on('data', (d) => (out += d));
+  const exited = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
+  return { proc, output: () => out, exited };
+}
+
+async function waitReady(url: string, timeoutMs = 120_000): Promise<unknown> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      const res = await fetch(`${url}/readyz`);
+      if (res.status === 200) return res.json();
+    } catch {
+      // not listening yet
+    }
+    if (Date.now() > deadline) throw new Error('service did not become ready');
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+
+/** Processes whose command line mentions `dir` (the embedded servers run with their data there). */
+function processesUsing(dir: string): string[] {
+  return readdirSync('/proc')
+    .filter((p) => /^\d+$/.test(p))
+    .flatMap((pid) => {
+      try {
+        const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8').replace(/\0/g, ' ');
+        return cmd.includes(dir) ? [cmd] : [];
+      } catch {
+        return [];
+      }
+    });
+}
+
+describe('npm start with the embedded defaults', () => {
+  let dataDir: string;
+  let port: number;
+  let url: string;
+
+  beforeAll(async () => {
+    dataDir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-start-'));
+    port = await freePort();
+    url = `http://127.0.0.1:${port}`;
+  });
+  afterAll(() => rmSync(dataDir, { recursive: true, force: true }));
+
+  it('serves the walk-through, stops cleanly on SIGTERM, and keeps its data across a restart', { timeout: 300_000 }, async () => {
+    const first = start({ DATA_DIR: dataDir, PORT: String(port) });
+    try {
+      expect(await waitReady(url)).toEqual({ status: 'ready', checks: { database: 'ok', temporal: 'ok' } });
+    } catch (err) {
+      first.proc.kill('SIGKILL');
+      throw new Error(`${(err as Error).message}\n${first.output()}`, { cause: err });
+    }
+    expect(statSync(path.join(dataDir, 'admin-token')).mode & 0o777).toBe(0o600);
+    expect(statSync(path.join(dataDir, 'master-keys.json')).mode & 0o777).toBe(0o600);
+    const admin = readFileSync(path.join(dataDir, 'admin-token'), 'utf8').trim();
+    const call = async (method: string, route: string, token: string, body?: unknown) => {
+      const res = await fetch(url + route, {
+        method,
+        headers: { authorization: `Bearer ${token}`, ...(body ? { 'content-type': 'application/json' } : {}) },
+        body: body ? JSON.stringify(body) : undefined,
+      });
+      return { status: res.status, body: (await res.json()) as any };
+    };
+
+    const identity = await call('POST', '/v1/identities', admin, { name: 'deploy-bot', email: 'ops@example.com' });
+    expect(identity.status).toBe(201);
+    const token = identity.body.token;
+    expect((await call('POST', '/v1/vault.store', token, { name: 'stripe', kind: 'api_key', value: 'sk_test_walkthrough_1' })).status).toBe(201);
+    const rotation = await call('POST', '/v1/rotations', token, { credentials: ['stripe'], reason: 'walk-through' });
+    expect(rotation.status).toBe(202);
+    let report: any;
+    for (let i = 0; i < 100; i++) {
+      report = (await call('GET', `/v1/rotations/${rotation.body.rotationId}`, token)).body;
+      if (report.state !== 'running') break;
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    expect(report.state).toBe('succeeded');
+    const rotated = (await call('POST', '/v1/vault.get', token, { name: 'stripe' })).body;
+    expect(rotated.version).toBe(2);
+    const mails = readdirSync(path.join(dataDir, 'mail')).filter((f) => f.endsWith('.eml'));
+    expect(mails).toHaveLength(1);
+    expect(readFileSync(path.join(dataDir, 'mail', mails[0]!), 'utf8')).toContain('Subject: [mailgent] Rotated stripe');
+
+    // The log never carries the admin token, the identity token or a value.
+    for (const secret of [admin, token, 'sk_test_walkthrough_1', rotated.value]) expect(first.output()).not.toContain(secret);
+
+    expect(processesUsing(dataDir).length).toBeGreaterThanOrEqual(2);
+    first.proc.kill('SIGTERM');
+    expect(await first.exited).toBe(0);
+    expect(first.output()).toContain('"msg":"stopped"');
+    expect(processesUsing(dataDir)).toEqual([]);
+
+    const second = start({ DATA_DIR: dataDir, PORT: String(port) });
+    try {
+      await waitReady(url);
+      expect((await call('POST', '/v1/vault.get', token, { name: 'stripe' })).body).toMatchObject({ version: 2, value: rotated.value });
+      // Temporal kept its history in the SQLite file: the finished run is still there.
+      expect((await call('GET', `/v1/rotations/${rotation.body.rotationId}`, token)).body.state).toBe('succeeded');
+      expect(existsAdminTokenPrinted(second.output())).toBe(false);
+    } finally {
+      second.proc.kill('SIGTERM');
+      expect(await second.exited).toBe(0);
+    }
+    expect(processesUsing(dataDir)).toEqual([]);
+  });
+
+  it('a bad setting stops the process with one message naming the variable', async () => {
+    const run = start({ DATA_DIR: dataDir, PORT: 'eighty' });
+    expect(await run.exited).toBe(2);
+    expect(run.output()).toBe('Invalid configuration:\n  PORT: must be a number (got "eighty")\n');
+    const secret = start({ DATA_DIR: dataDir, VAULT_MASTER_KEY: 'too-short-to-be-a-key' });
+    expect(await secret.exited).toBe(2);
+    expect(secret.output()).toBe('Invalid configuration:\n  VAULT_MASTER_KEY: must be base64 of exactly 32 bytes, or the path of an existing keyring file\n');
+  });
+});
+
+function existsAdminTokenPrinted(output: string): boolean {
+  return /Admin token \(shown once/.test(output);
+}

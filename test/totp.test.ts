@@ -1,0 +1,97 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { findLeaks } from './support/leaks';
+import { startHarness, type Harness } from './support/harness';
+
+// RFC 6238 Appendix B: the seeds are ASCII "1234567890" repeated to 20, 32 and 64 bytes.
+const SEEDS = {
+  SHA1: '12345678901234567890',
+  SHA256: '12345678901234567890123456789012',
+  SHA512: '1234567890123456789012345678901234567890123456789012345678901234',
+} as const;
+
+const VECTORS: [number, string, string, string][] = [
+  [59, '94287082', '46119246', '90693936'],
+  [1111111109, '07081804', '68084774', '25091201'],
+  [1111111111, '14050471', '67062674', '99943326'],
+  [1234567890, '89005924', '91819424', '93441116'],
+  [2000000000, '69279037', '90698825', '38618901'],
+  [20000000000, '65353130', '77737706', '47863826'],
+];
+
+function base32(s: string): string {
+  const alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ234567';
+  let bits = 0;
+  let value = 0;
+  let out = '';
+  for (const byte of Buffer.from(s)) {
+    value = ((value << 8) | byte) & 0xffff;
+    bits += 8;
+    while (bits >= 5) {
+      out += alphabet[(value >>> (bits - 5)) & 31];
+      bits -= 5;
+    }
+  }
+  return bits > 0 ? out + alphabet[(value << (5 - bits)) & 31] : out;
+}
+
+describe('vault.totp over HTTP, clock pinned (RFC 6238 Appendix B)', () => {
+  let h: Harness;
+  let token: string;
+  let now = new Date(59_000);
+
+  beforeAll(async () => {
+    h = await startHarness({ clock: () => now });
+    ({ token } = await h.createIdentity());
+    for (const [algorithm, seed] of Object.entries(SEEDS)) {
+      const res = await h.api('POST', '/v1/vault.store', {
+        token,
+        body: { name: `rfc-${algorithm}`, kind: 'totp_seed', totp: { secret: h.secret(base32(seed)), algorithm, digits: 8, period: 30 } },
+      });
+      expect(res.status).toBe(201);
+    }
+  });
+  afterAll(async () => {
+    expect(await findLeaks(h)).toEqual([]);
+    await h.close();
+  });
+
+  it.each(VECTORS)('at T=%i the codes are SHA1 %s, SHA256 %s, SHA512 %s', async (t, sha1, sha256, sha512) => {
+    now = new Date(t * 1000);
+    for (const [algorithm, expected] of [['SHA1', sha1], ['SHA256', sha256], ['SHA512', sha512]] as const) {
+      const res = await h.api('POST', '/v1/vault.totp', { token, body: { name: `rfc-${algorithm}` } });
+      expect(res.status).toBe(200);
+      expect(res.body).toEqual({ code: expected, period: 30, digits: 8, expiresInSeconds: 30 - (t % 30) });
+    }
+  });
+
+  it('imports an otpauth:// URI and produces the same codes', async () => {
+    now = new Date(1111111109_000);
+    const uri = `otpauth://totp/Example:alice@example.com?secret=${base32(SEEDS.SHA256)}&issuer=Example&algorithm=SHA256&digits=8&period=30`;
+    const stored = await h.api('POST', '/v1/vault.store', { token, body: { name: 'imported', kind: 'totp_seed', totp: { otpauthUri: h.secret(uri) } } });
+    expect(stored.status).toBe(201);
+    const res = await h.api('POST', '/v1/vault.totp', { token, body: { id: stored.body.id } });
+    expect(res.body.code).toBe('68084774');
+
+    const read = await h.api('POST', '/v1/vault.get', { token, body: { name: 'imported' } });
+    expect(read.body.value).toMatch(/^otpauth:\/\/totp\/Example%3Aalice%40example\.com\?secret=GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZA/);
+  });
+
+  it('supports 6 digits and any period', async () => {
+    now = new Date(59_000);
+    await h.api('POST', '/v1/vault.store', { token, body: { name: 'six', kind: 'totp_seed', totp: { secret: base32(SEEDS.SHA1), period: 60 } } });
+    const res = await h.api('POST', '/v1/vault.totp', { token, body: { name: 'six' } });
+    // Counter 0 of the SHA1 seed: RFC 4226 Appendix D gives 755224.
+    expect(res.body).toEqual({ code: '755224', period: 60, digits: 6, expiresInSeconds: 1 });
+  });
+
+  it('refuses a credential that is not a TOTP seed, and another identity\'s seed', async () => {
+    await h.api('POST', '/v1/vault.store', { token, body: { name: 'plain', kind: 'password', value: h.secret('pa55word-not-totp') } });
+    const res = await h.api('POST', '/v1/vault.totp', { token, body: { name: 'plain' } });
+    expect(res.status).toBe(422);
+    expect(res.body.detail).toBe("credential 'plain' is a password, not a totp_seed");
+
+    const other = await h.createIdentity();
+    const denied = await h.api('POST', '/v1/vault.totp', { token: other.token, body: { name: 'rfc-SHA1' } });
+    expect(denied.status).toBe(404);
+  });
+});

@@ -1,0 +1,131 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { findLeaks } from './support/leaks';
+import { startHarness, type Harness } from './support/harness';
+
+describe('vault.store / vault.get over HTTP', () => {
+  let h: Harness;
+  let alice: { id: string; token: string };
+  let bob: { id: string; token: string };
+
+  beforeAll(async () => {
+    h = await startHarness();
+    alice = await h.createIdentity('alice', 'alice@example.com');
+    bob = await h.createIdentity('bob');
+  });
+  afterAll(async () => {
+    expect(await findLeaks(h)).toEqual([]);
+    await h.close();
+  });
+
+  it('stores versions; the newest is current, the one before is previous, and every version stays readable', async () => {
+    const v1 = await h.api('POST', '/v1/vault.store', { token: alice.token, body: { name: 'stripe', kind: 'api_key', value: h.secret('sk_live_version_one') } });
+    expect(v1.status).toBe(201);
+    expect(v1.body).toMatchObject({ name: 'stripe', version: 1 });
+    const v2 = await h.api('POST', '/v1/vault.store', { token: alice.token, body: { name: 'stripe', kind: 'api_key', value: h.secret('sk_live_version_two') } });
+    expect(v2.body).toMatchObject({ id: v1.body.id, version: 2 });
+
+    const current = await h.api('POST', '/v1/vault.get', { token: alice.token, body: { name: 'stripe' } });
+    expect(current.status).toBe(200);
+    expect(current.body).toMatchObject({ id: v1.body.id, kind: 'api_key', version: 2, label: 'current', value: 'sk_live_version_two', ageDays: 0 });
+    expect(current.headers.get('cache-control')).toBe('no-store');
+
+    const first = await h.api('POST', '/v1/vault.get', { token: alice.token, body: { id: v1.body.id, version: 1 } });
+    expect(first.body).toMatchObject({ version: 1, label: 'previous', value: 'sk_live_version_one' });
+
+    const none = await h.api('POST', '/v1/vault.get', { token: alice.token, body: { name: 'stripe', version: 9 } });
+    expect(none.status).toBe(404);
+  });
+
+  it('check-and-set: a stale expectedVersion is a 409 and stores nothing', async () => {
+    await h.api('POST', '/v1/vault.store', { token: alice.token, body: { name: 'db', kind: 'password', value: h.secret('first-password'), expectedVersion: 0 } });
+    const ok = await h.api('POST', '/v1/vault.store', { token: alice.token, body: { name: 'db', kind: 'password', value: h.secret('second-password'), expectedVersion: 1 } });
+    expect(ok.status).toBe(201);
+    const stale = await h.api('POST', '/v1/vault.store', { token: alice.token, body: { name: 'db', kind: 'password', value: h.secret('lost-update-password'), expectedVersion: 1 } });
+    expect(stale.status).toBe(409);
+    expect(stale.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+    expect(stale.body).toMatchObject({ type: 'https://mailgent.dev/problems/version-conflict', status: 409, currentVersion: 2 });
+    const exists = await h.api('POST', '/v1/vault.store', { token: alice.token, body: { name: 'db', kind: 'password', value: h.secret('again-password'), expectedVersion: 0 } });
+    expect(exists.status).toBe(409);
+    const versions = await h.sql('SELECT count(*)::int AS n FROM secret_versions v JOIN credentials c ON c.id = v.credential_id WHERE c.name = $1', ['db']);
+    expect(versions.rows[0].n).toBe(2);
+  });
+
+  it('parallel stores with the same expectedVersion: exactly one wins', async () => {
+    await h.api('POST', '/v1/vault.store', { token: alice.token, body: { name: 'race', kind: 'token', value: h.secret('race-start-value') } });
+    const results = await Promise.all(
+      Array.from({ length: 10 }, (_, i) =>
+        h.api('POST', '/v1/vault.store', { token: alice.token, body: { name: 'race', kind: 'token', value: h.secret(`race-value-${i}-xyz`), expectedVersion: 1 } }),
+      ),
+    );
+    expect(results.map((r) => r.status).sort()).toEqual([201, ...Array(9).fill(409)]);
+  });
+
+  it("another identity's credential answers 404, by name and by id, for every primitive", async () => {
+    const mine = await h.api('POST', '/v1/vault.store', { token: alice.token, body: { name: 'private', kind: 'generic', value: h.secret('alice-private-value') } });
+    for (const body of [{ name: 'private' }, { id: mine.body.id }]) {
+      const get = await h.api('POST', '/v1/vault.get', { token: bob.token, body });
+      expect(get.status).toBe(404);
+      expect(get.text).not.toContain('alice-private-value');
+      expect((await h.api('POST', '/v1/vault.totp', { token: bob.token, body })).status).toBe(404);
+    }
+    // Bob storing the same name makes his own credential; Alice's is untouched.
+    const bobs = await h.api('POST', '/v1/vault.store', { token: bob.token, body: { name: 'private', kind: 'generic', value: h.secret('bob-own-value') } });
+    expect(bobs.body.id).not.toBe(mine.body.id);
+    expect((await h.api('POST', '/v1/vault.get', { token: alice.token, body: { name: 'private' } })).body.value).toBe('alice-private-value');
+    const list = await h.api('GET', '/v1/credentials', { token: bob.token });
+    expect(list.body.items.map((c: { name: string }) => c.name)).toEqual(['private']);
+    const rotation = await h.api('POST', '/v1/rotations', { token: bob.token, body: { credentials: [mine.body.id] } });
+    expect(rotation.status).toBe(404);
+  });
+
+  it('a missing, malformed or wrong token is a 401 with a Bearer challenge; an identity token on an admin route is a 403', async () => {
+    for (const authorization of [undefined, 'Basic Zm9vOmJhcg==', 'Bearer', 'Bearer mgt_wrong', `Bearer ${h.adminToken}`]) {
+      const res = await h.api('POST', '/v1/vault.get', { headers: authorization ? { authorization } : {}, body: { name: 'stripe' } });
+      expect(res.status).toBe(401);
+      expect(res.headers.get('www-authenticate')).toBe('Bearer realm="mailgent"');
+      expect(res.body).toMatchObject({ type: 'https://mailgent.dev/problems/unauthorized', status: 401 });
+    }
+    const res = await h.api('POST', '/v1/identities', { token: alice.token, body: { name: 'sneaky' } });
+    expect(res.status).toBe(403);
+    expect((await h.sql("SELECT count(*)::int AS n FROM identities WHERE name = 'sneaky'")).rows[0].n).toBe(0);
+  });
+
+  it('identities are created by the admin, with a token shown once and stored only as a hash', async () => {
+    const res = await h.api('POST', '/v1/identities', { token: h.adminToken, body: { name: 'carol', email: 'carol@example.com' } });
+    expect(res.status).toBe(201);
+    expect(res.body.token).toMatch(/^mgt_[A-Za-z0-9_-]{43}$/);
+    h.secret(res.body.token);
+    const row = (await h.sql('SELECT * FROM identities WHERE id = $1', [res.body.id])).rows[0];
+    expect(JSON.stringify(row)).not.toContain(res.body.token);
+    expect(row.token_hash).toHaveLength(32);
+    const dup = await h.api('POST', '/v1/identities', { token: h.adminToken, body: { name: 'carol' } });
+    expect(dup.status).toBe(409);
+  });
+
+  it('lists metadata only, with ages, policies and filters', async () => {
+    const carol = await h.createIdentity();
+    const body = (name: string, kind: string, extra = {}) => ({ token: carol.token, body: { name, kind, value: h.secret(`value-of-${name}-123`), ...extra } });
+    await h.api('POST', '/v1/vault.store', body('old-key', 'api_key', { rotation: { provider: 'generated', periodDays: 30 }, owners: ['team@example.com'] }));
+    await h.api('POST', '/v1/vault.store', body('new-key', 'api_key'));
+    await h.api('POST', '/v1/vault.store', body('a-password', 'password', { metadata: { service: 'billing' } }));
+    await h.sql(`UPDATE secret_versions SET created_at = now() - interval '100 days'
+                  WHERE credential_id = (SELECT id FROM credentials WHERE name = 'old-key' AND identity_id = $1)`, [carol.id]);
+
+    const all = await h.api('GET', '/v1/credentials', { token: carol.token });
+    expect(all.status).toBe(200);
+    expect(all.text).not.toContain('value-of-');
+    const old = all.body.items.find((c: { name: string }) => c.name === 'old-key');
+    expect(old).toMatchObject({ kind: 'api_key', version: 1, ageDays: 100, owners: ['team@example.com'], status: 'active' });
+    expect(old.policy).toMatchObject({ provider: 'generated', periodDays: 30, settings: { length: 32 } });
+    expect(new Date(old.nextRotationAt).getTime()).toBeLessThan(Date.now());
+
+    const names = async (query: string) =>
+      (await h.api('GET', `/v1/credentials?${query}`, { token: carol.token })).body.items.map((c: { name: string }) => c.name);
+    expect(await names('kind=api_key')).toEqual(['new-key', 'old-key']);
+    expect(await names('olderThanDays=90')).toEqual(['old-key']);
+    expect(await names('dueWithinDays=0')).toEqual(['old-key']);
+    expect(await names('limit=1')).toEqual(['a-password']);
+    expect(await names('limit=5&after=a-password')).toEqual(['new-key', 'old-key']);
+    expect((await h.api('GET', '/v1/credentials?kind=nope', { token: carol.token })).status).toBe(400);
+  });
+});
