@@ -9,6 +9,7 @@ import { appendAudit, errorDetail, isAudited, outcomeOf } from '../vault/audit';
 import { hashToken, type Identities } from '../vault/identities';
 import type { Vault } from '../vault/vault';
 import type { AuthDeps } from './endpoint';
+import { createMetrics } from './metrics';
 import { problemHandler } from './problem';
 import { auditRoutes } from './routes/audit';
 import { healthRoutes } from './routes/health';
@@ -58,6 +59,11 @@ export function createApp(deps: ApiDeps): Express {
     }),
   );
 
+  const metrics = createMetrics();
+  app.use(metrics.middleware);
+  app.get('/metrics', async (_req, res) => {
+    res.type(metrics.registry.contentType).send(await metrics.registry.metrics());
+  });
   app.use(healthRoutes({ pool: deps.pool, client: deps.client, namespace: deps.namespace }));
   app.use(identityRoutes(auth, deps.identities));
   app.use(vaultRoutes(auth, deps.vault));

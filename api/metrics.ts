@@ -1,0 +1,34 @@
+import type { RequestHandler } from 'express';
+import { collectDefaultMetrics, Counter, Histogram, Registry } from 'prom-client';
+
+/**
+ * Prometheus metrics for /metrics: process defaults plus requests by route and status. Labels use
+ * the route pattern, never the raw path, so a probe with random paths cannot explode cardinality.
+ */
+export function createMetrics(): { registry: Registry; middleware: RequestHandler } {
+  const registry = new Registry();
+  collectDefaultMetrics({ register: registry, prefix: 'mailgent_' });
+  const requests = new Counter({
+    name: 'mailgent_http_requests_total',
+    help: 'HTTP requests by route pattern and status',
+    labelNames: ['method', 'route', 'status'] as const,
+    registers: [registry],
+  });
+  const duration = new Histogram({
+    name: 'mailgent_http_request_duration_seconds',
+    help: 'HTTP request duration by route pattern',
+    labelNames: ['method', 'route'] as const,
+    buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
+    registers: [registry],
+  });
+  const middleware: RequestHandler = (req, res, next) => {
+    const end = duration.startTimer();
+    res.on('finish', () => {
+      const route = req.route?.path ? String(req.route.path) : 'unmatched';
+      requests.inc({ method: req.method, route, status: String(res.statusCode) });
+      end({ method: req.method, route });
+    });
+    next();
+  };
+  return { registry, middleware };
+}
