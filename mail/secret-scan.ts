@@ -6,13 +6,14 @@
 export const MIN_SCANNED_LENGTH = 6;
 
 export interface ScannedMessage {
+  to?: string[];
   subject: string;
   text: string;
   html?: string | null;
 }
 
 export function findStoredValue(message: ScannedMessage, stored: { name: string; value: string }[]): string | undefined {
-  const haystack = [message.subject, message.text, message.html ?? ''].join('\n');
+  const haystack = [...(message.to ?? []), message.subject, message.text, message.html ?? ''].join('\n');
   const lower = haystack.toLowerCase();
   for (const { name, value } of stored) {
     for (const form of forms(value)) {

@@ -13,6 +13,10 @@ describe('finding a stored secret in a message', () => {
     expect(findStoredValue({ subject: 's', text: 'hi', html: '<b>sk_live_51HxYz</b>' }, stored)).toBe('stripe');
   });
 
+  it('finds the value in a recipient address', () => {
+    expect(findStoredValue({ to: ['sk_live_51HxYz@example.com'], subject: 's', text: 'hi' }, stored)).toBe('stripe');
+  });
+
   it('finds base64, base64url, hex (any case) and URL-encoded forms', () => {
     const v = 'sk_live_51HxYz';
     for (const form of [Buffer.from(v).toString('base64'), Buffer.from(v).toString('hex').toUpperCase(), encodeURIComponent(v)]) {
