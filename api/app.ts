@@ -11,7 +11,13 @@ import type { Vault } from '../vault/vault';
 import type { AuthDeps } from './endpoint';
 import { createMetrics } from './metrics';
 import { problemHandler } from './problem';
+import type { Dependent } from '../dependents/types';
+import type { Grants } from '../vault/grants';
+import type { SecretStore } from '../vault/secret-store';
 import { auditRoutes } from './routes/audit';
+import { grantRoutes } from './routes/grants';
+import { leakRoutes } from './routes/leaks';
+import { policyRoutes } from './routes/policies';
 import { healthRoutes } from './routes/health';
 import { identityRoutes } from './routes/identities';
 import { mailRoutes } from './routes/mail';
@@ -22,6 +28,13 @@ export interface ApiDeps {
   pool: Pool;
   vault: Vault;
   identities: Identities;
+  grants: Grants;
+  secrets: SecretStore;
+  /** Dependent types this deployment runs, for validating settings when a credential is stored. */
+  dependentTypes: Record<string, Dependent<any>>;
+  securityNotify?: string[];
+  orphanDays?: number;
+  clock?: () => Date;
   client: Client;
   namespace: string;
   taskQueue: string;
@@ -66,9 +79,12 @@ export function createApp(deps: ApiDeps): Express {
   });
   app.use(healthRoutes({ pool: deps.pool, client: deps.client, namespace: deps.namespace }));
   app.use(identityRoutes(auth, deps.identities));
-  app.use(vaultRoutes(auth, deps.vault));
+  app.use(vaultRoutes(auth, deps));
+  app.use(grantRoutes(auth, deps.grants));
   app.use(mailRoutes(auth, deps));
   app.use(rotationRoutes(auth, deps));
+  app.use(leakRoutes(auth, deps));
+  app.use(policyRoutes(auth, { pool: deps.pool, orphanDays: deps.orphanDays ?? 30, clock: deps.clock }));
   app.use(auditRoutes(auth, deps));
 
   app.use((req) => {

@@ -38,7 +38,46 @@ export const rotationPolicy = z.strictObject({
   provider: z.string().min(1).max(64),
   settings: z.record(z.string(), z.unknown()).default({}),
   periodDays: z.number().int().min(1).max(3650).default(90),
+  graceHours: z.number().min(0).max(720).optional(),
+  maxAttempts: z.number().int().min(1).max(10).optional(),
+  expiryLeadDays: z.number().int().min(0).max(365).optional(),
+  window: z
+    .strictObject({
+      days: z.array(z.number().int().min(0).max(6)).min(1).max(7),
+      startHour: z.number().int().min(0).max(23),
+      endHour: z.number().int().min(0).max(24),
+      timezone: z.string().refine(isTimeZone, 'must be an IANA time zone such as Europe/Berlin'),
+    })
+    .optional(),
 });
+
+const dependents = z.array(z.strictObject({ type: z.string().min(1).max(64), settings: z.record(z.string(), z.unknown()).default({}) })).max(20);
+
+/** The policy fields a credential carries besides its value (vault.store and PATCH /v1/credentials/:ref). */
+const policyFields = {
+  metadata: z
+    .record(z.string().min(1).max(64), z.union([z.string().max(1024), z.number(), z.boolean(), z.null()]))
+    .refine((m) => Object.keys(m).length <= 50, 'may have at most 50 keys')
+    .optional(),
+  owners: z.array(email).max(20).optional(),
+  service: z.string().min(1).max(200).nullable().optional(),
+  tags: z.array(z.string().min(1).max(64)).max(20).optional(),
+  rotation: rotationPolicy.nullable().optional(),
+  dependents: dependents.optional(),
+  notify: z.array(email).max(20).optional(),
+  expiresAt: z.iso.datetime({ offset: true }).nullable().optional(),
+};
+
+export const credentialUpdate = z.strictObject(policyFields).refine((b) => Object.keys(b).length > 0, 'give at least one field to change');
+
+function isTimeZone(tz: string): boolean {
+  try {
+    new Intl.DateTimeFormat('en-US', { timeZone: tz });
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 export const vaultStore = z
   .strictObject({
@@ -50,13 +89,7 @@ export const vaultStore = z
       .refine((v) => Buffer.byteLength(v, 'utf8') <= MAX_VALUE_BYTES, `must be at most ${MAX_VALUE_BYTES} bytes`)
       .optional(),
     totp: totp.optional(),
-    metadata: z
-      .record(z.string().min(1).max(64), z.union([z.string().max(1024), z.number(), z.boolean(), z.null()]))
-      .refine((m) => Object.keys(m).length <= 50, 'may have at most 50 keys')
-      .optional(),
-    owners: z.array(email).max(20).optional(),
-    rotation: rotationPolicy.nullable().optional(),
-    expiresAt: z.iso.datetime({ offset: true }).nullable().optional(),
+    ...policyFields,
     expectedVersion: z.number().int().min(0).optional(),
   })
   .superRefine((body, ctx) => {
@@ -119,3 +152,33 @@ export const auditQuery = z.strictObject({
   after: z.coerce.number().int().min(0).optional(),
   limit: z.coerce.number().int().min(1).max(1000).default(100),
 });
+
+export const grantCreate = z.strictObject({
+  credential: z.string().min(1).max(200),
+  grantee: z.string().min(1).max(100),
+});
+
+export const leakReport = z
+  .strictObject({
+    credential: z.string().min(1).max(200).optional(),
+    fingerprint: z.string().regex(/^[0-9a-fA-F]{64}$/, 'must be the SHA-256 of the leaked value, as 64 hex digits').optional(),
+    source: z.string().min(1).max(200),
+    details: z.string().max(2000).optional(),
+  })
+  .superRefine((body, ctx) => {
+    if ((body.credential === undefined) === (body.fingerprint === undefined)) {
+      ctx.addIssue({ code: 'custom', path: ['credential'], message: 'give exactly one of credential or fingerprint' });
+    }
+  });
+
+export const passwordPolicy = z.strictObject({
+  maxAgeDays: z.number().int().min(1).max(3650),
+  length: z.number().int().min(8).max(256).default(16),
+  lowercase: z.boolean().default(true),
+  uppercase: z.boolean().default(true),
+  digits: z.boolean().default(true),
+  symbols: z.boolean().default(false),
+  escalateAfterDays: z.number().int().min(0).max(365).default(7),
+});
+
+export const orphansQuery = z.strictObject({ days: z.coerce.number().int().min(1).max(3650).optional() });

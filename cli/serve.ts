@@ -1,9 +1,11 @@
 import { once } from 'node:events';
+import { mkdirSync } from 'node:fs';
 import type { Server } from 'node:http';
 import path from 'node:path';
 import { Client, Connection } from '@temporalio/client';
 import { NativeConnection } from '@temporalio/worker';
 import { createApp } from '../api/app';
+import { createDependents } from '../dependents';
 import type { Config } from '../core/config';
 import type { Logger } from '../core/logger';
 import { openServices } from '../core/services';
@@ -13,6 +15,8 @@ import { startSmtpSink } from '../embedded/smtp-sink';
 import { adminTokenPath, ensureAdminToken, ensureDataDir, ensureKeyringFile } from '../embedded/state';
 import { startEmbeddedTemporal } from '../embedded/temporal';
 import { Keyring } from '../vault/keyring';
+import { activityDeps } from '../worker/deps';
+import { ensureSchedules } from '../worker/schedules';
 import { createWorker, installTemporalLogging } from '../worker/worker';
 
 type Part = 'api' | 'worker';
@@ -61,10 +65,16 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
     const services = openServices({ databaseUrl, poolSize: config.DATABASE_POOL_SIZE, keyring, smtpUrl, mailFrom: config.MAIL_FROM, logger });
     onClose('services', () => services.close());
 
+    const clientConnection = await Connection.connect({ address: temporalAddress });
+    onClose('temporal client', () => clientConnection.close());
+    const client = new Client({ connection: clientConnection, namespace: config.TEMPORAL_NAMESPACE });
+
     if (parts.includes('worker')) {
       const connection = await NativeConnection.connect({ address: temporalAddress });
       onClose('worker connection', () => connection.close());
-      const worker = await createWorker({ connection, namespace: config.TEMPORAL_NAMESPACE, taskQueue: config.TASK_QUEUE, deps: services });
+      mkdirSync(config.envFilesRoot, { recursive: true, mode: 0o700 });
+      const deps = activityDeps(services, { envFilesRoot: config.envFilesRoot, client, taskQueue: config.TASK_QUEUE, securityNotify: config.SECURITY_NOTIFY });
+      const worker = await createWorker({ connection, namespace: config.TEMPORAL_NAMESPACE, taskQueue: config.TASK_QUEUE, deps });
       const running = worker.run();
       onClose('worker', async () => {
         if (worker.getState() === 'RUNNING') worker.shutdown();
@@ -74,15 +84,30 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
         logger.fatal({ err }, 'worker failed');
         void stop(1);
       });
+      await ensureSchedules(client, {
+        taskQueue: config.TASK_QUEUE,
+        sweepCron: config.SWEEP_CRON,
+        orphanCron: config.ORPHAN_REPORT_CRON,
+        orphanDays: config.ORPHAN_DAYS,
+        retentionDays: config.DELETE_RETENTION_DAYS,
+        logger,
+      });
       logger.info({ taskQueue: config.TASK_QUEUE }, 'worker running');
     }
 
     if (parts.includes('api')) {
-      const connection = await Connection.connect({ address: temporalAddress });
-      onClose('temporal client', () => connection.close());
-      const client = new Client({ connection, namespace: config.TEMPORAL_NAMESPACE });
       const adminToken = config.ADMIN_TOKEN ?? announceAdminToken(config.dataDir, logger);
-      const app = createApp({ ...services, client, namespace: config.TEMPORAL_NAMESPACE, taskQueue: config.TASK_QUEUE, adminToken, logger });
+      const app = createApp({
+        ...services,
+        dependentTypes: createDependents({ envFilesRoot: config.envFilesRoot }),
+        securityNotify: config.SECURITY_NOTIFY,
+        orphanDays: config.ORPHAN_DAYS,
+        client,
+        namespace: config.TEMPORAL_NAMESPACE,
+        taskQueue: config.TASK_QUEUE,
+        adminToken,
+        logger,
+      });
       const server: Server = app.listen(config.PORT, config.HOST);
       await once(server, 'listening');
       // Stop taking connections, let in-flight requests finish, then close idle keep-alive sockets.

@@ -31,6 +31,10 @@ const hostPort = z
 
 const email = z.email('must be an email address');
 
+const cron = z
+  .string()
+  .regex(/^(\S+\s+){4}\S+$/, 'must be a five-field cron expression, e.g. "0 3 * * *"');
+
 const masterKey = z.string().refine((value) => isInlineMasterKey(value) || isExistingFile(value), {
   error: 'must be base64 of exactly 32 bytes, or the path of an existing keyring file',
 });
@@ -55,6 +59,11 @@ const schema = z.object({
     .pipe(z.array(email))
     .optional(),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  ENV_FILES_ROOT: z.string().min(1).optional(),
+  SWEEP_CRON: cron.default('0 3 * * *'),
+  ORPHAN_REPORT_CRON: cron.default('0 6 * * 1'),
+  ORPHAN_DAYS: z.coerce.number().int().min(1).max(3650).default(30),
+  DELETE_RETENTION_DAYS: z.coerce.number().int().min(0).max(3650).default(30),
 });
 
 /** Variables whose values are secret: a problem with them never repeats the value. */
@@ -65,6 +74,8 @@ type Parsed = z.infer<typeof schema>;
 export interface Config extends Parsed {
   /** Absolute DATA_DIR. */
   dataDir: string;
+  /** The only directory env-file dependents may write under. */
+  envFilesRoot: string;
   /** Servers the process must start itself because no external address was given. */
   embedded: { postgres: boolean; temporal: boolean; smtp: boolean };
 }
@@ -95,6 +106,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   return {
     ...parsed,
     dataDir: path.resolve(parsed.DATA_DIR),
+    envFilesRoot: path.resolve(parsed.ENV_FILES_ROOT ?? path.join(parsed.DATA_DIR, 'env-files')),
     embedded: {
       postgres: !parsed.DATABASE_URL,
       temporal: !parsed.TEMPORAL_ADDRESS,

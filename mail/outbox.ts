@@ -8,7 +8,8 @@ import type { Mailer } from './mailer';
 export interface QueuedMail {
   id: string;
   identityId: string | null;
-  purpose: 'mail.send' | 'rotation.notice';
+  /** mail.send, or the kind of notice the service composed (rotation.notice, leak.incident …). */
+  purpose: string;
   to: string[];
   subject: string;
   text: string;

@@ -1,6 +1,8 @@
 import { UnprocessableError } from '../core/errors';
 import type { RotationPolicy } from '../vault/vault';
 import { generated } from './generated';
+import { httpApi } from './http';
+import { postgresRole } from './postgres-role';
 import type { Provider } from './types';
 
 export type { Provider } from './types';
@@ -8,6 +10,8 @@ export type { Provider } from './types';
 /** Every rotation provider, by name. Adding a provider adds one folder and one line here. */
 export const providers: Record<string, Provider<any>> = {
   [generated.name]: generated,
+  [postgresRole.name]: postgresRole,
+  [httpApi.name]: httpApi,
 };
 
 export const DEFAULT_POLICY: RotationPolicy = { provider: 'generated', settings: {}, periodDays: 90 };

@@ -2,18 +2,52 @@ import type { z } from 'zod';
 import type { Kind } from '../vault/vault';
 
 /**
- * One contract for every rotation provider: make a new secret (idempotent under the key the
- * workflow derives from rotation id and step), and later verify and revoke it.
+ * One contract for every rotation provider. A provider makes new secrets, proves they work, and
+ * retires old ones. Calls are idempotent under the keys the workflow derives from the rotation id
+ * and step: the same key never makes a second secret, and revoking twice is fine.
  */
+
+/** Reads another credential of the same identity (e.g. an admin connection, an API token). Audited. */
+export interface SecretReader {
+  read(name: string): Promise<string>;
+}
+
 export interface ProviderContext<S> {
   settings: S;
   kind: Kind;
+  identityId: string;
   credentialId: string;
-  idempotencyKey: string;
+  credentialName: string;
+  secrets: SecretReader;
+}
+
+/** A version as the provider sees it: its value and the provider's own id for it, if any. */
+export interface ProviderSecret {
+  version: number;
+  value: string;
+  externalId?: string | null;
+}
+
+export interface CreateResult {
+  value: string;
+  /** The provider's id for the new secret (an API key id, the role name …); never secret. */
+  externalId?: string;
 }
 
 export interface Provider<S = unknown> {
   name: string;
   settings: z.ZodType<S>;
-  create(ctx: ProviderContext<S>): Promise<{ value: string }>;
+  /** Makes a new secret. The same idempotencyKey must yield the same secret, never a second one. */
+  create(ctx: ProviderContext<S> & { idempotencyKey: string; current: ProviderSecret }): Promise<CreateResult>;
+  /** Proves the secret works (logs in with it, calls the API with it …); throws if it does not. */
+  verify(ctx: ProviderContext<S> & { secret: ProviderSecret }): Promise<void>;
+  /** After a promotion: makes an old secret stop working. Idempotent. */
+  revoke(ctx: ProviderContext<S> & { secret: ProviderSecret; idempotencyKey: string }): Promise<void>;
+  /**
+   * Compensation before promotion: makes `pending` stop working while `current` keeps working.
+   * Defaults to revoke(pending); a provider whose create replaced the live secret (a single
+   * PostgreSQL role) puts `current` back instead. `pending` is absent when create may have taken
+   * effect at the provider but its result never reached the vault (the step failed after the call).
+   */
+  discard?(ctx: ProviderContext<S> & { pending?: ProviderSecret; current: ProviderSecret; idempotencyKey: string }): Promise<void>;
 }

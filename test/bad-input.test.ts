@@ -110,7 +110,7 @@ describe('bad input', () => {
     expectProblem(hotp, 422, 'unprocessable');
     const provider = await post('/v1/vault.store', { body: { name: 'd', kind: 'api_key', value: 'v', rotation: { provider: 'aws-magic' } } });
     expectProblem(provider, 422, 'unprocessable');
-    expect(provider.body.detail).toBe("rotation.provider 'aws-magic' is unknown; known providers: generated");
+    expect(provider.body.detail).toBe("rotation.provider 'aws-magic' is unknown; known providers: generated, postgres-role, http");
   });
 
   it('a value over 64 KiB is a 400; a request over 256 KiB is a 413', async () => {

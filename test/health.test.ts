@@ -32,7 +32,7 @@ describe('health, readiness and metrics', () => {
       smtpUrl: 'smtp://127.0.0.1:1',
       mailFrom: 'x@localhost',
     });
-    const app = createApp({ ...services, client: h.client, namespace: 'default', taskQueue: 'none', adminToken: newToken(), logger: createLogger({ level: 'silent' }) });
+    const app = createApp({ ...services, dependentTypes: h.deps.dependents, client: h.client, namespace: 'default', taskQueue: 'none', adminToken: newToken(), logger: createLogger({ level: 'silent' }) });
     const server = app.listen(0, '127.0.0.1');
     await once(server, 'listening');
     try {

@@ -14,12 +14,14 @@ describe('rotateCredential', () => {
   let agent: { id: string; token: string };
 
   const waitForRotation = async (rotationId: string) => {
+    let last: unknown;
     for (let i = 0; i < 150; i++) {
       const res = await h.api('GET', `/v1/rotations/${rotationId}`, { token: agent.token });
       if (res.body.state !== 'running') return res.body;
+      last = res.body;
       await new Promise((r) => setTimeout(r, 200));
     }
-    throw new Error(`rotation ${rotationId} did not finish`);
+    throw new Error(`rotation ${rotationId} did not finish: ${JSON.stringify(last)}`);
   };
   const history = async (workflowId: string) =>
     JSON.stringify(await h.client.workflow.getHandle(workflowId).fetchHistory(), (_k, v) => (v instanceof Uint8Array ? Buffer.from(v).toString('utf8') : v));
@@ -38,13 +40,20 @@ describe('rotateCredential', () => {
     const v1 = h.secret('sk_live_original_value_0001');
     const stored = await h.api('POST', '/v1/vault.store', {
       token: agent.token,
-      body: { name: 'payments-key', kind: 'api_key', value: v1, owners: [owner], rotation: { provider: 'generated', settings: { length: 40, prefix: 'sk_' }, periodDays: 90 } },
+      body: {
+        name: 'payments-key',
+        kind: 'api_key',
+        value: v1,
+        owners: [owner],
+        rotation: { provider: 'generated', settings: { length: 40, prefix: 'sk_' }, periodDays: 90, graceHours: 0 },
+      },
     });
     const credentialId = stored.body.id;
 
     const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['payments-key'], reason: 'quarterly' } });
     expect(started.status).toBe(202);
     expect(started.body.workflowIds).toEqual([`rotate:${credentialId}`]);
+    expect(started.body.batchWorkflowId).toBe(`rotation:${started.body.rotationId}`);
     const report = await waitForRotation(started.body.rotationId);
     expect(report).toMatchObject({ state: 'succeeded', reason: 'quarterly' });
     expect(report.credentials[0]).toMatchObject({
@@ -56,10 +65,14 @@ describe('rotateCredential', () => {
         fromVersion: 1,
         toVersion: 2,
         steps: [
-          { name: 'create_pending', state: 'done' },
-          { name: 'promote', state: 'done' },
+          { name: 'create_pending', state: 'done', attempt: 1 },
+          { name: 'apply_dependents', state: 'skipped' },
+          { name: 'verify', state: 'done' },
           { name: 'compensate', state: 'skipped' },
+          { name: 'promote', state: 'done' },
           { name: 'notify', state: 'done' },
+          { name: 'grace', state: 'skipped' },
+          { name: 'revoke_previous', state: 'done' },
         ],
       },
     });
@@ -75,7 +88,7 @@ describe('rotateCredential', () => {
     expect(mails).toHaveLength(1);
     const [notice] = mails;
     expect(notice!.mail.subject).toBe('[mailgent] Rotated payments-key');
-    expect(notice!.mail.text).toContain('Version 2 is now current; version 1 is kept as previous.');
+    expect(notice!.mail.text).toContain('Version 2 is now current.\nVersion 1 has been revoked.');
     for (const value of [v1, v2]) {
       expect(notice!.raw).not.toContain(value);
       expect(notice!.raw).not.toContain(Buffer.from(value).toString('base64'));
@@ -89,14 +102,17 @@ describe('rotateCredential', () => {
     }
 
     const audit = (await h.sql('SELECT action, outcome, actor FROM audit_log WHERE credential_id = $1 ORDER BY seq', [credentialId])).rows;
-    expect(audit).toEqual([
-      { action: 'vault.store', outcome: 'ok', actor: `identity:${agent.id}` },
-      { action: 'rotation.create_pending', outcome: 'ok', actor: `workflow:rotate:${credentialId}` },
-      { action: 'rotation.promote', outcome: 'ok', actor: `workflow:rotate:${credentialId}` },
-      { action: 'mail.send', outcome: 'ok', actor: `workflow:rotate:${credentialId}` },
-      { action: 'vault.get', outcome: 'ok', actor: `identity:${agent.id}` },
-      { action: 'vault.get', outcome: 'ok', actor: `identity:${agent.id}` },
+    const workflowActor = `workflow:rotate:${credentialId}`;
+    expect(audit.filter((a) => a.actor === workflowActor).map((a) => a.action)).toEqual([
+      'rotation.read', // the current value, for the provider's create
+      'rotation.create_pending',
+      'rotation.read', // the pending value, for verify
+      'rotation.promote',
+      'rotation.read', // the previous value, for revoke
+      'rotation.revoke',
+      'mail.send',
     ]);
+    expect(audit.every((a) => a.outcome === 'ok')).toBe(true);
 
     // The same credential can be rotated again once the first run is closed.
     const again = await h.api('POST', '/v1/rotations', { token: agent.token, body: { filter: { kind: 'api_key' } } });
@@ -122,10 +138,14 @@ describe('rotateCredential', () => {
         state: 'failed',
         error: "credential 'totp-login' is a totp_seed; a generated value would not be a TOTP seed",
         steps: [
-          { name: 'create_pending', state: 'failed' },
-          { name: 'promote', state: 'waiting' },
-          { name: 'compensate', state: 'done' },
+          { name: 'create_pending', state: 'skipped' },
+          { name: 'apply_dependents', state: 'skipped' },
+          { name: 'verify', state: 'skipped' },
+          { name: 'compensate', state: 'skipped' },
+          { name: 'promote', state: 'skipped' },
           { name: 'notify', state: 'done' },
+          { name: 'grace', state: 'skipped' },
+          { name: 'revoke_previous', state: 'skipped' },
         ],
       },
     });
@@ -169,16 +189,16 @@ describe('rotateCredential', () => {
   it('every step is idempotent: a retried activity makes no second version and sends no second notice', async () => {
     const owner = `owner-${randomUUID().slice(0, 8)}@example.com`;
     const stored = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'retry-me', kind: 'password', owners: [owner], value: h.secret('retry-original-pass') } });
-    const acts = createActivities(h.services);
+    const acts = createActivities(h.deps);
     const rotationId = randomUUID();
     await h.sql('INSERT INTO rotations (id, identity_id) VALUES ($1, $2)', [rotationId, agent.id]);
     const ids = { rotationId, identityId: agent.id, credentialId: stored.body.id, workflowId: `rotate:${stored.body.id}` };
-    const first = await acts.createPendingVersion(ids);
-    const retried = await acts.createPendingVersion(ids);
+    const first = await acts.createPendingVersion({ ...ids, attempt: 1 });
+    const retried = await acts.createPendingVersion({ ...ids, attempt: 1 });
     expect(retried).toEqual(first);
     await acts.promotePendingVersion({ ...ids, version: first.version });
-    expect(await acts.promotePendingVersion({ ...ids, version: first.version })).toEqual({ current: 2, previous: 1 });
-    const notice = { ...ids, outcome: 'rotated' as const, fromVersion: 1, toVersion: 2 };
+    expect(await acts.promotePendingVersion({ ...ids, version: first.version })).toMatchObject({ current: 2, previous: 1 });
+    const notice = { ...ids, outcome: 'rotated' as const, mode: 'requested' as const, fromVersion: 1, toVersion: 2 };
     expect((await acts.sendRotationNotice(notice)).delivery).toBe('sent');
     expect((await acts.sendRotationNotice(notice)).delivery).toBe('already-sent');
     expect(await waitForMail(owner, 2, 2_000)).toHaveLength(1);
@@ -187,13 +207,14 @@ describe('rotateCredential', () => {
 
   it('a pending version left by an abandoned rotation does not block the next one', async () => {
     const stored = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'stuck', kind: 'password', value: h.secret('stuck-original-pass') } });
-    const acts = createActivities(h.services);
+    const acts = createActivities(h.deps);
     const abandoned = { rotationId: randomUUID(), identityId: agent.id, credentialId: stored.body.id, workflowId: 'abandoned' };
-    const pending = await acts.createPendingVersion(abandoned);
+    const pending = await acts.createPendingVersion({ ...abandoned, attempt: 1 });
     h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'stuck', version: pending.version } })).body.value);
 
     const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['stuck'] } });
-    expect((await waitForRotation(started.body.rotationId)).state).toBe('succeeded');
+    // Without a policy the default grace period (24 hours) applies: promoted, previous still valid.
+    expect((await waitForRotation(started.body.rotationId)).state).toBe('grace');
     const current = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'stuck' } });
     h.secret(current.body.value);
     expect(current.body).toMatchObject({ version: 3, label: 'current' });

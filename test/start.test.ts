@@ -96,7 +96,8 @@ describe('npm start with the embedded defaults', () => {
       if (report.state !== 'running') break;
       await new Promise((r) => setTimeout(r, 200));
     }
-    expect(report.state).toBe('succeeded');
+    // Promoted; the previous version stays valid for the default 24-hour grace period.
+    expect(report.state).toBe('grace');
     const rotated = (await call('POST', '/v1/vault.get', token, { name: 'stripe' })).body;
     expect(rotated.version).toBe(2);
     const mails = readdirSync(path.join(dataDir, 'mail')).filter((f) => f.endsWith('.eml'));
@@ -116,8 +117,10 @@ describe('npm start with the embedded defaults', () => {
     try {
       await waitReady(url);
       expect((await call('POST', '/v1/vault.get', token, { name: 'stripe' })).body).toMatchObject({ version: 2, value: rotated.value });
-      // Temporal kept its history in the SQLite file: the finished run is still there.
-      expect((await call('GET', `/v1/rotations/${rotation.body.rotationId}`, token)).body.state).toBe('succeeded');
+      // Temporal kept the run in its SQLite file: it is still waiting out its grace period.
+      const after = (await call('GET', `/v1/rotations/${rotation.body.rotationId}`, token)).body;
+      expect(after.state).toBe('grace');
+      expect(after.credentials[0].progress.steps.find((s: { name: string }) => s.name === 'grace').state).toBe('running');
       expect(existsAdminTokenPrinted(second.output())).toBe(false);
     } finally {
       second.proc.kill('SIGTERM');

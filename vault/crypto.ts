@@ -41,3 +41,8 @@ export function versionAad(identityId: string, credentialId: string, version: nu
 export function dataKeyAad(identityId: string, dataKeyId: string): string {
   return `mailgent/data-key/v1:${identityId}:${dataKeyId}`;
 }
+
+/** AAD of a wrapped service key (e.g. the fingerprint key). */
+export function serviceKeyAad(name: string): string {
+  return `mailgent/service-key/v1:${name}`;
+}

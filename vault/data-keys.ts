@@ -2,7 +2,7 @@ import { randomBytes, randomUUID } from 'node:crypto';
 import type { Db, Pool } from '../db/pool';
 import { withTransaction } from '../db/pool';
 import { IntegrityError } from '../core/errors';
-import { dataKeyAad, KEY_BYTES, open, seal } from './crypto';
+import { dataKeyAad, KEY_BYTES, open, seal, serviceKeyAad } from './crypto';
 import type { Keyring } from './keyring';
 
 /**
@@ -20,6 +20,7 @@ export interface DataKey {
 export class DataKeys {
   private byId = new Map<string, { key: DataKey; expires: number }>();
   private activeByIdentity = new Map<string, string>();
+  private serviceKeys = new Map<string, Buffer>();
 
   constructor(
     private readonly pool: Pool,
@@ -69,6 +70,32 @@ export class DataKeys {
   }
 
   /**
+   * A key of the service itself (not of an identity), created on first use. The fingerprint key
+   * must outlive master-key rotation, so it is wrapped like a data key and re-wrapped by rekey.
+   */
+  async serviceKey(db: Db, name: string): Promise<Buffer> {
+    const cached = this.serviceKeys.get(name);
+    if (cached) return cached;
+    let row = (await db.query('SELECT master_key_id, wrapped FROM service_keys WHERE name = $1', [name])).rows[0];
+    if (!row) {
+      const master = this.keyring.current;
+      const fresh = randomBytes(KEY_BYTES);
+      await this.pool.query('INSERT INTO service_keys (name, master_key_id, wrapped) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING', [
+        name,
+        master.id,
+        seal(master.key, fresh, serviceKeyAad(name)),
+      ]);
+      fresh.fill(0);
+      row = (await this.pool.query('SELECT master_key_id, wrapped FROM service_keys WHERE name = $1', [name])).rows[0];
+    }
+    const master = this.keyring.find(row.master_key_id);
+    if (!master) throw new IntegrityError(`service key ${name} is wrapped by master key ${row.master_key_id}, which this keyring does not hold`);
+    const key = open(master, row.wrapped, serviceKeyAad(name), `service key ${name}`);
+    this.serviceKeys.set(name, key);
+    return key;
+  }
+
+  /**
    * Re-wraps every data key not wrapped by the keyring's current master key. Secret rows are not
    * touched. Returns how many keys were re-wrapped and which master key ids are still in use.
    */
@@ -87,7 +114,15 @@ export class DataKeys {
           seal(current.key, key.key, dataKeyAad(row.identity_id, row.id)),
         ]);
       }
-      const inUse = await tx.query('SELECT DISTINCT master_key_id FROM data_keys');
+      const services = await tx.query('SELECT name, master_key_id, wrapped FROM service_keys WHERE master_key_id <> $1 FOR UPDATE', [current.id]);
+      for (const row of services.rows) {
+        const master = this.keyring.find(row.master_key_id);
+        if (!master) throw new IntegrityError(`service key ${row.name} is wrapped by an unknown master key ${row.master_key_id}`);
+        const key = open(master, row.wrapped, serviceKeyAad(row.name), `service key ${row.name}`);
+        await tx.query('UPDATE service_keys SET master_key_id = $2, wrapped = $3 WHERE name = $1', [row.name, current.id, seal(current.key, key, serviceKeyAad(row.name))]);
+        key.fill(0);
+      }
+      const inUse = await tx.query('SELECT master_key_id FROM data_keys UNION SELECT master_key_id FROM service_keys');
       return { rewrapped: rows.length, masterKeysInUse: inUse.rows.map((r) => r.master_key_id as string) };
     });
   }

@@ -1,2 +1,3 @@
-export { rotateCredential, progressQuery } from './rotate-credential';
+export { rotateCredential } from './rotate-credential';
+export { rotateBatch, rotationSweep, orphanReport } from './batch';
 export { deliverMail } from './deliver-mail';

@@ -5,17 +5,29 @@ import type { ActivityOptions } from '@temporalio/workflow';
  * as non-retryable ApplicationFailures by the activities; everything else is retried with backoff.
  */
 
-/** A database step: quick, retried for a few minutes so a PostgreSQL restart does not fail a rotation. */
+/** A database step: quick, retried for a while so a PostgreSQL restart does not fail a rotation. */
 export const databaseStep: ActivityOptions = {
   startToCloseTimeout: '20s',
-  scheduleToCloseTimeout: '10m',
+  scheduleToCloseTimeout: '15m',
   retry: { initialInterval: '500ms', backoffCoefficient: 2, maximumInterval: '30s' },
 };
 
-/** A call to a credential provider: slower, fewer attempts so a broken provider fails visibly. */
-export const providerCall: ActivityOptions = {
-  startToCloseTimeout: '1m',
-  retry: { initialInterval: '2s', backoffCoefficient: 2, maximumInterval: '1m', maximumAttempts: 5 },
+/**
+ * A call to a provider or a dependent: heartbeats while it waits, so a dead worker is noticed in
+ * seconds; a few attempts, so a broken provider fails the step visibly instead of looping.
+ */
+export const externalCall: ActivityOptions = {
+  startToCloseTimeout: '2m',
+  heartbeatTimeout: '10s',
+  retry: { initialInterval: '1s', backoffCoefficient: 2, maximumInterval: '30s', maximumAttempts: 4 },
+};
+
+/** Compensation must get through: more patience than the step it undoes. */
+export const compensation: ActivityOptions = {
+  startToCloseTimeout: '2m',
+  heartbeatTimeout: '10s',
+  scheduleToCloseTimeout: '1h',
+  retry: { initialInterval: '2s', backoffCoefficient: 2, maximumInterval: '2m' },
 };
 
 /** An email: SMTP outages are waited out for a day, with backoff capped at five minutes. */
@@ -23,4 +35,11 @@ export const emailDelivery: ActivityOptions = {
   startToCloseTimeout: '1m',
   scheduleToCloseTimeout: '24h',
   retry: { initialInterval: '2s', backoffCoefficient: 2, maximumInterval: '5m' },
+};
+
+/** Starting or watching a batch of rotations: long, heartbeating, resumable. */
+export const batchStep: ActivityOptions = {
+  startToCloseTimeout: '6h',
+  heartbeatTimeout: '30s',
+  retry: { initialInterval: '2s', backoffCoefficient: 2, maximumInterval: '1m' },
 };

@@ -6,20 +6,50 @@ export interface RotationIds {
   workflowId: string;
 }
 
-export type StepName = 'create_pending' | 'promote' | 'compensate' | 'notify';
+export type RotationMode = 'requested' | 'scheduled' | 'leak';
+
+export type StepName = 'create_pending' | 'apply_dependents' | 'verify' | 'promote' | 'grace' | 'revoke_previous' | 'compensate' | 'notify';
 export type StepState = 'waiting' | 'running' | 'done' | 'failed' | 'skipped';
 
-export interface RotationProgress {
-  state: 'running' | 'succeeded' | 'failed';
-  steps: { name: StepName; state: StepState; error?: string }[];
-  fromVersion?: number;
-  toVersion?: number;
+export interface StepProgress {
+  name: StepName;
+  state: StepState;
+  attempt?: number;
   error?: string;
 }
 
-export interface RotationNotice extends RotationIds {
-  outcome: 'rotated' | 'failed';
+export type RotationOutcome = 'rotated' | 'failed' | 'cancelled' | 'rolled_back';
+
+export interface RotationProgress {
+  state: 'running' | 'grace' | 'succeeded' | RotationOutcome;
+  mode: RotationMode;
+  attempt: number;
+  steps: StepProgress[];
   fromVersion?: number;
   toVersion?: number;
+  graceEndsAt?: string;
+  leakReported?: boolean;
   error?: string;
+}
+
+export interface RotationPlan {
+  provider: string;
+  /** The version that was current when the rotation began (what compensation keeps working). */
+  currentVersion: number;
+  credentialName: string;
+  dependents: { index: number; type: string }[];
+  graceSeconds: number;
+  maxAttempts: number;
+}
+
+export type NoticeKind = 'rotated' | 'failed' | 'cancelled' | 'rolled_back' | 'revoke_failed';
+
+export interface RotationNotice extends RotationIds {
+  outcome: NoticeKind;
+  mode: RotationMode;
+  fromVersion?: number;
+  toVersion?: number;
+  graceEndsAt?: string;
+  error?: string;
+  step?: string;
 }

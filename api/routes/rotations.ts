@@ -1,17 +1,28 @@
 import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
 import type { Client } from '@temporalio/client';
-import { NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
+import { ConflictError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { withTransaction, type Pool } from '../../db/pool';
 import { appendAudit } from '../../vault/audit';
 import type { Kind, Vault } from '../../vault/vault';
-import { progressQuery, rotateCredential } from '../../workflows';
+import type { rotateBatch } from '../../workflows/batch';
+import { progressQuery, rollbackUpdate } from '../../workflows/definitions';
 import type { RotationProgress } from '../../workflows/types';
 import { endpoint, type AuthDeps } from '../endpoint';
 import { rotationsStart } from '../schemas';
 
-/** Starts rotations (one workflow per credential, id rotate:<credentialId>) and reports their progress. */
-export function rotationRoutes(auth: AuthDeps, deps: { pool: Pool; vault: Vault; client: Client; taskQueue: string }): Router {
+interface Deps {
+  pool: Pool;
+  vault: Vault;
+  client: Client;
+  taskQueue: string;
+}
+
+/**
+ * Rotations: a request makes one batch workflow (rotation:<rotationId>) that starts one
+ * rotateCredential per credential (rotate:<credentialId>) and mails `notify` a summary.
+ */
+export function rotationRoutes(auth: AuthDeps, deps: Deps): Router {
   const router = Router();
 
   router.post(
@@ -19,82 +30,119 @@ export function rotationRoutes(auth: AuthDeps, deps: { pool: Pool; vault: Vault;
     ...endpoint(auth, { who: 'identity', action: 'rotation.start', body: rotationsStart }, async ({ body, caller }) => {
       const credentialIds = await selectCredentials(deps.vault, caller.identityId, body);
       const rotationId = randomUUID();
+      const batchWorkflowId = `rotation:${rotationId}`;
       await withTransaction(deps.pool, async (tx) => {
-        await tx.query('INSERT INTO rotations (id, identity_id, reason, notify) VALUES ($1, $2, $3, $4)', [
+        await tx.query(`INSERT INTO rotations (id, identity_id, kind, reason, notify, workflow_id) VALUES ($1, $2, 'request', $3, $4, $5)`, [
           rotationId,
           caller.identityId,
           body.reason ?? null,
           body.notify ?? [],
+          batchWorkflowId,
         ]);
         await tx.query(
-          `INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id)
-           SELECT $1, c, 'rotate:' || c FROM unnest($2::uuid[]) AS c`,
+          `INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) SELECT $1, c, 'rotate:' || c FROM unnest($2::uuid[]) AS c`,
           [rotationId, credentialIds],
         );
         await appendAudit(tx, { ...caller, action: 'rotation.start', outcome: 'ok', detail: { rotationId, credentials: credentialIds.length } });
       });
-      const workflowIds: string[] = [];
-      try {
-        for (const credentialId of credentialIds) {
-          const workflowId = `rotate:${credentialId}`;
-          // One rotation per credential at a time: a request for one already rotating joins that run.
-          const handle = await deps.client.workflow.start(rotateCredential, {
-            taskQueue: deps.taskQueue,
-            workflowId,
-            args: [{ rotationId, identityId: caller.identityId, credentialId }],
-            workflowIdConflictPolicy: 'USE_EXISTING',
-          });
-          await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2', [
-            rotationId,
-            credentialId,
-            handle.firstExecutionRunId,
-          ]);
-          workflowIds.push(workflowId);
-        }
-      } catch (err) {
-        if (err instanceof Error && /ECONNREFUSED|UNAVAILABLE|deadline|Connection/i.test(err.message)) {
-          throw new UnavailableError(`Temporal is unavailable; ${workflowIds.length} of ${credentialIds.length} rotations were started (rotation ${rotationId})`);
-        }
-        throw err;
-      }
-      return { status: 202, body: { rotationId, workflowIds } };
+      await temporal(() =>
+        deps.client.workflow.start<typeof rotateBatch>('rotateBatch', { taskQueue: deps.taskQueue, workflowId: batchWorkflowId, args: [{ rotationId }] }),
+      );
+      return { status: 202, body: { rotationId, batchWorkflowId, workflowIds: credentialIds.map((id) => `rotate:${id}`) } };
     }),
   );
 
   router.get(
     '/v1/rotations/:id',
     ...endpoint(auth, { who: 'identity' }, async ({ req, caller }) => {
-      const id = String(req.params.id);
-      const rotation = /^[0-9a-f-]{36}$/i.test(id)
-        ? (await deps.pool.query('SELECT * FROM rotations WHERE id = $1 AND identity_id = $2', [id, caller.identityId])).rows[0]
-        : undefined;
-      if (!rotation) throw new NotFoundError(`no rotation with id ${id}`);
-      const { rows: runs } = await deps.pool.query(
-        `SELECT r.credential_id, r.workflow_id, r.run_id, c.name FROM rotation_runs r JOIN credentials c ON c.id = r.credential_id
-          WHERE r.rotation_id = $1 ORDER BY c.name`,
-        [id],
-      );
+      const rotation = await ownRotation(deps.pool, caller.identityId, String(req.params.id));
+      const runs = await runsOf(deps.pool, rotation.id);
       const credentials = await Promise.all(runs.map((run) => describeRun(deps.client, run)));
-      const states = credentials.map((c) => c.state);
-      const state = states.some((s) => s === 'running' || s === 'not_started')
-        ? 'running'
-        : states.every((s) => s === 'succeeded')
-          ? 'succeeded'
-          : 'failed';
       return {
-        body: { rotationId: id, state, reason: rotation.reason, createdAt: rotation.created_at.toISOString(), credentials },
+        body: {
+          rotationId: rotation.id,
+          state: aggregate(credentials.map((c) => c.state)),
+          reason: rotation.reason,
+          createdAt: rotation.created_at.toISOString(),
+          credentials,
+        },
       };
+    }),
+  );
+
+  // Cancel: runs before promotion are undone; runs in their grace period are rolled back.
+  router.delete(
+    '/v1/rotations/:id',
+    ...endpoint(auth, { who: 'identity', action: 'rotation.cancel' }, async ({ req, caller }) => {
+      const rotation = await ownRotation(deps.pool, caller.identityId, String(req.params.id));
+      const runs = (await runsOf(deps.pool, rotation.id)).filter((r) => r.run_id && !['failed', 'cancelled', 'rolled_back'].includes(r.outcome ?? ''));
+      const cancelled: string[] = [];
+      for (const run of runs) {
+        const handle = deps.client.workflow.getHandle(run.workflow_id, run.run_id!);
+        const { status } = await temporal(() => handle.describe());
+        if (status.name !== 'RUNNING') continue;
+        await temporal(() => handle.cancel());
+        cancelled.push(run.credential_id);
+      }
+      await appendAudit(deps.pool, { ...caller, action: 'rotation.cancel', outcome: 'ok', detail: { rotationId: rotation.id, cancelled: cancelled.length } });
+      return { status: 202, body: { rotationId: rotation.id, cancelling: cancelled } };
+    }),
+  );
+
+  // Rollback (during the grace period): the previous version becomes current again everywhere.
+  router.post(
+    '/v1/rotations/:id/rollback',
+    ...endpoint(auth, { who: 'identity', action: 'rotation.rollback' }, async ({ req, caller }) => {
+      const rotation = await ownRotation(deps.pool, caller.identityId, String(req.params.id));
+      const results = [];
+      for (const run of await runsOf(deps.pool, rotation.id)) {
+        if (!run.run_id) continue;
+        try {
+          const done = await deps.client.workflow.getHandle(run.workflow_id, run.run_id).executeUpdate(rollbackUpdate);
+          results.push({ credentialId: run.credential_id, rolledBack: true, ...done });
+        } catch (err) {
+          results.push({ credentialId: run.credential_id, rolledBack: false, reason: innermost(err) });
+        }
+      }
+      if (!results.some((r) => r.rolledBack)) {
+        throw new ConflictError(`nothing to roll back: ${results.map((r) => ('reason' in r ? r.reason : '')).join('; ') || 'the rotation has no runs'}`);
+      }
+      await appendAudit(deps.pool, { ...caller, action: 'rotation.rollback', outcome: 'ok', detail: { rotationId: rotation.id, rolledBack: results.filter((r) => r.rolledBack).length } });
+      return { body: { rotationId: rotation.id, results } };
     }),
   );
 
   return router;
 }
 
-async function selectCredentials(
-  vault: Vault,
-  identityId: string,
-  body: { credentials?: string[]; filter?: { kind?: Kind; olderThanDays?: number } },
-): Promise<string[]> {
+async function ownRotation(pool: Pool, identityId: string, id: string) {
+  const rotation = /^[0-9a-f-]{36}$/i.test(id)
+    ? (await pool.query('SELECT * FROM rotations WHERE id = $1 AND identity_id = $2', [id, identityId])).rows[0]
+    : undefined;
+  if (!rotation) throw new NotFoundError(`no rotation with id ${id}`);
+  return rotation;
+}
+
+interface RunRow {
+  credential_id: string;
+  workflow_id: string;
+  run_id: string | null;
+  name: string;
+  outcome: string | null;
+  error: string | null;
+}
+
+async function runsOf(pool: Pool, rotationId: string): Promise<RunRow[]> {
+  const { rows } = await pool.query(
+    `SELECT r.credential_id, r.workflow_id, r.run_id, c.name, o.outcome, o.error
+       FROM rotation_runs r JOIN credentials c ON c.id = r.credential_id LEFT JOIN run_outcomes o ON o.run_id = r.run_id
+      WHERE r.rotation_id = $1 ORDER BY c.name`,
+    [rotationId],
+  );
+  return rows;
+}
+
+async function selectCredentials(vault: Vault, identityId: string, body: { credentials?: string[]; filter?: { kind?: Kind; olderThanDays?: number } }): Promise<string[]> {
   if (body.credentials) {
     const { found, missing } = await vault.resolve(identityId, [...new Set(body.credentials)]);
     if (missing.length) throw new NotFoundError(`no credential named or with id: ${missing.join(', ')}`);
@@ -111,17 +159,42 @@ async function selectCredentials(
   return ids;
 }
 
-async function describeRun(client: Client, run: { credential_id: string; workflow_id: string; run_id: string | null; name: string }) {
-  const base = { credentialId: run.credential_id, name: run.name, workflowId: run.workflow_id, runId: run.run_id };
-  if (!run.run_id) return { ...base, state: 'not_started' as const, progress: null };
+async function describeRun(client: Client, run: RunRow) {
+  const base = { credentialId: run.credential_id, name: run.name, workflowId: run.workflow_id, runId: run.run_id, outcome: run.outcome };
+  if (!run.run_id) return { ...base, state: 'not_started', status: null, progress: null };
   const handle = client.workflow.getHandle(run.workflow_id, run.run_id);
   let progress: RotationProgress | null = null;
   try {
     progress = await client.connection.withDeadline(Date.now() + 5_000, () => handle.query(progressQuery));
   } catch {
-    // No worker to answer the query right now: report what the server knows.
+    // No worker answered in time: report what the server and the outcome table know.
   }
-  const status = (await handle.describe()).status.name;
-  const state = progress?.state ?? (status === 'RUNNING' ? 'running' : status === 'COMPLETED' ? 'succeeded' : 'failed');
-  return { ...base, state, status, progress };
+  const status = (await temporal(() => handle.describe())).status.name;
+  const fallback = status === 'RUNNING' ? 'running' : run.outcome === 'rotated' ? 'succeeded' : (run.outcome ?? 'failed');
+  return { ...base, state: progress?.state ?? fallback, status, progress };
+}
+
+function aggregate(states: string[]): string {
+  if (states.some((s) => s === 'running' || s === 'not_started')) return 'running';
+  if (states.some((s) => s === 'grace')) return 'grace';
+  if (states.every((s) => s === 'succeeded')) return 'succeeded';
+  return states.some((s) => s === 'succeeded') ? 'partial' : 'failed';
+}
+
+/** Temporal being unreachable is a 503 for the caller, not a 500. */
+async function temporal<T>(call: () => Promise<T>): Promise<T> {
+  try {
+    return await call();
+  } catch (err) {
+    if (/UNAVAILABLE|ECONNREFUSED|deadline|Connection/i.test((err as Error).message)) {
+      throw new UnavailableError('Temporal is unavailable; try again shortly');
+    }
+    throw err;
+  }
+}
+
+function innermost(err: unknown): string {
+  let e = err as { message?: string; cause?: unknown } | undefined;
+  while (e?.cause) e = e.cause as typeof e;
+  return e?.message ?? String(err);
 }

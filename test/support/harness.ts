@@ -12,6 +12,8 @@ import { createLogger } from '../../core/logger';
 import { openServices, type Services } from '../../core/services';
 import { newToken } from '../../vault/identities';
 import { generateMasterKey, Keyring, masterKeyId, writeKeyringFile } from '../../vault/keyring';
+import type { ActivityDeps } from '../../activities';
+import { activityDeps } from '../../worker/deps';
 import { createWorker, installTemporalLogging } from '../../worker/worker';
 import { withDatabase } from './global-setup';
 
@@ -22,6 +24,12 @@ import { withDatabase } from './global-setup';
  */
 export interface Harness {
   url: string;
+  /** The activity dependencies the in-process worker uses (also for calling activities directly). */
+  deps: ActivityDeps;
+  /** Where env-file dependents may write. */
+  envFilesRoot: string;
+  /** Environment for running `cli/main.ts worker` against this harness (as a child process). */
+  workerEnv(): Record<string, string>;
   adminToken: string;
   databaseUrl: string;
   keyringFile: string;
@@ -46,7 +54,9 @@ export interface ApiResponse {
   text: string;
 }
 
-export async function startHarness(opts: { worker?: boolean; clock?: () => Date; smtpUrl?: string } = {}): Promise<Harness> {
+export async function startHarness(
+  opts: { worker?: boolean; clock?: () => Date; smtpUrl?: string; securityNotify?: string[] } = {},
+): Promise<Harness> {
   const tag = randomBytes(4).toString('hex');
   const dbName = `t_${tag}`;
   const adminUrl = inject('pgAdminUrl');
@@ -76,6 +86,9 @@ export async function startHarness(opts: { worker?: boolean; clock?: () => Date;
   const connection = await Connection.connect({ address: inject('temporalAddress') });
   const client = new Client({ connection, namespace: 'default' });
   const taskQueue = `test-${tag}`;
+  const envFilesRoot = path.join(dir, 'env-files');
+  mkdirSync(envFilesRoot, { recursive: true });
+  const deps = activityDeps(services, { envFilesRoot, client, taskQueue, securityNotify: opts.securityNotify, clock: opts.clock });
 
   let worker: Worker | undefined;
   let workerRun: Promise<void> | undefined;
@@ -86,14 +99,24 @@ export async function startHarness(opts: { worker?: boolean; clock?: () => Date;
       connection: nativeConnection,
       namespace: 'default',
       taskQueue,
-      deps: services,
+      deps,
       workflowBundle: { codePath: inject('workflowBundlePath') },
     });
     workerRun = worker.run();
   }
 
   const adminToken = newToken();
-  const app = createApp({ ...services, client, namespace: 'default', taskQueue, adminToken, logger });
+  const app = createApp({
+    ...services,
+    dependentTypes: deps.dependents,
+    securityNotify: opts.securityNotify,
+    clock: opts.clock,
+    client,
+    namespace: 'default',
+    taskQueue,
+    adminToken,
+    logger,
+  });
   const server = app.listen(0, '127.0.0.1');
   await once(server, 'listening');
   const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
@@ -120,6 +143,19 @@ export async function startHarness(opts: { worker?: boolean; clock?: () => Date;
 
   return {
     url,
+    deps,
+    envFilesRoot,
+    workerEnv: () => ({
+      DATABASE_URL: databaseUrl,
+      TEMPORAL_ADDRESS: inject('temporalAddress'),
+      SMTP_URL: opts.smtpUrl ?? inject('smtpUrl'),
+      TASK_QUEUE: taskQueue,
+      VAULT_MASTER_KEY: keyringFile,
+      ENV_FILES_ROOT: envFilesRoot,
+      DATA_DIR: dir,
+      MAIL_FROM: 'mailgent-test@localhost',
+      ...(opts.securityNotify ? { SECURITY_NOTIFY: opts.securityNotify.join(',') } : {}),
+    }),
     adminToken,
     databaseUrl,
     keyringFile,

@@ -1,0 +1,247 @@
+import { sendNotice } from '../mail/notify';
+import type { RotationWindow } from '../vault/types';
+import type { rotateCredential } from '../workflows/rotate-credential';
+import type { RotationMode } from '../workflows/types';
+import type { ActivityDeps } from './index';
+import { heartbeat, stableUuid } from './support';
+
+const MODES: Record<string, RotationMode> = { request: 'requested', sweep: 'scheduled', policy: 'scheduled', leak: 'leak' };
+
+export interface RunSummary {
+  credentialId: string;
+  name: string;
+  identityId: string;
+  recipients: string[];
+  outcome: string;
+  fromVersion: number | null;
+  toVersion: number | null;
+  error: string | null;
+  nextRotationAt: string | null;
+}
+
+/**
+ * Batches of rotations (an agent's filter, the scheduled sweep): start one rotateCredential per
+ * credential, wait for their outcomes, and send the summaries. Rotations are started by these
+ * activities rather than as child workflows so that a credential already rotating is joined, not
+ * refused, and the batch's own history stays small.
+ */
+export function batchActivities(deps: ActivityDeps) {
+  const temporal = () => {
+    if (!deps.temporal) throw new Error('this worker has no Temporal client for starting rotations');
+    return deps.temporal;
+  };
+
+  return {
+    /** Starts (or joins) a rotation for every run of the batch that has none yet. Resumable. */
+    async startRotations(input: { rotationId: string }): Promise<{ started: number }> {
+      const { client, taskQueue } = temporal();
+      const { rows } = await deps.pool.query(
+        `SELECT r.credential_id, c.identity_id, ro.kind
+           FROM rotation_runs r JOIN credentials c ON c.id = r.credential_id JOIN rotations ro ON ro.id = r.rotation_id
+          WHERE r.rotation_id = $1 AND r.run_id IS NULL ORDER BY r.credential_id`,
+        [input.rotationId],
+      );
+      for (const row of rows) {
+        heartbeat();
+        const handle = await client.workflow.start<typeof rotateCredential>('rotateCredential', {
+          taskQueue,
+          workflowId: `rotate:${row.credential_id}`,
+          args: [{ rotationId: input.rotationId, identityId: row.identity_id, credentialId: row.credential_id, mode: MODES[row.kind] }],
+          workflowIdConflictPolicy: 'USE_EXISTING',
+        });
+        await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2', [
+          input.rotationId,
+          row.credential_id,
+          handle.firstExecutionRunId,
+        ]);
+      }
+      return { started: rows.length };
+    },
+
+    /** Waits until every run of the batch has an outcome (promoted or not); heartbeats while it waits. */
+    async awaitOutcomes(input: { rotationId: string; pollMs?: number }): Promise<{ total: number; rotated: number; failed: number }> {
+      const { client } = temporal();
+      for (let round = 0; ; round++) {
+        heartbeat();
+        const { rows } = await deps.pool.query(
+          `SELECT r.workflow_id, r.run_id, o.outcome FROM rotation_runs r LEFT JOIN run_outcomes o ON o.run_id = r.run_id
+            WHERE r.rotation_id = $1`,
+          [input.rotationId],
+        );
+        const open = rows.filter((r) => !r.outcome);
+        if (open.length === 0) {
+          return {
+            total: rows.length,
+            rotated: rows.filter((r) => r.outcome === 'rotated').length,
+            failed: rows.filter((r) => r.outcome !== 'rotated').length,
+          };
+        }
+        // A run that ended without recording an outcome (terminated, timed out) counts as failed.
+        if (round % 5 === 4) {
+          for (const r of open.filter((o) => o.run_id)) {
+            const status = (await client.workflow.getHandle(r.workflow_id, r.run_id).describe()).status.name;
+            if (status !== 'RUNNING') {
+              await deps.pool.query(
+                `INSERT INTO run_outcomes (run_id, workflow_id, credential_id, outcome, error)
+                 SELECT run_id, workflow_id, credential_id, 'failed', $2 FROM rotation_runs WHERE run_id = $1 LIMIT 1
+                 ON CONFLICT (run_id) DO NOTHING`,
+                [r.run_id, `the rotation ended as ${status.toLowerCase()} without reporting an outcome`],
+              );
+            }
+          }
+        }
+        await new Promise((resolve) => setTimeout(resolve, input.pollMs ?? 1_000));
+      }
+    },
+
+    /**
+     * One summary per recipient: an agent's batch goes to its `notify` list (and the identity's email),
+     * a sweep to every team address of the credentials it rotated. Each summary is sent once.
+     */
+    async sendBatchSummaries(input: { rotationId: string }): Promise<{ sent: number }> {
+      const rotation = (await deps.pool.query('SELECT * FROM rotations WHERE id = $1', [input.rotationId])).rows[0];
+      const runs = await summarise(deps, input.rotationId);
+      const byRecipient = new Map<string, RunSummary[]>();
+      const add = (to: string, run: RunSummary) => byRecipient.set(to, [...(byRecipient.get(to) ?? []), run]);
+      if (rotation.kind === 'request') {
+        const identity = rotation.identity_id ? await deps.identities.get(rotation.identity_id) : undefined;
+        for (const to of [...rotation.notify, ...(identity?.email ? [identity.email] : [])]) runs.forEach((r) => add(to, r));
+      } else {
+        for (const run of runs) run.recipients.forEach((to) => add(to, run));
+      }
+      let sent = 0;
+      for (const [to, list] of byRecipient) {
+        heartbeat();
+        const identities = [...new Set(list.map((r) => r.identityId))];
+        await sendNotice(
+          deps,
+          {
+            id: stableUuid(`${input.rotationId}:summary:${to}`),
+            identityId: rotation.identity_id ?? identities[0] ?? null,
+            purpose: 'rotation.summary',
+            to: [to],
+            ...composeSummary(rotation.kind, rotation.reason, list),
+            actor: rotation.kind === 'sweep' ? 'schedule:rotation-sweep' : `workflow:rotation:${input.rotationId}`,
+            requestId: input.rotationId,
+            detail: { rotations: list.length },
+          },
+          identities,
+        );
+        sent += 1;
+      }
+      return { sent };
+    },
+
+    /** Creates (once per sweep workflow) the sweep's rotation record. */
+    async beginSweep(input: { workflowId: string; asOf: string }): Promise<{ sweepId: string }> {
+      const sweepId = stableUuid(`sweep:${input.workflowId}`);
+      await deps.pool.query(
+        `INSERT INTO rotations (id, identity_id, kind, reason, workflow_id, created_at) VALUES ($1, NULL, 'sweep', $2, $3, $4)
+         ON CONFLICT (id) DO NOTHING`,
+        [sweepId, `scheduled sweep as of ${input.asOf}`, input.workflowId, input.asOf],
+      );
+      return { sweepId };
+    },
+
+    /**
+     * One page of due credentials, by one index scan on (next_rotation_at, id): adds them to the
+     * sweep unless their rotation window is closed right now. Returns the cursor for the next page.
+     */
+    async selectDue(input: { sweepId: string; asOf: string; after?: { at: string; id: string }; limit: number }) {
+      const { rows } = await deps.pool.query(
+        `SELECT id, next_rotation_at, rotation->'window' AS window FROM credentials
+          WHERE deleted_at IS NULL AND next_rotation_at IS NOT NULL AND next_rotation_at <= $1
+            AND ($2::timestamptz IS NULL OR (next_rotation_at, id) > ($2::timestamptz, $3::uuid))
+          ORDER BY next_rotation_at, id
+          LIMIT $4`,
+        [input.asOf, input.after?.at ?? null, input.after?.id ?? null, input.limit],
+      );
+      const open = rows.filter((r) => !r.window || windowOpen(r.window, new Date(input.asOf)));
+      if (open.length) {
+        await deps.pool.query(
+          `INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id)
+           SELECT $1, c, 'rotate:' || c FROM unnest($2::uuid[]) AS c ON CONFLICT DO NOTHING`,
+          [input.sweepId, open.map((r) => r.id)],
+        );
+      }
+      const last = rows.at(-1);
+      return {
+        selected: open.length,
+        deferred: rows.length - open.length,
+        next: rows.length === input.limit && last ? { at: (last.next_rotation_at as Date).toISOString(), id: last.id as string } : undefined,
+      };
+    },
+
+    /** Soft-deleted credentials past their retention are destroyed (their ciphertexts deleted). */
+    async purgeDeleted(input: { asOf: string; retentionDays: number }): Promise<{ destroyed: number }> {
+      const { rows } = await deps.pool.query(
+        `SELECT id, identity_id FROM credentials
+          WHERE deleted_at IS NOT NULL AND destroyed_at IS NULL AND deleted_at < $1::timestamptz - make_interval(days => $2)`,
+        [input.asOf, input.retentionDays],
+      );
+      for (const row of rows) {
+        heartbeat();
+        await deps.vault.destroy({ identityId: row.identity_id, actor: 'schedule:retention' }, { id: row.id });
+      }
+      return { destroyed: rows.length };
+    },
+  };
+}
+
+async function summarise(deps: ActivityDeps, rotationId: string): Promise<RunSummary[]> {
+  const { rows } = await deps.pool.query(
+    `SELECT c.id, c.name, c.identity_id, c.owners, c.notify, c.next_rotation_at, i.email,
+            o.outcome, o.from_version, o.to_version, o.error
+       FROM rotation_runs r
+       JOIN credentials c ON c.id = r.credential_id
+       JOIN identities i ON i.id = c.identity_id
+       LEFT JOIN run_outcomes o ON o.run_id = r.run_id
+      WHERE r.rotation_id = $1
+      ORDER BY c.name`,
+    [rotationId],
+  );
+  return rows.map((r) => ({
+    credentialId: r.id,
+    name: r.name,
+    identityId: r.identity_id,
+    recipients: [...new Set<string>([...r.owners, ...r.notify, ...(r.email ? [r.email] : [])])],
+    outcome: r.outcome ?? 'unknown',
+    fromVersion: r.from_version,
+    toVersion: r.to_version,
+    error: r.error,
+    nextRotationAt: r.next_rotation_at ? r.next_rotation_at.toISOString() : null,
+  }));
+}
+
+export function composeSummary(kind: string, reason: string | null, runs: RunSummary[]): { subject: string; text: string } {
+  const rotated = runs.filter((r) => r.outcome === 'rotated');
+  const failed = runs.filter((r) => r.outcome !== 'rotated');
+  const line = (r: RunSummary) =>
+    r.outcome === 'rotated'
+      ? `  - ${r.name}: version ${r.fromVersion} → ${r.toVersion}; next due ${r.nextRotationAt ?? 'no policy'}`
+      : `  - ${r.name}: ${r.outcome}${r.error ? ` — ${r.error}` : ''}; next due ${r.nextRotationAt ?? 'no policy'}`;
+  const text = [
+    kind === 'sweep' ? 'The scheduled rotation sweep ran.' : `The rotation batch you asked for finished${reason ? ` (${reason})` : ''}.`,
+    '',
+    `Rotated (${rotated.length}):`,
+    ...(rotated.length ? rotated.map(line) : ['  (none)']),
+    '',
+    `Failed or not rotated (${failed.length}):`,
+    ...(failed.length ? failed.map(line) : ['  (none)']),
+    '',
+    'This summary never contains a secret. Read new values with vault.get.',
+  ].join('\n');
+  const subject = `[mailgent] ${kind === 'sweep' ? 'Scheduled rotation' : 'Rotation batch'}: ${rotated.length} rotated, ${failed.length} failed`;
+  return { subject, text };
+}
+
+const WEEKDAYS = ['Sun', 'Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat'];
+
+/** Whether `at` falls in the window's days and [startHour, endHour) in its time zone. */
+export function windowOpen(window: RotationWindow, at: Date): boolean {
+  const parts = new Intl.DateTimeFormat('en-US', { timeZone: window.timezone, weekday: 'short', hour: 'numeric', hourCycle: 'h23' }).formatToParts(at);
+  const day = WEEKDAYS.indexOf(parts.find((p) => p.type === 'weekday')!.value);
+  const hour = Number(parts.find((p) => p.type === 'hour')!.value);
+  const inHours = window.startHour <= window.endHour ? hour >= window.startHour && hour < window.endHour : hour >= window.startHour || hour < window.endHour;
+  return window.days.includes(day) && inHours;
+}

@@ -1,0 +1,99 @@
+import { deliverQueued } from '../mail/outbox';
+import { sendNotice } from '../mail/notify';
+import type { CredentialMeta } from '../vault/types';
+import type { RotationNotice } from '../workflows/types';
+import type { ActivityDeps } from './index';
+import { callingRunId, permanentErrorsFail, stableUuid } from './support';
+
+/** Rotation outcome notices and mail delivery. No notice ever carries a value: they are built from metadata. */
+export function noticeActivities(deps: ActivityDeps) {
+  return {
+    /** One notice per outcome of a run; its id comes from the run and the outcome, so a retry never sends two. */
+    async sendRotationNotice(n: RotationNotice): Promise<{ messageId: string; recipients: number; delivery: string }> {
+      return permanentErrorsFail(async () => {
+        const meta = await deps.vault.describe(n.identityId, n.credentialId);
+        const identity = await deps.identities.get(n.identityId);
+        const rotation = (await deps.pool.query('SELECT reason, notify FROM rotations WHERE id = $1', [n.rotationId])).rows[0];
+        const to = [
+          ...meta.owners,
+          ...meta.notify,
+          ...(rotation?.notify ?? []),
+          ...(identity?.email ? [identity.email] : []),
+          ...(n.mode === 'leak' || n.outcome === 'revoke_failed' ? (deps.securityNotify ?? []) : []),
+        ];
+        const messageId = stableUuid(`${callingRunId() ?? n.rotationId}:${n.credentialId}:notice:${n.outcome}`);
+        const delivery = await sendNotice(deps, {
+          id: messageId,
+          identityId: n.identityId,
+          purpose: 'rotation.notice',
+          to,
+          ...composeRotationNotice(n, meta, rotation?.reason ?? null),
+          actor: `workflow:${n.workflowId}`,
+          requestId: n.rotationId,
+          credentialId: n.credentialId,
+          detail: { outcome: n.outcome },
+        });
+        return { messageId, recipients: new Set(to).size, delivery };
+      });
+    },
+
+    async deliverMail(input: { messageId: string }): Promise<string> {
+      return deliverQueued(deps.pool, deps.mailer, input.messageId);
+    },
+  };
+}
+
+const SUBJECTS: Record<RotationNotice['outcome'], (name: string) => string> = {
+  rotated: (name) => `[mailgent] Rotated ${name}`,
+  failed: (name) => `[mailgent] Rotation FAILED for ${name}`,
+  cancelled: (name) => `[mailgent] Rotation cancelled for ${name}`,
+  rolled_back: (name) => `[mailgent] Rotation rolled back for ${name}`,
+  revoke_failed: (name) => `[mailgent] ACTION NEEDED: the old value of ${name} is still valid`,
+};
+
+export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMeta, 'name' | 'kind' | 'nextRotationAt'>, reason: string | null) {
+  const what = `the ${meta.kind} credential '${meta.name}'`;
+  const body: Record<RotationNotice['outcome'], string[]> = {
+    rotated: [
+      `${cap(what)} was rotated${n.mode === 'leak' ? ' because a leak was reported' : ''}.`,
+      '',
+      `Version ${n.toVersion} is now current.`,
+      n.graceEndsAt
+        ? `Version ${n.fromVersion} keeps working until ${n.graceEndsAt}, then it is revoked.`
+        : `Version ${n.fromVersion} has been revoked.`,
+      `Next rotation due: ${meta.nextRotationAt ?? 'no rotation policy set'}.`,
+    ],
+    failed: [
+      `Rotating ${what} failed${n.step ? ` at step ${n.step}` : ''}; it was undone and nothing changed.`,
+      '',
+      `Error: ${n.error ?? 'unknown'}`,
+      `Version ${n.fromVersion ?? '(unchanged)'} is still current. The credential is marked rotation_failed.`,
+    ],
+    cancelled: [`Rotating ${what} was cancelled and undone; version ${n.fromVersion ?? '(unchanged)'} is still current.`],
+    rolled_back: [
+      `The rotation of ${what} was rolled back: version ${n.fromVersion} is current again everywhere,`,
+      `and version ${n.toVersion} was revoked. ${n.error ?? ''}`.trim(),
+    ],
+    revoke_failed: [
+      `${cap(what)} was rotated to version ${n.toVersion}, but revoking version ${n.fromVersion} at the provider failed:`,
+      `${n.error ?? 'unknown error'}`,
+      '',
+      `Revoke version ${n.fromVersion} by hand at the provider.`,
+    ],
+  };
+  const lines = [
+    ...body[n.outcome],
+    ...(reason ? [`Reason given: ${reason}`] : []),
+    '',
+    `Credential id: ${n.credentialId}`,
+    `Rotation id: ${n.rotationId}`,
+    `Workflow: ${n.workflowId}`,
+    '',
+    'This notice never contains a secret. Read the current value with vault.get.',
+  ];
+  return { subject: SUBJECTS[n.outcome](meta.name), text: lines.join('\n') };
+}
+
+function cap(s: string): string {
+  return s.charAt(0).toUpperCase() + s.slice(1);
+}

@@ -1,0 +1,150 @@
+import { sendNotice } from '../mail/notify';
+import { findOrphans, type ServiceAccountRow } from '../vault/service-accounts';
+import type { ActivityDeps } from './index';
+import { heartbeat, stableUuid } from './support';
+
+/** Expiry reminders for credentials rotated by hand (14, 3 and 1 days ahead), each sent once. */
+export const REMINDER_DAYS = [14, 3, 1];
+const DAY_MS = 86_400_000;
+
+/**
+ * The scheduled checks that send notices rather than rotate: expiry reminders, password-policy
+ * reminders and escalations, the orphaned service-account report. Each notice's id is derived from
+ * what it is about (credential, version, threshold, week), and the outbox sends an id only once.
+ */
+export function policyActivities(deps: ActivityDeps) {
+  return {
+    async sendExpiryReminders(input: { asOf: string }): Promise<{ sent: number }> {
+      const asOf = new Date(input.asOf);
+      const { rows } = await deps.pool.query(
+        `SELECT c.id, c.name, c.kind, c.identity_id, c.owners, c.notify, c.expires_at, i.email
+           FROM credentials c JOIN identities i ON i.id = c.identity_id
+          WHERE c.deleted_at IS NULL AND c.rotation IS NULL AND c.expires_at IS NOT NULL
+            AND c.expires_at > $1 AND c.expires_at <= $1::timestamptz + make_interval(days => $2)
+          ORDER BY c.expires_at`,
+        [asOf, Math.max(...REMINDER_DAYS)],
+      );
+      let sent = 0;
+      for (const c of rows) {
+        heartbeat();
+        const daysLeft = (c.expires_at.getTime() - asOf.getTime()) / DAY_MS;
+        // The most urgent reminder that applies; earlier ones that were missed are not sent late.
+        const due = REMINDER_DAYS.filter((d) => daysLeft <= d);
+        const threshold = Math.min(...due);
+        const delivery = await sendNotice(deps, {
+          id: stableUuid(`expiry:${c.id}:${c.expires_at.toISOString()}:${threshold}`),
+          identityId: c.identity_id,
+          purpose: 'expiry.reminder',
+          to: [...c.owners, ...c.notify, ...(c.email ? [c.email] : [])],
+          subject: `[mailgent] ${c.name} expires in ${threshold === 1 ? 'a day' : `${threshold} days`}`,
+          text: [
+            `The ${c.kind} credential '${c.name}' expires at ${c.expires_at.toISOString()} and has no rotation policy,`,
+            'so Mailgent cannot rotate it for you. Replace it with vault.store before then, or give it a rotation policy.',
+            '',
+            `Credential id: ${c.id}`,
+          ].join('\n'),
+          actor: 'schedule:rotation-sweep',
+          credentialId: c.id,
+          detail: { daysAhead: threshold },
+        });
+        if (delivery === 'sent') sent += 1;
+      }
+      return { sent };
+    },
+
+    /**
+     * Password policies: managed passwords past the maximum age join the sweep's rotations;
+     * owners of unmanaged ones are told once per version, and the security contacts once more
+     * when a password stays overdue for the policy's escalation period.
+     */
+    async enforcePasswordPolicies(input: { sweepId: string; asOf: string }): Promise<{ rotating: number; reminded: number; escalated: number }> {
+      const asOf = new Date(input.asOf);
+      const { rows } = await deps.pool.query(
+        `SELECT c.id, c.name, c.identity_id, c.owners, c.notify, c.rotation IS NOT NULL AS managed, c.current_version,
+                v.created_at, p.max_age_days, p.escalate_after_days, i.email
+           FROM password_policies p
+           JOIN credentials c ON c.identity_id = p.identity_id AND c.kind = 'password' AND c.deleted_at IS NULL
+           JOIN secret_versions v ON v.credential_id = c.id AND v.version = c.current_version
+           JOIN identities i ON i.id = c.identity_id
+          WHERE v.created_at < $1::timestamptz - make_interval(days => p.max_age_days)`,
+        [asOf],
+      );
+      const managed = rows.filter((r) => r.managed).map((r) => r.id);
+      if (managed.length) {
+        await deps.pool.query(
+          `INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id)
+           SELECT $1, c, 'rotate:' || c FROM unnest($2::uuid[]) AS c ON CONFLICT DO NOTHING`,
+          [input.sweepId, managed],
+        );
+      }
+      let reminded = 0;
+      let escalated = 0;
+      for (const c of rows.filter((r) => !r.managed)) {
+        heartbeat();
+        const ageDays = Math.floor((asOf.getTime() - c.created_at.getTime()) / DAY_MS);
+        const overdueDays = ageDays - c.max_age_days;
+        const base = { identityId: c.identity_id, actor: 'schedule:password-policy', credentialId: c.id };
+        const text = (extra: string[]) =>
+          [
+            `The password '${c.name}' is ${ageDays} days old; the password policy allows ${c.max_age_days}.`,
+            'It has no rotation policy, so Mailgent cannot change it: store a new value with vault.store, or give it a rotation policy.',
+            ...extra,
+            '',
+            `Credential id: ${c.id}`,
+          ].join('\n');
+        const reminder = await sendNotice(deps, {
+            ...base,
+            id: stableUuid(`password-policy:${c.id}:${c.current_version}:reminder`),
+            purpose: 'password.reminder',
+            to: [...c.owners, ...c.notify, ...(c.email ? [c.email] : [])],
+            subject: `[mailgent] Password ${c.name} is past its maximum age`,
+            text: text([]),
+          });
+        if (reminder === 'sent') reminded += 1;
+        if (overdueDays >= c.escalate_after_days) {
+          const escalation = await sendNotice(deps, {
+            ...base,
+            id: stableUuid(`password-policy:${c.id}:${c.current_version}:escalation`),
+            purpose: 'password.escalation',
+            to: [...(deps.securityNotify ?? []), ...(c.email ? [c.email] : []), ...c.owners],
+            subject: `[mailgent] ESCALATION: password ${c.name} is ${overdueDays} days overdue`,
+            text: text([`The owners were told when it became overdue, ${overdueDays} days ago, and it is still unchanged.`]),
+          });
+          if (escalation === 'sent') escalated += 1;
+        }
+      }
+      return { rotating: managed.length, reminded, escalated };
+    },
+
+    /** Service accounts with no dependents and no read for `days`, one report per identity per week. */
+    async sendOrphanReports(input: { asOf: string; days: number }): Promise<{ sent: number }> {
+      const asOf = new Date(input.asOf);
+      const orphans = await findOrphans(deps.pool, { asOf, days: input.days });
+      const byIdentity = new Map<string, ServiceAccountRow[]>();
+      for (const o of orphans) byIdentity.set(o.identityId, [...(byIdentity.get(o.identityId) ?? []), o]);
+      const week = Math.floor(asOf.getTime() / (7 * DAY_MS));
+      let sent = 0;
+      for (const [identityId, list] of byIdentity) {
+        const identity = await deps.identities.get(identityId);
+        const delivery = await sendNotice(deps, {
+          id: stableUuid(`orphans:${identityId}:${week}`),
+          identityId,
+          purpose: 'orphan.report',
+          to: [...new Set([...(identity?.email ? [identity.email] : []), ...list.flatMap((o) => o.owners)])],
+          subject: `[mailgent] ${list.length} service account${list.length === 1 ? '' : 's'} look orphaned`,
+          text: [
+            `These service accounts have no dependents and were not read for ${input.days} days:`,
+            '',
+            ...list.map((o) => `  - ${o.name} (age ${o.ageDays} days, last read ${o.lastReadAt ?? 'never'})`),
+            '',
+            'Delete the ones nobody uses (DELETE /v1/credentials/<id>), or record their dependents.',
+          ].join('\n'),
+          actor: 'schedule:orphan-report',
+          detail: { accounts: list.length },
+        });
+        if (delivery === 'sent') sent += 1;
+      }
+      return { sent };
+    },
+  };
+}

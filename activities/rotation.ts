@@ -1,0 +1,226 @@
+import type { Dependent } from '../dependents/types';
+import { UnprocessableError } from '../core/errors';
+import { DEFAULT_POLICY, type Provider } from '../providers';
+import type { SecretReader } from '../providers/types';
+import type { CredentialMeta } from '../vault/types';
+import type { RotationIds, RotationOutcome, RotationPlan } from '../workflows/types';
+import type { ActivityDeps } from './index';
+import { callingRunId, heartbeating, permanentErrorsFail } from './support';
+
+export const DEFAULT_GRACE_HOURS = 24;
+export const DEFAULT_MAX_ATTEMPTS = 3;
+
+/**
+ * The steps of rotateCredential. Each takes ids and versions, opens the vault itself, hands the
+ * value to the provider or dependent that needs it, and returns ids and versions again. Every step
+ * is idempotent under a key derived from the rotation id, the step and the version.
+ */
+export function rotationActivities(deps: ActivityDeps) {
+  const clock = deps.clock ?? (() => new Date());
+  const caller = (ids: RotationIds) => ({ identityId: ids.identityId, actor: `workflow:${ids.workflowId}`, requestId: ids.rotationId });
+  const reader = (ids: RotationIds): SecretReader => ({
+    read: async (name) => (await deps.vault.get(caller(ids), { name })).value,
+  });
+
+  const load = async (ids: RotationIds) => {
+    const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
+    if (meta.deletedAt) throw new UnprocessableError(`credential '${meta.name}' is deleted; it is not rotated`);
+    const policy = meta.policy ?? DEFAULT_POLICY;
+    const provider = deps.providers[policy.provider];
+    if (!provider) throw new UnprocessableError(`rotation provider '${policy.provider}' is not installed on this worker`);
+    return { meta, policy, provider };
+  };
+  const providerContext = async (ids: RotationIds, meta: CredentialMeta, provider: Provider<any>, settings: Record<string, unknown>) => ({
+    settings: provider.settings.parse(await withPasswordPolicy(deps, meta, provider.name, settings)),
+    kind: meta.kind,
+    identityId: ids.identityId,
+    credentialId: ids.credentialId,
+    credentialName: meta.name,
+    secrets: reader(ids),
+  });
+  const dependentContext = async (ids: RotationIds, index: number) => {
+    const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
+    const spec = meta.dependents[index];
+    const dependent: Dependent<any> | undefined = spec && deps.dependents[spec.type];
+    if (!spec || !dependent) throw new UnprocessableError(`dependent ${index} of '${meta.name}' is not configured on this worker`);
+    return {
+      dependent,
+      ctx: {
+        settings: dependent.settings.parse(spec.settings ?? {}),
+        identityId: ids.identityId,
+        credentialId: ids.credentialId,
+        credentialName: meta.name,
+        secrets: reader(ids),
+      },
+    };
+  };
+  const read = (ids: RotationIds, version: number, purpose: string) => deps.rotations.read(caller(ids), ids.credentialId, version, purpose);
+
+  return {
+    async planRotation(ids: RotationIds): Promise<RotationPlan> {
+      return permanentErrorsFail(async () => {
+        const { meta, policy, provider } = await load(ids);
+        if (meta.kind === 'totp_seed' && provider.name === 'generated') {
+          throw new UnprocessableError(`credential '${meta.name}' is a totp_seed; a generated value would not be a TOTP seed`);
+        }
+        for (const [index, spec] of meta.dependents.entries()) {
+          if (!deps.dependents[spec.type]) throw new UnprocessableError(`dependent ${index} of '${meta.name}' has unknown type '${spec.type}'`);
+        }
+        return {
+          provider: provider.name,
+          currentVersion: meta.version,
+          credentialName: meta.name,
+          dependents: meta.dependents.map((d, index) => ({ index, type: d.type })),
+          graceSeconds: Math.round((policy.graceHours ?? DEFAULT_GRACE_HOURS) * 3600),
+          maxAttempts: policy.maxAttempts ?? DEFAULT_MAX_ATTEMPTS,
+        };
+      });
+    },
+
+    /** A new value from the provider, stored as pending. Attempt n of a rotation always yields the same version. */
+    async createPendingVersion(ids: RotationIds & { attempt: number }): Promise<{ version: number; basedOn: number }> {
+      return permanentErrorsFail(async () => {
+        const key = `${ids.rotationId}:create:${ids.attempt}`;
+        const staged = await deps.rotations.findStaged(ids.credentialId, key);
+        if (staged) return staged;
+        const { meta, policy, provider } = await load(ids);
+        const ctx = await providerContext(ids, meta, provider, policy.settings);
+        const current = await read(ids, meta.version, 'provider.create');
+        const created = await heartbeating(() => provider.create({ ...ctx, idempotencyKey: key, current }));
+        return deps.rotations.stagePending(caller(ids), ids.credentialId, key, created);
+      });
+    },
+
+    async verifyVersion(ids: RotationIds & { version: number }): Promise<void> {
+      return permanentErrorsFail(async () => {
+        const { meta, policy, provider } = await load(ids);
+        const ctx = await providerContext(ids, meta, provider, policy.settings);
+        const secret = await read(ids, ids.version, 'provider.verify');
+        await heartbeating(() => provider.verify({ ...ctx, secret }));
+      });
+    },
+
+    /**
+     * Compensation for attempt n: the provider forgets whatever that attempt's create made (current
+     * keeps working) and the vault drops the pending label. Runs even when create failed, because
+     * the provider may have acted before the step failed.
+     */
+    async discardAttempt(ids: RotationIds & { attempt: number; current: number }): Promise<void> {
+      return permanentErrorsFail(async () => {
+        const staged = await deps.rotations.findStaged(ids.credentialId, `${ids.rotationId}:create:${ids.attempt}`);
+        const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
+        const policy = meta.policy ?? DEFAULT_POLICY;
+        const provider = deps.providers[policy.provider];
+        if (provider) {
+          const ctx = await providerContext(ids, meta, provider, policy.settings);
+          const pending = staged ? await read(ids, staged.version, 'provider.discard') : undefined;
+          const idempotencyKey = `${ids.rotationId}:discard:${ids.attempt}`;
+          await heartbeating(async () => {
+            if (provider.discard) await provider.discard({ ...ctx, pending, current: await read(ids, ids.current, 'provider.discard'), idempotencyKey });
+            else if (pending) await provider.revoke({ ...ctx, secret: pending, idempotencyKey });
+          });
+          if (staged) await deps.rotations.markRevoked(caller(ids), ids.credentialId, staged.version);
+        }
+        if (staged) await deps.rotations.discardPending(caller(ids), ids.credentialId, staged.version, 'active');
+      });
+    },
+
+    async applyDependent(ids: RotationIds & { index: number; version: number }): Promise<void> {
+      return permanentErrorsFail(async () => {
+        const { dependent, ctx } = await dependentContext(ids, ids.index);
+        const target = await read(ids, ids.version, `dependent.${ids.index}.apply`);
+        await heartbeating(() => dependent.apply({ ...ctx, target, idempotencyKey: `${ids.rotationId}:apply:${ids.index}:${ids.version}` }));
+      });
+    },
+
+    async verifyDependent(ids: RotationIds & { index: number; version: number }): Promise<void> {
+      return permanentErrorsFail(async () => {
+        const { dependent, ctx } = await dependentContext(ids, ids.index);
+        const target = await read(ids, ids.version, `dependent.${ids.index}.verify`);
+        await heartbeating(() => dependent.verify({ ...ctx, target }));
+      });
+    },
+
+    /** Puts a dependent back on `version` (the one it had before this rotation). */
+    async restoreDependent(ids: RotationIds & { index: number; version: number }): Promise<void> {
+      return permanentErrorsFail(async () => {
+        const { dependent, ctx } = await dependentContext(ids, ids.index);
+        const target = await read(ids, ids.version, `dependent.${ids.index}.restore`);
+        await heartbeating(() => dependent.restore({ ...ctx, target, idempotencyKey: `${ids.rotationId}:restore:${ids.index}:${ids.version}` }));
+      });
+    },
+
+    /** Tells the dependents that want to know that the pending version is now current. */
+    async dependentsPromoted(ids: RotationIds & { version: number }): Promise<void> {
+      return permanentErrorsFail(async () => {
+        const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
+        for (const [index, spec] of meta.dependents.entries()) {
+          if (!deps.dependents[spec.type]?.promoted) continue;
+          const { dependent, ctx } = await dependentContext(ids, index);
+          const target = await read(ids, ids.version, `dependent.${index}.promoted`);
+          await heartbeating(() => dependent.promoted!({ ...ctx, target, idempotencyKey: `${ids.rotationId}:promoted:${index}:${ids.version}` }));
+        }
+      });
+    },
+
+    async promotePendingVersion(ids: RotationIds & { version: number }): Promise<{ current: number; previous: number | null; promotedAt: string }> {
+      return permanentErrorsFail(async () => ({
+        ...(await deps.rotations.promote(caller(ids), ids.credentialId, ids.version)),
+        promotedAt: clock().toISOString(),
+      }));
+    },
+
+    /** The provider stops accepting `version`; the vault records when. */
+    async revokeVersion(ids: RotationIds & { version: number }): Promise<void> {
+      return permanentErrorsFail(async () => {
+        const { meta, policy, provider } = await load(ids);
+        const ctx = await providerContext(ids, meta, provider, policy.settings);
+        const secret = await read(ids, ids.version, 'provider.revoke');
+        await heartbeating(() => provider.revoke({ ...ctx, secret, idempotencyKey: `${ids.rotationId}:revoke:${ids.version}` }));
+        await deps.rotations.markRevoked(caller(ids), ids.credentialId, ids.version);
+      });
+    },
+
+    async rollbackVersion(ids: RotationIds & { version: number }): Promise<{ current: number; abandoned: number }> {
+      return permanentErrorsFail(() => deps.rotations.rollback(caller(ids), ids.credentialId, ids.version));
+    },
+
+    async markRotationState(ids: RotationIds & { status: 'active' | 'rotation_failed' }): Promise<void> {
+      return permanentErrorsFail(() => deps.rotations.discardPending(caller(ids), ids.credentialId, null, ids.status));
+    },
+
+    /** How this run ended, keyed by its run id: batches and sweeps read it for their summaries. */
+    async recordOutcome(ids: RotationIds & { outcome: RotationOutcome; fromVersion?: number; toVersion?: number; error?: string }): Promise<void> {
+      const runId = callingRunId() ?? `direct:${ids.rotationId}`;
+      await deps.pool.query(
+        `INSERT INTO run_outcomes (run_id, workflow_id, credential_id, outcome, from_version, to_version, error)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (run_id) DO UPDATE SET outcome = $4, error = $7, finished_at = now()`,
+        [runId, ids.workflowId, ids.credentialId, ids.outcome, ids.fromVersion ?? null, ids.toVersion ?? null, ids.error ?? null],
+      );
+    },
+
+    async closeLeakIncidents(ids: RotationIds): Promise<void> {
+      await deps.pool.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE credential_id = $1 AND status = 'open'`, [
+        ids.credentialId,
+      ]);
+    },
+  };
+}
+
+/** A managed password follows its identity's password policy: at least its length, every class it requires. */
+async function withPasswordPolicy(deps: ActivityDeps, meta: CredentialMeta, provider: string, settings: Record<string, unknown>) {
+  if (meta.kind !== 'password' || provider !== 'generated') return settings;
+  const { rows } = await deps.pool.query('SELECT * FROM password_policies WHERE identity_id = $1', [meta.identityId]);
+  const p = rows[0];
+  if (!p) return settings;
+  const s = settings as { length?: number; lowercase?: boolean; uppercase?: boolean; digits?: boolean; symbols?: boolean };
+  return {
+    ...settings,
+    length: Math.max(s.length ?? 32, p.length),
+    lowercase: (s.lowercase ?? true) || p.lowercase,
+    uppercase: (s.uppercase ?? true) || p.uppercase,
+    digits: (s.digits ?? true) || p.digits,
+    symbols: (s.symbols ?? false) || p.symbols,
+  };
+}

@@ -1,0 +1,61 @@
+import { createHash } from 'node:crypto';
+import { ApplicationFailure, Context } from '@temporalio/activity';
+import { AppError } from '../core/errors';
+
+/** Our own 4xx and integrity errors will not heal by retrying: fail the activity for good. */
+export async function permanentErrorsFail<T>(fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    if (err instanceof AppError && err.status !== 503) {
+      throw ApplicationFailure.create({ type: err.slug, message: err.message, nonRetryable: true });
+    }
+    throw err;
+  }
+}
+
+/**
+ * Heartbeats every two seconds while `fn` runs, so a worker that dies mid-call is noticed within
+ * the heartbeat timeout instead of the whole start-to-close timeout. Outside an activity (direct
+ * calls in tests) it just runs `fn`.
+ */
+export async function heartbeating<T>(fn: () => Promise<T>): Promise<T> {
+  let ctx: Context | undefined;
+  try {
+    ctx = Context.current();
+  } catch {
+    return fn();
+  }
+  const active = ctx;
+  const timer = setInterval(() => active.heartbeat(), 2_000);
+  try {
+    active.heartbeat();
+    return await fn();
+  } finally {
+    clearInterval(timer);
+  }
+}
+
+/** The run id of the calling workflow, when called as an activity. */
+export function callingRunId(): string | undefined {
+  try {
+    return Context.current().info.workflowExecution?.runId;
+  } catch {
+    return undefined;
+  }
+}
+
+/** A UUID-shaped id derived from a string, for idempotent inserts. */
+export function stableUuid(seed: string): string {
+  const h = createHash('sha256').update(seed).digest('hex');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-5${h.slice(13, 16)}-a${h.slice(17, 20)}-${h.slice(20, 32)}`;
+}
+
+/** Tells Temporal a long activity is alive; a no-op outside an activity (direct calls in tests). */
+export function heartbeat(details?: unknown): void {
+  try {
+    Context.current().heartbeat(details);
+  } catch {
+    // Not in an activity.
+  }
+}

@@ -1,0 +1,31 @@
+import { Router } from 'express';
+import { NotFoundError } from '../../core/errors';
+import type { Grants } from '../../vault/grants';
+import { endpoint, type AuthDeps } from '../endpoint';
+import { grantCreate } from '../schemas';
+import { refOf } from './vault';
+
+/** Owners grant another identity read access to one credential; the grantee reads it by id. */
+export function grantRoutes(auth: AuthDeps, grants: Grants): Router {
+  const router = Router();
+  router.post(
+    '/v1/grants',
+    ...endpoint(auth, { who: 'identity', action: 'grant.create', body: grantCreate }, async ({ body, caller }) => ({
+      status: 201,
+      body: await grants.create(caller, refOf(body.credential), body.grantee),
+    })),
+  );
+  router.get(
+    '/v1/grants',
+    ...endpoint(auth, { who: 'identity' }, async ({ caller }) => ({ body: await grants.list(caller.identityId) })),
+  );
+  router.delete(
+    '/v1/grants/:id',
+    ...endpoint(auth, { who: 'identity', action: 'grant.revoke' }, async ({ req, caller }) => {
+      const id = String(req.params.id);
+      if (!/^[0-9a-f-]{36}$/i.test(id)) throw new NotFoundError(`no active grant with id ${id}`);
+      return { body: await grants.revoke(caller, id) };
+    }),
+  );
+  return router;
+}

@@ -1,0 +1,164 @@
+import { randomUUID } from 'node:crypto';
+import { Router } from 'express';
+import type { Client } from '@temporalio/client';
+import { NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
+import { withTransaction, type Pool } from '../../db/pool';
+import { abandonMail, queueMail } from '../../mail/outbox';
+import { findStoredValue } from '../../mail/secret-scan';
+import { appendAudit } from '../../vault/audit';
+import type { SecretStore } from '../../vault/secret-store';
+import type { Vault } from '../../vault/vault';
+import { leakSignal } from '../../workflows/definitions';
+import type { rotateCredential } from '../../workflows/rotate-credential';
+import { endpoint, type AuthDeps } from '../endpoint';
+import { leakReport } from '../schemas';
+
+interface Deps {
+  pool: Pool;
+  vault: Vault;
+  secrets: SecretStore;
+  client: Client;
+  taskQueue: string;
+  securityNotify?: string[];
+}
+
+interface Target {
+  credentialId: string;
+  identityId: string;
+  name: string;
+  version: number;
+  live: boolean;
+}
+
+/**
+ * Leak response. A report names a credential, or gives the SHA-256 of the leaked value, which is
+ * matched against every stored version by its keyed fingerprint (no decryption). A live version
+ * (current, pending, or previous not yet revoked) opens one incident per credential: the security
+ * contacts are mailed, and the credential's rotation is started in leak mode or, if one is
+ * running, signalled to revoke the old value at once. Further reports join the open incident.
+ */
+export function leakRoutes(auth: AuthDeps, deps: Deps): Router {
+  const router = Router();
+  router.post(
+    '/v1/leaks',
+    ...endpoint(auth, { who: 'identity-or-admin', action: 'leak.report', body: leakReport }, async ({ body, caller, identity }) => {
+      const scope = identity?.id;
+      const targets = body.fingerprint ? await byFingerprint(deps, body.fingerprint, scope) : await byCredential(deps, body.credential!, scope);
+      if (body.details) {
+        for (const identityId of new Set(targets.map((t) => t.identityId))) {
+          if (findStoredValue({ subject: '', text: body.details }, await deps.vault.storedValues(identityId))) {
+            throw new UnprocessableError('details must not contain the leaked value; report it by its SHA-256 fingerprint');
+          }
+        }
+      }
+      const results = [];
+      for (const target of targets) results.push(await respond(deps, target, body, scope ? caller.actor : 'admin'));
+      await appendAudit(deps.pool, {
+        identityId: scope ?? null,
+        actor: scope ? caller.actor : 'admin',
+        action: 'leak.report',
+        credentialId: targets.length === 1 ? targets[0]!.credentialId : null,
+        outcome: 'ok',
+        requestId: caller.requestId,
+        detail: { source: body.source, by: body.fingerprint ? 'fingerprint' : 'credential', matched: targets.length, results: results.map((r) => r.action) },
+      });
+      return { status: 202, body: { results } };
+    }),
+  );
+  return router;
+}
+
+async function respond(deps: Deps, t: Target, body: { source: string; details?: string }, actor: string) {
+  const workflowId = `rotate:${t.credentialId}`;
+  if (!t.live) return { credentialId: t.credentialId, version: t.version, action: 'already-revoked' as const };
+
+  const incident = (
+    await deps.pool.query(
+      `INSERT INTO leak_incidents (id, credential_id, identity_id, version, source) VALUES ($1, $2, $3, $4, $5)
+       ON CONFLICT (credential_id) WHERE status = 'open' DO UPDATE SET reports = leak_incidents.reports + 1
+       RETURNING id, (xmax = 0) AS created`,
+      [randomUUID(), t.credentialId, t.identityId, t.version, body.source],
+    )
+  ).rows[0] as { id: string; created: boolean };
+  if (!incident.created) return { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, action: 'joined' as const };
+
+  const rotationId = randomUUID();
+  const mailId = randomUUID();
+  const meta = await deps.vault.describe(t.identityId, t.credentialId);
+  const identity = (await deps.pool.query('SELECT email FROM identities WHERE id = $1', [t.identityId])).rows[0];
+  await withTransaction(deps.pool, async (tx) => {
+    await tx.query(`INSERT INTO rotations (id, identity_id, kind, reason, workflow_id) VALUES ($1, $2, 'leak', $3, $4)`, [
+      rotationId,
+      t.identityId,
+      `leak reported by ${body.source}`,
+      workflowId,
+    ]);
+    await tx.query(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) VALUES ($1, $2, $3)`, [rotationId, t.credentialId, workflowId]);
+    await queueMail(tx, {
+      id: mailId,
+      identityId: t.identityId,
+      purpose: 'leak.incident',
+      to: [...new Set([...(deps.securityNotify ?? []), ...meta.owners, ...(identity?.email ? [identity.email] : [])])],
+      subject: `[mailgent] SECURITY: leak reported for ${t.name}`,
+      text: [
+        `A leak of the ${meta.kind} credential '${t.name}' (version ${t.version}) was reported by ${body.source}.`,
+        ...(body.details ? ['', `Details: ${body.details}`] : []),
+        '',
+        'Mailgent is rotating it now, without a grace period: the leaked value is revoked as soon as the new one is in place.',
+        'You will get a notice when the rotation has finished.',
+        '',
+        `Incident: ${incident.id}`,
+        `Credential id: ${t.credentialId}`,
+        `Workflow: ${workflowId}`,
+      ].join('\n'),
+    });
+    await appendAudit(tx, { identityId: t.identityId, actor, action: 'mail.send', credentialId: t.credentialId, outcome: 'ok', detail: { messageId: mailId, purpose: 'leak.incident', incidentId: incident.id } });
+  });
+  try {
+    const handle = await deps.client.workflow.signalWithStart<typeof rotateCredential, [{ incidentId: string }]>('rotateCredential', {
+      taskQueue: deps.taskQueue,
+      workflowId,
+      args: [{ rotationId, identityId: t.identityId, credentialId: t.credentialId, mode: 'leak' }],
+      signal: leakSignal,
+      signalArgs: [{ incidentId: incident.id }],
+    });
+    await deps.pool.query('UPDATE rotation_runs SET run_id = $2 WHERE rotation_id = $1', [rotationId, handle.signaledRunId]);
+    await deps.client.workflow.start('deliverMail', { taskQueue: deps.taskQueue, workflowId: `mail:${mailId}`, args: [{ messageId: mailId }] });
+  } catch {
+    // Without a rotation the incident must not stay open, or every later report would only join it.
+    await deps.pool.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = $1`, [incident.id]);
+    await abandonMail(deps.pool, mailId, 'the leak rotation could not be started');
+    throw new UnavailableError('the leak rotation could not be started (Temporal is unavailable); report again shortly');
+  }
+  return { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, action: 'rotating' as const };
+}
+
+const TARGET_SQL = `
+  SELECT c.id AS credential_id, c.identity_id, c.name, v.version,
+         (v.revoked_at IS NULL AND v.version IN (c.current_version, c.pending_version, c.previous_version)) AS live
+    FROM credentials c JOIN secret_versions v ON v.credential_id = c.id`;
+
+async function byCredential(deps: Deps, ref: string, scope: string | undefined): Promise<Target[]> {
+  const { rows } = await deps.pool.query(
+    `${TARGET_SQL}
+      WHERE c.deleted_at IS NULL AND v.version = c.current_version AND (c.name = $1 OR c.id::text = $1) AND ($2::uuid IS NULL OR c.identity_id = $2)`,
+    [ref, scope ?? null],
+  );
+  if (rows.length === 0) throw new NotFoundError(`no credential named or with id '${ref}'`);
+  if (rows.length > 1) throw new UnprocessableError(`'${ref}' names credentials of several identities; report it by id`);
+  return rows.map(toTarget);
+}
+
+async function byFingerprint(deps: Deps, sha256Hex: string, scope: string | undefined): Promise<Target[]> {
+  const fingerprint = await deps.secrets.fingerprintOfSha256(deps.pool, Buffer.from(sha256Hex, 'hex'));
+  const { rows } = await deps.pool.query(
+    `${TARGET_SQL} WHERE v.fingerprint = $1 AND c.deleted_at IS NULL AND ($2::uuid IS NULL OR c.identity_id = $2)`,
+    [fingerprint, scope ?? null],
+  );
+  if (rows.length === 0) throw new NotFoundError('no stored version matches this fingerprint');
+  return rows.map(toTarget);
+}
+
+function toTarget(r: Record<string, any>): Target {
+  return { credentialId: r.credential_id, identityId: r.identity_id, name: r.name, version: r.version, live: r.live };
+}

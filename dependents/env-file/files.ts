@@ -1,0 +1,121 @@
+import { randomBytes } from 'node:crypto';
+import { constants, type Stats } from 'node:fs';
+import { lstat, open, realpath, rename, rm } from 'node:fs/promises';
+import path from 'node:path';
+import { UnprocessableError } from '../../core/errors';
+
+/**
+ * The worker writes files on behalf of API callers, so a settings path may only name a regular
+ * file inside the root, reached without any symbolic link (a link could lead anywhere later).
+ * Returns the file's path under the root's real path; every later open refuses symlinks too.
+ */
+export async function resolveEnvFile(root: string, file: string): Promise<string> {
+  const refuse = (why: string) => new UnprocessableError(`env file '${file}' is refused: ${why}`);
+  if (file.includes('\0') || path.isAbsolute(file)) throw refuse('it must be a path relative to the env files root');
+  const realRoot = await realpath(root);
+  const target = path.resolve(realRoot, file);
+  const relative = path.relative(realRoot, target);
+  if (relative === '' || relative === '..' || relative.startsWith(`..${path.sep}`)) throw refuse('it is outside the env files root');
+  const parent = path.dirname(target);
+  const realParent = await realpath(parent).catch((err: NodeJS.ErrnoException) => {
+    throw err.code === 'ENOENT' || err.code === 'ENOTDIR' ? refuse('its directory does not exist') : err;
+  });
+  if (realParent !== parent) throw refuse('a symbolic link is on its way');
+  const stats = await lstat(target).catch((err: NodeJS.ErrnoException) => {
+    throw err.code === 'ENOENT' ? refuse('it does not exist') : err;
+  });
+  checkRegular(stats, refuse);
+  return target;
+}
+
+export async function readNoFollow(file: string): Promise<{ content: Buffer; stats: Stats }> {
+  const fh = await open(file, constants.O_RDONLY | constants.O_NOFOLLOW);
+  try {
+    const stats = await fh.stat();
+    checkRegular(stats, (why) => new UnprocessableError(`env file ${path.basename(file)} is refused: ${why}`));
+    return { content: await fh.readFile(), stats };
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * Read, edit, and atomically replace `file`: a temp file in the same directory with the same mode
+ * (and owner) is written, fsynced and renamed over it, so a reader sees the old or the new file,
+ * never half of one. Calls for one file are serialized in this process; a change by another
+ * process between our read and our rename makes us start over instead of losing it.
+ */
+export async function rewriteFile(file: string, edit: (content: Buffer) => Buffer): Promise<void> {
+  await serialized(file, async () => {
+    for (let attempt = 0; attempt < 5; attempt++) {
+      const { content, stats } = await readNoFollow(file);
+      const next = edit(content);
+      if (next.equals(content)) return;
+      const temp = await writeTemp(file, next, stats);
+      try {
+        const now = await readNoFollow(file);
+        if (now.stats.ino !== stats.ino || !now.content.equals(content)) continue;
+        await rename(temp, file);
+      } finally {
+        await rm(temp, { force: true });
+      }
+      await syncDirectory(path.dirname(file));
+      return;
+    }
+    throw new Error(`env file ${path.basename(file)} kept changing while it was being written`);
+  });
+}
+
+async function writeTemp(file: string, content: Buffer, stats: Stats): Promise<string> {
+  const temp = path.join(path.dirname(file), `.${path.basename(file)}.${randomBytes(6).toString('hex')}.tmp`);
+  const fh = await open(temp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
+  try {
+    const mine = await fh.stat();
+    // chown before chmod: changing the owner clears set-id bits.
+    if (mine.uid !== stats.uid || mine.gid !== stats.gid) {
+      await fh.chown(stats.uid, stats.gid).catch((err: NodeJS.ErrnoException) => {
+        throw err.code === 'EPERM'
+          ? new UnprocessableError(`env file ${path.basename(file)} belongs to another user; the worker must run as its owner or as root to keep it so`)
+          : err;
+      });
+    }
+    await fh.chmod(stats.mode & 0o7777);
+    await fh.writeFile(content);
+    await fh.sync();
+    await fh.close();
+    return temp;
+  } catch (err) {
+    await fh.close().catch(() => undefined);
+    await rm(temp, { force: true });
+    throw err;
+  }
+}
+
+async function syncDirectory(dir: string): Promise<void> {
+  const fh = await open(dir, constants.O_RDONLY | constants.O_DIRECTORY);
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+function checkRegular(stats: Stats, refuse: (why: string) => Error): void {
+  if (stats.isSymbolicLink()) throw refuse('it is a symbolic link');
+  if (!stats.isFile()) throw refuse('it is not a regular file');
+  // Renaming over one name of a hard-linked file would silently split it from its other names.
+  if (stats.nlink > 1) throw refuse('it has other hard links');
+}
+
+const queues = new Map<string, Promise<unknown>>();
+
+async function serialized<T>(key: string, fn: () => Promise<T>): Promise<T> {
+  const run = (queues.get(key) ?? Promise.resolve()).then(fn, fn);
+  const settled = run.catch(() => undefined);
+  queues.set(key, settled);
+  try {
+    return await run;
+  } finally {
+    if (queues.get(key) === settled) queues.delete(key);
+  }
+}

@@ -1,0 +1,54 @@
+import { UnprocessableError } from '../../core/errors';
+import type { Dependent, DependentTarget } from '../types';
+import { decodeValue, describeStyle, encodeValue, findKeyLine, isCanonical, joinLine, splitLines, stylesThatFit } from './dotenv';
+import { readNoFollow, resolveEnvFile, rewriteFile } from './files';
+import { envFileSettings, type EnvFileSettings } from './schema';
+
+/**
+ * "Update the staging environment": one KEY=value line of a dotenv file under the worker's env
+ * files root. The line must already exist exactly once; only its value changes, in its own quoting
+ * style, so apply then restore gives back the original bytes. Errors name the file and key only.
+ */
+export function createEnvFileDependent(opts: { root: string }): Dependent<EnvFileSettings> {
+  return {
+    type: 'env-file',
+    settings: envFileSettings,
+    async apply({ settings, target }) {
+      await writeValue(opts.root, settings, target, true);
+    },
+    async verify({ settings, target }) {
+      const { content } = await readNoFollow(await resolveEnvFile(opts.root, settings.file));
+      const line = findKeyLine(splitLines(content), settings.key, settings.file);
+      if (decodeValue(line.raw, line.quote) !== target.value) {
+        throw new Error(`${settings.key} in ${settings.file} does not hold version ${target.version}`);
+      }
+    },
+    async restore({ settings, target }) {
+      await writeValue(opts.root, settings, target, false);
+    },
+  };
+}
+
+async function writeValue(root: string, s: EnvFileSettings, target: DependentTarget, mustBeRestorable: boolean): Promise<void> {
+  await rewriteFile(await resolveEnvFile(root, s.file), (content) => {
+    const lines = splitLines(content);
+    const line = findKeyLine(lines, s.key, s.file);
+    const raw = encodeValue(target.value, line.quote);
+    if (raw === null) {
+      const fits = stylesThatFit(target.value, line.quote);
+      throw new UnprocessableError(
+        `version ${target.version} cannot be written to ${s.key} in ${s.file} as ${describeStyle(line.quote)}` +
+          (fits.length ? `; it would fit a ${fits.join(' or ')} line` : ''),
+      );
+    }
+    if (raw === line.raw) return content;
+    // A value this line could not hold again would make a later restore fail: refuse before changing anything.
+    if (mustBeRestorable && !isCanonical(line)) {
+      throw new UnprocessableError(
+        `${s.key} in ${s.file} holds a value that could not be written back exactly as ${describeStyle(line.quote)}; fix the line's quoting first`,
+      );
+    }
+    lines[line.index] = joinLine(line, raw);
+    return Buffer.concat(lines);
+  });
+}

@@ -1,0 +1,82 @@
+import { UnprocessableError } from '../../core/errors';
+import type { WebhookSettings } from './schema';
+import { SIGNATURE_HEADER, signatureHeader } from './signature';
+
+export type WebhookEventType = 'credential.pending' | 'credential.verify' | 'credential.restored' | 'credential.promoted';
+
+/** What a receiver gets: ids and a version, never a value. It reads the value itself with vault.get. */
+export interface WebhookEvent {
+  id: string;
+  type: WebhookEventType;
+  credentialId: string;
+  credentialName: string;
+  version: number;
+  sentAt: string;
+}
+
+const MAX_ANSWER_BYTES = 64 * 1024;
+
+/**
+ * POSTs one signed event and returns the parsed JSON answer (undefined when there is none).
+ * Redirects are not followed: they would carry the signed event somewhere not configured.
+ * Errors name the receiver's origin and the status, never its body (it could echo anything).
+ */
+export async function postEvent(settings: WebhookSettings, key: string, event: WebhookEvent): Promise<unknown> {
+  const origin = new URL(settings.url).origin;
+  const body = JSON.stringify(event);
+  let res: Response;
+  try {
+    res = await fetch(settings.url, {
+      method: 'POST',
+      body,
+      redirect: 'manual',
+      signal: AbortSignal.timeout(settings.timeoutMs),
+      headers: {
+        'content-type': 'application/json',
+        'user-agent': 'mailgent-webhook/1',
+        'idempotency-key': event.id,
+        [SIGNATURE_HEADER]: signatureHeader(key, body),
+      },
+    });
+  } catch (err) {
+    throw failure(err, `webhook ${origin} did not answer ${event.type}`, settings.timeoutMs);
+  }
+  if (res.status < 200 || res.status > 299) {
+    await res.body?.cancel().catch(() => undefined);
+    const message = `webhook ${origin} answered ${res.status} to ${event.type}${res.status < 400 ? ' (redirects are not followed)' : ''}`;
+    // Timeouts, rate limits and server errors may heal; any other answer means a misconfiguration.
+    const transient = res.status >= 500 || [408, 425, 429].includes(res.status);
+    throw transient ? new Error(message) : new UnprocessableError(message);
+  }
+  let text: string | null;
+  try {
+    text = await readCapped(res, MAX_ANSWER_BYTES);
+  } catch (err) {
+    throw failure(err, `webhook ${origin} did not finish its answer to ${event.type}`, settings.timeoutMs);
+  }
+  if (text === null) throw new Error(`webhook ${origin} answered ${event.type} with more than ${MAX_ANSWER_BYTES} bytes`);
+  try {
+    return text.trim() ? JSON.parse(text) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function failure(err: unknown, what: string, timeoutMs: number): Error {
+  const e = err as { name?: string; cause?: { code?: string; message?: string } };
+  if (e.name === 'TimeoutError') return new Error(`${what} within ${timeoutMs} ms`);
+  // The cause is a network-level reason (ECONNREFUSED, ENOTFOUND, bad port …), never an answer body.
+  return new Error(`${what}: ${e.cause?.code ?? e.cause?.message ?? e.name ?? 'request failed'}`);
+}
+
+/** The answer as text, or null when it is larger than `max` bytes (leaving the loop cancels the stream). */
+async function readCapped(res: Response, max: number): Promise<string | null> {
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  for await (const chunk of res.body ?? []) {
+    size += chunk.length;
+    if (size > max) return null;
+    chunks.push(chunk);
+  }
+  return Buffer.concat(chunks).toString('utf8');
+}

@@ -1,0 +1,57 @@
+import type { Pool } from '../db/pool';
+import { withTransaction } from '../db/pool';
+import { UnprocessableError } from '../core/errors';
+import { appendAudit } from '../vault/audit';
+import type { Mailer } from './mailer';
+import { deliverQueued, queueMail, type DeliveryResult } from './outbox';
+import { findStoredValue } from './secret-scan';
+
+/**
+ * Sends a notice the service composes itself (rotation outcomes, incidents, summaries, reminders)
+ * exactly like an agent's mail.send: checked for stored values, queued with its audit row, then
+ * delivered. The id is derived from what the notice is about, so a retry never sends it twice.
+ */
+export interface Notice {
+  id: string;
+  identityId: string | null;
+  purpose: string;
+  to: string[];
+  subject: string;
+  text: string;
+  actor: string;
+  requestId?: string;
+  credentialId?: string | null;
+  detail?: Record<string, unknown>;
+}
+
+export interface NoticeDeps {
+  pool: Pool;
+  mailer: Mailer;
+  /** Values to keep out of the notice: every value of the identities it is about. */
+  vault: { storedValues(identityId: string): Promise<{ name: string; value: string }[]> };
+}
+
+export async function sendNotice(deps: NoticeDeps, notice: Notice, scanIdentities: string[] = notice.identityId ? [notice.identityId] : []): Promise<DeliveryResult | 'no-recipients'> {
+  const to = [...new Set(notice.to.filter(Boolean))];
+  if (to.length === 0) return 'no-recipients';
+  for (const identityId of new Set(scanIdentities)) {
+    if (findStoredValue({ to, subject: notice.subject, text: notice.text }, await deps.vault.storedValues(identityId))) {
+      throw new UnprocessableError(`the ${notice.purpose} notice would carry a stored secret; it was not sent`);
+    }
+  }
+  await withTransaction(deps.pool, async (tx) => {
+    const queued = await queueMail(tx, { id: notice.id, identityId: notice.identityId, purpose: notice.purpose, to, subject: notice.subject, text: notice.text });
+    if (queued) {
+      await appendAudit(tx, {
+        identityId: notice.identityId,
+        actor: notice.actor,
+        action: 'mail.send',
+        credentialId: notice.credentialId ?? null,
+        outcome: 'ok',
+        requestId: notice.requestId,
+        detail: { messageId: notice.id, purpose: notice.purpose, recipients: to.length, ...notice.detail },
+      });
+    }
+  });
+  return deliverQueued(deps.pool, deps.mailer, notice.id);
+}

@@ -1,0 +1,55 @@
+import { z } from 'zod';
+
+function isPlainHttpUrl(text: string): boolean {
+  try {
+    const url = new URL(text.replaceAll('{id}', 'id'));
+    return (url.protocol === 'http:' || url.protocol === 'https:') && !url.username && !url.password;
+  } catch {
+    return false;
+  }
+}
+
+// Settings are not secret (they are shown with the credential's metadata): no credentials in URLs.
+const httpUrl = z.string().max(2048).refine(isPlainHttpUrl, 'must be an http(s) URL without a user or password in it');
+const headerName = z.string().regex(/^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$/, 'must be an HTTP header name');
+/** Put before the secret in the header, e.g. `Bearer`; empty sends the bare secret (as in `X-Api-Key`). */
+const scheme = z.string().max(32).regex(/^[A-Za-z0-9._~+/-]*$/, 'must be one word, like Bearer or Token, or empty');
+const jsonPath = z.string().max(200).regex(/^[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*$/, 'must be a dotted path like data.secret');
+const credentialName = z
+  .string()
+  .min(1)
+  .max(200)
+  .regex(/^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$/, 'must be a credential name');
+
+/** A provider's REST API for API keys: mint with an admin token, try the key, delete it by id. */
+export const httpSettings = z.strictObject({
+  create: z.strictObject({
+    url: httpUrl,
+    method: z.enum(['POST', 'PUT', 'PATCH']).default('POST'),
+    body: z
+      .record(z.string(), z.unknown())
+      .refine((b) => JSON.stringify(b).length <= 16_384, 'must be at most 16 KiB as JSON')
+      .optional(),
+  }),
+  verify: z.strictObject({
+    url: httpUrl,
+    method: z.enum(['GET', 'HEAD', 'POST']).default('GET'),
+    header: headerName.default('Authorization'),
+    scheme: scheme.default('Bearer'),
+  }),
+  revoke: z.strictObject({
+    url: httpUrl.refine((u) => u.includes('{id}'), 'must contain {id}, where the key id goes'),
+    method: z.enum(['DELETE', 'POST', 'PUT', 'PATCH']).default('DELETE'),
+  }),
+  auth: z.strictObject({
+    credential: credentialName,
+    header: headerName.default('Authorization'),
+    scheme: scheme.default('Bearer'),
+  }),
+  valuePath: jsonPath,
+  idPath: jsonPath,
+  idempotencyHeader: headerName.default('Idempotency-Key'),
+  timeoutMs: z.number().int().min(100).max(120_000).default(10_000),
+});
+
+export type HttpSettings = z.infer<typeof httpSettings>;

@@ -1,0 +1,387 @@
+import { createHmac, randomBytes } from 'node:crypto';
+import { chmodSync, chownSync, linkSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { once } from 'node:events';
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { UnprocessableError } from '../core/errors';
+import { checkDependents, createDependents, type Dependent, type DependentTarget } from '../dependents';
+import { verifyWebhookSignature } from '../dependents/webhook';
+import { findLeaks } from './support/leaks';
+import { startHarness, type Harness } from './support/harness';
+import { WebhookReceiver } from './support/webhook-receiver';
+
+/** Lines with their own endings, as bytes, to compare a file line by line. */
+const linesOf = (buf: Buffer): string[] => buf.toString('latin1').split(/(?<=\n)/);
+const asRoot = process.getuid?.() === 0;
+
+describe('dependents', () => {
+  let h: Harness;
+  let root: string;
+  let outside: string;
+  let registry: Record<string, Dependent<any>>;
+
+  beforeAll(async () => {
+    h = await startHarness();
+    const base = mkdtempSync(path.join(inject('tmpDir'), 'dependents-'));
+    root = path.join(base, 'env');
+    outside = path.join(base, 'outside');
+    mkdirSync(root);
+    mkdirSync(outside);
+    registry = createDependents({ envFilesRoot: root });
+  });
+  afterAll(async () => {
+    expect(await findLeaks(h)).toEqual([]);
+    await h.close();
+  });
+
+  describe('env-file', () => {
+    let n = 0;
+    const noSecrets = { read: async () => Promise.reject(new Error('an env file reads no other credential')) };
+    const ctx = (file: string, key = 'DB_PASSWORD') => ({
+      settings: { file, key },
+      identityId: 'identity-1',
+      credentialId: 'credential-1',
+      credentialName: 'staging-db',
+      secrets: noSecrets,
+    });
+    const target = (version: number, value: string): DependentTarget => ({ version, value: value ? h.secret(value) : value });
+    const dep = () => registry['env-file']!;
+    const apply = (file: string, t: DependentTarget, key?: string) => dep().apply({ ...ctx(file, key), target: t, idempotencyKey: `rot:apply:${t.version}` });
+    const restore = (file: string, t: DependentTarget, key?: string) => dep().restore({ ...ctx(file, key), target: t, idempotencyKey: `rot:restore:${t.version}` });
+    const verify = (file: string, t: DependentTarget, key?: string) => dep().verify({ ...ctx(file, key), target: t });
+    const envFile = (content: string | Buffer, mode = 0o600) => {
+      const name = `app-${++n}.env`;
+      writeFileSync(path.join(root, name), content, { mode });
+      chmodSync(path.join(root, name), mode);
+      return name;
+    };
+    const read = (name: string) => readFileSync(path.join(root, name));
+
+    it('apply changes only the key line, atomically, keeping mode, owner and every other byte', async () => {
+      const original = Buffer.concat([
+        Buffer.from('# staging settings\nexport APP_ENV=staging\r\nDB_HOST = db.internal # primary\n'),
+        Buffer.from('DB_PASSWORD=old-password-1\n\nDB_PASSWORD_OLD=keep\n  # DB_PASSWORD=commented-out\n'),
+        Buffer.from('CERT="-----BEGIN\nDB_PASSWORD=inside-another-value\n-----END"\n'),
+        Buffer.from('CITY=caf\xe9\n', 'latin1'),
+        Buffer.from('LAST=1'),
+      ]);
+      const file = envFile(original, 0o640);
+      if (asRoot) chownSync(path.join(root, file), 4242, 4343);
+      const before = statSync(path.join(root, file));
+      const listing = readdirSync(root).sort();
+
+      await apply(file, target(2, 'new-password-2'));
+
+      const after = read(file);
+      const expected = linesOf(original).map((l) => (l === 'DB_PASSWORD=old-password-1\n' ? 'DB_PASSWORD=new-password-2\n' : l));
+      expect(linesOf(after)).toEqual(expected);
+      expect(after.equals(Buffer.from(expected.join(''), 'latin1'))).toBe(true);
+      const stats = statSync(path.join(root, file));
+      expect(stats.mode & 0o7777).toBe(0o640);
+      if (asRoot) expect([stats.uid, stats.gid]).toEqual([4242, 4343]);
+      expect(stats.ino).not.toBe(before.ino); // replaced by rename, not rewritten in place
+      expect(readdirSync(root).sort()).toEqual(listing); // no temp file left behind
+      await verify(file, target(2, 'new-password-2'));
+    });
+
+    const styles: [string, string, string][] = [
+      ['unquoted', 'A=1\nDB_PASSWORD=orig-value_1\nB=2\n', 'orig-value_1'],
+      ['double-quoted', 'DB_PASSWORD="orig value # not a comment"\n', 'orig value # not a comment'],
+      ['single-quoted with export, spaces and a comment', "export DB_PASSWORD = 'orig $HOME \"x\" #y'  # rotated\n", 'orig $HOME "x" #y'],
+      ['CRLF', 'A=1\r\nDB_PASSWORD="orig-crlf"\r\nB=2\r\n', 'orig-crlf'],
+      ['no trailing newline', 'A=1\nDB_PASSWORD=orig-last', 'orig-last'],
+      ['a BOM on the first line', '\uFEFFDB_PASSWORD=orig-bom\nA=1\n', 'orig-bom'],
+      ['an empty placeholder with a comment', 'DB_PASSWORD= # set by mailgent\n', ''],
+    ];
+    it.each(styles)('apply then restore gives back the same bytes: %s', async (_name, content, previous) => {
+      const file = envFile(content);
+      const original = read(file);
+      const pending = target(8, `Pending-${randomBytes(6).toString('hex')}`);
+
+      await apply(file, pending);
+      const applied = read(file);
+      expect(applied.equals(original)).toBe(false);
+      expect(linesOf(applied).filter((l, i) => l !== linesOf(original)[i])).toHaveLength(1);
+      await verify(file, pending);
+      await apply(file, pending); // idempotent
+      expect(read(file).equals(applied)).toBe(true);
+
+      await restore(file, target(7, previous));
+      expect(read(file).equals(original)).toBe(true);
+      await restore(file, target(7, previous));
+      expect(read(file).equals(original)).toBe(true);
+      await verify(file, target(7, previous));
+    });
+
+    it('writes line breaks into a double-quoted value as \\n, and reads them back', async () => {
+      const file = envFile('DB_PASSWORD="orig"\n');
+      const value = target(3, 'first line\nsecond line');
+      await apply(file, value);
+      expect(read(file).toString()).toBe('DB_PASSWORD="first line\\nsecond line"\n');
+      await verify(file, value);
+      await restore(file, target(2, 'orig'));
+      expect(read(file).toString()).toBe('DB_PASSWORD="orig"\n');
+    });
+
+    it('two keys of one file rotated at the same time both land', async () => {
+      const file = envFile('API_KEY=old-api\nDB_PASSWORD=old-db\n');
+      const api = target(2, 'concurrent-api-value');
+      const db = target(2, 'concurrent-db-value');
+      await Promise.all([apply(file, api, 'API_KEY'), apply(file, db)]);
+      expect(read(file).toString()).toBe(`API_KEY=${api.value}\nDB_PASSWORD=${db.value}\n`);
+    });
+
+    it('verify fails when the file holds another value, without naming either value', async () => {
+      const file = envFile('DB_PASSWORD=orig\n');
+      const pending = target(5, 'verify-pending-value');
+      await apply(file, pending);
+      writeFileSync(path.join(root, file), `DB_PASSWORD=${h.secret('someone-else-wrote-this')}\n`);
+      const err = await verify(file, pending).catch((e: Error) => e);
+      expect(err).toBeInstanceOf(Error);
+      expect((err as Error).message).toBe(`DB_PASSWORD in ${file} does not hold version 5`);
+    });
+
+    it('refuses a value its line cannot hold, naming the styles that would, and changes nothing', async () => {
+      const cases: [string, string, RegExp][] = [
+        ['DB_PASSWORD=orig\n', 'has a space', /as an unquoted value .*; it would fit a single-quoted or double-quoted line$/],
+        ["DB_PASSWORD='orig'\n", "it's quoted", /as a single-quoted value .*; it would fit a double-quoted line$/],
+        ['DB_PASSWORD="orig"\n', 'costs $5', /as a double-quoted value .*; it would fit a single-quoted line$/],
+        ["DB_PASSWORD='orig'\n", 'two\nlines', /as a single-quoted value .*; it would fit a double-quoted line$/],
+        ['DB_PASSWORD="orig"\n', 'back\\slash', /as a double-quoted value \(no ", backslash, \$ or `\)$/],
+      ];
+      for (const [content, value, message] of cases) {
+        const file = envFile(content);
+        const err = (await apply(file, target(4, value)).catch((e: Error) => e)) as Error;
+        expect(err).toBeInstanceOf(UnprocessableError);
+        expect(err.message).toMatch(message);
+        expect(err.message).not.toContain(value);
+        expect(read(file).toString()).toBe(content);
+      }
+    });
+
+    it('refuses to change a line whose current value it could not write back exactly', async () => {
+      for (const content of ['DB_PASSWORD=two words\n', 'DB_PASSWORD="with \\"escaped\\" quotes"\n']) {
+        const file = envFile(content);
+        await expect(apply(file, target(6, 'fits-anywhere'))).rejects.toThrow(/could not be written back exactly .* fix the line's quoting first/);
+        expect(read(file).toString()).toBe(content);
+      }
+    });
+
+    it('a missing, commented-out, duplicated or multi-line key is a misconfiguration', async () => {
+      const pending = target(2, 'misconfigured-pending');
+      const cases: [string, RegExp][] = [
+        ['OTHER=1\n', /^DB_PASSWORD is not set in app-\d+\.env; the dependent is misconfigured/],
+        ['# DB_PASSWORD=x\nDB_PASSWORD_2=y\n', /is not set in/],
+        ['DB_PASSWORD=a\nOTHER=1\nexport DB_PASSWORD=b\n', /^DB_PASSWORD is set 2 times in app-\d+\.env \(lines 1, 3\); it must be set exactly once$/],
+        ['DB_PASSWORD="first\nsecond"\n', /spans several lines or lacks its closing quote/],
+        ['DB_PASSWORD=`cmd`\n', /backtick-quoted/],
+        ['DB_PASSWORD="x" trailing\n', /text after its closing quote/],
+        ['DB_PASSWORD=#x\n', /cannot be read the same way by every dotenv parser/],
+      ];
+      for (const [content, message] of cases) {
+        const file = envFile(content);
+        const err = (await apply(file, pending).catch((e: Error) => e)) as Error;
+        expect(err).toBeInstanceOf(UnprocessableError);
+        expect(err.message).toMatch(message);
+        expect(read(file).toString()).toBe(content);
+      }
+    });
+
+    it('refuses paths outside the root, symbolic links on the way, links and non-files', async () => {
+      const victim = path.join(outside, 'victim.env');
+      writeFileSync(victim, 'DB_PASSWORD=outside\n');
+      const inside = envFile('DB_PASSWORD=inside\n');
+      mkdirSync(path.join(root, 'sub'));
+      writeFileSync(path.join(root, 'sub', 'app.env'), 'DB_PASSWORD=sub\n');
+      symlinkSync(outside, path.join(root, 'to-outside'));
+      symlinkSync(path.join(root, 'sub'), path.join(root, 'to-sub'));
+      symlinkSync(path.join(root, inside), path.join(root, 'link.env'));
+      linkSync(victim, path.join(root, 'hard.env'));
+
+      const refused: [string, RegExp][] = [
+        ['../outside/victim.env', /outside the env files root/],
+        ['sub/../../outside/victim.env', /outside the env files root/],
+        [victim, /must be a path relative to the env files root/],
+        ['to-outside/victim.env', /a symbolic link is on its way/],
+        ['to-sub/app.env', /a symbolic link is on its way/],
+        ['link.env', /it is a symbolic link/],
+        ['hard.env', /it has other hard links/],
+        ['sub', /it is not a regular file/],
+        ['missing.env', /it does not exist/],
+        ['nowhere/app.env', /its directory does not exist/],
+      ];
+      for (const [file, message] of refused) {
+        await expect(apply(file, target(2, 'must-not-land-anywhere'))).rejects.toThrow(message);
+      }
+      expect(readFileSync(victim, 'utf8')).toBe('DB_PASSWORD=outside\n');
+      expect(read(inside).toString()).toBe('DB_PASSWORD=inside\n');
+      // The same file through a plain path inside the root is fine.
+      await apply('sub/app.env', target(2, 'sub-pending-value'));
+    });
+
+    it('checkDependents names the bad field and fills defaults', () => {
+      const check = (type: string, settings: Record<string, unknown>) => () => checkDependents([{ type, settings }], registry);
+      expect(check('env-file', { file: '../x.env', key: 'K' })).toThrow(/dependents\.0\.settings\.file: must not contain '\.\.'/);
+      expect(check('env-file', { file: '/etc/passwd', key: 'K' })).toThrow(/dependents\.0\.settings\.file: must be a path relative/);
+      expect(check('env-file', { file: 'a.env', key: '1BAD' })).toThrow(/dependents\.0\.settings\.key: must be an environment variable name/);
+      expect(check('env-file', { file: 'a.env', key: 'K', mode: 1 })).toThrow(/dependents\.0\.settings/);
+      expect(check('webhook', { url: 'ftp://x', signingKeyCredential: 'k' })).toThrow(/dependents\.0\.settings\.url: must be an http or https URL/);
+      expect(check('webhook', { url: 'https://u:p@x.test/', signingKeyCredential: 'k' })).toThrow(/dependents\.0\.settings\.url: must not carry a user/);
+      expect(check('nope', {})).toThrow(/dependents\.0\.type 'nope' is unknown; known types: env-file, webhook/);
+      const list = [
+        { type: 'env-file', settings: { file: 'a.env', key: 'K' } },
+        { type: 'webhook', settings: { url: 'https://hooks.example.test/x', signingKeyCredential: 'hook-key' } },
+      ];
+      expect(checkDependents(list, registry)[1]!.settings).toEqual({ ...list[1]!.settings, timeoutMs: 10_000 });
+      expect(() => checkDependents([list[0]!, { type: 'webhook', settings: { url: 'https://x.test' } }], registry)).toThrow(
+        /dependents\.1\.settings\.signingKeyCredential/,
+      );
+    });
+  });
+
+  describe('webhook', () => {
+    const keyName = 'webhook-signing-key';
+    let agent: { id: string; token: string };
+    let signingKey: string;
+    let receiver: WebhookReceiver;
+    const credentialId = '5f0c0a52-6d8e-4f0a-9d34-0c6c2b1f7e11';
+
+    const ctx = (settings: Record<string, unknown> = {}, credentialName = 'payments-api') => ({
+      settings: registry.webhook!.settings.parse({ url: receiver.url, signingKeyCredential: keyName, ...settings }),
+      identityId: agent.id,
+      credentialId,
+      credentialName,
+      secrets: { read: async (name: string) => (await h.services.vault.get({ identityId: agent.id, actor: 'test' }, { name })).value },
+    });
+    const pending: DependentTarget = { version: 2, value: '' };
+    const previous: DependentTarget = { version: 1, value: '' };
+    const hook = () => registry.webhook!;
+
+    beforeAll(async () => {
+      agent = await h.createIdentity();
+      signingKey = h.secret(`whsec_${randomBytes(24).toString('hex')}`);
+      const res = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: keyName, kind: 'generic', value: signingKey } });
+      expect(res.status).toBe(201);
+      pending.value = h.secret(`pending-${randomBytes(12).toString('hex')}`);
+      previous.value = h.secret(`previous-${randomBytes(12).toString('hex')}`);
+      receiver = new WebhookReceiver(signingKey);
+      await receiver.start();
+    });
+    afterAll(async () => {
+      await receiver.stop();
+    });
+    const reset = () => {
+      receiver.events.length = 0;
+      receiver.rejected.length = 0;
+      receiver.answerVersion = null;
+      receiver.failWith = null;
+      receiver.delayMs = 0;
+      receiver.signingKey = signingKey;
+    };
+
+    it('sends signed events that carry ids and versions, never a value', async () => {
+      reset();
+      await hook().apply({ ...ctx(), target: pending, idempotencyKey: 'rot-1:apply:0' });
+      await hook().verify({ ...ctx(), target: pending });
+      await hook().restore({ ...ctx(), target: previous, idempotencyKey: 'rot-1:restore:0' });
+      await hook().promoted!({ ...ctx(), target: pending, idempotencyKey: 'rot-1:promoted:0' });
+
+      expect(receiver.rejected).toEqual([]);
+      expect(receiver.events.map((r) => [r.event.type, r.event.version, r.event.id])).toEqual([
+        ['credential.pending', 2, 'rot-1:apply:0'],
+        ['credential.verify', 2, expect.stringMatching(new RegExp(`^verify:${credentialId}:2:[0-9a-f-]{36}$`))],
+        ['credential.restored', 1, 'rot-1:restore:0'],
+        ['credential.promoted', 2, 'rot-1:promoted:0'],
+      ]);
+      for (const { event, raw, headers } of receiver.events) {
+        expect(Object.keys(event).sort()).toEqual(['credentialId', 'credentialName', 'id', 'sentAt', 'type', 'version']);
+        expect(event).toMatchObject({ credentialId, credentialName: 'payments-api' });
+        expect(Math.abs(Date.parse(event.sentAt) - Date.now())).toBeLessThan(60_000);
+        expect(headers['idempotency-key']).toBe(event.id);
+        expect(headers['content-type']).toBe('application/json');
+        expect(verifyWebhookSignature(headers['mailgent-signature'] as string, raw, signingKey)).toBe(true);
+        for (const secret of [pending.value, previous.value, signingKey]) expect(raw).not.toContain(secret);
+      }
+    });
+
+    it('verify requires the receiver to report the pending version', async () => {
+      reset();
+      receiver.answerVersion = 1;
+      await expect(hook().verify({ ...ctx(), target: pending })).rejects.toThrow(/^webhook http:\/\/127\.0\.0\.1:\d+ reports version 1, not 2$/);
+      receiver.answerVersion = null;
+      await hook().verify({ ...ctx(), target: pending });
+    });
+
+    it('a non-2xx answer fails with its status and no body; 5xx may be retried, 4xx is a misconfiguration', async () => {
+      reset();
+      receiver.failWith = 503;
+      const transient = (await hook().apply({ ...ctx(), target: pending, idempotencyKey: 'rot-2:apply:0' }).catch((e: Error) => e)) as Error;
+      expect(transient.message).toMatch(/^webhook http:\/\/127\.0\.0\.1:\d+ answered 503 to credential\.pending$/);
+      expect(transient).not.toBeInstanceOf(UnprocessableError);
+      receiver.failWith = 404;
+      const permanent = (await hook().verify({ ...ctx(), target: pending }).catch((e: Error) => e)) as Error;
+      expect(permanent).toBeInstanceOf(UnprocessableError);
+      expect(permanent.message).toMatch(/answered 404 to credential\.verify$/);
+      expect(transient.message + permanent.message).not.toContain('receiver-side');
+    });
+
+    it('a slow or unreachable receiver fails within the timeout', async () => {
+      reset();
+      receiver.delayMs = 1_000;
+      await expect(hook().apply({ ...ctx({ timeoutMs: 200 }), target: pending, idempotencyKey: 'rot-3:apply:0' })).rejects.toThrow(
+        /did not answer credential\.pending within 200 ms$/,
+      );
+      const closed = createServer().listen(0, '127.0.0.1');
+      await once(closed, 'listening');
+      const port = (closed.address() as AddressInfo).port;
+      await new Promise((resolve) => closed.close(resolve));
+      await expect(hook().apply({ ...ctx({ url: `http://127.0.0.1:${port}/hook` }), target: pending, idempotencyKey: 'rot-3:apply:1' })).rejects.toThrow(
+        `webhook http://127.0.0.1:${port} did not answer credential.pending: ECONNREFUSED`,
+      );
+    });
+
+    it('a receiver with another key rejects the event (401)', async () => {
+      reset();
+      receiver.signingKey = 'a-different-signing-key-entirely';
+      await expect(hook().apply({ ...ctx(), target: pending, idempotencyKey: 'rot-4:apply:0' })).rejects.toThrow(/answered 401/);
+      expect(receiver.rejected).toHaveLength(1);
+      expect(receiver.events).toEqual([]);
+    });
+
+    it('the signing key must exist, be long enough, and not be the rotated credential itself', async () => {
+      reset();
+      await expect(hook().apply({ ...ctx({ signingKeyCredential: 'no-such-key' }), target: pending, idempotencyKey: 'k' })).rejects.toThrow(/not found|no-such-key/i);
+      await expect(hook().apply({ ...ctx({}, keyName), target: pending, idempotencyKey: 'k' })).rejects.toThrow(/is the credential being rotated/);
+      await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'short-key', kind: 'generic', value: h.secret('short-key-1') } });
+      await expect(hook().apply({ ...ctx({ signingKeyCredential: 'short-key' }), target: pending, idempotencyKey: 'k' })).rejects.toThrow(/shorter than 16/);
+      expect(receiver.events).toEqual([]);
+    });
+
+    it('verifyWebhookSignature accepts the scheme and rejects tampered, stale and malformed signatures', () => {
+      const key = 'whsec_unit_test_key_0123456789';
+      const body = JSON.stringify({ id: 'e1', type: 'credential.pending', version: 3 });
+      const t = 1_750_000_000;
+      const at = (seconds: number) => ({ now: new Date(seconds * 1000) });
+      const sig = (k: string, b: string, ts = t) => createHmac('sha256', k).update(`${ts}.${b}`).digest('hex');
+      const header = `t=${t},v1=${sig(key, body)}`;
+
+      expect(verifyWebhookSignature(header, body, key, at(t))).toBe(true);
+      expect(verifyWebhookSignature(header, Buffer.from(body), key, at(t + 299))).toBe(true);
+      expect(verifyWebhookSignature(`t=${t},v1=${'0'.repeat(64)},v1=${sig(key, body)}`, body, key, at(t))).toBe(true);
+
+      expect(verifyWebhookSignature(header, body.replace('3', '4'), key, at(t))).toBe(false);
+      const flipped = header.slice(0, -1) + (header.endsWith('0') ? '1' : '0');
+      expect(verifyWebhookSignature(flipped, body, key, at(t))).toBe(false);
+      expect(verifyWebhookSignature(`t=${t + 1},v1=${sig(key, body)}`, body, key, at(t))).toBe(false);
+      expect(verifyWebhookSignature(header, body, 'another-key-0123456789', at(t))).toBe(false);
+      expect(verifyWebhookSignature(header, body, key, at(t + 301))).toBe(false);
+      expect(verifyWebhookSignature(header, body, key, at(t - 301))).toBe(false);
+      expect(verifyWebhookSignature(header, body, key, { toleranceSeconds: 10, ...at(t + 11) })).toBe(false);
+      for (const bad of [undefined, '', 'garbage', `v1=${sig(key, body)}`, `t=${t}`, `t=abc,v1=${sig(key, body)}`, `t=${t},v1=${sig(key, body).slice(2)}`]) {
+        expect(verifyWebhookSignature(bad, body, key, at(t))).toBe(false);
+      }
+    });
+  });
+});

@@ -1,0 +1,405 @@
+import { randomBytes, randomUUID } from 'node:crypto';
+import pg from 'pg';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { AppError } from '../core/errors';
+import { checkPolicy } from '../providers';
+import { httpApi } from '../providers/http';
+import { resolvePath } from '../providers/http/request';
+import { postgresRole } from '../providers/postgres-role';
+import type { Provider, SecretReader } from '../providers/types';
+import type { Caller } from '../vault/vault';
+import { findLeaks } from './support/leaks';
+import { startHarness, type Harness } from './support/harness';
+import { ProviderServer } from './support/provider-server';
+
+/**
+ * The postgres-role and http providers against real servers: the file's PostgreSQL cluster (roles
+ * are made and dropped here) and a real HTTP key service. Admin credentials live in the real vault.
+ */
+describe('rotation providers', () => {
+  let h: Harness;
+  let agent: { id: string; token: string };
+  let caller: Caller;
+  let secrets: SecretReader;
+
+  const store = async (name: string, value: string, extra: Record<string, unknown> = {}) => {
+    const res = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name, kind: 'password', value: h.secret(value), ...extra } });
+    expect(res.status).toBe(201);
+    return res.body.id as string;
+  };
+  const context = <S>(provider: Provider<S>, settings: unknown, credentialName = 'rotated') => ({
+    settings: provider.settings.parse(settings),
+    kind: 'password' as const,
+    identityId: agent.id,
+    credentialId: randomUUID(),
+    credentialName,
+    secrets,
+  });
+  /** Awaits a rejection and checks that no registered secret is in its message or stack. */
+  const failure = async (promise: Promise<unknown>): Promise<Error> => {
+    const err = await promise.then(
+      () => {
+        throw new Error('expected a failure');
+      },
+      (e: unknown) => e as Error,
+    );
+    for (const s of h.secrets) expect(`${err.message}\n${err.stack}`).not.toContain(s);
+    return err;
+  };
+
+  beforeAll(async () => {
+    h = await startHarness();
+    agent = await h.createIdentity();
+    caller = { identityId: agent.id, actor: 'test' };
+    secrets = { read: async (name) => (await h.services.vault.get(caller, { name })).value };
+  });
+  afterAll(async () => {
+    expect(await findLeaks(h)).toEqual([]);
+    await h.close();
+  });
+
+  describe('postgres-role', () => {
+    const tag = randomBytes(4).toString('hex');
+    const roles: string[] = [];
+    let server: URL;
+
+    const newRole = async (name: string) => {
+      const role = `mg_${name}_${tag}`;
+      const password = h.secret(randomBytes(18).toString('base64url'));
+      await h.sql(`CREATE ROLE ${pg.escapeIdentifier(role)} LOGIN PASSWORD ${pg.escapeLiteral(password)}`);
+      roles.push(role);
+      return { role, password };
+    };
+    const canLogin = async (role: string, password: string): Promise<boolean> => {
+      const url = new URL(h.databaseUrl);
+      url.username = role;
+      url.password = encodeURIComponent(password);
+      const client = new pg.Client({ connectionString: url.href });
+      client.on('error', () => undefined);
+      try {
+        await client.connect();
+        await client.query('SELECT 1');
+        return true;
+      } catch (err) {
+        if ((err as { code?: string }).code === '28P01') return false;
+        throw err;
+      } finally {
+        await client.end().catch(() => undefined);
+      }
+    };
+    const roleUrl = (role: string, password: string) => `postgresql://${role}:${encodeURIComponent(password)}@${server.host}${server.pathname}`;
+    const passwordOf = (url: string) => decodeURIComponent(new URL(url).password);
+
+    beforeAll(async () => {
+      server = new URL(h.databaseUrl);
+      h.secret(h.databaseUrl);
+      h.secret(decodeURIComponent(server.password));
+      await store('pg-admin', h.databaseUrl);
+    });
+    afterAll(async () => {
+      for (const role of roles) await h.sql(`DROP ROLE IF EXISTS ${pg.escapeIdentifier(role)}`);
+    });
+
+    it('single role: create replaces the password at once; after promote and revoke only the new one logs in', async () => {
+      const { role, password: v1 } = await newRole('single');
+      const settings = { adminCredential: 'pg-admin', role };
+      const credentialId = await store('app-db', v1, { rotation: { provider: 'postgres-role', settings, periodDays: 30 } });
+      const ctx = { ...context(postgresRole, settings, 'app-db'), credentialId };
+      const key = `${randomUUID()}:create_pending`;
+      let calls = 0;
+      // What the createPendingVersion activity does: create only when nothing is staged under the key.
+      const createPending = async () => {
+        const staged = await h.services.rotations.findStaged(credentialId, key);
+        if (staged) return staged;
+        calls++;
+        const created = await postgresRole.create({ ...ctx, idempotencyKey: key, current: { version: 1, value: v1, externalId: null } });
+        h.secret(created.value);
+        expect(created.externalId).toBe(role);
+        return h.services.rotations.stagePending(caller, credentialId, key, created);
+      };
+
+      const staged = await createPending();
+      expect(await createPending()).toEqual(staged); // a retry after a crash finds the staged version
+      expect(calls).toBe(1);
+      const pending = await h.services.rotations.read(caller, credentialId, staged.version, 'verify');
+      expect(pending).toEqual({ version: 2, value: expect.stringMatching(/^[A-Za-z0-9]{32}$/), externalId: role });
+      expect(await canLogin(role, pending.value)).toBe(true);
+      expect(await canLogin(role, v1)).toBe(false); // one role, one password: the switch is immediate
+
+      await postgresRole.verify({ ...ctx, secret: pending });
+      await h.services.rotations.promote(caller, credentialId, staged.version);
+      const previous = await h.services.rotations.read(caller, credentialId, 1, 'revoke');
+      await postgresRole.revoke({ ...ctx, secret: previous, idempotencyKey: `${key}:revoke` });
+      expect(await canLogin(role, v1)).toBe(false);
+      expect(await canLogin(role, pending.value)).toBe(true);
+      expect(await h.services.vault.get(caller, { name: 'app-db' })).toMatchObject({ version: 2, label: 'current' });
+
+      const err = await failure(postgresRole.verify({ ...ctx, secret: { version: 1, value: v1 } }));
+      expect(err.message).toBe(`version 1 does not log in as role "${role}": password authentication failed for user "${role}"`);
+    });
+
+    it('single role in url format: the value names the role and the admin URL host and database', async () => {
+      const { role, password } = await newRole('singleurl');
+      const ctx = context(postgresRole, { adminCredential: 'pg-admin', role, format: 'url', passwordLength: 40 });
+      const created = await postgresRole.create({ ...ctx, idempotencyKey: randomUUID(), current: { version: 1, value: roleUrl(role, password) } });
+      h.secret(created.value);
+      const url = new URL(created.value);
+      expect([url.protocol, url.username, url.host, url.pathname]).toEqual(['postgresql:', role, server.host, server.pathname]);
+      expect(passwordOf(created.value)).toMatch(/^[A-Za-z0-9]{40}$/);
+      await postgresRole.verify({ ...ctx, secret: { version: 2, value: created.value } });
+    });
+
+    it('single role: discard (before promotion) puts the current password back; twice is the same', async () => {
+      const { role, password: v1 } = await newRole('discard');
+      const ctx = context(postgresRole, { adminCredential: 'pg-admin', role });
+      const current = { version: 1, value: v1 };
+      const created = await postgresRole.create({ ...ctx, idempotencyKey: 'k-discard', current });
+      const pending = { version: 2, value: h.secret(created.value), externalId: created.externalId };
+      expect(await canLogin(role, v1)).toBe(false);
+
+      await postgresRole.discard!({ ...ctx, pending, current, idempotencyKey: 'k-discard:discard' });
+      await postgresRole.discard!({ ...ctx, pending, current, idempotencyKey: 'k-discard:discard' });
+      expect(await canLogin(role, v1)).toBe(true);
+      expect(await canLogin(role, pending.value)).toBe(false);
+
+      // An unknown current value is refused rather than set as the password.
+      const err = await failure(postgresRole.discard!({ ...ctx, pending, current: { version: 1, value: '' }, idempotencyKey: 'x' }));
+      expect(err).toBeInstanceOf(AppError);
+      expect(err.message).toBe('version 1 has an empty value');
+      expect(await canLogin(role, v1)).toBe(true);
+    });
+
+    it('alternating roles: create sets the idle role, both work until revoke retires the old one; the next rotation flips back', async () => {
+      const blue = await newRole('blue');
+      const green = await newRole('green');
+      const ctx = context(postgresRole, { adminCredential: 'pg-admin', roles: [blue.role, green.role], format: 'url' });
+      const v1 = { version: 1, value: h.secret(roleUrl(blue.role, blue.password)), externalId: null };
+
+      const created = await postgresRole.create({ ...ctx, idempotencyKey: 'k-alt-1', current: v1 });
+      const v2 = { version: 2, value: h.secret(created.value), externalId: created.externalId };
+      expect(created.externalId).toBe(green.role);
+      expect(new URL(created.value).username).toBe(green.role);
+      expect(await canLogin(green.role, passwordOf(v2.value))).toBe(true);
+      expect(await canLogin(blue.role, blue.password)).toBe(true); // the live role is untouched: no downtime
+      await postgresRole.verify({ ...ctx, secret: v2 });
+
+      // promoted; after the grace period the previous version is revoked
+      await postgresRole.revoke({ ...ctx, secret: v1, idempotencyKey: 'k-alt-1:revoke' });
+      await postgresRole.revoke({ ...ctx, secret: v1, idempotencyKey: 'k-alt-1:revoke' });
+      expect(await canLogin(blue.role, blue.password)).toBe(false);
+      expect(await canLogin(green.role, passwordOf(v2.value))).toBe(true);
+      expect((await failure(postgresRole.verify({ ...ctx, secret: v1 }))).message).toMatch(/^version 1 does not log in as role "mg_blue_\w+": password authentication failed/);
+
+      // The next rotation goes back to blue (the live role is read from the URL).
+      const next = await postgresRole.create({ ...ctx, idempotencyKey: 'k-alt-2', current: { ...v2, externalId: null } });
+      const v3 = { version: 3, value: h.secret(next.value), externalId: next.externalId };
+      expect(next.externalId).toBe(blue.role);
+      expect(await canLogin(blue.role, passwordOf(v3.value))).toBe(true);
+
+      // A stale revoke of v1 (blue's old password) must not retire blue's new password.
+      await postgresRole.revoke({ ...ctx, secret: v1, idempotencyKey: 'k-alt-1:revoke' });
+      expect(await canLogin(blue.role, passwordOf(v3.value))).toBe(true);
+
+      // Compensation before promotion: the pending role is retired, the live one keeps working.
+      await postgresRole.discard!({ ...ctx, pending: v3, current: v2, idempotencyKey: 'k-alt-2:discard' });
+      expect(await canLogin(blue.role, passwordOf(v3.value))).toBe(false);
+      expect(await canLogin(green.role, passwordOf(v2.value))).toBe(true);
+    });
+
+    it('refuses what it cannot do safely, with messages that carry no secret', async () => {
+      const { role, password } = await newRole('errors');
+      const current = { version: 1, value: password };
+      const create = (settings: Record<string, unknown>, value = current, credentialName = 'rotated') =>
+        failure(postgresRole.create({ ...context(postgresRole, settings, credentialName), idempotencyKey: randomUUID(), current: value }));
+
+      const wrongAdmin = new URL(h.databaseUrl);
+      wrongAdmin.password = h.secret(`wrong-${randomBytes(12).toString('hex')}`);
+      await store('pg-admin-wrong', wrongAdmin.href);
+      expect((await create({ adminCredential: 'pg-admin-wrong', role })).message).toBe(
+        `setting the password of role "${role}" failed: password authentication failed for user "postgres"`,
+      );
+      await store('pg-admin-not-url', 'just-a-password-value');
+      expect((await create({ adminCredential: 'pg-admin-not-url', role })).message).toBe("the admin credential 'pg-admin-not-url' is not a postgres:// URL");
+      expect((await create({ adminCredential: 'pg-admin', role }, current, 'pg-admin')).message).toBe(
+        "settings.adminCredential must name a credential other than 'pg-admin' itself",
+      );
+      expect((await create({ adminCredential: 'pg-admin', role: 'postgres' })).message).toBe("the admin credential 'pg-admin' logs in as a role this rotation changes");
+      expect((await create({ adminCredential: 'no-such-credential', role })).message).toBe("no credential with name 'no-such-credential'");
+      expect((await create({ adminCredential: 'pg-admin', role: `mg_missing_${tag}` })).message).toBe(
+        `setting the password of role "mg_missing_${tag}" failed: role "mg_missing_${tag}" does not exist`,
+      );
+      const alternating = { adminCredential: 'pg-admin', roles: [role, `mg_other_${tag}`], format: 'url' };
+      const notLive = await create(alternating, { version: 4, value: roleUrl(`mg_stranger_${tag}`, password) });
+      expect(notLive).toBeInstanceOf(AppError);
+      expect(notLive.message).toBe(`the current version (4) must be a postgresql://<role>:<password>@host/db URL with role ${role} or mg_other_${tag}`);
+      expect(await canLogin(role, password)).toBe(true); // nothing was changed by any of these
+    });
+
+    it('validates its settings', () => {
+      const issues = (settings: unknown) => {
+        const parsed = postgresRole.settings.safeParse(settings);
+        return parsed.success ? [] : parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`);
+      };
+      expect(postgresRole.settings.parse({ adminCredential: 'pg-admin', role: 'app' })).toEqual({
+        adminCredential: 'pg-admin',
+        role: 'app',
+        format: 'password',
+        passwordLength: 32,
+      });
+      expect(issues({ adminCredential: 'pg-admin' })).toEqual(['role: give exactly one of role (one role) or roles (two roles that alternate)']);
+      expect(issues({ adminCredential: 'pg-admin', role: 'a', roles: ['b', 'c'], format: 'url' })).toEqual([
+        'role: give exactly one of role (one role) or roles (two roles that alternate)',
+      ]);
+      expect(issues({ adminCredential: 'pg-admin', roles: ['a', 'b'] })).toEqual([
+        "format: must be 'url' with alternating roles: consumers learn the live role from the value",
+      ]);
+      expect(issues({ adminCredential: 'pg-admin', roles: ['a', 'a'], format: 'url' })).toEqual(['roles: the two roles must differ']);
+      expect(issues({ adminCredential: 'pg-admin', role: 'app"; DROP ROLE x; --' })[0]).toMatch(/^role: must be a role name/);
+      expect(issues({ adminCredential: 'pg-admin', role: 'app', passwordLength: 8 })[0]).toMatch(/^passwordLength: Too small/);
+      expect(issues({ adminCredential: 'pg-admin', role: 'app', host: 'x' })).toEqual([': Unrecognized key: "host"']);
+      expect(() => checkPolicy({ provider: 'postgres-role', settings: { adminCredential: 'pg-admin', roles: ['a', 'b'] }, periodDays: 30 })).toThrow(
+        "rotation settings are not valid for provider 'postgres-role': rotation.settings.format: must be 'url' with alternating roles",
+      );
+    });
+  });
+
+  describe('http', () => {
+    let server: ProviderServer;
+    const settingsFor = (overrides: Record<string, unknown> = {}) => ({
+      create: { url: `${server.url}/keys`, body: { scopes: ['read'], note: 'made by mailgent' } },
+      verify: { url: `${server.url}/whoami` },
+      revoke: { url: `${server.url}/keys/{id}` },
+      auth: { credential: 'api-admin' },
+      valuePath: 'secret',
+      idPath: 'id',
+      ...overrides,
+    });
+    const create = async (idempotencyKey: string, settings = settingsFor()) => {
+      const created = await httpApi.create({ ...context(httpApi, settings), idempotencyKey, current: { version: 1, value: '' } });
+      h.secret(created.value);
+      return created;
+    };
+
+    beforeAll(async () => {
+      server = await new ProviderServer().start();
+      await store('api-admin', server.adminToken);
+    });
+    afterAll(async () => {
+      await server.stop();
+    });
+
+    it('creates a key with the admin token, verifies it with the key itself, revokes it by id (twice is fine)', async () => {
+      const ctx = context(httpApi, settingsFor());
+      const created = await create('k-http-1');
+      expect(created.externalId).toMatch(/^key_/);
+      expect(server.requests.at(-1)).toEqual({ route: 'create', method: 'POST', path: '/keys', status: 201, idempotencyKey: 'k-http-1', body: { scopes: ['read'], note: 'made by mailgent' } });
+      const secret = { version: 2, value: created.value, externalId: created.externalId };
+      await httpApi.verify({ ...ctx, secret });
+
+      const revokesBefore = server.revokes;
+      await httpApi.revoke({ ...ctx, secret, idempotencyKey: 'k-http-1:revoke' });
+      await httpApi.revoke({ ...ctx, secret, idempotencyKey: 'k-http-1:revoke' });
+      expect(server.revokes - revokesBefore).toBe(1);
+      expect(server.requests.slice(-2).map((r) => [r.route, r.status, r.idempotencyKey])).toEqual([
+        ['revoke', 200, 'k-http-1:revoke'],
+        ['revoke', 404, 'k-http-1:revoke'],
+      ]);
+      expect(server.isActive(created.value)).toBe(false);
+      const err = await failure(httpApi.verify({ ...ctx, secret }));
+      expect(err.message).toBe(`version 2 does not work: GET ${server.url}/whoami answered 401 Unauthorized`);
+    });
+
+    it('the same idempotency key mints one key, also when the first answer was lost', async () => {
+      const before = server.creates;
+      const first = await create('k-idem');
+      const again = await create('k-idem');
+      expect(again).toEqual(first);
+      expect(server.creates - before).toBe(1);
+
+      server.failNext('create', 1, 502, { afterEffect: true }); // the key is made, the answer is lost
+      const lost = await failure(create('k-idem-lost'));
+      expect(lost.message).toBe(`POST ${server.url}/keys answered 502 Bad Gateway`);
+      const retried = await create('k-idem-lost');
+      expect(server.creates - before).toBe(2);
+      expect(server.listKeys().filter((k) => k.idempotencyKey === 'k-idem-lost')).toEqual([{ id: retried.externalId, active: true, idempotencyKey: 'k-idem-lost' }]);
+
+      await create('k-idem-other');
+      expect(server.creates - before).toBe(3);
+    });
+
+    it('failures surface as errors with method, URL and status only; 4xx are permanent, 5xx and timeouts are not', async () => {
+      const ctx = context(httpApi, settingsFor());
+
+      server.failNext('create', 1, 500); // its body echoes the Authorization header
+      const serverError = await failure(create(randomUUID()));
+      expect(serverError.message).toBe(`POST ${server.url}/keys answered 500 Internal Server Error`);
+      expect(serverError).not.toBeInstanceOf(AppError);
+
+      server.failNext('create', 1, 403);
+      const forbidden = await failure(create(randomUUID()));
+      expect(forbidden.message).toBe(`POST ${server.url}/keys answered 403 Forbidden`);
+      expect(forbidden).toBeInstanceOf(AppError);
+
+      await store('api-admin-wrong', `adm_wrong_${randomBytes(16).toString('hex')}`);
+      const wrongToken = await failure(create(randomUUID(), settingsFor({ auth: { credential: 'api-admin-wrong' } })));
+      expect(wrongToken.message).toBe(`POST ${server.url}/keys answered 401 Unauthorized`);
+
+      server.delayNext('create', 1, 1_000);
+      const slow = await failure(create(randomUUID(), settingsFor({ timeoutMs: 100 })));
+      expect(slow.message).toBe(`POST ${server.url}/keys timed out after 100 ms`);
+
+      const closed = await new ProviderServer().start();
+      await closed.stop();
+      const refused = await failure(create(randomUUID(), settingsFor({ create: { url: `${closed.url}/keys` } })));
+      expect(refused.message).toBe(`POST ${closed.url}/keys failed: ECONNREFUSED`);
+
+      const noValue = await failure(create(randomUUID(), settingsFor({ valuePath: 'data.secret' })));
+      expect(noValue.message).toBe(`POST ${server.url}/keys answered without a string at data.secret`);
+
+      const created = await create(randomUUID());
+      const secret = { version: 2, value: created.value, externalId: created.externalId };
+      server.failNext('revoke', 1, 503);
+      expect((await failure(httpApi.revoke({ ...ctx, secret, idempotencyKey: 'r' }))).message).toBe(
+        `DELETE ${server.url}/keys/${created.externalId} answered 503 Service Unavailable`,
+      );
+      await httpApi.revoke({ ...ctx, secret, idempotencyKey: 'r' });
+      expect(server.isActive(created.value)).toBe(false);
+
+      const noId = await failure(httpApi.revoke({ ...ctx, secret: { version: 1, value: created.value, externalId: null }, idempotencyKey: 'r' }));
+      expect(noId.message).toBe('version 1 has no provider id, so it cannot be revoked through the API; revoke it at the provider by hand');
+    });
+
+    it('validates its settings', () => {
+      const issues = (settings: unknown) => {
+        const parsed = httpApi.settings.safeParse(settings);
+        return parsed.success ? [] : parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`);
+      };
+      expect(httpApi.settings.parse(settingsFor())).toMatchObject({
+        create: { method: 'POST' },
+        verify: { method: 'GET', header: 'Authorization', scheme: 'Bearer' },
+        revoke: { method: 'DELETE' },
+        auth: { header: 'Authorization', scheme: 'Bearer' },
+        idempotencyHeader: 'Idempotency-Key',
+        timeoutMs: 10_000,
+      });
+      const urlRule = 'must be an http(s) URL without a user or password in it';
+      expect(issues(settingsFor({ create: { url: 'ftp://example.com/keys' } }))).toEqual([`create.url: ${urlRule}`]);
+      expect(issues(settingsFor({ verify: { url: 'https://user:pw@example.com/whoami' } }))).toEqual([`verify.url: ${urlRule}`]);
+      expect(issues(settingsFor({ verify: { url: 'javascript:alert(1)' } }))).toEqual([`verify.url: ${urlRule}`]);
+      expect(issues(settingsFor({ revoke: { url: 'https://example.com/keys' } }))).toEqual(['revoke.url: must contain {id}, where the key id goes']);
+      expect(issues(settingsFor({ valuePath: 'data..secret' }))).toEqual(['valuePath: must be a dotted path like data.secret']);
+      expect(issues(settingsFor({ auth: { credential: 'api-admin', header: 'Bad Header:' } }))).toEqual(['auth.header: must be an HTTP header name']);
+      expect(issues(settingsFor({ extra: true }))).toEqual([': Unrecognized key: "extra"']);
+      expect(issues({ ...settingsFor(), idPath: undefined })).toEqual(['idPath: Invalid input: expected string, received undefined']);
+    });
+
+    it('resolves dotted paths over own properties only', () => {
+      const doc = JSON.parse('{"data":{"items":[{"secret":"s1"}],"n":0},"__proto__":{"x":1}}');
+      expect(resolvePath(doc, 'data.items.0.secret')).toBe('s1');
+      expect(resolvePath(doc, 'data.n')).toBe(0);
+      expect(resolvePath(doc, 'data.items.1.secret')).toBeUndefined();
+      expect(resolvePath(doc, 'data.constructor')).toBeUndefined();
+      expect(resolvePath('text', 'length')).toBeUndefined();
+    });
+  });
+});

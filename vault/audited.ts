@@ -1,0 +1,42 @@
+import type { Db, Pool } from '../db/pool';
+import { withTransaction } from '../db/pool';
+import { appendAudit, errorDetail, markAudited, outcomeOf } from './audit';
+import type { Caller } from './types';
+
+/** What the action learns while it runs and wants in its audit row. */
+export interface AuditNote {
+  credentialId: string | null;
+  detail: Record<string, unknown>;
+}
+
+/**
+ * Runs `fn` in one transaction whose last statement is its audit row. If anything fails the
+ * transaction is rolled back and the failure is audited on its own, with its outcome.
+ */
+export async function audited<T>(
+  pool: Pool,
+  caller: Caller,
+  action: string,
+  detail: Record<string, unknown>,
+  fn: (tx: Db, note: AuditNote) => Promise<T>,
+): Promise<T> {
+  const note: AuditNote = { credentialId: null, detail: { ...detail } };
+  const base = () => ({
+    identityId: caller.identityId,
+    actor: caller.actor,
+    action,
+    credentialId: note.credentialId,
+    requestId: caller.requestId,
+    detail: note.detail,
+  });
+  try {
+    return await withTransaction(pool, async (tx) => {
+      const result = await fn(tx, note);
+      await appendAudit(tx, { ...base(), outcome: 'ok' });
+      return result;
+    });
+  } catch (err) {
+    await appendAudit(pool, { ...base(), outcome: outcomeOf(err), detail: { ...note.detail, ...errorDetail(err) } });
+    throw markAudited(err);
+  }
+}

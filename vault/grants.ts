@@ -1,0 +1,96 @@
+import { randomUUID } from 'node:crypto';
+import type { Pool } from '../db/pool';
+import { ConflictError, NotFoundError, UnprocessableError } from '../core/errors';
+import { audited } from './audited';
+import type { Caller, CredentialRef } from './types';
+
+/**
+ * Read access to one credential, given by its owner to another identity (a webhook dependent
+ * fetches the new value with its own token). The grantee reads it by id through vault.get and
+ * vault.totp; revoking takes effect on the next read. Both are audited.
+ */
+export interface Grant {
+  id: string;
+  credentialId: string;
+  credentialName: string;
+  ownerId: string;
+  granteeId: string;
+  granteeName: string;
+  createdAt: string;
+}
+
+export class Grants {
+  constructor(private readonly pool: Pool) {}
+
+  create(caller: Caller, credential: CredentialRef, grantee: string): Promise<Grant> {
+    return audited(this.pool, caller, 'grant.create', { grantee }, async (tx, note) => {
+      const byId = 'id' in credential;
+      const cred = (
+        await tx.query(
+          `SELECT id, name FROM credentials WHERE identity_id = $1 AND deleted_at IS NULL AND ${byId ? 'id = $2::uuid' : 'name = $2'}`,
+          [caller.identityId, byId ? credential.id : credential.name],
+        )
+      ).rows[0];
+      if (!cred) throw new NotFoundError(`no credential with ${byId ? `id ${credential.id}` : `name '${credential.name}'`}`);
+      note.credentialId = cred.id;
+      const who = (await tx.query('SELECT id, name FROM identities WHERE id::text = $1 OR name = $1', [grantee])).rows[0];
+      if (!who) throw new NotFoundError(`no identity '${grantee}'`);
+      if (who.id === caller.identityId) throw new UnprocessableError('an identity already reads its own credentials');
+      const id = randomUUID();
+      const inserted = await tx.query(
+        `INSERT INTO grants (id, credential_id, grantee_id) VALUES ($1, $2, $3)
+         ON CONFLICT (credential_id, grantee_id) WHERE revoked_at IS NULL DO NOTHING RETURNING created_at`,
+        [id, cred.id, who.id],
+      );
+      if (!inserted.rows[0]) throw new ConflictError(`identity '${who.name}' can already read '${cred.name}'`);
+      note.detail.grantId = id;
+      note.detail.granteeId = who.id;
+      return {
+        id,
+        credentialId: cred.id,
+        credentialName: cred.name,
+        ownerId: caller.identityId,
+        granteeId: who.id,
+        granteeName: who.name,
+        createdAt: inserted.rows[0].created_at.toISOString(),
+      };
+    });
+  }
+
+  /** Only the owner revokes; the grantee loses access at once. */
+  revoke(caller: Caller, grantId: string): Promise<{ id: string; revokedAt: string }> {
+    return audited(this.pool, caller, 'grant.revoke', { grantId }, async (tx, note) => {
+      const { rows } = await tx.query(
+        `UPDATE grants g SET revoked_at = now()
+           FROM credentials c
+          WHERE g.id = $1 AND c.id = g.credential_id AND c.identity_id = $2 AND g.revoked_at IS NULL
+          RETURNING g.credential_id, g.revoked_at`,
+        [grantId, caller.identityId],
+      );
+      if (!rows[0]) throw new NotFoundError(`no active grant with id ${grantId}`);
+      note.credentialId = rows[0].credential_id;
+      return { id: grantId, revokedAt: rows[0].revoked_at.toISOString() };
+    });
+  }
+
+  /** Grants the identity gave and grants it holds. */
+  async list(identityId: string): Promise<{ given: Grant[]; received: Grant[] }> {
+    const { rows } = await this.pool.query(
+      `SELECT g.id, g.credential_id, c.name AS credential_name, c.identity_id AS owner_id, g.grantee_id, i.name AS grantee_name, g.created_at
+         FROM grants g JOIN credentials c ON c.id = g.credential_id JOIN identities i ON i.id = g.grantee_id
+        WHERE g.revoked_at IS NULL AND c.deleted_at IS NULL AND (c.identity_id = $1 OR g.grantee_id = $1)
+        ORDER BY g.created_at`,
+      [identityId],
+    );
+    const all: Grant[] = rows.map((r) => ({
+      id: r.id,
+      credentialId: r.credential_id,
+      credentialName: r.credential_name,
+      ownerId: r.owner_id,
+      granteeId: r.grantee_id,
+      granteeName: r.grantee_name,
+      createdAt: r.created_at.toISOString(),
+    }));
+    return { given: all.filter((g) => g.ownerId === identityId), received: all.filter((g) => g.granteeId === identityId) };
+  }
+}

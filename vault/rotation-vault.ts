@@ -1,0 +1,161 @@
+import type { Pool } from '../db/pool';
+import { NotFoundError, UnprocessableError, VersionConflictError } from '../core/errors';
+import { audited } from './audited';
+import type { SecretStore } from './secret-store';
+import type { Caller } from './types';
+
+/**
+ * The vault as a rotation sees it: versions move between the pending, current and previous
+ * labels, and values are read only by the activity that hands them to a provider or dependent.
+ * Every step is idempotent, so a retried or replayed activity changes nothing twice.
+ */
+export interface RotationSecret {
+  version: number;
+  value: string;
+  externalId: string | null;
+}
+
+export class RotationVault {
+  constructor(
+    private readonly pool: Pool,
+    private readonly secrets: SecretStore,
+    private readonly clock: () => Date = () => new Date(),
+  ) {}
+
+  /** The version a rotation created under `rotationKey`, if that step already ran. */
+  async findStaged(credentialId: string, rotationKey: string): Promise<{ version: number; basedOn: number } | undefined> {
+    const { rows } = await this.pool.query('SELECT version, based_on FROM secret_versions WHERE credential_id = $1 AND rotation_key = $2', [
+      credentialId,
+      rotationKey,
+    ]);
+    return rows[0] ? { version: rows[0].version, basedOn: rows[0].based_on } : undefined;
+  }
+
+  /**
+   * Stores a provider's new secret as the pending version. Idempotent under `rotationKey`. A pending
+   * version left by an earlier, abandoned rotation is replaced rather than blocking this one.
+   */
+  stagePending(caller: Caller, credentialId: string, rotationKey: string, created: { value: string; externalId?: string | null }) {
+    return audited(this.pool, caller, 'rotation.create_pending', { rotationKey }, async (tx, note) => {
+      note.credentialId = credentialId;
+      const cred = await lock(tx, caller.identityId, credentialId);
+      const done = await tx.query('SELECT version, based_on FROM secret_versions WHERE credential_id = $1 AND rotation_key = $2', [credentialId, rotationKey]);
+      if (done.rows[0]) {
+        note.detail.version = done.rows[0].version;
+        note.detail.replayed = true;
+        return { version: done.rows[0].version as number, basedOn: done.rows[0].based_on as number };
+      }
+      const max = await tx.query('SELECT coalesce(max(version), 0) AS v FROM secret_versions WHERE credential_id = $1', [credentialId]);
+      const version = Number(max.rows[0].v) + 1;
+      await this.secrets.insert(tx, caller.identityId, credentialId, version, created.value, {
+        rotationKey,
+        basedOn: cred.current_version,
+        providerRef: created.externalId ?? null,
+      });
+      await tx.query(`UPDATE credentials SET pending_version = $2, status = 'rotating', updated_at = $3 WHERE id = $1`, [credentialId, version, this.clock()]);
+      note.detail.version = version;
+      if (cred.pending_version) note.detail.replacedPending = cred.pending_version;
+      return { version, basedOn: cred.current_version as number };
+    });
+  }
+
+  /** Reads a version for a provider or dependent (audited: the value leaves the vault for them). */
+  read(caller: Caller, credentialId: string, version: number, purpose: string): Promise<RotationSecret> {
+    return audited(this.pool, caller, 'rotation.read', { version, purpose }, async (tx, note) => {
+      note.credentialId = credentialId;
+      const { rows } = await tx.query(
+        `SELECT c.name, v.version, v.data_key_id, v.sealed, v.provider_ref
+           FROM credentials c JOIN secret_versions v ON v.credential_id = c.id AND v.version = $3
+          WHERE c.id = $1 AND c.identity_id = $2`,
+        [credentialId, caller.identityId, version],
+      );
+      if (!rows[0]) throw new NotFoundError(`version ${version} of credential ${credentialId} does not exist`);
+      const value = await this.secrets.open(tx, caller.identityId, credentialId, rows[0].name, rows[0]);
+      return { version, value, externalId: rows[0].provider_ref };
+    });
+  }
+
+  /** pending → current, current → previous. Idempotent; refuses if a newer value was stored meanwhile. */
+  promote(caller: Caller, credentialId: string, version: number) {
+    return audited(this.pool, caller, 'rotation.promote', { version }, async (tx, note) => {
+      note.credentialId = credentialId;
+      const cred = await lock(tx, caller.identityId, credentialId);
+      if (cred.current_version === version) {
+        note.detail.replayed = true;
+        return { current: version, previous: cred.previous_version as number | null };
+      }
+      if (cred.pending_version !== version) throw new UnprocessableError(`version ${version} of credential ${credentialId} is not pending`);
+      const based = await tx.query('SELECT based_on FROM secret_versions WHERE credential_id = $1 AND version = $2', [credentialId, version]);
+      if (based.rows[0]?.based_on !== cred.current_version) {
+        throw new VersionConflictError(
+          `credential ${credentialId} moved to version ${cred.current_version} while version ${version} was pending`,
+          cred.current_version,
+        );
+      }
+      await tx.query(
+        `UPDATE credentials SET previous_version = current_version, current_version = $2, pending_version = NULL,
+                status = 'active', updated_at = $3 WHERE id = $1`,
+        [credentialId, version, this.clock()],
+      );
+      return { current: version, previous: cred.current_version as number };
+    });
+  }
+
+  /** Rollback during the grace period: the previous version is current again, the rotated one becomes previous. */
+  rollback(caller: Caller, credentialId: string, rotatedVersion: number) {
+    return audited(this.pool, caller, 'rotation.rollback', { version: rotatedVersion }, async (tx, note) => {
+      note.credentialId = credentialId;
+      const cred = await lock(tx, caller.identityId, credentialId);
+      if (cred.current_version !== rotatedVersion) {
+        if (cred.previous_version === rotatedVersion) {
+          note.detail.replayed = true;
+          return { current: cred.current_version as number, abandoned: rotatedVersion };
+        }
+        throw new VersionConflictError(`credential ${credentialId} is at version ${cred.current_version}, not the rotated ${rotatedVersion}`, cred.current_version);
+      }
+      if (!cred.previous_version) throw new UnprocessableError(`credential ${credentialId} has no previous version to roll back to`);
+      const revoked = await tx.query('SELECT revoked_at FROM secret_versions WHERE credential_id = $1 AND version = $2', [credentialId, cred.previous_version]);
+      if (revoked.rows[0]?.revoked_at) throw new UnprocessableError(`version ${cred.previous_version} was already revoked; rollback is no longer possible`);
+      await tx.query(
+        `UPDATE credentials SET current_version = previous_version, previous_version = current_version, status = 'active', updated_at = $2 WHERE id = $1`,
+        [credentialId, this.clock()],
+      );
+      return { current: cred.previous_version as number, abandoned: rotatedVersion };
+    });
+  }
+
+  /** Compensation: drops the pending label (the row stays for the audit trail) and records the outcome. */
+  discardPending(caller: Caller, credentialId: string, version: number | null, status: 'active' | 'rotation_failed') {
+    return audited(this.pool, caller, 'rotation.discard_pending', { version, status }, async (tx, note) => {
+      note.credentialId = credentialId;
+      await lock(tx, caller.identityId, credentialId);
+      await tx.query(
+        `UPDATE credentials SET pending_version = CASE WHEN pending_version = $2 THEN NULL ELSE pending_version END,
+                status = $3, updated_at = $4 WHERE id = $1`,
+        [credentialId, version, status, this.clock()],
+      );
+    });
+  }
+
+  /** Records that a version was revoked at the provider. Idempotent. */
+  markRevoked(caller: Caller, credentialId: string, version: number) {
+    return audited(this.pool, caller, 'rotation.revoke', { version }, async (tx, note) => {
+      note.credentialId = credentialId;
+      await lock(tx, caller.identityId, credentialId);
+      await tx.query('UPDATE secret_versions SET revoked_at = coalesce(revoked_at, $3) WHERE credential_id = $1 AND version = $2', [
+        credentialId,
+        version,
+        this.clock(),
+      ]);
+    });
+  }
+}
+
+async function lock(tx: { query: Pool['query'] }, identityId: string, credentialId: string) {
+  const { rows } = await tx.query('SELECT * FROM credentials WHERE id = $1 AND identity_id = $2 AND destroyed_at IS NULL FOR NO KEY UPDATE', [
+    credentialId,
+    identityId,
+  ]);
+  if (!rows[0]) throw new NotFoundError(`no credential with id ${credentialId}`);
+  return rows[0];
+}

@@ -1,0 +1,93 @@
+/** The vault's vocabulary, shared by the API, the activities and the workflows' activity results. */
+
+export const KINDS = ['api_key', 'password', 'token', 'totp_seed', 'service_account', 'generic'] as const;
+export type Kind = (typeof KINDS)[number];
+export type VersionLabel = 'current' | 'previous' | 'pending' | null;
+
+/** Who is acting, for scoping and for the audit row. */
+export interface Caller {
+  identityId: string;
+  actor: string;
+  requestId?: string;
+}
+
+export type CredentialRef = { id: string } | { name: string };
+
+/** Days of the week (0 = Sunday) and an hour range in a time zone when automatic rotation may run. */
+export interface RotationWindow {
+  days: number[];
+  startHour: number;
+  endHour: number;
+  timezone: string;
+}
+
+export interface RotationPolicy {
+  provider: string;
+  settings: Record<string, unknown>;
+  periodDays: number;
+  /** How long the previous version keeps working after promotion, then it is revoked. */
+  graceHours?: number;
+  /** Attempts of create → apply → verify before the rotation is marked failed. */
+  maxAttempts?: number;
+  window?: RotationWindow;
+}
+
+export interface DependentSpec {
+  type: string;
+  settings: Record<string, unknown>;
+}
+
+/** Everything about a credential that is not its value. */
+export interface CredentialPolicy {
+  metadata?: Record<string, unknown>;
+  owners?: string[];
+  service?: string | null;
+  tags?: string[];
+  rotation?: RotationPolicy | null;
+  dependents?: DependentSpec[];
+  notify?: string[];
+  expiresAt?: string | null;
+}
+
+export interface StoredVersion {
+  id: string;
+  name: string;
+  version: number;
+  createdAt: string;
+}
+
+export interface SecretRead {
+  id: string;
+  name: string;
+  kind: Kind;
+  version: number;
+  label: VersionLabel;
+  value: string;
+  createdAt: string;
+  ageDays: number;
+}
+
+export interface CredentialMeta {
+  id: string;
+  identityId: string;
+  name: string;
+  kind: Kind;
+  version: number;
+  previousVersion: number | null;
+  pendingVersion: number | null;
+  ageDays: number;
+  createdAt: string;
+  versionCreatedAt: string;
+  metadata: Record<string, unknown>;
+  owners: string[];
+  service: string | null;
+  tags: string[];
+  policy: RotationPolicy | null;
+  dependents: DependentSpec[];
+  notify: string[];
+  nextRotationAt: string | null;
+  expiresAt: string | null;
+  lastAccessedAt: string | null;
+  deletedAt: string | null;
+  status: string;
+}

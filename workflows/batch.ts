@@ -1,0 +1,60 @@
+import { continueAsNew, proxyActivities, workflowInfo } from '@temporalio/workflow';
+import type { createActivities } from '../activities';
+import { batchStep, databaseStep, emailDelivery } from './options';
+
+type Activities = ReturnType<typeof createActivities>;
+const batch = proxyActivities<Activities>(batchStep);
+const db = proxyActivities<Activities>(databaseStep);
+const mail = proxyActivities<Activities>(emailDelivery);
+
+/** An agent's batch (POST /v1/rotations): start every rotation, wait for the outcomes, send the summary. */
+export async function rotateBatch(input: { rotationId: string }): Promise<{ total: number; rotated: number; failed: number }> {
+  await batch.startRotations(input);
+  const outcome = await batch.awaitOutcomes(input);
+  await mail.sendBatchSummaries(input);
+  return outcome;
+}
+
+export interface SweepInput {
+  /** Set by the first run; carried through continue-as-new. */
+  sweepId?: string;
+  asOf?: string;
+  after?: { at: string; id: string };
+  pageSize?: number;
+  retentionDays?: number;
+}
+
+/** Pages per run before continuing as new: keeps each run's history small at 100,000 credentials. */
+const PAGES_PER_RUN = 25;
+
+/**
+ * The scheduled sweep: due credentials (age ≥ periodDays, or expiring within the lead time) are
+ * selected page by page with one index scan each, their rotations started in bounded batches; then
+ * the password policies, expiry reminders and retention run, and each team gets one summary.
+ */
+export async function rotationSweep(input: SweepInput = {}): Promise<{ sweepId: string; total: number; rotated: number; failed: number }> {
+  const asOf = input.asOf ?? workflowInfo().startTime.toISOString();
+  const pageSize = input.pageSize ?? 500;
+  const sweepId = input.sweepId ?? (await db.beginSweep({ workflowId: workflowInfo().workflowId, asOf })).sweepId;
+  let after = input.after;
+  for (let page = 0; page < PAGES_PER_RUN; page++) {
+    const selected = await db.selectDue({ sweepId, asOf, after, limit: pageSize });
+    if (selected.selected > 0) await batch.startRotations({ rotationId: sweepId });
+    after = selected.next;
+    if (!after) break;
+  }
+  if (after) await continueAsNew<typeof rotationSweep>({ ...input, sweepId, asOf, after, pageSize });
+
+  await batch.enforcePasswordPolicies({ sweepId, asOf });
+  await batch.startRotations({ rotationId: sweepId });
+  const outcome = await batch.awaitOutcomes({ rotationId: sweepId });
+  await mail.sendBatchSummaries({ rotationId: sweepId });
+  await mail.sendExpiryReminders({ asOf });
+  await db.purgeDeleted({ asOf, retentionDays: input.retentionDays ?? 30 });
+  return { sweepId, ...outcome };
+}
+
+/** The weekly report of service accounts nobody seems to use. */
+export async function orphanReport(input: { days?: number } = {}): Promise<{ sent: number }> {
+  return mail.sendOrphanReports({ asOf: workflowInfo().startTime.toISOString(), days: input.days ?? 30 });
+}
