@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { findLeaks } from './support/leaks';
+import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 
 /** Bad input gets a clear RFC 9457 problem, and nothing is stored. */
@@ -33,7 +33,7 @@ describe('bad input', () => {
                      AND NOT (action = 'vault.store' AND outcome = 'ok' AND detail->>'name' IN ('ten-byte-seed', 'edge'))`)
     ).rows.map((r) => r.outcome);
     expect(audit.sort()).toEqual(['denied', 'rejected']);
-    expect(await findLeaks(h)).toEqual([]);
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
     await h.close();
   });
 

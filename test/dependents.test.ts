@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { UnprocessableError } from '../core/errors';
 import { checkDependents, createDependents, type Dependent, type DependentTarget } from '../dependents';
 import { verifyWebhookSignature } from '../dependents/webhook';
-import { findLeaks } from './support/leaks';
+import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 import { WebhookReceiver } from './support/webhook-receiver';
 
@@ -32,7 +32,7 @@ describe('dependents', () => {
     registry = createDependents({ envFilesRoot: root });
   });
   afterAll(async () => {
-    expect(await findLeaks(h)).toEqual([]);
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
     await h.close();
   });
 

@@ -5,7 +5,7 @@ import { loadConfig } from '../core/config';
 import { createLogger } from '../core/logger';
 import { openServices } from '../core/services';
 import { generateMasterKey, Keyring, readKeyringFile } from '../vault/keyring';
-import { findLeaks } from './support/leaks';
+import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 
 const silent = createLogger({ level: 'silent' });
@@ -28,7 +28,7 @@ describe('envelope encryption at rest', () => {
     agent = await h.createIdentity();
   });
   afterAll(async () => {
-    expect(await findLeaks(h)).toEqual([]);
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
     await h.close();
   });
 

@@ -5,7 +5,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startSmtpSink } from '../embedded/smtp-sink';
 import { freePort } from '../embedded/ports';
-import { findLeaks } from './support/leaks';
+import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 import { readMailbox, recipients, waitForMail } from './support/mail';
 
@@ -20,7 +20,7 @@ describe('mail.send', () => {
     await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'slack', kind: 'token', value: h.secret(secretValue) } });
   });
   afterAll(async () => {
-    expect(await findLeaks(h)).toEqual([]);
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
     await h.close();
   });
 
@@ -89,7 +89,7 @@ describe('mail.send while SMTP is down', () => {
     h = await startHarness({ worker: true, smtpUrl: `smtp://127.0.0.1:${port}` });
   });
   afterAll(async () => {
-    expect(await findLeaks(h)).toEqual([]);
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
     await h.close();
     rmSync(mailDir, { recursive: true, force: true });
   });

@@ -8,7 +8,7 @@ import { resolvePath } from '../providers/http/request';
 import { postgresRole } from '../providers/postgres-role';
 import type { Provider, SecretReader } from '../providers/types';
 import type { Caller } from '../vault/vault';
-import { findLeaks } from './support/leaks';
+import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 import { ProviderServer } from './support/provider-server';
 
@@ -54,7 +54,7 @@ describe('rotation providers', () => {
     secrets = { read: async (name) => (await h.services.vault.get(caller, { name })).value };
   });
   afterAll(async () => {
-    expect(await findLeaks(h)).toEqual([]);
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
     await h.close();
   });
 

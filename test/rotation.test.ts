@@ -4,7 +4,7 @@ import { ApplicationFailure } from '@temporalio/common';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createActivities } from '../activities';
-import { findLeaks } from './support/leaks';
+import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 import { waitForMail } from './support/mail';
 
@@ -31,7 +31,7 @@ describe('rotateCredential', () => {
     agent = await h.createIdentity('rotator', 'rotator-identity@example.com');
   });
   afterAll(async () => {
-    expect(await findLeaks(h)).toEqual([]);
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
     await h.close();
   });
 

@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { findLeaks } from './support/leaks';
+import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 
 // RFC 6238 Appendix B: the seeds are ASCII "1234567890" repeated to 20, 32 and 64 bytes.
@@ -51,7 +51,7 @@ describe('vault.totp over HTTP, clock pinned (RFC 6238 Appendix B)', () => {
     }
   });
   afterAll(async () => {
-    expect(await findLeaks(h)).toEqual([]);
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
     await h.close();
   });
 

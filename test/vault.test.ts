@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { findLeaks } from './support/leaks';
+import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 
 describe('vault.store / vault.get over HTTP', () => {
@@ -13,7 +13,7 @@ describe('vault.store / vault.get over HTTP', () => {
     bob = await h.createIdentity('bob');
   });
   afterAll(async () => {
-    expect(await findLeaks(h)).toEqual([]);
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
     await h.close();
   });
 

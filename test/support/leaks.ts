@@ -1,6 +1,18 @@
 import { readFileSync } from 'node:fs';
+import { Worker } from '@temporalio/worker';
+import { inject } from 'vitest';
 import type { Harness } from './harness';
 import { readMailbox } from './mail';
+
+type History = Awaited<ReturnType<ReturnType<Harness['client']['workflow']['getHandle']>['fetchHistory']>>;
+
+async function histories(h: Harness): Promise<{ workflowId: string; runId: string; history: History }[]> {
+  const out = [];
+  for await (const wf of h.client.workflow.list({ query: `TaskQueue = '${h.taskQueue}'` })) {
+    out.push({ workflowId: wf.workflowId, runId: wf.runId, history: await h.client.workflow.getHandle(wf.workflowId, wf.runId).fetchHistory() });
+  }
+  return out;
+}
 
 /**
  * Looks for every secret the test registered, raw and base64/hex encoded, in everything that must
@@ -14,12 +26,8 @@ export async function findLeaks(h: Harness): Promise<string[]> {
   const outbox = await h.sql('SELECT * FROM mail_outbox');
   places.push(['mail_outbox', JSON.stringify(outbox.rows)]);
   for (const m of await readMailbox()) places.push([`email ${m.file}`, m.raw + (m.mail.text ?? '')]);
-  for await (const wf of h.client.workflow.list({ query: `TaskQueue = '${h.taskQueue}'` })) {
-    const history = await h.client.workflow.getHandle(wf.workflowId, wf.runId).fetchHistory();
-    places.push([
-      `history of ${wf.workflowId}`,
-      JSON.stringify(history, (_k, v) => (v instanceof Uint8Array ? Buffer.from(v).toString('utf8') : v)),
-    ]);
+  for (const { workflowId, history } of await histories(h)) {
+    places.push([`history of ${workflowId}`, JSON.stringify(history, (_k, v) => (v instanceof Uint8Array ? Buffer.from(v).toString('utf8') : v))]);
   }
   const hits: string[] = [];
   for (const secret of h.secrets) {
@@ -29,4 +37,22 @@ export async function findLeaks(h: Harness): Promise<string[]> {
     }
   }
   return hits;
+}
+
+/**
+ * Replays every workflow history of this file's task queue against the current workflow code: a
+ * change that would break running workflows (non-determinism) fails here. Returns the failures.
+ */
+export async function replayFailures(h: Harness): Promise<string[]> {
+  const recorded = await histories(h);
+  const failures: string[] = [];
+  for await (const result of Worker.runReplayHistories({ workflowBundle: { codePath: inject('workflowBundlePath') } }, recorded)) {
+    if (result.error) failures.push(`${result.workflowId}: ${result.error.message}`);
+  }
+  return failures;
+}
+
+/** The checks every test file ends with: no secret anywhere, and every history replays. */
+export async function expectCleanRun(h: Harness): Promise<{ leaks: string[]; replay: string[] }> {
+  return { leaks: await findLeaks(h), replay: await replayFailures(h) };
 }
