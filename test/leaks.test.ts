@@ -1,0 +1,138 @@
+import { createHash, randomUUID } from 'node:crypto';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { expectCleanRun } from './support/leaks';
+import { startHarness, type Harness } from './support/harness';
+import { readMailbox, recipients, waitForMail } from './support/mail';
+
+const sha256 = (value: string) => createHash('sha256').update(value).digest('hex');
+
+/** Leak response through the real API, Temporal server, worker, PostgreSQL and SMTP sink. */
+describe('POST /v1/leaks', () => {
+  let h: Harness;
+  let agent: { id: string; token: string };
+  const security = `security-${randomUUID().slice(0, 8)}@example.com`;
+
+  const store = async (name: string, value: string, extra: Record<string, unknown> = {}) => {
+    const res = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name, kind: 'api_key', value: h.secret(value), ...extra } });
+    expect(res.status).toBe(201);
+    return res.body.id as string;
+  };
+  const current = async (name: string) => {
+    const res = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name } });
+    h.secret(res.body.value);
+    return res.body as { version: number; value: string };
+  };
+  const waitFor = async <T>(what: string, probe: () => Promise<T | undefined>, timeoutMs = 30_000): Promise<T> => {
+    const deadline = Date.now() + timeoutMs;
+    let last: unknown;
+    for (;;) {
+      const value = await probe().catch((err) => ((last = err), undefined));
+      if (value !== undefined) return value;
+      if (Date.now() > deadline) throw new Error(`timed out waiting for ${what} (${String(last ?? '')})`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  };
+  const rotationsOf = async (credentialId: string) =>
+    (await h.sql("SELECT count(*)::int AS n FROM audit_log WHERE credential_id = $1 AND action = 'rotation.create_pending' AND outcome = 'ok'", [credentialId])).rows[0].n as number;
+
+  beforeAll(async () => {
+    h = await startHarness({ worker: true, securityNotify: [security] });
+    agent = await h.createIdentity('leaky-agent', `agent-${randomUUID().slice(0, 8)}@example.com`);
+  });
+  afterAll(async () => {
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
+    await h.close();
+  });
+
+  it('twenty duplicate reports in parallel make one incident, one rotation in leak mode and one incident email', async () => {
+    const owner = `owner-${randomUUID().slice(0, 8)}@example.com`;
+    const id = await store('ci-token', 'ghp_leakedTokenValue0001', { owners: [owner], rotation: { provider: 'generated', graceHours: 24 } });
+    const reports = await Promise.all(
+      Array.from({ length: 20 }, (_, i) => h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'ci-token', source: `scanner-${i}` } })),
+    );
+    expect(reports.map((r) => r.status)).toEqual(Array(20).fill(202));
+    const actions = reports.map((r) => r.body.results[0].action).sort();
+    expect(actions).toEqual([...Array(19).fill('joined'), 'rotating']);
+    expect(new Set(reports.map((r) => r.body.results[0].incidentId)).size).toBe(1);
+
+    // Leak mode: no grace period, so the run completes and the leaked version is revoked.
+    const handle = h.client.workflow.getHandle(`rotate:${id}`);
+    const result = await handle.result();
+    expect(result).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1, toVersion: 2 });
+    expect(result.steps.find((s: { name: string }) => s.name === 'grace').state).toBe('skipped');
+    expect(await rotationsOf(id)).toBe(1);
+    expect((await current('ci-token')).version).toBe(2);
+    const revoked = (await h.sql('SELECT revoked_at FROM secret_versions WHERE credential_id = $1 AND version = 1', [id])).rows[0];
+    expect(revoked.revoked_at).not.toBeNull();
+    const incident = (await h.sql('SELECT status, reports FROM leak_incidents WHERE credential_id = $1', [id])).rows;
+    expect(incident).toEqual([{ status: 'closed', reports: 20 }]);
+
+    const incidentMails = (await waitForMail(security, 1)).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for ci-token');
+    expect(incidentMails).toHaveLength(1);
+    expect(recipients(incidentMails[0]!.mail)).toEqual(expect.arrayContaining([security, owner]));
+    const notices = await waitForMail(owner, 2);
+    expect(notices.map((m) => m.mail.subject).sort()).toEqual(['[mailgent] Rotated ci-token', '[mailgent] SECURITY: leak reported for ci-token']);
+    expect(notices.find((m) => m.mail.subject === '[mailgent] Rotated ci-token')!.mail.text).toContain('because a leak was reported');
+
+    // A late duplicate, after the incident closed, names a version that is no longer live.
+    const late = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256('ghp_leakedTokenValue0001'), source: 'late-scanner' } });
+    expect(late.body.results).toEqual([{ credentialId: id, version: 1, action: 'already-revoked' }]);
+  });
+
+  it('matches a SHA-256 fingerprint against stored versions without decrypting them, and rotates only live ones', async () => {
+    const id = await store('stripe-live', 'sk_live_fingerprinted_0001', { rotation: { provider: 'generated', graceHours: 0 } });
+    const other = await h.createIdentity();
+    await h.api('POST', '/v1/vault.store', { token: other.token, body: { name: 'same-value', kind: 'api_key', value: 'sk_live_fingerprinted_0001' } });
+
+    const res = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256('sk_live_fingerprinted_0001'), source: 'github-scan' } });
+    expect(res.status).toBe(202);
+    // Only the reporter's own credential matches: another identity's identical value is out of scope.
+    expect(res.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 1, action: 'rotating' })]);
+    await h.client.workflow.getHandle(`rotate:${id}`).result();
+    expect((await current('stripe-live')).version).toBe(2);
+    const otherStill = await h.api('POST', '/v1/vault.get', { token: other.token, body: { name: 'same-value' } });
+    expect(otherStill.body.version).toBe(1);
+
+    // The admin token reports across identities.
+    const admin = await h.api('POST', '/v1/leaks', { token: h.adminToken, body: { fingerprint: sha256('sk_live_fingerprinted_0001'), source: 'admin-scan' } });
+    expect(admin.body.results.map((r: { action: string }) => r.action).sort()).toEqual(['already-revoked', 'rotating']);
+    const otherId = (await h.sql("SELECT id FROM credentials WHERE name = 'same-value'")).rows[0].id;
+    await h.client.workflow.getHandle(`rotate:${otherId}`).result();
+    h.secret((await h.api('POST', '/v1/vault.get', { token: other.token, body: { name: 'same-value' } })).body.value);
+
+    const unknown = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256('never-stored-anywhere'), source: 'x' } });
+    expect(unknown.status).toBe(404);
+    expect(unknown.body.detail).toBe('no stored version matches this fingerprint');
+  });
+
+  it('a leak reported during a running rotation signals it: grace is skipped and the old value revoked at once', async () => {
+    const id = await store('signalled', 'signalled-original-0001', { rotation: { provider: 'generated', graceHours: 1 } });
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['signalled'] } });
+    await waitFor('the grace period', async () => {
+      const r = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
+      return r.body.state === 'grace' ? r.body : undefined;
+    });
+    const report = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: id, source: 'pager' } });
+    expect(report.body.results[0].action).toBe('rotating');
+    const result = await h.client.workflow.getHandle(`rotate:${id}`).result();
+    expect(result).toMatchObject({ state: 'succeeded', leakReported: true, fromVersion: 1, toVersion: 2 });
+    expect(await rotationsOf(id)).toBe(1);
+    const revoked = (await h.sql('SELECT version FROM secret_versions WHERE credential_id = $1 AND revoked_at IS NOT NULL', [id])).rows;
+    expect(revoked).toEqual([{ version: 1 }]);
+    h.secret((await current('signalled')).value);
+  });
+
+  it('refuses details that carry the leaked value, and unknown credentials', async () => {
+    await store('careful', 'careful-secret-value-01');
+    const res = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'careful', source: 'x', details: 'found careful-secret-value-01 in a gist' } });
+    expect(res.status).toBe(422);
+    expect(res.text).not.toContain('careful-secret-value-01');
+    expect((await h.sql("SELECT count(*)::int AS n FROM leak_incidents i JOIN credentials c ON c.id = i.credential_id WHERE c.name = 'careful'")).rows[0].n).toBe(0);
+    expect((await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'nope', source: 'x' } })).status).toBe(404);
+    const other = await h.createIdentity();
+    expect((await h.api('POST', '/v1/leaks', { token: other.token, body: { credential: 'careful', source: 'x' } })).status).toBe(404);
+    expect((await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'careful', fingerprint: sha256('x'), source: 'x' } })).status).toBe(400);
+    const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for careful');
+    expect(mails).toEqual([]);
+  });
+});
