@@ -29,7 +29,8 @@ const hostPort = z
   .string()
   .regex(/^[A-Za-z0-9.\-_[\]:]+:\d{1,5}$/, 'must be host:port, e.g. localhost:7233');
 
-const email = z.email('must be an email address');
+// Addresses on local domains (mailgent@localhost) are fine for a sender or a team alias.
+const email = z.string().regex(/^[^\s@<>(),;:"]+@[A-Za-z0-9.-]+$/, 'must be an email address');
 
 const cron = z
   .string()

@@ -34,6 +34,7 @@ describe('configuration', () => {
     expect(problems({ PORT: '70000' })[0]).toMatch(/^PORT: must be between 1 and 65535/);
     expect(problems({ TEMPORAL_ADDRESS: 'nohostport' })[0]).toMatch(/^TEMPORAL_ADDRESS: must be host:port/);
     expect(problems({ MAIL_FROM: 'not-an-email' })[0]).toMatch(/^MAIL_FROM: must be an email address/);
+    expect(loadConfig({ MAIL_FROM: 'ops@localhost' }).MAIL_FROM).toBe('ops@localhost');
     expect(problems({ SECURITY_NOTIFY: 'a@example.com, nope' })[0]).toMatch(/^SECURITY_NOTIFY/);
     expect(problems({ PORT: 'x', LOG_LEVEL: 'loud' })).toHaveLength(2);
   });
