@@ -13,11 +13,11 @@ export function noticeActivities(deps: ActivityDeps) {
       return permanentErrorsFail(async () => {
         const meta = await deps.vault.describe(n.identityId, n.credentialId);
         const identity = await deps.identities.get(n.identityId);
-        const rotation = (await deps.pool.query('SELECT reason, notify FROM rotations WHERE id = $1', [n.rotationId])).rows[0];
+        // A batch's `notify` list gets the batch summary, not a notice per credential.
+        const rotation = (await deps.pool.query('SELECT reason FROM rotations WHERE id = $1', [n.rotationId])).rows[0];
         const to = [
           ...meta.owners,
           ...meta.notify,
-          ...(rotation?.notify ?? []),
           ...(identity?.email ? [identity.email] : []),
           ...(n.mode === 'leak' || n.outcome === 'revoke_failed' ? (deps.securityNotify ?? []) : []),
         ];
