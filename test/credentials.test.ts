@@ -1,0 +1,112 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { expectCleanRun } from './support/leaks';
+import { startHarness, type Harness } from './support/harness';
+
+/** Credential policy: stored with the value, changed without it, checked by each provider's and dependent's own schema. */
+describe('credential policy', () => {
+  let h: Harness;
+  let agent: { id: string; token: string };
+
+  beforeAll(async () => {
+    h = await startHarness({ worker: true });
+    agent = await h.createIdentity();
+  });
+  afterAll(async () => {
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
+    await h.close();
+  });
+
+  it('stores owners, service, tags, rotation, dependents and notify; listing shows them, never a value', async () => {
+    const res = await h.api('POST', '/v1/vault.store', {
+      token: agent.token,
+      body: {
+        name: 'stripe',
+        kind: 'api_key',
+        value: h.secret('sk_live_policy_value_01'),
+        owners: ['payments@example.com'],
+        service: 'stripe',
+        tags: ['pci', 'prod'],
+        notify: ['oncall@example.com'],
+        rotation: { provider: 'generated', settings: { length: 48 }, periodDays: 30, graceHours: 2, maxAttempts: 2, window: { days: [1, 2, 3, 4, 5], startHour: 9, endHour: 17, timezone: 'Europe/Berlin' } },
+        dependents: [{ type: 'env-file', settings: { file: 'staging.env', key: 'STRIPE_KEY' } }],
+      },
+    });
+    expect(res.status).toBe(201);
+    const [meta] = (await h.api('GET', '/v1/credentials', { token: agent.token })).body.items;
+    expect(meta).toMatchObject({
+      name: 'stripe',
+      owners: ['payments@example.com'],
+      service: 'stripe',
+      tags: ['pci', 'prod'],
+      notify: ['oncall@example.com'],
+      policy: { provider: 'generated', periodDays: 30, graceHours: 2, maxAttempts: 2, settings: { length: 48, lowercase: true } },
+      dependents: [{ type: 'env-file', settings: { file: 'staging.env', key: 'STRIPE_KEY' } }],
+    });
+    const due = Date.parse(meta.nextRotationAt) - Date.parse(meta.versionCreatedAt);
+    expect(due).toBe(30 * 86_400_000);
+  });
+
+  it('PATCH changes the policy without touching the value, and never rotates', async () => {
+    const before = (await h.sql("SELECT current_version, next_rotation_at FROM credentials WHERE name = 'stripe'")).rows[0];
+    const res = await h.api('PATCH', '/v1/credentials/stripe', { token: agent.token, body: { owners: ['new-owner@example.com'], rotation: { provider: 'generated', periodDays: 7 } } });
+    expect(res.status).toBe(200);
+    expect(res.body).toMatchObject({ owners: ['new-owner@example.com'], tags: ['pci', 'prod'], policy: { periodDays: 7 }, version: 1 });
+    const after = (await h.sql("SELECT current_version, next_rotation_at FROM credentials WHERE name = 'stripe'")).rows[0];
+    expect(after.current_version).toBe(before.current_version);
+    expect(after.next_rotation_at.getTime()).toBe(before.next_rotation_at.getTime() - 23 * 86_400_000);
+    expect((await h.sql("SELECT count(*)::int AS n FROM secret_versions v JOIN credentials c ON c.id = v.credential_id WHERE c.name = 'stripe'")).rows[0].n).toBe(1);
+    const runs = await h.client.workflow.list({ query: `TaskQueue = '${h.taskQueue}'` });
+    let count = 0;
+    for await (const _ of runs) count++;
+    expect(count).toBe(0);
+    const audit = (await h.sql("SELECT action, detail FROM audit_log WHERE action = 'credential.update'")).rows;
+    expect(audit).toEqual([{ action: 'credential.update', detail: { name: 'stripe', fields: ['owners', 'rotation'] } }]);
+  });
+
+  it('refuses unknown providers, dependents and settings with the path of the problem; nothing is stored', async () => {
+    const cases: [Record<string, unknown>, string][] = [
+      [{ rotation: { provider: 'generated', settings: { length: 2 } } }, 'rotation.settings.length'],
+      [{ dependents: [{ type: 'ftp-upload', settings: {} }] }, "dependents.0.type 'ftp-upload' is unknown"],
+      [{ dependents: [{ type: 'env-file', settings: { file: '../etc/passwd', key: 'X' } }] }, 'dependents.0.settings.file'],
+      [{ dependents: [{ type: 'webhook', settings: { url: 'ftp://x', signingKeyCredential: 'k' } }] }, 'dependents.0.settings.url'],
+      [{ rotation: { provider: 'postgres-role', settings: { role: 'app' } } }, 'rotation.settings.adminCredential'],
+    ];
+    for (const [extra, message] of cases) {
+      const res = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'bad', kind: 'password', value: 'bad-policy-value', ...extra } });
+      expect(res.status).toBe(422);
+      expect(res.body.detail).toContain(message);
+      const patch = await h.api('PATCH', '/v1/credentials/stripe', { token: agent.token, body: extra });
+      expect(patch.status).toBe(422);
+    }
+    expect((await h.sql("SELECT count(*)::int AS n FROM credentials WHERE name = 'bad'")).rows[0].n).toBe(0);
+    const window = await h.api('PATCH', '/v1/credentials/stripe', {
+      token: agent.token,
+      body: { rotation: { provider: 'generated', window: { days: [1], startHour: 9, endHour: 17, timezone: 'Mars/Olympus' } } },
+    });
+    expect(window.status).toBe(400);
+    expect(window.body.errors).toEqual([{ path: 'rotation.window.timezone', message: 'must be an IANA time zone such as Europe/Berlin' }]);
+    expect((await h.api('PATCH', '/v1/credentials/stripe', { token: agent.token, body: {} })).status).toBe(400);
+    expect((await h.api('PATCH', '/v1/credentials/nothing-here', { token: agent.token, body: { tags: ['x'] } })).status).toBe(404);
+  });
+
+  it('grants are listed on both sides, refused for oneself and for strangers, and never allow changes', async () => {
+    const reader = await h.createIdentity();
+    const granted = await h.api('POST', '/v1/grants', { token: agent.token, body: { credential: 'stripe', grantee: reader.id } });
+    expect(granted.status).toBe(201);
+    expect((await h.api('POST', '/v1/grants', { token: agent.token, body: { credential: 'stripe', grantee: reader.id } })).status).toBe(409);
+    expect((await h.api('POST', '/v1/grants', { token: agent.token, body: { credential: 'stripe', grantee: agent.id } })).status).toBe(422);
+    expect((await h.api('POST', '/v1/grants', { token: reader.token, body: { credential: granted.body.credentialId, grantee: reader.id } })).status).toBe(404);
+    expect((await h.api('GET', '/v1/grants', { token: agent.token })).body.given).toEqual([expect.objectContaining({ id: granted.body.id, granteeId: reader.id })]);
+    expect((await h.api('GET', '/v1/grants', { token: reader.token })).body.received).toEqual([expect.objectContaining({ credentialName: 'stripe' })]);
+
+    const read = await h.api('POST', '/v1/vault.get', { token: reader.token, body: { id: granted.body.credentialId } });
+    expect(read.body.value).toBe('sk_live_policy_value_01');
+    const audit = (await h.sql("SELECT identity_id, detail FROM audit_log WHERE action = 'vault.get' AND outcome = 'ok' ORDER BY seq DESC LIMIT 1")).rows[0];
+    expect(audit).toEqual({ identity_id: reader.id, detail: { ref: granted.body.credentialId, version: 1, grantedBy: agent.id } });
+    // A grant is read access only: by id, never by name, and never a change.
+    expect((await h.api('POST', '/v1/vault.get', { token: reader.token, body: { name: 'stripe' } })).status).toBe(404);
+    expect((await h.api('PATCH', `/v1/credentials/${granted.body.credentialId}`, { token: reader.token, body: { tags: [] } })).status).toBe(404);
+    expect((await h.api('DELETE', `/v1/credentials/${granted.body.credentialId}`, { token: reader.token })).status).toBe(404);
+    expect((await h.api('DELETE', `/v1/grants/${granted.body.id}`, { token: reader.token })).status).toBe(404);
+  });
+});
