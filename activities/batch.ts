@@ -145,11 +145,13 @@ export function batchActivities(deps: ActivityDeps) {
 
     /**
      * One page of due credentials, by one index scan on (next_rotation_at, id): adds them to the
-     * sweep unless their rotation window is closed right now. Returns the cursor for the next page.
+     * sweep unless their rotation window is closed right now. Returns the cursor for the next page,
+     * its time to the microsecond: a cursor cut to milliseconds (a JS Date) sorts before the row it
+     * came from, so that row and every row due in the same millisecond would be selected again.
      */
     async selectDue(input: { sweepId: string; asOf: string; after?: { at: string; id: string }; limit: number }) {
       const { rows } = await deps.pool.query(
-        `SELECT id, next_rotation_at, rotation->'window' AS window FROM credentials
+        `SELECT id, to_char(next_rotation_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS at, rotation->'window' AS window FROM credentials
           WHERE deleted_at IS NULL AND next_rotation_at IS NOT NULL AND next_rotation_at <= $1
             AND ($2::timestamptz IS NULL OR (next_rotation_at, id) > ($2::timestamptz, $3::uuid))
           ORDER BY next_rotation_at, id
@@ -168,7 +170,7 @@ export function batchActivities(deps: ActivityDeps) {
       return {
         selected: open.length,
         deferred: rows.length - open.length,
-        next: rows.length === input.limit && last ? { at: (last.next_rotation_at as Date).toISOString(), id: last.id as string } : undefined,
+        next: rows.length === input.limit && last ? { at: last.at as string, id: last.id as string } : undefined,
       };
     },
 

@@ -131,7 +131,7 @@ export function policyActivities(deps: ActivityDeps) {
           identityId,
           purpose: 'orphan.report',
           to: [...new Set([...(identity?.email ? [identity.email] : []), ...list.flatMap((o) => o.owners)])],
-          subject: `[mailgent] ${list.length} service account${list.length === 1 ? '' : 's'} look orphaned`,
+          subject: `[mailgent] ${list.length} service account${list.length === 1 ? ' looks' : 's look'} orphaned`,
           text: [
             `These service accounts have no dependents and were not read for ${input.days} days:`,
             '',

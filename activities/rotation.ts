@@ -80,7 +80,7 @@ export function rotationActivities(deps: ActivityDeps) {
     /** A new value from the provider, stored as pending. Attempt n of a rotation always yields the same version. */
     async createPendingVersion(ids: RotationIds & { attempt: number }): Promise<{ version: number; basedOn: number }> {
       return permanentErrorsFail(async () => {
-        const key = `${ids.rotationId}:create:${ids.attempt}`;
+        const key = stepKey(ids, 'create', ids.attempt);
         const staged = await deps.rotations.findStaged(ids.credentialId, key);
         if (staged) return staged;
         const { meta, policy, provider } = await load(ids);
@@ -107,14 +107,14 @@ export function rotationActivities(deps: ActivityDeps) {
      */
     async discardAttempt(ids: RotationIds & { attempt: number; current: number }): Promise<void> {
       return permanentErrorsFail(async () => {
-        const staged = await deps.rotations.findStaged(ids.credentialId, `${ids.rotationId}:create:${ids.attempt}`);
+        const staged = await deps.rotations.findStaged(ids.credentialId, stepKey(ids, 'create', ids.attempt));
         const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
         const policy = meta.policy ?? DEFAULT_POLICY;
         const provider = deps.providers[policy.provider];
         if (provider) {
           const ctx = await providerContext(ids, meta, provider, policy.settings);
           const pending = staged ? await read(ids, staged.version, 'provider.discard') : undefined;
-          const idempotencyKey = `${ids.rotationId}:discard:${ids.attempt}`;
+          const idempotencyKey = stepKey(ids, 'discard', ids.attempt);
           await heartbeating(async () => {
             if (provider.discard) await provider.discard({ ...ctx, pending, current: await read(ids, ids.current, 'provider.discard'), idempotencyKey });
             else if (pending) await provider.revoke({ ...ctx, secret: pending, idempotencyKey });
@@ -129,7 +129,7 @@ export function rotationActivities(deps: ActivityDeps) {
       return permanentErrorsFail(async () => {
         const { dependent, ctx } = await dependentContext(ids, ids.index);
         const target = await read(ids, ids.version, `dependent.${ids.index}.apply`);
-        await heartbeating(() => dependent.apply({ ...ctx, target, idempotencyKey: `${ids.rotationId}:apply:${ids.index}:${ids.version}` }));
+        await heartbeating(() => dependent.apply({ ...ctx, target, idempotencyKey: stepKey(ids, 'apply', ids.index, ids.version) }));
       });
     },
 
@@ -146,7 +146,7 @@ export function rotationActivities(deps: ActivityDeps) {
       return permanentErrorsFail(async () => {
         const { dependent, ctx } = await dependentContext(ids, ids.index);
         const target = await read(ids, ids.version, `dependent.${ids.index}.restore`);
-        await heartbeating(() => dependent.restore({ ...ctx, target, idempotencyKey: `${ids.rotationId}:restore:${ids.index}:${ids.version}` }));
+        await heartbeating(() => dependent.restore({ ...ctx, target, idempotencyKey: stepKey(ids, 'restore', ids.index, ids.version) }));
       });
     },
 
@@ -158,7 +158,7 @@ export function rotationActivities(deps: ActivityDeps) {
           if (!deps.dependents[spec.type]?.promoted) continue;
           const { dependent, ctx } = await dependentContext(ids, index);
           const target = await read(ids, ids.version, `dependent.${index}.promoted`);
-          await heartbeating(() => dependent.promoted!({ ...ctx, target, idempotencyKey: `${ids.rotationId}:promoted:${index}:${ids.version}` }));
+          await heartbeating(() => dependent.promoted!({ ...ctx, target, idempotencyKey: stepKey(ids, 'promoted', index, ids.version) }));
         }
       });
     },
@@ -176,7 +176,7 @@ export function rotationActivities(deps: ActivityDeps) {
         const { meta, policy, provider } = await load(ids);
         const ctx = await providerContext(ids, meta, provider, policy.settings);
         const secret = await read(ids, ids.version, 'provider.revoke');
-        await heartbeating(() => provider.revoke({ ...ctx, secret, idempotencyKey: `${ids.rotationId}:revoke:${ids.version}` }));
+        await heartbeating(() => provider.revoke({ ...ctx, secret, idempotencyKey: stepKey(ids, 'revoke', ids.version) }));
         await deps.rotations.markRevoked(caller(ids), ids.credentialId, ids.version);
       });
     },
@@ -206,6 +206,15 @@ export function rotationActivities(deps: ActivityDeps) {
       ]);
     },
   };
+}
+
+/**
+ * The idempotency key of one step of one credential's rotation. A batch shares its rotation id
+ * across credentials, so the credential id is part of every key (a provider must never see the
+ * same key for two credentials).
+ */
+export function stepKey(ids: RotationIds, step: string, ...parts: (string | number)[]): string {
+  return [ids.rotationId, ids.credentialId, step, ...parts].join(':');
 }
 
 /** A managed password follows its identity's password policy: at least its length, every class it requires. */

@@ -1,0 +1,553 @@
+import { randomBytes, randomUUID } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import type { ScheduleHandle, WorkflowHandle } from '@temporalio/client';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { ensureSchedules, ORPHAN_SCHEDULE_ID, scheduleId, SWEEP_SCHEDULE_ID } from '../worker/schedules';
+import { expectCleanRun } from './support/leaks';
+import { startHarness, type Harness } from './support/harness';
+import { readMailbox, recipients, type StoredMail } from './support/mail';
+
+/**
+ * The scheduled side, end to end against the real Temporal server, worker, PostgreSQL and SMTP
+ * sink: the sweep (started by its Schedule or directly), rotation windows, the indexed selection,
+ * continue-as-new, expiry reminders, password policies, the service-account report and retention.
+ * Credentials are aged by backdating their current version; the triggers recompute next_rotation_at.
+ */
+
+/** The sweep's page query, copied from activities/batch.ts (selectDue); the index test checks the copy is current. */
+const SELECT_DUE_SQL = `SELECT id, to_char(next_rotation_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS at, rotation->'window' AS window FROM credentials
+          WHERE deleted_at IS NULL AND next_rotation_at IS NOT NULL AND next_rotation_at <= $1
+            AND ($2::timestamptz IS NULL OR (next_rotation_at, id) > ($2::timestamptz, $3::uuid))
+          ORDER BY next_rotation_at, id
+          LIMIT $4`;
+
+const SUMMARY_SUBJECT = '[mailgent] Scheduled rotation';
+const ROTATE_NOW = { provider: 'generated', periodDays: 30, graceHours: 0 };
+
+type SweepResult = { sweepId: string; total: number; rotated: number; failed: number };
+type HistoryEvents = NonNullable<Awaited<ReturnType<WorkflowHandle['fetchHistory']>>['events']>;
+
+describe('scheduled sweep', () => {
+  let h: Harness;
+  const security = `sec-${randomUUID().slice(0, 8)}@example.com`;
+  let schedulesMade = false;
+
+  const unique = (prefix: string) => `${prefix}-${randomUUID().slice(0, 8)}`;
+  const address = (prefix: string) => `${unique(prefix)}@example.com`;
+  const secretValue = (prefix = 'v') => h.secret(`${prefix}_${randomBytes(12).toString('hex')}`);
+
+  let identities: string[] = [];
+  const identity = async (email?: string) => {
+    const created = await h.createIdentity(unique('sweeper'), email);
+    identities.push(created.id);
+    return created;
+  };
+
+  const store = async (token: string, body: { name: string; kind: string; value?: string } & Record<string, unknown>): Promise<string> => {
+    if (body.value) h.secret(body.value);
+    const res = await h.api('POST', '/v1/vault.store', { token, body });
+    if (res.status !== 201) throw new Error(`storing '${body.name}' failed: ${res.status} ${res.text}`);
+    return res.body.id as string;
+  };
+  const read = async (token: string, name: string) => {
+    const res = await h.api('POST', '/v1/vault.get', { token, body: { name } });
+    if (res.status !== 200) throw new Error(`reading '${name}' failed: ${res.status} ${res.text}`);
+    h.secret(res.body.value as string);
+    return res.body as { id: string; version: number; value: string };
+  };
+  const listed = async (token: string) => {
+    const res = await h.api('GET', '/v1/credentials', { token });
+    expect(res.status).toBe(200);
+    return res.body.items as { id: string; name: string; version: number; nextRotationAt: string | null; status: string }[];
+  };
+
+  /** Backdates the current version of each credential by `days`; the triggers move next_rotation_at. */
+  const age = async (ids: string[], days: number) => {
+    const { rowCount } = await h.sql(
+      `UPDATE secret_versions v SET created_at = now() - make_interval(days => $2)
+         FROM credentials c WHERE c.id = v.credential_id AND v.version = c.current_version AND c.id = ANY($1::uuid[])`,
+      [ids, days],
+    );
+    expect(rowCount).toBe(ids.length);
+  };
+  const rows = async (ids: string[]) => {
+    const { rows: found } = await h.sql(
+      'SELECT id, name, current_version, status, next_rotation_at, deleted_at, destroyed_at FROM credentials WHERE id = ANY($1::uuid[])',
+      [ids],
+    );
+    return new Map(found.map((r) => [r.name as string, r]));
+  };
+  const versions = async (ids: string[]) => Object.fromEntries([...(await rows(ids))].map(([name, r]) => [name, r.current_version as number]));
+
+  const mailTo = async (to: string, subjectPrefix = ''): Promise<StoredMail[]> =>
+    (await readMailbox()).filter((m) => recipients(m.mail).includes(to) && (m.mail.subject ?? '').startsWith(subjectPrefix));
+
+  /** Every run of a workflow, following continue-as-new from the first run, with its history. */
+  const runChain = async (workflowId: string, firstRunId: string) => {
+    const runs: { runId: string; events: HistoryEvents }[] = [];
+    for (let runId: string | undefined = firstRunId; runId; ) {
+      const events: HistoryEvents = (await h.client.workflow.getHandle(workflowId, runId).fetchHistory()).events ?? [];
+      runs.push({ runId, events });
+      runId = events.at(-1)?.workflowExecutionContinuedAsNewEventAttributes?.newExecutionRunId ?? undefined;
+    }
+    return runs;
+  };
+
+  /** The workflow's result (following continue-as-new), or a clear failure after `ms`; a run that overstays is terminated. */
+  const finish = async <T>(what: string, workflowId: string, firstRunId: string, ms = 45_000): Promise<T> => {
+    const handle = h.client.workflow.getHandle(workflowId, firstRunId);
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<'timeout'>((resolve) => (timer = setTimeout(() => resolve('timeout'), ms)));
+    try {
+      const outcome = await Promise.race([handle.result() as Promise<T>, timedOut]);
+      if (outcome !== 'timeout') return outcome;
+    } finally {
+      clearTimeout(timer);
+    }
+    const runs = await runChain(workflowId, firstRunId);
+    await h.client.workflow.getHandle(workflowId).terminate(`${what} overran the test's limit`);
+    throw new Error(`${what} (${workflowId}) did not finish within ${ms} ms; it had made ${runs.length} runs (${runs.map((r) => r.events.length).join(', ')} events)`);
+  };
+
+  const sweep = async (args: Record<string, unknown> = {}) => {
+    const workflowId = unique('sweep-test');
+    const handle = await h.client.workflow.start('rotationSweep', { taskQueue: h.taskQueue, workflowId, args: [args] });
+    const result = await finish<SweepResult>('the sweep', workflowId, handle.firstExecutionRunId);
+    return { ...result, workflowId, firstRunId: handle.firstExecutionRunId };
+  };
+  const sweptIds = async (sweepId: string) =>
+    (await h.sql('SELECT credential_id FROM rotation_runs WHERE rotation_id = $1', [sweepId])).rows.map((r) => r.credential_id as string).sort();
+
+  /** The service's schedules on this file's task queue, made once (the first test that needs them). */
+  const schedules = async () => {
+    const made = {
+      sweep: h.client.schedule.getHandle(scheduleId(SWEEP_SCHEDULE_ID, h.taskQueue)),
+      orphans: h.client.schedule.getHandle(scheduleId(ORPHAN_SCHEDULE_ID, h.taskQueue)),
+    };
+    if (!schedulesMade) {
+      await ensureSchedules(h.client, { taskQueue: h.taskQueue, sweepCron: '0 3 * * *', orphanCron: '0 6 * * 1', orphanDays: 30, retentionDays: 30 });
+      schedulesMade = true;
+      const { info } = await made.sweep.describe();
+      expect(info.nextActionTimes[0]?.toISOString(), 'the sweep runs daily at 03:00 UTC').toMatch(/T03:00:00\.000Z$/);
+      const next = (await made.orphans.describe()).info.nextActionTimes[0];
+      expect([next?.getUTCDay(), next?.toISOString().slice(11)], 'the orphan report runs on Mondays at 06:00 UTC').toEqual([1, '06:00:00.000Z']);
+      // Paused, so that the wall clock cannot start a run in the middle of a test; a trigger still runs at once.
+      await made.sweep.pause('paused by test/sweep.test.ts');
+      await made.orphans.pause('paused by test/sweep.test.ts');
+    }
+    return made;
+  };
+  /**
+   * Triggers the schedule now and returns the workflow it started. Actions are told apart by run id:
+   * the schedule names its workflows to the second, so two triggers within a second share a workflow id.
+   */
+  const trigger = async (schedule: ScheduleHandle) => {
+    const before = new Set((await schedule.describe()).info.recentActions.map((a) => a.action.workflow.firstExecutionRunId));
+    await schedule.trigger();
+    const deadline = Date.now() + 20_000;
+    for (;;) {
+      const { info } = await schedule.describe();
+      const started = info.recentActions.find((a) => !before.has(a.action.workflow.firstExecutionRunId));
+      if (started) return started.action.workflow;
+      if (Date.now() > deadline) {
+        const { numActionsTaken, numActionsSkippedOverlap, numActionsMissedCatchupWindow, runningActions, recentActions } = info;
+        throw new Error(
+          `schedule ${schedule.scheduleId} started no workflow within 20 s of the trigger: ${JSON.stringify({ numActionsTaken, numActionsSkippedOverlap, numActionsMissedCatchupWindow, runningActions, recentActions })}`,
+        );
+      }
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  };
+
+  beforeAll(async () => {
+    h = await startHarness({ worker: true, securityNotify: [security] });
+  });
+  // Every sweep spans the whole database: what a test leaves behind (a failed or deferred rotation, an
+  // over-age password) is soft-deleted after it, so that the next test's sweep sees only its own credentials.
+  afterEach(async () => {
+    await h.sql('UPDATE credentials SET deleted_at = now() WHERE identity_id = ANY($1::uuid[]) AND deleted_at IS NULL', [identities]);
+    identities = [];
+  });
+  afterAll(async () => {
+    if (schedulesMade) {
+      await h.client.schedule.getHandle(scheduleId(SWEEP_SCHEDULE_ID, h.taskQueue)).delete();
+      await h.client.schedule.getHandle(scheduleId(ORPHAN_SCHEDULE_ID, h.taskQueue)).delete();
+    }
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
+    await h.close();
+  });
+
+  it('the rotation-sweep schedule, triggered on demand, rotates only due credentials and mails one summary per team address', async () => {
+    const { sweep: schedule } = await schedules();
+    const described = await schedule.describe();
+    expect(described.action).toMatchObject({ type: 'startWorkflow', workflowType: 'rotationSweep', taskQueue: h.taskQueue, args: [{ retentionDays: 30 }] });
+    expect(described.policies.overlap).toBe('SKIP');
+
+    const teamA = address('team-a');
+    const teamB = address('team-b');
+    const agentEmail = address('sweep-agent');
+    const agent = await identity(agentEmail);
+    const policy = { ...ROTATE_NOW, settings: { length: 40, prefix: 'sk_' } };
+    const ids = {
+      dueA1: await store(agent.token, { name: 'due-a1', kind: 'api_key', value: secretValue('sk'), owners: [teamA], rotation: policy }),
+      dueA2: await store(agent.token, { name: 'due-a2', kind: 'api_key', value: secretValue('sk'), owners: [teamA], rotation: policy }),
+      dueB: await store(agent.token, { name: 'due-b', kind: 'token', value: secretValue('tok'), owners: [teamB], rotation: policy }),
+      // Due, but a generated value cannot be a TOTP seed: this rotation fails.
+      failingB: await store(agent.token, {
+        name: 'due-b-totp',
+        kind: 'totp_seed',
+        totp: { secret: h.secret('JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXQ') },
+        owners: [teamB],
+        rotation: ROTATE_NOW,
+      }),
+      notDue: await store(agent.token, { name: 'fresh-a', kind: 'api_key', value: secretValue('sk'), owners: [teamA], rotation: policy }),
+      noPolicy: await store(agent.token, { name: 'manual-a', kind: 'api_key', value: secretValue('sk'), owners: [teamA] }),
+      deleted: await store(agent.token, { name: 'deleted-a', kind: 'api_key', value: secretValue('sk'), owners: [teamA], rotation: policy }),
+    };
+    await age([ids.dueA1, ids.dueA2, ids.dueB, ids.failingB, ids.deleted], 45);
+    await age([ids.noPolicy], 400);
+    expect((await h.api('DELETE', '/v1/credentials/deleted-a', { token: agent.token })).status).toBe(200);
+    const all = Object.values(ids);
+    const due = [ids.dueA1, ids.dueA2, ids.dueB, ids.failingB];
+    const before = await rows(all);
+    expect([...before.values()].filter((r) => r.next_rotation_at && r.next_rotation_at < new Date()).map((r) => r.name).sort()).toEqual(
+      ['deleted-a', 'due-a1', 'due-a2', 'due-b', 'due-b-totp'],
+    );
+
+    const run = await trigger(schedule);
+    expect(run.workflowId.startsWith(scheduleId(SWEEP_SCHEDULE_ID, h.taskQueue))).toBe(true);
+    const result = await finish<SweepResult>('the scheduled sweep', run.workflowId, run.firstExecutionRunId);
+    expect(result).toMatchObject({ total: 4, rotated: 3, failed: 1 });
+    expect(await sweptIds(result.sweepId)).toEqual([...due].sort());
+    expect(await versions(all)).toEqual({ 'due-a1': 2, 'due-a2': 2, 'due-b': 2, 'due-b-totp': 1, 'fresh-a': 1, 'manual-a': 1, 'deleted-a': 1 });
+    expect((await rows([ids.failingB])).get('due-b-totp')!.status).toBe('rotation_failed');
+    const rotatedValues = [await read(agent.token, 'due-a1'), await read(agent.token, 'due-a2'), await read(agent.token, 'due-b')].map((r) => r.value);
+
+    // One summary per address, once the sweep is over (the sink stores a message before SMTP acknowledges it).
+    const next = Object.fromEntries((await listed(agent.token)).map((c) => [c.name, c.nextRotationAt]));
+    const [forA, ...moreA] = await mailTo(teamA, SUMMARY_SUBJECT);
+    const [forB, ...moreB] = await mailTo(teamB, SUMMARY_SUBJECT);
+    const [forAgent, ...moreAgent] = await mailTo(agentEmail, SUMMARY_SUBJECT);
+    expect([moreA, moreB, moreAgent]).toEqual([[], [], []]);
+    expect(recipients(forA!.mail)).toEqual([teamA]);
+    expect(forA!.mail.subject).toBe('[mailgent] Scheduled rotation: 2 rotated, 0 failed');
+    expect(forA!.mail.text).toContain(`Rotated (2):\n  - due-a1: version 1 → 2; next due ${next['due-a1']}\n  - due-a2: version 1 → 2; next due ${next['due-a2']}\n`);
+    expect(forA!.mail.text).toContain('Failed or not rotated (0):\n  (none)');
+    expect(forB!.mail.subject).toBe('[mailgent] Scheduled rotation: 1 rotated, 1 failed');
+    expect(forB!.mail.text).toContain(`Rotated (1):\n  - due-b: version 1 → 2; next due ${next['due-b']}\n`);
+    expect(forB!.mail.text).toContain(
+      `Failed or not rotated (1):\n  - due-b-totp: failed — credential 'due-b-totp' is a totp_seed; a generated value would not be a TOTP seed; next due ${next['due-b-totp']}\n`,
+    );
+    expect(Date.parse(next['due-a1']!)).toBeGreaterThan(Date.now() + 29 * 86_400_000);
+    expect(Date.parse(next['due-b-totp']!)).toBeLessThan(Date.now());
+    expect(forAgent!.mail.subject).toBe('[mailgent] Scheduled rotation: 3 rotated, 1 failed');
+    for (const mail of [forA!, forB!, forAgent!]) {
+      for (const name of ['fresh-a', 'manual-a', 'deleted-a']) expect(mail.mail.text).not.toContain(name);
+      for (const value of [...h.secrets, ...rotatedValues]) expect(mail.raw).not.toContain(value);
+    }
+  });
+
+  it('a due credential whose rotation window is closed is deferred; one whose window is open is rotated', async () => {
+    const timezone = 'Asia/Kolkata';
+    const hour = Number(
+      new Intl.DateTimeFormat('en-US', { timeZone: timezone, hour: 'numeric', hourCycle: 'h23' }).formatToParts(new Date()).find((p) => p.type === 'hour')!.value,
+    );
+    const everyDay = [0, 1, 2, 3, 4, 5, 6];
+    // Open from an hour ago to two hours ahead; closed from three to five hours ahead (both may wrap midnight).
+    const open = { days: everyDay, startHour: (hour + 23) % 24, endHour: (hour + 2) % 24, timezone };
+    const closed = { days: everyDay, startHour: (hour + 3) % 24, endHour: (hour + 5) % 24, timezone };
+    const agent = await identity();
+    const openId = await store(agent.token, { name: 'window-open', kind: 'api_key', value: secretValue(), rotation: { ...ROTATE_NOW, window: open } });
+    const closedId = await store(agent.token, { name: 'window-closed', kind: 'api_key', value: secretValue(), rotation: { ...ROTATE_NOW, window: closed } });
+    await age([openId, closedId], 45);
+
+    const first = await sweep();
+    expect(first).toMatchObject({ total: 1, rotated: 1, failed: 0 });
+    expect(await sweptIds(first.sweepId)).toEqual([openId]);
+    expect(await versions([openId, closedId])).toEqual({ 'window-open': 2, 'window-closed': 1 });
+    // Deferred, not dropped: still due, and rotated by the first sweep that finds its window open.
+    expect((await rows([closedId])).get('window-closed')!.next_rotation_at.getTime()).toBeLessThan(Date.now());
+    const reopened = await h.api('PATCH', '/v1/credentials/window-closed', { token: agent.token, body: { rotation: { ...ROTATE_NOW, window: open } } });
+    expect(reopened.status).toBe(200);
+    const second = await sweep();
+    expect(await sweptIds(second.sweepId)).toEqual([closedId]);
+    expect(await versions([openId, closedId])).toEqual({ 'window-open': 2, 'window-closed': 2 });
+    await read(agent.token, 'window-open');
+    await read(agent.token, 'window-closed');
+  });
+
+  it("the sweep's selection reads credentials through credentials_due, never a sequential scan", async () => {
+    const source = readFileSync(new URL('../activities/batch.ts', import.meta.url), 'utf8');
+    const squash = (s: string) => s.replace(/\s+/g, ' ').trim();
+    expect(squash(source), 'SELECT_DUE_SQL must stay a copy of the query in selectDue').toContain(squash(SELECT_DUE_SQL));
+
+    const agent = await identity();
+    const seedId = await store(agent.token, { name: 'bulk-seed', kind: 'api_key', value: secretValue() });
+    const { data_key_id: dataKeyId } = (await h.sql('SELECT data_key_id FROM secret_versions WHERE credential_id = $1', [seedId])).rows[0];
+    const bulk = `SELECT id FROM credentials WHERE identity_id = $1 AND name LIKE 'bulk-%' AND name <> 'bulk-seed'`;
+    try {
+      await h.sql(
+        `INSERT INTO credentials (id, identity_id, name, kind, current_version, rotation)
+         SELECT gen_random_uuid(), $1, 'bulk-' || g, 'api_key', 1, '{"provider":"generated","settings":{},"periodDays":90}'::jsonb
+           FROM generate_series(1, 5000) AS g`,
+        [agent.id],
+      );
+      // Versions of every age within the 90-day period, and every fiftieth past it: 2% due.
+      await h.sql(
+        `INSERT INTO secret_versions (credential_id, version, data_key_id, sealed, created_at)
+         SELECT c.id, 1, $2, '\\x00'::bytea,
+                now() - make_interval(days => (CASE WHEN n % 50 = 0 THEN 91 + n % 30 ELSE n % 90 END)::int, secs => n::double precision)
+           FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM (${bulk}) b) c`,
+        [agent.id, dataKeyId],
+      );
+      const counts = (await h.sql(
+        `SELECT count(*)::int AS total, count(*) FILTER (WHERE next_rotation_at <= now())::int AS due FROM credentials WHERE id IN (${bulk})`,
+        [agent.id],
+      )).rows[0];
+      expect(counts).toEqual({ total: 5000, due: 100 });
+      await h.sql('ANALYZE credentials');
+
+      const planOf = async (params: unknown[]) => {
+        const nodes: { type: string; relation?: string; index?: string }[] = [];
+        const walk = (node: any) => {
+          nodes.push({ type: node['Node Type'], relation: node['Relation Name'], index: node['Index Name'] });
+          for (const child of node.Plans ?? []) walk(child);
+        };
+        walk((await h.sql(`EXPLAIN (FORMAT JSON) ${SELECT_DUE_SQL}`, params)).rows[0]['QUERY PLAN'][0].Plan);
+        return { nodes, text: nodes.map((n) => [n.type, n.relation ?? n.index].filter(Boolean).join(' on ')).join(' > ') };
+      };
+      const asOf = new Date().toISOString();
+
+      // A daily sweep's page holds every due credential: the index finds them, only they are sorted.
+      const daily = await planOf([asOf, null, null, 500]);
+      expect(daily.nodes.some((n) => n.index === 'credentials_due'), daily.text).toBe(true);
+      expect(daily.nodes.filter((n) => n.type === 'Seq Scan'), daily.text).toEqual([]);
+
+      // A backlog larger than a page is walked in index order, page after page, without a sort.
+      const firstPage = (await h.sql(SELECT_DUE_SQL, [asOf, null, null, 25])).rows;
+      const last = firstPage.at(-1)!;
+      const secondPage = (await h.sql(SELECT_DUE_SQL, [asOf, last.at, last.id, 25])).rows;
+      expect(secondPage).toHaveLength(25);
+      expect(secondPage.filter((r) => firstPage.some((f) => f.id === r.id)), 'the cursor page repeats rows of the first page').toEqual([]);
+      for (const params of [
+        [asOf, null, null, 25],
+        [asOf, last.at, last.id, 25],
+      ]) {
+        const { nodes, text } = await planOf(params);
+        expect(nodes.some((n) => ['Index Scan', 'Index Only Scan'].includes(n.type) && n.index === 'credentials_due'), text).toBe(true);
+        expect(nodes.filter((n) => n.type === 'Sort' || n.type === 'Seq Scan' || n.type.startsWith('Bitmap')), text).toEqual([]);
+      }
+    } finally {
+      // Fixture rows with dummy ciphertexts must not reach a later sweep.
+      await h.sql(`DELETE FROM secret_versions WHERE credential_id IN (${bulk})`, [agent.id]);
+      await h.sql(`DELETE FROM credentials WHERE id IN (${bulk})`, [agent.id]);
+    }
+  });
+
+  it('a sweep over many pages continues as new, rotates every due credential once, and keeps each run history small', async () => {
+    const agent = await identity();
+    const count = 60;
+    const ids: string[] = [];
+    for (let i = 0; i < count; i++) {
+      ids.push(await store(agent.token, { name: `paged-${String(i).padStart(2, '0')}`, kind: 'api_key', value: secretValue(), rotation: ROTATE_NOW }));
+    }
+    // One statement: every credential falls due at the same instant, as after a bulk import.
+    await age(ids, 45);
+
+    const result = await sweep({ pageSize: 2 });
+    expect(result).toMatchObject({ total: count, rotated: count, failed: 0 });
+    expect(Object.values(await versions(ids))).toEqual(Array(count).fill(2));
+    const runs = await runChain(result.workflowId, result.firstRunId);
+    // 30 full pages of 2, then an empty one: 25 pages in the first run, 6 in the second.
+    expect(runs).toHaveLength(2);
+    expect(runs[0]!.events.at(-1)?.workflowExecutionContinuedAsNewEventAttributes, 'the first run ends with WORKFLOW_EXECUTION_CONTINUED_AS_NEW').toBeTruthy();
+    expect(runs[1]!.events.at(-1)?.workflowExecutionCompletedEventAttributes, 'the last run completes').toBeTruthy();
+    const selectDueCalls = runs.map((r) => r.events.filter((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'selectDue').length);
+    expect(selectDueCalls).toEqual([25, 6]);
+    for (const r of runs) expect(r.events.length).toBeLessThan(400);
+    for (const name of Object.keys(await versions(ids))) await read(agent.token, name);
+  });
+
+  it('expiry reminders go out 14 and 3 days ahead for credentials without a rotation policy, each once', async () => {
+    const agent = await identity();
+    const [in10, in2, in20] = [address('exp-10'), address('exp-2'), address('exp-20')];
+    const inDays = (days: number) => new Date(Date.now() + days * 86_400_000).toISOString();
+    await store(agent.token, { name: 'expires-10', kind: 'token', value: secretValue(), owners: [in10], expiresAt: inDays(10) });
+    await store(agent.token, { name: 'expires-2', kind: 'token', value: secretValue(), owners: [in2], expiresAt: inDays(2) });
+    await store(agent.token, { name: 'expires-20', kind: 'token', value: secretValue(), owners: [in20], expiresAt: inDays(20) });
+
+    await sweep();
+    const [ten, ...moreTen] = await mailTo(in10);
+    const [two, ...moreTwo] = await mailTo(in2);
+    expect([moreTen, moreTwo, await mailTo(in20)]).toEqual([[], [], []]);
+    expect(ten!.mail.subject).toBe('[mailgent] expires-10 expires in 14 days');
+    expect(two!.mail.subject).toBe('[mailgent] expires-2 expires in 3 days');
+    expect(two!.mail.text).toContain("The token credential 'expires-2' expires at ");
+    expect(two!.mail.text).toContain('has no rotation policy');
+
+    await sweep();
+    expect((await mailTo(in10)).length + (await mailTo(in2)).length + (await mailTo(in20)).length).toBe(2);
+    const outbox = await h.sql("SELECT count(*)::int AS n FROM mail_outbox WHERE identity_id = $1 AND purpose = 'expiry.reminder'", [agent.id]);
+    expect(outbox.rows[0].n).toBe(2);
+  });
+
+  it('password policy: weak passwords are refused, managed ones rotated past the maximum age, unmanaged ones reminded and escalated once', async () => {
+    const agent = await identity();
+    const put = await h.api('PUT', '/v1/password-policy', { token: agent.token, body: { maxAgeDays: 30, length: 20, symbols: true, escalateAfterDays: 5 } });
+    expect(put.status).toBe(200);
+    const got = await h.api('GET', '/v1/password-policy', { token: agent.token });
+    expect(got.body).toEqual({ maxAgeDays: 30, length: 20, lowercase: true, uppercase: true, digits: true, symbols: true, escalateAfterDays: 5 });
+
+    const weak = h.secret('weakpassword1234');
+    const refused = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'weak', kind: 'password', value: weak } });
+    expect(refused.status).toBe(422);
+    expect(refused.body.detail).toBe("the password does not meet this identity's password policy: it needs at least 20 characters, an upper-case letter, a symbol");
+    expect(refused.text).not.toContain(weak);
+    expect((await h.sql('SELECT count(*)::int AS n FROM credentials WHERE identity_id = $1', [agent.id])).rows[0].n).toBe(0);
+
+    const strong = (tag: string) => h.secret(`Str0ng!${tag}-${randomBytes(8).toString('hex')}`);
+    const [managedOwner, owner32, owner40] = [address('pw-managed'), address('pw-32'), address('pw-40')];
+    const managed = await store(agent.token, {
+      name: 'db-admin',
+      kind: 'password',
+      value: strong('Managed'),
+      owners: [managedOwner],
+      rotation: { provider: 'generated', periodDays: 90, graceHours: 0 },
+    });
+    const old32 = await store(agent.token, { name: 'legacy-32', kind: 'password', value: strong('Legacy'), owners: [owner32] });
+    const old40 = await store(agent.token, { name: 'legacy-40', kind: 'password', value: strong('Ancient'), owners: [owner40] });
+    // 31 days: past the policy's 30, well inside the rotation period of 90.
+    await age([managed], 31);
+    await age([old32], 32);
+    await age([old40], 40);
+
+    const first = await sweep();
+    expect(await sweptIds(first.sweepId)).toEqual([managed]);
+    expect(first).toMatchObject({ total: 1, rotated: 1, failed: 0 });
+    const rotated = await read(agent.token, 'db-admin');
+    expect(rotated.version).toBe(2);
+    expect(rotated.value.length).toBeGreaterThanOrEqual(20);
+    expect(rotated.value).toMatch(/[^A-Za-z0-9]/);
+    expect(rotated.value).toMatch(/[a-z]/);
+    expect(rotated.value).toMatch(/[A-Z]/);
+    expect(rotated.value).toMatch(/[0-9]/);
+
+    const reminder = (name: string) => `[mailgent] Password ${name} is past its maximum age`;
+    const check = async () => {
+      const to32 = await mailTo(owner32);
+      const to40 = await mailTo(owner40);
+      const toSecurity = await mailTo(security);
+      expect(to32.map((m) => m.mail.subject)).toEqual([reminder('legacy-32')]);
+      expect(to32[0]!.mail.text).toContain("The password 'legacy-32' is 32 days old; the password policy allows 30.");
+      expect(to40.map((m) => m.mail.subject).sort()).toEqual(['[mailgent] ESCALATION: password legacy-40 is 10 days overdue', reminder('legacy-40')]);
+      expect(toSecurity.map((m) => m.mail.subject)).toEqual(['[mailgent] ESCALATION: password legacy-40 is 10 days overdue']);
+      expect(recipients(toSecurity[0]!.mail).sort()).toEqual([owner40, security].sort());
+      expect((await mailTo(managedOwner, '[mailgent] Password')).length).toBe(0);
+    };
+    await check();
+
+    const second = await sweep();
+    expect(await sweptIds(second.sweepId)).toEqual([]);
+    await check();
+    expect(await versions([managed, old32, old40])).toEqual({ 'db-admin': 2, 'legacy-32': 1, 'legacy-40': 1 });
+  });
+
+  it('service accounts: inventory with last read from the audit log, orphans by API, and the weekly report by schedule', async () => {
+    const { orphans: schedule } = await schedules();
+    const agentEmail = address('sa-agent');
+    const agent = await identity(agentEmail);
+    const owner = address('sa-owner');
+    const orphan = await store(agent.token, { name: 'sa-orphan', kind: 'service_account', value: secretValue(), owners: [owner], service: 'billing' });
+    const readOne = await store(agent.token, { name: 'sa-read', kind: 'service_account', value: secretValue(), owners: [owner] });
+    const withDependent = await store(agent.token, {
+      name: 'sa-dependent',
+      kind: 'service_account',
+      value: secretValue(),
+      owners: [owner],
+      dependents: [{ type: 'env-file', settings: { file: 'sa.env', key: 'SA_TOKEN' } }],
+    });
+    await store(agent.token, { name: 'sa-new', kind: 'service_account', value: secretValue(), owners: [owner] });
+    await store(agent.token, { name: 'not-an-account', kind: 'api_key', value: secretValue() });
+    await age([orphan, readOne, withDependent], 40);
+
+    const inventory = async () => {
+      const res = await h.api('GET', '/v1/service-accounts', { token: agent.token });
+      expect(res.status).toBe(200);
+      return Object.fromEntries((res.body.items as { name: string }[]).map((i) => [i.name, i])) as Record<string, any>;
+    };
+    const beforeRead = await inventory();
+    expect(Object.keys(beforeRead)).toEqual(['sa-dependent', 'sa-new', 'sa-orphan', 'sa-read']);
+    expect(beforeRead['sa-orphan']).toMatchObject({ id: orphan, owners: [owner], service: 'billing', dependents: [], ageDays: 40, lastReadAt: null });
+    expect(beforeRead['sa-dependent']).toMatchObject({ dependents: [{ type: 'env-file', settings: { file: 'sa.env', key: 'SA_TOKEN' } }], ageDays: 40 });
+    expect(beforeRead['sa-read']).toMatchObject({ ageDays: 40, lastReadAt: null });
+    expect(beforeRead['sa-new']).toMatchObject({ ageDays: 0, lastReadAt: null });
+
+    await read(agent.token, 'sa-read');
+    const { at } = (await h.sql("SELECT max(at) AS at FROM audit_log WHERE credential_id = $1 AND action = 'vault.get' AND outcome = 'ok'", [readOne])).rows[0];
+    expect((await inventory())['sa-read'].lastReadAt).toBe(at.toISOString());
+
+    const orphans = await h.api('GET', '/v1/reports/orphans?days=30', { token: agent.token });
+    expect(orphans.status).toBe(200);
+    expect(orphans.body.days).toBe(30);
+    expect(orphans.body.items.map((i: { name: string }) => i.name)).toEqual(['sa-orphan']);
+    const stranger = await identity();
+    expect((await h.api('GET', '/v1/service-accounts', { token: stranger.token })).body.items).toEqual([]);
+    expect((await h.api('GET', '/v1/reports/orphans?days=30', { token: stranger.token })).body.items).toEqual([]);
+
+    const run = await trigger(schedule);
+    expect(await finish('the orphan report', run.workflowId, run.firstExecutionRunId)).toEqual({ sent: 1 });
+    const [report, ...more] = await mailTo(agentEmail);
+    expect(more).toEqual([]);
+    expect(report!.mail.subject).toBe('[mailgent] 1 service account looks orphaned');
+    expect(report!.mail.text).toContain('  - sa-orphan (age 40 days, last read never)');
+    for (const name of ['sa-read', 'sa-dependent', 'sa-new', 'not-an-account']) expect(report!.mail.text).not.toContain(name);
+    // The report is weekly: triggering again in the same week sends nothing new.
+    const again = await trigger(schedule);
+    expect(await finish('the second orphan report', again.workflowId, again.firstExecutionRunId)).toEqual({ sent: 0 });
+    expect(await mailTo(agentEmail)).toHaveLength(1);
+  });
+
+  it('soft delete hides and restore brings back; the sweep destroys what stayed deleted past retention; ?destroy=true destroys at once', async () => {
+    const agent = await identity();
+    const value = secretValue();
+    const id = await store(agent.token, { name: 'retired', kind: 'api_key', value });
+    const names = async () => (await listed(agent.token)).map((c) => c.name);
+
+    expect((await h.api('DELETE', '/v1/credentials/retired', { token: agent.token })).body).toMatchObject({ id });
+    expect((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'retired' } })).status).toBe(404);
+    expect(await names()).not.toContain('retired');
+    expect((await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'retired', kind: 'api_key', value: secretValue() } })).status).toBe(409);
+    expect((await h.api('POST', '/v1/credentials/retired/restore', { token: agent.token })).status).toBe(200);
+    expect(await read(agent.token, 'retired')).toMatchObject({ id, version: 1, value });
+    expect(await names()).toContain('retired');
+
+    expect((await h.api('DELETE', `/v1/credentials/${id}`, { token: agent.token })).status).toBe(200);
+    await h.sql("UPDATE credentials SET deleted_at = now() - interval '31 days' WHERE id = $1", [id]);
+    const recent = await store(agent.token, { name: 'recently-deleted', kind: 'api_key', value: secretValue() });
+    expect((await h.api('DELETE', '/v1/credentials/recently-deleted', { token: agent.token })).status).toBe(200);
+    await h.sql("UPDATE credentials SET deleted_at = now() - interval '29 days' WHERE id = $1", [recent]);
+
+    await sweep();
+    const after = await rows([id, recent]);
+    expect(after.get('retired')!.destroyed_at).toBeInstanceOf(Date);
+    expect(after.get('recently-deleted')!.destroyed_at).toBeNull();
+    const versionsLeft = async (credentialId: string) => (await h.sql('SELECT count(*)::int AS n FROM secret_versions WHERE credential_id = $1', [credentialId])).rows[0].n;
+    expect(await versionsLeft(id)).toBe(0);
+    expect(await versionsLeft(recent)).toBe(1);
+    const audit = (await h.sql("SELECT actor, outcome FROM audit_log WHERE credential_id = $1 AND action = 'credential.destroy'", [id])).rows;
+    expect(audit).toEqual([{ actor: 'schedule:retention', outcome: 'ok' }]);
+    expect((await h.api('POST', '/v1/credentials/retired/restore', { token: agent.token })).status).toBe(404);
+    const reused = await store(agent.token, { name: 'retired', kind: 'api_key', value: secretValue() });
+    expect(reused).not.toBe(id);
+    expect((await read(agent.token, 'retired')).version).toBe(1);
+
+    const doomed = await store(agent.token, { name: 'doomed', kind: 'api_key', value: secretValue() });
+    await store(agent.token, { name: 'doomed', kind: 'api_key', value: secretValue() });
+    const destroyed = await h.api('DELETE', '/v1/credentials/doomed?destroy=true', { token: agent.token });
+    expect(destroyed.status).toBe(200);
+    expect(destroyed.body).toEqual({ id: doomed, destroyedVersions: 2 });
+    expect(await versionsLeft(doomed)).toBe(0);
+    expect((await rows([doomed])).get('doomed')!.destroyed_at).toBeInstanceOf(Date);
+    expect((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'doomed' } })).status).toBe(404);
+  });
+});
