@@ -3,7 +3,7 @@ import type { RotationWindow } from '../vault/types';
 import type { rotateCredential } from '../workflows/rotate-credential';
 import type { RotationMode } from '../workflows/types';
 import type { ActivityDeps } from './index';
-import { heartbeat, stableUuid } from './support';
+import { heartbeat, sleep, stableUuid } from './support';
 
 const MODES: Record<string, RotationMode> = { request: 'requested', sweep: 'scheduled', policy: 'scheduled', leak: 'leak' };
 
@@ -90,7 +90,7 @@ export function batchActivities(deps: ActivityDeps) {
             }
           }
         }
-        await new Promise((resolve) => setTimeout(resolve, input.pollMs ?? 1_000));
+        await sleep(input.pollMs ?? 1_000);
       }
     },
 

@@ -21,7 +21,8 @@ export function noticeActivities(deps: ActivityDeps) {
           ...(identity?.email ? [identity.email] : []),
           ...(n.mode === 'leak' || n.outcome === 'revoke_failed' ? (deps.securityNotify ?? []) : []),
         ];
-        const messageId = stableUuid(`${callingRunId() ?? n.rotationId}:${n.credentialId}:notice:${n.outcome}`);
+        // A leak during the grace period adds a second 'rotated' notice to the run: it needs an id of its own.
+        const messageId = stableUuid(`${callingRunId() ?? n.rotationId}:${n.credentialId}:notice:${n.outcome}${n.mode === 'leak' ? ':leak' : ''}`);
         const delivery = await sendNotice(deps, {
           id: messageId,
           identityId: n.identityId,

@@ -59,3 +59,14 @@ export function heartbeat(details?: unknown): void {
     // Not in an activity.
   }
 }
+
+/** Sleeps, but as an activity it wakes up (rejects) when the activity is cancelled or the worker shuts down. */
+export async function sleep(ms: number): Promise<void> {
+  let ctx: Context | undefined;
+  try {
+    ctx = Context.current();
+  } catch {
+    return new Promise((resolve) => setTimeout(resolve, ms));
+  }
+  await ctx.sleep(ms);
+}

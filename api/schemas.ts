@@ -91,6 +91,8 @@ export const vaultStore = z
     totp: totp.optional(),
     ...policyFields,
     expectedVersion: z.number().int().min(0).optional(),
+    /** The provider's own id for this value (e.g. an API key id), so a rotation can revoke it later. Never secret. */
+    externalId: z.string().min(1).max(500).optional(),
   })
   .superRefine((body, ctx) => {
     if (body.kind === 'totp_seed') {

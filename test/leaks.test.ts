@@ -105,21 +105,25 @@ describe('POST /v1/leaks', () => {
     expect(unknown.body.detail).toBe('no stored version matches this fingerprint');
   });
 
-  it('a leak reported during a running rotation signals it: grace is skipped and the old value revoked at once', async () => {
+  it('a leak reported by name during the grace period revokes the old value at once and rotates the new one too', async () => {
     const id = await store('signalled', 'signalled-original-0001', { rotation: { provider: 'generated', graceHours: 1 } });
     const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['signalled'] } });
     await waitFor('the grace period', async () => {
       const r = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
       return r.body.state === 'grace' ? r.body : undefined;
     });
-    const report = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: id, source: 'pager' } });
-    expect(report.body.results[0].action).toBe('rotating');
-    const result = await h.client.workflow.getHandle(`rotate:${id}`).result();
-    expect(result).toMatchObject({ state: 'succeeded', leakReported: true, fromVersion: 1, toVersion: 2 });
-    expect(await rotationsOf(id)).toBe(1);
-    const revoked = (await h.sql('SELECT version FROM secret_versions WHERE credential_id = $1 AND revoked_at IS NOT NULL', [id])).rows;
-    expect(revoked).toEqual([{ version: 1 }]);
     h.secret((await current('signalled')).value);
+    // By name, the report names the current version: the one this rotation just made (v2).
+    const report = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: id, source: 'pager' } });
+    expect(report.body.results[0]).toMatchObject({ action: 'rotating', version: 2 });
+    // v1 is revoked at once; since v2 itself is reported, the run continues as a leak rotation to v3.
+    const result = await h.client.workflow.getHandle(`rotate:${id}`).result();
+    expect(result).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 2, toVersion: 3 });
+    expect(await rotationsOf(id)).toBe(2);
+    const revoked = (await h.sql('SELECT version FROM secret_versions WHERE credential_id = $1 AND revoked_at IS NOT NULL ORDER BY version', [id])).rows;
+    expect(revoked).toEqual([{ version: 1 }, { version: 2 }]);
+    expect((await current('signalled')).version).toBe(3);
+    expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
   });
 
   it('refuses details that carry the leaked value, and unknown credentials', async () => {

@@ -74,6 +74,7 @@ describe('a worker killed mid-rotation', () => {
       name: 'payments-api',
       kind: 'api_key',
       value: v1.secret,
+      externalId: v1.id,
       owners: [owner],
       rotation: {
         provider: 'http',
@@ -90,8 +91,6 @@ describe('a worker killed mid-rotation', () => {
       dependents: [{ type: 'webhook', settings: { url: receiver.url, signingKeyCredential: 'webhook-key' } }],
     });
     expect(stored.status).toBe(201);
-    // Version 1 was stored by hand: tell the vault its provider id so it can be revoked.
-    await h.sql('UPDATE secret_versions SET provider_ref = $2 WHERE credential_id = $1 AND version = 1', [stored.body.id, v1.id]);
     const createsBefore = provider.creates;
 
     // The dependent answers slowly, so the worker is busy inside the apply step when it dies.

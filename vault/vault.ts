@@ -20,6 +20,8 @@ export interface StoreInput extends CredentialPolicy {
   value?: string;
   totp?: TotpInput;
   expectedVersion?: number;
+  /** The provider's id for this value, kept so a later rotation can revoke it there. */
+  externalId?: string;
 }
 
 export interface ListFilter {
@@ -80,7 +82,7 @@ export class Vault {
         ]);
         await this.setPolicy(tx, existing.id, input);
       }
-      const createdAt = await this.secrets.insert(tx, caller.identityId, existing.id, version, plaintext);
+      const createdAt = await this.secrets.insert(tx, caller.identityId, existing.id, version, plaintext, { providerRef: input.externalId });
       note.detail.version = version;
       return { id: existing.id, name: input.name, version, createdAt: createdAt.toISOString() };
     });

@@ -2,6 +2,7 @@ import {
   ApplicationFailure,
   CancellationScope,
   condition,
+  continueAsNew,
   isCancellation,
   proxyActivities,
   setHandler,
@@ -23,6 +24,8 @@ export interface RotateCredentialInput {
   identityId: string;
   credentialId: string;
   mode?: RotationMode;
+  /** Attempts made by earlier runs of this rotation (continue-as-new): keeps each attempt's idempotency key unique. */
+  attemptsBefore?: number;
 }
 
 const STEPS: StepName[] = ['create_pending', 'apply_dependents', 'verify', 'compensate', 'promote', 'notify', 'grace', 'revoke_previous'];
@@ -40,16 +43,18 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   const progress: RotationProgress = {
     state: 'running',
     mode: input.mode ?? 'requested',
-    attempt: 0,
+    attempt: input.attemptsBefore ?? 0,
     steps: STEPS.map((name) => ({ name, state: 'waiting' })),
   };
   let leak = progress.mode === 'leak';
   let rollbackRequested = false;
   let rolledBack: { current: number; abandoned: number } | undefined;
   setHandler(progressQuery, () => progress);
-  setHandler(leakSignal, () => {
+  const leakedVersions = new Set<number>();
+  setHandler(leakSignal, ({ version }) => {
     leak = true;
     progress.leakReported = true;
+    if (version !== undefined) leakedVersions.add(version);
   });
   setHandler(
     rollbackUpdate,
@@ -61,6 +66,8 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     },
     {
       validator: () => {
+        // The state stays 'grace' until the rollback has finished: without this a second request would be answered as a success.
+        if (rollbackRequested) throw new Error('a rollback was already requested; the previous version is current again');
         if (progress.state !== 'grace') throw new Error(`rollback is possible only during the grace period; the rotation is ${progress.state}`);
       },
     },
@@ -151,7 +158,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
         await finish('cancelled', 'cancelled', 'the rotation was cancelled');
         return progress;
       }
-      if (progress.attempt >= plan.maxAttempts || isPermanent(err)) {
+      if (progress.attempt - (input.attemptsBefore ?? 0) >= plan.maxAttempts || isPermanent(err)) {
         await db.markRotationState({ ...ids, status: 'rotation_failed' });
         await finish('failed', 'failed');
         throw ApplicationFailure.create({ type: 'RotationFailed', message: progress.error, nonRetryable: true });
@@ -204,6 +211,11 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
 
   progress.state = 'running';
   await revokePrevious();
+  if (leak && progress.steps.find((s) => s.name === 'revoke_previous')!.state === 'done') {
+    // The grace notice said the previous version keeps working until graceEndsAt, and the leak
+    // alert promised a notice when the rotation is done: tell the owners (and security) it is revoked.
+    await mail.sendRotationNotice({ ...ids, outcome: 'rotated', mode: 'leak', fromVersion: progress.fromVersion, toVersion: progress.toVersion });
+  }
   await closeOut();
   return progress;
 
@@ -218,6 +230,10 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   }
 
   async function closeOut(): Promise<void> {
+    if (progress.toVersion !== undefined && leakedVersions.has(progress.toVersion)) {
+      // The value this rotation made current was itself reported leaked: rotate again, in leak mode.
+      await continueAsNew<typeof rotateCredential>({ ...input, mode: 'leak', attemptsBefore: progress.attempt });
+    }
     await CancellationScope.nonCancellable(async () => {
       await db.closeLeakIncidents(ids);
       if (progress.steps.find((s) => s.name === 'notify')!.state === 'waiting') {

@@ -115,12 +115,12 @@ async function respond(deps: Deps, t: Target, body: { source: string; details?: 
     await appendAudit(tx, { identityId: t.identityId, actor, action: 'mail.send', credentialId: t.credentialId, outcome: 'ok', detail: { messageId: mailId, purpose: 'leak.incident', incidentId: incident.id } });
   });
   try {
-    const handle = await deps.client.workflow.signalWithStart<typeof rotateCredential, [{ incidentId: string }]>('rotateCredential', {
+    const handle = await deps.client.workflow.signalWithStart<typeof rotateCredential, [{ incidentId: string; version?: number }]>('rotateCredential', {
       taskQueue: deps.taskQueue,
       workflowId,
       args: [{ rotationId, identityId: t.identityId, credentialId: t.credentialId, mode: 'leak' }],
       signal: leakSignal,
-      signalArgs: [{ incidentId: incident.id }],
+      signalArgs: [{ incidentId: incident.id, version: t.version }],
     });
     await deps.pool.query('UPDATE rotation_runs SET run_id = $2 WHERE rotation_id = $1', [rotationId, handle.signaledRunId]);
     await deps.client.workflow.start('deliverMail', { taskQueue: deps.taskQueue, workflowId: `mail:${mailId}`, args: [{ messageId: mailId }] });

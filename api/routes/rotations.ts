@@ -177,7 +177,7 @@ async function describeRun(client: Client, run: RunRow) {
 function aggregate(states: string[]): string {
   if (states.some((s) => s === 'running' || s === 'not_started')) return 'running';
   if (states.some((s) => s === 'grace')) return 'grace';
-  if (states.every((s) => s === 'succeeded')) return 'succeeded';
+  if (states.every((s) => s === states[0])) return states[0]!;
   return states.some((s) => s === 'succeeded') ? 'partial' : 'failed';
 }
 

@@ -1,0 +1,664 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { readFileSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import pg from 'pg';
+import { WorkflowFailedError } from '@temporalio/client';
+import { ApplicationFailure } from '@temporalio/common';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { verifyWebhookSignature } from '../dependents/webhook';
+import type { RotationProgress } from '../workflows/types';
+import { startHarness, type Harness } from './support/harness';
+import { expectCleanRun } from './support/leaks';
+import { canLogin, consumer, mailTo, mintKey, waitFor, whoami, type Identity } from './support/lifecycle-fixtures';
+import type { StoredMail } from './support/mail';
+import { ProviderServer } from './support/provider-server';
+import { WebhookReceiver } from './support/webhook-receiver';
+
+/**
+ * The whole credential lifecycle end to end: the API starts a rotation on the real Temporal dev
+ * server, this file's worker runs it against the real HTTP key service, PostgreSQL, env files and
+ * webhook receivers, and the SMTP sink collects the notices. Every path is checked where it lands:
+ * the vault, the provider, the dependents, the mailbox and the audit log.
+ */
+
+interface RotationReport {
+  rotationId: string;
+  state: string;
+  credentials: { credentialId: string; workflowId: string; runId: string | null; state: string; status: string | null; outcome: string | null; progress: RotationProgress | null }[];
+}
+
+const tag = randomBytes(4).toString('hex');
+const securityDesk = `sec-${tag}@example.com`;
+const ENV_KEY = 'PAYMENTS_KEY';
+
+describe('credential lifecycle', () => {
+  let h: Harness;
+  let owner: Identity;
+  let signingKey: string;
+  const servers: { stop(): Promise<void> }[] = [];
+  const roles: string[] = [];
+  let n = 0;
+  const unique = (what: string) => `${what}-${tag}-${++n}`;
+
+  const store = async (name: string, kind: string, value: string, extra: Record<string, unknown> = {}, token = owner.token) => {
+    const res = await h.api('POST', '/v1/vault.store', { token, body: { name, kind, value, ...extra } });
+    if (res.status !== 201) throw new Error(`storing ${name} failed: ${res.status} ${res.text}`);
+    return res.body.id as string;
+  };
+  const read = async (ref: { name: string } | { id: string }, version?: number, token = owner.token) => {
+    const res = await h.api('POST', '/v1/vault.get', { token, body: { ...ref, ...(version ? { version } : {}) } });
+    if (res.status === 200) h.secret(res.body.value as string);
+    return res;
+  };
+  const credentialRow = async (id: string) => {
+    const list = await h.api('GET', '/v1/credentials?limit=1000', { token: owner.token });
+    return list.body.items.find((c: { id: string }) => c.id === id);
+  };
+  const revokedVersions = async (id: string) =>
+    (await h.sql('SELECT version FROM secret_versions WHERE credential_id = $1 AND revoked_at IS NOT NULL ORDER BY version', [id])).rows.map((r) => r.version);
+
+  /**
+   * A key service of the test's own (its counters and injected faults are the test's alone), its
+   * admin token in the vault, and an API key whose v1 it minted. The http policy points at it;
+   * graceHours is 0 unless the test needs a grace period.
+   */
+  const apiKeyAt = async (name: string, extra: { owners?: string[]; rotation?: Record<string, unknown> } = {}) => {
+    const provider = await new ProviderServer().start();
+    servers.push(provider);
+    const adminCredential = unique('api-admin');
+    await store(adminCredential, 'token', h.secret(provider.adminToken));
+    const rotation = {
+      provider: 'http',
+      settings: {
+        create: { url: `${provider.url}/keys`, body: { scopes: ['payments:write'] } },
+        verify: { url: `${provider.url}/whoami` },
+        revoke: { url: `${provider.url}/keys/{id}` },
+        auth: { credential: adminCredential },
+        valuePath: 'secret',
+        idPath: 'id',
+      },
+      periodDays: 30,
+      graceHours: 0,
+      maxAttempts: 2,
+      ...extra.rotation,
+    };
+    const v1 = await mintKey(h, provider);
+    // externalId: the provider's id of the hand-stored v1, so the rotation can revoke it there.
+    const id = await store(name, 'api_key', v1.secret, { owners: extra.owners ?? [], rotation, externalId: v1.id });
+    return { provider, id, v1: v1.secret, v1Id: v1.id };
+  };
+
+  /** A dotenv file under the worker's env files root, in several styles, holding KEY=v1. */
+  const envFile = (v1: string) => {
+    const file = `${unique('service')}.env`;
+    const original = Buffer.concat([
+      Buffer.from('# payments service, staging\r\nexport APP_ENV=staging\n'),
+      Buffer.from(`${ENV_KEY}=${v1}\n`),
+      Buffer.from("DB_HOST = db.internal # primary\nGREETING='hello world'\n"),
+      Buffer.from('CITY=caf\xe9\n', 'latin1'),
+      Buffer.from('LAST=1'),
+    ]);
+    writeFileSync(path.join(h.envFilesRoot, file), original, { mode: 0o640 });
+    return { file, original, read: () => readFileSync(path.join(h.envFilesRoot, file)) };
+  };
+  /** The file as it must be with `value` in the key line and every other byte as it was. */
+  const withValue = (original: Buffer, from: string, to: string) => {
+    const lines = original.toString('latin1').split(/(?<=\n)/);
+    expect(lines.filter((l) => l === `${ENV_KEY}=${from}\n`)).toHaveLength(1);
+    return Buffer.from(lines.map((l) => (l === `${ENV_KEY}=${from}\n` ? `${ENV_KEY}=${to}\n` : l)).join(''), 'latin1');
+  };
+
+  const webhook = (receiver: WebhookReceiver, extra: Record<string, unknown> = {}) => ({
+    type: 'webhook',
+    settings: { url: receiver.url, signingKeyCredential: 'hook-signing-key', ...extra },
+  });
+  const setDependents = async (credentialId: string, dependents: unknown[]) => {
+    const res = await h.api('PATCH', `/v1/credentials/${credentialId}`, { token: owner.token, body: { dependents } });
+    expect(res.status, res.text).toBe(200);
+  };
+  const envDependent = (file: string) => ({ type: 'env-file', settings: { file, key: ENV_KEY } });
+  const startConsumer = async (credentialId: string, runs = 1) => {
+    const reader = await h.createIdentity(unique('consumer'));
+    const granted = await h.api('POST', '/v1/grants', { token: owner.token, body: { credential: credentialId, grantee: reader.name } });
+    expect(granted.status, granted.text).toBe(201);
+    const c = consumer(h, signingKey, reader, runs);
+    servers.push(c.receiver);
+    await c.receiver.start();
+    return { ...c, reader };
+  };
+
+  const startRotation = async (credential: string) => {
+    const res = await h.api('POST', '/v1/rotations', { token: owner.token, body: { credentials: [credential] } });
+    expect(res.status, res.text).toBe(202);
+    return res.body.rotationId as string;
+  };
+  const report = async (rotationId: string): Promise<RotationReport> => (await h.api('GET', `/v1/rotations/${rotationId}`, { token: owner.token })).body;
+  const waitForState = (rotationId: string, states: string[], timeoutMs = 30_000) =>
+    waitFor(`rotation ${rotationId} to reach ${states.join(' or ')}`, () => report(rotationId), (r) => states.includes(r.state), { timeoutMs });
+  /** The run's final answer (the batch starts it a moment after the request); every notice of a run is in the sink once it has closed. */
+  const runResult = async (rotationId: string) => {
+    const started = await waitFor(`rotation ${rotationId} to start its run`, () => report(rotationId), (r) => Boolean(r.credentials[0]?.runId));
+    const run = started.credentials[0]!;
+    return h.client.workflow.getHandle(run.workflowId, run.runId!).result();
+  };
+  const expectNoValues = (texts: string[], values: string[]) => {
+    for (const text of texts) {
+      for (const value of values) {
+        expect(text).not.toContain(value);
+        expect(text).not.toContain(Buffer.from(value).toString('base64'));
+      }
+    }
+  };
+  const noticesFor = async (address: string, values: string[]): Promise<StoredMail[]> => {
+    const mails = await mailTo(address);
+    expectNoValues(
+      mails.map((m) => m.raw + (m.mail.text ?? '')),
+      values,
+    );
+    return mails;
+  };
+
+  /** Waits a little for this file's workflows to close, then terminates the rest; returns their ids. */
+  const closeLeftoverRuns = async (): Promise<string[]> => {
+    const open = async () => {
+      const ids: string[] = [];
+      for await (const wf of h.client.workflow.list({ query: `TaskQueue = '${h.taskQueue}' AND ExecutionStatus = 'Running'` })) ids.push(wf.workflowId);
+      return ids.sort();
+    };
+    const left = await waitFor('every workflow of this file to close', open, (ids) => ids.length === 0, { timeoutMs: 15_000 }).catch(() => open());
+    // Rotations first: a batch waiting for one notices it has ended and finishes its activity.
+    for (const id of [...left].sort((a, b) => Number(b.startsWith('rotate:')) - Number(a.startsWith('rotate:')))) {
+      await h.client.workflow.getHandle(id).terminate('left running by a failed test').catch(() => undefined);
+    }
+    return left;
+  };
+
+  beforeAll(async () => {
+    h = await startHarness({ worker: true, securityNotify: [securityDesk] });
+    owner = await h.createIdentity(unique('owner'));
+    signingKey = h.secret(`whsec_${randomBytes(24).toString('hex')}`);
+    await store('hook-signing-key', 'generic', signingKey);
+  });
+  afterAll(async () => {
+    try {
+      // Every run a test started has closed; one left behind (a failed test's grace timer) is ended
+      // here, or the worker could not shut down while its batch waits for it.
+      const leftovers = await closeLeftoverRuns();
+      expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
+      expect(leftovers).toEqual([]);
+    } finally {
+      for (const server of servers) await server.stop();
+      for (const role of roles) await h.sql(`DROP ROLE IF EXISTS ${pg.escapeIdentifier(role)}`);
+      await h.close();
+    }
+  });
+
+  it('http provider + env file + webhook consumer: v2 everywhere, v1 revoked at the provider, one notice, every step audited', async () => {
+    const name = unique('payments-api');
+    const ownerMail = `${name}@example.com`;
+    const credential = await apiKeyAt(name, { owners: [ownerMail] });
+    const { provider } = credential;
+    const v1Value = credential.v1;
+    const env = envFile(v1Value);
+    const original = env.read();
+    const c = await startConsumer(credential.id);
+    await setDependents(credential.id, [envDependent(env.file), webhook(c.receiver)]);
+    const mintedBefore = provider.creates;
+    const revokedBefore = provider.revokes;
+
+    const rotationId = await startRotation(name);
+    await runResult(rotationId);
+    const done = await waitForState(rotationId, ['succeeded']);
+    expect(done.credentials[0]!.progress).toMatchObject({
+      state: 'succeeded',
+      attempt: 1,
+      fromVersion: 1,
+      toVersion: 2,
+      steps: [
+        { name: 'create_pending', state: 'done', attempt: 1 },
+        { name: 'apply_dependents', state: 'done' },
+        { name: 'verify', state: 'done' },
+        { name: 'compensate', state: 'skipped' },
+        { name: 'promote', state: 'done' },
+        { name: 'notify', state: 'done' },
+        { name: 'grace', state: 'skipped' },
+        { name: 'revoke_previous', state: 'done' },
+      ],
+    });
+
+    // The vault: v2 current, v1 previous and revoked.
+    const current = await read({ name });
+    expect(current.body).toMatchObject({ id: credential.id, version: 2, label: 'current' });
+    const v2 = current.body.value as string;
+    expect(v2).toMatch(/^sk_[0-9a-f]{40}$/);
+    expect((await read({ name }, 1)).body).toMatchObject({ version: 1, label: 'previous', value: v1Value });
+    expect(await revokedVersions(credential.id)).toEqual([1]);
+    expect(await credentialRow(credential.id)).toMatchObject({ status: 'active', version: 2, previousVersion: 1, pendingVersion: null });
+
+    // The env file: only the key line changed.
+    expect(env.read().equals(withValue(original, v1Value, v2))).toBe(true);
+
+    // The consumer: signed events with ids and versions only; it read v2 itself, with its own identity.
+    expect(c.receiver.rejected).toEqual([]);
+    expect(c.receiver.events.map((e) => [e.event.type, e.event.version])).toEqual([
+      ['credential.pending', 2],
+      ['credential.verify', 2],
+      ['credential.promoted', 2],
+    ]);
+    for (const { event, raw, headers } of c.receiver.events) {
+      expect(event.credentialId).toBe(credential.id);
+      expect(verifyWebhookSignature(headers['mailgent-signature'] as string, raw, signingKey)).toBe(true);
+      expectNoValues([raw], [v1Value, v2, signingKey, provider.adminToken]);
+    }
+    expect(c.reads).toEqual([{ event: 'credential.pending', version: 2, status: 200, label: 'pending' }]);
+    expect(c.values.get(2)).toBe(v2);
+
+    // The provider: one key minted under the rotation's idempotency key, the old one deleted.
+    expect(provider.creates - mintedBefore).toBe(1);
+    expect(provider.revokes - revokedBefore).toBe(1);
+    const minted = provider.listKeys().filter((k) => k.idempotencyKey?.startsWith(`${rotationId}:`));
+    expect(minted).toEqual([{ id: expect.stringMatching(/^key_/), active: true, idempotencyKey: `${rotationId}:${credential.id}:create:1` }]);
+    expect(provider.listKeys().find((k) => k.id === credential.v1Id)).toMatchObject({ active: false });
+    expect(await whoami(provider, v1Value)).toBe(401);
+    expect(await whoami(provider, v2)).toBe(200);
+
+    // One notice to the owners, without either value.
+    const notices = await noticesFor(ownerMail, [v1Value, v2]);
+    expect(notices).toHaveLength(1);
+    expect(notices[0]!.mail.subject).toBe(`[mailgent] Rotated ${name}`);
+    expect(notices[0]!.mail.text).toContain('Version 2 is now current.\nVersion 1 has been revoked.');
+
+    // The audit log: one row per step of the run, each value read named with its purpose.
+    const audit = (await h.sql('SELECT action, outcome, actor, detail FROM audit_log WHERE credential_id = $1 ORDER BY seq', [credential.id])).rows;
+    const steps = audit
+      .filter((a) => a.actor === `workflow:rotate:${credential.id}`)
+      .map((a) =>
+        a.action === 'rotation.read' ? `read v${a.detail.version} for ${a.detail.purpose}` : a.action === 'mail.send' ? `mail ${a.detail.outcome}` : `${a.action} v${a.detail.version}`,
+      );
+    expect(steps).toEqual([
+      'read v1 for provider.create',
+      'rotation.create_pending v2',
+      'read v2 for dependent.0.apply',
+      'read v2 for dependent.1.apply',
+      'read v2 for provider.verify',
+      'read v2 for dependent.0.verify',
+      'read v2 for dependent.1.verify',
+      'rotation.promote v2',
+      'read v2 for dependent.1.promoted',
+      'read v1 for provider.revoke',
+      'rotation.revoke v1',
+      'mail rotated',
+    ]);
+    expect(audit.every((a) => a.outcome === 'ok')).toBe(true);
+    const consumerReads = audit.filter((a) => a.actor === `identity:${c.reader.id}`);
+    expect(consumerReads.map((a) => [a.action, a.detail.version, a.detail.grantedBy])).toEqual([['vault.get', 2, owner.id]]);
+    expect(audit.filter((a) => a.actor === `identity:${owner.id}`).map((a) => a.action)).toEqual(
+      expect.arrayContaining(['vault.store', 'grant.create', 'credential.update']),
+    );
+  });
+
+  it('a dependent that never picks up the new value fails the rotation after maxAttempts, each attempt with a new key, all undone', async () => {
+    const name = unique('billing-api');
+    const ownerMail = `${name}@example.com`;
+    const receiver = new WebhookReceiver(signingKey);
+    receiver.answerVersion = 1; // it keeps running v1 whatever it is told
+    servers.push(receiver);
+    await receiver.start();
+    const credential = await apiKeyAt(name, { owners: [ownerMail], rotation: { maxAttempts: 2 } });
+    const { provider } = credential;
+    const env = envFile(credential.v1);
+    await setDependents(credential.id, [envDependent(env.file), webhook(receiver)]);
+    const before = env.read();
+    const mintedBefore = provider.creates;
+
+    const rotationId = await startRotation(name);
+    const failure = await runResult(rotationId).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(failure).toBeInstanceOf(WorkflowFailedError);
+    const cause = (failure as WorkflowFailedError).cause;
+    expect(cause).toBeInstanceOf(ApplicationFailure);
+    expect((cause as ApplicationFailure).type).toBe('RotationFailed');
+    const origin = new URL(receiver.url).origin;
+    expect((cause as ApplicationFailure).message).toBe(`webhook ${origin} reports version 1, not 3`);
+
+    const failed = await waitForState(rotationId, ['failed']);
+    expect(failed.credentials[0]).toMatchObject({ state: 'failed', status: 'FAILED', outcome: 'failed' });
+    expect(failed.credentials[0]!.progress).toMatchObject({ attempt: 2, error: `webhook ${origin} reports version 1, not 3` });
+    expect(failed.credentials[0]!.progress!.steps.find((s) => s.name === 'verify')).toMatchObject({ state: 'failed', attempt: 2 });
+    expect(failed.credentials[0]!.progress!.steps.find((s) => s.name === 'compensate')).toMatchObject({ state: 'done', attempt: 2 });
+    expect(failed.credentials[0]!.progress!.steps.find((s) => s.name === 'promote')).toMatchObject({ state: 'waiting' });
+
+    // The env file is byte for byte what it was.
+    expect(env.read().equals(before)).toBe(true);
+
+    // Two attempts, two different keys, both deleted again; v1 still works.
+    const minted = provider.listKeys().filter((k) => k.idempotencyKey?.startsWith(`${rotationId}:`));
+    expect(provider.creates - mintedBefore).toBe(2);
+    expect(minted.map((k) => [k.idempotencyKey, k.active])).toEqual([
+      [`${rotationId}:${credential.id}:create:1`, false],
+      [`${rotationId}:${credential.id}:create:2`, false],
+    ]);
+    expect(new Set(minted.map((k) => k.id)).size).toBe(2);
+    const attempt1 = (await read({ name }, 2)).body;
+    const attempt2 = (await read({ name }, 3)).body;
+    expect(attempt1).toMatchObject({ version: 2, label: null });
+    expect(attempt2).toMatchObject({ version: 3, label: null });
+    expect(new Set([credential.v1, attempt1.value, attempt2.value]).size).toBe(3);
+    expect(await whoami(provider, attempt1.value)).toBe(401);
+    expect(await whoami(provider, attempt2.value)).toBe(401);
+    expect(await whoami(provider, credential.v1)).toBe(200);
+    expect(await revokedVersions(credential.id)).toEqual([2, 3]);
+
+    // The vault: v1 current, nothing pending, the credential marked.
+    expect((await read({ name })).body).toMatchObject({ version: 1, label: 'current', value: credential.v1 });
+    expect(await credentialRow(credential.id)).toMatchObject({ status: 'rotation_failed', version: 1, pendingVersion: null });
+
+    // The receiver was told each pending version, asked about it (the retries of verify in a row
+    // count once), and told to go back to v1; never that anything was promoted. No value in any event.
+    const seen = receiver.events.map((e) => `${e.event.type} v${e.event.version}`).filter((e, i, all) => e !== all[i - 1]);
+    expect(seen).toEqual([
+      'credential.pending v2',
+      'credential.verify v2',
+      'credential.restored v1',
+      'credential.pending v3',
+      'credential.verify v3',
+      'credential.restored v1',
+    ]);
+    expectNoValues(
+      receiver.events.map((e) => e.raw),
+      [credential.v1, attempt1.value, attempt2.value, signingKey],
+    );
+
+    // The owners hear which step failed and why, and nothing secret.
+    const notices = await noticesFor(ownerMail, [credential.v1, attempt1.value, attempt2.value]);
+    expect(notices).toHaveLength(1);
+    expect(notices[0]!.mail.subject).toBe(`[mailgent] Rotation FAILED for ${name}`);
+    expect(notices[0]!.mail.text).toContain(`failed at step verify; it was undone and nothing changed.`);
+    expect(notices[0]!.mail.text).toContain(`Error: webhook ${origin} reports version 1, not 3`);
+    expect(notices[0]!.mail.text).toContain('Version 1 is still current. The credential is marked rotation_failed.');
+  }, 90_000);
+
+  it('a transient provider failure is retried within the same attempt; the lost answer of a create mints no second key', async () => {
+    const name = unique('search-api');
+    const credential = await apiKeyAt(name);
+    const { provider } = credential;
+    const mintedBefore = provider.creates;
+    provider.failNext('create', 1, 503); // refused before doing anything
+    provider.failNext('create', 1, 502, { afterEffect: true }); // the key is minted, the answer lost
+
+    const rotationId = await startRotation(name);
+    await runResult(rotationId);
+    const done = await waitForState(rotationId, ['succeeded']);
+    expect(done.credentials[0]!.progress).toMatchObject({ attempt: 1, state: 'succeeded' });
+    expect(done.credentials[0]!.progress!.steps.find((s) => s.name === 'compensate')).toMatchObject({ state: 'skipped' });
+
+    const creates = provider.requests.filter((r) => r.route === 'create' && r.idempotencyKey?.startsWith(`${rotationId}:`));
+    expect(creates.map((r) => [r.status, r.idempotencyKey])).toEqual([
+      [503, `${rotationId}:${credential.id}:create:1`],
+      [502, `${rotationId}:${credential.id}:create:1`],
+      [201, `${rotationId}:${credential.id}:create:1`],
+    ]);
+    expect(provider.creates - mintedBefore).toBe(1);
+    const v2 = (await read({ name })).body;
+    expect(v2).toMatchObject({ version: 2, label: 'current' });
+    expect(await whoami(provider, v2.value)).toBe(200);
+    expect(await whoami(provider, credential.v1)).toBe(401);
+  });
+
+  it('with a grace period v1 keeps working until the timer ends, then it is revoked; the one notice says until when', async () => {
+    const name = unique('grace-api');
+    const ownerMail = `${name}@example.com`;
+    const credential = await apiKeyAt(name, { owners: [ownerMail], rotation: { graceHours: 0.002 } }); // 7.2 s: room to check both values work
+    const { provider } = credential;
+    const rotationId = await startRotation(name);
+    const grace = await waitForState(rotationId, ['grace']);
+    const graceEndsAt = grace.credentials[0]!.progress!.graceEndsAt!;
+    const v2 = (await read({ name })).body.value as string;
+    expect(await whoami(provider, credential.v1)).toBe(200);
+    expect(await whoami(provider, v2)).toBe(200);
+
+    await runResult(rotationId);
+    const done = await report(rotationId);
+    expect(done.state).toBe('succeeded');
+    expect(done.credentials[0]!.progress!.steps.find((s) => s.name === 'grace')).toMatchObject({ state: 'done' });
+    expect(await whoami(provider, credential.v1)).toBe(401);
+    expect(await whoami(provider, v2)).toBe(200);
+    const revokedAt = (await h.sql('SELECT revoked_at FROM secret_versions WHERE credential_id = $1 AND version = 1', [credential.id])).rows[0]!.revoked_at as Date;
+    expect(revokedAt.getTime()).toBeGreaterThanOrEqual(Date.parse(graceEndsAt));
+
+    const notices = await noticesFor(ownerMail, [credential.v1, v2]);
+    expect(notices).toHaveLength(1);
+    expect(notices[0]!.mail.text).toContain(`Version 2 is now current.\nVersion 1 keeps working until ${graceEndsAt}, then it is revoked.`);
+  });
+
+  it('a leak reported during the grace period revokes the previous version at once and alerts the security desk', async () => {
+    const name = unique('ledger-api');
+    const ownerMail = `${name}@example.com`;
+    const credential = await apiKeyAt(name, { owners: [ownerMail], rotation: { graceHours: 1 } });
+    const { provider } = credential;
+    const rotationId = await startRotation(name);
+    const grace = await waitForState(rotationId, ['grace']);
+    const graceEndsAt = Date.parse(grace.credentials[0]!.progress!.graceEndsAt!);
+    expect(graceEndsAt - Date.now()).toBeGreaterThan(55 * 60_000);
+    const v2 = (await read({ name })).body.value as string;
+    // During grace both values work.
+    expect(await whoami(provider, credential.v1)).toBe(200);
+    expect(await whoami(provider, v2)).toBe(200);
+
+    // The scanner found the old value: reported by its SHA-256, it names version 1, which only needs revoking.
+    const fingerprint = createHash('sha256').update(credential.v1).digest('hex');
+    const reported = await h.api('POST', '/v1/leaks', { token: owner.token, body: { fingerprint, source: 'secret-scanner' } });
+    expect(reported.status, reported.text).toBe(202);
+    expect(reported.body.results).toEqual([expect.objectContaining({ credentialId: credential.id, action: 'rotating', workflowId: `rotate:${credential.id}` })]);
+
+    const done = await waitForState(rotationId, ['succeeded'], 20_000);
+    expect(done.credentials[0]!.progress).toMatchObject({ leakReported: true, state: 'succeeded' });
+    expect(done.credentials[0]!.progress!.steps.find((s) => s.name === 'revoke_previous')).toMatchObject({ state: 'done' });
+    expect(Date.now()).toBeLessThan(graceEndsAt);
+    expect(await whoami(provider, credential.v1)).toBe(401);
+    expect(await whoami(provider, v2)).toBe(200);
+    expect(provider.listKeys().find((k) => k.id === credential.v1Id)).toMatchObject({ active: false });
+    expect(await revokedVersions(credential.id)).toEqual([1]);
+    expect((await read({ name })).body).toMatchObject({ version: 2, label: 'current' });
+    expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [credential.id])).rows).toEqual([{ status: 'closed' }]);
+
+    // The security desk gets the incident alert; the owners get it too, and then the notice it
+    // promises, which corrects the grace notice: version 1 is revoked already.
+    await runResult(rotationId);
+    const security = await waitFor(
+      'the incident alert and the leak notice at the security desk',
+      async () => (await noticesFor(securityDesk, [credential.v1, v2])).filter((m) => m.mail.subject?.endsWith(name)),
+      (mails) => mails.length >= 2,
+      { show: (mails) => mails.map((m) => m.mail.subject) },
+    );
+    const alert = security.find((m) => m.mail.subject === `[mailgent] SECURITY: leak reported for ${name}`);
+    expect(alert?.mail.text).toContain(`(version 1) was reported by secret-scanner`);
+    expect(alert?.mail.text).toContain('You will get a notice when the rotation has finished.');
+    const notices = await noticesFor(ownerMail, [credential.v1, v2]);
+    expect(notices.map((m) => m.mail.subject).sort()).toEqual([`[mailgent] Rotated ${name}`, `[mailgent] Rotated ${name}`, `[mailgent] SECURITY: leak reported for ${name}`]);
+    const [graceNotice, leakNotice] = notices.filter((m) => m.mail.subject === `[mailgent] Rotated ${name}`).sort((a, b) => a.file.localeCompare(b.file));
+    expect(graceNotice!.mail.text).toContain(`Version 1 keeps working until ${grace.credentials[0]!.progress!.graceEndsAt}, then it is revoked.`);
+    expect(leakNotice!.mail.text).toContain('was rotated because a leak was reported.\n\nVersion 2 is now current.\nVersion 1 has been revoked.');
+    expect(security.map((m) => m.mail.subject).sort()).toEqual([`[mailgent] Rotated ${name}`, `[mailgent] SECURITY: leak reported for ${name}`]);
+  });
+
+  it('a rollback during the grace period puts v1 back everywhere and revokes the rotated key; a second rollback is refused', async () => {
+    const name = unique('orders-api');
+    const ownerMail = `${name}@example.com`;
+    const credential = await apiKeyAt(name, { owners: [ownerMail], rotation: { graceHours: 1 } });
+    const { provider } = credential;
+    const env = envFile(credential.v1);
+    const c = await startConsumer(credential.id);
+    await setDependents(credential.id, [envDependent(env.file), webhook(c.receiver)]);
+    const revokedBefore = provider.revokes;
+
+    const rotationId = await startRotation(name);
+    await waitForState(rotationId, ['grace']);
+    const v2 = (await read({ name })).body.value as string;
+    expect(env.read().equals(withValue(env.original, credential.v1, v2))).toBe(true);
+
+    const rolledBack = await h.api('POST', `/v1/rotations/${rotationId}/rollback`, { token: owner.token });
+    expect(rolledBack.status, rolledBack.text).toBe(200);
+    expect(rolledBack.body.results).toEqual([{ credentialId: credential.id, rolledBack: true, current: 1, abandoned: 2 }]);
+    // A second request, while the first is still finishing and after, has nothing left to roll back.
+    const again = await h.api('POST', `/v1/rotations/${rotationId}/rollback`, { token: owner.token });
+    expect(again.status, again.text).toBe(409);
+    expect(again.body.detail).toMatch(/^nothing to roll back: /);
+
+    await runResult(rotationId);
+    const final = await report(rotationId);
+    expect(final.credentials[0]).toMatchObject({ state: 'rolled_back', outcome: 'rolled_back' });
+    expect((await h.api('POST', `/v1/rotations/${rotationId}/rollback`, { token: owner.token })).status).toBe(409);
+
+    expect((await read({ name })).body).toMatchObject({ version: 1, label: 'current', value: credential.v1 });
+    expect(await credentialRow(credential.id)).toMatchObject({ status: 'active', version: 1 });
+    expect(env.read().equals(env.original)).toBe(true);
+    expect(await whoami(provider, v2)).toBe(401);
+    expect(await whoami(provider, credential.v1)).toBe(200);
+    expect(provider.revokes - revokedBefore).toBe(1);
+    expect(await revokedVersions(credential.id)).toEqual([2]);
+    // The consumer was told to go back and read v1 again itself.
+    expect(c.receiver.events.map((e) => `${e.event.type} v${e.event.version}`)).toContain('credential.restored v1');
+    // (Dependents are restored before the vault flips back, so v1 still reads as 'previous' then.)
+    expect(c.reads.at(-1)).toMatchObject({ event: 'credential.restored', version: 1, status: 200 });
+    expect(c.values.get(1)).toBe(credential.v1);
+
+    const notices = await noticesFor(ownerMail, [credential.v1, v2]);
+    expect(notices.map((m) => m.mail.subject)).toEqual(expect.arrayContaining([`[mailgent] Rotated ${name}`, `[mailgent] Rotation rolled back for ${name}`]));
+    expect(notices).toHaveLength(2);
+    const rolledNotice = notices.find((m) => m.mail.subject?.includes('rolled back'))!;
+    expect(rolledNotice.mail.text).toContain('version 1 is current again everywhere');
+    expect(rolledNotice.mail.text).toContain('version 2 was revoked');
+    // The rotation as a whole was rolled back, not failed.
+    expect(final.state).toBe('rolled_back');
+  });
+
+  it('cancelling while a dependent is being updated undoes everything: env file, pending key, vault; v1 stays current', async () => {
+    const name = unique('mailer-api');
+    const ownerMail = `${name}@example.com`;
+    const credential = await apiKeyAt(name, { owners: [ownerMail] });
+    const { provider } = credential;
+    const env = envFile(credential.v1);
+    const c = await startConsumer(credential.id);
+    // The consumer is slow to take the pending version: it holds the request until released.
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    const fetchAndRun = c.receiver.onEvent!;
+    c.receiver.onEvent = async (received) => {
+      await fetchAndRun(received);
+      if (received.event.type === 'credential.pending') await held;
+    };
+    await setDependents(credential.id, [envDependent(env.file), webhook(c.receiver, { timeoutMs: 30_000 })]);
+    const mintedBefore = provider.creates;
+
+    try {
+      const rotationId = await startRotation(name);
+      await waitFor('the consumer to be holding credential.pending', async () => c.receiver.events.length, (count) => count > 0);
+      const applying = await report(rotationId);
+      expect(applying.credentials[0]!.progress!.steps.find((s) => s.name === 'apply_dependents')).toMatchObject({ state: 'running' });
+      const v2 = (await read({ name }, 2)).body;
+      expect(v2).toMatchObject({ label: 'pending' });
+      expect(env.read().equals(withValue(env.original, credential.v1, v2.value))).toBe(true);
+
+      const cancelled = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: owner.token });
+      expect(cancelled.status, cancelled.text).toBe(202);
+      expect(cancelled.body.cancelling).toEqual([credential.id]);
+
+      await runResult(rotationId);
+      const final = await report(rotationId);
+      expect(final.credentials[0]).toMatchObject({ state: 'cancelled', outcome: 'cancelled' });
+      expect(final.credentials[0]!.progress!.steps.find((s) => s.name === 'compensate')).toMatchObject({ state: 'done' });
+      expect(final.credentials[0]!.progress!.steps.find((s) => s.name === 'promote')).toMatchObject({ state: 'waiting' });
+
+      expect(env.read().equals(env.original)).toBe(true);
+      expect(provider.creates - mintedBefore).toBe(1);
+      expect(provider.listKeys().filter((k) => k.idempotencyKey?.startsWith(`${rotationId}:`))).toEqual([
+        { id: expect.stringMatching(/^key_/), active: false, idempotencyKey: `${rotationId}:${credential.id}:create:1` },
+      ]);
+      expect(await whoami(provider, v2.value)).toBe(401);
+      expect(await whoami(provider, credential.v1)).toBe(200);
+      expect((await read({ name })).body).toMatchObject({ version: 1, label: 'current', value: credential.v1 });
+      expect(await credentialRow(credential.id)).toMatchObject({ status: 'active', version: 1, pendingVersion: null });
+      expect(c.receiver.events.map((e) => `${e.event.type} v${e.event.version}`)).toEqual(['credential.pending v2', 'credential.restored v1']);
+
+      const notices = await noticesFor(ownerMail, [credential.v1, v2.value]);
+      expect(notices.map((m) => m.mail.subject)).toEqual([`[mailgent] Rotation cancelled for ${name}`]);
+      expect(notices[0]!.mail.text).toContain('was cancelled and undone; version 1 is still current.');
+      // The rotation as a whole was cancelled, not failed.
+      expect(final.state).toBe('cancelled');
+    } finally {
+      release();
+    }
+  });
+
+  it('postgres-role through the workflow: afterwards only the new password logs in', async () => {
+    const role = `mg_life_${tag}`;
+    const v1 = h.secret(randomBytes(18).toString('base64url'));
+    await h.sql(`CREATE ROLE ${pg.escapeIdentifier(role)} LOGIN PASSWORD ${pg.escapeLiteral(v1)}`);
+    roles.push(role);
+    h.secret(h.databaseUrl);
+    const adminPassword = decodeURIComponent(new URL(h.databaseUrl).password);
+    if (adminPassword) h.secret(adminPassword);
+    const adminName = unique('pg-admin');
+    await store(adminName, 'generic', h.databaseUrl);
+    const name = unique('app-db');
+    const id = await store(name, 'password', v1, {
+      rotation: { provider: 'postgres-role', settings: { adminCredential: adminName, role }, periodDays: 30, graceHours: 0 },
+    });
+    expect(await canLogin(h, role, v1)).toBe(true);
+
+    const rotationId = await startRotation(name);
+    await runResult(rotationId);
+    const done = await waitForState(rotationId, ['succeeded']);
+    expect(done.credentials[0]!.progress).toMatchObject({ fromVersion: 1, toVersion: 2, attempt: 1 });
+
+    const v2 = (await read({ name })).body;
+    expect(v2).toMatchObject({ version: 2, label: 'current', value: expect.stringMatching(/^[A-Za-z0-9]{32}$/) });
+    expect(await canLogin(h, role, v1)).toBe(false);
+    expect(await canLogin(h, role, v2.value)).toBe(true);
+    expect(await revokedVersions(id)).toEqual([1]);
+  });
+
+  it('a grantee reads by id only, never changes the credential, and loses access the moment the grant is revoked', async () => {
+    const name = unique('shared-token');
+    const value = h.secret(`tok_${randomBytes(16).toString('hex')}`);
+    const id = await store(name, 'token', value);
+    const reader = await h.createIdentity(unique('reader'));
+    const third = await h.createIdentity(unique('third'));
+    const granted = await h.api('POST', '/v1/grants', { token: owner.token, body: { credential: name, grantee: reader.name } });
+    expect(granted.status, granted.text).toBe(201);
+    expect(granted.body).toMatchObject({ credentialId: id, granteeId: reader.id, ownerId: owner.id });
+    const grantId = granted.body.id as string;
+
+    expect((await read({ id }, undefined, reader.token)).body).toMatchObject({ id, version: 1, value });
+    expect((await read({ name }, undefined, reader.token)).status).toBe(404);
+
+    // Reading is all a grant allows.
+    const as = (method: string, route: string, body?: unknown) => h.api(method, route, { token: reader.token, body });
+    expect((await as('PATCH', `/v1/credentials/${id}`, { owners: ['intruder@example.com'] })).status).toBe(404);
+    expect((await as('DELETE', `/v1/credentials/${id}`)).status).toBe(404);
+    expect((await as('DELETE', `/v1/credentials/${id}?destroy=true`)).status).toBe(404);
+    expect((await as('POST', '/v1/rotations', { credentials: [id] })).status).toBe(404);
+    expect((await as('POST', '/v1/grants', { credential: id, grantee: third.name })).status).toBe(404);
+    expect((await as('DELETE', `/v1/grants/${grantId}`)).status).toBe(404);
+    // Storing under the owner's name makes the reader's own credential; the owner's is untouched.
+    const own = await store(name, 'token', h.secret(`tok_${randomBytes(16).toString('hex')}`), {}, reader.token);
+    expect(own).not.toBe(id);
+    expect((await read({ name })).body).toMatchObject({ id, version: 1, value });
+    expect(await credentialRow(id)).toMatchObject({ version: 1, owners: [], status: 'active' });
+
+    const revoked = await h.api('DELETE', `/v1/grants/${grantId}`, { token: owner.token });
+    expect(revoked.status, revoked.text).toBe(200);
+    expect(revoked.body).toMatchObject({ id: grantId });
+    expect((await read({ id }, undefined, reader.token)).status).toBe(404);
+    expect((await read({ id }, 1, reader.token)).status).toBe(404);
+    expect((await h.api('GET', '/v1/grants', { token: reader.token })).body.received).toEqual([]);
+    expect((await h.api('DELETE', `/v1/grants/${grantId}`, { token: owner.token })).status).toBe(404);
+
+    const reads = (await h.sql(`SELECT outcome, detail FROM audit_log WHERE actor = $1 AND action = 'vault.get' ORDER BY seq`, [`identity:${reader.id}`])).rows;
+    expect(reads.map((r) => r.outcome)).toEqual(['ok', 'denied', 'denied', 'denied']);
+    expect(reads[0]!.detail).toMatchObject({ grantedBy: owner.id, version: 1 });
+  });
+});

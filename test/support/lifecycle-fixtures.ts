@@ -1,0 +1,104 @@
+import { randomUUID } from 'node:crypto';
+import pg from 'pg';
+import type { Harness } from './harness';
+import { readMailbox, recipients, type StoredMail } from './mail';
+import type { ProviderServer } from './provider-server';
+import { WebhookReceiver } from './webhook-receiver';
+
+/** Fixtures for test/lifecycle.test.ts: real keys, real consumers, bounded waits. */
+
+export interface Identity {
+  id: string;
+  token: string;
+  name: string;
+}
+
+/**
+ * Polls `probe` until `done` holds, for at most `timeoutMs`; a timeout names what was awaited and
+ * the last value seen, so a failure says where the run got stuck.
+ */
+export async function waitFor<T>(
+  what: string,
+  probe: () => Promise<T>,
+  done: (value: T) => boolean,
+  { timeoutMs = 30_000, show = (value: T): unknown => value }: { timeoutMs?: number; show?: (value: T) => unknown } = {},
+): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await probe();
+    if (done(value)) return value;
+    if (Date.now() > deadline) throw new Error(`waited ${timeoutMs} ms for ${what}; last seen: ${JSON.stringify(show(value))}`);
+    await new Promise((resolve) => setTimeout(resolve, 150));
+  }
+}
+
+/** Mints a key at the provider server the way an operator would, with its admin token. */
+export async function mintKey(h: Harness, server: ProviderServer): Promise<{ id: string; secret: string }> {
+  const res = await fetch(`${server.url}/keys`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${server.adminToken}`, 'idempotency-key': `fixture:${randomUUID()}` },
+  });
+  if (res.status !== 201) throw new Error(`minting a fixture key failed: ${res.status}`);
+  const key = (await res.json()) as { id: string; secret: string };
+  h.secret(key.secret);
+  return key;
+}
+
+/** The status /whoami answers for a key: 200 while it works, 401 once revoked. */
+export async function whoami(server: ProviderServer, secret: string): Promise<number> {
+  const res = await fetch(`${server.url}/whoami`, { headers: { authorization: `Bearer ${secret}` } });
+  await res.body?.cancel();
+  return res.status;
+}
+
+/** Logs in as `role` with `password` on the harness's cluster; false on a wrong password. */
+export async function canLogin(h: Harness, role: string, password: string): Promise<boolean> {
+  const url = new URL(h.databaseUrl);
+  url.username = role;
+  url.password = encodeURIComponent(password);
+  const client = new pg.Client({ connectionString: url.href });
+  client.on('error', () => undefined);
+  try {
+    await client.connect();
+    await client.query('SELECT 1');
+    return true;
+  } catch (err) {
+    if ((err as { code?: string }).code === '28P01') return false;
+    throw err;
+  } finally {
+    await client.end().catch(() => undefined);
+  }
+}
+
+/** Every message the SMTP sink holds for `address` (the sink is shared by all test files). */
+export async function mailTo(address: string): Promise<StoredMail[]> {
+  return (await readMailbox()).filter((m) => recipients(m.mail).includes(address));
+}
+
+export interface ConsumerRead {
+  event: string;
+  version: number;
+  status: number;
+  label?: string;
+}
+
+/**
+ * A webhook consumer as a real one would behave: on credential.pending or credential.restored it
+ * reads that version itself with its own identity (POST /v1/vault.get by id), starts "running" it,
+ * and reports it when asked to verify. It starts out running `runs`.
+ */
+export function consumer(h: Harness, signingKey: string, reader: Identity, runs: number) {
+  const receiver = new WebhookReceiver(signingKey);
+  receiver.answerVersion = runs;
+  const reads: ConsumerRead[] = [];
+  const values = new Map<number, string>();
+  receiver.onEvent = async ({ event }) => {
+    if (event.type !== 'credential.pending' && event.type !== 'credential.restored') return;
+    const res = await h.api('POST', '/v1/vault.get', { token: reader.token, body: { id: event.credentialId, version: event.version } });
+    reads.push({ event: event.type, version: event.version, status: res.status, label: res.body?.label });
+    if (res.status !== 200) return;
+    values.set(res.body.version, h.secret(res.body.value as string));
+    receiver.answerVersion = res.body.version;
+  };
+  return { receiver, reads, values };
+}
