@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
+import { base32 } from './support/base32';
 
 // RFC 6238 Appendix B: the seeds are ASCII "1234567890" repeated to 20, 32 and 64 bytes.
 const SEEDS = {
@@ -18,21 +19,6 @@ const VECTORS: [number, string, string, string][] = [
   [20000000000, '65353130', '77737706', '47863826'],
 ];
 
-function base32(s: string): string {
-  const alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ234567';
-  let bits = 0;
-  let value = 0;
-  let out = '';
-  for (const byte of Buffer.from(s)) {
-    value = ((value << 8) | byte) & 0xffff;
-    bits += 8;
-    while (bits >= 5) {
-      out += alphabet[(value >>> (bits - 5)) & 31];
-      bits -= 5;
-    }
-  }
-  return bits > 0 ? out + alphabet[(value << (5 - bits)) & 31] : out;
-}
 
 describe('vault.totp over HTTP, clock pinned (RFC 6238 Appendix B)', () => {
   let h: Harness;

@@ -71,7 +71,7 @@ export async function startHarness(
   const logFile = path.join(dir, 'service.log');
   const logStream = createWriteStream(logFile);
   const logger = createLogger({ level: 'info', destination: logStream });
-  if (opts.worker) quietTemporal(logger);
+  quietTemporal(logger);
 
   const services = openServices({
     databaseUrl,

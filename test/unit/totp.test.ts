@@ -1,21 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { normalizeTotp, parseStoredTotp, toOtpauthUri, totpCode } from '../../vault/totp';
+import { base32 } from '../support/base32';
 
-const base32 = (s: string) => {
-  const alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ234567';
-  let bits = 0;
-  let value = 0;
-  let out = '';
-  for (const byte of Buffer.from(s)) {
-    value = (value << 8) | byte;
-    bits += 8;
-    while (bits >= 5) {
-      out += alphabet[(value >>> (bits - 5)) & 31];
-      bits -= 5;
-    }
-  }
-  return bits > 0 ? out + alphabet[(value << (5 - bits)) & 31] : out;
-};
 
 describe('TOTP parameters', () => {
   it('normalises a secret with spaces and lower case, and round-trips through the stored URI', () => {
