@@ -12,11 +12,15 @@ import { freePort } from '../embedded/ports';
  */
 const ROOT = path.resolve(import.meta.dirname, '..');
 
+/** Every service this file starts, so a failing test still stops them (afterAll). */
+const started: ChildProcess[] = [];
+
 function start(env: Record<string, string>): { proc: ChildProcess; output: () => string; exited: Promise<number | null> } {
   const clean = Object.fromEntries(
     Object.entries(process.env).filter(([k]) => !['DATABASE_URL', 'TEMPORAL_ADDRESS', 'SMTP_URL', 'VAULT_MASTER_KEY', 'ADMIN_TOKEN', 'PORT'].includes(k)),
   );
   const proc = spawn(process.execPath, ['--import', 'tsx', 'cli/main.ts', 'serve'], { cwd: ROOT, env: { ...clean, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  started.push(proc);
   let out = '';
   proc.stdout!.on('data', (d) => (out += d));
   proc.stderr!.on('data', (d) => (out += d));
@@ -62,7 +66,15 @@ describe('npm start with the embedded defaults', () => {
     port = await freePort();
     url = `http://127.0.0.1:${port}`;
   });
-  afterAll(() => rmSync(dataDir, { recursive: true, force: true }));
+  afterAll(async () => {
+    for (const proc of started) {
+      if (proc.exitCode !== null || proc.signalCode !== null) continue;
+      proc.kill('SIGTERM');
+      const stopped = await Promise.race([new Promise((r) => proc.once('exit', () => r(true))), new Promise((r) => setTimeout(() => r(false), 30_000))]);
+      if (!stopped) proc.kill('SIGKILL');
+    }
+    rmSync(dataDir, { recursive: true, force: true });
+  });
 
   it('serves the walk-through, stops cleanly on SIGTERM, and keeps its data across a restart', { timeout: 300_000 }, async () => {
     const first = start({ DATA_DIR: dataDir, PORT: String(port) });
