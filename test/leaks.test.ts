@@ -126,6 +126,20 @@ describe('POST /v1/leaks', () => {
     expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
   });
 
+  it('when a leak rotation fails, the incident closes and the next report tries again', async () => {
+    // A TOTP seed cannot be rotated by the default provider: the leak rotation fails (and says so).
+    const res = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'leaked-seed', kind: 'totp_seed', totp: { secret: h.secret('JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXQ') } } });
+    const id = res.body.id as string;
+    const first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'leaked-seed', source: 'scan-1' } });
+    expect(first.body.results[0].action).toBe('rotating');
+    await expect(h.client.workflow.getHandle(`rotate:${id}`).result()).rejects.toThrow();
+    expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
+    const second = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'leaked-seed', source: 'scan-2' } });
+    expect(second.body.results[0].action).toBe('rotating');
+    expect(second.body.results[0].incidentId).not.toBe(first.body.results[0].incidentId);
+    await expect(h.client.workflow.getHandle(`rotate:${id}`).result()).rejects.toThrow();
+  });
+
   it('refuses details that carry the leaked value, and unknown credentials', async () => {
     await store('careful', 'careful-secret-value-01');
     const res = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'careful', source: 'x', details: 'found careful-secret-value-01 in a gist' } });

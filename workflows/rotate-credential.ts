@@ -93,6 +93,8 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     progress.error = error ?? progress.error;
     await CancellationScope.nonCancellable(async () => {
       await db.recordOutcome({ ...ids, outcome, fromVersion: progress.fromVersion, toVersion: progress.toVersion, error: progress.error });
+      // An open leak incident would make later reports only join it: close it, so they rotate again.
+      await db.closeLeakIncidents(ids);
       await step('notify', () =>
         mail.sendRotationNotice({
           ...ids,
