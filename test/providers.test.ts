@@ -11,6 +11,7 @@ import type { Caller } from '../vault/vault';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 import { ProviderServer } from './support/provider-server';
+import { canLogin as canLoginAs } from './support/lifecycle-fixtures';
 
 /**
  * The postgres-role and http providers against real servers: the file's PostgreSQL cluster (roles
@@ -70,23 +71,7 @@ describe('rotation providers', () => {
       roles.push(role);
       return { role, password };
     };
-    const canLogin = async (role: string, password: string): Promise<boolean> => {
-      const url = new URL(h.databaseUrl);
-      url.username = role;
-      url.password = encodeURIComponent(password);
-      const client = new pg.Client({ connectionString: url.href });
-      client.on('error', () => undefined);
-      try {
-        await client.connect();
-        await client.query('SELECT 1');
-        return true;
-      } catch (err) {
-        if ((err as { code?: string }).code === '28P01') return false;
-        throw err;
-      } finally {
-        await client.end().catch(() => undefined);
-      }
-    };
+    const canLogin = (role: string, password: string) => canLoginAs(h, role, password);
     const roleUrl = (role: string, password: string) => `postgresql://${role}:${encodeURIComponent(password)}@${server.host}${server.pathname}`;
     const passwordOf = (url: string) => decodeURIComponent(new URL(url).password);
 
