@@ -3,7 +3,7 @@ import { withTransaction } from '../db/pool';
 import { UnprocessableError } from '../core/errors';
 import { appendAudit } from '../vault/audit';
 import type { Mailer } from './mailer';
-import { deliverQueued, queueMail, type DeliveryResult } from './outbox';
+import { deliverQueued, queueMail, type DeliveryResult, type QueuedMail } from './outbox';
 import { findStoredValue } from './secret-scan';
 
 /**
@@ -11,13 +11,7 @@ import { findStoredValue } from './secret-scan';
  * exactly like an agent's mail.send: checked for stored values, queued with its audit row, then
  * delivered. The id is derived from what the notice is about, so a retry never sends it twice.
  */
-export interface Notice {
-  id: string;
-  identityId: string | null;
-  purpose: string;
-  to: string[];
-  subject: string;
-  text: string;
+export interface Notice extends Omit<QueuedMail, 'html'> {
   actor: string;
   requestId?: string;
   credentialId?: string | null;
