@@ -1,67 +1,108 @@
 import { ConfigError, loadConfig } from '../core/config';
-import { createLogger } from '../core/logger';
-import { migrate } from '../db/pool';
-import { rekey } from './rekey';
-import { serve } from './serve';
+import { clientCommands } from './client/commands';
+import { CliError, EXIT, usageError } from './client/errors';
+import { reportError } from './client/context';
 
-const USAGE = `Usage: mailgent <command>
-
-Commands:
-  serve     run the API and a worker, embedding Postgres, Temporal and an SMTP sink
-            for whatever DATABASE_URL, TEMPORAL_ADDRESS and SMTP_URL do not name (default)
-  api       run only the HTTP API
-  worker    run only a Temporal worker
-  migrate   bring the database schema up to date and exit
-  rekey     re-wrap every data key under a new master key and exit
-
-Configuration is read from the environment; see the README.`;
-
-async function main(argv: string[]): Promise<number> {
-  const command = argv[0] ?? 'serve';
-  if (command === 'help' || command === '--help' || command === '-h') {
-    process.stdout.write(`${USAGE}\n`);
-    return 0;
-  }
-  const config = loadConfig();
-  const logger = createLogger({ level: config.LOG_LEVEL });
-  switch (command) {
-    case 'serve':
-      await serve(config, logger, ['api', 'worker']);
-      return 0;
-    case 'api':
-      await serve(config, logger, ['api']);
-      return 0;
-    case 'worker':
-      await serve(config, logger, ['worker']);
-      return 0;
-    case 'migrate': {
-      if (!config.DATABASE_URL) throw new Error('migrate needs DATABASE_URL (serve migrates the embedded database itself)');
-      await migrate(config.DATABASE_URL, logger);
-      process.stdout.write('schema is up to date\n');
-      return 0;
-    }
-    case 'rekey': {
-      const result = await rekey(config, logger);
-      process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
-      return 0;
-    }
-    default:
-      process.stderr.write(`unknown command '${command}'\n\n${USAGE}\n`);
-      return 2;
-  }
+/**
+ * The `mailgent` command (bin/mailgent.js runs this file through tsx). Service commands read their
+ * configuration from the environment and load the server code only when run; client commands
+ * talk to a running service over its HTTP API. Exit codes are documented in the README ("CLI").
+ */
+interface Command {
+  /** The line in the usage text. */
+  summary: string;
+  usage?: string;
+  run(args: string[]): Promise<number>;
 }
 
-main(process.argv.slice(2)).then(
+const serviceCommand = (summary: string, run: () => Promise<number>): Command => ({
+  summary,
+  async run(args) {
+    if (args.length) throw usageError(`unexpected argument '${args[0]}': configuration comes from the environment`, USAGE);
+    return run();
+  },
+});
+
+async function service() {
+  const { createLogger } = await import('../core/logger');
+  const config = loadConfig();
+  return { config, logger: createLogger({ level: config.LOG_LEVEL }) };
+}
+
+async function serveParts(parts: ('api' | 'worker')[]): Promise<number> {
+  const { config, logger } = await service();
+  const { serve } = await import('./serve');
+  await serve(config, logger, parts);
+  return EXIT.ok;
+}
+
+const COMMANDS: Record<string, Command> = {
+  serve: serviceCommand('serve                      run the API and a worker, embedding what is not configured (default)', () => serveParts(['api', 'worker'])),
+  api: serviceCommand('api                        run only the HTTP API', () => serveParts(['api'])),
+  worker: serviceCommand('worker                     run only a Temporal worker', () => serveParts(['worker'])),
+  migrate: serviceCommand('migrate                    bring the database schema up to date and exit', async () => {
+    const { config, logger } = await service();
+    if (!config.DATABASE_URL) throw usageError('migrate needs DATABASE_URL (serve migrates the embedded database itself)');
+    const { migrate } = await import('../db/pool');
+    await migrate(config.DATABASE_URL, logger);
+    process.stdout.write('schema is up to date\n');
+    return EXIT.ok;
+  }),
+  rekey: serviceCommand('rekey                      re-wrap every data key under a new master key and exit', async () => {
+    const { config, logger } = await service();
+    const { rekey } = await import('./rekey');
+    process.stdout.write(`${JSON.stringify(await rekey(config, logger), null, 2)}\n`);
+    return EXIT.ok;
+  }),
+  ...clientCommands,
+};
+
+const USAGE = `Usage: mailgent <command> [options]     (mailgent <command> --help for its options)
+
+Service (configured by environment variables, see the README):
+${['serve', 'api', 'worker', 'migrate', 'rekey'].map((c) => `  ${COMMANDS[c]!.summary}`).join('\n')}
+
+Client (talk to a running service: MAILGENT_URL, MAILGENT_TOKEN, MAILGENT_ADMIN_TOKEN):
+${Object.keys(COMMANDS)
+  .filter((c) => !['serve', 'api', 'worker', 'migrate', 'rekey'].includes(c))
+  .map((c) => `  ${COMMANDS[c]!.summary}`)
+  .join('\n')}
+
+Client options: --url <url>, --token <token> (or --admin-token), --json (one JSON document on stdout).
+Exit codes: 0 ok, 1 the operation failed, 2 usage or configuration error,
+            3 not authorised or not found, 4 service unreachable or busy (retry later).`;
+
+async function main(argv: string[]): Promise<number> {
+  const [name = 'serve', ...args] = argv;
+  if (name === 'help' || name === '--help' || name === '-h') {
+    const topic = name === 'help' && args[0] ? COMMANDS[args[0]] : undefined;
+    process.stdout.write(`${topic?.usage ?? USAGE}\n`);
+    return EXIT.ok;
+  }
+  const command = Object.hasOwn(COMMANDS, name) ? COMMANDS[name] : undefined;
+  if (!command) throw usageError(`unknown command '${name}'`, USAGE);
+  if (args.includes('--help') || args.includes('-h')) {
+    process.stdout.write(`${command.usage ?? USAGE}\n`);
+    return EXIT.ok;
+  }
+  return command.run(args);
+}
+
+const argv = process.argv.slice(2);
+main(argv).then(
   (code) => {
     if (code !== 0) process.exitCode = code;
   },
   (err) => {
-    if (err instanceof ConfigError) {
+    if (err instanceof CliError) {
+      reportError(err, argv[0] ?? 'serve', argv.includes('--json'));
+      process.exitCode = err.exitCode;
+    } else if (err instanceof ConfigError) {
       process.stderr.write(`${err.message}\n`);
-      process.exitCode = 2;
+      process.exitCode = EXIT.usage;
     } else {
       process.stderr.write(`mailgent: ${(err as Error).message}\n`);
-      process.exitCode = 1;
+      process.exitCode = EXIT.failed;
     }
   },
 );

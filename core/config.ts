@@ -40,8 +40,11 @@ const masterKey = z.string().refine((value) => isInlineMasterKey(value) || isExi
   error: 'must be base64 of exactly 32 bytes, or the path of an existing keyring file',
 });
 
+/** The API's port when PORT is not set; also where the CLI's client commands look by default. */
+export const DEFAULT_PORT = 8080;
+
 const schema = z.object({
-  PORT: port.default(8080),
+  PORT: port.default(DEFAULT_PORT),
   HOST: z.string().min(1).default('127.0.0.1'),
   DATA_DIR: z.string().min(1, 'must not be empty').default('.data'),
   DATABASE_URL: url(['postgres:', 'postgresql:']).optional(),
@@ -65,6 +68,11 @@ const schema = z.object({
   ORPHAN_REPORT_CRON: cron.default('0 6 * * 1'),
   ORPHAN_DAYS: z.coerce.number().int().min(1).max(3650).default(30),
   DELETE_RETENTION_DAYS: z.coerce.number().int().min(0).max(3650).default(30),
+  AUTH_FAILURE_LIMIT: z.coerce.number().int().min(1).max(1_000_000).default(50),
+  AUTH_FAILURE_WINDOW_SECONDS: z.coerce.number().int().min(1).max(86_400).default(300),
+  // Well below 2^32, the NIST limit for AES-GCM with random nonces (see vault/data-keys.ts).
+  DATA_KEY_MAX_ENCRYPTIONS: z.coerce.number().int().min(1).max(2 ** 31).default(2 ** 30),
+  SHUTDOWN_GRACE_SECONDS: z.coerce.number().int().min(0).max(3600).default(30),
 });
 
 /** Variables whose values are secret: a problem with them never repeats the value. */

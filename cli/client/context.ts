@@ -1,0 +1,131 @@
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { DEFAULT_PORT } from '../../core/config';
+import { CliError, EXIT, exitCodeOf, unreachable, usageError, type Problem } from './errors';
+
+/**
+ * What every client command shares: its flags (node:util parseArgs, strict), where the API is,
+ * which token it sends, and how it answers (human text, or one JSON document with --json).
+ */
+type Options = NonNullable<ParseArgsConfig['options']>;
+
+const COMMON = {
+  url: { type: 'string' },
+  json: { type: 'boolean', default: false },
+} as const satisfies Options;
+
+export function parse<T extends Options>(args: string[], options: T, usage: string) {
+  try {
+    return parseArgs({ args, options: { ...COMMON, ...options }, allowPositionals: true, strict: true });
+  } catch (err) {
+    throw usageError((err as Error).message, usage);
+  }
+}
+
+export const TOKEN_OPTION = { token: { type: 'string' } } as const satisfies Options;
+export const ADMIN_TOKEN_OPTION = { 'admin-token': { type: 'string' } } as const satisfies Options;
+
+export function baseUrl(flag: string | undefined, env = process.env): string {
+  const raw = flag ?? (env.MAILGENT_URL || `http://127.0.0.1:${DEFAULT_PORT}`);
+  let url: URL;
+  try {
+    url = new URL(raw);
+  } catch {
+    throw usageError(`the API URL (--url or MAILGENT_URL) must be an http:// or https:// URL (got ${JSON.stringify(raw)})`);
+  }
+  if (url.protocol !== 'http:' && url.protocol !== 'https:') {
+    throw usageError(`the API URL (--url or MAILGENT_URL) must be an http:// or https:// URL (got ${JSON.stringify(raw)})`);
+  }
+  return raw.replace(/\/+$/, '');
+}
+
+export function identityToken(flag: string | undefined, env = process.env): string {
+  const token = flag ?? env.MAILGENT_TOKEN;
+  if (!token) throw usageError('no identity token: set MAILGENT_TOKEN (or pass --token)');
+  return token;
+}
+
+/** The admin token: --admin-token, MAILGENT_ADMIN_TOKEN, ADMIN_TOKEN, else the file `serve` generated in DATA_DIR. */
+export function adminToken(flag: string | undefined, env = process.env): string {
+  const given = flag ?? (env.MAILGENT_ADMIN_TOKEN || env.ADMIN_TOKEN);
+  if (given) return given;
+  const file = path.resolve(env.DATA_DIR || '.data', 'admin-token');
+  try {
+    const token = readFileSync(file, 'utf8').trim();
+    if (token) return token;
+  } catch {
+    // Not there: say where we looked.
+  }
+  throw usageError(`no admin token: set MAILGENT_ADMIN_TOKEN (or pass --admin-token), or run where ${file} exists`);
+}
+
+/** A small client for the HTTP API. A refusal becomes a CliError carrying the API's problem details. */
+export class Api {
+  constructor(
+    readonly url: string,
+    private readonly token: string,
+  ) {}
+
+  async call<T = any>(method: string, route: string, body?: unknown): Promise<T> {
+    let res: Response;
+    try {
+      res = await fetch(this.url + route, {
+        method,
+        headers: { authorization: `Bearer ${this.token}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
+        body: body === undefined ? undefined : JSON.stringify(body),
+        signal: AbortSignal.timeout(60_000),
+      });
+    } catch (err) {
+      const cause = (err as { cause?: { code?: string; message?: string } }).cause;
+      throw unreachable(`cannot reach the Mailgent API at ${this.url}: ${cause?.code ?? cause?.message ?? (err as Error).message}`);
+    }
+    const text = await res.text();
+    let parsed: unknown;
+    try {
+      parsed = text ? JSON.parse(text) : undefined;
+    } catch {
+      parsed = undefined;
+    }
+    if (res.ok) return parsed as T;
+    const problem: Problem =
+      parsed && typeof parsed === 'object' && 'detail' in parsed
+        ? (parsed as Problem)
+        : { type: 'about:blank', title: res.statusText || 'Error', status: res.status, detail: `the API answered HTTP ${res.status}` };
+    throw new CliError(exitCodeOf(res.status), problem);
+  }
+}
+
+/** Where answers go: with --json exactly one JSON document on stdout; otherwise text for people. */
+export class Out {
+  constructor(readonly json: boolean) {}
+
+  /** The command's result: JSON, or the human rendering. */
+  result(value: unknown, human: () => void): void {
+    if (this.json) process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
+    else human();
+  }
+
+  line(text = ''): void {
+    process.stdout.write(`${text}\n`);
+  }
+
+  /** Descriptions and progress for people, on stderr; nothing in --json mode. */
+  note(text: string): void {
+    if (!this.json) process.stderr.write(`${text}\n`);
+  }
+}
+
+/** Reports a failure: the problem as JSON on stdout in --json mode, and one readable message on stderr. */
+export function reportError(err: CliError, command: string, json: boolean): void {
+  const p = err.problem;
+  if (json) process.stdout.write(`${JSON.stringify(p, null, 2)}\n`);
+  const status = p.status ? ` (${p.status})` : '';
+  const lines = [`mailgent ${command}: ${p.title}${status}: ${p.detail}`];
+  for (const e of p.errors ?? []) lines.push(`  ${e.path}: ${e.message}`);
+  if (typeof p.requestId === 'string') lines.push(`  request id: ${p.requestId}`);
+  if (err.usage && !json) lines.push('', err.usage);
+  process.stderr.write(`${lines.join('\n')}\n`);
+}
+
+export { EXIT };

@@ -1,0 +1,47 @@
+/**
+ * Exit codes are a contract with scripts (README, "CLI"): they never change meaning.
+ *   0 ok · 1 the operation failed · 2 usage or configuration error · 3 not authorised or not found
+ *   4 the service is unreachable or busy (try again later)
+ */
+export const EXIT = { ok: 0, failed: 1, usage: 2, denied: 3, unavailable: 4 } as const;
+export type ExitCode = (typeof EXIT)[keyof typeof EXIT];
+
+/** RFC 9457 problem details, as the API sends them (or as the CLI builds them for local errors). */
+export interface Problem {
+  type: string;
+  title: string;
+  status?: number;
+  detail: string;
+  errors?: { path: string; message: string }[];
+  [extra: string]: unknown;
+}
+
+const LOCAL = 'https://mailgent.dev/problems/cli-';
+
+/** A failure the CLI reports and exits with. Its message never carries a secret value. */
+export class CliError extends Error {
+  constructor(
+    readonly exitCode: ExitCode,
+    readonly problem: Problem,
+    /** Usage text to print after the message (usage errors). */
+    readonly usage?: string,
+  ) {
+    super(problem.detail);
+  }
+}
+
+export function usageError(detail: string, usage?: string): CliError {
+  return new CliError(EXIT.usage, { type: `${LOCAL}usage`, title: 'Usage error', detail }, usage);
+}
+
+export function unreachable(detail: string): CliError {
+  return new CliError(EXIT.unavailable, { type: `${LOCAL}unreachable`, title: 'Service unreachable', detail });
+}
+
+/** What an API refusal means for a script: the exit code of each HTTP status. */
+export function exitCodeOf(status: number): ExitCode {
+  if (status === 400 || status === 413 || status === 415) return EXIT.usage;
+  if (status === 401 || status === 403 || status === 404) return EXIT.denied;
+  if (status === 429 || status === 503) return EXIT.unavailable;
+  return EXIT.failed;
+}

@@ -1,0 +1,165 @@
+import { KINDS } from '../../vault/types';
+import { CliError, EXIT, usageError } from './errors';
+import { Api, baseUrl, identityToken, Out, parse, TOKEN_OPTION } from './context';
+import { Progress, table } from './render';
+import type { ClientCommand } from './commands';
+
+/**
+ * `mailgent rotate`: starts a rotation (POST /v1/rotations, by names or with the API's own filter
+ * {kind, olderThanDays}), then follows GET /v1/rotations/:id until every credential has an
+ * outcome, drawing progress on stderr, and ends with a table of what changed.
+ */
+
+const usage = `Usage: mailgent rotate <name|id>... [options]
+       mailgent rotate --kind <kind> [--older-than <days>d] [options]
+
+Rotates credentials through their rotation policy, follows the batch until every credential has an
+outcome, and prints a table: credential, old version → new version, outcome. Exit 0 when every
+credential rotated (a rotation in its grace period counts: the new version is current), 1 when any
+failed, was cancelled or rolled back.
+
+Options:
+  --kind <kind>           rotate every credential of this kind (${KINDS.join(', ')})
+  --older-than <n>d       ... whose current version is older than n days (e.g. 90d)
+  --reason <text>         recorded with the rotation
+  --notify <email>        gets one summary of the batch (repeatable)
+  --no-wait               print the rotation id and return at once
+  --timeout <n>s|m|h      stop following after this long (exit 1; the rotation goes on). Default 30m
+  --interval <ms>         how often to poll (default 500)
+
+Progress goes to stderr: a bar on a terminal, one line per finished credential otherwise, nothing
+with --json. --json prints {rotationId, state, reason, credentials: [{credentialId, name,
+fromVersion, toVersion, outcome, error}]} (with --no-wait: {rotationId, batchWorkflowId, workflowIds}).
+
+Connection: --url or MAILGENT_URL; identity: --token or MAILGENT_TOKEN.`;
+
+interface RunReport {
+  credentialId: string;
+  name: string;
+  state: string;
+  status: string | null;
+  outcome: string | null;
+  progress: { fromVersion?: number; toVersion?: number; error?: string; graceEndsAt?: string; steps?: { name: string; state: string; error?: string }[] } | null;
+}
+
+interface RotationReport {
+  rotationId: string;
+  state: string;
+  reason: string | null;
+  credentials: RunReport[];
+}
+
+const FINISHED = new Set(['succeeded', 'grace', 'failed', 'cancelled', 'rolled_back']);
+const OK_STATES = new Set(['succeeded', 'grace']);
+
+function days(raw: string | undefined): number | undefined {
+  if (raw === undefined) return undefined;
+  const m = /^(\d+)d?$/.exec(raw);
+  if (!m) throw usageError(`--older-than must be whole days, e.g. 90d (got '${raw}')`, usage);
+  return Number(m[1]);
+}
+
+function duration(raw: string): number {
+  const m = /^(\d+)(ms|s|m|h)$/.exec(raw);
+  if (!m) throw usageError(`--timeout must be a number with s, m or h, e.g. 10m (got '${raw}')`, usage);
+  return Number(m[1]) * { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[m[2] as 'ms' | 's' | 'm' | 'h'];
+}
+
+export const rotate: ClientCommand = {
+  summary: 'rotate <name>... | --kind  rotate credentials; follows the batch and prints what changed',
+  usage,
+  async run(args) {
+    const { values, positionals: names } = parse(
+      args,
+      {
+        ...TOKEN_OPTION,
+        kind: { type: 'string' },
+        'older-than': { type: 'string' },
+        reason: { type: 'string' },
+        notify: { type: 'string', multiple: true },
+        'no-wait': { type: 'boolean', default: false },
+        timeout: { type: 'string', default: '30m' },
+        interval: { type: 'string', default: '500' },
+      },
+      usage,
+    );
+    const filtered = values.kind !== undefined || values['older-than'] !== undefined;
+    if (names.length > 0 && filtered) throw usageError('give credential names or a filter (--kind, --older-than), not both', usage);
+    if (names.length === 0 && !filtered) throw usageError('name the credentials to rotate, or give a filter (--kind, --older-than)', usage);
+    if (values.kind !== undefined && !(KINDS as readonly string[]).includes(values.kind)) throw usageError(`--kind must be one of ${KINDS.join(', ')}`, usage);
+    const olderThanDays = days(values['older-than']);
+    const timeoutMs = duration(values.timeout);
+    if (!/^\d+$/.test(values.interval) || Number(values.interval) < 50) throw usageError('--interval must be a whole number of milliseconds ≥ 50', usage);
+    const interval = Number(values.interval);
+    const api = new Api(baseUrl(values.url), identityToken(values.token));
+    const out = new Out(values.json);
+
+    const started = await api.call<{ rotationId: string; batchWorkflowId: string; workflowIds: string[] }>('POST', '/v1/rotations', {
+      ...(filtered ? { filter: { ...(values.kind ? { kind: values.kind } : {}), ...(olderThanDays !== undefined ? { olderThanDays } : {}) } } : { credentials: names }),
+      ...(values.reason ? { reason: values.reason } : {}),
+      ...(values.notify ? { notify: values.notify } : {}),
+    });
+    if (values['no-wait']) {
+      out.result(started, () => out.line(started.rotationId));
+      return EXIT.ok;
+    }
+
+    const total = started.workflowIds.length;
+    out.note(`rotation ${started.rotationId}: ${total} credential${total === 1 ? '' : 's'}`);
+    const progress = values.json ? undefined : new Progress(total);
+    const deadline = Date.now() + timeoutMs;
+    let report: RotationReport;
+    for (;;) {
+      report = await api.call<RotationReport>('GET', `/v1/rotations/${started.rotationId}`);
+      const done = report.credentials.filter((c) => FINISHED.has(c.state));
+      progress?.update(
+        done.map((c) => ({ key: c.credentialId, line: `${c.name}: ${outcomeText(c)}` })),
+        done.filter((c) => !OK_STATES.has(c.state)).length,
+      );
+      if (report.state !== 'running') break;
+      if (Date.now() > deadline) {
+        progress?.end();
+        throw new CliError(EXIT.failed, {
+          type: 'https://mailgent.dev/problems/cli-timeout',
+          title: 'Still running',
+          detail: `rotation ${started.rotationId} had not finished after ${values.timeout}; it goes on: follow it with GET /v1/rotations/${started.rotationId}`,
+          rotationId: started.rotationId,
+        });
+      }
+      await new Promise((r) => setTimeout(r, interval));
+    }
+    progress?.end();
+
+    const credentials = report.credentials.map((c) => ({
+      credentialId: c.credentialId,
+      name: c.name,
+      fromVersion: c.progress?.fromVersion ?? null,
+      toVersion: c.progress?.toVersion ?? null,
+      outcome: c.state,
+      ...(c.state === 'grace' && c.progress?.graceEndsAt ? { graceEndsAt: c.progress.graceEndsAt } : {}),
+      error: errorOf(c),
+    }));
+    out.result({ rotationId: report.rotationId, state: report.state, reason: report.reason, credentials }, () => {
+      out.line(
+        table(
+          ['CREDENTIAL', 'VERSION', 'OUTCOME'],
+          report.credentials.map((c) => [c.name, `${c.progress?.fromVersion ?? '?'} → ${OK_STATES.has(c.state) ? (c.progress?.toVersion ?? '?') : '–'}`, outcomeText(c)]),
+        ),
+      );
+      const failed = credentials.filter((c) => !OK_STATES.has(c.outcome)).length;
+      out.line(`\nrotation ${report.rotationId}: ${report.state} (${credentials.length - failed} rotated, ${failed} not)`);
+    });
+    return OK_STATES.has(report.state) ? EXIT.ok : EXIT.failed;
+  },
+};
+
+function errorOf(c: RunReport): string | null {
+  if (OK_STATES.has(c.state)) return null;
+  return c.progress?.error ?? c.progress?.steps?.find((s) => s.error)?.error ?? null;
+}
+
+function outcomeText(c: RunReport): string {
+  if (c.state === 'grace') return `succeeded; previous version valid until ${c.progress?.graceEndsAt ?? 'the grace period ends'}`;
+  const error = errorOf(c);
+  return error ? `${c.state}: ${error}` : c.state;
+}
