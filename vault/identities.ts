@@ -1,7 +1,7 @@
 import { createHash, randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
 import type { Pool } from '../db/pool';
 import { withTransaction } from '../db/pool';
-import { ConflictError } from '../core/errors';
+import { ConflictError, NotFoundError } from '../core/errors';
 import { appendAudit } from './audit';
 import type { DataKeys } from './data-keys';
 
@@ -13,6 +13,14 @@ export interface Identity {
   id: string;
   name: string;
   email: string | null;
+}
+
+/** How the identity's MCP calls treat values (see the mcp_settings migration). */
+export interface McpSettings {
+  /** vault_get over MCP answers a handle and metadata, not the value. */
+  mcpMasking: boolean;
+  /** vault_get over MCP may reveal the value when asked explicitly (reveal: true). */
+  allowUnmaskedRead: boolean;
 }
 
 export const TOKEN_PREFIX = 'mgt_';
@@ -62,6 +70,28 @@ export class Identities {
     const row = rows[0];
     if (!row || !timingSafeEqual(hash, row.token_hash)) return undefined;
     return { id: row.id, name: row.name, email: row.email };
+  }
+
+  /** Read at every MCP call, so a change by the admin applies at once, even to an open session. */
+  async mcpSettings(id: string): Promise<McpSettings> {
+    const { rows } = await this.pool.query('SELECT mcp_masking, allow_unmasked_read FROM identities WHERE id = $1', [id]);
+    if (!rows[0]) throw new NotFoundError(`no identity with id ${id}`);
+    return { mcpMasking: rows[0].mcp_masking, allowUnmaskedRead: rows[0].allow_unmasked_read };
+  }
+
+  /** The admin changes an identity's MCP settings; audited as identity.update in the same transaction. */
+  async updateSettings(id: string, patch: Partial<McpSettings>, audit: { actor: string; requestId?: string }): Promise<Identity & McpSettings> {
+    return withTransaction(this.pool, async (tx) => {
+      const { rows } = await tx.query(
+        `UPDATE identities SET mcp_masking = coalesce($2, mcp_masking), allow_unmasked_read = coalesce($3, allow_unmasked_read)
+          WHERE id = $1 RETURNING id, name, email, mcp_masking, allow_unmasked_read`,
+        [id, patch.mcpMasking ?? null, patch.allowUnmaskedRead ?? null],
+      );
+      if (!rows[0]) throw new NotFoundError(`no identity with id ${id}`);
+      await appendAudit(tx, { identityId: id, actor: audit.actor, action: 'identity.update', outcome: 'ok', requestId: audit.requestId, detail: { ...patch } });
+      const r = rows[0];
+      return { id: r.id, name: r.name, email: r.email, mcpMasking: r.mcp_masking, allowUnmaskedRead: r.allow_unmasked_read };
+    });
   }
 
   async get(id: string): Promise<Identity | undefined> {

@@ -9,6 +9,8 @@ export interface Caller {
   identityId: string;
   actor: string;
   requestId?: string;
+  /** The interface the call came through when it is not the REST API (recorded in its audit rows). */
+  via?: 'mcp';
 }
 
 export type CredentialRef = { id: string } | { name: string };

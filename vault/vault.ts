@@ -88,9 +88,9 @@ export class Vault {
     });
   }
 
-  /** Reads a version's value (the current one unless `version` is given). */
-  get(caller: Caller, ref: CredentialRef, version?: number): Promise<SecretRead> {
-    return audited(this.pool, caller, 'vault.get', refDetail(ref, version), async (tx, note) => {
+  /** Reads a version's value (the current one unless `version` is given). `auditDetail` is added to the audit row (never a value). */
+  get(caller: Caller, ref: CredentialRef, version?: number, auditDetail: Record<string, unknown> = {}): Promise<SecretRead> {
+    return audited(this.pool, caller, 'vault.get', { ...refDetail(ref, version), ...auditDetail }, async (tx, note) => {
       const row = await this.readVersion(tx, caller.identityId, ref, version, note);
       return {
         id: row.id,
@@ -102,6 +102,17 @@ export class Vault {
         createdAt: row.createdAt.toISOString(),
         ageDays: this.ageDays(row.createdAt),
       };
+    });
+  }
+
+  /**
+   * A masked read (MCP's default): what `get` returns except the value, with the same scoping and
+   * an audit row of the same action marked `masked`. The value is never decrypted.
+   */
+  getMasked(caller: Caller, ref: CredentialRef, version?: number): Promise<Omit<SecretRead, 'value'>> {
+    return audited(this.pool, caller, 'vault.get', { ...refDetail(ref, version), masked: true }, async (tx, note) => {
+      const { value: _none, ...row } = await this.readVersion(tx, caller.identityId, ref, version, note, { open: false });
+      return { ...row, createdAt: row.createdAt.toISOString(), ageDays: this.ageDays(row.createdAt) };
     });
   }
 
@@ -287,7 +298,7 @@ export class Vault {
     return rows[0].id;
   }
 
-  private async readVersion(tx: Db, callerId: string, ref: CredentialRef, version: number | undefined, note: AuditNote) {
+  private async readVersion(tx: Db, callerId: string, ref: CredentialRef, version: number | undefined, note: AuditNote, opts = { open: true }) {
     const byId = 'id' in ref;
     // Own credentials by name or id; credentials granted to the caller by id only (names are per owner).
     const { rows } = await tx.query(
@@ -312,7 +323,7 @@ export class Vault {
     note.detail.version = row.version;
     if (row.identity_id !== callerId) note.detail.grantedBy = row.identity_id;
     await tx.query('UPDATE credentials SET last_accessed_at = $2 WHERE id = $1', [row.id, this.clock()]);
-    const value = await this.secrets.open(tx, row.identity_id, row.id, row.name, row);
+    const value = opts.open ? await this.secrets.open(tx, row.identity_id, row.id, row.name, row) : '';
     const label: VersionLabel =
       row.version === row.current_version ? 'current' : row.version === row.previous_version ? 'previous' : row.version === row.pending_version ? 'pending' : null;
     return { id: row.id as string, name: row.name as string, kind: row.kind as Kind, version: row.version as number, label, value, createdAt: row.created_at as Date };
