@@ -5,6 +5,7 @@ import path from 'node:path';
 import { Client, Connection } from '@temporalio/client';
 import { NativeConnection } from '@temporalio/worker';
 import { createApp } from '../api/app';
+import { listen } from '../api/server';
 import { createDependents } from '../dependents';
 import type { Config } from '../core/config';
 import type { Logger } from '../core/logger';
@@ -29,6 +30,7 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
   const closers: { name: string; close: () => Promise<unknown> }[] = [];
   const onClose = (name: string, close: () => Promise<unknown>) => closers.unshift({ name, close });
   let stopping = false;
+  const graceMs = config.SHUTDOWN_GRACE_SECONDS * 1000;
 
   const stop = async (code: number) => {
     if (stopping) return;
@@ -62,20 +64,36 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
 
     await migrate(databaseUrl, logger);
     const keyring = Keyring.fromSetting(config.VAULT_MASTER_KEY ?? ensureKeyringFile(config.dataDir));
-    const services = openServices({ databaseUrl, poolSize: config.DATABASE_POOL_SIZE, keyring, smtpUrl, mailFrom: config.MAIL_FROM, logger });
+    const services = openServices({
+      databaseUrl,
+      poolSize: config.DATABASE_POOL_SIZE,
+      keyring,
+      smtpUrl,
+      mailFrom: config.MAIL_FROM,
+      logger,
+      maxEncryptionsPerKey: config.DATA_KEY_MAX_ENCRYPTIONS,
+    });
     onClose('services', () => services.close());
 
     const clientConnection = await Connection.connect({ address: temporalAddress });
     onClose('temporal client', () => clientConnection.close());
-    const client = new Client({ connection: clientConnection, namespace: config.TEMPORAL_NAMESPACE });
+    const client = new Client({ connection: clientConnection, namespace: config.TEMPORAL_NAMESPACE, dataConverter: services.dataConverter });
 
     if (parts.includes('worker')) {
       const connection = await NativeConnection.connect({ address: temporalAddress });
       onClose('worker connection', () => connection.close());
       mkdirSync(config.envFilesRoot, { recursive: true, mode: 0o700 });
       const deps = activityDeps(services, { envFilesRoot: config.envFilesRoot, client, taskQueue: config.TASK_QUEUE, securityNotify: config.SECURITY_NOTIFY });
-      const worker = await createWorker({ connection, namespace: config.TEMPORAL_NAMESPACE, taskQueue: config.TASK_QUEUE, deps });
+      const worker = await createWorker({
+        connection,
+        namespace: config.TEMPORAL_NAMESPACE,
+        taskQueue: config.TASK_QUEUE,
+        deps,
+        dataConverter: services.dataConverter,
+        shutdownGraceMs: graceMs,
+      });
       const running = worker.run();
+      // Polling stops at once; running activities get the grace period to finish, then are cancelled.
       onClose('worker', async () => {
         if (worker.getState() === 'RUNNING') worker.shutdown();
         await running;
@@ -107,14 +125,21 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
         taskQueue: config.TASK_QUEUE,
         adminToken,
         logger,
+        authFailures: { maxFailures: config.AUTH_FAILURE_LIMIT, windowMs: config.AUTH_FAILURE_WINDOW_SECONDS * 1000 },
       });
-      const server: Server = app.listen(config.PORT, config.HOST);
+      const server: Server = listen(app, config.PORT, config.HOST);
       await once(server, 'listening');
-      // Stop taking connections, let in-flight requests finish, then close idle keep-alive sockets.
-      onClose('http', () => {
+      // Stop taking connections and close idle keep-alive sockets; in-flight requests get the grace
+      // period to finish (their connections close after the response), then are cut.
+      onClose('http', async () => {
         const closed = new Promise((resolve) => server.close(resolve));
         server.closeIdleConnections();
-        return closed;
+        const cut = setTimeout(() => {
+          logger.warn({ graceSeconds: config.SHUTDOWN_GRACE_SECONDS }, 'in-flight requests did not finish in time; closing their connections');
+          server.closeAllConnections();
+        }, graceMs);
+        await closed;
+        clearTimeout(cut);
       });
       logger.info({ port: config.PORT, host: config.HOST }, 'API listening');
     }

@@ -1,9 +1,11 @@
+import type { DataConverter } from '@temporalio/common';
 import type { Logger } from './logger';
 import { createPool, type Pool } from '../db/pool';
 import { createMailer, type Mailer } from '../mail/mailer';
 import { DataKeys } from '../vault/data-keys';
 import { Grants } from '../vault/grants';
 import { Identities } from '../vault/identities';
+import { dataConverter, EncryptionCodec } from '../vault/payload-codec';
 import type { Keyring } from '../vault/keyring';
 import { RotationVault } from '../vault/rotation-vault';
 import { SecretStore } from '../vault/secret-store';
@@ -19,6 +21,8 @@ export interface Services {
   secrets: SecretStore;
   identities: Identities;
   mailer: Mailer;
+  /** Encrypts every Temporal payload; every client, worker and replayer of this deployment uses it. */
+  dataConverter: DataConverter;
   close(): Promise<void>;
 }
 
@@ -30,10 +34,12 @@ export function openServices(opts: {
   mailFrom: string;
   logger?: Logger;
   clock?: () => Date;
+  /** GCM encryptions per data key before a new one takes over (DATA_KEY_MAX_ENCRYPTIONS). */
+  maxEncryptionsPerKey?: number;
 }): Services {
   const clock = opts.clock ?? (() => new Date());
   const pool = createPool(opts.databaseUrl, opts.poolSize, opts.logger);
-  const dataKeys = new DataKeys(pool, opts.keyring);
+  const dataKeys = new DataKeys(pool, opts.keyring, { maxEncryptions: opts.maxEncryptionsPerKey });
   const secrets = new SecretStore(dataKeys, clock);
   const mailer = createMailer(opts.smtpUrl, opts.mailFrom);
   return {
@@ -45,6 +51,7 @@ export function openServices(opts: {
     secrets,
     identities: new Identities(pool, dataKeys),
     mailer,
+    dataConverter: dataConverter(EncryptionCodec.fromDataKeys(dataKeys, pool)),
     async close() {
       mailer.close();
       await pool.end();

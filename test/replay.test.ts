@@ -2,6 +2,7 @@ import { Worker, bundleWorkflowCode } from '@temporalio/worker';
 import { DeterminismViolationError } from '@temporalio/workflow';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { FAILURE_CONVERTER_PATH } from '../vault/payload-codec';
 import { expectCleanRun, replayFailures } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 
@@ -32,8 +33,9 @@ describe('replaying recorded histories', () => {
     const history = await h.client.workflow.getHandle(id).fetchHistory();
     const changed = await bundleWorkflowCode({
       workflowsPath: path.resolve(import.meta.dirname, 'fixtures/changed-workflows.ts'),
+      failureConverterPath: FAILURE_CONVERTER_PATH,
       logger: { log() {}, trace() {}, debug() {}, info() {}, warn() {}, error() {} },
     });
-    await expect(Worker.runReplayHistory({ workflowBundle: changed }, history, id)).rejects.toBeInstanceOf(DeterminismViolationError);
+    await expect(Worker.runReplayHistory({ workflowBundle: changed, dataConverter: h.services.dataConverter }, history, id)).rejects.toBeInstanceOf(DeterminismViolationError);
   });
 });

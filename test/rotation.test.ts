@@ -4,7 +4,7 @@ import { ApplicationFailure } from '@temporalio/common';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createActivities } from '../activities';
-import { expectCleanRun } from './support/leaks';
+import { decodedHistoryText, expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 import { waitForMail } from './support/mail';
 
@@ -23,8 +23,7 @@ describe('rotateCredential', () => {
     }
     throw new Error(`rotation ${rotationId} did not finish: ${JSON.stringify(last)}`);
   };
-  const history = async (workflowId: string) =>
-    JSON.stringify(await h.client.workflow.getHandle(workflowId).fetchHistory(), (_k, v) => (v instanceof Uint8Array ? Buffer.from(v).toString('utf8') : v));
+  const history = async (workflowId: string) => decodedHistoryText(h, await h.client.workflow.getHandle(workflowId).fetchHistory());
 
   beforeAll(async () => {
     h = await startHarness({ worker: true });

@@ -9,6 +9,7 @@ import { migrate } from '../../db/pool';
 import { startEmbeddedPostgres } from '../../embedded/postgres';
 import { startSmtpSink } from '../../embedded/smtp-sink';
 import { startEmbeddedTemporal } from '../../embedded/temporal';
+import { FAILURE_CONVERTER_PATH } from '../../vault/payload-codec';
 import { WORKFLOWS_PATH } from '../../worker/worker';
 
 /**
@@ -49,7 +50,7 @@ export default async function setup(project: TestProject) {
         ? { address: process.env.TEMPORAL_ADDRESS, stop: async () => undefined }
         : startEmbeddedTemporal({ dataDir: path.join(tmpDir, 'temporal'), namespace: 'default', cliPath: process.env.TEMPORAL_CLI_PATH }),
       startSmtpSink({ mailDir: path.join(tmpDir, 'mail') }),
-      bundleWorkflowCode({ workflowsPath: WORKFLOWS_PATH, logger: quietLogger }),
+      bundleWorkflowCode({ workflowsPath: WORKFLOWS_PATH, failureConverterPath: FAILURE_CONVERTER_PATH, logger: quietLogger }),
     ] as const);
     // Whatever started must be stopped, even when something else failed to start.
     for (const s of started) if (s.status === 'fulfilled' && 'stop' in s.value) stops.push(s.value.stop);

@@ -8,6 +8,7 @@ import { Client, Connection } from '@temporalio/client';
 import { NativeConnection, type Worker } from '@temporalio/worker';
 import { inject } from 'vitest';
 import { createApp } from '../../api/app';
+import { listen } from '../../api/server';
 import { createLogger } from '../../core/logger';
 import { openServices, type Services } from '../../core/services';
 import { newToken } from '../../vault/identities';
@@ -55,13 +56,26 @@ export interface ApiResponse {
 }
 
 export async function startHarness(
-  opts: { worker?: boolean; clock?: () => Date; smtpUrl?: string; securityNotify?: string[] } = {},
+  opts: {
+    worker?: boolean;
+    clock?: () => Date;
+    smtpUrl?: string;
+    securityNotify?: string[];
+    /** Invalid tokens a client may present per window before it is throttled (the service default otherwise). */
+    authFailures?: { maxFailures: number; windowMs: number };
+    /** A Temporal server of the test's own (the fault suite restarts one); the run's shared server otherwise. */
+    temporalAddress?: string;
+    /** host:port through which the API and workers reach PostgreSQL (a fault proxy); h.sql stays direct. */
+    databaseHost?: string;
+  } = {},
 ): Promise<Harness> {
   const tag = randomBytes(4).toString('hex');
   const dbName = `t_${tag}`;
   const adminUrl = inject('pgAdminUrl');
   await createDatabase(adminUrl, dbName, inject('templateDb'));
   const databaseUrl = withDatabase(adminUrl, dbName);
+  const serviceDatabaseUrl = opts.databaseHost ? withHost(databaseUrl, opts.databaseHost) : databaseUrl;
+  const temporalAddress = opts.temporalAddress ?? inject('temporalAddress');
 
   const dir = path.join(inject('tmpDir'), `harness-${tag}`);
   mkdirSync(dir, { recursive: true });
@@ -74,7 +88,7 @@ export async function startHarness(
   quietTemporal(logger);
 
   const services = openServices({
-    databaseUrl,
+    databaseUrl: serviceDatabaseUrl,
     poolSize: 10,
     keyring: Keyring.fromSetting(keyringFile),
     smtpUrl: opts.smtpUrl ?? inject('smtpUrl'),
@@ -83,8 +97,8 @@ export async function startHarness(
     clock: opts.clock,
   });
   const superuser = new pg.Pool({ connectionString: databaseUrl, max: 2 });
-  const connection = await Connection.connect({ address: inject('temporalAddress') });
-  const client = new Client({ connection, namespace: 'default' });
+  const connection = await Connection.connect({ address: temporalAddress });
+  const client = new Client({ connection, namespace: 'default', dataConverter: services.dataConverter });
   const taskQueue = `test-${tag}`;
   const envFilesRoot = path.join(dir, 'env-files');
   mkdirSync(envFilesRoot, { recursive: true });
@@ -94,12 +108,13 @@ export async function startHarness(
   let workerRun: Promise<void> | undefined;
   let nativeConnection: NativeConnection | undefined;
   if (opts.worker) {
-    nativeConnection = await NativeConnection.connect({ address: inject('temporalAddress') });
+    nativeConnection = await NativeConnection.connect({ address: temporalAddress });
     worker = await createWorker({
       connection: nativeConnection,
       namespace: 'default',
       taskQueue,
       deps,
+      dataConverter: services.dataConverter,
       workflowBundle: { codePath: inject('workflowBundlePath') },
     });
     workerRun = worker.run();
@@ -116,8 +131,9 @@ export async function startHarness(
     taskQueue,
     adminToken,
     logger,
+    authFailures: opts.authFailures,
   });
-  const server = app.listen(0, '127.0.0.1');
+  const server = listen(app, 0, '127.0.0.1');
   await once(server, 'listening');
   const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
   const secrets: string[] = [];
@@ -146,8 +162,8 @@ export async function startHarness(
     deps,
     envFilesRoot,
     workerEnv: () => ({
-      DATABASE_URL: databaseUrl,
-      TEMPORAL_ADDRESS: inject('temporalAddress'),
+      DATABASE_URL: serviceDatabaseUrl,
+      TEMPORAL_ADDRESS: temporalAddress,
       SMTP_URL: opts.smtpUrl ?? inject('smtpUrl'),
       TASK_QUEUE: taskQueue,
       VAULT_MASTER_KEY: keyringFile,
@@ -233,6 +249,12 @@ function quietTemporal(logger: ReturnType<typeof createLogger>): void {
   } catch {
     // Already installed in this process.
   }
+}
+
+function withHost(url: string, host: string): string {
+  const u = new URL(url);
+  u.host = host;
+  return u.toString();
 }
 
 /** Reads the harness's own log file (for leak checks). */

@@ -1,10 +1,39 @@
 import { readFileSync } from 'node:fs';
+import type { Payload } from '@temporalio/common';
 import { Worker } from '@temporalio/worker';
 import { inject } from 'vitest';
 import type { Harness } from './harness';
 import { readMailbox } from './mail';
 
 type History = Awaited<ReturnType<ReturnType<Harness['client']['workflow']['getHandle']>['fetchHistory']>>;
+
+/** A history as text with byte fields as UTF-8: what anyone reading the Temporal server sees. */
+export function rawHistoryText(history: unknown): string {
+  return JSON.stringify(history, (_k, v) => (v instanceof Uint8Array ? Buffer.from(v).toString('utf8') : v));
+}
+
+/**
+ * A history as text with every payload decrypted by this deployment's codec — what an operator
+ * with the key sees. Searching this too proves values stay out of payloads, not just that the
+ * codec hides them.
+ */
+export async function decodedHistoryText(h: Harness, history: unknown): Promise<string> {
+  const codecs = h.services.dataConverter.payloadCodecs ?? [];
+  const decodeAll = async (node: unknown): Promise<unknown> => {
+    if (node instanceof Uint8Array || node === null || typeof node !== 'object') return node;
+    if (Array.isArray(node)) return Promise.all(node.map(decodeAll));
+    const record = node as Record<string, unknown>;
+    if (record.metadata && typeof record.metadata === 'object' && record.data instanceof Uint8Array) {
+      let payloads = [record as Payload];
+      for (const codec of [...codecs].reverse()) payloads = await codec.decode(payloads);
+      return payloads[0];
+    }
+    const out: Record<string, unknown> = {};
+    for (const [k, v] of Object.entries(record)) out[k] = await decodeAll(v);
+    return out;
+  };
+  return rawHistoryText(await decodeAll(history));
+}
 
 async function histories(h: Harness): Promise<{ workflowId: string; runId: string; history: History }[]> {
   const out = [];
@@ -27,7 +56,8 @@ export async function findLeaks(h: Harness): Promise<string[]> {
   places.push(['mail_outbox', JSON.stringify(outbox.rows)]);
   for (const m of await readMailbox()) places.push([`email ${m.file}`, m.raw + (m.mail.text ?? '')]);
   for (const { workflowId, history } of await histories(h)) {
-    places.push([`history of ${workflowId}`, JSON.stringify(history, (_k, v) => (v instanceof Uint8Array ? Buffer.from(v).toString('utf8') : v))]);
+    places.push([`history of ${workflowId}`, rawHistoryText(history)]);
+    places.push([`decoded history of ${workflowId}`, await decodedHistoryText(h, history)]);
   }
   const hits: string[] = [];
   for (const secret of h.secrets) {
@@ -46,7 +76,7 @@ export async function findLeaks(h: Harness): Promise<string[]> {
 export async function replayFailures(h: Harness): Promise<string[]> {
   const recorded = await histories(h);
   const failures: string[] = [];
-  for await (const result of Worker.runReplayHistories({ workflowBundle: { codePath: inject('workflowBundlePath') } }, recorded)) {
+  for await (const result of Worker.runReplayHistories({ workflowBundle: { codePath: inject('workflowBundlePath') }, dataConverter: h.services.dataConverter }, recorded)) {
     if (result.error) failures.push(`${result.workflowId}: ${result.error.message}`);
   }
   return failures;
