@@ -2,6 +2,7 @@ import { ConfigError, loadConfig } from '../core/config';
 import { clientCommands } from './client/commands';
 import { CliError, EXIT, usageError } from './client/errors';
 import { reportError } from './client/context';
+import { MCP_USAGE, mcpCommand } from './mcp';
 
 /**
  * The `mailgent` command (bin/mailgent.js runs this file through tsx). Service commands read their
@@ -55,6 +56,7 @@ const COMMANDS: Record<string, Command> = {
     return EXIT.ok;
   }),
   ...clientCommands,
+  mcp: { summary: 'mcp                        MCP over stdio for an agent, bridged to the running service', usage: MCP_USAGE, run: mcpCommand },
 };
 
 const USAGE = `Usage: mailgent <command> [options]     (mailgent <command> --help for its options)

@@ -1,0 +1,58 @@
+import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
+import { StdioServerTransport } from '@modelcontextprotocol/sdk/server/stdio.js';
+import { isJSONRPCRequest, type JSONRPCMessage } from '@modelcontextprotocol/sdk/types.js';
+import { baseUrl, identityToken, parse, TOKEN_OPTION } from './client/context';
+import { EXIT, usageError } from './client/errors';
+
+/**
+ * `mailgent mcp`: MCP over stdio for agents that launch their tools as processes. It is a bridge,
+ * not a second server: every message goes to a running Mailgent's /mcp with the identity token
+ * from MAILGENT_TOKEN, and every answer comes back unchanged. So the tools, their scoping, audit
+ * and masking are the server's by construction, and the agent's machine holds no master key,
+ * no database address and no secret beyond its own token. Stdout carries only the protocol.
+ */
+export const MCP_USAGE = `Usage: mailgent mcp [--url <url>] [--token <token>]
+
+MCP over stdio, bridged to a running Mailgent's /mcp (MAILGENT_URL, default http://127.0.0.1:8080)
+with an identity token (MAILGENT_TOKEN). Configure it as a stdio server in the agent's MCP client.`;
+
+export async function mcpCommand(args: string[]): Promise<number> {
+  const { values, positionals } = parse(args, TOKEN_OPTION, MCP_USAGE);
+  if (positionals.length) throw usageError(`unexpected argument '${positionals[0]}'`, MCP_USAGE);
+  await mcpBridge(new URL(`${baseUrl(values.url)}/mcp`), identityToken(values.token));
+  return EXIT.ok;
+}
+
+export async function mcpBridge(url: URL, token: string): Promise<void> {
+  const remote = new StreamableHTTPClientTransport(url, { requestInit: { headers: { authorization: `Bearer ${token}` } } });
+  const local = new StdioServerTransport();
+  const closed = new Promise<void>((resolve) => {
+    local.onclose = resolve;
+  });
+
+  local.onmessage = (message: JSONRPCMessage) => {
+    remote.send(message).catch((err: Error) => {
+      // The server could not be reached or refused the request (a bad token is a 401 problem):
+      // the caller gets a JSON-RPC error for its request instead of waiting forever.
+      if (isJSONRPCRequest(message)) {
+        void local.send({ jsonrpc: '2.0', id: message.id, error: { code: -32000, message: `mailgent: ${err.message}` } });
+      } else {
+        process.stderr.write(`mailgent mcp: ${err.message}\n`);
+      }
+    });
+  };
+  remote.onmessage = (message: JSONRPCMessage) => {
+    // Later requests carry the negotiated version in their header, as the SDK's own client does.
+    const version = (message as { result?: { protocolVersion?: unknown } }).result?.protocolVersion;
+    if (typeof version === 'string') remote.setProtocolVersion(version);
+    void local.send(message);
+  };
+  remote.onerror = (err) => process.stderr.write(`mailgent mcp: ${err.message}\n`);
+
+  await remote.start();
+  await local.start();
+  // Stdin closing (the client went away) ends the bridge.
+  process.stdin.once('end', () => void local.close());
+  await closed;
+  await remote.close();
+}
