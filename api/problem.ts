@@ -1,5 +1,5 @@
 import type { ErrorRequestHandler, Response } from 'express';
-import { AppError, UnavailableError, type FieldError } from '../core/errors';
+import { AppError, TooManyRequestsError, UnavailableError, type FieldError } from '../core/errors';
 import type { Logger } from '../core/logger';
 
 /** RFC 9457 problem details: the one place errors become HTTP responses. */
@@ -16,7 +16,13 @@ export interface Problem {
   [extra: string]: unknown;
 }
 
-const DB_DOWN_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EPIPE', '57P01', '57P02', '57P03', '08000', '08001', '08003', '08004', '08006']);
+// Network errors, PostgreSQL's admin shutdown / cannot-connect-now / connection-exception classes and too_many_connections.
+const DB_DOWN_CODES = new Set([
+  'ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EPIPE', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN',
+  '57P01', '57P02', '57P03', '53300', '08000', '08001', '08003', '08004', '08006',
+]);
+// node-postgres reports a dropped or unreachable server with these messages and no code.
+const DB_DOWN_MESSAGE = /Connection terminated|not queryable|timeout exceeded when trying to connect|connect ECONNREFUSED|Connection refused/i;
 
 /** Maps any thrown value to an AppError; unknown errors become a 500 that says nothing internal. */
 export function toAppError(err: unknown): AppError {
@@ -28,7 +34,7 @@ export function toAppError(err: unknown): AppError {
     return new AppError(415, 'unsupported-media-type', 'Unsupported media type', 'the request body must be UTF-8 JSON');
   }
   if (e?.status && e.status >= 400 && e.status < 500) return new AppError(400, 'validation-failed', 'Bad request', 'the request could not be read');
-  if ((e?.code && DB_DOWN_CODES.has(e.code)) || /Connection terminated|timeout exceeded when trying to connect|connect ECONNREFUSED/i.test(e?.message ?? '')) {
+  if ((e?.code && DB_DOWN_CODES.has(e.code)) || DB_DOWN_MESSAGE.test(e?.message ?? '')) {
     return new UnavailableError('the database is unavailable; try again shortly');
   }
   return new AppError(500, 'internal', 'Internal error', 'the server failed to handle this request; the request id identifies it in the logs');
@@ -50,6 +56,7 @@ export function sendProblem(res: Response, err: AppError): void {
   const problem = problemOf(err, res.req.path, res.locals.requestId);
   if (err.status === 401) res.setHeader('WWW-Authenticate', 'Bearer realm="mailgent"');
   if (err.status === 503) res.setHeader('Retry-After', '5');
+  if (err instanceof TooManyRequestsError) res.setHeader('Retry-After', String(err.retryAfterSeconds));
   res.status(err.status).type('application/problem+json').send(JSON.stringify(problem));
 }
 

@@ -15,7 +15,11 @@ export type ProblemSlug =
   | 'secret-in-message'
   | 'unprocessable'
   | 'integrity-failure'
+  | 'too-many-requests'
+  | 'request-header-too-large'
+  | 'malformed-request'
   | 'unavailable'
+  | 'audit-unavailable'
   | 'internal';
 
 export interface FieldError {
@@ -76,5 +80,22 @@ export class IntegrityError extends AppError {
 export class UnavailableError extends AppError {
   constructor(detail: string) {
     super(503, 'unavailable', 'Service unavailable', detail);
+  }
+}
+
+/**
+ * The audit row of an action could not be written. The action is rolled back and nothing it
+ * produced (a secret above all) is returned: the vault fails closed rather than answer unaudited.
+ */
+export class AuditUnavailableError extends AppError {
+  constructor() {
+    super(503, 'audit-unavailable', 'Audit log unavailable', 'the audit log could not be written, so the request was not carried out; try again shortly');
+  }
+}
+
+/** A client that failed authentication too often in the current window. */
+export class TooManyRequestsError extends AppError {
+  constructor(readonly retryAfterSeconds: number) {
+    super(429, 'too-many-requests', 'Too many failed authentications', `too many requests with an invalid token from this client; try again in ${retryAfterSeconds} s`);
   }
 }

@@ -55,7 +55,10 @@ describe('audit log', () => {
                  WHEN (NEW.action = 'vault.get') EXECUTE FUNCTION audit_log_refuse()`);
     try {
       const res = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'guarded' } });
-      expect(res.status).toBe(500);
+      expect(res.status).toBe(503);
+      expect(res.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+      expect(res.body).toMatchObject({ type: 'https://mailgent.dev/problems/audit-unavailable', status: 503 });
+      expect(res.body.value).toBeUndefined();
       expect(res.text).not.toContain('guarded-password-value');
       const cred = (await h.sql("SELECT last_accessed_at FROM credentials WHERE name = 'guarded'")).rows[0];
       expect(cred.last_accessed_at).toBeNull();

@@ -1,5 +1,5 @@
 import type { Db, Pool } from '../db/pool';
-import { AppError } from '../core/errors';
+import { AppError, AuditUnavailableError } from '../core/errors';
 
 /**
  * The audit log. Rows are chained by a database trigger (see the foundation migration); this
@@ -15,6 +15,8 @@ export interface AuditEntry {
   outcome: AuditOutcome;
   requestId?: string | null;
   detail?: Record<string, unknown>;
+  /** The interface the call came through (Caller.via); kept in the row's detail. */
+  via?: string;
 }
 
 export interface AuditRow {
@@ -29,13 +31,21 @@ export interface AuditRow {
   detail: Record<string, unknown>;
 }
 
-/** Append one row. Callers in a transaction make this their last statement: it takes the chain lock. */
+/**
+ * Append one row. Callers in a transaction make this their last statement: it takes the chain lock.
+ * A row that cannot be written is an AuditUnavailableError (503), so the caller's transaction rolls
+ * back and the request fails closed, whatever the database said.
+ */
 export async function appendAudit(db: Db, e: AuditEntry): Promise<void> {
-  await db.query(
-    `INSERT INTO audit_log (identity_id, actor, action, credential_id, outcome, request_id, detail)
-     VALUES ($1, $2, $3, $4, $5, $6, $7)`,
-    [e.identityId, e.actor, e.action, e.credentialId ?? null, e.outcome, e.requestId ?? null, e.detail ?? {}],
-  );
+  try {
+    await db.query(
+      `INSERT INTO audit_log (identity_id, actor, action, credential_id, outcome, request_id, detail)
+       VALUES ($1, $2, $3, $4, $5, $6, $7)`,
+      [e.identityId, e.actor, e.action, e.credentialId ?? null, e.outcome, e.requestId ?? null, e.via ? { ...e.detail, via: e.via } : (e.detail ?? {})],
+    );
+  } catch (err) {
+    throw Object.assign(new AuditUnavailableError(), { cause: err });
+  }
 }
 
 export function outcomeOf(err: unknown): AuditOutcome {

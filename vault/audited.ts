@@ -11,7 +11,9 @@ export interface AuditNote {
 
 /**
  * Runs `fn` in one transaction whose last statement is its audit row. If anything fails the
- * transaction is rolled back and the failure is audited on its own, with its outcome.
+ * transaction is rolled back and the failure is audited on its own, with its outcome. If the audit
+ * row itself cannot be written, the action is rolled back and fails with a 503: nothing it read
+ * (a secret above all) leaves unaudited.
  */
 export async function audited<T>(
   pool: Pool,
@@ -27,6 +29,7 @@ export async function audited<T>(
     action,
     credentialId: note.credentialId,
     requestId: caller.requestId,
+    via: caller.via,
     detail: note.detail,
   });
   try {
@@ -36,7 +39,12 @@ export async function audited<T>(
       return result;
     });
   } catch (err) {
-    await appendAudit(pool, { ...base(), outcome: outcomeOf(err), detail: { ...note.detail, ...errorDetail(err) } });
+    try {
+      await appendAudit(pool, { ...base(), outcome: outcomeOf(err), detail: { ...note.detail, ...errorDetail(err) } });
+    } catch {
+      // The failure cannot be audited either: report the original failure (the API tries once more to audit it).
+      throw err;
+    }
     throw markAudited(err);
   }
 }

@@ -26,7 +26,19 @@ export function open(key: Buffer, sealed: Buffer, aad: string, what: string): Bu
     const decipher = createDecipheriv('aes-256-gcm', key, nonce);
     decipher.setAAD(Buffer.from(aad, 'utf8'));
     decipher.setAuthTag(tag);
-    return Buffer.concat([decipher.update(body), decipher.final()]);
+    const head = decipher.update(body);
+    // final() throws on a bad tag: the unauthenticated bytes in `head` are wiped, never returned.
+    let tail: Buffer;
+    try {
+      tail = decipher.final();
+    } catch (err) {
+      head.fill(0);
+      throw err;
+    }
+    const out = Buffer.concat([head, tail]);
+    head.fill(0);
+    tail.fill(0);
+    return out;
   } catch {
     throw new IntegrityError(`${what} failed authentication: it was altered or does not belong to this record`);
   }

@@ -10,6 +10,14 @@ import type { Keyring } from './keyring';
  * memory so a read costs one database round trip, not two; the cache holds keys, never values.
  */
 const CACHE_TTL_MS = 5 * 60_000;
+/** An expired key is zeroed this long after it leaves the cache, so a call already holding it finishes first. */
+const ZERO_DELAY_MS = 60_000;
+
+/**
+ * GCM encryptions per data key before a new key takes over. With random 96-bit nonces NIST SP
+ * 800-38D caps a key at 2^32 encryptions; 2^30 keeps the chance of a repeated nonce below 2^-37.
+ */
+export const DEFAULT_MAX_ENCRYPTIONS = 2 ** 30;
 
 export interface DataKey {
   id: string;
@@ -22,23 +30,66 @@ export class DataKeys {
   private activeByIdentity = new Map<string, string>();
   private serviceKeys = new Map<string, Buffer>();
 
+  private readonly maxEncryptions: number;
+
   constructor(
     private readonly pool: Pool,
     private readonly keyring: Keyring,
-  ) {}
+    opts: { maxEncryptions?: number } = {},
+  ) {
+    this.maxEncryptions = opts.maxEncryptions ?? DEFAULT_MAX_ENCRYPTIONS;
+  }
 
   /** Creates the first data key of a new identity, inside the caller's transaction. */
-  async create(db: Db, identityId: string): Promise<void> {
+  async create(db: Db, identityId: string, encryptions = 0): Promise<string> {
     const id = randomUUID();
     const key = randomBytes(KEY_BYTES);
     const master = this.keyring.current;
-    await db.query('INSERT INTO data_keys (id, identity_id, master_key_id, wrapped) VALUES ($1, $2, $3, $4)', [
+    await db.query('INSERT INTO data_keys (id, identity_id, master_key_id, wrapped, encryptions) VALUES ($1, $2, $3, $4, $5)', [
       id,
       identityId,
       master.id,
       seal(master.key, key, dataKeyAad(identityId, id)),
+      encryptions,
     ]);
     key.fill(0);
+    return id;
+  }
+
+  /**
+   * The key to seal one new value with, counted: the key's encryption count goes up by one in the
+   * caller's transaction (an atomic UPDATE, so concurrent sealers and other processes all count;
+   * a rolled-back seal stored nothing and uncounts with it). Past the limit the key is retired and
+   * a new one made for the identity; what the old key sealed still opens with it.
+   */
+  async forSealing(db: Db, identityId: string): Promise<DataKey> {
+    for (let attempt = 0; attempt < 5; attempt++) {
+      const id = await this.activeId(db, identityId);
+      const { rows } = await db.query('UPDATE data_keys SET encryptions = encryptions + 1 WHERE id = $1 AND retired_at IS NULL RETURNING encryptions', [id]);
+      if (!rows[0]) {
+        // Retired meanwhile (by this or another process): look the active key up again.
+        this.activeByIdentity.delete(identityId);
+        continue;
+      }
+      if (Number(rows[0].encryptions) <= this.maxEncryptions) return this.byKeyId(db, identityId, id);
+      await db.query('UPDATE data_keys SET retired_at = now(), encryptions = encryptions - 1 WHERE id = $1', [id]);
+      const fresh = await this.create(db, identityId, 1);
+      this.activeByIdentity.set(identityId, fresh);
+      return this.byKeyId(db, identityId, fresh);
+    }
+    throw new IntegrityError(`could not find an active data key for identity ${identityId}`);
+  }
+
+  private async activeId(db: Db, identityId: string): Promise<string> {
+    const cachedId = this.activeByIdentity.get(identityId);
+    if (cachedId) return cachedId;
+    const { rows } = await db.query(
+      `SELECT id FROM data_keys WHERE identity_id = $1 AND retired_at IS NULL ORDER BY created_at DESC LIMIT 1`,
+      [identityId],
+    );
+    if (!rows[0]) throw new IntegrityError(`identity ${identityId} has no data key`);
+    this.activeByIdentity.set(identityId, rows[0].id);
+    return rows[0].id;
   }
 
   /** The key new versions of this identity are sealed with. */
@@ -131,8 +182,8 @@ export class DataKeys {
     const hit = this.byId.get(id);
     if (!hit) return undefined;
     if (hit.expires > Date.now()) return hit.key;
-    hit.key.key.fill(0);
     this.byId.delete(id);
+    setTimeout(() => hit.key.key.fill(0), ZERO_DELAY_MS).unref();
     return undefined;
   }
 

@@ -16,7 +16,7 @@ export interface VersionRow {
 
 export class SecretStore {
   constructor(
-    private readonly dataKeys: Pick<DataKeys, 'active' | 'byKeyId' | 'serviceKey'>,
+    private readonly dataKeys: Pick<DataKeys, 'forSealing' | 'byKeyId' | 'serviceKey'>,
     private readonly clock: () => Date,
   ) {}
 
@@ -28,11 +28,13 @@ export class SecretStore {
     value: string,
     extra: { rotationKey?: string; basedOn?: number; providerRef?: string | null } = {},
   ): Promise<Date> {
-    const key = await this.dataKeys.active(tx, ownerId);
+    const key = await this.dataKeys.forSealing(tx, ownerId);
     const plaintext = Buffer.from(value, 'utf8');
     const sealed = seal(key.key, plaintext, versionAad(ownerId, credentialId, version));
-    const fingerprint = await this.fingerprintOfSha256(tx, createHash('sha256').update(plaintext).digest());
+    const digest = createHash('sha256').update(plaintext).digest();
     plaintext.fill(0);
+    const fingerprint = await this.fingerprintOfSha256(tx, digest);
+    digest.fill(0);
     const createdAt = this.clock();
     await tx.query(
       `INSERT INTO secret_versions (credential_id, version, data_key_id, sealed, rotation_key, based_on, provider_ref, fingerprint, created_at)
@@ -45,7 +47,13 @@ export class SecretStore {
   /** Decrypts a version of a credential owned by `ownerId`; IntegrityError if it was altered or moved. */
   async open(tx: Db, ownerId: string, credentialId: string, name: string, row: VersionRow): Promise<string> {
     const key = await this.dataKeys.byKeyId(tx, ownerId, row.data_key_id);
-    return open(key.key, row.sealed, versionAad(ownerId, credentialId, row.version), `version ${row.version} of '${name}'`).toString('utf8');
+    const plaintext = open(key.key, row.sealed, versionAad(ownerId, credentialId, row.version), `version ${row.version} of '${name}'`);
+    // The string goes to the caller (JS strings cannot be wiped); the buffer holding it is wiped now.
+    try {
+      return plaintext.toString('utf8');
+    } finally {
+      plaintext.fill(0);
+    }
   }
 
   async fingerprintOfSha256(db: Db, sha256: Buffer): Promise<Buffer> {
