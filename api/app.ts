@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import express, { type Express } from 'express';
 import { pinoHttp } from 'pino-http';
 import type { Client } from '@temporalio/client';
+import type { DataConverter } from '@temporalio/common';
 import { AppError, NotFoundError } from '../core/errors';
 import type { Logger } from '../core/logger';
 import type { Pool } from '../db/pool';
@@ -15,6 +16,7 @@ import type { Dependent } from '../dependents/types';
 import type { Grants } from '../vault/grants';
 import type { SecretStore } from '../vault/secret-store';
 import { auditRoutes } from './routes/audit';
+import { codecRoutes } from './routes/codec';
 import { grantRoutes } from './routes/grants';
 import { leakRoutes } from './routes/leaks';
 import { policyRoutes } from './routes/policies';
@@ -38,6 +40,10 @@ export interface ApiDeps {
   client: Client;
   namespace: string;
   taskQueue: string;
+  /** Encrypts Temporal payloads; the codec server (/codec) decodes them for operators. */
+  dataConverter: DataConverter;
+  /** Browser origins (the Temporal Web UI) allowed to call the codec server. */
+  codecCorsOrigins?: string[];
   adminToken: string;
   logger: Logger;
 }
@@ -86,6 +92,7 @@ export function createApp(deps: ApiDeps): Express {
   app.use(leakRoutes(auth, deps));
   app.use(policyRoutes(auth, { pool: deps.pool, orphanDays: deps.orphanDays ?? 30, clock: deps.clock }));
   app.use(auditRoutes(auth, deps));
+  app.use(codecRoutes(auth, { pool: deps.pool, dataConverter: deps.dataConverter, namespace: deps.namespace, corsOrigins: deps.codecCorsOrigins }));
 
   app.use((req) => {
     throw new NotFoundError(`no route ${req.method} ${req.path}`);

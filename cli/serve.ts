@@ -124,6 +124,7 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
         namespace: config.TEMPORAL_NAMESPACE,
         taskQueue: config.TASK_QUEUE,
         adminToken,
+        codecCorsOrigins: config.CODEC_CORS_ORIGINS,
         logger,
         authFailures: { maxFailures: config.AUTH_FAILURE_LIMIT, windowMs: config.AUTH_FAILURE_WINDOW_SECONDS * 1000 },
       });

@@ -68,6 +68,11 @@ const schema = z.object({
   ORPHAN_REPORT_CRON: cron.default('0 6 * * 1'),
   ORPHAN_DAYS: z.coerce.number().int().min(1).max(3650).default(30),
   DELETE_RETENTION_DAYS: z.coerce.number().int().min(0).max(3650).default(30),
+  CODEC_CORS_ORIGINS: z
+    .string()
+    .transform((value) => value.split(',').map((part) => part.trim()).filter(Boolean))
+    .pipe(z.array(z.string().regex(/^https?:\/\/[^/\s]+$/, 'must be origins such as http://localhost:8233, comma-separated')))
+    .optional(),
   AUTH_FAILURE_LIMIT: z.coerce.number().int().min(1).max(1_000_000).default(50),
   AUTH_FAILURE_WINDOW_SECONDS: z.coerce.number().int().min(1).max(86_400).default(300),
   // Well below 2^32, the NIST limit for AES-GCM with random nonces (see vault/data-keys.ts).

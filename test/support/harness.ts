@@ -130,6 +130,7 @@ export async function startHarness(
     namespace: 'default',
     taskQueue,
     adminToken,
+    codecCorsOrigins: ['http://localhost:8233'],
     logger,
     authFailures: opts.authFailures,
   });

@@ -9,7 +9,10 @@ type History = Awaited<ReturnType<ReturnType<Harness['client']['workflow']['getH
 
 /** A history as text with byte fields as UTF-8: what anyone reading the Temporal server sees. */
 export function rawHistoryText(history: unknown): string {
-  return JSON.stringify(history, (_k, v) => (v instanceof Uint8Array ? Buffer.from(v).toString('utf8') : v));
+  // A Buffer reaches the replacer already turned into {type: 'Buffer', data: [...]} by its toJSON.
+  return JSON.stringify(history, (_k, v) =>
+    v instanceof Uint8Array ? Buffer.from(v).toString('utf8') : v?.type === 'Buffer' && Array.isArray(v.data) ? Buffer.from(v.data).toString('utf8') : v,
+  );
 }
 
 /**
