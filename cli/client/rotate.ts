@@ -130,10 +130,11 @@ export const rotate: ClientCommand = {
     }
     progress?.end();
 
+    const unknownFrom = await currentVersions(api, report.credentials.filter((c) => c.progress?.fromVersion === undefined).map((c) => c.credentialId));
     const credentials = report.credentials.map((c) => ({
       credentialId: c.credentialId,
       name: c.name,
-      fromVersion: c.progress?.fromVersion ?? null,
+      fromVersion: c.progress?.fromVersion ?? unknownFrom.get(c.credentialId) ?? null,
       toVersion: c.progress?.toVersion ?? null,
       outcome: c.state,
       ...(c.state === 'grace' && c.progress?.graceEndsAt ? { graceEndsAt: c.progress.graceEndsAt } : {}),
@@ -143,7 +144,7 @@ export const rotate: ClientCommand = {
       out.line(
         table(
           ['CREDENTIAL', 'VERSION', 'OUTCOME'],
-          report.credentials.map((c) => [c.name, `${c.progress?.fromVersion ?? '?'} → ${OK_STATES.has(c.state) ? (c.progress?.toVersion ?? '?') : '–'}`, outcomeText(c)]),
+          report.credentials.map((c, i) => [c.name, `${credentials[i]!.fromVersion ?? '?'} → ${OK_STATES.has(c.state) ? (c.progress?.toVersion ?? '?') : '–'}`, outcomeText(c)]),
         ),
       );
       const failed = credentials.filter((c) => !OK_STATES.has(c.outcome)).length;
@@ -152,6 +153,25 @@ export const rotate: ClientCommand = {
     return OK_STATES.has(report.state) ? EXIT.ok : EXIT.failed;
   },
 };
+
+/**
+ * A run that failed before it read the credential reports no fromVersion; nothing changed, so the
+ * old version is the current one. Read from the metadata list (no values), page by page.
+ */
+async function currentVersions(api: Api, ids: string[]): Promise<Map<string, number>> {
+  const found = new Map<string, number>();
+  const wanted = new Set(ids);
+  for (let after: string | null = null; wanted.size > found.size; ) {
+    const page: { items: { id: string; version: number }[]; nextCursor: string | null } = await api.call(
+      'GET',
+      `/v1/credentials?limit=1000${after ? `&after=${encodeURIComponent(after)}` : ''}`,
+    );
+    for (const item of page.items) if (wanted.has(item.id)) found.set(item.id, item.version);
+    if (!page.nextCursor) break;
+    after = page.nextCursor;
+  }
+  return found;
+}
 
 function errorOf(c: RunReport): string | null {
   if (OK_STATES.has(c.state)) return null;

@@ -1,0 +1,409 @@
+import { spawn } from 'node:child_process';
+import { createHash, createHmac, randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { base32 } from './support/base32';
+import { startHarness, type Harness } from './support/harness';
+import { expectCleanRun } from './support/leaks';
+
+/**
+ * The `mailgent` binary as a user runs it: `node bin/mailgent.js …` as a child process, from a
+ * directory outside the repository, against this file's API (and worker, for rotations). Checks
+ * stdout, stderr and the exit code (a contract: 0 ok, 1 failed, 2 usage, 3 denied/not found,
+ * 4 unreachable) in human and --json modes.
+ */
+
+const BIN = fileURLToPath(new URL('../bin/mailgent.js', import.meta.url));
+
+interface Run {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+describe('mailgent CLI', () => {
+  let h: Harness;
+  let cwd: string;
+  let alice: { id: string; token: string };
+  let bob: { id: string; token: string };
+
+  /** Runs the binary with a clean environment (no inherited tokens) plus `env`, feeding `input` on stdin. */
+  const mailgent = (args: string[], opts: { env?: Record<string, string>; input?: string; exe?: boolean } = {}): Promise<Run> =>
+    new Promise((resolve, reject) => {
+      const env = { PATH: process.env.PATH!, HOME: process.env.HOME ?? cwd, MAILGENT_URL: h.url, ...opts.env };
+      const child = opts.exe ? spawn(BIN, args, { cwd, env }) : spawn(process.execPath, [BIN, ...args], { cwd, env });
+      let stdout = '';
+      let stderr = '';
+      child.stdout.on('data', (d) => (stdout += d));
+      child.stderr.on('data', (d) => (stderr += d));
+      child.on('error', reject);
+      child.on('close', (code) => resolve({ code, stdout, stderr }));
+      child.stdin.end(opts.input ?? '');
+    });
+  const as = (who: { token: string }) => ({ MAILGENT_TOKEN: who.token });
+  const admin = () => ({ MAILGENT_ADMIN_TOKEN: h.adminToken });
+  const json = (run: Run) => JSON.parse(run.stdout);
+  const read = async (token: string, name: string, version?: number) => {
+    const res = await h.api('POST', '/v1/vault.get', { token, body: { name, ...(version ? { version } : {}) } });
+    if (res.status === 200) h.secret(res.body.value as string);
+    return res.body;
+  };
+
+  beforeAll(async () => {
+    h = await startHarness({ worker: true });
+    cwd = mkdtempSync(path.join(tmpdir(), 'mailgent-cli-'));
+    alice = await h.createIdentity('cli-alice', 'cli-alice@example.com');
+    bob = await h.createIdentity('cli-bob', 'cli-bob@example.com');
+  });
+  afterAll(async () => {
+    rmSync(cwd, { recursive: true, force: true });
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
+    await h.close();
+  });
+
+  describe('usage', () => {
+    it('is an executable that prints its usage with --help from any directory', async () => {
+      expect(statSync(BIN).mode & 0o111).not.toBe(0);
+      const run = await mailgent(['--help'], { exe: true });
+      expect(run).toMatchObject({ code: 0, stderr: '' });
+      for (const command of ['serve', 'api', 'worker', 'migrate', 'rekey', 'identities create', 'store', 'get', 'totp', 'rotate', 'leak', 'audit verify']) {
+        expect(run.stdout).toContain(`  ${command}`);
+      }
+      expect(run.stdout).toMatch(/Exit codes: 0 ok, 1 the operation failed, 2 usage or configuration error,\s+3 not authorised or not found, 4 service unreachable/);
+      const rotateHelp = await mailgent(['rotate', '--help']);
+      expect(rotateHelp.code).toBe(0);
+      expect(rotateHelp.stdout).toContain('Usage: mailgent rotate <name|id>...');
+    });
+
+    it('exits 2 with the usage for unknown commands, unknown options, missing or conflicting arguments', async () => {
+      const unknown = await mailgent(['frobnicate']);
+      expect(unknown).toMatchObject({ code: 2, stdout: '' });
+      expect(unknown.stderr).toContain("mailgent frobnicate: Usage error: unknown command 'frobnicate'");
+      expect(unknown.stderr).toContain('Usage: mailgent <command>');
+
+      const missing = await mailgent(['get'], { env: as(alice) });
+      expect(missing).toMatchObject({ code: 2, stdout: '' });
+      expect(missing.stderr).toContain('missing <name|id>');
+      expect(missing.stderr).toContain('Usage: mailgent get <name|id>');
+
+      // A value is never taken from argv: there is no such flag.
+      const valueFlag = await mailgent(['store', 'x', '--value', 'sk_in_argv_0001'], { env: as(alice) });
+      expect(valueFlag.code).toBe(2);
+      expect(valueFlag.stderr).toContain("Unknown option '--value'");
+
+      const both = await mailgent(['rotate', 'a', '--kind', 'api_key'], { env: as(alice) });
+      expect(both.code).toBe(2);
+      expect(both.stderr).toContain('give credential names or a filter (--kind, --older-than), not both');
+      const badAge = await mailgent(['rotate', '--older-than', '3h'], { env: as(alice) });
+      expect(badAge.code).toBe(2);
+      expect(badAge.stderr).toContain("--older-than must be whole days, e.g. 90d (got '3h')");
+
+      const serviceArgs = await mailgent(['migrate', '--port', '1']);
+      expect(serviceArgs.code).toBe(2);
+      expect(serviceArgs.stderr).toContain('configuration comes from the environment');
+
+      // --json: the problem on stdout as one JSON document, no usage text there.
+      const asJson = await mailgent(['totp', '--json'], { env: as(alice) });
+      expect(asJson.code).toBe(2);
+      expect(json(asJson)).toEqual({ type: 'https://mailgent.dev/problems/cli-usage', title: 'Usage error', detail: 'missing <name|id>' });
+    });
+
+    it('exits 2 without a token or with a bad URL, and 4 when the service cannot be reached', async () => {
+      const noToken = await mailgent(['get', 'anything']);
+      expect(noToken.code).toBe(2);
+      expect(noToken.stderr).toContain('no identity token: set MAILGENT_TOKEN (or pass --token)');
+      const noAdmin = await mailgent(['audit', 'verify']);
+      expect(noAdmin.code).toBe(2);
+      expect(noAdmin.stderr).toContain('no admin token: set MAILGENT_ADMIN_TOKEN');
+      const badUrl = await mailgent(['get', 'anything'], { env: { ...as(alice), MAILGENT_URL: 'ftp://example.com' } });
+      expect(badUrl.code).toBe(2);
+      expect(badUrl.stderr).toContain('must be an http:// or https:// URL');
+
+      const closed = await new Promise<number>((resolve) => {
+        const server = createServer().listen(0, '127.0.0.1', () => {
+          const { port } = server.address() as { port: number };
+          server.close(() => resolve(port));
+        });
+      });
+      const down = await mailgent(['get', 'anything', '--json', '--url', `http://127.0.0.1:${closed}`], { env: as(alice) });
+      expect(down.code).toBe(4);
+      expect(json(down)).toMatchObject({ type: 'https://mailgent.dev/problems/cli-unreachable', detail: expect.stringContaining('ECONNREFUSED') });
+    });
+  });
+
+  describe('identities', () => {
+    it('create prints the token once on stdout (admin token from the environment or DATA_DIR), --json the whole answer', async () => {
+      const human = await mailgent(['identities', 'create', 'cli-made', '--email', 'cli-made@example.com'], { env: admin() });
+      expect(human.code).toBe(0);
+      const token = h.secret(human.stdout.trim());
+      expect(human.stdout).toMatch(/^[\x21-\x7e]{32,}\n$/);
+      expect(human.stderr).toMatch(/^created identity cli-made \(id [0-9a-f-]{36}\); its token follows, shown only this once:\n$/);
+      expect((await h.api('GET', '/v1/credentials', { token })).status).toBe(200);
+
+      // The file `mailgent serve` generates is found through DATA_DIR.
+      const dataDir = mkdtempSync(path.join(cwd, 'data-'));
+      writeFileSync(path.join(dataDir, 'admin-token'), `${h.adminToken}\n`, { mode: 0o600 });
+      const viaFile = await mailgent(['identities', 'create', 'cli-made-2', '--json'], { env: { DATA_DIR: dataDir } });
+      expect(viaFile).toMatchObject({ code: 0, stderr: '' });
+      const body = json(viaFile);
+      h.secret(body.token);
+      expect(body).toEqual({ id: expect.any(String), name: 'cli-made-2', email: null, token: expect.any(String) });
+
+      // An identity's token is not the admin token: 403 → exit 3, with the problem detail.
+      const denied = await mailgent(['identities', 'create', 'nope', '--admin-token', alice.token]);
+      expect(denied).toMatchObject({ code: 3, stdout: '' });
+      expect(denied.stderr).toContain('mailgent identities: Forbidden (403): this route needs the admin token');
+    });
+  });
+
+  describe('store, get, totp', () => {
+    it('store reads the value from stdin, --value-file or --value-env, never from argv', async () => {
+      const v1 = h.secret(`sk_cli_stdin_${randomBytes(8).toString('hex')}`);
+      const piped = await mailgent(['store', 'cli-key', '--kind', 'api_key', '--owner', 'cli-owner@example.com', '--tag', 'cli'], { env: as(alice), input: `${v1}\n` });
+      expect(piped).toMatchObject({ code: 0, stderr: '' });
+      expect(piped.stdout).toMatch(/^stored cli-key version 1 \(id [0-9a-f-]{36}\)\n$/);
+      expect(await read(alice.token, 'cli-key')).toMatchObject({ value: v1, kind: 'api_key', version: 1 });
+
+      const v2 = h.secret(`sk_cli_file_${randomBytes(8).toString('hex')}`);
+      const file = path.join(cwd, 'value.txt');
+      writeFileSync(file, v2, { mode: 0o600 });
+      const fromFile = await mailgent(['store', 'cli-key', '--kind', 'api_key', '--value-file', file, '--expected-version', '1', '--json'], { env: as(alice) });
+      expect(fromFile.code).toBe(0);
+      expect(json(fromFile)).toEqual({ id: expect.any(String), name: 'cli-key', version: 2, createdAt: expect.any(String) });
+      expect(await read(alice.token, 'cli-key')).toMatchObject({ value: v2, version: 2 });
+
+      const v3 = h.secret(`pw-cli-env-${randomBytes(8).toString('hex')}`);
+      const fromEnv = await mailgent(['store', 'cli-password', '--kind', 'password', '--value-env', 'THE_VALUE'], { env: { ...as(alice), THE_VALUE: v3 } });
+      expect(fromEnv.code).toBe(0);
+      expect(await read(alice.token, 'cli-password')).toMatchObject({ value: v3, kind: 'password' });
+
+      const empty = await mailgent(['store', 'cli-empty'], { env: as(alice), input: '\n' });
+      expect(empty.code).toBe(2);
+      expect(empty.stderr).toContain('is empty');
+      const missingVar = await mailgent(['store', 'cli-empty', '--value-env', 'NOT_SET_HERE'], { env: as(alice) });
+      expect(missingVar.code).toBe(2);
+      expect(missingVar.stderr).toContain('--value-env: the variable NOT_SET_HERE is not set');
+    });
+
+    it('store: the API refusing the request maps to exit 2 (bad input) and 1 (version conflict), value never echoed', async () => {
+      const value = h.secret(`sk_cli_refused_${randomBytes(8).toString('hex')}`);
+      const badName = await mailgent(['store', '-bad-name-', '--json'], { env: as(alice), input: value });
+      // parseArgs sees an option, not a name: usage error before anything is sent.
+      expect(badName.code).toBe(2);
+      const invalid = await mailgent(['store', 'bad name'], { env: as(alice), input: value });
+      expect(invalid.code).toBe(2);
+      expect(invalid.stderr).toContain('mailgent store: The request is not valid (400): the request body is not valid: name: must start with a letter or digit');
+      expect(invalid.stderr).toContain('  name: must start with a letter or digit');
+      expect(invalid.stderr).toMatch(/request id: \S+/);
+
+      const conflict = await mailgent(['store', 'cli-key', '--kind', 'api_key', '--expected-version', '1', '--json'], { env: as(alice), input: value });
+      expect(conflict.code).toBe(1);
+      expect(json(conflict)).toMatchObject({ type: 'https://mailgent.dev/problems/version-conflict', status: 409, currentVersion: 2 });
+      expect(conflict.stderr).toContain("mailgent store: Version conflict (409): credential 'cli-key' is at version 2, not 1");
+      for (const run of [badName, invalid, conflict]) expect(run.stdout + run.stderr).not.toContain(value);
+    });
+
+    it('get prints the value alone on stdout (what it is on stderr); --json has it only in "value"', async () => {
+      const current = await read(alice.token, 'cli-key');
+      const human = await mailgent(['get', 'cli-key'], { env: as(alice) });
+      expect(human).toMatchObject({ code: 0, stdout: `${current.value}\n` });
+      expect(human.stderr).toBe('cli-key version 2 (current), api_key, 0 days old\n');
+
+      const old = await read(alice.token, 'cli-key', 1);
+      const byIdAndVersion = await mailgent(['get', current.id, '--version', '1', '--json'], { env: as(alice) });
+      expect(byIdAndVersion).toMatchObject({ code: 0, stderr: '' });
+      const body = json(byIdAndVersion);
+      expect(body).toEqual({ id: current.id, name: 'cli-key', kind: 'api_key', version: 1, label: 'previous', value: old.value, createdAt: expect.any(String), ageDays: 0 });
+      expect(JSON.stringify({ ...body, value: undefined })).not.toContain(old.value);
+    });
+
+    it("another identity's credential is not found: exit 3 and the problem detail, by name or id, never the value", async () => {
+      const value = h.secret(`sk_bob_private_${randomBytes(8).toString('hex')}`);
+      const stored = await mailgent(['store', 'bob-private', '--kind', 'api_key', '--json'], { env: as(bob), input: value });
+      const id = json(stored).id;
+
+      const byName = await mailgent(['get', 'bob-private'], { env: as(alice) });
+      expect(byName).toMatchObject({ code: 3, stdout: '' });
+      expect(byName.stderr).toMatch(/^mailgent get: Not found \(404\): .*bob-private/);
+      const byId = await mailgent(['get', id, '--json'], { env: as(alice) });
+      expect(byId.code).toBe(3);
+      expect(json(byId)).toMatchObject({ type: 'https://mailgent.dev/problems/not-found', status: 404, detail: expect.stringContaining(id) });
+      const totp = await mailgent(['totp', 'bob-private'], { env: as(alice) });
+      expect(totp.code).toBe(3);
+      for (const run of [byName, byId, totp]) expect(run.stdout + run.stderr).not.toContain(value);
+
+      const badToken = await mailgent(['get', 'bob-private'], { env: { MAILGENT_TOKEN: 'not-a-real-token-0000000000000000' } });
+      expect(badToken.code).toBe(3);
+      expect(badToken.stderr).toContain('Authentication required (401)');
+      // Bob still reads his own.
+      expect((await mailgent(['get', 'bob-private'], { env: as(bob) })).stdout).toBe(`${value}\n`);
+    });
+
+    it('totp: a base32 seed stored through stdin gives the RFC 6238 code of now', async () => {
+      const seed = h.secret(base32('12345678901234567890'));
+      const stored = await mailgent(['store', 'cli-2fa', '--kind', 'totp_seed', '--digits', '8', '--algorithm', 'sha1'], { env: as(alice), input: seed });
+      expect(stored.code).toBe(0);
+      const human = await mailgent(['totp', 'cli-2fa'], { env: as(alice) });
+      expect(human.code).toBe(0);
+      expect(human.stderr).toMatch(/^valid for \d+ more seconds\n$/);
+      const step = Math.floor(Date.now() / 30_000);
+      expect([step - 1, step].map(rfcCode)).toContain(human.stdout.trim());
+
+      const asJson = await mailgent(['totp', 'cli-2fa', '--json'], { env: as(alice) });
+      expect(json(asJson)).toEqual({ code: expect.stringMatching(/^\d{8}$/), period: 30, digits: 8, expiresInSeconds: expect.any(Number) });
+    });
+  });
+
+  describe('rotate', () => {
+    const generated = JSON.stringify({ rotation: { provider: 'generated', settings: { length: 32, prefix: 'sk_' }, periodDays: 90, graceHours: 0 } });
+
+    beforeAll(async () => {
+      for (const name of ['rot-a', 'rot-b']) {
+        const run = await mailgent(['store', name, '--kind', 'api_key', '--policy', generated], { env: as(alice), input: h.secret(`sk_${name}_${randomBytes(8).toString('hex')}`) });
+        expect(run.code).toBe(0);
+      }
+      // A TOTP seed cannot be replaced by a generated value: its rotation fails.
+      const seed = await mailgent(['store', 'rot-seed', '--kind', 'totp_seed'], { env: as(alice), input: h.secret('JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP') });
+      expect(seed.code).toBe(0);
+    });
+
+    it('by names: follows the batch with one progress line per credential, prints the table, exits 1 when one failed', async () => {
+      const run = await mailgent(['rotate', 'rot-a', 'rot-seed', '--reason', 'cli test', '--interval', '100'], { env: as(alice) });
+      expect(run.code).toBe(1);
+      const lines = run.stderr.trimEnd().split('\n');
+      expect(lines[0]).toMatch(/^rotation [0-9a-f-]{36}: 2 credentials$/);
+      // One line per credential as it finishes, counted in finishing order.
+      expect(lines.slice(1).map((l) => l.slice(0, 6))).toEqual(['[1/2] ', '[2/2] ']);
+      expect(lines.slice(1).map((l) => l.slice(6)).sort()).toEqual([
+        'rot-a: succeeded',
+        "rot-seed: failed: credential 'rot-seed' is a totp_seed; a generated value would not be a TOTP seed",
+      ]);
+      const rotationId = /^rotation (\S+):/.exec(lines[0]!)![1];
+      expect(run.stdout).toBe(
+        [
+          'CREDENTIAL  VERSION  OUTCOME',
+          'rot-a       1 → 2    succeeded',
+          "rot-seed    1 → –    failed: credential 'rot-seed' is a totp_seed; a generated value would not be a TOTP seed",
+          '',
+          `rotation ${rotationId}: partial (1 rotated, 1 not)`,
+          '',
+        ].join('\n'),
+      );
+      expect(await read(alice.token, 'rot-a')).toMatchObject({ version: 2, label: 'current', value: expect.stringMatching(/^sk_[A-Za-z0-9]{32}$/) });
+      await read(alice.token, 'rot-a', 1);
+    });
+
+    it('by filter (--kind, --older-than): only the old credential rotates; --json has the shape and no progress noise', async () => {
+      // rot-b's current version is 100 days old; rot-a's was just made.
+      await h.sql(
+        `UPDATE secret_versions v SET created_at = now() - interval '100 days' FROM credentials c
+          WHERE c.id = v.credential_id AND c.name = 'rot-b' AND v.version = c.current_version`,
+      );
+      const run = await mailgent(['rotate', '--kind', 'api_key', '--older-than', '90d', '--json', '--interval', '100'], { env: as(alice) });
+      expect(run).toMatchObject({ code: 0, stderr: '' });
+      const body = json(run);
+      expect(body).toEqual({
+        rotationId: expect.stringMatching(/^[0-9a-f-]{36}$/),
+        state: 'succeeded',
+        reason: null,
+        credentials: [{ credentialId: expect.any(String), name: 'rot-b', fromVersion: 1, toVersion: 2, outcome: 'succeeded', error: null }],
+      });
+      const rotated = await read(alice.token, 'rot-b');
+      expect(rotated).toMatchObject({ id: body.credentials[0].credentialId, version: 2 });
+      await read(alice.token, 'rot-b', 1);
+      expect(await read(alice.token, 'rot-a')).toMatchObject({ version: 2 });
+
+      // Nothing older than that any more: the API's 422 is an operation failure (exit 1).
+      const none = await mailgent(['rotate', '--kind', 'api_key', '--older-than', '90d'], { env: as(alice) });
+      expect(none.code).toBe(1);
+      expect(none.stderr).toContain('no credential matches the filter; nothing to rotate');
+    });
+
+    it('--no-wait prints the rotation id and returns; unknown names are not found (exit 3)', async () => {
+      const run = await mailgent(['rotate', 'rot-a', '--no-wait', '--json'], { env: as(alice) });
+      expect(run.code).toBe(0);
+      const started = json(run);
+      expect(started).toEqual({ rotationId: expect.any(String), batchWorkflowId: `rotation:${started.rotationId}`, workflowIds: [expect.stringMatching(/^rotate:/)] });
+      await h.client.workflow.getHandle(started.batchWorkflowId).result();
+      await read(alice.token, 'rot-a');
+
+      const missing = await mailgent(['rotate', 'bob-private'], { env: as(alice) });
+      expect(missing.code).toBe(3);
+      expect(missing.stderr).toContain('no credential named or with id: bob-private');
+    });
+  });
+
+  describe('leak and audit verify', () => {
+    it('leak by name rotates at once; a second report joins (or reopens); a value given on stdin is matched by its hash only', async () => {
+      const first = await mailgent(['leak', 'cli-password', '--source', 'cli-test'], { env: as(alice) });
+      expect(first.code).toBe(0);
+      expect(first.stdout).toMatch(/^CREDENTIAL +VERSION +ACTION +WORKFLOW\n[0-9a-f-]{36} +1 +rotating +rotate:[0-9a-f-]{36}\n$/);
+      // A second report joins the open incident, or opens a new one if the leak rotation already ended.
+      const again = await mailgent(['leak', 'cli-password', '--json'], { env: as(alice) });
+      expect(again.code).toBe(0);
+      expect(json(again).results).toEqual([expect.objectContaining({ version: expect.any(Number), action: expect.stringMatching(/^(joined|rotating)$/) })]);
+      const credentialId = json(again).results[0].credentialId;
+      await h.client.workflow.getHandle(`rotate:${credentialId}`).result().catch(() => undefined);
+      await read(alice.token, 'cli-password');
+
+      // The leaked value of rot-b's first version, piped in: only its SHA-256 leaves the CLI.
+      const leaked = await read(alice.token, 'rot-b', 1);
+      const byValue = await mailgent(['leak', '--value-file', '-', '--json'], { env: as(alice), input: `${leaked.value}\n` });
+      expect(byValue.code).toBe(0);
+      expect(json(byValue).results).toEqual([{ credentialId: leaked.id, version: 1, action: 'already-revoked' }]);
+      const audit = await h.sql(`SELECT detail FROM audit_log WHERE action = 'leak.report' ORDER BY seq DESC LIMIT 1`);
+      expect(audit.rows[0].detail).toMatchObject({ by: 'fingerprint', matched: 1 });
+      const fingerprint = createHash('sha256').update(leaked.value).digest('hex');
+      const byHash = await mailgent(['leak', '--fingerprint', fingerprint, '--json'], { env: as(alice) });
+      expect(json(byHash).results).toEqual([{ credentialId: leaked.id, version: 1, action: 'already-revoked' }]);
+
+      const unknown = await mailgent(['leak', 'no-such-credential'], { env: as(alice) });
+      expect(unknown.code).toBe(3);
+      expect(unknown.stderr).toContain("Not found (404): no credential named or with id 'no-such-credential'");
+      const twoWays = await mailgent(['leak', 'cli-key', '--fingerprint', fingerprint], { env: as(alice) });
+      expect(twoWays.code).toBe(2);
+    });
+
+    it('audit verify: exit 0 when intact, 1 naming the first broken row, 3 for an identity token', async () => {
+      const ok = await mailgent(['audit', 'verify'], { env: admin() });
+      expect(ok.code).toBe(0);
+      expect(ok.stdout).toMatch(/^audit chain intact: \d+ rows\n$/);
+
+      const target = Number((await h.sql(`SELECT min(seq) AS seq FROM audit_log WHERE action = 'vault.get'`)).rows[0].seq);
+      const tamper = (outcome: string) =>
+        h.sql(`DO $$ BEGIN SET LOCAL session_replication_role = replica; UPDATE audit_log SET outcome = '${outcome}' WHERE seq = ${target}; END $$`);
+      const original = (await h.sql('SELECT outcome FROM audit_log WHERE seq = $1', [target])).rows[0].outcome;
+      await tamper(original === 'ok' ? 'denied' : 'ok');
+      try {
+        const broken = await mailgent(['audit', 'verify'], { env: admin() });
+        expect(broken.code).toBe(1);
+        expect(broken.stdout).toMatch(new RegExp(`^audit chain BROKEN at row ${target}: hash mismatch: the row was edited after it was written \\(\\d+ rows intact before it\\)\\n$`));
+        const brokenJson = await mailgent(['audit', 'verify', '--json'], { env: admin() });
+        expect(brokenJson.code).toBe(1);
+        expect(json(brokenJson)).toEqual({ ok: false, rows: expect.any(Number), firstBroken: { seq: target, reason: 'hash mismatch: the row was edited after it was written' } });
+      } finally {
+        await tamper(original);
+      }
+      const okJson = await mailgent(['audit', 'verify', '--json'], { env: admin() });
+      expect(okJson.code).toBe(0);
+      expect(json(okJson)).toEqual({ ok: true, rows: expect.any(Number) });
+
+      const asIdentity = await mailgent(['audit', 'verify', '--json'], { env: { MAILGENT_ADMIN_TOKEN: alice.token } });
+      expect(asIdentity.code).toBe(3);
+      expect(json(asIdentity)).toMatchObject({ status: 403, detail: 'this route needs the admin token' });
+    });
+  });
+});
+
+/** RFC 6238 TOTP (SHA-1, 8 digits) of the RFC's seed at a time step. */
+function rfcCode(step: number): string {
+  const counter = Buffer.alloc(8);
+  counter.writeBigUInt64BE(BigInt(step));
+  const mac = createHmac('sha1', '12345678901234567890').update(counter).digest();
+  const offset = mac[mac.length - 1]! & 0xf;
+  return String((mac.readUInt32BE(offset) & 0x7fffffff) % 10 ** 8).padStart(8, '0');
+}
