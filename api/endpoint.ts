@@ -5,11 +5,16 @@ import { hashToken } from '../vault/identities';
 import type { Identities, Identity } from '../vault/identities';
 import type { Caller } from '../vault/vault';
 import { timingSafeEqual } from 'node:crypto';
+import { withDoc, type ResponseDoc } from './openapi';
+import type { AuthGuard } from './auth-guard';
 import { MAX_REQUEST_BYTES } from './schemas';
 
 /**
- * One endpoint = who may call it, the audit action it records, and the schemas of its body and
- * query. Authentication runs before the body is read, so even a malformed body is attributed.
+ * One endpoint = who may call it, the audit action it records, the schemas of its body and
+ * query, and what it answers (its response schemas by status and the problems particular to it;
+ * the common ones (400, 401, 403, 413, 415, 500, 503) follow from the rest). The spec is also the
+ * endpoint's OpenAPI documentation (api/openapi.ts). Authentication runs before the body is read,
+ * so even a malformed body is attributed.
  */
 export type Who = 'identity' | 'admin' | 'identity-or-admin';
 
@@ -33,14 +38,31 @@ export interface EndpointContext<B, Q> {
 export interface AuthDeps {
   identities: Pick<Identities, 'authenticate'>;
   adminTokenHash: Buffer;
+  /** Throttles clients that present too many invalid tokens (absent: no throttling). */
+  guard?: AuthGuard;
 }
 
+/** JSON nested deeper than this is refused before validation (no recursion over attacker-chosen depth). */
+export const MAX_JSON_DEPTH = 32;
+
 // Not strict: a top-level string or number is valid JSON and gets the clearer "must be a JSON object" error.
-const jsonParser = express.json({ limit: MAX_REQUEST_BYTES, strict: false });
+export const jsonParser = express.json({ limit: MAX_REQUEST_BYTES, strict: false });
+
+export interface EndpointSpec<BS, QS> {
+  who: Who;
+  summary: string;
+  description?: string;
+  action?: string;
+  body?: BS;
+  query?: QS;
+  responses: Record<number, ResponseDoc>;
+  /** Problem statuses particular to this endpoint (e.g. 404, 409, 422). */
+  problems?: number[];
+}
 
 export function endpoint<BS extends z.ZodType | undefined = undefined, QS extends z.ZodType | undefined = undefined>(
   auth: AuthDeps,
-  spec: { who: Who; action?: string; body?: BS; query?: QS },
+  spec: EndpointSpec<BS, QS>,
   handler: (
     ctx: EndpointContext<BS extends z.ZodType ? z.output<BS> : undefined, QS extends z.ZodType ? z.output<QS> : undefined>,
   ) => Promise<Reply>,
@@ -52,8 +74,11 @@ export function endpoint<BS extends z.ZodType | undefined = undefined, QS extend
     },
     authenticate(auth, spec.who),
   ];
-  if (spec.body) chain.push(requireJson, jsonParser);
-  chain.push(async (req: Request, res: Response) => {
+  if (spec.body) chain.push(requireJson, jsonParser, limitDepth);
+  const run: RequestHandler = async (req: Request, res: Response) => {
+    refuseUnstorable(req.params, 'path');
+    refuseUnstorable(req.query, 'query');
+    if (spec.body) refuseUnstorable(req.body, 'body');
     const body = spec.body ? parse(spec.body, req.body, 'body') : undefined;
     const query = spec.query ? parse(spec.query, { ...req.query }, 'query') : undefined;
     const identity: Identity | undefined = res.locals.identity;
@@ -69,11 +94,13 @@ export function endpoint<BS extends z.ZodType | undefined = undefined, QS extend
       caller: { identityId: identity?.id ?? '', actor: identity ? `identity:${identity.id}` : 'admin', requestId },
     });
     res.status(reply.status ?? 200).json(reply.body);
-  });
+  };
+  const { who, action: _action, ...doc } = spec;
+  chain.push(withDoc(run, { ...doc, auth: who }));
   return chain;
 }
 
-function parse<S extends z.ZodType>(schema: S, input: unknown, where: 'body' | 'query'): z.output<S> {
+export function parse<S extends z.ZodType>(schema: S, input: unknown, where: 'body' | 'query'): z.output<S> {
   if (where === 'body' && (typeof input !== 'object' || input === null || Array.isArray(input))) {
     throw new ValidationError('the request body must be a JSON object');
   }
@@ -87,14 +114,56 @@ function parse<S extends z.ZodType>(schema: S, input: unknown, where: 'body' | '
   throw new ValidationError(`the request ${where} is not valid: ${errors.map((e) => `${e.path}: ${e.message}`).join('; ')}`, errors);
 }
 
-function requireJson(req: Request, _res: Response, next: NextFunction): void {
+export function requireJson(req: Request, _res: Response, next: NextFunction): void {
   if (!req.is(['application/json', 'application/*+json'])) {
     throw new AppError(415, 'unsupported-media-type', 'Unsupported media type', 'send the request body as application/json');
   }
   next();
 }
 
-function authenticate(auth: AuthDeps, who: Who): RequestHandler {
+export function limitDepth(req: Request, _res: Response, next: NextFunction): void {
+  if (depthExceeds(req.body, MAX_JSON_DEPTH)) {
+    throw new ValidationError(`the request body is nested more than ${MAX_JSON_DEPTH} levels deep`);
+  }
+  next();
+}
+
+// PostgreSQL stores neither a NUL character nor half a surrogate pair (text and jsonb both refuse them).
+// eslint-disable-next-line no-control-regex -- the NUL is exactly what this looks for
+const UNSTORABLE = /\u0000|[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
+
+/** Refuses input whose strings (or keys) could never be stored, before any of it reaches the database. */
+function refuseUnstorable(value: unknown, where: 'body' | 'query' | 'path'): void {
+  const stack: [unknown, string][] = [[value, '']];
+  while (stack.length) {
+    const [v, path] = stack.pop()!;
+    if (typeof v === 'string' && UNSTORABLE.test(v)) {
+      throw new ValidationError(`the request ${where} contains a NUL character or an unpaired UTF-16 surrogate`, [
+        { path: path || where, message: 'contains a NUL character or an unpaired UTF-16 surrogate' },
+      ]);
+    }
+    if (typeof v !== 'object' || v === null) continue;
+    for (const [key, child] of Object.entries(v)) {
+      const at = path ? `${path}.${key}` : key;
+      if (UNSTORABLE.test(key)) stack.push([key, at]);
+      stack.push([child, at]);
+    }
+  }
+}
+
+/** Iterative, so a hostile depth cannot overflow the stack here. */
+export function depthExceeds(value: unknown, max: number): boolean {
+  const stack: [unknown, number][] = [[value, 0]];
+  while (stack.length) {
+    const [v, depth] = stack.pop()!;
+    if (typeof v !== 'object' || v === null) continue;
+    if (depth >= max) return true;
+    for (const child of Object.values(v)) stack.push([child, depth + 1]);
+  }
+  return false;
+}
+
+export function authenticate(auth: AuthDeps, who: Who): RequestHandler {
   return async (req, res, next) => {
     const header = req.get('authorization');
     const match = header ? /^Bearer ([\x21-\x7e]{1,512})$/i.exec(header) : null;
@@ -102,19 +171,25 @@ function authenticate(auth: AuthDeps, who: Who): RequestHandler {
       throw new AppError(401, 'unauthorized', 'Authentication required', 'send Authorization: Bearer <token>');
     }
     const token = match[1]!;
-    if (who !== 'identity' && timingSafeEqual(hashToken(token), auth.adminTokenHash)) {
+    const hash = hashToken(token);
+    // A throttled client is refused before its token is checked, so a guess teaches nothing.
+    await auth.guard?.check(req, hash);
+    // Fixed-length hashes compared in constant time: neither the token nor its length leaks by timing.
+    const isAdmin = timingSafeEqual(hash, auth.adminTokenHash);
+    if (isAdmin && who !== 'identity') {
       res.locals.admin = true;
+      auth.guard?.succeeded(req, hash);
       return next();
     }
-    const identity = await auth.identities.authenticate(token);
-    if (identity && who !== 'admin') {
-      res.locals.identity = identity;
-      return next();
-    }
+    const identity = isAdmin ? undefined : await auth.identities.authenticate(token);
     if (identity) {
+      auth.guard?.succeeded(req, hash);
       res.locals.identity = identity;
+      if (who !== 'admin') return next();
       throw new AppError(403, 'forbidden', 'Forbidden', 'this route needs the admin token');
     }
+    // The admin token on an identity route is a valid token in the wrong place, not a guess.
+    if (!isAdmin) await auth.guard?.failed(req);
     throw new AppError(401, 'unauthorized', 'Authentication required', 'the bearer token is not valid');
   };
 }

@@ -8,6 +8,8 @@ import { MAX_PERIOD_SECONDS } from '../vault/totp';
  */
 export const MAX_VALUE_BYTES = 64 * 1024;
 export const MAX_REQUEST_BYTES = 256 * 1024;
+/** Versions are PostgreSQL `int`s. */
+const MAX_VERSION = 2_147_483_647;
 
 const credentialName = z
   .string()
@@ -23,6 +25,11 @@ export const identityCreate = z.strictObject({
   name: z.string().min(1).max(100).regex(/^[A-Za-z0-9][A-Za-z0-9._@-]*$/, 'must use only letters, digits and . _ @ -'),
   email: email.optional(),
 });
+
+/** The admin's switches for how an identity's MCP calls treat values (PATCH /v1/identities/:id). */
+export const identityUpdate = z
+  .strictObject({ mcpMasking: z.boolean().optional(), allowUnmaskedRead: z.boolean().optional() })
+  .refine((b) => Object.keys(b).length > 0, 'give at least one field to change');
 
 const totp = z.union([
   z.strictObject({ otpauthUri: z.string().min(1).max(2048).startsWith('otpauth://', 'must be an otpauth:// URI') }),
@@ -90,7 +97,7 @@ export const vaultStore = z
       .optional(),
     totp: totp.optional(),
     ...policyFields,
-    expectedVersion: z.number().int().min(0).optional(),
+    expectedVersion: z.number().int().min(0).max(MAX_VERSION).optional(),
     /** The provider's own id for this value (e.g. an API key id), so a rotation can revoke it later. Never secret. */
     externalId: z.string().min(1).max(500).optional(),
   })
@@ -111,7 +118,7 @@ const oneRef = <T extends { name?: string; id?: string }>(body: T, ctx: z.Refine
 };
 
 export const vaultGet = z
-  .strictObject({ name: credentialName.optional(), id: credentialId.optional(), version: z.number().int().min(1).optional() })
+  .strictObject({ name: credentialName.optional(), id: credentialId.optional(), version: z.number().int().min(1).max(MAX_VERSION).optional() })
   .superRefine(oneRef);
 
 export const vaultTotp = z.strictObject({ name: credentialName.optional(), id: credentialId.optional() }).superRefine(oneRef);
@@ -126,6 +133,9 @@ export const mailSend = z.strictObject({
   text: z.string().min(1).max(100_000),
   html: z.string().min(1).max(200_000).optional(),
 });
+
+/** DELETE /v1/credentials/:ref: `?destroy=true` deletes every version's ciphertext now. */
+export const credentialDeleteQuery = z.strictObject({ destroy: z.enum(['true', 'false']).optional() });
 
 export const credentialsQuery = z.strictObject({
   kind: kind.optional(),

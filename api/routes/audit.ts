@@ -3,6 +3,7 @@ import type { Pool } from '../../db/pool';
 import { listAudit, verifyAuditChain } from '../../vault/audit';
 import type { Vault } from '../../vault/vault';
 import { endpoint, type AuthDeps } from '../endpoint';
+import { auditList, chainReport } from '../responses';
 import { auditQuery } from '../schemas';
 
 export function auditRoutes(auth: AuthDeps, deps: { pool: Pool; vault: Vault }): Router {
@@ -10,13 +11,13 @@ export function auditRoutes(auth: AuthDeps, deps: { pool: Pool; vault: Vault }):
 
   router.get(
     '/v1/audit/verify',
-    ...endpoint(auth, { who: 'admin', action: 'audit.verify' }, async () => ({ body: await verifyAuditChain(deps.pool) })),
+    ...endpoint(auth, { who: 'admin', action: 'audit.verify', summary: 'Recompute the audit hash chain', responses: { 200: chainReport } }, async () => ({ body: await verifyAuditChain(deps.pool) })),
   );
 
   // An identity sees its own events; the admin token sees everyone's.
   router.get(
     '/v1/audit',
-    ...endpoint(auth, { who: 'identity-or-admin', query: auditQuery }, async ({ query, identity }) => {
+    ...endpoint(auth, { who: 'identity-or-admin', summary: 'Audit events (an identity’s own, or all with the admin token)', query: auditQuery, responses: { 200: auditList } }, async ({ query, identity }) => {
       let credentialId: string | undefined;
       if (query.credential) {
         if (identity) {

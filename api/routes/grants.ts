@@ -2,6 +2,7 @@ import { Router } from 'express';
 import { NotFoundError } from '../../core/errors';
 import type { Grants } from '../../vault/grants';
 import { endpoint, type AuthDeps } from '../endpoint';
+import { grantCreated, grantList, grantRevoked } from '../responses';
 import { grantCreate } from '../schemas';
 import { refOf } from './vault';
 
@@ -10,18 +11,18 @@ export function grantRoutes(auth: AuthDeps, grants: Grants): Router {
   const router = Router();
   router.post(
     '/v1/grants',
-    ...endpoint(auth, { who: 'identity', action: 'grant.create', body: grantCreate }, async ({ body, caller }) => ({
+    ...endpoint(auth, { who: 'identity', action: 'grant.create', summary: 'Let another identity read one credential by id', body: grantCreate, responses: { 201: grantCreated }, problems: [404, 409, 422] }, async ({ body, caller }) => ({
       status: 201,
       body: await grants.create(caller, refOf(body.credential), body.grantee),
     })),
   );
   router.get(
     '/v1/grants',
-    ...endpoint(auth, { who: 'identity' }, async ({ caller }) => ({ body: await grants.list(caller.identityId) })),
+    ...endpoint(auth, { who: 'identity', summary: 'Grants given and received', responses: { 200: grantList } }, async ({ caller }) => ({ body: await grants.list(caller.identityId) })),
   );
   router.delete(
     '/v1/grants/:id',
-    ...endpoint(auth, { who: 'identity', action: 'grant.revoke' }, async ({ req, caller }) => {
+    ...endpoint(auth, { who: 'identity', action: 'grant.revoke', summary: 'Revoke a grant (takes effect at once)', responses: { 200: grantRevoked }, problems: [404] }, async ({ req, caller }) => {
       const id = String(req.params.id);
       if (!/^[0-9a-f-]{36}$/i.test(id)) throw new NotFoundError(`no active grant with id ${id}`);
       return { body: await grants.revoke(caller, id) };

@@ -1,16 +1,34 @@
 import { Router } from 'express';
+import { NotFoundError } from '../../core/errors';
 import type { Identities } from '../../vault/identities';
 import { endpoint, type AuthDeps } from '../endpoint';
-import { identityCreate } from '../schemas';
+import { identityBody, identityCreated, identitySettings } from '../responses';
+import { identityCreate, identityUpdate } from '../schemas';
 
 export function identityRoutes(auth: AuthDeps, identities: Identities): Router {
   const router = Router();
   router.post(
     '/v1/identities',
-    ...endpoint(auth, { who: 'admin', action: 'identity.create', body: identityCreate }, async ({ body, requestId }) => ({
+    ...endpoint(auth, { who: 'admin', action: 'identity.create', summary: 'Create an identity (its token is shown once)', body: identityCreate, responses: { 201: identityCreated }, problems: [409] }, async ({ body, requestId }) => ({
       status: 201,
       body: await identities.create(body, { actor: 'admin', requestId }),
     })),
+  );
+  // Who the bearer token belongs to. Does no vault work, so it is also the HTTP floor of `npm run bench`.
+  router.get(
+    '/v1/whoami',
+    ...endpoint(auth, { who: 'identity', summary: 'Who this bearer token belongs to', responses: { 200: identityBody } }, async ({ identity }) => ({
+      body: { id: identity!.id, name: identity!.name, email: identity!.email },
+    })),
+  );
+  // The admin switches how an identity's MCP calls treat values (masking, and the separate unmasked-read permission).
+  router.patch(
+    '/v1/identities/:id',
+    ...endpoint(auth, { who: 'admin', action: 'identity.update', summary: 'Change how an identity’s MCP calls treat values', body: identityUpdate, responses: { 200: identitySettings }, problems: [404] }, async ({ req, body, requestId }) => {
+      const id = String(req.params.id);
+      if (!/^[0-9a-f-]{36}$/i.test(id)) throw new NotFoundError(`no identity with id ${id}`);
+      return { body: await identities.updateSettings(id, body, { actor: 'admin', requestId }) };
+    }),
   );
   return router;
 }

@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
+import type { z } from 'zod';
 import type { Client } from '@temporalio/client';
 import { NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { withTransaction, type Pool } from '../../db/pool';
@@ -7,13 +8,14 @@ import { abandonMail, queueMail } from '../../mail/outbox';
 import { findStoredValue } from '../../mail/secret-scan';
 import { appendAudit } from '../../vault/audit';
 import type { SecretStore } from '../../vault/secret-store';
-import type { Vault } from '../../vault/vault';
+import type { Caller, Vault } from '../../vault/vault';
 import { leakSignal } from '../../workflows/definitions';
 import type { rotateCredential } from '../../workflows/rotate-credential';
 import { endpoint, type AuthDeps } from '../endpoint';
+import { leakResults } from '../responses';
 import { leakReport } from '../schemas';
 
-interface Deps {
+export interface LeakDeps {
   pool: Pool;
   vault: Vault;
   secrets: SecretStore;
@@ -37,38 +39,51 @@ interface Target {
  * contacts are mailed, and the credential's rotation is started in leak mode or, if one is
  * running, signalled to revoke the old value at once. Further reports join the open incident.
  */
-export function leakRoutes(auth: AuthDeps, deps: Deps): Router {
+export function leakRoutes(auth: AuthDeps, deps: LeakDeps): Router {
   const router = Router();
   router.post(
     '/v1/leaks',
-    ...endpoint(auth, { who: 'identity-or-admin', action: 'leak.report', body: leakReport }, async ({ body, caller, identity }) => {
-      const scope = identity?.id;
-      const targets = body.fingerprint ? await byFingerprint(deps, body.fingerprint, scope) : await byCredential(deps, body.credential!, scope);
-      if (body.details) {
-        for (const identityId of new Set(targets.map((t) => t.identityId))) {
-          if (findStoredValue({ subject: '', text: body.details }, await deps.vault.storedValues(identityId))) {
-            throw new UnprocessableError('details must not contain the leaked value; report it by its SHA-256 fingerprint');
-          }
-        }
-      }
-      const results = [];
-      for (const target of targets) results.push(await respond(deps, target, body, scope ? caller.actor : 'admin'));
-      await appendAudit(deps.pool, {
-        identityId: scope ?? null,
-        actor: scope ? caller.actor : 'admin',
+    ...endpoint(auth, {
+        who: 'identity-or-admin',
         action: 'leak.report',
-        credentialId: targets.length === 1 ? targets[0]!.credentialId : null,
-        outcome: 'ok',
-        requestId: caller.requestId,
-        detail: { source: body.source, by: body.fingerprint ? 'fingerprint' : 'credential', matched: targets.length, results: results.map((r) => r.action) },
-      });
-      return { status: 202, body: { results } };
-    }),
+        summary: 'Report a leaked credential (by name/id or the SHA-256 of the value): rotate it at once',
+        body: leakReport,
+        responses: { 202: leakResults },
+        problems: [404, 422],
+      }, async ({ body, caller, identity }) => ({ status: 202, body: await reportLeak(deps, caller, identity?.id, body) })),
   );
   return router;
 }
 
-async function respond(deps: Deps, t: Target, body: { source: string; details?: string }, actor: string) {
+/**
+ * One leak report (POST /v1/leaks, MCP report_leak). `scope` is the reporting identity, whose own
+ * credentials are the only ones it can name; undefined for the admin, who may name any.
+ */
+export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string | undefined, body: z.output<typeof leakReport>) {
+  const targets = body.fingerprint ? await byFingerprint(deps, body.fingerprint, scope) : await byCredential(deps, body.credential!, scope);
+  if (body.details) {
+    for (const identityId of new Set(targets.map((t) => t.identityId))) {
+      if (findStoredValue({ subject: '', text: body.details }, await deps.vault.storedValues(identityId))) {
+        throw new UnprocessableError('details must not contain the leaked value; report it by its SHA-256 fingerprint');
+      }
+    }
+  }
+  const results = [];
+  for (const target of targets) results.push(await respond(deps, target, body, scope ? caller.actor : 'admin'));
+  await appendAudit(deps.pool, {
+    identityId: scope ?? null,
+    actor: scope ? caller.actor : 'admin',
+    action: 'leak.report',
+    credentialId: targets.length === 1 ? targets[0]!.credentialId : null,
+    outcome: 'ok',
+    requestId: caller.requestId,
+    via: caller.via,
+    detail: { source: body.source, by: body.fingerprint ? 'fingerprint' : 'credential', matched: targets.length, results: results.map((r) => r.action) },
+  });
+  return { results };
+}
+
+async function respond(deps: LeakDeps, t: Target, body: { source: string; details?: string }, actor: string) {
   const workflowId = `rotate:${t.credentialId}`;
   if (!t.live) return { credentialId: t.credentialId, version: t.version, action: 'already-revoked' as const };
 
@@ -138,7 +153,7 @@ const TARGET_SQL = `
          (v.revoked_at IS NULL AND v.version IN (c.current_version, c.pending_version, c.previous_version)) AS live
     FROM credentials c JOIN secret_versions v ON v.credential_id = c.id`;
 
-async function byCredential(deps: Deps, ref: string, scope: string | undefined): Promise<Target[]> {
+async function byCredential(deps: LeakDeps, ref: string, scope: string | undefined): Promise<Target[]> {
   const { rows } = await deps.pool.query(
     `${TARGET_SQL}
       WHERE c.deleted_at IS NULL AND v.version = c.current_version AND (c.name = $1 OR c.id::text = $1) AND ($2::uuid IS NULL OR c.identity_id = $2)`,
@@ -149,7 +164,7 @@ async function byCredential(deps: Deps, ref: string, scope: string | undefined):
   return rows.map(toTarget);
 }
 
-async function byFingerprint(deps: Deps, sha256Hex: string, scope: string | undefined): Promise<Target[]> {
+async function byFingerprint(deps: LeakDeps, sha256Hex: string, scope: string | undefined): Promise<Target[]> {
   const fingerprint = await deps.secrets.fingerprintOfSha256(deps.pool, Buffer.from(sha256Hex, 'hex'));
   const { rows } = await deps.pool.query(
     `${TARGET_SQL} WHERE v.fingerprint = $1 AND c.deleted_at IS NULL AND ($2::uuid IS NULL OR c.identity_id = $2)`,

@@ -1,47 +1,69 @@
 import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
+import type { z } from 'zod';
 import type { Client } from '@temporalio/client';
 import { UnavailableError, UnprocessableError } from '../../core/errors';
 import { withTransaction, type Pool } from '../../db/pool';
 import { abandonMail, queueMail } from '../../mail/outbox';
 import { findStoredValue } from '../../mail/secret-scan';
 import { appendAudit } from '../../vault/audit';
-import type { Vault } from '../../vault/vault';
+import type { Caller, Vault } from '../../vault/vault';
 import { deliverMail } from '../../workflows';
 import { endpoint, type AuthDeps } from '../endpoint';
+import { mailQueued } from '../responses';
 import { mailSend } from '../schemas';
 
+export interface MailDeps {
+  pool: Pool;
+  vault: Vault;
+  client: Client;
+  taskQueue: string;
+}
+
 /** mail.send: refused if it carries a stored value; otherwise queued in the outbox and delivered by a workflow. */
-export function mailRoutes(auth: AuthDeps, deps: { pool: Pool; vault: Vault; client: Client; taskQueue: string }): Router {
+export function mailRoutes(auth: AuthDeps, deps: MailDeps): Router {
   const router = Router();
   router.post(
     '/v1/mail.send',
-    ...endpoint(auth, { who: 'identity', action: 'mail.send', body: mailSend }, async ({ body, caller }) => {
-      const hit = findStoredValue(body, await deps.vault.storedValues(caller.identityId));
-      if (hit) {
-        throw new UnprocessableError(
-          `the message contains the value of credential '${hit}' (or an encoding of it); mail never carries a secret`,
-          'secret-in-message',
-          'Message refused: it carries a stored secret',
-        );
-      }
-      const messageId = randomUUID();
-      await withTransaction(deps.pool, async (tx) => {
-        await queueMail(tx, { id: messageId, identityId: caller.identityId, purpose: 'mail.send', ...body });
-        await appendAudit(tx, { ...caller, action: 'mail.send', outcome: 'ok', detail: { messageId, recipients: body.to.length } });
-      });
-      try {
-        await deps.client.workflow.start(deliverMail, {
-          taskQueue: deps.taskQueue,
-          workflowId: `mail:${messageId}`,
-          args: [{ messageId }],
-        });
-      } catch {
-        await abandonMail(deps.pool, messageId, 'could not start delivery');
-        throw new UnavailableError('mail delivery could not be started (Temporal is unavailable); the message was not sent');
-      }
-      return { status: 202, body: { messageId, status: 'queued' } };
-    }),
+    ...endpoint(auth, {
+        who: 'identity',
+        action: 'mail.send',
+        summary: 'Send a message (refused if it carries a stored value)',
+        body: mailSend,
+        responses: { 202: mailQueued },
+        problems: [422],
+      }, async ({ body, caller }) => ({
+      status: 202,
+      body: await sendMail(deps, caller, body),
+    })),
   );
   return router;
+}
+
+/** Scans, queues and starts delivery of one message (POST /v1/mail.send, MCP mail_send). */
+export async function sendMail(deps: MailDeps, caller: Caller, body: z.output<typeof mailSend>) {
+  const hit = findStoredValue(body, await deps.vault.storedValues(caller.identityId));
+  if (hit) {
+    throw new UnprocessableError(
+      `the message contains the value of credential '${hit}' (or an encoding of it); mail never carries a secret`,
+      'secret-in-message',
+      'Message refused: it carries a stored secret',
+    );
+  }
+  const messageId = randomUUID();
+  await withTransaction(deps.pool, async (tx) => {
+    await queueMail(tx, { id: messageId, identityId: caller.identityId, purpose: 'mail.send', ...body });
+    await appendAudit(tx, { ...caller, action: 'mail.send', outcome: 'ok', detail: { messageId, recipients: body.to.length } });
+  });
+  try {
+    await deps.client.workflow.start(deliverMail, {
+      taskQueue: deps.taskQueue,
+      workflowId: `mail:${messageId}`,
+      args: [{ messageId }],
+    });
+  } catch {
+    await abandonMail(deps.pool, messageId, 'could not start delivery');
+    throw new UnavailableError('mail delivery could not be started (Temporal is unavailable); the message was not sent');
+  }
+  return { messageId, status: 'queued' as const };
 }

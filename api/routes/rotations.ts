@@ -1,17 +1,19 @@
 import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
+import type { z } from 'zod';
 import type { Client } from '@temporalio/client';
 import { ConflictError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { withTransaction, type Pool } from '../../db/pool';
 import { appendAudit } from '../../vault/audit';
-import type { Kind, Vault } from '../../vault/vault';
+import type { Caller, Kind, Vault } from '../../vault/vault';
 import type { rotateBatch } from '../../workflows/batch';
 import { progressQuery, rollbackUpdate } from '../../workflows/definitions';
 import type { RotationProgress } from '../../workflows/types';
 import { endpoint, type AuthDeps } from '../endpoint';
+import { rotationCancelling, rotationReport, rotationRolledBack, rotationStarted } from '../responses';
 import { rotationsStart } from '../schemas';
 
-interface Deps {
+export interface RotationDeps {
   pool: Pool;
   vault: Vault;
   client: Client;
@@ -22,58 +24,34 @@ interface Deps {
  * Rotations: a request makes one batch workflow (rotation:<rotationId>) that starts one
  * rotateCredential per credential (rotate:<credentialId>) and mails `notify` a summary.
  */
-export function rotationRoutes(auth: AuthDeps, deps: Deps): Router {
+export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
   const router = Router();
 
   router.post(
     '/v1/rotations',
-    ...endpoint(auth, { who: 'identity', action: 'rotation.start', body: rotationsStart }, async ({ body, caller }) => {
-      const credentialIds = await selectCredentials(deps.vault, caller.identityId, body);
-      const rotationId = randomUUID();
-      const batchWorkflowId = `rotation:${rotationId}`;
-      await withTransaction(deps.pool, async (tx) => {
-        await tx.query(`INSERT INTO rotations (id, identity_id, kind, reason, notify, workflow_id) VALUES ($1, $2, 'request', $3, $4, $5)`, [
-          rotationId,
-          caller.identityId,
-          body.reason ?? null,
-          body.notify ?? [],
-          batchWorkflowId,
-        ]);
-        await tx.query(
-          `INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) SELECT $1, c, 'rotate:' || c FROM unnest($2::uuid[]) AS c`,
-          [rotationId, credentialIds],
-        );
-        await appendAudit(tx, { ...caller, action: 'rotation.start', outcome: 'ok', detail: { rotationId, credentials: credentialIds.length } });
-      });
-      await temporal(() =>
-        deps.client.workflow.start<typeof rotateBatch>('rotateBatch', { taskQueue: deps.taskQueue, workflowId: batchWorkflowId, args: [{ rotationId }] }),
-      );
-      return { status: 202, body: { rotationId, batchWorkflowId, workflowIds: credentialIds.map((id) => `rotate:${id}`) } };
-    }),
+    ...endpoint(auth, {
+        who: 'identity',
+        action: 'rotation.start',
+        summary: 'Rotate credentials (by name/id or a filter) in one batch',
+        body: rotationsStart,
+        responses: { 202: rotationStarted },
+        problems: [404, 422],
+      }, async ({ body, caller }) => ({
+      status: 202,
+      body: await startRotation(deps, caller, body),
+    })),
   );
 
   router.get(
     '/v1/rotations/:id',
-    ...endpoint(auth, { who: 'identity' }, async ({ req, caller }) => {
-      const rotation = await ownRotation(deps.pool, caller.identityId, String(req.params.id));
-      const runs = await runsOf(deps.pool, rotation.id);
-      const credentials = await Promise.all(runs.map((run) => describeRun(deps.client, run)));
-      return {
-        body: {
-          rotationId: rotation.id,
-          state: aggregate(credentials.map((c) => c.state)),
-          reason: rotation.reason,
-          createdAt: rotation.created_at.toISOString(),
-          credentials,
-        },
-      };
-    }),
+    // The action names the row a refused look-up (404) writes; a successful read is not audited.
+    ...endpoint(auth, { who: 'identity', action: 'rotation.describe', summary: 'A rotation’s state and each credential’s progress', responses: { 200: rotationReport }, problems: [404] }, async ({ req, caller }) => ({ body: await rotationStatus(deps, caller, String(req.params.id)) })),
   );
 
   // Cancel: runs before promotion are undone; runs in their grace period are rolled back.
   router.delete(
     '/v1/rotations/:id',
-    ...endpoint(auth, { who: 'identity', action: 'rotation.cancel' }, async ({ req, caller }) => {
+    ...endpoint(auth, { who: 'identity', action: 'rotation.cancel', summary: 'Cancel a rotation (undone before promotion, rolled back in grace)', responses: { 202: rotationCancelling }, problems: [404] }, async ({ req, caller }) => {
       const rotation = await ownRotation(deps.pool, caller.identityId, String(req.params.id));
       const runs = (await runsOf(deps.pool, rotation.id)).filter((r) => r.run_id && !['failed', 'cancelled', 'rolled_back'].includes(r.outcome ?? ''));
       const cancelled: string[] = [];
@@ -92,7 +70,7 @@ export function rotationRoutes(auth: AuthDeps, deps: Deps): Router {
   // Rollback (during the grace period): the previous version becomes current again everywhere.
   router.post(
     '/v1/rotations/:id/rollback',
-    ...endpoint(auth, { who: 'identity', action: 'rotation.rollback' }, async ({ req, caller }) => {
+    ...endpoint(auth, { who: 'identity', action: 'rotation.rollback', summary: 'Make the previous version current again (grace period only)', responses: { 200: rotationRolledBack }, problems: [404, 409] }, async ({ req, caller }) => {
       const rotation = await ownRotation(deps.pool, caller.identityId, String(req.params.id));
       const results = [];
       for (const run of await runsOf(deps.pool, rotation.id)) {
@@ -113,6 +91,45 @@ export function rotationRoutes(auth: AuthDeps, deps: Deps): Router {
   );
 
   return router;
+}
+
+/** Starts one batch rotation of the caller's credentials (POST /v1/rotations, MCP rotate_credentials). */
+export async function startRotation(deps: RotationDeps, caller: Caller, body: z.output<typeof rotationsStart>) {
+  const credentialIds = await selectCredentials(deps.vault, caller.identityId, body);
+  const rotationId = randomUUID();
+  const batchWorkflowId = `rotation:${rotationId}`;
+  await withTransaction(deps.pool, async (tx) => {
+    await tx.query(`INSERT INTO rotations (id, identity_id, kind, reason, notify, workflow_id) VALUES ($1, $2, 'request', $3, $4, $5)`, [
+      rotationId,
+      caller.identityId,
+      body.reason ?? null,
+      body.notify ?? [],
+      batchWorkflowId,
+    ]);
+    await tx.query(
+      `INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) SELECT $1, c, 'rotate:' || c FROM unnest($2::uuid[]) AS c`,
+      [rotationId, credentialIds],
+    );
+    await appendAudit(tx, { ...caller, action: 'rotation.start', outcome: 'ok', detail: { rotationId, credentials: credentialIds.length } });
+  });
+  await temporal(() =>
+    deps.client.workflow.start<typeof rotateBatch>('rotateBatch', { taskQueue: deps.taskQueue, workflowId: batchWorkflowId, args: [{ rotationId }] }),
+  );
+  return { rotationId, batchWorkflowId, workflowIds: credentialIds.map((id) => `rotate:${id}`) };
+}
+
+/** A rotation's state and each credential's progress (GET /v1/rotations/:id, MCP rotation_status). */
+export async function rotationStatus(deps: RotationDeps, caller: Caller, id: string) {
+  const rotation = await ownRotation(deps.pool, caller.identityId, id);
+  const runs = await runsOf(deps.pool, rotation.id);
+  const credentials = await Promise.all(runs.map((run) => describeRun(deps.client, run)));
+  return {
+    rotationId: rotation.id as string,
+    state: aggregate(credentials.map((c) => c.state)),
+    reason: rotation.reason as string | null,
+    createdAt: (rotation.created_at as Date).toISOString(),
+    credentials,
+  };
 }
 
 async function ownRotation(pool: Pool, identityId: string, id: string) {
