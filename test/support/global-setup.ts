@@ -6,6 +6,7 @@ import { bundleWorkflowCode } from '@temporalio/worker';
 import type {} from 'vitest';
 import type { TestProject } from 'vitest/node';
 import { migrate } from '../../db/pool';
+import { runLeakSweep } from './sweep';
 import { startEmbeddedPostgres } from '../../embedded/postgres';
 import { startSmtpSink } from '../../embedded/smtp-sink';
 import { startEmbeddedTemporal } from '../../embedded/temporal';
@@ -41,6 +42,7 @@ export default async function setup(project: TestProject) {
     for (const stop of stops.reverse()) await stop().catch((err) => console.error('teardown:', err));
     rmSync(tmpDir, { recursive: true, force: true });
   };
+  let temporalAddress = '';
   try {
     const started = await Promise.allSettled([
       process.env.DATABASE_URL
@@ -73,6 +75,7 @@ export default async function setup(project: TestProject) {
     const workflowBundlePath = path.join(tmpDir, 'workflow-bundle.js');
     writeFileSync(workflowBundlePath, bundle.code);
 
+    temporalAddress = temporal.address;
     project.provide('temporalAddress', temporal.address);
     project.provide('pgAdminUrl', pgServer.adminUrl);
     project.provide('templateDb', TEMPLATE_DB);
@@ -84,7 +87,28 @@ export default async function setup(project: TestProject) {
     await teardown();
     throw err;
   }
-  return teardown;
+  // The run-wide leak sweep (test/support/sweep.ts) runs before the servers stop; any hit fails the run.
+  return async () => {
+    let swept: Awaited<ReturnType<typeof runLeakSweep>> | undefined;
+    let failure: unknown;
+    try {
+      swept = await runLeakSweep(tmpDir, temporalAddress);
+    } catch (err) {
+      failure = err;
+    }
+    await teardown();
+    if (!swept) {
+      process.exitCode = 1;
+      throw failure;
+    }
+    const mb = (swept.bytes / 1024 / 1024).toFixed(1);
+    console.log(`leak sweep: ${swept.secrets} secrets, ${swept.places} places (${mb} MB, ${swept.workflows} workflow histories): ${swept.hits.length} hits`);
+    if (swept.hits.length) {
+      // Vitest reports an error thrown here but still exits 0: set the exit code ourselves.
+      process.exitCode = 1;
+      throw new Error(`the leak sweep found secrets:\n${swept.hits.join('\n')}`);
+    }
+  };
 }
 
 export function withDatabase(url: string, database: string): string {

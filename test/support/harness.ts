@@ -17,6 +17,8 @@ import type { ActivityDeps } from '../../activities';
 import { activityDeps } from '../../worker/deps';
 import { createWorker, installTemporalLogging } from '../../worker/worker';
 import { withDatabase } from './global-setup';
+import { decodedHistoryText } from './leaks';
+import { recordPlace, registerSecrets } from './sweep';
 
 /**
  * One test file's world: its own database (cloned from the migrated template), keyring, admin
@@ -139,6 +141,23 @@ export async function startHarness(
   const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
   const secrets: string[] = [];
 
+  /** What the run-wide leak sweep (test/support/sweep.ts) searches once this database and task queue are gone. */
+  const leaveForSweep = async () => {
+    const runDir = inject('tmpDir');
+    registerSecrets(runDir, tag, secrets);
+    for (const table of ['audit_log', 'mail_outbox']) {
+      recordPlace(runDir, tag, table, JSON.stringify((await superuser.query(`SELECT * FROM ${table}`)).rows));
+    }
+    try {
+      for await (const wf of client.workflow.list({ query: `TaskQueue = '${taskQueue}'` })) {
+        const history = await client.workflow.getHandle(wf.workflowId, wf.runId).fetchHistory();
+        recordPlace(runDir, tag, 'histories', await decodedHistoryText({ services }, history));
+      }
+    } catch (err) {
+      console.warn(`leak sweep: the histories of ${taskQueue} could not be read: ${(err as Error).message}`);
+    }
+  };
+
   const api: Harness['api'] = async (method, route, o = {}) => {
     const headers: Record<string, string> = { ...(o.headers ?? {}) };
     if (o.token) headers.authorization = `Bearer ${o.token}`;
@@ -149,6 +168,7 @@ export async function startHarness(
     }
     const res = await fetch(url + route, { method, headers, body });
     const text = await res.text();
+    if (res.status >= 400) recordPlace(inject('tmpDir'), tag, 'http-errors', `${method} ${route} -> ${res.status} ${text}`);
     let parsed: unknown;
     try {
       parsed = text ? JSON.parse(text) : undefined;
@@ -201,6 +221,7 @@ export async function startHarness(
         await workerRun;
         await nativeConnection!.close();
       }
+      await leaveForSweep();
       await connection.close();
       await services.close();
       await superuser.end();

@@ -20,7 +20,7 @@ export function rawHistoryText(history: unknown): string {
  * with the key sees. Searching this too proves values stay out of payloads, not just that the
  * codec hides them.
  */
-export async function decodedHistoryText(h: Harness, history: unknown): Promise<string> {
+export async function decodedHistoryText(h: Pick<Harness, 'services'>, history: unknown): Promise<string> {
   const codecs = h.services.dataConverter.payloadCodecs ?? [];
   const decodeAll = async (node: unknown): Promise<unknown> => {
     if (node instanceof Uint8Array || node === null || typeof node !== 'object') return node;

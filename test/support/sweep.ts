@@ -1,0 +1,123 @@
+import { appendFileSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+
+/**
+ * The run-wide secret-leak sweep. Every harness registers the secrets its file created and, when
+ * it closes, leaves behind what must never hold one: its audit rows, mail outbox, decoded workflow
+ * histories (failure messages included) and the bodies of every HTTP error it received. At the end
+ * of the run (test/support/global-setup.ts) one sweep looks for every secret of every file — raw,
+ * base64 and hex — in all of that, in every process log under the run's directory, in every email
+ * the SMTP sink took, and in the raw history of every workflow on the Temporal server.
+ */
+export const SWEEP_DIR = 'leak-sweep';
+
+export function sweepDir(runDir: string): string {
+  const dir = path.join(runDir, SWEEP_DIR);
+  mkdirSync(dir, { recursive: true });
+  return dir;
+}
+
+export function registerSecrets(runDir: string, tag: string, secrets: string[]): void {
+  writeFileSync(path.join(sweepDir(runDir), `${tag}.secrets.json`), JSON.stringify(secrets));
+}
+
+/** Adds text to a place the sweep will search (one file per harness and kind). */
+export function recordPlace(runDir: string, tag: string, kind: string, text: string): void {
+  appendFileSync(path.join(sweepDir(runDir), `${tag}.${kind}.txt`), `${text}\n`);
+}
+
+export interface SweepResult {
+  secrets: number;
+  places: number;
+  bytes: number;
+  hits: string[];
+}
+
+/** The forms a leaked value could take in text: as is, base64 (also URL-safe, unpadded) and hex. */
+export function leakForms(secret: string): string[] {
+  const bytes = Buffer.from(secret);
+  const b64 = bytes.toString('base64');
+  return [...new Set([secret, b64, b64.replace(/=+$/, ''), bytes.toString('base64url'), bytes.toString('hex')])];
+}
+
+export function sweep(secrets: Iterable<string>, places: Iterable<[string, string]>): SweepResult {
+  const unique = [...new Set(secrets)].filter((s) => s.length >= 6);
+  const formOf = new Map<string, string>();
+  for (const secret of unique) for (const form of leakForms(secret)) formOf.set(form, secret);
+  // One pass per place: an alternation of every form, longest first so a longer form wins.
+  const forms = [...formOf.keys()].sort((a, b) => b.length - a.length);
+  const pattern = forms.length ? new RegExp(forms.map((f) => f.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')).join('|'), 'g') : undefined;
+  const hits = new Set<string>();
+  let count = 0;
+  let bytes = 0;
+  for (const [where, text] of places) {
+    count++;
+    bytes += text.length;
+    if (!pattern) continue;
+    for (const match of text.matchAll(pattern)) {
+      const secret = formOf.get(match[0])!;
+      hits.add(`a secret (${secret.length} chars, starting '${secret.slice(0, 3)}…') appears in ${where}`);
+    }
+  }
+  return { secrets: unique.length, places: count, bytes, hits: [...hits] };
+}
+
+/** Every registered secret of the run. */
+export function registeredSecrets(runDir: string): string[] {
+  const dir = path.join(runDir, SWEEP_DIR);
+  if (!existsSync(dir)) return [];
+  return readdirSync(dir)
+    .filter((f) => f.endsWith('.secrets.json'))
+    .flatMap((f) => JSON.parse(readFileSync(path.join(dir, f), 'utf8')) as string[]);
+}
+
+/**
+ * The files of the run the sweep reads: the harnesses' recorded places, every *.log (service and
+ * child-process logs) and every *.eml under the run directory. Data directories of the servers
+ * (PostgreSQL, Temporal's SQLite) are skipped: their contents are searched through the places the
+ * harnesses recorded and through the Temporal API.
+ */
+export function* runFiles(runDir: string): Generator<[string, string]> {
+  const walk = function* (dir: string): Generator<string> {
+    for (const entry of readdirSync(dir, { withFileTypes: true })) {
+      const full = path.join(dir, entry.name);
+      if (entry.isDirectory()) {
+        if (entry.name === 'pg' || entry.name === 'temporal') continue;
+        yield* walk(full);
+      } else if (entry.isFile()) yield full;
+    }
+  };
+  for (const file of walk(runDir)) {
+    const rel = path.relative(runDir, file);
+    const inSweep = rel.startsWith(`${SWEEP_DIR}${path.sep}`) && !rel.endsWith('.secrets.json');
+    if (inSweep || file.endsWith('.log') || file.endsWith('.eml')) {
+      if (statSync(file).size > 256 * 1024 * 1024) throw new Error(`${rel} is too large to sweep`);
+      yield [rel, readFileSync(file, 'utf8')];
+    }
+  }
+}
+
+/** The sweep at the end of a run: registered secrets against the run's files and every raw history on the server. */
+export async function runLeakSweep(runDir: string, temporalAddress: string): Promise<SweepResult & { workflows: number }> {
+  const { Client, Connection } = await import('@temporalio/client');
+  const connection = await Connection.connect({ address: temporalAddress });
+  const histories: [string, string][] = [];
+  try {
+    const client = new Client({ connection, namespace: 'default' });
+    for await (const wf of client.workflow.list()) {
+      const history = await client.workflow.getHandle(wf.workflowId, wf.runId).fetchHistory();
+      histories.push([`raw history of ${wf.workflowId} (${wf.runId})`, rawText(history)]);
+    }
+  } finally {
+    await connection.close();
+  }
+  const result = sweep(registeredSecrets(runDir), (function* () {
+    yield* runFiles(runDir);
+    yield* histories;
+  })());
+  return { ...result, workflows: histories.length };
+}
+
+function rawText(value: unknown): string {
+  return JSON.stringify(value, (_k, v) => (v instanceof Uint8Array ? Buffer.from(v).toString('utf8') : v));
+}
