@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import express, { type Express } from 'express';
+import helmet from 'helmet';
 import { pinoHttp } from 'pino-http';
 import type { Client } from '@temporalio/client';
 import type { DataConverter } from '@temporalio/common';
@@ -9,6 +10,7 @@ import type { Pool } from '../db/pool';
 import { appendAudit, errorDetail, isAudited, outcomeOf } from '../vault/audit';
 import { hashToken, type Identities } from '../vault/identities';
 import type { Vault } from '../vault/vault';
+import { AuthGuard, type AuthGuardLimits } from './auth-guard';
 import type { AuthDeps } from './endpoint';
 import { createMetrics } from './metrics';
 import { problemHandler } from './problem';
@@ -46,7 +48,11 @@ export interface ApiDeps {
   codecCorsOrigins?: string[];
   adminToken: string;
   logger: Logger;
+  /** Invalid bearer tokens a client may present per window before it gets 429s. */
+  authFailures?: AuthGuardLimits;
 }
+
+export const DEFAULT_AUTH_FAILURES: AuthGuardLimits = { maxFailures: 50, windowMs: 5 * 60_000 };
 
 const REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/;
 
@@ -54,13 +60,27 @@ export function createApp(deps: ApiDeps): Express {
   const app = express();
   app.disable('x-powered-by');
   app.set('query parser', 'simple');
-  const auth: AuthDeps = { identities: deps.identities, adminTokenHash: hashToken(deps.adminToken) };
+  const auth: AuthDeps = {
+    identities: deps.identities,
+    adminTokenHash: hashToken(deps.adminToken),
+    guard: new AuthGuard(deps.authFailures ?? DEFAULT_AUTH_FAILURES),
+  };
+
+  // JSON only, never framed, no referrer, HTTPS remembered by browsers that reach it over TLS.
+  app.use(
+    helmet({
+      contentSecurityPolicy: { useDefaults: false, directives: { defaultSrc: ["'none'"], frameAncestors: ["'none'"] } },
+      strictTransportSecurity: { maxAge: 31_536_000, includeSubDomains: true },
+      xFrameOptions: { action: 'deny' },
+      referrerPolicy: { policy: 'no-referrer' },
+      crossOriginResourcePolicy: { policy: 'same-origin' },
+    }),
+  );
 
   app.use((req, res, next) => {
     const given = req.get('x-request-id');
     res.locals.requestId = given && REQUEST_ID.test(given) ? given : randomUUID();
     res.setHeader('X-Request-Id', res.locals.requestId);
-    res.setHeader('X-Content-Type-Options', 'nosniff');
     // Responses may carry secrets: never cache them anywhere.
     res.setHeader('Cache-Control', 'no-store');
     next();
@@ -100,7 +120,9 @@ export function createApp(deps: ApiDeps): Express {
   app.use(
     problemHandler(deps.logger, async (res, err: AppError, original) => {
       const action: string | undefined = res.locals.action;
-      if (!action || isAudited(original)) return;
+      // A throttled client's 429s are not written: its invalid tokens up to the limit were, and a
+      // flood must not turn into a flood of database writes.
+      if (!action || isAudited(original) || err.status === 429) return;
       await appendAudit(deps.pool, {
         identityId: res.locals.identity?.id ?? null,
         actor: res.locals.identity ? `identity:${res.locals.identity.id}` : res.locals.admin ? 'admin' : 'anonymous',
