@@ -126,6 +126,29 @@ describe('bad input', () => {
     expectProblem(huge, 413, 'payload-too-large');
   });
 
+  it('text PostgreSQL cannot store (NUL, unpaired surrogates) and numbers beyond its int are 400s, wherever they appear', async () => {
+    const json = { 'content-type': 'application/json' };
+    const cases: [string, string, string, string][] = [
+      ['POST', '/v1/rotations', '{"credentials":["a"],"reason":"a\\u0000b"}', 'reason'],
+      ['POST', '/v1/vault.store', '{"name":"a","kind":"generic","value":"v-nul","tags":["x\\ud800"]}', 'tags.0'],
+      ['POST', '/v1/vault.store', '{"name":"a","kind":"generic","value":"v-nul","metadata":{"k\\u0000":"v"}}', 'metadata.k\u0000'],
+      ['POST', '/v1/leaks', '{"credential":"a","source":"s","details":"\\udc00"}', 'details'],
+      ['PATCH', '/v1/credentials/a%00b', '{"tags":["x"]}', 'ref'],
+      ['DELETE', '/v1/credentials/a%00b', '', 'ref'],
+      ['GET', '/v1/audit?credential=a%00b', '', 'credential'],
+      ['GET', '/v1/rotations/%00', '', 'id'],
+    ];
+    for (const [method, route, raw, path] of cases) {
+      const res = await h.api(method, route, { token: agent.token, raw: raw || undefined, headers: raw ? json : {} });
+      expectProblem(res, 400, 'validation-failed');
+      expect(res.body.errors.map((e: { path: string }) => e.path)).toEqual([path]);
+    }
+    const version = await post('/v1/vault.get', { body: { name: 'a', version: 2 ** 31 } });
+    expectProblem(version, 400, 'validation-failed');
+    expect(version.body.errors.map((e: { path: string }) => e.path)).toEqual(['version']);
+    expectProblem(await post('/v1/vault.store', { body: { name: 'a', kind: 'generic', value: 'v', expectedVersion: 2 ** 40 } }), 400, 'validation-failed');
+  });
+
   it('unknown routes and methods are 404 problems', async () => {
     expectProblem(await h.api('GET', '/v1/nothing', { token: agent.token }), 404, 'not-found');
     expectProblem(await h.api('DELETE', '/v1/vault.get', { token: agent.token }), 404, 'not-found');

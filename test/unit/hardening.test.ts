@@ -1,0 +1,77 @@
+import type { Request } from 'express';
+import { describe, expect, it } from 'vitest';
+import { AuthGuard } from '../../api/auth-guard';
+import { depthExceeds } from '../../api/endpoint';
+import { toAppError } from '../../api/problem';
+import { AuditUnavailableError, TooManyRequestsError } from '../../core/errors';
+import { hashToken, newToken, tokensEqual } from '../../vault/identities';
+
+describe('token comparison', () => {
+  it('compares fixed-length hashes, so tokens of any length compare without throwing', () => {
+    const token = newToken();
+    expect(tokensEqual(token, hashToken(token))).toBe(true);
+    expect(tokensEqual(token.slice(0, -1), hashToken(token))).toBe(false);
+    expect(tokensEqual('', hashToken(token))).toBe(false);
+    expect(tokensEqual('x'.repeat(10_000), hashToken(token))).toBe(false);
+    expect(hashToken('a').length).toBe(hashToken('a'.repeat(512)).length);
+  });
+});
+
+describe('auth guard', () => {
+  const from = (ip: string) => ({ ip, socket: {} }) as unknown as Request;
+
+  it('throttles a client after its limit of invalid tokens, except tokens that worked from it', async () => {
+    const guard = new AuthGuard({ maxFailures: 3, windowMs: 60_000 });
+    const good = hashToken('good');
+    guard.succeeded(from('10.0.0.1'), good);
+    for (let i = 0; i < 3; i++) {
+      await expect(guard.check(from('10.0.0.1'), hashToken(`guess-${i}`))).resolves.toBeUndefined();
+      await guard.failed(from('10.0.0.1'));
+    }
+    const refused = await guard.check(from('10.0.0.1'), hashToken('guess-4')).catch((e) => e);
+    expect(refused).toBeInstanceOf(TooManyRequestsError);
+    expect(refused.retryAfterSeconds).toBeGreaterThan(0);
+    expect(refused.retryAfterSeconds).toBeLessThanOrEqual(60);
+    await expect(guard.check(from('10.0.0.1'), good)).resolves.toBeUndefined();
+    await expect(guard.check(from('10.0.0.2'), hashToken('guess-5'))).resolves.toBeUndefined();
+    guard.close();
+  });
+
+  it('counts an IPv6 /56 as one client', async () => {
+    const guard = new AuthGuard({ maxFailures: 1, windowMs: 60_000 });
+    await guard.failed(from('2001:db8:0:1::1'));
+    await expect(guard.check(from('2001:db8:0:2::9'), hashToken('x'))).rejects.toBeInstanceOf(TooManyRequestsError);
+    await expect(guard.check(from('2001:db8:1:100::1'), hashToken('x'))).resolves.toBeUndefined();
+    guard.close();
+  });
+});
+
+describe('error mapping', () => {
+  it('a lost or refused database connection is a 503, not a 500', () => {
+    for (const err of [
+      Object.assign(new Error('terminating connection due to administrator command'), { code: '57P01' }),
+      Object.assign(new Error('connect ECONNREFUSED 127.0.0.1:5432'), { code: 'ECONNREFUSED' }),
+      Object.assign(new Error('read ECONNRESET'), { code: 'ECONNRESET' }),
+      new Error('Connection terminated unexpectedly'),
+      new Error('Client has encountered a connection error and is not queryable'),
+      new Error('timeout exceeded when trying to connect'),
+      Object.assign(new Error('sorry, too many clients already'), { code: '53300' }),
+    ]) {
+      expect(toAppError(err)).toMatchObject({ status: 503, slug: 'unavailable' });
+    }
+    expect(toAppError(new AuditUnavailableError())).toMatchObject({ status: 503, slug: 'audit-unavailable' });
+    expect(toAppError(Object.assign(new Error('duplicate key'), { code: '23505' }))).toMatchObject({ status: 500, slug: 'internal' });
+    expect(toAppError(new TypeError('x is undefined')).message).not.toContain('undefined');
+  });
+});
+
+describe('JSON depth', () => {
+  it('measures depth without recursion', () => {
+    let deep: unknown = 1;
+    for (let i = 0; i < 200_000; i++) deep = [deep];
+    expect(depthExceeds(deep, 32)).toBe(true);
+    expect(depthExceeds({ a: { b: [1, { c: 2 }] } }, 4)).toBe(false);
+    expect(depthExceeds({ a: { b: [1, { c: {} }] } }, 4)).toBe(true);
+    expect(depthExceeds('text', 0)).toBe(false);
+  });
+});
