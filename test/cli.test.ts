@@ -337,6 +337,24 @@ describe('mailgent CLI', () => {
     });
   });
 
+  it('rotate --timeout: with no worker the batch does not finish; exit 1 naming the rotation, which goes on', async () => {
+    const idle = await startHarness();
+    try {
+      const carol = await idle.createIdentity('cli-carol');
+      const stored = await idle.api('POST', '/v1/vault.store', { token: carol.token, body: { name: 'stuck', kind: 'api_key', value: idle.secret(`sk_stuck_${randomBytes(8).toString('hex')}`) } });
+      expect(stored.status).toBe(201);
+      const run = await mailgent(['rotate', 'stuck', '--timeout', '2s', '--interval', '200'], { env: { MAILGENT_URL: idle.url, MAILGENT_TOKEN: carol.token } });
+      expect(run).toMatchObject({ code: 1, stdout: '' });
+      const rotationId = /^rotation (\S+): 1 credential\n/.exec(run.stderr)?.[1];
+      expect(rotationId).toBeDefined();
+      expect(run.stderr).toContain(`mailgent rotate: Still running: rotation ${rotationId} had not finished after 2s; it goes on`);
+      await idle.client.workflow.getHandle(`rotation:${rotationId}`).terminate('test over');
+      expect(await expectCleanRun(idle)).toEqual({ leaks: [], replay: [] });
+    } finally {
+      await idle.close();
+    }
+  });
+
   describe('leak and audit verify', () => {
     it('leak by name rotates at once; a second report joins (or reopens); a value given on stdin is matched by its hash only', async () => {
       const first = await mailgent(['leak', 'cli-password', '--source', 'cli-test'], { env: as(alice) });
@@ -360,6 +378,11 @@ describe('mailgent CLI', () => {
       const fingerprint = createHash('sha256').update(leaked.value).digest('hex');
       const byHash = await mailgent(['leak', '--fingerprint', fingerprint, '--json'], { env: as(alice) });
       expect(json(byHash).results).toEqual([{ credentialId: leaked.id, version: 1, action: 'already-revoked' }]);
+
+      // The admin token reports across identities.
+      const asAdmin = await mailgent(['leak', '--admin', '--fingerprint', fingerprint, '--source', 'scanner', '--json'], { env: admin() });
+      expect(asAdmin.code).toBe(0);
+      expect(json(asAdmin).results).toEqual([{ credentialId: leaked.id, version: 1, action: 'already-revoked' }]);
 
       const unknown = await mailgent(['leak', 'no-such-credential'], { env: as(alice) });
       expect(unknown.code).toBe(3);
