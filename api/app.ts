@@ -13,6 +13,7 @@ import type { Vault } from '../vault/vault';
 import { AuthGuard, type AuthGuardLimits } from './auth-guard';
 import type { AuthDeps } from './endpoint';
 import { createMetrics } from './metrics';
+import { documented, openApiDocument } from './openapi';
 import { problemHandler } from './problem';
 import type { Dependent } from '../dependents/types';
 import type { Grants } from '../vault/grants';
@@ -25,6 +26,7 @@ import { policyRoutes } from './routes/policies';
 import { healthRoutes } from './routes/health';
 import { identityRoutes } from './routes/identities';
 import { mailRoutes } from './routes/mail';
+import { mcpRoutes } from './routes/mcp';
 import { rotationRoutes } from './routes/rotations';
 import { vaultRoutes } from './routes/vault';
 
@@ -100,9 +102,21 @@ export function createApp(deps: ApiDeps): Express {
 
   const metrics = createMetrics();
   app.use(metrics.middleware);
-  app.get('/metrics', async (_req, res) => {
-    res.type(metrics.registry.contentType).send(await metrics.registry.metrics());
-  });
+  app.get(
+    '/metrics',
+    documented({ summary: 'Prometheus metrics', auth: 'none', responses: { 200: { description: 'Prometheus text exposition format', contentType: 'text/plain' } } }),
+    async (_req, res) => {
+      res.type(metrics.registry.contentType).send(await metrics.registry.metrics());
+    },
+  );
+  // Generated from the routes themselves (api/openapi.ts); holds no secrets, so no token.
+  app.get(
+    '/openapi.json',
+    documented({ summary: 'This OpenAPI 3.1 document', auth: 'none', responses: { 200: { description: 'OpenAPI 3.1 document', contentType: 'application/json', schema: { type: 'object' } } } }),
+    (req, res) => {
+      res.json(openApiDocument(req.app));
+    },
+  );
   app.use(healthRoutes({ pool: deps.pool, client: deps.client, namespace: deps.namespace }));
   app.use(identityRoutes(auth, deps.identities));
   app.use(vaultRoutes(auth, deps));
@@ -113,6 +127,7 @@ export function createApp(deps: ApiDeps): Express {
   app.use(policyRoutes(auth, { pool: deps.pool, orphanDays: deps.orphanDays ?? 30, clock: deps.clock }));
   app.use(auditRoutes(auth, deps));
   app.use(codecRoutes(auth, { pool: deps.pool, dataConverter: deps.dataConverter, namespace: deps.namespace, corsOrigins: deps.codecCorsOrigins }));
+  app.use(mcpRoutes(auth, deps));
 
   app.use((req) => {
     throw new NotFoundError(`no route ${req.method} ${req.path}`);

@@ -1,0 +1,59 @@
+import { Router, type Request, type Response } from 'express';
+import { StreamableHTTPServerTransport } from '@modelcontextprotocol/sdk/server/streamableHttp.js';
+import type { Logger } from '../../core/logger';
+import { createMcpServer } from '../../mcp/server';
+import type { McpDeps } from '../../mcp/tools';
+import type { Identity } from '../../vault/identities';
+import { authenticate, jsonParser, limitDepth, requireJson, type AuthDeps } from '../endpoint';
+import { documented } from '../openapi';
+
+/**
+ * MCP over streamable HTTP at /mcp, stateless: every POST is authenticated by its own bearer token
+ * (the REST API's authentication, so a bad token is the same 401 problem) and gets a fresh server
+ * and transport for that identity. No sessions, so no server-sent stream to GET and nothing to DELETE.
+ */
+export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): Router {
+  const router = Router();
+  router.post(
+    '/mcp',
+    documented({
+      summary: 'MCP (streamable HTTP, stateless): JSON-RPC requests to the vault, mail and rotation tools',
+      auth: 'identity',
+      requestBody: { contentType: 'application/json', description: 'a JSON-RPC message or batch (Model Context Protocol)' },
+      responses: { 200: { description: 'the JSON-RPC response' }, 202: { description: 'a notification or response was accepted' } },
+      // Refused before MCP sees it (JSON-RPC errors, tool errors included, are answered with 200).
+      problems: [400, 413, 415],
+    }),
+    (_req, res, next) => {
+      // The audit action of a request refused before it reaches a tool (a bad token, a malformed body).
+      res.locals.action = 'mcp.request';
+      next();
+    },
+    authenticate(auth, 'identity'),
+    requireJson,
+    jsonParser,
+    limitDepth,
+    async (req: Request, res: Response) => {
+      const identity: Identity = res.locals.identity;
+      const server = createMcpServer(deps, { identityId: identity.id, actor: `identity:${identity.id}`, requestId: res.locals.requestId, via: 'mcp' });
+      const transport = new StreamableHTTPServerTransport({ sessionIdGenerator: undefined, enableJsonResponse: true });
+      res.on('close', () => {
+        void transport.close();
+        void server.close();
+      });
+      await server.connect(transport);
+      await transport.handleRequest(req, res, req.body);
+    },
+  );
+  router.all(
+    '/mcp',
+    documented({ summary: 'MCP: only POST (stateless, no sessions)', auth: 'none', methods: ['GET', 'DELETE'], responses: { 405: { description: 'JSON-RPC error' } } }),
+    (_req: Request, res: Response) => {
+      res
+        .status(405)
+        .set('Allow', 'POST')
+        .json({ jsonrpc: '2.0', error: { code: -32000, message: 'Method not allowed: this server is stateless; POST each message to /mcp' }, id: null });
+    },
+  );
+  return router;
+}

@@ -1,0 +1,357 @@
+import { createHmac } from 'node:crypto';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Client } from '@modelcontextprotocol/sdk/client/index.js';
+import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
+import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
+import type { CallToolResult } from '@modelcontextprotocol/sdk/types.js';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { KINDS } from '../vault/types';
+import { base32 } from './support/base32';
+import { expectCleanRun } from './support/leaks';
+import { startHarness, type Harness } from './support/harness';
+
+/**
+ * The MCP server through the SDK's own client, over both transports: streamable HTTP at /mcp on the
+ * API, and stdio through `mailgent mcp` (bin/mailgent.js as a child process, bridged to /mcp).
+ */
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const TOOLS = ['list_credentials', 'mail_send', 'report_leak', 'rotate_credentials', 'rotation_status', 'vault_get', 'vault_store', 'vault_totp'];
+const TOTP_SEED = base32('mcp-test-seed-0123456789');
+
+type Kind = 'http' | 'stdio';
+
+interface Connected {
+  client: Client;
+  pid?: number;
+  stderr: string[];
+}
+
+/** RFC 4226 HOTP, to check the code vault_totp gives without trusting the vault's own TOTP code. */
+function hotp(secretAscii: string, counter: number, digits = 6): string {
+  const msg = Buffer.alloc(8);
+  msg.writeBigUInt64BE(BigInt(counter));
+  const mac = createHmac('sha1', Buffer.from(secretAscii)).update(msg).digest();
+  const offset = mac[mac.length - 1]! & 0xf;
+  return String((mac.readUInt32BE(offset) & 0x7fffffff) % 10 ** digits).padStart(digits, '0');
+}
+
+describe('MCP server', () => {
+  let h: Harness;
+  const open: Connected[] = [];
+
+  const connect = async (kind: Kind, token: string): Promise<Connected> => {
+    const client = new Client({ name: 'mailgent-test', version: '1.0.0' });
+    const c: Connected = { client, stderr: [] };
+    if (kind === 'http') {
+      await client.connect(new StreamableHTTPClientTransport(new URL(`${h.url}/mcp`), { requestInit: { headers: { authorization: `Bearer ${token}` } } }));
+    } else {
+      const transport = new StdioClientTransport({
+        command: process.execPath,
+        args: [path.join(ROOT, 'bin/mailgent.js'), 'mcp'],
+        env: { MAILGENT_URL: h.url, MAILGENT_TOKEN: token },
+        cwd: ROOT,
+        stderr: 'pipe',
+      });
+      transport.stderr?.on('data', (d) => c.stderr.push(String(d)));
+      open.push(c);
+      await client.connect(transport);
+      c.pid = transport.pid ?? undefined;
+    }
+    if (kind === 'http') open.push(c);
+    return c;
+  };
+  const call = async (c: Connected, name: string, args: Record<string, unknown>) => (await c.client.callTool({ name, arguments: args })) as CallToolResult;
+  const ok = (r: CallToolResult): any => {
+    expect(r.isError, JSON.stringify(r)).toBeFalsy();
+    // The text content is the same JSON as the structured content.
+    expect(JSON.parse((r.content[0] as { text: string }).text)).toEqual(r.structuredContent);
+    return r.structuredContent;
+  };
+  const problem = (r: CallToolResult): any => {
+    expect(r.isError, JSON.stringify(r)).toBe(true);
+    return JSON.parse((r.content[0] as { text: string }).text);
+  };
+  const auditOf = async (identityId: string, action: string) =>
+    (await h.sql('SELECT outcome, credential_id, detail FROM audit_log WHERE identity_id = $1 AND action = $2 ORDER BY seq', [identityId, action])).rows;
+  const setMcp = (identityId: string, body: Record<string, unknown>) => h.api('PATCH', `/v1/identities/${identityId}`, { token: h.adminToken, body });
+
+  beforeAll(async () => {
+    h = await startHarness({ worker: true });
+  });
+  afterAll(async () => {
+    for (const c of open) await c.client.close();
+    // The stdio bridges ended with their client: no process left behind.
+    for (const c of open.filter((o) => o.pid)) {
+      for (let i = 0; i < 50 && alive(c.pid!); i++) await new Promise((r) => setTimeout(r, 100));
+      expect(alive(c.pid!), `mailgent mcp (pid ${c.pid}) still running`).toBe(false);
+    }
+    const stderr = open.map((c) => c.stderr.join('')).join('\n');
+    for (const secret of h.secrets) expect(stderr.includes(secret), 'a secret reached the bridge’s stderr').toBe(false);
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
+    await h.close();
+  });
+
+  describe.each<Kind>(['http', 'stdio'])('over %s', (kind) => {
+    let agent: { id: string; token: string };
+    let other: { id: string; token: string };
+    let mcp: Connected;
+    let value: string;
+    let stored: { id: string; handle: string };
+
+    beforeAll(async () => {
+      agent = await h.createIdentity(`mcp-${kind}`, `mcp-${kind}@example.com`);
+      other = await h.createIdentity(`mcp-${kind}-other`);
+      mcp = await connect(kind, agent.token);
+      value = h.secret(`sk_live_${kind}_mcp_value_0001`);
+    });
+
+    it('lists the eight tools, each with the input schema of its HTTP endpoint', async () => {
+      const { tools } = await mcp.client.listTools();
+      expect(tools.map((t) => t.name).sort()).toEqual(TOOLS);
+      for (const tool of tools) {
+        expect(tool.inputSchema.type, tool.name).toBe('object');
+        expect(Object.keys(tool.inputSchema.properties ?? {}).length, tool.name).toBeGreaterThan(0);
+        expect(tool.description, tool.name).toBeTruthy();
+      }
+      const byName = Object.fromEntries(tools.map((t) => [t.name, t.inputSchema as any]));
+      expect(byName.vault_store.properties.kind.enum).toEqual([...KINDS]);
+      expect(byName.vault_store.additionalProperties).toBe(false);
+      expect(Object.keys(byName.vault_get.properties).sort()).toEqual(['handle', 'id', 'name', 'reveal', 'version']);
+      expect(Object.keys(byName.mail_send.properties).sort()).toEqual(['html', 'subject', 'text', 'to']);
+      expect(byName.rotate_credentials.properties.credentials.maxItems).toBe(1000);
+    });
+
+    it('stores, then reads masked by default: a handle and metadata, no value anywhere in the result', async () => {
+      const res = ok(await call(mcp, 'vault_store', { name: 'stripe', kind: 'api_key', value, owners: ['payments@example.com'] }));
+      expect(res).toMatchObject({ name: 'stripe', version: 1, handle: `mailgent://credentials/${res.id}@1` });
+      stored = { id: res.id, handle: res.handle };
+
+      const raw = await call(mcp, 'vault_get', { name: 'stripe' });
+      const read = ok(raw);
+      expect(read).toMatchObject({ id: stored.id, name: 'stripe', kind: 'api_key', version: 1, label: 'current', masked: true, handle: stored.handle });
+      expect(read).not.toHaveProperty('value');
+      expect(JSON.stringify(raw)).not.toContain(value);
+
+      const audit = await auditOf(agent.id, 'vault.get');
+      expect(audit.at(-1)).toEqual({ outcome: 'ok', credential_id: stored.id, detail: { name: 'stripe', version: 1, masked: true, via: 'mcp' } });
+      const store = await auditOf(agent.id, 'vault.store');
+      expect(store.at(-1)).toMatchObject({ outcome: 'ok', detail: { via: 'mcp' } });
+    });
+
+    it('refuses an unmasked read without the permission: a 403 problem, audited as a denied unmasked read', async () => {
+      const raw = await call(mcp, 'vault_get', { handle: stored.handle, reveal: true });
+      expect(problem(raw)).toMatchObject({ type: 'https://mailgent.dev/problems/forbidden', title: 'Forbidden', status: 403 });
+      expect(JSON.stringify(raw)).not.toContain(value);
+      expect((await auditOf(agent.id, 'vault.get')).at(-1)).toEqual({
+        outcome: 'denied',
+        credential_id: null,
+        detail: { ref: stored.id, unmasked: true, via: 'mcp', error: 'forbidden', status: 403 },
+      });
+    });
+
+    it('reveals the value once the admin allows unmasked reads, audited as unmasked; without reveal it stays masked', async () => {
+      const patched = await setMcp(agent.id, { allowUnmaskedRead: true });
+      expect(patched.status).toBe(200);
+      expect(patched.body).toEqual({ id: agent.id, name: `mcp-${kind}`, email: `mcp-${kind}@example.com`, mcpMasking: true, allowUnmaskedRead: true });
+
+      const read = ok(await call(mcp, 'vault_get', { handle: stored.handle, reveal: true }));
+      expect(read).toMatchObject({ id: stored.id, value, version: 1, masked: false, handle: stored.handle });
+      expect((await auditOf(agent.id, 'vault.get')).at(-1)).toEqual({
+        outcome: 'ok',
+        credential_id: stored.id,
+        detail: { ref: stored.id, requestedVersion: 1, version: 1, unmasked: true, via: 'mcp' },
+      });
+      expect(ok(await call(mcp, 'vault_get', { name: 'stripe' }))).not.toHaveProperty('value');
+    });
+
+    it('gives the current TOTP code for a handle, the same code the HTTP API gives, never the seed', async () => {
+      const secret = h.secret(TOTP_SEED);
+      ok(await call(mcp, 'vault_store', { name: 'github-2fa', kind: 'totp_seed', totp: { secret, period: 86400 } }));
+      const { handle } = ok(await call(mcp, 'vault_get', { name: 'github-2fa' }));
+      const before = Math.floor(Date.now() / 86_400_000);
+      const raw = await call(mcp, 'vault_totp', { handle });
+      const after = Math.floor(Date.now() / 86_400_000);
+      const code = ok(raw);
+      expect(code).toMatchObject({ period: 86400, digits: 6 });
+      expect([hotp('mcp-test-seed-0123456789', before), hotp('mcp-test-seed-0123456789', after)]).toContain(code.code);
+      expect(JSON.stringify(raw)).not.toContain(secret);
+      expect((await auditOf(agent.id, 'vault.totp')).at(-1)).toMatchObject({ outcome: 'ok', detail: { ref: expect.any(String), via: 'mcp' } });
+      const http = await h.api('POST', '/v1/vault.totp', { token: agent.token, body: { name: 'github-2fa' } });
+      expect(http.body.code).toBe(code.code);
+    });
+
+    it('refuses mail carrying a stored value with the HTTP API’s problem, and sends a notice that does not', async () => {
+      const body = { to: ['team@example.com'], subject: 'new key', text: `the key is ${value}` };
+      const refused = problem(await call(mcp, 'mail_send', body));
+      const http = await h.api('POST', '/v1/mail.send', { token: agent.token, body });
+      expect(http.status).toBe(422);
+      expect(refused).toMatchObject({ type: http.body.type, title: http.body.title, status: 422, detail: http.body.detail });
+      expect(refused.type).toBe('https://mailgent.dev/problems/secret-in-message');
+
+      const sent = ok(await call(mcp, 'mail_send', { to: ['team@example.com'], subject: 'Key rotated', text: `stripe was rotated; see ${stored.handle}` }));
+      expect(sent).toMatchObject({ status: 'queued', messageId: expect.any(String) });
+      expect((await auditOf(agent.id, 'mail.send')).map((a) => [a.outcome, a.detail.via ?? null])).toEqual([
+        ['rejected', 'mcp'],
+        ['rejected', null],
+        ['ok', 'mcp'],
+      ]);
+    });
+
+    it('rotates by handle and follows rotation_status to the end; the agent never sees either value', async () => {
+      ok(
+        await call(mcp, 'vault_store', {
+          name: 'db-password',
+          kind: 'password',
+          value: h.secret(`Initial-${kind}-password-0001`),
+          rotation: { provider: 'generated', settings: { length: 32 }, periodDays: 90, graceHours: 0 },
+        }),
+      );
+      const { handle, id } = ok(await call(mcp, 'vault_get', { name: 'db-password' }));
+      const started = ok(await call(mcp, 'rotate_credentials', { credentials: [handle], reason: `mcp ${kind}` }));
+      expect(started.workflowIds).toEqual([`rotate:${id}`]);
+
+      let status: any;
+      for (let i = 0; i < 150; i++) {
+        status = ok(await call(mcp, 'rotation_status', { rotationId: started.rotationId }));
+        if (status.state !== 'running') break;
+        await new Promise((r) => setTimeout(r, 200));
+      }
+      expect(status).toMatchObject({ rotationId: started.rotationId, state: 'succeeded', reason: `mcp ${kind}` });
+      expect(status.credentials[0]).toMatchObject({ credentialId: id, name: 'db-password', progress: { fromVersion: 1, toVersion: 2 } });
+
+      const after = ok(await call(mcp, 'vault_get', { name: 'db-password' }));
+      expect(after).toMatchObject({ version: 2, label: 'current', masked: true, handle: `mailgent://credentials/${id}@2` });
+      const listed = ok(await call(mcp, 'list_credentials', { kind: 'password' }));
+      expect(listed.items.map((c: any) => [c.name, c.version, c.handle])).toEqual([['db-password', 2, after.handle]]);
+      expect(JSON.stringify(listed)).not.toMatch(/"value"/);
+      expect((await auditOf(agent.id, 'rotation.start')).at(-1)).toMatchObject({ outcome: 'ok', detail: { rotationId: started.rotationId, via: 'mcp' } });
+    });
+
+    it('answers another identity’s credential as not found, like the HTTP API, and audits the denial', async () => {
+      const intruder = await connect(kind, other.token);
+      const byId = problem(await call(intruder, 'vault_get', { id: stored.id }));
+      const http = await h.api('POST', '/v1/vault.get', { token: other.token, body: { id: stored.id } });
+      expect(http.status).toBe(404);
+      expect(byId).toMatchObject({ type: 'https://mailgent.dev/problems/not-found', status: 404, title: http.body.title, detail: http.body.detail });
+      expect(problem(await call(intruder, 'vault_totp', { handle: stored.handle }))).toMatchObject({ status: 404 });
+      expect(problem(await call(intruder, 'rotate_credentials', { credentials: [stored.handle] }))).toMatchObject({ status: 404 });
+
+      const denied = await auditOf(other.id, 'vault.get');
+      expect(denied[0]).toEqual({ outcome: 'denied', credential_id: null, detail: { ref: stored.id, masked: true, via: 'mcp', error: 'not-found', status: 404 } });
+      expect(await auditOf(other.id, 'rotation.start')).toEqual([{ outcome: 'denied', credential_id: null, detail: { error: 'not-found', status: 404, via: 'mcp' } }]);
+    });
+
+    it('rejects bad arguments with the HTTP API’s validation problem, audited as rejected', async () => {
+      const args = { name: 'stripe', id: stored.id };
+      const mcpProblem = problem(await call(mcp, 'vault_get', { ...args }));
+      const http = await h.api('POST', '/v1/vault.get', { token: agent.token, body: args });
+      expect(http.status).toBe(400);
+      expect(mcpProblem.type).toBe(http.body.type);
+      expect(mcpProblem.title).toBe(http.body.title);
+      expect(mcpProblem.errors).toEqual([{ path: 'name', message: 'give exactly one of name, id, handle' }]);
+      expect(http.body.errors).toEqual([{ path: 'name', message: 'give exactly one of name or id' }]);
+
+      const unknown = problem(await call(mcp, 'mail_send', { to: ['a@example.com'], subject: 's', text: 't', bcc: ['x@example.com'] }));
+      const httpUnknown = await h.api('POST', '/v1/mail.send', { token: agent.token, body: { to: ['a@example.com'], subject: 's', text: 't', bcc: ['x@example.com'] } });
+      expect(unknown).toMatchObject({ type: httpUnknown.body.type, title: httpUnknown.body.title, detail: httpUnknown.body.detail, errors: httpUnknown.body.errors });
+      expect(unknown.detail).toContain('bcc: is not a known field');
+    });
+  });
+
+  describe('HTTP transport and settings', () => {
+    it('answers a missing or wrong token at /mcp with the 401 problem, audited, and the SDK client cannot connect', async () => {
+      const init = { jsonrpc: '2.0', id: 1, method: 'initialize', params: { protocolVersion: '2025-06-18', capabilities: {}, clientInfo: { name: 't', version: '1' } } };
+      const headers = { 'content-type': 'application/json', accept: 'application/json, text/event-stream', 'x-request-id': 'mcp-bad-token' };
+      for (const auth of [undefined, 'Bearer mgt_not-a-real-token']) {
+        const res = await fetch(`${h.url}/mcp`, { method: 'POST', headers: { ...headers, ...(auth ? { authorization: auth } : {}) }, body: JSON.stringify(init) });
+        expect(res.status).toBe(401);
+        expect(res.headers.get('content-type')).toContain('application/problem+json');
+        expect(await res.json()).toMatchObject({ type: 'https://mailgent.dev/problems/unauthorized', status: 401 });
+      }
+      const audit = (await h.sql("SELECT action, outcome FROM audit_log WHERE request_id = 'mcp-bad-token'")).rows;
+      expect(audit).toEqual([
+        { action: 'mcp.request', outcome: 'denied' },
+        { action: 'mcp.request', outcome: 'denied' },
+      ]);
+      const client = new Client({ name: 't', version: '1' });
+      await expect(
+        client.connect(new StreamableHTTPClientTransport(new URL(`${h.url}/mcp`), { requestInit: { headers: { authorization: 'Bearer mgt_wrong' } } })),
+      ).rejects.toThrow(/401|Authentication required/);
+      await client.close();
+      expect((await fetch(`${h.url}/mcp`, { headers: { accept: 'text/event-stream' } })).status).toBe(405);
+    });
+
+    it('over stdio, a wrong token fails the connection with the server’s 401 problem', async () => {
+      const transport = new StdioClientTransport({
+        command: process.execPath,
+        args: [path.join(ROOT, 'bin/mailgent.js'), 'mcp'],
+        env: { MAILGENT_URL: h.url, MAILGENT_TOKEN: 'mgt_wrong-token' },
+        stderr: 'pipe',
+      });
+      const client = new Client({ name: 't', version: '1' });
+      const c: Connected = { client, stderr: [] };
+      transport.stderr?.on('data', (d) => c.stderr.push(String(d)));
+      open.push(c);
+      await expect(client.connect(transport)).rejects.toThrow(/401.*the bearer token is not valid/s);
+      c.pid = transport.pid ?? undefined;
+    });
+
+    it('with masking switched off for an identity, vault_get answers the value, audited as unmasked', async () => {
+      const agent = await h.createIdentity('mcp-unmasked');
+      expect((await setMcp(agent.id, { mcpMasking: false })).body).toMatchObject({ mcpMasking: false, allowUnmaskedRead: false });
+      const mcp = await connect('http', agent.token);
+      const value = h.secret('plain-visible-value-0001');
+      ok(await call(mcp, 'vault_store', { name: 'visible', kind: 'token', value }));
+      expect(ok(await call(mcp, 'vault_get', { name: 'visible' }))).toMatchObject({ value, masked: false });
+      expect((await auditOf(agent.id, 'vault.get')).at(-1)).toMatchObject({ outcome: 'ok', detail: { unmasked: true, via: 'mcp' } });
+      // Switched back on, the same call is masked again: settings are read at every call.
+      await setMcp(agent.id, { mcpMasking: true });
+      expect(ok(await call(mcp, 'vault_get', { name: 'visible' }))).toMatchObject({ masked: true });
+    });
+
+    it('report_leak takes a handle and starts the leak rotation', async () => {
+      const agent = await h.createIdentity('mcp-leak', 'mcp-leak@example.com');
+      const mcp = await connect('http', agent.token);
+      ok(
+        await call(mcp, 'vault_store', {
+          name: 'leaky',
+          kind: 'api_key',
+          value: h.secret('sk_live_leaked_through_mcp_01'),
+          rotation: { provider: 'generated', settings: { length: 32 }, periodDays: 90 },
+        }),
+      );
+      const { handle, id } = ok(await call(mcp, 'vault_get', { name: 'leaky' }));
+      const report = ok(await call(mcp, 'report_leak', { credential: handle, source: 'mcp test' }));
+      expect(report.results).toMatchObject([{ credentialId: id, version: 1, action: 'rotating', workflowId: `rotate:${id}` }]);
+      await h.client.workflow.getHandle(`rotate:${id}`).result();
+      expect(ok(await call(mcp, 'vault_get', { name: 'leaky' }))).toMatchObject({ version: 2 });
+      expect((await auditOf(agent.id, 'leak.report')).at(-1)).toMatchObject({ outcome: 'ok', detail: { via: 'mcp', matched: 1 } });
+    });
+
+    it('PATCH /v1/identities/:id is admin only, strict, and 404 for an unknown identity', async () => {
+      const agent = await h.createIdentity('mcp-settings');
+      expect((await h.api('PATCH', `/v1/identities/${agent.id}`, { token: agent.token, body: { allowUnmaskedRead: true } })).status).toBe(403);
+      expect((await setMcp(agent.id, {})).status).toBe(400);
+      const unknownField = await setMcp(agent.id, { allowUnmaskedRead: true, admin: true });
+      expect(unknownField.status).toBe(400);
+      expect(unknownField.body.errors).toEqual([{ path: 'admin', message: 'is not a known field' }]);
+      expect((await setMcp('00000000-0000-4000-8000-000000000000', { mcpMasking: false })).status).toBe(404);
+      expect((await setMcp('not-an-id', { mcpMasking: false })).status).toBe(404);
+      const row = (await h.sql('SELECT mcp_masking, allow_unmasked_read FROM identities WHERE id = $1', [agent.id])).rows[0];
+      expect(row).toEqual({ mcp_masking: true, allow_unmasked_read: false });
+      // Only the identity's own attempt is attributed to it (the admin's refused calls have no identity).
+      const audit = (await h.sql("SELECT actor, outcome FROM audit_log WHERE action = 'identity.update' AND identity_id = $1", [agent.id])).rows;
+      expect(audit).toEqual([{ actor: `identity:${agent.id}`, outcome: 'denied' }]);
+    });
+  });
+});
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
