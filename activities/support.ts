@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import { ApplicationFailure, Context } from '@temporalio/activity';
 import { AppError } from '../core/errors';
+import { isDatabaseUnavailable } from '../db/pool';
 
 /** Our own 4xx and integrity errors will not heal by retrying: fail the activity for good. */
 export async function permanentErrorsFail<T>(fn: () => Promise<T>): Promise<T> {
@@ -34,6 +35,26 @@ export async function heartbeating<T>(fn: () => Promise<T>): Promise<T> {
   } finally {
     clearInterval(timer);
   }
+}
+
+/**
+ * A database outage is not the provider's fault: a step that calls a provider or a dependent gets
+ * only a few attempts, so it waits the outage out (heartbeating, up to `limitMs`) instead of
+ * spending them — and the rotation a new key. Safe because every step is idempotent.
+ */
+export async function outlastingDatabaseOutages<T>(fn: () => Promise<T>, limitMs = 120_000): Promise<T> {
+  const deadline = Date.now() + limitMs;
+  return heartbeating(async () => {
+    for (let pause = 500; ; pause = Math.min(pause * 2, 4_000)) {
+      try {
+        return await fn();
+      } catch (err) {
+        const unavailable = isDatabaseUnavailable(err) || (err instanceof AppError && err.status === 503);
+        if (!unavailable || Date.now() + pause > deadline) throw err;
+        await sleep(pause);
+      }
+    }
+  });
 }
 
 /** The run id of the calling workflow, when called as an activity. */

@@ -1,6 +1,7 @@
 import type { ErrorRequestHandler, Response } from 'express';
 import { AppError, TooManyRequestsError, UnavailableError, type FieldError } from '../core/errors';
 import type { Logger } from '../core/logger';
+import { isDatabaseUnavailable } from '../db/pool';
 
 /** RFC 9457 problem details: the one place errors become HTTP responses. */
 export const PROBLEM_BASE = 'https://mailgent.dev/problems/';
@@ -16,14 +17,6 @@ export interface Problem {
   [extra: string]: unknown;
 }
 
-// Network errors, PostgreSQL's admin shutdown / cannot-connect-now / connection-exception classes and too_many_connections.
-const DB_DOWN_CODES = new Set([
-  'ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EPIPE', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN',
-  '57P01', '57P02', '57P03', '53300', '08000', '08001', '08003', '08004', '08006',
-]);
-// node-postgres reports a dropped or unreachable server with these messages and no code.
-const DB_DOWN_MESSAGE = /Connection terminated|not queryable|timeout exceeded when trying to connect|connect ECONNREFUSED|Connection refused/i;
-
 /** Maps any thrown value to an AppError; unknown errors become a 500 that says nothing internal. */
 export function toAppError(err: unknown): AppError {
   if (err instanceof AppError) return err;
@@ -34,7 +27,7 @@ export function toAppError(err: unknown): AppError {
     return new AppError(415, 'unsupported-media-type', 'Unsupported media type', 'the request body must be UTF-8 JSON');
   }
   if (e?.status && e.status >= 400 && e.status < 500) return new AppError(400, 'validation-failed', 'Bad request', 'the request could not be read');
-  if ((e?.code && DB_DOWN_CODES.has(e.code)) || DB_DOWN_MESSAGE.test(e?.message ?? '')) {
+  if (isDatabaseUnavailable(err)) {
     return new UnavailableError('the database is unavailable; try again shortly');
   }
   return new AppError(500, 'internal', 'Internal error', 'the server failed to handle this request; the request id identifies it in the logs');

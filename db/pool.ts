@@ -10,7 +10,23 @@ export function createPool(connectionString: string, max = 10, logger?: Logger):
   const pool = new pg.Pool({ connectionString, max, connectionTimeoutMillis: 5_000 });
   // An idle client losing its server must not crash the process; the next query reports it.
   pool.on('error', (err) => logger?.warn({ err }, 'idle database client failed'));
+  // Nor a checked-out client losing it between two statements (nobody else listens then): its next query fails instead.
+  pool.on('connect', (client) => client.on('error', (err) => logger?.warn({ err }, 'database connection lost')));
   return pool;
+}
+
+// Network errors, PostgreSQL's admin shutdown / cannot-connect-now / connection-exception classes and too_many_connections.
+const UNAVAILABLE_CODES = new Set([
+  'ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EPIPE', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN',
+  '57P01', '57P02', '57P03', '53300', '08000', '08001', '08003', '08004', '08006',
+]);
+// node-postgres reports a dropped or unreachable server with these messages and no code.
+const UNAVAILABLE_MESSAGE = /Connection terminated|not queryable|timeout exceeded when trying to connect|connect ECONNREFUSED|Connection refused/i;
+
+/** The database could not be reached or dropped the connection: worth trying again shortly, not a bug. */
+export function isDatabaseUnavailable(err: unknown): boolean {
+  const e = err as { code?: string; message?: string } | undefined;
+  return Boolean(e?.code && UNAVAILABLE_CODES.has(e.code)) || UNAVAILABLE_MESSAGE.test(e?.message ?? '');
 }
 
 /** Runs `fn` in one transaction on one client; rolls back on any error. */

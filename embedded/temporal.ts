@@ -20,10 +20,12 @@ export async function startEmbeddedTemporal(opts: {
   namespace: string;
   cliPath?: string;
   logger?: Logger;
+  /** The frontend port; a free one by default (a restart on the same file can reuse the old one). */
+  port?: number;
 }): Promise<EmbeddedTemporal> {
   mkdirSync(opts.dataDir, { recursive: true });
   const dbFile = path.join(opts.dataDir, 'temporal.sqlite');
-  const port = await freePort();
+  const port = opts.port ?? (await freePort());
   let cli: string | undefined;
   let buildError: Error | undefined;
   try {
