@@ -9,6 +9,7 @@ export default defineConfig({
     testTimeout: 60_000,
     pool: 'forks',
     maxWorkers: 2,
-    reporters: ['default'],
+    // The fault suite's summary table (test/faults/last-run.md) when fault scenarios ran.
+    reporters: ['default', './test/faults/reporter.ts'],
   },
 });

@@ -10,8 +10,8 @@ export interface StoredMail {
   mail: ParsedMail;
 }
 
-export async function readMailbox(): Promise<StoredMail[]> {
-  const dir = inject('mailDir');
+/** The run's shared sink by default, or the mail directory of a sink a test started itself. */
+export async function readMailbox(dir = inject('mailDir')): Promise<StoredMail[]> {
   const files = readdirSync(dir).filter((f) => f.endsWith('.eml')).sort();
   return Promise.all(
     files.map(async (file) => {

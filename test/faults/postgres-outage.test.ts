@@ -1,0 +1,96 @@
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { startHarness, type ApiResponse, type Harness } from '../support/harness';
+import { expectCleanRun } from '../support/leaks';
+import { TcpProxy } from '../support/tcp-proxy';
+import { expectSettled, faultRow } from './checks';
+import { rotatingKey, until, type RotatingKey } from './fixtures';
+
+const OUTAGE_MS = 15_000;
+
+interface Read {
+  at: number;
+  ms: number;
+  res: ApiResponse;
+}
+
+/**
+ * PostgreSQL becomes unreachable for 15 s for this file's API and worker (a TCP proxy between them
+ * and the run's shared server cuts every connection and refuses new ones), while a rotation is in
+ * flight and an agent keeps reading. Reads must fail closed — a 503 problem, fast — and no value
+ * may ever leave without its audit row committed; afterwards everything carries on.
+ */
+describe('fault: PostgreSQL unreachable for 15 s', () => {
+  let proxy: TcpProxy;
+  let h: Harness;
+  let key: RotatingKey | undefined;
+
+  beforeAll(async () => {
+    const pgUrl = new URL(inject('pgAdminUrl'));
+    proxy = await new TcpProxy({ host: pgUrl.hostname, port: Number(pgUrl.port) }).start();
+    h = await startHarness({ worker: true, databaseHost: proxy.address });
+  });
+  afterAll(async () => {
+    await proxy.up().catch(() => undefined);
+    await key?.stop();
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
+    await h.close();
+    await proxy.stop();
+  });
+
+  it('mid-rotation and during vault.get: 503 problems, never a value without its audit row; then the rotation finishes', { timeout: 120_000 }, async ({ task }) => {
+    const row = faultRow(task, 'PostgreSQL unreachable 15 s (mid-rotation, during vault.get)');
+    const agent = await h.createIdentity();
+    key = await rotatingKey(h, agent, { label: 'pg-outage', webhook: true });
+    const reads: Read[] = [];
+    let reading = true;
+    const reader = async () => {
+      while (reading) {
+        const at = Date.now();
+        const res = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { id: key!.id } });
+        reads.push({ at, ms: Date.now() - at, res });
+        if (res.status === 200) h.secret(res.body.value);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    };
+    const readers = [reader(), reader()];
+
+    // The provider holds the create, so the outage begins with the step in flight.
+    key.provider.delayNext('create', 1, 2_000);
+    const seen = key.provider.requests.length;
+    const workflowId = await key.rotate();
+    await until('the rotation\'s create at the provider', () => key!.provider.requests.slice(seen).some((r) => r.route === 'create'));
+    const downAt = Date.now();
+    await proxy.down();
+    await new Promise((r) => setTimeout(r, OUTAGE_MS));
+    await proxy.up();
+    const upAt = Date.now();
+    const recovered = await until('a read to succeed again', () => reads.find((r) => r.at > upAt && r.res.status === 200), 30_000);
+    reading = false;
+    await Promise.all(readers);
+
+    // During the outage: every read answered, quickly, with a 503 problem and nothing else.
+    const during = reads.filter((r) => r.at > downAt + 100 && r.at + r.ms < upAt);
+    expect(during.length).toBeGreaterThan(10);
+    for (const r of during) {
+      expect(r.res.status, r.res.text).toBe(503);
+      expect(r.res.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+      expect(r.res.body).toMatchObject({ type: 'https://mailgent.dev/problems/unavailable', status: 503 });
+      expect(r.res.headers.get('retry-after')).toBeTruthy();
+      expect(r.ms).toBeLessThan(10_000);
+    }
+    // No 500s and no hangs at the edges either.
+    expect(reads.filter((r) => ![200, 503].includes(r.res.status)).map((r) => `${r.res.status} ${r.res.text}`)).toEqual([]);
+    // Every value that was returned has its audit row: a read that could not be audited returned nothing.
+    const served = reads.filter((r) => r.res.status === 200).map((r) => r.res.headers.get('x-request-id'));
+    const audited = await h.sql<{ request_id: string }>("SELECT request_id FROM audit_log WHERE action = 'vault.get' AND outcome = 'ok' AND request_id = ANY($1)", [served]);
+    expect(new Set(audited.rows.map((r) => r.request_id))).toEqual(new Set(served));
+
+    const { closedAt } = await expectSettled(h, key.expected(workflowId, 'rotated'));
+    row.outcome = 'finished';
+    row['reads 200/503'] = `${reads.filter((r) => r.res.status === 200).length}/${reads.filter((r) => r.res.status === 503).length}`;
+    row['slowest 503'] = `${Math.max(...during.map((r) => r.ms))} ms`;
+    row['up → first read'] = `${((recovered.at + recovered.ms - upAt) / 1000).toFixed(1)} s`;
+    row['up → rotation closed'] = `${((closedAt - upAt) / 1000).toFixed(1)} s`;
+    row['provider creates/revokes'] = `${key.provider.creates - key.before.creates}/${key.provider.revokes - key.before.revokes}`;
+  });
+});

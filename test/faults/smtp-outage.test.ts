@@ -1,0 +1,83 @@
+import { randomBytes } from 'node:crypto';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { startSmtpSink, type SmtpSink } from '../../embedded/smtp-sink';
+import { startHarness, type Harness } from '../support/harness';
+import { expectCleanRun } from '../support/leaks';
+import { readMailbox, recipients } from '../support/mail';
+import { expectSettled, faultRow } from './checks';
+import { rotatingKey, type RotatingKey } from './fixtures';
+
+const OUTAGE_MS = 30_000;
+
+/**
+ * The SMTP server is down for 30 s when a rotation's notice is due. The notice waits in the outbox,
+ * its delivery retried with growing pauses, and arrives exactly once (one Message-ID) when the
+ * server is back on the same port. A sink of this file's own: the shared one serves other files.
+ */
+describe('fault: SMTP down for 30 s', () => {
+  const mailDir = path.join(inject('tmpDir'), `smtp-outage-${randomBytes(3).toString('hex')}`);
+  let sink: SmtpSink | undefined;
+  let h: Harness;
+  let key: RotatingKey | undefined;
+
+  beforeAll(async () => {
+    sink = await startSmtpSink({ mailDir });
+    h = await startHarness({ worker: true, smtpUrl: sink.url });
+  });
+  afterAll(async () => {
+    await key?.stop();
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
+    for (const m of await readMailbox(mailDir)) for (const s of h.secrets) expect(m.raw).not.toContain(s);
+    await h.close();
+    await sink?.stop();
+  });
+
+  it('the notice is retried with backoff and delivered once when the server is back', { timeout: 150_000 }, async ({ task }) => {
+    const row = faultRow(task, 'SMTP down 30 s when the notice is due');
+    const agent = await h.createIdentity();
+    key = await rotatingKey(h, agent, { label: 'smtp-outage' });
+    const port = sink!.port;
+    await sink!.stop();
+    sink = undefined;
+    const downAt = Date.now();
+    const workflowId = await key.rotate();
+
+    // Watch the outbox row: each failed delivery adds an attempt; note when.
+    const attempts: number[] = [];
+    let watching = true;
+    const watcher = (async () => {
+      while (watching) {
+        const { rows } = await h.sql('SELECT attempts FROM mail_outbox WHERE $1 = ANY(recipients)', [key!.owner]);
+        const n = rows[0]?.attempts ?? 0;
+        while (attempts.length < n) attempts.push(Date.now());
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    })();
+    await new Promise((r) => setTimeout(r, downAt + OUTAGE_MS - Date.now()));
+    sink = await startSmtpSink({ mailDir, port });
+    const upAt = Date.now();
+
+    const { closedAt } = await expectSettled(h, key.expected(workflowId, 'rotated', { mailDir }));
+    watching = false;
+    await watcher;
+
+    const outbox = (await h.sql('SELECT id, status, attempts, last_error FROM mail_outbox WHERE $1 = ANY(recipients)', [key.owner])).rows;
+    expect(outbox).toHaveLength(1);
+    expect(outbox[0]).toMatchObject({ status: 'sent', last_error: null });
+    // Failed attempts during the outage, then the one that got through; the pauses grow.
+    expect(outbox[0].attempts).toBeGreaterThanOrEqual(4);
+    const failed = attempts.slice(0, outbox[0].attempts - 1);
+    const pauses = failed.slice(1).map((t, i) => t - failed[i]!);
+    expect(pauses.length).toBeGreaterThanOrEqual(2);
+    for (let i = 1; i < pauses.length; i++) expect(pauses[i]!).toBeGreaterThan(pauses[i - 1]! * 1.4);
+    // Delivered once, under the outbox id as its Message-ID (a resend would carry the same one).
+    const mails = (await readMailbox(mailDir)).filter((m) => recipients(m.mail).includes(key!.owner));
+    expect(mails.map((m) => m.mail.messageId)).toEqual([`<${outbox[0].id}@mailgent>`]);
+
+    row.outcome = 'finished';
+    row['delivery attempts'] = outbox[0].attempts;
+    row['pauses between failures'] = pauses.map((p) => `${(p / 1000).toFixed(1)}`).join(', ') + ' s';
+    row['up → delivered'] = `${((closedAt - upAt) / 1000).toFixed(1)} s`;
+  });
+});
