@@ -12,7 +12,7 @@ import { MAX_REQUEST_BYTES } from './schemas';
 /**
  * One endpoint = who may call it, the audit action it records, the schemas of its body and
  * query, and what it answers (its response schemas by status and the problems particular to it;
- * the common ones (400, 401, 403, 413, 415, 500, 503) follow from the rest). The spec is also the
+ * the common ones (400, 401, 403, 413, 415, 429, 500, 503) follow from the rest). The spec is also the
  * endpoint's OpenAPI documentation (api/openapi.ts). Authentication runs before the body is read,
  * so even a malformed body is attributed.
  */
@@ -96,7 +96,8 @@ export function endpoint<BS extends z.ZodType | undefined = undefined, QS extend
     res.status(reply.status ?? 200).json(reply.body);
   };
   const { who, action: _action, ...doc } = spec;
-  chain.push(withDoc(run, { ...doc, auth: who }));
+  // Any endpoint can answer 400: its path and query are checked for unstorable strings even without a schema.
+  chain.push(withDoc(run, { ...doc, auth: who, problems: [400, ...(doc.problems ?? [])] }));
   return chain;
 }
 

@@ -147,6 +147,8 @@ describe('OpenAPI document', () => {
     expect(grant.status).toBe(201);
     expect((await call('GET', '/v1/grants', { token })).body.given).toHaveLength(1);
     expect((await call('DELETE', `/v1/grants/${grant.body.id}`, { token })).status).toBe(200);
+    // A route without body or query schema still refuses an unstorable path: a documented 400.
+    expect((await call('DELETE', '/v1/grants/%00', { token })).status).toBe(400);
 
     expect((await call('POST', '/v1/mail.send', { token, body: { to: ['team@example.com'], subject: 'hi', text: 'nothing secret' } })).status).toBe(202);
     expect((await call('POST', '/v1/mail.send', { token, body: { to: ['team@example.com'], subject: 'hi', text: `it is ${value}` } })).status).toBe(422);
