@@ -1,0 +1,138 @@
+import path from 'node:path';
+import { Client } from '@temporalio/client';
+import { startChild } from '../embedded/child';
+import type { rotateBatch } from '../workflows/batch';
+import { ROOT, type Stack } from './stack';
+import type { noopRotation } from './noop-workflow';
+
+export interface RotationResult {
+  rotations: number;
+  rotated: number;
+  failed: number;
+  seconds: number;
+  perSecond: number;
+  /** Activities one rotation ran (counted in a real rotation's history); the baseline runs as many. */
+  activitiesPerRotation: number;
+  webhookEvents: number;
+  baseline: { workflows: number; activitiesPerWorkflow: number; seconds: number; perSecond: number };
+  ratio: number;
+}
+
+type Api = (method: string, route: string, body?: unknown) => Promise<{ status: number; body: any }>;
+
+/**
+ * A batch of `count` rotations through the public API (POST /v1/rotations → rotateBatch → one
+ * rotateCredential each: generated provider, one webhook dependent on a local sink, no grace
+ * period), timed from the request until the batch workflow has every outcome. Then the baseline on
+ * the same Temporal server: as many no-op workflows with as many activities, started one by one as
+ * the batch starts its rotations, on a worker process of their own.
+ */
+export async function measureRotation(
+  api: Api,
+  client: Client,
+  stack: Stack,
+  opts: { count: number; sinkUrl: string; webhookEvents: () => number; onPhase?: (phase: 'rotation' | 'baseline' | 'done') => void },
+): Promise<RotationResult> {
+  const names = Array.from({ length: opts.count }, (_, i) => `rotate-${i}`);
+  await parallel(names, 16, async (name) => {
+    const res = await api('POST', '/v1/vault.store', {
+      name,
+      kind: 'api_key',
+      value: `sk_bench_${name}_${Math.random().toString(36).slice(2)}xxxxxxxx`,
+      rotation: { provider: 'generated', settings: { length: 40, prefix: 'sk_' }, periodDays: 90, graceHours: 0 },
+      dependents: [{ type: 'webhook', settings: { url: opts.sinkUrl, signingKeyCredential: 'bench-webhook-key' } }],
+    });
+    if (res.status !== 201) throw new Error(`storing ${name} failed: ${res.status} ${JSON.stringify(res.body)}`);
+  });
+
+  opts.onPhase?.('rotation');
+  const started = performance.now();
+  const res = await api('POST', '/v1/rotations', { credentials: names, reason: 'benchmark' });
+  if (res.status !== 202) throw new Error(`starting the rotation batch failed: ${res.status} ${JSON.stringify(res.body)}`);
+  const outcome = await within(client.workflow.getHandle<typeof rotateBatch>(res.body.batchWorkflowId).result(), 900, 'the rotation batch');
+  const seconds = (performance.now() - started) / 1000;
+
+  const history = await client.workflow.getHandle(res.body.workflowIds[0]).fetchHistory();
+  const activities = (history.events ?? []).filter((e) => e.activityTaskScheduledEventAttributes).length;
+
+  opts.onPhase?.('baseline');
+  const baseline = await measureBaseline(client, stack, opts.count, activities);
+  opts.onPhase?.('done');
+  const perSecond = outcome.rotated / seconds;
+  return {
+    rotations: opts.count,
+    rotated: outcome.rotated,
+    failed: outcome.failed,
+    seconds,
+    perSecond,
+    activitiesPerRotation: activities,
+    webhookEvents: opts.webhookEvents(),
+    baseline,
+    ratio: perSecond / baseline.perSecond,
+  };
+}
+
+async function measureBaseline(client: Client, stack: Stack, count: number, activities: number): Promise<RotationResult['baseline']> {
+  const taskQueue = `${stack.taskQueue}-noop`;
+  const worker = startChild(process.execPath, ['--import', import.meta.resolve('tsx'), path.join(ROOT, 'bench/noop-worker.ts')], {
+    logFile: path.join(stack.dir, 'logs', 'noop-worker.log'),
+    env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', TEMPORAL_ADDRESS: stack.temporalAddress, TASK_QUEUE: taskQueue },
+  });
+  try {
+    // The baseline has no payload codec: its floor is the server and the SDK alone (stricter than the rotation's setting).
+    client = new Client({ connection: client.connection, namespace: 'default' });
+    await waitForPoller(client, taskQueue, () => worker.isRunning(), () => worker.logTail(20));
+    const prefix = `bench-noop-${Date.now()}`;
+    const started = performance.now();
+    const handles = [];
+    for (let i = 0; i < count; i++) {
+      handles.push(await client.workflow.start<typeof noopRotation>('noopRotation', { taskQueue, workflowId: `${prefix}-${i}`, args: [{ activities }] }));
+    }
+    await within(Promise.all(handles.map((h) => h.result())), 900, 'the baseline workflows');
+    const seconds = (performance.now() - started) / 1000;
+    return { workflows: count, activitiesPerWorkflow: activities, seconds, perSecond: count / seconds };
+  } finally {
+    await worker.stop('SIGTERM', 20_000);
+  }
+}
+
+/** A worker is ready once it polls its task queue. */
+export async function waitForPoller(client: Client, taskQueue: string, alive: () => boolean, log: () => string): Promise<void> {
+  const deadline = Date.now() + 180_000;
+  for (;;) {
+    if ((await pollers(client, taskQueue)) > 0) return;
+    if (!alive()) throw new Error(`the worker for ${taskQueue} exited:\n${log()}`);
+    if (Date.now() > deadline) throw new Error(`no worker polled ${taskQueue} within 180 s:\n${log()}`);
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+
+export async function parallel<T>(items: T[], concurrency: number, fn: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: Math.min(concurrency, items.length) }, async () => {
+      while (next < items.length) await fn(items[next++]!);
+    }),
+  );
+}
+
+/** How many workers poll the workflow side of a task queue. */
+export async function pollers(client: Client, taskQueue: string): Promise<number> {
+  const { pollers } = await client.workflowService.describeTaskQueue({ namespace: 'default', taskQueue: { name: taskQueue }, taskQueueType: 1 });
+  return pollers?.length ?? 0;
+}
+
+/** Fails a phase that does not finish, instead of letting the benchmark hang. */
+async function within<T>(promise: Promise<T>, seconds: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([
+      promise,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`${what} did not finish within ${seconds} s`)), seconds * 1000);
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}

@@ -1,0 +1,463 @@
+import { execFileSync } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { parseArgs } from 'node:util';
+import { Client, Connection } from '@temporalio/client';
+import { openServices, type Services } from '../core/services';
+import { Keyring } from '../vault/keyring';
+import type { Caller } from '../vault/types';
+import { latencyChart } from './chart';
+import { httpLoad, inProcessLoad, round, type LoadResult } from './load';
+import { measureRotation, pollers, type RotationResult } from './rotation';
+import { newSeedState, SEEDING_METHOD, seedTo } from './seed';
+import { ROOT, startService, startStack } from './stack';
+import { measureSweep, type SweepResult } from './sweep';
+import { startWebhookSink } from './webhook-sink';
+
+/**
+ * `npm run bench`: every figure is measured next to a floor from the same run, on the same
+ * servers, and reported as a ratio, because absolute numbers drift on a small shared machine.
+ * Options make it small enough for the test suite (test/bench.test.ts); see the README.
+ */
+export interface BenchOptions {
+  /** Seconds of load per measured operation (primitives, floors, size). */
+  seconds: number;
+  warmupSeconds: number;
+  connections: number;
+  /** Stored secrets for the size-independence comparison: [small, large]. */
+  sizes: [number, number];
+  /** Vault sizes the sweep runs at. */
+  sweepSizes: number[];
+  /** Sweep page size (the product's default is 500; smaller pages make the sweep continue-as-new at these sizes). */
+  sweepPageSize: number;
+  rotations: number;
+  out: string;
+  /** External servers instead of embedded ones (the test passes its own). */
+  pgAdminUrl?: string;
+  temporalAddress?: string;
+  smtpUrl?: string;
+  log: (line: string) => void;
+}
+
+export const DEFAULTS: BenchOptions = {
+  seconds: 10,
+  warmupSeconds: 2,
+  connections: 32,
+  sizes: [1_000, 100_000],
+  sweepSizes: [10_000, 50_000, 100_000],
+  sweepPageSize: 20,
+  rotations: 1_000,
+  out: path.join(ROOT, 'bench/results/latest.json'),
+  log: (line) => process.stdout.write(`${line}\n`),
+};
+
+export const TARGETS = {
+  getVsFloor: 0.8,
+  storeVsFloor: 0.7,
+  totpVsFloor: 0.7,
+  p99Ms: 20,
+  sizeRatioP50: 1.3,
+  rotationVsBaseline: 0.5,
+  workerRssMb: 400,
+  apiRssMb: 250,
+};
+
+type Primitive = 'vault.get' | 'vault.store' | 'vault.totp';
+
+export async function runBench(options: Partial<BenchOptions> = {}): Promise<Record<string, unknown>> {
+  const o: BenchOptions = { ...DEFAULTS, ...options };
+  const log = o.log;
+  const startedAt = new Date();
+  const t0 = performance.now();
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-bench-'));
+  const loadBefore = os.loadavg();
+  log(`mailgent bench: ${o.connections} connections, ${o.seconds} s per load, sizes ${o.sizes.join('/')}, sweep ${o.sweepSizes.join('/')}, ${o.rotations} rotations`);
+  const stack = await startStack(dir, { pgAdminUrl: o.pgAdminUrl, temporalAddress: o.temporalAddress, smtpUrl: o.smtpUrl });
+  let services: Services | undefined;
+  let connection: Connection | undefined;
+  try {
+    services = openServices({
+      databaseUrl: stack.databaseUrl,
+      poolSize: 10, // DATABASE_POOL_SIZE's default, as the API child runs with
+      keyring: Keyring.fromSetting(stack.keyringFile),
+      smtpUrl: stack.smtpUrl,
+      mailFrom: 'bench@localhost',
+    });
+    connection = await Connection.connect({ address: stack.temporalAddress });
+    // The same payload codec as the API and the worker, so results can be read.
+    const client = new Client({ connection, namespace: 'default', dataConverter: services.dataConverter });
+    const serverVersion = (await connection.workflowService.getSystemInfo({})).serverVersion ?? 'unknown';
+    const [api, worker] = await Promise.all([
+      startService(stack, 'api'),
+      startService(stack, 'worker', { ready: async () => (await pollers(client, stack.taskQueue)) > 0 }),
+    ]);
+    log(`servers ready (${secondsSince(t0)} s)`);
+
+    const call = apiCaller(api.url);
+    const created = await call(stack.adminToken, 'POST', '/v1/identities', { name: `bench-${randomUUID().slice(0, 8)}`, email: 'bench@example.com' });
+    if (created.status !== 201) throw new Error(`creating the bench identity failed: ${created.status}`);
+    const token: string = created.body.token;
+    const identityId: string = created.body.id;
+    const as = (method: string, route: string, body?: unknown) => call(token, method, route, body);
+    const signingKey = `whsec_${randomUUID()}${randomUUID()}`;
+    for (const body of [
+      { name: 'bench-get', kind: 'api_key', value: `sk_live_${randomUUID().replace(/-/g, '')}` },
+      { name: 'bench-totp', kind: 'totp_seed', totp: { secret: 'JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP', algorithm: 'SHA1', digits: 6, period: 30 } },
+      { name: 'bench-webhook-key', kind: 'token', value: signingKey },
+    ]) {
+      const res = await as('POST', '/v1/vault.store', body);
+      if (res.status !== 201) throw new Error(`storing ${body.name} failed: ${res.status} ${JSON.stringify(res.body)}`);
+    }
+
+    const seed = newSeedState();
+    const now = new Date();
+    await seedTo(services, seed, o.sizes[0], now);
+    log(`seeded ${seed.seeded} credentials (${secondsSince(t0)} s)`);
+
+    // 1. Primitives over HTTP against the HTTP floor and the database floor.
+    api.resetPeak();
+    worker.resetPeak();
+    const caller = (): Caller => ({ identityId, actor: `identity:${identityId}`, requestId: randomUUID() });
+    const storeBody = (prefix: string) => (i: number) => ({ name: `${prefix}-${i % 64}`, kind: 'api_key', value: `sk_store_${i}_${randomUUID()}` });
+    const httpOps: Record<'floor' | Primitive, { method: 'GET' | 'POST'; route: string; body?: (i: number) => unknown }> = {
+      floor: { method: 'GET', route: '/v1/whoami' },
+      'vault.get': { method: 'POST', route: '/v1/vault.get', body: () => ({ name: 'bench-get' }) },
+      'vault.store': { method: 'POST', route: '/v1/vault.store', body: storeBody('bench-store') },
+      'vault.totp': { method: 'POST', route: '/v1/vault.totp', body: () => ({ name: 'bench-totp' }) },
+    };
+    const vault = services.vault;
+    const dbOps: Record<Primitive, (i: number) => Promise<unknown>> = {
+      'vault.get': () => vault.get(caller(), { name: 'bench-get' }),
+      'vault.store': (i) => vault.store(caller(), storeBody('bench-dbstore')(i) as never),
+      'vault.totp': () => vault.totp(caller(), { name: 'bench-totp' }),
+    };
+    const http: Partial<Record<'floor' | Primitive, LoadResult>> = {};
+    const db: Partial<Record<Primitive, LoadResult>> = {};
+    const statements: Partial<Record<Primitive, number>> = {};
+    const runHttp = async (key: 'floor' | Primitive, seconds = o.seconds) => {
+      const op = httpOps[key];
+      if (o.warmupSeconds > 0) await httpLoad({ url: api.url + op.route, method: op.method, token, body: op.body, connections: o.connections, seconds: o.warmupSeconds });
+      return httpLoad({ url: api.url + op.route, method: op.method, token, body: op.body, connections: o.connections, seconds });
+    };
+    for (const key of ['floor', 'vault.get', 'vault.store', 'vault.totp'] as const) {
+      http[key] = await runHttp(key);
+      log(`  http ${key.padEnd(11)} ${fmtLoad(http[key]!)}`);
+    }
+    for (const key of ['vault.get', 'vault.store', 'vault.totp'] as const) {
+      await dbOps[key](1_000_000); // warm: data keys cached, as in the API after its first call
+      statements[key] = await countStatements(services, () => dbOps[key](1_000_001));
+      if (o.warmupSeconds > 0) await inProcessLoad(dbOps[key], o.connections, o.warmupSeconds);
+      db[key] = await inProcessLoad(dbOps[key], o.connections, o.seconds);
+      log(`  db   ${key.padEnd(11)} ${fmtLoad(db[key]!)}  (${statements[key]} statements)`);
+    }
+    const memoryItem1 = { apiPeakRssMb: round(api.peakRssMb(), 1), workerPeakRssMb: round(worker.peakRssMb(), 1) };
+    const primitives = Object.fromEntries(
+      (['vault.get', 'vault.store', 'vault.totp'] as const).map((key) => {
+        const floors = { http: http.floor!.rps, db: db[key]!.rps };
+        const floor = Math.min(floors.http, floors.db);
+        const target = key === 'vault.get' ? TARGETS.getVsFloor : key === 'vault.store' ? TARGETS.storeVsFloor : TARGETS.totpVsFloor;
+        const ratio = http[key]!.rps / floor;
+        return [
+          key,
+          {
+            ...loadFigures(http[key]!),
+            floors: { httpRps: round(floors.http, 1), dbRps: round(floors.db, 1), min: floors.http <= floors.db ? 'http' : 'db' },
+            ratioToMinFloor: round(ratio, 3),
+            target,
+            pass: ratio >= target && http[key]!.p99 <= TARGETS.p99Ms,
+            sqlStatementsPerCall: statements[key],
+          },
+        ];
+      }),
+    );
+
+    // 2 and 4. Size independence of vault.get, and the sweep at each size.
+    const steps = [...new Set([o.sizes[0], o.sizes[1], ...o.sweepSizes])].sort((a, b) => a - b);
+    const sizeGet: Record<string, ReturnType<typeof loadFigures>> = {};
+    const sweeps: SweepResult[] = [];
+    const seedSeconds: Record<string, number> = {};
+    for (const size of steps) {
+      const ts = performance.now();
+      await seedTo(services, seed, size, now);
+      seedSeconds[size] = round((performance.now() - ts) / 1000, 1);
+      if (size === o.sizes[0] || size === o.sizes[1]) {
+        sizeGet[size] = loadFigures(await runHttp('vault.get'));
+        log(`  get @ ${String(size).padStart(7)}  ${fmtLoad(sizeGet[size] as LoadResult)}`);
+      }
+      if (o.sweepSizes.includes(size)) {
+        const s = await measureSweep(client, services.pool, { taskQueue: stack.taskQueue, credentials: size, pageSize: o.sweepPageSize });
+        sweeps.push(s);
+        log(`  sweep @ ${String(size).padStart(7)}  ${s.seconds.toFixed(2)} s, ${s.due} due, ${s.runs} runs, ≤ ${s.maxHistoryEventsPerRun} events/run, ${s.plan.node} ${s.plan.index}`);
+      }
+    }
+    const [small, large] = o.sizes;
+    const sizeRatioP50 = sizeGet[large]!.p50 / sizeGet[small]!.p50;
+    const sizeRatioP99 = sizeGet[large]!.p99 / sizeGet[small]!.p99;
+    const first = sweeps[0]!;
+    const last = sweeps.at(-1)!;
+    const growthExponent = sweeps.length > 1 ? Math.log(last.seconds / first.seconds) / Math.log(last.credentials / first.credentials) : 0;
+    const historyBound = Math.max(...sweeps.map((s) => s.maxHistoryEventsPerRun));
+
+    // 3. Rotation throughput against the no-op baseline.
+    const sink = await startWebhookSink(signingKey);
+    let rotation: RotationResult;
+    let memoryItem3: { apiPeakRssMb: number; workerPeakRssMb: number };
+    try {
+      rotation = await measureRotation(as, client, stack, {
+        count: o.rotations,
+        sinkUrl: sink.url,
+        webhookEvents: sink.events,
+        onPhase: (phase) => {
+          if (phase === 'rotation') {
+            api.resetPeak();
+            worker.resetPeak();
+          }
+          if (phase === 'baseline') memoryItem3 = { apiPeakRssMb: round(api.peakRssMb(), 1), workerPeakRssMb: round(worker.peakRssMb(), 1) };
+        },
+      });
+    } finally {
+      await sink.stop();
+    }
+    log(`  rotation ${rotation.rotated}/${rotation.rotations} in ${rotation.seconds.toFixed(1)} s = ${rotation.perSecond.toFixed(1)}/s; baseline ${rotation.baseline.perSecond.toFixed(1)}/s (${rotation.activitiesPerRotation} activities each)`);
+
+    const apiPeak = Math.max(memoryItem1.apiPeakRssMb, memoryItem3!.apiPeakRssMb);
+    const workerPeak = Math.max(memoryItem1.workerPeakRssMb, memoryItem3!.workerPeakRssMb);
+    const result = {
+      schema: 1,
+      startedAt: startedAt.toISOString(),
+      durationSeconds: Number(secondsSince(t0)),
+      options: { seconds: o.seconds, warmupSeconds: o.warmupSeconds, connections: o.connections, sizes: o.sizes, sweepSizes: o.sweepSizes, sweepPageSize: o.sweepPageSize, rotations: o.rotations },
+      machine: {
+        cpus: os.cpus().length,
+        cpuModel: os.cpus()[0]?.model ?? 'unknown',
+        memoryGb: round(os.totalmem() / 2 ** 30, 1),
+        platform: `${os.platform()} ${os.release()}`,
+        loadAverageBefore: loadBefore.map((l) => round(l)),
+        loadAverageAfter: os.loadavg().map((l) => round(l)),
+      },
+      versions: {
+        mailgent: packageVersion('..'),
+        commit: gitCommit(),
+        node: process.version,
+        postgres: stack.postgresVersion,
+        temporalServer: serverVersion,
+        temporalSdk: packageVersion('../node_modules/@temporalio/worker'),
+        autocannon: packageVersion('../node_modules/autocannon'),
+      },
+      primitives: {
+        connections: o.connections,
+        seconds: o.seconds,
+        httpFloor: { route: 'GET /v1/whoami', ...loadFigures(http.floor!) },
+        dbFloors: Object.fromEntries(Object.entries(db).map(([k, v]) => [k, loadFigures(v)])),
+        dbFloorMethod: 'the same Vault call in-process (its SQL, audit insert and commit) at the same concurrency through a pool of the API’s size, no HTTP',
+        ops: primitives,
+      },
+      size: {
+        storedSecrets: o.sizes,
+        get: sizeGet,
+        ratioP50: round(sizeRatioP50, 3),
+        ratioP99: round(sizeRatioP99, 3),
+        target: TARGETS.sizeRatioP50,
+        pass: sizeRatioP50 <= TARGETS.sizeRatioP50,
+      },
+      rotation: {
+        ...rotation,
+        seconds: round(rotation.seconds, 2),
+        perSecond: round(rotation.perSecond, 2),
+        baseline: { ...rotation.baseline, seconds: round(rotation.baseline.seconds, 2), perSecond: round(rotation.baseline.perSecond, 2) },
+        ratio: round(rotation.ratio, 3),
+        target: TARGETS.rotationVsBaseline,
+        pass: rotation.rotated === rotation.rotations && rotation.ratio >= TARGETS.rotationVsBaseline,
+        method: 'POST /v1/rotations of N credentials (generated provider, one webhook dependent on a local sink, graceHours 0) until the batch workflow returns; baseline: N no-op workflows with as many activities, started one by one, on a worker process of their own, same Temporal server',
+      },
+      sweep: {
+        dueFraction: 0.01,
+        pageSize: o.sweepPageSize,
+        seeding: SEEDING_METHOD,
+        seedSeconds,
+        sizes: sweeps.map((s) => ({ ...s, seconds: round(s.seconds, 3), secondsPer1000: round((s.seconds / s.credentials) * 1000, 4) })),
+        method: 'rotationSweep workflow on the real worker over the whole vault; the due credentials carry a rotation window closed today, so they are selected (index scan) and deferred, not rotated',
+        indexScan: sweeps.every((s) => s.plan.indexScan && !s.plan.seqScanOnCredentials),
+        maxHistoryEventsPerRun: historyBound,
+        historyBounded: sweeps.every((s) => s.maxHistoryEventsPerRun <= historyBound) && historyBound < 1_000,
+        growthExponent: round(growthExponent, 3),
+        linear: growthExponent <= 1.1,
+        pass: sweeps.every((s) => s.plan.indexScan && !s.plan.seqScanOnCredentials) && historyBound < 1_000 && growthExponent <= 1.1,
+      },
+      memory: {
+        method: 'VmHWM of /proc/<pid>/status, reset (clear_refs 5) at the start of each item',
+        item1: memoryItem1,
+        item3: memoryItem3!,
+        apiPeakRssMb: apiPeak,
+        workerPeakRssMb: workerPeak,
+        targets: { apiRssMb: TARGETS.apiRssMb, workerRssMb: TARGETS.workerRssMb },
+        pass: apiPeak <= TARGETS.apiRssMb && workerPeak <= TARGETS.workerRssMb,
+      },
+    };
+    writeResults(o.out, result);
+    printTable(result, o.out, log);
+    return result;
+  } finally {
+    await services?.close().catch(() => undefined);
+    await connection?.close().catch(() => undefined);
+    await stack.stop();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+type Result = Record<string, any>;
+
+function writeResults(out: string, result: Result): void {
+  mkdirSync(path.dirname(out), { recursive: true });
+  writeFileSync(out, `${JSON.stringify(result, null, 2)}\n`);
+  const rows = [
+    { label: 'HTTP floor (GET /v1/whoami)', ...result.primitives.httpFloor },
+    ...(['vault.get', 'vault.store', 'vault.totp'] as const).flatMap((k) => [
+      { label: `${k} (HTTP)`, ...result.primitives.ops[k] },
+      { label: `${k} DB floor`, ...result.primitives.dbFloors[k] },
+    ]),
+    ...Object.entries(result.size.get).map(([size, figures]) => ({ label: `vault.get @ ${Number(size).toLocaleString('en')} secrets`, ...(figures as object) })),
+  ];
+  writeFileSync(
+    path.join(path.dirname(out), 'latency.svg'),
+    latencyChart(`Latency per operation at ${result.primitives.connections} connections`, rows as never, TARGETS.p99Ms),
+  );
+}
+
+function printTable(r: Result, out: string, log: (line: string) => void): void {
+  const pf = (b: boolean) => (b ? 'ok  ' : 'MISS');
+  log('');
+  log('operation       req/s    p50 ms  p99 ms  floor req/s (which)  ratio  target');
+  for (const k of ['vault.get', 'vault.store', 'vault.totp'] as const) {
+    const op = r.primitives.ops[k];
+    const floor = op.floors.min === 'http' ? op.floors.httpRps : op.floors.dbRps;
+    log(`${k.padEnd(14)} ${op.rps.toFixed(0).padStart(6)}  ${op.p50.toFixed(1).padStart(7)} ${op.p99.toFixed(1).padStart(7)}  ${floor.toFixed(0).padStart(10)} (${op.floors.min.padEnd(4)})   ${op.ratioToMinFloor.toFixed(2)}  ≥ ${op.target}  ${pf(op.pass)}`);
+  }
+  log(`size (get p50 ${r.options.sizes[1]}/${r.options.sizes[0]})  ${r.size.ratioP50.toFixed(2)} (p99 ${r.size.ratioP99.toFixed(2)})  ≤ ${r.size.target}  ${pf(r.size.pass)}`);
+  log(`rotation       ${r.rotation.perSecond}/s vs baseline ${r.rotation.baseline.perSecond}/s = ${r.rotation.ratio}  ≥ ${r.rotation.target}  ${pf(r.rotation.pass)}`);
+  log(
+    `sweep          ${r.sweep.sizes.map((s: any) => `${s.credentials}: ${s.seconds}s`).join(', ')}; exponent ${r.sweep.growthExponent}, index ${r.sweep.indexScan}, ≤ ${r.sweep.maxHistoryEventsPerRun} events/run  ${pf(r.sweep.pass)}`,
+  );
+  log(`memory         API ${r.memory.apiPeakRssMb} MB (≤ ${TARGETS.apiRssMb}), worker ${r.memory.workerPeakRssMb} MB (≤ ${TARGETS.workerRssMb})  ${pf(r.memory.pass)}`);
+  log(`${r.durationSeconds} s in all; results in ${out} and ${path.join(path.dirname(out), 'latency.svg')}`);
+}
+
+function loadFigures(r: LoadResult) {
+  return { rps: round(r.rps, 1), p50: round(r.p50), p90: round(r.p90), p99: round(r.p99), max: round(r.max), requests: r.requests, errors: r.errors };
+}
+
+function fmtLoad(r: LoadResult): string {
+  return `${r.rps.toFixed(0).padStart(6)} req/s  p50 ${r.p50.toFixed(1)} ms  p99 ${r.p99.toFixed(1)} ms${r.errors ? `  ${r.errors} errors` : ''}`;
+}
+
+function secondsSince(t0: number): string {
+  return ((performance.now() - t0) / 1000).toFixed(1);
+}
+
+function apiCaller(base: string) {
+  return async (token: string, method: string, route: string, body?: unknown) => {
+    const res = await fetch(base + route, {
+      method,
+      headers: { authorization: `Bearer ${token}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const text = await res.text();
+    return { status: res.status, body: text ? JSON.parse(text) : undefined };
+  };
+}
+
+/** How many SQL statements (round trips) one call issues: counted on the pool while it runs alone. */
+async function countStatements(services: Services, fn: () => Promise<unknown>): Promise<number> {
+  const pool = services.pool as any;
+  let count = 0;
+  const originalQuery = pool.query;
+  const originalConnect = pool.connect;
+  pool.query = function (...args: unknown[]) {
+    count += 1;
+    return originalQuery.apply(this, args);
+  };
+  pool.connect = async function (...args: unknown[]) {
+    const client = await originalConnect.apply(this, args);
+    const q = client.query;
+    client.query = function (...a: unknown[]) {
+      count += 1;
+      return q.apply(this, a);
+    };
+    const release = client.release;
+    client.release = function (...a: unknown[]) {
+      client.query = q;
+      client.release = release;
+      return release.apply(this, a);
+    };
+    return client;
+  };
+  try {
+    await fn();
+  } finally {
+    pool.query = originalQuery;
+    pool.connect = originalConnect;
+  }
+  return count;
+}
+
+function packageVersion(rel: string): string {
+  try {
+    return JSON.parse(readFileSync(new URL(`${rel}/package.json`, import.meta.url), 'utf8')).version;
+  } catch {
+    return 'unknown';
+  }
+}
+
+function gitCommit(): string {
+  try {
+    return execFileSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: ROOT, encoding: 'utf8' }).trim();
+  } catch {
+    return 'unknown';
+  }
+}
+
+function parseOptions(argv: string[]): Partial<BenchOptions> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      seconds: { type: 'string' },
+      warmup: { type: 'string' },
+      connections: { type: 'string' },
+      sizes: { type: 'string' },
+      'sweep-sizes': { type: 'string' },
+      'sweep-page-size': { type: 'string' },
+      rotations: { type: 'string' },
+      out: { type: 'string' },
+      'pg-admin-url': { type: 'string' },
+      'temporal-address': { type: 'string' },
+      'smtp-url': { type: 'string' },
+    },
+  });
+  const nums = (s: string) => s.split(',').map((n) => Number(n.replace(/_/g, '')));
+  const opts: Partial<BenchOptions> = {};
+  if (values.seconds) opts.seconds = Number(values.seconds);
+  if (values.warmup) opts.warmupSeconds = Number(values.warmup);
+  if (values.connections) opts.connections = Number(values.connections);
+  if (values.sizes) opts.sizes = nums(values.sizes) as [number, number];
+  if (values['sweep-sizes']) opts.sweepSizes = nums(values['sweep-sizes']);
+  if (values['sweep-page-size']) opts.sweepPageSize = Number(values['sweep-page-size']);
+  if (values.rotations) opts.rotations = Number(values.rotations);
+  if (values.out) opts.out = path.resolve(values.out);
+  if (values['pg-admin-url']) opts.pgAdminUrl = values['pg-admin-url'];
+  if (values['temporal-address']) opts.temporalAddress = values['temporal-address'];
+  if (values['smtp-url']) opts.smtpUrl = values['smtp-url'];
+  return opts;
+}
+
+if (process.argv[1] && import.meta.url === pathToFileURL(path.resolve(process.argv[1])).href) {
+  runBench(parseOptions(process.argv.slice(2))).then(
+    () => process.exit(0),
+    (err) => {
+      console.error(`bench failed: ${(err as Error).stack ?? err}`);
+      process.exit(1);
+    },
+  );
+}

@@ -1,0 +1,110 @@
+import { execFile } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it, inject } from 'vitest';
+import { expectCleanRun } from './support/leaks';
+import { startHarness, type Harness } from './support/harness';
+
+/**
+ * The benchmark harness at a tiny size, so it cannot rot: `bench/run.ts` runs end to end as
+ * `npm run bench` does (API and worker as child processes, every item), against this run's
+ * servers, and writes a results file with every field and a chart. The full run is `npm run bench`.
+ */
+const ROOT = path.resolve(import.meta.dirname, '..');
+
+describe('GET /v1/whoami (the HTTP floor of the benchmark)', () => {
+  let h: Harness;
+  beforeAll(async () => {
+    h = await startHarness();
+  });
+  afterAll(async () => {
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
+    await h.close();
+  });
+
+  it('answers the token’s identity, and 401 without a valid identity token', async () => {
+    const me = await h.createIdentity('whoami-agent', 'agent@example.com');
+    const res = await h.api('GET', '/v1/whoami', { token: me.token });
+    expect(res.status).toBe(200);
+    expect(res.body).toEqual({ id: me.id, name: 'whoami-agent', email: 'agent@example.com' });
+    expect((await h.api('GET', '/v1/whoami')).status).toBe(401);
+    expect((await h.api('GET', '/v1/whoami', { token: `${me.token}x` })).status).toBe(401);
+    expect((await h.api('GET', '/v1/whoami', { token: h.adminToken })).status).toBe(401);
+  });
+});
+
+describe('npm run bench at a tiny size', () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-bench-test-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  it('runs every item and writes valid JSON with every figure, and a chart', { timeout: 420_000 }, async () => {
+    const out = path.join(dir, 'results', 'latest.json');
+    const args = ['--import', 'tsx', 'bench/run.ts', '--seconds', '1', '--warmup', '0', '--connections', '4', '--sizes', '100,400', '--sweep-sizes', '200,400',
+      '--sweep-page-size', '5', '--rotations', '3', '--out', out,
+      '--pg-admin-url', inject('pgAdminUrl'), '--temporal-address', inject('temporalAddress'), '--smtp-url', inject('smtpUrl')];
+    const { stdout } = await promisify(execFile)(process.execPath, args, { cwd: ROOT, timeout: 400_000, maxBuffer: 16 * 1024 * 1024 });
+    expect(stdout).toContain('operation');
+
+    const r = JSON.parse(readFileSync(out, 'utf8'));
+    expect(r.schema).toBe(1);
+    expect(r.machine.cpus).toBeGreaterThan(0);
+    for (const v of ['mailgent', 'node', 'postgres', 'temporalServer', 'temporalSdk', 'autocannon']) expect(r.versions[v], v).toMatch(/\d/);
+
+    const positive = (figures: Record<string, number>, where: string) => {
+      for (const k of ['rps', 'p50', 'p99']) expect(figures[k], `${where}.${k}`).toBeGreaterThan(0);
+      expect(figures.errors, `${where}.errors`).toBe(0);
+    };
+    positive(r.primitives.httpFloor, 'httpFloor');
+    for (const op of ['vault.get', 'vault.store', 'vault.totp']) {
+      const o = r.primitives.ops[op];
+      positive(o, op);
+      positive(r.primitives.dbFloors[op], `dbFloors.${op}`);
+      expect(o.ratioToMinFloor).toBeCloseTo(o.rps / Math.min(o.floors.httpRps, o.floors.dbRps), 1);
+      expect(o.sqlStatementsPerCall).toBeGreaterThanOrEqual(3); // at least the read or write, the audit row and the commit
+      expect(typeof o.pass).toBe('boolean');
+    }
+
+    expect(Object.keys(r.size.get)).toEqual(['100', '400']);
+    positive(r.size.get['100'], 'size@100');
+    positive(r.size.get['400'], 'size@400');
+    expect(r.size.ratioP50).toBeGreaterThan(0);
+
+    expect(r.rotation).toMatchObject({ rotations: 3, rotated: 3, failed: 0 });
+    expect(r.rotation.perSecond).toBeGreaterThan(0);
+    expect(r.rotation.activitiesPerRotation).toBeGreaterThan(3);
+    expect(r.rotation.baseline).toMatchObject({ workflows: 3, activitiesPerWorkflow: r.rotation.activitiesPerRotation });
+    expect(r.rotation.baseline.perSecond).toBeGreaterThan(0);
+    expect(r.rotation.ratio).toBeGreaterThan(0);
+    // pending, verify and promoted per rotation, each through the sink's signature check
+    expect(r.rotation.webhookEvents).toBeGreaterThanOrEqual(9);
+
+    expect(r.sweep.sizes.map((s: { credentials: number }) => s.credentials)).toEqual([200, 400]);
+    for (const s of r.sweep.sizes) {
+      expect(s.plan).toMatchObject({ indexScan: true, seqScanOnCredentials: false, index: 'credentials_due' });
+      expect(s.plan.node).toMatch(/Index/);
+      expect(s.due).toBe(s.credentials / 100); // 1% due
+      expect(s.seconds).toBeGreaterThan(0);
+      expect(s.maxHistoryEventsPerRun).toBeGreaterThan(0);
+    }
+    expect(r.sweep.indexScan).toBe(true);
+    expect(typeof r.sweep.growthExponent).toBe('number');
+    expect(r.sweep.seeding).toMatch(/unnest/);
+
+    expect(r.memory.item1.apiPeakRssMb).toBeGreaterThan(20);
+    expect(r.memory.item1.workerPeakRssMb).toBeGreaterThan(20);
+    expect(r.memory.item3.workerPeakRssMb).toBeGreaterThan(20);
+
+    const svg = readFileSync(path.join(path.dirname(out), 'latency.svg'), 'utf8');
+    expect(svg).toMatch(/^<svg /);
+    expect(svg).toContain('vault.get (HTTP)');
+
+    // The benchmark's own secrets (stored values, the webhook signing key) never reach its output.
+    for (const prefix of ['sk_live_', 'sk_store_', 'sk_bench_', 'sk_seed_', 'whsec_', 'mgt_']) {
+      expect(stdout).not.toContain(prefix);
+      expect(JSON.stringify(r)).not.toContain(prefix);
+    }
+    expect(existsSync(out)).toBe(true);
+  });
+});
