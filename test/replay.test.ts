@@ -1,9 +1,10 @@
 import { Worker, bundleWorkflowCode } from '@temporalio/worker';
 import { DeterminismViolationError } from '@temporalio/workflow';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { readdirSync, readFileSync } from 'node:fs';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { FAILURE_CONVERTER_PATH } from '../vault/payload-codec';
-import { expectCleanRun, replayFailures } from './support/leaks';
+import { expectCleanRun, loadHistory, replayFailures } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 
 /** The replay check that every test file ends with can fail: a changed workflow is caught. */
@@ -31,11 +32,44 @@ describe('replaying recorded histories', () => {
     expect(await replayFailures(h)).toEqual([]);
 
     const history = await h.client.workflow.getHandle(id).fetchHistory();
-    const changed = await bundleWorkflowCode({
-      workflowsPath: path.resolve(import.meta.dirname, 'fixtures/changed-workflows.ts'),
-      failureConverterPath: FAILURE_CONVERTER_PATH,
-      logger: { log() {}, trace() {}, debug() {}, info() {}, warn() {}, error() {} },
-    });
-    await expect(Worker.runReplayHistory({ workflowBundle: changed, dataConverter: h.services.dataConverter }, history, id)).rejects.toBeInstanceOf(DeterminismViolationError);
+    await expect(Worker.runReplayHistory({ workflowBundle: await changed(), dataConverter: h.services.dataConverter }, history, id)).rejects.toBeInstanceOf(
+      DeterminismViolationError,
+    );
+  });
+
+  /**
+   * Histories recorded from the suite by earlier versions of the code (decoded; ids and versions
+   * only): a change that would break workflows already running in production fails here. Refresh
+   * with MAILGENT_RECORD_HISTORIES=<dir> npx vitest run <files> when a change is deliberate
+   * (and versioned with patched()).
+   */
+  it('histories recorded by earlier versions of the code replay against the current workflows', async () => {
+    const dir = path.resolve(import.meta.dirname, 'fixtures/histories');
+    const recorded = readdirSync(dir)
+      .filter((f) => f.endsWith('.json'))
+      .map((f) => ({ workflowId: f, history: loadHistory(readFileSync(path.join(dir, f), 'utf8')) }));
+    const types = new Set(recorded.map((r) => r.history.events?.[0]?.workflowExecutionStartedEventAttributes?.workflowType?.name));
+    expect([...types].sort()).toEqual(['deliverMail', 'orphanReport', 'rotateBatch', 'rotateCredential', 'rotationSweep']);
+
+    const replay = async (workflowBundle: { codePath: string } | { code: string }) => {
+      const failed: string[] = [];
+      for await (const result of Worker.runReplayHistories({ workflowBundle }, recorded)) if (result.error) failed.push(result.workflowId);
+      return failed;
+    };
+    expect(await replay({ codePath: inject('workflowBundlePath') })).toEqual([]);
+    // The same check can fail: the changed workflows break every recorded rotation.
+    const broken = await replay(await changed());
+    expect(broken.filter((f) => f.startsWith('rotateCredential-')).length).toBe(recorded.filter((r) => r.workflowId.startsWith('rotateCredential-')).length);
   });
 });
+
+let changedBundle: ReturnType<typeof bundleWorkflowCode> | undefined;
+/** The workflows with one activity call changed: what a careless edit does to running histories. */
+function changed() {
+  changedBundle ??= bundleWorkflowCode({
+    workflowsPath: path.resolve(import.meta.dirname, 'fixtures/changed-workflows.ts'),
+    failureConverterPath: FAILURE_CONVERTER_PATH,
+    logger: { log() {}, trace() {}, debug() {}, info() {}, warn() {}, error() {} },
+  });
+  return changedBundle;
+}

@@ -1,5 +1,7 @@
-import { readFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
 import type { Payload } from '@temporalio/common';
+import { temporal } from '@temporalio/proto';
 import { Worker } from '@temporalio/worker';
 import { inject } from 'vitest';
 import type { Harness } from './harness';
@@ -78,11 +80,52 @@ export async function findLeaks(h: Harness): Promise<string[]> {
  */
 export async function replayFailures(h: Harness): Promise<string[]> {
   const recorded = await histories(h);
+  if (process.env.MAILGENT_RECORD_HISTORIES) await record(h, recorded, process.env.MAILGENT_RECORD_HISTORIES);
   const failures: string[] = [];
   for await (const result of Worker.runReplayHistories({ workflowBundle: { codePath: inject('workflowBundlePath') }, dataConverter: h.services.dataConverter }, recorded)) {
     if (result.error) failures.push(`${result.workflowId}: ${result.error.message}`);
   }
   return failures;
+}
+
+/**
+ * A history with every payload decrypted, bytes as base64 — what test/fixtures/histories holds
+ * (ids and versions only; the leak check covers it). Load it with loadHistory.
+ */
+export async function decodedHistoryJson(h: Pick<Harness, 'services'>, history: unknown): Promise<string> {
+  const codecs = [...(h.services.dataConverter.payloadCodecs ?? [])].reverse();
+  const walk = async (node: any): Promise<any> => {
+    if (node === null || typeof node !== 'object' || node instanceof Uint8Array) return node;
+    if (Array.isArray(node)) return Promise.all(node.map(walk));
+    if (node.metadata && typeof node.metadata === 'object' && node.data instanceof Uint8Array) {
+      let payloads = [node as Payload];
+      for (const codec of codecs) payloads = await codec.decode(payloads);
+      return payloads[0];
+    }
+    const out: Record<string, unknown> = {};
+    for (const [k, v] of Object.entries(node)) out[k] = await walk(v);
+    return out;
+  };
+  const bytes = (v: any) => (v instanceof Uint8Array ? Buffer.from(v).toString('base64') : v?.type === 'Buffer' && Array.isArray(v.data) ? Buffer.from(v.data).toString('base64') : v);
+  return JSON.stringify(await walk(history), (_k, v) => bytes(v));
+}
+
+/** A history written by decodedHistoryJson, as the proto message replay takes. */
+export function loadHistory(json: string): temporal.api.history.v1.IHistory {
+  return temporal.api.history.v1.History.fromObject(JSON.parse(json));
+}
+
+/** MAILGENT_RECORD_HISTORIES=<dir>: keep each decoded history, named by workflow type and how it closed. */
+async function record(h: Harness, recorded: Awaited<ReturnType<typeof histories>>, dir: string): Promise<void> {
+  mkdirSync(dir, { recursive: true });
+  for (const { runId, history } of recorded) {
+    const json = await decodedHistoryJson(h, history!);
+    const { events } = loadHistory(json);
+    const type = events?.[0]?.workflowExecutionStartedEventAttributes?.workflowType?.name ?? 'unknown';
+    const last = temporal.api.enums.v1.EventType[events?.at(-1)?.eventType ?? 0] ?? '';
+    const closed = last.replace(/^EVENT_TYPE_(WORKFLOW_EXECUTION_)?/, '').toLowerCase();
+    writeFileSync(path.join(dir, `${type}-${closed}-${runId.slice(-12)}.json`), json);
+  }
 }
 
 /** The checks every test file ends with: no secret anywhere, and every history replays. */
