@@ -1,6 +1,4 @@
-import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
-import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { scheduleId } from '../worker/schedules';
 import { expectCleanRun } from './support/leaks';
@@ -8,21 +6,7 @@ import { startHarness, type Harness } from './support/harness';
 import { ProviderServer } from './support/provider-server';
 import { waitForMail } from './support/mail';
 import { WebhookReceiver } from './support/webhook-receiver';
-
-const ROOT = path.resolve(import.meta.dirname, '..');
-
-/** The real worker entry point (`mailgent worker`) as a child process of the test. */
-function startWorker(env: Record<string, string>): { proc: ChildProcess; output: () => string; exited: Promise<number | null> } {
-  const proc = spawn(process.execPath, ['--import', 'tsx', 'cli/main.ts', 'worker'], {
-    cwd: ROOT,
-    env: { ...process.env, ...env, LOG_LEVEL: 'warn' },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let out = '';
-  proc.stdout!.on('data', (d) => (out += d));
-  proc.stderr!.on('data', (d) => (out += d));
-  return { proc, output: () => out, exited: new Promise((resolve) => proc.on('exit', (code) => resolve(code))) };
-}
+import { startWorkerProcess as startWorker, type WorkerProcess } from './support/worker-process';
 
 async function until<T>(what: string, probe: () => T | undefined | Promise<T | undefined>, timeoutMs = 60_000): Promise<T> {
   const deadline = Date.now() + timeoutMs;
@@ -38,7 +22,7 @@ describe('a worker killed mid-rotation', () => {
   let h: Harness;
   let provider: ProviderServer;
   let receiver: WebhookReceiver;
-  const workers: ReturnType<typeof startWorker>[] = [];
+  const workers: WorkerProcess[] = [];
 
   beforeAll(async () => {
     h = await startHarness({ worker: false });
@@ -47,10 +31,7 @@ describe('a worker killed mid-rotation', () => {
     await receiver.start();
   });
   afterAll(async () => {
-    for (const w of workers) {
-      w.proc.kill('SIGKILL');
-      await w.exited;
-    }
+    for (const w of workers) await w.kill();
     for (const id of [scheduleId('rotation-sweep', h.taskQueue), scheduleId('orphan-report', h.taskQueue)]) {
       await h.client.schedule.getHandle(id).delete().catch(() => undefined);
     }
