@@ -1,4 +1,5 @@
 import nodemailer from 'nodemailer';
+import { parseConnectionUrl } from 'nodemailer/lib/shared';
 
 /** Sends one message over SMTP. A stable Message-ID lets receivers drop a resent duplicate. */
 export interface OutgoingMail {
@@ -15,7 +16,9 @@ export interface Mailer {
 }
 
 export function createMailer(smtpUrl: string, from: string): Mailer {
-  const transport = nodemailer.createTransport(smtpUrl);
+  // Timeouts well inside the delivery activity's 30 s start-to-close (workflows/options.ts), so a
+  // hung relay fails the attempt and the activity retries, instead of the attempt being abandoned.
+  const transport = nodemailer.createTransport({ ...parseConnectionUrl(smtpUrl), connectionTimeout: 10_000, greetingTimeout: 10_000, socketTimeout: 20_000 });
   return {
     async send(mail) {
       const info = await transport.sendMail({

@@ -109,10 +109,10 @@ describe('scheduled sweep', () => {
     throw new Error(`${what} (${workflowId}) did not finish within ${ms} ms; it had made ${runs.length} runs (${runs.map((r) => r.events.length).join(', ')} events)`);
   };
 
-  const sweep = async (args: Record<string, unknown> = {}) => {
+  const sweep = async (args: Record<string, unknown> = {}, ms?: number) => {
     const workflowId = unique('sweep-test');
     const handle = await h.client.workflow.start('rotationSweep', { taskQueue: h.taskQueue, workflowId, args: [args] });
-    const result = await finish<SweepResult>('the sweep', workflowId, handle.firstExecutionRunId);
+    const result = await finish<SweepResult>('the sweep', workflowId, handle.firstExecutionRunId, ms);
     return { ...result, workflowId, firstRunId: handle.firstExecutionRunId };
   };
   const sweptIds = async (sweepId: string) =>
@@ -354,7 +354,8 @@ describe('scheduled sweep', () => {
     // One statement: every credential falls due at the same instant, as after a bulk import.
     await age(ids, 45);
 
-    const result = await sweep({ pageSize: 2 });
+    // 60 rotations: ~30 s alone, more with the rest of the suite on the same two cores.
+    const result = await sweep({ pageSize: 2 }, 150_000);
     expect(result).toMatchObject({ total: count, rotated: count, failed: 0 });
     expect(Object.values(await versions(ids))).toEqual(Array(count).fill(2));
     const runs = await runChain(result.workflowId, result.firstRunId);
@@ -366,7 +367,7 @@ describe('scheduled sweep', () => {
     expect(selectDueCalls).toEqual([25, 6]);
     for (const r of runs) expect(r.events.length).toBeLessThan(400);
     for (const name of Object.keys(await versions(ids))) await read(agent.token, name);
-  });
+  }, 240_000);
 
   it('expiry reminders go out 14 and 3 days ahead for credentials without a rotation policy, each once', async () => {
     const agent = await identity();

@@ -30,9 +30,13 @@ export const compensation: ActivityOptions = {
   retry: { initialInterval: '2s', backoffCoefficient: 2, maximumInterval: '2m' },
 };
 
-/** An email: SMTP outages are waited out for a day, with backoff capped at five minutes. */
+/**
+ * An email: SMTP outages are waited out for a day, with backoff capped at five minutes. An attempt
+ * is short (the mailer's own timeouts end a hung connection first), so an attempt lost with a dead
+ * worker is retried within 30 s.
+ */
 export const emailDelivery: ActivityOptions = {
-  startToCloseTimeout: '1m',
+  startToCloseTimeout: '30s',
   scheduleToCloseTimeout: '24h',
   retry: { initialInterval: '2s', backoffCoefficient: 2, maximumInterval: '5m' },
 };
