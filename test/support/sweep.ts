@@ -44,20 +44,27 @@ export function sweep(secrets: Iterable<string>, places: Iterable<[string, strin
   const unique = [...new Set(secrets)].filter((s) => s.length >= 6);
   const formOf = new Map<string, string>();
   for (const secret of unique) for (const form of leakForms(secret)) formOf.set(form, secret);
-  // One pass per place: an alternation of every form, longest first so a longer form wins.
+  // A few passes per place: alternations of up to 200 forms (V8 refuses one huge pattern; longer
+  // forms first so a longer form wins), and indexOf for the very long values.
   const forms = [...formOf.keys()].sort((a, b) => b.length - a.length);
-  const pattern = forms.length ? new RegExp(forms.map((f) => f.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')).join('|'), 'g') : undefined;
+  const long = forms.filter((f) => f.length > 512);
+  const short = forms.filter((f) => f.length <= 512);
+  const patterns: RegExp[] = [];
+  for (let i = 0; i < short.length; i += 200) {
+    patterns.push(new RegExp(short.slice(i, i + 200).map((f) => f.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')).join('|'), 'g'));
+  }
   const hits = new Set<string>();
+  const hit = (form: string, where: string) => {
+    const secret = formOf.get(form)!;
+    hits.add(`a secret (${secret.length} chars, starting '${secret.slice(0, 3)}…') appears in ${where}`);
+  };
   let count = 0;
   let bytes = 0;
   for (const [where, text] of places) {
     count++;
     bytes += text.length;
-    if (!pattern) continue;
-    for (const match of text.matchAll(pattern)) {
-      const secret = formOf.get(match[0])!;
-      hits.add(`a secret (${secret.length} chars, starting '${secret.slice(0, 3)}…') appears in ${where}`);
-    }
+    for (const pattern of patterns) for (const match of text.matchAll(pattern)) hit(match[0], where);
+    for (const form of long) if (text.includes(form)) hit(form, where);
   }
   return { secrets: unique.length, places: count, bytes, hits: [...hits] };
 }

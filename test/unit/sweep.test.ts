@@ -18,6 +18,14 @@ describe('leak sweep', () => {
     expect(sweep([secret], [['clean', 'nothing to see here']]).hits).toEqual([]);
   });
 
+  it('copes with thousands of secrets and very long ones', () => {
+    const many = Array.from({ length: 3000 }, (_, i) => `value-${i}-${'x'.repeat(i % 40)}`);
+    const huge = 'y'.repeat(100_000);
+    expect(sweep([...many, huge], [['clean', 'nothing']]).hits).toEqual([]);
+    const { hits } = sweep([...many, huge], [['a', `..${many[2999]}..`], ['b', Buffer.from(huge).toString('hex')]]);
+    expect(hits).toHaveLength(2);
+  });
+
   it('names the place and never repeats the value', () => {
     const { hits } = sweep([secret, 'other-secret-value'], [['the audit rows', `{"detail":"${secret}"}`], ['a log', 'fine']]);
     expect(hits).toHaveLength(1);
