@@ -91,6 +91,7 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
         deps,
         dataConverter: services.dataConverter,
         shutdownGraceMs: graceMs,
+        maxCachedWorkflows: config.WORKER_CACHED_WORKFLOWS,
       });
       const running = worker.run();
       // Polling stops at once; running activities get the grace period to finish, then are cancelled.

@@ -1,10 +1,8 @@
-import { fileURLToPath } from 'node:url';
 import type { DataConverter } from '@temporalio/common';
 import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
 import type { Logger } from '../core/logger';
 import { createActivities, type ActivityDeps } from '../activities';
-
-export const WORKFLOWS_PATH = fileURLToPath(new URL('../workflows/index.ts', import.meta.url));
+import { bundleInChild } from './bundle';
 
 /** Builds a worker for the mailgent task queue; the caller owns `connection` and runs/stops the worker. */
 export async function createWorker(opts: {
@@ -21,17 +19,29 @@ export async function createWorker(opts: {
    * ones see the cancellation); the worker gives up 10 s after that.
    */
   shutdownGraceMs?: number;
+  /** Workflows kept in memory between tasks; others are replayed from history when they next run. */
+  maxCachedWorkflows?: number;
 }): Promise<Worker> {
-  return Worker.create({
-    connection: opts.connection,
-    namespace: opts.namespace,
-    taskQueue: opts.taskQueue,
-    activities: createActivities(opts.deps),
-    ...(opts.shutdownGraceMs !== undefined ? { shutdownGraceTime: opts.shutdownGraceMs, shutdownForceTime: opts.shutdownGraceMs + 10_000 } : {}),
-    dataConverter: opts.dataConverter,
-    ...(opts.workflowBundle ? { workflowBundle: opts.workflowBundle } : { workflowsPath: WORKFLOWS_PATH }),
-  });
+  // Bundled in a child process unless prebuilt, so webpack's memory is not the worker's for life.
+  const bundle = opts.workflowBundle ? undefined : await bundleInChild();
+  try {
+    return await Worker.create({
+      connection: opts.connection,
+      namespace: opts.namespace,
+      taskQueue: opts.taskQueue,
+      activities: createActivities(opts.deps),
+      ...(opts.shutdownGraceMs !== undefined ? { shutdownGraceTime: opts.shutdownGraceMs, shutdownForceTime: opts.shutdownGraceMs + 10_000 } : {}),
+      dataConverter: opts.dataConverter,
+      // The SDK's default grows with the heap limit (over 2,000 on a 4 GB heap): bounded, memory is too.
+      maxCachedWorkflows: opts.maxCachedWorkflows ?? DEFAULT_CACHED_WORKFLOWS,
+      workflowBundle: opts.workflowBundle ?? { codePath: bundle!.codePath },
+    });
+  } finally {
+    bundle?.remove();
+  }
 }
+
+export const DEFAULT_CACHED_WORKFLOWS = 200;
 
 /** Routes the Temporal SDK's own logs (bundling, worker state) into our logger, warnings and up. */
 export function installTemporalLogging(logger: Logger, level: 'WARN' | 'INFO' | 'ERROR' = 'WARN'): void {

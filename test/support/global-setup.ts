@@ -2,7 +2,6 @@ import { chmodSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import pg from 'pg';
-import { bundleWorkflowCode } from '@temporalio/worker';
 import type {} from 'vitest';
 import type { TestProject } from 'vitest/node';
 import { migrate } from '../../db/pool';
@@ -10,8 +9,7 @@ import { runLeakSweep } from './sweep';
 import { startEmbeddedPostgres } from '../../embedded/postgres';
 import { startSmtpSink } from '../../embedded/smtp-sink';
 import { startEmbeddedTemporal } from '../../embedded/temporal';
-import { FAILURE_CONVERTER_PATH } from '../../vault/payload-codec';
-import { WORKFLOWS_PATH } from '../../worker/worker';
+import { bundleWorkflows } from '../../worker/bundle';
 
 /**
  * Starts the real servers once per test run — a Temporal dev server, an embedded PostgreSQL and
@@ -52,7 +50,7 @@ export default async function setup(project: TestProject) {
         ? { address: process.env.TEMPORAL_ADDRESS, stop: async () => undefined }
         : startEmbeddedTemporal({ dataDir: path.join(tmpDir, 'temporal'), namespace: 'default', cliPath: process.env.TEMPORAL_CLI_PATH }),
       startSmtpSink({ mailDir: path.join(tmpDir, 'mail') }),
-      bundleWorkflowCode({ workflowsPath: WORKFLOWS_PATH, failureConverterPath: FAILURE_CONVERTER_PATH, logger: quietLogger }),
+      bundleWorkflows().then((code) => ({ code })),
     ] as const);
     // Whatever started must be stopped, even when something else failed to start.
     for (const s of started) if (s.status === 'fulfilled' && 'stop' in s.value) stops.push(s.value.stop);
@@ -116,16 +114,3 @@ export function withDatabase(url: string, database: string): string {
   u.pathname = `/${database}`;
   return u.toString();
 }
-
-const quietLogger = {
-  log() {},
-  trace() {},
-  debug() {},
-  info() {},
-  warn(message: string) {
-    console.warn(message);
-  },
-  error(message: string) {
-    console.error(message);
-  },
-};
