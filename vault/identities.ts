@@ -37,7 +37,17 @@ export function tokensEqual(presented: string, expectedHash: Buffer): boolean {
   return timingSafeEqual(hashToken(presented), expectedHash);
 }
 
+/**
+ * How long an API process remembers a token that authenticated. Identities and tokens never change
+ * today (no route revokes a token or deletes an identity); one that does must clear this cache.
+ */
+export const AUTH_CACHE_MS = 5_000;
+const AUTH_CACHE_MAX = 10_000;
+
 export class Identities {
+  /** Token hash (base64) → identity, for AUTH_CACHE_MS: spares every request a database round trip. */
+  private readonly authCache = new Map<string, { identity: Identity; expires: number }>();
+
   constructor(
     private readonly pool: Pool,
     private readonly dataKeys: Pick<DataKeys, 'create'>,
@@ -66,10 +76,17 @@ export class Identities {
 
   async authenticate(token: string): Promise<Identity | undefined> {
     const hash = hashToken(token);
+    const key = hash.toString('base64');
+    const cached = this.authCache.get(key);
+    if (cached && cached.expires > Date.now()) return cached.identity;
     const { rows } = await this.pool.query('SELECT id, name, email, token_hash FROM identities WHERE token_hash = $1', [hash]);
     const row = rows[0];
     if (!row || !timingSafeEqual(hash, row.token_hash)) return undefined;
-    return { id: row.id, name: row.name, email: row.email };
+    const identity: Identity = { id: row.id, name: row.name, email: row.email };
+    // Only tokens that worked are remembered, so guesses always reach the database (and the guard).
+    if (this.authCache.size >= AUTH_CACHE_MAX) this.authCache.clear();
+    this.authCache.set(key, { identity, expires: Date.now() + AUTH_CACHE_MS });
+    return identity;
   }
 
   /** Read at every MCP call, so a change by the admin applies at once, even to an open session. */
