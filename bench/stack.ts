@@ -3,6 +3,7 @@ import { chmodSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
+import { parse as parseYaml } from 'yaml';
 import { startChild, type Child } from '../embedded/child';
 import { freePort } from '../embedded/ports';
 import { startEmbeddedPostgres } from '../embedded/postgres';
@@ -117,6 +118,15 @@ export interface Service {
   stop(): Promise<void>;
 }
 
+/** The NODE_OPTIONS (heap bounds) docker-compose.yml gives this part, so the bench measures what ships. */
+export function productionNodeOptions(part: 'api' | 'worker'): { NODE_OPTIONS?: string } {
+  const compose = parseYaml(readFileSync(path.join(ROOT, 'docker-compose.yml'), 'utf8'), { merge: true }) as {
+    services: Record<string, { environment?: Record<string, string> }>;
+  };
+  const value = compose.services[part]?.environment?.NODE_OPTIONS;
+  return value ? { NODE_OPTIONS: value } : {};
+}
+
 /** Runs `cli/main.ts api|worker` as a child process against the stack, and waits until it is ready. */
 export async function startService(
   stack: Stack,
@@ -127,7 +137,9 @@ export async function startService(
   const dataDir = path.join(stack.dir, `${part}-data`);
   mkdirSync(dataDir, { recursive: true });
   const logFile = path.join(stack.dir, 'logs', `${part}-${Date.now()}.log`);
-  const child: Child = startChild(process.execPath, ['--import', TSX, path.join(ROOT, 'cli/main.ts'), part], {
+  // BENCH_NODE_ARGS='--cpu-prof --cpu-prof-dir=/tmp/prof' profiles the API and the worker.
+  const nodeArgs = process.env.BENCH_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
+  const child: Child = startChild(process.execPath, [...nodeArgs, '--import', TSX, path.join(ROOT, 'cli/main.ts'), part], {
     logFile,
     deathSignal: 'TERM',
     env: {
@@ -147,6 +159,7 @@ export async function startService(
       // The daily sweep must not fire in the middle of a measurement.
       SWEEP_CRON: '0 0 1 1 *',
       ORPHAN_REPORT_CRON: '0 0 1 1 *',
+      ...productionNodeOptions(part),
       ...opts.env,
     },
   });
