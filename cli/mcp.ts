@@ -1,6 +1,4 @@
-import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
-import { StdioServerTransport } from '@modelcontextprotocol/sdk/server/stdio.js';
-import { isJSONRPCRequest, type JSONRPCMessage } from '@modelcontextprotocol/sdk/types.js';
+import type { JSONRPCMessage } from '@modelcontextprotocol/sdk/types.js';
 import { baseUrl, identityToken, parse, TOKEN_OPTION } from './client/context';
 import { EXIT, usageError } from './client/errors';
 
@@ -24,6 +22,12 @@ export async function mcpCommand(args: string[]): Promise<number> {
 }
 
 export async function mcpBridge(url: URL, token: string): Promise<void> {
+  // Loaded here, not at the top: every other mailgent command would pay for the SDK's import.
+  const [{ StreamableHTTPClientTransport }, { StdioServerTransport }, { isJSONRPCRequest }] = await Promise.all([
+    import('@modelcontextprotocol/sdk/client/streamableHttp.js'),
+    import('@modelcontextprotocol/sdk/server/stdio.js'),
+    import('@modelcontextprotocol/sdk/types.js'),
+  ]);
   const remote = new StreamableHTTPClientTransport(url, { requestInit: { headers: { authorization: `Bearer ${token}` } } });
   const local = new StdioServerTransport();
   const closed = new Promise<void>((resolve) => {
