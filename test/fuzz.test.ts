@@ -95,7 +95,8 @@ describe('fuzzing every endpoint', () => {
     agent = await h.createIdentity('fuzz-agent', 'fuzz@example.com');
     // Something for refs to find: a credential, a seed, a grant.
     await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'a', kind: 'generic', value: h.secret('fuzz-stored-value') } });
-    routes = harnessRoutes(h).flatMap((r) => (r.method === '_ALL' ? ['GET', 'POST', 'DELETE'].map((method) => ({ ...r, method })) : [r]));
+    // Middleware mounted at a path (USE, e.g. the codec's CORS) is not a route of its own.
+    routes = harnessRoutes(h).filter((r) => r.method !== 'USE');
     stored = await counts();
   });
   afterAll(async () => {

@@ -3,11 +3,10 @@ import { Validator } from '@seriousme/openapi-schema-validator';
 import { Ajv2020, type ValidateFunction } from 'ajv/dist/2020.js';
 import addFormats from 'ajv-formats';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createApp } from '../api/app';
-import { listRoutes, openApiPath } from '../api/openapi';
-import { createLogger } from '../core/logger';
+import { openApiPath } from '../api/openapi';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type ApiResponse, type Harness } from './support/harness';
+import { harnessRoutes } from './support/routes';
 
 type Operation = { responses: Record<string, { content?: Record<string, { schema?: object }> }>; parameters?: { name: string; in: string }[] };
 type Doc = { openapi: string; paths: Record<string, Record<string, Operation>> };
@@ -82,16 +81,7 @@ describe('OpenAPI document', () => {
   });
 
   it('documents every route express answers, and nothing it does not answer', () => {
-    const app = createApp({
-      ...h.services,
-      dependentTypes: h.deps.dependents,
-      client: h.client,
-      namespace: 'default',
-      taskQueue: h.taskQueue,
-      adminToken: h.adminToken,
-      logger: createLogger({ level: 'silent' }),
-    });
-    const all = listRoutes(app);
+    const all = harnessRoutes(h);
     expect(all.length).toBeGreaterThan(20);
     // Middleware mounted at a path may answer anything under it, so each one is named here after
     // checking it is not a route in disguise.

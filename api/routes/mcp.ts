@@ -48,11 +48,16 @@ export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): R
   router.all(
     '/mcp',
     documented({ summary: 'MCP: only POST (stateless, no sessions)', auth: 'none', methods: ['GET', 'DELETE'], responses: { 405: { description: 'JSON-RPC error' } } }),
-    (_req: Request, res: Response) => {
-      res
-        .status(405)
-        .set('Allow', 'POST')
-        .json({ jsonrpc: '2.0', error: { code: -32000, message: 'Method not allowed: this server is stateless; POST each message to /mcp' }, id: null });
+    (req: Request, res: Response) => {
+      // Answer once the request's body (if any) is drained: answering first left the unread body on
+      // the connection, and clients read it as garbage after the response (found by test/fuzz.test.ts).
+      const answer = () =>
+        res
+          .status(405)
+          .set('Allow', 'POST')
+          .json({ jsonrpc: '2.0', error: { code: -32000, message: 'Method not allowed: this server is stateless; POST each message to /mcp' }, id: null });
+      if (req.complete) answer();
+      else req.on('end', answer).resume();
     },
   );
   return router;
