@@ -3,6 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { scheduleId } from '../worker/schedules';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
+import { mintKey } from './support/lifecycle-fixtures';
 import { ProviderServer } from './support/provider-server';
 import { waitForMail } from './support/mail';
 import { WebhookReceiver } from './support/webhook-receiver';
@@ -48,9 +49,7 @@ describe('a worker killed mid-rotation', () => {
     expect((await store({ name: 'provider-admin', kind: 'token', value: h.secret(provider.adminToken) })).status).toBe(201);
     expect((await store({ name: 'webhook-key', kind: 'generic', value: receiver.signingKey })).status).toBe(201);
     // Version 1 is a real key at the provider, so revoking it later is observable there.
-    const first = await fetch(`${provider.url}/keys`, { method: 'POST', headers: { authorization: `Bearer ${provider.adminToken}`, 'idempotency-key': randomUUID() } });
-    const v1 = (await first.json()) as { id: string; secret: string };
-    h.secret(v1.secret);
+    const v1 = await mintKey(h, provider);
     const stored = await store({
       name: 'payments-api',
       kind: 'api_key',

@@ -96,17 +96,32 @@ function text(bytes: Uint8Array | null | undefined): string | undefined {
   return bytes ? Buffer.from(bytes).toString('utf8') : undefined;
 }
 
-/** A payload as JSON (metadata values and data base64): small, stable and dependency-free. */
+/** A payload as JSON, metadata values and data base64: the codec server protocol's shape, and what is sealed. */
+export interface JsonPayload {
+  metadata: Record<string, string>;
+  data: string;
+}
+
+export function payloadToJson(payload: Payload): JsonPayload {
+  return {
+    metadata: Object.fromEntries(Object.entries(payload.metadata ?? {}).map(([k, v]) => [k, Buffer.from(v).toString('base64')])),
+    data: Buffer.from(payload.data ?? []).toString('base64'),
+  };
+}
+
+export function payloadFromJson(json: Partial<JsonPayload>): Payload {
+  return {
+    metadata: Object.fromEntries(Object.entries(json.metadata ?? {}).map(([k, v]) => [k, Buffer.from(v, 'base64')])),
+    data: Buffer.from(json.data ?? '', 'base64'),
+  };
+}
+
 function serialize(payload: Payload): Buffer {
-  const metadata = Object.fromEntries(Object.entries(payload.metadata ?? {}).map(([k, v]) => [k, Buffer.from(v).toString('base64')]));
-  return Buffer.from(JSON.stringify({ metadata, data: Buffer.from(payload.data ?? []).toString('base64') }));
+  return Buffer.from(JSON.stringify(payloadToJson(payload)));
 }
 
 function deserialize(plain: Buffer): Payload {
-  const parsed = JSON.parse(plain.toString('utf8')) as { metadata: Record<string, string>; data: string };
+  const parsed = JSON.parse(plain.toString('utf8')) as JsonPayload;
   plain.fill(0);
-  return {
-    metadata: Object.fromEntries(Object.entries(parsed.metadata).map(([k, v]) => [k, Buffer.from(v, 'base64')])),
-    data: Buffer.from(parsed.data, 'base64'),
-  };
+  return payloadFromJson(parsed);
 }

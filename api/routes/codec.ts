@@ -1,9 +1,10 @@
 import { Router, type RequestHandler } from 'express';
 import { z } from 'zod';
-import type { DataConverter, Payload } from '@temporalio/common';
+import type { DataConverter } from '@temporalio/common';
 import { ValidationError } from '../../core/errors';
 import type { Pool } from '../../db/pool';
 import { appendAudit } from '../../vault/audit';
+import { payloadFromJson, payloadToJson } from '../../vault/payload-codec';
 import { endpoint, type AuthDeps } from '../endpoint';
 
 /**
@@ -41,30 +42,16 @@ export function codecRoutes(
         if (namespace && namespace !== deps.namespace) {
           throw new ValidationError( `this codec serves namespace '${deps.namespace}', not '${namespace}'`);
         }
-        let payloads = body.payloads.map(fromJson);
+        let payloads = body.payloads.map(payloadFromJson);
         const codecs = deps.dataConverter.payloadCodecs ?? [];
         for (const codec of op === 'encode' ? codecs : [...codecs].reverse()) payloads = await codec[op](payloads);
         await appendAudit(deps.pool, { identityId: null, actor: 'admin', action: `codec.${op}`, outcome: 'ok', requestId, detail: { payloads: payloads.length } });
-        return { body: { payloads: payloads.map(toJson) } };
+        return { body: { payloads: payloads.map(payloadToJson) } };
         },
       ),
     );
   }
   return router;
-}
-
-function fromJson(p: z.output<typeof payloadJson>): Payload {
-  return {
-    metadata: Object.fromEntries(Object.entries(p.metadata ?? {}).map(([k, v]) => [k, Buffer.from(v, 'base64')])),
-    data: Buffer.from(p.data ?? '', 'base64'),
-  };
-}
-
-function toJson(p: Payload): z.output<typeof codecReply>['payloads'][number] {
-  return {
-    metadata: Object.fromEntries(Object.entries(p.metadata ?? {}).map(([k, v]) => [k, Buffer.from(v).toString('base64')])),
-    data: Buffer.from(p.data ?? []).toString('base64'),
-  };
 }
 
 /** The Web UI calls the codec from the browser: allow exactly the configured origins, with credentials. */

@@ -6,39 +6,40 @@ import { Worker } from '@temporalio/worker';
 import { inject } from 'vitest';
 import type { Harness } from './harness';
 import { readMailbox } from './mail';
+import { asBytes, rawHistoryText, sweep } from './sweep';
+
+export { rawHistoryText };
 
 type History = Awaited<ReturnType<ReturnType<Harness['client']['workflow']['getHandle']>['fetchHistory']>>;
 
-/** A history as text with byte fields as UTF-8: what anyone reading the Temporal server sees. */
-export function rawHistoryText(history: unknown): string {
-  // A Buffer reaches the replacer already turned into {type: 'Buffer', data: [...]} by its toJSON.
-  return JSON.stringify(history, (_k, v) =>
-    v instanceof Uint8Array ? Buffer.from(v).toString('utf8') : v?.type === 'Buffer' && Array.isArray(v.data) ? Buffer.from(v.data).toString('utf8') : v,
-  );
-}
-
-/**
- * A history as text with every payload decrypted by this deployment's codec — what an operator
- * with the key sees. Searching this too proves values stay out of payloads, not just that the
- * codec hides them.
- */
-export async function decodedHistoryText(h: Pick<Harness, 'services'>, history: unknown): Promise<string> {
-  const codecs = h.services.dataConverter.payloadCodecs ?? [];
-  const decodeAll = async (node: unknown): Promise<unknown> => {
+/** A copy of a history with every payload decrypted by this deployment's codec. */
+async function decodePayloads(h: Pick<Harness, 'services'>, history: unknown): Promise<unknown> {
+  const codecs = [...(h.services.dataConverter.payloadCodecs ?? [])].reverse();
+  const walk = async (node: unknown): Promise<unknown> => {
     if (node instanceof Uint8Array || node === null || typeof node !== 'object') return node;
-    if (Array.isArray(node)) return Promise.all(node.map(decodeAll));
+    if (Array.isArray(node)) return Promise.all(node.map(walk));
     const record = node as Record<string, unknown>;
     if (record.metadata && typeof record.metadata === 'object' && record.data instanceof Uint8Array) {
       let payloads = [record as Payload];
-      for (const codec of [...codecs].reverse()) payloads = await codec.decode(payloads);
+      for (const codec of codecs) payloads = await codec.decode(payloads);
       return payloads[0];
     }
     const out: Record<string, unknown> = {};
-    for (const [k, v] of Object.entries(record)) out[k] = await decodeAll(v);
+    for (const [k, v] of Object.entries(record)) out[k] = await walk(v);
     return out;
   };
-  return rawHistoryText(await decodeAll(history));
+  return walk(history);
 }
+
+/**
+ * A history as text with every payload decrypted — what an operator with the key sees. Searching
+ * this too proves values stay out of payloads, not just that the codec hides them.
+ */
+export async function decodedHistoryText(h: Pick<Harness, 'services'>, history: unknown): Promise<string> {
+  return rawHistoryText(await decodePayloads(h, history));
+}
+
+type Recorded = Awaited<ReturnType<typeof histories>>;
 
 async function histories(h: Harness): Promise<{ workflowId: string; runId: string; history: History }[]> {
   const out = [];
@@ -53,33 +54,26 @@ async function histories(h: Harness): Promise<{ workflowId: string; runId: strin
  * never hold one: the service log, audit rows, the mail outbox, every delivered email, and the
  * full history (payloads decoded) of every workflow on this file's task queue.
  */
-export async function findLeaks(h: Harness): Promise<string[]> {
+export async function findLeaks(h: Harness, recorded?: Recorded): Promise<string[]> {
   const places: [string, string][] = [['service log', readFileSync(h.logFile, 'utf8')]];
   const audit = await h.sql('SELECT * FROM audit_log');
   places.push(['audit_log', JSON.stringify(audit.rows)]);
   const outbox = await h.sql('SELECT * FROM mail_outbox');
   places.push(['mail_outbox', JSON.stringify(outbox.rows)]);
   for (const m of await readMailbox()) places.push([`email ${m.file}`, m.raw + (m.mail.text ?? '')]);
-  for (const { workflowId, history } of await histories(h)) {
+  for (const { workflowId, history } of recorded ?? (await histories(h))) {
     places.push([`history of ${workflowId}`, rawHistoryText(history)]);
     places.push([`decoded history of ${workflowId}`, await decodedHistoryText(h, history)]);
   }
-  const hits: string[] = [];
-  for (const secret of h.secrets) {
-    const forms = [secret, Buffer.from(secret).toString('base64'), Buffer.from(secret).toString('hex')];
-    for (const [where, text] of places) {
-      if (forms.some((f) => text.includes(f))) hits.push(`a secret (${secret.length} chars) appears in ${where}`);
-    }
-  }
-  return hits;
+  return sweep(h.secrets, places).hits;
 }
 
 /**
  * Replays every workflow history of this file's task queue against the current workflow code: a
  * change that would break running workflows (non-determinism) fails here. Returns the failures.
  */
-export async function replayFailures(h: Harness): Promise<string[]> {
-  const recorded = await histories(h);
+export async function replayFailures(h: Harness, recorded?: Recorded): Promise<string[]> {
+  recorded ??= await histories(h);
   if (process.env.MAILGENT_RECORD_HISTORIES) await record(h, recorded, process.env.MAILGENT_RECORD_HISTORIES);
   const failures: string[] = [];
   for await (const result of Worker.runReplayHistories({ workflowBundle: { codePath: inject('workflowBundlePath') }, dataConverter: h.services.dataConverter }, recorded)) {
@@ -93,21 +87,10 @@ export async function replayFailures(h: Harness): Promise<string[]> {
  * (ids and versions only; the leak check covers it). Load it with loadHistory.
  */
 export async function decodedHistoryJson(h: Pick<Harness, 'services'>, history: unknown): Promise<string> {
-  const codecs = [...(h.services.dataConverter.payloadCodecs ?? [])].reverse();
-  const walk = async (node: any): Promise<any> => {
-    if (node === null || typeof node !== 'object' || node instanceof Uint8Array) return node;
-    if (Array.isArray(node)) return Promise.all(node.map(walk));
-    if (node.metadata && typeof node.metadata === 'object' && node.data instanceof Uint8Array) {
-      let payloads = [node as Payload];
-      for (const codec of codecs) payloads = await codec.decode(payloads);
-      return payloads[0];
-    }
-    const out: Record<string, unknown> = {};
-    for (const [k, v] of Object.entries(node)) out[k] = await walk(v);
-    return out;
-  };
-  const bytes = (v: any) => (v instanceof Uint8Array ? Buffer.from(v).toString('base64') : v?.type === 'Buffer' && Array.isArray(v.data) ? Buffer.from(v.data).toString('base64') : v);
-  return JSON.stringify(await walk(history), (_k, v) => bytes(v));
+  return JSON.stringify(await decodePayloads(h, history), (_k, v) => {
+    const bytes = asBytes(v);
+    return bytes ? bytes.toString('base64') : v;
+  });
 }
 
 /** A history written by decodedHistoryJson, as the proto message replay takes. */
@@ -116,7 +99,7 @@ export function loadHistory(json: string): temporal.api.history.v1.IHistory {
 }
 
 /** MAILGENT_RECORD_HISTORIES=<dir>: keep each decoded history, named by workflow type and how it closed. */
-async function record(h: Harness, recorded: Awaited<ReturnType<typeof histories>>, dir: string): Promise<void> {
+async function record(h: Harness, recorded: Recorded, dir: string): Promise<void> {
   mkdirSync(dir, { recursive: true });
   for (const { runId, history } of recorded) {
     const json = await decodedHistoryJson(h, history!);
@@ -130,5 +113,6 @@ async function record(h: Harness, recorded: Awaited<ReturnType<typeof histories>
 
 /** The checks every test file ends with: no secret anywhere, and every history replays. */
 export async function expectCleanRun(h: Harness): Promise<{ leaks: string[]; replay: string[] }> {
-  return { leaks: await findLeaks(h), replay: await replayFailures(h) };
+  const recorded = await histories(h);
+  return { leaks: await findLeaks(h, recorded), replay: await replayFailures(h, recorded) };
 }

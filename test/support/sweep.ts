@@ -113,7 +113,7 @@ export async function runLeakSweep(runDir: string, temporalAddress: string): Pro
     const client = new Client({ connection, namespace: 'default' });
     for await (const wf of client.workflow.list()) {
       const history = await client.workflow.getHandle(wf.workflowId, wf.runId).fetchHistory();
-      histories.push([`raw history of ${wf.workflowId} (${wf.runId})`, rawText(history)]);
+      histories.push([`raw history of ${wf.workflowId} (${wf.runId})`, rawHistoryText(history)]);
     }
   } finally {
     await connection.close();
@@ -125,6 +125,14 @@ export async function runLeakSweep(runDir: string, temporalAddress: string): Pro
   return { ...result, workflows: histories.length };
 }
 
-function rawText(value: unknown): string {
-  return JSON.stringify(value, (_k, v) => (v instanceof Uint8Array ? Buffer.from(v).toString('utf8') : v));
+/** Bytes as JSON.stringify's replacer sees them (a Buffer arrives already as {type: 'Buffer', data}). */
+export function asBytes(v: any): Buffer | undefined {
+  if (v instanceof Uint8Array) return Buffer.from(v);
+  if (v?.type === 'Buffer' && Array.isArray(v.data)) return Buffer.from(v.data);
+  return undefined;
+}
+
+/** A history as text with byte fields as UTF-8: what anyone reading the Temporal server sees. */
+export function rawHistoryText(history: unknown): string {
+  return JSON.stringify(history, (_k, v) => asBytes(v)?.toString('utf8') ?? v);
 }
