@@ -5,7 +5,7 @@ import type { SecretReader } from '../providers/types';
 import type { CredentialMeta } from '../vault/types';
 import type { RotationIds, RotationOutcome, RotationPlan } from '../workflows/types';
 import type { ActivityDeps } from './index';
-import { callingRunId, heartbeating, outlastingDatabaseOutages, permanentErrorsFail } from './support';
+import { callingRunId, externalStep, heartbeating, permanentErrorsFail } from './support';
 
 export const DEFAULT_GRACE_HOURS = 24;
 export const DEFAULT_MAX_ATTEMPTS = 3;
@@ -79,29 +79,25 @@ export function rotationActivities(deps: ActivityDeps) {
 
     /** A new value from the provider, stored as pending. Attempt n of a rotation always yields the same version. */
     async createPendingVersion(ids: RotationIds & { attempt: number }): Promise<{ version: number; basedOn: number }> {
-      return permanentErrorsFail(() =>
-        outlastingDatabaseOutages(async () => {
-          const key = stepKey(ids, 'create', ids.attempt);
-          const staged = await deps.rotations.findStaged(ids.credentialId, key);
-          if (staged) return staged;
-          const { meta, policy, provider } = await load(ids);
-          const ctx = await providerContext(ids, meta, provider, policy.settings);
-          const current = await read(ids, meta.version, 'provider.create');
-          const created = await heartbeating(() => provider.create({ ...ctx, idempotencyKey: key, current }));
-          return deps.rotations.stagePending(caller(ids), ids.credentialId, key, created);
-        }),
-      );
+      return externalStep(async () => {
+        const key = stepKey(ids, 'create', ids.attempt);
+        const staged = await deps.rotations.findStaged(ids.credentialId, key);
+        if (staged) return staged;
+        const { meta, policy, provider } = await load(ids);
+        const ctx = await providerContext(ids, meta, provider, policy.settings);
+        const current = await read(ids, meta.version, 'provider.create');
+        const created = await heartbeating(() => provider.create({ ...ctx, idempotencyKey: key, current }));
+        return deps.rotations.stagePending(caller(ids), ids.credentialId, key, created);
+      });
     },
 
     async verifyVersion(ids: RotationIds & { version: number }): Promise<void> {
-      return permanentErrorsFail(() =>
-        outlastingDatabaseOutages(async () => {
-          const { meta, policy, provider } = await load(ids);
-          const ctx = await providerContext(ids, meta, provider, policy.settings);
-          const secret = await read(ids, ids.version, 'provider.verify');
-          await heartbeating(() => provider.verify({ ...ctx, secret }));
-        }),
-      );
+      return externalStep(async () => {
+        const { meta, policy, provider } = await load(ids);
+        const ctx = await providerContext(ids, meta, provider, policy.settings);
+        const secret = await read(ids, ids.version, 'provider.verify');
+        await heartbeating(() => provider.verify({ ...ctx, secret }));
+      });
     },
 
     /**
@@ -130,23 +126,19 @@ export function rotationActivities(deps: ActivityDeps) {
     },
 
     async applyDependent(ids: RotationIds & { index: number; version: number }): Promise<void> {
-      return permanentErrorsFail(() =>
-        outlastingDatabaseOutages(async () => {
-          const { dependent, ctx } = await dependentContext(ids, ids.index);
-          const target = await read(ids, ids.version, `dependent.${ids.index}.apply`);
-          await heartbeating(() => dependent.apply({ ...ctx, target, idempotencyKey: stepKey(ids, 'apply', ids.index, ids.version) }));
-        }),
-      );
+      return externalStep(async () => {
+        const { dependent, ctx } = await dependentContext(ids, ids.index);
+        const target = await read(ids, ids.version, `dependent.${ids.index}.apply`);
+        await heartbeating(() => dependent.apply({ ...ctx, target, idempotencyKey: stepKey(ids, 'apply', ids.index, ids.version) }));
+      });
     },
 
     async verifyDependent(ids: RotationIds & { index: number; version: number }): Promise<void> {
-      return permanentErrorsFail(() =>
-        outlastingDatabaseOutages(async () => {
-          const { dependent, ctx } = await dependentContext(ids, ids.index);
-          const target = await read(ids, ids.version, `dependent.${ids.index}.verify`);
-          await heartbeating(() => dependent.verify({ ...ctx, target }));
-        }),
-      );
+      return externalStep(async () => {
+        const { dependent, ctx } = await dependentContext(ids, ids.index);
+        const target = await read(ids, ids.version, `dependent.${ids.index}.verify`);
+        await heartbeating(() => dependent.verify({ ...ctx, target }));
+      });
     },
 
     /** Puts a dependent back on `version` (the one it had before this rotation). */
@@ -160,17 +152,15 @@ export function rotationActivities(deps: ActivityDeps) {
 
     /** Tells the dependents that want to know that the pending version is now current. */
     async dependentsPromoted(ids: RotationIds & { version: number }): Promise<void> {
-      return permanentErrorsFail(() =>
-        outlastingDatabaseOutages(async () => {
-          const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
-          for (const [index, spec] of meta.dependents.entries()) {
-            if (!deps.dependents[spec.type]?.promoted) continue;
-            const { dependent, ctx } = await dependentContext(ids, index);
-            const target = await read(ids, ids.version, `dependent.${index}.promoted`);
-            await heartbeating(() => dependent.promoted!({ ...ctx, target, idempotencyKey: stepKey(ids, 'promoted', index, ids.version) }));
-          }
-        }),
-      );
+      return externalStep(async () => {
+        const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
+        for (const [index, spec] of meta.dependents.entries()) {
+          if (!deps.dependents[spec.type]?.promoted) continue;
+          const { dependent, ctx } = await dependentContext(ids, index);
+          const target = await read(ids, ids.version, `dependent.${index}.promoted`);
+          await heartbeating(() => dependent.promoted!({ ...ctx, target, idempotencyKey: stepKey(ids, 'promoted', index, ids.version) }));
+        }
+      });
     },
 
     async promotePendingVersion(ids: RotationIds & { version: number }): Promise<{ current: number; previous: number | null; promotedAt: string }> {
@@ -182,15 +172,13 @@ export function rotationActivities(deps: ActivityDeps) {
 
     /** The provider stops accepting `version`; the vault records when. */
     async revokeVersion(ids: RotationIds & { version: number }): Promise<void> {
-      return permanentErrorsFail(() =>
-        outlastingDatabaseOutages(async () => {
-          const { meta, policy, provider } = await load(ids);
-          const ctx = await providerContext(ids, meta, provider, policy.settings);
-          const secret = await read(ids, ids.version, 'provider.revoke');
-          await heartbeating(() => provider.revoke({ ...ctx, secret, idempotencyKey: stepKey(ids, 'revoke', ids.version) }));
-          await deps.rotations.markRevoked(caller(ids), ids.credentialId, ids.version);
-        }),
-      );
+      return externalStep(async () => {
+        const { meta, policy, provider } = await load(ids);
+        const ctx = await providerContext(ids, meta, provider, policy.settings);
+        const secret = await read(ids, ids.version, 'provider.revoke');
+        await heartbeating(() => provider.revoke({ ...ctx, secret, idempotencyKey: stepKey(ids, 'revoke', ids.version) }));
+        await deps.rotations.markRevoked(caller(ids), ids.credentialId, ids.version);
+      });
     },
 
     async rollbackVersion(ids: RotationIds & { version: number }): Promise<{ current: number; abandoned: number }> {

@@ -57,6 +57,11 @@ export async function outlastingDatabaseOutages<T>(fn: () => Promise<T>, limitMs
   });
 }
 
+/** A step that calls a provider or a dependent: permanent errors fail it, database outages are waited out. */
+export function externalStep<T>(fn: () => Promise<T>): Promise<T> {
+  return permanentErrorsFail(() => outlastingDatabaseOutages(fn));
+}
+
 /** The run id of the calling workflow, when called as an activity. */
 export function callingRunId(): string | undefined {
   try {
