@@ -36,12 +36,30 @@ export interface AuditRow {
  * A row that cannot be written is an AuditUnavailableError (503), so the caller's transaction rolls
  * back and the request fails closed, whatever the database said.
  */
-export async function appendAudit(db: Db, e: AuditEntry): Promise<void> {
+export function appendAudit(db: Db, e: AuditEntry): Promise<void> {
+  return appendAuditRows(db, [e]);
+}
+
+/** Appends rows in one statement, chained in the order given (one chain lock for all of them). */
+export async function appendAuditRows(db: Db, entries: AuditEntry[]): Promise<void> {
+  if (entries.length === 0) return;
+  const column = <T>(f: (e: AuditEntry) => T) => entries.map(f);
   try {
     await db.query(
       `INSERT INTO audit_log (identity_id, actor, action, credential_id, outcome, request_id, detail)
-       VALUES ($1, $2, $3, $4, $5, $6, $7)`,
-      [e.identityId, e.actor, e.action, e.credentialId ?? null, e.outcome, e.requestId ?? null, e.via ? { ...e.detail, via: e.via } : (e.detail ?? {})],
+       SELECT identity_id, actor, action, credential_id, outcome, request_id, detail
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::jsonb[])
+              WITH ORDINALITY AS e(identity_id, actor, action, credential_id, outcome, request_id, detail, n)
+        ORDER BY n`,
+      [
+        column((e) => e.identityId),
+        column((e) => e.actor),
+        column((e) => e.action),
+        column((e) => e.credentialId ?? null),
+        column((e) => e.outcome),
+        column((e) => e.requestId ?? null),
+        column((e) => JSON.stringify(e.via ? { ...e.detail, via: e.via } : (e.detail ?? {}))),
+      ],
     );
   } catch (err) {
     throw Object.assign(new AuditUnavailableError(), { cause: err });

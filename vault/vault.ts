@@ -2,15 +2,17 @@ import { randomUUID } from 'node:crypto';
 import type { Db, Pool } from '../db/pool';
 import { ConflictError, NotFoundError, UnprocessableError, VersionConflictError } from '../core/errors';
 import { audited, type AuditNote } from './audited';
+import { ReadBatcher } from './read-batch';
 import type { SecretStore } from './secret-store';
 import { normalizeTotp, parseStoredTotp, toOtpauthUri, totpCode, type TotpCode, type TotpInput } from './totp';
-import type { Caller, CredentialMeta, CredentialPolicy, CredentialRef, Kind, SecretRead, StoredVersion, VersionLabel } from './types';
+import type { Caller, CredentialMeta, CredentialPolicy, CredentialRef, Kind, SecretRead, StoredVersion } from './types';
 
 export * from './types';
 
 /**
  * The vault's primitives: store, get, totp, and the credential's life around them (policy,
- * soft delete, restore, destroy). Every call runs in one transaction with its audit row.
+ * soft delete, restore, destroy). Every call runs in one transaction with its audit row; concurrent
+ * reads share one (see read-batch.ts), each still with its own row.
  * Reads are scoped to the caller's own credentials, plus (by id) those granted to it.
  */
 
@@ -48,11 +50,15 @@ const POLICY_COLUMNS: [keyof CredentialPolicy, string, (v: any) => unknown][] = 
 ];
 
 export class Vault {
+  private readonly reads: ReadBatcher;
+
   constructor(
     private readonly pool: Pool,
     private readonly secrets: SecretStore,
     private readonly clock: () => Date = () => new Date(),
-  ) {}
+  ) {
+    this.reads = new ReadBatcher(pool, secrets, clock);
+  }
 
   /** Stores a new credential, or a new current version of an existing one (check-and-set with expectedVersion). */
   store(caller: Caller, input: StoreInput): Promise<StoredVersion> {
@@ -90,18 +96,14 @@ export class Vault {
 
   /** Reads a version's value (the current one unless `version` is given). `auditDetail` is added to the audit row (never a value). */
   get(caller: Caller, ref: CredentialRef, version?: number, auditDetail: Record<string, unknown> = {}): Promise<SecretRead> {
-    return audited(this.pool, caller, 'vault.get', { ...refDetail(ref, version), ...auditDetail }, async (tx, note) => {
-      const row = await this.readVersion(tx, caller.identityId, ref, version, note);
-      return {
-        id: row.id,
-        name: row.name,
-        kind: row.kind,
-        version: row.version,
-        label: row.label,
-        value: row.value,
-        createdAt: row.createdAt.toISOString(),
-        ageDays: this.ageDays(row.createdAt),
-      };
+    return this.reads.read({
+      caller,
+      action: 'vault.get',
+      ref,
+      version,
+      detail: { ...refDetail(ref, version), ...auditDetail },
+      open: true,
+      finish: ({ ownerId: _owner, ...row }) => ({ ...row, createdAt: row.createdAt.toISOString(), ageDays: this.ageDays(row.createdAt) }),
     });
   }
 
@@ -110,20 +112,29 @@ export class Vault {
    * an audit row of the same action marked `masked`. The value is never decrypted.
    */
   getMasked(caller: Caller, ref: CredentialRef, version?: number): Promise<Omit<SecretRead, 'value'>> {
-    return audited(this.pool, caller, 'vault.get', { ...refDetail(ref, version), masked: true }, async (tx, note) => {
-      const { value: _none, ...row } = await this.readVersion(tx, caller.identityId, ref, version, note, { open: false });
-      return { ...row, createdAt: row.createdAt.toISOString(), ageDays: this.ageDays(row.createdAt) };
+    return this.reads.read({
+      caller,
+      action: 'vault.get',
+      ref,
+      version,
+      detail: { ...refDetail(ref, version), masked: true },
+      open: false,
+      finish: ({ ownerId: _owner, value: _none, ...row }) => ({ ...row, createdAt: row.createdAt.toISOString(), ageDays: this.ageDays(row.createdAt) }),
     });
   }
 
   /** The TOTP code of a totp_seed credential at the vault's clock. */
   totp(caller: Caller, ref: CredentialRef): Promise<TotpCode> {
-    return audited(this.pool, caller, 'vault.totp', refDetail(ref), async (tx, note) => {
-      const row = await this.readVersion(tx, caller.identityId, ref, undefined, note);
-      if (row.kind !== 'totp_seed') {
-        throw new UnprocessableError(`credential '${row.name}' is a ${row.kind}, not a totp_seed`);
-      }
-      return totpCode(parseStoredTotp(row.value), this.clock().getTime());
+    return this.reads.read({
+      caller,
+      action: 'vault.totp',
+      ref,
+      detail: refDetail(ref),
+      open: true,
+      finish: (row) => {
+        if (row.kind !== 'totp_seed') throw new UnprocessableError(`credential '${row.name}' is a ${row.kind}, not a totp_seed`);
+        return totpCode(parseStoredTotp(row.value), this.clock().getTime());
+      },
     });
   }
 
@@ -296,40 +307,6 @@ export class Vault {
     }
     note.credentialId = rows[0].id;
     return rows[0].id;
-  }
-
-  private async readVersion(tx: Db, callerId: string, ref: CredentialRef, version: number | undefined, note: AuditNote, opts = { open: true }) {
-    const byId = 'id' in ref;
-    // Own credentials by name or id; credentials granted to the caller by id only (names are per owner).
-    // The read stamps last_accessed_at in the same statement: one round trip, not two, on every read.
-    const { rows } = await tx.query(
-      `WITH found AS (
-         SELECT c.id, c.identity_id, c.name, c.kind, c.current_version, c.previous_version, c.pending_version,
-                v.version, v.data_key_id, v.sealed, v.created_at
-           FROM credentials c
-           JOIN secret_versions v ON v.credential_id = c.id AND v.version = coalesce($3::int, c.current_version)
-          WHERE c.deleted_at IS NULL AND ${
-            byId
-              ? `c.id = $2::uuid AND (c.identity_id = $1 OR EXISTS (
-                   SELECT 1 FROM grants g WHERE g.credential_id = c.id AND g.grantee_id = $1 AND g.revoked_at IS NULL))`
-              : 'c.identity_id = $1 AND c.name = $2'
-          }),
-       touched AS (UPDATE credentials SET last_accessed_at = $4 WHERE id = (SELECT id FROM found))
-       SELECT * FROM found`,
-      [callerId, byId ? ref.id : ref.name, version ?? null, this.clock()],
-    );
-    const row = rows[0];
-    if (!row) {
-      const what = byId ? `id ${ref.id}` : `name '${ref.name}'`;
-      throw new NotFoundError(version ? `no version ${version} of a credential with ${what}` : `no credential with ${what}`);
-    }
-    note.credentialId = row.id;
-    note.detail.version = row.version;
-    if (row.identity_id !== callerId) note.detail.grantedBy = row.identity_id;
-    const value = opts.open ? await this.secrets.open(tx, row.identity_id, row.id, row.name, row) : '';
-    const label: VersionLabel =
-      row.version === row.current_version ? 'current' : row.version === row.previous_version ? 'previous' : row.version === row.pending_version ? 'pending' : null;
-    return { id: row.id as string, name: row.name as string, kind: row.kind as Kind, version: row.version as number, label, value, createdAt: row.created_at as Date };
   }
 
   private toMeta(r: Record<string, any>): CredentialMeta {

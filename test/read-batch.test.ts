@@ -1,0 +1,138 @@
+import { randomUUID } from 'node:crypto';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { AppError } from '../core/errors';
+import { verifyAuditChain } from '../vault/audit';
+import type { Caller } from '../vault/types';
+import { expectCleanRun } from './support/leaks';
+import { startHarness, type Harness } from './support/harness';
+
+/**
+ * Concurrent reads share one transaction (vault/read-batch.ts). Calls started in the same tick are
+ * deterministic: the first starts a batch alone, the rest queue behind it and make the second.
+ */
+describe('group commit of audited reads', () => {
+  let h: Harness;
+  let alice: { id: string; token: string; name: string };
+  let bob: { id: string; token: string; name: string };
+  const ids: Record<string, string> = {};
+  const as = (who: { id: string }): Caller => ({ identityId: who.id, actor: `identity:${who.id}`, requestId: randomUUID() });
+  const settle = <T>(p: Promise<T>) => p.then((value) => ({ value }), (error: unknown) => ({ error: error as AppError }));
+  const rowsOf = async (requestIds: string[]) =>
+    (
+      await h.sql(
+        `SELECT request_id, action, outcome, credential_id, detail, xmin::text AS tx FROM audit_log WHERE request_id = ANY($1) ORDER BY seq`,
+        [requestIds],
+      )
+    ).rows;
+
+  beforeAll(async () => {
+    h = await startHarness();
+    alice = await h.createIdentity('alice', 'alice@example.com');
+    bob = await h.createIdentity('bob');
+    for (const body of [
+      { name: 'shared', kind: 'api_key', value: h.secret('sk_shared_first_value') },
+      { name: 'shared', kind: 'api_key', value: h.secret('sk_shared_second_value') },
+      { name: 'login', kind: 'totp_seed', totp: { secret: h.secret('JBSWY3DPEHPK3PXPJBSWY3DP') } },
+      { name: 'plain', kind: 'password', value: h.secret('plain-password-value') },
+      { name: 'broken', kind: 'token', value: h.secret('broken-token-value') },
+    ]) {
+      const res = await h.api('POST', '/v1/vault.store', { token: alice.token, body });
+      expect(res.status).toBe(201);
+      ids[body.name] = res.body.id;
+    }
+    expect((await h.api('POST', '/v1/grants', { token: alice.token, body: { credential: ids.shared, grantee: bob.name } })).status).toBe(201);
+  });
+  afterAll(async () => {
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
+    await h.close();
+  });
+
+  it('forty mixed reads commit in two transactions; each gets its own answer and its own audit row', async () => {
+    const vault = h.services.vault;
+    const calls: { caller: Caller; run: (c: Caller) => Promise<unknown> }[] = [
+      ...Array.from({ length: 10 }, () => ({ caller: as(alice), run: (c: Caller) => vault.get(c, { name: 'shared' }) })),
+      ...Array.from({ length: 5 }, () => ({ caller: as(alice), run: (c: Caller) => vault.get(c, { id: ids.shared! }, 1) })),
+      ...Array.from({ length: 5 }, () => ({ caller: as(alice), run: (c: Caller) => vault.totp(c, { name: 'login' }) })),
+      ...Array.from({ length: 5 }, () => ({ caller: as(alice), run: (c: Caller) => vault.totp(c, { name: 'plain' }) })),
+      ...Array.from({ length: 5 }, () => ({ caller: as(alice), run: (c: Caller) => vault.get(c, { name: 'missing' }) })),
+      ...Array.from({ length: 5 }, () => ({ caller: as(bob), run: (c: Caller) => vault.get(c, { id: ids.shared! }) })),
+      ...Array.from({ length: 5 }, () => ({ caller: as(bob), run: (c: Caller) => vault.get(c, { id: ids.plain! }) })),
+    ];
+    const results = await Promise.all(calls.map(({ caller, run }) => settle(run(caller))));
+
+    const outcome = (r: (typeof results)[number]) => ('error' in r ? r.error.status : 'ok');
+    expect(results.map(outcome)).toEqual([...Array(20).fill('ok'), ...Array(5).fill(422), ...Array(5).fill(404), ...Array(5).fill('ok'), ...Array(5).fill(404)]);
+    for (const r of results.slice(0, 10)) expect(r).toMatchObject({ value: { version: 2, label: 'current', value: 'sk_shared_second_value' } });
+    for (const r of results.slice(10, 15)) expect(r).toMatchObject({ value: { version: 1, label: 'previous', value: 'sk_shared_first_value' } });
+    for (const r of results.slice(15, 20)) expect((r as { value: { code: string } }).value.code).toMatch(/^\d{6}$/);
+    for (const r of results.slice(30, 35)) expect(r).toMatchObject({ value: { id: ids.shared, value: 'sk_shared_second_value' } });
+
+    const rows = await rowsOf(calls.map((c) => c.caller.requestId!));
+    expect(rows).toHaveLength(calls.length);
+    // In call order, one row per call, written in two transactions: the first call alone, then the other 39.
+    expect(rows.map((r) => r.request_id)).toEqual(calls.map((c) => c.caller.requestId));
+    expect(new Set(rows.map((r) => r.tx)).size).toBe(2);
+    expect(rows.map((r) => r.outcome)).toEqual([...Array(20).fill('ok'), ...Array(5).fill('rejected'), ...Array(5).fill('denied'), ...Array(5).fill('ok'), ...Array(5).fill('denied')]);
+    expect(rows[10]).toMatchObject({ action: 'vault.get', credential_id: ids.shared, detail: { ref: ids.shared, requestedVersion: 1, version: 1 } });
+    expect(rows[20]).toMatchObject({ action: 'vault.totp', credential_id: ids.plain, detail: { name: 'plain', version: 1, error: 'unprocessable', status: 422 } });
+    expect(rows[25]).toMatchObject({ credential_id: null, detail: { name: 'missing', error: 'not-found' } });
+    expect(rows[30]).toMatchObject({ credential_id: ids.shared, detail: { version: 2, grantedBy: alice.id } });
+    expect(rows[39]).toMatchObject({ credential_id: null, detail: { ref: ids.plain, error: 'not-found' } });
+    for (const r of rows) expect(JSON.stringify(r.detail)).not.toMatch(/sk_shared|plain-password|JBSWY3/);
+
+    // Only successful reads stamp last_accessed_at: 'plain' was only asked for as a TOTP code (refused) and by a stranger.
+    const stamped = await h.sql('SELECT name, last_accessed_at IS NOT NULL AS read FROM credentials WHERE id = ANY($1) ORDER BY name', [[ids.shared, ids.login, ids.plain]]);
+    expect(stamped.rows).toEqual([
+      { name: 'login', read: true },
+      { name: 'plain', read: false },
+      { name: 'shared', read: true },
+    ]);
+    expect(await verifyAuditChain(h.services.pool)).toMatchObject({ ok: true });
+  });
+
+  it('a value that fails its integrity check fails alone; the reads batched with it succeed', async () => {
+    await h.sql(`UPDATE secret_versions SET sealed = set_byte(sealed, 20, (get_byte(sealed, 20) + 1) % 256) WHERE credential_id = $1`, [ids.broken]);
+    const vault = h.services.vault;
+    const callers = Array.from({ length: 6 }, () => as(alice));
+    const results = await Promise.all(callers.map((c, i) => settle(vault.get(c, { name: i % 2 ? 'broken' : 'shared' }))));
+    expect(results.map((r) => ('error' in r ? r.error.status : 'ok'))).toEqual(['ok', 500, 'ok', 500, 'ok', 500]);
+    for (const r of results.filter((r) => 'error' in r)) expect((r as { error: AppError }).error.message).not.toMatch(/broken-token-value/);
+    const rows = await rowsOf(callers.map((c) => c.requestId!));
+    expect(rows.map((r) => [r.outcome, r.detail.error ?? null])).toEqual([
+      ['ok', null],
+      ['failed', 'integrity-failure'],
+      ['ok', null],
+      ['failed', 'integrity-failure'],
+      ['ok', null],
+      ['failed', 'integrity-failure'],
+    ]);
+  });
+
+  it('a batch whose audit rows cannot be written hands out nothing: every call is a 503', async () => {
+    await h.sql(`CREATE TRIGGER audit_refuse_batch BEFORE INSERT ON audit_log FOR EACH ROW WHEN (NEW.action = 'vault.get') EXECUTE FUNCTION audit_log_refuse()`);
+    const before = (await h.sql('SELECT last_accessed_at FROM credentials WHERE id = $1', [ids.shared])).rows[0].last_accessed_at;
+    let results;
+    try {
+      const vault = h.services.vault;
+      results = await Promise.all(Array.from({ length: 8 }, () => settle(vault.get(as(alice), { name: 'shared' }))));
+    } finally {
+      await h.sql('DROP TRIGGER IF EXISTS audit_refuse_batch ON audit_log');
+    }
+    expect(results.map((r) => ('error' in r ? r.error.status : 'ok'))).toEqual(Array(8).fill(503));
+    for (const r of results) expect(JSON.stringify(r)).not.toMatch(/sk_shared/);
+    expect((await h.sql('SELECT last_accessed_at FROM credentials WHERE id = $1', [ids.shared])).rows[0].last_accessed_at).toEqual(before);
+    expect((await h.services.vault.get(as(alice), { name: 'shared' })).value).toBe('sk_shared_second_value');
+  });
+
+  it('a reference the database cannot take is refused on its own and does not break the batch', async () => {
+    const vault = h.services.vault;
+    const results = await Promise.all([
+      settle(vault.get(as(alice), { name: 'shared' })),
+      settle(vault.get(as(alice), { id: 'not-a-uuid' })),
+      settle(vault.get(as(alice), { name: 'nul\u0000name' })),
+      settle(vault.get(as(alice), { name: 'shared' }, 0)),
+      settle(vault.get(as(alice), { name: 'shared' })),
+    ]);
+    expect(results.map((r) => ('error' in r ? r.error.status : 'ok'))).toEqual(['ok', 422, 422, 422, 'ok']);
+  });
+});

@@ -1,0 +1,235 @@
+import type { Pool, PoolClient } from 'pg';
+import { NotFoundError, UnprocessableError } from '../core/errors';
+import { isDatabaseUnavailable } from '../db/pool';
+import { appendAuditRows, type AuditEntry, errorDetail, markAudited, outcomeOf } from './audit';
+import type { SecretStore } from './secret-store';
+import type { Caller, CredentialRef, Kind, VersionLabel } from './types';
+
+/**
+ * Group commit for audited reads (vault.get, its masked form, vault.totp).
+ *
+ * Every audited call ends by inserting its audit row, which takes the chain lock until COMMIT has
+ * flushed: one read at a time could commit, whatever the pool size. So reads that arrive while a
+ * batch is running wait for the next one, and a batch is one transaction: one statement finds every
+ * credential its calls name, one stamps `last_accessed_at` on those read, one appends all their audit
+ * rows (the chain lock taken once), one COMMIT flushes them together. A call gets its value only
+ * after that commit, so nothing leaves unaudited; a call that fails (not found, wrong kind, a
+ * ciphertext that does not open) gets its own row with its outcome and fails alone. A batch that
+ * cannot commit fails all its calls, exactly as each would have failed alone.
+ *
+ * One batch runs at a time per process, and it locks credential rows in id order: two batches
+ * can never deadlock, and the chain lock serialises commits anyway.
+ */
+
+export interface ReadRow {
+  id: string;
+  ownerId: string;
+  name: string;
+  kind: Kind;
+  version: number;
+  label: VersionLabel;
+  /** The plaintext, or '' when the read does not open it. */
+  value: string;
+  createdAt: Date;
+}
+
+export interface ReadRequest<T> {
+  caller: Caller;
+  action: 'vault.get' | 'vault.totp';
+  ref: CredentialRef;
+  version?: number;
+  /** The audit row's detail (never a value); the version read and any grant are added. */
+  detail: Record<string, unknown>;
+  /** Decrypt the value (false for masked reads). */
+  open: boolean;
+  /** Turns the row into the call's result before the audit row is written; a throw is the call's outcome. */
+  finish: (row: ReadRow) => T;
+}
+
+interface Pending<T = unknown> extends ReadRequest<T> {
+  resolve: (value: T) => void;
+  reject: (err: unknown) => void;
+}
+
+/** Calls per batch: enough to amortise the commit, few enough that one batch stays short. */
+export const MAX_BATCH = 128;
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+const INT4_MAX = 2_147_483_647;
+// eslint-disable-next-line no-control-regex -- the NUL is exactly what this looks for
+const UNSTORABLE = /\u0000|[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
+
+// Own credentials by name or id; credentials granted to the caller by id only (names are per owner).
+// `destroyed_at IS NULL` lets the name lookup use the unique (identity_id, name) index.
+const READ = `
+  WITH q AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::int[]) WITH ORDINALITY AS q(caller, name, ref_id, version, i)
+  ), hit AS (
+    SELECT q.i, q.version, c.id FROM q JOIN credentials c ON c.identity_id = q.caller AND c.name = q.name
+     WHERE c.destroyed_at IS NULL AND c.deleted_at IS NULL
+    UNION ALL
+    SELECT q.i, q.version, c.id FROM q JOIN credentials c ON c.id = q.ref_id
+     WHERE c.deleted_at IS NULL AND (c.identity_id = q.caller OR EXISTS (
+       SELECT 1 FROM grants g WHERE g.credential_id = c.id AND g.grantee_id = q.caller AND g.revoked_at IS NULL))
+  )
+  SELECT hit.i, c.id, c.identity_id, c.name, c.kind, c.current_version, c.previous_version, c.pending_version,
+         v.version, v.data_key_id, v.sealed, v.created_at
+    FROM hit JOIN credentials c ON c.id = hit.id
+    JOIN secret_versions v ON v.credential_id = c.id AND v.version = coalesce(hit.version, c.current_version)`;
+
+const STAMP = `
+  UPDATE credentials SET last_accessed_at = $2
+   WHERE id IN (SELECT id FROM credentials WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE)`;
+
+export class ReadBatcher {
+  private queue: Pending[] = [];
+  private running = false;
+
+  constructor(
+    private readonly pool: Pool,
+    private readonly secrets: Pick<SecretStore, 'open'>,
+    private readonly clock: () => Date,
+    private readonly maxBatch = MAX_BATCH,
+  ) {}
+
+  read<T>(request: ReadRequest<T>): Promise<T> {
+    const unusable = unrepresentable(request);
+    if (unusable) return Promise.reject(new UnprocessableError(unusable));
+    return new Promise<T>((resolve, reject) => {
+      this.queue.push({ ...request, resolve, reject } as Pending);
+      if (!this.running) void this.drain();
+    });
+  }
+
+  private async drain(): Promise<void> {
+    this.running = true;
+    try {
+      while (this.queue.length > 0) await this.run(this.queue.splice(0, this.maxBatch));
+    } finally {
+      this.running = false;
+    }
+  }
+
+  private async run(batch: Pending[]): Promise<void> {
+    let client: PoolClient | undefined;
+    let settled: Settled[];
+    try {
+      client = await this.pool.connect();
+      await client.query('BEGIN');
+      const { rows } = await client.query(READ, [
+        batch.map((p) => p.caller.identityId),
+        batch.map((p) => ('name' in p.ref ? p.ref.name : null)),
+        batch.map((p) => ('id' in p.ref ? p.ref.id : null)),
+        batch.map((p) => p.version ?? null),
+      ]);
+      const found = new Map<number, Record<string, any>>(rows.map((r) => [Number(r.i) - 1, r]));
+      settled = [];
+      for (const [i, p] of batch.entries()) settled.push(await this.settle(client, p, found.get(i)));
+      const read = settled.flatMap((s) => (s.entry.outcome === 'ok' && s.entry.credentialId ? [s.entry.credentialId] : []));
+      if (read.length > 0) await client.query(STAMP, [[...new Set(read)], this.clock()]);
+      await appendAuditRows(client, settled.map((s) => s.entry));
+      await client.query('COMMIT');
+    } catch (err) {
+      await client?.query('ROLLBACK').catch(() => undefined);
+      client?.release(isDatabaseUnavailable(err));
+      return this.failAll(batch, err);
+    }
+    client.release();
+    for (const s of settled) s.deliver();
+  }
+
+  /** Decides one call's outcome inside the batch: its audit row, and what to hand back after commit. */
+  private async settle(client: PoolClient, p: Pending, row: Record<string, any> | undefined): Promise<Settled> {
+    const entry = auditEntry(p);
+    if (!row) {
+      const what = 'id' in p.ref ? `id ${p.ref.id}` : `name '${p.ref.name}'`;
+      const err = new NotFoundError(p.version ? `no version ${p.version} of a credential with ${what}` : `no credential with ${what}`);
+      return failed(p, entry, err);
+    }
+    entry.credentialId = row.id;
+    entry.detail!.version = row.version;
+    if (row.identity_id !== p.caller.identityId) entry.detail!.grantedBy = row.identity_id;
+    try {
+      const value = p.open ? await this.secrets.open(client, row.identity_id, row.id, row.name, row as never) : '';
+      const result = p.finish({
+        id: row.id,
+        ownerId: row.identity_id,
+        name: row.name,
+        kind: row.kind,
+        version: row.version,
+        label: labelOf(row),
+        value,
+        createdAt: row.created_at,
+      });
+      return { entry, deliver: () => p.resolve(result) };
+    } catch (err) {
+      return failed(p, entry, err);
+    }
+  }
+
+  /**
+   * The batch did not commit: nothing it read is handed out. Each call's failure is audited in one
+   * insert if the database takes it; if not, the error goes up unaudited (the API tries once more).
+   */
+  private async failAll(batch: Pending[], err: unknown): Promise<void> {
+    let audited = false;
+    try {
+      await appendAuditRows(this.pool, batch.map((p) => ({ ...auditEntry(p), outcome: outcomeOf(err), detail: { ...p.detail, ...errorDetail(err) } })));
+      audited = true;
+    } catch {
+      // reported unaudited below
+    }
+    for (const p of batch) p.reject(audited ? markAudited(err) : err);
+  }
+}
+
+interface Settled {
+  entry: AuditEntry;
+  deliver: () => void;
+}
+
+function auditEntry(p: Pending): AuditEntry {
+  return {
+    identityId: p.caller.identityId,
+    actor: p.caller.actor,
+    action: p.action,
+    credentialId: null,
+    outcome: 'ok',
+    requestId: p.caller.requestId,
+    via: p.caller.via,
+    detail: { ...p.detail },
+  };
+}
+
+function failed(p: Pending, entry: AuditEntry, err: unknown): Settled {
+  entry.outcome = outcomeOf(err);
+  entry.detail = { ...entry.detail, ...errorDetail(err) };
+  return { entry, deliver: () => p.reject(markAudited(err)) };
+}
+
+function labelOf(row: Record<string, any>): VersionLabel {
+  if (row.version === row.current_version) return 'current';
+  if (row.version === row.previous_version) return 'previous';
+  if (row.version === row.pending_version) return 'pending';
+  return null;
+}
+
+/**
+ * A reference the database could not take as a parameter would fail the whole batch, so it is
+ * refused before it joins one. The API's schemas refuse all of these first; this guards the other callers.
+ */
+function unrepresentable(r: ReadRequest<unknown>): string | undefined {
+  if (!UUID.test(r.caller.identityId)) return 'the caller is not a valid identity id';
+  if ('id' in r.ref && !UUID.test(r.ref.id)) return 'id must be a UUID';
+  if ('name' in r.ref && UNSTORABLE.test(r.ref.name)) return 'name holds characters that cannot be stored';
+  if (r.version !== undefined && !(Number.isInteger(r.version) && r.version >= 1 && r.version <= INT4_MAX)) return 'version must be a positive integer';
+  if (!storable(r.detail) || !storable(r.caller.requestId ?? '') || !storable(r.caller.actor)) return 'the request holds characters that cannot be stored';
+  return undefined;
+}
+
+function storable(v: unknown): boolean {
+  if (typeof v === 'string') return !UNSTORABLE.test(v);
+  if (Array.isArray(v)) return v.every(storable);
+  if (v && typeof v === 'object') return Object.entries(v).every(([k, x]) => storable(k) && storable(x));
+  return true;
+}
