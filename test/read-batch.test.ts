@@ -2,13 +2,14 @@ import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AppError } from '../core/errors';
 import { verifyAuditChain } from '../vault/audit';
+import { MAX_IN_FLIGHT } from '../vault/read-batch';
 import type { Caller } from '../vault/types';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 
 /**
  * Concurrent reads share one transaction (vault/read-batch.ts). Calls started in the same tick are
- * deterministic: the first starts a batch alone, the rest queue behind it and make the second.
+ * deterministic: the first MAX_IN_FLIGHT each start a batch alone, the rest queue and make the next.
  */
 describe('group commit of audited reads', () => {
   let h: Harness;
@@ -47,7 +48,7 @@ describe('group commit of audited reads', () => {
     await h.close();
   });
 
-  it('forty mixed reads commit in two transactions; each gets its own answer and its own audit row', async () => {
+  it('forty mixed reads commit in three transactions; each gets its own answer and its own audit row', async () => {
     const vault = h.services.vault;
     const calls: { caller: Caller; run: (c: Caller) => Promise<unknown> }[] = [
       ...Array.from({ length: 10 }, () => ({ caller: as(alice), run: (c: Caller) => vault.get(c, { name: 'shared' }) })),
@@ -67,11 +68,17 @@ describe('group commit of audited reads', () => {
     for (const r of results.slice(15, 20)) expect((r as { value: { code: string } }).value.code).toMatch(/^\d{6}$/);
     for (const r of results.slice(30, 35)) expect(r).toMatchObject({ value: { id: ids.shared, value: 'sk_shared_second_value' } });
 
-    const rows = await rowsOf(calls.map((c) => c.caller.requestId!));
-    expect(rows).toHaveLength(calls.length);
-    // In call order, one row per call, written in two transactions: the first call alone, then the other 39.
-    expect(rows.map((r) => r.request_id)).toEqual(calls.map((c) => c.caller.requestId));
-    expect(new Set(rows.map((r) => r.tx)).size).toBe(2);
+    const inSeq = await rowsOf(calls.map((c) => c.caller.requestId!));
+    expect(inSeq).toHaveLength(calls.length);
+    const rows = calls.map((c) => inSeq.find((r) => r.request_id === c.caller.requestId)!);
+    // One row per call, written in three transactions: the first two calls each alone (those two batches
+    // race to commit), then the other 38 together, their rows consecutive and in call order.
+    expect(MAX_IN_FLIGHT).toBe(2);
+    expect(new Set(rows.map((r) => r.tx)).size).toBe(3);
+    expect(rows.map((r) => r.tx)).toEqual([rows[0].tx, rows[1].tx, ...Array(38).fill(rows[2].tx)]);
+    const third = inSeq.filter((r) => r.tx === rows[2].tx).map((r) => r.request_id);
+    expect(third).toEqual(calls.slice(2).map((c) => c.caller.requestId));
+    expect(inSeq.map((r) => r.request_id).join(',')).toContain(third.join(','));
     expect(rows.map((r) => r.outcome)).toEqual([...Array(20).fill('ok'), ...Array(5).fill('rejected'), ...Array(5).fill('denied'), ...Array(5).fill('ok'), ...Array(5).fill('denied')]);
     expect(rows[10]).toMatchObject({ action: 'vault.get', credential_id: ids.shared, detail: { ref: ids.shared, requestedVersion: 1, version: 1 } });
     expect(rows[20]).toMatchObject({ action: 'vault.totp', credential_id: ids.plain, detail: { name: 'plain', version: 1, error: 'unprocessable', status: 422 } });
@@ -97,7 +104,8 @@ describe('group commit of audited reads', () => {
     const results = await Promise.all(callers.map((c, i) => settle(vault.get(c, { name: i % 2 ? 'broken' : 'shared' }))));
     expect(results.map((r) => ('error' in r ? r.error.status : 'ok'))).toEqual(['ok', 500, 'ok', 500, 'ok', 500]);
     for (const r of results.filter((r) => 'error' in r)) expect((r as { error: AppError }).error.message).not.toMatch(/broken-token-value/);
-    const rows = await rowsOf(callers.map((c) => c.requestId!));
+    const inSeq = await rowsOf(callers.map((c) => c.requestId!));
+    const rows = callers.map((c) => inSeq.find((r) => r.request_id === c.requestId)!);
     expect(rows.map((r) => [r.outcome, r.detail.error ?? null])).toEqual([
       ['ok', null],
       ['failed', 'integrity-failure'],

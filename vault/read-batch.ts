@@ -1,24 +1,30 @@
-import type { Pool, PoolClient } from 'pg';
-import { NotFoundError, UnprocessableError } from '../core/errors';
-import { isDatabaseUnavailable } from '../db/pool';
-import { appendAuditRows, type AuditEntry, errorDetail, markAudited, outcomeOf } from './audit';
+import type { Pool } from 'pg';
+import { AuditUnavailableError, NotFoundError, UnprocessableError } from '../core/errors';
+import { appendAuditRows, auditRowsInsert, type AuditEntry, errorDetail, markAudited, outcomeOf } from './audit';
 import type { SecretStore } from './secret-store';
 import type { Caller, CredentialRef, Kind, VersionLabel } from './types';
 
 /**
  * Group commit for audited reads (vault.get, its masked form, vault.totp).
  *
- * Every audited call ends by inserting its audit row, which takes the chain lock until COMMIT has
+ * Every audited call ends by inserting its audit row, which takes the chain lock until its commit has
  * flushed: one read at a time could commit, whatever the pool size. So reads that arrive while a
- * batch is running wait for the next one, and a batch is one transaction: one statement finds every
- * credential its calls name, one stamps `last_accessed_at` on those read, one appends all their audit
- * rows (the chain lock taken once), one COMMIT flushes them together. A call gets its value only
- * after that commit, so nothing leaves unaudited; a call that fails (not found, wrong kind, a
- * ciphertext that does not open) gets its own row with its outcome and fails alone. A batch that
- * cannot commit fails all its calls, exactly as each would have failed alone.
+ * batch is running wait for the next one, and a batch is two statements: one finds every credential
+ * its calls name; then, once the values are decrypted and each call's outcome is known, one stamps
+ * `last_accessed_at` on those read and appends all their audit rows (the chain lock taken once) and
+ * commits them together. A call gets its value only after that commit, so nothing leaves unaudited;
+ * a call that fails (not found, wrong kind, a ciphertext that does not open) gets its own row with
+ * its outcome and fails alone. A batch whose rows cannot be written fails all its calls with a 503,
+ * exactly as each would have failed alone.
  *
- * One batch runs at a time per process, and it locks credential rows in id order: two batches
- * can never deadlock, and the chain lock serialises commits anyway.
+ * Round trips are what a batch costs under load (each waits a turn of a busy event loop), hence two
+ * statements and no BEGIN/COMMIT: the second statement is its own transaction. The read needs no
+ * transaction: at READ COMMITTED a read inside one saw no more than a statement's snapshot either.
+ * Both are named (prepared once per connection): their text is not sent, parsed or planned again.
+ *
+ * Two batches run at once per process: while one waits for its commit, the next reads and decrypts.
+ * The second statement locks the credential rows it stamps in id order before its audit rows take
+ * the chain lock: batches can wait for one another but never deadlock.
  */
 
 export interface ReadRow {
@@ -53,6 +59,8 @@ interface Pending<T = unknown> extends ReadRequest<T> {
 
 /** Calls per batch: enough to amortise the commit, few enough that one batch stays short. */
 export const MAX_BATCH = 128;
+/** Batches in flight per process. */
+export const MAX_IN_FLIGHT = 2;
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const INT4_MAX = 2_147_483_647;
@@ -77,19 +85,23 @@ const READ = `
     FROM hit JOIN credentials c ON c.id = hit.id
     JOIN secret_versions v ON v.credential_id = c.id AND v.version = coalesce(hit.version, c.current_version)`;
 
+// Parameters follow the audit insert's seven. The stamp locks its rows in id order, and runs first
+// (the insert waits on its count), so the chain lock is always taken after them: batches never deadlock.
 const STAMP = `
-  UPDATE credentials SET last_accessed_at = $2
-   WHERE id IN (SELECT id FROM credentials WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE)`;
+  UPDATE credentials SET last_accessed_at = $9
+   WHERE id IN (SELECT id FROM credentials WHERE id = ANY($8::uuid[]) ORDER BY id FOR NO KEY UPDATE)
+  RETURNING 1`;
 
 export class ReadBatcher {
   private queue: Pending[] = [];
-  private running = false;
+  private inFlight = 0;
 
   constructor(
     private readonly pool: Pool,
     private readonly secrets: Pick<SecretStore, 'open'>,
     private readonly clock: () => Date,
     private readonly maxBatch = MAX_BATCH,
+    private readonly maxInFlight = MAX_IN_FLIGHT,
   ) {}
 
   read<T>(request: ReadRequest<T>): Promise<T> {
@@ -97,49 +109,52 @@ export class ReadBatcher {
     if (unusable) return Promise.reject(new UnprocessableError(unusable));
     return new Promise<T>((resolve, reject) => {
       this.queue.push({ ...request, resolve, reject } as Pending);
-      if (!this.running) void this.drain();
+      this.pump();
     });
   }
 
-  private async drain(): Promise<void> {
-    this.running = true;
-    try {
-      while (this.queue.length > 0) await this.run(this.queue.splice(0, this.maxBatch));
-    } finally {
-      this.running = false;
+  private pump(): void {
+    while (this.inFlight < this.maxInFlight && this.queue.length > 0) {
+      this.inFlight += 1;
+      void this.run(this.queue.splice(0, this.maxBatch)).finally(() => {
+        this.inFlight -= 1;
+        this.pump();
+      });
     }
   }
 
   private async run(batch: Pending[]): Promise<void> {
-    let client: PoolClient | undefined;
     let settled: Settled[];
     try {
-      client = await this.pool.connect();
-      await client.query('BEGIN');
-      const { rows } = await client.query(READ, [
-        batch.map((p) => p.caller.identityId),
-        batch.map((p) => ('name' in p.ref ? p.ref.name : null)),
-        batch.map((p) => ('id' in p.ref ? p.ref.id : null)),
-        batch.map((p) => p.version ?? null),
-      ]);
+      const { rows } = await this.pool.query({
+        name: 'vault-read-batch',
+        text: READ,
+        values: [
+          batch.map((p) => p.caller.identityId),
+          batch.map((p) => ('name' in p.ref ? p.ref.name : null)),
+          batch.map((p) => ('id' in p.ref ? p.ref.id : null)),
+          batch.map((p) => p.version ?? null),
+        ],
+      });
       const found = new Map<number, Record<string, any>>(rows.map((r) => [Number(r.i) - 1, r]));
       settled = [];
-      for (const [i, p] of batch.entries()) settled.push(await this.settle(client, p, found.get(i)));
+      for (const [i, p] of batch.entries()) settled.push(await this.settle(p, found.get(i)));
       const read = settled.flatMap((s) => (s.entry.outcome === 'ok' && s.entry.credentialId ? [s.entry.credentialId] : []));
-      if (read.length > 0) await client.query(STAMP, [[...new Set(read)], this.clock()]);
-      await appendAuditRows(client, settled.map((s) => s.entry));
-      await client.query('COMMIT');
+      // One statement, so one transaction: the stamps and every audit row commit together or not at all.
+      const insert = auditRowsInsert(settled.map((s) => s.entry), { after: '(SELECT count(*) FROM stamped) >= 0' });
+      try {
+        await this.pool.query({ name: 'vault-read-batch-audit', text: `WITH stamped AS (${STAMP}) ${insert.text}`, values: [...insert.values, [...new Set(read)], this.clock()] });
+      } catch (err) {
+        throw Object.assign(new AuditUnavailableError(), { cause: err });
+      }
     } catch (err) {
-      await client?.query('ROLLBACK').catch(() => undefined);
-      client?.release(isDatabaseUnavailable(err));
       return this.failAll(batch, err);
     }
-    client.release();
     for (const s of settled) s.deliver();
   }
 
   /** Decides one call's outcome inside the batch: its audit row, and what to hand back after commit. */
-  private async settle(client: PoolClient, p: Pending, row: Record<string, any> | undefined): Promise<Settled> {
+  private async settle(p: Pending, row: Record<string, any> | undefined): Promise<Settled> {
     const entry = auditEntry(p);
     if (!row) {
       const what = 'id' in p.ref ? `id ${p.ref.id}` : `name '${p.ref.name}'`;
@@ -150,7 +165,7 @@ export class ReadBatcher {
     entry.detail!.version = row.version;
     if (row.identity_id !== p.caller.identityId) entry.detail!.grantedBy = row.identity_id;
     try {
-      const value = p.open ? await this.secrets.open(client, row.identity_id, row.id, row.name, row as never) : '';
+      const value = p.open ? await this.secrets.open(this.pool, row.identity_id, row.id, row.name, row as never) : '';
       const result = p.finish({
         id: row.id,
         ownerId: row.identity_id,
