@@ -30,7 +30,8 @@ export class DataKeys {
   private activeByIdentity = new Map<string, string>();
   private serviceKeys = new Map<string, Buffer>();
 
-  private readonly maxEncryptions: number;
+  /** Encryptions a key makes before the next one takes over; SecretStore counts them as it seals. */
+  readonly maxEncryptions: number;
 
   constructor(
     private readonly pool: Pool,
@@ -57,27 +58,15 @@ export class DataKeys {
   }
 
   /**
-   * The key to seal one new value with, counted: the key's encryption count goes up by one in the
-   * caller's transaction (an atomic UPDATE, so concurrent sealers and other processes all count;
-   * a rolled-back seal stored nothing and uncounts with it). Past the limit the key is retired and
-   * a new one made for the identity; what the old key sealed still opens with it.
+   * Called when a seal under `keyId` was refused (the key reached its limit, or was retired
+   * meanwhile): retires it if it is still active and makes the identity's next key, in the caller's
+   * transaction. Whoever retires a key makes its successor; the others wait on its row and then find
+   * that successor as the active key.
    */
-  async forSealing(db: Db, identityId: string): Promise<DataKey> {
-    for (let attempt = 0; attempt < 5; attempt++) {
-      const id = await this.activeId(db, identityId);
-      const { rows } = await db.query('UPDATE data_keys SET encryptions = encryptions + 1 WHERE id = $1 AND retired_at IS NULL RETURNING encryptions', [id]);
-      if (!rows[0]) {
-        // Retired meanwhile (by this or another process): look the active key up again.
-        this.activeByIdentity.delete(identityId);
-        continue;
-      }
-      if (Number(rows[0].encryptions) <= this.maxEncryptions) return this.byKeyId(db, identityId, id);
-      await db.query('UPDATE data_keys SET retired_at = now(), encryptions = encryptions - 1 WHERE id = $1', [id]);
-      const fresh = await this.create(db, identityId, 1);
-      this.activeByIdentity.set(identityId, fresh);
-      return this.byKeyId(db, identityId, fresh);
-    }
-    throw new IntegrityError(`could not find an active data key for identity ${identityId}`);
+  async rollOver(db: Db, identityId: string, keyId: string): Promise<void> {
+    this.activeByIdentity.delete(identityId);
+    const retired = await db.query('UPDATE data_keys SET retired_at = now() WHERE id = $1 AND retired_at IS NULL', [keyId]);
+    if (retired.rowCount) this.activeByIdentity.set(identityId, await this.create(db, identityId));
   }
 
   private async activeId(db: Db, identityId: string): Promise<string> {

@@ -2,6 +2,7 @@ import { createHash, createHmac } from 'node:crypto';
 import type { Db } from '../db/pool';
 import { open, seal, versionAad } from './crypto';
 import type { DataKeys } from './data-keys';
+import { IntegrityError } from '../core/errors';
 
 /**
  * Sealing and opening secret versions: the one place a version row is written or decrypted.
@@ -14,12 +15,26 @@ export interface VersionRow {
   sealed: Buffer;
 }
 
+// The version goes in only if its key counted the encryption: active, and still under its limit.
+const INSERT_COUNTED = `
+  WITH counted AS (
+    UPDATE data_keys SET encryptions = encryptions + 1 WHERE id = $3 AND retired_at IS NULL AND encryptions < $10 RETURNING id
+  )
+  INSERT INTO secret_versions (credential_id, version, data_key_id, sealed, rotation_key, based_on, provider_ref, fingerprint, created_at)
+  SELECT $1, $2, counted.id, $4, $5, $6, $7, $8, $9 FROM counted`;
+
 export class SecretStore {
   constructor(
-    private readonly dataKeys: Pick<DataKeys, 'forSealing' | 'byKeyId' | 'serviceKey'>,
+    private readonly dataKeys: Pick<DataKeys, 'active' | 'rollOver' | 'maxEncryptions' | 'byKeyId' | 'serviceKey'>,
     private readonly clock: () => Date,
   ) {}
 
+  /**
+   * Seals `value` with the identity's active data key and inserts the version. The insert counts the
+   * encryption on the key in the same statement, and only while the key is under its limit (see
+   * DataKeys): a rolled-back insert uncounts with it, and the key's row is locked no earlier than
+   * the statement before the audit row. A refused count retires the key and seals again under the next.
+   */
   async insert(
     tx: Db,
     ownerId: string,
@@ -28,20 +43,27 @@ export class SecretStore {
     value: string,
     extra: { rotationKey?: string; basedOn?: number; providerRef?: string | null } = {},
   ): Promise<Date> {
-    const key = await this.dataKeys.forSealing(tx, ownerId);
     const plaintext = Buffer.from(value, 'utf8');
-    const sealed = seal(key.key, plaintext, versionAad(ownerId, credentialId, version));
-    const digest = createHash('sha256').update(plaintext).digest();
-    plaintext.fill(0);
-    const fingerprint = await this.fingerprintOfSha256(tx, digest);
-    digest.fill(0);
-    const createdAt = this.clock();
-    await tx.query(
-      `INSERT INTO secret_versions (credential_id, version, data_key_id, sealed, rotation_key, based_on, provider_ref, fingerprint, created_at)
-       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)`,
-      [credentialId, version, key.id, sealed, extra.rotationKey ?? null, extra.basedOn ?? null, extra.providerRef ?? null, fingerprint, createdAt],
-    );
-    return createdAt;
+    try {
+      const digest = createHash('sha256').update(plaintext).digest();
+      const fingerprint = await this.fingerprintOfSha256(tx, digest);
+      digest.fill(0);
+      for (let attempt = 0; attempt < 5; attempt++) {
+        const key = await this.dataKeys.active(tx, ownerId);
+        const sealed = seal(key.key, plaintext, versionAad(ownerId, credentialId, version));
+        const createdAt = this.clock();
+        const { rowCount } = await tx.query({
+          name: 'secret-version-insert',
+          text: INSERT_COUNTED,
+          values: [credentialId, version, key.id, sealed, extra.rotationKey ?? null, extra.basedOn ?? null, extra.providerRef ?? null, fingerprint, createdAt, this.dataKeys.maxEncryptions],
+        });
+        if (rowCount) return createdAt;
+        await this.dataKeys.rollOver(tx, ownerId, key.id);
+      }
+      throw new IntegrityError(`could not find an active data key for identity ${ownerId}`);
+    } finally {
+      plaintext.fill(0);
+    }
   }
 
   /** Decrypts a version of a credential owned by `ownerId`; IntegrityError if it was altered or moved. */

@@ -80,12 +80,14 @@ export class Vault {
         if (existing.kind !== input.kind) {
           throw new UnprocessableError(`credential '${input.name}' is a ${existing.kind}; its kind cannot change to ${input.kind}`);
         }
-        version = (await this.maxVersion(tx, existing.id)) + 1;
-        await tx.query('UPDATE credentials SET previous_version = current_version, current_version = $2, updated_at = $3 WHERE id = $1', [
-          existing.id,
-          version,
-          this.clock(),
-        ]);
+        const next = await tx.query({
+          name: 'credential-next-version',
+          text: `UPDATE credentials SET previous_version = current_version, updated_at = $2,
+                   current_version = (SELECT coalesce(max(version), 0) + 1 FROM secret_versions WHERE credential_id = $1)
+                  WHERE id = $1 RETURNING current_version`,
+          values: [existing.id, this.clock()],
+        });
+        version = next.rows[0].current_version;
         await this.setPolicy(tx, existing.id, input);
       }
       const createdAt = await this.secrets.insert(tx, caller.identityId, existing.id, version, plaintext, { providerRef: input.externalId });
@@ -255,22 +257,18 @@ export class Vault {
     );
   }
 
-  private async maxVersion(tx: Db, credentialId: string): Promise<number> {
-    const { rows } = await tx.query('SELECT coalesce(max(version), 0) AS v FROM secret_versions WHERE credential_id = $1', [credentialId]);
-    return Number(rows[0].v);
-  }
-
   private async lockOrCreate(
     tx: Db,
     identityId: string,
     input: StoreInput,
   ): Promise<{ id: string; created: boolean; deleted: boolean; currentVersion: number; kind: Kind }> {
     for (let attempt = 0; attempt < 2; attempt++) {
-      const found = await tx.query(
-        `SELECT id, kind, current_version, deleted_at FROM credentials
-          WHERE identity_id = $1 AND name = $2 AND destroyed_at IS NULL FOR NO KEY UPDATE`,
-        [identityId, input.name],
-      );
+      const found = await tx.query({
+        name: 'credential-lock-by-name',
+        text: `SELECT id, kind, current_version, deleted_at FROM credentials
+                WHERE identity_id = $1 AND name = $2 AND destroyed_at IS NULL FOR NO KEY UPDATE`,
+        values: [identityId, input.name],
+      });
       const row = found.rows[0];
       if (row) return { id: row.id, created: false, deleted: row.deleted_at !== null, currentVersion: row.current_version, kind: row.kind };
       if (input.expectedVersion !== undefined && input.expectedVersion !== 0) {
