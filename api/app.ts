@@ -100,7 +100,7 @@ export function createApp(deps: ApiDeps): Express {
     }),
   );
 
-  const metrics = createMetrics();
+  const metrics = createMetrics({ readBatches: () => deps.vault.readBatchStats() });
   app.use(metrics.middleware);
   app.get(
     '/metrics',

@@ -5,9 +5,29 @@ import { collectDefaultMetrics, Counter, Histogram, Registry } from 'prom-client
  * Prometheus metrics for /metrics: process defaults plus requests by route and status. Labels use
  * the route pattern, never the raw path, so a probe with random paths cannot explode cardinality.
  */
-export function createMetrics(): { registry: Registry; middleware: RequestHandler } {
+export function createMetrics(opts: { readBatches?: () => { batches: number; calls: number } } = {}): { registry: Registry; middleware: RequestHandler } {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: 'mailgent_' });
+  const readBatches = opts.readBatches;
+  if (readBatches) {
+    // Audited reads are committed in groups (vault/read-batch.ts): calls ÷ batches is the group size.
+    const seen = { batches: 0, calls: 0 };
+    for (const [field, name, help] of [
+      ['batches', 'mailgent_vault_read_batches_total', 'Group commits of audited reads (vault.get, vault.totp), two statements each'],
+      ['calls', 'mailgent_vault_read_batch_calls_total', 'Audited reads carried by those group commits'],
+    ] as const) {
+      new Counter({
+        name,
+        help,
+        registers: [registry],
+        collect() {
+          const now = readBatches()[field];
+          this.inc(now - seen[field]);
+          seen[field] = now;
+        },
+      });
+    }
+  }
   const requests = new Counter({
     name: 'mailgent_http_requests_total',
     help: 'HTTP requests by route pattern and status',

@@ -138,10 +138,17 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
     const http: Partial<Record<'floor' | Primitive, LoadResult>> = {};
     const db: Partial<Record<Primitive, LoadResult>> = {};
     const statements: Partial<Record<Primitive, number>> = {};
+    // Audited reads are group-committed (vault/read-batch.ts): calls per batch, from the API's /metrics and the in-process vault.
+    const httpCallsPerBatch: Partial<Record<Primitive, number | null>> = {};
+    const dbCallsPerBatch: Partial<Record<Primitive, number | null>> = {};
+    const apiBatches = async () => readBatchMetrics(await (await fetch(`${api.url}/metrics`)).text());
     const runHttp = async (key: 'floor' | Primitive, seconds = o.seconds) => {
       const op = httpOps[key];
       if (o.warmupSeconds > 0) await httpLoad({ url: api.url + op.route, method: op.method, token, body: op.body, connections: o.connections, seconds: o.warmupSeconds });
-      return httpLoad({ url: api.url + op.route, method: op.method, token, body: op.body, connections: o.connections, seconds });
+      const before = await apiBatches();
+      const result = await httpLoad({ url: api.url + op.route, method: op.method, token, body: op.body, connections: o.connections, seconds });
+      if (key !== 'floor') httpCallsPerBatch[key] = callsPerBatch(before, await apiBatches());
+      return result;
     };
     for (const key of ['floor', 'vault.get', 'vault.store', 'vault.totp'] as const) {
       http[key] = await runHttp(key);
@@ -151,8 +158,11 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
       await dbOps[key](1_000_000); // warm: data keys cached, as in the API after its first call
       statements[key] = await countStatements(services, () => dbOps[key](1_000_001));
       if (o.warmupSeconds > 0) await inProcessLoad(dbOps[key], o.connections, o.warmupSeconds);
+      const before = vault.readBatchStats();
       db[key] = await inProcessLoad(dbOps[key], o.connections, o.seconds);
-      log(`  db   ${key.padEnd(11)} ${fmtLoad(db[key]!)}  (${statements[key]} statements)`);
+      dbCallsPerBatch[key] = callsPerBatch(before, vault.readBatchStats());
+      const batched = dbCallsPerBatch[key] ? `, ${dbCallsPerBatch[key]} calls per batch here, ${httpCallsPerBatch[key]} over HTTP` : '';
+      log(`  db   ${key.padEnd(11)} ${fmtLoad(db[key]!)}  (${statements[key]} statements alone${batched})`);
     }
     const memoryItem1 = { apiPeakRssMb: round(api.peakRssMb(), 1), workerPeakRssMb: round(worker.peakRssMb(), 1) };
     const primitives = Object.fromEntries(
@@ -170,6 +180,7 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
             target,
             pass: ratio >= target && http[key]!.p99 <= TARGETS.p99Ms,
             sqlStatementsPerCall: statements[key],
+            callsPerBatch: { http: httpCallsPerBatch[key] ?? null, db: dbCallsPerBatch[key] ?? null },
           },
         ];
       }),
@@ -371,6 +382,20 @@ function apiCaller(base: string) {
   };
 }
 
+type BatchCounts = { batches: number; calls: number };
+
+/** The read-batch counters of an API's /metrics (see api/metrics.ts). */
+function readBatchMetrics(text: string): BatchCounts {
+  const value = (name: string) => Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(text)?.[1] ?? 0);
+  return { batches: value('mailgent_vault_read_batches_total'), calls: value('mailgent_vault_read_batch_calls_total') };
+}
+
+/** Average calls per batch between two counts; null when the operation is not batched. */
+function callsPerBatch(before: BatchCounts, after: BatchCounts): number | null {
+  const batches = after.batches - before.batches;
+  return batches > 0 ? round((after.calls - before.calls) / batches, 1) : null;
+}
+
 /** How many SQL statements (round trips) one call issues: counted on the pool while it runs alone. */
 async function countStatements(services: Services, fn: () => Promise<unknown>): Promise<number> {
   const pool = services.pool as any;
@@ -381,8 +406,13 @@ async function countStatements(services: Services, fn: () => Promise<unknown>): 
     count += 1;
     return originalQuery.apply(this, args);
   };
-  pool.connect = async function (...args: unknown[]) {
-    const client = await originalConnect.apply(this, args);
+  pool.connect = function (...args: unknown[]) {
+    // pool.query checks a client out with a callback and is counted above.
+    if (typeof args.at(-1) === 'function') return originalConnect.apply(this, args);
+    return countOn(originalConnect.apply(this, args));
+  };
+  const countOn = async (checkout: Promise<any>) => {
+    const client = await checkout;
     const q = client.query;
     client.query = function (...a: unknown[]) {
       count += 1;

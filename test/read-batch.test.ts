@@ -132,6 +132,21 @@ describe('group commit of audited reads', () => {
     expect((await h.services.vault.get(as(alice), { name: 'shared' })).value).toBe('sk_shared_second_value');
   });
 
+  it('/metrics counts the batches and the calls they carried', async () => {
+    const counts = async () => {
+      const text = (await h.api('GET', '/metrics')).text;
+      const value = (name: string) => Number(new RegExp(`^${name} (\\d+)$`, 'm').exec(text)?.[1]);
+      return { batches: value('mailgent_vault_read_batches_total'), calls: value('mailgent_vault_read_batch_calls_total') };
+    };
+    const before = await counts();
+    const reads = await Promise.all(Array.from({ length: 12 }, () => h.api('POST', '/v1/vault.get', { token: alice.token, body: { name: 'shared' } })));
+    expect(reads.map((r) => r.status)).toEqual(Array(12).fill(200));
+    const after = await counts();
+    expect(after.calls - before.calls).toBe(12);
+    expect(after.batches - before.batches).toBeGreaterThanOrEqual(1);
+    expect(after.batches - before.batches).toBeLessThanOrEqual(12);
+  });
+
   it('a reference the database cannot take is refused on its own and does not break the batch', async () => {
     const vault = h.services.vault;
     const results = await Promise.all([

@@ -95,6 +95,8 @@ const STAMP = `
 export class ReadBatcher {
   private queue: Pending[] = [];
   private inFlight = 0;
+  /** Batches committed or failed since start, and the calls they carried (for /metrics and the bench). */
+  readonly stats = { batches: 0, calls: 0 };
 
   constructor(
     private readonly pool: Pool,
@@ -124,6 +126,8 @@ export class ReadBatcher {
   }
 
   private async run(batch: Pending[]): Promise<void> {
+    this.stats.batches += 1;
+    this.stats.calls += batch.length;
     let settled: Settled[];
     try {
       const { rows } = await this.pool.query({

@@ -60,6 +60,11 @@ export class Vault {
     this.reads = new ReadBatcher(pool, secrets, clock);
   }
 
+  /** How many read batches ran and how many calls they carried (see read-batch.ts). */
+  readBatchStats(): { batches: number; calls: number } {
+    return { ...this.reads.stats };
+  }
+
   /** Stores a new credential, or a new current version of an existing one (check-and-set with expectedVersion). */
   store(caller: Caller, input: StoreInput): Promise<StoredVersion> {
     return audited(this.pool, caller, 'vault.store', { name: input.name }, async (tx, note) => {
