@@ -68,22 +68,23 @@ const INT4_MAX = 2_147_483_647;
 const UNSTORABLE = /\u0000|[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
 
 // Own credentials by name or id; credentials granted to the caller by id only (names are per owner).
+// Each call's lookup is a LATERAL subquery, so it can only be index lookups for that call (a join
+// over the whole batch let a generic plan hash whole tables once they held a thousand rows), and
 // `destroyed_at IS NULL` lets the name lookup use the unique (identity_id, name) index.
 const READ = `
-  WITH q AS (
-    SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::int[]) WITH ORDINALITY AS q(caller, name, ref_id, version, i)
-  ), hit AS (
-    SELECT q.i, q.version, c.id FROM q JOIN credentials c ON c.identity_id = q.caller AND c.name = q.name
-     WHERE c.destroyed_at IS NULL AND c.deleted_at IS NULL
+  SELECT q.i, f.* FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::int[]) WITH ORDINALITY AS q(caller, name, ref_id, version, i)
+  CROSS JOIN LATERAL (
+    SELECT c.id, c.identity_id, c.name, c.kind, c.current_version, c.previous_version, c.pending_version,
+           v.version, v.data_key_id, v.sealed, v.created_at
+      FROM credentials c JOIN secret_versions v ON v.credential_id = c.id AND v.version = coalesce(q.version, c.current_version)
+     WHERE c.identity_id = q.caller AND c.name = q.name AND c.destroyed_at IS NULL AND c.deleted_at IS NULL
     UNION ALL
-    SELECT q.i, q.version, c.id FROM q JOIN credentials c ON c.id = q.ref_id
-     WHERE c.deleted_at IS NULL AND (c.identity_id = q.caller OR EXISTS (
+    SELECT c.id, c.identity_id, c.name, c.kind, c.current_version, c.previous_version, c.pending_version,
+           v.version, v.data_key_id, v.sealed, v.created_at
+      FROM credentials c JOIN secret_versions v ON v.credential_id = c.id AND v.version = coalesce(q.version, c.current_version)
+     WHERE c.id = q.ref_id AND c.deleted_at IS NULL AND (c.identity_id = q.caller OR EXISTS (
        SELECT 1 FROM grants g WHERE g.credential_id = c.id AND g.grantee_id = q.caller AND g.revoked_at IS NULL))
-  )
-  SELECT hit.i, c.id, c.identity_id, c.name, c.kind, c.current_version, c.previous_version, c.pending_version,
-         v.version, v.data_key_id, v.sealed, v.created_at
-    FROM hit JOIN credentials c ON c.id = hit.id
-    JOIN secret_versions v ON v.credential_id = c.id AND v.version = coalesce(hit.version, c.current_version)`;
+  ) f`;
 
 // Parameters follow the audit insert's seven. The stamp locks its rows in id order, and runs first
 // (the insert waits on its count), so the chain lock is always taken after them: batches never deadlock.
