@@ -67,6 +67,9 @@ const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const INT4_MAX = 2_147_483_647;
 // eslint-disable-next-line no-control-regex -- the NUL is exactly what this looks for
 const UNSTORABLE = /\u0000|[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
+/** Cheap first look on every call: only a string with a NUL or a surrogate needs the check above. */
+// eslint-disable-next-line no-control-regex -- as above
+const SUSPECT = /[\u0000\ud800-\udfff]/;
 
 // Own credentials by name or id; credentials granted to the caller by id only (names are per owner).
 // Each call's lookup is a LATERAL subquery, so it can only be index lookups for that call (a join
@@ -242,14 +245,14 @@ function labelOf(row: Record<string, any>): VersionLabel {
 function unrepresentable(r: ReadRequest<unknown>): string | undefined {
   if (!UUID.test(r.caller.identityId)) return 'the caller is not a valid identity id';
   if ('id' in r.ref && !UUID.test(r.ref.id)) return 'id must be a UUID';
-  if ('name' in r.ref && UNSTORABLE.test(r.ref.name)) return 'name holds characters that cannot be stored';
+  if ('name' in r.ref && !storable(r.ref.name)) return 'name holds characters that cannot be stored';
   if (r.version !== undefined && !(Number.isInteger(r.version) && r.version >= 1 && r.version <= INT4_MAX)) return 'version must be a positive integer';
   if (!storable(r.detail) || !storable(r.caller.requestId ?? '') || !storable(r.caller.actor)) return 'the request holds characters that cannot be stored';
   return undefined;
 }
 
 function storable(v: unknown): boolean {
-  if (typeof v === 'string') return !UNSTORABLE.test(v);
+  if (typeof v === 'string') return !SUSPECT.test(v) || !UNSTORABLE.test(v);
   if (Array.isArray(v)) return v.every(storable);
   if (v && typeof v === 'object') return Object.entries(v).every(([k, x]) => storable(k) && storable(x));
   return true;
