@@ -50,6 +50,18 @@ describe('vault.store / vault.get over HTTP', () => {
     expect(versions.rows[0].n).toBe(2);
   });
 
+  it('parallel stores without expectedVersion: every one lands, each with its own version', async () => {
+    await h.api('POST', '/v1/vault.store', { token: alice.token, body: { name: 'crowd', kind: 'token', value: h.secret('crowd-start-value') } });
+    const results = await Promise.all(
+      Array.from({ length: 20 }, (_, i) => h.api('POST', '/v1/vault.store', { token: alice.token, body: { name: 'crowd', kind: 'token', value: h.secret(`crowd-value-${i}-xyz`) } })),
+    );
+    expect(results.map((r) => r.status)).toEqual(Array(20).fill(201));
+    expect(results.map((r) => r.body.version).sort((a, b) => a - b)).toEqual(Array.from({ length: 20 }, (_, i) => i + 2));
+    const current = await h.api('POST', '/v1/vault.get', { token: alice.token, body: { name: 'crowd' } });
+    expect(current.body.version).toBe(21);
+    expect(current.body.value).toBe(`crowd-value-${results.findIndex((r) => r.body.version === 21)}-xyz`);
+  });
+
   it('parallel stores with the same expectedVersion: exactly one wins', async () => {
     await h.api('POST', '/v1/vault.store', { token: alice.token, body: { name: 'race', kind: 'token', value: h.secret('race-start-value') } });
     const results = await Promise.all(
