@@ -21,15 +21,20 @@ export interface Notice extends Omit<QueuedMail, 'html'> {
 export interface NoticeDeps {
   pool: Pool;
   mailer: Mailer;
-  /** Values to keep out of the notice: every value of the identities it is about. */
-  vault: { storedValues(identityId: string): Promise<{ name: string; value: string }[]> };
+  /** Values to keep out of the notice: every value of the identities it is about (or of its credential). */
+  vault: { storedValues(identityId: string, credentialIds?: string[]): Promise<{ name: string; value: string }[]> };
 }
 
 export async function sendNotice(deps: NoticeDeps, notice: Notice, scanIdentities: string[] = notice.identityId ? [notice.identityId] : []): Promise<DeliveryResult | 'no-recipients'> {
   const to = [...new Set(notice.to.filter(Boolean))];
   if (to.length === 0) return 'no-recipients';
+  // A notice about one credential is composed from that credential's metadata, in an activity that
+  // handles no other value: its own versions are what a slip could put in it, so only they are
+  // decrypted and searched. (Searching all the identity's versions cost every rotation notice one
+  // decryption per version the identity ever stored: 18,000 in the bench, half its rotation time.)
+  const only = notice.credentialId ? [notice.credentialId] : undefined;
   for (const identityId of new Set(scanIdentities)) {
-    if (findStoredValue({ to, subject: notice.subject, text: notice.text }, await deps.vault.storedValues(identityId))) {
+    if (findStoredValue({ to, subject: notice.subject, text: notice.text }, await deps.vault.storedValues(identityId, only))) {
       throw new UnprocessableError(`the ${notice.purpose} notice would carry a stored secret; it was not sent`);
     }
   }

@@ -4,6 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startSmtpSink } from '../embedded/smtp-sink';
+import { sendNotice } from '../mail/notify';
 import { freePort } from '../embedded/ports';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
@@ -76,6 +77,44 @@ describe('mail.send', () => {
     const res = await h.api('POST', '/v1/mail.send', { token: agent.token, body: { to: ['a@example.com'], subject: 's', text: `old one: ${secretValue}` } });
     expect(res.status).toBe(422);
   });
+  it('a notice about a credential is searched for that credential\'s values only; one about none, for all the identity\'s', async () => {
+    const owner = await h.createIdentity();
+    const stored: Record<string, { id: string; value: string }> = {};
+    for (const name of ['notice-about', 'notice-other']) {
+      const value = h.secret(`${name}-value-${randomUUID().slice(0, 8)}`);
+      const res = await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind: 'token', value } });
+      stored[name] = { id: res.body.id, value };
+    }
+    await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name: 'notice-about', kind: 'token', value: h.secret('notice-about-second-value') } });
+    const asked: (string[] | undefined)[] = [];
+    const deps = {
+      ...h.deps,
+      vault: {
+        storedValues: async (identityId: string, credentialIds?: string[]) => {
+          asked.push(credentialIds);
+          return h.deps.vault.storedValues(identityId, credentialIds);
+        },
+      },
+    };
+    const queued = async () => (await h.sql('SELECT count(*)::int AS n FROM mail_outbox WHERE identity_id = $1', [owner.id])).rows[0].n;
+    const notice = (text: string, credentialId?: string) =>
+      sendNotice(deps, { id: randomUUID(), identityId: owner.id, purpose: 'test.notice', to: ['owner@example.com'], subject: 'About a credential', text, actor: 'test', credentialId });
+
+    // Its own values, old and current, in any encoding, are refused.
+    for (const text of [`v1 ${stored['notice-about']!.value}`, `v2 ${Buffer.from('notice-about-second-value').toString('base64')}`]) {
+      await expect(notice(text, stored['notice-about']!.id)).rejects.toMatchObject({ status: 422 });
+    }
+    expect(asked).toEqual([[stored['notice-about']!.id], [stored['notice-about']!.id]]);
+    expect((await h.deps.vault.storedValues(owner.id, [stored['notice-about']!.id])).map((v) => v.name)).toEqual(['notice-about', 'notice-about']);
+    // A notice about no credential is searched against every value of the identity.
+    await expect(notice(`other ${stored['notice-other']!.value}`)).rejects.toMatchObject({ status: 422 });
+    expect(asked.at(-1)).toBeUndefined();
+    expect(await queued()).toBe(0);
+    // A clean notice about the credential goes out.
+    expect(await notice('Rotated to version 3.', stored['notice-about']!.id)).not.toBe('no-recipients');
+    expect(await queued()).toBe(1);
+  });
+
 });
 
 describe('mail.send while SMTP is down', () => {
@@ -122,4 +161,5 @@ describe('mail.send while SMTP is down', () => {
       await sink.stop();
     }
   });
+
 });

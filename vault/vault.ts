@@ -230,13 +230,17 @@ export class Vault {
     return { found, missing: refs.filter((r) => !found.has(r)) };
   }
 
-  /** Every value the identity stores, in any version: for refusing mail that would carry one. Not a disclosure, so not audited. */
-  async storedValues(identityId: string): Promise<{ name: string; value: string }[]> {
+  /**
+   * Every value the identity stores, in any version (or only those of `credentialIds`): for refusing
+   * mail that would carry one. Not a disclosure, so not audited. Decrypts each version: its cost
+   * grows with what it covers.
+   */
+  async storedValues(identityId: string, credentialIds?: string[]): Promise<{ name: string; value: string }[]> {
     const { rows } = await this.pool.query(
       `SELECT c.id, c.name, v.version, v.data_key_id, v.sealed
          FROM credentials c JOIN secret_versions v ON v.credential_id = c.id
-        WHERE c.identity_id = $1`,
-      [identityId],
+        WHERE c.identity_id = $1 AND ($2::uuid[] IS NULL OR c.id = ANY($2::uuid[]))`,
+      [identityId, credentialIds ?? null],
     );
     const out: { name: string; value: string }[] = [];
     for (const r of rows) out.push({ name: r.name, value: await this.secrets.open(this.pool, identityId, r.id, r.name, r) });
