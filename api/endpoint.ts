@@ -8,6 +8,7 @@ import { timingSafeEqual } from 'node:crypto';
 import { withDoc, type ResponseDoc } from './openapi';
 import type { AuthGuard } from './auth-guard';
 import { MAX_REQUEST_BYTES } from './schemas';
+import { storableText } from '../core/storable';
 
 /**
  * One endpoint = who may call it, the audit action it records, the schemas of its body and
@@ -129,16 +130,12 @@ export function limitDepth(req: Request, _res: Response, next: NextFunction): vo
   next();
 }
 
-// PostgreSQL stores neither a NUL character nor half a surrogate pair (text and jsonb both refuse them).
-// eslint-disable-next-line no-control-regex -- the NUL is exactly what this looks for
-const UNSTORABLE = /\u0000|[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
-
 /** Refuses input whose strings (or keys) could never be stored, before any of it reaches the database. */
 function refuseUnstorable(value: unknown, where: 'body' | 'query' | 'path'): void {
   const stack: [unknown, string][] = [[value, '']];
   while (stack.length) {
     const [v, path] = stack.pop()!;
-    if (typeof v === 'string' && UNSTORABLE.test(v)) {
+    if (typeof v === 'string' && !storableText(v)) {
       throw new ValidationError(`the request ${where} contains a NUL character or an unpaired UTF-16 surrogate`, [
         { path: path || where, message: 'contains a NUL character or an unpaired UTF-16 surrogate' },
       ]);
@@ -146,7 +143,7 @@ function refuseUnstorable(value: unknown, where: 'body' | 'query' | 'path'): voi
     if (typeof v !== 'object' || v === null) continue;
     for (const [key, child] of Object.entries(v)) {
       const at = path ? `${path}.${key}` : key;
-      if (UNSTORABLE.test(key)) stack.push([key, at]);
+      if (!storableText(key)) stack.push([key, at]);
       stack.push([child, at]);
     }
   }

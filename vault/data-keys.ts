@@ -69,18 +69,6 @@ export class DataKeys {
     if (retired.rowCount) this.activeByIdentity.set(identityId, await this.create(db, identityId));
   }
 
-  private async activeId(db: Db, identityId: string): Promise<string> {
-    const cachedId = this.activeByIdentity.get(identityId);
-    if (cachedId) return cachedId;
-    const { rows } = await db.query(
-      `SELECT id FROM data_keys WHERE identity_id = $1 AND retired_at IS NULL ORDER BY created_at DESC LIMIT 1`,
-      [identityId],
-    );
-    if (!rows[0]) throw new IntegrityError(`identity ${identityId} has no data key`);
-    this.activeByIdentity.set(identityId, rows[0].id);
-    return rows[0].id;
-  }
-
   /** The key new versions of this identity are sealed with. */
   async active(db: Db, identityId: string): Promise<DataKey> {
     const cachedId = this.activeByIdentity.get(identityId);

@@ -1,5 +1,6 @@
 import type { Pool } from 'pg';
 import { AuditUnavailableError, NotFoundError, UnprocessableError } from '../core/errors';
+import { storableText } from '../core/storable';
 import { appendAuditRows, auditRowsInsert, type AuditEntry, errorDetail, markAudited, outcomeOf } from './audit';
 import type { SecretStore } from './secret-store';
 import type { Caller, CredentialRef, Kind, VersionLabel } from './types';
@@ -65,11 +66,6 @@ export const MAX_IN_FLIGHT = 1;
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const INT4_MAX = 2_147_483_647;
-// eslint-disable-next-line no-control-regex -- the NUL is exactly what this looks for
-const UNSTORABLE = /\u0000|[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
-/** Cheap first look on every call: only a string with a NUL or a surrogate needs the check above. */
-// eslint-disable-next-line no-control-regex -- as above
-const SUSPECT = /[\u0000\ud800-\udfff]/;
 
 // Own credentials by name or id; credentials granted to the caller by id only (names are per owner).
 // Each call's lookup is a LATERAL subquery, so it can only be index lookups for that call (a join
@@ -198,7 +194,7 @@ export class ReadBatcher {
   private async failAll(batch: Pending[], err: unknown): Promise<void> {
     let audited = false;
     try {
-      await appendAuditRows(this.pool, batch.map((p) => ({ ...auditEntry(p), outcome: outcomeOf(err), detail: { ...p.detail, ...errorDetail(err) } })));
+      await appendAuditRows(this.pool, batch.map((p) => failed(p, auditEntry(p), err).entry));
       audited = true;
     } catch {
       // reported unaudited below
@@ -252,7 +248,7 @@ function unrepresentable(r: ReadRequest<unknown>): string | undefined {
 }
 
 function storable(v: unknown): boolean {
-  if (typeof v === 'string') return !SUSPECT.test(v) || !UNSTORABLE.test(v);
+  if (typeof v === 'string') return storableText(v);
   if (Array.isArray(v)) return v.every(storable);
   if (v && typeof v === 'object') return Object.entries(v).every(([k, x]) => storable(k) && storable(x));
   return true;

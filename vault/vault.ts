@@ -110,7 +110,7 @@ export class Vault {
       version,
       detail: { ...refDetail(ref, version), ...auditDetail },
       open: true,
-      finish: ({ ownerId: _owner, ...row }) => ({ ...row, createdAt: row.createdAt.toISOString(), ageDays: this.ageDays(row.createdAt) }),
+      finish: ({ ownerId: _owner, ...row }) => this.dated(row),
     });
   }
 
@@ -126,7 +126,7 @@ export class Vault {
       version,
       detail: { ...refDetail(ref, version), masked: true },
       open: false,
-      finish: ({ ownerId: _owner, value: _none, ...row }) => ({ ...row, createdAt: row.createdAt.toISOString(), ageDays: this.ageDays(row.createdAt) }),
+      finish: ({ ownerId: _owner, value: _none, ...row }) => this.dated(row),
     });
   }
 
@@ -245,6 +245,11 @@ export class Vault {
     const out: { name: string; value: string }[] = [];
     for (const r of rows) out.push({ name: r.name, value: await this.secrets.open(this.pool, identityId, r.id, r.name, r) });
     return out;
+  }
+
+  /** A read's row as the API answers it: its time in ISO form, and its age in days. */
+  private dated<R extends { createdAt: Date }>(row: R): Omit<R, 'createdAt'> & { createdAt: string; ageDays: number } {
+    return { ...row, createdAt: row.createdAt.toISOString(), ageDays: this.ageDays(row.createdAt) };
   }
 
   ageDays(createdAt: Date): number {
