@@ -50,6 +50,7 @@ describe('audit log', () => {
   });
 
   it('a read that cannot be audited fails and returns no secret', async () => {
+    const lastRead = async () => (await h.api('GET', '/v1/credentials', { token: agent.token })).body.items.find((c: { name: string }) => c.name === 'guarded').lastAccessedAt;
     await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'guarded', kind: 'password', value: h.secret('guarded-password-value') } });
     await h.sql(`CREATE TRIGGER audit_refuse_get BEFORE INSERT ON audit_log FOR EACH ROW
                  WHEN (NEW.action = 'vault.get') EXECUTE FUNCTION audit_log_refuse()`);
@@ -60,11 +61,15 @@ describe('audit log', () => {
       expect(res.body).toMatchObject({ type: 'https://mailgent.dev/problems/audit-unavailable', status: 503 });
       expect(res.body.value).toBeUndefined();
       expect(res.text).not.toContain('guarded-password-value');
-      const cred = (await h.sql("SELECT last_accessed_at FROM credentials WHERE name = 'guarded'")).rows[0];
-      expect(cred.last_accessed_at).toBeNull();
+      // Not recorded as read.
+      expect(await lastRead()).toBeNull();
     } finally {
       await h.sql('DROP TRIGGER audit_refuse_get ON audit_log');
     }
+    expect((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'guarded' } })).status).toBe(200);
+    const read = await lastRead();
+    const row = (await h.sql("SELECT max(at) AS at FROM audit_log WHERE action = 'vault.get' AND outcome = 'ok' AND credential_id = (SELECT id FROM credentials WHERE name = 'guarded')")).rows[0];
+    expect(read).toBe(row.at.toISOString());
   });
 
   it('lists an identity\'s own events only, filtered by credential and time', async () => {

@@ -43,37 +43,28 @@ export function appendAudit(db: Db, e: AuditEntry): Promise<void> {
 /** Appends rows in one statement, chained in the order given (one chain lock for all of them). */
 export async function appendAuditRows(db: Db, entries: AuditEntry[]): Promise<void> {
   if (entries.length === 0) return;
-  const insert = auditRowsInsert(entries);
+  const column = <T>(f: (e: AuditEntry) => T) => entries.map(f);
   try {
-    await db.query({ name: 'audit-append', text: insert.text, values: insert.values });
+    await db.query({
+      name: 'audit-append',
+      text: `INSERT INTO audit_log (identity_id, actor, action, credential_id, outcome, request_id, detail)
+               SELECT identity_id, actor, action, credential_id, outcome, request_id, detail
+                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::jsonb[])
+                      WITH ORDINALITY AS e(identity_id, actor, action, credential_id, outcome, request_id, detail, n)
+                ORDER BY n`,
+      values: [
+        column((e) => e.identityId),
+        column((e) => e.actor),
+        column((e) => e.action),
+        column((e) => e.credentialId ?? null),
+        column((e) => e.outcome),
+        column((e) => e.requestId ?? null),
+        column((e) => JSON.stringify(e.via ? { ...e.detail, via: e.via } : (e.detail ?? {}))),
+      ],
+    });
   } catch (err) {
     throw Object.assign(new AuditUnavailableError(), { cause: err });
   }
-}
-
-/**
- * The INSERT of `appendAuditRows` with its parameters ($1 to $7), for a statement that writes its
- * audit rows along with something else. `after` is a condition the rows wait on before any is inserted.
- */
-export function auditRowsInsert(entries: AuditEntry[], opts: { after?: string } = {}): { text: string; values: unknown[] } {
-  const column = <T>(f: (e: AuditEntry) => T) => entries.map(f);
-  return {
-    text: `INSERT INTO audit_log (identity_id, actor, action, credential_id, outcome, request_id, detail)
-       SELECT identity_id, actor, action, credential_id, outcome, request_id, detail
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::jsonb[])
-              WITH ORDINALITY AS e(identity_id, actor, action, credential_id, outcome, request_id, detail, n)
-        ${opts.after ? `WHERE ${opts.after}` : ''}
-        ORDER BY n`,
-    values: [
-      column((e) => e.identityId),
-      column((e) => e.actor),
-      column((e) => e.action),
-      column((e) => e.credentialId ?? null),
-      column((e) => e.outcome),
-      column((e) => e.requestId ?? null),
-      column((e) => JSON.stringify(e.via ? { ...e.detail, via: e.via } : (e.detail ?? {}))),
-    ],
-  };
 }
 
 export function outcomeOf(err: unknown): AuditOutcome {

@@ -350,7 +350,10 @@ export class Vault {
   }
 }
 
-const SELECT_META = `SELECT c.*, v.created_at AS version_created_at
+// The last read comes from the audit log (its audit_log_reads index): every read has its row there.
+const SELECT_META = `SELECT c.*, v.created_at AS version_created_at,
+       (SELECT max(a.at) FROM audit_log a
+         WHERE a.credential_id = c.id AND a.action IN ('vault.get', 'vault.totp') AND a.outcome = 'ok') AS last_accessed_at
   FROM credentials c JOIN secret_versions v ON v.credential_id = c.id AND v.version = c.current_version`;
 
 function refDetail(ref: CredentialRef, version?: number): Record<string, unknown> {
