@@ -57,6 +57,14 @@ describe('npm run bench at a tiny size', () => {
       expect(figures.errors, `${where}.errors`).toBe(0);
     };
     positive(r.primitives.httpFloor, 'httpFloor');
+    // The floor runs before the first primitive and after each: each primitive's HTTP floor is the mean of its neighbours.
+    expect(r.primitives.httpFloor.runs).toBe(4);
+    expect(r.primitives.httpFloor.runsRps).toHaveLength(4);
+    for (const [i, op] of ['vault.get', 'vault.store', 'vault.totp'].entries()) {
+      const floors = r.primitives.ops[op].floors;
+      expect(floors.httpRunsRps).toEqual(r.primitives.httpFloor.runsRps.slice(i, i + 2));
+      expect(floors.httpRps).toBeCloseTo((floors.httpRunsRps[0] + floors.httpRunsRps[1]) / 2, 0);
+    }
     for (const op of ['vault.get', 'vault.store', 'vault.totp']) {
       const o = r.primitives.ops[op];
       positive(o, op);
