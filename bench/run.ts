@@ -25,6 +25,8 @@ import { startWebhookSink } from './webhook-sink';
 export interface BenchOptions {
   /** Seconds of load per measured operation (primitives, floors, size). */
   seconds: number;
+  /** Primitives run in slices of this many seconds, alternating with slices of the HTTP floor. */
+  sliceSeconds: number;
   warmupSeconds: number;
   connections: number;
   /** Stored secrets for the size-independence comparison: [small, large]. */
@@ -43,7 +45,8 @@ export interface BenchOptions {
 }
 
 export const DEFAULTS: BenchOptions = {
-  seconds: 10,
+  seconds: 8,
+  sliceSeconds: 2,
   warmupSeconds: 2,
   connections: 32,
   sizes: [1_000, 100_000],
@@ -143,13 +146,9 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
     const httpCallsPerBatch: Partial<Record<Primitive, number | null>> = {};
     const dbCallsPerBatch: Partial<Record<Primitive, number | null>> = {};
     const apiBatches = async () => readBatchMetrics(await (await fetch(`${api.url}/metrics`)).text());
-    const runHttp = async (key: 'floor' | Primitive, seconds = o.seconds, warm = true) => {
+    const load = (key: 'floor' | Primitive, seconds: number) => {
       const op = httpOps[key];
-      if (warm && o.warmupSeconds > 0) await httpLoad({ url: api.url + op.route, method: op.method, token, body: op.body, connections: o.connections, seconds: o.warmupSeconds });
-      const before = await apiBatches();
-      const result = await httpLoad({ url: api.url + op.route, method: op.method, token, body: op.body, connections: o.connections, seconds });
-      if (key !== 'floor') httpCallsPerBatch[key] = callsPerBatch(before, await apiBatches());
-      return result;
+      return httpLoad({ url: api.url + op.route, method: op.method, token, body: op.body, connections: o.connections, seconds });
     };
     const runDb = async (key: Primitive) => {
       await dbOps[key](1_000_000); // warm: data keys cached, as in the API after its first call
@@ -161,22 +160,34 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
       const batched = dbCallsPerBatch[key] ? `, ${dbCallsPerBatch[key]} calls per batch here, ${httpCallsPerBatch[key]} over HTTP` : '';
       log(`  db   ${key.padEnd(11)} ${fmtLoad(db[key]!)}  (${statements[key]} statements alone${batched})`);
     };
-    // Each primitive is measured next to its floors: over HTTP, then its database floor, with the HTTP
-    // floor run before and after the pair and the primitive compared with the mean of those two. The
-    // machine's speed drifts by 10–30% within a run here, and floors measured once, minutes away from
-    // a primitive, turned that drift into its ratio.
-    const floorRuns: LoadResult[] = [await runHttp('floor')];
-    log(`  http ${'floor'.padEnd(11)} ${fmtLoad(floorRuns[0]!)}`);
-    const httpFloorOf: Partial<Record<Primitive, [LoadResult, LoadResult]>> = {};
+    // Each primitive runs in slices that alternate with slices of the HTTP floor (floor, primitive,
+    // floor, primitive …), and is compared with the floor slices around it; then its database floor
+    // runs. The machine's speed drifts by 10–30% within a minute here: floors measured once, away
+    // from a primitive, turned that drift into its ratio, and even a floor run before and after a
+    // 10-second load moved the ratio by ±0.1 between runs.
+    const sliceSeconds = Math.min(o.sliceSeconds, o.seconds);
+    const slices = Math.max(1, Math.round(o.seconds / sliceSeconds));
+    const floorSlices: LoadResult[] = [];
+    const httpFloorOf: Partial<Record<Primitive, LoadResult[]>> = {};
+    if (o.warmupSeconds > 0) await load('floor', o.warmupSeconds);
     for (const key of ['vault.get', 'vault.store', 'vault.totp'] as const) {
-      http[key] = await runHttp(key);
+      if (o.warmupSeconds > 0) await load(key, o.warmupSeconds);
+      const before = await apiBatches();
+      const floor: LoadResult[] = [];
+      const primitive: LoadResult[] = [];
+      for (let i = 0; i < slices; i++) {
+        floor.push(await load('floor', sliceSeconds));
+        primitive.push(await load(key, sliceSeconds));
+      }
+      httpCallsPerBatch[key] = callsPerBatch(before, await apiBatches());
+      http[key] = meanLoad(primitive);
+      httpFloorOf[key] = floor;
+      floorSlices.push(...floor);
+      log(`  http ${'floor'.padEnd(11)} ${fmtLoad(meanLoad(floor))}  (${slices} slices of ${sliceSeconds} s, alternating with:)`);
       log(`  http ${key.padEnd(11)} ${fmtLoad(http[key]!)}`);
       await runDb(key);
-      floorRuns.push(await runHttp('floor', o.seconds, false));
-      log(`  http ${'floor'.padEnd(11)} ${fmtLoad(floorRuns.at(-1)!)}`);
-      httpFloorOf[key] = [floorRuns.at(-2)!, floorRuns.at(-1)!];
     }
-    http.floor = meanLoad(floorRuns);
+    http.floor = meanLoad(floorSlices);
     const memoryItem1 = { apiPeakRssMb: round(api.peakRssMb(), 1), workerPeakRssMb: round(worker.peakRssMb(), 1) };
     const primitives = Object.fromEntries(
       (['vault.get', 'vault.store', 'vault.totp'] as const).map((key) => {
@@ -190,7 +201,7 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
             ...loadFigures(http[key]!),
             floors: {
               httpRps: round(floors.http, 1),
-              httpRunsRps: httpFloorOf[key]!.map((r) => round(r.rps, 1)),
+              httpSlicesRps: httpFloorOf[key]!.map((r) => round(r.rps, 1)),
               dbRps: round(floors.db, 1),
               min: floors.http <= floors.db ? 'http' : 'db',
             },
@@ -214,7 +225,8 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
       await seedTo(services, seed, size, now);
       seedSeconds[size] = round((performance.now() - ts) / 1000, 1);
       if (size === o.sizes[0] || size === o.sizes[1]) {
-        sizeGet[size] = loadFigures(await runHttp('vault.get'));
+        if (o.warmupSeconds > 0) await load('vault.get', o.warmupSeconds);
+        sizeGet[size] = loadFigures(await load('vault.get', o.seconds));
         log(`  get @ ${String(size).padStart(7)}  ${fmtLoad(sizeGet[size] as LoadResult)}`);
       }
       if (o.sweepSizes.includes(size)) {
@@ -259,7 +271,7 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
       schema: 1,
       startedAt: startedAt.toISOString(),
       durationSeconds: Number(secondsSince(t0)),
-      options: { seconds: o.seconds, warmupSeconds: o.warmupSeconds, connections: o.connections, sizes: o.sizes, sweepSizes: o.sweepSizes, sweepPageSize: o.sweepPageSize, rotations: o.rotations },
+      options: { seconds: o.seconds, sliceSeconds: o.sliceSeconds, warmupSeconds: o.warmupSeconds, connections: o.connections, sizes: o.sizes, sweepSizes: o.sweepSizes, sweepPageSize: o.sweepPageSize, rotations: o.rotations },
       machine: {
         cpus: os.cpus().length,
         cpuModel: os.cpus()[0]?.model ?? 'unknown',
@@ -280,8 +292,8 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
       primitives: {
         connections: o.connections,
         seconds: o.seconds,
-        httpFloor: { route: 'GET /v1/whoami', runs: floorRuns.length, runsRps: floorRuns.map((r) => round(r.rps, 1)), ...loadFigures(http.floor!) },
-        httpFloorMethod: 'measured before the first primitive and after each (its HTTP run and its database floor); each primitive is compared with the mean of the runs before and after it; the figures here are the means of all runs',
+        httpFloor: { route: 'GET /v1/whoami', sliceSeconds, slicesPerPrimitive: slices, ...loadFigures(http.floor!) },
+        httpMethod: 'each primitive in slices alternating with slices of the HTTP floor (floor, primitive, floor, primitive …), compared with those floor slices; a figure is the mean over its slices (req/s, p50, p90, p99; max is the worst); httpFloor is the mean of all floor slices',
         dbFloors: Object.fromEntries(Object.entries(db).map(([k, v]) => [k, loadFigures(v)])),
         dbFloorMethod: 'the same Vault call in-process (its SQL, audit insert and commit) at the same concurrency through a pool of the API’s size, no HTTP',
         ops: primitives,
@@ -490,6 +502,7 @@ function parseOptions(argv: string[]): Partial<BenchOptions> {
     args: argv,
     options: {
       seconds: { type: 'string' },
+      'slice-seconds': { type: 'string' },
       warmup: { type: 'string' },
       connections: { type: 'string' },
       sizes: { type: 'string' },
@@ -505,6 +518,7 @@ function parseOptions(argv: string[]): Partial<BenchOptions> {
   const nums = (s: string) => s.split(',').map((n) => Number(n.replace(/_/g, '')));
   const opts: Partial<BenchOptions> = {};
   if (values.seconds) opts.seconds = Number(values.seconds);
+  if (values['slice-seconds']) opts.sliceSeconds = Number(values['slice-seconds']);
   if (values.warmup) opts.warmupSeconds = Number(values.warmup);
   if (values.connections) opts.connections = Number(values.connections);
   if (values.sizes) opts.sizes = nums(values.sizes) as [number, number];

@@ -41,7 +41,7 @@ describe('npm run bench at a tiny size', () => {
 
   it('runs every item and writes valid JSON with every figure, and a chart', { timeout: 420_000 }, async () => {
     const out = path.join(dir, 'results', 'latest.json');
-    const args = ['--import', 'tsx', 'bench/run.ts', '--seconds', '1', '--warmup', '0', '--connections', '4', '--sizes', '100,400', '--sweep-sizes', '200,400',
+    const args = ['--import', 'tsx', 'bench/run.ts', '--seconds', '2', '--slice-seconds', '1', '--warmup', '0', '--connections', '4', '--sizes', '100,400', '--sweep-sizes', '200,400',
       '--sweep-page-size', '5', '--rotations', '3', '--out', out,
       '--pg-admin-url', inject('pgAdminUrl'), '--temporal-address', inject('temporalAddress'), '--smtp-url', inject('smtpUrl')];
     const { stdout } = await promisify(execFile)(process.execPath, args, { cwd: ROOT, timeout: 400_000, maxBuffer: 16 * 1024 * 1024 });
@@ -57,13 +57,13 @@ describe('npm run bench at a tiny size', () => {
       expect(figures.errors, `${where}.errors`).toBe(0);
     };
     positive(r.primitives.httpFloor, 'httpFloor');
-    // The floor runs before the first primitive and after each: each primitive's HTTP floor is the mean of its neighbours.
-    expect(r.primitives.httpFloor.runs).toBe(4);
-    expect(r.primitives.httpFloor.runsRps).toHaveLength(4);
-    for (const [i, op] of ['vault.get', 'vault.store', 'vault.totp'].entries()) {
+    // Each primitive alternates with slices of the HTTP floor and is compared with those slices.
+    expect(r.primitives.httpFloor.slicesPerPrimitive).toBe(2); // --seconds 2 --slice-seconds 1
+    expect(r.primitives.httpFloor.sliceSeconds).toBe(1);
+    for (const op of ['vault.get', 'vault.store', 'vault.totp']) {
       const floors = r.primitives.ops[op].floors;
-      expect(floors.httpRunsRps).toEqual(r.primitives.httpFloor.runsRps.slice(i, i + 2));
-      expect(floors.httpRps).toBeCloseTo((floors.httpRunsRps[0] + floors.httpRunsRps[1]) / 2, 0);
+      expect(floors.httpSlicesRps).toHaveLength(2);
+      expect(floors.httpRps).toBeCloseTo((floors.httpSlicesRps[0] + floors.httpSlicesRps[1]) / 2, 0);
     }
     for (const op of ['vault.get', 'vault.store', 'vault.totp']) {
       const o = r.primitives.ops[op];
