@@ -67,6 +67,15 @@ export async function appendAuditRows(db: Db, entries: AuditEntry[]): Promise<vo
   }
 }
 
+/**
+ * SQL for a credential's last read: the time of its newest successful vault.get or vault.totp row
+ * (the audit_log_reads index answers it). Every read has its row, so this is the only record kept.
+ */
+export function lastReadSql(credentialIdColumn: string): string {
+  return `(SELECT max(a.at) FROM audit_log a
+            WHERE a.credential_id = ${credentialIdColumn} AND a.action IN ('vault.get', 'vault.totp') AND a.outcome = 'ok')`;
+}
+
 export function outcomeOf(err: unknown): AuditOutcome {
   if (!(err instanceof AppError)) return 'failed';
   if (err.status === 401 || err.status === 403 || err.status === 404) return 'denied';

@@ -96,7 +96,6 @@ export class ReadBatcher {
   constructor(
     private readonly pool: Pool,
     private readonly secrets: Pick<SecretStore, 'open'>,
-    private readonly clock: () => Date,
     private readonly maxBatch = MAX_BATCH,
     private readonly maxInFlight = MAX_IN_FLIGHT,
   ) {}

@@ -1,4 +1,5 @@
 import type { Pool } from '../db/pool';
+import { lastReadSql } from './audit';
 
 /**
  * Service-account inventory: kind service_account with owners, dependents, age and the last read
@@ -22,8 +23,7 @@ export interface ServiceAccountRow {
 export async function listServiceAccounts(pool: Pool, opts: { identityId?: string; asOf: Date }): Promise<ServiceAccountRow[]> {
   const { rows } = await pool.query(
     `SELECT c.id, c.identity_id, c.name, c.owners, c.service, c.dependents, c.next_rotation_at, v.created_at,
-            (SELECT max(a.at) FROM audit_log a
-              WHERE a.credential_id = c.id AND a.action IN ('vault.get', 'vault.totp') AND a.outcome = 'ok') AS last_read
+            ${lastReadSql('c.id')} AS last_read
        FROM credentials c JOIN secret_versions v ON v.credential_id = c.id AND v.version = c.current_version
       WHERE c.kind = 'service_account' AND c.deleted_at IS NULL AND ($1::uuid IS NULL OR c.identity_id = $1)
       ORDER BY c.name`,

@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import type { Db, Pool } from '../db/pool';
 import { ConflictError, NotFoundError, UnprocessableError, VersionConflictError } from '../core/errors';
 import { audited, type AuditNote } from './audited';
+import { lastReadSql } from './audit';
 import { ReadBatcher } from './read-batch';
 import type { SecretStore } from './secret-store';
 import { normalizeTotp, parseStoredTotp, toOtpauthUri, totpCode, type TotpCode, type TotpInput } from './totp';
@@ -57,7 +58,7 @@ export class Vault {
     private readonly secrets: SecretStore,
     private readonly clock: () => Date = () => new Date(),
   ) {
-    this.reads = new ReadBatcher(pool, secrets, clock);
+    this.reads = new ReadBatcher(pool, secrets);
   }
 
   /** How many read batches ran and how many calls they carried (see read-batch.ts). */
@@ -350,10 +351,7 @@ export class Vault {
   }
 }
 
-// The last read comes from the audit log (its audit_log_reads index): every read has its row there.
-const SELECT_META = `SELECT c.*, v.created_at AS version_created_at,
-       (SELECT max(a.at) FROM audit_log a
-         WHERE a.credential_id = c.id AND a.action IN ('vault.get', 'vault.totp') AND a.outcome = 'ok') AS last_accessed_at
+const SELECT_META = `SELECT c.*, v.created_at AS version_created_at, ${lastReadSql('c.id')} AS last_accessed_at
   FROM credentials c JOIN secret_versions v ON v.credential_id = c.id AND v.version = c.current_version`;
 
 function refDetail(ref: CredentialRef, version?: number): Record<string, unknown> {
