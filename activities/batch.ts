@@ -5,6 +5,9 @@ import type { RotationMode } from '../workflows/types';
 import type { ActivityDeps } from './index';
 import { heartbeat, sleep, stableUuid } from './support';
 
+/** Rotations one batch keeps open at once unless BATCH_MAX_OPEN_ROTATIONS says otherwise. */
+export const DEFAULT_MAX_OPEN_ROTATIONS = 100;
+
 const MODES: Record<string, RotationMode> = { request: 'requested', sweep: 'scheduled', policy: 'scheduled', leak: 'leak' };
 
 export interface RunSummary {
@@ -31,51 +34,81 @@ export function batchActivities(deps: ActivityDeps) {
     return deps.temporal;
   };
 
-  return {
-    /** Starts (or joins) a rotation for every run of the batch that has none yet. Resumable. */
-    async startRotations(input: { rotationId: string }): Promise<{ started: number }> {
-      const { client, taskQueue } = temporal();
-      const { rows } = await deps.pool.query(
-        `SELECT r.credential_id, c.identity_id, ro.kind
-           FROM rotation_runs r JOIN credentials c ON c.id = r.credential_id JOIN rotations ro ON ro.id = r.rotation_id
-          WHERE r.rotation_id = $1 AND r.run_id IS NULL ORDER BY r.credential_id`,
-        [input.rotationId],
+  const maxOpen = deps.maxOpenRotations ?? DEFAULT_MAX_OPEN_ROTATIONS;
+
+  /**
+   * One wave: as many waiting runs as keep the batch's open runs at or under maxOpen. A run is
+   * marked started (run_id) right after its workflow starts; if the batch was cancelled meanwhile,
+   * the run is cancelled here, since the cancel request may have listed the runs before this one
+   * had its run_id.
+   */
+  const startWave = async (rotationId: string): Promise<{ started: number }> => {
+    const { client, taskQueue } = temporal();
+    const { rows } = await deps.pool.query(
+      `WITH runs AS (
+         SELECT r.credential_id, r.run_id, o.outcome FROM rotation_runs r LEFT JOIN run_outcomes o ON o.run_id = r.run_id
+          WHERE r.rotation_id = $1)
+       SELECT r.credential_id, c.identity_id, ro.kind
+         FROM runs r JOIN credentials c ON c.id = r.credential_id JOIN rotations ro ON ro.id = $1
+        WHERE r.run_id IS NULL AND ro.cancelled_at IS NULL
+        ORDER BY r.credential_id
+        LIMIT greatest($2 - (SELECT count(*) FROM runs WHERE run_id IS NOT NULL AND outcome IS NULL), 0)`,
+      [rotationId, maxOpen],
+    );
+    for (const row of rows) {
+      heartbeat();
+      const handle = await client.workflow.start<typeof rotateCredential>('rotateCredential', {
+        taskQueue,
+        workflowId: `rotate:${row.credential_id}`,
+        args: [{ rotationId, identityId: row.identity_id, credentialId: row.credential_id, mode: MODES[row.kind] }],
+        workflowIdConflictPolicy: 'USE_EXISTING',
+      });
+      const { rows: marked } = await deps.pool.query(
+        `UPDATE rotation_runs r SET run_id = $3 FROM rotations ro
+          WHERE r.rotation_id = $1 AND r.credential_id = $2 AND ro.id = r.rotation_id
+          RETURNING ro.cancelled_at IS NOT NULL AS cancelled`,
+        [rotationId, row.credential_id, handle.firstExecutionRunId],
       );
-      for (const row of rows) {
-        heartbeat();
-        const handle = await client.workflow.start<typeof rotateCredential>('rotateCredential', {
-          taskQueue,
-          workflowId: `rotate:${row.credential_id}`,
-          args: [{ rotationId: input.rotationId, identityId: row.identity_id, credentialId: row.credential_id, mode: MODES[row.kind] }],
-          workflowIdConflictPolicy: 'USE_EXISTING',
-        });
-        await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2', [
-          input.rotationId,
-          row.credential_id,
-          handle.firstExecutionRunId,
-        ]);
-      }
-      return { started: rows.length };
+      if (marked[0]?.cancelled) await client.workflow.getHandle(handle.workflowId, handle.firstExecutionRunId).cancel();
+    }
+    return { started: rows.length };
+  };
+
+  return {
+    /**
+     * Starts (or joins) rotations for runs of the batch that have none yet, while fewer than
+     * maxOpenRotations of its runs are open (started, no outcome); awaitOutcomes starts the rest as
+     * runs finish. A cancelled batch starts nothing. Resumable.
+     */
+    async startRotations(input: { rotationId: string }): Promise<{ started: number }> {
+      return startWave(input.rotationId);
     },
 
-    /** Waits until every run of the batch has an outcome (promoted or not); heartbeats while it waits. */
+    /**
+     * Waits until every run of the batch has an outcome (promoted or not), starting waiting runs as
+     * open ones finish; heartbeats while it waits.
+     */
     async awaitOutcomes(input: { rotationId: string; pollMs?: number }): Promise<{ total: number; rotated: number; failed: number }> {
       const { client } = temporal();
       for (let round = 0; ; round++) {
         heartbeat();
         const { rows } = await deps.pool.query(
-          `SELECT r.workflow_id, r.run_id, o.outcome FROM rotation_runs r LEFT JOIN run_outcomes o ON o.run_id = r.run_id
+          `SELECT r.workflow_id, r.run_id, o.outcome, ro.cancelled_at IS NOT NULL AS cancelled
+             FROM rotation_runs r JOIN rotations ro ON ro.id = r.rotation_id LEFT JOIN run_outcomes o ON o.run_id = r.run_id
             WHERE r.rotation_id = $1`,
           [input.rotationId],
         );
-        const open = rows.filter((r) => !r.outcome);
+        // A run of a cancelled batch that never started will not start: it is cancelled.
+        const outcomes = rows.map((r) => r.outcome ?? (r.run_id === null && r.cancelled ? 'cancelled' : null));
+        const open = rows.filter((_, i) => !outcomes[i]);
         if (open.length === 0) {
           return {
             total: rows.length,
-            rotated: rows.filter((r) => r.outcome === 'rotated').length,
-            failed: rows.filter((r) => r.outcome !== 'rotated').length,
+            rotated: outcomes.filter((o) => o === 'rotated').length,
+            failed: outcomes.filter((o) => o !== 'rotated').length,
           };
         }
+        if (open.some((r) => r.run_id === null) && open.filter((r) => r.run_id !== null).length < maxOpen) await startWave(input.rotationId);
         // A run that ended without recording an outcome (terminated, timed out) counts as failed.
         if (round % 5 === 4) {
           for (const r of open.filter((o) => o.run_id)) {
@@ -193,8 +226,11 @@ export function batchActivities(deps: ActivityDeps) {
 async function summarise(deps: ActivityDeps, rotationId: string): Promise<RunSummary[]> {
   const { rows } = await deps.pool.query(
     `SELECT c.id, c.name, c.identity_id, c.owners, c.notify, c.next_rotation_at, i.email,
-            o.outcome, o.from_version, o.to_version, o.error
+            coalesce(o.outcome, CASE WHEN r.run_id IS NULL AND ro.cancelled_at IS NOT NULL THEN 'cancelled' END) AS outcome,
+            o.from_version, o.to_version,
+            coalesce(o.error, CASE WHEN r.run_id IS NULL AND ro.cancelled_at IS NOT NULL THEN 'the batch was cancelled before this rotation started' END) AS error
        FROM rotation_runs r
+       JOIN rotations ro ON ro.id = r.rotation_id
        JOIN credentials c ON c.id = r.credential_id
        JOIN identities i ON i.id = c.identity_id
        LEFT JOIN run_outcomes o ON o.run_id = r.run_id

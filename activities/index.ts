@@ -23,6 +23,8 @@ export interface ActivityDeps {
   /** For batches and sweeps, which start rotations themselves. */
   temporal?: { client: Client; taskQueue: string };
   securityNotify?: string[];
+  /** Rotations one batch keeps open at once (BATCH_MAX_OPEN_ROTATIONS); the rest wait their turn. */
+  maxOpenRotations?: number;
   clock?: () => Date;
 }
 

@@ -132,14 +132,18 @@ export const rotationReport = z.strictObject({
       workflowId: z.string(),
       runId: z.string().nullable(),
       outcome: z.string().nullable(),
-      state: z.string(),
+      state: z.string().describe('not_started (waiting its turn: a batch keeps a bounded number of rotations open), running, grace, succeeded, failed, cancelled, rolled_back'),
       status: z.string().nullable().describe('the Temporal workflow status'),
       progress: rotationProgress.nullable(),
     }),
   ),
 });
 
-export const rotationCancelling = z.strictObject({ rotationId: uuid, cancelling: z.array(uuid) });
+export const rotationCancelling = z.strictObject({
+  rotationId: uuid,
+  cancelling: z.array(uuid).describe('credentials whose rotation was running: undone before promotion, rolled back in its grace period'),
+  notStarted: z.array(uuid).describe('credentials whose rotation was still waiting its turn in the batch: it will not start'),
+});
 
 export const rotationRolledBack = z.strictObject({
   rotationId: uuid,

@@ -83,7 +83,7 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
       const connection = await NativeConnection.connect({ address: temporalAddress });
       onClose('worker connection', () => connection.close());
       mkdirSync(config.envFilesRoot, { recursive: true, mode: 0o700 });
-      const deps = activityDeps(services, { envFilesRoot: config.envFilesRoot, client, taskQueue: config.TASK_QUEUE, securityNotify: config.SECURITY_NOTIFY });
+      const deps = activityDeps(services, { envFilesRoot: config.envFilesRoot, client, taskQueue: config.TASK_QUEUE, securityNotify: config.SECURITY_NOTIFY, maxOpenRotations: config.BATCH_MAX_OPEN_ROTATIONS });
       const worker = await createWorker({
         connection,
         namespace: config.TEMPORAL_NAMESPACE,

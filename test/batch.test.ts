@@ -1,8 +1,9 @@
-import { randomUUID } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 import { waitForMail } from './support/mail';
+import { WebhookReceiver } from './support/webhook-receiver';
 
 /**
  * The agent's batch, end to end: "rotate every API key older than 90 days and email the team a
@@ -83,3 +84,131 @@ describe('batch rotation for agents', () => {
     expect((await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token })).body.state).toBe('partial');
   });
 });
+
+/**
+ * A batch keeps at most BATCH_MAX_OPEN_ROTATIONS rotations open and starts the rest as those finish:
+ * a 1,000-credential batch no longer opens 1,000 workflows against a worker cache of 200.
+ */
+describe('batch rotation in waves', () => {
+  const maxOpen = 2;
+  let h: Harness;
+  let agent: { id: string; token: string };
+  let receiver: WebhookReceiver;
+
+  beforeAll(async () => {
+    h = await startHarness({ worker: true, maxOpenRotations: maxOpen });
+    agent = await h.createIdentity();
+    const signingKey = h.secret(`whsec_${randomBytes(24).toString('hex')}`);
+    await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'hook-key', kind: 'token', value: signingKey } });
+    receiver = new WebhookReceiver(signingKey);
+    await receiver.start();
+  });
+  afterAll(async () => {
+    await receiver.stop();
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
+    await h.close();
+  });
+
+  const storeAll = async (prefix: string, count: number) => {
+    const names = Array.from({ length: count }, (_, i) => `${prefix}-${i}`);
+    const ids: string[] = [];
+    for (const name of names) {
+      const res = await h.api('POST', '/v1/vault.store', {
+        token: agent.token,
+        body: {
+          name,
+          kind: 'api_key',
+          value: h.secret(`${name}-original-${randomUUID()}`),
+          rotation: { provider: 'generated', graceHours: 0 },
+          dependents: [{ type: 'webhook', settings: { url: receiver.url, signingKeyCredential: 'hook-key' } }],
+        },
+      });
+      expect(res.status, res.text).toBe(201);
+      ids.push(res.body.id);
+    }
+    return { names, ids };
+  };
+  const runsOf = async (rotationId: string) =>
+    (await h.sql('SELECT credential_id, workflow_id, run_id FROM rotation_runs WHERE rotation_id = $1', [rotationId])).rows as {
+      credential_id: string;
+      workflow_id: string;
+      run_id: string | null;
+    }[];
+
+  it('never has more than maxOpen rotations in progress, and rotates every credential', async () => {
+    const { names } = await storeAll('wave', 5);
+    receiver.delayMs = 150;
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: names } });
+    expect(started.status).toBe(202);
+    const early = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
+    expect(early.body.credentials.filter((c: { state: string }) => c.state === 'not_started').length).toBeGreaterThanOrEqual(5 - maxOpen);
+    expect(early.body.state).toBe('running');
+
+    expect(await h.client.workflow.getHandle(started.body.batchWorkflowId).result()).toEqual({ total: 5, rotated: 5, failed: 0 });
+    receiver.delayMs = 0;
+    // In progress: from the workflow's start until its outcome (promoted or failed); a promoted run's
+    // grace period and notices go on without holding a place in the batch.
+    const spans = await Promise.all(
+      (await runsOf(started.body.rotationId)).map(async (run) => {
+        const d = await h.client.workflow.getHandle(run.workflow_id, run.run_id!).describe();
+        const outcome = (await h.sql('SELECT finished_at FROM run_outcomes WHERE run_id = $1', [run.run_id])).rows[0];
+        return { start: d.startTime.getTime(), close: (outcome.finished_at as Date).getTime() };
+      }),
+    );
+    const openAt = (t: number) => spans.filter((s) => s.start <= t && t < s.close).length;
+    expect(Math.max(...spans.map((s) => openAt(s.start)))).toBe(maxOpen);
+    for (const name of names) {
+      const read = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name } });
+      expect(read.body.version).toBe(2);
+      h.secret(read.body.value);
+    }
+  });
+
+  it('cancelling the batch cancels the open rotations, and the waiting ones never start', async () => {
+    const team = `waves-${randomUUID().slice(0, 8)}@example.com`;
+    const { names, ids } = await storeAll('held', 4);
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    receiver.onEvent = async (received) => {
+      if (received.event.type === 'credential.pending') await held;
+    };
+    try {
+      const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: names, notify: [team] } });
+      const pendingFor = () => new Set(receiver.events.filter((e) => e.event.type === 'credential.pending' && ids.includes(e.event.credentialId)).map((e) => e.event.credentialId));
+      await waitFor(() => pendingFor().size === maxOpen);
+      const running = [...pendingFor()].sort();
+
+      const cancelled = await h.api('DELETE', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
+      expect(cancelled.status, cancelled.text).toBe(202);
+      expect([...cancelled.body.cancelling].sort()).toEqual(running);
+      expect([...cancelled.body.notStarted].sort()).toEqual(ids.filter((id) => !running.includes(id)).sort());
+      release();
+
+      expect(await h.client.workflow.getHandle(started.body.batchWorkflowId).result()).toEqual({ total: 4, rotated: 0, failed: 4 });
+      const report = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
+      expect(report.body.state).toBe('cancelled');
+      expect(report.body.credentials.map((c: { state: string; outcome: string }) => [c.state, c.outcome])).toEqual(names.map(() => ['cancelled', 'cancelled']));
+
+      const runs = await runsOf(started.body.rotationId);
+      for (const id of cancelled.body.notStarted as string[]) {
+        expect(runs.find((r) => r.credential_id === id)!.run_id).toBeNull();
+        await expect(h.client.workflow.getHandle(`rotate:${id}`).describe()).rejects.toThrow(/not found/i);
+      }
+      for (const name of names) expect((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name } })).body.version).toBe(1);
+      const [summary] = await waitForMail(team, 1);
+      expect(summary!.mail.subject).toBe('[mailgent] Rotation batch: 0 rotated, 4 failed');
+      expect(summary!.mail.text!.split('the batch was cancelled before this rotation started').length - 1).toBe(4 - maxOpen);
+    } finally {
+      release();
+      receiver.onEvent = undefined;
+    }
+  });
+});
+
+async function waitFor(ready: () => boolean, timeoutMs = 60_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!ready()) {
+    if (Date.now() > deadline) throw new Error('timed out waiting');
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}

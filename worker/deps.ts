@@ -7,7 +7,7 @@ import { providers } from '../providers';
 /** The worker's composition: the shared services plus the provider and dependent registries. */
 export function activityDeps(
   services: Services,
-  opts: { envFilesRoot: string; client?: Client; taskQueue: string; securityNotify?: string[]; clock?: () => Date },
+  opts: { envFilesRoot: string; client?: Client; taskQueue: string; securityNotify?: string[]; clock?: () => Date; maxOpenRotations?: number },
 ): ActivityDeps {
   return {
     ...services,
@@ -16,5 +16,6 @@ export function activityDeps(
     temporal: opts.client ? { client: opts.client, taskQueue: opts.taskQueue } : undefined,
     securityNotify: opts.securityNotify,
     clock: opts.clock,
+    maxOpenRotations: opts.maxOpenRotations,
   };
 }

@@ -53,7 +53,11 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
     '/v1/rotations/:id',
     ...endpoint(auth, { who: 'identity', action: 'rotation.cancel', summary: 'Cancel a rotation (undone before promotion, rolled back in grace)', responses: { 202: rotationCancelling }, problems: [404] }, async ({ req, caller }) => {
       const rotation = await ownRotation(deps.pool, caller.identityId, String(req.params.id));
-      const runs = (await runsOf(deps.pool, rotation.id)).filter((r) => r.run_id && !['failed', 'cancelled', 'rolled_back'].includes(r.outcome ?? ''));
+      // First the batch, so no waiting run starts from now on (a run starting meanwhile is cancelled by the batch itself).
+      await deps.pool.query('UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1', [rotation.id]);
+      const all = await runsOf(deps.pool, rotation.id);
+      const notStarted = all.filter((r) => !r.run_id).map((r) => r.credential_id);
+      const runs = all.filter((r) => r.run_id && !['failed', 'cancelled', 'rolled_back'].includes(r.outcome ?? ''));
       const cancelled: string[] = [];
       for (const run of runs) {
         const handle = deps.client.workflow.getHandle(run.workflow_id, run.run_id!);
@@ -62,8 +66,8 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
         await temporal(() => handle.cancel());
         cancelled.push(run.credential_id);
       }
-      await appendAudit(deps.pool, { ...caller, action: 'rotation.cancel', outcome: 'ok', detail: { rotationId: rotation.id, cancelled: cancelled.length } });
-      return { status: 202, body: { rotationId: rotation.id, cancelling: cancelled } };
+      await appendAudit(deps.pool, { ...caller, action: 'rotation.cancel', outcome: 'ok', detail: { rotationId: rotation.id, cancelled: cancelled.length, notStarted: notStarted.length } });
+      return { status: 202, body: { rotationId: rotation.id, cancelling: cancelled, notStarted } };
     }),
   );
 
@@ -122,7 +126,7 @@ export async function startRotation(deps: RotationDeps, caller: Caller, body: z.
 export async function rotationStatus(deps: RotationDeps, caller: Caller, id: string) {
   const rotation = await ownRotation(deps.pool, caller.identityId, id);
   const runs = await runsOf(deps.pool, rotation.id);
-  const credentials = await Promise.all(runs.map((run) => describeRun(deps.client, run)));
+  const credentials = await Promise.all(runs.map((run) => describeRun(deps.client, run, rotation.cancelled_at !== null)));
   return {
     rotationId: rotation.id as string,
     state: aggregate(credentials.map((c) => c.state)),
@@ -176,9 +180,10 @@ async function selectCredentials(vault: Vault, identityId: string, body: { crede
   return ids;
 }
 
-async function describeRun(client: Client, run: RunRow) {
+async function describeRun(client: Client, run: RunRow, batchCancelled: boolean) {
   const base = { credentialId: run.credential_id, name: run.name, workflowId: run.workflow_id, runId: run.run_id, outcome: run.outcome };
-  if (!run.run_id) return { ...base, state: 'not_started', status: null, progress: null };
+  // A batch starts its rotations in waves: a run may wait its turn, and never starts if the batch is cancelled.
+  if (!run.run_id) return batchCancelled ? { ...base, outcome: 'cancelled', state: 'cancelled', status: null, progress: null } : { ...base, state: 'not_started', status: null, progress: null };
   const handle = client.workflow.getHandle(run.workflow_id, run.run_id);
   let progress: RotationProgress | null = null;
   try {

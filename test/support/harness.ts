@@ -69,6 +69,8 @@ export async function startHarness(
     temporalAddress?: string;
     /** host:port through which the API and workers reach PostgreSQL (a fault proxy); h.sql stays direct. */
     databaseHost?: string;
+    /** Rotations one batch keeps open at once (the service default otherwise). */
+    maxOpenRotations?: number;
   } = {},
 ): Promise<Harness> {
   const tag = randomBytes(4).toString('hex');
@@ -104,7 +106,7 @@ export async function startHarness(
   const taskQueue = `test-${tag}`;
   const envFilesRoot = path.join(dir, 'env-files');
   mkdirSync(envFilesRoot, { recursive: true });
-  const deps = activityDeps(services, { envFilesRoot, client, taskQueue, securityNotify: opts.securityNotify, clock: opts.clock });
+  const deps = activityDeps(services, { envFilesRoot, client, taskQueue, securityNotify: opts.securityNotify, clock: opts.clock, maxOpenRotations: opts.maxOpenRotations });
 
   let worker: Worker | undefined;
   let workerRun: Promise<void> | undefined;
