@@ -1,7 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import express, { type Express } from 'express';
 import helmet from 'helmet';
-import { pinoHttp } from 'pino-http';
 import type { Client } from '@temporalio/client';
 import type { DataConverter } from '@temporalio/common';
 import { AppError, NotFoundError } from '../core/errors';
@@ -10,6 +9,7 @@ import type { Pool } from '../db/pool';
 import { appendAudit, errorDetail, isAudited, outcomeOf } from '../vault/audit';
 import { hashToken, type Identities } from '../vault/identities';
 import type { Vault } from '../vault/vault';
+import { accessLog } from './access-log';
 import { AuthGuard, type AuthGuardLimits } from './auth-guard';
 import type { AuthDeps } from './endpoint';
 import { createMetrics } from './metrics';
@@ -87,18 +87,7 @@ export function createApp(deps: ApiDeps): Express {
     res.setHeader('Cache-Control', 'no-store');
     next();
   });
-  app.use(
-    pinoHttp({
-      logger: deps.logger,
-      genReqId: (_req, res) => (res as express.Response).locals.requestId,
-      // Method, path and status only: no headers (tokens), no bodies (values), no query strings.
-      serializers: {
-        req: (req) => ({ id: req.id, method: req.method, path: String(req.url).split('?')[0] }),
-        res: (res) => ({ statusCode: res.statusCode }),
-      },
-      customProps: (_req, res) => ({ identity: (res as express.Response).locals?.identity?.id }),
-    }),
-  );
+  app.use(accessLog(deps.logger));
 
   const metrics = createMetrics({ readBatches: () => deps.vault.readBatchStats() });
   app.use(metrics.middleware);

@@ -1,0 +1,89 @@
+import { once } from 'node:events';
+import { request, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { Writable } from 'node:stream';
+import express from 'express';
+import { afterEach, describe, expect, it } from 'vitest';
+import { accessLog } from '../api/access-log';
+import { createLogger } from '../core/logger';
+
+/** The API's request log (api/access-log.ts) on a real HTTP server. */
+describe('access log', () => {
+  let server: Server | undefined;
+  afterEach(async () => {
+    server?.closeAllConnections();
+    if (server) await new Promise((resolve) => server!.close(resolve));
+    server = undefined;
+  });
+
+  const start = async (level: string) => {
+    const lines: Record<string, any>[] = [];
+    const destination = new Writable({
+      write(chunk, _encoding, callback) {
+        lines.push(...String(chunk).trim().split('\n').map((l) => JSON.parse(l)));
+        callback();
+      },
+    });
+    const app = express();
+    app.use((_req, res, next) => {
+      res.locals.requestId = 'req-1';
+      next();
+    });
+    app.use(accessLog(createLogger({ level, destination })));
+    app.get('/ok', (_req, res) => {
+      res.locals.identity = { id: 'identity-1' };
+      res.json({ ok: true });
+    });
+    app.get('/broken', (_req, res) => {
+      res.status(500).json({ title: 'Internal Server Error' });
+    });
+    app.get('/hang', () => {});
+    server = app.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const port = (server.address() as AddressInfo).port;
+    const get = (path: string, abortAfterMs?: number) =>
+      new Promise<number | 'aborted'>((resolve, reject) => {
+        const req = request({ host: '127.0.0.1', port, path, headers: { authorization: 'Bearer mg_secret_token_value' } }, (res) => {
+          res.resume();
+          res.on('end', () => resolve(res.statusCode!));
+        });
+        req.on('error', (err) => (abortAfterMs ? resolve('aborted') : reject(err)));
+        if (abortAfterMs) setTimeout(() => req.destroy(), abortAfterMs);
+        req.end();
+      });
+    const settle = async (count: number) => {
+      for (let i = 0; i < 100 && lines.length < count; i++) await new Promise((r) => setTimeout(r, 10));
+      return lines;
+    };
+    return { get, settle, lines };
+  };
+
+  it('writes one line per request: method, path without the query, status, time, request id, identity; no headers', async () => {
+    const { get, settle } = await start('info');
+    expect(await get('/ok?token=query-secret&x=1')).toBe(200);
+    const lines = await settle(1);
+    expect(lines).toHaveLength(1);
+    expect(lines[0]).toMatchObject({
+      level: 30,
+      msg: 'request completed',
+      req: { id: 'req-1', method: 'GET', path: '/ok' },
+      res: { statusCode: 200 },
+      identity: 'identity-1',
+    });
+    expect(lines[0]!.responseTime).toEqual(expect.any(Number));
+    expect(JSON.stringify(lines)).not.toMatch(/query-secret|mg_secret_token_value|authorization/i);
+  });
+
+  it('logs only what its level allows: server errors at error, abandoned requests at warn', async () => {
+    const { get, settle, lines } = await start('warn');
+    expect(await get('/ok')).toBe(200);
+    expect(await get('/broken')).toBe(500);
+    expect(await get('/hang', 100)).toBe('aborted');
+    await settle(2);
+    await new Promise((r) => setTimeout(r, 50));
+    expect(lines.map((l) => [l.level, l.msg, l.req.path, l.res.statusCode])).toEqual([
+      [50, 'request completed', '/broken', 500],
+      [40, 'request aborted', '/hang', 200],
+    ]);
+  });
+});
