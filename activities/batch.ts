@@ -6,7 +6,7 @@ import type { ActivityDeps } from './index';
 import { heartbeat, sleep, stableUuid } from './support';
 
 /** Rotations one batch keeps open at once unless BATCH_MAX_OPEN_ROTATIONS says otherwise. */
-export const DEFAULT_MAX_OPEN_ROTATIONS = 100;
+export const DEFAULT_MAX_OPEN_ROTATIONS = 50;
 
 const MODES: Record<string, RotationMode> = { request: 'requested', sweep: 'scheduled', policy: 'scheduled', leak: 'leak' };
 

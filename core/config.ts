@@ -78,8 +78,8 @@ const schema = z.object({
   // Well below 2^32, the NIST limit for AES-GCM with random nonces (see vault/data-keys.ts).
   DATA_KEY_MAX_ENCRYPTIONS: z.coerce.number().int().min(1).max(2 ** 31).default(2 ** 30),
   SHUTDOWN_GRACE_SECONDS: z.coerce.number().int().min(0).max(3600).default(30),
-  WORKER_CACHED_WORKFLOWS: z.coerce.number().int().min(2).max(100_000).default(200),
-  BATCH_MAX_OPEN_ROTATIONS: z.coerce.number().int().min(1).max(100_000).default(100),
+  WORKER_CACHED_WORKFLOWS: z.coerce.number().int().min(2).max(100_000).default(100),
+  BATCH_MAX_OPEN_ROTATIONS: z.coerce.number().int().min(1).max(100_000).default(50),
 });
 
 /** Variables whose values are secret: a problem with them never repeats the value. */

@@ -41,7 +41,7 @@ export async function createWorker(opts: {
   }
 }
 
-export const DEFAULT_CACHED_WORKFLOWS = 200;
+export const DEFAULT_CACHED_WORKFLOWS = 100;
 
 /** Routes the Temporal SDK's own logs (bundling, worker state) into our logger, warnings and up. */
 export function installTemporalLogging(logger: Logger, level: 'WARN' | 'INFO' | 'ERROR' = 'WARN'): void {
