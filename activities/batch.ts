@@ -1,3 +1,4 @@
+import { RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
 import { sendNotice } from '../mail/notify';
 import type { RotationWindow } from '../vault/types';
 import type { rotateCredential } from '../workflows/rotate-credential';
@@ -93,19 +94,17 @@ export function batchActivities(deps: ActivityDeps) {
       for (let round = 0; ; round++) {
         heartbeat();
         const { rows } = await deps.pool.query(
-          `SELECT r.workflow_id, r.run_id, o.outcome, ro.cancelled_at IS NOT NULL AS cancelled
+          `SELECT r.workflow_id, r.run_id, ${RUN_OUTCOME_SQL} AS outcome
              FROM rotation_runs r JOIN rotations ro ON ro.id = r.rotation_id LEFT JOIN run_outcomes o ON o.run_id = r.run_id
             WHERE r.rotation_id = $1`,
           [input.rotationId],
         );
-        // A run of a cancelled batch that never started will not start: it is cancelled.
-        const outcomes = rows.map((r) => r.outcome ?? (r.run_id === null && r.cancelled ? 'cancelled' : null));
-        const open = rows.filter((_, i) => !outcomes[i]);
+        const open = rows.filter((r) => !r.outcome);
         if (open.length === 0) {
           return {
             total: rows.length,
-            rotated: outcomes.filter((o) => o === 'rotated').length,
-            failed: outcomes.filter((o) => o !== 'rotated').length,
+            rotated: rows.filter((r) => r.outcome === 'rotated').length,
+            failed: rows.filter((r) => r.outcome !== 'rotated').length,
           };
         }
         if (open.some((r) => r.run_id === null) && open.filter((r) => r.run_id !== null).length < maxOpen) await startWave(input.rotationId);
@@ -226,9 +225,7 @@ export function batchActivities(deps: ActivityDeps) {
 async function summarise(deps: ActivityDeps, rotationId: string): Promise<RunSummary[]> {
   const { rows } = await deps.pool.query(
     `SELECT c.id, c.name, c.identity_id, c.owners, c.notify, c.next_rotation_at, i.email,
-            coalesce(o.outcome, CASE WHEN r.run_id IS NULL AND ro.cancelled_at IS NOT NULL THEN 'cancelled' END) AS outcome,
-            o.from_version, o.to_version,
-            coalesce(o.error, CASE WHEN r.run_id IS NULL AND ro.cancelled_at IS NOT NULL THEN 'the batch was cancelled before this rotation started' END) AS error
+            ${RUN_OUTCOME_SQL} AS outcome, o.from_version, o.to_version, ${RUN_ERROR_SQL} AS error
        FROM rotation_runs r
        JOIN rotations ro ON ro.id = r.rotation_id
        JOIN credentials c ON c.id = r.credential_id

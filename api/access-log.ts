@@ -1,4 +1,4 @@
-import type { RequestHandler, Response } from 'express';
+import type { RequestHandler } from 'express';
 import type { Logger } from '../core/logger';
 
 /**
@@ -26,7 +26,7 @@ export function accessLog(logger: Logger): RequestHandler {
           req: { id: res.locals.requestId, method: req.method, path: req.originalUrl.split('?')[0] },
           res: { statusCode: status },
           responseTime: Math.round(performance.now() - started),
-          identity: (res as Response).locals.identity?.id,
+          identity: res.locals.identity?.id,
         },
         level === 'warn' ? 'request aborted' : 'request completed',
       );

@@ -4,6 +4,7 @@ import type { z } from 'zod';
 import type { Client } from '@temporalio/client';
 import { ConflictError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { withTransaction, type Pool } from '../../db/pool';
+import { RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../../db/run-outcome';
 import { appendAudit } from '../../vault/audit';
 import type { Caller, Kind, Vault } from '../../vault/vault';
 import type { rotateBatch } from '../../workflows/batch';
@@ -126,7 +127,7 @@ export async function startRotation(deps: RotationDeps, caller: Caller, body: z.
 export async function rotationStatus(deps: RotationDeps, caller: Caller, id: string) {
   const rotation = await ownRotation(deps.pool, caller.identityId, id);
   const runs = await runsOf(deps.pool, rotation.id);
-  const credentials = await Promise.all(runs.map((run) => describeRun(deps.client, run, rotation.cancelled_at !== null)));
+  const credentials = await Promise.all(runs.map((run) => describeRun(deps.client, run)));
   return {
     rotationId: rotation.id as string,
     state: aggregate(credentials.map((c) => c.state)),
@@ -155,8 +156,9 @@ interface RunRow {
 
 async function runsOf(pool: Pool, rotationId: string): Promise<RunRow[]> {
   const { rows } = await pool.query(
-    `SELECT r.credential_id, r.workflow_id, r.run_id, c.name, o.outcome, o.error
-       FROM rotation_runs r JOIN credentials c ON c.id = r.credential_id LEFT JOIN run_outcomes o ON o.run_id = r.run_id
+    `SELECT r.credential_id, r.workflow_id, r.run_id, c.name, ${RUN_OUTCOME_SQL} AS outcome, ${RUN_ERROR_SQL} AS error
+       FROM rotation_runs r JOIN rotations ro ON ro.id = r.rotation_id JOIN credentials c ON c.id = r.credential_id
+       LEFT JOIN run_outcomes o ON o.run_id = r.run_id
       WHERE r.rotation_id = $1 ORDER BY c.name`,
     [rotationId],
   );
@@ -180,10 +182,10 @@ async function selectCredentials(vault: Vault, identityId: string, body: { crede
   return ids;
 }
 
-async function describeRun(client: Client, run: RunRow, batchCancelled: boolean) {
+async function describeRun(client: Client, run: RunRow) {
   const base = { credentialId: run.credential_id, name: run.name, workflowId: run.workflow_id, runId: run.run_id, outcome: run.outcome };
-  // A batch starts its rotations in waves: a run may wait its turn, and never starts if the batch is cancelled.
-  if (!run.run_id) return batchCancelled ? { ...base, outcome: 'cancelled', state: 'cancelled', status: null, progress: null } : { ...base, state: 'not_started', status: null, progress: null };
+  // A batch starts its rotations in waves: a run may wait its turn (or be cancelled before it).
+  if (!run.run_id) return { ...base, state: run.outcome ?? 'not_started', status: null, progress: null };
   const handle = client.workflow.getHandle(run.workflow_id, run.run_id);
   let progress: RotationProgress | null = null;
   try {
