@@ -36,13 +36,30 @@ export async function startEmbeddedTemporal(opts: {
   if (!cli) return startWithSdkDownload({ ...opts, dbFile, port, buildError });
 
   const args = ['server', 'start-dev', '--headless', '--ip', '127.0.0.1', '--port', String(port), '--http-port', String(await freePort()),
-    '--metrics-port', String(await freePort()), '--db-filename', dbFile, '--namespace', opts.namespace, '--log-level', 'warn'];
+    '--metrics-port', String(await freePort()), '--db-filename', dbFile, '--namespace', opts.namespace, '--log-level', 'warn', ...TUNING];
   const child = startChild(cli, args, { logFile: path.join(opts.dataDir, 'logs', 'temporal.log'), deathSignal: 'TERM' });
   const address = `127.0.0.1:${port}`;
   await waitUntilReady(child, `Temporal dev server (${cli})`, () => probe(address, opts.namespace), 90_000);
   opts.logger?.info({ address, dbFile }, 'embedded Temporal ready');
   return { address, stop: () => child.stop('SIGTERM', 20_000) };
 }
+
+/**
+ * What the dev server's defaults leave on the table (measured with 300 rotations on 2 cores: 4.6 →
+ * 10 rotations/s, the server's CPU per rotation 167 → 73 ms):
+ * - SQLite in WAL mode with `synchronous=normal` instead of a rollback journal synced on every
+ *   commit. A commit is in the WAL before the server acknowledges it, so killing or restarting the
+ *   server loses nothing (the fault suite does both); only an OS crash or power cut can drop the
+ *   last commits, which a development server may accept. Production runs Temporal on PostgreSQL.
+ * - Eager activity dispatch: the worker that completes a workflow task gets the activity it just
+ *   scheduled in the reply instead of through another poll. The SDK asks for it by default; the
+ *   server's default is off. The compose file's dynamic config turns it on too.
+ */
+const TUNING = [
+  '--sqlite-pragma', 'journal_mode=wal',
+  '--sqlite-pragma', 'synchronous=normal',
+  '--dynamic-config-value', 'system.enableActivityEagerExecution=true',
+];
 
 /** Ready means the frontend answers and the namespace exists. */
 async function probe(address: string, namespace: string): Promise<void> {
@@ -65,7 +82,7 @@ async function startWithSdkDownload(opts: { dbFile: string; port: number; namesp
         port: opts.port,
         dbFilename: opts.dbFile,
         namespace: opts.namespace,
-        extraArgs: ['--headless'],
+        extraArgs: ['--headless', ...TUNING],
       },
     });
     return { address: env.address, stop: () => env.teardown() };
