@@ -12,7 +12,8 @@ import { findTemporalCli } from './temporal-cli';
  */
 export interface EmbeddedTemporal {
   address: string;
-  stop(): Promise<void>;
+  /** SIGTERM by default (SIGKILL after 20 s); the fault suite kills it outright. */
+  stop(signal?: NodeJS.Signals): Promise<void>;
 }
 
 export async function startEmbeddedTemporal(opts: {
@@ -41,7 +42,7 @@ export async function startEmbeddedTemporal(opts: {
   const address = `127.0.0.1:${port}`;
   await waitUntilReady(child, `Temporal dev server (${cli})`, () => probe(address, opts.namespace), 90_000);
   opts.logger?.info({ address, dbFile }, 'embedded Temporal ready');
-  return { address, stop: () => child.stop('SIGTERM', 20_000) };
+  return { address, stop: (signal = 'SIGTERM') => child.stop(signal, 20_000) };
 }
 
 /**
