@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { isUuid } from '../core/ids';
 import { KINDS } from '../vault/vault';
 import { MAX_PERIOD_SECONDS } from '../vault/totp';
 
@@ -15,8 +16,17 @@ const credentialName = z
   .string()
   .min(1)
   .max(200)
-  .regex(/^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$/, 'must start with a letter or digit and use only letters, digits and . _ : / @ + -');
+  .regex(/^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$/, 'must start with a letter or digit and use only letters, digits and . _ : / @ + -')
+  // A path segment of that form names a credential by id (refOf), so a name like it could never be reached by path.
+  .refine((n) => !isUuid(n), 'must not have the form of a UUID (that names a credential by id)');
 const credentialId = z.uuid('must be a credential id (UUID)');
+/**
+ * An RFC 3339 date-time PostgreSQL can store: from the year 1 (UTC) on. `0000-…` is valid ISO 8601
+ * (1 BC) but not a timestamptz input, and would otherwise fail as a 500 after validation.
+ */
+const dateTime = z.iso
+  .datetime({ offset: true })
+  .refine((s) => new Date(s).getUTCFullYear() >= 1, 'must be a date-time from the year 1 (UTC) onwards');
 const email = z.email('must be an email address').max(254);
 const kind = z.enum(KINDS);
 const days = z.coerce.number().int().min(0).max(36500);
@@ -72,7 +82,7 @@ const policyFields = {
   rotation: rotationPolicy.nullable().optional(),
   dependents: dependents.optional(),
   notify: z.array(email).max(20).optional(),
-  expiresAt: z.iso.datetime({ offset: true }).nullable().optional(),
+  expiresAt: dateTime.nullable().optional(),
 };
 
 export const credentialUpdate = z.strictObject(policyFields).refine((b) => Object.keys(b).length > 0, 'give at least one field to change');
@@ -160,7 +170,7 @@ export const rotationsStart = z
 
 export const auditQuery = z.strictObject({
   credential: z.string().min(1).max(200).optional(),
-  since: z.iso.datetime({ offset: true }).optional(),
+  since: dateTime.optional(),
   after: z.coerce.number().int().min(0).optional(),
   limit: z.coerce.number().int().min(1).max(1000).default(100),
 });

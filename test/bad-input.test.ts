@@ -154,6 +154,34 @@ describe('bad input', () => {
     expectProblem(await h.api('DELETE', '/v1/vault.get', { token: agent.token }), 404, 'not-found');
   });
 
+  it('an id that is not a UUID is not found, even when it looks like one to a loose check (36 dashes)', async () => {
+    const dashes = '-'.repeat(36);
+    expectProblem(await h.api('GET', `/v1/rotations/${dashes}`, { token: agent.token }), 404, 'not-found');
+    expectProblem(await h.api('DELETE', `/v1/rotations/${dashes}`, { token: agent.token }), 404, 'not-found');
+    expectProblem(await h.api('POST', `/v1/rotations/${dashes}/rollback`, { token: agent.token }), 404, 'not-found');
+    expectProblem(await h.api('DELETE', `/v1/grants/${dashes}`, { token: agent.token }), 404, 'not-found');
+    expectProblem(await h.api('PATCH', `/v1/identities/${dashes}`, { token: h.adminToken, body: { mcpMasking: false } }), 404, 'not-found');
+    const audit = await h.api('GET', `/v1/audit?credential=${dashes}`, { token: h.adminToken });
+    expect(audit.status).toBe(200);
+    expect(audit.body.items).toEqual([]);
+  });
+
+  it('a name shaped like a UUID is refused (a path segment of that shape names a credential by id)', async () => {
+    const res = await post('/v1/vault.store', { body: { name: '0b6f3a5e-1c2d-4e5f-8a9b-0c1d2e3f4a5b', kind: 'generic', value: 'v-uuid-name' } });
+    expectProblem(res, 400, 'validation-failed');
+    expect(res.body.errors).toEqual([{ path: 'name', message: 'must not have the form of a UUID (that names a credential by id)' }]);
+  });
+
+  it('a date-time PostgreSQL cannot store (the year 0000) is a 400, not a 500', async () => {
+    for (const expiresAt of ['0000-01-01T00:00:00Z', '0001-01-01T00:00:00+05:00']) {
+      const res = await post('/v1/vault.store', { body: { name: 'dated', kind: 'generic', value: 'v-dated', expiresAt } });
+      expectProblem(res, 400, 'validation-failed');
+      expect(res.body.errors).toEqual([{ path: 'expiresAt', message: 'must be a date-time from the year 1 (UTC) onwards' }]);
+    }
+    expectProblem(await h.api('PATCH', '/v1/credentials/dated', { token: agent.token, body: { expiresAt: '0000-06-01T00:00:00Z' } }), 400, 'validation-failed');
+    expectProblem(await h.api('GET', '/v1/audit?since=0000-01-01T00:00:00Z', { token: agent.token }), 400, 'validation-failed');
+  });
+
   it('query strings are validated too', async () => {
     expectProblem(await h.api('GET', '/v1/credentials?limit=0', { token: agent.token }), 400, 'validation-failed');
     expectProblem(await h.api('GET', '/v1/credentials?kind=a&kind=b', { token: agent.token }), 400, 'validation-failed');

@@ -4,6 +4,7 @@ import { storableText } from '../core/storable';
 import { appendAuditRows, type AuditEntry, errorDetail, markAudited, outcomeOf } from './audit';
 import type { SecretStore } from './secret-store';
 import type { Caller, CredentialRef, Kind, VersionLabel } from './types';
+import { UUID } from '../core/ids';
 
 /**
  * Group commit for audited reads (vault.get, its masked form, vault.totp).
@@ -65,7 +66,6 @@ export const MAX_BATCH = 128;
 /** Batches in flight per process (see above for why one). */
 export const MAX_IN_FLIGHT = 1;
 
-const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const INT4_MAX = 2_147_483_647;
 
 // Own credentials by name or id; credentials granted to the caller by id only (names are per owner).

@@ -5,6 +5,7 @@ import { endpoint, type AuthDeps } from '../endpoint';
 import { grantCreated, grantList, grantRevoked } from '../responses';
 import { grantCreate } from '../schemas';
 import { refOf } from './vault';
+import { isUuid } from '../../core/ids';
 
 /** Owners grant another identity read access to one credential; the grantee reads it by id. */
 export function grantRoutes(auth: AuthDeps, grants: Grants): Router {
@@ -18,13 +19,13 @@ export function grantRoutes(auth: AuthDeps, grants: Grants): Router {
   );
   router.get(
     '/v1/grants',
-    ...endpoint(auth, { who: 'identity', summary: 'Grants given and received', responses: { 200: grantList } }, async ({ caller }) => ({ body: await grants.list(caller.identityId) })),
+    ...endpoint(auth, { who: 'identity', action: 'grant.list', summary: 'Grants given and received', responses: { 200: grantList } }, async ({ caller }) => ({ body: await grants.list(caller.identityId) })),
   );
   router.delete(
     '/v1/grants/:id',
     ...endpoint(auth, { who: 'identity', action: 'grant.revoke', summary: 'Revoke a grant (takes effect at once)', responses: { 200: grantRevoked }, problems: [404] }, async ({ req, caller }) => {
       const id = String(req.params.id);
-      if (!/^[0-9a-f-]{36}$/i.test(id)) throw new NotFoundError(`no active grant with id ${id}`);
+      if (!isUuid(id)) throw new NotFoundError(`no active grant with id ${id}`);
       return { body: await grants.revoke(caller, id) };
     }),
   );

@@ -4,6 +4,7 @@ import type { Identities } from '../../vault/identities';
 import { endpoint, type AuthDeps } from '../endpoint';
 import { identityBody, identityCreated, identitySettings } from '../responses';
 import { identityCreate, identityUpdate } from '../schemas';
+import { isUuid } from '../../core/ids';
 
 export function identityRoutes(auth: AuthDeps, identities: Identities): Router {
   const router = Router();
@@ -17,7 +18,7 @@ export function identityRoutes(auth: AuthDeps, identities: Identities): Router {
   // Who the bearer token belongs to. Does no vault work, so it is also the HTTP floor of `npm run bench`.
   router.get(
     '/v1/whoami',
-    ...endpoint(auth, { who: 'identity', summary: 'Who this bearer token belongs to', responses: { 200: identityBody } }, async ({ identity }) => ({
+    ...endpoint(auth, { who: 'identity', action: 'identity.whoami', summary: 'Who this bearer token belongs to', responses: { 200: identityBody } }, async ({ identity }) => ({
       body: { id: identity!.id, name: identity!.name, email: identity!.email },
     })),
   );
@@ -26,7 +27,7 @@ export function identityRoutes(auth: AuthDeps, identities: Identities): Router {
     '/v1/identities/:id',
     ...endpoint(auth, { who: 'admin', action: 'identity.update', summary: 'Change how an identity’s MCP calls treat values', body: identityUpdate, responses: { 200: identitySettings }, problems: [404] }, async ({ req, body, requestId }) => {
       const id = String(req.params.id);
-      if (!/^[0-9a-f-]{36}$/i.test(id)) throw new NotFoundError(`no identity with id ${id}`);
+      if (!isUuid(id)) throw new NotFoundError(`no identity with id ${id}`);
       return { body: await identities.updateSettings(id, body, { actor: 'admin', requestId }) };
     }),
   );

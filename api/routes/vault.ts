@@ -8,6 +8,7 @@ import type { Caller, CredentialPolicy, CredentialRef, Vault } from '../../vault
 import { endpoint, type AuthDeps } from '../endpoint';
 import { credentialDeleted, credentialList, credentialMeta, secretRead, storedVersion, totpCode } from '../responses';
 import { credentialDeleteQuery, credentialsQuery, credentialUpdate, vaultGet, vaultStore, vaultTotp } from '../schemas';
+import { isUuid } from '../../core/ids';
 
 export interface VaultRouteDeps {
   pool: Pool;
@@ -50,7 +51,7 @@ export function vaultRoutes(auth: AuthDeps, deps: VaultRouteDeps): Router {
 
   router.get(
     '/v1/credentials',
-    ...endpoint(auth, { who: 'identity', summary: 'List credentials (metadata only)', query: credentialsQuery, responses: { 200: credentialList } }, async ({ query, caller }) => {
+    ...endpoint(auth, { who: 'identity', action: 'credential.list', summary: 'List credentials (metadata only)', query: credentialsQuery, responses: { 200: credentialList } }, async ({ query, caller }) => {
       const items = await vault.list(caller.identityId, query);
       return { body: { items, nextCursor: items.length === query.limit ? items.at(-1)!.name : null } };
     }),
@@ -107,5 +108,5 @@ function checkedPolicy<P extends CredentialPolicy>(deps: VaultRouteDeps, policy:
 /** A path segment names a credential by id (a UUID) or by name. */
 export function refOf(segment: unknown): CredentialRef {
   const s = String(segment);
-  return /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(s) ? { id: s } : { name: s };
+  return isUuid(s) ? { id: s } : { name: s };
 }
