@@ -144,7 +144,13 @@ describe('POST /v1/leaks', () => {
     await store('careful', 'careful-secret-value-01');
     const res = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'careful', source: 'x', details: 'found careful-secret-value-01 in a gist' } });
     expect(res.status).toBe(422);
+    expect(res.body.detail).toMatch(/^details must not contain the leaked value/);
     expect(res.text).not.toContain('careful-secret-value-01');
+    // The source goes into the audit row, the rotation's reason and the incident email just the same.
+    const bySource = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'careful', source: 'pastebin: careful-secret-value-01' } });
+    expect(bySource.status).toBe(422);
+    expect(bySource.body.detail).toMatch(/^source must not contain the leaked value/);
+    expect((await h.sql("SELECT count(*)::int AS n FROM rotations WHERE reason LIKE '%careful-secret-value-01%'")).rows[0].n).toBe(0);
     expect((await h.sql("SELECT count(*)::int AS n FROM leak_incidents i JOIN credentials c ON c.id = i.credential_id WHERE c.name = 'careful'")).rows[0].n).toBe(0);
     expect((await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'nope', source: 'x' } })).status).toBe(404);
     const other = await h.createIdentity();

@@ -34,7 +34,7 @@ export function normalizeTotp(input: TotpInput, label: string): TotpParams {
     try {
       uri = parseOtpauth(input.otpauthUri);
     } catch (err) {
-      throw new UnprocessableError(`totp.otpauthUri is not a valid otpauth:// URI: ${(err as Error).message.replace(/secret=[^&\s]*/gi, 'secret=…')}`);
+      throw new UnprocessableError(`totp.otpauthUri is not a valid otpauth:// URI (otpauth://totp/LABEL?secret=…): ${uriProblem(err)}`);
     }
     if (uri.type !== 'totp') throw new UnprocessableError('totp.otpauthUri must be an otpauth://totp/ URI (HOTP is not supported)');
     return checked({
@@ -53,6 +53,18 @@ export function normalizeTotp(input: TotpInput, label: string): TotpParams {
     period: input.period ?? 30,
     label,
   });
+}
+
+/**
+ * What was wrong with a URI, in words of our own: the parser's messages quote the URI or a parameter's
+ * value, and the URI holds the seed (even `secre%74=` or a seed with spaces gets past any redaction).
+ */
+function uriProblem(err: unknown): string {
+  const message = err instanceof Error ? err.message : '';
+  const parameter = /^(?:Missing required parameter: |Invalid value for parameter ')([a-z]{1,20})\b/.exec(message)?.[1];
+  if (err instanceof Error && err.name === 'MissingParameterError' && parameter) return `it has no ${parameter} parameter`;
+  if (err instanceof Error && err.name === 'InvalidParameterError' && parameter) return `its ${parameter} parameter is not valid`;
+  return 'it could not be parsed';
 }
 
 function checked(params: TotpParams): TotpParams {

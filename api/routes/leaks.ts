@@ -61,10 +61,13 @@ export function leakRoutes(auth: AuthDeps, deps: LeakDeps): Router {
  */
 export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string | undefined, body: z.output<typeof leakReport>) {
   const targets = body.fingerprint ? await byFingerprint(deps, body.fingerprint, scope) : await byCredential(deps, body.credential!, scope);
-  if (body.details) {
-    for (const identityId of new Set(targets.map((t) => t.identityId))) {
-      if (findStoredValue({ subject: '', text: body.details }, await deps.vault.storedValues(identityId))) {
-        throw new UnprocessableError('details must not contain the leaked value; report it by its SHA-256 fingerprint');
+  // Both free-text fields go into the audit row, the rotation's reason and the incident email: neither may carry a stored value.
+  for (const identityId of new Set(targets.map((t) => t.identityId))) {
+    const stored = await deps.vault.storedValues(identityId);
+    for (const field of ['source', 'details'] as const) {
+      const text = body[field];
+      if (text && findStoredValue({ subject: '', text }, stored)) {
+        throw new UnprocessableError(`${field} must not contain the leaked value; report it by its SHA-256 fingerprint`);
       }
     }
   }
@@ -87,21 +90,23 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
   const workflowId = `rotate:${t.credentialId}`;
   if (!t.live) return { credentialId: t.credentialId, version: t.version, action: 'already-revoked' as const };
 
-  const incident = (
-    await deps.pool.query(
-      `INSERT INTO leak_incidents (id, credential_id, identity_id, version, source) VALUES ($1, $2, $3, $4, $5)
-       ON CONFLICT (credential_id) WHERE status = 'open' DO UPDATE SET reports = leak_incidents.reports + 1
-       RETURNING id, (xmax = 0) AS created`,
-      [randomUUID(), t.credentialId, t.identityId, t.version, body.source],
-    )
-  ).rows[0] as { id: string; created: boolean };
-  if (!incident.created) return { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, action: 'joined' as const };
-
   const rotationId = randomUUID();
   const mailId = randomUUID();
   const meta = await deps.vault.describe(t.identityId, t.credentialId);
   const identity = (await deps.pool.query('SELECT email FROM identities WHERE id = $1', [t.identityId])).rows[0];
-  await withTransaction(deps.pool, async (tx) => {
+  // The incident commits with its rotation's rows or not at all: an incident left open without a
+  // rotation would make every later report only join it. A parallel report of the same credential
+  // waits here for this one's commit, then joins.
+  const incident = await withTransaction(deps.pool, async (tx) => {
+    const opened = (
+      await tx.query(
+        `INSERT INTO leak_incidents (id, credential_id, identity_id, version, source) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (credential_id) WHERE status = 'open' DO UPDATE SET reports = leak_incidents.reports + 1
+         RETURNING id, (xmax = 0) AS created`,
+        [randomUUID(), t.credentialId, t.identityId, t.version, body.source],
+      )
+    ).rows[0] as { id: string; created: boolean };
+    if (!opened.created) return opened;
     await tx.query(`INSERT INTO rotations (id, identity_id, kind, reason, workflow_id) VALUES ($1, $2, 'leak', $3, $4)`, [
       rotationId,
       t.identityId,
@@ -122,13 +127,16 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
         'Mailgent is rotating it now, without a grace period: the leaked value is revoked as soon as the new one is in place.',
         'You will get a notice when the rotation has finished.',
         '',
-        `Incident: ${incident.id}`,
+        `Incident: ${opened.id}`,
         `Credential id: ${t.credentialId}`,
         `Workflow: ${workflowId}`,
       ].join('\n'),
     });
-    await appendAudit(tx, { identityId: t.identityId, actor, action: 'mail.send', credentialId: t.credentialId, outcome: 'ok', detail: { messageId: mailId, purpose: 'leak.incident', incidentId: incident.id } });
+    await appendAudit(tx, { identityId: t.identityId, actor, action: 'mail.send', credentialId: t.credentialId, outcome: 'ok', detail: { messageId: mailId, purpose: 'leak.incident', incidentId: opened.id } });
+    return opened;
   });
+  if (!incident.created) return { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, action: 'joined' as const };
+
   try {
     const handle = await deps.client.workflow.signalWithStart<typeof rotateCredential, [{ incidentId: string; version?: number }]>('rotateCredential', {
       taskQueue: deps.taskQueue,

@@ -28,6 +28,27 @@ describe('TOTP parameters', () => {
     }
   });
 
+  it('says what is wrong with a URI in its own words, never quoting the URI (which holds the seed)', () => {
+    const cases: [string, RegExp][] = [
+      // No "/label": the parser's message quotes the whole URI; an encoded key name or a spaced seed gets past any redaction.
+      ['otpauth://totp?secre%74=JBSWY3DPEHPK3PXQ', /could not be parsed/],
+      ['otpauth://totp?secret=JBSW Y3DP EHPK 3PXR', /could not be parsed/],
+      ['otpauth://totp/x?issuer=JBSWY3DPEHPK3PXS', /has no secret parameter/],
+      ['otpauth://totp/x?secret=JBSWY3DPEHPK3PXT&period=JBSWY3DPEHPK3PXU', /its period parameter is not valid/],
+      ['otpauth://JBSWY3DPEHPK3PXV/x?secret=JBSWY3DPEHPK3PXW', /its type parameter is not valid/],
+    ];
+    for (const [otpauthUri, expected] of cases) {
+      let message = '';
+      try {
+        normalizeTotp({ otpauthUri }, 'x');
+      } catch (err) {
+        message = (err as Error).message;
+      }
+      expect(message, otpauthUri).toMatch(expected);
+      expect(message, otpauthUri).not.toMatch(/JBSW|Y3DP|EHPK|3PX/);
+    }
+  });
+
   it('reports when the code expires', () => {
     const p = normalizeTotp({ secret: base32('12345678901234567890') }, 'x');
     expect(totpCode(p, 59_000)).toEqual({ code: '287082', period: 30, digits: 6, expiresInSeconds: 1 });
