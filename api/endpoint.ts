@@ -53,7 +53,8 @@ export interface EndpointSpec<BS, QS> {
   who: Who;
   summary: string;
   description?: string;
-  action?: string;
+  /** The audit action a refused or failed call is written under (a success is audited by the vault, where it is at all). */
+  action: string;
   body?: BS;
   query?: QS;
   responses: Record<number, ResponseDoc>;
@@ -79,7 +80,6 @@ export function endpoint<BS extends z.ZodType | undefined = undefined, QS extend
   const run: RequestHandler = async (req: Request, res: Response) => {
     refuseUnstorable(req.params, 'path');
     refuseUnstorable(req.query, 'query');
-    if (spec.body) refuseUnstorable(req.body, 'body');
     const body = spec.body ? parse(spec.body, req.body, 'body') : undefined;
     const query = spec.query ? parse(spec.query, { ...req.query }, 'query') : undefined;
     const identity: Identity | undefined = res.locals.identity;
@@ -106,6 +106,8 @@ export function parse<S extends z.ZodType>(schema: S, input: unknown, where: 'bo
   if (where === 'body' && (typeof input !== 'object' || input === null || Array.isArray(input))) {
     throw new ValidationError('the request body must be a JSON object');
   }
+  // Here, not only in the HTTP chain: MCP tool arguments are parsed with this too, and must be refused alike.
+  if (where === 'body') refuseUnstorable(input, 'body');
   const result = schema.safeParse(input);
   if (result.success) return result.data;
   const errors = result.error.issues.flatMap((i) =>

@@ -37,7 +37,7 @@ async function callTool(deps: McpDeps & { logger: Logger }, tool: Tool, caller: 
   } catch (err) {
     const appErr = toAppError(err);
     if (appErr.status >= 500) deps.logger.error({ err, requestId: caller.requestId, tool: tool.name }, 'MCP tool failed');
-    if (tool.action && !isAudited(err)) {
+    if (!isAudited(err)) {
       await appendAudit(deps.pool, { ...caller, action: tool.action, outcome: outcomeOf(appErr), detail: errorDetail(appErr) }).catch((auditErr) =>
         deps.logger.error({ err: auditErr, requestId: caller.requestId }, 'could not audit a failed MCP call'),
       );

@@ -23,7 +23,7 @@ export interface Tool<S extends z.ZodType = z.ZodType> {
   description: string;
   input: S;
   /** The HTTP endpoint's audit action: a failure the vault did not audit itself is written with it. */
-  action?: string;
+  action: string;
   /** MCP tool annotations: hints for the client, never relied on for security. */
   hints: { readOnlyHint: boolean; destructiveHint?: boolean; idempotentHint?: boolean; openWorldHint?: boolean };
   run(caller: Caller, input: z.output<S>): Promise<Record<string, unknown>>;
@@ -150,6 +150,7 @@ export function mcpTools(deps: McpDeps): Tool[] {
       title: 'List credentials',
       description: 'Metadata of this identity’s credentials (never values), each with a handle; filter by kind, age or due rotation; page with after.',
       input: credentialsQuery,
+      action: 'credential.list',
       hints: { readOnlyHint: true, openWorldHint: false },
       run: async (caller, input) => {
         const items = await deps.vault.list(caller.identityId, input);
@@ -175,6 +176,7 @@ export function mcpTools(deps: McpDeps): Tool[] {
       title: 'Rotation status',
       description: 'State of a rotation (running, grace, succeeded, partial, failed) and each credential’s steps.',
       input: rotationStatusInput,
+      action: 'rotation.describe',
       hints: { readOnlyHint: true, openWorldHint: false },
       run: (caller, input) => rotationStatus(deps, caller, input.rotationId),
     }),

@@ -47,6 +47,13 @@ describe('audit log', () => {
     expect(await rowsFor('req-401')).toEqual([{ identity_id: null, actor: 'anonymous', action: 'vault.get', credential_id: null, outcome: 'denied', detail: { error: 'unauthorized', status: 401 } }]);
     expect(await rowsFor('req-json')).toMatchObject([{ identity_id: agent.id, action: 'vault.store', outcome: 'rejected', detail: { error: 'malformed-json' } }]);
     expect(await rowsFor('req-403')).toMatchObject([{ identity_id: agent.id, action: 'identity.create', outcome: 'denied', detail: { error: 'forbidden' } }]);
+    // Routes that only read metadata write no row when they succeed, but a denied call is still written.
+    await h.api('GET', '/v1/credentials', { token: 'not-a-token', headers: { 'x-request-id': 'req-list-401' } });
+    await h.api('GET', '/v1/whoami', { headers: { 'x-request-id': 'req-whoami-401' } });
+    await h.api('GET', '/v1/credentials', { token: agent.token, headers: { 'x-request-id': 'req-list-ok' } });
+    expect(await rowsFor('req-list-401')).toEqual([{ identity_id: null, actor: 'anonymous', action: 'credential.list', credential_id: null, outcome: 'denied', detail: { error: 'unauthorized', status: 401 } }]);
+    expect(await rowsFor('req-whoami-401')).toMatchObject([{ action: 'identity.whoami', outcome: 'denied' }]);
+    expect(await rowsFor('req-list-ok')).toEqual([]);
   });
 
   it('a read that cannot be audited fails and returns no secret', async () => {
@@ -81,6 +88,19 @@ describe('audit log', () => {
     expect(mine.body.items.every((e: { identityId: string }) => e.identityId === agent.id)).toBe(true);
     const seed = await h.api('GET', '/v1/audit?credential=seed', { token: agent.token });
     expect(seed.body.items.map((e: { action: string }) => e.action)).toEqual(['vault.store', 'vault.get', 'vault.totp']);
+    // The trail outlives the credential: still there by name and by id once it is deleted, and once destroyed.
+    const gone = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'short-lived', kind: 'generic', value: h.secret('short-lived-value') } });
+    await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'short-lived' } });
+    expect((await h.api('DELETE', '/v1/credentials/short-lived', { token: agent.token })).status).toBe(200);
+    const trail = async (ref: string) => (await h.api('GET', `/v1/audit?credential=${ref}`, { token: agent.token })).body.items.map((e: { action: string }) => e.action);
+    expect(await trail('short-lived')).toEqual(['vault.store', 'vault.get', 'credential.delete']);
+    expect((await h.api('DELETE', `/v1/credentials/${gone.body.id}?destroy=true`, { token: agent.token })).status).toBe(200);
+    expect(await trail(gone.body.id)).toEqual(['vault.store', 'vault.get', 'credential.delete', 'credential.destroy']);
+    // A new credential under the name is the one the name means now; the old trail stays reachable by id.
+    await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'short-lived', kind: 'generic', value: h.secret('short-lived-value-2') } });
+    expect(await trail('short-lived')).toEqual(['vault.store']);
+    // Another identity's credential, deleted or not, is never named this way.
+    expect((await h.api('GET', `/v1/audit?credential=${gone.body.id}`, { token: other.token })).body.items).toEqual([]);
     const future = await h.api('GET', `/v1/audit?since=${new Date(Date.now() + 60_000).toISOString()}`, { token: agent.token });
     expect(future.body.items).toEqual([]);
     const page = await h.api('GET', '/v1/audit?limit=2', { token: agent.token });

@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import { createHmac } from 'node:crypto';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -240,6 +241,8 @@ describe('MCP server', () => {
       const denied = await auditOf(other.id, 'vault.get');
       expect(denied[0]).toEqual({ outcome: 'denied', credential_id: null, detail: { ref: stored.id, masked: true, via: 'mcp', error: 'not-found', status: 404 } });
       expect(await auditOf(other.id, 'rotation.start')).toEqual([{ outcome: 'denied', credential_id: null, detail: { error: 'not-found', status: 404, via: 'mcp' } }]);
+      expect(problem(await call(intruder, 'rotation_status', { rotationId: randomUUID() }))).toMatchObject({ status: 404 });
+      expect(await auditOf(other.id, 'rotation.describe')).toEqual([{ outcome: 'denied', credential_id: null, detail: { error: 'not-found', status: 404, via: 'mcp' } }]);
     });
 
     it('rejects bad arguments with the HTTP API’s validation problem, audited as rejected', async () => {
@@ -256,6 +259,18 @@ describe('MCP server', () => {
       const httpUnknown = await h.api('POST', '/v1/mail.send', { token: agent.token, body: { to: ['a@example.com'], subject: 's', text: 't', bcc: ['x@example.com'] } });
       expect(unknown).toMatchObject({ type: httpUnknown.body.type, title: httpUnknown.body.title, detail: httpUnknown.body.detail, errors: httpUnknown.body.errors });
       expect(unknown.detail).toContain('bcc: is not a known field');
+
+      // Strings PostgreSQL cannot store are refused before anything runs, as over HTTP: not stored, not a 500.
+      for (const [tool, bad] of [
+        ['vault_store', { name: `nul-${kind}`, kind: 'generic', value: 'abc\u0000def' }],
+        ['vault_store', { name: `surrogate-${kind}`, kind: 'generic', value: 'abc\ud800def' }],
+        ['mail_send', { to: ['a@example.com'], subject: 'x\u0000', text: 't' }],
+        ['report_leak', { credential: 'stripe', source: 'x', details: 'ab\u0000' }],
+      ] as const) {
+        expect(problem(await call(mcp, tool, bad)), tool).toMatchObject({ status: 400, detail: 'the request body contains a NUL character or an unpaired UTF-16 surrogate' });
+      }
+      expect((await h.sql("SELECT count(*)::int AS n FROM credentials WHERE name IN ($1, $2)", [`nul-${kind}`, `surrogate-${kind}`])).rows[0].n).toBe(0);
+      expect((await h.sql("SELECT count(*)::int AS n FROM leak_incidents i JOIN credentials c ON c.id = i.credential_id WHERE c.name = 'stripe' AND i.identity_id = $1", [agent.id])).rows[0].n).toBe(0);
     });
   });
 

@@ -232,6 +232,22 @@ export class Vault {
   }
 
   /**
+   * The credential a name or id refers to in the caller's scope for reading its audit trail, which
+   * outlives it: deleted and destroyed ones count too. A name names the live credential if there is
+   * one, else the one most recently deleted under it.
+   */
+  async resolveForAudit(identityId: string, ref: string): Promise<string | undefined> {
+    const { rows } = await this.pool.query(
+      `SELECT id FROM credentials
+        WHERE identity_id = $1 AND (name = $2 OR id::text = $2)
+        ORDER BY id::text = $2 DESC, deleted_at IS NULL DESC, deleted_at DESC
+        LIMIT 1`,
+      [identityId, ref],
+    );
+    return rows[0]?.id;
+  }
+
+  /**
    * Every value the identity stores, in any version (or only those of `credentialIds`): for refusing
    * mail that would carry one. Not a disclosure, so not audited. Decrypts each version: its cost
    * grows with what it covers.

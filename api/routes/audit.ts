@@ -5,6 +5,7 @@ import type { Vault } from '../../vault/vault';
 import { endpoint, type AuthDeps } from '../endpoint';
 import { auditList, chainReport } from '../responses';
 import { auditQuery } from '../schemas';
+import { isUuid } from '../../core/ids';
 
 export function auditRoutes(auth: AuthDeps, deps: { pool: Pool; vault: Vault }): Router {
   const router = Router();
@@ -17,15 +18,14 @@ export function auditRoutes(auth: AuthDeps, deps: { pool: Pool; vault: Vault }):
   // An identity sees its own events; the admin token sees everyone's.
   router.get(
     '/v1/audit',
-    ...endpoint(auth, { who: 'identity-or-admin', summary: 'Audit events (an identity’s own, or all with the admin token)', query: auditQuery, responses: { 200: auditList } }, async ({ query, identity }) => {
+    ...endpoint(auth, { who: 'identity-or-admin', action: 'audit.list', summary: 'Audit events (an identity’s own, or all with the admin token)', query: auditQuery, responses: { 200: auditList } }, async ({ query, identity }) => {
       let credentialId: string | undefined;
       if (query.credential) {
         if (identity) {
-          const { found } = await deps.vault.resolve(identity.id, [query.credential]);
           // Unknown to this identity: an empty list, same as a credential with no events.
-          credentialId = found.get(query.credential) ?? '00000000-0000-0000-0000-000000000000';
+          credentialId = (await deps.vault.resolveForAudit(identity.id, query.credential)) ?? '00000000-0000-0000-0000-000000000000';
         } else {
-          credentialId = /^[0-9a-f-]{36}$/i.test(query.credential) ? query.credential : '00000000-0000-0000-0000-000000000000';
+          credentialId = isUuid(query.credential) ? query.credential : '00000000-0000-0000-0000-000000000000';
         }
       }
       const items = await listAudit(deps.pool, {

@@ -20,7 +20,7 @@ export function policyRoutes(auth: AuthDeps, deps: { pool: Pool; orphanDays: num
   );
   router.get(
     '/v1/password-policy',
-    ...endpoint(auth, { who: 'identity', summary: 'This identity’s password policy', responses: { 200: passwordPolicyBody }, problems: [404] }, async ({ caller }) => {
+    ...endpoint(auth, { who: 'identity', action: 'password-policy.get', summary: 'This identity’s password policy', responses: { 200: passwordPolicyBody }, problems: [404] }, async ({ caller }) => {
       const policy = await getPasswordPolicy(deps.pool, caller.identityId);
       if (!policy) throw new NotFoundError('this identity has no password policy');
       return { body: policy };
@@ -28,13 +28,13 @@ export function policyRoutes(auth: AuthDeps, deps: { pool: Pool; orphanDays: num
   );
   router.get(
     '/v1/service-accounts',
-    ...endpoint(auth, { who: 'identity', summary: 'Service-account inventory', responses: { 200: serviceAccounts } }, async ({ caller }) => ({
+    ...endpoint(auth, { who: 'identity', action: 'service-account.list', summary: 'Service-account inventory', responses: { 200: serviceAccounts } }, async ({ caller }) => ({
       body: { items: await listServiceAccounts(deps.pool, { identityId: caller.identityId, asOf: now() }) },
     })),
   );
   router.get(
     '/v1/reports/orphans',
-    ...endpoint(auth, { who: 'identity', summary: 'Service accounts with no dependents and no recent read', query: orphansQuery, responses: { 200: orphanReport } }, async ({ caller, query }) => {
+    ...endpoint(auth, { who: 'identity', action: 'report.orphans', summary: 'Service accounts with no dependents and no recent read', query: orphansQuery, responses: { 200: orphanReport } }, async ({ caller, query }) => {
       const days = query.days ?? deps.orphanDays;
       return { body: { days, items: await findOrphans(deps.pool, { identityId: caller.identityId, asOf: now(), days }) } };
     }),
