@@ -133,7 +133,7 @@ export const rotationReport = z.strictObject({
       runId: z.string().nullable(),
       outcome: z.string().nullable(),
       state: z.string().describe('not_started (waiting its turn: a batch keeps a bounded number of rotations open), running, grace, succeeded, failed, cancelled, rolled_back'),
-      status: z.string().nullable().describe('the Temporal workflow status'),
+      status: z.string().nullable().describe('the Temporal workflow status (null before the run starts, or once the server no longer keeps the run)'),
       progress: rotationProgress.nullable(),
     }),
   ),

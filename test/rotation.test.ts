@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { WorkflowFailedError } from '@temporalio/client';
+import { WorkflowFailedError, WorkflowNotFoundError } from '@temporalio/client';
 import { ApplicationFailure } from '@temporalio/common';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -228,10 +228,38 @@ describe('rotateCredential', () => {
     expect(missing.status).toBe(404);
     expect(missing.body.detail).toBe('no credential named or with id: ghost');
     expect((await h.api('GET', '/v1/rotations/not-a-uuid', { token: agent.token })).status).toBe(404);
+    // Shaped like a UUID to a loose check, but not one: still a 404, never the database's 500.
+    expect((await h.api('GET', `/v1/rotations/${'-'.repeat(36)}`, { token: agent.token })).status).toBe(404);
+    expect((await h.api('DELETE', `/v1/rotations/${'-'.repeat(36)}`, { token: agent.token })).status).toBe(404);
     const other = await h.createIdentity();
     const mine = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['payments-key'] } });
     expect((await h.api('GET', `/v1/rotations/${mine.body.rotationId}`, { token: other.token })).status).toBe(404);
     await waitForRotation(mine.body.rotationId);
     h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'payments-key' } })).body.value);
+  });
+
+  it('a finished rotation whose run the server no longer keeps is reported from the outcome table', async () => {
+    await h.api('POST', '/v1/vault.store', {
+      token: agent.token,
+      body: { name: 'purged-key', kind: 'api_key', value: h.secret('sk_live_purged_value_0001'), rotation: { provider: 'generated', settings: { length: 40 }, periodDays: 90, graceHours: 0 } },
+    });
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['purged-key'] } });
+    const done = await waitForRotation(started.body.rotationId);
+    expect(done.credentials[0]).toMatchObject({ state: 'succeeded', status: 'COMPLETED' });
+    h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'purged-key' } })).body.value);
+    // What the namespace's retention does to a closed run (the dev server's own deletion is not
+    // immediate): the rows now name a run the server does not have.
+    const { workflowId } = done.credentials[0];
+    const purged = randomUUID();
+    await h.sql('UPDATE run_outcomes SET run_id = $2 WHERE run_id = $1', [done.credentials[0].runId, purged]);
+    await h.sql('UPDATE rotation_runs SET run_id = $2 WHERE rotation_id = $1', [started.body.rotationId, purged]);
+    await expect(h.client.workflow.getHandle(workflowId, purged).describe()).rejects.toBeInstanceOf(WorkflowNotFoundError);
+    const report = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
+    expect(report.status).toBe(200);
+    expect(report.body).toMatchObject({ state: 'succeeded' });
+    expect(report.body.credentials[0]).toMatchObject({ state: 'succeeded', status: null, outcome: 'rotated' });
+    const cancel = await h.api('DELETE', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
+    expect(cancel.status).toBe(202);
+    expect(cancel.body).toMatchObject({ cancelling: [], notStarted: [] });
   });
 });

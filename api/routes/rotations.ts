@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
 import type { z } from 'zod';
-import type { Client } from '@temporalio/client';
+import { WorkflowNotFoundError, type Client, type WorkflowHandle } from '@temporalio/client';
 import { ConflictError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { withTransaction, type Pool } from '../../db/pool';
 import { RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../../db/run-outcome';
@@ -13,6 +13,7 @@ import type { RotationProgress } from '../../workflows/types';
 import { endpoint, type AuthDeps } from '../endpoint';
 import { rotationCancelling, rotationReport, rotationRolledBack, rotationStarted } from '../responses';
 import { rotationsStart } from '../schemas';
+import { isUuid } from '../../core/ids';
 
 export interface RotationDeps {
   pool: Pool;
@@ -62,8 +63,7 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
       const cancelled: string[] = [];
       for (const run of runs) {
         const handle = deps.client.workflow.getHandle(run.workflow_id, run.run_id!);
-        const { status } = await temporal(() => handle.describe());
-        if (status.name !== 'RUNNING') continue;
+        if ((await statusOf(handle)) !== 'RUNNING') continue;
         await temporal(() => handle.cancel());
         cancelled.push(run.credential_id);
       }
@@ -138,7 +138,7 @@ export async function rotationStatus(deps: RotationDeps, caller: Caller, id: str
 }
 
 async function ownRotation(pool: Pool, identityId: string, id: string) {
-  const rotation = /^[0-9a-f-]{36}$/i.test(id)
+  const rotation = isUuid(id)
     ? (await pool.query('SELECT * FROM rotations WHERE id = $1 AND identity_id = $2', [id, identityId])).rows[0]
     : undefined;
   if (!rotation) throw new NotFoundError(`no rotation with id ${id}`);
@@ -193,16 +193,31 @@ async function describeRun(client: Client, run: RunRow) {
   } catch {
     // No worker answered in time: report what the server and the outcome table know.
   }
-  const status = (await temporal(() => handle.describe())).status.name;
+  const status = await statusOf(handle);
   const fallback = status === 'RUNNING' ? 'running' : run.outcome === 'rotated' ? 'succeeded' : (run.outcome ?? 'failed');
   return { ...base, state: progress?.state ?? fallback, status, progress };
 }
 
 function aggregate(states: string[]): string {
   if (states.some((s) => s === 'running' || s === 'not_started')) return 'running';
-  if (states.some((s) => s === 'grace')) return 'grace';
-  if (states.every((s) => s === states[0])) return states[0]!;
-  return states.some((s) => s === 'succeeded') ? 'partial' : 'failed';
+  const took = states.filter((s) => s === 'succeeded' || s === 'grace').length;
+  // A run in its grace period took effect; one that failed beside it makes the batch partial, not grace.
+  if (took === states.length) return states.includes('grace') ? 'grace' : 'succeeded';
+  if (took > 0) return 'partial';
+  return states.every((s) => s === states[0]) ? states[0]! : 'failed';
+}
+
+/**
+ * A run's status on the Temporal server, or null once the server no longer has it: a closed run is
+ * deleted when the namespace's retention ends, and the outcome table still tells how it ended.
+ */
+async function statusOf(handle: WorkflowHandle): Promise<string | null> {
+  try {
+    return (await temporal(() => handle.describe())).status.name;
+  } catch (err) {
+    if (err instanceof WorkflowNotFoundError) return null;
+    throw err;
+  }
 }
 
 /** Temporal being unreachable is a 503 for the caller, not a 500. */
