@@ -87,7 +87,16 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(`${command.usage ?? USAGE}\n`);
     return EXIT.ok;
   }
+  if (!['serve', 'api', 'worker'].includes(name)) exitQuietlyOnClosedStdout();
   return command.run(args);
+}
+
+/** A reader that stops early (`mailgent get x --json | true`) is not our error: no stack trace, the code so far. */
+function exitQuietlyOnClosedStdout(): void {
+  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code !== 'EPIPE') throw err;
+    process.exit(process.exitCode ?? EXIT.ok);
+  });
 }
 
 const argv = process.argv.slice(2);

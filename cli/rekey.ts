@@ -1,6 +1,6 @@
 import { existsSync } from 'node:fs';
 import type { Config } from '../core/config';
-import { isInlineMasterKey } from '../core/config';
+import { ConfigError, isInlineMasterKey } from '../core/config';
 import type { Logger } from '../core/logger';
 import { createPool, migrate } from '../db/pool';
 import { connectEmbeddedPostgres } from '../embedded/postgres';
@@ -26,7 +26,7 @@ export interface RekeyResult {
 export async function rekey(config: Config, logger: Logger, env: NodeJS.ProcessEnv = process.env): Promise<RekeyResult> {
   const setting = config.VAULT_MASTER_KEY ?? keyringPath(config.dataDir);
   if (!config.VAULT_MASTER_KEY && !existsSync(setting)) {
-    throw new Error(`no master key to rotate: VAULT_MASTER_KEY is not set and ${setting} does not exist`);
+    throw new ConfigError([`no master key to rotate: VAULT_MASTER_KEY is not set and ${setting} does not exist`]);
   }
   const inline = isInlineMasterKey(setting);
   let keyring: Keyring;
@@ -34,7 +34,7 @@ export async function rekey(config: Config, logger: Logger, env: NodeJS.ProcessE
   if (inline) {
     const given = env.NEW_VAULT_MASTER_KEY;
     if (!given || !isInlineMasterKey(given)) {
-      throw new Error('VAULT_MASTER_KEY is set inline: put the new key (base64 of 32 bytes) in NEW_VAULT_MASTER_KEY');
+      throw new ConfigError(['VAULT_MASTER_KEY is set inline: put the new key (base64 of 32 bytes) in NEW_VAULT_MASTER_KEY']);
     }
     const key = Buffer.from(given, 'base64');
     newKey = { id: masterKeyId(key), key };

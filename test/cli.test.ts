@@ -119,6 +119,17 @@ describe('mailgent CLI', () => {
       const noAdmin = await mailgent(['audit', 'verify']);
       expect(noAdmin.code).toBe(2);
       expect(noAdmin.stderr).toContain('no admin token: set MAILGENT_ADMIN_TOKEN');
+      // A token that cannot go into a header (a pasted line break, a typographic quote) is a usage error, never echoed.
+      for (const bad of ['mgt_secret\nline', 'mgt_secret“quoted']) {
+        const run = await mailgent(['get', 'anything', '--json'], { env: { MAILGENT_TOKEN: bad } });
+        expect(run.code).toBe(2);
+        expect(json(run)).toMatchObject({ type: 'https://mailgent.dev/problems/cli-usage', detail: expect.stringContaining('holds a character a token never has') });
+        expect(run.stdout + run.stderr).not.toContain('mgt_secret');
+      }
+      // rekey's configuration problems are configuration errors too.
+      const rekey = await mailgent(['rekey'], { env: { DATA_DIR: cwd, VAULT_MASTER_KEY: randomBytes(32).toString('base64') } });
+      expect(rekey.code).toBe(2);
+      expect(rekey.stderr).toContain('VAULT_MASTER_KEY is set inline: put the new key (base64 of 32 bytes) in NEW_VAULT_MASTER_KEY');
       const badUrl = await mailgent(['get', 'anything'], { env: { ...as(alice), MAILGENT_URL: 'ftp://example.com' } });
       expect(badUrl.code).toBe(2);
       expect(badUrl.stderr).toContain('must be an http:// or https:// URL');
@@ -204,7 +215,11 @@ describe('mailgent CLI', () => {
       expect(conflict.code).toBe(1);
       expect(json(conflict)).toMatchObject({ type: 'https://mailgent.dev/problems/version-conflict', status: 409, currentVersion: 2 });
       expect(conflict.stderr).toContain("mailgent store: Version conflict (409): credential 'cli-key' is at version 2, not 1");
-      for (const run of [badName, invalid, conflict]) expect(run.stdout + run.stderr).not.toContain(value);
+      // --policy adds policy fields; it cannot quietly replace the name, the kind or the value.
+      const sneaky = await mailgent(['store', 'cli-key', '--policy', '{"name":"other-key","value":"x"}'], { env: as(alice), input: value });
+      expect(sneaky.code).toBe(2);
+      expect(sneaky.stderr).toContain('--policy must not set name, value');
+      for (const run of [badName, invalid, conflict, sneaky]) expect(run.stdout + run.stderr).not.toContain(value);
     });
 
     it('get prints the value alone on stdout (what it is on stderr); --json has it only in "value"', async () => {
@@ -219,6 +234,17 @@ describe('mailgent CLI', () => {
       const body = json(byIdAndVersion);
       expect(body).toEqual({ id: current.id, name: 'cli-key', kind: 'api_key', version: 1, label: 'previous', value: old.value, createdAt: expect.any(String), ageDays: 0 });
       expect(JSON.stringify({ ...body, value: undefined })).not.toContain(old.value);
+
+      // A reader that stops early (`| true`): the command's own exit code, no stack trace.
+      const closedEarly = await new Promise<Run>((resolve, reject) => {
+        const child = spawn(process.execPath, [BIN, 'get', 'cli-key', '--json'], { cwd, env: { PATH: process.env.PATH!, MAILGENT_URL: h.url, ...as(alice) } });
+        child.stdout.destroy();
+        let stderr = '';
+        child.stderr.on('data', (d) => (stderr += d));
+        child.on('error', reject);
+        child.on('close', (code) => resolve({ code, stdout: '', stderr }));
+      });
+      expect(closedEarly).toEqual({ code: 0, stdout: '', stderr: '' });
     });
 
     it("another identity's credential is not found: exit 3 and the problem detail, by name or id, never the value", async () => {
@@ -295,6 +321,19 @@ describe('mailgent CLI', () => {
       );
       expect(await read(alice.token, 'rot-a')).toMatchObject({ version: 2, label: 'current', value: expect.stringMatching(/^sk_[A-Za-z0-9]{32}$/) });
       await read(alice.token, 'rot-a', 1);
+    });
+
+    it('exits 1 when one failed even if another is in its grace period (the batch is partial, not grace)', async () => {
+      const withGrace = JSON.stringify({ rotation: { provider: 'generated', settings: { length: 32, prefix: 'sk_' }, periodDays: 90, graceHours: 1 } });
+      const stored = await mailgent(['store', 'rot-grace', '--kind', 'api_key', '--policy', withGrace], { env: as(alice), input: h.secret(`sk_grace_${randomBytes(8).toString('hex')}`) });
+      expect(stored.code).toBe(0);
+      const run = await mailgent(['rotate', 'rot-grace', 'rot-seed', '--json', '--interval', '100'], { env: as(alice) });
+      expect(run.code).toBe(1);
+      const report = json(run);
+      expect(report.state).toBe('partial');
+      expect(report.credentials.map((c: { name: string; outcome: string }) => [c.name, c.outcome]).sort()).toEqual([['rot-grace', 'grace'], ['rot-seed', 'failed']]);
+      h.secret((await read(alice.token, 'rot-grace')).value);
+      await read(alice.token, 'rot-grace', 1);
     });
 
     it('by filter (--kind, --older-than): only the old credential rotates; --json has the shape and no progress noise', async () => {

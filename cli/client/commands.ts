@@ -5,6 +5,7 @@ import { ADMIN_TOKEN_OPTION, adminToken, Api, baseUrl, identityToken, Out, parse
 import { readSecret } from './secret-input';
 import { table } from './render';
 import { rotate } from './rotate';
+import { isUuid } from '../../core/ids';
 
 /** A command of the `mailgent` CLI that talks to the HTTP API. */
 export interface ClientCommand {
@@ -21,7 +22,6 @@ Admin token: --admin-token, MAILGENT_ADMIN_TOKEN, ADMIN_TOKEN, or the file DATA_
 (DATA_DIR defaults to .data) that \`mailgent serve\` generates.`;
 const JSON_NOTE = `--json prints one JSON document on stdout: the result, or the problem details of an error.`;
 
-const isUuid = (ref: string) => /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(ref);
 const refOf = (ref: string) => (isUuid(ref) ? { id: ref } : { name: ref });
 
 function positionals(got: string[], names: string[], usage: string): string[] {
@@ -128,6 +128,9 @@ const store: ClientCommand = {
     const totpFlags = values.digits ?? values.period ?? values.algorithm;
     if (totpFlags !== undefined && kind !== 'totp_seed') throw usageError('--digits, --period and --algorithm are for --kind totp_seed', storeUsage);
     const policy = jsonFlag('policy', values.policy, storeUsage) ?? {};
+    // What the arguments and flags say is not to be overridden unseen by a field of --policy.
+    const taken = ['name', 'kind', 'value', 'totp', 'expectedVersion', 'externalId'].filter((k) => Object.hasOwn(policy, k));
+    if (taken.length) throw usageError(`--policy must not set ${taken.join(', ')}: give the name as the argument, the value from a source, and the rest as flags`, storeUsage);
     const expectedVersion = wholeNumber('expected-version', values['expected-version'], storeUsage);
     const api = new Api(baseUrl(values.url), identityToken(values.token));
 

@@ -43,17 +43,26 @@ export function baseUrl(flag: string | undefined, env = process.env): string {
 export function identityToken(flag: string | undefined, env = process.env): string {
   const token = flag ?? env.MAILGENT_TOKEN;
   if (!token) throw usageError('no identity token: set MAILGENT_TOKEN (or pass --token)');
+  return headerSafe(token, 'the identity token (MAILGENT_TOKEN or --token)');
+}
+
+/**
+ * A token goes into an Authorization header, which takes visible ASCII only; anything else (a pasted
+ * newline, a typographic quote) would fail in fetch as "unreachable", quoting the token.
+ */
+function headerSafe(token: string, what: string): string {
+  if (!/^[\x21-\x7e]+$/.test(token)) throw usageError(`${what} holds a character a token never has (a space, a line break or a non-ASCII character); check how it was copied`);
   return token;
 }
 
 /** The admin token: --admin-token, MAILGENT_ADMIN_TOKEN, ADMIN_TOKEN, else the file `serve` generated in DATA_DIR. */
 export function adminToken(flag: string | undefined, env = process.env): string {
   const given = flag ?? (env.MAILGENT_ADMIN_TOKEN || env.ADMIN_TOKEN);
-  if (given) return given;
+  if (given) return headerSafe(given, 'the admin token (MAILGENT_ADMIN_TOKEN, ADMIN_TOKEN or --admin-token)');
   const file = path.resolve(env.DATA_DIR || '.data', 'admin-token');
   try {
     const token = readFileSync(file, 'utf8').trim();
-    if (token) return token;
+    if (token) return headerSafe(token, `the admin token in ${file}`);
   } catch {
     // Not there: say where we looked.
   }

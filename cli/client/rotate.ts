@@ -150,7 +150,8 @@ export const rotate: ClientCommand = {
       const failed = credentials.filter((c) => !OK_STATES.has(c.outcome)).length;
       out.line(`\nrotation ${report.rotationId}: ${report.state} (${credentials.length - failed} rotated, ${failed} not)`);
     });
-    return OK_STATES.has(report.state) ? EXIT.ok : EXIT.failed;
+    // Per credential: a batch with one run in its grace period and another failed is not a success.
+    return credentials.every((c) => OK_STATES.has(c.outcome)) ? EXIT.ok : EXIT.failed;
   },
 };
 
