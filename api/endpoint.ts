@@ -189,7 +189,8 @@ export function authenticate(auth: AuthDeps, who: Who): RequestHandler {
       throw new AppError(403, 'forbidden', 'Forbidden', 'this route needs the admin token');
     }
     // The admin token on an identity route is a valid token in the wrong place, not a guess.
-    if (!isAdmin) await auth.guard?.failed(req);
+    if (isAdmin) throw new AppError(403, 'forbidden', 'Forbidden', 'this route needs an identity’s token; the admin token acts for no identity');
+    await auth.guard?.failed(req);
     throw new AppError(401, 'unauthorized', 'Authentication required', 'the bearer token is not valid');
   };
 }

@@ -24,14 +24,17 @@ describe('GET /v1/whoami (the HTTP floor of the benchmark)', () => {
     await h.close();
   });
 
-  it('answers the token’s identity, and 401 without a valid identity token', async () => {
+  it('answers the token’s identity, 401 without a valid token, 403 for the admin token', async () => {
     const me = await h.createIdentity('whoami-agent', 'agent@example.com');
     const res = await h.api('GET', '/v1/whoami', { token: me.token });
     expect(res.status).toBe(200);
     expect(res.body).toEqual({ id: me.id, name: 'whoami-agent', email: 'agent@example.com' });
     expect((await h.api('GET', '/v1/whoami')).status).toBe(401);
     expect((await h.api('GET', '/v1/whoami', { token: `${me.token}x` })).status).toBe(401);
-    expect((await h.api('GET', '/v1/whoami', { token: h.adminToken })).status).toBe(401);
+    // The admin token is valid, but acts for no identity: forbidden here, as an identity token is on an admin route.
+    const asAdmin = await h.api('GET', '/v1/whoami', { token: h.adminToken });
+    expect(asAdmin.status).toBe(403);
+    expect(asAdmin.body.detail).toBe('this route needs an identity’s token; the admin token acts for no identity');
   });
 });
 

@@ -1,5 +1,7 @@
 import { randomUUID } from 'node:crypto';
-import { WorkflowFailedError, WorkflowNotFoundError } from '@temporalio/client';
+import { createServer } from 'node:net';
+import { Client, Connection, defaultGrpcRetryOptions, makeGrpcRetryInterceptor, WorkflowFailedError, WorkflowNotFoundError } from '@temporalio/client';
+import { startRotation } from '../api/routes/rotations';
 import { ApplicationFailure } from '@temporalio/common';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -261,5 +263,25 @@ describe('rotateCredential', () => {
     const cancel = await h.api('DELETE', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
     expect(cancel.status).toBe(202);
     expect(cancel.body).toMatchObject({ cancelling: [], notStarted: [] });
+  });
+
+  it('when Temporal cannot take the batch, the request is a 503 and the rotation it recorded reads as never started', async () => {
+    await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'stranded-key', kind: 'api_key', value: h.secret('sk_live_stranded_value_01') } });
+    const closed = await new Promise<number>((resolve) => {
+      const server = createServer().listen(0, '127.0.0.1', () => {
+        const { port } = server.address() as { port: number };
+        server.close(() => resolve(port));
+      });
+    });
+    // One attempt, not the SDK's minutes of retries.
+    const once = makeGrpcRetryInterceptor(defaultGrpcRetryOptions({ maxAttempts: 1 }));
+    const unreachable = new Client({ connection: Connection.lazy({ address: `127.0.0.1:${closed}`, connectTimeout: 1_000, interceptors: [once] }) });
+    const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: 'req-stranded' };
+    const deps = { pool: h.services.pool, vault: h.services.vault, client: unreachable, taskQueue: h.taskQueue };
+    await expect(startRotation(deps, caller, { credentials: ['stranded-key'] })).rejects.toMatchObject({ status: 503 });
+    const { id } = (await h.sql("SELECT id FROM rotations r WHERE identity_id = $1 AND EXISTS (SELECT 1 FROM rotation_runs x JOIN credentials c ON c.id = x.credential_id WHERE x.rotation_id = r.id AND c.name = 'stranded-key')", [agent.id])).rows[0];
+    const report = await h.api('GET', `/v1/rotations/${id}`, { token: agent.token });
+    expect(report.body).toMatchObject({ state: 'cancelled', credentials: [{ name: 'stranded-key', state: 'cancelled', status: null }] });
+    await unreachable.connection.close().catch(() => undefined);
   });
 });

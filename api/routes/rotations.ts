@@ -117,9 +117,16 @@ export async function startRotation(deps: RotationDeps, caller: Caller, body: z.
     );
     await appendAudit(tx, { ...caller, action: 'rotation.start', outcome: 'ok', detail: { rotationId, credentials: credentialIds.length } });
   });
-  await temporal(() =>
-    deps.client.workflow.start<typeof rotateBatch>('rotateBatch', { taskQueue: deps.taskQueue, workflowId: batchWorkflowId, args: [{ rotationId }] }),
-  );
+  try {
+    await temporal(() =>
+      deps.client.workflow.start<typeof rotateBatch>('rotateBatch', { taskQueue: deps.taskQueue, workflowId: batchWorkflowId, args: [{ rotationId }] }),
+    );
+  } catch (err) {
+    // Not started, or not known to be: the batch is marked cancelled, so its runs read as never
+    // started rather than running for ever, and a start that reached the server after all starts none.
+    await deps.pool.query('UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1', [rotationId]);
+    throw err;
+  }
   return { rotationId, batchWorkflowId, workflowIds: credentialIds.map((id) => `rotate:${id}`) };
 }
 
@@ -225,7 +232,8 @@ async function temporal<T>(call: () => Promise<T>): Promise<T> {
   try {
     return await call();
   } catch (err) {
-    if (/UNAVAILABLE|ECONNREFUSED|deadline|Connection/i.test((err as Error).message)) {
+    // The SDK wraps the transport's error ("Failed to start Workflow", its cause UNAVAILABLE …).
+    if (/UNAVAILABLE|ECONNREFUSED|deadline|Connection/i.test(`${(err as Error).message} ${innermost(err)}`)) {
       throw new UnavailableError('Temporal is unavailable; try again shortly');
     }
     throw err;
