@@ -272,9 +272,17 @@ export function composeSummary(kind: string, reason: string | null, runs: RunSum
 
 const WEEKDAYS = ['Sun', 'Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat'];
 
+/** One formatter per time zone: making one costs far more than using it, and a sweep page checks hundreds of windows. */
+const dayAndHour = new Map<string, Intl.DateTimeFormat>();
+
 /** Whether `at` falls in the window's days and [startHour, endHour) in its time zone. */
 export function windowOpen(window: RotationWindow, at: Date): boolean {
-  const parts = new Intl.DateTimeFormat('en-US', { timeZone: window.timezone, weekday: 'short', hour: 'numeric', hourCycle: 'h23' }).formatToParts(at);
+  let format = dayAndHour.get(window.timezone);
+  if (!format) {
+    format = new Intl.DateTimeFormat('en-US', { timeZone: window.timezone, weekday: 'short', hour: 'numeric', hourCycle: 'h23' });
+    dayAndHour.set(window.timezone, format);
+  }
+  const parts = format.formatToParts(at);
   const day = WEEKDAYS.indexOf(parts.find((p) => p.type === 'weekday')!.value);
   const hour = Number(parts.find((p) => p.type === 'hour')!.value);
   const inHours = window.startHour <= window.endHour ? hour >= window.startHour && hour < window.endHour : hour >= window.startHour || hour < window.endHour;

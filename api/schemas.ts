@@ -65,6 +65,8 @@ export const rotationPolicy = z.strictObject({
       endHour: z.number().int().min(0).max(24),
       timezone: z.string().refine(isTimeZone, 'must be an IANA time zone such as Europe/Berlin'),
     })
+    // [startHour, endHour) in local hours, wrapping past midnight when endHour < startHour: equal hours would be a window that never opens.
+    .refine((w) => w.startHour !== w.endHour % 24 || w.endHour === 24, { message: 'must be open for at least an hour: startHour and endHour differ (0 and 24 for all day)', path: ['endHour'] })
     .optional(),
 });
 

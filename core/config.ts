@@ -64,7 +64,8 @@ const schema = z.object({
     .optional(),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   ENV_FILES_ROOT: z.string().min(1).optional(),
-  SWEEP_CRON: cron.default('0 3 * * *'),
+  // Hourly: rotation windows are in whole local hours, and the sweep must fall inside each of them.
+  SWEEP_CRON: cron.default('0 * * * *'),
   ORPHAN_REPORT_CRON: cron.default('0 6 * * 1'),
   ORPHAN_DAYS: z.coerce.number().int().min(1).max(3650).default(30),
   DELETE_RETENTION_DAYS: z.coerce.number().int().min(0).max(3650).default(30),
