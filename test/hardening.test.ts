@@ -172,6 +172,8 @@ describe('hardening', () => {
         expect(res.headers.get('cross-origin-resource-policy')).toBe('same-origin');
         expect(res.headers.get('cache-control')).toBe('no-store');
         expect(res.headers.get('x-powered-by')).toBeNull();
+        // No ETag: one is a hash of the body, and a vault.get body holds the value.
+        expect(res.headers.get('etag')).toBeNull();
       }
     });
 
