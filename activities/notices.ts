@@ -1,4 +1,4 @@
-import { deliverQueued } from '../mail/outbox';
+import { deliverOutboxMessage } from '../mail/outbox';
 import { sendNotice } from '../mail/notify';
 import type { CredentialMeta } from '../vault/types';
 import type { RotationNotice } from '../workflows/types';
@@ -38,8 +38,10 @@ export function noticeActivities(deps: ActivityDeps) {
       });
     },
 
+    /** The deliverMail workflow's result: 'sent', 'already-sent' …, naming any recipient the server refused. */
     async deliverMail(input: { messageId: string }): Promise<string> {
-      return deliverQueued(deps.pool, deps.mailer, input.messageId);
+      const { result, refused } = await deliverOutboxMessage(deps.pool, deps.mailer, input.messageId);
+      return refused.length ? `${result}; refused by the SMTP server: ${refused.join(', ')}` : result;
     },
   };
 }
@@ -52,8 +54,13 @@ const SUBJECTS: Record<RotationNotice['outcome'], (name: string) => string> = {
   revoke_failed: (name) => `[mailgent] ACTION NEEDED: the old value of ${name} is still valid`,
 };
 
-export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMeta, 'name' | 'kind' | 'nextRotationAt'>, reason: string | null) {
+export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMeta, 'name' | 'kind' | 'nextRotationAt' | 'version'>, reason: string | null) {
   const what = `the ${meta.kind} credential '${meta.name}'`;
+  const problems = n.problems ?? [];
+  const listed = problems.map((p) => `- ${p}`);
+  // A failed or cancelled leak rotation leaves the leaked value working: the security contacts must hear that.
+  const stillLeaked =
+    n.mode === 'leak' ? ['', 'A leak of this credential was reported and the rotation did not replace it: the leaked value still works.', 'Rotate it again, or revoke it at the provider by hand.'] : [];
   const body: Record<RotationNotice['outcome'], string[]> = {
     rotated: [
       `${cap(what)} was rotated${n.mode === 'leak' ? ' because a leak was reported' : ''}.`,
@@ -63,17 +70,32 @@ export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMe
         ? `Version ${n.fromVersion} keeps working until ${n.graceEndsAt}, then it is revoked.`
         : `Version ${n.fromVersion} has been revoked.`,
       `Next rotation due: ${meta.nextRotationAt ?? 'no rotation policy set'}.`,
+      ...(problems.length > 0 ? ['', 'Not everything went through:', ...listed] : []),
     ],
     failed: [
-      `Rotating ${what} failed${n.step ? ` at step ${n.step}` : ''}; it was undone and nothing changed.`,
+      problems.length > 0
+        ? `Rotating ${what} failed${n.step ? ` at step ${n.step}` : ''}, and undoing it failed in part:`
+        : `Rotating ${what} failed${n.step ? ` at step ${n.step}` : ''}; it was undone and nothing changed.`,
+      ...(problems.length > 0 ? [...listed, 'Put those back by hand.'] : []),
       '',
       `Error: ${n.error ?? 'unknown'}`,
-      `Version ${n.fromVersion ?? '(unchanged)'} is still current. The credential is marked rotation_failed.`,
+      // A value stored while the rotation ran (what makes promote refuse) is current now, not the one it started from.
+      n.fromVersion === undefined || n.fromVersion === meta.version
+        ? `Version ${n.fromVersion ?? '(unchanged)'} is still current. The credential is marked rotation_failed.`
+        : `Version ${meta.version}, stored while the rotation ran, is current. The credential is marked rotation_failed.`,
+      ...stillLeaked,
     ],
-    cancelled: [`Rotating ${what} was cancelled and undone; version ${n.fromVersion ?? '(unchanged)'} is still current.`],
+    cancelled: [
+      problems.length > 0
+        ? `Rotating ${what} was cancelled, and undoing it failed in part; version ${n.fromVersion ?? '(unchanged)'} is still current.`
+        : `Rotating ${what} was cancelled and undone; version ${n.fromVersion ?? '(unchanged)'} is still current.`,
+      ...(problems.length > 0 ? [...listed, 'Put those back by hand. The credential is marked rotation_failed.'] : []),
+      ...stillLeaked,
+    ],
     rolled_back: [
       `The rotation of ${what} was rolled back: version ${n.fromVersion} is current again everywhere,`,
       `and version ${n.toVersion} was revoked. ${n.error ?? ''}`.trim(),
+      ...(problems.length > 0 ? ['', 'Not everything went through:', ...listed] : []),
     ],
     revoke_failed: [
       `${cap(what)} was rotated to version ${n.toVersion}, but revoking version ${n.fromVersion} at the provider failed:`,

@@ -10,9 +10,32 @@ export interface OutgoingMail {
   html?: string | null;
 }
 
+/** A recipient the SMTP server refused, with its reply (e.g. "550 5.1.1 … mailbox unavailable"). */
+export interface RefusedRecipient {
+  address: string;
+  reply: string;
+}
+
+/**
+ * What the server took. A message is delivered once any recipient is accepted: the server has it for
+ * them, so sending it again would only duplicate it. `refused` lists the others.
+ */
+export interface SendReport {
+  accepted: string[];
+  refused: RefusedRecipient[];
+}
+
 export interface Mailer {
-  send(mail: OutgoingMail): Promise<void>;
+  /** Resolves once the server accepted the message for at least one recipient; throws otherwise. */
+  send(mail: OutgoingMail): Promise<SendReport>;
   close(): void;
+}
+
+/** The parts of nodemailer's result and errors that say which recipients were refused and why. */
+interface Refusals {
+  accepted?: unknown[];
+  rejected?: unknown[];
+  rejectedErrors?: { recipient?: string; response?: string }[];
 }
 
 export function createMailer(smtpUrl: string, from: string): Mailer {
@@ -21,18 +44,38 @@ export function createMailer(smtpUrl: string, from: string): Mailer {
   const transport = nodemailer.createTransport({ ...parseConnectionUrl(smtpUrl), connectionTimeout: 10_000, greetingTimeout: 10_000, socketTimeout: 20_000 });
   return {
     async send(mail) {
-      const info = await transport.sendMail({
-        from,
-        to: mail.to,
-        subject: mail.subject,
-        text: mail.text,
-        html: mail.html ?? undefined,
-        messageId: `<${mail.id}@mailgent>`,
-      });
-      if (info.rejected.length > 0) {
-        throw new Error(`the SMTP server refused ${info.rejected.length} of ${mail.to.length} recipients`);
+      let info: Refusals;
+      try {
+        info = await transport.sendMail({
+          from,
+          to: mail.to,
+          subject: mail.subject,
+          text: mail.text,
+          html: mail.html ?? undefined,
+          messageId: `<${mail.id}@mailgent>`,
+        });
+      } catch (err) {
+        // nodemailer fails the message only when every recipient was refused; name them.
+        const refused = refusals(err as Refusals);
+        if (refused.length === 0) throw err;
+        throw Object.assign(new Error(`the SMTP server refused every recipient: ${describeRefused(refused)}`), { refused, cause: err });
       }
+      return { accepted: (info.accepted ?? []).map(addressOf), refused: refusals(info) };
     },
     close: () => transport.close(),
   };
+}
+
+function refusals(r: Refusals): RefusedRecipient[] {
+  const replies = new Map((r.rejectedErrors ?? []).map((e) => [e.recipient, e.response ?? '']));
+  return (r.rejected ?? []).map(addressOf).map((address) => ({ address, reply: (replies.get(address) ?? '').slice(0, 200) }));
+}
+
+function addressOf(a: unknown): string {
+  return typeof a === 'string' ? a : String((a as { address?: unknown }).address ?? a);
+}
+
+/** "a@x (550 5.1.1 no such user), b@y (…)": for last_error and failure messages. */
+export function describeRefused(refused: RefusedRecipient[]): string {
+  return refused.map((r) => (r.reply ? `${r.address} (${r.reply})` : r.address)).join(', ');
 }

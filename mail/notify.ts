@@ -33,6 +33,10 @@ export async function sendNotice(deps: NoticeDeps, notice: Notice, scanIdentitie
   // decrypted and searched. (Searching all the identity's versions cost every rotation notice one
   // decryption per version the identity ever stored: 18,000 in the bench, half its rotation time.)
   const only = notice.credentialId ? [notice.credentialId] : undefined;
+  // Queued by an earlier attempt: checked then. A retried activity that sends many notices (a sweep's
+  // summaries) must not repeat every scan, or at scale each attempt would redo the work of the last.
+  const queued = await deps.pool.query('SELECT 1 FROM mail_outbox WHERE id = $1', [notice.id]);
+  if (queued.rowCount) return deliverQueued(deps.pool, deps.mailer, notice.id);
   for (const identityId of new Set(scanIdentities)) {
     if (findStoredValue({ to, subject: notice.subject, text: notice.text }, await deps.vault.storedValues(identityId, only))) {
       throw new UnprocessableError(`the ${notice.purpose} notice would carry a stored secret; it was not sent`);

@@ -1,9 +1,11 @@
-import type { Db, Pool } from '../db/pool';
-import type { Mailer } from './mailer';
+import { withTransaction, type Db, type Pool } from '../db/pool';
+import { appendAudit } from '../vault/audit';
+import { describeRefused, type Mailer, type SendReport } from './mailer';
 
 /**
  * Every message is first written to the outbox (in the same transaction as its audit row), then
  * delivered by a retrying activity. Delivery is idempotent: a message marked sent is not sent again.
+ * A message is sent once the SMTP server accepted it for one recipient or more.
  */
 export interface QueuedMail {
   id: string;
@@ -27,20 +29,53 @@ export async function queueMail(db: Db, mail: QueuedMail): Promise<boolean> {
 
 export type DeliveryResult = 'sent' | 'already-sent' | 'abandoned' | 'missing';
 
+export interface Delivery {
+  result: DeliveryResult;
+  /** Recipients the SMTP server refused while accepting the message for the others. */
+  refused: string[];
+}
+
 export async function deliverQueued(pool: Pool, mailer: Mailer, id: string): Promise<DeliveryResult> {
+  return (await deliverOutboxMessage(pool, mailer, id)).result;
+}
+
+/**
+ * Sends a queued message and marks it sent. A server that accepts some recipients and refuses others
+ * has delivered the message: it is marked sent (sending it again would reach the accepted ones a
+ * second time, ~290 times over the retry policy's day), the refused addresses are kept on the row and
+ * in an audit row of the sender's. Only a message nobody accepted fails, and is retried.
+ */
+export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: string): Promise<Delivery> {
   const { rows } = await pool.query('SELECT * FROM mail_outbox WHERE id = $1', [id]);
   const row = rows[0];
-  if (!row) return 'missing';
-  if (row.status === 'sent') return 'already-sent';
-  if (row.status === 'abandoned') return 'abandoned';
+  if (!row) return { result: 'missing', refused: [] };
+  if (row.status === 'sent') return { result: 'already-sent', refused: row.refused };
+  if (row.status === 'abandoned') return { result: 'abandoned', refused: [] };
+  let report: SendReport;
   try {
-    await mailer.send({ id, to: row.recipients, subject: row.subject, text: row.text_body, html: row.html_body });
+    report = await mailer.send({ id, to: row.recipients, subject: row.subject, text: row.text_body, html: row.html_body });
   } catch (err) {
     await pool.query('UPDATE mail_outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1', [id, (err as Error).message.slice(0, 500)]);
     throw err;
   }
-  await pool.query(`UPDATE mail_outbox SET status = 'sent', attempts = attempts + 1, sent_at = now(), last_error = NULL WHERE id = $1`, [id]);
-  return 'sent';
+  const refused = report.refused.map((r) => r.address);
+  await withTransaction(pool, async (tx) => {
+    const marked = await tx.query(
+      `UPDATE mail_outbox SET status = 'sent', attempts = attempts + 1, sent_at = now(), refused = $2, last_error = $3
+        WHERE id = $1 AND status <> 'sent'`,
+      [id, refused, refused.length ? `refused by the SMTP server: ${describeRefused(report.refused)}`.slice(0, 500) : null],
+    );
+    if (marked.rowCount === 1 && refused.length > 0) {
+      await appendAudit(tx, {
+        identityId: row.identity_id,
+        actor: 'mail:delivery',
+        action: 'mail.recipients_refused',
+        outcome: 'failed',
+        detail: { messageId: id, purpose: row.purpose, delivered: report.accepted.length, refused: report.refused },
+      });
+    }
+  });
+  return { result: 'sent', refused };
 }
 
 export async function abandonMail(db: Db, id: string, reason: string): Promise<void> {

@@ -113,6 +113,14 @@ describe('mail.send', () => {
     // A clean notice about the credential goes out.
     expect(await notice('Rotated to version 3.', stored['notice-about']!.id)).not.toBe('no-recipients');
     expect(await queued()).toBe(1);
+    // The same notice again (a retried activity): already checked and queued, so not scanned again, and sent once.
+    const id = randomUUID();
+    const again = () => sendNotice(deps, { id, identityId: owner.id, purpose: 'test.notice', to: ['owner@example.com'], subject: 'Summary', text: 'Nothing secret.', actor: 'test' });
+    expect(await again()).toBe('sent');
+    const scans = asked.length;
+    expect(await again()).toBe('already-sent');
+    expect(asked.length).toBe(scans);
+    expect(await queued()).toBe(2);
   });
 
 });

@@ -52,4 +52,6 @@ export interface RotationNotice extends RotationIds {
   graceEndsAt?: string;
   error?: string;
   step?: string;
+  /** What went wrong without stopping the run (an undo that failed, a dependent not told), each as `what: why`. */
+  problems?: string[];
 }

@@ -1,0 +1,142 @@
+import { randomUUID } from 'node:crypto';
+import type { AddressInfo } from 'node:net';
+import { SMTPServer } from 'smtp-server';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { sendNotice } from '../mail/notify';
+import { deliverQueued } from '../mail/outbox';
+import { expectCleanRun } from './support/leaks';
+import { startHarness, type Harness } from './support/harness';
+import { waitFor } from './support/lifecycle-fixtures';
+
+/**
+ * A real SMTP conversation in which the server refuses one recipient (550 at RCPT TO) and accepts
+ * the others. The message reaches the accepted ones once: it is marked sent, never resent, and the
+ * refused addresses are recorded where a user looks (the outbox row, the audit log, the delivery
+ * workflow's result). A message every recipient refuses stays undelivered and is retried.
+ */
+
+interface Received {
+  messageId: string;
+  rcptTo: string[];
+}
+
+/** An SMTP server that refuses every address starting with `typo` and keeps what it accepted. */
+async function startPickyServer() {
+  const received: Received[] = [];
+  const server = new SMTPServer({
+    authOptional: true,
+    disabledCommands: ['AUTH', 'STARTTLS'],
+    logger: false,
+    onRcptTo(address, _session, callback) {
+      if (address.address.startsWith('typo')) {
+        return callback(Object.assign(new Error(`5.1.1 <${address.address}>: mailbox unavailable`), { responseCode: 550 }));
+      }
+      callback();
+    },
+    onData(stream, session, callback) {
+      const chunks: Buffer[] = [];
+      stream.on('data', (c: Buffer) => chunks.push(c));
+      stream.on('end', () => {
+        const raw = Buffer.concat(chunks).toString('utf8');
+        received.push({ messageId: /^Message-ID:\s*(\S+)/im.exec(raw)?.[1] ?? '', rcptTo: session.envelope.rcptTo.map((a) => a.address) });
+        callback();
+      });
+    },
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => resolve());
+  });
+  const { port } = server.server.address() as AddressInfo;
+  return { url: `smtp://127.0.0.1:${port}`, received, stop: () => new Promise<void>((resolve) => server.close(() => resolve())) };
+}
+
+describe('mail with a recipient the SMTP server refuses', () => {
+  let h: Harness;
+  let smtp: Awaited<ReturnType<typeof startPickyServer>>;
+  let agent: { id: string; token: string };
+  const unique = (prefix: string) => `${prefix}-${randomUUID().slice(0, 8)}@example.com`;
+  const outboxRow = async (id: string) =>
+    (await h.sql('SELECT status, attempts, refused, last_error FROM mail_outbox WHERE id = $1', [id])).rows[0] as {
+      status: string;
+      attempts: number;
+      refused: string[];
+      last_error: string | null;
+    };
+  const deliveriesOf = (id: string) => smtp.received.filter((m) => m.messageId === `<${id}@mailgent>`);
+
+  beforeAll(async () => {
+    smtp = await startPickyServer();
+    h = await startHarness({ worker: true, smtpUrl: smtp.url });
+    agent = await h.createIdentity();
+    await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'api', kind: 'api_key', value: h.secret(`sk_${randomUUID()}`) } });
+  });
+  afterAll(async () => {
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
+    await h.close();
+    await smtp.stop();
+  });
+
+  it('mail.send: delivered once to the accepted recipients, marked sent, the refused one recorded in the outbox, the audit log and the workflow result', async () => {
+    const [owner, other, typo] = [unique('owner'), unique('other'), unique('typo')];
+    const res = await h.api('POST', '/v1/mail.send', { token: agent.token, body: { to: [owner, typo, other], subject: 'Deploy finished', text: 'Release 43 is live.' } });
+    expect(res.status).toBe(202);
+    const id = res.body.messageId as string;
+
+    // The workflow finishes (before the fix its activity failed and was retried for 24 h).
+    const result = await Promise.race([
+      h.client.workflow.getHandle(`mail:${id}`).result(),
+      new Promise((resolve) => setTimeout(() => resolve('still retrying after 15 s'), 15_000)),
+    ]);
+    expect(result).toBe(`sent; refused by the SMTP server: ${typo}`);
+    const row = await outboxRow(id);
+    expect(row).toMatchObject({ status: 'sent', attempts: 1, refused: [typo] });
+    expect(row.last_error).toContain(typo);
+    expect(row.last_error).toContain('550');
+    expect(deliveriesOf(id)).toEqual([{ messageId: `<${id}@mailgent>`, rcptTo: [owner, other] }]);
+
+    // Where the sender looks: its own audit log names the refused address and the message.
+    const audit = await h.api('GET', '/v1/audit', { token: agent.token });
+    const refusedRows = audit.body.items.filter((e: { action: string }) => e.action === 'mail.recipients_refused');
+    expect(refusedRows).toHaveLength(1);
+    expect(refusedRows[0]).toMatchObject({
+      outcome: 'failed',
+      identityId: agent.id,
+      detail: { messageId: id, purpose: 'mail.send', delivered: 2, refused: [{ address: typo, reply: expect.stringContaining('550') }] },
+    });
+
+    // Nothing is resent: a later delivery attempt (a retried activity) finds the message sent.
+    expect(await deliverQueued(h.deps.pool, h.deps.mailer, id)).toBe('already-sent');
+    await new Promise((r) => setTimeout(r, 3_000));
+    expect(deliveriesOf(id)).toHaveLength(1);
+    expect((await outboxRow(id)).attempts).toBe(1);
+  });
+
+  it('a notice (as a rotation sends it, delivered inline) with a refused recipient is sent once, not failed', async () => {
+    const [owner, typo] = [unique('owner'), unique('typo')];
+    const notice = { id: randomUUID(), identityId: agent.id, purpose: 'rotation.notice', to: [owner, typo], subject: '[mailgent] Rotated api', text: 'Version 2 is now current.', actor: 'test' };
+    expect(await sendNotice(h.deps, notice)).toBe('sent');
+    expect(await sendNotice(h.deps, notice)).toBe('already-sent');
+    expect(deliveriesOf(notice.id)).toEqual([{ messageId: `<${notice.id}@mailgent>`, rcptTo: [owner] }]);
+    expect(await outboxRow(notice.id)).toMatchObject({ status: 'sent', attempts: 1, refused: [typo] });
+    const audited = await h.sql("SELECT detail FROM audit_log WHERE action = 'mail.recipients_refused' AND detail->>'messageId' = $1", [notice.id]);
+    expect(audited.rows.map((r) => r.detail.refused.map((x: { address: string }) => x.address))).toEqual([[typo]]);
+  });
+
+  it('every recipient refused: not sent, the refusal recorded, and delivery retried (it stays a failure)', async () => {
+    const typo = unique('typo');
+    const res = await h.api('POST', '/v1/mail.send', { token: agent.token, body: { to: [typo], subject: 'Nobody home', text: 'hello?' } });
+    expect(res.status).toBe(202);
+    const id = res.body.messageId as string;
+    try {
+      const row = await waitFor('a second delivery attempt', () => outboxRow(id), (r) => r.attempts >= 2, { timeoutMs: 20_000 });
+      expect(row).toMatchObject({ status: 'queued', refused: [] });
+      expect(row.last_error).toContain(typo);
+      expect(row.last_error).toMatch(/every recipient/);
+      expect(deliveriesOf(id)).toEqual([]);
+      expect((await h.sql("SELECT count(*)::int AS n FROM audit_log WHERE action = 'mail.recipients_refused' AND detail->>'messageId' = $1", [id])).rows[0].n).toBe(0);
+    } finally {
+      await h.client.workflow.getHandle(`mail:${id}`).terminate('test over: every recipient is refused');
+    }
+  });
+});
