@@ -1,6 +1,6 @@
 import type { Pool } from '../db/pool';
 import { NotFoundError, UnprocessableError, VersionConflictError } from '../core/errors';
-import { audited } from './audited';
+import { audited, type AuditNote } from './audited';
 import type { SecretStore } from './secret-store';
 import type { Caller } from './types';
 
@@ -34,8 +34,10 @@ export class RotationVault {
   /**
    * Stores a provider's new secret as the pending version. Idempotent under `rotationKey`. A pending
    * version left by an earlier, abandoned rotation is replaced rather than blocking this one.
+   * `expiresAt` is the new value's expiry if the provider gave one; it becomes the credential's on
+   * promotion (a new value has no known expiry otherwise: the old value's does not carry over).
    */
-  stagePending(caller: Caller, credentialId: string, rotationKey: string, created: { value: string; externalId?: string | null }) {
+  stagePending(caller: Caller, credentialId: string, rotationKey: string, created: { value: string; externalId?: string | null; expiresAt?: string | Date | null }) {
     return audited(this.pool, caller, 'rotation.create_pending', { rotationKey }, async (tx, note) => {
       note.credentialId = credentialId;
       const cred = await lock(tx, caller.identityId, credentialId);
@@ -52,6 +54,10 @@ export class RotationVault {
         basedOn: cred.current_version,
         providerRef: created.externalId ?? null,
       });
+      if (created.expiresAt) {
+        await tx.query('UPDATE secret_versions SET expires_at = $3 WHERE credential_id = $1 AND version = $2', [credentialId, version, created.expiresAt]);
+        note.detail.expiresAt = new Date(created.expiresAt).toISOString();
+      }
       await tx.query(`UPDATE credentials SET pending_version = $2, status = 'rotating', updated_at = $3 WHERE id = $1`, [credentialId, version, this.clock()]);
       note.detail.version = version;
       if (cred.pending_version) note.detail.replacedPending = cred.pending_version;
@@ -75,7 +81,12 @@ export class RotationVault {
     });
   }
 
-  /** pending → current, current → previous. Idempotent; refuses if a newer value was stored meanwhile. */
+  /**
+   * pending → current, current → previous. Idempotent; refuses if a newer value was stored meanwhile.
+   * The expiry follows the value (the schema's trigger, see the expiry_per_version migration): the
+   * old value keeps its own, the credential takes the new value's (none unless its provider gave one),
+   * so a credential rotated because it was expiring is next due at the end of its period.
+   */
   promote(caller: Caller, credentialId: string, version: number) {
     return audited(this.pool, caller, 'rotation.promote', { version }, async (tx, note) => {
       note.credentialId = credentialId;
@@ -92,16 +103,17 @@ export class RotationVault {
           cred.current_version,
         );
       }
-      await tx.query(
+      const promoted = await tx.query(
         `UPDATE credentials SET previous_version = current_version, current_version = $2, pending_version = NULL,
-                status = 'active', updated_at = $3 WHERE id = $1`,
+                status = 'active', updated_at = $3 WHERE id = $1 RETURNING expires_at`,
         [credentialId, version, this.clock()],
       );
+      noteExpiry(note, cred.expires_at, promoted.rows[0].expires_at);
       return { current: version, previous: cred.current_version as number };
     });
   }
 
-  /** Rollback during the grace period: the previous version is current again, the rotated one becomes previous. */
+  /** Rollback during the grace period: the previous version is current again (with its expiry), the rotated one becomes previous. */
   rollback(caller: Caller, credentialId: string, rotatedVersion: number) {
     return audited(this.pool, caller, 'rotation.rollback', { version: rotatedVersion }, async (tx, note) => {
       note.credentialId = credentialId;
@@ -116,10 +128,12 @@ export class RotationVault {
       if (!cred.previous_version) throw new UnprocessableError(`credential ${credentialId} has no previous version to roll back to`);
       const revoked = await tx.query('SELECT revoked_at FROM secret_versions WHERE credential_id = $1 AND version = $2', [credentialId, cred.previous_version]);
       if (revoked.rows[0]?.revoked_at) throw new UnprocessableError(`version ${cred.previous_version} was already revoked; rollback is no longer possible`);
-      await tx.query(
-        `UPDATE credentials SET current_version = previous_version, previous_version = current_version, status = 'active', updated_at = $2 WHERE id = $1`,
+      const restored = await tx.query(
+        `UPDATE credentials SET current_version = previous_version, previous_version = current_version, status = 'active', updated_at = $2 WHERE id = $1
+         RETURNING expires_at`,
         [credentialId, this.clock()],
       );
+      noteExpiry(note, cred.expires_at, restored.rows[0].expires_at);
       return { current: cred.previous_version as number, abandoned: rotatedVersion };
     });
   }
@@ -149,6 +163,12 @@ export class RotationVault {
       ]);
     });
   }
+}
+
+/** Records in the audit row how a change of version moved the credential's expiry (never secret). */
+function noteExpiry(note: AuditNote, before: Date | null, after: Date | null): void {
+  if (before?.getTime() === after?.getTime()) return;
+  note.detail.expiresAt = { before: before?.toISOString() ?? null, after: after?.toISOString() ?? null };
 }
 
 async function lock(tx: { query: Pool['query'] }, identityId: string, credentialId: string) {
