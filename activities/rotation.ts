@@ -141,12 +141,19 @@ export function rotationActivities(deps: ActivityDeps) {
       });
     },
 
-    /** Puts a dependent back on `version` (the one it had before this rotation). */
-    async restoreDependent(ids: RotationIds & { index: number; version: number }): Promise<void> {
+    /**
+     * Puts a dependent back on `version` (the one it had before this rotation), away from
+     * `abandoned`. Each undone version is a restore of its own, with a key of its own: a run restores
+     * the same version after every failed attempt and again on a rollback, and a receiver that
+     * dedupes on the key must not take the later ones for repeats. (Runs recorded before `abandoned`
+     * existed keep their key.)
+     */
+    async restoreDependent(ids: RotationIds & { index: number; version: number; abandoned?: number }): Promise<void> {
       return permanentErrorsFail(async () => {
         const { dependent, ctx } = await dependentContext(ids, ids.index);
         const target = await read(ids, ids.version, `dependent.${ids.index}.restore`);
-        await heartbeating(() => dependent.restore({ ...ctx, target, idempotencyKey: stepKey(ids, 'restore', ids.index, ids.version) }));
+        const key = ids.abandoned === undefined ? stepKey(ids, 'restore', ids.index, ids.version) : stepKey(ids, 'restore', ids.index, ids.version, 'from', ids.abandoned);
+        await heartbeating(() => dependent.restore({ ...ctx, target, idempotencyKey: key }));
       });
     },
 
@@ -170,13 +177,24 @@ export function rotationActivities(deps: ActivityDeps) {
       }));
     },
 
-    /** The provider stops accepting `version`; the vault records when. */
-    async revokeVersion(ids: RotationIds & { version: number }): Promise<void> {
+    /**
+     * The provider stops accepting `version`; the vault records when. With `current` (a rollback,
+     * where `version` was promoted and is abandoned again) the provider discards it instead, as
+     * compensation does before promotion: a provider whose create replaced the live secret (a single
+     * PostgreSQL role) must put `current` back, which a revoke would not.
+     */
+    async revokeVersion(ids: RotationIds & { version: number; current?: number }): Promise<void> {
       return externalStep(async () => {
         const { meta, policy, provider } = await load(ids);
         const ctx = await providerContext(ids, meta, provider, policy.settings);
         const secret = await read(ids, ids.version, 'provider.revoke');
-        await heartbeating(() => provider.revoke({ ...ctx, secret, idempotencyKey: stepKey(ids, 'revoke', ids.version) }));
+        const idempotencyKey = stepKey(ids, 'revoke', ids.version);
+        if (ids.current !== undefined && provider.discard) {
+          const current = await read(ids, ids.current, 'provider.discard');
+          await heartbeating(() => provider.discard!({ ...ctx, pending: secret, current, idempotencyKey }));
+        } else {
+          await heartbeating(() => provider.revoke({ ...ctx, secret, idempotencyKey }));
+        }
         await deps.rotations.markRevoked(caller(ids), ids.credentialId, ids.version);
       });
     },

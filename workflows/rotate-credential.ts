@@ -4,6 +4,7 @@ import {
   condition,
   continueAsNew,
   isCancellation,
+  patched,
   proxyActivities,
   setHandler,
   workflowInfo,
@@ -11,7 +12,8 @@ import {
 import type { createActivities } from '../activities';
 import { leakSignal, progressQuery, rollbackUpdate } from './definitions';
 import { compensation, databaseStep, emailDelivery, externalCall } from './options';
-import type { NoticeKind, RotationMode, RotationOutcome, RotationProgress, StepName } from './types';
+import { CLOSE_INCIDENTS_LAST } from './patches';
+import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
 
 type Activities = ReturnType<typeof createActivities>;
 const external = proxyActivities<Activities>(externalCall);
@@ -29,6 +31,11 @@ export interface RotateCredentialInput {
 }
 
 const STEPS: StepName[] = ['create_pending', 'apply_dependents', 'verify', 'compensate', 'promote', 'notify', 'grace', 'revoke_previous'];
+
+interface Undo {
+  what: string;
+  run: () => Promise<unknown>;
+}
 
 /**
  * Rotates one credential: create pending → apply to dependents → verify → promote → grace →
@@ -49,10 +56,15 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   let leak = progress.mode === 'leak';
   let rollbackRequested = false;
   let rolledBack: { current: number; abandoned: number } | undefined;
+  // What went wrong without stopping the run (an undo, a promoted event): its notice lists them.
+  const problems: string[] = [];
   setHandler(progressQuery, () => progress);
   const leakedVersions = new Set<number>();
-  setHandler(leakSignal, ({ version }) => {
+  // One per leak incident: a signal delivered twice is one report.
+  const incidents = new Set<string>();
+  setHandler(leakSignal, ({ incidentId, version }) => {
     leak = true;
+    incidents.add(incidentId);
     progress.leakReported = true;
     if (version !== undefined) leakedVersions.add(version);
   });
@@ -73,8 +85,9 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     },
   );
 
+  const stepOf = (name: StepName) => progress.steps.find((s) => s.name === name)!;
   const step = async <T>(name: StepName, run: () => Promise<T>): Promise<T> => {
-    const entry = progress.steps.find((s) => s.name === name)!;
+    const entry = stepOf(name);
     entry.state = 'running';
     entry.attempt = progress.attempt;
     delete entry.error;
@@ -88,27 +101,56 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       throw err;
     }
   };
-  const skip = (...names: StepName[]) => names.forEach((n) => (progress.steps.find((s) => s.name === n)!.state = 'skipped'));
-  const finish = async (outcome: RotationOutcome, notice: NoticeKind, error?: string) => {
+  const skip = (...names: StepName[]) => names.forEach((n) => (stepOf(n).state = 'skipped'));
+  // A leak reported while the rotation ran concerns its outcome too: the security contacts get the notice.
+  const notice = (outcome: NoticeKind, extra: Partial<RotationNotice> = {}) =>
+    mail.sendRotationNotice({
+      ...ids,
+      outcome,
+      mode: leak ? 'leak' : progress.mode,
+      fromVersion: progress.fromVersion,
+      toVersion: progress.toVersion,
+      ...(problems.length > 0 ? { problems: [...problems] } : {}),
+      ...extra,
+    });
+  /**
+   * Closes the credential's leak incidents once the final notice is out. An incident reported after
+   * the first `seen` is not covered by that notice: the credential is rotated again, in leak mode
+   * (its incident stays open until that run closes it).
+   */
+  const closeIncidents = async (seen: number) => {
+    if (incidents.size > seen) await continueAsNew<typeof rotateCredential>({ ...input, mode: 'leak', attemptsBefore: progress.attempt });
+    // An open leak incident would make later reports only join it: close it, so they rotate again.
+    await db.closeLeakIncidents(ids);
+    if (incidents.size > seen) await continueAsNew<typeof rotateCredential>({ ...input, mode: 'leak', attemptsBefore: progress.attempt });
+  };
+  const finish = async (outcome: RotationOutcome, kind: NoticeKind, error?: string) => {
     progress.error = error ?? progress.error;
     await CancellationScope.nonCancellable(async () => {
       await db.recordOutcome({ ...ids, outcome, fromVersion: progress.fromVersion, toVersion: progress.toVersion, error: progress.error });
-      // An open leak incident would make later reports only join it: close it, so they rotate again.
-      await db.closeLeakIncidents(ids);
-      await step('notify', () =>
-        mail.sendRotationNotice({
-          ...ids,
-          outcome: notice,
-          mode: progress.mode,
-          fromVersion: progress.fromVersion,
-          toVersion: progress.toVersion,
-          graceEndsAt: progress.graceEndsAt,
-          error: progress.error,
-          step: progress.steps.find((s) => s.state === 'failed')?.name,
-        }),
-      );
+      const closeLast = patched(CLOSE_INCIDENTS_LAST);
+      if (!closeLast) await db.closeLeakIncidents(ids);
+      const seen = incidents.size;
+      await step('notify', () => notice(kind, { graceEndsAt: progress.graceEndsAt, error: progress.error, step: progress.steps.find((s) => s.state === 'failed')?.name }));
+      if (closeLast) await closeIncidents(seen);
     });
     progress.state = outcome === 'rotated' ? 'succeeded' : outcome;
+  };
+  /** The rotation failed for good: the credential is marked, the owners told, the run fails. */
+  const fail = async (): Promise<never> => {
+    await CancellationScope.nonCancellable(() => db.markRotationState({ ...ids, status: 'rotation_failed' }));
+    await finish('failed', 'failed');
+    throw ApplicationFailure.create({ type: 'RotationFailed', message: progress.error, nonRetryable: true });
+  };
+  /** Runs every undo of an attempt even if one fails; false if any did (they are then in `problems`). */
+  const compensate = async (stack: Undo[]): Promise<boolean> => {
+    const failed = await CancellationScope.nonCancellable(() => step('compensate', () => runAll([...stack].reverse())));
+    if (failed.length === 0) return true;
+    const entry = stepOf('compensate');
+    entry.state = 'failed';
+    entry.error = failed.join('; ');
+    problems.push(...failed);
+    return false;
   };
 
   let plan: Awaited<ReturnType<typeof db.planRotation>>;
@@ -117,17 +159,16 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   } catch (err) {
     // Nothing was changed yet: record the failure, tell the owners, fail the run.
     progress.error = failureMessage(err);
-    await db.markRotationState({ ...ids, status: 'rotation_failed' });
     skip('create_pending', 'apply_dependents', 'verify', 'compensate', 'promote', 'grace', 'revoke_previous');
-    await finish('failed', 'failed');
-    throw ApplicationFailure.create({ type: 'RotationFailed', message: progress.error, nonRetryable: true });
+    return fail();
   }
   let pending: { version: number; basedOn: number } | undefined;
+  let undoStack: Undo[] = [];
 
   // create → apply → verify, with a fresh value on every attempt.
   for (;;) {
     progress.attempt += 1;
-    const undoStack: { what: string; run: () => Promise<unknown> }[] = [];
+    undoStack = [];
     const attempt = progress.attempt;
     try {
       undoStack.push({ what: 'discard attempt', run: () => undo.discardAttempt({ ...ids, attempt, current: plan.currentVersion }) });
@@ -140,7 +181,10 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
         await step('apply_dependents', async () => {
           for (const dependent of plan.dependents) {
             // Restore is pushed first: a dependent that failed half-way is put back too (restore is idempotent).
-            undoStack.push({ what: `restore ${dependent.type}`, run: () => undo.restoreDependent({ ...ids, index: dependent.index, version: staged.basedOn }) });
+            undoStack.push({
+              what: `restore ${dependent.type} ${dependent.index}`,
+              run: () => undo.restoreDependent({ ...ids, index: dependent.index, version: staged.basedOn, abandoned: staged.version }),
+            });
             await external.applyDependent({ ...ids, index: dependent.index, version: staged.version });
           }
         });
@@ -149,31 +193,42 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
         await external.verifyVersion({ ...ids, version: staged.version });
         for (const dependent of plan.dependents) await external.verifyDependent({ ...ids, index: dependent.index, version: staged.version });
       });
-      if (progress.steps.find((s) => s.name === 'compensate')!.state === 'waiting') skip('compensate');
+      if (stepOf('compensate').state === 'waiting') skip('compensate');
       break;
     } catch (err) {
       progress.error = failureMessage(err);
       const cancelled = isCancellation(err);
-      await CancellationScope.nonCancellable(() => step('compensate', () => runUndo(undoStack)));
+      // A half-undone attempt is not a base for another one: it ends the run.
+      const undone = await compensate(undoStack);
       if (cancelled) {
-        await CancellationScope.nonCancellable(() => db.markRotationState({ ...ids, status: 'active' }));
+        await CancellationScope.nonCancellable(() => db.markRotationState({ ...ids, status: undone ? 'active' : 'rotation_failed' }));
         await finish('cancelled', 'cancelled', 'the rotation was cancelled');
         return progress;
       }
-      if (progress.attempt - (input.attemptsBefore ?? 0) >= plan.maxAttempts || isPermanent(err)) {
-        await db.markRotationState({ ...ids, status: 'rotation_failed' });
-        await finish('failed', 'failed');
-        throw ApplicationFailure.create({ type: 'RotationFailed', message: progress.error, nonRetryable: true });
-      }
+      if (!undone || progress.attempt - (input.attemptsBefore ?? 0) >= plan.maxAttempts || isPermanent(err)) return fail();
     }
   }
 
   // From here on the new version is live: finish promotion even if a cancel arrives meanwhile.
-  const promoted = await CancellationScope.nonCancellable(async () => {
-    const result = await step('promote', () => db.promotePendingVersion({ ...ids, version: pending!.version }));
-    await external.dependentsPromoted({ ...ids, version: pending!.version });
+  let promoted: Awaited<ReturnType<typeof db.promotePendingVersion>>;
+  try {
+    promoted = await CancellationScope.nonCancellable(() => step('promote', () => db.promotePendingVersion({ ...ids, version: pending!.version })));
+  } catch (err) {
+    // Only a refusal (a newer value was stored meanwhile) proves nothing was promoted; after retries
+    // ran out the promote may have committed, and undoing would revoke the live value.
+    if (!isPermanent(err)) throw err;
+    progress.error = failureMessage(err);
+    await compensate(undoStack);
+    return fail();
+  }
+  await CancellationScope.nonCancellable(async () => {
+    try {
+      await external.dependentsPromoted({ ...ids, version: pending!.version });
+    } catch (err) {
+      // The new version is current whatever a dependent answers: the owners are told, the rotation goes on.
+      problems.push(`telling the dependents that version ${pending!.version} is current failed: ${failureMessage(err)}`);
+    }
     await db.recordOutcome({ ...ids, outcome: 'rotated', fromVersion: progress.fromVersion, toVersion: progress.toVersion });
-    return result;
   });
 
   if (leak || plan.graceSeconds === 0) {
@@ -185,9 +240,8 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   }
 
   progress.graceEndsAt = new Date(Date.parse(promoted.promotedAt) + plan.graceSeconds * 1000).toISOString();
-  await step('notify', () =>
-    mail.sendRotationNotice({ ...ids, outcome: 'rotated', mode: progress.mode, fromVersion: progress.fromVersion, toVersion: progress.toVersion, graceEndsAt: progress.graceEndsAt }),
-  );
+  // Every notice after promotion is sent whole: a cancel meanwhile is taken up by the grace timer (a rollback).
+  await CancellationScope.nonCancellable(() => step('notify', () => notice('rotated', { graceEndsAt: progress.graceEndsAt })));
   progress.state = 'grace';
   let cancelled = false;
   await step('grace', async () => {
@@ -202,9 +256,14 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   if (rollbackRequested || cancelled) {
     // The rotated version is abandoned: dependents go back, the vault points back, the provider forgets it.
     await CancellationScope.nonCancellable(async () => {
-      for (const dependent of plan.dependents) await undo.restoreDependent({ ...ids, index: dependent.index, version: progress.fromVersion! });
+      const restores = plan.dependents.map((dependent) => ({
+        what: `restore ${dependent.type} ${dependent.index}`,
+        run: () => undo.restoreDependent({ ...ids, index: dependent.index, version: progress.fromVersion!, abandoned: progress.toVersion! }),
+      }));
+      problems.push(...(await runAll(restores)));
       rolledBack = await db.rollbackVersion({ ...ids, version: progress.toVersion! });
-      await undo.revokeVersion({ ...ids, version: progress.toVersion! });
+      // `current`: a provider whose create replaced the live secret (a single PostgreSQL role) puts the previous one back.
+      await undo.revokeVersion({ ...ids, version: progress.toVersion!, current: progress.fromVersion! });
     });
     skip('revoke_previous');
     await finish('rolled_back', 'rolled_back', cancelled ? 'the rotation was cancelled during its grace period' : 'rolled back on request');
@@ -213,10 +272,10 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
 
   progress.state = 'running';
   await revokePrevious();
-  if (leak && progress.steps.find((s) => s.name === 'revoke_previous')!.state === 'done') {
+  if (leak && stepOf('revoke_previous').state === 'done') {
     // The grace notice said the previous version keeps working until graceEndsAt, and the leak
     // alert promised a notice when the rotation is done: tell the owners (and security) it is revoked.
-    await mail.sendRotationNotice({ ...ids, outcome: 'rotated', mode: 'leak', fromVersion: progress.fromVersion, toVersion: progress.toVersion });
+    await CancellationScope.nonCancellable(() => notice('rotated', { mode: 'leak' }));
   }
   await closeOut();
   return progress;
@@ -227,7 +286,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     } catch (err) {
       // The new value is live and stays so; the owners must revoke the old one by hand.
       progress.error = failureMessage(err);
-      await mail.sendRotationNotice({ ...ids, outcome: 'revoke_failed', mode: progress.mode, fromVersion: progress.fromVersion, toVersion: progress.toVersion, error: progress.error });
+      await CancellationScope.nonCancellable(() => notice('revoke_failed', { error: progress.error }));
     }
   }
 
@@ -237,19 +296,27 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       await continueAsNew<typeof rotateCredential>({ ...input, mode: 'leak', attemptsBefore: progress.attempt });
     }
     await CancellationScope.nonCancellable(async () => {
-      await db.closeLeakIncidents(ids);
-      if (progress.steps.find((s) => s.name === 'notify')!.state === 'waiting') {
-        await step('notify', () =>
-          mail.sendRotationNotice({ ...ids, outcome: 'rotated', mode: progress.mode, fromVersion: progress.fromVersion, toVersion: progress.toVersion }),
-        );
-      }
+      const closeLast = patched(CLOSE_INCIDENTS_LAST);
+      if (!closeLast) await db.closeLeakIncidents(ids);
+      const seen = incidents.size;
+      if (stepOf('notify').state === 'waiting') await step('notify', () => notice('rotated'));
+      if (closeLast) await closeIncidents(seen);
     });
     progress.state = 'succeeded';
   }
 }
 
-async function runUndo(stack: { what: string; run: () => Promise<unknown> }[]): Promise<void> {
-  for (const item of [...stack].reverse()) await item.run();
+/** Runs each item in order, every one even after a failure; returns what failed, each as `what: why`. */
+async function runAll(items: Undo[]): Promise<string[]> {
+  const failed: string[] = [];
+  for (const item of items) {
+    try {
+      await item.run();
+    } catch (err) {
+      failed.push(`${item.what}: ${failureMessage(err)}`);
+    }
+  }
+  return failed;
 }
 
 function isPermanent(err: unknown): boolean {

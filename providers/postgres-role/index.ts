@@ -9,7 +9,8 @@ import { postgresRoleSettings, type PostgresRoleSettings } from './schema';
  *
  * Single role (`role`): create replaces the live password at once, so consumers still holding the
  * old one fail until they get the new one; revoke has nothing left to do, and discard puts the
- * current password back. Alternating roles (`roles: [a, b]`): create sets a new password on the
+ * current password back (before promotion, and on a rollback in the grace period, when the
+ * previous version is current again). Alternating roles (`roles: [a, b]`): create sets a new password on the
  * idle role and leaves the live one alone, so there is no window; revoke and discard give the
  * retired role a random password nobody knows.
  *
@@ -49,6 +50,7 @@ export const postgresRole: Provider<PostgresRoleSettings> = {
     if (ctx.settings.roles) await retire(ctx, ctx.secret);
   },
 
+  // Also a rollback's: `pending` is then the abandoned rotated version, `current` the previous one.
   async discard(ctx) {
     if (ctx.settings.roles) {
       if (ctx.pending) return retire(ctx, ctx.pending);

@@ -1,0 +1,407 @@
+import { randomBytes } from 'node:crypto';
+import { readFileSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import pg from 'pg';
+import { WorkflowFailedError } from '@temporalio/client';
+import { ApplicationFailure } from '@temporalio/common';
+import { temporal } from '@temporalio/proto';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { stableUuid } from '../activities/support';
+import type { RotationProgress } from '../workflows/types';
+import { startHarness, type Harness } from './support/harness';
+import { expectCleanRun } from './support/leaks';
+import { canLogin, mailTo, waitFor, type Identity } from './support/lifecycle-fixtures';
+import type { ReceivedEvent } from './support/webhook-receiver';
+import { WebhookReceiver } from './support/webhook-receiver';
+
+/**
+ * Rotations that go wrong after the first step: a promote the vault refuses, an undo a dependent
+ * refuses, a promoted event refused, a cancel or a leak that lands while a notice is being sent,
+ * repeated restores, and a rollback of a single PostgreSQL role. Each ends where it must: undone or
+ * rolled back, the credential marked, the owners (and, for leaks, the security desk) told.
+ */
+
+interface RotationReport {
+  state: string;
+  credentials: { credentialId: string; workflowId: string; runId: string | null; state: string; outcome: string | null; progress: RotationProgress | null }[];
+}
+
+const tag = randomBytes(4).toString('hex');
+const securityDesk = `sec-${tag}@example.com`;
+const ENV_KEY = 'SERVICE_KEY';
+
+describe('rotation failures', () => {
+  let h: Harness;
+  let owner: Identity;
+  let signingKey: string;
+  const receivers: WebhookReceiver[] = [];
+  const roles: string[] = [];
+  let n = 0;
+  const unique = (what: string) => `${what}-${tag}-${++n}`;
+
+  const store = async (name: string, kind: string, value: string, extra: Record<string, unknown> = {}) => {
+    const res = await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind, value, ...extra } });
+    if (res.status !== 201) throw new Error(`storing ${name} failed: ${res.status} ${res.text}`);
+    return res.body.id as string;
+  };
+  /** A generated api key with one owner address; every value any test reads is registered for the leak checks. */
+  const generatedKey = async (rotation: Record<string, unknown> = {}) => {
+    const name = unique('key');
+    const ownerMail = `${name}@example.com`;
+    const id = await store(name, 'api_key', h.secret(`v1_${randomBytes(16).toString('hex')}`), {
+      owners: [ownerMail],
+      rotation: { provider: 'generated', settings: { length: 40 }, periodDays: 90, graceHours: 0, maxAttempts: 1, ...rotation },
+    });
+    return { name, id, ownerMail };
+  };
+  const read = async (id: string, version?: number) => {
+    const res = await h.api('POST', '/v1/vault.get', { token: owner.token, body: { id, ...(version ? { version } : {}) } });
+    if (res.status === 200) h.secret(res.body.value as string);
+    return res.body;
+  };
+  const credentialRow = async (id: string) => (await h.api('GET', '/v1/credentials?limit=1000', { token: owner.token })).body.items.find((c: { id: string }) => c.id === id);
+  const revokedVersions = async (id: string) =>
+    (await h.sql('SELECT version FROM secret_versions WHERE credential_id = $1 AND revoked_at IS NOT NULL ORDER BY version', [id])).rows.map((r) => r.version);
+
+  const receiver = async () => {
+    const r = new WebhookReceiver(signingKey);
+    receivers.push(r);
+    await r.start();
+    return r;
+  };
+  /** The receiver answers `status` to every event of the given types, 200 to the rest. */
+  const refusing = (r: WebhookReceiver, refuse: Record<string, number>) => {
+    r.onEvent = async ({ event }) => {
+      r.failWith = refuse[event.type] ?? null;
+    };
+  };
+  /** Holds the receiver's answer to credential.pending until release() (and runs `during` first). */
+  const holdingPending = (r: WebhookReceiver) => {
+    let release!: () => void;
+    const released = new Promise<void>((resolve) => (release = resolve));
+    const before = r.onEvent;
+    r.onEvent = async (received: ReceivedEvent) => {
+      await before?.(received);
+      if (received.event.type === 'credential.pending') await released;
+    };
+    return { release, reached: () => waitFor('the receiver to hold credential.pending', async () => r.events.length, (count) => count > 0) };
+  };
+  const webhook = (r: WebhookReceiver) => ({ type: 'webhook', settings: { url: r.url, signingKeyCredential: 'hook-signing-key', timeoutMs: 30_000 } });
+  const setDependents = async (credentialId: string, dependents: unknown[]) => {
+    const res = await h.api('PATCH', `/v1/credentials/${credentialId}`, { token: owner.token, body: { dependents } });
+    expect(res.status, res.text).toBe(200);
+  };
+  const events = (r: WebhookReceiver) => r.events.map((e) => `${e.event.type} v${e.event.version}`).filter((e, i, all) => e !== all[i - 1]);
+
+  const startRotation = async (name: string) => {
+    const res = await h.api('POST', '/v1/rotations', { token: owner.token, body: { credentials: [name] } });
+    expect(res.status, res.text).toBe(202);
+    return res.body.rotationId as string;
+  };
+  const report = async (rotationId: string): Promise<RotationReport> => (await h.api('GET', `/v1/rotations/${rotationId}`, { token: owner.token })).body;
+  const started = (rotationId: string) => waitFor(`rotation ${rotationId} to start its run`, () => report(rotationId), (r) => Boolean(r.credentials[0]?.runId));
+  const waitForState = (rotationId: string, states: string[]) => waitFor(`rotation ${rotationId} to reach ${states.join(' or ')}`, () => report(rotationId), (r) => states.includes(r.state));
+  /** The run's result, following continue-as-new; a failure is returned, not thrown. */
+  const runResult = async (rotationId: string): Promise<unknown> => {
+    const run = (await started(rotationId)).credentials[0]!;
+    return h.client.workflow.getHandle(run.workflowId, run.runId!).result().catch((e: unknown) => e);
+  };
+  const expectRotationFailed = (failure: unknown, message: RegExp) => {
+    expect(failure).toBeInstanceOf(WorkflowFailedError);
+    const cause = (failure as WorkflowFailedError).cause;
+    expect(cause).toBeInstanceOf(ApplicationFailure);
+    expect((cause as ApplicationFailure).type).toBe('RotationFailed');
+    expect((cause as ApplicationFailure).message).toMatch(message);
+  };
+  const stepState = (r: RotationReport, name: string) => r.credentials[0]!.progress!.steps.find((s) => s.name === name);
+  const notices = (address: string, name: string) =>
+    waitFor(`the notices of ${name}`, () => mailTo(address), (mails) => mails.length > 0).then((mails) => mails.filter((m) => m.mail.subject?.endsWith(name)));
+
+  /**
+   * Holds one notice of a run half-way: an open transaction owns its outbox row (the notice's id is
+   * derived from the run, as the activity derives it), so the activity waits at its INSERT until
+   * release() rolls the transaction back.
+   */
+  const holdNotice = async (runId: string, credentialId: string, outcome: string) => {
+    const client = new pg.Client({ connectionString: h.databaseUrl });
+    await client.connect();
+    await client.query('BEGIN');
+    await client.query(`INSERT INTO mail_outbox (id, identity_id, purpose, recipients, subject, text_body) VALUES ($1, $2, 'test.hold', '{}', 'hold', 'hold')`, [
+      stableUuid(`${runId}:${credentialId}:notice:${outcome}`),
+      owner.id,
+    ]);
+    return {
+      reached: () =>
+        waitFor(
+          'the notice to wait for its outbox row',
+          async () =>
+            (
+              await h.sql(
+                `SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO mail_outbox%'`,
+              )
+            ).rows[0].n as number,
+          (count) => count > 0,
+        ),
+      release: async () => {
+        await client.query('ROLLBACK');
+        await client.end();
+      },
+    };
+  };
+
+  beforeAll(async () => {
+    h = await startHarness({ worker: true, securityNotify: [securityDesk] });
+    owner = await h.createIdentity(unique('owner'));
+    signingKey = h.secret(`whsec_${randomBytes(24).toString('hex')}`);
+    await store('hook-signing-key', 'generic', signingKey);
+  });
+  afterAll(async () => {
+    try {
+      // A failed test may leave a run in its grace period: end it, or the worker cannot shut down.
+      for await (const wf of h.client.workflow.list({ query: `TaskQueue = '${h.taskQueue}' AND ExecutionStatus = 'Running'` })) {
+        await h.client.workflow.getHandle(wf.workflowId).terminate('left running by a failed test').catch(() => undefined);
+      }
+      expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
+    } finally {
+      for (const r of receivers) await r.stop();
+      for (const role of roles) await h.sql(`DROP ROLE IF EXISTS ${pg.escapeIdentifier(role)}`);
+      await h.close();
+    }
+  });
+
+  it('a value stored while the rotation is pending makes promote refuse: the attempt is undone, the credential marked, the owners told', async () => {
+    const { name, id, ownerMail } = await generatedKey();
+    const r = await receiver();
+    // While the dependent takes version 2, an agent stores version 3 by hand.
+    r.onEvent = async ({ event }) => {
+      if (event.type === 'credential.pending') await store(name, 'api_key', h.secret(`v3_${randomBytes(16).toString('hex')}`));
+    };
+    await setDependents(id, [webhook(r)]);
+
+    const rotationId = await startRotation(name);
+    expectRotationFailed(await runResult(rotationId), /^credential \S+ moved to version 3 while version 2 was pending$/);
+
+    const failed = await waitForState(rotationId, ['failed']);
+    expect(stepState(failed, 'promote')).toMatchObject({ state: 'failed' });
+    expect(stepState(failed, 'compensate')).toMatchObject({ state: 'done' });
+    expect(await credentialRow(id)).toMatchObject({ status: 'rotation_failed', version: 3, pendingVersion: null });
+    expect(await revokedVersions(id)).toEqual([2]);
+    expect(events(r)).toEqual(['credential.pending v2', 'credential.verify v2', 'credential.restored v1']);
+    const [notice, ...more] = await notices(ownerMail, name);
+    expect(more).toEqual([]);
+    expect(notice!.mail.subject).toBe(`[mailgent] Rotation FAILED for ${name}`);
+    expect(notice!.mail.text).toContain('moved to version 3 while version 2 was pending');
+    expect(notice!.mail.text).toContain('Version 3, stored while the rotation ran, is current. The credential is marked rotation_failed.');
+    await read(id, 2);
+  });
+
+  it('an undo a dependent refuses does not stop the others: every undo runs, the credential is marked, the notice names what failed', async () => {
+    const { name, id, ownerMail } = await generatedKey();
+    const v1 = (await read(id)).value as string;
+    const file = `${unique('service')}.env`;
+    const original = `A=1\n${ENV_KEY}=${v1}\nB=2\n`;
+    writeFileSync(path.join(h.envFilesRoot, file), original);
+    const r = await receiver();
+    refusing(r, { 'credential.verify': 404, 'credential.restored': 400 });
+    // The env file is undone after the webhook (undos run newest first).
+    await setDependents(id, [{ type: 'env-file', settings: { file, key: ENV_KEY } }, webhook(r)]);
+
+    const rotationId = await startRotation(name);
+    expectRotationFailed(await runResult(rotationId), /answered 404 to credential\.verify$/);
+
+    const failed = await waitForState(rotationId, ['failed']);
+    expect(stepState(failed, 'verify')).toMatchObject({ state: 'failed' });
+    expect(stepState(failed, 'compensate')).toMatchObject({ state: 'failed', error: expect.stringMatching(/^restore webhook 1: webhook .* answered 400 to credential\.restored$/) });
+    expect(readFileSync(path.join(h.envFilesRoot, file), 'utf8')).toBe(original);
+    expect(await credentialRow(id)).toMatchObject({ status: 'rotation_failed', version: 1, pendingVersion: null });
+    expect(await revokedVersions(id)).toEqual([2]);
+    expect(events(r)).toEqual(['credential.pending v2', 'credential.verify v2', 'credential.restored v1']);
+    const [notice, ...more] = await notices(ownerMail, name);
+    expect(more).toEqual([]);
+    expect(notice!.mail.subject).toBe(`[mailgent] Rotation FAILED for ${name}`);
+    expect(notice!.mail.text).toMatch(/failed at step verify, and undoing it failed in part:\n- restore webhook 1: webhook http:\/\/127\.0\.0\.1:\d+ answered 400 to credential\.restored\n/);
+    await read(id, 2);
+  });
+
+  it('a dependent refusing credential.promoted does not undo a rotation that took effect: v1 revoked, the run and the batch succeed, the owners told', async () => {
+    const { name, id, ownerMail } = await generatedKey();
+    const r = await receiver();
+    refusing(r, { 'credential.promoted': 400 });
+    await setDependents(id, [webhook(r)]);
+
+    const rotationId = await startRotation(name);
+    expect(await runResult(rotationId)).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
+    const done = await waitForState(rotationId, ['succeeded']);
+    expect(done.credentials[0]).toMatchObject({ state: 'succeeded', outcome: 'rotated' });
+    expect(stepState(done, 'revoke_previous')).toMatchObject({ state: 'done' });
+    expect(await revokedVersions(id)).toEqual([1]);
+    expect(await read(id)).toMatchObject({ version: 2, label: 'current' });
+    expect(events(r)).toEqual(['credential.pending v2', 'credential.verify v2', 'credential.promoted v2']);
+    const [notice, ...more] = await notices(ownerMail, name);
+    expect(more).toEqual([]);
+    expect(notice!.mail.subject).toBe(`[mailgent] Rotated ${name}`);
+    expect(notice!.mail.text).toMatch(/Not everything went through:\n- telling the dependents that version 2 is current failed: webhook .* answered 400 to credential\.promoted\n/);
+  });
+
+  it('a cancel while the grace notice is being sent rolls the rotation back', async () => {
+    const { name, id, ownerMail } = await generatedKey({ graceHours: 1 });
+    const r = await receiver();
+    const pending = holdingPending(r);
+    await setDependents(id, [webhook(r)]);
+
+    const rotationId = await startRotation(name);
+    await pending.reached();
+    const runId = (await started(rotationId)).credentials[0]!.runId!;
+    const hold = await holdNotice(runId, id, 'rotated');
+    try {
+      pending.release();
+      await hold.reached();
+      const cancelled = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: owner.token });
+      expect(cancelled.status, cancelled.text).toBe(202);
+      expect(cancelled.body.cancelling).toEqual([id]);
+      const cancelRequested = temporal.api.enums.v1.EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED;
+      await waitFor(
+        'the cancel request in the history',
+        async () => (await h.client.workflow.getHandle(`rotate:${id}`, runId).fetchHistory()).events?.map((e) => e.eventType) ?? [],
+        (types) => types.includes(cancelRequested),
+      );
+    } finally {
+      await hold.release();
+    }
+
+    expect(await runResult(rotationId)).toMatchObject({ state: 'rolled_back' });
+    const final = await report(rotationId);
+    expect(final.credentials[0]).toMatchObject({ state: 'rolled_back', outcome: 'rolled_back' });
+    expect(await read(id)).toMatchObject({ version: 1, label: 'current' });
+    expect(await revokedVersions(id)).toEqual([2]);
+    expect(events(r)).toEqual(['credential.pending v2', 'credential.verify v2', 'credential.promoted v2', 'credential.restored v1']);
+    const subjects = (await notices(ownerMail, name)).map((m) => m.mail.subject).sort();
+    expect(subjects).toEqual([`[mailgent] Rotated ${name}`, `[mailgent] Rotation rolled back for ${name}`]);
+    await read(id, 2);
+  });
+
+  it('a leak reported while a requested rotation runs: the security desk gets the outcome, and on failure hears the leaked value still works', async () => {
+    const leakDuring = async (refuseVerify: boolean) => {
+      const { name, id, ownerMail } = await generatedKey({ graceHours: 1 });
+      const r = await receiver();
+      if (refuseVerify) refusing(r, { 'credential.verify': 404 });
+      const pending = holdingPending(r);
+      await setDependents(id, [webhook(r)]);
+      const rotationId = await startRotation(name);
+      await pending.reached();
+      const reported = await h.api('POST', '/v1/leaks', { token: owner.token, body: { credential: name, source: 'scanner' } });
+      expect(reported.status, reported.text).toBe(202);
+      expect(reported.body.results).toEqual([expect.objectContaining({ credentialId: id, action: 'rotating' })]);
+      await waitFor('the run to hear of the leak', () => report(rotationId), (rep) => Boolean(rep.credentials[0]?.progress?.leakReported));
+      pending.release();
+      const result = await runResult(rotationId);
+      const desk = await waitFor(
+        `the incident alert and the outcome notice of ${name} at the security desk`,
+        async () => (await mailTo(securityDesk)).filter((m) => m.mail.subject?.endsWith(name)),
+        (mails) => mails.length >= 2,
+        { timeoutMs: 15_000, show: (mails) => mails.map((m) => m.mail.subject) },
+      );
+      expect((await notices(ownerMail, name)).filter((m) => !m.mail.subject?.includes('SECURITY'))).toHaveLength(1);
+      expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
+      await read(id, 2);
+      return { name, id, result, outcome: desk.find((m) => !m.mail.subject?.includes('SECURITY'))! };
+    };
+
+    const rotated = await leakDuring(false);
+    expect(rotated.result).toMatchObject({ state: 'succeeded', leakReported: true });
+    expect(await revokedVersions(rotated.id)).toEqual([1]);
+    expect(rotated.outcome.mail.subject).toBe(`[mailgent] Rotated ${rotated.name}`);
+    expect(rotated.outcome.mail.text).toContain('was rotated because a leak was reported.\n\nVersion 2 is now current.\nVersion 1 has been revoked.');
+
+    const failed = await leakDuring(true);
+    expectRotationFailed(failed.result, /answered 404 to credential\.verify$/);
+    expect(failed.outcome.mail.subject).toBe(`[mailgent] Rotation FAILED for ${failed.name}`);
+    expect(failed.outcome.mail.text).toContain('the rotation did not replace it: the leaked value still works.');
+  });
+
+  it('every restore of a run has an idempotency key of its own: after a failed attempt and again on a rollback', async () => {
+    const { name, id } = await generatedKey({ graceHours: 1, maxAttempts: 2 });
+    const r = await receiver();
+    // Attempt 1 (version 2) is never picked up: verify fails until its retries run out.
+    r.onEvent = async ({ event }) => {
+      r.answerVersion = event.type === 'credential.verify' && event.version === 2 ? 1 : null;
+    };
+    await setDependents(id, [webhook(r)]);
+
+    const rotationId = await startRotation(name);
+    await waitForState(rotationId, ['grace']);
+    const rolledBack = await h.api('POST', `/v1/rotations/${rotationId}/rollback`, { token: owner.token });
+    expect(rolledBack.status, rolledBack.text).toBe(200);
+    expect(await runResult(rotationId)).toMatchObject({ state: 'rolled_back', attempt: 2 });
+
+    const restores = r.events.filter((e) => e.event.type === 'credential.restored').map((e) => e.event);
+    expect(restores.map((e) => e.version)).toEqual([1, 1]);
+    expect(new Set(restores.map((e) => e.id)).size).toBe(2);
+    expect(restores.map((e) => e.id)).toEqual([`${rotationId}:${id}:restore:0:1:from:2`, `${rotationId}:${id}:restore:0:1:from:3`]);
+    await read(id, 2);
+    await read(id, 3);
+  }, 45_000);
+
+  it('a leak reported while the final notice is being sent rotates the leaked value again and closes the incident', async () => {
+    const { name, id } = await generatedKey();
+    const r = await receiver();
+    const pending = holdingPending(r);
+    await setDependents(id, [webhook(r)]);
+
+    const rotationId = await startRotation(name);
+    await pending.reached();
+    const runId = (await started(rotationId)).credentials[0]!.runId!;
+    const hold = await holdNotice(runId, id, 'rotated');
+    try {
+      pending.release();
+      await hold.reached();
+      // Version 2 is current now (version 1 revoked): the report names it.
+      const reported = await h.api('POST', '/v1/leaks', { token: owner.token, body: { credential: name, source: 'scanner' } });
+      expect(reported.status, reported.text).toBe(202);
+      expect(reported.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 2, action: 'rotating' })]);
+      await waitFor('the run to hear of the leak', () => report(rotationId), (rep) => Boolean(rep.credentials[0]?.progress?.leakReported));
+    } finally {
+      await hold.release();
+    }
+
+    const closed = await waitFor(
+      'the incident to be closed',
+      async () => (await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows,
+      (rows) => rows.every((row) => row.status === 'closed'),
+      { timeoutMs: 20_000 },
+    );
+    expect(closed).toEqual([{ status: 'closed' }]);
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 2, toVersion: 3 });
+    expect(await read(id)).toMatchObject({ version: 3, label: 'current' });
+    expect(await revokedVersions(id)).toEqual([1, 2]);
+    await read(id, 2);
+  });
+
+  it('a rollback of a single PostgreSQL role puts the previous password back on the role', async () => {
+    const role = `mg_rf_${tag}`;
+    const v1 = h.secret(randomBytes(18).toString('base64url'));
+    await h.sql(`CREATE ROLE ${pg.escapeIdentifier(role)} LOGIN PASSWORD ${pg.escapeLiteral(v1)}`);
+    roles.push(role);
+    h.secret(h.databaseUrl);
+    const adminPassword = decodeURIComponent(new URL(h.databaseUrl).password);
+    if (adminPassword) h.secret(adminPassword);
+    const adminName = unique('pg-admin');
+    await store(adminName, 'generic', h.databaseUrl);
+    const name = unique('app-db');
+    const id = await store(name, 'password', v1, { rotation: { provider: 'postgres-role', settings: { adminCredential: adminName, role }, periodDays: 30, graceHours: 1 } });
+
+    const rotationId = await startRotation(name);
+    await waitForState(rotationId, ['grace']);
+    const v2 = (await read(id)).value as string;
+    expect(await canLogin(h, role, v2)).toBe(true);
+    expect(await canLogin(h, role, v1)).toBe(false);
+
+    const rolledBack = await h.api('POST', `/v1/rotations/${rotationId}/rollback`, { token: owner.token });
+    expect(rolledBack.status, rolledBack.text).toBe(200);
+    expect(await runResult(rotationId)).toMatchObject({ state: 'rolled_back' });
+    expect(await read(id)).toMatchObject({ version: 1, label: 'current', value: v1 });
+    expect(await canLogin(h, role, v1)).toBe(true);
+    expect(await canLogin(h, role, v2)).toBe(false);
+    expect(await revokedVersions(id)).toEqual([2]);
+  });
+});

@@ -1,0 +1,14 @@
+/**
+ * The ids of workflow patches (`patched()`), one per change to what a workflow does that histories
+ * recorded before it must still replay. A patch marker in a history holds its id as a plain JSON
+ * payload: the SDK's core writes it and the payload codec never sees it, so an id is the fixed name
+ * of a code change, never data (test/codec.test.ts allows these and nothing else in the clear).
+ */
+
+/**
+ * Runs recorded before this patch closed the leak incidents before the final notice; newer runs
+ * close them after it, so a leak reported while the notice is sent is not closed unhandled.
+ */
+export const CLOSE_INCIDENTS_LAST = 'close-leak-incidents-after-notice';
+
+export const PATCH_IDS: readonly string[] = [CLOSE_INCIDENTS_LAST];
