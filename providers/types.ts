@@ -44,8 +44,9 @@ export interface Provider<S = unknown> {
   /** After a promotion: makes an old secret stop working. Idempotent. */
   revoke(ctx: ProviderContext<S> & { secret: ProviderSecret; idempotencyKey: string }): Promise<void>;
   /**
-   * Compensation before promotion: makes `pending` stop working while `current` keeps working.
-   * Defaults to revoke(pending); a provider whose create replaced the live secret (a single
+   * Compensation before promotion, and a rollback during the grace period (then `pending` is the
+   * rotated version given up, `current` the previous one, current again): makes `pending` stop
+   * working while `current` keeps working. Defaults to revoke(pending); a provider whose create replaced the live secret (a single
    * PostgreSQL role) puts `current` back instead. `pending` is absent when create may have taken
    * effect at the provider but its result never reached the vault (the step failed after the call).
    */
