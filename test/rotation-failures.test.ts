@@ -1,4 +1,4 @@
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import pg from 'pg';
@@ -403,5 +403,39 @@ describe('rotation failures', () => {
     expect(await canLogin(h, role, v1)).toBe(true);
     expect(await canLogin(h, role, v2)).toBe(false);
     expect(await revokedVersions(id)).toEqual([2]);
+  });
+
+  it('a leak of the previous version reported while a rollback runs is answered: the rolled-back credential is rotated again, in leak mode', async () => {
+    const { name, id, ownerMail } = await generatedKey({ graceHours: 1 });
+    const v1 = (await read(id)).value as string;
+    const r = await receiver();
+    await setDependents(id, [webhook(r)]);
+    const rotationId = await startRotation(name);
+    await waitForState(rotationId, ['grace']);
+
+    // The rollback's restore is held at the receiver while the leak of version 1 (by its SHA-256) comes in.
+    let release!: () => void;
+    const released = new Promise<void>((resolve) => (release = resolve));
+    r.onEvent = async ({ event }) => {
+      if (event.type === 'credential.restored') await released;
+    };
+    const rollback = h.api('POST', `/v1/rotations/${rotationId}/rollback`, { token: owner.token });
+    await waitFor('the rollback to restore the dependent', async () => events(r), (seen) => seen.includes('credential.restored v1'));
+    const reported = await h.api('POST', '/v1/leaks', { token: owner.token, body: { fingerprint: createHash('sha256').update(v1).digest('hex'), source: 'scanner' } });
+    expect(reported.status, reported.text).toBe(202);
+    expect(reported.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 1, action: 'rotating' })]);
+    await waitFor('the run to hear of the leak', () => report(rotationId), (rep) => Boolean(rep.credentials[0]?.progress?.leakReported));
+    release();
+    expect((await rollback).status).toBe(200);
+
+    // Rolled back to version 1, the leaked one: it does not stay current.
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1, toVersion: 3 });
+    expect(await read(id)).toMatchObject({ version: 3, label: 'current' });
+    expect(await revokedVersions(id)).toEqual([1, 2]);
+    const incidents = await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id]);
+    expect(incidents.rows).toEqual([{ status: 'closed' }]);
+    const subjects = (await notices(ownerMail, name)).map((m) => m.mail.subject);
+    expect(subjects).toEqual(expect.arrayContaining([`[mailgent] Rotation rolled back for ${name}`]));
+    await read(id, 2);
   });
 });

@@ -32,6 +32,8 @@ export interface RotateCredentialInput {
 
 const STEPS: StepName[] = ['create_pending', 'apply_dependents', 'verify', 'compensate', 'promote', 'notify', 'grace', 'revoke_previous'];
 
+const LEAK_WINS = 'a leak was reported: the previous version is being revoked, not made current again';
+
 interface Undo {
   what: string;
   run: () => Promise<unknown>;
@@ -73,13 +75,14 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     async () => {
       rollbackRequested = true;
       await condition(() => rolledBack !== undefined || progress.state !== 'grace');
-      if (!rolledBack) throw ApplicationFailure.create({ type: 'RollbackNotPossible', message: 'the rotation left its grace period before the rollback ran' });
+      if (!rolledBack) throw ApplicationFailure.create({ type: 'RollbackNotPossible', message: leak ? LEAK_WINS : 'the rotation left its grace period before the rollback ran' });
       return rolledBack;
     },
     {
       validator: () => {
         // The state stays 'grace' until the rollback has finished: without this a second request would be answered as a success.
         if (rollbackRequested) throw new Error('a rollback was already requested; the previous version is current again');
+        if (leak) throw new Error(LEAK_WINS);
         if (progress.state !== 'grace') throw new Error(`rollback is possible only during the grace period; the rotation is ${progress.state}`);
       },
     },
@@ -118,13 +121,15 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
    * the first `seen` is not covered by that notice: the credential is rotated again, in leak mode
    * (its incident stays open until that run closes it).
    */
-  const closeIncidents = async (seen: number) => {
-    if (incidents.size > seen) await continueAsNew<typeof rotateCredential>({ ...input, mode: 'leak', attemptsBefore: progress.attempt });
+  const closeIncidents = async (seen: number, rotateAgain = false) => {
+    const again = () => rotateAgain || incidents.size > seen;
+    if (again()) await continueAsNew<typeof rotateCredential>({ ...input, mode: 'leak', attemptsBefore: progress.attempt });
     // An open leak incident would make later reports only join it: close it, so they rotate again.
     await db.closeLeakIncidents(ids);
-    if (incidents.size > seen) await continueAsNew<typeof rotateCredential>({ ...input, mode: 'leak', attemptsBefore: progress.attempt });
+    if (again()) await continueAsNew<typeof rotateCredential>({ ...input, mode: 'leak', attemptsBefore: progress.attempt });
   };
-  const finish = async (outcome: RotationOutcome, kind: NoticeKind, error?: string) => {
+  /** `rotateAgain`: the outcome leaves a reported leak unanswered (a rollback), so a leak rotation follows the notice. */
+  const finish = async (outcome: RotationOutcome, kind: NoticeKind, error?: string, rotateAgain = false) => {
     progress.error = error ?? progress.error;
     await CancellationScope.nonCancellable(async () => {
       await db.recordOutcome({ ...ids, outcome, fromVersion: progress.fromVersion, toVersion: progress.toVersion, error: progress.error });
@@ -132,7 +137,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       if (!closeLast) await db.closeLeakIncidents(ids);
       const seen = incidents.size;
       await step('notify', () => notice(kind, { graceEndsAt: progress.graceEndsAt, error: progress.error, step: progress.steps.find((s) => s.state === 'failed')?.name }));
-      if (closeLast) await closeIncidents(seen);
+      if (closeLast) await closeIncidents(seen, rotateAgain);
     });
     progress.state = outcome === 'rotated' ? 'succeeded' : outcome;
   };
@@ -253,7 +258,8 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     }
   });
 
-  if (rollbackRequested || cancelled) {
+  // A leak reported with the rollback request (in the same activation) wins: the previous version may be the leaked one.
+  if ((rollbackRequested && !leak) || cancelled) {
     // The rotated version is abandoned: dependents go back, the vault points back, the provider forgets it.
     await CancellationScope.nonCancellable(async () => {
       const restores = plan.dependents.map((dependent) => ({
@@ -266,7 +272,9 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       await undo.revokeVersion({ ...ids, version: progress.toVersion!, current: progress.fromVersion! });
     });
     skip('revoke_previous');
-    await finish('rolled_back', 'rolled_back', cancelled ? 'the rotation was cancelled during its grace period' : 'rolled back on request');
+    // A leak reported before the rollback was done (or with the cancel) is not answered by it: the
+    // value now current may be the leaked one, so the credential is rotated again, in leak mode.
+    await finish('rolled_back', 'rolled_back', cancelled ? 'the rotation was cancelled during its grace period' : 'rolled back on request', leak);
     return progress;
   }
 
