@@ -1,4 +1,4 @@
-import { createHmac, randomBytes } from 'node:crypto';
+import { createHmac, randomBytes, randomUUID } from 'node:crypto';
 import { chmodSync, chownSync, linkSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { once } from 'node:events';
 import { createServer } from 'node:http';
@@ -18,18 +18,23 @@ const asRoot = process.getuid?.() === 0;
 
 describe('dependents', () => {
   let h: Harness;
+  /** The deployment's env files root, and `root`, this test identity's directory in it. */
+  let envFilesRoot: string;
   let root: string;
   let outside: string;
+  const ME = randomUUID();
   let registry: Record<string, Dependent<any>>;
 
   beforeAll(async () => {
     h = await startHarness();
     const base = mkdtempSync(path.join(inject('tmpDir'), 'dependents-'));
-    root = path.join(base, 'env');
+    envFilesRoot = path.join(base, 'env');
+    // The identity's own directory under the root: every path below is relative to it.
+    root = path.join(envFilesRoot, ME);
     outside = path.join(base, 'outside');
-    mkdirSync(root);
+    mkdirSync(root, { recursive: true });
     mkdirSync(outside);
-    registry = createDependents({ envFilesRoot: root });
+    registry = createDependents({ envFilesRoot });
   });
   afterAll(async () => {
     expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
@@ -41,7 +46,7 @@ describe('dependents', () => {
     const noSecrets = { read: async () => Promise.reject(new Error('an env file reads no other credential')) };
     const ctx = (file: string, key = 'DB_PASSWORD') => ({
       settings: { file, key },
-      identityId: 'identity-1',
+      identityId: ME,
       credentialId: 'credential-1',
       credentialName: 'staging-db',
       secrets: noSecrets,
@@ -187,6 +192,20 @@ describe('dependents', () => {
         expect(err.message).toMatch(message);
         expect(read(file).toString()).toBe(content);
       }
+    });
+
+    it('an identity reaches only its own directory: another identity’s file is not there, and no directory is a clear refusal', async () => {
+      const mine = envFile('DB_PASSWORD=mine\n');
+      const other = randomUUID();
+      mkdirSync(path.join(envFilesRoot, other));
+      const asOther = (file: string) => dep().apply({ ...ctx(file), identityId: other, target: target(2, 'written-by-another-identity'), idempotencyKey: 'rot:apply:2' });
+      await expect(asOther(mine)).rejects.toThrow(/it does not exist/);
+      await expect(asOther(`../${ME}/${mine}`)).rejects.toThrow(/outside the env files root/);
+      const homeless = randomUUID();
+      await expect(dep().apply({ ...ctx(mine), identityId: homeless, target: target(2, 'written-by-another-identity'), idempotencyKey: 'rot:apply:2' })).rejects.toThrow(
+        `this identity has no env files directory: create ENV_FILES_ROOT/${homeless} and put its files there`,
+      );
+      expect(read(mine).toString()).toBe('DB_PASSWORD=mine\n');
     });
 
     it('refuses paths outside the root, symbolic links on the way, links and non-files', async () => {

@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import pg from 'pg';
 import { WorkflowFailedError } from '@temporalio/client';
@@ -98,8 +98,11 @@ describe('credential lifecycle', () => {
       Buffer.from('CITY=caf\xe9\n', 'latin1'),
       Buffer.from('LAST=1'),
     ]);
-    writeFileSync(path.join(h.envFilesRoot, file), original, { mode: 0o640 });
-    return { file, original, read: () => readFileSync(path.join(h.envFilesRoot, file)) };
+    // The owner's own directory under the root: env-file paths are relative to it.
+    const dir = path.join(h.envFilesRoot, owner.id);
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(path.join(dir, file), original, { mode: 0o640 });
+    return { file, original, read: () => readFileSync(path.join(dir, file)) };
   };
   /** The file as it must be with `value` in the key line and every other byte as it was. */
   const withValue = (original: Buffer, from: string, to: string) => {

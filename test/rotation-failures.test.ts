@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import pg from 'pg';
 import { WorkflowFailedError } from '@temporalio/client';
@@ -200,7 +200,9 @@ describe('rotation failures', () => {
     const v1 = (await read(id)).value as string;
     const file = `${unique('service')}.env`;
     const original = `A=1\n${ENV_KEY}=${v1}\nB=2\n`;
-    writeFileSync(path.join(h.envFilesRoot, file), original);
+    const dir = path.join(h.envFilesRoot, owner.id);
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(path.join(dir, file), original);
     const r = await receiver();
     refusing(r, { 'credential.verify': 404, 'credential.restored': 400 });
     // The env file is undone after the webhook (undos run newest first).
@@ -212,7 +214,7 @@ describe('rotation failures', () => {
     const failed = await waitForState(rotationId, ['failed']);
     expect(stepState(failed, 'verify')).toMatchObject({ state: 'failed' });
     expect(stepState(failed, 'compensate')).toMatchObject({ state: 'failed', error: expect.stringMatching(/^restore webhook 1: webhook .* answered 400 to credential\.restored$/) });
-    expect(readFileSync(path.join(h.envFilesRoot, file), 'utf8')).toBe(original);
+    expect(readFileSync(path.join(dir, file), 'utf8')).toBe(original);
     expect(await credentialRow(id)).toMatchObject({ status: 'rotation_failed', version: 1, pendingVersion: null });
     expect(await revokedVersions(id)).toEqual([2]);
     expect(events(r)).toEqual(['credential.pending v2', 'credential.verify v2', 'credential.restored v1']);

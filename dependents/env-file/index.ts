@@ -1,4 +1,7 @@
+import { stat } from 'node:fs/promises';
+import path from 'node:path';
 import { UnprocessableError } from '../../core/errors';
+import { isUuid } from '../../core/ids';
 import type { Dependent, DependentTarget } from '../types';
 import { decodeValue, describeStyle, encodeValue, findKeyLine, isCanonical, joinLine, splitLines, stylesThatFit } from './dotenv';
 import { readNoFollow, resolveEnvFile, rewriteFile } from './files';
@@ -8,23 +11,33 @@ import { envFileSettings, type EnvFileSettings } from './schema';
  * "Update the staging environment": one KEY=value line of a dotenv file under the worker's env
  * files root. The line must already exist exactly once; only its value changes, in its own quoting
  * style, so apply then restore gives back the original bytes. Errors name the file and key only.
+ *
+ * Each identity has its own directory under the root, named by its id: a path in one identity's
+ * settings can never name another's file (the root is shared by every identity of the deployment).
  */
 export function createEnvFileDependent(opts: { root: string }): Dependent<EnvFileSettings> {
+  const rootOf = async (identityId: string) => {
+    const dir = path.join(opts.root, identityId);
+    if (!isUuid(identityId) || !(await stat(dir).then((s) => s.isDirectory(), () => false))) {
+      throw new UnprocessableError(`this identity has no env files directory: create ENV_FILES_ROOT/${identityId} and put its files there`);
+    }
+    return dir;
+  };
   return {
     type: 'env-file',
     settings: envFileSettings,
-    async apply({ settings, target }) {
-      await writeValue(opts.root, settings, target, true);
+    async apply({ settings, target, identityId }) {
+      await writeValue(await rootOf(identityId), settings, target, true);
     },
-    async verify({ settings, target }) {
-      const { content } = await readNoFollow(await resolveEnvFile(opts.root, settings.file));
+    async verify({ settings, target, identityId }) {
+      const { content } = await readNoFollow(await resolveEnvFile(await rootOf(identityId), settings.file));
       const line = findKeyLine(splitLines(content), settings.key, settings.file);
       if (decodeValue(line.raw, line.quote) !== target.value) {
         throw new Error(`${settings.key} in ${settings.file} does not hold version ${target.version}`);
       }
     },
-    async restore({ settings, target }) {
-      await writeValue(opts.root, settings, target, false);
+    async restore({ settings, target, identityId }) {
+      await writeValue(await rootOf(identityId), settings, target, false);
     },
   };
 }
