@@ -1,6 +1,7 @@
 import { existsSync } from 'node:fs';
+import pg from 'pg';
 import type { Config } from '../core/config';
-import { ConfigError, isInlineMasterKey } from '../core/config';
+import { ConfigError, inlineMasterKeys } from '../core/config';
 import type { Logger } from '../core/logger';
 import { createPool, migrate } from '../db/pool';
 import { connectEmbeddedPostgres } from '../embedded/postgres';
@@ -13,72 +14,104 @@ export interface RekeyResult {
   newMasterKeyId: string;
   rewrapped: number;
   retiredMasterKeys: string[];
-  /** Set when the old key came from VAULT_MASTER_KEY: the operator must switch it to the new key. */
+  /** Set when the keys came from VAULT_MASTER_KEY: what the operator does next. */
   action?: string;
 }
 
+/** One rekey at a time per database: two would each prune the keyring of the key the other wraps with. */
+const REKEY_LOCK = 4631800002;
+
 /**
- * Re-wraps every data key under a new master key. Secret rows are not touched: they are sealed by
- * data keys, which do not change. With a keyring file (the embedded default, or VAULT_MASTER_KEY
- * naming a file) the new key is generated and written there, and keys no longer used are dropped.
- * With an inline VAULT_MASTER_KEY the new key comes from NEW_VAULT_MASTER_KEY.
+ * Re-wraps every data key under the current master key. Secret rows are not touched: they are
+ * sealed by data keys, which do not change.
+ *
+ * With a keyring file (the embedded default, or VAULT_MASTER_KEY naming a file) a new key is
+ * generated and written there first; a running service picks it up, and keys no longer used are
+ * dropped at the end. With an inline VAULT_MASTER_KEY the services must know the new key before
+ * anything is wrapped with it, and keep the old one until nothing uses it: so they run with
+ * `VAULT_MASTER_KEY=<new>,<old>` (they wrap with the new, unwrap with either), rekey re-wraps what
+ * the old one still wraps, and then the old one can be dropped.
  */
 export async function rekey(config: Config, logger: Logger, env: NodeJS.ProcessEnv = process.env): Promise<RekeyResult> {
   const setting = config.VAULT_MASTER_KEY ?? keyringPath(config.dataDir);
   if (!config.VAULT_MASTER_KEY && !existsSync(setting)) {
     throw new ConfigError([`no master key to rotate: VAULT_MASTER_KEY is not set and ${setting} does not exist`]);
   }
-  const inline = isInlineMasterKey(setting);
-  let keyring: Keyring;
-  let newKey: MasterKey;
-  if (inline) {
-    const given = env.NEW_VAULT_MASTER_KEY;
-    if (!given || !isInlineMasterKey(given)) {
-      throw new ConfigError(['VAULT_MASTER_KEY is set inline: put the new key (base64 of 32 bytes) in NEW_VAULT_MASTER_KEY']);
-    }
-    const key = Buffer.from(given, 'base64');
-    newKey = { id: masterKeyId(key), key };
-    const old = Buffer.from(setting, 'base64');
-    keyring = Keyring.fromKeys([newKey, { id: masterKeyId(old), key: old }], newKey.id);
-  } else {
-    const { keys } = readKeyringFile(setting);
-    const key = generateMasterKey();
-    newKey = { id: masterKeyId(key), key };
-    // The new key is in the file before any data key uses it, so no crash can strand a data key.
-    writeKeyringFile(setting, [newKey, ...keys], newKey.id);
-    keyring = Keyring.fromSetting(setting);
+  const inline = inlineMasterKeys(setting);
+  if (inline && inline.length === 1) {
+    throw new ConfigError([
+      'VAULT_MASTER_KEY holds one inline key, so there is nothing to re-wrap under. Rotating it: set VAULT_MASTER_KEY=<new key>,<this key> ' +
+        '(a new base64 key first) on every API and worker and restart them, run rekey, then drop the old key from VAULT_MASTER_KEY' +
+        (env.NEW_VAULT_MASTER_KEY ? ' (NEW_VAULT_MASTER_KEY is no longer read: a service that did not know the new key kept wrapping under the old one)' : ''),
+    ]);
   }
 
   const db = config.DATABASE_URL ? { url: config.DATABASE_URL, stop: async () => undefined } : await connectEmbeddedPostgres({ dataDir: config.dataDir, logger });
+  const lock = new pg.Client({ connectionString: db.url });
   try {
     await migrate(db.url, logger);
+    await lock.connect();
+    if (!(await lock.query('SELECT pg_try_advisory_lock($1) AS held', [REKEY_LOCK])).rows[0].held) {
+      throw new Error('another rekey is running against this database; run this one again once it has finished');
+    }
+    let keyring: Keyring;
+    let fileKeys: MasterKey[] = [];
+    if (inline) {
+      keyring = Keyring.fromSetting(setting);
+    } else {
+      const key = generateMasterKey();
+      fileKeys = [{ id: masterKeyId(key), key }, ...readKeyringFile(setting).keys];
+      // The new key is in the file (synced) before any data key uses it, so no crash can strand a data key.
+      const written = (await lock.query('SELECT clock_timestamp() AS at')).rows[0].at as Date;
+      writeKeyringFile(setting, fileKeys, fileKeys[0]!.id);
+      keyring = Keyring.fromSetting(setting);
+      // A service that read the old current key just before the write wraps with it inside a
+      // transaction begun before then: once those have ended, the re-wrap below sees every such key.
+      await transactionsEnded(lock, written);
+    }
+    const current = keyring.current;
+
     const pool = createPool(db.url, 2, logger);
     try {
       const { rewrapped, masterKeysInUse } = await new DataKeys(pool, keyring).rewrapAll();
-      let retiredMasterKeys: string[] = [];
-      if (!inline) {
-        const { keys } = readKeyringFile(setting);
-        const kept = keys.filter((k) => k.id === newKey.id || masterKeysInUse.includes(k.id));
-        retiredMasterKeys = keys.filter((k) => !kept.includes(k)).map((k) => k.id);
-        writeKeyringFile(setting, kept, newKey.id);
-      }
+      const known = inline ? keyring.ids : fileKeys.map((k) => k.id);
+      const unknown = masterKeysInUse.filter((id) => !known.includes(id));
+      if (unknown.length) throw new Error(`master keys ${unknown.join(', ')} are still in use but not in the keyring; nothing was dropped`);
+      const retiredMasterKeys = known.filter((id) => id !== current.id && !masterKeysInUse.includes(id));
+      if (!inline) writeKeyringFile(setting, fileKeys.filter((k) => !retiredMasterKeys.includes(k.id)), current.id);
       await appendAudit(pool, {
         identityId: null,
         actor: 'admin',
         action: 'vault.rekey',
         outcome: 'ok',
-        detail: { masterKeyId: newKey.id, rewrapped, retired: retiredMasterKeys },
+        detail: { masterKeyId: current.id, rewrapped, retired: retiredMasterKeys },
       });
       return {
-        newMasterKeyId: newKey.id,
+        newMasterKeyId: current.id,
         rewrapped,
         retiredMasterKeys,
-        ...(inline ? { action: 'set VAULT_MASTER_KEY to the value of NEW_VAULT_MASTER_KEY and restart the service' } : {}),
+        ...(inline ? { action: `every key is now wrapped by ${current.id}: remove the others from VAULT_MASTER_KEY (keep the first) and restart` } : {}),
       };
     } finally {
       await pool.end();
     }
   } finally {
+    await lock.end().catch(() => undefined);
     await db.stop();
+  }
+}
+
+/** Waits until no transaction begun before `at` is open on the database (a minute at most). */
+async function transactionsEnded(db: pg.Client, at: Date): Promise<void> {
+  for (const deadline = Date.now() + 60_000; ; ) {
+    const { rows } = await db.query(
+      'SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start < $1',
+      [at],
+    );
+    if (rows.length === 0) return;
+    if (Date.now() > deadline) {
+      throw new Error(`transactions begun before the new key was written are still open (pids ${rows.map((r) => r.pid).join(', ')}); nothing was re-wrapped, run rekey again`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 100));
   }
 }

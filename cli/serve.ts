@@ -7,8 +7,8 @@ import { NativeConnection } from '@temporalio/worker';
 import { createApp } from '../api/app';
 import { listen } from '../api/server';
 import { createDependents } from '../dependents';
-import type { Config } from '../core/config';
 import type { Logger } from '../core/logger';
+import { ConfigError, type Config } from '../core/config';
 import { openServices } from '../core/services';
 import { migrate } from '../db/pool';
 import { startEmbeddedPostgres } from '../embedded/postgres';
@@ -74,6 +74,17 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
       maxEncryptionsPerKey: config.DATA_KEY_MAX_ENCRYPTIONS,
     });
     onClose('services', () => services.close());
+    // A keyring missing a key still in use would fail every read under it, one by one: refuse to start instead.
+    const missing = await services.dataKeys.missingMasterKeys();
+    if (missing.length) {
+      throw new ConfigError(
+        missing.map(
+          (m) =>
+            `VAULT_MASTER_KEY: master key ${m.id} wraps ${m.wraps} data or service key(s) but is not in the keyring, so what it wraps cannot be opened; ` +
+            'put it back (an inline VAULT_MASTER_KEY takes several keys, comma-separated, the current one first) and run `mailgent rekey` before removing it',
+        ),
+      );
+    }
 
     const clientConnection = await Connection.connect({ address: temporalAddress });
     onClose('temporal client', () => clientConnection.close());

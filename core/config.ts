@@ -36,8 +36,8 @@ const cron = z
   .string()
   .regex(/^(\S+\s+){4}\S+$/, 'must be a five-field cron expression, e.g. "0 3 * * *"');
 
-const masterKey = z.string().refine((value) => isInlineMasterKey(value) || isExistingFile(value), {
-  error: 'must be base64 of exactly 32 bytes, or the path of an existing keyring file',
+const masterKey = z.string().refine((value) => inlineMasterKeys(value) !== undefined || isExistingFile(value), {
+  error: 'must be base64 of exactly 32 bytes (or several, comma-separated, the current one first), or the path of an existing keyring file',
 });
 
 /** The API's port when PORT is not set; also where the CLI's client commands look by default. */
@@ -134,6 +134,16 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 
 export function isInlineMasterKey(value: string): boolean {
   return /^[A-Za-z0-9+/]{43}=$/.test(value) && Buffer.from(value, 'base64').length === 32;
+}
+
+/**
+ * An inline VAULT_MASTER_KEY: one base64 key, or several separated by commas, the current one (that
+ * wraps new data keys) first and the others still able to unwrap (how an inline key is rotated).
+ */
+export function inlineMasterKeys(value: string): Buffer[] | undefined {
+  const parts = value.split(',').map((p) => p.trim());
+  if (!parts.every(isInlineMasterKey) || new Set(parts).size !== parts.length) return undefined;
+  return parts.map((p) => Buffer.from(p, 'base64'));
 }
 
 function isExistingFile(value: string): boolean {

@@ -129,7 +129,7 @@ describe('mailgent CLI', () => {
       // rekey's configuration problems are configuration errors too.
       const rekey = await mailgent(['rekey'], { env: { DATA_DIR: cwd, VAULT_MASTER_KEY: randomBytes(32).toString('base64') } });
       expect(rekey.code).toBe(2);
-      expect(rekey.stderr).toContain('VAULT_MASTER_KEY is set inline: put the new key (base64 of 32 bytes) in NEW_VAULT_MASTER_KEY');
+      expect(rekey.stderr).toContain('VAULT_MASTER_KEY holds one inline key, so there is nothing to re-wrap under.');
       const badUrl = await mailgent(['get', 'anything'], { env: { ...as(alice), MAILGENT_URL: 'ftp://example.com' } });
       expect(badUrl.code).toBe(2);
       expect(badUrl.stderr).toContain('must be an http:// or https:// URL');

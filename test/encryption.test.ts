@@ -1,4 +1,5 @@
 import { readFileSync } from 'node:fs';
+import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { rekey } from '../cli/rekey';
 import { loadConfig } from '../core/config';
@@ -126,16 +127,60 @@ describe('envelope encryption at rest', () => {
     expect(audit).toEqual([{ actor: 'admin', detail: { masterKeyId: result.newMasterKeyId, rewrapped: 2, retired: [oldKeyId] } }]);
   });
 
-  it('rekey from an inline VAULT_MASTER_KEY takes the new key from NEW_VAULT_MASTER_KEY', async () => {
+  it('one rekey at a time: a second is refused before it touches the keyring, and the keyring keeps every key in use', async () => {
+    const config = loadConfig({ VAULT_MASTER_KEY: h.keyringFile, DATABASE_URL: h.databaseUrl });
+    // A rekey in progress holds this lock from start to end (cli/rekey.ts).
+    const running = new pg.Client({ connectionString: h.databaseUrl });
+    await running.connect();
+    const before = readFileSync(h.keyringFile, 'utf8');
+    try {
+      await running.query('SELECT pg_advisory_lock(4631800002)');
+      await expect(rekey(config, silent)).rejects.toThrow('another rekey is running against this database; run this one again once it has finished');
+      expect(readFileSync(h.keyringFile, 'utf8')).toBe(before);
+    } finally {
+      await running.end();
+    }
+    await rekey(config, silent);
+    const file = readKeyringFile(h.keyringFile);
+    const inUse = (await h.sql('SELECT DISTINCT master_key_id AS id FROM data_keys')).rows.map((r) => r.id);
+    expect(inUse).toEqual([file.current]);
+    expect(file.keys.map((k) => k.id)).toEqual([file.current]);
+    expect((await get('swap-a')).body.value).toBe('swap-value-aaaaaaaa');
+  });
+
+  it('an inline VAULT_MASTER_KEY is rotated through a list: the services wrap with the first key, rekey re-wraps what the others wrap', async () => {
     const current = JSON.parse(readFileSync(h.keyringFile, 'utf8')).keys[0].key as string;
     const next = generateMasterKey().toString('base64');
-    const config = loadConfig({ VAULT_MASTER_KEY: current, DATABASE_URL: h.databaseUrl });
-    await expect(rekey(config, silent, {})).rejects.toThrow(/NEW_VAULT_MASTER_KEY/);
-    const result = await rekey(config, silent, { NEW_VAULT_MASTER_KEY: next });
+    // One key alone: nothing to re-wrap under, and a key given only to rekey would leave running services wrapping with the old one.
+    const alone = loadConfig({ VAULT_MASTER_KEY: current, DATABASE_URL: h.databaseUrl });
+    await expect(rekey(alone, silent, { NEW_VAULT_MASTER_KEY: next })).rejects.toThrow(/set VAULT_MASTER_KEY=<new key>,<this key>.*NEW_VAULT_MASTER_KEY is no longer read/);
+
+    // The services run with both keys, the new one first: a new identity's data key is wrapped by it at once.
+    const both = `${next},${current}`;
+    const running = openServices({ databaseUrl: h.databaseUrl, poolSize: 2, keyring: Keyring.fromSetting(both), smtpUrl: 'smtp://unused', mailFrom: 'x@localhost' });
+    const nextId = Keyring.fromSetting(next).current.id;
+    const currentId = Keyring.fromSetting(current).current.id;
+    try {
+      const late = await running.identities.create({ name: `late-${Date.now()}` }, { actor: 'admin' });
+      expect((await h.sql('SELECT master_key_id FROM data_keys WHERE identity_id = $1', [late.id])).rows[0].master_key_id).toBe(nextId);
+      expect((await running.vault.get({ identityId: agent.id, actor: 'test' }, { name: 'swap-a' })).value).toBe('swap-value-aaaaaaaa');
+    } finally {
+      await running.close();
+    }
+    // Before rekey the new key alone cannot open what the old one wraps: a service started with it refuses to start.
+    const onlyNext = openServices({ databaseUrl: h.databaseUrl, poolSize: 2, keyring: Keyring.fromSetting(next), smtpUrl: 'smtp://unused', mailFrom: 'x@localhost' });
+    try {
+      expect(await onlyNext.dataKeys.missingMasterKeys()).toEqual([{ id: currentId, wraps: expect.any(Number) }]);
+    } finally {
+      await onlyNext.close();
+    }
+
+    const result = await rekey(loadConfig({ VAULT_MASTER_KEY: both, DATABASE_URL: h.databaseUrl }), silent);
+    expect(result).toMatchObject({ newMasterKeyId: nextId, retiredMasterKeys: [currentId], action: expect.stringMatching(/remove the others from VAULT_MASTER_KEY/) });
     expect(result.rewrapped).toBeGreaterThanOrEqual(3);
-    expect(result.action).toMatch(/set VAULT_MASTER_KEY/);
     const restarted = openServices({ databaseUrl: h.databaseUrl, poolSize: 2, keyring: Keyring.fromSetting(next), smtpUrl: 'smtp://unused', mailFrom: 'x@localhost' });
     try {
+      expect(await restarted.dataKeys.missingMasterKeys()).toEqual([]);
       expect((await restarted.vault.get({ identityId: agent.id, actor: 'test' }, { name: 'swap-a' })).value).toBe('swap-value-aaaaaaaa');
     } finally {
       await restarted.close();

@@ -147,7 +147,7 @@ describe('npm start with the embedded defaults', () => {
     expect(run.output()).toBe('Invalid configuration:\n  PORT: must be a number (got "eighty")\n');
     const secret = start({ DATA_DIR: dataDir, VAULT_MASTER_KEY: 'too-short-to-be-a-key' });
     expect(await secret.exited).toBe(2);
-    expect(secret.output()).toBe('Invalid configuration:\n  VAULT_MASTER_KEY: must be base64 of exactly 32 bytes, or the path of an existing keyring file\n');
+    expect(secret.output()).toBe('Invalid configuration:\n  VAULT_MASTER_KEY: must be base64 of exactly 32 bytes (or several, comma-separated, the current one first), or the path of an existing keyring file\n');
   });
 });
 

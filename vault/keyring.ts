@@ -1,7 +1,8 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, fsyncSync, openSync, readFileSync, renameSync, statSync, writeSync } from 'node:fs';
+import path from 'node:path';
 import { z } from 'zod';
-import { isInlineMasterKey } from '../core/config';
+import { inlineMasterKeys, isInlineMasterKey } from '../core/config';
 import { KEY_BYTES } from './crypto';
 
 /**
@@ -49,12 +50,10 @@ export class Keyring {
     return new Keyring(keys, currentId);
   }
 
-  /** VAULT_MASTER_KEY: base64 of 32 bytes, or the path of a keyring file (JSON, or one base64 key). */
+  /** VAULT_MASTER_KEY: base64 of 32 bytes (several, comma-separated, the current first), or the path of a keyring file (JSON, or one base64 key). */
   static fromSetting(setting: string): Keyring {
-    if (isInlineMasterKey(setting)) {
-      const key = Buffer.from(setting, 'base64');
-      return Keyring.fromKeys([{ id: masterKeyId(key), key }]);
-    }
+    const inline = inlineMasterKeys(setting);
+    if (inline) return Keyring.fromKeys(inline.map((key) => ({ id: masterKeyId(key), key })));
     const { keys, current } = readKeyringFile(setting);
     return new Keyring(keys, current, setting);
   }
@@ -108,7 +107,11 @@ export function readKeyringFile(file: string): { keys: MasterKey[]; current: str
   return { keys, current: parsed.current };
 }
 
-/** Writes a keyring file atomically with mode 0600. */
+/**
+ * Writes a keyring file atomically with mode 0600, and durably: the file and then its directory are
+ * synced before this returns, because data keys wrapped under a key in it are committed next, and a
+ * crash that kept those commits but lost the file would lose every secret they seal.
+ */
 export function writeKeyringFile(file: string, keys: MasterKey[], current: string, now = new Date()): void {
   const doc: KeyringFile = {
     version: 1,
@@ -116,6 +119,18 @@ export function writeKeyringFile(file: string, keys: MasterKey[], current: strin
     keys: keys.map((k) => ({ id: k.id, key: k.key.toString('base64'), createdAt: now.toISOString() })),
   };
   const tmp = `${file}.${process.pid}.tmp`;
-  writeFileSync(tmp, `${JSON.stringify(doc, null, 2)}\n`, { mode: 0o600 });
+  const fd = openSync(tmp, 'w', 0o600);
+  try {
+    writeSync(fd, `${JSON.stringify(doc, null, 2)}\n`);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
   renameSync(tmp, file);
+  const dir = openSync(path.dirname(file), 'r');
+  try {
+    fsyncSync(dir);
+  } finally {
+    closeSync(dir);
+  }
 }
