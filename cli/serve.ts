@@ -28,7 +28,19 @@ type Part = 'api' | 'worker';
  */
 export async function serve(config: Config, logger: Logger, parts: Part[] = ['api', 'worker']): Promise<void> {
   const closers: { name: string; close: () => Promise<unknown> }[] = [];
-  const onClose = (name: string, close: () => Promise<unknown>) => closers.unshift({ name, close });
+  let starting = true;
+  let stopRequested = false;
+  /**
+   * A signal during start-up is taken at the next safe point, once what was just started can be
+   * closed with the rest: start-up ends there and everything started so far stops in order.
+   */
+  const checkpoint = () => {
+    if (stopRequested) throw new StartupInterrupted();
+  };
+  const onClose = (name: string, close: () => Promise<unknown>) => {
+    closers.unshift({ name, close });
+    checkpoint();
+  };
   let stopping = false;
   const graceMs = config.SHUTDOWN_GRACE_SECONDS * 1000;
 
@@ -42,11 +54,21 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
     logger.info('stopped');
     process.exitCode = code;
   };
+  // Ctrl-C under `npm start` arrives twice at once (the terminal signals the process group, and
+  // npm passes its own copy on): only a signal a moment after the first means "exit now".
+  let firstSignalAt = 0;
   for (const signal of ['SIGINT', 'SIGTERM'] as const) {
     process.on(signal, () => {
-      if (stopping) {
+      if (firstSignalAt && Date.now() - firstSignalAt < 1_000) return;
+      firstSignalAt ||= Date.now();
+      if (stopping || (starting && stopRequested)) {
         logger.warn(`second ${signal}: exiting now`);
         process.exit(130);
+      }
+      if (starting) {
+        stopRequested = true;
+        logger.info(`${signal} during start-up: stopping once what is starting now can be stopped`);
+        return;
       }
       void stop(0);
     });
@@ -63,6 +85,7 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
       config.SMTP_URL ?? (parts.includes('worker') ? (await embed(onClose, 'smtp', startSmtpSink({ mailDir: path.join(config.dataDir, 'mail'), logger }))).url : 'smtp://unused');
 
     await migrate(databaseUrl, logger);
+    checkpoint();
     const keyring = Keyring.fromSetting(config.VAULT_MASTER_KEY ?? ensureKeyringFile(config.dataDir));
     const services = openServices({
       databaseUrl,
@@ -122,6 +145,7 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
         retentionDays: config.DELETE_RETENTION_DAYS,
         logger,
       });
+      checkpoint();
       logger.info({ taskQueue: config.TASK_QUEUE }, 'worker running');
     }
 
@@ -156,11 +180,16 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
       });
       logger.info({ port: config.PORT, host: config.HOST }, 'API listening');
     }
+    starting = false;
   } catch (err) {
+    starting = false;
+    if (err instanceof StartupInterrupted) return stop(0);
     await stop(1);
     throw err;
   }
 }
+
+class StartupInterrupted extends Error {}
 
 async function embed<T extends { stop(): Promise<void> }>(onClose: (name: string, close: () => Promise<unknown>) => void, name: string, starting: Promise<T>): Promise<T> {
   const started = await starting;

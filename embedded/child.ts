@@ -4,7 +4,8 @@ import path from 'node:path';
 
 /**
  * A server process this process owns. On Linux it is started through `setpriv --pdeathsig`, so
- * it is stopped by the kernel even if this process is SIGKILLed and cannot clean up.
+ * it is stopped by the kernel even if this process is SIGKILLed and cannot clean up. It runs in
+ * its own process group, so a signal meant for this process's group does not stop it early.
  */
 export interface Child {
   pid: number;
@@ -27,7 +28,10 @@ export function startChild(
   const proc: ChildProcess = spawn(
     wrapped ? SETPRIV : command,
     wrapped ? [`--pdeathsig=${opts.deathSignal ?? 'TERM'}`, '--', command, ...args] : args,
-    { uid: opts.uid, gid: opts.gid, env: opts.env ?? process.env, stdio: ['ignore', 'pipe', 'pipe'] },
+    // A process group of its own: Ctrl-C (or a supervisor signalling the whole group) reaches only
+    // this process, which stops the server once what depends on it has drained. The death signal
+    // still stops the server if this process dies without doing so.
+    { uid: opts.uid, gid: opts.gid, env: opts.env ?? process.env, stdio: ['ignore', 'pipe', 'pipe'], detached: true },
   );
   proc.stdout?.pipe(log, { end: false });
   proc.stderr?.pipe(log, { end: false });

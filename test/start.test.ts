@@ -141,6 +141,41 @@ describe('npm start with the embedded defaults', () => {
     expect(processesUsing(dataDir)).toEqual([]);
   });
 
+  it('npm start: Ctrl-C to its process group, or SIGTERM to npm alone, stops the service first and its servers after it', { timeout: 300_000 }, async () => {
+    // As a terminal or a supervisor runs it: npm at the head of a process group of its own.
+    const npmStart = () => {
+      const clean = Object.fromEntries(Object.entries(process.env).filter(([k]) => !['DATABASE_URL', 'TEMPORAL_ADDRESS', 'SMTP_URL', 'VAULT_MASTER_KEY', 'ADMIN_TOKEN', 'PORT'].includes(k)));
+      const proc = spawn('npm', ['start', '--silent'], { cwd: ROOT, env: { ...clean, DATA_DIR: dataDir, PORT: String(port) }, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+      started.push(proc);
+      let out = '';
+      proc.stdout!.on('data', (d) => (out += d));
+      proc.stderr!.on('data', (d) => (out += d));
+      const exited = new Promise<void>((resolve) => proc.on('exit', () => resolve()));
+      return { proc, output: () => out, exited };
+    };
+    const gone = async (what: string) => {
+      for (let i = 0; processesUsing(dataDir).length > 0; i++) {
+        if (i > 300) throw new Error(`${what}: still running: ${processesUsing(dataDir).join('\n')}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    };
+    const ways: [string, (pid: number) => void][] = [
+      ['Ctrl-C', (pid) => process.kill(-pid, 'SIGINT')],
+      ['SIGTERM to npm', (pid) => process.kill(pid, 'SIGTERM')],
+    ];
+    for (const [how, signal] of ways) {
+      const run = npmStart();
+      await waitReady(url);
+      signal(run.proc.pid!);
+      await run.exited;
+      await gone(how);
+      const log = run.output();
+      expect(log, how).toContain('"msg":"stopped"');
+      // The servers were still up while the service drained: no connection of its own was cut under it.
+      expect(log, how).not.toMatch(/database connection lost|idle database client failed|second SIG/);
+    }
+  });
+
   it('a bad setting stops the process with one message naming the variable', async () => {
     const run = start({ DATA_DIR: dataDir, PORT: 'eighty' });
     expect(await run.exited).toBe(2);
