@@ -176,6 +176,22 @@ describe('npm start with the embedded defaults', () => {
     }
   });
 
+  it('a signal during start-up stops it: nothing more starts, and what had started stops', { timeout: 120_000 }, async () => {
+    const run = start({ DATA_DIR: dataDir, PORT: String(port) });
+    for (let i = 0; !run.output().includes('embedded PostgreSQL ready'); i++) {
+      if (i > 1200) throw new Error(`PostgreSQL did not start:\n${run.output()}`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    // Temporal is starting now.
+    run.proc.kill('SIGTERM');
+    expect(await run.exited).toBe(0);
+    const log = run.output();
+    expect(log).toContain('SIGTERM during start-up');
+    expect(log).toContain('"msg":"stopped"');
+    expect(log).not.toMatch(/worker running|API listening/);
+    expect(processesUsing(dataDir)).toEqual([]);
+  });
+
   it('a bad setting stops the process with one message naming the variable', async () => {
     const run = start({ DATA_DIR: dataDir, PORT: 'eighty' });
     expect(await run.exited).toBe(2);
