@@ -1,6 +1,7 @@
 import { sendNotice } from '../mail/notify';
 import { findOrphans, type ServiceAccountRow } from '../vault/service-accounts';
 import type { ActivityDeps } from './index';
+import { windowOpen } from './batch';
 import { heartbeat, stableUuid } from './support';
 
 /** Expiry reminders for credentials rotated by hand (14, 3 and 1 days ahead), each sent once. */
@@ -31,12 +32,14 @@ export function policyActivities(deps: ActivityDeps) {
         // The most urgent reminder that applies; earlier ones that were missed are not sent late.
         const due = REMINDER_DAYS.filter((d) => daysLeft <= d);
         const threshold = Math.min(...due);
+        // The threshold names the reminder (each is sent once); the subject says how long is really left.
+        const left = Math.ceil(daysLeft);
         const delivery = await sendNotice(deps, {
           id: stableUuid(`expiry:${c.id}:${c.expires_at.toISOString()}:${threshold}`),
           identityId: c.identity_id,
           purpose: 'expiry.reminder',
           to: [...c.owners, ...c.notify, ...(c.email ? [c.email] : [])],
-          subject: `[mailgent] ${c.name} expires in ${threshold === 1 ? 'a day' : `${threshold} days`}`,
+          subject: `[mailgent] ${c.name} expires ${left <= 1 ? 'within a day' : `in ${left} days`}`,
           text: [
             `The ${c.kind} credential '${c.name}' expires at ${c.expires_at.toISOString()} and has no rotation policy,`,
             'so Mailgent cannot rotate it for you. Replace it with vault.store before then, or give it a rotation policy.',
@@ -53,14 +56,15 @@ export function policyActivities(deps: ActivityDeps) {
     },
 
     /**
-     * Password policies: managed passwords past the maximum age join the sweep's rotations;
-     * owners of unmanaged ones are told once per version, and the security contacts once more
-     * when a password stays overdue for the policy's escalation period.
+     * Password policies: managed passwords past the maximum age join the sweep's rotations (when
+     * their rotation window is open); owners of unmanaged ones are told once per version, and the
+     * security contacts once more when the password is still unchanged the policy's escalation
+     * period after the owners were told (so the owners always get that long to act).
      */
     async enforcePasswordPolicies(input: { sweepId: string; asOf: string }): Promise<{ rotating: number; reminded: number; escalated: number }> {
       const asOf = new Date(input.asOf);
       const { rows } = await deps.pool.query(
-        `SELECT c.id, c.name, c.identity_id, c.owners, c.notify, c.rotation IS NOT NULL AS managed, c.current_version,
+        `SELECT c.id, c.name, c.identity_id, c.owners, c.notify, c.rotation IS NOT NULL AS managed, c.rotation->'window' AS window, c.current_version,
                 v.created_at, p.max_age_days, p.escalate_after_days, i.email
            FROM password_policies p
            JOIN credentials c ON c.identity_id = p.identity_id AND c.kind = 'password' AND c.deleted_at IS NULL
@@ -69,7 +73,7 @@ export function policyActivities(deps: ActivityDeps) {
           WHERE v.created_at < $1::timestamptz - make_interval(days => p.max_age_days)`,
         [asOf],
       );
-      const managed = rows.filter((r) => r.managed).map((r) => r.id);
+      const managed = rows.filter((r) => r.managed && (!r.window || windowOpen(r.window, asOf))).map((r) => r.id);
       if (managed.length) {
         await deps.pool.query(
           `INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id)
@@ -92,23 +96,26 @@ export function policyActivities(deps: ActivityDeps) {
             '',
             `Credential id: ${c.id}`,
           ].join('\n');
+        const reminderId = stableUuid(`password-policy:${c.id}:${c.current_version}:reminder`);
         const reminder = await sendNotice(deps, {
             ...base,
-            id: stableUuid(`password-policy:${c.id}:${c.current_version}:reminder`),
+            id: reminderId,
             purpose: 'password.reminder',
             to: [...c.owners, ...c.notify, ...(c.email ? [c.email] : [])],
             subject: `[mailgent] Password ${c.name} is past its maximum age`,
             text: text([]),
           });
         if (reminder === 'sent') reminded += 1;
-        if (overdueDays >= c.escalate_after_days) {
+        const told: Date | null = (await deps.pool.query('SELECT sent_at FROM mail_outbox WHERE id = $1', [reminderId])).rows[0]?.sent_at ?? null;
+        const toldDays = told ? Math.floor((asOf.getTime() - told.getTime()) / DAY_MS) : -1;
+        if (told && toldDays >= c.escalate_after_days) {
           const escalation = await sendNotice(deps, {
             ...base,
             id: stableUuid(`password-policy:${c.id}:${c.current_version}:escalation`),
             purpose: 'password.escalation',
             to: [...(deps.securityNotify ?? []), ...(c.email ? [c.email] : []), ...c.owners],
             subject: `[mailgent] ESCALATION: password ${c.name} is ${overdueDays} days overdue`,
-            text: text([`The owners were told when it became overdue, ${overdueDays} days ago, and it is still unchanged.`]),
+            text: text([`The owners were told on ${told.toISOString().slice(0, 10)}, ${toldDays} days ago, and it is still unchanged.`]),
           });
           if (escalation === 'sent') escalated += 1;
         }

@@ -381,8 +381,9 @@ describe('scheduled sweep', () => {
     const [ten, ...moreTen] = await mailTo(in10);
     const [two, ...moreTwo] = await mailTo(in2);
     expect([moreTen, moreTwo, await mailTo(in20)]).toEqual([[], [], []]);
-    expect(ten!.mail.subject).toBe('[mailgent] expires-10 expires in 14 days');
-    expect(two!.mail.subject).toBe('[mailgent] expires-2 expires in 3 days');
+    // The 14- and 3-day reminders, each saying how long is really left.
+    expect(ten!.mail.subject).toBe('[mailgent] expires-10 expires in 10 days');
+    expect(two!.mail.subject).toBe('[mailgent] expires-2 expires in 2 days');
     expect(two!.mail.text).toContain("The token credential 'expires-2' expires at ");
     expect(two!.mail.text).toContain('has no rotation policy');
 
@@ -415,10 +416,18 @@ describe('scheduled sweep', () => {
       owners: [managedOwner],
       rotation: { provider: 'generated', periodDays: 90, graceHours: 0 },
     });
+    // Managed too, but its rotation window is closed now: the policy waits for the window like the period does.
+    const hour = new Date().getUTCHours();
+    const windowed = await store(agent.token, {
+      name: 'db-windowed',
+      kind: 'password',
+      value: strong('Windowed'),
+      rotation: { provider: 'generated', periodDays: 90, graceHours: 0, window: { days: [0, 1, 2, 3, 4, 5, 6], startHour: (hour + 3) % 24, endHour: (hour + 5) % 24, timezone: 'UTC' } },
+    });
     const old32 = await store(agent.token, { name: 'legacy-32', kind: 'password', value: strong('Legacy'), owners: [owner32] });
     const old40 = await store(agent.token, { name: 'legacy-40', kind: 'password', value: strong('Ancient'), owners: [owner40] });
     // 31 days: past the policy's 30, well inside the rotation period of 90.
-    await age([managed], 31);
+    await age([managed, windowed], 31);
     await age([old32], 32);
     await age([old40], 40);
 
@@ -434,23 +443,37 @@ describe('scheduled sweep', () => {
     expect(rotated.value).toMatch(/[0-9]/);
 
     const reminder = (name: string) => `[mailgent] Password ${name} is past its maximum age`;
-    const check = async () => {
+    const escalation = '[mailgent] ESCALATION: password legacy-40 is 10 days overdue';
+    const check = async (escalated: boolean) => {
       const to32 = await mailTo(owner32);
       const to40 = await mailTo(owner40);
       const toSecurity = await mailTo(security);
       expect(to32.map((m) => m.mail.subject)).toEqual([reminder('legacy-32')]);
       expect(to32[0]!.mail.text).toContain("The password 'legacy-32' is 32 days old; the password policy allows 30.");
-      expect(to40.map((m) => m.mail.subject).sort()).toEqual(['[mailgent] ESCALATION: password legacy-40 is 10 days overdue', reminder('legacy-40')]);
-      expect(toSecurity.map((m) => m.mail.subject)).toEqual(['[mailgent] ESCALATION: password legacy-40 is 10 days overdue']);
-      expect(recipients(toSecurity[0]!.mail).sort()).toEqual([owner40, security].sort());
+      expect(to40.map((m) => m.mail.subject).sort()).toEqual(escalated ? [escalation, reminder('legacy-40')] : [reminder('legacy-40')]);
+      expect(toSecurity.map((m) => m.mail.subject)).toEqual(escalated ? [escalation] : []);
+      if (escalated) {
+        expect(recipients(toSecurity[0]!.mail).sort()).toEqual([owner40, security].sort());
+        expect(toSecurity[0]!.mail.text).toMatch(/The owners were told on \d{4}-\d\d-\d\d, 6 days ago, and it is still unchanged\./);
+      }
       expect((await mailTo(managedOwner, '[mailgent] Password')).length).toBe(0);
     };
-    await check();
+    // Overdue by more than the escalation period already, but the owners are told first and get that long to act.
+    await check(false);
 
     const second = await sweep();
     expect(await sweptIds(second.sweepId)).toEqual([]);
-    await check();
-    expect(await versions([managed, old32, old40])).toEqual({ 'db-admin': 2, 'legacy-32': 1, 'legacy-40': 1 });
+    await check(false);
+    // Six days after the owners were told (the policy gives them 5), it is still unchanged: the security contacts hear of it, once.
+    await h.sql(
+      `UPDATE mail_outbox SET sent_at = sent_at - interval '6 days' WHERE purpose = 'password.reminder' AND identity_id = $1 AND subject LIKE '%legacy-40%'`,
+      [agent.id],
+    );
+    await sweep();
+    await check(true);
+    await sweep();
+    await check(true);
+    expect(await versions([managed, windowed, old32, old40])).toEqual({ 'db-admin': 2, 'db-windowed': 1, 'legacy-32': 1, 'legacy-40': 1 });
   });
 
   it('service accounts: inventory with last read from the audit log, orphans by API, and the weekly report by schedule', async () => {
