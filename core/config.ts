@@ -34,7 +34,49 @@ const email = z.string().regex(/^[^\s@<>(),;:"]+@[A-Za-z0-9.-]+$/, 'must be an e
 
 const cron = z
   .string()
-  .regex(/^(\S+\s+){4}\S+$/, 'must be a five-field cron expression, e.g. "0 3 * * *"');
+  .regex(/^(\S+\s+){4}\S+$/, 'must be a five-field cron expression, e.g. "0 3 * * *"')
+  .superRefine((value, ctx) => {
+    const problem = cronProblem(value);
+    if (problem) ctx.addIssue({ code: 'custom', message: `${problem} (minute hour day-of-month month day-of-week, e.g. "0 3 * * *")` });
+  });
+
+const CRON_FIELDS = [
+  { name: 'minute', min: 0, max: 59 },
+  { name: 'hour', min: 0, max: 23 },
+  { name: 'day of month', min: 1, max: 31 },
+  { name: 'month', min: 1, max: 12, names: ['JAN', 'FEB', 'MAR', 'APR', 'MAY', 'JUN', 'JUL', 'AUG', 'SEP', 'OCT', 'NOV', 'DEC'] },
+  { name: 'day of week', min: 0, max: 7, names: ['SUN', 'MON', 'TUE', 'WED', 'THU', 'FRI', 'SAT'] },
+];
+
+/**
+ * Why a five-field cron expression would be refused, checked here so that a bad SWEEP_CRON stops
+ * the process at once with the variable named, not once the Temporal schedule is made. Each field
+ * is a list of `*`, `n` or `n-m`, each optionally `/step`; months and weekdays also by name (as
+ * Temporal's schedule parser takes them: weekdays 0–7, no `?`).
+ */
+export function cronProblem(value: string): string | undefined {
+  const fields = value.trim().split(/\s+/);
+  for (const [i, field] of fields.entries()) {
+    const spec = CRON_FIELDS[i]!;
+    const number = (token: string): number | undefined => {
+      const byName = spec.names?.indexOf(token.toUpperCase()) ?? -1;
+      if (byName >= 0) return byName + spec.min;
+      return /^\d{1,2}$/.test(token) ? Number(token) : undefined;
+    };
+    for (const item of field.split(',')) {
+      const m = /^(\*|[^-/]+(?:-[^-/]+)?)(?:\/(\d{1,2}))?$/.exec(item);
+      if (!m) return `the ${spec.name} field '${field}' is not understood`;
+      if (m[2] !== undefined && Number(m[2]) < 1) return `the ${spec.name} field '${field}' has a step of 0`;
+      if (m[1] === '*') continue;
+      for (const bound of m[1]!.split('-')) {
+        const n = number(bound);
+        if (n === undefined) return `the ${spec.name} field '${field}' is not understood`;
+        if (n < spec.min || n > spec.max) return `the ${spec.name} field '${field}' must be within ${spec.min}–${spec.max}`;
+      }
+    }
+  }
+  return undefined;
+}
 
 const masterKey = z.string().refine((value) => inlineMasterKeys(value) !== undefined || isExistingFile(value), {
   error: 'must be base64 of exactly 32 bytes (or several, comma-separated, the current one first), or the path of an existing keyring file',

@@ -2,6 +2,7 @@ import { randomBytes, randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import type { ScheduleHandle, WorkflowHandle } from '@temporalio/client';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { ConfigError } from '../core/config';
 import { ensureSchedules, ORPHAN_SCHEDULE_ID, scheduleId, SWEEP_SCHEDULE_ID } from '../worker/schedules';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
@@ -175,6 +176,12 @@ describe('scheduled sweep', () => {
     }
     expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
     await h.close();
+  });
+
+  it('a cron the Temporal server refuses stops start-up with the setting named', async () => {
+    const refused = await ensureSchedules(h.client, { taskQueue: `${h.taskQueue}-badcron`, sweepCron: '0 6 1 * ?', orphanCron: '0 6 * * 1', orphanDays: 30, retentionDays: 30 }).catch((e) => e);
+    expect(refused).toBeInstanceOf(ConfigError);
+    expect(refused.problems).toEqual([expect.stringMatching(/^SWEEP_CRON: the Temporal server refused it: .*DayOfWeek/)]);
   });
 
   it('the rotation-sweep schedule, triggered on demand, rotates only due credentials and mails one summary per team address', async () => {

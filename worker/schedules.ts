@@ -1,4 +1,5 @@
 import { ScheduleAlreadyRunning, type Client } from '@temporalio/client';
+import { ConfigError } from '../core/config';
 import type { Logger } from '../core/logger';
 
 /**
@@ -19,8 +20,8 @@ export async function ensureSchedules(
   opts: { taskQueue: string; sweepCron: string; orphanCron: string; orphanDays: number; retentionDays: number; logger?: Logger },
 ): Promise<void> {
   const schedules = [
-    { scheduleId: scheduleId(SWEEP_SCHEDULE_ID, opts.taskQueue), cron: opts.sweepCron, workflowType: 'rotationSweep', args: [{ retentionDays: opts.retentionDays }] },
-    { scheduleId: scheduleId(ORPHAN_SCHEDULE_ID, opts.taskQueue), cron: opts.orphanCron, workflowType: 'orphanReport', args: [{ days: opts.orphanDays }] },
+    { scheduleId: scheduleId(SWEEP_SCHEDULE_ID, opts.taskQueue), setting: 'SWEEP_CRON', cron: opts.sweepCron, workflowType: 'rotationSweep', args: [{ retentionDays: opts.retentionDays }] },
+    { scheduleId: scheduleId(ORPHAN_SCHEDULE_ID, opts.taskQueue), setting: 'ORPHAN_REPORT_CRON', cron: opts.orphanCron, workflowType: 'orphanReport', args: [{ days: opts.orphanDays }] },
   ];
   for (const s of schedules) {
     const options = {
@@ -31,16 +32,22 @@ export async function ensureSchedules(
       policies: { overlap: 'SKIP' as const, catchupWindow: '1 day' },
     };
     try {
-      await client.schedule.create(options);
-      opts.logger?.info({ scheduleId: s.scheduleId, cron: s.cron }, 'created schedule');
+      try {
+        await client.schedule.create(options);
+        opts.logger?.info({ scheduleId: s.scheduleId, cron: s.cron }, 'created schedule');
+      } catch (err) {
+        if (!(err instanceof ScheduleAlreadyRunning)) throw err;
+        await client.schedule.getHandle(s.scheduleId).update((previous) => ({
+          ...previous,
+          spec: options.spec,
+          action: options.action,
+          policies: { ...previous.policies, ...options.policies },
+        }));
+      }
     } catch (err) {
-      if (!(err instanceof ScheduleAlreadyRunning)) throw err;
-      await client.schedule.getHandle(s.scheduleId).update((previous) => ({
-        ...previous,
-        spec: options.spec,
-        action: options.action,
-        policies: { ...previous.policies, ...options.policies },
-      }));
+      // Whatever the configuration check let through, the server's parser has the last word: name the setting.
+      if (/invalid schedule spec|is not in range|cron/i.test((err as Error).message)) throw new ConfigError([`${s.setting}: the Temporal server refused it: ${(err as Error).message}`]);
+      throw err;
     }
   }
 }

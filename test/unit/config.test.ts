@@ -39,6 +39,20 @@ describe('configuration', () => {
     expect(problems({ PORT: 'x', LOG_LEVEL: 'loud' })).toHaveLength(2);
   });
 
+  it('checks cron schedules field by field, so a bad one stops the start with the variable named', () => {
+    // As the Temporal server's schedule parser judges them (checked against the dev server).
+    expect(problems({ SWEEP_CRON: '99 * * * *' })[0]).toMatch(/^SWEEP_CRON: the minute field '99' must be within 0–59 \(minute hour day-of-month month day-of-week/);
+    expect(problems({ ORPHAN_REPORT_CRON: '0 6 * * 8' })[0]).toMatch(/^ORPHAN_REPORT_CRON: the day of week field '8' must be within 0–7/);
+    expect(problems({ SWEEP_CRON: '0 6 1 * ?' })[0]).toMatch(/the day of week field '\?' is not understood/);
+    expect(problems({ SWEEP_CRON: '0 25 * * *' })[0]).toMatch(/the hour field '25' must be within 0–23/);
+    expect(problems({ SWEEP_CRON: '*/0 * * * *' })[0]).toMatch(/has a step of 0/);
+    expect(problems({ SWEEP_CRON: '0 0 0 * *' })[0]).toMatch(/the day of month field '0' must be within 1–31/);
+    expect(problems({ SWEEP_CRON: '0 * * * * *' })[0]).toMatch(/must be a five-field cron expression/);
+    for (const ok of ['0 * * * *', '*/15 2-4 * * MON-FRI', '0 6 1,15 JAN,jul *', '5 3 * * sun', '0 6 * * 7', '0 0 31 12 6']) {
+      expect(problems({ SWEEP_CRON: ok }), ok).toEqual([]);
+    }
+  });
+
   it('never repeats the value of a secret variable', () => {
     const bad = 'c2hvcnQ=';
     const [message] = problems({ VAULT_MASTER_KEY: bad });
