@@ -1,4 +1,4 @@
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, linkSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { newToken } from '../vault/identities';
 import { generateMasterKey, masterKeyId, writeKeyringFile } from '../vault/keyring';
@@ -16,8 +16,19 @@ export function keyringPath(dataDir: string): string {
 export function ensureKeyringFile(dataDir: string): string {
   const file = keyringPath(dataDir);
   if (!existsSync(file)) {
+    // Made aside, then linked into place, which fails if the file exists: an API and a worker
+    // starting together on a fresh DATA_DIR agree on one key (a rename would let the last one win,
+    // and whatever the first wrapped in between would be lost with its key).
     const key = generateMasterKey();
-    writeKeyringFile(file, [{ id: masterKeyId(key), key }], masterKeyId(key));
+    const made = `${file}.${process.pid}.new`;
+    writeKeyringFile(made, [{ id: masterKeyId(key), key }], masterKeyId(key));
+    try {
+      linkSync(made, file);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    } finally {
+      rmSync(made, { force: true });
+    }
   }
   return file;
 }
@@ -30,6 +41,17 @@ export function ensureAdminToken(dataDir: string): { token: string; created: boo
   const file = adminTokenPath(dataDir);
   if (existsSync(file)) return { token: readFileSync(file, 'utf8').trim(), created: false };
   const token = newToken();
-  writeFileSync(file, `${token}\n`, { mode: 0o600 });
+  // Written aside and linked into place whole, as the keyring file is: another process starting on
+  // this DATA_DIR at the same moment gets the same token, never a half-written file.
+  const made = `${file}.${process.pid}.new`;
+  writeFileSync(made, `${token}\n`, { mode: 0o600 });
+  try {
+    linkSync(made, file);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') return { token: readFileSync(file, 'utf8').trim(), created: false };
+    throw err;
+  } finally {
+    rmSync(made, { force: true });
+  }
   return { token, created: true };
 }

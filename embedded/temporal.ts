@@ -1,4 +1,4 @@
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { Connection } from '@temporalio/client';
 import type { Logger } from '../core/logger';
@@ -26,6 +26,57 @@ export async function startEmbeddedTemporal(opts: {
 }): Promise<EmbeddedTemporal> {
   mkdirSync(opts.dataDir, { recursive: true });
   const dbFile = path.join(opts.dataDir, 'temporal.sqlite');
+  const release = claimTemporalFile(opts.dataDir);
+  try {
+    const started = await startOn(opts, dbFile);
+    return { address: started.address, stop: (signal) => started.stop(signal).finally(release) };
+  } catch (err) {
+    release();
+    throw err;
+  }
+}
+
+/**
+ * One Temporal server per SQLite file: two would both own its shards and fight over them. The
+ * process that starts one records its pid in DATA_DIR/temporal.lock until it stops it; another
+ * process finding a live pid there is refused (a dead one's lock is stale and taken over).
+ */
+function claimTemporalFile(dataDir: string): () => void {
+  const lock = path.join(dataDir, 'temporal.lock');
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      writeFileSync(lock, String(process.pid), { flag: 'wx' });
+      return () => rmSync(lock, { force: true });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      const owner = Number(readFileSync(lock, 'utf8').trim());
+      if (owner === process.pid) return () => rmSync(lock, { force: true });
+      if (owner > 0 && alive(owner)) {
+        throw new Error(
+          `the embedded Temporal server of ${dataDir} is run by another Mailgent process (pid ${owner}); ` +
+            'give this one TEMPORAL_ADDRESS (that server\'s address, in its log) or a DATA_DIR of its own',
+          { cause: err },
+        );
+      }
+      rmSync(lock, { force: true });
+    }
+  }
+  throw new Error(`could not claim ${lock}`);
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+async function startOn(
+  opts: { dataDir: string; namespace: string; cliPath?: string; logger?: Logger; port?: number },
+  dbFile: string,
+): Promise<EmbeddedTemporal> {
   const port = opts.port ?? (await freePort());
   let cli: string | undefined;
   let buildError: Error | undefined;

@@ -1,9 +1,10 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort } from '../embedded/ports';
+import { startEmbeddedTemporal } from '../embedded/temporal';
 
 /**
  * `npm start` end to end: the real entry point with no configuration embeds PostgreSQL, Temporal
@@ -190,6 +191,27 @@ describe('npm start with the embedded defaults', () => {
     expect(log).toContain('"msg":"stopped"');
     expect(log).not.toMatch(/worker running|API listening/);
     expect(processesUsing(dataDir)).toEqual([]);
+  });
+
+  it('one embedded Temporal server per DATA_DIR: a live owner refuses a second, a dead owner’s lock is taken over', { timeout: 120_000 }, async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-temporal-lock-'));
+    const owner = spawn('sleep', ['60']);
+    try {
+      writeFileSync(path.join(dir, 'temporal.lock'), String(owner.pid));
+      await expect(startEmbeddedTemporal({ dataDir: dir, namespace: 'default' })).rejects.toThrow(
+        `the embedded Temporal server of ${dir} is run by another Mailgent process (pid ${owner.pid}); give this one TEMPORAL_ADDRESS`,
+      );
+      expect(existsSync(path.join(dir, 'temporal.sqlite'))).toBe(false);
+      owner.kill('SIGKILL');
+      await new Promise((r) => owner.once('exit', r));
+      const temporal = await startEmbeddedTemporal({ dataDir: dir, namespace: 'default' });
+      expect(readFileSync(path.join(dir, 'temporal.lock'), 'utf8')).toBe(String(process.pid));
+      await temporal.stop();
+      expect(existsSync(path.join(dir, 'temporal.lock'))).toBe(false);
+    } finally {
+      owner.kill('SIGKILL');
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('a bad setting stops the process with one message naming the variable', async () => {
