@@ -1,3 +1,5 @@
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { randomBytes, randomUUID } from 'node:crypto';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -337,6 +339,27 @@ describe('rotation providers', () => {
       await closed.stop();
       const refused = await failure(create(randomUUID(), settingsFor({ create: { url: `${closed.url}/keys` } })));
       expect(refused.message).toBe(`POST ${closed.url}/keys failed: ECONNREFUSED`);
+
+      // An endless answer is cut off after 1 MiB, not read into memory whole.
+      const flood = createServer((_req, res) => {
+        res.writeHead(200, { 'content-type': 'application/json' });
+        const chunk = Buffer.alloc(64 * 1024, 0x20);
+        const more = () => {
+          while (!res.destroyed && res.write(chunk));
+          if (!res.destroyed) res.once('drain', more);
+        };
+        res.write('{"pad":"');
+        more();
+      });
+      await new Promise<void>((resolve) => flood.listen(0, '127.0.0.1', resolve));
+      try {
+        const floodUrl = `http://127.0.0.1:${(flood.address() as AddressInfo).port}`;
+        const huge = await failure(create(randomUUID(), settingsFor({ create: { url: `${floodUrl}/keys` } })));
+        expect(huge.message).toBe(`POST ${floodUrl}/keys answered 200 with a body over 1048576 bytes`);
+      } finally {
+        flood.closeAllConnections();
+        await new Promise((resolve) => flood.close(resolve));
+      }
 
       const noValue = await failure(create(randomUUID(), settingsFor({ valuePath: 'data.secret' })));
       expect(noValue.message).toBe(`POST ${server.url}/keys answered without a string at data.secret`);

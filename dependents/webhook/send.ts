@@ -1,6 +1,7 @@
 import { UnprocessableError } from '../../core/errors';
 import type { WebhookSettings } from './schema';
 import { SIGNATURE_HEADER, signatureHeader } from './signature';
+import { readCapped } from '../../core/read-capped';
 
 export type WebhookEventType = 'credential.pending' | 'credential.verify' | 'credential.restored' | 'credential.promoted';
 
@@ -69,14 +70,3 @@ function failure(err: unknown, what: string, timeoutMs: number): Error {
   return new Error(`${what}: ${e.cause?.code ?? e.cause?.message ?? e.name ?? 'request failed'}`);
 }
 
-/** The answer as text, or null when it is larger than `max` bytes (leaving the loop cancels the stream). */
-async function readCapped(res: Response, max: number): Promise<string | null> {
-  const chunks: Uint8Array[] = [];
-  let size = 0;
-  for await (const chunk of res.body ?? []) {
-    size += chunk.length;
-    if (size > max) return null;
-    chunks.push(chunk);
-  }
-  return Buffer.concat(chunks).toString('utf8');
-}

@@ -1,4 +1,5 @@
 import { UnprocessableError } from '../../core/errors';
+import { readCapped } from '../../core/read-capped';
 
 /**
  * One HTTP call and the errors it may raise. No message carries a header value or a response
@@ -55,9 +56,14 @@ export async function discardBody(res: Response): Promise<void> {
   await res.body?.cancel().catch(() => undefined);
 }
 
+/** A provider's answer is a small JSON document; a larger one is refused before it is all read. */
+export const MAX_ANSWER_BYTES = 1024 * 1024;
+
 export async function readJson(res: Response, what: string): Promise<unknown> {
+  const text = await readCapped(res, MAX_ANSWER_BYTES);
+  if (text === null) throw new Error(`${what} answered ${res.status} with a body over ${MAX_ANSWER_BYTES} bytes`);
   try {
-    return await res.json();
+    return JSON.parse(text);
   } catch {
     // JSON.parse's message quotes the text it choked on.
     throw new Error(`${what} answered ${res.status} with a body that is not JSON`);
