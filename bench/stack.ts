@@ -158,6 +158,8 @@ export async function startService(
       LOG_LEVEL: 'warn',
       // The daily sweep must not fire in the middle of a measurement.
       SWEEP_CRON: '0 0 1 1 *',
+      // The bench's webhook sink is on this machine.
+      OUTBOUND_ALLOW: '127.0.0.1',
       ORPHAN_REPORT_CRON: '0 0 1 1 *',
       ...productionNodeOptions(part),
       ...opts.env,

@@ -9,6 +9,7 @@ import { listen } from '../api/server';
 import { createDependents } from '../dependents';
 import type { Logger } from '../core/logger';
 import { ConfigError, type Config } from '../core/config';
+import { allowOutbound } from '../core/outbound';
 import { openServices } from '../core/services';
 import { migrate } from '../db/pool';
 import { startEmbeddedPostgres } from '../embedded/postgres';
@@ -117,6 +118,7 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
       const connection = await NativeConnection.connect({ address: temporalAddress });
       onClose('worker connection', () => connection.close());
       mkdirSync(config.envFilesRoot, { recursive: true, mode: 0o700 });
+      allowOutbound(config.OUTBOUND_ALLOW);
       const deps = activityDeps(services, { envFilesRoot: config.envFilesRoot, client, taskQueue: config.TASK_QUEUE, securityNotify: config.SECURITY_NOTIFY, maxOpenRotations: config.BATCH_MAX_OPEN_ROTATIONS });
       const worker = await createWorker({
         connection,

@@ -1,6 +1,7 @@
 import { existsSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
+import { outboundEntryProblem } from './outbound';
 
 /**
  * The service's whole configuration, read once from the environment at start.
@@ -106,6 +107,17 @@ const schema = z.object({
     .optional(),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   ENV_FILES_ROOT: z.string().min(1).optional(),
+  // Hosts, addresses and CIDR ranges on this machine or a private network that providers and webhooks may call (core/outbound.ts).
+  OUTBOUND_ALLOW: z
+    .string()
+    .transform((value) => value.split(',').map((part) => part.trim()).filter(Boolean))
+    .superRefine((entries, ctx) => {
+      for (const entry of entries) {
+        const problem = outboundEntryProblem(entry);
+        if (problem) ctx.addIssue({ code: 'custom', message: `${problem} (a host name, an IP address or a CIDR range such as 10.1.0.0/16)` });
+      }
+    })
+    .default([]),
   // Hourly: rotation windows are in whole local hours, and the sweep must fall inside each of them.
   SWEEP_CRON: cron.default('0 * * * *'),
   ORPHAN_REPORT_CRON: cron.default('0 6 * * 1'),

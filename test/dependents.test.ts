@@ -6,10 +6,11 @@ import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { UnprocessableError } from '../core/errors';
+import { allowOutbound } from '../core/outbound';
 import { checkDependents, createDependents, type Dependent, type DependentTarget } from '../dependents';
 import { verifyWebhookSignature } from '../dependents/webhook';
 import { expectCleanRun } from './support/leaks';
-import { startHarness, type Harness } from './support/harness';
+import { startHarness, TEST_OUTBOUND_ALLOW, type Harness } from './support/harness';
 import { WebhookReceiver } from './support/webhook-receiver';
 
 /** Lines with their own endings, as bytes, to compare a file line by line. */
@@ -359,6 +360,19 @@ describe('dependents', () => {
       await expect(hook().apply({ ...ctx({ url: `http://127.0.0.1:${port}/hook` }), target: pending, idempotencyKey: 'rot-3:apply:1' })).rejects.toThrow(
         `webhook http://127.0.0.1:${port} did not answer credential.pending: ECONNREFUSED`,
       );
+    });
+
+    it('a receiver on this machine or a private network is not called unless OUTBOUND_ALLOW lists it', async () => {
+      reset();
+      allowOutbound([]);
+      try {
+        const refused = (await hook().apply({ ...ctx(), target: pending, idempotencyKey: 'rot-5:apply:0' }).catch((e: Error) => e)) as Error;
+        expect(refused).toBeInstanceOf(UnprocessableError);
+        expect(refused.message).toMatch(/^webhook http:\/\/127\.0\.0\.1:\d+: 127\.0\.0\.1 is an address on this machine or a private network/);
+        expect(receiver.events).toEqual([]);
+      } finally {
+        allowOutbound(TEST_OUTBOUND_ALLOW);
+      }
     });
 
     it('a receiver with another key rejects the event (401)', async () => {

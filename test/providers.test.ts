@@ -11,9 +11,10 @@ import { postgresRole } from '../providers/postgres-role';
 import type { Provider, SecretReader } from '../providers/types';
 import type { Caller } from '../vault/vault';
 import { expectCleanRun } from './support/leaks';
-import { startHarness, type Harness } from './support/harness';
+import { startHarness, TEST_OUTBOUND_ALLOW, type Harness } from './support/harness';
 import { ProviderServer } from './support/provider-server';
 import { canLogin as canLoginAs } from './support/lifecycle-fixtures';
+import { allowOutbound } from '../core/outbound';
 
 /**
  * The postgres-role and http providers against real servers: the file's PostgreSQL cluster (roles
@@ -339,6 +340,16 @@ describe('rotation providers', () => {
       await closed.stop();
       const refused = await failure(create(randomUUID(), settingsFor({ create: { url: `${closed.url}/keys` } })));
       expect(refused.message).toBe(`POST ${closed.url}/keys failed: ECONNREFUSED`);
+
+      // This machine is off limits unless OUTBOUND_ALLOW lists it (the tests' harness allows 127.0.0.1).
+      allowOutbound([]);
+      try {
+        const blocked = await failure(create(randomUUID()));
+        expect(blocked).toBeInstanceOf(AppError);
+        expect(blocked.message).toBe(`POST ${server.url}/keys: 127.0.0.1 is an address on this machine or a private network, which the worker does not call unless OUTBOUND_ALLOW lists it`);
+      } finally {
+        allowOutbound(TEST_OUTBOUND_ALLOW);
+      }
 
       // An endless answer is cut off after 1 MiB, not read into memory whole.
       const flood = createServer((_req, res) => {

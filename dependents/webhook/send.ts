@@ -1,6 +1,7 @@
 import { UnprocessableError } from '../../core/errors';
 import type { WebhookSettings } from './schema';
 import { SIGNATURE_HEADER, signatureHeader } from './signature';
+import { checkOutbound } from '../../core/outbound';
 import { readCapped } from '../../core/read-capped';
 
 export type WebhookEventType = 'credential.pending' | 'credential.verify' | 'credential.restored' | 'credential.promoted';
@@ -24,6 +25,7 @@ const MAX_ANSWER_BYTES = 64 * 1024;
  */
 export async function postEvent(settings: WebhookSettings, key: string, event: WebhookEvent): Promise<unknown> {
   const origin = new URL(settings.url).origin;
+  await checkOutbound(settings.url, `webhook ${origin}`);
   const body = JSON.stringify(event);
   let res: Response;
   try {

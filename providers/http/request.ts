@@ -1,4 +1,5 @@
 import { UnprocessableError } from '../../core/errors';
+import { checkOutbound } from '../../core/outbound';
 import { readCapped } from '../../core/read-capped';
 
 /**
@@ -20,6 +21,7 @@ export function callName(call: Pick<Call, 'method' | 'url'>): string {
 }
 
 export async function send(call: Call): Promise<Response> {
+  await checkOutbound(call.url, callName(call));
   try {
     return await fetch(call.url, {
       method: call.method,

@@ -19,6 +19,10 @@ import { createWorker, installTemporalLogging } from '../../worker/worker';
 import { withDatabase } from './global-setup';
 import { decodedHistoryText } from './leaks';
 import { recordPlace, registerSecrets } from './sweep';
+import { allowOutbound } from '../../core/outbound';
+
+/** What the tests' own servers need: they listen on this machine. */
+export const TEST_OUTBOUND_ALLOW = ['127.0.0.1', 'localhost'];
 
 /**
  * One test file's world: its own database (cloned from the migrated template), keyring, admin
@@ -114,6 +118,8 @@ export async function startHarness(
   const taskQueue = `test-${tag}`;
   const envFilesRoot = path.join(dir, 'env-files');
   mkdirSync(envFilesRoot, { recursive: true });
+  // The tests' providers and webhook receivers listen on this machine (core/outbound.ts refuses that by default).
+  allowOutbound(TEST_OUTBOUND_ALLOW);
   const deps = activityDeps(services, { envFilesRoot, client, taskQueue, securityNotify: opts.securityNotify, clock: opts.clock, maxOpenRotations: opts.maxOpenRotations });
 
   let worker: Worker | undefined;
@@ -201,6 +207,7 @@ export async function startHarness(
       ENV_FILES_ROOT: envFilesRoot,
       DATA_DIR: dir,
       MAIL_FROM: 'mailgent-test@localhost',
+      OUTBOUND_ALLOW: TEST_OUTBOUND_ALLOW.join(','),
       ...(opts.securityNotify ? { SECURITY_NOTIFY: opts.securityNotify.join(',') } : {}),
     }),
     adminToken,

@@ -1,0 +1,77 @@
+import { lookup } from 'node:dns/promises';
+import { BlockList, isIP } from 'node:net';
+import { UnprocessableError } from './errors';
+
+/**
+ * Where the worker may send the requests an identity configures (an `http` provider, a webhook):
+ * not, unless the operator allows it, to this machine or the private network it sits in. Without
+ * this an identity could make the worker call internal services in its name and, through a
+ * provider's `valuePath`, read their answers back with vault.get; or reach the Temporal server's
+ * HTTP API and end every other identity's rotations.
+ *
+ * The check resolves the host and refuses loopback, private, link-local (cloud metadata), shared,
+ * multicast and reserved addresses; OUTBOUND_ALLOW lists host names, addresses and CIDR ranges that
+ * may be reached all the same (a provider or webhook receiver on the internal network). The request
+ * resolves the name again when it connects, so a name whose DNS answer changes in between (DNS
+ * rebinding) is not covered: allow internal receivers by address, and keep the worker's network
+ * reach narrow where that matters.
+ */
+const BLOCKED = new BlockList();
+for (const [net, prefix] of [
+  ['0.0.0.0', 8], ['10.0.0.0', 8], ['100.64.0.0', 10], ['127.0.0.0', 8], ['169.254.0.0', 16], ['172.16.0.0', 12],
+  ['192.0.0.0', 24], ['192.168.0.0', 16], ['198.18.0.0', 15], ['224.0.0.0', 4], ['240.0.0.0', 4],
+] as const) BLOCKED.addSubnet(net, prefix, 'ipv4');
+for (const [net, prefix] of [['::', 127], ['fc00::', 7], ['fe80::', 10], ['ff00::', 8]] as const) BLOCKED.addSubnet(net, prefix, 'ipv6');
+
+let allowedHosts = new Set<string>();
+let allowed = new BlockList();
+
+/** Sets OUTBOUND_ALLOW for this process: host names, IP addresses and CIDR ranges (`10.1.0.0/16`). */
+export function allowOutbound(entries: string[]): void {
+  allowedHosts = new Set();
+  allowed = new BlockList();
+  for (const entry of entries) {
+    const [address, prefix] = entry.split('/');
+    const family = isIP(address ?? '');
+    if (family === 0) allowedHosts.add(entry.toLowerCase());
+    else if (prefix === undefined) allowed.addAddress(address!, family === 4 ? 'ipv4' : 'ipv6');
+    else allowed.addSubnet(address!, Number(prefix), family === 4 ? 'ipv4' : 'ipv6');
+  }
+}
+
+/** Whether an OUTBOUND_ALLOW entry is well-formed (for the configuration check). */
+export function outboundEntryProblem(entry: string): string | undefined {
+  const [address, prefix, extra] = entry.split('/');
+  const family = isIP(address ?? '');
+  if (extra !== undefined) return `'${entry}' is not a host, an address or a CIDR range`;
+  if (family === 0) return prefix === undefined && /^[A-Za-z0-9.-]+$/.test(entry) ? undefined : `'${entry}' is not a host, an address or a CIDR range`;
+  if (prefix !== undefined && !(/^\d{1,3}$/.test(prefix) && Number(prefix) <= (family === 4 ? 32 : 128))) return `'${entry}' has a bad prefix length`;
+  return undefined;
+}
+
+/** Refuses (a permanent error naming host and address) a URL whose host is not one the worker may reach. */
+export async function checkOutbound(url: string, what: string): Promise<void> {
+  const host = new URL(url).hostname.replace(/^\[|\]$/g, '');
+  if (allowedHosts.has(host.toLowerCase())) return;
+  let addresses: { address: string; family: number }[];
+  try {
+    addresses = isIP(host) ? [{ address: host, family: isIP(host) }] : await lookup(host, { all: true });
+  } catch {
+    // Not resolvable now: the request itself fails with its own error (and may succeed on a retry).
+    return;
+  }
+  for (const { address, family } of addresses) {
+    const type: 'ipv4' | 'ipv6' = family === 4 ? 'ipv4' : 'ipv6';
+    // An IPv4 address written as IPv6 (::ffff:127.0.0.1) is that IPv4 address.
+    const v4 = type === 'ipv6' ? /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address)?.[1] : undefined;
+    const checked = v4 ?? address;
+    const checkedType: 'ipv4' | 'ipv6' = v4 ? 'ipv4' : type;
+    if (allowed.check(checked, checkedType)) continue;
+    if (BLOCKED.check(checked, checkedType)) {
+      throw new UnprocessableError(
+        `${what}: ${host} is ${host === address ? 'an address' : `at ${address}`} on this machine or a private network, ` +
+          'which the worker does not call unless OUTBOUND_ALLOW lists it',
+      );
+    }
+  }
+}
