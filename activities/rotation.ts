@@ -116,7 +116,8 @@ export function rotationActivities(deps: ActivityDeps) {
           const pending = staged ? await read(ids, staged.version, 'provider.discard') : undefined;
           const idempotencyKey = stepKey(ids, 'discard', ids.attempt);
           await heartbeating(async () => {
-            if (provider.discard) await provider.discard({ ...ctx, pending, current: await read(ids, ids.current, 'provider.discard'), idempotencyKey });
+            const createKey = stepKey(ids, 'create', ids.attempt);
+            if (provider.discard) await provider.discard({ ...ctx, pending, current: await read(ids, ids.current, 'provider.discard'), idempotencyKey, createKey });
             else if (pending) await provider.revoke({ ...ctx, secret: pending, idempotencyKey });
           });
           if (staged) await deps.rotations.markRevoked(caller(ids), ids.credentialId, staged.version);

@@ -48,7 +48,8 @@ export interface Provider<S = unknown> {
    * rotated version given up, `current` the previous one, current again): makes `pending` stop
    * working while `current` keeps working. Defaults to revoke(pending); a provider whose create replaced the live secret (a single
    * PostgreSQL role) puts `current` back instead. `pending` is absent when create may have taken
-   * effect at the provider but its result never reached the vault (the step failed after the call).
+   * effect at the provider but its result never reached the vault (the step failed after the call);
+   * `createKey`, the idempotency key that create was called with, then lets a provider find it again.
    */
-  discard?(ctx: ProviderContext<S> & { pending?: ProviderSecret; current: ProviderSecret; idempotencyKey: string }): Promise<void>;
+  discard?(ctx: ProviderContext<S> & { pending?: ProviderSecret; current: ProviderSecret; idempotencyKey: string; createKey?: string }): Promise<void>;
 }

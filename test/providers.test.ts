@@ -315,6 +315,26 @@ describe('rotation providers', () => {
       expect(server.creates - before).toBe(3);
     });
 
+    it('discard finds a key whose create answer never reached the vault by the create’s idempotency key, and revokes it', async () => {
+      const ctx = context(httpApi, settingsFor());
+      const current = { version: 1, value: '' };
+      const before = server.creates;
+      server.failNext('create', 1, 502, { afterEffect: true }); // the key is made, the answer is lost
+      await failure(create('k-orphan'));
+      expect(server.listKeys().filter((k) => k.idempotencyKey === 'k-orphan')).toEqual([expect.objectContaining({ active: true })]);
+      await httpApi.discard!({ ...ctx, current, idempotencyKey: 'k-orphan:discard', createKey: 'k-orphan' });
+      expect(server.listKeys().filter((k) => k.idempotencyKey === 'k-orphan')).toEqual([expect.objectContaining({ active: false })]);
+      expect(server.creates - before).toBe(1);
+      // A create the provider refuses made nothing: nothing to find, and discard does not fail.
+      server.failNext('create', 1, 403);
+      await httpApi.discard!({ ...ctx, current, idempotencyKey: 'k-refused:discard', createKey: 'k-refused' });
+      expect(server.listKeys().filter((k) => k.idempotencyKey === 'k-refused')).toEqual([]);
+      // An answer with the key's id but no usable value: the key is revoked there and then.
+      const noValue = await failure(create('k-no-value', settingsFor({ valuePath: 'data.secret' })));
+      expect(noValue.message).toBe(`POST ${server.url}/keys answered without a string at data.secret`);
+      expect(server.listKeys().filter((k) => k.idempotencyKey === 'k-no-value')).toEqual([expect.objectContaining({ active: false })]);
+    });
+
     it('failures surface as errors with method, URL and status only; 4xx are permanent, 5xx and timeouts are not', async () => {
       const ctx = context(httpApi, settingsFor());
 

@@ -1,4 +1,4 @@
-import { UnprocessableError } from '../../core/errors';
+import { AppError, UnprocessableError } from '../../core/errors';
 import type { Provider } from '../types';
 import { callName, credentialHeader, discardBody, readJson, resolvePath, send, statusError } from './request';
 import { httpSettings, type HttpSettings } from './schema';
@@ -13,7 +13,8 @@ export const httpApi: Provider<HttpSettings> = {
   name: 'http',
   settings: httpSettings,
 
-  async create({ settings: s, secrets, idempotencyKey }) {
+  async create(ctx) {
+    const { settings: s, secrets, idempotencyKey } = ctx;
     const token = await secrets.read(s.auth.credential);
     const call = {
       method: s.create.method,
@@ -33,11 +34,35 @@ export const httpApi: Provider<HttpSettings> = {
     const doc = await readJson(res, callName(call));
     const value = resolvePath(doc, s.valuePath);
     const id = resolvePath(doc, s.idPath);
-    if (typeof value !== 'string' || !value) throw new UnprocessableError(`${callName(call)} answered without a string at ${s.valuePath}`);
     if ((typeof id !== 'string' && typeof id !== 'number') || id === '') {
       throw new UnprocessableError(`${callName(call)} answered without an id (string or number) at ${s.idPath}`);
     }
+    if (typeof value !== 'string' || !value) {
+      // A key was made that will never be stored: revoke it now, while its id is at hand.
+      await httpApi.revoke({ ...ctx, secret: { version: 0, value: '', externalId: String(id) }, idempotencyKey: `${idempotencyKey}:unusable` }).catch(() => undefined);
+      throw new UnprocessableError(`${callName(call)} answered without a string at ${s.valuePath}`);
+    }
     return { value, externalId: String(id) };
+  },
+
+  /**
+   * Compensation. A staged key is revoked by its id. Without one, the create may still have made a
+   * key whose answer never reached the vault (lost, or every attempt timed out after the provider
+   * acted): the create is sent again with its own idempotency key, which a provider that honours it
+   * answers with that same key (or, if it never made one, makes one now), and that key is revoked.
+   */
+  async discard(ctx) {
+    if (ctx.pending) return httpApi.revoke({ ...ctx, secret: ctx.pending });
+    if (!ctx.createKey) return;
+    let made;
+    try {
+      made = await httpApi.create({ ...ctx, idempotencyKey: ctx.createKey });
+    } catch (err) {
+      // Refused for good (a 4xx, an answer it cannot use): it made nothing now, and did not before.
+      if (err instanceof AppError) return;
+      throw err;
+    }
+    await httpApi.revoke({ ...ctx, secret: { version: 0, value: made.value, externalId: made.externalId } });
   },
 
   async verify({ settings: s, secret }) {
