@@ -15,6 +15,7 @@ import { startHarness, TEST_OUTBOUND_ALLOW, type Harness } from './support/harne
 import { ProviderServer } from './support/provider-server';
 import { canLogin as canLoginAs } from './support/lifecycle-fixtures';
 import { allowOutbound } from '../core/outbound';
+import { consumerUrl } from '../providers/postgres-role/role';
 
 /**
  * The postgres-role and http providers against real servers: the file's PostgreSQL cluster (roles
@@ -135,6 +136,13 @@ describe('rotation providers', () => {
       expect([url.protocol, url.username, url.host, url.pathname]).toEqual(['postgresql:', role, server.host, server.pathname]);
       expect(passwordOf(created.value)).toMatch(/^[A-Za-z0-9]{40}$/);
       await postgresRole.verify({ ...ctx, secret: { version: 2, value: created.value } });
+    });
+
+    it('url format keeps the admin URL’s connection options, never its user or password', () => {
+      const admin = new URL('postgresql://admin:adminpw@db.internal:6432/app?sslmode=require&user=admin&password=adminpw&application_name=billing');
+      const value = consumerUrl(admin, 'billing_rw', 'p@ss/word');
+      expect(value).toBe('postgresql://billing_rw:p%40ss%2Fword@db.internal:6432/app?sslmode=require&application_name=billing');
+      expect(consumerUrl(new URL('postgresql://admin:x@db/app'), 'r', 'pw')).toBe('postgresql://r:pw@db/app');
     });
 
     it('single role: discard (before promotion) puts the current password back; twice is the same', async () => {
@@ -403,6 +411,14 @@ describe('rotation providers', () => {
       );
       await httpApi.revoke({ ...ctx, secret, idempotencyKey: 'r' });
       expect(server.isActive(created.value)).toBe(false);
+
+      // A provider id of '.' or '..' would climb the URL's path to another endpoint: refused, nothing sent.
+      const sent = server.requests.length;
+      for (const externalId of ['.', '..']) {
+        const dots = await failure(httpApi.revoke({ ...ctx, secret: { version: 1, value: created.value, externalId }, idempotencyKey: 'r-dots' }));
+        expect(dots.message).toBe(`version 1 has the provider id '${externalId}', which cannot name a key in a URL; revoke it at the provider by hand`);
+      }
+      expect(server.requests.length).toBe(sent);
 
       const noId = await failure(httpApi.revoke({ ...ctx, secret: { version: 1, value: created.value, externalId: null }, idempotencyKey: 'r' }));
       expect(noId.message).toBe('version 1 has no provider id, so it cannot be revoked through the API; revoke it at the provider by hand');

@@ -82,6 +82,10 @@ export const httpApi: Provider<HttpSettings> = {
     if (!secret.externalId) {
       throw new UnprocessableError(`version ${secret.version} has no provider id, so it cannot be revoked through the API; revoke it at the provider by hand`);
     }
+    // URLs resolve '.' and '..' segments (encoded or not): such an id would name another endpoint.
+    if (/^\.{1,2}$/.test(secret.externalId)) {
+      throw new UnprocessableError(`version ${secret.version} has the provider id '${secret.externalId}', which cannot name a key in a URL; revoke it at the provider by hand`);
+    }
     const token = await secrets.read(s.auth.credential);
     const call = {
       method: s.revoke.method,

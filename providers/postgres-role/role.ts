@@ -28,9 +28,15 @@ function loginUrl(admin: URL, role: string, password: string): string {
   return url.href;
 }
 
-/** The value consumers get in `url` format: host, port and database of the admin URL. */
+/**
+ * The value consumers get in `url` format: host, port, database and connection options (sslmode …)
+ * of the admin URL; never its user or password, in the userinfo or the query.
+ */
 export function consumerUrl(admin: URL, role: string, password: string): string {
-  return `postgresql://${role}:${encodeURIComponent(password)}@${admin.host}${admin.pathname}`;
+  const query = new URLSearchParams(admin.search);
+  for (const key of ['user', 'password', 'passfile']) query.delete(key);
+  const search = query.size ? `?${query}` : '';
+  return `postgresql://${role}:${encodeURIComponent(password)}@${admin.host}${admin.pathname}${search}`;
 }
 
 /** An Error whose message is `what: <cause>` with every given secret cut out of the cause. */
