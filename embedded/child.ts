@@ -89,3 +89,13 @@ export async function waitUntilReady(child: Child, what: string, probe: () => Pr
   await child.stop('SIGKILL');
   throw new Error(`${what} was not ready after ${timeoutMs / 1000}s (${(lastError as Error)?.message}). Last log lines:\n${child.logTail()}`);
 }
+
+/** Whether a process with this pid exists (one of another user's counts: EPERM). */
+export function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}

@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import pg from 'pg';
 import type { Logger } from '../core/logger';
-import { startChild, waitUntilReady } from './child';
+import { isAlive, startChild, waitUntilReady } from './child';
 import { freePort } from './ports';
 
 /**
@@ -145,13 +145,4 @@ export async function connectEmbeddedPostgres(opts: { dataDir: string; logger?: 
     }
   }
   return startEmbeddedPostgres(opts);
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
 }

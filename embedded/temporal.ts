@@ -2,7 +2,7 @@ import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { Connection } from '@temporalio/client';
 import type { Logger } from '../core/logger';
-import { startChild, waitUntilReady } from './child';
+import { isAlive, startChild, waitUntilReady } from './child';
 import { freePort } from './ports';
 import { findTemporalCli } from './temporal-cli';
 
@@ -51,7 +51,7 @@ function claimTemporalFile(dataDir: string): () => void {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
       const owner = Number(readFileSync(lock, 'utf8').trim());
       if (owner === process.pid) return () => rmSync(lock, { force: true });
-      if (owner > 0 && alive(owner)) {
+      if (owner > 0 && isAlive(owner)) {
         throw new Error(
           `the embedded Temporal server of ${dataDir} is run by another Mailgent process (pid ${owner}); ` +
             'give this one TEMPORAL_ADDRESS (that server\'s address, in its log) or a DATA_DIR of its own',
@@ -62,15 +62,6 @@ function claimTemporalFile(dataDir: string): () => void {
     }
   }
   throw new Error(`could not claim ${lock}`);
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
 }
 
 async function startOn(

@@ -9,7 +9,7 @@ import { verifyWebhookSignature } from '../dependents/webhook';
 import type { RotationProgress } from '../workflows/types';
 import { startHarness, type Harness } from './support/harness';
 import { expectCleanRun } from './support/leaks';
-import { canLogin, consumer, mailTo, mintKey, waitFor, whoami, type Identity } from './support/lifecycle-fixtures';
+import { canLogin, consumer, loginRoleWithAdmin, mailTo, mintKey, waitFor, whoami, type Identity } from './support/lifecycle-fixtures';
 import type { StoredMail } from './support/mail';
 import { ProviderServer } from './support/provider-server';
 import { WebhookReceiver } from './support/webhook-receiver';
@@ -598,14 +598,9 @@ describe('credential lifecycle', () => {
 
   it('postgres-role through the workflow: afterwards only the new password logs in', async () => {
     const role = `mg_life_${tag}`;
-    const v1 = h.secret(randomBytes(18).toString('base64url'));
-    await h.sql(`CREATE ROLE ${pg.escapeIdentifier(role)} LOGIN PASSWORD ${pg.escapeLiteral(v1)}`);
-    roles.push(role);
-    h.secret(h.databaseUrl);
-    const adminPassword = decodeURIComponent(new URL(h.databaseUrl).password);
-    if (adminPassword) h.secret(adminPassword);
     const adminName = unique('pg-admin');
-    await store(adminName, 'generic', h.databaseUrl);
+    const v1 = await loginRoleWithAdmin(h, role, adminName, store);
+    roles.push(role);
     const name = unique('app-db');
     const id = await store(name, 'password', v1, {
       rotation: { provider: 'postgres-role', settings: { adminCredential: adminName, role }, periodDays: 30, graceHours: 0 },

@@ -10,7 +10,7 @@ import { stableUuid } from '../activities/support';
 import type { RotationProgress } from '../workflows/types';
 import { startHarness, type Harness } from './support/harness';
 import { expectCleanRun } from './support/leaks';
-import { canLogin, mailTo, waitFor, type Identity } from './support/lifecycle-fixtures';
+import { canLogin, loginRoleWithAdmin, mailTo, waitFor, type Identity } from './support/lifecycle-fixtures';
 import type { ReceivedEvent } from './support/webhook-receiver';
 import { WebhookReceiver } from './support/webhook-receiver';
 
@@ -149,6 +149,29 @@ describe('rotation failures', () => {
     };
   };
 
+  /**
+   * A rotation of a new generated key (with a webhook dependent) whose 'rotated' notice is held
+   * half-way (see holdNotice): the caller does what it tests, then calls hold.release().
+   */
+  const rotationWithNoticeHeld = async (rotation: Record<string, unknown> = {}) => {
+    const key = await generatedKey(rotation);
+    const r = await receiver();
+    const pending = holdingPending(r);
+    await setDependents(key.id, [webhook(r)]);
+    const rotationId = await startRotation(key.name);
+    await pending.reached();
+    const runId = (await started(rotationId)).credentials[0]!.runId!;
+    const hold = await holdNotice(runId, key.id, 'rotated');
+    try {
+      pending.release();
+      await hold.reached();
+    } catch (err) {
+      await hold.release();
+      throw err;
+    }
+    return { ...key, r, rotationId, runId, hold };
+  };
+
   beforeAll(async () => {
     h = await startHarness({ worker: true, securityNotify: [securityDesk] });
     owner = await h.createIdentity(unique('owner'));
@@ -246,18 +269,8 @@ describe('rotation failures', () => {
   });
 
   it('a cancel while the grace notice is being sent rolls the rotation back', async () => {
-    const { name, id, ownerMail } = await generatedKey({ graceHours: 1 });
-    const r = await receiver();
-    const pending = holdingPending(r);
-    await setDependents(id, [webhook(r)]);
-
-    const rotationId = await startRotation(name);
-    await pending.reached();
-    const runId = (await started(rotationId)).credentials[0]!.runId!;
-    const hold = await holdNotice(runId, id, 'rotated');
+    const { name, id, ownerMail, r, rotationId, runId, hold } = await rotationWithNoticeHeld({ graceHours: 1 });
     try {
-      pending.release();
-      await hold.reached();
       const cancelled = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: owner.token });
       expect(cancelled.status, cancelled.text).toBe(202);
       expect(cancelled.body.cancelling).toEqual([id]);
@@ -345,18 +358,8 @@ describe('rotation failures', () => {
   }, 45_000);
 
   it('a leak reported while the final notice is being sent rotates the leaked value again and closes the incident', async () => {
-    const { name, id } = await generatedKey();
-    const r = await receiver();
-    const pending = holdingPending(r);
-    await setDependents(id, [webhook(r)]);
-
-    const rotationId = await startRotation(name);
-    await pending.reached();
-    const runId = (await started(rotationId)).credentials[0]!.runId!;
-    const hold = await holdNotice(runId, id, 'rotated');
+    const { name, id, rotationId, hold } = await rotationWithNoticeHeld();
     try {
-      pending.release();
-      await hold.reached();
       // Version 2 is current now (version 1 revoked): the report names it.
       const reported = await h.api('POST', '/v1/leaks', { token: owner.token, body: { credential: name, source: 'scanner' } });
       expect(reported.status, reported.text).toBe(202);
@@ -381,14 +384,9 @@ describe('rotation failures', () => {
 
   it('a rollback of a single PostgreSQL role puts the previous password back on the role', async () => {
     const role = `mg_rf_${tag}`;
-    const v1 = h.secret(randomBytes(18).toString('base64url'));
-    await h.sql(`CREATE ROLE ${pg.escapeIdentifier(role)} LOGIN PASSWORD ${pg.escapeLiteral(v1)}`);
-    roles.push(role);
-    h.secret(h.databaseUrl);
-    const adminPassword = decodeURIComponent(new URL(h.databaseUrl).password);
-    if (adminPassword) h.secret(adminPassword);
     const adminName = unique('pg-admin');
-    await store(adminName, 'generic', h.databaseUrl);
+    const v1 = await loginRoleWithAdmin(h, role, adminName, store);
+    roles.push(role);
     const name = unique('app-db');
     const id = await store(name, 'password', v1, { rotation: { provider: 'postgres-role', settings: { adminCredential: adminName, role }, periodDays: 30, graceHours: 1 } });
 

@@ -1,4 +1,4 @@
-import { randomUUID } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import pg from 'pg';
 import type { Harness } from './harness';
 import { readMailbox, recipients, type StoredMail } from './mail';
@@ -49,6 +49,26 @@ export async function whoami(server: ProviderServer, secret: string): Promise<nu
   const res = await fetch(`${server.url}/whoami`, { headers: { authorization: `Bearer ${secret}` } });
   await res.body?.cancel();
   return res.status;
+}
+
+/**
+ * What a postgres-role rotation needs: a login role on the harness's cluster with a random password
+ * (returned: version 1 of the credential), and the admin URL stored as a credential named
+ * `adminName`. The password and the URL are registered as secrets for the leak checks.
+ */
+export async function loginRoleWithAdmin(
+  h: Harness,
+  role: string,
+  adminName: string,
+  store: (name: string, kind: string, value: string) => Promise<unknown>,
+): Promise<string> {
+  const v1 = h.secret(randomBytes(18).toString('base64url'));
+  await h.sql(`CREATE ROLE ${pg.escapeIdentifier(role)} LOGIN PASSWORD ${pg.escapeLiteral(v1)}`);
+  h.secret(h.databaseUrl);
+  const adminPassword = decodeURIComponent(new URL(h.databaseUrl).password);
+  if (adminPassword) h.secret(adminPassword);
+  await store(adminName, 'generic', h.databaseUrl);
+  return v1;
 }
 
 /** Logs in as `role` with `password` on the harness's cluster; false on a wrong password. */
