@@ -49,15 +49,23 @@ export function batchActivities(deps: ActivityDeps) {
       `WITH runs AS (
          SELECT r.credential_id, r.run_id, o.outcome FROM rotation_runs r LEFT JOIN run_outcomes o ON o.run_id = r.run_id
           WHERE r.rotation_id = $1)
-       SELECT r.credential_id, c.identity_id, ro.kind
+       SELECT r.credential_id, c.identity_id, ro.kind, c.rotation->'window' AS window
          FROM runs r JOIN credentials c ON c.id = r.credential_id JOIN rotations ro ON ro.id = $1
         WHERE r.run_id IS NULL AND ro.cancelled_at IS NULL
         ORDER BY r.credential_id
         LIMIT greatest($2 - (SELECT count(*) FROM runs WHERE run_id IS NOT NULL AND outcome IS NULL), 0)`,
       [rotationId, maxOpen],
     );
+    const now = deps.clock?.() ?? new Date();
+    let started = 0;
     for (const row of rows) {
       heartbeat();
+      // A sweep's later waves start hours after it selected them: a window closed by now defers the
+      // credential to the next sweep inside it (it stays due), instead of rotating it out of hours.
+      if (row.kind === 'sweep' && row.window && !windowOpen(row.window, now)) {
+        await deps.pool.query('DELETE FROM rotation_runs WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [rotationId, row.credential_id]);
+        continue;
+      }
       const handle = await client.workflow.start<typeof rotateCredential>('rotateCredential', {
         taskQueue,
         workflowId: `rotate:${row.credential_id}`,
@@ -71,8 +79,9 @@ export function batchActivities(deps: ActivityDeps) {
         [rotationId, row.credential_id, handle.firstExecutionRunId],
       );
       if (marked[0]?.cancelled) await client.workflow.getHandle(handle.workflowId, handle.firstExecutionRunId).cancel();
+      started += 1;
     }
-    return { started: rows.length };
+    return { started };
   };
 
   return {

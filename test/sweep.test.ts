@@ -2,6 +2,7 @@ import { randomBytes, randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import type { ScheduleHandle, WorkflowHandle } from '@temporalio/client';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { createActivities } from '../activities';
 import { ConfigError } from '../core/config';
 import { ensureSchedules, ORPHAN_SCHEDULE_ID, scheduleId, SWEEP_SCHEDULE_ID } from '../worker/schedules';
 import { expectCleanRun } from './support/leaks';
@@ -281,6 +282,33 @@ describe('scheduled sweep', () => {
     expect(await versions([openId, closedId])).toEqual({ 'window-open': 2, 'window-closed': 2 });
     await read(agent.token, 'window-open');
     await read(agent.token, 'window-closed');
+  });
+
+  it('a later wave of a sweep defers a credential whose window closed after it was selected; it stays due', async () => {
+    const agent = await identity();
+    const hour = new Date().getUTCHours();
+    const everyDay = [0, 1, 2, 3, 4, 5, 6];
+    const id = await store(agent.token, {
+      name: 'wave-window',
+      kind: 'api_key',
+      value: secretValue(),
+      rotation: { ...ROTATE_NOW, window: { days: everyDay, startHour: (hour + 23) % 24, endHour: (hour + 2) % 24, timezone: 'UTC' } },
+    });
+    await age([id], 40);
+    // Selected while its window was open (the run row a sweep's selectDue writes), then the window closes before its wave starts.
+    const acts = createActivities(h.deps);
+    const { sweepId } = await acts.beginSweep({ workflowId: `test-sweep-${randomUUID()}`, asOf: new Date().toISOString() });
+    await h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) VALUES ($1, $2, $3)`, [sweepId, id, `rotate:${id}`]);
+    const closed = await h.api('PATCH', '/v1/credentials/wave-window', {
+      token: agent.token,
+      body: { rotation: { ...ROTATE_NOW, window: { days: everyDay, startHour: (hour + 3) % 24, endHour: (hour + 5) % 24, timezone: 'UTC' } } },
+    });
+    expect(closed.status).toBe(200);
+    expect(await acts.startRotations({ rotationId: sweepId })).toEqual({ started: 0 });
+    expect(await sweptIds(sweepId)).toEqual([]);
+    expect(await versions([id])).toEqual({ 'wave-window': 1 });
+    expect((await rows([id])).get('wave-window')!.next_rotation_at.getTime()).toBeLessThan(Date.now());
+    await read(agent.token, 'wave-window');
   });
 
   it("the sweep's selection reads credentials through credentials_due, never a sequential scan", async () => {
