@@ -16,21 +16,31 @@ export function keyringPath(dataDir: string): string {
 export function ensureKeyringFile(dataDir: string): string {
   const file = keyringPath(dataDir);
   if (!existsSync(file)) {
-    // Made aside, then linked into place, which fails if the file exists: an API and a worker
-    // starting together on a fresh DATA_DIR agree on one key (a rename would let the last one win,
-    // and whatever the first wrapped in between would be lost with its key).
+    // Placed once: an API and a worker starting together on a fresh DATA_DIR agree on one key (a
+    // rename would let the last one win, and whatever the first wrapped meanwhile would be lost).
     const key = generateMasterKey();
-    const made = `${file}.${process.pid}.new`;
-    writeKeyringFile(made, [{ id: masterKeyId(key), key }], masterKeyId(key));
-    try {
-      linkSync(made, file);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-    } finally {
-      rmSync(made, { force: true });
-    }
+    placeOnce(file, (made) => writeKeyringFile(made, [{ id: masterKeyId(key), key }], masterKeyId(key)));
   }
   return file;
+}
+
+/**
+ * Writes a file aside (`write` gets the temporary path) and links it into place, which fails if
+ * the file exists: of processes racing to make it, one wins whole and the others keep its file.
+ * True if this call placed it.
+ */
+function placeOnce(file: string, write: (made: string) => void): boolean {
+  const made = `${file}.${process.pid}.new`;
+  write(made);
+  try {
+    linkSync(made, file);
+    return true;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') return false;
+    throw err;
+  } finally {
+    rmSync(made, { force: true });
+  }
 }
 
 export function adminTokenPath(dataDir: string): string {
@@ -41,17 +51,8 @@ export function ensureAdminToken(dataDir: string): { token: string; created: boo
   const file = adminTokenPath(dataDir);
   if (existsSync(file)) return { token: readFileSync(file, 'utf8').trim(), created: false };
   const token = newToken();
-  // Written aside and linked into place whole, as the keyring file is: another process starting on
-  // this DATA_DIR at the same moment gets the same token, never a half-written file.
-  const made = `${file}.${process.pid}.new`;
-  writeFileSync(made, `${token}\n`, { mode: 0o600 });
-  try {
-    linkSync(made, file);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'EEXIST') return { token: readFileSync(file, 'utf8').trim(), created: false };
-    throw err;
-  } finally {
-    rmSync(made, { force: true });
-  }
-  return { token, created: true };
+  // Placed whole, as the keyring file is: another process starting on this DATA_DIR at the same
+  // moment gets the same token, never a half-written file.
+  if (placeOnce(file, (made) => writeFileSync(made, `${token}\n`, { mode: 0o600 }))) return { token, created: true };
+  return { token: readFileSync(file, 'utf8').trim(), created: false };
 }

@@ -43,14 +43,15 @@ export async function startEmbeddedTemporal(opts: {
  */
 function claimTemporalFile(dataDir: string): () => void {
   const lock = path.join(dataDir, 'temporal.lock');
+  const release = () => rmSync(lock, { force: true });
   for (let attempt = 0; attempt < 2; attempt++) {
     try {
       writeFileSync(lock, String(process.pid), { flag: 'wx' });
-      return () => rmSync(lock, { force: true });
+      return release;
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
       const owner = Number(readFileSync(lock, 'utf8').trim());
-      if (owner === process.pid) return () => rmSync(lock, { force: true });
+      if (owner === process.pid) return release;
       if (owner > 0 && isAlive(owner)) {
         throw new Error(
           `the embedded Temporal server of ${dataDir} is run by another Mailgent process (pid ${owner}); ` +
@@ -58,7 +59,7 @@ function claimTemporalFile(dataDir: string): () => void {
           { cause: err },
         );
       }
-      rmSync(lock, { force: true });
+      release();
     }
   }
   throw new Error(`could not claim ${lock}`);

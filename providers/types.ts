@@ -32,6 +32,8 @@ export interface CreateResult {
   value: string;
   /** The provider's id for the new secret (an API key id, the role name …); never secret. */
   externalId?: string;
+  /** When the new secret stops working, if the provider says (ISO 8601): the credential's expiry once it is promoted. */
+  expiresAt?: string;
 }
 
 export interface Provider<S = unknown> {

@@ -124,10 +124,6 @@ export class DataKeys {
   }
 
   /**
-   * Re-wraps every data key not wrapped by the keyring's current master key. Secret rows are not
-   * touched. Returns how many keys were re-wrapped and which master key ids are still in use.
-   */
-  /**
    * Master keys that wrap a data or service key but are not in the keyring: checked at startup, so
    * a keyring that lost a key (a VAULT_MASTER_KEY switched before `rekey` ran) stops the service
    * with the key ids named, instead of failing reads one by one.
@@ -140,6 +136,10 @@ export class DataKeys {
     return rows.filter((r) => !this.keyring.find(r.id));
   }
 
+  /**
+   * Re-wraps every data key not wrapped by the keyring's current master key. Secret rows are not
+   * touched. Returns how many keys were re-wrapped and which master key ids are still in use.
+   */
   async rewrapAll(): Promise<{ rewrapped: number; masterKeysInUse: string[] }> {
     const current = this.keyring.current;
     return withTransaction(this.pool, async (tx) => {

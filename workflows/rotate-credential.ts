@@ -89,6 +89,11 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   );
 
   const stepOf = (name: StepName) => progress.steps.find((s) => s.name === name)!;
+  /** Puts a dependent back on `version`, away from `abandoned` (an attempt's undo, or a rollback's). */
+  const restoreOf = (dependent: { index: number; type: string }, version: number, abandoned: number): Undo => ({
+    what: `restore ${dependent.type} ${dependent.index}`,
+    run: () => undo.restoreDependent({ ...ids, index: dependent.index, version, abandoned }),
+  });
   const step = async <T>(name: StepName, run: () => Promise<T>): Promise<T> => {
     const entry = stepOf(name);
     entry.state = 'running';
@@ -186,10 +191,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
         await step('apply_dependents', async () => {
           for (const dependent of plan.dependents) {
             // Restore is pushed first: a dependent that failed half-way is put back too (restore is idempotent).
-            undoStack.push({
-              what: `restore ${dependent.type} ${dependent.index}`,
-              run: () => undo.restoreDependent({ ...ids, index: dependent.index, version: staged.basedOn, abandoned: staged.version }),
-            });
+            undoStack.push(restoreOf(dependent, staged.basedOn, staged.version));
             await external.applyDependent({ ...ids, index: dependent.index, version: staged.version });
           }
         });
@@ -262,11 +264,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   if ((rollbackRequested && !leak) || cancelled) {
     // The rotated version is abandoned: dependents go back, the vault points back, the provider forgets it.
     await CancellationScope.nonCancellable(async () => {
-      const restores = plan.dependents.map((dependent) => ({
-        what: `restore ${dependent.type} ${dependent.index}`,
-        run: () => undo.restoreDependent({ ...ids, index: dependent.index, version: progress.fromVersion!, abandoned: progress.toVersion! }),
-      }));
-      problems.push(...(await runAll(restores)));
+      problems.push(...(await runAll(plan.dependents.map((dependent) => restoreOf(dependent, progress.fromVersion!, progress.toVersion!)))));
       rolledBack = await db.rollbackVersion({ ...ids, version: progress.toVersion! });
       // `current`: a provider whose create replaced the live secret (a single PostgreSQL role) puts the previous one back.
       await undo.revokeVersion({ ...ids, version: progress.toVersion!, current: progress.fromVersion! });

@@ -5,7 +5,7 @@ import type { Client } from '@temporalio/client';
 import { NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { withTransaction, type Pool } from '../../db/pool';
 import { abandonMail, queueMail } from '../../mail/outbox';
-import { findStoredValue } from '../../mail/secret-scan';
+import { findStoredValue, MIN_SCANNED_LENGTH } from '../../mail/secret-scan';
 import { appendAudit } from '../../vault/audit';
 import type { SecretStore } from '../../vault/secret-store';
 import type { Caller, Vault } from '../../vault/vault';
@@ -61,12 +61,13 @@ export function leakRoutes(auth: AuthDeps, deps: LeakDeps): Router {
  */
 export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string | undefined, body: z.output<typeof leakReport>) {
   const targets = body.fingerprint ? await byFingerprint(deps, body.fingerprint, scope) : await byCredential(deps, body.credential!, scope);
-  // Both free-text fields go into the audit row, the rotation's reason and the incident email: neither may carry a stored value.
-  for (const identityId of new Set(targets.map((t) => t.identityId))) {
+  // Both free-text fields go into the audit row, the rotation's reason and the incident email: neither
+  // may carry a stored value. Text shorter than any value the scan matches needs no decryption at all.
+  const fields = (['source', 'details'] as const).filter((field) => (body[field]?.length ?? 0) >= MIN_SCANNED_LENGTH);
+  for (const identityId of fields.length ? new Set(targets.map((t) => t.identityId)) : []) {
     const stored = await deps.vault.storedValues(identityId);
-    for (const field of ['source', 'details'] as const) {
-      const text = body[field];
-      if (text && findStoredValue({ subject: '', text }, stored)) {
+    for (const field of fields) {
+      if (findStoredValue({ subject: '', text: body[field]! }, stored)) {
         throw new UnprocessableError(`${field} must not contain the leaked value; report it by its SHA-256 fingerprint`);
       }
     }
