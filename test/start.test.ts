@@ -185,8 +185,9 @@ describe('npm start with the embedded defaults', () => {
     }
     // Temporal is starting now.
     run.proc.kill('SIGTERM');
-    expect(await run.exited).toBe(0);
+    const code = await run.exited;
     const log = run.output();
+    expect(code, log).toBe(0);
     expect(log).toContain('SIGTERM during start-up');
     expect(log).toContain('"msg":"stopped"');
     expect(log).not.toMatch(/worker running|API listening/);
