@@ -47,8 +47,10 @@ export function startChild(
       resolve(c);
     });
   });
-  // Let the log stream close once the process is gone.
-  void exited.then(() => setTimeout(() => log.end(), 50).unref());
+  // The log ends once the child's output has all arrived: 'close' comes after its stdout and stderr
+  // are done, whereas 'exit' can come first, and output written to an ended log would be an error
+  // (uncaught: this process would exit 1). Seen under load when a start-up was stopped early.
+  proc.once('close', () => log.end());
   return {
     pid: proc.pid ?? -1,
     exited,
