@@ -96,8 +96,11 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
       mailFrom: config.MAIL_FROM,
       logger,
       maxEncryptionsPerKey: config.DATA_KEY_MAX_ENCRYPTIONS,
+      readThread: parts.includes('api') && config.READ_THREAD,
     });
     onClose('services', () => services.close());
+    await services.ready();
+    checkpoint();
     // A keyring missing a key still in use would fail every read under it, one by one: refuse to start instead.
     const missing = await services.dataKeys.missingMasterKeys();
     if (missing.length) {

@@ -135,6 +135,11 @@ const schema = z.object({
   SHUTDOWN_GRACE_SECONDS: z.coerce.number().int().min(0).max(3600).default(30),
   WORKER_CACHED_WORKFLOWS: z.coerce.number().int().min(2).max(100_000).default(100),
   BATCH_MAX_OPEN_ROTATIONS: z.coerce.number().int().min(1).max(100_000).default(50),
+  // The API's audited reads in a worker thread of their own (vault/read-thread.ts).
+  READ_THREAD: z
+    .enum(['on', 'off', 'true', 'false', '1', '0'], { error: 'must be on or off' })
+    .transform((value) => ['on', 'true', '1'].includes(value))
+    .default(true),
 });
 
 /** Variables whose values are secret: a problem with them never repeats the value. */

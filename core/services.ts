@@ -7,6 +7,7 @@ import { Grants } from '../vault/grants';
 import { Identities } from '../vault/identities';
 import { dataConverter, EncryptionCodec } from '../vault/payload-codec';
 import type { Keyring } from '../vault/keyring';
+import { ReadThread } from '../vault/read-thread';
 import { RotationVault } from '../vault/rotation-vault';
 import { SecretStore } from '../vault/secret-store';
 import { Vault } from '../vault/vault';
@@ -23,8 +24,15 @@ export interface Services {
   mailer: Mailer;
   /** Encrypts every Temporal payload; every client, worker and replayer of this deployment uses it. */
   dataConverter: DataConverter;
+  /** The thread vault.get and vault.totp run in, when asked for (`readThread`). */
+  readThread?: ReadThread;
+  /** Resolves once the read thread (if any) has started; rejects with its error if it cannot. */
+  ready(): Promise<void>;
   close(): Promise<void>;
 }
+
+/** Connections the read thread's own pool keeps (one batch runs at a time; the second is spare). */
+export const READ_THREAD_POOL_SIZE = 2;
 
 export function openServices(opts: {
   databaseUrl: string;
@@ -36,24 +44,41 @@ export function openServices(opts: {
   clock?: () => Date;
   /** GCM encryptions per data key before a new one takes over (DATA_KEY_MAX_ENCRYPTIONS). */
   maxEncryptionsPerKey?: number;
+  /**
+   * Run vault.get and vault.totp in a worker thread with its own pool (vault/read-thread.ts; the
+   * API turns it on, READ_THREAD). It reads the wall clock, so it cannot go with `clock`, and it
+   * reads the keyring from its setting, so the keyring must come from Keyring.fromSetting.
+   */
+  readThread?: boolean;
 }): Services {
+  if (opts.readThread && opts.clock) throw new Error('the read thread reads the wall clock; it cannot be used with a clock of its own');
+  if (opts.readThread && !opts.keyring.setting) throw new Error('the read thread needs a keyring read from its setting (Keyring.fromSetting)');
   const clock = opts.clock ?? (() => new Date());
   const pool = createPool(opts.databaseUrl, opts.poolSize, opts.logger);
   const dataKeys = new DataKeys(pool, opts.keyring, { maxEncryptions: opts.maxEncryptionsPerKey });
   const secrets = new SecretStore(dataKeys, clock);
   const mailer = createMailer(opts.smtpUrl, opts.mailFrom);
+  const thread = opts.readThread
+    ? new ReadThread(
+        { databaseUrl: opts.databaseUrl, poolSize: READ_THREAD_POOL_SIZE, keyringSetting: opts.keyring.setting!, maxEncryptionsPerKey: opts.maxEncryptionsPerKey },
+        opts.logger,
+      )
+    : undefined;
   return {
     pool,
     dataKeys,
-    vault: new Vault(pool, secrets, clock),
+    vault: new Vault(pool, secrets, clock, thread),
     rotations: new RotationVault(pool, secrets, clock),
     grants: new Grants(pool),
     secrets,
     identities: new Identities(pool, dataKeys),
     mailer,
     dataConverter: dataConverter(EncryptionCodec.fromDataKeys(dataKeys, pool)),
+    readThread: thread,
+    ready: () => thread?.start() ?? Promise.resolve(),
     async close() {
       mailer.close();
+      await thread?.close();
       await pool.end();
     },
   };

@@ -35,6 +35,9 @@ export class Keyring {
   private currentId: string;
   private loadedMtimeMs = 0;
 
+  /** The VAULT_MASTER_KEY setting this keyring was read from, if any (the API's read thread reads it again). */
+  setting?: string;
+
   /**
    * `file` is set when the keyring lives in a file that `rekey` may rewrite while the service runs:
    * a changed file is re-read before wrapping, and an unknown key id re-reads it once.
@@ -53,9 +56,14 @@ export class Keyring {
   /** VAULT_MASTER_KEY: base64 of 32 bytes (several, comma-separated, the current first), or the path of a keyring file (JSON, or one base64 key). */
   static fromSetting(setting: string): Keyring {
     const inline = inlineMasterKeys(setting);
-    if (inline) return Keyring.fromKeys(inline.map((key) => ({ id: masterKeyId(key), key })));
-    const { keys, current } = readKeyringFile(setting);
-    return new Keyring(keys, current, setting);
+    let keyring: Keyring;
+    if (inline) keyring = Keyring.fromKeys(inline.map((key) => ({ id: masterKeyId(key), key })));
+    else {
+      const { keys, current } = readKeyringFile(setting);
+      keyring = new Keyring(keys, current, setting);
+    }
+    keyring.setting = setting;
+    return keyring;
   }
 
   get current(): MasterKey {

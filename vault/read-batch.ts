@@ -27,8 +27,10 @@ import { UUID } from '../core/ids';
  * One statement that read and wrote the rows (its outcomes decided in SQL, values opened after the
  * commit) measured no faster: the commit's work, not the round trip, is the batch's cost.
  *
- * One batch runs at a time per process: with two in flight batches were half the size, and the
+ * One batch runs at a time per batcher: with two in flight batches were half the size, and the
  * overlap gained less than the extra round trips cost (HTTP vault.get ~2,250 against ~2,600 req/s).
+ * In the API the batcher runs in a worker thread of its own (read-thread.ts), where its round trips
+ * are not kept waiting by HTTP work on the main event loop.
  */
 
 export interface ReadRow {

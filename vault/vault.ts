@@ -4,6 +4,7 @@ import { ConflictError, NotFoundError, UnprocessableError, VersionConflictError 
 import { audited, type AuditNote } from './audited';
 import { lastReadSql } from './audit';
 import { ReadBatcher } from './read-batch';
+import type { ReadThread } from './read-thread';
 import type { SecretStore } from './secret-store';
 import { normalizeTotp, parseStoredTotp, toOtpauthUri, totpCode, type TotpCode, type TotpInput } from './totp';
 import type { Caller, CredentialMeta, CredentialPolicy, CredentialRef, Kind, SecretRead, StoredVersion } from './types';
@@ -57,13 +58,15 @@ export class Vault {
     private readonly pool: Pool,
     private readonly secrets: SecretStore,
     private readonly clock: () => Date = () => new Date(),
+    /** Where get, getMasked and totp run when not here: the API's read thread (see read-thread.ts), with the wall clock. */
+    private readonly thread?: ReadThread,
   ) {
     this.reads = new ReadBatcher(pool, secrets);
   }
 
   /** How many read batches ran and how many calls they carried (see read-batch.ts). */
   readBatchStats(): { batches: number; calls: number } {
-    return { ...this.reads.stats };
+    return this.thread ? this.thread.stats() : { ...this.reads.stats };
   }
 
   /** Stores a new credential, or a new current version of an existing one (check-and-set with expectedVersion). */
@@ -104,6 +107,7 @@ export class Vault {
 
   /** Reads a version's value (the current one unless `version` is given). `auditDetail` is added to the audit row (never a value). */
   get(caller: Caller, ref: CredentialRef, version?: number, auditDetail: Record<string, unknown> = {}): Promise<SecretRead> {
+    if (this.thread) return this.thread.call('get', caller, ref, version, auditDetail);
     return this.reads.read({
       caller,
       action: 'vault.get',
@@ -120,6 +124,7 @@ export class Vault {
    * an audit row of the same action marked `masked`. The value is never decrypted.
    */
   getMasked(caller: Caller, ref: CredentialRef, version?: number): Promise<Omit<SecretRead, 'value'>> {
+    if (this.thread) return this.thread.call('masked', caller, ref, version);
     return this.reads.read({
       caller,
       action: 'vault.get',
@@ -133,6 +138,7 @@ export class Vault {
 
   /** The TOTP code of a totp_seed credential at the vault's clock. */
   totp(caller: Caller, ref: CredentialRef): Promise<TotpCode> {
+    if (this.thread) return this.thread.call('totp', caller, ref);
     return this.reads.read({
       caller,
       action: 'vault.totp',

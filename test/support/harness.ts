@@ -103,7 +103,10 @@ export async function startHarness(
     mailFrom: 'mailgent-test@localhost',
     logger,
     clock: opts.clock,
+    // As `npm start` runs the API: reads in their own thread, unless the test brings its own clock.
+    readThread: !opts.clock,
   });
+  await services.ready();
   const superuser = new pg.Pool({ connectionString: databaseUrl, max: 2 });
   // pool.end() resolves once its clients are told to end, not once their connections have closed, so
   // the DROP DATABASE … WITH (FORCE) of close() can terminate one first (57P01), and the pool

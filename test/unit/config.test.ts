@@ -22,6 +22,14 @@ describe('configuration', () => {
     expect(c.TASK_QUEUE).toBe('mailgent');
     expect(c.MAIL_FROM).toBe('mailgent@localhost');
     expect(c.embedded).toEqual({ postgres: true, temporal: true, smtp: true });
+    expect(c.READ_THREAD).toBe(true);
+  });
+
+  it('READ_THREAD takes on/off (or true/false, 1/0) and nothing else', () => {
+    expect(loadConfig({ READ_THREAD: 'off' }).READ_THREAD).toBe(false);
+    expect(loadConfig({ READ_THREAD: '0' }).READ_THREAD).toBe(false);
+    expect(loadConfig({ READ_THREAD: 'on' }).READ_THREAD).toBe(true);
+    expect(problems({ READ_THREAD: 'yes please' })).toEqual(['READ_THREAD: must be on or off (got "yes please")']);
   });
 
   it('uses external servers when their addresses are set', () => {

@@ -1,0 +1,179 @@
+import { randomUUID } from 'node:crypto';
+import { copyFileSync, writeFileSync } from 'node:fs';
+import type { Worker } from 'node:worker_threads';
+import pg from 'pg';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { NotFoundError, UnavailableError } from '../core/errors';
+import { openServices, type Services } from '../core/services';
+import { isAudited } from '../vault/audit';
+import { Keyring } from '../vault/keyring';
+import type { Caller } from '../vault/types';
+import { expectCleanRun } from './support/leaks';
+import { startHarness, type Harness } from './support/harness';
+
+/**
+ * The API's audited reads run in a worker thread (vault/read-thread.ts); the harness's API runs it
+ * as `npm start` does. These tests hold a read at its audit append (a lock on audit_log) to kill
+ * the thread or close it with the read in flight.
+ */
+describe('the vault read thread', () => {
+  let h: Harness;
+  let agent: { id: string; token: string; name: string };
+  let value: string;
+  const as = (): Caller => ({ identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() });
+  const rowsOf = async (requestId: string) =>
+    (await h.sql('SELECT action, outcome, detail FROM audit_log WHERE request_id = $1 ORDER BY seq', [requestId])).rows;
+  const thread = (services: Services) => services.readThread as unknown as { worker?: Worker };
+
+  /** Holds every audit append of this database until the returned function is called. */
+  const holdAuditLog = async () => {
+    const client = new pg.Client({ connectionString: h.databaseUrl });
+    await client.connect();
+    await client.query('BEGIN');
+    await client.query('LOCK TABLE audit_log IN SHARE ROW EXCLUSIVE MODE');
+    return {
+      /** Resolves once `n` statements wait for the lock. */
+      async waiting(n = 1) {
+        for (let i = 0; i < 200; i++) {
+          const { rows } = await h.sql(
+            `SELECT count(*)::int AS n FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+              WHERE c.relname = 'audit_log' AND NOT l.granted AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())`,
+          );
+          if (rows[0].n >= n) return;
+          await new Promise((r) => setTimeout(r, 25));
+        }
+        throw new Error(`no ${n} statement(s) waiting on audit_log after 5 s`);
+      },
+      async release() {
+        await client.query('ROLLBACK');
+        await client.end();
+      },
+    };
+  };
+
+  beforeAll(async () => {
+    h = await startHarness();
+    agent = await h.createIdentity();
+    value = h.secret(`sk_thread_${randomUUID()}`);
+    for (const body of [
+      { name: 'read-me', kind: 'api_key', value },
+      { name: 'login', kind: 'totp_seed', totp: { secret: h.secret('JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP') } },
+    ]) {
+      expect((await h.api('POST', '/v1/vault.store', { token: agent.token, body })).status).toBe(201);
+    }
+  });
+  afterAll(async () => {
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
+    await h.close();
+  });
+
+  it("answers the API's reads, each audited once, and none runs on the main thread", async () => {
+    const mainBatches = (h.services.vault as unknown as { reads: { stats: { calls: number } } }).reads.stats;
+    const before = h.services.vault.readBatchStats();
+    const ask = async (route: string, body: unknown) => {
+      const requestId = randomUUID();
+      const res = await h.api('POST', route, { token: agent.token, body, headers: { 'x-request-id': requestId } });
+      return { res, rows: await rowsOf(requestId) };
+    };
+
+    const got = await ask('/v1/vault.get', { name: 'read-me' });
+    expect(got.res.status).toBe(200);
+    expect(got.res.body).toMatchObject({ name: 'read-me', version: 1, value });
+    expect(got.rows).toEqual([{ action: 'vault.get', outcome: 'ok', detail: { name: 'read-me', version: 1 } }]);
+
+    const code = await ask('/v1/vault.totp', { name: 'login' });
+    expect(code.res.status).toBe(200);
+    expect(code.res.body.code).toMatch(/^\d{6}$/);
+    expect(code.rows).toMatchObject([{ action: 'vault.totp', outcome: 'ok' }]);
+
+    // Errors keep their problem type, and the thread's audit row is the only one (the API sees the mark).
+    const missing = await ask('/v1/vault.get', { name: 'no-such-thing' });
+    expect(missing.res.status).toBe(404);
+    expect(missing.res.body).toMatchObject({ type: 'https://mailgent.dev/problems/not-found', detail: "no credential with name 'no-such-thing'" });
+    expect(missing.rows).toEqual([{ action: 'vault.get', outcome: 'denied', detail: { name: 'no-such-thing', error: 'not-found', status: 404 } }]);
+
+    const wrongKind = await ask('/v1/vault.totp', { name: 'read-me' });
+    expect(wrongKind.res.status).toBe(422);
+    expect(wrongKind.rows).toHaveLength(1);
+
+    const direct = await h.services.vault.get(as(), { name: 'no-such-thing' }).catch((err: unknown) => err);
+    expect(direct).toBeInstanceOf(NotFoundError);
+    expect(isAudited(direct)).toBe(true);
+
+    expect(h.services.vault.readBatchStats().calls - before.calls).toBe(5);
+    expect(mainBatches.calls).toBe(0);
+  });
+
+  it('a thread that dies fails its reads with a 503 and no value, the API audits them, and the next read starts a new thread', async () => {
+    const hold = await holdAuditLog();
+    const requestId = randomUUID();
+    const pending = h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'read-me' }, headers: { 'x-request-id': requestId } });
+    await hold.waiting();
+    const statsBefore = h.services.vault.readBatchStats();
+    const dying = thread(h.services).worker!;
+    await dying.terminate();
+    // The API's own failure row waits on the same lock, beside the thread's orphaned append.
+    await hold.waiting(2);
+    await hold.release();
+    const res = await pending;
+    expect(res.status).toBe(503);
+    expect(res.body).toMatchObject({ type: 'https://mailgent.dev/problems/unavailable', detail: 'the vault read could not finish; try again' });
+    expect(res.text).not.toContain(value);
+    // The API wrote the failure. The dead thread's append had been sent before it died, so it commits
+    // too: the value left the database but never reached the caller (a log that over-reports).
+    const rows = await rowsOf(requestId);
+    expect(rows).toContainEqual({ action: 'vault.get', outcome: 'failed', detail: { error: 'unavailable', status: 503 } });
+    expect(rows.filter((r) => r.outcome === 'ok')).toHaveLength(rows.length - 1);
+
+    const again = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'read-me' } });
+    expect(again.status).toBe(200);
+    expect(again.body.value).toBe(value);
+    expect(thread(h.services).worker).not.toBe(dying);
+    // The dead thread's counts are kept.
+    expect(h.services.vault.readBatchStats().calls).toBeGreaterThan(statsBefore.calls);
+  });
+
+  it('close lets a read already made finish with its value, then refuses new ones', async () => {
+    const services = openServices({
+      databaseUrl: h.databaseUrl,
+      poolSize: 2,
+      keyring: Keyring.fromSetting(h.keyringFile),
+      smtpUrl: 'smtp://unused',
+      mailFrom: 'x@localhost',
+      readThread: true,
+    });
+    await services.ready();
+    const hold = await holdAuditLog();
+    const reading = services.vault.get(as(), { name: 'read-me' });
+    await hold.waiting();
+    let closed = false;
+    const closing = services.close().then(() => (closed = true));
+    await new Promise((r) => setTimeout(r, 200));
+    expect(closed).toBe(false);
+    await hold.release();
+    expect((await reading).value).toBe(value);
+    await closing;
+    const late = await services.vault.get(as(), { name: 'read-me' }).catch((err: unknown) => err);
+    expect(late).toBeInstanceOf(UnavailableError);
+    expect((late as Error).message).toBe('the service is shutting down');
+  });
+
+  it('a thread that cannot start says why, and reads fail with a 503 until it can', async () => {
+    const file = `${h.keyringFile}.copy`;
+    copyFileSync(h.keyringFile, file);
+    const services = openServices({ databaseUrl: h.databaseUrl, poolSize: 1, keyring: Keyring.fromSetting(file), smtpUrl: 'smtp://unused', mailFrom: 'x@localhost', readThread: true });
+    try {
+      writeFileSync(file, 'not a keyring');
+      await expect(services.ready()).rejects.toThrow(`keyring file ${file} is neither one base64 key nor a keyring JSON document`);
+      const read = await services.vault.get(as(), { name: 'read-me' }).catch((err: unknown) => err);
+      expect(read).toBeInstanceOf(UnavailableError);
+      expect((read as Error).message).toBe('the vault read path is restarting; try again shortly');
+
+      copyFileSync(h.keyringFile, file);
+      await new Promise((r) => setTimeout(r, 1_100));
+      expect((await services.vault.get(as(), { name: 'read-me' })).value).toBe(value);
+    } finally {
+      await services.close();
+    }
+  });
+});

@@ -1,0 +1,62 @@
+import { parentPort, workerData } from 'node:worker_threads';
+import { createPool } from '../db/pool';
+import { DataKeys } from './data-keys';
+import { Keyring } from './keyring';
+import type { FromThread, ReadReply, ReadThreadData, ToThread } from './read-thread';
+import { sendError } from './read-thread';
+import { SecretStore } from './secret-store';
+import { Vault } from './vault';
+
+/** The vault read thread (see read-thread.ts): a Vault of its own answering the calls it is sent. */
+
+const port = parentPort!;
+const data = workerData as ReadThreadData;
+const post = (m: FromThread) => port.postMessage(m);
+const clock = () => new Date();
+
+const pool = createPool(data.databaseUrl, data.poolSize, { warn: (o: { err?: unknown }, msg: string) => post({ type: 'log', msg, err: o.err === undefined ? undefined : sendError(o.err) }) } as never);
+const dataKeys = new DataKeys(pool, Keyring.fromSetting(data.keyringSetting), { maxEncryptions: data.maxEncryptionsPerKey });
+const vault = new Vault(pool, new SecretStore(dataKeys, clock), clock);
+
+let replies: ReadReply[] = [];
+let inFlight = 0;
+let closing = false;
+
+// Replies made in the same turn cross in one message.
+function reply(r: ReadReply): void {
+  if (replies.length === 0) setImmediate(flush);
+  replies.push(r);
+}
+
+function flush(): void {
+  if (replies.length === 0) return;
+  const out = replies;
+  replies = [];
+  post({ type: 'replies', replies: out, stats: vault.readBatchStats() });
+  if (closing && inFlight === 0) void end();
+}
+
+port.on('message', (m: ToThread) => {
+  if (m.type === 'close') {
+    closing = true;
+    if (inFlight === 0 && replies.length === 0) void end();
+    return;
+  }
+  for (const c of m.calls) {
+    const call =
+      c.op === 'get' ? vault.get(c.caller, c.ref, c.version, c.detail) : c.op === 'masked' ? vault.getMasked(c.caller, c.ref, c.version) : vault.totp(c.caller, c.ref);
+    inFlight += 1;
+    call.then(
+      (value) => reply({ id: c.id, ok: true, value }),
+      (err: unknown) => reply({ id: c.id, ok: false, error: sendError(err) }),
+    ).finally(() => (inFlight -= 1));
+  }
+});
+
+let ending: Promise<void> | undefined;
+function end(): Promise<void> {
+  ending ??= pool.end().finally(() => port.close());
+  return ending;
+}
+
+post({ type: 'ready' });

@@ -1,0 +1,250 @@
+import { Worker } from 'node:worker_threads';
+import * as errors from '../core/errors';
+import { AppError, UnavailableError } from '../core/errors';
+import type { Logger } from '../core/logger';
+import { isAudited, markAudited } from './audit';
+import type { Caller, CredentialRef } from './types';
+
+/**
+ * The API's audited reads (vault.get, its masked form, vault.totp) run in a worker thread of their
+ * own: a `Vault` there, with its own small pool, runs the read batches of read-batch.ts (the read
+ * statement, the decryptions, each call's outcome and the audit append). The main thread only parses
+ * requests and writes answers. Why: a batch is two round trips, and on the main thread each waited
+ * for a turn of an event loop busy with HTTP; in the thread they are answered at once (paired runs
+ * on 2 cores: vault.get +22% req/s, see the README's benchmark notes).
+ *
+ * Nothing changes for callers: the same scoping, the same audit rows (written in the thread, before a
+ * value is handed back), the same errors (rebuilt here with their class, and their audited mark so
+ * the API does not write them twice). If the thread dies, its calls fail with a 503 that is not
+ * marked audited (the API writes their failure rows) and the next call starts a new thread (at
+ * once; after a thread that could not start, calls fail for a second before the next try). On close,
+ * the calls already sent finish and are answered before the thread's pool ends.
+ *
+ * The thread reads the wall clock (a clock function cannot cross threads), so services built with a
+ * clock of their own (tests) keep their reads on the calling thread.
+ */
+
+export type ReadOp = 'get' | 'masked' | 'totp';
+
+export interface ReadCall {
+  id: number;
+  op: ReadOp;
+  caller: Caller;
+  ref: CredentialRef;
+  version?: number;
+  detail?: Record<string, unknown>;
+}
+
+export type ReadReply = { id: number; ok: true; value: unknown } | { id: number; ok: false; error: SentError };
+
+export interface BatchStats {
+  batches: number;
+  calls: number;
+}
+
+/** Messages from the thread. */
+export type FromThread =
+  | { type: 'ready' }
+  | { type: 'replies'; replies: ReadReply[]; stats: BatchStats }
+  | { type: 'log'; msg: string; err?: SentError };
+
+/** Messages to the thread. */
+export type ToThread = { type: 'calls'; calls: ReadCall[] } | { type: 'close' };
+
+export interface ReadThreadData {
+  databaseUrl: string;
+  poolSize: number;
+  /** VAULT_MASTER_KEY as given (a file keyring is re-read by the thread as `rekey` changes it). */
+  keyringSetting: string;
+  maxEncryptionsPerKey?: number;
+}
+
+/** An error as it crosses the thread boundary: its class by name, its message and own fields. */
+export interface SentError {
+  name: string;
+  message: string;
+  fields: Record<string, unknown>;
+  audited: boolean;
+  cause?: SentError;
+}
+
+export function sendError(err: unknown): SentError {
+  const e = (typeof err === 'object' && err !== null ? err : { message: String(err) }) as Error & Record<string, unknown>;
+  const fields: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(e)) {
+    if (k === 'cause' || k === 'stack' || k === 'name' || k === 'message') continue;
+    // Only data crosses (a pg error's code and position, an AppError's status and extra …).
+    if (v === null || ['string', 'number', 'boolean'].includes(typeof v)) fields[k] = v;
+    else if (typeof v === 'object' && !Array.isArray(v) && Object.getPrototypeOf(v) !== Object.prototype) continue;
+    else {
+      try {
+        fields[k] = JSON.parse(JSON.stringify(v));
+      } catch {
+        // not data; left behind
+      }
+    }
+  }
+  return {
+    name: typeof e.name === 'string' ? e.name : 'Error',
+    message: typeof e.message === 'string' ? e.message : '',
+    fields,
+    audited: isAudited(err),
+    ...(e.cause !== undefined ? { cause: sendError(e.cause) } : {}),
+  };
+}
+
+const APP_ERRORS = new Map<string, { prototype: AppError }>(
+  Object.values(errors)
+    .filter((c): c is typeof AppError => typeof c === 'function' && (c === AppError || c.prototype instanceof AppError))
+    .map((c) => [c.name, c]),
+);
+
+/** The error the calling thread throws: the same class (for AppErrors), message, fields and audited mark. */
+export function receiveError(sent: SentError): Error {
+  const f = sent.fields;
+  let err: Error;
+  if (typeof f.status === 'number' && typeof f.slug === 'string') {
+    err = new AppError(f.status, f.slug as errors.ProblemSlug, String(f.title ?? ''), sent.message, (f.extra as Record<string, unknown>) ?? {});
+    Object.setPrototypeOf(err, APP_ERRORS.get(sent.name)?.prototype ?? AppError.prototype);
+  } else {
+    err = new Error(sent.message);
+  }
+  Object.assign(err, f);
+  err.name = sent.name;
+  if (sent.cause) (err as Error & { cause?: unknown }).cause = receiveError(sent.cause);
+  return sent.audited ? markAudited(err) : err;
+}
+
+/** After a start that failed, calls fail at once for this long before the next start is tried. */
+const RESTART_DELAY_MS = 1_000;
+/** How long close() waits for the thread to answer its last calls and end its pool. */
+const CLOSE_TIMEOUT_MS = 15_000;
+
+interface Pending {
+  resolve: (value: unknown) => void;
+  reject: (err: unknown) => void;
+}
+
+export class ReadThread {
+  private worker?: Worker;
+  private starting?: Promise<void>;
+  private pending = new Map<number, Pending>();
+  private outbox: ReadCall[] = [];
+  private nextId = 0;
+  /** Stats of threads that have ended, and of the current one as last reported. */
+  private ended: BatchStats = { batches: 0, calls: 0 };
+  private current: BatchStats = { batches: 0, calls: 0 };
+  private failedAt = 0;
+  private closed = false;
+
+  constructor(
+    private readonly data: ReadThreadData,
+    private readonly logger?: Pick<Logger, 'warn' | 'error'>,
+  ) {}
+
+  /** Starts the thread (calls also start it); rejects if it cannot start, with the thread's own error. */
+  start(): Promise<void> {
+    if (this.closed) return Promise.reject(new UnavailableError('the service is shutting down'));
+    if (this.worker) return this.starting ?? Promise.resolve();
+    const worker = new Worker(new URL('./read-thread-entry.mjs', import.meta.url), {
+      workerData: this.data,
+      // The process's own flags (a --cpu-prof, a loader) are not all valid for a thread.
+      execArgv: [],
+    });
+    // The calls it answers keep the process busy; an idle thread must not keep it alive.
+    worker.unref();
+    this.worker = worker;
+    this.current = { batches: 0, calls: 0 };
+    this.starting = new Promise<void>((resolve, reject) => {
+      worker.on('message', (m: FromThread) => {
+        if (m.type === 'ready') resolve();
+        else if (m.type === 'replies') this.answer(m);
+        else if (m.type === 'log') this.logger?.warn({ err: m.err && receiveError(m.err) }, m.msg);
+      });
+      worker.on('error', (err) => {
+        this.logger?.error({ err }, 'the vault read thread failed');
+        reject(err);
+      });
+      worker.on('exit', (code) => {
+        reject(new Error(`the vault read thread exited with code ${code} before it was ready`));
+        this.gone(worker, code);
+      });
+    });
+    this.starting.then(
+      () => (this.starting = undefined),
+      () => (this.failedAt = Date.now()),
+    );
+    return this.starting;
+  }
+
+  call<T>(op: ReadOp, caller: Caller, ref: CredentialRef, version?: number, detail?: Record<string, unknown>): Promise<T> {
+    if (this.closed) return Promise.reject(new UnavailableError('the service is shutting down'));
+    if (Date.now() - this.failedAt < RESTART_DELAY_MS) return Promise.reject(new UnavailableError('the vault read path is restarting; try again shortly'));
+    if (!this.worker) this.start().catch(() => undefined); // its failure fails the calls sent to it
+    const id = this.nextId++;
+    return new Promise<T>((resolve, reject) => {
+      this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
+      // Calls made in the same turn cross in one message.
+      if (this.outbox.length === 0) queueMicrotask(() => this.flush());
+      this.outbox.push({ id, op, caller, ref, version, detail });
+    });
+  }
+
+  stats(): BatchStats {
+    return { batches: this.ended.batches + this.current.batches, calls: this.ended.calls + this.current.calls };
+  }
+
+  /** Lets the calls already made finish and be answered, then ends the thread and its pool. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    const worker = this.worker;
+    if (!worker) return;
+    this.flush();
+    const exited = new Promise<void>((resolve) => worker.once('exit', () => resolve()));
+    worker.postMessage({ type: 'close' } satisfies ToThread);
+    const timer = setTimeout(() => {
+      this.logger?.warn({ timeoutSeconds: CLOSE_TIMEOUT_MS / 1000 }, 'the vault read thread did not finish in time; stopping it');
+      void worker.terminate();
+    }, CLOSE_TIMEOUT_MS);
+    await exited;
+    clearTimeout(timer);
+  }
+
+  private flush(): void {
+    if (this.outbox.length === 0) return;
+    const calls = this.outbox;
+    this.outbox = [];
+    if (this.worker) return this.worker.postMessage({ type: 'calls', calls } satisfies ToThread);
+    for (const c of calls) {
+      this.pending.get(c.id)?.reject(new UnavailableError('the vault read could not start; try again'));
+      this.pending.delete(c.id);
+    }
+  }
+
+  private answer(m: Extract<FromThread, { type: 'replies' }>): void {
+    this.current = m.stats;
+    for (const r of m.replies) {
+      const p = this.pending.get(r.id);
+      if (!p) continue;
+      this.pending.delete(r.id);
+      if (r.ok) p.resolve(r.value);
+      else p.reject(receiveError(r.error));
+    }
+  }
+
+  /** The thread ended: what it had not answered fails (unaudited: the caller writes the failure). */
+  private gone(worker: Worker, code: number): void {
+    if (this.worker !== worker) return;
+    this.worker = undefined;
+    this.starting = undefined;
+    this.ended = this.stats();
+    this.current = { batches: 0, calls: 0 };
+    if (!this.closed) {
+      this.logger?.error({ exitCode: code, unanswered: this.pending.size }, 'the vault read thread stopped; the next read starts a new one');
+    }
+    const unanswered = [...this.pending.values()];
+    this.pending.clear();
+    for (const p of unanswered) p.reject(new UnavailableError('the vault read could not finish; try again'));
+  }
+}
