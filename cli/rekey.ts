@@ -1,14 +1,14 @@
 import { existsSync } from 'node:fs';
 import pg from 'pg';
 import type { Config } from '../core/config';
-import { ConfigError, inlineMasterKeys } from '../core/config';
+import { ConfigError } from '../core/config';
 import type { Logger } from '../core/logger';
 import { createPool, migrate } from '../db/pool';
 import { connectEmbeddedPostgres } from '../embedded/postgres';
 import { keyringPath } from '../embedded/state';
 import { appendAudit } from '../vault/audit';
 import { DataKeys } from '../vault/data-keys';
-import { generateMasterKey, Keyring, masterKeyId, readKeyringFile, writeKeyringFile, type MasterKey } from '../vault/keyring';
+import { inlineMasterKeys, generateMasterKey, Keyring, masterKeyId, readKeyringFile, writeKeyringFile, type MasterKey } from '../vault/keyring';
 
 export interface RekeyResult {
   newMasterKeyId: string;

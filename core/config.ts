@@ -1,6 +1,7 @@
 import { existsSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
+import { inlineMasterKeys } from '../vault/keyring';
 import { outboundEntryProblem } from './outbound';
 
 /**
@@ -189,20 +190,6 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       smtp: !parsed.SMTP_URL,
     },
   };
-}
-
-export function isInlineMasterKey(value: string): boolean {
-  return /^[A-Za-z0-9+/]{43}=$/.test(value) && Buffer.from(value, 'base64').length === 32;
-}
-
-/**
- * An inline VAULT_MASTER_KEY: one base64 key, or several separated by commas, the current one (that
- * wraps new data keys) first and the others still able to unwrap (how an inline key is rotated).
- */
-export function inlineMasterKeys(value: string): Buffer[] | undefined {
-  const parts = value.split(',').map((p) => p.trim());
-  if (!parts.every(isInlineMasterKey) || new Set(parts).size !== parts.length) return undefined;
-  return parts.map((p) => Buffer.from(p, 'base64'));
 }
 
 function isExistingFile(value: string): boolean {

@@ -1,6 +1,5 @@
 import pg from 'pg';
 import { fileURLToPath } from 'node:url';
-import { runner } from 'node-pg-migrate';
 import type { Logger } from '../core/logger';
 
 export type Pool = pg.Pool;
@@ -49,6 +48,8 @@ const MIGRATIONS_DIR = fileURLToPath(new URL('./migrations', import.meta.url));
 
 /** Brings the schema up to date; concurrent callers wait on node-pg-migrate's advisory lock. */
 export async function migrate(connectionString: string, logger?: Logger): Promise<void> {
+  // Loaded here, not at the top: only migrating processes need it (not the API's read thread).
+  const { runner } = await import('node-pg-migrate');
   const client = new pg.Client({ connectionString });
   await client.connect();
   try {

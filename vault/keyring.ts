@@ -1,8 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { closeSync, fsyncSync, openSync, readFileSync, renameSync, statSync, writeSync } from 'node:fs';
 import path from 'node:path';
-import { z } from 'zod';
-import { inlineMasterKeys, isInlineMasterKey } from '../core/config';
 import { KEY_BYTES } from './crypto';
 
 /**
@@ -15,12 +13,35 @@ export interface MasterKey {
   key: Buffer;
 }
 
-const fileSchema = z.object({
-  version: z.literal(1),
-  current: z.string(),
-  keys: z.array(z.object({ id: z.string(), key: z.string(), createdAt: z.string() })).min(1),
-});
-type KeyringFile = z.infer<typeof fileSchema>;
+interface KeyringFile {
+  version: 1;
+  current: string;
+  keys: { id: string; key: string; createdAt: string }[];
+}
+
+// Checked by hand, not with zod: the API's read thread loads this module, and zod alone is ~10 MB there.
+function isKeyringFile(doc: unknown): doc is KeyringFile {
+  const d = doc as Partial<KeyringFile> | null;
+  const isString = (v: unknown) => typeof v === 'string';
+  return (
+    typeof d === 'object' && d !== null && d.version === 1 && isString(d.current) && Array.isArray(d.keys) && d.keys.length > 0 &&
+    d.keys.every((k) => typeof k === 'object' && k !== null && isString(k.id) && isString(k.key) && isString(k.createdAt))
+  );
+}
+
+export function isInlineMasterKey(value: string): boolean {
+  return /^[A-Za-z0-9+/]{43}=$/.test(value) && Buffer.from(value, 'base64').length === 32;
+}
+
+/**
+ * An inline VAULT_MASTER_KEY: one base64 key, or several separated by commas, the current one (that
+ * wraps new data keys) first and the others still able to unwrap (how an inline key is rotated).
+ */
+export function inlineMasterKeys(value: string): Buffer[] | undefined {
+  const parts = value.split(',').map((p) => p.trim());
+  if (!parts.every(isInlineMasterKey) || new Set(parts).size !== parts.length) return undefined;
+  return parts.map((p) => Buffer.from(p, 'base64'));
+}
 
 export function masterKeyId(key: Buffer): string {
   return `mk_${createHash('sha256').update('mailgent/master-key-id\0').update(key).digest('hex').slice(0, 16)}`;
@@ -96,12 +117,13 @@ export function readKeyringFile(file: string): { keys: MasterKey[]; current: str
     const key = Buffer.from(text, 'base64');
     return { keys: [{ id: masterKeyId(key), key }], current: masterKeyId(key) };
   }
-  let parsed: KeyringFile;
+  let parsed: unknown;
   try {
-    parsed = fileSchema.parse(JSON.parse(text));
+    parsed = JSON.parse(text);
   } catch {
-    throw new Error(`keyring file ${file} is neither one base64 key nor a keyring JSON document`);
+    parsed = undefined;
   }
+  if (!isKeyringFile(parsed)) throw new Error(`keyring file ${file} is neither one base64 key nor a keyring JSON document`);
   const keys = parsed.keys.map((k) => {
     const key = Buffer.from(k.key, 'base64');
     if (key.length !== KEY_BYTES || masterKeyId(key) !== k.id) {

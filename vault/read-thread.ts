@@ -115,6 +115,14 @@ export function receiveError(sent: SentError): Error {
   return sent.audited ? markAudited(err) : err;
 }
 
+/**
+ * The thread's heap. Unbounded, V8 sizes a thread's heap for the machine's memory and lets it grow
+ * well past what the thread needs (~20 MB after start): with a 4 MB young generation the API's peak
+ * RSS under read load was ~15 MB lower, at no cost in throughput. A thread that outgrew 96 MB would
+ * be stopped, its calls failed with a 503, and a new one started.
+ */
+const THREAD_HEAP = { maxYoungGenerationSizeMb: 4, maxOldGenerationSizeMb: 96 };
+
 /** After a start that failed, calls fail at once for this long before the next start is tried. */
 const RESTART_DELAY_MS = 1_000;
 /** How long close() waits for the thread to answer its last calls and end its pool. */
@@ -150,6 +158,7 @@ export class ReadThread {
       workerData: this.data,
       // The process's own flags (a --cpu-prof, a loader) are not all valid for a thread.
       execArgv: [],
+      resourceLimits: THREAD_HEAP,
     });
     // The calls it answers keep the process busy; an idle thread must not keep it alive.
     worker.unref();
