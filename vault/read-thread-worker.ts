@@ -42,6 +42,7 @@ port.on('message', (m: ToThread) => {
     if (inFlight === 0 && replies.length === 0) void end();
     return;
   }
+  if (m.type !== 'calls') return;
   for (const c of m.calls) {
     const call =
       c.op === 'get' ? vault.get(c.caller, c.ref, c.version, c.detail) : c.op === 'masked' ? vault.getMasked(c.caller, c.ref, c.version) : vault.totp(c.caller, c.ref);

@@ -154,7 +154,7 @@ export class ReadThread {
   start(): Promise<void> {
     if (this.closed) return Promise.reject(new UnavailableError('the service is shutting down'));
     if (this.worker) return this.starting ?? Promise.resolve();
-    const worker = new Worker(new URL('./read-thread-entry.mjs', import.meta.url), {
+    const worker = new Worker(new URL('./read-thread-entry.cjs', import.meta.url), {
       workerData: this.data,
       // The process's own flags (a --cpu-prof, a loader) are not all valid for a thread.
       execArgv: [],
