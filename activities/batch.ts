@@ -11,6 +11,16 @@ export const DEFAULT_MAX_OPEN_ROTATIONS = 50;
 
 const MODES: Record<string, RotationMode> = { request: 'requested', sweep: 'scheduled', policy: 'scheduled', leak: 'leak' };
 
+/**
+ * Start options that make a repeated start of a batch's rotation return the run the first one made.
+ * Temporal deduplicates starts by request id, finished runs included (as long as no newer run of the
+ * workflow id has started). The TypeScript SDK takes a request id only through this internal option
+ * (what its Nexus support uses); test/batch.test.ts fails if an upgrade stops honouring it.
+ */
+export function startRequest(rotationId: string, credentialId: string): Record<symbol, { requestId: string }> {
+  return { [Symbol.for('__temporal_internal_client_workflow_start_options')]: { requestId: stableUuid(`mailgent/rotation-start\0${rotationId}\0${credentialId}`) } };
+}
+
 export interface RunSummary {
   credentialId: string;
   name: string;
@@ -41,7 +51,9 @@ export function batchActivities(deps: ActivityDeps) {
    * One wave: as many waiting runs as keep the batch's open runs at or under maxOpen. A run is
    * marked started (run_id) right after its workflow starts; if the batch was cancelled meanwhile,
    * the run is cancelled here, since the cancel request may have listed the runs before this one
-   * had its run_id.
+   * had its run_id. A wave that dies between the two (a worker killed) is run again by its retry:
+   * the start it repeats carries the same request id, so Temporal answers with the run it started
+   * the first time, even one that has finished since, and the credential is not rotated twice.
    */
   const startWave = async (rotationId: string): Promise<{ started: number }> => {
     const { client, taskQueue } = temporal();
@@ -71,6 +83,7 @@ export function batchActivities(deps: ActivityDeps) {
         workflowId: `rotate:${row.credential_id}`,
         args: [{ rotationId, identityId: row.identity_id, credentialId: row.credential_id, mode: MODES[row.kind] }],
         workflowIdConflictPolicy: 'USE_EXISTING',
+        ...startRequest(rotationId, row.credential_id),
       });
       const { rows: marked } = await deps.pool.query(
         `UPDATE rotation_runs r SET run_id = $3 FROM rotations ro

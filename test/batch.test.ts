@@ -1,5 +1,6 @@
 import { randomBytes, randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { batchActivities } from '../activities/batch';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 import { waitForMail } from './support/mail';
@@ -162,6 +163,29 @@ describe('batch rotation in waves', () => {
       expect(read.body.version).toBe(2);
       h.secret(read.body.value);
     }
+  });
+
+  it('a wave run again after it started a rotation but before it recorded it joins that rotation, even once finished', async () => {
+    const { names, ids } = await storeAll('restarted', 1);
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: names } });
+    expect(started.status).toBe(202);
+    expect(await h.client.workflow.getHandle(started.body.batchWorkflowId).result()).toEqual({ total: 1, rotated: 1, failed: 0 });
+    const [first] = await runsOf(started.body.rotationId);
+    expect((await h.client.workflow.getHandle(first!.workflow_id, first!.run_id!).describe()).status.name).toBe('COMPLETED');
+    const hooksBefore = receiver.events.length;
+
+    // What a wave killed between the start and its UPDATE leaves behind: a started run with no run_id.
+    await h.sql('UPDATE rotation_runs SET run_id = NULL WHERE rotation_id = $1', [started.body.rotationId]);
+    expect(await batchActivities(h.deps).startRotations({ rotationId: started.body.rotationId })).toEqual({ started: 1 });
+
+    const [again] = await runsOf(started.body.rotationId);
+    expect(again!.run_id).toBe(first!.run_id);
+    expect((await h.sql('SELECT current_version FROM credentials WHERE id = $1', [ids[0]])).rows[0].current_version).toBe(2);
+    const runs: string[] = [];
+    for await (const wf of h.client.workflow.list({ query: `WorkflowId = '${first!.workflow_id}'` })) runs.push(wf.runId);
+    expect(runs).toEqual([first!.run_id]);
+    expect(receiver.events.length).toBe(hooksBefore);
+    h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: names[0] } })).body.value);
   });
 
   it('cancelling the batch cancels the open rotations, and the waiting ones never start', async () => {
