@@ -1,5 +1,7 @@
+import dns, { type LookupAddress, type LookupOptions } from 'node:dns';
 import { lookup } from 'node:dns/promises';
 import { BlockList, isIP } from 'node:net';
+import { Agent } from 'undici';
 import { UnprocessableError } from './errors';
 
 /**
@@ -11,10 +13,10 @@ import { UnprocessableError } from './errors';
  *
  * The check resolves the host and refuses loopback, private, link-local (cloud metadata), shared,
  * multicast and reserved addresses; OUTBOUND_ALLOW lists host names, addresses and CIDR ranges that
- * may be reached all the same (a provider or webhook receiver on the internal network). The request
- * resolves the name again when it connects, so a name whose DNS answer changes in between (DNS
- * rebinding) is not covered: allow internal receivers by address, and keep the worker's network
- * reach narrow where that matters.
+ * may be reached all the same (a provider or webhook receiver on the internal network). The check
+ * runs twice: before the request, for a clear permanent error, and again on the addresses the
+ * connection is made to (`outboundDispatcher`: the request's own DNS lookup goes through it), so a
+ * name whose DNS answer changes between the two (DNS rebinding) is refused as well.
  */
 const BLOCKED = new BlockList();
 for (const [net, prefix] of [
@@ -60,6 +62,12 @@ export async function checkOutbound(url: string, what: string): Promise<void> {
     // Not resolvable now: the request itself fails with its own error (and may succeed on a retry).
     return;
   }
+  const refused = refusedAddress(addresses);
+  if (refused) throw new UnprocessableError(`${what}: ${refusal(host, refused)}`);
+}
+
+/** The first address the worker may not connect to, if any. */
+function refusedAddress(addresses: { address: string; family: number }[]): string | undefined {
   for (const { address, family } of addresses) {
     const type: 'ipv4' | 'ipv6' = family === 4 ? 'ipv4' : 'ipv6';
     // An IPv4 address written as IPv6 (::ffff:127.0.0.1) is that IPv4 address.
@@ -67,11 +75,47 @@ export async function checkOutbound(url: string, what: string): Promise<void> {
     const checked = v4 ?? address;
     const checkedType: 'ipv4' | 'ipv6' = v4 ? 'ipv4' : type;
     if (allowed.check(checked, checkedType)) continue;
-    if (BLOCKED.check(checked, checkedType)) {
-      throw new UnprocessableError(
-        `${what}: ${host} is ${host === address ? 'an address' : `at ${address}`} on this machine or a private network, ` +
-          'which the worker does not call unless OUTBOUND_ALLOW lists it',
-      );
-    }
+    if (BLOCKED.check(checked, checkedType)) return address;
   }
+  return undefined;
+}
+
+function refusal(host: string, address: string): string {
+  return `${host} is ${host === address ? 'an address' : `at ${address}`} on this machine or a private network, which the worker does not call unless OUTBOUND_ALLOW lists it`;
+}
+
+/** The error a connection refused by the guard fails with (the request's `cause`). */
+export class OutboundRefusedError extends Error {
+  readonly code = 'EOUTBOUNDREFUSED';
+}
+
+type Resolve = (host: string, callback: (err: NodeJS.ErrnoException | null, addresses: LookupAddress[]) => void) => void;
+const resolveAll: Resolve = (host, callback) => dns.lookup(host, { all: true }, callback);
+
+/**
+ * A `dns.lookup` for connections: resolves the host and refuses (OutboundRefusedError) if any of
+ * its addresses may not be reached, so the addresses checked are the ones connected to.
+ * `resolve` is for tests.
+ */
+export function guardedLookup(resolve: Resolve = resolveAll) {
+  return (host: string, options: LookupOptions, callback: (err: NodeJS.ErrnoException | null, address: string | LookupAddress[], family?: number) => void): void => {
+    resolve(host, (err, addresses) => {
+      if (err) return callback(err, '');
+      const refused = allowedHosts.has(host.toLowerCase()) ? undefined : refusedAddress(addresses);
+      if (refused) return callback(new OutboundRefusedError(refusal(host, refused)), '');
+      const usable = addresses.filter((a) => !options.family || a.family === options.family);
+      if (usable.length === 0) return callback(Object.assign(new Error(`no address of family ${options.family} for ${host}`), { code: 'ENOTFOUND' }), '');
+      if (options.all) return callback(null, usable);
+      callback(null, usable[0]!.address, usable[0]!.family);
+    });
+  };
+}
+
+/** The dispatcher every provider and webhook request goes through (see guardedLookup). */
+export const outboundDispatcher = new Agent({ connect: { lookup: guardedLookup() } });
+
+/** The guard's refusal in a request's failure, as a permanent error; undefined for any other failure. */
+export function outboundRefusal(err: unknown, what: string): UnprocessableError | undefined {
+  const cause = (err as { cause?: unknown })?.cause;
+  return cause instanceof OutboundRefusedError ? new UnprocessableError(`${what}: ${cause.message}`) : undefined;
 }

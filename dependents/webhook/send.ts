@@ -1,7 +1,7 @@
 import { UnprocessableError } from '../../core/errors';
 import type { WebhookSettings } from './schema';
 import { SIGNATURE_HEADER, signatureHeader } from './signature';
-import { checkOutbound } from '../../core/outbound';
+import { checkOutbound, outboundDispatcher, outboundRefusal } from '../../core/outbound';
 import { readCapped } from '../../core/read-capped';
 
 export type WebhookEventType = 'credential.pending' | 'credential.verify' | 'credential.restored' | 'credential.promoted';
@@ -40,9 +40,11 @@ export async function postEvent(settings: WebhookSettings, key: string, event: W
         'idempotency-key': event.id,
         [SIGNATURE_HEADER]: signatureHeader(key, body),
       },
-    });
+      // Checks the addresses it connects to as checkOutbound did the name (DNS rebinding).
+      dispatcher: outboundDispatcher,
+    } as RequestInit);
   } catch (err) {
-    throw failure(err, `webhook ${origin} did not answer ${event.type}`, settings.timeoutMs);
+    throw outboundRefusal(err, `webhook ${origin}`) ?? failure(err, `webhook ${origin} did not answer ${event.type}`, settings.timeoutMs);
   }
   if (res.status < 200 || res.status > 299) {
     await res.body?.cancel().catch(() => undefined);

@@ -1,5 +1,5 @@
 import { UnprocessableError } from '../../core/errors';
-import { checkOutbound } from '../../core/outbound';
+import { checkOutbound, outboundDispatcher, outboundRefusal } from '../../core/outbound';
 import { readCapped } from '../../core/read-capped';
 
 /**
@@ -30,8 +30,12 @@ export async function send(call: Call): Promise<Response> {
       // A redirect would carry our headers to wherever it points; treat it as an answer instead.
       redirect: 'manual',
       signal: AbortSignal.timeout(call.timeoutMs),
-    });
+      // Checks the addresses it connects to as checkOutbound did the name (DNS rebinding).
+      dispatcher: outboundDispatcher,
+    } as RequestInit);
   } catch (err) {
+    const refused = outboundRefusal(err, callName(call));
+    if (refused) throw refused;
     // No `cause`: fetch's own errors can quote a header value. The message keeps only the error code.
     // eslint-disable-next-line preserve-caught-error
     if ((err as Error)?.name === 'TimeoutError') throw new Error(`${callName(call)} timed out after ${call.timeoutMs} ms`);

@@ -1,6 +1,10 @@
+import { once } from 'node:events';
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { afterAll, describe, expect, it } from 'vitest';
 import { ConfigError, loadConfig } from '../../core/config';
-import { allowOutbound, checkOutbound } from '../../core/outbound';
+import { UnprocessableError } from '../../core/errors';
+import { allowOutbound, checkOutbound, guardedLookup, outboundDispatcher, outboundRefusal, OutboundRefusedError } from '../../core/outbound';
 import { TEST_OUTBOUND_ALLOW } from '../support/harness';
 
 describe('where providers and webhooks may call', () => {
@@ -41,5 +45,56 @@ describe('where providers and webhooks may call', () => {
     expect(loadConfig({ OUTBOUND_ALLOW: '127.0.0.1, 10.1.0.0/16,receiver.internal' }).OUTBOUND_ALLOW).toEqual(['127.0.0.1', '10.1.0.0/16', 'receiver.internal']);
     expect(() => loadConfig({ OUTBOUND_ALLOW: '10.0.0.0/99' })).toThrow(ConfigError);
     expect(() => loadConfig({ OUTBOUND_ALLOW: 'http://x' })).toThrow(/OUTBOUND_ALLOW: 'http:\/\/x' is not a host, an address or a CIDR range/);
+  });
+
+  it('checks again the addresses a connection is made to, so a name that changes its answer (DNS rebinding) is refused', async () => {
+    allowOutbound(['receiver.internal']);
+    // A name that answered with a public address when checkOutbound looked, and with loopback now.
+    const answers = [[{ address: '93.184.216.34', family: 4 }], [{ address: '127.0.0.1', family: 4 }, { address: '93.184.216.34', family: 4 }]];
+    const lookup = guardedLookup((_host, callback) => callback(null, answers.shift()!));
+    const look = (host: string, options: { all?: boolean; family?: number } = {}) =>
+      new Promise<{ err: NodeJS.ErrnoException | null; address: unknown; family?: number }>((resolve) =>
+        lookup(host, options as never, (err, address, family) => resolve({ err, address, family })),
+      );
+    expect(await look('rebinding.example')).toEqual({ err: null, address: '93.184.216.34', family: 4 });
+    const second = await look('rebinding.example');
+    expect(second.err).toBeInstanceOf(OutboundRefusedError);
+    expect(second.err!.message).toBe('rebinding.example is at 127.0.0.1 on this machine or a private network, which the worker does not call unless OUTBOUND_ALLOW lists it');
+
+    // Names OUTBOUND_ALLOW lists pass whatever they resolve to; `all` and `family` are honoured.
+    const fixed = guardedLookup((_host, callback) => callback(null, [{ address: '10.0.0.7', family: 4 }, { address: 'fd00::7', family: 6 }]));
+    const lookFixed = (host: string, options: object) => new Promise<unknown[]>((resolve) => fixed(host, options as never, (err, address, family) => resolve([err, address, family])));
+    expect(await lookFixed('receiver.internal', { all: true })).toEqual([null, [{ address: '10.0.0.7', family: 4 }, { address: 'fd00::7', family: 6 }], undefined]);
+    expect(await lookFixed('RECEIVER.internal', { family: 6 })).toEqual([null, 'fd00::7', 6]);
+    expect(((await lookFixed('elsewhere.internal', {}))[0] as Error).message).toMatch(/^elsewhere.internal is at 10.0.0.7 on this machine/);
+  });
+
+  it('the dispatcher of provider and webhook requests refuses the connection itself, before a byte is sent', async () => {
+    let requests = 0;
+    const server = createServer((_req, res) => {
+      requests += 1;
+      res.end('{}');
+    });
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const url = `http://localhost:${(server.address() as AddressInfo).port}/hook`;
+    try {
+      allowOutbound([]);
+      const err = await fetch(url, { method: 'POST', body: '{}', dispatcher: outboundDispatcher } as RequestInit).then(() => undefined, (e: unknown) => e);
+      expect((err as { cause?: unknown }).cause).toBeInstanceOf(OutboundRefusedError);
+      const refusal = outboundRefusal(err, 'POST http://localhost/hook');
+      expect(refusal).toBeInstanceOf(UnprocessableError);
+      expect(refusal!.message).toMatch(/^POST http:\/\/localhost\/hook: localhost is at (127\.0\.0\.1|::1) on this machine or a private network/);
+      expect(requests).toBe(0);
+
+      allowOutbound(['127.0.0.1', '::1']);
+      const ok = await fetch(url, { method: 'POST', body: '{}', dispatcher: outboundDispatcher } as RequestInit);
+      expect(ok.status).toBe(200);
+      await ok.text();
+      expect(requests).toBe(1);
+      expect(outboundRefusal(new Error('fetch failed'), 'x')).toBeUndefined();
+    } finally {
+      server.close();
+    }
   });
 });
