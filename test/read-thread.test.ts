@@ -121,9 +121,11 @@ describe('the vault read thread', () => {
     expect(res.text).not.toContain(value);
     // The API wrote the failure. The dead thread's append had been sent before it died, so it commits
     // too: the value left the database but never reached the caller (a log that over-reports).
-    const rows = await rowsOf(requestId);
-    expect(rows).toContainEqual({ action: 'vault.get', outcome: 'failed', detail: { error: 'unavailable', status: 503 } });
-    expect(rows.filter((r) => r.outcome === 'ok')).toHaveLength(rows.length - 1);
+    // (It stays queued behind the lock: PostgreSQL notices the closed connection only when it answers.)
+    expect(await rowsOf(requestId)).toEqual([
+      { action: 'vault.get', outcome: 'ok', detail: { name: 'read-me', version: 1 } },
+      { action: 'vault.get', outcome: 'failed', detail: { error: 'unavailable', status: 503 } },
+    ]);
 
     const again = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'read-me' } });
     expect(again.status).toBe(200);
@@ -131,6 +133,20 @@ describe('the vault read thread', () => {
     expect(thread(h.services).worker).not.toBe(dying);
     // The dead thread's counts are kept.
     expect(h.services.vault.readBatchStats().calls).toBeGreaterThan(statsBefore.calls);
+  });
+
+  it('a call that cannot cross to the thread, or that the thread cannot run, fails alone', async () => {
+    const worker = thread(h.services).worker;
+    const good = h.services.vault.get(as(), { name: 'read-me' });
+    const unclonable = h.services.vault.get(as(), { name: 'read-me' }, undefined, { hook: () => value } as never).catch((err: unknown) => err);
+    const malformed = h.services.vault.get(as(), null as never).catch((err: unknown) => err);
+    const alsoGood = h.services.vault.totp(as(), { name: 'login' });
+    expect((await good).value).toBe(value);
+    expect((await alsoGood).code).toMatch(/^\d{6}$/);
+    expect(await unclonable).toBeInstanceOf(TypeError);
+    expect((await unclonable as Error).message).toBe('the read request holds a value that cannot be passed to the vault read thread');
+    expect(await malformed).toMatchObject({ name: 'TypeError' });
+    expect(thread(h.services).worker).toBe(worker);
   });
 
   it('close lets a read already made finish with its value, then refuses new ones', async () => {
@@ -147,6 +163,8 @@ describe('the vault read thread', () => {
     const reading = services.vault.get(as(), { name: 'read-me' });
     await hold.waiting();
     let closed = false;
+    const first = services.readThread!.close();
+    expect(services.readThread!.close()).toBe(first);
     const closing = services.close().then(() => (closed = true));
     await new Promise((r) => setTimeout(r, 200));
     expect(closed).toBe(false);

@@ -56,8 +56,13 @@ export class Keyring {
   private currentId: string;
   private loadedMtimeMs = 0;
 
+  /** Private (and so never serialised or logged): an inline setting holds the keys themselves. */
+  #setting?: string;
+
   /** The VAULT_MASTER_KEY setting this keyring was read from, if any (the API's read thread reads it again). */
-  setting?: string;
+  get setting(): string | undefined {
+    return this.#setting;
+  }
 
   /**
    * `file` is set when the keyring lives in a file that `rekey` may rewrite while the service runs:
@@ -83,7 +88,7 @@ export class Keyring {
       const { keys, current } = readKeyringFile(setting);
       keyring = new Keyring(keys, current, setting);
     }
-    keyring.setting = setting;
+    keyring.#setting = setting;
     return keyring;
   }
 

@@ -44,8 +44,13 @@ port.on('message', (m: ToThread) => {
   }
   if (m.type !== 'calls') return;
   for (const c of m.calls) {
-    const call =
-      c.op === 'get' ? vault.get(c.caller, c.ref, c.version, c.detail) : c.op === 'masked' ? vault.getMasked(c.caller, c.ref, c.version) : vault.totp(c.caller, c.ref);
+    let call: Promise<unknown>;
+    try {
+      call = c.op === 'get' ? vault.get(c.caller, c.ref, c.version, c.detail) : c.op === 'masked' ? vault.getMasked(c.caller, c.ref, c.version) : vault.totp(c.caller, c.ref);
+    } catch (err) {
+      // A malformed call fails alone; it must not end the thread and the other calls with it.
+      call = Promise.reject(err);
+    }
     inFlight += 1;
     call.then(
       (value) => reply({ id: c.id, ok: true, value }),

@@ -142,8 +142,10 @@ export class ReadThread {
   /** Stats of threads that have ended, and of the current one as last reported. */
   private ended: BatchStats = { batches: 0, calls: 0 };
   private current: BatchStats = { batches: 0, calls: 0 };
-  private failedAt = 0;
+  /** performance.now() of the last start that failed (a wall-clock step must not stall reads). */
+  private failedAt = -Infinity;
   private closed = false;
+  private closing?: Promise<void>;
 
   constructor(
     private readonly data: ReadThreadData,
@@ -154,14 +156,19 @@ export class ReadThread {
   start(): Promise<void> {
     if (this.closed) return Promise.reject(new UnavailableError('the service is shutting down'));
     if (this.worker) return this.starting ?? Promise.resolve();
-    const worker = new Worker(new URL('./read-thread-entry.cjs', import.meta.url), {
-      workerData: this.data,
-      // The process's own flags (a --cpu-prof, a loader) are not all valid for a thread.
-      execArgv: [],
-      resourceLimits: THREAD_HEAP,
-    });
-    // The calls it answers keep the process busy; an idle thread must not keep it alive.
-    worker.unref();
+    let worker: Worker;
+    try {
+      worker = new Worker(new URL('./read-thread-entry.cjs', import.meta.url), {
+        workerData: this.data,
+        // The process's own flags (a --cpu-prof, a loader) are not all valid for a thread.
+        execArgv: [],
+        resourceLimits: THREAD_HEAP,
+      });
+    } catch (err) {
+      this.failedAt = performance.now();
+      return Promise.reject(err);
+    }
+    // The thread keeps the process alive until close(), as the pool's connections do.
     this.worker = worker;
     this.current = { batches: 0, calls: 0 };
     this.starting = new Promise<void>((resolve, reject) => {
@@ -181,14 +188,14 @@ export class ReadThread {
     });
     this.starting.then(
       () => (this.starting = undefined),
-      () => (this.failedAt = Date.now()),
+      () => (this.failedAt = performance.now()),
     );
     return this.starting;
   }
 
   call<T>(op: ReadOp, caller: Caller, ref: CredentialRef, version?: number, detail?: Record<string, unknown>): Promise<T> {
     if (this.closed) return Promise.reject(new UnavailableError('the service is shutting down'));
-    if (Date.now() - this.failedAt < RESTART_DELAY_MS) return Promise.reject(new UnavailableError('the vault read path is restarting; try again shortly'));
+    if (performance.now() - this.failedAt < RESTART_DELAY_MS) return Promise.reject(new UnavailableError('the vault read path is restarting; try again shortly'));
     if (!this.worker) this.start().catch(() => undefined); // its failure fails the calls sent to it
     const id = this.nextId++;
     return new Promise<T>((resolve, reject) => {
@@ -204,8 +211,12 @@ export class ReadThread {
   }
 
   /** Lets the calls already made finish and be answered, then ends the thread and its pool. */
-  async close(): Promise<void> {
-    if (this.closed) return;
+  close(): Promise<void> {
+    this.closing ??= this.end();
+    return this.closing;
+  }
+
+  private async end(): Promise<void> {
     this.closed = true;
     const worker = this.worker;
     if (!worker) return;
@@ -224,11 +235,28 @@ export class ReadThread {
     if (this.outbox.length === 0) return;
     const calls = this.outbox;
     this.outbox = [];
-    if (this.worker) return this.worker.postMessage({ type: 'calls', calls } satisfies ToThread);
-    for (const c of calls) {
-      this.pending.get(c.id)?.reject(new UnavailableError('the vault read could not start; try again'));
-      this.pending.delete(c.id);
+    if (!this.worker) {
+      for (const c of calls) this.fail(c.id, new UnavailableError('the vault read could not start; try again'));
+      return;
     }
+    try {
+      this.worker.postMessage({ type: 'calls', calls } satisfies ToThread);
+    } catch {
+      // A call holding something that cannot cross (a function in its detail): it alone fails, and
+      // its error does not quote it (the clone error would).
+      for (const c of calls) {
+        try {
+          this.worker.postMessage({ type: 'calls', calls: [c] } satisfies ToThread);
+        } catch {
+          this.fail(c.id, new TypeError('the read request holds a value that cannot be passed to the vault read thread'));
+        }
+      }
+    }
+  }
+
+  private fail(id: number, err: Error): void {
+    this.pending.get(id)?.reject(err);
+    this.pending.delete(id);
   }
 
   private answer(m: Extract<FromThread, { type: 'replies' }>): void {
