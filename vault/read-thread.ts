@@ -10,8 +10,9 @@ import type { Caller, CredentialRef } from './types';
  * own: a `Vault` there, with its own small pool, runs the read batches of read-batch.ts (the read
  * statement, the decryptions, each call's outcome and the audit append). The main thread only parses
  * requests and writes answers. Why: a batch is two round trips, and on the main thread each waited
- * for a turn of an event loop busy with HTTP; in the thread they are answered at once (paired runs
- * on 2 cores: vault.get +22% req/s, see the README's benchmark notes).
+ * for a turn of an event loop busy with HTTP; in the thread they are answered at once (on 2 cores:
+ * vault.get ~+20% req/s under steady load, ~+0.05 of the HTTP floor in the bench's 2-second slices;
+ * ~20 MB more RSS; see the README's benchmark notes).
  *
  * Nothing changes for callers: the same scoping, the same audit rows (written in the thread, before a
  * value is handed back), the same errors (rebuilt here with their class, and their audited mark so
