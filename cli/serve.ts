@@ -43,6 +43,8 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
     checkpoint();
   };
   let stopping = false;
+  /** The exit code when start-up is interrupted: 0 for a signal, 1 when an embedded server died. */
+  let interruptedCode = 0;
   const graceMs = config.SHUTDOWN_GRACE_SECONDS * 1000;
 
   const stop = async (code: number) => {
@@ -54,6 +56,25 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
     }
     logger.info('stopped');
     process.exitCode = code;
+  };
+  /**
+   * An embedded server that exits on its own (killed, crashed, out of disk) is not restarted: every
+   * request and activity would fail until then, so the service stops with exit code 1 and says
+   * why, and the next start starts the server again on the same data.
+   */
+  const serverDied = (name: string, code: number | null) => {
+    if (stopping) return;
+    logger.fatal(
+      { server: name, exitCode: code, log: path.join(config.dataDir, 'logs', `${name}.log`) },
+      `the embedded ${name} server exited (code ${code}); stopping, since nothing works without it: start again to restart it`,
+    );
+    // During start-up it stops at the next checkpoint, as a signal would, but exits 1.
+    if (starting) {
+      interruptedCode = 1;
+      stopRequested = true;
+      return;
+    }
+    void stop(1);
   };
   // Ctrl-C under `npm start` arrives twice at once (the terminal signals the process group, and
   // npm passes its own copy on): only a signal a moment after the first means "exit now".
@@ -78,12 +99,13 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
   try {
     installTemporalLogging(logger);
     ensureDataDir(config.dataDir);
-    const databaseUrl = config.DATABASE_URL ?? (await embed(onClose, 'postgres', startEmbeddedPostgres({ dataDir: config.dataDir, logger }))).url;
+    const databaseUrl = config.DATABASE_URL ?? (await embed(onClose, 'postgres', startEmbeddedPostgres({ dataDir: config.dataDir, logger }), serverDied)).url;
     const temporalAddress =
       config.TEMPORAL_ADDRESS ??
-      (await embed(onClose, 'temporal', startEmbeddedTemporal({ dataDir: config.dataDir, namespace: config.TEMPORAL_NAMESPACE, cliPath: config.TEMPORAL_CLI_PATH, logger }))).address;
+      (await embed(onClose, 'temporal', startEmbeddedTemporal({ dataDir: config.dataDir, namespace: config.TEMPORAL_NAMESPACE, cliPath: config.TEMPORAL_CLI_PATH, logger }), serverDied))
+        .address;
     const smtpUrl =
-      config.SMTP_URL ?? (parts.includes('worker') ? (await embed(onClose, 'smtp', startSmtpSink({ mailDir: path.join(config.dataDir, 'mail'), logger }))).url : 'smtp://unused');
+      config.SMTP_URL ?? (parts.includes('worker') ? (await embed(onClose, 'smtp', startSmtpSink({ mailDir: path.join(config.dataDir, 'mail'), logger }), serverDied)).url : 'smtp://unused');
 
     await migrate(databaseUrl, logger);
     checkpoint();
@@ -185,10 +207,11 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
       });
       logger.info({ port: config.PORT, host: config.HOST }, 'API listening');
     }
+    checkpoint();
     starting = false;
   } catch (err) {
     starting = false;
-    if (err instanceof StartupInterrupted) return stop(0);
+    if (err instanceof StartupInterrupted) return stop(interruptedCode);
     await stop(1);
     throw err;
   }
@@ -196,8 +219,14 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
 
 class StartupInterrupted extends Error {}
 
-async function embed<T extends { stop(): Promise<void> }>(onClose: (name: string, close: () => Promise<unknown>) => void, name: string, starting: Promise<T>): Promise<T> {
+async function embed<T extends { stop(): Promise<void>; exited?: Promise<number | null> }>(
+  onClose: (name: string, close: () => Promise<unknown>) => void,
+  name: string,
+  starting: Promise<T>,
+  died: (name: string, code: number | null) => void,
+): Promise<T> {
   const started = await starting;
+  void started.exited?.then((code) => died(name, code));
   onClose(name, () => started.stop());
   return started;
 }

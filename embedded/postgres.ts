@@ -20,6 +20,8 @@ export interface EmbeddedPostgres {
   adminUrl: string;
   port: number;
   stop(): Promise<void>;
+  /** Resolves with the server's exit code when it exits (stopped, or died). */
+  exited: Promise<number | null>;
 }
 
 const OS_USER = 'postgres';
@@ -73,6 +75,7 @@ export async function startEmbeddedPostgres(opts: { dataDir: string; database?: 
     port,
     // SIGINT is PostgreSQL's "fast" shutdown: roll back open transactions, checkpoint, exit.
     stop: () => child.stop('SIGINT', 30_000),
+    exited: child.exited,
   };
 }
 

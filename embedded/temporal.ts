@@ -14,6 +14,8 @@ export interface EmbeddedTemporal {
   address: string;
   /** SIGTERM by default (SIGKILL after 20 s); the fault suite kills it outright. */
   stop(signal?: NodeJS.Signals): Promise<void>;
+  /** Resolves with the server's exit code when it exits (stopped, or died); absent for the SDK's in-process fallback. */
+  exited?: Promise<number | null>;
 }
 
 export async function startEmbeddedTemporal(opts: {
@@ -29,7 +31,7 @@ export async function startEmbeddedTemporal(opts: {
   const release = claimTemporalFile(opts.dataDir);
   try {
     const started = await startOn(opts, dbFile);
-    return { address: started.address, stop: (signal) => started.stop(signal).finally(release) };
+    return { address: started.address, stop: (signal) => started.stop(signal).finally(release), exited: started.exited };
   } catch (err) {
     release();
     throw err;
@@ -85,7 +87,7 @@ async function startOn(
   const address = `127.0.0.1:${port}`;
   await waitUntilReady(child, `Temporal dev server (${cli})`, () => probe(address, opts.namespace), 90_000);
   opts.logger?.info({ address, dbFile }, 'embedded Temporal ready');
-  return { address, stop: (signal = 'SIGTERM') => child.stop(signal, 20_000) };
+  return { address, stop: (signal = 'SIGTERM') => child.stop(signal, 20_000), exited: child.exited };
 }
 
 /**

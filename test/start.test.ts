@@ -194,6 +194,30 @@ describe('npm start with the embedded defaults', () => {
     expect(processesUsing(dataDir)).toEqual([]);
   });
 
+  it('an embedded server that dies stops the service with exit code 1, naming it; the next start brings it back', { timeout: 240_000 }, async () => {
+    const ownDir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-died-'));
+    const ownPort = await freePort();
+    try {
+      const run = start({ DATA_DIR: ownDir, PORT: String(ownPort) });
+      await waitReady(`http://127.0.0.1:${ownPort}`);
+      const postmaster = Number(readFileSync(path.join(ownDir, 'postgres', 'postmaster.pid'), 'utf8').split('\n')[0]);
+      process.kill(postmaster, 'SIGKILL');
+      const code = await run.exited;
+      const log = run.output();
+      expect(code, log).toBe(1);
+      expect(log).toContain('the embedded postgres server exited (code null); stopping, since nothing works without it: start again to restart it');
+      expect(log).toContain('"msg":"stopped"');
+      expect(processesUsing(ownDir)).toEqual([]);
+
+      const again = start({ DATA_DIR: ownDir, PORT: String(ownPort) });
+      expect(await waitReady(`http://127.0.0.1:${ownPort}`)).toMatchObject({ status: 'ready' });
+      again.proc.kill('SIGTERM');
+      expect(await again.exited, again.output()).toBe(0);
+    } finally {
+      rmSync(ownDir, { recursive: true, force: true });
+    }
+  });
+
   it('one embedded Temporal server per DATA_DIR: a live owner refuses a second, a dead owner’s lock is taken over', { timeout: 120_000 }, async () => {
     const dir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-temporal-lock-'));
     const owner = spawn('sleep', ['60']);
