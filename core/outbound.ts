@@ -103,8 +103,10 @@ export function guardedLookup(resolve: Resolve = resolveAll) {
       if (err) return callback(err, '');
       const refused = allowedHosts.has(host.toLowerCase()) ? undefined : refusedAddress(addresses);
       if (refused) return callback(new OutboundRefusedError(refusal(host, refused)), '');
-      const usable = addresses.filter((a) => !options.family || a.family === options.family);
-      if (usable.length === 0) return callback(Object.assign(new Error(`no address of family ${options.family} for ${host}`), { code: 'ENOTFOUND' }), '');
+      // `family` may come as 4/6 (0: any) or as 'IPv4'/'IPv6'.
+      const family = options.family === 'IPv4' ? 4 : options.family === 'IPv6' ? 6 : options.family;
+      const usable = addresses.filter((a) => !family || a.family === family);
+      if (usable.length === 0) return callback(Object.assign(new Error(`no IPv${family} address for ${host}`), { code: 'ENOTFOUND' }), '');
       if (options.all) return callback(null, usable);
       callback(null, usable[0]!.address, usable[0]!.family);
     });

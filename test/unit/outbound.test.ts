@@ -66,6 +66,7 @@ describe('where providers and webhooks may call', () => {
     const lookFixed = (host: string, options: object) => new Promise<unknown[]>((resolve) => fixed(host, options as never, (err, address, family) => resolve([err, address, family])));
     expect(await lookFixed('receiver.internal', { all: true })).toEqual([null, [{ address: '10.0.0.7', family: 4 }, { address: 'fd00::7', family: 6 }], undefined]);
     expect(await lookFixed('RECEIVER.internal', { family: 6 })).toEqual([null, 'fd00::7', 6]);
+    expect(await lookFixed('receiver.internal', { family: 'IPv4' })).toEqual([null, '10.0.0.7', 4]);
     expect(((await lookFixed('elsewhere.internal', {}))[0] as Error).message).toMatch(/^elsewhere.internal is at 10.0.0.7 on this machine/);
   });
 
