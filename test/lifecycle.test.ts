@@ -6,9 +6,9 @@ import { WorkflowFailedError } from '@temporalio/client';
 import { ApplicationFailure } from '@temporalio/common';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { verifyWebhookSignature } from '../dependents/webhook';
-import type { RotationProgress } from '../workflows/types';
 import { startHarness, type Harness } from './support/harness';
 import { expectCleanRun } from './support/leaks';
+import * as fixtures from './support/lifecycle-fixtures';
 import { canLogin, consumer, loginRoleWithAdmin, mailTo, mintKey, waitFor, whoami, type Identity } from './support/lifecycle-fixtures';
 import type { StoredMail } from './support/mail';
 import { ProviderServer } from './support/provider-server';
@@ -20,12 +20,6 @@ import { WebhookReceiver } from './support/webhook-receiver';
  * webhook receivers, and the SMTP sink collects the notices. Every path is checked where it lands:
  * the vault, the provider, the dependents, the mailbox and the audit log.
  */
-
-interface RotationReport {
-  rotationId: string;
-  state: string;
-  credentials: { credentialId: string; workflowId: string; runId: string | null; state: string; status: string | null; outcome: string | null; progress: RotationProgress | null }[];
-}
 
 const tag = randomBytes(4).toString('hex');
 const securityDesk = `sec-${tag}@example.com`;
@@ -40,22 +34,14 @@ describe('credential lifecycle', () => {
   let n = 0;
   const unique = (what: string) => `${what}-${tag}-${++n}`;
 
-  const store = async (name: string, kind: string, value: string, extra: Record<string, unknown> = {}, token = owner.token) => {
-    const res = await h.api('POST', '/v1/vault.store', { token, body: { name, kind, value, ...extra } });
-    if (res.status !== 201) throw new Error(`storing ${name} failed: ${res.status} ${res.text}`);
-    return res.body.id as string;
-  };
+  const store = (name: string, kind: string, value: string, extra: Record<string, unknown> = {}, token = owner.token) => fixtures.storeValue(h, token, name, kind, value, extra);
   const read = async (ref: { name: string } | { id: string }, version?: number, token = owner.token) => {
     const res = await h.api('POST', '/v1/vault.get', { token, body: { ...ref, ...(version ? { version } : {}) } });
     if (res.status === 200) h.secret(res.body.value as string);
     return res;
   };
-  const credentialRow = async (id: string) => {
-    const list = await h.api('GET', '/v1/credentials?limit=1000', { token: owner.token });
-    return list.body.items.find((c: { id: string }) => c.id === id);
-  };
-  const revokedVersions = async (id: string) =>
-    (await h.sql('SELECT version FROM secret_versions WHERE credential_id = $1 AND revoked_at IS NOT NULL ORDER BY version', [id])).rows.map((r) => r.version);
+  const credentialRow = (id: string) => fixtures.credentialRow(h, owner.token, id);
+  const revokedVersions = (id: string) => fixtures.revokedVersions(h, id);
 
   /**
    * A key service of the test's own (its counters and injected faults are the test's alone), its
@@ -130,12 +116,8 @@ describe('credential lifecycle', () => {
     return { ...c, reader };
   };
 
-  const startRotation = async (credential: string) => {
-    const res = await h.api('POST', '/v1/rotations', { token: owner.token, body: { credentials: [credential] } });
-    expect(res.status, res.text).toBe(202);
-    return res.body.rotationId as string;
-  };
-  const report = async (rotationId: string): Promise<RotationReport> => (await h.api('GET', `/v1/rotations/${rotationId}`, { token: owner.token })).body;
+  const startRotation = (credential: string) => fixtures.startRotation(h, owner.token, credential);
+  const report = (rotationId: string) => fixtures.rotationReport(h, owner.token, rotationId);
   const waitForState = (rotationId: string, states: string[], timeoutMs = 30_000) =>
     waitFor(`rotation ${rotationId} to reach ${states.join(' or ')}`, () => report(rotationId), (r) => states.includes(r.state), { timeoutMs });
   /** The run's final answer (the batch starts it a moment after the request); every notice of a run is in the sink once it has closed. */

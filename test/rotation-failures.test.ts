@@ -7,10 +7,10 @@ import { ApplicationFailure } from '@temporalio/common';
 import { temporal } from '@temporalio/proto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { stableUuid } from '../activities/support';
-import type { RotationProgress } from '../workflows/types';
 import { startHarness, type Harness } from './support/harness';
 import { expectCleanRun } from './support/leaks';
-import { canLogin, loginRoleWithAdmin, mailTo, waitFor, type Identity } from './support/lifecycle-fixtures';
+import * as fixtures from './support/lifecycle-fixtures';
+import { canLogin, loginRoleWithAdmin, mailTo, waitFor, type Identity, type RotationReport } from './support/lifecycle-fixtures';
 import type { ReceivedEvent } from './support/webhook-receiver';
 import { WebhookReceiver } from './support/webhook-receiver';
 
@@ -20,11 +20,6 @@ import { WebhookReceiver } from './support/webhook-receiver';
  * repeated restores, and a rollback of a single PostgreSQL role. Each ends where it must: undone or
  * rolled back, the credential marked, the owners (and, for leaks, the security desk) told.
  */
-
-interface RotationReport {
-  state: string;
-  credentials: { credentialId: string; workflowId: string; runId: string | null; state: string; outcome: string | null; progress: RotationProgress | null }[];
-}
 
 const tag = randomBytes(4).toString('hex');
 const securityDesk = `sec-${tag}@example.com`;
@@ -39,11 +34,7 @@ describe('rotation failures', () => {
   let n = 0;
   const unique = (what: string) => `${what}-${tag}-${++n}`;
 
-  const store = async (name: string, kind: string, value: string, extra: Record<string, unknown> = {}) => {
-    const res = await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind, value, ...extra } });
-    if (res.status !== 201) throw new Error(`storing ${name} failed: ${res.status} ${res.text}`);
-    return res.body.id as string;
-  };
+  const store = (name: string, kind: string, value: string, extra: Record<string, unknown> = {}) => fixtures.storeValue(h, owner.token, name, kind, value, extra);
   /** A generated api key with one owner address; every value any test reads is registered for the leak checks. */
   const generatedKey = async (rotation: Record<string, unknown> = {}) => {
     const name = unique('key');
@@ -59,9 +50,8 @@ describe('rotation failures', () => {
     if (res.status === 200) h.secret(res.body.value as string);
     return res.body;
   };
-  const credentialRow = async (id: string) => (await h.api('GET', '/v1/credentials?limit=1000', { token: owner.token })).body.items.find((c: { id: string }) => c.id === id);
-  const revokedVersions = async (id: string) =>
-    (await h.sql('SELECT version FROM secret_versions WHERE credential_id = $1 AND revoked_at IS NOT NULL ORDER BY version', [id])).rows.map((r) => r.version);
+  const credentialRow = (id: string) => fixtures.credentialRow(h, owner.token, id);
+  const revokedVersions = (id: string) => fixtures.revokedVersions(h, id);
 
   const receiver = async () => {
     const r = new WebhookReceiver(signingKey);
@@ -93,12 +83,8 @@ describe('rotation failures', () => {
   };
   const events = (r: WebhookReceiver) => r.events.map((e) => `${e.event.type} v${e.event.version}`).filter((e, i, all) => e !== all[i - 1]);
 
-  const startRotation = async (name: string) => {
-    const res = await h.api('POST', '/v1/rotations', { token: owner.token, body: { credentials: [name] } });
-    expect(res.status, res.text).toBe(202);
-    return res.body.rotationId as string;
-  };
-  const report = async (rotationId: string): Promise<RotationReport> => (await h.api('GET', `/v1/rotations/${rotationId}`, { token: owner.token })).body;
+  const startRotation = (name: string) => fixtures.startRotation(h, owner.token, name);
+  const report = (rotationId: string) => fixtures.rotationReport(h, owner.token, rotationId);
   const started = (rotationId: string) => waitFor(`rotation ${rotationId} to start its run`, () => report(rotationId), (r) => Boolean(r.credentials[0]?.runId));
   const waitForState = (rotationId: string, states: string[]) => waitFor(`rotation ${rotationId} to reach ${states.join(' or ')}`, () => report(rotationId), (r) => states.includes(r.state));
   /** The run's result, following continue-as-new; a failure is returned, not thrown. */

@@ -1,11 +1,13 @@
 import { randomBytes, randomUUID } from 'node:crypto';
 import pg from 'pg';
+import { expect } from 'vitest';
+import type { RotationProgress } from '../../workflows/types';
 import type { Harness } from './harness';
 import { readMailbox, recipients, type StoredMail } from './mail';
 import type { ProviderServer } from './provider-server';
 import { WebhookReceiver } from './webhook-receiver';
 
-/** Fixtures for test/lifecycle.test.ts: real keys, real consumers, bounded waits. */
+/** Fixtures for test/lifecycle.test.ts and test/rotation-failures.test.ts: real keys, real consumers, bounded waits. */
 
 export interface Identity {
   id: string;
@@ -30,6 +32,42 @@ export async function waitFor<T>(
     if (Date.now() > deadline) throw new Error(`waited ${timeoutMs} ms for ${what}; last seen: ${JSON.stringify(show(value))}`);
     await new Promise((resolve) => setTimeout(resolve, 150));
   }
+}
+
+/** GET /v1/rotations/:id, as these tests read it. */
+export interface RotationReport {
+  rotationId: string;
+  state: string;
+  credentials: { credentialId: string; workflowId: string; runId: string | null; state: string; status: string | null; outcome: string | null; progress: RotationProgress | null }[];
+}
+
+/** Stores a value through the API and returns the credential's id; anything but a 201 throws. */
+export async function storeValue(h: Harness, token: string, name: string, kind: string, value: string, extra: Record<string, unknown> = {}): Promise<string> {
+  const res = await h.api('POST', '/v1/vault.store', { token, body: { name, kind, value, ...extra } });
+  if (res.status !== 201) throw new Error(`storing ${name} failed: ${res.status} ${res.text}`);
+  return res.body.id as string;
+}
+
+/** The credential's row in the owner's list (GET /v1/credentials). */
+export async function credentialRow(h: Harness, token: string, id: string): Promise<any> {
+  const list = await h.api('GET', '/v1/credentials?limit=1000', { token });
+  return list.body.items.find((c: { id: string }) => c.id === id);
+}
+
+/** The versions of a credential marked revoked, in order. */
+export async function revokedVersions(h: Harness, id: string): Promise<number[]> {
+  return (await h.sql('SELECT version FROM secret_versions WHERE credential_id = $1 AND revoked_at IS NOT NULL ORDER BY version', [id])).rows.map((r) => r.version);
+}
+
+/** POST /v1/rotations for one credential (by name or id), expecting a 202. Returns the rotation id. */
+export async function startRotation(h: Harness, token: string, credential: string): Promise<string> {
+  const res = await h.api('POST', '/v1/rotations', { token, body: { credentials: [credential] } });
+  expect(res.status, res.text).toBe(202);
+  return res.body.rotationId as string;
+}
+
+export async function rotationReport(h: Harness, token: string, rotationId: string): Promise<RotationReport> {
+  return (await h.api('GET', `/v1/rotations/${rotationId}`, { token })).body;
 }
 
 /** Mints a key at the provider server the way an operator would, with its admin token. */
