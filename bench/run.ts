@@ -10,7 +10,7 @@ import { openServices, type Services } from '../core/services';
 import { Keyring } from '../vault/keyring';
 import type { Caller } from '../vault/types';
 import { latencyChart } from './chart';
-import { httpLoad, inProcessLoad, round, type LoadResult } from './load';
+import { httpLoad, inProcessLoad, round, type HttpLoad, type LoadResult } from './load';
 import { measureRotation, pollers, type RotationResult } from './rotation';
 import { newSeedState, SEEDING_METHOD, seedTo } from './seed';
 import { productionNodeOptions, ROOT, startService, startStack } from './stack';
@@ -125,11 +125,11 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
     worker.resetPeak();
     const caller = (): Caller => ({ identityId, actor: `identity:${identityId}`, requestId: randomUUID() });
     const storeBody = (prefix: string) => (i: number) => ({ name: `${prefix}-${i % 64}`, kind: 'api_key', value: `sk_store_${i}_${randomUUID()}` });
-    const httpOps: Record<'floor' | Primitive, { method: 'GET' | 'POST'; route: string; body?: (i: number) => unknown }> = {
+    const httpOps: Record<'floor' | Primitive, Pick<HttpLoad, 'method' | 'body'> & { route: string }> = {
       floor: { method: 'GET', route: '/v1/whoami' },
-      'vault.get': { method: 'POST', route: '/v1/vault.get', body: () => ({ name: 'bench-get' }) },
+      'vault.get': { method: 'POST', route: '/v1/vault.get', body: { name: 'bench-get' } },
       'vault.store': { method: 'POST', route: '/v1/vault.store', body: storeBody('bench-store') },
-      'vault.totp': { method: 'POST', route: '/v1/vault.totp', body: () => ({ name: 'bench-totp' }) },
+      'vault.totp': { method: 'POST', route: '/v1/vault.totp', body: { name: 'bench-totp' } },
     };
     const vault = services.vault;
     const opened = services;
