@@ -137,6 +137,9 @@ export async function startHarness(
       deps,
       dataConverter: services.dataConverter,
       workflowBundle: { codePath: inject('workflowBundlePath') },
+      // In-flight activities are cancelled at once on close, and a worker that has not stopped 10 s
+      // later is stopped: close() then fails with that cause instead of waiting for the hook's timeout.
+      shutdownGraceMs: 0,
     });
     workerRun = worker.run();
   }
@@ -237,10 +240,16 @@ export async function startHarness(
       closing = true;
       server.closeAllConnections();
       await new Promise((resolve) => server.close(resolve));
+      // A worker that would not stop is reported once the rest is torn down (its database dropped).
+      let workerFailure: unknown;
       if (worker) {
         worker.shutdown();
-        await workerRun;
-        await nativeConnection!.close();
+        try {
+          await workerRun;
+          await nativeConnection!.close();
+        } catch (err) {
+          workerFailure = err;
+        }
       }
       await leaveForSweep();
       await connection.close();
@@ -248,6 +257,7 @@ export async function startHarness(
       await superuser.end();
       await new Promise((resolve) => logStream.end(resolve));
       await dropDatabase(adminUrl, dbName);
+      if (workerFailure) throw new Error(`the test worker did not shut down: ${(workerFailure as Error).message}`, { cause: workerFailure });
     },
   };
 }
