@@ -1,3 +1,4 @@
+import { InternalWorkflowStartOptionsSymbol, type InternalWorkflowStartOptions } from '@temporalio/client/lib/internal';
 import { RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
 import { sendNotice } from '../mail/notify';
 import type { RotationWindow } from '../vault/types';
@@ -17,8 +18,8 @@ const MODES: Record<string, RotationMode> = { request: 'requested', sweep: 'sche
  * workflow id has started). The TypeScript SDK takes a request id only through this internal option
  * (what its Nexus support uses); test/batch.test.ts fails if an upgrade stops honouring it.
  */
-export function startRequest(rotationId: string, credentialId: string): Record<symbol, { requestId: string }> {
-  return { [Symbol.for('__temporal_internal_client_workflow_start_options')]: { requestId: stableUuid(`mailgent/rotation-start\0${rotationId}\0${credentialId}`) } };
+function startRequest(rotationId: string, credentialId: string): Pick<InternalWorkflowStartOptions, typeof InternalWorkflowStartOptionsSymbol> {
+  return { [InternalWorkflowStartOptionsSymbol]: { requestId: stableUuid(`mailgent/rotation-start\0${rotationId}\0${credentialId}`) } };
 }
 
 export interface RunSummary {

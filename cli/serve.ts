@@ -30,21 +30,20 @@ type Part = 'api' | 'worker';
 export async function serve(config: Config, logger: Logger, parts: Part[] = ['api', 'worker']): Promise<void> {
   const closers: { name: string; close: () => Promise<unknown> }[] = [];
   let starting = true;
-  let stopRequested = false;
+  /** Set when start-up is to stop at the next checkpoint: the exit code, 0 for a signal, 1 when an embedded server died. */
+  let stopCode: number | undefined;
   /**
    * A signal during start-up is taken at the next safe point, once what was just started can be
    * closed with the rest: start-up ends there and everything started so far stops in order.
    */
   const checkpoint = () => {
-    if (stopRequested) throw new StartupInterrupted();
+    if (stopCode !== undefined) throw new StartupInterrupted();
   };
   const onClose = (name: string, close: () => Promise<unknown>) => {
     closers.unshift({ name, close });
     checkpoint();
   };
   let stopping = false;
-  /** The exit code when start-up is interrupted: 0 for a signal, 1 when an embedded server died. */
-  let interruptedCode = 0;
   const graceMs = config.SHUTDOWN_GRACE_SECONDS * 1000;
 
   const stop = async (code: number) => {
@@ -70,8 +69,7 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
     );
     // During start-up it stops at the next checkpoint, as a signal would, but exits 1.
     if (starting) {
-      interruptedCode = 1;
-      stopRequested = true;
+      stopCode = 1;
       return;
     }
     void stop(1);
@@ -83,12 +81,12 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
     process.on(signal, () => {
       if (firstSignalAt && Date.now() - firstSignalAt < 1_000) return;
       firstSignalAt ||= Date.now();
-      if (stopping || (starting && stopRequested)) {
+      if (stopping || (starting && stopCode !== undefined)) {
         logger.warn(`second ${signal}: exiting now`);
         process.exit(130);
       }
       if (starting) {
-        stopRequested = true;
+        stopCode = 0;
         logger.info(`${signal} during start-up: stopping once what is starting now can be stopped`);
         return;
       }
@@ -211,7 +209,7 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
     starting = false;
   } catch (err) {
     starting = false;
-    if (err instanceof StartupInterrupted) return stop(interruptedCode);
+    if (err instanceof StartupInterrupted) return stop(stopCode ?? 0);
     await stop(1);
     throw err;
   }

@@ -32,7 +32,7 @@ export interface Services {
 }
 
 /** Connections the read thread's own pool keeps (one batch runs at a time; the second is spare). */
-export const READ_THREAD_POOL_SIZE = 2;
+const READ_THREAD_POOL_SIZE = 2;
 
 export function openServices(opts: {
   databaseUrl: string;
@@ -60,7 +60,7 @@ export function openServices(opts: {
   const mailer = createMailer(opts.smtpUrl, opts.mailFrom);
   const thread = opts.readThread
     ? new ReadThread(
-        { databaseUrl: opts.databaseUrl, poolSize: READ_THREAD_POOL_SIZE, keyringSetting: opts.keyring.setting!, maxEncryptionsPerKey: opts.maxEncryptionsPerKey },
+        { databaseUrl: opts.databaseUrl, poolSize: READ_THREAD_POOL_SIZE, keyringSetting: opts.keyring.setting! },
         opts.logger,
       )
     : undefined;

@@ -5,7 +5,12 @@ import type { Logger } from '../core/logger';
 export type Pool = pg.Pool;
 export type Db = pg.Pool | pg.PoolClient;
 
-export function createPool(connectionString: string, max = 10, logger?: Pick<Logger, 'warn'>): pg.Pool {
+/** Where the pool reports connections it lost (a pino logger, or the read thread's relay to one). */
+export interface PoolLogger {
+  warn(obj: { err: unknown }, msg: string): void;
+}
+
+export function createPool(connectionString: string, max = 10, logger?: PoolLogger): pg.Pool {
   const pool = new pg.Pool({ connectionString, max, connectionTimeoutMillis: 5_000 });
   // An idle client losing its server must not crash the process; the next query reports it.
   pool.on('error', (err) => logger?.warn({ err }, 'idle database client failed'));

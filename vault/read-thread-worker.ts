@@ -14,8 +14,9 @@ const data = workerData as ReadThreadData;
 const post = (m: FromThread) => port.postMessage(m);
 const clock = () => new Date();
 
-const pool = createPool(data.databaseUrl, data.poolSize, { warn: (o: { err?: unknown }, msg: string) => post({ type: 'log', msg, err: o.err === undefined ? undefined : sendError(o.err) }) } as never);
-const dataKeys = new DataKeys(pool, Keyring.fromSetting(data.keyringSetting), { maxEncryptions: data.maxEncryptionsPerKey });
+const pool = createPool(data.databaseUrl, data.poolSize, { warn: (o, msg) => post({ type: 'log', msg, err: o.err === undefined ? undefined : sendError(o.err) }) });
+// The thread only decrypts, so the data keys' encryption limit does not apply here.
+const dataKeys = new DataKeys(pool, Keyring.fromSetting(data.keyringSetting));
 const vault = new Vault(pool, new SecretStore(dataKeys, clock), clock);
 
 let replies: ReadReply[] = [];

@@ -57,7 +57,6 @@ export interface ReadThreadData {
   poolSize: number;
   /** VAULT_MASTER_KEY as given (a file keyring is re-read by the thread as `rekey` changes it). */
   keyringSetting: string;
-  maxEncryptionsPerKey?: number;
 }
 
 /** An error as it crosses the thread boundary: its class by name, its message and own fields. */
