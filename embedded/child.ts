@@ -13,6 +13,8 @@ export interface Child {
   isRunning(): boolean;
   stop(signal?: NodeJS.Signals, graceMs?: number): Promise<void>;
   logTail(lines?: number): string;
+  /** Resolves once everything the process wrote is in its log file (after it exited). */
+  logWritten: Promise<void>;
 }
 
 const SETPRIV = '/usr/bin/setpriv';
@@ -51,6 +53,7 @@ export function startChild(
   // are done, whereas 'exit' can come first, and output written to an ended log would be an error
   // (uncaught: this process would exit 1). Seen under load when a start-up was stopped early.
   proc.once('close', () => log.end());
+  const logWritten = new Promise<void>((resolve) => log.once('close', () => resolve()));
   return {
     pid: proc.pid ?? -1,
     exited,
@@ -62,6 +65,7 @@ export function startChild(
       await exited;
       clearTimeout(timer);
     },
+    logWritten,
     logTail(lines = 20) {
       try {
         return readFileSync(opts.logFile, 'utf8').trimEnd().split('\n').slice(-lines).join('\n');
@@ -78,6 +82,8 @@ export async function waitUntilReady(child: Child, what: string, probe: () => Pr
   let lastError: unknown;
   while (Date.now() < deadline) {
     if (!child.isRunning()) {
+      // Its last words (why it stopped) may still be on their way to the file.
+      await Promise.race([child.logWritten, new Promise((r) => setTimeout(r, 2_000).unref())]);
       throw new Error(`${what} exited during start-up. Last log lines:\n${child.logTail()}`);
     }
     try {

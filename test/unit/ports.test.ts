@@ -1,0 +1,55 @@
+import { mkdtempSync } from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { startChild, waitUntilReady } from '../../embedded/child';
+import { freePort, withFreshPorts } from '../../embedded/ports';
+
+const listen = (port: number) =>
+  new Promise<net.Server>((resolve, reject) => {
+    const server = net.createServer();
+    server.once('error', reject);
+    server.listen(port, '127.0.0.1', () => resolve(server));
+  });
+
+describe('withFreshPorts', () => {
+  const servers: net.Server[] = [];
+  afterAll(() => servers.forEach((s) => s.close()));
+
+  it('starts again on new ports when the port it was given was taken in between', async () => {
+    const taken = await listen(0);
+    servers.push(taken);
+    const takenPort = (taken.address() as net.AddressInfo).port;
+    const tried: number[] = [];
+    const server = await withFreshPorts(async () => {
+      const port = tried.length === 0 ? takenPort : await freePort();
+      tried.push(port);
+      return listen(port);
+    });
+    servers.push(server);
+    expect(tried).toHaveLength(2);
+    expect(tried[0]).toBe(takenPort);
+    expect((server.address() as net.AddressInfo).port).toBe(tried[1]);
+  });
+
+  it('gives up with the clash after three tries, and does not retry any other failure', async () => {
+    const taken = await listen(0);
+    servers.push(taken);
+    const port = (taken.address() as net.AddressInfo).port;
+    let calls = 0;
+    await expect(withFreshPorts(() => (calls++, listen(port)))).rejects.toThrow(/EADDRINUSE: address already in use/);
+    expect(calls).toBe(3);
+    calls = 0;
+    await expect(withFreshPorts(async () => (calls++, Promise.reject(new Error('initdb failed'))))).rejects.toThrow('initdb failed');
+    expect(calls).toBe(1);
+  });
+
+  it("a server that exits during start-up is reported with its last log lines, which a clash is recognised by", async () => {
+    const logFile = path.join(mkdtempSync(path.join(os.tmpdir(), 'ports-')), 'server.log');
+    const child = startChild('/bin/sh', ['-c', 'echo starting; sleep 0.2; echo "listen tcp 127.0.0.1:1: bind: address already in use" >&2; exit 1'], { logFile });
+    const error = await waitUntilReady(child, 'the test server', () => Promise.reject(new Error('not yet')), 10_000).catch((e: Error) => e);
+    expect((error as Error).message).toMatch(/^the test server exited during start-up/);
+    expect((error as Error).message).toContain('bind: address already in use');
+  });
+});
