@@ -1,4 +1,4 @@
-import { mkdtempSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -12,6 +12,19 @@ const listen = (port: number) =>
     server.once('error', reject);
     server.listen(port, '127.0.0.1', () => resolve(server));
   });
+
+describe('freePort', () => {
+  it('picks a port below the range the kernel gives outgoing connections (where it says which), and one that can be listened on', async () => {
+    const range = '/proc/sys/net/ipv4/ip_local_port_range';
+    const low = existsSync(range) ? Number(readFileSync(range, 'utf8').trim().split(/\s+/)[0]) : undefined;
+    const ports = await Promise.all(Array.from({ length: 20 }, () => freePort()));
+    for (const port of ports) {
+      expect(port).toBeGreaterThanOrEqual(low === undefined ? 1 : 20_000);
+      expect(port).toBeLessThan(low ?? 65_536);
+    }
+    (await listen(ports[0]!)).close();
+  });
+});
 
 describe('withFreshPorts', () => {
   const servers: net.Server[] = [];
