@@ -1,4 +1,4 @@
-import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -58,11 +58,17 @@ describe('withFreshPorts', () => {
     expect(calls).toBe(1);
   });
 
-  it("a server that exits during start-up is reported with its last log lines, which a clash is recognised by", async () => {
-    const logFile = path.join(mkdtempSync(path.join(os.tmpdir(), 'ports-')), 'server.log');
-    const child = startChild('/bin/sh', ['-c', 'echo starting; sleep 0.2; echo "listen tcp 127.0.0.1:1: bind: address already in use" >&2; exit 1'], { logFile });
-    const error = await waitUntilReady(child, 'the test server', () => Promise.reject(new Error('not yet')), 10_000).catch((e: Error) => e);
-    expect((error as Error).message).toMatch(/^the test server exited during start-up/);
-    expect((error as Error).message).toContain('bind: address already in use');
+  it('a server that exits during start-up is reported with its last log lines, which a clash is recognised by', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'ports-'));
+    try {
+      const child = startChild('/bin/sh', ['-c', 'echo starting; sleep 0.2; echo "listen tcp 127.0.0.1:1: bind: address already in use" >&2; exit 1'], {
+        logFile: path.join(dir, 'server.log'),
+      });
+      const error = await waitUntilReady(child, 'the test server', () => Promise.reject(new Error('not yet')), 10_000).catch((e: Error) => e);
+      expect((error as Error).message).toMatch(/^the test server exited during start-up/);
+      expect((error as Error).message).toContain('bind: address already in use');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
