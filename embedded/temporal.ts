@@ -71,15 +71,12 @@ async function startOn(
   opts: { dataDir: string; namespace: string; cliPath?: string; logger?: Logger; port?: number },
   dbFile: string,
 ): Promise<EmbeddedTemporal> {
-  let cli: string | undefined;
   let buildError: Error | undefined;
-  try {
-    cli = await findTemporalCli({ configured: opts.cliPath, logger: opts.logger });
-  } catch (err) {
-    buildError = err as Error;
-  }
-  if (!cli) return startWithSdkDownload({ ...opts, dbFile, port: opts.port ?? (await freePort()), buildError });
-  const binary = cli;
+  const binary = await findTemporalCli({ configured: opts.cliPath, logger: opts.logger }).catch((err: Error) => {
+    buildError = err;
+    return undefined;
+  });
+  if (!binary) return startWithSdkDownload({ ...opts, dbFile, port: opts.port ?? (await freePort()), buildError });
 
   return withFreshPorts(async () => {
     const port = opts.port ?? (await freePort());

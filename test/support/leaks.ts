@@ -75,22 +75,17 @@ export async function findLeaks(h: Harness, recorded?: Recorded): Promise<string
 export async function replayFailures(h: Harness, recorded?: Recorded): Promise<string[]> {
   recorded = (recorded ?? (await histories(h))).filter((r) => replayable(r.history));
   if (process.env.MAILGENT_RECORD_HISTORIES) await record(h, recorded, process.env.MAILGENT_RECORD_HISTORIES);
-  const failures: string[] = [];
   const replay = (async () => {
+    const failures: string[] = [];
     for await (const result of Worker.runReplayHistories({ workflowBundle: { codePath: inject('workflowBundlePath') }, dataConverter: h.services.dataConverter }, recorded)) {
       if (result.error) failures.push(`${result.workflowId}: ${result.error.message}`);
     }
+    return failures;
   })();
-  let timer: NodeJS.Timeout | undefined;
   const limit = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`replaying ${recorded.length} histories of ${h.taskQueue} did not finish in ${REPLAY_LIMIT_MS / 1000} s`)), REPLAY_LIMIT_MS);
+    setTimeout(() => reject(new Error(`replaying ${recorded.length} histories of ${h.taskQueue} did not finish in ${REPLAY_LIMIT_MS / 1000} s`)), REPLAY_LIMIT_MS).unref();
   });
-  try {
-    await Promise.race([replay, limit]);
-  } finally {
-    clearTimeout(timer);
-  }
-  return failures;
+  return Promise.race([replay, limit]);
 }
 
 /** Far more than replaying a test file's histories takes (a few seconds at most), far less than the hook timeout. */
