@@ -118,7 +118,7 @@ export interface Service {
   stop(): Promise<void>;
 }
 
-/** The NODE_OPTIONS (heap bounds) docker-compose.yml gives this part, so the bench measures what ships. */
+/** The NODE_OPTIONS (heap bounds, GC threads) docker-compose.yml gives this part, so the bench measures what ships. */
 export function productionNodeOptions(part: 'api' | 'worker'): { NODE_OPTIONS?: string } {
   const compose = parseYaml(readFileSync(path.join(ROOT, 'docker-compose.yml'), 'utf8'), { merge: true }) as {
     services: Record<string, { environment?: Record<string, string> }>;
