@@ -69,6 +69,18 @@ export const TARGETS = {
 };
 
 type Primitive = 'vault.get' | 'vault.store' | 'vault.totp';
+export type HttpOp = 'floor' | Primitive;
+
+/** Stores spread over 64 names, each with a value of its own. */
+const storeBody = (prefix: string) => (i: number) => ({ name: `${prefix}-${i % 64}`, kind: 'api_key', value: `sk_store_${i}_${randomUUID()}` });
+
+/** What each HTTP load sends (the identity of createBenchIdentity holds what the reads name). */
+export const HTTP_OPS: Record<HttpOp, Pick<HttpLoad, 'method' | 'body'> & { route: string }> = {
+  floor: { method: 'GET', route: '/v1/whoami' },
+  'vault.get': { method: 'POST', route: '/v1/vault.get', body: { name: 'bench-get' } },
+  'vault.store': { method: 'POST', route: '/v1/vault.store', body: storeBody('bench-store') },
+  'vault.totp': { method: 'POST', route: '/v1/vault.totp', body: { name: 'bench-totp' } },
+};
 
 export async function runBench(options: Partial<BenchOptions> = {}): Promise<Record<string, unknown>> {
   const o: BenchOptions = { ...DEFAULTS, ...options };
@@ -100,20 +112,9 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
     log(`servers ready (${secondsSince(t0)} s)`);
 
     const call = apiCaller(api.url);
-    const created = await call(stack.adminToken, 'POST', '/v1/identities', { name: `bench-${randomUUID().slice(0, 8)}`, email: 'bench@example.com' });
-    if (created.status !== 201) throw new Error(`creating the bench identity failed: ${created.status}`);
-    const token: string = created.body.token;
-    const identityId: string = created.body.id;
-    const as = (method: string, route: string, body?: unknown) => call(token, method, route, body);
     const signingKey = `whsec_${randomUUID()}${randomUUID()}`;
-    for (const body of [
-      { name: 'bench-get', kind: 'api_key', value: `sk_live_${randomUUID().replace(/-/g, '')}` },
-      { name: 'bench-totp', kind: 'totp_seed', totp: { secret: 'JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP', algorithm: 'SHA1', digits: 6, period: 30 } },
-      { name: 'bench-webhook-key', kind: 'token', value: signingKey },
-    ]) {
-      const res = await as('POST', '/v1/vault.store', body);
-      if (res.status !== 201) throw new Error(`storing ${body.name} failed: ${res.status} ${JSON.stringify(res.body)}`);
-    }
+    const { token, identityId } = await createBenchIdentity(call, stack.adminToken, [{ name: 'bench-webhook-key', kind: 'token', value: signingKey }]);
+    const as = (method: string, route: string, body?: unknown) => call(token, method, route, body);
 
     const seed = newSeedState();
     const now = new Date();
@@ -124,13 +125,7 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
     api.resetPeak();
     worker.resetPeak();
     const caller = (): Caller => ({ identityId, actor: `identity:${identityId}`, requestId: randomUUID() });
-    const storeBody = (prefix: string) => (i: number) => ({ name: `${prefix}-${i % 64}`, kind: 'api_key', value: `sk_store_${i}_${randomUUID()}` });
-    const httpOps: Record<'floor' | Primitive, Pick<HttpLoad, 'method' | 'body'> & { route: string }> = {
-      floor: { method: 'GET', route: '/v1/whoami' },
-      'vault.get': { method: 'POST', route: '/v1/vault.get', body: { name: 'bench-get' } },
-      'vault.store': { method: 'POST', route: '/v1/vault.store', body: storeBody('bench-store') },
-      'vault.totp': { method: 'POST', route: '/v1/vault.totp', body: { name: 'bench-totp' } },
-    };
+    const httpOps = HTTP_OPS;
     const vault = services.vault;
     const opened = services;
     const dbOps: Record<Primitive, (i: number) => Promise<unknown>> = {
@@ -410,7 +405,7 @@ function printTable(r: Result, out: string, log: (line: string) => void): void {
   log(`${r.durationSeconds} s in all; results in ${out} and ${path.join(path.dirname(out), 'latency.svg')}`);
 }
 
-function loadFigures(r: LoadResult) {
+export function loadFigures(r: LoadResult) {
   return { rps: round(r.rps, 1), p50: round(r.p50), p90: round(r.p90), p99: round(r.p99), max: round(r.max), requests: r.requests, errors: r.errors };
 }
 
@@ -419,7 +414,7 @@ function fmtLoad(r: LoadResult): string {
 }
 
 /** Several runs of one load as one: throughput and percentiles averaged, counts summed, the worst max. */
-function meanLoad(runs: LoadResult[]): LoadResult {
+export function meanLoad(runs: LoadResult[]): LoadResult {
   const mean = (f: (r: LoadResult) => number) => runs.reduce((a, r) => a + f(r), 0) / runs.length;
   return {
     requests: runs.reduce((a, r) => a + r.requests, 0),
@@ -437,7 +432,7 @@ function secondsSince(t0: number): string {
   return ((performance.now() - t0) / 1000).toFixed(1);
 }
 
-function apiCaller(base: string) {
+export function apiCaller(base: string) {
   return async (token: string, method: string, route: string, body?: unknown) => {
     const res = await fetch(base + route, {
       method,
@@ -447,6 +442,29 @@ function apiCaller(base: string) {
     const text = await res.text();
     return { status: res.status, body: text ? JSON.parse(text) : undefined };
   };
+}
+
+/**
+ * The identity the loads run as, with what `vault.get` and `vault.totp` read (`bench-get`,
+ * `bench-totp`) and any further credentials stored the same way.
+ */
+export async function createBenchIdentity(
+  call: ReturnType<typeof apiCaller>,
+  adminToken: string,
+  more: Record<string, unknown>[] = [],
+): Promise<{ token: string; identityId: string }> {
+  const created = await call(adminToken, 'POST', '/v1/identities', { name: `bench-${randomUUID().slice(0, 8)}`, email: 'bench@example.com' });
+  if (created.status !== 201) throw new Error(`creating the bench identity failed: ${created.status}`);
+  const token: string = created.body.token;
+  for (const body of [
+    { name: 'bench-get', kind: 'api_key', value: `sk_live_${randomUUID().replace(/-/g, '')}` },
+    { name: 'bench-totp', kind: 'totp_seed', totp: { secret: 'JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP', algorithm: 'SHA1', digits: 6, period: 30 } },
+    ...more,
+  ]) {
+    const res = await call(token, 'POST', '/v1/vault.store', body);
+    if (res.status !== 201) throw new Error(`storing ${String(body.name)} failed: ${res.status} ${JSON.stringify(res.body)}`);
+  }
+  return { token, identityId: created.body.id };
 }
 
 type BatchCounts = { batches: number; calls: number };
@@ -510,7 +528,7 @@ function packageVersion(rel: string): string {
   }
 }
 
-function gitCommit(): string {
+export function gitCommit(): string {
   try {
     return execFileSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: ROOT, encoding: 'utf8' }).trim();
   } catch {

@@ -140,3 +140,51 @@ describe('npm run bench at a tiny size', () => {
     expect(existsSync(out)).toBe(true);
   });
 });
+
+describe('npm run bench:compare at a tiny size', () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-compare-test-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  const servers = () => ['--pg-admin-url', inject('pgAdminUrl'), '--temporal-address', inject('temporalAddress'), '--smtp-url', inject('smtpUrl')];
+  const compare = (args: string[]) =>
+    promisify(execFile)(process.execPath, ['--import', 'tsx', 'bench/compare.ts', ...args, ...servers()], { cwd: ROOT, timeout: 200_000, maxBuffer: 16 * 1024 * 1024 });
+
+  it('loads each variant in turn, slice by slice, and writes each one’s figures against the first', { timeout: 240_000 }, async () => {
+    const out = path.join(dir, 'compare.json');
+    const { stdout } = await compare([
+      '--variant', 'shipped', '--variant', 'small-pool:DATABASE_POOL_SIZE=2,LOG_LEVEL=error',
+      '--ops', 'floor,vault.get', '--rounds', '2', '--slice-seconds', '0.5', '--connections', '4', '--out', out,
+    ]);
+    expect(stdout).toContain('vs first');
+    const r = JSON.parse(readFileSync(out, 'utf8'));
+    expect(r.schema).toBe(1);
+    expect(r.options).toEqual({ ops: ['floor', 'vault.get'], rounds: 2, sliceSeconds: 0.5, connections: 4 });
+    expect(r.variants.map((v: { label: string }) => v.label)).toEqual(['shipped', 'small-pool']);
+    expect(r.variants[1].env).toEqual({ DATABASE_POOL_SIZE: '2', LOG_LEVEL: 'error' });
+    for (const v of r.variants) expect(v.peakRssMb, v.label).toBeGreaterThan(20);
+    expect(Object.keys(r.ops)).toEqual(['floor', 'vault.get']);
+    for (const op of ['floor', 'vault.get']) {
+      for (const label of ['shipped', 'small-pool']) {
+        const f = r.ops[op][label];
+        expect(f.slicesRps, `${op} ${label}`).toHaveLength(2);
+        expect(f.rps, `${op} ${label}`).toBeCloseTo((f.slicesRps[0] + f.slicesRps[1]) / 2, 0);
+        expect(f.rps, `${op} ${label}`).toBeGreaterThan(0);
+        expect(f.errors, `${op} ${label}`).toBe(0);
+        expect(f.wins).toBeGreaterThanOrEqual(0);
+        expect(f.wins).toBeLessThanOrEqual(2);
+      }
+      expect(r.ops[op].shipped).toMatchObject({ vsFirst: 1, wins: 0 });
+      expect(r.ops[op]['small-pool'].vsFirst).toBeCloseTo(r.ops[op]['small-pool'].rps / r.ops[op].shipped.rps, 2);
+    }
+    expect(stdout).not.toContain('sk_live_');
+    expect(JSON.stringify(r)).not.toContain('sk_live_');
+  });
+
+  it('fails, naming the variant, when a variant’s API does not start, and refuses a malformed variant', { timeout: 240_000 }, async () => {
+    const broken = compare(['--variant', 'shipped', '--variant', 'broken:DATABASE_POOL_SIZE=0', '--rounds', '1', '--slice-seconds', '0.5', '--connections', '2']);
+    await expect(broken).rejects.toMatchObject({ code: 1, stderr: expect.stringContaining("variant 'broken' did not start") });
+    const malformed = compare(['--variant', 'shipped', '--variant', 'odd:NOT A PAIR']);
+    await expect(malformed).rejects.toMatchObject({ code: 1, stderr: expect.stringContaining("variant 'odd': 'NOT A PAIR' is not KEY=VALUE") });
+    const alone = compare(['--variant', 'shipped']);
+    await expect(alone).rejects.toMatchObject({ code: 1, stderr: expect.stringContaining('at least two variants') });
+  });
+});
