@@ -135,6 +135,7 @@ export async function runCompare(options: Partial<CompareOptions> & Pick<Compare
       ops,
     };
     printTable(result.ops, labels, o.rounds, o.log);
+    o.log(`peak RSS over the measured rounds: ${result.variants.map((v) => `${v.label} ${v.peakRssMb} MB`).join(', ')}`);
     if (o.out) {
       mkdirSync(path.dirname(o.out), { recursive: true });
       writeFileSync(o.out, `${JSON.stringify(result, null, 2)}\n`);
