@@ -4,7 +4,7 @@ import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { httpLoad, round, type LoadResult } from './load';
-import { apiCaller, createBenchIdentity, gitCommit, HTTP_OPS, loadFigures, meanLoad, type HttpOp } from './run';
+import { apiCaller, createBenchIdentity, gitCommit, HTTP_OPS, loadFigures, meanLoad, SERVER_ARGS, serverOptions, type HttpOp } from './run';
 import { startService, startStack, type Service } from './stack';
 
 /**
@@ -171,9 +171,7 @@ function parseOptions(argv: string[]): Partial<CompareOptions> & Pick<CompareOpt
       'slice-seconds': { type: 'string' },
       connections: { type: 'string' },
       out: { type: 'string' },
-      'pg-admin-url': { type: 'string' },
-      'temporal-address': { type: 'string' },
-      'smtp-url': { type: 'string' },
+      ...SERVER_ARGS,
     },
   });
   const positive = (name: string, s: string) => {
@@ -187,10 +185,7 @@ function parseOptions(argv: string[]): Partial<CompareOptions> & Pick<CompareOpt
   if (values['slice-seconds']) opts.sliceSeconds = positive('slice-seconds', values['slice-seconds']);
   if (values.connections) opts.connections = Math.round(positive('connections', values.connections));
   if (values.out) opts.out = path.resolve(values.out);
-  if (values['pg-admin-url']) opts.pgAdminUrl = values['pg-admin-url'];
-  if (values['temporal-address']) opts.temporalAddress = values['temporal-address'];
-  if (values['smtp-url']) opts.smtpUrl = values['smtp-url'];
-  return opts;
+  return { ...opts, ...serverOptions(values) };
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(path.resolve(process.argv[1])).href) {

@@ -549,9 +549,7 @@ function parseOptions(argv: string[]): Partial<BenchOptions> {
       'sweep-page-size': { type: 'string' },
       rotations: { type: 'string' },
       out: { type: 'string' },
-      'pg-admin-url': { type: 'string' },
-      'temporal-address': { type: 'string' },
-      'smtp-url': { type: 'string' },
+      ...SERVER_ARGS,
     },
   });
   const nums = (s: string) => s.split(',').map((n) => Number(n.replace(/_/g, '')));
@@ -565,10 +563,22 @@ function parseOptions(argv: string[]): Partial<BenchOptions> {
   if (values['sweep-page-size']) opts.sweepPageSize = Number(values['sweep-page-size']);
   if (values.rotations) opts.rotations = Number(values.rotations);
   if (values.out) opts.out = path.resolve(values.out);
-  if (values['pg-admin-url']) opts.pgAdminUrl = values['pg-admin-url'];
-  if (values['temporal-address']) opts.temporalAddress = values['temporal-address'];
-  if (values['smtp-url']) opts.smtpUrl = values['smtp-url'];
-  return opts;
+  return { ...opts, ...serverOptions(values) };
+}
+
+/** The options both bench commands take to use running servers instead of embedded ones. */
+export const SERVER_ARGS = {
+  'pg-admin-url': { type: 'string' },
+  'temporal-address': { type: 'string' },
+  'smtp-url': { type: 'string' },
+} as const;
+
+export function serverOptions(values: { 'pg-admin-url'?: string; 'temporal-address'?: string; 'smtp-url'?: string }): Pick<BenchOptions, 'pgAdminUrl' | 'temporalAddress' | 'smtpUrl'> {
+  return {
+    ...(values['pg-admin-url'] ? { pgAdminUrl: values['pg-admin-url'] } : {}),
+    ...(values['temporal-address'] ? { temporalAddress: values['temporal-address'] } : {}),
+    ...(values['smtp-url'] ? { smtpUrl: values['smtp-url'] } : {}),
+  };
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(path.resolve(process.argv[1])).href) {
