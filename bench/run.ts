@@ -125,7 +125,6 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
     api.resetPeak();
     worker.resetPeak();
     const caller = (): Caller => ({ identityId, actor: `identity:${identityId}`, requestId: randomUUID() });
-    const httpOps = HTTP_OPS;
     const vault = services.vault;
     const opened = services;
     const dbOps: Record<Primitive, (i: number) => Promise<unknown>> = {
@@ -141,7 +140,7 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
     const dbCallsPerBatch: Partial<Record<Primitive, number | null>> = {};
     const apiBatches = async () => readBatchMetrics(await (await fetch(`${api.url}/metrics`)).text());
     const load = (key: 'floor' | Primitive, seconds: number) => {
-      const op = httpOps[key];
+      const op = HTTP_OPS[key];
       return httpLoad({ url: api.url + op.route, method: op.method, token, body: op.body, connections: o.connections, seconds });
     };
     const runDb = async (key: Primitive) => {
