@@ -98,28 +98,30 @@ export async function runCompare(options: Partial<CompareOptions> & Pick<Compare
     // One unrecorded slice of each load on each variant first (JIT, caches, the read thread's start).
     for (const api of apis) for (const op of o.ops) await load(api, op);
     for (const api of apis) api.resetPeak();
-    const slices = new Map<string, LoadResult[]>(o.ops.flatMap((op) => labels.map((l) => [`${op}\0${l}`, []] as [string, LoadResult[]])));
+    // slices[op][variant]: one load per round.
+    const slices: LoadResult[][][] = o.ops.map(() => apis.map(() => []));
     for (let r = 0; r < o.rounds; r++) {
       const order = r % 2 === 0 ? [...apis.keys()] : [...apis.keys()].reverse();
-      for (const op of o.ops) for (const i of order) slices.get(`${op}\0${labels[i]}`)!.push(await load(apis[i]!, op));
+      for (const [k, op] of o.ops.entries()) for (const i of order) slices[k]![i]!.push(await load(apis[i]!, op));
     }
     const ops: Record<string, Record<string, VariantFigures>> = {};
-    for (const op of o.ops) {
-      const first = slices.get(`${op}\0${labels[0]}`)!;
+    for (const [k, op] of o.ops.entries()) {
+      const first = slices[k]![0]!;
       const firstMean = meanLoad(first).rps;
       ops[op] = {};
-      for (const label of labels) {
-        const own = slices.get(`${op}\0${label}`)!;
-        const mean = loadFigures(meanLoad(own));
+      for (const [i, label] of labels.entries()) {
+        const own = slices[k]![i]!;
+        const mean = meanLoad(own);
+        const { rps, p50, p90, p99, errors } = loadFigures(mean);
         ops[op][label] = {
-          rps: mean.rps,
-          p50: mean.p50,
-          p90: mean.p90,
-          p99: mean.p99,
-          errors: mean.errors,
+          rps,
+          p50,
+          p90,
+          p99,
+          errors,
           slicesRps: own.map((s) => round(s.rps, 1)),
-          vsFirst: firstMean > 0 ? round(meanLoad(own).rps / firstMean, 3) : 0,
-          wins: own.filter((s, k) => s.rps > first[k]!.rps).length,
+          vsFirst: firstMean > 0 ? round(mean.rps / firstMean, 3) : 0,
+          wins: own.filter((s, r) => s.rps > first[r]!.rps).length,
         };
       }
     }

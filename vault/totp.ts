@@ -83,8 +83,10 @@ function checked(params: TotpParams): TotpParams {
   } catch {
     throw new UnprocessableError('the TOTP secret is not valid base32 (letters A-Z and digits 2-7)');
   }
-  if (bytes.length < MIN_SEED_BYTES || bytes.length > MAX_SEED_BYTES) {
-    throw new UnprocessableError(`the TOTP secret must decode to ${MIN_SEED_BYTES}–${MAX_SEED_BYTES} bytes, not ${bytes.length}`);
+  const length = bytes.length;
+  bytes.fill(0); // only its length is needed here
+  if (length < MIN_SEED_BYTES || length > MAX_SEED_BYTES) {
+    throw new UnprocessableError(`the TOTP secret must decode to ${MIN_SEED_BYTES}–${MAX_SEED_BYTES} bytes, not ${length}`);
   }
   if (!['SHA1', 'SHA256', 'SHA512'].includes(params.algorithm)) {
     throw new UnprocessableError('the TOTP algorithm must be SHA1, SHA256 or SHA512');
