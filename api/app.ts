@@ -92,7 +92,7 @@ export function createApp(deps: ApiDeps): Express {
   });
   app.use(accessLog(deps.logger));
 
-  const metrics = createMetrics({ readBatches: () => deps.vault.readBatchStats() });
+  const metrics = createMetrics({ readBatches: () => deps.vault.readBatchStats(), storeBatches: () => deps.vault.storeBatchStats() });
   app.use(metrics.middleware);
   app.get(
     '/metrics',

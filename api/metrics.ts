@@ -5,28 +5,24 @@ import { collectDefaultMetrics, Counter, Histogram, Registry } from 'prom-client
  * Prometheus metrics for /metrics: process defaults plus requests by route and status. Labels use
  * the route pattern, never the raw path, so a probe with random paths cannot explode cardinality.
  */
-export function createMetrics(opts: { readBatches?: () => { batches: number; calls: number } } = {}): { registry: Registry; middleware: RequestHandler } {
+type Counts = Record<string, number>;
+
+export function createMetrics(opts: { readBatches?: () => Counts; storeBatches?: () => Counts } = {}): { registry: Registry; middleware: RequestHandler } {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: 'mailgent_' });
-  const readBatches = opts.readBatches;
-  if (readBatches) {
-    // Audited reads are committed in groups (vault/read-batch.ts): calls ÷ batches is the group size.
-    const seen = { batches: 0, calls: 0 };
-    for (const [field, name, help] of [
+  // Audited reads and stores are committed in groups (vault/read-batch.ts, vault/store-batch.ts): calls ÷ batches is the group size.
+  if (opts.readBatches) {
+    counters(registry, opts.readBatches, [
       ['batches', 'mailgent_vault_read_batches_total', 'Group commits of audited reads (vault.get, vault.totp), two statements each'],
       ['calls', 'mailgent_vault_read_batch_calls_total', 'Audited reads carried by those group commits'],
-    ] as const) {
-      new Counter({
-        name,
-        help,
-        registers: [registry],
-        collect() {
-          const now = readBatches()[field];
-          this.inc(now - seen[field]);
-          seen[field] = now;
-        },
-      });
-    }
+    ]);
+  }
+  if (opts.storeBatches) {
+    counters(registry, opts.storeBatches, [
+      ['batches', 'mailgent_vault_store_batches_total', 'Group commits of vault.store calls, one transaction each'],
+      ['calls', 'mailgent_vault_store_batch_calls_total', 'vault.store calls carried by those group commits'],
+      ['fallbacks', 'mailgent_vault_store_batch_rollbacks_total', 'Store batches rolled back, whose calls then stored one by one'],
+    ]);
   }
   const requests = new Counter({
     name: 'mailgent_http_requests_total',
@@ -51,4 +47,22 @@ export function createMetrics(opts: { readBatches?: () => { batches: number; cal
     next();
   };
   return { registry, middleware };
+}
+
+/** Counters that report the growth of running totals kept elsewhere. */
+function counters(registry: Registry, totals: () => Counts, fields: (readonly [string, string, string])[]): void {
+  const seen: Counts = {};
+  for (const [field, name, help] of fields) {
+    seen[field] = 0;
+    new Counter({
+      name,
+      help,
+      registers: [registry],
+      collect() {
+        const now = totals()[field] ?? 0;
+        this.inc(now - seen[field]!);
+        seen[field] = now;
+      },
+    });
+  }
 }

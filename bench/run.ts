@@ -135,10 +135,11 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
     const http: Partial<Record<'floor' | Primitive, LoadResult>> = {};
     const db: Partial<Record<Primitive, LoadResult>> = {};
     const statements: Partial<Record<Primitive, number>> = {};
-    // Audited reads are group-committed (vault/read-batch.ts): calls per batch, from the API's /metrics and the in-process vault.
+    // Audited reads and stores are group-committed (vault/read-batch.ts, store-batch.ts): calls per batch, from the API's /metrics and the in-process vault.
     const httpCallsPerBatch: Partial<Record<Primitive, number | null>> = {};
     const dbCallsPerBatch: Partial<Record<Primitive, number | null>> = {};
-    const apiBatches = async () => readBatchMetrics(await (await fetch(`${api.url}/metrics`)).text());
+    const apiBatches = async (key: Primitive) => batchMetrics(await (await fetch(`${api.url}/metrics`)).text(), key);
+    const vaultBatches = (key: Primitive) => (key === 'vault.store' ? vault.storeBatchStats() : vault.readBatchStats());
     const load = (key: 'floor' | Primitive, seconds: number) => {
       const op = HTTP_OPS[key];
       return httpLoad({ url: api.url + op.route, method: op.method, token, body: op.body, connections: o.connections, seconds });
@@ -147,9 +148,9 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
       await dbOps[key](1_000_000); // warm: data keys cached, as in the API after its first call
       statements[key] = await countStatements(opened, () => dbOps[key](1_000_001));
       if (o.warmupSeconds > 0) await inProcessLoad(dbOps[key], o.connections, o.warmupSeconds);
-      const before = vault.readBatchStats();
+      const before = vaultBatches(key);
       db[key] = await inProcessLoad(dbOps[key], o.connections, o.seconds);
-      dbCallsPerBatch[key] = callsPerBatch(before, vault.readBatchStats());
+      dbCallsPerBatch[key] = callsPerBatch(before, vaultBatches(key));
       const batched = dbCallsPerBatch[key] ? `, ${dbCallsPerBatch[key]} calls per batch here, ${httpCallsPerBatch[key]} over HTTP` : '';
       log(`  db   ${key.padEnd(11)} ${fmtLoad(db[key]!)}  (${statements[key]} statements alone${batched})`);
     };
@@ -174,9 +175,9 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
     if (o.warmupSeconds > 0) await load('floor', o.warmupSeconds);
     for (const key of ['vault.get', 'vault.store', 'vault.totp'] as const) {
       if (o.warmupSeconds > 0) await load(key, o.warmupSeconds);
-      const before = await apiBatches();
+      const before = await apiBatches(key);
       const { floor, primitive } = await alternate(key);
-      httpCallsPerBatch[key] = callsPerBatch(before, await apiBatches());
+      httpCallsPerBatch[key] = callsPerBatch(before, await apiBatches(key));
       http[key] = meanLoad(primitive);
       httpFloorOf[key] = floor;
       floorSlices.push(...floor);
@@ -468,10 +469,11 @@ export async function createBenchIdentity(
 
 type BatchCounts = { batches: number; calls: number };
 
-/** The read-batch counters of an API's /metrics (see api/metrics.ts). */
-function readBatchMetrics(text: string): BatchCounts {
+/** The batch counters of an API's /metrics for an operation (see api/metrics.ts). */
+function batchMetrics(text: string, key: Primitive): BatchCounts {
   const value = (name: string) => Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(text)?.[1] ?? 0);
-  return { batches: value('mailgent_vault_read_batches_total'), calls: value('mailgent_vault_read_batch_calls_total') };
+  const kind = key === 'vault.store' ? 'store' : 'read';
+  return { batches: value(`mailgent_vault_${kind}_batches_total`), calls: value(`mailgent_vault_${kind}_batch_calls_total`) };
 }
 
 /** Average calls per batch between two counts; null when the operation is not batched. */

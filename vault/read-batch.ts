@@ -222,7 +222,7 @@ function unrepresentable(r: ReadRequest<unknown>): string | undefined {
   return undefined;
 }
 
-function storable(v: unknown): boolean {
+export function storable(v: unknown): boolean {
   if (typeof v === 'string') return storableText(v);
   if (Array.isArray(v)) return v.every(storable);
   if (v && typeof v === 'object') return Object.entries(v).every(([k, x]) => storable(k) && storable(x));

@@ -23,6 +23,30 @@ const INSERT_COUNTED = `
   INSERT INTO secret_versions (credential_id, version, data_key_id, sealed, rotation_key, based_on, provider_ref, fingerprint, created_at)
   SELECT $1, $2, counted.id, $4, $5, $6, $7, $8, $9 FROM counted`;
 
+// A batch's versions (vault/store-batch.ts), each key counting all its encryptions at once: every
+// version goes in, or (a key refused, at its limit or retired) fewer rows than asked, and the caller
+// rolls back and stores each alone, where a refused count rolls the key over.
+const INSERT_COUNTED_MANY = `
+  WITH wanted AS (
+    SELECT key_id, count(*)::int AS n FROM unnest($3::uuid[]) AS key_id GROUP BY key_id
+  ), counted AS (
+    UPDATE data_keys d SET encryptions = d.encryptions + w.n FROM wanted w
+     WHERE d.id = w.key_id AND d.retired_at IS NULL AND d.encryptions + w.n <= $8 RETURNING d.id
+  )
+  INSERT INTO secret_versions (credential_id, version, data_key_id, sealed, provider_ref, fingerprint, created_at)
+  SELECT v.credential_id, v.version, v.key_id, v.sealed, v.provider_ref, v.fingerprint, $7
+    FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::bytea[], $5::text[], $6::bytea[])
+         AS v(credential_id, version, key_id, sealed, provider_ref, fingerprint)
+   WHERE v.key_id IN (SELECT id FROM counted)`;
+
+export interface NewVersion {
+  ownerId: string;
+  credentialId: string;
+  version: number;
+  value: string;
+  providerRef?: string | null;
+}
+
 export class SecretStore {
   constructor(
     private readonly dataKeys: Pick<DataKeys, 'active' | 'rollOver' | 'maxEncryptions' | 'byKeyId' | 'serviceKey'>,
@@ -63,6 +87,46 @@ export class SecretStore {
       throw new IntegrityError(`could not find an active data key for identity ${ownerId}`);
     } finally {
       plaintext.fill(0);
+    }
+  }
+
+  /**
+   * Seals and inserts many versions in one statement (a store batch's). Returns their creation time,
+   * or undefined when a data key refused its count (see INSERT_COUNTED_MANY): the caller rolls back.
+   */
+  async insertMany(tx: Db, versions: NewVersion[]): Promise<Date | undefined> {
+    const plaintexts = versions.map((v) => Buffer.from(v.value, 'utf8'));
+    try {
+      const keyIds: string[] = [];
+      const sealed: Buffer[] = [];
+      const fingerprints: Buffer[] = [];
+      for (const [i, v] of versions.entries()) {
+        const plaintext = plaintexts[i]!;
+        const digest = createHash('sha256').update(plaintext).digest();
+        fingerprints.push(await this.fingerprintOfSha256(tx, digest));
+        digest.fill(0);
+        const key = await this.dataKeys.active(tx, v.ownerId);
+        keyIds.push(key.id);
+        sealed.push(seal(key.key, plaintext, versionAad(v.ownerId, v.credentialId, v.version)));
+      }
+      const createdAt = this.clock();
+      const { rowCount } = await tx.query({
+        name: 'secret-version-insert-many',
+        text: INSERT_COUNTED_MANY,
+        values: [
+          versions.map((v) => v.credentialId),
+          versions.map((v) => v.version),
+          keyIds,
+          sealed,
+          versions.map((v) => v.providerRef ?? null),
+          fingerprints,
+          createdAt,
+          this.dataKeys.maxEncryptions,
+        ],
+      });
+      return rowCount === versions.length ? createdAt : undefined;
+    } finally {
+      for (const p of plaintexts) p.fill(0);
     }
   }
 

@@ -1,3 +1,5 @@
+import type { TotpInput } from './totp';
+
 /** The vault's vocabulary, shared by the API, the activities and the workflows' activity results. */
 
 export const KINDS = ['api_key', 'password', 'token', 'totp_seed', 'service_account', 'generic'] as const;
@@ -49,6 +51,16 @@ export interface CredentialPolicy {
   dependents?: DependentSpec[];
   notify?: string[];
   expiresAt?: string | null;
+}
+
+export interface StoreInput extends CredentialPolicy {
+  name: string;
+  kind: Kind;
+  value?: string;
+  totp?: TotpInput;
+  expectedVersion?: number;
+  /** The provider's id for this value, kept so a later rotation can revoke it there. */
+  externalId?: string;
 }
 
 export interface StoredVersion {

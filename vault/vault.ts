@@ -1,13 +1,15 @@
 import { randomUUID } from 'node:crypto';
 import type { Db, Pool } from '../db/pool';
-import { ConflictError, NotFoundError, UnprocessableError, VersionConflictError } from '../core/errors';
+import { NotFoundError, UnprocessableError } from '../core/errors';
 import { audited, type AuditNote } from './audited';
 import { lastReadSql } from './audit';
-import { ReadBatcher } from './read-batch';
+import { ReadBatcher, storable } from './read-batch';
+import { StoreBatcher, storeRefusal } from './store-batch';
 import type { ReadThread } from './read-thread';
 import type { SecretStore } from './secret-store';
-import { normalizeTotp, parseStoredTotp, toOtpauthUri, totpCode, type TotpCode, type TotpInput } from './totp';
-import type { Caller, CredentialMeta, CredentialPolicy, CredentialRef, Kind, SecretRead, StoredVersion } from './types';
+import { normalizeTotp, parseStoredTotp, toOtpauthUri, totpCode, type TotpCode } from './totp';
+import type { Caller, CredentialMeta, CredentialPolicy, CredentialRef, Kind, SecretRead, StoredVersion, StoreInput } from './types';
+import { UUID } from '../core/ids';
 
 export * from './types';
 
@@ -17,16 +19,6 @@ export * from './types';
  * reads share one (see read-batch.ts), each still with its own row.
  * Reads are scoped to the caller's own credentials, plus (by id) those granted to it.
  */
-
-export interface StoreInput extends CredentialPolicy {
-  name: string;
-  kind: Kind;
-  value?: string;
-  totp?: TotpInput;
-  expectedVersion?: number;
-  /** The provider's id for this value, kept so a later rotation can revoke it there. */
-  externalId?: string;
-}
 
 export interface ListFilter {
   kind?: Kind;
@@ -53,6 +45,7 @@ const POLICY_COLUMNS: [keyof CredentialPolicy, string, (v: any) => unknown][] = 
 
 export class Vault {
   private readonly reads: ReadBatcher;
+  private readonly writes: StoreBatcher;
 
   constructor(
     private readonly pool: Pool,
@@ -62,6 +55,7 @@ export class Vault {
     private readonly thread?: ReadThread,
   ) {
     this.reads = new ReadBatcher(pool, secrets);
+    this.writes = new StoreBatcher(pool, secrets, clock, (caller, input) => this.storeAlone(caller, input));
   }
 
   /** How many read batches ran and how many calls they carried (see read-batch.ts). */
@@ -69,26 +63,32 @@ export class Vault {
     return this.thread ? this.thread.stats() : { ...this.reads.stats };
   }
 
-  /** Stores a new credential, or a new current version of an existing one (check-and-set with expectedVersion). */
+  /**
+   * Stores a new credential, or a new current version of an existing one (check-and-set with
+   * expectedVersion). Concurrent stores commit together (see store-batch.ts); one that also sets
+   * policy, or whose input the database could not take, stores alone.
+   */
   store(caller: Caller, input: StoreInput): Promise<StoredVersion> {
+    if (POLICY_COLUMNS.some(([field]) => input[field] !== undefined) || !batchable(caller, input)) return this.storeAlone(caller, input);
+    let plaintext: string;
+    try {
+      plaintext = plaintextOf(input);
+    } catch {
+      return this.storeAlone(caller, input); // refused there, with its audit row
+    }
+    return this.writes.store(caller, input, plaintext);
+  }
+
+  /** One store in a transaction of its own: policy columns, and every call of a batch that rolled back. */
+  private storeAlone(caller: Caller, input: StoreInput): Promise<StoredVersion> {
     return audited(this.pool, caller, 'vault.store', { name: input.name }, async (tx, note) => {
-      const plaintext = input.kind === 'totp_seed' ? toOtpauthUri(normalizeTotp(input.totp!, input.name)) : input.value!;
+      const plaintext = plaintextOf(input);
       const existing = await this.lockOrCreate(tx, caller.identityId, input);
       note.credentialId = existing.id;
       let version = 1;
       if (!existing.created) {
-        if (existing.deleted) {
-          throw new ConflictError(`credential '${input.name}' is deleted; restore it, or destroy it to reuse the name`);
-        }
-        if (input.expectedVersion !== undefined && input.expectedVersion !== existing.currentVersion) {
-          throw new VersionConflictError(
-            `credential '${input.name}' is at version ${existing.currentVersion}, not ${input.expectedVersion}`,
-            existing.currentVersion,
-          );
-        }
-        if (existing.kind !== input.kind) {
-          throw new UnprocessableError(`credential '${input.name}' is a ${existing.kind}; its kind cannot change to ${input.kind}`);
-        }
+        const refusal = storeRefusal(input, existing);
+        if (refusal) throw refusal;
         const next = await tx.query({
           name: 'credential-next-version',
           text: `UPDATE credentials SET previous_version = current_version, updated_at = $2,
@@ -103,6 +103,11 @@ export class Vault {
       note.detail.version = version;
       return { id: existing.id, name: input.name, version, createdAt: createdAt.toISOString() };
     });
+  }
+
+  /** How many store batches ran, how many calls they carried, and how many rolled back to store alone. */
+  storeBatchStats(): { batches: number; calls: number; fallbacks: number } {
+    return { ...this.writes.stats };
   }
 
   /** Reads a version's value (the current one unless `version` is given). `auditDetail` is added to the audit row (never a value). */
@@ -308,9 +313,8 @@ export class Vault {
       });
       const row = found.rows[0];
       if (row) return { id: row.id, created: false, deleted: row.deleted_at !== null, currentVersion: row.current_version, kind: row.kind };
-      if (input.expectedVersion !== undefined && input.expectedVersion !== 0) {
-        throw new VersionConflictError(`credential '${input.name}' does not exist yet; expectedVersion must be 0 or absent`, null);
-      }
+      const refusal = storeRefusal(input, null);
+      if (refusal) throw refusal;
       const id = randomUUID();
       const now = this.clock();
       // A concurrent first store of the same name wins the unique index; then we lock its row instead.
@@ -375,6 +379,20 @@ export class Vault {
 
 const SELECT_META = `SELECT c.*, v.created_at AS version_created_at, ${lastReadSql('c.id')} AS last_accessed_at
   FROM credentials c JOIN secret_versions v ON v.credential_id = c.id AND v.version = c.current_version`;
+
+/** The value as sealed: a TOTP seed is kept as its otpauth URI. */
+function plaintextOf(input: StoreInput): string {
+  return input.kind === 'totp_seed' ? toOtpauthUri(normalizeTotp(input.totp!, input.name)) : input.value!;
+}
+
+/** Whether the database can take the call as a batch's parameters: one it could not would roll the whole batch back. */
+function batchable(caller: Caller, input: StoreInput): boolean {
+  return (
+    UUID.test(caller.identityId) &&
+    storable([input.name, input.kind, input.externalId ?? '', caller.actor, caller.requestId ?? '']) &&
+    (input.expectedVersion === undefined || (Number.isInteger(input.expectedVersion) && input.expectedVersion >= 0 && input.expectedVersion <= 2_147_483_647))
+  );
+}
 
 function refDetail(ref: CredentialRef, version?: number): Record<string, unknown> {
   return { ...('name' in ref ? { name: ref.name } : { ref: ref.id }), ...(version ? { requestedVersion: version } : {}) };

@@ -1,0 +1,162 @@
+import { randomUUID } from 'node:crypto';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { AppError } from '../core/errors';
+import { verifyAuditChain } from '../vault/audit';
+import { DataKeys } from '../vault/data-keys';
+import { Keyring } from '../vault/keyring';
+import { SecretStore } from '../vault/secret-store';
+import type { Caller } from '../vault/types';
+import { Vault } from '../vault/vault';
+import { expectCleanRun } from './support/leaks';
+import { startHarness, type Harness } from './support/harness';
+
+/**
+ * Concurrent stores share one transaction (vault/store-batch.ts). Calls started in the same tick are
+ * deterministic: the first starts a batch alone, the others queue and make the next, a name at most
+ * once per batch.
+ */
+describe('group commit of stores', () => {
+  let h: Harness;
+  let alice: { id: string; token: string; name: string };
+  const as = (who: { id: string }): Caller => ({ identityId: who.id, actor: `identity:${who.id}`, requestId: randomUUID() });
+  const settle = <T>(p: Promise<T>) => p.then((value) => ({ value }), (error: unknown) => ({ error: error as AppError }));
+  const outcome = (r: { value: unknown } | { error: AppError }) => ('error' in r ? r.error.status : 'ok');
+  const rowsOf = async (requestIds: string[]) => {
+    const { rows } = await h.sql(
+      `SELECT request_id, outcome, credential_id, detail, xmin::text AS tx FROM audit_log WHERE request_id = ANY($1) ORDER BY seq`,
+      [requestIds],
+    );
+    return { inSeq: rows, byCall: requestIds.map((id) => rows.find((r) => r.request_id === id)!) };
+  };
+  // Lets a finished batch release the batcher, so the next calls start from an idle one.
+  const idle = () => new Promise((resolve) => setImmediate(resolve));
+  const currentVersion = async (identityId: string, name: string) =>
+    (await h.sql('SELECT current_version FROM credentials WHERE identity_id = $1 AND name = $2 AND destroyed_at IS NULL', [identityId, name])).rows[0]?.current_version;
+
+  beforeAll(async () => {
+    h = await startHarness();
+    alice = await h.createIdentity('alice-sb');
+    const vault = h.services.vault;
+    for (let i = 0; i < 10; i++) await vault.store(as(alice), { name: `existing-${i}`, kind: 'api_key', value: h.secret(`sk_existing_${i}_v1`) });
+    await vault.store(as(alice), { name: 'a-password', kind: 'password', value: h.secret('a-password-value-v1') });
+    await vault.store(as(alice), { name: 'gone', kind: 'api_key', value: h.secret('sk_gone_value_v1') });
+    await vault.remove(as(alice), { name: 'gone' });
+  });
+  afterAll(async () => {
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
+    await h.close();
+  });
+
+  it('thirty mixed stores commit in two transactions; each gets its own answer and its own audit row, refusals write nothing', async () => {
+    const vault = h.services.vault;
+    const before = vault.storeBatchStats();
+    const calls = [
+      ...Array.from({ length: 10 }, (_, i) => ({ name: `fresh-${i}`, kind: 'api_key' as const, value: h.secret(`sk_fresh_${i}_${randomUUID()}`) })),
+      ...Array.from({ length: 10 }, (_, i) => ({ name: `existing-${i}`, kind: 'api_key' as const, value: h.secret(`sk_existing_${i}_v2_${randomUUID()}`), expectedVersion: i < 5 ? 1 : undefined })),
+      { name: 'existing-x', kind: 'api_key' as const, value: h.secret(`sk_absent_${randomUUID()}`), expectedVersion: 3 },
+      { name: 'a-password', kind: 'api_key' as const, value: h.secret(`sk_kind_change_${randomUUID()}`) },
+      { name: 'gone', kind: 'api_key' as const, value: h.secret(`sk_deleted_${randomUUID()}`) },
+      ...Array.from({ length: 7 }, (_, i) => ({ name: `stale-${i}`, kind: 'token' as const, value: h.secret(`stale-token-${i}-${randomUUID()}`), expectedVersion: 0 })),
+    ];
+    // The stale-* names exist at version 1 already, so expectedVersion 0 is out of date for them.
+    for (let i = 0; i < 7; i++) await vault.store(as(alice), { name: `stale-${i}`, kind: 'token', value: h.secret(`stale-token-${i}-first`) });
+    await idle();
+    const afterSetup = vault.storeBatchStats();
+    const callers = calls.map(() => as(alice));
+    const results = await Promise.all(calls.map((input, i) => settle(vault.store(callers[i]!, input))));
+
+    expect(results.map(outcome)).toEqual([...Array(20).fill('ok'), 409, 422, 409, ...Array(7).fill(409)]);
+    for (const [i, r] of results.slice(0, 10).entries()) expect(r).toMatchObject({ value: { name: `fresh-${i}`, version: 1 } });
+    for (const [i, r] of results.slice(10, 20).entries()) expect(r).toMatchObject({ value: { name: `existing-${i}`, version: 2 } });
+    expect((results[20] as { error: AppError }).error.message).toBe("credential 'existing-x' does not exist yet; expectedVersion must be 0 or absent");
+    expect((results[21] as { error: AppError }).error.message).toBe("credential 'a-password' is a password; its kind cannot change to api_key");
+    expect((results[22] as { error: AppError }).error.message).toMatch(/'gone' is deleted/);
+    expect((results[23] as { error: AppError }).error.message).toBe("credential 'stale-0' is at version 1, not 0");
+    expect(vault.storeBatchStats()).toEqual({ batches: afterSetup.batches + 2, calls: afterSetup.calls + calls.length, fallbacks: before.fallbacks });
+
+    // One audit row per call, in two transactions: the first call alone, then every other one together.
+    const { inSeq, byCall } = await rowsOf(callers.map((c) => c.requestId!));
+    expect(inSeq).toHaveLength(calls.length);
+    expect(new Set(byCall.map((r) => r.tx)).size).toBe(2);
+    expect(byCall.slice(1).every((r) => r.tx === byCall[1].tx)).toBe(true);
+    expect(byCall.map((r) => r.outcome)).toEqual([...Array(20).fill('ok'), 'conflict', 'rejected', 'conflict', ...Array(7).fill('conflict')]);
+    expect(byCall[0].detail).toMatchObject({ name: 'fresh-0', version: 1 });
+    expect(byCall[21].detail).toMatchObject({ name: 'a-password', error: 'unprocessable' });
+    expect(byCall[20].credential_id).toBeNull();
+    expect(byCall[21].credential_id).not.toBeNull();
+
+    // Refused calls changed nothing; stored ones read back as stored.
+    expect(await currentVersion(alice.id, 'a-password')).toBe(1);
+    expect(await currentVersion(alice.id, 'existing-x')).toBeUndefined();
+    for (let i = 0; i < 7; i++) expect(await currentVersion(alice.id, `stale-${i}`)).toBe(1);
+    for (const [i, input] of calls.slice(0, 20).entries()) {
+      const read = await vault.get(as(alice), { name: input.name });
+      expect({ i, version: read.version, value: read.value }).toEqual({ i, version: input.name.startsWith('fresh') ? 1 : 2, value: input.value });
+    }
+    expect((await verifyAuditChain(h.services.pool)).ok).toBe(true);
+  });
+
+  it('one name stored many times at once gets consecutive versions, one batch each; with expectedVersion exactly one wins', async () => {
+    const vault = h.services.vault;
+    await idle();
+    const values = Array.from({ length: 6 }, (_, i) => h.secret(`sk_same_name_${i}_${randomUUID()}`));
+    const callers = values.map(() => as(alice));
+    const stored = await Promise.all(values.map((value, i) => vault.store(callers[i]!, { name: 'same-name', kind: 'api_key', value })));
+    expect(stored.map((s) => s.version)).toEqual([1, 2, 3, 4, 5, 6]);
+    const { byCall } = await rowsOf(callers.map((c) => c.requestId!));
+    expect(new Set(byCall.map((r) => r.tx)).size).toBe(6);
+    for (const [i, value] of values.entries()) expect((await vault.get(as(alice), { name: 'same-name' }, i + 1)).value).toBe(value);
+
+    const racers = Array.from({ length: 12 }, (_, i) => vault.store(as(alice), { name: 'same-name', kind: 'api_key', value: h.secret(`sk_racer_${i}_${randomUUID()}`), expectedVersion: 6 }));
+    const raced = await Promise.all(racers.map(settle));
+    expect(raced.filter((r) => outcome(r) === 'ok')).toHaveLength(1);
+    expect(raced.filter((r) => outcome(r) === 409)).toHaveLength(11);
+    expect(await currentVersion(alice.id, 'same-name')).toBe(7);
+  });
+
+  it('a batch that rolls back (its data key at its limit) stores every call alone: all stored once, the key rolled over once', async () => {
+    // A second vault on the same database with a tiny limit (the service's default is 2^30).
+    const dataKeys = new DataKeys(h.services.pool, Keyring.fromSetting(h.keyringFile), { maxEncryptions: 4 });
+    const vault = new Vault(h.services.pool, new SecretStore(dataKeys, () => new Date()));
+    const carol = await h.createIdentity('carol-sb');
+    await vault.store(as(carol), { name: 'first', kind: 'generic', value: h.secret('carol-first-value') });
+    await idle();
+    // Five at once: one alone (the key's second encryption), then four together, which would make 2 + 4 > 4.
+    const inputs = Array.from({ length: 5 }, (_, i) => ({ name: `burst-${i}`, kind: 'generic' as const, value: h.secret(`carol-burst-${i}-${randomUUID()}`) }));
+    const callers = inputs.map(() => as(carol));
+    const results = await Promise.all(inputs.map((input, i) => vault.store(callers[i]!, input)));
+    expect(results.map((r) => r.version)).toEqual([1, 1, 1, 1, 1]);
+    expect(vault.storeBatchStats()).toMatchObject({ batches: 3, calls: 6, fallbacks: 1 });
+
+    const keys = await h.sql('SELECT id, encryptions, retired_at IS NOT NULL AS retired FROM data_keys WHERE identity_id = $1 ORDER BY created_at', [carol.id]);
+    // 1 (first) + 1 (alone) + 2 of the four alone under the first key; the other 2 under its successor.
+    expect(keys.rows.map((k) => [Number(k.encryptions), k.retired])).toEqual([
+      [4, true],
+      [2, false],
+    ]);
+    const { inSeq } = await rowsOf(callers.map((c) => c.requestId!));
+    expect(inSeq.map((r) => r.outcome)).toEqual(Array(5).fill('ok'));
+    for (const input of inputs) expect((await vault.get(as(carol), { name: input.name })).value).toBe(input.value);
+    const versions = await h.sql('SELECT count(*)::int AS n FROM secret_versions v JOIN credentials c ON c.id = v.credential_id WHERE c.identity_id = $1', [carol.id]);
+    expect(versions.rows[0].n).toBe(6);
+  });
+
+  it('a store that sets policy commits alone, beside a batch', async () => {
+    const vault = h.services.vault;
+    const callers = [as(alice), as(alice), as(alice), as(alice)];
+    const inputs = [
+      { name: 'plain-1', kind: 'api_key' as const, value: h.secret(`sk_plain_1_${randomUUID()}`) },
+      { name: 'plain-2', kind: 'api_key' as const, value: h.secret(`sk_plain_2_${randomUUID()}`) },
+      { name: 'owned', kind: 'api_key' as const, value: h.secret(`sk_owned_${randomUUID()}`), owners: ['ops@example.com'], tags: ['billing'] },
+      { name: 'plain-3', kind: 'api_key' as const, value: h.secret(`sk_plain_3_${randomUUID()}`) },
+    ];
+    await idle();
+    const before = vault.storeBatchStats();
+    await Promise.all(inputs.map((input, i) => vault.store(callers[i]!, input)));
+    expect(vault.storeBatchStats().calls - before.calls).toBe(3);
+    const { byCall } = await rowsOf(callers.map((c) => c.requestId!));
+    expect(byCall[1].tx).toBe(byCall[3].tx);
+    expect(byCall[2].tx).not.toBe(byCall[1].tx);
+    expect((await h.sql(`SELECT owners, tags FROM credentials WHERE identity_id = $1 AND name = 'owned'`, [alice.id])).rows[0]).toEqual({ owners: ['ops@example.com'], tags: ['billing'] });
+  });
+});
