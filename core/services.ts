@@ -24,15 +24,18 @@ export interface Services {
   mailer: Mailer;
   /** Encrypts every Temporal payload; every client, worker and replayer of this deployment uses it. */
   dataConverter: DataConverter;
-  /** The thread vault.get and vault.totp run in, when asked for (`readThread`). */
+  /** The thread vault.get, vault.totp and vault.store run in, when asked for (`readThread`). */
   readThread?: ReadThread;
   /** Resolves once the read thread (if any) has started; rejects with its error if it cannot. */
   ready(): Promise<void>;
   close(): Promise<void>;
 }
 
-/** Connections the read thread's own pool keeps (one batch runs at a time; the second is spare). */
-const READ_THREAD_POOL_SIZE = 2;
+/**
+ * Connections the read thread's own pool keeps: a read batch and a store batch run at a time, and a
+ * store that sets policy (or a rolled-back batch's calls) stores alone on the third.
+ */
+const READ_THREAD_POOL_SIZE = 3;
 
 export function openServices(opts: {
   databaseUrl: string;
@@ -45,7 +48,7 @@ export function openServices(opts: {
   /** GCM encryptions per data key before a new one takes over (DATA_KEY_MAX_ENCRYPTIONS). */
   maxEncryptionsPerKey?: number;
   /**
-   * Run vault.get and vault.totp in a worker thread with its own pool (vault/read-thread.ts; the
+   * Run vault.get, vault.totp and vault.store in a worker thread with its own pool (vault/read-thread.ts; the
    * API turns it on, READ_THREAD). It reads the wall clock, so it cannot go with `clock`, and it
    * reads the keyring from its setting, so the keyring must come from Keyring.fromSetting.
    */
@@ -60,7 +63,7 @@ export function openServices(opts: {
   const mailer = createMailer(opts.smtpUrl, opts.mailFrom);
   const thread = opts.readThread
     ? new ReadThread(
-        { databaseUrl: opts.databaseUrl, poolSize: READ_THREAD_POOL_SIZE, keyringSetting: opts.keyring.setting! },
+        { databaseUrl: opts.databaseUrl, poolSize: READ_THREAD_POOL_SIZE, keyringSetting: opts.keyring.setting!, maxEncryptionsPerKey: opts.maxEncryptionsPerKey },
         opts.logger,
       )
     : undefined;

@@ -3,7 +3,7 @@ import { copyFileSync, writeFileSync } from 'node:fs';
 import type { Worker } from 'node:worker_threads';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { NotFoundError, UnavailableError } from '../core/errors';
+import { NotFoundError, UnavailableError, UnprocessableError } from '../core/errors';
 import { openServices, type Services } from '../core/services';
 import { isAudited } from '../vault/audit';
 import { Keyring } from '../vault/keyring';
@@ -104,6 +104,37 @@ describe('the vault read thread', () => {
     expect(mainBatches.calls).toBe(0);
   });
 
+  it("answers the API's stores too: each batch commits in the thread, a refusal keeps its class, fields and audited mark", async () => {
+    const mainStores = (h.services.vault as unknown as { writes: { stats: { calls: number } } }).writes.stats;
+    const before = h.services.vault.storeBatchStats();
+    const requestId = randomUUID();
+    const stored = await h.api('POST', '/v1/vault.store', {
+      token: agent.token,
+      body: { name: 'stored-in-thread', kind: 'api_key', value: h.secret(`sk_thread_store_${randomUUID()}`) },
+      headers: { 'x-request-id': requestId },
+    });
+    expect(stored.status).toBe(201);
+    expect(stored.body).toMatchObject({ name: 'stored-in-thread', version: 1 });
+    expect(await rowsOf(requestId)).toEqual([{ action: 'vault.store', outcome: 'ok', detail: { name: 'stored-in-thread', version: 1 } }]);
+
+    const conflictId = randomUUID();
+    const conflict = await h.api('POST', '/v1/vault.store', {
+      token: agent.token,
+      body: { name: 'stored-in-thread', kind: 'api_key', value: h.secret(`sk_thread_late_${randomUUID()}`), expectedVersion: 5 },
+      headers: { 'x-request-id': conflictId },
+    });
+    expect(conflict.status).toBe(409);
+    expect(conflict.body).toMatchObject({ type: 'https://mailgent.dev/problems/version-conflict', currentVersion: 1 });
+    expect(await rowsOf(conflictId)).toEqual([{ action: 'vault.store', outcome: 'conflict', detail: { name: 'stored-in-thread', error: 'version-conflict', status: 409 } }]);
+
+    const direct = await h.services.vault.store(as(), { name: 'stored-in-thread', kind: 'token', value: h.secret(`kind-change-${randomUUID()}`) }).catch((err: unknown) => err);
+    expect(direct).toBeInstanceOf(UnprocessableError);
+    expect(isAudited(direct)).toBe(true);
+
+    expect(h.services.vault.storeBatchStats().calls - before.calls).toBe(3);
+    expect(mainStores.calls).toBe(0);
+  });
+
   it('a thread that dies fails its reads with a 503 and no value, the API audits them, and the next read starts a new thread', async () => {
     const hold = await holdAuditLog();
     const requestId = randomUUID();
@@ -190,7 +221,7 @@ describe('the vault read thread', () => {
       await expect(services.ready()).rejects.toThrow(`keyring file ${file} is neither one base64 key nor a keyring JSON document`);
       const read = await services.vault.get(as(), { name: 'read-me' }).catch((err: unknown) => err);
       expect(read).toBeInstanceOf(UnavailableError);
-      expect((read as Error).message).toBe('the vault read path is restarting; try again shortly');
+      expect((read as Error).message).toBe('the vault thread is restarting; try again shortly');
 
       copyFileSync(h.keyringFile, file);
       await new Promise((r) => setTimeout(r, 1_100));

@@ -7,7 +7,7 @@ import { sendError } from './read-thread';
 import { SecretStore } from './secret-store';
 import { Vault } from './vault';
 
-/** The vault read thread (see read-thread.ts): a Vault of its own answering the calls it is sent. */
+/** The vault thread (see read-thread.ts): a Vault of its own answering the calls it is sent. */
 
 const port = parentPort!;
 const data = workerData as ReadThreadData;
@@ -15,8 +15,7 @@ const post = (m: FromThread) => port.postMessage(m);
 const clock = () => new Date();
 
 const pool = createPool(data.databaseUrl, data.poolSize, { warn: (o, msg) => post({ type: 'log', msg, err: o.err === undefined ? undefined : sendError(o.err) }) });
-// The thread only decrypts, so the data keys' encryption limit does not apply here.
-const dataKeys = new DataKeys(pool, Keyring.fromSetting(data.keyringSetting));
+const dataKeys = new DataKeys(pool, Keyring.fromSetting(data.keyringSetting), { maxEncryptions: data.maxEncryptionsPerKey });
 const vault = new Vault(pool, new SecretStore(dataKeys, clock), clock);
 
 let replies: ReadReply[] = [];
@@ -33,7 +32,7 @@ function flush(): void {
   if (replies.length === 0) return;
   const out = replies;
   replies = [];
-  post({ type: 'replies', replies: out, stats: vault.readBatchStats() });
+  post({ type: 'replies', replies: out, stats: { reads: vault.readBatchStats(), stores: vault.storeBatchStats() } });
   if (closing && inFlight === 0) void end();
 }
 
@@ -47,7 +46,8 @@ port.on('message', (m: ToThread) => {
   for (const c of m.calls) {
     let call: Promise<unknown>;
     try {
-      call = c.op === 'get' ? vault.get(c.caller, c.ref, c.version, c.detail) : c.op === 'masked' ? vault.getMasked(c.caller, c.ref, c.version) : vault.totp(c.caller, c.ref);
+      if (c.op === 'store') call = vault.store(c.caller, c.input);
+      else call = c.op === 'get' ? vault.get(c.caller, c.ref, c.version, c.detail) : c.op === 'masked' ? vault.getMasked(c.caller, c.ref, c.version) : vault.totp(c.caller, c.ref);
     } catch (err) {
       // A malformed call fails alone; it must not end the thread and the other calls with it.
       call = Promise.reject(err);

@@ -3,16 +3,18 @@ import * as errors from '../core/errors';
 import { AppError, UnavailableError } from '../core/errors';
 import type { Logger } from '../core/logger';
 import { isAudited, markAudited } from './audit';
-import type { Caller, CredentialRef } from './types';
+import type { Caller, CredentialRef, StoredVersion, StoreInput } from './types';
 
 /**
- * The API's audited reads (vault.get, its masked form, vault.totp) run in a worker thread of their
- * own: a `Vault` there, with its own small pool, runs the read batches of read-batch.ts (the read
- * statement, the decryptions, each call's outcome and the audit append). The main thread only parses
- * requests and writes answers. Why: a batch is two round trips, and on the main thread each waited
- * for a turn of an event loop busy with HTTP; in the thread they are answered at once (on 2 cores:
- * vault.get ~+20% req/s under steady load, ~+0.05 of the HTTP floor in the bench's 2-second slices;
- * ~20 MB more RSS; see the README's benchmark notes).
+ * The API's audited reads (vault.get, its masked form, vault.totp) and its stores run in a worker
+ * thread of their own: a `Vault` there, with its own small pool, runs the read batches of
+ * read-batch.ts (the read statement, the decryptions, each call's outcome and the audit append) and
+ * the store batches of store-batch.ts (the locks, the sealing, the inserts and the audit rows). The
+ * main thread only parses requests and writes answers. Why: a read batch is two round trips and a
+ * store batch five, and on the main thread each waited for a turn of an event loop busy with HTTP;
+ * in the thread they are answered at once (on 2 cores: vault.get ~+20% req/s under steady load,
+ * ~+0.05 of the HTTP floor in the bench's 2-second slices; a store batch of 16 took 7–9 ms on the
+ * main thread; ~20 MB more RSS; see the README's benchmark notes).
  *
  * Nothing changes for callers: the same scoping, the same audit rows (written in the thread, before a
  * value is handed back), the same errors (rebuilt here with their class, and their audited mark so
@@ -27,14 +29,9 @@ import type { Caller, CredentialRef } from './types';
 
 export type ReadOp = 'get' | 'masked' | 'totp';
 
-export interface ReadCall {
-  id: number;
-  op: ReadOp;
-  caller: Caller;
-  ref: CredentialRef;
-  version?: number;
-  detail?: Record<string, unknown>;
-}
+export type ReadCall =
+  | { id: number; op: ReadOp; caller: Caller; ref: CredentialRef; version?: number; detail?: Record<string, unknown> }
+  | { id: number; op: 'store'; caller: Caller; input: StoreInput };
 
 export type ReadReply = { id: number; ok: true; value: unknown } | { id: number; ok: false; error: SentError };
 
@@ -43,10 +40,18 @@ export interface BatchStats {
   calls: number;
 }
 
+/** The thread's read batches, and its store batches with those that rolled back. */
+export interface ThreadStats {
+  reads: BatchStats;
+  stores: BatchStats & { fallbacks: number };
+}
+
+const NO_STATS: ThreadStats = { reads: { batches: 0, calls: 0 }, stores: { batches: 0, calls: 0, fallbacks: 0 } };
+
 /** Messages from the thread. */
 export type FromThread =
   | { type: 'ready' }
-  | { type: 'replies'; replies: ReadReply[]; stats: BatchStats }
+  | { type: 'replies'; replies: ReadReply[]; stats: ThreadStats }
   | { type: 'log'; msg: string; err?: SentError };
 
 /** Messages to the thread. */
@@ -57,6 +62,8 @@ export interface ReadThreadData {
   poolSize: number;
   /** VAULT_MASTER_KEY as given (a file keyring is re-read by the thread as `rekey` changes it). */
   keyringSetting: string;
+  /** GCM encryptions per data key before a new one takes over (DATA_KEY_MAX_ENCRYPTIONS), for stores. */
+  maxEncryptionsPerKey?: number;
 }
 
 /** An error as it crosses the thread boundary: its class by name, its message and own fields. */
@@ -142,8 +149,8 @@ export class ReadThread {
   private outbox: ReadCall[] = [];
   private nextId = 0;
   /** Stats of threads that have ended, and of the current one as last reported. */
-  private ended: BatchStats = { batches: 0, calls: 0 };
-  private current: BatchStats = { batches: 0, calls: 0 };
+  private ended: ThreadStats = NO_STATS;
+  private current: ThreadStats = NO_STATS;
   /** performance.now() of the last start that failed (a wall-clock step must not stall reads). */
   private failedAt = -Infinity;
   private closed = false;
@@ -172,7 +179,7 @@ export class ReadThread {
     }
     // The thread keeps the process alive until close(), as the pool's connections do.
     this.worker = worker;
-    this.current = { batches: 0, calls: 0 };
+    this.current = NO_STATS;
     this.starting = new Promise<void>((resolve, reject) => {
       worker.on('message', (m: FromThread) => {
         if (m.type === 'ready') resolve();
@@ -196,20 +203,42 @@ export class ReadThread {
   }
 
   call<T>(op: ReadOp, caller: Caller, ref: CredentialRef, version?: number, detail?: Record<string, unknown>): Promise<T> {
+    return this.send<T>((id) => ({ id, op, caller, ref, version, detail }));
+  }
+
+  store(caller: Caller, input: StoreInput): Promise<StoredVersion> {
+    return this.send<StoredVersion>((id) => ({ id, op: 'store', caller, input }));
+  }
+
+  private send<T>(call: (id: number) => ReadCall): Promise<T> {
     if (this.closed) return Promise.reject(new UnavailableError('the service is shutting down'));
-    if (performance.now() - this.failedAt < RESTART_DELAY_MS) return Promise.reject(new UnavailableError('the vault read path is restarting; try again shortly'));
+    if (performance.now() - this.failedAt < RESTART_DELAY_MS) return Promise.reject(new UnavailableError('the vault thread is restarting; try again shortly'));
     if (!this.worker) this.start().catch(() => undefined); // its failure fails the calls sent to it
     const id = this.nextId++;
     return new Promise<T>((resolve, reject) => {
       this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
       // Calls made in the same turn cross in one message.
       if (this.outbox.length === 0) queueMicrotask(() => this.flush());
-      this.outbox.push({ id, op, caller, ref, version, detail });
+      this.outbox.push(call(id));
     });
   }
 
+  /** Read batches of this thread and of those before it. */
   stats(): BatchStats {
-    return { batches: this.ended.batches + this.current.batches, calls: this.ended.calls + this.current.calls };
+    return this.totals().reads;
+  }
+
+  /** Store batches of this thread and of those before it. */
+  storeStats(): ThreadStats['stores'] {
+    return this.totals().stores;
+  }
+
+  private totals(): ThreadStats {
+    const [e, c] = [this.ended, this.current];
+    return {
+      reads: { batches: e.reads.batches + c.reads.batches, calls: e.reads.calls + c.reads.calls },
+      stores: { batches: e.stores.batches + c.stores.batches, calls: e.stores.calls + c.stores.calls, fallbacks: e.stores.fallbacks + c.stores.fallbacks },
+    };
   }
 
   /** Lets the calls already made finish and be answered, then ends the thread and its pool. */
@@ -277,8 +306,8 @@ export class ReadThread {
     if (this.worker !== worker) return;
     this.worker = undefined;
     this.starting = undefined;
-    this.ended = this.stats();
-    this.current = { batches: 0, calls: 0 };
+    this.ended = this.totals();
+    this.current = NO_STATS;
     if (!this.closed) {
       this.logger?.error({ exitCode: code, unanswered: this.pending.size }, 'the vault read thread stopped; the next read starts a new one');
     }

@@ -51,7 +51,7 @@ export class Vault {
     private readonly pool: Pool,
     private readonly secrets: SecretStore,
     private readonly clock: () => Date = () => new Date(),
-    /** Where get, getMasked and totp run when not here: the API's read thread (see read-thread.ts), with the wall clock. */
+    /** Where get, getMasked, totp and store run when not here: the API's vault thread (see read-thread.ts), with the wall clock. */
     private readonly thread?: ReadThread,
   ) {
     this.reads = new ReadBatcher(pool, secrets);
@@ -69,6 +69,7 @@ export class Vault {
    * policy, or whose input the database could not take, stores alone.
    */
   store(caller: Caller, input: StoreInput): Promise<StoredVersion> {
+    if (this.thread) return this.thread.store(caller, input);
     if (POLICY_COLUMNS.some(([field]) => input[field] !== undefined) || !batchable(caller, input)) return this.storeAlone(caller, input);
     let plaintext: string;
     try {
@@ -107,7 +108,7 @@ export class Vault {
 
   /** How many store batches ran, how many calls they carried, and how many rolled back to store alone. */
   storeBatchStats(): { batches: number; calls: number; fallbacks: number } {
-    return { ...this.writes.stats };
+    return this.thread ? this.thread.storeStats() : { ...this.writes.stats };
   }
 
   /** Reads a version's value (the current one unless `version` is given). `auditDetail` is added to the audit row (never a value). */
