@@ -167,6 +167,7 @@ export class StoreBatcher {
         stored.push({ p, id: row.cred_id, version: row.new_version });
         continue;
       }
+      if (row.outcome === null) throw new Error(`the store batch's call ${i + 1} met a credential that changed under it`);
       const found = row.outcome === 'absent' ? null : { currentVersion: row.found_version, kind: row.found_kind, deleted: row.outcome === 'deleted' };
       const err = storeRefusal(p.input, found);
       if (!err) throw new Error(`the store batch could not place call ${i + 1} (${row.outcome})`);
