@@ -4,7 +4,7 @@ import { UnprocessableError } from '../core/errors';
 import { appendAudit } from '../vault/audit';
 import type { Mailer } from './mailer';
 import { deliverQueued, queueMail, type DeliveryResult, type QueuedMail } from './outbox';
-import { findStoredValue } from './secret-scan';
+import { findStoredValueIn } from './secret-scan';
 
 /**
  * Sends a notice the service composes itself (rotation outcomes, incidents, summaries, reminders)
@@ -22,7 +22,7 @@ export interface NoticeDeps {
   pool: Pool;
   mailer: Mailer;
   /** Values to keep out of the notice: every value of the identities it is about (or of its credential). */
-  vault: { storedValues(identityId: string, credentialIds?: string[]): Promise<{ name: string; value: string }[]> };
+  vault: { storedValues(identityId: string, credentialIds?: string[]): AsyncIterable<{ name: string; value: string }[]> };
 }
 
 export async function sendNotice(deps: NoticeDeps, notice: Notice, scanIdentities: string[] = notice.identityId ? [notice.identityId] : []): Promise<DeliveryResult | 'no-recipients'> {
@@ -38,7 +38,7 @@ export async function sendNotice(deps: NoticeDeps, notice: Notice, scanIdentitie
   const queued = await deps.pool.query('SELECT 1 FROM mail_outbox WHERE id = $1', [notice.id]);
   if (queued.rowCount) return deliverQueued(deps.pool, deps.mailer, notice.id);
   for (const identityId of new Set(scanIdentities)) {
-    if (findStoredValue({ to, subject: notice.subject, text: notice.text }, await deps.vault.storedValues(identityId, only))) {
+    if (await findStoredValueIn({ to, subject: notice.subject, text: notice.text }, deps.vault.storedValues(identityId, only))) {
       throw new UnprocessableError(`the ${notice.purpose} notice would carry a stored secret; it was not sent`);
     }
   }

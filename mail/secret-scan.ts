@@ -24,6 +24,15 @@ export function findStoredValue(message: ScannedMessage, stored: { name: string;
   return undefined;
 }
 
+/** findStoredValue over pages of values (Vault.storedValues), stopping at the first page with a hit. */
+export async function findStoredValueIn(message: ScannedMessage, pages: AsyncIterable<{ name: string; value: string }[]>): Promise<string | undefined> {
+  for await (const page of pages) {
+    const hit = findStoredValue(message, page);
+    if (hit) return hit;
+  }
+  return undefined;
+}
+
 function forms(value: string): string[] {
   const bytes = Buffer.from(value, 'utf8');
   const out = [value, bytes.toString('base64'), bytes.toString('base64url'), bytes.toString('hex'), encodeURIComponent(value)];

@@ -77,6 +77,27 @@ describe('mail.send', () => {
     const res = await h.api('POST', '/v1/mail.send', { token: agent.token, body: { to: ['a@example.com'], subject: 's', text: `old one: ${secretValue}` } });
     expect(res.status).toBe(422);
   });
+  it('stored values are read a page at a time: every version once, in order, and a value on the last page is still found', async () => {
+    const owner = await h.createIdentity();
+    const values: string[] = [];
+    for (const name of ['paged-a', 'paged-b', 'paged-c']) {
+      for (let v = 1; v <= (name === 'paged-b' ? 3 : 1); v++) {
+        const value = h.secret(`${name}-v${v}-${randomUUID().slice(0, 8)}`);
+        expect((await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind: 'token', value } })).status).toBe(201);
+        values.push(value);
+      }
+    }
+    const pages: string[][] = [];
+    for await (const page of h.services.vault.storedValues(owner.id, undefined, 2)) pages.push(page.map((p) => p.value));
+    expect(pages.map((p) => p.length)).toEqual([2, 2, 1]);
+    expect(pages.flat().sort()).toEqual([...values].sort());
+    // Whichever page holds it, a value in a message is refused.
+    for (const value of values) {
+      const res = await h.api('POST', '/v1/mail.send', { token: owner.token, body: { to: ['team@example.com'], subject: 'paged', text: `carries ${value}` } });
+      expect(res.status).toBe(422);
+    }
+  });
+
   it('a notice about a credential is searched for that credential\'s values only; one about none, for all the identity\'s', async () => {
     const owner = await h.createIdentity();
     const stored: Record<string, { id: string; value: string }> = {};
@@ -90,7 +111,7 @@ describe('mail.send', () => {
     const deps = {
       ...h.deps,
       vault: {
-        storedValues: async (identityId: string, credentialIds?: string[]) => {
+        storedValues: (identityId: string, credentialIds?: string[]) => {
           asked.push(credentialIds);
           return h.deps.vault.storedValues(identityId, credentialIds);
         },
@@ -105,7 +126,9 @@ describe('mail.send', () => {
       await expect(notice(text, stored['notice-about']!.id)).rejects.toMatchObject({ status: 422 });
     }
     expect(asked).toEqual([[stored['notice-about']!.id], [stored['notice-about']!.id]]);
-    expect((await h.deps.vault.storedValues(owner.id, [stored['notice-about']!.id])).map((v) => v.name)).toEqual(['notice-about', 'notice-about']);
+    const names: string[] = [];
+    for await (const page of h.deps.vault.storedValues(owner.id, [stored['notice-about']!.id])) names.push(...page.map((v) => v.name));
+    expect(names).toEqual(['notice-about', 'notice-about']);
     // A notice about no credential is searched against every value of the identity.
     await expect(notice(`other ${stored['notice-other']!.value}`)).rejects.toMatchObject({ status: 422 });
     expect(asked.at(-1)).toBeUndefined();

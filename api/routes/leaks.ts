@@ -65,10 +65,11 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
   // may carry a stored value. Text shorter than any value the scan matches needs no decryption at all.
   const fields = (['source', 'details'] as const).filter((field) => (body[field]?.length ?? 0) >= MIN_SCANNED_LENGTH);
   for (const identityId of fields.length ? new Set(targets.map((t) => t.identityId)) : []) {
-    const stored = await deps.vault.storedValues(identityId);
-    for (const field of fields) {
-      if (findStoredValue({ subject: '', text: body[field]! }, stored)) {
-        throw new UnprocessableError(`${field} must not contain the leaked value; report it by its SHA-256 fingerprint`);
+    for await (const stored of deps.vault.storedValues(identityId)) {
+      for (const field of fields) {
+        if (findStoredValue({ subject: '', text: body[field]! }, stored)) {
+          throw new UnprocessableError(`${field} must not contain the leaked value; report it by its SHA-256 fingerprint`);
+        }
       }
     }
   }

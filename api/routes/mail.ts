@@ -5,7 +5,7 @@ import type { Client } from '@temporalio/client';
 import { UnavailableError, UnprocessableError } from '../../core/errors';
 import { withTransaction, type Pool } from '../../db/pool';
 import { abandonMail, queueMail } from '../../mail/outbox';
-import { findStoredValue } from '../../mail/secret-scan';
+import { findStoredValueIn } from '../../mail/secret-scan';
 import { appendAudit } from '../../vault/audit';
 import type { Caller, Vault } from '../../vault/vault';
 import { deliverMail } from '../../workflows';
@@ -42,7 +42,7 @@ export function mailRoutes(auth: AuthDeps, deps: MailDeps): Router {
 
 /** Scans, queues and starts delivery of one message (POST /v1/mail.send, MCP mail_send). */
 export async function sendMail(deps: MailDeps, caller: Caller, body: z.output<typeof mailSend>) {
-  const hit = findStoredValue(body, await deps.vault.storedValues(caller.identityId));
+  const hit = await findStoredValueIn(body, deps.vault.storedValues(caller.identityId));
   if (hit) {
     throw new UnprocessableError(
       `the message contains the value of credential '${hit}' (or an encoding of it); mail never carries a secret`,
