@@ -169,6 +169,30 @@ describe('the vault read thread', () => {
     expect(h.services.vault.readBatchStats().calls).toBeGreaterThan(statsBefore.calls);
   });
 
+  it('a thread that dies under a store batch fails it with a 503 that says it may have been committed; this one was not (no COMMIT was sent)', async () => {
+    const hold = await holdAuditLog();
+    const requestId = randomUUID();
+    const storedValue = h.secret(`sk_dying_store_${randomUUID()}`);
+    const pending = h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'dying-store', kind: 'api_key', value: storedValue }, headers: { 'x-request-id': requestId } });
+    await hold.waiting();
+    const dying = thread(h.services).worker!;
+    await dying.terminate();
+    await hold.waiting(2);
+    await hold.release();
+    const res = await pending;
+    expect(res.status).toBe(503);
+    expect(res.body.detail).toMatch(/^the store could not be confirmed: it may have been committed before the vault thread stopped/);
+    expect(res.text).not.toContain(storedValue);
+    // The batch's transaction never got its COMMIT: PostgreSQL rolled it back when the connection went.
+    expect((await h.sql(`SELECT count(*)::int AS n FROM credentials WHERE identity_id = $1 AND name = 'dying-store'`, [agent.id])).rows[0].n).toBe(0);
+    expect(await rowsOf(requestId)).toEqual([{ action: 'vault.store', outcome: 'failed', detail: { error: 'unavailable', status: 503 } }]);
+
+    const again = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'dying-store', kind: 'api_key', value: storedValue } });
+    expect(again.status).toBe(201);
+    expect(again.body.version).toBe(1);
+    expect(thread(h.services).worker).not.toBe(dying);
+  });
+
   it('a call that cannot cross to the thread, or that the thread cannot run, fails alone', async () => {
     await h.services.ready();
     const worker = thread(h.services).worker;
@@ -180,7 +204,7 @@ describe('the vault read thread', () => {
     expect((await good).value).toBe(value);
     expect((await alsoGood).code).toMatch(/^\d{6}$/);
     expect(await unclonable).toBeInstanceOf(TypeError);
-    expect((await unclonable as Error).message).toBe('the read request holds a value that cannot be passed to the vault read thread');
+    expect((await unclonable as Error).message).toBe('the read request holds a value that cannot be passed to the vault thread');
     expect(await malformed).toMatchObject({ name: 'TypeError' });
     expect(thread(h.services).worker).toBe(worker);
   });

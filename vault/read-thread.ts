@@ -19,7 +19,8 @@ import type { Caller, CredentialRef, StoredVersion, StoreInput } from './types';
  * Nothing changes for callers: the same scoping, the same audit rows (written in the thread, before a
  * value is handed back), the same errors (rebuilt here with their class, and their audited mark so
  * the API does not write them twice). If the thread dies, its calls fail with a 503 that is not
- * marked audited (the API writes their failure rows) and the next call starts a new thread (at
+ * marked audited (the API writes their failure rows; a store's 503 says it may have been committed,
+ * as when a process dies after its commit) and the next call starts a new thread (at
  * once; after a thread that could not start, calls fail for a second before the next try). On close,
  * the calls already sent finish and are answered before the thread's pool ends.
  *
@@ -138,6 +139,7 @@ const RESTART_DELAY_MS = 1_000;
 const CLOSE_TIMEOUT_MS = 15_000;
 
 interface Pending {
+  store: boolean;
   resolve: (value: unknown) => void;
   reject: (err: unknown) => void;
 }
@@ -187,11 +189,11 @@ export class ReadThread {
         else if (m.type === 'log') this.logger?.warn({ err: m.err && receiveError(m.err) }, m.msg);
       });
       worker.on('error', (err) => {
-        this.logger?.error({ err }, 'the vault read thread failed');
+        this.logger?.error({ err }, 'the vault thread failed');
         reject(err);
       });
       worker.on('exit', (code) => {
-        reject(new Error(`the vault read thread exited with code ${code} before it was ready`));
+        reject(new Error(`the vault thread exited with code ${code} before it was ready`));
         this.gone(worker, code);
       });
     });
@@ -215,11 +217,12 @@ export class ReadThread {
     if (performance.now() - this.failedAt < RESTART_DELAY_MS) return Promise.reject(new UnavailableError('the vault thread is restarting; try again shortly'));
     if (!this.worker) this.start().catch(() => undefined); // its failure fails the calls sent to it
     const id = this.nextId++;
+    const made = call(id);
     return new Promise<T>((resolve, reject) => {
-      this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
+      this.pending.set(id, { store: made.op === 'store', resolve: resolve as (v: unknown) => void, reject });
       // Calls made in the same turn cross in one message.
       if (this.outbox.length === 0) queueMicrotask(() => this.flush());
-      this.outbox.push(call(id));
+      this.outbox.push(made);
     });
   }
 
@@ -255,7 +258,7 @@ export class ReadThread {
     const exited = new Promise<void>((resolve) => worker.once('exit', () => resolve()));
     worker.postMessage({ type: 'close' } satisfies ToThread);
     const timer = setTimeout(() => {
-      this.logger?.warn({ timeoutSeconds: CLOSE_TIMEOUT_MS / 1000 }, 'the vault read thread did not finish in time; stopping it');
+      this.logger?.warn({ timeoutSeconds: CLOSE_TIMEOUT_MS / 1000 }, 'the vault thread did not finish in time; stopping it');
       void worker.terminate();
     }, CLOSE_TIMEOUT_MS);
     await exited;
@@ -267,7 +270,7 @@ export class ReadThread {
     const calls = this.outbox;
     this.outbox = [];
     if (!this.worker) {
-      for (const c of calls) this.fail(c.id, new UnavailableError('the vault read could not start; try again'));
+      for (const c of calls) this.fail(c.id, new UnavailableError(`the vault ${c.op === 'store' ? 'store' : 'read'} could not start; try again`));
       return;
     }
     try {
@@ -279,7 +282,7 @@ export class ReadThread {
         try {
           this.worker.postMessage({ type: 'calls', calls: [c] } satisfies ToThread);
         } catch {
-          this.fail(c.id, new TypeError('the read request holds a value that cannot be passed to the vault read thread'));
+          this.fail(c.id, new TypeError(`the ${c.op === 'store' ? 'store' : 'read'} request holds a value that cannot be passed to the vault thread`));
         }
       }
     }
@@ -309,10 +312,19 @@ export class ReadThread {
     this.ended = this.totals();
     this.current = NO_STATS;
     if (!this.closed) {
-      this.logger?.error({ exitCode: code, unanswered: this.pending.size }, 'the vault read thread stopped; the next read starts a new one');
+      this.logger?.error({ exitCode: code, unanswered: this.pending.size }, 'the vault thread stopped; the next call starts a new one');
     }
     const unanswered = [...this.pending.values()];
     this.pending.clear();
-    for (const p of unanswered) p.reject(new UnavailableError('the vault read could not finish; try again'));
+    for (const p of unanswered) {
+      // A store the thread had committed before it stopped stays stored, as when a process dies after its commit.
+      p.reject(
+        new UnavailableError(
+          p.store
+            ? 'the store could not be confirmed: it may have been committed before the vault thread stopped; read the credential (or store with expectedVersion) before trying again'
+            : 'the vault read could not finish; try again',
+        ),
+      );
+    }
   }
 }
