@@ -2,6 +2,8 @@ import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { AppError } from '../core/errors';
 import { verifyAuditChain } from '../vault/audit';
+import pg, { type Pool } from 'pg';
+import { createPool } from '../db/pool';
 import { DataKeys } from '../vault/data-keys';
 import { Keyring } from '../vault/keyring';
 import { SecretStore } from '../vault/secret-store';
@@ -139,6 +141,44 @@ describe('group commit of stores', () => {
     for (const input of inputs) expect((await vault.get(as(carol), { name: input.name })).value).toBe(input.value);
     const versions = await h.sql('SELECT count(*)::int AS n FROM secret_versions v JOIN credentials c ON c.id = v.credential_id WHERE c.identity_id = $1', [carol.id]);
     expect(versions.rows[0].n).toBe(6);
+  });
+
+  it('two processes storing the same names of two identities in opposite orders never deadlock: no batch rolls back', async () => {
+    // Two vaults on one database, each with a pool of its own, as two API processes: each batches on its own.
+    const pools = [createPool(h.databaseUrl, 2), createPool(h.databaseUrl, 2)];
+    const vaultOf = (pool: Pool) => new Vault(pool, new SecretStore(new DataKeys(pool, Keyring.fromSetting(h.keyringFile)), () => new Date()));
+    const [one, two] = pools.map(vaultOf) as [Vault, Vault];
+    const people = [await h.createIdentity('dave-sb'), await h.createIdentity('erin-sb')];
+    const names = people.flatMap((who) => Array.from({ length: 12 }, (_, i) => ({ who, name: `shared-${i}` })));
+    const storeAll = (vault: Vault, order: typeof names) =>
+      order.map(({ who, name }) => vault.store(as(who), { name, kind: 'generic', value: h.secret(`${name}-${randomUUID()}`) }));
+    await Promise.all(storeAll(one, names));
+    await idle();
+
+    // Both batches are made to meet: a third party holds one row in the middle while they start, so
+    // each locks what it can and waits there. One takes the names first to last, the other last to
+    // first; unsorted, each would then hold rows the other needs next (a deadlock, one rolled back).
+    const holder = new pg.Client({ connectionString: h.databaseUrl });
+    await holder.connect();
+    await holder.query('BEGIN');
+    await holder.query(`SELECT 1 FROM credentials WHERE identity_id = $1 AND name = 'shared-5' FOR UPDATE`, [people[0]!.id]);
+    const all = Promise.all([...storeAll(one, names), ...storeAll(two, [...names].reverse())]);
+    for (let i = 0; i < 200; i++) {
+      const { rows } = await h.sql(`SELECT count(*)::int AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()`);
+      if (rows[0].n >= 2) break;
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    await holder.query('ROLLBACK');
+    await holder.end();
+    await all;
+    await Promise.all(pools.map((p) => p.end()));
+
+    expect(one.storeBatchStats().fallbacks + two.storeBatchStats().fallbacks).toBe(0);
+    expect(one.storeBatchStats().calls + two.storeBatchStats().calls).toBe(names.length * 3);
+    for (const who of people) {
+      const { rows } = await h.sql('SELECT DISTINCT current_version FROM credentials WHERE identity_id = $1', [who.id]);
+      expect(rows).toEqual([{ current_version: 3 }]);
+    }
   });
 
   it('a store that sets policy commits alone, beside a batch', async () => {

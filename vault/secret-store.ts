@@ -25,13 +25,16 @@ const INSERT_COUNTED = `
 
 // A batch's versions (vault/store-batch.ts), each key counting all its encryptions at once: every
 // version goes in, or (a key refused, at its limit or retired) fewer rows than asked, and the caller
-// rolls back and stores each alone, where a refused count rolls the key over.
+// rolls back and stores each alone, where a refused count rolls the key over. The keys' rows are
+// locked in id order, so batches of several identities never deadlock on them.
 const INSERT_COUNTED_MANY = `
   WITH wanted AS (
     SELECT key_id, count(*)::int AS n FROM unnest($3::uuid[]) AS key_id GROUP BY key_id
+  ), locked AS (
+    SELECT d.id FROM data_keys d WHERE d.id IN (SELECT key_id FROM wanted) ORDER BY d.id FOR NO KEY UPDATE
   ), counted AS (
-    UPDATE data_keys d SET encryptions = d.encryptions + w.n FROM wanted w
-     WHERE d.id = w.key_id AND d.retired_at IS NULL AND d.encryptions + w.n <= $8 RETURNING d.id
+    UPDATE data_keys d SET encryptions = d.encryptions + w.n FROM wanted w, locked l
+     WHERE d.id = w.key_id AND l.id = d.id AND d.retired_at IS NULL AND d.encryptions + w.n <= $8 RETURNING d.id
   )
   INSERT INTO secret_versions (credential_id, version, data_key_id, sealed, provider_ref, fingerprint, created_at)
   SELECT v.credential_id, v.version, v.key_id, v.sealed, v.provider_ref, v.fingerprint, $7

@@ -99,22 +99,28 @@ export class StoreBatcher {
     });
   }
 
-  /** The next batch: queued calls in order, each name once, the rest left queued in order. */
+  /**
+   * The next batch: queued calls, each name once, the rest left queued in order. The batch is sorted
+   * by identity and name, the order its credentials' rows are locked in: two batches (of two API
+   * processes) lock shared rows in the same order, so they wait for each other and never deadlock.
+   */
   private take(): Pending[] {
-    const names = new Set<string>();
+    const keys = new Map<Pending, string>();
     const batch: Pending[] = [];
     const rest: Pending[] = [];
+    const taken = new Set<string>();
     for (const p of this.queue) {
       const key = `${p.caller.identityId}\u0000${p.input.name}`;
-      if (batch.length < this.maxBatch && !names.has(key)) {
-        names.add(key);
+      if (batch.length < this.maxBatch && !taken.has(key)) {
+        taken.add(key);
+        keys.set(p, key);
         batch.push(p);
       } else {
         rest.push(p);
       }
     }
     this.queue = rest;
-    return batch;
+    return batch.sort((a, b) => (keys.get(a)! < keys.get(b)! ? -1 : 1));
   }
 
   private async run(batch: Pending[]): Promise<void> {
