@@ -1,12 +1,12 @@
 import type { RequestHandler } from 'express';
 import { collectDefaultMetrics, Counter, Histogram, Registry } from 'prom-client';
 
+type Counts = Record<string, number>;
+
 /**
  * Prometheus metrics for /metrics: process defaults plus requests by route and status. Labels use
  * the route pattern, never the raw path, so a probe with random paths cannot explode cardinality.
  */
-type Counts = Record<string, number>;
-
 export function createMetrics(opts: { readBatches?: () => Counts; storeBatches?: () => Counts } = {}): { registry: Registry; middleware: RequestHandler } {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: 'mailgent_' });
