@@ -51,6 +51,19 @@ describe('the vault read thread', () => {
     };
   };
 
+  /** Sends a call, kills the thread while the call's batch waits at its audit append, and returns the answer. */
+  const killedAtAuditAppend = async (route: string, body: unknown, requestId: string) => {
+    const hold = await holdAuditLog();
+    const pending = h.api('POST', route, { token: agent.token, body, headers: { 'x-request-id': requestId } });
+    await hold.waiting();
+    const dying = thread(h.services).worker!;
+    await dying.terminate();
+    // The API's own failure row waits on the same lock, beside the thread's orphaned append.
+    await hold.waiting(2);
+    await hold.release();
+    return { res: await pending, dying };
+  };
+
   beforeAll(async () => {
     h = await startHarness();
     agent = await h.createIdentity();
@@ -136,17 +149,9 @@ describe('the vault read thread', () => {
   });
 
   it('a thread that dies fails its reads with a 503 and no value, the API audits them, and the next read starts a new thread', async () => {
-    const hold = await holdAuditLog();
     const requestId = randomUUID();
-    const pending = h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'read-me' }, headers: { 'x-request-id': requestId } });
-    await hold.waiting();
     const statsBefore = h.services.vault.readBatchStats();
-    const dying = thread(h.services).worker!;
-    await dying.terminate();
-    // The API's own failure row waits on the same lock, beside the thread's orphaned append.
-    await hold.waiting(2);
-    await hold.release();
-    const res = await pending;
+    const { res, dying } = await killedAtAuditAppend('/v1/vault.get', { name: 'read-me' }, requestId);
     expect(res.status).toBe(503);
     expect(res.body).toMatchObject({ type: 'https://mailgent.dev/problems/unavailable', detail: 'the vault read could not finish; try again' });
     expect(res.text).not.toContain(value);
@@ -170,16 +175,9 @@ describe('the vault read thread', () => {
   });
 
   it('a thread that dies under a store batch fails it with a 503 that says it may have been committed; this one was not (no COMMIT was sent)', async () => {
-    const hold = await holdAuditLog();
     const requestId = randomUUID();
     const storedValue = h.secret(`sk_dying_store_${randomUUID()}`);
-    const pending = h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'dying-store', kind: 'api_key', value: storedValue }, headers: { 'x-request-id': requestId } });
-    await hold.waiting();
-    const dying = thread(h.services).worker!;
-    await dying.terminate();
-    await hold.waiting(2);
-    await hold.release();
-    const res = await pending;
+    const { res, dying } = await killedAtAuditAppend('/v1/vault.store', { name: 'dying-store', kind: 'api_key', value: storedValue }, requestId);
     expect(res.status).toBe(503);
     expect(res.body.detail).toMatch(/^the store could not be confirmed: it may have been committed before the vault thread stopped/);
     expect(res.text).not.toContain(storedValue);
