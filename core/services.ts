@@ -32,8 +32,9 @@ export interface Services {
 }
 
 /**
- * Connections the read thread's own pool keeps: a read batch and a store batch run at a time, and a
- * store that sets policy (or a rolled-back batch's calls) stores alone on the third.
+ * Connections the vault thread's own pool keeps: a read batch and a store batch can each hold one
+ * while a store that runs alone (one that sets policy, or the calls of a batch that rolled back)
+ * takes the third; more wait for a free one.
  */
 const READ_THREAD_POOL_SIZE = 3;
 

@@ -5,6 +5,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startSmtpSink } from '../embedded/smtp-sink';
 import { sendNotice } from '../mail/notify';
+import { findStoredValueIn } from '../mail/secret-scan';
 import { freePort } from '../embedded/ports';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
@@ -77,22 +78,29 @@ describe('mail.send', () => {
     const res = await h.api('POST', '/v1/mail.send', { token: agent.token, body: { to: ['a@example.com'], subject: 's', text: `old one: ${secretValue}` } });
     expect(res.status).toBe(422);
   });
-  it('stored values are read a page at a time: every version once, in order, and a value on the last page is still found', async () => {
+  it('stored values are read a page at a time: every version once, in (credential, version) order, and a scan reads on to the last page', async () => {
     const owner = await h.createIdentity();
-    const values: string[] = [];
+    const stored: { id: string; version: number; name: string; value: string }[] = [];
     for (const name of ['paged-a', 'paged-b', 'paged-c']) {
       for (let v = 1; v <= (name === 'paged-b' ? 3 : 1); v++) {
         const value = h.secret(`${name}-v${v}-${randomUUID().slice(0, 8)}`);
-        expect((await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind: 'token', value } })).status).toBe(201);
-        values.push(value);
+        const res = await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind: 'token', value } });
+        expect(res.status).toBe(201);
+        stored.push({ id: res.body.id, version: res.body.version, name, value });
       }
     }
     const pages: string[][] = [];
     for await (const page of h.services.vault.storedValues(owner.id, undefined, 2)) pages.push(page.map((p) => p.value));
     expect(pages.map((p) => p.length)).toEqual([2, 2, 1]);
-    expect(pages.flat().sort()).toEqual([...values].sort());
-    // Whichever page holds it, a value in a message is refused.
-    for (const value of values) {
+    const inOrder = [...stored].sort((a, b) => (a.id === b.id ? a.version - b.version : a.id < b.id ? -1 : 1));
+    expect(pages.flat()).toEqual(inOrder.map((s) => s.value));
+    // Whichever page holds a value, the scan finds it (the last one only on the third page).
+    for (const { name, value } of stored) {
+      expect(await findStoredValueIn({ subject: 'paged', text: `carries ${value}` }, h.services.vault.storedValues(owner.id, undefined, 2))).toBe(name);
+    }
+    expect(await findStoredValueIn({ subject: 'paged', text: 'carries nothing stored' }, h.services.vault.storedValues(owner.id, undefined, 2))).toBeUndefined();
+    // And mail.send refuses each of them.
+    for (const { value } of stored) {
       const res = await h.api('POST', '/v1/mail.send', { token: owner.token, body: { to: ['team@example.com'], subject: 'paged', text: `carries ${value}` } });
       expect(res.status).toBe(422);
     }

@@ -244,6 +244,11 @@ describe('the vault read thread', () => {
       const read = await services.vault.get(as(), { name: 'read-me' }).catch((err: unknown) => err);
       expect(read).toBeInstanceOf(UnavailableError);
       expect((read as Error).message).toBe('the vault thread is restarting; try again shortly');
+      // A call that starts a thread that then fails never ran: a store says so, not that it may have been committed.
+      await new Promise((r) => setTimeout(r, 1_100));
+      const store = await services.vault.store(as(), { name: 'never-stored', kind: 'api_key', value: h.secret(`sk_never_${randomUUID()}`) }).catch((err: unknown) => err);
+      expect(store).toBeInstanceOf(UnavailableError);
+      expect((store as Error).message).toBe('the vault store could not start; try again');
 
       copyFileSync(h.keyringFile, file);
       await new Promise((r) => setTimeout(r, 1_100));

@@ -143,6 +143,40 @@ describe('group commit of stores', () => {
     expect(versions.rows[0].n).toBe(6);
   });
 
+  it('a batch whose COMMIT fails is not stored again: every call gets a 503 that says it may have been committed, and its own failure row', async () => {
+    // A check PostgreSQL runs only at COMMIT (a deferred constraint trigger) fails for this test's names.
+    await h.sql(`CREATE FUNCTION fail_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        IF EXISTS (SELECT 1 FROM credentials WHERE id = NEW.credential_id AND name LIKE 'commit-fails-%') THEN
+          RAISE EXCEPTION 'refused at commit';
+        END IF;
+        RETURN NULL;
+      END $$`);
+    await h.sql(`CREATE CONSTRAINT TRIGGER fail_at_commit AFTER INSERT ON secret_versions DEFERRABLE INITIALLY DEFERRED
+      FOR EACH ROW EXECUTE FUNCTION fail_at_commit()`);
+    try {
+      const vault = h.services.vault;
+      await idle();
+      const before = vault.storeBatchStats();
+      const callers = [as(alice), as(alice), as(alice)];
+      const results = await Promise.all(
+        callers.map((caller, i) => settle(vault.store(caller, { name: `commit-fails-${i}`, kind: 'api_key', value: h.secret(`sk_commit_fails_${i}_${randomUUID()}`) }))),
+      );
+      for (const r of results) {
+        expect(r).toMatchObject({ error: { status: 503 } });
+        expect((r as { error: AppError }).error.message).toMatch(/^the store could not be confirmed: it may have been committed/);
+      }
+      // Two batches (the first call alone, then the other two), neither stored again alone.
+      expect(vault.storeBatchStats()).toEqual({ ...before, batches: before.batches + 2, calls: before.calls + 3 });
+      const { inSeq } = await rowsOf(callers.map((c) => c.requestId!));
+      expect(inSeq.map((r) => [r.outcome, r.detail.error])).toEqual(Array(3).fill(['failed', 'unavailable']));
+      expect((await h.sql(`SELECT count(*)::int AS n FROM credentials WHERE identity_id = $1 AND name LIKE 'commit-fails-%'`, [alice.id])).rows[0].n).toBe(0);
+    } finally {
+      await h.sql('DROP TRIGGER fail_at_commit ON secret_versions');
+      await h.sql('DROP FUNCTION fail_at_commit()');
+    }
+  });
+
   it('two processes storing the same names of two identities in opposite orders never deadlock: no batch rolls back', async () => {
     // Two vaults on one database, each with a pool of its own, as two API processes: each batches on its own.
     const pools = [createPool(h.databaseUrl, 2), createPool(h.databaseUrl, 2)];

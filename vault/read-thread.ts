@@ -156,6 +156,8 @@ export class ReadThread {
   /** performance.now() of the last start that failed (a wall-clock step must not stall reads). */
   private failedAt = -Infinity;
   private closed = false;
+  /** The thread that said it was ready (it runs calls only after that). */
+  private ready?: Worker;
   private closing?: Promise<void>;
 
   constructor(
@@ -184,7 +186,10 @@ export class ReadThread {
     this.current = NO_STATS;
     this.starting = new Promise<void>((resolve, reject) => {
       worker.on('message', (m: FromThread) => {
-        if (m.type === 'ready') resolve();
+        if (m.type === 'ready') {
+          this.ready = worker;
+          resolve();
+        }
         else if (m.type === 'replies') this.answer(m);
         else if (m.type === 'log') this.logger?.warn({ err: m.err && receiveError(m.err) }, m.msg);
       });
@@ -316,13 +321,17 @@ export class ReadThread {
     }
     const unanswered = [...this.pending.values()];
     this.pending.clear();
+    const ran = this.ready === worker;
     for (const p of unanswered) {
-      // A store the thread had committed before it stopped stays stored, as when a process dies after its commit.
+      // A store the thread had committed before it stopped stays stored, as when a process dies after
+      // its commit; a thread that never said it was ready ran nothing.
       p.reject(
         new UnavailableError(
-          p.store
-            ? 'the store could not be confirmed: it may have been committed before the vault thread stopped; read the credential (or store with expectedVersion) before trying again'
-            : 'the vault read could not finish; try again',
+          !ran
+            ? `the vault ${p.store ? 'store' : 'read'} could not start; try again`
+            : p.store
+              ? 'the store could not be confirmed: it may have been committed before the vault thread stopped; read the credential (or store with expectedVersion) before trying again'
+              : 'the vault read could not finish; try again',
         ),
       );
     }

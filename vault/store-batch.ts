@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
-import type { Pool } from 'pg';
-import { type Db, withTransaction } from '../db/pool';
-import { type AppError, ConflictError, UnprocessableError, VersionConflictError } from '../core/errors';
+import type { Pool, PoolClient } from 'pg';
+import type { Db } from '../db/pool';
+import { type AppError, ConflictError, UnavailableError, UnprocessableError, VersionConflictError } from '../core/errors';
 import { appendAuditRows, type AuditEntry, errorDetail, markAudited, outcomeOf } from './audit';
 import type { SecretStore } from './secret-store';
 import type { Caller, Kind, StoredVersion, StoreInput } from './types';
@@ -20,10 +20,12 @@ import type { Caller, Kind, StoredVersion, StoreInput } from './types';
  *
  * A call the credential refuses (deleted, another version expected, another kind) writes nothing; it
  * gets its own audit row with its outcome in the same commit and fails alone. Anything else that goes
- * wrong (a data key at its limit, a constraint, a lost connection) rolls the batch back and every
- * call in it stores alone (Vault's one-call path), which handles each case as it always has, so
- * the batch is only ever faster, never different. A name is in a batch at most once: a second store
- * of it waits for the next batch, and sees the first one's version.
+ * wrong before the COMMIT is sent (a data key at its limit, a constraint, a lost connection) rolls the
+ * batch back and every call in it stores alone (Vault's one-call path), which handles each case as
+ * it always has, so the batch is only ever faster, never different. A COMMIT that fails is not
+ * retried (its answer may be all that was lost): every call fails with a 503 that says it may have
+ * been committed, as a single store's failed COMMIT fails. A name is in a batch at most once: a
+ * second store of it waits for the next batch, and sees the first one's version.
  *
  * Stores that also set policy (owners, rotation, dependents …) always store alone: they are rare, and
  * their columns vary per call.
@@ -126,15 +128,59 @@ export class StoreBatcher {
   private async run(batch: Pending[]): Promise<void> {
     this.stats.batches += 1;
     this.stats.calls += batch.length;
+    let client: PoolClient;
+    try {
+      client = await this.pool.connect();
+    } catch {
+      return this.fallBack(batch);
+    }
     let settled: (() => void)[];
     try {
-      settled = await withTransaction(this.pool, (tx) => this.commit(tx, batch));
+      await client.query('BEGIN');
+      settled = await this.commit(client, batch);
     } catch {
-      this.stats.fallbacks += 1;
-      await Promise.all(batch.map((p) => this.alone(p.caller, p.input).then(p.resolve, p.reject)));
-      return;
+      const rolledBack = await client.query('ROLLBACK').then(() => true, () => false);
+      client.release(!rolledBack);
+      return this.fallBack(batch);
     }
+    try {
+      await client.query('COMMIT');
+    } catch {
+      client.release(true);
+      return this.unconfirmed(batch);
+    }
+    client.release();
     for (const deliver of settled) deliver();
+  }
+
+  /** Nothing of the batch committed: each call stores alone. */
+  private async fallBack(batch: Pending[]): Promise<void> {
+    this.stats.fallbacks += 1;
+    await Promise.all(batch.map((p) => this.alone(p.caller, p.input).then(p.resolve, p.reject)));
+  }
+
+  /**
+   * The COMMIT failed: the batch may be durable (only its answer lost) or not, so no call is stored
+   * again. Each fails with a 503 and, if the database takes it, a failure row of its own.
+   */
+  private async unconfirmed(batch: Pending[]): Promise<void> {
+    const err = new UnavailableError(
+      'the store could not be confirmed: it may have been committed before the database connection failed; read the credential (or store with expectedVersion) before trying again',
+    );
+    const audited = await appendAuditRows(
+      this.pool,
+      batch.map((p) => ({
+        identityId: p.caller.identityId,
+        actor: p.caller.actor,
+        action: 'vault.store',
+        credentialId: null,
+        outcome: outcomeOf(err),
+        requestId: p.caller.requestId,
+        via: p.caller.via,
+        detail: { name: p.input.name, ...errorDetail(err) },
+      })),
+    ).then(() => true, () => false);
+    for (const p of batch) p.reject(audited ? markAudited(new UnavailableError(err.message)) : new UnavailableError(err.message));
   }
 
   /** The batch's statements; what each call gets once they commit. Throws to roll back. */
