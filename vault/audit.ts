@@ -1,5 +1,6 @@
 import type { Db, Pool } from '../db/pool';
 import { AppError, AuditUnavailableError } from '../core/errors';
+import type { Caller } from './types';
 
 /**
  * The audit log. Rows are chained by a database trigger (see the foundation migration); this
@@ -29,6 +30,11 @@ export interface AuditRow {
   outcome: AuditOutcome;
   requestId: string | null;
   detail: Record<string, unknown>;
+}
+
+/** A caller's row for `action`, outcome ok until decided otherwise. */
+export function callerEntry(caller: Caller, action: string, detail: Record<string, unknown>, credentialId: string | null = null): AuditEntry {
+  return { identityId: caller.identityId, actor: caller.actor, action, credentialId, outcome: 'ok', requestId: caller.requestId, via: caller.via, detail };
 }
 
 /**

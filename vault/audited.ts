@@ -1,6 +1,6 @@
 import type { Db, Pool } from '../db/pool';
 import { withTransaction } from '../db/pool';
-import { appendAudit, errorDetail, markAudited, outcomeOf } from './audit';
+import { appendAudit, callerEntry, errorDetail, markAudited, outcomeOf } from './audit';
 import type { Caller } from './types';
 
 /** What the action learns while it runs and wants in its audit row. */
@@ -23,15 +23,7 @@ export async function audited<T>(
   fn: (tx: Db, note: AuditNote) => Promise<T>,
 ): Promise<T> {
   const note: AuditNote = { credentialId: null, detail: { ...detail } };
-  const base = () => ({
-    identityId: caller.identityId,
-    actor: caller.actor,
-    action,
-    credentialId: note.credentialId,
-    requestId: caller.requestId,
-    via: caller.via,
-    detail: note.detail,
-  });
+  const base = () => callerEntry(caller, action, note.detail, note.credentialId);
   try {
     return await withTransaction(pool, async (tx) => {
       const result = await fn(tx, note);

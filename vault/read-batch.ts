@@ -1,7 +1,7 @@
 import type { Pool } from 'pg';
 import { NotFoundError, UnprocessableError } from '../core/errors';
 import { storableText } from '../core/storable';
-import { appendAuditRows, type AuditEntry, errorDetail, markAudited, outcomeOf } from './audit';
+import { appendAuditRows, type AuditEntry, callerEntry, errorDetail, markAudited, outcomeOf } from './audit';
 import type { SecretStore } from './secret-store';
 import type { Caller, CredentialRef, Kind, VersionLabel } from './types';
 import { UUID } from '../core/ids';
@@ -69,7 +69,8 @@ export const MAX_BATCH = 128;
 /** Batches in flight per process (see above for why one). */
 export const MAX_IN_FLIGHT = 1;
 
-const INT4_MAX = 2_147_483_647;
+/** The largest value of a PostgreSQL int (a version, an expected version). */
+export const INT4_MAX = 2_147_483_647;
 
 // Every credential the batch's calls name, row i for call i: see the vault_read_batch migration (a
 // function, so that it runs on a cached generic plan instead of being planned for every batch).
@@ -184,16 +185,7 @@ interface Settled {
 }
 
 function auditEntry(p: Pending): AuditEntry {
-  return {
-    identityId: p.caller.identityId,
-    actor: p.caller.actor,
-    action: p.action,
-    credentialId: null,
-    outcome: 'ok',
-    requestId: p.caller.requestId,
-    via: p.caller.via,
-    detail: { ...p.detail },
-  };
+  return callerEntry(p.caller, p.action, { ...p.detail });
 }
 
 function failed(p: Pending, entry: AuditEntry, err: unknown): Settled {

@@ -101,6 +101,16 @@ export function sendError(err: unknown): SentError {
   };
 }
 
+/**
+ * Why a call the thread did not answer failed. A thread that never said it was ready ran nothing; a
+ * store the thread had committed before it stopped stays stored, as when a process dies after its commit.
+ */
+function unansweredReason(store: boolean, ran: boolean): string {
+  if (!ran) return `the vault ${store ? 'store' : 'read'} could not start; try again`;
+  if (!store) return 'the vault read could not finish; try again';
+  return 'the store could not be confirmed: it may have been committed before the vault thread stopped; read the credential (or store with expectedVersion) before trying again';
+}
+
 const APP_ERRORS = new Map<string, { prototype: AppError }>(
   Object.values(errors)
     .filter((c): c is typeof AppError => typeof c === 'function' && (c === AppError || c.prototype instanceof AppError))
@@ -322,18 +332,6 @@ export class ReadThread {
     const unanswered = [...this.pending.values()];
     this.pending.clear();
     const ran = this.ready === worker;
-    for (const p of unanswered) {
-      // A store the thread had committed before it stopped stays stored, as when a process dies after
-      // its commit; a thread that never said it was ready ran nothing.
-      p.reject(
-        new UnavailableError(
-          !ran
-            ? `the vault ${p.store ? 'store' : 'read'} could not start; try again`
-            : p.store
-              ? 'the store could not be confirmed: it may have been committed before the vault thread stopped; read the credential (or store with expectedVersion) before trying again'
-              : 'the vault read could not finish; try again',
-        ),
-      );
-    }
+    for (const p of unanswered) p.reject(new UnavailableError(unansweredReason(p.store, ran)));
   }
 }

@@ -72,9 +72,7 @@ export class SecretStore {
   ): Promise<Date> {
     const plaintext = Buffer.from(value, 'utf8');
     try {
-      const digest = createHash('sha256').update(plaintext).digest();
-      const fingerprint = await this.fingerprintOfSha256(tx, digest);
-      digest.fill(0);
+      const fingerprint = await this.fingerprintOf(tx, plaintext);
       for (let attempt = 0; attempt < 5; attempt++) {
         const key = await this.dataKeys.active(tx, ownerId);
         const sealed = seal(key.key, plaintext, versionAad(ownerId, credentialId, version));
@@ -105,9 +103,7 @@ export class SecretStore {
       const fingerprints: Buffer[] = [];
       for (const [i, v] of versions.entries()) {
         const plaintext = plaintexts[i]!;
-        const digest = createHash('sha256').update(plaintext).digest();
-        fingerprints.push(await this.fingerprintOfSha256(tx, digest));
-        digest.fill(0);
+        fingerprints.push(await this.fingerprintOf(tx, plaintext));
         const key = await this.dataKeys.active(tx, v.ownerId);
         keyIds.push(key.id);
         sealed.push(seal(key.key, plaintext, versionAad(v.ownerId, v.credentialId, v.version)));
@@ -142,6 +138,16 @@ export class SecretStore {
       return plaintext.toString('utf8');
     } finally {
       plaintext.fill(0);
+    }
+  }
+
+  /** The fingerprint of a value: its SHA-256 (wiped once used), keyed. */
+  private async fingerprintOf(db: Db, plaintext: Buffer): Promise<Buffer> {
+    const digest = createHash('sha256').update(plaintext).digest();
+    try {
+      return await this.fingerprintOfSha256(db, digest);
+    } finally {
+      digest.fill(0);
     }
   }
 

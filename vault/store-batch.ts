@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import type { Pool, PoolClient } from 'pg';
 import type { Db } from '../db/pool';
 import { type AppError, ConflictError, UnavailableError, UnprocessableError, VersionConflictError } from '../core/errors';
-import { appendAuditRows, type AuditEntry, errorDetail, markAudited, outcomeOf } from './audit';
+import { appendAuditRows, type AuditEntry, callerEntry, errorDetail, markAudited, outcomeOf } from './audit';
 import type { SecretStore } from './secret-store';
 import type { Caller, Kind, StoredVersion, StoreInput } from './types';
 
@@ -66,6 +66,9 @@ export function storeRefusal(input: StoreInput, found: Found | null): AppError |
   if (found.kind !== input.kind) return new UnprocessableError(`credential '${input.name}' is a ${found.kind}; its kind cannot change to ${input.kind}`);
   return undefined;
 }
+
+const UNCONFIRMED =
+  'the store could not be confirmed: it may have been committed before the database connection failed; read the credential (or store with expectedVersion) before trying again';
 
 const PREPARE = 'SELECT * FROM vault_store_prepare($1::uuid[], $2::text[], $3::text[], $4::int[], $5::uuid[], $6::timestamptz)';
 
@@ -164,23 +167,12 @@ export class StoreBatcher {
    * again. Each fails with a 503 and, if the database takes it, a failure row of its own.
    */
   private async unconfirmed(batch: Pending[]): Promise<void> {
-    const err = new UnavailableError(
-      'the store could not be confirmed: it may have been committed before the database connection failed; read the credential (or store with expectedVersion) before trying again',
-    );
+    const errors = batch.map(() => new UnavailableError(UNCONFIRMED));
     const audited = await appendAuditRows(
       this.pool,
-      batch.map((p) => ({
-        identityId: p.caller.identityId,
-        actor: p.caller.actor,
-        action: 'vault.store',
-        credentialId: null,
-        outcome: outcomeOf(err),
-        requestId: p.caller.requestId,
-        via: p.caller.via,
-        detail: { name: p.input.name, ...errorDetail(err) },
-      })),
+      batch.map((p, i) => ({ ...callerEntry(p.caller, 'vault.store', { name: p.input.name, ...errorDetail(errors[i]) }), outcome: outcomeOf(errors[i]) })),
     ).then(() => true, () => false);
-    for (const p of batch) p.reject(audited ? markAudited(new UnavailableError(err.message)) : new UnavailableError(err.message));
+    batch.forEach((p, i) => p.reject(audited ? markAudited(errors[i]) : errors[i]));
   }
 
   /** The batch's statements; what each call gets once they commit. Throws to roll back. */
@@ -203,16 +195,7 @@ export class StoreBatcher {
     for (const [i, p] of batch.entries()) {
       const row = rows[i];
       if (!row || row.i !== i + 1) throw new Error('the store batch lost track of its calls');
-      const entry: AuditEntry = {
-        identityId: p.caller.identityId,
-        actor: p.caller.actor,
-        action: 'vault.store',
-        credentialId: row.cred_id,
-        outcome: 'ok',
-        requestId: p.caller.requestId,
-        via: p.caller.via,
-        detail: { name: p.input.name },
-      };
+      const entry = callerEntry(p.caller, 'vault.store', { name: p.input.name }, row.cred_id);
       entries.push(entry);
       if (row.outcome === 'ok' || row.outcome === 'created') {
         entry.detail!.version = row.new_version;

@@ -3,7 +3,7 @@ import type { Db, Pool } from '../db/pool';
 import { NotFoundError, UnprocessableError } from '../core/errors';
 import { audited, type AuditNote } from './audited';
 import { lastReadSql } from './audit';
-import { ReadBatcher, storable } from './read-batch';
+import { INT4_MAX, ReadBatcher, storable } from './read-batch';
 import { StoreBatcher, storeRefusal } from './store-batch';
 import type { ReadThread } from './read-thread';
 import type { SecretStore } from './secret-store';
@@ -404,7 +404,7 @@ function batchable(caller: Caller, input: StoreInput): boolean {
   return (
     UUID.test(caller.identityId) &&
     storable([input.name, input.kind, input.externalId ?? '', caller.actor, caller.requestId ?? '']) &&
-    (input.expectedVersion === undefined || (Number.isInteger(input.expectedVersion) && input.expectedVersion >= 0 && input.expectedVersion <= 2_147_483_647))
+    (input.expectedVersion === undefined || (Number.isInteger(input.expectedVersion) && input.expectedVersion >= 0 && input.expectedVersion <= INT4_MAX))
   );
 }
 
