@@ -1,5 +1,8 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { connect } from 'node:net';
+import { gzipSync } from 'node:zlib';
 import { expectCleanRun } from './support/leaks';
+import { rawRequest, type RawResponse } from './support/raw-http';
 import { startHarness, type Harness } from './support/harness';
 
 /** Bad input gets a clear RFC 9457 problem, and nothing is stored. */
@@ -124,6 +127,54 @@ describe('bad input', () => {
     before = await counts();
     const huge = await post('/v1/vault.store', { body: { name: 'huge', kind: 'generic', value: 'x'.repeat(300 * 1024) } });
     expectProblem(huge, 413, 'payload-too-large');
+  });
+
+  it('a body is read alike whichever path it takes (the plain JSON request read directly, the rest by body-parser)', async () => {
+    // Each answer proves the body was parsed: vault.get names the credential it did not find.
+    const send = (headers: [string, string][], body: string | Buffer) =>
+      rawRequest(h.url, { method: 'POST', path: '/v1/vault.get', headers: [['authorization', `Bearer ${agent.token}`], ...headers], body });
+    const json = '{"name":"nowhere-to-be-found"}';
+    const notFound = (res: RawResponse) => {
+      expect(res.status).toBe(404);
+      expect(res.body.detail).toBe("no credential with name 'nowhere-to-be-found'");
+    };
+    notFound(await send([['content-type', 'application/json']], json));
+    notFound(await send([['content-type', 'application/json; charset=utf-8']], json));
+    notFound(await send([['content-type', 'application/json;charset=UTF-8']], json));
+    notFound(await send([['content-type', 'application/merge-patch+json']], json));
+    notFound(await send([['content-type', 'application/json'], ['transfer-encoding', 'chunked']], json));
+    notFound(await send([['content-type', 'application/json'], ['content-encoding', 'gzip']], gzipSync(json)));
+    // A UTF-8 byte order mark is dropped on both paths, as body-parser always did.
+    notFound(await send([['content-type', 'application/json']], `\uFEFF${json}`));
+    notFound(await send([['content-type', 'application/merge-patch+json']], `\uFEFF${json}`));
+    // Errors are the same on both paths.
+    const deep = `${'{"a":'.repeat(40)}1${'}'.repeat(40)}`;
+    for (const type of ['application/json', 'application/merge-patch+json']) {
+      const tooDeep = await send([['content-type', type]], deep);
+      expect(tooDeep.status).toBe(400);
+      expect(tooDeep.body.detail).toBe('the request body is nested more than 32 levels deep');
+      const malformed = await send([['content-type', type]], '{"name":');
+      expect(malformed.status).toBe(400);
+      expect(malformed.body.type).toBe('https://mailgent.dev/problems/malformed-json');
+      expect(malformed.text).not.toMatch(/SyntaxError|position|Unexpected/);
+    }
+    const latin1 = await send([['content-type', 'application/json; charset=latin1']], json);
+    expect(latin1.status).toBe(415);
+    expect(latin1.body.detail).toBe('the request body must be UTF-8 JSON');
+  });
+
+  it('a client that goes away in the middle of its body leaves the server answering', async () => {
+    const { hostname, port } = new URL(h.url);
+    await new Promise<void>((resolve, reject) => {
+      const socket = connect({ host: hostname, port: Number(port) }, () => {
+        socket.write(`POST /v1/vault.get HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${agent.token}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"name":`);
+        setTimeout(() => socket.destroy(), 100);
+      });
+      socket.on('close', () => resolve());
+      socket.on('error', reject);
+    });
+    const res = await post('/v1/vault.get', { body: { name: 'nowhere-to-be-found' } });
+    expect(res.status).toBe(404);
   });
 
   it('text PostgreSQL cannot store (NUL, unpaired surrogates) and numbers beyond its int are 400s, wherever they appear', async () => {

@@ -4,7 +4,7 @@ import type { Logger } from '../../core/logger';
 import { createMcpServer } from '../../mcp/server';
 import type { McpDeps } from '../../mcp/tools';
 import type { Identity } from '../../vault/identities';
-import { authenticate, jsonParser, limitDepth, requireJson, type AuthDeps } from '../endpoint';
+import { authenticate, jsonBody, type AuthDeps } from '../endpoint';
 import { documented } from '../openapi';
 
 /**
@@ -30,9 +30,7 @@ export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): R
       next();
     },
     authenticate(auth, 'identity'),
-    requireJson,
-    jsonParser,
-    limitDepth,
+    jsonBody,
     async (req: Request, res: Response) => {
       const identity: Identity = res.locals.identity;
       const server = createMcpServer(deps, { identityId: identity.id, actor: `identity:${identity.id}`, requestId: res.locals.requestId, via: 'mcp' });
