@@ -13,7 +13,7 @@ import { latencyChart } from './chart';
 import { httpLoad, inProcessLoad, round, type HttpLoad, type LoadResult } from './load';
 import { measureRotation, pollers, type RotationResult } from './rotation';
 import { newSeedState, SEEDING_METHOD, seedTo } from './seed';
-import { productionNodeOptions, ROOT, startService, startStack } from './stack';
+import { productionTuning, ROOT, startService, startStack } from './stack';
 import { measureSweep, type SweepResult } from './sweep';
 import { startWebhookSink } from './webhook-sink';
 
@@ -346,7 +346,8 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
       },
       memory: {
         method: 'VmHWM of /proc/<pid>/status, reset (clear_refs 5) at the start of each item',
-        nodeOptions: { api: productionNodeOptions('api').NODE_OPTIONS ?? '', worker: productionNodeOptions('worker').NODE_OPTIONS ?? '' },
+        nodeOptions: { api: productionTuning('api').NODE_OPTIONS ?? '', worker: productionTuning('worker').NODE_OPTIONS ?? '' },
+        tuning: { api: productionTuning('api'), worker: productionTuning('worker') },
         item1: memoryItem1,
         item3: memoryItem3!,
         apiPeakRssMb: apiPeak,

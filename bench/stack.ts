@@ -118,13 +118,15 @@ export interface Service {
   stop(): Promise<void>;
 }
 
-/** The NODE_OPTIONS (heap bounds, GC threads) docker-compose.yml gives this part, so the bench measures what ships. */
-export function productionNodeOptions(part: 'api' | 'worker'): { NODE_OPTIONS?: string } {
+/** What of its process tuning docker-compose.yml gives this part (heap bounds, GC threads, malloc arenas), so the bench measures what ships. */
+export const TUNING_VARIABLES = ['NODE_OPTIONS', 'MALLOC_ARENA_MAX'] as const;
+
+export function productionTuning(part: 'api' | 'worker'): Partial<Record<(typeof TUNING_VARIABLES)[number], string>> {
   const compose = parseYaml(readFileSync(path.join(ROOT, 'docker-compose.yml'), 'utf8'), { merge: true }) as {
     services: Record<string, { environment?: Record<string, string> }>;
   };
-  const value = compose.services[part]?.environment?.NODE_OPTIONS;
-  return value ? { NODE_OPTIONS: value } : {};
+  const env = compose.services[part]?.environment ?? {};
+  return Object.fromEntries(TUNING_VARIABLES.filter((k) => env[k] !== undefined).map((k) => [k, String(env[k])]));
 }
 
 /** Runs `cli/main.ts api|worker` as a child process against the stack, and waits until it is ready. */
@@ -161,7 +163,7 @@ export async function startService(
       // The bench's webhook sink is on this machine.
       OUTBOUND_ALLOW: '127.0.0.1',
       ORPHAN_REPORT_CRON: '0 0 1 1 *',
-      ...productionNodeOptions(part),
+      ...productionTuning(part),
       ...opts.env,
     },
   });

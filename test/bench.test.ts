@@ -128,6 +128,9 @@ describe('npm run bench at a tiny size', () => {
     expect(r.memory.item1.apiPeakRssMb).toBeGreaterThan(20);
     expect(r.memory.item1.workerPeakRssMb).toBeGreaterThan(20);
     expect(r.memory.item3.workerPeakRssMb).toBeGreaterThan(20);
+    // The processes ran with the tuning the compose file ships (bench/stack.ts reads it from there).
+    expect(r.memory.tuning.worker).toEqual({ NODE_OPTIONS: expect.stringMatching(/--max-old-space-size=\d+/), MALLOC_ARENA_MAX: '2' });
+    expect(r.memory.tuning.api.NODE_OPTIONS).toMatch(/--v8-pool-size=1/);
 
     const svg = readFileSync(path.join(path.dirname(out), 'latency.svg'), 'utf8');
     expect(svg).toMatch(/^<svg /);

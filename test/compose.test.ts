@@ -235,8 +235,8 @@ describe('docker-compose.yml', () => {
   });
 
   it('sets only variables core/config.ts knows, never the same one in two places', () => {
-    // Node's own NODE_OPTIONS (heap bounds) besides what the service reads.
-    const known = new Set([...read('core/config.ts').matchAll(/^ {2}([A-Z][A-Z0-9_]+):/gm)].map((m) => m[1]!).concat('NODE_OPTIONS'));
+    // Node's NODE_OPTIONS (heap bounds) and glibc's MALLOC_ARENA_MAX besides what the service reads.
+    const known = new Set([...read('core/config.ts').matchAll(/^ {2}([A-Z][A-Z0-9_]+):/gm)].map((m) => m[1]!).concat('NODE_OPTIONS', 'MALLOC_ARENA_MAX'));
     expect(known.has('DATABASE_URL') && known.has('TEMPORAL_ADDRESS')).toBe(true);
     for (const part of ['api', 'worker', 'migrate']) {
       const s = services[part]!;
