@@ -78,7 +78,7 @@ describe('npm run bench at a tiny size', () => {
       expect(o.ratioToMinFloor).toBeCloseTo(o.rps / Math.min(o.floors.httpRps, o.floors.dbRps), 1);
       if (op === 'vault.store') {
         // A batch of one: BEGIN, the credentials' locks and versions, the versions' insert, the audit rows, COMMIT.
-        expect(o.sqlStatementsPerCall).toBe(5);
+        expect(o.sqlStatementsPerCall).toBe(4);
       } else {
         // Group-committed reads: the read, then one statement that stamps, writes the audit rows and commits.
         expect(o.sqlStatementsPerCall).toBe(2);

@@ -49,28 +49,37 @@ export function appendAudit(db: Db, e: AuditEntry): Promise<void> {
 /** Appends rows in one statement, chained in the order given (one chain lock for all of them). */
 export async function appendAuditRows(db: Db, entries: AuditEntry[]): Promise<void> {
   if (entries.length === 0) return;
-  const column = <T>(f: (e: AuditEntry) => T) => entries.map(f);
   try {
-    await db.query({
-      name: 'audit-append',
-      text: `INSERT INTO audit_log (identity_id, actor, action, credential_id, outcome, request_id, detail)
-               SELECT identity_id, actor, action, credential_id, outcome, request_id, detail
-                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::jsonb[])
-                      WITH ORDINALITY AS e(identity_id, actor, action, credential_id, outcome, request_id, detail, n)
-                ORDER BY n`,
-      values: [
-        column((e) => e.identityId),
-        column((e) => e.actor),
-        column((e) => e.action),
-        column((e) => e.credentialId ?? null),
-        column((e) => e.outcome),
-        column((e) => e.requestId ?? null),
-        column((e) => JSON.stringify(e.via ? { ...e.detail, via: e.via } : (e.detail ?? {}))),
-      ],
-    });
+    await db.query({ name: 'audit-append', text: auditInsertSql(1), values: auditValues(entries) });
   } catch (err) {
     throw Object.assign(new AuditUnavailableError(), { cause: err });
   }
+}
+
+/**
+ * The insert of appendAuditRows, its seven parameters numbered from `first` (`auditValues` gives
+ * them), for a statement that appends the rows along with other work (the store batch's version insert).
+ */
+export function auditInsertSql(first: number): string {
+  const p = (k: number) => `$${first + k}`;
+  return `INSERT INTO audit_log (identity_id, actor, action, credential_id, outcome, request_id, detail)
+            SELECT identity_id, actor, action, credential_id, outcome, request_id, detail
+              FROM unnest(${p(0)}::uuid[], ${p(1)}::text[], ${p(2)}::text[], ${p(3)}::uuid[], ${p(4)}::text[], ${p(5)}::text[], ${p(6)}::jsonb[])
+                   WITH ORDINALITY AS e(identity_id, actor, action, credential_id, outcome, request_id, detail, n)
+             ORDER BY n`;
+}
+
+export function auditValues(entries: AuditEntry[]): unknown[] {
+  const column = <T>(f: (e: AuditEntry) => T) => entries.map(f);
+  return [
+    column((e) => e.identityId),
+    column((e) => e.actor),
+    column((e) => e.action),
+    column((e) => e.credentialId ?? null),
+    column((e) => e.outcome),
+    column((e) => e.requestId ?? null),
+    column((e) => JSON.stringify(e.via ? { ...e.detail, via: e.via } : (e.detail ?? {}))),
+  ];
 }
 
 /**

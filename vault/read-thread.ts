@@ -11,7 +11,7 @@ import type { Caller, CredentialRef, StoredVersion, StoreInput } from './types';
  * read-batch.ts (the read statement, the decryptions, each call's outcome and the audit append) and
  * the store batches of store-batch.ts (the locks, the sealing, the inserts and the audit rows). The
  * main thread only parses requests and writes answers. Why: a read batch is two round trips and a
- * store batch five, and on the main thread each waited for a turn of an event loop busy with HTTP;
+ * store batch four, and on the main thread each waited for a turn of an event loop busy with HTTP;
  * in the thread they are answered at once (on 2 cores: vault.get ~+20% req/s under steady load,
  * ~+0.05 of the HTTP floor in the bench's 2-second slices; a store batch of 16 took 7–9 ms on the
  * main thread; ~20 MB more RSS; see the README's benchmark notes).

@@ -3,6 +3,7 @@ import type { Db } from '../db/pool';
 import { open, seal, versionAad } from './crypto';
 import type { DataKeys } from './data-keys';
 import { IntegrityError } from '../core/errors';
+import { type AuditEntry, auditInsertSql, auditValues } from './audit';
 
 /**
  * Sealing and opening secret versions: the one place a version row is written or decrypted.
@@ -27,8 +28,8 @@ const INSERT_COUNTED = `
 // version goes in, or (a key refused, at its limit or retired) fewer rows than asked, and the caller
 // rolls back and stores each alone, where a refused count rolls the key over. The keys' rows are
 // locked in id order, so batches of several identities never deadlock on them.
-const INSERT_COUNTED_MANY = `
-  WITH wanted AS (
+const COUNTED_MANY_CTES = `
+  wanted AS (
     SELECT key_id, count(*)::int AS n FROM unnest($3::uuid[]) AS key_id GROUP BY key_id
   ), locked AS (
     SELECT d.id FROM data_keys d WHERE d.id IN (SELECT key_id FROM wanted) ORDER BY d.id FOR NO KEY UPDATE
@@ -41,6 +42,13 @@ const INSERT_COUNTED_MANY = `
     FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::bytea[], $5::text[], $6::bytea[])
          AS v(credential_id, version, key_id, sealed, provider_ref, fingerprint)
    WHERE v.key_id IN (SELECT id FROM counted)`;
+
+const INSERT_COUNTED_MANY = `WITH ${COUNTED_MANY_CTES}`;
+
+// The same, appending audit rows (parameters 9-15) in the same statement: a data-modifying WITH that
+// the insert does not read runs after it, so the data keys' rows are locked before the chain lock is
+// taken, in the order the separate statements took them.
+const INSERT_COUNTED_MANY_AUDITED = `WITH audit AS (${auditInsertSql(9)}), ${COUNTED_MANY_CTES}`;
 
 export interface NewVersion {
   ownerId: string;
@@ -92,10 +100,11 @@ export class SecretStore {
   }
 
   /**
-   * Seals and inserts many versions in one statement (a store batch's). Returns their creation time,
-   * or undefined when a data key refused its count (see INSERT_COUNTED_MANY): the caller rolls back.
+   * Seals and inserts many versions in one statement (a store batch's), appending `audit`'s rows in
+   * the same statement. Returns their creation time, or undefined when a data key refused its count
+   * (see INSERT_COUNTED_MANY; the audit rows were appended all the same): the caller rolls back.
    */
-  async insertMany(tx: Db, versions: NewVersion[]): Promise<Date | undefined> {
+  async insertMany(tx: Db, versions: NewVersion[], audit: AuditEntry[] = []): Promise<Date | undefined> {
     const plaintexts = versions.map((v) => Buffer.from(v.value, 'utf8'));
     try {
       const keyIds: string[] = [];
@@ -110,8 +119,8 @@ export class SecretStore {
       }
       const createdAt = this.clock();
       const { rowCount } = await tx.query({
-        name: 'secret-version-insert-many',
-        text: INSERT_COUNTED_MANY,
+        name: audit.length ? 'secret-version-insert-many-audited' : 'secret-version-insert-many',
+        text: audit.length ? INSERT_COUNTED_MANY_AUDITED : INSERT_COUNTED_MANY,
         values: [
           versions.map((v) => v.credentialId),
           versions.map((v) => v.version),
@@ -121,6 +130,7 @@ export class SecretStore {
           fingerprints,
           createdAt,
           this.dataKeys.maxEncryptions,
+          ...(audit.length ? auditValues(audit) : []),
         ],
       });
       return rowCount === versions.length ? createdAt : undefined;

@@ -15,7 +15,9 @@ import type { Caller, Kind, StoredVersion, StoreInput } from './types';
  * that arrive while a batch runs wait for the next one, and a batch is one transaction: one statement
  * locks or creates every credential and makes each next version current (the vault_store_prepare
  * migration), the values are sealed here, one statement inserts every version (each data key counts
- * its encryptions at once), one appends every audit row, and one commit makes them durable together.
+ * its encryptions at once) and appends every audit row, and one commit makes them durable together:
+ * four statements with BEGIN. (The audit rows in a statement of their own, five: 1.8% slower over
+ * HTTP in paired runs.)
  * A call gets its answer only after that commit.
  *
  * A call the credential refuses (deleted, another version expected, another kind) writes nothing; it
@@ -212,14 +214,17 @@ export class StoreBatcher {
     }
     let createdAt = this.clock();
     if (stored.length > 0) {
+      // The versions and every call's audit row, in one statement.
       const at = await this.secrets.insertMany(
         tx,
         stored.map(({ p, id, version }) => ({ ownerId: p.caller.identityId, credentialId: id, version, value: p.plaintext, providerRef: p.input.externalId })),
+        entries,
       );
       if (!at) throw new Error('a data key refused the batch its encryptions');
       createdAt = at;
+    } else {
+      await appendAuditRows(tx, entries);
     }
-    await appendAuditRows(tx, entries);
     const iso = createdAt.toISOString();
     return [
       ...stored.map(({ p, id, version }) => () => p.resolve({ id, name: p.input.name, version, createdAt: iso })),
