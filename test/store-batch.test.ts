@@ -215,6 +215,39 @@ describe('group commit of stores', () => {
     }
   });
 
+  it('a batch locks its data key before it takes the audit chain lock (the order two statements took them in)', async () => {
+    // Held by someone else, the chain lock stops the batch at its audit rows: by then, and only then,
+    // the data key's row must be locked. The other way round, a batch holding the chain lock could
+    // wait for a key that a store holding it waits to chain (a deadlock).
+    const vault = h.services.vault;
+    const frank = await h.createIdentity('frank-sb');
+    await vault.store(as(frank), { name: 'first', kind: 'api_key', value: h.secret(`sk_first_${randomUUID()}`) });
+    await idle();
+    const keyId = (await h.sql('SELECT id FROM data_keys WHERE identity_id = $1 AND retired_at IS NULL', [frank.id])).rows[0].id;
+    const chain = new pg.Client({ connectionString: h.databaseUrl });
+    await chain.connect();
+    await chain.query('SELECT pg_advisory_lock(4631800001)');
+    try {
+      const stored = Promise.all([
+        vault.store(as(frank), { name: 'first', kind: 'api_key', value: h.secret(`sk_first_v2_${randomUUID()}`) }),
+        vault.store(as(frank), { name: 'second', kind: 'api_key', value: h.secret(`sk_second_${randomUUID()}`) }),
+      ]);
+      let waiting = 0;
+      for (let i = 0; i < 200 && waiting === 0; i++) {
+        await new Promise((r) => setTimeout(r, 25));
+        const { rows } = await h.sql(`SELECT count(*)::int AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`);
+        waiting = rows[0].n;
+      }
+      expect(waiting).toBe(1);
+      const probe = await settle(h.sql('SELECT 1 FROM data_keys WHERE id = $1 FOR NO KEY UPDATE NOWAIT', [keyId]));
+      expect('error' in probe && (probe.error as unknown as { code: string }).code).toBe('55P03'); // lock_not_available
+      await chain.query('SELECT pg_advisory_unlock(4631800001)');
+      expect((await stored).map((r) => r.version)).toEqual([2, 1]);
+    } finally {
+      await chain.end();
+    }
+  });
+
   it('a store that sets policy commits alone, beside a batch', async () => {
     const vault = h.services.vault;
     const callers = [as(alice), as(alice), as(alice), as(alice)];
