@@ -68,7 +68,11 @@ const REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/;
  */
 function oneRouter(routers: Router[]): Router {
   const all = Router();
-  for (const r of routers) all.stack.push(...r.stack);
+  for (const r of routers) {
+    // Only the routes move: a module's router.param() handlers would stay behind with its router.
+    if (Object.keys((r as unknown as { params: object }).params).length > 0) throw new Error('a route module uses router.param(); oneRouter cannot move it');
+    all.stack.push(...r.stack);
+  }
   return all;
 }
 
