@@ -285,7 +285,7 @@ export class ReadThread {
     const calls = this.outbox;
     this.outbox = [];
     if (!this.worker) {
-      for (const c of calls) this.fail(c.id, new UnavailableError(`the vault ${c.op === 'store' ? 'store' : 'read'} could not start; try again`));
+      for (const c of calls) this.fail(c.id, new UnavailableError(unansweredReason(c.op === 'store', false)));
       return;
     }
     try {

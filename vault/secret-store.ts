@@ -27,9 +27,11 @@ const INSERT_COUNTED = `
 // A batch's versions (vault/store-batch.ts), each key counting all its encryptions at once: every
 // version goes in, or (a key refused, at its limit or retired) fewer rows than asked, and the caller
 // rolls back and stores each alone, where a refused count rolls the key over. The keys' rows are
-// locked in id order, so batches of several identities never deadlock on them.
-const COUNTED_MANY_CTES = `
-  wanted AS (
+// locked in id order, so batches of several identities never deadlock on them. The batch's audit
+// rows (parameters 9-15) go in the same statement: a data-modifying WITH that the insert does not
+// read runs after it, so the data keys' rows are locked before the chain lock is taken.
+const INSERT_COUNTED_MANY = `
+  WITH audit AS (${auditInsertSql(9)}), wanted AS (
     SELECT key_id, count(*)::int AS n FROM unnest($3::uuid[]) AS key_id GROUP BY key_id
   ), locked AS (
     SELECT d.id FROM data_keys d WHERE d.id IN (SELECT key_id FROM wanted) ORDER BY d.id FOR NO KEY UPDATE
@@ -42,13 +44,6 @@ const COUNTED_MANY_CTES = `
     FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::bytea[], $5::text[], $6::bytea[])
          AS v(credential_id, version, key_id, sealed, provider_ref, fingerprint)
    WHERE v.key_id IN (SELECT id FROM counted)`;
-
-const INSERT_COUNTED_MANY = `WITH ${COUNTED_MANY_CTES}`;
-
-// The same, appending audit rows (parameters 9-15) in the same statement: a data-modifying WITH that
-// the insert does not read runs after it, so the data keys' rows are locked before the chain lock is
-// taken, in the order the separate statements took them.
-const INSERT_COUNTED_MANY_AUDITED = `WITH audit AS (${auditInsertSql(9)}), ${COUNTED_MANY_CTES}`;
 
 export interface NewVersion {
   ownerId: string;
@@ -104,7 +99,7 @@ export class SecretStore {
    * the same statement. Returns their creation time, or undefined when a data key refused its count
    * (see INSERT_COUNTED_MANY; the audit rows were appended all the same): the caller rolls back.
    */
-  async insertMany(tx: Db, versions: NewVersion[], audit: AuditEntry[] = []): Promise<Date | undefined> {
+  async insertMany(tx: Db, versions: NewVersion[], audit: AuditEntry[]): Promise<Date | undefined> {
     const plaintexts = versions.map((v) => Buffer.from(v.value, 'utf8'));
     try {
       const keyIds: string[] = [];
@@ -119,8 +114,8 @@ export class SecretStore {
       }
       const createdAt = this.clock();
       const { rowCount } = await tx.query({
-        name: audit.length ? 'secret-version-insert-many-audited' : 'secret-version-insert-many',
-        text: audit.length ? INSERT_COUNTED_MANY_AUDITED : INSERT_COUNTED_MANY,
+        name: 'secret-version-insert-many',
+        text: INSERT_COUNTED_MANY,
         values: [
           versions.map((v) => v.credentialId),
           versions.map((v) => v.version),
@@ -130,7 +125,7 @@ export class SecretStore {
           fingerprints,
           createdAt,
           this.dataKeys.maxEncryptions,
-          ...(audit.length ? auditValues(audit) : []),
+          ...auditValues(audit),
         ],
       });
       return rowCount === versions.length ? createdAt : undefined;
