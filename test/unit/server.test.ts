@@ -1,0 +1,41 @@
+import { once } from 'node:events';
+import { IncomingMessage, type Server, ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import express from 'express';
+import { afterEach, describe, expect, it } from 'vitest';
+import { listen } from '../../api/server';
+
+describe("the API's HTTP server", () => {
+  let server: Server | undefined;
+  afterEach(async () => {
+    if (!server) return;
+    server.close();
+    await once(server, 'close');
+    server = undefined;
+  });
+
+  it("builds each request and response on the app's prototypes, so Express has none to swap, and they still work as Node's and Express's", async () => {
+    const app = express();
+    app.post('/echo', express.json(), (req, res) => {
+      res.status(201).set('X-Seen', req.get('x-probe') ?? '').json({ body: req.body, isNodeRequest: req instanceof IncomingMessage, isNodeResponse: res instanceof ServerResponse });
+    });
+    server = listen(app, 0, '127.0.0.1');
+    await once(server, 'listening');
+    const arrived: { request: boolean; response: boolean }[] = [];
+    // Before the app's own listener, which swaps any prototype it finds otherwise.
+    server.prependListener('request', (req, res) => {
+      arrived.push({ request: Object.getPrototypeOf(req) === app.request, response: Object.getPrototypeOf(res) === app.response });
+    });
+    const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    for (let i = 0; i < 2; i++) {
+      const res = await fetch(`${url}/echo`, { method: 'POST', headers: { 'content-type': 'application/json', 'x-probe': `p${i}` }, body: JSON.stringify({ i }) });
+      expect(res.status).toBe(201);
+      expect(res.headers.get('x-seen')).toBe(`p${i}`);
+      expect(await res.json()).toEqual({ body: { i }, isNodeRequest: true, isNodeResponse: true });
+    }
+    expect(arrived).toEqual([
+      { request: true, response: true },
+      { request: true, response: true },
+    ]);
+  });
+});
