@@ -49,7 +49,7 @@ const JSON_TYPES = ['application/json', 'application/*+json'];
 export const MAX_JSON_DEPTH = 32;
 
 // Not strict: a top-level string or number is valid JSON and gets the clearer "must be a JSON object" error.
-// Every type requireJson admits: with body-parser's default (application/json only) an application/*+json
+// Every type the general path admits: with body-parser's default (application/json only) an application/*+json
 // body passed the type check and was then left unread ("the request body must be a JSON object").
 const jsonParser = express.json({ limit: MAX_REQUEST_BYTES, strict: false, type: JSON_TYPES });
 
@@ -123,7 +123,7 @@ export function parse<S extends z.ZodType>(schema: S, input: unknown, where: 'bo
 }
 
 /**
- * An endpoint's JSON body: `requireJson`, `jsonParser` and `limitDepth` in one step. The request
+ * An endpoint's JSON body: its media type checked, parsed and its depth limited, in one step. The request
  * nearly every client sends (application/json, UTF-8 or no charset, a Content-Length within the
  * limit, no Content-Encoding) is read here directly: its chunks joined and parsed, with the same
  * checks and the same errors as body-parser's. body-parser's way (type-is twice, a raw-body stream,
@@ -156,8 +156,7 @@ export function jsonBody(req: Request, res: Response, next: NextFunction): void 
       return next(Object.assign(new SyntaxError('the request body is not valid JSON'), { status: 400, type: 'entity.parse.failed' }));
     }
     req.body = body;
-    if (depthExceeds(body, MAX_JSON_DEPTH)) return next(new ValidationError(`the request body is nested more than ${MAX_JSON_DEPTH} levels deep`));
-    next();
+    next(tooDeep(body));
   };
   const onData = (chunk: Buffer) => chunks.push(chunk);
   const onEnd = () => done();
@@ -172,37 +171,17 @@ export function jsonBody(req: Request, res: Response, next: NextFunction): void 
 
 const PLAIN_JSON = new Set(['application/json', 'application/json; charset=utf-8', 'application/json; charset=UTF-8', 'application/json;charset=utf-8', 'application/json;charset=UTF-8']);
 
-/** The general path of jsonBody: media type, body-parser, depth. */
+/** The general path of jsonBody: the media type, body-parser, the depth. */
 function general(req: Request, res: Response, next: NextFunction): void {
-  try {
-    requireJson(req, res, (err?: unknown) => {
-      if (err) return next(err);
-      jsonParser(req, res, (err2?: unknown) => {
-        if (err2) return next(err2);
-        try {
-          limitDepth(req, res, next);
-        } catch (e) {
-          next(e);
-        }
-      });
-    });
-  } catch (err) {
-    next(err);
-  }
-}
-
-function requireJson(req: Request, _res: Response, next: NextFunction): void {
   if (!req.is(JSON_TYPES)) {
-    throw new AppError(415, 'unsupported-media-type', 'Unsupported media type', 'send the request body as application/json');
+    return next(new AppError(415, 'unsupported-media-type', 'Unsupported media type', 'send the request body as application/json'));
   }
-  next();
+  jsonParser(req, res, (err?: unknown) => next(err ?? tooDeep(req.body)));
 }
 
-function limitDepth(req: Request, _res: Response, next: NextFunction): void {
-  if (depthExceeds(req.body, MAX_JSON_DEPTH)) {
-    throw new ValidationError(`the request body is nested more than ${MAX_JSON_DEPTH} levels deep`);
-  }
-  next();
+/** The error for a body nested deeper than MAX_JSON_DEPTH, if it is. */
+function tooDeep(body: unknown): ValidationError | undefined {
+  return depthExceeds(body, MAX_JSON_DEPTH) ? new ValidationError(`the request body is nested more than ${MAX_JSON_DEPTH} levels deep`) : undefined;
 }
 
 /** Refuses input whose strings (or keys) could never be stored, before any of it reaches the database. */
