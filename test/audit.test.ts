@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type pg from 'pg';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 
@@ -114,6 +115,43 @@ describe('audit log', () => {
     for (const statement of ["UPDATE audit_log SET outcome = 'ok'", 'DELETE FROM audit_log', 'TRUNCATE audit_log']) {
       await expect(h.services.pool.query(statement)).rejects.toThrow(/audit_log is append-only/);
     }
+  });
+
+  it('chains a transaction\'s rows over several statements, past a rolled-back savepoint, while others wait', async () => {
+    const insert = (c: pg.PoolClient, tag: string, n = 1) =>
+      c.query(`INSERT INTO audit_log (actor, action, outcome, request_id)
+                 SELECT 'test', 'chain.test', 'ok', $1 || '-' || i FROM generate_series(1, $2::int) AS i`, [tag, n]);
+    const links = async () =>
+      (await h.sql<{ request_id: string; linked: boolean }>(
+        `SELECT request_id, prev_hash = lag(hash) OVER (ORDER BY seq) AS linked FROM audit_log ORDER BY seq`,
+      )).rows.filter((r) => r.request_id?.startsWith('chain-'));
+    const [first, second] = [await h.services.pool.connect(), await h.services.pool.connect()];
+    try {
+      await first.query('BEGIN');
+      await insert(first, 'chain-a');
+      await insert(first, 'chain-b', 3);
+      await first.query('SAVEPOINT s');
+      await insert(first, 'chain-undone', 2);
+      await first.query('ROLLBACK TO SAVEPOINT s');
+      await insert(first, 'chain-c');
+      // Only the transaction's first row asked for the chain lock; the lock is held all the same.
+      let waited = true;
+      const other = insert(second, 'chain-other').then(() => (waited = false));
+      await new Promise((r) => setTimeout(r, 300));
+      expect(waited).toBe(true);
+      await first.query('COMMIT');
+      await other;
+      // A new transaction on the same connection starts from the table's head, not its last one.
+      await insert(first, 'chain-d');
+    } finally {
+      first.release();
+      second.release();
+    }
+    expect(await links()).toEqual(
+      ['chain-a-1', 'chain-b-1', 'chain-b-2', 'chain-b-3', 'chain-c-1', 'chain-other-1', 'chain-d-1'].map((request_id) => ({ request_id, linked: true })),
+    );
+    const total = Number((await h.sql('SELECT count(*) FROM audit_log')).rows[0].count);
+    expect((await h.api('GET', '/v1/audit/verify', { token: h.adminToken })).body).toEqual({ ok: true, rows: total });
   });
 
   it('verify walks the chain; an edited row is named, and so is the row after a deleted one', async () => {
