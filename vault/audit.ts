@@ -3,7 +3,8 @@ import { AppError, AuditUnavailableError } from '../core/errors';
 import type { Caller } from './types';
 
 /**
- * The audit log. Rows are chained by a database trigger (see the foundation migration); this
+ * The audit log. Rows are chained by a database trigger (the foundation migration; since the
+ * audit_chain_head_per_transaction one, only a transaction's first row reads the chain's head); this
  * module writes rows, lists them and re-checks the chain. Detail never holds a secret value.
  */
 export type AuditOutcome = 'ok' | 'denied' | 'rejected' | 'conflict' | 'failed';
