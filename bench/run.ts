@@ -242,8 +242,9 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
     const sizeRatioP50 = sizeGet[large]!.p50 / sizeGet[small]!.p50;
     const sizeRatioP99 = sizeGet[large]!.p99 / sizeGet[small]!.p99;
     // The same ratio with each size's get p50 taken relative to the floor measured beside it.
-    // (autocannon's percentiles are whole milliseconds; a tiny run's floor can be 0 ms, hence the 0.5 ms floor under each.)
-    const ms = (v: number) => Math.max(v, 0.5);
+    // (Percentiles are to the microsecond now (bench/load.ts); the 0.01 ms floor under each keeps a
+    // load that got no answer at all from dividing by zero.)
+    const ms = (v: number) => Math.max(v, 0.01);
     const floorRatioP50 = ms(sizeFloor[large]!.p50) / ms(sizeFloor[small]!.p50);
     const sizeRatioP50VsFloor = sizeRatioP50 / floorRatioP50;
     const sizeRatioP99VsFloor = sizeRatioP99 / (ms(sizeFloor[large]!.p99) / ms(sizeFloor[small]!.p99));
