@@ -144,46 +144,51 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
       const op = HTTP_OPS[key];
       return httpLoad({ url: api.url + op.route, method: op.method, token, body: op.body, connections: o.connections, seconds });
     };
-    const runDb = async (key: Primitive) => {
+    /** Readies the database floor of `key` (data keys cached, statements counted, warm-up); its slices run in `alternate`. */
+    const prepareDb = async (key: Primitive) => {
       await dbOps[key](1_000_000); // warm: data keys cached, as in the API after its first call
       statements[key] = await countStatements(opened, () => dbOps[key](1_000_001));
       if (o.warmupSeconds > 0) await inProcessLoad(dbOps[key], o.connections, o.warmupSeconds);
-      const before = vaultBatches(key);
-      db[key] = await inProcessLoad(dbOps[key], o.connections, o.seconds);
-      dbCallsPerBatch[key] = callsPerBatch(before, vaultBatches(key));
-      const batched = dbCallsPerBatch[key] ? `, ${dbCallsPerBatch[key]} calls per batch here, ${httpCallsPerBatch[key]} over HTTP` : '';
-      log(`  db   ${key.padEnd(11)} ${fmtLoad(db[key]!)}  (${statements[key]} statements alone${batched})`);
     };
-    // Each primitive runs in slices that alternate with slices of the HTTP floor (floor, primitive,
-    // floor, primitive …), and is compared with the floor slices around it; then its database floor
-    // runs. The machine's speed drifts by 10–30% within a minute here: floors measured once, away
-    // from a primitive, turned that drift into its ratio, and even a floor run before and after a
-    // 10-second load moved the ratio by ±0.1 between runs.
+    // Each primitive runs in slices that alternate with slices of the HTTP floor and of its database
+    // floor (floor, primitive, database floor, floor, primitive …), and is compared with the floor
+    // slices around it. The machine's speed drifts by 10–30% within a minute here: floors measured
+    // once, away from a primitive, turned that drift into its ratio (a floor run before and after a
+    // 10-second load moved it by ±0.1 between runs; the database floor, run after the primitive's
+    // slices, moved vault.store's by ±0.05).
     const sliceSeconds = Math.min(o.sliceSeconds, o.seconds);
     const slices = Math.max(1, Math.round(o.seconds / sliceSeconds));
-    const alternate = async (key: Primitive) => {
+    const alternate = async (key: Primitive, withDb = false) => {
       const floor: LoadResult[] = [];
       const primitive: LoadResult[] = [];
+      const database: LoadResult[] = [];
       for (let i = 0; i < slices; i++) {
         floor.push(await load('floor', sliceSeconds));
         primitive.push(await load(key, sliceSeconds));
+        if (withDb) database.push(await inProcessLoad(dbOps[key], o.connections, sliceSeconds));
       }
-      return { floor, primitive };
+      return { floor, primitive, database };
     };
     const floorSlices: LoadResult[] = [];
     const httpFloorOf: Partial<Record<Primitive, LoadResult[]>> = {};
+    const dbSlicesOf: Partial<Record<Primitive, LoadResult[]>> = {};
     if (o.warmupSeconds > 0) await load('floor', o.warmupSeconds);
     for (const key of ['vault.get', 'vault.store', 'vault.totp'] as const) {
+      await prepareDb(key);
       if (o.warmupSeconds > 0) await load(key, o.warmupSeconds);
-      const before = await apiBatches(key);
-      const { floor, primitive } = await alternate(key);
-      httpCallsPerBatch[key] = callsPerBatch(before, await apiBatches(key));
+      const before = { http: await apiBatches(key), db: vaultBatches(key) };
+      const { floor, primitive, database } = await alternate(key, true);
+      httpCallsPerBatch[key] = callsPerBatch(before.http, await apiBatches(key));
+      dbCallsPerBatch[key] = callsPerBatch(before.db, vaultBatches(key));
       http[key] = meanLoad(primitive);
+      db[key] = meanLoad(database);
+      dbSlicesOf[key] = database;
       httpFloorOf[key] = floor;
       floorSlices.push(...floor);
+      const batched = dbCallsPerBatch[key] ? `, ${dbCallsPerBatch[key]} calls per batch here, ${httpCallsPerBatch[key]} over HTTP` : '';
       log(`  http ${'floor'.padEnd(11)} ${fmtLoad(meanLoad(floor))}  (${slices} slices of ${sliceSeconds} s, alternating with:)`);
       log(`  http ${key.padEnd(11)} ${fmtLoad(http[key]!)}`);
-      await runDb(key);
+      log(`  db   ${key.padEnd(11)} ${fmtLoad(db[key]!)}  (${statements[key]} statements alone${batched})`);
     }
     http.floor = meanLoad(floorSlices);
     const memoryItem1 = { apiPeakRssMb: round(api.peakRssMb(), 1), workerPeakRssMb: round(worker.peakRssMb(), 1) };
@@ -201,6 +206,7 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
               httpRps: round(floors.http, 1),
               httpSlicesRps: httpFloorOf[key]!.map((r) => round(r.rps, 1)),
               dbRps: round(floors.db, 1),
+              dbSlicesRps: dbSlicesOf[key]!.map((r) => round(r.rps, 1)),
               min: floors.http <= floors.db ? 'http' : 'db',
             },
             ratioToMinFloor: round(ratio, 3),
@@ -305,7 +311,7 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
         httpFloor: { route: 'GET /v1/whoami', sliceSeconds, slicesPerPrimitive: slices, ...loadFigures(http.floor!) },
         httpMethod: 'each primitive in slices alternating with slices of the HTTP floor (floor, primitive, floor, primitive …), compared with those floor slices; a figure is the mean over its slices (req/s, p50, p90, p99; max is the worst); httpFloor is the mean of all floor slices',
         dbFloors: Object.fromEntries(Object.entries(db).map(([k, v]) => [k, loadFigures(v)])),
-        dbFloorMethod: 'the same Vault call in-process (its SQL, audit insert and commit) at the same concurrency through a pool of the API’s size, no HTTP',
+        dbFloorMethod: 'the same Vault call in-process (its SQL, audit insert and commit) at the same concurrency through a pool of the API’s size, no HTTP, in slices alternating with the primitive’s HTTP slices (floor, primitive, database floor, …); a figure is the mean over its slices',
         ops: primitives,
       },
       size: {

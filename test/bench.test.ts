@@ -63,13 +63,17 @@ describe('npm run bench at a tiny size', () => {
     expect(r.primitives.httpFloor.rps).toBeGreaterThan(0);
     expect(r.primitives.httpFloor.p99).toBeGreaterThanOrEqual(r.primitives.httpFloor.p50);
     expect(r.primitives.httpFloor.errors).toBe(0);
-    // Each primitive alternates with slices of the HTTP floor and is compared with those slices.
+    // Each primitive alternates with slices of the HTTP floor and of its database floor, and is
+    // compared with those slices.
     expect(r.primitives.httpFloor.slicesPerPrimitive).toBe(2); // --seconds 2 --slice-seconds 1
     expect(r.primitives.httpFloor.sliceSeconds).toBe(1);
     for (const op of ['vault.get', 'vault.store', 'vault.totp']) {
       const floors = r.primitives.ops[op].floors;
       expect(floors.httpSlicesRps).toHaveLength(2);
       expect(floors.httpRps).toBeCloseTo((floors.httpSlicesRps[0] + floors.httpSlicesRps[1]) / 2, 0);
+      expect(floors.dbSlicesRps).toHaveLength(2);
+      expect(floors.dbRps).toBeCloseTo((floors.dbSlicesRps[0] + floors.dbSlicesRps[1]) / 2, 0);
+      expect(r.primitives.dbFloors[op].rps).toBe(floors.dbRps);
     }
     for (const op of ['vault.get', 'vault.store', 'vault.totp']) {
       const o = r.primitives.ops[op];
