@@ -233,7 +233,7 @@ export function authenticate(auth: AuthDeps, who: Who): RequestHandler {
       auth.guard?.succeeded(req, hash);
       return next();
     }
-    const identity = isAdmin ? undefined : await auth.identities.authenticate(token);
+    const identity = isAdmin ? undefined : await auth.identities.authenticate(hash);
     if (identity) {
       auth.guard?.succeeded(req, hash);
       res.locals.identity = identity;

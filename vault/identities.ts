@@ -74,8 +74,8 @@ export class Identities {
     return { id, name: input.name, email: input.email ?? null, token };
   }
 
-  async authenticate(token: string): Promise<Identity | undefined> {
-    const hash = hashToken(token);
+  /** The identity whose token this is, by its hashToken (the caller has hashed it already), if any. */
+  async authenticate(hash: Buffer): Promise<Identity | undefined> {
     const key = hash.toString('base64');
     const cached = this.authCache.get(key);
     if (cached && cached.expires > Date.now()) return cached.identity;
