@@ -11,6 +11,7 @@ import { KINDS } from '../vault/types';
 import { base32 } from './support/base32';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
+import { rawRequest } from './support/raw-http';
 
 /**
  * The MCP server through the SDK's own client, over both transports: streamable HTTP at /mcp on the
@@ -295,6 +296,32 @@ describe('MCP server', () => {
       ).rejects.toThrow(/401|Authentication required/);
       await client.close();
       expect((await fetch(`${h.url}/mcp`, { headers: { accept: 'text/event-stream' } })).status).toBe(405);
+    });
+
+    it('answers a Host it cannot use with a 400 problem, audited, not the transport’s bare 400; any other Host reaches MCP', async () => {
+      const agent = await h.createIdentity('mcp-hosts');
+      const init = JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'initialize', params: { protocolVersion: '2025-06-18', capabilities: {}, clientInfo: { name: 't', version: '1' } } });
+      const post = (host: string, requestId: string) =>
+        rawRequest(h.url, {
+          method: 'POST',
+          path: '/mcp',
+          headers: [['host', host], ['authorization', `Bearer ${agent.token}`], ['content-type', 'application/json'], ['accept', 'application/json, text/event-stream'], ['x-request-id', requestId]],
+          body: init,
+        });
+      const refused = ['', ' ', 'a b', '@x', 'x/y', 'x:y', 'example.com:99999', 'a%20b'];
+      for (const [i, host] of refused.entries()) {
+        const res = await post(host, `mcp-host-${i}`);
+        expect(res.status, JSON.stringify(host)).toBe(400);
+        expect(res.headers['content-type'], JSON.stringify(host)).toMatch(/^application\/problem\+json/);
+        expect(res.body, JSON.stringify(host)).toMatchObject({ type: 'https://mailgent.dev/problems/malformed-request', status: 400, detail: expect.stringContaining('Host') });
+      }
+      const audit = (await h.sql("SELECT action, outcome FROM audit_log WHERE request_id LIKE 'mcp-host-%'")).rows;
+      expect(audit).toEqual(refused.map(() => ({ action: 'mcp.request', outcome: 'rejected' })));
+      for (const host of ['localhost', 'EXAMPLE.com', '[::1]:8080', '127.0.0.1:0', 'a_b']) {
+        const res = await post(host, 'mcp-host-ok');
+        expect(res.status, host).toBe(200);
+        expect(res.body, host).toMatchObject({ jsonrpc: '2.0', id: 1, result: { serverInfo: expect.any(Object) } });
+      }
     });
 
     it('over stdio, a wrong token fails the connection with the server’s 401 problem', async () => {

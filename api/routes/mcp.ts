@@ -4,6 +4,7 @@ import type { Logger } from '../../core/logger';
 import { createMcpServer } from '../../mcp/server';
 import type { McpDeps } from '../../mcp/tools';
 import type { Identity } from '../../vault/identities';
+import { AppError } from '../../core/errors';
 import { authenticate, jsonBody, type AuthDeps } from '../endpoint';
 import { documented } from '../openapi';
 
@@ -32,6 +33,9 @@ export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): R
     authenticate(auth, 'identity'),
     jsonBody,
     async (req: Request, res: Response) => {
+      if (!transportTakesHost(req.headers.host)) {
+        throw new AppError(400, 'malformed-request', 'Malformed request', 'MCP over HTTP needs a Host header that names a host (and port)');
+      }
       const identity: Identity = res.locals.identity;
       const server = createMcpServer(deps, { identityId: identity.id, actor: `identity:${identity.id}`, requestId: res.locals.requestId, via: 'mcp' });
       const transport = new StreamableHTTPServerTransport({ sessionIdGenerator: undefined, enableJsonResponse: true });
@@ -59,4 +63,20 @@ export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): R
     },
   );
   return router;
+}
+
+/**
+ * Whether the SDK's transport can make its request URL of this Host header. It builds a web Request
+ * through @hono/node-server, which answers a bare 400 (no body, no problem) to a missing Host or one
+ * that does not parse as its own hostname; this is that rule (its `buildUrl`), checked first so the
+ * caller gets a problem instead (found by test/fuzz.test.ts: `Host:` empty).
+ */
+export function transportTakesHost(host: string | undefined): boolean {
+  if (!host) return false;
+  try {
+    const { hostname } = new URL(`http://${host}/`);
+    return hostname.length === host.length || hostname === (host.includes(':') ? host.replace(/:\d+$/, '') : host).toLowerCase();
+  } catch {
+    return false;
+  }
 }
