@@ -74,7 +74,7 @@ export class Identities {
     return { id, name: input.name, email: input.email ?? null, token };
   }
 
-  /** The identity whose token this is, by its hashToken (the caller has hashed it already), if any. */
+  /** The identity whose token hashes (hashToken) to `hash`, if any; the caller has hashed the token already. */
   async authenticate(hash: Buffer): Promise<Identity | undefined> {
     const key = hash.toString('base64');
     const cached = this.authCache.get(key);

@@ -71,7 +71,7 @@ export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): R
  * that does not parse as its own hostname; this is that rule (its `buildUrl`), checked first so the
  * caller gets a problem instead (found by test/fuzz.test.ts: `Host:` empty).
  */
-export function transportTakesHost(host: string | undefined): boolean {
+function transportTakesHost(host: string | undefined): boolean {
   if (!host) return false;
   try {
     const { hostname } = new URL(`http://${host}/`);
