@@ -276,11 +276,13 @@ describe('MCP server', () => {
   });
 
   describe('HTTP transport and settings', () => {
+    /** A client's first JSON-RPC message, as sent over HTTP. */
+    const INITIALIZE = JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'initialize', params: { protocolVersion: '2025-06-18', capabilities: {}, clientInfo: { name: 't', version: '1' } } });
+
     it('answers a missing or wrong token at /mcp with the 401 problem, audited, and the SDK client cannot connect', async () => {
-      const init = { jsonrpc: '2.0', id: 1, method: 'initialize', params: { protocolVersion: '2025-06-18', capabilities: {}, clientInfo: { name: 't', version: '1' } } };
       const headers = { 'content-type': 'application/json', accept: 'application/json, text/event-stream', 'x-request-id': 'mcp-bad-token' };
       for (const auth of [undefined, 'Bearer mgt_not-a-real-token']) {
-        const res = await fetch(`${h.url}/mcp`, { method: 'POST', headers: { ...headers, ...(auth ? { authorization: auth } : {}) }, body: JSON.stringify(init) });
+        const res = await fetch(`${h.url}/mcp`, { method: 'POST', headers: { ...headers, ...(auth ? { authorization: auth } : {}) }, body: INITIALIZE });
         expect(res.status).toBe(401);
         expect(res.headers.get('content-type')).toContain('application/problem+json');
         expect(await res.json()).toMatchObject({ type: 'https://mailgent.dev/problems/unauthorized', status: 401 });
@@ -300,13 +302,12 @@ describe('MCP server', () => {
 
     it('answers a Host it cannot use with a 400 problem, audited, not the transport’s bare 400; any other Host reaches MCP', async () => {
       const agent = await h.createIdentity('mcp-hosts');
-      const init = JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'initialize', params: { protocolVersion: '2025-06-18', capabilities: {}, clientInfo: { name: 't', version: '1' } } });
       const post = (host: string, requestId: string) =>
         rawRequest(h.url, {
           method: 'POST',
           path: '/mcp',
           headers: [['host', host], ['authorization', `Bearer ${agent.token}`], ['content-type', 'application/json'], ['accept', 'application/json, text/event-stream'], ['x-request-id', requestId]],
-          body: init,
+          body: INITIALIZE,
         });
       const refused = ['', ' ', 'a b', '@x', 'x/y', 'x:y', 'example.com:99999', 'a%20b'];
       for (const [i, host] of refused.entries()) {
