@@ -22,8 +22,8 @@ export async function permanentErrorsFail<T>(fn: () => Promise<T>): Promise<T> {
  *
  * A call that ends within two seconds sends none: the heartbeat timeout runs from the activity's
  * start, so a first beat at once told Temporal nothing, yet each one is a write of the workflow's
- * state on the server. One at the start of every step cost a rotation ~20% of its throughput in
- * the bench (8.3 → 9.5-10.2 rotations/s, the server's CPU per rotation ~95 → ~80 ms).
+ * state on the server. One at the start of every step cost rotations ~15% of their throughput
+ * (README, "A heartbeat at every step's start").
  */
 export async function heartbeating<T>(fn: () => Promise<T>): Promise<T> {
   let ctx: Context | undefined;
