@@ -36,6 +36,8 @@ export interface Stack {
   adminToken: string;
   taskQueue: string;
   postgresVersion: string;
+  /** One more database on the same server, migrated, dropped with the stack: its URL. */
+  addDatabase(): Promise<string>;
   /** Stops what `start` started, in reverse. */
   stop(): Promise<void>;
   onStop(fn: () => Promise<unknown>): void;
@@ -59,25 +61,18 @@ export async function startStack(dir: string, external: External = {}): Promise<
       external.smtpUrl ? { url: external.smtpUrl } : track(stops, startSmtpSink({ mailDir: path.join(dir, 'mail') })),
     ]);
     const tag = randomBytes(4).toString('hex');
-    const database = `bench_${tag}`;
-    const admin = new pg.Client({ connectionString: pgServer.adminUrl });
-    await admin.connect();
-    let postgresVersion: string;
-    try {
-      await admin.query(`CREATE DATABASE ${database}`);
-      postgresVersion = (await admin.query('SHOW server_version')).rows[0].server_version;
-    } finally {
-      await admin.end();
-    }
-    stops.push(async () => {
-      const c = new pg.Client({ connectionString: pgServer.adminUrl });
-      await c.connect();
-      await c.query(`DROP DATABASE IF EXISTS ${database} WITH (FORCE)`).finally(() => c.end());
-    });
-    const u = new URL(pgServer.adminUrl);
-    u.pathname = `/${database}`;
-    const databaseUrl = u.toString();
-    await migrate(databaseUrl);
+    let databases = 0;
+    const addDatabase = async (): Promise<string> => {
+      const database = `bench_${tag}${databases++ === 0 ? '' : `_${databases}`}`;
+      await withAdmin(pgServer.adminUrl, (c) => c.query(`CREATE DATABASE ${database}`));
+      stops.push(() => withAdmin(pgServer.adminUrl, (c) => c.query(`DROP DATABASE IF EXISTS ${database} WITH (FORCE)`)));
+      const u = new URL(pgServer.adminUrl);
+      u.pathname = `/${database}`;
+      await migrate(u.toString());
+      return u.toString();
+    };
+    const databaseUrl = await addDatabase();
+    const postgresVersion = await withAdmin(pgServer.adminUrl, async (c) => (await c.query('SHOW server_version')).rows[0].server_version as string);
 
     const keyringFile = path.join(dir, `master-keys-${tag}.json`);
     const master = generateMasterKey();
@@ -91,12 +86,23 @@ export async function startStack(dir: string, external: External = {}): Promise<
       adminToken: newToken(),
       taskQueue: `bench-${tag}`,
       postgresVersion,
+      addDatabase,
       stop,
       onStop: (fn) => stops.push(fn),
     };
   } catch (err) {
     await stop();
     throw err;
+  }
+}
+
+async function withAdmin<T>(adminUrl: string, fn: (c: pg.Client) => Promise<T>): Promise<T> {
+  const c = new pg.Client({ connectionString: adminUrl });
+  await c.connect();
+  try {
+    return await fn(c);
+  } finally {
+    await c.end();
   }
 }
 

@@ -94,6 +94,10 @@ describe('npm run bench at a tiny size', () => {
     }
 
     expect(Object.keys(r.size.get)).toEqual(['100', '400']);
+    // Each size is a vault of its own (the small one a database and an API of its own), measured in one stretch.
+    expect(r.size.storedCredentials['100']).toBeGreaterThanOrEqual(100);
+    expect(r.size.storedCredentials['100']).toBeLessThan(400);
+    expect(r.size.storedCredentials['400']).toBeGreaterThanOrEqual(400);
     positive(r.size.get['100'], 'size@100');
     positive(r.size.get['400'], 'size@400');
     expect(r.size.ratioP50).toBeGreaterThan(0);
