@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MAX_JSON_DEPTH } from '../api/endpoint';
+import { type Db, withTransaction } from '../db/pool';
 import { DataKeys } from '../vault/data-keys';
 import { Keyring } from '../vault/keyring';
 import { SecretStore } from '../vault/secret-store';
@@ -285,6 +286,68 @@ describe('hardening', () => {
         expect(read.body.value).toBe(`counted-value-${v}`);
       }
       expect(Number((await h.sql('SELECT encryptions FROM data_keys WHERE id = $1', [keys.rows[2].id])).rows[0].encryptions)).toBe(2);
+    });
+
+    it('a seal refused under a successor not yet committed leaves it active: one rollover, not two', async () => {
+      // B's rollover waits at this gate, so A can commit between B's refused seal and its rollover.
+      let gate: Promise<void> | undefined;
+      let atGate!: () => void;
+      const reached = new Promise<void>((resolve) => (atGate = resolve));
+      class Gated extends DataKeys {
+        override async rollOver(db: Db, identityId: string, keyId: string): Promise<void> {
+          if (gate) {
+            atGate();
+            await gate;
+          }
+          return super.rollOver(db, identityId, keyId);
+        }
+      }
+      const pool = h.services.pool;
+      const dataKeys = new Gated(pool, Keyring.fromSetting(h.keyringFile), { maxEncryptions: 2 });
+      const secrets = new SecretStore(dataKeys, () => new Date());
+      const fay = await h.createIdentity('fay-h');
+      const credential = async (name: string): Promise<string> =>
+        (
+          await h.sql(
+            `INSERT INTO credentials (id, identity_id, name, kind, current_version, created_at, updated_at)
+             VALUES (gen_random_uuid(), $1, $2, 'generic', 1, now(), now()) RETURNING id`,
+            [fay.id, name],
+          )
+        ).rows[0].id as string;
+      const [spent, a, b] = [await credential('spent'), await credential('a'), await credential('b')];
+      // The first key's two encryptions.
+      for (const version of [1, 2]) await withTransaction(pool, (tx) => secrets.insert(tx, fay.id, spent, version, h.secret(`fay-spent-${version}`)));
+
+      // A: the first key is spent, so A retires it and seals under a successor made in its own
+      // transaction, which it does not commit yet.
+      const txA = await pool.connect();
+      const txB = await pool.connect();
+      try {
+        await txA.query('BEGIN');
+        await secrets.insert(txA, fay.id, a, 1, h.secret('fay-a'));
+        // B is handed that successor (the cache has it), and its seal is refused: the row is not
+        // visible to B. A commits before B's rollover runs.
+        let open!: () => void;
+        gate = new Promise<void>((resolve) => (open = resolve));
+        await txB.query('BEGIN');
+        const sealB = secrets.insert(txB, fay.id, b, 1, h.secret('fay-b'));
+        await reached;
+        gate = undefined;
+        await txA.query('COMMIT');
+        open();
+        await sealB;
+        await txB.query('COMMIT');
+      } finally {
+        txA.release();
+        txB.release();
+      }
+      const keys = await h.sql('SELECT id, encryptions, retired_at IS NOT NULL AS retired FROM data_keys WHERE identity_id = $1 ORDER BY created_at', [fay.id]);
+      expect(keys.rows.map((k) => [Number(k.encryptions), k.retired])).toEqual([
+        [2, true],
+        [2, false],
+      ]);
+      const sealedUnder = await h.sql('SELECT c.name, v.data_key_id FROM secret_versions v JOIN credentials c ON c.id = v.credential_id WHERE c.id = ANY($1) ORDER BY c.name', [[a, b]]);
+      expect(sealedUnder.rows.map((r) => r.data_key_id)).toEqual([keys.rows[1].id, keys.rows[1].id]);
     });
 
     it('concurrent seals are all counted', async () => {

@@ -58,14 +58,21 @@ export class DataKeys {
   }
 
   /**
-   * Called when a seal under `keyId` was refused (the key reached its limit, or was retired
-   * meanwhile): retires it if it is still active and makes the identity's next key, in the caller's
-   * transaction. Whoever retires a key makes its successor; the others wait on its row and then find
-   * that successor as the active key.
+   * Called when a seal under `keyId` was refused (the key reached its limit, was retired meanwhile,
+   * or is not visible yet): retires it if it is still active and spent, and makes the identity's next
+   * key, in the caller's transaction. Whoever retires a key makes its successor; the others wait on
+   * its row and then find that successor as the active key.
+   *
+   * Only a spent key is retired. A successor is in this cache before the transaction that made it
+   * commits, so another transaction can be handed it, see its seal refused (the row is not visible
+   * to it yet) and come here once it is: retiring it then threw away a fresh key and made another.
    */
   async rollOver(db: Db, identityId: string, keyId: string): Promise<void> {
     this.activeByIdentity.delete(identityId);
-    const retired = await db.query('UPDATE data_keys SET retired_at = now() WHERE id = $1 AND retired_at IS NULL', [keyId]);
+    const retired = await db.query('UPDATE data_keys SET retired_at = now() WHERE id = $1 AND retired_at IS NULL AND encryptions >= $2', [
+      keyId,
+      this.maxEncryptions,
+    ]);
     if (retired.rowCount) this.activeByIdentity.set(identityId, await this.create(db, identityId));
   }
 
