@@ -13,7 +13,7 @@ import { latencyChart } from './chart';
 import { httpLoad, inProcessLoad, round, type HttpLoad, type LoadResult } from './load';
 import { measureRotation, pollers, type RotationResult } from './rotation';
 import { newSeedState, SEEDING_METHOD, seedTo } from './seed';
-import { productionTuning, ROOT, startService, startStack, type Stack } from './stack';
+import { productionTuning, ROOT, startService, startStack, type Service, type Stack } from './stack';
 import { measureSweep, type SweepResult } from './sweep';
 import { startWebhookSink } from './webhook-sink';
 
@@ -507,23 +507,24 @@ export async function createBenchIdentity(
 async function openSmallVault(stack: Stack, size: number, now: Date) {
   const databaseUrl = await stack.addDatabase();
   const services = openServices({ databaseUrl, poolSize: 2, keyring: Keyring.fromSetting(stack.keyringFile), smtpUrl: stack.smtpUrl, mailFrom: 'bench@localhost' });
+  let api: Service | undefined;
+  let closing: Promise<void> | undefined;
+  // Closed once measured, or with the stack when the bench fails first (its pool would keep the process alive).
+  const close = () =>
+    (closing ??= (async () => {
+      await api?.stop();
+      await services.close();
+    })());
+  stack.onStop(close);
   try {
     const dataDir = path.join(stack.dir, 'api-small-data');
     mkdirSync(dataDir, { recursive: true });
-    const api = await startService(stack, 'api', { env: { DATABASE_URL: databaseUrl, DATA_DIR: dataDir, ENV_FILES_ROOT: path.join(dataDir, 'env-files') } });
+    api = await startService(stack, 'api', { env: { DATABASE_URL: databaseUrl, DATA_DIR: dataDir, ENV_FILES_ROOT: path.join(dataDir, 'env-files') } });
     const { token } = await createBenchIdentity(apiCaller(api.url), stack.adminToken);
     await seedTo(services, newSeedState(), size, now);
-    return {
-      api,
-      token,
-      services,
-      close: async () => {
-        await api.stop();
-        await services.close();
-      },
-    };
+    return { api, token, services, close };
   } catch (err) {
-    await services.close();
+    await close().catch(() => undefined);
     throw err;
   }
 }
