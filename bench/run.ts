@@ -350,7 +350,7 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
         ratioP99VsFloor: round(sizeRatioP99VsFloor, 3),
         target: TARGETS.sizeRatioP50,
         pass: sizeRatioP50VsFloor <= TARGETS.sizeRatioP50,
-        method: 'the small vault in a database of its own behind an API process of its own, the large one the bench’s; vault.get and the HTTP floor of both in alternating slices of one stretch (small floor, small get, large floor, large get, …); ratioP50 = get p50 at the large size ÷ at the small one; ratioP50VsFloor divides that by the same ratio of the floor slices beside them, which takes out what differs between the two API processes; pass is on ratioP50VsFloor',
+        method: 'the small vault in a database of its own behind an API process of its own, the large one the bench’s; vault.get and the HTTP floor of both in alternating slices of one stretch (small floor, small get, large floor, large get, …); ratioP50 = get p50 at the large size ÷ at the small one; ratioP50VsFloor divides that by the same ratio of the floor slices beside them, which takes out what differs between the two API processes as far as their floors show it (their vault.get has differed more than their floors); pass is on ratioP50VsFloor',
       },
       rotation: {
         ...rotation,
