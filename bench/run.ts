@@ -140,9 +140,10 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
     const dbCallsPerBatch: Partial<Record<Primitive, number | null>> = {};
     const apiBatches = async (key: Primitive) => batchMetrics(await (await fetch(`${api.url}/metrics`)).text(), key);
     const vaultBatches = (key: Primitive) => (key === 'vault.store' ? vault.storeBatchStats() : vault.readBatchStats());
-    const load = (key: 'floor' | Primitive, seconds: number) => {
+    /** An HTTP load of `key` on the bench's API, or on another API (`at`) as its identity. */
+    const load = (key: 'floor' | Primitive, seconds: number, at: { url: string; token: string } = { url: api.url, token }) => {
       const op = HTTP_OPS[key];
-      return httpLoad({ url: api.url + op.route, method: op.method, token, body: op.body, connections: o.connections, seconds });
+      return httpLoad({ url: at.url + op.route, method: op.method, token: at.token, body: op.body, connections: o.connections, seconds });
     };
     /** Readies the database floor of `key` (data keys cached, statements counted, warm-up); its slices run in `alternate`. */
     const prepareDb = async (key: Primitive) => {
@@ -239,26 +240,23 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
       seedSeconds[size] = round((performance.now() - ts) / 1000, 1);
       if (size === large) {
         const sides = [
-          { size: small, url: smallVault.api.url, token: smallVault.token, pool: smallVault.services.pool },
-          { size: large, url: api.url, token, pool: services.pool },
+          { size: small, at: { url: smallVault.api.url, token: smallVault.token }, pool: smallVault.services.pool, floor: [] as LoadResult[], get: [] as LoadResult[] },
+          { size: large, at: { url: api.url, token }, pool: services.pool, floor: [] as LoadResult[], get: [] as LoadResult[] },
         ];
-        const get = (side: (typeof sides)[number], key: 'floor' | 'vault.get', seconds: number) =>
-          httpLoad({ url: side.url + HTTP_OPS[key].route, method: HTTP_OPS[key].method, token: side.token, body: HTTP_OPS[key].body, connections: o.connections, seconds });
         for (const side of sides) {
           storedCredentials[side.size] = Number((await side.pool.query('SELECT count(*) AS n FROM credentials')).rows[0].n);
           // A get's warm-up warms the floor's path too: the floor is its middleware.
-          if (o.warmupSeconds > 0) await get(side, 'vault.get', o.warmupSeconds);
+          if (o.warmupSeconds > 0) await load('vault.get', o.warmupSeconds, side.at);
         }
-        const runs = new Map(sides.map((side) => [side.size, { floor: [] as LoadResult[], get: [] as LoadResult[] }]));
         for (let i = 0; i < slices; i++) {
           for (const side of sides) {
-            runs.get(side.size)!.floor.push(await get(side, 'floor', sliceSeconds));
-            runs.get(side.size)!.get.push(await get(side, 'vault.get', sliceSeconds));
+            side.floor.push(await load('floor', sliceSeconds, side.at));
+            side.get.push(await load('vault.get', sliceSeconds, side.at));
           }
         }
         for (const side of sides) {
-          sizeGet[side.size] = loadFigures(meanLoad(runs.get(side.size)!.get));
-          sizeFloor[side.size] = loadFigures(meanLoad(runs.get(side.size)!.floor));
+          sizeGet[side.size] = loadFigures(meanLoad(side.get));
+          sizeFloor[side.size] = loadFigures(meanLoad(side.floor));
           log(`  get @ ${String(side.size).padStart(7)}  ${fmtLoad(sizeGet[side.size] as LoadResult)}  (floor beside it: ${fmtLoad(sizeFloor[side.size] as LoadResult)})`);
         }
         await smallVault.close();
