@@ -63,13 +63,14 @@ export async function startStack(dir: string, external: External = {}): Promise<
     const tag = randomBytes(4).toString('hex');
     let databases = 0;
     const addDatabase = async (): Promise<string> => {
-      const database = `bench_${tag}${databases++ === 0 ? '' : `_${databases}`}`;
+      const database = `bench_${tag}_${(databases += 1)}`;
       await withAdmin(pgServer.adminUrl, (c) => c.query(`CREATE DATABASE ${database}`));
       stops.push(() => withAdmin(pgServer.adminUrl, (c) => c.query(`DROP DATABASE IF EXISTS ${database} WITH (FORCE)`)));
       const u = new URL(pgServer.adminUrl);
       u.pathname = `/${database}`;
-      await migrate(u.toString());
-      return u.toString();
+      const url = u.toString();
+      await migrate(url);
+      return url;
     };
     const databaseUrl = await addDatabase();
     const postgresVersion = await withAdmin(pgServer.adminUrl, async (c) => (await c.query('SHOW server_version')).rows[0].server_version as string);
