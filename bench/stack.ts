@@ -2,11 +2,10 @@ import { randomBytes } from 'node:crypto';
 import { chmodSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import pg from 'pg';
 import { parse as parseYaml } from 'yaml';
 import { startChild, type Child } from '../embedded/child';
 import { freePort } from '../embedded/ports';
-import { startEmbeddedPostgres } from '../embedded/postgres';
+import { startEmbeddedPostgres, withClient } from '../embedded/postgres';
 import { startSmtpSink } from '../embedded/smtp-sink';
 import { startEmbeddedTemporal } from '../embedded/temporal';
 import { migrate } from '../db/pool';
@@ -64,8 +63,8 @@ export async function startStack(dir: string, external: External = {}): Promise<
     let databases = 0;
     const addDatabase = async (): Promise<string> => {
       const database = `bench_${tag}_${(databases += 1)}`;
-      await withAdmin(pgServer.adminUrl, (c) => c.query(`CREATE DATABASE ${database}`));
-      stops.push(() => withAdmin(pgServer.adminUrl, (c) => c.query(`DROP DATABASE IF EXISTS ${database} WITH (FORCE)`)));
+      await withClient(pgServer.adminUrl, (c) => c.query(`CREATE DATABASE ${database}`));
+      stops.push(() => withClient(pgServer.adminUrl, (c) => c.query(`DROP DATABASE IF EXISTS ${database} WITH (FORCE)`)));
       const u = new URL(pgServer.adminUrl);
       u.pathname = `/${database}`;
       const url = u.toString();
@@ -73,7 +72,7 @@ export async function startStack(dir: string, external: External = {}): Promise<
       return url;
     };
     const databaseUrl = await addDatabase();
-    const postgresVersion = await withAdmin(pgServer.adminUrl, async (c) => (await c.query('SHOW server_version')).rows[0].server_version as string);
+    const postgresVersion = await withClient(pgServer.adminUrl, async (c) => (await c.query('SHOW server_version')).rows[0].server_version as string);
 
     const keyringFile = path.join(dir, `master-keys-${tag}.json`);
     const master = generateMasterKey();
@@ -94,16 +93,6 @@ export async function startStack(dir: string, external: External = {}): Promise<
   } catch (err) {
     await stop();
     throw err;
-  }
-}
-
-async function withAdmin<T>(adminUrl: string, fn: (c: pg.Client) => Promise<T>): Promise<T> {
-  const c = new pg.Client({ connectionString: adminUrl });
-  await c.connect();
-  try {
-    return await fn(c);
-  } finally {
-    await c.end();
   }
 }
 
