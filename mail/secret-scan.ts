@@ -16,9 +16,9 @@ export function findStoredValue(message: ScannedMessage, stored: { name: string;
   const haystack = [...(message.to ?? []), message.subject, message.text, message.html ?? ''].join('\n');
   const lower = haystack.toLowerCase();
   for (const { name, value } of stored) {
-    for (const form of forms(value)) {
+    for (const { form, caseless } of forms(value)) {
       if (form.length < MIN_SCANNED_LENGTH) continue;
-      if (haystack.includes(form) || (/^[0-9a-f]+$/i.test(form) && lower.includes(form.toLowerCase()))) return name;
+      if (haystack.includes(form) || (caseless && lower.includes(form.toLowerCase()))) return name;
     }
   }
   return undefined;
@@ -33,10 +33,17 @@ export async function findStoredValueIn(message: ScannedMessage, pages: AsyncIte
   return undefined;
 }
 
-function forms(value: string): string[] {
+/**
+ * The forms a value may take in a message. Hex and a TOTP seed's base32 mean the same in either case
+ * (authenticator apps take `jbswy3dp…` as readily as `JBSWY3DP…`), so they match caselessly.
+ */
+function forms(value: string): { form: string; caseless: boolean }[] {
   const bytes = Buffer.from(value, 'utf8');
-  const out = [value, bytes.toString('base64'), bytes.toString('base64url'), bytes.toString('hex'), encodeURIComponent(value)];
+  const out = [value, bytes.toString('base64'), bytes.toString('base64url'), bytes.toString('hex'), encodeURIComponent(value)].map((form) => ({
+    form,
+    caseless: /^[0-9a-f]+$/i.test(form),
+  }));
   const seed = /^otpauth:\/\/.*[?&]secret=([A-Z2-7]+)/i.exec(value)?.[1];
-  if (seed) out.push(seed);
-  return [...new Set(out)];
+  if (seed) out.push({ form: seed, caseless: true });
+  return out;
 }

@@ -240,6 +240,23 @@ describe('rotateCredential', () => {
     h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'payments-key' } })).body.value);
   });
 
+  it('refuses a reason that carries any stored value of the caller (it goes into every notice), and starts nothing', async () => {
+    const other = h.secret(`sk_other_${randomUUID()}`);
+    expect((await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'unrelated-key', kind: 'api_key', value: other } })).status).toBe(201);
+    const rotated = { name: 'reason-key', kind: 'api_key', value: h.secret(`sk_reason_${randomUUID()}`), rotation: { provider: 'generated', periodDays: 90 } };
+    expect((await h.api('POST', '/v1/vault.store', { token: agent.token, body: rotated })).status).toBe(201);
+    const before = (await h.sql('SELECT count(*)::int AS n FROM rotations WHERE identity_id = $1', [agent.id])).rows[0].n;
+    // The credential rotated is not the one whose value the reason carries: a notice of reason-key
+    // is scanned only for reason-key's values, so the reason is checked when the rotation starts.
+    const refused = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['reason-key'], reason: `leaked with ${other}` } });
+    expect(refused.status).toBe(422);
+    expect(refused.body.detail).toBe('reason must not contain a stored value: it is sent in the rotation notices');
+    expect(refused.text).not.toContain(other);
+    expect((await h.sql('SELECT count(*)::int AS n FROM rotations WHERE identity_id = $1', [agent.id])).rows[0].n).toBe(before);
+    const audit = (await h.sql(`SELECT outcome FROM audit_log WHERE identity_id = $1 AND action = 'rotation.start' ORDER BY seq DESC LIMIT 1`, [agent.id])).rows;
+    expect(audit).toEqual([{ outcome: 'rejected' }]);
+  });
+
   it('a finished rotation whose run the server no longer keeps is reported from the outcome table', async () => {
     await h.api('POST', '/v1/vault.store', {
       token: agent.token,

@@ -5,6 +5,7 @@ import { WorkflowNotFoundError, type Client, type WorkflowHandle } from '@tempor
 import { ConflictError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { withTransaction, type Pool } from '../../db/pool';
 import { RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../../db/run-outcome';
+import { findStoredValueIn, MIN_SCANNED_LENGTH } from '../../mail/secret-scan';
 import { appendAudit } from '../../vault/audit';
 import type { Caller, Kind, Vault } from '../../vault/vault';
 import type { rotateBatch } from '../../workflows/batch';
@@ -101,6 +102,11 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
 /** Starts one batch rotation of the caller's credentials (POST /v1/rotations, MCP rotate_credentials). */
 export async function startRotation(deps: RotationDeps, caller: Caller, body: z.output<typeof rotationsStart>) {
   const credentialIds = await selectCredentials(deps.vault, caller.identityId, body);
+  // The reason goes into every notice of the batch, and a credential's notice is scanned only for
+  // that credential's values (mail/notify.ts): it is checked here against all of the caller's.
+  if ((body.reason?.length ?? 0) >= MIN_SCANNED_LENGTH && (await findStoredValueIn({ subject: '', text: body.reason! }, deps.vault.storedValues(caller.identityId)))) {
+    throw new UnprocessableError('reason must not contain a stored value: it is sent in the rotation notices');
+  }
   const rotationId = randomUUID();
   const batchWorkflowId = `rotation:${rotationId}`;
   await withTransaction(deps.pool, async (tx) => {

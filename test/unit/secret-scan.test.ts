@@ -24,8 +24,14 @@ describe('finding a stored secret in a message', () => {
     }
   });
 
-  it('finds the bare seed of a TOTP credential', () => {
+  it('finds the bare seed of a TOTP credential, in either case (base32 is caseless)', () => {
     expect(findStoredValue({ subject: 's', text: 'seed JBSWY3DPEHPK3PXP' }, stored)).toBe('gh-2fa');
+    expect(findStoredValue({ subject: 's', text: 'seed jbswy3dpehpk3pxp' }, stored)).toBe('gh-2fa');
+    expect(findStoredValue({ subject: 's', text: 'seed Jbswy3dpEHPK3pxp' }, stored)).toBe('gh-2fa');
+  });
+
+  it('matches a plain value only as written: case carries meaning in it', () => {
+    expect(findStoredValue({ subject: 's', text: 'key SK_LIVE_51HXYZ' }, stored)).toBeUndefined();
   });
 
   it('passes ordinary mail, and does not match values too short to tell apart from words', () => {
