@@ -221,8 +221,9 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   try {
     promoted = await CancellationScope.nonCancellable(() => step('promote', () => db.promotePendingVersion({ ...ids, version: pending!.version })));
   } catch (err) {
-    // Only a refusal (a newer value was stored meanwhile) proves nothing was promoted; after retries
-    // ran out the promote may have committed, and undoing would revoke the live value.
+    // Only a refusal (a newer value was stored meanwhile) ends the promote: a database step is
+    // retried until the database answers. Anything else is not known to have left nothing promoted,
+    // and undoing would revoke what may be the live value: the run fails as it stands.
     if (!isPermanent(err)) throw err;
     progress.error = failureMessage(err);
     await compensate(undoStack);
@@ -288,7 +289,9 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
 
   async function revokePrevious(): Promise<void> {
     try {
-      await CancellationScope.nonCancellable(() => step('revoke_previous', () => external.revokeVersion({ ...ids, version: progress.fromVersion! })));
+      // With compensation's patience (an hour of retries), not a provider call's four attempts: the
+      // old value may be a leaked one, and a provider's brief outage must not leave it working.
+      await CancellationScope.nonCancellable(() => step('revoke_previous', () => undo.revokeVersion({ ...ids, version: progress.fromVersion! })));
     } catch (err) {
       // The new value is live and stays so; the owners must revoke the old one by hand.
       progress.error = failureMessage(err);
