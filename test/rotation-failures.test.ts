@@ -254,6 +254,35 @@ describe('rotation failures', () => {
     expect(notice!.mail.text).toMatch(/Not everything went through:\n- telling the dependents that version 2 is current failed: webhook .* answered 400 to credential\.promoted\n/);
   });
 
+  it('a notice that cannot be sent does not stop the rotation: it goes through grace and a rollback, each refused notice one of its problems', async () => {
+    const name = unique('key');
+    const ownerMail = `${name}@example.com`;
+    // The stored value is the owner's own address (public, so not registered for the leak sweep): every
+    // notice of this credential is addressed to a stored value, and the mail scan refuses it for good.
+    const id = await store(name, 'api_key', ownerMail, {
+      owners: [ownerMail],
+      rotation: { provider: 'generated', settings: { length: 40 }, periodDays: 90, graceHours: 1, maxAttempts: 1 },
+    });
+    const rotationId = await startRotation(name);
+    // Before, the refused grace notice failed the run here: no grace, nothing revoked, nothing rolled back.
+    const inGrace = await waitForState(rotationId, ['grace', 'failed']);
+    expect(inGrace.state).toBe('grace');
+    expect(stepState(inGrace, 'notify')).toMatchObject({ state: 'failed', error: expect.stringContaining('would carry a stored secret') });
+
+    const rolledBack = await h.api('POST', `/v1/rotations/${rotationId}/rollback`, { token: owner.token });
+    expect(rolledBack.status, rolledBack.text).toBe(200);
+    expect(await runResult(rotationId)).toMatchObject({ state: 'rolled_back', fromVersion: 1, toVersion: 2 });
+    expect(await revokedVersions(id)).toEqual([2]);
+    // (Read without registering the value: it is an address, in the clear wherever the owners are.)
+    expect((await h.api('POST', '/v1/vault.get', { token: owner.token, body: { id } })).body).toMatchObject({ version: 1, label: 'current', value: ownerMail });
+    const final = await report(rotationId);
+    expect(final.credentials[0]).toMatchObject({ state: 'rolled_back', outcome: 'rolled_back' });
+    expect(final.credentials[0]!.progress!.steps.find((s) => s.name === 'notify')).toMatchObject({ state: 'failed' });
+    // Neither notice went out, and neither was queued.
+    expect(await mailTo(ownerMail)).toEqual([]);
+    expect((await h.sql(`SELECT count(*)::int AS n FROM mail_outbox WHERE $1 = ANY(recipients)`, [ownerMail])).rows[0].n).toBe(0);
+  });
+
   it('a cancel while the grace notice is being sent rolls the rotation back', async () => {
     const { name, id, ownerMail, r, rotationId, runId, hold } = await rotationWithNoticeHeld({ graceHours: 1 });
     try {

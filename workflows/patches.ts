@@ -11,4 +11,10 @@
  */
 export const CLOSE_INCIDENTS_LAST = 'close-leak-incidents-after-notice';
 
-export const PATCH_IDS: readonly string[] = [CLOSE_INCIDENTS_LAST];
+/**
+ * Runs recorded before this patch failed when a rotation notice could not be sent; newer runs note
+ * it among their problems and go on (revoke, grace, closing the leak incidents).
+ */
+export const NOTICE_FAILURES_CONTINUE = 'notice-failures-continue';
+
+export const PATCH_IDS: readonly string[] = [CLOSE_INCIDENTS_LAST, NOTICE_FAILURES_CONTINUE];

@@ -12,7 +12,7 @@ import {
 import type { createActivities } from '../activities';
 import { leakSignal, progressQuery, rollbackUpdate } from './definitions';
 import { compensation, databaseStep, emailDelivery, externalCall } from './options';
-import { CLOSE_INCIDENTS_LAST } from './patches';
+import { CLOSE_INCIDENTS_LAST, NOTICE_FAILURES_CONTINUE } from './patches';
 import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
 
 type Activities = ReturnType<typeof createActivities>;
@@ -121,6 +121,20 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       ...(problems.length > 0 ? { problems: [...problems] } : {}),
       ...extra,
     });
+  // Runs recorded before this patch failed when a notice could not be sent (after a day of SMTP
+  // retries, or at once when the notice would carry a stored value), wherever that happened: after
+  // a promote it left the old value unrevoked and a leak incident open. A notice that cannot be sent
+  // is now one of the run's problems, and the rotation goes on.
+  const noticeFailuresContinue = patched(NOTICE_FAILURES_CONTINUE);
+  /** Sends a notice, as the `notify` step unless `asStep` is false; see NOTICE_FAILURES_CONTINUE. */
+  const tell = async (kind: NoticeKind, extra: Partial<RotationNotice> = {}, asStep = true) => {
+    try {
+      await (asStep ? step('notify', () => notice(kind, extra)) : notice(kind, extra));
+    } catch (err) {
+      if (!noticeFailuresContinue) throw err;
+      problems.push(`the ${kind} notice could not be sent: ${failureMessage(err)}`);
+    }
+  };
   /**
    * Closes the credential's leak incidents once the final notice is out. An incident reported after
    * the first `seen` is not covered by that notice: the credential is rotated again, in leak mode
@@ -141,7 +155,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       const closeLast = patched(CLOSE_INCIDENTS_LAST);
       if (!closeLast) await db.closeLeakIncidents(ids);
       const seen = incidents.size;
-      await step('notify', () => notice(kind, { graceEndsAt: progress.graceEndsAt, error: progress.error, step: progress.steps.find((s) => s.state === 'failed')?.name }));
+      await tell(kind, { graceEndsAt: progress.graceEndsAt, error: progress.error, step: progress.steps.find((s) => s.state === 'failed')?.name });
       if (closeLast) await closeIncidents(seen, rotateAgain);
     });
     progress.state = outcome === 'rotated' ? 'succeeded' : outcome;
@@ -249,7 +263,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
 
   progress.graceEndsAt = new Date(Date.parse(promoted.promotedAt) + plan.graceSeconds * 1000).toISOString();
   // Every notice after promotion is sent whole: a cancel meanwhile is taken up by the grace timer (a rollback).
-  await CancellationScope.nonCancellable(() => step('notify', () => notice('rotated', { graceEndsAt: progress.graceEndsAt })));
+  await CancellationScope.nonCancellable(() => tell('rotated', { graceEndsAt: progress.graceEndsAt }));
   progress.state = 'grace';
   let cancelled = false;
   await step('grace', async () => {
@@ -282,7 +296,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   if (leak && stepOf('revoke_previous').state === 'done') {
     // The grace notice said the previous version keeps working until graceEndsAt, and the leak
     // alert promised a notice when the rotation is done: tell the owners (and security) it is revoked.
-    await CancellationScope.nonCancellable(() => notice('rotated', { mode: 'leak' }));
+    await CancellationScope.nonCancellable(() => tell('rotated', { mode: 'leak' }, false));
   }
   await closeOut();
   return progress;
@@ -295,7 +309,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     } catch (err) {
       // The new value is live and stays so; the owners must revoke the old one by hand.
       progress.error = failureMessage(err);
-      await CancellationScope.nonCancellable(() => notice('revoke_failed', { error: progress.error }));
+      await CancellationScope.nonCancellable(() => tell('revoke_failed', { error: progress.error }, false));
     }
   }
 
@@ -308,7 +322,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       const closeLast = patched(CLOSE_INCIDENTS_LAST);
       if (!closeLast) await db.closeLeakIncidents(ids);
       const seen = incidents.size;
-      if (stepOf('notify').state === 'waiting') await step('notify', () => notice('rotated'));
+      if (stepOf('notify').state === 'waiting') await tell('rotated');
       if (closeLast) await closeIncidents(seen);
     });
     progress.state = 'succeeded';
