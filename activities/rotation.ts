@@ -200,8 +200,9 @@ export function rotationActivities(deps: ActivityDeps) {
       });
     },
 
-    async rollbackVersion(ids: RotationIds & { version: number }): Promise<{ current: number; abandoned: number }> {
-      return permanentErrorsFail(() => deps.rotations.rollback(caller(ids), ids.credentialId, ids.version));
+    /** `from`: the version the rollback makes current again (runs recorded before it send none). */
+    async rollbackVersion(ids: RotationIds & { version: number; from?: number }): Promise<{ current: number; abandoned: number }> {
+      return permanentErrorsFail(() => deps.rotations.rollback(caller(ids), ids.credentialId, ids.version, ids.from));
     },
 
     async markRotationState(ids: RotationIds & { status: 'active' | 'rotation_failed' }): Promise<void> {

@@ -506,7 +506,7 @@ describe('credential lifecycle', () => {
     expect(await revokedVersions(credential.id)).toEqual([2]);
     // The consumer was told to go back and read v1 again itself.
     expect(c.receiver.events.map((e) => `${e.event.type} v${e.event.version}`)).toContain('credential.restored v1');
-    // (Dependents are restored before the vault flips back, so v1 still reads as 'previous' then.)
+    // (The vault flips back first, then the dependents are restored: the consumer reads v1 as current again.)
     expect(c.reads.at(-1)).toMatchObject({ event: 'credential.restored', version: 1, status: 200 });
     expect(c.values.get(1)).toBe(credential.v1);
 

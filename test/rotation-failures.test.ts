@@ -283,6 +283,37 @@ describe('rotation failures', () => {
     expect((await h.sql(`SELECT count(*)::int AS n FROM mail_outbox WHERE $1 = ANY(recipients)`, [ownerMail])).rows[0].n).toBe(0);
   });
 
+  it('a value stored during grace makes a rollback refuse: nothing is restored or revoked early, and grace ends as planned', async () => {
+    const { name, id } = await generatedKey({ graceHours: 0.004 }); // 14.4 s
+    const r = await receiver();
+    await setDependents(id, [webhook(r)]);
+    const rotationId = await startRotation(name);
+    await waitForState(rotationId, ['grace']);
+    const v3 = h.secret(`v3_${randomBytes(16).toString('hex')}`);
+    const stored = await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind: 'api_key', value: v3 } });
+    expect(stored.body).toMatchObject({ version: 3 });
+
+    // Before, the vault took v2 as previous for a rollback already done: the webhook went back to v1,
+    // v2 was revoked, and the run ended rolled back with v3 current and nothing working as planned.
+    const refused = await h.api('POST', `/v1/rotations/${rotationId}/rollback`, { token: owner.token });
+    expect(refused.status, refused.text).toBe(409);
+    expect(refused.body.detail).toContain('is at version 3, not the rotated 2: a value stored since is current');
+    const again = await h.api('POST', `/v1/rotations/${rotationId}/rollback`, { token: owner.token });
+    expect(again.status).toBe(409);
+    expect(again.body.detail).toContain('a value stored since is current');
+    expect((await report(rotationId)).state).toBe('grace');
+    expect(await revokedVersions(id)).toEqual([]);
+    expect(events(r)).toEqual(['credential.pending v2', 'credential.verify v2', 'credential.promoted v2']);
+
+    // The grace period runs out as planned: v1 is revoked, v3 stays current, the webhook was never sent back.
+    expect(await runResult(rotationId)).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
+    expect(await revokedVersions(id)).toEqual([1]);
+    expect(await read(id)).toMatchObject({ version: 3, label: 'current', value: v3 });
+    expect(events(r)).toEqual(['credential.pending v2', 'credential.verify v2', 'credential.promoted v2']);
+    const done = await report(rotationId);
+    expect(done.credentials[0]).toMatchObject({ state: 'succeeded', outcome: 'rotated' });
+  });
+
   it('a cancel while the grace notice is being sent rolls the rotation back', async () => {
     const { name, id, ownerMail, r, rotationId, runId, hold } = await rotationWithNoticeHeld({ graceHours: 1 });
     try {

@@ -113,17 +113,25 @@ export class RotationVault {
     });
   }
 
-  /** Rollback during the grace period: the previous version is current again (with its expiry), the rotated one becomes previous. */
-  rollback(caller: Caller, credentialId: string, rotatedVersion: number) {
+  /**
+   * Rollback during the grace period: the previous version is current again (with its expiry), the
+   * rotated one becomes previous. With `from` (the version the rotation replaced), a repeat is told
+   * from a value stored since: only `from` current with the rotated one previous is this rollback
+   * done already; a newer current version is a conflict, and nothing changes.
+   */
+  rollback(caller: Caller, credentialId: string, rotatedVersion: number, from?: number) {
     return audited(this.pool, caller, 'rotation.rollback', { version: rotatedVersion }, async (tx, note) => {
       note.credentialId = credentialId;
       const cred = await lock(tx, caller.identityId, credentialId);
       if (cred.current_version !== rotatedVersion) {
-        if (cred.previous_version === rotatedVersion) {
+        if (cred.previous_version === rotatedVersion && (from === undefined || cred.current_version === from)) {
           note.detail.replayed = true;
           return { current: cred.current_version as number, abandoned: rotatedVersion };
         }
-        throw new VersionConflictError(`credential ${credentialId} is at version ${cred.current_version}, not the rotated ${rotatedVersion}`, cred.current_version);
+        throw new VersionConflictError(
+          `credential ${credentialId} is at version ${cred.current_version}, not the rotated ${rotatedVersion}: a value stored since is current, so there is nothing to roll back`,
+          cred.current_version,
+        );
       }
       if (!cred.previous_version) throw new UnprocessableError(`credential ${credentialId} has no previous version to roll back to`);
       const revoked = await tx.query('SELECT revoked_at FROM secret_versions WHERE credential_id = $1 AND version = $2', [credentialId, cred.previous_version]);

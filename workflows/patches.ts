@@ -17,4 +17,11 @@ export const CLOSE_INCIDENTS_LAST = 'close-leak-incidents-after-notice';
  */
 export const NOTICE_FAILURES_CONTINUE = 'notice-failures-continue';
 
-export const PATCH_IDS: readonly string[] = [CLOSE_INCIDENTS_LAST, NOTICE_FAILURES_CONTINUE];
+/**
+ * Runs recorded before this patch restored the dependents first and then asked the vault to roll
+ * back, which took a value stored during grace for a rollback already done; newer runs ask the vault
+ * first (with the version to go back to) and restore nothing when it refuses.
+ */
+export const ROLLBACK_CHECKS_FIRST = 'rollback-checks-the-vault-first';
+
+export const PATCH_IDS: readonly string[] = [CLOSE_INCIDENTS_LAST, NOTICE_FAILURES_CONTINUE, ROLLBACK_CHECKS_FIRST];

@@ -12,7 +12,7 @@ import {
 import type { createActivities } from '../activities';
 import { leakSignal, progressQuery, rollbackUpdate } from './definitions';
 import { compensation, databaseStep, emailDelivery, externalCall } from './options';
-import { CLOSE_INCIDENTS_LAST, NOTICE_FAILURES_CONTINUE } from './patches';
+import { CLOSE_INCIDENTS_LAST, NOTICE_FAILURES_CONTINUE, ROLLBACK_CHECKS_FIRST } from './patches';
 import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
 
 type Activities = ReturnType<typeof createActivities>;
@@ -58,6 +58,8 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   let leak = progress.mode === 'leak';
   let rollbackRequested = false;
   let rolledBack: { current: number; abandoned: number } | undefined;
+  /** Why the vault refused the rollback (a newer value was stored during grace), if it did. */
+  let rollbackRefusal: string | undefined;
   // What went wrong without stopping the run (an undo, a promoted event): its notice lists them.
   const problems: string[] = [];
   setHandler(progressQuery, () => progress);
@@ -74,14 +76,17 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     rollbackUpdate,
     async () => {
       rollbackRequested = true;
-      await condition(() => rolledBack !== undefined || progress.state !== 'grace');
-      if (!rolledBack) throw ApplicationFailure.create({ type: 'RollbackNotPossible', message: leak ? LEAK_WINS : 'the rotation left its grace period before the rollback ran' });
+      await condition(() => rolledBack !== undefined || rollbackRefusal !== undefined || progress.state !== 'grace');
+      if (!rolledBack) {
+        const message = leak ? LEAK_WINS : (rollbackRefusal ?? 'the rotation left its grace period before the rollback ran');
+        throw ApplicationFailure.create({ type: 'RollbackNotPossible', message });
+      }
       return rolledBack;
     },
     {
       validator: () => {
         // The state stays 'grace' until the rollback has finished: without this a second request would be answered as a success.
-        if (rollbackRequested) throw new Error('a rollback was already requested; the previous version is current again');
+        if (rollbackRequested) throw new Error(rollbackRefusal ?? 'a rollback was already requested; the previous version is current again');
         if (leak) throw new Error(LEAK_WINS);
         if (progress.state !== 'grace') throw new Error(`rollback is possible only during the grace period; the rotation is ${progress.state}`);
       },
@@ -277,18 +282,20 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
 
   // A leak reported with the rollback request (in the same activation) wins: the previous version may be the leaked one.
   if ((rollbackRequested && !leak) || cancelled) {
-    // The rotated version is abandoned: dependents go back, the vault points back, the provider forgets it.
-    await CancellationScope.nonCancellable(async () => {
-      problems.push(...(await runAll(plan.dependents.map((dependent) => restoreOf(dependent, progress.fromVersion!, progress.toVersion!)))));
-      rolledBack = await db.rollbackVersion({ ...ids, version: progress.toVersion! });
-      // `current`: a provider whose create replaced the live secret (a single PostgreSQL role) puts the previous one back.
-      await undo.revokeVersion({ ...ids, version: progress.toVersion!, current: progress.fromVersion! });
-    });
-    skip('revoke_previous');
-    // A leak reported before the rollback was done (or with the cancel) is not answered by it: the
-    // value now current may be the leaked one, so the credential is rotated again, in leak mode.
-    await finish('rolled_back', 'rolled_back', cancelled ? 'the rotation was cancelled during its grace period' : 'rolled back on request', leak);
-    return progress;
+    rollbackRefusal = await rollBack();
+    if (rollbackRefusal === undefined) {
+      skip('revoke_previous');
+      // A leak reported before the rollback was done (or with the cancel) is not answered by it: the
+      // value now current may be the leaked one, so the credential is rotated again, in leak mode.
+      await finish('rolled_back', 'rolled_back', cancelled ? 'the rotation was cancelled during its grace period' : 'rolled back on request', leak);
+      return progress;
+    }
+    // A newer value was stored during grace: it is current, and the rotation ends as planned, the
+    // rest of its grace period first (consumers may still be on the old value until it ends; a leak
+    // still cuts it short).
+    problems.push(`the ${cancelled ? 'cancel' : 'rollback'} could not roll back: ${rollbackRefusal}`);
+    const left = Date.parse(progress.graceEndsAt) - Date.now();
+    if (left > 0) await CancellationScope.nonCancellable(() => condition(() => leak, left));
   }
 
   progress.state = 'running';
@@ -300,6 +307,37 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   }
   await closeOut();
   return progress;
+
+  /**
+   * The rotated version is abandoned: the vault points back, dependents go back, the provider forgets
+   * it. Returns why not, when the vault refuses (a value stored during grace is current now: going
+   * back would strand it, and its dependents and provider would be put back on the old value).
+   */
+  async function rollBack(): Promise<string | undefined> {
+    return CancellationScope.nonCancellable(async () => {
+      const restores = () => runAll(plan.dependents.map((dependent) => restoreOf(dependent, progress.fromVersion!, progress.toVersion!)));
+      // `current`: a provider whose create replaced the live secret (a single PostgreSQL role) puts the previous one back.
+      const forget = () => undo.revokeVersion({ ...ids, version: progress.toVersion!, current: progress.fromVersion! });
+      if (!patched(ROLLBACK_CHECKS_FIRST)) {
+        problems.push(...(await restores()));
+        rolledBack = await db.rollbackVersion({ ...ids, version: progress.toVersion! });
+        await forget();
+        return undefined;
+      }
+      let flipped: { current: number; abandoned: number };
+      try {
+        flipped = await db.rollbackVersion({ ...ids, version: progress.toVersion!, from: progress.fromVersion! });
+      } catch (err) {
+        if (!isPermanent(err)) throw err;
+        return failureMessage(err);
+      }
+      problems.push(...(await restores()));
+      // The rollback update answers once the dependents are back, as before.
+      rolledBack = flipped;
+      await forget();
+      return undefined;
+    });
+  }
 
   async function revokePrevious(): Promise<void> {
     try {
