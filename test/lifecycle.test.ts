@@ -578,6 +578,37 @@ describe('credential lifecycle', () => {
     }
   });
 
+  it('cancelling while the provider is still creating the key: the undo waits for that call, and nothing it made survives', async () => {
+    const name = unique('slow-api');
+    const credential = await apiKeyAt(name);
+    const { provider } = credential;
+    // The provider takes 4 s to answer the create, and makes the key whatever the caller does meanwhile.
+    provider.delayNext('create', 1, 4_000);
+    const rotationId = await startRotation(name);
+    await waitFor('the create to reach the provider', async () => provider.requests.filter((r) => r.route === 'create').length, (n) => n > 0);
+    await waitFor('the run to be recorded', () => report(rotationId), (r) => Boolean(r.credentials[0]?.runId));
+    const cancelled = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: owner.token });
+    expect(cancelled.status, cancelled.text).toBe(202);
+    expect(cancelled.body.cancelling).toEqual([credential.id]);
+
+    await runResult(rotationId);
+    const final = await report(rotationId);
+    expect(final.credentials[0]).toMatchObject({ state: 'cancelled', outcome: 'cancelled' });
+    // Let the slow create answer (to nobody, now) and anything that could follow it land.
+    await waitFor('the slow create to be answered', async () => provider.requests.filter((r) => r.route === 'create' && r.status === 0).length, (n) => n === 0);
+    await new Promise((r) => setTimeout(r, 1_000));
+
+    // Before, the undo ran beside the create: it revoked the key, then the create's late answer was
+    // staged as a pending version v2 that no rotation would ever promote or discard.
+    expect(await credentialRow(credential.id)).toMatchObject({ status: 'active', version: 1, pendingVersion: null });
+    expect((await h.sql('SELECT count(*)::int AS n FROM secret_versions WHERE credential_id = $1', [credential.id])).rows[0].n).toBe(1);
+    const made = provider.listKeys().filter((k) => k.idempotencyKey?.startsWith(`${rotationId}:`));
+    expect(made.length).toBeGreaterThan(0);
+    expect(made.filter((k) => k.active)).toEqual([]);
+    expect(await whoami(provider, credential.v1)).toBe(200);
+    expect((await read({ name })).body).toMatchObject({ version: 1, label: 'current', value: credential.v1 });
+  });
+
   it('postgres-role through the workflow: afterwards only the new password logs in', async () => {
     const role = `mg_life_${tag}`;
     const adminName = unique('pg-admin');

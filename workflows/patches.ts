@@ -24,4 +24,11 @@ export const NOTICE_FAILURES_CONTINUE = 'notice-failures-continue';
  */
 export const ROLLBACK_CHECKS_FIRST = 'rollback-checks-the-vault-first';
 
-export const PATCH_IDS: readonly string[] = [CLOSE_INCIDENTS_LAST, NOTICE_FAILURES_CONTINUE, ROLLBACK_CHECKS_FIRST];
+/**
+ * Runs recorded before this patch went on to undo an attempt as soon as a cancel arrived, while the
+ * provider's create or a dependent's update was still running (it could land after its undo); newer
+ * runs wait for the cancelled call to end first.
+ */
+export const CANCELLED_CALLS_FINISH_FIRST = 'cancelled-calls-finish-first';
+
+export const PATCH_IDS: readonly string[] = [CLOSE_INCIDENTS_LAST, NOTICE_FAILURES_CONTINUE, ROLLBACK_CHECKS_FIRST, CANCELLED_CALLS_FINISH_FIRST];

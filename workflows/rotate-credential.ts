@@ -1,6 +1,8 @@
 import {
+  ActivityCancellationType,
   ApplicationFailure,
   CancellationScope,
+  CancelledFailure,
   condition,
   continueAsNew,
   isCancellation,
@@ -12,11 +14,17 @@ import {
 import type { createActivities } from '../activities';
 import { leakSignal, progressQuery, rollbackUpdate } from './definitions';
 import { compensation, databaseStep, emailDelivery, externalCall } from './options';
-import { CLOSE_INCIDENTS_LAST, NOTICE_FAILURES_CONTINUE, ROLLBACK_CHECKS_FIRST } from './patches';
+import { CANCELLED_CALLS_FINISH_FIRST, CLOSE_INCIDENTS_LAST, NOTICE_FAILURES_CONTINUE, ROLLBACK_CHECKS_FIRST } from './patches';
 import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
 
 type Activities = ReturnType<typeof createActivities>;
 const external = proxyActivities<Activities>(externalCall);
+/**
+ * The same calls, but a cancel waits for the one in flight to end (it is aborted if it can be: the
+ * activity's HTTP calls follow its cancellation) before the workflow goes on to undo it: an undo
+ * must not run beside the call it undoes. See CANCELLED_CALLS_FINISH_FIRST.
+ */
+const externalFinishing = proxyActivities<Activities>({ ...externalCall, cancellationType: ActivityCancellationType.WAIT_CANCELLATION_COMPLETED });
 const undo = proxyActivities<Activities>(compensation);
 const db = proxyActivities<Activities>(databaseStep);
 const mail = proxyActivities<Activities>(emailDelivery);
@@ -131,6 +139,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   // a promote it left the old value unrevoked and a leak incident open. A notice that cannot be sent
   // is now one of the run's problems, and the rotation goes on.
   const noticeFailuresContinue = patched(NOTICE_FAILURES_CONTINUE);
+  const calls = patched(CANCELLED_CALLS_FINISH_FIRST) ? externalFinishing : external;
   /** Sends a notice, as the `notify` step unless `asStep` is false; see NOTICE_FAILURES_CONTINUE. */
   const tell = async (kind: NoticeKind, extra: Partial<RotationNotice> = {}, asStep = true) => {
     try {
@@ -201,7 +210,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     const attempt = progress.attempt;
     try {
       undoStack.push({ what: 'discard attempt', run: () => undo.discardAttempt({ ...ids, attempt, current: plan.currentVersion }) });
-      const staged = await step('create_pending', () => external.createPendingVersion({ ...ids, attempt }));
+      const staged = await step('create_pending', () => calls.createPendingVersion({ ...ids, attempt }));
       pending = staged;
       progress.fromVersion = staged.basedOn;
       progress.toVersion = staged.version;
@@ -211,19 +220,23 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
           for (const dependent of plan.dependents) {
             // Restore is pushed first: a dependent that failed half-way is put back too (restore is idempotent).
             undoStack.push(restoreOf(dependent, staged.basedOn, staged.version));
-            await external.applyDependent({ ...ids, index: dependent.index, version: staged.version });
+            await calls.applyDependent({ ...ids, index: dependent.index, version: staged.version });
           }
         });
       }
       await step('verify', async () => {
-        await external.verifyVersion({ ...ids, version: staged.version });
-        for (const dependent of plan.dependents) await external.verifyDependent({ ...ids, index: dependent.index, version: staged.version });
+        await calls.verifyVersion({ ...ids, version: staged.version });
+        for (const dependent of plan.dependents) await calls.verifyDependent({ ...ids, index: dependent.index, version: staged.version });
       });
+      // A cancel that came while the last call ran (and let it finish) still undoes the attempt.
+      if (calls === externalFinishing && CancellationScope.current().consideredCancelled) throw new CancelledFailure('the rotation was cancelled');
       if (stepOf('compensate').state === 'waiting') skip('compensate');
       break;
     } catch (err) {
       progress.error = failureMessage(err);
-      const cancelled = isCancellation(err);
+      // A call that was cancelled may end in a failure of its own (a timeout) rather than a
+      // cancellation: the run was cancelled all the same.
+      const cancelled = isCancellation(err) || (calls === externalFinishing && CancellationScope.current().consideredCancelled);
       // A half-undone attempt is not a base for another one: it ends the run.
       const undone = await compensate(undoStack);
       if (cancelled) {

@@ -1,7 +1,7 @@
 import { UnprocessableError } from '../../core/errors';
 import type { WebhookSettings } from './schema';
 import { SIGNATURE_HEADER, signatureHeader } from './signature';
-import { checkOutbound, outboundDispatcher, outboundRefusal } from '../../core/outbound';
+import { cancellationOf, checkOutbound, outboundDispatcher, outboundRefusal, outboundSignal } from '../../core/outbound';
 import { readCapped } from '../../core/read-capped';
 
 export type WebhookEventType = 'credential.pending' | 'credential.verify' | 'credential.restored' | 'credential.promoted';
@@ -33,7 +33,7 @@ export async function postEvent(settings: WebhookSettings, key: string, event: W
       method: 'POST',
       body,
       redirect: 'manual',
-      signal: AbortSignal.timeout(settings.timeoutMs),
+      signal: outboundSignal(settings.timeoutMs),
       headers: {
         'content-type': 'application/json',
         'user-agent': 'mailgent-webhook/1',
@@ -44,7 +44,7 @@ export async function postEvent(settings: WebhookSettings, key: string, event: W
       dispatcher: outboundDispatcher,
     } as RequestInit);
   } catch (err) {
-    throw outboundRefusal(err, `webhook ${origin}`) ?? failure(err, `webhook ${origin} did not answer ${event.type}`, settings.timeoutMs);
+    throw cancellationOf() ?? outboundRefusal(err, `webhook ${origin}`) ?? failure(err, `webhook ${origin} did not answer ${event.type}`, settings.timeoutMs);
   }
   if (res.status < 200 || res.status > 299) {
     await res.body?.cancel().catch(() => undefined);
@@ -57,7 +57,7 @@ export async function postEvent(settings: WebhookSettings, key: string, event: W
   try {
     text = await readCapped(res, MAX_ANSWER_BYTES);
   } catch (err) {
-    throw failure(err, `webhook ${origin} did not finish its answer to ${event.type}`, settings.timeoutMs);
+    throw cancellationOf() ?? failure(err, `webhook ${origin} did not finish its answer to ${event.type}`, settings.timeoutMs);
   }
   if (text === null) throw new Error(`webhook ${origin} answered ${event.type} with more than ${MAX_ANSWER_BYTES} bytes`);
   try {

@@ -1,5 +1,5 @@
 import { UnprocessableError } from '../../core/errors';
-import { checkOutbound, outboundDispatcher, outboundRefusal } from '../../core/outbound';
+import { cancellationOf, checkOutbound, outboundDispatcher, outboundRefusal, outboundSignal } from '../../core/outbound';
 import { readCapped } from '../../core/read-capped';
 
 /**
@@ -29,11 +29,13 @@ export async function send(call: Call): Promise<Response> {
       body: call.body === undefined ? undefined : JSON.stringify(call.body),
       // A redirect would carry our headers to wherever it points; treat it as an answer instead.
       redirect: 'manual',
-      signal: AbortSignal.timeout(call.timeoutMs),
+      signal: outboundSignal(call.timeoutMs),
       // Checks the addresses it connects to as checkOutbound did the name (DNS rebinding).
       dispatcher: outboundDispatcher,
     } as RequestInit);
   } catch (err) {
+    const cancelled = cancellationOf();
+    if (cancelled) throw cancelled;
     const refused = outboundRefusal(err, callName(call));
     if (refused) throw refused;
     // No `cause`: fetch's own errors can quote a header value. The message keeps only the error code.
