@@ -9,6 +9,7 @@ import {
   patched,
   proxyActivities,
   setHandler,
+  sleep,
   workflowInfo,
 } from '@temporalio/workflow';
 import type { createActivities } from '../activities';
@@ -283,10 +284,14 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   // Every notice after promotion is sent whole: a cancel meanwhile is taken up by the grace timer (a rollback).
   await CancellationScope.nonCancellable(() => tell('rotated', { graceEndsAt: progress.graceEndsAt }));
   progress.state = 'grace';
+  // The grace period's own timer (runs since ROLLBACK_CHECKS_FIRST): not cut short by a cancel, so a
+  // rollback the vault refuses can wait out the rest of it.
+  const graceOver = patched(ROLLBACK_CHECKS_FIRST) ? CancellationScope.nonCancellable(() => sleep(plan.graceSeconds * 1000)) : undefined;
   let cancelled = false;
   await step('grace', async () => {
     try {
-      await condition(() => leak || rollbackRequested, plan.graceSeconds * 1000);
+      if (graceOver) await Promise.race([graceOver, condition(() => leak || rollbackRequested)]);
+      else await condition(() => leak || rollbackRequested, plan.graceSeconds * 1000);
     } catch (err) {
       if (!isCancellation(err)) throw err;
       cancelled = true;
@@ -307,8 +312,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     // rest of its grace period first (consumers may still be on the old value until it ends; a leak
     // still cuts it short).
     problems.push(`the ${cancelled ? 'cancel' : 'rollback'} could not roll back: ${rollbackRefusal}`);
-    const left = Date.parse(progress.graceEndsAt) - Date.now();
-    if (left > 0) await CancellationScope.nonCancellable(() => condition(() => leak, left));
+    await CancellationScope.nonCancellable(() => Promise.race([graceOver!, condition(() => leak)]));
   }
 
   progress.state = 'running';
