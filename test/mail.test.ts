@@ -73,6 +73,28 @@ describe('mail.send', () => {
     expect((await readMailbox()).filter((m) => recipients(m.mail).includes(to))).toHaveLength(0);
   });
 
+  it('a grantee cannot mail a value granted to it: it may read it, not pass it on', async () => {
+    const owner = await h.createIdentity();
+    const grantee = await h.createIdentity();
+    const shared = h.secret(`sk_shared_${randomUUID()}`);
+    const stored = await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name: 'shared-key', kind: 'api_key', value: shared } });
+    const grant = await h.api('POST', '/v1/grants', { token: owner.token, body: { credential: 'shared-key', grantee: grantee.id } });
+    expect(grant.status, grant.text).toBe(201);
+    expect((await h.api('POST', '/v1/vault.get', { token: grantee.token, body: { id: stored.body.id } })).body.value).toBe(shared);
+
+    const to = `grantee-${randomUUID().slice(0, 8)}@example.com`;
+    const queued = Number((await h.sql('SELECT count(*) FROM mail_outbox')).rows[0].count);
+    const refused = await h.api('POST', '/v1/mail.send', { token: grantee.token, body: { to: [to], subject: 'hi', text: `use ${shared}` } });
+    expect(refused.status).toBe(422);
+    expect(refused.body).toMatchObject({ type: 'https://mailgent.dev/problems/secret-in-message' });
+    expect(refused.text).not.toContain(shared);
+    expect(Number((await h.sql('SELECT count(*) FROM mail_outbox')).rows[0].count)).toBe(queued);
+    // A third identity, granted nothing, is not refused for a value it cannot know: the scan is the sender's own.
+    const stranger = await h.createIdentity();
+    const unrelated = await h.api('POST', '/v1/mail.send', { token: stranger.token, body: { to: [to], subject: 'hi', text: 'nothing secret here' } });
+    expect(unrelated.status).toBe(202);
+  });
+
   it('an old version of a value is still a secret', async () => {
     await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'slack', kind: 'token', value: h.secret('xoxb-newer-token-value-123') } });
     const res = await h.api('POST', '/v1/mail.send', { token: agent.token, body: { to: ['a@example.com'], subject: 's', text: `old one: ${secretValue}` } });

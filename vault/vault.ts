@@ -30,7 +30,7 @@ export interface ListFilter {
 }
 
 const DAY_MS = 86_400_000;
-type VersionPage = { id: string; name: string; version: number; data_key_id: string; sealed: Buffer };
+type VersionPage = { id: string; name: string; owner_id: string; version: number; data_key_id: string; sealed: Buffer };
 /** Versions storedValues decrypts at a time. */
 const STORED_VALUES_PAGE = 1_000;
 
@@ -268,20 +268,46 @@ export class Vault {
    * time: the time grows with what it covers, the memory does not (an identity with 70,000 versions
    * once took a worker past 400 MB when all were held at once).
    */
-  async *storedValues(identityId: string, credentialIds?: string[], pageSize = STORED_VALUES_PAGE): AsyncGenerator<{ name: string; value: string }[]> {
+  storedValues(identityId: string, credentialIds?: string[], pageSize = STORED_VALUES_PAGE): AsyncGenerator<{ name: string; value: string }[]> {
+    return this.valuePages(
+      `SELECT c.id, c.name, c.identity_id AS owner_id, v.version, v.data_key_id, v.sealed
+         FROM credentials c JOIN secret_versions v ON v.credential_id = c.id
+        WHERE c.identity_id = $1 AND ($2::uuid[] IS NULL OR c.id = ANY($2::uuid[]))`,
+      [identityId, credentialIds ?? null],
+      pageSize,
+    );
+  }
+
+  /**
+   * Every value the identity may read: its own (storedValues) and those of the credentials other
+   * identities have granted it, in any version. What mail.send must refuse: a grantee that reads a
+   * granted value could otherwise mail it on. Not audited either.
+   */
+  async *readableValues(identityId: string, pageSize = STORED_VALUES_PAGE): AsyncGenerator<{ name: string; value: string }[]> {
+    yield* this.storedValues(identityId, undefined, pageSize);
+    yield* this.valuePages(
+      `SELECT c.id, c.name, c.identity_id AS owner_id, v.version, v.data_key_id, v.sealed
+         FROM grants g JOIN credentials c ON c.id = g.credential_id JOIN secret_versions v ON v.credential_id = c.id
+        WHERE g.grantee_id = $1 AND g.revoked_at IS NULL AND c.identity_id <> $1`,
+      [identityId],
+      pageSize,
+    );
+  }
+
+  /** Pages of the versions `from` selects (its WHERE takes `params`; the page's keyset follows), each opened with its owner's key. */
+  private async *valuePages(from: string, params: unknown[], pageSize: number): AsyncGenerator<{ name: string; value: string }[]> {
+    const [id, version, limit] = [params.length + 1, params.length + 2, params.length + 3];
     let after: { id: string; version: number } | null = null;
     for (;;) {
       const { rows } = await this.pool.query<VersionPage>(
-        `SELECT c.id, c.name, v.version, v.data_key_id, v.sealed
-           FROM credentials c JOIN secret_versions v ON v.credential_id = c.id
-          WHERE c.identity_id = $1 AND ($2::uuid[] IS NULL OR c.id = ANY($2::uuid[]))
-            AND ($3::uuid IS NULL OR (v.credential_id, v.version) > ($3::uuid, $4::int))
+        `${from}
+            AND ($${id}::uuid IS NULL OR (v.credential_id, v.version) > ($${id}::uuid, $${version}::int))
           ORDER BY v.credential_id, v.version
-          LIMIT $5`,
-        [identityId, credentialIds ?? null, after?.id ?? null, after?.version ?? 0, pageSize],
+          LIMIT $${limit}`,
+        [...params, after?.id ?? null, after?.version ?? 0, pageSize],
       );
       const page: { name: string; value: string }[] = [];
-      for (const r of rows) page.push({ name: r.name, value: await this.secrets.open(this.pool, identityId, r.id, r.name, r) });
+      for (const r of rows) page.push({ name: r.name, value: await this.secrets.open(this.pool, r.owner_id, r.id, r.name, r) });
       if (page.length > 0) yield page;
       if (rows.length < pageSize) return;
       const last: VersionPage = rows[rows.length - 1]!;

@@ -42,7 +42,8 @@ export function mailRoutes(auth: AuthDeps, deps: MailDeps): Router {
 
 /** Scans, queues and starts delivery of one message (POST /v1/mail.send, MCP mail_send). */
 export async function sendMail(deps: MailDeps, caller: Caller, body: z.output<typeof mailSend>) {
-  const hit = await findStoredValueIn(body, deps.vault.storedValues(caller.identityId));
+  // Its own values and those granted to it: a grantee may read a granted value, not mail it on.
+  const hit = await findStoredValueIn(body, deps.vault.readableValues(caller.identityId));
   if (hit) {
     throw new UnprocessableError(
       `the message contains the value of credential '${hit}' (or an encoding of it); mail never carries a secret`,
