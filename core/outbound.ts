@@ -1,6 +1,6 @@
 import dns, { type LookupAddress, type LookupOptions } from 'node:dns';
 import { lookup } from 'node:dns/promises';
-import { BlockList, isIP } from 'node:net';
+import { BlockList, isIP, Socket } from 'node:net';
 import { Context } from '@temporalio/activity';
 import { Agent } from 'undici';
 import { UnprocessableError } from './errors';
@@ -116,6 +116,32 @@ export function guardedLookup(resolve: Resolve = resolveAll) {
 
 /** The dispatcher every provider and webhook request goes through (see guardedLookup). */
 export const outboundDispatcher = new Agent({ connect: { lookup: guardedLookup() } });
+
+/**
+ * A socket for other clients (the postgres-role provider's PostgreSQL connections) with the same
+ * guard: a host name is resolved through guardedLookup, an address is checked as it is, and a Unix
+ * socket (a path: this machine) is refused. The refusal is the socket's error, OutboundRefusedError.
+ */
+export class GuardedSocket extends Socket {
+  override connect(...args: unknown[]): this {
+    const [port, host] = args;
+    if (typeof port !== 'number' && !(typeof port === 'string' && /^\d+$/.test(port))) {
+      return this.refuse('a Unix socket is on this machine, which the worker does not call');
+    }
+    const name = typeof host === 'string' && host ? host : 'localhost';
+    const literal = name.replace(/^\[|\]$/g, '');
+    if (isIP(literal) && !allowedHosts.has(literal.toLowerCase())) {
+      const refused = refusedAddress([{ address: literal, family: isIP(literal) }]);
+      if (refused) return this.refuse(refusal(literal, refused));
+    }
+    return super.connect({ port: Number(port), host: name, lookup: guardedLookup() });
+  }
+
+  private refuse(message: string): this {
+    process.nextTick(() => this.destroy(new OutboundRefusedError(message)));
+    return this;
+  }
+}
 
 /** The guard's refusal in a request's failure, as a permanent error; undefined for any other failure. */
 export function outboundRefusal(err: unknown, what: string): UnprocessableError | undefined {

@@ -3,7 +3,7 @@ import type { AddressInfo } from 'node:net';
 import { randomBytes, randomUUID } from 'node:crypto';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { AppError } from '../core/errors';
+import { AppError, UnprocessableError } from '../core/errors';
 import { checkPolicy } from '../providers';
 import { httpApi } from '../providers/http';
 import { resolvePath } from '../providers/http/request';
@@ -87,6 +87,24 @@ describe('rotation providers', () => {
     });
     afterAll(async () => {
       for (const role of roles) await h.sql(`DROP ROLE IF EXISTS ${pg.escapeIdentifier(role)}`);
+    });
+
+    it('an admin URL on this machine or a private network is refused before any connection (OUTBOUND_ALLOW here lists 127.0.0.1 only)', async () => {
+      const { role } = await newRole('guarded');
+      for (const [name, url, refusal] of [
+        ['pg-loopback', `postgresql://postgres:${randomBytes(9).toString('hex')}@127.0.0.2:${server.port}/postgres`, '127.0.0.2 is an address on this machine or a private network'],
+        ['pg-private', `postgresql://postgres:${randomBytes(9).toString('hex')}@10.0.0.7:6379/x`, '10.0.0.7 is an address on this machine or a private network'],
+        ['pg-socket', `postgresql://postgres:${randomBytes(9).toString('hex')}@localhost/postgres?host=/tmp`, 'a Unix socket is on this machine'],
+      ] as const) {
+        await store(name, url);
+        const started = Date.now();
+        const err = await failure(postgresRole.create({ ...context(postgresRole, { adminCredential: name, role }), current: { version: 1, value: 'x' } } as never));
+        expect(err).toBeInstanceOf(UnprocessableError);
+        expect(err.message).toContain(refusal);
+        expect(err.message).toMatch(/^PostgreSQL at /);
+        // Refused at once: no connection attempt waited on (10.0.0.7 would have taken the 10 s connect timeout).
+        expect(Date.now() - started).toBeLessThan(2_000);
+      }
     });
 
     it('single role: create replaces the password at once; after promote and revoke only the new one logs in', async () => {

@@ -1,5 +1,7 @@
 import { createHash, createHmac, pbkdf2Sync, randomBytes, randomInt } from 'node:crypto';
 import pg from 'pg';
+import { UnprocessableError } from '../../core/errors';
+import { GuardedSocket, OutboundRefusedError } from '../../core/outbound';
 
 /** PostgreSQL role operations. Every error they raise is built here, without the passwords in play. */
 
@@ -39,18 +41,33 @@ export function consumerUrl(admin: URL, role: string, password: string): string 
   return `postgresql://${role}:${encodeURIComponent(password)}@${admin.host}${admin.pathname}${search}`;
 }
 
-/** An Error whose message is `what: <cause>` with every given secret cut out of the cause. */
+/**
+ * An Error whose message is `what: <cause>` with every given secret cut out of the cause. A refusal
+ * of our own (UnprocessableError: built here, no secret in it) stays what it is, a permanent error.
+ */
 export function safeError(what: string, err: unknown, secrets: string[]): Error {
+  if (err instanceof UnprocessableError) return err;
   let detail = err instanceof Error ? err.message : String(err);
   for (const s of secrets) if (s) detail = detail.split(s).join('[redacted]');
   return new Error(`${what}: ${detail}`);
 }
 
+/**
+ * A connection for one operation. It goes through the outbound guard (core/outbound.ts), as the http
+ * provider's requests do: an identity's admin URL must not make the worker log in to, or probe, this
+ * machine or its private network unless OUTBOUND_ALLOW lists the host.
+ */
 async function withClient<T>(connectionString: string, fn: (c: pg.Client) => Promise<T>): Promise<T> {
-  const client = new pg.Client({ connectionString, connectionTimeoutMillis: 10_000, query_timeout: 30_000 });
+  const client = new pg.Client({ connectionString, connectionTimeoutMillis: 10_000, query_timeout: 30_000, stream: () => new GuardedSocket() });
   client.on('error', () => undefined); // a dropped idle connection must not crash the worker
   try {
-    await client.connect();
+    try {
+      await client.connect();
+    } catch (err) {
+      const host = new URL(connectionString).hostname || 'a Unix socket';
+      if (err instanceof OutboundRefusedError) throw new UnprocessableError(`PostgreSQL at ${host}: ${err.message}`);
+      throw err;
+    }
     return await fn(client);
   } finally {
     await client.end().catch(() => undefined);
