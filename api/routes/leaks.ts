@@ -1,7 +1,8 @@
 import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
 import type { z } from 'zod';
-import type { Client } from '@temporalio/client';
+import { WorkflowNotFoundError, type Client } from '@temporalio/client';
+import { stableUuid } from '../../activities/support';
 import { NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { withTransaction, type Pool } from '../../db/pool';
 import { abandonMail, queueMail } from '../../mail/outbox';
@@ -88,7 +89,7 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
   return { results };
 }
 
-async function respond(deps: LeakDeps, t: Target, body: { source: string; details?: string }, actor: string) {
+async function respond(deps: LeakDeps, t: Target, body: { source: string; details?: string; fingerprint?: string }, actor: string, again = false) {
   const workflowId = `rotate:${t.credentialId}`;
   if (!t.live) return { credentialId: t.credentialId, version: t.version, action: 'already-revoked' as const };
 
@@ -104,10 +105,10 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
       await tx.query(
         `INSERT INTO leak_incidents (id, credential_id, identity_id, version, source) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (credential_id) WHERE status = 'open' DO UPDATE SET reports = leak_incidents.reports + 1
-         RETURNING id, (xmax = 0) AS created`,
+         RETURNING id, version, (xmax = 0) AS created`,
         [randomUUID(), t.credentialId, t.identityId, t.version, body.source],
       )
-    ).rows[0] as { id: string; created: boolean };
+    ).rows[0] as { id: string; version: number; created: boolean };
     if (!opened.created) return opened;
     await tx.query(`INSERT INTO rotations (id, identity_id, kind, reason, workflow_id) VALUES ($1, $2, 'leak', $3, $4)`, [
       rotationId,
@@ -137,7 +138,23 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
     await appendAudit(tx, { identityId: t.identityId, actor, action: 'mail.send', credentialId: t.credentialId, outcome: 'ok', detail: { messageId: mailId, purpose: 'leak.incident', incidentId: opened.id } });
     return opened;
   });
-  if (!incident.created) return { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, action: 'joined' as const };
+  if (!incident.created) {
+    const joined = { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, action: 'joined' as const };
+    // A fingerprint names the version that leaked. Another version than the open incident's (the
+    // value that incident's rotation just made, say) is a new leak, not a duplicate: the run must
+    // hear of it, or it closes the incident with that value still live. (A report by name names the
+    // current version, whichever leaked: those join as duplicates.)
+    if (!body.fingerprint || incident.version === t.version) return joined;
+    try {
+      // One id per incident and version: a repeated report is one signal to the run.
+      await deps.client.workflow.getHandle(workflowId).signal(leakSignal, { incidentId: stableUuid(`${incident.id}:version:${t.version}`), version: t.version });
+      return joined;
+    } catch (err) {
+      // The run has ended, its incident with it: the report is answered afresh (once).
+      if (err instanceof WorkflowNotFoundError && !again) return respond(deps, t, body, actor, true);
+      throw new UnavailableError('the leak could not be passed to the running rotation (Temporal is unavailable); report again shortly');
+    }
+  }
 
   try {
     const handle = await deps.client.workflow.signalWithStart<typeof rotateCredential, [{ incidentId: string; version?: number }]>('rotateCredential', {
