@@ -66,9 +66,11 @@ export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMe
       `${cap(what)} was rotated${n.mode === 'leak' ? ' because a leak was reported' : ''}.`,
       '',
       `Version ${n.toVersion} is now current.`,
-      n.graceEndsAt
-        ? `Version ${n.fromVersion} keeps working until ${n.graceEndsAt}, then it is revoked.`
-        : `Version ${n.fromVersion} has been revoked.`,
+      n.previousNotRevoked
+        ? `Version ${n.fromVersion} could not be revoked at the provider and still works: revoke it there by hand.`
+        : n.graceEndsAt
+          ? `Version ${n.fromVersion} keeps working until ${n.graceEndsAt}, then it is revoked.`
+          : `Version ${n.fromVersion} has been revoked.`,
       `Next rotation due: ${meta.nextRotationAt ?? 'no rotation policy set'}.`,
       ...(problems.length > 0 ? ['', 'Not everything went through:', ...listed] : []),
     ],

@@ -609,6 +609,26 @@ describe('credential lifecycle', () => {
     expect((await read({ name })).body).toMatchObject({ version: 1, label: 'current', value: credential.v1 });
   });
 
+  it('a revoke the provider refuses: the action-needed notice, and a rotated notice that does not claim the old value was revoked', async () => {
+    const name = unique('unrevokable');
+    const ownerMail = `${name}@example.com`;
+    const credential = await apiKeyAt(name, { owners: [ownerMail] });
+    credential.provider.failNext('revoke', 1, 400);
+    const rotationId = await startRotation(name);
+    await runResult(rotationId);
+    const done = await waitForState(rotationId, ['succeeded']);
+    expect(done.credentials[0]!.progress!.steps.find((s) => s.name === 'revoke_previous')).toMatchObject({ state: 'failed' });
+    expect(await whoami(credential.provider, credential.v1)).toBe(200);
+    const v2 = (await read({ name })).body.value as string;
+
+    const notices = await waitFor('both notices', () => noticesFor(ownerMail, [credential.v1, v2]), (mails) => mails.length >= 2);
+    expect(notices.map((m) => m.mail.subject).sort()).toEqual([`[mailgent] ACTION NEEDED: the old value of ${name} is still valid`, `[mailgent] Rotated ${name}`]);
+    const rotated = notices.find((m) => m.mail.subject === `[mailgent] Rotated ${name}`)!;
+    // Before, it said "Version 1 has been revoked." beside the notice saying it had not been.
+    expect(rotated.mail.text).toContain('Version 1 could not be revoked at the provider and still works: revoke it there by hand.');
+    expect(rotated.mail.text).not.toContain('has been revoked');
+  });
+
   it('postgres-role through the workflow: afterwards only the new password logs in', async () => {
     const role = `mg_life_${tag}`;
     const adminName = unique('pg-admin');

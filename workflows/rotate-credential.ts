@@ -133,6 +133,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       fromVersion: progress.fromVersion,
       toVersion: progress.toVersion,
       ...(problems.length > 0 ? { problems: [...problems] } : {}),
+      ...(stepOf('revoke_previous').state === 'failed' ? { previousNotRevoked: true } : {}),
       ...extra,
     });
   // Runs recorded before this patch failed when a notice could not be sent (after a day of SMTP

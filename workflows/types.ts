@@ -54,4 +54,6 @@ export interface RotationNotice extends RotationIds {
   step?: string;
   /** What went wrong without stopping the run (an undo that failed, a dependent not told), each as `what: why`. */
   problems?: string[];
+  /** Revoking the previous version failed (its own notice said so): a later notice must not say it was revoked. */
+  previousNotRevoked?: boolean;
 }
