@@ -39,23 +39,38 @@ export async function deliverQueued(pool: Pool, mailer: Mailer, id: string): Pro
   return (await deliverOutboxMessage(pool, mailer, id)).result;
 }
 
+/** How long an attempt holds its message: past the delivery activity's 30 s start-to-close and the mailer's timeouts. */
+export const DELIVERY_LEASE_SECONDS = 45;
+
 /**
  * Sends a queued message and marks it sent. A server that accepts some recipients and refuses others
  * has delivered the message: it is marked sent (sending it again would reach the accepted ones a
  * second time, ~290 times over the retry policy's day), the refused addresses are kept on the row and
  * in an audit row of the sender's. Only a message nobody accepted fails, and is retried.
+ *
+ * An attempt first claims the message (lease_until): a second attempt that overlaps it (a retry
+ * started while the first still talks to a slow relay) fails retryably instead of sending it again.
  */
 export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: string): Promise<Delivery> {
-  const { rows } = await pool.query('SELECT * FROM mail_outbox WHERE id = $1', [id]);
+  const { rows } = await pool.query(
+    `UPDATE mail_outbox SET lease_until = now() + make_interval(secs => $2)
+      WHERE id = $1 AND status = 'queued' AND (lease_until IS NULL OR lease_until < now())
+      RETURNING *`,
+    [id, DELIVERY_LEASE_SECONDS],
+  );
   const row = rows[0];
-  if (!row) return { result: 'missing', refused: [] };
-  if (row.status === 'sent') return { result: 'already-sent', refused: row.refused };
-  if (row.status === 'abandoned') return { result: 'abandoned', refused: [] };
+  if (!row) {
+    const current = (await pool.query('SELECT status, refused FROM mail_outbox WHERE id = $1', [id])).rows[0];
+    if (!current) return { result: 'missing', refused: [] };
+    if (current.status === 'sent') return { result: 'already-sent', refused: current.refused };
+    if (current.status === 'abandoned') return { result: 'abandoned', refused: [] };
+    throw new Error('the message is being sent by another delivery attempt; it is tried again once that one has finished');
+  }
   let report: SendReport;
   try {
     report = await mailer.send({ id, to: row.recipients, subject: row.subject, text: row.text_body, html: row.html_body });
   } catch (err) {
-    await pool.query('UPDATE mail_outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1', [id, (err as Error).message.slice(0, 500)]);
+    await pool.query('UPDATE mail_outbox SET attempts = attempts + 1, last_error = $2, lease_until = NULL WHERE id = $1', [id, (err as Error).message.slice(0, 500)]);
     throw err;
   }
   const refused = report.refused.map((r) => r.address);

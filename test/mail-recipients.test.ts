@@ -123,6 +123,32 @@ describe('mail with a recipient the SMTP server refuses', () => {
     expect(audited.rows.map((r) => r.detail.refused.map((x: { address: string }) => x.address))).toEqual([[typo]]);
   });
 
+  it('two delivery attempts that overlap (a retry while the first still talks to the server) send the message once', async () => {
+    const to = unique('overlap');
+    const notice = { id: randomUUID(), identityId: agent.id, purpose: 'rotation.notice', to: [to], subject: '[mailgent] Rotated api', text: 'Version 3 is now current.', actor: 'test' };
+    // Queued, not yet delivered: as a notice is before its delivery attempt.
+    await h.sql(`INSERT INTO mail_outbox (id, identity_id, purpose, recipients, subject, text_body) VALUES ($1, $2, $3, $4, $5, $6)`, [
+      notice.id, agent.id, notice.purpose, notice.to, notice.subject, notice.text,
+    ]);
+    const attempts = await Promise.allSettled([deliverQueued(h.deps.pool, h.deps.mailer, notice.id), deliverQueued(h.deps.pool, h.deps.mailer, notice.id)]);
+    // Before, both found the message queued and both sent it.
+    expect(deliveriesOf(notice.id)).toHaveLength(1);
+    expect(attempts.map((a) => a.status).sort()).toEqual(['fulfilled', 'rejected']);
+    expect((attempts.find((a) => a.status === 'rejected') as PromiseRejectedResult).reason.message).toMatch(/being sent by another delivery attempt/);
+    // The retry that follows finds it sent.
+    expect(await deliverQueued(h.deps.pool, h.deps.mailer, notice.id)).toBe('already-sent');
+    expect(await outboxRow(notice.id)).toMatchObject({ status: 'sent', attempts: 1 });
+  });
+
+  it('a failed attempt gives its claim back: the next one sends at once', async () => {
+    const id = randomUUID();
+    await h.sql(`INSERT INTO mail_outbox (id, identity_id, purpose, recipients, subject, text_body) VALUES ($1, $2, 'test', $3, 's', 't')`, [id, agent.id, [unique('typo')]]);
+    await expect(deliverQueued(h.deps.pool, h.deps.mailer, id)).rejects.toThrow(/every recipient/);
+    expect((await h.sql('SELECT lease_until FROM mail_outbox WHERE id = $1', [id])).rows[0].lease_until).toBeNull();
+    await expect(deliverQueued(h.deps.pool, h.deps.mailer, id)).rejects.toThrow(/every recipient/);
+    expect(await outboxRow(id)).toMatchObject({ status: 'queued', attempts: 2 });
+  });
+
   it('every recipient refused: not sent, the refusal recorded, and delivery retried (it stays a failure)', async () => {
     const typo = unique('typo');
     const res = await h.api('POST', '/v1/mail.send', { token: agent.token, body: { to: [typo], subject: 'Nobody home', text: 'hello?' } });
