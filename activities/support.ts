@@ -9,7 +9,10 @@ export async function permanentErrorsFail<T>(fn: () => Promise<T>): Promise<T> {
     return await fn();
   } catch (err) {
     if (err instanceof AppError && err.status !== 503) {
-      throw ApplicationFailure.create({ type: err.slug, message: err.message, nonRetryable: true });
+      // The error's fields (ids and versions, never a value: a version conflict's current version)
+      // go along as details, for the workflow to act on.
+      const details = Object.keys(err.extra).length > 0 ? [err.extra] : undefined;
+      throw ApplicationFailure.create({ type: err.slug, message: err.message, nonRetryable: true, details });
     }
     throw err;
   }

@@ -103,10 +103,15 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   );
 
   const stepOf = (name: StepName) => progress.steps.find((s) => s.name === name)!;
-  /** Puts a dependent back on `version`, away from `abandoned` (an attempt's undo, or a rollback's). */
-  const restoreOf = (dependent: { index: number; type: string }, version: number, abandoned: number): Undo => ({
+  /**
+   * The version a value stored while an attempt was pending made current (promote refused it): the
+   * attempt's undo puts the dependents and the provider on that one, not on the version it began from.
+   */
+  let movedTo: number | undefined;
+  /** Puts a dependent back on `version` (read when the undo runs), away from `abandoned` (an attempt's undo, or a rollback's). */
+  const restoreOf = (dependent: { index: number; type: string }, version: number | (() => number), abandoned: number): Undo => ({
     what: `restore ${dependent.type} ${dependent.index}`,
-    run: () => undo.restoreDependent({ ...ids, index: dependent.index, version, abandoned }),
+    run: () => undo.restoreDependent({ ...ids, index: dependent.index, version: typeof version === 'function' ? version() : version, abandoned }),
   });
   const step = async <T>(name: StepName, run: () => Promise<T>): Promise<T> => {
     const entry = stepOf(name);
@@ -211,7 +216,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     undoStack = [];
     const attempt = progress.attempt;
     try {
-      undoStack.push({ what: 'discard attempt', run: () => undo.discardAttempt({ ...ids, attempt, current: plan.currentVersion }) });
+      undoStack.push({ what: 'discard attempt', run: () => undo.discardAttempt({ ...ids, attempt, current: movedTo ?? plan.currentVersion }) });
       const staged = await step('create_pending', () => calls.createPendingVersion({ ...ids, attempt }));
       pending = staged;
       progress.fromVersion = staged.basedOn;
@@ -221,7 +226,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
         await step('apply_dependents', async () => {
           for (const dependent of plan.dependents) {
             // Restore is pushed first: a dependent that failed half-way is put back too (restore is idempotent).
-            undoStack.push(restoreOf(dependent, staged.basedOn, staged.version));
+            undoStack.push(restoreOf(dependent, () => movedTo ?? staged.basedOn, staged.version));
             await calls.applyDependent({ ...ids, index: dependent.index, version: staged.version });
           }
         });
@@ -260,6 +265,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     // and undoing would revoke what may be the live value: the run fails as it stands.
     if (!isPermanent(err)) throw err;
     progress.error = failureMessage(err);
+    movedTo = currentVersionIn(err);
     await compensate(undoStack);
     return fail();
   }
@@ -396,6 +402,17 @@ async function runAll(items: Undo[]): Promise<string[]> {
     }
   }
   return failed;
+}
+
+/** The current version a version conflict reports (permanentErrorsFail sends the error's fields as details). */
+function currentVersionIn(err: unknown): number | undefined {
+  let e = err as { cause?: unknown; details?: unknown[] } | undefined;
+  while (e) {
+    const found = (e.details?.[0] as { currentVersion?: unknown } | undefined)?.currentVersion;
+    if (typeof found === 'number') return found;
+    e = e.cause as typeof e;
+  }
+  return undefined;
 }
 
 function isPermanent(err: unknown): boolean {
