@@ -126,6 +126,16 @@ describe('credential lifecycle', () => {
     const run = started.credentials[0]!;
     return h.client.workflow.getHandle(run.workflowId, run.runId!).result();
   };
+  /** Cancels a rotation of one credential (DELETE, 202) and waits for its run: the report, the run cancelled. */
+  const cancelled = async (rotationId: string, credentialId: string) => {
+    const res = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: owner.token });
+    expect(res.status, res.text).toBe(202);
+    expect(res.body.cancelling).toEqual([credentialId]);
+    await runResult(rotationId);
+    const final = await report(rotationId);
+    expect(final.credentials[0]).toMatchObject({ state: 'cancelled', outcome: 'cancelled' });
+    return final;
+  };
   const expectNoValues = (texts: string[], values: string[]) => {
     for (const text of texts) {
       for (const value of values) {
@@ -547,13 +557,7 @@ describe('credential lifecycle', () => {
       expect(v2).toMatchObject({ label: 'pending' });
       expect(env.read().equals(withValue(env.original, credential.v1, v2.value))).toBe(true);
 
-      const cancelled = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: owner.token });
-      expect(cancelled.status, cancelled.text).toBe(202);
-      expect(cancelled.body.cancelling).toEqual([credential.id]);
-
-      await runResult(rotationId);
-      const final = await report(rotationId);
-      expect(final.credentials[0]).toMatchObject({ state: 'cancelled', outcome: 'cancelled' });
+      const final = await cancelled(rotationId, credential.id);
       expect(final.credentials[0]!.progress!.steps.find((s) => s.name === 'compensate')).toMatchObject({ state: 'done' });
       expect(final.credentials[0]!.progress!.steps.find((s) => s.name === 'promote')).toMatchObject({ state: 'waiting' });
 
@@ -587,13 +591,7 @@ describe('credential lifecycle', () => {
     const rotationId = await startRotation(name);
     await waitFor('the create to reach the provider', async () => provider.requests.filter((r) => r.route === 'create').length, (n) => n > 0);
     await waitFor('the run to be recorded', () => report(rotationId), (r) => Boolean(r.credentials[0]?.runId));
-    const cancelled = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: owner.token });
-    expect(cancelled.status, cancelled.text).toBe(202);
-    expect(cancelled.body.cancelling).toEqual([credential.id]);
-
-    await runResult(rotationId);
-    const final = await report(rotationId);
-    expect(final.credentials[0]).toMatchObject({ state: 'cancelled', outcome: 'cancelled' });
+    await cancelled(rotationId, credential.id);
     // Let the slow create answer (to nobody, now) and anything that could follow it land.
     await waitFor('the slow create to be answered', async () => provider.requests.filter((r) => r.route === 'create' && r.status === 0).length, (n) => n === 0);
     await new Promise((r) => setTimeout(r, 1_000));
