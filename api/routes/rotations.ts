@@ -103,8 +103,9 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
 export async function startRotation(deps: RotationDeps, caller: Caller, body: z.output<typeof rotationsStart>) {
   const credentialIds = await selectCredentials(deps.vault, caller.identityId, body);
   // The reason goes into every notice of the batch, and a credential's notice is scanned only for
-  // that credential's values (mail/notify.ts): it is checked here against all of the caller's.
-  if ((body.reason?.length ?? 0) >= MIN_SCANNED_LENGTH && (await findStoredValueIn({ subject: '', text: body.reason! }, deps.vault.storedValues(caller.identityId)))) {
+  // that credential's values (mail/notify.ts): it is checked here against every value the caller
+  // may read (its own, and those granted to it), as mail.send is.
+  if ((body.reason?.length ?? 0) >= MIN_SCANNED_LENGTH && (await findStoredValueIn({ subject: '', text: body.reason! }, deps.vault.readableValues(caller.identityId)))) {
     throw new UnprocessableError('reason must not contain a stored value: it is sent in the rotation notices');
   }
   const rotationId = randomUUID();
