@@ -5,13 +5,22 @@ import type { ActivityOptions } from '@temporalio/workflow';
  * as non-retryable ApplicationFailures by the activities; everything else is retried with backoff.
  */
 
-/**
- * A database step: quick, and retried until PostgreSQL answers, however long it is away. A step
- * that gave up would fail the run half way: after a promote, with the new value live, its outcome
- * unrecorded, no notice sent and the old value never revoked. Refusals (our 4xx) are non-retryable
- * and fail at once; anything else waits at most a minute between attempts.
- */
+/** A database step: quick, retried for a while so a PostgreSQL restart does not fail the workflow. */
 export const databaseStep: ActivityOptions = {
+  startToCloseTimeout: '20s',
+  scheduleToCloseTimeout: '15m',
+  retry: { initialInterval: '500ms', backoffCoefficient: 2, maximumInterval: '30s' },
+};
+
+/**
+ * A rotation's database step: retried until PostgreSQL answers, however long it is away. A step that
+ * gave up would fail the run half way: after a promote, with the new value live, its outcome
+ * unrecorded, no notice sent and the old value never revoked. Refusals (our 4xx) are non-retryable
+ * and fail at once; anything else (an outage, or a bug: the attempt's error shows in the Temporal UI
+ * until a fixed worker gets through) waits at most a minute between attempts. (Batches and sweeps
+ * keep databaseStep's limit: a sweep stuck for good would hold up every scheduled one after it.)
+ */
+export const rotationDatabaseStep: ActivityOptions = {
   startToCloseTimeout: '20s',
   retry: { initialInterval: '500ms', backoffCoefficient: 2, maximumInterval: '1m' },
 };

@@ -14,7 +14,7 @@ import {
 } from '@temporalio/workflow';
 import type { createActivities } from '../activities';
 import { leakSignal, progressQuery, rollbackUpdate } from './definitions';
-import { compensation, databaseStep, emailDelivery, externalCall } from './options';
+import { compensation, emailDelivery, externalCall, rotationDatabaseStep } from './options';
 import { CANCELLED_CALLS_FINISH_FIRST, CLOSE_INCIDENTS_LAST, NOTICE_FAILURES_CONTINUE, ROLLBACK_CHECKS_FIRST } from './patches';
 import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
 
@@ -27,7 +27,7 @@ const external = proxyActivities<Activities>(externalCall);
  */
 const externalFinishing = proxyActivities<Activities>({ ...externalCall, cancellationType: ActivityCancellationType.WAIT_CANCELLATION_COMPLETED });
 const undo = proxyActivities<Activities>(compensation);
-const db = proxyActivities<Activities>(databaseStep);
+const db = proxyActivities<Activities>(rotationDatabaseStep);
 const mail = proxyActivities<Activities>(emailDelivery);
 
 export interface RotateCredentialInput {
@@ -319,7 +319,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     // rest of its grace period first (consumers may still be on the old value until it ends; a leak
     // still cuts it short).
     problems.push(`the ${cancelled ? 'cancel' : 'rollback'} could not roll back: ${rollbackRefusal}`);
-    await CancellationScope.nonCancellable(() => Promise.race([graceOver!, condition(() => leak)]));
+    if (graceOver) await CancellationScope.nonCancellable(() => Promise.race([graceOver, condition(() => leak)]));
   }
 
   progress.state = 'running';
@@ -342,7 +342,9 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       const restores = () => runAll(plan.dependents.map((dependent) => restoreOf(dependent, progress.fromVersion!, progress.toVersion!)));
       // `current`: a provider whose create replaced the live secret (a single PostgreSQL role) puts the previous one back.
       const forget = () => undo.revokeVersion({ ...ids, version: progress.toVersion!, current: progress.fromVersion! });
-      if (!patched(ROLLBACK_CHECKS_FIRST)) {
+      // Decided once, at the grace period's start: a run that entered grace before the patch (its
+      // history has no marker there) keeps the old order even if its rollback comes after a deploy.
+      if (!graceOver) {
         problems.push(...(await restores()));
         rolledBack = await db.rollbackVersion({ ...ids, version: progress.toVersion! });
         await forget();
