@@ -79,6 +79,24 @@ describe('POST /v1/leaks', () => {
     expect(late.body.results).toEqual([{ credentialId: id, version: 1, action: 'already-revoked' }]);
   });
 
+  it('a fingerprint report of another version, when the open incident has no run left (terminated, say), closes that incident and rotates afresh', async () => {
+    const id = await store('orphaned-incident', 'sk_orphan_value_0001', { rotation: { provider: 'generated', graceHours: 0 } });
+    // What a run terminated by an operator leaves: an open incident that nothing will close.
+    const stale = randomUUID();
+    await h.sql(`INSERT INTO leak_incidents (id, credential_id, identity_id, version, source) VALUES ($1, $2, $3, 1, 'old-scan')`, [stale, id, agent.id]);
+    await store('orphaned-incident', 'sk_orphan_value_0002');
+    const res = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256('sk_orphan_value_0002'), source: 'new-scan' } });
+    expect(res.status, res.text).toBe(202);
+    expect(res.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 2, action: 'rotating' })]);
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 2, toVersion: 3 });
+    const incidents = (await h.sql('SELECT id, status FROM leak_incidents WHERE credential_id = $1 ORDER BY opened_at', [id])).rows;
+    expect(incidents).toEqual([
+      { id: stale, status: 'closed' },
+      { id: res.body.results[0].incidentId, status: 'closed' },
+    ]);
+    h.secret((await current('orphaned-incident')).value);
+  });
+
   it('matches a SHA-256 fingerprint against stored versions without decrypting them, and rotates only live ones', async () => {
     const id = await store('stripe-live', 'sk_live_fingerprinted_0001', { rotation: { provider: 'generated', graceHours: 0 } });
     const other = await h.createIdentity();

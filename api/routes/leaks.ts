@@ -150,9 +150,15 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
       await deps.client.workflow.getHandle(workflowId).signal(leakSignal, { incidentId: stableUuid(`${incident.id}:version:${t.version}`), version: t.version });
       return joined;
     } catch (err) {
-      // The run has ended, its incident with it: the report is answered afresh (once).
-      if (err instanceof WorkflowNotFoundError && !again) return respond(deps, t, body, actor, true);
-      throw new UnavailableError('the leak could not be passed to the running rotation (Temporal is unavailable); report again shortly');
+      if (!(err instanceof WorkflowNotFoundError)) {
+        throw new UnavailableError('the leak could not be passed to the running rotation (Temporal is unavailable); report again shortly');
+      }
+      // No run is there to hear it: it ended (closing its incident, or — terminated, failed — leaving
+      // it open, when nothing would ever close it). The incident goes with its run, and the report is
+      // answered afresh: a new incident and a leak rotation (once).
+      await deps.pool.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = $1 AND status = 'open'`, [incident.id]);
+      if (!again) return respond(deps, t, body, actor, true);
+      throw new UnavailableError('the leak rotation could not be started; report again shortly');
     }
   }
 
