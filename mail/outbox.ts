@@ -39,8 +39,12 @@ export async function deliverQueued(pool: Pool, mailer: Mailer, id: string): Pro
   return (await deliverOutboxMessage(pool, mailer, id)).result;
 }
 
-/** How long an attempt holds its message: past the delivery activity's 30 s start-to-close and the mailer's timeouts. */
-export const DELIVERY_LEASE_SECONDS = 45;
+/**
+ * How long an attempt's claim on its message lasts: past the delivery activity's 30 s start-to-close.
+ * An attempt renews it while it talks to the server (a slow relay can take longer: the mailer's
+ * timeouts are per exchange), so only a dead attempt's claim lapses.
+ */
+export const DELIVERY_LEASE = { seconds: 45, renewMs: 15_000 };
 
 /**
  * Sends a queued message and marks it sent. A server that accepts some recipients and refuses others
@@ -51,12 +55,12 @@ export const DELIVERY_LEASE_SECONDS = 45;
  * An attempt first claims the message (lease_until): a second attempt that overlaps it (a retry
  * started while the first still talks to a slow relay) fails retryably instead of sending it again.
  */
-export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: string): Promise<Delivery> {
+export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: string, lease = DELIVERY_LEASE): Promise<Delivery> {
   const { rows } = await pool.query(
     `UPDATE mail_outbox SET lease_until = now() + make_interval(secs => $2)
       WHERE id = $1 AND status = 'queued' AND (lease_until IS NULL OR lease_until < now())
       RETURNING *`,
-    [id, DELIVERY_LEASE_SECONDS],
+    [id, lease.seconds],
   );
   const row = rows[0];
   if (!row) {
@@ -67,11 +71,18 @@ export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: strin
     throw new Error('the message is being sent by another delivery attempt; it is tried again once that one has finished');
   }
   let report: SendReport;
+  const renew = setInterval(() => {
+    pool
+      .query(`UPDATE mail_outbox SET lease_until = now() + make_interval(secs => $2) WHERE id = $1 AND status = 'queued'`, [id, lease.seconds])
+      .catch(() => undefined); // a renewal that fails lets the claim lapse; the attempt goes on
+  }, lease.renewMs);
   try {
     report = await mailer.send({ id, to: row.recipients, subject: row.subject, text: row.text_body, html: row.html_body });
   } catch (err) {
     await pool.query('UPDATE mail_outbox SET attempts = attempts + 1, last_error = $2, lease_until = NULL WHERE id = $1', [id, (err as Error).message.slice(0, 500)]);
     throw err;
+  } finally {
+    clearInterval(renew);
   }
   const refused = report.refused.map((r) => r.address);
   await withTransaction(pool, async (tx) => {

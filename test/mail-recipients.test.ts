@@ -3,7 +3,8 @@ import type { AddressInfo } from 'node:net';
 import { SMTPServer } from 'smtp-server';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { sendNotice } from '../mail/notify';
-import { deliverQueued } from '../mail/outbox';
+import { deliverOutboxMessage, deliverQueued } from '../mail/outbox';
+import type { Mailer } from '../mail/mailer';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 import { waitFor } from './support/lifecycle-fixtures';
@@ -138,6 +139,20 @@ describe('mail with a recipient the SMTP server refuses', () => {
     // The retry that follows finds it sent.
     expect(await deliverQueued(h.deps.pool, h.deps.mailer, notice.id)).toBe('already-sent');
     expect(await outboxRow(notice.id)).toMatchObject({ status: 'sent', attempts: 1 });
+  });
+
+  it('an attempt that outlasts its claim keeps renewing it: a retry meanwhile still does not send', async () => {
+    const id = randomUUID();
+    await h.sql(`INSERT INTO mail_outbox (id, identity_id, purpose, recipients, subject, text_body) VALUES ($1, $2, 'test', $3, 's', 't')`, [id, agent.id, [unique('slow')]]);
+    // A claim of 1 s renewed every 200 ms (45 s and 15 s in production), and an attempt whose relay
+    // takes 2.5 s before the real SMTP conversation.
+    const lease = { seconds: 1, renewMs: 200 };
+    const slow: Mailer = { ...h.deps.mailer, send: async (mail) => (await new Promise((r) => setTimeout(r, 2_500)), h.deps.mailer.send(mail)) };
+    const first = deliverOutboxMessage(h.deps.pool, slow, id, lease);
+    await new Promise((r) => setTimeout(r, 1_500));
+    await expect(deliverOutboxMessage(h.deps.pool, h.deps.mailer, id, lease)).rejects.toThrow(/being sent by another delivery attempt/);
+    expect((await first).result).toBe('sent');
+    expect(deliveriesOf(id)).toHaveLength(1);
   });
 
   it('a failed attempt gives its claim back: the next one sends at once', async () => {
