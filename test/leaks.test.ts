@@ -79,11 +79,40 @@ describe('POST /v1/leaks', () => {
     expect(late.body.results).toEqual([{ credentialId: id, version: 1, action: 'already-revoked' }]);
   });
 
+  /** What a run terminated by an operator leaves: an open incident that nothing will close, opened `ago` seconds back. */
+  const leftOverIncident = async (credentialId: string, ago: number) => {
+    const incidentId = randomUUID();
+    await h.sql(`INSERT INTO leak_incidents (id, credential_id, identity_id, version, source, opened_at) VALUES ($1, $2, $3, 1, 'old-scan', now() - make_interval(secs => $4))`, [
+      incidentId,
+      credentialId,
+      agent.id,
+      ago,
+    ]);
+    return incidentId;
+  };
+
+  it('a report by name that finds an open incident with no run left closes it and rotates afresh; one just opened (its run starting) is joined', async () => {
+    const id = await store('abandoned-incident', 'sk_abandoned_value_0001', { rotation: { provider: 'generated', graceHours: 0 } });
+    const fresh = await leftOverIncident(id, 0);
+    const joined = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'abandoned-incident', source: 'scan' } });
+    expect(joined.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 1, incidentId: fresh, action: 'joined' })]);
+    await h.sql(`UPDATE leak_incidents SET opened_at = now() - interval '2 minutes' WHERE id = $1`, [fresh]);
+    // Before, every later report joined it, and the credential was never rotated.
+    const res = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'abandoned-incident', source: 'scan' } });
+    expect(res.status, res.text).toBe(202);
+    expect(res.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 1, action: 'rotating' })]);
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1, toVersion: 2 });
+    const incidents = (await h.sql('SELECT id, status, reports FROM leak_incidents WHERE credential_id = $1 ORDER BY opened_at', [id])).rows;
+    expect(incidents).toEqual([
+      { id: fresh, status: 'closed', reports: 3 },
+      { id: res.body.results[0].incidentId, status: 'closed', reports: 1 },
+    ]);
+    h.secret((await current('abandoned-incident')).value);
+  });
+
   it('a fingerprint report of another version, when the open incident has no run left (terminated, say), closes that incident and rotates afresh', async () => {
     const id = await store('orphaned-incident', 'sk_orphan_value_0001', { rotation: { provider: 'generated', graceHours: 0 } });
-    // What a run terminated by an operator leaves: an open incident that nothing will close.
-    const stale = randomUUID();
-    await h.sql(`INSERT INTO leak_incidents (id, credential_id, identity_id, version, source) VALUES ($1, $2, $3, 1, 'old-scan')`, [stale, id, agent.id]);
+    const stale = await leftOverIncident(id, 120);
     await store('orphaned-incident', 'sk_orphan_value_0002');
     const res = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256('sk_orphan_value_0002'), source: 'new-scan' } });
     expect(res.status, res.text).toBe(202);

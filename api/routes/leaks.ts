@@ -89,6 +89,12 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
   return { results };
 }
 
+/**
+ * An open incident whose run is not running is left over (its run terminated or failed) only once it
+ * is older than this: a run is started within moments of its incident's commit.
+ */
+const STALE_INCIDENT_SECONDS = 60;
+
 async function respond(deps: LeakDeps, t: Target, body: { source: string; details?: string; fingerprint?: string }, actor: string, again = false) {
   const workflowId = `rotate:${t.credentialId}`;
   if (!t.live) return { credentialId: t.credentialId, version: t.version, action: 'already-revoked' as const };
@@ -105,10 +111,10 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
       await tx.query(
         `INSERT INTO leak_incidents (id, credential_id, identity_id, version, source) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (credential_id) WHERE status = 'open' DO UPDATE SET reports = leak_incidents.reports + 1
-         RETURNING id, version, (xmax = 0) AS created`,
-        [randomUUID(), t.credentialId, t.identityId, t.version, body.source],
+         RETURNING id, version, (xmax = 0) AS created, opened_at < now() - make_interval(secs => $6) AS stale`,
+        [randomUUID(), t.credentialId, t.identityId, t.version, body.source, STALE_INCIDENT_SECONDS],
       )
-    ).rows[0] as { id: string; version: number; created: boolean };
+    ).rows[0] as { id: string; version: number; created: boolean; stale: boolean };
     if (!opened.created) return opened;
     await tx.query(`INSERT INTO rotations (id, identity_id, kind, reason, workflow_id) VALUES ($1, $2, 'leak', $3, $4)`, [
       rotationId,
@@ -143,23 +149,37 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
     // A fingerprint names the version that leaked. Another version than the open incident's (the
     // value that incident's rotation just made, say) is a new leak, not a duplicate: the run must
     // hear of it, or it closes the incident with that value still live. (A report by name names the
-    // current version, whichever leaked: those join as duplicates.)
-    if (!body.fingerprint || incident.version === t.version) return joined;
+    // current version, whichever leaked: those join as duplicates, once the run is seen running.)
+    const newVersion = Boolean(body.fingerprint) && incident.version !== t.version;
+    const handle = deps.client.workflow.getHandle(workflowId);
+    let running: boolean;
     try {
-      // One id per incident and version: a repeated report is one signal to the run.
-      await deps.client.workflow.getHandle(workflowId).signal(leakSignal, { incidentId: stableUuid(`${incident.id}:version:${t.version}`), version: t.version });
-      return joined;
+      if (newVersion) {
+        // One id per incident and version: a repeated report is one signal to the run.
+        await handle.signal(leakSignal, { incidentId: stableUuid(`${incident.id}:version:${t.version}`), version: t.version });
+        running = true;
+      } else {
+        running = (await handle.describe()).status.name === 'RUNNING';
+      }
     } catch (err) {
       if (!(err instanceof WorkflowNotFoundError)) {
         throw new UnavailableError('the leak could not be passed to the running rotation (Temporal is unavailable); report again shortly');
       }
-      // No run is there to hear it: it ended (closing its incident, or — terminated, failed — leaving
-      // it open, when nothing would ever close it). The incident goes with its run, and the report is
-      // answered afresh: a new incident and a leak rotation (once).
-      await deps.pool.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = $1 AND status = 'open'`, [incident.id]);
-      if (!again) return respond(deps, t, body, actor, true);
-      throw new UnavailableError('the leak rotation could not be started; report again shortly');
+      running = false;
     }
+    if (running) return joined;
+    // No run is there to hear it. Just opened, its run is still being started: the report is a
+    // duplicate after all, or (another version) it is tried again in a moment. Older, the run ended
+    // and left its incident open (terminated, or failed), and nothing would ever close it: the
+    // incident goes with its run, and the report is answered afresh, a new incident and a leak
+    // rotation (once).
+    if (!incident.stale) {
+      if (!newVersion) return joined;
+      throw new UnavailableError('the leak rotation is still starting; report again shortly');
+    }
+    await deps.pool.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = $1 AND status = 'open'`, [incident.id]);
+    if (!again) return respond(deps, t, body, actor, true);
+    throw new UnavailableError('the leak rotation could not be started; report again shortly');
   }
 
   try {
