@@ -406,29 +406,27 @@ async function runAll(items: Undo[]): Promise<string[]> {
   return failed;
 }
 
+type Failure = { message?: string; cause?: unknown; type?: string; details?: unknown[] };
+
+/** A failure and its causes, outermost first (ActivityFailure → ApplicationFailure …). */
+function* chain(err: unknown): Generator<Failure> {
+  for (let e = err as Failure | undefined; e; e = e.cause as Failure | undefined) yield e;
+}
+
 /** The current version a version conflict reports (permanentErrorsFail sends the error's fields as details). */
 function currentVersionIn(err: unknown): number | undefined {
-  let e = err as { cause?: unknown; details?: unknown[] } | undefined;
-  while (e) {
+  for (const e of chain(err)) {
     const found = (e.details?.[0] as { currentVersion?: unknown } | undefined)?.currentVersion;
     if (typeof found === 'number') return found;
-    e = e.cause as typeof e;
   }
   return undefined;
 }
 
 function isPermanent(err: unknown): boolean {
-  let e = err as { nonRetryable?: boolean; cause?: unknown; type?: string } | undefined;
-  while (e) {
-    if (e.type === 'unprocessable' || e.type === 'not-found' || e.type === 'version-conflict') return true;
-    e = e.cause as typeof e;
-  }
-  return false;
+  return [...chain(err)].some((e) => e.type === 'unprocessable' || e.type === 'not-found' || e.type === 'version-conflict');
 }
 
 /** The innermost message of a failure chain (ActivityFailure → ApplicationFailure). */
 function failureMessage(err: unknown): string {
-  let e = err as { message?: string; cause?: unknown } | undefined;
-  while (e?.cause) e = e.cause as typeof e;
-  return e?.message ?? String(err);
+  return [...chain(err)].at(-1)?.message ?? String(err);
 }
