@@ -83,14 +83,16 @@ export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMe
       `Error: ${n.error ?? 'unknown'}`,
       // A value stored while the rotation ran (what makes promote refuse) is current now, not the one it started from.
       n.fromVersion === undefined || n.fromVersion === meta.version
-        ? `Version ${n.fromVersion ?? '(unchanged)'} is still current. The credential is marked rotation_failed.`
+        ? `Version ${n.fromVersion ?? meta.version} is still current. The credential is marked rotation_failed.`
         : `Version ${meta.version}, stored while the rotation ran, is current. The credential is marked rotation_failed.`,
       ...stillLeaked,
     ],
     cancelled: [
       problems.length > 0
-        ? `Rotating ${what} was cancelled, and undoing it failed in part; version ${n.fromVersion ?? '(unchanged)'} is still current.`
-        : `Rotating ${what} was cancelled and undone; version ${n.fromVersion ?? '(unchanged)'} is still current.`,
+        ? `Rotating ${what} was cancelled, and undoing it failed in part; version ${n.fromVersion ?? meta.version} is still current.`
+        : n.fromVersion === undefined
+          ? `Rotating ${what} was cancelled; nothing it made is left in place, and version ${meta.version} is still current.`
+          : `Rotating ${what} was cancelled and undone; version ${n.fromVersion} is still current.`,
       ...(problems.length > 0 ? [...listed, 'Put those back by hand. The credential is marked rotation_failed.'] : []),
       ...stillLeaked,
     ],

@@ -344,6 +344,62 @@ describe('rotation failures', () => {
     await read(id, 2);
   });
 
+  it('a cancel while the rotation is still being planned ends it cancelled, not failed: nothing made, the credential left as it was', async () => {
+    const { name, id, ownerMail } = await generatedKey();
+    // Planning reads the credential with its current version; an open transaction that holds
+    // secret_versions exclusively keeps it (and anything else that reads versions) waiting.
+    const locker = new pg.Client({ connectionString: h.databaseUrl });
+    await locker.connect();
+    let locked = true;
+    const unlock = async () => {
+      if (!locked) return;
+      locked = false;
+      await locker.query('ROLLBACK');
+      await locker.end();
+    };
+    try {
+      await locker.query('BEGIN');
+      await locker.query('LOCK TABLE secret_versions IN ACCESS EXCLUSIVE MODE');
+      const rotationId = await startRotation(name);
+      const runId = await waitFor(
+        'the batch to start the run',
+        async () => (await h.sql('SELECT run_id FROM rotation_runs WHERE rotation_id = $1 AND credential_id = $2', [rotationId, id])).rows[0]?.run_id as string | undefined,
+        Boolean,
+      );
+      const handle = h.client.workflow.getHandle(`rotate:${id}`, runId!);
+      const types = async () => (await handle.fetchHistory()).events?.map((e) => e.eventType) ?? [];
+      const EventType = temporal.api.enums.v1.EventType;
+      // (An activity with retries has its started event written when it ends: the database shows the wait.)
+      await waitFor(
+        'planning to wait for the lock',
+        async () =>
+          (await h.sql(`SELECT count(*)::int AS n FROM pg_locks WHERE NOT granted AND relation = 'secret_versions'::regclass AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`))
+            .rows[0].n as number,
+        (n) => n > 0,
+      );
+      const cancelled = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: owner.token });
+      expect(cancelled.status, cancelled.text).toBe(202);
+      expect(cancelled.body.cancelling).toEqual([id]);
+      await waitFor('the cancel to reach the planning step', types, (t) => t.includes(EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED));
+      await unlock();
+
+      expect(await handle.result()).toMatchObject({ state: 'cancelled', error: 'the rotation was cancelled' });
+      const final = await report(rotationId);
+      expect(final.state).toBe('cancelled');
+      expect(final.credentials[0]).toMatchObject({ state: 'cancelled', outcome: 'cancelled' });
+      expect(final.credentials[0]!.progress!.steps.filter((s) => s.state !== 'skipped').map((s) => `${s.name} ${s.state}`)).toEqual(['notify done']);
+      // Nothing was made or marked: v1 is current, the credential as it was before the request.
+      expect(await read(id)).toMatchObject({ version: 1, label: 'current' });
+      expect((await h.sql('SELECT status, pending_version FROM credentials WHERE id = $1', [id])).rows).toEqual([{ status: 'active', pending_version: null }]);
+      expect((await h.sql('SELECT count(*)::int AS n FROM secret_versions WHERE credential_id = $1', [id])).rows[0].n).toBe(1);
+      const mails = await notices(ownerMail, name);
+      expect(mails.map((m) => m.mail.subject)).toEqual([`[mailgent] Rotation cancelled for ${name}`]);
+      expect(mails[0]!.mail.text).toContain(`was cancelled; nothing it made is left in place, and version 1 is still current.`);
+    } finally {
+      await unlock();
+    }
+  });
+
   it('a leak reported while a requested rotation runs: the security desk gets the outcome, and on failure hears the leaked value still works', async () => {
     const leakDuring = async (refuseVerify: boolean) => {
       const { name, id, ownerMail } = await generatedKey({ graceHours: 1 });

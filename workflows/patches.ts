@@ -31,4 +31,11 @@ export const ROLLBACK_CHECKS_FIRST = 'rollback-checks-the-vault-first';
  */
 export const CANCELLED_CALLS_FINISH_FIRST = 'cancelled-calls-finish-first';
 
-export const PATCH_IDS: readonly string[] = [CLOSE_INCIDENTS_LAST, NOTICE_FAILURES_CONTINUE, ROLLBACK_CHECKS_FIRST, CANCELLED_CALLS_FINISH_FIRST];
+/**
+ * Runs recorded before this patch, cancelled while their rotation was being planned, failed: the
+ * credential marked rotation_failed and the owners told of a failure. Newer runs end cancelled, the
+ * credential left as it was (nothing had been made yet).
+ */
+export const CANCEL_WHILE_PLANNING = 'cancel-while-planning-is-a-cancel';
+
+export const PATCH_IDS: readonly string[] = [CLOSE_INCIDENTS_LAST, NOTICE_FAILURES_CONTINUE, ROLLBACK_CHECKS_FIRST, CANCELLED_CALLS_FINISH_FIRST, CANCEL_WHILE_PLANNING];

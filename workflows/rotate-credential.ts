@@ -15,7 +15,7 @@ import {
 import type { createActivities } from '../activities';
 import { leakSignal, progressQuery, rollbackUpdate } from './definitions';
 import { compensation, emailDelivery, externalCall, rotationDatabaseStep } from './options';
-import { CANCELLED_CALLS_FINISH_FIRST, CLOSE_INCIDENTS_LAST, NOTICE_FAILURES_CONTINUE, ROLLBACK_CHECKS_FIRST } from './patches';
+import { CANCEL_WHILE_PLANNING, CANCELLED_CALLS_FINISH_FIRST, CLOSE_INCIDENTS_LAST, NOTICE_FAILURES_CONTINUE, ROLLBACK_CHECKS_FIRST } from './patches';
 import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
 
 type Activities = ReturnType<typeof createActivities>;
@@ -202,9 +202,13 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   try {
     plan = await db.planRotation(ids);
   } catch (err) {
-    // Nothing was changed yet: record the failure, tell the owners, fail the run.
+    // Nothing was changed yet: record the failure (or the cancel), tell the owners, fail the run.
     progress.error = failureMessage(err);
     skip('create_pending', 'apply_dependents', 'verify', 'compensate', 'promote', 'grace', 'revoke_previous');
+    if (isCancellation(err) && patched(CANCEL_WHILE_PLANNING)) {
+      await finish('cancelled', 'cancelled', 'the rotation was cancelled');
+      return progress;
+    }
     return fail();
   }
   let pending: { version: number; basedOn: number } | undefined;
