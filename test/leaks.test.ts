@@ -1,4 +1,5 @@
 import { createHash, randomUUID } from 'node:crypto';
+import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
@@ -108,6 +109,54 @@ describe('POST /v1/leaks', () => {
       { id: res.body.results[0].incidentId, status: 'closed', reports: 1 },
     ]);
     h.secret((await current('abandoned-incident')).value);
+  });
+
+  it('a report that finds an open incident whose run has already ended (terminated a moment ago) does not join it: it closes it and rotates afresh', async () => {
+    const id = await store('terminated-leak', 'pw_terminated_value_0001', { kind: 'password', rotation: { provider: 'generated', graceHours: 0 } });
+    // A generated password reads its identity's password policy before it is made: an open
+    // transaction holding that table keeps the leak rotation at its first provider step.
+    const locker = new pg.Client({ connectionString: h.databaseUrl });
+    await locker.connect();
+    let locked = true;
+    const unlock = async () => {
+      if (!locked) return;
+      locked = false;
+      await locker.query('ROLLBACK');
+      await locker.end();
+    };
+    try {
+      await locker.query('BEGIN');
+      await locker.query('LOCK TABLE password_policies IN ACCESS EXCLUSIVE MODE');
+      const first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'terminated-leak', source: 'scan' } });
+      expect(first.status, first.text).toBe(202);
+      expect(first.body.results).toEqual([expect.objectContaining({ credentialId: id, action: 'rotating' })]);
+      await waitFor('the leak rotation to wait for the lock', async () => {
+        const { rows } = await h.sql(
+          `SELECT count(*)::int AS n FROM pg_locks WHERE NOT granted AND relation = 'password_policies'::regclass AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`,
+        );
+        return rows[0].n > 0 ? true : undefined;
+      });
+      // An operator terminates the run: its incident stays open, seconds old, and nothing will close it.
+      await h.client.workflow.getHandle(`rotate:${id}`).terminate('stopped by an operator');
+
+      // Before, a report within a minute of the incident joined it, and the leaked value was never rotated.
+      const again = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'terminated-leak', source: 'scan' } });
+      expect(again.status, again.text).toBe(202);
+      expect(again.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 1, action: 'rotating' })]);
+      expect(again.body.results[0].incidentId).not.toBe(first.body.results[0].incidentId);
+      await unlock();
+      expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1 });
+      const incidents = (await h.sql('SELECT id, status FROM leak_incidents WHERE credential_id = $1 ORDER BY opened_at', [id])).rows;
+      expect(incidents).toEqual([
+        { id: first.body.results[0].incidentId, status: 'closed' },
+        { id: again.body.results[0].incidentId, status: 'closed' },
+      ]);
+      const revoked = (await h.sql('SELECT revoked_at FROM secret_versions WHERE credential_id = $1 AND version = 1', [id])).rows[0];
+      expect(revoked.revoked_at).not.toBeNull();
+      h.secret((await current('terminated-leak')).value);
+    } finally {
+      await unlock();
+    }
   });
 
   it('a fingerprint report of another version, when the open incident has no run left (terminated, say), closes that incident and rotates afresh', async () => {

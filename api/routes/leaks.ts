@@ -90,8 +90,9 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
 }
 
 /**
- * An open incident whose run is not running is left over (its run terminated or failed) only once it
- * is older than this: a run is started within moments of its incident's commit.
+ * An open incident whose run is not running, and whose run was never recorded as started, is left
+ * over (its starter died) only once it is older than this: a run is started within moments of its
+ * incident's commit. One whose run was started is left over as soon as no run is running.
  */
 const STALE_INCIDENT_SECONDS = 60;
 
@@ -109,13 +110,16 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
   const incident = await withTransaction(deps.pool, async (tx) => {
     const opened = (
       await tx.query(
-        `INSERT INTO leak_incidents (id, credential_id, identity_id, version, source) VALUES ($1, $2, $3, $4, $5)
+        `INSERT INTO leak_incidents (id, credential_id, identity_id, version, source, rotation_id) VALUES ($1, $2, $3, $4, $5, $7)
          ON CONFLICT (credential_id) WHERE status = 'open' DO UPDATE SET reports = leak_incidents.reports + 1
-         RETURNING id, version, (xmax = 0) AS created, opened_at < now() - make_interval(secs => $6) AS stale`,
-        [randomUUID(), t.credentialId, t.identityId, t.version, body.source, STALE_INCIDENT_SECONDS],
+         RETURNING id, version, (xmax = 0) AS created, opened_at < now() - make_interval(secs => $6) AS stale,
+                   EXISTS (SELECT 1 FROM rotation_runs r
+                            WHERE r.rotation_id = leak_incidents.rotation_id AND r.credential_id = leak_incidents.credential_id AND r.run_id IS NOT NULL) AS started`,
+        [randomUUID(), t.credentialId, t.identityId, t.version, body.source, STALE_INCIDENT_SECONDS, rotationId],
       )
-    ).rows[0] as { id: string; version: number; created: boolean; stale: boolean };
+    ).rows[0] as { id: string; version: number; created: boolean; stale: boolean; started: boolean };
     if (!opened.created) return opened;
+    // The incident names this rotation before its row is in: the foreign key is checked at commit.
     await tx.query(`INSERT INTO rotations (id, identity_id, kind, reason, workflow_id) VALUES ($1, $2, 'leak', $3, $4)`, [
       rotationId,
       t.identityId,
@@ -168,12 +172,13 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
       running = false;
     }
     if (running) return joined;
-    // No run is there to hear it. Just opened, its run is still being started: the report is a
-    // duplicate after all, or (another version) it is tried again in a moment. Older, the run ended
-    // and left its incident open (terminated, or failed), and nothing would ever close it: the
-    // incident goes with its run, and the report is answered afresh, a new incident and a leak
-    // rotation (once).
-    if (!incident.stale) {
+    // No run is there to hear it. If the incident's run has not been started yet and the incident
+    // was just opened, its run is still being started: the report is a duplicate after all, or
+    // (another version) it is tried again in a moment. Once its run was started (or the incident is
+    // older), the run ended and left its incident open (terminated, or failed), and nothing would
+    // ever close it: the incident goes with its run, and the report is answered afresh, a new
+    // incident and a leak rotation (once).
+    if (!incident.stale && !incident.started) {
       if (!newVersion) return joined;
       throw new UnavailableError('the leak rotation is still starting; report again shortly');
     }
