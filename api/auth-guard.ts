@@ -1,5 +1,5 @@
 import type { Request } from 'express';
-import { ipKeyGenerator, MemoryStore, type Options } from 'express-rate-limit';
+import { ipKeyGenerator } from 'express-rate-limit';
 import { TooManyRequestsError } from '../core/errors';
 
 /**
@@ -9,60 +9,113 @@ import { TooManyRequestsError } from '../core/errors';
  * that client in the window, which keep working: valid callers never count, and a misbehaving
  * agent behind the same address does not lock out its neighbours that were already working.
  * Requests without a bearer token are not token checks and do not count.
+ *
+ * The limit holds for parallel requests too: a client has at most as many lookups of unfamiliar
+ * tokens in flight as it has failures left, and its other requests wait for their answers (then
+ * pass if the token turned out valid, or are refused once the failures reach the limit). So a burst
+ * of guesses gets exactly `maxFailures` looked up, and a burst of valid calls is never refused.
  */
 export interface AuthGuardLimits {
   maxFailures: number;
   windowMs: number;
 }
 
+/** What the token's lookup found, for `Admission.settle`: `error` when it could not tell (the database is down). */
+export type TokenOutcome = 'valid' | 'invalid' | 'error';
+
+export interface Admission {
+  /** Call once the token has been looked up: counts a failure, or remembers a token that worked. */
+  settle(outcome: TokenOutcome): void;
+}
+
 const KNOWN_TOKENS_PER_CLIENT = 64;
 
+interface ClientState {
+  failures: number;
+  /** When the failure window ends (it starts at the window's first failure). */
+  resetAt: number;
+  /** Lookups of unfamiliar tokens in flight. */
+  pending: number;
+  /** Requests waiting for those lookups' answers. */
+  waiting: Array<() => void>;
+  /** Tokens (hashes) that authenticated from this client, until `knownUntil`. */
+  known: Set<string>;
+  knownUntil: number;
+}
+
 export class AuthGuard {
-  private readonly failures = new MemoryStore();
-  private readonly known = new Map<string, { hashes: Set<string>; expires: number }>();
+  private readonly clients = new Map<string, ClientState>();
   private readonly sweep: NodeJS.Timeout;
 
   constructor(private readonly limits: AuthGuardLimits) {
-    this.failures.init({ windowMs: limits.windowMs } as Options);
-    this.sweep = setInterval(() => this.forgetExpired(), limits.windowMs);
+    this.sweep = setInterval(() => this.forgetIdle(), limits.windowMs);
     this.sweep.unref();
   }
 
-  /** Throws 429 if the client is over its limit and this token has not worked from it recently. */
-  async check(req: Request, tokenHash: Buffer): Promise<void> {
+  /**
+   * Admits a request's token check, or throws 429 if the client is over its limit and this token has
+   * not worked from it recently. May wait while the client's other lookups run.
+   */
+  async admit(req: Request, tokenHash: Buffer): Promise<Admission> {
     const client = clientOf(req);
-    const info = await this.failures.get(client);
-    if (!info || info.totalHits < this.limits.maxFailures) return;
-    const known = this.known.get(client);
-    if (known && known.expires > Date.now() && known.hashes.has(tokenHash.toString('base64'))) return;
-    const resetMs = (info.resetTime?.getTime() ?? Date.now() + this.limits.windowMs) - Date.now();
-    throw new TooManyRequestsError(Math.max(1, Math.ceil(resetMs / 1000)));
-  }
-
-  async failed(req: Request): Promise<void> {
-    await this.failures.increment(clientOf(req));
-  }
-
-  succeeded(req: Request, tokenHash: Buffer): void {
-    const client = clientOf(req);
-    let entry = this.known.get(client);
-    if (!entry || entry.expires <= Date.now()) {
-      entry = { hashes: new Set(), expires: 0 };
-      this.known.set(client, entry);
+    const token = tokenHash.toString('base64');
+    for (;;) {
+      const state = this.stateOf(client);
+      const now = Date.now();
+      if (state.knownUntil > now && state.known.has(token)) return this.admission(client, token, false);
+      if (state.failures >= this.limits.maxFailures) throw new TooManyRequestsError(Math.max(1, Math.ceil((state.resetAt - now) / 1000)));
+      if (state.failures + state.pending < this.limits.maxFailures) {
+        state.pending += 1;
+        return this.admission(client, token, true);
+      }
+      await new Promise<void>((resolve) => state.waiting.push(resolve));
     }
-    if (entry.hashes.size >= KNOWN_TOKENS_PER_CLIENT) entry.hashes.clear();
-    entry.hashes.add(tokenHash.toString('base64'));
-    entry.expires = Date.now() + this.limits.windowMs;
   }
 
   close(): void {
     clearInterval(this.sweep);
-    this.failures.shutdown();
+    for (const state of this.clients.values()) state.waiting.splice(0).forEach((wake) => wake());
+    this.clients.clear();
   }
 
-  private forgetExpired(): void {
+  private admission(client: string, token: string, pending: boolean): Admission {
+    let settled = false;
+    return {
+      settle: (outcome) => {
+        if (settled) return;
+        settled = true;
+        const state = this.stateOf(client);
+        const now = Date.now();
+        if (outcome === 'invalid') {
+          if (state.failures === 0) state.resetAt = now + this.limits.windowMs;
+          state.failures += 1;
+        } else if (outcome === 'valid') {
+          if (state.knownUntil <= now || state.known.size >= KNOWN_TOKENS_PER_CLIENT) state.known.clear();
+          state.known.add(token);
+          state.knownUntil = now + this.limits.windowMs;
+        }
+        if (pending) state.pending -= 1;
+        state.waiting.splice(0).forEach((wake) => wake());
+      },
+    };
+  }
+
+  /** The client's state, its failure window restarted if it has run out. */
+  private stateOf(client: string): ClientState {
+    let state = this.clients.get(client);
+    if (!state) {
+      state = { failures: 0, resetAt: 0, pending: 0, waiting: [], known: new Set(), knownUntil: 0 };
+      this.clients.set(client, state);
+    }
+    if (state.failures > 0 && state.resetAt <= Date.now()) state.failures = 0;
+    return state;
+  }
+
+  private forgetIdle(): void {
     const now = Date.now();
-    for (const [client, entry] of this.known) if (entry.expires <= now) this.known.delete(client);
+    for (const [client, state] of this.clients) {
+      if (state.pending === 0 && state.waiting.length === 0 && state.resetAt <= now && state.knownUntil <= now) this.clients.delete(client);
+    }
   }
 }
 

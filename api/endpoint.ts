@@ -225,24 +225,28 @@ export function authenticate(auth: AuthDeps, who: Who): RequestHandler {
     const token = match[1]!;
     const hash = hashToken(token);
     // A throttled client is refused before its token is checked, so a guess teaches nothing.
-    await auth.guard?.check(req, hash);
+    const admission = await auth.guard?.admit(req, hash);
     // Fixed-length hashes compared in constant time: neither the token nor its length leaks by timing.
     const isAdmin = timingSafeEqual(hash, auth.adminTokenHash);
+    let identity: Awaited<ReturnType<typeof auth.identities.authenticate>>;
+    try {
+      identity = isAdmin ? undefined : await auth.identities.authenticate(hash);
+    } catch (err) {
+      admission?.settle('error');
+      throw err;
+    }
+    // The admin token on an identity route is a valid token in the wrong place, not a guess.
+    admission?.settle(isAdmin || identity ? 'valid' : 'invalid');
     if (isAdmin && who !== 'identity') {
       res.locals.admin = true;
-      auth.guard?.succeeded(req, hash);
       return next();
     }
-    const identity = isAdmin ? undefined : await auth.identities.authenticate(hash);
     if (identity) {
-      auth.guard?.succeeded(req, hash);
       res.locals.identity = identity;
       if (who !== 'admin') return next();
       throw new AppError(403, 'forbidden', 'Forbidden', 'this route needs the admin token');
     }
-    // The admin token on an identity route is a valid token in the wrong place, not a guess.
     if (isAdmin) throw new AppError(403, 'forbidden', 'Forbidden', 'this route needs an identity’s token; the admin token acts for no identity');
-    await auth.guard?.failed(req);
     throw new AppError(401, 'unauthorized', 'Authentication required', 'the bearer token is not valid');
   };
 }

@@ -416,6 +416,27 @@ describe('throttling clients that present invalid tokens', () => {
     expect((await h.api('GET', '/v1/credentials')).status).toBe(401);
   });
 
+  it('a parallel burst of guesses gets no more than the limit checked; a parallel burst with a valid token is never throttled', async () => {
+    // Before, every guess of a burst was checked against a count that the others had not yet raised:
+    // all forty were looked up and answered 401.
+    const burst = await Promise.all(Array.from({ length: 40 }, () => guess('127.0.0.3')));
+    const statuses = burst.map((a) => a.status);
+    expect(statuses.filter((s) => s === 401)).toHaveLength(LIMIT);
+    expect(statuses.filter((s) => s === 429)).toHaveLength(40 - LIMIT);
+
+    // One failure short of the limit, a burst with a token never used from this client: while the
+    // first lookups run, the rest wait for their answers instead of being refused, and all pass.
+    for (let i = 0; i < LIMIT - 1; i++) expect((await guess('127.0.0.4')).status).toBe(401);
+    const valid = await h.createIdentity('bursty-agent');
+    const calls = await Promise.all(
+      Array.from({ length: 20 }, () => rawRequest(h.url, { path: '/v1/credentials', localAddress: '127.0.0.4', headers: [['authorization', `Bearer ${valid.token}`]] })),
+    );
+    expect(calls.map((c) => c.status)).toEqual(Array(20).fill(200));
+    // The valid calls did not count: the next guess is the limit's last, then the client is throttled.
+    expect((await guess('127.0.0.4')).status).toBe(401);
+    expect((await guess('127.0.0.4')).status).toBe(429);
+  });
+
   it('each invalid token up to the limit is audited; the 429s are not', async () => {
     const id = `throttled-${randomUUID()}`;
     expect((await guess(undefined, id)).status).toBe(429);

@@ -1,6 +1,6 @@
 import type { Request } from 'express';
 import { describe, expect, it } from 'vitest';
-import { AuthGuard } from '../../api/auth-guard';
+import { AuthGuard, type TokenOutcome } from '../../api/auth-guard';
 import { depthExceeds } from '../../api/endpoint';
 import { toAppError } from '../../api/problem';
 import { AuditUnavailableError, TooManyRequestsError } from '../../core/errors';
@@ -20,28 +20,72 @@ describe('token comparison', () => {
 describe('auth guard', () => {
   const from = (ip: string) => ({ ip, socket: {} }) as unknown as Request;
 
+  /** One token check through the guard: admitted, then settled with `outcome`. */
+  const attempt = async (guard: AuthGuard, ip: string, token: Buffer, outcome: TokenOutcome) => (await guard.admit(from(ip), token)).settle(outcome);
+
   it('throttles a client after its limit of invalid tokens, except tokens that worked from it', async () => {
     const guard = new AuthGuard({ maxFailures: 3, windowMs: 60_000 });
     const good = hashToken('good');
-    guard.succeeded(from('10.0.0.1'), good);
-    for (let i = 0; i < 3; i++) {
-      await expect(guard.check(from('10.0.0.1'), hashToken(`guess-${i}`))).resolves.toBeUndefined();
-      await guard.failed(from('10.0.0.1'));
-    }
-    const refused = await guard.check(from('10.0.0.1'), hashToken('guess-4')).catch((e) => e);
+    await attempt(guard, '10.0.0.1', good, 'valid');
+    for (let i = 0; i < 3; i++) await attempt(guard, '10.0.0.1', hashToken(`guess-${i}`), 'invalid');
+    const refused = await guard.admit(from('10.0.0.1'), hashToken('guess-4')).catch((e) => e);
     expect(refused).toBeInstanceOf(TooManyRequestsError);
     expect(refused.retryAfterSeconds).toBeGreaterThan(0);
     expect(refused.retryAfterSeconds).toBeLessThanOrEqual(60);
-    await expect(guard.check(from('10.0.0.1'), good)).resolves.toBeUndefined();
-    await expect(guard.check(from('10.0.0.2'), hashToken('guess-5'))).resolves.toBeUndefined();
+    await expect(guard.admit(from('10.0.0.1'), good)).resolves.toBeDefined();
+    await expect(guard.admit(from('10.0.0.2'), hashToken('guess-5'))).resolves.toBeDefined();
     guard.close();
   });
 
   it('counts an IPv6 /56 as one client', async () => {
     const guard = new AuthGuard({ maxFailures: 1, windowMs: 60_000 });
-    await guard.failed(from('2001:db8:0:1::1'));
-    await expect(guard.check(from('2001:db8:0:2::9'), hashToken('x'))).rejects.toBeInstanceOf(TooManyRequestsError);
-    await expect(guard.check(from('2001:db8:1:100::1'), hashToken('x'))).resolves.toBeUndefined();
+    await attempt(guard, '2001:db8:0:1::1', hashToken('guess'), 'invalid');
+    await expect(guard.admit(from('2001:db8:0:2::9'), hashToken('x'))).rejects.toBeInstanceOf(TooManyRequestsError);
+    await expect(guard.admit(from('2001:db8:1:100::1'), hashToken('x'))).resolves.toBeDefined();
+    guard.close();
+  });
+
+  it('admits no more lookups at once than failures are left; the others wait for their answers', async () => {
+    const guard = new AuthGuard({ maxFailures: 2, windowMs: 60_000 });
+    const first = await guard.admit(from('10.0.0.3'), hashToken('a'));
+    const second = await guard.admit(from('10.0.0.3'), hashToken('b'));
+    let thirdDone = false;
+    const third = guard.admit(from('10.0.0.3'), hashToken('c')).then(
+      (admission) => ((thirdDone = true), admission),
+      (err: unknown) => ((thirdDone = true), Promise.reject(err)),
+    );
+    await new Promise((r) => setTimeout(r, 20));
+    expect(thirdDone).toBe(false);
+    // A lookup that could not tell (the database was down) is no failure: the waiting one takes its place.
+    first.settle('error');
+    const admitted = await third;
+    second.settle('invalid');
+    admitted.settle('invalid');
+    await expect(guard.admit(from('10.0.0.3'), hashToken('d'))).rejects.toBeInstanceOf(TooManyRequestsError);
+    // Settling twice counts once.
+    admitted.settle('invalid');
+    guard.close();
+  });
+
+  it('requests that wait behind a lookup that finds the token valid pass as that token', async () => {
+    const guard = new AuthGuard({ maxFailures: 1, windowMs: 60_000 });
+    const token = hashToken('valid-token');
+    const first = await guard.admit(from('10.0.0.4'), token);
+    const waiting = Promise.all([guard.admit(from('10.0.0.4'), token), guard.admit(from('10.0.0.4'), token)]);
+    first.settle('valid');
+    const admitted = await waiting;
+    admitted.forEach((a) => a.settle('valid'));
+    // No failure was counted: a guess is still looked up.
+    await expect(guard.admit(from('10.0.0.4'), hashToken('guess'))).resolves.toBeDefined();
+    guard.close();
+  });
+
+  it('the failure window restarts once it has run out', async () => {
+    const guard = new AuthGuard({ maxFailures: 1, windowMs: 50 });
+    await attempt(guard, '10.0.0.5', hashToken('guess-1'), 'invalid');
+    await expect(guard.admit(from('10.0.0.5'), hashToken('guess-2'))).rejects.toBeInstanceOf(TooManyRequestsError);
+    await new Promise((r) => setTimeout(r, 80));
+    await expect(guard.admit(from('10.0.0.5'), hashToken('guess-3'))).resolves.toBeDefined();
     guard.close();
   });
 });
