@@ -240,13 +240,24 @@ describe('POST /v1/leaks', () => {
     await store('careful', 'careful-secret-value-01');
     const res = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'careful', source: 'x', details: 'found careful-secret-value-01 in a gist' } });
     expect(res.status).toBe(422);
-    expect(res.body.detail).toMatch(/^details must not contain the leaked value/);
+    expect(res.body.detail).toMatch(/^details must not contain a stored value/);
     expect(res.text).not.toContain('careful-secret-value-01');
     // The source goes into the audit row, the rotation's reason and the incident email just the same.
     const bySource = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'careful', source: 'pastebin: careful-secret-value-01' } });
     expect(bySource.status).toBe(422);
-    expect(bySource.body.detail).toMatch(/^source must not contain the leaked value/);
+    expect(bySource.body.detail).toMatch(/^source must not contain a stored value/);
     expect((await h.sql("SELECT count(*)::int AS n FROM rotations WHERE reason LIKE '%careful-secret-value-01%'")).rows[0].n).toBe(0);
+    expect((await h.sql("SELECT count(*)::int AS n FROM leak_incidents i JOIN credentials c ON c.id = i.credential_id WHERE c.name = 'careful'")).rows[0].n).toBe(0);
+    // Nor a value another identity granted it: the incident email goes to owners the reporter sets.
+    const granter = await h.createIdentity();
+    const granted = await h.api('POST', '/v1/vault.store', { token: granter.token, body: { name: 'shared', kind: 'api_key', value: h.secret('granted-secret-value-01') } });
+    expect(granted.status).toBe(201);
+    const grant = await h.api('POST', '/v1/grants', { token: granter.token, body: { credential: granted.body.id, grantee: 'leaky-agent' } });
+    expect(grant.status, grant.text).toBe(201);
+    const viaGrant = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'careful', source: 'x', details: 'see granted-secret-value-01' } });
+    expect(viaGrant.status, viaGrant.text).toBe(422);
+    expect(viaGrant.body.detail).toMatch(/^details must not contain a stored value/);
+    expect(viaGrant.text).not.toContain('granted-secret-value-01');
     expect((await h.sql("SELECT count(*)::int AS n FROM leak_incidents i JOIN credentials c ON c.id = i.credential_id WHERE c.name = 'careful'")).rows[0].n).toBe(0);
     expect((await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'nope', source: 'x' } })).status).toBe(404);
     const other = await h.createIdentity();

@@ -62,14 +62,16 @@ export function leakRoutes(auth: AuthDeps, deps: LeakDeps): Router {
  */
 export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string | undefined, body: z.output<typeof leakReport>) {
   const targets = body.fingerprint ? await byFingerprint(deps, body.fingerprint, scope) : await byCredential(deps, body.credential!, scope);
-  // Both free-text fields go into the audit row, the rotation's reason and the incident email: neither
-  // may carry a stored value. Text shorter than any value the scan matches needs no decryption at all.
+  // Both free-text fields go into the audit row, the rotation's reason and the incident email (to the
+  // owners, whom the reporter may set): neither may carry a value the identity can read, its own or
+  // one granted to it, as mail.send refuses them. Text shorter than any value the scan matches needs
+  // no decryption at all.
   const fields = (['source', 'details'] as const).filter((field) => (body[field]?.length ?? 0) >= MIN_SCANNED_LENGTH);
   for (const identityId of fields.length ? new Set(targets.map((t) => t.identityId)) : []) {
-    for await (const stored of deps.vault.storedValues(identityId)) {
+    for await (const stored of deps.vault.readableValues(identityId)) {
       for (const field of fields) {
         if (findStoredValue({ subject: '', text: body[field]! }, stored)) {
-          throw new UnprocessableError(`${field} must not contain the leaked value; report it by its SHA-256 fingerprint`);
+          throw new UnprocessableError(`${field} must not contain a stored value (the leaked one, or any other this identity may read); report a value by its SHA-256 fingerprint`);
         }
       }
     }
