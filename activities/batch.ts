@@ -1,4 +1,5 @@
 import { InternalWorkflowStartOptionsSymbol, type InternalWorkflowStartOptions } from '@temporalio/client/lib/internal';
+import { latestRunOf } from '../core/run-chain';
 import { RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
 import { sendNotice } from '../mail/notify';
 import type { RotationWindow } from '../vault/types';
@@ -131,10 +132,11 @@ export function batchActivities(deps: ActivityDeps) {
           };
         }
         if (open.some((r) => r.run_id === null) && open.filter((r) => r.run_id !== null).length < maxOpen) await startWave(input.rotationId);
-        // A run that ended without recording an outcome (terminated, timed out) counts as failed.
+        // A run that ended without recording an outcome (terminated, timed out) counts as failed; one
+        // that continued as new is followed to the run it became.
         if (round % 5 === 4) {
           for (const r of open.filter((o) => o.run_id)) {
-            const status = (await client.workflow.getHandle(r.workflow_id, r.run_id).describe()).status.name;
+            const status = (await latestRunOf(client, r.workflow_id, r.run_id)).status ?? 'gone';
             if (status !== 'RUNNING') {
               await deps.pool.query(
                 `INSERT INTO run_outcomes (run_id, workflow_id, credential_id, outcome, error)

@@ -484,6 +484,11 @@ describe('rotation failures', () => {
     expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 2, toVersion: 3 });
     expect(await read(id)).toMatchObject({ version: 3, label: 'current' });
     expect(await revokedVersions(id)).toEqual([1, 2]);
+    // The requested rotation's report follows its run to the one it continued as: before, it asked
+    // the first run, closed while still 'running', and the batch read as running for ever.
+    const final = await report(rotationId);
+    expect(final.state).toBe('succeeded');
+    expect(final.credentials[0]).toMatchObject({ state: 'succeeded', status: 'COMPLETED', progress: expect.objectContaining({ fromVersion: 2, toVersion: 3 }) });
     await read(id, 2);
   });
 

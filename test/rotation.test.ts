@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { createServer } from 'node:net';
 import { Client, Connection, defaultGrpcRetryOptions, makeGrpcRetryInterceptor, WorkflowFailedError, WorkflowNotFoundError } from '@temporalio/client';
-import { startRotation } from '../api/routes/rotations';
+import { rollbackRotation, rotationStatus, startRotation } from '../api/routes/rotations';
 import { ApplicationFailure } from '@temporalio/common';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -300,5 +300,38 @@ describe('rotateCredential', () => {
     const report = await h.api('GET', `/v1/rotations/${id}`, { token: agent.token });
     expect(report.body).toMatchObject({ state: 'cancelled', credentials: [{ name: 'stranded-key', state: 'cancelled', status: null }] });
     await unreachable.connection.close().catch(() => undefined);
+  });
+
+  it('when Temporal is out of reach, a rollback or a report is a 503 to try again, not a 409 saying there is nothing to roll back', async () => {
+    await h.api('POST', '/v1/vault.store', {
+      token: agent.token,
+      body: { name: 'graceful-key', kind: 'api_key', value: h.secret('sk_live_graceful_value_01'), rotation: { provider: 'generated', settings: { length: 40 }, graceHours: 1 } },
+    });
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['graceful-key'] } });
+    for (let i = 0; i < 100; i++) {
+      if ((await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token })).body.state === 'grace') break;
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'graceful-key' } })).body.value);
+    const closed = await new Promise<number>((resolve) => {
+      const server = createServer().listen(0, '127.0.0.1', () => {
+        const { port } = server.address() as { port: number };
+        server.close(() => resolve(port));
+      });
+    });
+    const once = makeGrpcRetryInterceptor(defaultGrpcRetryOptions({ maxAttempts: 1 }));
+    const unreachable = new Client({ connection: Connection.lazy({ address: `127.0.0.1:${closed}`, connectTimeout: 1_000, interceptors: [once] }) });
+    try {
+      const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: 'req-unreachable' };
+      const deps = { pool: h.services.pool, vault: h.services.vault, client: unreachable, taskQueue: h.taskQueue };
+      await expect(rollbackRotation(deps, caller, started.body.rotationId)).rejects.toMatchObject({ status: 503 });
+      await expect(rotationStatus(deps, caller, started.body.rotationId)).rejects.toMatchObject({ status: 503 });
+    } finally {
+      await unreachable.connection.close().catch(() => undefined);
+    }
+    // With Temporal there, the same rollback goes through.
+    const rolled = await h.api('POST', `/v1/rotations/${started.body.rotationId}/rollback`, { token: agent.token });
+    expect(rolled.status, rolled.text).toBe(200);
+    expect(rolled.body.results).toEqual([expect.objectContaining({ rolledBack: true, current: 1, abandoned: 2 })]);
   });
 });

@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
 import type { z } from 'zod';
-import { WorkflowNotFoundError, type Client, type WorkflowHandle } from '@temporalio/client';
+import type { Client } from '@temporalio/client';
 import { ConflictError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { withTransaction, type Pool } from '../../db/pool';
 import { RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../../db/run-outcome';
@@ -15,6 +15,7 @@ import { endpoint, type AuthDeps } from '../endpoint';
 import { rotationCancelling, rotationReport, rotationRolledBack, rotationStarted } from '../responses';
 import { rotationsStart } from '../schemas';
 import { isUuid } from '../../core/ids';
+import { latestRunOf } from '../../core/run-chain';
 
 export interface RotationDeps {
   pool: Pool;
@@ -63,8 +64,8 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
       const runs = all.filter((r) => r.run_id && !['failed', 'cancelled', 'rolled_back'].includes(r.outcome ?? ''));
       const cancelled: string[] = [];
       for (const run of runs) {
-        const handle = deps.client.workflow.getHandle(run.workflow_id, run.run_id!);
-        if ((await statusOf(handle)) !== 'RUNNING') continue;
+        const { handle, status } = await temporal(() => latestRunOf(deps.client, run.workflow_id, run.run_id!));
+        if (status !== 'RUNNING') continue;
         await temporal(() => handle.cancel());
         cancelled.push(run.credential_id);
       }
@@ -76,24 +77,9 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
   // Rollback (during the grace period): the previous version becomes current again everywhere.
   router.post(
     '/v1/rotations/:id/rollback',
-    ...endpoint(auth, { who: 'identity', action: 'rotation.rollback', summary: 'Make the previous version current again (grace period only)', responses: { 200: rotationRolledBack }, problems: [404, 409] }, async ({ req, caller }) => {
-      const rotation = await ownRotation(deps.pool, caller.identityId, String(req.params.id));
-      const results = [];
-      for (const run of await runsOf(deps.pool, rotation.id)) {
-        if (!run.run_id) continue;
-        try {
-          const done = await deps.client.workflow.getHandle(run.workflow_id, run.run_id).executeUpdate(rollbackUpdate);
-          results.push({ credentialId: run.credential_id, rolledBack: true, ...done });
-        } catch (err) {
-          results.push({ credentialId: run.credential_id, rolledBack: false, reason: innermost(err) });
-        }
-      }
-      if (!results.some((r) => r.rolledBack)) {
-        throw new ConflictError(`nothing to roll back: ${results.map((r) => ('reason' in r ? r.reason : '')).join('; ') || 'the rotation has no runs'}`);
-      }
-      await appendAudit(deps.pool, { ...caller, action: 'rotation.rollback', outcome: 'ok', detail: { rotationId: rotation.id, rolledBack: results.filter((r) => r.rolledBack).length } });
-      return { body: { rotationId: rotation.id, results } };
-    }),
+    ...endpoint(auth, { who: 'identity', action: 'rotation.rollback', summary: 'Make the previous version current again (grace period only)', responses: { 200: rotationRolledBack }, problems: [404, 409] }, async ({ req, caller }) => ({
+      body: await rollbackRotation(deps, caller, String(req.params.id)),
+    })),
   );
 
   return router;
@@ -151,6 +137,29 @@ export async function rotationStatus(deps: RotationDeps, caller: Caller, id: str
   };
 }
 
+/** Rolls back every run of a rotation that is in its grace period (POST /v1/rotations/:id/rollback). */
+export async function rollbackRotation(deps: RotationDeps, caller: Caller, id: string) {
+  const rotation = await ownRotation(deps.pool, caller.identityId, id);
+  const results = [];
+  for (const run of await runsOf(deps.pool, rotation.id)) {
+    if (!run.run_id) continue;
+    try {
+      const { handle } = await temporal(() => latestRunOf(deps.client, run.workflow_id, run.run_id!));
+      const done = await temporal(() => handle.executeUpdate(rollbackUpdate));
+      results.push({ credentialId: run.credential_id, rolledBack: true, ...done });
+    } catch (err) {
+      // Temporal out of reach is no answer about the grace period: 503, try again (not 409).
+      if (err instanceof UnavailableError) throw err;
+      results.push({ credentialId: run.credential_id, rolledBack: false, reason: innermost(err) });
+    }
+  }
+  if (!results.some((r) => r.rolledBack)) {
+    throw new ConflictError(`nothing to roll back: ${results.map((r) => ('reason' in r ? r.reason : '')).join('; ') || 'the rotation has no runs'}`);
+  }
+  await appendAudit(deps.pool, { ...caller, action: 'rotation.rollback', outcome: 'ok', detail: { rotationId: rotation.id, rolledBack: results.filter((r) => r.rolledBack).length } });
+  return { rotationId: rotation.id as string, results };
+}
+
 async function ownRotation(pool: Pool, identityId: string, id: string) {
   const rotation = isUuid(id)
     ? (await pool.query('SELECT * FROM rotations WHERE id = $1 AND identity_id = $2', [id, identityId])).rows[0]
@@ -200,14 +209,15 @@ async function describeRun(client: Client, run: RunRow) {
   const base = { credentialId: run.credential_id, name: run.name, workflowId: run.workflow_id, runId: run.run_id, outcome: run.outcome };
   // A batch starts its rotations in waves: a run may wait its turn (or be cancelled before it).
   if (!run.run_id) return { ...base, state: run.outcome ?? 'not_started', status: null, progress: null };
-  const handle = client.workflow.getHandle(run.workflow_id, run.run_id);
+  // The run as it is now: the recorded one may have continued as new (its own state then stays 'running').
+  const { handle, runId, status } = await temporal(() => latestRunOf(client, run.workflow_id, run.run_id!));
+  base.runId = runId;
   let progress: RotationProgress | null = null;
   try {
     progress = await client.connection.withDeadline(Date.now() + 5_000, () => handle.query(progressQuery));
   } catch {
     // No worker answered in time: report what the server and the outcome table know.
   }
-  const status = await statusOf(handle);
   const fallback = status === 'RUNNING' ? 'running' : run.outcome === 'rotated' ? 'succeeded' : (run.outcome ?? 'failed');
   return { ...base, state: progress?.state ?? fallback, status, progress };
 }
@@ -219,19 +229,6 @@ function aggregate(states: string[]): string {
   if (took === states.length) return states.includes('grace') ? 'grace' : 'succeeded';
   if (took > 0) return 'partial';
   return states.every((s) => s === states[0]) ? states[0]! : 'failed';
-}
-
-/**
- * A run's status on the Temporal server, or null once the server no longer has it: a closed run is
- * deleted when the namespace's retention ends, and the outcome table still tells how it ended.
- */
-async function statusOf(handle: WorkflowHandle): Promise<string | null> {
-  try {
-    return (await temporal(() => handle.describe())).status.name;
-  } catch (err) {
-    if (err instanceof WorkflowNotFoundError) return null;
-    throw err;
-  }
 }
 
 /** Temporal being unreachable is a 503 for the caller, not a 500. */

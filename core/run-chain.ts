@@ -1,0 +1,34 @@
+import { WorkflowNotFoundError, type Client, type WorkflowHandle } from '@temporalio/client';
+import { temporal } from '@temporalio/proto';
+
+/** Far more continue-as-new hops than one rotation makes (each is another leak answered). */
+const MAX_HOPS = 100;
+
+/**
+ * The run a recorded run id has become, and its status (null once the server no longer keeps it):
+ * a rotation records the run its batch (or leak report) started, and that run may continue as new
+ * (a leak reported during it, a leaked value it made). Follows each run that continued as new, by
+ * its close event (not its whole history), to the run it continued as.
+ */
+export async function latestRunOf(client: Client, workflowId: string, runId: string): Promise<{ handle: WorkflowHandle; runId: string; status: string | null }> {
+  let current = runId;
+  for (let hop = 0; ; hop++) {
+    const handle = client.workflow.getHandle(workflowId, current);
+    let status: string;
+    try {
+      status = (await handle.describe()).status.name;
+    } catch (err) {
+      if (err instanceof WorkflowNotFoundError) return { handle, runId: current, status: null };
+      throw err;
+    }
+    if (status !== 'CONTINUED_AS_NEW' || hop === MAX_HOPS) return { handle, runId: current, status };
+    const { history } = await client.workflowService.getWorkflowExecutionHistory({
+      namespace: client.options.namespace,
+      execution: { workflowId, runId: current },
+      historyEventFilterType: temporal.api.enums.v1.HistoryEventFilterType.HISTORY_EVENT_FILTER_TYPE_CLOSE_EVENT,
+    });
+    const next = history?.events?.at(-1)?.workflowExecutionContinuedAsNewEventAttributes?.newExecutionRunId;
+    if (!next) return { handle, runId: current, status };
+    current = next;
+  }
+}
