@@ -1,6 +1,7 @@
 import { createHash, randomUUID } from 'node:crypto';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { reportLeak } from '../api/routes/leaks';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 import { readMailbox, recipients, waitForMail } from './support/mail';
@@ -154,6 +155,52 @@ describe('POST /v1/leaks', () => {
       const revoked = (await h.sql('SELECT revoked_at FROM secret_versions WHERE credential_id = $1 AND version = 1', [id])).rows[0];
       expect(revoked.revoked_at).not.toBeNull();
       h.secret((await current('terminated-leak')).value);
+    } finally {
+      await unlock();
+    }
+  });
+
+  it('a report whose rotation started but whose incident email could not be handed over keeps its incident open, and the next report hands the email over', async () => {
+    const id = await store('mail-handover', 'pw_handover_value_0001', { kind: 'password', rotation: { provider: 'generated', graceHours: 0 } });
+    // The leak rotation waits at its first provider step (see the terminated-run test): it is still
+    // running when the second report comes.
+    const locker = new pg.Client({ connectionString: h.databaseUrl });
+    await locker.connect();
+    let locked = true;
+    const unlock = async () => {
+      if (!locked) return;
+      locked = false;
+      await locker.query('ROLLBACK');
+      await locker.end();
+    };
+    try {
+      await locker.query('BEGIN');
+      await locker.query('LOCK TABLE password_policies IN ACCESS EXCLUSIVE MODE');
+      // Temporal takes the rotation, then is lost before the email's delivery is started.
+      const lostAfterRotation = Object.create(h.client.workflow, {
+        start: { value: async () => Promise.reject(new Error('14 UNAVAILABLE: the connection was lost')) },
+      });
+      const client = Object.create(h.client, { workflow: { value: lostAfterRotation } });
+      const deps = { pool: h.services.pool, vault: h.services.vault, secrets: h.services.secrets, client, taskQueue: h.taskQueue, securityNotify: [security] };
+      const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
+      await expect(reportLeak(deps, caller, agent.id, { credential: 'mail-handover', source: 'scan' })).rejects.toMatchObject({ status: 503 });
+      // Before, the incident was closed and its email abandoned, with the rotation running.
+      const open = (await h.sql('SELECT id, status FROM leak_incidents WHERE credential_id = $1', [id])).rows;
+      expect(open).toEqual([{ id: expect.any(String), status: 'open' }]);
+      expect((await h.client.workflow.getHandle(`rotate:${id}`).describe()).status.name).toBe('RUNNING');
+
+      const again = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'mail-handover', source: 'scan' } });
+      expect(again.status, again.text).toBe(202);
+      expect(again.body.results).toEqual([expect.objectContaining({ credentialId: id, incidentId: open[0].id, action: 'joined' })]);
+      const alert = await waitFor('the incident email', async () => {
+        const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for mail-handover');
+        return mails.length > 0 ? mails : undefined;
+      });
+      expect(alert).toHaveLength(1);
+      await unlock();
+      expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1 });
+      expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
+      h.secret((await current('mail-handover')).value);
     } finally {
       await unlock();
     }

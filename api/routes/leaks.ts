@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
 import type { z } from 'zod';
-import { WorkflowNotFoundError, type Client } from '@temporalio/client';
+import { WorkflowExecutionAlreadyStartedError, WorkflowNotFoundError, type Client } from '@temporalio/client';
 import { stableUuid } from '../../activities/support';
 import { NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { withTransaction, type Pool } from '../../db/pool';
@@ -103,7 +103,8 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
   if (!t.live) return { credentialId: t.credentialId, version: t.version, action: 'already-revoked' as const };
 
   const rotationId = randomUUID();
-  const mailId = randomUUID();
+  const newIncidentId = randomUUID();
+  const mailId = incidentMailId(newIncidentId);
   const meta = await deps.vault.describe(t.identityId, t.credentialId);
   const identity = (await deps.pool.query('SELECT email FROM identities WHERE id = $1', [t.identityId])).rows[0];
   // The incident commits with its rotation's rows or not at all: an incident left open without a
@@ -117,7 +118,7 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
          RETURNING id, version, (xmax = 0) AS created, opened_at < now() - make_interval(secs => $6) AS stale,
                    EXISTS (SELECT 1 FROM rotation_runs r
                             WHERE r.rotation_id = leak_incidents.rotation_id AND r.credential_id = leak_incidents.credential_id AND r.run_id IS NOT NULL) AS started`,
-        [randomUUID(), t.credentialId, t.identityId, t.version, body.source, STALE_INCIDENT_SECONDS, rotationId],
+        [newIncidentId, t.credentialId, t.identityId, t.version, body.source, STALE_INCIDENT_SECONDS, rotationId],
       )
     ).rows[0] as { id: string; version: number; created: boolean; stale: boolean; started: boolean };
     if (!opened.created) return opened;
@@ -173,7 +174,10 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
       }
       running = false;
     }
-    if (running) return joined;
+    if (running) {
+      await deliverIncidentMail(deps, incidentMailId(incident.id));
+      return joined;
+    }
     // No run is there to hear it. If the incident's run has not been started yet and the incident
     // was just opened, its run is still being started: the report is a duplicate after all, or
     // (another version) it is tried again in a moment. Once its run was started (or the incident is
@@ -189,6 +193,7 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
     throw new UnavailableError('the leak rotation could not be started; report again shortly');
   }
 
+  let signaledRunId: string;
   try {
     const handle = await deps.client.workflow.signalWithStart<typeof rotateCredential, [{ incidentId: string; version?: number }]>('rotateCredential', {
       taskQueue: deps.taskQueue,
@@ -197,15 +202,39 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
       signal: leakSignal,
       signalArgs: [{ incidentId: incident.id, version: t.version }],
     });
-    await deps.pool.query('UPDATE rotation_runs SET run_id = $2 WHERE rotation_id = $1', [rotationId, handle.signaledRunId]);
-    await deps.client.workflow.start('deliverMail', { taskQueue: deps.taskQueue, workflowId: `mail:${mailId}`, args: [{ messageId: mailId }] });
+    signaledRunId = handle.signaledRunId;
   } catch {
     // Without a rotation the incident must not stay open, or every later report would only join it.
     await deps.pool.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = $1`, [incident.id]);
     await abandonMail(deps.pool, mailId, 'the leak rotation could not be started');
     throw new UnavailableError('the leak rotation could not be started (Temporal is unavailable); report again shortly');
   }
+  // From here the rotation runs: whatever fails now leaves the incident open (a report again joins
+  // it, and starts the incident email's delivery if it has not started).
+  await deps.pool.query('UPDATE rotation_runs SET run_id = $2 WHERE rotation_id = $1', [rotationId, signaledRunId]);
+  await deliverIncidentMail(deps, mailId);
   return { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, action: 'rotating' as const };
+}
+
+/** The incident email's message id, derived from the incident's, so a later report can find it. */
+function incidentMailId(incidentId: string): string {
+  return stableUuid(`${incidentId}:incident-mail`);
+}
+
+/**
+ * Starts the delivery of an incident's email if it is still queued (the report that opened the
+ * incident may have started its rotation and then lost Temporal before the delivery). One delivery
+ * workflow per message: one already started is left as it is.
+ */
+async function deliverIncidentMail(deps: LeakDeps, mailId: string): Promise<void> {
+  const queued = await deps.pool.query(`SELECT 1 FROM mail_outbox WHERE id = $1 AND status = 'queued'`, [mailId]);
+  if (!queued.rowCount) return;
+  try {
+    await deps.client.workflow.start('deliverMail', { taskQueue: deps.taskQueue, workflowId: `mail:${mailId}`, args: [{ messageId: mailId }] });
+  } catch (err) {
+    if (err instanceof WorkflowExecutionAlreadyStartedError) return;
+    throw new UnavailableError('the leak rotation is running, but its incident email could not be handed for delivery (Temporal is unavailable); report again shortly');
+  }
 }
 
 const TARGET_SQL = `
