@@ -222,6 +222,42 @@ describe('POST /v1/leaks', () => {
     h.secret((await current('orphaned-incident')).value);
   });
 
+  it('a leak of the previous version (still working) revokes it too, not only the version the rotation replaces', async () => {
+    const id = await store('older-leak', 'sk_older_leak_value_0001', { rotation: { provider: 'generated', graceHours: 0 } });
+    await store('older-leak', 'sk_older_leak_value_0002');
+    const res = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256('sk_older_leak_value_0001'), source: 'old-paste' } });
+    expect(res.status, res.text).toBe(202);
+    expect(res.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 1, action: 'rotating' })]);
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 2, toVersion: 3 });
+    // Before, version 2 was revoked and the leaked version 1 kept working, though later reports of it
+    // were answered already-revoked.
+    const revoked = (await h.sql('SELECT version FROM secret_versions WHERE credential_id = $1 AND revoked_at IS NOT NULL ORDER BY version', [id])).rows;
+    expect(revoked.map((r) => r.version)).toEqual([1, 2]);
+    expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
+    h.secret((await current('older-leak')).value);
+  });
+
+  it('a leak of a value stored during the grace period (current once the rotation ends) rotates again, in leak mode', async () => {
+    const id = await store('stored-in-grace', 'sk_in_grace_value_0001', { rotation: { provider: 'generated', graceHours: 1 } });
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['stored-in-grace'] } });
+    expect(started.status, started.text).toBe(202);
+    await waitFor('the grace period', async () => {
+      const r = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
+      return r.body.state === 'grace' ? r : undefined;
+    });
+    await store('stored-in-grace', 'sk_in_grace_value_0003');
+    const res = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256('sk_in_grace_value_0003'), source: 'paste' } });
+    expect(res.status, res.text).toBe(202);
+    expect(res.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 3, action: 'rotating' })]);
+    // Before, the run revoked version 1 and ended, and the leaked version 3 stayed current.
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 3, toVersion: 4 });
+    const revoked = (await h.sql('SELECT version FROM secret_versions WHERE credential_id = $1 AND revoked_at IS NOT NULL ORDER BY version', [id])).rows;
+    expect(revoked.map((r) => r.version)).toEqual([1, 3]);
+    expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
+    expect((await current('stored-in-grace')).version).toBe(4);
+    h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'stored-in-grace', version: 2 } })).body.value);
+  });
+
   it('matches a SHA-256 fingerprint against stored versions without decrypting them, and rotates only live ones', async () => {
     const id = await store('stripe-live', 'sk_live_fingerprinted_0001', { rotation: { provider: 'generated', graceHours: 0 } });
     const other = await h.createIdentity();

@@ -38,4 +38,20 @@ export const CANCELLED_CALLS_FINISH_FIRST = 'cancelled-calls-finish-first';
  */
 export const CANCEL_WHILE_PLANNING = 'cancel-while-planning-is-a-cancel';
 
-export const PATCH_IDS: readonly string[] = [CLOSE_INCIDENTS_LAST, NOTICE_FAILURES_CONTINUE, ROLLBACK_CHECKS_FIRST, CANCELLED_CALLS_FINISH_FIRST, CANCEL_WHILE_PLANNING];
+/**
+ * Runs recorded before this patch answered a leak only by revoking the version they replaced: a
+ * leaked older version (the previous one, still working) was left working, and a leaked version
+ * stored during grace (current once the run ends) was neither revoked nor rotated. Newer runs revoke
+ * leaked versions older than the one they replaced, and rotate again, in leak mode, when a leaked
+ * version is newer than the one they made.
+ */
+export const LEAKED_VERSIONS_ANSWERED = 'leaked-versions-answered';
+
+export const PATCH_IDS: readonly string[] = [
+  CLOSE_INCIDENTS_LAST,
+  NOTICE_FAILURES_CONTINUE,
+  ROLLBACK_CHECKS_FIRST,
+  CANCELLED_CALLS_FINISH_FIRST,
+  CANCEL_WHILE_PLANNING,
+  LEAKED_VERSIONS_ANSWERED,
+];

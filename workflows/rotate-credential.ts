@@ -15,7 +15,7 @@ import {
 import type { createActivities } from '../activities';
 import { leakSignal, progressQuery, rollbackUpdate } from './definitions';
 import { compensation, emailDelivery, externalCall, rotationDatabaseStep } from './options';
-import { CANCEL_WHILE_PLANNING, CANCELLED_CALLS_FINISH_FIRST, CLOSE_INCIDENTS_LAST, NOTICE_FAILURES_CONTINUE, ROLLBACK_CHECKS_FIRST } from './patches';
+import { CANCEL_WHILE_PLANNING, CANCELLED_CALLS_FINISH_FIRST, CLOSE_INCIDENTS_LAST, LEAKED_VERSIONS_ANSWERED, NOTICE_FAILURES_CONTINUE, ROLLBACK_CHECKS_FIRST } from './patches';
 import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
 
 type Activities = ReturnType<typeof createActivities>;
@@ -287,6 +287,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     // No grace: the old value stops working now, then the owners hear about both.
     skip('grace');
     await revokePrevious();
+    await revokeOlderLeaks();
     await closeOut();
     return progress;
   }
@@ -328,6 +329,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
 
   progress.state = 'running';
   await revokePrevious();
+  await revokeOlderLeaks();
   if (leak && stepOf('revoke_previous').state === 'done') {
     // The grace notice said the previous version keeps working until graceEndsAt, and the leak
     // alert promised a notice when the rotation is done: tell the owners (and security) it is revoked.
@@ -381,9 +383,31 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     }
   }
 
+  /**
+   * A leaked version older than the one this rotation replaced (the previous one, still working when
+   * it was reported) is revoked too: revoking only the replaced one would leave the leaked value
+   * working. A failure is one of the run's problems. See LEAKED_VERSIONS_ANSWERED.
+   */
+  async function revokeOlderLeaks(): Promise<void> {
+    const older = [...leakedVersions].filter((v) => v < progress.fromVersion!).sort((a, b) => a - b);
+    if (older.length === 0 || !patched(LEAKED_VERSIONS_ANSWERED)) return;
+    await CancellationScope.nonCancellable(async () => {
+      for (const version of older) {
+        try {
+          await undo.revokeVersion({ ...ids, version });
+        } catch (err) {
+          problems.push(`revoking the leaked version ${version} failed, and it may still work: ${failureMessage(err)}`);
+        }
+      }
+    });
+  }
+
   async function closeOut(): Promise<void> {
-    if (progress.toVersion !== undefined && leakedVersions.has(progress.toVersion)) {
-      // The value this rotation made current was itself reported leaked: rotate again, in leak mode.
+    const toVersion = progress.toVersion;
+    // A value stored during grace, newer than the one this rotation made, is current once it ends.
+    const newerLeaked = () => toVersion !== undefined && [...leakedVersions].some((v) => v > toVersion) && patched(LEAKED_VERSIONS_ANSWERED);
+    if (toVersion !== undefined && (leakedVersions.has(toVersion) || newerLeaked())) {
+      // The value this rotation made current (or one stored since) was itself reported leaked: rotate again, in leak mode.
       await continueAsNew<typeof rotateCredential>({ ...input, mode: 'leak', attemptsBefore: progress.attempt });
     }
     await CancellationScope.nonCancellable(async () => {
