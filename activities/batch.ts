@@ -1,7 +1,7 @@
 import { InternalWorkflowStartOptionsSymbol, type InternalWorkflowStartOptions } from '@temporalio/client/lib/internal';
 import { latestRunOf } from '../core/run-chain';
 import { RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
-import { sendNotice } from '../mail/notify';
+import { handOverNotice } from './notices';
 import type { RotationWindow } from '../vault/types';
 import type { rotateCredential } from '../workflows/rotate-credential';
 import type { RotationMode } from '../workflows/types';
@@ -170,7 +170,7 @@ export function batchActivities(deps: ActivityDeps) {
       for (const [to, list] of byRecipient) {
         heartbeat();
         const identities = [...new Set(list.map((r) => r.identityId))];
-        await sendNotice(
+        await handOverNotice(
           deps,
           {
             id: stableUuid(`${input.rotationId}:summary:${to}`),

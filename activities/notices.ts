@@ -1,5 +1,6 @@
+import { WorkflowExecutionAlreadyStartedError } from '@temporalio/client';
 import { deliverOutboxMessage } from '../mail/outbox';
-import { sendNotice } from '../mail/notify';
+import { queueNotice, sendNotice, type Notice } from '../mail/notify';
 import type { CredentialMeta } from '../vault/types';
 import type { RotationNotice } from '../workflows/types';
 import type { ActivityDeps } from './index';
@@ -44,6 +45,29 @@ export function noticeActivities(deps: ActivityDeps) {
       return refused.length ? `${result}; refused by the SMTP server: ${refused.join(', ')}` : result;
     },
   };
+}
+
+/**
+ * A scheduled notice (a sweep's summaries and reminders, the orphan report): queued as sendNotice
+ * queues it, then handed to a delivery workflow of its own (mail:<id>, the one mail.send uses),
+ * not delivered inline. An address the SMTP server keeps refusing, or an SMTP outage, then holds up
+ * that message's delivery alone, not the sweep, whose steps after it (reminders, retention) and
+ * whose successors (the schedule skips a sweep while one runs) would wait with it. Without a
+ * Temporal client (deps.temporal), it is delivered inline.
+ */
+export async function handOverNotice(deps: ActivityDeps, notice: Notice, scanIdentities?: string[]): Promise<'handed-over' | 'sent' | 'already-sent' | 'abandoned' | 'missing' | 'no-recipients'> {
+  if (!deps.temporal) return sendNotice(deps, notice, scanIdentities);
+  if ((await queueNotice(deps, notice, scanIdentities)) === 'no-recipients') return 'no-recipients';
+  const status = (await deps.pool.query('SELECT status FROM mail_outbox WHERE id = $1', [notice.id])).rows[0]?.status as string | undefined;
+  if (status === 'sent') return 'already-sent';
+  if (status !== 'queued') return status === 'abandoned' ? 'abandoned' : 'missing';
+  try {
+    await deps.temporal.client.workflow.start('deliverMail', { taskQueue: deps.temporal.taskQueue, workflowId: `mail:${notice.id}`, args: [{ messageId: notice.id }] });
+  } catch (err) {
+    // Its delivery is running already (an earlier attempt of this activity started it).
+    if (!(err instanceof WorkflowExecutionAlreadyStartedError)) throw err;
+  }
+  return 'handed-over';
 }
 
 const SUBJECTS: Record<RotationNotice['outcome'], (name: string) => string> = {

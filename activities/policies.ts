@@ -1,7 +1,7 @@
-import { sendNotice } from '../mail/notify';
 import { findOrphans, type ServiceAccountRow } from '../vault/service-accounts';
 import type { ActivityDeps } from './index';
 import { windowOpen } from './batch';
+import { handOverNotice } from './notices';
 import { heartbeat, stableUuid } from './support';
 
 /** Expiry reminders for credentials rotated by hand (14, 3 and 1 days ahead), each sent once. */
@@ -34,7 +34,7 @@ export function policyActivities(deps: ActivityDeps) {
         const threshold = Math.min(...due);
         // The threshold names the reminder (each is sent once); the subject says how long is really left.
         const left = Math.ceil(daysLeft);
-        const delivery = await sendNotice(deps, {
+        const delivery = await handOverNotice(deps, {
           id: stableUuid(`expiry:${c.id}:${c.expires_at.toISOString()}:${threshold}`),
           identityId: c.identity_id,
           purpose: 'expiry.reminder',
@@ -50,7 +50,7 @@ export function policyActivities(deps: ActivityDeps) {
           credentialId: c.id,
           detail: { daysAhead: threshold },
         });
-        if (delivery === 'sent') sent += 1;
+        if (delivery === 'sent' || delivery === 'handed-over') sent += 1;
       }
       return { sent };
     },
@@ -97,7 +97,7 @@ export function policyActivities(deps: ActivityDeps) {
             `Credential id: ${c.id}`,
           ].join('\n');
         const reminderId = stableUuid(`password-policy:${c.id}:${c.current_version}:reminder`);
-        const reminder = await sendNotice(deps, {
+        const reminder = await handOverNotice(deps, {
             ...base,
             id: reminderId,
             purpose: 'password.reminder',
@@ -105,11 +105,11 @@ export function policyActivities(deps: ActivityDeps) {
             subject: `[mailgent] Password ${c.name} is past its maximum age`,
             text: text([]),
           });
-        if (reminder === 'sent') reminded += 1;
+        if (reminder === 'sent' || reminder === 'handed-over') reminded += 1;
         const told: Date | null = (await deps.pool.query('SELECT sent_at FROM mail_outbox WHERE id = $1', [reminderId])).rows[0]?.sent_at ?? null;
         const toldDays = told ? Math.floor((asOf.getTime() - told.getTime()) / DAY_MS) : -1;
         if (told && toldDays >= c.escalate_after_days) {
-          const escalation = await sendNotice(deps, {
+          const escalation = await handOverNotice(deps, {
             ...base,
             id: stableUuid(`password-policy:${c.id}:${c.current_version}:escalation`),
             purpose: 'password.escalation',
@@ -117,7 +117,7 @@ export function policyActivities(deps: ActivityDeps) {
             subject: `[mailgent] ESCALATION: password ${c.name} is ${overdueDays} days overdue`,
             text: text([`The owners were told on ${told.toISOString().slice(0, 10)}, ${toldDays} days ago, and it is still unchanged.`]),
           });
-          if (escalation === 'sent') escalated += 1;
+          if (escalation === 'sent' || escalation === 'handed-over') escalated += 1;
         }
       }
       return { rotating: managed.length, reminded, escalated };
@@ -133,7 +133,7 @@ export function policyActivities(deps: ActivityDeps) {
       let sent = 0;
       for (const [identityId, list] of byIdentity) {
         const identity = await deps.identities.get(identityId);
-        const delivery = await sendNotice(deps, {
+        const delivery = await handOverNotice(deps, {
           id: stableUuid(`orphans:${identityId}:${week}`),
           identityId,
           purpose: 'orphan.report',
@@ -149,7 +149,7 @@ export function policyActivities(deps: ActivityDeps) {
           actor: 'schedule:orphan-report',
           detail: { accounts: list.length },
         });
-        if (delivery === 'sent') sent += 1;
+        if (delivery === 'sent' || delivery === 'handed-over') sent += 1;
       }
       return { sent };
     },

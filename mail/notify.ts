@@ -26,6 +26,15 @@ export interface NoticeDeps {
 }
 
 export async function sendNotice(deps: NoticeDeps, notice: Notice, scanIdentities: string[] = notice.identityId ? [notice.identityId] : []): Promise<DeliveryResult | 'no-recipients'> {
+  if ((await queueNotice(deps, notice, scanIdentities)) === 'no-recipients') return 'no-recipients';
+  return deliverQueued(deps.pool, deps.mailer, notice.id);
+}
+
+/**
+ * sendNotice without the delivery: checked, queued with its audit row (once per id), for a delivery
+ * of its own (the deliverMail workflow) to send.
+ */
+export async function queueNotice(deps: NoticeDeps, notice: Notice, scanIdentities: string[] = notice.identityId ? [notice.identityId] : []): Promise<'queued' | 'no-recipients'> {
   const to = [...new Set(notice.to.filter(Boolean))];
   if (to.length === 0) return 'no-recipients';
   // A notice about one credential is composed from that credential's metadata, in an activity that
@@ -36,7 +45,7 @@ export async function sendNotice(deps: NoticeDeps, notice: Notice, scanIdentitie
   // Queued by an earlier attempt: checked then. A retried activity that sends many notices (a sweep's
   // summaries) must not repeat every scan, or at scale each attempt would redo the work of the last.
   const queued = await deps.pool.query('SELECT 1 FROM mail_outbox WHERE id = $1', [notice.id]);
-  if (queued.rowCount) return deliverQueued(deps.pool, deps.mailer, notice.id);
+  if (queued.rowCount) return 'queued';
   for (const identityId of new Set(scanIdentities)) {
     if (await findStoredValueIn({ to, subject: notice.subject, text: notice.text }, deps.vault.storedValues(identityId, only))) {
       throw new UnprocessableError(`the ${notice.purpose} notice would carry a stored secret; it was not sent`);
@@ -56,5 +65,5 @@ export async function sendNotice(deps: NoticeDeps, notice: Notice, scanIdentitie
       });
     }
   });
-  return deliverQueued(deps.pool, deps.mailer, notice.id);
+  return 'queued';
 }

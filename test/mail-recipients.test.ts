@@ -164,6 +164,33 @@ describe('mail with a recipient the SMTP server refuses', () => {
     expect(await outboxRow(id)).toMatchObject({ status: 'queued', attempts: 2 });
   });
 
+  it('a sweep whose reminder every recipient refuses still finishes: the reminder waits in a delivery of its own', async () => {
+    const owner = unique('typo');
+    const stored = await h.api('POST', '/v1/vault.store', {
+      token: agent.token,
+      body: { name: `expiring-${randomUUID().slice(0, 8)}`, kind: 'token', value: h.secret(`tok_${randomUUID()}`), owners: [owner], expiresAt: new Date(Date.now() + 2 * 86_400_000).toISOString() },
+    });
+    expect(stored.status, stored.text).toBe(201);
+    const sweep = await h.client.workflow.start('rotationSweep', { taskQueue: h.taskQueue, workflowId: `sweep-refused-${randomUUID()}`, args: [{}] });
+    let messageId: string | undefined;
+    try {
+      // Before, the sweep delivered the reminder itself and retried it for a day: nothing after it ran.
+      let timer: NodeJS.Timeout | undefined;
+      const outcome = await Promise.race([sweep.result(), new Promise((resolve) => (timer = setTimeout(() => resolve('still running after 30 s'), 30_000)))]);
+      clearTimeout(timer);
+      expect(outcome).toMatchObject({ total: 0 });
+      messageId = (await h.sql("SELECT id FROM mail_outbox WHERE purpose = 'expiry.reminder' AND $1 = ANY(recipients)", [owner])).rows[0]?.id;
+      expect(messageId).toBeDefined();
+      const row = await waitFor('a delivery attempt', () => outboxRow(messageId!), (r) => r.attempts >= 1, { timeoutMs: 20_000 });
+      expect(row).toMatchObject({ status: 'queued', refused: [] });
+      expect(row.last_error).toMatch(/every recipient/);
+      expect((await h.client.workflow.getHandle(`mail:${messageId}`).describe()).status.name).toBe('RUNNING');
+    } finally {
+      await sweep.terminate('test over').catch(() => undefined);
+      if (messageId) await h.client.workflow.getHandle(`mail:${messageId}`).terminate('test over: every recipient is refused');
+    }
+  });
+
   it('every recipient refused: not sent, the refusal recorded, and delivery retried (it stays a failure)', async () => {
     const typo = unique('typo');
     const res = await h.api('POST', '/v1/mail.send', { token: agent.token, body: { to: [typo], subject: 'Nobody home', text: 'hello?' } });

@@ -6,6 +6,7 @@ import { createActivities } from '../activities';
 import { ConfigError } from '../core/config';
 import { ensureSchedules, ORPHAN_SCHEDULE_ID, scheduleId, SWEEP_SCHEDULE_ID } from '../worker/schedules';
 import { expectCleanRun } from './support/leaks';
+import { waitFor } from './support/lifecycle-fixtures';
 import { startHarness, type Harness } from './support/harness';
 import { readMailbox, recipients, type StoredMail } from './support/mail';
 
@@ -95,14 +96,25 @@ describe('scheduled sweep', () => {
     return runs;
   };
 
-  /** The workflow's result (following continue-as-new), or a clear failure after `ms`; a run that overstays is terminated. */
+  /** Until every queued message has been delivered: a sweep hands its notices to delivery workflows of their own. */
+  const delivered = () =>
+    waitFor(
+      'the queued notices to be delivered',
+      async () => (await h.sql("SELECT count(*)::int AS n FROM mail_outbox WHERE status = 'queued'")).rows[0].n as number,
+      (n) => n === 0,
+    );
+
+  /** The workflow's result (following continue-as-new) once its notices are delivered, or a clear failure after `ms`; a run that overstays is terminated. */
   const finish = async <T>(what: string, workflowId: string, firstRunId: string, ms = 45_000): Promise<T> => {
     const handle = h.client.workflow.getHandle(workflowId, firstRunId);
     let timer: NodeJS.Timeout | undefined;
     const timedOut = new Promise<'timeout'>((resolve) => (timer = setTimeout(() => resolve('timeout'), ms)));
     try {
       const outcome = await Promise.race([handle.result() as Promise<T>, timedOut]);
-      if (outcome !== 'timeout') return outcome;
+      if (outcome !== 'timeout') {
+        await delivered();
+        return outcome;
+      }
     } finally {
       clearTimeout(timer);
     }
