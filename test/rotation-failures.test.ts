@@ -525,6 +525,38 @@ describe('rotation failures', () => {
     expect(incidents).toEqual([{ status: 'closed' }]);
   });
 
+  it('an attempt begun from a value stored after the rotation was planned is undone onto that value at the provider as at the dependents', async () => {
+    const role = `mg_rf_planned_${tag}`;
+    const adminName = unique('pg-admin');
+    const v1 = await loginRoleWithAdmin(h, role, adminName, store);
+    roles.push(role);
+    const name = unique('app-db');
+    const id = await store(name, 'password', v1, {
+      rotation: { provider: 'postgres-role', settings: { adminCredential: adminName, role }, periodDays: 30, graceHours: 0, maxAttempts: 2 },
+    });
+    const r = await receiver();
+    refusing(r, { 'credential.verify': 404 });
+    const pending = holdingPending(r);
+    await setDependents(id, [webhook(r)]);
+    const rotationId = await startRotation(name);
+    await pending.reached();
+    // While attempt 1 is pending, the owner sets a password of their own on the role and stores it (v3).
+    const v3 = h.secret(randomBytes(18).toString('base64url'));
+    await h.sql(`ALTER ROLE ${pg.escapeIdentifier(role)} PASSWORD ${pg.escapeLiteral(v3)}`);
+    await store(name, 'password', v3);
+    pending.release();
+
+    // Attempt 2 begins from v3 (its pending version is v4), is refused at verify like attempt 1, and is undone.
+    expectRotationFailed(await runResult(rotationId), /404/);
+    expect(await read(id)).toMatchObject({ version: 3, value: v3 });
+    expect(events(r).slice(-2)).toEqual(['credential.verify v4', 'credential.restored v3']);
+    // Before, the role was put back on the password of the version the rotation had planned from (v1).
+    expect(await canLogin(h, role, v3)).toBe(true);
+    expect(await canLogin(h, role, v1)).toBe(false);
+    await read(id, 2);
+    await read(id, 4);
+  });
+
   it('a rollback of a single PostgreSQL role puts the previous password back on the role', async () => {
     const role = `mg_rf_${tag}`;
     const adminName = unique('pg-admin');

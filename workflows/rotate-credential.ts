@@ -219,9 +219,14 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     progress.attempt += 1;
     undoStack = [];
     const attempt = progress.attempt;
+    // This attempt's pending version, once created: its undo puts the provider on the version it was
+    // based on, as the dependents' restores do (a value stored since the plan may be that version).
+    let created: { version: number; basedOn: number } | undefined;
     try {
-      undoStack.push({ what: 'discard attempt', run: () => undo.discardAttempt({ ...ids, attempt, current: movedTo ?? plan.currentVersion }) });
+      // (Only the undo's input changes with `created`, not the commands the workflow issues: replay is unaffected.)
+      undoStack.push({ what: 'discard attempt', run: () => undo.discardAttempt({ ...ids, attempt, current: movedTo ?? created?.basedOn ?? plan.currentVersion }) });
       const staged = await step('create_pending', () => calls.createPendingVersion({ ...ids, attempt }));
+      created = staged;
       pending = staged;
       progress.fromVersion = staged.basedOn;
       progress.toVersion = staged.version;
