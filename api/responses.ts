@@ -180,7 +180,7 @@ const serviceAccount = z.strictObject({
   name: z.string(),
   owners: z.array(z.string()),
   service: z.string().nullable(),
-  dependents: z.array(z.strictObject({ type: z.string() })),
+  dependents: z.array(z.strictObject({ type: z.string(), settings: json })),
   ageDays: z.number().int(),
   lastReadAt: time.nullable(),
   nextRotationAt: time.nullable(),

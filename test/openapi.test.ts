@@ -146,7 +146,15 @@ describe('OpenAPI document', () => {
     expect((await call('GET', '/v1/password-policy', { token })).status).toBe(404);
     expect((await call('PUT', '/v1/password-policy', { token, body: { maxAgeDays: 90 } })).body.length).toBe(16);
     expect((await call('GET', '/v1/password-policy', { token })).status).toBe(200);
-    expect((await call('GET', '/v1/service-accounts', { token })).status).toBe(200);
+    // A service account with a dependent: the inventory shows the dependent as stored, settings too.
+    const account = await call('POST', '/v1/vault.store', {
+      token,
+      body: { name: 'svc-billing', kind: 'service_account', value: h.secret('sa_openapi_value_0123456789'), dependents: [{ type: 'env-file', settings: { file: 'svc.env', key: 'SVC_TOKEN' } }] },
+    });
+    expect(account.status, account.text).toBe(201);
+    expect((await call('GET', '/v1/service-accounts', { token })).body.items).toEqual([
+      expect.objectContaining({ name: 'svc-billing', dependents: [{ type: 'env-file', settings: { file: 'svc.env', key: 'SVC_TOKEN' } }] }),
+    ]);
     expect((await call('GET', '/v1/reports/orphans?days=7', { token })).body.days).toBe(7);
 
     // A rotation through the real worker: progress, rollback in the grace period, cancel.
