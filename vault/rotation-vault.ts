@@ -95,6 +95,15 @@ export class RotationVault {
         note.detail.replayed = true;
         return { current: version, previous: cred.previous_version as number | null };
       }
+      // A retry whose first attempt committed (its answer lost with a worker), after a value was
+      // stored on top: the rotated version is previous now, and only a promote made it current.
+      // Refusing would make the workflow undo a rotation that took effect.
+      if (cred.previous_version === version && cred.pending_version === null) {
+        note.detail.replayed = true;
+        note.detail.supersededBy = cred.current_version;
+        const based = await tx.query('SELECT based_on FROM secret_versions WHERE credential_id = $1 AND version = $2', [credentialId, version]);
+        return { current: version, previous: (based.rows[0]?.based_on as number | null) ?? null };
+      }
       if (cred.pending_version !== version) throw new UnprocessableError(`version ${version} of credential ${credentialId} is not pending`);
       const based = await tx.query('SELECT based_on FROM secret_versions WHERE credential_id = $1 AND version = $2', [credentialId, version]);
       if (based.rows[0]?.based_on !== cred.current_version) {
