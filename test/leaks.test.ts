@@ -206,6 +206,57 @@ describe('POST /v1/leaks', () => {
     }
   });
 
+  it('a report that joins an incident while a rotation other than the incident\'s runs (a requested one, in grace) tells that rotation of the leak', async () => {
+    const id = await store('joined-other-run', 'pw_other_run_value_0001', { kind: 'password', rotation: { provider: 'generated', graceHours: 1 } });
+    // An incident whose leak rotation was terminated while it waited at its first provider step.
+    const locker = new pg.Client({ connectionString: h.databaseUrl });
+    await locker.connect();
+    await locker.query('BEGIN');
+    await locker.query('LOCK TABLE password_policies IN ACCESS EXCLUSIVE MODE');
+    let first;
+    try {
+      first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'joined-other-run', source: 'scan' } });
+      expect(first.body.results).toEqual([expect.objectContaining({ action: 'rotating' })]);
+      await waitFor('the leak rotation to wait for the lock', async () => {
+        const { rows } = await h.sql(
+          `SELECT count(*)::int AS n FROM pg_locks WHERE NOT granted AND relation = 'password_policies'::regclass AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`,
+        );
+        return rows[0].n > 0 ? true : undefined;
+      });
+      await h.client.workflow.getHandle(`rotate:${id}`).terminate('stopped by an operator');
+    } finally {
+      await locker.query('ROLLBACK');
+      await locker.end();
+    }
+    // Then someone rotates it on request, and that run enters its grace period.
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['joined-other-run'] } });
+    expect(started.status, started.text).toBe(202);
+    await waitFor('the requested rotation\'s grace period', async () => {
+      const r = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
+      return r.body.state === 'grace' ? r : undefined;
+    });
+
+    const again = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'joined-other-run', source: 'scan' } });
+    expect(again.body.results).toEqual([expect.objectContaining({ incidentId: first.body.results[0].incidentId, action: 'joined' })]);
+    // Before, the running rotation never heard of it: it sat out its hour of grace with the leaked value working.
+    const result = await waitFor('the requested rotation to hear of the leak and finish', async () => {
+      const r = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
+      return r.body.state === 'succeeded' ? r.body : undefined;
+    }, 20_000);
+    // The report named the current version, the one the rotation made: the old one was revoked at
+    // once, and the run went on as a leak rotation of the new one (its report follows it there).
+    expect(result.credentials[0].progress).toMatchObject({ mode: 'leak', state: 'succeeded' });
+    const { fromVersion, toVersion } = result.credentials[0].progress;
+    const revoked = (await h.sql('SELECT version FROM secret_versions WHERE credential_id = $1 AND revoked_at IS NOT NULL ORDER BY version', [id])).rows;
+    expect(revoked.map((r) => r.version)).toEqual(expect.arrayContaining([1, fromVersion]));
+    expect((await current('joined-other-run')).version).toBe(toVersion);
+    expect((await h.sql("SELECT count(*)::int AS n FROM leak_incidents WHERE credential_id = $1 AND status = 'open'", [id])).rows[0].n).toBe(0);
+    for (let v = 2; v <= (await current('joined-other-run')).version; v++) {
+      const res = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'joined-other-run', version: v } });
+      if (res.status === 200) h.secret(res.body.value);
+    }
+  });
+
   it('a fingerprint report of another version, when the open incident has no run left (terminated, say), closes that incident and rotates afresh', async () => {
     const id = await store('orphaned-incident', 'sk_orphan_value_0001', { rotation: { provider: 'generated', graceHours: 0 } });
     const stale = await leftOverIncident(id, 120);

@@ -4,6 +4,7 @@ import type { z } from 'zod';
 import { WorkflowExecutionAlreadyStartedError, WorkflowNotFoundError, type Client } from '@temporalio/client';
 import { stableUuid } from '../../activities/support';
 import { NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
+import { latestRunOf } from '../../core/run-chain';
 import { withTransaction, type Pool } from '../../db/pool';
 import { abandonMail, queueMail } from '../../mail/outbox';
 import { findStoredValue, MIN_SCANNED_LENGTH } from '../../mail/secret-scan';
@@ -116,11 +117,11 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
         `INSERT INTO leak_incidents (id, credential_id, identity_id, version, source, rotation_id) VALUES ($1, $2, $3, $4, $5, $7)
          ON CONFLICT (credential_id) WHERE status = 'open' DO UPDATE SET reports = leak_incidents.reports + 1
          RETURNING id, version, (xmax = 0) AS created, opened_at < now() - make_interval(secs => $6) AS stale,
-                   EXISTS (SELECT 1 FROM rotation_runs r
-                            WHERE r.rotation_id = leak_incidents.rotation_id AND r.credential_id = leak_incidents.credential_id AND r.run_id IS NOT NULL) AS started`,
+                   (SELECT r.run_id FROM rotation_runs r
+                     WHERE r.rotation_id = leak_incidents.rotation_id AND r.credential_id = leak_incidents.credential_id) AS run_id`,
         [newIncidentId, t.credentialId, t.identityId, t.version, body.source, STALE_INCIDENT_SECONDS, rotationId],
       )
-    ).rows[0] as { id: string; version: number; created: boolean; stale: boolean; started: boolean };
+    ).rows[0] as { id: string; version: number; created: boolean; stale: boolean; run_id: string | null };
     if (!opened.created) return opened;
     // The incident names this rotation before its row is in: the foreign key is checked at commit.
     await tx.query(`INSERT INTO rotations (id, identity_id, kind, reason, workflow_id) VALUES ($1, $2, 'leak', $3, $4)`, [
@@ -166,7 +167,14 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
         await handle.signal(leakSignal, { incidentId: stableUuid(`${incident.id}:version:${t.version}`), version: t.version });
         running = true;
       } else {
-        running = (await handle.describe()).status.name === 'RUNNING';
+        const latest = await handle.describe();
+        running = latest.status.name === 'RUNNING';
+        // A run other than the incident's (its own ended, and a requested rotation runs now) has not
+        // heard of the leak: without the signal it would go through its grace period with the
+        // leaked value working, and close the incident at its end. (Not the incident's own run, nor
+        // the run it continued as: a run continued as new would take the incident for a new one.)
+        const own = async () => incident.run_id !== null && (await latestRunOf(deps.client, workflowId, incident.run_id)).runId === latest.runId;
+        if (running && latest.runId !== incident.run_id && !(await own())) await handle.signal(leakSignal, { incidentId: incident.id, version: t.version });
       }
     } catch (err) {
       if (!(err instanceof WorkflowNotFoundError)) {
@@ -184,7 +192,7 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
     // older), the run ended and left its incident open (terminated, or failed), and nothing would
     // ever close it: the incident goes with its run, and the report is answered afresh, a new
     // incident and a leak rotation (once).
-    if (!incident.stale && !incident.started) {
+    if (!incident.stale && !incident.run_id) {
       if (!newVersion) return joined;
       throw new UnavailableError('the leak rotation is still starting; report again shortly');
     }
