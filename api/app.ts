@@ -149,8 +149,9 @@ export function createApp(deps: ApiDeps): Express {
     problemHandler(deps.logger, async (res, err: AppError, original) => {
       const action: string | undefined = res.locals.action;
       // A throttled client's 429s are not written: its invalid tokens up to the limit were, and a
-      // flood must not turn into a flood of database writes.
-      if (!action || isAudited(original) || err.status === 429) return;
+      // flood must not turn into a flood of database writes. Nor are a client's requests without a
+      // token past the same limit (res.locals.unaudited; see AuthGuard.anonymousAudited).
+      if (!action || isAudited(original) || err.status === 429 || res.locals.unaudited) return;
       await appendAudit(deps.pool, {
         identityId: res.locals.identity?.id ?? null,
         actor: res.locals.identity ? `identity:${res.locals.identity.id}` : res.locals.admin ? 'admin' : 'anonymous',

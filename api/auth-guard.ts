@@ -31,6 +31,8 @@ export interface Admission {
 const KNOWN_TOKENS_PER_CLIENT = 64;
 
 interface ClientState {
+  /** Requests without a well-formed bearer token in the failure window (they are not guesses). */
+  anonymous: number;
   failures: number;
   /** When the failure window ends (it starts at the window's first failure). */
   resetAt: number;
@@ -72,6 +74,19 @@ export class AuthGuard {
     }
   }
 
+  /**
+   * Counts a request that presented no well-formed bearer token. It is answered 401 either way (there
+   * is nothing to guess); whether its refusal is written to the audit log: the first `maxFailures`
+   * from a client per window are, the rest not, as a throttled client's 429s are not, so a flood of
+   * anonymous requests does not turn into a flood of audit rows (each takes the chain's lock).
+   */
+  anonymousAudited(req: Request): boolean {
+    const state = this.stateOf(clientOf(req));
+    if (state.failures === 0 && state.anonymous === 0) state.resetAt = Date.now() + this.limits.windowMs;
+    state.anonymous += 1;
+    return state.anonymous <= this.limits.maxFailures;
+  }
+
   close(): void {
     clearInterval(this.sweep);
     for (const state of this.clients.values()) state.waiting.splice(0).forEach((wake) => wake());
@@ -87,7 +102,7 @@ export class AuthGuard {
         const state = this.stateOf(client);
         const now = Date.now();
         if (outcome === 'invalid') {
-          if (state.failures === 0) state.resetAt = now + this.limits.windowMs;
+          if (state.failures === 0 && state.anonymous === 0) state.resetAt = now + this.limits.windowMs;
           state.failures += 1;
         } else if (outcome === 'valid') {
           if (state.knownUntil <= now || state.known.size >= KNOWN_TOKENS_PER_CLIENT) state.known.clear();
@@ -104,10 +119,10 @@ export class AuthGuard {
   private stateOf(client: string): ClientState {
     let state = this.clients.get(client);
     if (!state) {
-      state = { failures: 0, resetAt: 0, pending: 0, waiting: [], known: new Set(), knownUntil: 0 };
+      state = { anonymous: 0, failures: 0, resetAt: 0, pending: 0, waiting: [], known: new Set(), knownUntil: 0 };
       this.clients.set(client, state);
     }
-    if (state.failures > 0 && state.resetAt <= Date.now()) state.failures = 0;
+    if ((state.failures > 0 || state.anonymous > 0) && state.resetAt <= Date.now()) state.failures = state.anonymous = 0;
     return state;
   }
 

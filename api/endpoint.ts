@@ -220,6 +220,7 @@ export function authenticate(auth: AuthDeps, who: Who): RequestHandler {
     const header = req.get('authorization');
     const match = header ? /^Bearer ([\x21-\x7e]{1,512})$/i.exec(header) : null;
     if (!match) {
+      if (auth.guard && !auth.guard.anonymousAudited(req)) res.locals.unaudited = true;
       throw new AppError(401, 'unauthorized', 'Authentication required', 'send Authorization: Bearer <token>');
     }
     const token = match[1]!;

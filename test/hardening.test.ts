@@ -437,6 +437,20 @@ describe('throttling clients that present invalid tokens', () => {
     expect((await guess('127.0.0.4')).status).toBe(429);
   });
 
+  it('requests without a token are all answered 401, but only the limit\'s worth per client are audited', async () => {
+    const ids = Array.from({ length: LIMIT + 3 }, () => randomUUID());
+    const answers = [];
+    for (const id of ids) {
+      answers.push(
+        await rawRequest(h.url, { method: 'POST', path: '/v1/vault.get', localAddress: '127.0.0.5', headers: [['content-type', 'application/json'], ['x-request-id', id]], body: '{"name":"x"}' }),
+      );
+    }
+    expect(answers.map((a) => a.status)).toEqual(Array(LIMIT + 3).fill(401));
+    const audited = await h.sql('SELECT request_id FROM audit_log WHERE request_id = ANY($1)', [ids]);
+    // Before, every one was written, each taking the audit chain's lock.
+    expect(audited.rows.map((r) => r.request_id).sort()).toEqual(ids.slice(0, LIMIT).sort());
+  });
+
   it('each invalid token up to the limit is audited; the 429s are not', async () => {
     const id = `throttled-${randomUUID()}`;
     expect((await guess(undefined, id)).status).toBe(429);
