@@ -33,13 +33,27 @@ export function isDatabaseUnavailable(err: unknown): boolean {
   return Boolean(e?.code && UNAVAILABLE_CODES.has(e.code)) || UNAVAILABLE_MESSAGE.test(e?.message ?? '');
 }
 
+/**
+ * Set on the error of a COMMIT that failed: the transaction may be durable (only its answer lost
+ * with the connection) or not. Unlike any other failure in it, trying again may do it twice.
+ */
+export const COMMIT_UNCONFIRMED = Symbol('commit unconfirmed');
+
+export function isCommitUnconfirmed(err: unknown): boolean {
+  return typeof err === 'object' && err !== null && COMMIT_UNCONFIRMED in err;
+}
+
 /** Runs `fn` in one transaction on one client; rolls back on any error. */
 export async function withTransaction<T>(pool: pg.Pool, fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {
   const client = await pool.connect();
   try {
     await client.query('BEGIN');
     const result = await fn(client);
-    await client.query('COMMIT');
+    try {
+      await client.query('COMMIT');
+    } catch (err) {
+      throw typeof err === 'object' && err !== null ? Object.assign(err, { [COMMIT_UNCONFIRMED]: true }) : err;
+    }
     return result;
   } catch (err) {
     await client.query('ROLLBACK').catch(() => undefined);

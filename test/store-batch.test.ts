@@ -143,7 +143,7 @@ describe('group commit of stores', () => {
     expect(versions.rows[0].n).toBe(6);
   });
 
-  it('a batch whose COMMIT fails is not stored again: every call gets a 503 that says it may have been committed, and its own failure row', async () => {
+  it('a store whose COMMIT fails, in a batch or alone, is not stored again: every call gets a 503 that says it may have been committed, and its own failure row', async () => {
     // A check PostgreSQL runs only at COMMIT (a deferred constraint trigger) fails for this test's names.
     await h.sql(`CREATE FUNCTION fail_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
       BEGIN
@@ -171,6 +171,15 @@ describe('group commit of stores', () => {
       const { inSeq } = await rowsOf(callers.map((c) => c.requestId!));
       expect(inSeq.map((r) => [r.outcome, r.detail.error])).toEqual(Array(3).fill(['failed', 'unavailable']));
       expect((await h.sql(`SELECT count(*)::int AS n FROM credentials WHERE identity_id = $1 AND name LIKE 'commit-fails-%'`, [alice.id])).rows[0].n).toBe(0);
+
+      // A store that sets policy commits alone: its failed COMMIT is answered the same way (before: a
+      // 500, or "try again shortly" when the connection dropped, which could store it twice).
+      const alone = as(alice);
+      const failed = await settle(vault.store(alone, { name: 'commit-fails-alone', kind: 'api_key', value: h.secret(`sk_commit_fails_alone_${randomUUID()}`), owners: ['o@example.com'] }));
+      expect(failed).toMatchObject({ error: { status: 503 } });
+      expect((failed as { error: AppError }).error.message).toMatch(/^the store could not be confirmed: it may have been committed/);
+      const { inSeq: aloneRows } = await rowsOf([alone.requestId!]);
+      expect(aloneRows.map((r) => [r.outcome, r.detail.error, r.detail.unconfirmed])).toEqual([['failed', 'unavailable', true]]);
     } finally {
       await h.sql('DROP TRIGGER fail_at_commit ON secret_versions');
       await h.sql('DROP FUNCTION fail_at_commit()');

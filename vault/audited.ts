@@ -1,5 +1,6 @@
 import type { Db, Pool } from '../db/pool';
-import { withTransaction } from '../db/pool';
+import { isCommitUnconfirmed, withTransaction } from '../db/pool';
+import { UnavailableError } from '../core/errors';
 import { appendAudit, callerEntry, errorDetail, markAudited, outcomeOf } from './audit';
 import type { Caller } from './types';
 
@@ -21,6 +22,8 @@ export async function audited<T>(
   action: string,
   detail: Record<string, unknown>,
   fn: (tx: Db, note: AuditNote) => Promise<T>,
+  /** What a caller is told when the COMMIT fails (the action may have been done): how to find out before trying again. */
+  unconfirmed = `the ${action} could not be confirmed: it may have been committed before the database connection failed; check its result before trying again`,
 ): Promise<T> {
   const note: AuditNote = { credentialId: null, detail: { ...detail } };
   const base = () => callerEntry(caller, action, note.detail, note.credentialId);
@@ -30,9 +33,15 @@ export async function audited<T>(
       await appendAudit(tx, { ...base(), outcome: 'ok' });
       return result;
     });
-  } catch (err) {
+  } catch (caught) {
+    // A failed COMMIT is not "try again": the action and its ok row may be durable.
+    const err = isCommitUnconfirmed(caught) ? new UnavailableError(unconfirmed) : caught;
     try {
-      await appendAudit(pool, { ...base(), outcome: outcomeOf(err), detail: { ...note.detail, ...errorDetail(err) } });
+      await appendAudit(pool, {
+        ...base(),
+        outcome: outcomeOf(err),
+        detail: { ...note.detail, ...errorDetail(err), ...(err !== caught ? { unconfirmed: true } : {}) },
+      });
     } catch {
       // The failure cannot be audited either: report the original failure (the API tries once more to audit it).
       throw err;

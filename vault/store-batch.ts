@@ -69,7 +69,7 @@ export function storeRefusal(input: StoreInput, found: Found | null): AppError |
   return undefined;
 }
 
-const UNCONFIRMED =
+export const UNCONFIRMED_STORE =
   'the store could not be confirmed: it may have been committed before the database connection failed; read the credential (or store with expectedVersion) before trying again';
 
 const PREPARE = 'SELECT * FROM vault_store_prepare($1::uuid[], $2::text[], $3::text[], $4::int[], $5::uuid[], $6::timestamptz)';
@@ -169,7 +169,7 @@ export class StoreBatcher {
    * again. Each fails with a 503 and, if the database takes it, a failure row of its own.
    */
   private async unconfirmed(batch: Pending[]): Promise<void> {
-    const errors = batch.map(() => new UnavailableError(UNCONFIRMED));
+    const errors = batch.map(() => new UnavailableError(UNCONFIRMED_STORE));
     const audited = await appendAuditRows(
       this.pool,
       batch.map((p, i) => ({ ...callerEntry(p.caller, 'vault.store', { name: p.input.name, ...errorDetail(errors[i]) }), outcome: outcomeOf(errors[i]) })),

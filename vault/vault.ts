@@ -4,7 +4,7 @@ import { NotFoundError, UnprocessableError } from '../core/errors';
 import { audited, type AuditNote } from './audited';
 import { lastReadSql } from './audit';
 import { INT4_MAX, ReadBatcher, storable } from './read-batch';
-import { StoreBatcher, storeRefusal } from './store-batch';
+import { StoreBatcher, storeRefusal, UNCONFIRMED_STORE } from './store-batch';
 import type { ReadThread } from './read-thread';
 import type { SecretStore } from './secret-store';
 import { normalizeTotp, parseStoredTotp, toOtpauthUri, totpCode, type TotpCode } from './totp';
@@ -106,7 +106,7 @@ export class Vault {
       const createdAt = await this.secrets.insert(tx, caller.identityId, existing.id, version, plaintext, { providerRef: input.externalId });
       note.detail.version = version;
       return { id: existing.id, name: input.name, version, createdAt: createdAt.toISOString() };
-    });
+    }, UNCONFIRMED_STORE);
   }
 
   /** How many store batches ran, how many calls they carried, and how many rolled back to store alone. */
