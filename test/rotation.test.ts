@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { createServer } from 'node:net';
 import { Client, Connection, defaultGrpcRetryOptions, makeGrpcRetryInterceptor, WorkflowFailedError, WorkflowNotFoundError } from '@temporalio/client';
+import { sendMail } from '../api/routes/mail';
 import { rollbackRotation, rotationStatus, startRotation } from '../api/routes/rotations';
 import { ApplicationFailure } from '@temporalio/common';
 import pg from 'pg';
@@ -299,6 +300,22 @@ describe('rotateCredential', () => {
     const { id } = (await h.sql("SELECT id FROM rotations r WHERE identity_id = $1 AND EXISTS (SELECT 1 FROM rotation_runs x JOIN credentials c ON c.id = x.credential_id WHERE x.rotation_id = r.id AND c.name = 'stranded-key')", [agent.id])).rows[0];
     const report = await h.api('GET', `/v1/rotations/${id}`, { token: agent.token });
     expect(report.body).toMatchObject({ state: 'cancelled', credentials: [{ name: 'stranded-key', state: 'cancelled', status: null }] });
+    // The audit trail says so: the rotation recorded, then, naming it, never started (before: an ok row alone).
+    const trail = (await h.sql("SELECT outcome, detail FROM audit_log WHERE request_id = 'req-stranded' AND action = 'rotation.start' ORDER BY seq")).rows;
+    expect(trail).toEqual([
+      { outcome: 'ok', detail: { rotationId: id, credentials: 1 } },
+      { outcome: 'failed', detail: { rotationId: id, notStarted: true, error: 'unavailable', status: 503 } },
+    ]);
+
+    // A message whose delivery cannot be started: queued, then abandoned unsent, both in the trail.
+    const mailCaller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: 'req-stranded-mail' };
+    await expect(sendMail({ ...deps, vault: h.services.vault }, mailCaller, { to: ['team@example.com'], subject: 'hello', text: 'nothing secret' })).rejects.toMatchObject({ status: 503 });
+    const mailTrail = (await h.sql("SELECT outcome, detail FROM audit_log WHERE request_id = 'req-stranded-mail' ORDER BY seq")).rows;
+    expect(mailTrail).toEqual([
+      { outcome: 'ok', detail: { messageId: expect.any(String), recipients: 1 } },
+      { outcome: 'failed', detail: { messageId: mailTrail[0]!.detail.messageId, abandoned: true, error: 'unavailable', status: 503 } },
+    ]);
+    expect((await h.sql('SELECT status FROM mail_outbox WHERE id = $1', [mailTrail[0]!.detail.messageId])).rows).toEqual([{ status: 'abandoned' }]);
     await unreachable.connection.close().catch(() => undefined);
   });
 

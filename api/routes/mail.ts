@@ -6,7 +6,7 @@ import { UnavailableError, UnprocessableError } from '../../core/errors';
 import { withTransaction, type Pool } from '../../db/pool';
 import { abandonMail, queueMail } from '../../mail/outbox';
 import { findStoredValueIn } from '../../mail/secret-scan';
-import { appendAudit } from '../../vault/audit';
+import { appendAudit, errorDetail, markAudited } from '../../vault/audit';
 import type { Caller, Vault } from '../../vault/vault';
 import { deliverMail } from '../../workflows';
 import { endpoint, type AuthDeps } from '../endpoint';
@@ -64,7 +64,13 @@ export async function sendMail(deps: MailDeps, caller: Caller, body: z.output<ty
     });
   } catch {
     await abandonMail(deps.pool, messageId, 'could not start delivery');
-    throw new UnavailableError('mail delivery could not be started (Temporal is unavailable); the message was not sent');
+    const err = new UnavailableError('mail delivery could not be started (Temporal is unavailable); the message was not sent');
+    // The row above says the message was queued; this one, naming it, that it was abandoned unsent.
+    await appendAudit(deps.pool, { ...caller, action: 'mail.send', outcome: 'failed', detail: { messageId, abandoned: true, ...errorDetail(err) } }).then(
+      () => markAudited(err),
+      () => undefined,
+    );
+    throw err;
   }
   return { messageId, status: 'queued' as const };
 }

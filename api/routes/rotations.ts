@@ -1,12 +1,12 @@
 import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
 import type { z } from 'zod';
-import type { Client } from '@temporalio/client';
+import { WorkflowNotFoundError, type Client, type WorkflowHandle } from '@temporalio/client';
 import { ConflictError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { withTransaction, type Pool } from '../../db/pool';
 import { RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../../db/run-outcome';
 import { findStoredValueIn, MIN_SCANNED_LENGTH } from '../../mail/secret-scan';
-import { appendAudit } from '../../vault/audit';
+import { appendAudit, errorDetail, markAudited } from '../../vault/audit';
 import type { Caller, Kind, Vault } from '../../vault/vault';
 import type { rotateBatch } from '../../workflows/batch';
 import { progressQuery, rollbackUpdate } from '../../workflows/definitions';
@@ -118,6 +118,11 @@ export async function startRotation(deps: RotationDeps, caller: Caller, body: z.
     // Not started, or not known to be: the batch is marked cancelled, so its runs read as never
     // started rather than running for ever, and a start that reached the server after all starts none.
     await deps.pool.query('UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1', [rotationId]);
+    // The row above says the rotation was recorded; this one, naming it, that it never started.
+    await appendAudit(deps.pool, { ...caller, action: 'rotation.start', outcome: 'failed', detail: { rotationId, notStarted: true, ...errorDetail(err) } }).then(
+      () => markAudited(err),
+      () => undefined,
+    );
     throw err;
   }
   return { rotationId, batchWorkflowId, workflowIds: credentialIds.map((id) => `rotate:${id}`) };
@@ -210,14 +215,18 @@ async function describeRun(client: Client, run: RunRow) {
   // A batch starts its rotations in waves: a run may wait its turn (or be cancelled before it).
   if (!run.run_id) return { ...base, state: run.outcome ?? 'not_started', status: null, progress: null };
   // The run as it is now: the recorded one may have continued as new (its own state then stays 'running').
-  const { handle, runId, status } = await temporal(() => latestRunOf(client, run.workflow_id, run.run_id!));
-  base.runId = runId;
+  const latest = await temporal(() => latestRunOf(client, run.workflow_id, run.run_id!));
+  const { handle } = latest;
+  base.runId = latest.runId;
   let progress: RotationProgress | null = null;
   try {
     progress = await client.connection.withDeadline(Date.now() + 5_000, () => handle.query(progressQuery));
   } catch {
     // No worker answered in time: report what the server and the outcome table know.
   }
+  // Read again after the query when it was running: a run whose query already tells its outcome is
+  // closing, and is reported closed when the server has it so.
+  const status = latest.status === 'RUNNING' ? await temporal(() => statusOf(handle)) : latest.status;
   const fallback = status === 'RUNNING' ? 'running' : run.outcome === 'rotated' ? 'succeeded' : (run.outcome ?? 'failed');
   return { ...base, state: progress?.state ?? fallback, status, progress };
 }
@@ -229,6 +238,16 @@ function aggregate(states: string[]): string {
   if (took === states.length) return states.includes('grace') ? 'grace' : 'succeeded';
   if (took > 0) return 'partial';
   return states.every((s) => s === states[0]) ? states[0]! : 'failed';
+}
+
+/** A run's status on the Temporal server, or null once the server no longer has it (its retention ended). */
+async function statusOf(handle: WorkflowHandle): Promise<string | null> {
+  try {
+    return (await handle.describe()).status.name;
+  } catch (err) {
+    if (err instanceof WorkflowNotFoundError) return null;
+    throw err;
+  }
 }
 
 /** Temporal being unreachable is a 503 for the caller, not a 500. */
