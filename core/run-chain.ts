@@ -1,5 +1,11 @@
 import { WorkflowNotFoundError, type Client, type WorkflowHandle } from '@temporalio/client';
-import { temporal } from '@temporalio/proto';
+import type { temporal } from '@temporalio/proto';
+
+/**
+ * HISTORY_EVENT_FILTER_TYPE_CLOSE_EVENT. A type-only import: @temporalio/proto is CommonJS, and Node's
+ * own ESM loader (the service runs without a bundler) finds no named export `temporal` in it.
+ */
+const CLOSE_EVENT = 2 as temporal.api.enums.v1.HistoryEventFilterType;
 
 /** Far more continue-as-new hops than one rotation makes (each is another leak answered). */
 const MAX_HOPS = 100;
@@ -25,7 +31,7 @@ export async function latestRunOf(client: Client, workflowId: string, runId: str
     const { history } = await client.workflowService.getWorkflowExecutionHistory({
       namespace: client.options.namespace,
       execution: { workflowId, runId: current },
-      historyEventFilterType: temporal.api.enums.v1.HistoryEventFilterType.HISTORY_EVENT_FILTER_TYPE_CLOSE_EVENT,
+      historyEventFilterType: CLOSE_EVENT,
     });
     const next = history?.events?.at(-1)?.workflowExecutionContinuedAsNewEventAttributes?.newExecutionRunId;
     if (!next) return { handle, runId: current, status };
