@@ -160,6 +160,31 @@ describe('POST /v1/leaks', () => {
     }
   });
 
+  it('a duplicate that joins an incident its run closes a moment later (as it ends) stays a duplicate: no second incident, rotation or email', async () => {
+    const id = await store('closing-incident', 'sk_closing_incident_0001', { rotation: { provider: 'generated', graceHours: 0 } });
+    const first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'closing-incident', source: 'scan' } });
+    expect(first.body.results).toEqual([expect.objectContaining({ action: 'rotating' })]);
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak' });
+    // The moment before the run closed it: open, its run ended. The join's own update then finds it
+    // closed by the run (a trigger stands in for the run's closeLeakIncidents landing in between).
+    await h.sql(`UPDATE leak_incidents SET status = 'open', closed_at = NULL WHERE id = $1`, [first.body.results[0].incidentId]);
+    await h.sql(`CREATE FUNCTION close_on_join() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN IF NEW.reports > OLD.reports THEN NEW.status := 'closed'; NEW.closed_at := now(); END IF; RETURN NEW; END $$`);
+    await h.sql('CREATE TRIGGER close_on_join BEFORE UPDATE ON leak_incidents FOR EACH ROW EXECUTE FUNCTION close_on_join()');
+    try {
+      const late = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'closing-incident', source: 'scan' } });
+      expect(late.status, late.text).toBe(202);
+      // Before, it closed the incident again (nothing to close), opened a new one and rotated once more.
+      expect(late.body.results).toEqual([expect.objectContaining({ incidentId: first.body.results[0].incidentId, action: 'joined' })]);
+    } finally {
+      await h.sql('DROP TRIGGER close_on_join ON leak_incidents');
+      await h.sql('DROP FUNCTION close_on_join()');
+    }
+    expect((await h.sql('SELECT count(*)::int AS n FROM leak_incidents WHERE credential_id = $1', [id])).rows[0].n).toBe(1);
+    expect(await rotationsOf(id)).toBe(1);
+    h.secret((await current('closing-incident')).value);
+  });
+
   it('a report whose rotation started but whose incident email could not be handed over keeps its incident open, and the next report hands the email over', async () => {
     const id = await store('mail-handover', 'pw_handover_value_0001', { kind: 'password', rotation: { provider: 'generated', graceHours: 0 } });
     // The leak rotation waits at its first provider step (see the terminated-run test): it is still

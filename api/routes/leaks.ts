@@ -196,7 +196,10 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
       if (!newVersion) return joined;
       throw new UnavailableError('the leak rotation is still starting; report again shortly');
     }
-    await deps.pool.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = $1 AND status = 'open'`, [incident.id]);
+    const closed = await deps.pool.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = $1 AND status = 'open'`, [incident.id]);
+    // Its run closed it a moment ago, as it ended: the leak this report names (the same version) was
+    // answered by that run, and the report is a duplicate. (Another version is answered afresh.)
+    if (closed.rowCount === 0 && !newVersion) return joined;
     if (!again) return respond(deps, t, body, actor, true);
     throw new UnavailableError('the leak rotation could not be started; report again shortly');
   }
