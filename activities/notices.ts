@@ -55,16 +55,32 @@ export function noticeActivities(deps: ActivityDeps) {
  * whose successors (the schedule skips a sweep while one runs) would wait with it. Without a
  * Temporal client (deps.temporal), it is delivered inline.
  */
-export async function handOverNotice(deps: ActivityDeps, notice: Notice, scanIdentities?: string[]): Promise<'handed-over' | 'sent' | 'already-sent' | 'abandoned' | 'missing' | 'no-recipients'> {
+export async function handOverNotice(
+  deps: ActivityDeps,
+  notice: Notice,
+  scanIdentities?: string[],
+): Promise<'handed-over' | 'already-queued' | 'sent' | 'already-sent' | 'abandoned' | 'missing' | 'no-recipients'> {
   if (!deps.temporal) return sendNotice(deps, notice, scanIdentities);
-  if ((await queueNotice(deps, notice, scanIdentities)) === 'no-recipients') return 'no-recipients';
-  const status = (await deps.pool.query('SELECT status FROM mail_outbox WHERE id = $1', [notice.id])).rows[0]?.status as string | undefined;
+  const queued = await queueNotice(deps, notice, scanIdentities);
+  if (queued === 'no-recipients') return 'no-recipients';
+  const delivery = await startDelivery(deps, notice.id);
+  // Queued by an earlier run (a sweep's reminder not yet delivered) is not handed over again: not counted.
+  return delivery === 'handed-over' && queued === 'already-queued' ? 'already-queued' : delivery;
+}
+
+/**
+ * Starts the delivery workflow of a queued message (mail:<id>) unless it is running already; what
+ * the message's status is otherwise. Needs deps.temporal.
+ */
+export async function startDelivery(deps: ActivityDeps, messageId: string): Promise<'handed-over' | 'already-sent' | 'abandoned' | 'missing'> {
+  const status = (await deps.pool.query('SELECT status FROM mail_outbox WHERE id = $1', [messageId])).rows[0]?.status as string | undefined;
   if (status === 'sent') return 'already-sent';
   if (status !== 'queued') return status === 'abandoned' ? 'abandoned' : 'missing';
+  if (!deps.temporal) throw new Error('this worker has no Temporal client for starting deliveries');
   try {
-    await deps.temporal.client.workflow.start('deliverMail', { taskQueue: deps.temporal.taskQueue, workflowId: `mail:${notice.id}`, args: [{ messageId: notice.id }] });
+    await deps.temporal.client.workflow.start('deliverMail', { taskQueue: deps.temporal.taskQueue, workflowId: `mail:${messageId}`, args: [{ messageId }] });
   } catch (err) {
-    // Its delivery is running already (an earlier attempt of this activity started it).
+    // Its delivery is running already (an earlier attempt, or an earlier run, started it).
     if (!(err instanceof WorkflowExecutionAlreadyStartedError)) throw err;
   }
   return 'handed-over';

@@ -5,7 +5,8 @@ import type { SecretReader } from '../providers/types';
 import type { CredentialMeta } from '../vault/types';
 import type { RotationIds, RotationOutcome, RotationPlan } from '../workflows/types';
 import type { ActivityDeps } from './index';
-import { callingRunId, externalStep, heartbeating, permanentErrorsFail } from './support';
+import { startDelivery } from './notices';
+import { callingRunId, externalStep, heartbeating, incidentMailId, permanentErrorsFail } from './support';
 
 export const DEFAULT_GRACE_HOURS = 24;
 export const DEFAULT_MAX_ATTEMPTS = 3;
@@ -220,7 +221,16 @@ export function rotationActivities(deps: ActivityDeps) {
       );
     },
 
+    /**
+     * Closes the credential's open leak incidents. Each incident's email goes first, if it is still
+     * queued: the report that opened the incident may have lost Temporal after starting this run and
+     * before starting the email's delivery, and a later report would find no incident to join.
+     */
     async closeLeakIncidents(ids: RotationIds): Promise<void> {
+      if (deps.temporal) {
+        const open = await deps.pool.query(`SELECT id FROM leak_incidents WHERE credential_id = $1 AND status = 'open'`, [ids.credentialId]);
+        for (const { id } of open.rows) await startDelivery(deps, incidentMailId(id));
+      }
       await deps.pool.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE credential_id = $1 AND status = 'open'`, [
         ids.credentialId,
       ]);

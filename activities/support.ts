@@ -78,6 +78,11 @@ export function callingRunId(): string | undefined {
   }
 }
 
+/** A leak incident's email's message id, derived from the incident's, so a later report or the incident's run can find it. */
+export function incidentMailId(incidentId: string): string {
+  return stableUuid(`${incidentId}:incident-mail`);
+}
+
 /** A UUID-shaped id derived from a string, for idempotent inserts. */
 export function stableUuid(seed: string): string {
   const h = createHash('sha256').update(seed).digest('hex');

@@ -34,7 +34,11 @@ export async function sendNotice(deps: NoticeDeps, notice: Notice, scanIdentitie
  * sendNotice without the delivery: checked, queued with its audit row (once per id), for a delivery
  * of its own (the deliverMail workflow) to send.
  */
-export async function queueNotice(deps: NoticeDeps, notice: Notice, scanIdentities: string[] = notice.identityId ? [notice.identityId] : []): Promise<'queued' | 'no-recipients'> {
+export async function queueNotice(
+  deps: NoticeDeps,
+  notice: Notice,
+  scanIdentities: string[] = notice.identityId ? [notice.identityId] : [],
+): Promise<'queued' | 'already-queued' | 'no-recipients'> {
   const to = [...new Set(notice.to.filter(Boolean))];
   if (to.length === 0) return 'no-recipients';
   // A notice about one credential is composed from that credential's metadata, in an activity that
@@ -45,13 +49,13 @@ export async function queueNotice(deps: NoticeDeps, notice: Notice, scanIdentiti
   // Queued by an earlier attempt: checked then. A retried activity that sends many notices (a sweep's
   // summaries) must not repeat every scan, or at scale each attempt would redo the work of the last.
   const queued = await deps.pool.query('SELECT 1 FROM mail_outbox WHERE id = $1', [notice.id]);
-  if (queued.rowCount) return 'queued';
+  if (queued.rowCount) return 'already-queued';
   for (const identityId of new Set(scanIdentities)) {
     if (await findStoredValueIn({ to, subject: notice.subject, text: notice.text }, deps.vault.storedValues(identityId, only))) {
       throw new UnprocessableError(`the ${notice.purpose} notice would carry a stored secret; it was not sent`);
     }
   }
-  await withTransaction(deps.pool, async (tx) => {
+  const inserted = await withTransaction(deps.pool, async (tx) => {
     const queued = await queueMail(tx, { id: notice.id, identityId: notice.identityId, purpose: notice.purpose, to, subject: notice.subject, text: notice.text });
     if (queued) {
       await appendAudit(tx, {
@@ -64,6 +68,7 @@ export async function queueNotice(deps: NoticeDeps, notice: Notice, scanIdentiti
         detail: { messageId: notice.id, purpose: notice.purpose, recipients: to.length, ...notice.detail },
       });
     }
+    return queued;
   });
-  return 'queued';
+  return inserted ? 'queued' : 'already-queued';
 }

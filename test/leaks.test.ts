@@ -282,6 +282,28 @@ describe('POST /v1/leaks', () => {
     }
   });
 
+  it('an incident email whose delivery was never started goes out when the incident\'s run closes it, if no report came again', async () => {
+    await store('mail-at-close', 'sk_mail_at_close_0001', { rotation: { provider: 'generated', graceHours: 0 } });
+    // Temporal takes the rotation, then is lost before the email's delivery is started (as above).
+    const lostAfterRotation = Object.create(h.client.workflow, {
+      start: { value: async () => Promise.reject(new Error('14 UNAVAILABLE: the connection was lost')) },
+    });
+    const client = Object.create(h.client, { workflow: { value: lostAfterRotation } });
+    const deps = { pool: h.services.pool, vault: h.services.vault, secrets: h.services.secrets, client, taskQueue: h.taskQueue, securityNotify: [security] };
+    const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
+    await expect(reportLeak(deps, caller, agent.id, { credential: 'mail-at-close', source: 'scan' })).rejects.toMatchObject({ status: 503 });
+    // Nobody reports again. Before, the run closed the incident and the email stayed queued for good.
+    const alert = await waitFor('the incident email', async () => {
+      const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for mail-at-close');
+      return mails.length > 0 ? mails : undefined;
+    });
+    expect(alert).toHaveLength(1);
+    const id = (await h.sql("SELECT id FROM credentials WHERE name = 'mail-at-close'")).rows[0].id as string;
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak' });
+    expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
+    h.secret((await current('mail-at-close')).value);
+  });
+
   it('a fingerprint report of another version, when the open incident has no run left (terminated, say), closes that incident and rotates afresh', async () => {
     const id = await store('orphaned-incident', 'sk_orphan_value_0001', { rotation: { provider: 'generated', graceHours: 0 } });
     const stale = await leftOverIncident(id, 120);

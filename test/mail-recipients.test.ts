@@ -2,6 +2,8 @@ import { randomUUID } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import { SMTPServer } from 'smtp-server';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createActivities } from '../activities';
+import { handOverNotice } from '../activities/notices';
 import { sendNotice } from '../mail/notify';
 import { deliverOutboxMessage, deliverQueued } from '../mail/outbox';
 import type { Mailer } from '../mail/mailer';
@@ -171,6 +173,7 @@ describe('mail with a recipient the SMTP server refuses', () => {
       body: { name: `expiring-${randomUUID().slice(0, 8)}`, kind: 'token', value: h.secret(`tok_${randomUUID()}`), owners: [owner], expiresAt: new Date(Date.now() + 2 * 86_400_000).toISOString() },
     });
     expect(stored.status, stored.text).toBe(201);
+    const sweepActivities = createActivities(h.deps);
     const sweep = await h.client.workflow.start('rotationSweep', { taskQueue: h.taskQueue, workflowId: `sweep-refused-${randomUUID()}`, args: [{}] });
     let messageId: string | undefined;
     try {
@@ -185,6 +188,11 @@ describe('mail with a recipient the SMTP server refuses', () => {
       expect(row).toMatchObject({ status: 'queued', refused: [] });
       expect(row.last_error).toMatch(/every recipient/);
       expect((await h.client.workflow.getHandle(`mail:${messageId}`).describe()).status.name).toBe('RUNNING');
+      // The next sweep finds the reminder still queued: it is not handed over, nor counted, again.
+      const again = await sweepActivities.sendExpiryReminders({ asOf: new Date().toISOString() });
+      expect(again).toEqual({ sent: 0 });
+      const reminder = { id: messageId!, identityId: agent.id, purpose: 'test', to: [owner], subject: 's', text: 't', actor: 'test' };
+      expect(await handOverNotice(h.deps, reminder)).toBe('already-queued');
     } finally {
       await sweep.terminate('test over').catch(() => undefined);
       if (messageId) await h.client.workflow.getHandle(`mail:${messageId}`).terminate('test over: every recipient is refused');

@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
 import type { z } from 'zod';
 import { WorkflowExecutionAlreadyStartedError, WorkflowNotFoundError, type Client } from '@temporalio/client';
-import { stableUuid } from '../../activities/support';
+import { incidentMailId, stableUuid } from '../../activities/support';
 import { NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { latestRunOf } from '../../core/run-chain';
 import { withTransaction, type Pool } from '../../db/pool';
@@ -225,11 +225,6 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
   await deps.pool.query('UPDATE rotation_runs SET run_id = $2 WHERE rotation_id = $1', [rotationId, signaledRunId]);
   await deliverIncidentMail(deps, mailId);
   return { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, action: 'rotating' as const };
-}
-
-/** The incident email's message id, derived from the incident's, so a later report can find it. */
-function incidentMailId(incidentId: string): string {
-  return stableUuid(`${incidentId}:incident-mail`);
 }
 
 /**
