@@ -371,4 +371,47 @@ describe('rotateCredential', () => {
     expect(rolled.status, rolled.text).toBe(200);
     expect(rolled.body.results).toEqual([expect.objectContaining({ rolledBack: true, current: 1, abandoned: 2 })]);
   });
+
+  it('a rollback that reaches one run and loses Temporal before the next reports the one it rolled back, and the other as not reached', async () => {
+    const names = ['grace-a', 'grace-b'];
+    const ids: string[] = [];
+    for (const name of names) {
+      const res = await h.api('POST', '/v1/vault.store', {
+        token: agent.token,
+        body: { name, kind: 'api_key', value: h.secret(`sk_live_${name}_${randomUUID()}`), rotation: { provider: 'generated', settings: { length: 40 }, graceHours: 1 } },
+      });
+      ids.push(res.body.id);
+    }
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: names } });
+    for (let i = 0; i < 100; i++) {
+      if ((await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token })).body.state === 'grace') break;
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    for (const name of names) h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name } })).body.value);
+    // The update to grace-b's run fails as a lost connection does.
+    const workflow = Object.create(h.client.workflow, {
+      getHandle: {
+        value: (workflowId: string, runId?: string) => {
+          const handle = h.client.workflow.getHandle(workflowId, runId);
+          if (workflowId !== `rotate:${ids[1]}`) return handle;
+          return Object.create(handle, { executeUpdate: { value: async () => Promise.reject(new Error('14 UNAVAILABLE: the connection was lost')) } });
+        },
+      },
+    });
+    const client = Object.create(h.client, { workflow: { value: workflow } });
+    const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
+    const deps = { pool: h.services.pool, vault: h.services.vault, client, taskQueue: h.taskQueue };
+    // Before, a 503 that did not say grace-a was rolled back (and a retry answered it "already requested").
+    const partial = await rollbackRotation(deps, caller, started.body.rotationId);
+    expect(partial.results).toEqual([
+      expect.objectContaining({ credentialId: ids[0], rolledBack: true, current: 1, abandoned: 2 }),
+      { credentialId: ids[1], rolledBack: false, reason: expect.stringContaining('Temporal is unavailable') },
+    ]);
+    const rest = await h.api('POST', `/v1/rotations/${started.body.rotationId}/rollback`, { token: agent.token });
+    expect(rest.status, rest.text).toBe(200);
+    expect(rest.body.results).toEqual([
+      expect.objectContaining({ credentialId: ids[0], rolledBack: false }),
+      expect.objectContaining({ credentialId: ids[1], rolledBack: true, current: 1, abandoned: 2 }),
+    ]);
+  });
 });

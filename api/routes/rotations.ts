@@ -146,6 +146,7 @@ export async function rotationStatus(deps: RotationDeps, caller: Caller, id: str
 export async function rollbackRotation(deps: RotationDeps, caller: Caller, id: string) {
   const rotation = await ownRotation(deps.pool, caller.identityId, id);
   const results = [];
+  let unavailable: UnavailableError | undefined;
   for (const run of await runsOf(deps.pool, rotation.id)) {
     if (!run.run_id) continue;
     try {
@@ -153,11 +154,13 @@ export async function rollbackRotation(deps: RotationDeps, caller: Caller, id: s
       const done = await temporal(() => handle.executeUpdate(rollbackUpdate));
       results.push({ credentialId: run.credential_id, rolledBack: true, ...done });
     } catch (err) {
-      // Temporal out of reach is no answer about the grace period: 503, try again (not 409).
-      if (err instanceof UnavailableError) throw err;
-      results.push({ credentialId: run.credential_id, rolledBack: false, reason: innermost(err) });
+      if (err instanceof UnavailableError) unavailable = err;
+      results.push({ credentialId: run.credential_id, rolledBack: false, reason: err instanceof UnavailableError ? err.message : innermost(err) });
     }
   }
+  // Temporal out of reach is no answer about the grace period: with nothing rolled back, 503, try
+  // again (not 409). With some rolled back, those are reported (a retry would not report them).
+  if (unavailable && !results.some((r) => r.rolledBack)) throw unavailable;
   if (!results.some((r) => r.rolledBack)) {
     throw new ConflictError(`nothing to roll back: ${results.map((r) => ('reason' in r ? r.reason : '')).join('; ') || 'the rotation has no runs'}`);
   }
