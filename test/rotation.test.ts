@@ -319,23 +319,24 @@ describe('rotateCredential', () => {
     await unreachable.connection.close().catch(() => undefined);
   });
 
-  it('a promote retried after it committed and a value was stored on top answers as done, not as a refusal that would undo it', async () => {
+  it('a promote retried after it committed and values were stored on top answers as done, not as a refusal that would undo it', async () => {
     const stored = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'promoted-twice', kind: 'api_key', value: h.secret('sk_live_promoted_0001') } });
     const id = stored.body.id as string;
     const caller = { identityId: agent.id, actor: 'test:promote-retry' };
     const staged = await h.deps.rotations.stagePending(caller, id, `${id}:create:1`, { value: h.secret('sk_live_promoted_0002') });
     expect(await h.deps.rotations.promote(caller, id, staged.version)).toMatchObject({ current: 2, previous: 1 });
-    // The worker died before the promote's answer reached Temporal; meanwhile a value was stored.
+    // The worker died before the promote's answer reached Temporal; meanwhile values were stored, twice.
     await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'promoted-twice', kind: 'api_key', value: h.secret('sk_live_promoted_0003') } });
+    await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'promoted-twice', kind: 'api_key', value: h.secret('sk_live_promoted_0004') } });
     // Before: "version 2 … is not pending", a permanent failure, and the workflow undid the rotation.
     expect(await h.deps.rotations.promote(caller, id, staged.version)).toMatchObject({ current: 2, previous: 1 });
     const row = (await h.sql('SELECT current_version, previous_version, pending_version FROM credentials WHERE id = $1', [id])).rows[0];
-    expect(row).toEqual({ current_version: 3, previous_version: 2, pending_version: null });
+    expect(row).toEqual({ current_version: 4, previous_version: 3, pending_version: null });
     const audit = (await h.sql("SELECT detail FROM audit_log WHERE credential_id = $1 AND action = 'rotation.promote' ORDER BY seq", [id])).rows;
-    expect(audit.map((r) => r.detail)).toEqual([expect.not.objectContaining({ replayed: true }), expect.objectContaining({ replayed: true, supersededBy: 3 })]);
+    expect(audit.map((r) => r.detail)).toEqual([expect.not.objectContaining({ replayed: true }), expect.objectContaining({ replayed: true, supersededBy: 4 })]);
     // A version that was never promoted is still refused.
-    const other = await h.deps.rotations.stagePending(caller, id, `${id}:create:2`, { value: h.secret('sk_live_promoted_0004') });
-    await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'promoted-twice', kind: 'api_key', value: h.secret('sk_live_promoted_0005') } });
+    const other = await h.deps.rotations.stagePending(caller, id, `${id}:create:2`, { value: h.secret('sk_live_promoted_0005') });
+    await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'promoted-twice', kind: 'api_key', value: h.secret('sk_live_promoted_0006') } });
     await expect(h.deps.rotations.promote(caller, id, other.version)).rejects.toThrow(/moved to version|not pending/);
   });
 

@@ -95,17 +95,16 @@ export class RotationVault {
         note.detail.replayed = true;
         return { current: version, previous: cred.previous_version as number | null };
       }
-      // A retry whose first attempt committed (its answer lost with a worker), after a value was
-      // stored on top: the rotated version is previous now, and only a promote made it current.
-      // Refusing would make the workflow undo a rotation that took effect.
-      if (cred.previous_version === version && cred.pending_version === null) {
+      const based = await tx.query('SELECT based_on, promoted_at FROM secret_versions WHERE credential_id = $1 AND version = $2', [credentialId, version]);
+      // A retry whose first attempt committed (its answer lost with a worker), after values were
+      // stored on top: refusing would make the workflow undo a rotation that took effect. (The
+      // previous label tells for versions promoted before promoted_at was recorded.)
+      if (cred.pending_version !== version && (based.rows[0]?.promoted_at || (cred.previous_version === version && cred.pending_version === null))) {
         note.detail.replayed = true;
         note.detail.supersededBy = cred.current_version;
-        const based = await tx.query('SELECT based_on FROM secret_versions WHERE credential_id = $1 AND version = $2', [credentialId, version]);
         return { current: version, previous: (based.rows[0]?.based_on as number | null) ?? null };
       }
       if (cred.pending_version !== version) throw new UnprocessableError(`version ${version} of credential ${credentialId} is not pending`);
-      const based = await tx.query('SELECT based_on FROM secret_versions WHERE credential_id = $1 AND version = $2', [credentialId, version]);
       if (based.rows[0]?.based_on !== cred.current_version) {
         throw new VersionConflictError(
           `credential ${credentialId} moved to version ${cred.current_version} while version ${version} was pending`,
@@ -117,6 +116,7 @@ export class RotationVault {
                 status = 'active', updated_at = $3 WHERE id = $1 RETURNING expires_at`,
         [credentialId, version, this.clock()],
       );
+      await tx.query('UPDATE secret_versions SET promoted_at = $3 WHERE credential_id = $1 AND version = $2', [credentialId, version, this.clock()]);
       noteExpiry(note, cred.expires_at, promoted.rows[0].expires_at);
       return { current: version, previous: cred.current_version as number };
     });
