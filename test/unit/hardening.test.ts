@@ -62,8 +62,18 @@ describe('auth guard', () => {
     second.settle('invalid');
     admitted.settle('invalid');
     await expect(guard.admit(from('10.0.0.3'), hashToken('d'))).rejects.toBeInstanceOf(TooManyRequestsError);
-    // Settling twice counts once.
-    admitted.settle('invalid');
+    guard.close();
+  });
+
+  it('an admission settled twice counts once', async () => {
+    const guard = new AuthGuard({ maxFailures: 2, windowMs: 60_000 });
+    const once = await guard.admit(from('10.0.0.6'), hashToken('a'));
+    once.settle('invalid');
+    once.settle('invalid');
+    // One failure of two: one more guess is still looked up.
+    const next = await guard.admit(from('10.0.0.6'), hashToken('b'));
+    next.settle('invalid');
+    await expect(guard.admit(from('10.0.0.6'), hashToken('c'))).rejects.toBeInstanceOf(TooManyRequestsError);
     guard.close();
   });
 
