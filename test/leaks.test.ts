@@ -1,8 +1,8 @@
 import { createHash, randomUUID } from 'node:crypto';
-import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { reportLeak } from '../api/routes/leaks';
 import { expectCleanRun } from './support/leaks';
+import { holdTable } from './support/lifecycle-fixtures';
 import { startHarness, type Harness } from './support/harness';
 import { readMailbox, recipients, waitForMail } from './support/mail';
 
@@ -34,6 +34,8 @@ describe('POST /v1/leaks', () => {
       await new Promise((r) => setTimeout(r, 200));
     }
   };
+  const revokedVersions = async (credentialId: string) =>
+    (await h.sql('SELECT version FROM secret_versions WHERE credential_id = $1 AND revoked_at IS NOT NULL ORDER BY version', [credentialId])).rows.map((r) => r.version as number);
   const rotationsOf = async (credentialId: string) =>
     (await h.sql("SELECT count(*)::int AS n FROM audit_log WHERE credential_id = $1 AND action = 'rotation.create_pending' AND outcome = 'ok'", [credentialId])).rows[0].n as number;
 
@@ -116,27 +118,12 @@ describe('POST /v1/leaks', () => {
     const id = await store('terminated-leak', 'pw_terminated_value_0001', { kind: 'password', rotation: { provider: 'generated', graceHours: 0 } });
     // A generated password reads its identity's password policy before it is made: an open
     // transaction holding that table keeps the leak rotation at its first provider step.
-    const locker = new pg.Client({ connectionString: h.databaseUrl });
-    await locker.connect();
-    let locked = true;
-    const unlock = async () => {
-      if (!locked) return;
-      locked = false;
-      await locker.query('ROLLBACK');
-      await locker.end();
-    };
+    const lock = await holdTable(h, 'password_policies');
     try {
-      await locker.query('BEGIN');
-      await locker.query('LOCK TABLE password_policies IN ACCESS EXCLUSIVE MODE');
       const first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'terminated-leak', source: 'scan' } });
       expect(first.status, first.text).toBe(202);
       expect(first.body.results).toEqual([expect.objectContaining({ credentialId: id, action: 'rotating' })]);
-      await waitFor('the leak rotation to wait for the lock', async () => {
-        const { rows } = await h.sql(
-          `SELECT count(*)::int AS n FROM pg_locks WHERE NOT granted AND relation = 'password_policies'::regclass AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`,
-        );
-        return rows[0].n > 0 ? true : undefined;
-      });
+      await lock.waiting();
       // An operator terminates the run: its incident stays open, seconds old, and nothing will close it.
       await h.client.workflow.getHandle(`rotate:${id}`).terminate('stopped by an operator');
 
@@ -145,7 +132,7 @@ describe('POST /v1/leaks', () => {
       expect(again.status, again.text).toBe(202);
       expect(again.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 1, action: 'rotating' })]);
       expect(again.body.results[0].incidentId).not.toBe(first.body.results[0].incidentId);
-      await unlock();
+      await lock.release();
       expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1 });
       const incidents = (await h.sql('SELECT id, status FROM leak_incidents WHERE credential_id = $1 ORDER BY opened_at', [id])).rows;
       expect(incidents).toEqual([
@@ -156,7 +143,7 @@ describe('POST /v1/leaks', () => {
       expect(revoked.revoked_at).not.toBeNull();
       h.secret((await current('terminated-leak')).value);
     } finally {
-      await unlock();
+      await lock.release();
     }
   });
 
@@ -189,18 +176,8 @@ describe('POST /v1/leaks', () => {
     const id = await store('mail-handover', 'pw_handover_value_0001', { kind: 'password', rotation: { provider: 'generated', graceHours: 0 } });
     // The leak rotation waits at its first provider step (see the terminated-run test): it is still
     // running when the second report comes.
-    const locker = new pg.Client({ connectionString: h.databaseUrl });
-    await locker.connect();
-    let locked = true;
-    const unlock = async () => {
-      if (!locked) return;
-      locked = false;
-      await locker.query('ROLLBACK');
-      await locker.end();
-    };
+    const lock = await holdTable(h, 'password_policies');
     try {
-      await locker.query('BEGIN');
-      await locker.query('LOCK TABLE password_policies IN ACCESS EXCLUSIVE MODE');
       // Temporal takes the rotation, then is lost before the email's delivery is started.
       const lostAfterRotation = Object.create(h.client.workflow, {
         start: { value: async () => Promise.reject(new Error('14 UNAVAILABLE: the connection was lost')) },
@@ -222,36 +199,27 @@ describe('POST /v1/leaks', () => {
         return mails.length > 0 ? mails : undefined;
       });
       expect(alert).toHaveLength(1);
-      await unlock();
+      await lock.release();
       expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1 });
       expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
       h.secret((await current('mail-handover')).value);
     } finally {
-      await unlock();
+      await lock.release();
     }
   });
 
   it('a report that joins an incident while a rotation other than the incident\'s runs (a requested one, in grace) tells that rotation of the leak', async () => {
     const id = await store('joined-other-run', 'pw_other_run_value_0001', { kind: 'password', rotation: { provider: 'generated', graceHours: 1 } });
     // An incident whose leak rotation was terminated while it waited at its first provider step.
-    const locker = new pg.Client({ connectionString: h.databaseUrl });
-    await locker.connect();
-    await locker.query('BEGIN');
-    await locker.query('LOCK TABLE password_policies IN ACCESS EXCLUSIVE MODE');
+    const lock = await holdTable(h, 'password_policies');
     let first;
     try {
       first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'joined-other-run', source: 'scan' } });
       expect(first.body.results).toEqual([expect.objectContaining({ action: 'rotating' })]);
-      await waitFor('the leak rotation to wait for the lock', async () => {
-        const { rows } = await h.sql(
-          `SELECT count(*)::int AS n FROM pg_locks WHERE NOT granted AND relation = 'password_policies'::regclass AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`,
-        );
-        return rows[0].n > 0 ? true : undefined;
-      });
+      await lock.waiting();
       await h.client.workflow.getHandle(`rotate:${id}`).terminate('stopped by an operator');
     } finally {
-      await locker.query('ROLLBACK');
-      await locker.end();
+      await lock.release();
     }
     // Then someone rotates it on request, and that run enters its grace period.
     const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['joined-other-run'] } });
@@ -272,8 +240,7 @@ describe('POST /v1/leaks', () => {
     // once, and the run went on as a leak rotation of the new one (its report follows it there).
     expect(result.credentials[0].progress).toMatchObject({ mode: 'leak', state: 'succeeded' });
     const { fromVersion, toVersion } = result.credentials[0].progress;
-    const revoked = (await h.sql('SELECT version FROM secret_versions WHERE credential_id = $1 AND revoked_at IS NOT NULL ORDER BY version', [id])).rows;
-    expect(revoked.map((r) => r.version)).toEqual(expect.arrayContaining([1, fromVersion]));
+    expect(await revokedVersions(id)).toEqual(expect.arrayContaining([1, fromVersion]));
     expect((await current('joined-other-run')).version).toBe(toVersion);
     expect((await h.sql("SELECT count(*)::int AS n FROM leak_incidents WHERE credential_id = $1 AND status = 'open'", [id])).rows[0].n).toBe(0);
     for (let v = 2; v <= (await current('joined-other-run')).version; v++) {
@@ -329,8 +296,7 @@ describe('POST /v1/leaks', () => {
     expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 2, toVersion: 3 });
     // Before, version 2 was revoked and the leaked version 1 kept working, though later reports of it
     // were answered already-revoked.
-    const revoked = (await h.sql('SELECT version FROM secret_versions WHERE credential_id = $1 AND revoked_at IS NOT NULL ORDER BY version', [id])).rows;
-    expect(revoked.map((r) => r.version)).toEqual([1, 2]);
+    expect(await revokedVersions(id)).toEqual([1, 2]);
     expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
     h.secret((await current('older-leak')).value);
   });
@@ -349,8 +315,7 @@ describe('POST /v1/leaks', () => {
     expect(res.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 3, action: 'rotating' })]);
     // Before, the run revoked version 1 and ended, and the leaked version 3 stayed current.
     expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 3, toVersion: 4 });
-    const revoked = (await h.sql('SELECT version FROM secret_versions WHERE credential_id = $1 AND revoked_at IS NOT NULL ORDER BY version', [id])).rows;
-    expect(revoked.map((r) => r.version)).toEqual([1, 3]);
+    expect(await revokedVersions(id)).toEqual([1, 3]);
     expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
     expect((await current('stored-in-grace')).version).toBe(4);
     h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'stored-in-grace', version: 2 } })).body.value);
@@ -397,8 +362,7 @@ describe('POST /v1/leaks', () => {
     const result = await h.client.workflow.getHandle(`rotate:${id}`).result();
     expect(result).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 2, toVersion: 3 });
     expect(await rotationsOf(id)).toBe(2);
-    const revoked = (await h.sql('SELECT version FROM secret_versions WHERE credential_id = $1 AND revoked_at IS NOT NULL ORDER BY version', [id])).rows;
-    expect(revoked).toEqual([{ version: 1 }, { version: 2 }]);
+    expect(await revokedVersions(id)).toEqual([1, 2]);
     expect((await current('signalled')).version).toBe(3);
     expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
   });

@@ -10,7 +10,7 @@ import { stableUuid } from '../activities/support';
 import { startHarness, type Harness } from './support/harness';
 import { expectCleanRun } from './support/leaks';
 import * as fixtures from './support/lifecycle-fixtures';
-import { canLogin, loginRoleWithAdmin, mailTo, waitFor, type Identity, type RotationReport } from './support/lifecycle-fixtures';
+import { canLogin, holdTable, loginRoleWithAdmin, mailTo, waitFor, type Identity, type RotationReport } from './support/lifecycle-fixtures';
 import type { ReceivedEvent } from './support/webhook-receiver';
 import { WebhookReceiver } from './support/webhook-receiver';
 
@@ -348,18 +348,8 @@ describe('rotation failures', () => {
     const { name, id, ownerMail } = await generatedKey();
     // Planning reads the credential with its current version; an open transaction that holds
     // secret_versions exclusively keeps it (and anything else that reads versions) waiting.
-    const locker = new pg.Client({ connectionString: h.databaseUrl });
-    await locker.connect();
-    let locked = true;
-    const unlock = async () => {
-      if (!locked) return;
-      locked = false;
-      await locker.query('ROLLBACK');
-      await locker.end();
-    };
+    const lock = await holdTable(h, 'secret_versions');
     try {
-      await locker.query('BEGIN');
-      await locker.query('LOCK TABLE secret_versions IN ACCESS EXCLUSIVE MODE');
       const rotationId = await startRotation(name);
       const runId = await waitFor(
         'the batch to start the run',
@@ -370,18 +360,12 @@ describe('rotation failures', () => {
       const types = async () => (await handle.fetchHistory()).events?.map((e) => e.eventType) ?? [];
       const EventType = temporal.api.enums.v1.EventType;
       // (An activity with retries has its started event written when it ends: the database shows the wait.)
-      await waitFor(
-        'planning to wait for the lock',
-        async () =>
-          (await h.sql(`SELECT count(*)::int AS n FROM pg_locks WHERE NOT granted AND relation = 'secret_versions'::regclass AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`))
-            .rows[0].n as number,
-        (n) => n > 0,
-      );
+      await lock.waiting();
       const cancelled = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: owner.token });
       expect(cancelled.status, cancelled.text).toBe(202);
       expect(cancelled.body.cancelling).toEqual([id]);
       await waitFor('the cancel to reach the planning step', types, (t) => t.includes(EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED));
-      await unlock();
+      await lock.release();
 
       expect(await handle.result()).toMatchObject({ state: 'cancelled', error: 'the rotation was cancelled' });
       const final = await report(rotationId);
@@ -396,7 +380,7 @@ describe('rotation failures', () => {
       expect(mails.map((m) => m.mail.subject)).toEqual([`[mailgent] Rotation cancelled for ${name}`]);
       expect(mails[0]!.mail.text).toContain(`was cancelled; nothing it made is left in place, and version 1 is still current.`);
     } finally {
-      await unlock();
+      await lock.release();
     }
   });
 

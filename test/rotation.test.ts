@@ -285,15 +285,7 @@ describe('rotateCredential', () => {
 
   it('when Temporal cannot take the batch, the request is a 503 and the rotation it recorded reads as never started', async () => {
     await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'stranded-key', kind: 'api_key', value: h.secret('sk_live_stranded_value_01') } });
-    const closed = await new Promise<number>((resolve) => {
-      const server = createServer().listen(0, '127.0.0.1', () => {
-        const { port } = server.address() as { port: number };
-        server.close(() => resolve(port));
-      });
-    });
-    // One attempt, not the SDK's minutes of retries.
-    const once = makeGrpcRetryInterceptor(defaultGrpcRetryOptions({ maxAttempts: 1 }));
-    const unreachable = new Client({ connection: Connection.lazy({ address: `127.0.0.1:${closed}`, connectTimeout: 1_000, interceptors: [once] }) });
+    const unreachable = await unreachableTemporal();
     const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: 'req-stranded' };
     const deps = { pool: h.services.pool, vault: h.services.vault, client: unreachable, taskQueue: h.taskQueue };
     await expect(startRotation(deps, caller, { credentials: ['stranded-key'] })).rejects.toMatchObject({ status: 503 });
@@ -351,14 +343,7 @@ describe('rotateCredential', () => {
       await new Promise((r) => setTimeout(r, 200));
     }
     h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'graceful-key' } })).body.value);
-    const closed = await new Promise<number>((resolve) => {
-      const server = createServer().listen(0, '127.0.0.1', () => {
-        const { port } = server.address() as { port: number };
-        server.close(() => resolve(port));
-      });
-    });
-    const once = makeGrpcRetryInterceptor(defaultGrpcRetryOptions({ maxAttempts: 1 }));
-    const unreachable = new Client({ connection: Connection.lazy({ address: `127.0.0.1:${closed}`, connectTimeout: 1_000, interceptors: [once] }) });
+    const unreachable = await unreachableTemporal();
     try {
       const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: 'req-unreachable' };
       const deps = { pool: h.services.pool, vault: h.services.vault, client: unreachable, taskQueue: h.taskQueue };
@@ -416,3 +401,15 @@ describe('rotateCredential', () => {
     ]);
   });
 });
+
+/** A Temporal client for a port nobody listens on, trying each call once (not the SDK's minutes of retries). */
+async function unreachableTemporal(): Promise<Client> {
+  const closed = await new Promise<number>((resolve) => {
+    const server = createServer().listen(0, '127.0.0.1', () => {
+      const { port } = server.address() as { port: number };
+      server.close(() => resolve(port));
+    });
+  });
+  const once = makeGrpcRetryInterceptor(defaultGrpcRetryOptions({ maxAttempts: 1 }));
+  return new Client({ connection: Connection.lazy({ address: `127.0.0.1:${closed}`, connectTimeout: 1_000, interceptors: [once] }) });
+}

@@ -34,6 +34,39 @@ export async function waitFor<T>(
   }
 }
 
+/**
+ * Holds `table` exclusively in an open transaction of its own, so whatever reads it waits there: a
+ * step held at the database. `waiting()` resolves once something waits for the lock; `release()`
+ * rolls the transaction back (once; later calls do nothing).
+ */
+export async function holdTable(h: Harness, table: string): Promise<{ waiting(): Promise<unknown>; release(): Promise<void> }> {
+  const client = new pg.Client({ connectionString: h.databaseUrl });
+  await client.connect();
+  let held = true;
+  const release = async () => {
+    if (!held) return;
+    held = false;
+    await client.query('ROLLBACK').catch(() => undefined);
+    await client.end();
+  };
+  try {
+    await client.query('BEGIN');
+    await client.query(`LOCK TABLE ${pg.escapeIdentifier(table)} IN ACCESS EXCLUSIVE MODE`);
+  } catch (err) {
+    await release();
+    throw err;
+  }
+  const waiters = async () =>
+    (
+      await h.sql(
+        `SELECT count(*)::int AS n FROM pg_locks
+          WHERE NOT granted AND relation = $1::regclass AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`,
+        [table],
+      )
+    ).rows[0].n as number;
+  return { waiting: () => waitFor(`something to wait for the lock on ${table}`, waiters, (n) => n > 0), release };
+}
+
 /** GET /v1/rotations/:id, as these tests read it. */
 export interface RotationReport {
   rotationId: string;
