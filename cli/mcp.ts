@@ -34,12 +34,22 @@ export async function mcpBridge(url: URL, token: string): Promise<void> {
     local.onclose = resolve;
   });
 
+  // Requests sent on and not yet answered: stdin may end before their answers come (a client that
+  // pipes its requests in whole), and closing the remote side then would abort them.
+  const pending = new Set<string | number>();
+  let drained: (() => void) | undefined;
+  const answered = (id: string | number) => {
+    pending.delete(id);
+    if (pending.size === 0) drained?.();
+  };
   local.onmessage = (message: JSONRPCMessage) => {
+    if (isJSONRPCRequest(message)) pending.add(message.id);
     remote.send(message).catch((err: Error) => {
       // The server could not be reached or refused the request (a bad token is a 401 problem):
       // the caller gets a JSON-RPC error for its request instead of waiting forever.
       if (isJSONRPCRequest(message)) {
         void local.send({ jsonrpc: '2.0', id: message.id, error: { code: -32000, message: `mailgent: ${err.message}` } });
+        answered(message.id);
       } else {
         process.stderr.write(`mailgent mcp: ${err.message}\n`);
       }
@@ -49,14 +59,20 @@ export async function mcpBridge(url: URL, token: string): Promise<void> {
     // Later requests carry the negotiated version in their header, as the SDK's own client does.
     const version = (message as { result?: { protocolVersion?: unknown } }).result?.protocolVersion;
     if (typeof version === 'string') remote.setProtocolVersion(version);
-    void local.send(message);
+    void local.send(message).then(() => {
+      if ('id' in message && ('result' in message || 'error' in message)) answered(message.id as string | number);
+    });
   };
   remote.onerror = (err) => process.stderr.write(`mailgent mcp: ${err.message}\n`);
 
   await remote.start();
   await local.start();
-  // Stdin closing (the client went away) ends the bridge.
-  process.stdin.once('end', () => void local.close());
+  // Stdin closing (the client went away, or piped its requests in whole) ends the bridge, once the
+  // requests already sent on have their answers.
+  process.stdin.once('end', () => {
+    const ended = pending.size === 0 ? Promise.resolve() : new Promise<void>((resolve) => (drained = resolve));
+    void ended.then(() => local.close());
+  });
   await closed;
   await remote.close();
 }

@@ -1,3 +1,4 @@
+import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { createHmac } from 'node:crypto';
 import path from 'node:path';
@@ -323,6 +324,37 @@ describe('MCP server', () => {
         expect(res.status, host).toBe(200);
         expect(res.body, host).toMatchObject({ jsonrpc: '2.0', id: 1, result: { serverInfo: expect.any(Object) } });
       }
+    });
+
+    it('over stdio, requests piped in whole (stdin ends at once) are all answered before the bridge exits', async () => {
+      const agent = await h.createIdentity('mcp-piped');
+      const input = [
+        { jsonrpc: '2.0', id: 1, method: 'initialize', params: { protocolVersion: '2025-06-18', capabilities: {}, clientInfo: { name: 'pipe', version: '1' } } },
+        { jsonrpc: '2.0', method: 'notifications/initialized' },
+        { jsonrpc: '2.0', id: 2, method: 'tools/list' },
+        { jsonrpc: '2.0', id: 3, method: 'tools/call', params: { name: 'list_credentials', arguments: {} } },
+      ]
+        .map((m) => JSON.stringify(m))
+        .join('\n');
+      const { stdout, code } = await new Promise<{ stdout: string; code: number | null }>((resolve, reject) => {
+        const child = spawn(process.execPath, [path.join(ROOT, 'bin/mailgent.js'), 'mcp'], {
+          cwd: ROOT,
+          env: { ...process.env, MAILGENT_URL: h.url, MAILGENT_TOKEN: agent.token },
+          stdio: ['pipe', 'pipe', 'pipe'],
+        });
+        let out = '';
+        child.stdout.on('data', (d) => (out += String(d)));
+        child.on('error', reject);
+        child.on('close', (exit) => resolve({ stdout: out, code: exit }));
+        child.stdin.end(`${input}\n`);
+      });
+      expect(code).toBe(0);
+      const answers = stdout.trim().split('\n').map((line) => JSON.parse(line));
+      // Before, closing stdin cancelled the requests still in flight: each got "This operation was aborted".
+      expect(answers.map((a) => a.id).sort()).toEqual([1, 2, 3]);
+      expect(answers.filter((a) => a.error)).toEqual([]);
+      expect(answers.find((a) => a.id === 2).result.tools.map((t: { name: string }) => t.name)).toContain('vault_get');
+      expect(answers.find((a) => a.id === 3).result.structuredContent).toMatchObject({ items: [] });
     });
 
     it('over stdio, a wrong token fails the connection with the server’s 401 problem', async () => {
