@@ -143,6 +143,21 @@ describe('mailgent CLI', () => {
       const down = await mailgent(['get', 'anything', '--json', '--url', `http://127.0.0.1:${closed}`], { env: as(alice) });
       expect(down.code).toBe(4);
       expect(json(down)).toMatchObject({ type: 'https://mailgent.dev/problems/cli-unreachable', detail: expect.stringContaining('ECONNREFUSED') });
+
+      // A server that sends its headers and drops the connection before the body: unreachable too
+      // (before, exit 1 "terminated" and nothing on stdout under --json).
+      const dropper = createServer((socket) => {
+        socket.once('data', () => socket.end('HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"val', () => socket.destroy()));
+      });
+      await new Promise<void>((resolve) => dropper.listen(0, '127.0.0.1', resolve));
+      try {
+        const { port } = dropper.address() as { port: number };
+        const dropped = await mailgent(['get', 'anything', '--json', '--url', `http://127.0.0.1:${port}`], { env: as(alice) });
+        expect(dropped.code).toBe(4);
+        expect(json(dropped)).toMatchObject({ type: 'https://mailgent.dev/problems/cli-unreachable', detail: expect.stringContaining('dropped the connection') });
+      } finally {
+        await new Promise((resolve) => dropper.close(resolve));
+      }
     });
   });
 
@@ -428,6 +443,11 @@ describe('mailgent CLI', () => {
       expect(unknown.stderr).toContain("Not found (404): no credential named or with id 'no-such-credential'");
       const twoWays = await mailgent(['leak', 'cli-key', '--fingerprint', fingerprint], { env: as(alice) });
       expect(twoWays.code).toBe(2);
+      // An empty fingerprint (an unset variable in a script) is a usage error; before, it read the
+      // value from stdin and reported whatever was piped in.
+      const empty = await mailgent(['leak', '--fingerprint', '', '--json'], { env: as(alice), input: `${leaked.value}\n` });
+      expect(empty.code).toBe(2);
+      expect(empty.stderr).toContain('is empty');
     });
 
     it('audit verify: exit 0 when intact, 1 naming the first broken row, 3 for an identity token', async () => {

@@ -3,7 +3,7 @@ import { ConfigError } from '../core/config';
 import type { Logger } from '../core/logger';
 
 /**
- * The service's Temporal Schedules: the rotation sweep (daily by default) and the weekly orphaned
+ * The service's Temporal Schedules: the rotation sweep (hourly by default) and the weekly orphaned
  * service-account report. Made sure of at every worker start; an existing schedule gets the
  * configured spec, so changing SWEEP_CRON takes effect on the next start.
  */

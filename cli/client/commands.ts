@@ -251,6 +251,8 @@ const leak: ClientCommand = {
     );
     const ways = [pos.length > 0, values.fingerprint !== undefined, values['value-file'] !== undefined].filter(Boolean).length;
     if (ways !== 1) throw usageError('name the credential, or give --fingerprint or --value-file (exactly one)', leakUsage);
+    // An empty one (an unset shell variable) must not fall through to reading the value from stdin.
+    if (pos[0] === '' || values.fingerprint === '' || values['value-file'] === '') throw usageError('the credential, --fingerprint or --value-file is empty', leakUsage);
     if (pos.length > 1) throw usageError(`unexpected argument '${pos[1]}'`, leakUsage);
     const token = values.admin ? adminToken(values['admin-token']) : identityToken(values.token);
     const api = new Api(baseUrl(values.url), token);

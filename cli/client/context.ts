@@ -89,7 +89,14 @@ export class Api {
       const cause = (err as { cause?: { code?: string; message?: string } }).cause;
       throw unreachable(`cannot reach the Mailgent API at ${this.url}: ${cause?.code ?? cause?.message ?? (err as Error).message}`);
     }
-    const text = await res.text();
+    let text: string;
+    try {
+      text = await res.text();
+    } catch (err) {
+      // The connection dropped after the headers (the API stopped, a proxy reset it): the answer is lost.
+      const cause = (err as { cause?: { code?: string; message?: string } }).cause;
+      throw unreachable(`the Mailgent API at ${this.url} dropped the connection before its answer was read: ${cause?.code ?? cause?.message ?? (err as Error).message}`);
+    }
     let parsed: unknown;
     try {
       parsed = text ? JSON.parse(text) : undefined;
