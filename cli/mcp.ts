@@ -21,6 +21,9 @@ export async function mcpCommand(args: string[]): Promise<number> {
   return EXIT.ok;
 }
 
+/** How long a bridge whose stdin ended waits for the answers still due. */
+const DRAIN_MS = 120_000;
+
 export async function mcpBridge(url: URL, token: string): Promise<void> {
   // Loaded here, not at the top: every other mailgent command would pay for the SDK's import.
   const [{ StreamableHTTPClientTransport }, { StdioServerTransport }, { isJSONRPCRequest }] = await Promise.all([
@@ -59,19 +62,24 @@ export async function mcpBridge(url: URL, token: string): Promise<void> {
     // Later requests carry the negotiated version in their header, as the SDK's own client does.
     const version = (message as { result?: { protocolVersion?: unknown } }).result?.protocolVersion;
     if (typeof version === 'string') remote.setProtocolVersion(version);
-    void local.send(message).then(() => {
-      if ('id' in message && ('result' in message || 'error' in message)) answered(message.id as string | number);
-    });
+    void local
+      .send(message)
+      .catch(() => undefined) // stdout gone: the client has left; nothing is waiting for this answer either
+      .then(() => {
+        if ('id' in message && ('result' in message || 'error' in message)) answered(message.id as string | number);
+      });
   };
   remote.onerror = (err) => process.stderr.write(`mailgent mcp: ${err.message}\n`);
 
   await remote.start();
   await local.start();
   // Stdin closing (the client went away, or piped its requests in whole) ends the bridge, once the
-  // requests already sent on have their answers.
+  // requests already sent on have their answers (for at most DRAIN_MS: a server that never answers
+  // does not keep the process alive).
   process.stdin.once('end', () => {
     const ended = pending.size === 0 ? Promise.resolve() : new Promise<void>((resolve) => (drained = resolve));
-    void ended.then(() => local.close());
+    const cap = new Promise<void>((resolve) => setTimeout(resolve, DRAIN_MS).unref());
+    void Promise.race([ended, cap]).then(() => local.close());
   });
   await closed;
   await remote.close();
