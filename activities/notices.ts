@@ -1,5 +1,4 @@
-import { WorkflowExecutionAlreadyStartedError } from '@temporalio/client';
-import { deliverOutboxMessage } from '../mail/outbox';
+import { deliverOutboxMessage, startDelivery } from '../mail/outbox';
 import { queueNotice, sendNotice, type Notice } from '../mail/notify';
 import type { CredentialMeta } from '../vault/types';
 import type { RotationNotice } from '../workflows/types';
@@ -63,28 +62,11 @@ export async function handOverNotice(
   if (!deps.temporal) return sendNotice(deps, notice, scanIdentities);
   const queued = await queueNotice(deps, notice, scanIdentities);
   if (queued === 'no-recipients') return 'no-recipients';
-  const delivery = await startDelivery(deps, notice.id);
+  const delivery = await startDelivery(deps.pool, deps.temporal, notice.id);
   // Queued by an earlier run (a sweep's reminder not yet delivered) is not handed over again: not counted.
   return delivery === 'handed-over' && queued === 'already-queued' ? 'already-queued' : delivery;
 }
 
-/**
- * Starts the delivery workflow of a queued message (mail:<id>) unless it is running already; what
- * the message's status is otherwise. Needs deps.temporal.
- */
-export async function startDelivery(deps: ActivityDeps, messageId: string): Promise<'handed-over' | 'already-sent' | 'abandoned' | 'missing'> {
-  const status = (await deps.pool.query('SELECT status FROM mail_outbox WHERE id = $1', [messageId])).rows[0]?.status as string | undefined;
-  if (status === 'sent') return 'already-sent';
-  if (status !== 'queued') return status === 'abandoned' ? 'abandoned' : 'missing';
-  if (!deps.temporal) throw new Error('this worker has no Temporal client for starting deliveries');
-  try {
-    await deps.temporal.client.workflow.start('deliverMail', { taskQueue: deps.temporal.taskQueue, workflowId: `mail:${messageId}`, args: [{ messageId }] });
-  } catch (err) {
-    // Its delivery is running already (an earlier attempt, or an earlier run, started it).
-    if (!(err instanceof WorkflowExecutionAlreadyStartedError)) throw err;
-  }
-  return 'handed-over';
-}
 
 const SUBJECTS: Record<RotationNotice['outcome'], (name: string) => string> = {
   rotated: (name) => `[mailgent] Rotated ${name}`,

@@ -4,8 +4,8 @@ import { DEFAULT_POLICY, type Provider } from '../providers';
 import type { SecretReader } from '../providers/types';
 import type { CredentialMeta } from '../vault/types';
 import type { RotationIds, RotationOutcome, RotationPlan } from '../workflows/types';
+import { startDelivery } from '../mail/outbox';
 import type { ActivityDeps } from './index';
-import { startDelivery } from './notices';
 import { callingRunId, externalStep, heartbeating, incidentMailId, permanentErrorsFail } from './support';
 
 export const DEFAULT_GRACE_HOURS = 24;
@@ -229,7 +229,7 @@ export function rotationActivities(deps: ActivityDeps) {
     async closeLeakIncidents(ids: RotationIds): Promise<void> {
       if (deps.temporal) {
         const open = await deps.pool.query(`SELECT id FROM leak_incidents WHERE credential_id = $1 AND status = 'open'`, [ids.credentialId]);
-        for (const { id } of open.rows) await startDelivery(deps, incidentMailId(id));
+        for (const { id } of open.rows) await startDelivery(deps.pool, deps.temporal, incidentMailId(id));
       }
       await deps.pool.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE credential_id = $1 AND status = 'open'`, [
         ids.credentialId,

@@ -82,7 +82,7 @@ export class AuthGuard {
    */
   anonymousAudited(req: Request): boolean {
     const state = this.stateOf(clientOf(req));
-    if (state.failures === 0 && state.anonymous === 0) state.resetAt = Date.now() + this.limits.windowMs;
+    this.startWindow(state);
     state.anonymous += 1;
     return state.anonymous <= this.limits.maxFailures;
   }
@@ -102,7 +102,7 @@ export class AuthGuard {
         const state = this.stateOf(client);
         const now = Date.now();
         if (outcome === 'invalid') {
-          if (state.failures === 0 && state.anonymous === 0) state.resetAt = now + this.limits.windowMs;
+          this.startWindow(state);
           state.failures += 1;
         } else if (outcome === 'valid') {
           if (state.knownUntil <= now || state.known.size >= KNOWN_TOKENS_PER_CLIENT) state.known.clear();
@@ -113,6 +113,11 @@ export class AuthGuard {
         state.waiting.splice(0).forEach((wake) => wake());
       },
     };
+  }
+
+  /** A client's first counted request (a failure, or one without a token) starts its window. */
+  private startWindow(state: ClientState): void {
+    if (state.failures === 0 && state.anonymous === 0) state.resetAt = Date.now() + this.limits.windowMs;
   }
 
   /** The client's state, its failure window restarted if it has run out. */

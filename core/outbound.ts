@@ -1,7 +1,6 @@
 import dns, { type LookupAddress, type LookupOptions } from 'node:dns';
 import { lookup } from 'node:dns/promises';
 import { BlockList, isIP, Socket } from 'node:net';
-import { Context } from '@temporalio/activity';
 import { Agent } from 'undici';
 import { UnprocessableError } from './errors';
 
@@ -147,33 +146,4 @@ export class GuardedSocket extends Socket {
 export function outboundRefusal(err: unknown, what: string): UnprocessableError | undefined {
   const cause = (err as { cause?: unknown })?.cause;
   return cause instanceof OutboundRefusedError ? new UnprocessableError(`${what}: ${cause.message}`) : undefined;
-}
-
-/**
- * The signal of one outbound call: its timeout and, when it runs in a Temporal activity, the
- * activity's cancellation (a cancelled rotation, a worker draining), so a call that hangs does not
- * hold up the undo that follows it. (The rotation waits for the cancelled call to end before it
- * undoes anything: workflows/options.ts.)
- */
-export function outboundSignal(timeoutMs: number): AbortSignal {
-  const timeout = AbortSignal.timeout(timeoutMs);
-  const cancelled = activityCancellation();
-  return cancelled ? AbortSignal.any([timeout, cancelled]) : timeout;
-}
-
-/**
- * The activity's cancellation (Temporal's CancelledFailure) when that is what ended a call: thrown
- * as is, the activity is reported cancelled rather than failed. Undefined otherwise.
- */
-export function cancellationOf(): unknown {
-  const signal = activityCancellation();
-  return signal?.aborted ? (signal.reason ?? new Error('the call was cancelled')) : undefined;
-}
-
-function activityCancellation(): AbortSignal | undefined {
-  try {
-    return Context.current().cancellationSignal;
-  } catch {
-    return undefined; // not in an activity
-  }
 }

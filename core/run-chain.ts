@@ -20,13 +20,8 @@ export async function latestRunOf(client: Client, workflowId: string, runId: str
   let current = runId;
   for (let hop = 0; ; hop++) {
     const handle = client.workflow.getHandle(workflowId, current);
-    let status: string;
-    try {
-      status = (await handle.describe()).status.name;
-    } catch (err) {
-      if (err instanceof WorkflowNotFoundError) return { handle, runId: current, status: null };
-      throw err;
-    }
+    const status = await statusOf(handle);
+    if (status === null) return { handle, runId: current, status };
     if (status !== 'CONTINUED_AS_NEW' || hop === MAX_HOPS) return { handle, runId: current, status };
     const { history } = await client.workflowService.getWorkflowExecutionHistory({
       namespace: client.options.namespace,
@@ -36,5 +31,15 @@ export async function latestRunOf(client: Client, workflowId: string, runId: str
     const next = history?.events?.at(-1)?.workflowExecutionContinuedAsNewEventAttributes?.newExecutionRunId;
     if (!next) return { handle, runId: current, status };
     current = next;
+  }
+}
+
+/** A run's status on the Temporal server, or null once the server no longer has it (its retention ended). */
+export async function statusOf(handle: WorkflowHandle): Promise<string | null> {
+  try {
+    return (await handle.describe()).status.name;
+  } catch (err) {
+    if (err instanceof WorkflowNotFoundError) return null;
+    throw err;
   }
 }

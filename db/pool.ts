@@ -37,7 +37,7 @@ export function isDatabaseUnavailable(err: unknown): boolean {
  * Set on the error of a COMMIT that failed: the transaction may be durable (only its answer lost
  * with the connection) or not. Unlike any other failure in it, trying again may do it twice.
  */
-export const COMMIT_UNCONFIRMED = Symbol('commit unconfirmed');
+const COMMIT_UNCONFIRMED = Symbol('commit unconfirmed');
 
 export function isCommitUnconfirmed(err: unknown): boolean {
   return typeof err === 'object' && err !== null && COMMIT_UNCONFIRMED in err;

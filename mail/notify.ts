@@ -25,7 +25,7 @@ export interface NoticeDeps {
   vault: { storedValues(identityId: string, credentialIds?: string[]): AsyncIterable<{ name: string; value: string }[]> };
 }
 
-export async function sendNotice(deps: NoticeDeps, notice: Notice, scanIdentities: string[] = notice.identityId ? [notice.identityId] : []): Promise<DeliveryResult | 'no-recipients'> {
+export async function sendNotice(deps: NoticeDeps, notice: Notice, scanIdentities?: string[]): Promise<DeliveryResult | 'no-recipients'> {
   if ((await queueNotice(deps, notice, scanIdentities)) === 'no-recipients') return 'no-recipients';
   return deliverQueued(deps.pool, deps.mailer, notice.id);
 }

@@ -1,3 +1,4 @@
+import { WorkflowExecutionAlreadyStartedError, type Client } from '@temporalio/client';
 import { withTransaction, type Db, type Pool } from '../db/pool';
 import { appendAudit } from '../vault/audit';
 import { describeRefused, type Mailer, type SendReport } from './mailer';
@@ -106,4 +107,26 @@ export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: strin
 
 export async function abandonMail(db: Db, id: string, reason: string): Promise<void> {
   await db.query(`UPDATE mail_outbox SET status = 'abandoned', last_error = $2 WHERE id = $1 AND status = 'queued'`, [id, reason]);
+}
+
+/**
+ * Starts the delivery workflow of a queued message (deliverMail, mail:<id>) unless it is running
+ * already; what the message's status is otherwise.
+ */
+export async function startDelivery(
+  pool: Pool,
+  temporal: { client: Client; taskQueue: string } | undefined,
+  messageId: string,
+): Promise<'handed-over' | 'already-sent' | 'abandoned' | 'missing'> {
+  const status = (await pool.query('SELECT status FROM mail_outbox WHERE id = $1', [messageId])).rows[0]?.status as string | undefined;
+  if (status === 'sent') return 'already-sent';
+  if (status !== 'queued') return status === 'abandoned' ? 'abandoned' : 'missing';
+  if (!temporal) throw new Error('no Temporal client here for starting deliveries');
+  try {
+    await temporal.client.workflow.start('deliverMail', { taskQueue: temporal.taskQueue, workflowId: `mail:${messageId}`, args: [{ messageId }] });
+  } catch (err) {
+    // Its delivery is running already (an earlier attempt, an earlier run or report, started it).
+    if (!(err instanceof WorkflowExecutionAlreadyStartedError)) throw err;
+  }
+  return 'handed-over';
 }

@@ -36,6 +36,12 @@ describe('POST /v1/leaks', () => {
   };
   const revokedVersions = async (credentialId: string) =>
     (await h.sql('SELECT version FROM secret_versions WHERE credential_id = $1 AND revoked_at IS NOT NULL ORDER BY version', [credentialId])).rows.map((r) => r.version as number);
+  /** The leak route's dependencies, with a Temporal client that signals and describes but loses every workflow start. */
+  const depsLosingStarts = () => {
+    const workflow = Object.create(h.client.workflow, { start: { value: async () => Promise.reject(new Error('14 UNAVAILABLE: the connection was lost')) } });
+    const client = Object.create(h.client, { workflow: { value: workflow } });
+    return { pool: h.services.pool, vault: h.services.vault, secrets: h.services.secrets, client, taskQueue: h.taskQueue, securityNotify: [security] };
+  };
   const rotationsOf = async (credentialId: string) =>
     (await h.sql("SELECT count(*)::int AS n FROM audit_log WHERE credential_id = $1 AND action = 'rotation.create_pending' AND outcome = 'ok'", [credentialId])).rows[0].n as number;
 
@@ -179,11 +185,7 @@ describe('POST /v1/leaks', () => {
     const lock = await holdTable(h, 'password_policies');
     try {
       // Temporal takes the rotation, then is lost before the email's delivery is started.
-      const lostAfterRotation = Object.create(h.client.workflow, {
-        start: { value: async () => Promise.reject(new Error('14 UNAVAILABLE: the connection was lost')) },
-      });
-      const client = Object.create(h.client, { workflow: { value: lostAfterRotation } });
-      const deps = { pool: h.services.pool, vault: h.services.vault, secrets: h.services.secrets, client, taskQueue: h.taskQueue, securityNotify: [security] };
+      const deps = depsLosingStarts();
       const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
       await expect(reportLeak(deps, caller, agent.id, { credential: 'mail-handover', source: 'scan' })).rejects.toMatchObject({ status: 503 });
       // Before, the incident was closed and its email abandoned, with the rotation running.
@@ -252,11 +254,7 @@ describe('POST /v1/leaks', () => {
   it('an incident email whose delivery was never started goes out when the incident\'s run closes it, if no report came again', async () => {
     await store('mail-at-close', 'sk_mail_at_close_0001', { rotation: { provider: 'generated', graceHours: 0 } });
     // Temporal takes the rotation, then is lost before the email's delivery is started (as above).
-    const lostAfterRotation = Object.create(h.client.workflow, {
-      start: { value: async () => Promise.reject(new Error('14 UNAVAILABLE: the connection was lost')) },
-    });
-    const client = Object.create(h.client, { workflow: { value: lostAfterRotation } });
-    const deps = { pool: h.services.pool, vault: h.services.vault, secrets: h.services.secrets, client, taskQueue: h.taskQueue, securityNotify: [security] };
+    const deps = depsLosingStarts();
     const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
     await expect(reportLeak(deps, caller, agent.id, { credential: 'mail-at-close', source: 'scan' })).rejects.toMatchObject({ status: 503 });
     // Nobody reports again. Before, the run closed the incident and the email stayed queued for good.

@@ -47,6 +47,20 @@ export function appendAudit(db: Db, e: AuditEntry): Promise<void> {
   return appendAuditRows(db, [e]);
 }
 
+/**
+ * Writes the failure row of `err` (its outcome, and its kind added to `entry.detail`) and marks the
+ * error audited, so the API's problem handler does not write another. Returns the error, marked only
+ * if its row was written: one that cannot be audited either is left for the handler to try again.
+ */
+export async function auditFailure<E>(db: Db, entry: Omit<AuditEntry, 'outcome'>, err: E): Promise<E> {
+  try {
+    await appendAudit(db, { ...entry, outcome: outcomeOf(err), detail: { ...entry.detail, ...errorDetail(err) } });
+  } catch {
+    return err;
+  }
+  return markAudited(err);
+}
+
 /** Appends rows in one statement, chained in the order given (one chain lock for all of them). */
 export async function appendAuditRows(db: Db, entries: AuditEntry[]): Promise<void> {
   if (entries.length === 0) return;

@@ -1,7 +1,7 @@
 import type { Db, Pool } from '../db/pool';
 import { isCommitUnconfirmed, withTransaction } from '../db/pool';
 import { UnavailableError } from '../core/errors';
-import { appendAudit, callerEntry, errorDetail, markAudited, outcomeOf } from './audit';
+import { appendAudit, auditFailure, callerEntry } from './audit';
 import type { Caller } from './types';
 
 /** What the action learns while it runs and wants in its audit row. */
@@ -36,16 +36,7 @@ export async function audited<T>(
   } catch (caught) {
     // A failed COMMIT is not "try again": the action and its ok row may be durable.
     const err = isCommitUnconfirmed(caught) ? new UnavailableError(unconfirmed) : caught;
-    try {
-      await appendAudit(pool, {
-        ...base(),
-        outcome: outcomeOf(err),
-        detail: { ...note.detail, ...errorDetail(err), ...(err !== caught ? { unconfirmed: true } : {}) },
-      });
-    } catch {
-      // The failure cannot be audited either: report the original failure (the API tries once more to audit it).
-      throw err;
-    }
-    throw markAudited(err);
+    // If the failure cannot be audited either, the API tries once more to audit it.
+    throw await auditFailure(pool, { ...base(), detail: { ...note.detail, ...(err !== caught ? { unconfirmed: true } : {}) } }, err);
   }
 }

@@ -147,6 +147,8 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   // is now one of the run's problems, and the rotation goes on.
   const noticeFailuresContinue = patched(NOTICE_FAILURES_CONTINUE);
   const calls = patched(CANCELLED_CALLS_FINISH_FIRST) ? externalFinishing : external;
+  /** A cancel that came while a call ran (and was let finish first): the attempt is undone all the same. */
+  const cancelledMeanwhile = () => calls === externalFinishing && CancellationScope.current().consideredCancelled;
   /** Sends a notice, as the `notify` step unless `asStep` is false; see NOTICE_FAILURES_CONTINUE. */
   const tell = async (kind: NoticeKind, extra: Partial<RotationNotice> = {}, asStep = true) => {
     try {
@@ -245,14 +247,14 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
         for (const dependent of plan.dependents) await calls.verifyDependent({ ...ids, index: dependent.index, version: staged.version });
       });
       // A cancel that came while the last call ran (and let it finish) still undoes the attempt.
-      if (calls === externalFinishing && CancellationScope.current().consideredCancelled) throw new CancelledFailure('the rotation was cancelled');
+      if (cancelledMeanwhile()) throw new CancelledFailure('the rotation was cancelled');
       if (stepOf('compensate').state === 'waiting') skip('compensate');
       break;
     } catch (err) {
       progress.error = failureMessage(err);
       // A call that was cancelled may end in a failure of its own (a timeout) rather than a
       // cancellation: the run was cancelled all the same.
-      const cancelled = isCancellation(err) || (calls === externalFinishing && CancellationScope.current().consideredCancelled);
+      const cancelled = isCancellation(err) || cancelledMeanwhile();
       // A half-undone attempt is not a base for another one: it ends the run.
       const undone = await compensate(undoStack);
       if (cancelled) {
@@ -396,15 +398,8 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   async function revokeOlderLeaks(): Promise<void> {
     const older = [...leakedVersions].filter((v) => v < progress.fromVersion!).sort((a, b) => a - b);
     if (older.length === 0 || !patched(LEAKED_VERSIONS_ANSWERED)) return;
-    await CancellationScope.nonCancellable(async () => {
-      for (const version of older) {
-        try {
-          await undo.revokeVersion({ ...ids, version });
-        } catch (err) {
-          problems.push(`revoking the leaked version ${version} failed, and it may still work: ${failureMessage(err)}`);
-        }
-      }
-    });
+    const revokes = older.map((version) => ({ what: `revoking the leaked version ${version} (it may still work)`, run: () => undo.revokeVersion({ ...ids, version }) }));
+    problems.push(...(await CancellationScope.nonCancellable(() => runAll(revokes))));
   }
 
   async function closeOut(): Promise<void> {

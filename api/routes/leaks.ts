@@ -1,12 +1,12 @@
 import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
 import type { z } from 'zod';
-import { WorkflowExecutionAlreadyStartedError, WorkflowNotFoundError, type Client } from '@temporalio/client';
+import { WorkflowNotFoundError, type Client } from '@temporalio/client';
 import { incidentMailId, stableUuid } from '../../activities/support';
-import { NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
+import { AppError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { latestRunOf } from '../../core/run-chain';
 import { withTransaction, type Pool } from '../../db/pool';
-import { abandonMail, queueMail } from '../../mail/outbox';
+import { abandonMail, queueMail, startDelivery } from '../../mail/outbox';
 import { findStoredValue, MIN_SCANNED_LENGTH } from '../../mail/secret-scan';
 import { appendAudit } from '../../vault/audit';
 import type { SecretStore } from '../../vault/secret-store';
@@ -229,16 +229,13 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
 
 /**
  * Starts the delivery of an incident's email if it is still queued (the report that opened the
- * incident may have started its rotation and then lost Temporal before the delivery). One delivery
- * workflow per message: one already started is left as it is.
+ * incident may have started its rotation and then lost Temporal before the delivery).
  */
 async function deliverIncidentMail(deps: LeakDeps, mailId: string): Promise<void> {
-  const queued = await deps.pool.query(`SELECT 1 FROM mail_outbox WHERE id = $1 AND status = 'queued'`, [mailId]);
-  if (!queued.rowCount) return;
   try {
-    await deps.client.workflow.start('deliverMail', { taskQueue: deps.taskQueue, workflowId: `mail:${mailId}`, args: [{ messageId: mailId }] });
+    await startDelivery(deps.pool, deps, mailId);
   } catch (err) {
-    if (err instanceof WorkflowExecutionAlreadyStartedError) return;
+    if (err instanceof AppError) throw err;
     throw new UnavailableError('the leak rotation is running, but its incident email could not be handed for delivery (Temporal is unavailable); report again shortly');
   }
 }

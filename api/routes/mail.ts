@@ -6,7 +6,7 @@ import { UnavailableError, UnprocessableError } from '../../core/errors';
 import { withTransaction, type Pool } from '../../db/pool';
 import { abandonMail, queueMail } from '../../mail/outbox';
 import { findStoredValueIn } from '../../mail/secret-scan';
-import { appendAudit, errorDetail, markAudited } from '../../vault/audit';
+import { appendAudit, auditFailure, callerEntry } from '../../vault/audit';
 import type { Caller, Vault } from '../../vault/vault';
 import { deliverMail } from '../../workflows';
 import { endpoint, type AuthDeps } from '../endpoint';
@@ -66,11 +66,7 @@ export async function sendMail(deps: MailDeps, caller: Caller, body: z.output<ty
     await abandonMail(deps.pool, messageId, 'could not start delivery');
     const err = new UnavailableError('mail delivery could not be started (Temporal is unavailable); the message was not sent');
     // The row above says the message was queued; this one, naming it, that it was abandoned unsent.
-    await appendAudit(deps.pool, { ...caller, action: 'mail.send', outcome: 'failed', detail: { messageId, abandoned: true, ...errorDetail(err) } }).then(
-      () => markAudited(err),
-      () => undefined,
-    );
-    throw err;
+    throw await auditFailure(deps.pool, callerEntry(caller, 'mail.send', { messageId, abandoned: true }), err);
   }
   return { messageId, status: 'queued' as const };
 }

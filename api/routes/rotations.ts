@@ -1,12 +1,12 @@
 import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
 import type { z } from 'zod';
-import { WorkflowNotFoundError, type Client, type WorkflowHandle } from '@temporalio/client';
+import type { Client } from '@temporalio/client';
 import { ConflictError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { withTransaction, type Pool } from '../../db/pool';
 import { RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../../db/run-outcome';
 import { findStoredValueIn, MIN_SCANNED_LENGTH } from '../../mail/secret-scan';
-import { appendAudit, errorDetail, markAudited } from '../../vault/audit';
+import { appendAudit, auditFailure, callerEntry } from '../../vault/audit';
 import type { Caller, Kind, Vault } from '../../vault/vault';
 import type { rotateBatch } from '../../workflows/batch';
 import { progressQuery, rollbackUpdate } from '../../workflows/definitions';
@@ -15,7 +15,7 @@ import { endpoint, type AuthDeps } from '../endpoint';
 import { rotationCancelling, rotationReport, rotationRolledBack, rotationStarted } from '../responses';
 import { rotationsStart } from '../schemas';
 import { isUuid } from '../../core/ids';
-import { latestRunOf } from '../../core/run-chain';
+import { latestRunOf, statusOf } from '../../core/run-chain';
 
 export interface RotationDeps {
   pool: Pool;
@@ -119,11 +119,7 @@ export async function startRotation(deps: RotationDeps, caller: Caller, body: z.
     // started rather than running for ever, and a start that reached the server after all starts none.
     await deps.pool.query('UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1', [rotationId]);
     // The row above says the rotation was recorded; this one, naming it, that it never started.
-    await appendAudit(deps.pool, { ...caller, action: 'rotation.start', outcome: 'failed', detail: { rotationId, notStarted: true, ...errorDetail(err) } }).then(
-      () => markAudited(err),
-      () => undefined,
-    );
-    throw err;
+    throw await auditFailure(deps.pool, callerEntry(caller, 'rotation.start', { rotationId, notStarted: true }), err);
   }
   return { rotationId, batchWorkflowId, workflowIds: credentialIds.map((id) => `rotate:${id}`) };
 }
@@ -241,16 +237,6 @@ function aggregate(states: string[]): string {
   if (took === states.length) return states.includes('grace') ? 'grace' : 'succeeded';
   if (took > 0) return 'partial';
   return states.every((s) => s === states[0]) ? states[0]! : 'failed';
-}
-
-/** A run's status on the Temporal server, or null once the server no longer has it (its retention ended). */
-async function statusOf(handle: WorkflowHandle): Promise<string | null> {
-  try {
-    return (await handle.describe()).status.name;
-  } catch (err) {
-    if (err instanceof WorkflowNotFoundError) return null;
-    throw err;
-  }
 }
 
 /** Temporal being unreachable is a 503 for the caller, not a 500. */

@@ -86,16 +86,14 @@ export class Api {
         signal: AbortSignal.timeout(60_000),
       });
     } catch (err) {
-      const cause = (err as { cause?: { code?: string; message?: string } }).cause;
-      throw unreachable(`cannot reach the Mailgent API at ${this.url}: ${cause?.code ?? cause?.message ?? (err as Error).message}`);
+      throw unreachable(`cannot reach the Mailgent API at ${this.url}: ${fetchFailure(err)}`);
     }
     let text: string;
     try {
       text = await res.text();
     } catch (err) {
       // The connection dropped after the headers (the API stopped, a proxy reset it): the answer is lost.
-      const cause = (err as { cause?: { code?: string; message?: string } }).cause;
-      throw unreachable(`the Mailgent API at ${this.url} dropped the connection before its answer was read: ${cause?.code ?? cause?.message ?? (err as Error).message}`);
+      throw unreachable(`the Mailgent API at ${this.url} dropped the connection before its answer was read: ${fetchFailure(err)}`);
     }
     let parsed: unknown;
     try {
@@ -145,3 +143,9 @@ export function reportError(err: CliError, command: string, json: boolean): void
 }
 
 export { EXIT };
+
+/** What a failed fetch says went wrong: its cause's code (ECONNREFUSED …) or message, else its own. */
+function fetchFailure(err: unknown): string {
+  const cause = (err as { cause?: { code?: string; message?: string } }).cause;
+  return cause?.code ?? cause?.message ?? (err as Error).message;
+}

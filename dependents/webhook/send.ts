@@ -1,7 +1,8 @@
 import { UnprocessableError } from '../../core/errors';
 import type { WebhookSettings } from './schema';
 import { SIGNATURE_HEADER, signatureHeader } from './signature';
-import { cancellationOf, checkOutbound, outboundDispatcher, outboundRefusal, outboundSignal } from '../../core/outbound';
+import { checkOutbound, outboundDispatcher, outboundRefusal } from '../../core/outbound';
+import { cancellationOf, outboundSignal } from '../../core/outbound-cancel';
 import { readCapped } from '../../core/read-capped';
 
 export type WebhookEventType = 'credential.pending' | 'credential.verify' | 'credential.restored' | 'credential.promoted';

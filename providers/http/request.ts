@@ -1,5 +1,6 @@
 import { UnprocessableError } from '../../core/errors';
-import { cancellationOf, checkOutbound, outboundDispatcher, outboundRefusal, outboundSignal } from '../../core/outbound';
+import { checkOutbound, outboundDispatcher, outboundRefusal } from '../../core/outbound';
+import { cancellationOf, outboundSignal } from '../../core/outbound-cancel';
 import { readCapped } from '../../core/read-capped';
 
 /**
