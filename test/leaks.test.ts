@@ -42,6 +42,12 @@ describe('POST /v1/leaks', () => {
     const client = Object.create(h.client, { workflow: { value: workflow } });
     return { pool: h.services.pool, vault: h.services.vault, secrets: h.services.secrets, client, taskQueue: h.taskQueue, securityNotify: [security] };
   };
+  /** The same, with a Temporal client that has lost its server: every signal and describe fails. */
+  const depsLosingTemporal = () => {
+    const lost = async () => Promise.reject(new Error('14 UNAVAILABLE: the connection was lost'));
+    const workflow = Object.create(h.client.workflow, { getHandle: { value: () => ({ describe: lost, signal: lost }) } });
+    return { ...depsLosingStarts(), client: Object.create(h.client, { workflow: { value: workflow } }) };
+  };
   const rotationsOf = async (credentialId: string) =>
     (await h.sql("SELECT count(*)::int AS n FROM audit_log WHERE credential_id = $1 AND action = 'rotation.create_pending' AND outcome = 'ok'", [credentialId])).rows[0].n as number;
 
@@ -114,7 +120,8 @@ describe('POST /v1/leaks', () => {
     expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1, toVersion: 2 });
     const incidents = (await h.sql('SELECT id, status, reports FROM leak_incidents WHERE credential_id = $1 ORDER BY opened_at', [id])).rows;
     expect(incidents).toEqual([
-      { id: fresh, status: 'closed', reports: 3 },
+      // Opened, then joined once; the report that closed it counts on the incident it opened instead.
+      { id: fresh, status: 'closed', reports: 2 },
       { id: res.body.results[0].incidentId, status: 'closed', reports: 1 },
     ]);
     h.secret((await current('abandoned-incident')).value);
@@ -159,10 +166,11 @@ describe('POST /v1/leaks', () => {
     expect(first.body.results).toEqual([expect.objectContaining({ action: 'rotating' })]);
     expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak' });
     // The moment before the run closed it: open, its run ended. The join's own update then finds it
-    // closed by the run (a trigger stands in for the run's closeLeakIncidents landing in between).
+    // closed by the run (a trigger stands in for the run's closeLeakIncidents landing in between: it
+    // closes the incident as the report's upsert finds it open).
     await h.sql(`UPDATE leak_incidents SET status = 'open', closed_at = NULL WHERE id = $1`, [first.body.results[0].incidentId]);
     await h.sql(`CREATE FUNCTION close_on_join() RETURNS trigger LANGUAGE plpgsql AS $$
-      BEGIN IF NEW.reports > OLD.reports THEN NEW.status := 'closed'; NEW.closed_at := now(); END IF; RETURN NEW; END $$`);
+      BEGIN IF NEW.status = 'open' THEN NEW.status := 'closed'; NEW.closed_at := now(); END IF; RETURN NEW; END $$`);
     await h.sql('CREATE TRIGGER close_on_join BEFORE UPDATE ON leak_incidents FOR EACH ROW EXECUTE FUNCTION close_on_join()');
     try {
       const late = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'closing-incident', source: 'scan' } });
@@ -173,7 +181,7 @@ describe('POST /v1/leaks', () => {
       await h.sql('DROP TRIGGER close_on_join ON leak_incidents');
       await h.sql('DROP FUNCTION close_on_join()');
     }
-    expect((await h.sql('SELECT count(*)::int AS n FROM leak_incidents WHERE credential_id = $1', [id])).rows[0].n).toBe(1);
+    expect((await h.sql('SELECT reports FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ reports: 2 }]);
     expect(await rotationsOf(id)).toBe(1);
     h.secret((await current('closing-incident')).value);
   });
@@ -193,9 +201,13 @@ describe('POST /v1/leaks', () => {
       expect(open).toEqual([{ id: expect.any(String), status: 'open' }]);
       expect((await h.client.workflow.getHandle(`rotate:${id}`).describe()).status.name).toBe('RUNNING');
 
+      // A report that cannot reach Temporal to join is asked to report again, and does not count.
+      await expect(reportLeak(depsLosingTemporal(), caller, agent.id, { credential: 'mail-handover', source: 'scan' })).rejects.toMatchObject({ status: 503 });
       const again = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'mail-handover', source: 'scan' } });
       expect(again.status, again.text).toBe(202);
       expect(again.body.results).toEqual([expect.objectContaining({ credentialId: id, incidentId: open[0].id, action: 'joined' })]);
+      // Before, the report answered 503 counted too: 3.
+      expect((await h.sql('SELECT reports FROM leak_incidents WHERE id = $1', [open[0].id])).rows).toEqual([{ reports: 2 }]);
       const alert = await waitFor('the incident email', async () => {
         const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for mail-handover');
         return mails.length > 0 ? mails : undefined;

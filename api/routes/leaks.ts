@@ -115,7 +115,7 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
     const opened = (
       await tx.query(
         `INSERT INTO leak_incidents (id, credential_id, identity_id, version, source, rotation_id) VALUES ($1, $2, $3, $4, $5, $7)
-         ON CONFLICT (credential_id) WHERE status = 'open' DO UPDATE SET reports = leak_incidents.reports + 1
+         ON CONFLICT (credential_id) WHERE status = 'open' DO UPDATE SET reports = leak_incidents.reports
          RETURNING id, version, (xmax = 0) AS created, opened_at < now() - make_interval(secs => $6) AS stale,
                    (SELECT r.run_id FROM rotation_runs r
                      WHERE r.rotation_id = leak_incidents.rotation_id AND r.credential_id = leak_incidents.credential_id) AS run_id`,
@@ -153,7 +153,12 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
     return opened;
   });
   if (!incident.created) {
-    const joined = { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, action: 'joined' as const };
+    // A report counts on the incident it joins once it is answered so: not one answered 503 (asked to
+    // report again), nor one that closes a left-over incident and opens its own.
+    const joined = async () => {
+      await deps.pool.query('UPDATE leak_incidents SET reports = reports + 1 WHERE id = $1', [incident.id]);
+      return { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, action: 'joined' as const };
+    };
     // A fingerprint names the version that leaked. Another version than the open incident's (the
     // value that incident's rotation just made, say) is a new leak, not a duplicate: the run must
     // hear of it, or it closes the incident with that value still live. (A report by name names the
@@ -184,7 +189,7 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
     }
     if (running) {
       await deliverIncidentMail(deps, incidentMailId(incident.id));
-      return joined;
+      return joined();
     }
     // No run is there to hear it. If the incident's run has not been started yet and the incident
     // was just opened, its run is still being started: the report is a duplicate after all, or
@@ -193,13 +198,13 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
     // ever close it: the incident goes with its run, and the report is answered afresh, a new
     // incident and a leak rotation (once).
     if (!incident.stale && !incident.run_id) {
-      if (!newVersion) return joined;
+      if (!newVersion) return joined();
       throw new UnavailableError('the leak rotation is still starting; report again shortly');
     }
     const closed = await deps.pool.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = $1 AND status = 'open'`, [incident.id]);
     // Its run closed it a moment ago, as it ended: the leak this report names (the same version) was
     // answered by that run, and the report is a duplicate. (Another version is answered afresh.)
-    if (closed.rowCount === 0 && !newVersion) return joined;
+    if (closed.rowCount === 0 && !newVersion) return joined();
     if (!again) return respond(deps, t, body, actor, true);
     throw new UnavailableError('the leak rotation could not be started; report again shortly');
   }
