@@ -53,18 +53,18 @@ export function noticeActivities(deps: ActivityDeps) {
  * that message's delivery alone, not the sweep, whose steps after it (reminders, retention) and
  * whose successors (the schedule skips a sweep while one runs) would wait with it. Without a
  * Temporal client (deps.temporal), it is delivered inline.
+ *
+ * True when this call sent the notice or handed it over; false when an earlier call (an earlier
+ * sweep, a retry) had queued, sent or abandoned it, or when it has no recipients: what a sweep counts.
  */
-export async function handOverNotice(
-  deps: ActivityDeps,
-  notice: Notice,
-  scanIdentities?: string[],
-): Promise<'handed-over' | 'already-queued' | 'sent' | 'already-sent' | 'abandoned' | 'missing' | 'no-recipients'> {
-  if (!deps.temporal) return sendNotice(deps, notice, scanIdentities);
+export async function handOverNotice(deps: ActivityDeps, notice: Notice, scanIdentities?: string[]): Promise<boolean> {
+  if (!deps.temporal) return (await sendNotice(deps, notice, scanIdentities)) === 'sent';
   const queued = await queueNotice(deps, notice, scanIdentities);
-  if (queued === 'no-recipients') return 'no-recipients';
+  if (queued === 'no-recipients') return false;
+  // Queued already, its delivery is started all the same (an attempt that queued it may have died
+  // before starting it), but not counted: an earlier run (a sweep's reminder not yet delivered) or attempt did.
   const delivery = await startDelivery(deps.pool, deps.temporal, notice.id);
-  // Queued by an earlier run (a sweep's reminder not yet delivered) is not handed over again: not counted.
-  return delivery === 'handed-over' && queued === 'already-queued' ? 'already-queued' : delivery;
+  return queued === 'queued' && delivery === 'handed-over';
 }
 
 

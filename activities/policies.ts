@@ -50,7 +50,7 @@ export function policyActivities(deps: ActivityDeps) {
           credentialId: c.id,
           detail: { daysAhead: threshold },
         });
-        if (delivery === 'sent' || delivery === 'handed-over') sent += 1;
+        if (delivery) sent += 1;
       }
       return { sent };
     },
@@ -105,7 +105,7 @@ export function policyActivities(deps: ActivityDeps) {
             subject: `[mailgent] Password ${c.name} is past its maximum age`,
             text: text([]),
           });
-        if (reminder === 'sent' || reminder === 'handed-over') reminded += 1;
+        if (reminder) reminded += 1;
         const told: Date | null = (await deps.pool.query('SELECT sent_at FROM mail_outbox WHERE id = $1', [reminderId])).rows[0]?.sent_at ?? null;
         const toldDays = told ? Math.floor((asOf.getTime() - told.getTime()) / DAY_MS) : -1;
         if (told && toldDays >= c.escalate_after_days) {
@@ -117,7 +117,7 @@ export function policyActivities(deps: ActivityDeps) {
             subject: `[mailgent] ESCALATION: password ${c.name} is ${overdueDays} days overdue`,
             text: text([`The owners were told on ${told.toISOString().slice(0, 10)}, ${toldDays} days ago, and it is still unchanged.`]),
           });
-          if (escalation === 'sent' || escalation === 'handed-over') escalated += 1;
+          if (escalation) escalated += 1;
         }
       }
       return { rotating: managed.length, reminded, escalated };
@@ -149,7 +149,7 @@ export function policyActivities(deps: ActivityDeps) {
           actor: 'schedule:orphan-report',
           detail: { accounts: list.length },
         });
-        if (delivery === 'sent' || delivery === 'handed-over') sent += 1;
+        if (delivery) sent += 1;
       }
       return { sent };
     },

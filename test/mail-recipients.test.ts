@@ -4,7 +4,7 @@ import { SMTPServer } from 'smtp-server';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createActivities } from '../activities';
 import { handOverNotice } from '../activities/notices';
-import { sendNotice } from '../mail/notify';
+import { queueNotice, sendNotice } from '../mail/notify';
 import { deliverOutboxMessage, deliverQueued } from '../mail/outbox';
 import type { Mailer } from '../mail/mailer';
 import { expectCleanRun } from './support/leaks';
@@ -126,6 +126,20 @@ describe('mail with a recipient the SMTP server refuses', () => {
     expect(audited.rows.map((r) => r.detail.refused.map((x: { address: string }) => x.address))).toEqual([[typo]]);
   });
 
+  it('a scheduled notice queued by an attempt that died before starting its delivery is delivered by the retry, and counted once', async () => {
+    const owner = unique('owner');
+    const notice = { id: randomUUID(), identityId: agent.id, purpose: 'expiry.reminder', to: [owner], subject: '[mailgent] api expires in 7 days', text: 'Replace it.', actor: 'test' };
+    // The first attempt queued it and died: no delivery was started.
+    expect(await queueNotice(h.deps, notice)).toBe('queued');
+    expect(await handOverNotice(h.deps, notice)).toBe(false);
+    expect(await h.client.workflow.getHandle(`mail:${notice.id}`).result()).toBe('sent');
+    expect(deliveriesOf(notice.id)).toEqual([{ messageId: `<${notice.id}@mailgent>`, rcptTo: [owner] }]);
+    expect(await handOverNotice(h.deps, notice)).toBe(false);
+    // A notice handed over by this call counts; one with no one to tell does not.
+    expect(await handOverNotice(h.deps, { ...notice, id: randomUUID() })).toBe(true);
+    expect(await handOverNotice(h.deps, { ...notice, id: randomUUID(), to: [] })).toBe(false);
+  });
+
   it('two delivery attempts that overlap (a retry while the first still talks to the server) send the message once', async () => {
     const to = unique('overlap');
     const notice = { id: randomUUID(), identityId: agent.id, purpose: 'rotation.notice', to: [to], subject: '[mailgent] Rotated api', text: 'Version 3 is now current.', actor: 'test' };
@@ -192,7 +206,7 @@ describe('mail with a recipient the SMTP server refuses', () => {
       const again = await sweepActivities.sendExpiryReminders({ asOf: new Date().toISOString() });
       expect(again).toEqual({ sent: 0 });
       const reminder = { id: messageId!, identityId: agent.id, purpose: 'test', to: [owner], subject: 's', text: 't', actor: 'test' };
-      expect(await handOverNotice(h.deps, reminder)).toBe('already-queued');
+      expect(await handOverNotice(h.deps, reminder)).toBe(false);
     } finally {
       await sweep.terminate('test over').catch(() => undefined);
       if (messageId) await h.client.workflow.getHandle(`mail:${messageId}`).terminate('test over: every recipient is refused');
