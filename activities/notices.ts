@@ -120,7 +120,9 @@ export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMe
     ],
     rolled_back: [
       `The rotation of ${what} was rolled back: version ${n.fromVersion} is current again everywhere,`,
-      `and version ${n.toVersion} was revoked. ${n.error ?? ''}`.trim(),
+      n.abandonedNotRevoked
+        ? `but version ${n.toVersion} could not be revoked at the provider and may still work there (a provider that holds one value may still be on it): revoke it there by hand, and put version ${n.fromVersion} back if needed. ${n.error ?? ''}`.trim()
+        : `and version ${n.toVersion} was revoked. ${n.error ?? ''}`.trim(),
       ...(problems.length > 0 ? ['', 'Not everything went through:', ...listed] : []),
     ],
     revoke_failed: [

@@ -530,6 +530,34 @@ describe('credential lifecycle', () => {
     expect(final.state).toBe('rolled_back');
   });
 
+  it('a rollback whose provider refuses to revoke the abandoned version still ends rolled back, and its notice says that version may still work', async () => {
+    const name = unique('refused-revoke');
+    const ownerMail = `${name}@example.com`;
+    const credential = await apiKeyAt(name, { owners: [ownerMail], rotation: { graceHours: 1 } });
+    const { provider } = credential;
+    const rotationId = await startRotation(name);
+    await waitForState(rotationId, ['grace']);
+    const v2 = (await read({ name })).body.value as string;
+
+    provider.failNext('revoke', 1, 403);
+    const rolledBack = await h.api('POST', `/v1/rotations/${rotationId}/rollback`, { token: owner.token });
+    expect(rolledBack.status, rolledBack.text).toBe(200);
+    // Before, the run failed here: no notice, its outcome still 'rotated'.
+    expect(await runResult(rotationId)).toMatchObject({ state: 'rolled_back' });
+    const final = await report(rotationId);
+    expect(final.credentials[0]).toMatchObject({ state: 'rolled_back', outcome: 'rolled_back' });
+    expect((await read({ name })).body).toMatchObject({ version: 1, label: 'current', value: credential.v1 });
+    // The provider kept it: the notice must not say it was revoked.
+    expect(await whoami(provider, v2)).toBe(200);
+    expect(await revokedVersions(credential.id)).toEqual([]);
+    const notices = await noticesFor(ownerMail, [credential.v1, v2]);
+    const rolledNotice = notices.find((m) => m.mail.subject === `[mailgent] Rotation rolled back for ${name}`);
+    expect(rolledNotice?.mail.text).toContain('version 2 could not be revoked at the provider and may still work there');
+    expect(rolledNotice?.mail.text).toContain('revoking version 2 at the provider: ');
+    expect(rolledNotice?.mail.text).toContain('answered 403');
+    expect(rolledNotice?.mail.text).not.toContain('version 2 was revoked');
+  });
+
   it('cancelling while a dependent is being updated undoes everything: env file, pending key, vault; v1 stays current', async () => {
     const name = unique('mailer-api');
     const ownerMail = `${name}@example.com`;

@@ -47,6 +47,14 @@ export const CANCEL_WHILE_PLANNING = 'cancel-while-planning-is-a-cancel';
  */
 export const LEAKED_VERSIONS_ANSWERED = 'leaked-versions-answered';
 
+/**
+ * Runs recorded before this patch failed when the provider would not revoke the version a rollback
+ * abandoned (after the vault and the dependents were already back on the previous one): the run
+ * failed with no notice and its outcome still said rotated. Newer runs end rolled back, the failure
+ * among their problems, and the notice says the rotated value may still work at the provider.
+ */
+export const ROLLBACK_REVOKE_FAILURES_CONTINUE = 'rollback-revoke-failures-continue';
+
 export const PATCH_IDS: readonly string[] = [
   CLOSE_INCIDENTS_LAST,
   NOTICE_FAILURES_CONTINUE,
@@ -54,4 +62,5 @@ export const PATCH_IDS: readonly string[] = [
   CANCELLED_CALLS_FINISH_FIRST,
   CANCEL_WHILE_PLANNING,
   LEAKED_VERSIONS_ANSWERED,
+  ROLLBACK_REVOKE_FAILURES_CONTINUE,
 ];

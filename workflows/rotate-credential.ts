@@ -15,7 +15,15 @@ import {
 import type { createActivities } from '../activities';
 import { leakSignal, progressQuery, rollbackUpdate } from './definitions';
 import { compensation, emailDelivery, externalCall, rotationDatabaseStep } from './options';
-import { CANCEL_WHILE_PLANNING, CANCELLED_CALLS_FINISH_FIRST, CLOSE_INCIDENTS_LAST, LEAKED_VERSIONS_ANSWERED, NOTICE_FAILURES_CONTINUE, ROLLBACK_CHECKS_FIRST } from './patches';
+import {
+  CANCEL_WHILE_PLANNING,
+  CANCELLED_CALLS_FINISH_FIRST,
+  CLOSE_INCIDENTS_LAST,
+  LEAKED_VERSIONS_ANSWERED,
+  NOTICE_FAILURES_CONTINUE,
+  ROLLBACK_CHECKS_FIRST,
+  ROLLBACK_REVOKE_FAILURES_CONTINUE,
+} from './patches';
 import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
 
 type Activities = ReturnType<typeof createActivities>;
@@ -67,6 +75,8 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   let leak = progress.mode === 'leak';
   let rollbackRequested = false;
   let rolledBack: { current: number; abandoned: number } | undefined;
+  /** The provider would not forget the version a rollback abandoned: it may still work there. */
+  let abandonedNotRevoked = false;
   /** Why the vault refused the rollback (a newer value was stored during grace), if it did. */
   let rollbackRefusal: string | undefined;
   // What went wrong without stopping the run (an undo, a promoted event): its notice lists them.
@@ -139,6 +149,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       toVersion: progress.toVersion,
       ...(problems.length > 0 ? { problems: [...problems] } : {}),
       ...(stepOf('revoke_previous').state === 'failed' ? { previousNotRevoked: true } : {}),
+      ...(abandonedNotRevoked ? { abandonedNotRevoked: true } : {}),
       ...extra,
     });
   // Runs recorded before this patch failed when a notice could not be sent (after a day of SMTP
@@ -354,7 +365,17 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     return CancellationScope.nonCancellable(async () => {
       const restores = () => runAll(plan.dependents.map((dependent) => restoreOf(dependent, progress.fromVersion!, progress.toVersion!)));
       // `current`: a provider whose create replaced the live secret (a single PostgreSQL role) puts the previous one back.
-      const forget = () => undo.revokeVersion({ ...ids, version: progress.toVersion!, current: progress.fromVersion! });
+      const forget = async () => {
+        try {
+          await undo.revokeVersion({ ...ids, version: progress.toVersion!, current: progress.fromVersion! });
+        } catch (err) {
+          // The rollback is done everywhere else: the run ends rolled back, and its notice says the
+          // provider still has the rotated value. See ROLLBACK_REVOKE_FAILURES_CONTINUE.
+          if (!patched(ROLLBACK_REVOKE_FAILURES_CONTINUE)) throw err;
+          abandonedNotRevoked = true;
+          problems.push(`revoking version ${progress.toVersion} at the provider: ${failureMessage(err)}`);
+        }
+      };
       // Decided once, at the grace period's start: a run that entered grace before the patch (its
       // history has no marker there) keeps the old order even if its rollback comes after a deploy.
       if (!graceOver) {

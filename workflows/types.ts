@@ -56,4 +56,6 @@ export interface RotationNotice extends RotationIds {
   problems?: string[];
   /** Revoking the previous version failed (its own notice said so): a later notice must not say it was revoked. */
   previousNotRevoked?: boolean;
+  /** A rollback could not revoke the version it abandoned at the provider: the notice must not say it was revoked. */
+  abandonedNotRevoked?: boolean;
 }
