@@ -80,9 +80,13 @@ export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMe
   const what = `the ${meta.kind} credential '${meta.name}'`;
   const problems = n.problems ?? [];
   const listed = problems.map((p) => `- ${p}`);
-  // A failed or cancelled leak rotation leaves the leaked value working: the security contacts must hear that.
-  const stillLeaked =
-    n.mode === 'leak' ? ['', 'A leak of this credential was reported and the rotation did not replace it: the leaked value still works.', 'Rotate it again, or revoke it at the provider by hand.'] : [];
+  // A failed or cancelled leak rotation leaves the leaked value working: the security contacts must
+  // hear that (unless the run rotates again, as a cancelled one that heard of a leak does).
+  const stillLeaked = n.rotatingAgain
+    ? ['', 'A leak of this credential was reported, and a cancel does not stop the answer to it: it is being rotated again now, in leak mode.', 'You will get a notice when that rotation has finished.']
+    : n.mode === 'leak'
+      ? ['', 'A leak of this credential was reported and the rotation did not replace it: the leaked value still works.', 'Rotate it again, or revoke it at the provider by hand.']
+      : [];
   const body: Record<RotationNotice['outcome'], string[]> = {
     rotated: [
       `${cap(what)} was rotated${n.mode === 'leak' ? ' because a leak was reported' : ''}.`,

@@ -222,6 +222,37 @@ describe('POST /v1/leaks', () => {
     }
   });
 
+  it('a cancel of a requested rotation that a leak was reported to undoes it and rotates again in leak mode: the leaked value is revoked, not left working', async () => {
+    const id = await store('cancelled-under-leak', 'pw_cancelled_leak_value_0001', { kind: 'password', rotation: { provider: 'generated', graceHours: 1 } });
+    // The requested rotation waits at its first provider step (see the terminated-run test).
+    const lock = await holdTable(h, 'password_policies');
+    let requested;
+    try {
+      requested = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['cancelled-under-leak'] } });
+      expect(requested.status, requested.text).toBe(202);
+      await lock.waiting();
+      const leak = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'cancelled-under-leak', source: 'scan' } });
+      expect(leak.status, leak.text).toBe(202);
+      // Its requester cancels the rotation it asked for, not knowing of the leak.
+      const cancel = await h.api('DELETE', `/v1/rotations/${requested.body.rotationId}`, { token: agent.token });
+      expect(cancel.body).toMatchObject({ cancelling: [id] });
+    } finally {
+      await lock.release();
+    }
+    // Before, the run ended cancelled and closed the incident, with version 1 (the leaked value) working.
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1 });
+    expect(await revokedVersions(id)).toContain(1);
+    expect((await current('cancelled-under-leak')).version).toBeGreaterThan(1);
+    expect((await h.sql("SELECT count(*)::int AS n FROM leak_incidents WHERE credential_id = $1 AND status = 'open'", [id])).rows[0].n).toBe(0);
+    const report = await h.api('GET', `/v1/rotations/${requested.body.rotationId}`, { token: agent.token });
+    expect(report.body.credentials[0]).toMatchObject({ outcome: 'cancelled' });
+    const notice = await waitFor('the cancel notice to the security contacts', async () =>
+      (await readMailbox()).find((m) => m.mail.subject === '[mailgent] Rotation cancelled for cancelled-under-leak' && recipients(m.mail).includes(security)),
+    );
+    expect(notice.mail.text).toContain('it is being rotated again now, in leak mode');
+    expect(notice.mail.text).not.toContain('the leaked value still works');
+  });
+
   it('a report that joins an incident while a rotation other than the incident\'s runs (a requested one, in grace) tells that rotation of the leak', async () => {
     const id = await store('joined-other-run', 'pw_other_run_value_0001', { kind: 'password', rotation: { provider: 'generated', graceHours: 1 } });
     // An incident whose leak rotation was terminated while it waited at its first provider step.

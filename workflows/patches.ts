@@ -55,6 +55,14 @@ export const LEAKED_VERSIONS_ANSWERED = 'leaked-versions-answered';
  */
 export const ROLLBACK_REVOKE_FAILURES_CONTINUE = 'rollback-revoke-failures-continue';
 
+/**
+ * Runs recorded before this patch, cancelled before promotion after a leak was reported to them (or
+ * leak rotations a batch had joined, cancelled with that batch), ended cancelled and closed the leak
+ * incident with the leaked value still working. Newer runs end cancelled and rotate the credential
+ * again at once, in leak mode; the incident stays open until that run closes it.
+ */
+export const LEAK_OUTLIVES_CANCEL = 'leak-outlives-cancel';
+
 export const PATCH_IDS: readonly string[] = [
   CLOSE_INCIDENTS_LAST,
   NOTICE_FAILURES_CONTINUE,
@@ -63,4 +71,5 @@ export const PATCH_IDS: readonly string[] = [
   CANCEL_WHILE_PLANNING,
   LEAKED_VERSIONS_ANSWERED,
   ROLLBACK_REVOKE_FAILURES_CONTINUE,
+  LEAK_OUTLIVES_CANCEL,
 ];

@@ -22,6 +22,7 @@ import {
   LEAKED_VERSIONS_ANSWERED,
   NOTICE_FAILURES_CONTINUE,
   ROLLBACK_CHECKS_FIRST,
+  LEAK_OUTLIVES_CANCEL,
   ROLLBACK_REVOKE_FAILURES_CONTINUE,
 } from './patches';
 import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
@@ -181,7 +182,13 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     await db.closeLeakIncidents(ids);
     if (again()) await continueAsNew<typeof rotateCredential>({ ...input, mode: 'leak', attemptsBefore: progress.attempt });
   };
-  /** `rotateAgain`: the outcome leaves a reported leak unanswered (a rollback), so a leak rotation follows the notice. */
+  /**
+   * A cancel (before promotion) stops what it was aimed at, a requested or scheduled rotation, not
+   * the answer to a leak reported to it (or a leak rotation a batch joined): the run ends cancelled
+   * and the credential is rotated again at once, in leak mode. See LEAK_OUTLIVES_CANCEL.
+   */
+  const leakOutlivesCancel = () => leak && patched(LEAK_OUTLIVES_CANCEL);
+  /** `rotateAgain`: the outcome leaves a reported leak unanswered (a rollback, a cancel), so a leak rotation follows the notice. */
   const finish = async (outcome: RotationOutcome, kind: NoticeKind, error?: string, rotateAgain = false) => {
     progress.error = error ?? progress.error;
     await CancellationScope.nonCancellable(async () => {
@@ -189,7 +196,12 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       const closeLast = patched(CLOSE_INCIDENTS_LAST);
       if (!closeLast) await db.closeLeakIncidents(ids);
       const seen = incidents.size;
-      await tell(kind, { graceEndsAt: progress.graceEndsAt, error: progress.error, step: progress.steps.find((s) => s.state === 'failed')?.name });
+      await tell(kind, {
+        graceEndsAt: progress.graceEndsAt,
+        error: progress.error,
+        step: progress.steps.find((s) => s.state === 'failed')?.name,
+        ...(rotateAgain && outcome === 'cancelled' ? { rotatingAgain: true } : {}),
+      });
       if (closeLast) await closeIncidents(seen, rotateAgain);
     });
     progress.state = outcome === 'rotated' ? 'succeeded' : outcome;
@@ -219,7 +231,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     progress.error = failureMessage(err);
     skip('create_pending', 'apply_dependents', 'verify', 'compensate', 'promote', 'grace', 'revoke_previous');
     if (isCancellation(err) && patched(CANCEL_WHILE_PLANNING)) {
-      await finish('cancelled', 'cancelled', 'the rotation was cancelled');
+      await finish('cancelled', 'cancelled', 'the rotation was cancelled', leakOutlivesCancel());
       return progress;
     }
     return fail();
@@ -270,7 +282,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       const undone = await compensate(undoStack);
       if (cancelled) {
         await CancellationScope.nonCancellable(() => db.markRotationState({ ...ids, status: undone ? 'active' : 'rotation_failed' }));
-        await finish('cancelled', 'cancelled', 'the rotation was cancelled');
+        await finish('cancelled', 'cancelled', 'the rotation was cancelled', undone && leakOutlivesCancel());
         return progress;
       }
       if (!undone || progress.attempt - (input.attemptsBefore ?? 0) >= plan.maxAttempts || isPermanent(err)) return fail();

@@ -58,4 +58,6 @@ export interface RotationNotice extends RotationIds {
   previousNotRevoked?: boolean;
   /** A rollback could not revoke the version it abandoned at the provider: the notice must not say it was revoked. */
   abandonedNotRevoked?: boolean;
+  /** A cancelled run that heard of a leak: the credential is rotated again at once, in leak mode. */
+  rotatingAgain?: boolean;
 }
