@@ -21,11 +21,13 @@ const credentialName = z
   .refine((n) => !isUuid(n), 'must not have the form of a UUID (that names a credential by id)');
 const credentialId = z.uuid('must be a credential id (UUID)');
 /**
- * An RFC 3339 date-time PostgreSQL can store: from the year 1 (UTC) on. `0000-…` is valid ISO 8601
- * (1 BC) but not a timestamptz input, and would otherwise fail as a 500 after validation.
+ * An RFC 3339 date-time PostgreSQL can store: from the year 1 (UTC) on, with an offset of at most
+ * 15 hours. `0000-…` is valid ISO 8601 (1 BC) and `+16:00` a valid RFC 3339 offset, but neither is a
+ * timestamptz input: each would otherwise fail as a 500 after validation.
  */
 const dateTime = z.iso
   .datetime({ offset: true })
+  .refine((s) => Number(/([+-])(\d{2}):?\d{2}$/.exec(s)?.[2] ?? 0) <= 15, 'must have a UTC offset of at most 15 hours')
   .refine((s) => new Date(s).getUTCFullYear() >= 1, 'must be a date-time from the year 1 (UTC) onwards');
 const email = z.email('must be an email address').max(254);
 const kind = z.enum(KINDS);

@@ -233,6 +233,17 @@ describe('bad input', () => {
     expectProblem(await h.api('GET', '/v1/audit?since=0000-01-01T00:00:00Z', { token: agent.token }), 400, 'validation-failed');
   });
 
+  it('a UTC offset PostgreSQL cannot take (over 15 hours, valid RFC 3339) is a 400, not a 500 (credentials.test stores one of 15 hours)', async () => {
+    // Before, each went to PostgreSQL as given: "time zone displacement out of range", a 500.
+    for (const expiresAt of ['2030-01-01T00:00:00+16:00', '2030-01-01T00:00:00-20:00', '2030-01-01T00:00:00+23:59']) {
+      const res = await post('/v1/vault.store', { body: { name: 'far-offset', kind: 'generic', value: 'v-far-offset', expiresAt } });
+      expectProblem(res, 400, 'validation-failed');
+      expect(res.body.errors).toEqual([{ path: 'expiresAt', message: 'must have a UTC offset of at most 15 hours' }]);
+      expectProblem(await h.api('PATCH', '/v1/credentials/far-offset', { token: agent.token, body: { expiresAt } }), 400, 'validation-failed');
+    }
+    expect((await h.sql("SELECT count(*)::int AS n FROM credentials WHERE name = 'far-offset'")).rows[0].n).toBe(0);
+  });
+
   it('query strings are validated too', async () => {
     expectProblem(await h.api('GET', '/v1/credentials?limit=0', { token: agent.token }), 400, 'validation-failed');
     expectProblem(await h.api('GET', '/v1/credentials?kind=a&kind=b', { token: agent.token }), 400, 'validation-failed');

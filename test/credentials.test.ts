@@ -109,4 +109,17 @@ describe('credential policy', () => {
     expect((await h.api('DELETE', `/v1/credentials/${granted.body.credentialId}`, { token: reader.token })).status).toBe(404);
     expect((await h.api('DELETE', `/v1/grants/${granted.body.id}`, { token: reader.token })).status).toBe(404);
   });
+
+  it('an expiry with a UTC offset of up to 15 hours (what PostgreSQL takes) is stored as its instant', async () => {
+    const stored = await h.api('POST', '/v1/vault.store', {
+      token: agent.token,
+      body: { name: 'far-offset', kind: 'generic', value: h.secret('v-far-offset-value-01'), expiresAt: '2030-01-01T00:00:00+15:00' },
+    });
+    expect(stored.status, stored.text).toBe(201);
+    const expiry = async () => (await h.sql("SELECT expires_at FROM credentials WHERE name = 'far-offset'")).rows[0].expires_at.toISOString();
+    expect(await expiry()).toBe('2029-12-31T09:00:00.000Z');
+    const patched = await h.api('PATCH', '/v1/credentials/far-offset', { token: agent.token, body: { expiresAt: '2030-01-01T00:00:00-15:30' } });
+    expect(patched.status, patched.text).toBe(200);
+    expect(await expiry()).toBe('2030-01-01T15:30:00.000Z');
+  });
 });
