@@ -34,7 +34,13 @@ const kind = z.enum(KINDS);
 const days = z.coerce.number().int().min(0).max(36500);
 
 export const identityCreate = z.strictObject({
-  name: z.string().min(1).max(100).regex(/^[A-Za-z0-9][A-Za-z0-9._@-]*$/, 'must use only letters, digits and . _ @ -'),
+  name: z
+    .string()
+    .min(1)
+    .max(100)
+    .regex(/^[A-Za-z0-9][A-Za-z0-9._@-]*$/, 'must use only letters, digits and . _ @ -')
+    // A grant names its grantee by name or id: a name like another identity's id would be ambiguous.
+    .refine((n) => !isUuid(n), 'must not have the form of a UUID (that names an identity by id)'),
   email: email.optional(),
 });
 

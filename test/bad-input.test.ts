@@ -223,6 +223,13 @@ describe('bad input', () => {
     expect(res.body.errors).toEqual([{ path: 'name', message: 'must not have the form of a UUID (that names a credential by id)' }]);
   });
 
+  it('an identity name shaped like a UUID is refused (a grant names its grantee by name or id)', async () => {
+    // Before, it was created, and a grant to the identity whose id it copied could go to it instead.
+    const res = await h.api('POST', '/v1/identities', { token: h.adminToken, body: { name: agent.id } });
+    expectProblem(res, 400, 'validation-failed');
+    expect(res.body.errors).toEqual([{ path: 'name', message: 'must not have the form of a UUID (that names an identity by id)' }]);
+  });
+
   it('a date-time PostgreSQL cannot store (the year 0000) is a 400, not a 500', async () => {
     for (const expiresAt of ['0000-01-01T00:00:00Z', '0001-01-01T00:00:00+05:00']) {
       const res = await post('/v1/vault.store', { body: { name: 'dated', kind: 'generic', value: 'v-dated', expiresAt } });

@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import type { Pool } from '../db/pool';
 import { ConflictError, NotFoundError, UnprocessableError } from '../core/errors';
+import { isUuid } from '../core/ids';
 import { audited } from './audited';
 import type { Caller, CredentialRef } from './types';
 
@@ -33,7 +34,8 @@ export class Grants {
       ).rows[0];
       if (!cred) throw new NotFoundError(`no credential with ${byId ? `id ${credential.id}` : `name '${credential.name}'`}`);
       note.credentialId = cred.id;
-      const who = (await tx.query('SELECT id, name FROM identities WHERE id::text = $1 OR name = $1', [grantee])).rows[0];
+      // By id when it has that form (no identity name does), else by name: never both at once.
+      const who = (await tx.query(`SELECT id, name FROM identities WHERE ${isUuid(grantee) ? 'id = $1::uuid' : 'name = $1'}`, [grantee])).rows[0];
       if (!who) throw new NotFoundError(`no identity '${grantee}'`);
       if (who.id === caller.identityId) throw new UnprocessableError('an identity already reads its own credentials');
       const id = randomUUID();
