@@ -180,6 +180,16 @@ describe('payload codec', () => {
       expect(Buffer.from(enc.body.payloads[0].metadata.encoding, 'base64').toString()).toBe(ENCODING);
       const dec = await h.api('POST', '/codec/decode', { token: h.adminToken, body: { payloads: enc.body.payloads } });
       expect(dec.body.payloads).toEqual(plain);
+
+      // Payloads this deployment cannot open are the caller's to fix: a 422 that names no key, not a 500.
+      const [sealed] = enc.body.payloads;
+      const cutShort = { ...sealed, data: Buffer.from(sealed.data, 'base64').subarray(0, 20).toString('base64') };
+      const otherKey = { ...sealed, metadata: { ...sealed.metadata, 'encryption-key-id': Buffer.from('payload-codec:0000000000000000').toString('base64') } };
+      for (const payload of [cutShort, otherKey]) {
+        const refused = await h.api('POST', '/codec/decode', { token: h.adminToken, body: { payloads: [payload] } });
+        expect(refused.status, refused.text).toBe(422);
+        expect(refused.body.detail).toBe('a payload could not be decrypted: it was encrypted by another deployment or key, or altered');
+      }
     });
 
     it('answers CORS preflights from the configured Web UI origin only', async () => {

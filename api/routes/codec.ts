@@ -1,7 +1,7 @@
 import { Router, type RequestHandler } from 'express';
 import { z } from 'zod';
 import type { DataConverter } from '@temporalio/common';
-import { ValidationError } from '../../core/errors';
+import { IntegrityError, UnprocessableError, ValidationError } from '../../core/errors';
 import type { Pool } from '../../db/pool';
 import { appendAudit } from '../../vault/audit';
 import { payloadFromJson, payloadToJson } from '../../vault/payload-codec';
@@ -44,7 +44,16 @@ export function codecRoutes(
         }
         let payloads = body.payloads.map(payloadFromJson);
         const codecs = deps.dataConverter.payloadCodecs ?? [];
-        for (const codec of op === 'encode' ? codecs : [...codecs].reverse()) payloads = await codec[op](payloads);
+        try {
+          for (const codec of op === 'encode' ? codecs : [...codecs].reverse()) payloads = await codec[op](payloads);
+        } catch (err) {
+          // What the caller sent (another deployment's payload, or one altered or cut short), not a
+          // fault of this server's: a 422, not a 500 logged as one.
+          if (op === 'decode' && err instanceof IntegrityError) {
+            throw new UnprocessableError('a payload could not be decrypted: it was encrypted by another deployment or key, or altered');
+          }
+          throw err;
+        }
         await appendAudit(deps.pool, { identityId: null, actor: 'admin', action: `codec.${op}`, outcome: 'ok', requestId, detail: { payloads: payloads.length } });
         return { body: { payloads: payloads.map(payloadToJson) } };
         },
