@@ -288,6 +288,24 @@ describe('hardening', () => {
       expect(Number((await h.sql('SELECT encryptions FROM data_keys WHERE id = $1', [keys.rows[2].id])).rows[0].encryptions)).toBe(2);
     });
 
+    it('an unwrapped data key is cached once (read, then sealed with: the same buffer) and zeroed once it expires, asked for again or not', async () => {
+      const dataKeys = new DataKeys(h.services.pool, Keyring.fromSetting(h.keyringFile), { cacheTtlMs: 300, zeroDelayMs: 0 });
+      const fran = await h.createIdentity('fran-h');
+      const keyId = (await h.sql('SELECT id FROM data_keys WHERE identity_id = $1', [fran.id])).rows[0].id as string;
+      const read = await dataKeys.byKeyId(h.services.pool, fran.id, keyId);
+      const active = await dataKeys.active(h.services.pool, fran.id);
+      // Before, the active key was a second copy: the first left the cache without being zeroed.
+      expect(active.key).toBe(read.key);
+      expect(read.key.equals(Buffer.alloc(read.key.length))).toBe(false);
+      // Nobody asks for it again: the sweep drops it and zeroes it all the same.
+      await new Promise((r) => setTimeout(r, 1_000));
+      expect(read.key.equals(Buffer.alloc(read.key.length))).toBe(true);
+      // And a later call unwraps it afresh.
+      const again = await dataKeys.active(h.services.pool, fran.id);
+      expect(again.key).not.toBe(read.key);
+      expect(again.key.equals(Buffer.alloc(again.key.length))).toBe(false);
+    });
+
     it('a seal refused under a successor not yet committed leaves it active: one rollover, not two', async () => {
       // B's rollover waits at this gate, so A can commit between B's refused seal and its rollover.
       let gate: Promise<void> | undefined;

@@ -32,13 +32,19 @@ export class DataKeys {
 
   /** Encryptions a key makes before the next one takes over; SecretStore counts them as it seals. */
   readonly maxEncryptions: number;
+  private readonly cacheTtlMs: number;
+  private readonly zeroDelayMs: number;
+  /** The pending sweep of expired keys, while any key is cached. */
+  private sweep: NodeJS.Timeout | undefined;
 
   constructor(
     private readonly pool: Pool,
     private readonly keyring: Keyring,
-    opts: { maxEncryptions?: number } = {},
+    opts: { maxEncryptions?: number; cacheTtlMs?: number; zeroDelayMs?: number } = {},
   ) {
     this.maxEncryptions = opts.maxEncryptions ?? DEFAULT_MAX_ENCRYPTIONS;
+    this.cacheTtlMs = opts.cacheTtlMs ?? CACHE_TTL_MS;
+    this.zeroDelayMs = opts.zeroDelayMs ?? ZERO_DELAY_MS;
   }
 
   /** Creates the first data key of a new identity, inside the caller's transaction. */
@@ -46,14 +52,17 @@ export class DataKeys {
     const id = randomUUID();
     const key = randomBytes(KEY_BYTES);
     const master = this.keyring.current;
-    await db.query('INSERT INTO data_keys (id, identity_id, master_key_id, wrapped, encryptions) VALUES ($1, $2, $3, $4, $5)', [
-      id,
-      identityId,
-      master.id,
-      seal(master.key, key, dataKeyAad(identityId, id)),
-      encryptions,
-    ]);
-    key.fill(0);
+    try {
+      await db.query('INSERT INTO data_keys (id, identity_id, master_key_id, wrapped, encryptions) VALUES ($1, $2, $3, $4, $5)', [
+        id,
+        identityId,
+        master.id,
+        seal(master.key, key, dataKeyAad(identityId, id)),
+        encryptions,
+      ]);
+    } finally {
+      key.fill(0);
+    }
     return id;
   }
 
@@ -115,12 +124,15 @@ export class DataKeys {
     if (!row) {
       const master = this.keyring.current;
       const fresh = randomBytes(KEY_BYTES);
-      await this.pool.query('INSERT INTO service_keys (name, master_key_id, wrapped) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING', [
-        name,
-        master.id,
-        seal(master.key, fresh, serviceKeyAad(name)),
-      ]);
-      fresh.fill(0);
+      try {
+        await this.pool.query('INSERT INTO service_keys (name, master_key_id, wrapped) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING', [
+          name,
+          master.id,
+          seal(master.key, fresh, serviceKeyAad(name)),
+        ]);
+      } finally {
+        fresh.fill(0);
+      }
       row = (await this.pool.query('SELECT master_key_id, wrapped FROM service_keys WHERE name = $1', [name])).rows[0];
     }
     const master = this.keyring.find(row.master_key_id);
@@ -179,12 +191,38 @@ export class DataKeys {
     const hit = this.byId.get(id);
     if (!hit) return undefined;
     if (hit.expires > Date.now()) return hit.key;
-    this.byId.delete(id);
-    setTimeout(() => hit.key.key.fill(0), ZERO_DELAY_MS).unref();
+    this.forget(id);
     return undefined;
   }
 
+  /** Drops a cached key and zeroes it a little later, so a call already holding it finishes first. */
+  private forget(id: string): void {
+    const hit = this.byId.get(id);
+    if (!hit) return;
+    this.byId.delete(id);
+    setTimeout(() => hit.key.key.fill(0), this.zeroDelayMs).unref();
+  }
+
+  /**
+   * Expired keys leave the cache (and are zeroed) on a timer too, not only when asked for again: the
+   * key of an identity that is not used again would otherwise stay in memory for the process's life.
+   * The timer runs only while a key is cached, and never holds the process open.
+   */
+  private scheduleSweep(): void {
+    if (this.sweep || this.byId.size === 0) return;
+    this.sweep = setTimeout(() => {
+      this.sweep = undefined;
+      const now = Date.now();
+      for (const [id, hit] of this.byId) if (hit.expires <= now) this.forget(id);
+      this.scheduleSweep();
+    }, this.cacheTtlMs).unref();
+  }
+
   private unwrap(identityId: string, row: { id: string; master_key_id: string; wrapped: Buffer }): DataKey {
+    // Cached already (read by byKeyId, now wanted as the active key, say): the same buffer, not a
+    // second copy that would replace the first in the cache and leave it unzeroed.
+    const live = this.cached(row.id);
+    if (live && live.identityId === identityId) return live;
     const master = this.keyring.find(row.master_key_id);
     if (!master) {
       throw new IntegrityError(
@@ -192,7 +230,9 @@ export class DataKeys {
       );
     }
     const key: DataKey = { id: row.id, identityId, key: open(master, row.wrapped, dataKeyAad(identityId, row.id), `data key ${row.id}`) };
-    this.byId.set(row.id, { key, expires: Date.now() + CACHE_TTL_MS });
+    this.forget(row.id);
+    this.byId.set(row.id, { key, expires: Date.now() + this.cacheTtlMs });
+    this.scheduleSweep();
     return key;
   }
 }
