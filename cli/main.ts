@@ -1,6 +1,6 @@
 import { ConfigError, loadConfig } from '../core/config';
 import { clientCommands } from './client/commands';
-import { CliError, EXIT, usageError } from './client/errors';
+import { CliError, EXIT, unexpectedArgument, usageError } from './client/errors';
 import { reportError } from './client/context';
 import { MCP_USAGE, mcpCommand } from './mcp';
 
@@ -19,7 +19,7 @@ interface Command {
 const serviceCommand = (summary: string, run: () => Promise<number>): Command => ({
   summary,
   async run(args) {
-    if (args.length) throw usageError(`unexpected argument '${args[0]}': configuration comes from the environment`, USAGE);
+    if (args.length) throw unexpectedArgument(1, USAGE, ': configuration comes from the environment');
     return run();
   },
 });

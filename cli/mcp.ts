@@ -1,6 +1,6 @@
 import type { JSONRPCMessage } from '@modelcontextprotocol/sdk/types.js';
 import { baseUrl, identityToken, parse, TOKEN_OPTION } from './client/context';
-import { EXIT, usageError } from './client/errors';
+import { EXIT, unexpectedArgument } from './client/errors';
 
 /**
  * `mailgent mcp`: MCP over stdio for agents that launch their tools as processes. It is a bridge,
@@ -16,7 +16,7 @@ with an identity token (MAILGENT_TOKEN). Configure it as a stdio server in the a
 
 export async function mcpCommand(args: string[]): Promise<number> {
   const { values, positionals } = parse(args, TOKEN_OPTION, MCP_USAGE);
-  if (positionals.length) throw usageError(`unexpected argument '${positionals[0]}'`, MCP_USAGE);
+  if (positionals.length) throw unexpectedArgument(1, MCP_USAGE);
   await mcpBridge(new URL(`${baseUrl(values.url)}/mcp`), identityToken(values.token));
   return EXIT.ok;
 }

@@ -1,6 +1,7 @@
 import { spawn } from 'node:child_process';
 import { createHash, createHmac, randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { createServer as createHttpServer, type RequestListener } from 'node:http';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -159,6 +160,92 @@ describe('mailgent CLI', () => {
         await new Promise((resolve) => dropper.close(resolve));
       }
     });
+    it('never repeats an extra argument (often the secret itself): names its place instead', async () => {
+      const secret = 'sk_live_in_argv_0001';
+      const runs = [
+        [await mailgent(['store', 'stripe', secret], { env: as(alice), input: 'x' }), 'unexpected argument 2'],
+        [await mailgent(['get', 'stripe', secret, '--json'], { env: as(alice) }), 'unexpected argument 2'],
+        [await mailgent(['leak', 'stripe', secret], { env: as(alice) }), 'unexpected argument 2'],
+        [await mailgent(['identities', 'create', 'someone', secret], { env: admin() }), 'unexpected argument 3'],
+        [await mailgent(['audit', 'verify', secret], { env: admin() }), 'unexpected argument 2'],
+        [await mailgent(['mcp', secret], { env: as(alice) }), 'unexpected argument 1'],
+        [await mailgent(['migrate', secret]), 'unexpected argument 1'],
+      ] as const;
+      for (const [run, says] of runs) {
+        expect(run.code).toBe(2);
+        expect(run.stderr).toContain(`Usage error: ${says} (not repeated here: it may be a secret)`);
+        expect(run.stdout + run.stderr).not.toContain(secret);
+      }
+      expect(json(runs[1][0])).toMatchObject({ type: 'https://mailgent.dev/problems/cli-usage', detail: expect.stringMatching(/^unexpected argument 2 /) });
+    });
+
+    it('refuses an API URL with a user name or password (exit 2) and never prints it, for every command and mcp', async () => {
+      const port = h.url.split(':').pop();
+      const withPassword = [`http://admin:hunter2@127.0.0.1:${port}`, `http://hunter2@127.0.0.1:${port}`, 'http://admin:hunter2@bad host', 'ftp://admin:hunter2@127.0.0.1'];
+      for (const url of withPassword) {
+        const viaFlag = await mailgent(['get', 'anything', '--json', '--url', url], { env: as(alice) });
+        expect(viaFlag.code, url).toBe(2);
+        expect(json(viaFlag), url).toMatchObject({ type: 'https://mailgent.dev/problems/cli-usage' });
+        const viaEnv = await mailgent(['audit', 'verify'], { env: { ...admin(), MAILGENT_URL: url } });
+        expect(viaEnv.code, url).toBe(2);
+        for (const run of [viaFlag, viaEnv]) expect(run.stdout + run.stderr, url).not.toMatch(/hunter2|admin:/);
+      }
+      const parsed = await mailgent(['get', 'anything', '--url', withPassword[0]!], { env: as(alice) });
+      expect(parsed.stderr).toContain('must not hold a user name or password (user:password@host)');
+      // Over `mailgent mcp` an error would go into the agent's transcript: refused before the bridge starts.
+      const initialize = JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'initialize', params: { protocolVersion: '2025-06-18', capabilities: {}, clientInfo: { name: 't', version: '1' } } });
+      const mcp = await mailgent(['mcp'], { env: { ...as(alice), MAILGENT_URL: withPassword[0]! }, input: `${initialize}\n` });
+      expect(mcp).toMatchObject({ code: 2, stdout: '' });
+      expect(mcp.stderr).toContain('must not hold a user name or password');
+      expect(mcp.stderr).not.toContain('hunter2');
+    });
+
+    it('a 2xx answer that is not a JSON document (a proxy\'s page) is an error, not a success: exit 1, one problem with --json', async () => {
+      const answers: [string, string | undefined, string][] = [
+        ['a proxy page', 'text/html', '<html><body>Welcome to the proxy</body></html>'],
+        ['an empty body', undefined, ''],
+        ['a JSON string', 'application/json', '"ok"'],
+        ['JSON null', 'application/json', 'null'],
+      ];
+      for (const [what, type, body] of answers) {
+        await withServer(
+          (_req, res) => res.writeHead(200, type ? { 'content-type': type } : {}).end(body),
+          async (url) => {
+            const got = await mailgent(['get', 'anything', '--json', '--url', url], { env: as(alice) });
+            expect(got.code, what).toBe(1);
+            expect(json(got), what).toEqual({
+              type: 'https://mailgent.dev/problems/cli-unexpected-answer',
+              title: 'Unexpected answer',
+              detail: expect.stringContaining(`answered HTTP 200 with ${type ?? 'no content type'}, not a JSON document`),
+            });
+            const stored = await mailgent(['store', 'anything', '--url', url], { env: as(alice), input: 'v' });
+            expect(stored.code, what).toBe(1);
+            expect(stored.stdout, what).toBe('');
+            expect(stored.stderr, what).toContain('mailgent store: Unexpected answer: ');
+            expect(stored.stderr, what).toContain('(the request may have been carried out)');
+          },
+        );
+      }
+    });
+
+    it('an empty --token or --admin-token is a usage error; neither falls back to another token', async () => {
+      const dataDir = mkdtempSync(path.join(cwd, 'data-'));
+      writeFileSync(path.join(dataDir, 'admin-token'), `${h.adminToken}\n`, { mode: 0o600 });
+      // Without the flag, the file (or ADMIN_TOKEN) is used...
+      expect((await mailgent(['audit', 'verify'], { env: { DATA_DIR: dataDir } })).code).toBe(0);
+      // ...but an empty one (an unset shell variable) does not quietly stand for it.
+      for (const env of [{ DATA_DIR: dataDir }, { ADMIN_TOKEN: h.adminToken }, admin()] as Record<string, string>[]) {
+        const run = await mailgent(['audit', 'verify', '--admin-token', '', '--json'], { env });
+        expect(run.code).toBe(2);
+        expect(json(run)).toEqual({ type: 'https://mailgent.dev/problems/cli-usage', title: 'Usage error', detail: '--admin-token is empty' });
+      }
+      const leak = await mailgent(['leak', 'x', '--admin', '--admin-token', ''], { env: { DATA_DIR: dataDir } });
+      expect(leak.code).toBe(2);
+      expect(leak.stderr).toContain('--admin-token is empty');
+      const identity = await mailgent(['get', 'cli-key', '--token', '', '--json'], { env: as(alice) });
+      expect(identity.code).toBe(2);
+      expect(json(identity)).toMatchObject({ detail: '--token is empty' });
+    });
   });
 
   describe('identities', () => {
@@ -297,6 +384,25 @@ describe('mailgent CLI', () => {
       const asJson = await mailgent(['totp', 'cli-2fa', '--json'], { env: as(alice) });
       expect(json(asJson)).toEqual({ code: expect.stringMatching(/^\d{8}$/), period: 30, digits: 8, expiresInSeconds: expect.any(Number) });
     });
+
+    it('store: --digits, --period or --algorithm with an otpauth:// URI is a usage error (the URI sets its own), nothing stored', async () => {
+      const seed = base32(randomBytes(20).toString('latin1'));
+      const uri = h.secret(`otpauth://totp/Example:cli?secret=${seed}&issuer=Example&digits=6&period=30`);
+      for (const flag of [['--digits', '8'], ['--period', '60'], ['--algorithm', 'sha256']]) {
+        const run = await mailgent(['store', 'cli-uri-2fa', '--kind', 'totp_seed', ...flag, '--json'], { env: as(alice), input: uri });
+        expect(run.code, flag[0]).toBe(2);
+        expect(json(run), flag[0]).toEqual({
+          type: 'https://mailgent.dev/problems/cli-usage',
+          title: 'Usage error',
+          detail: '--digits, --period and --algorithm are for a base32 secret; an otpauth:// URI sets its own (digits=, period=, algorithm= in the URI)',
+        });
+        expect(run.stdout + run.stderr).not.toContain(seed);
+      }
+      expect((await h.api('POST', '/v1/vault.get', { token: alice.token, body: { name: 'cli-uri-2fa' } })).status).toBe(404);
+      const plain = await mailgent(['store', 'cli-uri-2fa', '--kind', 'totp_seed'], { env: as(alice), input: uri });
+      expect(plain.code).toBe(0);
+      expect(json(await mailgent(['totp', 'cli-uri-2fa', '--json'], { env: as(alice) }))).toMatchObject({ digits: 6, period: 30 });
+    });
   });
 
   describe('rotate', () => {
@@ -388,6 +494,98 @@ describe('mailgent CLI', () => {
       const missing = await mailgent(['rotate', 'bob-private'], { env: as(alice) });
       expect(missing.code).toBe(3);
       expect(missing.stderr).toContain('no credential named or with id: bob-private');
+    });
+
+    /**
+     * The API behind a proxy that answers the rotation polls (GET /v1/rotations/:id) as `fault`
+     * says: a status (a problem document), 'drop' (the connection closed, no answer), 'hang' (no
+     * answer at all), or 'pass'. Everything else goes through; POST /v1/rotations are counted.
+     */
+    const flakyApi = async (fault: (poll: number) => number | 'drop' | 'hang' | 'pass', fn: (url: string, starts: () => number) => Promise<void>) => {
+      let polls = 0;
+      let starts = 0;
+      await withServer(
+        (req, res) => {
+          const chunks: Buffer[] = [];
+          req.on('data', (c: Buffer) => chunks.push(c));
+          req.on('end', () => {
+            const isPoll = req.method === 'GET' && /^\/v1\/rotations\/[^/]+$/.test(req.url!);
+            if (req.method === 'POST' && req.url === '/v1/rotations') starts++;
+            const what = isPoll ? fault(++polls) : 'pass';
+            if (what === 'hang') return;
+            if (what === 'drop') return void req.socket.destroy();
+            if (typeof what === 'number') {
+              return void res
+                .writeHead(what, { 'content-type': 'application/problem+json' })
+                .end(JSON.stringify({ type: 'about:blank', title: `HTTP ${what}`, status: what, detail: `the proxy answered ${what}` }));
+            }
+            fetch(h.url + req.url, {
+              method: req.method,
+              headers: { authorization: req.headers.authorization!, ...(req.headers['content-type'] ? { 'content-type': req.headers['content-type'] } : {}) },
+              body: chunks.length ? Buffer.concat(chunks) : undefined,
+            }).then(
+              async (answer) => res.writeHead(answer.status, { 'content-type': answer.headers.get('content-type') ?? 'text/plain' }).end(await answer.text()),
+              () => req.socket.destroy(),
+            );
+          });
+        },
+        (url) => fn(url, () => starts),
+      );
+    };
+    const settled = async (rotationId: string, name: string) => {
+      await h.client.workflow.getHandle(`rotation:${rotationId}`).result();
+      const rotation = await h.api('GET', `/v1/rotations/${rotationId}`, { token: alice.token });
+      expect(rotation.body.credentials.map((c: { name: string }) => c.name)).toEqual([name]);
+      h.secret((await read(alice.token, name)).value);
+      return rotation.body;
+    };
+
+    it('once started, a busy or unreachable API (503, 429, a dropped connection) is polled again until the rotation ends: one rotation, exit 0', async () => {
+      const stored = await mailgent(['store', 'rot-flaky', '--kind', 'api_key', '--policy', generated], { env: as(alice), input: h.secret(`sk_flaky_${randomBytes(8).toString('hex')}`) });
+      expect(stored.code).toBe(0);
+      const faults = [503, 429, 'drop', 503] as const;
+      await flakyApi(
+        (n) => faults[n - 1] ?? 'pass',
+        async (url, starts) => {
+          // Before, the first 503 ended the follow with exit 4 ("try again later"): a script would start a second rotation.
+          const run = await mailgent(['rotate', 'rot-flaky', '--json', '--interval', '100', '--url', url], { env: as(alice) });
+          expect(run).toMatchObject({ code: 0, stderr: '' });
+          const report = json(run);
+          expect(report).toMatchObject({ state: 'succeeded', credentials: [{ name: 'rot-flaky', fromVersion: 1, toVersion: 2, outcome: 'succeeded' }] });
+          expect(starts()).toBe(1);
+          await settled(report.rotationId, 'rot-flaky');
+        },
+      );
+      await read(alice.token, 'rot-flaky', 1);
+    });
+
+    it('once started, a failure to follow exits 1 with the rotation id (never 4): busy until --timeout, a hanging poll, a server error', async () => {
+      for (const [fault, during] of [
+        [503, ' for 2s: HTTP 503 (503): the proxy answered 503'],
+        ['hang', ' for 2s: Service unreachable: '],
+        [500, ': HTTP 500 (500): the proxy answered 500'],
+      ] as const) {
+        await flakyApi(
+          () => fault,
+          async (url, starts) => {
+            const run = await mailgent(['rotate', 'rot-flaky', '--json', '--timeout', '2s', '--interval', '100', '--url', url], { env: as(alice) });
+            expect(run.code, String(fault)).toBe(1);
+            const problem = json(run);
+            expect(problem, String(fault)).toMatchObject({
+              type: 'https://mailgent.dev/problems/cli-not-followed',
+              title: 'Rotation not followed',
+              rotationId: expect.stringMatching(/^[0-9a-f-]{36}$/),
+              detail: expect.stringContaining(`started but could not be followed${during}`),
+            });
+            if (typeof fault === 'number') expect(problem.cause, String(fault)).toMatchObject({ status: fault });
+            expect(run.stderr).toContain(`mailgent rotate: Rotation not followed: rotation ${problem.rotationId} started but could not be followed`);
+            expect(run.stderr).toContain(`it goes on: follow it with GET /v1/rotations/${problem.rotationId}`);
+            expect(starts()).toBe(1);
+            // The rotation named is the one that was started, and it ran to its end.
+            expect(await settled(problem.rotationId, 'rot-flaky')).toMatchObject({ state: 'succeeded' });
+          },
+        );
+      }
     });
   });
 
@@ -488,4 +686,16 @@ function rfcCode(step: number): string {
   const mac = createHmac('sha1', '12345678901234567890').update(counter).digest();
   const offset = mac[mac.length - 1]! & 0xf;
   return String((mac.readUInt32BE(offset) & 0x7fffffff) % 10 ** 8).padStart(8, '0');
+}
+
+/** Runs `fn` against a plain HTTP server answering with `handler` (not the API: a proxy, a stranger). */
+async function withServer(handler: RequestListener, fn: (url: string) => Promise<void>): Promise<void> {
+  const server = createHttpServer(handler);
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  try {
+    await fn(`http://127.0.0.1:${(server.address() as { port: number }).port}`);
+  } finally {
+    server.closeAllConnections();
+    await new Promise((resolve) => server.close(resolve));
+  }
 }

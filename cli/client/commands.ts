@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import { KINDS } from '../../vault/types';
-import { EXIT, usageError } from './errors';
+import { EXIT, unexpectedArgument, usageError } from './errors';
 import { ADMIN_TOKEN_OPTION, adminToken, Api, baseUrl, identityToken, Out, parse, TOKEN_OPTION } from './context';
 import { readSecret } from './secret-input';
 import { table } from './render';
@@ -26,7 +26,7 @@ const refOf = (ref: string) => (isUuid(ref) ? { id: ref } : { name: ref });
 
 function positionals(got: string[], names: string[], usage: string): string[] {
   if (got.length < names.length) throw usageError(`missing ${names.slice(got.length).map((n) => `<${n}>`).join(' ')}`, usage);
-  if (got.length > names.length) throw usageError(`unexpected argument '${got[names.length]}'`, usage);
+  if (got.length > names.length) throw unexpectedArgument(names.length + 1, usage);
   return got;
 }
 
@@ -132,9 +132,15 @@ const store: ClientCommand = {
     const taken = ['name', 'kind', 'value', 'totp', 'expectedVersion', 'externalId'].filter((k) => Object.hasOwn(policy, k));
     if (taken.length) throw usageError(`--policy must not set ${taken.join(', ')}: give the name as the argument, the value from a source, and the rest as flags`, storeUsage);
     const expectedVersion = wholeNumber('expected-version', values['expected-version'], storeUsage);
+    const digits = wholeNumber('digits', values.digits, storeUsage);
+    const period = wholeNumber('period', values.period, storeUsage, 1);
     const api = new Api(baseUrl(values.url), identityToken(values.token));
 
     const value = await readSecret({ file: values['value-file'], envName: values['value-env'], what: `Value of ${name}` });
+    // The URI carries its own parameters; flags that would be dropped unseen are refused instead.
+    if (totpFlags !== undefined && value.startsWith('otpauth://')) {
+      throw usageError('--digits, --period and --algorithm are for a base32 secret; an otpauth:// URI sets its own (digits=, period=, algorithm= in the URI)', storeUsage);
+    }
     const secret =
       kind !== 'totp_seed'
         ? { value }
@@ -144,8 +150,8 @@ const store: ClientCommand = {
               totp: {
                 secret: value,
                 ...(values.algorithm ? { algorithm: values.algorithm.toUpperCase() } : {}),
-                ...(values.digits ? { digits: wholeNumber('digits', values.digits, storeUsage) } : {}),
-                ...(values.period ? { period: wholeNumber('period', values.period, storeUsage, 1) } : {}),
+                ...(digits !== undefined ? { digits } : {}),
+                ...(period !== undefined ? { period } : {}),
               },
             };
     const stored = await api.call('POST', '/v1/vault.store', {
@@ -253,7 +259,7 @@ const leak: ClientCommand = {
     if (ways !== 1) throw usageError('name the credential, or give --fingerprint or --value-file (exactly one)', leakUsage);
     // An empty one (an unset shell variable) must not fall through to reading the value from stdin.
     if (pos[0] === '' || values.fingerprint === '' || values['value-file'] === '') throw usageError('the credential, --fingerprint or --value-file is empty', leakUsage);
-    if (pos.length > 1) throw usageError(`unexpected argument '${pos[1]}'`, leakUsage);
+    if (pos.length > 1) throw unexpectedArgument(2, leakUsage);
     const token = values.admin ? adminToken(values['admin-token']) : identityToken(values.token);
     const api = new Api(baseUrl(values.url), token);
     let target: { credential: string } | { fingerprint: string };

@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { DEFAULT_PORT } from '../../core/config';
-import { CliError, EXIT, exitCodeOf, unreachable, usageError, type Problem } from './errors';
+import { CliError, EXIT, exitCodeOf, unexpectedAnswer, unreachable, usageError, type Problem } from './errors';
 
 /**
  * What every client command shares: its flags (node:util parseArgs, strict), where the API is,
@@ -28,19 +28,26 @@ export const ADMIN_TOKEN_OPTION = { 'admin-token': { type: 'string' } } as const
 
 export function baseUrl(flag: string | undefined, env = process.env): string {
   const raw = flag ?? (env.MAILGENT_URL || `http://127.0.0.1:${DEFAULT_PORT}`);
+  // A URL with an '@' may hold a password (user:password@host), even one that does not parse: it is never repeated.
+  const shown = raw.includes('@') ? '' : ` (got ${JSON.stringify(raw)})`;
   let url: URL;
   try {
     url = new URL(raw);
   } catch {
-    throw usageError(`the API URL (--url or MAILGENT_URL) must be an http:// or https:// URL (got ${JSON.stringify(raw)})`);
+    throw usageError(`the API URL (--url or MAILGENT_URL) must be an http:// or https:// URL${shown}`);
   }
   if (url.protocol !== 'http:' && url.protocol !== 'https:') {
-    throw usageError(`the API URL (--url or MAILGENT_URL) must be an http:// or https:// URL (got ${JSON.stringify(raw)})`);
+    throw usageError(`the API URL (--url or MAILGENT_URL) must be an http:// or https:// URL${shown}`);
+  }
+  // fetch refuses such a URL anyway, quoting it whole in its error; the identity is the bearer token.
+  if (url.username || url.password) {
+    throw usageError('the API URL (--url or MAILGENT_URL) must not hold a user name or password (user:password@host); the identity comes from the token');
   }
   return raw.replace(/\/+$/, '');
 }
 
 export function identityToken(flag: string | undefined, env = process.env): string {
+  if (flag === '') throw usageError('--token is empty');
   const token = flag ?? env.MAILGENT_TOKEN;
   if (!token) throw usageError('no identity token: set MAILGENT_TOKEN (or pass --token)');
   return headerSafe(token, 'the identity token (MAILGENT_TOKEN or --token)');
@@ -57,6 +64,8 @@ function headerSafe(token: string, what: string): string {
 
 /** The admin token: --admin-token, MAILGENT_ADMIN_TOKEN, ADMIN_TOKEN, else the file `serve` generated in DATA_DIR. */
 export function adminToken(flag: string | undefined, env = process.env): string {
+  // An empty flag is an unset shell variable in a script, not leave to use whatever token is found elsewhere.
+  if (flag === '') throw usageError('--admin-token is empty');
   const given = flag ?? (env.MAILGENT_ADMIN_TOKEN || env.ADMIN_TOKEN);
   if (given) return headerSafe(given, 'the admin token (MAILGENT_ADMIN_TOKEN, ADMIN_TOKEN or --admin-token)');
   const file = path.resolve(env.DATA_DIR || '.data', 'admin-token');
@@ -76,14 +85,14 @@ export class Api {
     private readonly token: string,
   ) {}
 
-  async call<T = any>(method: string, route: string, body?: unknown): Promise<T> {
+  async call<T = any>(method: string, route: string, body?: unknown, opts: { timeoutMs?: number } = {}): Promise<T> {
     let res: Response;
     try {
       res = await fetch(this.url + route, {
         method,
         headers: { authorization: `Bearer ${this.token}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
         body: body === undefined ? undefined : JSON.stringify(body),
-        signal: AbortSignal.timeout(60_000),
+        signal: AbortSignal.timeout(opts.timeoutMs ?? 60_000),
       });
     } catch (err) {
       throw unreachable(`cannot reach the Mailgent API at ${this.url}: ${fetchFailure(err)}`);
@@ -101,7 +110,15 @@ export class Api {
     } catch {
       parsed = undefined;
     }
-    if (res.ok) return parsed as T;
+    if (res.ok) {
+      // Every route the CLI calls answers a JSON document. Anything else (a proxy's or captive
+      // portal's HTML page, an empty body) is not the API's answer, and must not pass for success.
+      if (parsed !== null && typeof parsed === 'object') return parsed as T;
+      throw unexpectedAnswer(
+        `the API at ${this.url} answered HTTP ${res.status} with ${res.headers.get('content-type') || 'no content type'}, not a JSON document; ` +
+          `check that --url (MAILGENT_URL) points at the Mailgent API${method === 'GET' ? '' : ' (the request may have been carried out)'}`,
+      );
+    }
     const problem: Problem =
       parsed && typeof parsed === 'object' && 'detail' in parsed
         ? (parsed as Problem)

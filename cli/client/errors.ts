@@ -34,8 +34,24 @@ export function usageError(detail: string, usage?: string): CliError {
   return new CliError(EXIT.usage, { type: `${LOCAL}usage`, title: 'Usage error', detail }, usage);
 }
 
+/**
+ * An extra argument, by its place among the arguments that are not options (1 is the first after
+ * the command), never by its text: it is often the secret itself (`mailgent store stripe sk_live_…`).
+ */
+export function unexpectedArgument(position: number, usage?: string, why = ''): CliError {
+  return usageError(`unexpected argument ${position} (not repeated here: it may be a secret)${why}`, usage);
+}
+
 export function unreachable(detail: string): CliError {
   return new CliError(EXIT.unavailable, { type: `${LOCAL}unreachable`, title: 'Service unreachable', detail });
+}
+
+/**
+ * A 2xx that is not the API's JSON answer. Exit 1, not 4: a request that got this far may have
+ * been carried out (a credential stored, a rotation started), so a script must not simply repeat it.
+ */
+export function unexpectedAnswer(detail: string): CliError {
+  return new CliError(EXIT.failed, { type: `${LOCAL}unexpected-answer`, title: 'Unexpected answer', detail });
 }
 
 /** What an API refusal means for a script: the exit code of each HTTP status. */

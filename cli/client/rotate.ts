@@ -16,7 +16,9 @@ const usage = `Usage: mailgent rotate <name|id>... [options]
 Rotates credentials through their rotation policy, follows the batch until every credential has an
 outcome, and prints a table: credential, old version → new version, outcome. Exit 0 when every
 credential rotated (a rotation in its grace period counts: the new version is current), 1 when any
-failed, was cancelled or rolled back.
+failed, was cancelled or rolled back. Once the rotation has started, a busy or unreachable API is
+asked again until --timeout, and any failure exits 1 (never 4, "try again later") naming the
+rotation id (in "rotationId" with --json): follow that rotation rather than starting another.
 
 Options:
   --kind <kind>           rotate every credential of this kind (${KINDS.join(', ')})
@@ -104,33 +106,41 @@ export const rotate: ClientCommand = {
       return EXIT.ok;
     }
 
+    const { rotationId } = started;
     const total = started.workflowIds.length;
-    out.note(`rotation ${started.rotationId}: ${total} credential${total === 1 ? '' : 's'}`);
+    out.note(`rotation ${rotationId}: ${total} credential${total === 1 ? '' : 's'}`);
     const progress = values.json ? undefined : new Progress(total);
     const deadline = Date.now() + timeoutMs;
     let report: RotationReport;
-    for (;;) {
-      report = await api.call<RotationReport>('GET', `/v1/rotations/${started.rotationId}`);
-      const done = report.credentials.filter((c) => FINISHED.has(c.state));
-      progress?.update(
-        done.map((c) => ({ key: c.credentialId, line: `${c.name}: ${outcomeText(c)}` })),
-        done.filter((c) => !OK_STATES.has(c.state)).length,
-      );
-      if (report.state !== 'running') break;
-      if (Date.now() > deadline) {
+    let unknownFrom: Map<string, number>;
+    try {
+      try {
+        for (;;) {
+          report = await poll(api, rotationId, deadline, interval, values.timeout);
+          const done = report.credentials.filter((c) => FINISHED.has(c.state));
+          progress?.update(
+            done.map((c) => ({ key: c.credentialId, line: `${c.name}: ${outcomeText(c)}` })),
+            done.filter((c) => !OK_STATES.has(c.state)).length,
+          );
+          if (report.state !== 'running') break;
+          if (Date.now() > deadline) {
+            throw new CliError(EXIT.failed, {
+              type: 'https://mailgent.dev/problems/cli-timeout',
+              title: 'Still running',
+              detail: `rotation ${rotationId} had not finished after ${values.timeout}; it goes on: follow it with GET /v1/rotations/${rotationId}`,
+              rotationId,
+            });
+          }
+          await sleep(interval);
+        }
+      } finally {
         progress?.end();
-        throw new CliError(EXIT.failed, {
-          type: 'https://mailgent.dev/problems/cli-timeout',
-          title: 'Still running',
-          detail: `rotation ${started.rotationId} had not finished after ${values.timeout}; it goes on: follow it with GET /v1/rotations/${started.rotationId}`,
-          rotationId: started.rotationId,
-        });
       }
-      await new Promise((r) => setTimeout(r, interval));
+      unknownFrom = await currentVersions(api, report.credentials.filter((c) => c.progress?.fromVersion === undefined).map((c) => c.credentialId));
+    } catch (err) {
+      throw notFollowed(err, rotationId);
     }
-    progress?.end();
 
-    const unknownFrom = await currentVersions(api, report.credentials.filter((c) => c.progress?.fromVersion === undefined).map((c) => c.credentialId));
     const credentials = report.credentials.map((c) => ({
       credentialId: c.credentialId,
       name: c.name,
@@ -154,6 +164,53 @@ export const rotate: ClientCommand = {
     return credentials.every((c) => OK_STATES.has(c.outcome)) ? EXIT.ok : EXIT.failed;
   },
 };
+
+/** How long one poll may take, and the longest wait between polls of a busy or unreachable API. */
+const POLL_TIMEOUT_MS = 15_000;
+const MAX_BACKOFF_MS = 5_000;
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/**
+ * GET /v1/rotations/:id. Once the rotation has started, a busy or unreachable API (429, 503, a
+ * refused or dropped connection, a poll that timed out: exit 4, "try again later") is asked again,
+ * backing off, until the deadline: a script that took exit 4 at its word would start a second rotation.
+ */
+async function poll(api: Api, rotationId: string, deadline: number, interval: number, timeout: string): Promise<RotationReport> {
+  for (let wait = interval; ; wait = Math.min(wait * 2, Math.max(MAX_BACKOFF_MS, interval))) {
+    try {
+      // A poll that hangs is cut short, to be asked again, and never outlasts --timeout by much.
+      const timeoutMs = Math.min(POLL_TIMEOUT_MS, Math.max(deadline - Date.now(), 1000));
+      return await api.call<RotationReport>('GET', `/v1/rotations/${rotationId}`, undefined, { timeoutMs });
+    } catch (err) {
+      if (!(err instanceof CliError) || err.exitCode !== EXIT.unavailable) throw err;
+      const left = deadline - Date.now();
+      if (left <= 0) throw notFollowed(err, rotationId, ` for ${timeout}`);
+      await sleep(Math.min(wait, left));
+    }
+  }
+}
+
+/**
+ * Any failure after the rotation started: exit 1 (it may well be going on; "try again later" would
+ * start another), and the rotation id in the problem, so a script can follow it itself.
+ */
+function notFollowed(err: unknown, rotationId: string, during = ''): CliError {
+  if (err instanceof CliError && err.problem.rotationId === rotationId) return err;
+  return new CliError(EXIT.failed, {
+    type: 'https://mailgent.dev/problems/cli-not-followed',
+    title: 'Rotation not followed',
+    detail: `rotation ${rotationId} started but could not be followed${during}: ${describe(err)}; it goes on: follow it with GET /v1/rotations/${rotationId}`,
+    rotationId,
+    ...(err instanceof CliError ? { cause: err.problem } : {}),
+  });
+}
+
+function describe(err: unknown): string {
+  if (!(err instanceof CliError)) return (err as Error).message;
+  const p = err.problem;
+  return `${p.title}${p.status ? ` (${p.status})` : ''}: ${p.detail}`;
+}
 
 /**
  * A run that failed before it read the credential reports no fromVersion; nothing changed, so the
