@@ -109,6 +109,14 @@ describe('audit log', () => {
     expect(next.body.items[0].seq).toBeGreaterThan(page.body.items[1].seq);
     const all = await h.api('GET', '/v1/audit?limit=1000', { token: h.adminToken });
     expect(new Set(all.body.items.map((e: { identityId: string }) => e.identityId)).size).toBeGreaterThan(1);
+    // The admin names any identity's credential, by name too (before, a name found nothing); a name
+    // several identities use is refused, not answered for one of them.
+    const byAdmin = async (ref: string) => h.api('GET', `/v1/audit?credential=${ref}`, { token: h.adminToken });
+    expect((await byAdmin('short-lived')).body.items.map((e: { action: string; identityId: string }) => [e.action, e.identityId])).toEqual([['vault.store', agent.id]]);
+    expect((await byAdmin(gone.body.id)).body.items).toHaveLength(4);
+    const ambiguous = await byAdmin('seed');
+    expect(ambiguous.status, ambiguous.text).toBe(422);
+    expect(ambiguous.body.detail).toBe("'seed' names credentials of several identities; give the credential's id");
   });
 
   it('is append-only: the service\'s own connection cannot update, delete or truncate it', async () => {

@@ -251,14 +251,17 @@ export class Vault {
    * outlives it: deleted and destroyed ones count too. A name names the live credential if there is
    * one, else the one most recently deleted under it.
    */
-  async resolveForAudit(identityId: string, ref: string): Promise<string | undefined> {
+  async resolveForAudit(identityId: string | null, ref: string): Promise<string | undefined> {
     const { rows } = await this.pool.query(
-      `SELECT id FROM credentials
-        WHERE identity_id = $1 AND (name = $2 OR id::text = $2)
-        ORDER BY id::text = $2 DESC, deleted_at IS NULL DESC, deleted_at DESC
-        LIMIT 1`,
+      `SELECT id, identity_id, id::text = $2 AS by_id FROM credentials
+        WHERE ($1::uuid IS NULL OR identity_id = $1) AND (name = $2 OR id::text = $2)
+        ORDER BY id::text = $2 DESC, deleted_at IS NULL DESC, deleted_at DESC`,
       [identityId, ref],
     );
+    // Without an identity (the admin), a name several identities use names none of them.
+    if (identityId === null && !rows[0]?.by_id && new Set(rows.map((r) => r.identity_id)).size > 1) {
+      throw new UnprocessableError(`'${ref}' names credentials of several identities; give the credential's id`);
+    }
     return rows[0]?.id;
   }
 

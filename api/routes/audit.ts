@@ -18,15 +18,13 @@ export function auditRoutes(auth: AuthDeps, deps: { pool: Pool; vault: Vault }):
   // An identity sees its own events; the admin token sees everyone's.
   router.get(
     '/v1/audit',
-    ...endpoint(auth, { who: 'identity-or-admin', action: 'audit.list', summary: 'Audit events (an identity’s own, or all with the admin token)', query: auditQuery, responses: { 200: auditList } }, async ({ query, identity }) => {
+    ...endpoint(auth, { who: 'identity-or-admin', action: 'audit.list', summary: 'Audit events (an identity’s own, or all with the admin token)', query: auditQuery, responses: { 200: auditList }, problems: [422] }, async ({ query, identity }) => {
       let credentialId: string | undefined;
       if (query.credential) {
-        if (identity) {
-          // Unknown to this identity: an empty list, same as a credential with no events.
-          credentialId = (await deps.vault.resolveForAudit(identity.id, query.credential)) ?? '00000000-0000-0000-0000-000000000000';
-        } else {
-          credentialId = isUuid(query.credential) ? query.credential : '00000000-0000-0000-0000-000000000000';
-        }
+        // Unknown (to this identity): an empty list, same as a credential with no events. The admin
+        // names any identity's credential; by an id, also one whose row is gone.
+        const found = await deps.vault.resolveForAudit(identity?.id ?? null, query.credential);
+        credentialId = found ?? (!identity && isUuid(query.credential) ? query.credential : '00000000-0000-0000-0000-000000000000');
       }
       const items = await listAudit(deps.pool, {
         identityId: identity?.id,
