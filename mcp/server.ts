@@ -4,6 +4,7 @@ import { z } from 'zod';
 import type { Logger } from '../core/logger';
 import { parse } from '../api/endpoint';
 import { problemOf, toAppError } from '../api/problem';
+import { jsonSchema } from '../api/openapi';
 import { appendAudit, errorDetail, isAudited, outcomeOf } from '../vault/audit';
 import type { Caller } from '../vault/vault';
 import pkg from '../package.json' with { type: 'json' };
@@ -49,12 +50,11 @@ async function callTool(deps: McpDeps & { logger: Logger }, tool: Tool, caller: 
 
 const inputSchemas = new WeakMap<z.ZodType, ToolInfo['inputSchema']>();
 
-/** The tool's listing: its input schema is the zod schema the HTTP API validates with, as JSON Schema (converted as the SDK would). */
+/** The tool's listing: its input schema is the zod schema the HTTP API validates with, as the OpenAPI document gives it. */
 function describe(tool: Tool): ToolInfo {
   let inputSchema = inputSchemas.get(tool.input);
   if (!inputSchema) {
-    const { $schema: _dialect, ...schema } = z.toJSONSchema(tool.input, { io: 'input' }) as Record<string, unknown>;
-    inputSchema = schema as ToolInfo['inputSchema'];
+    inputSchema = jsonSchema(tool.input, 'input') as ToolInfo['inputSchema'];
     inputSchemas.set(tool.input, inputSchema);
   }
   return { name: tool.name, title: tool.title, description: tool.description, inputSchema, annotations: { title: tool.title, ...tool.hints } };

@@ -34,7 +34,8 @@ export interface Tool<S extends z.ZodType = z.ZodType> {
  * It carries the id, not the name, because a credential granted by another identity is reachable by
  * id only. It is a reference, not a capability: every tool still checks the caller's scope.
  */
-const HANDLE = /^mailgent:\/\/credentials\/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})@([1-9][0-9]{0,8})$/i;
+// Without flags: the JSON Schema pattern the tool advertises is this regex's source, and must accept what it accepts.
+const HANDLE = /^mailgent:\/\/credentials\/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})@([1-9][0-9]{0,8})$/;
 
 export function handleOf(id: string, version: number): string {
   return `mailgent://credentials/${id}@${version}`;

@@ -123,6 +123,12 @@ describe('MCP server', () => {
       expect(Object.keys(byName.vault_get.properties).sort()).toEqual(['handle', 'id', 'name', 'reveal', 'version']);
       expect(Object.keys(byName.mail_send.properties).sort()).toEqual(['html', 'subject', 'text', 'to']);
       expect(byName.rotate_credentials.properties.credentials.maxItems).toBe(1000);
+      // The tools that take an HTTP endpoint's body as it is advertise the very schema the OpenAPI
+      // document gives that body (before: zod's own formats, such as 'starts_with', crept in).
+      const openapi = (await h.api('GET', '/openapi.json')).body;
+      const bodyOf = (route: string) => openapi.paths[route].post.requestBody.content['application/json'].schema;
+      const sameBody = { vault_store: '/v1/vault.store', mail_send: '/v1/mail.send', rotate_credentials: '/v1/rotations', report_leak: '/v1/leaks' };
+      for (const [tool, route] of Object.entries(sameBody)) expect(byName[tool], tool).toEqual(bodyOf(route));
     });
 
     it('stores, then reads masked by default: a handle and metadata, no value anywhere in the result', async () => {
