@@ -26,7 +26,7 @@ Options:
   --reason <text>         recorded with the rotation
   --notify <email>        gets one summary of the batch (repeatable)
   --no-wait               print the rotation id and return at once
-  --timeout <n>s|m|h      stop following after this long (exit 1; the rotation goes on). Default 30m
+  --timeout <n>ms|s|m|h   stop following after this long (exit 1; the rotation goes on). Default 30m
   --interval <ms>         how often to poll (default 500)
 
 Progress goes to stderr: a bar on a terminal, one line per finished credential otherwise, nothing
@@ -63,7 +63,7 @@ function days(raw: string | undefined): number | undefined {
 
 function duration(raw: string): number {
   const m = /^(\d+)(ms|s|m|h)$/.exec(raw);
-  if (!m) throw usageError(`--timeout must be a number with s, m or h, e.g. 10m (got '${raw}')`, usage);
+  if (!m) throw usageError(`--timeout must be a number with ms, s, m or h, e.g. 10m (got '${raw}')`, usage);
   return Number(m[1]) * { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[m[2] as 'ms' | 's' | 'm' | 'h'];
 }
 
