@@ -55,7 +55,8 @@ export function rotationActivities(deps: ActivityDeps) {
       },
     };
   };
-  const read = (ids: RotationIds, version: number, purpose: string) => deps.rotations.read(caller(ids), ids.credentialId, version, purpose);
+  const read = (ids: RotationIds, version: number, purpose: string, detail?: Record<string, unknown>) =>
+    deps.rotations.read(caller(ids), ids.credentialId, version, purpose, detail);
 
   return {
     async planRotation(ids: RotationIds): Promise<RotationPlan> {
@@ -86,7 +87,8 @@ export function rotationActivities(deps: ActivityDeps) {
         if (staged) return staged;
         const { meta, policy, provider } = await load(ids);
         const ctx = await providerContext(ids, meta, provider, policy.settings);
-        const current = await read(ids, meta.version, 'provider.create');
+        // Its audit row, naming the key, is what tells an undo that this create may have reached the provider.
+        const current = await read(ids, meta.version, 'provider.create', { rotationKey: key });
         const created = await heartbeating(() => provider.create({ ...ctx, idempotencyKey: key, current }));
         return deps.rotations.stagePending(caller(ids), ids.credentialId, key, created);
       });
@@ -116,9 +118,13 @@ export function rotationActivities(deps: ActivityDeps) {
           const ctx = await providerContext(ids, meta, provider, policy.settings);
           const pending = staged ? await read(ids, staged.version, 'provider.discard') : undefined;
           const idempotencyKey = stepKey(ids, 'discard', ids.attempt);
+          // An attempt whose create never reached the provider (refused before it was sent: a cancel
+          // that came first, a credential deleted meanwhile) left nothing there to find: a create
+          // sent now under its key, to learn what it made, would make a key.
+          const createKey = stepKey(ids, 'create', ids.attempt);
+          const sent = staged !== undefined || (await deps.rotations.createMayHaveRun(ids.credentialId, ids.rotationId, createKey));
           await heartbeating(async () => {
-            const createKey = stepKey(ids, 'create', ids.attempt);
-            if (provider.discard) await provider.discard({ ...ctx, pending, current: await read(ids, ids.current, 'provider.discard'), idempotencyKey, createKey });
+            if (provider.discard) await provider.discard({ ...ctx, pending, current: await read(ids, ids.current, 'provider.discard'), idempotencyKey, ...(sent ? { createKey } : {}) });
             else if (pending) await provider.revoke({ ...ctx, secret: pending, idempotencyKey });
           });
           if (staged) await deps.rotations.markRevoked(caller(ids), ids.credentialId, staged.version);

@@ -1,10 +1,11 @@
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import pg from 'pg';
 import { WorkflowFailedError } from '@temporalio/client';
 import { ApplicationFailure } from '@temporalio/common';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createActivities } from '../activities';
 import { verifyWebhookSignature } from '../dependents/webhook';
 import { startHarness, type Harness } from './support/harness';
 import { expectCleanRun } from './support/leaks';
@@ -528,6 +529,45 @@ describe('credential lifecycle', () => {
     expect(rolledNotice.mail.text).toContain('version 2 was revoked');
     // The rotation as a whole was rolled back, not failed.
     expect(final.state).toBe('rolled_back');
+  });
+
+  it('a cancel during a failed attempt\'s undo ends the run there: the next attempt, refused before it reached the provider, makes no key to discard', async () => {
+    const name = unique('undo-cancel');
+    const receiver = new WebhookReceiver(signingKey);
+    receiver.answerVersion = 1; // verify fails: attempt 1 is undone, and a second would follow
+    servers.push(receiver);
+    await receiver.start();
+    const credential = await apiKeyAt(name, { rotation: { maxAttempts: 2 } });
+    const { provider } = credential;
+    await setDependents(credential.id, [webhook(receiver)]);
+    const mintedBefore = provider.creates;
+    // Attempt 1's discard is slow at the provider: the cancel comes while it runs.
+    provider.delayNext('revoke', 1, 2_000);
+    const rotationId = await startRotation(name);
+    await waitFor('attempt 1\'s discard at the provider', async () => provider.requests.filter((r) => r.route === 'revoke').length, (n) => n > 0);
+    const res = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: owner.token });
+    expect(res.status, res.text).toBe(202);
+    expect(await runResult(rotationId)).toMatchObject({ state: 'cancelled', attempt: 2 });
+
+    // Before, attempt 2's undo asked the provider to create under its key (to find what a lost create
+    // had made), so the provider minted a key nobody had asked for, and then revoked it.
+    const minted = provider.listKeys().filter((k) => k.idempotencyKey?.startsWith(`${rotationId}:`));
+    expect(minted.map((k) => [k.idempotencyKey, k.active])).toEqual([[`${rotationId}:${credential.id}:create:1`, false]]);
+    expect(provider.creates - mintedBefore).toBe(1);
+    expect((await read({ name })).body).toMatchObject({ version: 1, value: credential.v1 });
+
+    // A create that did reach the provider, its answer lost, is still found by its undo and revoked.
+    const activities = createActivities(h.deps);
+    const ids = { rotationId: randomUUID(), identityId: owner.id, credentialId: credential.id, workflowId: `rotate:${credential.id}` };
+    provider.failNext('create', 1, 502, { afterEffect: true });
+    await expect(activities.createPendingVersion({ ...ids, attempt: 1 })).rejects.toThrow(/answered 502/);
+    const lost = provider.listKeys().filter((k) => k.idempotencyKey === `${ids.rotationId}:${credential.id}:create:1`);
+    expect(lost.map((k) => k.active)).toEqual([true]);
+    await activities.discardAttempt({ ...ids, attempt: 1, current: 1 });
+    expect(provider.listKeys().filter((k) => k.idempotencyKey?.startsWith(`${ids.rotationId}:`)).map((k) => [k.id, k.active])).toEqual([[lost[0]!.id, false]]);
+    // One whose create was never sent is not looked for: no request under its key.
+    await activities.discardAttempt({ ...ids, attempt: 2, current: 1 });
+    expect(provider.requests.filter((r) => r.idempotencyKey === `${ids.rotationId}:${credential.id}:create:2`)).toEqual([]);
   });
 
   it('a rollback whose provider refuses to revoke the abandoned version still ends rolled back, and its notice says that version may still work', async () => {

@@ -23,6 +23,22 @@ export class RotationVault {
   ) {}
 
   /** The version a rotation created under `rotationKey`, if that step already ran. */
+  /**
+   * Whether a provider's create under `rotationKey` may have been sent: the create reads the current
+   * value for the provider first, and that read's audit row names the key. (A read recorded before
+   * rows named their key counts too, for any key of its rotation.)
+   */
+  async createMayHaveRun(credentialId: string, rotationId: string, rotationKey: string): Promise<boolean> {
+    const { rowCount } = await this.pool.query(
+      `SELECT 1 FROM audit_log
+        WHERE credential_id = $1 AND action = 'rotation.read' AND outcome = 'ok' AND detail->>'purpose' = 'provider.create'
+          AND (detail->>'rotationKey' = $3 OR (NOT detail ? 'rotationKey' AND request_id = $2))
+        LIMIT 1`,
+      [credentialId, rotationId, rotationKey],
+    );
+    return Boolean(rowCount);
+  }
+
   async findStaged(credentialId: string, rotationKey: string): Promise<{ version: number; basedOn: number } | undefined> {
     const { rows } = await this.pool.query('SELECT version, based_on FROM secret_versions WHERE credential_id = $1 AND rotation_key = $2', [
       credentialId,
@@ -66,8 +82,8 @@ export class RotationVault {
   }
 
   /** Reads a version for a provider or dependent (audited: the value leaves the vault for them). */
-  read(caller: Caller, credentialId: string, version: number, purpose: string): Promise<RotationSecret> {
-    return audited(this.pool, caller, 'rotation.read', { version, purpose }, async (tx, note) => {
+  read(caller: Caller, credentialId: string, version: number, purpose: string, detail: Record<string, unknown> = {}): Promise<RotationSecret> {
+    return audited(this.pool, caller, 'rotation.read', { version, purpose, ...detail }, async (tx, note) => {
       note.credentialId = credentialId;
       const { rows } = await tx.query(
         `SELECT c.name, v.version, v.data_key_id, v.sealed, v.provider_ref
