@@ -108,6 +108,15 @@ describe('credential policy', () => {
     expect((await h.api('PATCH', `/v1/credentials/${granted.body.credentialId}`, { token: reader.token, body: { tags: [] } })).status).toBe(404);
     expect((await h.api('DELETE', `/v1/credentials/${granted.body.credentialId}`, { token: reader.token })).status).toBe(404);
     expect((await h.api('DELETE', `/v1/grants/${granted.body.id}`, { token: reader.token })).status).toBe(404);
+
+    // The owner's trail of its credential shows who read it through the grant (before: only its own calls).
+    const trail = (await h.api('GET', '/v1/audit?credential=stripe&limit=1000', { token: agent.token })).body.items;
+    expect(trail.filter((e: { action: string; outcome: string }) => e.action === 'vault.get' && e.outcome === 'ok')).toEqual([
+      expect.objectContaining({ identityId: reader.id, actor: `identity:${reader.id}`, credentialId: granted.body.credentialId }),
+    ]);
+    // The reader's own listing has its read; the owner's trail is not the reader's to see.
+    expect((await h.api('GET', '/v1/audit', { token: reader.token })).body.items.map((e: { action: string }) => e.action)).toContain('vault.get');
+    expect((await h.api('GET', `/v1/audit?credential=${granted.body.credentialId}`, { token: reader.token })).body.items).toEqual([]);
   });
 
   it('an expiry with a UTC offset of up to 15 hours (what PostgreSQL takes) is stored as its instant', async () => {

@@ -15,19 +15,22 @@ export function auditRoutes(auth: AuthDeps, deps: { pool: Pool; vault: Vault }):
     ...endpoint(auth, { who: 'admin', action: 'audit.verify', summary: 'Recompute the audit hash chain', responses: { 200: chainReport } }, async () => ({ body: await verifyAuditChain(deps.pool) })),
   );
 
-  // An identity sees its own events; the admin token sees everyone's.
+  // An identity sees its own events (and every event on a credential of its own); the admin token sees everyone's.
   router.get(
     '/v1/audit',
     ...endpoint(auth, { who: 'identity-or-admin', action: 'audit.list', summary: 'Audit events (an identity’s own, or all with the admin token)', query: auditQuery, responses: { 200: auditList }, problems: [422] }, async ({ query, identity }) => {
       let credentialId: string | undefined;
+      let found: string | undefined;
       if (query.credential) {
         // Unknown (to this identity): an empty list, same as a credential with no events. The admin
         // names any identity's credential; by an id, also one whose row is gone.
-        const found = await deps.vault.resolveForAudit(identity?.id ?? null, query.credential);
+        found = await deps.vault.resolveForAudit(identity?.id ?? null, query.credential);
         credentialId = found ?? (!identity && isUuid(query.credential) ? query.credential : '00000000-0000-0000-0000-000000000000');
       }
       const items = await listAudit(deps.pool, {
-        identityId: identity?.id,
+        // The trail of an identity's own credential is all of it: the reads of the identities it
+        // granted access to, and anyone's refused attempts on it, not only its own calls.
+        identityId: found ? undefined : identity?.id,
         credentialId,
         since: query.since ? new Date(query.since) : undefined,
         afterSeq: query.after,
