@@ -29,7 +29,7 @@ export function auditRoutes(auth: AuthDeps, deps: { pool: Pool; vault: Vault }):
       }
       const items = await listAudit(deps.pool, {
         // The trail of an identity's own credential is all of it: the reads of the identities it
-        // granted access to, and anyone's refused attempts on it, not only its own calls.
+        // granted access to too, not only its own calls. (A refused call names no credential.)
         identityId: found ? undefined : identity?.id,
         credentialId,
         since: query.since ? new Date(query.since) : undefined,
