@@ -499,9 +499,11 @@ describe('mailgent CLI', () => {
     /**
      * The API behind a proxy that answers the rotation polls (GET /v1/rotations/:id) as `fault`
      * says: a status (a problem document), 'drop' (the connection closed, no answer), 'hang' (no
-     * answer at all), or 'pass'. Everything else goes through; POST /v1/rotations are counted.
+     * answer at all), 'no-progress' (the API's answer without the runs' progress, as when no worker
+     * answers the progress query in time), or 'pass'. Everything else goes through; POST
+     * /v1/rotations are counted.
      */
-    const flakyApi = async (fault: (poll: number) => number | 'drop' | 'hang' | 'pass', fn: (url: string, starts: () => number) => Promise<void>) => {
+    const flakyApi = async (fault: (poll: number) => number | 'drop' | 'hang' | 'no-progress' | 'pass', fn: (url: string, starts: () => number) => Promise<void>) => {
       let polls = 0;
       let starts = 0;
       await withServer(
@@ -524,7 +526,14 @@ describe('mailgent CLI', () => {
               headers: { authorization: req.headers.authorization!, ...(req.headers['content-type'] ? { 'content-type': req.headers['content-type'] } : {}) },
               body: chunks.length ? Buffer.concat(chunks) : undefined,
             }).then(
-              async (answer) => res.writeHead(answer.status, { 'content-type': answer.headers.get('content-type') ?? 'text/plain' }).end(await answer.text()),
+              async (answer) => {
+                let text = await answer.text();
+                if (what === 'no-progress') {
+                  const report = JSON.parse(text);
+                  text = JSON.stringify({ ...report, credentials: report.credentials.map((c: object) => ({ ...c, progress: null })) });
+                }
+                res.writeHead(answer.status, { 'content-type': answer.headers.get('content-type') ?? 'text/plain' }).end(text);
+              },
               () => req.socket.destroy(),
             );
           });
@@ -557,6 +566,20 @@ describe('mailgent CLI', () => {
         },
       );
       await read(alice.token, 'rot-flaky', 1);
+    });
+
+    it('a rotated credential whose progress the API could not tell is shown from an unknown version, not from its new one', async () => {
+      await flakyApi(
+        () => 'no-progress',
+        async (url) => {
+          const run = await mailgent(['rotate', 'rot-flaky', '--json', '--interval', '100', '--url', url], { env: as(alice) });
+          expect(run).toMatchObject({ code: 0, stderr: '' });
+          const report = json(run);
+          // Before, fromVersion was read from the credential as it is now: the version just made.
+          expect(report.credentials).toEqual([expect.objectContaining({ name: 'rot-flaky', outcome: 'succeeded', fromVersion: null, toVersion: null })]);
+          await settled(report.rotationId, 'rot-flaky');
+        },
+      );
     });
 
     it('once started, a failure to follow exits 1 with the rotation id (never 4): busy until --timeout, a hanging poll, a server error', async () => {

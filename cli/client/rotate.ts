@@ -136,7 +136,8 @@ export const rotate: ClientCommand = {
       } finally {
         progress?.end();
       }
-      unknownFrom = await currentVersions(api, report.credentials.filter((c) => c.progress?.fromVersion === undefined).map((c) => c.credentialId));
+      // Only where nothing changed: a rotated credential's version now is the one the rotation made.
+      unknownFrom = await currentVersions(api, report.credentials.filter((c) => c.progress?.fromVersion === undefined && !OK_STATES.has(c.state)).map((c) => c.credentialId));
     } catch (err) {
       throw notFollowed(err, rotationId);
     }
@@ -213,8 +214,8 @@ function describe(err: unknown): string {
 }
 
 /**
- * A run that failed before it read the credential reports no fromVersion; nothing changed, so the
- * old version is the current one. Read from the metadata list (no values), page by page.
+ * A run that failed before it read the credential reports no fromVersion (nor does one whose
+ * progress the API could not tell); nothing changed, so the old version is the current one. Read from the metadata list (no values), page by page.
  */
 async function currentVersions(api: Api, ids: string[]): Promise<Map<string, number>> {
   const found = new Map<string, number>();
