@@ -569,15 +569,17 @@ describe('mailgent CLI', () => {
     });
 
     it('a rotated credential whose progress the API could not tell is shown from an unknown version, not from its new one', async () => {
+      const stored = await mailgent(['store', 'rot-unknown', '--kind', 'api_key', '--policy', generated], { env: as(alice), input: h.secret(`sk_unknown_${randomBytes(8).toString('hex')}`) });
+      expect(stored.code).toBe(0);
       await flakyApi(
         () => 'no-progress',
         async (url) => {
-          const run = await mailgent(['rotate', 'rot-flaky', '--json', '--interval', '100', '--url', url], { env: as(alice) });
+          const run = await mailgent(['rotate', 'rot-unknown', '--json', '--interval', '100', '--url', url], { env: as(alice) });
           expect(run).toMatchObject({ code: 0, stderr: '' });
           const report = json(run);
           // Before, fromVersion was read from the credential as it is now: the version just made.
-          expect(report.credentials).toEqual([expect.objectContaining({ name: 'rot-flaky', outcome: 'succeeded', fromVersion: null, toVersion: null })]);
-          await settled(report.rotationId, 'rot-flaky');
+          expect(report.credentials).toEqual([expect.objectContaining({ name: 'rot-unknown', outcome: 'succeeded', fromVersion: null, toVersion: null })]);
+          await settled(report.rotationId, 'rot-unknown');
         },
       );
     });
