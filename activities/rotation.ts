@@ -87,8 +87,12 @@ export function rotationActivities(deps: ActivityDeps) {
         if (staged) return staged;
         const { meta, policy, provider } = await load(ids);
         const ctx = await providerContext(ids, meta, provider, policy.settings);
-        // Its audit row, naming the key, is what tells an undo that this create may have reached the provider.
+        // Its audit row, naming the key, is what tells an undo that this create may have reached the
+        // provider; an undo that came first (this attempt late, still running) has given it up.
         const current = await read(ids, meta.version, 'provider.create', { rotationKey: key });
+        if (await deps.rotations.createGivenUp(ids.credentialId, key)) {
+          throw new UnprocessableError(`attempt ${ids.attempt} was undone before its create was sent; nothing was sent to the provider`);
+        }
         const created = await heartbeating(() => provider.create({ ...ctx, idempotencyKey: key, current }));
         return deps.rotations.stagePending(caller(ids), ids.credentialId, key, created);
       });
@@ -122,7 +126,11 @@ export function rotationActivities(deps: ActivityDeps) {
           // that came first, a credential deleted meanwhile) left nothing there to find: a create
           // sent now under its key, to learn what it made, would make a key.
           const createKey = stepKey(ids, 'create', ids.attempt);
-          const sent = staged !== undefined || (await deps.rotations.createMayHaveRun(ids.credentialId, ids.rotationId, createKey));
+          let sent = staged !== undefined;
+          if (!sent) {
+            await deps.rotations.giveUpCreate(caller(ids), ids.credentialId, createKey);
+            sent = await deps.rotations.createMayHaveRun(ids.credentialId, ids.rotationId, createKey);
+          }
           await heartbeating(async () => {
             if (provider.discard) await provider.discard({ ...ctx, pending, current: await read(ids, ids.current, 'provider.discard'), idempotencyKey, ...(sent ? { createKey } : {}) });
             else if (pending) await provider.revoke({ ...ctx, secret: pending, idempotencyKey });

@@ -531,7 +531,7 @@ describe('credential lifecycle', () => {
     expect(final.state).toBe('rolled_back');
   });
 
-  it('a cancel during a failed attempt\'s undo ends the run there: the next attempt, refused before it reached the provider, makes no key to discard', async () => {
+  it('a cancel during a failed attempt\'s undo ends the run there: the next attempt, refused before it reached the provider, makes no key to discard (nor does it later)', async () => {
     const name = unique('undo-cancel');
     const receiver = new WebhookReceiver(signingKey);
     receiver.answerVersion = 1; // verify fails: attempt 1 is undone, and a second would follow
@@ -565,9 +565,13 @@ describe('credential lifecycle', () => {
     expect(lost.map((k) => k.active)).toEqual([true]);
     await activities.discardAttempt({ ...ids, attempt: 1, current: 1 });
     expect(provider.listKeys().filter((k) => k.idempotencyKey?.startsWith(`${ids.rotationId}:`)).map((k) => [k.id, k.active])).toEqual([[lost[0]!.id, false]]);
-    // One whose create was never sent is not looked for: no request under its key.
+    // One whose create was never sent is not looked for: no request under its key. And a create of
+    // that attempt still running (late: its undo came first) sends nothing when it gets that far,
+    // where it would have made a key that nothing revokes.
     await activities.discardAttempt({ ...ids, attempt: 2, current: 1 });
+    await expect(activities.createPendingVersion({ ...ids, attempt: 2 })).rejects.toThrow('attempt 2 was undone before its create was sent; nothing was sent to the provider');
     expect(provider.requests.filter((r) => r.idempotencyKey === `${ids.rotationId}:${credential.id}:create:2`)).toEqual([]);
+    expect(provider.listKeys().filter((k) => k.idempotencyKey?.startsWith(`${ids.rotationId}:`))).toHaveLength(1);
   });
 
   it('a rollback whose provider refuses to revoke the abandoned version still ends rolled back, and its notice says that version may still work', async () => {

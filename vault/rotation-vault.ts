@@ -1,6 +1,7 @@
 import type { Pool } from '../db/pool';
 import { NotFoundError, UnprocessableError, VersionConflictError } from '../core/errors';
 import { audited, type AuditNote } from './audited';
+import { appendAudit } from './audit';
 import type { SecretStore } from './secret-store';
 import type { Caller } from './types';
 
@@ -24,9 +25,37 @@ export class RotationVault {
 
   /** The version a rotation created under `rotationKey`, if that step already ran. */
   /**
+   * An attempt's undo gives up its create, then asks whether that create may have been sent; the
+   * create, once it has read the current value for the provider (an audit row naming its key), asks
+   * whether it was given up before it sends. Each writes before it asks, so of a create that is
+   * late (still running when its undo came) either the undo learns it may have been sent, and looks
+   * for what it made, or the create learns it was given up, and sends nothing.
+   */
+  async giveUpCreate(caller: Caller, credentialId: string, rotationKey: string): Promise<void> {
+    await appendAudit(this.pool, {
+      identityId: caller.identityId,
+      actor: caller.actor,
+      action: 'rotation.create_given_up',
+      credentialId,
+      outcome: 'ok',
+      requestId: caller.requestId,
+      detail: { rotationKey },
+    });
+  }
+
+  /** Whether the undo of the attempt whose create key this is has given the create up. */
+  async createGivenUp(credentialId: string, rotationKey: string): Promise<boolean> {
+    const { rowCount } = await this.pool.query(
+      `SELECT 1 FROM audit_log WHERE credential_id = $1 AND action = 'rotation.create_given_up' AND detail->>'rotationKey' = $2 LIMIT 1`,
+      [credentialId, rotationKey],
+    );
+    return Boolean(rowCount);
+  }
+
+  /**
    * Whether a provider's create under `rotationKey` may have been sent: the create reads the current
    * value for the provider first, and that read's audit row names the key. (A read recorded before
-   * rows named their key counts too, for any key of its rotation.)
+   * rows named their key counts too, for any key of its rotation.) See giveUpCreate.
    */
   async createMayHaveRun(credentialId: string, rotationId: string, rotationKey: string): Promise<boolean> {
     const { rowCount } = await this.pool.query(
