@@ -1,5 +1,5 @@
 import { WorkflowExecutionAlreadyStartedError, type Client } from '@temporalio/client';
-import { withTransaction, type Db, type Pool } from '../db/pool';
+import { isCommitUnconfirmed, isDatabaseUnavailable, withTransaction, type Db, type Pool } from '../db/pool';
 import { appendAudit } from '../vault/audit';
 import { describeRefused, type Mailer, type SendReport } from './mailer';
 
@@ -60,7 +60,7 @@ export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: strin
   const { rows } = await pool.query(
     `UPDATE mail_outbox SET lease_until = now() + make_interval(secs => $2)
       WHERE id = $1 AND status = 'queued' AND (lease_until IS NULL OR lease_until < now())
-      RETURNING *`,
+      RETURNING *, lease_until::text AS held`,
     [id, lease.seconds],
   );
   const row = rows[0];
@@ -71,37 +71,66 @@ export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: strin
     if (current.status === 'abandoned') return { result: 'abandoned', refused: [] };
     throw new Error('the message is being sent by another delivery attempt; it is tried again once that one has finished');
   }
-  let report: SendReport;
+  // The claim is this attempt's while lease_until is the value it last set (to the microsecond):
+  // it renews, and gives back, only that one, never a claim another attempt took once this one lapsed.
+  let held: string = row.held;
   const renew = setInterval(() => {
     pool
-      .query(`UPDATE mail_outbox SET lease_until = now() + make_interval(secs => $2) WHERE id = $1 AND status = 'queued'`, [id, lease.seconds])
+      .query(
+        `UPDATE mail_outbox SET lease_until = now() + make_interval(secs => $2)
+          WHERE id = $1 AND status = 'queued' AND lease_until = $3::timestamptz RETURNING lease_until::text AS held`,
+        [id, lease.seconds, held],
+      )
+      .then((r) => (held = r.rows[0]?.held ?? held))
       .catch(() => undefined); // a renewal that fails lets the claim lapse; the attempt goes on
   }, lease.renewMs);
+  let report: SendReport;
   try {
     report = await mailer.send({ id, to: row.recipients, subject: row.subject, text: row.text_body, html: row.html_body });
   } catch (err) {
-    await pool.query('UPDATE mail_outbox SET attempts = attempts + 1, last_error = $2, lease_until = NULL WHERE id = $1', [id, (err as Error).message.slice(0, 500)]);
+    clearInterval(renew);
+    await pool.query(
+      `UPDATE mail_outbox SET attempts = attempts + 1, last_error = $2, lease_until = CASE WHEN lease_until = $3::timestamptz THEN NULL ELSE lease_until END
+        WHERE id = $1`,
+      [id, (err as Error).message.slice(0, 500), held],
+    );
     throw err;
+  }
+  const refused = report.refused.map((r) => r.address);
+  // The server has the message: marking it sent must outlast a brief database outage, the claim
+  // renewed meanwhile. Failing here would leave it queued, and a retry would send it again once the
+  // claim lapsed. (An outage longer than the claim can still end that way.)
+  const markSent = () =>
+    withTransaction(pool, async (tx) => {
+      const marked = await tx.query(
+        `UPDATE mail_outbox SET status = 'sent', attempts = attempts + 1, sent_at = now(), refused = $2, last_error = $3
+          WHERE id = $1 AND status <> 'sent'`,
+        [id, refused, refused.length ? `refused by the SMTP server: ${describeRefused(report.refused)}`.slice(0, 500) : null],
+      );
+      if (marked.rowCount === 1 && refused.length > 0) {
+        await appendAudit(tx, {
+          identityId: row.identity_id,
+          actor: 'mail:delivery',
+          action: 'mail.recipients_refused',
+          outcome: 'failed',
+          detail: { messageId: id, purpose: row.purpose, delivered: report.accepted.length, refused: report.refused },
+        });
+      }
+    });
+  try {
+    const deadline = Date.now() + lease.seconds * 1000 - lease.renewMs;
+    for (let pause = 250; ; pause = Math.min(pause * 2, 2_000)) {
+      try {
+        await markSent();
+        break;
+      } catch (err) {
+        if (!(isDatabaseUnavailable(err) || isCommitUnconfirmed(err)) || Date.now() + pause > deadline) throw err;
+        await new Promise((resolve) => setTimeout(resolve, pause));
+      }
+    }
   } finally {
     clearInterval(renew);
   }
-  const refused = report.refused.map((r) => r.address);
-  await withTransaction(pool, async (tx) => {
-    const marked = await tx.query(
-      `UPDATE mail_outbox SET status = 'sent', attempts = attempts + 1, sent_at = now(), refused = $2, last_error = $3
-        WHERE id = $1 AND status <> 'sent'`,
-      [id, refused, refused.length ? `refused by the SMTP server: ${describeRefused(report.refused)}`.slice(0, 500) : null],
-    );
-    if (marked.rowCount === 1 && refused.length > 0) {
-      await appendAudit(tx, {
-        identityId: row.identity_id,
-        actor: 'mail:delivery',
-        action: 'mail.recipients_refused',
-        outcome: 'failed',
-        detail: { messageId: id, purpose: row.purpose, delivered: report.accepted.length, refused: report.refused },
-      });
-    }
-  });
   return { result: 'sent', refused };
 }
 

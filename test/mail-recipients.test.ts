@@ -7,7 +7,9 @@ import { handOverNotice } from '../activities/notices';
 import { queueNotice, sendNotice } from '../mail/notify';
 import { deliverOutboxMessage, deliverQueued } from '../mail/outbox';
 import type { Mailer } from '../mail/mailer';
+import { createPool } from '../db/pool';
 import { expectCleanRun } from './support/leaks';
+import { TcpProxy } from './support/tcp-proxy';
 import { startHarness, type Harness } from './support/harness';
 import { waitFor } from './support/lifecycle-fixtures';
 
@@ -155,6 +157,37 @@ describe('mail with a recipient the SMTP server refuses', () => {
     // The retry that follows finds it sent.
     expect(await deliverQueued(h.deps.pool, h.deps.mailer, notice.id)).toBe('already-sent');
     expect(await outboxRow(notice.id)).toMatchObject({ status: 'sent', attempts: 1 });
+  });
+
+  it('a message the server accepted while the database went away is marked sent once it is back, not sent again by the retry', async () => {
+    const id = randomUUID();
+    const to = unique('outage');
+    await h.sql(`INSERT INTO mail_outbox (id, identity_id, purpose, recipients, subject, text_body) VALUES ($1, $2, 'test', $3, 's', 't')`, [id, agent.id, [to]]);
+    const db = new URL(h.databaseUrl);
+    const proxy = await new TcpProxy({ host: db.hostname, port: Number(db.port) }).start();
+    db.host = proxy.address;
+    const pool = createPool(db.toString(), 2);
+    try {
+      // The database goes away just as the server accepts the message, for 2 s.
+      const accepting: Mailer = {
+        ...h.deps.mailer,
+        send: async (mail) => {
+          const report = await h.deps.mailer.send(mail);
+          await proxy.down();
+          setTimeout(() => void proxy.up(), 2_000);
+          return report;
+        },
+      };
+      const lease = { seconds: 8, renewMs: 200 };
+      // Before, the attempt failed here with the message left queued: its retry sent it again once the claim lapsed.
+      expect(await deliverOutboxMessage(pool, accepting, id, lease)).toEqual({ result: 'sent', refused: [] });
+      expect(deliveriesOf(id)).toEqual([{ messageId: `<${id}@mailgent>`, rcptTo: [to] }]);
+      expect(await outboxRow(id)).toMatchObject({ status: 'sent', attempts: 1 });
+      expect((await deliverOutboxMessage(h.deps.pool, h.deps.mailer, id, lease)).result).toBe('already-sent');
+    } finally {
+      await pool.end();
+      await proxy.stop();
+    }
   });
 
   it('an attempt that outlasts its claim keeps renewing it: a retry meanwhile still does not send', async () => {
