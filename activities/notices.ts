@@ -54,8 +54,10 @@ export function noticeActivities(deps: ActivityDeps) {
  * whose successors (the schedule skips a sweep while one runs) would wait with it. Without a
  * Temporal client (deps.temporal), it is delivered inline.
  *
- * True when this call sent the notice or handed it over; false when an earlier call (an earlier
- * sweep, a retry) had queued, sent or abandoned it, or when it has no recipients: what a sweep counts.
+ * True when this call queued the notice and handed it over (or, without Temporal, sent it); false
+ * when it has no recipients, or (with Temporal) an earlier call, an earlier sweep's or a retried
+ * attempt's, had queued it: what a sweep counts. A notice an attempt queued and then died before
+ * handing over is handed over by the retry all the same, but counted by neither.
  */
 export async function handOverNotice(deps: ActivityDeps, notice: Notice, scanIdentities?: string[]): Promise<boolean> {
   if (!deps.temporal) return (await sendNotice(deps, notice, scanIdentities)) === 'sent';

@@ -128,7 +128,7 @@ describe('mail with a recipient the SMTP server refuses', () => {
     expect(audited.rows.map((r) => r.detail.refused.map((x: { address: string }) => x.address))).toEqual([[typo]]);
   });
 
-  it('a scheduled notice queued by an attempt that died before starting its delivery is delivered by the retry, and counted once', async () => {
+  it('a scheduled notice queued by an attempt that died before starting its delivery is delivered by the retry (which does not count it as its own)', async () => {
     const owner = unique('owner');
     const notice = { id: randomUUID(), identityId: agent.id, purpose: 'expiry.reminder', to: [owner], subject: '[mailgent] api expires in 7 days', text: 'Replace it.', actor: 'test' };
     // The first attempt queued it and died: no delivery was started.

@@ -58,8 +58,9 @@ export const ROLLBACK_REVOKE_FAILURES_CONTINUE = 'rollback-revoke-failures-conti
 /**
  * Runs recorded before this patch, cancelled before promotion after a leak was reported to them (or
  * leak rotations a batch had joined, cancelled with that batch), ended cancelled and closed the leak
- * incident with the leaked value still working. Newer runs end cancelled and rotate the credential
- * again at once, in leak mode; the incident stays open until that run closes it.
+ * incident with the leaked value still working. Newer runs end cancelled and, when the attempt was
+ * undone in full, rotate the credential again at once, in leak mode; the incident stays open until
+ * that run closes it.
  */
 export const LEAK_OUTLIVES_CANCEL = 'leak-outlives-cancel';
 

@@ -49,7 +49,8 @@ export function codecRoutes(
         } catch (err) {
           // What the caller sent (another deployment's payload, or one altered or cut short), not a
           // fault of this server's: a 422, not a 500 logged as one.
-          if (op === 'decode' && err instanceof IntegrityError) {
+          // (Only a payload's own failure: this deployment's codec key failing to load is the server's.)
+          if (op === 'decode' && err instanceof IntegrityError && err.message.startsWith('a Temporal payload ')) {
             throw new UnprocessableError('a payload could not be decrypted: it was encrypted by another deployment or key, or altered');
           }
           throw err;
