@@ -15,10 +15,14 @@ export interface ScannedMessage {
 export function findStoredValue(message: ScannedMessage, stored: { name: string; value: string }[]): string | undefined {
   const haystack = [...(message.to ?? []), message.subject, message.text, message.html ?? ''].join('\n');
   const lower = haystack.toLowerCase();
+  // base64 tools wrap their output (`base64` at 76 columns, PEM at 64): a long value's encoding may
+  // be split across lines.
+  const unwrapped = haystack.replace(/\s+/g, '');
   for (const { name, value } of stored) {
-    for (const { form, caseless } of forms(value)) {
+    if (value.length < MIN_SCANNED_LENGTH) continue;
+    for (const { form, caseless, wraps } of forms(value)) {
       if (form.length < MIN_SCANNED_LENGTH) continue;
-      if (haystack.includes(form) || (caseless && lower.includes(form.toLowerCase()))) return name;
+      if (haystack.includes(form) || (caseless && lower.includes(form.toLowerCase())) || (wraps && unwrapped.includes(form))) return name;
     }
   }
   return undefined;
@@ -37,13 +41,32 @@ export async function findStoredValueIn(message: ScannedMessage, pages: AsyncIte
  * The forms a value may take in a message. Hex and a TOTP seed's base32 mean the same in either case
  * (authenticator apps take `jbswy3dp…` as readily as `JBSWY3DP…`), so they match caselessly.
  */
-function forms(value: string): { form: string; caseless: boolean }[] {
+function forms(value: string): { form: string; caseless: boolean; wraps?: boolean }[] {
   const bytes = Buffer.from(value, 'utf8');
-  const out = [value, bytes.toString('base64'), bytes.toString('base64url'), bytes.toString('hex'), encodeURIComponent(value)].map((form) => ({
+  const out: { form: string; caseless: boolean; wraps?: boolean }[] = [value, bytes.toString('hex'), encodeURIComponent(value)].map((form) => ({
     form,
     caseless: /^[0-9a-f]+$/i.test(form),
   }));
+  for (const form of base64Cores(bytes)) out.push({ form, caseless: false, wraps: true }, { form: toBase64url(form), caseless: false, wraps: true });
   const seed = /^otpauth:\/\/.*[?&]secret=([A-Z2-7]+)/i.exec(value)?.[1];
   if (seed) out.push({ form: seed, caseless: true });
   return out;
+}
+
+/**
+ * base64 of the value wherever it stands in what was encoded: `echo "$KEY" | base64` encodes a
+ * newline after it, a Basic auth header `user:` before it, a file the bytes around it. Each of
+ * the three alignments (0, 1 or 2 bytes before it within a 3-byte group) encodes the value to a
+ * different text; of each, only the characters every one of whose bits comes from the value are
+ * the same whatever surrounds it.
+ */
+function base64Cores(bytes: Buffer): string[] {
+  return [0, 1, 2].map((shift) => {
+    const encoded = Buffer.concat([Buffer.alloc(shift), bytes]).toString('base64');
+    return encoded.slice(Math.ceil((8 * shift) / 6), Math.floor((8 * (shift + bytes.length)) / 6));
+  });
+}
+
+function toBase64url(base64: string): string {
+  return base64.replaceAll('+', '-').replaceAll('/', '_');
 }

@@ -24,6 +24,24 @@ describe('finding a stored secret in a message', () => {
     }
   });
 
+  it('finds base64 of the value with anything around it: a trailing newline, a Basic auth user, a wrapped line', () => {
+    const v = 'sk_live_51HxYz';
+    // Before, only the value encoded alone matched: each of these went out.
+    const encodings = [
+      Buffer.from(`${v}\n`).toString('base64'), // echo "$KEY" | base64
+      Buffer.from(`deploy:${v}`).toString('base64'), // Authorization: Basic
+      Buffer.from(`x${v}`).toString('base64url'),
+      Buffer.from(`{"key":"${v}","note":"rotated"}`).toString('base64'),
+    ];
+    for (const form of encodings) expect(findStoredValue({ subject: 's', text: `see ${form}` }, stored), form).toBe('stripe');
+    const pem = { name: 'pem', value: `-----BEGIN KEY-----${'A1b2C3d4'.repeat(12)}-----END KEY-----` };
+    const wrapped = Buffer.from(pem.value).toString('base64').replace(/(.{76})/g, '$1\n');
+    expect(wrapped).toContain('\n');
+    expect(findStoredValue({ subject: 's', text: wrapped }, [pem])).toBe('pem');
+    // Other bytes with the same neighbours do not match.
+    expect(findStoredValue({ subject: 's', text: Buffer.from('deploy:sk_live_51HxYa').toString('base64') }, stored)).toBeUndefined();
+  });
+
   it('finds the bare seed of a TOTP credential, in either case (base32 is caseless)', () => {
     expect(findStoredValue({ subject: 's', text: 'seed JBSWY3DPEHPK3PXP' }, stored)).toBe('gh-2fa');
     expect(findStoredValue({ subject: 's', text: 'seed jbswy3dpehpk3pxp' }, stored)).toBe('gh-2fa');
