@@ -41,6 +41,13 @@ export interface RunSummary {
  * activities rather than as child workflows so that a credential already rotating is joined, not
  * refused, and the batch's own history stays small.
  */
+/**
+ * A credential whose rotation failed stays due, but the sweep tries it again only this long after
+ * the failure (or its last change): hourly, every sweep would make keys at the provider and send
+ * a failure notice again, and rotate on top of what its owners were asked to put back by hand.
+ */
+export const FAILED_RETRY_HOURS = 24;
+
 export function batchActivities(deps: ActivityDeps) {
   const temporal = () => {
     if (!deps.temporal) throw new Error('this worker has no Temporal client for starting rotations');
@@ -211,9 +218,10 @@ export function batchActivities(deps: ActivityDeps) {
         `SELECT id, to_char(next_rotation_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS at, rotation->'window' AS window FROM credentials
           WHERE deleted_at IS NULL AND next_rotation_at IS NOT NULL AND next_rotation_at <= $1
             AND ($2::timestamptz IS NULL OR (next_rotation_at, id) > ($2::timestamptz, $3::uuid))
+            AND NOT (status = 'rotation_failed' AND updated_at > $1::timestamptz - make_interval(hours => $5))
           ORDER BY next_rotation_at, id
           LIMIT $4`,
-        [input.asOf, input.after?.at ?? null, input.after?.id ?? null, input.limit],
+        [input.asOf, input.after?.at ?? null, input.after?.id ?? null, input.limit, FAILED_RETRY_HOURS],
       );
       const open = rows.filter((r) => !r.window || windowOpen(r.window, new Date(input.asOf)));
       if (open.length) {

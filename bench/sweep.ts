@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto';
 import type { Client } from '@temporalio/client';
 import type { Pool } from '../db/pool';
 import type { rotationSweep } from '../workflows/batch';
+import { FAILED_RETRY_HOURS } from '../activities/batch';
 
 /** One sweep over the whole vault: its time, its runs (continue-as-new) and the plan of its selection query. */
 export interface SweepResult {
@@ -19,6 +20,7 @@ export interface SweepResult {
 const SELECT_DUE = `SELECT id, to_char(next_rotation_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS at, rotation->'window' AS window FROM credentials
   WHERE deleted_at IS NULL AND next_rotation_at IS NOT NULL AND next_rotation_at <= $1
     AND ($2::timestamptz IS NULL OR (next_rotation_at, id) > ($2::timestamptz, $3::uuid))
+    AND NOT (status = 'rotation_failed' AND updated_at > $1::timestamptz - make_interval(hours => $5))
   ORDER BY next_rotation_at, id
   LIMIT $4`;
 
@@ -64,7 +66,7 @@ export async function measureSweep(
 }
 
 export async function explainSelectDue(pool: Pool, asOf: string, limit: number): Promise<SweepResult['plan']> {
-  const { rows } = await pool.query(`EXPLAIN (ANALYZE, FORMAT JSON) ${SELECT_DUE}`, [asOf, null, null, limit]);
+  const { rows } = await pool.query(`EXPLAIN (ANALYZE, FORMAT JSON) ${SELECT_DUE}`, [asOf, null, null, limit, FAILED_RETRY_HOURS]);
   const root = rows[0]['QUERY PLAN'][0];
   const nodes: Record<string, any>[] = [];
   const walk = (n: Record<string, any>) => {

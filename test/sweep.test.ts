@@ -21,6 +21,7 @@ import { readMailbox, recipients, type StoredMail } from './support/mail';
 const SELECT_DUE_SQL = `SELECT id, to_char(next_rotation_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS at, rotation->'window' AS window FROM credentials
           WHERE deleted_at IS NULL AND next_rotation_at IS NOT NULL AND next_rotation_at <= $1
             AND ($2::timestamptz IS NULL OR (next_rotation_at, id) > ($2::timestamptz, $3::uuid))
+            AND NOT (status = 'rotation_failed' AND updated_at > $1::timestamptz - make_interval(hours => $5))
           ORDER BY next_rotation_at, id
           LIMIT $4`;
 
@@ -296,6 +297,23 @@ describe('scheduled sweep', () => {
     await read(agent.token, 'window-closed');
   });
 
+  it('a due credential whose rotation failed is tried again a day after the failure, not by every hourly sweep', async () => {
+    const agent = await identity();
+    const id = await store(agent.token, { name: 'failed-lately', kind: 'api_key', value: secretValue(), rotation: ROTATE_NOW });
+    await age([id], 45);
+    // What a failed run leaves: the credential marked, still due.
+    await h.sql(`UPDATE credentials SET status = 'rotation_failed', updated_at = now() - interval '1 hour' WHERE id = $1`, [id]);
+    // Before, every sweep started it again: keys made at the provider and a failure notice each hour.
+    const soon = await sweep();
+    expect(await sweptIds(soon.sweepId)).not.toContain(id);
+    await h.sql(`UPDATE credentials SET updated_at = now() - interval '25 hours' WHERE id = $1`, [id]);
+    const later = await sweep();
+    expect(await sweptIds(later.sweepId)).toContain(id);
+    expect(await versions([id])).toEqual({ 'failed-lately': 2 });
+    expect((await h.sql('SELECT status FROM credentials WHERE id = $1', [id])).rows[0].status).toBe('active');
+    await read(agent.token, 'failed-lately');
+  });
+
   it('a later wave of a sweep defers a credential whose window closed after it was selected; it stays due', async () => {
     const agent = await identity();
     const hour = new Date().getUTCHours();
@@ -366,19 +384,19 @@ describe('scheduled sweep', () => {
       const asOf = new Date().toISOString();
 
       // A daily sweep's page holds every due credential: the index finds them, only they are sorted.
-      const daily = await planOf([asOf, null, null, 500]);
+      const daily = await planOf([asOf, null, null, 500, 24]);
       expect(daily.nodes.some((n) => n.index === 'credentials_due'), daily.text).toBe(true);
       expect(daily.nodes.filter((n) => n.type === 'Seq Scan'), daily.text).toEqual([]);
 
       // A backlog larger than a page is walked in index order, page after page, without a sort.
-      const firstPage = (await h.sql(SELECT_DUE_SQL, [asOf, null, null, 25])).rows;
+      const firstPage = (await h.sql(SELECT_DUE_SQL, [asOf, null, null, 25, 24])).rows;
       const last = firstPage.at(-1)!;
-      const secondPage = (await h.sql(SELECT_DUE_SQL, [asOf, last.at, last.id, 25])).rows;
+      const secondPage = (await h.sql(SELECT_DUE_SQL, [asOf, last.at, last.id, 25, 24])).rows;
       expect(secondPage).toHaveLength(25);
       expect(secondPage.filter((r) => firstPage.some((f) => f.id === r.id)), 'the cursor page repeats rows of the first page').toEqual([]);
       for (const params of [
-        [asOf, null, null, 25],
-        [asOf, last.at, last.id, 25],
+        [asOf, null, null, 25, 24],
+        [asOf, last.at, last.id, 25, 24],
       ]) {
         const { nodes, text } = await planOf(params);
         expect(nodes.some((n) => ['Index Scan', 'Index Only Scan'].includes(n.type) && n.index === 'credentials_due'), text).toBe(true);
