@@ -318,6 +318,9 @@ export function windowOpen(window: RotationWindow, at: Date): boolean {
   const parts = format.formatToParts(at);
   const day = WEEKDAYS.indexOf(parts.find((p) => p.type === 'weekday')!.value);
   const hour = Number(parts.find((p) => p.type === 'hour')!.value);
-  const inHours = window.startHour <= window.endHour ? hour >= window.startHour && hour < window.endHour : hour >= window.startHour || hour < window.endHour;
-  return window.days.includes(day) && inHours;
+  if (window.startHour <= window.endHour) return window.days.includes(day) && hour >= window.startHour && hour < window.endHour;
+  // Past midnight: the hours after it belong to the window of the day it started on (Friday 22–2
+  // runs from Friday 22:00 to Saturday 02:00).
+  if (hour >= window.startHour) return window.days.includes(day);
+  return hour < window.endHour && window.days.includes((day + 6) % 7);
 }

@@ -25,6 +25,12 @@ describe('rotation windows', () => {
     expect(windowOpen(overnight, new Date('2026-11-30T23:00:00Z'))).toBe(true);
     expect(windowOpen(overnight, new Date('2026-11-30T01:00:00Z'))).toBe(true);
     expect(windowOpen(overnight, new Date('2026-11-30T02:00:00Z'))).toBe(false);
+    // The hours past midnight belong to the day the window started on: Friday 22–2 is Friday night.
+    const fridayNight: RotationWindow = { days: [5], startHour: 22, endHour: 2, timezone: 'UTC' };
+    expect(windowOpen(fridayNight, new Date('2026-11-27T23:00:00Z'))).toBe(true); // Friday 23:00
+    expect(windowOpen(fridayNight, new Date('2026-11-28T01:00:00Z'))).toBe(true); // Saturday 01:00 (before: closed)
+    expect(windowOpen(fridayNight, new Date('2026-11-27T01:00:00Z'))).toBe(false); // Friday 01:00, Thursday night (before: open)
+    expect(windowOpen(fridayNight, new Date('2026-11-28T23:00:00Z'))).toBe(false); // Saturday 23:00
   });
 
   it('are each reached by the default sweep schedule, whatever the hour and the zone’s offset', () => {
