@@ -187,6 +187,10 @@ export function batchActivities(deps: ActivityDeps) {
             ...composeSummary(rotation.kind, rotation.reason, list),
             actor: rotation.kind === 'sweep' ? 'schedule:rotation-sweep' : `workflow:rotation:${input.rotationId}`,
             requestId: input.rotationId,
+            // Composed from these runs' metadata (and the reason, checked when the batch was asked
+            // for): their credentials' versions are what a slip could put in it. Searching every
+            // version of every identity, once per recipient, grew with the whole vault.
+            credentialIds: list.map((r) => r.credentialId),
             detail: { rotations: list.length },
           },
           identities,

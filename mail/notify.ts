@@ -15,6 +15,8 @@ export interface Notice extends Omit<QueuedMail, 'html'> {
   actor: string;
   requestId?: string;
   credentialId?: string | null;
+  /** A notice about several credentials (a batch's summary): only their versions are searched. */
+  credentialIds?: string[];
   detail?: Record<string, unknown>;
 }
 
@@ -43,9 +45,9 @@ export async function queueNotice(
   if (to.length === 0) return 'no-recipients';
   // A notice about one credential is composed from that credential's metadata, in an activity that
   // handles no other value: its own versions are what a slip could put in it, so only they are
-  // decrypted and searched. (Searching all the identity's versions cost every rotation notice one
+  // decrypted and searched (a summary: the versions of the credentials it lists). (Searching all the identity's versions cost every rotation notice one
   // decryption per version the identity ever stored: 18,000 in the bench, half its rotation time.)
-  const only = notice.credentialId ? [notice.credentialId] : undefined;
+  const only = notice.credentialId ? [notice.credentialId] : notice.credentialIds;
   // Queued by an earlier attempt: checked then. A retried activity that sends many notices (a sweep's
   // summaries) must not repeat every scan, or at scale each attempt would redo the work of the last.
   const queued = await deps.pool.query('SELECT 1 FROM mail_outbox WHERE id = $1', [notice.id]);

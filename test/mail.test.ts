@@ -162,6 +162,11 @@ describe('mail.send', () => {
     // A notice about no credential is searched against every value of the identity.
     await expect(notice(`other ${stored['notice-other']!.value}`)).rejects.toMatchObject({ status: 422 });
     expect(asked.at(-1)).toBeUndefined();
+    // One about several (a batch's summary) is searched against their values.
+    const summary = (text: string) =>
+      sendNotice(deps, { id: randomUUID(), identityId: owner.id, purpose: 'rotation.summary', to: ['team@example.com'], subject: 'Summary', text, actor: 'test', credentialIds: [stored['notice-other']!.id] });
+    await expect(summary(`other ${stored['notice-other']!.value}`)).rejects.toMatchObject({ status: 422 });
+    expect(asked.at(-1)).toEqual([stored['notice-other']!.id]);
     expect(await queued()).toBe(0);
     // A clean notice about the credential goes out.
     expect(await notice('Rotated to version 3.', stored['notice-about']!.id)).not.toBe('no-recipients');
