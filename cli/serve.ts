@@ -158,10 +158,18 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
         if (worker.getState() === 'RUNNING') worker.shutdown();
         await running;
       });
-      running.catch((err) => {
-        logger.fatal({ err }, 'worker failed');
-        void stop(1);
-      });
+      running.then(
+        () => {
+          // Only stop() shuts the worker down: one that stopped by itself leaves nothing to run rotations.
+          if (stopping) return;
+          logger.fatal('the worker stopped on its own; stopping');
+          void stop(1);
+        },
+        (err) => {
+          logger.fatal({ err }, 'worker failed');
+          void stop(1);
+        },
+      );
       await ensureSchedules(client, {
         taskQueue: config.TASK_QUEUE,
         sweepCron: config.SWEEP_CRON,

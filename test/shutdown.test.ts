@@ -32,6 +32,36 @@ describe('graceful shutdown', () => {
     await h.close();
   });
 
+  it('SIGUSR2 (a shutdown signal of the Temporal SDK\'s own) does not leave the API serving with no worker: the process ends', { timeout: 120_000 }, async () => {
+    const port = await freePort();
+    const url = `http://127.0.0.1:${port}`;
+    const usr2 = spawn(process.execPath, ['--import', 'tsx', 'cli/main.ts', 'serve'], {
+      cwd: ROOT,
+      env: { ...process.env, ...h.workerEnv(), PORT: String(port), HOST: '127.0.0.1', ADMIN_TOKEN: h.secret(newToken()), LOG_LEVEL: 'warn' },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let output = '';
+    usr2.stdout!.on('data', (d) => (output += d));
+    usr2.stderr!.on('data', (d) => (output += d));
+    const exited = new Promise<NodeJS.Signals | number | null>((resolve) => usr2.once('exit', (code, signal) => resolve(signal ?? code)));
+    try {
+      for (let ready = false; !ready; ) {
+        if (usr2.exitCode !== null) throw new Error(`the service exited early:\n${output}`);
+        ready = await fetch(`${url}/readyz`).then((r) => r.status === 200, () => false);
+        if (!ready) await new Promise((r) => setTimeout(r, 250));
+      }
+      usr2.kill('SIGUSR2');
+      // Before, the SDK shut the worker down and the API went on answering, its rotations never run.
+      let timer: NodeJS.Timeout | undefined;
+      const ended = await Promise.race([exited, new Promise((r) => (timer = setTimeout(() => r('still running after 20 s'), 20_000)))]);
+      clearTimeout(timer);
+      expect(ended, output).toBe('SIGUSR2');
+    } finally {
+      if (usr2.exitCode === null && usr2.signalCode === null) usr2.kill('SIGKILL');
+      await exited;
+    }
+  });
+
   it('SIGTERM: new connections are refused, the in-flight request completes, exit code 0', { timeout: 240_000 }, async () => {
     const port = await freePort();
     const url = `http://127.0.0.1:${port}`;

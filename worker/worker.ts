@@ -46,6 +46,10 @@ export const DEFAULT_CACHED_WORKFLOWS = 100;
 /** Routes the Temporal SDK's own logs (bundling, worker state) into our logger, warnings and up. */
 export function installTemporalLogging(logger: Logger, level: 'WARN' | 'INFO' | 'ERROR' = 'WARN'): void {
   Runtime.install({
+    // The process's signals are serve's to handle (SIGINT and SIGTERM: a graceful stop of the whole
+    // process). The SDK's default set, which adds SIGQUIT and SIGUSR2, shut the worker down on its
+    // own at those, and left the API serving with no worker to run rotations or deliver mail.
+    shutdownSignals: [],
     logger: new DefaultLogger(level, ({ level: l, message, meta }) => {
       const method = l === 'ERROR' ? 'error' : l === 'WARN' ? 'warn' : l === 'INFO' ? 'info' : 'debug';
       logger[method]({ temporal: meta }, message);
