@@ -1,4 +1,5 @@
 import { existsSync, statSync } from 'node:fs';
+import { isIP } from 'node:net';
 import path from 'node:path';
 import { z } from 'zod';
 import { inlineMasterKeys } from '../vault/keyring';
@@ -9,11 +10,23 @@ import { outboundEntryProblem } from './outbound';
  * Each problem names its variable; values of secret variables are never echoed.
  */
 
-const port = z.coerce
-  .number({ error: 'must be a number' })
-  .int('must be a whole number')
-  .min(1, 'must be between 1 and 65535')
-  .max(65535, 'must be between 1 and 65535');
+/**
+ * A whole number written in digits, and nothing else: Number() would take `0x50` as 80, `1e3` as
+ * 1000 and ` 80 ` as 80, none of which anyone means in a setting.
+ */
+const whole = (min: number, max: number) =>
+  z
+    .string()
+    .regex(/^\d{1,16}$/, 'must be a whole number, in digits')
+    .transform(Number)
+    .pipe(z.number().min(min, `must be between ${min} and ${max}`).max(max, `must be between ${min} and ${max}`));
+
+const port = whole(1, 65535);
+
+/** A host name (RFC 1123 labels) or an IP address, as a listener or a client takes it. */
+const host = z.string().refine((value) => isIP(value) !== 0 || /^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$/.test(value), {
+  error: 'must be a host name or an IP address',
+});
 
 const url = (protocols: string[]) =>
   z.string().refine(
@@ -29,7 +42,8 @@ const url = (protocols: string[]) =>
 
 const hostPort = z
   .string()
-  .regex(/^[A-Za-z0-9.\-_[\]:]+:\d{1,5}$/, 'must be host:port, e.g. localhost:7233');
+  .regex(/^[A-Za-z0-9.\-_[\]:]+:\d{1,5}$/, 'must be host:port, e.g. localhost:7233')
+  .refine((value) => Number(value.slice(value.lastIndexOf(':') + 1)) <= 65535, 'must be host:port with a port between 1 and 65535');
 
 // Addresses on local domains (mailgent@localhost) are fine for a sender or a team alias.
 const email = z.string().regex(/^[^\s@<>(),;:"]+@[A-Za-z0-9.-]+$/, 'must be an email address');
@@ -89,10 +103,10 @@ export const DEFAULT_PORT = 8080;
 
 const schema = z.object({
   PORT: port.default(DEFAULT_PORT),
-  HOST: z.string().min(1).default('127.0.0.1'),
+  HOST: host.default('127.0.0.1'),
   DATA_DIR: z.string().min(1, 'must not be empty').default('.data'),
   DATABASE_URL: url(['postgres:', 'postgresql:']).optional(),
-  DATABASE_POOL_SIZE: z.coerce.number().int().min(1).max(200).default(10),
+  DATABASE_POOL_SIZE: whole(1, 200).default(10),
   TEMPORAL_ADDRESS: hostPort.optional(),
   TEMPORAL_NAMESPACE: z.string().regex(/^[A-Za-z0-9._-]{1,255}$/, 'must be a Temporal namespace name').default('default'),
   TASK_QUEUE: z.string().regex(/^[A-Za-z0-9._:-]{1,255}$/, 'must be letters, digits, . _ : or -').default('mailgent'),
@@ -122,20 +136,20 @@ const schema = z.object({
   // Hourly: rotation windows are in whole local hours, and the sweep must fall inside each of them.
   SWEEP_CRON: cron.default('0 * * * *'),
   ORPHAN_REPORT_CRON: cron.default('0 6 * * 1'),
-  ORPHAN_DAYS: z.coerce.number().int().min(1).max(3650).default(30),
-  DELETE_RETENTION_DAYS: z.coerce.number().int().min(0).max(3650).default(30),
+  ORPHAN_DAYS: whole(1, 3650).default(30),
+  DELETE_RETENTION_DAYS: whole(0, 3650).default(30),
   CODEC_CORS_ORIGINS: z
     .string()
     .transform((value) => value.split(',').map((part) => part.trim()).filter(Boolean))
     .pipe(z.array(z.string().regex(/^https?:\/\/[^/\s]+$/, 'must be origins such as http://localhost:8233, comma-separated')))
     .optional(),
-  AUTH_FAILURE_LIMIT: z.coerce.number().int().min(1).max(1_000_000).default(50),
-  AUTH_FAILURE_WINDOW_SECONDS: z.coerce.number().int().min(1).max(86_400).default(300),
+  AUTH_FAILURE_LIMIT: whole(1, 1_000_000).default(50),
+  AUTH_FAILURE_WINDOW_SECONDS: whole(1, 86_400).default(300),
   // Well below 2^32, the NIST limit for AES-GCM with random nonces (see vault/data-keys.ts).
-  DATA_KEY_MAX_ENCRYPTIONS: z.coerce.number().int().min(1).max(2 ** 31).default(2 ** 30),
-  SHUTDOWN_GRACE_SECONDS: z.coerce.number().int().min(0).max(3600).default(30),
-  WORKER_CACHED_WORKFLOWS: z.coerce.number().int().min(2).max(100_000).default(100),
-  BATCH_MAX_OPEN_ROTATIONS: z.coerce.number().int().min(1).max(100_000).default(50),
+  DATA_KEY_MAX_ENCRYPTIONS: whole(1, 2 ** 31).default(2 ** 30),
+  SHUTDOWN_GRACE_SECONDS: whole(0, 3600).default(30),
+  WORKER_CACHED_WORKFLOWS: whole(2, 100_000).default(100),
+  BATCH_MAX_OPEN_ROTATIONS: whole(1, 100_000).default(50),
   // The API's audited reads in a worker thread of their own (vault/read-thread.ts).
   READ_THREAD: z
     .enum(['on', 'off', 'true', 'false', '1', '0'], { error: 'must be on or off' })
@@ -174,7 +188,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     throw new ConfigError(
       result.error.issues.map((issue) => {
         const variable = String(issue.path[0]);
-        const shown = SECRET_VARIABLES.has(variable) ? '' : ` (got ${JSON.stringify(input[variable])})`;
+        // A list's problem names its entry, not the whole list once per bad entry.
+        const entry = typeof issue.path[1] === 'number' ? String(input[variable]).split(',').map((part) => part.trim()).filter(Boolean)[issue.path[1]] : undefined;
+        const shown = SECRET_VARIABLES.has(variable) ? '' : entry !== undefined ? ` (got ${JSON.stringify(entry)})` : ` (got ${JSON.stringify(input[variable])})`;
         return `${variable}: ${issue.message}${shown}`;
       }),
     );

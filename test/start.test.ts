@@ -242,7 +242,7 @@ describe('npm start with the embedded defaults', () => {
   it('a bad setting stops the process with one message naming the variable', async () => {
     const run = start({ DATA_DIR: dataDir, PORT: 'eighty' });
     expect(await run.exited).toBe(2);
-    expect(run.output()).toBe('Invalid configuration:\n  PORT: must be a number (got "eighty")\n');
+    expect(run.output()).toBe('Invalid configuration:\n  PORT: must be a whole number, in digits (got "eighty")\n');
     const secret = start({ DATA_DIR: dataDir, VAULT_MASTER_KEY: 'too-short-to-be-a-key' });
     expect(await secret.exited).toBe(2);
     expect(secret.output()).toBe('Invalid configuration:\n  VAULT_MASTER_KEY: must be base64 of exactly 32 bytes (or several, comma-separated, the current one first), or the path of an existing keyring file\n');

@@ -38,7 +38,19 @@ describe('configuration', () => {
   });
 
   it('names each bad variable and what is wrong with it', () => {
-    expect(problems({ PORT: 'abc' })).toEqual(['PORT: must be a number (got "abc")']);
+    expect(problems({ PORT: 'abc' })).toEqual(['PORT: must be a whole number, in digits (got "abc")']);
+    // Before, Number() took each of these: 0x50 as 80, 1e3 as 1000, ' 80 ' as 80.
+    for (const odd of ['0x50', '1e3', ' 80 ', '80.0']) expect(problems({ PORT: odd }), odd).toEqual([`PORT: must be a whole number, in digits (got ${JSON.stringify(odd)})`]);
+    expect(problems({ DATABASE_POOL_SIZE: 'abc' })).toEqual(['DATABASE_POOL_SIZE: must be a whole number, in digits (got "abc")']);
+    expect(problems({ SHUTDOWN_GRACE_SECONDS: '5000' })).toEqual(['SHUTDOWN_GRACE_SECONDS: must be between 0 and 3600 (got "5000")']);
+    expect(loadConfig({ DATABASE_POOL_SIZE: '25', PORT: '9090' })).toMatchObject({ DATABASE_POOL_SIZE: 25, PORT: 9090 });
+    expect(problems({ TEMPORAL_ADDRESS: 'temporal:99999' })).toEqual(['TEMPORAL_ADDRESS: must be host:port with a port between 1 and 65535 (got "temporal:99999")']);
+    expect(problems({ HOST: 'not a host!!' })).toEqual(['HOST: must be a host name or an IP address (got "not a host!!")']);
+    for (const good of ['0.0.0.0', '::', 'api.internal', 'localhost']) expect(loadConfig({ HOST: good }).HOST).toBe(good);
+    // A list names the entry that is wrong, once.
+    expect(problems({ CODEC_CORS_ORIGINS: 'http://ok:8233, foo' })).toEqual([
+      'CODEC_CORS_ORIGINS: must be origins such as http://localhost:8233, comma-separated (got "foo")',
+    ]);
     expect(problems({ PORT: '70000' })[0]).toMatch(/^PORT: must be between 1 and 65535/);
     expect(problems({ TEMPORAL_ADDRESS: 'nohostport' })[0]).toMatch(/^TEMPORAL_ADDRESS: must be host:port/);
     expect(problems({ MAIL_FROM: 'not-an-email' })[0]).toMatch(/^MAIL_FROM: must be an email address/);
