@@ -28,6 +28,14 @@ type Part = 'api' | 'worker';
  * worker and/or the API. Stops everything in reverse order on SIGINT/SIGTERM.
  */
 export async function serve(config: Config, logger: Logger, parts: Part[] = ['api', 'worker']): Promise<void> {
+  // A master key generated into this DATA_DIR works only for this process: the API and the workers
+  // of one database (in containers, each with a DATA_DIR of its own that a re-creation loses) must
+  // share one, or what one stores no other can open.
+  if (config.DATABASE_URL && !config.VAULT_MASTER_KEY) {
+    throw new ConfigError([
+      'VAULT_MASTER_KEY: must be set when DATABASE_URL is: every process using that database must share one master key (a key generated into one DATA_DIR would be lost with it)',
+    ]);
+  }
   const closers: { name: string; close: () => Promise<unknown> }[] = [];
   let starting = true;
   /** Set when start-up is to stop at the next checkpoint: the exit code, 0 for a signal, 1 when an embedded server died. */

@@ -246,6 +246,19 @@ describe('npm start with the embedded defaults', () => {
     const secret = start({ DATA_DIR: dataDir, VAULT_MASTER_KEY: 'too-short-to-be-a-key' });
     expect(await secret.exited).toBe(2);
     expect(secret.output()).toBe('Invalid configuration:\n  VAULT_MASTER_KEY: must be base64 of exactly 32 bytes (or several, comma-separated, the current one first), or the path of an existing keyring file\n');
+    // An external database with no master key named: before, each process (each container) made one
+    // of its own in its DATA_DIR, and what the API stored no worker could open.
+    const fresh = mkdtempSync(path.join(os.tmpdir(), 'mailgent-keyless-'));
+    try {
+      const keyless = start({ DATA_DIR: fresh, DATABASE_URL: 'postgres://mailgent:pw@127.0.0.1:1/mailgent' });
+      expect(await keyless.exited).toBe(2);
+      expect(keyless.output()).toBe(
+        'Invalid configuration:\n  VAULT_MASTER_KEY: must be set when DATABASE_URL is: every process using that database must share one master key (a key generated into one DATA_DIR would be lost with it)\n',
+      );
+      expect(existsSync(path.join(fresh, 'master-keys.json'))).toBe(false);
+    } finally {
+      rmSync(fresh, { recursive: true, force: true });
+    }
   });
 });
 
