@@ -156,9 +156,30 @@ describe('mailgent CLI', () => {
         const dropped = await mailgent(['get', 'anything', '--json', '--url', `http://127.0.0.1:${port}`], { env: as(alice) });
         expect(dropped.code).toBe(4);
         expect(json(dropped)).toMatchObject({ type: 'https://mailgent.dev/problems/cli-unreachable', detail: expect.stringContaining('dropped the connection') });
+        // A change answered with success, its answer then cut off, was carried out: not "try again later".
+        const stored = await mailgent(['store', 'anything', '--json', '--url', `http://127.0.0.1:${port}`], { env: as(alice), input: 'v' });
+        expect(stored.code).toBe(1);
+        expect(json(stored)).toMatchObject({ type: 'https://mailgent.dev/problems/cli-answer-lost', detail: expect.stringContaining('the request was carried out') });
       } finally {
         await new Promise((resolve) => dropper.close(resolve));
       }
+      // A change sent, then no answer at all (the connection dropped): it may have been carried out.
+      // Before, exit 4: a script taking that at its word would store, or start a rotation, twice.
+      const silent = createServer((socket) => socket.once('data', () => socket.destroy()));
+      await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
+      try {
+        const url = `http://127.0.0.1:${(silent.address() as { port: number }).port}`;
+        for (const args of [['store', 'anything'], ['rotate', 'anything']]) {
+          const run = await mailgent([...args, '--json', '--url', url], { env: as(alice), input: 'v' });
+          expect(run.code, args[0]).toBe(1);
+          expect(json(run), args[0]).toMatchObject({ type: 'https://mailgent.dev/problems/cli-answer-lost', detail: expect.stringContaining('it may have been carried out') });
+        }
+        expect((await mailgent(['get', 'anything', '--json', '--url', url], { env: as(alice) })).code).toBe(4);
+      } finally {
+        await new Promise((resolve) => silent.close(resolve));
+      }
+      // A change that never reached the API is safe to repeat.
+      expect((await mailgent(['store', 'anything', '--url', `http://127.0.0.1:${closed}`], { env: as(alice), input: 'v' })).code).toBe(4);
     });
     it('never repeats an extra argument (often the secret itself): names its place instead', async () => {
       const secret = 'sk_live_in_argv_0001';

@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { DEFAULT_PORT } from '../../core/config';
-import { CliError, EXIT, exitCodeOf, unexpectedAnswer, unreachable, usageError, type Problem } from './errors';
+import { answerLost, CliError, EXIT, exitCodeOf, unexpectedAnswer, unreachable, usageError, type Problem } from './errors';
 
 /**
  * What every client command shares: its flags (node:util parseArgs, strict), where the API is,
@@ -95,13 +95,21 @@ export class Api {
         signal: AbortSignal.timeout(opts.timeoutMs ?? 60_000),
       });
     } catch (err) {
+      // Only a read, or a request that never reached the API, is safe to repeat: "try again later".
+      if (!readOnly(method, route) && !NEVER_CONNECTED.has(fetchFailure(err))) {
+        throw answerLost(`the request to the Mailgent API at ${this.url} was sent but no answer came (${fetchFailure(err)}); it may have been carried out: check before repeating it`);
+      }
       throw unreachable(`cannot reach the Mailgent API at ${this.url}: ${fetchFailure(err)}`);
     }
     let text: string;
     try {
       text = await res.text();
     } catch (err) {
-      // The connection dropped after the headers (the API stopped, a proxy reset it): the answer is lost.
+      // The connection dropped after the headers (the API stopped, a proxy reset it): the answer is
+      // lost. A change the API answered with success was carried out.
+      if (!readOnly(method, route) && res.ok) {
+        throw answerLost(`the Mailgent API at ${this.url} answered HTTP ${res.status} but dropped the connection before the rest of its answer: the request was carried out (${fetchFailure(err)})`);
+      }
       throw unreachable(`the Mailgent API at ${this.url} dropped the connection before its answer was read: ${fetchFailure(err)}`);
     }
     let parsed: unknown;
@@ -116,7 +124,7 @@ export class Api {
       if (parsed !== null && typeof parsed === 'object') return parsed as T;
       throw unexpectedAnswer(
         `the API at ${this.url} answered HTTP ${res.status} with ${res.headers.get('content-type') || 'no content type'}, not a JSON document; ` +
-          `check that --url (MAILGENT_URL) points at the Mailgent API${method === 'GET' ? '' : ' (the request may have been carried out)'}`,
+          `check that --url (MAILGENT_URL) points at the Mailgent API${readOnly(method, route) ? '' : ' (the request may have been carried out)'}`,
       );
     }
     const problem: Problem =
@@ -162,6 +170,14 @@ export function reportError(err: CliError, command: string, json: boolean): void
 export { EXIT };
 
 /** What a failed fetch says went wrong: its cause's code (ECONNREFUSED …) or message, else its own. */
+/** Calls that change nothing, so may be repeated whatever became of them: GETs, and the vault's reads (POSTs, audited). */
+function readOnly(method: string, route: string): boolean {
+  return method === 'GET' || route === '/v1/vault.get' || route === '/v1/vault.totp';
+}
+
+/** Failures of fetch that mean no connection was made, so nothing was sent. */
+const NEVER_CONNECTED = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'UND_ERR_CONNECT_TIMEOUT']);
+
 function fetchFailure(err: unknown): string {
   const cause = (err as { cause?: { code?: string; message?: string } }).cause;
   return cause?.code ?? cause?.message ?? (err as Error).message;

@@ -54,6 +54,14 @@ export function unexpectedAnswer(detail: string): CliError {
   return new CliError(EXIT.failed, { type: `${LOCAL}unexpected-answer`, title: 'Unexpected answer', detail });
 }
 
+/**
+ * A request that changes something was sent but its answer never came (a timeout, a dropped
+ * connection): exit 1, not 4, since it may have been carried out and repeating it could do it twice.
+ */
+export function answerLost(detail: string): CliError {
+  return new CliError(EXIT.failed, { type: `${LOCAL}answer-lost`, title: 'Answer lost', detail });
+}
+
 /** What an API refusal means for a script: the exit code of each HTTP status. */
 export function exitCodeOf(status: number): ExitCode {
   if (status === 400 || status === 413 || status === 415) return EXIT.usage;
