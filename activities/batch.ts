@@ -118,9 +118,13 @@ export function batchActivities(deps: ActivityDeps) {
 
     /**
      * Waits until every run of the batch has an outcome (promoted or not), starting waiting runs as
-     * open ones finish; heartbeats while it waits.
+     * open ones finish; heartbeats while it waits. With `until` (a sweep's), it waits no longer:
+     * runs not started by then are left to the next sweep (they stay due), and those still running
+     * are counted `open` (each sends its own notice when it ends). A run that never ends (stuck on
+     * a bug, a non-deterministic deploy) would otherwise hold the sweep, and with it every sweep
+     * after it, which the schedule skips while one runs.
      */
-    async awaitOutcomes(input: { rotationId: string; pollMs?: number }): Promise<{ total: number; rotated: number; failed: number }> {
+    async awaitOutcomes(input: { rotationId: string; pollMs?: number; until?: string }): Promise<{ total: number; rotated: number; failed: number; open?: number }> {
       const { client } = temporal();
       for (let round = 0; ; round++) {
         heartbeat();
@@ -131,11 +135,18 @@ export function batchActivities(deps: ActivityDeps) {
           [input.rotationId],
         );
         const open = rows.filter((r) => !r.outcome);
-        if (open.length === 0) {
+        const outOfTime = input.until !== undefined && Date.now() >= Date.parse(input.until);
+        if (open.length === 0 || outOfTime) {
+          let notStarted = 0;
+          if (open.length > 0) {
+            notStarted = (await deps.pool.query('DELETE FROM rotation_runs WHERE rotation_id = $1 AND run_id IS NULL', [input.rotationId])).rowCount ?? 0;
+          }
+          const running = open.length - notStarted;
           return {
-            total: rows.length,
+            total: rows.length - notStarted,
             rotated: rows.filter((r) => r.outcome === 'rotated').length,
-            failed: rows.filter((r) => r.outcome !== 'rotated').length,
+            failed: rows.filter((r) => r.outcome && r.outcome !== 'rotated').length,
+            ...(running > 0 ? { open: running } : {}),
           };
         }
         if (open.some((r) => r.run_id === null) && open.filter((r) => r.run_id !== null).length < maxOpen) await startWave(input.rotationId);
@@ -277,7 +288,8 @@ async function summarise(deps: ActivityDeps, rotationId: string): Promise<RunSum
     name: r.name,
     identityId: r.identity_id,
     recipients: [...new Set<string>([...r.owners, ...r.notify, ...(r.email ? [r.email] : [])])],
-    outcome: r.outcome ?? 'unknown',
+    // No outcome yet: a sweep stopped waiting for it (awaitOutcomes' `until`).
+    outcome: r.outcome ?? 'running',
     fromVersion: r.from_version,
     toVersion: r.to_version,
     error: r.error,
@@ -287,7 +299,8 @@ async function summarise(deps: ActivityDeps, rotationId: string): Promise<RunSum
 
 export function composeSummary(kind: string, reason: string | null, runs: RunSummary[]): { subject: string; text: string } {
   const rotated = runs.filter((r) => r.outcome === 'rotated');
-  const failed = runs.filter((r) => r.outcome !== 'rotated');
+  const running = runs.filter((r) => r.outcome === 'running');
+  const failed = runs.filter((r) => r.outcome !== 'rotated' && r.outcome !== 'running');
   const line = (r: RunSummary) =>
     r.outcome === 'rotated'
       ? `  - ${r.name}: version ${r.fromVersion} → ${r.toVersion}; next due ${r.nextRotationAt ?? 'no policy'}`
@@ -301,6 +314,9 @@ export function composeSummary(kind: string, reason: string | null, runs: RunSum
     `Failed or not rotated (${failed.length}):`,
     ...(failed.length ? failed.map(line) : ['  (none)']),
     '',
+    ...(running.length
+      ? [`Still rotating when the sweep stopped waiting (${running.length}); each sends its own notice when it ends:`, ...running.map((r) => `  - ${r.name}`), '']
+      : []),
     'This summary never contains a secret. Read new values with vault.get.',
   ].join('\n');
   const subject = `[mailgent] ${kind === 'sweep' ? 'Scheduled rotation' : 'Rotation batch'}: ${rotated.length} rotated, ${failed.length} failed`;

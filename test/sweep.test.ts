@@ -1,6 +1,7 @@
 import { randomBytes, randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import type { ScheduleHandle, WorkflowHandle } from '@temporalio/client';
+import pg from 'pg';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { createActivities } from '../activities';
 import { ConfigError } from '../core/config';
@@ -312,6 +313,35 @@ describe('scheduled sweep', () => {
     expect(await versions([id])).toEqual({ 'failed-lately': 2 });
     expect((await h.sql('SELECT status FROM credentials WHERE id = $1', [id])).rows[0].status).toBe('active');
     await read(agent.token, 'failed-lately');
+  });
+
+  it('a sweep waits for its rotations only so long: one still running then is left to finish on its own, and the summary says so', async () => {
+    const team = address('held-team');
+    const agent = await identity();
+    const id = await store(agent.token, { name: 'held-rotation', kind: 'api_key', value: secretValue(), owners: [team], rotation: ROTATE_NOW });
+    await age([id], 45);
+    // The credential's row held: its rotation waits to store the new value, as a stuck run would.
+    const lock = new pg.Client({ connectionString: h.databaseUrl });
+    await lock.connect();
+    try {
+      await lock.query('BEGIN');
+      // (NO KEY UPDATE: the sweep's rows that refer to it still go in; the rotation's FOR UPDATE waits.)
+      await lock.query('SELECT id FROM credentials WHERE id = $1 FOR NO KEY UPDATE', [id]);
+      // Before, the sweep waited for the run however long it took, and the schedule skipped every sweep meanwhile.
+      const result = await sweep({ waitSeconds: 2 });
+      expect(result).toMatchObject({ open: 1 });
+      expect(await sweptIds(result.sweepId)).toEqual([id]);
+      const summary = await waitFor('the summary', async () => (await mailTo(team, SUMMARY_SUBJECT))[0], (m) => m !== undefined);
+      expect(summary!.mail.text).toContain('Still rotating when the sweep stopped waiting (1); each sends its own notice when it ends:\n  - held-rotation');
+      expect(summary!.mail.text).toContain('Failed or not rotated (0):');
+    } finally {
+      await lock.query('ROLLBACK').catch(() => undefined);
+      await lock.end();
+    }
+    // Let go, it finishes on its own.
+    await h.client.workflow.getHandle(`rotate:${id}`).result();
+    expect(await versions([id])).toEqual({ 'held-rotation': 2 });
+    await read(agent.token, 'held-rotation');
   });
 
   it('a later wave of a sweep defers a credential whose window closed after it was selected; it stays due', async () => {

@@ -22,7 +22,12 @@ export interface SweepInput {
   after?: { at: string; id: string };
   pageSize?: number;
   retentionDays?: number;
+  /** How long the sweep waits for its rotations' outcomes before it sends its summaries (default 6 hours). */
+  waitSeconds?: number;
 }
+
+/** A sweep stops waiting for its rotations this long after its (last) run started: one that never ends must not hold every later sweep. */
+const SWEEP_WAIT_SECONDS = 6 * 3600;
 
 /** Pages per run before continuing as new: keeps each run's history small at 100,000 credentials. */
 const PAGES_PER_RUN = 25;
@@ -32,7 +37,7 @@ const PAGES_PER_RUN = 25;
  * selected page by page with one index scan each, their rotations started in bounded batches; then
  * the password policies, expiry reminders and retention run, and each team gets one summary.
  */
-export async function rotationSweep(input: SweepInput = {}): Promise<{ sweepId: string; total: number; rotated: number; failed: number }> {
+export async function rotationSweep(input: SweepInput = {}): Promise<{ sweepId: string; total: number; rotated: number; failed: number; open?: number }> {
   const asOf = input.asOf ?? workflowInfo().startTime.toISOString();
   const pageSize = input.pageSize ?? 500;
   const sweepId = input.sweepId ?? (await db.beginSweep({ workflowId: workflowInfo().workflowId, asOf })).sweepId;
@@ -47,7 +52,9 @@ export async function rotationSweep(input: SweepInput = {}): Promise<{ sweepId: 
 
   await batch.enforcePasswordPolicies({ sweepId, asOf });
   await batch.startRotations({ rotationId: sweepId });
-  const outcome = await batch.awaitOutcomes({ rotationId: sweepId });
+  // (Only the activity's input changes with `until`, not the commands the workflow issues: replay is unaffected.)
+  const until = new Date(workflowInfo().runStartTime.getTime() + (input.waitSeconds ?? SWEEP_WAIT_SECONDS) * 1000).toISOString();
+  const outcome = await batch.awaitOutcomes({ rotationId: sweepId, until });
   await mail.sendBatchSummaries({ rotationId: sweepId });
   await mail.sendExpiryReminders({ asOf });
   await db.purgeDeleted({ asOf, retentionDays: input.retentionDays ?? 30 });
