@@ -9,7 +9,7 @@ import { dataConverter, EncryptionCodec } from '../vault/payload-codec';
 import type { Keyring } from '../vault/keyring';
 import { ReadThread } from '../vault/read-thread';
 import { RotationVault } from '../vault/rotation-vault';
-import { SecretStore } from '../vault/secret-store';
+import { FINGERPRINT_KEY, SecretStore } from '../vault/secret-store';
 import { Vault } from '../vault/vault';
 
 /** The domain services both the API and the worker use, built once per process from one pool. */
@@ -79,7 +79,10 @@ export function openServices(opts: {
     mailer,
     dataConverter: dataConverter(EncryptionCodec.fromDataKeys(dataKeys, pool)),
     readThread: thread,
-    ready: () => thread?.start() ?? Promise.resolve(),
+    async ready() {
+      await dataKeys.warm([FINGERPRINT_KEY]);
+      await thread?.start();
+    },
     async close() {
       mailer.close();
       await thread?.close();

@@ -143,6 +143,16 @@ export class DataKeys {
   }
 
   /**
+   * Loads (making it if none exists yet) each named service key into the cache, at start, where a
+   * failure costs nothing. Looked up first inside a transaction, a key not yet cached takes a second
+   * connection from the pool while the transaction holds one: the vault thread's three connections,
+   * all held by stores running alone, then waited on each other until the connect timeout (503).
+   */
+  async warm(names: string[]): Promise<void> {
+    for (const name of names) await this.serviceKey(this.pool, name).catch(() => undefined);
+  }
+
+  /**
    * Master keys that wrap a data or service key but are not in the keyring: checked at startup, so
    * a keyring that lost a key (a VAULT_MASTER_KEY switched before `rekey` ran) stops the service
    * with the key ids named, instead of failing reads one by one.

@@ -4,7 +4,7 @@ import { DataKeys } from './data-keys';
 import { Keyring } from './keyring';
 import type { FromThread, ReadReply, ReadThreadData, ToThread } from './read-thread';
 import { sendError } from './read-thread';
-import { SecretStore } from './secret-store';
+import { FINGERPRINT_KEY, SecretStore } from './secret-store';
 import { Vault } from './vault';
 
 /** The vault thread (see read-thread.ts): a Vault of its own answering the calls it is sent. */
@@ -66,4 +66,5 @@ function end(): Promise<void> {
   return ending;
 }
 
-post({ type: 'ready' });
+// Service keys first (see DataKeys.warm), then the calls.
+void dataKeys.warm([FINGERPRINT_KEY]).finally(() => post({ type: 'ready' }));

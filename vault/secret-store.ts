@@ -53,6 +53,9 @@ export interface NewVersion {
   providerRef?: string | null;
 }
 
+/** The service key of the keyed fingerprints of stored values (see DataKeys.warm). */
+export const FINGERPRINT_KEY = 'fingerprint';
+
 export class SecretStore {
   constructor(
     private readonly dataKeys: Pick<DataKeys, 'active' | 'rollOver' | 'maxEncryptions' | 'byKeyId' | 'serviceKey'>,
@@ -157,6 +160,6 @@ export class SecretStore {
   }
 
   async fingerprintOfSha256(db: Db, sha256: Buffer): Promise<Buffer> {
-    return createHmac('sha256', await this.dataKeys.serviceKey(db, 'fingerprint')).update(sha256).digest();
+    return createHmac('sha256', await this.dataKeys.serviceKey(db, FINGERPRINT_KEY)).update(sha256).digest();
   }
 }
