@@ -1,3 +1,4 @@
+import { WorkflowNotFoundError } from '@temporalio/client';
 import { InternalWorkflowStartOptionsSymbol, type InternalWorkflowStartOptions } from '@temporalio/client/lib/internal';
 import { latestRunOf } from '../core/run-chain';
 import { RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
@@ -43,7 +44,7 @@ export interface RunSummary {
  */
 /**
  * A credential whose rotation failed stays due, but the sweep tries it again only this long after
- * the failure (or its last change): hourly, every sweep would make keys at the provider and send
+ * the failure or its last change (updated_at: a PATCH that fixes its policy waits a day too): hourly, every sweep would make keys at the provider and send
  * a failure notice again, and rotate on top of what its owners were asked to put back by hand.
  */
 export const FAILED_RETRY_HOURS = 24;
@@ -126,45 +127,72 @@ export function batchActivities(deps: ActivityDeps) {
      */
     async awaitOutcomes(input: { rotationId: string; pollMs?: number; until?: string }): Promise<{ total: number; rotated: number; failed: number; open?: number }> {
       const { client } = temporal();
+      const outcomes = async () =>
+        (
+          await deps.pool.query(
+            `SELECT r.workflow_id, r.run_id, r.credential_id, ${RUN_OUTCOME_SQL} AS outcome
+               FROM rotation_runs r JOIN rotations ro ON ro.id = r.rotation_id LEFT JOIN run_outcomes o ON o.run_id = r.run_id
+              WHERE r.rotation_id = $1`,
+            [input.rotationId],
+          )
+        ).rows;
+      // A run that ended without recording an outcome (terminated, timed out) counts as failed; one
+      // that continued as new is followed to the run it became.
+      const settleEnded = async (open: { workflow_id: string; run_id: string | null }[]) => {
+        for (const r of open.filter((o) => o.run_id)) {
+          const status = (await latestRunOf(client, r.workflow_id, r.run_id!)).status ?? 'gone';
+          if (status !== 'RUNNING') {
+            await deps.pool.query(
+              `INSERT INTO run_outcomes (run_id, workflow_id, credential_id, outcome, error)
+               SELECT run_id, workflow_id, credential_id, 'failed', $2 FROM rotation_runs WHERE run_id = $1 LIMIT 1
+               ON CONFLICT (run_id) DO NOTHING`,
+              [r.run_id, `the rotation ended as ${status.toLowerCase()} without reporting an outcome`],
+            );
+          }
+        }
+      };
       for (let round = 0; ; round++) {
         heartbeat();
-        const { rows } = await deps.pool.query(
-          `SELECT r.workflow_id, r.run_id, ${RUN_OUTCOME_SQL} AS outcome
-             FROM rotation_runs r JOIN rotations ro ON ro.id = r.rotation_id LEFT JOIN run_outcomes o ON o.run_id = r.run_id
-            WHERE r.rotation_id = $1`,
-          [input.rotationId],
-        );
-        const open = rows.filter((r) => !r.outcome);
-        const outOfTime = input.until !== undefined && Date.now() >= Date.parse(input.until);
-        if (open.length === 0 || outOfTime) {
-          let notStarted = 0;
-          if (open.length > 0) {
-            notStarted = (await deps.pool.query('DELETE FROM rotation_runs WHERE rotation_id = $1 AND run_id IS NULL', [input.rotationId])).rowCount ?? 0;
+        let rows = await outcomes();
+        let open = rows.filter((r) => !r.outcome);
+        const outOfTime = open.length > 0 && input.until !== undefined && Date.now() >= Date.parse(input.until);
+        if (outOfTime) {
+          // What is still open now is counted as running: not a run that has just ended unrecorded.
+          await settleEnded(open);
+          for (const r of open.filter((o) => o.run_id === null)) {
+            // Not started by this batch's record: a wave that started its run and lost the record of
+            // it (its attempt died between the two) has it running all the same, and it is followed
+            // as started; any other is left to the next sweep (it stays due).
+            const described = await client.workflow
+              .getHandle(r.workflow_id)
+              .describe()
+              .catch((err: unknown) => {
+                if (err instanceof WorkflowNotFoundError) return undefined;
+                throw err;
+              });
+            if (described?.status.name === 'RUNNING') {
+              await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
+                input.rotationId,
+                r.credential_id,
+                described.runId,
+              ]);
+            } else {
+              await deps.pool.query('DELETE FROM rotation_runs WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [input.rotationId, r.credential_id]);
+            }
           }
-          const running = open.length - notStarted;
+          rows = await outcomes();
+          open = rows.filter((r) => !r.outcome);
+        }
+        if (open.length === 0 || outOfTime) {
           return {
-            total: rows.length - notStarted,
+            total: rows.length,
             rotated: rows.filter((r) => r.outcome === 'rotated').length,
             failed: rows.filter((r) => r.outcome && r.outcome !== 'rotated').length,
-            ...(running > 0 ? { open: running } : {}),
+            ...(open.length > 0 ? { open: open.length } : {}),
           };
         }
         if (open.some((r) => r.run_id === null) && open.filter((r) => r.run_id !== null).length < maxOpen) await startWave(input.rotationId);
-        // A run that ended without recording an outcome (terminated, timed out) counts as failed; one
-        // that continued as new is followed to the run it became.
-        if (round % 5 === 4) {
-          for (const r of open.filter((o) => o.run_id)) {
-            const status = (await latestRunOf(client, r.workflow_id, r.run_id)).status ?? 'gone';
-            if (status !== 'RUNNING') {
-              await deps.pool.query(
-                `INSERT INTO run_outcomes (run_id, workflow_id, credential_id, outcome, error)
-                 SELECT run_id, workflow_id, credential_id, 'failed', $2 FROM rotation_runs WHERE run_id = $1 LIMIT 1
-                 ON CONFLICT (run_id) DO NOTHING`,
-                [r.run_id, `the rotation ended as ${status.toLowerCase()} without reporting an outcome`],
-              );
-            }
-          }
-        }
+        if (round % 5 === 4) await settleEnded(open);
         await sleep(input.pollMs ?? 1_000);
       }
     },

@@ -33,7 +33,7 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
   // share one, or what one stores no other can open.
   if (config.DATABASE_URL && !config.VAULT_MASTER_KEY) {
     throw new ConfigError([
-      'VAULT_MASTER_KEY: must be set when DATABASE_URL is: every process using that database must share one master key (a key generated into one DATA_DIR would be lost with it)',
+      'VAULT_MASTER_KEY: must be set when DATABASE_URL is: every process using that database must share one master key (a key generated into one DATA_DIR would be lost with it; one made there before can be named by its path, VAULT_MASTER_KEY=<DATA_DIR>/master-keys.json)',
     ]);
   }
   const closers: { name: string; close: () => Promise<unknown> }[] = [];
@@ -166,18 +166,16 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
         if (worker.getState() === 'RUNNING') worker.shutdown();
         await running;
       });
-      running.then(
-        () => {
-          // Only stop() shuts the worker down: one that stopped by itself leaves nothing to run rotations.
-          if (stopping) return;
-          logger.fatal('the worker stopped on its own; stopping');
-          void stop(1);
-        },
-        (err) => {
-          logger.fatal({ err }, 'worker failed');
-          void stop(1);
-        },
-      );
+      // Only stop() shuts the worker down: one that stops by itself (or fails) leaves nothing to run
+      // rotations. During start-up that stops at the next checkpoint, as a dead embedded server does.
+      const workerGone = (err?: unknown) => {
+        if (stopping) return;
+        if (err) logger.fatal({ err }, 'worker failed');
+        else logger.fatal('the worker stopped on its own; stopping');
+        if (starting) stopCode = 1;
+        else void stop(1);
+      };
+      running.then(() => workerGone(), (err) => workerGone(err ?? new Error('the worker failed')));
       await ensureSchedules(client, {
         taskQueue: config.TASK_QUEUE,
         sweepCron: config.SWEEP_CRON,

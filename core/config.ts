@@ -40,10 +40,13 @@ const url = (protocols: string[]) =>
     { error: `must be a URL starting with ${protocols.map((p) => `${p}//`).join(' or ')}` },
   );
 
-const hostPort = z
-  .string()
-  .regex(/^[A-Za-z0-9.\-_[\]:]+:\d{1,5}$/, 'must be host:port, e.g. localhost:7233')
-  .refine((value) => Number(value.slice(value.lastIndexOf(':') + 1)) <= 65535, 'must be host:port with a port between 1 and 65535');
+const hostPort = z.string().refine(
+  (value) => {
+    const port = /^[A-Za-z0-9.\-_[\]:]+:(\d{1,5})$/.exec(value)?.[1];
+    return port !== undefined && Number(port) >= 1 && Number(port) <= 65535;
+  },
+  { error: 'must be host:port with a port between 1 and 65535, e.g. localhost:7233' },
+);
 
 // Addresses on local domains (mailgent@localhost) are fine for a sender or a team alias.
 const email = z.string().regex(/^[^\s@<>(),;:"]+@[A-Za-z0-9.-]+$/, 'must be an email address');
@@ -127,9 +130,9 @@ const schema = z.object({
     .string()
     .transform((value) => value.split(',').map((part) => part.trim()).filter(Boolean))
     .superRefine((entries, ctx) => {
-      for (const entry of entries) {
+      for (const [index, entry] of entries.entries()) {
         const problem = outboundEntryProblem(entry);
-        if (problem) ctx.addIssue({ code: 'custom', message: `${problem} (a host name, an IP address or a CIDR range such as 10.1.0.0/16)` });
+        if (problem) ctx.addIssue({ code: 'custom', path: [index], message: `${problem} (a host name, an IP address or a CIDR range such as 10.1.0.0/16)` });
       }
     })
     .default([]),

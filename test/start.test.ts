@@ -253,7 +253,7 @@ describe('npm start with the embedded defaults', () => {
       const keyless = start({ DATA_DIR: fresh, DATABASE_URL: 'postgres://mailgent:pw@127.0.0.1:1/mailgent' });
       expect(await keyless.exited).toBe(2);
       expect(keyless.output()).toBe(
-        'Invalid configuration:\n  VAULT_MASTER_KEY: must be set when DATABASE_URL is: every process using that database must share one master key (a key generated into one DATA_DIR would be lost with it)\n',
+        'Invalid configuration:\n  VAULT_MASTER_KEY: must be set when DATABASE_URL is: every process using that database must share one master key (a key generated into one DATA_DIR would be lost with it; one made there before can be named by its path, VAULT_MASTER_KEY=<DATA_DIR>/master-keys.json)\n',
       );
       expect(existsSync(path.join(fresh, 'master-keys.json'))).toBe(false);
     } finally {

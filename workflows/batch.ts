@@ -22,12 +22,16 @@ export interface SweepInput {
   after?: { at: string; id: string };
   pageSize?: number;
   retentionDays?: number;
-  /** How long the sweep waits for its rotations' outcomes before it sends its summaries (default 6 hours). */
+  /** How long after its (last) run started the sweep stops waiting for its rotations' outcomes and sends its summaries (default 45 minutes). */
   waitSeconds?: number;
 }
 
-/** A sweep stops waiting for its rotations this long after its (last) run started: one that never ends must not hold every later sweep. */
-const SWEEP_WAIT_SECONDS = 6 * 3600;
+/**
+ * A sweep stops waiting for its rotations this long after its (last) run started: one that never
+ * ends must not hold every later sweep (the schedule skips a sweep while one runs, and the next
+ * sweep joins the same stuck run). Under the default hourly schedule's hour, so no sweep is skipped.
+ */
+const SWEEP_WAIT_SECONDS = 45 * 60;
 
 /** Pages per run before continuing as new: keeps each run's history small at 100,000 credentials. */
 const PAGES_PER_RUN = 25;

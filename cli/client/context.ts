@@ -96,7 +96,7 @@ export class Api {
       });
     } catch (err) {
       // Only a read, or a request that never reached the API, is safe to repeat: "try again later".
-      if (!readOnly(method, route) && !NEVER_CONNECTED.has(fetchFailure(err))) {
+      if (!readOnly(method, route) && !neverSent(fetchFailure(err))) {
         throw answerLost(`the request to the Mailgent API at ${this.url} was sent but no answer came (${fetchFailure(err)}); it may have been carried out: check before repeating it`);
       }
       throw unreachable(`cannot reach the Mailgent API at ${this.url}: ${fetchFailure(err)}`);
@@ -175,8 +175,12 @@ function readOnly(method: string, route: string): boolean {
   return method === 'GET' || route === '/v1/vault.get' || route === '/v1/vault.totp';
 }
 
-/** Failures of fetch that mean no connection was made, so nothing was sent. */
-const NEVER_CONNECTED = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'UND_ERR_CONNECT_TIMEOUT']);
+/**
+ * Failures of fetch that mean no request was sent: no connection was made, or the TLS handshake
+ * failed (a certificate refused) before it.
+ */
+const NEVER_CONNECTED = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'EADDRNOTAVAIL', 'UND_ERR_CONNECT_TIMEOUT']);
+const neverSent = (code: string) => NEVER_CONNECTED.has(code) || /^(CERT_|ERR_TLS_|ERR_SSL_|DEPTH_ZERO_SELF_SIGNED_CERT|SELF_SIGNED_CERT_IN_CHAIN|UNABLE_TO_)/.test(code);
 
 function fetchFailure(err: unknown): string {
   const cause = (err as { cause?: { code?: string; message?: string } }).cause;

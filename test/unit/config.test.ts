@@ -44,10 +44,14 @@ describe('configuration', () => {
     expect(problems({ DATABASE_POOL_SIZE: 'abc' })).toEqual(['DATABASE_POOL_SIZE: must be a whole number, in digits (got "abc")']);
     expect(problems({ SHUTDOWN_GRACE_SECONDS: '5000' })).toEqual(['SHUTDOWN_GRACE_SECONDS: must be between 0 and 3600 (got "5000")']);
     expect(loadConfig({ DATABASE_POOL_SIZE: '25', PORT: '9090' })).toMatchObject({ DATABASE_POOL_SIZE: 25, PORT: 9090 });
-    expect(problems({ TEMPORAL_ADDRESS: 'temporal:99999' })).toEqual(['TEMPORAL_ADDRESS: must be host:port with a port between 1 and 65535 (got "temporal:99999")']);
+    for (const bad of ['temporal:99999', 'temporal:0', 'nohostport']) {
+      expect(problems({ TEMPORAL_ADDRESS: bad }), bad).toEqual([`TEMPORAL_ADDRESS: must be host:port with a port between 1 and 65535, e.g. localhost:7233 (got ${JSON.stringify(bad)})`]);
+    }
     expect(problems({ HOST: 'not a host!!' })).toEqual(['HOST: must be a host name or an IP address (got "not a host!!")']);
     for (const good of ['0.0.0.0', '::', 'api.internal', 'localhost']) expect(loadConfig({ HOST: good }).HOST).toBe(good);
     // A list names the entry that is wrong, once.
+    expect(problems({ OUTBOUND_ALLOW: '10.0.0.0/8, not a host!, 192.168.1.5' })).toHaveLength(1);
+    expect(problems({ OUTBOUND_ALLOW: '10.0.0.0/8, not a host!, 192.168.1.5' })[0]).toMatch(/^OUTBOUND_ALLOW: .* \(got "not a host!"\)$/);
     expect(problems({ CODEC_CORS_ORIGINS: 'http://ok:8233, foo' })).toEqual([
       'CODEC_CORS_ORIGINS: must be origins such as http://localhost:8233, comma-separated (got "foo")',
     ]);
