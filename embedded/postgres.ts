@@ -73,10 +73,16 @@ export async function startEmbeddedPostgres(opts: { dataDir: string; database?: 
     await waitUntilReady(child, 'PostgreSQL', () => withClient(adminUrl, (c) => c.query('SELECT 1')), 60_000);
     return { port, child, adminUrl };
   });
-  await withClient(adminUrl, async (c) => {
-    const { rowCount } = await c.query('SELECT 1 FROM pg_database WHERE datname = $1', [database]);
-    if (!rowCount) await c.query(`CREATE DATABASE ${pg.escapeIdentifier(database)}`);
-  });
+  try {
+    await withClient(adminUrl, async (c) => {
+      const { rowCount } = await c.query('SELECT 1 FROM pg_database WHERE datname = $1', [database]);
+      if (!rowCount) await c.query(`CREATE DATABASE ${pg.escapeIdentifier(database)}`);
+    });
+  } catch (err) {
+    // Nobody else can stop the server yet: it would outlive the failed start, and keep it waiting.
+    await child.stop('SIGINT', 30_000);
+    throw err;
+  }
   opts.logger?.info({ port, clusterDir }, 'embedded PostgreSQL ready');
   return {
     url: `postgres://postgres:${encodeURIComponent(password)}@127.0.0.1:${port}/${encodeURIComponent(database)}`,

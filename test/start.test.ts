@@ -4,6 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort } from '../embedded/ports';
+import { startEmbeddedPostgres } from '../embedded/postgres';
 import { startEmbeddedTemporal } from '../embedded/temporal';
 
 /**
@@ -215,6 +216,18 @@ describe('npm start with the embedded defaults', () => {
       expect(await again.exited, again.output()).toBe(0);
     } finally {
       rmSync(ownDir, { recursive: true, force: true });
+    }
+  });
+
+  it('an embedded PostgreSQL whose database cannot be made is stopped again, not left running', { timeout: 120_000 }, async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-pg-nodb-'));
+    try {
+      // A name PostgreSQL refuses: the server is up, its database cannot be made.
+      await expect(startEmbeddedPostgres({ dataDir: dir, database: '' })).rejects.toThrow(/zero-length/);
+      // Before, its server kept running (and kept the failed start from exiting).
+      expect(processesUsing(dir)).toEqual([]);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 
