@@ -37,18 +37,19 @@ export interface RunSummary {
 }
 
 /**
+ * A credential whose rotation failed stays due, but the sweep tries it again only this long after
+ * the failure or its last change (updated_at: a PATCH that fixes its policy waits a day too).
+ * Hourly, every sweep would make keys at the provider and send a failure notice again, and rotate
+ * on top of what its owners were asked to put back by hand.
+ */
+export const FAILED_RETRY_HOURS = 24;
+
+/**
  * Batches of rotations (an agent's filter, the scheduled sweep): start one rotateCredential per
  * credential, wait for their outcomes, and send the summaries. Rotations are started by these
  * activities rather than as child workflows so that a credential already rotating is joined, not
  * refused, and the batch's own history stays small.
  */
-/**
- * A credential whose rotation failed stays due, but the sweep tries it again only this long after
- * the failure or its last change (updated_at: a PATCH that fixes its policy waits a day too): hourly, every sweep would make keys at the provider and send
- * a failure notice again, and rotate on top of what its owners were asked to put back by hand.
- */
-export const FAILED_RETRY_HOURS = 24;
-
 export function batchActivities(deps: ActivityDeps) {
   const temporal = () => {
     if (!deps.temporal) throw new Error('this worker has no Temporal client for starting rotations');
