@@ -23,7 +23,6 @@ export class RotationVault {
     private readonly clock: () => Date = () => new Date(),
   ) {}
 
-  /** The version a rotation created under `rotationKey`, if that step already ran. */
   /**
    * An attempt's undo gives up its create, then asks whether that create may have been sent; the
    * create, once it has read the current value for the provider (an audit row naming its key), asks
@@ -68,6 +67,7 @@ export class RotationVault {
     return Boolean(rowCount);
   }
 
+  /** The version a rotation created under `rotationKey`, if that step already ran. */
   async findStaged(credentialId: string, rotationKey: string): Promise<{ version: number; basedOn: number } | undefined> {
     const { rows } = await this.pool.query('SELECT version, based_on FROM secret_versions WHERE credential_id = $1 AND rotation_key = $2', [
       credentialId,
