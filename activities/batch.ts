@@ -1,6 +1,5 @@
-import { WorkflowNotFoundError } from '@temporalio/client';
 import { InternalWorkflowStartOptionsSymbol, type InternalWorkflowStartOptions } from '@temporalio/client/lib/internal';
-import { latestRunOf } from '../core/run-chain';
+import { describeIfKept, latestRunOf } from '../core/run-chain';
 import { RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
 import { handOverNotice } from './notices';
 import type { RotationWindow } from '../vault/types';
@@ -164,13 +163,7 @@ export function batchActivities(deps: ActivityDeps) {
             // Not started by this batch's record: a wave that started its run and lost the record of
             // it (its attempt died between the two) has it running all the same, and it is followed
             // as started; any other is left to the next sweep (it stays due).
-            const described = await client.workflow
-              .getHandle(r.workflow_id)
-              .describe()
-              .catch((err: unknown) => {
-                if (err instanceof WorkflowNotFoundError) return undefined;
-                throw err;
-              });
+            const described = await describeIfKept(client.workflow.getHandle(r.workflow_id));
             if (described?.status.name === 'RUNNING') {
               await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
                 input.rotationId,

@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import { ApplicationFailure, Context } from '@temporalio/activity';
 import { AppError } from '../core/errors';
-import { isDatabaseUnavailable } from '../db/pool';
+import { isDatabaseUnavailable, outlastingOutages } from '../db/pool';
 
 /** Our own 4xx and integrity errors will not heal by retrying: fail the activity for good. */
 export async function permanentErrorsFail<T>(fn: () => Promise<T>): Promise<T> {
@@ -50,18 +50,8 @@ export async function heartbeating<T>(fn: () => Promise<T>): Promise<T> {
  * spending them — and the rotation a new key. Safe because every step is idempotent.
  */
 export async function outlastingDatabaseOutages<T>(fn: () => Promise<T>, limitMs = 120_000): Promise<T> {
-  const deadline = Date.now() + limitMs;
-  return heartbeating(async () => {
-    for (let pause = 500; ; pause = Math.min(pause * 2, 4_000)) {
-      try {
-        return await fn();
-      } catch (err) {
-        const unavailable = isDatabaseUnavailable(err) || (err instanceof AppError && err.status === 503);
-        if (!unavailable || Date.now() + pause > deadline) throw err;
-        await sleep(pause);
-      }
-    }
-  });
+  const unavailable = (err: unknown) => isDatabaseUnavailable(err) || (err instanceof AppError && err.status === 503);
+  return heartbeating(() => outlastingOutages(fn, limitMs, unavailable, sleep));
 }
 
 /** A step that calls a provider or a dependent: permanent errors fail it, database outages are waited out. */

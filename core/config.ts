@@ -101,6 +101,13 @@ const masterKey = z.string().refine((value) => inlineMasterKeys(value) !== undef
   error: 'must be base64 of exactly 32 bytes (or several, comma-separated, the current one first), or the path of an existing keyring file',
 });
 
+/** A comma-separated setting's entries, blanks dropped. */
+const commaList = (value: string) =>
+  value
+    .split(',')
+    .map((part) => part.trim())
+    .filter(Boolean);
+
 /** The API's port when PORT is not set; also where the CLI's client commands look by default. */
 export const DEFAULT_PORT = 8080;
 
@@ -120,7 +127,7 @@ const schema = z.object({
   ADMIN_TOKEN: z.string().min(32, 'must be at least 32 characters (use 256 bits of randomness)').optional(),
   SECURITY_NOTIFY: z
     .string()
-    .transform((value) => value.split(',').map((part) => part.trim()).filter(Boolean))
+    .transform(commaList)
     .pipe(z.array(email))
     .optional(),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
@@ -128,7 +135,7 @@ const schema = z.object({
   // Hosts, addresses and CIDR ranges on this machine or a private network that providers and webhooks may call (core/outbound.ts).
   OUTBOUND_ALLOW: z
     .string()
-    .transform((value) => value.split(',').map((part) => part.trim()).filter(Boolean))
+    .transform(commaList)
     .superRefine((entries, ctx) => {
       for (const [index, entry] of entries.entries()) {
         const problem = outboundEntryProblem(entry);
@@ -143,7 +150,7 @@ const schema = z.object({
   DELETE_RETENTION_DAYS: whole(0, 3650).default(30),
   CODEC_CORS_ORIGINS: z
     .string()
-    .transform((value) => value.split(',').map((part) => part.trim()).filter(Boolean))
+    .transform(commaList)
     .pipe(z.array(z.string().regex(/^https?:\/\/[^/\s]+$/, 'must be origins such as http://localhost:8233, comma-separated')))
     .optional(),
   AUTH_FAILURE_LIMIT: whole(1, 1_000_000).default(50),
@@ -192,7 +199,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       result.error.issues.map((issue) => {
         const variable = String(issue.path[0]);
         // A list's problem names its entry, not the whole list once per bad entry.
-        const entry = typeof issue.path[1] === 'number' ? String(input[variable]).split(',').map((part) => part.trim()).filter(Boolean)[issue.path[1]] : undefined;
+        const entry = typeof issue.path[1] === 'number' ? commaList(String(input[variable]))[issue.path[1]] : undefined;
         const shown = SECRET_VARIABLES.has(variable) ? '' : entry !== undefined ? ` (got ${JSON.stringify(entry)})` : ` (got ${JSON.stringify(input[variable])})`;
         return `${variable}: ${issue.message}${shown}`;
       }),

@@ -1,4 +1,4 @@
-import { WorkflowNotFoundError, type Client, type WorkflowHandle } from '@temporalio/client';
+import { WorkflowNotFoundError, type Client, type WorkflowExecutionDescription, type WorkflowHandle } from '@temporalio/client';
 import type { temporal } from '@temporalio/proto';
 
 /**
@@ -36,10 +36,15 @@ export async function latestRunOf(client: Client, workflowId: string, runId: str
 
 /** A run's status on the Temporal server, or null once the server no longer has it (its retention ended). */
 export async function statusOf(handle: WorkflowHandle): Promise<string | null> {
+  return (await describeIfKept(handle))?.status.name ?? null;
+}
+
+/** A run's (or a workflow's latest run's) description, or undefined when the server has none. */
+export async function describeIfKept(handle: WorkflowHandle): Promise<WorkflowExecutionDescription | undefined> {
   try {
-    return (await handle.describe()).status.name;
+    return await handle.describe();
   } catch (err) {
-    if (err instanceof WorkflowNotFoundError) return null;
+    if (err instanceof WorkflowNotFoundError) return undefined;
     throw err;
   }
 }

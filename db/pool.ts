@@ -34,6 +34,29 @@ export function isDatabaseUnavailable(err: unknown): boolean {
 }
 
 /**
+ * Runs `fn`, and again while it fails as `isOutage` says (the database unreachable, by default),
+ * pausing 0.5 s, then twice as long each time up to 4 s (with `wait`: an activity's own sleep wakes
+ * at its cancellation), for at most `limitMs`: work that must not be lost to a brief outage, and
+ * that is safe to run again.
+ */
+export async function outlastingOutages<T>(
+  fn: () => Promise<T>,
+  limitMs: number,
+  isOutage: (err: unknown) => boolean = isDatabaseUnavailable,
+  wait: (ms: number) => Promise<void> = (ms) => new Promise((resolve) => setTimeout(resolve, ms)),
+): Promise<T> {
+  const deadline = Date.now() + limitMs;
+  for (let pause = 500; ; pause = Math.min(pause * 2, 4_000)) {
+    try {
+      return await fn();
+    } catch (err) {
+      if (!isOutage(err) || Date.now() + pause > deadline) throw err;
+      await wait(pause);
+    }
+  }
+}
+
+/**
  * Set on the error of a COMMIT that failed: the transaction may be durable (only its answer lost
  * with the connection) or not. Unlike any other failure in it, trying again may do it twice.
  */

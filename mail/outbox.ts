@@ -1,5 +1,5 @@
 import { WorkflowExecutionAlreadyStartedError, type Client } from '@temporalio/client';
-import { isCommitUnconfirmed, isDatabaseUnavailable, withTransaction, type Db, type Pool } from '../db/pool';
+import { isCommitUnconfirmed, isDatabaseUnavailable, outlastingOutages, withTransaction, type Db, type Pool } from '../db/pool';
 import { appendAudit } from '../vault/audit';
 import { describeRefused, type Mailer, type SendReport } from './mailer';
 
@@ -118,16 +118,7 @@ export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: strin
       }
     });
   try {
-    const deadline = Date.now() + lease.seconds * 1000 - lease.renewMs;
-    for (let pause = 250; ; pause = Math.min(pause * 2, 2_000)) {
-      try {
-        await markSent();
-        break;
-      } catch (err) {
-        if (!(isDatabaseUnavailable(err) || isCommitUnconfirmed(err)) || Date.now() + pause > deadline) throw err;
-        await new Promise((resolve) => setTimeout(resolve, pause));
-      }
-    }
+    await outlastingOutages(markSent, lease.seconds * 1000 - lease.renewMs, (err) => isDatabaseUnavailable(err) || isCommitUnconfirmed(err));
   } finally {
     clearInterval(renew);
   }
