@@ -76,6 +76,7 @@ const SUBJECTS: Record<RotationNotice['outcome'], (name: string) => string> = {
   cancelled: (name) => `[mailgent] Rotation cancelled for ${name}`,
   rolled_back: (name) => `[mailgent] Rotation rolled back for ${name}`,
   revoke_failed: (name) => `[mailgent] ACTION NEEDED: the old value of ${name} is still valid`,
+  superseded: (name) => `[mailgent] ACTION NEEDED: the rotated value of ${name} was replaced but still works`,
 };
 
 export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMeta, 'name' | 'kind' | 'nextRotationAt' | 'version'>, reason: string | null) {
@@ -136,6 +137,14 @@ export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMe
       `${n.error ?? 'unknown error'}`,
       '',
       `Revoke version ${n.fromVersion} by hand at the provider.`,
+    ],
+    superseded: [
+      `The rotation of ${what} made version ${n.toVersion}, but version ${n.currentVersion ?? meta.version}, stored during its grace period, is current now.`,
+      // Sent only once the previous version's revoke has gone through (its result tells the run what is current).
+      `Version ${n.fromVersion} was revoked at the provider as planned.`,
+      `Version ${n.toVersion} was not revoked: it still works at the provider, and the dependents were given it during the rotation.`,
+      `Move them to the current version, then revoke version ${n.toVersion} at the provider by hand.`,
+      ...(problems.length > 0 ? ['', 'Not everything went through:', ...listed] : []),
     ],
   };
   const lines = [

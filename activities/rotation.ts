@@ -199,7 +199,8 @@ export function rotationActivities(deps: ActivityDeps) {
      * compensation does before promotion: a provider whose create replaced the live secret (a single
      * PostgreSQL role) must put `current` back, which a revoke would not.
      */
-    async revokeVersion(ids: RotationIds & { version: number; current?: number }): Promise<void> {
+    /** Returns the credential's current version once the revoke is recorded (see RotationVault.markRevoked). */
+    async revokeVersion(ids: RotationIds & { version: number; current?: number }): Promise<{ current: number }> {
       return externalStep(async () => {
         const { meta, policy, provider } = await load(ids);
         const ctx = await providerContext(ids, meta, provider, policy.settings);
@@ -211,7 +212,7 @@ export function rotationActivities(deps: ActivityDeps) {
         } else {
           await heartbeating(() => provider.revoke({ ...ctx, secret, idempotencyKey }));
         }
-        await deps.rotations.markRevoked(caller(ids), ids.credentialId, ids.version);
+        return deps.rotations.markRevoked(caller(ids), ids.credentialId, ids.version);
       });
     },
 

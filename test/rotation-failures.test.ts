@@ -286,8 +286,8 @@ describe('rotation failures', () => {
     expect((await h.sql(`SELECT count(*)::int AS n FROM mail_outbox WHERE $1 = ANY(recipients)`, [ownerMail])).rows[0].n).toBe(0);
   });
 
-  it('a value stored during grace makes a rollback refuse: nothing is restored or revoked early, and grace ends as planned', async () => {
-    const { name, id } = await generatedKey({ graceHours: 0.004 }); // 14.4 s
+  it('a value stored during grace makes a rollback refuse: nothing is restored or revoked early, grace ends as planned, and the owners hear the rotated value still works', async () => {
+    const { name, id, ownerMail } = await generatedKey({ graceHours: 0.004 }); // 14.4 s
     const r = await receiver();
     await setDependents(id, [webhook(r)]);
     const rotationId = await startRotation(name);
@@ -315,6 +315,16 @@ describe('rotation failures', () => {
     expect(events(r)).toEqual(['credential.pending v2', 'credential.verify v2', 'credential.promoted v2']);
     const done = await report(rotationId);
     expect(done.credentials[0]).toMatchObject({ state: 'succeeded', outcome: 'rotated' });
+
+    // v2 was made at the provider and given to the webhook, and nothing revokes it now: before, the
+    // run ended there and no one heard of it. The owners get one notice saying so, after the grace one.
+    const mails = await waitFor('the superseded notice', async () => (await mailTo(ownerMail)).filter((m) => m.mail.subject?.includes(name)), (all) => all.length >= 2);
+    expect(mails.map((m) => m.mail.subject)).toEqual([`[mailgent] Rotated ${name}`, `[mailgent] ACTION NEEDED: the rotated value of ${name} was replaced but still works`]);
+    const text = mails[1]!.mail.text!;
+    expect(text).toContain('made version 2, but version 3, stored during its grace period, is current now.');
+    expect(text).toContain('Version 1 was revoked at the provider as planned.');
+    expect(text).toContain('Version 2 was not revoked: it still works at the provider, and the dependents were given it');
+    expect(text).toContain('- the rollback could not roll back: ');
   });
 
   it('a cancel while the grace notice is being sent rolls the rotation back', async () => {

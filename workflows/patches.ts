@@ -64,6 +64,16 @@ export const ROLLBACK_REVOKE_FAILURES_CONTINUE = 'rollback-revoke-failures-conti
  */
 export const LEAK_OUTLIVES_CANCEL = 'leak-outlives-cancel';
 
+/**
+ * Runs recorded before this patch ended quietly when a value stored during their grace period had
+ * replaced the version they made: that version, made at the provider and given to the dependents,
+ * was left working there and no one was told. Newer runs learn the current version when they revoke
+ * the previous one and, when it is newer than theirs, send the owners a `superseded` notice: the
+ * version they made still works at the provider and must be revoked there by hand once the
+ * dependents are off it (it is not revoked for them: the dependents were given it).
+ */
+export const SUPERSEDED_TOLD = 'superseded-version-told';
+
 export const PATCH_IDS: readonly string[] = [
   CLOSE_INCIDENTS_LAST,
   NOTICE_FAILURES_CONTINUE,
@@ -73,4 +83,5 @@ export const PATCH_IDS: readonly string[] = [
   LEAKED_VERSIONS_ANSWERED,
   ROLLBACK_REVOKE_FAILURES_CONTINUE,
   LEAK_OUTLIVES_CANCEL,
+  SUPERSEDED_TOLD,
 ];

@@ -24,6 +24,7 @@ import {
   ROLLBACK_CHECKS_FIRST,
   LEAK_OUTLIVES_CANCEL,
   ROLLBACK_REVOKE_FAILURES_CONTINUE,
+  SUPERSEDED_TOLD,
 } from './patches';
 import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
 
@@ -80,6 +81,8 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   let abandonedNotRevoked = false;
   /** Why the vault refused the rollback (a newer value was stored during grace), if it did. */
   let rollbackRefusal: string | undefined;
+  /** The version current when the previous one was revoked (runs recorded before SUPERSEDED_TOLD have none). */
+  let currentAtRevoke: number | undefined;
   // What went wrong without stopping the run (an undo, a promoted event): its notice lists them.
   const problems: string[] = [];
   setHandler(progressQuery, () => progress);
@@ -415,7 +418,8 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     try {
       // With compensation's patience (an hour of retries), not a provider call's four attempts: the
       // old value may be a leaked one, and a provider's brief outage must not leave it working.
-      await CancellationScope.nonCancellable(() => step('revoke_previous', () => undo.revokeVersion({ ...ids, version: progress.fromVersion! })));
+      const revoked = await CancellationScope.nonCancellable(() => step('revoke_previous', () => undo.revokeVersion({ ...ids, version: progress.fromVersion! })));
+      currentAtRevoke = revoked?.current;
     } catch (err) {
       // The new value is live and stays so; the owners must revoke the old one by hand.
       progress.error = failureMessage(err);
@@ -448,6 +452,10 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       if (!closeLast) await db.closeLeakIncidents(ids);
       const seen = incidents.size;
       if (stepOf('notify').state === 'waiting') await tell('rotated');
+      // A value stored during grace replaced the one this run made, which still works at the provider
+      // and which the dependents were given: the owners must move them and revoke it by hand.
+      const superseded = toVersion !== undefined && currentAtRevoke !== undefined && currentAtRevoke > toVersion;
+      if (superseded && patched(SUPERSEDED_TOLD)) await tell('superseded', { currentVersion: currentAtRevoke }, false);
       if (closeLast) await closeIncidents(seen);
     });
     progress.state = 'succeeded';

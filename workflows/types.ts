@@ -42,7 +42,7 @@ export interface RotationPlan {
   maxAttempts: number;
 }
 
-export type NoticeKind = 'rotated' | 'failed' | 'cancelled' | 'rolled_back' | 'revoke_failed';
+export type NoticeKind = 'rotated' | 'failed' | 'cancelled' | 'rolled_back' | 'revoke_failed' | 'superseded';
 
 export interface RotationNotice extends RotationIds {
   outcome: NoticeKind;
@@ -60,4 +60,6 @@ export interface RotationNotice extends RotationIds {
   abandonedNotRevoked?: boolean;
   /** A cancelled run that heard of a leak: the credential is rotated again at once, in leak mode. */
   rotatingAgain?: boolean;
+  /** The version current when the run revoked its previous one (a `superseded` notice: newer than `toVersion`). */
+  currentVersion?: number;
 }
