@@ -76,7 +76,7 @@ const SUBJECTS: Record<RotationNotice['outcome'], (name: string) => string> = {
   cancelled: (name) => `[mailgent] Rotation cancelled for ${name}`,
   rolled_back: (name) => `[mailgent] Rotation rolled back for ${name}`,
   revoke_failed: (name) => `[mailgent] ACTION NEEDED: the old value of ${name} is still valid`,
-  superseded: (name) => `[mailgent] ACTION NEEDED: the rotated value of ${name} was replaced but still works`,
+  superseded: (name) => `[mailgent] ACTION NEEDED: the rotated value of ${name} was replaced; its dependents still have it`,
 };
 
 export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMeta, 'name' | 'kind' | 'nextRotationAt' | 'version'>, reason: string | null) {
@@ -94,7 +94,9 @@ export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMe
     rotated: [
       `${cap(what)} was rotated${n.mode === 'leak' ? ' because a leak was reported' : ''}.`,
       '',
-      `Version ${n.toVersion} is now current.`,
+      n.currentVersion !== undefined && n.toVersion !== undefined && n.currentVersion > n.toVersion
+        ? `Version ${n.toVersion} was made, but version ${n.currentVersion}, stored while the rotation ran, is current (a notice of its own says what that leaves to do).`
+        : `Version ${n.toVersion} is now current.`,
       n.previousNotRevoked
         ? `Version ${n.fromVersion} could not be revoked at the provider and still works: revoke it there by hand.`
         : n.graceEndsAt
@@ -139,11 +141,18 @@ export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMe
       `Revoke version ${n.fromVersion} by hand at the provider.`,
     ],
     superseded: [
-      `The rotation of ${what} made version ${n.toVersion}, but version ${n.currentVersion ?? meta.version}, stored during its grace period, is current now.`,
-      // Sent only once the previous version's revoke has gone through (its result tells the run what is current).
-      `Version ${n.fromVersion} was revoked at the provider as planned.`,
-      `Version ${n.toVersion} was not revoked: it still works at the provider, and the dependents were given it during the rotation.`,
-      `Move them to the current version, then revoke version ${n.toVersion} at the provider by hand.`,
+      `The rotation of ${what} made version ${n.toVersion}, but version ${n.currentVersion ?? meta.version}, stored while the rotation ran, is current now.`,
+      n.previousNotRevoked
+        ? `Version ${n.fromVersion} could not be revoked at the provider and still works: revoke it there by hand.`
+        : `Version ${n.fromVersion} was revoked as planned.`,
+      ...(n.supersededLeaked
+        ? n.supersededRevoked
+          ? [`Version ${n.toVersion} was reported leaked and has been revoked. The dependents were given it during the rotation: move them to the current version.`]
+          : [`Version ${n.toVersion} was reported leaked, and revoking it failed: it still works. Revoke it by hand (at the provider, if it keeps one), and move the dependents, which were given it during the rotation, to the current version.`]
+        : [
+            `Version ${n.toVersion} was not revoked: the dependents were given it during the rotation, and it still works wherever it is accepted (at the provider too, if it keeps one).`,
+            `Move the dependents to the current version, then revoke version ${n.toVersion} by hand.`,
+          ]),
       ...(problems.length > 0 ? ['', 'Not everything went through:', ...listed] : []),
     ],
   };

@@ -199,8 +199,7 @@ export function rotationActivities(deps: ActivityDeps) {
      * compensation does before promotion: a provider whose create replaced the live secret (a single
      * PostgreSQL role) must put `current` back, which a revoke would not.
      */
-    /** Returns the credential's current version once the revoke is recorded (see RotationVault.markRevoked). */
-    async revokeVersion(ids: RotationIds & { version: number; current?: number }): Promise<{ current: number }> {
+    async revokeVersion(ids: RotationIds & { version: number; current?: number }): Promise<void> {
       return externalStep(async () => {
         const { meta, policy, provider } = await load(ids);
         const ctx = await providerContext(ids, meta, provider, policy.settings);
@@ -212,7 +211,7 @@ export function rotationActivities(deps: ActivityDeps) {
         } else {
           await heartbeating(() => provider.revoke({ ...ctx, secret, idempotencyKey }));
         }
-        return deps.rotations.markRevoked(caller(ids), ids.credentialId, ids.version);
+        await deps.rotations.markRevoked(caller(ids), ids.credentialId, ids.version);
       });
     },
 
@@ -234,6 +233,14 @@ export function rotationActivities(deps: ActivityDeps) {
          ON CONFLICT (run_id) DO UPDATE SET outcome = $4, error = $7, finished_at = now()`,
         [runId, ids.workflowId, ids.credentialId, ids.outcome, ids.fromVersion ?? null, ids.toVersion ?? null, ids.error ?? null],
       );
+    },
+
+    /**
+     * The credential's current version: a run that has revoked its previous one learns whether a
+     * value stored while it ran has replaced the version it made (see SUPERSEDED_TOLD).
+     */
+    async currentVersion(ids: RotationIds): Promise<{ current: number }> {
+      return permanentErrorsFail(async () => ({ current: (await deps.vault.describe(ids.identityId, ids.credentialId)).version }));
     },
 
     /**

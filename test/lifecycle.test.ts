@@ -699,6 +699,84 @@ describe('credential lifecycle', () => {
     expect(rotated.mail.text).not.toContain('has been revoked');
   });
 
+  /** Stores a value of the test's own over a credential in its grace period: version 3, current at once. */
+  const storeDuringGrace = async (name: string) => {
+    const v3 = h.secret(`v3_${randomBytes(16).toString('hex')}`);
+    const stored = await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind: 'api_key', value: v3 } });
+    expect(stored.status, stored.text).toBe(201);
+    expect(stored.body).toMatchObject({ version: 3 });
+    return v3;
+  };
+
+  it('a value stored during grace, then a revoke the provider refuses: the superseded notice says both, and the rotated key still works for its dependents', async () => {
+    const name = unique('replaced-unrevokable');
+    const ownerMail = `${name}@example.com`;
+    const credential = await apiKeyAt(name, { owners: [ownerMail], rotation: { graceHours: 0.003 } }); // 10.8 s
+    const { provider } = credential;
+    provider.failNext('revoke', 1, 400);
+    const rotationId = await startRotation(name);
+    await waitForState(rotationId, ['grace']);
+    const v2 = (await read({ name })).body.value as string;
+    const v3 = await storeDuringGrace(name);
+
+    expect(await runResult(rotationId)).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
+    expect(await whoami(provider, credential.v1)).toBe(200);
+    expect(await whoami(provider, v2)).toBe(200);
+    expect((await read({ name })).body).toMatchObject({ version: 3, label: 'current' });
+    // Before, the run learned what was current only from a revoke that went through: this one
+    // failed, and no one heard that v2, which the dependents have, was replaced.
+    const notices = await waitFor('three notices', () => noticesFor(ownerMail, [credential.v1, v2, v3]), (mails) => mails.length >= 3);
+    expect(notices.map((m) => m.mail.subject).sort()).toEqual([
+      `[mailgent] ACTION NEEDED: the old value of ${name} is still valid`,
+      `[mailgent] ACTION NEEDED: the rotated value of ${name} was replaced; its dependents still have it`,
+      `[mailgent] Rotated ${name}`,
+    ]);
+    const superseded = notices.find((m) => m.mail.subject?.includes('was replaced'))!.mail.text!;
+    expect(superseded).toContain('made version 2, but version 3, stored while the rotation ran, is current now.');
+    expect(superseded).toContain('Version 1 could not be revoked at the provider and still works: revoke it there by hand.');
+    expect(superseded).toContain('Version 2 was not revoked: the dependents were given it during the rotation');
+  });
+
+  it('the rotated key reported leaked after a value was stored during grace is revoked at once; the stored value is left as it is', async () => {
+    const name = unique('replaced-leaked');
+    const ownerMail = `${name}@example.com`;
+    const credential = await apiKeyAt(name, { owners: [ownerMail], rotation: { graceHours: 1 } });
+    const { provider } = credential;
+    const rotationId = await startRotation(name);
+    await waitForState(rotationId, ['grace']);
+    const v2 = (await read({ name })).body.value as string;
+    const v3 = await storeDuringGrace(name);
+
+    // The scanner found v2 (the previous version now, still live): the run in grace hears of it.
+    const fingerprint = createHash('sha256').update(v2).digest('hex');
+    const reported = await h.api('POST', '/v1/leaks', { token: owner.token, body: { fingerprint, source: 'secret-scanner' } });
+    expect(reported.status, reported.text).toBe(202);
+    expect(reported.body.results).toEqual([expect.objectContaining({ credentialId: credential.id, action: 'rotating', workflowId: `rotate:${credential.id}` })]);
+
+    // Before, the run rotated again, in leak mode: v3 (not leaked) was replaced and revoked, and the
+    // leaked v2 was left working at the provider, no longer any version's previous one.
+    expect(await runResult(rotationId)).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
+    expect(await whoami(provider, credential.v1)).toBe(401);
+    expect(await whoami(provider, v2)).toBe(401);
+    expect(await revokedVersions(credential.id)).toEqual([1, 2]);
+    expect((await read({ name })).body).toMatchObject({ version: 3, label: 'current', value: v3 });
+    expect((await h.sql('SELECT count(*)::int AS n FROM secret_versions WHERE credential_id = $1', [credential.id])).rows[0].n).toBe(3);
+    expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [credential.id])).rows).toEqual([{ status: 'closed' }]);
+
+    const mails = await waitFor(
+      'the superseded notice at the security desk',
+      async () => (await noticesFor(securityDesk, [credential.v1, v2, v3])).filter((m) => m.mail.subject?.includes(name)),
+      (all) => all.some((m) => m.mail.subject?.includes('was replaced')),
+      { show: (all) => all.map((m) => m.mail.subject) },
+    );
+    const superseded = mails.find((m) => m.mail.subject?.includes('was replaced'))!.mail.text!;
+    expect(superseded).toContain('Version 1 was revoked as planned.');
+    expect(superseded).toContain('Version 2 was reported leaked and has been revoked. The dependents were given it during the rotation: move them to the current version.');
+    const leakNotice = mails.find((m) => m.mail.subject === `[mailgent] Rotated ${name}`)!.mail.text!;
+    expect(leakNotice).toContain('Version 2 was made, but version 3, stored while the rotation ran, is current');
+    expect((await noticesFor(ownerMail, [credential.v1, v2, v3])).filter((m) => m.mail.subject?.includes('was replaced'))).toHaveLength(1);
+  });
+
   it('postgres-role through the workflow: afterwards only the new password logs in', async () => {
     const role = `mg_life_${tag}`;
     const adminName = unique('pg-admin');

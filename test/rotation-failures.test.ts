@@ -319,11 +319,11 @@ describe('rotation failures', () => {
     // v2 was made at the provider and given to the webhook, and nothing revokes it now: before, the
     // run ended there and no one heard of it. The owners get one notice saying so, after the grace one.
     const mails = await waitFor('the superseded notice', async () => (await mailTo(ownerMail)).filter((m) => m.mail.subject?.includes(name)), (all) => all.length >= 2);
-    expect(mails.map((m) => m.mail.subject)).toEqual([`[mailgent] Rotated ${name}`, `[mailgent] ACTION NEEDED: the rotated value of ${name} was replaced but still works`]);
+    expect(mails.map((m) => m.mail.subject)).toEqual([`[mailgent] Rotated ${name}`, `[mailgent] ACTION NEEDED: the rotated value of ${name} was replaced; its dependents still have it`]);
     const text = mails[1]!.mail.text!;
-    expect(text).toContain('made version 2, but version 3, stored during its grace period, is current now.');
-    expect(text).toContain('Version 1 was revoked at the provider as planned.');
-    expect(text).toContain('Version 2 was not revoked: it still works at the provider, and the dependents were given it');
+    expect(text).toContain('made version 2, but version 3, stored while the rotation ran, is current now.');
+    expect(text).toContain('Version 1 was revoked as planned.');
+    expect(text).toContain('Version 2 was not revoked: the dependents were given it during the rotation');
     expect(text).toContain('- the rollback could not roll back: ');
   });
 

@@ -81,8 +81,11 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   let abandonedNotRevoked = false;
   /** Why the vault refused the rollback (a newer value was stored during grace), if it did. */
   let rollbackRefusal: string | undefined;
-  /** The version current when the previous one was revoked (runs recorded before SUPERSEDED_TOLD have none). */
-  let currentAtRevoke: number | undefined;
+  /**
+   * The version current once the previous one was revoked, when newer than the one this run made (a
+   * value stored while it ran replaced it): see SUPERSEDED_TOLD.
+   */
+  let supersededBy: number | undefined;
   // What went wrong without stopping the run (an undo, a promoted event): its notice lists them.
   const problems: string[] = [];
   setHandler(progressQuery, () => progress);
@@ -321,6 +324,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     skip('grace');
     await revokePrevious();
     await revokeOlderLeaks();
+    await learnSuperseded();
     await closeOut();
     return progress;
   }
@@ -363,10 +367,11 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   progress.state = 'running';
   await revokePrevious();
   await revokeOlderLeaks();
+  await learnSuperseded();
   if (leak && stepOf('revoke_previous').state === 'done') {
     // The grace notice said the previous version keeps working until graceEndsAt, and the leak
     // alert promised a notice when the rotation is done: tell the owners (and security) it is revoked.
-    await CancellationScope.nonCancellable(() => tell('rotated', { mode: 'leak' }, false));
+    await CancellationScope.nonCancellable(() => tell('rotated', { mode: 'leak', ...(supersededBy ? { currentVersion: supersededBy } : {}) }, false));
   }
   await closeOut();
   return progress;
@@ -418,8 +423,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     try {
       // With compensation's patience (an hour of retries), not a provider call's four attempts: the
       // old value may be a leaked one, and a provider's brief outage must not leave it working.
-      const revoked = await CancellationScope.nonCancellable(() => step('revoke_previous', () => undo.revokeVersion({ ...ids, version: progress.fromVersion! })));
-      currentAtRevoke = revoked?.current;
+      await CancellationScope.nonCancellable(() => step('revoke_previous', () => undo.revokeVersion({ ...ids, version: progress.fromVersion! })));
     } catch (err) {
       // The new value is live and stays so; the owners must revoke the old one by hand.
       progress.error = failureMessage(err);
@@ -439,11 +443,42 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     problems.push(...(await CancellationScope.nonCancellable(() => runAll(revokes))));
   }
 
+  /**
+   * Once the previous version is revoked (or that failed), asks which version is current: a value
+   * stored while the run went on (in grace, or between promote and revoke) may have replaced the one
+   * it made, which the dependents were given and which still works. See SUPERSEDED_TOLD.
+   */
+  async function learnSuperseded(): Promise<void> {
+    if (progress.toVersion === undefined || !patched(SUPERSEDED_TOLD)) return;
+    try {
+      const { current } = await CancellationScope.nonCancellable(() => db.currentVersion(ids));
+      if (current > progress.toVersion) supersededBy = current;
+    } catch {
+      // The credential is gone (deleted meanwhile): there is nothing left to tell about it.
+    }
+  }
+
+  /**
+   * The version this run made was replaced while it ran and is left to the owners, who are told:
+   * revoked now if it was reported leaked (a leak does not wait for the dependents), else kept
+   * working for the dependents it was given until they are moved. See SUPERSEDED_TOLD.
+   */
+  async function tellSuperseded(): Promise<void> {
+    const version = progress.toVersion!;
+    const leaked = leakedVersions.has(version);
+    const failed = leaked ? await runAll([{ what: `revoking the leaked version ${version} (it may still work)`, run: () => undo.revokeVersion({ ...ids, version }) }]) : [];
+    problems.push(...failed);
+    await tell('superseded', { currentVersion: supersededBy, ...(leaked ? { supersededLeaked: true, supersededRevoked: failed.length === 0 } : {}) }, false);
+  }
+
   async function closeOut(): Promise<void> {
     const toVersion = progress.toVersion;
+    if (supersededBy !== undefined) await CancellationScope.nonCancellable(tellSuperseded);
     // A value stored during grace, newer than the one this rotation made, is current once it ends.
     const newerLeaked = () => toVersion !== undefined && [...leakedVersions].some((v) => v > toVersion) && patched(LEAKED_VERSIONS_ANSWERED);
-    if (toVersion !== undefined && (leakedVersions.has(toVersion) || newerLeaked())) {
+    // The version this run made, leaked but replaced since, was revoked above: rotating the current one would not stop it.
+    const ownLeaked = () => toVersion !== undefined && leakedVersions.has(toVersion) && supersededBy === undefined;
+    if (ownLeaked() || newerLeaked()) {
       // The value this rotation made current (or one stored since) was itself reported leaked: rotate again, in leak mode.
       await continueAsNew<typeof rotateCredential>({ ...input, mode: 'leak', attemptsBefore: progress.attempt });
     }
@@ -451,11 +486,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       const closeLast = patched(CLOSE_INCIDENTS_LAST);
       if (!closeLast) await db.closeLeakIncidents(ids);
       const seen = incidents.size;
-      if (stepOf('notify').state === 'waiting') await tell('rotated');
-      // A value stored during grace replaced the one this run made, which still works at the provider
-      // and which the dependents were given: the owners must move them and revoke it by hand.
-      const superseded = toVersion !== undefined && currentAtRevoke !== undefined && currentAtRevoke > toVersion;
-      if (superseded && patched(SUPERSEDED_TOLD)) await tell('superseded', { currentVersion: currentAtRevoke }, false);
+      if (stepOf('notify').state === 'waiting') await tell('rotated', supersededBy ? { currentVersion: supersededBy } : {});
       if (closeLast) await closeIncidents(seen);
     });
     progress.state = 'succeeded';

@@ -60,6 +60,9 @@ export interface RotationNotice extends RotationIds {
   abandonedNotRevoked?: boolean;
   /** A cancelled run that heard of a leak: the credential is rotated again at once, in leak mode. */
   rotatingAgain?: boolean;
-  /** The version current when the run revoked its previous one (a `superseded` notice: newer than `toVersion`). */
+  /** The version current once the run revoked its previous one, when newer than `toVersion` (a value stored meanwhile). */
   currentVersion?: number;
+  /** A `superseded` notice: the replaced version had been reported leaked, and was revoked unless `supersededRevoked` is false. */
+  supersededLeaked?: boolean;
+  supersededRevoked?: boolean;
 }
