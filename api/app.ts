@@ -128,7 +128,7 @@ export function createApp(deps: ApiDeps): Express {
     },
   );
   const routers = [
-    healthRoutes({ pool: deps.pool, client: deps.client, namespace: deps.namespace }),
+    healthRoutes({ pool: deps.pool, client: deps.client, namespace: deps.namespace, logger: deps.logger }),
     identityRoutes(auth, deps.identities),
     vaultRoutes(auth, deps),
     grantRoutes(auth, deps.grants),

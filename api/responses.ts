@@ -208,6 +208,6 @@ export const chainReport = z.strictObject({
 
 export const health = z.strictObject({ status: z.literal('ok') });
 export const readiness = z.strictObject({
-  status: z.enum(['ready', 'not_ready']),
-  checks: z.strictObject({ database: z.string(), temporal: z.string() }).describe('"ok" or "unavailable: <reason>"'),
+  status: z.literal('ready'),
+  checks: z.strictObject({ database: z.literal('ok'), temporal: z.literal('ok') }),
 });

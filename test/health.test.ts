@@ -32,17 +32,22 @@ describe('health, readiness and metrics', () => {
       smtpUrl: 'smtp://127.0.0.1:1',
       mailFrom: 'x@localhost',
     });
-    const app = createApp({ ...services, dependentTypes: h.deps.dependents, client: h.client, namespace: 'default', taskQueue: 'none', adminToken: newToken(), logger: createLogger({ level: 'silent' }) });
+    const logged: string[] = [];
+    const logger = createLogger({ level: 'warn', destination: { write: (line: string) => logged.push(line) } });
+    const app = createApp({ ...services, dependentTypes: h.deps.dependents, client: h.client, namespace: 'default', taskQueue: 'none', adminToken: newToken(), logger });
     const server = app.listen(0, '127.0.0.1');
     await once(server, 'listening');
     try {
       const res = await fetch(`http://127.0.0.1:${(server.address() as AddressInfo).port}/readyz`);
       expect(res.status).toBe(503);
-      const body = (await res.json()) as { status: string; checks: { database: string; temporal: string } };
-      expect(body.status).toBe('not_ready');
-      expect(body.checks.temporal).toBe('ok');
-      expect(body.checks.database).toMatch(/^unavailable: .*ECONNREFUSED/);
-      expect(JSON.stringify(body)).not.toContain('nothing');
+      expect(res.headers.get('content-type')).toContain('application/problem+json');
+      const body = (await res.json()) as Record<string, unknown>;
+      expect(body).toMatchObject({ type: 'https://mailgent.dev/problems/unavailable', status: 503, detail: 'not ready: the database is unavailable' });
+      expect(body.checks).toEqual({ database: 'unavailable', temporal: 'ok' });
+      // The route needs no token: the reason (the port refused, the user name) is for the log only.
+      const text = JSON.stringify(body);
+      for (const internal of ['ECONNREFUSED', 'nobody', 'nothing', '127.0.0.1']) expect(text).not.toContain(internal);
+      expect(logged.some((line) => line.includes('readiness check failed') && line.includes('ECONNREFUSED'))).toBe(true);
       // A primitive with the database down is a 503 problem, not a 500.
       const stored = await fetch(`http://127.0.0.1:${(server.address() as AddressInfo).port}/v1/vault.get`, {
         method: 'POST',
