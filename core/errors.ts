@@ -78,9 +78,17 @@ export class IntegrityError extends AppError {
 }
 
 export class UnavailableError extends AppError {
-  constructor(detail: string) {
-    super(503, 'unavailable', 'Service unavailable', detail);
+  constructor(detail: string, extra: Record<string, unknown> = {}) {
+    super(503, 'unavailable', 'Service unavailable', detail, extra);
   }
+}
+
+/**
+ * A change whose COMMIT was sent but not confirmed: it may be durable. Still a 503, but its problem
+ * says `unconfirmed: true`, so a client (the CLI's exit 1, not 4) checks before repeating it.
+ */
+export function unconfirmedChange(detail: string): UnavailableError {
+  return new UnavailableError(detail, { unconfirmed: true });
 }
 
 /**

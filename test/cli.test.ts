@@ -180,6 +180,34 @@ describe('mailgent CLI', () => {
       }
       // A change that never reached the API is safe to repeat.
       expect((await mailgent(['store', 'anything', '--url', `http://127.0.0.1:${closed}`], { env: as(alice), input: 'v' })).code).toBe(4);
+
+      // The API's own refusals, answered as it answers them (test/read-thread.test.ts makes the real
+      // unconfirmed store): a 503 whose store may have been committed is 1, not "try again later"
+      // (before, 4: a script would store twice); a plain 503 is 4; a 431 is a malformed request, 2.
+      const answers: Record<string, { status: number; problem: Record<string, unknown> }> = {
+        unconfirmed: { status: 503, problem: { type: 'https://mailgent.dev/problems/unavailable', title: 'Service unavailable', status: 503, detail: 'the store could not be confirmed: it may have been committed', unconfirmed: true } },
+        busy: { status: 503, problem: { type: 'https://mailgent.dev/problems/unavailable', title: 'Service unavailable', status: 503, detail: 'the database is unavailable; try again shortly' } },
+        headers: { status: 431, problem: { type: 'https://mailgent.dev/problems/request-header-too-large', title: 'Request header fields too large', status: 431, detail: 'the request headers are too large' } },
+      };
+      let answer = answers.unconfirmed!;
+      const api = createHttpServer((req, res) => {
+        req.resume();
+        req.on('end', () => res.writeHead(answer.status, { 'content-type': 'application/problem+json' }).end(JSON.stringify(answer.problem)));
+      });
+      await new Promise<void>((resolve) => api.listen(0, '127.0.0.1', resolve));
+      try {
+        const url = `http://127.0.0.1:${(api.address() as { port: number }).port}`;
+        const store = () => mailgent(['store', 'anything', '--json', '--url', url], { env: as(alice), input: 'v' });
+        const unconfirmed = await store();
+        expect(unconfirmed.code).toBe(1);
+        expect(json(unconfirmed)).toMatchObject({ status: 503, unconfirmed: true });
+        answer = answers.busy!;
+        expect((await store()).code).toBe(4);
+        answer = answers.headers!;
+        expect((await store()).code).toBe(2);
+      } finally {
+        await new Promise((resolve) => api.close(resolve));
+      }
     });
     it('never repeats an extra argument (often the secret itself): names its place instead', async () => {
       const secret = 'sk_live_in_argv_0001';

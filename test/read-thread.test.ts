@@ -180,6 +180,7 @@ describe('the vault read thread', () => {
     const { res, dying } = await killedAtAuditAppend('/v1/vault.store', { name: 'dying-store', kind: 'api_key', value: storedValue }, requestId);
     expect(res.status).toBe(503);
     expect(res.body.detail).toMatch(/^the store could not be confirmed: it may have been committed before the vault thread stopped/);
+    expect(res.body.unconfirmed).toBe(true);
     expect(res.text).not.toContain(storedValue);
     // The batch's transaction never got its COMMIT: PostgreSQL rolled it back when the connection went.
     expect((await h.sql(`SELECT count(*)::int AS n FROM credentials WHERE identity_id = $1 AND name = 'dying-store'`, [agent.id])).rows[0].n).toBe(0);

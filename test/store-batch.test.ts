@@ -163,7 +163,7 @@ describe('group commit of stores', () => {
         callers.map((caller, i) => settle(vault.store(caller, { name: `commit-fails-${i}`, kind: 'api_key', value: h.secret(`sk_commit_fails_${i}_${randomUUID()}`) }))),
       );
       for (const r of results) {
-        expect(r).toMatchObject({ error: { status: 503 } });
+        expect(r).toMatchObject({ error: { status: 503, extra: { unconfirmed: true } } });
         expect((r as { error: AppError }).error.message).toMatch(/^the store could not be confirmed: it may have been committed/);
       }
       // Two batches (the first call alone, then the other two), neither stored again alone.
@@ -176,7 +176,7 @@ describe('group commit of stores', () => {
       // 500, or "try again shortly" when the connection dropped, which could store it twice).
       const alone = as(alice);
       const failed = await settle(vault.store(alone, { name: 'commit-fails-alone', kind: 'api_key', value: h.secret(`sk_commit_fails_alone_${randomUUID()}`), owners: ['o@example.com'] }));
-      expect(failed).toMatchObject({ error: { status: 503 } });
+      expect(failed).toMatchObject({ error: { status: 503, extra: { unconfirmed: true } } });
       expect((failed as { error: AppError }).error.message).toMatch(/^the store could not be confirmed: it may have been committed/);
       const { inSeq: aloneRows } = await rowsOf([alone.requestId!]);
       expect(aloneRows.map((r) => [r.outcome, r.detail.error, r.detail.unconfirmed])).toEqual([['failed', 'unavailable', true]]);

@@ -1,6 +1,6 @@
 import type { Db, Pool } from '../db/pool';
 import { isCommitUnconfirmed, withTransaction } from '../db/pool';
-import { UnavailableError } from '../core/errors';
+import { unconfirmedChange } from '../core/errors';
 import { appendAudit, auditFailure, callerEntry } from './audit';
 import type { Caller } from './types';
 
@@ -35,7 +35,7 @@ export async function audited<T>(
     });
   } catch (caught) {
     // A failed COMMIT is not "try again": the action and its ok row may be durable.
-    const err = isCommitUnconfirmed(caught) ? new UnavailableError(unconfirmed) : caught;
+    const err = isCommitUnconfirmed(caught) ? unconfirmedChange(unconfirmed) : caught;
     // If the failure cannot be audited either, the API tries once more to audit it.
     throw await auditFailure(pool, { ...base(), detail: { ...note.detail, ...(err !== caught ? { unconfirmed: true } : {}) } }, err);
   }

@@ -1,6 +1,6 @@
 import { Worker } from 'node:worker_threads';
 import * as errors from '../core/errors';
-import { AppError, UnavailableError } from '../core/errors';
+import { AppError, unconfirmedChange, UnavailableError } from '../core/errors';
 import type { Logger } from '../core/logger';
 import { isAudited, markAudited } from './audit';
 import type { Caller, CredentialRef, StoredVersion, StoreInput } from './types';
@@ -332,6 +332,9 @@ export class ReadThread {
     const unanswered = [...this.pending.values()];
     this.pending.clear();
     const ran = this.ready === worker;
-    for (const p of unanswered) p.reject(new UnavailableError(unansweredReason(p.store, ran)));
+    for (const p of unanswered) {
+      const reason = unansweredReason(p.store, ran);
+      p.reject(p.store && ran ? unconfirmedChange(reason) : new UnavailableError(reason));
+    }
   }
 }

@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import type { Pool, PoolClient } from 'pg';
 import type { Db } from '../db/pool';
-import { type AppError, ConflictError, UnavailableError, UnprocessableError, VersionConflictError } from '../core/errors';
+import { type AppError, ConflictError, unconfirmedChange, UnavailableError, UnprocessableError, VersionConflictError } from '../core/errors';
 import { appendAuditRows, type AuditEntry, callerEntry, errorDetail, markAudited, outcomeOf } from './audit';
 import type { SecretStore } from './secret-store';
 import type { Caller, Kind, StoredVersion, StoreInput } from './types';
@@ -169,7 +169,7 @@ export class StoreBatcher {
    * again. Each fails with a 503 and, if the database takes it, a failure row of its own.
    */
   private async unconfirmed(batch: Pending[]): Promise<void> {
-    const errors = batch.map(() => new UnavailableError(UNCONFIRMED_STORE));
+    const errors = batch.map(() => unconfirmedChange(UNCONFIRMED_STORE));
     const audited = await appendAuditRows(
       this.pool,
       batch.map((p, i) => ({ ...callerEntry(p.caller, 'vault.store', { name: p.input.name, ...errorDetail(errors[i]) }), outcome: outcomeOf(errors[i]) })),

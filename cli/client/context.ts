@@ -131,7 +131,7 @@ export class Api {
       parsed && typeof parsed === 'object' && 'detail' in parsed
         ? (parsed as Problem)
         : { type: 'about:blank', title: res.statusText || 'Error', status: res.status, detail: `the API answered HTTP ${res.status}` };
-    throw new CliError(exitCodeOf(res.status), problem);
+    throw new CliError(exitCodeOf(res.status, problem), problem);
   }
 }
 

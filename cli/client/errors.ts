@@ -62,10 +62,15 @@ export function answerLost(detail: string): CliError {
   return new CliError(EXIT.failed, { type: `${LOCAL}answer-lost`, title: 'Answer lost', detail });
 }
 
-/** What an API refusal means for a script: the exit code of each HTTP status. */
-export function exitCodeOf(status: number): ExitCode {
-  if (status === 400 || status === 413 || status === 415) return EXIT.usage;
+/**
+ * What an API refusal means for a script: the exit code of each HTTP status. A 503 whose change may
+ * have been committed (`unconfirmed`: a store whose COMMIT went unanswered) is 1, not 4: repeating
+ * it could store twice, so a script checks first.
+ */
+export function exitCodeOf(status: number, problem?: Problem): ExitCode {
+  if (status === 400 || status === 413 || status === 415 || status === 431) return EXIT.usage;
   if (status === 401 || status === 403 || status === 404) return EXIT.denied;
+  if (status === 503 && problem?.unconfirmed === true) return EXIT.failed;
   if (status === 429 || status === 503) return EXIT.unavailable;
   return EXIT.failed;
 }
