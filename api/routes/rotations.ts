@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
 import type { z } from 'zod';
-import type { Client } from '@temporalio/client';
+import { WorkflowNotFoundError, WorkflowUpdateFailedError, type Client } from '@temporalio/client';
 import { ConflictError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { withTransaction, type Pool } from '../../db/pool';
 import { RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../../db/run-outcome';
@@ -142,7 +142,8 @@ export async function rotationStatus(deps: RotationDeps, caller: Caller, id: str
 export async function rollbackRotation(deps: RotationDeps, caller: Caller, id: string) {
   const rotation = await ownRotation(deps.pool, caller.identityId, id);
   const results = [];
-  let unavailable: UnavailableError | undefined;
+  /** Temporal out of reach, or a fault: no answer about the grace period (not a 409). */
+  let unanswered: unknown;
   for (const run of await runsOf(deps.pool, rotation.id)) {
     if (!run.run_id) continue;
     try {
@@ -150,13 +151,18 @@ export async function rollbackRotation(deps: RotationDeps, caller: Caller, id: s
       const done = await temporal(() => handle.executeUpdate(rollbackUpdate));
       results.push({ credentialId: run.credential_id, rolledBack: true, ...done });
     } catch (err) {
-      if (err instanceof UnavailableError) unavailable = err;
-      results.push({ credentialId: run.credential_id, rolledBack: false, reason: err instanceof UnavailableError ? err.message : innermost(err) });
+      const refusal = rollbackRefusal(err);
+      if (refusal === undefined) unanswered ??= err;
+      results.push({
+        credentialId: run.credential_id,
+        rolledBack: false,
+        reason: refusal ?? (err instanceof UnavailableError ? err.message : 'not reached: the server failed to handle it; try again'),
+      });
     }
   }
-  // Temporal out of reach is no answer about the grace period: with nothing rolled back, 503, try
-  // again (not 409). With some rolled back, those are reported (a retry would not report them).
-  if (unavailable && !results.some((r) => r.rolledBack)) throw unavailable;
+  // With nothing rolled back: Temporal out of reach is a 503, try again; a fault a 500 (logged with
+  // its cause, which is not shown). With some rolled back, those are reported (a retry would not report them).
+  if (unanswered !== undefined && !results.some((r) => r.rolledBack)) throw unanswered;
   if (!results.some((r) => r.rolledBack)) {
     throw new ConflictError(`nothing to roll back: ${results.map((r) => ('reason' in r ? r.reason : '')).join('; ') || 'the rotation has no runs'}`);
   }
@@ -250,6 +256,17 @@ async function temporal<T>(call: () => Promise<T>): Promise<T> {
     }
     throw err;
   }
+}
+
+/**
+ * Why a run was not rolled back, when the answer is about the run: the workflow's own refusal (its
+ * grace period is over, a value stored since is current, a leak wins …) or a run that has ended.
+ * Anything else (Temporal's own faults, whose words are not for callers) is undefined.
+ */
+function rollbackRefusal(err: unknown): string | undefined {
+  if (err instanceof WorkflowUpdateFailedError) return innermost(err);
+  if (err instanceof WorkflowNotFoundError) return 'the rotation has ended';
+  return undefined;
 }
 
 function innermost(err: unknown): string {
