@@ -1,5 +1,5 @@
 import type { ErrorRequestHandler, Response } from 'express';
-import { AppError, TooManyRequestsError, UnavailableError, type FieldError } from '../core/errors';
+import { AppError, KeyIntegrityError, TooManyRequestsError, UnavailableError, type FieldError } from '../core/errors';
 import type { Logger } from '../core/logger';
 import { isDatabaseUnavailable } from '../db/pool';
 
@@ -38,7 +38,8 @@ export function problemOf(err: AppError, instance?: string, requestId?: string):
     type: PROBLEM_BASE + err.slug,
     title: err.title,
     status: err.status,
-    detail: err.message,
+    // Key and master key ids are for the operator's log, not for callers.
+    detail: err instanceof KeyIntegrityError ? KeyIntegrityError.PUBLIC_DETAIL : err.message,
     ...(instance ? { instance } : {}),
     ...(requestId ? { requestId } : {}),
     ...err.extra,

@@ -77,6 +77,15 @@ export class IntegrityError extends AppError {
   }
 }
 
+/**
+ * A key the vault needs (a data key, a service key) is missing, cannot be opened or failed its
+ * integrity check. Its message names key ids and master key ids: for the operator (the log, the
+ * `mailgent` commands). An API caller gets PUBLIC_DETAIL instead, and the request id.
+ */
+export class KeyIntegrityError extends IntegrityError {
+  static readonly PUBLIC_DETAIL = "a key the vault needs for this request failed its integrity check; the request id identifies it in the server's log";
+}
+
 export class UnavailableError extends AppError {
   constructor(detail: string, extra: Record<string, unknown> = {}) {
     super(503, 'unavailable', 'Service unavailable', detail, extra);

@@ -1,10 +1,15 @@
+import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
+import type { AddressInfo } from 'node:net';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createApp } from '../api/app';
 import { rekey } from '../cli/rekey';
+import { KeyIntegrityError } from '../core/errors';
 import { loadConfig } from '../core/config';
 import { createLogger } from '../core/logger';
 import { openServices } from '../core/services';
+import { newToken } from '../vault/identities';
 import { generateMasterKey, Keyring, readKeyringFile } from '../vault/keyring';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
@@ -83,9 +88,34 @@ describe('envelope encryption at rest', () => {
     await store('dk-check', 'data-key-check-value');
     await h.sql('UPDATE data_keys SET wrapped = set_byte(wrapped, 15, get_byte(wrapped, 15) # 1) WHERE identity_id = $1', [agent.id]);
     const fresh = openServices({ databaseUrl: h.databaseUrl, poolSize: 2, keyring: Keyring.fromSetting(h.keyringFile), smtpUrl: 'smtp://unused', mailFrom: 'x@localhost' });
+    const logged: string[] = [];
+    const app = createApp({
+      ...fresh,
+      dependentTypes: h.deps.dependents,
+      client: h.client,
+      namespace: 'default',
+      taskQueue: 'none',
+      adminToken: newToken(),
+      logger: createLogger({ level: 'error', destination: { write: (line: string) => logged.push(line) } }),
+    });
+    const server = app.listen(0, '127.0.0.1');
+    await once(server, 'listening');
     try {
       await expect(fresh.vault.get({ identityId: agent.id, actor: 'test' }, { name: 'dk-check' })).rejects.toThrow(/data key .* failed authentication/);
+      // Over HTTP the caller learns that a key failed, not which (key ids, master key ids): those are in the log.
+      const res = await fetch(`http://127.0.0.1:${(server.address() as AddressInfo).port}/v1/vault.get`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${agent.token}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ name: 'dk-check' }),
+      });
+      expect(res.status).toBe(500);
+      const body = (await res.json()) as Record<string, unknown>;
+      expect(body).toMatchObject({ type: 'https://mailgent.dev/problems/integrity-failure', detail: KeyIntegrityError.PUBLIC_DETAIL });
+      const dataKeyId = (await h.sql('SELECT id FROM data_keys WHERE identity_id = $1', [agent.id])).rows[0].id as string;
+      expect(JSON.stringify(body)).not.toContain(dataKeyId);
+      expect(logged.some((line) => line.includes(`data key ${dataKeyId} failed authentication`))).toBe(true);
     } finally {
+      server.close();
       await fresh.close();
     }
     await h.sql('UPDATE data_keys SET wrapped = set_byte(wrapped, 15, get_byte(wrapped, 15) # 1) WHERE identity_id = $1', [agent.id]);

@@ -1,7 +1,7 @@
 import { randomBytes, randomUUID } from 'node:crypto';
 import type { Db, Pool } from '../db/pool';
 import { withTransaction } from '../db/pool';
-import { IntegrityError } from '../core/errors';
+import { IntegrityError, KeyIntegrityError } from '../core/errors';
 import { dataKeyAad, KEY_BYTES, open, seal, serviceKeyAad } from './crypto';
 import type { Keyring } from './keyring';
 
@@ -95,7 +95,7 @@ export class DataKeys {
         WHERE identity_id = $1 AND retired_at IS NULL ORDER BY created_at DESC LIMIT 1`,
       [identityId],
     );
-    if (!rows[0]) throw new IntegrityError(`identity ${identityId} has no data key`);
+    if (!rows[0]) throw new KeyIntegrityError(`identity ${identityId} has no data key`);
     const key = this.unwrap(identityId, rows[0]);
     this.activeByIdentity.set(identityId, key.id);
     return key;
@@ -109,7 +109,7 @@ export class DataKeys {
       dataKeyId,
       identityId,
     ]);
-    if (!rows[0]) throw new IntegrityError(`data key ${dataKeyId} does not belong to identity ${identityId}`);
+    if (!rows[0]) throw new KeyIntegrityError(`data key ${dataKeyId} does not belong to identity ${identityId}`);
     return this.unwrap(identityId, rows[0]);
   }
 
@@ -136,8 +136,8 @@ export class DataKeys {
       row = (await this.pool.query('SELECT master_key_id, wrapped FROM service_keys WHERE name = $1', [name])).rows[0];
     }
     const master = this.keyring.find(row.master_key_id);
-    if (!master) throw new IntegrityError(`service key ${name} is wrapped by master key ${row.master_key_id}, which this keyring does not hold`);
-    const key = open(master, row.wrapped, serviceKeyAad(name), `service key ${name}`);
+    if (!master) throw new KeyIntegrityError(`service key ${name} is wrapped by master key ${row.master_key_id}, which this keyring does not hold`);
+    const key = openKey(master, row.wrapped, serviceKeyAad(name), `service key ${name}`);
     this.serviceKeys.set(name, key);
     return key;
   }
@@ -187,8 +187,8 @@ export class DataKeys {
       const services = await tx.query('SELECT name, master_key_id, wrapped FROM service_keys WHERE master_key_id <> $1 FOR UPDATE', [current.id]);
       for (const row of services.rows) {
         const master = this.keyring.find(row.master_key_id);
-        if (!master) throw new IntegrityError(`service key ${row.name} is wrapped by an unknown master key ${row.master_key_id}`);
-        const key = open(master, row.wrapped, serviceKeyAad(row.name), `service key ${row.name}`);
+        if (!master) throw new KeyIntegrityError(`service key ${row.name} is wrapped by an unknown master key ${row.master_key_id}`);
+        const key = openKey(master, row.wrapped, serviceKeyAad(row.name), `service key ${row.name}`);
         await tx.query('UPDATE service_keys SET master_key_id = $2, wrapped = $3 WHERE name = $1', [row.name, current.id, seal(current.key, key, serviceKeyAad(row.name))]);
         key.fill(0);
       }
@@ -235,14 +235,23 @@ export class DataKeys {
     if (live && live.identityId === identityId) return live;
     const master = this.keyring.find(row.master_key_id);
     if (!master) {
-      throw new IntegrityError(
+      throw new KeyIntegrityError(
         `data key ${row.id} is wrapped by master key ${row.master_key_id}, which this keyring does not hold (was VAULT_MASTER_KEY rotated?)`,
       );
     }
-    const key: DataKey = { id: row.id, identityId, key: open(master, row.wrapped, dataKeyAad(identityId, row.id), `data key ${row.id}`) };
+    const key: DataKey = { id: row.id, identityId, key: openKey(master, row.wrapped, dataKeyAad(identityId, row.id), `data key ${row.id}`) };
     this.forget(row.id);
     this.byId.set(row.id, { key, expires: Date.now() + this.cacheTtlMs });
     this.scheduleSweep();
     return key;
+  }
+}
+
+/** Opens a wrapped key; a key that fails is a KeyIntegrityError (its ids are not for API callers). */
+function openKey(...args: Parameters<typeof open>): ReturnType<typeof open> {
+  try {
+    return open(...args);
+  } catch (err) {
+    throw err instanceof IntegrityError ? new KeyIntegrityError(err.message) : err;
   }
 }

@@ -2,7 +2,7 @@ import { createHash, createHmac } from 'node:crypto';
 import type { Db } from '../db/pool';
 import { open, seal, versionAad } from './crypto';
 import type { DataKeys } from './data-keys';
-import { IntegrityError } from '../core/errors';
+import { KeyIntegrityError } from '../core/errors';
 import { type AuditEntry, auditInsertSql, auditValues } from './audit';
 
 /**
@@ -91,7 +91,7 @@ export class SecretStore {
         if (rowCount) return createdAt;
         await this.dataKeys.rollOver(tx, ownerId, key.id);
       }
-      throw new IntegrityError(`could not find an active data key for identity ${ownerId}`);
+      throw new KeyIntegrityError(`could not find an active data key for identity ${ownerId}`);
     } finally {
       plaintext.fill(0);
     }

@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import type { Pool, PoolClient } from 'pg';
 import type { Db } from '../db/pool';
-import { type AppError, ConflictError, unconfirmedChange, UnavailableError, UnprocessableError, VersionConflictError } from '../core/errors';
+import { type AppError, ConflictError, unconfirmedChange, UnprocessableError, VersionConflictError } from '../core/errors';
 import { appendAuditRows, type AuditEntry, callerEntry, errorDetail, markAudited, outcomeOf } from './audit';
 import type { SecretStore } from './secret-store';
 import type { Caller, Kind, StoredVersion, StoreInput } from './types';
