@@ -12,6 +12,7 @@ import { KINDS } from '../vault/types';
 import { base32 } from './support/base32';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
+import { waitFor } from './support/lifecycle-fixtures';
 import { rawRequest } from './support/raw-http';
 
 /**
@@ -330,6 +331,33 @@ describe('MCP server', () => {
         expect(res.status, host).toBe(200);
         expect(res.body, host).toMatchObject({ jsonrpc: '2.0', id: 1, result: { serverInfo: expect.any(Object) } });
       }
+    });
+
+    it('answers protocol errors as the MCP transport must (JSON-RPC errors, not problems), each audited as a rejected request', async () => {
+      const agent = await h.createIdentity('mcp-protocol');
+      const post = (requestId: string, headers: Record<string, string>, body: string) =>
+        fetch(`${h.url}/mcp`, {
+          method: 'POST',
+          headers: { authorization: `Bearer ${agent.token}`, 'content-type': 'application/json', accept: 'application/json, text/event-stream', 'x-request-id': requestId, ...headers },
+          body,
+        });
+      const cases: { id: string; headers: Record<string, string>; body: string; status: number }[] = [
+        { id: 'mcp-proto-accept', headers: { accept: 'application/json' }, body: INITIALIZE, status: 406 },
+        { id: 'mcp-proto-not-jsonrpc', headers: {}, body: '{}', status: 400 },
+        { id: 'mcp-proto-version', headers: { 'mcp-protocol-version': '1999-01-01' }, body: JSON.stringify({ jsonrpc: '2.0', id: 2, method: 'tools/list' }), status: 400 },
+      ];
+      for (const c of cases) {
+        const res = await post(c.id, c.headers, c.body);
+        expect(res.status, c.id).toBe(c.status);
+        expect(await res.json(), c.id).toMatchObject({ jsonrpc: '2.0', error: { code: expect.any(Number), message: expect.any(String) } });
+      }
+      // Before, none of these was in the audit log. (The transport writes its answer itself, so each
+      // row is appended just after it: the last may land a moment after its answer.)
+      const rows = async () => (await h.sql("SELECT request_id, identity_id, action, outcome, detail FROM audit_log WHERE request_id LIKE 'mcp-proto-%' ORDER BY seq")).rows;
+      const audit = await waitFor('the refusals to be audited', rows, (found) => found.length >= cases.length);
+      expect(audit).toEqual(
+        cases.map((c) => ({ request_id: c.id, identity_id: agent.id, action: 'mcp.request', outcome: 'rejected', detail: { error: 'mcp-protocol', status: c.status } })),
+      );
     });
 
     it('over stdio, requests piped in whole (stdin ends at once) are all answered before the bridge exits', async () => {

@@ -5,6 +5,7 @@ import { createMcpServer } from '../../mcp/server';
 import type { McpDeps } from '../../mcp/tools';
 import type { Identity } from '../../vault/identities';
 import { AppError } from '../../core/errors';
+import { appendAudit } from '../../vault/audit';
 import { authenticate, jsonBody, type AuthDeps } from '../endpoint';
 import { documented } from '../openapi';
 
@@ -22,7 +23,8 @@ export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): R
       auth: 'identity',
       requestBody: { contentType: 'application/json', description: 'a JSON-RPC message or batch (Model Context Protocol)' },
       responses: { 200: { description: 'the JSON-RPC response' }, 202: { description: 'a notification or response was accepted' } },
-      // Refused before MCP sees it (JSON-RPC errors, tool errors included, are answered with 200).
+      // Refused before MCP sees it (JSON-RPC errors, tool errors included, are answered with 200; the
+      // transport's own protocol errors, 400 and 406, are JSON-RPC error objects).
       problems: [400, 413, 415],
     }),
     (_req, res, next) => {
@@ -45,6 +47,20 @@ export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): R
       });
       await server.connect(transport);
       await transport.handleRequest(req, res, req.body);
+      // The transport answers protocol errors itself, as JSON-RPC errors (MCP's streamable HTTP asks
+      // for them, not problems): an Accept without application/json and text/event-stream (406), a
+      // body that is not a JSON-RPC message or an unsupported MCP-Protocol-Version (400). Refused
+      // calls all the same: audited as the others are.
+      if (res.statusCode >= 400) {
+        await appendAudit(deps.pool, {
+          identityId: identity.id,
+          actor: `identity:${identity.id}`,
+          action: 'mcp.request',
+          outcome: 'rejected',
+          requestId: res.locals.requestId,
+          detail: { error: 'mcp-protocol', status: res.statusCode },
+        }).catch((err) => deps.logger.error({ err, requestId: res.locals.requestId }, 'could not audit a refused MCP request'));
+      }
     },
   );
   router.all(
