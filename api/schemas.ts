@@ -19,7 +19,9 @@ const credentialName = z
   .regex(/^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$/, 'must start with a letter or digit and use only letters, digits and . _ : / @ + -')
   // A path segment of that form names a credential by id (refOf), so a name like it could never be reached by path.
   .refine((n) => !isUuid(n), 'must not have the form of a UUID (that names a credential by id)');
-const credentialId = z.uuid('must be a credential id (UUID)');
+// Any 8-4-4-4-12 hex string (core/ids.ts), not only RFC 9562 UUIDs: a name of that form is refused as
+// a name, so it must be taken as an id (a 404 if there is none), as it is in a path.
+const credentialId = z.guid('must be a credential id (UUID)');
 /**
  * An RFC 3339 date-time PostgreSQL can store: from the year 1 (UTC) on, with an offset of at most
  * 15 hours. `0000-…` is valid ISO 8601 (1 BC) and `+16:00` a valid RFC 3339 offset, but neither is a

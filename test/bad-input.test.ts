@@ -223,6 +223,15 @@ describe('bad input', () => {
     expect(res.body.errors).toEqual([{ path: 'name', message: 'must not have the form of a UUID (that names a credential by id)' }]);
   });
 
+  it('a UUID-shaped id of no UUID version or variant is an id all the same: not found, in a body as in a path', async () => {
+    // Refused as a name (it has a UUID's shape), it was refused as an id too (a 400): no way to name it.
+    const odd = '12345678-1234-1234-1234-123456789012';
+    expectProblem(await post('/v1/vault.get', { body: { id: odd } }), 404, 'not-found');
+    expectProblem(await post('/v1/vault.totp', { body: { id: odd } }), 404, 'not-found');
+    expectProblem(await h.api('GET', `/v1/credentials/${odd}`, { token: agent.token }), 404, 'not-found');
+    expectProblem(await post('/v1/vault.get', { body: { id: 'not-an-id' } }), 400, 'validation-failed');
+  });
+
   it('an identity name shaped like a UUID is refused (a grant names its grantee by name or id)', async () => {
     // Before, it was created, and a grant to the identity whose id it copied could go to it instead.
     const res = await h.api('POST', '/v1/identities', { token: h.adminToken, body: { name: agent.id } });
