@@ -22,7 +22,10 @@ export function noticeActivities(deps: ActivityDeps) {
           ...(n.mode === 'leak' || n.outcome === 'revoke_failed' ? (deps.securityNotify ?? []) : []),
         ];
         // A leak during the grace period adds a second 'rotated' notice to the run: it needs an id of its own.
-        const messageId = stableUuid(`${callingRunId() ?? n.rotationId}:${n.credentialId}:notice:${n.outcome}${n.mode === 'leak' ? ':leak' : ''}`);
+        // A superseded notice may be followed by a second one, once that version is reported leaked and revoked.
+        const messageId = stableUuid(
+          `${callingRunId() ?? n.rotationId}:${n.credentialId}:notice:${n.outcome}${n.mode === 'leak' ? ':leak' : ''}${n.supersededLeaked ? ':revoked' : ''}`,
+        );
         const delivery = await sendNotice(deps, {
           id: messageId,
           identityId: n.identityId,

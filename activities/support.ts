@@ -1,13 +1,29 @@
 import { createHash } from 'node:crypto';
 import { ApplicationFailure, Context } from '@temporalio/activity';
-import { AppError } from '../core/errors';
+import { AppError, KeyIntegrityError } from '../core/errors';
 import { isDatabaseUnavailable, outlastingOutages } from '../db/pool';
+
+/** What a run, its report and its notice say of a key that failed (KeyIntegrityError): which one is in the worker's log. */
+export const KEY_FAILED = "a key the vault needs failed its integrity check; the worker's log names it";
+
+function logActivityError(err: Error): void {
+  try {
+    Context.current().log.error('a key failed its integrity check', { error: err.message });
+  } catch {
+    // Not in an activity (a direct call in a test): nothing to log to.
+  }
+}
 
 /** Our own 4xx and integrity errors will not heal by retrying: fail the activity for good. */
 export async function permanentErrorsFail<T>(fn: () => Promise<T>): Promise<T> {
   try {
     return await fn();
   } catch (err) {
+    if (err instanceof KeyIntegrityError) {
+      // Its message names key ids: for the worker's log, not for a run's progress, outcome or notice.
+      logActivityError(err);
+      throw ApplicationFailure.create({ type: err.slug, message: KEY_FAILED, nonRetryable: true });
+    }
     if (err instanceof AppError && err.status !== 503) {
       // The error's fields (ids and versions, never a value: a version conflict's current version)
       // go along as details, for the workflow to act on.

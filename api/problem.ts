@@ -1,7 +1,7 @@
 import type { ErrorRequestHandler, Response } from 'express';
-import { AppError, KeyIntegrityError, TooManyRequestsError, UnavailableError, type FieldError } from '../core/errors';
+import { AppError, KeyIntegrityError, TooManyRequestsError, unconfirmedChange, UnavailableError, type FieldError } from '../core/errors';
 import type { Logger } from '../core/logger';
-import { isDatabaseUnavailable } from '../db/pool';
+import { isCommitUnconfirmed, isDatabaseUnavailable } from '../db/pool';
 
 /** RFC 9457 problem details: the one place errors become HTTP responses. */
 export const PROBLEM_BASE = 'https://mailgent.dev/problems/';
@@ -27,6 +27,11 @@ export function toAppError(err: unknown): AppError {
     return new AppError(415, 'unsupported-media-type', 'Unsupported media type', 'the request body must be UTF-8 JSON');
   }
   if (e?.status && e.status >= 400 && e.status < 500) return new AppError(400, 'validation-failed', 'Bad request', 'the request could not be read');
+  // A COMMIT sent and not answered (a route's own transaction: mail.send, a rotation's start, a leak
+  // report …): it may be durable, so not "try again" (README, "unconfirmed").
+  if (isCommitUnconfirmed(err)) {
+    return unconfirmedChange('the request could not be confirmed: it may have been carried out before the database connection failed; check its result before trying again');
+  }
   if (isDatabaseUnavailable(err)) {
     return new UnavailableError('the database is unavailable; try again shortly');
   }

@@ -3,6 +3,8 @@ import { readFileSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ApplicationFailure } from '@temporalio/common';
+import { KEY_FAILED, permanentErrorsFail } from '../activities/support';
 import { createApp } from '../api/app';
 import { rekey } from '../cli/rekey';
 import { KeyIntegrityError } from '../core/errors';
@@ -114,6 +116,10 @@ describe('envelope encryption at rest', () => {
       const dataKeyId = (await h.sql('SELECT id FROM data_keys WHERE identity_id = $1', [agent.id])).rows[0].id as string;
       expect(JSON.stringify(body)).not.toContain(dataKeyId);
       expect(logged.some((line) => line.includes(`data key ${dataKeyId} failed authentication`))).toBe(true);
+      // In a rotation's activity the same: the run's progress, outcome and notice get no key ids.
+      const failure = await permanentErrorsFail(() => fresh.vault.get({ identityId: agent.id, actor: 'test' }, { name: 'dk-check' })).catch((e: unknown) => e);
+      expect(failure).toBeInstanceOf(ApplicationFailure);
+      expect(failure).toMatchObject({ type: 'integrity-failure', nonRetryable: true, message: KEY_FAILED });
     } finally {
       server.close();
       await fresh.close();

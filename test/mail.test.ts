@@ -46,6 +46,28 @@ describe('mail.send', () => {
     expect(await waitForMail(to, 2, 0)).toHaveLength(1);
   });
 
+  it('a message whose COMMIT fails is a 503 marked unconfirmed (it may have been queued), not "try again"', async () => {
+    // A check PostgreSQL runs only at COMMIT (a deferred constraint trigger), for this test's subject.
+    await h.sql(`CREATE FUNCTION mail_fail_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        IF NEW.subject = 'refused at commit' THEN RAISE EXCEPTION 'refused at commit'; END IF;
+        RETURN NULL;
+      END $$`);
+    await h.sql(`CREATE CONSTRAINT TRIGGER mail_fail_at_commit AFTER INSERT ON mail_outbox DEFERRABLE INITIALLY DEFERRED
+      FOR EACH ROW EXECUTE FUNCTION mail_fail_at_commit()`);
+    try {
+      // An identity of its own: the tests after this one count the agent's mail.send audit rows.
+      const sender = await h.createIdentity();
+      const res = await h.api('POST', '/v1/mail.send', { token: sender.token, body: { to: ['unconfirmed@example.com'], subject: 'refused at commit', text: 'hello' } });
+      // Before, a plain 503 "try again shortly": a client repeating it could send the message twice.
+      expect(res.status).toBe(503);
+      expect(res.body).toMatchObject({ type: 'https://mailgent.dev/problems/unavailable', unconfirmed: true, detail: expect.stringContaining('it may have been carried out') });
+    } finally {
+      await h.sql('DROP TRIGGER mail_fail_at_commit ON mail_outbox');
+      await h.sql('DROP FUNCTION mail_fail_at_commit()');
+    }
+  });
+
   it('refuses (422) a message carrying a stored value in any part or common encoding; nothing is queued or sent', async () => {
     const to = `leak-${randomUUID().slice(0, 8)}@example.com`;
     const attempts = [
@@ -66,7 +88,7 @@ describe('mail.send', () => {
       expect(res.text).not.toContain(secretValue);
     }
     expect(Number((await h.sql('SELECT count(*) FROM mail_outbox')).rows[0].count)).toBe(queued);
-    const audit = (await h.sql("SELECT outcome, detail FROM audit_log WHERE action = 'mail.send' AND outcome <> 'ok'")).rows;
+    const audit = (await h.sql("SELECT outcome, detail FROM audit_log WHERE action = 'mail.send' AND outcome <> 'ok' AND identity_id = $1", [agent.id])).rows;
     expect(audit).toHaveLength(attempts.length);
     expect(audit[0]).toEqual({ outcome: 'rejected', detail: { error: 'secret-in-message', status: 422 } });
     await new Promise((r) => setTimeout(r, 500));

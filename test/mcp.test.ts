@@ -353,10 +353,12 @@ describe('MCP server', () => {
       }
       // Before, none of these was in the audit log. (The transport writes its answer itself, so each
       // row is appended just after it: the last may land a moment after its answer.)
-      const rows = async () => (await h.sql("SELECT request_id, identity_id, action, outcome, detail FROM audit_log WHERE request_id LIKE 'mcp-proto-%' ORDER BY seq")).rows;
+      const rows = async () => (await h.sql("SELECT request_id, identity_id, action, outcome, detail FROM audit_log WHERE request_id LIKE 'mcp-proto-%' ORDER BY request_id")).rows;
       const audit = await waitFor('the refusals to be audited', rows, (found) => found.length >= cases.length);
       expect(audit).toEqual(
-        cases.map((c) => ({ request_id: c.id, identity_id: agent.id, action: 'mcp.request', outcome: 'rejected', detail: { error: 'mcp-protocol', status: c.status } })),
+        cases
+          .map((c) => ({ request_id: c.id, identity_id: agent.id, action: 'mcp.request', outcome: 'rejected', detail: { error: 'mcp-protocol', status: c.status } }))
+          .sort((a, b) => a.request_id.localeCompare(b.request_id)),
       );
     });
 

@@ -574,6 +574,65 @@ describe('rotation failures', () => {
     expect(await revokedVersions(id)).toEqual([2]);
   });
 
+  /** Reports a leaked value by its SHA-256; the running rotation of the credential hears of it. */
+  const reportLeak = async (value: string, credentialId: string) => {
+    const fingerprint = createHash('sha256').update(value).digest('hex');
+    const reported = await h.api('POST', '/v1/leaks', { token: owner.token, body: { fingerprint, source: 'secret-scanner' } });
+    expect(reported.status, reported.text).toBe(202);
+    expect(reported.body.results).toEqual([expect.objectContaining({ credentialId, action: 'rotating' })]);
+  };
+
+  it('a single PostgreSQL role whose rotated password was replaced during grace, then reported leaked, is put on the stored one: the leaked password stops working', async () => {
+    const role = `mg_rf2_${tag}`;
+    const adminName = unique('pg-admin');
+    const v1 = await loginRoleWithAdmin(h, role, adminName, store);
+    roles.push(role);
+    const name = unique('app-db');
+    const id = await store(name, 'password', v1, { rotation: { provider: 'postgres-role', settings: { adminCredential: adminName, role }, periodDays: 30, graceHours: 1 } });
+    const rotationId = await startRotation(name);
+    await waitForState(rotationId, ['grace']);
+    const v2 = (await read(id)).value as string;
+    expect(await canLogin(h, role, v2)).toBe(true);
+    const v3 = h.secret(randomBytes(18).toString('base64url'));
+    const stored = await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind: 'password', value: v3 } });
+    expect(stored.body).toMatchObject({ version: 3 });
+
+    await reportLeak(v2, id);
+    // Before, the run "revoked" v2 with the provider's revoke, which has nothing to do for a single
+    // role: v2 stayed the role's password while the vault marked it revoked.
+    expect(await runResult(rotationId)).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
+    expect(await canLogin(h, role, v2)).toBe(false);
+    expect(await canLogin(h, role, v3)).toBe(true);
+    expect(await read(id)).toMatchObject({ version: 3, label: 'current', value: v3 });
+    expect(await revokedVersions(id)).toEqual([1, 2]);
+  });
+
+  it('a leak of the replaced rotated version reported while its superseded notice is being sent is answered: revoked, and a second notice says so', async () => {
+    const { name, id, ownerMail } = await generatedKey({ graceHours: 0.003 }); // 10.8 s
+    const rotationId = await startRotation(name);
+    await waitForState(rotationId, ['grace']);
+    const runId = (await started(rotationId)).credentials[0]!.runId!;
+    const v2 = (await read(id)).value as string;
+    const v3 = h.secret(`v3_${randomBytes(16).toString('hex')}`);
+    expect((await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind: 'api_key', value: v3 } })).body).toMatchObject({ version: 3 });
+    const hold = await holdNotice(runId, id, 'superseded');
+    try {
+      await hold.reached();
+      await reportLeak(v2, id);
+    } finally {
+      await hold.release();
+    }
+    // Before, the incident was closed by the notice that had gone out before the report: v2 stayed working.
+    expect(await runResult(rotationId)).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
+    expect(await revokedVersions(id)).toEqual([1, 2]);
+    expect(await read(id)).toMatchObject({ version: 3, label: 'current', value: v3 });
+    expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
+    const mails = await waitFor('both superseded notices', async () => (await mailTo(ownerMail)).filter((m) => m.mail.subject?.includes('was replaced')), (all) => all.length >= 2);
+    const texts = mails.map((m) => m.mail.text!);
+    expect(texts.filter((t) => t.includes('Version 2 was not revoked'))).toHaveLength(1);
+    expect(texts.filter((t) => t.includes('Version 2 was reported leaked and has been revoked.'))).toHaveLength(1);
+  });
+
   it('a leak of the previous version reported while a rollback runs is answered: the rolled-back credential is rotated again, in leak mode', async () => {
     const { name, id, ownerMail } = await generatedKey({ graceHours: 1 });
     const v1 = (await read(id)).value as string;

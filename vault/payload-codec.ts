@@ -1,7 +1,7 @@
 import { createHash, hkdfSync, randomBytes } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import type { DataConverter, Payload, PayloadCodec } from '@temporalio/common';
-import { IntegrityError } from '../core/errors';
+import { KeyIntegrityError } from '../core/errors';
 import type { Db } from '../db/pool';
 import { open, seal } from './crypto';
 import type { DataKeys } from './data-keys';
@@ -75,7 +75,7 @@ export class EncryptionCodec implements PayloadCodec {
     return payloads.map((payload) => {
       if (text(payload.metadata?.encoding) !== ENCODING) return payload;
       const keyId = text(payload.metadata?.[KEY_ID_HEADER]);
-      if (keyId !== id) throw new IntegrityError(`a Temporal payload is encrypted under key '${keyId}', not this deployment's '${id}'`);
+      if (keyId !== id) throw new KeyIntegrityError(`a Temporal payload is encrypted under key '${keyId}', not this deployment's '${id}'`);
       const data = Buffer.from(payload.data ?? []);
       const plain = open(subkey(key, data.subarray(0, SALT_BYTES)), data.subarray(SALT_BYTES), AAD, 'a Temporal payload');
       return deserialize(plain);

@@ -213,21 +213,16 @@ export class RotationVault {
     });
   }
 
-  /**
-   * Records that a version was revoked at the provider. Idempotent. Returns the version current
-   * then: a rotation that revokes its previous version learns whether a value stored during its
-   * grace period has replaced the one it made.
-   */
-  markRevoked(caller: Caller, credentialId: string, version: number): Promise<{ current: number }> {
+  /** Records that a version was revoked at the provider. Idempotent. */
+  markRevoked(caller: Caller, credentialId: string, version: number) {
     return audited(this.pool, caller, 'rotation.revoke', { version }, async (tx, note) => {
       note.credentialId = credentialId;
-      const cred = await lock(tx, caller.identityId, credentialId);
+      await lock(tx, caller.identityId, credentialId);
       await tx.query('UPDATE secret_versions SET revoked_at = coalesce(revoked_at, $3) WHERE credential_id = $1 AND version = $2', [
         credentialId,
         version,
         this.clock(),
       ]);
-      return { current: cred.current_version as number };
     });
   }
 }

@@ -65,14 +65,15 @@ export const ROLLBACK_REVOKE_FAILURES_CONTINUE = 'rollback-revoke-failures-conti
 export const LEAK_OUTLIVES_CANCEL = 'leak-outlives-cancel';
 
 /**
- * Runs recorded before this patch ended quietly when a value stored during their grace period had
- * replaced the version they made: that version, made at the provider and given to the dependents,
- * was left working there and no one was told. Newer runs learn the current version when they revoke
- * the previous one and, when it is newer than theirs, send the owners a `superseded` notice: the
- * version they made still works at the provider and must be revoked there by hand once the
- * dependents are off it (it is not revoked for them: the dependents were given it).
+ * Runs recorded before this patch ended quietly when a value stored while they ran on after
+ * promotion (in grace, say) had replaced the version they made: that version, given to the
+ * dependents, was left working and no one was told; reported leaked, it was answered by rotating
+ * the stored value, not it. Newer runs ask which version is current once the previous one is
+ * revoked and, when it is newer than theirs, send the owners a `superseded` notice (the version
+ * they made still works for the dependents, to be revoked by hand once they are off it), revoking
+ * it first if it was reported leaked, then or later in the run.
  */
-export const SUPERSEDED_TOLD = 'superseded-version-told';
+export const SUPERSEDED_ANSWERED = 'superseded-version-answered';
 
 export const PATCH_IDS: readonly string[] = [
   CLOSE_INCIDENTS_LAST,
@@ -83,5 +84,5 @@ export const PATCH_IDS: readonly string[] = [
   LEAKED_VERSIONS_ANSWERED,
   ROLLBACK_REVOKE_FAILURES_CONTINUE,
   LEAK_OUTLIVES_CANCEL,
-  SUPERSEDED_TOLD,
+  SUPERSEDED_ANSWERED,
 ];

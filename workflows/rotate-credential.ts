@@ -24,7 +24,7 @@ import {
   ROLLBACK_CHECKS_FIRST,
   LEAK_OUTLIVES_CANCEL,
   ROLLBACK_REVOKE_FAILURES_CONTINUE,
-  SUPERSEDED_TOLD,
+  SUPERSEDED_ANSWERED,
 } from './patches';
 import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
 
@@ -83,9 +83,12 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   let rollbackRefusal: string | undefined;
   /**
    * The version current once the previous one was revoked, when newer than the one this run made (a
-   * value stored while it ran replaced it): see SUPERSEDED_TOLD.
+   * value stored while it ran replaced it): see SUPERSEDED_ANSWERED.
    */
   let supersededBy: number | undefined;
+  /** Its superseded notice went out; the replaced version, reported leaked, has had its revoke tried. */
+  let supersededTold = false;
+  let supersededLeakRevoked = false;
   // What went wrong without stopping the run (an undo, a promoted event): its notice lists them.
   const problems: string[] = [];
   setHandler(progressQuery, () => progress);
@@ -183,10 +186,15 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
    */
   const closeIncidents = async (seen: number, rotateAgain = false) => {
     const again = () => rotateAgain || incidents.size > seen;
-    if (again()) await continueAsNew<typeof rotateCredential>({ ...input, mode: 'leak', attemptsBefore: progress.attempt });
+    // The next run rotates the current version; a replaced one reported leaked is this run's to revoke.
+    const rotateAgainNow = async () => {
+      await answerSuperseded();
+      await continueAsNew<typeof rotateCredential>({ ...input, mode: 'leak', attemptsBefore: progress.attempt });
+    };
+    if (again()) await rotateAgainNow();
     // An open leak incident would make later reports only join it: close it, so they rotate again.
     await db.closeLeakIncidents(ids);
-    if (again()) await continueAsNew<typeof rotateCredential>({ ...input, mode: 'leak', attemptsBefore: progress.attempt });
+    if (again()) await rotateAgainNow();
   };
   /**
    * A cancel (before promotion) stops what it was aimed at, a requested or scheduled rotation, not
@@ -372,6 +380,8 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     // The grace notice said the previous version keeps working until graceEndsAt, and the leak
     // alert promised a notice when the rotation is done: tell the owners (and security) it is revoked.
     await CancellationScope.nonCancellable(() => tell('rotated', { mode: 'leak', ...(supersededBy ? { currentVersion: supersededBy } : {}) }, false));
+    // That notice may have waited (SMTP down): a value stored meanwhile replaces this run's too.
+    await learnSuperseded();
   }
   await closeOut();
   return progress;
@@ -446,10 +456,10 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   /**
    * Once the previous version is revoked (or that failed), asks which version is current: a value
    * stored while the run went on (in grace, or between promote and revoke) may have replaced the one
-   * it made, which the dependents were given and which still works. See SUPERSEDED_TOLD.
+   * it made, which the dependents were given and which still works. See SUPERSEDED_ANSWERED.
    */
   async function learnSuperseded(): Promise<void> {
-    if (progress.toVersion === undefined || !patched(SUPERSEDED_TOLD)) return;
+    if (supersededBy !== undefined || progress.toVersion === undefined || !patched(SUPERSEDED_ANSWERED)) return;
     try {
       const { current } = await CancellationScope.nonCancellable(() => db.currentVersion(ids));
       if (current > progress.toVersion) supersededBy = current;
@@ -460,20 +470,35 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
 
   /**
    * The version this run made was replaced while it ran and is left to the owners, who are told:
-   * revoked now if it was reported leaked (a leak does not wait for the dependents), else kept
-   * working for the dependents it was given until they are moved. See SUPERSEDED_TOLD.
+   * revoked now if it was reported leaked (a leak does not wait for the dependents; `current` puts a
+   * provider that holds one value, a single PostgreSQL role, on the version now current), else kept
+   * working for the dependents it was given until they are moved. A leak of it reported while the
+   * notice went out, or later in the run, is answered the same way, with a notice of its own.
+   * Idempotent. See SUPERSEDED_ANSWERED.
    */
-  async function tellSuperseded(): Promise<void> {
+  async function answerSuperseded(): Promise<void> {
+    if (supersededBy === undefined) return;
     const version = progress.toVersion!;
-    const leaked = leakedVersions.has(version);
-    const failed = leaked ? await runAll([{ what: `revoking the leaked version ${version} (it may still work)`, run: () => undo.revokeVersion({ ...ids, version }) }]) : [];
-    problems.push(...failed);
-    await tell('superseded', { currentVersion: supersededBy, ...(leaked ? { supersededLeaked: true, supersededRevoked: failed.length === 0 } : {}) }, false);
+    const current = supersededBy;
+    await CancellationScope.nonCancellable(async () => {
+      while (!supersededTold || (leakedVersions.has(version) && !supersededLeakRevoked)) {
+        supersededTold = true;
+        if (!leakedVersions.has(version)) {
+          await tell('superseded', { currentVersion: current }, false);
+          continue;
+        }
+        supersededLeakRevoked = true;
+        const revoke = { what: `revoking the leaked version ${version} (it may still work)`, run: () => undo.revokeVersion({ ...ids, version, current }) };
+        const failed = await runAll([revoke]);
+        problems.push(...failed);
+        await tell('superseded', { currentVersion: current, supersededLeaked: true, supersededRevoked: failed.length === 0 }, false);
+      }
+    });
   }
 
   async function closeOut(): Promise<void> {
     const toVersion = progress.toVersion;
-    if (supersededBy !== undefined) await CancellationScope.nonCancellable(tellSuperseded);
+    await answerSuperseded();
     // A value stored during grace, newer than the one this rotation made, is current once it ends.
     const newerLeaked = () => toVersion !== undefined && [...leakedVersions].some((v) => v > toVersion) && patched(LEAKED_VERSIONS_ANSWERED);
     // The version this run made, leaked but replaced since, was revoked above: rotating the current one would not stop it.

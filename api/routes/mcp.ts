@@ -52,13 +52,14 @@ export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): R
       // body that is not a JSON-RPC message or an unsupported MCP-Protocol-Version (400). Refused
       // calls all the same: audited as the others are.
       if (res.statusCode >= 400) {
+        const failed = res.statusCode >= 500;
         await appendAudit(deps.pool, {
           identityId: identity.id,
           actor: `identity:${identity.id}`,
           action: 'mcp.request',
-          outcome: 'rejected',
+          outcome: failed ? 'failed' : 'rejected',
           requestId: res.locals.requestId,
-          detail: { error: 'mcp-protocol', status: res.statusCode },
+          detail: { error: failed ? 'internal' : 'mcp-protocol', status: res.statusCode },
         }).catch((err) => deps.logger.error({ err, requestId: res.locals.requestId }, 'could not audit a refused MCP request'));
       }
     },

@@ -152,7 +152,9 @@ export async function rollbackRotation(deps: RotationDeps, caller: Caller, id: s
       results.push({ credentialId: run.credential_id, rolledBack: true, ...done });
     } catch (err) {
       const refusal = rollbackRefusal(err);
-      if (refusal === undefined) unanswered ??= err;
+      // The first fault is kept, unless Temporal was out of reach for another run: a 503 says to try
+      // again, which may then go through.
+      if (refusal === undefined && (unanswered === undefined || (err instanceof UnavailableError && !(unanswered instanceof UnavailableError)))) unanswered = err;
       results.push({
         credentialId: run.credential_id,
         rolledBack: false,
