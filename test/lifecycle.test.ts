@@ -714,7 +714,7 @@ describe('credential lifecycle', () => {
   it('a value stored during grace, then a revoke the provider refuses: the superseded notice says both, and the rotated key still works for its dependents', async () => {
     const name = unique('replaced-unrevokable');
     const ownerMail = `${name}@example.com`;
-    const credential = await apiKeyAt(name, { owners: [ownerMail], rotation: { graceHours: 0.003 } }); // 10.8 s
+    const credential = await apiKeyAt(name, { owners: [ownerMail], rotation: { graceHours: 0.005 } }); // 18 s: the store must land within it on a loaded machine too
     const { provider } = credential;
     provider.failNext('revoke', 1, 400);
     const rotationId = await startRotation(name);

@@ -608,7 +608,7 @@ describe('rotation failures', () => {
   });
 
   it('a leak of the replaced rotated version reported while its superseded notice is being sent is answered: revoked, and a second notice says so', async () => {
-    const { name, id, ownerMail } = await generatedKey({ graceHours: 0.003 }); // 10.8 s
+    const { name, id, ownerMail } = await generatedKey({ graceHours: 0.005 }); // 18 s: the store and the hold must be in place before it ends, on a loaded machine too
     const rotationId = await startRotation(name);
     await waitForState(rotationId, ['grace']);
     const runId = (await started(rotationId)).credentials[0]!.runId!;
