@@ -1,6 +1,7 @@
 /**
  * Finds a stored secret inside an outgoing message: the value itself or its common encodings
- * (base64, base64url, hex, URL-encoding), and for TOTP seeds the bare base32 secret.
+ * (base64, base64url, hex, URL-encoding in any of its spellings, HTML entities), and for TOTP
+ * seeds the bare base32 secret.
  * Values shorter than MIN_SCANNED_LENGTH are not matched: they would block ordinary words.
  */
 export const MIN_SCANNED_LENGTH = 6;
@@ -18,8 +19,14 @@ export function findStoredValue(message: ScannedMessage, stored: { name: string;
   // base64 tools wrap their output (`base64` at 76 columns, PEM at 64): a long value's encoding may
   // be split across lines.
   const unwrapped = haystack.replace(/\s+/g, '');
+  // Escaped text decoded, to look for the value itself: percent-escapes in either case, `+` for a
+  // space (a form or a query string: URLSearchParams, quote_plus, QueryEscape), HTML entities.
+  const decoded = [percentDecoded(haystack), percentDecoded(haystack.replaceAll('+', ' ')), htmlDecoded(haystack), percentDecoded(htmlDecoded(haystack))].filter(
+    (text) => text !== haystack,
+  );
   for (const { name, value } of stored) {
     if (value.length < MIN_SCANNED_LENGTH) continue;
+    if (decoded.some((text) => text.includes(value))) return name;
     for (const { form, caseless, wraps } of forms(value)) {
       if (form.length < MIN_SCANNED_LENGTH) continue;
       if (haystack.includes(form) || (caseless && lower.includes(form.toLowerCase())) || (wraps && unwrapped.includes(form))) return name;
@@ -64,6 +71,28 @@ function base64Cores(bytes: Buffer): string[] {
   return [0, 1, 2].map((shift) => {
     const encoded = Buffer.concat([Buffer.alloc(shift), bytes]).toString('base64');
     return encoded.slice(Math.ceil((8 * shift) / 6), Math.floor((8 * (shift + bytes.length)) / 6));
+  });
+}
+
+/** Runs of percent-escapes decoded as UTF-8 where they are valid, left as they are where not. */
+function percentDecoded(text: string): string {
+  return text.replace(/(?:%[0-9a-f]{2})+/gi, (run) => {
+    try {
+      return decodeURIComponent(run);
+    } catch {
+      return run;
+    }
+  });
+}
+
+const ENTITIES: Record<string, string> = { amp: '&', lt: '<', gt: '>', quot: '"', apos: "'", nbsp: '\u00a0' };
+
+/** HTML character references decoded: the five XML ones, &nbsp;, and numeric ones. */
+function htmlDecoded(text: string): string {
+  return text.replace(/&(#x[0-9a-f]+|#[0-9]+|[a-z]+);/gi, (ref, body: string) => {
+    const code = body[0] !== '#' ? undefined : body[1] === 'x' || body[1] === 'X' ? parseInt(body.slice(2), 16) : parseInt(body.slice(1), 10);
+    if (code === undefined) return ENTITIES[body.toLowerCase()] ?? ref;
+    return code <= 0x10ffff ? String.fromCodePoint(code) : ref;
   });
 }
 

@@ -24,6 +24,23 @@ describe('finding a stored secret in a message', () => {
     }
   });
 
+  it('finds the URL-encoded value however it was spelled, and the value in HTML entities', () => {
+    const tricky = { name: 'tricky', value: 'Tr0ub4dor&3!x y/z' };
+    // Before, only encodeURIComponent's own spelling matched: each of these went out.
+    const spellings = [
+      new URLSearchParams({ p: tricky.value }).toString(), // p=Tr0ub4dor%263%21x+y%2Fz
+      encodeURIComponent(tricky.value).replace(/%[0-9A-F]{2}/g, (escape) => escape.toLowerCase()), // lowercase escapes
+      encodeURI(tricky.value), // '/' and '&' left as they are
+      'Tr0ub4dor&amp;3!x y/z', // an HTML body
+      'Tr0ub4dor&#38;3&#x21;x&#32;y&#x2F;z',
+    ];
+    for (const text of spellings) expect(findStoredValue({ subject: 's', text: `see ${text}` }, [tricky]), text).toBe('tricky');
+    expect(findStoredValue({ subject: 's', text: 'hi', html: '<p>Tr0ub4dor&amp;3!x&nbsp;y/z</p>' }, [{ name: 'nb', value: 'Tr0ub4dor&3!x\u00a0y/z' }])).toBe('nb');
+    // A stray percent sign or an unknown entity does not stop the scan, nor invent a match.
+    expect(findStoredValue({ subject: '100% sure', text: '%E0%A4%A and &bogus; sk_live_51HxYz' }, stored)).toBe('stripe');
+    expect(findStoredValue({ subject: '100% sure', text: '%E0%A4%A and &bogus;' }, stored)).toBeUndefined();
+  });
+
   it('finds base64 of the value with anything around it: a trailing newline, a Basic auth user, a wrapped line', () => {
     const v = 'sk_live_51HxYz';
     // Before, only the value encoded alone matched: each of these went out.
