@@ -1,4 +1,5 @@
 import { InternalWorkflowStartOptionsSymbol, type InternalWorkflowStartOptions } from '@temporalio/client/lib/internal';
+import { NotFoundError } from '../core/errors';
 import { describeIfKept, latestRunOf } from '../core/run-chain';
 import { RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
 import { handOverNotice } from './notices';
@@ -67,27 +68,42 @@ export function batchActivities(deps: ActivityDeps) {
    */
   const startWave = async (rotationId: string): Promise<{ started: number }> => {
     const { client, taskQueue } = temporal();
+    const now = deps.clock?.() ?? new Date();
+    // Most overdue first: a backlog larger than a sweep can start before its deadline leaves the
+    // newest-due to the next sweep, not whichever credentials' ids sort last.
     const { rows } = await deps.pool.query(
       `WITH runs AS (
-         SELECT r.credential_id, r.run_id, o.outcome FROM rotation_runs r LEFT JOIN run_outcomes o ON o.run_id = r.run_id
+         SELECT r.credential_id, r.run_id, r.start_sent_at, o.outcome FROM rotation_runs r LEFT JOIN run_outcomes o ON o.run_id = r.run_id
           WHERE r.rotation_id = $1)
-       SELECT r.credential_id, c.identity_id, ro.kind, c.rotation->'window' AS window
+       SELECT r.credential_id, c.identity_id, ro.kind, c.rotation->'window' AS window, r.start_sent_at IS NOT NULL AS start_sent,
+              (c.deleted_at IS NOT NULL OR coalesce(v.promoted_at, v.created_at) > ro.created_at
+               OR (c.status = 'rotation_failed' AND c.updated_at > ro.created_at)) AS changed
          FROM runs r JOIN credentials c ON c.id = r.credential_id JOIN rotations ro ON ro.id = $1
+         LEFT JOIN secret_versions v ON v.credential_id = c.id AND v.version = c.current_version
         WHERE r.run_id IS NULL AND ro.cancelled_at IS NULL
-        ORDER BY r.credential_id
+        ORDER BY c.next_rotation_at NULLS LAST, r.credential_id
         LIMIT greatest($2 - (SELECT count(*) FROM runs WHERE run_id IS NOT NULL AND outcome IS NULL), 0)`,
       [rotationId, maxOpen],
     );
-    const now = deps.clock?.() ?? new Date();
     let started = 0;
     for (const row of rows) {
       heartbeat();
-      // A sweep's later waves start hours after it selected them: a window closed by now defers the
-      // credential to the next sweep inside it (it stays due), instead of rotating it out of hours.
-      if (row.kind === 'sweep' && row.window && !windowOpen(row.window, now)) {
+      // A sweep's later waves start up to its deadline after it selected them (as due, or past its
+      // password policy's age). A credential changed since (a value stored or promoted: rotated by
+      // an agent's batch, a leak, the last sweep's run that was still going), deleted, or failed
+      // since is dropped: rotating it again would make a second key and a second notice, and a
+      // failure is tried again a day later. A window closed by now defers it to the next sweep
+      // inside it (it stays due), instead of rotating it out of hours. Neither applies to a start
+      // this wave already sent (it died before recording the run): sent again, it answers with the
+      // run it started.
+      if (row.kind === 'sweep' && !row.start_sent && (row.changed || (row.window && !windowOpen(row.window, now)))) {
         await deps.pool.query('DELETE FROM rotation_runs WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [rotationId, row.credential_id]);
         continue;
       }
+      await deps.pool.query('UPDATE rotation_runs SET start_sent_at = coalesce(start_sent_at, now()) WHERE rotation_id = $1 AND credential_id = $2', [
+        rotationId,
+        row.credential_id,
+      ]);
       const handle = await client.workflow.start<typeof rotateCredential>('rotateCredential', {
         taskQueue,
         workflowId: `rotate:${row.credential_id}`,
@@ -283,11 +299,19 @@ export function batchActivities(deps: ActivityDeps) {
           WHERE deleted_at IS NOT NULL AND destroyed_at IS NULL AND deleted_at < $1::timestamptz - make_interval(days => $2)`,
         [input.asOf, input.retentionDays],
       );
+      const cutoff = new Date(Date.parse(input.asOf) - input.retentionDays * 86_400_000);
+      let destroyed = 0;
       for (const row of rows) {
         heartbeat();
-        await deps.vault.destroy({ identityId: row.identity_id, actor: 'schedule:retention' }, { id: row.id });
+        try {
+          // Checked again under the row lock: a credential restored since the list was read is kept.
+          await deps.vault.destroy({ identityId: row.identity_id, actor: 'schedule:retention' }, { id: row.id }, { deletedBefore: cutoff });
+          destroyed += 1;
+        } catch (err) {
+          if (!(err instanceof NotFoundError)) throw err;
+        }
       }
-      return { destroyed: rows.length };
+      return { destroyed };
     },
   };
 }

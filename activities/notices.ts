@@ -1,4 +1,6 @@
+import { UnprocessableError } from '../core/errors';
 import { deliverOutboxMessage, startDelivery } from '../mail/outbox';
+import { appendAudit } from '../vault/audit';
 import { queueNotice, sendNotice, type Notice } from '../mail/notify';
 import type { CredentialMeta } from '../vault/types';
 import type { RotationNotice } from '../workflows/types';
@@ -63,6 +65,27 @@ export function noticeActivities(deps: ActivityDeps) {
  * handing over is handed over by the retry all the same, but counted by neither.
  */
 export async function handOverNotice(deps: ActivityDeps, notice: Notice, scanIdentities?: string[]): Promise<boolean> {
+  try {
+    return await handOver(deps, notice, scanIdentities);
+  } catch (err) {
+    if (!(err instanceof UnprocessableError)) throw err;
+    // Refused for carrying a stored value (a weak password that is also a word of the text, say): a
+    // refusal does not heal by retrying, and retried it would hold the sweep, and with it every
+    // sweep after it. The notice is skipped, its refusal audited (once per notice), the rest goes on.
+    await appendAudit(deps.pool, {
+      identityId: notice.identityId,
+      actor: notice.actor,
+      action: 'mail.send',
+      credentialId: notice.credentialId ?? null,
+      outcome: 'rejected',
+      requestId: notice.requestId,
+      detail: { messageId: notice.id, purpose: notice.purpose, error: 'secret-in-message' },
+    });
+    return false;
+  }
+}
+
+async function handOver(deps: ActivityDeps, notice: Notice, scanIdentities?: string[]): Promise<boolean> {
   if (!deps.temporal) return (await sendNotice(deps, notice, scanIdentities)) === 'sent';
   const queued = await queueNotice(deps, notice, scanIdentities);
   if (queued === 'no-recipients') return false;

@@ -193,9 +193,10 @@ export class Vault {
    * Destroys every version's ciphertext (the credential row stays as a tombstone for the audit
    * trail, and its name is free again). Irreversible. Works on live and soft-deleted credentials.
    */
-  destroy(caller: Caller, ref: CredentialRef): Promise<{ id: string; destroyedVersions: number }> {
+  destroy(caller: Caller, ref: CredentialRef, opts: { deletedBefore?: Date } = {}): Promise<{ id: string; destroyedVersions: number }> {
     return audited(this.pool, caller, 'credential.destroy', refDetail(ref), async (tx, note) => {
-      const id = await this.lockOwn(tx, caller.identityId, ref, note, { deleted: 'any' });
+      // `deletedBefore` (retention): checked under the row lock, so one restored meanwhile is not destroyed.
+      const id = await this.lockOwn(tx, caller.identityId, ref, note, opts.deletedBefore ? { deletedBefore: opts.deletedBefore } : { deleted: 'any' });
       const { rowCount } = await tx.query('DELETE FROM secret_versions WHERE credential_id = $1', [id]);
       const now = this.clock();
       await tx.query(
@@ -376,16 +377,29 @@ export class Vault {
   }
 
   /** Locks one of the caller's own credentials (grants never allow changes). */
-  private async lockOwn(tx: Db, identityId: string, ref: CredentialRef, note: AuditNote, opts: { deleted?: boolean | 'any' } = {}): Promise<string> {
+  private async lockOwn(
+    tx: Db,
+    identityId: string,
+    ref: CredentialRef,
+    note: AuditNote,
+    opts: { deleted?: boolean | 'any'; deletedBefore?: Date } = {},
+  ): Promise<string> {
     const byId = 'id' in ref;
-    const deleted = opts.deleted === 'any' ? '' : opts.deleted ? 'AND deleted_at IS NOT NULL' : 'AND deleted_at IS NULL';
+    const deleted = opts.deletedBefore
+      ? 'AND deleted_at < $3'
+      : opts.deleted === 'any'
+        ? ''
+        : opts.deleted
+          ? 'AND deleted_at IS NOT NULL'
+          : 'AND deleted_at IS NULL';
     const { rows } = await tx.query(
       `SELECT id FROM credentials WHERE identity_id = $1 AND ${byId ? 'id = $2::uuid' : 'name = $2'} AND destroyed_at IS NULL ${deleted}
         FOR NO KEY UPDATE`,
-      [identityId, byId ? ref.id : ref.name],
+      [identityId, byId ? ref.id : ref.name, ...(opts.deletedBefore ? [opts.deletedBefore] : [])],
     );
     if (!rows[0]) {
-      throw new NotFoundError(`no ${opts.deleted === true ? 'deleted ' : ''}credential with ${byId ? `id ${ref.id}` : `name '${ref.name}'`}`);
+      const which = opts.deletedBefore ? `deleted before ${opts.deletedBefore.toISOString()} ` : opts.deleted === true ? 'deleted ' : '';
+      throw new NotFoundError(`no ${which}credential with ${byId ? `id ${ref.id}` : `name '${ref.name}'`}`);
     }
     note.credentialId = rows[0].id;
     return rows[0].id;
