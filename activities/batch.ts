@@ -77,7 +77,8 @@ export function batchActivities(deps: ActivityDeps) {
           WHERE r.rotation_id = $1)
        SELECT r.credential_id, c.identity_id, ro.kind, c.rotation->'window' AS window, r.start_sent_at IS NOT NULL AS start_sent,
               (c.deleted_at IS NOT NULL OR coalesce(v.promoted_at, v.created_at) > ro.created_at
-               OR (c.status = 'rotation_failed' AND c.updated_at > ro.created_at)) AS changed
+               OR (c.status = 'rotation_failed' AND c.updated_at > ro.created_at)
+               OR EXISTS (SELECT 1 FROM run_outcomes o WHERE o.credential_id = c.id AND o.finished_at > ro.created_at)) AS changed
          FROM runs r JOIN credentials c ON c.id = r.credential_id JOIN rotations ro ON ro.id = $1
          LEFT JOIN secret_versions v ON v.credential_id = c.id AND v.version = c.current_version
         WHERE r.run_id IS NULL AND ro.cancelled_at IS NULL
@@ -272,6 +273,8 @@ export function batchActivities(deps: ActivityDeps) {
           WHERE deleted_at IS NULL AND next_rotation_at IS NOT NULL AND next_rotation_at <= $1
             AND ($2::timestamptz IS NULL OR (next_rotation_at, id) > ($2::timestamptz, $3::uuid))
             AND NOT (status = 'rotation_failed' AND updated_at > $1::timestamptz - make_interval(hours => $5))
+            AND NOT EXISTS (SELECT 1 FROM run_outcomes o WHERE o.credential_id = credentials.id AND o.outcome IN ('cancelled', 'rolled_back')
+                              AND o.finished_at > $1::timestamptz - make_interval(hours => $5))
           ORDER BY next_rotation_at, id
           LIMIT $4`,
         [input.asOf, input.after?.at ?? null, input.after?.id ?? null, input.limit, FAILED_RETRY_HOURS],
