@@ -188,6 +188,37 @@ describe('batch rotation in waves', () => {
     h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: names[0] } })).body.value);
   });
 
+  it('cancelling a batch whose wave started a rotation but died before recording it cancels that rotation too', async () => {
+    const name = `unrecorded-${randomUUID().slice(0, 8)}`;
+    const stored = await h.api('POST', '/v1/vault.store', {
+      token: agent.token,
+      body: { name, kind: 'api_key', value: h.secret(`${name}-original-${randomUUID()}`), rotation: { provider: 'generated', graceHours: 1 } },
+    });
+    expect(stored.status, stored.text).toBe(201);
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: [name] } });
+    expect(started.status).toBe(202);
+    const rotationId = started.body.rotationId as string;
+    const run = await (async () => {
+      for (;;) {
+        const report = await h.api('GET', `/v1/rotations/${rotationId}`, { token: agent.token });
+        if (report.body.state === 'grace') return (await runsOf(rotationId))[0]!;
+        await new Promise((r) => setTimeout(r, 150));
+      }
+    })();
+    // What a wave killed between the start and its UPDATE leaves behind: a running rotation, no run_id.
+    await h.sql('UPDATE rotation_runs SET run_id = NULL WHERE rotation_id = $1', [rotationId]);
+
+    const cancel = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: agent.token });
+    expect(cancel.status, cancel.text).toBe(202);
+    // Before, it was answered as never started, and went on to the end of its grace period.
+    expect(cancel.body).toMatchObject({ cancelling: [stored.body.id], notStarted: [] });
+    expect(await h.client.workflow.getHandle(run.workflow_id, run.run_id!).result()).toMatchObject({ state: 'rolled_back' });
+    expect((await runsOf(rotationId))[0]!.run_id).toBe(run.run_id);
+    const report = await h.api('GET', `/v1/rotations/${rotationId}`, { token: agent.token });
+    expect(report.body.credentials[0]).toMatchObject({ outcome: 'rolled_back' });
+    h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name } })).body.value);
+  });
+
   it('cancelling the batch cancels the open rotations, and the waiting ones never start', async () => {
     const team = `waves-${randomUUID().slice(0, 8)}@example.com`;
     const { names, ids } = await storeAll('held', 4);

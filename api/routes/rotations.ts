@@ -15,7 +15,7 @@ import { endpoint, type AuthDeps } from '../endpoint';
 import { rotationCancelling, rotationReport, rotationRolledBack, rotationStarted } from '../responses';
 import { rotationsStart } from '../schemas';
 import { isUuid } from '../../core/ids';
-import { latestRunOf, statusOf } from '../../core/run-chain';
+import { describeIfKept, latestRunOf, statusOf } from '../../core/run-chain';
 
 export interface RotationDeps {
   pool: Pool;
@@ -60,6 +60,20 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
       // First the batch, so no waiting run starts from now on (a run starting meanwhile is cancelled by the batch itself).
       await deps.pool.query('UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1', [rotation.id]);
       const all = await runsOf(deps.pool, rotation.id);
+      // A start a wave sent without recording its run (its worker died between the two) may have
+      // started one: found running, it is taken as this batch's and cancelled with the others, not
+      // left to finish while the answer calls it not started.
+      for (const run of all.filter((r) => !r.run_id && r.start_sent)) {
+        const described = await temporal(() => describeIfKept(deps.client.workflow.getHandle(run.workflow_id)));
+        if (described?.status.name !== 'RUNNING') continue;
+        const { rowCount } = await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
+          rotation.id,
+          run.credential_id,
+          described.runId,
+        ]);
+        // Its outcome read as "cancelled before it started" (no run id in a cancelled batch): it has none yet.
+        if (rowCount) Object.assign(run, { run_id: described.runId, outcome: null, error: null });
+      }
       const notStarted = all.filter((r) => !r.run_id).map((r) => r.credential_id);
       const runs = all.filter((r) => r.run_id && !['failed', 'cancelled', 'rolled_back'].includes(r.outcome ?? ''));
       const cancelled: string[] = [];
@@ -184,6 +198,8 @@ interface RunRow {
   credential_id: string;
   workflow_id: string;
   run_id: string | null;
+  /** A wave sent its workflow's start (run_id is then set, unless the wave died before recording it). */
+  start_sent: boolean;
   name: string;
   outcome: string | null;
   error: string | null;
@@ -191,7 +207,7 @@ interface RunRow {
 
 async function runsOf(pool: Pool, rotationId: string): Promise<RunRow[]> {
   const { rows } = await pool.query(
-    `SELECT r.credential_id, r.workflow_id, r.run_id, c.name, ${RUN_OUTCOME_SQL} AS outcome, ${RUN_ERROR_SQL} AS error
+    `SELECT r.credential_id, r.workflow_id, r.run_id, r.start_sent_at IS NOT NULL AS start_sent, c.name, ${RUN_OUTCOME_SQL} AS outcome, ${RUN_ERROR_SQL} AS error
        FROM rotation_runs r JOIN rotations ro ON ro.id = r.rotation_id JOIN credentials c ON c.id = r.credential_id
        LEFT JOIN run_outcomes o ON o.run_id = r.run_id
       WHERE r.rotation_id = $1 ORDER BY c.name`,
