@@ -138,10 +138,14 @@ describe('hardening', () => {
       expect((await h.api('POST', '/v1/vault.get', { token: alice.token, body: { name: 'private' } })).body.value).toBe('alice-private-value');
     });
 
-    it("the audit list filtered by another identity's credential is empty, not an error", async () => {
-      const res = await h.api('GET', `/v1/audit?credential=${privateId}`, { token: bob.token });
+    it("the audit list filtered by another identity's credential is empty, not an error, and the probe is audited as denied", async () => {
+      const requestId = `audit-probe-${Date.now()}`;
+      const res = await h.api('GET', `/v1/audit?credential=${privateId}`, { token: bob.token, headers: { 'x-request-id': requestId } });
       expect(res.status).toBe(200);
       expect(res.body.items).toEqual([]);
+      // Before, nothing was written: Bob could check ids against Alice's trail without a trace.
+      const rows = (await h.sql('SELECT identity_id, action, outcome, detail FROM audit_log WHERE request_id = $1', [requestId])).rows;
+      expect(rows).toEqual([{ identity_id: bob.id, action: 'audit.list', outcome: 'denied', detail: { credential: privateId, error: 'not-found' } }]);
     });
 
     it('a TOTP code for a seed Bob does not own is a 404; granted, he gets it by id', async () => {

@@ -1,6 +1,6 @@
 import { Router } from 'express';
 import type { Pool } from '../../db/pool';
-import { listAudit, verifyAuditChain } from '../../vault/audit';
+import { appendAudit, listAudit, verifyAuditChain } from '../../vault/audit';
 import type { Vault } from '../../vault/vault';
 import { endpoint, type AuthDeps } from '../endpoint';
 import { auditList, chainReport } from '../responses';
@@ -18,7 +18,7 @@ export function auditRoutes(auth: AuthDeps, deps: { pool: Pool; vault: Vault }):
   // An identity sees its own events (and every event on a credential of its own); the admin token sees everyone's.
   router.get(
     '/v1/audit',
-    ...endpoint(auth, { who: 'identity-or-admin', action: 'audit.list', summary: 'Audit events (an identity’s own, or all with the admin token)', query: auditQuery, responses: { 200: auditList }, problems: [422] }, async ({ query, identity }) => {
+    ...endpoint(auth, { who: 'identity-or-admin', action: 'audit.list', summary: 'Audit events (an identity’s own, or all with the admin token)', query: auditQuery, responses: { 200: auditList }, problems: [422] }, async ({ query, identity, caller }) => {
       let credentialId: string | undefined;
       let found: string | undefined;
       if (query.credential) {
@@ -26,6 +26,11 @@ export function auditRoutes(auth: AuthDeps, deps: { pool: Pool; vault: Vault }):
         // names any identity's credential; by an id, also one whose row is gone.
         found = await deps.vault.resolveForAudit(identity?.id ?? null, query.credential);
         credentialId = found ?? (!identity && isUuid(query.credential) ? query.credential : '00000000-0000-0000-0000-000000000000');
+        // The answer does not tell another identity's credential from none, but the log does: an
+        // identity probing ids or names against others' trails leaves a denied row for each try.
+        if (!found && identity) {
+          await appendAudit(deps.pool, { ...caller, action: 'audit.list', outcome: 'denied', detail: { credential: query.credential, error: 'not-found' } });
+        }
       }
       const items = await listAudit(deps.pool, {
         // The trail of an identity's own credential is all of it: the reads of the identities it
