@@ -111,10 +111,19 @@ export async function runLeakSweep(runDir: string, temporalAddress: string): Pro
   const histories: [string, string][] = [];
   try {
     const client = new Client({ connection, namespace: 'default' });
-    for await (const wf of client.workflow.list()) {
-      const history = await client.workflow.getHandle(wf.workflowId, wf.runId).fetchHistory();
-      histories.push([`raw history of ${wf.workflowId} (${wf.runId})`, rawHistoryText(history)]);
-    }
+    // Listed by the raw call: the client's list() decodes each run's memo, which the payload codec
+    // encrypted (a batch's rotations carry their rotation id there), and this client has no codec.
+    let nextPageToken: Uint8Array | undefined;
+    do {
+      const page = await client.workflowService.listWorkflowExecutions({ namespace: 'default', pageSize: 1000, nextPageToken });
+      for (const wf of page.executions ?? []) {
+        const { workflowId, runId } = wf.execution ?? {};
+        if (!workflowId || !runId) continue;
+        const history = await client.workflow.getHandle(workflowId, runId).fetchHistory();
+        histories.push([`raw history of ${workflowId} (${runId})`, rawHistoryText(history)]);
+      }
+      nextPageToken = page.nextPageToken?.length ? page.nextPageToken : undefined;
+    } while (nextPageToken);
   } finally {
     await connection.close();
   }
