@@ -74,15 +74,9 @@ function base64Cores(bytes: Buffer): string[] {
   });
 }
 
-/** Runs of percent-escapes decoded as UTF-8 where they are valid, left as they are where not. */
+/** Runs of percent-escapes decoded as UTF-8 (a byte that is no valid UTF-8 becomes U+FFFD, the rest decoded all the same). */
 function percentDecoded(text: string): string {
-  return text.replace(/(?:%[0-9a-f]{2})+/gi, (run) => {
-    try {
-      return decodeURIComponent(run);
-    } catch {
-      return run;
-    }
-  });
+  return text.replace(/(?:%[0-9a-f]{2})+/gi, (run) => Buffer.from(run.replaceAll('%', ''), 'hex').toString('utf8'));
 }
 
 const ENTITIES: Record<string, string> = { amp: '&', lt: '<', gt: '>', quot: '"', apos: "'", nbsp: '\u00a0' };

@@ -36,6 +36,10 @@ describe('finding a stored secret in a message', () => {
     ];
     for (const text of spellings) expect(findStoredValue({ subject: 's', text: `see ${text}` }, [tricky]), text).toBe('tricky');
     expect(findStoredValue({ subject: 's', text: 'hi', html: '<p>Tr0ub4dor&amp;3!x&nbsp;y/z</p>' }, [{ name: 'nb', value: 'Tr0ub4dor&3!x\u00a0y/z' }])).toBe('nb');
+    // An escape that is no valid UTF-8 beside them does not hide the rest of its run.
+    const accented = { name: 'accented', value: '/é-secret-x' };
+    expect(encodeURIComponent(accented.value)).toBe('%2F%C3%A9-secret-x');
+    expect(findStoredValue({ subject: 's', text: 'x=%ff%2f%c3%a9-secret-x' }, [accented])).toBe('accented');
     // A stray percent sign or an unknown entity does not stop the scan, nor invent a match.
     expect(findStoredValue({ subject: '100% sure', text: '%E0%A4%A and &bogus; sk_live_51HxYz' }, stored)).toBe('stripe');
     expect(findStoredValue({ subject: '100% sure', text: '%E0%A4%A and &bogus;' }, stored)).toBeUndefined();
