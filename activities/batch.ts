@@ -75,17 +75,30 @@ export function batchActivities(deps: ActivityDeps) {
       `WITH runs AS (
          SELECT r.credential_id, r.run_id, r.start_sent_at, o.outcome FROM rotation_runs r LEFT JOIN run_outcomes o ON o.run_id = r.run_id
           WHERE r.rotation_id = $1)
-       SELECT r.credential_id, c.identity_id, ro.kind, c.rotation->'window' AS window, r.start_sent_at IS NOT NULL AS start_sent,
-              (c.deleted_at IS NOT NULL OR coalesce(v.promoted_at, v.created_at) > ro.created_at
-               OR (c.status = 'rotation_failed' AND c.updated_at > ro.created_at)
-               OR EXISTS (SELECT 1 FROM run_outcomes o WHERE o.credential_id = c.id AND o.finished_at > ro.created_at)) AS changed
+       SELECT r.credential_id, c.identity_id, ro.kind, c.rotation->'window' AS window, r.start_sent_at IS NOT NULL AS start_sent
          FROM runs r JOIN credentials c ON c.id = r.credential_id JOIN rotations ro ON ro.id = $1
-         LEFT JOIN secret_versions v ON v.credential_id = c.id AND v.version = c.current_version
         WHERE r.run_id IS NULL AND ro.cancelled_at IS NULL
         ORDER BY c.next_rotation_at NULLS LAST, r.credential_id
         LIMIT greatest($2 - (SELECT count(*) FROM runs WHERE run_id IS NOT NULL AND outcome IS NULL), 0)`,
       [rotationId, maxOpen],
     );
+    // Whether a sweep's credential changed since the sweep began, asked of the rows picked only,
+    // and by a statement of its own: an agent's batch rotates what it was asked to, and reads no
+    // version to pick (a statement that names a table waits for a lock on it even where it would not read it).
+    const asked = rows.filter((r) => r.kind === 'sweep' && !r.start_sent).map((r) => r.credential_id as string);
+    const changed = new Set<string>();
+    if (asked.length > 0) {
+      const found = await deps.pool.query(
+        `SELECT c.id FROM credentials c JOIN rotations ro ON ro.id = $1
+           LEFT JOIN secret_versions v ON v.credential_id = c.id AND v.version = c.current_version
+          WHERE c.id = ANY($2::uuid[])
+            AND (c.deleted_at IS NOT NULL OR (c.status = 'rotation_failed' AND c.updated_at > ro.created_at)
+                 OR coalesce(v.promoted_at, v.created_at) > ro.created_at
+                 OR EXISTS (SELECT 1 FROM run_outcomes o WHERE o.credential_id = c.id AND o.finished_at > ro.created_at))`,
+        [rotationId, asked],
+      );
+      for (const { id } of found.rows) changed.add(id);
+    }
     let started = 0;
     for (const row of rows) {
       heartbeat();
@@ -97,21 +110,34 @@ export function batchActivities(deps: ActivityDeps) {
       // inside it (it stays due), instead of rotating it out of hours. Neither applies to a start
       // this wave already sent (it died before recording the run): sent again, it answers with the
       // run it started.
-      if (row.kind === 'sweep' && !row.start_sent && (row.changed || (row.window && !windowOpen(row.window, now)))) {
+      if (row.kind === 'sweep' && !row.start_sent && (changed.has(row.credential_id) || (row.window && !windowOpen(row.window, now)))) {
         await deps.pool.query('DELETE FROM rotation_runs WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [rotationId, row.credential_id]);
         continue;
       }
-      await deps.pool.query('UPDATE rotation_runs SET start_sent_at = coalesce(start_sent_at, now()) WHERE rotation_id = $1 AND credential_id = $2', [
-        rotationId,
-        row.credential_id,
-      ]);
-      const handle = await client.workflow.start<typeof rotateCredential>('rotateCredential', {
-        taskQueue,
-        workflowId: `rotate:${row.credential_id}`,
-        args: [{ rotationId, identityId: row.identity_id, credentialId: row.credential_id, mode: MODES[row.kind] }],
-        workflowIdConflictPolicy: 'USE_EXISTING',
-        ...startRequest(rotationId, row.credential_id),
-      });
+      if (!row.start_sent) {
+        await deps.pool.query('UPDATE rotation_runs SET start_sent_at = now() WHERE rotation_id = $1 AND credential_id = $2', [rotationId, row.credential_id]);
+      }
+      let handle;
+      try {
+        handle = await client.workflow.start<typeof rotateCredential>('rotateCredential', {
+          taskQueue,
+          workflowId: `rotate:${row.credential_id}`,
+          args: [{ rotationId, identityId: row.identity_id, credentialId: row.credential_id, mode: MODES[row.kind] }],
+          workflowIdConflictPolicy: 'USE_EXISTING',
+          // Which batch started the run: a cancel that finds it running unrecorded takes it only if it is this one's.
+          memo: { rotationId },
+          ...startRequest(rotationId, row.credential_id),
+        });
+      } catch (err) {
+        // Refused before Temporal had it (the server out of reach): not sent, so the retry checks again.
+        if (!row.start_sent && neverReached(err)) {
+          await deps.pool.query('UPDATE rotation_runs SET start_sent_at = NULL WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
+            rotationId,
+            row.credential_id,
+          ]);
+        }
+        throw err;
+      }
       const { rows: marked } = await deps.pool.query(
         `UPDATE rotation_runs r SET run_id = $3 FROM rotations ro
           WHERE r.rotation_id = $1 AND r.credential_id = $2 AND ro.id = r.rotation_id
@@ -392,4 +418,12 @@ export function windowOpen(window: RotationWindow, at: Date): boolean {
   // runs from Friday 22:00 to Saturday 02:00).
   if (hour >= window.startHour) return window.days.includes(day);
   return hour < window.endHour && window.days.includes((day + 6) % 7);
+}
+
+/** A call that failed before the server could have acted on it: no connection (gRPC UNAVAILABLE). */
+function neverReached(err: unknown): boolean {
+  for (let e = err as { code?: unknown; message?: string; cause?: unknown } | undefined; e; e = e.cause as typeof e) {
+    if (e.code === 14 || /ECONNREFUSED|UNAVAILABLE/.test(String(e.message))) return true;
+  }
+  return false;
 }

@@ -1,5 +1,6 @@
 import { UnprocessableError } from '../core/errors';
 import { deliverOutboxMessage, startDelivery } from '../mail/outbox';
+import { withTransaction } from '../db/pool';
 import { appendAudit } from '../vault/audit';
 import { queueNotice, sendNotice, type Notice } from '../mail/notify';
 import type { CredentialMeta } from '../vault/types';
@@ -65,25 +66,39 @@ export function noticeActivities(deps: ActivityDeps) {
  * handing over is handed over by the retry all the same, but counted by neither.
  */
 export async function handOverNotice(deps: ActivityDeps, notice: Notice, scanIdentities?: string[]): Promise<boolean> {
+  const refusedBefore = await deps.pool.query(`SELECT 1 FROM mail_outbox WHERE id = $1 AND status = 'abandoned' AND last_error = $2`, [notice.id, REFUSED]);
+  if (refusedBefore.rowCount) return false;
   try {
     return await handOver(deps, notice, scanIdentities);
   } catch (err) {
     if (!(err instanceof UnprocessableError)) throw err;
-    // Refused for carrying a stored value (a weak password that is also a word of the text, say): a
-    // refusal does not heal by retrying, and retried it would hold the sweep, and with it every
-    // sweep after it. The notice is skipped, its refusal audited (once per notice), the rest goes on.
-    await appendAudit(deps.pool, {
-      identityId: notice.identityId,
-      actor: notice.actor,
-      action: 'mail.send',
-      credentialId: notice.credentialId ?? null,
-      outcome: 'rejected',
-      requestId: notice.requestId,
-      detail: { messageId: notice.id, purpose: notice.purpose, error: 'secret-in-message' },
+    // Refused for carrying a stored value (a value that is also text the notice prints): a refusal
+    // does not heal by retrying, and retried it would hold the sweep, and with it every sweep after
+    // it. The notice is skipped and its refusal audited, once: an abandoned outbox row under its id
+    // (nothing of the message in it: not its text, not its recipients) answers every later sweep.
+    await withTransaction(deps.pool, async (tx) => {
+      const { rowCount } = await tx.query(
+        `INSERT INTO mail_outbox (id, identity_id, purpose, recipients, subject, text_body, status, last_error)
+         VALUES ($1, $2, $3, '{}', '(refused)', '(refused)', 'abandoned', $4) ON CONFLICT (id) DO NOTHING`,
+        [notice.id, notice.identityId, notice.purpose, REFUSED],
+      );
+      if (!rowCount) return;
+      await appendAudit(tx, {
+        identityId: notice.identityId,
+        actor: notice.actor,
+        action: 'mail.send',
+        credentialId: notice.credentialId ?? null,
+        outcome: 'rejected',
+        requestId: notice.requestId,
+        detail: { messageId: notice.id, purpose: notice.purpose, error: 'secret-in-message' },
+      });
     });
     return false;
   }
 }
+
+/** The outbox's record of a scheduled notice refused for carrying a stored value. */
+const REFUSED = 'refused: it would carry a stored value';
 
 async function handOver(deps: ActivityDeps, notice: Notice, scanIdentities?: string[]): Promise<boolean> {
   if (!deps.temporal) return (await sendNotice(deps, notice, scanIdentities)) === 'sent';

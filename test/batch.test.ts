@@ -205,7 +205,9 @@ describe('batch rotation in waves', () => {
         await new Promise((r) => setTimeout(r, 150));
       }
     })();
-    // What a wave killed between the start and its UPDATE leaves behind: a running rotation, no run_id.
+    // What a wave killed between the start and its UPDATE leaves behind: a running rotation, no
+    // run_id. (The batch's own wait would send the start again and record it: it is stopped first.)
+    await h.client.workflow.getHandle(started.body.batchWorkflowId).terminate('the test plays a wave that died');
     await h.sql('UPDATE rotation_runs SET run_id = NULL WHERE rotation_id = $1', [rotationId]);
 
     const cancel = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: agent.token });
@@ -216,6 +218,25 @@ describe('batch rotation in waves', () => {
     expect((await runsOf(rotationId))[0]!.run_id).toBe(run.run_id);
     const report = await h.api('GET', `/v1/rotations/${rotationId}`, { token: agent.token });
     expect(report.body.credentials[0]).toMatchObject({ outcome: 'rolled_back' });
+
+    // A rotation of the credential that another batch started is not this batch's to cancel, even
+    // when this one sent a start it did not record (its start may never have reached Temporal).
+    const other = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: [name] } });
+    expect(other.status).toBe(202);
+    const running = await (async () => {
+      for (;;) {
+        if ((await h.api('GET', `/v1/rotations/${other.body.rotationId}`, { token: agent.token })).body.state === 'grace') return (await runsOf(other.body.rotationId))[0]!;
+        await new Promise((r) => setTimeout(r, 150));
+      }
+    })();
+    const stray = randomUUID();
+    await h.sql(`INSERT INTO rotations (id, identity_id, kind, reason, notify, workflow_id) VALUES ($1, $2, 'request', NULL, '{}', $3)`, [stray, agent.id, `rotation:${stray}`]);
+    await h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id, start_sent_at) VALUES ($1, $2, $3, now())`, [stray, stored.body.id, running.workflow_id]);
+    const strayCancel = await h.api('DELETE', `/v1/rotations/${stray}`, { token: agent.token });
+    expect(strayCancel.body).toMatchObject({ cancelling: [], notStarted: [stored.body.id] });
+    expect((await h.client.workflow.getHandle(running.workflow_id, running.run_id!).describe()).status.name).toBe('RUNNING');
+    expect((await h.api('DELETE', `/v1/rotations/${other.body.rotationId}`, { token: agent.token })).body).toMatchObject({ cancelling: [stored.body.id] });
+    await h.client.workflow.getHandle(running.workflow_id, running.run_id!).result();
     h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name } })).body.value);
   });
 

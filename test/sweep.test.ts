@@ -442,7 +442,7 @@ describe('scheduled sweep', () => {
 
   it('a later wave of a sweep drops a credential changed since it was selected (rotated, deleted or failed): none is rotated twice', async () => {
     const agent = await identity();
-    const names = ['wave-rotated', 'wave-deleted', 'wave-failed', 'wave-due'];
+    const names = ['wave-rotated', 'wave-deleted', 'wave-failed', 'wave-rolled-back', 'wave-due'];
     const ids: string[] = [];
     for (const name of names) ids.push(await store(agent.token, { name, kind: 'api_key', value: secretValue(), rotation: ROTATE_NOW }));
     await age(ids, 40);
@@ -454,13 +454,15 @@ describe('scheduled sweep', () => {
     await store(agent.token, { name: 'wave-rotated', kind: 'api_key', value: secretValue() });
     expect((await h.api('DELETE', '/v1/credentials/wave-deleted', { token: agent.token })).status).toBe(200);
     await h.sql(`UPDATE credentials SET status = 'rotation_failed', updated_at = now() WHERE id = $1`, [ids[2]]);
+    // and one whose rotation (another batch's) ended since, rolled back: the credential as it was, but not to be rotated again now.
+    await h.sql(`INSERT INTO run_outcomes (run_id, workflow_id, credential_id, outcome) VALUES ($1, $2, $3, 'rolled_back')`, [`test-run-${randomUUID()}`, `rotate:${ids[3]}`, ids[3]]);
 
-    // Before, the wave started all four: a second rotation of the one just rotated, one of a deleted credential.
+    // Before, the wave started all five: a second rotation of the one just rotated, one of a deleted credential.
     expect(await acts.startRotations({ rotationId: sweepId })).toEqual({ started: 1 });
-    expect(await sweptIds(sweepId)).toEqual([ids[3]!]);
+    expect(await sweptIds(sweepId)).toEqual([ids[4]!]);
     const run = (await h.sql('SELECT workflow_id, run_id FROM rotation_runs WHERE rotation_id = $1', [sweepId])).rows[0];
     await h.client.workflow.getHandle(run.workflow_id, run.run_id).result();
-    expect(await versions(ids)).toEqual({ 'wave-rotated': 2, 'wave-deleted': 1, 'wave-failed': 1, 'wave-due': 2 });
+    expect(await versions(ids)).toEqual({ 'wave-rotated': 2, 'wave-deleted': 1, 'wave-failed': 1, 'wave-rolled-back': 1, 'wave-due': 2 });
     for (const name of ['wave-rotated', 'wave-due']) await read(agent.token, name);
   });
 
@@ -518,6 +520,7 @@ describe('scheduled sweep', () => {
       // A daily sweep's page holds every due credential: the index finds them, only they are sorted.
       const daily = await planOf([asOf, null, null, 500, 24]);
       expect(daily.nodes.some((n) => n.index === 'credentials_due'), daily.text).toBe(true);
+      expect(daily.nodes.some((n) => n.index?.startsWith('run_outcomes_')), daily.text).toBe(true);
       expect(daily.nodes.filter((n) => n.type === 'Seq Scan'), daily.text).toEqual([]);
 
       // A backlog larger than a page is walked in index order, page after page, without a sort.
@@ -608,12 +611,16 @@ describe('scheduled sweep', () => {
     // password policy's reminder), holding every sweep after it.
     const acts = createActivities(h.deps);
     await acts.sendExpiryReminders({ asOf: new Date().toISOString() });
+    // The next sweep's pass finds it refused already: not scanned, audited or refused again.
+    await acts.sendExpiryReminders({ asOf: new Date().toISOString() });
     const [reminder] = await waitFor('the other reminder', () => mailTo(fine), (mails) => mails.length > 0);
     expect(reminder!.mail.subject).toBe(`[mailgent] ${fineName} expires in 2 days`);
     expect(await mailTo(leaky)).toEqual([]);
     const refused = (await h.sql("SELECT outcome, detail FROM audit_log WHERE credential_id = $1 AND action = 'mail.send'", [id])).rows;
     expect(refused).toEqual([{ outcome: 'rejected', detail: { messageId: expect.any(String), purpose: 'expiry.reminder', error: 'secret-in-message' } }]);
     expect((await h.sql('SELECT count(*)::int AS n FROM mail_outbox WHERE $1 = ANY(recipients)', [leaky])).rows[0].n).toBe(0);
+    const outbox = (await h.sql('SELECT status, recipients, subject, text_body FROM mail_outbox WHERE id = $1', [refused[0].detail.messageId])).rows;
+    expect(outbox).toEqual([{ status: 'abandoned', recipients: [], subject: '(refused)', text_body: '(refused)' }]);
   });
 
   it('retention destroys only what is still deleted when it gets to it: a credential restored meanwhile is kept', async () => {

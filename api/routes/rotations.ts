@@ -61,11 +61,12 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
       await deps.pool.query('UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1', [rotation.id]);
       const all = await runsOf(deps.pool, rotation.id);
       // A start a wave sent without recording its run (its worker died between the two) may have
-      // started one: found running, it is taken as this batch's and cancelled with the others, not
-      // left to finish while the answer calls it not started.
+      // started one: found running, and started by this batch (its memo says so: not a leak's or
+      // another batch's rotation of the same credential), it is taken as this batch's and cancelled
+      // with the others, not left to finish while the answer calls it not started.
       for (const run of all.filter((r) => !r.run_id && r.start_sent)) {
         const described = await temporal(() => describeIfKept(deps.client.workflow.getHandle(run.workflow_id)));
-        if (described?.status.name !== 'RUNNING') continue;
+        if (described?.status.name !== 'RUNNING' || described.memo?.rotationId !== rotation.id) continue;
         const { rowCount } = await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
           rotation.id,
           run.credential_id,
