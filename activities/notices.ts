@@ -2,7 +2,7 @@ import { UnprocessableError } from '../core/errors';
 import { deliverOutboxMessage, startDelivery } from '../mail/outbox';
 import { withTransaction } from '../db/pool';
 import { appendAudit } from '../vault/audit';
-import { queueNotice, sendNotice, type Notice } from '../mail/notify';
+import { noticeAudit, queueNotice, sendNotice, type Notice } from '../mail/notify';
 import type { CredentialMeta } from '../vault/types';
 import type { RotationNotice } from '../workflows/types';
 import type { ActivityDeps } from './index';
@@ -82,16 +82,7 @@ export async function handOverNotice(deps: ActivityDeps, notice: Notice, scanIde
          VALUES ($1, $2, $3, '{}', '(refused)', '(refused)', 'abandoned', $4) ON CONFLICT (id) DO NOTHING`,
         [notice.id, notice.identityId, notice.purpose, REFUSED],
       );
-      if (!rowCount) return;
-      await appendAudit(tx, {
-        identityId: notice.identityId,
-        actor: notice.actor,
-        action: 'mail.send',
-        credentialId: notice.credentialId ?? null,
-        outcome: 'rejected',
-        requestId: notice.requestId,
-        detail: { messageId: notice.id, purpose: notice.purpose, error: 'secret-in-message' },
-      });
+      if (rowCount) await appendAudit(tx, noticeAudit(notice, 'rejected', { error: 'secret-in-message' }));
     });
     return false;
   }

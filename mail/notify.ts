@@ -59,18 +59,21 @@ export async function queueNotice(
   }
   const inserted = await withTransaction(deps.pool, async (tx) => {
     const queued = await queueMail(tx, { id: notice.id, identityId: notice.identityId, purpose: notice.purpose, to, subject: notice.subject, text: notice.text });
-    if (queued) {
-      await appendAudit(tx, {
-        identityId: notice.identityId,
-        actor: notice.actor,
-        action: 'mail.send',
-        credentialId: notice.credentialId ?? null,
-        outcome: 'ok',
-        requestId: notice.requestId,
-        detail: { messageId: notice.id, purpose: notice.purpose, recipients: to.length, ...notice.detail },
-      });
-    }
+    if (queued) await appendAudit(tx, noticeAudit(notice, 'ok', { recipients: to.length, ...notice.detail }));
     return queued;
   });
   return inserted ? 'queued' : 'already-queued';
+}
+
+/** A notice's audit row (mail.send, by the notice's actor): its id and purpose, and what the outcome adds. */
+export function noticeAudit(notice: Notice, outcome: 'ok' | 'rejected', detail: Record<string, unknown>) {
+  return {
+    identityId: notice.identityId,
+    actor: notice.actor,
+    action: 'mail.send',
+    credentialId: notice.credentialId ?? null,
+    outcome,
+    requestId: notice.requestId,
+    detail: { messageId: notice.id, purpose: notice.purpose, ...detail },
+  };
 }

@@ -577,14 +577,23 @@ describe('credential lifecycle', () => {
     expect(provider.listKeys().filter((k) => k.idempotencyKey?.startsWith(`${ids.rotationId}:`))).toHaveLength(1);
   });
 
-  it('a rollback whose provider refuses to revoke the abandoned version still ends rolled back, and its notice says that version may still work', async () => {
-    const name = unique('refused-revoke');
+  /**
+   * An API key (see apiKeyAt, one owner address) rotated into its grace period: `before` sets up
+   * the key service first (a fault to inject). Returns the rotation's id and the new value, v2.
+   */
+  const apiKeyInGrace = async (prefix: string, graceHours: number, before?: (provider: ProviderServer) => void) => {
+    const name = unique(prefix);
     const ownerMail = `${name}@example.com`;
-    const credential = await apiKeyAt(name, { owners: [ownerMail], rotation: { graceHours: 1 } });
-    const { provider } = credential;
+    const credential = await apiKeyAt(name, { owners: [ownerMail], rotation: { graceHours } });
+    before?.(credential.provider);
     const rotationId = await startRotation(name);
     await waitForState(rotationId, ['grace']);
     const v2 = (await read({ name })).body.value as string;
+    return { name, ownerMail, credential, provider: credential.provider, rotationId, v2 };
+  };
+
+  it('a rollback whose provider refuses to revoke the abandoned version still ends rolled back, and its notice says that version may still work', async () => {
+    const { name, ownerMail, credential, provider, rotationId, v2 } = await apiKeyInGrace('refused-revoke', 1);
 
     provider.failNext('revoke', 1, 403);
     const rolledBack = await h.api('POST', `/v1/rotations/${rotationId}/rollback`, { token: owner.token });
@@ -712,14 +721,8 @@ describe('credential lifecycle', () => {
   };
 
   it('a value stored during grace, then a revoke the provider refuses: the superseded notice says both, and the rotated key still works for its dependents', async () => {
-    const name = unique('replaced-unrevokable');
-    const ownerMail = `${name}@example.com`;
-    const credential = await apiKeyAt(name, { owners: [ownerMail], rotation: { graceHours: 0.005 } }); // 18 s: the store must land within it on a loaded machine too
-    const { provider } = credential;
-    provider.failNext('revoke', 1, 400);
-    const rotationId = await startRotation(name);
-    await waitForState(rotationId, ['grace']);
-    const v2 = (await read({ name })).body.value as string;
+    // An 18 s grace period: the store must land within it on a loaded machine too.
+    const { name, ownerMail, credential, provider, rotationId, v2 } = await apiKeyInGrace('replaced-unrevokable', 0.005, (p) => p.failNext('revoke', 1, 400));
     const v3 = await storeDuringGrace(name);
 
     expect(await runResult(rotationId)).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
@@ -741,13 +744,7 @@ describe('credential lifecycle', () => {
   });
 
   it('the rotated key reported leaked after a value was stored during grace is revoked at once; the stored value is left as it is', async () => {
-    const name = unique('replaced-leaked');
-    const ownerMail = `${name}@example.com`;
-    const credential = await apiKeyAt(name, { owners: [ownerMail], rotation: { graceHours: 1 } });
-    const { provider } = credential;
-    const rotationId = await startRotation(name);
-    await waitForState(rotationId, ['grace']);
-    const v2 = (await read({ name })).body.value as string;
+    const { name, ownerMail, credential, provider, rotationId, v2 } = await apiKeyInGrace('replaced-leaked', 1);
     const v3 = await storeDuringGrace(name);
 
     // The scanner found v2 (the previous version now, still live): the run in grace hears of it.

@@ -551,18 +551,23 @@ describe('rotation failures', () => {
     await read(id, 4);
   });
 
-  it('a rollback of a single PostgreSQL role puts the previous password back on the role', async () => {
-    const role = `mg_rf_${tag}`;
+  /** A login role whose password a single-role postgres-role credential holds, rotated into its grace period: v2 now logs in. */
+  const singleRoleInGrace = async (role: string) => {
     const adminName = unique('pg-admin');
     const v1 = await loginRoleWithAdmin(h, role, adminName, store);
     roles.push(role);
     const name = unique('app-db');
     const id = await store(name, 'password', v1, { rotation: { provider: 'postgres-role', settings: { adminCredential: adminName, role }, periodDays: 30, graceHours: 1 } });
-
     const rotationId = await startRotation(name);
     await waitForState(rotationId, ['grace']);
     const v2 = (await read(id)).value as string;
     expect(await canLogin(h, role, v2)).toBe(true);
+    return { name, id, rotationId, v1, v2 };
+  };
+
+  it('a rollback of a single PostgreSQL role puts the previous password back on the role', async () => {
+    const role = `mg_rf_${tag}`;
+    const { id, rotationId, v1, v2 } = await singleRoleInGrace(role);
     expect(await canLogin(h, role, v1)).toBe(false);
 
     const rolledBack = await h.api('POST', `/v1/rotations/${rotationId}/rollback`, { token: owner.token });
@@ -584,15 +589,7 @@ describe('rotation failures', () => {
 
   it('a single PostgreSQL role whose rotated password was replaced during grace, then reported leaked, is put on the stored one: the leaked password stops working', async () => {
     const role = `mg_rf2_${tag}`;
-    const adminName = unique('pg-admin');
-    const v1 = await loginRoleWithAdmin(h, role, adminName, store);
-    roles.push(role);
-    const name = unique('app-db');
-    const id = await store(name, 'password', v1, { rotation: { provider: 'postgres-role', settings: { adminCredential: adminName, role }, periodDays: 30, graceHours: 1 } });
-    const rotationId = await startRotation(name);
-    await waitForState(rotationId, ['grace']);
-    const v2 = (await read(id)).value as string;
-    expect(await canLogin(h, role, v2)).toBe(true);
+    const { name, id, rotationId, v2 } = await singleRoleInGrace(role);
     const v3 = h.secret(randomBytes(18).toString('base64url'));
     const stored = await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind: 'password', value: v3 } });
     expect(stored.body).toMatchObject({ version: 3 });
