@@ -66,8 +66,6 @@ export function noticeActivities(deps: ActivityDeps) {
  * handing over is handed over by the retry all the same, but counted by neither.
  */
 export async function handOverNotice(deps: ActivityDeps, notice: Notice, scanIdentities?: string[]): Promise<boolean> {
-  const refusedBefore = await deps.pool.query(`SELECT 1 FROM mail_outbox WHERE id = $1 AND status = 'abandoned' AND last_error = $2`, [notice.id, REFUSED]);
-  if (refusedBefore.rowCount) return false;
   try {
     return await handOver(deps, notice, scanIdentities);
   } catch (err) {
@@ -75,7 +73,9 @@ export async function handOverNotice(deps: ActivityDeps, notice: Notice, scanIde
     // Refused for carrying a stored value (a value that is also text the notice prints): a refusal
     // does not heal by retrying, and retried it would hold the sweep, and with it every sweep after
     // it. The notice is skipped and its refusal audited, once: an abandoned outbox row under its id
-    // (nothing of the message in it: not its text, not its recipients) answers every later sweep.
+    // (nothing of the message in it: not its text, not its recipients) answers every later sweep,
+    // as any queued notice does (queueNotice finds it before scanning; startDelivery and
+    // deliverQueued leave an abandoned message alone).
     await withTransaction(deps.pool, async (tx) => {
       const { rowCount } = await tx.query(
         `INSERT INTO mail_outbox (id, identity_id, purpose, recipients, subject, text_body, status, last_error)

@@ -158,7 +158,7 @@ export async function rollbackRotation(deps: RotationDeps, caller: Caller, id: s
   const rotation = await ownRotation(deps.pool, caller.identityId, id);
   const results = [];
   /** Temporal out of reach, or a fault: no answer about the grace period (not a 409). */
-  let unanswered: unknown;
+  const unanswered: unknown[] = [];
   for (const run of await runsOf(deps.pool, rotation.id)) {
     if (!run.run_id) continue;
     try {
@@ -167,9 +167,7 @@ export async function rollbackRotation(deps: RotationDeps, caller: Caller, id: s
       results.push({ credentialId: run.credential_id, rolledBack: true, ...done });
     } catch (err) {
       const refusal = rollbackRefusal(err);
-      // The first fault is kept, unless Temporal was out of reach for another run: a 503 says to try
-      // again, which may then go through.
-      if (refusal === undefined && (unanswered === undefined || (err instanceof UnavailableError && !(unanswered instanceof UnavailableError)))) unanswered = err;
+      if (refusal === undefined) unanswered.push(err);
       results.push({
         credentialId: run.credential_id,
         rolledBack: false,
@@ -177,9 +175,10 @@ export async function rollbackRotation(deps: RotationDeps, caller: Caller, id: s
       });
     }
   }
-  // With nothing rolled back: Temporal out of reach is a 503, try again; a fault a 500 (logged with
-  // its cause, which is not shown). With some rolled back, those are reported (a retry would not report them).
-  if (unanswered !== undefined && !results.some((r) => r.rolledBack)) throw unanswered;
+  // With nothing rolled back: Temporal out of reach for any run is a 503, try again (which may then
+  // go through); else a fault, a 500 (logged with its cause, which is not shown). With some rolled
+  // back, those are reported (a retry would not report them).
+  if (unanswered.length > 0 && !results.some((r) => r.rolledBack)) throw unanswered.find((e) => e instanceof UnavailableError) ?? unanswered[0];
   if (!results.some((r) => r.rolledBack)) {
     throw new ConflictError(`nothing to roll back: ${results.map((r) => ('reason' in r ? r.reason : '')).join('; ') || 'the rotation has no runs'}`);
   }
