@@ -92,7 +92,7 @@ export function batchActivities(deps: ActivityDeps) {
         `SELECT c.id FROM credentials c JOIN rotations ro ON ro.id = $1
            LEFT JOIN secret_versions v ON v.credential_id = c.id AND v.version = c.current_version
           WHERE c.id = ANY($2::uuid[])
-            AND (c.deleted_at IS NOT NULL OR (c.status = 'rotation_failed' AND c.updated_at > ro.created_at)
+            AND (c.deleted_at IS NOT NULL OR c.rotation IS NULL OR c.updated_at > ro.created_at
                  OR coalesce(v.promoted_at, v.created_at) > ro.created_at
                  OR EXISTS (SELECT 1 FROM run_outcomes o WHERE o.credential_id = c.id AND o.finished_at > ro.created_at))`,
         [rotationId, asked],
@@ -104,9 +104,11 @@ export function batchActivities(deps: ActivityDeps) {
       heartbeat();
       // A sweep's later waves start up to its deadline after it selected them (as due, or past its
       // password policy's age). A credential changed since (a value stored or promoted: rotated by
-      // an agent's batch, a leak, the last sweep's run that was still going), deleted, or failed
-      // since is dropped: rotating it again would make a second key and a second notice, and a
-      // failure is tried again a day later. A window closed by now defers it to the next sweep
+      // an agent's batch, a leak, the last sweep's run that was still going), deleted, failed, or
+      // given another policy since is dropped: rotating it again would make a second key and a
+      // second notice, a failure is tried again a day later, and one taken out of rotation (or no
+      // longer due) must not be rotated at all: without a policy it would get a generated value in
+      // place of its provider's. The next sweep selects it again if it is still due. A window closed by now defers it to the next sweep
       // inside it (it stays due), instead of rotating it out of hours. Neither applies to a start
       // this wave already sent (it died before recording the run): sent again, it answers with the
       // run it started.

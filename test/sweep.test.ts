@@ -440,9 +440,9 @@ describe('scheduled sweep', () => {
     await read(agent.token, 'wave-window');
   });
 
-  it('a later wave of a sweep drops a credential changed since it was selected (rotated, deleted or failed): none is rotated twice', async () => {
+  it('a later wave of a sweep drops a credential changed since it was selected (rotated, deleted, failed or its policy changed): none is rotated twice', async () => {
     const agent = await identity();
-    const names = ['wave-rotated', 'wave-deleted', 'wave-failed', 'wave-rolled-back', 'wave-due'];
+    const names = ['wave-rotated', 'wave-deleted', 'wave-failed', 'wave-rolled-back', 'wave-unmanaged', 'wave-not-due', 'wave-due'];
     const ids: string[] = [];
     for (const name of names) ids.push(await store(agent.token, { name, kind: 'api_key', value: secretValue(), rotation: ROTATE_NOW }));
     await age(ids, 40);
@@ -456,13 +456,25 @@ describe('scheduled sweep', () => {
     await h.sql(`UPDATE credentials SET status = 'rotation_failed', updated_at = now() WHERE id = $1`, [ids[2]]);
     // and one whose rotation (another batch's) ended since, rolled back: the credential as it was, but not to be rotated again now.
     await h.sql(`INSERT INTO run_outcomes (run_id, workflow_id, credential_id, outcome) VALUES ($1, $2, $3, 'rolled_back')`, [`test-run-${randomUUID()}`, `rotate:${ids[3]}`, ids[3]]);
+    // Its owners took one out of Mailgent's rotation (rotated without a policy, it would get a generated value in place
+    // of the real key), and gave another a longer period, so it is not due yet.
+    expect((await h.api('PATCH', '/v1/credentials/wave-unmanaged', { token: agent.token, body: { rotation: null } })).status).toBe(200);
+    expect((await h.api('PATCH', '/v1/credentials/wave-not-due', { token: agent.token, body: { rotation: { ...ROTATE_NOW, periodDays: 365 } } })).status).toBe(200);
 
-    // Before, the wave started all five: a second rotation of the one just rotated, one of a deleted credential.
+    // Before, the wave started all of them: a second rotation of the one just rotated, one of a deleted credential, one without a policy.
     expect(await acts.startRotations({ rotationId: sweepId })).toEqual({ started: 1 });
-    expect(await sweptIds(sweepId)).toEqual([ids[4]!]);
+    expect(await sweptIds(sweepId)).toEqual([ids[6]!]);
     const run = (await h.sql('SELECT workflow_id, run_id FROM rotation_runs WHERE rotation_id = $1', [sweepId])).rows[0];
     await h.client.workflow.getHandle(run.workflow_id, run.run_id).result();
-    expect(await versions(ids)).toEqual({ 'wave-rotated': 2, 'wave-deleted': 1, 'wave-failed': 1, 'wave-rolled-back': 1, 'wave-due': 2 });
+    expect(await versions(ids)).toEqual({
+      'wave-rotated': 2,
+      'wave-deleted': 1,
+      'wave-failed': 1,
+      'wave-rolled-back': 1,
+      'wave-unmanaged': 1,
+      'wave-not-due': 1,
+      'wave-due': 2,
+    });
     for (const name of ['wave-rotated', 'wave-due']) await read(agent.token, name);
   });
 
