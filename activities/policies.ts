@@ -66,7 +66,7 @@ export function policyActivities(deps: ActivityDeps) {
       const { rows } = await deps.pool.query(
         `SELECT c.id, c.name, c.identity_id, c.owners, c.notify, c.rotation IS NOT NULL AS managed, c.rotation->'window' AS window, c.current_version,
                 (c.status = 'rotation_failed' AND c.updated_at > $1::timestamptz - make_interval(hours => ${FAILED_RETRY_HOURS})
-                 OR EXISTS (SELECT 1 FROM run_outcomes o WHERE o.credential_id = c.id AND o.outcome IN ('cancelled', 'rolled_back')
+                 OR EXISTS (SELECT 1 FROM run_outcomes o WHERE o.credential_id = c.id AND o.outcome <> 'rotated'
                               AND o.finished_at > $1::timestamptz - make_interval(hours => ${FAILED_RETRY_HOURS}))) AS failed_lately,
                 v.created_at, p.max_age_days, p.escalate_after_days, i.email
            FROM password_policies p
@@ -76,7 +76,7 @@ export function policyActivities(deps: ActivityDeps) {
           WHERE v.created_at < $1::timestamptz - make_interval(days => p.max_age_days)`,
         [asOf],
       );
-      // As the sweep's selection: a rotation that failed, was cancelled or was rolled back is tried again a day later, not every hour.
+      // As the sweep's selection: a rotation that failed (or ended unreported), was cancelled or was rolled back is tried again a day later, not every hour.
       const managed = rows.filter((r) => r.managed && !r.failed_lately && (!r.window || windowOpen(r.window, asOf))).map((r) => r.id);
       if (managed.length) {
         await deps.pool.query(

@@ -21,7 +21,7 @@ const SELECT_DUE = `SELECT id, to_char(next_rotation_at AT TIME ZONE 'UTC', 'YYY
   WHERE deleted_at IS NULL AND next_rotation_at IS NOT NULL AND next_rotation_at <= $1
     AND ($2::timestamptz IS NULL OR (next_rotation_at, id) > ($2::timestamptz, $3::uuid))
     AND NOT (status = 'rotation_failed' AND updated_at > $1::timestamptz - make_interval(hours => $5))
-    AND NOT EXISTS (SELECT 1 FROM run_outcomes o WHERE o.credential_id = credentials.id AND o.outcome IN ('cancelled', 'rolled_back')
+    AND NOT EXISTS (SELECT 1 FROM run_outcomes o WHERE o.credential_id = credentials.id AND o.outcome <> 'rotated'
                       AND o.finished_at > $1::timestamptz - make_interval(hours => $5))
   ORDER BY next_rotation_at, id
   LIMIT $4`;

@@ -23,7 +23,7 @@ const SELECT_DUE_SQL = `SELECT id, to_char(next_rotation_at AT TIME ZONE 'UTC', 
           WHERE deleted_at IS NULL AND next_rotation_at IS NOT NULL AND next_rotation_at <= $1
             AND ($2::timestamptz IS NULL OR (next_rotation_at, id) > ($2::timestamptz, $3::uuid))
             AND NOT (status = 'rotation_failed' AND updated_at > $1::timestamptz - make_interval(hours => $5))
-            AND NOT EXISTS (SELECT 1 FROM run_outcomes o WHERE o.credential_id = credentials.id AND o.outcome IN ('cancelled', 'rolled_back')
+            AND NOT EXISTS (SELECT 1 FROM run_outcomes o WHERE o.credential_id = credentials.id AND o.outcome <> 'rotated'
                               AND o.finished_at > $1::timestamptz - make_interval(hours => $5))
           ORDER BY next_rotation_at, id
           LIMIT $4`;
@@ -317,15 +317,19 @@ describe('scheduled sweep', () => {
     await read(agent.token, 'failed-lately');
   });
 
-  it('a due credential whose rotation was rolled back or cancelled waits a day too: the next hourly sweep does not rotate it again', async () => {
+  it('a due credential whose rotation was rolled back, cancelled or ended unreported waits a day too: the next hourly sweep does not rotate it again', async () => {
     const agent = await identity();
     const ids = [
       await store(agent.token, { name: 'rolled-back-lately', kind: 'api_key', value: secretValue(), rotation: ROTATE_NOW }),
       await store(agent.token, { name: 'cancelled-lately', kind: 'api_key', value: secretValue(), rotation: ROTATE_NOW }),
+      await store(agent.token, { name: 'ended-lately', kind: 'api_key', value: secretValue(), rotation: ROTATE_NOW }),
     ];
     await age(ids, 45);
-    // What a rolled-back and a cancelled run leave: the credential active and still due, the run's outcome recorded.
-    for (const [i, outcome] of (['rolled_back', 'cancelled'] as const).entries()) {
+    // What a rolled-back and a cancelled run leave: the credential active and still due, the run's outcome recorded;
+    // and what a run terminated after it staged its value leaves: the credential still `rotating`, the outcome its
+    // batch recorded for it, failed.
+    await h.sql(`UPDATE credentials SET status = 'rotating', updated_at = now() - interval '2 hours' WHERE id = $1`, [ids[2]]);
+    for (const [i, outcome] of (['rolled_back', 'cancelled', 'failed'] as const).entries()) {
       await h.sql(`INSERT INTO run_outcomes (run_id, workflow_id, credential_id, outcome, finished_at) VALUES ($1, $2, $3, $4, now() - interval '1 hour')`, [
         `test-run-${randomUUID()}`,
         `rotate:${ids[i]}`,
@@ -339,8 +343,8 @@ describe('scheduled sweep', () => {
     await h.sql(`UPDATE run_outcomes SET finished_at = now() - interval '25 hours' WHERE credential_id = ANY($1::uuid[])`, [ids]);
     const later = await sweep();
     expect((await sweptIds(later.sweepId)).filter((id) => ids.includes(id))).toEqual([...ids].sort());
-    expect(await versions(ids)).toEqual({ 'rolled-back-lately': 2, 'cancelled-lately': 2 });
-    for (const name of ['rolled-back-lately', 'cancelled-lately']) await read(agent.token, name);
+    expect(await versions(ids)).toEqual({ 'rolled-back-lately': 2, 'cancelled-lately': 2, 'ended-lately': 2 });
+    for (const name of ['rolled-back-lately', 'cancelled-lately', 'ended-lately']) await read(agent.token, name);
   });
 
   it('a sweep waits for its rotations only so long: one still running then is left to finish on its own, and the summary says so', async () => {
@@ -508,7 +512,7 @@ describe('scheduled sweep', () => {
       )).rows[0];
       expect(counts).toEqual({ total: 5000, due: 100 });
       // Four past rotations each, as a vault that has run a year has: the selection's look for a
-      // recent cancel or rollback goes through run_outcomes_credential, not a scan of them all.
+      // recent failure, cancel or rollback goes through an index, not a scan of them all.
       await h.sql(
         `INSERT INTO run_outcomes (run_id, workflow_id, credential_id, outcome, finished_at)
          SELECT 'bulk-' || c.id || '-' || k, 'rotate:' || c.id, c.id, 'rotated', now() - make_interval(days => k * 90)
