@@ -177,7 +177,7 @@ export function batchActivities(deps: ActivityDeps) {
       const outcomes = async () =>
         (
           await deps.pool.query(
-            `SELECT r.workflow_id, r.run_id, r.credential_id, ${RUN_OUTCOME_SQL} AS outcome
+            `SELECT r.workflow_id, r.run_id, r.credential_id, r.start_sent_at IS NOT NULL AS start_sent, ${RUN_OUTCOME_SQL} AS outcome
                FROM rotation_runs r JOIN rotations ro ON ro.id = r.rotation_id LEFT JOIN run_outcomes o ON o.run_id = r.run_id
               WHERE r.rotation_id = $1`,
             [input.rotationId],
@@ -207,11 +207,12 @@ export function batchActivities(deps: ActivityDeps) {
           // What is still open now is counted as running: not a run that has just ended unrecorded.
           await settleEnded(open);
           for (const r of open.filter((o) => o.run_id === null)) {
-            // Not started by this batch's record: a wave that started its run and lost the record of
+            // Not started by this batch's record: a wave that sent its start and lost the record of
             // it (its attempt died between the two) has it running all the same, and it is followed
-            // as started; any other is left to the next sweep (it stays due).
-            const described = await describeIfKept(client.workflow.getHandle(r.workflow_id));
-            if (described?.status.name === 'RUNNING') {
+            // as started if its memo names this batch (a leak's or another batch's rotation of the
+            // credential is theirs to report); any other is left to the next sweep (it stays due).
+            const described = r.start_sent ? await describeIfKept(client.workflow.getHandle(r.workflow_id)) : undefined;
+            if (described?.status.name === 'RUNNING' && described.memo?.rotationId === input.rotationId) {
               await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
                 input.rotationId,
                 r.credential_id,

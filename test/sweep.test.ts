@@ -378,30 +378,43 @@ describe('scheduled sweep', () => {
 
   it('when a sweep stops waiting, a run that ended unrecorded counts as failed, one running though its start went unrecorded is followed, the rest is left', async () => {
     const agent = await identity();
-    const [ended, unrecorded, waiting] = (await Promise.all(
-      ['ended-unrecorded', 'started-unrecorded', 'never-started'].map((name) => store(agent.token, { name, kind: 'api_key', value: secretValue(), rotation: ROTATE_NOW })),
-    )) as [string, string, string];
+    const [ended, unrecorded, waiting, others] = (await Promise.all(
+      ['ended-unrecorded', 'started-unrecorded', 'never-started', 'rotated-by-another'].map((name) =>
+        store(agent.token, { name, kind: 'api_key', value: secretValue(), rotation: ROTATE_NOW }),
+      ),
+    )) as [string, string, string, string];
     const rotationId = randomUUID();
     await h.sql(`INSERT INTO rotations (id, identity_id, kind, reason, workflow_id) VALUES ($1, NULL, 'sweep', 'test', $2)`, [rotationId, `sweep-${rotationId}`]);
-    const start = (credentialId: string) =>
-      h.client.workflow.start('rotateCredential', { taskQueue: h.taskQueue, workflowId: `rotate:${credentialId}`, args: [{ rotationId, identityId: agent.id, credentialId }] });
+    // As a wave starts them: the batch's id in the memo.
+    const start = (credentialId: string, by = rotationId) =>
+      h.client.workflow.start('rotateCredential', {
+        taskQueue: h.taskQueue,
+        workflowId: `rotate:${credentialId}`,
+        args: [{ rotationId: by, identityId: agent.id, credentialId }],
+        memo: { rotationId: by },
+      });
     // Ended without an outcome (terminated a moment before the deadline).
     const gone = await start(ended);
     await gone.terminate('stopped by an operator');
-    // Running, held at its store, but its wave died before recording the run.
+    // Running, held at its store, but its wave died before recording the run; and one running,
+    // held too, that another batch started (this sweep's wave never sent its start).
     const lock = new pg.Client({ connectionString: h.databaseUrl });
     await lock.connect();
     try {
       await lock.query('BEGIN');
-      await lock.query('SELECT id FROM credentials WHERE id = $1 FOR NO KEY UPDATE', [unrecorded]);
+      await lock.query('SELECT id FROM credentials WHERE id = ANY($1::uuid[]) FOR NO KEY UPDATE', [[unrecorded, others]]);
       const held = await start(unrecorded);
+      const theirs = await start(others, randomUUID());
       await h.sql(
-        `INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id, run_id) VALUES ($1, $2, $3, $4), ($1, $5, $6, NULL), ($1, $7, $8, NULL)`,
-        [rotationId, ended, `rotate:${ended}`, gone.firstExecutionRunId, unrecorded, `rotate:${unrecorded}`, waiting, `rotate:${waiting}`],
+        `INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id, run_id, start_sent_at)
+         VALUES ($1, $2, $3, $4, now()), ($1, $5, $6, NULL, now()), ($1, $7, $8, NULL, NULL), ($1, $9, $10, NULL, NULL)`,
+        [rotationId, ended, `rotate:${ended}`, gone.firstExecutionRunId, unrecorded, `rotate:${unrecorded}`, waiting, `rotate:${waiting}`, others, `rotate:${others}`],
       );
       const result = await createActivities(h.deps).awaitOutcomes({ rotationId, until: new Date(Date.now() - 1000).toISOString() });
-      // Before the fix: the ended run counted as still rotating, the running one's row deleted (untracked).
+      // Before the fix: the ended run counted as still rotating, the running one's row deleted (untracked);
+      // later, the other batch's run was taken as this sweep's too.
       expect(result).toEqual({ total: 2, rotated: 0, failed: 1, open: 1 });
+      expect((await theirs.describe()).status.name).toBe('RUNNING');
       const runs = (await h.sql('SELECT credential_id, run_id FROM rotation_runs WHERE rotation_id = $1 ORDER BY credential_id', [rotationId])).rows;
       expect(runs).toEqual(
         [
@@ -414,7 +427,9 @@ describe('scheduled sweep', () => {
       await lock.end();
     }
     await h.client.workflow.getHandle(`rotate:${unrecorded}`).result();
+    await h.client.workflow.getHandle(`rotate:${others}`).result();
     await read(agent.token, 'started-unrecorded');
+    await read(agent.token, 'rotated-by-another');
   });
 
   it('a later wave of a sweep defers a credential whose window closed after it was selected; it stays due', async () => {
