@@ -17,8 +17,10 @@ export const databaseStep: ActivityOptions = {
  * gave up would fail the run half way: after a promote, with the new value live, its outcome
  * unrecorded, no notice sent and the old value never revoked. Refusals (our 4xx) are non-retryable
  * and fail at once; anything else (an outage, or a bug: the attempt's error shows in the Temporal UI
- * until a fixed worker gets through) waits at most a minute between attempts. (Batches and sweeps
- * keep databaseStep's limit: a sweep stuck for good would hold up every scheduled one after it.)
+ * until a fixed worker gets through) waits at most a minute between attempts. (A batch's and a
+ * sweep's own database steps keep databaseStep's limit: a sweep stuck for good would hold up every
+ * scheduled one after it. Their starts and waits, batchStep, retry without one: what stops them is
+ * an outage, and a sweep's wait ends at its deadline.)
  */
 export const rotationDatabaseStep: ActivityOptions = {
   startToCloseTimeout: '20s',
