@@ -199,14 +199,20 @@ export function rotationActivities(deps: ActivityDeps) {
      * compensation does before promotion: a provider whose create replaced the live secret (a single
      * PostgreSQL role) must put `current` back, which a revoke would not.
      */
-    async revokeVersion(ids: RotationIds & { version: number; current?: number }): Promise<void> {
+    /**
+     * Revokes a version at the provider. With `current`, a provider that holds one value (discard:
+     * a single PostgreSQL role) is put on that version instead; with `currentNow` too, on the
+     * version current when this runs (a value stored after the workflow learnt `current` is).
+     */
+    async revokeVersion(ids: RotationIds & { version: number; current?: number; currentNow?: boolean }): Promise<void> {
       return externalStep(async () => {
         const { meta, policy, provider } = await load(ids);
         const ctx = await providerContext(ids, meta, provider, policy.settings);
         const secret = await read(ids, ids.version, 'provider.revoke');
         const idempotencyKey = stepKey(ids, 'revoke', ids.version);
         if (ids.current !== undefined && provider.discard) {
-          const current = await read(ids, ids.current, 'provider.discard');
+          const version = ids.currentNow && meta.version !== ids.version ? meta.version : ids.current;
+          const current = await read(ids, version, 'provider.discard');
           await heartbeating(() => provider.discard!({ ...ctx, pending: secret, current, idempotencyKey }));
         } else {
           await heartbeating(() => provider.revoke({ ...ctx, secret, idempotencyKey }));
@@ -237,7 +243,7 @@ export function rotationActivities(deps: ActivityDeps) {
 
     /**
      * The credential's current version: a run that has revoked its previous one learns whether a
-     * value stored while it ran has replaced the version it made (see SUPERSEDED_TOLD).
+     * value stored while it ran has replaced the version it made (see SUPERSEDED_ANSWERED).
      */
     async currentVersion(ids: RotationIds): Promise<{ current: number }> {
       return permanentErrorsFail(async () => ({ current: (await deps.vault.describe(ids.identityId, ids.credentialId)).version }));

@@ -630,6 +630,61 @@ describe('rotation failures', () => {
     expect(texts.filter((t) => t.includes('Version 2 was reported leaked and has been revoked.'))).toHaveLength(1);
   });
 
+  it('a value stored and the rotated version reported leaked while the final notice waits: that version is revoked, and the stored value is not rotated', async () => {
+    const { name, id, ownerMail } = await generatedKey();
+    // The run is held at its first store (the credential's row locked) until its final notice is held in turn.
+    const lock = new pg.Client({ connectionString: h.databaseUrl });
+    await lock.connect();
+    await lock.query('BEGIN');
+    await lock.query('SELECT id FROM credentials WHERE id = $1 FOR NO KEY UPDATE', [id]);
+    let hold: Awaited<ReturnType<typeof holdNotice>> | undefined;
+    try {
+      const rotationId = await startRotation(name);
+      const runId = (await started(rotationId)).credentials[0]!.runId!;
+      hold = await holdNotice(runId, id, 'rotated');
+      await lock.query('ROLLBACK');
+      await hold.reached();
+      // Promoted, the previous version revoked, its notice (no grace) waiting: a value is stored, and the rotated one reported leaked.
+      const promoted = await read(id);
+      expect(promoted.version).toBe(2);
+      const v2 = promoted.value as string;
+      const v3 = h.secret(`v3_${randomBytes(16).toString('hex')}`);
+      expect((await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind: 'api_key', value: v3 } })).body).toMatchObject({ version: 3 });
+      await reportLeak(v2, id);
+      await waitFor('the run to hear of the leak', () => report(rotationId), (rep) => Boolean(rep.credentials[0]?.progress?.leakReported));
+      await hold.release();
+      hold = undefined;
+      // Before, the run rotated the stored value (v3, which did not leak) in leak mode, and the leaked v2 kept working.
+      expect(await runResult(rotationId)).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
+      expect(await revokedVersions(id)).toEqual([1, 2]);
+      expect(await read(id)).toMatchObject({ version: 3, label: 'current', value: v3 });
+      expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
+      const mails = await waitFor('the superseded notice', async () => (await mailTo(ownerMail)).filter((m) => m.mail.subject?.includes('was replaced')), (all) => all.length >= 1);
+      expect(mails.map((m) => m.mail.text!).filter((t) => t.includes('Version 2 was reported leaked and has been revoked.'))).toHaveLength(1);
+    } finally {
+      await hold?.release();
+      await lock.end().catch(() => undefined);
+    }
+  });
+
+  it('a leak of a value stored during grace and replaced since is revoked by the leak rotation that follows', async () => {
+    const { name, id } = await generatedKey({ graceHours: 0.005 });
+    const rotationId = await startRotation(name);
+    await waitForState(rotationId, ['grace']);
+    const values: string[] = [];
+    for (const version of [3, 4]) {
+      values.push(h.secret(`v${version}_${randomBytes(16).toString('hex')}`));
+      expect((await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind: 'api_key', value: values.at(-1) } })).body).toMatchObject({ version });
+    }
+    await reportLeak(values[0]!, id);
+    // The run revokes v1, tells the owners v2 was replaced, and continues as new to rotate v4 (the
+    // leak may concern a newer value too); before, that run had forgotten v3, which kept working.
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 4, toVersion: 5 });
+    expect(await revokedVersions(id)).toEqual([1, 3, 4]);
+    expect(await read(id)).toMatchObject({ version: 5, label: 'current' });
+    await read(id, 2);
+  });
+
   it('a leak of the previous version reported while a rollback runs is answered: the rolled-back credential is rotated again, in leak mode', async () => {
     const { name, id, ownerMail } = await generatedKey({ graceHours: 1 });
     const v1 = (await read(id)).value as string;

@@ -75,6 +75,16 @@ export const LEAK_OUTLIVES_CANCEL = 'leak-outlives-cancel';
  */
 export const SUPERSEDED_ANSWERED = 'superseded-version-answered';
 
+/**
+ * Runs recorded before this patch did not look again, after their final notice (which may wait a
+ * day for SMTP), for a value stored meanwhile: the version they made, replaced and still working
+ * for the dependents, went untold, and reported leaked then, it was answered by rotating the stored
+ * value (not the leaked one), which left it working. Newer runs ask which version is current once
+ * that notice is out and answer a replacement as SUPERSEDED_ANSWERED does; a leak of the replaced
+ * version reported that late is answered by revoking it, not by rotating the stored value again.
+ */
+export const SUPERSEDED_AFTER_FINAL_NOTICE = 'superseded-after-final-notice';
+
 export const PATCH_IDS: readonly string[] = [
   CLOSE_INCIDENTS_LAST,
   NOTICE_FAILURES_CONTINUE,
@@ -85,4 +95,5 @@ export const PATCH_IDS: readonly string[] = [
   ROLLBACK_REVOKE_FAILURES_CONTINUE,
   LEAK_OUTLIVES_CANCEL,
   SUPERSEDED_ANSWERED,
+  SUPERSEDED_AFTER_FINAL_NOTICE,
 ];

@@ -24,6 +24,7 @@ import {
   ROLLBACK_CHECKS_FIRST,
   LEAK_OUTLIVES_CANCEL,
   ROLLBACK_REVOKE_FAILURES_CONTINUE,
+  SUPERSEDED_AFTER_FINAL_NOTICE,
   SUPERSEDED_ANSWERED,
 } from './patches';
 import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
@@ -47,6 +48,12 @@ export interface RotateCredentialInput {
   mode?: RotationMode;
   /** Attempts made by earlier runs of this rotation (continue-as-new): keeps each attempt's idempotency key unique. */
   attemptsBefore?: number;
+  /**
+   * Versions reported leaked to an earlier run of this rotation, newer than the one it made (values
+   * stored while it ran), which it left to this run: one older than the version this run replaces
+   * is revoked with it (revokeOlderLeaks), as if reported to this run.
+   */
+  leakedVersions?: number[];
 }
 
 const STEPS: StepName[] = ['create_pending', 'apply_dependents', 'verify', 'compensate', 'promote', 'notify', 'grace', 'revoke_previous'];
@@ -92,11 +99,13 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   // What went wrong without stopping the run (an undo, a promoted event): its notice lists them.
   const problems: string[] = [];
   setHandler(progressQuery, () => progress);
-  const leakedVersions = new Set<number>();
-  // One per leak incident: a signal delivered twice is one report.
+  const leakedVersions = new Set<number>(input.leakedVersions ?? []);
+  // One per leak incident: a signal delivered twice is one report. In the order they came, each with the version reported.
   const incidents = new Set<string>();
+  const reports: { version?: number }[] = [];
   setHandler(leakSignal, ({ incidentId, version }) => {
     leak = true;
+    if (!incidents.has(incidentId)) reports.push({ version });
     incidents.add(incidentId);
     progress.leakReported = true;
     if (version !== undefined) leakedVersions.add(version);
@@ -180,16 +189,30 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     }
   };
   /**
+   * The next run of this rotation, in leak mode: it rotates the current version. Versions reported
+   * leaked that are newer than the one this run made (values stored while it ran, replaced since)
+   * go with it, to be revoked once it has replaced the current one.
+   */
+  const nextRun = (): RotateCredentialInput => {
+    const toVersion = progress.toVersion;
+    const left = [...leakedVersions].filter((v) => toVersion === undefined || v > toVersion).sort((a, b) => a - b);
+    return { ...input, mode: 'leak', attemptsBefore: progress.attempt, ...(left.length > 0 ? { leakedVersions: left } : {}) };
+  };
+  /**
    * Closes the credential's leak incidents once the final notice is out. An incident reported after
    * the first `seen` is not covered by that notice: the credential is rotated again, in leak mode
    * (its incident stays open until that run closes it).
    */
   const closeIncidents = async (seen: number, rotateAgain = false) => {
-    const again = () => rotateAgain || incidents.size > seen;
+    // A late report of the version this run made, replaced since, is answered by revoking it
+    // (answerSuperseded), not by rotating the stored value, which did not leak. See SUPERSEDED_AFTER_FINAL_NOTICE.
+    const answeredLate = () =>
+      supersededBy !== undefined && reports.slice(seen).every((r) => r.version === progress.toVersion) && patched(SUPERSEDED_AFTER_FINAL_NOTICE);
+    const again = () => rotateAgain || (incidents.size > seen && !answeredLate());
     // The next run rotates the current version; a replaced one reported leaked is this run's to revoke.
     const rotateAgainNow = async () => {
       await answerSuperseded();
-      await continueAsNew<typeof rotateCredential>({ ...input, mode: 'leak', attemptsBefore: progress.attempt });
+      await continueAsNew<typeof rotateCredential>(nextRun());
     };
     if (again()) await rotateAgainNow();
     // An open leak incident would make later reports only join it: close it, so they rotate again.
@@ -488,7 +511,8 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
           continue;
         }
         supersededLeakRevoked = true;
-        const revoke = { what: `revoking the leaked version ${version} (it may still work)`, run: () => undo.revokeVersion({ ...ids, version, current }) };
+        // `currentNow`: the provider is put on the version current when the revoke runs, which a value stored since `current` was learnt may have replaced.
+        const revoke = { what: `revoking the leaked version ${version} (it may still work)`, run: () => undo.revokeVersion({ ...ids, version, current, currentNow: true }) };
         const failed = await runAll([revoke]);
         problems.push(...failed);
         await tell('superseded', { currentVersion: current, supersededLeaked: true, supersededRevoked: failed.length === 0 }, false);
@@ -505,13 +529,20 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     const ownLeaked = () => toVersion !== undefined && leakedVersions.has(toVersion) && supersededBy === undefined;
     if (ownLeaked() || newerLeaked()) {
       // The value this rotation made current (or one stored since) was itself reported leaked: rotate again, in leak mode.
-      await continueAsNew<typeof rotateCredential>({ ...input, mode: 'leak', attemptsBefore: progress.attempt });
+      await continueAsNew<typeof rotateCredential>(nextRun());
     }
     await CancellationScope.nonCancellable(async () => {
       const closeLast = patched(CLOSE_INCIDENTS_LAST);
       if (!closeLast) await db.closeLeakIncidents(ids);
       const seen = incidents.size;
-      if (stepOf('notify').state === 'waiting') await tell('rotated', supersededBy ? { currentVersion: supersededBy } : {});
+      if (stepOf('notify').state === 'waiting') {
+        await tell('rotated', supersededBy ? { currentVersion: supersededBy } : {});
+        // That notice may have waited (SMTP down): a value stored meanwhile replaces this run's too.
+        if (patched(SUPERSEDED_AFTER_FINAL_NOTICE)) {
+          await learnSuperseded();
+          await answerSuperseded();
+        }
+      }
       if (closeLast) await closeIncidents(seen);
     });
     progress.state = 'succeeded';
