@@ -1,7 +1,10 @@
+import { decodeHTML } from 'entities';
+
 /**
  * Finds a stored secret inside an outgoing message: the value itself or its common encodings
- * (base64, base64url, hex, URL-encoding in any of its spellings, HTML entities), and for TOTP
- * seeds the bare base32 secret.
+ * (base64, base64url, hex, URL-encoding in any of its spellings, HTML character references), and for
+ * TOTP seeds the bare base32 secret. The subject is also read as a mail client shows it (RFC 2047
+ * encoded words decoded) and the html as it renders (markup dropped, references decoded, any case).
  * Values shorter than MIN_SCANNED_LENGTH are not matched: they would block ordinary words.
  */
 export const MIN_SCANNED_LENGTH = 6;
@@ -14,19 +17,25 @@ export interface ScannedMessage {
 }
 
 export function findStoredValue(message: ScannedMessage, stored: { name: string; value: string }[]): string | undefined {
-  const haystack = [...(message.to ?? []), message.subject, message.text, message.html ?? ''].join('\n');
+  // What the recipient reads, found once per message, not per value: a client decodes the subject's
+  // encoded words and renders the html.
+  const subject = decodedSubject(message.subject);
+  const rendered = message.html ? renderedText(message.html) : '';
+  const shown = [subject === message.subject ? '' : subject, rendered === message.html ? '' : rendered].filter(Boolean);
+  const haystack = [...(message.to ?? []), message.subject, message.text, message.html ?? '', ...shown].join('\n');
   const lower = haystack.toLowerCase();
+  // CSS (text-transform, small-caps) may show the html's text in another case than it is written in.
+  const renderedLower = rendered.toLowerCase();
   // base64 tools wrap their output (`base64` at 76 columns, PEM at 64): a long value's encoding may
   // be split across lines.
   const unwrapped = haystack.replace(/\s+/g, '');
   // Escaped text decoded, to look for the value itself: percent-escapes in either case, `+` for a
-  // space (a form or a query string: URLSearchParams, quote_plus, QueryEscape), HTML entities.
-  const decoded = [percentDecoded(haystack), percentDecoded(haystack.replaceAll('+', ' ')), htmlDecoded(haystack), percentDecoded(htmlDecoded(haystack))].filter(
-    (text) => text !== haystack,
-  );
+  // space (a form or a query string: URLSearchParams, quote_plus, QueryEscape), HTML character references.
+  const htmlDecoded = decodeHTML(haystack);
+  const decoded = [percentDecoded(haystack), percentDecoded(haystack.replaceAll('+', ' ')), htmlDecoded, percentDecoded(htmlDecoded)].filter((text) => text !== haystack);
   for (const { name, value } of stored) {
     if (value.length < MIN_SCANNED_LENGTH) continue;
-    if (decoded.some((text) => text.includes(value))) return name;
+    if (decoded.some((text) => text.includes(value)) || renderedLower.includes(value.toLowerCase())) return name;
     for (const { form, caseless, wraps } of forms(value)) {
       if (form.length < MIN_SCANNED_LENGTH) continue;
       if (haystack.includes(form) || (caseless && lower.includes(form.toLowerCase())) || (wraps && unwrapped.includes(form))) return name;
@@ -79,15 +88,75 @@ function percentDecoded(text: string): string {
   return text.replace(/(?:%[0-9a-f]{2})+/gi, (run) => Buffer.from(run.replaceAll('%', ''), 'hex').toString('utf8'));
 }
 
-const ENTITIES: Record<string, string> = { amp: '&', lt: '<', gt: '>', quot: '"', apos: "'", nbsp: '\u00a0' };
+/** An RFC 2047 encoded word: charset (an RFC 2231 language after `*` dropped), B or Q, the encoded text. */
+const ENCODED_WORD = /=\?([^?\s*]+)(?:\*[^?\s]*)?\?([bq])\?([^?\s]*)\?=/gi;
+const ENCODED_WORDS = new RegExp(`${ENCODED_WORD.source}(?:\\s*${ENCODED_WORD.source})*`, 'gi');
 
-/** HTML character references decoded: the five XML ones, &nbsp;, and numeric ones. */
-function htmlDecoded(text: string): string {
-  return text.replace(/&(#x[0-9a-f]+|#[0-9]+|[a-z]+);/gi, (ref, body: string) => {
-    const code = body[0] !== '#' ? undefined : body[1] === 'x' || body[1] === 'X' ? parseInt(body.slice(2), 16) : parseInt(body.slice(1), 10);
-    if (code === undefined) return ENTITIES[body.toLowerCase()] ?? ref;
-    return code <= 0x10ffff ? String.fromCodePoint(code) : ref;
+/**
+ * The subject as a mail client shows it: encoded words decoded and adjacent ones joined across the
+ * whitespace between them (RFC 2047 §6.2), so a value split over several words reads whole. Adjacent
+ * words in one charset are decoded as one run of bytes, as clients do, so a character split between
+ * words survives. nodemailer sends a subject of valid encoded words unchanged.
+ */
+function decodedSubject(subject: string): string {
+  return subject.replace(ENCODED_WORDS, (run) => {
+    let shown = '';
+    let charset = '';
+    let bytes: Buffer[] = [];
+    for (const [, label = '', kind = '', text = ''] of run.matchAll(ENCODED_WORD)) {
+      if (label.toLowerCase() !== charset) {
+        shown += inCharset(Buffer.concat(bytes), charset);
+        charset = label.toLowerCase();
+        bytes = [];
+      }
+      bytes.push(kind.toLowerCase() === 'b' ? Buffer.from(text, 'base64') : qDecoded(text));
+    }
+    return shown + inCharset(Buffer.concat(bytes), charset);
   });
+}
+
+/** Q encoding: `_` for a space, `=XX` for a byte (either case of hex, as clients accept), the rest as it is. */
+function qDecoded(text: string): Buffer {
+  return Buffer.concat(text.replaceAll('_', ' ').split(/(=[0-9a-f]{2})/i).map((part, i) => (i % 2 ? Buffer.from(part.slice(1), 'hex') : Buffer.from(part))));
+}
+
+/** Bytes in a charset; one the runtime does not know is read as UTF-8, which shows an ASCII value as it is: refusing is the safe direction. */
+function inCharset(bytes: Buffer, charset: string): string {
+  if (!bytes.length) return '';
+  try {
+    return new TextDecoder(charset).decode(bytes);
+  } catch {
+    return bytes.toString('utf8');
+  }
+}
+
+/** The rest of a tag after its name, attribute by attribute: a quoted value may hold `>`; unclosed, it runs to the end, as in a browser. */
+const TAG_REST = String.raw`(?:[\s/]+|[^\s/>][^\s/>=]*(?:\s*=\s*(?:"[^"]*(?:"|$)|'[^']*(?:'|$)|[^\s>]*))?)*(?:>|$)`;
+
+/**
+ * Markup, read in one pass left to right as the HTML tokenizer reads it, so that none hides in another:
+ * an element whose content is text (`<textarea><!--</textarea>` holds no comment; the content is kept,
+ * shown or not: refusing is the safe direction), a comment (`<!-->` and `--!>` end one too), a bogus
+ * comment (`<!x>`, `<?x>`, `</1>`, which end at the first `>`), a tag.
+ */
+const MARKUP = new RegExp(
+  [
+    String.raw`<(script|style|textarea|title|xmp|iframe|noembed|noframes|noscript)(?=[\s/>])${TAG_REST}([\s\S]*?)(?=<\/\1[\s/>]|$)`,
+    String.raw`<plaintext(?=[\s/>])${TAG_REST}([\s\S]*)`,
+    String.raw`<!--(?:-?>|[\s\S]*?(?:--!?>|$))`,
+    String.raw`<(?:[!?]|\/(?![a-z]))[^>]*(?:>|$)`,
+    String.raw`<\/?[a-z][^\s/>]*${TAG_REST}`,
+  ].join('|'),
+  'gi',
+);
+
+/**
+ * The html's text as it renders: markup dropped (`sk_<b></b>live`, `sk_<!-- -->live` show the value
+ * whole), then every HTML5 character reference decoded, the legacy forms without `;` too (`&#115k`,
+ * `&lowbar;`, `&UnderBar;`), and invisible format characters (soft hyphen, zero-width space) dropped.
+ */
+function renderedText(html: string): string {
+  return decodeHTML(html.replace(MARKUP, (_markup, _element, text?: string, plain?: string) => text ?? plain ?? '')).replace(/\p{Cf}/gu, '');
 }
 
 function toBase64url(base64: string): string {

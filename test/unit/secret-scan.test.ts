@@ -45,6 +45,49 @@ describe('finding a stored secret in a message', () => {
     expect(findStoredValue({ subject: '100% sure', text: '%E0%A4%A and &bogus;' }, stored)).toBeUndefined();
   });
 
+  it('finds the value in a subject of RFC 2047 Q-encoded words, in either case of the Q, its charset and its hex', () => {
+    // Before, each of these went out, and the recipient's mail client showed sk_live_51HxYz.
+    const subjects = ['=?UTF-8?Q?sk=5Flive=5F51HxYz?=', '=?utf-8?q?sk=5flive=5f51HxYz?=', 'Re: =?iso-8859-1?Q?key_sk=5Flive?==?US-ASCII?q?=5F51HxYz?= done'];
+    for (const subject of subjects) expect(findStoredValue({ subject, text: 'hi' }, stored), subject).toBe('stripe');
+  });
+
+  it('finds the value split across several B-encoded words, joined across the whitespace between them', () => {
+    const words = 'sk_live_51HxYz'.match(/.{1,3}/g)!.map((bytes) => `=?UTF-8?B?${Buffer.from(bytes).toString('base64')}?=`);
+    // Each word's base64 is too short to match as an encoding of the value, and the words are not one run of base64.
+    for (const subject of [words.join(' '), `Re: ${words.join('\r\n ')}`, words.join('')]) {
+      expect(findStoredValue({ subject, text: 'hi' }, stored), subject).toBe('stripe');
+    }
+  });
+
+  it('finds the value written with any HTML5 character reference, the legacy forms without `;` too', () => {
+    // Before, only &amp; &lt; &gt; &quot; &apos; &nbsp; and numeric references ended by `;` were decoded.
+    for (const html of ['sk&lowbar;live_51HxYz', 'sk&UnderBar;live&UnderBar;51HxYz', '&#115k_live_51HxYz', '&#x73k_live_51HxYz', 'sk_live&shy;_51HxYz']) {
+      expect(findStoredValue({ subject: 's', text: 'hi', html: `<p>${html}</p>` }, stored), html).toBe('stripe');
+    }
+    const punctuated = { name: 'punctuated', value: 'Tr0ub4dor/3+x:y.z' };
+    expect(findStoredValue({ subject: 's', text: 'hi', html: 'Tr0ub4dor&sol;3&plus;x&colon;y&period;z' }, [punctuated])).toBe('punctuated');
+  });
+
+  it('finds the value with tags or a comment between its characters', () => {
+    for (const html of ['sk_live_<b></b>51HxYz', 'sk_li<!-- -->ve_51HxYz', '<p>sk_<span class="a>b">live</span>_<!-->51HxYz</p>', '<i title="<!--">sk_live_</i>51HxYz<i title="-->">']) {
+      expect(findStoredValue({ subject: 's', text: 'hi', html }, stored), html).toBe('stripe');
+    }
+  });
+
+  it('finds the value in html in any case: CSS may render it in another than it is written in', () => {
+    const code = { name: 'recovery', value: 'ABCD-EFGH-2345' };
+    expect(findStoredValue({ subject: 's', text: 'hi', html: '<span style="text-transform:uppercase">abcd-efgh-2345</span>' }, [code])).toBe('recovery');
+    expect(findStoredValue({ subject: 's', text: 'hi', html: '<span style="text-transform:lowercase">SK_LIVE_51HXYZ</span>' }, stored)).toBe('stripe');
+    // The text part is no html: there the value still matches only as written.
+    expect(findStoredValue({ subject: 's', text: 'abcd-efgh-2345' }, [code])).toBeUndefined();
+  });
+
+  it('passes ordinary html and a subject with an encoded word of other text', () => {
+    const html = '<html><head><style>p { color: #333 }</style></head><body><!-- header --><p>Hello <b>Ada</b>, version&nbsp;2 of <a href="https://x.example/?a=1&amp;b=2">stripe</a> is current &amp; live.</p></body></html>';
+    expect(findStoredValue({ subject: 'Rotation done', text: 'hi', html }, stored)).toBeUndefined();
+    expect(findStoredValue({ subject: '=?UTF-8?Q?Caf=C3=A9_menu?= and =?utf-8?B?c2tfbGl2ZQ==?= news', text: 'hi' }, stored)).toBeUndefined();
+  });
+
   it('finds base64 of the value with anything around it: a trailing newline, a Basic auth user, a wrapped line', () => {
     const v = 'sk_live_51HxYz';
     // Before, only the value encoded alone matched: each of these went out.
