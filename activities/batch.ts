@@ -328,12 +328,13 @@ export function batchActivities(deps: ActivityDeps) {
 
     /** Soft-deleted credentials past their retention are destroyed (their ciphertexts deleted). */
     async purgeDeleted(input: { asOf: string; retentionDays: number }): Promise<{ destroyed: number }> {
-      const { rows } = await deps.pool.query(
-        `SELECT id, identity_id FROM credentials
-          WHERE deleted_at IS NOT NULL AND destroyed_at IS NULL AND deleted_at < $1::timestamptz - make_interval(days => $2)`,
-        [input.asOf, input.retentionDays],
-      );
+      // One cutoff for the list and the check under the lock (days of 24 hours: the session's time
+      // zone and its daylight-saving days do not move it between the two).
       const cutoff = new Date(Date.parse(input.asOf) - input.retentionDays * 86_400_000);
+      const { rows } = await deps.pool.query(
+        `SELECT id, identity_id FROM credentials WHERE deleted_at IS NOT NULL AND destroyed_at IS NULL AND deleted_at < $1`,
+        [cutoff],
+      );
       let destroyed = 0;
       for (const row of rows) {
         heartbeat();
