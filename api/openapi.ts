@@ -27,7 +27,7 @@ export interface RouteDoc {
   /** Query parameters: an object schema, one parameter per property. */
   query?: z.ZodType;
   responses: Record<number, ResponseDoc>;
-  /** Statuses answered with an RFC 9457 problem. */
+  /** Statuses answered with an RFC 9457 problem (also, if `responses` documents the status, besides its media type). */
   problems?: number[];
   /** Only for `app.all(...)` or `app.use(path, ...)`: the methods the route really serves. */
   methods?: string[];
@@ -192,10 +192,11 @@ function operation(method: string, path: string, doc: RouteDoc): object {
     }
   }
   for (const status of new Set([...implicitProblems(doc), ...(doc.problems ?? [])].sort())) {
-    responses[status] ??= {
-      description: STATUS_TEXT[status] ?? 'Problem',
-      content: { 'application/problem+json': { schema: { $ref: '#/components/schemas/Problem' } } },
-    };
+    const problem = { 'application/problem+json': { schema: { $ref: '#/components/schemas/Problem' } } };
+    const given = responses[status] as { description: string; content?: Record<string, object> } | undefined;
+    // A status the route documents itself and also answers with a problem (/mcp's 400: a problem, or
+    // the MCP transport's JSON-RPC error) lists both media types.
+    responses[status] = given ? { ...given, content: { ...problem, ...given.content } } : { description: STATUS_TEXT[status] ?? 'Problem', content: problem };
   }
   const segment = path.split('/').filter(Boolean);
   return {

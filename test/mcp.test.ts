@@ -7,6 +7,7 @@ import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
 import type { CallToolResult } from '@modelcontextprotocol/sdk/types.js';
+import { Ajv2020 } from 'ajv/dist/2020.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { KINDS } from '../vault/types';
 import { base32 } from './support/base32';
@@ -286,6 +287,18 @@ describe('MCP server', () => {
   describe('HTTP transport and settings', () => {
     /** A client's first JSON-RPC message, as sent over HTTP. */
     const INITIALIZE = JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'initialize', params: { protocolVersion: '2025-06-18', capabilities: {}, clientInfo: { name: 't', version: '1' } } });
+    /** Checks an answer of POST /mcp against the OpenAPI document: its status, its media type and (a JSON-RPC body) its schema. */
+    const expectDocumented = async (status: number, contentType: string | null, body: unknown, where: string) => {
+      const responses = (await h.api('GET', '/openapi.json')).body.paths['/mcp'].post.responses;
+      expect(responses[String(status)], `${where}: POST /mcp documents ${status}`).toBeDefined();
+      const mediaType = (contentType ?? '').split(';')[0]!.trim();
+      const content = responses[String(status)].content?.[mediaType];
+      expect(content, `${where}: POST /mcp ${status} documents ${mediaType}`).toBeDefined();
+      if (content.schema && !content.schema.$ref) {
+        const validate = new Ajv2020({ allErrors: true }).compile(content.schema);
+        expect(validate(body) ? [] : validate.errors, `${where}: the body matches the documented schema`).toEqual([]);
+      }
+    };
 
     it('answers a missing or wrong token at /mcp with the 401 problem, audited, and the SDK client cannot connect', async () => {
       const headers = { 'content-type': 'application/json', accept: 'application/json, text/event-stream', 'x-request-id': 'mcp-bad-token' };
@@ -324,6 +337,8 @@ describe('MCP server', () => {
         expect(res.headers['content-type'], JSON.stringify(host)).toMatch(/^application\/problem\+json/);
         expect(res.body, JSON.stringify(host)).toMatchObject({ type: 'https://mailgent.dev/problems/malformed-request', status: 400, detail: expect.stringContaining('Host') });
       }
+      // The document gives this 400 as a problem, besides the transport's JSON-RPC 400.
+      await expectDocumented(400, 'application/problem+json', {}, 'a Host it cannot use');
       const audit = (await h.sql("SELECT action, outcome FROM audit_log WHERE request_id LIKE 'mcp-host-%'")).rows;
       expect(audit).toEqual(refused.map(() => ({ action: 'mcp.request', outcome: 'rejected' })));
       for (const host of ['localhost', 'EXAMPLE.com', '[::1]:8080', '127.0.0.1:0', 'a_b']) {
@@ -349,7 +364,10 @@ describe('MCP server', () => {
       for (const c of cases) {
         const res = await post(c.id, c.headers, c.body);
         expect(res.status, c.id).toBe(c.status);
-        expect(await res.json(), c.id).toMatchObject({ jsonrpc: '2.0', error: { code: expect.any(Number), message: expect.any(String) } });
+        const body = await res.json();
+        expect(body, c.id).toMatchObject({ jsonrpc: '2.0', error: { code: expect.any(Number), message: expect.any(String) } });
+        // The OpenAPI document gives each as it is answered (before, it had no 406, and its 400 was a problem only).
+        await expectDocumented(c.status, res.headers.get('content-type'), body, c.id);
       }
       // Before, none of these was in the audit log. (The transport writes its answer itself, so each
       // row is appended just after it: the last may land a moment after its answer.)
@@ -360,6 +378,87 @@ describe('MCP server', () => {
           .map((c) => ({ request_id: c.id, identity_id: agent.id, action: 'mcp.request', outcome: 'rejected', detail: { error: 'mcp-protocol', status: c.status } }))
           .sort((a, b) => a.request_id.localeCompare(b.request_id)),
       );
+    });
+
+    it('refuses a body that is not application/json with the 415 problem before the transport, audited; application/json with parameters reaches MCP', async () => {
+      const agent = await h.createIdentity('mcp-media');
+      const post = (requestId: string, type: string) =>
+        fetch(`${h.url}/mcp`, {
+          method: 'POST',
+          headers: { authorization: `Bearer ${agent.token}`, 'content-type': type, accept: 'application/json, text/event-stream', 'x-request-id': requestId },
+          body: INITIALIZE,
+        });
+      // The first two are JSON to the API's body parser (application/*+json), not to the MCP transport:
+      // before, they reached it and got its 415 as a JSON-RPC error, which the document did not give.
+      const refused = ['application/vnd.api+json', 'application/merge-patch+json; charset=utf-8', 'text/plain'];
+      for (const [i, type] of refused.entries()) {
+        const res = await post(`mcp-media-${i}`, type);
+        expect(res.status, type).toBe(415);
+        expect(res.headers.get('content-type'), type).toMatch(/^application\/problem\+json/);
+        const body = await res.json();
+        expect(body, type).toMatchObject({ type: 'https://mailgent.dev/problems/unsupported-media-type', status: 415 });
+        await expectDocumented(415, res.headers.get('content-type'), body, type);
+      }
+      const audit = (await h.sql("SELECT request_id, identity_id, action, outcome, detail FROM audit_log WHERE request_id LIKE 'mcp-media-%' ORDER BY request_id")).rows;
+      expect(audit).toEqual(
+        refused.map((_, i) => ({ request_id: `mcp-media-${i}`, identity_id: agent.id, action: 'mcp.request', outcome: 'rejected', detail: { error: 'unsupported-media-type', status: 415 } })),
+      );
+      for (const type of ['application/json; charset=utf-8', 'Application/JSON']) {
+        const res = await post('mcp-media-ok', type);
+        expect(res.status, type).toBe(200);
+        expect(await res.json(), type).toMatchObject({ jsonrpc: '2.0', id: 1, result: { serverInfo: expect.any(Object) } });
+      }
+    });
+
+    it('audits a refused call answered inside a 200 (an unknown tool, arguments the SDK refuses, an unknown method) as a rejected mcp.request, without argument values', async () => {
+      const agent = await h.createIdentity('mcp-refused-calls');
+      const mcp = await connect('http', agent.token);
+      const secret = h.secret('sk_live_refused_call_argument_0001');
+      ok(await call(mcp, 'list_credentials', {}));
+      await expect(mcp.client.callTool({ name: 'no_such_tool', arguments: { value: secret } })).rejects.toThrow(/no tool named no_such_tool/);
+      // Before, no row at all: the JSON-RPC error went out in a 200 the route does not audit.
+      expect(await auditOf(agent.id, 'mcp.request')).toEqual([
+        { outcome: 'rejected', credential_id: null, detail: { error: 'mcp-unknown-tool', code: -32602, method: 'tools/call', tool: 'no_such_tool' } },
+      ]);
+
+      // The same over raw HTTP, for what the SDK client would not send.
+      const rpc = async (message: Record<string, unknown>) => {
+        const res = await fetch(`${h.url}/mcp`, {
+          method: 'POST',
+          headers: { authorization: `Bearer ${agent.token}`, 'content-type': 'application/json', accept: 'application/json, text/event-stream' },
+          body: JSON.stringify({ jsonrpc: '2.0', id: 7, ...message }),
+        });
+        expect(res.status).toBe(200);
+        const body = (await res.json()) as { error: { code: number } };
+        expect(body).toMatchObject({ jsonrpc: '2.0', id: 7, error: { code: expect.any(Number) } });
+        return body.error.code;
+      };
+      const long = `x${'y'.repeat(199)}`;
+      const codes = [
+        await rpc({ method: 'tools/call', params: { name: 'vault_store', arguments: [secret] } }),
+        await rpc({ method: 'tools/call', params: { name: 'vault_get', arguments: secret } }),
+        await rpc({ method: 'tools/call', params: { arguments: { value: secret } } }),
+        await rpc({ method: 'tools/call', params: { name: long, arguments: { value: secret } } }),
+        await rpc({ method: 'tools/call', params: { name: 'nul\u0000tool', arguments: {} } }),
+        await rpc({ method: 'resources/list' }),
+      ];
+      const audit = await auditOf(agent.id, 'mcp.request');
+      expect(audit.slice(1)).toEqual(
+        [
+          { error: 'mcp-invalid-params', method: 'tools/call', tool: 'vault_store' },
+          { error: 'mcp-invalid-params', method: 'tools/call', tool: 'vault_get' },
+          { error: 'mcp-invalid-params', method: 'tools/call' },
+          { error: 'mcp-unknown-tool', method: 'tools/call', tool: long.slice(0, 64) },
+          { error: 'mcp-unknown-tool', method: 'tools/call' },
+          { error: 'mcp-protocol', method: 'resources/list' },
+        ].map((detail, i) => ({ outcome: 'rejected', credential_id: null, detail: { ...detail, code: codes[i] } })),
+      );
+      expect(codes[3]).toBe(-32602);
+      expect(codes[5]).toBe(-32601);
+      expect(JSON.stringify(audit)).not.toContain(secret);
+      // A call that succeeds, or fails as a tool (a result with isError, audited under its action), adds no mcp.request row.
+      problem(await call(mcp, 'vault_get', { name: 'missing' }));
+      expect(await auditOf(agent.id, 'mcp.request')).toHaveLength(audit.length);
     });
 
     it('over stdio, requests piped in whole (stdin ends at once) are all answered before the bridge exits', async () => {

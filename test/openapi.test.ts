@@ -4,6 +4,7 @@ import { Ajv2020, type ValidateFunction } from 'ajv/dist/2020.js';
 import addFormats from 'ajv-formats';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openApiPath } from '../api/openapi';
+import { ENCODING, KEY_ID_HEADER } from '../vault/payload-codec';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type ApiResponse, type Harness } from './support/harness';
 import { harnessRoutes } from './support/routes';
@@ -183,6 +184,10 @@ describe('OpenAPI document', () => {
     // The codec server (admin only).
     expect((await call('POST', '/codec/encode', { token: admin, body: { payloads: [] } })).body).toEqual({ payloads: [] });
     expect((await call('POST', '/codec/decode', { token, body: { payloads: [] } })).status).toBe(403);
+    // A payload this deployment cannot open (encrypted under another key): a documented 422 problem.
+    const b64 = (text: string) => Buffer.from(text).toString('base64');
+    const foreign = { metadata: { encoding: b64(ENCODING), [KEY_ID_HEADER]: b64('payload-codec:0000000000000000') }, data: b64('sealed elsewhere') };
+    expect((await call('POST', '/codec/decode', { token: admin, body: { payloads: [foreign] } })).status).toBe(422);
 
     // The operational routes.
     expect((await call('GET', '/healthz')).status).toBe(200);

@@ -36,6 +36,8 @@ export function codecRoutes(
           summary: op === 'decode' ? 'Decrypt Temporal payloads (codec server, for the Web UI and CLI)' : 'Encrypt Temporal payloads (codec server)',
           body: codecBody,
           responses: { 200: codecReply },
+          // decode: a payload this deployment cannot open (another deployment's key, altered, cut short).
+          problems: op === 'decode' ? [422] : [],
         },
         async ({ req, body, requestId }) => {
         const namespace = req.get('x-namespace');

@@ -1,5 +1,7 @@
-import { Router, type Request, type Response } from 'express';
+import { Router, type NextFunction, type Request, type Response } from 'express';
 import { StreamableHTTPServerTransport } from '@modelcontextprotocol/sdk/server/streamableHttp.js';
+import { isJsonContentType } from '@modelcontextprotocol/sdk/shared/mediaType.js';
+import { z } from 'zod';
 import type { Logger } from '../../core/logger';
 import { createMcpServer } from '../../mcp/server';
 import type { McpDeps } from '../../mcp/tools';
@@ -22,9 +24,21 @@ export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): R
       summary: 'MCP (streamable HTTP, stateless): JSON-RPC requests to the vault, mail and rotation tools',
       auth: 'identity',
       requestBody: { contentType: 'application/json', description: 'a JSON-RPC message or batch (Model Context Protocol)' },
-      responses: { 200: { description: 'the JSON-RPC response' }, 202: { description: 'a notification or response was accepted' } },
-      // Refused before MCP sees it (JSON-RPC errors, tool errors included, are answered with 200; the
-      // transport's own protocol errors, 400 and 406, are JSON-RPC error objects).
+      responses: {
+        200: {
+          description: 'The JSON-RPC response: a result (a tool’s failure is a result with isError: true and the problem), or a JSON-RPC error object for a refused request (an unknown tool, arguments that are not an object, an unknown method)',
+          contentType: 'application/json',
+        },
+        202: { description: 'a notification or response was accepted' },
+        400: {
+          description: 'Refused before MCP sees it (a problem: a malformed body, a Host header the transport cannot use), or by the MCP transport (a JSON-RPC error object: not a JSON-RPC message, an unsupported MCP-Protocol-Version)',
+          contentType: 'application/json',
+          schema: jsonRpcError,
+        },
+        406: { description: 'The Accept header does not list both application/json and text/event-stream (a JSON-RPC error object, from the MCP transport)', contentType: 'application/json', schema: jsonRpcError },
+      },
+      // Problems: refused before MCP sees it. The MCP transport's own protocol errors (400, 406) are
+      // JSON-RPC error objects, documented above; JSON-RPC errors of a call are answered with 200.
       problems: [400, 413, 415],
     }),
     (_req, res, next) => {
@@ -33,6 +47,7 @@ export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): R
       next();
     },
     authenticate(auth, 'identity'),
+    onlyJson,
     jsonBody,
     async (req: Request, res: Response) => {
       if (!transportTakesHost(req.headers.host)) {
@@ -66,7 +81,12 @@ export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): R
   );
   router.all(
     '/mcp',
-    documented({ summary: 'MCP: only POST (stateless, no sessions)', auth: 'none', methods: ['GET', 'DELETE'], responses: { 405: { description: 'JSON-RPC error' } } }),
+    documented({
+      summary: 'MCP: only POST (stateless, no sessions)',
+      auth: 'none',
+      methods: ['GET', 'DELETE'],
+      responses: { 405: { description: 'JSON-RPC error', contentType: 'application/json', schema: jsonRpcError } },
+    }),
     (req: Request, res: Response) => {
       // Answer once the request's body (if any) is drained: answering first left the unread body on
       // the connection, and clients read it as garbage after the response (found by test/fuzz.test.ts).
@@ -80,6 +100,24 @@ export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): R
     },
   );
   return router;
+}
+
+/** A JSON-RPC error object as the MCP transport (and the 405 above) answers it: no request id. */
+const jsonRpcError = z.strictObject({
+  jsonrpc: z.literal('2.0'),
+  error: z.strictObject({ code: z.number().int(), message: z.string(), data: z.unknown().optional() }),
+  id: z.null(),
+});
+
+/**
+ * Only application/json (any parameters), checked as the SDK's transport checks it, after the token
+ * and before the body is read. jsonBody also takes application/*+json, which the transport then
+ * refused with a 415 JSON-RPC error the document did not give; this is the API's 415 problem (the
+ * one any other media type gets), audited as a rejected mcp.request by the problem handler.
+ */
+function onlyJson(req: Request, _res: Response, next: NextFunction): void {
+  if (isJsonContentType(req.headers['content-type'])) return next();
+  next(new AppError(415, 'unsupported-media-type', 'Unsupported media type', 'send MCP messages as application/json'));
 }
 
 /**
