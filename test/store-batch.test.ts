@@ -186,6 +186,58 @@ describe('group commit of stores', () => {
     }
   });
 
+  it('a batch whose COMMIT fails answers only the calls that would have stored as unconfirmed; those it refused (which stored nothing) get a plain 503', async () => {
+    await h.sql(`CREATE FUNCTION fail_refusing_batch() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        IF EXISTS (SELECT 1 FROM credentials WHERE id = NEW.credential_id AND name LIKE 'commit-fails-beside-%') THEN
+          RAISE EXCEPTION 'refused at commit';
+        END IF;
+        RETURN NULL;
+      END $$`);
+    await h.sql(`CREATE CONSTRAINT TRIGGER fail_refusing_batch AFTER INSERT ON secret_versions DEFERRABLE INITIALLY DEFERRED
+      FOR EACH ROW EXECUTE FUNCTION fail_refusing_batch()`);
+    try {
+      const vault = h.services.vault;
+      await idle();
+      const before = vault.storeBatchStats();
+      const existing = await currentVersion(alice.id, 'existing-0');
+      // The first call makes a batch alone; the other five make the next, one of them stored and four refused.
+      const calls = [
+        { name: 'commit-fails-beside-0', kind: 'api_key' as const, value: h.secret(`sk_beside_0_${randomUUID()}`) },
+        { name: 'commit-fails-beside-1', kind: 'api_key' as const, value: h.secret(`sk_beside_1_${randomUUID()}`) },
+        { name: 'a-password', kind: 'api_key' as const, value: h.secret(`sk_beside_kind_${randomUUID()}`) },
+        { name: 'gone', kind: 'api_key' as const, value: h.secret(`sk_beside_deleted_${randomUUID()}`) },
+        { name: `never-${randomUUID()}`, kind: 'api_key' as const, value: h.secret(`sk_beside_absent_${randomUUID()}`), expectedVersion: 2 },
+        { name: 'existing-0', kind: 'api_key' as const, value: h.secret(`sk_beside_stale_${randomUUID()}`), expectedVersion: 99 },
+      ];
+      const callers = calls.map(() => as(alice));
+      const results = await Promise.all(calls.map((input, i) => settle(vault.store(callers[i]!, input))));
+      expect(vault.storeBatchStats()).toEqual({ ...before, batches: before.batches + 2, calls: before.calls + calls.length });
+
+      for (const r of results.slice(0, 2)) {
+        expect(r).toMatchObject({ error: { status: 503, slug: 'unavailable', extra: { unconfirmed: true } } });
+        expect((r as { error: AppError }).error.message).toMatch(/^the store could not be confirmed: it may have been committed/);
+      }
+      // Before: each of these was told it "may have been committed" too, though it could never store anything.
+      for (const r of results.slice(2)) {
+        expect(r).toMatchObject({ error: { status: 503, slug: 'unavailable' } });
+        expect((r as { error: AppError }).error.extra.unconfirmed).toBeUndefined();
+        expect((r as { error: AppError }).error.message).toMatch(/^the store could not be answered .*it stored nothing: try again shortly$/);
+      }
+      const { byCall } = await rowsOf(callers.map((c) => c.requestId!));
+      expect(byCall.map((r) => [r.outcome, r.detail.error, r.detail.unconfirmed ?? false])).toEqual([
+        ['failed', 'unavailable', true],
+        ['failed', 'unavailable', true],
+        ...Array(4).fill(['failed', 'unavailable', false]),
+      ]);
+      expect((await h.sql(`SELECT count(*)::int AS n FROM credentials WHERE identity_id = $1 AND name LIKE 'commit-fails-beside-%'`, [alice.id])).rows[0].n).toBe(0);
+      expect(await currentVersion(alice.id, 'existing-0')).toBe(existing);
+    } finally {
+      await h.sql('DROP TRIGGER fail_refusing_batch ON secret_versions');
+      await h.sql('DROP FUNCTION fail_refusing_batch()');
+    }
+  });
+
   it('two processes storing the same names of two identities in opposite orders never deadlock: no batch rolls back', async () => {
     // Two vaults on one database, each with a pool of its own, as two API processes: each batches on its own.
     const pools = [createPool(h.databaseUrl, 2), createPool(h.databaseUrl, 2)];

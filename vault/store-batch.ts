@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import type { Pool, PoolClient } from 'pg';
 import type { Db } from '../db/pool';
-import { type AppError, ConflictError, unconfirmedChange, UnprocessableError, VersionConflictError } from '../core/errors';
+import { type AppError, ConflictError, unconfirmedChange, UnavailableError, UnprocessableError, VersionConflictError } from '../core/errors';
 import { appendAuditRows, type AuditEntry, callerEntry, errorDetail, markAudited, outcomeOf } from './audit';
 import type { SecretStore } from './secret-store';
 import type { Caller, Kind, StoredVersion, StoreInput } from './types';
@@ -25,8 +25,10 @@ import type { Caller, Kind, StoredVersion, StoreInput } from './types';
  * wrong before the COMMIT is sent (a data key at its limit, a constraint, a lost connection) rolls the
  * batch back and every call in it stores alone (Vault's one-call path), which handles each case as
  * it always has, so the batch is only ever faster, never different. A COMMIT that fails is not
- * retried (its answer may be all that was lost): every call fails with a 503 that says it may have
- * been committed, as a single store's failed COMMIT fails. A name is in a batch at most once: a
+ * retried (its answer may be all that was lost): every call that would have stored fails with a 503
+ * that says it may have been committed, as a single store's failed COMMIT fails; a call the batch
+ * refused stored nothing either way, and fails with a plain 503 (its refusal's row is not confirmed
+ * either, so it is not answered with the refusal). A name is in a batch at most once: a
  * second store of it waits for the next batch, and sees the first one's version.
  *
  * Stores that also set policy (owners, rotation, dependents …) always store alone: they are rare, and
@@ -42,6 +44,12 @@ interface Pending {
   plaintext: string;
   resolve: (value: StoredVersion) => void;
   reject: (err: unknown) => void;
+}
+
+/** What a batch's calls get once it commits; `refused`, the calls it refused (which store nothing). */
+interface Settled {
+  deliver: (() => void)[];
+  refused: ReadonlySet<Pending>;
 }
 
 interface Found {
@@ -71,6 +79,9 @@ export function storeRefusal(input: StoreInput, found: Found | null): AppError |
 
 export const UNCONFIRMED_STORE =
   'the store could not be confirmed: it may have been committed before the database connection failed; read the credential (or store with expectedVersion) before trying again';
+
+/** A call its batch refused, when the batch's COMMIT failed: it could not have stored anything. */
+const UNANSWERED_REFUSAL = 'the store could not be answered (the database connection failed); it stored nothing: try again shortly';
 
 const PREPARE = 'SELECT * FROM vault_store_prepare($1::uuid[], $2::text[], $3::text[], $4::int[], $5::uuid[], $6::timestamptz)';
 
@@ -139,7 +150,7 @@ export class StoreBatcher {
     } catch {
       return this.fallBack(batch);
     }
-    let settled: (() => void)[];
+    let settled: Settled;
     try {
       await client.query('BEGIN');
       settled = await this.commit(client, batch);
@@ -152,10 +163,10 @@ export class StoreBatcher {
       await client.query('COMMIT');
     } catch {
       client.release(true);
-      return this.unconfirmed(batch);
+      return this.unconfirmed(batch, settled.refused);
     }
     client.release();
-    for (const deliver of settled) deliver();
+    for (const deliver of settled.deliver) deliver();
   }
 
   /** Nothing of the batch committed: each call stores alone. */
@@ -166,19 +177,24 @@ export class StoreBatcher {
 
   /**
    * The COMMIT failed: the batch may be durable (only its answer lost) or not, so no call is stored
-   * again. Each fails with a 503 and, if the database takes it, a failure row of its own.
+   * again. Each fails with a 503 and, if the database takes it, a failure row of its own: marked
+   * unconfirmed (as audited() marks a single store's) for a call that would have stored; a plain 503
+   * for one the batch refused, which stored nothing.
    */
-  private async unconfirmed(batch: Pending[]): Promise<void> {
-    const errors = batch.map(() => unconfirmedChange(UNCONFIRMED_STORE));
+  private async unconfirmed(batch: Pending[], refused: ReadonlySet<Pending>): Promise<void> {
+    const errors = batch.map((p) => (refused.has(p) ? new UnavailableError(UNANSWERED_REFUSAL) : unconfirmedChange(UNCONFIRMED_STORE)));
     const audited = await appendAuditRows(
       this.pool,
-      batch.map((p, i) => ({ ...callerEntry(p.caller, 'vault.store', { name: p.input.name, ...errorDetail(errors[i]) }), outcome: outcomeOf(errors[i]) })),
+      batch.map((p, i) => ({
+        ...callerEntry(p.caller, 'vault.store', { name: p.input.name, ...errorDetail(errors[i]), ...(refused.has(p) ? {} : { unconfirmed: true }) }),
+        outcome: outcomeOf(errors[i]),
+      })),
     ).then(() => true, () => false);
     batch.forEach((p, i) => p.reject(audited ? markAudited(errors[i]) : errors[i]));
   }
 
-  /** The batch's statements; what each call gets once they commit. Throws to roll back. */
-  private async commit(tx: Db, batch: Pending[]): Promise<(() => void)[]> {
+  /** The batch's statements; what each call gets once they commit, and which calls it refused. Throws to roll back. */
+  private async commit(tx: Db, batch: Pending[]): Promise<Settled> {
     const { rows } = await tx.query({
       name: 'vault-store-prepare',
       text: PREPARE,
@@ -226,9 +242,12 @@ export class StoreBatcher {
       await appendAuditRows(tx, entries);
     }
     const iso = createdAt.toISOString();
-    return [
-      ...stored.map(({ p, id, version }) => () => p.resolve({ id, name: p.input.name, version, createdAt: iso })),
-      ...refused.map(({ p, err }) => () => p.reject(markAudited(err))),
-    ];
+    return {
+      deliver: [
+        ...stored.map(({ p, id, version }) => () => p.resolve({ id, name: p.input.name, version, createdAt: iso })),
+        ...refused.map(({ p, err }) => () => p.reject(markAudited(err))),
+      ],
+      refused: new Set(refused.map(({ p }) => p)),
+    };
   }
 }
