@@ -452,4 +452,41 @@ describe('POST /v1/leaks', () => {
     const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for careful');
     expect(mails).toEqual([]);
   });
+
+  // README: any 8-4-4-4-12 hex string is taken as an id. These compared `id::text`, which is lower
+  // case: an id in upper case was a 404 (or an empty trail) for the caller's own credential.
+  describe("the caller's own credential named by its id in upper case", () => {
+    const upperId = async (name: string) => {
+      const id = await store(name, `sk_${name}_${randomUUID()}`, { rotation: { provider: 'generated', graceHours: 0 } });
+      expect(id.toUpperCase()).not.toBe(id);
+      return { id, upper: id.toUpperCase() };
+    };
+
+    it('is reported leaked', async () => {
+      const { id, upper } = await upperId('upper-leaked');
+      const res = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: upper, source: 'upper-case-scan' } });
+      expect(res.status, res.text).toBe(202);
+      expect(res.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 1, action: 'rotating' })]);
+      expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak' });
+      expect((await current('upper-leaked')).version).toBe(2);
+    });
+
+    it('is rotated', async () => {
+      const { id, upper } = await upperId('upper-rotated');
+      const res = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: [upper] } });
+      expect(res.status, res.text).toBe(202);
+      expect(res.body.workflowIds).toEqual([`rotate:${id}`]);
+      expect(await h.client.workflow.getHandle(res.body.batchWorkflowId).result()).toEqual({ total: 1, rotated: 1, failed: 0 });
+      expect((await current('upper-rotated')).version).toBe(2);
+    });
+
+    it("lists its audit trail, and leaves no denied row against its owner", async () => {
+      const { id, upper } = await upperId('upper-audited');
+      const res = await h.api('GET', `/v1/audit?credential=${upper}`, { token: agent.token });
+      expect(res.status, res.text).toBe(200);
+      expect(res.body.items).toEqual(expect.arrayContaining([expect.objectContaining({ action: 'vault.store', credentialId: id, outcome: 'ok' })]));
+      const denied = await h.sql("SELECT count(*)::int AS n FROM audit_log WHERE action = 'audit.list' AND outcome = 'denied' AND request_id = $1", [res.headers.get('x-request-id')]);
+      expect(denied.rows[0].n).toBe(0);
+    });
+  });
 });

@@ -236,12 +236,12 @@ export class Vault {
   async resolve(identityId: string, refs: string[]): Promise<{ found: Map<string, string>; missing: string[] }> {
     const { rows } = await this.pool.query(
       `SELECT id, name FROM credentials
-        WHERE identity_id = $1 AND deleted_at IS NULL AND (name = ANY($2::text[]) OR id::text = ANY($2::text[]))`,
-      [identityId, refs],
+        WHERE identity_id = $1 AND deleted_at IS NULL AND (name = ANY($2::text[]) OR id = ANY($3::uuid[]))`,
+      [identityId, refs, refs.flatMap((ref) => idOf(ref) ?? [])],
     );
     const found = new Map<string, string>();
     for (const ref of refs) {
-      const row = rows.find((r) => r.name === ref || r.id === ref);
+      const row = rows.find((r) => r.name === ref || r.id === idOf(ref));
       if (row) found.set(ref, row.id);
     }
     return { found, missing: refs.filter((r) => !found.has(r)) };
@@ -254,10 +254,10 @@ export class Vault {
    */
   async resolveForAudit(identityId: string | null, ref: string): Promise<string | undefined> {
     const { rows } = await this.pool.query(
-      `SELECT id, identity_id, id::text = $2 AS by_id FROM credentials
-        WHERE ($1::uuid IS NULL OR identity_id = $1) AND (name = $2 OR id::text = $2)
-        ORDER BY id::text = $2 DESC, deleted_at IS NULL DESC, deleted_at DESC`,
-      [identityId, ref],
+      `SELECT id, identity_id, coalesce(id = $3::uuid, false) AS by_id FROM credentials
+        WHERE ($1::uuid IS NULL OR identity_id = $1) AND (name = $2 OR id = $3::uuid)
+        ORDER BY by_id DESC, deleted_at IS NULL DESC, deleted_at DESC`,
+      [identityId, ref, idOf(ref) ?? null],
     );
     // Without an identity (the admin), a name several identities use names none of them.
     if (identityId === null && !rows[0]?.by_id && new Set(rows.map((r) => r.identity_id)).size > 1) {
@@ -440,6 +440,15 @@ const SELECT_META = `SELECT c.*, v.created_at AS version_created_at, ${lastReadS
 /** The value as sealed: a TOTP seed is kept as its otpauth URI. */
 function plaintextOf(input: StoreInput): string {
   return input.kind === 'totp_seed' ? toOtpauthUri(normalizeTotp(input.totp!, input.name)) : input.value!;
+}
+
+/**
+ * The credential id a ref gives, if it has an id's form (any 8-4-4-4-12 hex string, in either case),
+ * spelt as the database returns ids: in lower case. A look-up by id compares it as a uuid, never as
+ * text (`id::text = $1` misses an id given in upper case).
+ */
+export function idOf(ref: string): string | undefined {
+  return UUID.test(ref) ? ref.toLowerCase() : undefined;
 }
 
 /** Whether the database can take the call as a batch's parameters: one it could not would roll the whole batch back. */

@@ -8,13 +8,15 @@ import { latestRunOf } from '../../core/run-chain';
 import { withTransaction, type Pool } from '../../db/pool';
 import { abandonMail, queueMail, startDelivery } from '../../mail/outbox';
 import { findStoredValue, MIN_SCANNED_LENGTH } from '../../mail/secret-scan';
+import type { Logger } from '../../core/logger';
 import { appendAudit } from '../../vault/audit';
 import type { SecretStore } from '../../vault/secret-store';
-import type { Caller, Vault } from '../../vault/vault';
+import { idOf, type Caller, type Vault } from '../../vault/vault';
 import { leakSignal } from '../../workflows/definitions';
 import type { rotateCredential } from '../../workflows/rotate-credential';
 import { endpoint, type AuthDeps } from '../endpoint';
 import { leakResults } from '../responses';
+import { auditChangeMade } from './rotations';
 import { leakReport } from '../schemas';
 
 export interface LeakDeps {
@@ -24,6 +26,8 @@ export interface LeakDeps {
   client: Client;
   taskQueue: string;
   securityNotify?: string[];
+  /** For a report carried out whose audit row could not be written (auditChangeMade). */
+  logger?: Pick<Logger, 'error'>;
 }
 
 interface Target {
@@ -79,16 +83,20 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
   }
   const results = [];
   for (const target of targets) results.push(await respond(deps, target, body, scope ? caller.actor : 'admin'));
-  await appendAudit(deps.pool, {
-    identityId: scope ?? null,
-    actor: scope ? caller.actor : 'admin',
-    action: 'leak.report',
-    credentialId: targets.length === 1 ? targets[0]!.credentialId : null,
-    outcome: 'ok',
-    requestId: caller.requestId,
-    via: caller.via,
-    detail: { source: body.source, by: body.fingerprint ? 'fingerprint' : 'credential', matched: targets.length, results: results.map((r) => r.action) },
-  });
+  await auditChangeMade(
+    deps,
+    {
+      identityId: scope ?? null,
+      actor: scope ? caller.actor : 'admin',
+      action: 'leak.report',
+      credentialId: targets.length === 1 ? targets[0]!.credentialId : null,
+      outcome: 'ok',
+      requestId: caller.requestId,
+      via: caller.via,
+      detail: { source: body.source, by: body.fingerprint ? 'fingerprint' : 'credential', matched: targets.length, results: results.map((r) => r.action) },
+    },
+    `the leak report (${results.map((r) => r.action).join(', ')})`,
+  );
   return { results };
 }
 
@@ -253,8 +261,8 @@ const TARGET_SQL = `
 async function byCredential(deps: LeakDeps, ref: string, scope: string | undefined): Promise<Target[]> {
   const { rows } = await deps.pool.query(
     `${TARGET_SQL}
-      WHERE c.deleted_at IS NULL AND v.version = c.current_version AND (c.name = $1 OR c.id::text = $1) AND ($2::uuid IS NULL OR c.identity_id = $2)`,
-    [ref, scope ?? null],
+      WHERE c.deleted_at IS NULL AND v.version = c.current_version AND (c.name = $1 OR c.id = $3::uuid) AND ($2::uuid IS NULL OR c.identity_id = $2)`,
+    [ref, scope ?? null, idOf(ref) ?? null],
   );
   if (rows.length === 0) throw new NotFoundError(`no credential named or with id '${ref}'`);
   if (rows.length > 1) throw new UnprocessableError(`'${ref}' names credentials of several identities; report it by id`);

@@ -2,11 +2,12 @@ import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
 import type { z } from 'zod';
 import { WorkflowNotFoundError, WorkflowUpdateFailedError, type Client } from '@temporalio/client';
-import { ConflictError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
-import { withTransaction, type Pool } from '../../db/pool';
+import { AuditUnavailableError, ConflictError, NotFoundError, unconfirmedChange, UnavailableError, UnprocessableError } from '../../core/errors';
+import type { Logger } from '../../core/logger';
+import { outlastingOutages, withTransaction, type Pool } from '../../db/pool';
 import { RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../../db/run-outcome';
 import { findStoredValueIn, MIN_SCANNED_LENGTH } from '../../mail/secret-scan';
-import { appendAudit, auditFailure, callerEntry } from '../../vault/audit';
+import { appendAudit, auditFailure, type AuditEntry, callerEntry } from '../../vault/audit';
 import type { Caller, Kind, Vault } from '../../vault/vault';
 import type { rotateBatch } from '../../workflows/batch';
 import { progressQuery, rollbackUpdate } from '../../workflows/definitions';
@@ -22,6 +23,8 @@ export interface RotationDeps {
   vault: Vault;
   client: Client;
   taskQueue: string;
+  /** For a change made whose audit row could not be written (auditChangeMade). */
+  logger?: Pick<Logger, 'error'>;
 }
 
 /**
@@ -84,7 +87,11 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
         await temporal(() => handle.cancel());
         cancelled.push(run.credential_id);
       }
-      await appendAudit(deps.pool, { ...caller, action: 'rotation.cancel', outcome: 'ok', detail: { rotationId: rotation.id, cancelled: cancelled.length, notStarted: notStarted.length } });
+      await auditChangeMade(
+        deps,
+        { ...caller, action: 'rotation.cancel', outcome: 'ok', detail: { rotationId: rotation.id, cancelled: cancelled.length, notStarted: notStarted.length } },
+        `the cancellation of rotation ${rotation.id}`,
+      );
       return { status: 202, body: { rotationId: rotation.id, cancelling: cancelled, notStarted } };
     }),
   );
@@ -182,7 +189,11 @@ export async function rollbackRotation(deps: RotationDeps, caller: Caller, id: s
   if (!results.some((r) => r.rolledBack)) {
     throw new ConflictError(`nothing to roll back: ${results.map((r) => ('reason' in r ? r.reason : '')).join('; ') || 'the rotation has no runs'}`);
   }
-  await appendAudit(deps.pool, { ...caller, action: 'rotation.rollback', outcome: 'ok', detail: { rotationId: rotation.id, rolledBack: results.filter((r) => r.rolledBack).length } });
+  await auditChangeMade(
+    deps,
+    { ...caller, action: 'rotation.rollback', outcome: 'ok', detail: { rotationId: rotation.id, rolledBack: results.filter((r) => r.rolledBack).length } },
+    `the rollback of rotation ${rotation.id}`,
+  );
   return { rotationId: rotation.id as string, results };
 }
 
@@ -261,6 +272,32 @@ function aggregate(states: string[]): string {
   if (took === states.length) return states.includes('grace') ? 'grace' : 'succeeded';
   if (took > 0) return 'partial';
   return states.every((s) => s === states[0]) ? states[0]! : 'failed';
+}
+
+/** How long the ok row of a change already made is tried again (at 0, 0.5 and 1.5 s). */
+const AUDIT_AFTER_CHANGE_MS = 2_000;
+
+/**
+ * Appends the ok row of a change already made outside any transaction of the database (a Temporal
+ * cancel, update or start): the change cannot roll back with its row. A row that cannot be written
+ * is tried again for a moment; failing still, the answer must not be 503 audit-unavailable ("not
+ * carried out": a retry would then meet the change, a rollback's as a 409), but a 503 marked
+ * unconfirmed that says the change was made. It is logged (the row's fields: the audit log's own,
+ * never a value) and, if the database takes it after all, audited as failed and unconfirmed, as
+ * audited() does for a COMMIT without an answer. `change` names it for the caller.
+ */
+export async function auditChangeMade(deps: { pool: Pool; logger?: Pick<Logger, 'error'> }, entry: AuditEntry, change: string): Promise<void> {
+  try {
+    await outlastingOutages(() => appendAudit(deps.pool, entry), AUDIT_AFTER_CHANGE_MS, (err) => err instanceof AuditUnavailableError);
+  } catch (cause) {
+    const { identityId, actor, action, credentialId, requestId, detail } = entry;
+    deps.logger?.error({ err: cause, requestId, unaudited: { identityId, actor, action, credentialId, detail } }, 'a change was carried out, but its audit row could not be written');
+    const err = Object.assign(
+      unconfirmedChange(`${change} was carried out, but it could not be recorded in the audit log (the database is unavailable); check its result before trying again`),
+      { cause },
+    );
+    throw await auditFailure(deps.pool, { ...entry, detail: { ...detail, unconfirmed: true } }, err);
+  }
 }
 
 /** Temporal being unreachable is a 503 for the caller, not a 500. */
