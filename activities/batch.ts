@@ -71,8 +71,9 @@ export function batchActivities(deps: ActivityDeps) {
     const now = deps.clock?.() ?? new Date();
     // Most overdue first: a backlog larger than a sweep can start before its deadline leaves the
     // newest-due to the next sweep, not whichever credentials' ids sort last. A start sent but not
-    // recorded (the wave died between the two) goes before them all, and holds its place among the
-    // open runs: it may be running, and a run that promoted has moved its credential to the back.
+    // recorded (the wave died between the two) goes before them all: it may be running (sent again,
+    // it answers with that run and is recorded), and a run that promoted has moved its credential
+    // to the back, behind as many others as the wave has places.
     const { rows } = await deps.pool.query(
       `WITH runs AS (
          SELECT r.credential_id, r.run_id, r.start_sent_at, o.outcome FROM rotation_runs r LEFT JOIN run_outcomes o ON o.run_id = r.run_id
@@ -81,7 +82,7 @@ export function batchActivities(deps: ActivityDeps) {
          FROM runs r JOIN credentials c ON c.id = r.credential_id JOIN rotations ro ON ro.id = $1
         WHERE r.run_id IS NULL AND ro.cancelled_at IS NULL
         ORDER BY r.start_sent_at IS NULL, c.next_rotation_at NULLS LAST, r.credential_id
-        LIMIT greatest($2 - (SELECT count(*) FROM runs WHERE (run_id IS NOT NULL AND outcome IS NULL) OR (run_id IS NULL AND start_sent_at IS NOT NULL)), 0)`,
+        LIMIT greatest($2 - (SELECT count(*) FROM runs WHERE run_id IS NOT NULL AND outcome IS NULL), 0)`,
       [rotationId, maxOpen],
     );
     // Whether a sweep's credential changed since the sweep began, asked of the rows picked only,

@@ -240,9 +240,9 @@ describe('batch rotation in waves', () => {
     h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name } })).body.value);
   });
 
-  it('a start a wave sent but did not record is sent again first, and holds its place among the open rotations', async () => {
+  it('a start a wave sent but did not record is sent again first, not after every credential more overdue', async () => {
     const { names, ids } = await storeAll('resent', 3);
-    const [sent, ...waiting] = ids as [string, string, string];
+    const [sent] = ids as [string, string, string];
     const rotationId = randomUUID();
     await h.sql(`INSERT INTO rotations (id, identity_id, kind, reason, notify, workflow_id) VALUES ($1, $2, 'request', NULL, '{}', $3)`, [rotationId, agent.id, `rotation:${rotationId}`]);
     // What a wave killed after sending a start and before recording it leaves: its row marked sent (it
@@ -253,14 +253,17 @@ describe('batch rotation in waves', () => {
       [rotationId, sent, ids],
     );
     await h.sql(`UPDATE credentials SET next_rotation_at = now() + CASE WHEN id = $1 THEN interval '90 days' ELSE interval '-1 day' END WHERE id = ANY($2::uuid[])`, [sent, ids]);
-    // Before, it was neither counted open nor sent first: the two others took both places, three rotations were open.
-    expect(await batchActivities(h.deps).startRotations({ rotationId })).toEqual({ started: 1 });
+    // Before, it was sent last: the two more overdue took both places (maxOpen is 2), and it waited behind them.
+    expect(await batchActivities(h.deps).startRotations({ rotationId })).toEqual({ started: maxOpen });
     const runs = await runsOf(rotationId);
-    expect(runs.filter((r) => r.run_id !== null).map((r) => r.credential_id)).toEqual([sent]);
-    const started = runs.find((r) => r.run_id !== null)!;
-    await h.client.workflow.getHandle(started.workflow_id, started.run_id!).result();
-    for (const id of waiting) await expect(h.client.workflow.getHandle(`rotate:${id}`).describe()).rejects.toThrow(/not found/i);
-    h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: names[0] } })).body.value);
+    const startedRuns = runs.filter((r) => r.run_id !== null);
+    expect(startedRuns.map((r) => r.credential_id)).toContain(sent);
+    expect(startedRuns).toHaveLength(maxOpen);
+    for (const run of startedRuns) await h.client.workflow.getHandle(run.workflow_id, run.run_id!).result();
+    const notStarted = runs.filter((r) => r.run_id === null).map((r) => r.credential_id);
+    expect(notStarted).toHaveLength(1);
+    await expect(h.client.workflow.getHandle(`rotate:${notStarted[0]}`).describe()).rejects.toThrow(/not found/i);
+    for (const run of startedRuns) h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: names[ids.indexOf(run.credential_id)] } })).body.value);
   });
 
   it('cancelling the batch cancels the open rotations, and the waiting ones never start', async () => {

@@ -397,7 +397,7 @@ describe('scheduled sweep', () => {
     const gone = await start(ended);
     await gone.terminate('stopped by an operator');
     // Running, held at its store, but its wave died before recording the run; and one running,
-    // held too, that another batch started (this sweep's wave never sent its start).
+    // held too, that another batch started (this sweep's wave sent its start, which joined that run).
     const lock = new pg.Client({ connectionString: h.databaseUrl });
     await lock.connect();
     try {
@@ -407,7 +407,7 @@ describe('scheduled sweep', () => {
       const theirs = await start(others, randomUUID());
       await h.sql(
         `INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id, run_id, start_sent_at)
-         VALUES ($1, $2, $3, $4, now()), ($1, $5, $6, NULL, now()), ($1, $7, $8, NULL, NULL), ($1, $9, $10, NULL, NULL)`,
+         VALUES ($1, $2, $3, $4, now()), ($1, $5, $6, NULL, now()), ($1, $7, $8, NULL, NULL), ($1, $9, $10, NULL, now())`,
         [rotationId, ended, `rotate:${ended}`, gone.firstExecutionRunId, unrecorded, `rotate:${unrecorded}`, waiting, `rotate:${waiting}`, others, `rotate:${others}`],
       );
       const result = await createActivities(h.deps).awaitOutcomes({ rotationId, until: new Date(Date.now() - 1000).toISOString() });
