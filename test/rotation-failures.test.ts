@@ -5,6 +5,7 @@ import pg from 'pg';
 import { WorkflowFailedError } from '@temporalio/client';
 import { ApplicationFailure } from '@temporalio/common';
 import { temporal } from '@temporalio/proto';
+import type { ActivityInterceptorsFactory } from '@temporalio/worker';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { stableUuid } from '../activities/support';
 import { startHarness, type Harness } from './support/harness';
@@ -158,8 +159,39 @@ describe('rotation failures', () => {
     return { ...key, r, rotationId, runId, hold };
   };
 
+  /**
+   * Real activities held before they run: holdActivity(type, credentialId) makes the next call of that
+   * activity for that credential wait until release(). (A worker's interceptor, installed for the file.)
+   */
+  const activityHolds = new Map<string, { reached: () => void; released: Promise<void> }>();
+  const holdActivity = (type: string, credentialId: string) => {
+    let reached!: () => void;
+    let release!: () => void;
+    const reachedP = new Promise<void>((resolve) => (reached = resolve));
+    const released = new Promise<void>((resolve) => (release = resolve));
+    activityHolds.set(`${type}:${credentialId}`, { reached, released });
+    return { reached: () => reachedP, release };
+  };
+  const activityInterceptors: ActivityInterceptorsFactory[] = [
+    (ctx) => ({
+      inbound: {
+        async execute(input, next) {
+          const credentialId = (input.args[0] as { credentialId?: string } | undefined)?.credentialId;
+          const key = `${ctx.info.activityType}:${credentialId}`;
+          const held = activityHolds.get(key);
+          if (held) {
+            activityHolds.delete(key);
+            held.reached();
+            await held.released;
+          }
+          return next(input);
+        },
+      },
+    }),
+  ];
+
   beforeAll(async () => {
-    h = await startHarness({ worker: true, securityNotify: [securityDesk] });
+    h = await startHarness({ worker: true, securityNotify: [securityDesk], activityInterceptors });
     owner = await h.createIdentity(unique('owner'));
     signingKey = h.secret(`whsec_${randomBytes(24).toString('hex')}`);
     await store('hook-signing-key', 'generic', signingKey);
@@ -682,6 +714,59 @@ describe('rotation failures', () => {
     expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 4, toVersion: 5 });
     expect(await revokedVersions(id)).toEqual([1, 3, 4]);
     expect(await read(id)).toMatchObject({ version: 5, label: 'current' });
+    await read(id, 2);
+  });
+
+  it('a leak of the replaced rotated version reported while the run closes its incidents is answered: revoked, not left working', async () => {
+    const { name, id, ownerMail } = await generatedKey({ graceHours: 0.005 }); // 18 s: the store must be in before it ends
+    const rotationId = await startRotation(name);
+    await waitForState(rotationId, ['grace']);
+    const v2 = (await read(id)).value as string;
+    const v3 = h.secret(`v3_${randomBytes(16).toString('hex')}`);
+    expect((await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind: 'api_key', value: v3 } })).body).toMatchObject({ version: 3 });
+    // Grace over, v1 revoked, the superseded notice out: the run's last step, closing incidents, is held while v2 is reported.
+    const closing = holdActivity('closeLeakIncidents', id);
+    await closing.reached();
+    await reportLeak(v2, id);
+    await waitFor('the run to hear of the leak', () => report(rotationId), (rep) => Boolean(rep.credentials[0]?.progress?.leakReported));
+    closing.release();
+    // Before, the run ended there: the report was taken as answered by revoking v2, which nothing then did.
+    expect(await runResult(rotationId)).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
+    expect(await revokedVersions(id)).toEqual([1, 2]);
+    expect(await read(id)).toMatchObject({ version: 3, label: 'current', value: v3 });
+    const mails = await waitFor('both superseded notices', async () => (await mailTo(ownerMail)).filter((m) => m.mail.subject?.includes('was replaced')), (all) => all.length >= 2);
+    expect(mails.map((m) => m.mail.text!).filter((t) => t.includes('Version 2 was reported leaked and has been revoked.'))).toHaveLength(1);
+  });
+
+  it('a leak of an older value reported to a leak rotation that is then cancelled is not forgotten: the run after it revokes it', async () => {
+    const { name, id } = await generatedKey({ graceHours: 0.005 });
+    const rotationId = await startRotation(name);
+    await waitForState(rotationId, ['grace']);
+    // From the leak rotation on, a dependent: that run's pending value is held there, so it can be cancelled before promotion.
+    const r = await receiver();
+    await setDependents(id, [webhook(r)]);
+    const pending = holdingPending(r);
+    const values: string[] = [];
+    for (const version of [3, 4]) {
+      values.push(h.secret(`v${version}_${randomBytes(16).toString('hex')}`));
+      expect((await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind: 'api_key', value: values.at(-1) } })).body).toMatchObject({ version });
+    }
+    // v4, the value now current, leaks: the run goes on as a leak rotation of it.
+    await reportLeak(values[1]!, id);
+    await pending.reached();
+    expect(events(r)).toEqual(['credential.pending v5']);
+    // Then v3, older, is reported to that run too, and the run is cancelled before it promotes.
+    const older = await h.api('POST', '/v1/leaks', { token: owner.token, body: { fingerprint: createHash('sha256').update(values[0]!).digest('hex'), source: 'secret-scanner' } });
+    expect(older.status, older.text).toBe(202);
+    await waitFor('the run to hear of v3', () => h.client.workflow.getHandle(`rotate:${id}`).fetchHistory(), (history) => (history.events ?? []).filter((e) => e.workflowExecutionSignaledEventAttributes).length >= 1);
+    await h.client.workflow.getHandle(`rotate:${id}`).cancel();
+    pending.release();
+    // The cancelled run (its attempt undone) leaves the leaks to the run after it, which rotates v4 and
+    // revokes it with v3; before, the cancelled run dropped v3 (older than the version it had made).
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 4, toVersion: 6 });
+    expect(await revokedVersions(id)).toEqual(expect.arrayContaining([1, 3, 4]));
+    expect(await revokedVersions(id)).not.toContain(2);
+    expect(await read(id)).toMatchObject({ version: 6, label: 'current' });
     await read(id, 2);
   });
 

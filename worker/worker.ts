@@ -1,5 +1,5 @@
 import type { DataConverter } from '@temporalio/common';
-import { DefaultLogger, NativeConnection, Runtime, Worker } from '@temporalio/worker';
+import { DefaultLogger, NativeConnection, Runtime, Worker, type ActivityInterceptorsFactory } from '@temporalio/worker';
 import type { Logger } from '../core/logger';
 import { createActivities, type ActivityDeps } from '../activities';
 import { bundleInChild } from './bundle';
@@ -21,6 +21,8 @@ export async function createWorker(opts: {
   shutdownGraceMs?: number;
   /** Workflows kept in memory between tasks; others are replayed from history when they next run. */
   maxCachedWorkflows?: number;
+  /** Around every activity this worker runs (the tests hold one at a chosen moment). */
+  activityInterceptors?: ActivityInterceptorsFactory[];
 }): Promise<Worker> {
   // Bundled in a child process unless prebuilt, so webpack's memory is not the worker's for life.
   const bundle = opts.workflowBundle ? undefined : await bundleInChild();
@@ -35,6 +37,7 @@ export async function createWorker(opts: {
       // The SDK's default grows with the heap limit (over 2,000 on a 4 GB heap): bounded, memory is too.
       maxCachedWorkflows: opts.maxCachedWorkflows ?? DEFAULT_CACHED_WORKFLOWS,
       workflowBundle: opts.workflowBundle ?? { codePath: bundle!.codePath },
+      ...(opts.activityInterceptors ? { interceptors: { activity: opts.activityInterceptors } } : {}),
     });
   } finally {
     bundle?.remove();

@@ -100,6 +100,12 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   const problems: string[] = [];
   setHandler(progressQuery, () => progress);
   const leakedVersions = new Set<number>(input.leakedVersions ?? []);
+  /** Versions this run has revoked at the provider (a leaked one not among them is left to the next run). */
+  const revokedHere = new Set<number>();
+  const revoke = async (version: number, extra: { current?: number; currentNow?: boolean } = {}) => {
+    await undo.revokeVersion({ ...ids, version, ...extra });
+    revokedHere.add(version);
+  };
   // One per leak incident: a signal delivered twice is one report. In the order they came, each with the version reported.
   const incidents = new Set<string>();
   const reports: { version?: number }[] = [];
@@ -190,13 +196,13 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   };
   /**
    * The next run of this rotation, in leak mode: it rotates the current version. Versions reported
-   * leaked that are newer than the one this run made (values stored while it ran, replaced since)
-   * go with it, to be revoked once it has replaced the current one.
+   * leaked that this run has not revoked (values stored while it ran, replaced since; one an earlier
+   * run left to it) go with it: it revokes the one it replaces, and older ones with it.
    */
   const nextRun = (): RotateCredentialInput => {
-    const toVersion = progress.toVersion;
-    const left = [...leakedVersions].filter((v) => toVersion === undefined || v > toVersion).sort((a, b) => a - b);
-    return { ...input, mode: 'leak', attemptsBefore: progress.attempt, ...(left.length > 0 ? { leakedVersions: left } : {}) };
+    const left = [...leakedVersions].filter((v) => !revokedHere.has(v)).sort((a, b) => a - b);
+    const { leakedVersions: _given, ...rest } = input;
+    return { ...rest, mode: 'leak', attemptsBefore: progress.attempt, ...(left.length > 0 ? { leakedVersions: left } : {}) };
   };
   /**
    * Closes the credential's leak incidents once the final notice is out. An incident reported after
@@ -214,10 +220,16 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       await answerSuperseded();
       await continueAsNew<typeof rotateCredential>(nextRun());
     };
+    // Reported late, and answered by revoking the replaced version: revoked now (if it was not yet).
+    const answerLate = async () => {
+      if (incidents.size > seen) await answerSuperseded();
+    };
     if (again()) await rotateAgainNow();
+    await answerLate();
     // An open leak incident would make later reports only join it: close it, so they rotate again.
     await db.closeLeakIncidents(ids);
     if (again()) await rotateAgainNow();
+    await answerLate();
   };
   /**
    * A cancel (before promotion) stops what it was aimed at, a requested or scheduled rotation, not
@@ -420,7 +432,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       // `current`: a provider whose create replaced the live secret (a single PostgreSQL role) puts the previous one back.
       const forget = async () => {
         try {
-          await undo.revokeVersion({ ...ids, version: progress.toVersion!, current: progress.fromVersion! });
+          await revoke(progress.toVersion!, { current: progress.fromVersion! });
         } catch (err) {
           // The rollback is done everywhere else: the run ends rolled back, and its notice says the
           // provider still has the rotated value. See ROLLBACK_REVOKE_FAILURES_CONTINUE.
@@ -456,7 +468,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     try {
       // With compensation's patience (an hour of retries), not a provider call's four attempts: the
       // old value may be a leaked one, and a provider's brief outage must not leave it working.
-      await CancellationScope.nonCancellable(() => step('revoke_previous', () => undo.revokeVersion({ ...ids, version: progress.fromVersion! })));
+      await CancellationScope.nonCancellable(() => step('revoke_previous', () => revoke(progress.fromVersion!)));
     } catch (err) {
       // The new value is live and stays so; the owners must revoke the old one by hand.
       progress.error = failureMessage(err);
@@ -472,7 +484,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   async function revokeOlderLeaks(): Promise<void> {
     const older = [...leakedVersions].filter((v) => v < progress.fromVersion!).sort((a, b) => a - b);
     if (older.length === 0 || !patched(LEAKED_VERSIONS_ANSWERED)) return;
-    const revokes = older.map((version) => ({ what: `revoking the leaked version ${version} (it may still work)`, run: () => undo.revokeVersion({ ...ids, version }) }));
+    const revokes = older.map((version) => ({ what: `revoking the leaked version ${version} (it may still work)`, run: () => revoke(version) }));
     problems.push(...(await CancellationScope.nonCancellable(() => runAll(revokes))));
   }
 
@@ -512,8 +524,8 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
         }
         supersededLeakRevoked = true;
         // `currentNow`: the provider is put on the version current when the revoke runs, which a value stored since `current` was learnt may have replaced.
-        const revoke = { what: `revoking the leaked version ${version} (it may still work)`, run: () => undo.revokeVersion({ ...ids, version, current, currentNow: true }) };
-        const failed = await runAll([revoke]);
+        const revoking = { what: `revoking the leaked version ${version} (it may still work)`, run: () => revoke(version, { current, currentNow: true }) };
+        const failed = await runAll([revoking]);
         problems.push(...failed);
         await tell('superseded', { currentVersion: current, supersededLeaked: true, supersededRevoked: failed.length === 0 }, false);
       }

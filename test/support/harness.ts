@@ -5,7 +5,7 @@ import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import pg from 'pg';
 import { Client, Connection } from '@temporalio/client';
-import { NativeConnection, type Worker } from '@temporalio/worker';
+import { NativeConnection, type ActivityInterceptorsFactory, type Worker } from '@temporalio/worker';
 import { inject } from 'vitest';
 import { createApp } from '../../api/app';
 import { listen } from '../../api/server';
@@ -67,6 +67,8 @@ export async function startHarness(
     clock?: () => Date;
     smtpUrl?: string;
     securityNotify?: string[];
+    /** Around every activity the worker runs: a test holds a real activity at the moment it needs. */
+    activityInterceptors?: ActivityInterceptorsFactory[];
     /** Invalid tokens a client may present per window before it is throttled (the service default otherwise). */
     authFailures?: { maxFailures: number; windowMs: number };
     /** A Temporal server of the test's own (the fault suite restarts one); the run's shared server otherwise. */
@@ -140,6 +142,7 @@ export async function startHarness(
       // In-flight activities are cancelled at once on close, and a worker that has not stopped 10 s
       // later is stopped: close() then fails with that cause instead of waiting for the hook's timeout.
       shutdownGraceMs: 0,
+      activityInterceptors: opts.activityInterceptors,
     });
     workerRun = worker.run();
   }
