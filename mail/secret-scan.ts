@@ -17,22 +17,50 @@ export interface ScannedMessage {
 }
 
 export function findStoredValue(message: ScannedMessage, stored: { name: string; value: string }[]): string | undefined {
-  // What the recipient reads, found once per message, not per value: a client decodes the subject's
-  // encoded words and renders the html.
+  return searchIn(prepared(message), stored);
+}
+
+/** findStoredValue over pages of values (Vault.storedValues), stopping at the first page with a hit; the message is read once. */
+export async function findStoredValueIn(message: ScannedMessage, pages: AsyncIterable<{ name: string; value: string }[]>): Promise<string | undefined> {
+  const texts = prepared(message);
+  for await (const page of pages) {
+    const hit = searchIn(texts, page);
+    if (hit) return hit;
+  }
+  return undefined;
+}
+
+interface Prepared {
+  haystack: string;
+  lower: string;
+  renderedLower: string;
+  unwrapped: string;
+  decoded: string[];
+}
+
+/** The message's texts to search, made once per message, not per value or page of values. */
+function prepared(message: ScannedMessage): Prepared {
+  // What the recipient reads: a client decodes the subject's encoded words and renders the html.
   const subject = decodedSubject(message.subject);
   const rendered = message.html ? renderedText(message.html) : '';
   const shown = [subject === message.subject ? '' : subject, rendered === message.html ? '' : rendered].filter(Boolean);
   const haystack = [...(message.to ?? []), message.subject, message.text, message.html ?? '', ...shown].join('\n');
-  const lower = haystack.toLowerCase();
-  // CSS (text-transform, small-caps) may show the html's text in another case than it is written in.
-  const renderedLower = rendered.toLowerCase();
-  // base64 tools wrap their output (`base64` at 76 columns, PEM at 64): a long value's encoding may
-  // be split across lines.
-  const unwrapped = haystack.replace(/\s+/g, '');
   // Escaped text decoded, to look for the value itself: percent-escapes in either case, `+` for a
   // space (a form or a query string: URLSearchParams, quote_plus, QueryEscape), HTML character references.
   const htmlDecoded = decodeHTML(haystack);
-  const decoded = [percentDecoded(haystack), percentDecoded(haystack.replaceAll('+', ' ')), htmlDecoded, percentDecoded(htmlDecoded)].filter((text) => text !== haystack);
+  return {
+    haystack,
+    lower: haystack.toLowerCase(),
+    // CSS (text-transform, small-caps) may show the html's text in another case than it is written in.
+    renderedLower: rendered.toLowerCase(),
+    // base64 tools wrap their output (`base64` at 76 columns, PEM at 64): a long value's encoding may
+    // be split across lines.
+    unwrapped: haystack.replace(/\s+/g, ''),
+    decoded: [percentDecoded(haystack), percentDecoded(haystack.replaceAll('+', ' ')), htmlDecoded, percentDecoded(htmlDecoded)].filter((text) => text !== haystack),
+  };
+}
+
+function searchIn({ haystack, lower, renderedLower, unwrapped, decoded }: Prepared, stored: { name: string; value: string }[]): string | undefined {
   for (const { name, value } of stored) {
     if (value.length < MIN_SCANNED_LENGTH) continue;
     if (decoded.some((text) => text.includes(value)) || renderedLower.includes(value.toLowerCase())) return name;
@@ -40,15 +68,6 @@ export function findStoredValue(message: ScannedMessage, stored: { name: string;
       if (form.length < MIN_SCANNED_LENGTH) continue;
       if (haystack.includes(form) || (caseless && lower.includes(form.toLowerCase())) || (wraps && unwrapped.includes(form))) return name;
     }
-  }
-  return undefined;
-}
-
-/** findStoredValue over pages of values (Vault.storedValues), stopping at the first page with a hit. */
-export async function findStoredValueIn(message: ScannedMessage, pages: AsyncIterable<{ name: string; value: string }[]>): Promise<string | undefined> {
-  for await (const page of pages) {
-    const hit = findStoredValue(message, page);
-    if (hit) return hit;
   }
   return undefined;
 }
