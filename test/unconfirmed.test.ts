@@ -1,8 +1,9 @@
 import { readFileSync } from 'node:fs';
-import { randomUUID } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
+import { auditChangeMade } from '../api/routes/rotations';
 
 /**
  * A change made outside the database's transaction (a Temporal cancel, update or start) whose ok
@@ -111,6 +112,23 @@ describe('a change made whose audit row cannot be written', () => {
     expect(again.status, again.text).toBe(409);
   });
 
+  it('a row whose answer was lost is not written again by the retry', async () => {
+    const requestId = `lost-answer-${randomUUID()}`;
+    const real = h.deps.pool;
+    let inserts = 0;
+    // The first insert reaches the database and commits; its answer is lost on the way back, as when the connection drops.
+    const pool = {
+      query: async (...args: Parameters<typeof real.query>) => {
+        const res = await (real.query as (...a: unknown[]) => Promise<unknown>)(...args);
+        if (typeof args[0] === 'object' && (args[0] as { name?: string }).name === 'audit-append' && ++inserts === 1) throw new Error('Connection terminated unexpectedly');
+        return res;
+      },
+    } as unknown as typeof real;
+    await auditChangeMade({ pool }, { identityId: agent.id, actor: 'test', action: 'rotation.cancel', outcome: 'ok', requestId, detail: { cancelled: 1 } }, 'the cancellation');
+    expect(inserts).toBe(1);
+    expect(await rowsOf(requestId)).toEqual([{ action: 'rotation.cancel', outcome: 'ok', detail: { cancelled: 1 } }]);
+  });
+
   it('a cancel made whose row fails twice is written on the third try and answered as made', async () => {
     const { credentialId, rotationId } = await inGrace('cancel-retried');
     const stop = await refuseAudit('rotation.cancel', 'cancelled', 2);
@@ -156,5 +174,16 @@ describe('a change made whose audit row cannot be written', () => {
     expect(await h.client.workflow.getHandle(`rotate:${credentialId}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak' });
     h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'leak-unrecorded' } })).body.value);
     expect((await h.sql('SELECT revoked_at FROM secret_versions WHERE credential_id = $1 AND version = 1', [credentialId])).rows[0].revoked_at).not.toBeNull();
+
+    // Reported again, the value is already revoked: nothing is done, so a row that cannot be written is a plain 503, not "carried out".
+    const again = await refuseAudit('leak.report', 'matched');
+    try {
+      res = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: createHash('sha256').update(value).digest('hex'), source: 'unrecorded-scan' } });
+    } finally {
+      await again();
+    }
+    expect(res.status, res.text).toBe(503);
+    expect(res.body).toMatchObject({ type: 'https://mailgent.dev/problems/audit-unavailable' });
+    expect(res.body.unconfirmed).toBeUndefined();
   });
 });

@@ -9,7 +9,7 @@ import { withTransaction, type Pool } from '../../db/pool';
 import { abandonMail, queueMail, startDelivery } from '../../mail/outbox';
 import { findStoredValue, MIN_SCANNED_LENGTH } from '../../mail/secret-scan';
 import type { Logger } from '../../core/logger';
-import { appendAudit } from '../../vault/audit';
+import { appendAudit, type AuditEntry } from '../../vault/audit';
 import type { SecretStore } from '../../vault/secret-store';
 import { idOf, type Caller, type Vault } from '../../vault/vault';
 import { leakSignal } from '../../workflows/definitions';
@@ -81,22 +81,21 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
       }
     }
   }
-  const results = [];
+  const results: Awaited<ReturnType<typeof respond>>[] = [];
   for (const target of targets) results.push(await respond(deps, target, body, scope ? caller.actor : 'admin'));
-  await auditChangeMade(
-    deps,
-    {
-      identityId: scope ?? null,
-      actor: scope ? caller.actor : 'admin',
-      action: 'leak.report',
-      credentialId: targets.length === 1 ? targets[0]!.credentialId : null,
-      outcome: 'ok',
-      requestId: caller.requestId,
-      via: caller.via,
-      detail: { source: body.source, by: body.fingerprint ? 'fingerprint' : 'credential', matched: targets.length, results: results.map((r) => r.action) },
-    },
-    `the leak report (${results.map((r) => r.action).join(', ')})`,
-  );
+  const entry: AuditEntry = {
+    identityId: scope ?? null,
+    actor: scope ? caller.actor : 'admin',
+    action: 'leak.report',
+    credentialId: targets.length === 1 ? targets[0]!.credentialId : null,
+    outcome: 'ok',
+    requestId: caller.requestId,
+    via: caller.via,
+    detail: { source: body.source, by: body.fingerprint ? 'fingerprint' : 'credential', matched: targets.length, results: results.map((r) => r.action) },
+  };
+  // A report that changed nothing (every value already revoked) has its row written as any other: a failure to is a plain 503.
+  if (results.every((r) => r.action === 'already-revoked')) await appendAudit(deps.pool, entry);
+  else await auditChangeMade(deps, entry, `the leak report (${results.map((r) => r.action).join(', ')})`);
   return { results };
 }
 

@@ -287,8 +287,26 @@ const AUDIT_AFTER_CHANGE_MS = 2_000;
  * audited() does for a COMMIT without an answer. `change` names it for the caller.
  */
 export async function auditChangeMade(deps: { pool: Pool; logger?: Pick<Logger, 'error'> }, entry: AuditEntry, change: string): Promise<void> {
+  // A failed attempt's row may have been written all the same (only the answer lost): a retry looks
+  // for it first, by the request's id, so the change is not audited twice.
+  let tried = false;
+  const append = async () => {
+    if (tried && entry.requestId) {
+      const written = await deps.pool
+        // Among the newest rows only (the attempt was a moment ago; no index on request_id): one backward walk of the primary key.
+        .query(
+          `SELECT 1 FROM (SELECT request_id, action, outcome FROM audit_log ORDER BY seq DESC LIMIT 50000) recent
+            WHERE request_id = $1 AND action = $2 AND outcome = 'ok' LIMIT 1`,
+          [entry.requestId, entry.action],
+        )
+        .catch(() => Promise.reject(new AuditUnavailableError()));
+      if (written.rowCount) return;
+    }
+    tried = true;
+    await appendAudit(deps.pool, entry);
+  };
   try {
-    await outlastingOutages(() => appendAudit(deps.pool, entry), AUDIT_AFTER_CHANGE_MS, (err) => err instanceof AuditUnavailableError);
+    await outlastingOutages(append, AUDIT_AFTER_CHANGE_MS, (err) => err instanceof AuditUnavailableError);
   } catch (cause) {
     const { identityId, actor, action, credentialId, requestId, detail } = entry;
     deps.logger?.error({ err: cause, requestId, unaudited: { identityId, actor, action, credentialId, detail } }, 'a change was carried out, but its audit row could not be written');
