@@ -32,6 +32,25 @@ describe('group commit of stores', () => {
   };
   // Lets a finished batch release the batcher, so the next calls start from an idle one.
   const idle = () => new Promise((resolve) => setImmediate(resolve));
+  /**
+   * Fails every COMMIT that stored a version of a credential named like `pattern`: a check PostgreSQL
+   * runs only at COMMIT (a deferred constraint trigger). Returns how to remove it.
+   */
+  const failAtCommit = async (pattern: string) => {
+    await h.sql(`CREATE FUNCTION fail_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        IF EXISTS (SELECT 1 FROM credentials WHERE id = NEW.credential_id AND name LIKE '${pattern}') THEN
+          RAISE EXCEPTION 'refused at commit';
+        END IF;
+        RETURN NULL;
+      END $$`);
+    await h.sql(`CREATE CONSTRAINT TRIGGER fail_at_commit AFTER INSERT ON secret_versions DEFERRABLE INITIALLY DEFERRED
+      FOR EACH ROW EXECUTE FUNCTION fail_at_commit()`);
+    return async () => {
+      await h.sql('DROP TRIGGER fail_at_commit ON secret_versions');
+      await h.sql('DROP FUNCTION fail_at_commit()');
+    };
+  };
   const currentVersion = async (identityId: string, name: string) =>
     (await h.sql('SELECT current_version FROM credentials WHERE identity_id = $1 AND name = $2 AND destroyed_at IS NULL', [identityId, name])).rows[0]?.current_version;
 
@@ -144,16 +163,8 @@ describe('group commit of stores', () => {
   });
 
   it('a store whose COMMIT fails, in a batch or alone, is not stored again: every call gets a 503 that says it may have been committed, and its own failure row', async () => {
-    // A check PostgreSQL runs only at COMMIT (a deferred constraint trigger) fails for this test's names.
-    await h.sql(`CREATE FUNCTION fail_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-      BEGIN
-        IF EXISTS (SELECT 1 FROM credentials WHERE id = NEW.credential_id AND name LIKE 'commit-fails-%') THEN
-          RAISE EXCEPTION 'refused at commit';
-        END IF;
-        RETURN NULL;
-      END $$`);
-    await h.sql(`CREATE CONSTRAINT TRIGGER fail_at_commit AFTER INSERT ON secret_versions DEFERRABLE INITIALLY DEFERRED
-      FOR EACH ROW EXECUTE FUNCTION fail_at_commit()`);
+    // A COMMIT that stored one of this test's names fails.
+    const removeCheck = await failAtCommit('commit-fails-%');
     try {
       const vault = h.services.vault;
       await idle();
@@ -181,21 +192,12 @@ describe('group commit of stores', () => {
       const { inSeq: aloneRows } = await rowsOf([alone.requestId!]);
       expect(aloneRows.map((r) => [r.outcome, r.detail.error, r.detail.unconfirmed])).toEqual([['failed', 'unavailable', true]]);
     } finally {
-      await h.sql('DROP TRIGGER fail_at_commit ON secret_versions');
-      await h.sql('DROP FUNCTION fail_at_commit()');
+      await removeCheck();
     }
   });
 
   it('a batch whose COMMIT fails answers only the calls that would have stored as unconfirmed; those it refused (which stored nothing) get a plain 503', async () => {
-    await h.sql(`CREATE FUNCTION fail_refusing_batch() RETURNS trigger LANGUAGE plpgsql AS $$
-      BEGIN
-        IF EXISTS (SELECT 1 FROM credentials WHERE id = NEW.credential_id AND name LIKE 'commit-fails-beside-%') THEN
-          RAISE EXCEPTION 'refused at commit';
-        END IF;
-        RETURN NULL;
-      END $$`);
-    await h.sql(`CREATE CONSTRAINT TRIGGER fail_refusing_batch AFTER INSERT ON secret_versions DEFERRABLE INITIALLY DEFERRED
-      FOR EACH ROW EXECUTE FUNCTION fail_refusing_batch()`);
+    const removeCheck = await failAtCommit('commit-fails-beside-%');
     try {
       const vault = h.services.vault;
       await idle();
@@ -233,8 +235,7 @@ describe('group commit of stores', () => {
       expect((await h.sql(`SELECT count(*)::int AS n FROM credentials WHERE identity_id = $1 AND name LIKE 'commit-fails-beside-%'`, [alice.id])).rows[0].n).toBe(0);
       expect(await currentVersion(alice.id, 'existing-0')).toBe(existing);
     } finally {
-      await h.sql('DROP TRIGGER fail_refusing_batch ON secret_versions');
-      await h.sql('DROP FUNCTION fail_refusing_batch()');
+      await removeCheck();
     }
   });
 

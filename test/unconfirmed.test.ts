@@ -51,6 +51,18 @@ describe('a change made whose audit row cannot be written', () => {
       return Math.min(rows[0].is_called ? Number(rows[0].last_value) : 0, times);
     };
   };
+  /** Calls `call` while refuseAudit(action, key, times) is in place; says how many rows it refused. */
+  const whileRefused = async <T>(action: string, key: string, call: () => Promise<T>, times?: number) => {
+    const stop = await refuseAudit(action, key, times);
+    let res: T;
+    try {
+      res = await call();
+    } catch (err) {
+      await stop();
+      throw err;
+    }
+    return { res, refused: await stop() };
+  };
   const rowsOf = async (requestId: string) =>
     (await h.sql('SELECT action, outcome, detail FROM audit_log WHERE request_id = $1 ORDER BY seq', [requestId])).rows;
   const inGrace = async (name: string) => {
@@ -69,7 +81,6 @@ describe('a change made whose audit row cannot be written', () => {
     h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name } })).body.value);
     return { credentialId: stored.body.id as string, rotationId: started.body.rotationId as string };
   };
-  let refused: number | undefined;
   const logged = async (requestId: string) => {
     for (let i = 0; i < 50; i++) {
       const line = readFileSync(h.logFile, 'utf8')
@@ -83,13 +94,7 @@ describe('a change made whose audit row cannot be written', () => {
 
   it('a rollback made whose row cannot be written is a 503 marked unconfirmed saying it was made, audited as such and logged; not "not carried out"', async () => {
     const { credentialId, rotationId } = await inGrace('rollback-unrecorded');
-    const stop = await refuseAudit('rotation.rollback', 'rolledBack');
-    let res;
-    try {
-      res = await h.api('POST', `/v1/rotations/${rotationId}/rollback`, { token: agent.token });
-    } finally {
-      refused = await stop();
-    }
+    const { res, refused } = await whileRefused('rotation.rollback', 'rolledBack', () => h.api('POST', `/v1/rotations/${rotationId}/rollback`, { token: agent.token }));
     expect(res.status, res.text).toBe(503);
     // Before: 503 audit-unavailable, "the request was not carried out; try again shortly".
     expect(res.body).toMatchObject({
@@ -131,13 +136,7 @@ describe('a change made whose audit row cannot be written', () => {
 
   it('a cancel made whose row fails twice is written on the third try and answered as made', async () => {
     const { credentialId, rotationId } = await inGrace('cancel-retried');
-    const stop = await refuseAudit('rotation.cancel', 'cancelled', 2);
-    let res;
-    try {
-      res = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: agent.token });
-    } finally {
-      refused = await stop();
-    }
+    const { res, refused } = await whileRefused('rotation.cancel', 'cancelled', () => h.api('DELETE', `/v1/rotations/${rotationId}`, { token: agent.token }), 2);
     // Before: 503 audit-unavailable after the cancel had gone through.
     expect(res.status, res.text).toBe(202);
     expect(refused).toBe(2);
@@ -153,13 +152,7 @@ describe('a change made whose audit row cannot be written', () => {
     const stored = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'leak-unrecorded', kind: 'api_key', value, rotation: { provider: 'generated' } } });
     expect(stored.status, stored.text).toBe(201);
     const credentialId = stored.body.id as string;
-    const stop = await refuseAudit('leak.report', 'matched');
-    let res;
-    try {
-      res = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'leak-unrecorded', source: 'unrecorded-scan' } });
-    } finally {
-      refused = await stop();
-    }
+    const { res, refused } = await whileRefused('leak.report', 'matched', () => h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'leak-unrecorded', source: 'unrecorded-scan' } }));
     expect(res.status, res.text).toBe(503);
     expect(res.body).toMatchObject({
       type: 'https://mailgent.dev/problems/unavailable',
@@ -176,14 +169,10 @@ describe('a change made whose audit row cannot be written', () => {
     expect((await h.sql('SELECT revoked_at FROM secret_versions WHERE credential_id = $1 AND version = 1', [credentialId])).rows[0].revoked_at).not.toBeNull();
 
     // Reported again, the value is already revoked: nothing is done, so a row that cannot be written is a plain 503, not "carried out".
-    const again = await refuseAudit('leak.report', 'matched');
-    try {
-      res = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: createHash('sha256').update(value).digest('hex'), source: 'unrecorded-scan' } });
-    } finally {
-      await again();
-    }
-    expect(res.status, res.text).toBe(503);
-    expect(res.body).toMatchObject({ type: 'https://mailgent.dev/problems/audit-unavailable' });
-    expect(res.body.unconfirmed).toBeUndefined();
+    const fingerprint = createHash('sha256').update(value).digest('hex');
+    const { res: again } = await whileRefused('leak.report', 'matched', () => h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint, source: 'unrecorded-scan' } }));
+    expect(again.status, again.text).toBe(503);
+    expect(again.body).toMatchObject({ type: 'https://mailgent.dev/problems/audit-unavailable' });
+    expect(again.body.unconfirmed).toBeUndefined();
   });
 });
