@@ -12,7 +12,12 @@ import { callingRunId, permanentErrorsFail, stableUuid } from './support';
 export function noticeActivities(deps: ActivityDeps) {
   return {
     /** One notice per outcome of a run; its id comes from the run and the outcome, so a retry never sends two. */
-    async sendRotationNotice(n: RotationNotice): Promise<{ messageId: string; recipients: number; delivery: string }> {
+    /**
+     * Sends one notice of a rotation. `currentVersion`: the credential's current version once it is
+     * sent (the notice may have waited a day for SMTP: a value stored meanwhile replaces the rotated
+     * one); absent if it could not be read (deleted meanwhile).
+     */
+    async sendRotationNotice(n: RotationNotice): Promise<{ messageId: string; recipients: number; delivery: string; currentVersion?: number }> {
       return permanentErrorsFail(async () => {
         const meta = await deps.vault.describe(n.identityId, n.credentialId);
         const identity = await deps.identities.get(n.identityId);
@@ -40,7 +45,11 @@ export function noticeActivities(deps: ActivityDeps) {
           credentialId: n.credentialId,
           detail: { outcome: n.outcome },
         });
-        return { messageId, recipients: new Set(to).size, delivery };
+        const currentVersion = await deps.vault.describe(n.identityId, n.credentialId).then(
+          (now) => now.version,
+          () => undefined,
+        );
+        return { messageId, recipients: new Set(to).size, delivery, ...(currentVersion !== undefined ? { currentVersion } : {}) };
       });
     },
 

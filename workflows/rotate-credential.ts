@@ -186,12 +186,14 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   /** A cancel that came while a call ran (and was let finish first): the attempt is undone all the same. */
   const cancelledMeanwhile = () => calls === externalFinishing && CancellationScope.current().consideredCancelled;
   /** Sends a notice, as the `notify` step unless `asStep` is false; see NOTICE_FAILURES_CONTINUE. */
+  /** The notice's delivery, or undefined if it could not be sent. */
   const tell = async (kind: NoticeKind, extra: Partial<RotationNotice> = {}, asStep = true) => {
     try {
-      await (asStep ? step('notify', () => notice(kind, extra)) : notice(kind, extra));
+      return await (asStep ? step('notify', () => notice(kind, extra)) : notice(kind, extra));
     } catch (err) {
       if (!noticeFailuresContinue) throw err;
       problems.push(`the ${kind} notice could not be sent: ${failureMessage(err)}`);
+      return undefined;
     }
   };
   /**
@@ -493,10 +495,11 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
    * stored while the run went on (in grace, or between promote and revoke) may have replaced the one
    * it made, which the dependents were given and which still works. See SUPERSEDED_ANSWERED.
    */
-  async function learnSuperseded(): Promise<void> {
+  async function learnSuperseded(known?: number): Promise<void> {
     if (supersededBy !== undefined || progress.toVersion === undefined || !patched(SUPERSEDED_ANSWERED)) return;
     try {
-      const { current } = await CancellationScope.nonCancellable(() => db.currentVersion(ids));
+      // `known`: a notice's activity has just read it, once the notice was sent; no call is needed.
+      const current = known ?? (await CancellationScope.nonCancellable(() => db.currentVersion(ids))).current;
       if (current > progress.toVersion) supersededBy = current;
     } catch {
       // The credential is gone (deleted meanwhile): there is nothing left to tell about it.
@@ -548,10 +551,11 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       if (!closeLast) await db.closeLeakIncidents(ids);
       const seen = incidents.size;
       if (stepOf('notify').state === 'waiting') {
-        await tell('rotated', supersededBy ? { currentVersion: supersededBy } : {});
+        const told = await tell('rotated', supersededBy ? { currentVersion: supersededBy } : {});
         // That notice may have waited (SMTP down): a value stored meanwhile replaces this run's too.
+        // Its activity reads the current version once it has sent it (one call fewer a rotation).
         if (patched(SUPERSEDED_AFTER_FINAL_NOTICE)) {
-          await learnSuperseded();
+          await learnSuperseded(told?.currentVersion);
           await answerSuperseded();
         }
       }
