@@ -1,4 +1,5 @@
 import { defineConfig } from 'vitest/config';
+import LongestFirst from './test/support/sequencer';
 
 export default defineConfig({
   test: {
@@ -9,6 +10,8 @@ export default defineConfig({
     testTimeout: 60_000,
     pool: 'forks',
     maxWorkers: 2,
+    // The minute-long files first, so the two workers end together (test/support/sequencer.ts).
+    sequence: { sequencer: LongestFirst },
     // The fault suite's summary table (test/faults/last-run.md) when fault scenarios ran.
     reporters: ['default', './test/faults/reporter.ts'],
   },
