@@ -718,7 +718,7 @@ describe('rotation failures', () => {
   });
 
   it('a leak of the replaced rotated version reported while the run closes its incidents is answered: revoked, not left working', async () => {
-    const { name, id, ownerMail } = await generatedKey({ graceHours: 0.002 }); // 7 s: the store (a moment after grace begins) must be in before it ends
+    const { name, id, ownerMail } = await generatedKey({ graceHours: 0.003 }); // 11 s: the store (a moment after grace begins) must be in before it ends, on a loaded machine too
     const rotationId = await startRotation(name);
     await waitForState(rotationId, ['grace']);
     const v2 = (await read(id)).value as string;

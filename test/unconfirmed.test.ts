@@ -131,7 +131,22 @@ describe('a change made whose audit row cannot be written', () => {
     } as unknown as typeof real;
     await auditChangeMade({ pool }, { identityId: agent.id, actor: 'test', action: 'rotation.cancel', outcome: 'ok', requestId, detail: { cancelled: 1 } }, 'the cancellation');
     expect(inserts).toBe(1);
-    expect(await rowsOf(requestId)).toEqual([{ action: 'rotation.cancel', outcome: 'ok', detail: { cancelled: 1 } }]);
+    expect(await rowsOf(requestId)).toEqual([{ action: 'rotation.cancel', outcome: 'ok', detail: { cancelled: 1, auditKey: expect.any(String) } }]);
+
+    // A request id is the client's to choose: another change under the same id, whose first insert never
+    // reached the database, is written on the retry (the look is for this write's own key, not the id).
+    let failed = false;
+    const losing = {
+      query: async (...args: Parameters<typeof real.query>) => {
+        if (typeof args[0] === 'object' && (args[0] as { name?: string }).name === 'audit-append' && !failed) {
+          failed = true;
+          throw new Error('connect ECONNREFUSED');
+        }
+        return (real.query as (...a: unknown[]) => Promise<unknown>)(...args);
+      },
+    } as unknown as typeof real;
+    await auditChangeMade({ pool: losing }, { identityId: agent.id, actor: 'test', action: 'rotation.cancel', outcome: 'ok', requestId, detail: { cancelled: 2 } }, 'the cancellation');
+    expect((await rowsOf(requestId)).map((r) => r.detail.cancelled)).toEqual([1, 2]);
   });
 
   it('a cancel made whose row fails twice is written on the third try and answered as made', async () => {

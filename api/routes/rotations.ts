@@ -288,22 +288,26 @@ const AUDIT_AFTER_CHANGE_MS = 2_000;
  */
 export async function auditChangeMade(deps: { pool: Pool; logger?: Pick<Logger, 'error'> }, entry: AuditEntry, change: string): Promise<void> {
   // A failed attempt's row may have been written all the same (only the answer lost): a retry looks
-  // for it first, by the request's id, so the change is not audited twice.
+  // for it first, by a key of this write's own in its detail (a request id is the client's to choose,
+  // and may repeat), so the change is not audited twice. (Not a guarantee: an attempt whose
+  // connection failed while PostgreSQL still ran its insert, waiting for the chain's lock, may
+  // commit after the look.)
+  const row: AuditEntry = { ...entry, detail: { ...entry.detail, auditKey: randomUUID() } };
   let tried = false;
   const append = async () => {
-    if (tried && entry.requestId) {
+    if (tried) {
       const written = await deps.pool
-        // Among the newest rows only (the attempt was a moment ago; no index on request_id): one backward walk of the primary key.
+        // Among the newest rows only (the attempt was a moment ago; detail has no index): one backward walk of the primary key.
         .query(
-          `SELECT 1 FROM (SELECT request_id, action, outcome FROM audit_log ORDER BY seq DESC LIMIT 50000) recent
-            WHERE request_id = $1 AND action = $2 AND outcome = 'ok' LIMIT 1`,
-          [entry.requestId, entry.action],
+          `SELECT 1 FROM (SELECT action, detail FROM audit_log ORDER BY seq DESC LIMIT 50000) recent
+            WHERE action = $1 AND detail->>'auditKey' = $2 LIMIT 1`,
+          [row.action, row.detail!.auditKey],
         )
         .catch(() => Promise.reject(new AuditUnavailableError()));
       if (written.rowCount) return;
     }
     tried = true;
-    await appendAudit(deps.pool, entry);
+    await appendAudit(deps.pool, row);
   };
   try {
     await outlastingOutages(append, AUDIT_AFTER_CHANGE_MS, (err) => err instanceof AuditUnavailableError);
