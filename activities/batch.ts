@@ -111,10 +111,10 @@ export function batchActivities(deps: ActivityDeps) {
       // given another policy since is dropped: rotating it again would make a second key and a
       // second notice, a failure is tried again a day later, and one taken out of rotation (or no
       // longer due) must not be rotated at all: without a policy it would get a generated value in
-      // place of its provider's. The next sweep selects it again if it is still due. A window closed by now defers it to the next sweep
-      // inside it (it stays due), instead of rotating it out of hours. Neither applies to a start
-      // this wave already sent (it died before recording the run): sent again, it answers with the
-      // run it started.
+      // place of its provider's. The next sweep selects it again if it is still due. A window
+      // closed by now defers it to the next sweep inside it (it stays due), instead of rotating it
+      // out of hours. Neither applies to a start this wave already sent (it died before recording
+      // the run): sent again, it answers with the run it started.
       if (row.kind === 'sweep' && !row.start_sent && (changed.has(row.credential_id) || (row.window && !windowOpen(row.window, now)))) {
         await deps.pool.query('DELETE FROM rotation_runs WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [rotationId, row.credential_id]);
         continue;

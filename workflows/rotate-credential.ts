@@ -49,9 +49,9 @@ export interface RotateCredentialInput {
   /** Attempts made by earlier runs of this rotation (continue-as-new): keeps each attempt's idempotency key unique. */
   attemptsBefore?: number;
   /**
-   * Versions reported leaked to an earlier run of this rotation, newer than the one it made (values
-   * stored while it ran), which it left to this run: one older than the version this run replaces
-   * is revoked with it (revokeOlderLeaks), as if reported to this run.
+   * Versions reported leaked to an earlier run of this rotation that it did not revoke (values stored
+   * while it ran, replaced since; a run cancelled before promotion revokes none), left to this run:
+   * the one it replaces is revoked as its previous version, older ones with it (revokeOlderLeaks).
    */
   leakedVersions?: number[];
 }
@@ -185,8 +185,10 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   const calls = patched(CANCELLED_CALLS_FINISH_FIRST) ? externalFinishing : external;
   /** A cancel that came while a call ran (and was let finish first): the attempt is undone all the same. */
   const cancelledMeanwhile = () => calls === externalFinishing && CancellationScope.current().consideredCancelled;
-  /** Sends a notice, as the `notify` step unless `asStep` is false; see NOTICE_FAILURES_CONTINUE. */
-  /** The notice's delivery, or undefined if it could not be sent. */
+  /**
+   * Sends a notice, as the `notify` step unless `asStep` is false; see NOTICE_FAILURES_CONTINUE.
+   * Returns its activity's answer, or undefined if it could not be sent.
+   */
   const tell = async (kind: NoticeKind, extra: Partial<RotationNotice> = {}, asStep = true) => {
     try {
       return await (asStep ? step('notify', () => notice(kind, extra)) : notice(kind, extra));
