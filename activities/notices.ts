@@ -11,11 +11,11 @@ import { callingRunId, permanentErrorsFail, stableUuid } from './support';
 /** Rotation outcome notices and mail delivery. No notice ever carries a value: they are built from metadata. */
 export function noticeActivities(deps: ActivityDeps) {
   return {
-    /** One notice per outcome of a run; its id comes from the run and the outcome, so a retry never sends two. */
     /**
-     * Sends one notice of a rotation. `currentVersion`: the credential's current version once it is
-     * sent (the notice may have waited a day for SMTP: a value stored meanwhile replaces the rotated
-     * one); absent if it could not be read (deleted meanwhile).
+     * One notice per outcome of a run; its id comes from the run and the outcome, so a retry never
+     * sends two. A `rotated` notice answers with `currentVersion`, the credential's current version
+     * once it is sent (it may have waited a day for SMTP: a value stored meanwhile replaces the
+     * rotated one); absent if it could not be read (deleted meanwhile).
      */
     async sendRotationNotice(n: RotationNotice): Promise<{ messageId: string; recipients: number; delivery: string; currentVersion?: number }> {
       return permanentErrorsFail(async () => {
@@ -45,10 +45,14 @@ export function noticeActivities(deps: ActivityDeps) {
           credentialId: n.credentialId,
           detail: { outcome: n.outcome },
         });
-        const currentVersion = await deps.vault.describe(n.identityId, n.credentialId).then(
-          (now) => now.version,
-          () => undefined,
-        );
+        // Only the final notice's answer is read by the run (learnSuperseded): no other notice pays for the look.
+        const currentVersion =
+          n.outcome === 'rotated'
+            ? await deps.vault.describe(n.identityId, n.credentialId).then(
+                (now) => now.version,
+                () => undefined,
+              )
+            : undefined;
         return { messageId, recipients: new Set(to).size, delivery, ...(currentVersion !== undefined ? { currentVersion } : {}) };
       });
     },

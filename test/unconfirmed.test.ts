@@ -3,7 +3,7 @@ import { createHash, randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
-import { auditChangeMade } from '../api/routes/rotations';
+import { auditChangeMade } from '../vault/audit';
 
 /**
  * A change made outside the database's transaction (a Temporal cancel, update or start) whose ok

@@ -1,5 +1,7 @@
-import type { Db, Pool } from '../db/pool';
-import { AppError, AuditUnavailableError } from '../core/errors';
+import { randomUUID } from 'node:crypto';
+import { outlastingOutages, type Db, type Pool } from '../db/pool';
+import { AppError, AuditUnavailableError, unconfirmedChange } from '../core/errors';
+import type { Logger } from '../core/logger';
 import type { Caller } from './types';
 
 /**
@@ -59,6 +61,54 @@ export async function auditFailure<E>(db: Db, entry: Omit<AuditEntry, 'outcome'>
     return err;
   }
   return markAudited(err);
+}
+
+/** How long the ok row of a change already made is tried again (at 0, 0.5 and 1.5 s). */
+const AUDIT_AFTER_CHANGE_MS = 2_000;
+
+/**
+ * Appends the ok row of a change already made outside any transaction of the database (a Temporal
+ * cancel, update or start): the change cannot roll back with its row. A row that cannot be written
+ * is tried again for a moment; failing still, the answer must not be 503 audit-unavailable ("not
+ * carried out": a retry would then meet the change, a rollback's as a 409), but a 503 marked
+ * unconfirmed that says the change was made. It is logged (the row's fields: the audit log's own,
+ * never a value) and, if the database takes it after all, audited as failed and unconfirmed, as
+ * audited() does for a COMMIT without an answer. `change` names it for the caller.
+ */
+export async function auditChangeMade(deps: { pool: Pool; logger?: Pick<Logger, 'error'> }, entry: AuditEntry, change: string): Promise<void> {
+  // A failed attempt's row may have been written all the same (only the answer lost): a retry looks
+  // for it first, by a key of this write's own in its detail (a request id is the client's to choose,
+  // and may repeat), so the change is not audited twice. (Not a guarantee: an attempt whose
+  // connection failed while PostgreSQL still ran its insert, waiting for the chain's lock, may
+  // commit after the look.)
+  const row: AuditEntry = { ...entry, detail: { ...entry.detail, auditKey: randomUUID() } };
+  let tried = false;
+  const append = async () => {
+    if (tried) {
+      const written = await deps.pool
+        // Among the newest rows only (the attempt was a moment ago; detail has no index): one backward walk of the primary key.
+        .query(
+          `SELECT 1 FROM (SELECT action, detail FROM audit_log ORDER BY seq DESC LIMIT 50000) recent
+            WHERE action = $1 AND detail->>'auditKey' = $2 LIMIT 1`,
+          [row.action, row.detail!.auditKey],
+        )
+        .catch(() => Promise.reject(new AuditUnavailableError()));
+      if (written.rowCount) return;
+    }
+    tried = true;
+    await appendAudit(deps.pool, row);
+  };
+  try {
+    await outlastingOutages(append, AUDIT_AFTER_CHANGE_MS, (err) => err instanceof AuditUnavailableError);
+  } catch (cause) {
+    const { identityId, actor, action, credentialId, requestId, detail } = entry;
+    deps.logger?.error({ err: cause, requestId, unaudited: { identityId, actor, action, credentialId, detail } }, 'a change was carried out, but its audit row could not be written');
+    const err = Object.assign(
+      unconfirmedChange(`${change} was carried out, but it could not be recorded in the audit log (the database is unavailable); check its result before trying again`),
+      { cause },
+    );
+    throw await auditFailure(deps.pool, { ...entry, detail: { ...detail, unconfirmed: true } }, err);
+  }
 }
 
 /** Appends rows in one statement, chained in the order given (one chain lock for all of them). */

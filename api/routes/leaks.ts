@@ -9,14 +9,13 @@ import { withTransaction, type Pool } from '../../db/pool';
 import { abandonMail, queueMail, startDelivery } from '../../mail/outbox';
 import { findStoredValue, MIN_SCANNED_LENGTH } from '../../mail/secret-scan';
 import type { Logger } from '../../core/logger';
-import { appendAudit, type AuditEntry } from '../../vault/audit';
+import { appendAudit, auditChangeMade, type AuditEntry } from '../../vault/audit';
 import type { SecretStore } from '../../vault/secret-store';
 import { idOf, type Caller, type Vault } from '../../vault/vault';
 import { leakSignal } from '../../workflows/definitions';
 import type { rotateCredential } from '../../workflows/rotate-credential';
 import { endpoint, type AuthDeps } from '../endpoint';
 import { leakResults } from '../responses';
-import { auditChangeMade } from './rotations';
 import { leakReport } from '../schemas';
 
 export interface LeakDeps {
