@@ -6,7 +6,7 @@ import { noticeAudit, queueNotice, sendNotice, type Notice } from '../mail/notif
 import type { CredentialMeta } from '../vault/types';
 import type { RotationNotice } from '../workflows/types';
 import type { ActivityDeps } from './index';
-import { callingRunId, permanentErrorsFail, stableUuid } from './support';
+import { callingRunId, heartbeating, permanentErrorsFail, stableUuid } from './support';
 
 /** Rotation outcome notices and mail delivery. No notice ever carries a value: they are built from metadata. */
 export function noticeActivities(deps: ActivityDeps) {
@@ -18,7 +18,7 @@ export function noticeActivities(deps: ActivityDeps) {
      * rotated one); absent if it could not be read (deleted meanwhile).
      */
     async sendRotationNotice(n: RotationNotice): Promise<{ messageId: string; recipients: number; delivery: string; currentVersion?: number }> {
-      return permanentErrorsFail(async () => {
+      return permanentErrorsFail(() => heartbeating(async () => {
         const meta = await deps.vault.describe(n.identityId, n.credentialId);
         const identity = await deps.identities.get(n.identityId);
         // A batch's `notify` list gets the batch summary, not a notice per credential.
@@ -54,12 +54,12 @@ export function noticeActivities(deps: ActivityDeps) {
               )
             : undefined;
         return { messageId, recipients: new Set(to).size, delivery, ...(currentVersion !== undefined ? { currentVersion } : {}) };
-      });
+      }));
     },
 
     /** The deliverMail workflow's result: 'sent', 'already-sent' …, naming any recipient the server refused. */
     async deliverMail(input: { messageId: string }): Promise<string> {
-      const { result, refused } = await deliverOutboxMessage(deps.pool, deps.mailer, input.messageId);
+      const { result, refused } = await heartbeating(() => deliverOutboxMessage(deps.pool, deps.mailer, input.messageId));
       return refused.length ? `${result}; refused by the SMTP server: ${refused.join(', ')}` : result;
     },
   };

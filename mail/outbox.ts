@@ -41,11 +41,20 @@ export async function deliverQueued(pool: Pool, mailer: Mailer, id: string): Pro
 }
 
 /**
- * How long an attempt's claim on its message lasts: past the delivery activity's 30 s start-to-close.
- * An attempt renews it while it talks to the server (a slow relay can take longer: the mailer's
- * timeouts are per exchange), so only a dead attempt's claim lapses.
+ * An attempt's claim on its message: it lapses `seconds` after the attempt last renewed it, and the
+ * attempt renews it every `renewMs` while it talks to the server (a slow relay can take longer than
+ * any claim: the mailer's timeouts are per exchange), so only a dead attempt's claim lapses. Short,
+ * because a retry waits for it: the delivery activity heartbeats (noticeDelivery), so a dead
+ * worker's attempt is retried ~10 s after it died, and finds the claim lapsed a few seconds later.
  */
-export const DELIVERY_LEASE = { seconds: 45, renewMs: 15_000 };
+export const DELIVERY_LEASE = { seconds: 15, renewMs: 3_000 };
+
+/**
+ * How long an attempt whose message the server accepted waits for the database to mark it sent.
+ * Longer than the claim: no retry can start while the attempt lives (it heartbeats; the activity's
+ * start-to-close is 2 minutes), and the attempt renews its claim once the database is back.
+ */
+export const MARK_SENT_PATIENCE_MS = 60_000;
 
 /**
  * Sends a queued message and marks it sent. A server that accepts some recipients and refuses others
@@ -55,21 +64,52 @@ export const DELIVERY_LEASE = { seconds: 45, renewMs: 15_000 };
  *
  * An attempt first claims the message (lease_until): a second attempt that overlaps it (a retry
  * started while the first still talks to a slow relay) fails retryably instead of sending it again.
+ * One that finds a claim waits for it to lapse (a dead attempt's does; a live one's is renewed), or
+ * for the message to be sent by the attempt that holds it.
  */
-export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: string, lease = DELIVERY_LEASE): Promise<Delivery> {
-  const { rows } = await pool.query(
-    `UPDATE mail_outbox SET lease_until = now() + make_interval(secs => $2)
-      WHERE id = $1 AND status = 'queued' AND (lease_until IS NULL OR lease_until < now())
-      RETURNING *, lease_until::text AS held`,
-    [id, lease.seconds],
-  );
-  const row = rows[0];
-  if (!row) {
-    const current = (await pool.query('SELECT status, refused FROM mail_outbox WHERE id = $1', [id])).rows[0];
+export async function deliverOutboxMessage(
+  pool: Pool,
+  mailer: Mailer,
+  id: string,
+  lease = DELIVERY_LEASE,
+  patienceMs = MARK_SENT_PATIENCE_MS,
+): Promise<Delivery> {
+  const claim = async () =>
+    (
+      await pool.query(
+        `UPDATE mail_outbox SET lease_until = now() + make_interval(secs => $2)
+          WHERE id = $1 AND status = 'queued' AND (lease_until IS NULL OR lease_until < now())
+          RETURNING *, lease_until::text AS held`,
+        [id, lease.seconds],
+      )
+    ).rows[0];
+  /** Why the message could not be claimed: settled (sent, abandoned, gone), or claimed by another attempt, its claim lapsing in `lapsesInMs`. */
+  const unclaimed = async (): Promise<Delivery | { lapsesInMs: number }> => {
+    const current = (
+      await pool.query(`SELECT status, refused, GREATEST(0, EXTRACT(EPOCH FROM lease_until - now()) * 1000)::float8 AS lapses_in FROM mail_outbox WHERE id = $1`, [id])
+    ).rows[0];
     if (!current) return { result: 'missing', refused: [] };
     if (current.status === 'sent') return { result: 'already-sent', refused: current.refused };
     if (current.status === 'abandoned') return { result: 'abandoned', refused: [] };
-    throw new Error('the message is being sent by another delivery attempt; it is tried again once that one has finished');
+    return { lapsesInMs: Number(current.lapses_in ?? 0) };
+  };
+  let row = await claim();
+  if (!row) {
+    // Most often the claim is that of the attempt this one retries, lost with its worker: it lapses
+    // within the claim's length, and this attempt waits for that (heartbeating) instead of failing
+    // and waiting out a backoff, looking every half second in case the other attempt finishes
+    // first. A claim still held when the one it found should have lapsed was renewed: a live attempt's.
+    const found = await unclaimed();
+    if ('result' in found) return found;
+    const lapsesAt = Date.now() + Math.min(found.lapsesInMs, lease.seconds * 1000) + 100;
+    while (!row) {
+      await new Promise((resolve) => setTimeout(resolve, Math.max(0, Math.min(500, lapsesAt - Date.now()))));
+      row = await claim();
+      if (row) break;
+      const now = await unclaimed();
+      if ('result' in now) return now;
+      if (Date.now() >= lapsesAt) throw new Error('the message is being sent by another delivery attempt; it is tried again once that one has finished');
+    }
   }
   // The claim is this attempt's while lease_until is the value it last set (to the microsecond):
   // it renews, and gives back, only that one, never a claim another attempt took once this one lapsed.
@@ -97,9 +137,9 @@ export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: strin
     throw err;
   }
   const refused = report.refused.map((r) => r.address);
-  // The server has the message: marking it sent must outlast a brief database outage, the claim
-  // renewed meanwhile. Failing here would leave it queued, and a retry would send it again once the
-  // claim lapsed. (An outage longer than the claim can still end that way.)
+  // The server has the message: marking it sent must outlast a database outage, the claim renewed
+  // meanwhile. Failing here would leave it queued, and a retry would send it again once the claim
+  // lapsed. (An outage longer than MARK_SENT_PATIENCE_MS can still end that way.)
   const markSent = () =>
     withTransaction(pool, async (tx) => {
       const marked = await tx.query(
@@ -118,7 +158,7 @@ export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: strin
       }
     });
   try {
-    await outlastingOutages(markSent, lease.seconds * 1000 - lease.renewMs, (err) => isDatabaseUnavailable(err) || isCommitUnconfirmed(err));
+    await outlastingOutages(markSent, patienceMs, (err) => isDatabaseUnavailable(err) || isCommitUnconfirmed(err));
   } finally {
     clearInterval(renew);
   }

@@ -150,11 +150,11 @@ describe('mail with a recipient the SMTP server refuses', () => {
       notice.id, agent.id, notice.purpose, notice.to, notice.subject, notice.text,
     ]);
     const attempts = await Promise.allSettled([deliverQueued(h.deps.pool, h.deps.mailer, notice.id), deliverQueued(h.deps.pool, h.deps.mailer, notice.id)]);
-    // Before, both found the message queued and both sent it.
+    // Before, both found the message queued and both sent it. The one that found it claimed waits for
+    // the claim (a live attempt's: not for it to lapse, 15 s, but for the message to be sent).
     expect(deliveriesOf(notice.id)).toHaveLength(1);
-    expect(attempts.map((a) => a.status).sort()).toEqual(['fulfilled', 'rejected']);
-    expect((attempts.find((a) => a.status === 'rejected') as PromiseRejectedResult).reason.message).toMatch(/being sent by another delivery attempt/);
-    // The retry that follows finds it sent.
+    expect(attempts.map((a) => (a.status === 'fulfilled' ? a.value : a.reason.message)).sort()).toEqual(['already-sent', 'sent']);
+    // A retry after them finds it sent.
     expect(await deliverQueued(h.deps.pool, h.deps.mailer, notice.id)).toBe('already-sent');
     expect(await outboxRow(notice.id)).toMatchObject({ status: 'sent', attempts: 1 });
   });
@@ -193,15 +193,30 @@ describe('mail with a recipient the SMTP server refuses', () => {
   it('an attempt that outlasts its claim keeps renewing it: a retry meanwhile still does not send', async () => {
     const id = randomUUID();
     await h.sql(`INSERT INTO mail_outbox (id, identity_id, purpose, recipients, subject, text_body) VALUES ($1, $2, 'test', $3, 's', 't')`, [id, agent.id, [unique('slow')]]);
-    // A claim of 1 s renewed every 200 ms (45 s and 15 s in production), and an attempt whose relay
-    // takes 2.5 s before the real SMTP conversation.
+    // A claim of 1 s renewed every 200 ms (15 s and 3 s in production), and an attempt whose relay
+    // takes 4.5 s before the real SMTP conversation. The retry waits for the claim it found to lapse
+    // (~1 s), sees it renewed, and gives up, long before the slow attempt has sent.
     const lease = { seconds: 1, renewMs: 200 };
-    const slow: Mailer = { ...h.deps.mailer, send: async (mail) => (await new Promise((r) => setTimeout(r, 2_500)), h.deps.mailer.send(mail)) };
+    const slow: Mailer = { ...h.deps.mailer, send: async (mail) => (await new Promise((r) => setTimeout(r, 4_500)), h.deps.mailer.send(mail)) };
     const first = deliverOutboxMessage(h.deps.pool, slow, id, lease);
     await new Promise((r) => setTimeout(r, 1_500));
     await expect(deliverOutboxMessage(h.deps.pool, h.deps.mailer, id, lease)).rejects.toThrow(/being sent by another delivery attempt/);
     expect((await first).result).toBe('sent');
     expect(deliveriesOf(id)).toHaveLength(1);
+  });
+
+  it("a retry that finds a dead attempt's claim waits for it to lapse, then sends once", async () => {
+    const id = randomUUID();
+    const to = unique('orphaned');
+    // An attempt claimed the message and died with its worker: nothing renews its claim.
+    await h.sql(
+      `INSERT INTO mail_outbox (id, identity_id, purpose, recipients, subject, text_body, lease_until) VALUES ($1, $2, 'test', $3, 's', 't', now() + interval '1.5 seconds')`,
+      [id, agent.id, [to]],
+    );
+    // Before, the retry failed at once ("being sent by another delivery attempt") and waited out a backoff.
+    expect(await deliverOutboxMessage(h.deps.pool, h.deps.mailer, id, { seconds: 2, renewMs: 200 })).toEqual({ result: 'sent', refused: [] });
+    expect(deliveriesOf(id)).toEqual([{ messageId: `<${id}@mailgent>`, rcptTo: [to] }]);
+    expect(await outboxRow(id)).toMatchObject({ status: 'sent', attempts: 1 });
   });
 
   it('a failed attempt gives its claim back: the next one sends at once', async () => {

@@ -1,8 +1,8 @@
 import { proxyActivities } from '@temporalio/workflow';
 import type { createActivities } from '../activities';
-import { emailDelivery } from './options';
+import { noticeDelivery } from './options';
 
-const { deliverMail: deliver } = proxyActivities<ReturnType<typeof createActivities>>(emailDelivery);
+const { deliverMail: deliver } = proxyActivities<ReturnType<typeof createActivities>>(noticeDelivery);
 
 /** Delivers one queued outbox message (by id), retrying through SMTP outages. */
 export async function deliverMail(input: { messageId: string }): Promise<string> {

@@ -48,12 +48,26 @@ export const compensation: ActivityOptions = {
 /**
  * An email: SMTP outages are waited out for a day, with backoff capped at five minutes. An attempt
  * is short (the mailer's own timeouts end a hung connection first), so an attempt lost with a dead
- * worker is retried within 30 s.
+ * worker is retried within 30 s. For the activities that send many notices in one attempt (a
+ * sweep's summaries and reminders, the orphan report); one message's delivery is noticeDelivery.
  */
 export const emailDelivery: ActivityOptions = {
   startToCloseTimeout: '30s',
   scheduleToCloseTimeout: '24h',
   retry: { initialInterval: '2s', backoffCoefficient: 2, maximumInterval: '5m' },
+};
+
+/**
+ * One message's delivery (a rotation's notice, a deliverMail workflow's message): emailDelivery's
+ * day of retries, but the attempt heartbeats while it talks to the server, so an attempt lost with a
+ * dead worker is retried within the 10 s heartbeat timeout, not after the start-to-close (which
+ * then only bounds a live attempt: the mailer's timeouts and the wait to mark the message sent).
+ * The retry finds the dead attempt's claim on the message lapsing (mail/outbox.ts, DELIVERY_LEASE).
+ */
+export const noticeDelivery: ActivityOptions = {
+  ...emailDelivery,
+  startToCloseTimeout: '2m',
+  heartbeatTimeout: '10s',
 };
 
 /** Starting or watching a batch of rotations: long, heartbeating, resumable. */

@@ -14,7 +14,7 @@ import {
 } from '@temporalio/workflow';
 import type { createActivities } from '../activities';
 import { leakSignal, progressQuery, rollbackUpdate } from './definitions';
-import { compensation, emailDelivery, externalCall, rotationDatabaseStep } from './options';
+import { compensation, externalCall, noticeDelivery, rotationDatabaseStep } from './options';
 import {
   CANCEL_WHILE_PLANNING,
   CANCELLED_CALLS_FINISH_FIRST,
@@ -39,7 +39,7 @@ const external = proxyActivities<Activities>(externalCall);
 const externalFinishing = proxyActivities<Activities>({ ...externalCall, cancellationType: ActivityCancellationType.WAIT_CANCELLATION_COMPLETED });
 const undo = proxyActivities<Activities>(compensation);
 const db = proxyActivities<Activities>(rotationDatabaseStep);
-const mail = proxyActivities<Activities>(emailDelivery);
+const mail = proxyActivities<Activities>(noticeDelivery);
 
 export interface RotateCredentialInput {
   rotationId: string;

@@ -1,3 +1,4 @@
+import { temporal } from '@temporalio/proto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { inject } from 'vitest';
 import { scheduleId } from '../../worker/schedules';
@@ -17,6 +18,7 @@ import { holdEvent, rotatingKey, until, type RotatingKey } from './fixtures';
  * Then the worker dies and a new one takes over; the run must end exactly as without the fault.
  */
 const HOLD_MS = 4_000;
+const { TimeoutType } = temporal.api.enums.v1;
 
 interface Case {
   step: StepName;
@@ -124,6 +126,17 @@ export function workerKillSuite(steps: StepName[]): void {
       row.outcome = c.outcome === 'rotated' ? 'finished' : 'compensated';
       row['kill → closed'] = `${((closedAt - killedAt) / 1000).toFixed(1)} s`;
       row['provider creates/revokes'] = `${key.provider.creates - key.before.creates}/${key.provider.revokes - key.before.revokes}`;
+      if (c.step === 'grace') return; // no activity was in flight: the timer fired
+      // The killed attempt was given up for its missing heartbeats (seconds), not its start-to-close
+      // timeout (up to minutes): every step's activity heartbeats while it waits. (A notice's did not:
+      // its retry came a minute after the kill.)
+      const lost = (await h.client.workflow.getHandle(workflowId).fetchHistory()).events!.flatMap((e) => {
+        const timeout = e.activityTaskStartedEventAttributes?.lastFailure?.timeoutFailureInfo;
+        return timeout ? [TimeoutType[timeout.timeoutType ?? 0]] : [];
+      });
+      expect(lost).toContain('TIMEOUT_TYPE_HEARTBEAT');
+      expect(lost.filter((t) => t !== 'TIMEOUT_TYPE_HEARTBEAT')).toEqual([]);
+      row['lost attempt'] = 'heartbeat timeout';
     });
   });
 }
