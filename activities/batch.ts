@@ -427,10 +427,15 @@ export function windowOpen(window: RotationWindow, at: Date): boolean {
   return hour < window.endHour && window.days.includes((day + 6) % 7);
 }
 
-/** A call that failed before the server could have acted on it: no connection (gRPC UNAVAILABLE). */
-function neverReached(err: unknown): boolean {
-  for (let e = err as { code?: unknown; message?: string; cause?: unknown } | undefined; e; e = e.cause as typeof e) {
-    if (e.code === 14 || /ECONNREFUSED|UNAVAILABLE/.test(String(e.message))) return true;
+/**
+ * A call that failed before the server could have acted on it: no connection was established
+ * (gRPC UNAVAILABLE, "No connection established", connect ECONNREFUSED). Not every UNAVAILABLE:
+ * a connection dropped or reset mid-call may have carried the start to the server, and a start
+ * taken for unsent would let the retry drop its row (changed meanwhile, say) with its run going.
+ */
+export function neverReached(err: unknown): boolean {
+  for (let e = err as { message?: string; cause?: unknown } | undefined; e; e = e.cause as typeof e) {
+    if (/No connection established|ECONNREFUSED/.test(String(e.message))) return true;
   }
   return false;
 }
