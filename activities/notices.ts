@@ -1,5 +1,6 @@
 import { UnprocessableError } from '../core/errors';
-import { deliverOutboxMessage, startDelivery } from '../mail/outbox';
+import { Context } from '@temporalio/activity';
+import { deliverOutboxMessage, startDelivery, UNWATCHED_DELIVERY, WATCHED_DELIVERY, type DeliveryOptions } from '../mail/outbox';
 import { withTransaction } from '../db/pool';
 import { appendAudit } from '../vault/audit';
 import { noticeAudit, queueNotice, sendNotice, type Notice } from '../mail/notify';
@@ -44,7 +45,7 @@ export function noticeActivities(deps: ActivityDeps) {
           requestId: n.rotationId,
           credentialId: n.credentialId,
           detail: { outcome: n.outcome },
-        });
+        }, undefined, attemptDelivery());
         // Only the final notice's answer is read by the run (learnSuperseded): no other notice pays for the look.
         const currentVersion =
           n.outcome === 'rotated'
@@ -59,7 +60,7 @@ export function noticeActivities(deps: ActivityDeps) {
 
     /** The deliverMail workflow's result: 'sent', 'already-sent' …, naming any recipient the server refused. */
     async deliverMail(input: { messageId: string }): Promise<string> {
-      const { result, refused } = await heartbeating(() => deliverOutboxMessage(deps.pool, deps.mailer, input.messageId));
+      const { result, refused } = await heartbeating(() => deliverOutboxMessage(deps.pool, deps.mailer, input.messageId, attemptDelivery()));
       return refused.length ? `${result}; refused by the SMTP server: ${refused.join(', ')}` : result;
     },
   };
@@ -101,11 +102,27 @@ export async function handOverNotice(deps: ActivityDeps, notice: Notice, scanIde
   }
 }
 
+/**
+ * How this attempt delivers a message: as Temporal watches it. Scheduled with a heartbeat timeout
+ * (noticeDelivery), it waits for a dead attempt's claim and honours its cancellation until it sends;
+ * without one (scheduled with emailDelivery before noticeDelivery was, or a sweep's notice sent
+ * inline), its claim must outlast its 30 s start-to-close (mail/outbox.ts, UNWATCHED_DELIVERY).
+ */
+export function attemptDelivery(): DeliveryOptions {
+  let ctx: Context;
+  try {
+    ctx = Context.current();
+  } catch {
+    return {}; // not an activity (direct calls): the defaults
+  }
+  return ctx.info.heartbeatTimeoutMs ? { ...WATCHED_DELIVERY, signal: ctx.cancellationSignal } : UNWATCHED_DELIVERY;
+}
+
 /** The outbox's record of a scheduled notice refused for carrying a stored value. */
 const REFUSED = 'refused: it would carry a stored value';
 
 async function handOver(deps: ActivityDeps, notice: Notice, scanIdentities?: string[]): Promise<boolean> {
-  if (!deps.temporal) return (await sendNotice(deps, notice, scanIdentities)) === 'sent';
+  if (!deps.temporal) return (await sendNotice(deps, notice, scanIdentities, attemptDelivery())) === 'sent';
   const queued = await queueNotice(deps, notice, scanIdentities);
   if (queued === 'no-recipients') return false;
   // Queued already, its delivery is started all the same (an attempt that queued it may have died

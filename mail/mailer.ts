@@ -39,9 +39,8 @@ interface Refusals {
 }
 
 export function createMailer(smtpUrl: string, from: string): Mailer {
-  // Timeouts well inside the delivery activities' start-to-close (30 s for a sweep's notices, 2 min
-  // for one message's: workflows/options.ts), so a hung relay fails the attempt and the activity
-  // retries, instead of the attempt being abandoned.
+  // Per-exchange timeouts well inside a delivery attempt's start-to-close (workflows/options.ts), so
+  // a hung relay fails the attempt and the activity retries, instead of the attempt being abandoned.
   const transport = nodemailer.createTransport({ ...parseConnectionUrl(smtpUrl), connectionTimeout: 10_000, greetingTimeout: 10_000, socketTimeout: 20_000 });
   return {
     async send(mail) {

@@ -3,7 +3,7 @@ import { withTransaction } from '../db/pool';
 import { UnprocessableError } from '../core/errors';
 import { appendAudit } from '../vault/audit';
 import type { Mailer } from './mailer';
-import { deliverQueued, queueMail, type DeliveryResult, type QueuedMail } from './outbox';
+import { deliverQueued, queueMail, type DeliveryOptions, type DeliveryResult, type QueuedMail } from './outbox';
 import { findStoredValueIn } from './secret-scan';
 
 /**
@@ -27,9 +27,9 @@ export interface NoticeDeps {
   vault: { storedValues(identityId: string, credentialIds?: string[]): AsyncIterable<{ name: string; value: string }[]> };
 }
 
-export async function sendNotice(deps: NoticeDeps, notice: Notice, scanIdentities?: string[]): Promise<DeliveryResult | 'no-recipients'> {
+export async function sendNotice(deps: NoticeDeps, notice: Notice, scanIdentities?: string[], how?: DeliveryOptions): Promise<DeliveryResult | 'no-recipients'> {
   if ((await queueNotice(deps, notice, scanIdentities)) === 'no-recipients') return 'no-recipients';
-  return deliverQueued(deps.pool, deps.mailer, notice.id);
+  return deliverQueued(deps.pool, deps.mailer, notice.id, how);
 }
 
 /**

@@ -36,25 +36,45 @@ export interface Delivery {
   refused: string[];
 }
 
-export async function deliverQueued(pool: Pool, mailer: Mailer, id: string): Promise<DeliveryResult> {
-  return (await deliverOutboxMessage(pool, mailer, id)).result;
+export async function deliverQueued(pool: Pool, mailer: Mailer, id: string, how?: DeliveryOptions): Promise<DeliveryResult> {
+  return (await deliverOutboxMessage(pool, mailer, id, how)).result;
+}
+
+/** How an attempt delivers a message: the claim it holds, whether it waits for another's, how long it waits to mark it sent. */
+export interface DeliveryOptions {
+  /**
+   * Its claim on the message lapses `seconds` after it last renewed it, and it renews it every
+   * `renewMs` while it talks to the server (a slow relay can take longer than any claim: the
+   * mailer's timeouts are per exchange), so only a dead attempt's claim lapses.
+   */
+  lease?: { seconds: number; renewMs: number };
+  /**
+   * Whether it waits for a claim it finds to lapse (the dead attempt it retries held it) or for the
+   * message to be sent (a live one holds it), instead of failing at once into the retry's backoff.
+   */
+  waitForClaim?: boolean;
+  /** How long it waits for the database to mark sent a message the server accepted. */
+  patienceMs?: number;
+  /** The attempt's cancellation (a worker shutting down): honoured until the message is handed to the server, not after. */
+  signal?: AbortSignal;
 }
 
 /**
- * An attempt's claim on its message: it lapses `seconds` after the attempt last renewed it, and the
- * attempt renews it every `renewMs` while it talks to the server (a slow relay can take longer than
- * any claim: the mailer's timeouts are per exchange), so only a dead attempt's claim lapses. Short,
- * because a retry waits for it: the delivery activity heartbeats (noticeDelivery), so a dead
- * worker's attempt is retried ~10 s after it died, and finds the claim lapsed a few seconds later.
+ * An attempt Temporal watches by its heartbeats (noticeDelivery: 10 s heartbeat timeout, 5 min
+ * start-to-close): a dead worker's attempt is retried ~10 s after it died, and waits a few seconds
+ * for the dead claim to lapse. Its patience is longer than its claim: no retry can start while it
+ * lives (it heartbeats, and the start-to-close outlasts a claim's wait, a slow relay's exchanges and
+ * this wait), and its renewals take hold again once the database is back.
  */
-export const DELIVERY_LEASE = { seconds: 15, renewMs: 3_000 };
+export const WATCHED_DELIVERY = { lease: { seconds: 15, renewMs: 3_000 }, waitForClaim: true, patienceMs: 60_000 } satisfies DeliveryOptions;
 
 /**
- * How long an attempt whose message the server accepted waits for the database to mark it sent.
- * Longer than the claim: no retry can start while the attempt lives (it heartbeats; the activity's
- * start-to-close is 2 minutes), and the attempt renews its claim once the database is back.
+ * An attempt with no heartbeat timeout (one scheduled before noticeDelivery, with emailDelivery's
+ * 30 s start-to-close; a sweep's notice delivered inline, without a Temporal client): a retry can
+ * start 30 s after it did, dead or alive, so its claim outlasts that, a claim found fails at once,
+ * and it waits for the database no longer than its claim holds without a renewal.
  */
-export const MARK_SENT_PATIENCE_MS = 60_000;
+export const UNWATCHED_DELIVERY = { lease: { seconds: 45, renewMs: 15_000 }, waitForClaim: false, patienceMs: 30_000 } satisfies DeliveryOptions;
 
 /**
  * Sends a queued message and marks it sent. A server that accepts some recipients and refuses others
@@ -62,18 +82,17 @@ export const MARK_SENT_PATIENCE_MS = 60_000;
  * second time, ~290 times over the retry policy's day), the refused addresses are kept on the row and
  * in an audit row of the sender's. Only a message nobody accepted fails, and is retried.
  *
- * An attempt first claims the message (lease_until): a second attempt that overlaps it (a retry
- * started while the first still talks to a slow relay) fails retryably instead of sending it again.
- * One that finds a claim waits for it to lapse (a dead attempt's does; a live one's is renewed), or
- * for the message to be sent by the attempt that holds it.
+ * An attempt first claims the message (lease_until), so a second attempt that overlaps it (a retry
+ * started while the first still talks to a slow relay) does not send it again: it fails retryably,
+ * or (waitForClaim) first waits for the claim to lapse (a dead attempt's does; a live one's is
+ * renewed) or for the message to be sent by the attempt that holds it.
  */
-export async function deliverOutboxMessage(
-  pool: Pool,
-  mailer: Mailer,
-  id: string,
-  lease = DELIVERY_LEASE,
-  patienceMs = MARK_SENT_PATIENCE_MS,
-): Promise<Delivery> {
+export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: string, how: DeliveryOptions = {}): Promise<Delivery> {
+  const { lease, waitForClaim, patienceMs, signal } = { ...WATCHED_DELIVERY, ...how };
+  const cancelled = () => {
+    const reason = signal?.reason;
+    return reason instanceof Error ? reason : new Error('the delivery attempt was cancelled before it sent the message');
+  };
   const claim = async () =>
     (
       await pool.query(
@@ -93,6 +112,7 @@ export async function deliverOutboxMessage(
     if (current.status === 'abandoned') return { result: 'abandoned', refused: [] };
     return { lapsesInMs: Number(current.lapses_in ?? 0) };
   };
+  const busy = () => new Error('the message is being sent by another delivery attempt; it is tried again once that one has finished');
   let row = await claim();
   if (!row) {
     // Most often the claim is that of the attempt this one retries, lost with its worker: it lapses
@@ -101,21 +121,24 @@ export async function deliverOutboxMessage(
     // first. A claim still held when the one it found should have lapsed was renewed: a live attempt's.
     const found = await unclaimed();
     if ('result' in found) return found;
+    if (!waitForClaim) throw busy();
     const lapsesAt = Date.now() + Math.min(found.lapsesInMs, lease.seconds * 1000) + 100;
     while (!row) {
+      if (signal?.aborted) throw cancelled();
       await new Promise((resolve) => setTimeout(resolve, Math.max(0, Math.min(500, lapsesAt - Date.now()))));
       row = await claim();
       if (row) break;
       const now = await unclaimed();
       if ('result' in now) return now;
-      if (Date.now() >= lapsesAt) throw new Error('the message is being sent by another delivery attempt; it is tried again once that one has finished');
+      if (Date.now() >= lapsesAt) throw busy();
     }
   }
   // The claim is this attempt's while lease_until is the value it last set (to the microsecond):
   // it renews, and gives back, only that one, never a claim another attempt took once this one lapsed.
   let held: string = row.held;
+  let renewing: Promise<unknown> = Promise.resolve();
   const renew = setInterval(() => {
-    pool
+    renewing = pool
       .query(
         `UPDATE mail_outbox SET lease_until = now() + make_interval(secs => $2)
           WHERE id = $1 AND status = 'queued' AND lease_until = $3::timestamptz RETURNING lease_until::text AS held`,
@@ -124,22 +147,35 @@ export async function deliverOutboxMessage(
       .then((r) => (held = r.rows[0]?.held ?? held))
       .catch(() => undefined); // a renewal that fails lets the claim lapse; the attempt goes on
   }, lease.renewMs);
+  /** Gives the claim back (once a renewal in flight has landed: it would otherwise take it again), counting the attempt when it failed. */
+  const giveBack = async (failure?: Error) => {
+    clearInterval(renew);
+    await renewing;
+    await pool.query(
+      `UPDATE mail_outbox SET attempts = attempts + $4, last_error = coalesce($2, last_error),
+              lease_until = CASE WHEN lease_until = $3::timestamptz THEN NULL ELSE lease_until END
+        WHERE id = $1`,
+      [id, failure ? failure.message.slice(0, 500) : null, held, failure ? 1 : 0],
+    );
+  };
+  // Cancelled before the server has it (a worker shutting down, its grace period over): stopped
+  // here, the claim given back, the retry (another worker's) sends it. Past this point the attempt
+  // finishes: a message the server accepted must be marked sent, or it would be sent again.
+  if (signal?.aborted) {
+    await giveBack();
+    throw cancelled();
+  }
   let report: SendReport;
   try {
     report = await mailer.send({ id, to: row.recipients, subject: row.subject, text: row.text_body, html: row.html_body });
   } catch (err) {
-    clearInterval(renew);
-    await pool.query(
-      `UPDATE mail_outbox SET attempts = attempts + 1, last_error = $2, lease_until = CASE WHEN lease_until = $3::timestamptz THEN NULL ELSE lease_until END
-        WHERE id = $1`,
-      [id, (err as Error).message.slice(0, 500), held],
-    );
+    await giveBack(err as Error);
     throw err;
   }
   const refused = report.refused.map((r) => r.address);
-  // The server has the message: marking it sent must outlast a database outage, the claim renewed
-  // meanwhile. Failing here would leave it queued, and a retry would send it again once the claim
-  // lapsed. (An outage longer than MARK_SENT_PATIENCE_MS can still end that way.)
+  // The server has the message: marking it sent must outlast a database outage (the renewals take
+  // hold again once it is back). Failing here would leave it queued, and a retry would send it again
+  // once the claim lapsed. (An outage longer than the patience can still end that way.)
   const markSent = () =>
     withTransaction(pool, async (tx) => {
       const marked = await tx.query(

@@ -5,7 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createActivities } from '../activities';
 import { handOverNotice } from '../activities/notices';
 import { queueNotice, sendNotice } from '../mail/notify';
-import { deliverOutboxMessage, deliverQueued } from '../mail/outbox';
+import { deliverOutboxMessage, deliverQueued, UNWATCHED_DELIVERY } from '../mail/outbox';
 import type { Mailer } from '../mail/mailer';
 import { createPool } from '../db/pool';
 import { expectCleanRun } from './support/leaks';
@@ -180,10 +180,10 @@ describe('mail with a recipient the SMTP server refuses', () => {
       };
       const lease = { seconds: 8, renewMs: 200 };
       // Before, the attempt failed here with the message left queued: its retry sent it again once the claim lapsed.
-      expect(await deliverOutboxMessage(pool, accepting, id, lease)).toEqual({ result: 'sent', refused: [] });
+      expect(await deliverOutboxMessage(pool, accepting, id, { lease })).toEqual({ result: 'sent', refused: [] });
       expect(deliveriesOf(id)).toEqual([{ messageId: `<${id}@mailgent>`, rcptTo: [to] }]);
       expect(await outboxRow(id)).toMatchObject({ status: 'sent', attempts: 1 });
-      expect((await deliverOutboxMessage(h.deps.pool, h.deps.mailer, id, lease)).result).toBe('already-sent');
+      expect((await deliverOutboxMessage(h.deps.pool, h.deps.mailer, id, { lease })).result).toBe('already-sent');
     } finally {
       await pool.end();
       await proxy.stop();
@@ -198,9 +198,9 @@ describe('mail with a recipient the SMTP server refuses', () => {
     // (~1 s), sees it renewed, and gives up, long before the slow attempt has sent.
     const lease = { seconds: 1, renewMs: 200 };
     const slow: Mailer = { ...h.deps.mailer, send: async (mail) => (await new Promise((r) => setTimeout(r, 4_500)), h.deps.mailer.send(mail)) };
-    const first = deliverOutboxMessage(h.deps.pool, slow, id, lease);
+    const first = deliverOutboxMessage(h.deps.pool, slow, id, { lease });
     await new Promise((r) => setTimeout(r, 1_500));
-    await expect(deliverOutboxMessage(h.deps.pool, h.deps.mailer, id, lease)).rejects.toThrow(/being sent by another delivery attempt/);
+    await expect(deliverOutboxMessage(h.deps.pool, h.deps.mailer, id, { lease })).rejects.toThrow(/being sent by another delivery attempt/);
     expect((await first).result).toBe('sent');
     expect(deliveriesOf(id)).toHaveLength(1);
   });
@@ -214,9 +214,35 @@ describe('mail with a recipient the SMTP server refuses', () => {
       [id, agent.id, [to]],
     );
     // Before, the retry failed at once ("being sent by another delivery attempt") and waited out a backoff.
-    expect(await deliverOutboxMessage(h.deps.pool, h.deps.mailer, id, { seconds: 2, renewMs: 200 })).toEqual({ result: 'sent', refused: [] });
+    expect(await deliverOutboxMessage(h.deps.pool, h.deps.mailer, id, { lease: { seconds: 2, renewMs: 200 } })).toEqual({ result: 'sent', refused: [] });
     expect(deliveriesOf(id)).toEqual([{ messageId: `<${id}@mailgent>`, rcptTo: [to] }]);
     expect(await outboxRow(id)).toMatchObject({ status: 'sent', attempts: 1 });
+  });
+
+  it('an attempt scheduled without a heartbeat timeout does not wait for a claim it finds: its own claim outlasts its start-to-close', async () => {
+    const id = randomUUID();
+    await h.sql(
+      `INSERT INTO mail_outbox (id, identity_id, purpose, recipients, subject, text_body, lease_until) VALUES ($1, $2, 'test', $3, 's', 't', now() + interval '1 second')`,
+      [id, agent.id, [unique('unwatched')]],
+    );
+    const started = Date.now();
+    await expect(deliverOutboxMessage(h.deps.pool, h.deps.mailer, id, UNWATCHED_DELIVERY)).rejects.toThrow(/being sent by another delivery attempt/);
+    expect(Date.now() - started).toBeLessThan(900);
+    expect(deliveriesOf(id)).toEqual([]);
+  });
+
+  it('an attempt cancelled before it sent (a worker shutting down) sends nothing and gives its claim back', async () => {
+    const id = randomUUID();
+    await h.sql(`INSERT INTO mail_outbox (id, identity_id, purpose, recipients, subject, text_body) VALUES ($1, $2, 'test', $3, 's', 't')`, [id, agent.id, [unique('cancelled')]]);
+    const shutdown = new AbortController();
+    shutdown.abort(new Error('worker shutting down'));
+    // Before, the cancellation was not looked at: the attempt sent the message, and with the worker's
+    // pool closed under it could not mark it sent, so another worker's retry sent it again.
+    await expect(deliverOutboxMessage(h.deps.pool, h.deps.mailer, id, { signal: shutdown.signal })).rejects.toThrow('worker shutting down');
+    expect(deliveriesOf(id)).toEqual([]);
+    expect(await outboxRow(id)).toMatchObject({ status: 'queued', attempts: 0 });
+    expect((await h.sql('SELECT lease_until FROM mail_outbox WHERE id = $1', [id])).rows[0].lease_until).toBeNull();
+    expect(await deliverQueued(h.deps.pool, h.deps.mailer, id)).toBe('sent');
   });
 
   it('a failed attempt gives its claim back: the next one sends at once', async () => {

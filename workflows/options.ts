@@ -46,10 +46,11 @@ export const compensation: ActivityOptions = {
 };
 
 /**
- * An email: SMTP outages are waited out for a day, with backoff capped at five minutes. An attempt
- * is short (the mailer's own timeouts end a hung connection first), so an attempt lost with a dead
- * worker is retried within 30 s. For the activities that send many notices in one attempt (a
- * sweep's summaries and reminders, the orphan report); one message's delivery is noticeDelivery.
+ * The activities that hand many notices over in one attempt (a sweep's summaries and reminders, the
+ * orphan report: each queued and given a deliverMail workflow of its own, which sends it under
+ * noticeDelivery): retried for a day, with backoff capped at five minutes; an attempt lost with a
+ * dead worker is retried within 30 s. (Without a Temporal client they send inline, an attempt
+ * with no heartbeat: mail/outbox.ts, UNWATCHED_DELIVERY.)
  */
 export const emailDelivery: ActivityOptions = {
   startToCloseTimeout: '30s',
@@ -60,13 +61,15 @@ export const emailDelivery: ActivityOptions = {
 /**
  * One message's delivery (a rotation's notice, a deliverMail workflow's message): emailDelivery's
  * day of retries, but the attempt heartbeats while it talks to the server, so an attempt lost with a
- * dead worker is retried within the 10 s heartbeat timeout, not after the start-to-close (which
- * then only bounds a live attempt: the mailer's timeouts and the wait to mark the message sent).
- * The retry finds the dead attempt's claim on the message lapsing (mail/outbox.ts, DELIVERY_LEASE).
+ * dead worker is retried within the 10 s heartbeat timeout, not after the start-to-close. That only
+ * bounds a live attempt, and must outlast the longest one: a dead attempt's claim waited for (15 s),
+ * a slow relay's exchanges (the mailer's timeouts are per exchange), and a minute's wait for the
+ * database to mark the message sent; a retry while it lives could send the message again
+ * (mail/outbox.ts, WATCHED_DELIVERY).
  */
 export const noticeDelivery: ActivityOptions = {
   ...emailDelivery,
-  startToCloseTimeout: '2m',
+  startToCloseTimeout: '5m',
   heartbeatTimeout: '10s',
 };
 

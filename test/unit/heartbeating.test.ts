@@ -1,6 +1,8 @@
 import { MockActivityEnvironment } from '@temporalio/testing';
 import { afterEach, describe, expect, it, vi } from 'vitest';
+import { attemptDelivery } from '../../activities/notices';
 import { heartbeating } from '../../activities/support';
+import { UNWATCHED_DELIVERY, type DeliveryOptions } from '../../mail/outbox';
 
 /** A mock activity whose heartbeats are counted. */
 function activity(): { env: MockActivityEnvironment; beats: () => number } {
@@ -36,5 +38,20 @@ describe('heartbeating', () => {
 
   it('runs the call as it is outside an activity', async () => {
     await expect(heartbeating(async () => 42)).resolves.toBe(42);
+  });
+});
+
+describe('attemptDelivery', () => {
+  it('an attempt watched by heartbeats waits for a claim it finds and honours its cancellation; one without (scheduled before noticeDelivery) keeps a claim that outlasts its start-to-close', async () => {
+    const watched = new MockActivityEnvironment({ heartbeatTimeoutMs: 10_000 });
+    const how = (await watched.run(async () => attemptDelivery())) as DeliveryOptions;
+    expect(how).toMatchObject({ waitForClaim: true, lease: { seconds: 15 } });
+    expect(how.signal?.aborted).toBe(false);
+    watched.cancel();
+    expect(how.signal?.aborted).toBe(true);
+    const unwatched = new MockActivityEnvironment({ heartbeatTimeoutMs: undefined, startToCloseTimeoutMs: 30_000 });
+    const old = (await unwatched.run(async () => attemptDelivery())) as DeliveryOptions;
+    expect(old).toEqual(UNWATCHED_DELIVERY);
+    expect(old.lease!.seconds * 1000).toBeGreaterThan(30_000);
   });
 });
