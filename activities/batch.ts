@@ -7,7 +7,7 @@ import type { RotationWindow } from '../vault/types';
 import type { rotateCredential } from '../workflows/rotate-credential';
 import type { RotationMode } from '../workflows/types';
 import type { ActivityDeps } from './index';
-import { heartbeat, sleep, stableUuid } from './support';
+import { heartbeat, heartbeating, sleep, stableUuid } from './support';
 
 /** Rotations one batch keeps open at once unless BATCH_MAX_OPEN_ROTATIONS says otherwise. */
 export const DEFAULT_MAX_OPEN_ROTATIONS = 50;
@@ -85,6 +85,22 @@ export function batchActivities(deps: ActivityDeps) {
         LIMIT greatest($2 - (SELECT count(*) FROM runs WHERE run_id IS NOT NULL AND outcome IS NULL), 0)`,
       [rotationId, maxOpen],
     );
+    // A start sent but not recorded reached the server only if a run of this batch's is there (every
+    // start carries the batch in its memo). Any other (the wave died between marking it and sending
+    // it, or the connection failed before the server had it; or the run there is another's) is
+    // taken for unsent, and checked below as any other row: the credential may have changed, or
+    // left rotation, or its window closed, since the mark. (Guessing from the start's error was
+    // not enough: the client retries a start that failed, and reports only the last attempt's error.)
+    for (const row of rows.filter((r) => r.start_sent)) {
+      heartbeat();
+      const described = await describeIfKept(client.workflow.getHandle(`rotate:${row.credential_id}`));
+      if (described?.memo?.rotationId === rotationId) continue;
+      await deps.pool.query('UPDATE rotation_runs SET start_sent_at = NULL WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
+        rotationId,
+        row.credential_id,
+      ]);
+      row.start_sent = false;
+    }
     // Whether a sweep's credential changed since the sweep began, asked of the rows picked only,
     // and by a statement of its own: an agent's batch rotates what it was asked to, and reads no
     // version to pick (a statement that names a table waits for a lock on it even where it would not read it).
@@ -113,36 +129,31 @@ export function batchActivities(deps: ActivityDeps) {
       // longer due) must not be rotated at all: without a policy it would get a generated value in
       // place of its provider's. The next sweep selects it again if it is still due. A window
       // closed by now defers it to the next sweep inside it (it stays due), instead of rotating it
-      // out of hours. Neither applies to a start this wave already sent (it died before recording
-      // the run): sent again, it answers with the run it started.
+      // out of hours. Neither applies to a start that reached the server (its wave died before
+      // recording the run): sent again, it answers with the run it started.
       if (row.kind === 'sweep' && !row.start_sent && (changed.has(row.credential_id) || (row.window && !windowOpen(row.window, now)))) {
         await deps.pool.query('DELETE FROM rotation_runs WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [rotationId, row.credential_id]);
         continue;
       }
       if (!row.start_sent) {
-        await deps.pool.query('UPDATE rotation_runs SET start_sent_at = now() WHERE rotation_id = $1 AND credential_id = $2', [rotationId, row.credential_id]);
+        // Not once the batch is cancelled: a cancel that came after the wave read its rows stops the
+        // rest of them here (before, each was started and then cancelled, with a notice each).
+        const marked = await deps.pool.query(
+          `UPDATE rotation_runs r SET start_sent_at = now() FROM rotations ro
+            WHERE r.rotation_id = $1 AND r.credential_id = $2 AND ro.id = r.rotation_id AND ro.cancelled_at IS NULL`,
+          [rotationId, row.credential_id],
+        );
+        if (marked.rowCount === 0) continue;
       }
-      let handle;
-      try {
-        handle = await client.workflow.start<typeof rotateCredential>('rotateCredential', {
-          taskQueue,
-          workflowId: `rotate:${row.credential_id}`,
-          args: [{ rotationId, identityId: row.identity_id, credentialId: row.credential_id, mode: MODES[row.kind] }],
-          workflowIdConflictPolicy: 'USE_EXISTING',
-          // Which batch started the run: a cancel that finds it running unrecorded takes it only if it is this one's.
-          memo: { rotationId },
-          ...startRequest(rotationId, row.credential_id),
-        });
-      } catch (err) {
-        // Refused before Temporal had it (the server out of reach): not sent, so the retry checks again.
-        if (!row.start_sent && neverReached(err)) {
-          await deps.pool.query('UPDATE rotation_runs SET start_sent_at = NULL WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
-            rotationId,
-            row.credential_id,
-          ]);
-        }
-        throw err;
-      }
+      const handle = await client.workflow.start<typeof rotateCredential>('rotateCredential', {
+        taskQueue,
+        workflowId: `rotate:${row.credential_id}`,
+        args: [{ rotationId, identityId: row.identity_id, credentialId: row.credential_id, mode: MODES[row.kind] }],
+        workflowIdConflictPolicy: 'USE_EXISTING',
+        // Which batch started the run: whether a start sent but unrecorded reached the server (above), and whether a cancel that finds it running unrecorded takes it.
+        memo: { rotationId },
+        ...startRequest(rotationId, row.credential_id),
+      });
       const { rows: marked } = await deps.pool.query(
         `UPDATE rotation_runs r SET run_id = $3 FROM rotations ro
           WHERE r.rotation_id = $1 AND r.credential_id = $2 AND ro.id = r.rotation_id
@@ -207,22 +218,23 @@ export function batchActivities(deps: ActivityDeps) {
         if (outOfTime) {
           // What is still open now is counted as running: not a run that has just ended unrecorded.
           await settleEnded(open);
-          for (const r of open.filter((o) => o.run_id === null)) {
-            // Not started by this batch's record: a wave that sent its start and lost the record of
-            // it (its attempt died between the two) has it running all the same, and it is followed
-            // as started if its memo names this batch (a leak's or another batch's rotation of the
-            // credential is theirs to report); any other is left to the next sweep (it stays due).
-            const described = r.start_sent ? await describeIfKept(client.workflow.getHandle(r.workflow_id)) : undefined;
-            if (described?.status.name === 'RUNNING' && described.memo?.rotationId === input.rotationId) {
-              await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
-                input.rotationId,
-                r.credential_id,
-                described.runId,
-              ]);
-            } else {
-              await deps.pool.query('DELETE FROM rotation_runs WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [input.rotationId, r.credential_id]);
-            }
+          // Not started by this batch's record: left to the next sweep (they stay due), in one
+          // statement, unless the wave sent its start and lost the record of it (its attempt died
+          // between the two). Such a run is this batch's all the same if its memo names the batch
+          // (a leak's or another batch's rotation of the credential is theirs to report), running
+          // or ended: it is followed, or counted, as started, by its first run's id (under which
+          // it records its outcome, whatever runs it continued as).
+          for (const r of open.filter((o) => o.run_id === null && o.start_sent)) {
+            heartbeat();
+            const described = await describeIfKept(client.workflow.getHandle(r.workflow_id));
+            if (described?.memo?.rotationId !== input.rotationId) continue;
+            await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
+              input.rotationId,
+              r.credential_id,
+              described.raw.workflowExecutionInfo?.firstRunId || described.runId,
+            ]);
           }
+          await deps.pool.query('DELETE FROM rotation_runs WHERE rotation_id = $1 AND run_id IS NULL', [input.rotationId]);
           rows = await outcomes();
           open = rows.filter((r) => !r.outcome);
         }
@@ -245,41 +257,47 @@ export function batchActivities(deps: ActivityDeps) {
      * a sweep to every team address of the credentials it rotated. Each summary is sent once.
      */
     async sendBatchSummaries(input: { rotationId: string }): Promise<{ sent: number }> {
-      const rotation = (await deps.pool.query('SELECT * FROM rotations WHERE id = $1', [input.rotationId])).rows[0];
-      const runs = await summarise(deps, input.rotationId);
-      const byRecipient = new Map<string, RunSummary[]>();
-      const add = (to: string, run: RunSummary) => byRecipient.set(to, [...(byRecipient.get(to) ?? []), run]);
-      if (rotation.kind === 'request') {
-        const identity = rotation.identity_id ? await deps.identities.get(rotation.identity_id) : undefined;
-        for (const to of [...rotation.notify, ...(identity?.email ? [identity.email] : [])]) runs.forEach((r) => add(to, r));
-      } else {
-        for (const run of runs) run.recipients.forEach((to) => add(to, run));
-      }
-      let sent = 0;
-      for (const [to, list] of byRecipient) {
-        heartbeat();
-        const identities = [...new Set(list.map((r) => r.identityId))];
-        await handOverNotice(
-          deps,
-          {
-            id: stableUuid(`${input.rotationId}:summary:${to}`),
-            identityId: rotation.identity_id ?? identities[0] ?? null,
-            purpose: 'rotation.summary',
-            to: [to],
-            ...composeSummary(rotation.kind, rotation.reason, list),
-            actor: rotation.kind === 'sweep' ? 'schedule:rotation-sweep' : `workflow:rotation:${input.rotationId}`,
-            requestId: input.rotationId,
-            // Composed from these runs' metadata (and the reason, checked when the batch was asked
-            // for): their credentials' versions are what a slip could put in it. Searching every
-            // version of every identity, once per recipient, grew with the whole vault.
-            credentialIds: list.map((r) => r.credentialId),
-            detail: { rotations: list.length },
-          },
-          identities,
-        );
-        sent += 1;
-      }
-      return { sent };
+      return heartbeating(async () => {
+        const rotation = (await deps.pool.query('SELECT * FROM rotations WHERE id = $1', [input.rotationId])).rows[0];
+        const runs = await summarise(deps, input.rotationId);
+        const byRecipient = new Map<string, RunSummary[]>();
+        const add = (to: string, run: RunSummary) => {
+          const list = byRecipient.get(to);
+          if (list) list.push(run);
+          else byRecipient.set(to, [run]);
+        };
+        if (rotation.kind === 'request') {
+          const identity = rotation.identity_id ? await deps.identities.get(rotation.identity_id) : undefined;
+          for (const to of [...rotation.notify, ...(identity?.email ? [identity.email] : [])]) runs.forEach((r) => add(to, r));
+        } else {
+          for (const run of runs) run.recipients.forEach((to) => add(to, run));
+        }
+        let sent = 0;
+        for (const [to, list] of byRecipient) {
+          heartbeat();
+          const identities = [...new Set(list.map((r) => r.identityId))];
+          await handOverNotice(
+            deps,
+            {
+              id: stableUuid(`${input.rotationId}:summary:${to}`),
+              identityId: rotation.identity_id ?? identities[0] ?? null,
+              purpose: 'rotation.summary',
+              to: [to],
+              ...composeSummary(rotation.kind, rotation.reason, list),
+              actor: rotation.kind === 'sweep' ? 'schedule:rotation-sweep' : `workflow:rotation:${input.rotationId}`,
+              requestId: input.rotationId,
+              // Composed from these runs' metadata (and the reason, checked when the batch was asked
+              // for): their credentials' versions are what a slip could put in it. Searching every
+              // version of every identity, once per recipient, grew with the whole vault.
+              credentialIds: list.map((r) => r.credentialId),
+              detail: { rotations: list.length },
+            },
+            identities,
+          );
+          sent += 1;
+        }
+        return { sent };
+      });
     },
 
     /** Creates (once per sweep workflow) the sweep's rotation record. */
@@ -425,17 +443,4 @@ export function windowOpen(window: RotationWindow, at: Date): boolean {
   // runs from Friday 22:00 to Saturday 02:00).
   if (hour >= window.startHour) return window.days.includes(day);
   return hour < window.endHour && window.days.includes((day + 6) % 7);
-}
-
-/**
- * A call that failed before the server could have acted on it: no connection was established
- * (gRPC UNAVAILABLE, "No connection established", connect ECONNREFUSED). Not every UNAVAILABLE:
- * a connection dropped or reset mid-call may have carried the start to the server, and a start
- * taken for unsent would let the retry drop its row (changed meanwhile, say) with its run going.
- */
-export function neverReached(err: unknown): boolean {
-  for (let e = err as { message?: string; cause?: unknown } | undefined; e; e = e.cause as typeof e) {
-    if (/No connection established|ECONNREFUSED/.test(String(e.message))) return true;
-  }
-  return false;
 }

@@ -104,9 +104,10 @@ export async function handOverNotice(deps: ActivityDeps, notice: Notice, scanIde
 
 /**
  * How this attempt delivers a message: as Temporal watches it. Scheduled with a heartbeat timeout
- * (noticeDelivery), it waits for a dead attempt's claim and honours its cancellation until it sends;
- * without one (scheduled with emailDelivery before noticeDelivery was, or a sweep's notice sent
- * inline), its claim must outlast its 30 s start-to-close (mail/outbox.ts, UNWATCHED_DELIVERY).
+ * (noticeDelivery; emailDelivery, for a sweep's notice sent inline without a Temporal client), it
+ * waits for a dead attempt's claim and honours its cancellation until it sends; without one
+ * (scheduled before those had one), its claim must outlast its 30 s start-to-close
+ * (mail/outbox.ts, UNWATCHED_DELIVERY).
  */
 export function attemptDelivery(): DeliveryOptions {
   let ctx: Context;

@@ -2,7 +2,7 @@ import { findOrphans, type ServiceAccountRow } from '../vault/service-accounts';
 import type { ActivityDeps } from './index';
 import { FAILED_RETRY_HOURS, windowOpen } from './batch';
 import { handOverNotice } from './notices';
-import { heartbeat, stableUuid } from './support';
+import { heartbeat, heartbeating, stableUuid } from './support';
 
 /** Expiry reminders for credentials rotated by hand (14, 3 and 1 days ahead), each sent once. */
 export const REMINDER_DAYS = [14, 3, 1];
@@ -16,43 +16,46 @@ const DAY_MS = 86_400_000;
 export function policyActivities(deps: ActivityDeps) {
   return {
     async sendExpiryReminders(input: { asOf: string }): Promise<{ sent: number }> {
-      const asOf = new Date(input.asOf);
-      const { rows } = await deps.pool.query(
-        `SELECT c.id, c.name, c.kind, c.identity_id, c.owners, c.notify, c.expires_at, i.email
-           FROM credentials c JOIN identities i ON i.id = c.identity_id
-          WHERE c.deleted_at IS NULL AND c.rotation IS NULL AND c.expires_at IS NOT NULL
-            AND c.expires_at > $1 AND c.expires_at <= $1::timestamptz + make_interval(days => $2)
-          ORDER BY c.expires_at`,
-        [asOf, Math.max(...REMINDER_DAYS)],
-      );
-      let sent = 0;
-      for (const c of rows) {
-        heartbeat();
-        const daysLeft = (c.expires_at.getTime() - asOf.getTime()) / DAY_MS;
-        // The most urgent reminder that applies; earlier ones that were missed are not sent late.
-        const due = REMINDER_DAYS.filter((d) => daysLeft <= d);
-        const threshold = Math.min(...due);
-        // The threshold names the reminder (each is sent once); the subject says how long is really left.
-        const left = Math.ceil(daysLeft);
-        const delivery = await handOverNotice(deps, {
-          id: stableUuid(`expiry:${c.id}:${c.expires_at.toISOString()}:${threshold}`),
-          identityId: c.identity_id,
-          purpose: 'expiry.reminder',
-          to: [...c.owners, ...c.notify, ...(c.email ? [c.email] : [])],
-          subject: `[mailgent] ${c.name} expires ${left <= 1 ? 'within a day' : `in ${left} days`}`,
-          text: [
-            `The ${c.kind} credential '${c.name}' expires at ${c.expires_at.toISOString()} and has no rotation policy,`,
-            'so Mailgent cannot rotate it for you. Replace it with vault.store before then, or give it a rotation policy.',
-            '',
-            `Credential id: ${c.id}`,
-          ].join('\n'),
-          actor: 'schedule:rotation-sweep',
-          credentialId: c.id,
-          detail: { daysAhead: threshold },
-        });
-        if (delivery) sent += 1;
-      }
-      return { sent };
+      return heartbeating(async () => {
+        const asOf = new Date(input.asOf);
+        const { rows } = await deps.pool.query(
+          `SELECT c.id, c.name, c.kind, c.identity_id, c.owners, c.notify, c.expires_at, i.email
+             FROM credentials c JOIN identities i ON i.id = c.identity_id
+            WHERE c.deleted_at IS NULL AND c.rotation IS NULL AND c.expires_at IS NOT NULL
+              AND c.expires_at > $1 AND c.expires_at <= $1::timestamptz + make_interval(hours => 24 * $2)
+            ORDER BY c.expires_at`,
+          [asOf, Math.max(...REMINDER_DAYS)],
+        );
+        let sent = 0;
+        for (const c of rows) {
+          heartbeat();
+          const daysLeft = (c.expires_at.getTime() - asOf.getTime()) / DAY_MS;
+          // The most urgent reminder that applies; earlier ones that were missed are not sent late.
+          const due = REMINDER_DAYS.filter((d) => daysLeft <= d);
+          if (due.length === 0) continue; // none should be: the query's days are 24 hours too, not the session time zone's
+          const threshold = Math.min(...due);
+          // The threshold names the reminder (each is sent once); the subject says how long is really left.
+          const left = Math.ceil(daysLeft);
+          const delivery = await handOverNotice(deps, {
+            id: stableUuid(`expiry:${c.id}:${c.expires_at.toISOString()}:${threshold}`),
+            identityId: c.identity_id,
+            purpose: 'expiry.reminder',
+            to: [...c.owners, ...c.notify, ...(c.email ? [c.email] : [])],
+            subject: `[mailgent] ${c.name} expires ${left <= 1 ? 'within a day' : `in ${left} days`}`,
+            text: [
+              `The ${c.kind} credential '${c.name}' expires at ${c.expires_at.toISOString()} and has no rotation policy,`,
+              'so Mailgent cannot rotate it for you. Replace it with vault.store before then, or give it a rotation policy.',
+              '',
+              `Credential id: ${c.id}`,
+            ].join('\n'),
+            actor: 'schedule:rotation-sweep',
+            credentialId: c.id,
+            detail: { daysAhead: threshold },
+          });
+          if (delivery) sent += 1;
+        }
+        return { sent };
+      });
     },
 
     /**
@@ -73,7 +76,7 @@ export function policyActivities(deps: ActivityDeps) {
            JOIN credentials c ON c.identity_id = p.identity_id AND c.kind = 'password' AND c.deleted_at IS NULL
            JOIN secret_versions v ON v.credential_id = c.id AND v.version = c.current_version
            JOIN identities i ON i.id = c.identity_id
-          WHERE v.created_at < $1::timestamptz - make_interval(days => p.max_age_days)`,
+          WHERE v.created_at < $1::timestamptz - make_interval(hours => 24 * p.max_age_days)`,
         [asOf],
       );
       // As the sweep's selection: a rotation that failed (or ended unreported), was cancelled or was rolled back is tried again a day later, not every hour.
@@ -129,33 +132,35 @@ export function policyActivities(deps: ActivityDeps) {
 
     /** Service accounts with no dependents and no read for `days`, one report per identity per week. */
     async sendOrphanReports(input: { asOf: string; days: number }): Promise<{ sent: number }> {
-      const asOf = new Date(input.asOf);
-      const orphans = await findOrphans(deps.pool, { asOf, days: input.days });
-      const byIdentity = new Map<string, ServiceAccountRow[]>();
-      for (const o of orphans) byIdentity.set(o.identityId, [...(byIdentity.get(o.identityId) ?? []), o]);
-      const week = Math.floor(asOf.getTime() / (7 * DAY_MS));
-      let sent = 0;
-      for (const [identityId, list] of byIdentity) {
-        const identity = await deps.identities.get(identityId);
-        const delivery = await handOverNotice(deps, {
-          id: stableUuid(`orphans:${identityId}:${week}`),
-          identityId,
-          purpose: 'orphan.report',
-          to: [...new Set([...(identity?.email ? [identity.email] : []), ...list.flatMap((o) => o.owners)])],
-          subject: `[mailgent] ${list.length} service account${list.length === 1 ? ' looks' : 's look'} orphaned`,
-          text: [
-            `These service accounts have no dependents and were not read for ${input.days} days:`,
-            '',
-            ...list.map((o) => `  - ${o.name} (age ${o.ageDays} days, last read ${o.lastReadAt ?? 'never'})`),
-            '',
-            'Delete the ones nobody uses (DELETE /v1/credentials/<id>), or record their dependents.',
-          ].join('\n'),
-          actor: 'schedule:orphan-report',
-          detail: { accounts: list.length },
-        });
-        if (delivery) sent += 1;
-      }
-      return { sent };
+      return heartbeating(async () => {
+        const asOf = new Date(input.asOf);
+        const orphans = await findOrphans(deps.pool, { asOf, days: input.days });
+        const byIdentity = new Map<string, ServiceAccountRow[]>();
+        for (const o of orphans) byIdentity.set(o.identityId, [...(byIdentity.get(o.identityId) ?? []), o]);
+        const week = Math.floor(asOf.getTime() / (7 * DAY_MS));
+        let sent = 0;
+        for (const [identityId, list] of byIdentity) {
+          const identity = await deps.identities.get(identityId);
+          const delivery = await handOverNotice(deps, {
+            id: stableUuid(`orphans:${identityId}:${week}`),
+            identityId,
+            purpose: 'orphan.report',
+            to: [...new Set([...(identity?.email ? [identity.email] : []), ...list.flatMap((o) => o.owners)])],
+            subject: `[mailgent] ${list.length} service account${list.length === 1 ? ' looks' : 's look'} orphaned`,
+            text: [
+              `These service accounts have no dependents and were not read for ${input.days} days:`,
+              '',
+              ...list.map((o) => `  - ${o.name} (age ${o.ageDays} days, last read ${o.lastReadAt ?? 'never'})`),
+              '',
+              'Delete the ones nobody uses (DELETE /v1/credentials/<id>), or record their dependents.',
+            ].join('\n'),
+            actor: 'schedule:orphan-report',
+            detail: { accounts: list.length },
+          });
+          if (delivery) sent += 1;
+        }
+        return { sent };
+      });
     },
   };
 }

@@ -69,10 +69,10 @@ export interface DeliveryOptions {
 export const WATCHED_DELIVERY = { lease: { seconds: 15, renewMs: 3_000 }, waitForClaim: true, patienceMs: 60_000 } satisfies DeliveryOptions;
 
 /**
- * An attempt with no heartbeat timeout (one scheduled before noticeDelivery, with emailDelivery's
- * 30 s start-to-close; a sweep's notice delivered inline, without a Temporal client): a retry can
- * start 30 s after it did, dead or alive, so its claim outlasts that, a claim found fails at once,
- * and it waits for the database no longer than its claim holds without a renewal.
+ * An attempt with no heartbeat timeout (scheduled before noticeDelivery was, with the 30 s
+ * start-to-close and no heartbeat of the delivery activities then): a retry can start 30 s after
+ * it did, dead or alive, so its claim outlasts that, a claim found fails at once, and it waits for
+ * the database no longer than its claim holds without a renewal.
  */
 export const UNWATCHED_DELIVERY = { lease: { seconds: 45, renewMs: 15_000 }, waitForClaim: false, patienceMs: 30_000 } satisfies DeliveryOptions;
 

@@ -432,6 +432,50 @@ describe('scheduled sweep', () => {
     await read(agent.token, 'rotated-by-another');
   });
 
+  it('when a sweep stops waiting, a run of its own that went unrecorded and has already ended is counted, not dropped', async () => {
+    const agent = await identity();
+    const id = await store(agent.token, { name: 'ended-before-deadline', kind: 'api_key', value: secretValue(), rotation: ROTATE_NOW });
+    const rotationId = randomUUID();
+    await h.sql(`INSERT INTO rotations (id, identity_id, kind, reason, workflow_id) VALUES ($1, NULL, 'sweep', 'test', $2)`, [rotationId, `sweep-${rotationId}`]);
+    // The wave sent the start (the batch in its memo) and died before recording it; the run finished since.
+    const run = await h.client.workflow.start('rotateCredential', {
+      taskQueue: h.taskQueue,
+      workflowId: `rotate:${id}`,
+      args: [{ rotationId, identityId: agent.id, credentialId: id }],
+      memo: { rotationId },
+    });
+    await run.result();
+    await h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id, start_sent_at) VALUES ($1, $2, $3, now())`, [rotationId, id, `rotate:${id}`]);
+    // Before, only a running one was adopted: this one's row was deleted, and the summary left out a rotation that happened.
+    expect(await createActivities(h.deps).awaitOutcomes({ rotationId, until: new Date(Date.now() - 1000).toISOString() })).toEqual({ total: 1, rotated: 1, failed: 0 });
+    expect((await h.sql('SELECT run_id FROM rotation_runs WHERE rotation_id = $1', [rotationId])).rows).toEqual([{ run_id: run.firstExecutionRunId }]);
+    await read(agent.token, 'ended-before-deadline');
+  });
+
+  it('a start marked sent that never reached the server is checked again by the retry: one whose policy was removed meanwhile is not rotated', async () => {
+    const agent = await identity();
+    const [unmanaged, due] = [await store(agent.token, { name: 'lost-start-unmanaged', kind: 'api_key', value: secretValue(), rotation: ROTATE_NOW }),
+      await store(agent.token, { name: 'lost-start-due', kind: 'api_key', value: secretValue(), rotation: ROTATE_NOW })];
+    await age([unmanaged, due], 40);
+    const acts = createActivities(h.deps);
+    const { sweepId } = await acts.beginSweep({ workflowId: `test-sweep-${randomUUID()}`, asOf: new Date().toISOString() });
+    // The wave marked both starts sent and died before they left (or the server never had them):
+    // no run of either exists. Then the owner takes one out of rotation.
+    await h.sql(
+      `INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id, start_sent_at) VALUES ($1, $2, $3, now()), ($1, $4, $5, now())`,
+      [sweepId, unmanaged, `rotate:${unmanaged}`, due, `rotate:${due}`],
+    );
+    const patched = await h.api('PATCH', '/v1/credentials/lost-start-unmanaged', { token: agent.token, body: { rotation: null } });
+    expect(patched.status).toBe(200);
+    // Before, a start marked sent was sent again unchecked: the unmanaged one rotated (to a generated value).
+    expect(await acts.startRotations({ rotationId: sweepId })).toEqual({ started: 1 });
+    expect(await sweptIds(sweepId)).toEqual([due]);
+    await expect(h.client.workflow.getHandle(`rotate:${unmanaged}`).describe()).rejects.toThrow(/not found/i);
+    await h.client.workflow.getHandle(`rotate:${due}`).result();
+    expect(await versions([unmanaged, due])).toEqual({ 'lost-start-unmanaged': 1, 'lost-start-due': 2 });
+    await read(agent.token, 'lost-start-due');
+  });
+
   it('a later wave of a sweep defers a credential whose window closed after it was selected; it stays due', async () => {
     const agent = await identity();
     const hour = new Date().getUTCHours();
@@ -447,11 +491,14 @@ describe('scheduled sweep', () => {
     const acts = createActivities(h.deps);
     const { sweepId } = await acts.beginSweep({ workflowId: `test-sweep-${randomUUID()}`, asOf: new Date().toISOString() });
     await h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) VALUES ($1, $2, $3)`, [sweepId, id, `rotate:${id}`]);
-    const closed = await h.api('PATCH', '/v1/credentials/wave-window', {
-      token: agent.token,
-      body: { rotation: { ...ROTATE_NOW, window: { days: everyDay, startHour: (hour + 3) % 24, endHour: (hour + 5) % 24, timezone: 'UTC' } } },
-    });
-    expect(closed.status).toBe(200);
+    // The window moves, in the database alone: a PATCH would also mark the credential changed since
+    // the sweep began, which drops it on its own, and the window's check would go untested.
+    const { rowCount } = await h.sql(`UPDATE credentials SET rotation = jsonb_set(rotation, '{window}', $2::jsonb) WHERE id = $1`, [
+      id,
+      JSON.stringify({ days: everyDay, startHour: (hour + 3) % 24, endHour: (hour + 5) % 24, timezone: 'UTC' }),
+    ]);
+    expect(rowCount).toBe(1);
+    expect((await h.sql('SELECT updated_at < (SELECT created_at FROM rotations WHERE id = $2) AS before FROM credentials WHERE id = $1', [id, sweepId])).rows[0].before).toBe(true);
     expect(await acts.startRotations({ rotationId: sweepId })).toEqual({ started: 0 });
     expect(await sweptIds(sweepId)).toEqual([]);
     expect(await versions([id])).toEqual({ 'wave-window': 1 });

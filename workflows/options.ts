@@ -48,12 +48,14 @@ export const compensation: ActivityOptions = {
 /**
  * The activities that hand many notices over in one attempt (a sweep's summaries and reminders, the
  * orphan report: each queued and given a deliverMail workflow of its own, which sends it under
- * noticeDelivery): retried for a day, with backoff capped at five minutes; an attempt lost with a
- * dead worker is retried within 30 s. (Without a Temporal client they send inline, an attempt
- * with no heartbeat: mail/outbox.ts, UNWATCHED_DELIVERY.)
+ * noticeDelivery): retried for a day, with backoff capped at five minutes. An attempt heartbeats,
+ * so one lost with its worker is retried within 30 s; its start-to-close is long, because one
+ * summary's check for stored values grows with the credentials it lists (thousands for a team's
+ * address), and an attempt cut short would be retried from the same check while it still ran.
  */
 export const emailDelivery: ActivityOptions = {
-  startToCloseTimeout: '30s',
+  startToCloseTimeout: '10m',
+  heartbeatTimeout: '30s',
   scheduleToCloseTimeout: '24h',
   retry: { initialInterval: '2s', backoffCoefficient: 2, maximumInterval: '5m' },
 };
