@@ -106,7 +106,8 @@ main(argv).then(
   },
   (err) => {
     if (err instanceof CliError) {
-      reportError(err, argv[0] ?? 'serve', argv.includes('--json'));
+      // `mcp`'s stdout is the MCP channel: its errors go to stderr only, --json or not.
+      reportError(err, argv[0] ?? 'serve', argv.includes('--json') && argv[0] !== 'mcp');
       process.exitCode = err.exitCode;
     } else if (err instanceof ConfigError) {
       process.stderr.write(`${err.message}\n`);

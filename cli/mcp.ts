@@ -1,6 +1,6 @@
 import type { JSONRPCMessage } from '@modelcontextprotocol/sdk/types.js';
 import { baseUrl, identityToken, parse, TOKEN_OPTION } from './client/context';
-import { EXIT, unexpectedArgument } from './client/errors';
+import { EXIT, unexpectedArgument, usageError } from './client/errors';
 
 /**
  * `mailgent mcp`: MCP over stdio for agents that launch their tools as processes. It is a bridge,
@@ -17,6 +17,9 @@ with an identity token (MAILGENT_TOKEN). Configure it as a stdio server in the a
 export async function mcpCommand(args: string[]): Promise<number> {
   const { values, positionals } = parse(args, TOKEN_OPTION, MCP_USAGE);
   if (positionals.length) throw unexpectedArgument(1, MCP_USAGE);
+  // Stdout is the MCP channel: no JSON document of the CLI's own can go there (before, --json was
+  // taken and ignored).
+  if (values.json) throw usageError('--json is not for mcp: its stdout carries only the MCP protocol', MCP_USAGE);
   await mcpBridge(new URL(`${baseUrl(values.url)}/mcp`), identityToken(values.token));
   return EXIT.ok;
 }

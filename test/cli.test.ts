@@ -348,7 +348,8 @@ describe('mailgent CLI', () => {
       expect(empty.stderr).toContain('is empty');
       const missingVar = await mailgent(['store', 'cli-empty', '--value-env', 'NOT_SET_HERE'], { env: as(alice) });
       expect(missingVar.code).toBe(2);
-      expect(missingVar.stderr).toContain('--value-env: the variable NOT_SET_HERE is not set');
+      expect(missingVar.stderr).toContain('the variable named by --value-env is not set');
+      expect(missingVar.stderr).not.toContain('NOT_SET_HERE');
     });
 
     it('store: the API refusing the request maps to exit 2 (bad input) and 1 (version conflict), value never echoed', async () => {

@@ -3,6 +3,7 @@ import { KINDS } from '../../vault/types';
 import { EXIT, unexpectedArgument, usageError } from './errors';
 import { ADMIN_TOKEN_OPTION, adminToken, Api, baseUrl, identityToken, Out, parse, TOKEN_OPTION } from './context';
 import { readSecret } from './secret-input';
+import { chainReport, identityCreated, leakResults, secretRead, storedVersion, totpCode } from './answers';
 import { table } from './render';
 import { rotate } from './rotate';
 import { isUuid } from '../../core/ids';
@@ -63,7 +64,7 @@ const identities: ClientCommand = {
     if (pos[0] !== 'create') throw usageError(pos[0] ? `unknown subcommand '${pos[0]}'` : 'missing subcommand: create', identitiesUsage);
     const [, name] = positionals(pos, ['subcommand', 'name'], identitiesUsage);
     const api = new Api(baseUrl(values.url), adminToken(values['admin-token']));
-    const created = await api.call('POST', '/v1/identities', { name, ...(values.email ? { email: values.email } : {}) });
+    const created = await api.call('POST', '/v1/identities', identityCreated, { name, ...(values.email ? { email: values.email } : {}) });
     const out = new Out(values.json);
     out.result(created, () => {
       out.note(`created identity ${created.name} (id ${created.id}); its token follows, shown only this once:`);
@@ -98,6 +99,14 @@ Options:
 ${IDENTITY}
 ${JSON_NOTE}`;
 
+/** The store flags that set a policy field, and that field. */
+const POLICY_FLAGS = [
+  ['owner', 'owners'],
+  ['notify', 'notify'],
+  ['tag', 'tags'],
+  ['service', 'service'],
+] as const;
+
 const store: ClientCommand = {
   summary: 'store <name>               store a new version (value from stdin, a file, a variable or a prompt)',
   usage: storeUsage,
@@ -131,6 +140,9 @@ const store: ClientCommand = {
     // What the arguments and flags say is not to be overridden unseen by a field of --policy.
     const taken = ['name', 'kind', 'value', 'totp', 'expectedVersion', 'externalId'].filter((k) => Object.hasOwn(policy, k));
     if (taken.length) throw usageError(`--policy must not set ${taken.join(', ')}: give the name as the argument, the value from a source, and the rest as flags`, storeUsage);
+    // Nor does a flag quietly replace the same field of --policy: one of the two would be lost unseen.
+    const twice = POLICY_FLAGS.filter(([flag, field]) => values[flag] !== undefined && Object.hasOwn(policy, field));
+    if (twice.length) throw usageError(`${twice.map(([flag, field]) => `--${flag} and --policy's "${field}"`).join(', ')} set the same field: give it once`, storeUsage);
     const expectedVersion = wholeNumber('expected-version', values['expected-version'], storeUsage);
     const digits = wholeNumber('digits', values.digits, storeUsage);
     const period = wholeNumber('period', values.period, storeUsage, 1);
@@ -154,7 +166,7 @@ const store: ClientCommand = {
                 ...(period !== undefined ? { period } : {}),
               },
             };
-    const stored = await api.call('POST', '/v1/vault.store', {
+    const stored = await api.call('POST', '/v1/vault.store', storedVersion, {
       name,
       kind,
       ...secret,
@@ -188,7 +200,7 @@ const get: ClientCommand = {
     const [ref] = positionals(pos, ['name|id'], getUsage);
     const version = wholeNumber('version', values.version, getUsage, 1);
     const api = new Api(baseUrl(values.url), identityToken(values.token));
-    const got = await api.call('POST', '/v1/vault.get', { ...refOf(ref!), ...(version ? { version } : {}) });
+    const got = await api.call('POST', '/v1/vault.get', secretRead, { ...refOf(ref!), ...(version ? { version } : {}) });
     const out = new Out(values.json);
     out.result(got, () => {
       out.note(`${got.name} version ${got.version}${got.label ? ` (${got.label})` : ''}, ${got.kind}, ${got.ageDays} days old`);
@@ -211,7 +223,7 @@ const totp: ClientCommand = {
     const { values, positionals: pos } = parse(args, { ...TOKEN_OPTION }, totpUsage);
     const [ref] = positionals(pos, ['name|id'], totpUsage);
     const api = new Api(baseUrl(values.url), identityToken(values.token));
-    const code = await api.call('POST', '/v1/vault.totp', refOf(ref!));
+    const code = await api.call('POST', '/v1/vault.totp', totpCode, refOf(ref!));
     const out = new Out(values.json);
     out.result(code, () => {
       out.note(`valid for ${code.expiresInSeconds} more seconds`);
@@ -232,7 +244,7 @@ CLI compute that hash from the value (--value-file; the value itself is never se
 Options:
   --source <who>    who found it (default mailgent-cli)
   --details <text>  what happened (must not contain the value)
-  --admin           report with the admin token (any identity's credentials)
+  --admin           report with the admin token (any identity's credentials); --admin-token implies it
 
 ${IDENTITY}
 With --admin, the admin token: --admin-token, MAILGENT_ADMIN_TOKEN, ADMIN_TOKEN or DATA_DIR/admin-token.
@@ -260,19 +272,24 @@ const leak: ClientCommand = {
     // An empty one (an unset shell variable) must not fall through to reading the value from stdin.
     if (pos[0] === '' || values.fingerprint === '' || values['value-file'] === '') throw usageError('the credential, --fingerprint or --value-file is empty', leakUsage);
     if (pos.length > 1) throw unexpectedArgument(2, leakUsage);
-    const token = values.admin ? adminToken(values['admin-token']) : identityToken(values.token);
+    // As for the admin commands, an admin token given is the one used (before, without --admin it
+    // was dropped unseen and the report went out as MAILGENT_TOKEN's identity); a --token beside it
+    // would be dropped in its turn, so the two are refused together.
+    const asAdmin = values.admin || values['admin-token'] !== undefined;
+    if (asAdmin && values.token !== undefined) throw usageError('give --token, or --admin/--admin-token to report with the admin token, not both', leakUsage);
+    const token = asAdmin ? adminToken(values['admin-token']) : identityToken(values.token);
     const api = new Api(baseUrl(values.url), token);
     let target: { credential: string } | { fingerprint: string };
     if (pos[0]) target = { credential: pos[0] };
     else if (values.fingerprint) target = { fingerprint: values.fingerprint };
     else target = { fingerprint: createHash('sha256').update(await readSecret({ file: values['value-file'], what: 'Leaked value' })).digest('hex') };
-    const reported = await api.call('POST', '/v1/leaks', { ...target, source: values.source, ...(values.details ? { details: values.details } : {}) });
+    const reported = await api.call('POST', '/v1/leaks', leakResults, { ...target, source: values.source, ...(values.details ? { details: values.details } : {}) });
     const out = new Out(values.json);
     out.result(reported, () => {
       out.line(
         table(
           ['CREDENTIAL', 'VERSION', 'ACTION', 'WORKFLOW'],
-          reported.results.map((r: { credentialId: string; version: number; action: string; workflowId?: string }) => [r.credentialId, String(r.version), r.action, r.workflowId ?? '']),
+          reported.results.map((r) => [r.credentialId, String(r.version), r.action, r.workflowId ?? '']),
         ),
       );
     });
@@ -295,7 +312,7 @@ const audit: ClientCommand = {
     if (pos[0] !== 'verify') throw usageError(pos[0] ? `unknown subcommand '${pos[0]}'` : 'missing subcommand: verify', auditUsage);
     positionals(pos, ['subcommand'], auditUsage);
     const api = new Api(baseUrl(values.url), adminToken(values['admin-token']));
-    const report = await api.call<{ ok: boolean; rows: number; firstBroken?: { seq: number; reason: string } }>('GET', '/v1/audit/verify');
+    const report = await api.call('GET', '/v1/audit/verify', chainReport);
     const out = new Out(values.json);
     out.result(report, () =>
       out.line(

@@ -2,6 +2,8 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { DEFAULT_PORT } from '../../core/config';
+import type { z } from 'zod';
+import { mismatchedFields } from './answers';
 import { answerLost, CliError, EXIT, exitCodeOf, unexpectedAnswer, unreachable, usageError, type Problem } from './errors';
 
 /**
@@ -78,14 +80,17 @@ export function adminToken(flag: string | undefined, env = process.env): string 
   throw usageError(`no admin token: set MAILGENT_ADMIN_TOKEN (or pass --admin-token), or run where ${file} exists`);
 }
 
-/** A small client for the HTTP API. A refusal becomes a CliError carrying the API's problem details. */
+/**
+ * A small client for the HTTP API. A refusal becomes a CliError carrying the API's problem details;
+ * a success is the API's JSON document, once it has the fields `answer` names (cli/client/answers.ts).
+ */
 export class Api {
   constructor(
     readonly url: string,
     private readonly token: string,
   ) {}
 
-  async call<T = any>(method: string, route: string, body?: unknown, opts: { timeoutMs?: number } = {}): Promise<T> {
+  async call<S extends z.ZodType>(method: string, route: string, answer: S, body?: unknown, opts: { timeoutMs?: number } = {}): Promise<z.infer<S>> {
     let res: Response;
     try {
       res = await fetch(this.url + route, {
@@ -118,13 +123,30 @@ export class Api {
     } catch {
       parsed = undefined;
     }
+    const maybeDone = readOnly(method, route) ? '' : ' (the request may have been carried out)';
     if (res.ok) {
       // Every route the CLI calls answers a JSON document. Anything else (a proxy's or captive
       // portal's HTML page, an empty body) is not the API's answer, and must not pass for success.
-      if (parsed !== null && typeof parsed === 'object') return parsed as T;
+      if (parsed === null || typeof parsed !== 'object') {
+        throw unexpectedAnswer(
+          `the API at ${this.url} answered HTTP ${res.status} with ${res.headers.get('content-type') || 'no content type'}, not a JSON document; ` +
+            `check that --url (MAILGENT_URL) points at the Mailgent API${maybeDone}`,
+        );
+      }
+      // Nor does a JSON document of another shape (a gateway's `{"error": "login required"}`).
+      const checked = answer.safeParse(parsed);
+      if (checked.success) return parsed as z.infer<S>;
       throw unexpectedAnswer(
-        `the API at ${this.url} answered HTTP ${res.status} with ${res.headers.get('content-type') || 'no content type'}, not a JSON document; ` +
-          `check that --url (MAILGENT_URL) points at the Mailgent API${readOnly(method, route) ? '' : ' (the request may have been carried out)'}`,
+        `the API at ${this.url} answered HTTP ${res.status} with a JSON document that is not the answer to ${method} ${route.split('?')[0]} ` +
+          `(missing or of the wrong type: ${mismatchedFields(checked.error)}); check that --url (MAILGENT_URL) points at the Mailgent API${maybeDone}`,
+      );
+    }
+    // The API never answers 502 or 504: a proxy in front of it does, when the API's answer did not
+    // come (a timeout, a dropped connection). For a change, as when the CLI itself sees that, it may
+    // have been carried out. (A 503 is the API's own, which tells the two apart: `unconfirmed`.)
+    if ((res.status === 502 || res.status === 504) && !readOnly(method, route)) {
+      throw answerLost(
+        `the request to the Mailgent API at ${this.url} was sent but a proxy answered HTTP ${res.status} in its place; it may have been carried out: check before repeating it`,
       );
     }
     const problem: Problem =

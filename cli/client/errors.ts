@@ -47,8 +47,9 @@ export function unreachable(detail: string): CliError {
 }
 
 /**
- * A 2xx that is not the API's JSON answer. Exit 1, not 4: a request that got this far may have
- * been carried out (a credential stored, a rotation started), so a script must not simply repeat it.
+ * A 2xx that is not the API's JSON answer (not JSON, or JSON without the fields asked for). Exit 1,
+ * not 4: a request that got this far may have been carried out (a credential stored, a rotation
+ * started), so a script must not simply repeat it.
  */
 export function unexpectedAnswer(detail: string): CliError {
   return new CliError(EXIT.failed, { type: `${LOCAL}unexpected-answer`, title: 'Unexpected answer', detail });
@@ -65,12 +66,14 @@ export function answerLost(detail: string): CliError {
 /**
  * What an API refusal means for a script: the exit code of each HTTP status. A 503 whose change may
  * have been committed (`unconfirmed`: a store whose COMMIT went unanswered) is 1, not 4: repeating
- * it could store twice, so a script checks first.
+ * it could store twice, so a script checks first. A proxy's 502 or 504 (the API itself never sends
+ * them) is busy or unavailable, like the API's 503; but a change answered so never gets here:
+ * Api.call reports it as an answer lost.
  */
 export function exitCodeOf(status: number, problem?: Problem): ExitCode {
   if (status === 400 || status === 413 || status === 415 || status === 431) return EXIT.usage;
   if (status === 401 || status === 403 || status === 404) return EXIT.denied;
   if (status === 503 && problem?.unconfirmed === true) return EXIT.failed;
-  if (status === 429 || status === 503) return EXIT.unavailable;
+  if (status === 429 || status === 502 || status === 503 || status === 504) return EXIT.unavailable;
   return EXIT.failed;
 }

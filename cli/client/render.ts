@@ -38,7 +38,9 @@ export class Progress {
     }
   }
 
+  /** Ends the bar's line; once only, as both a Ctrl-C and the follow's own end may call it. */
   end(): void {
     if (this.tty && this.drawn) process.stderr.write('\n');
+    this.drawn = false;
   }
 }

@@ -1,7 +1,9 @@
+import type { z } from 'zod';
 import { KINDS } from '../../vault/types';
 import { CliError, EXIT, usageError } from './errors';
-import { Api, baseUrl, identityToken, Out, parse, TOKEN_OPTION } from './context';
+import { Api, baseUrl, identityToken, Out, parse, reportError, TOKEN_OPTION } from './context';
 import { Progress, table } from './render';
+import { credentialPage, rotationReport, rotationStarted } from './answers';
 import type { ClientCommand } from './commands';
 
 /**
@@ -29,27 +31,17 @@ Options:
   --timeout <n>ms|s|m|h   stop following after this long (exit 1; the rotation goes on). Default 30m
   --interval <ms>         how often to poll (default 500)
 
+Ctrl-C stops following, not the rotation: it goes on on the server, and its id is printed (on
+stdout too with --json, as the problem's "rotationId"); the exit code is 130.
+
 Progress goes to stderr: a bar on a terminal, one line per finished credential otherwise, nothing
 with --json. --json prints {rotationId, state, reason, credentials: [{credentialId, name,
 fromVersion, toVersion, outcome, error}]} (with --no-wait: {rotationId, batchWorkflowId, workflowIds}).
 
 Connection: --url or MAILGENT_URL; identity: --token or MAILGENT_TOKEN.`;
 
-interface RunReport {
-  credentialId: string;
-  name: string;
-  state: string;
-  status: string | null;
-  outcome: string | null;
-  progress: { fromVersion?: number; toVersion?: number; error?: string; graceEndsAt?: string; steps?: { name: string; state: string; error?: string }[] } | null;
-}
-
-interface RotationReport {
-  rotationId: string;
-  state: string;
-  reason: string | null;
-  credentials: RunReport[];
-}
+type RotationReport = z.infer<typeof rotationReport>;
+type RunReport = RotationReport['credentials'][number];
 
 const FINISHED = new Set(['succeeded', 'grace', 'failed', 'cancelled', 'rolled_back']);
 const OK_STATES = new Set(['succeeded', 'grace']);
@@ -96,7 +88,7 @@ export const rotate: ClientCommand = {
     const api = new Api(baseUrl(values.url), identityToken(values.token));
     const out = new Out(values.json);
 
-    const started = await api.call<{ rotationId: string; batchWorkflowId: string; workflowIds: string[] }>('POST', '/v1/rotations', {
+    const started = await api.call('POST', '/v1/rotations', rotationStarted, {
       ...(filtered ? { filter: { ...(values.kind ? { kind: values.kind } : {}), ...(olderThanDays !== undefined ? { olderThanDays } : {}) } } : { credentials: names }),
       ...(values.reason ? { reason: values.reason } : {}),
       ...(values.notify ? { notify: values.notify } : {}),
@@ -113,6 +105,7 @@ export const rotate: ClientCommand = {
     const deadline = Date.now() + timeoutMs;
     let report: RotationReport;
     let unknownFrom: Map<string, number>;
+    const stopHandlingInterrupt = onInterrupt(rotationId, progress, values.json);
     try {
       try {
         for (;;) {
@@ -131,7 +124,8 @@ export const rotate: ClientCommand = {
               rotationId,
             });
           }
-          await sleep(interval);
+          // --timeout is kept to even with a long --interval: the last wait ends at the deadline.
+          await sleep(Math.max(0, Math.min(interval, deadline - Date.now())));
         }
       } finally {
         progress?.end();
@@ -140,6 +134,8 @@ export const rotate: ClientCommand = {
       unknownFrom = await currentVersions(api, report.credentials.filter((c) => c.progress?.fromVersion === undefined && !OK_STATES.has(c.state)).map((c) => c.credentialId));
     } catch (err) {
       throw notFollowed(err, rotationId);
+    } finally {
+      stopHandlingInterrupt();
     }
 
     const credentials = report.credentials.map((c) => ({
@@ -172,17 +168,43 @@ const MAX_BACKOFF_MS = 5_000;
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
+/** The exit code of a process ended by Ctrl-C (128 + SIGINT), as shells report it. */
+const INTERRUPTED = 130;
+
+/**
+ * Ctrl-C while following stops the following, not the rotation (a workflow on the server): the bar's
+ * line is ended and the user told which rotation goes on and how to see it, with the rotation id on
+ * stdout as well under --json (the only place it would otherwise never be printed). Exit 130, as a
+ * shell reports a process ended by SIGINT. Returns what removes the handler, once the follow ends.
+ */
+function onInterrupt(rotationId: string, progress: Progress | undefined, json: boolean): () => void {
+  const interrupted = () => {
+    progress?.end();
+    const problem = {
+      type: 'https://mailgent.dev/problems/cli-interrupted',
+      title: 'Interrupted',
+      detail: `stopped following rotation ${rotationId}; it goes on on the server: follow it with GET /v1/rotations/${rotationId}`,
+      rotationId,
+    };
+    reportError(new CliError(EXIT.failed, problem), 'rotate', json);
+    process.exit(INTERRUPTED);
+  };
+  process.on('SIGINT', interrupted);
+  return () => process.off('SIGINT', interrupted);
+}
+
 /**
  * GET /v1/rotations/:id. Once the rotation has started, a busy or unreachable API (429, 503, a
- * refused or dropped connection, a poll that timed out: exit 4, "try again later") is asked again,
- * backing off, until the deadline: a script that took exit 4 at its word would start a second rotation.
+ * proxy's 502 or 504, a refused or dropped connection, a poll that timed out: exit 4, "try again
+ * later") is asked again, backing off, until the deadline: a script that took exit 4 at its word
+ * would start a second rotation.
  */
 async function poll(api: Api, rotationId: string, deadline: number, interval: number, timeout: string): Promise<RotationReport> {
   for (let wait = interval; ; wait = Math.min(wait * 2, Math.max(MAX_BACKOFF_MS, interval))) {
     try {
       // A poll that hangs is cut short, to be asked again, and never outlasts --timeout by much.
       const timeoutMs = Math.min(POLL_TIMEOUT_MS, Math.max(deadline - Date.now(), 1000));
-      return await api.call<RotationReport>('GET', `/v1/rotations/${rotationId}`, undefined, { timeoutMs });
+      return await api.call('GET', `/v1/rotations/${rotationId}`, rotationReport, undefined, { timeoutMs });
     } catch (err) {
       if (!(err instanceof CliError) || err.exitCode !== EXIT.unavailable) throw err;
       const left = deadline - Date.now();
@@ -221,10 +243,7 @@ async function currentVersions(api: Api, ids: string[]): Promise<Map<string, num
   const found = new Map<string, number>();
   const wanted = new Set(ids);
   for (let after: string | null = null; wanted.size > found.size; ) {
-    const page: { items: { id: string; version: number }[]; nextCursor: string | null } = await api.call(
-      'GET',
-      `/v1/credentials?limit=1000${after ? `&after=${encodeURIComponent(after)}` : ''}`,
-    );
+    const page: z.infer<typeof credentialPage> = await api.call('GET', `/v1/credentials?limit=1000${after ? `&after=${encodeURIComponent(after)}` : ''}`, credentialPage);
     for (const item of page.items) if (wanted.has(item.id)) found.set(item.id, item.version);
     if (!page.nextCursor) break;
     after = page.nextCursor;

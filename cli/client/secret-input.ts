@@ -9,15 +9,18 @@ import { usageError } from './errors';
 export async function readSecret(opts: { file?: string; envName?: string; what: string }): Promise<string> {
   let value: string;
   if (opts.file !== undefined && opts.envName !== undefined) throw usageError('give --value-file or --value-env, not both');
+  // Neither the path nor the variable's name is repeated in an error: given by mistake as
+  // "$STRIPE_KEY", either is the secret itself. Only the error code (ENOENT …), never its message,
+  // which quotes the path.
   if (opts.file !== undefined && opts.file !== '-') {
     try {
       value = readFileSync(opts.file, 'utf8');
     } catch (err) {
-      throw usageError(`cannot read --value-file ${opts.file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+      throw usageError(`cannot read the file named by --value-file (${(err as NodeJS.ErrnoException).code ?? 'unknown error'})`);
     }
   } else if (opts.envName !== undefined) {
     const fromEnv = process.env[opts.envName];
-    if (!fromEnv) throw usageError(`--value-env: the variable ${opts.envName} is not set`);
+    if (!fromEnv) throw usageError(`the variable named by --value-env is not set or is empty (it takes the variable's name: --value-env STRIPE_KEY, not "$STRIPE_KEY")`);
     value = fromEnv;
   } else if (opts.file === '-' || !process.stdin.isTTY) {
     value = await readStdin();

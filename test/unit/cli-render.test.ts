@@ -34,6 +34,16 @@ describe('CLI rendering', () => {
     ]);
   });
 
+  it("ends the bar's line once, however often it is ended (a Ctrl-C, then the follow's own end)", () => {
+    process.stderr.isTTY = true;
+    const written = captureStderr();
+    const progress = new Progress(1);
+    progress.update([], 0);
+    progress.end();
+    progress.end();
+    expect(written).toEqual([`\r\x1b[2K[${'-'.repeat(30)}] 0/1 done`, '\n']);
+  });
+
   it('elsewhere prints each finished item once, as a plain line', () => {
     process.stderr.isTTY = false;
     const written = captureStderr();

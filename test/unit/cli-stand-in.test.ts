@@ -1,0 +1,335 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+/**
+ * The `mailgent` binary (a child process, as a user runs it) against a stand-in for the API: a
+ * node:http server answering as a proxy, a gateway or a rotation that never ends would. What the
+ * real API answers is test/cli.test.ts's; here is what it never answers.
+ */
+
+const BIN = fileURLToPath(new URL('../../bin/mailgent.js', import.meta.url));
+/** Makes the child's stderr pass for a terminal, so `rotate` draws its bar (into our pipe). */
+const FAKE_TTY = 'data:text/javascript,process.stderr.isTTY=true';
+
+interface Run {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+}
+
+interface Seen {
+  method: string;
+  url: string;
+  authorization?: string;
+  body: string;
+}
+
+type Answer = { status: number; body: unknown; type?: string } | 'hang';
+
+const ROTATION_ID = '0b7c6a52-3f0e-4a8e-9d1c-5e2f7a9b4c13';
+const CREDENTIAL_ID = '9a1d4e7f-2b3c-4d5e-8f6a-7b8c9d0e1f2a';
+const started = { rotationId: ROTATION_ID, batchWorkflowId: `rotation:${ROTATION_ID}`, workflowIds: [`rotate:${CREDENTIAL_ID}`] };
+const report = (state: 'running' | 'succeeded') => ({
+  rotationId: ROTATION_ID,
+  state,
+  reason: null,
+  createdAt: new Date().toISOString(),
+  credentials: [
+    {
+      credentialId: CREDENTIAL_ID,
+      name: 'stripe',
+      workflowId: `rotate:${CREDENTIAL_ID}`,
+      runId: null,
+      outcome: null,
+      state,
+      status: null,
+      progress: state === 'succeeded' ? { state, mode: 'requested', attempt: 1, steps: [], fromVersion: 1, toVersion: 2 } : null,
+    },
+  ],
+});
+const isStart = (r: Seen) => r.method === 'POST' && r.url === '/v1/rotations';
+const isPoll = (r: Seen) => r.method === 'GET' && r.url === `/v1/rotations/${ROTATION_ID}`;
+/** A proxy's error page: what nginx answers when the API did not. */
+const proxyPage = (status: number): Answer => ({ status, type: 'text/html', body: `<html><head><title>${status}</title></head><body>nginx</body></html>` });
+
+describe('mailgent CLI against a stand-in API', () => {
+  let cwd: string;
+  beforeAll(() => {
+    cwd = mkdtempSync(path.join(tmpdir(), 'mailgent-cli-stand-in-'));
+  });
+  afterAll(() => rmSync(cwd, { recursive: true, force: true }));
+
+  /**
+   * Runs the binary with a clean environment plus `env`, `input` on stdin. A run still going after
+   * `killAfterMs` is killed (code null): a bug that makes it hang fails the test, not its timeout.
+   */
+  const mailgent = (
+    args: string[],
+    opts: { url?: string; env?: Record<string, string>; input?: string; tty?: boolean; killAfterMs?: number; started?: (child: ChildProcess) => void } = {},
+  ): Promise<Run> =>
+    new Promise((resolve, reject) => {
+      const env = { PATH: process.env.PATH!, HOME: cwd, MAILGENT_URL: opts.url ?? 'http://127.0.0.1:9', MAILGENT_TOKEN: 'mgt_identity_token', ...opts.env };
+      const child = spawn(process.execPath, [...(opts.tty ? ['--import', FAKE_TTY] : []), BIN, ...args], { cwd, env });
+      const killer = setTimeout(() => child.kill('SIGKILL'), opts.killAfterMs ?? 20_000);
+      let stdout = '';
+      let stderr = '';
+      child.stdout.on('data', (d) => (stdout += d));
+      child.stderr.on('data', (d) => (stderr += d));
+      child.on('error', reject);
+      child.on('close', (code, signal) => {
+        clearTimeout(killer);
+        resolve({ code, signal, stdout, stderr });
+      });
+      child.stdin.end(opts.input ?? '');
+      opts.started?.(child);
+    });
+  const json = (run: Run) => JSON.parse(run.stdout);
+
+  /** Runs `fn` against a server answering each request as `answer` says; `seen` lists the requests. */
+  const withApi = async (answer: (req: Seen, seen: Seen[]) => Answer, fn: (url: string, seen: Seen[]) => Promise<void>) => {
+    const seen: Seen[] = [];
+    const server = createServer((req: IncomingMessage, res: ServerResponse) => {
+      const chunks: Buffer[] = [];
+      req.on('data', (c: Buffer) => chunks.push(c));
+      req.on('end', () => {
+        const request = { method: req.method!, url: req.url!, authorization: req.headers.authorization, body: Buffer.concat(chunks).toString('utf8') };
+        seen.push(request);
+        const a = answer(request, seen);
+        if (a === 'hang') return;
+        const type = a.type ?? (a.status >= 400 ? 'application/problem+json' : 'application/json');
+        res.writeHead(a.status, { 'content-type': type }).end(typeof a.body === 'string' ? a.body : JSON.stringify(a.body));
+      });
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    try {
+      await fn(`http://127.0.0.1:${(server.address() as { port: number }).port}`, seen);
+    } finally {
+      server.closeAllConnections();
+      await new Promise((resolve) => server.close(resolve));
+    }
+  };
+
+  it('never repeats what --value-env or --value-file names: given as "$STRIPE_KEY", it is the secret itself', async () => {
+    const secret = `sk_live_SECRET123_${randomBytes(6).toString('hex')}`;
+    const cases = [
+      [['store', 'stripe', '--value-env', secret], 'the variable named by --value-env is not set'],
+      [['store', 'stripe', '--value-file', secret], 'cannot read the file named by --value-file (ENOENT)'],
+      [['leak', '--value-file', secret], 'cannot read the file named by --value-file (ENOENT)'],
+    ] as const;
+    const runs = await Promise.all(cases.flatMap(([args]) => [mailgent([...args]), mailgent([...args, '--json'])]));
+    cases.forEach(([args, says], i) => {
+      const [human, asJson] = [runs[2 * i]!, runs[2 * i + 1]!];
+      for (const run of [human, asJson]) {
+        expect(run.code, args.join(' ')).toBe(2);
+        expect(run.stdout + run.stderr, args.join(' ')).not.toContain(secret);
+        expect(run.stderr, args.join(' ')).toContain(says);
+      }
+      expect(json(asJson), args.join(' ')).toEqual({ type: 'https://mailgent.dev/problems/cli-usage', title: 'Usage error', detail: expect.stringContaining(says) });
+    });
+  });
+
+  it('a 2xx JSON answer of another shape (a gateway\'s {"error": …}) is an unexpected answer, exit 1, never `undefined` on stdout', async () => {
+    const commands: [string[], boolean][] = [
+      [['get', 'stripe'], false],
+      [['totp', 'stripe'], false],
+      [['audit', 'verify'], false],
+      [['store', 'stripe'], true],
+      [['identities', 'create', 'bot'], true],
+      [['leak', 'stripe'], true],
+      [['rotate', 'stripe'], true],
+      [['rotate', 'stripe', '--no-wait'], true],
+    ];
+    await withApi(
+      () => ({ status: 200, body: { error: 'login required' } }),
+      async (url) => {
+        const env = { MAILGENT_ADMIN_TOKEN: 'mgt_admin_token' };
+        const runs = await Promise.all(commands.flatMap(([args]) => [mailgent(args, { url, env, input: 'v' }), mailgent([...args, '--json'], { url, env, input: 'v' })]));
+        commands.forEach(([args, change], i) => {
+          const [human, asJson] = [runs[2 * i]!, runs[2 * i + 1]!];
+          const what = args.join(' ');
+          expect(human.code, what).toBe(1);
+          expect(human.stdout, what).toBe('');
+          expect(human.stderr, what).toContain(`mailgent ${args[0]}: Unexpected answer: the API at ${url} answered HTTP 200 with a JSON document that is not the answer to `);
+          expect(human.stderr.includes('(the request may have been carried out)'), what).toBe(change);
+          expect(human.stderr, what).not.toContain('undefined');
+          expect(asJson.code, what).toBe(1);
+          expect(json(asJson), what).toEqual({ type: 'https://mailgent.dev/problems/cli-unexpected-answer', title: 'Unexpected answer', detail: expect.any(String) });
+        });
+        // The fields missing are named, never the answer's content.
+        expect(json(runs[1]!).detail).toContain('not the answer to POST /v1/vault.get (missing or of the wrong type: name, kind, version, label, value, ageDays)');
+        expect(runs.map((r) => r.stdout + r.stderr).join('')).not.toContain('login required');
+      },
+    );
+
+    // Once the rotation started, a poll answered so ends the follow naming the rotation (exit 1).
+    await withApi(
+      (req) => (isStart(req) ? { status: 201, body: started } : { status: 200, body: { error: 'login required' } }),
+      async (url) => {
+        const run = await mailgent(['rotate', 'stripe', '--json', '--interval', '50'], { url });
+        expect(run.code).toBe(1);
+        expect(json(run)).toMatchObject({
+          type: 'https://mailgent.dev/problems/cli-not-followed',
+          rotationId: ROTATION_ID,
+          cause: { type: 'https://mailgent.dev/problems/cli-unexpected-answer', detail: expect.stringContaining(`not the answer to GET /v1/rotations/${ROTATION_ID}`) },
+        });
+      },
+    );
+
+    // An answer with fields this CLI does not know (a newer API) is still the answer, handed on unchanged.
+    const read = { id: CREDENTIAL_ID, name: 'stripe', kind: 'api_key', version: 3, label: 'current', value: 'sk_test_value', createdAt: new Date().toISOString(), ageDays: 0, addedLater: { x: 1 } };
+    await withApi(
+      () => ({ status: 200, body: read }),
+      async (url) => {
+        const [human, asJson] = await Promise.all([mailgent(['get', 'stripe'], { url }), mailgent(['get', 'stripe', '--json'], { url })]);
+        expect(human).toMatchObject({ code: 0, stdout: 'sk_test_value\n', stderr: 'stripe version 3 (current), api_key, 0 days old\n' });
+        expect(asJson.code).toBe(0);
+        expect(json(asJson)).toEqual(read);
+      },
+    );
+  });
+
+  it("a proxy's 502 or 504 is busy (exit 4) for a read and an answer lost (exit 1) for a change; the rotation follow asks again", async () => {
+    const reads = [['get', 'stripe'], ['totp', 'stripe'], ['audit', 'verify']];
+    const changes = [['store', 'stripe'], ['leak', 'stripe'], ['rotate', 'stripe'], ['identities', 'create', 'bot']];
+    for (const status of [502, 504]) {
+      await withApi(
+        () => proxyPage(status),
+        async (url) => {
+          const env = { MAILGENT_ADMIN_TOKEN: 'mgt_admin_token' };
+          const [readRuns, changeRuns] = await Promise.all([
+            Promise.all(reads.map((args) => mailgent([...args, '--json'], { url, env }))),
+            Promise.all(changes.map((args) => mailgent([...args, '--json'], { url, env, input: 'v' }))),
+          ]);
+          readRuns.forEach((run, i) => {
+            expect(run.code, `${status} ${reads[i]!.join(' ')}`).toBe(4);
+            expect(json(run), `${status} ${reads[i]!.join(' ')}`).toMatchObject({ status, detail: `the API answered HTTP ${status}` });
+          });
+          changeRuns.forEach((run, i) => {
+            expect(run.code, `${status} ${changes[i]!.join(' ')}`).toBe(1);
+            expect(json(run), `${status} ${changes[i]!.join(' ')}`).toMatchObject({
+              type: 'https://mailgent.dev/problems/cli-answer-lost',
+              detail: expect.stringContaining(`a proxy answered HTTP ${status} in its place; it may have been carried out: check before repeating it`),
+            });
+          });
+        },
+      );
+    }
+
+    // Before, the first 502 ended the follow with exit 1 while the rotation went on.
+    await withApi(
+      (req, seen) => {
+        if (isStart(req)) return { status: 201, body: started };
+        const polls = seen.filter(isPoll).length;
+        return polls === 1 ? proxyPage(502) : polls === 2 ? proxyPage(504) : { status: 200, body: report('succeeded') };
+      },
+      async (url, seen) => {
+        const run = await mailgent(['rotate', 'stripe', '--json', '--interval', '50'], { url });
+        expect(run).toMatchObject({ code: 0, stderr: '' });
+        expect(json(run)).toMatchObject({ rotationId: ROTATION_ID, state: 'succeeded', credentials: [{ name: 'stripe', fromVersion: 1, toVersion: 2, outcome: 'succeeded' }] });
+        expect(seen.filter(isStart)).toHaveLength(1);
+        expect(seen.filter(isPoll)).toHaveLength(3);
+      },
+    );
+  });
+
+  it('rotate: an --interval longer than --timeout does not outlast it', async () => {
+    await withApi(
+      (req) => (isStart(req) ? { status: 201, body: started } : { status: 200, body: report('running') }),
+      async (url) => {
+        const begun = Date.now();
+        // Before, it slept the whole minute before looking at the deadline again (killed here at 20 s).
+        const run = await mailgent(['rotate', 'stripe', '--json', '--timeout', '1s', '--interval', '60000'], { url });
+        expect(run.code).toBe(1);
+        expect(json(run)).toMatchObject({ type: 'https://mailgent.dev/problems/cli-timeout', rotationId: ROTATION_ID });
+        expect(Date.now() - begun).toBeLessThan(10_000);
+      },
+    );
+  });
+
+  it('rotate: Ctrl-C while following ends the bar, says the rotation goes on and how to follow it, exits 130', async () => {
+    for (const mode of ['terminal', 'json'] as const) {
+      let child: ChildProcess | undefined;
+      await withApi(
+        (req, seen) => {
+          if (isStart(req)) return { status: 201, body: started };
+          // Once it follows: the user presses Ctrl-C (after this answer is on its way).
+          if (seen.filter(isPoll).length === 1) setTimeout(() => child!.kill('SIGINT'), 100);
+          return { status: 200, body: report('running') };
+        },
+        async (url) => {
+          const args = ['rotate', 'stripe', '--interval', '60000', ...(mode === 'json' ? ['--json'] : [])];
+          const run = await mailgent(args, { url, tty: mode === 'terminal', started: (c) => (child = c) });
+          // Before, Node's default: killed by the signal, the bar's line left open, nothing said.
+          expect(run, mode).toMatchObject({ code: 130, signal: null });
+          const says = `mailgent rotate: Interrupted: stopped following rotation ${ROTATION_ID}; it goes on on the server: follow it with GET /v1/rotations/${ROTATION_ID}\n`;
+          if (mode === 'terminal') {
+            expect(run.stderr).toBe(`rotation ${ROTATION_ID}: 1 credential\n\r\x1b[2K[${'-'.repeat(30)}] 0/1 done\n${says}`);
+            expect(run.stdout).toBe('');
+          } else {
+            expect(run.stderr).toBe(says);
+            expect(json(run)).toEqual({ type: 'https://mailgent.dev/problems/cli-interrupted', title: 'Interrupted', detail: expect.stringContaining('it goes on on the server'), rotationId: ROTATION_ID });
+          }
+        },
+      );
+    }
+  });
+
+  it('leak: --admin-token is the token sent (it implies --admin); beside --token, it or --admin is refused', async () => {
+    const results = { results: [{ credentialId: CREDENTIAL_ID, version: 1, action: 'already-revoked' }] };
+    await withApi(
+      () => ({ status: 200, body: results }),
+      async (url, seen) => {
+        // Before, without --admin, it was dropped and the report went out as MAILGENT_TOKEN's identity.
+        const asAdmin = await mailgent(['leak', 'stripe', '--admin-token', 'mgt_admin_flag', '--json'], { url });
+        expect(asAdmin.code).toBe(0);
+        expect(json(asAdmin)).toEqual(results);
+        expect(seen.map((r) => r.authorization)).toEqual(['Bearer mgt_admin_flag']);
+
+        for (const flags of [['--admin-token', 'mgt_admin_flag'], ['--admin']]) {
+          const both = await mailgent(['leak', 'stripe', ...flags, '--token', 'mgt_identity_flag'], { url, env: { MAILGENT_ADMIN_TOKEN: 'mgt_admin_env' } });
+          expect(both.code, flags[0]).toBe(2);
+          expect(both.stderr, flags[0]).toContain('give --token, or --admin/--admin-token to report with the admin token, not both');
+        }
+        expect(seen).toHaveLength(1);
+      },
+    );
+  });
+
+  it('store: a flag and the same field in --policy are refused together (exit 2), as --policy setting a flag\'s field is', async () => {
+    const stored = { id: CREDENTIAL_ID, name: 'stripe', version: 1, createdAt: new Date().toISOString() };
+    await withApi(
+      () => ({ status: 201, body: stored }),
+      async (url, seen) => {
+        const twice = [
+          [['--owner', 'a@example.com', '--policy', '{"owners":["b@example.com"]}'], `--owner and --policy's "owners" set the same field: give it once`],
+          [['--tag', 'x', '--service', 's', '--policy', '{"tags":["y"],"service":"t"}'], `--tag and --policy's "tags", --service and --policy's "service" set the same field: give it once`],
+          [['--notify', 'a@example.com', '--policy', '{"notify":[]}'], `--notify and --policy's "notify" set the same field`],
+        ] as const;
+        for (const [flags, says] of twice) {
+          // Before, the flag quietly replaced the field: exit 0.
+          const run = await mailgent(['store', 'stripe', ...flags], { url, input: 'v' });
+          expect(run.code, flags[0]).toBe(2);
+          expect(run.stderr, flags[0]).toContain(says);
+        }
+        expect(seen).toHaveLength(0);
+        // Different fields from the flags and --policy go together.
+        const run = await mailgent(['store', 'stripe', '--owner', 'a@example.com', '--policy', '{"service":"payments"}'], { url, input: 'v' });
+        expect(run.code).toBe(0);
+        expect(JSON.parse(seen[0]!.body)).toMatchObject({ owners: ['a@example.com'], service: 'payments' });
+      },
+    );
+  });
+
+  it('mcp --json is refused (exit 2): stdout is the MCP channel, so even the error goes to stderr only', async () => {
+    const run = await mailgent(['mcp', '--json']);
+    expect(run).toMatchObject({ code: 2, stdout: '' });
+    expect(run.stderr).toContain('mailgent mcp: Usage error: --json is not for mcp: its stdout carries only the MCP protocol');
+  });
+});
