@@ -186,20 +186,45 @@ export function batchActivities(deps: ActivityDeps) {
      */
     async awaitOutcomes(input: { rotationId: string; pollMs?: number; until?: string }): Promise<{ total: number; rotated: number; failed: number; open?: number }> {
       const { client } = temporal();
-      const outcomes = async () =>
+      // Each poll reads the runs still going (started, no outcome: at most maxOpen of them, as the
+      // waves start them) and whether any waits to start, not every run of the batch: a sweep of a
+      // vault whose credentials fell due together holds 100,000 rows. The totals are counted once,
+      // at the end.
+      const running = async () =>
         (
           await deps.pool.query(
-            `SELECT r.workflow_id, r.run_id, r.credential_id, r.start_sent_at IS NOT NULL AS start_sent, ${RUN_OUTCOME_SQL} AS outcome
-               FROM rotation_runs r JOIN rotations ro ON ro.id = r.rotation_id LEFT JOIN run_outcomes o ON o.run_id = r.run_id
-              WHERE r.rotation_id = $1`,
+            `SELECT r.workflow_id, r.run_id FROM rotation_runs r LEFT JOIN run_outcomes o ON o.run_id = r.run_id
+              WHERE r.rotation_id = $1 AND r.run_id IS NOT NULL AND o.run_id IS NULL`,
             [input.rotationId],
           )
-        ).rows;
+        ).rows as { workflow_id: string; run_id: string }[];
+      /** Runs waiting to start: never once the batch is cancelled (they count as cancelled). */
+      const waiting = async () =>
+        (
+          await deps.pool.query(
+            `SELECT count(*)::int AS n FROM rotation_runs r JOIN rotations ro ON ro.id = r.rotation_id
+              WHERE r.rotation_id = $1 AND r.run_id IS NULL AND ro.cancelled_at IS NULL`,
+            [input.rotationId],
+          )
+        ).rows[0].n as number;
+      const totals = async () => {
+        const { rows } = await deps.pool.query(
+          `SELECT count(*)::int AS total, count(*) FILTER (WHERE outcome = 'rotated')::int AS rotated,
+                  count(*) FILTER (WHERE outcome <> 'rotated')::int AS failed, count(*) FILTER (WHERE outcome IS NULL)::int AS open
+             FROM (SELECT ${RUN_OUTCOME_SQL} AS outcome
+                     FROM rotation_runs r JOIN rotations ro ON ro.id = r.rotation_id LEFT JOIN run_outcomes o ON o.run_id = r.run_id
+                    WHERE r.rotation_id = $1) runs`,
+          [input.rotationId],
+        );
+        const { total, rotated, failed, open } = rows[0] as { total: number; rotated: number; failed: number; open: number };
+        return { total, rotated, failed, ...(open > 0 ? { open } : {}) };
+      };
       // A run that ended without recording an outcome (terminated, timed out) counts as failed; one
       // that continued as new is followed to the run it became.
-      const settleEnded = async (open: { workflow_id: string; run_id: string | null }[]) => {
-        for (const r of open.filter((o) => o.run_id)) {
-          const status = (await latestRunOf(client, r.workflow_id, r.run_id!)).status ?? 'gone';
+      const settleEnded = async (open: { workflow_id: string; run_id: string }[]) => {
+        for (const r of open) {
+          heartbeat();
+          const status = (await latestRunOf(client, r.workflow_id, r.run_id)).status ?? 'gone';
           if (status !== 'RUNNING') {
             await deps.pool.query(
               `INSERT INTO run_outcomes (run_id, workflow_id, credential_id, outcome, error)
@@ -212,19 +237,22 @@ export function batchActivities(deps: ActivityDeps) {
       };
       for (let round = 0; ; round++) {
         heartbeat();
-        let rows = await outcomes();
-        let open = rows.filter((r) => !r.outcome);
-        const outOfTime = open.length > 0 && input.until !== undefined && Date.now() >= Date.parse(input.until);
+        const started = await running();
+        const unstarted = await waiting();
+        const outOfTime = started.length + unstarted > 0 && input.until !== undefined && Date.now() >= Date.parse(input.until);
         if (outOfTime) {
           // What is still open now is counted as running: not a run that has just ended unrecorded.
-          await settleEnded(open);
+          await settleEnded(started);
           // Not started by this batch's record: left to the next sweep (they stay due), in one
           // statement, unless the wave sent its start and lost the record of it (its attempt died
           // between the two). Such a run is this batch's all the same if its memo names the batch
           // (a leak's or another batch's rotation of the credential is theirs to report), running
           // or ended: it is followed, or counted, as started, by its first run's id (under which
           // it records its outcome, whatever runs it continued as).
-          for (const r of open.filter((o) => o.run_id === null && o.start_sent)) {
+          const sent = await deps.pool.query('SELECT credential_id, workflow_id FROM rotation_runs WHERE rotation_id = $1 AND run_id IS NULL AND start_sent_at IS NOT NULL', [
+            input.rotationId,
+          ]);
+          for (const r of sent.rows) {
             heartbeat();
             const described = await describeIfKept(client.workflow.getHandle(r.workflow_id));
             if (described?.memo?.rotationId !== input.rotationId) continue;
@@ -234,20 +262,15 @@ export function batchActivities(deps: ActivityDeps) {
               described.raw.workflowExecutionInfo?.firstRunId || described.runId,
             ]);
           }
-          await deps.pool.query('DELETE FROM rotation_runs WHERE rotation_id = $1 AND run_id IS NULL', [input.rotationId]);
-          rows = await outcomes();
-          open = rows.filter((r) => !r.outcome);
+          await deps.pool.query(
+            `DELETE FROM rotation_runs r USING rotations ro
+              WHERE r.rotation_id = $1 AND ro.id = r.rotation_id AND ro.cancelled_at IS NULL AND r.run_id IS NULL`,
+            [input.rotationId],
+          );
         }
-        if (open.length === 0 || outOfTime) {
-          return {
-            total: rows.length,
-            rotated: rows.filter((r) => r.outcome === 'rotated').length,
-            failed: rows.filter((r) => r.outcome && r.outcome !== 'rotated').length,
-            ...(open.length > 0 ? { open: open.length } : {}),
-          };
-        }
-        if (open.some((r) => r.run_id === null) && open.filter((r) => r.run_id !== null).length < maxOpen) await startWave(input.rotationId);
-        if (round % 5 === 4) await settleEnded(open);
+        if (started.length + unstarted === 0 || outOfTime) return totals();
+        if (unstarted > 0 && started.length < maxOpen) await startWave(input.rotationId);
+        if (round % 5 === 4) await settleEnded(started);
         await sleep(input.pollMs ?? 1_000);
       }
     },
