@@ -48,6 +48,11 @@ describe('POST /v1/leaks', () => {
     const workflow = Object.create(h.client.workflow, { getHandle: { value: () => ({ describe: lost, signal: lost }) } });
     return { ...depsLosingStarts(), client: Object.create(h.client, { workflow: { value: workflow } }) };
   };
+  /** The same, with a Temporal client whose signal-with-start fails (the starter lost Temporal, or died, right after the incident was saved). */
+  const depsLosingSignalWithStart = () => {
+    const workflow = Object.create(h.client.workflow, { signalWithStart: { value: async () => Promise.reject(new Error('14 UNAVAILABLE: the connection was lost')) } });
+    return { ...depsLosingStarts(), client: Object.create(h.client, { workflow: { value: workflow } }) };
+  };
   const rotationsOf = async (credentialId: string) =>
     (await h.sql("SELECT count(*)::int AS n FROM audit_log WHERE credential_id = $1 AND action = 'rotation.create_pending' AND outcome = 'ok'", [credentialId])).rows[0].n as number;
 
@@ -184,6 +189,47 @@ describe('POST /v1/leaks', () => {
     expect((await h.sql('SELECT reports FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ reports: 2 }]);
     expect(await rotationsOf(id)).toBe(1);
     h.secret((await current('closing-incident')).value);
+  });
+
+  it('a report whose rotation could not be started leaves its incident open, and a report again within the minute starts that rotation, not only joins', async () => {
+    const id = await store('start-lost', 'sk_start_lost_value_0001', { rotation: { provider: 'generated', graceHours: 0 } });
+    const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
+    await expect(reportLeak(depsLosingSignalWithStart(), caller, agent.id, { credential: 'start-lost', source: 'scan' })).rejects.toMatchObject({ status: 503 });
+    // Before, the incident was closed and its email abandoned (though the start may have reached Temporal with only its answer lost).
+    const open = (await h.sql('SELECT id, status FROM leak_incidents WHERE credential_id = $1', [id])).rows;
+    expect(open).toEqual([{ id: expect.any(String), status: 'open' }]);
+    // The report again, in the minute an incident's starter is given: before, it only joined (had the
+    // starter died there, nothing would ever have started the rotation).
+    const again = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'start-lost', source: 'scan' } });
+    expect(again.status, again.text).toBe(202);
+    expect(again.body.results).toEqual([expect.objectContaining({ credentialId: id, incidentId: open[0].id, action: 'joined' })]);
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1, toVersion: 2 });
+    expect(await revokedVersions(id)).toEqual([1]);
+    expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
+    const alert = await waitFor('the incident email', async () => {
+      const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for start-lost');
+      return mails.length > 0 ? mails : undefined;
+    });
+    expect(alert).toHaveLength(1);
+    h.secret((await current('start-lost')).value);
+  });
+
+  it('an older version a stored value replaced, never revoked, is a live leak (rotated and revoked), not already-revoked; an unknown name is a 404 that does not repeat it', async () => {
+    const id = await store('replaced-twice', 'sk_replaced_value_0001', { rotation: { provider: 'generated', graceHours: 0 } });
+    await store('replaced-twice', 'sk_replaced_value_0002');
+    await store('replaced-twice', 'sk_replaced_value_0003');
+    // Version 1 has no label left (current 3, previous 2) but was never revoked: it may still work.
+    const res = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256('sk_replaced_value_0001'), source: 'old-paste' } });
+    expect(res.status, res.text).toBe(202);
+    // Before: already-revoked, nothing done, and version 1 kept working.
+    expect(res.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 1, action: 'rotating' })]);
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 3, toVersion: 4 });
+    expect(await revokedVersions(id)).toEqual(expect.arrayContaining([1, 3]));
+    h.secret((await current('replaced-twice')).value);
+    // A value given where a name goes is not repeated in the 404.
+    const typo = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'sk_pasted_by_mistake_0001', source: 'x' } });
+    expect(typo.status).toBe(404);
+    expect(typo.text).not.toContain('sk_pasted_by_mistake_0001');
   });
 
   it('a report whose rotation started but whose incident email could not be handed over keeps its incident open, and the next report hands the email over', async () => {

@@ -39,8 +39,8 @@ interface Target {
 
 /**
  * Leak response. A report names a credential, or gives the SHA-256 of the leaked value, which is
- * matched against every stored version by its keyed fingerprint (no decryption). A live version
- * (current, pending, or previous not yet revoked) opens one incident per credential: the security
+ * matched against every stored version by its keyed fingerprint (no decryption). A version not yet
+ * revoked (current, pending, previous, or older and replaced) opens one incident per credential: the security
  * contacts are mailed, and the credential's rotation is started in leak mode or, if one is
  * running, signalled to revoke the old value at once. Further reports join the open incident.
  */
@@ -122,12 +122,12 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
       await tx.query(
         `INSERT INTO leak_incidents (id, credential_id, identity_id, version, source, rotation_id) VALUES ($1, $2, $3, $4, $5, $7)
          ON CONFLICT (credential_id) WHERE status = 'open' DO UPDATE SET reports = leak_incidents.reports
-         RETURNING id, version, (xmax = 0) AS created, opened_at < now() - make_interval(secs => $6) AS stale,
+         RETURNING id, version, rotation_id, (xmax = 0) AS created, opened_at < now() - make_interval(secs => $6) AS stale,
                    (SELECT r.run_id FROM rotation_runs r
                      WHERE r.rotation_id = leak_incidents.rotation_id AND r.credential_id = leak_incidents.credential_id) AS run_id`,
         [newIncidentId, t.credentialId, t.identityId, t.version, body.source, STALE_INCIDENT_SECONDS, rotationId],
       )
-    ).rows[0] as { id: string; version: number; created: boolean; stale: boolean; run_id: string | null };
+    ).rows[0] as { id: string; version: number; rotation_id: string | null; created: boolean; stale: boolean; run_id: string | null };
     if (!opened.created) return opened;
     // The incident names this rotation before its row is in: the foreign key is checked at commit.
     await tx.query(`INSERT INTO rotations (id, identity_id, kind, reason, workflow_id) VALUES ($1, $2, 'leak', $3, $4)`, [
@@ -204,10 +204,23 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
     // ever close it: the incident goes with its run, and the report is answered afresh, a new
     // incident and a leak rotation (once).
     if (!incident.stale && !incident.run_id) {
+      if (incident.rotation_id) {
+        // Its starter may also have died (or lost Temporal) between the incident's commit and the
+        // start: nothing else would start the run, and this report would join an incident nobody
+        // answers. So the report starts it as the starter would have (one run per workflow id: a
+        // run the starter got going meanwhile is signalled instead, and hears the incident once),
+        // and hands the incident email over.
+        await startLeakRun(deps, t, incident.rotation_id, incident.id, incident.version);
+        await deliverIncidentMail(deps, incidentMailId(incident.id));
+        if (newVersion) await signalLeak(handle, { incidentId: stableUuid(`${incident.id}:version:${t.version}`), version: t.version });
+        return joined();
+      }
       if (!newVersion) return joined();
       throw new UnavailableError('the leak rotation is still starting; report again shortly');
     }
     const closed = await deps.pool.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = $1 AND status = 'open'`, [incident.id]);
+    // Its email, if its run never started, is not sent late: this report's incident has its own.
+    if (closed.rowCount === 1) await abandonMail(deps.pool, incidentMailId(incident.id), 'its incident was closed without a rotation; a later report opened another');
     // Its run closed it a moment ago, as it ended: the leak this report names (the same version) was
     // answered by that run, and the report is a duplicate. (Another version is answered afresh.)
     if (closed.rowCount === 0 && !newVersion) return joined();
@@ -215,27 +228,43 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
     throw new UnavailableError('the leak rotation could not be started; report again shortly');
   }
 
+  // A start that fails leaves the incident open, its rotation unstarted: the start may have reached
+  // Temporal with only its answer lost (closing the incident then would leave the run's incident
+  // email unsent), and a report again within STALE_INCIDENT_SECONDS starts it (above), a later one
+  // replaces the incident. Once the rotation runs, whatever fails leaves the incident open too (a
+  // report again joins it, and starts the incident email's delivery if it has not started).
+  await startLeakRun(deps, t, rotationId, incident.id, t.version);
+  await deliverIncidentMail(deps, mailId);
+  return { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, action: 'rotating' as const };
+}
+
+/**
+ * Starts the credential's rotation in leak mode for an incident (or, one running, signals it) and
+ * records the run on the incident's rotation. Safe to repeat: a run hears an incident once.
+ */
+async function startLeakRun(deps: LeakDeps, t: Target, rotationId: string, incidentId: string, version: number): Promise<void> {
   let signaledRunId: string;
   try {
     const handle = await deps.client.workflow.signalWithStart<typeof rotateCredential, [{ incidentId: string; version?: number }]>('rotateCredential', {
       taskQueue: deps.taskQueue,
-      workflowId,
+      workflowId: `rotate:${t.credentialId}`,
       args: [{ rotationId, identityId: t.identityId, credentialId: t.credentialId, mode: 'leak' }],
       signal: leakSignal,
-      signalArgs: [{ incidentId: incident.id, version: t.version }],
+      signalArgs: [{ incidentId, version }],
     });
     signaledRunId = handle.signaledRunId;
   } catch {
-    // Without a rotation the incident must not stay open, or every later report would only join it.
-    await deps.pool.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = $1`, [incident.id]);
-    await abandonMail(deps.pool, mailId, 'the leak rotation could not be started');
     throw new UnavailableError('the leak rotation could not be started (Temporal is unavailable); report again shortly');
   }
-  // From here the rotation runs: whatever fails now leaves the incident open (a report again joins
-  // it, and starts the incident email's delivery if it has not started).
-  await deps.pool.query('UPDATE rotation_runs SET run_id = $2 WHERE rotation_id = $1', [rotationId, signaledRunId]);
-  await deliverIncidentMail(deps, mailId);
-  return { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, action: 'rotating' as const };
+  await deps.pool.query('UPDATE rotation_runs SET run_id = $2 WHERE rotation_id = $1 AND run_id IS NULL', [rotationId, signaledRunId]);
+}
+
+async function signalLeak(handle: ReturnType<Client['workflow']['getHandle']>, leak: { incidentId: string; version: number }): Promise<void> {
+  try {
+    await handle.signal(leakSignal, leak);
+  } catch {
+    throw new UnavailableError('the leak could not be passed to the running rotation (Temporal is unavailable); report again shortly');
+  }
 }
 
 /**
@@ -253,7 +282,7 @@ async function deliverIncidentMail(deps: LeakDeps, mailId: string): Promise<void
 
 const TARGET_SQL = `
   SELECT c.id AS credential_id, c.identity_id, c.name, v.version,
-         (v.revoked_at IS NULL AND v.version IN (c.current_version, c.pending_version, c.previous_version)) AS live
+         v.revoked_at IS NULL AS live
     FROM credentials c JOIN secret_versions v ON v.credential_id = c.id`;
 
 async function byCredential(deps: LeakDeps, ref: string, scope: string | undefined): Promise<Target[]> {
@@ -262,7 +291,8 @@ async function byCredential(deps: LeakDeps, ref: string, scope: string | undefin
       WHERE c.deleted_at IS NULL AND v.version = c.current_version AND (c.name = $1 OR c.id = $3::uuid) AND ($2::uuid IS NULL OR c.identity_id = $2)`,
     [ref, scope ?? null, idOf(ref) ?? null],
   );
-  if (rows.length === 0) throw new NotFoundError(`no credential named or with id '${ref}'`);
+  // The name is not repeated: a leaked value given in its place (`mailgent leak <value>`) would be.
+  if (rows.length === 0) throw new NotFoundError('no credential of yours has that name or id (to report a value, give its SHA-256 fingerprint)');
   if (rows.length > 1) throw new UnprocessableError(`'${ref}' names credentials of several identities; report it by id`);
   return rows.map(toTarget);
 }
