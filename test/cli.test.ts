@@ -713,7 +713,8 @@ describe('mailgent CLI', () => {
 
       const unknown = await mailgent(['leak', 'no-such-credential'], { env: as(alice) });
       expect(unknown.code).toBe(3);
-      expect(unknown.stderr).toContain("Not found (404): no credential named or with id 'no-such-credential'");
+      expect(unknown.stderr).toContain('Not found (404): no credential of yours has that name or id');
+      expect(unknown.stderr).not.toContain('no-such-credential'); // what was given where a name goes may be the value
       const twoWays = await mailgent(['leak', 'cli-key', '--fingerprint', fingerprint], { env: as(alice) });
       expect(twoWays.code).toBe(2);
       // An empty fingerprint (an unset variable in a script) is a usage error; before, it read the
