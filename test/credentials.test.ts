@@ -119,6 +119,22 @@ describe('credential policy', () => {
     expect((await h.api('GET', `/v1/audit?credential=${granted.body.credentialId}`, { token: reader.token })).body.items).toEqual([]);
   });
 
+  it('a soft delete revokes the credential\'s grants: a restore does not give the grantee its access back', async () => {
+    const reader = await h.createIdentity();
+    const stored = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'shared-then-deleted', kind: 'api_key', value: h.secret('sk_shared_deleted_value_01') } });
+    expect(stored.status).toBe(201);
+    const granted = await h.api('POST', '/v1/grants', { token: agent.token, body: { credential: 'shared-then-deleted', grantee: reader.id } });
+    expect(granted.status).toBe(201);
+    expect((await h.api('POST', '/v1/vault.get', { token: reader.token, body: { id: stored.body.id } })).status).toBe(200);
+    expect((await h.api('DELETE', '/v1/credentials/shared-then-deleted', { token: agent.token })).status).toBe(200);
+    expect((await h.api('POST', '/v1/credentials/shared-then-deleted/restore', { token: agent.token })).status).toBe(200);
+    // Before, the grant came back with the credential, unseen (it was left out of the lists while deleted).
+    expect((await h.api('POST', '/v1/vault.get', { token: reader.token, body: { id: stored.body.id } })).status).toBe(404);
+    expect((await h.api('GET', '/v1/grants', { token: reader.token })).body.received).toEqual([]);
+    const deleted = (await h.sql("SELECT detail FROM audit_log WHERE action = 'credential.delete' AND credential_id = $1", [stored.body.id])).rows;
+    expect(deleted).toEqual([{ detail: expect.objectContaining({ grantsRevoked: 1 }) }]);
+  });
+
   it('an expiry with a UTC offset of up to 15 hours (what PostgreSQL takes) is stored as its instant', async () => {
     const stored = await h.api('POST', '/v1/vault.store', {
       token: agent.token,

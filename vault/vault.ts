@@ -171,12 +171,16 @@ export class Vault {
     });
   }
 
-  /** Soft delete: hidden from every read and rotation, restorable until destroyed. */
+  /** Soft delete: hidden from every read and rotation, restorable until destroyed; its grants are revoked. */
   remove(caller: Caller, ref: CredentialRef): Promise<{ id: string; deletedAt: string }> {
     return audited(this.pool, caller, 'credential.delete', refDetail(ref), async (tx, note) => {
       const id = await this.lockOwn(tx, caller.identityId, ref, note);
       const now = this.clock();
       await tx.query('UPDATE credentials SET deleted_at = $2, updated_at = $2 WHERE id = $1', [id, now]);
+      // Its grants end with it, as with a destroy: hidden from the grant lists while it is deleted,
+      // they would otherwise give the grantees their access back, unseen, when it is restored.
+      const { rowCount } = await tx.query('UPDATE grants SET revoked_at = $2 WHERE credential_id = $1 AND revoked_at IS NULL', [id, now]);
+      if (rowCount) note.detail.grantsRevoked = rowCount;
       return { id, deletedAt: now.toISOString() };
     });
   }
