@@ -10,8 +10,14 @@ export interface PoolLogger {
   warn(obj: { err: unknown }, msg: string): void;
 }
 
-export function createPool(connectionString: string, max = 10, logger?: PoolLogger): pg.Pool {
-  const pool = new pg.Pool({ connectionString, max, connectionTimeoutMillis: 5_000 });
+/**
+ * `queryTimeoutMs`: how long a statement may go unanswered before it fails (and its connection is
+ * closed): a server that stops answering with the connection open (a blackholed network, a stalled
+ * disk) otherwise holds the statement, and whatever waits on it, forever. Unset: no limit (the
+ * worker's and the bench's long statements, bulk loads and sweeps, are theirs to bound).
+ */
+export function createPool(connectionString: string, max = 10, logger?: PoolLogger, opts: { queryTimeoutMs?: number } = {}): pg.Pool {
+  const pool = new pg.Pool({ connectionString, max, connectionTimeoutMillis: 5_000, ...(opts.queryTimeoutMs ? { query_timeout: opts.queryTimeoutMs } : {}) });
   // An idle client losing its server must not crash the process; the next query reports it.
   pool.on('error', (err) => logger?.warn({ err }, 'idle database client failed'));
   // Nor a checked-out client losing it between two statements (nobody else listens then): its next query fails instead.
@@ -24,8 +30,9 @@ const UNAVAILABLE_CODES = new Set([
   'ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EPIPE', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN',
   '57P01', '57P02', '57P03', '53300', '08000', '08001', '08003', '08004', '08006',
 ]);
-// node-postgres reports a dropped or unreachable server with these messages and no code.
-const UNAVAILABLE_MESSAGE = /Connection terminated|not queryable|timeout exceeded when trying to connect|connect ECONNREFUSED|Connection refused/i;
+// node-postgres reports a dropped or unreachable server with these messages and no code (and a
+// statement unanswered past a pool's queryTimeoutMs with "Query read timeout").
+const UNAVAILABLE_MESSAGE = /Connection terminated|not queryable|timeout exceeded when trying to connect|connect ECONNREFUSED|Connection refused|Query read timeout/i;
 
 /** The database could not be reached or dropped the connection: worth trying again shortly, not a bug. */
 export function isDatabaseUnavailable(err: unknown): boolean {

@@ -3,7 +3,7 @@ import { createPool } from '../db/pool';
 import { DataKeys } from './data-keys';
 import { Keyring } from './keyring';
 import type { FromThread, ReadReply, ReadThreadData, ToThread } from './read-thread';
-import { sendError } from './read-thread';
+import { sendError, VAULT_QUERY_TIMEOUT_MS } from './read-thread';
 import { FINGERPRINT_KEY, SecretStore } from './secret-store';
 import { Vault } from './vault';
 
@@ -14,7 +14,15 @@ const data = workerData as ReadThreadData;
 const post = (m: FromThread) => port.postMessage(m);
 const clock = () => new Date();
 
-const pool = createPool(data.databaseUrl, data.poolSize, { warn: (o, msg) => post({ type: 'log', msg, err: o.err === undefined ? undefined : sendError(o.err) }) });
+// Every statement here is a vault call's (a batch's read, seal, write or audit row): one that goes
+// unanswered fails the calls waiting on it with a 503 after VAULT_QUERY_TIMEOUT_MS, instead of
+// holding them, and every call queued behind them, for as long as the database does not answer.
+const pool = createPool(
+  data.databaseUrl,
+  data.poolSize,
+  { warn: (o, msg) => post({ type: 'log', msg, err: o.err === undefined ? undefined : sendError(o.err) }) },
+  { queryTimeoutMs: VAULT_QUERY_TIMEOUT_MS },
+);
 const dataKeys = new DataKeys(pool, Keyring.fromSetting(data.keyringSetting), { maxEncryptions: data.maxEncryptionsPerKey });
 const vault = new Vault(pool, new SecretStore(dataKeys, clock), clock);
 

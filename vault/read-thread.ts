@@ -58,6 +58,12 @@ export type FromThread =
 /** Messages to the thread. */
 export type ToThread = { type: 'calls'; calls: ReadCall[] } | { type: 'close' };
 
+/**
+ * How long a vault thread's statement may go unanswered (PostgreSQL reachable but silent) before the
+ * calls waiting on it fail with a 503: far above any batch's time (milliseconds, tens under load).
+ */
+export const VAULT_QUERY_TIMEOUT_MS = 10_000;
+
 export interface ReadThreadData {
   databaseUrl: string;
   poolSize: number;

@@ -93,4 +93,31 @@ describe('fault: PostgreSQL unreachable for 15 s', () => {
     row['up → rotation closed'] = `${((closedAt - upAt) / 1000).toFixed(1)} s`;
     row['provider creates/revokes'] = `${key.provider.creates - key.before.creates}/${key.provider.revokes - key.before.revokes}`;
   });
+  it('PostgreSQL stops answering, its connections open: vault.get answers 503 within its statement timeout, never a value, then recovers', { timeout: 120_000 }, async ({ task }) => {
+    const row = faultRow(task, 'PostgreSQL stops answering, connections open (during vault.get)');
+    const agent = await h.createIdentity();
+    const value = h.secret('sk_stalled_db_value_0001');
+    expect((await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'stalled-read', kind: 'api_key', value } })).status).toBe(201);
+    expect((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'stalled-read' } })).status).toBe(200);
+    proxy.stall();
+    const at = Date.now();
+    // Before, the read waited as long as the database did not answer: forever (this test's timeout).
+    const res = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'stalled-read' } });
+    const ms = Date.now() - at;
+    expect(res.status, res.text).toBe(503);
+    expect(res.body).toMatchObject({ type: 'https://mailgent.dev/problems/unavailable', status: 503 });
+    expect(res.text).not.toContain(value);
+    // The vault's statement timeout (10 s), the failure row's try on a new connection (5 s), the answer's wait for its row (3 s).
+    expect(ms).toBeLessThan(30_000);
+    await proxy.down();
+    await proxy.up();
+    proxy.release();
+    const back = await until('a read to succeed again', async () => {
+      const r = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'stalled-read' } });
+      return r.status === 200 ? r : undefined;
+    }, 30_000);
+    expect(back.body.value).toBe(value);
+    row.outcome = 'failed closed';
+    row['stall → 503'] = `${(ms / 1000).toFixed(1)} s`;
+  });
 });

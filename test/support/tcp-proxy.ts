@@ -6,7 +6,10 @@ import net from 'node:net';
  * a fault test can take that server away from one service without stopping it for everyone:
  *   down() — every open connection is cut and the port refuses new ones, until up();
  *   hold() — new connections are accepted but nothing is forwarded until release(), so the
- *            caller is stuck mid-call (a request "in flight") for as long as the test wants.
+ *            caller is stuck mid-call (a request "in flight") for as long as the test wants;
+ *   stall() — the open connections stay open but nothing more crosses them, either way, and new
+ *            ones are held: the server seems to have stopped answering (a blackholed network, a
+ *            stalled disk), until down() cuts them (then up() and release()).
  */
 export class TcpProxy {
   port = 0;
@@ -16,6 +19,7 @@ export class TcpProxy {
   private readonly open = new Set<net.Socket>();
   private held: net.Socket[] = [];
   private holding = false;
+  private readonly pairs = new Set<[net.Socket, net.Socket]>();
 
   constructor(private readonly target: { host: string; port: number }) {}
 
@@ -48,6 +52,16 @@ export class TcpProxy {
     this.holding = true;
   }
 
+  stall(): void {
+    this.holding = true;
+    for (const [client, upstream] of this.pairs) {
+      client.unpipe(upstream);
+      upstream.unpipe(client);
+      client.pause();
+      upstream.pause();
+    }
+  }
+
   /** Forwards the held connections (those still open) and every new one. */
   release(): void {
     this.holding = false;
@@ -78,8 +92,11 @@ export class TcpProxy {
   private forward(client: net.Socket): void {
     const upstream = net.connect(this.target.port, this.target.host);
     this.open.add(upstream);
+    const pair: [net.Socket, net.Socket] = [client, upstream];
+    this.pairs.add(pair);
     upstream.on('close', () => {
       this.open.delete(upstream);
+      this.pairs.delete(pair);
       client.destroy();
     });
     upstream.on('error', () => upstream.destroy());
