@@ -2,7 +2,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { createPool } from '../db/pool';
 import { DataKeys } from './data-keys';
 import { Keyring } from './keyring';
-import type { FromThread, ReadReply, ReadThreadData, ToThread } from './read-thread';
+import type { FromThread, ReadCall, ReadReply, ReadThreadData, ToThread } from './read-thread';
 import { sendError, VAULT_QUERY_TIMEOUT_MS } from './read-thread';
 import { FINGERPRINT_KEY, SecretStore } from './secret-store';
 import { Vault } from './vault';
@@ -27,7 +27,18 @@ const dataKeys = new DataKeys(pool, Keyring.fromSetting(data.keyringSetting), { 
 const vault = new Vault(pool, new SecretStore(dataKeys, clock), clock);
 
 let replies: ReadReply[] = [];
+/** Calls received and not yet answered (counted on arrival, so a close that follows them waits for them). */
 let inFlight = 0;
+
+// Service keys first (see DataKeys.warm), then the calls: a call that arrives before is held until
+// then. The calling thread takes a thread that stopped before saying it was ready for one that ran
+// nothing (a store it was sent is "could not start; try again", not "may have been committed"),
+// so nothing may run before it says so.
+const warmed = dataKeys.warm([FINGERPRINT_KEY]).then(
+  () => undefined,
+  () => undefined,
+);
+void warmed.then(() => post({ type: 'ready' }));
 let closing = false;
 
 // Replies made in the same turn cross in one message.
@@ -51,22 +62,24 @@ port.on('message', (m: ToThread) => {
     return;
   }
   if (m.type !== 'calls') return;
-  for (const c of m.calls) {
-    let call: Promise<unknown>;
-    try {
-      if (c.op === 'store') call = vault.store(c.caller, c.input);
-      else call = c.op === 'get' ? vault.get(c.caller, c.ref, c.version, c.detail) : c.op === 'masked' ? vault.getMasked(c.caller, c.ref, c.version) : vault.totp(c.caller, c.ref);
-    } catch (err) {
-      // A malformed call fails alone; it must not end the thread and the other calls with it.
-      call = Promise.reject(err);
-    }
-    inFlight += 1;
-    call.then(
-      (value) => reply({ id: c.id, ok: true, value }),
-      (err: unknown) => reply({ id: c.id, ok: false, error: sendError(err) }),
-    ).finally(() => (inFlight -= 1));
-  }
+  inFlight += m.calls.length;
+  void warmed.then(() => m.calls.forEach(run));
 });
+
+function run(c: ReadCall): void {
+  let call: Promise<unknown>;
+  try {
+    if (c.op === 'store') call = vault.store(c.caller, c.input);
+    else call = c.op === 'get' ? vault.get(c.caller, c.ref, c.version, c.detail) : c.op === 'masked' ? vault.getMasked(c.caller, c.ref, c.version) : vault.totp(c.caller, c.ref);
+  } catch (err) {
+    // A malformed call fails alone; it must not end the thread and the other calls with it.
+    call = Promise.reject(err);
+  }
+  call.then(
+    (value) => reply({ id: c.id, ok: true, value }),
+    (err: unknown) => reply({ id: c.id, ok: false, error: sendError(err) }),
+  ).finally(() => (inFlight -= 1));
+}
 
 let ending: Promise<void> | undefined;
 function end(): Promise<void> {
@@ -74,5 +87,3 @@ function end(): Promise<void> {
   return ending;
 }
 
-// Service keys first (see DataKeys.warm), then the calls.
-void dataKeys.warm([FINGERPRINT_KEY]).finally(() => post({ type: 'ready' }));
