@@ -23,9 +23,10 @@ export function rotationActivities(deps: ActivityDeps) {
     read: async (name) => (await deps.vault.get(caller(ids), { name })).value,
   });
 
-  const load = async (ids: RotationIds) => {
+  /** `deleted`: a step that goes on for a deleted credential (a revoke: its old value must stop working all the same). */
+  const load = async (ids: RotationIds, opts: { deleted?: boolean } = {}) => {
     const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
-    if (meta.deletedAt) throw new UnprocessableError(`credential '${meta.name}' is deleted; it is not rotated`);
+    if (meta.deletedAt && !opts.deleted) throw new UnprocessableError(`credential '${meta.name}' is deleted; it is not rotated`);
     const policy = meta.policy ?? DEFAULT_POLICY;
     const provider = deps.providers[policy.provider];
     if (!provider) throw new UnprocessableError(`rotation provider '${policy.provider}' is not installed on this worker`);
@@ -206,7 +207,10 @@ export function rotationActivities(deps: ActivityDeps) {
      */
     async revokeVersion(ids: RotationIds & { version: number; current?: number; currentNow?: boolean }): Promise<void> {
       return externalStep(async () => {
-        const { meta, policy, provider } = await load(ids);
+        // A credential deleted since (restorable, its versions kept) is not rotated, but the value
+        // this revokes, replaced and perhaps leaked, must stop working all the same: before, the
+        // revoke failed for good and the old value stayed live.
+        const { meta, policy, provider } = await load(ids, { deleted: true });
         const ctx = await providerContext(ids, meta, provider, policy.settings);
         const secret = await read(ids, ids.version, 'provider.revoke');
         const idempotencyKey = stepKey(ids, 'revoke', ids.version);

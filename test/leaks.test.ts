@@ -468,6 +468,21 @@ describe('POST /v1/leaks', () => {
     await expect(h.client.workflow.getHandle(`rotate:${id}`).result()).rejects.toThrow();
   });
 
+  it('a credential deleted during its rotation\'s grace period still has its old value revoked when the grace period ends', async () => {
+    const id = await store('deleted-in-grace', 'sk_deleted_in_grace_0001', { rotation: { provider: 'generated', graceHours: 0.001 } });
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['deleted-in-grace'] } });
+    expect(started.status, started.text).toBe(202);
+    await waitFor('the grace period', async () => {
+      const r = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
+      return r.body.state === 'grace' ? r : undefined;
+    });
+    h.secret((await current('deleted-in-grace')).value);
+    expect((await h.api('DELETE', '/v1/credentials/deleted-in-grace', { token: agent.token })).status).toBe(200);
+    // Before, the revoke refused the deleted credential for good: the old value stayed live, the run ended revoke_failed.
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
+    expect(await revokedVersions(id)).toEqual([1]);
+  });
+
   it('refuses details that carry the leaked value, and unknown credentials', async () => {
     await store('careful', 'careful-secret-value-01');
     const res = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'careful', source: 'x', details: 'found careful-secret-value-01 in a gist' } });
