@@ -30,16 +30,19 @@ function start(env: Record<string, string>): { proc: ChildProcess; output: () =>
   return { proc, output: () => out, exited };
 }
 
-async function waitReady(url: string, timeoutMs = 120_000): Promise<unknown> {
+/** Until the service at `url` is ready; `output` (the service's log so far) goes into the error if it never is. */
+async function waitReady(url: string, timeoutMs = 120_000, output?: () => string): Promise<unknown> {
   const deadline = Date.now() + timeoutMs;
+  let last: string;
   for (;;) {
     try {
       const res = await fetch(`${url}/readyz`);
       if (res.status === 200) return res.json();
-    } catch {
-      // not listening yet
+      last = `${res.status} ${await res.text()}`;
+    } catch (err) {
+      last = (err as Error).message; // not listening yet
     }
-    if (Date.now() > deadline) throw new Error('service did not become ready');
+    if (Date.now() > deadline) throw new Error(`service did not become ready (last /readyz: ${last})${output ? `\nits output:\n${output().slice(-6_000)}` : ''}`);
     await new Promise((r) => setTimeout(r, 250));
   }
 }
@@ -167,7 +170,7 @@ describe('npm start with the embedded defaults', () => {
     ];
     for (const [how, signal] of ways) {
       const run = npmStart();
-      await waitReady(url);
+      await waitReady(url, undefined, run.output);
       signal(run.proc.pid!);
       await run.exited;
       await gone(how);
