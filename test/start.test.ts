@@ -31,7 +31,7 @@ function start(env: Record<string, string>): { proc: ChildProcess; output: () =>
 }
 
 /** Until the service at `url` is ready; `output` (the service's log so far) goes into the error if it never is. */
-async function waitReady(url: string, timeoutMs = 120_000, output?: () => string): Promise<unknown> {
+async function waitReady(url: string, timeoutMs = 120_000, output?: () => string, exited?: () => boolean): Promise<unknown> {
   const deadline = Date.now() + timeoutMs;
   let last: string;
   for (;;) {
@@ -42,7 +42,10 @@ async function waitReady(url: string, timeoutMs = 120_000, output?: () => string
     } catch (err) {
       last = (err as Error).message; // not listening yet
     }
-    if (Date.now() > deadline) throw new Error(`service did not become ready (last /readyz: ${last})${output ? `\nits output:\n${output().slice(-6_000)}` : ''}`);
+    const ended = exited?.() ?? false;
+    if (ended || Date.now() > deadline) {
+      throw new Error(`service ${ended ? 'exited before it was' : 'did not become'} ready (last /readyz: ${last})${output ? `\nits output:\n${output().slice(-6_000)}` : ''}`);
+    }
     await new Promise((r) => setTimeout(r, 250));
   }
 }
@@ -155,8 +158,9 @@ describe('npm start with the embedded defaults', () => {
       let out = '';
       proc.stdout!.on('data', (d) => (out += d));
       proc.stderr!.on('data', (d) => (out += d));
-      const exited = new Promise<void>((resolve) => proc.on('exit', () => resolve()));
-      return { proc, output: () => out, exited };
+      let ended = false;
+      const exited = new Promise<void>((resolve) => proc.on('exit', () => ((ended = true), resolve())));
+      return { proc, output: () => out, exited, ended: () => ended };
     };
     const gone = async (what: string) => {
       for (let i = 0; processesUsing(dataDir).length > 0; i++) {
@@ -170,7 +174,7 @@ describe('npm start with the embedded defaults', () => {
     ];
     for (const [how, signal] of ways) {
       const run = npmStart();
-      await waitReady(url, undefined, run.output);
+      await waitReady(url, undefined, run.output, run.ended);
       signal(run.proc.pid!);
       await run.exited;
       await gone(how);
