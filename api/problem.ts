@@ -59,20 +59,24 @@ export function sendProblem(res: Response, err: AppError): void {
   res.status(err.status).type('application/problem+json').send(JSON.stringify(problem));
 }
 
-/** How long an error's answer waits for its audit row. */
+/** How long a server error's answer waits for its audit row. */
 export const AUDIT_WAIT_MS = 3_000;
 
 export function problemHandler(logger: Logger, audit: (res: Response, err: AppError, original: unknown) => Promise<void>): ErrorRequestHandler {
   return async (err, _req, res, _next) => {
     const appErr = toAppError(err);
     if (appErr.status >= 500) logger.error({ err, requestId: res.locals.requestId }, 'request failed');
-    // The refusal's audit row is awaited, but not past AUDIT_WAIT_MS: a database that stopped
-    // answering (the usual cause of the error) must not hold the answer too. The row is still
+    // The error's audit row is awaited; a server error's not past AUDIT_WAIT_MS: a database that
+    // stopped answering (the usual cause of a 503) must not hold the answer too. The row is still
     // written if the database answers later; a failure to is logged. (No value is in an error.)
     const audited = audit(res, appErr, err).catch((auditErr) => logger.error({ err: auditErr, requestId: res.locals.requestId }, 'could not audit a failed request'));
-    let timer: NodeJS.Timeout | undefined;
-    await Promise.race([audited, new Promise((resolve) => (timer = setTimeout(resolve, AUDIT_WAIT_MS)))]);
-    clearTimeout(timer);
+    if (appErr.status < 500) {
+      await audited; // a refusal is answered once its row is in
+    } else {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([audited, new Promise((resolve) => (timer = setTimeout(resolve, AUDIT_WAIT_MS)))]);
+      clearTimeout(timer);
+    }
     if (res.headersSent) return;
     sendProblem(res, appErr);
   };

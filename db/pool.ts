@@ -11,13 +11,16 @@ export interface PoolLogger {
 }
 
 /**
- * `queryTimeoutMs`: how long a statement may go unanswered before it fails (and its connection is
- * closed): a server that stops answering with the connection open (a blackholed network, a stalled
- * disk) otherwise holds the statement, and whatever waits on it, forever. Unset: no limit (the
- * worker's and the bench's long statements, bulk loads and sweeps, are theirs to bound).
+ * `queryTimeoutMs`: how long a statement may go unanswered before it fails: a server that stops
+ * answering with the connection open (a blackholed network, a stalled disk) otherwise holds the
+ * statement, and whatever waits on it, forever. The connection is then closed (pool.query does so;
+ * withTransaction too, its ROLLBACK failing behind the statement), and a server still answering
+ * cancels the statement itself a second sooner (statement_timeout), so its transaction rolls back.
+ * Unset: no limit (the worker's and the bench's long statements, bulk loads and sweeps, are theirs to bound).
  */
 export function createPool(connectionString: string, max = 10, logger?: PoolLogger, opts: { queryTimeoutMs?: number } = {}): pg.Pool {
-  const pool = new pg.Pool({ connectionString, max, connectionTimeoutMillis: 5_000, ...(opts.queryTimeoutMs ? { query_timeout: opts.queryTimeoutMs } : {}) });
+  const timeouts = opts.queryTimeoutMs ? { query_timeout: opts.queryTimeoutMs, statement_timeout: Math.max(opts.queryTimeoutMs - 1_000, 1) } : {};
+  const pool = new pg.Pool({ connectionString, max, connectionTimeoutMillis: 5_000, ...timeouts });
   // An idle client losing its server must not crash the process; the next query reports it.
   pool.on('error', (err) => logger?.warn({ err }, 'idle database client failed'));
   // Nor a checked-out client losing it between two statements (nobody else listens then): its next query fails instead.
@@ -76,6 +79,10 @@ export function isCommitUnconfirmed(err: unknown): boolean {
 /** Runs `fn` in one transaction on one client; rolls back on any error. */
 export async function withTransaction<T>(pool: pg.Pool, fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {
   const client = await pool.connect();
+  // A client whose ROLLBACK failed is closed, not pooled: its transaction may still be open (a
+  // statement past queryTimeoutMs runs on, and the ROLLBACK queued behind it timed out too), and
+  // the next caller would work inside it, reading rows not committed and committing its work.
+  let broken: Error | undefined;
   try {
     await client.query('BEGIN');
     const result = await fn(client);
@@ -86,10 +93,10 @@ export async function withTransaction<T>(pool: pg.Pool, fn: (client: pg.PoolClie
     }
     return result;
   } catch (err) {
-    await client.query('ROLLBACK').catch(() => undefined);
+    await client.query('ROLLBACK').catch((rollbackErr: Error) => (broken = rollbackErr));
     throw err;
   } finally {
-    client.release();
+    client.release(broken);
   }
 }
 

@@ -169,7 +169,7 @@ export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: strin
   try {
     report = await mailer.send({ id, to: row.recipients, subject: row.subject, text: row.text_body, html: row.html_body });
   } catch (err) {
-    await giveBack(err as Error);
+    await giveBack(err as Error).catch(() => undefined); // the send's error is the one to report; the claim lapses
     throw err;
   }
   const refused = report.refused.map((r) => r.address);

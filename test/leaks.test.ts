@@ -469,7 +469,7 @@ describe('POST /v1/leaks', () => {
   });
 
   it('a credential deleted during its rotation\'s grace period still has its old value revoked when the grace period ends', async () => {
-    const id = await store('deleted-in-grace', 'sk_deleted_in_grace_0001', { rotation: { provider: 'generated', graceHours: 0.001 } });
+    const id = await store('deleted-in-grace', 'sk_deleted_in_grace_0001', { rotation: { provider: 'generated', graceHours: 0.003 } });
     const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['deleted-in-grace'] } });
     expect(started.status, started.text).toBe(202);
     await waitFor('the grace period', async () => {
@@ -481,6 +481,9 @@ describe('POST /v1/leaks', () => {
     // Before, the revoke refused the deleted credential for good: the old value stayed live, the run ended revoke_failed.
     expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
     expect(await revokedVersions(id)).toEqual([1]);
+    // The delete came first (the grace period, 10.8 s, outlasted it): the revoke went on for a deleted credential.
+    const order = (await h.sql(`SELECT action FROM audit_log WHERE credential_id = $1 AND action IN ('credential.delete', 'rotation.revoke') AND outcome = 'ok' ORDER BY seq`, [id])).rows;
+    expect(order.map((r) => r.action)).toEqual(['credential.delete', 'rotation.revoke']);
   });
 
   it('refuses details that carry the leaked value, and unknown credentials', async () => {

@@ -193,11 +193,12 @@ describe('mail with a recipient the SMTP server refuses', () => {
   it('an attempt that outlasts its claim keeps renewing it: a retry meanwhile still does not send', async () => {
     const id = randomUUID();
     await h.sql(`INSERT INTO mail_outbox (id, identity_id, purpose, recipients, subject, text_body) VALUES ($1, $2, 'test', $3, 's', 't')`, [id, agent.id, [unique('slow')]]);
-    // A claim of 1 s renewed every 200 ms (15 s and 3 s in production), and an attempt whose relay
-    // takes 4.5 s before the real SMTP conversation. The retry waits for the claim it found to lapse
-    // (~1 s), sees it renewed, and gives up, long before the slow attempt has sent.
-    const lease = { seconds: 1, renewMs: 200 };
-    const slow: Mailer = { ...h.deps.mailer, send: async (mail) => (await new Promise((r) => setTimeout(r, 4_500)), h.deps.mailer.send(mail)) };
+    // A claim of 3 s renewed every 200 ms (15 s and 3 s in production: a renewal misses only past a
+    // 2.8 s stall), and an attempt whose relay takes 8 s before the real SMTP conversation. The retry
+    // waits for the claim it found to lapse (~3 s), sees it renewed, and gives up, long before the
+    // slow attempt has sent.
+    const lease = { seconds: 3, renewMs: 200 };
+    const slow: Mailer = { ...h.deps.mailer, send: async (mail) => (await new Promise((r) => setTimeout(r, 8_000)), h.deps.mailer.send(mail)) };
     const first = deliverOutboxMessage(h.deps.pool, slow, id, { lease });
     await new Promise((r) => setTimeout(r, 1_500));
     await expect(deliverOutboxMessage(h.deps.pool, h.deps.mailer, id, { lease })).rejects.toThrow(/being sent by another delivery attempt/);

@@ -179,8 +179,8 @@ export class Vault {
       await tx.query('UPDATE credentials SET deleted_at = $2, updated_at = $2 WHERE id = $1', [id, now]);
       // Its grants end with it, as with a destroy: hidden from the grant lists while it is deleted,
       // they would otherwise give the grantees their access back, unseen, when it is restored.
-      const { rowCount } = await tx.query('UPDATE grants SET revoked_at = $2 WHERE credential_id = $1 AND revoked_at IS NULL', [id, now]);
-      if (rowCount) note.detail.grantsRevoked = rowCount;
+      const revoked = await revokeGrants(tx, id, now);
+      if (revoked) note.detail.grantsRevoked = revoked;
       return { id, deletedAt: now.toISOString() };
     });
   }
@@ -208,7 +208,7 @@ export class Vault {
                 next_rotation_at = NULL, pending_version = NULL WHERE id = $1`,
         [id, now],
       );
-      await tx.query('UPDATE grants SET revoked_at = $2 WHERE credential_id = $1 AND revoked_at IS NULL', [id, now]);
+      await revokeGrants(tx, id, now);
       note.detail.destroyedVersions = rowCount;
       return { id, destroyedVersions: rowCount ?? 0 };
     });
@@ -466,4 +466,10 @@ function batchable(caller: Caller, input: StoreInput): boolean {
 
 function refDetail(ref: CredentialRef, version?: number): Record<string, unknown> {
   return { ...('name' in ref ? { name: ref.name } : { ref: ref.id }), ...(version ? { requestedVersion: version } : {}) };
+}
+
+/** Ends every active grant of a credential (deleted or destroyed); how many there were. */
+async function revokeGrants(tx: Db, credentialId: string, at: Date): Promise<number> {
+  const { rowCount } = await tx.query('UPDATE grants SET revoked_at = $2 WHERE credential_id = $1 AND revoked_at IS NULL', [credentialId, at]);
+  return rowCount ?? 0;
 }

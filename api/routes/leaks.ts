@@ -106,7 +106,7 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
 const STALE_INCIDENT_SECONDS = 60;
 
 async function respond(deps: LeakDeps, t: Target, body: { source: string; details?: string; fingerprint?: string }, actor: string, again = false) {
-  const workflowId = `rotate:${t.credentialId}`;
+  const workflowId = rotationWorkflowId(t.credentialId);
   if (!t.live) return { credentialId: t.credentialId, version: t.version, action: 'already-revoked' as const };
 
   const rotationId = randomUUID();
@@ -174,8 +174,7 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
     let running: boolean;
     try {
       if (newVersion) {
-        // One id per incident and version: a repeated report is one signal to the run.
-        await handle.signal(leakSignal, { incidentId: stableUuid(`${incident.id}:version:${t.version}`), version: t.version });
+        await handle.signal(leakSignal, { incidentId: versionLeakId(incident.id, t.version), version: t.version });
         running = true;
       } else {
         const latest = await handle.describe();
@@ -212,7 +211,7 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
         // and hands the incident email over.
         await startLeakRun(deps, t, incident.rotation_id, incident.id, incident.version);
         await deliverIncidentMail(deps, incidentMailId(incident.id));
-        if (newVersion) await signalLeak(handle, { incidentId: stableUuid(`${incident.id}:version:${t.version}`), version: t.version });
+        if (newVersion) await signalLeak(handle, { incidentId: versionLeakId(incident.id, t.version), version: t.version });
         return joined();
       }
       if (!newVersion) return joined();
@@ -247,7 +246,7 @@ async function startLeakRun(deps: LeakDeps, t: Target, rotationId: string, incid
   try {
     const handle = await deps.client.workflow.signalWithStart<typeof rotateCredential, [{ incidentId: string; version?: number }]>('rotateCredential', {
       taskQueue: deps.taskQueue,
-      workflowId: `rotate:${t.credentialId}`,
+      workflowId: rotationWorkflowId(t.credentialId),
       args: [{ rotationId, identityId: t.identityId, credentialId: t.credentialId, mode: 'leak' }],
       signal: leakSignal,
       signalArgs: [{ incidentId, version }],
@@ -258,6 +257,12 @@ async function startLeakRun(deps: LeakDeps, t: Target, rotationId: string, incid
   }
   await deps.pool.query('UPDATE rotation_runs SET run_id = $2 WHERE rotation_id = $1 AND run_id IS NULL', [rotationId, signaledRunId]);
 }
+
+/** The workflow that rotates a credential (one at a time). */
+const rotationWorkflowId = (credentialId: string) => `rotate:${credentialId}`;
+
+/** The leak of another version than its incident's, as the run hears it: one id per incident and version, so a repeated report is one signal. */
+const versionLeakId = (incidentId: string, version: number) => stableUuid(`${incidentId}:version:${version}`);
 
 async function signalLeak(handle: ReturnType<Client['workflow']['getHandle']>, leak: { incidentId: string; version: number }): Promise<void> {
   try {

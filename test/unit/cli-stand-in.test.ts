@@ -259,13 +259,22 @@ describe('mailgent CLI against a stand-in API', () => {
       await withApi(
         (req, seen) => {
           if (isStart(req)) return { status: 201, body: started };
-          // Once it follows: the user presses Ctrl-C (after this answer is on its way).
-          if (seen.filter(isPoll).length === 1) setTimeout(() => child!.kill('SIGINT'), 100);
+          // Once it follows: the user presses Ctrl-C (with --json, after this answer is on its way; in a
+          // terminal, once the bar is drawn: below).
+          if (mode === 'json' && seen.filter(isPoll).length === 1) setTimeout(() => child!.kill('SIGINT'), 100);
           return { status: 200, body: report('running') };
         },
         async (url) => {
           const args = ['rotate', 'stripe', '--interval', '60000', ...(mode === 'json' ? ['--json'] : [])];
-          const run = await mailgent(args, { url, tty: mode === 'terminal', started: (c) => (child = c) });
+          const run = await mailgent(args, {
+            url,
+            tty: mode === 'terminal',
+            started: (c) => {
+              child = c;
+              let err = '';
+              if (mode === 'terminal') c.stderr?.on('data', (d) => (err += d) && err.includes('0/1 done') && c.kill('SIGINT'));
+            },
+          });
           // Before, Node's default: killed by the signal, the bar's line left open, nothing said.
           expect(run, mode).toMatchObject({ code: 130, signal: null });
           const says = `mailgent rotate: Interrupted: stopped following rotation ${ROTATION_ID}; it goes on on the server: follow it with GET /v1/rotations/${ROTATION_ID}\n`;
