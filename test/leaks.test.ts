@@ -242,6 +242,10 @@ describe('POST /v1/leaks', () => {
       const deps = depsLosingStarts();
       const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
       await expect(reportLeak(deps, caller, agent.id, { credential: 'mail-handover', source: 'scan' })).rejects.toMatchObject({ status: 503 });
+      // The rotation it started is a change made: it has its ok row, marked incomplete (before, none:
+      // the API's failure row alone, and the report again's "joined").
+      const rows = (await h.sql(`SELECT outcome, detail FROM audit_log WHERE action = 'leak.report' AND request_id = $1`, [caller.requestId])).rows;
+      expect(rows).toEqual([{ outcome: 'ok', detail: expect.objectContaining({ results: ['rotating'], incomplete: true }) }]);
       // Before, the incident was closed and its email abandoned, with the rotation running.
       const open = (await h.sql('SELECT id, status FROM leak_incidents WHERE credential_id = $1', [id])).rows;
       expect(open).toEqual([{ id: expect.any(String), status: 'open' }]);

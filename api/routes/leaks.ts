@@ -80,9 +80,8 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
       }
     }
   }
-  const results: Awaited<ReturnType<typeof respond>>[] = [];
-  for (const target of targets) results.push(await respond(deps, target, body, scope ? caller.actor : 'admin'));
-  const entry: AuditEntry = {
+  const results: LeakResult[] = [];
+  const entry = (done: LeakResult[], extra: Record<string, unknown> = {}): AuditEntry => ({
     identityId: scope ?? null,
     actor: scope ? caller.actor : 'admin',
     action: 'leak.report',
@@ -90,11 +89,23 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
     outcome: 'ok',
     requestId: caller.requestId,
     via: caller.via,
-    detail: { source: body.source, by: body.fingerprint ? 'fingerprint' : 'credential', matched: targets.length, results: results.map((r) => r.action) },
-  };
+    detail: { source: body.source, by: body.fingerprint ? 'fingerprint' : 'credential', matched: targets.length, results: done.map((r) => r.action), ...extra },
+  });
+  try {
+    for (const target of targets) results.push(await respond(deps, target, body, scope ? caller.actor : 'admin'));
+  } catch (err) {
+    // Failed after a rotation had started (this target's, its incident email then not handed over;
+    // or an earlier target's): the answer is still the failure (report again), but what was started
+    // is a change made outside the database, and gets its ok row, as a whole report's does.
+    const made = [...results, ...((err as { leakStarted?: LeakResult }).leakStarted ? [(err as { leakStarted: LeakResult }).leakStarted] : [])];
+    if (made.some((r) => r.action !== 'already-revoked')) {
+      await auditChangeMade(deps, entry(made, { incomplete: true }), `the leak report (${made.map((r) => r.action).join(', ')})`);
+    }
+    throw err;
+  }
   // A report that changed nothing (every value already revoked) has its row written as any other: a failure to is a plain 503.
-  if (results.every((r) => r.action === 'already-revoked')) await appendAudit(deps.pool, entry);
-  else await auditChangeMade(deps, entry, `the leak report (${results.map((r) => r.action).join(', ')})`);
+  if (results.every((r) => r.action === 'already-revoked')) await appendAudit(deps.pool, entry(results));
+  else await auditChangeMade(deps, entry(results), `the leak report (${results.map((r) => r.action).join(', ')})`);
   return { results };
 }
 
@@ -104,6 +115,8 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
  * incident's commit. One whose run was started is left over as soon as no run is running.
  */
 const STALE_INCIDENT_SECONDS = 60;
+
+type LeakResult = Awaited<ReturnType<typeof respond>>;
 
 async function respond(deps: LeakDeps, t: Target, body: { source: string; details?: string; fingerprint?: string }, actor: string, again = false) {
   const workflowId = rotationWorkflowId(t.credentialId);
@@ -233,8 +246,9 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
   // replaces the incident. Once the rotation runs, whatever fails leaves the incident open too (a
   // report again joins it, and starts the incident email's delivery if it has not started).
   await startLeakRun(deps, t, rotationId, incident.id, t.version);
-  await deliverIncidentMail(deps, mailId);
-  return { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, action: 'rotating' as const };
+  const rotating = { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, action: 'rotating' as const };
+  await deliverIncidentMail(deps, mailId).catch((err: unknown) => Promise.reject(Object.assign(err as Error, { leakStarted: rotating })));
+  return rotating;
 }
 
 /**
