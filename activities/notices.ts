@@ -14,9 +14,10 @@ export function noticeActivities(deps: ActivityDeps) {
   return {
     /**
      * One notice per outcome of a run; its id comes from the run and the outcome, so a retry never
-     * sends two. A `rotated` notice answers with `currentVersion`, the credential's current version
-     * once it is sent (it may have waited a day for SMTP: a value stored meanwhile replaces the
-     * rotated one); absent if it could not be read (deleted meanwhile).
+     * sends two. A `rotated` notice (not the one that opens a grace period) answers with
+     * `currentVersion`, the credential's current version once it is sent (it may have waited a day
+     * for SMTP: a value stored meanwhile replaces the rotated one); absent if it could not be read
+     * (deleted meanwhile).
      */
     async sendRotationNotice(n: RotationNotice): Promise<{ messageId: string; recipients: number; delivery: string; currentVersion?: number }> {
       return permanentErrorsFail(() => heartbeating(async () => {
@@ -46,9 +47,10 @@ export function noticeActivities(deps: ActivityDeps) {
           credentialId: n.credentialId,
           detail: { outcome: n.outcome },
         }, undefined, attemptDelivery());
-        // Only the final notice's answer is read by the run (learnSuperseded): no other notice pays for the look.
+        // Only the final notice's answer is read by the run (learnSuperseded): no other notice pays for
+        // the look, nor the one that opens a grace period (it carries graceEndsAt, and the run ignores its answer).
         const currentVersion =
-          n.outcome === 'rotated'
+          n.outcome === 'rotated' && n.graceEndsAt === undefined
             ? await deps.vault.describe(n.identityId, n.credentialId).then(
                 (now) => now.version,
                 () => undefined,

@@ -197,13 +197,9 @@ export function rotationActivities(deps: ActivityDeps) {
     /**
      * The provider stops accepting `version`; the vault records when. With `current` (a rollback,
      * where `version` was promoted and is abandoned again) the provider discards it instead, as
-     * compensation does before promotion: a provider whose create replaced the live secret (a single
-     * PostgreSQL role) must put `current` back, which a revoke would not.
-     */
-    /**
-     * Revokes a version at the provider. With `current`, a provider that holds one value (discard:
-     * a single PostgreSQL role) is put on that version instead; with `currentNow` too, on the
-     * version current when this runs (a value stored after the workflow learnt `current` is).
+     * compensation does before promotion: a provider that holds one value (a single PostgreSQL role)
+     * is put back on `current`, which a revoke would not do; with `currentNow` too, on the version
+     * current when this runs (a value stored after the workflow learnt `current` is).
      */
     async revokeVersion(ids: RotationIds & { version: number; current?: number; currentNow?: boolean }): Promise<void> {
       return externalStep(async () => {

@@ -9,7 +9,7 @@ import type { ReadThread } from './read-thread';
 import type { SecretStore } from './secret-store';
 import { normalizeTotp, parseStoredTotp, toOtpauthUri, totpCode, type TotpCode } from './totp';
 import type { Caller, CredentialMeta, CredentialPolicy, CredentialRef, Kind, SecretRead, StoredVersion, StoreInput } from './types';
-import { UUID } from '../core/ids';
+import { idOf, UUID } from '../core/ids';
 
 export * from './types';
 
@@ -245,7 +245,8 @@ export class Vault {
     );
     const found = new Map<string, string>();
     for (const ref of refs) {
-      const row = rows.find((r) => r.name === ref || r.id === idOf(ref));
+      const id = idOf(ref);
+      const row = rows.find((r) => r.name === ref || r.id === id);
       if (row) found.set(ref, row.id);
     }
     return { found, missing: refs.filter((r) => !found.has(r)) };
@@ -444,15 +445,6 @@ const SELECT_META = `SELECT c.*, v.created_at AS version_created_at, ${lastReadS
 /** The value as sealed: a TOTP seed is kept as its otpauth URI. */
 function plaintextOf(input: StoreInput): string {
   return input.kind === 'totp_seed' ? toOtpauthUri(normalizeTotp(input.totp!, input.name)) : input.value!;
-}
-
-/**
- * The credential id a ref gives, if it has an id's form (any 8-4-4-4-12 hex string, in either case),
- * spelt as the database returns ids: in lower case. A look-up by id compares it as a uuid, never as
- * text (`id::text = $1` misses an id given in upper case).
- */
-export function idOf(ref: string): string | undefined {
-  return UUID.test(ref) ? ref.toLowerCase() : undefined;
 }
 
 /** Whether the database can take the call as a batch's parameters: one it could not would roll the whole batch back. */

@@ -4,6 +4,7 @@ import type { z } from 'zod';
 import { WorkflowNotFoundError, type Client } from '@temporalio/client';
 import { incidentMailId, stableUuid } from '../../activities/support';
 import { AppError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
+import { idOf } from '../../core/ids';
 import { latestRunOf } from '../../core/run-chain';
 import { withTransaction, type Pool } from '../../db/pool';
 import { abandonMail, queueMail, startDelivery } from '../../mail/outbox';
@@ -11,7 +12,7 @@ import { findStoredValue, MIN_SCANNED_LENGTH } from '../../mail/secret-scan';
 import type { Logger } from '../../core/logger';
 import { appendAudit, auditChangeMade, type AuditEntry } from '../../vault/audit';
 import type { SecretStore } from '../../vault/secret-store';
-import { idOf, type Caller, type Vault } from '../../vault/vault';
+import type { Caller, Vault } from '../../vault/vault';
 import { leakSignal } from '../../workflows/definitions';
 import type { rotateCredential } from '../../workflows/rotate-credential';
 import { endpoint, type AuthDeps } from '../endpoint';
@@ -91,21 +92,23 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
     via: caller.via,
     detail: { source: body.source, by: body.fingerprint ? 'fingerprint' : 'credential', matched: targets.length, results: done.map((r) => r.action), ...extra },
   });
+  const changed = (done: LeakResult[]) => done.some((r) => r.action !== 'already-revoked');
+  const recordChange = (done: LeakResult[], extra?: Record<string, unknown>) =>
+    auditChangeMade(deps, entry(done, extra), `the leak report (${done.map((r) => r.action).join(', ')})`);
   try {
     for (const target of targets) results.push(await respond(deps, target, body, scope ? caller.actor : 'admin'));
   } catch (err) {
     // Failed after a rotation had started (this target's, its incident email then not handed over;
     // or an earlier target's): the answer is still the failure (report again), but what was started
     // is a change made outside the database, and gets its ok row, as a whole report's does.
-    const made = [...results, ...((err as { leakStarted?: LeakResult }).leakStarted ? [(err as { leakStarted: LeakResult }).leakStarted] : [])];
-    if (made.some((r) => r.action !== 'already-revoked')) {
-      await auditChangeMade(deps, entry(made, { incomplete: true }), `the leak report (${made.map((r) => r.action).join(', ')})`);
-    }
+    const started = (err as { leakStarted?: LeakResult }).leakStarted;
+    const made = started ? [...results, started] : results;
+    if (changed(made)) await recordChange(made, { incomplete: true });
     throw err;
   }
   // A report that changed nothing (every value already revoked) has its row written as any other: a failure to is a plain 503.
-  if (results.every((r) => r.action === 'already-revoked')) await appendAudit(deps.pool, entry(results));
-  else await auditChangeMade(deps, entry(results), `the leak report (${results.map((r) => r.action).join(', ')})`);
+  if (changed(results)) await recordChange(results);
+  else await appendAudit(deps.pool, entry(results));
   return { results };
 }
 
