@@ -45,6 +45,19 @@ export interface RunSummary {
 export const FAILED_RETRY_HOURS = 24;
 
 /**
+ * The sweep's page of due credentials (selectDue; the bench explains it): $1 as of, $2/$3 the cursor
+ * (at, id) or nulls, $4 the page size, $5 FAILED_RETRY_HOURS. One index scan on (next_rotation_at, id).
+ */
+export const SELECT_DUE_SQL = `SELECT id, to_char(next_rotation_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS at, rotation->'window' AS window FROM credentials
+  WHERE deleted_at IS NULL AND next_rotation_at IS NOT NULL AND next_rotation_at <= $1
+    AND ($2::timestamptz IS NULL OR (next_rotation_at, id) > ($2::timestamptz, $3::uuid))
+    AND NOT (status = 'rotation_failed' AND updated_at > $1::timestamptz - make_interval(hours => $5))
+    AND NOT EXISTS (SELECT 1 FROM run_outcomes o WHERE o.credential_id = credentials.id AND o.outcome <> 'rotated'
+                      AND o.finished_at > $1::timestamptz - make_interval(hours => $5))
+  ORDER BY next_rotation_at, id
+  LIMIT $4`;
+
+/**
  * Batches of rotations (an agent's filter, the scheduled sweep): start one rotateCredential per
  * credential, wait for their outcomes, and send the summaries. Rotations are started by these
  * activities rather than as child workflows so that a credential already rotating is joined, not
@@ -341,17 +354,7 @@ export function batchActivities(deps: ActivityDeps) {
      * came from, so that row and every row due in the same millisecond would be selected again.
      */
     async selectDue(input: { sweepId: string; asOf: string; after?: { at: string; id: string }; limit: number }) {
-      const { rows } = await deps.pool.query(
-        `SELECT id, to_char(next_rotation_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS at, rotation->'window' AS window FROM credentials
-          WHERE deleted_at IS NULL AND next_rotation_at IS NOT NULL AND next_rotation_at <= $1
-            AND ($2::timestamptz IS NULL OR (next_rotation_at, id) > ($2::timestamptz, $3::uuid))
-            AND NOT (status = 'rotation_failed' AND updated_at > $1::timestamptz - make_interval(hours => $5))
-            AND NOT EXISTS (SELECT 1 FROM run_outcomes o WHERE o.credential_id = credentials.id AND o.outcome <> 'rotated'
-                              AND o.finished_at > $1::timestamptz - make_interval(hours => $5))
-          ORDER BY next_rotation_at, id
-          LIMIT $4`,
-        [input.asOf, input.after?.at ?? null, input.after?.id ?? null, input.limit, FAILED_RETRY_HOURS],
-      );
+      const { rows } = await deps.pool.query(SELECT_DUE_SQL, [input.asOf, input.after?.at ?? null, input.after?.id ?? null, input.limit, FAILED_RETRY_HOURS]);
       const open = rows.filter((r) => !r.window || windowOpen(r.window, new Date(input.asOf)));
       if (open.length) {
         await deps.pool.query(

@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import type { Client } from '@temporalio/client';
 import type { Pool } from '../db/pool';
 import type { rotationSweep } from '../workflows/batch';
-import { FAILED_RETRY_HOURS } from '../activities/batch';
+import { FAILED_RETRY_HOURS, SELECT_DUE_SQL } from '../activities/batch';
 
 /** One sweep over the whole vault: its time, its runs (continue-as-new) and the plan of its selection query. */
 export interface SweepResult {
@@ -15,16 +15,6 @@ export interface SweepResult {
   maxHistoryEventsPerRun: number;
   plan: { indexScan: boolean; seqScanOnCredentials: boolean; index: string | null; node: string; executionMs: number; rowsRead: number };
 }
-
-/** The selection query of the sweep (activities/batch.ts selectDue), first page. */
-const SELECT_DUE = `SELECT id, to_char(next_rotation_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS at, rotation->'window' AS window FROM credentials
-  WHERE deleted_at IS NULL AND next_rotation_at IS NOT NULL AND next_rotation_at <= $1
-    AND ($2::timestamptz IS NULL OR (next_rotation_at, id) > ($2::timestamptz, $3::uuid))
-    AND NOT (status = 'rotation_failed' AND updated_at > $1::timestamptz - make_interval(hours => $5))
-    AND NOT EXISTS (SELECT 1 FROM run_outcomes o WHERE o.credential_id = credentials.id AND o.outcome <> 'rotated'
-                      AND o.finished_at > $1::timestamptz - make_interval(hours => $5))
-  ORDER BY next_rotation_at, id
-  LIMIT $4`;
 
 export async function measureSweep(
   client: Client,
@@ -68,7 +58,7 @@ export async function measureSweep(
 }
 
 export async function explainSelectDue(pool: Pool, asOf: string, limit: number): Promise<SweepResult['plan']> {
-  const { rows } = await pool.query(`EXPLAIN (ANALYZE, FORMAT JSON) ${SELECT_DUE}`, [asOf, null, null, limit, FAILED_RETRY_HOURS]);
+  const { rows } = await pool.query(`EXPLAIN (ANALYZE, FORMAT JSON) ${SELECT_DUE_SQL}`, [asOf, null, null, limit, FAILED_RETRY_HOURS]);
   const root = rows[0]['QUERY PLAN'][0];
   const nodes: Record<string, any>[] = [];
   const walk = (n: Record<string, any>) => {
