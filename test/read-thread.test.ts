@@ -7,9 +7,12 @@ import { NotFoundError, UnavailableError, UnprocessableError } from '../core/err
 import { openServices, type Services } from '../core/services';
 import { isAudited } from '../vault/audit';
 import { Keyring } from '../vault/keyring';
-import type { Caller } from '../vault/types';
+import { ReadThread } from '../vault/read-thread';
+import type { TotpCode } from '../vault/totp';
+import type { Caller, SecretRead, StoredVersion } from '../vault/types';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
+import { TcpProxy } from './support/tcp-proxy';
 
 /**
  * The API's audited reads run in a worker thread (vault/read-thread.ts); the harness's API runs it
@@ -25,24 +28,30 @@ describe('the vault read thread', () => {
     (await h.sql('SELECT action, outcome, detail FROM audit_log WHERE request_id = $1 ORDER BY seq', [requestId])).rows;
   const thread = (services: Services) => services.readThread as unknown as { worker?: Worker };
 
-  /** Holds every audit append of this database until the returned function is called. */
-  const holdAuditLog = async () => {
+  /** Holds every statement on `table` that conflicts with `mode` until release() is called. */
+  const holdTable = async (table: string, mode: string) => {
     const client = new pg.Client({ connectionString: h.databaseUrl });
     await client.connect();
     await client.query('BEGIN');
-    await client.query('LOCK TABLE audit_log IN SHARE ROW EXCLUSIVE MODE');
+    await client.query(`LOCK TABLE ${table} IN ${mode} MODE`);
+    /** Statements of this database waiting for the lock now. */
+    const waiters = async (): Promise<number> =>
+      (
+        await h.sql(
+          `SELECT count(*)::int AS n FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+            WHERE c.relname = $1 AND NOT l.granted AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())`,
+          [table],
+        )
+      ).rows[0].n;
     return {
+      waiters,
       /** Resolves once `n` statements wait for the lock. */
       async waiting(n = 1) {
         for (let i = 0; i < 200; i++) {
-          const { rows } = await h.sql(
-            `SELECT count(*)::int AS n FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
-              WHERE c.relname = 'audit_log' AND NOT l.granted AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())`,
-          );
-          if (rows[0].n >= n) return;
+          if ((await waiters()) >= n) return;
           await new Promise((r) => setTimeout(r, 25));
         }
-        throw new Error(`no ${n} statement(s) waiting on audit_log after 5 s`);
+        throw new Error(`no ${n} statement(s) waiting on ${table} after 5 s`);
       },
       async release() {
         await client.query('ROLLBACK');
@@ -50,6 +59,9 @@ describe('the vault read thread', () => {
       },
     };
   };
+
+  /** Holds every audit append of this database until release() is called. */
+  const holdAuditLog = () => holdTable('audit_log', 'SHARE ROW EXCLUSIVE');
 
   /** Sends a call, kills the thread while the call's batch waits at its audit append, and returns the answer. */
   const killedAtAuditAppend = async (route: string, body: unknown, requestId: string) => {
@@ -256,6 +268,107 @@ describe('the vault read thread', () => {
       expect((await services.vault.get(as(), { name: 'read-me' })).value).toBe(value);
     } finally {
       await services.close();
+    }
+  });
+
+  it('a new thread runs no call before its service keys are loaded: calls that arrive first wait for the warm-up, then are all answered', async () => {
+    // The thread's warm-up reads the fingerprint key from service_keys: a lock on the table holds it
+    // there. A read needs no service key, so a read the thread ran before its warm-up would be
+    // answered meanwhile; a store would wait on the same lock beside it.
+    const hold = await holdTable('service_keys', 'ACCESS EXCLUSIVE');
+    let held = true;
+    const rt = new ReadThread({ databaseUrl: h.databaseUrl, poolSize: 3, keyringSetting: h.keyringFile });
+    const events: string[] = [];
+    const seen = <T>(name: string, p: Promise<T>): Promise<T> =>
+      p.then(
+        (v) => (events.push(name), v),
+        (err: unknown) => {
+          events.push(`${name} failed`);
+          throw err;
+        },
+      );
+    try {
+      const ready = seen('ready', rt.start());
+      const [getCaller, totpCaller, storeCaller] = [as(), as(), as()];
+      const storedValue = h.secret(`sk_held_store_${randomUUID()}`);
+      const got = seen('get', rt.call<SecretRead>('get', getCaller, { name: 'read-me' }));
+      const code = seen('totp', rt.call<TotpCode>('totp', totpCaller, { name: 'login' }));
+      const stored = seen('store', rt.store(storeCaller, { name: 'held-store', kind: 'api_key', value: storedValue }));
+      await hold.waiting();
+      await new Promise((r) => setTimeout(r, 750));
+      // Nothing answered, the thread not ready, and its warm-up the one statement it has sent.
+      expect(events).toEqual([]);
+      expect(await hold.waiters()).toBe(1);
+      expect(await rowsOf(getCaller.requestId!)).toEqual([]);
+
+      await hold.release();
+      held = false;
+      expect((await got).value).toBe(value);
+      expect((await code).code).toMatch(/^\d{6}$/);
+      expect(await stored).toMatchObject({ name: 'held-store', version: 1 });
+      await ready;
+      expect(events[0]).toBe('ready');
+      expect([...events].sort()).toEqual(['get', 'ready', 'store', 'totp']);
+      expect(await rowsOf(getCaller.requestId!)).toEqual([{ action: 'vault.get', outcome: 'ok', detail: { name: 'read-me', version: 1 } }]);
+      expect(await rowsOf(totpCaller.requestId!)).toMatchObject([{ action: 'vault.totp', outcome: 'ok' }]);
+      expect(await rowsOf(storeCaller.requestId!)).toEqual([{ action: 'vault.store', outcome: 'ok', detail: { name: 'held-store', version: 1 } }]);
+    } finally {
+      if (held) await hold.release();
+      await rt.close();
+    }
+  });
+
+  it('a thread that stops before it is ready ran nothing: a store sent to it is not committed, and fails with a plain 503 to try again, not an unconfirmed one', async () => {
+    // The thread's first connection (its warm-up's) is held at the network while the next ones pass:
+    // a call the thread ran before its warm-up would have a connection of its own to run on.
+    const db = new URL(h.databaseUrl);
+    const proxy = await new TcpProxy({ host: db.hostname, port: Number(db.port) }).start();
+    db.host = proxy.address;
+    proxy.hold();
+    const rt = new ReadThread({ databaseUrl: db.toString(), poolSize: 3, keyringSetting: h.keyringFile });
+    try {
+      const starting = rt.start().then(
+        () => 'ready',
+        (err: unknown) => err,
+      );
+      for (let i = 0; proxy.accepted < 1; i++) {
+        if (i > 400) throw new Error('the thread opened no connection in 10 s');
+        await new Promise((r) => setTimeout(r, 25));
+      }
+      proxy.admit();
+      const [storeCaller, getCaller] = [as(), as()];
+      const storedValue = h.secret(`sk_before_ready_${randomUUID()}`);
+      const settled: string[] = [];
+      const storing = rt.store(storeCaller, { name: 'before-ready', kind: 'api_key', value: storedValue }).then(
+        (v: StoredVersion) => v,
+        (err: unknown) => err,
+      ).finally(() => settled.push('store'));
+      const reading = rt.call<SecretRead>('get', getCaller, { name: 'read-me' }).then(
+        (v) => v,
+        (err: unknown) => err,
+      ).finally(() => settled.push('get'));
+      await new Promise((r) => setTimeout(r, 1_000));
+      // Held, not run: no answer, and no connection but the warm-up's.
+      expect(settled).toEqual([]);
+      expect(proxy.accepted).toBe(1);
+
+      const dying = (rt as unknown as { worker?: Worker }).worker!;
+      await dying.terminate();
+      expect(await starting).toMatchObject({ message: 'the vault thread exited with code 1 before it was ready' });
+      const store = await storing;
+      expect(store).toBeInstanceOf(UnavailableError);
+      expect((store as UnavailableError).message).toBe('the vault store could not start; try again');
+      expect((store as UnavailableError).extra).toEqual({});
+      const read = await reading;
+      expect(read).toBeInstanceOf(UnavailableError);
+      expect((read as UnavailableError).message).toBe('the vault read could not start; try again');
+      // And it is true: nothing was stored, nothing read, nothing audited.
+      expect((await h.sql(`SELECT count(*)::int AS n FROM credentials WHERE identity_id = $1 AND name = 'before-ready'`, [agent.id])).rows[0].n).toBe(0);
+      expect(await rowsOf(storeCaller.requestId!)).toEqual([]);
+      expect(await rowsOf(getCaller.requestId!)).toEqual([]);
+    } finally {
+      await rt.close();
+      await proxy.stop();
     }
   });
 });

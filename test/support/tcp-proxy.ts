@@ -62,6 +62,11 @@ export class TcpProxy {
     }
   }
 
+  /** Forwards every new connection again, while those held so far stay held (until release() or down()). */
+  admit(): void {
+    this.holding = false;
+  }
+
   /** Forwards the held connections (those still open) and every new one. */
   release(): void {
     this.holding = false;
