@@ -1,4 +1,6 @@
 import { randomBytes, randomUUID } from 'node:crypto';
+import type { WorkflowHandle } from '@temporalio/client';
+import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { batchActivities } from '../activities/batch';
 import { expectCleanRun } from './support/leaks';
@@ -83,6 +85,77 @@ describe('batch rotation for agents', () => {
     expect(summary!.mail.subject).toBe('[mailgent] Rotation batch: 1 rotated, 1 failed');
     expect(summary!.mail.text).toContain("- seed: failed — credential 'seed' is a totp_seed; a generated value would not be a TOTP seed");
     expect((await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token })).body.state).toBe('partial');
+  });
+
+  it("at the deadline a batch's rows never started are dropped, unless the batch is cancelled: then they stay, counted as cancelled", async () => {
+    const store = async (name: string) => {
+      const res = await h.api('POST', '/v1/vault.store', {
+        token: agent.token,
+        body: { name, kind: 'api_key', value: h.secret(`${name}-original-${randomUUID()}`), rotation: { provider: 'generated', graceHours: 0 } },
+      });
+      expect(res.status, res.text).toBe(201);
+      return res.body.id as string;
+    };
+    const tag = randomUUID().slice(0, 8);
+    const batches = [] as { cancelled: boolean; rotationId: string; held: string; heldName: string; waiting: string[] }[];
+    for (const cancelled of [false, true]) {
+      const prefix = `${cancelled ? 'cancelled' : 'going'}-${tag}`;
+      batches.push({
+        cancelled,
+        rotationId: randomUUID(),
+        held: await store(`${prefix}-held`),
+        heldName: `${prefix}-held`,
+        waiting: [await store(`${prefix}-waiting-1`), await store(`${prefix}-waiting-2`)],
+      });
+    }
+    // Each batch's one started run held at its store (its credential's row locked), as a stuck run would be: still going at the deadline.
+    const lock = new pg.Client({ connectionString: h.databaseUrl });
+    await lock.connect();
+    const runs: WorkflowHandle[] = [];
+    try {
+      await lock.query('BEGIN');
+      await lock.query('SELECT id FROM credentials WHERE id = ANY($1::uuid[]) FOR NO KEY UPDATE', [batches.map((b) => b.held)]);
+      for (const b of batches) {
+        await h.sql(`INSERT INTO rotations (id, identity_id, kind, reason, notify, workflow_id) VALUES ($1, $2, 'request', NULL, '{}', $3)`, [b.rotationId, agent.id, `rotation:${b.rotationId}`]);
+        const run = await h.client.workflow.start('rotateCredential', {
+          taskQueue: h.taskQueue,
+          workflowId: `rotate:${b.held}`,
+          args: [{ rotationId: b.rotationId, identityId: agent.id, credentialId: b.held, mode: 'requested' }],
+          memo: { rotationId: b.rotationId },
+        });
+        runs.push(run);
+        await h.sql(
+          `INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id, run_id, start_sent_at)
+           SELECT $1, c, 'rotate:' || c, CASE WHEN c = $2 THEN $3 END, CASE WHEN c = $2 THEN now() END FROM unnest($4::uuid[]) AS c`,
+          [b.rotationId, b.held, run.firstExecutionRunId, [b.held, ...b.waiting]],
+        );
+        // Marked cancelled as the cancel's first statement (or a batch whose start failed) marks it; its wait is past its deadline all the same.
+        if (b.cancelled) await h.sql('UPDATE rotations SET cancelled_at = now() WHERE id = $1', [b.rotationId]);
+      }
+      const acts = batchActivities(h.deps);
+      const until = new Date(Date.now() - 1000).toISOString();
+      const [going, cancelled] = batches as [(typeof batches)[0], (typeof batches)[0]];
+
+      // Not cancelled: the rows never started are left to a later batch (deleted); the held run is counted open.
+      expect(await acts.awaitOutcomes({ rotationId: going.rotationId, until, pollMs: 50 })).toEqual({ total: 1, rotated: 0, failed: 0, open: 1 });
+      expect((await h.sql('SELECT credential_id FROM rotation_runs WHERE rotation_id = $1', [going.rotationId])).rows).toEqual([{ credential_id: going.held }]);
+
+      // Cancelled: they stay, and count as cancelled (failed in the totals). Between 0c4aeff and 22f58e6 the deadline deleted them.
+      expect(await acts.awaitOutcomes({ rotationId: cancelled.rotationId, until, pollMs: 50 })).toEqual({ total: 3, rotated: 0, failed: 2, open: 1 });
+      const report = await h.api('GET', `/v1/rotations/${cancelled.rotationId}`, { token: agent.token });
+      expect(report.status, report.text).toBe(200);
+      const byId = new Map((report.body.credentials as { credentialId: string; outcome: string | null; state: string }[]).map((c) => [c.credentialId, c]));
+      expect(byId.size).toBe(3);
+      for (const id of cancelled.waiting) expect(byId.get(id)).toMatchObject({ runId: null, outcome: 'cancelled', state: 'cancelled' });
+      expect(byId.get(cancelled.held)).toMatchObject({ outcome: null, state: 'running' });
+      for (const run of runs) expect((await run.describe()).status.name).toBe('RUNNING');
+    } finally {
+      await lock.query('ROLLBACK').catch(() => undefined);
+      await lock.end();
+    }
+    // Let go, each finishes on its own (the cancel's second half, cancelling the runs, was not played here).
+    for (const run of runs) expect(await run.result()).toMatchObject({ state: 'succeeded' });
+    for (const b of batches) h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: b.heldName } })).body.value);
   });
 });
 
@@ -304,6 +377,124 @@ describe('batch rotation in waves', () => {
       release();
       receiver.onEvent = undefined;
     }
+  });
+
+  it('a cancel that comes while a wave is starting stops the rest of that wave: those rotations never start, and count as cancelled', async () => {
+    const { names, ids } = await storeAll('mid-wave', 3);
+    const rotationId = randomUUID();
+    await h.sql(`INSERT INTO rotations (id, identity_id, kind, reason, notify, workflow_id) VALUES ($1, $2, 'request', NULL, '{}', $3)`, [rotationId, agent.id, `rotation:${rotationId}`]);
+    await h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) SELECT $1, c, 'rotate:' || c FROM unnest($2::uuid[]) AS c`, [rotationId, ids]);
+    // The batch's wave, as the worker runs it, but on a pool that lets the test act between its statements:
+    // the owner's cancel lands once the wave has read its rows and recorded its first rotation.
+    let wave: string[] | undefined;
+    let cancel: Awaited<ReturnType<Harness['api']>> | undefined;
+    const pool = h.deps.pool;
+    const query = async (text: string, params?: unknown[]) => {
+      const result = await pool.query(text, params);
+      if (wave === undefined && text.includes('WITH runs AS')) wave = result.rows.map((r) => r.credential_id as string);
+      if (cancel === undefined && text.includes('SET run_id = $3 FROM rotations')) cancel = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: agent.token });
+      return result;
+    };
+    const deps = { ...h.deps, pool: new Proxy(pool, { get: (target, prop) => (prop === 'query' ? query : Reflect.get(target, prop)) }) };
+    // Held at their first webhook, the rotations started are still running when the cancel comes.
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    receiver.onEvent = async (received) => {
+      if (received.event.type === 'credential.pending') await held;
+    };
+    try {
+      // Before, the wave started the second too (and cancelled it at once: { started: 2 }).
+      expect(await batchActivities(deps).startRotations({ rotationId })).toEqual({ started: 1 });
+      expect(wave).toHaveLength(maxOpen);
+      const [first, second] = wave as [string, string];
+      const third = ids.find((id) => !wave!.includes(id))!;
+      expect(cancel?.status, cancel?.text).toBe(202);
+      expect({ ...cancel!.body, notStarted: [...cancel!.body.notStarted].sort() }).toEqual({ rotationId, cancelling: [first], notStarted: [second, third].sort() });
+
+      const runs = await runsOf(rotationId);
+      const runOf = (id: string) => runs.find((r) => r.credential_id === id)!;
+      expect(runOf(first).run_id).not.toBeNull();
+      for (const id of [second, third]) {
+        expect(runOf(id).run_id).toBeNull();
+        expect((await h.sql('SELECT start_sent_at FROM rotation_runs WHERE rotation_id = $1 AND credential_id = $2', [rotationId, id])).rows[0].start_sent_at).toBeNull();
+        await expect(h.client.workflow.getHandle(`rotate:${id}`).describe()).rejects.toThrow(/not found/i);
+      }
+      release();
+      expect(await h.client.workflow.getHandle(runOf(first).workflow_id, runOf(first).run_id!).result()).toMatchObject({ state: 'cancelled' });
+      // The batch's wait: nothing left to start, every row with its outcome.
+      expect(await batchActivities(h.deps).awaitOutcomes({ rotationId, pollMs: 50 })).toEqual({ total: 3, rotated: 0, failed: 3 });
+      const report = await h.api('GET', `/v1/rotations/${rotationId}`, { token: agent.token });
+      expect(report.body.state).toBe('cancelled');
+      expect(report.body.credentials.map((c: { credentialId: string; state: string; outcome: string }) => [c.credentialId, c.state, c.outcome]).sort()).toEqual(
+        ids.map((id) => [id, 'cancelled', 'cancelled']).sort(),
+      );
+      expect(receiver.events.filter((e) => e.event.type === 'credential.pending' && [second, third].includes(e.event.credentialId))).toEqual([]);
+      for (const name of names) expect((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name } })).body.version).toBe(1);
+    } finally {
+      release();
+      receiver.onEvent = undefined;
+    }
+  });
+
+  it("a batch's wait ends with totals that are its rows' own outcomes: rotated, failed, ended unreported, cancelled, and never started", async () => {
+    const { names, ids } = await storeAll('mixed', 4);
+    const [ok, terminated, cancelledRun, waiting] = ids as [string, string, string, string];
+    const seedName = `mixed-seed-${randomUUID().slice(0, 8)}`;
+    const seedRes = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: seedName, kind: 'totp_seed', totp: { secret: h.secret('JBSWY3DPEHPK3PXPJBSWY3DP') } } });
+    expect(seedRes.status, seedRes.text).toBe(201);
+    const seed = seedRes.body.id as string;
+    const rotationId = randomUUID();
+    await h.sql(`INSERT INTO rotations (id, identity_id, kind, reason, notify, workflow_id) VALUES ($1, $2, 'request', NULL, '{}', $3)`, [rotationId, agent.id, `rotation:${rotationId}`]);
+    await h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) SELECT $1, c, 'rotate:' || c FROM unnest($2::uuid[]) AS c`, [rotationId, [...ids, seed]]);
+    // The waves' order (most overdue first): ok and the seed, then the two that are held, then the one left waiting.
+    await h.sql(
+      `UPDATE credentials SET next_rotation_at = now() - make_interval(days => CASE WHEN id = ANY($1::uuid[]) THEN 3 WHEN id = ANY($2::uuid[]) THEN 2 ELSE 1 END)
+        WHERE id = ANY($3::uuid[])`,
+      [[ok, seed], [terminated, cancelledRun], [...ids, seed]],
+    );
+    const acts = batchActivities(h.deps);
+    const outcomeOf = async (id: string) => (await h.sql('SELECT o.outcome FROM rotation_runs r JOIN run_outcomes o ON o.run_id = r.run_id WHERE r.rotation_id = $1 AND r.credential_id = $2', [rotationId, id])).rows[0]?.outcome as string | undefined;
+    expect(await acts.startRotations({ rotationId })).toEqual({ started: maxOpen });
+    // The first wave's runs, ended (the seed's fails: a generated value would not be a TOTP seed).
+    expect(await h.client.workflow.getHandle(`rotate:${ok}`).result()).toMatchObject({ state: 'succeeded' });
+    await expect(h.client.workflow.getHandle(`rotate:${seed}`).result()).rejects.toThrow();
+    expect([await outcomeOf(ok), await outcomeOf(seed)]).toEqual(['rotated', 'failed']);
+
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    receiver.onEvent = async (received) => {
+      if (received.event.type === 'credential.pending') await held;
+    };
+    try {
+      expect(await acts.startRotations({ rotationId })).toEqual({ started: maxOpen });
+      await waitFor(() => new Set(receiver.events.filter((e) => e.event.type === 'credential.pending' && [terminated, cancelledRun].includes(e.event.credentialId)).map((e) => e.event.credentialId)).size === 2);
+      // One run stopped by an operator (it reports no outcome), then the batch cancelled: the other run cancelled, the last never started.
+      await h.client.workflow.getHandle(`rotate:${terminated}`).terminate('stopped by an operator');
+      const cancel = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: agent.token });
+      expect(cancel.body).toMatchObject({ cancelling: [cancelledRun], notStarted: [waiting] });
+      release();
+      const totals = await acts.awaitOutcomes({ rotationId, pollMs: 50 });
+
+      // Each row's outcome as the batch's report gives it.
+      const report = await h.api('GET', `/v1/rotations/${rotationId}`, { token: agent.token });
+      const rows = report.body.credentials as { credentialId: string; outcome: string | null }[];
+      const outcomes = Object.fromEntries(rows.map((r) => [r.credentialId, r.outcome]));
+      expect(outcomes).toEqual({ [ok]: 'rotated', [seed]: 'failed', [terminated]: 'failed', [cancelledRun]: 'cancelled', [waiting]: 'cancelled' });
+      // The terminated run's failure is the wait's own record of it (the run reported none).
+      expect((await h.sql('SELECT o.error FROM rotation_runs r JOIN run_outcomes o ON o.run_id = r.run_id WHERE r.rotation_id = $1 AND r.credential_id = $2', [rotationId, terminated])).rows).toEqual([
+        { error: 'the rotation ended as terminated without reporting an outcome' },
+      ]);
+      expect(totals).toEqual({
+        total: rows.length,
+        rotated: rows.filter((r) => r.outcome === 'rotated').length,
+        failed: rows.filter((r) => r.outcome !== 'rotated').length,
+      });
+      expect(totals).toEqual({ total: 5, rotated: 1, failed: 4 });
+    } finally {
+      release();
+      receiver.onEvent = undefined;
+    }
+    h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: names[0] } })).body.value);
   });
 });
 
