@@ -1,6 +1,8 @@
+import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
+import { waitFor } from './support/lifecycle-fixtures';
 
 /** Credential policy: stored with the value, changed without it, checked by each provider's and dependent's own schema. */
 describe('credential policy', () => {
@@ -135,6 +137,36 @@ describe('credential policy', () => {
     expect(deleted).toEqual([{ detail: expect.objectContaining({ grantsRevoked: 1 }) }]);
   });
 
+  it('a grant made while the credential is being deleted is refused (404), never left active for a restore to bring back', async () => {
+    const reader = await h.createIdentity();
+    const stored = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'granted-while-deleted', kind: 'api_key', value: h.secret('sk_granted_while_deleted_01') } });
+    expect(stored.status).toBe(201);
+    // The audit chain's lock held: the delete stops at its audit row, its grants already revoked, uncommitted.
+    const chain = new pg.Client({ connectionString: h.databaseUrl });
+    await chain.connect();
+    try {
+      await chain.query('BEGIN');
+      await chain.query('SELECT pg_advisory_xact_lock(4631800001)');
+      const deleting = h.api('DELETE', '/v1/credentials/granted-while-deleted', { token: agent.token });
+      const waiting = async () => (await h.sql('SELECT locktype FROM pg_locks WHERE NOT granted ORDER BY locktype')).rows.map((r) => r.locktype as string);
+      await waitFor('the delete to wait for the chain', waiting, (locks) => locks.length === 1, { timeoutMs: 10_000 });
+      const granting = h.api('POST', '/v1/grants', { token: agent.token, body: { credential: 'granted-while-deleted', grantee: reader.id } });
+      // The grant waits for the delete (its lookup shares the credential's row lock), not for the chain:
+      // before, it read the row as not deleted, inserted its grant unseen by the delete's revoke and queued for the chain too.
+      expect(await waitFor('the grant to wait', waiting, (locks) => locks.length === 2, { timeoutMs: 10_000 })).toEqual(['advisory', 'transactionid']);
+      await chain.query('COMMIT');
+      expect((await deleting).status).toBe(200);
+      const granted = await granting;
+      expect(granted.status, granted.text).toBe(404);
+    } finally {
+      await chain.query('ROLLBACK').catch(() => undefined);
+      await chain.end();
+    }
+    expect((await h.sql('SELECT count(*)::int AS n FROM grants WHERE credential_id = $1 AND revoked_at IS NULL', [stored.body.id])).rows[0].n).toBe(0);
+    expect((await h.api('POST', '/v1/credentials/granted-while-deleted/restore', { token: agent.token })).status).toBe(200);
+    expect((await h.api('POST', '/v1/vault.get', { token: reader.token, body: { id: stored.body.id } })).status).toBe(404);
+  });
+
   it('an expiry with a UTC offset of up to 15 hours (what PostgreSQL takes) is stored as its instant', async () => {
     const stored = await h.api('POST', '/v1/vault.store', {
       token: agent.token,
@@ -148,3 +180,4 @@ describe('credential policy', () => {
     expect(await expiry()).toBe('2030-01-01T15:30:00.000Z');
   });
 });
+

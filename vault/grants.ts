@@ -26,9 +26,12 @@ export class Grants {
   create(caller: Caller, credential: CredentialRef, grantee: string): Promise<Grant> {
     return audited(this.pool, caller, 'grant.create', { grantee }, async (tx, note) => {
       const byId = 'id' in credential;
+      // FOR SHARE: a delete in progress (which revokes the grants it sees) is waited for, and its
+      // row then read again, deleted: a 404. Without it, the grant's insert (whose foreign key
+      // takes only a key-share lock) went in unseen by the delete's revoke, and a restore brought it back.
       const cred = (
         await tx.query(
-          `SELECT id, name FROM credentials WHERE identity_id = $1 AND deleted_at IS NULL AND ${byId ? 'id = $2::uuid' : 'name = $2'}`,
+          `SELECT id, name FROM credentials WHERE identity_id = $1 AND deleted_at IS NULL AND ${byId ? 'id = $2::uuid' : 'name = $2'} FOR SHARE`,
           [caller.identityId, byId ? credential.id : credential.name],
         )
       ).rows[0];
