@@ -158,6 +158,8 @@ export function createApp(deps: ApiDeps): Express {
         action,
         outcome: outcomeOf(err),
         requestId: res.locals.requestId,
+        // The interface, where the route named one (MCP's refusals before a tool: a bad token, a body too large).
+        via: res.locals.via,
         detail: errorDetail(err),
       });
     }),

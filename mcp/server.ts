@@ -99,7 +99,7 @@ class AuditedServer extends Server {
     const detail: Record<string, unknown> = { error: requested.refusal ?? 'mcp-protocol', code };
     if (requested.method !== undefined) detail.method = requested.method;
     if (requested.tool !== undefined) detail.tool = requested.tool;
-    await appendAudit(deps.pool, { identityId: caller.identityId, actor: caller.actor, action: 'mcp.request', outcome: 'rejected', requestId: caller.requestId, detail }).catch((err) =>
+    await appendAudit(deps.pool, { identityId: caller.identityId, actor: caller.actor, action: 'mcp.request', outcome: 'rejected', requestId: caller.requestId, via: caller.via, detail }).catch((err) =>
       deps.logger.error({ err, requestId: caller.requestId }, 'could not audit a refused MCP request'),
     );
   }

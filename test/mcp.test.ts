@@ -308,10 +308,10 @@ describe('MCP server', () => {
         expect(res.headers.get('content-type')).toContain('application/problem+json');
         expect(await res.json()).toMatchObject({ type: 'https://mailgent.dev/problems/unauthorized', status: 401 });
       }
-      const audit = (await h.sql("SELECT action, outcome FROM audit_log WHERE request_id = 'mcp-bad-token'")).rows;
+      const audit = (await h.sql("SELECT action, outcome, detail->>'via' AS via FROM audit_log WHERE request_id = 'mcp-bad-token'")).rows;
       expect(audit).toEqual([
-        { action: 'mcp.request', outcome: 'denied' },
-        { action: 'mcp.request', outcome: 'denied' },
+        { action: 'mcp.request', outcome: 'denied', via: 'mcp' },
+        { action: 'mcp.request', outcome: 'denied', via: 'mcp' },
       ]);
       const client = new Client({ name: 't', version: '1' });
       await expect(
@@ -375,7 +375,7 @@ describe('MCP server', () => {
       const audit = await waitFor('the refusals to be audited', rows, (found) => found.length >= cases.length);
       expect(audit).toEqual(
         cases
-          .map((c) => ({ request_id: c.id, identity_id: agent.id, action: 'mcp.request', outcome: 'rejected', detail: { error: 'mcp-protocol', status: c.status } }))
+          .map((c) => ({ request_id: c.id, identity_id: agent.id, action: 'mcp.request', outcome: 'rejected', detail: { error: 'mcp-protocol', status: c.status, via: 'mcp' } }))
           .sort((a, b) => a.request_id.localeCompare(b.request_id)),
       );
     });
@@ -401,7 +401,7 @@ describe('MCP server', () => {
       }
       const audit = (await h.sql("SELECT request_id, identity_id, action, outcome, detail FROM audit_log WHERE request_id LIKE 'mcp-media-%' ORDER BY request_id")).rows;
       expect(audit).toEqual(
-        refused.map((_, i) => ({ request_id: `mcp-media-${i}`, identity_id: agent.id, action: 'mcp.request', outcome: 'rejected', detail: { error: 'unsupported-media-type', status: 415 } })),
+        refused.map((_, i) => ({ request_id: `mcp-media-${i}`, identity_id: agent.id, action: 'mcp.request', outcome: 'rejected', detail: { error: 'unsupported-media-type', status: 415, via: 'mcp' } })),
       );
       for (const type of ['application/json; charset=utf-8', 'Application/JSON']) {
         const res = await post('mcp-media-ok', type);
@@ -418,7 +418,7 @@ describe('MCP server', () => {
       await expect(mcp.client.callTool({ name: 'no_such_tool', arguments: { value: secret } })).rejects.toThrow(/no tool named no_such_tool/);
       // Before, no row at all: the JSON-RPC error went out in a 200 the route does not audit.
       expect(await auditOf(agent.id, 'mcp.request')).toEqual([
-        { outcome: 'rejected', credential_id: null, detail: { error: 'mcp-unknown-tool', code: -32602, method: 'tools/call', tool: 'no_such_tool' } },
+        { outcome: 'rejected', credential_id: null, detail: { error: 'mcp-unknown-tool', code: -32602, method: 'tools/call', tool: 'no_such_tool', via: 'mcp' } },
       ]);
 
       // The same over raw HTTP, for what the SDK client would not send.
@@ -451,7 +451,7 @@ describe('MCP server', () => {
           { error: 'mcp-unknown-tool', method: 'tools/call', tool: long.slice(0, 64) },
           { error: 'mcp-unknown-tool', method: 'tools/call' },
           { error: 'mcp-protocol', method: 'resources/list' },
-        ].map((detail, i) => ({ outcome: 'rejected', credential_id: null, detail: { ...detail, code: codes[i] } })),
+        ].map((detail, i) => ({ outcome: 'rejected', credential_id: null, detail: { ...detail, code: codes[i], via: 'mcp' } })),
       );
       expect(codes[3]).toBe(-32602);
       expect(codes[5]).toBe(-32601);

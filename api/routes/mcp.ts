@@ -44,6 +44,7 @@ export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): R
     (_req, res, next) => {
       // The audit action of a request refused before it reaches a tool (a bad token, a malformed body).
       res.locals.action = 'mcp.request';
+      res.locals.via = 'mcp';
       next();
     },
     authenticate(auth, 'identity'),
@@ -74,6 +75,7 @@ export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): R
           action: 'mcp.request',
           outcome: failed ? 'failed' : 'rejected',
           requestId: res.locals.requestId,
+          via: 'mcp',
           detail: { error: failed ? 'internal' : 'mcp-protocol', status: res.statusCode },
         }).catch((err) => deps.logger.error({ err, requestId: res.locals.requestId }, 'could not audit a refused MCP request'));
       }
