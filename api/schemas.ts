@@ -195,6 +195,8 @@ export const grantCreate = z.strictObject({
 export const leakReport = z
   .strictObject({
     credential: z.string().min(1).max(200).optional(),
+    /** The version of `credential` that leaked (an older one a stored value replaced may still work); the current one if absent. */
+    version: z.number().int().min(1).max(2_147_483_647).optional(),
     fingerprint: z.string().regex(/^[0-9a-fA-F]{64}$/, 'must be the SHA-256 of the leaked value, as 64 hex digits').optional(),
     source: z.string().min(1).max(200),
     details: z.string().max(2000).optional(),
@@ -202,6 +204,9 @@ export const leakReport = z
   .superRefine((body, ctx) => {
     if ((body.credential === undefined) === (body.fingerprint === undefined)) {
       ctx.addIssue({ code: 'custom', path: ['credential'], message: 'give exactly one of credential or fingerprint' });
+    }
+    if (body.version !== undefined && body.credential === undefined) {
+      ctx.addIssue({ code: 'custom', path: ['version'], message: 'a version goes with a credential (a fingerprint names its version itself)' });
     }
   });
 

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { AppError } from '../core/errors';
+import { AppError, UnprocessableError } from '../core/errors';
 import { appendAudit, errorDetail, markAudited } from '../vault/audit';
 import type { Identities } from '../vault/identities';
 import type { Caller, CredentialRef } from '../vault/vault';
@@ -48,6 +48,20 @@ export function parseHandle(s: string): { id: string; version: number } | undefi
 
 /** A credential reference in a tool's string field: a handle stands for the credential's id. */
 const refString = (s: string): string => parseHandle(s)?.id ?? s;
+
+/**
+ * A leak report naming a credential by handle reports the handle's version: the agent, which never
+ * saw the value under masking, cannot give its fingerprint, and the version it read may be an older
+ * one a stored value replaced (still working at the provider), not the current one.
+ */
+function leakOf(input: z.output<typeof leakReport>): z.output<typeof leakReport> {
+  const handle = input.credential === undefined ? undefined : parseHandle(input.credential);
+  if (!handle) return input;
+  if (input.version !== undefined && input.version !== handle.version) {
+    throw new UnprocessableError(`the handle names version ${handle.version}, and version says ${input.version}: give one of them`);
+  }
+  return { ...input, credential: handle.id, version: handle.version };
+}
 
 const handle = z.string().max(200).regex(HANDLE, 'must be a handle from vault_get or list_credentials: mailgent://credentials/<id>@<version>');
 
@@ -190,7 +204,7 @@ export function mcpTools(deps: McpDeps): Tool[] {
       input: leakReport,
       action: 'leak.report',
       hints: { readOnlyHint: false, destructiveHint: true, openWorldHint: true },
-      run: (caller, input) => reportLeak(deps, caller, caller.identityId, { ...input, credential: input.credential && refString(input.credential) }),
+      run: (caller, input) => reportLeak(deps, caller, caller.identityId, leakOf(input)),
     }),
   ];
 }

@@ -539,6 +539,41 @@ describe('MCP server', () => {
       expect((await auditOf(agent.id, 'leak.report')).at(-1)).toMatchObject({ outcome: 'ok', detail: { via: 'mcp', matched: 1 } });
     });
 
+    it("report_leak by a handle of an older version reports that version (rotated and revoked), not the current one", async () => {
+      const agent = await h.createIdentity('mcp-leak-old', 'mcp-leak-old@example.com');
+      const mcp = await connect('http', agent.token);
+      const store = (value: string) => call(mcp, 'vault_store', { name: 'replaced', kind: 'api_key', value: h.secret(value), rotation: { provider: 'generated', settings: { length: 32 } } });
+      ok(await store('sk_live_replaced_value_v1_0001'));
+      ok(await store('sk_live_replaced_value_v2_0002'));
+      const old = ok(await call(mcp, 'vault_get', { name: 'replaced', version: 1 }));
+      expect(old).toMatchObject({ version: 1 });
+      // A version beside the handle must agree with it.
+      expect(problem(await call(mcp, 'report_leak', { credential: old.handle, version: 2, source: 'mcp test' }))).toMatchObject({ status: 422, detail: expect.stringContaining('version 1') });
+      const report = ok(await call(mcp, 'report_leak', { credential: old.handle, source: 'mcp test' }));
+      // Before, the handle's version was dropped: version 2 was reported, and version 1, still live, never revoked.
+      expect(report.results).toMatchObject([{ credentialId: old.id, version: 1, action: 'rotating' }]);
+      await h.client.workflow.getHandle(`rotate:${old.id}`).result();
+      const versions = (await h.sql('SELECT version, revoked_at IS NOT NULL AS revoked FROM secret_versions WHERE credential_id = $1 ORDER BY version', [old.id])).rows;
+      expect(versions).toEqual([
+        { version: 1, revoked: true },
+        { version: 2, revoked: true },
+        { version: 3, revoked: false },
+      ]);
+      h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'replaced' } })).body.value);
+    });
+
+    it('POST /v1/leaks takes the version that leaked: an unknown one is a 404, and a version without a credential is refused', async () => {
+      const agent = await h.createIdentity('http-leak-version');
+      expect((await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'versioned', kind: 'api_key', value: h.secret('sk_live_versioned_value_01') } })).status).toBe(201);
+      const unknown = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'versioned', version: 7, source: 'test' } });
+      expect(unknown.status, unknown.text).toBe(404);
+      expect(unknown.body.detail).toContain('version 7');
+      const orphan = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: 'a'.repeat(64), version: 1, source: 'test' } });
+      expect(orphan.status, orphan.text).toBe(400);
+      expect(orphan.body.errors).toEqual([{ path: 'version', message: expect.stringContaining('goes with a credential') }]);
+      expect((await h.sql("SELECT count(*)::int AS n FROM leak_incidents WHERE identity_id = $1", [agent.id])).rows[0].n).toBe(0);
+    });
+
     it('PATCH /v1/identities/:id is admin only, strict, and 404 for an unknown identity', async () => {
       const agent = await h.createIdentity('mcp-settings');
       expect((await h.api('PATCH', `/v1/identities/${agent.id}`, { token: agent.token, body: { allowUnmaskedRead: true } })).status).toBe(403);

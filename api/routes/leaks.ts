@@ -66,7 +66,7 @@ export function leakRoutes(auth: AuthDeps, deps: LeakDeps): Router {
  * credentials are the only ones it can name; undefined for the admin, who may name any.
  */
 export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string | undefined, body: z.output<typeof leakReport>) {
-  const targets = body.fingerprint ? await byFingerprint(deps, body.fingerprint, scope) : await byCredential(deps, body.credential!, scope);
+  const targets = body.fingerprint ? await byFingerprint(deps, body.fingerprint, scope) : await byCredential(deps, body.credential!, body.version, scope);
   // Both free-text fields go into the audit row, the rotation's reason and the incident email (to the
   // owners, whom the reporter may set): neither may carry a value the identity can read, its own or
   // one granted to it, as mail.send refuses them. Text shorter than any value the scan matches needs
@@ -307,14 +307,21 @@ const TARGET_SQL = `
          v.revoked_at IS NULL AS live
     FROM credentials c JOIN secret_versions v ON v.credential_id = c.id`;
 
-async function byCredential(deps: LeakDeps, ref: string, scope: string | undefined): Promise<Target[]> {
+/** The credential's `version` (its current one if absent), as a fingerprint report of that version's value would find it. */
+async function byCredential(deps: LeakDeps, ref: string, version: number | undefined, scope: string | undefined): Promise<Target[]> {
   const { rows } = await deps.pool.query(
     `${TARGET_SQL}
-      WHERE c.deleted_at IS NULL AND v.version = c.current_version AND (c.name = $1 OR c.id = $3::uuid) AND ($2::uuid IS NULL OR c.identity_id = $2)`,
-    [ref, scope ?? null, idOf(ref) ?? null],
+      WHERE c.deleted_at IS NULL AND v.version = coalesce($4::int, c.current_version) AND (c.name = $1 OR c.id = $3::uuid) AND ($2::uuid IS NULL OR c.identity_id = $2)`,
+    [ref, scope ?? null, idOf(ref) ?? null, version ?? null],
   );
   // The name is not repeated: a leaked value given in its place (`mailgent leak <value>`) would be.
-  if (rows.length === 0) throw new NotFoundError('no credential of yours has that name or id (to report a value, give its SHA-256 fingerprint)');
+  if (rows.length === 0) {
+    throw new NotFoundError(
+      version === undefined
+        ? 'no credential of yours has that name or id (to report a value, give its SHA-256 fingerprint)'
+        : `no credential of yours has that name or id with a version ${version} (to report a value, give its SHA-256 fingerprint)`,
+    );
+  }
   if (rows.length > 1) throw new UnprocessableError(`'${ref}' names credentials of several identities; report it by id`);
   return rows.map(toTarget);
 }
