@@ -265,16 +265,22 @@ export function batchActivities(deps: ActivityDeps) {
           const sent = await deps.pool.query('SELECT credential_id, workflow_id FROM rotation_runs WHERE rotation_id = $1 AND run_id IS NULL AND start_sent_at IS NOT NULL', [
             input.rotationId,
           ]);
+          const adopted: { workflow_id: string; run_id: string }[] = [];
           for (const r of sent.rows) {
             heartbeat();
             const described = await describeIfKept(client.workflow.getHandle(r.workflow_id));
             if (described?.memo?.rotationId !== input.rotationId) continue;
-            await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
+            const runId = described.raw.workflowExecutionInfo?.firstRunId || described.runId;
+            const { rowCount } = await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
               input.rotationId,
               r.credential_id,
-              described.raw.workflowExecutionInfo?.firstRunId || described.runId,
+              runId,
             ]);
+            if (rowCount) adopted.push({ workflow_id: r.workflow_id, run_id: runId });
           }
+          // Settled as the others were: one that ended unrecorded before the deadline is counted by
+          // how it ended (its outcome, or failed without one), not as still rotating.
+          await settleEnded(adopted);
           await deps.pool.query(
             `DELETE FROM rotation_runs r USING rotations ro
               WHERE r.rotation_id = $1 AND ro.id = r.rotation_id AND ro.cancelled_at IS NULL AND r.run_id IS NULL`,

@@ -1,5 +1,5 @@
 import { randomBytes, randomUUID } from 'node:crypto';
-import type { WorkflowHandle } from '@temporalio/client';
+import type { WorkflowHandle, WorkflowHandleWithFirstExecutionRunId } from '@temporalio/client';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { batchActivities } from '../activities/batch';
@@ -496,6 +496,89 @@ describe('batch rotation in waves', () => {
     }
     h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: names[0] } })).body.value);
   });
+  /** A wave's start that reached Temporal, whose attempt died before recording the run: the row marked sent, no run_id. */
+  const sentUnrecorded = async (ids: string[]) => {
+    const rotationId = randomUUID();
+    await h.sql(`INSERT INTO rotations (id, identity_id, kind, reason, notify, workflow_id) VALUES ($1, $2, 'request', NULL, '{}', $3)`, [rotationId, agent.id, `rotation:${rotationId}`]);
+    await h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id, start_sent_at) SELECT $1, c, 'rotate:' || c, now() FROM unnest($2::uuid[]) AS c`, [rotationId, ids]);
+    const runs = new Map<string, WorkflowHandleWithFirstExecutionRunId>();
+    for (const id of ids) {
+      runs.set(
+        id,
+        await h.client.workflow.start('rotateCredential', {
+          taskQueue: h.taskQueue,
+          workflowId: `rotate:${id}`,
+          args: [{ rotationId, identityId: agent.id, credentialId: id, mode: 'requested' }],
+          memo: { rotationId },
+        }),
+      );
+    }
+    return { rotationId, runs };
+  };
+
+  it('cancelling a batch whose unrecorded rotation has already ended records that run: it rotated, and is reported so, not as cancelled before it started', async () => {
+    const { names, ids } = await storeAll('ended-unrecorded', 1);
+    const [id] = ids as [string];
+    const { rotationId, runs } = await sentUnrecorded(ids);
+    const run = runs.get(id)!;
+    expect(await run.result()).toMatchObject({ state: 'succeeded' });
+    expect((await h.sql('SELECT outcome FROM run_outcomes WHERE run_id = $1', [run.firstExecutionRunId])).rows).toEqual([{ outcome: 'rotated' }]);
+
+    const cancel = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: agent.token });
+    expect(cancel.status, cancel.text).toBe(202);
+    // Before, it was answered as not started (the route took over only a run still running), and read as cancelled.
+    expect(cancel.body).toEqual({ rotationId, cancelling: [], notStarted: [] });
+    expect((await runsOf(rotationId))[0]!.run_id).toBe(run.firstExecutionRunId);
+
+    const report = await h.api('GET', `/v1/rotations/${rotationId}`, { token: agent.token });
+    expect(report.status, report.text).toBe(200);
+    expect(report.body.state).toBe('succeeded');
+    expect(report.body.credentials).toHaveLength(1);
+    expect(report.body.credentials[0]).toMatchObject({ credentialId: id, runId: run.firstExecutionRunId, outcome: 'rotated', state: 'succeeded' });
+    // The batch's wait counts it by its outcome (before: { total: 1, rotated: 0, failed: 1 }, the credential at version 2).
+    expect(await batchActivities(h.deps).awaitOutcomes({ rotationId, pollMs: 50 })).toEqual({ total: 1, rotated: 1, failed: 0 });
+    const read = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: names[0] } });
+    expect(read.body.version).toBe(2);
+    h.secret(read.body.value);
+  });
+
+  it('at the deadline a run taken over from a start sent but unrecorded, ended since, is counted by how it ended, not as still rotating', async () => {
+    const { names, ids } = await storeAll('ended-at-deadline', 2);
+    const [completed, terminated] = ids as [string, string];
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    receiver.onEvent = async (received) => {
+      if (received.event.type === 'credential.pending' && received.event.credentialId === terminated) await held;
+    };
+    try {
+      const { rotationId, runs } = await sentUnrecorded(ids);
+      expect(await runs.get(completed)!.result()).toMatchObject({ state: 'succeeded' });
+      // The other stopped by an operator while it runs: it ends without reporting an outcome.
+      await waitFor(() => receiver.events.some((e) => e.event.type === 'credential.pending' && e.event.credentialId === terminated));
+      await runs.get(terminated)!.terminate('stopped by an operator');
+      release();
+      expect((await runs.get(terminated)!.describe()).status.name).toBe('TERMINATED');
+
+      const until = new Date(Date.now() - 1000).toISOString();
+      // Before, the terminated run was taken over after the wait had settled the runs it knew of: { total: 2, rotated: 1, failed: 0, open: 1 }.
+      expect(await batchActivities(h.deps).awaitOutcomes({ rotationId, until, pollMs: 50 })).toEqual({ total: 2, rotated: 1, failed: 1 });
+      const rows = await runsOf(rotationId);
+      for (const id of ids) expect(rows.find((r) => r.credential_id === id)!.run_id).toBe(runs.get(id)!.firstExecutionRunId);
+      expect((await h.sql('SELECT outcome, error FROM run_outcomes WHERE run_id = $1', [runs.get(terminated)!.firstExecutionRunId])).rows).toEqual([
+        { outcome: 'failed', error: 'the rotation ended as terminated without reporting an outcome' },
+      ]);
+      const report = await h.api('GET', `/v1/rotations/${rotationId}`, { token: agent.token });
+      expect(Object.fromEntries((report.body.credentials as { credentialId: string; outcome: string }[]).map((c) => [c.credentialId, c.outcome]))).toEqual({
+        [completed]: 'rotated',
+        [terminated]: 'failed',
+      });
+    } finally {
+      release();
+      receiver.onEvent = undefined;
+    }
+    h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: names[0] } })).body.value);
+  });
+
 });
 
 async function waitFor(ready: () => boolean, timeoutMs = 60_000): Promise<void> {

@@ -62,22 +62,27 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
       const rotation = await ownRotation(deps.pool, caller.identityId, String(req.params.id));
       // First the batch, so no waiting run starts from now on (a run starting meanwhile is cancelled by the batch itself).
       await deps.pool.query('UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1', [rotation.id]);
-      const all = await runsOf(deps.pool, rotation.id);
+      let all = await runsOf(deps.pool, rotation.id);
       // A start a wave sent without recording its run (its worker died between the two) may have
-      // started one: found running, and started by this batch (its memo says so: not a leak's or
-      // another batch's rotation of the same credential), it is taken as this batch's and cancelled
-      // with the others, not left to finish while the answer calls it not started.
-      for (const run of all.filter((r) => !r.run_id && r.start_sent)) {
+      // started one. Started by this batch (its memo says so: not a leak's or another batch's
+      // rotation of the same credential), running or ended, it is taken as this batch's, by its
+      // first run's id (under which it records its outcome, whatever runs it continued as), as the
+      // batch's wait takes it at its deadline: running, it is cancelled with the others below;
+      // ended, it is reported as it ended (it may have rotated the credential), in neither list.
+      // Left unrecorded, either read as "cancelled before it started" (no run id in a cancelled
+      // batch), and the batch's wait, which starts nothing more once it is cancelled, never looks.
+      const sent = all.filter((r) => !r.run_id && r.start_sent);
+      for (const run of sent) {
         const described = await temporal(() => describeIfKept(deps.client.workflow.getHandle(run.workflow_id)));
-        if (described?.status.name !== 'RUNNING' || described.memo?.rotationId !== rotation.id) continue;
-        const { rowCount } = await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
+        if (!described || described.memo?.rotationId !== rotation.id) continue;
+        await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
           rotation.id,
           run.credential_id,
-          described.runId,
+          described.raw.workflowExecutionInfo?.firstRunId || described.runId,
         ]);
-        // Its outcome read as "cancelled before it started" (no run id in a cancelled batch): it has none yet.
-        if (rowCount) Object.assign(run, { run_id: described.runId, outcome: null, error: null });
       }
+      // Read again: the runs taken over, with their outcomes (and any a wave recorded meanwhile).
+      if (sent.length > 0) all = await runsOf(deps.pool, rotation.id);
       const notStarted = all.filter((r) => !r.run_id).map((r) => r.credential_id);
       const runs = all.filter((r) => r.run_id && !['failed', 'cancelled', 'rolled_back'].includes(r.outcome ?? ''));
       const cancelled: string[] = [];
