@@ -233,7 +233,7 @@ const totp: ClientCommand = {
   },
 };
 
-const leakUsage = `Usage: mailgent leak <name|id> [--source <who>] [--details <text>] [--json]
+const leakUsage = `Usage: mailgent leak <name|id> [--version <n>] [--source <who>] [--details <text>] [--json]
        mailgent leak --fingerprint <sha256 hex> ...
        mailgent leak --value-file <path|-> ...
 
@@ -242,6 +242,7 @@ without a grace period. Name it, or give the SHA-256 of the leaked value (--fing
 CLI compute that hash from the value (--value-file; the value itself is never sent).
 
 Options:
+  --version <n>     the version of <name|id> that leaked (default: its current one)
   --source <who>    who found it (default mailgent-cli)
   --details <text>  what happened (must not contain the value)
   --admin           report with the admin token (any identity's credentials); --admin-token implies it
@@ -260,6 +261,7 @@ const leak: ClientCommand = {
         ...TOKEN_OPTION,
         ...ADMIN_TOKEN_OPTION,
         admin: { type: 'boolean', default: false },
+        version: { type: 'string' },
         fingerprint: { type: 'string' },
         'value-file': { type: 'string' },
         source: { type: 'string', default: 'mailgent-cli' },
@@ -272,6 +274,8 @@ const leak: ClientCommand = {
     // An empty one (an unset shell variable) must not fall through to reading the value from stdin.
     if (pos[0] === '' || values.fingerprint === '' || values['value-file'] === '') throw usageError('the credential, --fingerprint or --value-file is empty', leakUsage);
     if (pos.length > 1) throw unexpectedArgument(2, leakUsage);
+    const version = wholeNumber('version', values.version, leakUsage, 1);
+    if (version !== undefined && !pos[0]) throw usageError('--version goes with a credential named (a fingerprint names its version itself)', leakUsage);
     // As for the admin commands, an admin token given is the one used (before, without --admin it
     // was dropped unseen and the report went out as MAILGENT_TOKEN's identity); a --token beside it
     // would be dropped in its turn, so the two are refused together.
@@ -279,8 +283,8 @@ const leak: ClientCommand = {
     if (asAdmin && values.token !== undefined) throw usageError('give --token, or --admin/--admin-token to report with the admin token, not both', leakUsage);
     const token = asAdmin ? adminToken(values['admin-token']) : identityToken(values.token);
     const api = new Api(baseUrl(values.url), token);
-    let target: { credential: string } | { fingerprint: string };
-    if (pos[0]) target = { credential: pos[0] };
+    let target: { credential: string; version?: number } | { fingerprint: string };
+    if (pos[0]) target = { credential: pos[0], ...(version !== undefined ? { version } : {}) };
     else if (values.fingerprint) target = { fingerprint: values.fingerprint };
     else target = { fingerprint: createHash('sha256').update(await readSecret({ file: values['value-file'], what: 'Leaked value' })).digest('hex') };
     const reported = await api.call('POST', '/v1/leaks', leakResults, { ...target, source: values.source, ...(values.details ? { details: values.details } : {}) });

@@ -311,6 +311,28 @@ describe('mailgent CLI against a stand-in API', () => {
     );
   });
 
+  it('leak --version sends the version that leaked with the credential; beside --fingerprint, or not a whole number ≥ 1, it is refused', async () => {
+    const results = { results: [{ credentialId: CREDENTIAL_ID, version: 2, action: 'rotating', workflowId: `rotate:${CREDENTIAL_ID}` }] };
+    await withApi(
+      () => ({ status: 202, body: results }),
+      async (url, seen) => {
+        const reported = await mailgent(['leak', 'stripe', '--version', '2', '--json'], { url, env: { MAILGENT_TOKEN: 'mgt_identity_env' } });
+        expect(reported.code, reported.stderr).toBe(0);
+        expect(JSON.parse(seen[0]!.body)).toEqual({ credential: 'stripe', version: 2, source: 'mailgent-cli' });
+        for (const [args, says] of [
+          [['--fingerprint', 'a'.repeat(64), '--version', '1'], '--version goes with a credential named'],
+          [['stripe', '--version', '0'], '--version must be a whole number ≥ 1'],
+          [['stripe', '--version', 'two'], '--version must be a whole number ≥ 1'],
+        ] as const) {
+          const refused = await mailgent(['leak', ...args], { url, env: { MAILGENT_TOKEN: 'mgt_identity_env' } });
+          expect(refused.code, args.join(' ')).toBe(2);
+          expect(refused.stderr, args.join(' ')).toContain(says);
+        }
+        expect(seen).toHaveLength(1);
+      },
+    );
+  });
+
   it('store: a flag and the same field in --policy are refused together (exit 2), as --policy setting a flag\'s field is', async () => {
     const stored = { id: CREDENTIAL_ID, name: 'stripe', version: 1, createdAt: new Date().toISOString() };
     await withApi(
