@@ -248,39 +248,58 @@ export function batchActivities(deps: ActivityDeps) {
           }
         }
       };
+      // A start a wave sent without recording its run (its attempt died between the two) is this
+      // batch's if its run's memo names the batch (a leak's or another batch's rotation of the
+      // credential is theirs to report), running or ended: taken over by its first run's id (under
+      // which it records its outcome, whatever runs it continued as). Each row is looked up once.
+      const lookedUp = new Set<string>();
+      const adoptSent = async () => {
+        const sent = await deps.pool.query('SELECT credential_id, workflow_id FROM rotation_runs WHERE rotation_id = $1 AND run_id IS NULL AND start_sent_at IS NOT NULL', [
+          input.rotationId,
+        ]);
+        const adopted: { workflow_id: string; run_id: string }[] = [];
+        for (const r of sent.rows) {
+          if (lookedUp.has(r.credential_id)) continue;
+          lookedUp.add(r.credential_id);
+          heartbeat();
+          const described = await describeIfKept(client.workflow.getHandle(r.workflow_id));
+          if (described?.memo?.rotationId !== input.rotationId) continue;
+          const runId = described.raw.workflowExecutionInfo?.firstRunId || described.runId;
+          const { rowCount } = await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
+            input.rotationId,
+            r.credential_id,
+            runId,
+          ]);
+          if (rowCount) adopted.push({ workflow_id: r.workflow_id, run_id: runId });
+        }
+        return adopted;
+      };
       for (let round = 0; ; round++) {
         heartbeat();
         const started = await running();
         const unstarted = await waiting();
+        // Cancelled, the batch starts nothing more, and its rows sent but unrecorded would read as
+        // "cancelled before it started": their runs are looked for (the cancel looks too, but may
+        // have failed after marking the batch), and one found running is cancelled as the cancel
+        // would have, then waited for as the others are.
+        if (unstarted === 0) {
+          const adopted = await adoptSent();
+          for (const run of adopted) {
+            heartbeat();
+            const { handle, status } = await latestRunOf(client, run.workflow_id, run.run_id);
+            if (status === 'RUNNING') await handle.cancel();
+          }
+          if (adopted.length > 0) continue;
+        }
         const outOfTime = started.length + unstarted > 0 && input.until !== undefined && Date.now() >= Date.parse(input.until);
         if (outOfTime) {
           // What is still open now is counted as running: not a run that has just ended unrecorded.
           await settleEnded(started);
           // Not started by this batch's record: left to the next sweep (they stay due), in one
-          // statement, unless the wave sent its start and lost the record of it (its attempt died
-          // between the two). Such a run is this batch's all the same if its memo names the batch
-          // (a leak's or another batch's rotation of the credential is theirs to report), running
-          // or ended: it is followed, or counted, as started, by its first run's id (under which
-          // it records its outcome, whatever runs it continued as).
-          const sent = await deps.pool.query('SELECT credential_id, workflow_id FROM rotation_runs WHERE rotation_id = $1 AND run_id IS NULL AND start_sent_at IS NOT NULL', [
-            input.rotationId,
-          ]);
-          const adopted: { workflow_id: string; run_id: string }[] = [];
-          for (const r of sent.rows) {
-            heartbeat();
-            const described = await describeIfKept(client.workflow.getHandle(r.workflow_id));
-            if (described?.memo?.rotationId !== input.rotationId) continue;
-            const runId = described.raw.workflowExecutionInfo?.firstRunId || described.runId;
-            const { rowCount } = await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
-              input.rotationId,
-              r.credential_id,
-              runId,
-            ]);
-            if (rowCount) adopted.push({ workflow_id: r.workflow_id, run_id: runId });
-          }
-          // Settled as the others were: one that ended unrecorded before the deadline is counted by
-          // how it ended (its outcome, or failed without one), not as still rotating.
-          await settleEnded(adopted);
+          // statement, unless the wave sent its start and lost the record of it: such a run,
+          // taken over, is settled as the others were (one that ended unrecorded is counted by how
+          // it ended, its outcome or failed without one, not as still rotating).
+          await settleEnded(await adoptSent());
           await deps.pool.query(
             `DELETE FROM rotation_runs r USING rotations ro
               WHERE r.rotation_id = $1 AND ro.id = r.rotation_id AND ro.cancelled_at IS NULL AND r.run_id IS NULL`,

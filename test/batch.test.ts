@@ -579,6 +579,35 @@ describe('batch rotation in waves', () => {
     h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: names[0] } })).body.value);
   });
 
+  it("a batch marked cancelled by a cancel that failed before it looked for a start sent but unrecorded: the batch's wait finds that run, cancels it and waits for it", async () => {
+    const { names, ids } = await storeAll('cancel-half-done', 1);
+    const [id] = ids as [string];
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    receiver.onEvent = async (received) => {
+      if (received.event.type === 'credential.pending' && received.event.credentialId === id) await held;
+    };
+    try {
+      const { rotationId, runs } = await sentUnrecorded(ids);
+      const run = runs.get(id)!;
+      await waitFor(() => receiver.events.some((e) => e.event.type === 'credential.pending' && e.event.credentialId === id));
+      // The cancel's first statement only (Temporal unreachable after it: its answer a 503).
+      await h.sql('UPDATE rotations SET cancelled_at = now() WHERE id = $1', [rotationId]);
+      const waited = batchActivities(h.deps).awaitOutcomes({ rotationId, pollMs: 50 });
+      // Before, the wait returned at once ({ total: 1, failed: 1 }: "cancelled before it started") and the run went on to rotate the credential.
+      await new Promise((resolve) => setTimeout(resolve, 1_000));
+      release();
+      expect(await waited).toEqual({ total: 1, rotated: 0, failed: 1 });
+      expect(await run.result()).toMatchObject({ state: 'cancelled' });
+      expect((await runsOf(rotationId))[0]!.run_id).toBe(run.firstExecutionRunId);
+      const report = await h.api('GET', `/v1/rotations/${rotationId}`, { token: agent.token });
+      expect(report.body.credentials[0]).toMatchObject({ credentialId: id, runId: run.firstExecutionRunId, outcome: 'cancelled' });
+      expect((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: names[0] } })).body.version).toBe(1);
+    } finally {
+      release();
+      receiver.onEvent = undefined;
+    }
+  });
 });
 
 async function waitFor(ready: () => boolean, timeoutMs = 60_000): Promise<void> {
