@@ -62,11 +62,14 @@ export async function rekey(config: Config, logger: Logger, env: NodeJS.ProcessE
       const key = generateMasterKey();
       fileKeys = [{ id: masterKeyId(key), key }, ...readKeyringFile(setting).keys];
       // The new key is in the file (synced) before any data key uses it, so no crash can strand a data key.
-      const written = (await lock.query('SELECT clock_timestamp() AS at')).rows[0].at as Date;
       writeKeyringFile(setting, fileKeys, fileKeys[0]!.id);
+      // Taken once the file is in place, not before: a service that read the old current key just
+      // before the rename wraps with it inside a transaction begun before then, so begun before this
+      // (one begun while the file was being synced included). Once those have ended, the re-wrap
+      // below sees every such key. As text, not a Date: that would cut the microseconds, and a
+      // transaction begun earlier in the same millisecond would not count as begun before it.
+      const written = (await lock.query('SELECT clock_timestamp()::text AS at')).rows[0].at as string;
       keyring = Keyring.fromSetting(setting);
-      // A service that read the old current key just before the write wraps with it inside a
-      // transaction begun before then: once those have ended, the re-wrap below sees every such key.
       await transactionsEnded(lock, written);
     }
     const current = keyring.current;
@@ -101,11 +104,17 @@ export async function rekey(config: Config, logger: Logger, env: NodeJS.ProcessE
   }
 }
 
-/** Waits until no transaction begun before `at` is open on the database (a minute at most). */
-async function transactionsEnded(db: pg.Client, at: Date): Promise<void> {
+/**
+ * Waits until no transaction begun before `at` (a timestamptz as text, to the microsecond) is open
+ * on the database (a minute at most). Only client backends: a service's transaction, idle in it or
+ * not, is one; autovacuum workers and other background processes never wrap a key, and a long
+ * vacuum would otherwise make rekey fail with the new key already current.
+ */
+async function transactionsEnded(db: pg.Client, at: string): Promise<void> {
   for (const deadline = Date.now() + 60_000; ; ) {
     const { rows } = await db.query(
-      'SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start < $1',
+      `SELECT pid FROM pg_stat_activity
+        WHERE datname = current_database() AND backend_type = 'client backend' AND pid <> pg_backend_pid() AND xact_start < $1::timestamptz`,
       [at],
     );
     if (rows.length === 0) return;

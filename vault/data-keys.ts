@@ -19,6 +19,9 @@ const ZERO_DELAY_MS = 60_000;
  */
 export const DEFAULT_MAX_ENCRYPTIONS = 2 ** 30;
 
+/** Data keys re-wrapped per transaction by rewrapAll: what a store may wait for while rekey runs. */
+const REWRAP_CHUNK = 500;
+
 export interface DataKey {
   id: string;
   identityId: string;
@@ -167,23 +170,45 @@ export class DataKeys {
 
   /**
    * Re-wraps every data key not wrapped by the keyring's current master key. Secret rows are not
-   * touched. Returns how many keys were re-wrapped and which master key ids are still in use.
+   * touched, nor the keys' encryption counts. Returns how many keys were re-wrapped and which master
+   * key ids are still in use, counted once every key has been re-wrapped.
+   *
+   * In chunks of `chunkSize` keys, each its own transaction, taken in id order (a keyset on id): a
+   * store waits for one chunk at most, not for the whole re-wrap, and the rows are locked in the
+   * order a store batch locks its keys (vault/secret-store.ts), so the two never deadlock. FOR NO KEY
+   * UPDATE, as the store takes it: the id does not change, so a version's insert (whose foreign key
+   * shares the key's row) need not wait. A crash between chunks leaves some keys under the new master
+   * key and the rest under the old, both still in the keyring: rekey drops a key only after this
+   * returns and nothing uses it.
    */
-  async rewrapAll(): Promise<{ rewrapped: number; masterKeysInUse: string[] }> {
+  async rewrapAll(opts: { chunkSize?: number } = {}): Promise<{ rewrapped: number; masterKeysInUse: string[] }> {
+    const chunkSize = opts.chunkSize ?? REWRAP_CHUNK;
     const current = this.keyring.current;
-    return withTransaction(this.pool, async (tx) => {
-      const { rows } = await tx.query(
-        'SELECT id, identity_id, master_key_id, wrapped FROM data_keys WHERE master_key_id <> $1 FOR UPDATE',
-        [current.id],
-      );
-      for (const row of rows) {
-        const key = this.unwrap(row.identity_id, row);
-        await tx.query('UPDATE data_keys SET master_key_id = $2, wrapped = $3 WHERE id = $1', [
-          row.id,
-          current.id,
-          seal(current.key, key.key, dataKeyAad(row.identity_id, row.id)),
-        ]);
-      }
+    let rewrapped = 0;
+    // A short chunk is the last: LIMIT applies after the locking, so it counts only rows locked and still matching.
+    for (let after: string | null = null; ; ) {
+      const last = await withTransaction(this.pool, async (tx): Promise<string | undefined> => {
+        const { rows } = await tx.query(
+          `SELECT id, identity_id, master_key_id, wrapped FROM data_keys
+            WHERE master_key_id <> $1 AND ($2::uuid IS NULL OR id > $2::uuid)
+            ORDER BY id LIMIT $3 FOR NO KEY UPDATE`,
+          [current.id, after, chunkSize],
+        );
+        for (const row of rows) {
+          const key = this.unwrap(row.identity_id, row);
+          await tx.query('UPDATE data_keys SET master_key_id = $2, wrapped = $3 WHERE id = $1', [
+            row.id,
+            current.id,
+            seal(current.key, key.key, dataKeyAad(row.identity_id, row.id)),
+          ]);
+        }
+        rewrapped += rows.length;
+        return rows.length === chunkSize ? (rows[rows.length - 1].id as string) : undefined;
+      });
+      if (last === undefined) break;
+      after = last;
+    }
+    await withTransaction(this.pool, async (tx) => {
       const services = await tx.query('SELECT name, master_key_id, wrapped FROM service_keys WHERE master_key_id <> $1 FOR UPDATE', [current.id]);
       for (const row of services.rows) {
         const master = this.keyring.find(row.master_key_id);
@@ -192,9 +217,9 @@ export class DataKeys {
         await tx.query('UPDATE service_keys SET master_key_id = $2, wrapped = $3 WHERE name = $1', [row.name, current.id, seal(current.key, key, serviceKeyAad(row.name))]);
         key.fill(0);
       }
-      const inUse = await tx.query('SELECT master_key_id FROM data_keys UNION SELECT master_key_id FROM service_keys');
-      return { rewrapped: rows.length, masterKeysInUse: inUse.rows.map((r) => r.master_key_id as string) };
     });
+    const inUse = await this.pool.query('SELECT master_key_id FROM data_keys UNION SELECT master_key_id FROM service_keys');
+    return { rewrapped, masterKeysInUse: inUse.rows.map((r) => r.master_key_id as string) };
   }
 
   private cached(id: string): DataKey | undefined {

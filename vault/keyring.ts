@@ -68,10 +68,10 @@ export class Keyring {
    * `file` is set when the keyring lives in a file that `rekey` may rewrite while the service runs:
    * a changed file is re-read before wrapping, and an unknown key id re-reads it once.
    */
-  private constructor(keys: MasterKey[], currentId: string, readonly file?: string) {
+  private constructor(keys: MasterKey[], currentId: string, readonly file?: string, loadedMtimeMs = 0) {
     for (const k of keys) this.keys.set(k.id, k.key);
     this.currentId = currentId;
-    if (file) this.loadedMtimeMs = statSync(file).mtimeMs;
+    this.loadedMtimeMs = loadedMtimeMs;
   }
 
   static fromKeys(keys: MasterKey[], currentId = keys[0]?.id): Keyring {
@@ -85,8 +85,12 @@ export class Keyring {
     let keyring: Keyring;
     if (inline) keyring = Keyring.fromKeys(inline.map((key) => ({ id: masterKeyId(key), key })));
     else {
+      // Stat first, then read (as reload does): a rekey's rename between the two then leaves an older
+      // mtime with these contents, and the next `current` reads the file again. The other way round,
+      // the new file's mtime went with the old contents, and the new current key was never seen.
+      const { mtimeMs } = statSync(setting);
       const { keys, current } = readKeyringFile(setting);
-      keyring = new Keyring(keys, current, setting);
+      keyring = new Keyring(keys, current, setting, mtimeMs);
     }
     keyring.#setting = setting;
     return keyring;

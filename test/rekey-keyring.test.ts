@@ -1,0 +1,69 @@
+import { mkdtempSync, rmSync, utimesSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+import { generateMasterKey, Keyring, masterKeyId, writeKeyringFile, type MasterKey } from '../vault/keyring';
+
+/**
+ * A service's keyring file, rewritten by `rekey` while the service runs (vault/keyring.ts): the
+ * service must come to wrap with the new current key, however the rename falls against its reads.
+ */
+
+// Called once, right after a read of the file (and before anything else looks at it), when a test sets it.
+const race = vi.hoisted(() => ({ afterRead: undefined as undefined | (() => void) }));
+vi.mock('node:fs', async (importOriginal) => {
+  const actual = await importOriginal<typeof import('node:fs')>();
+  const readFileSync = ((...args: Parameters<typeof actual.readFileSync>) => {
+    const text = actual.readFileSync(...args);
+    const hook = race.afterRead;
+    race.afterRead = undefined;
+    hook?.();
+    return text;
+  }) as typeof actual.readFileSync;
+  return { ...actual, default: { ...actual, readFileSync }, readFileSync };
+});
+
+const newKey = (): MasterKey => {
+  const key = generateMasterKey();
+  return { id: masterKeyId(key), key };
+};
+
+describe('a keyring file replaced while a service runs', () => {
+  let dir: string;
+  let file: string;
+  // Explicit mtimes: two writes in the same tick of the file system's clock would get the same one.
+  const write = (keys: MasterKey[], mtime: number) => {
+    writeKeyringFile(file, keys, keys[0]!.id);
+    utimesSync(file, mtime, mtime);
+  };
+
+  beforeEach(() => {
+    dir = mkdtempSync(path.join(os.tmpdir(), 'keyring-'));
+    file = path.join(dir, 'keys.json');
+  });
+  afterEach(() => {
+    race.afterRead = undefined;
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('is picked up by `current`, the key a service wraps with', () => {
+    const [a, b] = [newKey(), newKey()];
+    write([a], 1_700_000_000);
+    const ring = Keyring.fromSetting(file);
+    expect(ring.current.id).toBe(a.id);
+    write([b, a], 1_700_000_100);
+    expect(ring.current.id).toBe(b.id);
+    expect(ring.ids.sort()).toEqual([a.id, b.id].sort());
+  });
+
+  it('is picked up when it was renamed into place while the service was loading the old one', () => {
+    const [a, b] = [newKey(), newKey()];
+    write([a], 1_700_000_000);
+    // rekey's rename lands after the service read the old file and before it looked at its mtime.
+    race.afterRead = () => write([b, a], 1_700_000_100);
+    const ring = Keyring.fromSetting(file);
+    expect(race.afterRead).toBeUndefined();
+    expect(ring.current.id).toBe(b.id);
+    expect(ring.find(a.id)?.equals(a.key)).toBe(true);
+  });
+});

@@ -1,0 +1,320 @@
+import { randomBytes, randomUUID } from 'node:crypto';
+import { createRequire } from 'node:module';
+import { Worker } from 'node:worker_threads';
+import pg from 'pg';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { rekey } from '../cli/rekey';
+import { loadConfig } from '../core/config';
+import { createLogger } from '../core/logger';
+import { openServices } from '../core/services';
+import { createPool } from '../db/pool';
+import { dataKeyAad, open, seal } from '../vault/crypto';
+import { DataKeys } from '../vault/data-keys';
+import { generateMasterKey, Keyring, masterKeyId, readKeyringFile, writeKeyringFile, type MasterKey } from '../vault/keyring';
+import { expectCleanRun } from './support/leaks';
+import { startHarness, type Harness } from './support/harness';
+
+/**
+ * Key rotation against concurrent work: what rekey waits for before it re-wraps, and how the
+ * re-wrap shares the data keys' rows with stores (cli/rekey.ts, DataKeys.rewrapAll).
+ */
+
+// Called inside writeKeyringFile, before the real write (so before its rename), when a test sets it.
+const hooks = vi.hoisted(() => ({ beforeWrite: undefined as undefined | (() => void) }));
+vi.mock('../vault/keyring', async (importOriginal) => {
+  const actual = await importOriginal<typeof import('../vault/keyring')>();
+  return {
+    ...actual,
+    writeKeyringFile: (...args: Parameters<typeof actual.writeKeyringFile>) => {
+      const hook = hooks.beforeWrite;
+      hooks.beforeWrite = undefined;
+      hook?.();
+      actual.writeKeyringFile(...args);
+    },
+  };
+});
+
+const silent = createLogger({ level: 'silent' });
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Ids that sort after any random one (and each other in `n` order): the last rows a re-wrap takes, in id order. */
+const highId = (n: number) => `ffffffff-ffff-4fff-bfff-${n.toString(16).padStart(12, '0')}`;
+const lowId = (n: number) => `00000000-0000-4000-8000-${n.toString(16).padStart(12, '0')}`;
+
+describe('rekey against concurrent work', () => {
+  let h: Harness;
+  let agent: { id: string; token: string };
+  const values: Record<string, string> = {};
+
+  const store = async (who: { token: string }, name: string, value: string) => {
+    values[name] = h.secret(value);
+    return h.api('POST', '/v1/vault.store', { token: who.token, body: { name, kind: 'generic', value } });
+  };
+  const fileKeys = () => {
+    const { keys, current } = readKeyringFile(h.keyringFile);
+    return { keys, current: keys.find((k) => k.id === current)! };
+  };
+  /** What rekey does first: a new current key in the file, the old ones kept. */
+  const addCurrentKey = () => {
+    const before = fileKeys();
+    const key = generateMasterKey();
+    const next = { id: masterKeyId(key), key };
+    writeKeyringFile(h.keyringFile, [next, ...before.keys], next.id);
+    return { next, old: before.current, keyring: Keyring.fromSetting(h.keyringFile) };
+  };
+  /** Retired data keys of `identityId` wrapped by `master`, with 7 encryptions counted each; returns the keys themselves. */
+  const addDataKeys = async (identityId: string, master: MasterKey, ids: string[]) => {
+    const plain = ids.map(() => randomBytes(32));
+    await h.sql(
+      `INSERT INTO data_keys (id, identity_id, master_key_id, wrapped, retired_at, encryptions)
+       SELECT id, $2, $3, w, now(), 7 FROM unnest($1::uuid[], $4::bytea[]) WITH ORDINALITY AS t(id, w, n) ORDER BY n`,
+      [ids, identityId, master.id, ids.map((id, i) => seal(master.key, plain[i]!, dataKeyAad(identityId, id)))],
+    );
+    return new Map(ids.map((id, i) => [id, plain[i]!]));
+  };
+  /** The backend of a statement (matched by `pattern`, a LIKE parameter, so this query never matches itself) once it waits on a row lock. */
+  const waitingOnLock = async (pattern: string): Promise<number> => {
+    for (const deadline = Date.now() + 10_000; Date.now() < deadline; await sleep(20)) {
+      const { rows } = await h.sql("SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1 AND pid <> pg_backend_pid()", [pattern]);
+      if (rows[0]) return rows[0].pid as number;
+    }
+    throw new Error(`no statement like ${pattern} came to wait on a lock`);
+  };
+  const restartedReadsEverything = async () => {
+    const restarted = openServices({ databaseUrl: h.databaseUrl, poolSize: 2, keyring: Keyring.fromSetting(h.keyringFile), smtpUrl: 'smtp://unused', mailFrom: 'x@localhost' });
+    try {
+      expect(await restarted.dataKeys.missingMasterKeys()).toEqual([]);
+      for (const [name, value] of Object.entries(values)) {
+        const owner = (await h.sql('SELECT identity_id FROM credentials WHERE name = $1', [name])).rows[0].identity_id as string;
+        expect((await restarted.vault.get({ identityId: owner, actor: 'test' }, { name })).value).toBe(value);
+      }
+    } finally {
+      await restarted.close();
+    }
+  };
+
+  beforeAll(async () => {
+    h = await startHarness();
+    agent = await h.createIdentity();
+    expect((await store(agent, 'before-any-rekey', 'value-before-any-rekey')).status).toBe(201);
+  });
+  afterAll(async () => {
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
+    await h.close();
+  });
+
+  it('the re-wrap locks data keys in id order, as a store batch does: the two wait on each other, never deadlock', async () => {
+    const { next, old, keyring } = addCurrentKey();
+    // The key with the highest id goes in first, so a scan of the table (not in id order) meets it first.
+    await addDataKeys(agent.id, old, [highId(1)]);
+    await addDataKeys(agent.id, old, [lowId(1)]);
+    const pool = createPool(h.databaseUrl, 2);
+    const batch = new pg.Client({ connectionString: h.databaseUrl });
+    await batch.connect();
+    try {
+      // A store batch holds the lowest key (it locks its keys in id order: vault/secret-store.ts)...
+      await batch.query('BEGIN');
+      await batch.query('SELECT id FROM data_keys WHERE id = $1 FOR NO KEY UPDATE', [lowId(1)]);
+      const rewrap = new DataKeys(pool, keyring).rewrapAll();
+      rewrap.catch(() => undefined);
+      await waitingOnLock('%FROM data_keys%');
+      // ...and goes on to the highest: the re-wrap, waiting for the lowest, holds none after it.
+      await batch.query("SET LOCAL lock_timeout = '5s'");
+      await expect(batch.query('SELECT id FROM data_keys WHERE id = $1 FOR NO KEY UPDATE', [highId(1)])).resolves.toMatchObject({ rowCount: 1 });
+      await batch.query('COMMIT');
+      const { rewrapped, masterKeysInUse } = await rewrap;
+      expect(rewrapped).toBeGreaterThanOrEqual(3);
+      expect(masterKeysInUse).toEqual([next.id]);
+    } finally {
+      await batch.end();
+      await pool.end();
+    }
+  });
+
+  it('re-wraps in chunks, each committed: a store waits for one chunk at most, and a crash between chunks leaves everything readable', async () => {
+    const other = await h.createIdentity();
+    expect((await store(other, 'other-before-chunks', 'other-value-before-chunks')).status).toBe(201);
+    const held = fileKeys().keys.map((k) => k.id);
+    const { next, old, keyring } = addCurrentKey();
+    const ids = Array.from({ length: 25 }, (_, i) => highId(100 + i));
+    await addDataKeys(agent.id, old, ids);
+    const toRewrap = (await h.sql('SELECT count(*)::int AS n FROM data_keys WHERE master_key_id <> $1', [next.id])).rows[0].n as number;
+    const lastChunk = toRewrap % 10 || 10;
+    const pool = createPool(h.databaseUrl, 2);
+    const batch = new pg.Client({ connectionString: h.databaseUrl });
+    await batch.connect();
+    try {
+      // A store holds the key with the highest id: the re-wrap's last chunk waits for it.
+      await batch.query('BEGIN');
+      await batch.query('SELECT id FROM data_keys WHERE id = $1 FOR NO KEY UPDATE', [ids.at(-1)]);
+      const rewrap = new DataKeys(pool, keyring).rewrapAll({ chunkSize: 10 });
+      rewrap.catch(() => undefined);
+      const rewrapPid = await waitingOnLock('%FROM data_keys%');
+
+      // Every chunk before it is committed, and its keys free: a store under one of them goes through.
+      expect((await h.sql('SELECT count(*)::int AS n FROM data_keys WHERE master_key_id = $1', [next.id])).rows[0].n).toBe(toRewrap - lastChunk);
+      const stored = await Promise.race([store(other, 'other-during-rewrap', 'other-value-during-rewrap'), sleep(5_000).then(() => 'still waiting')]);
+      expect(stored).toMatchObject({ status: 201 });
+
+      // The re-wrap dies there (its connection ends, as in a crash): what it committed stays, the rest is rolled back.
+      await h.sql('SELECT pg_terminate_backend($1)', [rewrapPid]);
+      await expect(rewrap).rejects.toThrow();
+      await batch.query('ROLLBACK');
+      const byMaster = (await h.sql('SELECT master_key_id AS id, count(*)::int AS n FROM data_keys GROUP BY 1')).rows;
+      expect(Object.fromEntries(byMaster.map((r) => [r.id, r.n]))).toEqual({ [old.id]: lastChunk, [next.id]: toRewrap - lastChunk });
+      // The keyring file still holds both keys: a restarted service reads everything.
+      expect(readKeyringFile(h.keyringFile).keys.map((k) => k.id)).toEqual([next.id, ...held]);
+      await restartedReadsEverything();
+    } finally {
+      await batch.end();
+      await pool.end();
+    }
+
+    // Run again, rekey finishes the job and drops both keys it no longer needs.
+    const result = await rekey(loadConfig({ VAULT_MASTER_KEY: h.keyringFile, DATABASE_URL: h.databaseUrl }), silent);
+    expect(result.retiredMasterKeys.sort()).toEqual([next.id, ...held].sort());
+    expect(readKeyringFile(h.keyringFile).keys.map((k) => k.id)).toEqual([result.newMasterKeyId]);
+    await restartedReadsEverything();
+  });
+
+  it('rekey re-wraps more keys than one chunk holds, chunk by chunk in id order, leaving the keys and their counts as they were', async () => {
+    const { current: old } = fileKeys();
+    const ids = Array.from({ length: 1100 }, () => randomUUID());
+    const plain = await addDataKeys(agent.id, old, ids);
+    const before = new Map((await h.sql('SELECT id, encryptions, retired_at, created_at FROM data_keys')).rows.map((r) => [r.id as string, r]));
+
+    const result = await rekey(loadConfig({ VAULT_MASTER_KEY: h.keyringFile, DATABASE_URL: h.databaseUrl }), silent);
+
+    expect(result.rewrapped).toBe(before.size);
+    expect(result.retiredMasterKeys).toEqual([old.id]);
+    const { keys, current } = fileKeys();
+    expect(keys.map((k) => k.id)).toEqual([current.id]);
+    const after = (await h.sql('SELECT id, identity_id, master_key_id, wrapped, encryptions, retired_at, created_at, xmin::text AS tx FROM data_keys ORDER BY id')).rows;
+    expect(after).toHaveLength(before.size);
+    for (const row of after) {
+      expect(row.master_key_id).toBe(current.id);
+      const { encryptions, retired_at, created_at } = before.get(row.id)!;
+      expect({ encryptions: row.encryptions, retired_at: row.retired_at, created_at: row.created_at }).toEqual({ encryptions, retired_at, created_at });
+      const key = plain.get(row.id);
+      if (key) expect(open(current.key, row.wrapped, dataKeyAad(row.identity_id, row.id), 'data key').equals(key)).toBe(true);
+    }
+    // One transaction per 500 keys, each over a run of ids.
+    const chunks: { tx: string; n: number }[] = [];
+    for (const row of after) {
+      if (chunks.at(-1)?.tx === row.tx) chunks.at(-1)!.n++;
+      else chunks.push({ tx: row.tx, n: 1 });
+    }
+    expect(chunks.map((c) => c.n)).toEqual([500, 500, before.size - 1000]);
+    await restartedReadsEverything();
+  });
+
+  it('rekey waits for a transaction begun before the new key was written, even while the write was being synced', async () => {
+    const { current: old } = fileKeys();
+    // A service's transaction: it read the current key just before rekey renamed the new file into
+    // place, and wraps a new data key with it (Identities.create, DataKeys.rollOver). It runs in a
+    // thread of its own, so it can begin while rekey is inside writeKeyringFile.
+    const late = await h.createIdentity();
+    const id = randomUUID();
+    const wrapped = seal(old.key, randomBytes(32), dataKeyAad(late.id, id));
+    const signal = new Int32Array(new SharedArrayBuffer(4));
+    const service = new Worker(
+      `const { parentPort, workerData } = require('node:worker_threads');
+       const pg = require(workerData.pg);
+       const signal = workerData.signal;
+       const client = new pg.Client({ connectionString: workerData.url });
+       const connected = client.connect();
+       parentPort.on('message', async (msg) => {
+         try {
+           if (msg === 'begin') {
+             await connected;
+             await client.query('BEGIN');
+             await client.query("INSERT INTO data_keys (id, identity_id, master_key_id, wrapped) VALUES ($1, $2, $3, $4)",
+               [workerData.id, workerData.identityId, workerData.masterKeyId, Buffer.from(workerData.wrapped)]);
+             Atomics.store(signal, 0, 1);
+           } else {
+             await client.query('COMMIT');
+             await client.end();
+             parentPort.postMessage('committed');
+           }
+         } catch (err) {
+           Atomics.store(signal, 0, 2);
+           parentPort.postMessage(String(err));
+         }
+         Atomics.notify(signal, 0);
+       });`,
+      { eval: true, workerData: { pg: createRequire(import.meta.url).resolve('pg'), signal, url: h.databaseUrl, id, identityId: late.id, masterKeyId: old.id, wrapped } },
+    );
+    const ended = new Promise((resolve) => service.once('message', resolve));
+    try {
+      hooks.beforeWrite = () => {
+        service.postMessage('begin');
+        Atomics.wait(signal, 0, 0, 10_000);
+        if (signal[0] !== 1) throw new Error('the service transaction did not begin');
+      };
+      const run = rekey(loadConfig({ VAULT_MASTER_KEY: h.keyringFile, DATABASE_URL: h.databaseUrl }), silent);
+      const settled = run.then(
+        () => 'rekey finished',
+        () => 'rekey failed',
+      );
+      // The service commits once rekey has finished (it did not wait), or once rekey is seen waiting:
+      // it asked twice whether transactions begun before the new key are still open.
+      const polls = new Set<string>();
+      for (const deadline = Date.now() + 10_000; polls.size < 2 && Date.now() < deadline; ) {
+        const { rows } = await h.sql('SELECT query_start::text AS at FROM pg_stat_activity WHERE query LIKE $1 AND pid <> pg_backend_pid()', ['%xact_start < $1::timestamptz%']);
+        for (const r of rows) polls.add(r.at);
+        if ((await Promise.race([settled, sleep(20)])) !== undefined) break;
+      }
+      service.postMessage('commit');
+      expect(await ended).toBe('committed');
+      const result = await run;
+
+      // The key that transaction wrapped was re-wrapped, so dropping the old master key lost nothing.
+      expect(result.retiredMasterKeys).toEqual([old.id]);
+      expect((await h.sql('SELECT master_key_id FROM data_keys WHERE id = $1', [id])).rows[0].master_key_id).toBe(result.newMasterKeyId);
+      expect(readKeyringFile(h.keyringFile).keys.map((k) => k.id)).toEqual([result.newMasterKeyId]);
+      await restartedReadsEverything();
+    } finally {
+      hooks.beforeWrite = undefined;
+      await service.terminate();
+    }
+  });
+
+  it('rekey does not wait for an autovacuum worker, however long it runs', async () => {
+    // Autovacuum looks at each database every second, and vacuums this table slowly: its worker
+    // keeps a transaction open throughout.
+    await h.sql('ALTER SYSTEM SET autovacuum_naptime = 1');
+    await h.sql('SELECT pg_reload_conf()');
+    try {
+      await h.sql(`CREATE TABLE slow_vacuum (n int) WITH (autovacuum_vacuum_threshold = 0, autovacuum_vacuum_scale_factor = 0,
+                     autovacuum_vacuum_cost_delay = 100, autovacuum_vacuum_cost_limit = 1, autovacuum_analyze_threshold = 1000000000)`);
+      await h.sql('INSERT INTO slow_vacuum SELECT generate_series(1, 100000)');
+      await h.sql('DELETE FROM slow_vacuum');
+      const vacuum = async () =>
+        (
+          await h.sql(
+            `SELECT pid, xact_start FROM pg_stat_activity
+              WHERE datname = current_database() AND backend_type = 'autovacuum worker' AND query LIKE $1 AND xact_start IS NOT NULL`,
+            ['%VACUUM public.slow_vacuum%'],
+          )
+        ).rows[0] as { pid: number; xact_start: Date } | undefined;
+      let worker = await vacuum();
+      for (const deadline = Date.now() + 30_000; !worker && Date.now() < deadline; await sleep(100)) worker = await vacuum();
+      expect(worker).toBeDefined();
+      await sleep(200);
+      expect(await vacuum()).toEqual(worker);
+
+      const started = Date.now();
+      const result = await rekey(loadConfig({ VAULT_MASTER_KEY: h.keyringFile, DATABASE_URL: h.databaseUrl }), silent);
+      expect(Date.now() - started).toBeLessThan(10_000);
+      expect(result.retiredMasterKeys).toHaveLength(1);
+      // The same vacuum ran throughout.
+      expect(await vacuum()).toEqual(worker);
+      await h.sql('SELECT pg_terminate_backend($1)', [worker!.pid]);
+    } finally {
+      await h.sql('DROP TABLE IF EXISTS slow_vacuum');
+      await h.sql('ALTER SYSTEM RESET autovacuum_naptime');
+      await h.sql('SELECT pg_reload_conf()');
+    }
+    await restartedReadsEverything();
+  }, 120_000);
+});
