@@ -56,6 +56,16 @@ describe('a keyring file replaced while a service runs', () => {
     expect(ring.ids.sort()).toEqual([a.id, b.id].sort());
   });
 
+  it('is picked up when it was renamed into place with the same mtime (a coarse file system clock): by its new inode', () => {
+    const [a, b] = [newKey(), newKey()];
+    write([a], 1_700_000_000);
+    const ring = Keyring.fromSetting(file);
+    expect(ring.current.id).toBe(a.id);
+    write([b, a], 1_700_000_000);
+    // Before, the mtime alone told versions apart: the new current key went unseen.
+    expect(ring.current.id).toBe(b.id);
+  });
+
   it('is picked up when it was renamed into place while the service was loading the old one', () => {
     const [a, b] = [newKey(), newKey()];
     write([a], 1_700_000_000);

@@ -51,10 +51,17 @@ export function generateMasterKey(): Buffer {
   return randomBytes(KEY_BYTES);
 }
 
+/** What tells one version of the keyring file from the next: its inode and mtime. */
+function stamp(file: string): string {
+  const { ino, mtimeMs } = statSync(file);
+  return `${ino}:${mtimeMs}`;
+}
+
 export class Keyring {
   private keys = new Map<string, Buffer>();
   private currentId: string;
-  private loadedMtimeMs = 0;
+  /** The file's identity when it was read (inode and mtime: a rename always brings a new inode, even within the file system clock's tick). */
+  private loaded = '';
 
   /** Private (and so never serialised or logged): an inline setting holds the keys themselves. */
   #setting?: string;
@@ -68,10 +75,10 @@ export class Keyring {
    * `file` is set when the keyring lives in a file that `rekey` may rewrite while the service runs:
    * a changed file is re-read before wrapping, and an unknown key id re-reads it once.
    */
-  private constructor(keys: MasterKey[], currentId: string, readonly file?: string, loadedMtimeMs = 0) {
+  private constructor(keys: MasterKey[], currentId: string, readonly file?: string, loaded = '') {
     for (const k of keys) this.keys.set(k.id, k.key);
     this.currentId = currentId;
-    this.loadedMtimeMs = loadedMtimeMs;
+    this.loaded = loaded;
   }
 
   static fromKeys(keys: MasterKey[], currentId = keys[0]?.id): Keyring {
@@ -88,16 +95,16 @@ export class Keyring {
       // Stat first, then read (as reload does): a rekey's rename between the two then leaves an older
       // mtime with these contents, and the next `current` reads the file again. The other way round,
       // the new file's mtime went with the old contents, and the new current key was never seen.
-      const { mtimeMs } = statSync(setting);
+      const loaded = stamp(setting);
       const { keys, current } = readKeyringFile(setting);
-      keyring = new Keyring(keys, current, setting, mtimeMs);
+      keyring = new Keyring(keys, current, setting, loaded);
     }
     keyring.#setting = setting;
     return keyring;
   }
 
   get current(): MasterKey {
-    if (this.file && statSync(this.file).mtimeMs !== this.loadedMtimeMs) this.reload();
+    if (this.file && stamp(this.file) !== this.loaded) this.reload();
     return { id: this.currentId, key: this.keys.get(this.currentId)! };
   }
 
@@ -113,7 +120,7 @@ export class Keyring {
 
   private reload(): void {
     const file = this.file!;
-    this.loadedMtimeMs = statSync(file).mtimeMs;
+    this.loaded = stamp(file);
     const { keys, current } = readKeyringFile(file);
     for (const k of keys) this.keys.set(k.id, k.key);
     this.currentId = current;
