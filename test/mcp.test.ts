@@ -552,6 +552,7 @@ describe('MCP server', () => {
       const report = ok(await call(mcp, 'report_leak', { credential: old.handle, source: 'mcp test' }));
       // Before, the handle's version was dropped: version 2 was reported, and version 1, still live, never revoked.
       expect(report.results).toMatchObject([{ credentialId: old.id, version: 1, action: 'rotating' }]);
+      expect((await auditOf(agent.id, 'leak.report')).at(-1)).toMatchObject({ outcome: 'ok', credential_id: old.id, detail: { via: 'mcp', by: 'credential', version: 1, results: ['rotating'] } });
       await h.client.workflow.getHandle(`rotate:${old.id}`).result();
       const versions = (await h.sql('SELECT version, revoked_at IS NOT NULL AS revoked FROM secret_versions WHERE credential_id = $1 ORDER BY version', [old.id])).rows;
       expect(versions).toEqual([

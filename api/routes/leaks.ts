@@ -90,7 +90,15 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
     outcome: 'ok',
     requestId: caller.requestId,
     via: caller.via,
-    detail: { source: body.source, by: body.fingerprint ? 'fingerprint' : 'credential', matched: targets.length, results: done.map((r) => r.action), ...extra },
+    detail: {
+      source: body.source,
+      by: body.fingerprint ? 'fingerprint' : 'credential',
+      // The version named as leaked, when the report named one (a fingerprint's is its target's).
+      ...(body.version !== undefined ? { version: body.version } : {}),
+      matched: targets.length,
+      results: done.map((r) => r.action),
+      ...extra,
+    },
   });
   const changed = (done: LeakResult[]) => done.some((r) => r.action !== 'already-revoked');
   const recordChange = (done: LeakResult[], extra?: Record<string, unknown>) =>
