@@ -1,6 +1,6 @@
 import { InternalWorkflowStartOptionsSymbol, type InternalWorkflowStartOptions } from '@temporalio/client/lib/internal';
 import { NotFoundError } from '../core/errors';
-import { describeIfKept, latestRunOf } from '../core/run-chain';
+import { batchRunOf, latestRunOf } from '../core/run-chain';
 import { RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
 import { handOverNotice } from './notices';
 import type { RotationWindow } from '../vault/types';
@@ -106,8 +106,7 @@ export function batchActivities(deps: ActivityDeps) {
     // not enough: the client retries a start that failed, and reports only the last attempt's error.)
     for (const row of rows.filter((r) => r.start_sent)) {
       heartbeat();
-      const described = await describeIfKept(client.workflow.getHandle(`rotate:${row.credential_id}`));
-      if (described?.memo?.rotationId === rotationId) continue;
+      if ((await batchRunOf(client, `rotate:${row.credential_id}`, rotationId)) !== undefined) continue;
       await deps.pool.query('UPDATE rotation_runs SET start_sent_at = NULL WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
         rotationId,
         row.credential_id,
@@ -248,10 +247,8 @@ export function batchActivities(deps: ActivityDeps) {
           }
         }
       };
-      // A start a wave sent without recording its run (its attempt died between the two) is this
-      // batch's if its run's memo names the batch (a leak's or another batch's rotation of the
-      // credential is theirs to report), running or ended: taken over by its first run's id (under
-      // which it records its outcome, whatever runs it continued as). Each row is looked up once.
+      // A start a wave sent without recording its run is taken over if the server has the batch's
+      // run (batchRunOf), running or ended. Each row is looked up once.
       const lookedUp = new Set<string>();
       const adoptSent = async () => {
         const sent = await deps.pool.query('SELECT credential_id, workflow_id FROM rotation_runs WHERE rotation_id = $1 AND run_id IS NULL AND start_sent_at IS NOT NULL', [
@@ -262,9 +259,8 @@ export function batchActivities(deps: ActivityDeps) {
           if (lookedUp.has(r.credential_id)) continue;
           lookedUp.add(r.credential_id);
           heartbeat();
-          const described = await describeIfKept(client.workflow.getHandle(r.workflow_id));
-          if (described?.memo?.rotationId !== input.rotationId) continue;
-          const runId = described.raw.workflowExecutionInfo?.firstRunId || described.runId;
+          const runId = await batchRunOf(client, r.workflow_id, input.rotationId);
+          if (runId === undefined) continue;
           const { rowCount } = await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
             input.rotationId,
             r.credential_id,

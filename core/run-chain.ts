@@ -48,3 +48,16 @@ export async function describeIfKept(handle: WorkflowHandle): Promise<WorkflowEx
     throw err;
   }
 }
+
+/**
+ * The run a batch's start made, if the server has it: a start that a wave sent and did not record
+ * (its attempt died between the two) reached the server only if the workflow's newest run carries
+ * the batch in its memo (every start does; a leak's or another batch's run of the credential is
+ * theirs). Its first run's id, under which it records its outcome whatever runs it continued as;
+ * undefined when there is none of the batch's.
+ */
+export async function batchRunOf(client: Client, workflowId: string, rotationId: string): Promise<string | undefined> {
+  const described = await describeIfKept(client.workflow.getHandle(workflowId));
+  if (described?.memo?.rotationId !== rotationId) return undefined;
+  return described.raw.workflowExecutionInfo?.firstRunId || described.runId;
+}

@@ -324,11 +324,8 @@ async function byCredential(deps: LeakDeps, ref: string, version: number | undef
   );
   // The name is not repeated: a leaked value given in its place (`mailgent leak <value>`) would be.
   if (rows.length === 0) {
-    throw new NotFoundError(
-      version === undefined
-        ? 'no credential of yours has that name or id (to report a value, give its SHA-256 fingerprint)'
-        : `no credential of yours has that name or id with a version ${version} (to report a value, give its SHA-256 fingerprint)`,
-    );
+    const which = version === undefined ? '' : ` with a version ${version}`;
+    throw new NotFoundError(`no credential of yours has that name or id${which} (to report a value, give its SHA-256 fingerprint)`);
   }
   if (rows.length > 1) throw new UnprocessableError(`'${ref}' names credentials of several identities; report it by id`);
   return rows.map(toTarget);

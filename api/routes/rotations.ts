@@ -16,7 +16,7 @@ import { endpoint, type AuthDeps } from '../endpoint';
 import { rotationCancelling, rotationReport, rotationRolledBack, rotationStarted } from '../responses';
 import { rotationsStart } from '../schemas';
 import { isUuid } from '../../core/ids';
-import { describeIfKept, latestRunOf, statusOf } from '../../core/run-chain';
+import { batchRunOf, latestRunOf, statusOf } from '../../core/run-chain';
 
 export interface RotationDeps {
   pool: Pool;
@@ -73,13 +73,9 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
       // batch), and the batch's wait, which starts nothing more once it is cancelled, never looks.
       const sent = all.filter((r) => !r.run_id && r.start_sent);
       for (const run of sent) {
-        const described = await temporal(() => describeIfKept(deps.client.workflow.getHandle(run.workflow_id)));
-        if (!described || described.memo?.rotationId !== rotation.id) continue;
-        await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
-          rotation.id,
-          run.credential_id,
-          described.raw.workflowExecutionInfo?.firstRunId || described.runId,
-        ]);
+        const runId = await temporal(() => batchRunOf(deps.client, run.workflow_id, rotation.id));
+        if (runId === undefined) continue;
+        await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [rotation.id, run.credential_id, runId]);
       }
       // Read again: the runs taken over, with their outcomes (and any a wave recorded meanwhile).
       if (sent.length > 0) all = await runsOf(deps.pool, rotation.id);
