@@ -38,6 +38,15 @@ export interface Services {
  */
 const READ_THREAD_POOL_SIZE = 3;
 
+/**
+ * How long a statement of the services' pool may go unanswered (db/pool.ts): a token's lookup, a
+ * metadata read, a rotation's bookkeeping. Without it a database that stops answering with its
+ * connections open held every request past the token cache (5 s) for as long as it did not answer:
+ * not the 503 the vault's own calls give (its thread's pool: 10 s). Long enough for the longest
+ * statement either process issues (a sweep's page, an audit verification's 5,000 rows).
+ */
+export const SERVICES_QUERY_TIMEOUT_MS = 15_000;
+
 export function openServices(opts: {
   databaseUrl: string;
   poolSize: number;
@@ -58,7 +67,7 @@ export function openServices(opts: {
   if (opts.readThread && opts.clock) throw new Error('the read thread reads the wall clock; it cannot be used with a clock of its own');
   if (opts.readThread && !opts.keyring.setting) throw new Error('the read thread needs a keyring read from its setting (Keyring.fromSetting)');
   const clock = opts.clock ?? (() => new Date());
-  const pool = createPool(opts.databaseUrl, opts.poolSize, opts.logger);
+  const pool = createPool(opts.databaseUrl, opts.poolSize, opts.logger, { queryTimeoutMs: SERVICES_QUERY_TIMEOUT_MS });
   const dataKeys = new DataKeys(pool, opts.keyring, { maxEncryptions: opts.maxEncryptionsPerKey });
   const secrets = new SecretStore(dataKeys, clock);
   const mailer = createMailer(opts.smtpUrl, opts.mailFrom);

@@ -28,10 +28,12 @@ export function createPool(connectionString: string, max = 10, logger?: PoolLogg
   return pool;
 }
 
-// Network errors, PostgreSQL's admin shutdown / cannot-connect-now / connection-exception classes and too_many_connections.
+// Network errors, PostgreSQL's admin shutdown / cannot-connect-now / connection-exception classes and
+// too_many_connections, and a statement cancelled (57014: its statement_timeout, when the server
+// answers but too slowly, a lock held past it; or a cancel by an operator): nothing was done, try again.
 const UNAVAILABLE_CODES = new Set([
   'ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EPIPE', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN',
-  '57P01', '57P02', '57P03', '53300', '08000', '08001', '08003', '08004', '08006',
+  '57014', '57P01', '57P02', '57P03', '53300', '08000', '08001', '08003', '08004', '08006',
 ]);
 // node-postgres reports a dropped or unreachable server with these messages and no code (and a
 // statement unanswered past a pool's queryTimeoutMs with "Query read timeout").

@@ -99,16 +99,34 @@ describe('fault: PostgreSQL unreachable for 15 s', () => {
     const value = h.secret('sk_stalled_db_value_0001');
     expect((await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'stalled-read', kind: 'api_key', value } })).status).toBe(201);
     expect((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'stalled-read' } })).status).toBe(200);
+    // A token never used yet: its lookup is the API's own statement, not the vault thread's (the
+    // agent's token is remembered for 5 s, then looked up again too).
+    const newcomer = await h.createIdentity();
     proxy.stall();
     const at = Date.now();
-    // Before, the read waited as long as the database did not answer: forever (this test's timeout).
-    const res = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'stalled-read' } });
-    const ms = Date.now() - at;
-    expect(res.status, res.text).toBe(503);
-    expect(res.body).toMatchObject({ type: 'https://mailgent.dev/problems/unavailable', status: 503 });
-    expect(res.text).not.toContain(value);
+    const timed = async (go: () => Promise<ApiResponse>) => {
+      const res = await go();
+      return { res, ms: Date.now() - at };
+    };
+    // Before, the read waited as long as the database did not answer: forever (this test's timeout);
+    // and before the API's own pool had a statement timeout, so did the newcomer's request (its token's
+    // lookup) and the metadata list (the API's statement, behind the agent's remembered token).
+    const [read, unknownToken, list] = await Promise.all([
+      timed(() => h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'stalled-read' } })),
+      timed(() => h.api('POST', '/v1/vault.get', { token: newcomer.token, body: { name: 'stalled-read' } })),
+      timed(() => h.api('GET', '/v1/credentials', { token: agent.token })),
+    ]);
+    for (const { res } of [read, unknownToken, list]) {
+      expect(res.status, res.text).toBe(503);
+      expect(res.body).toMatchObject({ type: 'https://mailgent.dev/problems/unavailable', status: 503 });
+      expect(res.text).not.toContain(value);
+    }
+    const ms = read.ms;
     // The vault's statement timeout (10 s), the failure row's try on a new connection (5 s), the answer's wait for its row (3 s).
     expect(ms).toBeLessThan(30_000);
+    // The API's statement timeout (15 s; the server does not answer, so the client's, not the server's).
+    expect(unknownToken.ms).toBeLessThan(25_000);
+    expect(list.ms).toBeLessThan(25_000);
     await proxy.down();
     await proxy.up();
     proxy.release();
@@ -118,6 +136,6 @@ describe('fault: PostgreSQL unreachable for 15 s', () => {
     }, 30_000);
     expect(back.body.value).toBe(value);
     row.outcome = 'failed closed';
-    row['stall → 503'] = `${(ms / 1000).toFixed(1)} s`;
+    row['stall → 503'] = `${(ms / 1000).toFixed(1)} s (unknown token ${(unknownToken.ms / 1000).toFixed(1)} s, list ${(list.ms / 1000).toFixed(1)} s)`;
   });
 });
