@@ -115,7 +115,8 @@ describe('rekey against concurrent work', () => {
       // A store batch holds the lowest key (it locks its keys in id order: vault/secret-store.ts)...
       await batch.query('BEGIN');
       await batch.query('SELECT id FROM data_keys WHERE id = $1 FOR NO KEY UPDATE', [lowId(1)]);
-      const rewrap = new DataKeys(pool, keyring).rewrapAll();
+      const rekeying = new DataKeys(pool, keyring);
+      const rewrap = rekeying.rewrapAll();
       rewrap.catch(() => undefined);
       await waitingOnLock('%FROM data_keys%');
       // ...and goes on to the highest: the re-wrap, waiting for the lowest, holds none after it.
@@ -125,6 +126,8 @@ describe('rekey against concurrent work', () => {
       const { rewrapped, masterKeysInUse } = await rewrap;
       expect(rewrapped).toBeGreaterThanOrEqual(3);
       expect(masterKeysInUse).toEqual([next.id]);
+      // The keys it opened were zeroed and dropped, not kept in its cache (every identity's key, in a large vault).
+      expect((rekeying as unknown as { byId: Map<string, unknown> }).byId.size).toBe(0);
     } finally {
       await batch.end();
       await pool.end();

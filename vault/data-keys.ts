@@ -195,12 +195,17 @@ export class DataKeys {
           [current.id, after, chunkSize],
         );
         for (const row of rows) {
-          const key = this.unwrap(row.identity_id, row);
-          await tx.query('UPDATE data_keys SET master_key_id = $2, wrapped = $3 WHERE id = $1', [
-            row.id,
-            current.id,
-            seal(current.key, key.key, dataKeyAad(row.identity_id, row.id)),
-          ]);
+          // Opened, re-sealed and zeroed here, never cached: a keyring of 100,000 identities would
+          // otherwise hold every one of their keys in this process until the cache's sweep.
+          const master = this.keyring.find(row.master_key_id);
+          if (!master) throw new KeyIntegrityError(`data key ${row.id} is wrapped by master key ${row.master_key_id}, which this keyring does not hold`);
+          const aad = dataKeyAad(row.identity_id, row.id);
+          const key = openKey(master, row.wrapped, aad, `data key ${row.id}`);
+          try {
+            await tx.query('UPDATE data_keys SET master_key_id = $2, wrapped = $3 WHERE id = $1', [row.id, current.id, seal(current.key, key, aad)]);
+          } finally {
+            key.fill(0);
+          }
         }
         rewrapped += rows.length;
         return rows.length === chunkSize ? (rows[rows.length - 1].id as string) : undefined;
