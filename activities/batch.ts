@@ -75,9 +75,11 @@ export function batchActivities(deps: ActivityDeps) {
    * One wave: as many waiting runs as keep the batch's open runs at or under maxOpen. A run is
    * marked started (run_id) right after its workflow starts; if the batch was cancelled meanwhile,
    * the run is cancelled here, since the cancel request may have listed the runs before this one
-   * had its run_id. A wave that dies between the two (a worker killed) is run again by its retry:
-   * the start it repeats carries the same request id, so Temporal answers with the run it started
-   * the first time, even one that has finished since, and the credential is not rotated twice.
+   * had its run_id. A wave that dies between the two (a worker killed) is run again by its retry,
+   * which finds the run its start made (batchRunOf: by the batch in its memo), running or finished
+   * since, even behind a newer run of the credential, and records it: the credential is not rotated
+   * twice. (A start it sends again, not knowing whether the first reached the server, carries the
+   * same request id, which Temporal answers with the first's run while that is the newest.)
    */
   const startWave = async (rotationId: string): Promise<{ started: number }> => {
     const { client, taskQueue } = temporal();
@@ -104,9 +106,33 @@ export function batchActivities(deps: ActivityDeps) {
     // taken for unsent, and checked below as any other row: the credential may have changed, or
     // left rotation, or its window closed, since the mark. (Guessing from the start's error was
     // not enough: the client retries a start that failed, and reports only the last attempt's error.)
+    // Found, it is recorded as it is, not started again: a start sent again carries the same request
+    // id, which Temporal answers with that run only while it is the workflow's newest; behind a newer
+    // run (a leak's, another batch's, begun after it ended) the start would make a run of its own.
+    const record = async (credentialId: string, runId: string) => {
+      const { rows: marked } = await deps.pool.query(
+        `UPDATE rotation_runs r SET run_id = $3 FROM rotations ro
+          WHERE r.rotation_id = $1 AND r.credential_id = $2 AND ro.id = r.rotation_id
+          RETURNING ro.cancelled_at IS NOT NULL AS cancelled`,
+        [rotationId, credentialId, runId],
+      );
+      return marked[0]?.cancelled === true;
+    };
+    let started = 0;
+    const taken = new Set<string>();
     for (const row of rows.filter((r) => r.start_sent)) {
       heartbeat();
-      if ((await batchRunOf(client, `rotate:${row.credential_id}`, rotationId)) !== undefined) continue;
+      const runId = await batchRunOf(client, `rotate:${row.credential_id}`, rotationId);
+      if (runId !== undefined) {
+        // Cancelled meanwhile: the run is cancelled here, as a started one is below (it may have continued as new).
+        if (await record(row.credential_id, runId)) {
+          const { handle, status } = await latestRunOf(client, `rotate:${row.credential_id}`, runId);
+          if (status === 'RUNNING') await handle.cancel();
+        }
+        taken.add(row.credential_id);
+        started += 1;
+        continue;
+      }
       await deps.pool.query('UPDATE rotation_runs SET start_sent_at = NULL WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
         rotationId,
         row.credential_id,
@@ -130,8 +156,8 @@ export function batchActivities(deps: ActivityDeps) {
       );
       for (const { id } of found.rows) changed.add(id);
     }
-    let started = 0;
     for (const row of rows) {
+      if (taken.has(row.credential_id)) continue;
       heartbeat();
       // A sweep's later waves start up to its deadline after it selected them (as due, or past its
       // password policy's age). A credential changed since (a value stored or promoted: rotated by
@@ -166,13 +192,7 @@ export function batchActivities(deps: ActivityDeps) {
         memo: { rotationId },
         ...startRequest(rotationId, row.credential_id),
       });
-      const { rows: marked } = await deps.pool.query(
-        `UPDATE rotation_runs r SET run_id = $3 FROM rotations ro
-          WHERE r.rotation_id = $1 AND r.credential_id = $2 AND ro.id = r.rotation_id
-          RETURNING ro.cancelled_at IS NOT NULL AS cancelled`,
-        [rotationId, row.credential_id, handle.firstExecutionRunId],
-      );
-      if (marked[0]?.cancelled) await client.workflow.getHandle(handle.workflowId, handle.firstExecutionRunId).cancel();
+      if (await record(row.credential_id, handle.firstExecutionRunId)) await client.workflow.getHandle(handle.workflowId, handle.firstExecutionRunId).cancel();
       started += 1;
     }
     return { started };

@@ -51,13 +51,26 @@ export async function describeIfKept(handle: WorkflowHandle): Promise<WorkflowEx
 
 /**
  * The run a batch's start made, if the server has it: a start that a wave sent and did not record
- * (its attempt died between the two) reached the server only if the workflow's newest run carries
- * the batch in its memo (every start does; a leak's or another batch's run of the credential is
+ * (its attempt died between the two) reached the server only if a run of the workflow carries the
+ * batch in its memo (every start does; a leak's or another batch's run of the credential is
  * theirs). Its first run's id, under which it records its outcome whatever runs it continued as;
- * undefined when there is none of the batch's.
+ * undefined when there is none of the batch's. The newest run is asked first (strongly consistent,
+ * and the batch's in all but rare cases); when it is another's, the batch's may have ended before
+ * it began, and the workflow's runs are listed (visibility: the batch's run, started before the
+ * newest, is listed by then). Read as absent, the batch's run would be started a second time.
  */
 export async function batchRunOf(client: Client, workflowId: string, rotationId: string): Promise<string | undefined> {
   const described = await describeIfKept(client.workflow.getHandle(workflowId));
-  if (described?.memo?.rotationId !== rotationId) return undefined;
-  return described.raw.workflowExecutionInfo?.firstRunId || described.runId;
+  if (described === undefined) return undefined;
+  if (described.memo?.rotationId === rotationId) return described.raw.workflowExecutionInfo?.firstRunId || described.runId;
+  if (/["\\]/.test(workflowId)) throw new Error(`cannot list the runs of workflow id ${JSON.stringify(workflowId)}`);
+  let first: { runId: string; startTime: number } | undefined;
+  for await (const run of client.workflow.list({ query: `WorkflowId = "${workflowId}"` })) {
+    if (run.memo?.rotationId !== rotationId) continue;
+    // Every run of its chain names the same first run; a server too old to say, the earliest of the batch's.
+    const runId = run.raw.firstRunId || run.runId;
+    const startTime = run.startTime.getTime();
+    if (!first || startTime < first.startTime) first = { runId, startTime };
+  }
+  return first?.runId;
 }

@@ -542,6 +542,32 @@ describe('batch rotation in waves', () => {
     h.secret(read.body.value);
   });
 
+  it("a batch's unrecorded run that ended before another rotation of the credential began is still found: taken over, not started again", async () => {
+    const { ids } = await storeAll('behind-newer', 1);
+    const [id] = ids as [string];
+    const { rotationId, runs } = await sentUnrecorded(ids);
+    const run = runs.get(id)!;
+    expect(await run.result()).toMatchObject({ state: 'succeeded' });
+    // Then another's rotation of the same credential (a leak's, another batch's): now the workflow's newest run.
+    const other = randomUUID();
+    const newer = await h.client.workflow.start('rotateCredential', {
+      taskQueue: h.taskQueue,
+      workflowId: `rotate:${id}`,
+      args: [{ rotationId: other, identityId: agent.id, credentialId: id, mode: 'requested' }],
+      memo: { rotationId: other },
+    });
+    expect(await newer.result()).toMatchObject({ state: 'succeeded' });
+
+    // The wave run again: before, it read the newest run only, took the start for unsent and sent it
+    // again (a third rotation, the batch's second); it joins the batch's run instead.
+    expect(await batchActivities(h.deps).startRotations({ rotationId })).toEqual({ started: 1 });
+    expect((await runsOf(rotationId)).map((r) => r.run_id)).toEqual([run.firstExecutionRunId]);
+    expect(await h.api('GET', `/v1/rotations/${rotationId}`, { token: agent.token }).then((r) => r.body.credentials[0])).toMatchObject({ outcome: 'rotated' });
+    const read = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { id } });
+    expect(read.body.version).toBe(3);
+    h.secret(read.body.value);
+  });
+
   it('at the deadline a run taken over from a start sent but unrecorded, ended since, is counted by how it ended, not as still rotating', async () => {
     const { names, ids } = await storeAll('ended-at-deadline', 2);
     const [completed, terminated] = ids as [string, string];
