@@ -15,7 +15,7 @@ import { rotationActivities } from './rotation';
 export interface ActivityDeps {
   pool: Pool;
   vault: Pick<Vault, 'describe' | 'get' | 'storedValues' | 'destroy'>;
-  rotations: Pick<RotationVault, 'findStaged' | 'createMayHaveRun' | 'giveUpCreate' | 'createGivenUp' | 'stagePending' | 'read' | 'promote' | 'rollback' | 'discardPending' | 'markRevoked'>;
+  rotations: Pick<RotationVault, 'findStaged' | 'createMayHaveRun' | 'giveUpCreate' | 'createGivenUp' | 'stagePending' | 'read' | 'promote' | 'rollback' | 'discardPending' | 'markRevoked' | 'planPolicy' | 'plannedPolicy'>;
   identities: Pick<Identities, 'get'>;
   mailer: Mailer;
   providers: Record<string, Provider<any>>;

@@ -24,13 +24,19 @@ export function rotationActivities(deps: ActivityDeps) {
   });
 
   /** `deleted`: a step that goes on for a deleted credential (a revoke: its old value must stop working all the same). */
+  /**
+   * The policy and dependents the run planned with (rotation_plans), not the credential's now: a
+   * change made mid-rotation applies from the next one. A run planned before they were kept reads the credential's.
+   */
+  const planned = async (ids: RotationIds, meta: CredentialMeta) => (await deps.rotations.plannedPolicy(ids)) ?? { policy: meta.policy, dependents: meta.dependents };
   const load = async (ids: RotationIds, opts: { deleted?: boolean } = {}) => {
     const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
     if (meta.deletedAt && !opts.deleted) throw new UnprocessableError(`credential '${meta.name}' is deleted; it is not rotated`);
-    const policy = meta.policy ?? DEFAULT_POLICY;
+    const { policy: plannedPolicy, dependents } = await planned(ids, meta);
+    const policy = plannedPolicy ?? DEFAULT_POLICY;
     const provider = deps.providers[policy.provider];
     if (!provider) throw new UnprocessableError(`rotation provider '${policy.provider}' is not installed on this worker`);
-    return { meta, policy, provider };
+    return { meta, policy, provider, dependents };
   };
   const providerContext = async (ids: RotationIds, meta: CredentialMeta, provider: Provider<any>, settings: Record<string, unknown>) => ({
     settings: provider.settings.parse(await withPasswordPolicy(deps, meta, provider.name, settings)),
@@ -42,7 +48,7 @@ export function rotationActivities(deps: ActivityDeps) {
   });
   const dependentContext = async (ids: RotationIds, index: number) => {
     const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
-    const spec = meta.dependents[index];
+    const spec = (await planned(ids, meta)).dependents[index];
     const dependent: Dependent<any> | undefined = spec && deps.dependents[spec.type];
     if (!spec || !dependent) throw new UnprocessableError(`dependent ${index} of '${meta.name}' is not configured on this worker`);
     return {
@@ -62,18 +68,19 @@ export function rotationActivities(deps: ActivityDeps) {
   return {
     async planRotation(ids: RotationIds): Promise<RotationPlan> {
       return permanentErrorsFail(async () => {
-        const { meta, policy, provider } = await load(ids);
+        await deps.rotations.planPolicy(ids);
+        const { meta, policy, provider, dependents } = await load(ids);
         if (meta.kind === 'totp_seed' && provider.name === 'generated') {
           throw new UnprocessableError(`credential '${meta.name}' is a totp_seed; a generated value would not be a TOTP seed`);
         }
-        for (const [index, spec] of meta.dependents.entries()) {
+        for (const [index, spec] of dependents.entries()) {
           if (!deps.dependents[spec.type]) throw new UnprocessableError(`dependent ${index} of '${meta.name}' has unknown type '${spec.type}'`);
         }
         return {
           provider: provider.name,
           currentVersion: meta.version,
           credentialName: meta.name,
-          dependents: meta.dependents.map((d, index) => ({ index, type: d.type })),
+          dependents: dependents.map((d, index) => ({ index, type: d.type })),
           graceSeconds: Math.round((policy.graceHours ?? DEFAULT_GRACE_HOURS) * 3600),
           maxAttempts: policy.maxAttempts ?? DEFAULT_MAX_ATTEMPTS,
         };
@@ -117,7 +124,7 @@ export function rotationActivities(deps: ActivityDeps) {
       return permanentErrorsFail(async () => {
         const staged = await deps.rotations.findStaged(ids.credentialId, stepKey(ids, 'create', ids.attempt));
         const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
-        const policy = meta.policy ?? DEFAULT_POLICY;
+        const policy = (await planned(ids, meta)).policy ?? DEFAULT_POLICY;
         const provider = deps.providers[policy.provider];
         if (provider) {
           const ctx = await providerContext(ids, meta, provider, policy.settings);
@@ -178,7 +185,7 @@ export function rotationActivities(deps: ActivityDeps) {
     async dependentsPromoted(ids: RotationIds & { version: number }): Promise<void> {
       return externalStep(async () => {
         const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
-        for (const [index, spec] of meta.dependents.entries()) {
+        for (const [index, spec] of (await planned(ids, meta)).dependents.entries()) {
           if (!deps.dependents[spec.type]?.promoted) continue;
           const { dependent, ctx } = await dependentContext(ids, index);
           const target = await read(ids, ids.version, `dependent.${index}.promoted`);

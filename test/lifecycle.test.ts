@@ -429,6 +429,30 @@ describe('credential lifecycle', () => {
     expect(notices[0]!.mail.text).toContain(`Version 2 is now current.\nVersion 1 keeps working until ${graceEndsAt}, then it is revoked.`);
   });
 
+  it('a policy changed during the grace period applies from the next rotation: this one still revokes v1 at its provider', async () => {
+    const name = unique('replanned-api');
+    const credential = await apiKeyAt(name, { rotation: { graceHours: 0.002 } }); // 7.2 s
+    const { provider } = credential;
+    const rotationId = await startRotation(name);
+    await waitForState(rotationId, ['grace']);
+    // Taken out of rotation while in grace: the run began with the http provider and ends with it.
+    const patched = await h.api('PATCH', `/v1/credentials/${credential.id}`, { token: owner.token, body: { rotation: null } });
+    expect(patched.status, patched.text).toBe(200);
+    expect(patched.body.policy).toBeNull();
+
+    await runResult(rotationId);
+    expect((await report(rotationId)).state).toBe('succeeded');
+    // Before, the revoke read the policy afresh, fell back to the default provider (whose revoke does
+    // nothing) and recorded v1 revoked while it still worked at the provider.
+    expect(await whoami(provider, credential.v1)).toBe(401);
+    expect(await revokedVersions(credential.id)).toEqual([1]);
+    expect(provider.revokes).toBe(1);
+    expect((await h.sql('SELECT rotation, dependents FROM rotation_plans WHERE credential_id = $1', [credential.id])).rows).toEqual([
+      { rotation: expect.objectContaining({ provider: 'http' }), dependents: [] },
+    ]);
+    h.secret((await read({ name })).body.value as string);
+  });
+
   it('a leak reported during the grace period revokes the previous version at once and alerts the security desk', async () => {
     const name = unique('ledger-api');
     const ownerMail = `${name}@example.com`;

@@ -3,7 +3,13 @@ import { NotFoundError, UnprocessableError, VersionConflictError } from '../core
 import { audited, type AuditNote } from './audited';
 import { appendAudit } from './audit';
 import type { SecretStore } from './secret-store';
-import type { Caller } from './types';
+import type { Caller, DependentSpec, RotationPolicy } from './types';
+
+/** A rotation's copy of its credential's policy (null: none, the default applies) and dependents. */
+export interface PlannedPolicy {
+  policy: RotationPolicy | null;
+  dependents: DependentSpec[];
+}
 
 /**
  * The vault as a rotation sees it: versions move between the pending, current and previous
@@ -40,6 +46,29 @@ export class RotationVault {
       requestId: caller.requestId,
       detail: { rotationKey },
     });
+  }
+
+  /**
+   * The policy and dependents a rotation run works with, taken from the credential when it plans
+   * (rotation_plans): every later step uses them, whatever the credential says by then. Planned
+   * again (the activity retried, a run continued as new under the same rotation), the copy is taken again.
+   */
+  async planPolicy(ids: { workflowId: string; rotationId: string; identityId: string; credentialId: string }): Promise<PlannedPolicy> {
+    const { rows } = await this.pool.query(
+      `INSERT INTO rotation_plans (workflow_id, rotation_id, credential_id, rotation, dependents)
+       SELECT $1, $2, id, rotation, dependents FROM credentials WHERE id = $3 AND identity_id = $4 AND destroyed_at IS NULL
+       ON CONFLICT (workflow_id, rotation_id) DO UPDATE SET rotation = EXCLUDED.rotation, dependents = EXCLUDED.dependents, planned_at = now()
+       RETURNING rotation, dependents`,
+      [ids.workflowId, ids.rotationId, ids.credentialId, ids.identityId],
+    );
+    if (!rows[0]) throw new NotFoundError(`no credential with id ${ids.credentialId}`);
+    return { policy: rows[0].rotation, dependents: rows[0].dependents };
+  }
+
+  /** The policy and dependents the run planned with; undefined for a run that planned before they were kept. */
+  async plannedPolicy(ids: { workflowId: string; rotationId: string }): Promise<PlannedPolicy | undefined> {
+    const { rows } = await this.pool.query('SELECT rotation, dependents FROM rotation_plans WHERE workflow_id = $1 AND rotation_id = $2', [ids.workflowId, ids.rotationId]);
+    return rows[0] ? { policy: rows[0].rotation, dependents: rows[0].dependents } : undefined;
   }
 
   /** Whether the undo of the attempt whose create key this is has given the create up. */
