@@ -85,6 +85,16 @@ export const SUPERSEDED_ANSWERED = 'superseded-version-answered';
  */
 export const SUPERSEDED_AFTER_FINAL_NOTICE = 'superseded-after-final-notice';
 
+/**
+ * Runs recorded before this patch sent the grace notice ("version 1 keeps working until …") before
+ * their grace period began, and waited for it: SMTP down, a day's retries. A leak reported then was
+ * not read until the notice was out, so the leaked previous value kept working all that time (a
+ * leak is meant to cut the grace period short at once), and the grace timer began only after the
+ * notice, so the old value outlived the time the notice gave. Newer runs start the grace timer and
+ * the notice together, and wait for the notice only before the rotation's next notice or its end.
+ */
+export const GRACE_BESIDE_NOTICE = 'grace-beside-its-notice';
+
 export const PATCH_IDS: readonly string[] = [
   CLOSE_INCIDENTS_LAST,
   NOTICE_FAILURES_CONTINUE,
@@ -96,4 +106,5 @@ export const PATCH_IDS: readonly string[] = [
   LEAK_OUTLIVES_CANCEL,
   SUPERSEDED_ANSWERED,
   SUPERSEDED_AFTER_FINAL_NOTICE,
+  GRACE_BESIDE_NOTICE,
 ];

@@ -17,6 +17,7 @@ import { leakSignal, progressQuery, rollbackUpdate } from './definitions';
 import { compensation, externalCall, noticeDelivery, rotationDatabaseStep } from './options';
 import {
   CANCEL_WHILE_PLANNING,
+  GRACE_BESIDE_NOTICE,
   CANCELLED_CALLS_FINISH_FIRST,
   CLOSE_INCIDENTS_LAST,
   LEAKED_VERSIONS_ANSWERED,
@@ -378,11 +379,22 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
 
   progress.graceEndsAt = new Date(Date.parse(promoted.promotedAt) + plan.graceSeconds * 1000).toISOString();
   // Every notice after promotion is sent whole: a cancel meanwhile is taken up by the grace timer (a rollback).
-  await CancellationScope.nonCancellable(() => tell('rotated', { graceEndsAt: progress.graceEndsAt }));
-  progress.state = 'grace';
   // The grace period's own timer (runs since ROLLBACK_CHECKS_FIRST): not cut short by a cancel, so a
-  // rollback the vault refuses can wait out the rest of it.
-  const graceOver = patched(ROLLBACK_CHECKS_FIRST) ? CancellationScope.nonCancellable(() => sleep(plan.graceSeconds * 1000)) : undefined;
+  // rollback the vault refuses can wait out the rest of it. Since GRACE_BESIDE_NOTICE it starts with
+  // the notice, which goes on beside the grace period (a leak or a rollback is not held up by an
+  // SMTP outage) and is waited for before the next notice or the run's end.
+  let graceOver: Promise<void> | undefined;
+  let graceNotice: Promise<unknown> | undefined;
+  if (patched(GRACE_BESIDE_NOTICE)) {
+    graceOver = CancellationScope.nonCancellable(() => sleep(plan.graceSeconds * 1000));
+    graceNotice = CancellationScope.nonCancellable(() => tell('rotated', { graceEndsAt: progress.graceEndsAt }));
+    // Its failure (only a run without NOTICE_FAILURES_CONTINUE has one) is taken where it is waited for.
+    graceNotice.catch(() => undefined);
+  } else {
+    await CancellationScope.nonCancellable(() => tell('rotated', { graceEndsAt: progress.graceEndsAt }));
+    graceOver = patched(ROLLBACK_CHECKS_FIRST) ? CancellationScope.nonCancellable(() => sleep(plan.graceSeconds * 1000)) : undefined;
+  }
+  progress.state = 'grace';
   let cancelled = false;
   await step('grace', async () => {
     try {
@@ -399,6 +411,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     rollbackRefusal = await rollBack();
     if (rollbackRefusal === undefined) {
       skip('revoke_previous');
+      await graceNotice;
       // A leak reported before the rollback was done (or with the cancel) is not answered by it: the
       // value now current may be the leaked one, so the credential is rotated again, in leak mode.
       await finish('rolled_back', 'rolled_back', cancelled ? 'the rotation was cancelled during its grace period' : 'rolled back on request', leak);
@@ -414,6 +427,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   progress.state = 'running';
   await revokePrevious();
   await revokeOlderLeaks();
+  await graceNotice;
   await learnSuperseded();
   if (leak && stepOf('revoke_previous').state === 'done') {
     // The grace notice said the previous version keeps working until graceEndsAt, and the leak

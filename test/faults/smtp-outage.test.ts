@@ -6,7 +6,7 @@ import { startHarness, type Harness } from '../support/harness';
 import { expectCleanRun } from '../support/leaks';
 import { readMailbox, recipients } from '../support/mail';
 import { expectSettled, faultRow } from './checks';
-import { rotatingKey, type RotatingKey } from './fixtures';
+import { rotatingKey, until, type RotatingKey } from './fixtures';
 
 const OUTAGE_MS = 30_000;
 
@@ -79,5 +79,50 @@ describe('fault: SMTP down for 30 s', () => {
     row['delivery attempts'] = outbox[0].attempts;
     row['pauses between failures'] = pauses.map((p) => `${(p / 1000).toFixed(1)}`).join(', ') + ' s';
     row['up → delivered'] = `${((closedAt - upAt) / 1000).toFixed(1)} s`;
+  });
+
+  it('a leak reported while the grace notice waits for the server revokes the previous version at once', { timeout: 150_000 }, async ({ task }) => {
+    const row = faultRow(task, 'SMTP down when the grace notice is due; a leak reported meanwhile');
+    const agent = await h.createIdentity();
+    const graced = await rotatingKey(h, agent, { label: 'grace-notice', graceHours: 1 });
+    try {
+      const port = sink!.port;
+      await sink!.stop();
+      sink = undefined;
+      const workflowId = await graced.rotate();
+      // Promoted, and its grace notice failing at the server.
+      await until('the grace notice to fail once', async () => {
+        const { rows } = await h.sql('SELECT attempts FROM mail_outbox WHERE $1 = ANY(recipients)', [graced.owner]);
+        return rows[0]?.attempts >= 1;
+      });
+      expect((await graced.readCurrent()).version).toBe(2);
+      expect(graced.provider.revokes).toBe(graced.before.revokes);
+
+      const reported = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: graced.id, version: 1, source: 'fault-suite' } });
+      expect(reported.status, reported.text).toBe(202);
+      const at = Date.now();
+      // Before, the run read the leak only once the grace notice was out: the server down, the
+      // leaked value kept working as long as it was (a day of retries at most).
+      await until('version 1 revoked at the provider', () => graced.provider.revokes > graced.before.revokes, 30_000);
+      const revokedIn = Date.now() - at;
+      expect((await h.sql('SELECT version FROM secret_versions WHERE credential_id = $1 AND revoked_at IS NOT NULL', [graced.id])).rows).toEqual([{ version: 1 }]);
+
+      sink = await startSmtpSink({ mailDir, port });
+      const done = await h.client.workflow.getHandle(workflowId).result();
+      expect(done).toMatchObject({ state: 'succeeded', leakReported: true });
+      // Every notice (the grace notice, the incident alert, the notice that v1 is revoked) sent, each once.
+      // (The incident alert is the leak report's own delivery, retried on its own schedule.)
+      const outbox = await until('every notice to the owner sent', async () => {
+        const { rows } = await h.sql('SELECT id, status FROM mail_outbox WHERE $1 = ANY(recipients)', [graced.owner]);
+        return rows.every((m) => m.status === 'sent') && rows;
+      }, 60_000);
+      expect(outbox).toHaveLength(3);
+      const mails = (await readMailbox(mailDir)).filter((m) => recipients(m.mail).includes(graced.owner));
+      expect(mails.map((m) => m.mail.messageId).sort()).toEqual(outbox.map((m) => `<${m.id}@mailgent>`).sort());
+      row.outcome = 'revoked at once';
+      row['leak → revoked'] = `${(revokedIn / 1000).toFixed(1)} s (server still down)`;
+    } finally {
+      await graced.stop();
+    }
   });
 });
