@@ -139,8 +139,14 @@ export function rotationActivities(deps: ActivityDeps) {
             await deps.rotations.giveUpCreate(caller(ids), ids.credentialId, createKey);
             sent = await deps.rotations.createMayHaveRun(ids.credentialId, ids.rotationId, createKey);
           }
+          // Put back on `current` (the version the attempt's create read, or the one a refused
+          // promote named), known only for a create that staged its version. One that did not (it
+          // failed, or was never sent) puts the provider on the vault's current version now: the
+          // workflow knew only the version current when the rotation planned, and a value stored
+          // since (between two attempts, say) is what consumers use.
+          const currentVersion = staged ? ids.current : meta.version;
           await heartbeating(async () => {
-            if (provider.discard) await provider.discard({ ...ctx, pending, current: await read(ids, ids.current, 'provider.discard'), idempotencyKey, ...(sent ? { createKey } : {}) });
+            if (provider.discard) await provider.discard({ ...ctx, pending, current: await read(ids, currentVersion, 'provider.discard'), idempotencyKey, ...(sent ? { createKey } : {}) });
             else if (pending) await provider.revoke({ ...ctx, secret: pending, idempotencyKey });
           });
           if (staged) await deps.rotations.markRevoked(caller(ids), ids.credentialId, staged.version);

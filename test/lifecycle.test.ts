@@ -824,6 +824,32 @@ describe('credential lifecycle', () => {
     expect(await revokedVersions(id)).toEqual([1]);
   });
 
+  it("an attempt undone before its create staged puts a single role back on the vault's current value, not the one the rotation planned with", async () => {
+    const role = `mg_undo_${tag}`;
+    const adminName = unique('pg-admin');
+    const v1 = await loginRoleWithAdmin(h, role, adminName, store);
+    roles.push(role);
+    const name = unique('undo-db');
+    const id = await store(name, 'password', v1, {
+      rotation: { provider: 'postgres-role', settings: { adminCredential: adminName, role }, periodDays: 30, graceHours: 0 },
+    });
+    // Planned at version 1; then, between two attempts, the owner stores v2 and moves the role onto it.
+    const activities = createActivities(h.deps);
+    const ids = { rotationId: randomUUID(), identityId: owner.id, credentialId: id, workflowId: `rotate:${id}` };
+    expect(await activities.planRotation(ids)).toMatchObject({ currentVersion: 1, provider: 'postgres-role' });
+    const v2 = h.secret(`pw_${randomBytes(12).toString('hex')}`);
+    await store(name, 'password', v2);
+    await h.sql(`ALTER ROLE ${pg.escapeIdentifier(role)} PASSWORD '${v2}'`);
+    expect(await canLogin(h, role, v2)).toBe(true);
+
+    // Attempt 2 is undone before its create staged anything: the workflow knows only version 1.
+    await activities.discardAttempt({ ...ids, attempt: 2, current: 1 });
+    // Before, the role was set back to v1's password while the vault said v2 was current.
+    expect(await canLogin(h, role, v2)).toBe(true);
+    expect(await canLogin(h, role, v1)).toBe(false);
+    expect((await read({ name })).body).toMatchObject({ version: 2, label: 'current' });
+  });
+
   it('a grantee reads by id only, never changes the credential, and loses access the moment the grant is revoked', async () => {
     const name = unique('shared-token');
     const value = h.secret(`tok_${randomBytes(16).toString('hex')}`);
