@@ -4,6 +4,7 @@ import { AppError, ValidationError } from '../core/errors';
 import { hashToken } from '../vault/identities';
 import type { Identities, Identity } from '../vault/identities';
 import type { Caller } from '../vault/vault';
+import { isUtf8 } from 'node:buffer';
 import { timingSafeEqual } from 'node:crypto';
 import { withDoc, type ResponseDoc } from './openapi';
 import type { AuthGuard } from './auth-guard';
@@ -51,7 +52,25 @@ export const MAX_JSON_DEPTH = 32;
 // Not strict: a top-level string or number is valid JSON and gets the clearer "must be a JSON object" error.
 // Every type the general path admits: with body-parser's default (application/json only) an application/*+json
 // body passed the type check and was then left unread ("the request body must be a JSON object").
-const jsonParser = express.json({ limit: MAX_REQUEST_BYTES, strict: false, type: JSON_TYPES });
+// verify sees the body's bytes before they are decoded: the charset body-parser found (any "utf-" one
+// passes its own check: utf-16le was decoded as such) must be UTF-8, and the bytes must be UTF-8
+// (its decoder put U+FFFD for an invalid sequence, and a mangled secret was stored).
+const jsonParser = express.json({
+  limit: MAX_REQUEST_BYTES,
+  strict: false,
+  type: JSON_TYPES,
+  verify: (_req, _res, buf, encoding) => {
+    if (encoding !== 'utf-8') throw Object.assign(new Error('the request body must be UTF-8 JSON'), { status: 415, type: 'charset.unsupported' });
+    if (!isUtf8(buf)) throw Object.assign(new Error('the request body is not valid UTF-8'), { status: 400, type: NOT_UTF8 });
+  },
+});
+
+/** The error type jsonParser's verify gives a body that is not UTF-8 (general() answers it). */
+const NOT_UTF8 = 'mailgent.not-utf8';
+/** A body that is not UTF-8: malformed JSON (RFC 8259 §8.1), said as such. */
+const notUtf8 = () => new AppError(400, 'malformed-json', 'Malformed JSON', 'the request body is not valid UTF-8');
+/** Decodes the fast path's bodies: `fatal`, so invalid UTF-8 is refused, not replaced with U+FFFD; it drops a byte order mark as body-parser does. */
+const UTF8 = new TextDecoder('utf-8', { fatal: true });
 
 export interface EndpointSpec<BS, QS> {
   who: Who;
@@ -146,11 +165,15 @@ export function jsonBody(req: Request, res: Response, next: NextFunction): void 
     req.off('error', onError);
     req.off('close', onClose);
     if (err) return next(err);
+    let text: string;
+    try {
+      // body-parser's UTF-8 decoding drops a byte order mark (JSON.parse would refuse it): so does UTF8.
+      text = UTF8.decode(chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks));
+    } catch {
+      return next(notUtf8());
+    }
     let body: unknown;
     try {
-      let text = (chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks)).toString('utf8');
-      // body-parser's UTF-8 decoding drops a byte order mark; JSON.parse would refuse it.
-      if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
       body = JSON.parse(text);
     } catch {
       return next(Object.assign(new SyntaxError('the request body is not valid JSON'), { status: 400, type: 'entity.parse.failed' }));
@@ -176,7 +199,7 @@ function general(req: Request, res: Response, next: NextFunction): void {
   if (!req.is(JSON_TYPES)) {
     return next(new AppError(415, 'unsupported-media-type', 'Unsupported media type', 'send the request body as application/json'));
   }
-  jsonParser(req, res, (err?: unknown) => next(err ?? tooDeep(req.body)));
+  jsonParser(req, res, (err?: unknown) => next((err as { type?: unknown } | undefined)?.type === NOT_UTF8 ? notUtf8() : (err ?? tooDeep(req.body))));
 }
 
 /** The error for a body nested deeper than MAX_JSON_DEPTH, if it is. */

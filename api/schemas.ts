@@ -25,15 +25,32 @@ const credentialId = z.guid('must be a credential id (UUID)');
 /**
  * An RFC 3339 date-time PostgreSQL can store: from the year 1 (UTC) on, with an offset of at most
  * 15 hours. `0000-…` is valid ISO 8601 (1 BC) and `+16:00` a valid RFC 3339 offset, but neither is a
- * timestamptz input: each would otherwise fail as a 500 after validation.
+ * timestamptz input: each would otherwise fail as a 500 after validation. Nor past the year 9999
+ * (UTC): `9999-12-31T23:59:59-15:00` is stored, but answered as `+010000-…`, which is not RFC 3339.
  */
 const dateTime = z.iso
   .datetime({ offset: true })
   .refine((s) => Number(/([+-])(\d{2}):?\d{2}$/.exec(s)?.[2] ?? 0) <= 15, 'must have a UTC offset of at most 15 hours')
-  .refine((s) => new Date(s).getUTCFullYear() >= 1, 'must be a date-time from the year 1 (UTC) onwards');
+  .refine((s) => new Date(s).getUTCFullYear() >= 1, 'must be a date-time from the year 1 (UTC) onwards')
+  // `!(… > 9999)`: a string that is no date-time at all (NaN) has its error already.
+  .refine((s) => !(new Date(s).getUTCFullYear() > 9999), 'must be a date-time before the year 10000 (UTC)');
 const email = z.email('must be an email address').max(254);
 const kind = z.enum(KINDS);
-const days = z.coerce.number().int().min(0).max(36500);
+/**
+ * A whole number given in the query string: plain decimal digits, given once. (z.coerce.number() took
+ * `` as 0, `0x10` as 16 and `1e2` as 100, and a repeated parameter as NaN.) A JSON number passes to
+ * `checks` as it is: MCP's list_credentials takes its arguments with this schema. The checks, and any
+ * default, go in `checks`: so the OpenAPI document still shows the parameter as the integer it is.
+ */
+function queryInt(checks: z.ZodType<number, number | undefined>) {
+  return z.preprocess((v, ctx) => {
+    if (v === undefined || typeof v === 'number') return v; // absent: `checks` gives its default, if any
+    if (typeof v === 'string' && /^\d+$/.test(v)) return Number(v);
+    ctx.addIssue({ code: 'custom', input: v, message: Array.isArray(v) ? 'was given more than once' : 'must be a whole number' });
+    return v;
+  }, checks);
+}
+const days = queryInt(z.number().int().min(0).max(36500));
 
 export const identityCreate = z.strictObject({
   name: z
@@ -164,7 +181,7 @@ export const credentialsQuery = z.strictObject({
   olderThanDays: days.optional(),
   dueWithinDays: days.optional(),
   after: credentialName.optional(),
-  limit: z.coerce.number().int().min(1).max(1000).default(100),
+  limit: queryInt(z.number().int().min(1).max(1000).default(100)),
 });
 
 export const rotationsStart = z
@@ -183,8 +200,8 @@ export const rotationsStart = z
 export const auditQuery = z.strictObject({
   credential: z.string().min(1).max(200).optional(),
   since: dateTime.optional(),
-  after: z.coerce.number().int().min(0).optional(),
-  limit: z.coerce.number().int().min(1).max(1000).default(100),
+  after: queryInt(z.number().int().min(0)).optional(),
+  limit: queryInt(z.number().int().min(1).max(1000).default(100)),
 });
 
 export const grantCreate = z.strictObject({
@@ -220,4 +237,4 @@ export const passwordPolicy = z.strictObject({
   escalateAfterDays: z.number().int().min(0).max(365).default(7),
 });
 
-export const orphansQuery = z.strictObject({ days: z.coerce.number().int().min(1).max(3650).optional() });
+export const orphansQuery = z.strictObject({ days: queryInt(z.number().int().min(1).max(3650)).optional() });

@@ -5,7 +5,7 @@ import { endpoint, type AuthDeps } from '../endpoint';
 import { grantCreated, grantList, grantRevoked } from '../responses';
 import { grantCreate } from '../schemas';
 import { refOf } from './vault';
-import { isUuid } from '../../core/ids';
+import { idOf } from '../../core/ids';
 
 /** Owners grant another identity read access to one credential; the grantee reads it by id. */
 export function grantRoutes(auth: AuthDeps, grants: Grants): Router {
@@ -24,8 +24,9 @@ export function grantRoutes(auth: AuthDeps, grants: Grants): Router {
   router.delete(
     '/v1/grants/:id',
     ...endpoint(auth, { who: 'identity', action: 'grant.revoke', summary: 'Revoke a grant (takes effect at once)', responses: { 200: grantRevoked }, problems: [404] }, async ({ req, caller }) => {
-      const id = String(req.params.id);
-      if (!isUuid(id)) throw new NotFoundError(`no active grant with id ${id}`);
+      // In lower case, as the database spells ids: an id given in upper case is answered and audited as the same grant's.
+      const id = idOf(String(req.params.id));
+      if (!id) throw new NotFoundError(`no active grant with id ${String(req.params.id)}`);
       return { body: await grants.revoke(caller, id) };
     }),
   );
