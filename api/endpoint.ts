@@ -1,5 +1,5 @@
 import express, { type NextFunction, type Request, type RequestHandler, type Response } from 'express';
-import type { z } from 'zod';
+import { z } from 'zod';
 import { AppError, ValidationError } from '../core/errors';
 import { hashToken } from '../vault/identities';
 import type { Identities, Identity } from '../vault/identities';
@@ -105,6 +105,8 @@ export function endpoint<BS extends z.ZodType | undefined = undefined, QS extend
     refuseUnstorable(req.query, 'query');
     const body = spec.body ? parse(spec.body, req.body, 'body') : undefined;
     const query = spec.query ? parse(spec.query, { ...req.query }, 'query') : undefined;
+    // An endpoint that takes no query refuses one it is given (each parameter named), as unknown fields are refused.
+    if (!spec.query && Object.keys(req.query).length > 0) parse(NO_QUERY, { ...req.query }, 'query');
     const identity: Identity | undefined = res.locals.identity;
     const requestId: string = res.locals.requestId;
     const reply = await handler({
@@ -124,6 +126,9 @@ export function endpoint<BS extends z.ZodType | undefined = undefined, QS extend
   chain.push(withDoc(run, { ...doc, auth: who, problems: [400, ...(doc.problems ?? [])] }));
   return chain;
 }
+
+/** The query of an endpoint that takes none. */
+const NO_QUERY = z.strictObject({});
 
 export function parse<S extends z.ZodType>(schema: S, input: unknown, where: 'body' | 'query'): z.output<S> {
   if (where === 'body' && (typeof input !== 'object' || input === null || Array.isArray(input))) {

@@ -73,6 +73,13 @@ describe('bad input', () => {
     expect(nested.body.errors).toEqual([{ path: 'rotation.every', message: 'is not a known field' }]);
     const proto = await post('/v1/vault.get', { raw: '{"name":"a","__proto__":{"admin":true}}', headers: { 'content-type': 'application/json' } });
     expectProblem(proto, 400, 'validation-failed');
+    // In the query of an endpoint that takes none too (before, ignored).
+    const queried = await post('/v1/vault.get?name=b&debug=1', { body: { name: 'a' } });
+    expectProblem(queried, 400, 'validation-failed');
+    expect(queried.body.errors).toEqual([
+      { path: 'name', message: 'is not a known field' },
+      { path: 'debug', message: 'is not a known field' },
+    ]);
   });
 
   it('wrong types and impossible values are named by path, without echoing the value', async () => {
