@@ -1,7 +1,7 @@
 import { ConfigError, loadConfig } from '../core/config';
 import { clientCommands } from './client/commands';
-import { CliError, EXIT, unexpectedArgument, usageError } from './client/errors';
-import { reportError } from './client/context';
+import { CliError, EXIT, HelpRequested, unexpectedArgument, usageError } from './client/errors';
+import { helpAsked, reportError } from './client/context';
 import { MCP_USAGE, mcpCommand } from './mcp';
 
 /**
@@ -19,6 +19,7 @@ interface Command {
 const serviceCommand = (summary: string, run: () => Promise<number>): Command => ({
   summary,
   async run(args) {
+    if (helpAsked(args)) throw new HelpRequested();
     if (args.length) throw unexpectedArgument(1, USAGE, ': configuration comes from the environment');
     return run();
   },
@@ -83,12 +84,15 @@ async function main(argv: string[]): Promise<number> {
   }
   const command = Object.hasOwn(COMMANDS, name) ? COMMANDS[name] : undefined;
   if (!command) throw usageError(`unknown command '${name}'`, USAGE);
-  if (args.includes('--help') || args.includes('-h')) {
+  if (!['serve', 'api', 'worker'].includes(name)) exitQuietlyOnClosedStdout();
+  try {
+    return await command.run(args);
+  } catch (err) {
+    // Decided by each command's parse, with its options: `--details -h` gives -h as the value.
+    if (!(err instanceof HelpRequested)) throw err;
     process.stdout.write(`${command.usage ?? USAGE}\n`);
     return EXIT.ok;
   }
-  if (!['serve', 'api', 'worker'].includes(name)) exitQuietlyOnClosedStdout();
-  return command.run(args);
 }
 
 /** A reader that stops early (`mailgent get x --json | true`) is not our error: no stack trace, the code so far. */

@@ -40,6 +40,11 @@ export async function mcpBridge(url: URL, token: string): Promise<void> {
     local.onclose = resolve;
   });
 
+  // Closing the remote side aborts what it still has open (its fetches, a stream): on the way out
+  // that is no error to report (before, every normal exit wrote "This operation was aborted").
+  let closing = false;
+  const abortedOnClose = (err: Error) => closing && (err.name === 'AbortError' || /^SSE stream disconnected: AbortError\b/.test(err.message));
+
   // Requests sent on and not yet answered: stdin may end before their answers come (a client that
   // pipes its requests in whole), and closing the remote side then would abort them.
   const pending = new Set<string | number>();
@@ -56,7 +61,7 @@ export async function mcpBridge(url: URL, token: string): Promise<void> {
       if (isJSONRPCRequest(message)) {
         void local.send({ jsonrpc: '2.0', id: message.id, error: { code: -32000, message: `mailgent: ${err.message}` } });
         answered(message.id);
-      } else {
+      } else if (!abortedOnClose(err)) {
         process.stderr.write(`mailgent mcp: ${err.message}\n`);
       }
     });
@@ -72,7 +77,9 @@ export async function mcpBridge(url: URL, token: string): Promise<void> {
         if ('id' in message && ('result' in message || 'error' in message)) answered(message.id as string | number);
       });
   };
-  remote.onerror = (err) => process.stderr.write(`mailgent mcp: ${err.message}\n`);
+  remote.onerror = (err) => {
+    if (!abortedOnClose(err)) process.stderr.write(`mailgent mcp: ${err.message}\n`);
+  };
 
   await remote.start();
   await local.start();
@@ -85,5 +92,6 @@ export async function mcpBridge(url: URL, token: string): Promise<void> {
     void Promise.race([ended, cap]).then(() => local.close());
   });
   await closed;
+  closing = true;
   await remote.close();
 }

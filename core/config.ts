@@ -2,7 +2,7 @@ import { existsSync, statSync } from 'node:fs';
 import { isIP } from 'node:net';
 import path from 'node:path';
 import { z } from 'zod';
-import { inlineMasterKeys } from '../vault/keyring';
+import { inlineMasterKeys, readKeyringFile } from '../vault/keyring';
 import { outboundEntryProblem } from './outbound';
 
 /**
@@ -97,9 +97,33 @@ export function cronProblem(value: string): string | undefined {
   return undefined;
 }
 
-const masterKey = z.string().refine((value) => inlineMasterKeys(value) !== undefined || isExistingFile(value), {
-  error: 'must be base64 of exactly 32 bytes (or several, comma-separated, the current one first), or the path of an existing keyring file',
+const MASTER_KEY_FORMS = 'must be base64 of exactly 32 bytes (or several, comma-separated, the current one first), or the path of an existing keyring file';
+
+const masterKey = z.string().superRefine((value, ctx) => {
+  if (inlineMasterKeys(value) !== undefined) return;
+  if (!isExistingFile(value)) return void ctx.addIssue({ code: 'custom', message: MASTER_KEY_FORMS });
+  // Read here, as the service will: a file that is not a keyring must stop it before anything starts or migrates.
+  const problem = keyringFileProblem(value);
+  if (problem) ctx.addIssue({ code: 'custom', message: `${MASTER_KEY_FORMS}; the file it names ${problem}` });
 });
+
+/**
+ * Why the keyring file cannot be used, in words of our own: its contents (keys, ids) are never
+ * repeated, nor its path (the variable's value).
+ */
+function keyringFileProblem(file: string): string | undefined {
+  try {
+    readKeyringFile(file);
+    return undefined;
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code) return `cannot be read (${code})`;
+    const message = (err as Error).message;
+    if (message.includes('is not a 32-byte key matching its id')) return 'holds a key that is not a 32-byte key matching its id';
+    if (message.includes('is not in the file')) return 'names a current key it does not hold';
+    return 'is neither one base64 key nor a keyring JSON document';
+  }
+}
 
 /** A comma-separated setting's entries, blanks dropped. */
 const commaList = (value: string) =>

@@ -35,7 +35,8 @@ export interface Tool<S extends z.ZodType = z.ZodType> {
  * id only. It is a reference, not a capability: every tool still checks the caller's scope.
  */
 // Without flags: the JSON Schema pattern the tool advertises is this regex's source, and must accept what it accepts.
-const HANDLE = /^mailgent:\/\/credentials\/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})@([1-9][0-9]{0,8})$/;
+// So the id's hex digits are taken in either case (as ids are everywhere) by its classes, not by an `i` flag.
+const HANDLE = /^mailgent:\/\/credentials\/([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})@([1-9][0-9]{0,8})$/;
 
 export function handleOf(id: string, version: number): string {
   return `mailgent://credentials/${id}@${version}`;

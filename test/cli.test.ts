@@ -113,6 +113,50 @@ describe('mailgent CLI', () => {
       expect(json(asJson)).toEqual({ type: 'https://mailgent.dev/problems/cli-usage', title: 'Usage error', detail: 'missing <name|id>' });
     });
 
+    it('-h or --help is a help request only as an option of its own, never as an option\'s value', async () => {
+      // Before, `-h` anywhere printed the usage and exited 0: the leak went unreported.
+      for (const args of [['leak', 'no-such-credential', '--details', '-h'], ['rotate', 'no-such-credential', '--reason', '-h'], ['store', 'x', '--value-env', '-h']]) {
+        const run = await mailgent(args, { env: as(alice), input: 'v' });
+        expect(run.code, args.join(' ')).toBe(2);
+        expect(run.stdout, args.join(' ')).toBe('');
+        expect(run.stderr, args.join(' ')).toContain(`Usage error: Option '${args[2]}' argument is ambiguous.`);
+      }
+      // Given inline, the value is the value, and the report reaches the API (which knows no such credential).
+      const inline = await mailgent(['leak', 'no-such-credential', '--details=-h'], { env: as(alice) });
+      expect(inline.code).toBe(3);
+      expect(inline.stderr).toContain('Not found (404)');
+      // As an option, even beside a mistake, it is help.
+      for (const args of [['leak', 'x', '-h'], ['leak', '--bogus', '--help'], ['store', '--details', 'x', '-h'], ['migrate', '-h']]) {
+        const run = await mailgent(args, { env: as(alice) });
+        expect(run, args.join(' ')).toMatchObject({ code: 0, stderr: '' });
+        expect(run.stdout, args.join(' ')).toMatch(/^Usage: mailgent /);
+      }
+    });
+
+    it('a VAULT_MASTER_KEY file that is not a keyring is a configuration error (exit 2) before anything starts, its contents never shown', async () => {
+      const dir = mkdtempSync(path.join(cwd, 'keyring-'));
+      const files: Record<string, [contents: string, why: string]> = {
+        bogus: ['{"bogus":1}', 'is neither one base64 key nor a keyring JSON document'],
+        shortKey: [
+          JSON.stringify({ version: 1, current: 'mk_0123456789abcdef', keys: [{ id: 'mk_0123456789abcdef', key: 'c2VjcmV0LWtleS12YWx1ZQ==', createdAt: new Date().toISOString() }] }),
+          'holds a key that is not a 32-byte key matching its id',
+        ],
+      };
+      for (const [name, [contents, why]] of Object.entries(files)) {
+        const file = path.join(dir, `${name}.json`);
+        writeFileSync(file, contents);
+        // Before, the API migrated this database, then died on the keyring: exit 1, no heading.
+        const run = await mailgent(['api'], {
+          env: { DATA_DIR: dir, DATABASE_URL: h.databaseUrl, TEMPORAL_ADDRESS: '127.0.0.1:1', SMTP_URL: 'smtp://127.0.0.1:1', VAULT_MASTER_KEY: file },
+        });
+        expect(run, name).toMatchObject({ code: 2, stdout: '' });
+        expect(run.stderr, name).toBe(
+          `Invalid configuration:\n  VAULT_MASTER_KEY: must be base64 of exactly 32 bytes (or several, comma-separated, the current one first), or the path of an existing keyring file; the file it names ${why}\n`,
+        );
+        expect(run.stderr, name).not.toMatch(/bogus|c2VjcmV0|mk_0123|keyring-/);
+      }
+    });
+
     it('exits 2 without a token or with a bad URL, and 4 when the service cannot be reached', async () => {
       const noToken = await mailgent(['get', 'anything']);
       expect(noToken.code).toBe(2);
@@ -180,6 +224,15 @@ describe('mailgent CLI', () => {
       }
       // A change that never reached the API is safe to repeat.
       expect((await mailgent(['store', 'anything', '--url', `http://127.0.0.1:${closed}`], { env: as(alice), input: 'v' })).code).toBe(4);
+      // A port fetch refuses outright (1, 25, 6000 …): nothing was sent, and the URL is wrong (before, store
+      // said "was sent but no answer came; it may have been carried out", exit 1).
+      const badPort = await mailgent(['store', 'anything', '--json'], { env: { ...as(alice), MAILGENT_URL: 'http://127.0.0.1:1' }, input: 'v' });
+      expect(badPort.code).toBe(2);
+      expect(json(badPort)).toEqual({
+        type: 'https://mailgent.dev/problems/cli-usage',
+        title: 'Usage error',
+        detail: 'the API URL (--url or MAILGENT_URL) has a port that fetch refuses to connect to (bad port): http://127.0.0.1:1',
+      });
 
       // The API's own refusals, answered as it answers them (test/read-thread.test.ts makes the real
       // unconfirmed store): a 503 whose store may have been committed is 1, not "try again later"
@@ -531,6 +584,40 @@ describe('mailgent CLI', () => {
       const none = await mailgent(['rotate', '--kind', 'api_key', '--older-than', '90d'], { env: as(alice) });
       expect(none.code).toBe(1);
       expect(none.stderr).toContain('no credential matches the filter; nothing to rotate');
+    });
+
+    it('a failed rotation reports no new version with --json, as its table does (the pending one was discarded)', async () => {
+      const rotationId = '6f1c2a4e-3b5d-4e7f-8a9b-0c1d2e3f4a5b';
+      const credentialId = 'a85f171d-0000-4000-8000-000000000001';
+      const report = {
+        rotationId,
+        state: 'failed',
+        reason: null,
+        credentials: [{ credentialId, name: 'fake-key', state: 'failed', progress: { fromVersion: 1, toVersion: 2, error: 'the provider refused the new key' } }],
+      };
+      await withServer(
+        (req, res) => {
+          req.resume();
+          req.on('end', () => {
+            const body =
+              req.method === 'POST' && req.url === '/v1/rotations'
+                ? { rotationId, batchWorkflowId: `rotation:${rotationId}`, workflowIds: [`rotate:${credentialId}`] }
+                : report;
+            res.writeHead(req.method === 'POST' ? 202 : 200, { 'content-type': 'application/json' }).end(JSON.stringify(body));
+          });
+        },
+        async (url) => {
+          const asJson = await mailgent(['rotate', 'fake-key', '--json', '--interval', '50', '--url', url], { env: as(alice) });
+          expect(asJson.code).toBe(1);
+          // Before, toVersion was 2: a version that never came to be.
+          expect(json(asJson).credentials).toEqual([
+            { credentialId, name: 'fake-key', fromVersion: 1, toVersion: null, outcome: 'failed', error: 'the provider refused the new key' },
+          ]);
+          const text = await mailgent(['rotate', 'fake-key', '--interval', '50', '--url', url], { env: as(alice) });
+          expect(text.code).toBe(1);
+          expect(text.stdout).toContain('fake-key    1 → –    failed: the provider refused the new key');
+        },
+      );
     });
 
     it('--no-wait prints the rotation id and returns; unknown names are not found (exit 3)', async () => {

@@ -150,6 +150,14 @@ describe('MCP server', () => {
       expect(store.at(-1)).toMatchObject({ outcome: 'ok', detail: { via: 'mcp' } });
     });
 
+    it('takes a handle whose id is in upper case, as ids are taken in either case', async () => {
+      // Before, the handle's pattern took lower-case hex only: a 400 validation problem.
+      const upper = stored.handle.replace(stored.id, stored.id.toUpperCase());
+      expect(upper).not.toBe(stored.handle);
+      const read = ok(await call(mcp, 'vault_get', { handle: upper }));
+      expect(read).toMatchObject({ id: stored.id, version: 1, masked: true, handle: stored.handle });
+    });
+
     it('refuses an unmasked read without the permission: a 403 problem, audited as a denied unmasked read', async () => {
       const raw = await call(mcp, 'vault_get', { handle: stored.handle, reveal: true });
       expect(problem(raw)).toMatchObject({ type: 'https://mailgent.dev/problems/forbidden', title: 'Forbidden', status: 403 });
@@ -471,19 +479,23 @@ describe('MCP server', () => {
       ]
         .map((m) => JSON.stringify(m))
         .join('\n');
-      const { stdout, code } = await new Promise<{ stdout: string; code: number | null }>((resolve, reject) => {
+      const { stdout, stderr, code } = await new Promise<{ stdout: string; stderr: string; code: number | null }>((resolve, reject) => {
         const child = spawn(process.execPath, [path.join(ROOT, 'bin/mailgent.js'), 'mcp'], {
           cwd: ROOT,
           env: { ...process.env, MAILGENT_URL: h.url, MAILGENT_TOKEN: agent.token },
           stdio: ['pipe', 'pipe', 'pipe'],
         });
         let out = '';
+        let err = '';
         child.stdout.on('data', (d) => (out += String(d)));
+        child.stderr.on('data', (d) => (err += String(d)));
         child.on('error', reject);
-        child.on('close', (exit) => resolve({ stdout: out, code: exit }));
+        child.on('close', (exit) => resolve({ stdout: out, stderr: err, code: exit }));
         child.stdin.end(`${input}\n`);
       });
       expect(code).toBe(0);
+      // A normal exit is quiet: before, closing the bridge wrote "mailgent mcp: This operation was aborted" twice.
+      expect(stderr).toBe('');
       const answers = stdout.trim().split('\n').map((line) => JSON.parse(line));
       // Before, closing stdin cancelled the requests still in flight: each got "This operation was aborted".
       expect(answers.map((a) => a.id).sort()).toEqual([1, 2, 3]);

@@ -4,7 +4,7 @@ import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { DEFAULT_PORT } from '../../core/config';
 import type { z } from 'zod';
 import { mismatchedFields } from './answers';
-import { answerLost, CliError, EXIT, exitCodeOf, unexpectedAnswer, unreachable, usageError, type Problem } from './errors';
+import { answerLost, CliError, EXIT, exitCodeOf, HelpRequested, unexpectedAnswer, unreachable, usageError, type Problem } from './errors';
 
 /**
  * What every client command shares: its flags (node:util parseArgs, strict), where the API is,
@@ -17,9 +17,26 @@ const COMMON = {
   json: { type: 'boolean', default: false },
 } as const satisfies Options;
 
-export function parse<T extends Options>(args: string[], options: T, usage: string) {
+const HELP = { help: { type: 'boolean', short: 'h' } } as const satisfies Options;
+
+/**
+ * Whether `args` ask for help: `--help` or `-h` parsed as an option of its own, with the command's
+ * options, so that one given as an option's value (`--details -h`) is not. Checked leniently (unknown
+ * options and all), before the strict parse: `--help` beside a mistake still shows the usage.
+ */
+export function helpAsked(args: string[], options: Options = {}): boolean {
   try {
-    return parseArgs({ args, options: { ...COMMON, ...options }, allowPositionals: true, strict: true });
+    const { tokens } = parseArgs({ args, options: { ...options, ...HELP }, allowPositionals: true, strict: false, tokens: true });
+    return tokens.some((t) => t.kind === 'option' && t.name === 'help' && t.value === undefined);
+  } catch {
+    return false;
+  }
+}
+
+export function parse<T extends Options>(args: string[], options: T, usage: string) {
+  if (helpAsked(args, { ...COMMON, ...options })) throw new HelpRequested();
+  try {
+    return parseArgs({ args, options: { ...COMMON, ...options, ...HELP }, allowPositionals: true, strict: true });
   } catch (err) {
     throw usageError((err as Error).message, usage);
   }
@@ -100,6 +117,11 @@ export class Api {
         signal: AbortSignal.timeout(opts.timeoutMs ?? 60_000),
       });
     } catch (err) {
+      // fetch refuses some ports outright (the Fetch standard's "bad ports": 1, 25, 6000 …): nothing
+      // was sent, and nothing will be at that address, so it is the URL that is wrong.
+      if (fetchFailure(err) === 'bad port') {
+        throw usageError(`the API URL (--url or MAILGENT_URL) has a port that fetch refuses to connect to (bad port): ${this.url}`);
+      }
       // Only a read, or a request that never reached the API, is safe to repeat: "try again later".
       if (!readOnly(method, route) && !neverSent(fetchFailure(err))) {
         throw answerLost(`the request to the Mailgent API at ${this.url} was sent but no answer came (${fetchFailure(err)}); it may have been carried out: check before repeating it`);

@@ -30,6 +30,17 @@ export class CliError extends Error {
   }
 }
 
+/**
+ * `--help` or `-h` given as an option (not as an option's value, `--details -h`): the command prints
+ * its usage on stdout and exits 0 (cli/main.ts).
+ */
+export class HelpRequested extends Error {
+  constructor() {
+    super('help requested');
+    this.name = 'HelpRequested';
+  }
+}
+
 export function usageError(detail: string, usage?: string): CliError {
   return new CliError(EXIT.usage, { type: `${LOCAL}usage`, title: 'Usage error', detail }, usage);
 }

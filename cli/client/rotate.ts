@@ -142,7 +142,8 @@ export const rotate: ClientCommand = {
       credentialId: c.credentialId,
       name: c.name,
       fromVersion: c.progress?.fromVersion ?? unknownFrom.get(c.credentialId) ?? null,
-      toVersion: c.progress?.toVersion ?? null,
+      // As in the table: a run that did not take effect made no new version (its pending one was discarded).
+      toVersion: OK_STATES.has(c.state) ? (c.progress?.toVersion ?? null) : null,
       outcome: c.state,
       ...(c.state === 'grace' && c.progress?.graceEndsAt ? { graceEndsAt: c.progress.graceEndsAt } : {}),
       error: errorOf(c),
