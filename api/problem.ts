@@ -1,5 +1,5 @@
 import type { ErrorRequestHandler, Response } from 'express';
-import { AppError, KeyIntegrityError, TooManyRequestsError, unconfirmedChange, UnavailableError, type FieldError } from '../core/errors';
+import { AppError, KeyIntegrityError, TooManyRequestsError, unconfirmedChange, UnavailableError, ValidationError, type FieldError } from '../core/errors';
 import type { Logger } from '../core/logger';
 import { isCommitUnconfirmed, isDatabaseUnavailable } from '../db/pool';
 
@@ -26,7 +26,10 @@ export function toAppError(err: unknown): AppError {
   if (e?.type === 'encoding.unsupported' || e?.type === 'charset.unsupported') {
     return new AppError(415, 'unsupported-media-type', 'Unsupported media type', 'the request body must be UTF-8 JSON');
   }
-  if (e?.status && e.status >= 400 && e.status < 500) return new AppError(400, 'validation-failed', 'Bad request', 'the request could not be read');
+  // A path whose percent-encoding does not decode (the router decodes it while matching, before any
+  // handler): said as such. Any other client error of a library's: the type's one title either way.
+  if (err instanceof URIError && e.status === 400) return new ValidationError('the request path is not valid percent-encoding');
+  if (e?.status && e.status >= 400 && e.status < 500) return new ValidationError('the request could not be read');
   // A COMMIT sent and not answered (a route's own transaction: mail.send, a rotation's start, a leak
   // report …): it may be durable, so not "try again" (README, "unconfirmed").
   if (isCommitUnconfirmed(err)) {

@@ -106,6 +106,15 @@ describe('input edges', () => {
     expect((await h.api('GET', '/v1/reports/orphans?days=30', { token: agent.token })).body.days).toBe(30);
   });
 
+  it('a path whose percent-encoding does not decode is a 400 problem that says so, titled as every validation problem', async () => {
+    for (const route of ['/v1/credentials/%ZZ', '/v1/grants/%C0']) {
+      const res = await h.api(route.includes('grants') ? 'DELETE' : 'PATCH', route, { token: agent.token, body: route.includes('grants') ? undefined : { tags: [] } });
+      expectProblem(res, 400, 'validation-failed');
+      // Before: "Bad request", "the request could not be read".
+      expect(res.body).toMatchObject({ title: 'The request is not valid', detail: 'the request path is not valid percent-encoding' });
+    }
+  });
+
   it('a grant revoked by its id in upper case is answered and audited with the id in lower case', async () => {
     const reader = await h.createIdentity('edge-reader');
     expect((await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'shared', kind: 'api_key', value: h.secret('sk_shared_edge_0001') } })).status).toBe(201);
