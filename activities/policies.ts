@@ -113,16 +113,33 @@ export function policyActivities(deps: ActivityDeps) {
             text: text([]),
           });
         if (reminder) reminded += 1;
-        const told: Date | null = (await deps.pool.query('SELECT sent_at FROM mail_outbox WHERE id = $1', [reminderId])).rows[0]?.sent_at ?? null;
-        const toldDays = told ? Math.floor((asOf.getTime() - told.getTime()) / DAY_MS) : -1;
-        if (told && toldDays >= c.escalate_after_days) {
+        // The owners get the escalation period to act from when they were told. Owners who could not
+        // be told (no address to tell; the reminder refused for carrying a stored value; not delivered
+        // since it was queued) get it from when that was tried: before, the security contacts were
+        // never told of such a password, however overdue, where no one else could be.
+        const row: { status: string; sent_at: Date | null; created_at: Date } | undefined = (
+          await deps.pool.query('SELECT status, sent_at, created_at FROM mail_outbox WHERE id = $1', [reminderId])
+        ).rows[0];
+        const told = row?.sent_at ?? null;
+        const since = told ?? row?.created_at ?? new Date(c.created_at.getTime() + c.max_age_days * DAY_MS);
+        const sinceDays = Math.floor((asOf.getTime() - since.getTime()) / DAY_MS);
+        const sinceWhen = `on ${since.toISOString().slice(0, 10)}, ${sinceDays} days ago`;
+        const why = told
+          ? `The owners were told ${sinceWhen}, and it is still unchanged.`
+          : !row
+            ? `The owners could not be told: the credential has no owners or notify addresses, and its identity no email (overdue since ${since.toISOString().slice(0, 10)}, ${sinceDays} days ago). It is still unchanged.`
+            : row.status === 'abandoned'
+              ? `The owners could not be told: their reminder was refused ${sinceWhen}, for carrying a stored value. It is still unchanged.`
+              : `The owners' reminder, queued ${sinceWhen}, has not been delivered. It is still unchanged.`;
+        // (A reminder still queued is given a day, its delivery's retries, before it counts as undelivered.)
+        if (sinceDays >= c.escalate_after_days && (told || row?.status !== 'queued' || sinceDays >= 1)) {
           const escalation = await handOverNotice(deps, {
             ...base,
             id: stableUuid(`password-policy:${c.id}:${c.current_version}:escalation`),
             purpose: 'password.escalation',
             to: [...(deps.securityNotify ?? []), ...(c.email ? [c.email] : []), ...c.owners],
             subject: `[mailgent] ESCALATION: password ${c.name} is ${overdueDays} days overdue`,
-            text: text([`The owners were told on ${told.toISOString().slice(0, 10)}, ${toldDays} days ago, and it is still unchanged.`]),
+            text: text([why]),
           });
           if (escalation) escalated += 1;
         }

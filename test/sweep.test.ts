@@ -797,6 +797,39 @@ describe('scheduled sweep', () => {
     expect(await versions([managed, windowed, old32, old40])).toEqual({ 'db-admin': 2, 'db-windowed': 1, 'legacy-32': 1, 'legacy-40': 1 });
   });
 
+  it('password policy: owners who could not be reminded (no address, or the reminder refused) do not stop the escalation', async () => {
+    const agent = await identity();
+    expect((await h.api('PUT', '/v1/password-policy', { token: agent.token, body: { maxAgeDays: 30, length: 8, symbols: false, escalateAfterDays: 5 } })).status).toBe(200);
+    // No owners, no notify list, an identity without email: nobody to remind.
+    const unowned = await store(agent.token, { name: `unowned-${randomUUID().slice(0, 6)}`, kind: 'password', value: h.secret(`Pw0rd${randomBytes(8).toString('hex')}`) });
+    // Its reminder goes to its notify list too, where (by mistake) its own value was put: refused for
+    // carrying it. (Its escalation goes to the owners and security, and does not carry it.)
+    const named = `refused-${randomUUID().slice(0, 6)}`;
+    const mistaken = `Pw0-${randomBytes(6).toString('hex')}@example.com`;
+    const refused = await store(agent.token, { name: named, kind: 'password', value: mistaken, owners: [address('pw-refused')], notify: [mistaken] });
+    await age([unowned, refused], 33); // 3 days overdue: within the 5 days
+
+    await sweep();
+    const refusals = await h.sql(`SELECT status FROM mail_outbox WHERE identity_id = $1 AND purpose = 'password.reminder'`, [agent.id]);
+    expect(refusals.rows).toEqual([{ status: 'abandoned' }]);
+    expect((await mailTo(security)).filter((m) => m.mail.subject?.includes(named) || m.mail.text?.includes(unowned))).toEqual([]);
+
+    // Six days later, still unchanged: before, neither ever reached the security contacts.
+    await age([unowned, refused], 39);
+    await h.sql(`UPDATE mail_outbox SET created_at = created_at - interval '6 days' WHERE identity_id = $1 AND purpose = 'password.reminder'`, [agent.id]);
+    await sweep();
+    const escalations = await waitFor(
+      'both escalations at the security desk',
+      async () => (await mailTo(security)).filter((m) => m.mail.subject?.startsWith('[mailgent] ESCALATION') && (m.mail.text?.includes(unowned) || m.mail.text?.includes(refused))),
+      (mails) => mails.length >= 2,
+    );
+    const about = (id: string) => escalations.find((m) => m.mail.text?.includes(`Credential id: ${id}`))!.mail.text!;
+    expect(about(unowned)).toMatch(/The owners could not be told: the credential has no owners or notify addresses, and its identity no email \(overdue since \d{4}-\d\d-\d\d, 9 days ago\)/);
+    expect(about(refused)).toMatch(/The owners could not be told: their reminder was refused on \d{4}-\d\d-\d\d, 6 days ago, for carrying a stored value/);
+    await sweep();
+    expect((await mailTo(security)).filter((m) => m.mail.subject?.startsWith('[mailgent] ESCALATION') && (m.mail.text?.includes(unowned) || m.mail.text?.includes(refused)))).toHaveLength(2);
+  });
+
   it('service accounts: inventory with last read from the audit log, orphans by API, and the weekly report by schedule', async () => {
     const { orphans: schedule } = await schedules();
     const agentEmail = address('sa-agent');
