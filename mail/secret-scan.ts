@@ -4,7 +4,11 @@ import { decodeHTML } from 'entities';
  * Finds a stored secret inside an outgoing message: the value itself or its common encodings
  * (base64, base64url, hex, URL-encoding in any of its spellings, HTML character references), and for
  * TOTP seeds the bare base32 secret. The subject is also read as a mail client shows it (RFC 2047
- * encoded words decoded) and the html as it renders (markup dropped, references decoded, any case).
+ * encoded words decoded), the subject and text without the invisible format characters (U+200B,
+ * soft hyphen, other \p{Cf}) a client shows as nothing, and the html as it renders (markup dropped,
+ * references decoded, any case). Encodings that tools wrap (base64) and the caseless forms that
+ * are written in groups (hex, a TOTP seed: `JBSW Y3DP EHPK 3PXP`) are also found with whitespace
+ * between their characters.
  * Values shorter than MIN_SCANNED_LENGTH are not matched: they would block ordinary words.
  */
 export const MIN_SCANNED_LENGTH = 6;
@@ -35,38 +39,46 @@ interface Prepared {
   lower: string;
   renderedLower: string;
   unwrapped: string;
+  unwrappedLower: string;
   decoded: string[];
 }
 
 /** The message's texts to search, made once per message, not per value or page of values. */
 function prepared(message: ScannedMessage): Prepared {
   // What the recipient reads: a client decodes the subject's encoded words and renders the html.
-  const subject = decodedSubject(message.subject);
+  // Invisible format characters (zero-width space, soft hyphen) show as nothing in the subject and
+  // the text part as they do in the html: `sk_live_\u200b51HxYz` reads as the value.
+  const subject = visible(decodedSubject(message.subject));
+  const text = visible(message.text);
   const rendered = message.html ? renderedText(message.html) : '';
-  const shown = [subject === message.subject ? '' : subject, rendered === message.html ? '' : rendered].filter(Boolean);
+  const shown = [subject === message.subject ? '' : subject, text === message.text ? '' : text, rendered === message.html ? '' : rendered].filter(Boolean);
   const haystack = [...(message.to ?? []), message.subject, message.text, message.html ?? '', ...shown].join('\n');
   // Escaped text decoded, to look for the value itself: percent-escapes in either case, `+` for a
   // space (a form or a query string: URLSearchParams, quote_plus, QueryEscape), HTML character references.
   const htmlDecoded = decodeHTML(haystack);
+  const unwrapped = haystack.replace(/\s+/g, '');
   return {
     haystack,
     lower: haystack.toLowerCase(),
     // CSS (text-transform, small-caps) may show the html's text in another case than it is written in.
     renderedLower: rendered.toLowerCase(),
     // base64 tools wrap their output (`base64` at 76 columns, PEM at 64): a long value's encoding may
-    // be split across lines.
-    unwrapped: haystack.replace(/\s+/g, ''),
+    // be split across lines. Hex and TOTP seeds are written in groups (`JBSW Y3DP EHPK 3PXP`, as
+    // authenticator apps show a setup key and take it back), in either case.
+    unwrapped,
+    unwrappedLower: unwrapped.toLowerCase(),
     decoded: [percentDecoded(haystack), percentDecoded(haystack.replaceAll('+', ' ')), htmlDecoded, percentDecoded(htmlDecoded)].filter((text) => text !== haystack),
   };
 }
 
-function searchIn({ haystack, lower, renderedLower, unwrapped, decoded }: Prepared, stored: { name: string; value: string }[]): string | undefined {
+function searchIn({ haystack, lower, renderedLower, unwrapped, unwrappedLower, decoded }: Prepared, stored: { name: string; value: string }[]): string | undefined {
   for (const { name, value } of stored) {
     if (value.length < MIN_SCANNED_LENGTH) continue;
     if (decoded.some((text) => text.includes(value)) || renderedLower.includes(value.toLowerCase())) return name;
     for (const { form, caseless, wraps } of forms(value)) {
       if (form.length < MIN_SCANNED_LENGTH) continue;
-      if (haystack.includes(form) || (caseless && lower.includes(form.toLowerCase())) || (wraps && unwrapped.includes(form))) return name;
+      if (haystack.includes(form)) return name;
+      if (caseless ? lower.includes(form.toLowerCase()) || (wraps && unwrappedLower.includes(form.toLowerCase())) : wraps && unwrapped.includes(form)) return name;
     }
   }
   return undefined;
@@ -74,17 +86,21 @@ function searchIn({ haystack, lower, renderedLower, unwrapped, decoded }: Prepar
 
 /**
  * The forms a value may take in a message. Hex and a TOTP seed's base32 mean the same in either case
- * (authenticator apps take `jbswy3dp…` as readily as `JBSWY3DP…`), so they match caselessly.
+ * (authenticator apps take `jbswy3dp…` as readily as `JBSWY3DP…`), so they match caselessly; both
+ * are written in groups (`jbsw y3dp ehpk 3pxp`, `6b73 5f6c`), and base64 wrapped, so those match
+ * with whitespace between their characters too (`wraps`). The value itself does not: a short one
+ * (a PIN, a word) would match across the spaces between unrelated words and numbers.
  */
 function forms(value: string): { form: string; caseless: boolean; wraps?: boolean }[] {
   const bytes = Buffer.from(value, 'utf8');
-  const out: { form: string; caseless: boolean; wraps?: boolean }[] = [value, bytes.toString('hex'), encodeURIComponent(value)].map((form) => ({
-    form,
-    caseless: /^[0-9a-f]+$/i.test(form),
-  }));
+  const out: { form: string; caseless: boolean; wraps?: boolean }[] = [
+    { form: value, caseless: /^[0-9a-f]+$/i.test(value) },
+    { form: bytes.toString('hex'), caseless: true, wraps: true },
+    { form: encodeURIComponent(value), caseless: false },
+  ];
   for (const form of base64Cores(bytes)) out.push({ form, caseless: false, wraps: true }, { form: toBase64url(form), caseless: false, wraps: true });
   const seed = /^otpauth:\/\/.*[?&]secret=([A-Z2-7]+)/i.exec(value)?.[1];
-  if (seed) out.push({ form: seed, caseless: true });
+  if (seed) out.push({ form: seed, caseless: true, wraps: true });
   return out;
 }
 
@@ -175,7 +191,12 @@ const MARKUP = new RegExp(
  * `&lowbar;`, `&UnderBar;`), and invisible format characters (soft hyphen, zero-width space) dropped.
  */
 function renderedText(html: string): string {
-  return decodeHTML(html.replace(MARKUP, (_markup, _element, text?: string, plain?: string) => text ?? plain ?? '')).replace(/\p{Cf}/gu, '');
+  return visible(decodeHTML(html.replace(MARKUP, (_markup, _element, text?: string, plain?: string) => text ?? plain ?? '')));
+}
+
+/** Text without the invisible format characters (\p{Cf}: soft hyphen, zero-width space and joiners, BOM) a client shows as nothing. */
+function visible(text: string): string {
+  return text.replace(/\p{Cf}/gu, '');
 }
 
 function toBase64url(base64: string): string {

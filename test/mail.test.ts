@@ -117,6 +117,42 @@ describe('mail.send', () => {
     expect(unrelated.status).toBe(202);
   });
 
+  it('a grantee cannot mail a value once granted to it after the grant is revoked or the credential deleted: it has read it', async () => {
+    const owner = await h.createIdentity();
+    const grantee = await h.createIdentity();
+    const revokedValue = h.secret(`sk_revoked_${randomUUID()}`);
+    const deletedValue = h.secret(`sk_deleted_${randomUUID()}`);
+    const grants: Record<string, string> = {};
+    for (const [name, value] of [['revoked-key', revokedValue], ['deleted-key', deletedValue]] as const) {
+      const stored = await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind: 'api_key', value } });
+      expect(stored.status, stored.text).toBe(201);
+      const grant = await h.api('POST', '/v1/grants', { token: owner.token, body: { credential: name, grantee: grantee.id } });
+      expect(grant.status, grant.text).toBe(201);
+      grants[name] = grant.body.id;
+      expect((await h.api('POST', '/v1/vault.get', { token: grantee.token, body: { id: stored.body.id } })).body.value).toBe(value);
+    }
+    expect((await h.api('DELETE', `/v1/grants/${grants['revoked-key']}`, { token: owner.token })).status).toBe(200);
+    // A soft delete revokes the credential's grants.
+    expect((await h.api('DELETE', '/v1/credentials/deleted-key', { token: owner.token })).status).toBe(200);
+
+    const to = `revoked-${randomUUID().slice(0, 8)}@example.com`;
+    const queued = Number((await h.sql('SELECT count(*) FROM mail_outbox')).rows[0].count);
+    for (const value of [revokedValue, deletedValue]) {
+      const refused = await h.api('POST', '/v1/mail.send', { token: grantee.token, body: { to: [to], subject: 'hi', text: `still works: ${value}` } });
+      expect(refused.status, value).toBe(422);
+      expect(refused.body).toMatchObject({ type: 'https://mailgent.dev/problems/secret-in-message' });
+      expect(refused.text).not.toContain(value);
+    }
+    expect(Number((await h.sql('SELECT count(*) FROM mail_outbox')).rows[0].count)).toBe(queued);
+    // Granted again beside the revoked grant: each value is read once, however many grants led to it.
+    expect((await h.api('POST', '/v1/grants', { token: owner.token, body: { credential: 'revoked-key', grantee: grantee.id } })).status).toBe(201);
+    const readable: string[] = [];
+    for await (const page of h.services.vault.readableValues(grantee.id)) readable.push(...page.map((p) => p.value));
+    expect(readable.sort()).toEqual([revokedValue, deletedValue].sort());
+    await new Promise((r) => setTimeout(r, 500));
+    expect((await readMailbox()).filter((m) => recipients(m.mail).includes(to))).toHaveLength(0);
+  });
+
   it('an old version of a value is still a secret', async () => {
     await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'slack', kind: 'token', value: h.secret('xoxb-newer-token-value-123') } });
     const res = await h.api('POST', '/v1/mail.send', { token: agent.token, body: { to: ['a@example.com'], subject: 's', text: `old one: ${secretValue}` } });

@@ -288,16 +288,22 @@ export class Vault {
   }
 
   /**
-   * Every value the identity may read: its own (storedValues) and those of the credentials other
-   * identities have granted it, in any version. What mail.send must refuse: a grantee that reads a
-   * granted value could otherwise mail it on. Not audited either.
+   * Every value the identity may read or once could: its own (storedValues) and those of the
+   * credentials other identities have granted it, in any version, whether the grant is still active
+   * or was revoked since (directly, or by the credential's deletion). What mail.send must refuse: a
+   * grantee that read a granted value could otherwise mail it on, and a revoked grant does not make
+   * it forget the value, which may still work at its provider. Each version once, however many
+   * grants led to it. Not audited either.
    */
   async *readableValues(identityId: string, pageSize = STORED_VALUES_PAGE): AsyncGenerator<{ name: string; value: string }[]> {
     yield* this.storedValues(identityId, undefined, pageSize);
     yield* this.valuePages(
-      `SELECT c.id, c.name, c.identity_id AS owner_id, v.version, v.data_key_id, v.sealed
-         FROM grants g JOIN credentials c ON c.id = g.credential_id JOIN secret_versions v ON v.credential_id = c.id
-        WHERE g.grantee_id = $1 AND g.revoked_at IS NULL AND c.identity_id <> $1`,
+      // The grantee's credentials first (grants_grantee_all), each once: a page is then read from
+      // those credentials' versions, not found by walking every version in the vault.
+      `WITH granted AS MATERIALIZED (SELECT DISTINCT credential_id FROM grants WHERE grantee_id = $1)
+       SELECT c.id, c.name, c.identity_id AS owner_id, v.version, v.data_key_id, v.sealed
+         FROM granted g JOIN credentials c ON c.id = g.credential_id JOIN secret_versions v ON v.credential_id = c.id
+        WHERE c.identity_id <> $1`,
       [identityId],
       pageSize,
     );

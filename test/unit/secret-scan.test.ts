@@ -112,6 +112,36 @@ describe('finding a stored secret in a message', () => {
     expect(findStoredValue({ subject: 's', text: 'seed Jbswy3dpEHPK3pxp' }, stored)).toBe('gh-2fa');
   });
 
+  it('finds a TOTP seed or hex written in groups, in either case, as authenticator apps show a setup key', () => {
+    // Before, each of these went out: the seed and hex matched caselessly only when written whole.
+    for (const text of ['JBSW Y3DP EHPK 3PXP', 'jbsw y3dp ehpk 3pxp', 'Jbsw Y3dp\nEHPK 3pxp', 'jbswy3dp ehpk3pxp']) {
+      expect(findStoredValue({ subject: 's', text: `setup key ${text}` }, stored), text).toBe('gh-2fa');
+    }
+    expect(findStoredValue({ subject: 'seed JBSW Y3DP EHPK 3PXP', text: 'hi' }, stored)).toBe('gh-2fa');
+    const hex = Buffer.from('sk_live_51HxYz').toString('hex').toUpperCase().replace(/(.{4})/g, '$1 ');
+    expect(findStoredValue({ subject: 's', text: `xxd: ${hex}` }, stored), hex).toBe('stripe');
+    // The value itself is not joined across spaces: a short one would match unrelated words and numbers.
+    const code = { name: 'code', value: '482913' };
+    expect(findStoredValue({ subject: 's', text: 'call 482 913 or sk_live _51HxYz' }, [code, ...stored])).toBeUndefined();
+    expect(findStoredValue({ subject: 's', text: 'seed JBSW Y3DP EHPK 3PX' }, stored)).toBeUndefined();
+  });
+
+  it('finds the value with invisible format characters in the subject or the text, as in the html', () => {
+    // Before, each of these went out: a client shows the text part and the subject without them, as the value whole.
+    for (const [subject, text, name] of [
+      ['s', 'key sk_live_\u200b51HxYz', 'stripe'],
+      ['s', 'key sk_\u00adlive_51Hx\u2060Yz', 'stripe'],
+      ['key sk_live_\u200b51HxYz', 'hi', 'stripe'],
+      ['=?UTF-8?Q?key_sk=5Flive=5F=E2=80=8B51HxYz?=', 'hi', 'stripe'],
+      ['s', `b64 ${Buffer.from('sk_live_51HxYz').toString('base64').replace('bGl2', '\u200bbGl2')}`, 'stripe'],
+      ['s', 'seed JBSW\u200bY3DP\u200bEHPK\u200b3PXP', 'gh-2fa'],
+    ]) {
+      expect(findStoredValue({ subject: subject!, text: text! }, stored), JSON.stringify([subject, text])).toBe(name);
+    }
+    // Decoded forms still read the rest of the message.
+    expect(findStoredValue({ subject: 's\u200b', text: 'x=%73k_live_51HxYz' }, stored)).toBe('stripe');
+  });
+
   it('matches a plain value only as written: case carries meaning in it', () => {
     expect(findStoredValue({ subject: 's', text: 'key SK_LIVE_51HXYZ' }, stored)).toBeUndefined();
   });
