@@ -118,14 +118,29 @@ export class Keyring {
     return this.keys.get(id);
   }
 
+  /**
+   * The file as it is now: keys added by a rekey are learnt, and keys it dropped are forgotten (a
+   * retired key, perhaps a compromised one, stayed in every running process's memory until it
+   * restarted, and still unwrapped what it had wrapped). A forgotten key is zeroed a little later,
+   * so an unwrap that already holds it finishes first; rekey drops a key only once nothing uses it.
+   */
   private reload(): void {
     const file = this.file!;
     this.loaded = stamp(file);
     const { keys, current } = readKeyringFile(file);
-    for (const k of keys) this.keys.set(k.id, k.key);
+    const kept = new Set(keys.map((k) => k.id));
+    for (const [id, key] of this.keys) {
+      if (kept.has(id)) continue;
+      this.keys.delete(id);
+      setTimeout(() => key.fill(0), FORGOTTEN_KEY_ZERO_DELAY_MS).unref();
+    }
+    for (const k of keys) if (!this.keys.get(k.id)?.equals(k.key)) this.keys.set(k.id, k.key);
     this.currentId = current;
   }
 }
+
+/** How long a master key dropped from the keyring file stays in memory (unreachable) before it is zeroed. */
+const FORGOTTEN_KEY_ZERO_DELAY_MS = 5_000;
 
 export function readKeyringFile(file: string): { keys: MasterKey[]; current: string } {
   const text = readFileSync(file, 'utf8').trim();

@@ -78,5 +78,13 @@ describe('master keyring', () => {
     writeKeyringFile(file, [{ id: masterKeyId(b), key: b }, { id: masterKeyId(a), key: a }], masterKeyId(b));
     expect(ring.find(masterKeyId(b))?.equals(b)).toBe(true);
     expect(ring.current.id).toBe(masterKeyId(b));
+    // Rekey drops the old key from the file: the running process forgets it too (before, it kept it until restarted).
+    const held = ring.find(masterKeyId(a))!;
+    writeKeyringFile(file, [{ id: masterKeyId(b), key: b }], masterKeyId(b));
+    expect(ring.current.id).toBe(masterKeyId(b));
+    expect(ring.find(masterKeyId(a))).toBeUndefined();
+    expect(ring.ids).toEqual([masterKeyId(b)]);
+    // Zeroed a little later, not under a caller that already holds it.
+    expect(held.equals(a)).toBe(true);
   });
 });
