@@ -93,7 +93,7 @@ export async function rekey(config: Config, logger: Logger, env: NodeJS.ProcessE
         newMasterKeyId: current.id,
         rewrapped,
         retiredMasterKeys,
-        ...(inline ? { action: `every key is now wrapped by ${current.id}: remove the others from VAULT_MASTER_KEY (keep the first) and restart` } : {}),
+        ...(inline ? { action: inlineAction(current.id, retiredMasterKeys, masterKeysInUse) } : {}),
       };
     } finally {
       await pool.end();
@@ -102,6 +102,22 @@ export async function rekey(config: Config, logger: Logger, env: NodeJS.ProcessE
     await lock.end().catch(() => undefined);
     await db.stop();
   }
+}
+
+/**
+ * What an operator with an inline keyring does next. Only keys nothing is wrapped by may go: one
+ * still in use (a process not yet restarted with the new key first wrapped a data key under the old
+ * one after the re-wrap passed it) must stay, or what it wraps can no longer be opened. Before, the
+ * advice was to remove every other key whatever was still in use.
+ */
+export function inlineAction(currentId: string, retired: string[], inUse: string[]): string {
+  const kept = inUse.filter((id) => id !== currentId);
+  if (kept.length === 0) return `every key is now wrapped by ${currentId}: remove the others from VAULT_MASTER_KEY (keep the first) and restart`;
+  return (
+    `${kept.join(', ')} still wrap${kept.length === 1 ? 's' : ''} keys (a process still makes them under ${kept.length === 1 ? 'it' : 'them'}): keep ${kept.length === 1 ? 'it' : 'them'} in VAULT_MASTER_KEY, ` +
+    `restart every API and worker with ${currentId} first, and run rekey again` +
+    (retired.length ? `; ${retired.join(', ')} may be removed` : '')
+  );
 }
 
 /**
