@@ -204,6 +204,7 @@ export const chainReport = z.strictObject({
   ok: z.boolean(),
   rows: z.number().int(),
   firstBroken: z.strictObject({ seq: z.number().int(), reason: z.string() }).optional(),
+  head: z.strictObject({ seq: z.number().int(), hash: z.string() }).optional(),
 });
 
 export const health = z.strictObject({ status: z.literal('ok') });

@@ -197,6 +197,15 @@ export const rotationsStart = z
     }
   });
 
+/** `?head=<seq>:<hash>`: a head an earlier verify answered, to check the log against. */
+export const chainQuery = z.strictObject({
+  head: z
+    .string()
+    .regex(/^\d{1,18}:[0-9a-fA-F]{64}$/, 'must be <seq>:<hash>, as an earlier verify answered (head.seq and head.hash)')
+    .transform((s) => ({ seq: Number(s.split(':')[0]), hash: s.split(':')[1]!.toLowerCase() }))
+    .optional(),
+});
+
 export const auditQuery = z.strictObject({
   credential: z.string().min(1).max(200).optional(),
   since: dateTime.optional(),

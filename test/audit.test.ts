@@ -161,14 +161,15 @@ describe('audit log', () => {
       ['chain-a-1', 'chain-b-1', 'chain-b-2', 'chain-b-3', 'chain-c-1', 'chain-other-1', 'chain-d-1'].map((request_id) => ({ request_id, linked: true })),
     );
     const total = Number((await h.sql('SELECT count(*) FROM audit_log')).rows[0].count);
-    expect((await h.api('GET', '/v1/audit/verify', { token: h.adminToken })).body).toEqual({ ok: true, rows: total });
+    expect((await h.api('GET', '/v1/audit/verify', { token: h.adminToken })).body).toMatchObject({ ok: true, rows: total });
   });
 
   it('verify walks the chain; an edited row is named, and so is the row after a deleted one', async () => {
     const ok = await h.api('GET', '/v1/audit/verify', { token: h.adminToken });
     expect(ok.status).toBe(200);
     const total = Number((await h.sql('SELECT count(*) FROM audit_log')).rows[0].count);
-    expect(ok.body).toEqual({ ok: true, rows: total });
+    const newest = (await h.sql('SELECT seq, encode(hash, $1) AS hash FROM audit_log ORDER BY seq DESC LIMIT 1', ['hex'])).rows[0];
+    expect(ok.body).toEqual({ ok: true, rows: total, head: { seq: Number(newest.seq), hash: newest.hash } });
     expect((await h.api('GET', '/v1/audit/verify', { token: agent.token })).status).toBe(403);
 
     const target = Number((await h.sql("SELECT seq FROM audit_log WHERE request_id = 'req-get'")).rows[0].seq);
@@ -194,5 +195,43 @@ describe('audit log', () => {
                  END $$`);
     const deleted = await h.api('GET', '/v1/audit/verify', { token: h.adminToken });
     expect(deleted.body.firstBroken).toEqual({ seq: after, reason: 'chain link broken: the row before it was removed, inserted or rewritten' });
+  });
+
+  it("a rewrite with recomputed hashes passes a plain verify, but not one against a head recorded earlier", async () => {
+    /** What the table's owner can do: triggers off, rows changed, every hash from `from` on recomputed. */
+    const rechain = (from: number) =>
+      h.sql(`DO $$ DECLARE r record; prev bytea := coalesce((SELECT hash FROM audit_log WHERE seq < ${from} ORDER BY seq DESC LIMIT 1), '\\x${'00'.repeat(32)}'::bytea);
+             BEGIN
+               SET LOCAL session_replication_role = replica;
+               FOR r IN SELECT seq FROM audit_log WHERE seq >= ${from} ORDER BY seq LOOP
+                 UPDATE audit_log a SET prev_hash = prev, hash = sha256(prev || audit_payload(a)) WHERE seq = r.seq RETURNING hash INTO prev;
+               END LOOP;
+             END $$`);
+    await rechain(0); // (the test before left a row removed)
+    await h.api('GET', '/v1/whoami', { token: agent.token });
+    const recorded = await h.api('GET', '/v1/audit/verify', { token: h.adminToken });
+    expect(recorded.body.ok).toBe(true);
+    const head = recorded.body.head as { seq: number; hash: string };
+    const against = (at: { seq: number; hash: string }) => h.api('GET', `/v1/audit/verify?head=${at.seq}:${at.hash}`, { token: h.adminToken });
+    expect((await against(head)).body).toMatchObject({ ok: true, head });
+
+    // An earlier row turned from denied to ok, and the chain recomputed: a plain verify cannot tell.
+    const target = Number((await h.sql("SELECT seq FROM audit_log WHERE request_id = 'req-get'")).rows[0].seq);
+    await h.sql(`DO $$ BEGIN SET LOCAL session_replication_role = replica; UPDATE audit_log SET actor = 'someone-else' WHERE seq = ${target}; END $$`);
+    await rechain(target);
+    expect((await h.api('GET', '/v1/audit/verify', { token: h.adminToken })).body.ok).toBe(true);
+    expect((await against(head)).body).toMatchObject({
+      ok: false,
+      firstBroken: { seq: head.seq, reason: 'not the recorded head: the log was rewritten up to here, its hashes recomputed' },
+    });
+
+    // Cut back past the recorded head: gone.
+    await h.sql(`DO $$ BEGIN SET LOCAL session_replication_role = replica; DELETE FROM audit_log WHERE seq >= ${head.seq}; END $$`);
+    expect((await h.api('GET', '/v1/audit/verify', { token: h.adminToken })).body.ok).toBe(true);
+    expect((await against(head)).body).toMatchObject({ ok: false, firstBroken: { seq: head.seq, reason: 'the recorded head is gone: the log was cut back past it' } });
+
+    const malformed = await h.api('GET', '/v1/audit/verify?head=12', { token: h.adminToken });
+    expect(malformed.status).toBe(400);
+    expect(malformed.body.errors).toEqual([{ path: 'head', message: 'must be <seq>:<hash>, as an earlier verify answered (head.seq and head.hash)' }]);
   });
 });

@@ -814,7 +814,13 @@ describe('mailgent CLI', () => {
     it('audit verify: exit 0 when intact, 1 naming the first broken row, 3 for an identity token', async () => {
       const ok = await mailgent(['audit', 'verify'], { env: admin() });
       expect(ok.code).toBe(0);
-      expect(ok.stdout).toMatch(/^audit chain intact: \d+ rows\n$/);
+      expect(ok.stdout).toMatch(/^audit chain intact: \d+ rows; head \d+:[0-9a-f]{64}\n$/);
+      // Against the head it printed: intact; against a head the log never had: broken there.
+      const printed = /head (\d+:[0-9a-f]{64})/.exec(ok.stdout)![1]!;
+      expect((await mailgent(['audit', 'verify', '--head', printed], { env: admin() })).code).toBe(0);
+      const other = await mailgent(['audit', 'verify', '--head', `${printed.split(':')[0]}:${'0'.repeat(64)}`], { env: admin() });
+      expect(other.code).toBe(1);
+      expect(other.stdout).toContain('not the recorded head: the log was rewritten up to here, its hashes recomputed');
 
       const target = Number((await h.sql(`SELECT min(seq) AS seq FROM audit_log WHERE action = 'vault.get'`)).rows[0].seq);
       const tamper = (outcome: string) =>
@@ -833,7 +839,7 @@ describe('mailgent CLI', () => {
       }
       const okJson = await mailgent(['audit', 'verify', '--json'], { env: admin() });
       expect(okJson.code).toBe(0);
-      expect(json(okJson)).toEqual({ ok: true, rows: expect.any(Number) });
+      expect(json(okJson)).toEqual({ ok: true, rows: expect.any(Number), head: { seq: expect.any(Number), hash: expect.stringMatching(/^[0-9a-f]{64}$/) } });
 
       const asIdentity = await mailgent(['audit', 'verify', '--json'], { env: { MAILGENT_ADMIN_TOKEN: alice.token } });
       expect(asIdentity.code).toBe(3);

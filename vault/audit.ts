@@ -206,16 +206,34 @@ export interface ChainReport {
   ok: boolean;
   rows: number;
   firstBroken?: { seq: number; reason: string };
+  /** The newest row verified (seq and hash, hex): kept outside the database, it lets a later verify (`expected`) tell a rewrite. */
+  head?: { seq: number; hash: string };
 }
 
 const GENESIS = Buffer.alloc(32);
 const BATCH = 5_000;
 
-/** Walks the whole chain in seq order, recomputing every hash; names the first row that fails. */
-export async function verifyAuditChain(pool: Pool): Promise<ChainReport> {
+/**
+ * Walks the whole chain in seq order, recomputing every hash; names the first row that fails. The
+ * chain is plain SHA-256: it shows an edit or a removal made without recomputing the hashes after
+ * it, not one made by a writer who recomputed them (the table's owner can disable its triggers).
+ * Against that, `expected` (a head an earlier verify answered, kept outside the database): the row
+ * at its seq must still be there with that hash, or the log was rewritten or cut back past it.
+ */
+export async function verifyAuditChain(pool: Pool, expected?: { seq: number; hash: string }): Promise<ChainReport> {
   let expectedPrev: Buffer = GENESIS;
   let after = 0;
   let rows = 0;
+  let head: ChainReport['head'];
+  let sawExpected = false;
+  const against = (report: ChainReport): ChainReport => {
+    if (!report.ok || !expected || sawExpected) return report;
+    const reason =
+      !head || head.seq < expected.seq
+        ? 'the recorded head is gone: the log was cut back past it'
+        : 'the recorded head is gone: its row was removed and the hashes after it recomputed';
+    return { ok: false, rows, firstBroken: { seq: expected.seq, reason }, ...(head ? { head } : {}) };
+  };
   for (;;) {
     const batch = await pool.query(
       `SELECT seq, prev_hash, hash, sha256(prev_hash || audit_payload(a)) AS computed
@@ -230,11 +248,18 @@ export async function verifyAuditChain(pool: Pool): Promise<ChainReport> {
       if (!r.hash.equals(r.computed)) {
         return { ok: false, rows, firstBroken: { seq, reason: 'hash mismatch: the row was edited after it was written' } };
       }
+      if (expected && seq === expected.seq) {
+        if (r.hash.toString('hex') !== expected.hash.toLowerCase()) {
+          return { ok: false, rows, firstBroken: { seq, reason: 'not the recorded head: the log was rewritten up to here, its hashes recomputed' } };
+        }
+        sawExpected = true;
+      }
       expectedPrev = r.hash;
       after = seq;
       rows += 1;
+      head = { seq, hash: r.hash.toString('hex') };
     }
-    if (batch.rows.length < BATCH) return { ok: true, rows };
+    if (batch.rows.length < BATCH) return against({ ok: true, rows, ...(head ? { head } : {}) });
   }
 }
 

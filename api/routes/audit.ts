@@ -4,7 +4,7 @@ import { appendAudit, listAudit, verifyAuditChain } from '../../vault/audit';
 import type { Vault } from '../../vault/vault';
 import { endpoint, type AuthDeps } from '../endpoint';
 import { auditList, chainReport } from '../responses';
-import { auditQuery } from '../schemas';
+import { auditQuery, chainQuery } from '../schemas';
 import { isUuid } from '../../core/ids';
 
 export function auditRoutes(auth: AuthDeps, deps: { pool: Pool; vault: Vault }): Router {
@@ -12,7 +12,11 @@ export function auditRoutes(auth: AuthDeps, deps: { pool: Pool; vault: Vault }):
 
   router.get(
     '/v1/audit/verify',
-    ...endpoint(auth, { who: 'admin', action: 'audit.verify', summary: 'Recompute the audit hash chain', responses: { 200: chainReport } }, async () => ({ body: await verifyAuditChain(deps.pool) })),
+    ...endpoint(
+      auth,
+      { who: 'admin', action: 'audit.verify', summary: 'Recompute the audit hash chain (against a head recorded earlier, with ?head=<seq>:<hash>)', query: chainQuery, responses: { 200: chainReport } },
+      async ({ query }) => ({ body: await verifyAuditChain(deps.pool, query.head) }),
+    ),
   );
 
   // An identity sees its own events (and every event on a credential of its own); the admin token sees everyone's.

@@ -34,7 +34,7 @@ export const leakResults = z.object({
 
 /** A broken chain names its first broken row: without it the answer cannot be told. */
 export const chainReport = z
-  .object({ ok: z.boolean(), rows: whole, firstBroken: z.object({ seq: whole, reason: z.string() }).optional() })
+  .object({ ok: z.boolean(), rows: whole, firstBroken: z.object({ seq: whole, reason: z.string() }).optional(), head: z.object({ seq: whole, hash: z.string() }).optional() })
   .refine((r) => r.ok || r.firstBroken !== undefined, { path: ['firstBroken'] });
 
 export const rotationStarted = z.object({ rotationId: uuid, batchWorkflowId: z.string(), workflowIds: z.array(z.string()) });

@@ -301,10 +301,13 @@ const leak: ClientCommand = {
   },
 };
 
-const auditUsage = `Usage: mailgent audit verify [--json]
+const auditUsage = `Usage: mailgent audit verify [--head SEQ:HASH] [--json]
 
 Recomputes the audit log's hash chain. Exit 0 when it is intact; exit 1 when a row was edited or
-removed (the first broken row is named). With --json: {ok, rows, firstBroken?: {seq, reason}}.
+removed (the first broken row is named). It prints the chain's head (its newest row's seq and
+hash): keep it outside the database, and check a later verify against it with --head, which also
+tells a rewrite whose hashes were recomputed, or a log cut back past it.
+With --json: {ok, rows, firstBroken?: {seq, reason}, head?: {seq, hash}}.
 
 ${ADMIN}`;
 
@@ -312,16 +315,16 @@ const audit: ClientCommand = {
   summary: 'audit verify               check the audit log hash chain (admin)',
   usage: auditUsage,
   async run(args) {
-    const { values, positionals: pos } = parse(args, { ...ADMIN_TOKEN_OPTION }, auditUsage);
+    const { values, positionals: pos } = parse(args, { ...ADMIN_TOKEN_OPTION, head: { type: 'string' } }, auditUsage);
     if (pos[0] !== 'verify') throw usageError(pos[0] ? `unknown subcommand '${pos[0]}'` : 'missing subcommand: verify', auditUsage);
     positionals(pos, ['subcommand'], auditUsage);
     const api = new Api(baseUrl(values.url), adminToken(values['admin-token']));
-    const report = await api.call('GET', '/v1/audit/verify', chainReport);
+    const report = await api.call('GET', `/v1/audit/verify${values.head === undefined ? '' : `?head=${encodeURIComponent(values.head)}`}`, chainReport);
     const out = new Out(values.json);
     out.result(report, () =>
       out.line(
         report.ok
-          ? `audit chain intact: ${report.rows} rows`
+          ? `audit chain intact: ${report.rows} rows${report.head ? `; head ${report.head.seq}:${report.head.hash}` : ''}`
           : `audit chain BROKEN at row ${report.firstBroken!.seq}: ${report.firstBroken!.reason} (${report.rows} rows intact before it)`,
       ),
     );
