@@ -845,8 +845,12 @@ describe('scheduled sweep', () => {
       dependents: [{ type: 'env-file', settings: { file: 'sa.env', key: 'SA_TOKEN' } }],
     });
     await store(agent.token, { name: 'sa-new', kind: 'service_account', value: secretValue(), owners: [owner] });
+    // Never read, but its value replaced every month (rotated, or stored again): a young value, an old account.
+    const rotated = await store(agent.token, { name: 'sa-rotated', kind: 'service_account', value: secretValue(), owners: [owner] });
     await store(agent.token, { name: 'not-an-account', kind: 'api_key', value: secretValue() });
     await age([orphan, readOne, withDependent], 40);
+    await age([rotated], 10);
+    await h.sql(`UPDATE credentials SET created_at = now() - interval '40 days' WHERE id = ANY($1::uuid[])`, [[orphan, readOne, withDependent, rotated]]);
 
     const inventory = async () => {
       const res = await h.api('GET', '/v1/service-accounts', { token: agent.token });
@@ -854,7 +858,8 @@ describe('scheduled sweep', () => {
       return Object.fromEntries((res.body.items as { name: string }[]).map((i) => [i.name, i])) as Record<string, any>;
     };
     const beforeRead = await inventory();
-    expect(Object.keys(beforeRead)).toEqual(['sa-dependent', 'sa-new', 'sa-orphan', 'sa-read']);
+    expect(Object.keys(beforeRead)).toEqual(['sa-dependent', 'sa-new', 'sa-orphan', 'sa-read', 'sa-rotated']);
+    expect(beforeRead['sa-rotated']).toMatchObject({ ageDays: 10, lastReadAt: null });
     expect(beforeRead['sa-orphan']).toMatchObject({ id: orphan, owners: [owner], service: 'billing', dependents: [], ageDays: 40, lastReadAt: null });
     expect(beforeRead['sa-dependent']).toMatchObject({ dependents: [{ type: 'env-file', settings: { file: 'sa.env', key: 'SA_TOKEN' } }], ageDays: 40 });
     expect(beforeRead['sa-read']).toMatchObject({ ageDays: 40, lastReadAt: null });
@@ -867,7 +872,8 @@ describe('scheduled sweep', () => {
     const orphans = await h.api('GET', '/v1/reports/orphans?days=30', { token: agent.token });
     expect(orphans.status).toBe(200);
     expect(orphans.body.days).toBe(30);
-    expect(orphans.body.items.map((i: { name: string }) => i.name)).toEqual(['sa-orphan']);
+    // Before, sa-rotated was not: its never-read age counted from its current value (10 days).
+    expect(orphans.body.items.map((i: { name: string }) => i.name)).toEqual(['sa-orphan', 'sa-rotated']);
     const stranger = await identity();
     expect((await h.api('GET', '/v1/service-accounts', { token: stranger.token })).body.items).toEqual([]);
     expect((await h.api('GET', '/v1/reports/orphans?days=30', { token: stranger.token })).body.items).toEqual([]);
@@ -876,8 +882,9 @@ describe('scheduled sweep', () => {
     expect(await finish('the orphan report', run.workflowId, run.firstExecutionRunId)).toEqual({ sent: 1 });
     const [report, ...more] = await mailTo(agentEmail);
     expect(more).toEqual([]);
-    expect(report!.mail.subject).toBe('[mailgent] 1 service account looks orphaned');
+    expect(report!.mail.subject).toBe('[mailgent] 2 service accounts look orphaned');
     expect(report!.mail.text).toContain('  - sa-orphan (age 40 days, last read never)');
+    expect(report!.mail.text).toContain('  - sa-rotated (age 10 days, last read never)');
     for (const name of ['sa-read', 'sa-dependent', 'sa-new', 'not-an-account']) expect(report!.mail.text).not.toContain(name);
     // The report is weekly: triggering again in the same week sends nothing new.
     const again = await trigger(schedule);
