@@ -1,6 +1,6 @@
 import { UnprocessableError } from '../core/errors';
 import { Context } from '@temporalio/activity';
-import { deliverOutboxMessage, startDelivery, UNWATCHED_DELIVERY, WATCHED_DELIVERY, type DeliveryOptions } from '../mail/outbox';
+import { deliverOutboxMessage, giveUpMail, startDelivery, UNWATCHED_DELIVERY, WATCHED_DELIVERY, type DeliveryOptions } from '../mail/outbox';
 import { withTransaction } from '../db/pool';
 import { appendAudit } from '../vault/audit';
 import { noticeAudit, queueNotice, sendNotice, type Notice } from '../mail/notify';
@@ -58,6 +58,11 @@ export function noticeActivities(deps: ActivityDeps) {
             : undefined;
         return { messageId, recipients: new Set(to).size, delivery, ...(currentVersion !== undefined ? { currentVersion } : {}) };
       }));
+    },
+
+    /** The deliverMail workflow gave up on the message: abandoned, and audited for its sender (mail/outbox.ts, giveUpMail). */
+    async giveUpMail(input: { messageId: string; error: string }): Promise<boolean> {
+      return giveUpMail(deps.pool, input.messageId, input.error);
     },
 
     /** The deliverMail workflow's result: 'sent', 'already-sent' …, naming any recipient the server refused. */
@@ -123,6 +128,8 @@ export function attemptDelivery(): DeliveryOptions {
 
 /** The outbox's record of a scheduled notice refused for carrying a stored value. */
 const REFUSED = 'refused: it would carry a stored value';
+/** The outbox's last_error of a scheduled notice refused for carrying a stored value (handOverNotice). */
+export const REFUSED_NOTICE = REFUSED;
 
 async function handOver(deps: ActivityDeps, notice: Notice, scanIdentities?: string[]): Promise<boolean> {
   if (!deps.temporal) return (await sendNotice(deps, notice, scanIdentities, attemptDelivery())) === 'sent';

@@ -1,7 +1,7 @@
 import { findOrphans, type ServiceAccountRow } from '../vault/service-accounts';
 import type { ActivityDeps } from './index';
 import { FAILED_RETRY_HOURS, windowOpen } from './batch';
-import { handOverNotice } from './notices';
+import { handOverNotice, REFUSED_NOTICE } from './notices';
 import { heartbeat, heartbeating, stableUuid } from './support';
 
 /** Expiry reminders for credentials rotated by hand (14, 3 and 1 days ahead), each sent once. */
@@ -117,8 +117,8 @@ export function policyActivities(deps: ActivityDeps) {
         // be told (no address to tell; the reminder refused for carrying a stored value; not delivered
         // since it was queued) get it from when that was tried: before, the security contacts were
         // never told of such a password, however overdue, where no one else could be.
-        const row: { status: string; sent_at: Date | null; created_at: Date } | undefined = (
-          await deps.pool.query('SELECT status, sent_at, created_at FROM mail_outbox WHERE id = $1', [reminderId])
+        const row: { status: string; sent_at: Date | null; created_at: Date; last_error: string | null } | undefined = (
+          await deps.pool.query('SELECT status, sent_at, created_at, last_error FROM mail_outbox WHERE id = $1', [reminderId])
         ).rows[0];
         const told = row?.sent_at ?? null;
         const since = told ?? row?.created_at ?? new Date(c.created_at.getTime() + c.max_age_days * DAY_MS);
@@ -128,9 +128,9 @@ export function policyActivities(deps: ActivityDeps) {
           ? `The owners were told ${sinceWhen}, and it is still unchanged.`
           : !row
             ? `The owners could not be told: the credential has no owners or notify addresses, and its identity no email (overdue since ${since.toISOString().slice(0, 10)}, ${sinceDays} days ago). It is still unchanged.`
-            : row.status === 'abandoned'
+            : row.status === 'abandoned' && row.last_error === REFUSED_NOTICE
               ? `The owners could not be told: their reminder was refused ${sinceWhen}, for carrying a stored value. It is still unchanged.`
-              : `The owners' reminder, queued ${sinceWhen}, has not been delivered. It is still unchanged.`;
+              : `The owners' reminder, queued ${sinceWhen}, has not been delivered${row.status === 'abandoned' ? ' (its delivery gave up)' : ''}. It is still unchanged.`;
         // (A reminder still queued is given a day, its delivery's retries, before it counts as undelivered.)
         if (sinceDays >= c.escalate_after_days && (told || row?.status !== 'queued' || sinceDays >= 1)) {
           const escalation = await handOverNotice(deps, {

@@ -206,6 +206,32 @@ export async function abandonMail(db: Db, id: string, reason: string): Promise<v
 }
 
 /**
+ * A message its delivery gave up on (a day of retries, every recipient refused or the server away):
+ * marked abandoned, and the sender's audit log says so (`mail.undelivered`, with the last error), in
+ * one transaction. Before, it stayed `queued` for good and the only row was mail.send's `ok`. A
+ * message sent meanwhile is left as it is. Whether this call marked it.
+ */
+export async function giveUpMail(pool: Pool, id: string, error: string): Promise<boolean> {
+  return withTransaction(pool, async (tx) => {
+    const { rows } = await tx.query(
+      `UPDATE mail_outbox SET status = 'abandoned', last_error = coalesce(last_error, $2) WHERE id = $1 AND status = 'queued'
+       RETURNING identity_id, purpose, attempts, last_error`,
+      [id, `undelivered: ${error}`.slice(0, 500)],
+    );
+    const row = rows[0];
+    if (!row) return false;
+    await appendAudit(tx, {
+      identityId: row.identity_id,
+      actor: 'mail:delivery',
+      action: 'mail.undelivered',
+      outcome: 'failed',
+      detail: { messageId: id, purpose: row.purpose, attempts: row.attempts, error: row.last_error },
+    });
+    return true;
+  });
+}
+
+/**
  * Starts the delivery workflow of a queued message (deliverMail, mail:<id>) unless it is running
  * already; what the message's status is otherwise.
  */

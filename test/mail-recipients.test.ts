@@ -1,6 +1,9 @@
 import { randomUUID } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import { SMTPServer } from 'smtp-server';
+import { ApplicationFailure } from '@temporalio/common';
+import { WorkflowFailedError } from '@temporalio/client';
+import type { ActivityInterceptorsFactory } from '@temporalio/worker';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createActivities } from '../activities';
 import { handOverNotice } from '../activities/notices';
@@ -70,9 +73,25 @@ describe('mail with a recipient the SMTP server refuses', () => {
     };
   const deliveriesOf = (id: string) => smtp.received.filter((m) => m.messageId === `<${id}@mailgent>`);
 
+  /** Messages whose delivery has, as far as the worker is told, spent its day of retries: the next attempt fails for good. */
+  const spent = new Set<string>();
+  const activityInterceptors: ActivityInterceptorsFactory[] = [
+    (ctx) => ({
+      inbound: {
+        async execute(input, next) {
+          const messageId = (input.args[0] as { messageId?: string } | undefined)?.messageId;
+          if (ctx.info.activityType === 'deliverMail' && messageId && spent.has(messageId)) {
+            throw ApplicationFailure.nonRetryable('its day of retries is spent (the test says so)', 'RetriesSpent');
+          }
+          return next(input);
+        },
+      },
+    }),
+  ];
+
   beforeAll(async () => {
     smtp = await startPickyServer();
-    h = await startHarness({ worker: true, smtpUrl: smtp.url });
+    h = await startHarness({ worker: true, smtpUrl: smtp.url, activityInterceptors });
     agent = await h.createIdentity();
     await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'api', kind: 'api_key', value: h.secret(`sk_${randomUUID()}`) } });
   });
@@ -303,5 +322,24 @@ describe('mail with a recipient the SMTP server refuses', () => {
     } finally {
       await h.client.workflow.getHandle(`mail:${id}`).terminate('test over: every recipient is refused');
     }
+  });
+
+  it('a message its delivery gives up on is marked abandoned, and its sender is told in the audit log', async () => {
+    const typo = unique('typo');
+    const res = await h.api('POST', '/v1/mail.send', { token: agent.token, body: { to: [typo], subject: 'Still nobody home', text: 'hello?' } });
+    expect(res.status).toBe(202);
+    const id = res.body.messageId as string;
+    await waitFor('a first delivery attempt', () => outboxRow(id), (r) => r.attempts >= 1, { timeoutMs: 20_000 });
+    spent.add(id);
+    await expect(h.client.workflow.getHandle(`mail:${id}`).result()).rejects.toBeInstanceOf(WorkflowFailedError);
+    // Before, it stayed queued for good, and the sender's only row was mail.send's ok.
+    const row = await outboxRow(id);
+    expect(row.status).toBe('abandoned');
+    expect(row.last_error).toMatch(/every recipient/);
+    const audited = await h.sql("SELECT identity_id, outcome, detail FROM audit_log WHERE action = 'mail.undelivered' AND detail->>'messageId' = $1", [id]);
+    expect(audited.rows).toEqual([
+      { identity_id: agent.id, outcome: 'failed', detail: { messageId: id, purpose: 'mail.send', attempts: row.attempts, error: row.last_error } },
+    ]);
+    expect(deliveriesOf(id)).toEqual([]);
   });
 });

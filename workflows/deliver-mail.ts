@@ -1,10 +1,24 @@
-import { proxyActivities } from '@temporalio/workflow';
+import { ActivityFailure, ApplicationFailure, proxyActivities } from '@temporalio/workflow';
 import type { createActivities } from '../activities';
-import { noticeDelivery } from './options';
+import { databaseStep, noticeDelivery } from './options';
 
 const { deliverMail: deliver } = proxyActivities<ReturnType<typeof createActivities>>(noticeDelivery);
+const { giveUpMail } = proxyActivities<ReturnType<typeof createActivities>>(databaseStep);
 
-/** Delivers one queued outbox message (by id), retrying through SMTP outages. */
+/**
+ * Delivers one queued outbox message (by id), retrying through SMTP outages. Once its day of retries
+ * is spent, the message is marked abandoned and its sender's audit log says it was not delivered
+ * (before, it stayed queued for good, and only mail.send's `ok` row told of it); the run fails with
+ * the last error. (No patch: a run whose delivery failed before this ended then and there, so no
+ * open history has gone past that failure.)
+ */
 export async function deliverMail(input: { messageId: string }): Promise<string> {
-  return deliver(input);
+  try {
+    return await deliver(input);
+  } catch (err) {
+    if (!(err instanceof ActivityFailure)) throw err;
+    const cause = err.cause instanceof ApplicationFailure || err.cause instanceof Error ? err.cause.message : String(err.cause ?? err.message);
+    await giveUpMail({ messageId: input.messageId, error: cause });
+    throw err;
+  }
 }
