@@ -209,17 +209,24 @@ export async function abandonMail(db: Db, id: string, reason: string): Promise<v
  * A message its delivery gave up on (a day of retries, every recipient refused or the server away):
  * marked abandoned, and the sender's audit log says so (`mail.undelivered`, with the last error), in
  * one transaction. Before, it stayed `queued` for good and the only row was mail.send's `ok`. A
- * message sent meanwhile is left as it is. Whether this call marked it.
+ * message sent meanwhile is left as it is; one an attempt still holds (its claim live: the day ran
+ * out while it talked to a slow relay, and it may yet be sent) is waited for, by failing (retried).
+ * Whether this call marked it.
  */
 export async function giveUpMail(pool: Pool, id: string, error: string): Promise<boolean> {
   return withTransaction(pool, async (tx) => {
     const { rows } = await tx.query(
-      `UPDATE mail_outbox SET status = 'abandoned', last_error = coalesce(last_error, $2) WHERE id = $1 AND status = 'queued'
+      `UPDATE mail_outbox SET status = 'abandoned', last_error = coalesce(last_error, $2)
+        WHERE id = $1 AND status = 'queued' AND (lease_until IS NULL OR lease_until <= now())
        RETURNING identity_id, purpose, attempts, last_error`,
       [id, `undelivered: ${error}`.slice(0, 500)],
     );
     const row = rows[0];
-    if (!row) return false;
+    if (!row) {
+      const held = await tx.query(`SELECT 1 FROM mail_outbox WHERE id = $1 AND status = 'queued'`, [id]);
+      if (held.rowCount) throw new Error(`message ${id} is still held by a delivery attempt; it is given up once that attempt ends`);
+      return false;
+    }
     await appendAudit(tx, {
       identityId: row.identity_id,
       actor: 'mail:delivery',

@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createActivities } from '../activities';
 import { handOverNotice } from '../activities/notices';
 import { queueNotice, sendNotice } from '../mail/notify';
-import { deliverOutboxMessage, deliverQueued, UNWATCHED_DELIVERY } from '../mail/outbox';
+import { deliverOutboxMessage, deliverQueued, giveUpMail, UNWATCHED_DELIVERY } from '../mail/outbox';
 import type { Mailer } from '../mail/mailer';
 import { createPool } from '../db/pool';
 import { expectCleanRun } from './support/leaks';
@@ -341,5 +341,31 @@ describe('mail with a recipient the SMTP server refuses', () => {
       { identity_id: agent.id, outcome: 'failed', detail: { messageId: id, purpose: 'mail.send', attempts: row.attempts, error: row.last_error } },
     ]);
     expect(deliveriesOf(id)).toEqual([]);
+  });
+
+  it('a message an attempt still holds is not given up until that attempt lets go: it may yet be sent', async () => {
+    const id = randomUUID();
+    await h.sql(
+      `INSERT INTO mail_outbox (id, identity_id, purpose, recipients, subject, text_body, attempts, lease_until)
+       VALUES ($1, $2, 'mail.send', $3, 'held', 'held', 3, now() + interval '1 minute')`,
+      [id, agent.id, [unique('held')]],
+    );
+    // Before, it was marked abandoned (and mail.undelivered written) under the attempt still talking to the server.
+    await expect(giveUpMail(h.deps.pool, id, 'timed out')).rejects.toThrow(/still held by a delivery attempt/);
+    expect((await outboxRow(id)).status).toBe('queued');
+    expect((await h.sql("SELECT count(*)::int AS n FROM audit_log WHERE action = 'mail.undelivered' AND detail->>'messageId' = $1", [id])).rows[0].n).toBe(0);
+    // The attempt sent it: nothing to give up.
+    await h.sql(`UPDATE mail_outbox SET status = 'sent', sent_at = now(), lease_until = NULL WHERE id = $1`, [id]);
+    expect(await giveUpMail(h.deps.pool, id, 'timed out')).toBe(false);
+    expect((await outboxRow(id)).status).toBe('sent');
+    // One whose claim lapsed (a dead attempt) is given up.
+    const lapsed = randomUUID();
+    await h.sql(
+      `INSERT INTO mail_outbox (id, identity_id, purpose, recipients, subject, text_body, attempts, lease_until)
+       VALUES ($1, $2, 'mail.send', $3, 'lapsed', 'lapsed', 3, now() - interval '1 second')`,
+      [lapsed, agent.id, [unique('lapsed')]],
+    );
+    expect(await giveUpMail(h.deps.pool, lapsed, 'timed out')).toBe(true);
+    expect(await outboxRow(lapsed)).toMatchObject({ status: 'abandoned', last_error: 'undelivered: timed out' });
   });
 });

@@ -1,9 +1,10 @@
 import { ActivityFailure, ApplicationFailure, proxyActivities } from '@temporalio/workflow';
 import type { createActivities } from '../activities';
-import { databaseStep, noticeDelivery } from './options';
+import { noticeDelivery, rotationDatabaseStep } from './options';
 
 const { deliverMail: deliver } = proxyActivities<ReturnType<typeof createActivities>>(noticeDelivery);
-const { giveUpMail } = proxyActivities<ReturnType<typeof createActivities>>(databaseStep);
+// Retried until the database answers (and an attempt still holding the message lets go of it).
+const { giveUpMail } = proxyActivities<ReturnType<typeof createActivities>>(rotationDatabaseStep);
 
 /**
  * Delivers one queued outbox message (by id), retrying through SMTP outages. Once its day of retries
