@@ -144,11 +144,19 @@ describe('mail.send', () => {
       expect(refused.text).not.toContain(value);
     }
     expect(Number((await h.sql('SELECT count(*) FROM mail_outbox')).rows[0].count)).toBe(queued);
-    // Granted again beside the revoked grant: each value is read once, however many grants led to it.
+    // A version stored after the grant was revoked was never the grantee's to read: not scanned for it
+    // (a refusal would tell it that a guess was right).
+    const later = h.secret(`sk_later_${randomUUID()}`);
+    expect((await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name: 'revoked-key', kind: 'api_key', value: later } })).status).toBe(201);
+    const readable = async () => {
+      const values: string[] = [];
+      for await (const page of h.services.vault.readableValues(grantee.id)) values.push(...page.map((p) => p.value));
+      return values.sort();
+    };
+    expect(await readable()).toEqual([revokedValue, deletedValue].sort());
+    // Granted again beside the revoked grant: every version is readable again, each read once, however many grants led to it.
     expect((await h.api('POST', '/v1/grants', { token: owner.token, body: { credential: 'revoked-key', grantee: grantee.id } })).status).toBe(201);
-    const readable: string[] = [];
-    for await (const page of h.services.vault.readableValues(grantee.id)) readable.push(...page.map((p) => p.value));
-    expect(readable.sort()).toEqual([revokedValue, deletedValue].sort());
+    expect(await readable()).toEqual([revokedValue, deletedValue, later].sort());
     await new Promise((r) => setTimeout(r, 500));
     expect((await readMailbox()).filter((m) => recipients(m.mail).includes(to))).toHaveLength(0);
   });

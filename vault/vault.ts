@@ -289,8 +289,9 @@ export class Vault {
 
   /**
    * Every value the identity may read or once could: its own (storedValues) and those of the
-   * credentials other identities have granted it, in any version, whether the grant is still active
-   * or was revoked since (directly, or by the credential's deletion). What mail.send must refuse: a
+   * credentials other identities have granted it, in any version stored before its last grant ended
+   * (every version while one is active), whether the grant is still active or was revoked since
+   * (directly, or by the credential's deletion). What mail.send must refuse: a
    * grantee that read a granted value could otherwise mail it on, and a revoked grant does not make
    * it forget the value, which may still work at its provider. Each version once, however many
    * grants led to it. Not audited either.
@@ -298,12 +299,15 @@ export class Vault {
   async *readableValues(identityId: string, pageSize = STORED_VALUES_PAGE): AsyncGenerator<{ name: string; value: string }[]> {
     yield* this.storedValues(identityId, undefined, pageSize);
     yield* this.valuePages(
-      // The grantee's credentials first (grants_grantee_all), each once: a page is then read from
-      // those credentials' versions, not found by walking every version in the vault.
-      `WITH granted AS MATERIALIZED (SELECT DISTINCT credential_id FROM grants WHERE grantee_id = $1)
+      // The grantee's credentials first (grants_grantee_all), each once with the end of its last
+      // grant (none while one is active): a page is then read from those credentials' versions, not
+      // found by walking every version in the vault. A version stored after the last grant ended was
+      // never the grantee's to read, and is left out: a refusal would tell it a guess was right.
+      `WITH granted AS MATERIALIZED (
+         SELECT credential_id, max(coalesce(revoked_at, 'infinity'::timestamptz)) AS until FROM grants WHERE grantee_id = $1 GROUP BY credential_id)
        SELECT c.id, c.name, c.identity_id AS owner_id, v.version, v.data_key_id, v.sealed
          FROM granted g JOIN credentials c ON c.id = g.credential_id JOIN secret_versions v ON v.credential_id = c.id
-        WHERE c.identity_id <> $1`,
+        WHERE c.identity_id <> $1 AND v.created_at <= g.until`,
       [identityId],
       pageSize,
     );
