@@ -16,7 +16,9 @@ export interface PoolLogger {
  * statement, and whatever waits on it, forever. The connection is then closed (pool.query does so;
  * withTransaction too, its ROLLBACK failing behind the statement), and a server still answering
  * cancels the statement itself a second sooner (statement_timeout), so its transaction rolls back.
- * Unset: no limit (the worker's and the bench's long statements, bulk loads and sweeps, are theirs to bound).
+ * Unset: no limit (rekey's and the bench's own pools). The services' pool, the API's and the worker's,
+ * has one (core/services.ts, SERVICES_QUERY_TIMEOUT_MS): their statements are each short, a sweep's
+ * in pages.
  */
 export function createPool(connectionString: string, max = 10, logger?: PoolLogger, opts: { queryTimeoutMs?: number } = {}): pg.Pool {
   const timeouts = opts.queryTimeoutMs ? { query_timeout: opts.queryTimeoutMs, statement_timeout: Math.max(opts.queryTimeoutMs - 1_000, 1) } : {};

@@ -76,6 +76,8 @@ interface Undo {
  */
 export async function rotateCredential(input: RotateCredentialInput): Promise<RotationProgress> {
   const ids = { rotationId: input.rotationId, identityId: input.identityId, credentialId: input.credentialId, workflowId: workflowInfo().workflowId };
+  /** The grace notice, sent beside the grace period (GRACE_BESIDE_NOTICE): waited for before any notice after it, and the run's end. */
+  let graceNotice: Promise<unknown> | undefined;
   const progress: RotationProgress = {
     state: 'running',
     mode: input.mode ?? 'requested',
@@ -384,7 +386,6 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   // the notice, which goes on beside the grace period (a leak or a rollback is not held up by an
   // SMTP outage) and is waited for before the next notice or the run's end.
   let graceOver: Promise<void> | undefined;
-  let graceNotice: Promise<unknown> | undefined;
   if (patched(GRACE_BESIDE_NOTICE)) {
     graceOver = CancellationScope.nonCancellable(() => sleep(plan.graceSeconds * 1000));
     graceNotice = CancellationScope.nonCancellable(() => tell('rotated', { graceEndsAt: progress.graceEndsAt }));
@@ -490,6 +491,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     } catch (err) {
       // The new value is live and stays so; the owners must revoke the old one by hand.
       progress.error = failureMessage(err);
+      await graceNotice;
       await CancellationScope.nonCancellable(() => tell('revoke_failed', { error: progress.error }, false));
     }
   }
