@@ -412,8 +412,12 @@ export function batchActivities(deps: ActivityDeps) {
       };
     },
 
-    /** Soft-deleted credentials past their retention are destroyed (their ciphertexts deleted). */
+    /**
+     * Soft-deleted credentials past their retention are destroyed (their ciphertexts deleted); and
+     * rotation plans past any run's use are dropped (ROTATION_PLAN_DAYS).
+     */
     async purgeDeleted(input: { asOf: string; retentionDays: number }): Promise<{ destroyed: number }> {
+      await deps.pool.query(`DELETE FROM rotation_plans WHERE planned_at < $1::timestamptz - make_interval(days => ${ROTATION_PLAN_DAYS})`, [input.asOf]);
       // One cutoff for the list and the check under the lock (days of 24 hours: the session's time
       // zone and its daylight-saving days do not move it between the two).
       const cutoff = new Date(Date.parse(input.asOf) - input.retentionDays * 86_400_000);
@@ -436,6 +440,13 @@ export function batchActivities(deps: ActivityDeps) {
     },
   };
 }
+
+/**
+ * How long a rotation's plan (rotation_plans: the policy and dependents it works with) is kept: past
+ * the longest a run can use it (a grace period of 30 days at most, an hour of revoke retries, a day
+ * of notice retries), with room. A run still going after that (stuck) reads the credential's policy.
+ */
+export const ROTATION_PLAN_DAYS = 45;
 
 async function summarise(deps: ActivityDeps, rotationId: string): Promise<RunSummary[]> {
   const { rows } = await deps.pool.query(

@@ -911,8 +911,16 @@ describe('scheduled sweep', () => {
     const recent = await store(agent.token, { name: 'recently-deleted', kind: 'api_key', value: secretValue() });
     expect((await h.api('DELETE', '/v1/credentials/recently-deleted', { token: agent.token })).status).toBe(200);
     await h.sql("UPDATE credentials SET deleted_at = now() - interval '29 days' WHERE id = $1", [recent]);
+    // Rotation plans: one older than any run can use (ROTATION_PLAN_DAYS), one a run may still use.
+    const plans = [`rotate:${recent}:old-plan`, `rotate:${recent}:young-plan`];
+    await h.sql(
+      `INSERT INTO rotation_plans (workflow_id, rotation_id, credential_id, rotation, dependents, planned_at)
+       VALUES ($1, 'r', $3, NULL, '[]', now() - interval '46 days'), ($2, 'r', $3, NULL, '[]', now() - interval '44 days')`,
+      [...plans, recent],
+    );
 
     await sweep();
+    expect((await h.sql('SELECT workflow_id FROM rotation_plans WHERE workflow_id = ANY($1)', [plans])).rows).toEqual([{ workflow_id: plans[1] }]);
     const after = await rows([id, recent]);
     expect(after.get('retired')!.destroyed_at).toBeInstanceOf(Date);
     expect(after.get('recently-deleted')!.destroyed_at).toBeNull();
