@@ -1,7 +1,7 @@
 import { InternalWorkflowStartOptionsSymbol, type InternalWorkflowStartOptions } from '@temporalio/client/lib/internal';
 import { NotFoundError } from '../core/errors';
 import { batchRunOf, latestRunOf } from '../core/run-chain';
-import { RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
+import { recordBatchRun, RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
 import { handOverNotice } from './notices';
 import type { RotationWindow } from '../vault/types';
 import type { rotateCredential } from '../workflows/rotate-credential';
@@ -109,15 +109,6 @@ export function batchActivities(deps: ActivityDeps) {
     // Found, it is recorded as it is, not started again: a start sent again carries the same request
     // id, which Temporal answers with that run only while it is the workflow's newest; behind a newer
     // run (a leak's, another batch's, begun after it ended) the start would make a run of its own.
-    const record = async (credentialId: string, runId: string) => {
-      const { rows: marked } = await deps.pool.query(
-        `UPDATE rotation_runs r SET run_id = $3 FROM rotations ro
-          WHERE r.rotation_id = $1 AND r.credential_id = $2 AND ro.id = r.rotation_id
-          RETURNING ro.cancelled_at IS NOT NULL AS cancelled`,
-        [rotationId, credentialId, runId],
-      );
-      return marked[0]?.cancelled === true;
-    };
     let started = 0;
     const taken = new Set<string>();
     for (const row of rows.filter((r) => r.start_sent)) {
@@ -125,7 +116,7 @@ export function batchActivities(deps: ActivityDeps) {
       const runId = await batchRunOf(client, `rotate:${row.credential_id}`, rotationId);
       if (runId !== undefined) {
         // Cancelled meanwhile: the run is cancelled here, as a started one is below (it may have continued as new).
-        if (await record(row.credential_id, runId)) {
+        if ((await recordBatchRun(deps.pool, rotationId, row.credential_id, runId)).cancelled) {
           const { handle, status } = await latestRunOf(client, `rotate:${row.credential_id}`, runId);
           if (status === 'RUNNING') await handle.cancel();
         }
@@ -192,7 +183,9 @@ export function batchActivities(deps: ActivityDeps) {
         memo: { rotationId },
         ...startRequest(rotationId, row.credential_id),
       });
-      if (await record(row.credential_id, handle.firstExecutionRunId)) await client.workflow.getHandle(handle.workflowId, handle.firstExecutionRunId).cancel();
+      if ((await recordBatchRun(deps.pool, rotationId, row.credential_id, handle.firstExecutionRunId)).cancelled) {
+        await client.workflow.getHandle(handle.workflowId, handle.firstExecutionRunId).cancel();
+      }
       started += 1;
     }
     return { started };
@@ -281,12 +274,7 @@ export function batchActivities(deps: ActivityDeps) {
           heartbeat();
           const runId = await batchRunOf(client, r.workflow_id, input.rotationId);
           if (runId === undefined) continue;
-          const { rowCount } = await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [
-            input.rotationId,
-            r.credential_id,
-            runId,
-          ]);
-          if (rowCount) adopted.push({ workflow_id: r.workflow_id, run_id: runId });
+          if ((await recordBatchRun(deps.pool, input.rotationId, r.credential_id, runId)).recorded) adopted.push({ workflow_id: r.workflow_id, run_id: runId });
         }
         return adopted;
       };

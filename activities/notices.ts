@@ -101,7 +101,7 @@ export async function handOverNotice(deps: ActivityDeps, notice: Notice, scanIde
       const { rowCount } = await tx.query(
         `INSERT INTO mail_outbox (id, identity_id, purpose, recipients, subject, text_body, status, last_error)
          VALUES ($1, $2, $3, '{}', '(refused)', '(refused)', 'abandoned', $4) ON CONFLICT (id) DO NOTHING`,
-        [notice.id, notice.identityId, notice.purpose, REFUSED],
+        [notice.id, notice.identityId, notice.purpose, REFUSED_NOTICE],
       );
       if (rowCount) await appendAudit(tx, noticeAudit(notice, 'rejected', { error: 'secret-in-message' }));
     });
@@ -126,10 +126,8 @@ export function attemptDelivery(): DeliveryOptions {
   return ctx.info.heartbeatTimeoutMs ? { ...WATCHED_DELIVERY, signal: ctx.cancellationSignal } : UNWATCHED_DELIVERY;
 }
 
-/** The outbox's record of a scheduled notice refused for carrying a stored value. */
-const REFUSED = 'refused: it would carry a stored value';
-/** The outbox's last_error of a scheduled notice refused for carrying a stored value (handOverNotice). */
-export const REFUSED_NOTICE = REFUSED;
+/** The outbox's record (last_error) of a scheduled notice refused for carrying a stored value. */
+export const REFUSED_NOTICE = 'refused: it would carry a stored value';
 
 async function handOver(deps: ActivityDeps, notice: Notice, scanIdentities?: string[]): Promise<boolean> {
   if (!deps.temporal) return (await sendNotice(deps, notice, scanIdentities, attemptDelivery())) === 'sent';

@@ -4,6 +4,25 @@ import { FAILED_RETRY_HOURS, windowOpen } from './batch';
 import { handOverNotice, REFUSED_NOTICE } from './notices';
 import { heartbeat, heartbeating, stableUuid } from './support';
 
+/** The outbox row of an overdue password's reminder to its owners. */
+interface ReminderRow {
+  status: string;
+  sent_at: Date | null;
+  created_at: Date;
+  last_error: string | null;
+}
+
+/** Why the security contacts hear of an overdue password: what became of the owners' reminder (`row`, none if it had no one to go to), since when. */
+function escalationReason(row: ReminderRow | undefined, since: Date, sinceDays: number): string {
+  const day = since.toISOString().slice(0, 10);
+  if (row?.sent_at) return `The owners were told on ${day}, ${sinceDays} days ago, and it is still unchanged.`;
+  if (!row) return `The owners could not be told: the credential has no owners or notify addresses, and its identity no email (overdue since ${day}, ${sinceDays} days ago). It is still unchanged.`;
+  if (row.status === 'abandoned' && row.last_error === REFUSED_NOTICE) {
+    return `The owners could not be told: their reminder was refused on ${day}, ${sinceDays} days ago, for carrying a stored value. It is still unchanged.`;
+  }
+  return `The owners' reminder, queued on ${day}, ${sinceDays} days ago, has not been delivered${row.status === 'abandoned' ? ' (its delivery gave up)' : ''}. It is still unchanged.`;
+}
+
 /** Expiry reminders for credentials rotated by hand (14, 3 and 1 days ahead), each sent once. */
 export const REMINDER_DAYS = [14, 3, 1];
 const DAY_MS = 86_400_000;
@@ -117,29 +136,18 @@ export function policyActivities(deps: ActivityDeps) {
         // be told (no address to tell; the reminder refused for carrying a stored value; not delivered
         // since it was queued) get it from when that was tried: before, the security contacts were
         // never told of such a password, however overdue, where no one else could be.
-        const row: { status: string; sent_at: Date | null; created_at: Date; last_error: string | null } | undefined = (
-          await deps.pool.query('SELECT status, sent_at, created_at, last_error FROM mail_outbox WHERE id = $1', [reminderId])
-        ).rows[0];
-        const told = row?.sent_at ?? null;
-        const since = told ?? row?.created_at ?? new Date(c.created_at.getTime() + c.max_age_days * DAY_MS);
+        const row: ReminderRow | undefined = (await deps.pool.query('SELECT status, sent_at, created_at, last_error FROM mail_outbox WHERE id = $1', [reminderId])).rows[0];
+        const since = row?.sent_at ?? row?.created_at ?? new Date(c.created_at.getTime() + c.max_age_days * DAY_MS);
         const sinceDays = Math.floor((asOf.getTime() - since.getTime()) / DAY_MS);
-        const sinceWhen = `on ${since.toISOString().slice(0, 10)}, ${sinceDays} days ago`;
-        const why = told
-          ? `The owners were told ${sinceWhen}, and it is still unchanged.`
-          : !row
-            ? `The owners could not be told: the credential has no owners or notify addresses, and its identity no email (overdue since ${since.toISOString().slice(0, 10)}, ${sinceDays} days ago). It is still unchanged.`
-            : row.status === 'abandoned' && row.last_error === REFUSED_NOTICE
-              ? `The owners could not be told: their reminder was refused ${sinceWhen}, for carrying a stored value. It is still unchanged.`
-              : `The owners' reminder, queued ${sinceWhen}, has not been delivered${row.status === 'abandoned' ? ' (its delivery gave up)' : ''}. It is still unchanged.`;
         // (A reminder still queued is given a day, its delivery's retries, before it counts as undelivered.)
-        if (sinceDays >= c.escalate_after_days && (told || row?.status !== 'queued' || sinceDays >= 1)) {
+        if (sinceDays >= c.escalate_after_days && (row?.sent_at || row?.status !== 'queued' || sinceDays >= 1)) {
           const escalation = await handOverNotice(deps, {
             ...base,
             id: stableUuid(`password-policy:${c.id}:${c.current_version}:escalation`),
             purpose: 'password.escalation',
             to: [...(deps.securityNotify ?? []), ...(c.email ? [c.email] : []), ...c.owners],
             subject: `[mailgent] ESCALATION: password ${c.name} is ${overdueDays} days overdue`,
-            text: text([why]),
+            text: text([escalationReason(row, since, sinceDays)]),
           });
           if (escalation) escalated += 1;
         }

@@ -2,7 +2,8 @@ import type { Dependent } from '../dependents/types';
 import { UnprocessableError } from '../core/errors';
 import { DEFAULT_POLICY, type Provider } from '../providers';
 import type { SecretReader } from '../providers/types';
-import type { CredentialMeta } from '../vault/types';
+import type { PlannedPolicy } from '../vault/rotation-vault';
+import type { CredentialMeta, DependentSpec } from '../vault/types';
 import type { RotationIds, RotationOutcome, RotationPlan } from '../workflows/types';
 import { startDelivery } from '../mail/outbox';
 import type { ActivityDeps } from './index';
@@ -23,16 +24,20 @@ export function rotationActivities(deps: ActivityDeps) {
     read: async (name) => (await deps.vault.get(caller(ids), { name })).value,
   });
 
-  /** `deleted`: a step that goes on for a deleted credential (a revoke: its old value must stop working all the same). */
   /**
    * The policy and dependents the run planned with (rotation_plans), not the credential's now: a
    * change made mid-rotation applies from the next one. A run planned before they were kept reads the credential's.
    */
-  const planned = async (ids: RotationIds, meta: CredentialMeta) => (await deps.rotations.plannedPolicy(ids)) ?? { policy: meta.policy, dependents: meta.dependents };
-  const load = async (ids: RotationIds, opts: { deleted?: boolean } = {}) => {
+  const planned = async (ids: RotationIds, meta: CredentialMeta): Promise<PlannedPolicy> =>
+    (await deps.rotations.plannedPolicy(ids)) ?? { policy: meta.policy, dependents: meta.dependents };
+  /**
+   * `deleted`: a step that goes on for a deleted credential (a revoke: its old value must stop
+   * working all the same). `plan`: the run's plan when the caller has it already (planRotation).
+   */
+  const load = async (ids: RotationIds, opts: { deleted?: boolean; plan?: PlannedPolicy } = {}) => {
     const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
     if (meta.deletedAt && !opts.deleted) throw new UnprocessableError(`credential '${meta.name}' is deleted; it is not rotated`);
-    const { policy: plannedPolicy, dependents } = await planned(ids, meta);
+    const { policy: plannedPolicy, dependents } = opts.plan ?? (await planned(ids, meta));
     const policy = plannedPolicy ?? DEFAULT_POLICY;
     const provider = deps.providers[policy.provider];
     if (!provider) throw new UnprocessableError(`rotation provider '${policy.provider}' is not installed on this worker`);
@@ -46,9 +51,10 @@ export function rotationActivities(deps: ActivityDeps) {
     credentialName: meta.name,
     secrets: reader(ids),
   });
-  const dependentContext = async (ids: RotationIds, index: number) => {
-    const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
-    const spec = (await planned(ids, meta)).dependents[index];
+  /** `known`: the credential and the run's dependents, when the caller has read them already. */
+  const dependentContext = async (ids: RotationIds, index: number, known?: { meta: CredentialMeta; dependents: DependentSpec[] }) => {
+    const meta = known?.meta ?? (await deps.vault.describe(ids.identityId, ids.credentialId));
+    const spec = (known?.dependents ?? (await planned(ids, meta)).dependents)[index];
     const dependent: Dependent<any> | undefined = spec && deps.dependents[spec.type];
     if (!spec || !dependent) throw new UnprocessableError(`dependent ${index} of '${meta.name}' is not configured on this worker`);
     return {
@@ -68,8 +74,7 @@ export function rotationActivities(deps: ActivityDeps) {
   return {
     async planRotation(ids: RotationIds): Promise<RotationPlan> {
       return permanentErrorsFail(async () => {
-        await deps.rotations.planPolicy(ids);
-        const { meta, policy, provider, dependents } = await load(ids);
+        const { meta, policy, provider, dependents } = await load(ids, { plan: await deps.rotations.planPolicy(ids) });
         if (meta.kind === 'totp_seed' && provider.name === 'generated') {
           throw new UnprocessableError(`credential '${meta.name}' is a totp_seed; a generated value would not be a TOTP seed`);
         }
@@ -191,9 +196,10 @@ export function rotationActivities(deps: ActivityDeps) {
     async dependentsPromoted(ids: RotationIds & { version: number }): Promise<void> {
       return externalStep(async () => {
         const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
-        for (const [index, spec] of (await planned(ids, meta)).dependents.entries()) {
+        const { dependents } = await planned(ids, meta);
+        for (const [index, spec] of dependents.entries()) {
           if (!deps.dependents[spec.type]?.promoted) continue;
-          const { dependent, ctx } = await dependentContext(ids, index);
+          const { dependent, ctx } = await dependentContext(ids, index, { meta, dependents });
           const target = await read(ids, ids.version, `dependent.${index}.promoted`);
           await heartbeating(() => dependent.promoted!({ ...ctx, target, idempotencyKey: stepKey(ids, 'promoted', index, ids.version) }));
         }

@@ -2,7 +2,7 @@ import { existsSync, statSync } from 'node:fs';
 import { isIP } from 'node:net';
 import path from 'node:path';
 import { z } from 'zod';
-import { inlineMasterKeys, readKeyringFile } from '../vault/keyring';
+import { inlineMasterKeys, KeyringFileError, readKeyringFile } from '../vault/keyring';
 import { outboundEntryProblem } from './outbound';
 
 /**
@@ -116,12 +116,9 @@ function keyringFileProblem(file: string): string | undefined {
     readKeyringFile(file);
     return undefined;
   } catch (err) {
+    if (err instanceof KeyringFileError) return err.reason;
     const code = (err as NodeJS.ErrnoException).code;
-    if (code) return `cannot be read (${code})`;
-    const message = (err as Error).message;
-    if (message.includes('is not a 32-byte key matching its id')) return 'holds a key that is not a 32-byte key matching its id';
-    if (message.includes('is not in the file')) return 'names a current key it does not hold';
-    return 'is neither one base64 key nor a keyring JSON document';
+    return code ? `cannot be read (${code})` : 'cannot be read';
   }
 }
 

@@ -197,12 +197,9 @@ export class DataKeys {
         for (const row of rows) {
           // Opened, re-sealed and zeroed here, never cached: a keyring of 100,000 identities would
           // otherwise hold every one of their keys in this process until the cache's sweep.
-          const master = this.keyring.find(row.master_key_id);
-          if (!master) throw new KeyIntegrityError(`data key ${row.id} is wrapped by master key ${row.master_key_id}, which this keyring does not hold`);
-          const aad = dataKeyAad(row.identity_id, row.id);
-          const key = openKey(master, row.wrapped, aad, `data key ${row.id}`);
+          const key = this.openWrapped(row.identity_id, row);
           try {
-            await tx.query('UPDATE data_keys SET master_key_id = $2, wrapped = $3 WHERE id = $1', [row.id, current.id, seal(current.key, key, aad)]);
+            await tx.query('UPDATE data_keys SET master_key_id = $2, wrapped = $3 WHERE id = $1', [row.id, current.id, seal(current.key, key, dataKeyAad(row.identity_id, row.id))]);
           } finally {
             key.fill(0);
           }
@@ -258,18 +255,23 @@ export class DataKeys {
     }, this.cacheTtlMs).unref();
   }
 
-  private unwrap(identityId: string, row: { id: string; master_key_id: string; wrapped: Buffer }): DataKey {
-    // Cached already (read by byKeyId, now wanted as the active key, say): the same buffer, not a
-    // second copy that would replace the first in the cache and leave it unzeroed.
-    const live = this.cached(row.id);
-    if (live && live.identityId === identityId) return live;
+  /** A data key's bytes, opened with the master key that wraps it (not cached: the caller's to keep or zero). */
+  private openWrapped(identityId: string, row: { id: string; master_key_id: string; wrapped: Buffer }): Buffer {
     const master = this.keyring.find(row.master_key_id);
     if (!master) {
       throw new KeyIntegrityError(
         `data key ${row.id} is wrapped by master key ${row.master_key_id}, which this keyring does not hold (was VAULT_MASTER_KEY rotated?)`,
       );
     }
-    const key: DataKey = { id: row.id, identityId, key: openKey(master, row.wrapped, dataKeyAad(identityId, row.id), `data key ${row.id}`) };
+    return openKey(master, row.wrapped, dataKeyAad(identityId, row.id), `data key ${row.id}`);
+  }
+
+  private unwrap(identityId: string, row: { id: string; master_key_id: string; wrapped: Buffer }): DataKey {
+    // Cached already (read by byKeyId, now wanted as the active key, say): the same buffer, not a
+    // second copy that would replace the first in the cache and leave it unzeroed.
+    const live = this.cached(row.id);
+    if (live && live.identityId === identityId) return live;
+    const key: DataKey = { id: row.id, identityId, key: this.openWrapped(identityId, row) };
     this.forget(row.id);
     this.byId.set(row.id, { key, expires: Date.now() + this.cacheTtlMs });
     this.scheduleSweep();

@@ -142,6 +142,16 @@ export class Keyring {
 /** How long a master key dropped from the keyring file stays in memory (unreachable) before it is zeroed. */
 const FORGOTTEN_KEY_ZERO_DELAY_MS = 5_000;
 
+/** A keyring file that cannot be used; `reason` says why without its path, contents or key ids (for a configuration error). */
+export class KeyringFileError extends Error {
+  constructor(
+    message: string,
+    readonly reason: string,
+  ) {
+    super(message);
+  }
+}
+
 export function readKeyringFile(file: string): { keys: MasterKey[]; current: string } {
   const text = readFileSync(file, 'utf8').trim();
   if (isInlineMasterKey(text)) {
@@ -154,16 +164,16 @@ export function readKeyringFile(file: string): { keys: MasterKey[]; current: str
   } catch {
     parsed = undefined;
   }
-  if (!isKeyringFile(parsed)) throw new Error(`keyring file ${file} is neither one base64 key nor a keyring JSON document`);
+  if (!isKeyringFile(parsed)) throw new KeyringFileError(`keyring file ${file} is neither one base64 key nor a keyring JSON document`, 'is neither one base64 key nor a keyring JSON document');
   const keys = parsed.keys.map((k) => {
     const key = Buffer.from(k.key, 'base64');
     if (key.length !== KEY_BYTES || masterKeyId(key) !== k.id) {
-      throw new Error(`keyring file ${file}: key ${k.id} is not a 32-byte key matching its id`);
+      throw new KeyringFileError(`keyring file ${file}: key ${k.id} is not a 32-byte key matching its id`, 'holds a key that is not a 32-byte key matching its id');
     }
     return { id: k.id, key };
   });
   if (!keys.some((k) => k.id === parsed.current)) {
-    throw new Error(`keyring file ${file}: current key ${parsed.current} is not in the file`);
+    throw new KeyringFileError(`keyring file ${file}: current key ${parsed.current} is not in the file`, 'names a current key it does not hold');
   }
   return { keys, current: parsed.current };
 }

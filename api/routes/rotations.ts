@@ -5,7 +5,7 @@ import { WorkflowNotFoundError, WorkflowUpdateFailedError, type Client } from '@
 import { ConflictError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import type { Logger } from '../../core/logger';
 import { withTransaction, type Pool } from '../../db/pool';
-import { RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../../db/run-outcome';
+import { recordBatchRun, RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../../db/run-outcome';
 import { findStoredValueIn, MIN_SCANNED_LENGTH } from '../../mail/secret-scan';
 import { appendAudit, auditChangeMade, auditFailure, callerEntry } from '../../vault/audit';
 import type { Caller, Kind, Vault } from '../../vault/vault';
@@ -75,7 +75,7 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
       for (const run of sent) {
         const runId = await temporal(() => batchRunOf(deps.client, run.workflow_id, rotation.id));
         if (runId === undefined) continue;
-        await deps.pool.query('UPDATE rotation_runs SET run_id = $3 WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [rotation.id, run.credential_id, runId]);
+        await recordBatchRun(deps.pool, rotation.id, run.credential_id, runId);
       }
       // Read again: the runs taken over, with their outcomes (and any a wave recorded meanwhile).
       if (sent.length > 0) all = await runsOf(deps.pool, rotation.id);
