@@ -519,38 +519,42 @@ describe('rotation failures', () => {
     await read(id, 2);
   });
 
-  it('a fingerprint report of the value a leak rotation just made, while its incident is open, is a new leak: the run rotates again', async () => {
-    const key = await generatedKey();
-    const r = await receiver();
-    const pending = holdingPending(r);
-    await setDependents(key.id, [webhook(r)]);
-    const first = await h.api('POST', '/v1/leaks', { token: owner.token, body: { credential: key.name, source: 'scanner' } });
-    expect(first.body.results).toEqual([expect.objectContaining({ credentialId: key.id, version: 1, action: 'rotating' })]);
-    await pending.reached();
-    const runId = (await h.client.workflow.getHandle(`rotate:${key.id}`).describe()).runId;
-    const hold = await holdNotice(runId, key.id, 'rotated:leak');
-    try {
-      pending.release();
-      await hold.reached();
-      // v2 is current and v1 revoked; the incident stays open until the final notice is out.
-      const v2 = await read(key.id);
-      expect(v2).toMatchObject({ version: 2, label: 'current' });
-      const fingerprint = createHash('sha256').update(v2.value as string).digest('hex');
-      const second = await h.api('POST', '/v1/leaks', { token: owner.token, body: { fingerprint, source: 'scanner' } });
-      expect(second.status, second.text).toBe(202);
-      // Before, it only joined the open incident, which the run then closed with v2 still live.
-      expect(second.body.results).toEqual([expect.objectContaining({ credentialId: key.id, version: 2, action: 'joined' })]);
-      // The same report again is the same signal: one more rotation, not two.
-      expect((await h.api('POST', '/v1/leaks', { token: owner.token, body: { fingerprint, source: 'scanner' } })).body.results[0].action).toBe('joined');
-    } finally {
-      await hold.release();
-    }
-    expect(await h.client.workflow.getHandle(`rotate:${key.id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 2, toVersion: 3 });
-    expect(await read(key.id)).toMatchObject({ version: 3, label: 'current' });
-    expect(await revokedVersions(key.id)).toEqual([1, 2]);
-    const incidents = (await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [key.id])).rows;
-    expect(incidents).toEqual([{ status: 'closed' }]);
-  });
+  // By fingerprint, or by name with the version (as MCP's report_leak sends a handle's): either names the version that leaked.
+  for (const by of ['a fingerprint', 'name and version'] as const) {
+    it(`a report by ${by} of the value a leak rotation just made, while its incident is open, is a new leak: the run rotates again`, async () => {
+      const key = await generatedKey();
+      const r = await receiver();
+      const pending = holdingPending(r);
+      await setDependents(key.id, [webhook(r)]);
+      const first = await h.api('POST', '/v1/leaks', { token: owner.token, body: { credential: key.name, source: 'scanner' } });
+      expect(first.body.results).toEqual([expect.objectContaining({ credentialId: key.id, version: 1, action: 'rotating' })]);
+      await pending.reached();
+      const runId = (await h.client.workflow.getHandle(`rotate:${key.id}`).describe()).runId;
+      const hold = await holdNotice(runId, key.id, 'rotated:leak');
+      try {
+        pending.release();
+        await hold.reached();
+        // v2 is current and v1 revoked; the incident stays open until the final notice is out.
+        const v2 = await read(key.id);
+        expect(v2).toMatchObject({ version: 2, label: 'current' });
+        const fingerprint = createHash('sha256').update(v2.value as string).digest('hex');
+        const body = by === 'a fingerprint' ? { fingerprint, source: 'scanner' } : { credential: key.name, version: 2, source: 'scanner' };
+        const second = await h.api('POST', '/v1/leaks', { token: owner.token, body });
+        expect(second.status, second.text).toBe(202);
+        // Before, it only joined the open incident, which the run then closed with v2 still live.
+        expect(second.body.results).toEqual([expect.objectContaining({ credentialId: key.id, version: 2, action: 'joined' })]);
+        // The same report again is the same signal: one more rotation, not two.
+        expect((await h.api('POST', '/v1/leaks', { token: owner.token, body })).body.results[0].action).toBe('joined');
+      } finally {
+        await hold.release();
+      }
+      expect(await h.client.workflow.getHandle(`rotate:${key.id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 2, toVersion: 3 });
+      expect(await read(key.id)).toMatchObject({ version: 3, label: 'current' });
+      expect(await revokedVersions(key.id)).toEqual([1, 2]);
+      const incidents = (await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [key.id])).rows;
+      expect(incidents).toEqual([{ status: 'closed' }]);
+    });
+  }
 
   it('an attempt begun from a value stored after the rotation was planned is undone onto that value at the provider as at the dependents', async () => {
     const role = `mg_rf_planned_${tag}`;

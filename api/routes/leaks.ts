@@ -129,7 +129,7 @@ const STALE_INCIDENT_SECONDS = 60;
 
 type LeakResult = Awaited<ReturnType<typeof respond>>;
 
-async function respond(deps: LeakDeps, t: Target, body: { source: string; details?: string; fingerprint?: string }, actor: string, again = false) {
+async function respond(deps: LeakDeps, t: Target, body: { source: string; details?: string; fingerprint?: string; version?: number }, actor: string, again = false) {
   const workflowId = rotationWorkflowId(t.credentialId);
   if (!t.live) return { credentialId: t.credentialId, version: t.version, action: 'already-revoked' as const };
 
@@ -189,11 +189,12 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
       await deps.pool.query('UPDATE leak_incidents SET reports = reports + 1 WHERE id = $1', [incident.id]);
       return { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, action: 'joined' as const };
     };
-    // A fingerprint names the version that leaked. Another version than the open incident's (the
-    // value that incident's rotation just made, say) is a new leak, not a duplicate: the run must
-    // hear of it, or it closes the incident with that value still live. (A report by name names the
-    // current version, whichever leaked: those join as duplicates, once the run is seen running.)
-    const newVersion = Boolean(body.fingerprint) && incident.version !== t.version;
+    // A fingerprint, or a name with a version, names the version that leaked. Another version than
+    // the open incident's (the value that incident's rotation just made, say) is a new leak, not a
+    // duplicate: the run must hear of it, or it closes the incident with that value still live. (A
+    // report by name alone names the current version, whichever leaked: those join as duplicates,
+    // once the run is seen running.)
+    const newVersion = (Boolean(body.fingerprint) || body.version !== undefined) && incident.version !== t.version;
     const handle = deps.client.workflow.getHandle(workflowId);
     let running: boolean;
     try {
