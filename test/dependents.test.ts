@@ -334,12 +334,18 @@ describe('dependents', () => {
       await hook().verify({ ...ctx(), target: pending });
     });
 
-    it('a non-2xx answer fails with its status and no body; 5xx may be retried, 4xx is a misconfiguration', async () => {
+    it('a non-2xx answer fails with its status and no body; 5xx and 409 may be retried, another 4xx is a misconfiguration', async () => {
       reset();
       receiver.failWith = 503;
       const transient = (await hook().apply({ ...ctx(), target: pending, idempotencyKey: 'rot-2:apply:0' }).catch((e: Error) => e)) as Error;
       expect(transient.message).toMatch(/^webhook http:\/\/127\.0\.0\.1:\d+ answered 503 to credential\.pending$/);
       expect(transient).not.toBeInstanceOf(UnprocessableError);
+      // A 409 is what a receiver keeping idempotency keys answers a retry while the first request
+      // with that key is still in progress (a worker killed mid-call): it heals, as at a provider.
+      receiver.failWith = 409;
+      const inProgress = (await hook().apply({ ...ctx(), target: pending, idempotencyKey: 'rot-2:apply:0' }).catch((e: Error) => e)) as Error;
+      expect(inProgress.message).toMatch(/answered 409 to credential\.pending$/);
+      expect(inProgress).not.toBeInstanceOf(UnprocessableError);
       receiver.failWith = 404;
       const permanent = (await hook().verify({ ...ctx(), target: pending }).catch((e: Error) => e)) as Error;
       expect(permanent).toBeInstanceOf(UnprocessableError);

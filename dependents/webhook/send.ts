@@ -50,8 +50,10 @@ export async function postEvent(settings: WebhookSettings, key: string, event: W
   if (res.status < 200 || res.status > 299) {
     await res.body?.cancel().catch(() => undefined);
     const message = `webhook ${origin} answered ${res.status} to ${event.type}${res.status < 400 ? ' (redirects are not followed)' : ''}`;
-    // Timeouts, rate limits and server errors may heal; any other answer means a misconfiguration.
-    const transient = res.status >= 500 || [408, 425, 429].includes(res.status);
+    // Timeouts, rate limits and server errors may heal, as may a 409: what a receiver that keeps
+    // idempotency keys answers a retry while the first request with its key is still in progress (a
+    // worker killed mid-call). Any other answer means a misconfiguration.
+    const transient = res.status >= 500 || [408, 409, 425, 429].includes(res.status);
     throw transient ? new Error(message) : new UnprocessableError(message);
   }
   let text: string | null;
