@@ -118,7 +118,7 @@ const STATUS_TEXT: Record<number, string> = {
   202: 'Accepted',
   400: 'The request is not valid (the problem names each field)',
   401: 'No bearer token, or not a valid one',
-  403: 'The token is valid but not allowed here (this route needs the admin token)',
+  403: 'The token is valid but not allowed here (an admin route given an identity’s token, or an identity’s route given the admin token)',
   404: 'Not found (another identity’s record is not found either)',
   409: 'Conflicts with the current state',
   413: 'The request body is larger than 256 KiB',
@@ -133,7 +133,8 @@ const STATUS_TEXT: Record<number, string> = {
 function implicitProblems(doc: RouteDoc): number[] {
   if (doc.auth === 'none') return [];
   const statuses = [401, 429, 500, 503];
-  if (doc.auth === 'admin') statuses.push(403);
+  // The admin token on an identity's route acts for no identity; an identity's token on an admin route is not enough.
+  if (doc.auth === 'admin' || doc.auth === 'identity') statuses.push(403);
   if (doc.body || doc.query) statuses.push(400);
   if (doc.body) statuses.push(413, 415);
   return statuses;

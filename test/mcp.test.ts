@@ -327,6 +327,11 @@ describe('MCP server', () => {
       ).rejects.toThrow(/401|Authentication required/);
       await client.close();
       expect((await fetch(`${h.url}/mcp`, { headers: { accept: 'text/event-stream' } })).status).toBe(405);
+      // Every method but POST, as the OpenAPI document says.
+      const other = ['PUT', 'PATCH', 'DELETE', 'HEAD', 'OPTIONS'];
+      expect(await Promise.all(other.map(async (method) => (await fetch(`${h.url}/mcp`, { method })).status))).toEqual(other.map(() => 405));
+      const documentedMethods = Object.keys(((await (await fetch(`${h.url}/openapi.json`)).json()) as { paths: Record<string, object> }).paths['/mcp']!).sort();
+      expect(documentedMethods).toEqual(['get', 'post', ...other.map((m) => m.toLowerCase())].sort());
     });
 
     it('answers a Host it cannot use with a 400 problem, audited, not the transport’s bare 400; any other Host reaches MCP', async () => {

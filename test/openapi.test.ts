@@ -124,6 +124,7 @@ describe('OpenAPI document', () => {
     expect((await call('POST', '/v1/vault.store', { token, body: { name: 'seed', kind: 'totp_seed', totp: { secret: h.secret('JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP') } } })).status).toBe(201);
     expect((await call('POST', '/v1/vault.get', { token, body: { name: 'stripe' } })).body.value).toBe(value);
     expect((await call('POST', '/v1/vault.get', { token, body: { name: 'missing' } })).status).toBe(404);
+    expect((await call('POST', '/v1/vault.get', { token: admin, body: { name: 'stripe' } })).status).toBe(403);
     expect((await call('POST', '/v1/vault.totp', { token, body: { name: 'seed' } })).status).toBe(200);
     expect((await call('POST', '/v1/vault.totp', { token, body: { name: 'stripe' } })).status).toBe(422);
     expect((await call('GET', '/v1/credentials?kind=api_key&limit=5', { token })).body.items).toHaveLength(1);

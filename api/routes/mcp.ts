@@ -86,7 +86,7 @@ export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): R
     documented({
       summary: 'MCP: only POST (stateless, no sessions)',
       auth: 'none',
-      methods: ['GET', 'DELETE'],
+      methods: ['GET', 'PUT', 'PATCH', 'DELETE', 'HEAD', 'OPTIONS'],
       responses: { 405: { description: 'JSON-RPC error', contentType: 'application/json', schema: jsonRpcError } },
     }),
     (req: Request, res: Response) => {

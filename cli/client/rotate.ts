@@ -13,7 +13,7 @@ import type { ClientCommand } from './commands';
  */
 
 const usage = `Usage: mailgent rotate <name|id>... [options]
-       mailgent rotate --kind <kind> [--older-than <days>d] [options]
+       mailgent rotate [--kind <kind>] [--older-than <days>d] [options]
 
 Rotates credentials through their rotation policy, follows the batch until every credential has an
 outcome, and prints a table: credential, old version → new version, outcome. Exit 0 when every
@@ -24,7 +24,7 @@ rotation id (in "rotationId" with --json): follow that rotation rather than star
 
 Options:
   --kind <kind>           rotate every credential of this kind (${KINDS.join(', ')})
-  --older-than <n>d       ... whose current version is older than n days (e.g. 90d)
+  --older-than <n>d       ... whose current version is older than n days (e.g. 90d); alone, of every kind
   --reason <text>         recorded with the rotation
   --notify <email>        gets one summary of the batch (repeatable)
   --no-wait               print the rotation id and return at once
