@@ -1,6 +1,6 @@
 import { UnprocessableError } from '../core/errors';
 import { Context } from '@temporalio/activity';
-import { deliverOutboxMessage, giveUpMail, startDelivery, UNWATCHED_DELIVERY, WATCHED_DELIVERY, type DeliveryOptions } from '../mail/outbox';
+import { deliverOutboxMessage, deliverQueued, giveUpMail, startDelivery, UNWATCHED_DELIVERY, WATCHED_DELIVERY, type DeliveryOptions, type DeliveryResult } from '../mail/outbox';
 import { withTransaction } from '../db/pool';
 import { appendAudit } from '../vault/audit';
 import { noticeAudit, queueNotice, sendNotice, type Notice } from '../mail/notify';
@@ -36,7 +36,7 @@ export function noticeActivities(deps: ActivityDeps) {
         const messageId = stableUuid(
           `${callingRunId() ?? n.rotationId}:${n.credentialId}:notice:${n.outcome}${n.mode === 'leak' ? ':leak' : ''}${n.supersededLeaked ? ':revoked' : ''}`,
         );
-        const delivery = await sendNotice(deps, {
+        const delivery = await sendOrHandOver(deps, {
           id: messageId,
           identityId: n.identityId,
           purpose: 'rotation.notice',
@@ -46,7 +46,7 @@ export function noticeActivities(deps: ActivityDeps) {
           requestId: n.rotationId,
           credentialId: n.credentialId,
           detail: { outcome: n.outcome },
-        }, undefined, attemptDelivery());
+        });
         // Only the final notice's answer is read by the run (learnSuperseded): no other notice pays for
         // the look, nor the one that opens a grace period (it carries graceEndsAt, and the run ignores its answer).
         const currentVersion =
@@ -71,6 +71,30 @@ export function noticeActivities(deps: ActivityDeps) {
       return refused.length ? `${result}; refused by the SMTP server: ${refused.join(', ')}` : result;
     },
   };
+}
+
+/**
+ * A rotation's notice: queued (checked, audited), then sent by this attempt; if the SMTP server
+ * does not take it (down, refusing every recipient, too slow), handed to a delivery workflow of its
+ * own (deliverMail, mail:<id>: retried for a day with growing pauses, then given up and the sender
+ * told in the audit log, as mail.send's), and the run goes on. Before, the run waited for the
+ * server as long as it was away (a day of retries at most), and with it whatever came after the
+ * notice: the rotation again of a value reported leaked (it continues as new once its notices are
+ * out), a cancel's or a rollback's leak rotation, the end of the run. A refusal (the notice would
+ * carry a stored value) is not handed over: it fails the attempt, for good. Without a Temporal
+ * client here (deps.temporal), the attempt fails and is retried, as before.
+ */
+async function sendOrHandOver(deps: ActivityDeps, notice: Notice): Promise<DeliveryResult | 'no-recipients' | 'handed-over'> {
+  if ((await queueNotice(deps, notice)) === 'no-recipients') return 'no-recipients';
+  const how = attemptDelivery();
+  try {
+    return await deliverQueued(deps.pool, deps.mailer, notice.id, how);
+  } catch (err) {
+    // Cancelled (a worker shutting down): its retry, on another worker, sends it.
+    if (!deps.temporal || how.signal?.aborted) throw err;
+    const handed = await startDelivery(deps.pool, deps.temporal, notice.id);
+    return handed === 'missing' ? Promise.reject(err) : handed;
+  }
 }
 
 /**

@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { startSmtpSink, type SmtpSink } from '../../embedded/smtp-sink';
+import { progressQuery } from '../../workflows/definitions';
 import { startHarness, type Harness } from '../support/harness';
 import { expectCleanRun } from '../support/leaks';
 import { readMailbox, recipients } from '../support/mail';
@@ -33,7 +34,7 @@ describe('fault: SMTP down for 30 s', () => {
     await sink?.stop();
   });
 
-  it('the notice is retried with backoff and delivered once when the server is back', { timeout: 150_000 }, async ({ task }) => {
+  it('the notice is retried with backoff and delivered once when the server is back; the rotation does not wait for it', { timeout: 150_000 }, async ({ task }) => {
     const row = faultRow(task, 'SMTP down 30 s when the notice is due');
     const agent = await h.createIdentity();
     key = await rotatingKey(h, agent, { label: 'smtp-outage' });
@@ -58,7 +59,14 @@ describe('fault: SMTP down for 30 s', () => {
     sink = await startSmtpSink({ mailDir, port });
     const upAt = Date.now();
 
-    const { closedAt } = await expectSettled(h, key.expected(workflowId, 'rotated', { mailDir }));
+    // The rotation did not wait for the server: its notice went on in a delivery of its own.
+    const ended = (await h.client.workflow.getHandle(workflowId).describe()).closeTime;
+    expect(ended?.getTime()).toBeLessThan(upAt);
+    const deliveredAt = await until('the notice delivered', async () => {
+      const { rows } = await h.sql('SELECT status FROM mail_outbox WHERE $1 = ANY(recipients)', [key!.owner]);
+      return rows[0]?.status === 'sent' && Date.now();
+    }, 90_000);
+    await expectSettled(h, key.expected(workflowId, 'rotated', { mailDir }));
     watching = false;
     await watcher;
 
@@ -78,7 +86,8 @@ describe('fault: SMTP down for 30 s', () => {
     row.outcome = 'finished';
     row['delivery attempts'] = outbox[0].attempts;
     row['pauses between failures'] = pauses.map((p) => `${(p / 1000).toFixed(1)}`).join(', ') + ' s';
-    row['up → delivered'] = `${((closedAt - upAt) / 1000).toFixed(1)} s`;
+    row['up → delivered'] = `${((deliveredAt - upAt) / 1000).toFixed(1)} s`;
+    row['rotation ended'] = `${((ended!.getTime() - downAt) / 1000).toFixed(1)} s after the server went down`;
   });
 
   it('a leak reported while the grace notice waits for the server revokes the previous version at once', { timeout: 150_000 }, async ({ task }) => {
@@ -126,6 +135,54 @@ describe('fault: SMTP down for 30 s', () => {
       expect(mails.map((m) => m.mail.messageId).sort()).toEqual(outbox.map((m) => `<${m.id}@mailgent>`).sort());
       row.outcome = 'revoked at once';
       row['leak → revoked'] = `${(revokedIn / 1000).toFixed(1)} s (server still down)`;
+    } finally {
+      await graced.stop();
+    }
+  });
+
+  it('a leak of the value the rotation just made, reported while the server is down, rotates it again at once', { timeout: 150_000 }, async ({ task }) => {
+    const row = faultRow(task, 'SMTP down; the new value reported leaked in grace');
+    const agent = await h.createIdentity();
+    const graced = await rotatingKey(h, agent, { label: 'leak-new', graceHours: 1 });
+    try {
+      const port = sink!.port;
+      await sink!.stop();
+      sink = undefined;
+      const workflowId = await graced.rotate();
+      await until('the grace period', async () => {
+        const progress = await h.client.workflow.getHandle(workflowId).query(progressQuery).catch(() => undefined); // not started yet
+        return progress?.state === 'grace';
+      });
+      expect((await graced.readCurrent()).version).toBe(2);
+
+      // By name: the current version, the one this rotation made.
+      const reported = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: graced.id, source: 'fault-suite' } });
+      expect(reported.status, reported.text).toBe(202);
+      const at = Date.now();
+      // Before, the run rotated it again only once its notices were out: the server down, the leaked value kept working.
+      const revoked = await until('versions 1 and 2 revoked, version 3 current', async () => {
+        const { rows } = await h.sql('SELECT version FROM secret_versions WHERE credential_id = $1 AND revoked_at IS NOT NULL ORDER BY version', [graced.id]);
+        const current = (await h.sql('SELECT current_version FROM credentials WHERE id = $1', [graced.id])).rows[0].current_version;
+        return rows.length === 2 && current === 3 && rows;
+      }, 30_000);
+      const rotatedIn = Date.now() - at;
+      expect(revoked).toEqual([{ version: 1 }, { version: 2 }]);
+      expect(graced.provider.isActive((await graced.readCurrent()).value)).toBe(true);
+      expect(graced.provider.listKeys().filter((k) => k.active)).toHaveLength(1);
+
+      sink = await startSmtpSink({ mailDir, port });
+      expect(await h.client.workflow.getHandle(workflowId).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 2, toVersion: 3 });
+      // Every notice sent once when the server is back (each under its own Message-ID).
+      const outbox = await until('every notice to the owner sent', async () => {
+        const { rows } = await h.sql('SELECT id, status FROM mail_outbox WHERE $1 = ANY(recipients)', [graced.owner]);
+        return rows.length > 0 && rows.every((m) => m.status === 'sent') && rows;
+      }, 90_000);
+      const mails = (await readMailbox(mailDir)).filter((m) => recipients(m.mail).includes(graced.owner));
+      expect(mails.map((m) => m.mail.messageId).sort()).toEqual(outbox.map((m) => `<${m.id}@mailgent>`).sort());
+      expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [graced.id])).rows).toEqual([{ status: 'closed' }]);
+      row.outcome = 'rotated again at once';
+      row['leak → v3 current, v1 and v2 revoked'] = `${(rotatedIn / 1000).toFixed(1)} s (server still down)`;
+      row['notices sent once'] = outbox.length;
     } finally {
       await graced.stop();
     }
