@@ -86,7 +86,8 @@ export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): R
     documented({
       summary: 'MCP: only POST (stateless, no sessions)',
       auth: 'none',
-      methods: ['GET', 'PUT', 'PATCH', 'DELETE', 'HEAD', 'OPTIONS'],
+      // (HEAD is answered as GET is, without the body.)
+      methods: ['GET', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'],
       responses: { 405: { description: 'JSON-RPC error', contentType: 'application/json', schema: jsonRpcError } },
     }),
     (req: Request, res: Response) => {
