@@ -1,4 +1,4 @@
-import { UnprocessableError } from '../core/errors';
+import { KeyIntegrityError, UnprocessableError } from '../core/errors';
 import { Context } from '@temporalio/activity';
 import { deliverOutboxMessage, deliverQueued, giveUpMail, startDelivery, UNWATCHED_DELIVERY, WATCHED_DELIVERY, type DeliveryOptions, type DeliveryResult } from '../mail/outbox';
 import { withTransaction } from '../db/pool';
@@ -7,7 +7,7 @@ import { noticeAudit, queueNotice, sendNotice, type Notice } from '../mail/notif
 import type { CredentialMeta } from '../vault/types';
 import type { RotationNotice } from '../workflows/types';
 import type { ActivityDeps } from './index';
-import { callingRunId, heartbeating, permanentErrorsFail, stableUuid } from './support';
+import { callingRunId, heartbeating, KEY_FAILED, logKeyFailure, permanentErrorsFail, stableUuid } from './support';
 
 /** Rotation outcome notices and mail delivery. No notice ever carries a value: they are built from metadata. */
 export function noticeActivities(deps: ActivityDeps) {
@@ -114,20 +114,26 @@ export async function handOverNotice(deps: ActivityDeps, notice: Notice, scanIde
   try {
     return await handOver(deps, notice, scanIdentities);
   } catch (err) {
-    if (!(err instanceof UnprocessableError)) throw err;
-    // Refused for carrying a stored value (a value that is also text the notice prints): a refusal
-    // does not heal by retrying, and retried it would hold the sweep, and with it every sweep after
-    // it. The notice is skipped and its refusal audited, once: an abandoned outbox row under its id
+    // Refused for carrying a stored value (a value that is also text the notice prints), or not
+    // checkable (a key the scan needs failed its integrity check: one identity's broken key): neither
+    // heals by retrying, and retried it would hold the sweep, and with it every sweep after it (the
+    // schedule skips a sweep while one runs): every identity's rotations, reminders and retention.
+    // The notice is skipped and its refusal audited, once: an abandoned outbox row under its id
     // (nothing of the message in it: not its text, not its recipients) answers every later sweep,
     // as any queued notice does (queueNotice finds it before scanning; startDelivery and
     // deliverQueued leave an abandoned message alone).
+    const refusal =
+      err instanceof UnprocessableError ? { reason: REFUSED_NOTICE, error: 'secret-in-message' } : err instanceof KeyIntegrityError ? { reason: UNCHECKED_NOTICE, error: 'key-failed' } : undefined;
+    if (!refusal) throw err;
+    // Its message names key ids: for the worker's log, not for the outbox or the audit log.
+    if (err instanceof KeyIntegrityError) logKeyFailure(err);
     await withTransaction(deps.pool, async (tx) => {
       const { rowCount } = await tx.query(
         `INSERT INTO mail_outbox (id, identity_id, purpose, recipients, subject, text_body, status, last_error)
          VALUES ($1, $2, $3, '{}', '(refused)', '(refused)', 'abandoned', $4) ON CONFLICT (id) DO NOTHING`,
-        [notice.id, notice.identityId, notice.purpose, REFUSED_NOTICE],
+        [notice.id, notice.identityId, notice.purpose, refusal.reason],
       );
-      if (rowCount) await appendAudit(tx, noticeAudit(notice, 'rejected', { error: 'secret-in-message' }));
+      if (rowCount) await appendAudit(tx, noticeAudit(notice, 'rejected', { error: refusal.error }));
     });
     return false;
   }
@@ -152,6 +158,9 @@ export function attemptDelivery(): DeliveryOptions {
 
 /** The outbox's record (last_error) of a scheduled notice refused for carrying a stored value. */
 export const REFUSED_NOTICE = 'refused: it would carry a stored value';
+
+/** The outbox's record of a scheduled notice that could not be checked for stored values (KEY_FAILED: the worker's log names the key). */
+export const UNCHECKED_NOTICE = `not sent: it could not be checked for stored values (${KEY_FAILED})`;
 
 async function handOver(deps: ActivityDeps, notice: Notice, scanIdentities?: string[]): Promise<boolean> {
   if (!deps.temporal) return (await sendNotice(deps, notice, scanIdentities, attemptDelivery())) === 'sent';

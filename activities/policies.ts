@@ -1,7 +1,7 @@
 import { findOrphans, type ServiceAccountRow } from '../vault/service-accounts';
 import type { ActivityDeps } from './index';
 import { FAILED_RETRY_HOURS, windowOpen } from './batch';
-import { handOverNotice, REFUSED_NOTICE } from './notices';
+import { handOverNotice, REFUSED_NOTICE, UNCHECKED_NOTICE } from './notices';
 import { heartbeat, heartbeating, stableUuid } from './support';
 
 /** The outbox row of an overdue password's reminder to its owners. */
@@ -19,6 +19,9 @@ function escalationReason(row: ReminderRow | undefined, since: Date, sinceDays: 
   if (!row) return `The owners could not be told: the credential has no owners or notify addresses, and its identity no email (overdue since ${day}, ${sinceDays} days ago). It is still unchanged.`;
   if (row.status === 'abandoned' && row.last_error === REFUSED_NOTICE) {
     return `The owners could not be told: their reminder was refused on ${day}, ${sinceDays} days ago, for carrying a stored value. It is still unchanged.`;
+  }
+  if (row.status === 'abandoned' && row.last_error === UNCHECKED_NOTICE) {
+    return `The owners could not be told: their reminder of ${day}, ${sinceDays} days ago, could not be checked for stored values (a key failed its integrity check). It is still unchanged.`;
   }
   return `The owners' reminder, queued on ${day}, ${sinceDays} days ago, has not been delivered${row.status === 'abandoned' ? ' (its delivery gave up)' : ''}. It is still unchanged.`;
 }

@@ -6,7 +6,8 @@ import { isDatabaseUnavailable, outlastingOutages } from '../db/pool';
 /** What a run, its report and its notice say of a key that failed (KeyIntegrityError): which one is in the worker's log. */
 export const KEY_FAILED = "a key the vault needs failed its integrity check; the worker's log names it";
 
-function logActivityError(err: Error): void {
+/** A key's integrity failure, in the worker's log (with the key ids its message names). */
+export function logKeyFailure(err: Error): void {
   try {
     Context.current().log.error('a key failed its integrity check', { error: err.message });
   } catch {
@@ -21,7 +22,7 @@ export async function permanentErrorsFail<T>(fn: () => Promise<T>): Promise<T> {
   } catch (err) {
     if (err instanceof KeyIntegrityError) {
       // Its message names key ids: for the worker's log, not for a run's progress, outcome or notice.
-      logActivityError(err);
+      logKeyFailure(err);
       throw ApplicationFailure.create({ type: err.slug, message: KEY_FAILED, nonRetryable: true });
     }
     if (err instanceof AppError && err.status !== 503) {

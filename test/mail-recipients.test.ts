@@ -6,7 +6,9 @@ import { WorkflowFailedError } from '@temporalio/client';
 import type { ActivityInterceptorsFactory } from '@temporalio/worker';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createActivities } from '../activities';
-import { handOverNotice } from '../activities/notices';
+import { handOverNotice, UNCHECKED_NOTICE } from '../activities/notices';
+import { openServices } from '../core/services';
+import { Keyring } from '../vault/keyring';
 import { queueNotice, sendNotice } from '../mail/notify';
 import { deliverOutboxMessage, deliverQueued, giveUpMail, UNWATCHED_DELIVERY } from '../mail/outbox';
 import type { Mailer } from '../mail/mailer';
@@ -159,6 +161,32 @@ describe('mail with a recipient the SMTP server refuses', () => {
     // A notice handed over by this call counts; one with no one to tell does not.
     expect(await handOverNotice(h.deps, { ...notice, id: randomUUID() })).toBe(true);
     expect(await handOverNotice(h.deps, { ...notice, id: randomUUID(), to: [] })).toBe(false);
+  });
+
+  it('a scheduled notice whose identity\'s key fails its integrity check is skipped and audited once, not retried (it would hold every sweep)', async () => {
+    const broken = await h.createIdentity(`broken-${randomUUID().slice(0, 8)}`);
+    const stored = await h.api('POST', '/v1/vault.store', { token: broken.token, body: { name: 'k', kind: 'api_key', value: h.secret(`sk_broken_${randomUUID()}`) } });
+    expect(stored.status, stored.text).toBe(201);
+    const flip = () => h.sql('UPDATE data_keys SET wrapped = set_byte(wrapped, 15, get_byte(wrapped, 15) # 1) WHERE identity_id = $1', [broken.id]);
+    await flip();
+    // A process that has not unwrapped the key before (the worker's cache would hide the damage).
+    const fresh = openServices({ databaseUrl: h.databaseUrl, poolSize: 2, keyring: Keyring.fromSetting(h.keyringFile), smtpUrl: 'smtp://unused', mailFrom: 'x@localhost' });
+    try {
+      const deps = { ...h.deps, vault: fresh.vault };
+      const notice = { id: randomUUID(), identityId: broken.id, purpose: 'password.reminder', to: [unique('owner')], subject: '[mailgent] k is overdue', text: 'Change it.', actor: 'test' };
+      // Before, the key's error escaped the activity, which its sweep retries without end.
+      expect(await handOverNotice(deps, notice)).toBe(false);
+      expect(await outboxRow(notice.id)).toMatchObject({ status: 'abandoned', last_error: UNCHECKED_NOTICE });
+      expect(await handOverNotice(deps, notice)).toBe(false);
+      const audited = await h.sql("SELECT outcome, detail FROM audit_log WHERE action = 'mail.send' AND detail->>'messageId' = $1", [notice.id]);
+      expect(audited.rows).toEqual([{ outcome: 'rejected', detail: expect.objectContaining({ error: 'key-failed', purpose: 'password.reminder' }) }]);
+      // No key id in the outbox or the audit row (the worker's log has it).
+      const dataKeyId = (await h.sql('SELECT id FROM data_keys WHERE identity_id = $1', [broken.id])).rows[0].id as string;
+      expect(JSON.stringify([await outboxRow(notice.id), audited.rows])).not.toContain(dataKeyId);
+    } finally {
+      await flip();
+      await fresh.close();
+    }
   });
 
   it('two delivery attempts that overlap (a retry while the first still talks to the server) send the message once', async () => {
