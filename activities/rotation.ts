@@ -3,13 +3,12 @@ import { UnprocessableError } from '../core/errors';
 import { DEFAULT_POLICY, type Provider } from '../providers';
 import type { SecretReader } from '../providers/types';
 import type { PlannedPolicy } from '../vault/rotation-vault';
-import type { CredentialMeta, DependentSpec } from '../vault/types';
+import { DEFAULT_GRACE_HOURS, type CredentialMeta, type DependentSpec } from '../vault/types';
 import type { RotationIds, RotationOutcome, RotationPlan } from '../workflows/types';
 import { startDelivery } from '../mail/outbox';
 import type { ActivityDeps } from './index';
 import { callingRunId, externalStep, heartbeating, incidentMailId, permanentErrorsFail } from './support';
 
-export const DEFAULT_GRACE_HOURS = 24;
 export const DEFAULT_MAX_ATTEMPTS = 3;
 
 /**

@@ -2,6 +2,7 @@ import { z } from 'zod';
 import { isUuid } from '../core/ids';
 import { KINDS } from '../vault/vault';
 import { MAX_PERIOD_SECONDS } from '../vault/totp';
+import { DEFAULT_GRACE_HOURS } from '../vault/types';
 
 /**
  * Request schemas of the HTTP API. Objects are strict: an unknown field is an error, not ignored.
@@ -95,7 +96,13 @@ export const rotationPolicy = z.strictObject({
     // [startHour, endHour) in local hours, wrapping past midnight when endHour < startHour: equal hours would be a window that never opens.
     .refine((w) => w.startHour !== w.endHour % 24 || w.endHour === 24, { message: 'must be open for at least an hour: startHour and endHour differ (0 and 24 for all day)', path: ['endHour'] })
     .optional(),
-});
+})
+  // A credential due again while its rotation's grace period runs would be counted by every hourly
+  // sweep meanwhile as rotated (the sweep joins the run in grace), and rotated only after it.
+  .refine((p) => (p.graceHours ?? DEFAULT_GRACE_HOURS) < p.periodDays * 24, {
+    message: `must be shorter than the rotation period (periodDays × 24 hours; ${DEFAULT_GRACE_HOURS} when not given)`,
+    path: ['graceHours'],
+  });
 
 const dependents = z.array(z.strictObject({ type: z.string().min(1).max(64), settings: z.record(z.string(), z.unknown()).default({}) })).max(20);
 

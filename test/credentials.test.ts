@@ -87,6 +87,18 @@ describe('credential policy', () => {
     });
     expect(window.status).toBe(400);
     expect(window.body.errors).toEqual([{ path: 'rotation.window.timezone', message: 'must be an IANA time zone such as Europe/Berlin' }]);
+    // A grace period as long as the period (24 hours when not given): the credential would be due
+    // again while its rotation is still in grace, and every hourly sweep would report it rotated.
+    const graceMessage = 'must be shorter than the rotation period (periodDays × 24 hours; 24 when not given)';
+    for (const rotation of [{ provider: 'generated', periodDays: 1 }, { provider: 'generated', periodDays: 2, graceHours: 48 }]) {
+      const longGrace = await h.api('PATCH', '/v1/credentials/stripe', { token: agent.token, body: { rotation } });
+      expect(longGrace.status, longGrace.text).toBe(400);
+      expect(longGrace.body.errors).toEqual([{ path: 'rotation.graceHours', message: graceMessage }]);
+      const stored = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'bad', kind: 'api_key', value: 'long-grace-value', rotation } });
+      expect(stored.status).toBe(400);
+    }
+    expect((await h.sql("SELECT count(*)::int AS n FROM credentials WHERE name = 'bad'")).rows[0].n).toBe(0);
+    expect((await h.api('PATCH', '/v1/credentials/stripe', { token: agent.token, body: { rotation: { provider: 'generated', periodDays: 2, graceHours: 47.5 } } })).status).toBe(200);
     expect((await h.api('PATCH', '/v1/credentials/stripe', { token: agent.token, body: {} })).status).toBe(400);
     expect((await h.api('PATCH', '/v1/credentials/nothing-here', { token: agent.token, body: { tags: ['x'] } })).status).toBe(404);
   });

@@ -25,11 +25,14 @@ export interface RotationWindow {
   timezone: string;
 }
 
+/** A rotation policy's grace period when it names none. */
+export const DEFAULT_GRACE_HOURS = 24;
+
 export interface RotationPolicy {
   provider: string;
   settings: Record<string, unknown>;
   periodDays: number;
-  /** How long the previous version keeps working after promotion, then it is revoked. */
+  /** How long the previous version keeps working after promotion, then it is revoked (DEFAULT_GRACE_HOURS); shorter than the period. */
   graceHours?: number;
   /** Attempts of create → apply → verify before the rotation is marked failed. */
   maxAttempts?: number;
