@@ -98,10 +98,15 @@ function checked(params: TotpParams): TotpParams {
   return { ...params, secret };
 }
 
+/**
+ * The stored (and read) form. Each value percent-encoded as in the label, a space as %20: the key
+ * URI format's parsers (otplib's among them) decode with decodeURIComponent, which leaves a `+` (what
+ * URLSearchParams writes for a space) as a plus: `Acme & Co` came back as `Acme+&+Co`.
+ */
 export function toOtpauthUri(p: TotpParams): string {
-  const query = new URLSearchParams({ secret: p.secret, algorithm: p.algorithm, digits: String(p.digits), period: String(p.period) });
-  if (p.issuer) query.set('issuer', p.issuer);
-  return `otpauth://totp/${encodeURIComponent(p.label)}?${query.toString()}`;
+  const params: [string, string][] = [['secret', p.secret], ['algorithm', p.algorithm], ['digits', String(p.digits)], ['period', String(p.period)]];
+  if (p.issuer) params.push(['issuer', p.issuer]);
+  return `otpauth://totp/${encodeURIComponent(p.label)}?${params.map(([k, v]) => `${k}=${encodeURIComponent(v)}`).join('&')}`;
 }
 
 export function parseStoredTotp(uri: string): TotpParams {

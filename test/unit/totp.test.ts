@@ -10,6 +10,15 @@ describe('TOTP parameters', () => {
     expect(parseStoredTotp(toOtpauthUri(p))).toMatchObject({ secret: 'JBSWY3DPEHPK3PXP', algorithm: 'SHA256', digits: 8, period: 45 });
   });
 
+  it('keeps an issuer and a label with spaces, & and + as they were through the stored URI', () => {
+    const p = normalizeTotp({ otpauthUri: 'otpauth://totp/Acme%20%26%20Co%2B1:alice?secret=JBSWY3DPEHPK3PXP&issuer=Acme%20%26%20Co%2B1' }, 'x');
+    expect(p).toMatchObject({ issuer: 'Acme & Co+1', label: 'Acme & Co+1:alice' });
+    const stored = toOtpauthUri(p);
+    // Before, the issuer was stored as Acme+%26+Co%2B1 and read back as `Acme+&+Co+1`.
+    expect(stored).toContain('issuer=Acme%20%26%20Co%2B1');
+    expect(parseStoredTotp(stored)).toMatchObject({ issuer: 'Acme & Co+1', label: 'Acme & Co+1:alice', secret: 'JBSWY3DPEHPK3PXP' });
+  });
+
   it('imports an otpauth URI with its issuer, algorithm, digits and period', () => {
     const p = normalizeTotp({ otpauthUri: 'otpauth://totp/ACME:alice?secret=JBSWY3DPEHPK3PXP&issuer=ACME&algorithm=SHA512&digits=8&period=60' }, 'x');
     expect(p).toMatchObject({ issuer: 'ACME', algorithm: 'SHA512', digits: 8, period: 60, label: 'ACME:alice' });
