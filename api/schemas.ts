@@ -19,7 +19,10 @@ const credentialName = z
   .max(200)
   .regex(/^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$/, 'must start with a letter or digit and use only letters, digits and . _ : / @ + -')
   // A path segment of that form names a credential by id (refOf), so a name like it could never be reached by path.
-  .refine((n) => !isUuid(n), 'must not have the form of a UUID (that names a credential by id)');
+  .refine((n) => !isUuid(n), 'must not have the form of a UUID (that names a credential by id)')
+  // An MCP handle (mailgent://credentials/<id>@<version>) names a credential by id in rotate_credentials
+  // and report_leak: a credential named like one would be two credentials to the tools.
+  .refine((n) => !/^mailgent:/i.test(n), 'must not start with mailgent: (that is a handle, which names a credential by id)');
 // Any 8-4-4-4-12 hex string (core/ids.ts), not only RFC 9562 UUIDs: a name of that form is refused as
 // a name, so it must be taken as an id (a 404 if there is none), as it is in a path.
 const credentialId = z.guid('must be a credential id (UUID)');

@@ -230,6 +230,15 @@ describe('bad input', () => {
     expect(res.body.errors).toEqual([{ path: 'name', message: 'must not have the form of a UUID (that names a credential by id)' }]);
   });
 
+  it('a name shaped like an MCP handle is refused (rotate_credentials and report_leak take a handle for its credential id)', async () => {
+    for (const name of ['mailgent://credentials/0b6f3a5e-1c2d-4e5f-8a9b-0c1d2e3f4a5b@3', 'MAILGENT://x']) {
+      const res = await post('/v1/vault.store', { body: { name, kind: 'generic', value: 'v-handle-name' } });
+      expectProblem(res, 400, 'validation-failed');
+      expect(res.body.errors).toEqual([{ path: 'name', message: 'must not start with mailgent: (that is a handle, which names a credential by id)' }]);
+    }
+    expect((await h.sql("SELECT count(*)::int AS n FROM credentials WHERE name ILIKE 'mailgent:%'")).rows[0].n).toBe(0);
+  });
+
   it('a UUID-shaped id of no UUID version or variant is an id all the same: not found, in a body as in a path', async () => {
     // Refused as a name (it has a UUID's shape), it was refused as an id too (a 400): no way to name it.
     const odd = '12345678-1234-1234-1234-123456789012';
