@@ -1,6 +1,6 @@
 import { InternalWorkflowStartOptionsSymbol, type InternalWorkflowStartOptions } from '@temporalio/client/lib/internal';
 import { NotFoundError } from '../core/errors';
-import { batchRunOf, latestRunOf } from '../core/run-chain';
+import { batchRunOf, latestRunOf, statusOf } from '../core/run-chain';
 import { recordBatchRun, RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
 import { handOverNotice } from './notices';
 import type { RotationWindow } from '../vault/types';
@@ -416,6 +416,11 @@ export function batchActivities(deps: ActivityDeps) {
       let destroyed = 0;
       for (const row of rows) {
         heartbeat();
+        // A rotation still running (in its grace period, say) reads the credential to revoke the
+        // value it replaced once the grace period ends: destroyed before that, the revoke found
+        // nothing, the replaced value kept working, and its notice could not be sent either. The
+        // credential is kept until its run has ended (a later sweep's retention destroys it).
+        if (deps.temporal && (await statusOf(deps.temporal.client.workflow.getHandle(`rotate:${row.id}`))) === 'RUNNING') continue;
         try {
           // Checked again under the row lock: a credential restored since the list was read is kept.
           await deps.vault.destroy({ identityId: row.identity_id, actor: 'schedule:retention' }, { id: row.id }, { deletedBefore: cutoff });

@@ -714,6 +714,25 @@ describe('scheduled sweep', () => {
     await read(agent.token, 'restored-in-time');
   });
 
+  it('retention keeps a deleted credential whose rotation still runs (in its grace period), and destroys it once that run has ended', async () => {
+    const agent = await identity();
+    const name = unique('deleted-in-grace');
+    const id = await store(agent.token, { name, kind: 'api_key', value: secretValue(), rotation: { provider: 'generated', periodDays: 30, graceHours: 1 } });
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: [name] } });
+    expect(started.status, started.text).toBe(202);
+    await waitFor('the grace period', async () => (await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token })).body.state, (state) => state === 'grace');
+    expect((await h.api('DELETE', `/v1/credentials/${name}`, { token: agent.token })).status).toBe(200);
+    await h.sql(`UPDATE credentials SET deleted_at = now() - interval '40 days' WHERE id = $1`, [id]);
+    const purge = () => createActivities(h.deps).purgeDeleted({ asOf: new Date().toISOString(), retentionDays: 30 });
+    // Before, it was destroyed here: at the grace period's end the revoke of version 1 found nothing.
+    await purge();
+    expect((await h.sql('SELECT destroyed_at FROM credentials WHERE id = $1', [id])).rows[0].destroyed_at).toBeNull();
+    expect((await h.sql('SELECT count(*)::int AS n FROM secret_versions WHERE credential_id = $1', [id])).rows[0].n).toBe(2);
+    await h.client.workflow.getHandle(`rotate:${id}`).terminate('the test ends the run (its grace period is an hour)');
+    await purge();
+    expect((await h.sql('SELECT destroyed_at FROM credentials WHERE id = $1', [id])).rows[0].destroyed_at).not.toBeNull();
+  });
+
   it('password policy: weak passwords are refused, managed ones rotated past the maximum age, unmanaged ones reminded and escalated once', async () => {
     const agent = await identity();
     const put = await h.api('PUT', '/v1/password-policy', { token: agent.token, body: { maxAgeDays: 30, length: 20, symbols: true, escalateAfterDays: 5 } });
