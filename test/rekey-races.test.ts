@@ -282,6 +282,62 @@ describe('rekey against concurrent work', () => {
     }
   });
 
+  it('a service key made for the first time while rekey runs is wrapped under a master key rekey keeps, or re-wrapped', async () => {
+    // A service's first use of a service key (a fresh deployment's first store or workflow): it wraps
+    // a new key under the current master key and inserts it, held here just before the INSERT is sent.
+    let release!: () => void;
+    const released = new Promise<void>((resolve) => (release = resolve));
+    let reached!: () => void;
+    const atInsert = new Promise<void>((resolve) => (reached = resolve));
+    const held = <T extends { query: (...args: never[]) => unknown }>(target: T): T =>
+      new Proxy(target, {
+        get(obj, prop, receiver) {
+          const value = Reflect.get(obj, prop, receiver);
+          if (prop === 'query') {
+            return async (...args: unknown[]) => {
+              if (typeof args[0] === 'string' && args[0].startsWith('INSERT INTO service_keys')) {
+                reached();
+                await released;
+              }
+              return (value as (...a: unknown[]) => unknown).apply(obj, args);
+            };
+          }
+          if (prop === 'connect') return async () => held(await (value as () => Promise<pg.PoolClient>).call(obj));
+          return typeof value === 'function' ? value.bind(obj) : value;
+        },
+      });
+    const pool = createPool(h.databaseUrl, 2, silent);
+    const name = `rekey-race-${randomUUID().slice(0, 8)}`;
+    try {
+      const service = new DataKeys(held(pool), Keyring.fromSetting(h.keyringFile));
+      const made = service.serviceKey(pool, name);
+      await atInsert;
+      const run = rekey(loadConfig({ VAULT_MASTER_KEY: h.keyringFile, DATABASE_URL: h.databaseUrl }), silent);
+      const settled = run.then(
+        () => 'rekey finished',
+        () => 'rekey failed',
+      );
+      // The insert goes on once rekey has finished (it did not wait for it), or once rekey is seen
+      // waiting for transactions begun before its new key: it asked twice.
+      const polls = new Set<string>();
+      for (const deadline = Date.now() + 10_000; polls.size < 2 && Date.now() < deadline; ) {
+        const { rows } = await h.sql('SELECT query_start::text AS at FROM pg_stat_activity WHERE query LIKE $1 AND pid <> pg_backend_pid()', ['%xact_start < $1::timestamptz%']);
+        for (const r of rows) polls.add(r.at);
+        if ((await Promise.race([settled, sleep(20)])) !== undefined) break;
+      }
+      release();
+      await made;
+      const result = await run;
+      // Before, rekey finished without it, dropped the old master key, and then the key was stored wrapped under it.
+      expect((await h.sql('SELECT master_key_id FROM service_keys WHERE name = $1', [name])).rows[0].master_key_id).toBe(result.newMasterKeyId);
+      await restartedReadsEverything();
+    } finally {
+      release();
+      await pool.end();
+      await h.sql('DELETE FROM service_keys WHERE name = $1', [name]);
+    }
+  });
+
   it('rekey does not wait for an autovacuum worker, however long it runs', async () => {
     // Autovacuum looks at each database every second, and vacuums this table slowly: its worker
     // keeps a transaction open throughout.

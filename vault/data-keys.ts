@@ -125,14 +125,21 @@ export class DataKeys {
     if (cached) return cached;
     let row = (await db.query('SELECT master_key_id, wrapped FROM service_keys WHERE name = $1', [name])).rows[0];
     if (!row) {
-      const master = this.keyring.current;
       const fresh = randomBytes(KEY_BYTES);
       try {
-        await this.pool.query('INSERT INTO service_keys (name, master_key_id, wrapped) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING', [
-          name,
-          master.id,
-          seal(master.key, fresh, serviceKeyAad(name)),
-        ]);
+        // The current master key is read inside the transaction that stores the key wrapped with it,
+        // as create() reads it in its caller's: rekey waits for every transaction begun before it
+        // wrote its new key, and re-wraps what they stored. Read before (a separate statement's
+        // transaction), a key wrapped with the old master key could be stored after rekey's re-wrap
+        // and check, and the old key dropped from the file: the service key unreadable for good.
+        await withTransaction(this.pool, async (tx) => {
+          const master = this.keyring.current;
+          await tx.query('INSERT INTO service_keys (name, master_key_id, wrapped) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING', [
+            name,
+            master.id,
+            seal(master.key, fresh, serviceKeyAad(name)),
+          ]);
+        });
       } finally {
         fresh.fill(0);
       }
