@@ -159,7 +159,15 @@ export const leakResults = z.strictObject({
   results: z.array(
     z.union([
       z.strictObject({ credentialId: uuid, version: z.number().int(), action: z.literal('already-revoked') }),
-      z.strictObject({ credentialId: uuid, version: z.number().int(), incidentId: uuid, workflowId: z.string(), action: z.enum(['joined', 'rotating']) }),
+      z.strictObject({
+        credentialId: uuid,
+        version: z.number().int(),
+        incidentId: uuid,
+        workflowId: z.string(),
+        /** The incident's leak rotation, to follow with GET /v1/rotations/:id (an incident opened before it was recorded has none). */
+        rotationId: uuid.optional(),
+        action: z.enum(['joined', 'rotating']),
+      }),
     ]),
   ),
 });

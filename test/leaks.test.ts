@@ -75,10 +75,17 @@ describe('POST /v1/leaks', () => {
     const actions = reports.map((r) => r.body.results[0].action).sort();
     expect(actions).toEqual([...Array(19).fill('joined'), 'rotating']);
     expect(new Set(reports.map((r) => r.body.results[0].incidentId)).size).toBe(1);
+    // Every report names the incident's rotation, to follow as any other (GET /v1/rotations/:id, MCP rotation_status).
+    const rotationIds = new Set(reports.map((r) => r.body.results[0].rotationId));
+    expect(rotationIds.size).toBe(1);
+    const rotationId = [...rotationIds][0] as string;
+    expect((await h.sql('SELECT kind FROM rotations WHERE id = $1', [rotationId])).rows).toEqual([{ kind: 'leak' }]);
 
     // Leak mode: no grace period, so the run completes and the leaked version is revoked.
     const handle = h.client.workflow.getHandle(`rotate:${id}`);
     const result = await handle.result();
+    const followed = await h.api('GET', `/v1/rotations/${rotationId}`, { token: agent.token });
+    expect(followed.body).toMatchObject({ state: 'succeeded', credentials: [expect.objectContaining({ credentialId: id, state: 'succeeded' })] });
     expect(result).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1, toVersion: 2 });
     expect(result.steps.find((s: { name: string }) => s.name === 'grace').state).toBe('skipped');
     expect(await rotationsOf(id)).toBe(1);

@@ -187,7 +187,7 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
     // report again), nor one that closes a left-over incident and opens its own.
     const joined = async () => {
       await deps.pool.query('UPDATE leak_incidents SET reports = reports + 1 WHERE id = $1', [incident.id]);
-      return { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, action: 'joined' as const };
+      return { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, ...(incident.rotation_id ? { rotationId: incident.rotation_id } : {}), action: 'joined' as const };
     };
     // A fingerprint, or a name with a version, names the version that leaked. Another version than
     // the open incident's (the value that incident's rotation just made, say) is a new leak, not a
@@ -258,7 +258,7 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
   // replaces the incident. Once the rotation runs, whatever fails leaves the incident open too (a
   // report again joins it, and starts the incident email's delivery if it has not started).
   await startLeakRun(deps, t, rotationId, incident.id, t.version);
-  const rotating = { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, action: 'rotating' as const };
+  const rotating = { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, rotationId, action: 'rotating' as const };
   await deliverIncidentMail(deps, mailId).catch((err: unknown) => Promise.reject(Object.assign(err as Error, { leakStarted: rotating })));
   return rotating;
 }
