@@ -134,6 +134,25 @@ describe('group commit of audited reads', () => {
     expect((await h.services.vault.get(as(alice), { name: 'shared' })).value).toBe('sk_shared_second_value');
   });
 
+  it('a batch whose ok rows are refused audits each call\'s failure with the credential, version and owner its read found', async () => {
+    // Only the ok rows are refused: the failure rows go in, and show in the credential's trail.
+    await h.sql(`CREATE TRIGGER audit_refuse_ok BEFORE INSERT ON audit_log FOR EACH ROW WHEN (NEW.action = 'vault.get' AND NEW.outcome = 'ok') EXECUTE FUNCTION audit_log_refuse()`);
+    const callers = [as(alice), as(bob)];
+    let results;
+    try {
+      results = await Promise.all(callers.map((caller) => settle(h.services.vault.get(caller, { id: ids.shared! }))));
+    } finally {
+      await h.sql('DROP TRIGGER IF EXISTS audit_refuse_ok ON audit_log');
+    }
+    expect(results.map((r) => ('error' in r ? r.error.status : 'ok'))).toEqual([503, 503]);
+    const rows = await rowsOf(callers.map((c) => c.requestId!));
+    // Before, each row named neither the credential nor the version, and bob's not its owner.
+    expect(rows.map((r) => [r.request_id, r.outcome, r.credential_id, r.detail.version, r.detail.grantedBy])).toEqual([
+      [callers[0]!.requestId, 'failed', ids.shared, 2, undefined],
+      [callers[1]!.requestId, 'failed', ids.shared, 2, alice.id],
+    ]);
+  });
+
   it('/metrics counts the batches and the calls they carried', async () => {
     const counts = async () => {
       const text = (await h.api('GET', '/metrics')).text;

@@ -181,6 +181,9 @@ describe('group commit of stores', () => {
       expect(vault.storeBatchStats()).toEqual({ ...before, batches: before.batches + 2, calls: before.calls + 3 });
       const { inSeq } = await rowsOf(callers.map((c) => c.requestId!));
       expect(inSeq.map((r) => [r.outcome, r.detail.error])).toEqual(Array(3).fill(['failed', 'unavailable']));
+      // Each names the credential and version it would have stored, as a single store's row does
+      // (before, a batch's rows named neither: the attempt was missing from the credential's trail).
+      for (const r of inSeq) expect(r).toMatchObject({ credential_id: expect.stringMatching(/^[0-9a-f-]{36}$/), detail: { version: 1, unconfirmed: true } });
       expect((await h.sql(`SELECT count(*)::int AS n FROM credentials WHERE identity_id = $1 AND name LIKE 'commit-fails-%'`, [alice.id])).rows[0].n).toBe(0);
 
       // A store that sets policy commits alone: its failed COMMIT is answered the same way (before: a

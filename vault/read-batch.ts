@@ -111,7 +111,7 @@ export class ReadBatcher {
   private async run(batch: Pending[]): Promise<void> {
     this.stats.batches += 1;
     this.stats.calls += batch.length;
-    let settled: Settled[];
+    let settled: Settled[] = [];
     try {
       const { rows } = await this.pool.query({
         name: 'vault-read-batch',
@@ -129,7 +129,7 @@ export class ReadBatcher {
       // One statement, so one transaction: every audit row commits, or none (AuditUnavailableError).
       await appendAuditRows(this.pool, settled.map((s) => s.entry));
     } catch (err) {
-      return this.failAll(batch, err);
+      return this.failAll(batch, err, settled);
     }
     for (const s of settled) s.deliver();
   }
@@ -167,10 +167,18 @@ export class ReadBatcher {
    * The batch did not commit: nothing it read is handed out. Each call's failure is audited in one
    * insert if the database takes it; if not, the error goes up unaudited (the API tries once more).
    */
-  private async failAll(batch: Pending[], err: unknown): Promise<void> {
+  private async failAll(batch: Pending[], err: unknown, settled: Settled[] = []): Promise<void> {
     let audited = false;
     try {
-      await appendAuditRows(this.pool, batch.map((p) => failed(p, auditEntry(p), err).entry));
+      // A call the read found keeps what it learnt (its credential, version, and owner for a granted
+      // one): the credential's trail (GET /v1/audit?credential=), the owner's included, shows the attempt.
+      await appendAuditRows(
+        this.pool,
+        batch.map((p, i) => {
+          const known = settled[i]?.entry;
+          return failed(p, { ...auditEntry(p), ...(known ? { credentialId: known.credentialId, detail: { ...known.detail } } : {}) }, err).entry;
+        }),
+      );
       audited = true;
     } catch {
       // reported unaudited below

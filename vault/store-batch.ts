@@ -46,10 +46,15 @@ interface Pending {
   reject: (err: unknown) => void;
 }
 
-/** What a batch's calls get once it commits; `refused`, the calls it refused (which store nothing). */
+/**
+ * What a batch's calls get once it commits; `refused`, the calls it refused (which store nothing);
+ * `stored`, the credential and version each other call stores (its row names them if the COMMIT's
+ * answer is lost, as a single store's does: the credential's own trail shows the attempt).
+ */
 interface Settled {
   deliver: (() => void)[];
   refused: ReadonlySet<Pending>;
+  stored: ReadonlyMap<Pending, { id: string; version: number }>;
 }
 
 interface Found {
@@ -163,7 +168,7 @@ export class StoreBatcher {
       await client.query('COMMIT');
     } catch {
       client.release(true);
-      return this.unconfirmed(batch, settled.refused);
+      return this.unconfirmed(batch, settled);
     }
     client.release();
     for (const deliver of settled.deliver) deliver();
@@ -181,14 +186,17 @@ export class StoreBatcher {
    * unconfirmed (as audited() marks a single store's) for a call that would have stored; a plain 503
    * for one the batch refused, which stored nothing.
    */
-  private async unconfirmed(batch: Pending[], refused: ReadonlySet<Pending>): Promise<void> {
+  private async unconfirmed(batch: Pending[], { refused, stored }: Settled): Promise<void> {
     const errors = batch.map((p) => (refused.has(p) ? new UnavailableError(UNANSWERED_REFUSAL) : unconfirmedChange(UNCONFIRMED_STORE)));
     const audited = await appendAuditRows(
       this.pool,
-      batch.map((p, i) => ({
-        ...callerEntry(p.caller, 'vault.store', { name: p.input.name, ...errorDetail(errors[i]), ...(refused.has(p) ? {} : { unconfirmed: true }) }),
-        outcome: outcomeOf(errors[i]),
-      })),
+      batch.map((p, i) => {
+        const at = stored.get(p);
+        return {
+          ...callerEntry(p.caller, 'vault.store', { name: p.input.name, ...(at ? { version: at.version } : {}), ...errorDetail(errors[i]), ...(refused.has(p) ? {} : { unconfirmed: true }) }, at?.id ?? null),
+          outcome: outcomeOf(errors[i]),
+        };
+      }),
     ).then(() => true, () => false);
     batch.forEach((p, i) => p.reject(audited ? markAudited(errors[i]) : errors[i]));
   }
@@ -248,6 +256,7 @@ export class StoreBatcher {
         ...refused.map(({ p, err }) => () => p.reject(markAudited(err))),
       ],
       refused: new Set(refused.map(({ p }) => p)),
+      stored: new Map(stored.map(({ p, id, version }) => [p, { id, version }])),
     };
   }
 }
