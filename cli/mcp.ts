@@ -1,5 +1,5 @@
-import type { JSONRPCMessage } from '@modelcontextprotocol/sdk/types.js';
-import { baseUrl, identityToken, parse, TOKEN_OPTION } from './client/context';
+import type { JSONRPCMessage, JSONRPCRequest } from '@modelcontextprotocol/sdk/types.js';
+import { baseUrl, fetchFailure, identityToken, neverSent, parse, TOKEN_OPTION } from './client/context';
 import { EXIT, unexpectedArgument, usageError } from './client/errors';
 
 /**
@@ -56,10 +56,10 @@ export async function mcpBridge(url: URL, token: string): Promise<void> {
   local.onmessage = (message: JSONRPCMessage) => {
     if (isJSONRPCRequest(message)) pending.add(message.id);
     remote.send(message).catch((err: Error) => {
-      // The server could not be reached or refused the request (a bad token is a 401 problem):
-      // the caller gets a JSON-RPC error for its request instead of waiting forever.
+      // The server could not be reached, refused the request (a bad token is a 401 problem) or its
+      // answer was lost: the caller gets a JSON-RPC error for its request instead of waiting forever.
       if (isJSONRPCRequest(message)) {
-        void local.send({ jsonrpc: '2.0', id: message.id, error: { code: -32000, message: `mailgent: ${err.message}` } });
+        void local.send({ jsonrpc: '2.0', id: message.id, error: { code: -32000, message: `mailgent: ${sendFailure(message, err, url)}` } });
         answered(message.id);
       } else if (!abortedOnClose(err)) {
         process.stderr.write(`mailgent mcp: ${err.message}\n`);
@@ -94,4 +94,25 @@ export async function mcpBridge(url: URL, token: string): Promise<void> {
   await closed;
   closing = true;
   await remote.close();
+}
+
+/**
+ * What the agent is told when its request could not be sent on, or its answer did not come back,
+ * with the cause's code (ECONNREFUSED, UND_ERR_SOCKET, HTTP 502 …) always. A tool call that reached
+ * the server (the connection made, then reset, or cut after the headers; a proxy's 502 or 504, or a
+ * 2xx that is not a JSON-RPC answer, in the server's place) may have been carried out: told only
+ * "fetch failed", an agent repeated it, and a vault_store, rotate_credentials, report_leak or
+ * mail_send was done twice. Only one that never connected (the CLI's own neverSent) is safe to repeat
+ * as it is; an answer of the server's own (a 401 problem) is handed on as it was.
+ */
+function sendFailure(request: JSONRPCRequest, err: Error, url: URL): string {
+  // The SDK's StreamableHTTPError carries the HTTP status as its code (-1: a 2xx of another content type).
+  const code = (err as { code?: unknown }).code;
+  const status = typeof code === 'number' ? code : undefined;
+  const cause = status === undefined ? fetchFailure(err) : status === -1 ? 'not a JSON-RPC answer' : `HTTP ${status}`;
+  const unanswered = status === undefined ? !neverSent(cause) : status === -1 || status === 502 || status === 504;
+  if (request.method === 'tools/call' && unanswered) {
+    return `the request was sent to the Mailgent API at ${url.href} but no answer came from it (${cause}); it may have been carried out: check (e.g. with list_credentials or rotation_status) before repeating it`;
+  }
+  return `${err.message} (${cause})`;
 }

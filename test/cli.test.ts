@@ -1,7 +1,7 @@
 import { spawn } from 'node:child_process';
 import { createHash, createHmac, randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { createServer as createHttpServer, type RequestListener } from 'node:http';
+import { createServer as createHttpServer, STATUS_CODES, type RequestListener } from 'node:http';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -189,24 +189,7 @@ describe('mailgent CLI', () => {
       expect(down.code).toBe(4);
       expect(json(down)).toMatchObject({ type: 'https://mailgent.dev/problems/cli-unreachable', detail: expect.stringContaining('ECONNREFUSED') });
 
-      // A server that sends its headers and drops the connection before the body: unreachable too
-      // (before, exit 1 "terminated" and nothing on stdout under --json).
-      const dropper = createServer((socket) => {
-        socket.once('data', () => socket.end('HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"val', () => socket.destroy()));
-      });
-      await new Promise<void>((resolve) => dropper.listen(0, '127.0.0.1', resolve));
-      try {
-        const { port } = dropper.address() as { port: number };
-        const dropped = await mailgent(['get', 'anything', '--json', '--url', `http://127.0.0.1:${port}`], { env: as(alice) });
-        expect(dropped.code).toBe(4);
-        expect(json(dropped)).toMatchObject({ type: 'https://mailgent.dev/problems/cli-unreachable', detail: expect.stringContaining('dropped the connection') });
-        // A change answered with success, its answer then cut off, was carried out: not "try again later".
-        const stored = await mailgent(['store', 'anything', '--json', '--url', `http://127.0.0.1:${port}`], { env: as(alice), input: 'v' });
-        expect(stored.code).toBe(1);
-        expect(json(stored)).toMatchObject({ type: 'https://mailgent.dev/problems/cli-answer-lost', detail: expect.stringContaining('the request was carried out') });
-      } finally {
-        await new Promise((resolve) => dropper.close(resolve));
-      }
+      // A server that sends its headers and drops the connection before the body: see the next test.
       // A change sent, then no answer at all (the connection dropped): it may have been carried out.
       // Before, exit 4: a script taking that at its word would store, or start a rotation, twice.
       const silent = createServer((socket) => socket.once('data', () => socket.destroy()));
@@ -262,6 +245,72 @@ describe('mailgent CLI', () => {
         await new Promise((resolve) => api.close(resolve));
       }
     });
+    it('an answer cut off after its status line: a change answered with success was carried out, ≥ 500 may have been (exit 1); any other status keeps its exit code', async () => {
+      // A server that sends its status line and headers, then drops the connection before the body.
+      // The status it answers is the URL's first path segment (--url http://…/503), so runs go at once.
+      const dropper = createServer((socket) => {
+        socket.once('data', (request) => {
+          const status = Number(/^\w+ \/(\d{3})\//.exec(String(request))![1]);
+          const head = `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\ncontent-type: application/${status < 400 ? '' : 'problem+'}json\r\ncontent-length: 100\r\n\r\n`;
+          socket.end(`${head}{"val`, () => socket.destroy());
+        });
+      });
+      await new Promise<void>((resolve) => dropper.listen(0, '127.0.0.1', resolve));
+      try {
+        const base = `http://127.0.0.1:${(dropper.address() as { port: number }).port}`;
+        const run = (status: number, args: string[]) => mailgent([...args, '--json', '--url', `${base}/${status}`], { env: as(alice), input: 'v' });
+        // A read: unreachable, try again later (before, exit 1 "terminated" and nothing on stdout under --json).
+        // A change answered with success, its answer then cut off, was carried out: not "try again later".
+        const [dropped, stored] = await Promise.all([run(200, ['get', 'anything']), run(200, ['store', 'anything'])]);
+        expect(dropped.code).toBe(4);
+        expect(json(dropped)).toMatchObject({ type: 'https://mailgent.dev/problems/cli-unreachable', detail: expect.stringContaining('dropped the connection') });
+        expect(stored.code).toBe(1);
+        expect(json(stored)).toMatchObject({ type: 'https://mailgent.dev/problems/cli-answer-lost', detail: expect.stringContaining('the request was carried out') });
+
+        // A change answered ≥ 500 may have been carried out (a 503's `unconfirmed` went with the body).
+        // Before, exit 4 "try again later": a script would store, or start a rotation, twice.
+        const maybeDone = [500, 502, 503, 504].flatMap((status) => [['store', 'anything'], ['rotate', 'anything']].map((args) => [status, args] as const));
+        const cutChanges = await Promise.all(maybeDone.map(([status, args]) => run(status, args)));
+        maybeDone.forEach(([status, args], i) => {
+          expect(cutChanges[i]!.code, `${status} ${args[0]}`).toBe(1);
+          expect(json(cutChanges[i]!), `${status} ${args[0]}`).toEqual({
+            type: 'https://mailgent.dev/problems/cli-answer-lost',
+            title: 'Answer lost',
+            detail: expect.stringMatching(new RegExp(`answered HTTP ${status} but dropped the connection before the rest of its answer \\(\\w+\\); it may have been carried out: check before repeating it$`)),
+          });
+        });
+
+        // Any other status says what it says, cut or not (before, every one was exit 4); a read answered
+        // 5xx as a whole answer would be (a server error 1; a proxy's 502 or 504, a 503: busy, 4).
+        const byStatus: [number, string[], number][] = [
+          [409, ['store', 'anything'], 1],
+          [422, ['rotate', 'anything'], 1],
+          [400, ['store', 'anything'], 2],
+          [413, ['store', 'anything'], 2],
+          [401, ['store', 'anything'], 3],
+          [404, ['rotate', 'anything'], 3],
+          [404, ['get', 'anything'], 3],
+          [429, ['store', 'anything'], 4],
+          [500, ['get', 'anything'], 1],
+          [502, ['get', 'anything'], 4],
+          [503, ['totp', 'anything'], 4],
+          [504, ['get', 'anything'], 4],
+        ];
+        const cut = await Promise.all(byStatus.map(([status, args]) => run(status, args)));
+        byStatus.forEach(([status, args, code], i) => {
+          expect(cut[i]!.code, `${status} ${args[0]}`).toBe(code);
+          expect(json(cut[i]!), `${status} ${args[0]}`).toEqual({
+            type: 'about:blank',
+            title: STATUS_CODES[status],
+            status,
+            detail: expect.stringMatching(new RegExp(`^the API answered HTTP ${status} but dropped the connection before the rest of its answer \\(\\w+\\)$`)),
+          });
+        });
+      } finally {
+        await new Promise((resolve) => dropper.close(resolve));
+      }
+    });
+
     it('never repeats an extra argument (often the secret itself): names its place instead', async () => {
       const secret = 'sk_live_in_argv_0001';
       const runs = [

@@ -114,6 +114,8 @@ export class Api {
         method,
         headers: { authorization: `Bearer ${this.token}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
         body: body === undefined ? undefined : JSON.stringify(body),
+        // Never followed: see redirected.
+        redirect: 'manual',
         signal: AbortSignal.timeout(opts.timeoutMs ?? 60_000),
       });
     } catch (err) {
@@ -128,16 +130,15 @@ export class Api {
       }
       throw unreachable(`cannot reach the Mailgent API at ${this.url}: ${fetchFailure(err)}`);
     }
+    if (res.status >= 300 && res.status < 400) {
+      res.body?.cancel().catch(() => undefined);
+      throw redirected(this.url, route, res);
+    }
     let text: string;
     try {
       text = await res.text();
     } catch (err) {
-      // The connection dropped after the headers (the API stopped, a proxy reset it): the answer is
-      // lost. A change the API answered with success was carried out.
-      if (!readOnly(method, route) && res.ok) {
-        throw answerLost(`the Mailgent API at ${this.url} answered HTTP ${res.status} but dropped the connection before the rest of its answer: the request was carried out (${fetchFailure(err)})`);
-      }
-      throw unreachable(`the Mailgent API at ${this.url} dropped the connection before its answer was read: ${fetchFailure(err)}`);
+      throw bodyLost(this.url, method, route, res, fetchFailure(err));
     }
     let parsed: unknown;
     try {
@@ -171,12 +172,61 @@ export class Api {
         `the request to the Mailgent API at ${this.url} was sent but a proxy answered HTTP ${res.status} in its place; it may have been carried out: check before repeating it`,
       );
     }
-    const problem: Problem =
-      parsed && typeof parsed === 'object' && 'detail' in parsed
-        ? (parsed as Problem)
-        : { type: 'about:blank', title: res.statusText || 'Error', status: res.status, detail: `the API answered HTTP ${res.status}` };
+    const problem: Problem = parsed && typeof parsed === 'object' && 'detail' in parsed ? (parsed as Problem) : statusProblem(res, `the API answered HTTP ${res.status}`);
     throw new CliError(exitCodeOf(res.status, problem), problem);
   }
+}
+
+/** The problem of an answer that has none of its own (not JSON, or lost): what its status says. */
+function statusProblem(res: Response, detail: string): Problem {
+  return { type: 'about:blank', title: res.statusText || 'Error', status: res.status, detail };
+}
+
+/**
+ * A redirect (a proxy's HTTP → HTTPS 308, a moved host) is not followed: following it sent the
+ * request, the secret in its body too, a second time, to wherever the Location said, and fetch drops
+ * the Authorization header across origins, so the answer was a misleading 401. It is the URL that is
+ * wrong (exit 2): the Location is named, without user info, query or fragment (they may hold a
+ * credential), and, when it ends with the route asked for, the API URL that it implies.
+ */
+function redirected(base: string, route: string, res: Response): CliError {
+  const location = res.headers.get('location');
+  let target: URL | undefined;
+  try {
+    target = location ? new URL(location, base + route) : undefined;
+  } catch {
+    target = undefined;
+  }
+  const refused = `the API URL (--url or MAILGENT_URL) ${base} answered HTTP ${res.status}, a redirect`;
+  const notFollowed = 'the CLI does not follow redirects (it would send the request, and any secret in it, a second time)';
+  if (!target) return usageError(`${refused} ${location ? 'to a Location that is not a URL' : 'without a Location'}; ${notFollowed}: point MAILGENT_URL (or --url) at the Mailgent API itself`);
+  target.username = target.password = target.search = target.hash = '';
+  const path = route.split('?')[0]!;
+  const api = target.pathname.endsWith(path) ? target.href.slice(0, -path.length) : target.href;
+  return usageError(`${refused} to ${target.href}; ${notFollowed}: if that is where the Mailgent API is, point MAILGENT_URL (or --url) at ${api}`);
+}
+
+/**
+ * The connection dropped (or the timeout passed) after the status line, before the rest of the
+ * answer (the API stopped, a proxy reset it): the status is all there is. A change answered with
+ * success was carried out; one answered ≥ 500 (a server error, a proxy's 502 or 504, a 503 whose
+ * `unconfirmed` went with the body) may have been. A read answered with success is to be asked again.
+ * Any other status says what it says (a 409 is a conflict, a 404 not found, a 400 a malformed
+ * request) with the exit code its problem would have had: before, every one was "unreachable, try
+ * again later" (exit 4), even a change a 5xx may have carried out.
+ */
+function bodyLost(url: string, method: string, route: string, res: Response, why: string): CliError {
+  const change = !readOnly(method, route);
+  if (change && res.ok) {
+    return answerLost(`the Mailgent API at ${url} answered HTTP ${res.status} but dropped the connection before the rest of its answer: the request was carried out (${why})`);
+  }
+  if (change && res.status >= 500) {
+    return answerLost(
+      `the Mailgent API at ${url} answered HTTP ${res.status} but dropped the connection before the rest of its answer (${why}); it may have been carried out: check before repeating it`,
+    );
+  }
+  if (res.ok) return unreachable(`the Mailgent API at ${url} dropped the connection before its answer was read: ${why}`);
+  return new CliError(exitCodeOf(res.status), statusProblem(res, `the API answered HTTP ${res.status} but dropped the connection before the rest of its answer (${why})`));
 }
 
 /** Where answers go: with --json exactly one JSON document on stdout; otherwise text for people. */
@@ -213,20 +263,22 @@ export function reportError(err: CliError, command: string, json: boolean): void
 
 export { EXIT };
 
-/** What a failed fetch says went wrong: its cause's code (ECONNREFUSED …) or message, else its own. */
 /** Calls that change nothing, so may be repeated whatever became of them: GETs, and the vault's reads (POSTs, audited). */
 function readOnly(method: string, route: string): boolean {
   return method === 'GET' || route === '/v1/vault.get' || route === '/v1/vault.totp';
 }
 
 /**
- * Failures of fetch that mean no request was sent: no connection was made, or the TLS handshake
- * failed (a certificate refused) before it.
+ * Failures of fetch (as fetchFailure names them) that mean no request was sent: no connection was
+ * made, or the TLS handshake failed (a certificate refused) before it, or fetch refused the URL
+ * itself (one that does not parse, a "bad port"). Exported for `mailgent mcp` (cli/mcp.ts), which
+ * tells an agent the same.
  */
-const NEVER_CONNECTED = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'EADDRNOTAVAIL', 'UND_ERR_CONNECT_TIMEOUT']);
-const neverSent = (code: string) => NEVER_CONNECTED.has(code) || /^(CERT_|ERR_TLS_|ERR_SSL_|DEPTH_ZERO_SELF_SIGNED_CERT|SELF_SIGNED_CERT_IN_CHAIN|UNABLE_TO_)/.test(code);
+const NEVER_CONNECTED = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'EADDRNOTAVAIL', 'UND_ERR_CONNECT_TIMEOUT', 'ERR_INVALID_URL', 'bad port']);
+export const neverSent = (code: string) => NEVER_CONNECTED.has(code) || /^(CERT_|ERR_TLS_|ERR_SSL_|DEPTH_ZERO_SELF_SIGNED_CERT|SELF_SIGNED_CERT_IN_CHAIN|UNABLE_TO_)/.test(code);
 
-function fetchFailure(err: unknown): string {
+/** What a failed fetch says went wrong: its cause's code (ECONNREFUSED …) or message, else its own. */
+export function fetchFailure(err: unknown): string {
   const cause = (err as { cause?: { code?: string; message?: string } }).cause;
   return cause?.code ?? cause?.message ?? (err as Error).message;
 }

@@ -1,7 +1,8 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
+import { createServer as createNetServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -16,6 +17,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 const BIN = fileURLToPath(new URL('../../bin/mailgent.js', import.meta.url));
 /** Makes the child's stderr pass for a terminal, so `rotate` draws its bar (into our pipe). */
 const FAKE_TTY = 'data:text/javascript,process.stderr.isTTY=true';
+/** Makes the child's stdin pass for a terminal, so `store` prompts for the value (read from our pipe). */
+const FAKE_STDIN_TTY = 'data:text/javascript,process.stdin.isTTY=true;process.stdin.setRawMode=function(){return this}';
 
 interface Run {
   code: number | null;
@@ -31,7 +34,7 @@ interface Seen {
   body: string;
 }
 
-type Answer = { status: number; body: unknown; type?: string } | 'hang';
+type Answer = { status: number; body: unknown; type?: string; headers?: Record<string, string> } | 'hang';
 
 const ROTATION_ID = '0b7c6a52-3f0e-4a8e-9d1c-5e2f7a9b4c13';
 const CREDENTIAL_ID = '9a1d4e7f-2b3c-4d5e-8f6a-7b8c9d0e1f2a';
@@ -56,6 +59,8 @@ const report = (state: 'running' | 'succeeded') => ({
 });
 const isStart = (r: Seen) => r.method === 'POST' && r.url === '/v1/rotations';
 const isPoll = (r: Seen) => r.method === 'GET' && r.url === `/v1/rotations/${ROTATION_ID}`;
+/** `text` as a regular expression that matches it literally. */
+const literally = (text: string) => text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 /** A proxy's error page: what nginx answers when the API did not. */
 const proxyPage = (status: number): Answer => ({ status, type: 'text/html', body: `<html><head><title>${status}</title></head><body>nginx</body></html>` });
 
@@ -72,11 +77,20 @@ describe('mailgent CLI against a stand-in API', () => {
    */
   const mailgent = (
     args: string[],
-    opts: { url?: string; env?: Record<string, string>; input?: string; tty?: boolean; killAfterMs?: number; started?: (child: ChildProcess) => void } = {},
+    opts: {
+      url?: string;
+      env?: Record<string, string>;
+      input?: string | Buffer;
+      tty?: boolean;
+      stdinTty?: boolean;
+      killAfterMs?: number;
+      started?: (child: ChildProcess) => void;
+    } = {},
   ): Promise<Run> =>
     new Promise((resolve, reject) => {
       const env = { PATH: process.env.PATH!, HOME: cwd, MAILGENT_URL: opts.url ?? 'http://127.0.0.1:9', MAILGENT_TOKEN: 'mgt_identity_token', ...opts.env };
-      const child = spawn(process.execPath, [...(opts.tty ? ['--import', FAKE_TTY] : []), BIN, ...args], { cwd, env });
+      const imports = [...(opts.tty ? ['--import', FAKE_TTY] : []), ...(opts.stdinTty ? ['--import', FAKE_STDIN_TTY] : [])];
+      const child = spawn(process.execPath, [...imports, BIN, ...args], { cwd, env });
       const killer = setTimeout(() => child.kill('SIGKILL'), opts.killAfterMs ?? 20_000);
       let stdout = '';
       let stderr = '';
@@ -104,7 +118,7 @@ describe('mailgent CLI against a stand-in API', () => {
         const a = answer(request, seen);
         if (a === 'hang') return;
         const type = a.type ?? (a.status >= 400 ? 'application/problem+json' : 'application/json');
-        res.writeHead(a.status, { 'content-type': type }).end(typeof a.body === 'string' ? a.body : JSON.stringify(a.body));
+        res.writeHead(a.status, { 'content-type': type, ...a.headers }).end(typeof a.body === 'string' ? a.body : JSON.stringify(a.body));
       });
     });
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
@@ -362,5 +376,142 @@ describe('mailgent CLI against a stand-in API', () => {
     const run = await mailgent(['mcp', '--json']);
     expect(run).toMatchObject({ code: 2, stdout: '' });
     expect(run.stderr).toContain('mailgent mcp: Usage error: --json is not for mcp: its stdout carries only the MCP protocol');
+  });
+
+  it('a value that is not UTF-8 text (a Latin-1 file, pipe, terminal or variable) is refused (exit 2) before anything is sent, never shown', async () => {
+    // `printf 'p\xe4ss'`: before, each such byte became U+FFFD, and the mangled value was stored (or hashed, for leak): exit 0.
+    const latin1 = Buffer.concat([Buffer.from('sk_live_SECRET_p'), Buffer.from([0xe4]), Buffer.from('ss\n')]);
+    const file = path.join(cwd, 'latin1-value.txt');
+    writeFileSync(file, latin1, { mode: 0o600 });
+    const stored = { id: CREDENTIAL_ID, name: 'stripe', version: 1, createdAt: new Date().toISOString() };
+    await withApi(
+      (req) => (req.url === '/v1/leaks' ? { status: 200, body: { results: [] } } : { status: 201, body: stored }),
+      async (url, seen) => {
+        const cases: [string, string[], Parameters<typeof mailgent>[1]][] = [
+          ['stdin', ['store', 'stripe'], { input: latin1 }],
+          ['stdin', ['store', 'stripe', '--value-file', '-'], { input: latin1 }],
+          ['the file named by --value-file', ['store', 'stripe', '--value-file', file], {}],
+          ['the file named by --value-file', ['leak', '--value-file', file], {}],
+          ['stdin', ['leak', '--value-file', '-'], { input: latin1 }],
+          ['the prompt', ['store', 'stripe'], { input: Buffer.concat([latin1.subarray(0, -1), Buffer.from('\r')]), stdinTty: true }],
+          // Node decodes the environment itself: U+FFFD is what is left of such a byte.
+          ['the variable named by --value-env', ['store', 'stripe', '--value-env', 'THE_VALUE'], { env: { THE_VALUE: 'sk_live_SECRET_p\uFFFDss' } }],
+        ];
+        const runs = await Promise.all(cases.map(([, args, opts]) => mailgent([...args, '--json'], { url, ...opts })));
+        cases.forEach(([from, args], i) => {
+          const run = runs[i]!;
+          const what = `${args.join(' ')} (${from})`;
+          expect(run.code, what).toBe(2);
+          expect(json(run), what).toEqual({
+            type: 'https://mailgent.dev/problems/cli-usage',
+            title: 'Usage error',
+            detail: expect.stringMatching(new RegExp(`^the (value of stripe|leaked value) read from ${literally(from)} is not UTF-8 text`)),
+          });
+          expect(run.stdout + run.stderr, what).not.toContain('SECRET');
+        });
+        expect(seen).toEqual([]);
+
+        // UTF-8 (a multi-byte character, from a pipe and from the terminal) is sent as it is, one trailing newline dropped.
+        const piped = await mailgent(['store', 'stripe'], { url, input: Buffer.from('pässwörd-€\n') });
+        const typed = await mailgent(['store', 'stripe'], { url, input: Buffer.from('pässwörd-€\r'), stdinTty: true });
+        for (const run of [piped, typed]) expect(run.code, run.stderr).toBe(0);
+        expect(seen.map((r) => JSON.parse(r.body).value)).toEqual(['pässwörd-€', 'pässwörd-€']);
+      },
+    );
+  });
+
+  it('a redirect (an HTTP → HTTPS 308) is not followed: exit 2 naming the Location (no user info, no query), nothing sent there', async () => {
+    // Before, the request (the secret in its body) was sent again to the Location, without its
+    // Authorization header (another origin), and the answer was a misleading 401: exit 3.
+    await withApi(
+      () => ({ status: 401, body: { type: 'https://mailgent.dev/problems/unauthorized', title: 'Unauthorized', status: 401, detail: 'no bearer token' } }),
+      async (target, atTarget) => {
+        const locations = {
+          plain: (route: string) => `${target}${route}?via=redirect#top`,
+          userinfo: (route: string) => `${target.replace('//', '//admin:hunter2@')}${route}`,
+        };
+        for (const [how, location] of Object.entries(locations)) {
+          await withApi(
+            (req) => ({ status: 308, type: 'text/html', body: '<html>moved</html>', headers: { location: location(req.url) } }),
+            async (url, seen) => {
+              const commands = [
+                ['store', 'stripe'],
+                ['get', 'stripe'],
+                ['rotate', 'stripe'],
+              ];
+              const runs = await Promise.all(commands.map((args) => mailgent([...args, '--json'], { url, input: 'sk_live_SECRET_value' })));
+              runs.forEach((run, i) => {
+                const what = `${how}: ${commands[i]!.join(' ')}`;
+                const route = ['/v1/vault.store', '/v1/vault.get', '/v1/rotations'][i];
+                expect(run.code, what).toBe(2);
+                expect(json(run), what).toEqual({
+                  type: 'https://mailgent.dev/problems/cli-usage',
+                  title: 'Usage error',
+                  detail:
+                    `the API URL (--url or MAILGENT_URL) ${url} answered HTTP 308, a redirect to ${target}${route}; the CLI does not follow redirects ` +
+                    `(it would send the request, and any secret in it, a second time): if that is where the Mailgent API is, point MAILGENT_URL (or --url) at ${target}`,
+                });
+                expect(run.stdout + run.stderr, what).not.toMatch(/via=redirect|#top|hunter2|admin:|SECRET/);
+              });
+              expect(seen).toHaveLength(commands.length);
+            },
+          );
+        }
+        expect(atTarget).toEqual([]);
+      },
+    );
+  });
+
+  it('mcp: a tools/call sent whose answer was lost may have been carried out (check before repeating it); one that never connected does not say so', async () => {
+    const call = { jsonrpc: '2.0', id: 1, method: 'tools/call', params: { name: 'vault_store', arguments: { name: 'stripe', kind: 'api_key', value: 'sk_live_SECRET_mcp' } } };
+    const list = { jsonrpc: '2.0', id: 2, method: 'tools/list' };
+    const input = `${JSON.stringify(call)}\n${JSON.stringify(list)}\n`;
+    /** The bridge's answers, by request id. */
+    const bridge = async (url: string) => {
+      const run = await mailgent(['mcp'], { url, input });
+      expect(run.code, run.stderr).toBe(0);
+      const answers = run.stdout.trim().split('\n').map((line) => JSON.parse(line) as { id: number; error: { code: number; message: string } });
+      expect(answers.map((a) => a.id).sort()).toEqual([1, 2]);
+      expect(run.stdout + run.stderr).not.toContain('SECRET');
+      return { call: answers.find((a) => a.id === 1)!.error.message, list: answers.find((a) => a.id === 2)!.error.message };
+    };
+    const check = 'it may have been carried out: check (e.g. with list_credentials or rotation_status) before repeating it';
+
+    // Sent, then: the connection reset at once; the headers and part of the body, then cut; a proxy's
+    // 502 in the server's place. Each with the cause's code (a pattern: a reset is seen while the
+    // request is written, or after).
+    const servers: [string, (socket: Socket) => void, string][] = [
+      ['reset', (socket) => socket.destroy(), '(UND_ERR_SOCKET|ECONNRESET|EPIPE)'],
+      ['cut after the headers', (socket) => socket.end('HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"jsonrpc', () => socket.destroy()), 'UND_ERR_SOCKET'],
+      ['502', (socket) => socket.end('HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/html\r\ncontent-length: 13\r\nconnection: close\r\n\r\n<html></html>'), 'HTTP 502'],
+    ];
+    for (const [how, onRequest, cause] of servers) {
+      const server = createNetServer((socket) => socket.once('data', () => onRequest(socket)));
+      await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+      try {
+        const url = `http://127.0.0.1:${(server.address() as { port: number }).port}`;
+        const said = await bridge(url);
+        // Before, "mailgent: fetch failed" (or the proxy's page): the agent repeated the call.
+        expect(said.call, how).toMatch(new RegExp(`^mailgent: the request was sent to the Mailgent API at ${literally(`${url}/mcp`)} but no answer came from it \\(${cause}\\); ${literally(check)}$`));
+        // A request that is not a tool call changes nothing: the transport's own message, with the cause.
+        expect(said.list, how).not.toContain('may have been carried out');
+        expect(said.list, how).toMatch(new RegExp(`^mailgent: .+ \\(${cause}\\)$`));
+      } finally {
+        await new Promise((resolve) => server.close(resolve));
+      }
+    }
+
+    // Never sent: a closed port, a port fetch refuses outright (the default URL here, :9).
+    const closed = await new Promise<number>((resolve) => {
+      const server = createNetServer().listen(0, '127.0.0.1', () => {
+        const { port } = server.address() as { port: number };
+        server.close(() => resolve(port));
+      });
+    });
+    for (const [url, cause] of [[`http://127.0.0.1:${closed}`, 'ECONNREFUSED'], ['http://127.0.0.1:9', 'bad port']]) {
+      const said = await bridge(url!);
+      expect(said.call, url).toBe(`mailgent: fetch failed (${cause})`);
+      expect(said.list, url).toBe(`mailgent: fetch failed (${cause})`);
+    }
   });
 });
