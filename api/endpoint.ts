@@ -275,7 +275,11 @@ export function authenticate(auth: AuthDeps, who: Who): RequestHandler {
       if (who !== 'admin') return next();
       throw new AppError(403, 'forbidden', 'Forbidden', 'this route needs the admin token');
     }
-    if (isAdmin) throw new AppError(403, 'forbidden', 'Forbidden', 'this route needs an identity’s token; the admin token acts for no identity');
+    if (isAdmin) {
+      // Its refusal is the admin's (audited as such), not an anonymous caller's.
+      res.locals.admin = true;
+      throw new AppError(403, 'forbidden', 'Forbidden', 'this route needs an identity’s token; the admin token acts for no identity');
+    }
     throw new AppError(401, 'unauthorized', 'Authentication required', 'the bearer token is not valid');
   };
 }

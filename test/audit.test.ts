@@ -48,6 +48,9 @@ describe('audit log', () => {
     expect(await rowsFor('req-401')).toEqual([{ identity_id: null, actor: 'anonymous', action: 'vault.get', credential_id: null, outcome: 'denied', detail: { error: 'unauthorized', status: 401 } }]);
     expect(await rowsFor('req-json')).toMatchObject([{ identity_id: agent.id, action: 'vault.store', outcome: 'rejected', detail: { error: 'malformed-json' } }]);
     expect(await rowsFor('req-403')).toMatchObject([{ identity_id: agent.id, action: 'identity.create', outcome: 'denied', detail: { error: 'forbidden' } }]);
+    // The admin token on an identity's route: the admin's refusal (it was written as anonymous's).
+    await h.api('POST', '/v1/vault.get', { token: h.adminToken, body: { name: 'seed' }, headers: { 'x-request-id': 'req-admin-403' } });
+    expect(await rowsFor('req-admin-403')).toMatchObject([{ identity_id: null, actor: 'admin', action: 'vault.get', outcome: 'denied', detail: { error: 'forbidden', status: 403 } }]);
     // Routes that only read metadata write no row when they succeed, but a denied call is still written.
     await h.api('GET', '/v1/credentials', { token: 'not-a-token', headers: { 'x-request-id': 'req-list-401' } });
     await h.api('GET', '/v1/whoami', { headers: { 'x-request-id': 'req-whoami-401' } });
