@@ -105,7 +105,13 @@ export class AuthGuard {
           this.startWindow(state);
           state.failures += 1;
         } else if (outcome === 'valid') {
-          if (state.knownUntil <= now || state.known.size >= KNOWN_TOKENS_PER_CLIENT) state.known.clear();
+          if (state.knownUntil <= now) state.known.clear();
+          // Full, the one that worked least recently makes room (a Set keeps insertion order; a token
+          // that works again moves to the end). Clearing them all forgot every agent behind a shared
+          // address (a proxy's) each time a 65th token worked, and one misconfigured agent then
+          // locked the forgotten ones out.
+          state.known.delete(token);
+          if (state.known.size >= KNOWN_TOKENS_PER_CLIENT) state.known.delete(state.known.values().next().value!);
           state.known.add(token);
           state.knownUntil = now + this.limits.windowMs;
         }

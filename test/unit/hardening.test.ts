@@ -37,6 +37,17 @@ describe('auth guard', () => {
     guard.close();
   });
 
+  it('remembers the 64 tokens that worked most recently from a client, not none once a 65th works (many agents behind one proxy)', async () => {
+    const guard = new AuthGuard({ maxFailures: 1, windowMs: 60_000 });
+    const tokens = Array.from({ length: 70 }, (_, i) => hashToken(`agent-${i}`));
+    for (const token of tokens) await attempt(guard, '10.0.0.9', token, 'valid');
+    await attempt(guard, '10.0.0.9', hashToken('misconfigured'), 'invalid');
+    // Before, the 65th cleared them all: only the last six were still known, and the rest got 429s.
+    for (const token of tokens.slice(6)) await expect(guard.admit(from('10.0.0.9'), token)).resolves.toBeDefined();
+    for (const token of tokens.slice(0, 6)) await expect(guard.admit(from('10.0.0.9'), token)).rejects.toBeInstanceOf(TooManyRequestsError);
+    guard.close();
+  });
+
   it('counts an IPv6 /56 as one client', async () => {
     const guard = new AuthGuard({ maxFailures: 1, windowMs: 60_000 });
     await attempt(guard, '2001:db8:0:1::1', hashToken('guess'), 'invalid');
