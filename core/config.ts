@@ -132,6 +132,9 @@ const commaList = (value: string) =>
 /** The API's port when PORT is not set; also where the CLI's client commands look by default. */
 export const DEFAULT_PORT = 8080;
 
+/** The characters a bearer token is made of (api/endpoint.ts reads `Bearer <token>` with the same class). */
+export const ADMIN_TOKEN_CHARS = /^[\x21-\x7e]+$/;
+
 const schema = z.object({
   PORT: port.default(DEFAULT_PORT),
   HOST: host.default('127.0.0.1'),
@@ -145,7 +148,14 @@ const schema = z.object({
   SMTP_URL: url(['smtp:', 'smtps:']).optional(),
   MAIL_FROM: email.default('mailgent@localhost'),
   VAULT_MASTER_KEY: masterKey.optional(),
-  ADMIN_TOKEN: z.string().min(32, 'must be at least 32 characters (use 256 bits of randomness)').optional(),
+  ADMIN_TOKEN: z
+    .string()
+    .min(32, 'must be at least 32 characters (use 256 bits of randomness)')
+    // What a bearer token can be (api/endpoint.ts): one with a space, a line break (a CRLF env file),
+    // a non-ASCII character or more than 512 characters started a service no admin could call.
+    .max(512, 'must be at most 512 characters')
+    .regex(ADMIN_TOKEN_CHARS, 'must be printable ASCII without spaces (it is sent as Authorization: Bearer <token>)')
+    .optional(),
   SECURITY_NOTIFY: z
     .string()
     .transform(commaList)

@@ -1,5 +1,6 @@
 import { existsSync, linkSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
+import { ADMIN_TOKEN_CHARS, ConfigError } from '../core/config';
 import { newToken } from '../vault/identities';
 import { generateMasterKey, masterKeyId, writeKeyringFile } from '../vault/keyring';
 
@@ -49,10 +50,22 @@ export function adminTokenPath(dataDir: string): string {
 
 export function ensureAdminToken(dataDir: string): { token: string; created: boolean } {
   const file = adminTokenPath(dataDir);
-  if (existsSync(file)) return { token: readFileSync(file, 'utf8').trim(), created: false };
+  if (existsSync(file)) return { token: readAdminToken(file), created: false };
   const token = newToken();
   // Placed whole, as the keyring file is: another process starting on this DATA_DIR at the same
   // moment gets the same token, never a half-written file.
   if (placeOnce(file, (made) => writeFileSync(made, `${token}\n`, { mode: 0o600 }))) return { token, created: true };
-  return { token: readFileSync(file, 'utf8').trim(), created: false };
+  return { token: readAdminToken(file), created: false };
+}
+
+/**
+ * The token kept in the file, held to ADMIN_TOKEN's rules: an edited or emptied file started a
+ * service with a weak admin token, or one no request could present. Never quoted.
+ */
+function readAdminToken(file: string): string {
+  const token = readFileSync(file, 'utf8').trim();
+  if (token.length < 32 || token.length > 512 || !ADMIN_TOKEN_CHARS.test(token)) {
+    throw new ConfigError([`${file}: the admin token in it must be 32 to 512 printable ASCII characters without spaces; delete the file to have a new one made`]);
+  }
+  return token;
 }

@@ -85,6 +85,19 @@ describe('configuration', () => {
     const [tokenMessage] = problems({ ADMIN_TOKEN: 'short-token' });
     expect(tokenMessage).toMatch(/^ADMIN_TOKEN: must be at least 32 characters/);
     expect(tokenMessage).not.toContain('short-token');
+    // A token no request could present (what Authorization: Bearer <token> can carry): refused at
+    // start, not a service whose every admin call is a 401. Never repeated either.
+    for (const [token, message] of [
+      [`${'a'.repeat(20)} ${'b'.repeat(20)}`, /^ADMIN_TOKEN: must be printable ASCII without spaces/],
+      [`${'c'.repeat(40)}\r`, /^ADMIN_TOKEN: must be printable ASCII without spaces/],
+      ['é'.repeat(32), /^ADMIN_TOKEN: must be printable ASCII without spaces/],
+      ['d'.repeat(513), /^ADMIN_TOKEN: must be at most 512 characters/],
+    ] as const) {
+      const [refused] = problems({ ADMIN_TOKEN: token });
+      expect(refused, JSON.stringify(token.slice(0, 8))).toMatch(message);
+      expect(refused).not.toContain(token.trim().slice(0, 20));
+    }
+    expect(problems({ ADMIN_TOKEN: 'e'.repeat(512) })).toEqual([]);
     const [urlMessage] = problems({ DATABASE_URL: 'mysql://root:hunter2@db/x' });
     expect(urlMessage).not.toContain('hunter2');
   });
