@@ -39,6 +39,39 @@ export function expressShaped(app: Express): { IncomingMessage?: typeof Incoming
  * The API's HTTP server. Requests Node's parser refuses before Express sees them (oversize
  * headers, a broken request line, bad characters in the path) still get a problem+json answer.
  */
+interface ClientProblem {
+  status: number;
+  reason: string;
+  slug: string;
+  title: string;
+  detail: string;
+}
+
+const MALFORMED: ClientProblem = { status: 400, reason: 'Bad Request', slug: 'malformed-request', title: 'Malformed request', detail: 'the request is not valid HTTP' };
+
+/**
+ * The answers Node's own handler gives these (a slow client's timeout is a 408 it may retry, not a
+ * malformed request it must not), as problems. Anything else the parser refuses is MALFORMED.
+ */
+const CLIENT_ERRORS: Record<string, ClientProblem> = {
+  HPE_HEADER_OVERFLOW: {
+    status: 431,
+    reason: 'Request Header Fields Too Large',
+    slug: 'request-header-too-large',
+    title: 'Request headers too large',
+    detail: `the request headers are larger than ${MAX_HEADER_BYTES / 1024} KiB`,
+  },
+  // headersTimeout (60 s) or requestTimeout (300 s): the request did not arrive whole in time.
+  ERR_HTTP_REQUEST_TIMEOUT: { status: 408, reason: 'Request Timeout', slug: 'request-timeout', title: 'Request timeout', detail: 'the request did not arrive in time; send it again' },
+  HPE_CHUNK_EXTENSIONS_OVERFLOW: {
+    status: 413,
+    reason: 'Payload Too Large',
+    slug: 'payload-too-large',
+    title: 'Request too large',
+    detail: 'the request body’s chunk extensions are too large',
+  },
+};
+
 export function listen(app: Express, port: number, host: string): Server {
   // Host is not used for anything; without one the request still gets the API's own answer (a problem, not Node's bare 400).
   const server = createServer({ maxHeaderSize: MAX_HEADER_BYTES, requireHostHeader: false, ...expressShaped(app) }, app);
@@ -47,14 +80,8 @@ export function listen(app: Express, port: number, host: string): Server {
       socket.destroy();
       return;
     }
-    const tooLarge = err.code === 'HPE_HEADER_OVERFLOW';
-    const [status, reason] = tooLarge ? [431, 'Request Header Fields Too Large'] : [400, 'Bad Request'];
-    const body = JSON.stringify({
-      type: PROBLEM_BASE + (tooLarge ? 'request-header-too-large' : 'malformed-request'),
-      title: tooLarge ? 'Request headers too large' : 'Malformed request',
-      status,
-      detail: tooLarge ? `the request headers are larger than ${MAX_HEADER_BYTES / 1024} KiB` : 'the request is not valid HTTP',
-    });
+    const { status, reason, slug, title, detail } = CLIENT_ERRORS[err.code ?? ''] ?? MALFORMED;
+    const body = JSON.stringify({ type: PROBLEM_BASE + slug, title, status, detail });
     socket.end(
       `HTTP/1.1 ${status} ${reason}\r\nContent-Type: application/problem+json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n` +
         `Cache-Control: no-store\r\nConnection: close\r\n\r\n${body}`,

@@ -1,6 +1,7 @@
 import { once } from 'node:events';
 import { IncomingMessage, type Server, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import { Duplex } from 'node:stream';
 import express from 'express';
 import { afterEach, describe, expect, it } from 'vitest';
 import { listen } from '../../api/server';
@@ -37,5 +38,29 @@ describe("the API's HTTP server", () => {
       { request: true, response: true },
       { request: true, response: true },
     ]);
+  });
+
+  it('answers a request that did not arrive in time with a 408 problem (it may be sent again), not as malformed HTTP', async () => {
+    server = listen(express(), 0, '127.0.0.1');
+    await once(server, 'listening');
+    const answerTo = (code: string) => {
+      let written = '';
+      const socket = new Duplex({
+        read() {},
+        write(chunk, _encoding, done) {
+          written += String(chunk);
+          done();
+        },
+      });
+      server!.emit('clientError', Object.assign(new Error(code), { code }), socket);
+      return written;
+    };
+    // What Node's own handler answers these (headersTimeout, requestTimeout; chunk extensions), as problems.
+    const timeout = answerTo('ERR_HTTP_REQUEST_TIMEOUT');
+    expect(timeout).toMatch(/^HTTP\/1\.1 408 Request Timeout\r\n/);
+    expect(JSON.parse(timeout.split('\r\n\r\n')[1]!)).toMatchObject({ type: 'https://mailgent.dev/problems/request-timeout', status: 408 });
+    expect(answerTo('HPE_CHUNK_EXTENSIONS_OVERFLOW')).toMatch(/^HTTP\/1\.1 413 /);
+    expect(answerTo('HPE_HEADER_OVERFLOW')).toMatch(/^HTTP\/1\.1 431 /);
+    expect(answerTo('HPE_INVALID_METHOD')).toMatch(/^HTTP\/1\.1 400 [\s\S]*malformed-request/);
   });
 });
