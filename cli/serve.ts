@@ -58,11 +58,11 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
     if (stopping) return;
     stopping = true;
     logger.info('shutting down');
-    for (const { name, close } of closers) {
-      await close().catch((err) => logger.error({ err, part: name }, 'failed to stop cleanly'));
-    }
+    const failed = await closeAll(closers, logger);
     logger.info('stopped');
-    process.exitCode = code;
+    // A part that did not stop cleanly (the worker's drain given up with activities still running,
+    // say) is a failure: the exit code says so to whoever supervises the process (it was 0).
+    process.exitCode = failed ? Math.max(code, 1) : code;
   };
   /**
    * An embedded server that exits on its own (killed, crashed, out of disk) is not restarted: every
@@ -223,13 +223,28 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
     starting = false;
   } catch (err) {
     starting = false;
-    if (err instanceof StartupInterrupted) return stop(stopCode ?? 0);
+    // A signal during start-up also reaches the helpers start-up is running in the same process
+    // group (the workflow bundler, initdb, go install under npm start's Ctrl-C): their failure is
+    // the interruption, not a start that failed (exit 1).
+    if (err instanceof StartupInterrupted || stopCode !== undefined) return stop(stopCode ?? 0);
     await stop(1);
     throw err;
   }
 }
 
 class StartupInterrupted extends Error {}
+
+/** Stops each part in turn, every one even after a failure; whether any failed (each is logged). */
+export async function closeAll(closers: { name: string; close: () => Promise<unknown> }[], logger: Pick<Logger, 'error'>): Promise<boolean> {
+  let failed = false;
+  for (const { name, close } of closers) {
+    await close().catch((err) => {
+      failed = true;
+      logger.error({ err, part: name }, 'failed to stop cleanly');
+    });
+  }
+  return failed;
+}
 
 async function embed<T extends { stop(): Promise<void>; exited?: Promise<number | null> }>(
   onClose: (name: string, close: () => Promise<unknown>) => void,

@@ -207,6 +207,30 @@ describe('npm start with the embedded defaults', () => {
     expect(processesUsing(dataDir)).toEqual([]);
   });
 
+  it('Ctrl-C while the worker is being bundled stops it cleanly (exit 0): the bundler the signal also ended is not a failed start', { timeout: 120_000 }, async () => {
+    const clean = Object.fromEntries(Object.entries(process.env).filter(([k]) => !['DATABASE_URL', 'TEMPORAL_ADDRESS', 'SMTP_URL', 'VAULT_MASTER_KEY', 'ADMIN_TOKEN', 'PORT'].includes(k)));
+    // As a terminal runs it: a process group of its own, which Ctrl-C signals whole (the bundler's child too).
+    const proc = spawn(process.execPath, ['--import', 'tsx', 'cli/main.ts', 'serve'], { cwd: ROOT, env: { ...clean, DATA_DIR: dataDir, PORT: String(port) }, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+    started.push(proc);
+    let out = '';
+    proc.stdout!.on('data', (d) => (out += d));
+    proc.stderr!.on('data', (d) => (out += d));
+    const exited = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
+    // The workflows' bundler, a child process of its own, is running.
+    const bundler = path.join(ROOT, 'worker', 'bundle.ts');
+    for (let i = 0; processesUsing(bundler).length === 0; i++) {
+      if (i > 2400 || proc.exitCode !== null) throw new Error(`the bundler never ran:\n${out}`);
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    process.kill(-proc.pid!, 'SIGINT');
+    const code = await exited;
+    // Before, the bundler's death was a failed start: exit 1, "bundling the workflows failed".
+    expect(code, out).toBe(0);
+    expect(out).toContain('"msg":"stopped"');
+    expect(out).not.toMatch(/worker running|API listening/);
+    expect(processesUsing(dataDir)).toEqual([]);
+  });
+
   it('an embedded server that dies stops the service with exit code 1, naming it; the next start brings it back', { timeout: 240_000 }, async () => {
     const ownDir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-died-'));
     const ownPort = await freePort();
