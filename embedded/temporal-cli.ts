@@ -1,5 +1,5 @@
 import { execFile } from 'node:child_process';
-import { accessSync, constants, mkdirSync } from 'node:fs';
+import { accessSync, constants, mkdirSync, renameSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -28,14 +28,22 @@ export async function findTemporalCli(opts: { configured?: string; logger?: Logg
   if (!go || opts.build === false) return undefined;
   mkdirSync(bin, { recursive: true });
   opts.logger?.info({ module: TEMPORAL_CLI_MODULE, into: bin }, 'building the Temporal CLI with go install (first run only; takes a few minutes)');
+  // Built into a directory of this process's own, then renamed into place: go install may write its
+  // output in place (copied from its build cache), and a build killed half way left a truncated
+  // binary where the cache is looked up, trusted on every start after (it is executable).
+  const staging = path.join(cacheDir(), `bin.tmp-${process.pid}`);
+  mkdirSync(staging, { recursive: true });
   try {
     await promisify(execFile)(go, ['install', TEMPORAL_CLI_MODULE], {
-      env: { ...process.env, GOBIN: bin, GOFLAGS: `${process.env.GOFLAGS ?? ''} -buildvcs=false`.trim() },
+      env: { ...process.env, GOBIN: staging, GOFLAGS: `${process.env.GOFLAGS ?? ''} -buildvcs=false`.trim() },
       maxBuffer: 64 * 1024 * 1024,
     });
+    renameSync(path.join(staging, 'temporal'), cached);
   } catch (err) {
     const e = err as { stderr?: string; message: string };
     throw new Error(`go install ${TEMPORAL_CLI_MODULE} failed: ${(e.stderr || e.message).trim().split('\n').slice(-5).join('\n')}`, { cause: err });
+  } finally {
+    rmSync(staging, { recursive: true, force: true });
   }
   return cached;
 }
