@@ -93,6 +93,25 @@ describe('rekey against concurrent work', () => {
     }
   };
 
+  /**
+   * Starts rekey; answers ({run}: an object, so its run is not awaited with it) once it has finished, or once it is seen waiting for transactions
+   * begun before its new key was written: it asked twice whether they are still open.
+   */
+  const rekeyFinishedOrWaiting = async () => {
+    const run = rekey(loadConfig({ VAULT_MASTER_KEY: h.keyringFile, DATABASE_URL: h.databaseUrl }), silent);
+    const settled = run.then(
+      () => 'rekey finished',
+      () => 'rekey failed',
+    );
+    const polls = new Set<string>();
+    for (const deadline = Date.now() + 10_000; polls.size < 2 && Date.now() < deadline; ) {
+      const { rows } = await h.sql('SELECT query_start::text AS at FROM pg_stat_activity WHERE query LIKE $1 AND pid <> pg_backend_pid()', ['%xact_start < $1::timestamptz%']);
+      for (const r of rows) polls.add(r.at);
+      if ((await Promise.race([settled, sleep(20)])) !== undefined) break;
+    }
+    return { run };
+  };
+
   beforeAll(async () => {
     h = await startHarness();
     agent = await h.createIdentity();
@@ -254,19 +273,8 @@ describe('rekey against concurrent work', () => {
         Atomics.wait(signal, 0, 0, 10_000);
         if (signal[0] !== 1) throw new Error('the service transaction did not begin');
       };
-      const run = rekey(loadConfig({ VAULT_MASTER_KEY: h.keyringFile, DATABASE_URL: h.databaseUrl }), silent);
-      const settled = run.then(
-        () => 'rekey finished',
-        () => 'rekey failed',
-      );
-      // The service commits once rekey has finished (it did not wait), or once rekey is seen waiting:
-      // it asked twice whether transactions begun before the new key are still open.
-      const polls = new Set<string>();
-      for (const deadline = Date.now() + 10_000; polls.size < 2 && Date.now() < deadline; ) {
-        const { rows } = await h.sql('SELECT query_start::text AS at FROM pg_stat_activity WHERE query LIKE $1 AND pid <> pg_backend_pid()', ['%xact_start < $1::timestamptz%']);
-        for (const r of rows) polls.add(r.at);
-        if ((await Promise.race([settled, sleep(20)])) !== undefined) break;
-      }
+      // The service commits once rekey has finished (it did not wait), or once rekey is seen waiting.
+      const { run } = await rekeyFinishedOrWaiting();
       service.postMessage('commit');
       expect(await ended).toBe('committed');
       const result = await run;
@@ -312,19 +320,8 @@ describe('rekey against concurrent work', () => {
       const service = new DataKeys(held(pool), Keyring.fromSetting(h.keyringFile));
       const made = service.serviceKey(pool, name);
       await atInsert;
-      const run = rekey(loadConfig({ VAULT_MASTER_KEY: h.keyringFile, DATABASE_URL: h.databaseUrl }), silent);
-      const settled = run.then(
-        () => 'rekey finished',
-        () => 'rekey failed',
-      );
-      // The insert goes on once rekey has finished (it did not wait for it), or once rekey is seen
-      // waiting for transactions begun before its new key: it asked twice.
-      const polls = new Set<string>();
-      for (const deadline = Date.now() + 10_000; polls.size < 2 && Date.now() < deadline; ) {
-        const { rows } = await h.sql('SELECT query_start::text AS at FROM pg_stat_activity WHERE query LIKE $1 AND pid <> pg_backend_pid()', ['%xact_start < $1::timestamptz%']);
-        for (const r of rows) polls.add(r.at);
-        if ((await Promise.race([settled, sleep(20)])) !== undefined) break;
-      }
+      // The insert goes on once rekey has finished (it did not wait for it), or once rekey is seen waiting.
+      const { run } = await rekeyFinishedOrWaiting();
       release();
       await made;
       const result = await run;
