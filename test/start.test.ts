@@ -216,9 +216,21 @@ describe('npm start with the embedded defaults', () => {
     proc.stdout!.on('data', (d) => (out += d));
     proc.stderr!.on('data', (d) => (out += d));
     const exited = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
-    // The workflows' bundler, a child process of its own, is running.
+    // The workflows' bundler, a child process of this service's own, is running (other files'
+    // services may be bundling too: only a child of this one counts).
     const bundler = path.join(ROOT, 'worker', 'bundle.ts');
-    for (let i = 0; processesUsing(bundler).length === 0; i++) {
+    const bundling = () =>
+      readdirSync('/proc')
+        .filter((p) => /^\d+$/.test(p))
+        .some((pid) => {
+          try {
+            const parent = /^PPid:\s+(\d+)$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1];
+            return Number(parent) === proc.pid && readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(bundler);
+          } catch {
+            return false;
+          }
+        });
+    for (let i = 0; !bundling(); i++) {
       if (i > 2400 || proc.exitCode !== null) throw new Error(`the bundler never ran:\n${out}`);
       await new Promise((r) => setTimeout(r, 25));
     }
