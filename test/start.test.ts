@@ -17,11 +17,12 @@ const ROOT = path.resolve(import.meta.dirname, '..');
 /** Every service this file starts, so a failing test still stops them (afterAll). */
 const started: ChildProcess[] = [];
 
-function start(env: Record<string, string>): { proc: ChildProcess; output: () => string; exited: Promise<number | null> } {
+/** `detached`: in a process group of its own, as a terminal runs it (Ctrl-C signals the group). */
+function start(env: Record<string, string>, opts: { detached?: boolean } = {}): { proc: ChildProcess; output: () => string; exited: Promise<number | null> } {
   const clean = Object.fromEntries(
     Object.entries(process.env).filter(([k]) => !['DATABASE_URL', 'TEMPORAL_ADDRESS', 'SMTP_URL', 'VAULT_MASTER_KEY', 'ADMIN_TOKEN', 'PORT'].includes(k)),
   );
-  const proc = spawn(process.execPath, ['--import', 'tsx', 'cli/main.ts', 'serve'], { cwd: ROOT, env: { ...clean, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn(process.execPath, ['--import', 'tsx', 'cli/main.ts', 'serve'], { cwd: ROOT, env: { ...clean, ...env }, stdio: ['ignore', 'pipe', 'pipe'], detached: opts.detached });
   started.push(proc);
   let out = '';
   proc.stdout!.on('data', (d) => (out += d));
@@ -208,14 +209,8 @@ describe('npm start with the embedded defaults', () => {
   });
 
   it('Ctrl-C while the worker is being bundled is an interruption, not a failed start: the bundler the signal also ended does not make it exit 1', { timeout: 120_000 }, async () => {
-    const clean = Object.fromEntries(Object.entries(process.env).filter(([k]) => !['DATABASE_URL', 'TEMPORAL_ADDRESS', 'SMTP_URL', 'VAULT_MASTER_KEY', 'ADMIN_TOKEN', 'PORT'].includes(k)));
     // As a terminal runs it: a process group of its own, which Ctrl-C signals whole (the bundler's child too).
-    const proc = spawn(process.execPath, ['--import', 'tsx', 'cli/main.ts', 'serve'], { cwd: ROOT, env: { ...clean, DATA_DIR: dataDir, PORT: String(port) }, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
-    started.push(proc);
-    let out = '';
-    proc.stdout!.on('data', (d) => (out += d));
-    proc.stderr!.on('data', (d) => (out += d));
-    const exited = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
+    const { proc, output, exited } = start({ DATA_DIR: dataDir, PORT: String(port) }, { detached: true });
     // The workflows' bundler, a child process of this service's own, is running (other files'
     // services may be bundling too: only a child of this one counts).
     const bundler = path.join(ROOT, 'worker', 'bundle.ts');
@@ -231,7 +226,7 @@ describe('npm start with the embedded defaults', () => {
           }
         });
     for (let i = 0; !bundling(); i++) {
-      if (i > 2400 || proc.exitCode !== null) throw new Error(`the bundler never ran:\n${out}`);
+      if (i > 2400 || proc.exitCode !== null) throw new Error(`the bundler never ran:\n${output()}`);
       await new Promise((r) => setTimeout(r, 25));
     }
     process.kill(-proc.pid!, 'SIGINT');
@@ -239,9 +234,9 @@ describe('npm start with the embedded defaults', () => {
     // Before, the bundler's death was a failed start: exit 1, "bundling the workflows failed". Now an
     // interruption: a clean stop (0), or the exit at once of a second SIGINT during the stop (130:
     // seen once in CI, where the process got SIGINT twice; where the second came from is not traced).
-    expect([0, 130], out).toContain(code);
-    expect(out).not.toContain('bundling the workflows failed');
-    expect(out).not.toMatch(/worker running|API listening/);
+    expect([0, 130], output()).toContain(code);
+    expect(output()).not.toContain('bundling the workflows failed');
+    expect(output()).not.toMatch(/worker running|API listening/);
     for (let i = 0; processesUsing(dataDir).length > 0; i++) {
       if (i > 100) throw new Error(`still running: ${processesUsing(dataDir).join('\n')}`);
       await new Promise((r) => setTimeout(r, 100));
