@@ -268,18 +268,25 @@ export function rotationActivities(deps: ActivityDeps) {
     },
 
     /**
-     * Closes the credential's open leak incidents. Each incident's email goes first, if it is still
-     * queued: the report that opened the incident may have lost Temporal after starting this run and
-     * before starting the email's delivery, and a later report would find no incident to join.
+     * Closes the credential's open leak incidents that the run heard (`heard`, the incident ids it
+     * was signalled), and answers the open ones it did not: a report that lost Temporal before its
+     * signal (answered 503) leaves its incident open, and the run that closed it would have answered
+     * a leak it never heard, its value possibly still live. The run hears those now and rotates
+     * again. Each closed incident's email goes first, if it is still queued: the report that opened
+     * the incident may have lost Temporal after starting this run and before starting the email's
+     * delivery, and a later report would find no incident to join. (Without `heard`, a run recorded
+     * before it: every open incident is closed, as then.)
      */
-    async closeLeakIncidents(ids: RotationIds): Promise<void> {
-      if (deps.temporal) {
-        const open = await deps.pool.query(`SELECT id FROM leak_incidents WHERE credential_id = $1 AND status = 'open'`, [ids.credentialId]);
-        for (const { id } of open.rows) await startDelivery(deps.pool, deps.temporal, incidentMailId(id));
-      }
-      await deps.pool.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE credential_id = $1 AND status = 'open'`, [
-        ids.credentialId,
+    async closeLeakIncidents(ids: RotationIds & { heard?: string[] }): Promise<{ unheard: { incidentId: string; version?: number }[] }> {
+      const open = (await deps.pool.query(`SELECT id, version FROM leak_incidents WHERE credential_id = $1 AND status = 'open'`, [ids.credentialId]))
+        .rows as { id: string; version: number | null }[];
+      const heard = ids.heard === undefined ? undefined : new Set(ids.heard);
+      const closing = open.filter((incident) => !heard || heard.has(incident.id));
+      if (deps.temporal) for (const { id } of closing) await startDelivery(deps.pool, deps.temporal, incidentMailId(id));
+      await deps.pool.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = ANY($1::uuid[]) AND status = 'open'`, [
+        closing.map((incident) => incident.id),
       ]);
+      return { unheard: open.filter((incident) => heard && !heard.has(incident.id)).map(({ id, version }) => ({ incidentId: id, ...(version === null ? {} : { version }) })) };
     },
   };
 }

@@ -221,6 +221,37 @@ describe('POST /v1/leaks', () => {
     h.secret((await current('start-lost')).value);
   });
 
+  it('a leak the running rotation never heard (its report lost Temporal, answered 503, and was not repeated) is not closed unanswered when that rotation ends: the leaked value is rotated', async () => {
+    const id = await store('unheard-leak', 'sk_unheard_leak_value_0001', { rotation: { provider: 'generated', graceHours: 0.001 } }); // 3.6 s of grace
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['unheard-leak'] } });
+    expect(started.status, started.text).toBe(202);
+    await waitFor("the requested rotation's grace period", async () => {
+      const r = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
+      return r.body.state === 'grace' ? r : undefined;
+    });
+    // In grace, version 2 (the new value) is current: it is the one reported leaked, by name. The
+    // report's signal never reaches Temporal: 503, its incident left open (report again), and no
+    // report comes again.
+    const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
+    await expect(reportLeak(depsLosingSignalWithStart(), caller, agent.id, { credential: 'unheard-leak', source: 'scan' })).rejects.toMatchObject({ status: 503 });
+    const [incident] = (await h.sql('SELECT id, version, status FROM leak_incidents WHERE credential_id = $1', [id])).rows;
+    expect(incident).toMatchObject({ version: 2, status: 'open' });
+
+    // Before, the requested rotation ended after its grace period and closed the incident, its email
+    // saying the value was being rotated, with version 2 current and working.
+    const result = await h.client.workflow.getHandle(`rotate:${id}`).result();
+    expect(result).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 2, toVersion: 3 });
+    expect(await revokedVersions(id)).toEqual([1, 2]);
+    expect((await current('unheard-leak')).version).toBe(3);
+    expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
+    const alert = await waitFor('the incident email', async () => {
+      const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for unheard-leak');
+      return mails.length > 0 ? mails : undefined;
+    });
+    expect(alert).toHaveLength(1);
+    expect(await rotationsOf(id)).toBe(2);
+  });
+
   it('an older version a stored value replaced, never revoked, is a live leak (rotated and revoked), not already-revoked; an unknown name is a 404 that does not repeat it', async () => {
     const id = await store('replaced-twice', 'sk_replaced_value_0001', { rotation: { provider: 'generated', graceHours: 0 } });
     await store('replaced-twice', 'sk_replaced_value_0002');

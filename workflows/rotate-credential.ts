@@ -55,6 +55,13 @@ export interface RotateCredentialInput {
    * the one it replaces is revoked as its previous version, older ones with it (revokeOlderLeaks).
    */
   leakedVersions?: number[];
+  /**
+   * The leak incidents earlier runs of this rotation heard (signalled, or found open and unheard at
+   * their end): this run closes them at its end, as its own. An open incident no run heard (its
+   * reporter lost Temporal before the signal, and did not report again) is not closed unanswered:
+   * the run that finds it rotates again, in leak mode, with it here.
+   */
+  heardIncidents?: string[];
 }
 
 const STEPS: StepName[] = ['create_pending', 'apply_dependents', 'verify', 'compensate', 'promote', 'notify', 'grace', 'revoke_previous'];
@@ -110,15 +117,21 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     revokedHere.add(version);
   };
   // One per leak incident: a signal delivered twice is one report. In the order they came, each with the version reported.
+  // An incident an earlier run of this rotation heard is not a new report here (its report followed it).
+  const heardBefore = new Set<string>(input.heardIncidents ?? []);
   const incidents = new Set<string>();
   const reports: { version?: number }[] = [];
-  setHandler(leakSignal, ({ incidentId, version }) => {
+  const hear = ({ incidentId, version }: { incidentId: string; version?: number }) => {
     leak = true;
-    if (!incidents.has(incidentId)) reports.push({ version });
-    incidents.add(incidentId);
+    if (!incidents.has(incidentId) && !heardBefore.has(incidentId)) {
+      reports.push({ version });
+      incidents.add(incidentId);
+    }
     progress.leakReported = true;
     if (version !== undefined) leakedVersions.add(version);
-  });
+  };
+  setHandler(leakSignal, hear);
+  const heard = () => [...new Set([...heardBefore, ...incidents])];
   setHandler(
     rollbackUpdate,
     async () => {
@@ -208,8 +221,15 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
    */
   const nextRun = (): RotateCredentialInput => {
     const left = [...leakedVersions].filter((v) => !revokedHere.has(v)).sort((a, b) => a - b);
-    const { leakedVersions: _given, ...rest } = input;
-    return { ...rest, mode: 'leak', attemptsBefore: progress.attempt, ...(left.length > 0 ? { leakedVersions: left } : {}) };
+    const { leakedVersions: _given, heardIncidents: _heard, ...rest } = input;
+    const incidentsHeard = heard();
+    return {
+      ...rest,
+      mode: 'leak',
+      attemptsBefore: progress.attempt,
+      ...(left.length > 0 ? { leakedVersions: left } : {}),
+      ...(incidentsHeard.length > 0 ? { heardIncidents: incidentsHeard } : {}),
+    };
   };
   /**
    * Closes the credential's leak incidents once the final notice is out. An incident reported after
@@ -234,9 +254,17 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     if (again()) await rotateAgainNow();
     await answerLate();
     // An open leak incident would make later reports only join it: close it, so they rotate again.
-    await db.closeLeakIncidents(ids);
-    if (again()) await rotateAgainNow();
-    await answerLate();
+    // Only the incidents this rotation heard: one it never heard (its report lost Temporal before
+    // the signal) is heard now, a late report like any other, and answered before it is closed.
+    // (A run recorded before the activity answered which ones it left gets no answer: none.)
+    for (;;) {
+      const closed = await db.closeLeakIncidents({ ...ids, heard: heard() });
+      const unheard = closed?.unheard ?? [];
+      for (const incident of unheard) hear(incident);
+      if (again()) await rotateAgainNow();
+      await answerLate();
+      if (unheard.length === 0) break;
+    }
   };
   /**
    * A cancel (before promotion) stops what it was aimed at, a requested or scheduled rotation, not
