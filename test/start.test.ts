@@ -1,10 +1,10 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort } from '../embedded/ports';
-import { startEmbeddedPostgres } from '../embedded/postgres';
+import { startEmbeddedPostgres, withClient } from '../embedded/postgres';
 import { startEmbeddedTemporal } from '../embedded/temporal';
 
 /**
@@ -274,6 +274,47 @@ describe('npm start with the embedded defaults', () => {
       await expect(startEmbeddedPostgres({ dataDir: dir, database: '' })).rejects.toThrow(/zero-length/);
       // Before, its server kept running (and kept the failed start from exiting).
       expect(processesUsing(dir)).toEqual([]);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('a first start killed while initdb makes the cluster leaves nothing the next start trips on: it makes the cluster again', { timeout: 180_000 }, async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-pg-initdb-'));
+    // A first start in a process group of its own, killed (with initdb) once initdb has begun writing the cluster.
+    const script = `const { startEmbeddedPostgres } = await import(${JSON.stringify(path.join(ROOT, 'embedded/postgres.ts'))}); await startEmbeddedPostgres({ dataDir: ${JSON.stringify(dir)} });`;
+    const first = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { cwd: ROOT, detached: true, stdio: 'ignore' });
+    const exited = new Promise((r) => first.once('exit', r));
+    try {
+      const begun = () => ['postgres', 'postgres.initialising'].some((d) => existsSync(path.join(dir, d, 'PG_VERSION')));
+      const deadline = Date.now() + 120_000;
+      while (!begun() && first.exitCode === null && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+      expect(begun(), 'initdb began').toBe(true);
+      process.kill(-first.pid!, 'SIGKILL');
+      await exited;
+      expect(processesUsing(dir)).toEqual([]);
+
+      // Before, the cut-short cluster had its PG_VERSION: it was taken for a made one, and PostgreSQL would not start on it.
+      const pg = await startEmbeddedPostgres({ dataDir: dir });
+      try {
+        expect(await withClient(pg.url, async (c) => (await c.query('SELECT 1 AS one')).rows)).toEqual([{ one: 1 }]);
+      } finally {
+        await pg.stop();
+      }
+      expect(existsSync(path.join(dir, 'postgres.initialising'))).toBe(false);
+    } finally {
+      if (first.exitCode === null && first.signalCode === null) process.kill(-first.pid!, 'SIGKILL');
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('a cluster directory that is not a cluster (no PG_VERSION, not empty) is named and left as it is, never initialised over or removed', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-pg-notcluster-'));
+    try {
+      mkdirSync(path.join(dir, 'postgres'));
+      writeFileSync(path.join(dir, 'postgres', 'notes.txt'), 'kept');
+      await expect(startEmbeddedPostgres({ dataDir: dir })).rejects.toThrow(`${path.join(dir, 'postgres')} is not an embedded PostgreSQL cluster (no PG_VERSION) and is not empty: move it away, or give DATABASE_URL`);
+      expect(readFileSync(path.join(dir, 'postgres', 'notes.txt'), 'utf8')).toBe('kept');
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
