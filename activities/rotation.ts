@@ -272,21 +272,28 @@ export function rotationActivities(deps: ActivityDeps) {
      * was signalled), and answers the open ones it did not: a report that lost Temporal before its
      * signal (answered 503) leaves its incident open, and the run that closed it would have answered
      * a leak it never heard, its value possibly still live. The run hears those now and rotates
-     * again. Each closed incident's email goes first, if it is still queued: the report that opened
-     * the incident may have lost Temporal after starting this run and before starting the email's
-     * delivery, and a later report would find no incident to join. (Without `heard`, a run recorded
-     * before it: every open incident is closed, as then.)
+     * again; one whose version is revoked by now (the version this run replaced, say) needs nothing
+     * more and is closed. Each incident's email goes out first, if it is still queued: the report
+     * that opened the incident may have lost Temporal after starting this run and before starting
+     * the email's delivery (or before its signal), and a later report would find no incident to join.
+     * (Without `heard`, a run recorded before it: every open incident is closed, as then.)
      */
     async closeLeakIncidents(ids: RotationIds & { heard?: string[] }): Promise<{ unheard: { incidentId: string; version?: number }[] }> {
-      const open = (await deps.pool.query(`SELECT id, version FROM leak_incidents WHERE credential_id = $1 AND status = 'open'`, [ids.credentialId]))
-        .rows as { id: string; version: number | null }[];
+      const open = (
+        await deps.pool.query(
+          `SELECT i.id, i.version, v.revoked_at IS NOT NULL AS revoked FROM leak_incidents i
+             LEFT JOIN secret_versions v ON v.credential_id = i.credential_id AND v.version = i.version
+            WHERE i.credential_id = $1 AND i.status = 'open'`,
+          [ids.credentialId],
+        )
+      ).rows as { id: string; version: number | null; revoked: boolean }[];
       const heard = ids.heard === undefined ? undefined : new Set(ids.heard);
-      const closing = open.filter((incident) => !heard || heard.has(incident.id));
-      if (deps.temporal) for (const { id } of closing) await startDelivery(deps.pool, deps.temporal, incidentMailId(id));
+      const unheard = open.filter((incident) => heard && !heard.has(incident.id) && !incident.revoked);
+      if (deps.temporal) for (const { id } of open) await startDelivery(deps.pool, deps.temporal, incidentMailId(id));
       await deps.pool.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = ANY($1::uuid[]) AND status = 'open'`, [
-        closing.map((incident) => incident.id),
+        open.filter((incident) => !unheard.includes(incident)).map((incident) => incident.id),
       ]);
-      return { unheard: open.filter((incident) => heard && !heard.has(incident.id)).map(({ id, version }) => ({ incidentId: id, ...(version === null ? {} : { version }) })) };
+      return { unheard: unheard.map(({ id, version }) => ({ incidentId: id, ...(version === null ? {} : { version }) })) };
     },
   };
 }

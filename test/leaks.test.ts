@@ -252,6 +252,34 @@ describe('POST /v1/leaks', () => {
     expect(await rotationsOf(id)).toBe(2);
   });
 
+  it('an unheard incident whose leaked version the ending rotation revoked itself is closed, its email sent: no second rotation of a value that never leaked', async () => {
+    const id = await store('unheard-revoked', 'sk_unheard_revoked_value_0001', { rotation: { provider: 'generated', graceHours: 0.001 } });
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['unheard-revoked'] } });
+    expect(started.status, started.text).toBe(202);
+    await waitFor("the requested rotation's grace period", async () => {
+      const r = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
+      return r.body.state === 'grace' ? r : undefined;
+    });
+    // Version 1, working until the grace period ends, reported leaked; the signal is lost (503).
+    const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
+    await expect(
+      reportLeak(depsLosingSignalWithStart(), caller, agent.id, { fingerprint: sha256('sk_unheard_revoked_value_0001'), source: 'scan' }),
+    ).rejects.toMatchObject({ status: 503 });
+    expect((await h.sql('SELECT version, status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ version: 1, status: 'open' }]);
+
+    // The rotation revokes version 1 as its grace period ends: the leak is answered, and version 2 (never leaked) stays current.
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'requested', fromVersion: 1, toVersion: 2 });
+    expect(await revokedVersions(id)).toEqual([1]);
+    expect((await current('unheard-revoked')).version).toBe(2);
+    expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
+    expect(await rotationsOf(id)).toBe(1);
+    const alert = await waitFor('the incident email', async () => {
+      const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for unheard-revoked');
+      return mails.length > 0 ? mails : undefined;
+    });
+    expect(alert).toHaveLength(1);
+  });
+
   it('an older version a stored value replaced, never revoked, is a live leak (rotated and revoked), not already-revoked; an unknown name is a 404 that does not repeat it', async () => {
     const id = await store('replaced-twice', 'sk_replaced_value_0001', { rotation: { provider: 'generated', graceHours: 0 } });
     await store('replaced-twice', 'sk_replaced_value_0002');
