@@ -850,6 +850,29 @@ describe('credential lifecycle', () => {
     expect((await read({ name })).body).toMatchObject({ version: 2, label: 'current' });
   });
 
+  it('a credential whose rotation runs is not destroyed (409, nothing deleted, audited): the run still revokes the replaced value; once it ended, destroy works', async () => {
+    const name = unique('destroy-in-grace');
+    const credential = await apiKeyAt(name, { rotation: { graceHours: 0.002 } }); // 7.2 s
+    const rotationId = await startRotation(name);
+    await waitForState(rotationId, ['grace']);
+    const v2 = (await read({ name })).body.value as string;
+
+    const refused = await h.api('DELETE', `/v1/credentials/${credential.id}?destroy=true`, { token: owner.token });
+    // Before, every version was deleted: the run's revoke of v1 failed (not found), and v1 kept working at the provider.
+    expect(refused.status, refused.text).toBe(409);
+    expect(refused.body).toMatchObject({ type: expect.stringMatching(/conflict$/), detail: expect.stringContaining(`the credential is being rotated (workflow rotate:${credential.id})`) });
+    expect((await h.sql('SELECT count(*)::int AS n FROM secret_versions WHERE credential_id = $1', [credential.id])).rows[0].n).toBe(2);
+    const audited = (await h.sql(`SELECT outcome FROM audit_log WHERE credential_id = $1 AND action = 'credential.destroy'`, [credential.id])).rows;
+    expect(audited).toEqual([{ outcome: expect.not.stringMatching(/^ok$/) }]);
+
+    await runResult(rotationId);
+    expect(await whoami(credential.provider, credential.v1)).toBe(401);
+    expect(await whoami(credential.provider, v2)).toBe(200);
+    const destroyed = await h.api('DELETE', `/v1/credentials/${credential.id}?destroy=true`, { token: owner.token });
+    expect(destroyed.status, destroyed.text).toBe(200);
+    expect(destroyed.body).toEqual({ id: credential.id, destroyedVersions: 2 });
+  });
+
   it('a grantee reads by id only, never changes the credential, and loses access the moment the grant is revoked', async () => {
     const name = unique('shared-token');
     const value = h.secret(`tok_${randomBytes(16).toString('hex')}`);

@@ -197,10 +197,19 @@ export class Vault {
    * Destroys every version's ciphertext (the credential row stays as a tombstone for the audit
    * trail, and its name is free again). Irreversible. Works on live and soft-deleted credentials.
    */
-  destroy(caller: Caller, ref: CredentialRef, opts: { deletedBefore?: Date } = {}): Promise<{ id: string; destroyedVersions: number }> {
+  destroy(
+    caller: Caller,
+    ref: CredentialRef,
+    opts: {
+      deletedBefore?: Date;
+      /** Throws to refuse the destroy of the credential found (its rotation is running, say): rolled back and audited as refused. */
+      check?: (credentialId: string) => Promise<void>;
+    } = {},
+  ): Promise<{ id: string; destroyedVersions: number }> {
     return audited(this.pool, caller, 'credential.destroy', refDetail(ref), async (tx, note) => {
       // `deletedBefore` (retention): checked under the row lock, so one restored meanwhile is not destroyed.
       const id = await this.lockOwn(tx, caller.identityId, ref, note, opts.deletedBefore ? { deletedBefore: opts.deletedBefore } : { deleted: 'any' });
+      await opts.check?.(id);
       const { rowCount } = await tx.query('DELETE FROM secret_versions WHERE credential_id = $1', [id]);
       const now = this.clock();
       await tx.query(

@@ -1,3 +1,4 @@
+import type { Client } from '@temporalio/client';
 import { Router } from 'express';
 import type { z } from 'zod';
 import { checkDependents, type Dependent } from '../../dependents';
@@ -9,10 +10,14 @@ import { endpoint, type AuthDeps } from '../endpoint';
 import { credentialDeleted, credentialList, credentialMeta, secretRead, storedVersion, totpCode } from '../responses';
 import { credentialDeleteQuery, credentialsQuery, credentialUpdate, vaultGet, vaultStore, vaultTotp } from '../schemas';
 import { isUuid } from '../../core/ids';
+import { ConflictError, UnavailableError } from '../../core/errors';
+import { statusOf } from '../../core/run-chain';
 
 export interface VaultRouteDeps {
   pool: Pool;
   vault: Vault;
+  /** Temporal, to refuse destroying a credential whose rotation is running (absent: not checked). */
+  client?: Client;
   /** The dependent types this deployment knows, for validating settings at store time. */
   dependentTypes: Record<string, Dependent<any>>;
 }
@@ -69,10 +74,10 @@ export function vaultRoutes(auth: AuthDeps, deps: VaultRouteDeps): Router {
     '/v1/credentials/:ref',
     ...endpoint(
       auth,
-      { who: 'identity', action: 'credential.delete', summary: 'Delete a credential (restorable), or destroy it', query: credentialDeleteQuery, responses: { 200: credentialDeleted }, problems: [404] },
+      { who: 'identity', action: 'credential.delete', summary: 'Delete a credential (restorable), or destroy it', query: credentialDeleteQuery, responses: { 200: credentialDeleted }, problems: [404, 409] },
       async ({ req, query, caller }) => {
       const ref = refOf(req.params.ref);
-      if (query.destroy === 'true') return { body: await vault.destroy(caller, ref) };
+      if (query.destroy === 'true') return { body: await vault.destroy(caller, ref, { check: (id) => refuseWhileRotating(deps, id) }) };
       return { body: await vault.remove(caller, ref) };
     }),
   );
@@ -85,6 +90,27 @@ export function vaultRoutes(auth: AuthDeps, deps: VaultRouteDeps): Router {
   );
 
   return router;
+}
+
+/**
+ * A credential whose rotation is running is not destroyed: the run still has a version to revoke at
+ * the provider (the one it replaced, in grace) or an attempt to undo (dependents to restore, a pending
+ * value to discard), and with the versions gone it could do neither, nor tell the owners. Deleting
+ * (restorable) is allowed: the run goes on, and retention destroys the credential once it has ended.
+ */
+async function refuseWhileRotating(deps: VaultRouteDeps, credentialId: string): Promise<void> {
+  if (!deps.client) return;
+  let status: string | null;
+  try {
+    status = await statusOf(deps.client.workflow.getHandle(`rotate:${credentialId}`));
+  } catch {
+    throw new UnavailableError('whether the credential is being rotated could not be checked (Temporal is unavailable); nothing was destroyed: try again shortly');
+  }
+  if (status === 'RUNNING') {
+    throw new ConflictError(
+      `the credential is being rotated (workflow rotate:${credentialId}): destroying it now would leave the rotation unable to revoke or undo at the provider. Cancel the rotation or wait for it to end, or delete the credential without destroy (retention destroys it once the rotation has ended)`,
+    );
+  }
 }
 
 /** vault.store with the checks around it: the password policy, and the provider's and dependents' settings (HTTP and MCP). */
