@@ -7,7 +7,7 @@ import { noticeAudit, queueNotice, sendNotice, type Notice } from '../mail/notif
 import type { CredentialMeta } from '../vault/types';
 import type { RotationNotice } from '../workflows/types';
 import type { ActivityDeps } from './index';
-import { callingRunId, heartbeating, KEY_FAILED, logKeyFailure, permanentErrorsFail, stableUuid } from './support';
+import { callingRunId, heartbeating, KEY_FAILED, logKeyFailure, permanentErrorsFail, sleep, stableUuid } from './support';
 
 /** Rotation outcome notices and mail delivery. No notice ever carries a value: they are built from metadata. */
 export function noticeActivities(deps: ActivityDeps) {
@@ -67,11 +67,24 @@ export function noticeActivities(deps: ActivityDeps) {
 
     /** The deliverMail workflow's result: 'sent', 'already-sent' …, naming any recipient the server refused. */
     async deliverMail(input: { messageId: string }): Promise<string> {
-      const { result, refused } = await heartbeating(() => deliverOutboxMessage(deps.pool, deps.mailer, input.messageId, attemptDelivery()));
+      const { result, refused } = await heartbeating(async () => {
+        // mail.send starts the delivery before it commits the message (so that a start that fails
+        // leaves nothing queued): a message not there yet is waited for, a while. One never
+        // committed (the request failed after the start, its sender told so) is 'missing'.
+        const until = Date.now() + MESSAGE_COMMIT_WAIT_MS;
+        for (;;) {
+          const delivery = await deliverOutboxMessage(deps.pool, deps.mailer, input.messageId, attemptDelivery());
+          if (delivery.result !== 'missing' || Date.now() >= until) return delivery;
+          await sleep(250);
+        }
+      });
       return refused.length ? `${result}; refused by the SMTP server: ${refused.join(', ')}` : result;
     },
   };
 }
+
+/** How long a delivery waits for a message not committed yet (mail.send commits it after starting the delivery). */
+export const MESSAGE_COMMIT_WAIT_MS = 30_000;
 
 /**
  * A rotation's notice: queued (checked, audited), then sent by this attempt; if the SMTP server

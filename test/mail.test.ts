@@ -5,6 +5,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startSmtpSink } from '../embedded/smtp-sink';
 import { sendNotice } from '../mail/notify';
+import { queueMail } from '../mail/outbox';
 import { findStoredValueIn } from '../mail/secret-scan';
 import { freePort } from '../embedded/ports';
 import { expectCleanRun } from './support/leaks';
@@ -66,6 +67,18 @@ describe('mail.send', () => {
       await h.sql('DROP TRIGGER mail_fail_at_commit ON mail_outbox');
       await h.sql('DROP FUNCTION mail_fail_at_commit()');
     }
+  });
+
+  it('mail.send starts the delivery before it commits the message: a delivery that finds no message yet waits for it, then sends it once', async () => {
+    const messageId = randomUUID();
+    const to = `late-commit-${messageId.slice(0, 8)}@example.com`;
+    const handle = await h.client.workflow.start('deliverMail', { taskQueue: h.taskQueue, workflowId: `mail:${messageId}`, args: [{ messageId }] });
+    await new Promise((r) => setTimeout(r, 1_500));
+    await queueMail(h.services.pool, { id: messageId, identityId: agent.id, purpose: 'mail.send', to: [to], subject: 'committed late', text: 'hello' });
+    // Before, the delivery found nothing, ended 'missing' at once, and the message stayed queued unsent.
+    expect(await handle.result()).toBe('sent');
+    expect(await waitForMail(to)).toHaveLength(1);
+    expect((await h.sql('SELECT status FROM mail_outbox WHERE id = $1', [messageId])).rows).toEqual([{ status: 'sent' }]);
   });
 
   it('refuses (422) a message carrying a stored value in any part or common encoding; nothing is queued or sent', async () => {

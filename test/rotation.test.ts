@@ -299,15 +299,12 @@ describe('rotateCredential', () => {
       { outcome: 'failed', detail: { rotationId: id, notStarted: true, error: 'unavailable', status: 503 } },
     ]);
 
-    // A message whose delivery cannot be started: queued, then abandoned unsent, both in the trail.
+    // A message whose delivery cannot be started is not queued at all: one failed row, nothing in the outbox.
     const mailCaller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: 'req-stranded-mail' };
     await expect(sendMail({ ...deps, vault: h.services.vault }, mailCaller, { to: ['team@example.com'], subject: 'hello', text: 'nothing secret' })).rejects.toMatchObject({ status: 503 });
     const mailTrail = (await h.sql("SELECT outcome, detail FROM audit_log WHERE request_id = 'req-stranded-mail' ORDER BY seq")).rows;
-    expect(mailTrail).toEqual([
-      { outcome: 'ok', detail: { messageId: expect.any(String), recipients: 1 } },
-      { outcome: 'failed', detail: { messageId: mailTrail[0]!.detail.messageId, abandoned: true, error: 'unavailable', status: 503 } },
-    ]);
-    expect((await h.sql('SELECT status FROM mail_outbox WHERE id = $1', [mailTrail[0]!.detail.messageId])).rows).toEqual([{ status: 'abandoned' }]);
+    expect(mailTrail).toEqual([{ outcome: 'failed', detail: { messageId: expect.any(String), notQueued: true, error: 'unavailable', status: 503 } }]);
+    expect((await h.sql('SELECT status FROM mail_outbox WHERE id = $1', [mailTrail[0]!.detail.messageId])).rows).toEqual([]);
     await unreachable.connection.close().catch(() => undefined);
   });
 

@@ -4,7 +4,7 @@ import type { z } from 'zod';
 import type { Client } from '@temporalio/client';
 import { UnavailableError, UnprocessableError } from '../../core/errors';
 import { withTransaction, type Pool } from '../../db/pool';
-import { abandonMail, queueMail } from '../../mail/outbox';
+import { queueMail } from '../../mail/outbox';
 import { findStoredValueIn } from '../../mail/secret-scan';
 import { appendAudit, auditFailure, callerEntry } from '../../vault/audit';
 import type { Caller, Vault } from '../../vault/vault';
@@ -52,10 +52,11 @@ export async function sendMail(deps: MailDeps, caller: Caller, body: z.output<ty
     );
   }
   const messageId = randomUUID();
-  await withTransaction(deps.pool, async (tx) => {
-    await queueMail(tx, { id: messageId, identityId: caller.identityId, purpose: 'mail.send', ...body });
-    await appendAudit(tx, { ...caller, action: 'mail.send', outcome: 'ok', detail: { messageId, recipients: body.to.length } });
-  });
+  // The delivery is started first, the message committed after it (the delivery waits a while for
+  // it: MESSAGE_COMMIT_WAIT_MS). The other way round, a process that died (or lost Temporal and then
+  // the database) between the commit and the start left a message queued, its `ok` row written,
+  // that nothing would ever send or report undelivered. Now a start that fails leaves nothing
+  // queued, and a commit that fails leaves the delivery nothing to send.
   try {
     await deps.client.workflow.start(deliverMail, {
       taskQueue: deps.taskQueue,
@@ -63,10 +64,12 @@ export async function sendMail(deps: MailDeps, caller: Caller, body: z.output<ty
       args: [{ messageId }],
     });
   } catch {
-    await abandonMail(deps.pool, messageId, 'could not start delivery');
     const err = new UnavailableError('mail delivery could not be started (Temporal is unavailable); the message was not sent');
-    // The row above says the message was queued; this one, naming it, that it was abandoned unsent.
-    throw await auditFailure(deps.pool, callerEntry(caller, 'mail.send', { messageId, abandoned: true }), err);
+    throw await auditFailure(deps.pool, callerEntry(caller, 'mail.send', { messageId, notQueued: true }), err);
   }
+  await withTransaction(deps.pool, async (tx) => {
+    await queueMail(tx, { id: messageId, identityId: caller.identityId, purpose: 'mail.send', ...body });
+    await appendAudit(tx, { ...caller, action: 'mail.send', outcome: 'ok', detail: { messageId, recipients: body.to.length } });
+  });
   return { messageId, status: 'queued' as const };
 }
