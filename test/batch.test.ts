@@ -4,6 +4,7 @@ import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { batchActivities } from '../activities/batch';
 import { expectCleanRun } from './support/leaks';
+import { holdTable } from './support/lifecycle-fixtures';
 import { startHarness, type Harness } from './support/harness';
 import { waitForMail } from './support/mail';
 import { WebhookReceiver } from './support/webhook-receiver';
@@ -261,6 +262,51 @@ describe('batch rotation in waves', () => {
     expect(runs).toEqual([first!.run_id]);
     expect(receiver.events.length).toBe(hooksBefore);
     h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: names[0] } })).body.value);
+  });
+
+  it('a batch cancelled with one rotation in its grace period and one before promotion reads cancelled, not failed', async () => {
+    const tag = randomUUID().slice(0, 8);
+    const store = async (name: string, kind: string) => {
+      const res = await h.api('POST', '/v1/vault.store', {
+        token: agent.token,
+        body: { name, kind, value: h.secret(`${name}-original-${randomUUID()}`), rotation: { provider: 'generated', graceHours: 1 } },
+      });
+      expect(res.status, res.text).toBe(201);
+    };
+    await store(`in-grace-${tag}`, 'api_key');
+    await store(`held-${tag}`, 'password');
+    // A generated password reads its identity's password policy first: a lock on that table holds its rotation before promotion.
+    const lock = await holdTable(h, 'password_policies');
+    let rotationId: string;
+    try {
+      const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: [`in-grace-${tag}`, `held-${tag}`] } });
+      expect(started.status, started.text).toBe(202);
+      rotationId = started.body.rotationId as string;
+      await lock.waiting();
+      for (;;) {
+        const report = await h.api('GET', `/v1/rotations/${rotationId}`, { token: agent.token });
+        if (report.body.credentials.find((c: { name: string }) => c.name === `in-grace-${tag}`)?.state === 'grace') break;
+        await new Promise((r) => setTimeout(r, 150));
+      }
+      const cancel = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: agent.token });
+      expect(cancel.status, cancel.text).toBe(202);
+    } finally {
+      await lock.release();
+    }
+    for (;;) {
+      const report = await h.api('GET', `/v1/rotations/${rotationId}`, { token: agent.token });
+      if (report.body.state !== 'running') {
+        expect(Object.fromEntries(report.body.credentials.map((c: { name: string; state: string }) => [c.name, c.state]))).toEqual({
+          [`in-grace-${tag}`]: 'rolled_back',
+          [`held-${tag}`]: 'cancelled',
+        });
+        // Before, 'failed': nothing took effect, and the two outcomes differ.
+        expect(report.body.state).toBe('cancelled');
+        break;
+      }
+      await new Promise((r) => setTimeout(r, 150));
+    }
+    for (const name of [`in-grace-${tag}`, `held-${tag}`]) h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name } })).body.value);
   });
 
   it('cancelling a batch whose wave started a rotation but died before recording it cancels that rotation too', async () => {

@@ -272,7 +272,9 @@ function aggregate(states: string[]): string {
   // A run in its grace period took effect; one that failed beside it makes the batch partial, not grace.
   if (took === states.length) return states.includes('grace') ? 'grace' : 'succeeded';
   if (took > 0) return 'partial';
-  return states.every((s) => s === states[0]) ? states[0]! : 'failed';
+  if (states.every((s) => s === states[0])) return states[0]!;
+  // Stopped on purpose, each where it was: undone before promotion, rolled back in grace.
+  return states.every((s) => s === 'cancelled' || s === 'rolled_back') ? 'cancelled' : 'failed';
 }
 
 /** Temporal being unreachable is a 503 for the caller, not a 500. */
