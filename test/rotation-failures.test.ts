@@ -616,6 +616,26 @@ describe('rotation failures', () => {
     expect(await revokedVersions(id)).toEqual([2]);
   });
 
+  it('a value stored while a rollback of a single PostgreSQL role forgets the rotated password is the one the role gets, not the rolled-back one', async () => {
+    const role = `mg_rf3_${tag}`;
+    const { name, id, rotationId, v1, v2 } = await singleRoleInGrace(role);
+    const forgetting = holdActivity('revokeVersion', id);
+    const rolledBack = await h.api('POST', `/v1/rotations/${rotationId}/rollback`, { token: owner.token });
+    expect(rolledBack.status, rolledBack.text).toBe(200);
+    await forgetting.reached();
+    // The rollback has answered (v1 current again in the vault); before its revoke of v2 runs, the owner stores v3.
+    const v3 = h.secret(randomBytes(18).toString('base64url'));
+    const stored = await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind: 'password', value: v3 } });
+    expect(stored.body).toMatchObject({ version: 3 });
+    forgetting.release();
+    expect(await runResult(rotationId)).toMatchObject({ state: 'rolled_back' });
+    // Before, the role was put back on v1 while the vault said v3 was current.
+    expect(await read(id)).toMatchObject({ version: 3, label: 'current', value: v3 });
+    expect(await canLogin(h, role, v3)).toBe(true);
+    expect(await canLogin(h, role, v1)).toBe(false);
+    expect(await canLogin(h, role, v2)).toBe(false);
+  });
+
   /** Reports a leaked value by its SHA-256; the running rotation of the credential hears of it. */
   const reportLeak = async (value: string, credentialId: string) => {
     const fingerprint = createHash('sha256').update(value).digest('hex');

@@ -479,7 +479,9 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       // `current`: a provider whose create replaced the live secret (a single PostgreSQL role) puts the previous one back.
       const forget = async () => {
         try {
-          await revoke(progress.toVersion!, { current: progress.fromVersion! });
+          // `currentNow`: a provider holding one value is put on the version current when this runs
+          // (the rollback answered before it; a value stored since then is current), not on fromVersion.
+          await revoke(progress.toVersion!, { current: progress.fromVersion!, currentNow: true });
         } catch (err) {
           // The rollback is done everywhere else: the run ends rolled back, and its notice says the
           // provider still has the rotated value. See ROLLBACK_REVOKE_FAILURES_CONTINUE.
