@@ -36,7 +36,7 @@ export function noticeActivities(deps: ActivityDeps) {
         const messageId = stableUuid(
           `${callingRunId() ?? n.rotationId}:${n.credentialId}:notice:${n.outcome}${n.mode === 'leak' ? ':leak' : ''}${n.supersededLeaked ? ':revoked' : ''}`,
         );
-        const delivery = await sendOrHandOver(deps, {
+        const notice: Notice = {
           id: messageId,
           identityId: n.identityId,
           purpose: 'rotation.notice',
@@ -46,7 +46,26 @@ export function noticeActivities(deps: ActivityDeps) {
           requestId: n.rotationId,
           credentialId: n.credentialId,
           detail: { outcome: n.outcome },
-        });
+        };
+        let delivery: Awaited<ReturnType<typeof sendOrHandOver>>;
+        try {
+          delivery = await sendOrHandOver(deps, notice);
+        } catch (err) {
+          if (!(err instanceof UnprocessableError)) throw err;
+          // Refused: its text would carry a stored value (an error a provider or dependent answered,
+          // the rotation's reason, a value stored after it was checked). The refusal is audited, and
+          // the recipients still hear that there was an outcome, from ids alone, and where to read
+          // it; then the run records the refusal among its problems, as before.
+          const refusal = { reason: REFUSED_NOTICE, error: 'secret-in-message' };
+          await recordRefusedNotice(deps, notice, refusal, { outcome: n.outcome });
+          const withheld = withheldNotice(notice, n);
+          await sendOrHandOver(deps, withheld).catch((again: unknown) => {
+            // Refused too (the recipients' own addresses are stored values): the audit rows say so.
+            if (!(again instanceof UnprocessableError)) throw again;
+            return recordRefusedNotice(deps, withheld, refusal, { outcome: n.outcome, withheld: true });
+          });
+          throw err;
+        }
         // Only the final notice's answer is read by the run (learnSuperseded): no other notice pays for
         // the look, nor the one that opens a grace period (it carries graceEndsAt, and the run ignores its answer).
         const currentVersion =
@@ -140,16 +159,43 @@ export async function handOverNotice(deps: ActivityDeps, notice: Notice, scanIde
     if (!refusal) throw err;
     // Its message names key ids: for the worker's log, not for the outbox or the audit log.
     if (err instanceof KeyIntegrityError) logKeyFailure(err);
-    await withTransaction(deps.pool, async (tx) => {
-      const { rowCount } = await tx.query(
-        `INSERT INTO mail_outbox (id, identity_id, purpose, recipients, subject, text_body, status, last_error)
-         VALUES ($1, $2, $3, '{}', '(refused)', '(refused)', 'abandoned', $4) ON CONFLICT (id) DO NOTHING`,
-        [notice.id, notice.identityId, notice.purpose, refusal.reason],
-      );
-      if (rowCount) await appendAudit(tx, noticeAudit(notice, 'rejected', { error: refusal.error }));
-    });
+    await recordRefusedNotice(deps, notice, refusal);
     return false;
   }
+}
+
+/**
+ * A refused notice's record: an abandoned outbox row under its id (nothing of the message in it: not
+ * its text, not its recipients) and, once, its `mail.send` `rejected` audit row.
+ */
+async function recordRefusedNotice(deps: ActivityDeps, notice: Notice, refusal: { reason: string; error: string }, extra: Record<string, unknown> = {}): Promise<void> {
+  await withTransaction(deps.pool, async (tx) => {
+    const { rowCount } = await tx.query(
+      `INSERT INTO mail_outbox (id, identity_id, purpose, recipients, subject, text_body, status, last_error)
+       VALUES ($1, $2, $3, '{}', '(refused)', '(refused)', 'abandoned', $4) ON CONFLICT (id) DO NOTHING`,
+      [notice.id, notice.identityId, notice.purpose, refusal.reason],
+    );
+    if (rowCount) await appendAudit(tx, noticeAudit(notice, 'rejected', { ...extra, error: refusal.error }));
+  });
+}
+
+/** What the recipients of a refused rotation notice get instead: its outcome and ids, no free text (no name, error, reason). */
+function withheldNotice(notice: Notice, n: RotationNotice): Notice {
+  return {
+    ...notice,
+    id: stableUuid(`${notice.id}:withheld`),
+    subject: `[mailgent] Rotation notice withheld (${n.outcome})`,
+    text: [
+      `A rotation of credential ${n.credentialId} ended a step with the outcome '${n.outcome}', but its notice was withheld:`,
+      'its text (an error a provider or dependent answered, the rotation\'s reason) would have carried a value stored in Mailgent.',
+      '',
+      `Read the rotation's state with GET /v1/rotations/${n.rotationId}, and its trail with GET /v1/audit?credential=${n.credentialId}.`,
+      '',
+      `Rotation: ${n.rotationId}`,
+      `Workflow: ${n.workflowId}`,
+    ].join('\n'),
+    detail: { ...notice.detail, withheld: true },
+  };
 }
 
 /**

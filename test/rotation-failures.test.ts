@@ -314,9 +314,52 @@ describe('rotation failures', () => {
     const final = await report(rotationId);
     expect(final.credentials[0]).toMatchObject({ state: 'rolled_back', outcome: 'rolled_back' });
     expect(final.credentials[0]!.progress!.steps.find((s) => s.name === 'notify')).toMatchObject({ state: 'failed' });
-    // Neither notice went out, and neither was queued.
+    // Neither notice went out, and neither was queued; nor did the notice saying one was withheld
+    // (addressed to a stored value too). Each refusal is in the audit log.
     expect(await mailTo(ownerMail)).toEqual([]);
     expect((await h.sql(`SELECT count(*)::int AS n FROM mail_outbox WHERE $1 = ANY(recipients)`, [ownerMail])).rows[0].n).toBe(0);
+    const rejected = (await h.sql(`SELECT detail FROM audit_log WHERE credential_id = $1 AND action = 'mail.send' AND outcome = 'rejected'`, [id])).rows;
+    expect(rejected.filter((r) => !r.detail.withheld)).toHaveLength(2);
+    expect(rejected.filter((r) => r.detail.withheld)).toHaveLength(2);
+  });
+
+  it('a rotation notice refused for carrying a stored value (a reason stored as a value after the check) is replaced by one from ids alone, and audited', async () => {
+    const name = unique('key');
+    const ownerMail = `${name}@example.com`;
+    const id = await store(name, 'api_key', h.secret(`sk_${randomBytes(16).toString('hex')}`), {
+      owners: [ownerMail],
+      rotation: { provider: 'generated', settings: { length: 40 }, periodDays: 90, graceHours: 0, maxAttempts: 1 },
+    });
+    const reason = `change-ticket-${randomBytes(10).toString('hex')}`;
+    const noticeHeld = holdActivity('sendRotationNotice', id);
+    const started = await h.api('POST', '/v1/rotations', { token: owner.token, body: { credentials: [name], reason } });
+    expect(started.status, started.text).toBe(202);
+    await noticeHeld.reached();
+    // The reason was no stored value when the rotation was requested; it is one now: stored as this
+    // credential's value (a notice is searched for its own credential's values).
+    const stored = await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind: 'api_key', value: h.secret(reason) } });
+    expect(stored.body).toMatchObject({ version: 3 });
+    noticeHeld.release();
+    expect(await runResult(started.body.rotationId)).toMatchObject({ state: 'succeeded', toVersion: 2 });
+
+    // Before, the owners heard nothing of the rotation, and no audit row told of the refusal. Both
+    // of its notices (rotated; superseded, v3 having replaced v2) print the reason: both withheld.
+    const mails = await waitFor('the withheld notices', () => mailTo(ownerMail), (all) => all.length >= 2);
+    expect(mails.map((m) => m.mail.subject).sort()).toEqual(['[mailgent] Rotation notice withheld (rotated)', '[mailgent] Rotation notice withheld (superseded)']);
+    for (const m of mails) {
+      expect(m.mail.text).toContain(`A rotation of credential ${id} ended a step with the outcome '`);
+      expect(m.mail.text).toContain(`GET /v1/rotations/${started.body.rotationId}`);
+      expect(m.mail.text).not.toContain(name);
+    }
+    const trail = (await h.sql(`SELECT outcome, detail FROM audit_log WHERE credential_id = $1 AND action = 'mail.send' ORDER BY seq`, [id])).rows;
+    expect(trail.map((r) => [r.outcome, r.detail.outcome, Boolean(r.detail.withheld)])).toEqual([
+      ['rejected', 'rotated', false],
+      ['ok', 'rotated', true],
+      ['rejected', 'superseded', false],
+      ['ok', 'superseded', true],
+    ]);
+    const final = await report(started.body.rotationId);
+    expect(final.credentials[0]!.progress!.steps.find((s) => s.name === 'notify')).toMatchObject({ state: 'failed' });
   });
 
   it('a value stored during grace makes a rollback refuse: nothing is restored or revoked early, grace ends as planned, and the owners hear the rotated value still works', async () => {
