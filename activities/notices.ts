@@ -15,9 +15,9 @@ export function noticeActivities(deps: ActivityDeps) {
     /**
      * One notice per outcome of a run; its id comes from the run and the outcome, so a retry never
      * sends two. A `rotated` notice (not the one that opens a grace period) answers with
-     * `currentVersion`, the credential's current version once it is sent (it may have waited a day
-     * for SMTP: a value stored meanwhile replaces the rotated one); absent if it could not be read
-     * (deleted meanwhile).
+     * `currentVersion`, the credential's current version once the notice is sent or handed to its
+     * delivery workflow (a value stored meanwhile replaces the rotated one); absent if it could not
+     * be read (deleted meanwhile).
      */
     async sendRotationNotice(n: RotationNotice): Promise<{ messageId: string; recipients: number; delivery: string; currentVersion?: number }> {
       return permanentErrorsFail(() => heartbeating(async () => {
@@ -290,7 +290,10 @@ export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMe
       ...stillLeaked,
     ],
     rolled_back: [
-      `The rotation of ${what} was rolled back: version ${n.fromVersion} is current again everywhere,`,
+      // The revoke's failure is one of the problems too; any other is a dependent not put back.
+      problems.length > (n.abandonedNotRevoked ? 1 : 0)
+        ? `The rotation of ${what} was rolled back: version ${n.fromVersion} is current again in the vault, but not everywhere (see below),`
+        : `The rotation of ${what} was rolled back: version ${n.fromVersion} is current again everywhere,`,
       n.abandonedNotRevoked
         ? `but version ${n.toVersion} could not be revoked at the provider and may still work there (a provider that holds one value may still be on it): revoke it there by hand, and put version ${n.fromVersion} back if needed. ${n.error ?? ''}`.trim()
         : `and version ${n.toVersion} was revoked. ${n.error ?? ''}`.trim(),

@@ -532,6 +532,27 @@ describe('rotation failures', () => {
     await read(id, 3);
   }, 45_000);
 
+  it('a rollback whose dependent cannot be put back says the previous version is current again in the vault, not everywhere', async () => {
+    const { name, id, ownerMail } = await generatedKey({ graceHours: 1 });
+    const r = await receiver();
+    await setDependents(id, [webhook(r)]);
+    const rotationId = await startRotation(name);
+    await waitForState(rotationId, ['grace']);
+    r.failWith = 400;
+    const rolledBack = await h.api('POST', `/v1/rotations/${rotationId}/rollback`, { token: owner.token });
+    expect(rolledBack.status, rolledBack.text).toBe(200);
+    expect(await runResult(rotationId)).toMatchObject({ state: 'rolled_back' });
+    const notice = (await waitFor('the rollback notice', () => notices(ownerMail, name), (mails) => mails.some((m) => m.mail.subject?.startsWith('[mailgent] Rotation rolled back')))).find((m) =>
+      m.mail.subject?.startsWith('[mailgent] Rotation rolled back'),
+    )!;
+    // Before, "version 1 is current again everywhere", above the dependent it was not restored at.
+    expect(notice.mail.text).toContain('version 1 is current again in the vault, but not everywhere (see below)');
+    expect(notice.mail.text).not.toContain('everywhere,');
+    expect(notice.mail.text).toMatch(/Not everything went through:\n- .*answered 400/);
+    await read(id, 1);
+    await read(id, 2);
+  });
+
   it('a leak reported while the final notice is being sent rotates the leaked value again and closes the incident', async () => {
     const { name, id, rotationId, hold } = await rotationWithNoticeHeld();
     try {
