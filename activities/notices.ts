@@ -50,20 +50,23 @@ export function noticeActivities(deps: ActivityDeps) {
         let delivery: Awaited<ReturnType<typeof sendOrHandOver>>;
         try {
           delivery = await sendOrHandOver(deps, notice);
+          // An earlier attempt refused it and recorded so (below), then was retried: still refused.
+          if (delivery === 'abandoned' && (await refusedEarlier(deps, notice.id))) throw refusedNotice(notice);
         } catch (err) {
           if (!(err instanceof UnprocessableError)) throw err;
           // Refused: its text would carry a stored value (an error a provider or dependent answered,
-          // the rotation's reason, a value stored after it was checked). The refusal is audited, and
-          // the recipients still hear that there was an outcome, from ids alone, and where to read
-          // it; then the run records the refusal among its problems, as before.
+          // the rotation's reason, a value stored after it was checked). The recipients still hear
+          // that there was an outcome, from ids alone, and where to read it; the refusal is audited;
+          // then the run records it among its problems, as before. In that order: the refusal's
+          // record answers a retry of this attempt (above), so what comes before it must be done.
           const refusal = { reason: REFUSED_NOTICE, error: 'secret-in-message' };
-          await recordRefusedNotice(deps, notice, refusal, { outcome: n.outcome });
           const withheld = withheldNotice(notice, n);
           await sendOrHandOver(deps, withheld).catch((again: unknown) => {
             // Refused too (the recipients' own addresses are stored values): the audit rows say so.
             if (!(again instanceof UnprocessableError)) throw again;
             return recordRefusedNotice(deps, withheld, refusal, { outcome: n.outcome, withheld: true });
           });
+          await recordRefusedNotice(deps, notice, refusal, { outcome: n.outcome });
           throw err;
         }
         // Only the final notice's answer is read by the run (learnSuperseded): no other notice pays for
@@ -179,6 +182,17 @@ async function recordRefusedNotice(deps: ActivityDeps, notice: Notice, refusal: 
   });
 }
 
+/** Whether the outbox row of `id` records its refusal (recordRefusedNotice). */
+async function refusedEarlier(deps: ActivityDeps, id: string): Promise<boolean> {
+  const { rows } = await deps.pool.query(`SELECT 1 FROM mail_outbox WHERE id = $1 AND status = 'abandoned' AND last_error = $2`, [id, REFUSED_NOTICE]);
+  return rows.length > 0;
+}
+
+/** The refusal queueNotice throws for a notice that would carry a stored value. */
+function refusedNotice(notice: Notice): UnprocessableError {
+  return new UnprocessableError(`the ${notice.purpose} notice would carry a stored secret; it was not sent`);
+}
+
 /** What the recipients of a refused rotation notice get instead: its outcome and ids, no free text (no name, error, reason). */
 function withheldNotice(notice: Notice, n: RotationNotice): Notice {
   return {
@@ -290,8 +304,7 @@ export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMe
       ...stillLeaked,
     ],
     rolled_back: [
-      // The revoke's failure is one of the problems too; any other is a dependent not put back.
-      problems.length > (n.abandonedNotRevoked ? 1 : 0)
+      n.restoresFailed
         ? `The rotation of ${what} was rolled back: version ${n.fromVersion} is current again in the vault, but not everywhere (see below),`
         : `The rotation of ${what} was rolled back: version ${n.fromVersion} is current again everywhere,`,
       n.abandonedNotRevoked

@@ -1,4 +1,4 @@
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import pg from 'pg';
@@ -9,6 +9,7 @@ import type { ActivityInterceptorsFactory } from '@temporalio/worker';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { stableUuid } from '../activities/support';
 import { startHarness, type Harness } from './support/harness';
+import { createActivities } from '../activities';
 import { expectCleanRun } from './support/leaks';
 import * as fixtures from './support/lifecycle-fixtures';
 import { canLogin, holdTable, loginRoleWithAdmin, mailTo, waitFor, type Identity, type RotationReport } from './support/lifecycle-fixtures';
@@ -531,6 +532,23 @@ describe('rotation failures', () => {
     await read(id, 2);
     await read(id, 3);
   }, 45_000);
+
+  it('a refused rotation notice sent again (an attempt retried after it recorded the refusal) is refused again, not reported sent', async () => {
+    const { id, ownerMail } = await generatedKey();
+    const value = (await read(id)).value as string;
+    const activities = createActivities(h.deps);
+    const notice = { rotationId: randomUUID(), identityId: owner.id, credentialId: id, workflowId: `rotate:${id}`, outcome: 'failed' as const, mode: 'requested' as const, fromVersion: 1, error: `the provider answered: ${value}` };
+    await expect(activities.sendRotationNotice(notice)).rejects.toThrow('would carry a stored secret');
+    // Before, the retry found the refusal's outbox row, took the notice for queued, and answered it sent (abandoned).
+    await expect(activities.sendRotationNotice(notice)).rejects.toThrow('would carry a stored secret');
+    const withheld = await waitFor('the withheld notice', () => mailTo(ownerMail), (mails) => mails.length > 0);
+    expect(withheld.map((m) => m.mail.subject)).toEqual(['[mailgent] Rotation notice withheld (failed)']);
+    const trail = (await h.sql(`SELECT outcome, detail FROM audit_log WHERE credential_id = $1 AND action = 'mail.send' ORDER BY seq`, [id])).rows;
+    expect(trail.map((r) => [r.outcome, Boolean(r.detail.withheld)])).toEqual([
+      ['ok', true],
+      ['rejected', false],
+    ]);
+  });
 
   it('a rollback whose dependent cannot be put back says the previous version is current again in the vault, not everywhere', async () => {
     const { name, id, ownerMail } = await generatedKey({ graceHours: 1 });

@@ -96,6 +96,8 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   let rolledBack: { current: number; abandoned: number } | undefined;
   /** The provider would not forget the version a rollback abandoned: it may still work there. */
   let abandonedNotRevoked = false;
+  /** A rollback could not put a dependent back on the previous version. */
+  let restoresFailed = false;
   /** Why the vault refused the rollback (a newer value was stored during grace), if it did. */
   let rollbackRefusal: string | undefined;
   /**
@@ -191,6 +193,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       ...(problems.length > 0 ? { problems: [...problems] } : {}),
       ...(stepOf('revoke_previous').state === 'failed' ? { previousNotRevoked: true } : {}),
       ...(abandonedNotRevoked ? { abandonedNotRevoked: true } : {}),
+      ...(restoresFailed ? { restoresFailed: true } : {}),
       ...extra,
     });
   // Runs recorded before this patch failed when a notice could not be sent (after a day of SMTP
@@ -475,7 +478,11 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
    */
   async function rollBack(): Promise<string | undefined> {
     return CancellationScope.nonCancellable(async () => {
-      const restores = () => runAll(plan.dependents.map((dependent) => restoreOf(dependent, progress.fromVersion!, progress.toVersion!)));
+      const restores = async () => {
+        const failed = await runAll(plan.dependents.map((dependent) => restoreOf(dependent, progress.fromVersion!, progress.toVersion!)));
+        if (failed.length > 0) restoresFailed = true;
+        return failed;
+      };
       // `current`: a provider whose create replaced the live secret (a single PostgreSQL role) puts the previous one back.
       const forget = async () => {
         try {

@@ -58,6 +58,8 @@ export interface RotationNotice extends RotationIds {
   previousNotRevoked?: boolean;
   /** A rollback could not revoke the version it abandoned at the provider: the notice must not say it was revoked. */
   abandonedNotRevoked?: boolean;
+  /** A rollback could not put every dependent back on the previous version (its problems say which). */
+  restoresFailed?: boolean;
   /** A cancelled run that heard of a leak: the credential is rotated again at once, in leak mode. */
   rotatingAgain?: boolean;
   /** The version current once the run revoked its previous one, when newer than `toVersion` (a value stored meanwhile). */
