@@ -26,6 +26,8 @@ export interface ActivityDeps {
   /** Rotations one batch keeps open at once (BATCH_MAX_OPEN_ROTATIONS); the rest wait their turn. */
   maxOpenRotations?: number;
   clock?: () => Date;
+  /** How long a delivery waits for its message's commit (MESSAGE_COMMIT_WAIT_MS unless set: tests). */
+  messageCommitWaitMs?: number;
 }
 
 /**

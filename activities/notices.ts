@@ -91,12 +91,14 @@ export function noticeActivities(deps: ActivityDeps) {
     async deliverMail(input: { messageId: string }): Promise<string> {
       const { result, refused } = await heartbeating(async () => {
         // mail.send starts the delivery before it commits the message (so that a start that fails
-        // leaves nothing queued): a message not there yet is waited for, a while. One never
-        // committed (the request failed after the start, its sender told so) is 'missing'.
-        const until = Date.now() + MESSAGE_COMMIT_WAIT_MS;
+        // leaves nothing queued): a message not there yet is waited for, a while. One not committed
+        // by then gets a tombstone under its id, so a commit later than that cannot queue it (the
+        // request is answered 503, not sent), and is 'missing'; one committed meanwhile is sent.
+        const until = Date.now() + (deps.messageCommitWaitMs ?? MESSAGE_COMMIT_WAIT_MS);
         for (;;) {
           const delivery = await deliverOutboxMessage(deps.pool, deps.mailer, input.messageId, attemptDelivery());
-          if (delivery.result !== 'missing' || Date.now() >= until) return delivery;
+          if (delivery.result !== 'missing') return delivery;
+          if (Date.now() >= until && (await tombstone(deps, input.messageId))) return delivery;
           await sleep(250);
         }
       });
@@ -107,6 +109,16 @@ export function noticeActivities(deps: ActivityDeps) {
 
 /** How long a delivery waits for a message not committed yet (mail.send commits it after starting the delivery). */
 export const MESSAGE_COMMIT_WAIT_MS = 30_000;
+
+/** Marks a message id never to be queued (abandoned, nothing of a message in it); false if a message took the id first. */
+async function tombstone(deps: ActivityDeps, id: string): Promise<boolean> {
+  const { rowCount } = await deps.pool.query(
+    `INSERT INTO mail_outbox (id, purpose, recipients, subject, text_body, status, last_error)
+     VALUES ($1, 'mail.send', '{}', '(not committed)', '(not committed)', 'abandoned', $2) ON CONFLICT (id) DO NOTHING`,
+    [id, `not committed within ${Math.round((deps.messageCommitWaitMs ?? MESSAGE_COMMIT_WAIT_MS) / 1000)} s of its delivery's start`],
+  );
+  return rowCount === 1;
+}
 
 /**
  * A rotation's notice: queued (checked, audited), then sent by this attempt; if the SMTP server

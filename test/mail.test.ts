@@ -262,6 +262,42 @@ describe('mail.send', () => {
 
 });
 
+describe('mail.send whose COMMIT comes after its delivery stopped waiting', () => {
+  let h: Harness;
+  beforeAll(async () => {
+    h = await startHarness({ worker: true, messageCommitWaitMs: 1_000 });
+  });
+  afterAll(async () => {
+    expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
+    await h.close();
+  });
+
+  it('is a 503 saying it was not sent, and is never sent: the delivery left a tombstone the late commit cannot pass', async () => {
+    // The message's insert takes 3 s (a trigger for this subject): the delivery, started before it, waits 1 s.
+    await h.sql(`CREATE FUNCTION mail_slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN IF NEW.subject = 'slow commit' THEN PERFORM pg_sleep(3); END IF; RETURN NEW; END $$`);
+    await h.sql('CREATE TRIGGER mail_slow_insert BEFORE INSERT ON mail_outbox FOR EACH ROW EXECUTE FUNCTION mail_slow_insert()');
+    try {
+      const sender = await h.createIdentity();
+      const to = `late-${randomUUID().slice(0, 8)}@example.com`;
+      const res = await h.api('POST', '/v1/mail.send', { token: sender.token, body: { to: [to], subject: 'slow commit', text: 'hello' } });
+      // Before, a 202 for a message queued after its delivery had ended 'missing': never sent, never reported undelivered.
+      expect(res.status, res.text).toBe(503);
+      expect(res.body.detail).toContain('it was not sent');
+      const trail = (await h.sql(`SELECT outcome, detail FROM audit_log WHERE identity_id = $1 AND action = 'mail.send'`, [sender.id])).rows;
+      expect(trail).toEqual([{ outcome: 'failed', detail: expect.objectContaining({ notQueued: true, status: 503 }) }]);
+      const messageId = trail[0]!.detail.messageId as string;
+      expect(await h.client.workflow.getHandle(`mail:${messageId}`).result()).toBe('missing');
+      expect((await h.sql('SELECT status, recipients FROM mail_outbox WHERE id = $1', [messageId])).rows).toEqual([{ status: 'abandoned', recipients: [] }]);
+      await new Promise((r) => setTimeout(r, 500));
+      expect(await waitForMail(to, 1, 0)).toEqual([]);
+    } finally {
+      await h.sql('DROP TRIGGER mail_slow_insert ON mail_outbox');
+      await h.sql('DROP FUNCTION mail_slow_insert()');
+    }
+  });
+});
+
 describe('mail.send while SMTP is down', () => {
   let h: Harness;
   let port: number;

@@ -7,7 +7,7 @@ import { providers } from '../providers';
 /** The worker's composition: the shared services plus the provider and dependent registries. */
 export function activityDeps(
   services: Services,
-  opts: { envFilesRoot: string; client?: Client; taskQueue: string; securityNotify?: string[]; clock?: () => Date; maxOpenRotations?: number },
+  opts: { envFilesRoot: string; client?: Client; taskQueue: string; securityNotify?: string[]; clock?: () => Date; maxOpenRotations?: number; messageCommitWaitMs?: number },
 ): ActivityDeps {
   return {
     ...services,
@@ -17,5 +17,6 @@ export function activityDeps(
     securityNotify: opts.securityNotify,
     clock: opts.clock,
     maxOpenRotations: opts.maxOpenRotations,
+    messageCommitWaitMs: opts.messageCommitWaitMs,
   };
 }

@@ -67,9 +67,13 @@ export async function sendMail(deps: MailDeps, caller: Caller, body: z.output<ty
     const err = new UnavailableError('mail delivery could not be started (Temporal is unavailable); the message was not sent');
     throw await auditFailure(deps.pool, callerEntry(caller, 'mail.send', { messageId, notQueued: true }), err);
   }
+  const late = new UnavailableError('the message could not be queued in time (its delivery stopped waiting for it); it was not sent: try again');
   await withTransaction(deps.pool, async (tx) => {
-    await queueMail(tx, { id: messageId, identityId: caller.identityId, purpose: 'mail.send', ...body });
+    // Its delivery, tired of waiting, may have marked the id as never to be sent (a tombstone).
+    if (!(await queueMail(tx, { id: messageId, identityId: caller.identityId, purpose: 'mail.send', ...body }))) throw late;
     await appendAudit(tx, { ...caller, action: 'mail.send', outcome: 'ok', detail: { messageId, recipients: body.to.length } });
+  }).catch(async (err: unknown) => {
+    throw err === late ? await auditFailure(deps.pool, callerEntry(caller, 'mail.send', { messageId, notQueued: true }), late) : err;
   });
   return { messageId, status: 'queued' as const };
 }

@@ -77,6 +77,8 @@ export async function startHarness(
     databaseHost?: string;
     /** Rotations one batch keeps open at once (the service default otherwise). */
     maxOpenRotations?: number;
+    /** How long a delivery waits for its message's commit (activities' MESSAGE_COMMIT_WAIT_MS otherwise). */
+    messageCommitWaitMs?: number;
   } = {},
 ): Promise<Harness> {
   const tag = randomBytes(4).toString('hex');
@@ -125,7 +127,15 @@ export async function startHarness(
   mkdirSync(envFilesRoot, { recursive: true });
   // The tests' providers and webhook receivers listen on this machine (core/outbound.ts refuses that by default).
   allowOutbound(TEST_OUTBOUND_ALLOW);
-  const deps = activityDeps(services, { envFilesRoot, client, taskQueue, securityNotify: opts.securityNotify, clock: opts.clock, maxOpenRotations: opts.maxOpenRotations });
+  const deps = activityDeps(services, {
+    envFilesRoot,
+    client,
+    taskQueue,
+    securityNotify: opts.securityNotify,
+    clock: opts.clock,
+    maxOpenRotations: opts.maxOpenRotations,
+    messageCommitWaitMs: opts.messageCommitWaitMs,
+  });
 
   let worker: Worker | undefined;
   let workerRun: Promise<void> | undefined;
