@@ -208,8 +208,11 @@ export class Vault {
   ): Promise<{ id: string; destroyedVersions: number }> {
     return audited(this.pool, caller, 'credential.destroy', refDetail(ref), async (tx, note) => {
       // `deletedBefore` (retention): checked under the row lock, so one restored meanwhile is not destroyed.
-      const id = await this.lockOwn(tx, caller.identityId, ref, note, opts.deletedBefore ? { deletedBefore: opts.deletedBefore } : { deleted: 'any' });
-      await opts.check?.(id);
+      const which = opts.deletedBefore ? { deletedBefore: opts.deletedBefore } : { deleted: 'any' as const };
+      // The check (a call to Temporal) is made before the row is locked: a slow answer must not hold
+      // up every change of the credential, nor a rotation's steps, behind the lock.
+      if (opts.check) await opts.check(await this.lockOwn(tx, caller.identityId, ref, note, { ...which, lock: false }));
+      const id = await this.lockOwn(tx, caller.identityId, ref, note, which);
       const { rowCount } = await tx.query('DELETE FROM secret_versions WHERE credential_id = $1', [id]);
       const now = this.clock();
       await tx.query(
@@ -406,7 +409,8 @@ export class Vault {
     identityId: string,
     ref: CredentialRef,
     note: AuditNote,
-    opts: { deleted?: boolean | 'any'; deletedBefore?: Date } = {},
+    /** `lock: false`: found, not locked (a check made before the lock is taken). */
+    opts: { deleted?: boolean | 'any'; deletedBefore?: Date; lock?: boolean } = {},
   ): Promise<string> {
     const byId = 'id' in ref;
     const deleted = opts.deletedBefore
@@ -418,7 +422,7 @@ export class Vault {
           : 'AND deleted_at IS NULL';
     const { rows } = await tx.query(
       `SELECT id FROM credentials WHERE identity_id = $1 AND ${byId ? 'id = $2::uuid' : 'name = $2'} AND destroyed_at IS NULL ${deleted}
-        FOR NO KEY UPDATE`,
+        ${opts.lock === false ? '' : 'FOR NO KEY UPDATE'}`,
       [identityId, byId ? ref.id : ref.name, ...(opts.deletedBefore ? [opts.deletedBefore] : [])],
     );
     if (!rows[0]) {

@@ -102,7 +102,8 @@ async function refuseWhileRotating(deps: VaultRouteDeps, credentialId: string): 
   if (!deps.client) return;
   let status: string | null;
   try {
-    status = await statusOf(deps.client.workflow.getHandle(`rotate:${credentialId}`));
+    const client = deps.client;
+    status = await client.connection.withDeadline(Date.now() + 5_000, () => statusOf(client.workflow.getHandle(`rotate:${credentialId}`)));
   } catch {
     throw new UnavailableError('whether the credential is being rotated could not be checked (Temporal is unavailable); nothing was destroyed: try again shortly');
   }
