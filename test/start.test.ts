@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, symlinkSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -279,35 +279,49 @@ describe('npm start with the embedded defaults', () => {
     }
   });
 
-  it('a first start killed while initdb makes the cluster leaves nothing the next start trips on: it makes the cluster again', { timeout: 180_000 }, async () => {
-    const dir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-pg-initdb-'));
-    // A first start in a process group of its own, killed (with initdb) once initdb has begun writing the cluster.
-    const script = `const { startEmbeddedPostgres } = await import(${JSON.stringify(path.join(ROOT, 'embedded/postgres.ts'))}); await startEmbeddedPostgres({ dataDir: ${JSON.stringify(dir)} });`;
-    const first = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { cwd: ROOT, detached: true, stdio: 'ignore' });
-    const exited = new Promise((r) => first.once('exit', r));
-    try {
-      const begun = () => readdirSync(dir).some((d) => d.startsWith('postgres') && existsSync(path.join(dir, d, 'PG_VERSION')));
-      const deadline = Date.now() + 120_000;
-      while (!begun() && first.exitCode === null && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
-      expect(begun(), 'initdb began').toBe(true);
-      process.kill(-first.pid!, 'SIGKILL');
-      await exited;
-      expect(processesUsing(dir)).toEqual([]);
-
-      // Before, the cut-short cluster had its PG_VERSION: it was taken for a made one, and PostgreSQL would not start on it.
-      const pg = await startEmbeddedPostgres({ dataDir: dir });
-      try {
-        expect(await withClient(pg.url, async (c) => (await c.query('SELECT 1 AS one')).rows)).toEqual([{ one: 1 }]);
-      } finally {
-        await pg.stop();
+  for (const layout of ['no cluster directory yet', 'the cluster directory a link to an empty directory elsewhere (a volume, another disk)'] as const) {
+    it(`a first start killed while initdb makes the cluster leaves nothing the next start trips on: it makes the cluster again (${layout})`, { timeout: 180_000 }, async () => {
+      const dir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-pg-initdb-'));
+      const elsewhere = mkdtempSync(path.join(os.tmpdir(), 'mailgent-pg-volume-'));
+      const linked = layout !== 'no cluster directory yet';
+      const clusterAt = linked ? path.join(elsewhere, 'pgdata') : path.join(dir, 'postgres');
+      if (linked) {
+        chmodSync(elsewhere, 0o711); // the postgres OS user (under root) passes through to it
+        mkdirSync(clusterAt);
+        symlinkSync(clusterAt, path.join(dir, 'postgres'));
       }
-      // What the cut-short start left aside is gone.
-      expect(readdirSync(dir).filter((d) => d.startsWith('postgres.'))).toEqual(['postgres.password']);
-    } finally {
-      if (first.exitCode === null && first.signalCode === null) process.kill(-first.pid!, 'SIGKILL');
-      rmSync(dir, { recursive: true, force: true });
-    }
-  });
+      // A first start in a process group of its own, killed (with initdb) once initdb has begun writing the cluster.
+      const script = `const { startEmbeddedPostgres } = await import(${JSON.stringify(path.join(ROOT, 'embedded/postgres.ts'))}); await startEmbeddedPostgres({ dataDir: ${JSON.stringify(dir)} });`;
+      const first = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { cwd: ROOT, detached: true, stdio: 'ignore' });
+      const exited = new Promise((r) => first.once('exit', r));
+      try {
+        const begun = () => [clusterAt, ...readdirSync(dir).map((d) => path.join(dir, d))].some((d) => existsSync(path.join(d, 'PG_VERSION')));
+        const deadline = Date.now() + 120_000;
+        while (!begun() && first.exitCode === null && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+        expect(begun(), 'initdb began').toBe(true);
+        process.kill(-first.pid!, 'SIGKILL');
+        await exited;
+        expect(processesUsing(dir)).toEqual([]);
+
+        // Before, the cut-short cluster had its PG_VERSION: it was taken for a made one, and
+        // PostgreSQL would not start on it (and, made aside, one behind a link could not be put in place).
+        const pg = await startEmbeddedPostgres({ dataDir: dir });
+        try {
+          expect(await withClient(pg.url, async (c) => (await c.query('SELECT 1 AS one')).rows)).toEqual([{ one: 1 }]);
+        } finally {
+          await pg.stop();
+        }
+        expect(existsSync(path.join(clusterAt, 'PG_VERSION'))).toBe(true);
+        expect(lstatSync(path.join(dir, 'postgres')).isSymbolicLink()).toBe(linked);
+        // What the cut-short start left (aside, or its mark) is gone.
+        expect(readdirSync(dir).filter((d) => d.startsWith('postgres.'))).toEqual(['postgres.password']);
+      } finally {
+        if (first.exitCode === null && first.signalCode === null) process.kill(-first.pid!, 'SIGKILL');
+        rmSync(dir, { recursive: true, force: true });
+        rmSync(elsewhere, { recursive: true, force: true });
+      }
+    });
+  }
 
   it('a cluster directory that is not a cluster (no PG_VERSION, not empty) is named and left as it is, never initialised over or removed', async () => {
     const dir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-pg-notcluster-'));
