@@ -354,10 +354,10 @@ describe('rotation failures', () => {
     }
     const trail = (await h.sql(`SELECT outcome, detail FROM audit_log WHERE credential_id = $1 AND action = 'mail.send' ORDER BY seq`, [id])).rows;
     expect(trail.map((r) => [r.outcome, r.detail.outcome, Boolean(r.detail.withheld)])).toEqual([
-      ['rejected', 'rotated', false],
       ['ok', 'rotated', true],
-      ['rejected', 'superseded', false],
+      ['rejected', 'rotated', false],
       ['ok', 'superseded', true],
+      ['rejected', 'superseded', false],
     ]);
     const final = await report(started.body.rotationId);
     expect(final.credentials[0]!.progress!.steps.find((s) => s.name === 'notify')).toMatchObject({ state: 'failed' });
