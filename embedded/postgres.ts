@@ -1,6 +1,6 @@
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { chmodSync, chownSync, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, mkdirSync, readdirSync, readFileSync, realpathSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import pg from 'pg';
@@ -90,12 +90,24 @@ async function ensureCluster(opts: { dataDir: string; clusterDir: string; passwo
   const { dataDir, clusterDir } = opts;
   const made = () => existsSync(path.join(clusterDir, 'PG_VERSION'));
   const inPlaceMark = path.join(dataDir, 'postgres.initialising-in-place');
+  const where = () => realpathSync(clusterDir);
   if (existsSync(inPlaceMark)) {
-    const pid = Number(readFileSync(inPlaceMark, 'utf8').trim());
-    if (Number.isInteger(pid) && pid !== process.pid && isAlive(pid)) {
+    // { pid, at }: the process that made the cluster in place, and the directory it made it in.
+    let mark: { pid?: unknown; at?: unknown } = {};
+    try {
+      mark = JSON.parse(readFileSync(inPlaceMark, 'utf8')) as typeof mark;
+    } catch {
+      // Cut short while it was written: nothing was made yet.
+    }
+    const pid = Number(mark.pid);
+    if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && isAlive(pid)) {
       throw new Error(`the embedded PostgreSQL cluster ${clusterDir} is being made by another process (pid ${pid}); start again once it has finished`);
     }
-    for (const name of readdirSync(clusterDir)) rmSync(path.join(clusterDir, name), { recursive: true, force: true });
+    // Emptied only if it is the directory that start made it in (not one linked or mounted there since).
+    if (existsSync(clusterDir) && mark.at === where()) {
+      for (const name of readdirSync(clusterDir)) rmSync(path.join(clusterDir, name), { recursive: true, force: true });
+    }
+    rmSync(inPlaceMark, { force: true });
   }
   if (made()) return;
   opts.logger?.info({ clusterDir }, 'initialising embedded PostgreSQL cluster');
@@ -111,29 +123,40 @@ async function ensureCluster(opts: { dataDir: string; clusterDir: string; passwo
     throw new Error(`${clusterDir} is not an embedded PostgreSQL cluster (no PG_VERSION) and is not empty: move it away, or give DATABASE_URL`);
   }
   const staging = path.join(dataDir, `postgres.initialising-${process.pid}`);
-  if (inPlace) writeFileSync(inPlaceMark, String(process.pid));
+  if (inPlace) {
+    try {
+      // 'wx': one first start at a time makes it in place (the other is told to start again).
+      writeFileSync(inPlaceMark, JSON.stringify({ pid: process.pid, at: where() }), { flag: 'wx' });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      throw new Error(`the embedded PostgreSQL cluster ${clusterDir} is being made by another process; start again once it has finished`, { cause: err });
+    }
+  }
   const EmbeddedPostgresClass = await importWithoutExitHooks();
   // initdb reads the superuser's password from a file the library writes into os.tmpdir() with
   // the default mode (0644 under the usual umask) and keeps until initdb ends: in a shared /tmp,
   // anyone on the machine could read it meanwhile. It goes into a directory of our own instead.
   if (opts.isRoot) ensureOsUser(OS_USER);
-  await withPrivateTmpdir(`${staging}.tmp`, opts.isRoot ? osUserIds(OS_USER) : undefined, () =>
-    new EmbeddedPostgresClass({
-      databaseDir: inPlace ? clusterDir : staging,
-      user: 'postgres',
-      password: opts.password,
-      authMethod: 'scram-sha-256',
-      createPostgresUser: opts.isRoot,
-      persistent: true,
-      initdbFlags: ['--encoding=UTF8'],
-      onLog: (m: string) => opts.logger?.debug({ initdb: m.trim() }, 'initdb'),
-      onError: (e: unknown) => opts.logger?.warn({ err: e }, 'initdb'),
-    }).initialise(),
-  );
-  if (inPlace) {
-    rmSync(inPlaceMark, { force: true });
-    return;
+  try {
+    await withPrivateTmpdir(`${staging}.tmp`, opts.isRoot ? osUserIds(OS_USER) : undefined, () =>
+      new EmbeddedPostgresClass({
+        databaseDir: inPlace ? clusterDir : staging,
+        user: 'postgres',
+        password: opts.password,
+        authMethod: 'scram-sha-256',
+        createPostgresUser: opts.isRoot,
+        persistent: true,
+        initdbFlags: ['--encoding=UTF8'],
+        onLog: (m: string) => opts.logger?.debug({ initdb: m.trim() }, 'initdb'),
+        onError: (e: unknown) => opts.logger?.warn({ err: e }, 'initdb'),
+      }).initialise(),
+    );
+  } finally {
+    // Finished, or failed (initdb empties what it made when it fails): only a process killed
+    // meanwhile leaves its mark.
+    if (inPlace) rmSync(inPlaceMark, { force: true });
   }
+  if (inPlace) return;
   try {
     renameSync(staging, clusterDir);
   } catch (err) {

@@ -323,6 +323,25 @@ describe('npm start with the embedded defaults', () => {
     });
   }
 
+  it('the mark of a cut-short in-place start empties only the directory that start made it in, not one linked there since', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-pg-mark-'));
+    try {
+      // A start that made the cluster in place elsewhere died (its mark left); since then the
+      // cluster directory holds something else (a restored cluster, say: here a stand-in).
+      mkdirSync(path.join(dir, 'postgres'));
+      writeFileSync(path.join(dir, 'postgres', 'PG_VERSION'), '18\n');
+      writeFileSync(path.join(dir, 'postgres', 'restored.txt'), 'kept');
+      writeFileSync(path.join(dir, 'postgres.initialising-in-place'), JSON.stringify({ pid: 2 ** 22 + 1, at: path.join(dir, 'another-volume') }));
+      // The stand-in is no cluster PostgreSQL can run: the start fails, with what was there untouched.
+      await expect(startEmbeddedPostgres({ dataDir: dir })).rejects.toThrow('PostgreSQL exited during start-up');
+      // Before, the directory was emptied (and a fresh cluster made in it).
+      expect(readFileSync(path.join(dir, 'postgres', 'restored.txt'), 'utf8')).toBe('kept');
+      expect(existsSync(path.join(dir, 'postgres.initialising-in-place'))).toBe(false);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('a cluster directory that is not a cluster (no PG_VERSION, not empty) is named and left as it is, never initialised over or removed', async () => {
     const dir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-pg-notcluster-'));
     try {
