@@ -316,7 +316,8 @@ export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMe
       ...stillLeaked,
     ],
     rolled_back: [
-      n.restoresFailed
+      // Absent from a notice an older run scheduled: any problem but the revoke's was a dependent not put back.
+      (n.restoresFailed ?? problems.length > (n.abandonedNotRevoked ? 1 : 0))
         ? `The rotation of ${what} was rolled back: version ${n.fromVersion} is current again in the vault, but not everywhere (see below),`
         : `The rotation of ${what} was rolled back: version ${n.fromVersion} is current again everywhere,`,
       n.abandonedNotRevoked

@@ -211,8 +211,10 @@ export class Vault {
       const which = opts.deletedBefore ? { deletedBefore: opts.deletedBefore } : { deleted: 'any' as const };
       // The check (a call to Temporal) is made before the row is locked: a slow answer must not hold
       // up every change of the credential, nor a rotation's steps, behind the lock.
-      if (opts.check) await opts.check(await this.lockOwn(tx, caller.identityId, ref, note, { ...which, lock: false }));
-      const id = await this.lockOwn(tx, caller.identityId, ref, note, which);
+      // Then locked by the id it checked: a name freed and taken again meanwhile is not the one checked.
+      const checked = opts.check ? await this.lockOwn(tx, caller.identityId, ref, note, { ...which, lock: false }) : undefined;
+      if (checked) await opts.check!(checked);
+      const id = await this.lockOwn(tx, caller.identityId, checked ? { id: checked } : ref, note, which);
       const { rowCount } = await tx.query('DELETE FROM secret_versions WHERE credential_id = $1', [id]);
       const now = this.clock();
       await tx.query(

@@ -193,7 +193,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       ...(problems.length > 0 ? { problems: [...problems] } : {}),
       ...(stepOf('revoke_previous').state === 'failed' ? { previousNotRevoked: true } : {}),
       ...(abandonedNotRevoked ? { abandonedNotRevoked: true } : {}),
-      ...(restoresFailed ? { restoresFailed: true } : {}),
+      restoresFailed,
       ...extra,
     });
   // Runs recorded before this patch failed when a notice could not be sent (after a day of SMTP
