@@ -44,7 +44,7 @@ describe('npm run bench at a tiny size', () => {
 
   it('runs every item and writes valid JSON with every figure, and a chart', { timeout: 420_000 }, async () => {
     const out = path.join(dir, 'results', 'latest.json');
-    const args = ['--import', 'tsx', 'bench/run.ts', '--seconds', '2', '--slice-seconds', '1', '--warmup', '0', '--connections', '4', '--sizes', '100,400', '--sweep-sizes', '200,400',
+    const args = ['--import', 'tsx', 'bench/run.ts', '--seconds', '1', '--slice-seconds', '0.5', '--warmup', '0', '--connections', '4', '--sizes', '100,400', '--sweep-sizes', '200,400',
       '--sweep-page-size', '5', '--rotations', '3', '--out', out,
       '--pg-admin-url', inject('pgAdminUrl'), '--temporal-address', inject('temporalAddress'), '--smtp-url', inject('smtpUrl')];
     const { stdout } = await promisify(execFile)(process.execPath, args, { cwd: ROOT, timeout: 400_000, maxBuffer: 16 * 1024 * 1024 });
@@ -65,8 +65,8 @@ describe('npm run bench at a tiny size', () => {
     expect(r.primitives.httpFloor.errors).toBe(0);
     // Each primitive alternates with slices of the HTTP floor and of its database floor, and is
     // compared with those slices.
-    expect(r.primitives.httpFloor.slicesPerPrimitive).toBe(2); // --seconds 2 --slice-seconds 1
-    expect(r.primitives.httpFloor.sliceSeconds).toBe(1);
+    expect(r.primitives.httpFloor.slicesPerPrimitive).toBe(2); // --seconds 1 --slice-seconds 0.5
+    expect(r.primitives.httpFloor.sliceSeconds).toBe(0.5);
     for (const op of ['vault.get', 'vault.store', 'vault.totp']) {
       const floors = r.primitives.ops[op].floors;
       expect(floors.httpSlicesRps).toHaveLength(2);
