@@ -9,6 +9,7 @@ export default defineConfig({
     hookTimeout: 600_000,
     testTimeout: 60_000,
     pool: 'forks',
+    isolate: false,
     maxWorkers: 2,
     // The minute-long files first, so the two workers end together (test/support/sequencer.ts).
     sequence: { sequencer: LongestFirst },

@@ -1,7 +1,8 @@
-import { mkdtempSync, rmSync, utimesSync } from 'node:fs';
+import fs, { mkdtempSync, rmSync, utimesSync } from 'node:fs';
+import { syncBuiltinESMExports } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
-import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { generateMasterKey, Keyring, masterKeyId, writeKeyringFile, type MasterKey } from '../vault/keyring';
 
 /**
@@ -10,17 +11,24 @@ import { generateMasterKey, Keyring, masterKeyId, writeKeyringFile, type MasterK
  */
 
 // Called once, right after a read of the file (and before anything else looks at it), when a test sets it.
-const race = vi.hoisted(() => ({ afterRead: undefined as undefined | (() => void) }));
-vi.mock('node:fs', async (importOriginal) => {
-  const actual = await importOriginal<typeof import('node:fs')>();
-  const readFileSync = ((...args: Parameters<typeof actual.readFileSync>) => {
-    const text = actual.readFileSync(...args);
+// node:fs's readFileSync is wrapped for this file's tests and its named export synced, so the keyring
+// module's import sees the wrapper (a vi.mock would not reach a node:fs another test file loaded first
+// in the same worker: the test files share their modules).
+const race = { afterRead: undefined as undefined | (() => void) };
+const actualReadFileSync = fs.readFileSync;
+beforeAll(() => {
+  fs.readFileSync = ((...args: Parameters<typeof actualReadFileSync>) => {
+    const text = actualReadFileSync(...args);
     const hook = race.afterRead;
     race.afterRead = undefined;
     hook?.();
     return text;
-  }) as typeof actual.readFileSync;
-  return { ...actual, default: { ...actual, readFileSync }, readFileSync };
+  }) as typeof actualReadFileSync;
+  syncBuiltinESMExports();
+});
+afterAll(() => {
+  fs.readFileSync = actualReadFileSync;
+  syncBuiltinESMExports();
 });
 
 const newKey = (): MasterKey => {
