@@ -1,9 +1,9 @@
 import { KeyIntegrityError, UnprocessableError } from '../core/errors';
 import { Context } from '@temporalio/activity';
-import { deliverOutboxMessage, deliverQueued, giveUpMail, startDelivery, UNWATCHED_DELIVERY, WATCHED_DELIVERY, type DeliveryOptions, type DeliveryResult } from '../mail/outbox';
+import { abandonedPlaceholder, deliverOutboxMessage, deliverQueued, giveUpMail, startDelivery, UNWATCHED_DELIVERY, WATCHED_DELIVERY, type DeliveryOptions, type DeliveryResult } from '../mail/outbox';
 import { withTransaction } from '../db/pool';
 import { appendAudit } from '../vault/audit';
-import { noticeAudit, queueNotice, sendNotice, type Notice } from '../mail/notify';
+import { noticeAudit, queueNotice, sendNotice, storedValueRefusal, type Notice } from '../mail/notify';
 import type { CredentialMeta } from '../vault/types';
 import type { RotationNotice } from '../workflows/types';
 import type { ActivityDeps } from './index';
@@ -51,7 +51,7 @@ export function noticeActivities(deps: ActivityDeps) {
         try {
           delivery = await sendOrHandOver(deps, notice);
           // An earlier attempt refused it and recorded so (below), then was retried: still refused.
-          if (delivery === 'abandoned' && (await refusedEarlier(deps, notice.id))) throw refusedNotice(notice);
+          if (delivery === 'abandoned' && (await refusedEarlier(deps, notice.id))) throw storedValueRefusal(notice);
         } catch (err) {
           if (!(err instanceof UnprocessableError)) throw err;
           // Refused: its text would carry a stored value (an error a provider or dependent answered,
@@ -111,13 +111,9 @@ export function noticeActivities(deps: ActivityDeps) {
 export const MESSAGE_COMMIT_WAIT_MS = 30_000;
 
 /** Marks a message id never to be queued (abandoned, nothing of a message in it); false if a message took the id first. */
-async function tombstone(deps: ActivityDeps, id: string): Promise<boolean> {
-  const { rowCount } = await deps.pool.query(
-    `INSERT INTO mail_outbox (id, purpose, recipients, subject, text_body, status, last_error)
-     VALUES ($1, 'mail.send', '{}', '(not committed)', '(not committed)', 'abandoned', $2) ON CONFLICT (id) DO NOTHING`,
-    [id, `not committed within ${Math.round((deps.messageCommitWaitMs ?? MESSAGE_COMMIT_WAIT_MS) / 1000)} s of its delivery's start`],
-  );
-  return rowCount === 1;
+function tombstone(deps: ActivityDeps, id: string): Promise<boolean> {
+  const reason = `not committed within ${Math.round((deps.messageCommitWaitMs ?? MESSAGE_COMMIT_WAIT_MS) / 1000)} s of its delivery's start`;
+  return abandonedPlaceholder(deps.pool, { id, purpose: 'mail.send', marker: '(not committed)', reason });
 }
 
 /**
@@ -185,12 +181,8 @@ export async function handOverNotice(deps: ActivityDeps, notice: Notice, scanIde
  */
 async function recordRefusedNotice(deps: ActivityDeps, notice: Notice, refusal: { reason: string; error: string }, extra: Record<string, unknown> = {}): Promise<void> {
   await withTransaction(deps.pool, async (tx) => {
-    const { rowCount } = await tx.query(
-      `INSERT INTO mail_outbox (id, identity_id, purpose, recipients, subject, text_body, status, last_error)
-       VALUES ($1, $2, $3, '{}', '(refused)', '(refused)', 'abandoned', $4) ON CONFLICT (id) DO NOTHING`,
-      [notice.id, notice.identityId, notice.purpose, refusal.reason],
-    );
-    if (rowCount) await appendAudit(tx, noticeAudit(notice, 'rejected', { ...extra, error: refusal.error }));
+    const recorded = await abandonedPlaceholder(tx, { id: notice.id, identityId: notice.identityId, purpose: notice.purpose, marker: '(refused)', reason: refusal.reason });
+    if (recorded) await appendAudit(tx, noticeAudit(notice, 'rejected', { ...extra, error: refusal.error }));
   });
 }
 
@@ -198,11 +190,6 @@ async function recordRefusedNotice(deps: ActivityDeps, notice: Notice, refusal: 
 async function refusedEarlier(deps: ActivityDeps, id: string): Promise<boolean> {
   const { rows } = await deps.pool.query(`SELECT 1 FROM mail_outbox WHERE id = $1 AND status = 'abandoned' AND last_error = $2`, [id, REFUSED_NOTICE]);
   return rows.length > 0;
-}
-
-/** The refusal queueNotice throws for a notice that would carry a stored value. */
-function refusedNotice(notice: Notice): UnprocessableError {
-  return new UnprocessableError(`the ${notice.purpose} notice would carry a stored secret; it was not sent`);
 }
 
 /** What the recipients of a refused rotation notice get instead: its outcome and ids, no free text (no name, error, reason). */

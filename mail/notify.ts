@@ -54,7 +54,7 @@ export async function queueNotice(
   if (queued.rowCount) return 'already-queued';
   for (const identityId of new Set(scanIdentities)) {
     if (await findStoredValueIn({ to, subject: notice.subject, text: notice.text }, deps.vault.storedValues(identityId, only))) {
-      throw new UnprocessableError(`the ${notice.purpose} notice would carry a stored secret; it was not sent`);
+      throw storedValueRefusal(notice);
     }
   }
   const inserted = await withTransaction(deps.pool, async (tx) => {
@@ -63,6 +63,11 @@ export async function queueNotice(
     return queued;
   });
   return inserted ? 'queued' : 'already-queued';
+}
+
+/** The refusal of a notice that would carry a stored value. */
+export function storedValueRefusal(notice: Pick<Notice, 'purpose'>): UnprocessableError {
+  return new UnprocessableError(`the ${notice.purpose} notice would carry a stored secret; it was not sent`);
 }
 
 /** A notice's audit row (mail.send, by the notice's actor): its id and purpose, and what the outcome adds. */

@@ -201,6 +201,20 @@ export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: strin
   return { result: 'sent', refused };
 }
 
+/**
+ * Takes a message id for good: an abandoned row that holds nothing of a message (no recipients, no
+ * text), `last_error` saying why (a refused notice's record, a delivery's tombstone). False if a
+ * row had the id already.
+ */
+export async function abandonedPlaceholder(db: Db, row: { id: string; identityId?: string | null; purpose: string; marker: string; reason: string }): Promise<boolean> {
+  const { rowCount } = await db.query(
+    `INSERT INTO mail_outbox (id, identity_id, purpose, recipients, subject, text_body, status, last_error)
+     VALUES ($1, $2, $3, '{}', $4, $4, 'abandoned', $5) ON CONFLICT (id) DO NOTHING`,
+    [row.id, row.identityId ?? null, row.purpose, row.marker, row.reason],
+  );
+  return rowCount === 1;
+}
+
 export async function abandonMail(db: Db, id: string, reason: string): Promise<void> {
   await db.query(`UPDATE mail_outbox SET status = 'abandoned', last_error = $2 WHERE id = $1 AND status = 'queued'`, [id, reason]);
 }
