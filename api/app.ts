@@ -1,9 +1,9 @@
 import { randomUUID } from 'node:crypto';
-import express, { type Express, Router } from 'express';
+import express, { type Express, type RequestHandler, Router } from 'express';
 import helmet from 'helmet';
 import type { Client } from '@temporalio/client';
 import type { DataConverter } from '@temporalio/common';
-import { AppError, NotFoundError } from '../core/errors';
+import { AppError, MethodNotAllowedError, NotFoundError } from '../core/errors';
 import type { Logger } from '../core/logger';
 import type { Pool } from '../db/pool';
 import { appendAudit, errorDetail, isAudited, outcomeOf } from '../vault/audit';
@@ -76,6 +76,42 @@ function oneRouter(routers: Router[]): Router {
   return all;
 }
 
+interface RouteLayer {
+  route?: { methods: Record<string, boolean>; _methods(): string[] };
+  handle: { stack?: RouteLayer[] };
+  slash?: boolean;
+  match(path: string): unknown;
+}
+
+/** The methods the app's routes answer at `path` (those of routers mounted at '/' included), OPTIONS last. */
+function methodsAt(stack: RouteLayer[], path: string, into = new Set<string>()): Set<string> {
+  for (const layer of stack) {
+    if (layer.route) {
+      if (layer.match(path)) for (const m of layer.route._methods()) into.add(m);
+    } else if (layer.slash && Array.isArray(layer.handle.stack)) {
+      methodsAt(layer.handle.stack, path, into);
+    }
+  }
+  return into;
+}
+
+/**
+ * A path the app answers, asked with a method none of its routes answers: a 405 problem with the
+ * Allow header (RFC 9110), not a 404 that says the path is not there; OPTIONS is answered 204 with
+ * the same header and no body. (Express's router would answer OPTIONS itself, 200 with the methods
+ * as text; this runs first as the router's last layer.) Routes that take every method (MCP's)
+ * answer their own; a middleware that answers OPTIONS for its paths (the codec's CORS) still does,
+ * being earlier. A path no route answers falls through to the 404.
+ */
+const otherMethods: RequestHandler = (req, res, next) => {
+  const methods = methodsAt((req.app as unknown as { router: { stack: RouteLayer[] } }).router.stack, req.path);
+  if (methods.size === 0) return next();
+  const allow = [...methods, 'OPTIONS'].filter((m, i, all) => all.indexOf(m) === i);
+  if (req.method !== 'OPTIONS') throw new MethodNotAllowedError(req.method, req.path, allow);
+  res.setHeader('Allow', allow.join(', '));
+  res.status(204).end();
+};
+
 export function createApp(deps: ApiDeps): Express {
   const app = express();
   app.disable('x-powered-by');
@@ -140,7 +176,9 @@ export function createApp(deps: ApiDeps): Express {
     codecRoutes(auth, { pool: deps.pool, dataConverter: deps.dataConverter, namespace: deps.namespace, corsOrigins: deps.codecCorsOrigins }),
     mcpRoutes(auth, deps),
   ];
-  app.use(oneRouter(routers));
+  const routes = oneRouter(routers);
+  routes.use(otherMethods);
+  app.use(routes);
 
   app.use((req) => {
     throw new NotFoundError(`no route ${req.method} ${req.path}`);

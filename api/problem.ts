@@ -1,5 +1,5 @@
 import type { ErrorRequestHandler, Response } from 'express';
-import { AppError, KeyIntegrityError, TooManyRequestsError, unconfirmedChange, UnavailableError, ValidationError, type FieldError } from '../core/errors';
+import { AppError, KeyIntegrityError, MethodNotAllowedError, TooManyRequestsError, unconfirmedChange, UnavailableError, ValidationError, type FieldError } from '../core/errors';
 import type { Logger } from '../core/logger';
 import { isCommitUnconfirmed, isDatabaseUnavailable } from '../db/pool';
 
@@ -59,6 +59,7 @@ export function sendProblem(res: Response, err: AppError): void {
   if (err.status === 401) res.setHeader('WWW-Authenticate', 'Bearer realm="mailgent"');
   if (err.status === 503) res.setHeader('Retry-After', '5');
   if (err instanceof TooManyRequestsError) res.setHeader('Retry-After', String(err.retryAfterSeconds));
+  if (err instanceof MethodNotAllowedError) res.setHeader('Allow', err.allow.join(', '));
   res.status(err.status).type('application/problem+json').send(JSON.stringify(problem));
 }
 

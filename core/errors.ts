@@ -10,6 +10,7 @@ export type ProblemSlug =
   | 'unauthorized'
   | 'forbidden'
   | 'not-found'
+  | 'method-not-allowed'
   | 'version-conflict'
   | 'conflict'
   | 'secret-in-message'
@@ -49,6 +50,17 @@ export class ValidationError extends AppError {
 export class NotFoundError extends AppError {
   constructor(detail: string) {
     super(404, 'not-found', 'Not found', detail);
+  }
+}
+
+/** A path that exists, asked with a method none of its routes answers (the Allow header lists those that do). */
+export class MethodNotAllowedError extends AppError {
+  constructor(
+    method: string,
+    path: string,
+    readonly allow: string[],
+  ) {
+    super(405, 'method-not-allowed', 'Method not allowed', `${path} does not answer ${method}; it answers ${allow.join(', ')}`);
   }
 }
 

@@ -207,9 +207,29 @@ describe('bad input', () => {
     expectProblem(await post('/v1/vault.store', { body: { name: 'a', kind: 'generic', value: 'v', expectedVersion: 2 ** 40 } }), 400, 'validation-failed');
   });
 
-  it('unknown routes and methods are 404 problems', async () => {
+  it('unknown routes are 404 problems; a method a route does not answer is a 405 problem naming those it does', async () => {
     expectProblem(await h.api('GET', '/v1/nothing', { token: agent.token }), 404, 'not-found');
-    expectProblem(await h.api('DELETE', '/v1/vault.get', { token: agent.token }), 404, 'not-found');
+    expectProblem(await h.api('OPTIONS', '/v1/nothing'), 404, 'not-found');
+    const wrong = await h.api('DELETE', '/v1/vault.get', { token: agent.token });
+    expectProblem(wrong, 405, 'method-not-allowed');
+    expect(wrong.headers.get('allow')).toBe('POST, OPTIONS');
+    expect(wrong.body.detail).toBe('/v1/vault.get does not answer DELETE; it answers POST, OPTIONS');
+    // The path's routes, whatever its parameters (no GET of one credential: its metadata is in the list).
+    const put = await h.api('PUT', '/v1/credentials/0b6f3a5e-1c2d-4e5f-8a9b-0c1d2e3f4a5b', { token: agent.token, body: {} });
+    expectProblem(put, 405, 'method-not-allowed');
+    expect(put.headers.get('allow')).toBe('PATCH, DELETE, OPTIONS');
+    // HEAD is answered where GET is (Express's own), and refused where it is not.
+    expect((await h.api('HEAD', '/v1/credentials', { token: agent.token })).status).toBe(200);
+    expect((await h.api('HEAD', '/v1/vault.get', { token: agent.token })).status).toBe(405);
+    // Without a token too: which methods a path answers is in the public OpenAPI document anyway.
+    expectProblem(await h.api('POST', '/healthz'), 405, 'method-not-allowed');
+    // OPTIONS: 204, the same Allow, no body (Express's own answer was a 200 with the methods as text).
+    for (const [path, allow] of [['/v1/vault.store', 'POST, OPTIONS'], ['/metrics', 'GET, HEAD, OPTIONS'], ['/v1/credentials', 'GET, HEAD, OPTIONS']] as const) {
+      const options = await h.api('OPTIONS', path);
+      expect(options.status, path).toBe(204);
+      expect(options.headers.get('allow'), path).toBe(allow);
+      expect(options.text).toBe('');
+    }
   });
 
   it('an id that is not a UUID is not found, even when it looks like one to a loose check (36 dashes)', async () => {
@@ -244,7 +264,7 @@ describe('bad input', () => {
     const odd = '12345678-1234-1234-1234-123456789012';
     expectProblem(await post('/v1/vault.get', { body: { id: odd } }), 404, 'not-found');
     expectProblem(await post('/v1/vault.totp', { body: { id: odd } }), 404, 'not-found');
-    expectProblem(await h.api('GET', `/v1/credentials/${odd}`, { token: agent.token }), 404, 'not-found');
+    expectProblem(await h.api('DELETE', `/v1/credentials/${odd}`, { token: agent.token }), 404, 'not-found');
     expectProblem(await post('/v1/vault.get', { body: { id: 'not-an-id' } }), 400, 'validation-failed');
   });
 
