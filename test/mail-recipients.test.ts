@@ -371,6 +371,22 @@ describe('mail with a recipient the SMTP server refuses', () => {
     expect(deliveriesOf(id)).toEqual([]);
   });
 
+  it('a delivery out of time whose message an attempt sent after all ends as sent, not failed, and nothing is abandoned', async () => {
+    const typo = unique('typo');
+    const res = await h.api('POST', '/v1/mail.send', { token: agent.token, body: { to: [typo], subject: 'Sent at the last', text: 'hello?' } });
+    expect(res.status).toBe(202);
+    const id = res.body.messageId as string;
+    await waitFor('a first delivery attempt', () => outboxRow(id), (r) => r.attempts >= 1, { timeoutMs: 20_000 });
+    // The attempt that ran out the day had got it out (the server took it as the time ran out), and
+    // marked it sent while the give-up waited for its claim; the next attempt is told the day is spent.
+    await h.sql(`UPDATE mail_outbox SET status = 'sent', sent_at = now(), lease_until = NULL WHERE id = $1`, [id]);
+    spent.add(id);
+    // Before, the run failed with the last error though the message was sent.
+    expect(await h.client.workflow.getHandle(`mail:${id}`).result()).toBe('already-sent');
+    expect((await outboxRow(id)).status).toBe('sent');
+    expect((await h.sql("SELECT count(*)::int AS n FROM audit_log WHERE action = 'mail.undelivered' AND detail->>'messageId' = $1", [id])).rows[0].n).toBe(0);
+  });
+
   it('a message an attempt still holds is not given up until that attempt lets go: it may yet be sent', async () => {
     const id = randomUUID();
     await h.sql(

@@ -10,8 +10,9 @@ const { giveUpMail } = proxyActivities<ReturnType<typeof createActivities>>(rota
  * Delivers one queued outbox message (by id), retrying through SMTP outages. Once its day of retries
  * is spent, the message is marked abandoned and its sender's audit log says it was not delivered
  * (before, it stayed queued for good, and only mail.send's `ok` row told of it); the run fails with
- * the last error. (No patch: a run whose delivery failed before this ended then and there, so no
- * open history has gone past that failure.)
+ * the last error, unless an attempt sent the message after all ('already-sent'). (No patch: a run
+ * whose delivery failed before this ended then and there, so no open history has gone past that
+ * failure.)
  */
 export async function deliverMail(input: { messageId: string }): Promise<string> {
   try {
@@ -19,7 +20,9 @@ export async function deliverMail(input: { messageId: string }): Promise<string>
   } catch (err) {
     if (!(err instanceof ActivityFailure)) throw err;
     const cause = err.cause instanceof ApplicationFailure || err.cause instanceof Error ? err.cause.message : String(err.cause ?? err.message);
-    await giveUpMail({ messageId: input.messageId, error: cause });
+    // Sent after all (its last attempt, out of time, marked it sent meanwhile): not a failure.
+    // Runs before this recorded true or false, and still throw: no patch needed.
+    if ((await giveUpMail({ messageId: input.messageId, error: cause })) === 'already-sent') return 'already-sent';
     throw err;
   }
 }
