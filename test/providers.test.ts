@@ -94,7 +94,7 @@ describe('rotation providers', () => {
       for (const [name, url, refusal] of [
         ['pg-loopback', `postgresql://postgres:${randomBytes(9).toString('hex')}@127.0.0.2:${server.port}/postgres`, '127.0.0.2 is an address on this machine or a private network'],
         ['pg-private', `postgresql://postgres:${randomBytes(9).toString('hex')}@10.0.0.7:6379/x`, '10.0.0.7 is an address on this machine or a private network'],
-        ['pg-socket', `postgresql://postgres:${randomBytes(9).toString('hex')}@localhost/postgres?host=/tmp`, 'a Unix socket is on this machine'],
+        ['pg-socket', `postgresql://postgres:${randomBytes(9).toString('hex')}@%2Ftmp/postgres`, 'a Unix socket is on this machine'],
       ] as const) {
         await store(name, url);
         const started = Date.now();
@@ -105,6 +105,51 @@ describe('rotation providers', () => {
         // Refused at once: no connection attempt waited on (10.0.0.7 would have taken the 10 s connect timeout).
         expect(Date.now() - started).toBeLessThan(2_000);
       }
+    });
+
+    it('an admin URL is taken for its server, database, login, sslmode and application_name alone: any other parameter is refused before a connection', async () => {
+      const { role, password } = await newRole('params');
+      const adminPassword = decodeURIComponent(server.password);
+      const at = `${server.host}${server.pathname}`;
+      const refusedParameter = "carries a connection parameter other than sslmode and application_name (a CA for TLS goes in the worker's NODE_EXTRA_CA_CERTS)";
+      for (const [name, url, problem] of [
+        // pg's parser read the named file as the client was made (/dev/zero: the worker's event loop held until it died; a missing one: ENOENT in the run's error).
+        ['pg-rootcert', `postgresql://postgres:${encodeURIComponent(adminPassword)}@${at}?sslrootcert=/nonexistent/${tag}.pem`, refusedParameter],
+        // The query's user and password were taken over the URL's: this logged in as the admin whatever the login checked.
+        ['pg-query-login', `postgresql://${role}:wrong@${at}?user=postgres&password=${encodeURIComponent(adminPassword)}`, refusedParameter],
+        ['pg-query-host', `postgresql://postgres:${encodeURIComponent(adminPassword)}@${at}?host=/tmp`, refusedParameter],
+        ['pg-sslmode', `postgresql://postgres:${encodeURIComponent(adminPassword)}@${at}?sslmode=sometimes`, 'has an sslmode other than disable, prefer, require, verify-ca, verify-full, no-verify'],
+        ['pg-no-user', `postgresql://${at}`, 'names no user'],
+      ] as const) {
+        await store(name, url);
+        const err = await failure(postgresRole.create({ ...context(postgresRole, { adminCredential: name, role }), idempotencyKey: randomUUID(), current: { version: 1, value: password } }));
+        expect(err, name).toBeInstanceOf(UnprocessableError);
+        expect(err.message, name).toBe(`the admin credential '${name}' ${problem}`);
+      }
+      expect(await canLogin(role, password)).toBe(true);
+      // sslmode=disable and an application_name are taken.
+      await store('pg-admin-params', `${h.databaseUrl}${server.search ? '&' : '?'}sslmode=disable&application_name=mailgent-test`);
+      const created = await postgresRole.create({ ...context(postgresRole, { adminCredential: 'pg-admin-params', role }), idempotencyKey: randomUUID(), current: { version: 1, value: password } });
+      expect(await canLogin(role, h.secret(created.value))).toBe(true);
+    });
+
+    it('an admin URL without a password logs in without one: never with the worker\'s PGPASSWORD', async () => {
+      const { role, password } = await newRole('pgpassword');
+      const bare = new URL(h.databaseUrl);
+      bare.password = '';
+      await store('pg-admin-bare', bare.href);
+      const before = process.env.PGPASSWORD;
+      process.env.PGPASSWORD = decodeURIComponent(server.password);
+      try {
+        // Before, pg took PGPASSWORD (then ~/.pgpass) for the empty password, and sent it to whatever server the URL named.
+        const err = await failure(postgresRole.create({ ...context(postgresRole, { adminCredential: 'pg-admin-bare', role }), idempotencyKey: randomUUID(), current: { version: 1, value: password } }));
+        expect(err.message).toMatch(new RegExp(`^setting the password of role "${role}" failed: `));
+        expect(err.message).not.toContain(process.env.PGPASSWORD);
+      } finally {
+        if (before === undefined) delete process.env.PGPASSWORD;
+        else process.env.PGPASSWORD = before;
+      }
+      expect(await canLogin(role, password)).toBe(true);
     });
 
     it('single role: create replaces the password at once; after promote and revoke only the new one logs in', async () => {

@@ -1,6 +1,6 @@
 import { UnprocessableError } from '../../core/errors';
 import type { Provider, ProviderContext, ProviderSecret } from '../types';
-import { consumerUrl, login, parsePostgresUrl, randomPassword, safeError, setPassword } from './role';
+import { adminUrlProblem, consumerUrl, login, parsePostgresUrl, randomPassword, safeError, setPassword } from './role';
 import { postgresRoleSettings, type PostgresRoleSettings } from './schema';
 
 /**
@@ -71,6 +71,8 @@ async function adminConnection(ctx: Ctx) {
   if (name === ctx.credentialName) throw new UnprocessableError(`settings.adminCredential must name a credential other than '${name}' itself`);
   const admin = parsePostgresUrl(await ctx.secrets.read(name));
   if (!admin) throw new UnprocessableError(`the admin credential '${name}' is not a postgres:// URL`);
+  const problem = adminUrlProblem(admin.url);
+  if (problem) throw new UnprocessableError(`the admin credential '${name}' ${problem}`);
   if ((roles ?? [role]).includes(admin.user)) throw new UnprocessableError(`the admin credential '${name}' logs in as a role this rotation changes`);
   return admin;
 }

@@ -22,12 +22,53 @@ export function parsePostgresUrl(text: string): { url: URL; user: string; passwo
   }
 }
 
-/** The admin URL with another role's login: same host, port, database and options. */
-function loginUrl(admin: URL, role: string, password: string): string {
-  const url = new URL(admin.href);
-  url.username = role;
-  url.password = encodeURIComponent(password);
-  return url.href;
+/**
+ * The connection parameters an admin URL may carry: TLS (sslmode) and how the session names itself.
+ * pg's own URL parser takes every query parameter as a client option over the ones given beside it
+ * (`user` and `password` over the URL's, `host` for a socket path, `stream`, timeouts), and reads the
+ * files `sslrootcert`, `sslcert` and `sslkey` name, synchronously, as the client is made: an
+ * identity's admin URL with `?sslrootcert=/dev/zero` held the worker's event loop until it died,
+ * `?user=admin&password=…` made every "does the new password log in" check log in as the admin.
+ * So no URL reaches pg: the client is configured from these alone (a private CA goes in the worker's
+ * NODE_EXTRA_CA_CERTS).
+ */
+const SSL_MODES: Record<string, pg.ClientConfig['ssl']> = {
+  disable: false,
+  prefer: {},
+  require: {},
+  'verify-ca': {},
+  'verify-full': {},
+  'no-verify': { rejectUnauthorized: false },
+};
+const URL_PARAMETERS = new Set(['sslmode', 'application_name']);
+
+/** Why an admin URL is not one the provider connects with (never quoting it), or null. */
+export function adminUrlProblem(admin: URL): string | null {
+  for (const [key, value] of admin.searchParams) {
+    if (!URL_PARAMETERS.has(key)) return 'carries a connection parameter other than sslmode and application_name (a CA for TLS goes in the worker\'s NODE_EXTRA_CA_CERTS)';
+    if (key === 'sslmode' && !(value in SSL_MODES)) return `has an sslmode other than ${Object.keys(SSL_MODES).join(', ')}`;
+  }
+  if (!admin.username) return 'names no user';
+  return null;
+}
+
+/**
+ * The client configuration of `role` on the admin URL's server: host, port, database, TLS and
+ * application name from the URL, the login given. The password is handed over as a function, so an
+ * empty one is sent as it is, never replaced by the worker's PGPASSWORD or ~/.pgpass.
+ */
+function clientConfig(admin: URL, role: string, password: string): pg.ClientConfig {
+  const sslmode = admin.searchParams.get('sslmode');
+  const applicationName = admin.searchParams.get('application_name');
+  return {
+    host: decodeURIComponent(admin.hostname).replace(/^\[(.+)\]$/, '$1'),
+    port: admin.port ? Number(admin.port) : 5432,
+    database: decodeURIComponent(admin.pathname.slice(1)) || role,
+    user: role,
+    password: () => password,
+    ssl: sslmode ? SSL_MODES[sslmode] : false,
+    ...(applicationName ? { application_name: applicationName } : {}),
+  };
 }
 
 /**
@@ -57,14 +98,14 @@ export function safeError(what: string, err: unknown, secrets: string[]): Error 
  * provider's requests do: an identity's admin URL must not make the worker log in to, or probe, this
  * machine or its private network unless OUTBOUND_ALLOW lists the host.
  */
-async function withClient<T>(connectionString: string, fn: (c: pg.Client) => Promise<T>): Promise<T> {
-  const client = new pg.Client({ connectionString, connectionTimeoutMillis: 10_000, query_timeout: 30_000, stream: () => new GuardedSocket() });
+async function withClient<T>(config: pg.ClientConfig, fn: (c: pg.Client) => Promise<T>): Promise<T> {
+  const client = new pg.Client({ ...config, connectionTimeoutMillis: 10_000, query_timeout: 30_000, stream: () => new GuardedSocket() });
   client.on('error', () => undefined); // a dropped idle connection must not crash the worker
   try {
     try {
       await client.connect();
     } catch (err) {
-      const host = new URL(connectionString).hostname || 'a Unix socket';
+      const host = config.host || 'a Unix socket';
       if (err instanceof OutboundRefusedError) throw new UnprocessableError(`PostgreSQL at ${host}: ${err.message}`);
       throw err;
     }
@@ -76,13 +117,13 @@ async function withClient<T>(connectionString: string, fn: (c: pg.Client) => Pro
 
 /** Logs in as `role` and runs SELECT 1. Throws pg's own error (code 28P01: wrong password). */
 export async function login(admin: URL, role: string, password: string): Promise<void> {
-  await withClient(loginUrl(admin, role, password), (c) => c.query('SELECT 1'));
+  await withClient(clientConfig(admin, role, password), (c) => c.query('SELECT 1'));
 }
 
 export async function setPassword(admin: URL, role: string, password: string): Promise<void> {
   const adminPassword = decodeURIComponent(admin.password);
   try {
-    await withClient(admin.href, (c) => c.query(`ALTER ROLE ${pg.escapeIdentifier(role)} PASSWORD ${pg.escapeLiteral(storedForm(password))}`));
+    await withClient(clientConfig(admin, decodeURIComponent(admin.username), adminPassword), (c) => c.query(`ALTER ROLE ${pg.escapeIdentifier(role)} PASSWORD ${pg.escapeLiteral(storedForm(password))}`));
   } catch (err) {
     throw safeError(`setting the password of role "${role}" failed`, err, [password, adminPassword]);
   }
