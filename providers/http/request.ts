@@ -53,8 +53,10 @@ export async function send(call: Call): Promise<Response> {
  * 4xx other than timeouts, conflicts and rate limits will not heal by retrying: permanent.
  */
 export function statusError(what: string, res: Response, secrets: string[]): Error {
-  let text = res.statusText.slice(0, 80);
+  // Cut out first, then shortened: shortened first, a secret across the cut kept its head.
+  let text = res.statusText;
   for (const s of secrets) if (s) text = text.split(s).join('[redacted]');
+  text = text.slice(0, 80);
   const message = `${what} answered ${res.status}${text ? ` ${text}` : ''}`;
   const transient = res.status < 400 || res.status >= 500 || [408, 409, 425, 429].includes(res.status);
   return transient ? new Error(message) : new UnprocessableError(message);
