@@ -1,5 +1,5 @@
 import { createHmac, randomBytes, randomUUID } from 'node:crypto';
-import { chmodSync, chownSync, linkSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, linkSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { once } from 'node:events';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { UnprocessableError } from '../core/errors';
 import { allowOutbound } from '../core/outbound';
 import { checkDependents, createDependents, type Dependent, type DependentTarget } from '../dependents';
+import { readNoFollow, rewriteFile, withEnvFile } from '../dependents/env-file/files';
 import { verifyWebhookSignature } from '../dependents/webhook';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, TEST_OUTBOUND_ALLOW, type Harness } from './support/harness';
@@ -239,6 +240,29 @@ describe('dependents', () => {
       expect(read(inside).toString()).toBe('DB_PASSWORD=inside\n');
       // The same file through a plain path inside the root is fine.
       await apply('sub/app.env', target(2, 'sub-pending-value'));
+    });
+
+    it('writes through the directory it checked: one swapped for a link to another identity\'s after the check gets nothing', async () => {
+      const other = randomUUID();
+      const theirs = path.join(envFilesRoot, other, 'conf', 'app.env');
+      mkdirSync(path.dirname(theirs), { recursive: true });
+      writeFileSync(theirs, 'DB_PASSWORD=theirs\n');
+      mkdirSync(path.join(root, 'conf'));
+      writeFileSync(path.join(root, 'conf', 'app.env'), 'DB_PASSWORD=mine\n');
+      const pending = 'DB_PASSWORD=swapped-dir-pending-value\n';
+      await withEnvFile(root, 'conf/app.env', async (f) => {
+        // Whoever can write in the identity's directory swaps conf for a link, after the check.
+        renameSync(path.join(root, 'conf'), path.join(root, 'conf-was'));
+        symlinkSync(path.dirname(theirs), path.join(root, 'conf'));
+        await rewriteFile(f, () => Buffer.from(pending));
+        expect((await readNoFollow(f.path)).content.toString()).toBe(pending);
+      });
+      // Before, every open and the rename went by path again: the value landed in the other identity's file.
+      expect(readFileSync(theirs, 'utf8')).toBe('DB_PASSWORD=theirs\n');
+      expect(readFileSync(path.join(root, 'conf-was', 'app.env'), 'utf8')).toBe(pending);
+      expect(readdirSync(path.dirname(theirs))).toEqual(['app.env']);
+      // And a later call is refused at the link.
+      await expect(apply('conf/app.env', target(2, 'must-not-land-anywhere'))).rejects.toThrow(/a symbolic link is on its way/);
     });
 
     it('checkDependents names the bad field and fills defaults', () => {

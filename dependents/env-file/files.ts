@@ -1,31 +1,64 @@
 import { randomBytes } from 'node:crypto';
-import { constants, type Stats } from 'node:fs';
-import { lstat, open, realpath, rename, rm } from 'node:fs/promises';
+import { constants, existsSync, type Stats } from 'node:fs';
+import { type FileHandle, lstat, open, realpath, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { UnprocessableError } from '../../core/errors';
+
+/** Whether a held directory can be named by its descriptor (Linux's /proc/self/fd). */
+const PINNED = existsSync('/proc/self/fd');
+
+/** A checked env file whose directory is held open (withEnvFile). */
+export interface EnvFile {
+  /** The file through its held directory (/proc/self/fd/<n>/<name>; its checked path where there is no /proc). */
+  path: string;
+  /** Its real path when checked: one queue of rewrites per file. */
+  key: string;
+  dir: FileHandle;
+}
 
 /**
  * The worker writes files on behalf of API callers, so a settings path may only name a regular
  * file inside the root, reached without any symbolic link (a link could lead anywhere later).
- * Returns the file's path under the root's real path; every later open refuses symlinks too.
+ * The directories on its way are opened one by one, each refusing a symbolic link, and the file's
+ * own directory is held open while `fn` runs: every open, write and rename after the check goes
+ * through that held directory, never through its path again. (Through the path, whoever can write
+ * in the identity's directory could swap a directory on the way for a link to another identity's
+ * between the check and the write, and have the value written there.) Every open of the file
+ * itself refuses a symbolic link too.
  */
-export async function resolveEnvFile(root: string, file: string): Promise<string> {
+export async function withEnvFile<T>(root: string, file: string, fn: (f: EnvFile) => Promise<T>): Promise<T> {
   const refuse = (why: string) => new UnprocessableError(`env file '${file}' is refused: ${why}`);
   if (file.includes('\0') || path.isAbsolute(file)) throw refuse('it must be a path relative to the env files root');
   const realRoot = await realpath(root);
   const target = path.resolve(realRoot, file);
   const relative = path.relative(realRoot, target);
   if (relative === '' || relative === '..' || relative.startsWith(`..${path.sep}`)) throw refuse('it is outside the env files root');
-  const parent = path.dirname(target);
-  const realParent = await realpath(parent).catch((err: NodeJS.ErrnoException) => {
-    throw err.code === 'ENOENT' || err.code === 'ENOTDIR' ? refuse('its directory does not exist') : err;
-  });
-  if (realParent !== parent) throw refuse('a symbolic link is on its way');
-  const stats = await lstat(target).catch((err: NodeJS.ErrnoException) => {
-    throw err.code === 'ENOENT' ? refuse('it does not exist') : err;
-  });
-  checkRegular(stats, refuse);
-  return target;
+  let dir = await open(realRoot, constants.O_RDONLY | constants.O_DIRECTORY);
+  let dirPath = realRoot;
+  try {
+    for (const part of path.relative(realRoot, path.dirname(target)).split(path.sep).filter(Boolean)) {
+      const next = await open(path.join(PINNED ? `/proc/self/fd/${dir.fd}` : dirPath, part), constants.O_RDONLY | constants.O_DIRECTORY | constants.O_NOFOLLOW).catch(
+        async (err: NodeJS.ErrnoException) => {
+          if (err.code === 'ENOENT') throw refuse('its directory does not exist');
+          if (err.code === 'ELOOP' || err.code === 'ENOTDIR') {
+            throw (await lstat(path.join(dirPath, part)).then((st) => st.isSymbolicLink(), () => false)) ? refuse('a symbolic link is on its way') : refuse('its directory does not exist');
+          }
+          throw err;
+        },
+      );
+      await dir.close();
+      dir = next;
+      dirPath = path.join(dirPath, part);
+    }
+    const held = path.join(PINNED ? `/proc/self/fd/${dir.fd}` : dirPath, path.basename(target));
+    const stats = await lstat(held).catch((err: NodeJS.ErrnoException) => {
+      throw err.code === 'ENOENT' ? refuse('it does not exist') : err;
+    });
+    checkRegular(stats, refuse);
+    return await fn({ path: held, key: target, dir });
+  } finally {
+    await dir.close();
+  }
 }
 
 export async function readNoFollow(file: string): Promise<{ content: Buffer; stats: Stats }> {
@@ -45,8 +78,9 @@ export async function readNoFollow(file: string): Promise<{ content: Buffer; sta
  * never half of one. Calls for one file are serialized in this process; a change by another
  * process between our read and our rename makes us start over instead of losing it.
  */
-export async function rewriteFile(file: string, edit: (content: Buffer) => Buffer): Promise<void> {
-  await serialized(file, async () => {
+export async function rewriteFile(envFile: EnvFile, edit: (content: Buffer) => Buffer): Promise<void> {
+  const file = envFile.path;
+  await serialized(envFile.key, async () => {
     for (let attempt = 0; attempt < 5; attempt++) {
       const { content, stats } = await readNoFollow(file);
       const next = edit(content);
@@ -59,7 +93,7 @@ export async function rewriteFile(file: string, edit: (content: Buffer) => Buffe
       } finally {
         await rm(temp, { force: true });
       }
-      await syncDirectory(path.dirname(file));
+      await envFile.dir.sync();
       return;
     }
     throw new Error(`env file ${path.basename(file)} kept changing while it was being written`);
@@ -88,15 +122,6 @@ async function writeTemp(file: string, content: Buffer, stats: Stats): Promise<s
     await fh.close().catch(() => undefined);
     await rm(temp, { force: true });
     throw err;
-  }
-}
-
-async function syncDirectory(dir: string): Promise<void> {
-  const fh = await open(dir, constants.O_RDONLY | constants.O_DIRECTORY);
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
   }
 }
 

@@ -4,7 +4,7 @@ import { UnprocessableError } from '../../core/errors';
 import { isUuid } from '../../core/ids';
 import type { Dependent, DependentTarget } from '../types';
 import { decodeValue, describeStyle, encodeValue, findKeyLine, isCanonical, joinLine, splitLines, stylesThatFit } from './dotenv';
-import { readNoFollow, resolveEnvFile, rewriteFile } from './files';
+import { readNoFollow, rewriteFile, withEnvFile } from './files';
 import { envFileSettings, type EnvFileSettings } from './schema';
 
 /**
@@ -30,7 +30,7 @@ export function createEnvFileDependent(opts: { root: string }): Dependent<EnvFil
       await writeValue(await rootOf(identityId), settings, target, true);
     },
     async verify({ settings, target, identityId }) {
-      const { content } = await readNoFollow(await resolveEnvFile(await rootOf(identityId), settings.file));
+      const { content } = await withEnvFile(await rootOf(identityId), settings.file, (f) => readNoFollow(f.path));
       const line = findKeyLine(splitLines(content), settings.key, settings.file);
       if (decodeValue(line.raw, line.quote) !== target.value) {
         throw new Error(`${settings.key} in ${settings.file} does not hold version ${target.version}`);
@@ -43,7 +43,7 @@ export function createEnvFileDependent(opts: { root: string }): Dependent<EnvFil
 }
 
 async function writeValue(root: string, s: EnvFileSettings, target: DependentTarget, mustBeRestorable: boolean): Promise<void> {
-  await rewriteFile(await resolveEnvFile(root, s.file), (content) => {
+  await withEnvFile(root, s.file, (f) => rewriteFile(f, (content) => {
     const lines = splitLines(content);
     const line = findKeyLine(lines, s.key, s.file);
     const raw = encodeValue(target.value, line.quote);
@@ -63,5 +63,5 @@ async function writeValue(root: string, s: EnvFileSettings, target: DependentTar
     }
     lines[line.index] = joinLine(line, raw);
     return Buffer.concat(lines);
-  });
+  }));
 }
