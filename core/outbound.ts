@@ -23,7 +23,12 @@ for (const [net, prefix] of [
   ['0.0.0.0', 8], ['10.0.0.0', 8], ['100.64.0.0', 10], ['127.0.0.0', 8], ['169.254.0.0', 16], ['172.16.0.0', 12],
   ['192.0.0.0', 24], ['192.168.0.0', 16], ['198.18.0.0', 15], ['224.0.0.0', 4], ['240.0.0.0', 4],
 ] as const) BLOCKED.addSubnet(net, prefix, 'ipv4');
-for (const [net, prefix] of [['::', 127], ['fc00::', 7], ['fe80::', 10], ['ff00::', 8]] as const) BLOCKED.addSubnet(net, prefix, 'ipv6');
+// IPv6: unspecified, loopback and the old IPv4-compatible form (::/96), NAT64's well-known and
+// local-use prefixes (64:ff9b::/96, 64:ff9b:1::/48: on an IPv6-only host behind NAT64,
+// 64:ff9b::a00:7 is 10.0.0.7), unique-local, link-local and multicast.
+for (const [net, prefix] of [['::', 96], ['64:ff9b::', 96], ['64:ff9b:1::', 48], ['fc00::', 7], ['fe80::', 10], ['ff00::', 8]] as const) {
+  BLOCKED.addSubnet(net, prefix, 'ipv6');
+}
 
 let allowedHosts = new Set<string>();
 let allowed = new BlockList();

@@ -26,6 +26,10 @@ describe('where providers and webhooks may call', () => {
       'http://0.0.0.0/',
       'http://[fd00::1]/',
       'http://[fe80::1]/',
+      // NAT64 (10.0.0.7 and 127.0.0.1 behind it), and an IPv4-compatible loopback.
+      'http://[64:ff9b::a00:7]/',
+      'http://[64:ff9b:1::7f00:1]/',
+      'http://[::7f00:1]/',
     ]) {
       expect(await refused(url), url).toBe(true);
     }
