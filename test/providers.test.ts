@@ -283,6 +283,13 @@ describe('rotation providers', () => {
         "settings.adminCredential must name a credential other than 'pg-admin' itself",
       );
       expect((await create({ adminCredential: 'pg-admin', role: 'postgres' })).message).toBe("the admin credential 'pg-admin' logs in as a role this rotation changes");
+      // One role in url format whose current version is no such URL: refused before the password
+      // changes (before, it changed, and the undo could never put the old one back).
+      expect((await create({ adminCredential: 'pg-admin', role, format: 'url' })).message).toBe('version 1 is not a postgresql://<role>:<password>@host/db URL');
+      expect((await create({ adminCredential: 'pg-admin', role, format: 'url' }, { version: 1, value: roleUrl(`mg_else_${tag}`, password) })).message).toBe(
+        `version 1 names a role other than ${role}`,
+      );
+      expect(await canLogin(role, password)).toBe(true);
       expect((await create({ adminCredential: 'no-such-credential', role })).message).toBe("no credential with name 'no-such-credential'");
       expect((await create({ adminCredential: 'pg-admin', role: `mg_missing_${tag}` })).message).toBe(
         `setting the password of role "mg_missing_${tag}" failed: role "mg_missing_${tag}" does not exist`,

@@ -30,6 +30,10 @@ export const postgresRole: Provider<PostgresRoleSettings> = {
     const { settings: s } = ctx;
     const admin = await adminConnection(ctx);
     const role = s.roles ? idleRole(s.roles, ctx.current) : s.role!;
+    // One role: an undo puts the current version's password back (discard), so it must be one that
+    // can be read back before the live password is replaced. Found out only at the undo, the role
+    // was left on a password the vault no longer held as current, and no retry could mend it.
+    if (!s.roles) loginOf(s, ctx.current);
     const password = randomPassword(s.passwordLength);
     await setPassword(admin.url, role, password);
     return { value: s.format === 'url' ? consumerUrl(admin.url, role, password) : password, externalId: role };
