@@ -194,7 +194,7 @@ async function recordRefusedNotice(deps: ActivityDeps, notice: Notice, refusal: 
 }
 
 /** Whether the outbox row of `id` records its refusal (recordRefusedNotice). */
-async function refusedEarlier(deps: ActivityDeps, id: string): Promise<boolean> {
+export async function refusedEarlier(deps: ActivityDeps, id: string): Promise<boolean> {
   const { rows } = await deps.pool.query(`SELECT 1 FROM mail_outbox WHERE id = $1 AND status = 'abandoned' AND last_error = $2`, [id, REFUSED_NOTICE]);
   return rows.length > 0;
 }

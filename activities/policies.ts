@@ -1,7 +1,7 @@
 import { findOrphans, type ServiceAccountRow } from '../vault/service-accounts';
 import type { ActivityDeps } from './index';
 import { FAILED_RETRY_HOURS, windowOpen } from './batch';
-import { handOverNotice, REFUSED_NOTICE, UNCHECKED_NOTICE } from './notices';
+import { handOverNotice, REFUSED_NOTICE, refusedEarlier, UNCHECKED_NOTICE } from './notices';
 import { heartbeat, heartbeating, stableUuid } from './support';
 
 /** The outbox row of an overdue password's reminder to its owners. */
@@ -144,14 +144,40 @@ export function policyActivities(deps: ActivityDeps) {
         const sinceDays = Math.floor((asOf.getTime() - since.getTime()) / DAY_MS);
         // (A reminder still queued is given a day, its delivery's retries, before it counts as undelivered.)
         if (sinceDays >= c.escalate_after_days && (row?.sent_at || row?.status !== 'queued' || sinceDays >= 1)) {
-          const escalation = await handOverNotice(deps, {
+          const escalationId = stableUuid(`password-policy:${c.id}:${c.current_version}:escalation`);
+          const reason = escalationReason(row, since, sinceDays);
+          let escalation = await handOverNotice(deps, {
             ...base,
-            id: stableUuid(`password-policy:${c.id}:${c.current_version}:escalation`),
+            id: escalationId,
             purpose: 'password.escalation',
             to: [...(deps.securityNotify ?? []), ...(c.email ? [c.email] : []), ...c.owners],
             subject: `[mailgent] ESCALATION: password ${c.name} is ${overdueDays} days overdue`,
-            text: text([escalationReason(row, since, sinceDays)]),
+            text: text([reason]),
           });
+          // Refused for carrying a stored value (its name, or an owner's or the identity's address, is
+          // one: what refused the reminder refuses the escalation too): the security contacts get it
+          // withheld, ids and ages alone. Before, a password whose reminder was refused so was never
+          // escalated to anyone.
+          if (!escalation && (await refusedEarlier(deps, escalationId))) {
+            escalation = await handOverNotice(deps, {
+              ...base,
+              id: stableUuid(`password-policy:${c.id}:${c.current_version}:escalation:withheld`),
+              purpose: 'password.escalation',
+              to: deps.securityNotify?.length ? deps.securityNotify : [...(c.email ? [c.email] : []), ...c.owners],
+              subject: `[mailgent] ESCALATION: a password is ${overdueDays} days overdue (notice withheld)`,
+              text: [
+                `Password credential ${c.id} of identity ${c.identity_id} is ${ageDays} days old; the password policy allows ${c.max_age_days}.`,
+                'It has no rotation policy, so Mailgent cannot change it. Its escalation was withheld: its name, or an address it would',
+                'have gone to, is a value stored in Mailgent.',
+                reason.replace(/ It is still unchanged\.$/, ''),
+                '',
+                `Its owners read its trail with GET /v1/audit?credential=${c.id}.`,
+                '',
+                `Credential id: ${c.id}`,
+              ].join('\n'),
+              detail: { withheld: true },
+            });
+          }
           if (escalation) escalated += 1;
         }
       }

@@ -826,15 +826,19 @@ describe('scheduled sweep', () => {
     const named = `refused-${randomUUID().slice(0, 6)}`;
     const mistaken = `Pw0-${randomBytes(6).toString('hex')}@example.com`;
     const refused = await store(agent.token, { name: named, kind: 'password', value: mistaken, owners: [address('pw-refused')], notify: [mistaken] });
-    await age([unowned, refused], 33); // 3 days overdue: within the 5 days
+    // One whose owner's address is its value: the reminder and the escalation (which goes to the
+    // owners) are both refused for carrying it; security gets the escalation withheld, ids alone.
+    const ownedBy = `Pw1-${randomBytes(6).toString('hex')}@example.com`;
+    const selfOwned = await store(agent.token, { name: `self-owned-${randomUUID().slice(0, 6)}`, kind: 'password', value: ownedBy, owners: [ownedBy] });
+    await age([unowned, refused, selfOwned], 33); // 3 days overdue: within the 5 days
 
     await sweep();
     const refusals = await h.sql(`SELECT status FROM mail_outbox WHERE identity_id = $1 AND purpose = 'password.reminder'`, [agent.id]);
-    expect(refusals.rows).toEqual([{ status: 'abandoned' }]);
+    expect(refusals.rows).toEqual([{ status: 'abandoned' }, { status: 'abandoned' }]);
     expect((await mailTo(security)).filter((m) => m.mail.subject?.includes(named) || m.mail.text?.includes(unowned))).toEqual([]);
 
     // Six days later, still unchanged: before, neither ever reached the security contacts.
-    await age([unowned, refused], 39);
+    await age([unowned, refused, selfOwned], 39);
     await h.sql(`UPDATE mail_outbox SET created_at = created_at - interval '6 days' WHERE identity_id = $1 AND purpose = 'password.reminder'`, [agent.id]);
     await sweep();
     const escalations = await waitFor(
@@ -845,8 +849,21 @@ describe('scheduled sweep', () => {
     const about = (id: string) => escalations.find((m) => m.mail.text?.includes(`Credential id: ${id}`))!.mail.text!;
     expect(about(unowned)).toMatch(/The owners could not be told: the credential has no owners or notify addresses, and its identity no email \(overdue since \d{4}-\d\d-\d\d, 9 days ago\)/);
     expect(about(refused)).toMatch(/The owners could not be told: their reminder was refused on \d{4}-\d\d-\d\d, 6 days ago, for carrying a stored value/);
+    // Before, its escalation was refused as its reminder was, and nobody was ever told.
+    const withheld = await waitFor(
+      'the withheld escalation at the security desk',
+      async () => (await mailTo(security)).filter((m) => m.mail.text?.includes(`Credential id: ${selfOwned}`)),
+      (mails) => mails.length >= 1,
+    );
+    expect(withheld.map((m) => m.mail.subject)).toEqual(['[mailgent] ESCALATION: a password is 9 days overdue (notice withheld)']);
+    expect(withheld[0]!.mail.text).toMatch(/Its escalation was withheld/);
+    expect(withheld[0]!.mail.text).toMatch(/their reminder was refused on \d{4}-\d\d-\d\d, 6 days ago, for carrying a stored value\.\n/);
+    expect(JSON.stringify(withheld)).not.toContain(ownedBy);
+    // The escalation itself refused (and audited so), once; the withheld one beside it.
+    expect((await h.sql(`SELECT count(*)::int AS n FROM mail_outbox WHERE identity_id = $1 AND purpose = 'password.escalation' AND status = 'abandoned'`, [agent.id])).rows[0].n).toBe(1);
     await sweep();
     expect((await mailTo(security)).filter((m) => m.mail.subject?.startsWith('[mailgent] ESCALATION') && (m.mail.text?.includes(unowned) || m.mail.text?.includes(refused)))).toHaveLength(2);
+    expect((await mailTo(security)).filter((m) => m.mail.text?.includes(`Credential id: ${selfOwned}`))).toHaveLength(1);
   });
 
   it('service accounts: inventory with last read from the audit log, orphans by API, and the weekly report by schedule', async () => {
