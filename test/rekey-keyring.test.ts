@@ -14,10 +14,14 @@ import { generateMasterKey, Keyring, masterKeyId, writeKeyringFile, type MasterK
 // node:fs's readFileSync is wrapped for this file's tests and its named export synced, so the keyring
 // module's import sees the wrapper (a vi.mock would not reach a node:fs another test file loaded first
 // in the same worker: the test files share their modules).
-const race = { afterRead: undefined as undefined | (() => void) };
+const race = { afterRead: undefined as undefined | (() => void), failNextRead: false };
 const actualReadFileSync = fs.readFileSync;
 beforeAll(() => {
   fs.readFileSync = ((...args: Parameters<typeof actualReadFileSync>) => {
+    if (race.failNextRead) {
+      race.failNextRead = false;
+      throw Object.assign(new Error(`EACCES: permission denied, open '${String(args[0])}'`), { code: 'EACCES' });
+    }
     const text = actualReadFileSync(...args);
     const hook = race.afterRead;
     race.afterRead = undefined;
@@ -51,6 +55,7 @@ describe('a keyring file replaced while a service runs', () => {
   });
   afterEach(() => {
     race.afterRead = undefined;
+    race.failNextRead = false;
     rmSync(dir, { recursive: true, force: true });
   });
 
@@ -71,6 +76,17 @@ describe('a keyring file replaced while a service runs', () => {
     expect(ring.current.id).toBe(a.id);
     write([b, a], 1_700_000_000);
     // Before, the mtime alone told versions apart: the new current key went unseen.
+    expect(ring.current.id).toBe(b.id);
+  });
+
+  it('is read again after a read of it failed: one failure does not leave the service wrapping with the old key', () => {
+    const [a, b] = [newKey(), newKey()];
+    write([a], 1_700_000_000);
+    const ring = Keyring.fromSetting(file);
+    write([b, a], 1_700_000_100);
+    race.failNextRead = true;
+    expect(() => ring.current).toThrow(/EACCES/);
+    // Before, the new file's stamp was recorded ahead of the read that failed: `a` for good.
     expect(ring.current.id).toBe(b.id);
   });
 

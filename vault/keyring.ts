@@ -126,7 +126,10 @@ export class Keyring {
    */
   private reload(): void {
     const file = this.file!;
-    this.loaded = stamp(file);
+    // Recorded once the read has succeeded: recorded before it, a read that failed once (EACCES,
+    // EMFILE, a network file system's hiccup) left the new file's stamp with the old keys, and
+    // `current` went on wrapping with the retired key for good, which a rekey would then drop.
+    const loaded = stamp(file);
     const { keys, current } = readKeyringFile(file);
     const kept = new Set(keys.map((k) => k.id));
     for (const [id, key] of this.keys) {
@@ -134,8 +137,12 @@ export class Keyring {
       this.keys.delete(id);
       setTimeout(() => key.fill(0), FORGOTTEN_KEY_ZERO_DELAY_MS).unref();
     }
-    for (const k of keys) if (!this.keys.get(k.id)?.equals(k.key)) this.keys.set(k.id, k.key);
+    for (const k of keys) {
+      if (!this.keys.get(k.id)?.equals(k.key)) this.keys.set(k.id, k.key);
+      else k.key.fill(0); // a second copy of a key held already
+    }
     this.currentId = current;
+    this.loaded = loaded;
   }
 }
 
