@@ -326,10 +326,12 @@ export function batchActivities(deps: ActivityDeps) {
         const rotation = (await deps.pool.query('SELECT * FROM rotations WHERE id = $1', [input.rotationId])).rows[0];
         const runs = await summarise(deps, input.rotationId);
         const byRecipient = new Map<string, RunSummary[]>();
+        // A run once per recipient, however often the address is listed (the identity's email in
+        // `notify` too, an owner also in a credential's notify list): before, it was counted twice.
         const add = (to: string, run: RunSummary) => {
           const list = byRecipient.get(to);
-          if (list) list.push(run);
-          else byRecipient.set(to, [run]);
+          if (!list) byRecipient.set(to, [run]);
+          else if (!list.includes(run)) list.push(run);
         };
         if (rotation.kind === 'request') {
           const identity = rotation.identity_id ? await deps.identities.get(rotation.identity_id) : undefined;
