@@ -325,29 +325,36 @@ export function batchActivities(deps: ActivityDeps) {
       return heartbeating(async () => {
         const rotation = (await deps.pool.query('SELECT * FROM rotations WHERE id = $1', [input.rotationId])).rows[0];
         const runs = await summarise(deps, input.rotationId);
-        const byRecipient = new Map<string, RunSummary[]>();
+        // One summary per recipient and identity: a sweep's address that two identities' credentials
+        // list gets one from each (before, one of both: the identities' runs mixed, recorded and
+        // audited under one of them, and one's stored value, were it the address, withheld the
+        // other's summary too). An agent's batch is its identity's alone.
+        const byRecipient = new Map<string, { to: string; identityId: string | null; list: RunSummary[] }>();
         // A run once per recipient, however often the address is listed (the identity's email in
         // `notify` too, an owner also in a credential's notify list): before, it was counted twice.
-        const add = (to: string, run: RunSummary) => {
-          const list = byRecipient.get(to);
-          if (!list) byRecipient.set(to, [run]);
-          else if (!list.includes(run)) list.push(run);
+        const add = (to: string, identityId: string | null, run: RunSummary) => {
+          const key = `${identityId ?? ''}\n${to}`;
+          const entry = byRecipient.get(key);
+          if (!entry) byRecipient.set(key, { to, identityId, list: [run] });
+          else if (!entry.list.includes(run)) entry.list.push(run);
         };
         if (rotation.kind === 'request') {
           const identity = rotation.identity_id ? await deps.identities.get(rotation.identity_id) : undefined;
-          for (const to of [...rotation.notify, ...(identity?.email ? [identity.email] : [])]) runs.forEach((r) => add(to, r));
+          for (const to of [...rotation.notify, ...(identity?.email ? [identity.email] : [])]) runs.forEach((r) => add(to, rotation.identity_id, r));
         } else {
-          for (const run of runs) run.recipients.forEach((to) => add(to, run));
+          for (const run of runs) run.recipients.forEach((to) => add(to, run.identityId, run));
         }
+        const identitiesOf = new Map<string, number>();
+        for (const { to } of byRecipient.values()) identitiesOf.set(to, (identitiesOf.get(to) ?? 0) + 1);
         let sent = 0;
-        for (const [to, list] of byRecipient) {
+        for (const { to, identityId, list } of byRecipient.values()) {
           heartbeat();
-          const identities = [...new Set(list.map((r) => r.identityId))];
+          const shared = (identitiesOf.get(to) ?? 0) > 1;
           await handOverNotice(
             deps,
             {
-              id: stableUuid(`${input.rotationId}:summary:${to}`),
-              identityId: rotation.identity_id ?? identities[0] ?? null,
+              id: stableUuid(shared ? `${input.rotationId}:summary:${identityId}:${to}` : `${input.rotationId}:summary:${to}`),
+              identityId,
               purpose: 'rotation.summary',
               to: [to],
               ...composeSummary(rotation.kind, rotation.reason, list),
@@ -359,7 +366,7 @@ export function batchActivities(deps: ActivityDeps) {
               credentialIds: list.map((r) => r.credentialId),
               detail: { rotations: list.length },
             },
-            identities,
+            identityId ? [identityId] : [],
           );
           sent += 1;
         }

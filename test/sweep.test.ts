@@ -347,6 +347,34 @@ describe('scheduled sweep', () => {
     for (const name of ['rolled-back-lately', 'cancelled-lately', 'ended-lately']) await read(agent.token, name);
   });
 
+  it('an address two identities list gets a summary from each: one identity\'s stored value there withholds its own summary, not the other\'s', async () => {
+    const shared = address('shared-team');
+    const [a, b] = [await identity(), await identity()];
+    const policy = { ...ROTATE_NOW, settings: { length: 32 } };
+    const ofA = await store(a.token, { name: unique('shared-a'), kind: 'api_key', value: secretValue('sk'), owners: [shared], rotation: policy });
+    // B keeps the address itself as a value (a login, say), and lists it as an owner: any mail to it
+    // from B would carry that value. (Stored past `store`, which would register it as a secret the
+    // leak checks look for: it is the address A's summary is rightly sent to.)
+    const nameB = unique('shared-b');
+    const storedB = await h.api('POST', '/v1/vault.store', { token: b.token, body: { name: nameB, kind: 'generic', value: shared, owners: [shared], rotation: policy } });
+    expect(storedB.status).toBe(201);
+    await age([ofA, storedB.body.id], 45);
+
+    const result = await sweep();
+    expect(await sweptIds(result.sweepId)).toEqual(expect.arrayContaining([ofA, storedB.body.id]));
+    // Before, both identities' runs went into one summary to the address, refused whole for B's value: A's team heard nothing.
+    const summaries = await waitFor('A\'s summary to the shared address', () => mailTo(shared, SUMMARY_SUBJECT), (m) => m.length >= 1);
+    expect(summaries).toHaveLength(1);
+    expect(summaries[0]!.mail.text).toContain(`Rotated (1):\n  - ${(await h.sql('SELECT name FROM credentials WHERE id = $1', [ofA])).rows[0].name}: version 1 → 2`);
+    expect(summaries[0]!.mail.text).not.toContain(nameB);
+    // B's summary is refused, and audited as B's.
+    const refusedB = await h.sql(
+      `SELECT identity_id FROM audit_log WHERE action = 'mail.send' AND outcome = 'rejected' AND detail->>'purpose' = 'rotation.summary' AND request_id = $1`,
+      [result.sweepId],
+    );
+    expect(refusedB.rows).toEqual([{ identity_id: b.id }]);
+  });
+
   it('a sweep waits for its rotations only so long: one still running then is left to finish on its own, and the summary says so', async () => {
     const team = address('held-team');
     const agent = await identity();
