@@ -60,8 +60,14 @@ export async function rekey(config: Config, logger: Logger, env: NodeJS.ProcessE
       keyring = Keyring.fromSetting(setting);
     } else {
       const key = generateMasterKey();
-      fileKeys = [{ id: masterKeyId(key), key }, ...readKeyringFile(setting).keys];
-      // The new key is in the file (synced) before any data key uses it, so no crash can strand a data key.
+      const before = readKeyringFile(setting);
+      fileKeys = [{ id: masterKeyId(key), key }, ...before.keys];
+      // The new key is in the file (synced) before any data key uses it, so no crash can strand a
+      // data key: first beside the old current key, and only once that file and its directory are
+      // synced, made current. (Written current at once, the file was visible, and a service could
+      // wrap under the new key and commit, before the directory's sync made the rename durable: a
+      // crash then could bring back the file without it.)
+      writeKeyringFile(setting, fileKeys, before.current);
       writeKeyringFile(setting, fileKeys, fileKeys[0]!.id);
       // Taken once the file is in place, not before: a service that read the old current key just
       // before the rename wraps with it inside a transaction begun before then, so begun before this

@@ -20,7 +20,7 @@ import { startHarness, type Harness } from './support/harness';
  */
 
 // Called inside writeKeyringFile, before the real write (so before its rename), when a test sets it.
-const hooks = vi.hoisted(() => ({ beforeWrite: undefined as undefined | (() => void) }));
+const hooks = vi.hoisted(() => ({ beforeWrite: undefined as undefined | (() => void), writes: [] as { ids: string[]; current: string }[] }));
 vi.mock('../vault/keyring', async (importOriginal) => {
   const actual = await importOriginal<typeof import('../vault/keyring')>();
   return {
@@ -29,6 +29,7 @@ vi.mock('../vault/keyring', async (importOriginal) => {
       const hook = hooks.beforeWrite;
       hooks.beforeWrite = undefined;
       hook?.();
+      hooks.writes.push({ ids: args[1].map((k) => k.id), current: args[2] });
       actual.writeKeyringFile(...args);
     },
   };
@@ -227,6 +228,20 @@ describe('rekey against concurrent work', () => {
       else chunks.push({ tx: row.tx, n: 1 });
     }
     expect(chunks.map((c) => c.n)).toEqual([500, 500, before.size - 1000]);
+    await restartedReadsEverything();
+  });
+
+  it('rekey writes its new key beside the old current one, synced, before it makes it current', async () => {
+    const { current: old } = fileKeys();
+    hooks.writes = [];
+    const result = await rekey(loadConfig({ VAULT_MASTER_KEY: h.keyringFile, DATABASE_URL: h.databaseUrl }), silent);
+    const created = result.newMasterKeyId;
+    // Before, the first write made it current at once: visible to the services before its directory was synced.
+    expect(hooks.writes.slice(0, 2)).toEqual([
+      { ids: [created, old.id], current: old.id },
+      { ids: [created, old.id], current: created },
+    ]);
+    expect(hooks.writes.at(-1)).toEqual({ ids: [created], current: created });
     await restartedReadsEverything();
   });
 
