@@ -1,9 +1,9 @@
-import fs, { mkdtempSync, rmSync, utimesSync } from 'node:fs';
+import fs, { chmodSync, mkdtempSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { syncBuiltinESMExports } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { generateMasterKey, Keyring, masterKeyId, writeKeyringFile, type MasterKey } from '../vault/keyring';
+import { generateMasterKey, Keyring, masterKeyId, readKeyringFile, writeKeyringFile, type MasterKey } from '../vault/keyring';
 
 /**
  * A service's keyring file, rewritten by `rekey` while the service runs (vault/keyring.ts): the
@@ -77,6 +77,17 @@ describe('a keyring file replaced while a service runs', () => {
     write([b, a], 1_700_000_000);
     // Before, the mtime alone told versions apart: the new current key went unseen.
     expect(ring.current.id).toBe(b.id);
+  });
+
+  it('is written 0600 even over a temporary file a dead writer of the same pid left with another mode', () => {
+    const [a] = [newKey()];
+    const stale = `${file}.${process.pid}.tmp`;
+    writeFileSync(stale, 'left behind');
+    chmodSync(stale, 0o644);
+    writeKeyringFile(file, [a], a.id);
+    // Before, opening the stale file kept its 0644, and the keyring was renamed into place world-readable.
+    expect(statSync(file).mode & 0o777).toBe(0o600);
+    expect(readKeyringFile(file).current).toBe(a.id);
   });
 
   it('is read again after a read of it failed: one failure does not leave the service wrapping with the old key', () => {

@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, fsyncSync, openSync, readFileSync, renameSync, statSync, writeSync } from 'node:fs';
+import { closeSync, fsyncSync, openSync, readFileSync, renameSync, rmSync, statSync, writeSync } from 'node:fs';
 import path from 'node:path';
 import { KEY_BYTES } from './crypto';
 
@@ -197,7 +197,10 @@ export function writeKeyringFile(file: string, keys: MasterKey[], current: strin
     keys: keys.map((k) => ({ id: k.id, key: k.key.toString('base64'), createdAt: now.toISOString() })),
   };
   const tmp = `${file}.${process.pid}.tmp`;
-  const fd = openSync(tmp, 'w', 0o600);
+  // Made anew ('wx', 0600): one left by a process of the same pid that died before its rename kept
+  // its own mode under 'w' (0644, say), and the keyring renamed into place had it.
+  rmSync(tmp, { force: true });
+  const fd = openSync(tmp, 'wx', 0o600);
   try {
     writeSync(fd, `${JSON.stringify(doc, null, 2)}\n`);
     fsyncSync(fd);
