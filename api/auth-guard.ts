@@ -40,8 +40,13 @@ interface ClientState {
   pending: number;
   /** Requests waiting for those lookups' answers. */
   waiting: Array<() => void>;
-  /** Tokens (hashes) that authenticated from this client, until `knownUntil`. */
-  known: Set<string>;
+  /**
+   * Tokens (hashes) that authenticated from this client, each until a window after it last did (in
+   * the order they last worked). Before, one expiry for them all, moved on by any token that worked:
+   * a token that worked once stayed exempt from the throttle as long as another kept working.
+   */
+  known: Map<string, number>;
+  /** When the last of them lapses. */
   knownUntil: number;
 }
 
@@ -64,7 +69,7 @@ export class AuthGuard {
     for (;;) {
       const state = this.stateOf(client);
       const now = Date.now();
-      if (state.knownUntil > now && state.known.has(token)) return this.admission(client, token, false);
+      if ((state.known.get(token) ?? 0) > now) return this.admission(client, token, false);
       if (state.failures >= this.limits.maxFailures) throw new TooManyRequestsError(Math.max(1, Math.ceil((state.resetAt - now) / 1000)));
       if (state.failures + state.pending < this.limits.maxFailures) {
         state.pending += 1;
@@ -106,13 +111,13 @@ export class AuthGuard {
           state.failures += 1;
         } else if (outcome === 'valid') {
           if (state.knownUntil <= now) state.known.clear();
-          // Full, the one that worked least recently makes room (a Set keeps insertion order; a token
+          // Full, the one that worked least recently makes room (a Map keeps insertion order; a token
           // that works again moves to the end). Clearing them all forgot every agent behind a shared
           // address (a proxy's) each time a 65th token worked, and one misconfigured agent then
           // locked the forgotten ones out.
           state.known.delete(token);
-          if (state.known.size >= KNOWN_TOKENS_PER_CLIENT) state.known.delete(state.known.values().next().value!);
-          state.known.add(token);
+          if (state.known.size >= KNOWN_TOKENS_PER_CLIENT) state.known.delete(state.known.keys().next().value!);
+          state.known.set(token, now + this.limits.windowMs);
           state.knownUntil = now + this.limits.windowMs;
         }
         if (pending) state.pending -= 1;
@@ -130,7 +135,7 @@ export class AuthGuard {
   private stateOf(client: string): ClientState {
     let state = this.clients.get(client);
     if (!state) {
-      state = { anonymous: 0, failures: 0, resetAt: 0, pending: 0, waiting: [], known: new Set(), knownUntil: 0 };
+      state = { anonymous: 0, failures: 0, resetAt: 0, pending: 0, waiting: [], known: new Map(), knownUntil: 0 };
       this.clients.set(client, state);
     }
     if ((state.failures > 0 || state.anonymous > 0) && state.resetAt <= Date.now()) state.failures = state.anonymous = 0;

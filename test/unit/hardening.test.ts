@@ -1,5 +1,5 @@
 import type { Request } from 'express';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { AuthGuard, type TokenOutcome } from '../../api/auth-guard';
 import { depthExceeds } from '../../api/endpoint';
 import { toAppError } from '../../api/problem';
@@ -46,6 +46,27 @@ describe('auth guard', () => {
     for (const token of tokens.slice(6)) await expect(guard.admit(from('10.0.0.9'), token)).resolves.toBeDefined();
     for (const token of tokens.slice(0, 6)) await expect(guard.admit(from('10.0.0.9'), token)).rejects.toBeInstanceOf(TooManyRequestsError);
     guard.close();
+  });
+
+  it('a token stays exempt a window after it last worked, not while other tokens keep working from the client', async () => {
+    vi.useFakeTimers({ toFake: ['Date'] });
+    try {
+      const guard = new AuthGuard({ maxFailures: 1, windowMs: 60_000 });
+      const once = hashToken('worked-once');
+      const neighbour = hashToken('neighbour');
+      await attempt(guard, '10.0.0.7', once, 'valid');
+      for (let minute = 1; minute <= 3; minute++) {
+        vi.setSystemTime(Date.now() + 40_000);
+        await attempt(guard, '10.0.0.7', neighbour, 'valid');
+      }
+      await attempt(guard, '10.0.0.7', hashToken('guess'), 'invalid');
+      // Before, the neighbour's successes kept every token known: the one that worked two minutes ago got through the throttle.
+      await expect(guard.admit(from('10.0.0.7'), once)).rejects.toBeInstanceOf(TooManyRequestsError);
+      await expect(guard.admit(from('10.0.0.7'), neighbour)).resolves.toBeDefined();
+      guard.close();
+    } finally {
+      vi.useRealTimers();
+    }
   });
 
   it('counts an IPv6 /56 as one client', async () => {
