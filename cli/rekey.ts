@@ -59,6 +59,8 @@ export async function rekey(config: Config, logger: Logger, env: NodeJS.ProcessE
     if (inline) {
       keyring = Keyring.fromSetting(setting);
     } else {
+      // Before anything changes: rekey must be able to tell the services' transactions apart.
+      await refuseUnseenSessions(lock);
       const key = generateMasterKey();
       const before = readKeyringFile(setting);
       fileKeys = [{ id: masterKeyId(key), key }, ...before.keys];
@@ -123,6 +125,25 @@ export function inlineAction(currentId: string, retired: string[], inUse: string
     `${kept.join(', ')} still wrap${kept.length === 1 ? 's' : ''} keys (a process still makes them under ${kept.length === 1 ? 'it' : 'them'}): keep ${kept.length === 1 ? 'it' : 'them'} in VAULT_MASTER_KEY, ` +
     `restart every API and worker with ${currentId} first, and run rekey again` +
     (retired.length ? `; ${retired.join(', ')} may be removed` : '')
+  );
+}
+
+/**
+ * Sessions of other roles on this database whose transactions this connection cannot see:
+ * pg_stat_activity shows a role without pg_read_all_stats (nor a member of theirs) only that they
+ * are there, not when their transaction began. Rekey would then wait for none of them (before, it
+ * did not know, and re-wrapped while a service's transaction still wrapped under the old key).
+ * Background processes (autovacuum: no user) are not services.
+ */
+async function refuseUnseenSessions(db: pg.Client): Promise<void> {
+  const { rows } = await db.query(
+    `SELECT DISTINCT usename FROM pg_stat_activity
+      WHERE datname = current_database() AND pid <> pg_backend_pid() AND usesysid IS NOT NULL AND query = '<insufficient privilege>'`,
+  );
+  if (rows.length === 0) return;
+  throw new Error(
+    `rekey cannot see the transactions of other roles' sessions on this database (${rows.map((r) => r.usename).join(', ')}), so it could not wait for them: ` +
+      'run it as the role the services use, a superuser, or a role granted pg_read_all_stats; nothing was changed',
   );
 }
 

@@ -231,6 +231,41 @@ describe('rekey against concurrent work', () => {
     await restartedReadsEverything();
   });
 
+  it('rekey run as a role that cannot see other roles\' transactions refuses before it changes anything', async () => {
+    const tag = randomBytes(4).toString('hex');
+    const [rekeyer, other] = [`mg_rekeyer_${tag}`, `mg_other_${tag}`];
+    const [rekeyerPw, otherPw] = [h.secret(randomBytes(12).toString('hex')), h.secret(randomBytes(12).toString('hex'))];
+    const owner = decodeURIComponent(new URL(h.databaseUrl).username);
+    // A role with the owner's privileges on the tables (not a superuser, not pg_read_all_stats), and a
+    // service's session under another role, idle in a transaction that wrapped under the old key, say.
+    await h.sql(`CREATE ROLE ${rekeyer} LOGIN PASSWORD '${rekeyerPw}' IN ROLE ${pg.escapeIdentifier(owner)}`);
+    await h.sql(`CREATE ROLE ${other} LOGIN PASSWORD '${otherPw}'`);
+    const as = (role: string, password: string) => {
+      const url = new URL(h.databaseUrl);
+      url.username = role;
+      url.password = password;
+      return url.href;
+    };
+    const service = new pg.Client({ connectionString: as(other, otherPw) });
+    await service.connect();
+    try {
+      await service.query('BEGIN');
+      await service.query('SELECT 1');
+      const before = readKeyringFile(h.keyringFile);
+      hooks.writes = [];
+      // Before, it could not see that transaction begun before its new key, re-wrapped, and dropped the old key.
+      await expect(rekey(loadConfig({ VAULT_MASTER_KEY: h.keyringFile, DATABASE_URL: as(rekeyer, rekeyerPw) }), silent)).rejects.toThrow(
+        `rekey cannot see the transactions of other roles' sessions on this database (${other}), so it could not wait for them: run it as the role the services use, a superuser, or a role granted pg_read_all_stats; nothing was changed`,
+      );
+      expect(hooks.writes).toEqual([]);
+      expect(readKeyringFile(h.keyringFile)).toEqual(before);
+    } finally {
+      await service.end();
+      await h.sql(`DROP ROLE ${rekeyer}`);
+      await h.sql(`DROP ROLE ${other}`);
+    }
+  });
+
   it('rekey writes its new key beside the old current one, synced, before it makes it current', async () => {
     const { current: old } = fileKeys();
     hooks.writes = [];
