@@ -59,8 +59,6 @@ export async function rekey(config: Config, logger: Logger, env: NodeJS.ProcessE
     if (inline) {
       keyring = Keyring.fromSetting(setting);
     } else {
-      // Before anything changes: rekey must be able to tell the services' transactions apart.
-      await refuseUnseenSessions(lock);
       const key = generateMasterKey();
       const before = readKeyringFile(setting);
       fileKeys = [{ id: masterKeyId(key), key }, ...before.keys];
@@ -129,36 +127,32 @@ export function inlineAction(currentId: string, retired: string[], inUse: string
 }
 
 /**
- * Sessions of other roles on this database whose transactions this connection cannot see:
- * pg_stat_activity shows a role without pg_read_all_stats (nor a member of theirs) only that they
- * are there, not when their transaction began. Rekey would then wait for none of them (before, it
- * did not know, and re-wrapped while a service's transaction still wrapped under the old key).
- * Background processes (autovacuum: no user) are not services.
- */
-async function refuseUnseenSessions(db: pg.Client): Promise<void> {
-  const { rows } = await db.query(
-    `SELECT DISTINCT usename FROM pg_stat_activity
-      WHERE datname = current_database() AND pid <> pg_backend_pid() AND usesysid IS NOT NULL AND query = '<insufficient privilege>'`,
-  );
-  if (rows.length === 0) return;
-  throw new Error(
-    `rekey cannot see the transactions of other roles' sessions on this database (${rows.map((r) => r.usename).join(', ')}), so it could not wait for them: ` +
-      'run it as the role the services use, a superuser, or a role granted pg_read_all_stats; nothing was changed',
-  );
-}
-
-/**
  * Waits until no transaction begun before `at` (a timestamptz as text, to the microsecond) is open
  * on the database (a minute at most). Only client backends: a service's transaction, idle in it or
  * not, is one; autovacuum workers and other background processes never wrap a key, and a long
  * vacuum would otherwise make rekey fail with the new key already current.
+ *
+ * A session of another role is shown to a role without pg_read_all_stats (nor a member of its role)
+ * with no transaction start (`<insufficient privilege>`): before, rekey waited for none of those.
+ * Their transactions open now are waited for instead, by the virtual transaction id each holds a lock
+ * on while it lasts (pg_locks shows every role's): conservative, as one begun after `at` counts too.
+ * (Sessions without a role are background processes.)
  */
 async function transactionsEnded(db: pg.Client, at: string): Promise<void> {
+  const unseen = (
+    await db.query(
+      `SELECT l.virtualxid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE l.locktype = 'virtualxid' AND l.granted AND a.datname = current_database() AND a.pid <> pg_backend_pid()
+          AND a.usesysid IS NOT NULL AND a.xact_start IS NULL AND a.query = '<insufficient privilege>'`,
+    )
+  ).rows.map((r) => r.virtualxid as string);
   for (const deadline = Date.now() + 60_000; ; ) {
     const { rows } = await db.query(
       `SELECT pid FROM pg_stat_activity
-        WHERE datname = current_database() AND backend_type = 'client backend' AND pid <> pg_backend_pid() AND xact_start < $1::timestamptz`,
-      [at],
+        WHERE datname = current_database() AND backend_type = 'client backend' AND pid <> pg_backend_pid() AND xact_start < $1::timestamptz
+       UNION ALL
+       SELECT pid FROM pg_locks WHERE locktype = 'virtualxid' AND granted AND virtualxid = ANY($2::text[])`,
+      [at, unseen],
     );
     if (rows.length === 0) return;
     if (Date.now() > deadline) {
