@@ -107,11 +107,11 @@ describe('rotation providers', () => {
       }
     });
 
-    it('an admin URL is taken for its server, database, login, sslmode and application_name alone: any other parameter is refused before a connection', async () => {
+    it('an admin URL is taken for its server, database, login and the few parameters it names (sslmode, ssl, connect_timeout, options, application_name): any other is refused before a connection', async () => {
       const { role, password } = await newRole('params');
       const adminPassword = decodeURIComponent(server.password);
       const at = `${server.host}${server.pathname}`;
-      const refusedParameter = "carries a connection parameter other than sslmode and application_name (a CA for TLS goes in the worker's NODE_EXTRA_CA_CERTS)";
+      const refusedParameter = "carries a connection parameter other than sslmode, ssl, connect_timeout, options, application_name (a CA for TLS goes in the worker's NODE_EXTRA_CA_CERTS)";
       for (const [name, url, problem] of [
         // pg's parser read the named file as the client was made (/dev/zero: the worker's event loop held until it died; a missing one: ENOENT in the run's error).
         ['pg-rootcert', `postgresql://postgres:${encodeURIComponent(adminPassword)}@${at}?sslrootcert=/nonexistent/${tag}.pem`, refusedParameter],
@@ -120,6 +120,8 @@ describe('rotation providers', () => {
         ['pg-query-host', `postgresql://postgres:${encodeURIComponent(adminPassword)}@${at}?host=/tmp`, refusedParameter],
         ['pg-sslmode', `postgresql://postgres:${encodeURIComponent(adminPassword)}@${at}?sslmode=sometimes`, 'has an sslmode other than disable, prefer, require, verify-ca, verify-full, no-verify'],
         ['pg-no-user', `postgresql://${at}`, 'names no user'],
+        ['pg-ssl-flag', `postgresql://postgres:${encodeURIComponent(adminPassword)}@${at}?ssl=maybe`, 'has an ssl other than true, false, 1 or 0'],
+        ['pg-timeout', `postgresql://postgres:${encodeURIComponent(adminPassword)}@${at}?connect_timeout=soon`, 'has a connect_timeout that is not a whole number of seconds'],
       ] as const) {
         await store(name, url);
         const err = await failure(postgresRole.create({ ...context(postgresRole, { adminCredential: name, role }), idempotencyKey: randomUUID(), current: { version: 1, value: password } }));
@@ -127,10 +129,22 @@ describe('rotation providers', () => {
         expect(err.message, name).toBe(`the admin credential '${name}' ${problem}`);
       }
       expect(await canLogin(role, password)).toBe(true);
-      // sslmode=disable and an application_name are taken.
-      await store('pg-admin-params', `${h.databaseUrl}${server.search ? '&' : '?'}sslmode=disable&application_name=mailgent-test`);
+      // The parameters it takes are taken.
+      await store('pg-admin-params', `${h.databaseUrl}${server.search ? '&' : '?'}sslmode=disable&ssl=false&connect_timeout=5&options=-c%20statement_timeout%3D5000&application_name=mailgent-test`);
       const created = await postgresRole.create({ ...context(postgresRole, { adminCredential: 'pg-admin-params', role }), idempotencyKey: randomUUID(), current: { version: 1, value: password } });
       expect(await canLogin(role, h.secret(created.value))).toBe(true);
+      // What the URL leaves out is pg's default, the worker's environment's: PGSSLMODE=require asks
+      // this server (no TLS here) for TLS. (Refused so, the URL's TLS setting was not dropped to "none".)
+      const before = process.env.PGSSLMODE;
+      process.env.PGSSLMODE = 'require';
+      try {
+        const err = await failure(postgresRole.create({ ...context(postgresRole, { adminCredential: 'pg-admin', role }), idempotencyKey: randomUUID(), current: { version: 2, value: created.value } }));
+        expect(err.message).toMatch(/does not support SSL/);
+      } finally {
+        if (before === undefined) delete process.env.PGSSLMODE;
+        else process.env.PGSSLMODE = before;
+      }
+      expect(await canLogin(role, created.value)).toBe(true);
     });
 
     it('an admin URL without a password logs in without one: never with the worker\'s PGPASSWORD', async () => {

@@ -23,14 +23,16 @@ export function parsePostgresUrl(text: string): { url: URL; user: string; passwo
 }
 
 /**
- * The connection parameters an admin URL may carry: TLS (sslmode) and how the session names itself.
- * pg's own URL parser takes every query parameter as a client option over the ones given beside it
- * (`user` and `password` over the URL's, `host` for a socket path, `stream`, timeouts), and reads the
- * files `sslrootcert`, `sslcert` and `sslkey` name, synchronously, as the client is made: an
- * identity's admin URL with `?sslrootcert=/dev/zero` held the worker's event loop until it died,
- * `?user=admin&password=…` made every "does the new password log in" check log in as the admin.
- * So no URL reaches pg: the client is configured from these alone (a private CA goes in the worker's
- * NODE_EXTRA_CA_CERTS).
+ * The connection parameters an admin URL may carry: TLS (`sslmode`, or `ssl=true|false`), the
+ * connect timeout, server options and how the session names itself. pg's own URL parser takes every
+ * query parameter as a client option over the ones given beside it (`user` and `password` over the
+ * URL's, `host` for a socket path, `stream`, timeouts), and reads the files `sslrootcert`, `sslcert`
+ * and `sslkey` name, synchronously, as the client is made: an identity's admin URL with
+ * `?sslrootcert=/dev/zero` held the worker's event loop until it died, `?user=admin&password=…` made
+ * every "does the new password log in" check log in as the admin. So no URL reaches pg: the client
+ * is configured from these alone (a private CA goes in the worker's NODE_EXTRA_CA_CERTS). What the
+ * URL leaves out (TLS, port, database) is pg's default, as before: the worker's PGSSLMODE, PGPORT
+ * and PGDATABASE, else no TLS, 5432 and the user's name.
  */
 const SSL_MODES: Record<string, pg.ClientConfig['ssl']> = {
   disable: false,
@@ -40,34 +42,46 @@ const SSL_MODES: Record<string, pg.ClientConfig['ssl']> = {
   'verify-full': {},
   'no-verify': { rejectUnauthorized: false },
 };
-const URL_PARAMETERS = new Set(['sslmode', 'application_name']);
+const SSL_FLAGS: Record<string, boolean> = { true: true, '1': true, false: false, '0': false };
+const URL_PARAMETERS = ['sslmode', 'ssl', 'connect_timeout', 'options', 'application_name'];
+/** The longest a connection attempt waits (connect_timeout may shorten it). */
+const CONNECT_TIMEOUT_MS = 10_000;
 
 /** Why an admin URL is not one the provider connects with (never quoting it), or null. */
 export function adminUrlProblem(admin: URL): string | null {
   for (const [key, value] of admin.searchParams) {
-    if (!URL_PARAMETERS.has(key)) return 'carries a connection parameter other than sslmode and application_name (a CA for TLS goes in the worker\'s NODE_EXTRA_CA_CERTS)';
+    if (!URL_PARAMETERS.includes(key)) {
+      return `carries a connection parameter other than ${URL_PARAMETERS.join(', ')} (a CA for TLS goes in the worker's NODE_EXTRA_CA_CERTS)`;
+    }
     if (key === 'sslmode' && !(value in SSL_MODES)) return `has an sslmode other than ${Object.keys(SSL_MODES).join(', ')}`;
+    if (key === 'ssl' && !(value in SSL_FLAGS)) return 'has an ssl other than true, false, 1 or 0';
+    if (key === 'connect_timeout' && !/^\d{1,6}$/.test(value)) return 'has a connect_timeout that is not a whole number of seconds';
   }
   if (!admin.username) return 'names no user';
   return null;
 }
 
 /**
- * The client configuration of `role` on the admin URL's server: host, port, database, TLS and
- * application name from the URL, the login given. The password is handed over as a function, so an
+ * The client configuration of `role` on the admin URL's server: host, port, database and the
+ * parameters above from the URL, the login given. The password is handed over as a function, so an
  * empty one is sent as it is, never replaced by the worker's PGPASSWORD or ~/.pgpass.
  */
 function clientConfig(admin: URL, role: string, password: string): pg.ClientConfig {
-  const sslmode = admin.searchParams.get('sslmode');
-  const applicationName = admin.searchParams.get('application_name');
+  const param = (key: string) => admin.searchParams.get(key);
+  const sslmode = param('sslmode');
+  const ssl = sslmode !== null ? SSL_MODES[sslmode] : param('ssl') !== null ? SSL_FLAGS[param('ssl')!] : undefined;
+  const timeout = param('connect_timeout');
+  const database = decodeURIComponent(admin.pathname.slice(1));
   return {
     host: decodeURIComponent(admin.hostname).replace(/^\[(.+)\]$/, '$1'),
-    port: admin.port ? Number(admin.port) : 5432,
-    database: decodeURIComponent(admin.pathname.slice(1)) || role,
+    ...(admin.port ? { port: Number(admin.port) } : {}),
+    ...(database ? { database } : {}),
     user: role,
     password: () => password,
-    ssl: sslmode ? SSL_MODES[sslmode] : false,
-    ...(applicationName ? { application_name: applicationName } : {}),
+    ...(ssl !== undefined ? { ssl } : {}),
+    connectionTimeoutMillis: timeout && Number(timeout) > 0 ? Math.min(Number(timeout) * 1000, CONNECT_TIMEOUT_MS) : CONNECT_TIMEOUT_MS,
+    ...(param('options') ? { options: param('options')! } : {}),
+    ...(param('application_name') ? { application_name: param('application_name')! } : {}),
   };
 }
 
@@ -99,7 +113,7 @@ export function safeError(what: string, err: unknown, secrets: string[]): Error 
  * machine or its private network unless OUTBOUND_ALLOW lists the host.
  */
 async function withClient<T>(config: pg.ClientConfig, fn: (c: pg.Client) => Promise<T>): Promise<T> {
-  const client = new pg.Client({ ...config, connectionTimeoutMillis: 10_000, query_timeout: 30_000, stream: () => new GuardedSocket() });
+  const client = new pg.Client({ ...config, query_timeout: 30_000, stream: () => new GuardedSocket() });
   client.on('error', () => undefined); // a dropped idle connection must not crash the worker
   try {
     try {
