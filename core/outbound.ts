@@ -23,10 +23,11 @@ for (const [net, prefix] of [
   ['0.0.0.0', 8], ['10.0.0.0', 8], ['100.64.0.0', 10], ['127.0.0.0', 8], ['169.254.0.0', 16], ['172.16.0.0', 12],
   ['192.0.0.0', 24], ['192.168.0.0', 16], ['198.18.0.0', 15], ['224.0.0.0', 4], ['240.0.0.0', 4],
 ] as const) BLOCKED.addSubnet(net, prefix, 'ipv4');
-// IPv6: unspecified, loopback and the old IPv4-compatible form (::/96), NAT64's well-known and
-// local-use prefixes (64:ff9b::/96, 64:ff9b:1::/48: on an IPv6-only host behind NAT64,
-// 64:ff9b::a00:7 is 10.0.0.7), unique-local, link-local and multicast.
-for (const [net, prefix] of [['::', 96], ['64:ff9b::', 96], ['64:ff9b:1::', 48], ['fc00::', 7], ['fe80::', 10], ['ff00::', 8]] as const) {
+// IPv6: unspecified, loopback and the old IPv4-compatible form (::/96), NAT64's local-use prefix
+// (64:ff9b:1::/48, which a network may map as it likes), unique-local, link-local and multicast.
+// NAT64's well-known prefix (64:ff9b::/96: what DNS64 answers for an IPv4-only host) is checked by
+// the IPv4 address it carries (refusedAddress): 64:ff9b::a00:7 is 10.0.0.7, 64:ff9b::808:808 8.8.8.8.
+for (const [net, prefix] of [['::', 96], ['64:ff9b:1::', 48], ['fc00::', 7], ['fe80::', 10], ['ff00::', 8]] as const) {
   BLOCKED.addSubnet(net, prefix, 'ipv6');
 }
 
@@ -75,14 +76,37 @@ export async function checkOutbound(url: string, what: string): Promise<void> {
 function refusedAddress(addresses: { address: string; family: number }[]): string | undefined {
   for (const { address, family } of addresses) {
     const type: 'ipv4' | 'ipv6' = family === 4 ? 'ipv4' : 'ipv6';
-    // An IPv4 address written as IPv6 (::ffff:127.0.0.1) is that IPv4 address.
-    const v4 = type === 'ipv6' ? /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address)?.[1] : undefined;
+    // An IPv4 address written as IPv6 (::ffff:127.0.0.1), or behind NAT64's well-known prefix, is that IPv4 address.
+    const v4 = type === 'ipv6' ? (/^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address)?.[1] ?? nat64Ipv4(address)) : undefined;
     const checked = v4 ?? address;
     const checkedType: 'ipv4' | 'ipv6' = v4 ? 'ipv4' : type;
     if (allowed.check(checked, checkedType)) continue;
     if (BLOCKED.check(checked, checkedType)) return address;
   }
   return undefined;
+}
+
+/** The IPv4 address a NAT64 well-known-prefix address (64:ff9b::/96) carries in its last 32 bits, if it is one. */
+function nat64Ipv4(address: string): string | undefined {
+  const groups = ipv6Groups(address);
+  if (!groups || groups[0] !== 0x64 || groups[1] !== 0xff9b || groups.slice(2, 6).some((g) => g !== 0)) return undefined;
+  return [groups[6]! >> 8, groups[6]! & 0xff, groups[7]! >> 8, groups[7]! & 0xff].join('.');
+}
+
+/** An IPv6 address's eight 16-bit groups (a dotted IPv4 tail and `::` expanded), or undefined. */
+function ipv6Groups(address: string): number[] | undefined {
+  let text = address.replace(/%.*$/, '');
+  const dotted = /(\d+)\.(\d+)\.(\d+)\.(\d+)$/.exec(text);
+  if (dotted) {
+    const [a, b, c, d] = dotted.slice(1).map(Number) as [number, number, number, number];
+    text = `${text.slice(0, dotted.index)}${((a << 8) | b).toString(16)}:${((c << 8) | d).toString(16)}`;
+  }
+  const [head, tail, extra] = text.split('::');
+  if (extra !== undefined) return undefined;
+  const parse = (part: string | undefined) => (part ? part.split(':').map((g) => parseInt(g, 16)) : []);
+  const [h, t] = [parse(head), parse(tail)];
+  const groups = tail === undefined ? h : [...h, ...Array<number>(8 - h.length - t.length).fill(0), ...t];
+  return groups.length === 8 && groups.every((g) => Number.isInteger(g) && g >= 0 && g <= 0xffff) ? groups : undefined;
 }
 
 function refusal(host: string, address: string): string {

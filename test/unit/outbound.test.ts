@@ -36,7 +36,10 @@ describe('where providers and webhooks may call', () => {
     await expect(checkOutbound('http://127.0.0.1:7243/x', 'POST http://127.0.0.1:7243/x')).rejects.toThrow(
       'POST http://127.0.0.1:7243/x: 127.0.0.1 is an address on this machine or a private network, which the worker does not call unless OUTBOUND_ALLOW lists it',
     );
-    for (const url of ['https://93.184.216.34/keys', 'http://[2606:4700::1111]/']) expect(await refused(url), url).toBe(false);
+    // A public IPv4 host behind NAT64 (DNS64's answer on an IPv6-only host) is reachable: only the IPv4 address it carries counts.
+    for (const url of ['https://93.184.216.34/keys', 'http://[2606:4700::1111]/', 'http://[64:ff9b::808:808]/', 'http://[64:ff9b::5db8:d822]/']) {
+      expect(await refused(url), url).toBe(false);
+    }
   });
 
   it('what OUTBOUND_ALLOW lists: host names, addresses and CIDR ranges, nothing next to them', async () => {
