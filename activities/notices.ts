@@ -84,14 +84,17 @@ export function noticeActivities(deps: ActivityDeps) {
 
     /**
      * The deliverMail workflow gave up on the message: abandoned, and audited for its sender
-     * (mail/outbox.ts, giveUpMail): true. 'already-sent' when an attempt sent it after all (the
-     * last one, its day spent while it talked to a slow relay, marked it sent as this waited for
-     * its claim); false when it was settled otherwise (abandoned, gone).
+     * (mail/outbox.ts, giveUpMail): true. 'already-sent' (naming any recipient the server refused,
+     * as deliverMail's result does) when an attempt sent it after all (the last one, its day spent
+     * while it talked to a slow relay, marked it sent as this waited for its claim); false when it
+     * was settled otherwise (abandoned, gone).
      */
-    async giveUpMail(input: { messageId: string; error: string }): Promise<boolean | 'already-sent'> {
+    async giveUpMail(input: { messageId: string; error: string }): Promise<boolean | string> {
       if (await giveUpMail(deps.pool, input.messageId, input.error)) return true;
-      const { rows } = await deps.pool.query(`SELECT status FROM mail_outbox WHERE id = $1`, [input.messageId]);
-      return rows[0]?.status === 'sent' ? 'already-sent' : false;
+      const { rows } = await deps.pool.query(`SELECT status, refused FROM mail_outbox WHERE id = $1`, [input.messageId]);
+      if (rows[0]?.status !== 'sent') return false;
+      const refused: string[] = rows[0].refused ?? [];
+      return refused.length ? `already-sent; refused by the SMTP server: ${refused.join(', ')}` : 'already-sent';
     },
 
     /** The deliverMail workflow's result: 'sent', 'already-sent' …, naming any recipient the server refused. */

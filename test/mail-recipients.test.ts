@@ -379,10 +379,10 @@ describe('mail with a recipient the SMTP server refuses', () => {
     await waitFor('a first delivery attempt', () => outboxRow(id), (r) => r.attempts >= 1, { timeoutMs: 20_000 });
     // The attempt that ran out the day had got it out (the server took it as the time ran out), and
     // marked it sent while the give-up waited for its claim; the next attempt is told the day is spent.
-    await h.sql(`UPDATE mail_outbox SET status = 'sent', sent_at = now(), lease_until = NULL WHERE id = $1`, [id]);
+    await h.sql(`UPDATE mail_outbox SET status = 'sent', sent_at = now(), lease_until = NULL, refused = $2 WHERE id = $1`, [id, [typo]]);
     spent.add(id);
-    // Before, the run failed with the last error though the message was sent.
-    expect(await h.client.workflow.getHandle(`mail:${id}`).result()).toBe('already-sent');
+    // Before, the run failed with the last error though the message was sent. (Its refused recipients named, as a delivery's result names them.)
+    expect(await h.client.workflow.getHandle(`mail:${id}`).result()).toBe(`already-sent; refused by the SMTP server: ${typo}`);
     expect((await outboxRow(id)).status).toBe('sent');
     expect((await h.sql("SELECT count(*)::int AS n FROM audit_log WHERE action = 'mail.undelivered' AND detail->>'messageId' = $1", [id])).rows[0].n).toBe(0);
   });

@@ -22,7 +22,8 @@ export async function deliverMail(input: { messageId: string }): Promise<string>
     const cause = err.cause instanceof ApplicationFailure || err.cause instanceof Error ? err.cause.message : String(err.cause ?? err.message);
     // Sent after all (its last attempt, out of time, marked it sent meanwhile): not a failure.
     // Runs before this recorded true or false, and still throw: no patch needed.
-    if ((await giveUpMail({ messageId: input.messageId, error: cause })) === 'already-sent') return 'already-sent';
+    const given = await giveUpMail({ messageId: input.messageId, error: cause });
+    if (typeof given === 'string' && given.startsWith('already-sent')) return given;
     throw err;
   }
 }
