@@ -77,7 +77,7 @@ function refusedAddress(addresses: { address: string; family: number }[]): strin
   for (const { address, family } of addresses) {
     const type: 'ipv4' | 'ipv6' = family === 4 ? 'ipv4' : 'ipv6';
     // An IPv4 address written as IPv6 (::ffff:127.0.0.1), or behind NAT64's well-known prefix, is that IPv4 address.
-    const v4 = type === 'ipv6' ? (/^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address)?.[1] ?? nat64Ipv4(address)) : undefined;
+    const v4 = type === 'ipv6' ? embeddedIpv4(address) : undefined;
     const checked = v4 ?? address;
     const checkedType: 'ipv4' | 'ipv6' = v4 ? 'ipv4' : type;
     if (allowed.check(checked, checkedType)) continue;
@@ -86,10 +86,13 @@ function refusedAddress(addresses: { address: string; family: number }[]): strin
   return undefined;
 }
 
-/** The IPv4 address a NAT64 well-known-prefix address (64:ff9b::/96) carries in its last 32 bits, if it is one. */
-function nat64Ipv4(address: string): string | undefined {
+/** The IPv4 address an IPv4-mapped (::ffff:0:0/96) or NAT64 well-known-prefix (64:ff9b::/96) address carries in its last 32 bits, if it is one. */
+function embeddedIpv4(address: string): string | undefined {
   const groups = ipv6Groups(address);
-  if (!groups || groups[0] !== 0x64 || groups[1] !== 0xff9b || groups.slice(2, 6).some((g) => g !== 0)) return undefined;
+  if (!groups) return undefined;
+  const mapped = groups.slice(0, 5).every((g) => g === 0) && groups[5] === 0xffff;
+  const nat64 = groups[0] === 0x64 && groups[1] === 0xff9b && groups.slice(2, 6).every((g) => g === 0);
+  if (!mapped && !nat64) return undefined;
   return [groups[6]! >> 8, groups[6]! & 0xff, groups[7]! >> 8, groups[7]! & 0xff].join('.');
 }
 
