@@ -1,16 +1,20 @@
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
+import { startEmbeddedTemporal } from '../../embedded/temporal';
 import { findTemporalCli } from '../../embedded/temporal-cli';
 
 describe('the Temporal CLI build cache', () => {
-  const saved = { PATH: process.env.PATH, MAILGENT_CACHE_DIR: process.env.MAILGENT_CACHE_DIR };
+  const saved = { PATH: process.env.PATH, MAILGENT_CACHE_DIR: process.env.MAILGENT_CACHE_DIR, TMPDIR: process.env.TMPDIR };
   const dirs: string[] = [];
   afterEach(() => {
     process.env.PATH = saved.PATH;
     if (saved.MAILGENT_CACHE_DIR === undefined) delete process.env.MAILGENT_CACHE_DIR;
     else process.env.MAILGENT_CACHE_DIR = saved.MAILGENT_CACHE_DIR;
+    if (saved.TMPDIR === undefined) delete process.env.TMPDIR;
+    else process.env.TMPDIR = saved.TMPDIR;
     for (const dir of dirs.splice(0)) rmSync(dir, { recursive: true, force: true });
   });
 
@@ -40,4 +44,28 @@ describe('the Temporal CLI build cache', () => {
     expect(await findTemporalCli({})).toBe(built);
     expect(existsSync(path.join(cache, `bin.tmp-${process.pid}`))).toBe(false);
   });
+
+  it('with no CLI and no Go, the SDK downloads the server into the cache (made 0700), never running a file planted in the shared temporary directory', async () => {
+    const made = (prefix: string) => {
+      const dir = mkdtempSync(path.join(os.tmpdir(), prefix));
+      dirs.push(dir);
+      return dir;
+    };
+    const cache = made('mailgent-cli-cache-');
+    const shared = made('mailgent-shared-tmp-');
+    const data = made('mailgent-temporal-data-');
+    process.env.MAILGENT_CACHE_DIR = cache;
+    process.env.PATH = made('mailgent-empty-path-');
+    process.env.TMPDIR = shared;
+    // Another user's file at the name (and age) the SDK's download is cached under in the temporary directory.
+    const version = JSON.parse(readFileSync(path.join(path.dirname(createRequire(import.meta.url).resolve('@temporalio/testing')), '..', 'package.json'), 'utf8')).version as string;
+    const ran = path.join(shared, 'planted-file-ran');
+    writeFileSync(path.join(shared, `temporal-sdk-typescript-${version}`), `#!/bin/sh\necho "$@" > ${ran}\nexit 1\n`, { mode: 0o755 });
+
+    // This machine reaches no download server: the start fails, saying what to do.
+    await expect(startEmbeddedTemporal({ dataDir: data, namespace: 'default' })).rejects.toThrow(/No Temporal server could be started\. Set TEMPORAL_ADDRESS/);
+    // Before, the planted file was run (with `server start-dev …`), as this process's user.
+    expect(existsSync(ran)).toBe(false);
+    expect(statSync(path.join(cache, 'sdk-download')).mode & 0o777).toBe(0o700);
+  }, 30_000);
 });
