@@ -1,4 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { chmodSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, symlinkSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -18,11 +19,11 @@ const ROOT = path.resolve(import.meta.dirname, '..');
 const started: ChildProcess[] = [];
 
 /** `detached`: in a process group of its own, as a terminal runs it (Ctrl-C signals the group). */
-function start(env: Record<string, string>, opts: { detached?: boolean } = {}): { proc: ChildProcess; output: () => string; exited: Promise<number | null> } {
+function start(env: Record<string, string>, opts: { detached?: boolean; command?: 'serve' | 'api' | 'worker' } = {}): { proc: ChildProcess; output: () => string; exited: Promise<number | null> } {
   const clean = Object.fromEntries(
     Object.entries(process.env).filter(([k]) => !['DATABASE_URL', 'TEMPORAL_ADDRESS', 'SMTP_URL', 'VAULT_MASTER_KEY', 'ADMIN_TOKEN', 'PORT'].includes(k)),
   );
-  const proc = spawn(process.execPath, ['--import', 'tsx', 'cli/main.ts', 'serve'], { cwd: ROOT, env: { ...clean, ...env }, stdio: ['ignore', 'pipe', 'pipe'], detached: opts.detached });
+  const proc = spawn(process.execPath, ['--import', 'tsx', 'cli/main.ts', opts.command ?? 'serve'], { cwd: ROOT, env: { ...clean, ...env }, stdio: ['ignore', 'pipe', 'pipe'], detached: opts.detached });
   started.push(proc);
   let out = '';
   proc.stdout!.on('data', (d) => (out += d));
@@ -394,6 +395,23 @@ describe('npm start with the embedded defaults', () => {
         'Invalid configuration:\n  VAULT_MASTER_KEY: must be set when DATABASE_URL is: every process using that database must share one master key (a key generated into one DATA_DIR would be lost with it; one made there before can be named by its path, VAULT_MASTER_KEY=<DATA_DIR>/master-keys.json)\n',
       );
       expect(existsSync(path.join(fresh, 'master-keys.json'))).toBe(false);
+      // One part alone cannot share a server it embeds with the other part: before, an API started
+      // rotations on a Temporal server of its own that no worker polled (accepted, never run), and a
+      // worker without SMTP_URL "sent" every notice into a directory of its own.
+      const external = { DATA_DIR: fresh, VAULT_MASTER_KEY: randomBytes(32).toString('base64') };
+      const api = start({ ...external, DATABASE_URL: 'postgres://mailgent:pw@127.0.0.1:1/mailgent', SMTP_URL: 'smtp://127.0.0.1:1' }, { command: 'api' });
+      expect(await api.exited).toBe(2);
+      expect(api.output()).toBe(
+        'Invalid configuration:\n  TEMPORAL_ADDRESS: must be set for `mailgent api` and `mailgent worker` (one part alone): a Temporal server embedded in this process has no other part to run or start its work; `mailgent serve` runs both parts with embedded servers\n',
+      );
+      const worker = start({ ...external, TEMPORAL_ADDRESS: '127.0.0.1:1' }, { command: 'worker' });
+      expect(await worker.exited).toBe(2);
+      expect(worker.output()).toBe(
+        'Invalid configuration:\n' +
+          '  DATABASE_URL: must be set for `mailgent api` and `mailgent worker` (one part alone): a database embedded in this process is out of the other part\'s reach\n' +
+          '  SMTP_URL: must be set for `mailgent worker` alone: the embedded SMTP sink would keep every notice in this worker\'s DATA_DIR, recorded as sent\n',
+      );
+      expect(readdirSync(fresh)).toEqual([]);
     } finally {
       rmSync(fresh, { recursive: true, force: true });
     }
