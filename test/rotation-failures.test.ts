@@ -910,4 +910,25 @@ describe('rotation failures', () => {
     expect(subjects).toEqual(expect.arrayContaining([`[mailgent] Rotation rolled back for ${name}`]));
     await read(id, 2);
   });
+
+  it('a leak reported while a rollback records its outcome is answered too: the credential is rotated again, in leak mode', async () => {
+    const { name, id } = await generatedKey({ graceHours: 1 });
+    const v1 = (await read(id)).value as string;
+    const rotationId = await startRotation(name);
+    await waitForState(rotationId, ['grace']);
+    // The rollback is done (version 1 current again) and has decided not to rotate again; its outcome's record is held while version 1 is reported.
+    const recording = holdActivity('recordOutcome', id);
+    const rollback = h.api('POST', `/v1/rotations/${rotationId}/rollback`, { token: owner.token });
+    await recording.reached();
+    await reportLeak(v1, id);
+    await waitFor('the run to hear of the leak', () => report(rotationId), (rep) => Boolean(rep.credentials[0]?.progress?.leakReported));
+    recording.release();
+    expect((await rollback).status).toBe(200);
+    // Before, the run ended rolled back and closed the incident: version 1, reported leaked, current and working.
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1, toVersion: 3 });
+    expect(await read(id)).toMatchObject({ version: 3, label: 'current' });
+    expect(await revokedVersions(id)).toEqual([1, 2]);
+    expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
+    await read(id, 2);
+  });
 });

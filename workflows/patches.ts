@@ -95,6 +95,15 @@ export const SUPERSEDED_AFTER_FINAL_NOTICE = 'superseded-after-final-notice';
  */
 export const GRACE_BESIDE_NOTICE = 'grace-beside-its-notice';
 
+/**
+ * Runs recorded before this patch counted the leak reports their outcome answered only once the
+ * outcome was recorded: a leak heard while that ran (a rollback's or a cancel's, which had already
+ * decided not to rotate again) was taken as answered, its incident closed with the leaked value
+ * current and working. Newer runs count them as the outcome is decided: a report heard after that
+ * rotates the credential again, in leak mode, as one heard during the final notice does.
+ */
+export const LEAKS_COUNTED_AT_OUTCOME = 'leaks-counted-when-the-outcome-is-decided';
+
 export const PATCH_IDS: readonly string[] = [
   CLOSE_INCIDENTS_LAST,
   NOTICE_FAILURES_CONTINUE,
@@ -107,4 +116,5 @@ export const PATCH_IDS: readonly string[] = [
   SUPERSEDED_ANSWERED,
   SUPERSEDED_AFTER_FINAL_NOTICE,
   GRACE_BESIDE_NOTICE,
+  LEAKS_COUNTED_AT_OUTCOME,
 ];

@@ -24,6 +24,7 @@ import {
   NOTICE_FAILURES_CONTINUE,
   ROLLBACK_CHECKS_FIRST,
   LEAK_OUTLIVES_CANCEL,
+  LEAKS_COUNTED_AT_OUTCOME,
   ROLLBACK_REVOKE_FAILURES_CONTINUE,
   SUPERSEDED_AFTER_FINAL_NOTICE,
   SUPERSEDED_ANSWERED,
@@ -278,16 +279,18 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   /** `rotateAgain`: the outcome leaves a reported leak unanswered (a rollback, a cancel), so a leak rotation follows the notice. */
   const finish = async (outcome: RotationOutcome, kind: NoticeKind, error?: string, rotateAgain = false) => {
     progress.error = error ?? progress.error;
+    // The reports `rotateAgain` was decided on: one heard from here on is answered by rotating again.
+    const decidedOn = patched(LEAKS_COUNTED_AT_OUTCOME) ? incidents.size : undefined;
     await CancellationScope.nonCancellable(async () => {
       await db.recordOutcome({ ...ids, outcome, fromVersion: progress.fromVersion, toVersion: progress.toVersion, error: progress.error });
       const closeLast = patched(CLOSE_INCIDENTS_LAST);
       if (!closeLast) await db.closeLeakIncidents(ids);
-      const seen = incidents.size;
+      const seen = decidedOn ?? incidents.size;
       await tell(kind, {
         graceEndsAt: progress.graceEndsAt,
         error: progress.error,
         step: progress.steps.find((s) => s.state === 'failed')?.name,
-        ...(rotateAgain && outcome === 'cancelled' ? { rotatingAgain: true } : {}),
+        ...((rotateAgain || (decidedOn !== undefined && incidents.size > decidedOn)) && outcome === 'cancelled' ? { rotatingAgain: true } : {}),
       });
       if (closeLast) await closeIncidents(seen, rotateAgain);
     });
