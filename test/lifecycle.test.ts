@@ -744,6 +744,32 @@ describe('credential lifecycle', () => {
     return v3;
   };
 
+  it('a value stored while the provider mints the new key makes promote refuse: the stored value stays current, the minted key is deleted', async () => {
+    const name = unique('stored-while-minting');
+    const { provider, id, v1 } = await apiKeyAt(name);
+    const minting = provider.holdNext('create');
+    const rotationId = await startRotation(name);
+    await minting.reached;
+    const v2 = h.secret(`sk_by_hand_${randomBytes(16).toString('hex')}`);
+    const stored = await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind: 'api_key', value: v2 } });
+    expect(stored.body).toMatchObject({ version: 2 });
+    minting.release();
+
+    // Before, the pending version was recorded as based on version 2 (current when it was staged, not
+    // when the create read version 1): it was promoted over the stored value, which was to be revoked.
+    const failure = await runResult(rotationId).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(failure).toBeInstanceOf(WorkflowFailedError);
+    expect(((failure as WorkflowFailedError).cause as ApplicationFailure).message).toMatch(/^credential \S+ moved to version 2 while version 3 was pending$/);
+    expect((await read({ name })).body).toMatchObject({ version: 2, label: 'current', value: v2 });
+    expect(await revokedVersions(id)).toEqual([3]);
+    expect(provider.listKeys().filter((k) => k.active)).toHaveLength(1);
+    expect(await whoami(provider, v1)).toBe(200);
+    h.secret((await read({ id }, 3)).body.value as string);
+  });
+
   it('a value stored during grace, then a revoke the provider refuses: the superseded notice says both, and the rotated key still works for its dependents', async () => {
     // An 18 s grace period: the store must land within it on a loaded machine too.
     const { name, ownerMail, credential, provider, rotationId, v2 } = await apiKeyInGrace('replaced-unrevokable', 0.005, (p) => p.failNext('revoke', 1, 400));

@@ -111,7 +111,17 @@ export class RotationVault {
    * `expiresAt` is the new value's expiry if the provider gave one; it becomes the credential's on
    * promotion (a new value has no known expiry otherwise: the old value's does not carry over).
    */
-  stagePending(caller: Caller, credentialId: string, rotationKey: string, created: { value: string; externalId?: string | null; expiresAt?: string | Date | null }) {
+  stagePending(
+    caller: Caller,
+    credentialId: string,
+    rotationKey: string,
+    created: { value: string; externalId?: string | null; expiresAt?: string | Date | null },
+    /**
+     * The version the provider's create was given as current. A value stored while the create ran
+     * is current now: the pending version stays based on the one before it, so promote refuses.
+     */
+    basedOn: number,
+  ) {
     return audited(this.pool, caller, 'rotation.create_pending', { rotationKey }, async (tx, note) => {
       note.credentialId = credentialId;
       const cred = await lock(tx, caller.identityId, credentialId);
@@ -125,7 +135,7 @@ export class RotationVault {
       const version = Number(max.rows[0].v) + 1;
       await this.secrets.insert(tx, caller.identityId, credentialId, version, created.value, {
         rotationKey,
-        basedOn: cred.current_version,
+        basedOn,
         providerRef: created.externalId ?? null,
       });
       if (created.expiresAt) {
@@ -135,7 +145,7 @@ export class RotationVault {
       await tx.query(`UPDATE credentials SET pending_version = $2, status = 'rotating', updated_at = $3 WHERE id = $1`, [credentialId, version, this.clock()]);
       note.detail.version = version;
       if (cred.pending_version) note.detail.replacedPending = cred.pending_version;
-      return { version, basedOn: cred.current_version as number };
+      return { version, basedOn };
     });
   }
 

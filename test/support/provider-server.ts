@@ -26,6 +26,8 @@ export interface RequestLog {
 
 interface Fault {
   remaining: number;
+  /** Held until released (the request has arrived when `reached` resolves). */
+  hold?: { reached: () => void; released: Promise<void> };
   status?: number;
   /** Fail only after doing the work: the key is minted or deleted, the answer is lost. */
   afterEffect?: boolean;
@@ -78,6 +80,16 @@ export class ProviderServer {
     this.queueFault(route, { remaining: count, delayMs: ms });
   }
 
+  /** The next request of `route` is held, once it has arrived, until `release()`. */
+  holdNext(route: Route): { reached: Promise<void>; release: () => void } {
+    let reached!: () => void;
+    let release!: () => void;
+    const reachedP = new Promise<void>((resolve) => (reached = resolve));
+    const released = new Promise<void>((resolve) => (release = resolve));
+    this.queueFault(route, { remaining: 1, hold: { reached, released } });
+    return { reached: reachedP, release };
+  }
+
   isActive(secret: string): boolean {
     return [...this.keys.values()].some((k) => k.secret === secret && k.active);
   }
@@ -115,6 +127,10 @@ export class ProviderServer {
 
     const fault = this.takeFault(route);
     if (fault?.delayMs) await new Promise((r) => setTimeout(r, fault.delayMs));
+    if (fault?.hold) {
+      fault.hold.reached();
+      await fault.hold.released;
+    }
     const injected = () => reply(fault!.status!, { error: 'injected failure', youSent: header(req, 'authorization') });
     if (fault?.status && !fault.afterEffect) return injected();
 
