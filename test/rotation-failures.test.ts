@@ -510,6 +510,34 @@ describe('rotation failures', () => {
     expect(failed.outcome.mail.text).toContain('the rotation did not replace it: the leaked value still works.');
   });
 
+  it('a rollback still running when the rotation is cancelled is answered as it ends (rolled back), not refused', async () => {
+    const { name, id } = await generatedKey({ graceHours: 1 });
+    const r = await receiver();
+    await setDependents(id, [webhook(r)]);
+    const rotationId = await startRotation(name);
+    await waitForState(rotationId, ['grace']);
+    const restoring = holdActivity('restoreDependent', id);
+    const rollback = h.api('POST', `/v1/rotations/${rotationId}/rollback`, { token: owner.token });
+    await restoring.reached();
+    const cancel = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: owner.token });
+    expect(cancel.status, cancel.text).toBe(202);
+    const EventType = temporal.api.enums.v1.EventType;
+    await waitFor(
+      'the cancel to reach the run',
+      async () => (await h.client.workflow.getHandle(`rotate:${id}`).fetchHistory()).events?.map((e) => e.eventType) ?? [],
+      (types) => types.includes(EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED),
+    );
+    restoring.release();
+    // Before, a 409 "nothing to roll back: Workflow cancelled", for a rollback that went on and was done.
+    const answered = await rollback;
+    expect(answered.status, answered.text).toBe(200);
+    expect(answered.body.results).toEqual([expect.objectContaining({ credentialId: id, rolledBack: true })]);
+    expect(await runResult(rotationId)).toMatchObject({ state: 'rolled_back' });
+    expect(await read(id)).toMatchObject({ version: 1, label: 'current' });
+    expect(events(r)).toEqual(['credential.pending v2', 'credential.verify v2', 'credential.promoted v2', 'credential.restored v1']);
+    await read(id, 2);
+  });
+
   it('every restore of a run has an idempotency key of its own: after a failed attempt and again on a rollback', async () => {
     const { name, id } = await generatedKey({ graceHours: 1, maxAttempts: 2 });
     const r = await receiver();

@@ -104,6 +104,13 @@ export const GRACE_BESIDE_NOTICE = 'grace-beside-its-notice';
  */
 export const LEAKS_COUNTED_AT_OUTCOME = 'leaks-counted-when-the-outcome-is-decided';
 
+/**
+ * Runs recorded before this patch answered a rollback request as refused ("Workflow cancelled") when
+ * the run was cancelled while the rollback ran or before it began, though the cancel rolled back all
+ * the same; newer runs answer it when the rollback has ended, as it ended.
+ */
+export const ROLLBACK_ANSWER_OUTLIVES_CANCEL = 'rollback-answer-outlives-a-cancel';
+
 export const PATCH_IDS: readonly string[] = [
   CLOSE_INCIDENTS_LAST,
   NOTICE_FAILURES_CONTINUE,
@@ -117,4 +124,5 @@ export const PATCH_IDS: readonly string[] = [
   SUPERSEDED_AFTER_FINAL_NOTICE,
   GRACE_BESIDE_NOTICE,
   LEAKS_COUNTED_AT_OUTCOME,
+  ROLLBACK_ANSWER_OUTLIVES_CANCEL,
 ];

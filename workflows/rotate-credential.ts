@@ -25,6 +25,7 @@ import {
   ROLLBACK_CHECKS_FIRST,
   LEAK_OUTLIVES_CANCEL,
   LEAKS_COUNTED_AT_OUTCOME,
+  ROLLBACK_ANSWER_OUTLIVES_CANCEL,
   ROLLBACK_REVOKE_FAILURES_CONTINUE,
   SUPERSEDED_AFTER_FINAL_NOTICE,
   SUPERSEDED_ANSWERED,
@@ -139,7 +140,10 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     rollbackUpdate,
     async () => {
       rollbackRequested = true;
-      await condition(() => rolledBack !== undefined || rollbackRefusal !== undefined || progress.state !== 'grace');
+      const settled = () => condition(() => rolledBack !== undefined || rollbackRefusal !== undefined || progress.state !== 'grace');
+      // A cancel of the run (which rolls back too) does not cut the wait short: the rollback goes on
+      // and is answered as it ends. Before, it was answered refused ("Workflow cancelled") and done all the same.
+      await (patched(ROLLBACK_ANSWER_OUTLIVES_CANCEL) ? CancellationScope.nonCancellable(settled) : settled());
       if (!rolledBack) {
         const message = leak ? LEAK_WINS : (rollbackRefusal ?? 'the rotation left its grace period before the rollback ran');
         throw ApplicationFailure.create({ type: 'RollbackNotPossible', message });
