@@ -8,6 +8,7 @@ import { temporal } from '@temporalio/proto';
 import type { ActivityInterceptorsFactory } from '@temporalio/worker';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { stableUuid } from '../activities/support';
+import { reportLeak as reportLeakWith } from '../api/routes/leaks';
 import { startHarness, type Harness } from './support/harness';
 import { createActivities } from '../activities';
 import { expectCleanRun } from './support/leaks';
@@ -508,6 +509,37 @@ describe('rotation failures', () => {
     expectRotationFailed(failed.result, /answered 404 to credential\.verify$/);
     expect(failed.outcome.mail.subject).toBe(`[mailgent] Rotation FAILED for ${failed.name}`);
     expect(failed.outcome.mail.text).toContain('the rotation did not replace it: the leaked value still works.');
+  });
+
+  it('a leak rotation started with its answer lost, then reported again while it runs, is recorded: its rotation reads as its run ends, not running for ever', async () => {
+    const { name, id } = await generatedKey({ graceHours: 1 });
+    const r = await receiver();
+    const pending = holdingPending(r);
+    await setDependents(id, [webhook(r)]);
+    // The leak rotation's start reaches Temporal and its answer is lost: the report is a 503.
+    const workflow = Object.create(h.client.workflow, {
+      signalWithStart: {
+        value: async (...args: Parameters<typeof h.client.workflow.signalWithStart>) => {
+          await h.client.workflow.signalWithStart(...args);
+          throw new Error('14 UNAVAILABLE: the connection was lost');
+        },
+      },
+    });
+    const deps = { pool: h.services.pool, vault: h.services.vault, secrets: h.services.secrets, client: Object.create(h.client, { workflow: { value: workflow } }), taskQueue: h.taskQueue, securityNotify: [securityDesk] };
+    const caller = { identityId: owner.id, actor: `identity:${owner.id}`, requestId: randomUUID() };
+    await expect(reportLeakWith(deps, caller, owner.id, { credential: name, source: 'scan' })).rejects.toMatchObject({ status: 503 });
+    await pending.reached();
+    const again = await h.api('POST', '/v1/leaks', { token: owner.token, body: { credential: name, source: 'scan' } });
+    expect(again.status, again.text).toBe(202);
+    expect(again.body.results).toEqual([expect.objectContaining({ credentialId: id, action: 'joined', rotationId: expect.any(String) })]);
+    pending.release();
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1, toVersion: 2 });
+    // Before, the rotation the report named had no run recorded: it read 'running' for ever.
+    const final = await report(again.body.results[0].rotationId as string);
+    expect(final.state).toBe('succeeded');
+    expect(final.credentials[0]).toMatchObject({ state: 'succeeded', outcome: 'rotated' });
+    expect(await revokedVersions(id)).toEqual([1]);
+    await read(id);
   });
 
   it('a rollback still running when the rotation is cancelled is answered as it ends (rolled back), not refused', async () => {

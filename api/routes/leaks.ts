@@ -197,10 +197,14 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
     const newVersion = (Boolean(body.fingerprint) || body.version !== undefined) && incident.version !== t.version;
     const handle = deps.client.workflow.getHandle(workflowId);
     let running: boolean;
+    // The incident's rotation whose start went through with its answer lost (or its starter gone):
+    // its run is recorded once a report finds a run going, or the rotation would read as running for ever.
+    const unrecorded = incident.run_id === null && incident.rotation_id !== null;
     try {
       if (newVersion) {
         await handle.signal(leakSignal, { incidentId: versionLeakId(incident.id, t.version), version: t.version });
         running = true;
+        if (unrecorded) await startLeakRun(deps, t, incident.rotation_id!, incident.id, incident.version);
       } else {
         const latest = await handle.describe();
         running = latest.status.name === 'RUNNING';
@@ -209,7 +213,9 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
         // leaked value working, and close the incident at its end. (Not the incident's own run, nor
         // the run it continued as: a run continued as new would take the incident for a new one.)
         const own = async () => incident.run_id !== null && (await latestRunOf(deps.client, workflowId, incident.run_id)).runId === latest.runId;
-        if (running && latest.runId !== incident.run_id && !(await own())) await handle.signal(leakSignal, { incidentId: incident.id, version: t.version });
+        // (An unrecorded incident's recording signals the run going, this one's or another: a run hears an incident once.)
+        if (running && unrecorded) await startLeakRun(deps, t, incident.rotation_id!, incident.id, incident.version);
+        else if (running && latest.runId !== incident.run_id && !(await own())) await handle.signal(leakSignal, { incidentId: incident.id, version: t.version });
       }
     } catch (err) {
       if (!(err instanceof WorkflowNotFoundError)) {
