@@ -171,7 +171,6 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
         dataConverter: services.dataConverter,
         shutdownGraceMs: graceMs,
         maxCachedWorkflows: config.WORKER_CACHED_WORKFLOWS,
-        logger,
       });
       const running = worker.run();
       // Polling stops at once; running activities get the grace period to finish, then are cancelled.

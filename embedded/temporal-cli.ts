@@ -1,5 +1,5 @@
 import { execFile } from 'node:child_process';
-import { accessSync, constants, lstatSync, mkdirSync, renameSync, rmSync } from 'node:fs';
+import { accessSync, constants, mkdirSync, renameSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -15,17 +15,6 @@ export const TEMPORAL_CLI_MODULE = 'github.com/temporalio/cli/cmd/temporal@v1.5.
 
 export function cacheDir(): string {
   return process.env.MAILGENT_CACHE_DIR ?? path.join(process.env.XDG_CACHE_HOME ?? path.join(os.homedir(), '.cache'), 'mailgent');
-}
-
-/** `dir`, made 0700 if missing; refused unless it is a directory of this user's that no one else can write to. */
-export function privateDir(dir: string): string {
-  mkdirSync(dir, { recursive: true, mode: 0o700 });
-  const stat = lstatSync(dir);
-  const uid = process.getuid?.();
-  if (!stat.isDirectory() || (uid !== undefined && stat.uid !== uid) || (stat.mode & 0o022) !== 0) {
-    throw new Error(`${dir} must be a directory of this user's that no one else can write to (what is kept there is run)`);
-  }
-  return dir;
 }
 
 export async function findTemporalCli(opts: { configured?: string; logger?: Logger; build?: boolean }): Promise<string | undefined> {

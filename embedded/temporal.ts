@@ -1,10 +1,10 @@
-import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { lstatSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { Connection } from '@temporalio/client';
 import type { Logger } from '../core/logger';
 import { isAlive, startChild, waitUntilReady } from './child';
 import { freePort, withFreshPorts } from './ports';
-import { cacheDir, findTemporalCli, privateDir } from './temporal-cli';
+import { cacheDir, findTemporalCli } from './temporal-cli';
 
 /**
  * The Temporal dev server with its state in a SQLite file under DATA_DIR, so workflows survive a
@@ -142,4 +142,15 @@ async function startWithSdkDownload(opts: { dbFile: string; port: number; namesp
       { cause: err },
     );
   }
+}
+
+/** `dir`, made 0700 if missing; refused unless it is a directory of this user's that no one else can write to. */
+function privateDir(dir: string): string {
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const stat = lstatSync(dir);
+  const uid = process.getuid?.();
+  if (!stat.isDirectory() || (uid !== undefined && stat.uid !== uid) || (stat.mode & 0o022) !== 0) {
+    throw new Error(`${dir} must be a directory of this user's that no one else can write to (the Temporal server is downloaded there and run)`);
+  }
+  return dir;
 }

@@ -7,7 +7,6 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort } from '../embedded/ports';
 import { startEmbeddedPostgres, withClient } from '../embedded/postgres';
 import { startEmbeddedTemporal } from '../embedded/temporal';
-import { findTemporalCli } from '../embedded/temporal-cli';
 
 /**
  * `npm start` end to end: the real entry point with no configuration embeds PostgreSQL, Temporal
@@ -211,11 +210,8 @@ describe('npm start with the embedded defaults', () => {
   });
 
   it('Ctrl-C while the worker is being bundled is an interruption, not a failed start: the bundler the signal also ended does not make it exit 1', { timeout: 120_000 }, async () => {
-    // A cache of its own, so the workflows are bundled (not a bundle an earlier start kept); the Temporal CLI named, as the cache holds none.
-    const cache = mkdtempSync(path.join(os.tmpdir(), 'mailgent-empty-cache-'));
-    const cli = await findTemporalCli({ build: false });
     // As a terminal runs it: a process group of its own, which Ctrl-C signals whole (the bundler's child too).
-    const { proc, output, exited } = start({ DATA_DIR: dataDir, PORT: String(port), MAILGENT_CACHE_DIR: cache, ...(cli ? { TEMPORAL_CLI_PATH: cli } : {}) }, { detached: true });
+    const { proc, output, exited } = start({ DATA_DIR: dataDir, PORT: String(port) }, { detached: true });
     // The workflows' bundler, a child process of this service's own, is running (other files'
     // services may be bundling too: only a child of this one counts).
     const bundler = path.join(ROOT, 'worker', 'bundle.ts');
@@ -246,7 +242,6 @@ describe('npm start with the embedded defaults', () => {
       if (i > 100) throw new Error(`still running: ${processesUsing(dataDir).join('\n')}`);
       await new Promise((r) => setTimeout(r, 100));
     }
-    rmSync(cache, { recursive: true, force: true });
   });
 
   it('an embedded server that dies stops the service with exit code 1, naming it; the next start brings it back', { timeout: 240_000 }, async () => {

@@ -2,7 +2,7 @@ import type { DataConverter } from '@temporalio/common';
 import { DefaultLogger, NativeConnection, Runtime, Worker, type ActivityInterceptorsFactory } from '@temporalio/worker';
 import type { Logger } from '../core/logger';
 import { createActivities, type ActivityDeps } from '../activities';
-import { workflowBundle } from './bundle';
+import { bundleInChild } from './bundle';
 
 /** Builds a worker for the mailgent task queue; the caller owns `connection` and runs/stops the worker. */
 export async function createWorker(opts: {
@@ -12,10 +12,8 @@ export async function createWorker(opts: {
   deps: ActivityDeps;
   /** The deployment's data converter (payload encryption); see vault/payload-codec.ts. */
   dataConverter: DataConverter;
-  /** A prebuilt bundle (tests build it once); otherwise the cache's, or the workflows are bundled now (worker/bundle.ts). */
+  /** A prebuilt bundle (tests build it once); otherwise the workflows are bundled now. */
   workflowBundle?: { codePath: string };
-  /** Where a bundle cache that cannot be used is reported. */
-  logger?: Logger;
   /**
    * On shutdown, how long running activities may go on before they are cancelled (heartbeating
    * ones see the cancellation); the worker gives up 10 s after that.
@@ -26,8 +24,8 @@ export async function createWorker(opts: {
   /** Around every activity this worker runs (the tests hold one at a chosen moment). */
   activityInterceptors?: ActivityInterceptorsFactory[];
 }): Promise<Worker> {
-  // Bundled in a child process unless prebuilt or kept, so webpack's memory is not the worker's for life.
-  const bundle = opts.workflowBundle ? undefined : await workflowBundle(opts.logger);
+  // Bundled in a child process unless prebuilt, so webpack's memory is not the worker's for life.
+  const bundle = opts.workflowBundle ? undefined : await bundleInChild();
   try {
     return await Worker.create({
       connection: opts.connection,
