@@ -106,7 +106,7 @@ export function rotationActivities(deps: ActivityDeps) {
           throw new UnprocessableError(`attempt ${ids.attempt} was undone before its create was sent; nothing was sent to the provider`);
         }
         const created = await heartbeating(() => provider.create({ ...ctx, idempotencyKey: key, current }));
-        return deps.rotations.stagePending(caller(ids), ids.credentialId, key, created, meta.version);
+        return deps.rotations.stagePending(caller(ids), ids.credentialId, key, created);
       });
     },
 

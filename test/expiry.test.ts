@@ -95,7 +95,7 @@ describe('credential expiry across versions', () => {
     const caller = { identityId: agent.id, actor: 'test:expiry' };
     const rotations = h.deps.rotations;
 
-    const staged = await rotations.stagePending(caller, id, `${id}:create:1`, { value: secretValue() }, 1);
+    const staged = await rotations.stagePending(caller, id, `${id}:create:1`, { value: secretValue() });
     await rotations.promote(caller, id, staged.version);
     expect(await row(id)).toMatchObject({ current_version: 2, expires_at: null });
     expect((await row(id)).next_rotation_at).toEqual(await periodEnd(id, 2, 30));
@@ -109,7 +109,7 @@ describe('credential expiry across versions', () => {
 
     // A provider that says when its new value expires: that expiry is the credential's once promoted.
     const providerExpiry = inDays(60);
-    const next = await rotations.stagePending(caller, id, `${id}:create:2`, { value: secretValue(), expiresAt: providerExpiry.toISOString() }, 1);
+    const next = await rotations.stagePending(caller, id, `${id}:create:2`, { value: secretValue(), expiresAt: providerExpiry.toISOString() });
     expect((await row(id)).expires_at, 'a pending value does not change the current expiry').toEqual(expiresAt);
     await rotations.promote(caller, id, next.version);
     const promoted = await row(id);

@@ -770,6 +770,33 @@ describe('credential lifecycle', () => {
     h.secret((await read({ id }, 3)).body.value as string);
   });
 
+  it('a value stored while the provider mints, then an attempt that fails: its undo puts the dependents on the stored value', async () => {
+    const name = unique('stored-then-failed');
+    const receiver = new WebhookReceiver(signingKey);
+    receiver.answerVersion = 1; // it never picks up the new value: verify fails
+    servers.push(receiver);
+    await receiver.start();
+    const { provider, id } = await apiKeyAt(name, { rotation: { maxAttempts: 1 } });
+    await setDependents(id, [webhook(receiver)]);
+    const minting = provider.holdNext('create');
+    const rotationId = await startRotation(name);
+    await minting.reached;
+    const v2 = h.secret(`sk_by_hand_${randomBytes(16).toString('hex')}`);
+    expect((await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind: 'api_key', value: v2 } })).body).toMatchObject({ version: 2 });
+    minting.release();
+    const failure = await runResult(rotationId).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(failure).toBeInstanceOf(WorkflowFailedError);
+    // The dependent goes back to what is current (the stored value), not to the version the create was given.
+    const events = receiver.events.map((e) => `${e.event.type} v${e.event.version}`);
+    expect(events.filter((e) => !e.startsWith('credential.verify'))).toEqual(['credential.pending v3', 'credential.restored v2']);
+    expect((await read({ name })).body).toMatchObject({ version: 2, label: 'current', value: v2 });
+    expect(await revokedVersions(id)).toEqual([3]);
+    h.secret((await read({ id }, 3)).body.value as string);
+  });
+
   it('a value stored during grace, then a revoke the provider refuses: the superseded notice says both, and the rotated key still works for its dependents', async () => {
     // An 18 s grace period: the store must land within it on a loaded machine too.
     const { name, ownerMail, credential, provider, rotationId, v2 } = await apiKeyInGrace('replaced-unrevokable', 0.005, (p) => p.failNext('revoke', 1, 400));

@@ -181,7 +181,7 @@ describe('rotation providers', () => {
         const created = await postgresRole.create({ ...ctx, idempotencyKey: key, current: { version: 1, value: v1, externalId: null } });
         h.secret(created.value);
         expect(created.externalId).toBe(role);
-        return h.services.rotations.stagePending(caller, credentialId, key, created, 1);
+        return h.services.rotations.stagePending(caller, credentialId, key, created);
       };
 
       const staged = await createPending();

@@ -312,7 +312,7 @@ describe('rotateCredential', () => {
     const stored = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'promoted-twice', kind: 'api_key', value: h.secret('sk_live_promoted_0001') } });
     const id = stored.body.id as string;
     const caller = { identityId: agent.id, actor: 'test:promote-retry' };
-    const staged = await h.deps.rotations.stagePending(caller, id, `${id}:create:1`, { value: h.secret('sk_live_promoted_0002') }, 1);
+    const staged = await h.deps.rotations.stagePending(caller, id, `${id}:create:1`, { value: h.secret('sk_live_promoted_0002') });
     expect(await h.deps.rotations.promote(caller, id, staged.version)).toMatchObject({ current: 2, previous: 1 });
     // The worker died before the promote's answer reached Temporal; meanwhile values were stored, twice.
     await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'promoted-twice', kind: 'api_key', value: h.secret('sk_live_promoted_0003') } });
@@ -324,7 +324,7 @@ describe('rotateCredential', () => {
     const audit = (await h.sql("SELECT detail FROM audit_log WHERE credential_id = $1 AND action = 'rotation.promote' ORDER BY seq", [id])).rows;
     expect(audit.map((r) => r.detail)).toEqual([expect.not.objectContaining({ replayed: true }), expect.objectContaining({ replayed: true, supersededBy: 4 })]);
     // A version that was never promoted is still refused.
-    const other = await h.deps.rotations.stagePending(caller, id, `${id}:create:2`, { value: h.secret('sk_live_promoted_0005') }, 4);
+    const other = await h.deps.rotations.stagePending(caller, id, `${id}:create:2`, { value: h.secret('sk_live_promoted_0005') });
     await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'promoted-twice', kind: 'api_key', value: h.secret('sk_live_promoted_0006') } });
     await expect(h.deps.rotations.promote(caller, id, other.version)).rejects.toThrow(/moved to version|not pending/);
   });

@@ -111,17 +111,7 @@ export class RotationVault {
    * `expiresAt` is the new value's expiry if the provider gave one; it becomes the credential's on
    * promotion (a new value has no known expiry otherwise: the old value's does not carry over).
    */
-  stagePending(
-    caller: Caller,
-    credentialId: string,
-    rotationKey: string,
-    created: { value: string; externalId?: string | null; expiresAt?: string | Date | null },
-    /**
-     * The version the provider's create was given as current. A value stored while the create ran
-     * is current now: the pending version stays based on the one before it, so promote refuses.
-     */
-    basedOn: number,
-  ) {
+  stagePending(caller: Caller, credentialId: string, rotationKey: string, created: { value: string; externalId?: string | null; expiresAt?: string | Date | null }) {
     return audited(this.pool, caller, 'rotation.create_pending', { rotationKey }, async (tx, note) => {
       note.credentialId = credentialId;
       const cred = await lock(tx, caller.identityId, credentialId);
@@ -135,7 +125,7 @@ export class RotationVault {
       const version = Number(max.rows[0].v) + 1;
       await this.secrets.insert(tx, caller.identityId, credentialId, version, created.value, {
         rotationKey,
-        basedOn,
+        basedOn: cred.current_version,
         providerRef: created.externalId ?? null,
       });
       if (created.expiresAt) {
@@ -145,7 +135,7 @@ export class RotationVault {
       await tx.query(`UPDATE credentials SET pending_version = $2, status = 'rotating', updated_at = $3 WHERE id = $1`, [credentialId, version, this.clock()]);
       note.detail.version = version;
       if (cred.pending_version) note.detail.replacedPending = cred.pending_version;
-      return { version, basedOn };
+      return { version, basedOn: cred.current_version as number };
     });
   }
 
@@ -179,7 +169,7 @@ export class RotationVault {
         note.detail.replayed = true;
         return { current: version, previous: cred.previous_version as number | null };
       }
-      const based = await tx.query('SELECT based_on, promoted_at FROM secret_versions WHERE credential_id = $1 AND version = $2', [credentialId, version]);
+      const based = await tx.query('SELECT based_on, promoted_at, rotation_key FROM secret_versions WHERE credential_id = $1 AND version = $2', [credentialId, version]);
       // A retry whose first attempt committed (its answer lost with a worker), after values were
       // stored on top: refusing would make the workflow undo a rotation that took effect. (The
       // previous label tells for versions promoted before promoted_at was recorded.)
@@ -189,7 +179,8 @@ export class RotationVault {
         return { current: version, previous: (based.rows[0]?.based_on as number | null) ?? null };
       }
       if (cred.pending_version !== version) throw new UnprocessableError(`version ${version} of credential ${credentialId} is not pending`);
-      if (based.rows[0]?.based_on !== cred.current_version) {
+      const given = await createGiven(tx, credentialId, based.rows[0]?.rotation_key);
+      if (based.rows[0]?.based_on !== cred.current_version || (given !== undefined && given !== cred.current_version)) {
         throw new VersionConflictError(
           `credential ${credentialId} moved to version ${cred.current_version} while version ${version} was pending`,
           cred.current_version,
@@ -279,4 +270,22 @@ async function lock(tx: { query: Pool['query'] }, identityId: string, credential
   ]);
   if (!rows[0]) throw new NotFoundError(`no credential with id ${credentialId}`);
   return rows[0];
+}
+
+/**
+ * The version the provider's create was given as current (its audited read, the last under the
+ * version's rotation key), or the version's own record where there is none. `based_on` is the version
+ * current when the created value was staged: a value stored while the create ran is that, and the
+ * new value, made from the one before it, must not be promoted over it. (The pending version stays
+ * based on the stored value: an undo puts the dependents and the provider on it.)
+ */
+async function createGiven(tx: { query: Pool['query'] }, credentialId: string, rotationKey: string | null | undefined): Promise<number | undefined> {
+  if (!rotationKey) return undefined;
+  const { rows } = await tx.query(
+    `SELECT (detail->>'version')::int AS version FROM audit_log
+      WHERE credential_id = $1 AND action = 'rotation.read' AND outcome = 'ok' AND detail->>'purpose' = 'provider.create' AND detail->>'rotationKey' = $2
+      ORDER BY seq DESC LIMIT 1`,
+    [credentialId, rotationKey],
+  );
+  return rows[0]?.version as number | undefined;
 }
