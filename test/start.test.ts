@@ -404,11 +404,13 @@ describe('npm start with the embedded defaults', () => {
       expect(api.output()).toBe(
         'Invalid configuration:\n  TEMPORAL_ADDRESS: must be set for `mailgent api` and `mailgent worker` (one part alone): a Temporal server embedded in this process has no other part to run or start its work; `mailgent serve` runs both parts with embedded servers\n',
       );
-      const worker = start({ ...external, TEMPORAL_ADDRESS: '127.0.0.1:1' }, { command: 'worker' });
+      // Every problem at once (the master key too, which DATABASE_URL will need).
+      const worker = start({ DATA_DIR: fresh, TEMPORAL_ADDRESS: '127.0.0.1:1' }, { command: 'worker' });
       expect(await worker.exited).toBe(2);
       expect(worker.output()).toBe(
         'Invalid configuration:\n' +
           '  DATABASE_URL: must be set for `mailgent api` and `mailgent worker` (one part alone): a database embedded in this process is out of the other part\'s reach\n' +
+          '  VAULT_MASTER_KEY: must be set when DATABASE_URL is (as it must be here): every process using that database must share one master key (a key generated into one DATA_DIR would be lost with it; one made there before can be named by its path, VAULT_MASTER_KEY=<DATA_DIR>/master-keys.json)\n' +
           '  SMTP_URL: must be set for `mailgent worker` alone: the embedded SMTP sink would keep every notice in this worker\'s DATA_DIR, recorded as sent\n',
       );
       expect(readdirSync(fresh)).toEqual([]);
