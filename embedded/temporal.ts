@@ -1,4 +1,4 @@
-import { lstatSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { lstatSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { Connection } from '@temporalio/client';
 import type { Logger } from '../core/logger';
@@ -144,13 +144,21 @@ async function startWithSdkDownload(opts: { dbFile: string; port: number; namesp
   }
 }
 
-/** `dir`, made 0700 if missing; refused unless it is a directory of this user's that no one else can write to. */
+/**
+ * `dir`, made 0700 if missing; refused unless it is a directory of this user's that no one else can
+ * write to, under directories that only this user or root can change (or sticky ones, as /tmp is):
+ * another user able to rename it could put a directory of theirs in its place after the check.
+ */
 function privateDir(dir: string): string {
   mkdirSync(dir, { recursive: true, mode: 0o700 });
-  const stat = lstatSync(dir);
   const uid = process.getuid?.();
-  if (!stat.isDirectory() || (uid !== undefined && stat.uid !== uid) || (stat.mode & 0o022) !== 0) {
-    throw new Error(`${dir} must be a directory of this user's that no one else can write to (the Temporal server is downloaded there and run)`);
+  const stat = lstatSync(dir);
+  const refuse = (why: string) => new Error(`${dir} ${why} (the Temporal server is downloaded there and run)`);
+  if (!stat.isDirectory() || (uid !== undefined && stat.uid !== uid) || (stat.mode & 0o022) !== 0) throw refuse("must be a directory of this user's that no one else can write to");
+  for (let parent = path.dirname(path.resolve(dir)); ; parent = path.dirname(parent)) {
+    const up = statSync(parent);
+    const othersWrite = (up.mode & 0o022) !== 0 && (up.mode & 0o1000) === 0;
+    if ((uid !== undefined && up.uid !== uid && up.uid !== 0) || othersWrite) throw refuse(`is inside ${parent}, which another user can change`);
+    if (parent === path.dirname(parent)) return dir;
   }
-  return dir;
 }

@@ -1,4 +1,4 @@
-import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
@@ -67,5 +67,14 @@ describe('the Temporal CLI build cache', () => {
     // Before, the planted file was run (with `server start-dev …`), as this process's user.
     expect(existsSync(ran)).toBe(false);
     expect(statSync(path.join(cache, 'sdk-download')).mode & 0o777).toBe(0o700);
+
+    // A cache inside a directory another user can change (no sticky bit): they could swap the
+    // download directory for one of theirs after the check. Refused before any download.
+    const open = made('mailgent-open-parent-');
+    chmodSync(open, 0o777);
+    process.env.MAILGENT_CACHE_DIR = path.join(open, 'cache');
+    await expect(startEmbeddedTemporal({ dataDir: made('mailgent-temporal-data-'), namespace: 'default' })).rejects.toThrow(
+      new RegExp(`The SDK download failed: ${open}/cache/sdk-download is inside ${open}, which another user can change`),
+    );
   }, 30_000);
 });
