@@ -4,7 +4,7 @@ import { BaseSequencer, type TestSpecification } from 'vitest/node';
 /**
  * The files that take a minute or more (they wait out real timeouts: workers killed, servers
  * restarted, grace periods, the bench's own loads), longest first. They start before the rest, so
- * the two workers finish close together: in a fresh clone vitest has no durations of its own and
+ * the workers finish close together: in a fresh clone vitest has no durations of its own and
  * starts the largest files first, which left the longest of these (small files) for last, one
  * worker running it alone for two minutes.
  */
