@@ -356,7 +356,7 @@ describe('scheduled sweep', () => {
     // from B would carry that value. (Stored past `store`, which would register it as a secret the
     // leak checks look for: it is the address A's summary is rightly sent to.)
     const nameB = unique('shared-b');
-    const storedB = await h.api('POST', '/v1/vault.store', { token: b.token, body: { name: nameB, kind: 'generic', value: shared, owners: [shared], rotation: policy } });
+    const storedB = await h.api('POST', '/v1/vault.store', { token: b.token, body: { name: nameB, kind: 'generic', value: h.publicValue(shared), owners: [shared], rotation: policy } });
     expect(storedB.status).toBe(201);
     await age([ofA, storedB.body.id], 45);
 
@@ -708,7 +708,7 @@ describe('scheduled sweep', () => {
     const id = await store(agent.token, { name: leakyName, kind: 'token', value: secretValue(), owners: [leaky], expiresAt: inDays(2) });
     // Its value is its own id, which every notice about it prints. (Public text on purpose, so not
     // registered for the leak sweep: it is in every audit row and history that names the credential.)
-    const again = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: leakyName, kind: 'token', value: id, expiresAt: inDays(2) } });
+    const again = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: leakyName, kind: 'token', value: h.publicValue(id), expiresAt: inDays(2) } });
     expect(again.status, again.text).toBe(201);
     const fineName = unique('plain');
     await store(agent.token, { name: fineName, kind: 'token', value: secretValue(), owners: [fine], expiresAt: inDays(2) });

@@ -51,6 +51,12 @@ export interface Harness {
   /** Remembers a secret value so the leak check can look for it. */
   secret<T extends string>(value: T): T;
   secrets: string[];
+  /**
+   * Marks a value a test stores that is public text on purpose (an address, an id): the leak check,
+   * which looks for every stored value, leaves it out.
+   */
+  publicValue<T extends string>(value: T): T;
+  publicValues: Set<string>;
   close(): Promise<void>;
 }
 
@@ -175,6 +181,7 @@ export async function startHarness(
   await once(server, 'listening');
   const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
   const secrets: string[] = [];
+  const publicValues = new Set<string>();
 
   /** What the run-wide leak sweep (test/support/sweep.ts) searches once this database and task queue are gone. */
   const leaveForSweep = async () => {
@@ -249,6 +256,11 @@ export async function startHarness(
       return value;
     },
     secrets,
+    publicValue(value) {
+      publicValues.add(value);
+      return value;
+    },
+    publicValues,
     async close() {
       closing = true;
       server.closeAllConnections();

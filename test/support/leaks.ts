@@ -1,4 +1,4 @@
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import type { Payload } from '@temporalio/common';
 import { temporal } from '@temporalio/proto';
@@ -50,12 +50,19 @@ async function histories(h: Harness): Promise<{ workflowId: string; runId: strin
 }
 
 /**
- * Looks for every secret the test registered, raw and base64/hex encoded, in everything that must
- * never hold one: the service log, audit rows, the mail outbox, every delivered email, and the
+ * Looks for every secret the test registered and every value stored in its database, raw and
+ * base64/hex encoded, in everything that must never hold one: the service log and the logs of the
+ * worker processes the file started, audit rows, the mail outbox, every delivered email, and the
  * full history (payloads decoded) of every workflow on this file's task queue.
  */
 export async function findLeaks(h: Harness, recorded?: Recorded): Promise<string[]> {
+  // Registered, so the run's sweep looks for them too once this file's database is gone.
+  const known = new Set(h.secrets);
+  h.secrets.push(...(await storedSecrets(h)).filter((value) => !known.has(value)));
   const places: [string, string][] = [['service log', readFileSync(h.logFile, 'utf8')]];
+  // The logs of the worker processes the file started (test/support/worker-process.ts).
+  const dir = path.dirname(h.logFile);
+  for (const file of readdirSync(dir).filter((f) => /^worker-\d+\.log$/.test(f))) places.push([file, readFileSync(path.join(dir, file), 'utf8')]);
   const audit = await h.sql('SELECT * FROM audit_log');
   places.push(['audit_log', JSON.stringify(audit.rows)]);
   const outbox = await h.sql('SELECT * FROM mail_outbox');
@@ -129,6 +136,24 @@ async function record(h: Harness, recorded: Recorded, dir: string): Promise<void
     const closed = last.replace(/^EVENT_TYPE_(WORKFLOW_EXECUTION_)?/, '').toLowerCase();
     writeFileSync(path.join(dir, `${type}-${closed}-${runId.slice(-12)}.json`), json);
   }
+}
+
+/**
+ * Every value stored in this file's database, every version of every identity's credentials
+ * (rotated, discarded and revoked ones too, which no test may have read): each is a secret the
+ * checks look for, beside those the test registered; but those the test marked public text on
+ * purpose (h.publicValue).
+ */
+async function storedSecrets(h: Harness): Promise<string[]> {
+  const values: string[] = [];
+  for (const { id } of (await h.sql('SELECT id FROM identities')).rows) {
+    try {
+      for await (const page of h.services.vault.storedValues(id as string)) for (const { value } of page) if (!h.publicValues.has(value)) values.push(value);
+    } catch {
+      // An identity whose key a test broke on purpose (its values cannot be opened, by anyone).
+    }
+  }
+  return values;
 }
 
 /** The checks every test file ends with: no secret anywhere, and every history replays. */

@@ -1,4 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
+import { appendFileSync } from 'node:fs';
 import path from 'node:path';
 
 const ROOT = path.resolve(import.meta.dirname, '../..');
@@ -12,7 +13,10 @@ export interface WorkerProcess {
   kill(): Promise<void>;
 }
 
-/** The real worker entry point (`mailgent worker`) as a child process of the test. */
+/**
+ * The real worker entry point (`mailgent worker`) as a child process of the test. Its output is
+ * also kept in DATA_DIR/worker-<pid>.log, where the file's leak check and the run's sweep search it.
+ */
 export function startWorkerProcess(env: Record<string, string>): WorkerProcess {
   const proc = spawn(process.execPath, ['--import', 'tsx', 'cli/main.ts', 'worker'], {
     cwd: ROOT,
@@ -20,8 +24,13 @@ export function startWorkerProcess(env: Record<string, string>): WorkerProcess {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let out = '';
-  proc.stdout!.on('data', (d) => (out += d));
-  proc.stderr!.on('data', (d) => (out += d));
+  const log = env.DATA_DIR ? path.join(env.DATA_DIR, `worker-${proc.pid}.log`) : undefined;
+  const take = (d: Buffer) => {
+    out += d;
+    if (log) appendFileSync(log, d);
+  };
+  proc.stdout!.on('data', take);
+  proc.stderr!.on('data', take);
   const exited = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
   return {
     proc,
