@@ -828,8 +828,11 @@ describe('mailgent CLI', () => {
       expect(again.code).toBe(0);
       expect(json(again).results).toEqual([expect.objectContaining({ version: expect.any(Number), action: expect.stringMatching(/^(joined|rotating)$/) })]);
       const credentialId = json(again).results[0].credentialId;
-      await h.client.workflow.getHandle(`rotate:${credentialId}`).result().catch(() => undefined);
-      await read(alice.token, 'cli-password');
+      expect(await h.client.workflow.getHandle(`rotate:${credentialId}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak' });
+      // Rotated, without a grace period: the leaked version is revoked.
+      expect((await read(alice.token, 'cli-password')).version).toBeGreaterThan(1);
+      const revoked = await h.sql('SELECT version FROM secret_versions WHERE credential_id = $1 AND revoked_at IS NOT NULL ORDER BY version', [credentialId]);
+      expect(revoked.rows[0]).toEqual({ version: 1 });
 
       // The leaked value of rot-b's first version, piped in: only its SHA-256 leaves the CLI.
       const leaked = await read(alice.token, 'rot-b', 1);

@@ -195,6 +195,9 @@ describe('POST /v1/leaks', () => {
     }
     expect((await h.sql('SELECT reports FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ reports: 2 }]);
     expect(await rotationsOf(id)).toBe(1);
+    // One incident email, queued once (a second incident would have queued its own).
+    const queued = await h.sql(`SELECT subject FROM mail_outbox WHERE purpose = 'leak.incident' AND subject LIKE '%closing-incident'`);
+    expect(queued.rows).toEqual([{ subject: '[mailgent] SECURITY: leak reported for closing-incident' }]);
     h.secret((await current('closing-incident')).value);
   });
 
