@@ -636,37 +636,41 @@ describe('mailgent CLI', () => {
     });
 
     it('a failed rotation reports no new version with --json, as its table does (the pending one was discarded)', async () => {
-      const rotationId = '6f1c2a4e-3b5d-4e7f-8a9b-0c1d2e3f4a5b';
-      const credentialId = 'a85f171d-0000-4000-8000-000000000001';
-      const report = {
-        rotationId,
-        state: 'failed',
-        reason: null,
-        credentials: [{ credentialId, name: 'fake-key', state: 'failed', progress: { fromVersion: 1, toVersion: 2, error: 'the provider refused the new key' } }],
-      };
-      await withServer(
-        (req, res) => {
-          req.resume();
-          req.on('end', () => {
-            const body =
-              req.method === 'POST' && req.url === '/v1/rotations'
-                ? { rotationId, batchWorkflowId: `rotation:${rotationId}`, workflowIds: [`rotate:${credentialId}`] }
-                : report;
-            res.writeHead(req.method === 'POST' ? 202 : 200, { 'content-type': 'application/json' }).end(JSON.stringify(body));
-          });
-        },
-        async (url) => {
-          const asJson = await mailgent(['rotate', 'fake-key', '--json', '--interval', '50', '--url', url], { env: as(alice) });
-          expect(asJson.code).toBe(1);
-          // Before, toVersion was 2: a version that never came to be.
-          expect(json(asJson).credentials).toEqual([
-            { credentialId, name: 'fake-key', fromVersion: 1, toVersion: null, outcome: 'failed', error: 'the provider refused the new key' },
-          ]);
-          const text = await mailgent(['rotate', 'fake-key', '--interval', '50', '--url', url], { env: as(alice) });
-          expect(text.code).toBe(1);
-          expect(text.stdout).toContain('fake-key    1 → –    failed: the provider refused the new key');
-        },
-      );
+      // A dependent that refuses every event: the new value (version 2) is made, then discarded.
+      const refusing = createHttpServer((req, res) => {
+        req.resume();
+        req.on('end', () => res.writeHead(400, { 'content-type': 'application/json' }).end('{"error":"refused"}'));
+      });
+      await new Promise<void>((resolve) => refusing.listen(0, '127.0.0.1', resolve));
+      try {
+        const hookKey = await h.api('POST', '/v1/vault.store', { token: alice.token, body: { name: 'cli-hook-key', kind: 'generic', value: h.secret(`whsec_${randomBytes(24).toString('hex')}`) } });
+        expect(hookKey.status, hookKey.text).toBe(201);
+        const url = `http://127.0.0.1:${(refusing.address() as { port: number }).port}/hook`;
+        const stored = await h.api('POST', '/v1/vault.store', {
+          token: alice.token,
+          body: {
+            name: 'cli-refused',
+            kind: 'token',
+            value: h.secret(`tok_${randomBytes(12).toString('hex')}`),
+            rotation: { provider: 'generated', maxAttempts: 1, graceHours: 0 },
+            dependents: [{ type: 'webhook', settings: { url, signingKeyCredential: 'cli-hook-key' } }],
+          },
+        });
+        expect(stored.status, stored.text).toBe(201);
+
+        const asJson = await mailgent(['rotate', 'cli-refused', '--json', '--interval', '100'], { env: as(alice) });
+        expect(asJson.code).toBe(1);
+        const body = json(asJson);
+        // Before, toVersion was 2: a version that never came to be (the API's report names it, as made).
+        expect(body.credentials).toEqual([{ credentialId: stored.body.id, name: 'cli-refused', fromVersion: 1, toVersion: null, outcome: 'failed', error: expect.stringMatching(/answered 400/) }]);
+        const report = await h.api('GET', `/v1/rotations/${body.rotationId}`, { token: alice.token });
+        expect(report.body.credentials[0].progress).toMatchObject({ fromVersion: 1, toVersion: 2 });
+        const text = await mailgent(['rotate', 'cli-refused', '--interval', '100'], { env: as(alice) });
+        expect(text.code).toBe(1);
+        expect(text.stdout).toMatch(/cli-refused +1 → – +failed: .*answered 400/);
+      } finally {
+        await new Promise((resolve) => refusing.close(resolve));
+      }
     });
 
     it('--no-wait prints the rotation id and returns; unknown names are not found (exit 3)', async () => {
