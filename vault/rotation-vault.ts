@@ -274,7 +274,7 @@ async function lock(tx: { query: Pool['query'] }, identityId: string, credential
 
 /**
  * The version the provider's create was given as current (its audited read, the last under the
- * version's rotation key), or the version's own record where there is none. `based_on` is the version
+ * version's rotation key); undefined where there is none (a version staged without one). `based_on` is the version
  * current when the created value was staged: a value stored while the create ran is that, and the
  * new value, made from the one before it, must not be promoted over it. (The pending version stays
  * based on the stored value: an undo puts the dependents and the provider on it.)
