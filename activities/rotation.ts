@@ -58,6 +58,7 @@ export function rotationActivities(deps: ActivityDeps) {
     if (!spec || !dependent) throw new UnprocessableError(`dependent ${index} of '${meta.name}' is not configured on this worker`);
     return {
       dependent,
+      meta,
       ctx: {
         settings: dependent.settings.parse(spec.settings ?? {}),
         identityId: ids.identityId,
@@ -148,7 +149,7 @@ export function rotationActivities(deps: ActivityDeps) {
           // failed, or was never sent) puts the provider on the vault's current version now: the
           // workflow knew only the version current when the rotation planned, and a value stored
           // since (between two attempts, say) is what consumers use.
-          const currentVersion = staged ? ids.current : meta.version;
+          const currentVersion = staged ? storedSince(ids.current, meta.version, staged.version) : meta.version;
           await heartbeating(async () => {
             if (provider.discard) await provider.discard({ ...ctx, pending, current: await read(ids, currentVersion, 'provider.discard'), idempotencyKey, ...(sent ? { createKey } : {}) });
             else if (pending) await provider.revoke({ ...ctx, secret: pending, idempotencyKey });
@@ -184,9 +185,10 @@ export function rotationActivities(deps: ActivityDeps) {
      */
     async restoreDependent(ids: RotationIds & { index: number; version: number; abandoned?: number }): Promise<void> {
       return permanentErrorsFail(async () => {
-        const { dependent, ctx } = await dependentContext(ids, ids.index);
-        const target = await read(ids, ids.version, `dependent.${ids.index}.restore`);
-        const key = ids.abandoned === undefined ? stepKey(ids, 'restore', ids.index, ids.version) : stepKey(ids, 'restore', ids.index, ids.version, 'from', ids.abandoned);
+        const { dependent, ctx, meta } = await dependentContext(ids, ids.index);
+        const version = ids.abandoned === undefined ? ids.version : storedSince(ids.version, meta.version, ids.abandoned);
+        const target = await read(ids, version, `dependent.${ids.index}.restore`);
+        const key = ids.abandoned === undefined ? stepKey(ids, 'restore', ids.index, version) : stepKey(ids, 'restore', ids.index, version, 'from', ids.abandoned);
         await heartbeating(() => dependent.restore({ ...ctx, target, idempotencyKey: key }));
       });
     },
@@ -322,4 +324,14 @@ async function withPasswordPolicy(deps: ActivityDeps, meta: CredentialMeta, prov
     digits: (s.digits ?? true) || p.digits,
     symbols: (s.symbols ?? false) || p.symbols,
   };
+}
+
+/**
+ * Where an undo puts a dependent or the provider back: `target`, the version the attempt (or a
+ * rollback) began from, unless a value stored by hand since is current (`current` newer than it, and
+ * not the abandoned version itself): consumers are on that value now, and the vault hands it out.
+ * A rollback's target is current by then (the vault rolled back first), so it is unchanged.
+ */
+function storedSince(target: number, current: number, abandoned: number): number {
+  return current > target && current !== abandoned ? current : target;
 }

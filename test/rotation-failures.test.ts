@@ -241,6 +241,25 @@ describe('rotation failures', () => {
     await read(id, 2);
   });
 
+  it('a value stored while the attempt is pending, then an attempt that fails: its undo puts the dependent on the stored value, not the one the attempt began from', async () => {
+    const { name, id } = await generatedKey({ maxAttempts: 1 });
+    const r = await receiver();
+    r.answerVersion = 1; // it never picks up the new value: verify fails
+    let v3: string | undefined;
+    r.onEvent = async ({ event }) => {
+      if (event.type === 'credential.pending') v3 = await store(name, 'api_key', h.secret(`v3_${randomBytes(16).toString('hex')}`));
+    };
+    await setDependents(id, [webhook(r)]);
+    const rotationId = await startRotation(name);
+    expectRotationFailed(await runResult(rotationId), /reports version 1, not 2$/);
+    // Before, the dependent went back to version 1 while version 3, stored by hand, is what the vault hands out.
+    expect(events(r).filter((e) => !e.startsWith('credential.verify'))).toEqual(['credential.pending v2', 'credential.restored v3']);
+    expect(await read(id)).toMatchObject({ version: 3, label: 'current' });
+    expect(v3).toBeDefined();
+    expect(await revokedVersions(id)).toEqual([2]);
+    await read(id, 2);
+  });
+
   it('an undo a dependent refuses does not stop the others: every undo runs, the credential is marked, the notice names what failed', async () => {
     const { name, id, ownerMail } = await generatedKey();
     const v1 = (await read(id)).value as string;
