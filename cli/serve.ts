@@ -34,15 +34,15 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
   // One part alone shares its servers with the other part, run elsewhere: a server it embedded would
   // be its own (an API's Temporal server with no worker polling it accepts rotations that never run).
   // Every problem is named at once.
-  const alone = parts.length === 1 ? '(one part alone)' : undefined;
+  const alone = parts.length === 1 ? 'must be set for `mailgent api` and `mailgent worker` (one part alone)' : undefined;
   const problems = [
-    alone && !config.DATABASE_URL && `DATABASE_URL: must be set for \`mailgent api\` and \`mailgent worker\` ${alone}: a database embedded in this process is out of the other part's reach`,
+    alone && !config.DATABASE_URL && `DATABASE_URL: ${alone}: a database embedded in this process is out of the other part's reach`,
     (config.DATABASE_URL || alone) &&
       !config.VAULT_MASTER_KEY &&
       `VAULT_MASTER_KEY: must be set when DATABASE_URL is${alone ? ' (as it must be here)' : ''}: every process using that database must share one master key (a key generated into one DATA_DIR would be lost with it; one made there before can be named by its path, VAULT_MASTER_KEY=<DATA_DIR>/master-keys.json)`,
     alone &&
       !config.TEMPORAL_ADDRESS &&
-      `TEMPORAL_ADDRESS: must be set for \`mailgent api\` and \`mailgent worker\` ${alone}: a Temporal server embedded in this process has no other part to run or start its work; \`mailgent serve\` runs both parts with embedded servers`,
+      `TEMPORAL_ADDRESS: ${alone}: a Temporal server embedded in this process has no other part to run or start its work; \`mailgent serve\` runs both parts with embedded servers`,
     alone && parts[0] === 'worker' && !config.SMTP_URL && "SMTP_URL: must be set for `mailgent worker` alone: the embedded SMTP sink would keep every notice in this worker's DATA_DIR, recorded as sent",
   ].filter((problem): problem is string => Boolean(problem));
   if (problems.length > 0) throw new ConfigError(problems);

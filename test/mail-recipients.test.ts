@@ -73,6 +73,15 @@ describe('mail with a recipient the SMTP server refuses', () => {
       refused: string[];
       last_error: string | null;
     };
+  /** A message to one address the server refuses, once its first delivery attempt has been made: the address and the message id. */
+  const refusedOnce = async (subject: string) => {
+    const typo = unique('typo');
+    const res = await h.api('POST', '/v1/mail.send', { token: agent.token, body: { to: [typo], subject, text: 'hello?' } });
+    expect(res.status).toBe(202);
+    const id = res.body.messageId as string;
+    await waitFor('a first delivery attempt', () => outboxRow(id), (r) => r.attempts >= 1, { timeoutMs: 20_000 });
+    return { typo, id };
+  };
   const deliveriesOf = (id: string) => smtp.received.filter((m) => m.messageId === `<${id}@mailgent>`);
 
   /** Messages whose delivery has, as far as the worker is told, spent its day of retries: the next attempt fails for good. */
@@ -353,11 +362,7 @@ describe('mail with a recipient the SMTP server refuses', () => {
   });
 
   it('a message its delivery gives up on is marked abandoned, and its sender is told in the audit log', async () => {
-    const typo = unique('typo');
-    const res = await h.api('POST', '/v1/mail.send', { token: agent.token, body: { to: [typo], subject: 'Still nobody home', text: 'hello?' } });
-    expect(res.status).toBe(202);
-    const id = res.body.messageId as string;
-    await waitFor('a first delivery attempt', () => outboxRow(id), (r) => r.attempts >= 1, { timeoutMs: 20_000 });
+    const { id } = await refusedOnce('Still nobody home');
     spent.add(id);
     await expect(h.client.workflow.getHandle(`mail:${id}`).result()).rejects.toBeInstanceOf(WorkflowFailedError);
     // Before, it stayed queued for good, and the sender's only row was mail.send's ok.
@@ -372,11 +377,7 @@ describe('mail with a recipient the SMTP server refuses', () => {
   });
 
   it('a delivery out of time whose message an attempt sent after all ends as sent, not failed, and nothing is abandoned', async () => {
-    const typo = unique('typo');
-    const res = await h.api('POST', '/v1/mail.send', { token: agent.token, body: { to: [typo], subject: 'Sent at the last', text: 'hello?' } });
-    expect(res.status).toBe(202);
-    const id = res.body.messageId as string;
-    await waitFor('a first delivery attempt', () => outboxRow(id), (r) => r.attempts >= 1, { timeoutMs: 20_000 });
+    const { typo, id } = await refusedOnce('Sent at the last');
     // The attempt that ran out the day had got it out (the server took it as the time ran out), and
     // marked it sent while the give-up waited for its claim; the next attempt is told the day is spent.
     await h.sql(`UPDATE mail_outbox SET status = 'sent', sent_at = now(), lease_until = NULL, refused = $2 WHERE id = $1`, [id, [typo]]);

@@ -199,12 +199,12 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
     let running: boolean;
     // The incident's rotation whose start went through with its answer lost (or its starter gone):
     // its run is recorded once a report finds a run going, or the rotation would read as running for ever.
-    const unrecorded = incident.run_id === null && incident.rotation_id !== null;
+    const unrecorded = incident.run_id === null ? incident.rotation_id : null;
     try {
       if (newVersion) {
         await handle.signal(leakSignal, { incidentId: versionLeakId(incident.id, t.version), version: t.version });
         running = true;
-        if (unrecorded) await startLeakRun(deps, t, incident.rotation_id!, incident.id, incident.version);
+        if (unrecorded) await startLeakRun(deps, t, unrecorded, incident.id, incident.version);
       } else {
         const latest = await handle.describe();
         running = latest.status.name === 'RUNNING';
@@ -214,7 +214,7 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
         // the run it continued as: a run continued as new would take the incident for a new one.)
         const own = async () => incident.run_id !== null && (await latestRunOf(deps.client, workflowId, incident.run_id)).runId === latest.runId;
         // (An unrecorded incident's recording signals the run going, this one's or another: a run hears an incident once.)
-        if (running && unrecorded) await startLeakRun(deps, t, incident.rotation_id!, incident.id, incident.version);
+        if (running && unrecorded) await startLeakRun(deps, t, unrecorded, incident.id, incident.version);
         else if (running && latest.runId !== incident.run_id && !(await own())) await handle.signal(leakSignal, { incidentId: incident.id, version: t.version });
       }
     } catch (err) {
