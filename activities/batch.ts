@@ -1,6 +1,6 @@
 import { InternalWorkflowStartOptionsSymbol, type InternalWorkflowStartOptions } from '@temporalio/client/lib/internal';
 import { NotFoundError } from '../core/errors';
-import { batchRunOf, latestRunOf, statusOf } from '../core/run-chain';
+import { batchRunOf, latestRunOf, runOpenSince, statusOf } from '../core/run-chain';
 import { recordBatchRun, RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
 import { handOverNotice } from './notices';
 import type { RotationWindow } from '../vault/types';
@@ -11,6 +11,12 @@ import { heartbeat, heartbeating, sleep, stableUuid } from './support';
 
 /** Rotations one batch keeps open at once unless BATCH_MAX_OPEN_ROTATIONS says otherwise. */
 export const DEFAULT_MAX_OPEN_ROTATIONS = 50;
+
+/**
+ * How far the Temporal server's clock may lag the database's: a run that closed this long before a
+ * start was marked sent (by the database's clock) still counts as one the start may have joined.
+ */
+const CLOCK_SLACK_MS = 1_000;
 
 const MODES: Record<string, RotationMode> = { request: 'requested', sweep: 'scheduled', policy: 'scheduled', leak: 'leak' };
 
@@ -77,8 +83,8 @@ export function batchActivities(deps: ActivityDeps) {
    * the run is cancelled here, since the cancel request may have listed the runs before this one
    * had its run_id. A wave that dies between the two (a worker killed) is run again by its retry,
    * which finds the run its start made (batchRunOf: by the batch in its memo), running or finished
-   * since, even behind a newer run of the credential, and records it: the credential is not rotated
-   * twice. (A start it sends again, not knowing whether the first reached the server, carries the
+   * since, even behind a newer run of the credential, or the one it joined (runOpenSince), and
+   * records it: the credential is not rotated twice. (A start it sends again, not knowing whether the first reached the server, carries the
    * same request id, which Temporal answers with the first's run while that is the newest.)
    */
   const startWave = async (rotationId: string): Promise<{ started: number }> => {
@@ -93,27 +99,34 @@ export function batchActivities(deps: ActivityDeps) {
       `WITH runs AS (
          SELECT r.credential_id, r.run_id, r.start_sent_at, o.outcome FROM rotation_runs r LEFT JOIN run_outcomes o ON o.run_id = r.run_id
           WHERE r.rotation_id = $1)
-       SELECT r.credential_id, c.identity_id, ro.kind, c.rotation->'window' AS window, r.start_sent_at IS NOT NULL AS start_sent
+       SELECT r.credential_id, c.identity_id, ro.kind, c.rotation->'window' AS window, r.start_sent_at IS NOT NULL AS start_sent, r.start_sent_at AS sent_at
          FROM runs r JOIN credentials c ON c.id = r.credential_id JOIN rotations ro ON ro.id = $1
         WHERE r.run_id IS NULL AND ro.cancelled_at IS NULL
         ORDER BY r.start_sent_at IS NULL, c.next_rotation_at NULLS LAST, r.credential_id
         LIMIT greatest($2 - (SELECT count(*) FROM runs WHERE run_id IS NOT NULL AND outcome IS NULL), 0)`,
       [rotationId, maxOpen],
     );
-    // A start sent but not recorded reached the server only if a run of this batch's is there (every
-    // start carries the batch in its memo). Any other (the wave died between marking it and sending
-    // it, or the connection failed before the server had it; or the run there is another's) is
-    // taken for unsent, and checked below as any other row: the credential may have changed, or
+    // A start sent but not recorded made a run only if a run of this batch's is there (every start
+    // carries the batch in its memo), and joined one only if another's run was open since the mark.
+    // Any other (the wave died between marking it and sending it, or the connection failed before
+    // the server had it) is taken for unsent, and checked below as any other row: the credential may have changed, or
     // left rotation, or its window closed, since the mark. (Guessing from the start's error was
     // not enough: the client retries a start that failed, and reports only the last attempt's error.)
     // Found, it is recorded as it is, not started again: a start sent again carries the same request
     // id, which Temporal answers with that run only while it is the workflow's newest; behind a newer
     // run (a leak's, another batch's, begun after it ended) the start would make a run of its own.
+    // None of the batch's, the start may have joined another's run (USE_EXISTING), which may have
+    // ended since: a run open at any time after the mark is recorded as the one it joined, as the
+    // start would have answered. Sent again, the start would rotate the credential a second time.
+    // (If the start never reached the server, that run rotated the credential after the batch
+    // marked it, which is what the batch asked for.)
     let started = 0;
     const taken = new Set<string>();
     for (const row of rows.filter((r) => r.start_sent)) {
       heartbeat();
-      const runId = await batchRunOf(client, `rotate:${row.credential_id}`, rotationId);
+      const workflowId = `rotate:${row.credential_id}`;
+      const runId =
+        (await batchRunOf(client, workflowId, rotationId)) ?? (await runOpenSince(client, workflowId, new Date(row.sent_at.getTime() - CLOCK_SLACK_MS)));
       if (runId !== undefined) {
         // Cancelled meanwhile: the run is cancelled here, as a started one is below (it may have continued as new).
         if ((await recordBatchRun(deps.pool, rotationId, row.credential_id, runId)).cancelled) {

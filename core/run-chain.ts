@@ -74,3 +74,25 @@ export async function batchRunOf(client: Client, workflowId: string, rotationId:
   }
   return first?.runId;
 }
+
+/**
+ * The run a start sent with USE_EXISTING may have joined: the earliest run of the workflow (anyone's:
+ * a leak's, another batch's) that was open at or after `since`, the moment the start was marked
+ * sent. A batch's wave that joined another's run and died before recording it finds no run of its
+ * own (batchRunOf) when it runs again; by then the run it joined may have ended, and a start sent
+ * again would rotate the credential a second time. Runs of one workflow id never overlap, so when
+ * the newest began before `since` no earlier one can have been open since. Undefined when no run
+ * was open since (the start, if it reached the server at all, joined nothing).
+ */
+export async function runOpenSince(client: Client, workflowId: string, since: Date): Promise<string | undefined> {
+  const described = await describeIfKept(client.workflow.getHandle(workflowId));
+  if (described === undefined) return undefined;
+  const openSince = (run: { closeTime?: Date }) => run.closeTime === undefined || run.closeTime.getTime() >= since.getTime();
+  let earliest = openSince(described) ? { runId: described.runId, startTime: described.startTime.getTime() } : undefined;
+  if (earliest === undefined || described.startTime.getTime() <= since.getTime()) return earliest?.runId;
+  if (/["\\]/.test(workflowId)) throw new Error(`cannot list the runs of workflow id ${JSON.stringify(workflowId)}`);
+  for await (const run of client.workflow.list({ query: `WorkflowId = "${workflowId}"` })) {
+    if (openSince(run) && run.startTime.getTime() < earliest.startTime) earliest = { runId: run.runId, startTime: run.startTime.getTime() };
+  }
+  return earliest.runId;
+}

@@ -618,6 +618,77 @@ describe('batch rotation in waves', () => {
     h.secret(read.body.value);
   });
 
+  it("a wave that joined another's rotation of a credential and died before recording it records that run when run again, ended since: the credential is not rotated twice", async () => {
+    const { ids } = await storeAll('joined-unrecorded', 1);
+    const [id] = ids as [string];
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    receiver.onEvent = async (received) => {
+      if (received.event.type === 'credential.pending' && received.event.credentialId === id) await held;
+    };
+    const other = randomUUID();
+    let theirs: WorkflowHandleWithFirstExecutionRunId;
+    const rotationId = randomUUID();
+    try {
+      // Another's rotation of the credential (a leak's, another batch's), running when the wave marks its start sent.
+      theirs = await h.client.workflow.start('rotateCredential', {
+        taskQueue: h.taskQueue,
+        workflowId: `rotate:${id}`,
+        args: [{ rotationId: other, identityId: agent.id, credentialId: id, mode: 'requested' }],
+        memo: { rotationId: other },
+      });
+      await h.sql(`INSERT INTO rotations (id, identity_id, kind, reason, notify, workflow_id) VALUES ($1, $2, 'request', NULL, '{}', $3)`, [rotationId, agent.id, `rotation:${rotationId}`]);
+      await h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id, start_sent_at) VALUES ($1, $2, $3, now())`, [rotationId, id, `rotate:${id}`]);
+      // The wave's start, as it sent it: joined (the server answers with their run), and the wave died before recording it.
+      const joined = await h.client.workflow.start('rotateCredential', {
+        taskQueue: h.taskQueue,
+        workflowId: `rotate:${id}`,
+        args: [{ rotationId, identityId: agent.id, credentialId: id, mode: 'requested' }],
+        workflowIdConflictPolicy: 'USE_EXISTING',
+        memo: { rotationId },
+      });
+      expect(joined.firstExecutionRunId).toBe(theirs.firstExecutionRunId);
+    } finally {
+      release();
+      receiver.onEvent = undefined;
+    }
+    expect(await theirs.result()).toMatchObject({ state: 'succeeded' });
+
+    // The wave run again: before, it found no run of the batch's, took the start for unsent and
+    // sent it again, which made a run of its own (a second rotation: version 3).
+    expect(await batchActivities(h.deps).startRotations({ rotationId })).toEqual({ started: 1 });
+    expect((await runsOf(rotationId)).map((r) => r.run_id)).toEqual([theirs.firstExecutionRunId]);
+    expect((await h.client.workflow.getHandle(`rotate:${id}`).describe()).runId).toBe(theirs.firstExecutionRunId);
+    expect(await batchActivities(h.deps).awaitOutcomes({ rotationId, pollMs: 50 })).toEqual({ total: 1, rotated: 1, failed: 0 });
+    const read = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { id } });
+    expect(read.body.version).toBe(2);
+    h.secret(read.body.value);
+  });
+
+  it('a start marked sent that joined nothing (no run of the credential open since the mark) is sent when the wave runs again', async () => {
+    const { ids } = await storeAll('joined-nothing', 1);
+    const [id] = ids as [string];
+    // A rotation of the credential that ended before the wave marked its start sent, and the start never left.
+    const before = await h.client.workflow.start('rotateCredential', {
+      taskQueue: h.taskQueue,
+      workflowId: `rotate:${id}`,
+      args: [{ rotationId: randomUUID(), identityId: agent.id, credentialId: id, mode: 'requested' }],
+    });
+    expect(await before.result()).toMatchObject({ state: 'succeeded' });
+    const rotationId = randomUUID();
+    await h.sql(`INSERT INTO rotations (id, identity_id, kind, reason, notify, workflow_id) VALUES ($1, $2, 'request', NULL, '{}', $3)`, [rotationId, agent.id, `rotation:${rotationId}`]);
+    // Marked two seconds after that run closed (beyond the clock slack allowed).
+    await h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id, start_sent_at) VALUES ($1, $2, $3, now() + interval '2 seconds')`, [rotationId, id, `rotate:${id}`]);
+
+    expect(await batchActivities(h.deps).startRotations({ rotationId })).toEqual({ started: 1 });
+    const [run] = await runsOf(rotationId);
+    expect(run!.run_id).not.toBe(before.firstExecutionRunId);
+    expect(await h.client.workflow.getHandle(`rotate:${id}`, run!.run_id!).result()).toMatchObject({ state: 'succeeded' });
+    const read = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { id } });
+    expect(read.body.version).toBe(3);
+    h.secret(read.body.value);
+  });
+
   it('at the deadline a run taken over from a start sent but unrecorded, ended since, is counted by how it ended, not as still rotating', async () => {
     const { names, ids } = await storeAll('ended-at-deadline', 2);
     const [completed, terminated] = ids as [string, string];
