@@ -1,15 +1,17 @@
 import { decodeHTML } from 'entities';
 
 /**
- * Finds a stored secret inside an outgoing message: the value itself or its common encodings
- * (base64, base64url, hex, URL-encoding in any of its spellings, HTML character references), and for
- * TOTP seeds the bare base32 secret. The subject is also read as a mail client shows it (RFC 2047
- * encoded words decoded), the subject and text without the invisible format characters (U+200B,
- * soft hyphen, other \p{Cf}) a client shows as nothing, and the html as it renders (markup dropped,
+ * Finds a stored secret inside an outgoing message: the value itself (also reversed, and in Unicode's
+ * compatibility form) or its common encodings (base64, base64url, hex, URL-encoding in any of its
+ * spellings, HTML character references), and for TOTP seeds the bare base32 secret and the hex of
+ * its bytes. The subject is also read as a mail client shows it (RFC 2047 encoded words decoded),
+ * the subject and text without the characters a client shows as nothing (U+200B, soft hyphen,
+ * variation selectors: \p{Cf} and the default ignorables), and the html's text (markup dropped,
  * references decoded, any case). Encodings that tools wrap (base64) and the caseless forms that
  * are written in groups (hex, a TOTP seed: `JBSW Y3DP EHPK 3PXP`) are also found with whitespace
  * between their characters.
  * Values shorter than MIN_SCANNED_LENGTH are not matched: they would block ordinary words.
+ * What it does not stop (a value disguised on purpose: hidden markup, a split, a cipher) is in the README.
  */
 export const MIN_SCANNED_LENGTH = 6;
 
@@ -35,12 +37,49 @@ export async function findStoredValueIn(message: ScannedMessage, pages: AsyncIte
 }
 
 interface Prepared {
-  haystack: string;
-  lower: string;
-  renderedLower: string;
-  unwrapped: string;
-  unwrappedLower: string;
-  decoded: string[];
+  /** Every text of the message (as written, as shown, in compatibility form, decoded), one after another. */
+  haystack: Searchable;
+  lower: Searchable;
+  renderedLower: Searchable;
+  unwrapped: Searchable;
+  unwrappedLower: Searchable;
+}
+
+/**
+ * A text to search for many values' forms: which of its MIN_SCANNED_LENGTH-character runs it holds,
+ * hashed into a bitmap made once per message, so that a form whose first and last runs it cannot
+ * hold is passed over without reading the text. A scan reads every version an identity can see:
+ * each form searched for in the whole text cost ~70 µs a value on a 10 KB message.
+ */
+class Searchable {
+  private readonly seen: Uint8Array;
+  private readonly mask: number;
+
+  constructor(readonly text: string) {
+    const bits = Math.min(1 << 24, Math.max(1 << 10, 2 ** Math.ceil(Math.log2(text.length * 16 + 1))));
+    this.mask = bits - 1;
+    this.seen = new Uint8Array(bits >>> 3);
+    for (let i = 0; i + MIN_SCANNED_LENGTH <= text.length; i++) {
+      const h = this.hash(text, i);
+      this.seen[h >>> 3]! |= 1 << (h & 7);
+    }
+  }
+
+  includes(form: string): boolean {
+    return this.holds(form, 0) && this.holds(form, form.length - MIN_SCANNED_LENGTH) && this.text.includes(form);
+  }
+
+  private holds(form: string, at: number): boolean {
+    const h = this.hash(form, at);
+    return (this.seen[h >>> 3]! & (1 << (h & 7))) !== 0;
+  }
+
+  /** FNV-1a over the UTF-16 code units of text[at, at + MIN_SCANNED_LENGTH). */
+  private hash(text: string, at: number): number {
+    let h = 0x811c9dc5;
+    for (let j = at; j < at + MIN_SCANNED_LENGTH; j++) h = Math.imul(h ^ text.charCodeAt(j), 0x01000193);
+    return (h ^ (h >>> 15)) & this.mask;
+  }
 }
 
 /** The message's texts to search, made once per message, not per value or page of values. */
@@ -52,32 +91,37 @@ function prepared(message: ScannedMessage): Prepared {
   const text = visible(message.text);
   const rendered = message.html ? renderedText(message.html) : '';
   const shown = [subject === message.subject ? '' : subject, text === message.text ? '' : text, rendered === message.html ? '' : rendered].filter(Boolean);
-  const haystack = [...(message.to ?? []), message.subject, message.text, message.html ?? '', ...shown].join('\n');
-  // Escaped text decoded, to look for the value itself: percent-escapes in either case, `+` for a
-  // space (a form or a query string: URLSearchParams, quote_plus, QueryEscape), HTML character references.
-  const htmlDecoded = decodeHTML(haystack);
+  const written = [...(message.to ?? []), message.subject, message.text, message.html ?? '', ...shown].join('\n');
+  // Unicode's compatibility form too: a value in another normal form (`é` as e and a combining
+  // accent) or in compatibility characters (fullwidth `ｓｋ＿ｌｉｖｅ`) reads the same.
+  const compatible = written.normalize('NFKC');
+  const text0 = compatible === written ? written : `${written}\n${compatible}`;
+  // Escaped text decoded, to look for the value and its encodings: percent-escapes in either case,
+  // `+` for a space (a form or a query string: URLSearchParams, quote_plus, QueryEscape; base64 in a
+  // query string has its `+`, `/` and `=` escaped), HTML character references.
+  const htmlDecoded = decodeHTML(text0);
+  const decoded = [percentDecoded(text0), percentDecoded(text0.replaceAll('+', ' ')), htmlDecoded, percentDecoded(htmlDecoded)].filter((text) => text !== text0);
+  const haystack = [text0, ...decoded].join('\n');
   const unwrapped = haystack.replace(/\s+/g, '');
   return {
-    haystack,
-    lower: haystack.toLowerCase(),
+    haystack: new Searchable(haystack),
+    lower: new Searchable(haystack.toLowerCase()),
     // CSS (text-transform, small-caps) may show the html's text in another case than it is written in.
-    renderedLower: rendered.toLowerCase(),
+    renderedLower: new Searchable(`${rendered}\n${rendered.normalize('NFKC')}`.toLowerCase()),
     // base64 tools wrap their output (`base64` at 76 columns, PEM at 64): a long value's encoding may
     // be split across lines. Hex and TOTP seeds are written in groups (`JBSW Y3DP EHPK 3PXP`, as
     // authenticator apps show a setup key and take it back), in either case.
-    unwrapped,
-    unwrappedLower: unwrapped.toLowerCase(),
-    decoded: [percentDecoded(haystack), percentDecoded(haystack.replaceAll('+', ' ')), htmlDecoded, percentDecoded(htmlDecoded)].filter((text) => text !== haystack),
+    unwrapped: new Searchable(unwrapped),
+    unwrappedLower: new Searchable(unwrapped.toLowerCase()),
   };
 }
 
-function searchIn({ haystack, lower, renderedLower, unwrapped, unwrappedLower, decoded }: Prepared, stored: { name: string; value: string }[]): string | undefined {
+function searchIn({ haystack, lower, renderedLower, unwrapped, unwrappedLower }: Prepared, stored: { name: string; value: string }[]): string | undefined {
   for (const { name, value } of stored) {
     if (value.length < MIN_SCANNED_LENGTH) continue;
-    if (decoded.some((text) => text.includes(value)) || renderedLower.includes(value.toLowerCase())) return name;
-    for (const { form, caseless, wraps } of forms(value)) {
+    for (const { form, caseless, wraps, shown } of forms(value)) {
       if (form.length < MIN_SCANNED_LENGTH) continue;
-      if (haystack.includes(form)) return name;
+      if (haystack.includes(form) || (shown && renderedLower.includes(form.toLowerCase()))) return name;
       if (caseless ? lower.includes(form.toLowerCase()) || (wraps && unwrappedLower.includes(form.toLowerCase())) : wraps && unwrapped.includes(form)) return name;
     }
   }
@@ -91,17 +135,46 @@ function searchIn({ haystack, lower, renderedLower, unwrapped, unwrappedLower, d
  * with whitespace between their characters too (`wraps`). The value itself does not: a short one
  * (a PIN, a word) would match across the spaces between unrelated words and numbers.
  */
-function forms(value: string): { form: string; caseless: boolean; wraps?: boolean }[] {
+function forms(value: string): Form[] {
   const bytes = Buffer.from(value, 'utf8');
-  const out: { form: string; caseless: boolean; wraps?: boolean }[] = [
-    { form: value, caseless: /^[0-9a-f]+$/i.test(value) },
-    { form: bytes.toString('hex'), caseless: true, wraps: true },
-    { form: encodeURIComponent(value), caseless: false },
-  ];
+  const caseless = /^[0-9a-f]+$/i.test(value);
+  // The value as the recipient reads it (`shown`: also in the html's text in any case): as stored,
+  // in compatibility form (the message's texts are searched in it too), and reversed, which a
+  // right-to-left override (U+202E, `<bdo dir="rtl">`) shows in its order.
+  const out: Form[] = [...new Set([value, value.normalize('NFKC'), [...value].reverse().join('')])].map((form) => ({ form, caseless, shown: true }));
+  out.push({ form: bytes.toString('hex'), caseless: true, wraps: true }, { form: encodeURIComponent(value), caseless: false });
   for (const form of base64Cores(bytes)) out.push({ form, caseless: false, wraps: true }, { form: toBase64url(form), caseless: false, wraps: true });
-  const seed = /^otpauth:\/\/.*[?&]secret=([A-Z2-7]+)/i.exec(value)?.[1];
-  if (seed) out.push({ form: seed, caseless: true, wraps: true });
+  // A TOTP seed: its base32 (in an otpauth:// URI, or the value itself), and the bytes it stands
+  // for in hex, as `oathtool --totp <hex>` and some authenticators take them.
+  const seed = /^otpauth:\/\/.*[?&]secret=([A-Z2-7]+)/i.exec(value)?.[1] ?? (/^[A-Z2-7]{16,}=*$/i.test(value) ? value.replace(/=+$/, '') : undefined);
+  if (seed) out.push({ form: seed, caseless: true, wraps: true }, { form: base32Bytes(seed).toString('hex'), caseless: true, wraps: true });
   return out;
+}
+
+interface Form {
+  form: string;
+  /** Matched in any case (hex, base32). */
+  caseless: boolean;
+  /** Matched with whitespace between its characters (base64, hex, base32: wrapped or grouped). */
+  wraps?: boolean;
+  /** The value as read: also matched in the html's text in any case (CSS may change it). */
+  shown?: boolean;
+}
+
+/** RFC 4648 base32 (no padding, either case) to bytes; trailing bits that make no whole byte are dropped. */
+function base32Bytes(text: string): Buffer {
+  const out: number[] = [];
+  let bits = 0;
+  let acc = 0;
+  for (const c of text.toUpperCase()) {
+    acc = (acc << 5) | 'ABCDEFGHIJKLMNOPQRSTUVWXYZ234567'.indexOf(c);
+    bits += 5;
+    if (bits >= 8) {
+      bits -= 8;
+      out.push((acc >> bits) & 0xff);
+    }
+  }
+  return Buffer.from(out);
 }
 
 /**
@@ -194,9 +267,13 @@ function renderedText(html: string): string {
   return visible(decodeHTML(html.replace(MARKUP, (_markup, _element, text?: string, plain?: string) => text ?? plain ?? '')));
 }
 
-/** Text without the invisible format characters (\p{Cf}: soft hyphen, zero-width space and joiners, BOM) a client shows as nothing. */
+/**
+ * Text without the characters a client shows as nothing: format characters (\p{Cf}: soft hyphen,
+ * zero-width space and joiners, BOM, bidirectional controls) and the rest of Unicode's default
+ * ignorables (variation selectors, the combining grapheme joiner, Hangul fillers).
+ */
 function visible(text: string): string {
-  return text.replace(/\p{Cf}/gu, '');
+  return text.replace(/[\p{Cf}\p{Default_Ignorable_Code_Point}]/gu, '');
 }
 
 function toBase64url(base64: string): string {

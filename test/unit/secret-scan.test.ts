@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
 import { findStoredValue } from '../../mail/secret-scan';
 
@@ -140,6 +141,73 @@ describe('finding a stored secret in a message', () => {
     }
     // Decoded forms still read the rest of the message.
     expect(findStoredValue({ subject: 's\u200b', text: 'x=%73k_live_51HxYz' }, stored)).toBe('stripe');
+  });
+
+  it('finds the value with invisible marks between its characters, or in another Unicode form of the same text', () => {
+    // Before, each of these went out: variation selectors and the combining grapheme joiner are no
+    // format characters, but show as nothing; the other normal form and fullwidth letters read the same.
+    const accented = { name: 'accented', value: 'Pässwörd-2024!' };
+    for (const [message, name] of [
+      [{ subject: 's', text: 'key sk_live_\ufe0051HxYz' }, 'stripe'],
+      [{ subject: 's', text: 'key sk_live_\u034f51HxYz' }, 'stripe'],
+      [{ subject: 'sk_live_\ufe0f51HxYz', text: 'hi' }, 'stripe'],
+      [{ subject: 's', text: 'hi', html: '<p>sk_live_&#xFE00;51HxYz</p>' }, 'stripe'],
+      [{ subject: 's', text: 'key \uff53\uff4b\uff3f\uff4c\uff49\uff56\uff45\uff3f51HxYz' }, 'stripe'],
+      [{ subject: 's', text: `pw ${accented.value.normalize('NFD')}` }, 'accented'],
+    ] as const) {
+      expect(findStoredValue(message, [...stored, accented]), JSON.stringify(message)).toBe(name);
+    }
+    const decomposed = { name: 'decomposed', value: accented.value.normalize('NFD') };
+    expect(findStoredValue({ subject: 's', text: `pw ${accented.value}` }, [decomposed])).toBe('decomposed');
+  });
+
+  it('finds the value reversed, as a right-to-left override shows it in order', () => {
+    const reversed = [...'sk_live_51HxYz'].reverse().join('');
+    // Before, each of these went out: the override was dropped as invisible, and the reversed text searched.
+    for (const message of [
+      { subject: 's', text: `key \u202e${reversed}` },
+      { subject: `\u202e${reversed}`, text: 'hi' },
+      { subject: 's', text: 'hi', html: `<bdo dir="rtl">${reversed}</bdo>` },
+    ]) {
+      expect(findStoredValue(message, stored), JSON.stringify(message)).toBe('stripe');
+    }
+  });
+
+  it('finds base64 and the value in a URL whose query string escapes them', () => {
+    const tricky = { name: 'tricky', value: 'Tr0ub4dor&3?>?>zz~~' };
+    const base64 = Buffer.from(tricky.value).toString('base64');
+    expect(base64).toMatch(/[+/=]/);
+    // Before, base64 was searched for only as written: a URL builder escapes its `+`, `/` and `=`.
+    const url = `https://x.test/?k=${encodeURIComponent(base64)}`;
+    expect(findStoredValue({ subject: 's', text: url }, [tricky])).toBe('tricky');
+    // Nor as written with one of its characters a character reference, in an html attribute.
+    const referenced = `&#${base64.charCodeAt(4)};`;
+    expect(findStoredValue({ subject: 's', text: 'hi', html: `<input value="${base64.slice(0, 4)}${referenced}${base64.slice(5)}">` }, [tricky])).toBe('tricky');
+  });
+
+  it("finds the bytes a TOTP seed stands for, in hex, as oathtool takes them; and a bare seed's", () => {
+    const bytes = Buffer.from('48656c6c6f21deadbeef', 'hex'); // JBSWY3DPEHPK3PXP
+    // Before, only the hex of the otpauth URI's text was a form, not of the seed's bytes.
+    for (const text of [bytes.toString('hex'), bytes.toString('hex').toUpperCase(), '4865 6c6c 6f21 dead beef']) {
+      expect(findStoredValue({ subject: 's', text: `oathtool --totp ${text}` }, stored), text).toBe('gh-2fa');
+    }
+    const bare = { name: 'bare-seed', value: 'JBSWY3DPEHPK3PXP' };
+    expect(findStoredValue({ subject: 's', text: 'hex 48656C6C6F21DEADBEEF' }, [bare])).toBe('bare-seed');
+    expect(findStoredValue({ subject: 's', text: 'seed jbsw y3dp ehpk 3pxp' }, [bare])).toBe('bare-seed');
+    expect(findStoredValue({ subject: 's', text: 'hex 48656c6c6f21deadbeee' }, stored)).toBeUndefined();
+  });
+
+  it('finds each of many values wherever it stands in a long message (the per-message index passes nothing over)', () => {
+    const values = Array.from({ length: 300 }, (_, i) => ({ name: `v${i}`, value: randomBytes(6 + (i % 30)).toString('base64url') }));
+    const filler = randomBytes(60_000).toString('base64');
+    for (const [i, { name, value }] of values.entries()) {
+      if (i % 10 !== 0) continue;
+      const at = (i * 997) % filler.length;
+      const text = `${filler.slice(0, at)} ${value} ${filler.slice(at)}`;
+      expect(findStoredValue({ subject: 's', text }, values.slice(i)), name).toBe(name);
+      expect(findStoredValue({ subject: 's', text: 'hi', html: `<p>${text.toUpperCase()}</p>`.replace(value.toUpperCase(), value) }, [values[i]!])).toBe(name);
+    }
+    expect(findStoredValue({ subject: 's', text: filler }, [{ name: 'absent', value: 'not-in-base64-text!' }])).toBeUndefined();
   });
 
   it('matches a plain value only as written: case carries meaning in it', () => {
