@@ -1,4 +1,5 @@
 import { decodeHTML } from 'entities';
+import { decodeBase32 } from '../core/base32';
 
 /**
  * Finds a stored secret inside an outgoing message: the value itself (also reversed, and in Unicode's
@@ -147,7 +148,7 @@ function forms(value: string): Form[] {
   // A TOTP seed: its base32 (in an otpauth:// URI, or the value itself), and the bytes it stands
   // for in hex, as `oathtool --totp <hex>` and some authenticators take them.
   const seed = /^otpauth:\/\/.*[?&]secret=([A-Z2-7]+)/i.exec(value)?.[1] ?? (/^[A-Z2-7]{16,}=*$/i.test(value) ? value.replace(/=+$/, '') : undefined);
-  if (seed) out.push({ form: seed, caseless: true, wraps: true }, { form: base32Bytes(seed).toString('hex'), caseless: true, wraps: true });
+  if (seed) out.push({ form: seed, caseless: true, wraps: true }, { form: decodeBase32(seed)!.toString('hex'), caseless: true, wraps: true });
   return out;
 }
 
@@ -161,21 +162,6 @@ interface Form {
   shown?: boolean;
 }
 
-/** RFC 4648 base32 (no padding, either case) to bytes; trailing bits that make no whole byte are dropped. */
-function base32Bytes(text: string): Buffer {
-  const out: number[] = [];
-  let bits = 0;
-  let acc = 0;
-  for (const c of text.toUpperCase()) {
-    acc = (acc << 5) | 'ABCDEFGHIJKLMNOPQRSTUVWXYZ234567'.indexOf(c);
-    bits += 5;
-    if (bits >= 8) {
-      bits -= 8;
-      out.push((acc >> bits) & 0xff);
-    }
-  }
-  return Buffer.from(out);
-}
 
 /**
  * base64 of the value wherever it stands in what was encoded: `echo "$KEY" | base64` encodes a

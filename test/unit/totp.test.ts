@@ -24,6 +24,25 @@ describe('TOTP parameters', () => {
     expect(p).toMatchObject({ issuer: 'ACME', algorithm: 'SHA512', digits: 8, period: 60, label: 'ACME:alice' });
   });
 
+  it('takes a secret whose last character carries bits past its last whole byte, as authenticator apps do, and makes their codes', () => {
+    // Before, otplib's strict decoder refused both: a 20-character secret (100 bits: 12 bytes and 4
+    // bits over) and one whose last character is not the canonical one (its spare bits set).
+    const alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ234567';
+    const withSpareBits = (secret: string) => `${secret.slice(0, -1)}${alphabet[alphabet.indexOf(secret.at(-1)!) + 1]}`;
+    const at = 1_111_111_109_000;
+    for (const canonical of [base32('twelve bytes'), base32('eleven byte')]) {
+      expect(canonical.length % 8).not.toBe(0);
+      const expected = totpCode(normalizeTotp({ secret: canonical }, 'x'), at).code;
+      for (const input of [{ secret: withSpareBits(canonical) }, { otpauthUri: `otpauth://totp/x?secret=${withSpareBits(canonical)}` }]) {
+        const p = normalizeTotp(input, 'x');
+        expect(p.secret).toBe(withSpareBits(canonical));
+        expect(parseStoredTotp(toOtpauthUri(p)).secret).toBe(p.secret);
+        expect(totpCode(p, at).code).toBe(expected);
+      }
+    }
+    expect(base32('twelve bytes')).toHaveLength(20);
+  });
+
   it('rejects bad seeds, HOTP and impossible parameters without echoing the secret', () => {
     expect(() => normalizeTotp({ secret: 'AAAA' }, 'x')).toThrow(/must decode to 10–64 bytes/);
     expect(() => normalizeTotp({ secret: 'not!base32!at!all!!' }, 'x')).toThrow(/not valid base32/);

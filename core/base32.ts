@@ -1,0 +1,27 @@
+const ALPHABET = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ234567';
+
+/**
+ * RFC 4648 base32 (no padding, either case) to bytes, as authenticator apps read a TOTP secret: the
+ * bits after the last whole byte are dropped whatever they hold, and any length is taken (a 20-character
+ * secret, or one whose last character is not the canonical one). Undefined if a character is no base32.
+ */
+export function decodeBase32(text: string): Buffer | undefined {
+  const out = Buffer.alloc(Math.floor((text.length * 5) / 8));
+  let bits = 0;
+  let acc = 0;
+  let n = 0;
+  for (let i = 0; i < text.length; i++) {
+    const digit = ALPHABET.indexOf(text[i]!.toUpperCase());
+    if (digit < 0) {
+      out.fill(0);
+      return undefined;
+    }
+    acc = ((acc << 5) | digit) & 0xffff;
+    bits += 5;
+    if (bits >= 8) {
+      bits -= 8;
+      out[n++] = (acc >>> bits) & 0xff;
+    }
+  }
+  return out;
+}
