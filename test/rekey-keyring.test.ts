@@ -2,7 +2,7 @@ import fs, { chmodSync, mkdtempSync, rmSync, statSync, utimesSync, writeFileSync
 import { syncBuiltinESMExports } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
-import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
 import { generateMasterKey, Keyring, masterKeyId, readKeyringFile, writeKeyringFile, type MasterKey } from '../vault/keyring';
 
 /**
@@ -67,6 +67,34 @@ describe('a keyring file replaced while a service runs', () => {
     write([b, a], 1_700_000_100);
     expect(ring.current.id).toBe(b.id);
     expect(ring.ids.sort()).toEqual([a.id, b.id].sort());
+  });
+
+  it('forgets a key the new file dropped at the next unwrap, in a process that never wraps: the key is zeroed', () => {
+    const [a, b] = [newKey(), newKey()];
+    write([b, a], 1_700_000_000);
+    const ring = Keyring.fromSetting(file);
+    const held = ring.find(a.id)!;
+    expect(held.equals(a.key)).toBe(true);
+    // rekey re-wrapped what `a` wrapped under `b`, and dropped `a`. This process only unwraps, with `b`.
+    write([b], 1_700_000_100);
+    expect(ring.find(b.id)?.equals(b.key)).toBe(true);
+    // Before, only `current` and an unknown id read the file again: `a` stayed known, and in memory, until a restart.
+    expect(ring.ids).toEqual([b.id]);
+    expect(ring.find(a.id)).toBeUndefined();
+    vi.useFakeTimers({ toFake: ['setTimeout'] });
+    try {
+      // The dropped key is zeroed a little later (an unwrap holding it finishes first).
+      write([b, a], 1_700_000_200);
+      ring.find(b.id);
+      const again = ring.find(a.id)!;
+      write([b], 1_700_000_300);
+      ring.find(b.id);
+      expect(again.equals(Buffer.alloc(32))).toBe(false);
+      vi.runAllTimers();
+      expect(again.equals(Buffer.alloc(32))).toBe(true);
+    } finally {
+      vi.useRealTimers();
+    }
   });
 
   it('is picked up when it was renamed into place with the same mtime (a coarse file system clock): by its new inode', () => {

@@ -112,9 +112,13 @@ export class Keyring {
     return [...this.keys.keys()];
   }
 
-  /** The key with this id, re-reading the keyring file once if it is not known (a rekey may have added it). */
+  /**
+   * The key with this id, re-reading the keyring file if it is not known (a rekey may have added it)
+   * or if the file changed: a key a rekey dropped is forgotten at the next unwrap, not kept until a
+   * restart by the processes that seldom wrap (workers, the API's read thread: they only unwrap).
+   */
   find(id: string): Buffer | undefined {
-    if (!this.keys.has(id) && this.file) this.reload();
+    if (this.file && (!this.keys.has(id) || stamp(this.file) !== this.loaded)) this.reload();
     return this.keys.get(id);
   }
 
