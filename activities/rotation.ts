@@ -75,8 +75,15 @@ export function rotationActivities(deps: ActivityDeps) {
     async planRotation(ids: RotationIds): Promise<RotationPlan> {
       return permanentErrorsFail(async () => {
         const { meta, policy, provider, dependents } = await load(ids, { plan: await deps.rotations.planPolicy(ids) });
-        if (meta.kind === 'totp_seed' && provider.name === 'generated') {
-          throw new UnprocessableError(`credential '${meta.name}' is a totp_seed; a generated value would not be a TOTP seed`);
+        // No provider makes TOTP seeds: a generated value is none, postgres-role makes passwords, and
+        // what an http provider answers was stored as it came (no seed checked, no otpauth:// URI: after
+        // promotion vault.totp refused it and vault.get returned no URI), then sent to its verify as a
+        // bearer key. A seed is rotated by enrolling a new one with its service and storing it.
+        if (meta.kind === 'totp_seed') {
+          if (provider.name === 'generated') throw new UnprocessableError(`credential '${meta.name}' is a totp_seed; a generated value would not be a TOTP seed`);
+          throw new UnprocessableError(
+            `credential '${meta.name}' is a totp_seed; provider '${provider.name}' makes no TOTP seeds (enrol a new seed with its service and store it with vault.store)`,
+          );
         }
         for (const [index, spec] of dependents.entries()) {
           if (!deps.dependents[spec.type]) throw new UnprocessableError(`dependent ${index} of '${meta.name}' has unknown type '${spec.type}'`);

@@ -877,6 +877,35 @@ describe('credential lifecycle', () => {
     expect(await revokedVersions(id)).toEqual([1]);
   });
 
+  it('a totp_seed with an http provider is refused at its plan: nothing is asked of the provider, nothing stored that is no seed', async () => {
+    const provider = await new ProviderServer().start();
+    servers.push(provider);
+    const adminCredential = unique('api-admin');
+    await store(adminCredential, 'token', h.secret(provider.adminToken));
+    const name = unique('totp-http');
+    const stored = await h.api('POST', '/v1/vault.store', {
+      token: owner.token,
+      body: {
+        name,
+        kind: 'totp_seed',
+        totp: { secret: h.secret('JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP') },
+        rotation: {
+          provider: 'http',
+          settings: { create: { url: `${provider.url}/keys` }, verify: { url: `${provider.url}/whoami` }, revoke: { url: `${provider.url}/keys/{id}` }, auth: { credential: adminCredential }, valuePath: 'secret', idPath: 'id' },
+          graceHours: 0,
+        },
+      },
+    });
+    expect(stored.status, stored.text).toBe(201);
+    const ids = { rotationId: randomUUID(), identityId: owner.id, credentialId: stored.body.id, workflowId: `rotate:${stored.body.id}` };
+    // Before, the plan passed: the provider's API key was stored as the seed's next version, vault.totp then refused it.
+    await expect(createActivities(h.deps).planRotation(ids)).rejects.toThrow(
+      `credential '${name}' is a totp_seed; provider 'http' makes no TOTP seeds (enrol a new seed with its service and store it with vault.store)`,
+    );
+    expect(provider.creates).toBe(0);
+    expect((await h.api('POST', '/v1/vault.totp', { token: owner.token, body: { name } })).status).toBe(200);
+  });
+
   it("an attempt undone before its create staged puts a single role back on the vault's current value, not the one the rotation planned with", async () => {
     const role = `mg_undo_${tag}`;
     const adminName = unique('pg-admin');
