@@ -955,6 +955,46 @@ describe('credential lifecycle', () => {
     expect(destroyed.body).toEqual({ id: credential.id, destroyedVersions: 2 });
   });
 
+  it("a rotation whose provider create reads the value while a destroy is being checked makes that destroy a 409: nothing destroyed", async () => {
+    const name = unique('destroy-race');
+    const value = h.secret(`tok_${randomBytes(16).toString('hex')}`);
+    const id = await store(name, 'token', value);
+    const caller = { identityId: owner.id, actor: 'workflow:test' };
+    // The check (Temporal: no rotation running) answered; then a rotation began, and its create read the value for the provider.
+    const destroy = h.services.vault.destroy(caller, { id }, { check: async () => void (await h.deps.rotations.read(caller, id, 1, 'provider.create', { rotationKey: `${id}:create:1` })) });
+    // Before, every version was deleted: the key the provider made could be neither staged nor revoked.
+    await expect(destroy).rejects.toThrow(`a rotation of the credential began while the destroy was being checked (workflow rotate:${id}): nothing was destroyed`);
+    expect((await h.sql('SELECT count(*)::int AS n FROM secret_versions WHERE credential_id = $1', [id])).rows[0].n).toBe(1);
+    expect((await h.sql(`SELECT outcome FROM audit_log WHERE credential_id = $1 AND action = 'credential.destroy'`, [id])).rows).toEqual([{ outcome: 'conflict' }]);
+    // Without a rotation begun meanwhile, the same destroy goes through.
+    expect(await h.services.vault.destroy(caller, { id }, { check: async () => undefined })).toEqual({ id, destroyedVersions: 1 });
+  });
+
+  it("a rotation's read of a credential a destroy holds waits for it, then finds nothing: no value goes to a provider for a credential being destroyed", async () => {
+    const name = unique('destroy-held');
+    const id = await store(name, 'token', h.secret(`tok_${randomBytes(16).toString('hex')}`));
+    const caller = { identityId: owner.id, actor: 'workflow:test' };
+    const destroyer = new pg.Client({ connectionString: h.databaseUrl });
+    await destroyer.connect();
+    try {
+      // A destroy, as Vault.destroy makes it: the row locked, then its versions deleted.
+      await destroyer.query('BEGIN');
+      await destroyer.query('SELECT 1 FROM credentials WHERE id = $1 FOR UPDATE', [id]);
+      let settled = false;
+      const reading = h.deps.rotations.read(caller, id, 1, 'provider.create', { rotationKey: `${id}:create:1` }).finally(() => (settled = true));
+      reading.catch(() => undefined);
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      // Before, the read took no lock: it had the value before the destroy committed.
+      expect(settled).toBe(false);
+      await destroyer.query('DELETE FROM secret_versions WHERE credential_id = $1', [id]);
+      await destroyer.query('UPDATE credentials SET destroyed_at = now(), deleted_at = now() WHERE id = $1', [id]);
+      await destroyer.query('COMMIT');
+      await expect(reading).rejects.toThrow(`version 1 of credential ${id} does not exist`);
+    } finally {
+      await destroyer.end();
+    }
+  });
+
   it('a grantee reads by id only, never changes the credential, and loses access the moment the grant is revoked', async () => {
     const name = unique('shared-token');
     const value = h.secret(`tok_${randomBytes(16).toString('hex')}`);

@@ -143,10 +143,14 @@ export class RotationVault {
   read(caller: Caller, credentialId: string, version: number, purpose: string, detail: Record<string, unknown> = {}): Promise<RotationSecret> {
     return audited(this.pool, caller, 'rotation.read', { version, purpose, ...detail }, async (tx, note) => {
       note.credentialId = credentialId;
+      // Under a share lock on the credential, until the audit row commits: a destroy (which locks the
+      // row, then looks for a provider.create read it did not check for) either sees this read or
+      // is waited for, and then this read finds the credential destroyed (see Vault.destroy).
       const { rows } = await tx.query(
         `SELECT c.name, v.version, v.data_key_id, v.sealed, v.provider_ref
            FROM credentials c JOIN secret_versions v ON v.credential_id = c.id AND v.version = $3
-          WHERE c.id = $1 AND c.identity_id = $2`,
+          WHERE c.id = $1 AND c.identity_id = $2 AND c.destroyed_at IS NULL
+            FOR SHARE OF c`,
         [credentialId, caller.identityId, version],
       );
       if (!rows[0]) throw new NotFoundError(`version ${version} of credential ${credentialId} does not exist`);

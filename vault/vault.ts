@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import type { Db, Pool } from '../db/pool';
-import { NotFoundError, UnprocessableError } from '../core/errors';
+import { ConflictError, NotFoundError, UnprocessableError } from '../core/errors';
 import { audited, type AuditNote } from './audited';
 import { lastReadSql } from './audit';
 import { INT4_MAX, ReadBatcher, storable } from './read-batch';
@@ -215,6 +215,22 @@ export class Vault {
       const checked = opts.check ? await this.lockOwn(tx, caller.identityId, ref, note, { ...which, lock: false }) : undefined;
       if (checked) await opts.check!(checked);
       const id = await this.lockOwn(tx, caller.identityId, checked ? { id: checked } : ref, note, which);
+      // A rotation that began after the check may have asked its provider for a new value already:
+      // destroyed now, the value it makes could be neither staged nor undone (an orphaned key at the
+      // provider, no notice). Its create reads the current value first, under a share lock on the
+      // credential row, so a read that came before this lock has committed its audit row by now, and
+      // one that comes after waits for this destroy and then finds nothing to read.
+      if (checked) {
+        const begun = await tx.query(
+          `SELECT 1 FROM audit_log WHERE credential_id = $1 AND action = 'rotation.read' AND outcome = 'ok' AND detail->>'purpose' = 'provider.create' AND at >= now() LIMIT 1`,
+          [id],
+        );
+        if (begun.rowCount) {
+          throw new ConflictError(
+            `a rotation of the credential began while the destroy was being checked (workflow rotate:${id}): nothing was destroyed. Let it end (or cancel it), then destroy again`,
+          );
+        }
+      }
       const { rowCount } = await tx.query('DELETE FROM secret_versions WHERE credential_id = $1', [id]);
       const now = this.clock();
       await tx.query(
