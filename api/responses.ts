@@ -84,7 +84,8 @@ export const credentialDeleted = z.union([
   z.strictObject({ id: uuid, destroyedVersions: z.number().int() }),
 ]);
 
-export const mailQueued = z.strictObject({ messageId: uuid, status: z.literal('queued') });
+/** A repeat of a request by its Idempotency-Key is answered with the first's message and its status now. */
+export const mailQueued = z.strictObject({ messageId: uuid, status: z.enum(['queued', 'sent', 'abandoned']), repeated: z.literal(true).optional() });
 
 const grant = z.strictObject({
   id: uuid,

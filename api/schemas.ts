@@ -172,6 +172,13 @@ export const vaultGet = z
 
 export const vaultTotp = z.strictObject({ name: credentialName.optional(), id: credentialId.optional() }).superRefine(oneRef);
 
+/** An Idempotency-Key: 1–255 visible ASCII characters (a UUID, say). */
+export const idempotencyKey = z
+  .string()
+  .min(1, 'must not be empty')
+  .max(255, 'must be at most 255 characters')
+  .regex(/^[\x21-\x7e]+$/, 'must be visible ASCII characters (no spaces)');
+
 export const mailSend = z.strictObject({
   to: z.array(email).min(1).max(50),
   subject: z
@@ -181,6 +188,8 @@ export const mailSend = z.strictObject({
     .refine((s) => !/[\r\n]/.test(s), 'must be one line'),
   text: z.string().min(1).max(100_000),
   html: z.string().min(1).max(200_000).optional(),
+  /** The Idempotency-Key header's value, for clients that cannot send headers (MCP): a repeat gets the first request's message. */
+  idempotencyKey: idempotencyKey.optional(),
 });
 
 /** DELETE /v1/credentials/:ref: `?destroy=true` deletes every version's ciphertext now. */

@@ -14,6 +14,7 @@ export type ProblemSlug =
   | 'version-conflict'
   | 'conflict'
   | 'secret-in-message'
+  | 'idempotency-key-reused'
   | 'unprocessable'
   | 'integrity-failure'
   | 'too-many-requests'

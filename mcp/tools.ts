@@ -155,7 +155,8 @@ export function mcpTools(deps: McpDeps): Tool[] {
     define({
       name: 'mail_send',
       title: 'Send a message',
-      description: 'Send an email (a notice to a team). Refused if it carries any value this identity stores, raw or encoded.',
+      description:
+        'Send an email (a notice to a team). Refused if it carries any value this identity stores, raw or encoded. Give an idempotencyKey (a new one per message) to repeat a call whose answer was lost without sending twice.',
       input: mailSend,
       action: 'mail.send',
       hints: { readOnlyHint: false, destructiveHint: false, openWorldHint: true },

@@ -47,6 +47,76 @@ describe('mail.send', () => {
     expect(await waitForMail(to, 2, 0)).toHaveLength(1);
   });
 
+  it('a request repeated with its Idempotency-Key gets the first one\'s message back: one email, whatever its answer was; another message under the key is refused', async () => {
+    // An identity of its own: tests below count the agent's mail.send audit rows.
+    const sender = await h.createIdentity();
+    const to = `keyed-${randomUUID().slice(0, 8)}@example.com`;
+    const key = `agent-retry-${randomUUID()}`;
+    const body = { to: [to], subject: 'Deploy finished', text: 'Release 43 is live.' };
+    const first = await h.api('POST', '/v1/mail.send', { token: sender.token, body, headers: { 'idempotency-key': key } });
+    expect(first.status, first.text).toBe(202);
+    expect(first.body).toEqual({ messageId: expect.stringMatching(/^[0-9a-f-]{36}$/), status: 'queued' });
+    await waitForMail(to);
+    // The client lost the answer and sends the request again (quoted, as the draft's structured header writes it; or, as MCP gives it, in the body).
+    const again = await h.api('POST', '/v1/mail.send', { token: sender.token, body, headers: { 'idempotency-key': `"${key}"` } });
+    expect(again.status, again.text).toBe(202);
+    // Before, a second message was queued and sent.
+    expect(again.body).toEqual({ messageId: first.body.messageId, status: 'sent', repeated: true });
+    const inBody = await h.api('POST', '/v1/mail.send', { token: sender.token, body: { ...body, idempotencyKey: key } });
+    expect(inBody.body).toEqual({ messageId: first.body.messageId, status: 'sent', repeated: true });
+    await new Promise((r) => setTimeout(r, 500));
+    expect(await waitForMail(to, 2, 0)).toHaveLength(1);
+    expect((await h.sql('SELECT count(*)::int AS n FROM mail_outbox WHERE $1 = ANY(recipients)', [to])).rows[0].n).toBe(1);
+    const audited = (await h.sql(`SELECT detail FROM audit_log WHERE identity_id = $1 AND action = 'mail.send' AND detail->>'messageId' = $2 ORDER BY seq`, [sender.id, first.body.messageId])).rows;
+    expect(audited.map((r) => r.detail.repeated ?? false)).toEqual([false, true, true]);
+
+    // Another message under the same key: refused, nothing queued.
+    const other = await h.api('POST', '/v1/mail.send', { token: sender.token, body: { ...body, text: 'Release 44 is live.' }, headers: { 'idempotency-key': key } });
+    expect(other.status, other.text).toBe(422);
+    expect(other.body).toMatchObject({ type: expect.stringMatching(/idempotency-key-reused$/), detail: expect.stringContaining(first.body.messageId) });
+    // Another identity's key of the same text is its own.
+    const peer = await h.createIdentity();
+    const theirs = await h.api('POST', '/v1/mail.send', { token: peer.token, body: { ...body, to: [`peer-${to}`], text: 'Release 44 is live.' }, headers: { 'idempotency-key': key } });
+    expect(theirs.status, theirs.text).toBe(202);
+    expect(theirs.body.messageId).not.toBe(first.body.messageId);
+    // A key older than a day names nothing: the same request is a new message.
+    await h.sql(`UPDATE mail_idempotency SET created_at = now() - interval '25 hours' WHERE identity_id = $1 AND key = $2`, [sender.id, key]);
+    const later = await h.api('POST', '/v1/mail.send', { token: sender.token, body, headers: { 'idempotency-key': key } });
+    expect(later.status, later.text).toBe(202);
+    expect(later.body).toEqual({ messageId: expect.not.stringMatching(first.body.messageId), status: 'queued' });
+    expect(await waitForMail(to, 2)).toHaveLength(2);
+  });
+
+  it('concurrent requests with one Idempotency-Key queue one message between them', async () => {
+    const sender = await h.createIdentity();
+    const to = `keyed-race-${randomUUID().slice(0, 8)}@example.com`;
+    const key = randomUUID();
+    const body = { to: [to], subject: 'Once', text: 'Only once, however often asked.' };
+    const answers = await Promise.all(Array.from({ length: 6 }, () => h.api('POST', '/v1/mail.send', { token: sender.token, body, headers: { 'idempotency-key': key } })));
+    expect(answers.map((a) => a.status)).toEqual(Array(6).fill(202));
+    expect(new Set(answers.map((a) => a.body.messageId)).size).toBe(1);
+    expect((await h.sql(`SELECT count(*)::int AS n FROM mail_outbox WHERE $1 = ANY(recipients) AND status <> 'abandoned'`, [to])).rows[0].n).toBe(1);
+    await waitForMail(to);
+    await new Promise((r) => setTimeout(r, 500));
+    expect(await waitForMail(to, 2, 0)).toHaveLength(1);
+  });
+
+  it('an Idempotency-Key that is no key is a 400 before anything is scanned or queued', async () => {
+    const sender = await h.createIdentity();
+    const before = (await h.sql('SELECT count(*)::int AS n FROM mail_outbox')).rows[0].n;
+    for (const [headers, body, path] of [
+      [{ 'idempotency-key': 'has a space' }, {}, 'Idempotency-Key'],
+      [{ 'idempotency-key': 'x'.repeat(256) }, {}, 'Idempotency-Key'],
+      [{ 'idempotency-key': 'one' }, { idempotencyKey: 'two' }, 'idempotencyKey'],
+      [{}, { idempotencyKey: '' }, 'idempotencyKey'],
+    ] as const) {
+      const res = await h.api('POST', '/v1/mail.send', { token: sender.token, body: { to: ['x@example.com'], subject: 's', text: 't', ...body }, headers });
+      expect(res.status, JSON.stringify(headers)).toBe(400);
+      expect(res.body.errors[0].path).toBe(path);
+    }
+    expect((await h.sql('SELECT count(*)::int AS n FROM mail_outbox')).rows[0].n).toBe(before);
+  });
+
   it('a message whose COMMIT fails is a 503 marked unconfirmed (it may have been queued), not "try again"', async () => {
     // A check PostgreSQL runs only at COMMIT (a deferred constraint trigger), for this test's subject.
     await h.sql(`CREATE FUNCTION mail_fail_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$

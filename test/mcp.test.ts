@@ -123,7 +123,7 @@ describe('MCP server', () => {
       expect(byName.vault_store.properties.kind.enum).toEqual([...KINDS]);
       expect(byName.vault_store.additionalProperties).toBe(false);
       expect(Object.keys(byName.vault_get.properties).sort()).toEqual(['handle', 'id', 'name', 'reveal', 'version']);
-      expect(Object.keys(byName.mail_send.properties).sort()).toEqual(['html', 'subject', 'text', 'to']);
+      expect(Object.keys(byName.mail_send.properties).sort()).toEqual(['html', 'idempotencyKey', 'subject', 'text', 'to']);
       expect(byName.rotate_credentials.properties.credentials.maxItems).toBe(1000);
       // The tools that take an HTTP endpoint's body as it is advertise the very schema the OpenAPI
       // document gives that body (before: zod's own formats, such as 'starts_with', crept in).
