@@ -100,7 +100,8 @@ export const grantCreated = grant;
 export const grantList = z.strictObject({ given: z.array(grant), received: z.array(grant) });
 export const grantRevoked = z.strictObject({ id: uuid, revokedAt: time });
 
-export const rotationStarted = z.strictObject({ rotationId: uuid, batchWorkflowId: z.string(), workflowIds: z.array(z.string()) });
+/** A repeat of a request by its Idempotency-Key is answered with the first's rotation (`repeated`). */
+export const rotationStarted = z.strictObject({ rotationId: uuid, batchWorkflowId: z.string(), workflowIds: z.array(z.string()), repeated: z.literal(true).optional() });
 
 const stepProgress = z.strictObject({
   name: z.enum(['create_pending', 'apply_dependents', 'verify', 'promote', 'grace', 'revoke_previous', 'compensate', 'notify']),

@@ -209,6 +209,8 @@ export const rotationsStart = z
     filter: z.strictObject({ kind: kind.optional(), olderThanDays: z.number().int().min(0).max(36500).optional() }).optional(),
     reason: z.string().max(500).optional(),
     notify: z.array(email).max(20).optional(),
+    /** The Idempotency-Key header's value, for clients that cannot send headers (MCP): a repeat gets the first request's rotation. */
+    idempotencyKey: idempotencyKey.optional(),
   })
   .superRefine((body, ctx) => {
     if ((body.credentials === undefined) === (body.filter === undefined)) {

@@ -80,7 +80,7 @@ describe('mail.send', () => {
     expect(theirs.status, theirs.text).toBe(202);
     expect(theirs.body.messageId).not.toBe(first.body.messageId);
     // A key older than a day names nothing: the same request is a new message.
-    await h.sql(`UPDATE mail_idempotency SET created_at = now() - interval '25 hours' WHERE identity_id = $1 AND key = $2`, [sender.id, key]);
+    await h.sql(`UPDATE idempotency_keys SET created_at = now() - interval '25 hours' WHERE identity_id = $1 AND action = 'mail.send' AND key = $2`, [sender.id, key]);
     const later = await h.api('POST', '/v1/mail.send', { token: sender.token, body, headers: { 'idempotency-key': key } });
     expect(later.status, later.text).toBe(202);
     expect(later.body).toEqual({ messageId: expect.not.stringMatching(first.body.messageId), status: 'queued' });

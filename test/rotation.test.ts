@@ -16,10 +16,10 @@ describe('rotateCredential', () => {
   let h: Harness;
   let agent: { id: string; token: string };
 
-  const waitForRotation = async (rotationId: string) => {
+  const waitForRotation = async (rotationId: string, token = agent.token) => {
     let last: unknown;
     for (let i = 0; i < 150; i++) {
-      const res = await h.api('GET', `/v1/rotations/${rotationId}`, { token: agent.token });
+      const res = await h.api('GET', `/v1/rotations/${rotationId}`, { token });
       if (res.body.state !== 'running') return res.body;
       last = res.body;
       await new Promise((r) => setTimeout(r, 200));
@@ -283,13 +283,47 @@ describe('rotateCredential', () => {
     expect(cancel.body).toMatchObject({ cancelling: [], notStarted: [] });
   });
 
+  it('a rotation request repeated with its Idempotency-Key gets the first one\'s rotation: the credential rotated once; another request under the key is refused', async () => {
+    const sender = await h.createIdentity();
+    const stored = await h.api('POST', '/v1/vault.store', { token: sender.token, body: { name: 'keyed-key', kind: 'api_key', value: h.secret('sk_live_keyed_value_0001'), rotation: { provider: 'generated', graceHours: 0 } } });
+    expect(stored.status, stored.text).toBe(201);
+    const key = `rotate-${randomUUID()}`;
+    const body = { credentials: ['keyed-key'], reason: 'quarterly' };
+    const first = await h.api('POST', '/v1/rotations', { token: sender.token, body, headers: { 'idempotency-key': key } });
+    expect(first.status, first.text).toBe(202);
+    expect((await waitForRotation(first.body.rotationId, sender.token)).state).toBe('succeeded');
+    // The answer was lost; the request is sent again, after the rotation ended. Before, a second batch rotated the credential again (version 3).
+    const again = await h.api('POST', '/v1/rotations', { token: sender.token, body, headers: { 'idempotency-key': key } });
+    expect(again.status, again.text).toBe(202);
+    expect(again.body).toEqual({ ...first.body, repeated: true });
+    const viaBody = await h.api('POST', '/v1/rotations', { token: sender.token, body: { ...body, idempotencyKey: key } });
+    expect(viaBody.body).toEqual({ ...first.body, repeated: true });
+    expect((await h.sql('SELECT count(*)::int AS n FROM rotations WHERE identity_id = $1', [sender.id])).rows[0].n).toBe(1);
+    const read = await h.api('POST', '/v1/vault.get', { token: sender.token, body: { name: 'keyed-key' } });
+    expect(read.body.version).toBe(2);
+    h.secret(read.body.value);
+    const trail = (await h.sql(`SELECT detail FROM audit_log WHERE identity_id = $1 AND action = 'rotation.start' ORDER BY seq`, [sender.id])).rows;
+    expect(trail.map((r) => r.detail)).toEqual([
+      { rotationId: first.body.rotationId, credentials: 1 },
+      { rotationId: first.body.rotationId, repeated: true },
+      { rotationId: first.body.rotationId, repeated: true },
+    ]);
+    const other = await h.api('POST', '/v1/rotations', { token: sender.token, body: { ...body, reason: 'another' }, headers: { 'idempotency-key': key } });
+    expect(other.status, other.text).toBe(422);
+    expect(other.body.type).toMatch(/idempotency-key-reused$/);
+    expect((await h.sql('SELECT count(*)::int AS n FROM rotations WHERE identity_id = $1', [sender.id])).rows[0].n).toBe(1);
+  });
+
   it('when Temporal cannot take the batch, the request is a 503 and the rotation it recorded reads as never started', async () => {
     await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'stranded-key', kind: 'api_key', value: h.secret('sk_live_stranded_value_01') } });
     const unreachable = await unreachableTemporal();
     const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: 'req-stranded' };
     const deps = { pool: h.services.pool, vault: h.services.vault, client: unreachable, taskQueue: h.taskQueue };
-    await expect(startRotation(deps, caller, { credentials: ['stranded-key'] })).rejects.toMatchObject({ status: 503 });
+    const key = `stranded-${randomUUID()}`;
+    await expect(startRotation(deps, caller, { credentials: ['stranded-key'], idempotencyKey: key })).rejects.toMatchObject({ status: 503 });
     const { id } = (await h.sql("SELECT id FROM rotations r WHERE identity_id = $1 AND EXISTS (SELECT 1 FROM rotation_runs x JOIN credentials c ON c.id = x.credential_id WHERE x.rotation_id = r.id AND c.name = 'stranded-key')", [agent.id])).rows[0];
+    // Its key was given back with it: the request repeated (503: try again) makes a rotation, not the one never started.
+    expect((await h.sql('SELECT count(*)::int AS n FROM idempotency_keys WHERE identity_id = $1 AND key = $2', [agent.id, key])).rows[0].n).toBe(0);
     const report = await h.api('GET', `/v1/rotations/${id}`, { token: agent.token });
     expect(report.body).toMatchObject({ state: 'cancelled', credentials: [{ name: 'stranded-key', state: 'cancelled', status: null }] });
     // The audit trail says so: the rotation recorded, then, naming it, never started (before: an ok row alone).

@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
 import type { z } from 'zod';
 import type { Client } from '@temporalio/client';
-import { UnavailableError, UnprocessableError, ValidationError } from '../../core/errors';
+import { UnavailableError, UnprocessableError } from '../../core/errors';
 import { withTransaction, type Pool } from '../../db/pool';
 import { queueMail } from '../../mail/outbox';
 import { findStoredValueIn } from '../../mail/secret-scan';
@@ -11,7 +11,8 @@ import type { Caller, Vault } from '../../vault/vault';
 import { deliverMail } from '../../workflows';
 import { endpoint, type AuthDeps } from '../endpoint';
 import { mailQueued } from '../responses';
-import { idempotencyKey, mailSend } from '../schemas';
+import { mailSend } from '../schemas';
+import { claimKey, earlierTarget, idempotencyKeyOf, keyed, KeyTaken } from '../idempotency';
 
 export interface MailDeps {
   pool: Pool;
@@ -40,9 +41,6 @@ export function mailRoutes(auth: AuthDeps, deps: MailDeps): Router {
   return router;
 }
 
-/** How long an Idempotency-Key names its message: a repeat within this time gets that message back. */
-export const IDEMPOTENCY_HOURS = 24;
-
 /** Scans, queues and starts delivery of one message (POST /v1/mail.send, MCP mail_send). */
 export async function sendMail(deps: MailDeps, caller: Caller, input: z.output<typeof mailSend>) {
   const { idempotencyKey, ...body } = input;
@@ -55,9 +53,10 @@ export async function sendMail(deps: MailDeps, caller: Caller, input: z.output<t
       'Message refused: it carries a stored secret',
     );
   }
-  if (idempotencyKey !== undefined) {
-    const earlier = await keyedMessage(deps.pool, caller, idempotencyKey, body);
-    if (earlier) return earlier;
+  const key = keyed('mail.send', idempotencyKey, body);
+  if (key) {
+    const earlier = await earlierTarget(deps.pool, caller, key);
+    if (earlier) return repeated(deps.pool, caller, earlier);
   }
   const messageId = randomUUID();
   // The delivery is started first, the message committed after it (the delivery waits a while for
@@ -76,74 +75,28 @@ export async function sendMail(deps: MailDeps, caller: Caller, input: z.output<t
     throw await auditFailure(deps.pool, callerEntry(caller, 'mail.send', { messageId, notQueued: true }), err);
   }
   const late = new UnavailableError('the message could not be queued in time (its delivery stopped waiting for it); it was not sent: try again');
-  const raced = new Error('another request with this Idempotency-Key committed first');
   try {
     await withTransaction(deps.pool, async (tx) => {
       // Its delivery, tired of waiting, may have marked the id as never to be sent (a tombstone).
       if (!(await queueMail(tx, { id: messageId, identityId: caller.identityId, purpose: 'mail.send', ...body }))) throw late;
-      if (idempotencyKey !== undefined) {
-        // A key named last longer ago than it is honoured is taken over; a live one means a request
-        // with this key committed since the look above: this one is rolled back (its delivery, finding
-        // nothing, leaves a tombstone) and answered with that request's message.
-        const taken = await tx.query(
-          `INSERT INTO mail_idempotency (identity_id, key, message_id) VALUES ($1, $2, $3)
-           ON CONFLICT (identity_id, key) DO UPDATE SET message_id = EXCLUDED.message_id, created_at = now()
-             WHERE mail_idempotency.created_at <= now() - make_interval(hours => $4)`,
-          [caller.identityId, idempotencyKey, messageId, IDEMPOTENCY_HOURS],
-        );
-        if (taken.rowCount === 0) throw raced;
-      }
+      // A request with the same key committed since the look above: this one is rolled back (its
+      // delivery, finding nothing, leaves a tombstone) and answered with that request's message.
+      if (key && !(await claimKey(tx, caller, key, messageId))) throw new KeyTaken();
       await appendAudit(tx, { ...caller, action: 'mail.send', outcome: 'ok', detail: { messageId, recipients: body.to.length } });
     });
   } catch (err) {
-    if (err === raced) {
-      const earlier = await keyedMessage(deps.pool, caller, idempotencyKey!, body);
-      if (earlier) return earlier;
+    if (err instanceof KeyTaken) {
+      const earlier = await earlierTarget(deps.pool, caller, key!);
+      if (earlier) return repeated(deps.pool, caller, earlier);
     }
     throw err === late ? await auditFailure(deps.pool, callerEntry(caller, 'mail.send', { messageId, notQueued: true }), late) : err;
   }
   return { messageId, status: 'queued' as const };
 }
 
-/**
- * The message an Idempotency-Key already names (within IDEMPOTENCY_HOURS), with its status now: the
- * same message is answered as it was (audited as a repeat, nothing sent again); another message under
- * the key is refused, since sending it would lose one of the two requests silently.
- */
-async function keyedMessage(pool: Pool, caller: Caller, key: string, body: Omit<z.output<typeof mailSend>, 'idempotencyKey'>) {
-  const { rows } = await pool.query(
-    `SELECT k.message_id, m.status,
-            (m.recipients = $3::text[] AND m.subject = $4 AND m.text_body = $5 AND m.html_body IS NOT DISTINCT FROM $6) AS same
-       FROM mail_idempotency k JOIN mail_outbox m ON m.id = k.message_id
-      WHERE k.identity_id = $1 AND k.key = $2 AND k.created_at > now() - make_interval(hours => $7)`,
-    [caller.identityId, key, body.to, body.subject, body.text, body.html ?? null, IDEMPOTENCY_HOURS],
-  );
-  const row = rows[0];
-  if (!row) return undefined;
-  if (!row.same) {
-    throw new UnprocessableError(
-      `this Idempotency-Key was used within ${IDEMPOTENCY_HOURS} hours for another message (${row.message_id}); nothing was sent: use a new key for a new message`,
-      'idempotency-key-reused',
-      'Idempotency-Key reused for another message',
-    );
-  }
-  await appendAudit(pool, { ...caller, action: 'mail.send', outcome: 'ok', detail: { messageId: row.message_id, repeated: true } });
-  return { messageId: row.message_id as string, status: row.status as 'queued' | 'sent' | 'abandoned', repeated: true as const };
-}
-
-/**
- * The Idempotency-Key header (the IETF draft's; as a string, its quotes are dropped) or the body's
- * idempotencyKey (as MCP gives it): the same key if both are given, else a 422.
- */
-function idempotencyKeyOf(header: string | undefined, field: string | undefined): string | undefined {
-  if (header === undefined) return field;
-  const parsed = idempotencyKey.safeParse(header.replace(/^"(.*)"$/, '$1'));
-  if (!parsed.success) {
-    const message = parsed.error.issues[0]?.message ?? 'is not valid';
-    throw new ValidationError(`the Idempotency-Key header ${message}`, [{ path: 'Idempotency-Key', message }]);
-  }
-  if (field !== undefined && field !== parsed.data) {
-    throw new ValidationError("the Idempotency-Key header and the body's idempotencyKey differ: give one", [{ path: 'idempotencyKey', message: 'differs from the Idempotency-Key header' }]);
-  }
-  return parsed.data;
+/** A repeat of a request by its Idempotency-Key: the first's message with its status now, nothing sent again (audited as a repeat). */
+async function repeated(pool: Pool, caller: Caller, messageId: string) {
+  const { rows } = await pool.query('SELECT status FROM mail_outbox WHERE id = $1', [messageId]);
+  await appendAudit(pool, { ...caller, action: 'mail.send', outcome: 'ok', detail: { messageId, repeated: true } });
+  return { messageId, status: rows[0].status as 'queued' | 'sent' | 'abandoned', repeated: true as const };
 }

@@ -15,6 +15,7 @@ import type { RotationProgress } from '../../workflows/types';
 import { endpoint, type AuthDeps } from '../endpoint';
 import { rotationCancelling, rotationReport, rotationRolledBack, rotationStarted } from '../responses';
 import { rotationsStart } from '../schemas';
+import { claimKey, earlierTarget, idempotencyKeyOf, keyed, KeyTaken } from '../idempotency';
 import { isUuid } from '../../core/ids';
 import { batchRunOf, latestRunOf, statusOf } from '../../core/run-chain';
 
@@ -43,9 +44,9 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
         body: rotationsStart,
         responses: { 202: rotationStarted },
         problems: [404, 422],
-      }, async ({ body, caller }) => ({
+      }, async ({ req, body, caller }) => ({
       status: 202,
-      body: await startRotation(deps, caller, body),
+      body: await startRotation(deps, caller, { ...body, idempotencyKey: idempotencyKeyOf(req.get('idempotency-key'), body.idempotencyKey) }),
     })),
   );
 
@@ -109,7 +110,13 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
 }
 
 /** Starts one batch rotation of the caller's credentials (POST /v1/rotations, MCP rotate_credentials). */
-export async function startRotation(deps: RotationDeps, caller: Caller, body: z.output<typeof rotationsStart>) {
+export async function startRotation(deps: RotationDeps, caller: Caller, input: z.output<typeof rotationsStart>) {
+  const { idempotencyKey, ...body } = input;
+  const key = keyed('rotation.start', idempotencyKey, body);
+  if (key) {
+    const earlier = await earlierTarget(deps.pool, caller, key);
+    if (earlier) return repeatedRotation(deps.pool, caller, earlier);
+  }
   const credentialIds = await selectCredentials(deps.vault, caller.identityId, body);
   // The reason goes into every notice of the batch, and a credential's notice is scanned only for
   // that credential's values (mail/notify.ts): it is checked here against every value the caller
@@ -119,7 +126,7 @@ export async function startRotation(deps: RotationDeps, caller: Caller, body: z.
   }
   const rotationId = randomUUID();
   const batchWorkflowId = `rotation:${rotationId}`;
-  await withTransaction(deps.pool, async (tx) => {
+  const made = await withTransaction(deps.pool, async (tx) => {
     await tx.query(`INSERT INTO rotations (id, identity_id, kind, reason, notify, workflow_id) VALUES ($1, $2, 'request', $3, $4, $5)`, [
       rotationId,
       caller.identityId,
@@ -131,8 +138,18 @@ export async function startRotation(deps: RotationDeps, caller: Caller, body: z.
       `INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) SELECT $1, c, 'rotate:' || c FROM unnest($2::uuid[]) AS c`,
       [rotationId, credentialIds],
     );
+    // A request with the same key committed since the look above: this one is rolled back, and answered with that one's rotation.
+    if (key && !(await claimKey(tx, caller, key, rotationId))) throw new KeyTaken();
     await appendAudit(tx, { ...caller, action: 'rotation.start', outcome: 'ok', detail: { rotationId, credentials: credentialIds.length } });
+  }).catch((err: unknown) => {
+    if (err instanceof KeyTaken) return false;
+    throw err;
   });
+  if (made === false) {
+    const earlier = await earlierTarget(deps.pool, caller, key!);
+    if (earlier) return repeatedRotation(deps.pool, caller, earlier);
+    throw new UnavailableError('another request with this Idempotency-Key was being carried out; try again');
+  }
   try {
     await temporal(() =>
       deps.client.workflow.start<typeof rotateBatch>('rotateBatch', { taskQueue: deps.taskQueue, workflowId: batchWorkflowId, args: [{ rotationId }] }),
@@ -140,11 +157,23 @@ export async function startRotation(deps: RotationDeps, caller: Caller, body: z.
   } catch (err) {
     // Not started, or not known to be: the batch is marked cancelled, so its runs read as never
     // started rather than running for ever, and a start that reached the server after all starts none.
-    await deps.pool.query('UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1', [rotationId]);
+    // Its key, if it had one, is given back with it: a repeat (the answer said try again) makes a new rotation.
+    await deps.pool.query(
+      `WITH freed AS (DELETE FROM idempotency_keys WHERE target_id = $1 AND action = 'rotation.start')
+       UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1`,
+      [rotationId],
+    );
     // The row above says the rotation was recorded; this one, naming it, that it never started.
     throw await auditFailure(deps.pool, callerEntry(caller, 'rotation.start', { rotationId, notStarted: true }), err);
   }
   return { rotationId, batchWorkflowId, workflowIds: credentialIds.map((id) => `rotate:${id}`) };
+}
+
+/** A repeat of a request by its Idempotency-Key: the rotation the first made, nothing started again (audited as a repeat). */
+async function repeatedRotation(pool: Pool, caller: Caller, rotationId: string) {
+  const { rows } = await pool.query('SELECT workflow_id FROM rotation_runs WHERE rotation_id = $1 ORDER BY workflow_id', [rotationId]);
+  await appendAudit(pool, { ...caller, action: 'rotation.start', outcome: 'ok', detail: { rotationId, repeated: true } });
+  return { rotationId, batchWorkflowId: `rotation:${rotationId}`, workflowIds: rows.map((r) => r.workflow_id as string), repeated: true as const };
 }
 
 /** A rotation's state and each credential's progress (GET /v1/rotations/:id, MCP rotation_status). */

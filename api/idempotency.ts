@@ -1,0 +1,83 @@
+import { createHash } from 'node:crypto';
+import { UnprocessableError, ValidationError } from '../core/errors';
+import type { Db } from '../db/pool';
+import type { Caller } from '../vault/vault';
+import { idempotencyKey } from './schemas';
+
+/** How long an Idempotency-Key names what its request made: a repeat within this time gets that back. */
+export const IDEMPOTENCY_HOURS = 24;
+
+/**
+ * Requests a client may repeat safely by giving an Idempotency-Key (the IETF draft's header; MCP
+ * tools take it as `idempotencyKey`): the first request's key is committed with what it made, and a
+ * repeat (the same request, by its SHA-256) within IDEMPOTENCY_HOURS is answered with that instead
+ * of making it again. Another request under the same key is refused: carrying it out would lose
+ * one of the two silently. Keys are per identity and action.
+ */
+export interface Keyed {
+  action: string;
+  key: string;
+  request: Buffer;
+}
+
+export function keyed(action: string, key: string | undefined, request: unknown): Keyed | undefined {
+  return key === undefined ? undefined : { action, key, request: createHash('sha256').update(JSON.stringify(request)).digest() };
+}
+
+/** What the key's earlier request made (its target id), if the key names one still; a 422 if that request was another. */
+export async function earlierTarget(db: Db, caller: Caller, k: Keyed): Promise<string | undefined> {
+  const { rows } = await db.query(
+    `SELECT target_id, request = $4 AS same FROM idempotency_keys
+      WHERE identity_id = $1 AND action = $2 AND key = $3 AND created_at > now() - make_interval(hours => $5)`,
+    [caller.identityId, k.action, k.key, k.request, IDEMPOTENCY_HOURS],
+  );
+  const row = rows[0];
+  if (!row) return undefined;
+  if (!row.same) {
+    throw new UnprocessableError(
+      `this Idempotency-Key was used within ${IDEMPOTENCY_HOURS} hours for another request (which made ${row.target_id}); nothing was done: use a new key for a new request`,
+      'idempotency-key-reused',
+      'Idempotency-Key reused for another request',
+    );
+  }
+  return row.target_id as string;
+}
+
+/**
+ * Names `targetId` by the key, in the transaction that commits it. False if a request with this key
+ * committed since earlierTarget looked (the caller rolls back and answers with that request's
+ * target); a key older than IDEMPOTENCY_HOURS is taken over.
+ */
+export async function claimKey(db: Db, caller: Caller, k: Keyed, targetId: string): Promise<boolean> {
+  const { rowCount } = await db.query(
+    `INSERT INTO idempotency_keys (identity_id, action, key, target_id, request) VALUES ($1, $2, $3, $4, $5)
+     ON CONFLICT (identity_id, action, key) DO UPDATE SET target_id = EXCLUDED.target_id, request = EXCLUDED.request, created_at = now()
+       WHERE idempotency_keys.created_at <= now() - make_interval(hours => $6)`,
+    [caller.identityId, k.action, k.key, targetId, k.request, IDEMPOTENCY_HOURS],
+  );
+  return rowCount === 1;
+}
+
+/** Thrown inside the transaction that lost the key to another request, to roll it back. */
+export class KeyTaken extends Error {
+  constructor() {
+    super('another request with this Idempotency-Key committed first');
+  }
+}
+
+/**
+ * The Idempotency-Key header (as a string, its quotes are dropped) or the body's idempotencyKey: the
+ * same key if both are given, else a 400.
+ */
+export function idempotencyKeyOf(header: string | undefined, field: string | undefined): string | undefined {
+  if (header === undefined) return field;
+  const parsed = idempotencyKey.safeParse(header.replace(/^"(.*)"$/, '$1'));
+  if (!parsed.success) {
+    const message = parsed.error.issues[0]?.message ?? 'is not valid';
+    throw new ValidationError(`the Idempotency-Key header ${message}`, [{ path: 'Idempotency-Key', message }]);
+  }
+  if (field !== undefined && field !== parsed.data) {
+    throw new ValidationError("the Idempotency-Key header and the body's idempotencyKey differ: give one", [{ path: 'idempotencyKey', message: 'differs from the Idempotency-Key header' }]);
+  }
+  return parsed.data;
+}
