@@ -1,4 +1,10 @@
 const ALPHABET = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ234567';
+/** Each character code's base32 digit (either case), or -1. */
+const DIGITS = new Int8Array(128).fill(-1);
+for (const [i, c] of [...ALPHABET].entries()) {
+  DIGITS[c.charCodeAt(0)] = i;
+  DIGITS[c.toLowerCase().charCodeAt(0)] = i;
+}
 
 /**
  * RFC 4648 base32 (no padding, either case) to bytes, as authenticator apps read a TOTP secret: the
@@ -11,7 +17,8 @@ export function decodeBase32(text: string): Buffer | undefined {
   let acc = 0;
   let n = 0;
   for (let i = 0; i < text.length; i++) {
-    const digit = ALPHABET.indexOf(text[i]!.toUpperCase());
+    const code = text.charCodeAt(i);
+    const digit = code < 128 ? DIGITS[code]! : -1;
     if (digit < 0) {
       out.fill(0);
       return undefined;
