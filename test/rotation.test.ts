@@ -6,6 +6,7 @@ import { rollbackRotation, rotationStatus, startRotation } from '../api/routes/r
 import { ApplicationFailure } from '@temporalio/common';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { keyed } from '../api/idempotency';
 import { createActivities } from '../activities';
 import { decodedHistoryText, expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
@@ -312,6 +313,33 @@ describe('rotateCredential', () => {
     expect(other.status, other.text).toBe(422);
     expect(other.body.type).toMatch(/idempotency-key-reused$/);
     expect((await h.sql('SELECT count(*)::int AS n FROM rotations WHERE identity_id = $1', [sender.id])).rows[0].n).toBe(1);
+  });
+
+  it('a repeat whose first request committed its rotation and died before starting the batch starts it: the rotation it answers with runs', async () => {
+    const sender = await h.createIdentity();
+    const stored = await h.api('POST', '/v1/vault.store', { token: sender.token, body: { name: 'orphan-key', kind: 'api_key', value: h.secret('sk_live_orphan_value_0001'), rotation: { provider: 'generated', graceHours: 0 } } });
+    const key = `died-${randomUUID()}`;
+    const body = { credentials: ['orphan-key'] };
+    // What the first request committed (its rotation, its runs, its key) before its process died, the batch never started.
+    const rotationId = randomUUID();
+    await h.sql(`INSERT INTO rotations (id, identity_id, kind, reason, notify, workflow_id) VALUES ($1, $2, 'request', NULL, '{}', $3)`, [rotationId, sender.id, `rotation:${rotationId}`]);
+    await h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) VALUES ($1, $2, $3)`, [rotationId, stored.body.id, `rotate:${stored.body.id}`]);
+    const k = keyed('rotation.start', key, body)!;
+    await h.sql(`INSERT INTO idempotency_keys (identity_id, action, key, target_id, request) VALUES ($1, $2, $3, $4, $5)`, [sender.id, k.action, k.key, rotationId, k.request]);
+    const again = await h.api('POST', '/v1/rotations', { token: sender.token, body, headers: { 'idempotency-key': key } });
+    expect(again.status, again.text).toBe(202);
+    expect(again.body).toEqual({ rotationId, batchWorkflowId: `rotation:${rotationId}`, workflowIds: [`rotate:${stored.body.id}`], repeated: true });
+    // Before, the answer named a rotation nothing would ever run: "running" for good.
+    expect((await waitForRotation(rotationId, sender.token)).state).toBe('succeeded');
+    // A second repeat does not run the ended batch again.
+    const third = await h.api('POST', '/v1/rotations', { token: sender.token, body, headers: { 'idempotency-key': key } });
+    expect(third.body.rotationId).toBe(rotationId);
+    const runs = [];
+    for await (const run of h.client.workflow.list({ query: `WorkflowId = "rotation:${rotationId}"` })) runs.push(run.runId);
+    expect(runs).toHaveLength(1);
+    const read = await h.api('POST', '/v1/vault.get', { token: sender.token, body: { name: 'orphan-key' } });
+    expect(read.body.version).toBe(2);
+    h.secret(read.body.value);
   });
 
   it('when Temporal cannot take the batch, the request is a 503 and the rotation it recorded reads as never started', async () => {

@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
 import type { z } from 'zod';
-import { WorkflowNotFoundError, WorkflowUpdateFailedError, type Client } from '@temporalio/client';
+import { WorkflowExecutionAlreadyStartedError, WorkflowNotFoundError, WorkflowUpdateFailedError, type Client } from '@temporalio/client';
 import { ConflictError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import type { Logger } from '../../core/logger';
 import { withTransaction, type Pool } from '../../db/pool';
@@ -115,7 +115,8 @@ export async function startRotation(deps: RotationDeps, caller: Caller, input: z
   const key = keyed('rotation.start', idempotencyKey, body);
   if (key) {
     const earlier = await earlierTarget(deps.pool, caller, key);
-    if (earlier) return repeatedRotation(deps.pool, caller, earlier);
+    const repeat = earlier === undefined ? undefined : await repeatedRotation(deps, caller, earlier);
+    if (repeat) return repeat;
   }
   const credentialIds = await selectCredentials(deps.vault, caller.identityId, body);
   // The reason goes into every notice of the batch, and a credential's notice is scanned only for
@@ -147,13 +148,12 @@ export async function startRotation(deps: RotationDeps, caller: Caller, input: z
   });
   if (made === false) {
     const earlier = await earlierTarget(deps.pool, caller, key!);
-    if (earlier) return repeatedRotation(deps.pool, caller, earlier);
+    const repeat = earlier === undefined ? undefined : await repeatedRotation(deps, caller, earlier);
+    if (repeat) return repeat;
     throw new UnavailableError('another request with this Idempotency-Key was being carried out; try again');
   }
   try {
-    await temporal(() =>
-      deps.client.workflow.start<typeof rotateBatch>('rotateBatch', { taskQueue: deps.taskQueue, workflowId: batchWorkflowId, args: [{ rotationId }] }),
-    );
+    await startBatch(deps, rotationId);
   } catch (err) {
     // Not started, or not known to be: the batch is marked cancelled, so its runs read as never
     // started rather than running for ever, and a start that reached the server after all starts none.
@@ -166,14 +166,48 @@ export async function startRotation(deps: RotationDeps, caller: Caller, input: z
     // The row above says the rotation was recorded; this one, naming it, that it never started.
     throw await auditFailure(deps.pool, callerEntry(caller, 'rotation.start', { rotationId, notStarted: true }), err);
   }
-  return { rotationId, batchWorkflowId, workflowIds: credentialIds.map((id) => `rotate:${id}`) };
+  return { rotationId, batchWorkflowId, workflowIds: credentialIds.map((id) => `rotate:${id}`).sort() };
 }
 
-/** A repeat of a request by its Idempotency-Key: the rotation the first made, nothing started again (audited as a repeat). */
-async function repeatedRotation(pool: Pool, caller: Caller, rotationId: string) {
-  const { rows } = await pool.query('SELECT workflow_id FROM rotation_runs WHERE rotation_id = $1 ORDER BY workflow_id', [rotationId]);
-  await appendAudit(pool, { ...caller, action: 'rotation.start', outcome: 'ok', detail: { rotationId, repeated: true } });
-  return { rotationId, batchWorkflowId: `rotation:${rotationId}`, workflowIds: rows.map((r) => r.workflow_id as string), repeated: true as const };
+/**
+ * Starts a rotation's batch workflow (rotation:<id>), once: a start that finds it there (running or
+ * ended) is no failure. REJECT_DUPLICATE, so that a batch that ended is not run a second time.
+ */
+async function startBatch(deps: RotationDeps, rotationId: string): Promise<void> {
+  try {
+    await temporal(() =>
+      deps.client.workflow.start<typeof rotateBatch>('rotateBatch', {
+        taskQueue: deps.taskQueue,
+        workflowId: `rotation:${rotationId}`,
+        args: [{ rotationId }],
+        workflowIdReusePolicy: 'REJECT_DUPLICATE',
+      }),
+    );
+  } catch (err) {
+    if (!(err instanceof WorkflowExecutionAlreadyStartedError)) throw err;
+  }
+}
+
+/**
+ * A repeat of a request by its Idempotency-Key: the rotation the first made, nothing started again
+ * (audited as a repeat). Undefined if the first request's start failed (its 503 gave the key back,
+ * after this repeat found it): the repeat is then carried out as a new request. The first request
+ * may still be starting its batch, or have died before it could: the repeat starts it (once: a
+ * start that finds it is answered so), unless its waves have begun, so that a repeat is never
+ * answered with a rotation nothing will run. (A batch whose first start failed after reaching the
+ * server, and which that request then marked cancelled, runs and reports every credential cancelled.)
+ */
+async function repeatedRotation(deps: RotationDeps, caller: Caller, rotationId: string) {
+  const { rows } = await deps.pool.query(
+    `SELECT EXISTS (SELECT 1 FROM idempotency_keys WHERE target_id = $1 AND action = 'rotation.start') AS keyed,
+            EXISTS (SELECT 1 FROM rotation_runs WHERE rotation_id = $1 AND (run_id IS NOT NULL OR start_sent_at IS NOT NULL)) AS begun`,
+    [rotationId],
+  );
+  if (!rows[0].keyed) return undefined;
+  if (!rows[0].begun) await startBatch(deps, rotationId);
+  const runs = await deps.pool.query('SELECT workflow_id FROM rotation_runs WHERE rotation_id = $1 ORDER BY workflow_id', [rotationId]);
+  await appendAudit(deps.pool, { ...caller, action: 'rotation.start', outcome: 'ok', detail: { rotationId, repeated: true } });
+  return { rotationId, batchWorkflowId: `rotation:${rotationId}`, workflowIds: runs.rows.map((r) => r.workflow_id as string), repeated: true as const };
 }
 
 /** A rotation's state and each credential's progress (GET /v1/rotations/:id, MCP rotation_status). */
