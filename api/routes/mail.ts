@@ -44,6 +44,13 @@ export function mailRoutes(auth: AuthDeps, deps: MailDeps): Router {
 /** Scans, queues and starts delivery of one message (POST /v1/mail.send, MCP mail_send). */
 export async function sendMail(deps: MailDeps, caller: Caller, input: z.output<typeof mailSend>) {
   const { idempotencyKey, ...body } = input;
+  // A repeat first: the message was checked when it was queued (a value stored since must not turn
+  // the repeat of a message already sent into a refusal).
+  const key = keyed('mail.send', idempotencyKey, body);
+  if (key) {
+    const earlier = await earlierTarget(deps.pool, caller, key);
+    if (earlier) return repeated(deps.pool, caller, earlier);
+  }
   // Its own values and those granted to it: a grantee may read a granted value, not mail it on.
   const hit = await findStoredValueIn(body, deps.vault.readableValues(caller.identityId));
   if (hit) {
@@ -52,11 +59,6 @@ export async function sendMail(deps: MailDeps, caller: Caller, input: z.output<t
       'secret-in-message',
       'Message refused: it carries a stored secret',
     );
-  }
-  const key = keyed('mail.send', idempotencyKey, body);
-  if (key) {
-    const earlier = await earlierTarget(deps.pool, caller, key);
-    if (earlier) return repeated(deps.pool, caller, earlier);
   }
   const messageId = randomUUID();
   // The delivery is started first, the message committed after it (the delivery waits a while for
@@ -88,6 +90,7 @@ export async function sendMail(deps: MailDeps, caller: Caller, input: z.output<t
     if (err instanceof KeyTaken) {
       const earlier = await earlierTarget(deps.pool, caller, key!);
       if (earlier) return repeated(deps.pool, caller, earlier);
+      throw new UnavailableError('another request with this Idempotency-Key was being carried out; nothing was sent: try again');
     }
     throw err === late ? await auditFailure(deps.pool, callerEntry(caller, 'mail.send', { messageId, notQueued: true }), late) : err;
   }
