@@ -97,6 +97,14 @@ describe('a keyring file replaced while a service runs', () => {
     }
   });
 
+  it('a key held still unwraps while the file cannot be read (moved away, say): only a readable file that drops it makes it forgotten', () => {
+    const [a] = [newKey()];
+    write([a], 1_700_000_000);
+    const ring = Keyring.fromSetting(file);
+    rmSync(file);
+    expect(ring.find(a.id)?.equals(a.key)).toBe(true);
+  });
+
   it('is picked up when it was renamed into place with the same mtime (a coarse file system clock): by its new inode', () => {
     const [a, b] = [newKey(), newKey()];
     write([a], 1_700_000_000);

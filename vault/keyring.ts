@@ -118,7 +118,16 @@ export class Keyring {
    * restart by the processes that seldom wrap (workers, the API's read thread: they only unwrap).
    */
   find(id: string): Buffer | undefined {
-    if (this.file && (!this.keys.has(id) || stamp(this.file) !== this.loaded)) this.reload();
+    if (this.file && !this.keys.has(id)) this.reload();
+    else if (this.file) {
+      // A key held is not refused because the file cannot be read now (moved, its mode changed):
+      // it is forgotten only when a file that can be read drops it.
+      try {
+        if (stamp(this.file) !== this.loaded) this.reload();
+      } catch {
+        // kept as it was
+      }
+    }
     return this.keys.get(id);
   }
 
