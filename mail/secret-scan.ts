@@ -52,27 +52,39 @@ interface Prepared {
  * hold is passed over without reading the text. A scan reads every version an identity can see:
  * each form searched for in the whole text cost ~70 µs a value on a 10 KB message.
  */
-class Searchable {
-  private readonly seen: Uint8Array;
-  private readonly mask: number;
+/** Searches of one text before it is indexed. */
+const INDEX_AFTER_SEARCHES = 64;
 
-  constructor(readonly text: string) {
-    const bits = Math.min(1 << 24, Math.max(1 << 10, 2 ** Math.ceil(Math.log2(text.length * 16 + 1))));
-    this.mask = bits - 1;
-    this.seen = new Uint8Array(bits >>> 3);
-    for (let i = 0; i + MIN_SCANNED_LENGTH <= text.length; i++) {
-      const h = this.hash(text, i);
-      this.seen[h >>> 3]! |= 1 << (h & 7);
-    }
-  }
+class Searchable {
+  private seen?: Uint8Array;
+  private mask = 0;
+  private searches = 0;
+
+  constructor(readonly text: string) {}
 
   includes(form: string): boolean {
-    return this.holds(form, 0) && this.holds(form, form.length - MIN_SCANNED_LENGTH) && this.text.includes(form);
+    // The bitmap costs about as much as reading the text a few dozen times: made only for a scan
+    // of more values than that (a message checked against a handful reads the text directly).
+    if (!this.seen && ++this.searches > INDEX_AFTER_SEARCHES) this.index();
+    if (this.seen && !(this.holds(form, 0) && this.holds(form, form.length - MIN_SCANNED_LENGTH))) return false;
+    return this.text.includes(form);
+  }
+
+  private index(): void {
+    const text = this.text;
+    const bits = Math.min(1 << 24, Math.max(1 << 10, 2 ** Math.ceil(Math.log2(text.length * 16 + 1))));
+    this.mask = bits - 1;
+    const seen = new Uint8Array(bits >>> 3);
+    for (let i = 0; i + MIN_SCANNED_LENGTH <= text.length; i++) {
+      const h = this.hash(text, i);
+      seen[h >>> 3]! |= 1 << (h & 7);
+    }
+    this.seen = seen;
   }
 
   private holds(form: string, at: number): boolean {
     const h = this.hash(form, at);
-    return (this.seen[h >>> 3]! & (1 << (h & 7))) !== 0;
+    return (this.seen![h >>> 3]! & (1 << (h & 7))) !== 0;
   }
 
   /** FNV-1a over the UTF-16 code units of text[at, at + MIN_SCANNED_LENGTH). */
@@ -101,9 +113,13 @@ function prepared(message: ScannedMessage): Prepared {
   // `+` for a space (a form or a query string: URLSearchParams, quote_plus, QueryEscape; base64 in a
   // query string has its `+`, `/` and `=` escaped), HTML character references.
   const htmlDecoded = decodeHTML(text0);
-  const decoded = [percentDecoded(text0), percentDecoded(text0.replaceAll('+', ' ')), htmlDecoded, percentDecoded(htmlDecoded)].filter((text) => text !== text0);
+  const decoded = new Set([percentDecoded(text0), percentDecoded(text0.replaceAll('+', ' ')), htmlDecoded, percentDecoded(htmlDecoded)]);
+  decoded.delete(text0);
   const haystack = [text0, ...decoded].join('\n');
-  const unwrapped = haystack.replace(/\s+/g, '');
+  // Wrapped or grouped encodings are looked for in the text as written (and shown): escaped as well
+  // as wrapped is no encoding a tool makes, and the unwrapped copies of every decoded text made a
+  // near-limit message's scan several times slower.
+  const unwrapped = text0.replace(/\s+/g, '');
   return {
     haystack: new Searchable(haystack),
     lower: new Searchable(haystack.toLowerCase()),
