@@ -118,8 +118,9 @@ export function batchActivities(deps: ActivityDeps) {
     // None of the batch's, the start may have joined another's run (USE_EXISTING), which may have
     // ended since: a run open at any time after the mark is recorded as the one it joined, as the
     // start would have answered. Sent again, the start would rotate the credential a second time.
-    // (If the start never reached the server, that run rotated the credential after the batch
-    // marked it, which is what the batch asked for.)
+    // (If the start never reached the server, the batch reports that run's outcome all the same:
+    // the rotation of the credential that was going when the batch asked for one, as a start that
+    // joined it would have; a failed one is reported failed, and the credential rotated by nothing.)
     let started = 0;
     const taken = new Set<string>();
     for (const row of rows.filter((r) => r.start_sent)) {
