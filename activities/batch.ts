@@ -1,5 +1,5 @@
 import { InternalWorkflowStartOptionsSymbol, type InternalWorkflowStartOptions } from '@temporalio/client/lib/internal';
-import { NotFoundError } from '../core/errors';
+import { ConflictError, NotFoundError } from '../core/errors';
 import { batchRunOf, latestRunOf, runOpenSince, statusOf } from '../core/run-chain';
 import { recordBatchRun, RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
 import { handOverNotice } from './notices';
@@ -442,14 +442,21 @@ export function batchActivities(deps: ActivityDeps) {
         // A rotation still running (in its grace period, say) reads the credential to revoke the
         // value it replaced once the grace period ends: destroyed before that, the revoke found
         // nothing, the replaced value kept working, and its notice could not be sent either. The
-        // credential is kept until its run has ended (a later sweep's retention destroys it).
-        if (deps.temporal && (await statusOf(deps.temporal.client.workflow.getHandle(`rotate:${row.id}`))) === 'RUNNING') continue;
+        // credential is kept until its run has ended (a later sweep's retention destroys it). Asked
+        // as the destroy's check, as the API's destroy asks it: one that began after the answer is
+        // seen by the destroy under its row lock (a 409 there, kept here too).
+        const isRunning = async () => Boolean(deps.temporal) && (await statusOf(deps.temporal!.client.workflow.getHandle(`rotate:${row.id}`))) === 'RUNNING';
+        // Asked first without the destroy (which audits a refusal): kept quietly, sweep after sweep, while it runs.
+        if (await isRunning()) continue;
+        const running = async () => {
+          if (await isRunning()) throw new ConflictError(`the credential's rotation is running`);
+        };
         try {
           // Checked again under the row lock: a credential restored since the list was read is kept.
-          await deps.vault.destroy({ identityId: row.identity_id, actor: 'schedule:retention' }, { id: row.id }, { deletedBefore: cutoff });
+          await deps.vault.destroy({ identityId: row.identity_id, actor: 'schedule:retention' }, { id: row.id }, { deletedBefore: cutoff, check: running });
           destroyed += 1;
         } catch (err) {
-          if (!(err instanceof NotFoundError)) throw err;
+          if (!(err instanceof NotFoundError) && !(err instanceof ConflictError)) throw err;
         }
       }
       return { destroyed };

@@ -1,6 +1,6 @@
 import { randomBytes, randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import type { ScheduleHandle, WorkflowHandle } from '@temporalio/client';
+import { WorkflowNotFoundError, type ScheduleHandle, type WorkflowHandle } from '@temporalio/client';
 import pg from 'pg';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { createActivities } from '../activities';
@@ -759,6 +759,36 @@ describe('scheduled sweep', () => {
     await h.client.workflow.getHandle(`rotate:${id}`).terminate('the test ends the run (its grace period is an hour)');
     await purge();
     expect((await h.sql('SELECT destroyed_at FROM credentials WHERE id = $1', [id])).rows[0].destroyed_at).not.toBeNull();
+  });
+
+  it('retention keeps a deleted credential whose rotation began while its destroy asked whether one runs (the create read under the row lock)', async () => {
+    const agent = await identity();
+    const name = unique('deleted-racing');
+    const id = await store(agent.token, { name, kind: 'api_key', value: secretValue() });
+    expect((await h.api('DELETE', `/v1/credentials/${name}`, { token: agent.token })).status).toBe(200);
+    await h.sql(`UPDATE credentials SET deleted_at = now() - interval '40 days' WHERE id = $1`, [id]);
+    const caller = { identityId: agent.id, actor: 'workflow:test' };
+    // Temporal answers "not running" twice (the quiet look, then the destroy's check); as the second
+    // answer comes, a rotation begins and its create reads the value for the provider.
+    let asked = 0;
+    const temporal = {
+      ...h.deps.temporal!,
+      client: {
+        workflow: {
+          getHandle: () => ({
+            describe: async () => {
+              if (++asked === 2) await h.deps.rotations.read(caller, id, 1, 'provider.create', { rotationKey: `${id}:create:1` });
+              throw new WorkflowNotFoundError('no run', `rotate:${id}`, undefined);
+            },
+          }),
+        },
+      },
+    } as unknown as NonNullable<typeof h.deps.temporal>;
+    expect(await createActivities({ ...h.deps, temporal }).purgeDeleted({ asOf: new Date().toISOString(), retentionDays: 30 })).toEqual({ destroyed: 0 });
+    expect(asked).toBe(2);
+    // Before, it was destroyed: the key that rotation's provider made could be neither staged nor revoked.
+    expect((await h.sql('SELECT count(*)::int AS n FROM secret_versions WHERE credential_id = $1', [id])).rows[0].n).toBe(1);
+    expect((await h.sql('SELECT destroyed_at FROM credentials WHERE id = $1', [id])).rows[0].destroyed_at).toBeNull();
   });
 
   it('password policy: weak passwords are refused, managed ones rotated past the maximum age, unmanaged ones reminded and escalated once', async () => {
