@@ -475,7 +475,8 @@ describe('mailgent CLI against a stand-in API', () => {
       expect(run.stdout + run.stderr).not.toContain('SECRET');
       return { call: answers.find((a) => a.id === 1)!.error.message, list: answers.find((a) => a.id === 2)!.error.message };
     };
-    const check = 'it may have been carried out: check (e.g. with list_credentials or rotation_status) before repeating it';
+    const check =
+      'it may have been carried out: check (e.g. with list_credentials or rotation_status) before repeating it (a mail_send or rotate_credentials given an idempotencyKey may be repeated with the same key)';
 
     // Sent, then: the connection reset at once; the headers and part of the body, then cut; a proxy's
     // 502 in the server's place. Each with the cause's code (a pattern: a reset is seen while the
