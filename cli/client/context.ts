@@ -107,12 +107,12 @@ export class Api {
     private readonly token: string,
   ) {}
 
-  async call<S extends z.ZodType>(method: string, route: string, answer: S, body?: unknown, opts: { timeoutMs?: number } = {}): Promise<z.infer<S>> {
+  async call<S extends z.ZodType>(method: string, route: string, answer: S, body?: unknown, opts: { timeoutMs?: number; headers?: Record<string, string> } = {}): Promise<z.infer<S>> {
     let res: Response;
     try {
       res = await fetch(this.url + route, {
         method,
-        headers: { authorization: `Bearer ${this.token}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
+        headers: { authorization: `Bearer ${this.token}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }), ...opts.headers },
         body: body === undefined ? undefined : JSON.stringify(body),
         // Never followed: see redirected.
         redirect: 'manual',

@@ -17,6 +17,8 @@ export interface Problem {
 }
 
 const LOCAL = 'https://mailgent.dev/problems/cli-';
+/** The problem type of a change sent whose answer never came (answerLost). */
+export const ANSWER_LOST = `${LOCAL}answer-lost`;
 
 /** A failure the CLI reports and exits with. Its message never carries a secret value. */
 export class CliError extends Error {
@@ -71,7 +73,7 @@ export function unexpectedAnswer(detail: string): CliError {
  * connection): exit 1, not 4, since it may have been carried out and repeating it could do it twice.
  */
 export function answerLost(detail: string): CliError {
-  return new CliError(EXIT.failed, { type: `${LOCAL}answer-lost`, title: 'Answer lost', detail });
+  return new CliError(EXIT.failed, { type: ANSWER_LOST, title: 'Answer lost', detail });
 }
 
 /**

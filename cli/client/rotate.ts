@@ -1,6 +1,7 @@
 import type { z } from 'zod';
 import { KINDS } from '../../vault/types';
-import { CliError, EXIT, usageError } from './errors';
+import { randomUUID } from 'node:crypto';
+import { ANSWER_LOST, CliError, EXIT, usageError } from './errors';
 import { Api, baseUrl, identityToken, Out, parse, reportError, TOKEN_OPTION } from './context';
 import { Progress, table } from './render';
 import { credentialPage, rotationReport, rotationStarted } from './answers';
@@ -88,7 +89,7 @@ export const rotate: ClientCommand = {
     const api = new Api(baseUrl(values.url), identityToken(values.token));
     const out = new Out(values.json);
 
-    const started = await api.call('POST', '/v1/rotations', rotationStarted, {
+    const started = await startOnce(api, {
       ...(filtered ? { filter: { ...(values.kind ? { kind: values.kind } : {}), ...(olderThanDays !== undefined ? { olderThanDays } : {}) } } : { credentials: names }),
       ...(values.reason ? { reason: values.reason } : {}),
       ...(values.notify ? { notify: values.notify } : {}),
@@ -261,4 +262,26 @@ function outcomeText(c: RunReport): string {
   if (c.state === 'grace') return `succeeded; previous version valid until ${c.progress?.graceEndsAt ?? 'the grace period ends'}`;
   const error = errorOf(c);
   return error ? `${c.state}: ${error}` : c.state;
+}
+
+/** Tries of a rotation's start whose answer was lost, or that the API could not carry out now (503). */
+export const START_TRIES = 3;
+
+/**
+ * POST /v1/rotations with an Idempotency-Key of this invocation's own: a start whose answer was lost
+ * (the connection dropped, a proxy's 502 or 504) or that the API answered 503 is sent again, up to
+ * START_TRIES in all, with the same key, which the API answers with the rotation the first made (if
+ * it made one) instead of rotating again. What the last try gets is the answer.
+ */
+async function startOnce(api: Api, body: Record<string, unknown>) {
+  const headers = { 'idempotency-key': randomUUID() };
+  for (let tried = 1; ; tried++) {
+    try {
+      return await api.call('POST', '/v1/rotations', rotationStarted, body, { headers });
+    } catch (err) {
+      const again = err instanceof CliError && (err.problem.type === ANSWER_LOST || err.problem.status === 503);
+      if (!again || tried >= START_TRIES) throw err;
+      await new Promise((resolve) => setTimeout(resolve, 500 * tried));
+    }
+  }
 }

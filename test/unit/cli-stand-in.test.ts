@@ -31,10 +31,11 @@ interface Seen {
   method: string;
   url: string;
   authorization?: string;
+  idempotencyKey?: string;
   body: string;
 }
 
-type Answer = { status: number; body: unknown; type?: string; headers?: Record<string, string> } | 'hang';
+type Answer = { status: number; body: unknown; type?: string; headers?: Record<string, string> } | 'hang' | 'drop';
 
 const ROTATION_ID = '0b7c6a52-3f0e-4a8e-9d1c-5e2f7a9b4c13';
 const CREDENTIAL_ID = '9a1d4e7f-2b3c-4d5e-8f6a-7b8c9d0e1f2a';
@@ -113,10 +114,12 @@ describe('mailgent CLI against a stand-in API', () => {
       const chunks: Buffer[] = [];
       req.on('data', (c: Buffer) => chunks.push(c));
       req.on('end', () => {
-        const request = { method: req.method!, url: req.url!, authorization: req.headers.authorization, body: Buffer.concat(chunks).toString('utf8') };
+        const key = req.headers['idempotency-key'];
+        const request = { method: req.method!, url: req.url!, authorization: req.headers.authorization, ...(typeof key === 'string' ? { idempotencyKey: key } : {}), body: Buffer.concat(chunks).toString('utf8') };
         seen.push(request);
         const a = answer(request, seen);
         if (a === 'hang') return;
+        if (a === 'drop') return void req.socket.destroy();
         const type = a.type ?? (a.status >= 400 ? 'application/problem+json' : 'application/json');
         res.writeHead(a.status, { 'content-type': type, ...a.headers }).end(typeof a.body === 'string' ? a.body : JSON.stringify(a.body));
       });
@@ -251,6 +254,26 @@ describe('mailgent CLI against a stand-in API', () => {
         expect(seen.filter(isPoll)).toHaveLength(3);
       },
     );
+  });
+
+  it('rotate: a start whose answer was lost (a proxy\'s 502, a dropped connection) or answered 503 is sent again with the same Idempotency-Key, not left to the user', async () => {
+    for (const first of [proxyPage(502), 'drop', { status: 503, body: { type: 'https://mailgent.dev/problems/unavailable', title: 'Service unavailable', status: 503, detail: 'Temporal is unavailable; try again shortly' } }] as const) {
+      await withApi(
+        (req, seen) => {
+          if (isStart(req)) return seen.filter(isStart).length === 1 ? first : { status: 202, body: started };
+          return { status: 200, body: report('succeeded') };
+        },
+        async (url, seen) => {
+          const run = await mailgent(['rotate', 'stripe', '--json', '--interval', '50'], { url });
+          // Before, exit 1 (answer lost: "check before repeating it") or the 503, and no key was sent.
+          expect(run, JSON.stringify(first)).toMatchObject({ code: 0, stderr: '' });
+          const starts = seen.filter(isStart);
+          expect(starts).toHaveLength(2);
+          expect(starts[0]!.idempotencyKey).toMatch(/^[0-9a-f-]{36}$/);
+          expect(starts[1]!.idempotencyKey).toBe(starts[0]!.idempotencyKey);
+        },
+      );
+    }
   });
 
   it('rotate: an --interval longer than --timeout does not outlast it', async () => {
