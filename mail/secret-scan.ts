@@ -116,10 +116,9 @@ function prepared(message: ScannedMessage): Prepared {
   const decoded = new Set([percentDecoded(text0), percentDecoded(text0.replaceAll('+', ' ')), htmlDecoded, percentDecoded(htmlDecoded)]);
   decoded.delete(text0);
   const haystack = [text0, ...decoded].join('\n');
-  // Wrapped or grouped encodings are looked for in the text as written (and shown): escaped as well
-  // as wrapped is no encoding a tool makes, and the unwrapped copies of every decoded text made a
-  // near-limit message's scan several times slower.
-  const unwrapped = text0.replace(/\s+/g, '');
+  // Grouped or wrapped encodings in the decoded texts too: a setup key put in a query string is
+  // grouped and escaped (`?key=JBSW+Y3DP+EHPK+3PXP`).
+  const unwrapped = haystack.replace(/\s+/g, '');
   return {
     haystack: new Searchable(haystack),
     lower: new Searchable(haystack.toLowerCase()),

@@ -195,6 +195,10 @@ describe('finding a stored secret in a message', () => {
     expect(findStoredValue({ subject: 's', text: 'hex 48656C6C6F21DEADBEEF' }, [bare])).toBe('bare-seed');
     expect(findStoredValue({ subject: 's', text: 'seed jbsw y3dp ehpk 3pxp' }, [bare])).toBe('bare-seed');
     expect(findStoredValue({ subject: 's', text: 'hex 48656c6c6f21deadbeee' }, stored)).toBeUndefined();
+    // Grouped and escaped, as a setup key put in a query string is.
+    for (const text of ['https://x.test/?key=JBSW+Y3DP+EHPK+3PXP', 'https://x.test/?key=JBSW%20Y3DP%20EHPK%203PXP']) {
+      expect(findStoredValue({ subject: 's', text }, stored), text).toBe('gh-2fa');
+    }
   });
 
   it('finds each of many values wherever it stands in a long message (the per-message index passes nothing over)', () => {
