@@ -26,6 +26,14 @@ export function keyed(action: string, key: string | undefined, request: unknown)
 
 /** What the key's earlier request made (its target id), if the key names one still; a 422 if that request was another. */
 export async function earlierTarget(db: Db, caller: Caller, k: Keyed): Promise<string | undefined> {
+  // The identity's keys honoured no longer go (its own rows, by the primary key's prefix; rows another
+  // request holds are left to it): the table holds about a day of each identity's keyed requests.
+  // A statement of its own, outside any claim's transaction, so two claims never wait on each other's purge.
+  await db.query(
+    `DELETE FROM idempotency_keys WHERE ctid IN (
+       SELECT ctid FROM idempotency_keys WHERE identity_id = $1 AND created_at <= now() - make_interval(hours => $2) FOR UPDATE SKIP LOCKED)`,
+    [caller.identityId, IDEMPOTENCY_HOURS],
+  );
   const { rows } = await db.query(
     `SELECT target_id, request = $4 AS same FROM idempotency_keys
       WHERE identity_id = $1 AND action = $2 AND key = $3 AND created_at > now() - make_interval(hours => $5)`,
@@ -49,13 +57,6 @@ export async function earlierTarget(db: Db, caller: Caller, k: Keyed): Promise<s
  * target); a key older than IDEMPOTENCY_HOURS is taken over.
  */
 export async function claimKey(db: Db, caller: Caller, k: Keyed, targetId: string): Promise<boolean> {
-  // The identity's keys honoured no longer go (its own rows only, by the primary key's prefix): the
-  // table holds about a day of each identity's keyed requests, not every one ever made.
-  await db.query('DELETE FROM idempotency_keys WHERE identity_id = $1 AND created_at <= now() - make_interval(hours => $2) AND key <> $3', [
-    caller.identityId,
-    IDEMPOTENCY_HOURS,
-    k.key,
-  ]);
   const { rowCount } = await db.query(
     `INSERT INTO idempotency_keys (identity_id, action, key, target_id, request) VALUES ($1, $2, $3, $4, $5)
      ON CONFLICT (identity_id, action, key) DO UPDATE SET target_id = EXCLUDED.target_id, request = EXCLUDED.request, created_at = now()

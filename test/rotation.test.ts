@@ -342,6 +342,53 @@ describe('rotateCredential', () => {
     h.secret(read.body.value);
   });
 
+  it("a repeat that took the batch's start over keeps the rotation when the first request's own start then fails: it runs once, and the first is told so", async () => {
+    const sender = await h.createIdentity();
+    await h.api('POST', '/v1/vault.store', { token: sender.token, body: { name: 'slow-start-key', kind: 'api_key', value: h.secret('sk_live_slow_start_value1'), rotation: { provider: 'generated', graceHours: 0 } } });
+    const key = `slow-${randomUUID()}`;
+    const body = { credentials: ['slow-start-key'] };
+    let repeat: Awaited<ReturnType<Harness['api']>> | undefined;
+    // The first request's start is slow: its client gives up and repeats (the repeat finds the rotation
+    // committed, its batch not started, and starts it); then the first start fails.
+    const slow = {
+      workflow: {
+        start: async () => {
+          repeat = await h.api('POST', '/v1/rotations', { token: sender.token, body, headers: { 'idempotency-key': key } });
+          throw new Error('deadline exceeded');
+        },
+      },
+    } as unknown as Client;
+    const caller = { identityId: sender.id, actor: `identity:${sender.id}`, requestId: 'req-slow-start' };
+    const first = startRotation({ pool: h.services.pool, vault: h.services.vault, client: slow, taskQueue: h.taskQueue }, caller, { ...body, idempotencyKey: key });
+    await expect(first).rejects.toMatchObject({ status: 503, message: expect.stringContaining('a repeat of this request with the same Idempotency-Key has taken it over') });
+    expect(repeat!.status, repeat!.text).toBe(202);
+    const rotationId = repeat!.body.rotationId as string;
+    expect(repeat!.body.repeated).toBe(true);
+    // Before, the failing first start marked the rotation cancelled and gave its key back: the repeat's 202 named a rotation that rotated nothing.
+    expect((await waitForRotation(rotationId, sender.token)).state).toBe('succeeded');
+    expect((await h.sql('SELECT count(*)::int AS n FROM rotations WHERE identity_id = $1', [sender.id])).rows[0].n).toBe(1);
+    expect((await h.sql('SELECT count(*)::int AS n FROM idempotency_keys WHERE target_id = $1', [rotationId])).rows[0].n).toBe(1);
+    const read = await h.api('POST', '/v1/vault.get', { token: sender.token, body: { name: 'slow-start-key' } });
+    expect(read.body.version).toBe(2);
+    h.secret(read.body.value);
+  });
+
+  it('a repeat of a request whose rotation its owner cancelled before the batch started answers with that rotation, and starts nothing', async () => {
+    const sender = await h.createIdentity();
+    const stored = await h.api('POST', '/v1/vault.store', { token: sender.token, body: { name: 'cancelled-first', kind: 'api_key', value: h.secret('sk_live_cancelled_first_1') } });
+    const key = `cancelled-${randomUUID()}`;
+    const body = { credentials: ['cancelled-first'] };
+    const rotationId = randomUUID();
+    await h.sql(`INSERT INTO rotations (id, identity_id, kind, reason, notify, workflow_id, cancelled_at) VALUES ($1, $2, 'request', NULL, '{}', $3, now())`, [rotationId, sender.id, `rotation:${rotationId}`]);
+    await h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) VALUES ($1, $2, $3)`, [rotationId, stored.body.id, `rotate:${stored.body.id}`]);
+    const k = keyed('rotation.start', key, body)!;
+    await h.sql(`INSERT INTO idempotency_keys (identity_id, action, key, target_id, request) VALUES ($1, $2, $3, $4, $5)`, [sender.id, k.action, k.key, rotationId, k.request]);
+    const again = await h.api('POST', '/v1/rotations', { token: sender.token, body, headers: { 'idempotency-key': key } });
+    expect(again.body).toMatchObject({ rotationId, repeated: true });
+    await expect(h.client.workflow.getHandle(`rotation:${rotationId}`).describe()).rejects.toBeInstanceOf(WorkflowNotFoundError);
+    expect((await h.api('GET', `/v1/rotations/${rotationId}`, { token: sender.token })).body.state).toBe('cancelled');
+  });
+
   it('when Temporal cannot take the batch, the request is a 503 and the rotation it recorded reads as never started', async () => {
     await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'stranded-key', kind: 'api_key', value: h.secret('sk_live_stranded_value_01') } });
     const unreachable = await unreachableTemporal();

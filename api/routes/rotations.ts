@@ -157,12 +157,21 @@ export async function startRotation(deps: RotationDeps, caller: Caller, input: z
   } catch (err) {
     // Not started, or not known to be: the batch is marked cancelled, so its runs read as never
     // started rather than running for ever, and a start that reached the server after all starts none.
-    // Its key, if it had one, is given back with it: a repeat (the answer said try again) makes a new rotation.
-    await deps.pool.query(
-      `WITH freed AS (DELETE FROM idempotency_keys WHERE target_id = $1 AND action = 'rotation.start')
-       UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1`,
+    // Its key, if it had one, is given back with it: a repeat (the answer said try again) makes a new
+    // rotation. Unless a repeat has taken the start over meanwhile (see repeatedRotation): it is left
+    // to that repeat, and this answer says so.
+    const { rowCount } = await deps.pool.query(
+      `WITH cancelled AS (UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1 AND start_taken_over_at IS NULL RETURNING id),
+            freed AS (DELETE FROM idempotency_keys WHERE target_id IN (SELECT id FROM cancelled) AND action = 'rotation.start')
+       SELECT 1 FROM cancelled`,
       [rotationId],
     );
+    if (rowCount === 0) {
+      const carried = new UnavailableError(
+        `the rotation's start could not be confirmed (${err instanceof Error ? err.message : 'Temporal failed'}); a repeat of this request with the same Idempotency-Key has taken it over and answers with rotation ${rotationId}`,
+      );
+      throw await auditFailure(deps.pool, callerEntry(caller, 'rotation.start', { rotationId, startTakenOver: true }), carried);
+    }
     // The row above says the rotation was recorded; this one, naming it, that it never started.
     throw await auditFailure(deps.pool, callerEntry(caller, 'rotation.start', { rotationId, notStarted: true }), err);
   }
@@ -192,19 +201,24 @@ async function startBatch(deps: RotationDeps, rotationId: string): Promise<void>
  * A repeat of a request by its Idempotency-Key: the rotation the first made, nothing started again
  * (audited as a repeat). Undefined if the first request's start failed (its 503 gave the key back,
  * after this repeat found it): the repeat is then carried out as a new request. The first request
- * may still be starting its batch, or have died before it could: the repeat starts it (once: a
- * start that finds it is answered so), unless its waves have begun, so that a repeat is never
- * answered with a rotation nothing will run. (A batch whose first start failed after reaching the
- * server, and which that request then marked cancelled, runs and reports every credential cancelled.)
+ * may still be starting its batch, or have died before it could: unless the batch's waves have
+ * begun (or its owner cancelled it), the repeat takes the start over (marked on the rotation in one
+ * statement with the check that it is not cancelled, so the first request's failing start no longer
+ * cancels it) and starts the batch: once, since a start that finds it there is answered so. A
+ * repeat whose own start fails is a 503; the next repeat starts it.
  */
 async function repeatedRotation(deps: RotationDeps, caller: Caller, rotationId: string) {
-  const { rows } = await deps.pool.query(
-    `SELECT EXISTS (SELECT 1 FROM idempotency_keys WHERE target_id = $1 AND action = 'rotation.start') AS keyed,
-            EXISTS (SELECT 1 FROM rotation_runs WHERE rotation_id = $1 AND (run_id IS NOT NULL OR start_sent_at IS NOT NULL)) AS begun`,
+  const taken = await deps.pool.query(
+    `UPDATE rotations SET start_taken_over_at = coalesce(start_taken_over_at, now())
+      WHERE id = $1 AND cancelled_at IS NULL
+        AND NOT EXISTS (SELECT 1 FROM rotation_runs WHERE rotation_id = $1 AND (run_id IS NOT NULL OR start_sent_at IS NOT NULL))`,
     [rotationId],
   );
-  if (!rows[0].keyed) return undefined;
-  if (!rows[0].begun) await startBatch(deps, rotationId);
+  // Asked after the take (a statement of its own, so it sees a cancel that the take waited for): the
+  // first request's failed start gave the key back with its cancel.
+  const keyed = await deps.pool.query(`SELECT 1 FROM idempotency_keys WHERE target_id = $1 AND action = 'rotation.start'`, [rotationId]);
+  if (keyed.rowCount === 0) return undefined;
+  if (taken.rowCount) await startBatch(deps, rotationId);
   const runs = await deps.pool.query('SELECT workflow_id FROM rotation_runs WHERE rotation_id = $1 ORDER BY workflow_id', [rotationId]);
   await appendAudit(deps.pool, { ...caller, action: 'rotation.start', outcome: 'ok', detail: { rotationId, repeated: true } });
   return { rotationId, batchWorkflowId: `rotation:${rotationId}`, workflowIds: runs.rows.map((r) => r.workflow_id as string), repeated: true as const };

@@ -16,3 +16,8 @@ CREATE TABLE idempotency_keys (
   PRIMARY KEY (identity_id, action, key)
 );
 CREATE INDEX idempotency_keys_target ON idempotency_keys (target_id);
+
+-- A repeat of a rotation request (by its key) that found its batch not yet started took the start
+-- over: the first request's start, failing after that, no longer cancels the rotation (the repeat
+-- has started the batch, or its own repeat will).
+ALTER TABLE rotations ADD COLUMN start_taken_over_at timestamptz;
