@@ -1,7 +1,7 @@
 import type { z } from 'zod';
 import { KINDS } from '../../vault/types';
 import { randomUUID } from 'node:crypto';
-import { ANSWER_LOST, CliError, EXIT, usageError } from './errors';
+import { ANSWER_LOST, answerLost, CliError, EXIT, usageError } from './errors';
 import { Api, baseUrl, identityToken, Out, parse, reportError, TOKEN_OPTION } from './context';
 import { Progress, table } from './render';
 import { credentialPage, rotationReport, rotationStarted } from './answers';
@@ -31,6 +31,10 @@ Options:
   --no-wait               print the rotation id and return at once
   --timeout <n>ms|s|m|h   stop following after this long (exit 1; the rotation goes on). Default 30m
   --interval <ms>         how often to poll (default 500)
+  --idempotency-key <key> the start's Idempotency-Key (default: a new one). The start is sent up to
+                          three times when its answer is lost or the API answers 503; if it still
+                          fails after an answer was lost, the key is printed: run again with it to
+                          get the rotation it may have made instead of starting another
 
 Ctrl-C stops following, not the rotation: it goes on on the server, and its id is printed (on
 stdout too with --json, as the problem's "rotationId"); the exit code is 130.
@@ -75,6 +79,7 @@ export const rotate: ClientCommand = {
         'no-wait': { type: 'boolean', default: false },
         timeout: { type: 'string', default: '30m' },
         interval: { type: 'string', default: '500' },
+        'idempotency-key': { type: 'string' },
       },
       usage,
     );
@@ -89,7 +94,9 @@ export const rotate: ClientCommand = {
     const api = new Api(baseUrl(values.url), identityToken(values.token));
     const out = new Out(values.json);
 
-    const started = await startOnce(api, {
+    const key = values['idempotency-key'] ?? randomUUID();
+    if (!/^[\x21-\x7e]{1,255}$/.test(key)) throw usageError('--idempotency-key must be 1–255 visible ASCII characters (no spaces)', usage);
+    const started = await startOnce(api, key, {
       ...(filtered ? { filter: { ...(values.kind ? { kind: values.kind } : {}), ...(olderThanDays !== undefined ? { olderThanDays } : {}) } } : { credentials: names }),
       ...(values.reason ? { reason: values.reason } : {}),
       ...(values.notify ? { notify: values.notify } : {}),
@@ -268,19 +275,30 @@ function outcomeText(c: RunReport): string {
 export const START_TRIES = 3;
 
 /**
- * POST /v1/rotations with an Idempotency-Key of this invocation's own: a start whose answer was lost
- * (the connection dropped, a proxy's 502 or 504) or that the API answered 503 is sent again, up to
- * START_TRIES in all, with the same key, which the API answers with the rotation the first made (if
- * it made one) instead of rotating again. What the last try gets is the answer.
+ * POST /v1/rotations with an Idempotency-Key (this invocation's own, or --idempotency-key): a start
+ * whose answer was lost (the connection dropped, a proxy's 502 or 504) or that the API answered 503
+ * is sent again, up to START_TRIES in all, with the same key, which the API answers with the rotation
+ * the first made (if it made one) instead of rotating again. If the tries run out after an answer
+ * was lost, the start may have been carried out: that is the failure (exit 1), with the key to run
+ * again with, whatever the last try got (a 503 would say "try again later", and a run with a new key
+ * could rotate the credentials a second time).
  */
-async function startOnce(api: Api, body: Record<string, unknown>) {
-  const headers = { 'idempotency-key': randomUUID() };
+async function startOnce(api: Api, key: string, body: Record<string, unknown>) {
+  const headers = { 'idempotency-key': key };
+  let lost: CliError | undefined;
   for (let tried = 1; ; tried++) {
     try {
       return await api.call('POST', '/v1/rotations', rotationStarted, body, { headers });
     } catch (err) {
-      const again = err instanceof CliError && (err.problem.type === ANSWER_LOST || err.problem.status === 503);
-      if (!again || tried >= START_TRIES) throw err;
+      const wasLost = err instanceof CliError && (err.problem.type === ANSWER_LOST || err.problem.unconfirmed === true);
+      if (wasLost) lost = err;
+      const again = wasLost || (err instanceof CliError && err.problem.status === 503);
+      if (!again || tried >= START_TRIES) {
+        if (!lost) throw err;
+        throw answerLost(
+          `the rotation's start was sent ${tried} times and no answer confirmed it (last: ${(err as Error).message}); it may have been carried out: run again with --idempotency-key ${key} to get that rotation instead of starting another`,
+        );
+      }
       await new Promise((resolve) => setTimeout(resolve, 500 * tried));
     }
   }

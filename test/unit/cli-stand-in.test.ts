@@ -274,6 +274,16 @@ describe('mailgent CLI against a stand-in API', () => {
         },
       );
     }
+    // Lost, then 503 twice: the start may have been made; exit 1 (not 4, "try again later"), with the key to run again with.
+    await withApi(
+      (req, seen) => (isStart(req) ? (seen.filter(isStart).length === 1 ? 'drop' : { status: 503, body: { type: 'https://mailgent.dev/problems/unavailable', title: 'Service unavailable', status: 503, detail: 'Temporal is unavailable; try again shortly' } }) : { status: 200, body: report('succeeded') }),
+      async (url, seen) => {
+        const run = await mailgent(['rotate', 'stripe', '--json', '--interval', '50', '--idempotency-key', 'my-key-1'], { url });
+        expect(run.code, run.stdout + run.stderr).toBe(1);
+        expect(json(run)).toMatchObject({ type: 'https://mailgent.dev/problems/cli-answer-lost', detail: expect.stringContaining('run again with --idempotency-key my-key-1') });
+        expect(seen.filter(isStart).map((r) => r.idempotencyKey)).toEqual(['my-key-1', 'my-key-1', 'my-key-1']);
+      },
+    );
   });
 
   it('rotate: an --interval longer than --timeout does not outlast it', async () => {
