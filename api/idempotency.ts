@@ -25,7 +25,7 @@ export function keyed(action: string, key: string | undefined, request: unknown)
 }
 
 /** What the key's earlier request made (its target id), if the key names one still; a 422 if that request was another. */
-export async function earlierTarget(db: Db, caller: Caller, k: Keyed): Promise<string | undefined> {
+async function earlierTarget(db: Db, caller: Caller, k: Keyed): Promise<string | undefined> {
   // The identity's keys honoured no longer go (its own rows, by the primary key's prefix; rows another
   // request holds are left to it): the table holds about a day of each identity's keyed requests.
   // A statement of its own, outside any claim's transaction, so two claims never wait on each other's purge.
@@ -49,6 +49,16 @@ export async function earlierTarget(db: Db, caller: Caller, k: Keyed): Promise<s
     );
   }
   return row.target_id as string;
+}
+
+/**
+ * The answer to a repeat: what the key's earlier request made, as `repeat` answers it (undefined
+ * when there is none, or `repeat` finds it gone: the request is then carried out afresh).
+ */
+export async function repeatOf<T>(db: Db, caller: Caller, k: Keyed | undefined, repeat: (targetId: string) => Promise<T | undefined>): Promise<T | undefined> {
+  if (!k) return undefined;
+  const target = await earlierTarget(db, caller, k);
+  return target === undefined ? undefined : repeat(target);
 }
 
 /**

@@ -63,9 +63,8 @@ export async function batchRunOf(client: Client, workflowId: string, rotationId:
   const described = await describeIfKept(client.workflow.getHandle(workflowId));
   if (described === undefined) return undefined;
   if (described.memo?.rotationId === rotationId) return described.raw.workflowExecutionInfo?.firstRunId || described.runId;
-  if (/["\\]/.test(workflowId)) throw new Error(`cannot list the runs of workflow id ${JSON.stringify(workflowId)}`);
   let first: { runId: string; startTime: number } | undefined;
-  for await (const run of client.workflow.list({ query: `WorkflowId = "${workflowId}"` })) {
+  for await (const run of runsOf(client, workflowId)) {
     if (run.memo?.rotationId !== rotationId) continue;
     // Every run of its chain names the same first run; a server too old to say, the earliest of the batch's.
     const runId = run.raw.firstRunId || run.runId;
@@ -90,9 +89,14 @@ export async function runOpenSince(client: Client, workflowId: string, since: Da
   const openSince = (run: { closeTime?: Date }) => run.closeTime === undefined || run.closeTime.getTime() >= since.getTime();
   let earliest = openSince(described) ? { runId: described.runId, startTime: described.startTime.getTime() } : undefined;
   if (earliest === undefined || described.startTime.getTime() <= since.getTime()) return earliest?.runId;
-  if (/["\\]/.test(workflowId)) throw new Error(`cannot list the runs of workflow id ${JSON.stringify(workflowId)}`);
-  for await (const run of client.workflow.list({ query: `WorkflowId = "${workflowId}"` })) {
+  for await (const run of runsOf(client, workflowId)) {
     if (openSince(run) && run.startTime.getTime() < earliest.startTime) earliest = { runId: run.runId, startTime: run.startTime.getTime() };
   }
   return earliest.runId;
+}
+
+/** Every run of a workflow id the server lists (visibility: eventually consistent). */
+function runsOf(client: Client, workflowId: string) {
+  if (/["\\]/.test(workflowId)) throw new Error(`cannot list the runs of workflow id ${JSON.stringify(workflowId)}`);
+  return client.workflow.list({ query: `WorkflowId = "${workflowId}"` });
 }

@@ -12,7 +12,7 @@ import { deliverMail } from '../../workflows';
 import { endpoint, type AuthDeps } from '../endpoint';
 import { mailQueued } from '../responses';
 import { mailSend } from '../schemas';
-import { claimKey, earlierTarget, idempotencyKeyOf, keyed, KeyTaken } from '../idempotency';
+import { claimKey, idempotencyKeyOf, keyed, KeyTaken, repeatOf } from '../idempotency';
 
 export interface MailDeps {
   pool: Pool;
@@ -47,10 +47,9 @@ export async function sendMail(deps: MailDeps, caller: Caller, input: z.output<t
   // A repeat first: the message was checked when it was queued (a value stored since must not turn
   // the repeat of a message already sent into a refusal).
   const key = keyed('mail.send', idempotencyKey, body);
-  if (key) {
-    const earlier = await earlierTarget(deps.pool, caller, key);
-    if (earlier) return repeated(deps.pool, caller, earlier);
-  }
+  const repeat = (messageId: string) => repeated(deps.pool, caller, messageId);
+  const earlier = await repeatOf(deps.pool, caller, key, repeat);
+  if (earlier) return earlier;
   // Its own values and those granted to it: a grantee may read a granted value, not mail it on.
   const hit = await findStoredValueIn(body, deps.vault.readableValues(caller.identityId));
   if (hit) {
@@ -88,8 +87,8 @@ export async function sendMail(deps: MailDeps, caller: Caller, input: z.output<t
     });
   } catch (err) {
     if (err instanceof KeyTaken) {
-      const earlier = await earlierTarget(deps.pool, caller, key!);
-      if (earlier) return repeated(deps.pool, caller, earlier);
+      const winner = await repeatOf(deps.pool, caller, key, repeat);
+      if (winner) return winner;
       throw new UnavailableError('another request with this Idempotency-Key was being carried out; nothing was sent: try again');
     }
     throw err === late ? await auditFailure(deps.pool, callerEntry(caller, 'mail.send', { messageId, notQueued: true }), late) : err;

@@ -15,7 +15,7 @@ import type { RotationProgress } from '../../workflows/types';
 import { endpoint, type AuthDeps } from '../endpoint';
 import { rotationCancelling, rotationReport, rotationRolledBack, rotationStarted } from '../responses';
 import { rotationsStart } from '../schemas';
-import { claimKey, earlierTarget, idempotencyKeyOf, keyed, KeyTaken } from '../idempotency';
+import { claimKey, idempotencyKeyOf, keyed, KeyTaken, repeatOf } from '../idempotency';
 import { isUuid } from '../../core/ids';
 import { batchRunOf, latestRunOf, statusOf } from '../../core/run-chain';
 
@@ -113,11 +113,9 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
 export async function startRotation(deps: RotationDeps, caller: Caller, input: z.output<typeof rotationsStart>) {
   const { idempotencyKey, ...body } = input;
   const key = keyed('rotation.start', idempotencyKey, body);
-  if (key) {
-    const earlier = await earlierTarget(deps.pool, caller, key);
-    const repeat = earlier === undefined ? undefined : await repeatedRotation(deps, caller, earlier);
-    if (repeat) return repeat;
-  }
+  const repeat = (rotationId: string) => repeatedRotation(deps, caller, rotationId);
+  const earlier = await repeatOf(deps.pool, caller, key, repeat);
+  if (earlier) return earlier;
   const credentialIds = await selectCredentials(deps.vault, caller.identityId, body);
   // The reason goes into every notice of the batch, and a credential's notice is scanned only for
   // that credential's values (mail/notify.ts): it is checked here against every value the caller
@@ -147,9 +145,8 @@ export async function startRotation(deps: RotationDeps, caller: Caller, input: z
     throw err;
   });
   if (made === false) {
-    const earlier = await earlierTarget(deps.pool, caller, key!);
-    const repeat = earlier === undefined ? undefined : await repeatedRotation(deps, caller, earlier);
-    if (repeat) return repeat;
+    const winner = await repeatOf(deps.pool, caller, key, repeat);
+    if (winner) return winner;
     throw new UnavailableError('another request with this Idempotency-Key was being carried out; try again');
   }
   try {
