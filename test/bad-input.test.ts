@@ -131,6 +131,20 @@ describe('bad input', () => {
     const provider = await post('/v1/vault.store', { body: { name: 'd', kind: 'api_key', value: 'v', rotation: { provider: 'aws-magic' } } });
     expectProblem(provider, 422, 'unprocessable');
     expect(provider.body.detail).toBe("rotation.provider 'aws-magic' is unknown; known providers: generated, postgres-role, http");
+    // No provider makes TOTP seeds: a seed with a rotation policy would fail at every sweep's plan.
+    const seedPolicy = { provider: 'generated', periodDays: 30 };
+    const seedStored = await post('/v1/vault.store', { body: { name: 'rotating-seed', kind: 'totp_seed', totp: { secret: h.secret('JBSWY3DPEHPK3PXP') }, rotation: seedPolicy } });
+    expectProblem(seedStored, 422, 'unprocessable');
+    expect(seedStored.body.detail).toBe(
+      'a totp_seed takes no rotation policy: no provider makes TOTP seeds (enrol a new seed with its service and store it with vault.store)',
+    );
+    expect((await post('/v1/vault.totp', { body: { name: 'rotating-seed' } })).status).toBe(404);
+    const seedPatched = await h.api('PATCH', '/v1/credentials/ten-byte-seed', { token: agent.token, body: { rotation: seedPolicy, tags: ['2fa'] } });
+    expectProblem(seedPatched, 422, 'unprocessable');
+    expect(seedPatched.body.detail).toBe(seedStored.body.detail);
+    const listed = await h.api('GET', '/v1/credentials?kind=totp_seed', { token: agent.token });
+    expect(listed.body.items.map((c: { name: string }) => c.name)).toEqual(['ten-byte-seed']);
+    expect(listed.body.items[0]).toMatchObject({ policy: null, tags: [], nextRotationAt: null });
   });
 
   it('a value over 64 KiB is a 400; a request over 256 KiB is a 413', async () => {

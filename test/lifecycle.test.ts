@@ -6,6 +6,7 @@ import { WorkflowFailedError } from '@temporalio/client';
 import { ApplicationFailure } from '@temporalio/common';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createActivities } from '../activities';
+import { checkPolicy } from '../providers';
 import { verifyWebhookSignature } from '../dependents/webhook';
 import { startHarness, type Harness } from './support/harness';
 import { expectCleanRun } from './support/leaks';
@@ -883,20 +884,18 @@ describe('credential lifecycle', () => {
     const adminCredential = unique('api-admin');
     await store(adminCredential, 'token', h.secret(provider.adminToken));
     const name = unique('totp-http');
-    const stored = await h.api('POST', '/v1/vault.store', {
-      token: owner.token,
-      body: {
-        name,
-        kind: 'totp_seed',
-        totp: { secret: h.secret('JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP') },
-        rotation: {
-          provider: 'http',
-          settings: { create: { url: `${provider.url}/keys` }, verify: { url: `${provider.url}/whoami` }, revoke: { url: `${provider.url}/keys/{id}` }, auth: { credential: adminCredential }, valuePath: 'secret', idPath: 'id' },
-          graceHours: 0,
-        },
-      },
-    });
+    const rotation = {
+      provider: 'http',
+      settings: { create: { url: `${provider.url}/keys` }, verify: { url: `${provider.url}/whoami` }, revoke: { url: `${provider.url}/keys/{id}` }, auth: { credential: adminCredential }, valuePath: 'secret', idPath: 'id' },
+      periodDays: 90,
+      graceHours: 0,
+    };
+    const totp = { secret: h.secret('JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP') };
+    // vault.store refuses a seed with a policy; a seed stored before it did keeps its policy, and the plan refuses that.
+    expect((await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind: 'totp_seed', totp, rotation } })).status).toBe(422);
+    const stored = await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name, kind: 'totp_seed', totp } });
     expect(stored.status, stored.text).toBe(201);
+    await h.sql('UPDATE credentials SET rotation = $2 WHERE id = $1', [stored.body.id, JSON.stringify(checkPolicy(rotation))]);
     const ids = { rotationId: randomUUID(), identityId: owner.id, credentialId: stored.body.id, workflowId: `rotate:${stored.body.id}` };
     // Before, the plan passed: the provider's API key was stored as the seed's next version, vault.totp then refused it.
     await expect(createActivities(h.deps).planRotation(ids)).rejects.toThrow(

@@ -8,7 +8,7 @@ import { StoreBatcher, storeRefusal, UNCONFIRMED_STORE } from './store-batch';
 import type { ReadThread } from './read-thread';
 import type { SecretStore } from './secret-store';
 import { normalizeTotp, parseStoredTotp, toOtpauthUri, totpCode, type TotpCode } from './totp';
-import type { Caller, CredentialMeta, CredentialPolicy, CredentialRef, Kind, SecretRead, StoredVersion, StoreInput } from './types';
+import { TOTP_SEED_NOT_ROTATED, type Caller, type CredentialMeta, type CredentialPolicy, type CredentialRef, type Kind, type SecretRead, type StoredVersion, type StoreInput } from './types';
 import { idOf, UUID } from '../core/ids';
 
 export * from './types';
@@ -165,6 +165,10 @@ export class Vault {
   update(caller: Caller, ref: CredentialRef, policy: CredentialPolicy): Promise<CredentialMeta> {
     return audited(this.pool, caller, 'credential.update', { ...refDetail(ref), fields: Object.keys(policy) }, async (tx, note) => {
       const id = await this.lockOwn(tx, caller.identityId, ref, note);
+      if (policy.rotation) {
+        const { rows } = await tx.query<{ kind: string }>('SELECT kind FROM credentials WHERE id = $1', [id]);
+        if (rows[0]!.kind === 'totp_seed') throw new UnprocessableError(TOTP_SEED_NOT_ROTATED);
+      }
       await this.setPolicy(tx, id, policy);
       await tx.query('UPDATE credentials SET updated_at = $2 WHERE id = $1', [id, this.clock()]);
       return this.describeIn(tx, caller.identityId, id);

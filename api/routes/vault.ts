@@ -5,12 +5,12 @@ import { checkDependents, type Dependent } from '../../dependents';
 import { checkPolicy } from '../../providers';
 import type { Pool } from '../../db/pool';
 import { checkPassword, getPasswordPolicy } from '../../vault/password-policy';
-import type { Caller, CredentialPolicy, CredentialRef, Vault } from '../../vault/vault';
+import { TOTP_SEED_NOT_ROTATED, type Caller, type CredentialPolicy, type CredentialRef, type Vault } from '../../vault/vault';
 import { endpoint, type AuthDeps } from '../endpoint';
 import { credentialDeleted, credentialList, credentialMeta, secretRead, storedVersion, totpCode } from '../responses';
 import { credentialDeleteQuery, credentialsQuery, credentialUpdate, vaultGet, vaultStore, vaultTotp } from '../schemas';
 import { isUuid } from '../../core/ids';
-import { ConflictError, UnavailableError } from '../../core/errors';
+import { ConflictError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { statusOf } from '../../core/run-chain';
 
 export interface VaultRouteDeps {
@@ -116,6 +116,7 @@ async function refuseWhileRotating(deps: VaultRouteDeps, credentialId: string): 
 
 /** vault.store with the checks around it: the password policy, and the provider's and dependents' settings (HTTP and MCP). */
 export async function storeCredential(deps: VaultRouteDeps, caller: Caller, body: z.output<typeof vaultStore>) {
+  if (body.kind === 'totp_seed' && body.rotation) throw new UnprocessableError(TOTP_SEED_NOT_ROTATED);
   if (body.kind === 'password') {
     const policy = await getPasswordPolicy(deps.pool, caller.identityId);
     if (policy) checkPassword(body.value!, policy);
