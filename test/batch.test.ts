@@ -241,6 +241,45 @@ describe('batch rotation in waves', () => {
     }
   });
 
+  it('a batch that ended, or never started, before starting its rotations reports them not started, and no longer reads as running', async () => {
+    const { names } = await storeAll('ended', 4);
+    receiver.delayMs = 1_500;
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: names } });
+    expect(started.status).toBe(202);
+    const rotationId = started.body.rotationId as string;
+    // Its first wave open, the batch is stopped by an operator before the next.
+    let first = await runsOf(rotationId);
+    for (const deadline = Date.now() + 30_000; first.filter((r) => r.run_id).length < maxOpen; first = await runsOf(rotationId)) {
+      if (Date.now() > deadline) throw new Error(`the first wave did not start: ${JSON.stringify(first)}`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    await h.client.workflow.getHandle(started.body.batchWorkflowId).terminate('stopped by an operator');
+    receiver.delayMs = 0;
+    const report = () => h.api('GET', `/v1/rotations/${rotationId}`, { token: agent.token });
+    expect((await report()).body.state).toBe('running');
+    for (const run of first.filter((r) => r.run_id)) await h.client.workflow.getHandle(run.workflow_id, run.run_id!).result();
+    const ended = await report();
+    // Before, 'running' for ever: the two left waited on a batch that was gone.
+    expect(ended.body.state).toBe('partial');
+    expect(ended.body.credentials.map((c: { state: string }) => c.state).sort()).toEqual(['not_started', 'not_started', 'succeeded', 'succeeded']);
+
+    // A start the last wave sent without recording it: reported as the run it made went.
+    const sent = first.find((r) => r.run_id)!;
+    await h.sql('UPDATE rotation_runs SET run_id = NULL, start_sent_at = now() WHERE rotation_id = $1 AND credential_id = $2', [rotationId, sent.credential_id]);
+    expect((await report()).body.credentials.find((c: { credentialId: string }) => c.credentialId === sent.credential_id)).toMatchObject({
+      runId: sent.run_id,
+      state: 'succeeded',
+      outcome: 'rotated',
+    });
+
+    // A rotation recorded by a request whose process died before it started the batch.
+    const orphan = randomUUID();
+    await h.sql(`INSERT INTO rotations (id, identity_id, kind, reason, notify, workflow_id) VALUES ($1, $2, 'request', NULL, '{}', $3)`, [orphan, agent.id, `rotation:${orphan}`]);
+    await h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) VALUES ($1, $2, $3)`, [orphan, sent.credential_id, sent.workflow_id]);
+    const never = await h.api('GET', `/v1/rotations/${orphan}`, { token: agent.token });
+    expect(never.body).toMatchObject({ state: 'not_started', credentials: [{ credentialId: sent.credential_id, state: 'not_started', runId: null }] });
+  });
+
   it('a wave run again after it started a rotation but before it recorded it joins that rotation, even once finished', async () => {
     const { names, ids } = await storeAll('restarted', 1);
     const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: names } });

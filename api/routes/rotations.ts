@@ -224,11 +224,30 @@ async function repeatedRotation(deps: RotationDeps, caller: Caller, rotationId: 
 /** A rotation's state and each credential's progress (GET /v1/rotations/:id, MCP rotation_status). */
 export async function rotationStatus(deps: RotationDeps, caller: Caller, id: string) {
   const rotation = await ownRotation(deps.pool, caller.identityId, id);
-  const runs = await runsOf(deps.pool, rotation.id);
+  let runs = await runsOf(deps.pool, rotation.id);
+  // Runs waiting their turn wait on their batch (rotation:<id>). One that ended without starting
+  // them (terminated, failed) or was never started (its request's process died once it had recorded
+  // the rotation) starts none of them: they stay not_started, and the rotation no longer reads as
+  // running for ever. (A repeat of that request by its Idempotency-Key starts a batch never started.)
+  const waiting = runs.filter((r) => !r.run_id && !r.outcome);
+  const batchEnded = rotation.kind === 'request' && waiting.length > 0 && (await temporal(() => statusOf(deps.client.workflow.getHandle(rotation.workflow_id)))) !== 'RUNNING';
+  if (batchEnded && waiting.some((r) => r.start_sent)) {
+    // A start the batch's last wave sent without recording it (see the cancel above): the run it
+    // made, if any, reported as it is (read here, not recorded).
+    runs = await Promise.all(
+      runs.map(async (r) => {
+        if (r.run_id || r.outcome || !r.start_sent) return r;
+        const runId = await temporal(() => batchRunOf(deps.client, r.workflow_id, rotation.id));
+        if (runId === undefined) return r;
+        const { rows } = await deps.pool.query('SELECT outcome, error FROM run_outcomes WHERE run_id = $1', [runId]);
+        return { ...r, run_id: runId, outcome: rows[0]?.outcome ?? null, error: rows[0]?.error ?? null };
+      }),
+    );
+  }
   const credentials = await Promise.all(runs.map((run) => describeRun(deps.client, run)));
   return {
     rotationId: rotation.id as string,
-    state: aggregate(credentials.map((c) => c.state)),
+    state: aggregate(credentials.map((c) => c.state), { batchEnded }),
     reason: rotation.reason as string | null,
     createdAt: (rotation.created_at as Date).toISOString(),
     credentials,
@@ -340,8 +359,10 @@ async function describeRun(client: Client, run: RunRow) {
   return { ...base, state: progress?.state ?? fallback, status, progress };
 }
 
-function aggregate(states: string[]): string {
-  if (states.some((s) => s === 'running' || s === 'not_started')) return 'running';
+function aggregate(states: string[], { batchEnded }: { batchEnded: boolean }): string {
+  if (states.some((s) => s === 'running' || (s === 'not_started' && !batchEnded))) return 'running';
+  // Its batch gone, a run not started never will be.
+  if (states.every((s) => s === 'not_started')) return 'not_started';
   const took = states.filter((s) => s === 'succeeded' || s === 'grace').length;
   // A run in its grace period took effect; one that failed beside it makes the batch partial, not grace.
   if (took === states.length) return states.includes('grace') ? 'grace' : 'succeeded';
