@@ -373,6 +373,39 @@ describe('rotateCredential', () => {
     h.secret(read.body.value);
   });
 
+  it('a start whose answer was lost after the batch began rotating answers with the rotation: not cancelled, its key kept, nothing rotated twice', async () => {
+    const sender = await h.createIdentity();
+    const stored = await h.api('POST', '/v1/vault.store', { token: sender.token, body: { name: 'lost-start-key', kind: 'api_key', value: h.secret('sk_live_lost_start_value1'), rotation: { provider: 'generated', graceHours: 0 } } });
+    const key = `lost-${randomUUID()}`;
+    const body = { credentials: ['lost-start-key'] };
+    // The server takes the start and the batch's first wave begins; the answer never comes back.
+    const lost = {
+      workflow: {
+        start: async (...args: Parameters<Client['workflow']['start']>) => {
+          await h.client.workflow.start(...args);
+          for (const deadline = Date.now() + 30_000; ; ) {
+            const { rows } = await h.sql('SELECT 1 FROM rotation_runs WHERE credential_id = $1 AND (run_id IS NOT NULL OR start_sent_at IS NOT NULL)', [stored.body.id]);
+            if (rows.length > 0) break;
+            if (Date.now() > deadline) throw new Error('the first wave never began');
+            await new Promise((r) => setTimeout(r, 20));
+          }
+          throw new Error('deadline exceeded');
+        },
+      },
+    } as unknown as Client;
+    const caller = { identityId: sender.id, actor: `identity:${sender.id}`, requestId: 'req-lost-start' };
+    // Before, a 503 (try again) that cancelled the rotation and gave its key back while its run went on.
+    const first = await startRotation({ pool: h.services.pool, vault: h.services.vault, client: lost, taskQueue: h.taskQueue }, caller, { ...body, idempotencyKey: key });
+    expect(first).toEqual({ rotationId: first.rotationId, batchWorkflowId: `rotation:${first.rotationId}`, workflowIds: [`rotate:${stored.body.id}`] });
+    expect((await waitForRotation(first.rotationId, sender.token)).state).toBe('succeeded');
+    expect((await h.sql('SELECT cancelled_at FROM rotations WHERE id = $1', [first.rotationId])).rows).toEqual([{ cancelled_at: null }]);
+    const again = await h.api('POST', '/v1/rotations', { token: sender.token, body, headers: { 'idempotency-key': key } });
+    expect(again.body).toEqual({ ...first, repeated: true });
+    const read = await h.api('POST', '/v1/vault.get', { token: sender.token, body: { name: 'lost-start-key' } });
+    expect(read.body.version).toBe(2);
+    h.secret(read.body.value);
+  });
+
   it('a repeat of a request whose rotation its owner cancelled before the batch started answers with that rotation, and starts nothing', async () => {
     const sender = await h.createIdentity();
     const stored = await h.api('POST', '/v1/vault.store', { token: sender.token, body: { name: 'cancelled-first', kind: 'api_key', value: h.secret('sk_live_cancelled_first_1') } });

@@ -149,6 +149,7 @@ export async function startRotation(deps: RotationDeps, caller: Caller, input: z
     if (winner) return winner;
     throw new UnavailableError('another request with this Idempotency-Key was being carried out; try again');
   }
+  const started = () => ({ rotationId, batchWorkflowId, workflowIds: credentialIds.map((id) => `rotate:${id}`).sort() });
   try {
     await startBatch(deps, rotationId);
   } catch (err) {
@@ -156,14 +157,22 @@ export async function startRotation(deps: RotationDeps, caller: Caller, input: z
     // started rather than running for ever, and a start that reached the server after all starts none.
     // Its key, if it had one, is given back with it: a repeat (the answer said try again) makes a new
     // rotation. Unless a repeat has taken the start over meanwhile (see repeatedRotation): it is left
-    // to that repeat, and this answer says so.
-    const { rowCount } = await deps.pool.query(
-      `WITH cancelled AS (UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1 AND start_taken_over_at IS NULL RETURNING id),
+    // to that repeat, and this answer says so. Nor once the batch's first wave has begun: the start
+    // reached the server after all (its answer lost) and rotations are going; the answer is the
+    // rotation's. (Cancelled, its key given back, the wave's runs would have gone on all the same, and
+    // the request repeated as a 503 asks would have rotated those credentials a second time.)
+    const { rows } = await deps.pool.query(
+      `WITH cancelled AS (
+         UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now())
+          WHERE id = $1 AND start_taken_over_at IS NULL
+            AND NOT EXISTS (SELECT 1 FROM rotation_runs WHERE rotation_id = $1 AND (run_id IS NOT NULL OR start_sent_at IS NOT NULL))
+          RETURNING id),
             freed AS (DELETE FROM idempotency_keys WHERE target_id IN (SELECT id FROM cancelled) AND action = 'rotation.start')
-       SELECT 1 FROM cancelled`,
+       SELECT EXISTS (SELECT 1 FROM cancelled) AS cancelled, (SELECT start_taken_over_at IS NOT NULL FROM rotations WHERE id = $1) AS taken_over`,
       [rotationId],
     );
-    if (rowCount === 0) {
+    if (!rows[0].cancelled && !rows[0].taken_over) return started();
+    if (!rows[0].cancelled) {
       const carried = new UnavailableError(
         `the rotation's start could not be confirmed (${err instanceof Error ? err.message : 'Temporal failed'}); a repeat of this request with the same Idempotency-Key has taken it over and answers with rotation ${rotationId}`,
       );
@@ -172,7 +181,7 @@ export async function startRotation(deps: RotationDeps, caller: Caller, input: z
     // The row above says the rotation was recorded; this one, naming it, that it never started.
     throw await auditFailure(deps.pool, callerEntry(caller, 'rotation.start', { rotationId, notStarted: true }), err);
   }
-  return { rotationId, batchWorkflowId, workflowIds: credentialIds.map((id) => `rotate:${id}`).sort() };
+  return started();
 }
 
 /**
