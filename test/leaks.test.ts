@@ -1,5 +1,6 @@
 import { createHash, randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { incidentMailId } from '../activities/support';
 import { reportLeak } from '../api/routes/leaks';
 import { expectCleanRun } from './support/leaks';
 import { holdTable } from './support/lifecycle-fixtures';
@@ -170,6 +171,49 @@ describe('POST /v1/leaks', () => {
     } finally {
       await lock.release();
     }
+  });
+
+  it("a report that replaces a left-over incident of another version, still live, has the new rotation revoke that version too", async () => {
+    const id = await store('left-over-version', 'sk_left_over_version_01', { rotation: { provider: 'generated', graceHours: 0 } });
+    const first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'left-over-version', source: 'scan' } });
+    expect(first.body.results).toEqual([expect.objectContaining({ version: 1, action: 'rotating' })]);
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1, toVersion: 2 });
+    h.secret((await current('left-over-version')).value);
+    // What a run terminated after its promotion and before its revoke leaves: version 2 current, the
+    // leaked version 1 still live, its incident open with nothing running to close it.
+    await h.sql('UPDATE secret_versions SET revoked_at = NULL WHERE credential_id = $1 AND version = 1', [id]);
+    await h.sql(`UPDATE leak_incidents SET status = 'open', closed_at = NULL WHERE id = $1`, [first.body.results[0].incidentId]);
+
+    // A report by name names the current version, 2: its incident replaces the left-over one.
+    const again = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'left-over-version', source: 'scan' } });
+    expect(again.status, again.text).toBe(202);
+    expect(again.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 2, action: 'rotating' })]);
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 2, toVersion: 3 });
+    // Before, [2]: version 1 kept working, and both incidents ended closed.
+    expect(await revokedVersions(id)).toEqual([1, 2]);
+    expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1 ORDER BY opened_at', [id])).rows).toEqual([{ status: 'closed' }, { status: 'closed' }]);
+    h.secret((await current('left-over-version')).value);
+  });
+
+  it('a leak of a credential with no one to tell (no security contacts, owners or identity email) queues no incident email', async () => {
+    const quiet = await h.createIdentity();
+    const stored = await h.api('POST', '/v1/vault.store', {
+      token: quiet.token,
+      body: { name: 'untold-leak', kind: 'api_key', value: h.secret('sk_untold_leak_value_001'), rotation: { provider: 'generated', graceHours: 0 } },
+    });
+    expect(stored.status, stored.text).toBe(201);
+    const caller = { identityId: quiet.id, actor: `identity:${quiet.id}`, requestId: randomUUID() };
+    const deps = { pool: h.services.pool, vault: h.services.vault, secrets: h.services.secrets, client: h.client, taskQueue: h.taskQueue, securityNotify: [] };
+    const { results } = await reportLeak(deps, caller, quiet.id, { credential: 'untold-leak', source: 'scan' });
+    expect(results).toEqual([expect.objectContaining({ credentialId: stored.body.id, action: 'rotating' })]);
+    expect(await h.client.workflow.getHandle(`rotate:${stored.body.id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak' });
+    expect(await revokedVersions(stored.body.id)).toEqual([1]);
+    // Before, a message to no one, queued, its delivery failing for a day before it was recorded undelivered.
+    expect((await h.sql('SELECT count(*)::int AS n FROM mail_outbox WHERE id = $1', [incidentMailId((results[0] as { incidentId: string }).incidentId)])).rows[0].n).toBe(0);
+    expect((await h.sql(`SELECT count(*)::int AS n FROM audit_log WHERE identity_id = $1 AND action = 'mail.send' AND detail->>'purpose' = 'leak.incident'`, [quiet.id])).rows[0].n).toBe(0);
+    const read = await h.api('POST', '/v1/vault.get', { token: quiet.token, body: { name: 'untold-leak' } });
+    expect(read.body.version).toBe(2);
+    h.secret(read.body.value);
   });
 
   it('a duplicate that joins an incident its run closes a moment later (as it ends) stays a duplicate: no second incident, rotation or email', async () => {

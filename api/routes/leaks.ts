@@ -129,7 +129,15 @@ const STALE_INCIDENT_SECONDS = 60;
 
 type LeakResult = Awaited<ReturnType<typeof respond>>;
 
-async function respond(deps: LeakDeps, t: Target, body: { source: string; details?: string; fingerprint?: string; version?: number }, actor: string, again = false) {
+async function respond(
+  deps: LeakDeps,
+  t: Target,
+  body: { source: string; details?: string; fingerprint?: string; version?: number },
+  actor: string,
+  again = false,
+  /** A left-over incident's version, still live, that the incident replacing it must have revoked too. */
+  leftOver?: number,
+) {
   const workflowId = rotationWorkflowId(t.credentialId);
   if (!t.live) return { credentialId: t.credentialId, version: t.version, action: 'already-revoked' as const };
 
@@ -161,11 +169,15 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
       workflowId,
     ]);
     await tx.query(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) VALUES ($1, $2, $3)`, [rotationId, t.credentialId, workflowId]);
+    const to = [...new Set([...(deps.securityNotify ?? []), ...meta.owners, ...(identity?.email ? [identity.email] : [])])];
+    // No one to tell (no security contacts, owners or identity email): no email, rather than one
+    // tried for a day against "no recipients" and then recorded as undelivered.
+    if (to.length === 0) return opened;
     await queueMail(tx, {
       id: mailId,
       identityId: t.identityId,
       purpose: 'leak.incident',
-      to: [...new Set([...(deps.securityNotify ?? []), ...meta.owners, ...(identity?.email ? [identity.email] : [])])],
+      to,
       subject: `[mailgent] SECURITY: leak reported for ${t.name}`,
       text: [
         `A leak of the ${meta.kind} credential '${t.name}' (version ${t.version}) was reported by ${body.source}.`,
@@ -224,6 +236,7 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
       running = false;
     }
     if (running) {
+      if (leftOver !== undefined) await signalLeak(handle, { incidentId: versionLeakId(incident.id, leftOver), version: leftOver });
       await deliverIncidentMail(deps, incidentMailId(incident.id));
       return joined();
     }
@@ -254,7 +267,13 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
     // Its run closed it a moment ago, as it ended: the leak this report names (the same version) was
     // answered by that run, and the report is a duplicate. (Another version is answered afresh.)
     if (closed.rowCount === 0 && !newVersion) return joined();
-    if (!again) return respond(deps, t, body, actor, true);
+    // The left-over incident's own version, when another than this report's and still live (its run
+    // ended before revoking it: terminated after its promotion, say), goes to the incident that
+    // replaces it: else both incidents end closed with that leaked value still working.
+    const leftOverLive =
+      incident.version !== t.version &&
+      (await deps.pool.query('SELECT 1 FROM secret_versions WHERE credential_id = $1 AND version = $2 AND revoked_at IS NULL', [t.credentialId, incident.version])).rowCount === 1;
+    if (!again) return respond(deps, t, body, actor, true, leftOverLive ? incident.version : leftOver);
     throw new UnavailableError('the leak rotation could not be started; report again shortly');
   }
 
@@ -263,7 +282,7 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
   // email unsent), and a report again within STALE_INCIDENT_SECONDS starts it (above), a later one
   // replaces the incident. Once the rotation runs, whatever fails leaves the incident open too (a
   // report again joins it, and starts the incident email's delivery if it has not started).
-  await startLeakRun(deps, t, rotationId, incident.id, t.version);
+  await startLeakRun(deps, t, rotationId, incident.id, t.version, leftOver);
   const rotating = { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, rotationId, action: 'rotating' as const };
   await deliverIncidentMail(deps, mailId).catch((err: unknown) => Promise.reject(Object.assign(err as Error, { leakStarted: rotating })));
   return rotating;
@@ -273,17 +292,19 @@ async function respond(deps: LeakDeps, t: Target, body: { source: string; detail
  * Starts the credential's rotation in leak mode for an incident (or, one running, signals it) and
  * records the run on the incident's rotation. Safe to repeat: a run hears an incident once.
  */
-async function startLeakRun(deps: LeakDeps, t: Target, rotationId: string, incidentId: string, version: number): Promise<void> {
+async function startLeakRun(deps: LeakDeps, t: Target, rotationId: string, incidentId: string, version: number, leftOver?: number): Promise<void> {
   let signaledRunId: string;
   try {
     const handle = await deps.client.workflow.signalWithStart<typeof rotateCredential, [{ incidentId: string; version?: number }]>('rotateCredential', {
       taskQueue: deps.taskQueue,
       workflowId: rotationWorkflowId(t.credentialId),
-      args: [{ rotationId, identityId: t.identityId, credentialId: t.credentialId, mode: 'leak' }],
+      args: [{ rotationId, identityId: t.identityId, credentialId: t.credentialId, mode: 'leak', ...(leftOver !== undefined ? { leakedVersions: [leftOver] } : {}) }],
       signal: leakSignal,
       signalArgs: [{ incidentId, version }],
     });
     signaledRunId = handle.signaledRunId;
+    // A run already going took the signal, not the input: it hears the left-over version as a report of its own.
+    if (leftOver !== undefined) await handle.signal(leakSignal, { incidentId: versionLeakId(incidentId, leftOver), version: leftOver });
   } catch {
     throw new UnavailableError('the leak rotation could not be started (Temporal is unavailable); report again shortly');
   }
