@@ -1,6 +1,7 @@
 import { InternalWorkflowStartOptionsSymbol, type InternalWorkflowStartOptions } from '@temporalio/client/lib/internal';
 import { ConflictError, NotFoundError } from '../core/errors';
 import { batchRunOf, latestRunOf, runOpenSince, statusOf } from '../core/run-chain';
+import { purgeExpiredKeys } from '../db/idempotency-keys';
 import { recordBatchRun, RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
 import { handOverNotice } from './notices';
 import type { RotationWindow } from '../vault/types';
@@ -424,20 +425,38 @@ export function batchActivities(deps: ActivityDeps) {
     },
 
     /**
-     * Soft-deleted credentials past their retention are destroyed (their ciphertexts deleted); and
-     * rotation plans past any run's use are dropped (ROTATION_PLAN_DAYS).
+     * Soft-deleted credentials past their retention are destroyed (their ciphertexts deleted);
+     * rotation plans past any run's use are dropped (ROTATION_PLAN_DAYS), and Idempotency-Keys past
+     * their day. Bounded in time (PURGE_BUDGET_MS, under the step's 20 s limit): an attempt cut off
+     * by that limit went on destroying beside its retry (each auditing the other's destroys as
+     * refusals), and a backlog failed the sweep once its retries ran out. What is left (oldest
+     * first) goes to the next sweep's.
      */
-    async purgeDeleted(input: { asOf: string; retentionDays: number }): Promise<{ destroyed: number }> {
+    async purgeDeleted(input: { asOf: string; retentionDays: number; budgetMs?: number }): Promise<{ destroyed: number; left: boolean }> {
+      const deadline = Date.now() + (input.budgetMs ?? PURGE_BUDGET_MS);
       await deps.pool.query(`DELETE FROM rotation_plans WHERE planned_at < $1::timestamptz - make_interval(days => ${ROTATION_PLAN_DAYS})`, [input.asOf]);
+      let left = false;
+      while ((await purgeExpiredKeys(deps.pool, PURGE_PAGE)) === PURGE_PAGE) {
+        if (Date.now() >= deadline) {
+          left = true;
+          break;
+        }
+      }
       // One cutoff for the list and the check under the lock (days of 24 hours: the session's time
       // zone and its daylight-saving days do not move it between the two).
       const cutoff = new Date(Date.parse(input.asOf) - input.retentionDays * 86_400_000);
       const { rows } = await deps.pool.query(
-        `SELECT id, identity_id FROM credentials WHERE deleted_at IS NOT NULL AND destroyed_at IS NULL AND deleted_at < $1`,
+        `SELECT id, identity_id FROM credentials WHERE deleted_at IS NOT NULL AND destroyed_at IS NULL AND deleted_at < $1
+          ORDER BY deleted_at, id LIMIT ${PURGE_PAGE}`,
         [cutoff],
       );
+      if (rows.length === PURGE_PAGE) left = true;
       let destroyed = 0;
       for (const row of rows) {
+        if (Date.now() >= deadline) {
+          left = true;
+          break;
+        }
         heartbeat();
         // A rotation still running (in its grace period, say) reads the credential to revoke the
         // value it replaced once the grace period ends: destroyed before that, the revoke found
@@ -459,10 +478,15 @@ export function batchActivities(deps: ActivityDeps) {
           if (!(err instanceof NotFoundError) && !(err instanceof ConflictError)) throw err;
         }
       }
-      return { destroyed };
+      return { destroyed, left };
     },
   };
 }
+
+/** How long one retention step works before it leaves the rest to the next sweep's: well under databaseStep's 20 s. */
+export const PURGE_BUDGET_MS = 10_000;
+/** Credentials a retention step lists at a time, and Idempotency-Keys it deletes per statement. */
+const PURGE_PAGE = 1_000;
 
 /**
  * How long a rotation's plan (rotation_plans: the policy and dependents it works with) is kept: past

@@ -1,11 +1,14 @@
 import { createHash } from 'node:crypto';
 import { UnprocessableError, ValidationError } from '../core/errors';
+import { IDEMPOTENCY_HOURS, purgeExpiredKeys } from '../db/idempotency-keys';
 import type { Db } from '../db/pool';
 import type { Caller } from '../vault/vault';
 import { idempotencyKey } from './schemas';
 
-/** How long an Idempotency-Key names what its request made: a repeat within this time gets that back. */
-export const IDEMPOTENCY_HOURS = 24;
+export { IDEMPOTENCY_HOURS };
+
+/** Expired keys of its identity a keyed request deletes at most (the sweep's retention step takes the rest). */
+const PURGE_ON_REQUEST = 1_000;
 
 /**
  * Requests a client may repeat safely by giving an Idempotency-Key (the IETF draft's header; MCP
@@ -27,13 +30,10 @@ export function keyed(action: string, key: string | undefined, request: unknown)
 /** What the key's earlier request made (its target id), if the key names one still; a 422 if that request was another. */
 async function earlierTarget(db: Db, caller: Caller, k: Keyed): Promise<string | undefined> {
   // The identity's keys honoured no longer go (its own rows, by the primary key's prefix; rows another
-  // request holds are left to it): the table holds about a day of each identity's keyed requests.
-  // A statement of its own, outside any claim's transaction, so two claims never wait on each other's purge.
-  await db.query(
-    `DELETE FROM idempotency_keys WHERE ctid IN (
-       SELECT ctid FROM idempotency_keys WHERE identity_id = $1 AND created_at <= now() - make_interval(hours => $2) FOR UPDATE SKIP LOCKED)`,
-    [caller.identityId, IDEMPOTENCY_HOURS],
-  );
+  // request holds are left to it), as the sweep's retention step purges every identity's: the table
+  // holds about a day of keyed requests. A statement of its own, outside any claim's transaction, so
+  // two claims never wait on each other's purge.
+  await purgeExpiredKeys(db, PURGE_ON_REQUEST, caller.identityId);
   const { rows } = await db.query(
     `SELECT target_id, request = $4 AS same FROM idempotency_keys
       WHERE identity_id = $1 AND action = $2 AND key = $3 AND created_at > now() - make_interval(hours => $5)`,

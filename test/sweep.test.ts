@@ -789,11 +789,38 @@ describe('scheduled sweep', () => {
         },
       },
     } as unknown as NonNullable<typeof h.deps.temporal>;
-    expect(await createActivities({ ...h.deps, temporal }).purgeDeleted({ asOf: new Date().toISOString(), retentionDays: 30 })).toEqual({ destroyed: 0 });
+    expect(await createActivities({ ...h.deps, temporal }).purgeDeleted({ asOf: new Date().toISOString(), retentionDays: 30 })).toEqual({ destroyed: 0, left: false });
     expect(asked).toBe(2);
     // Before, it was destroyed: the key that rotation's provider made could be neither staged nor revoked.
     expect((await h.sql('SELECT count(*)::int AS n FROM secret_versions WHERE credential_id = $1', [id])).rows[0].n).toBe(1);
     expect((await h.sql('SELECT destroyed_at FROM credentials WHERE id = $1', [id])).rows[0].destroyed_at).toBeNull();
+  });
+
+  it("retention works within a time budget, leaving the rest to the next sweep's, and deletes every identity's expired Idempotency-Keys", async () => {
+    const agent = await identity();
+    const ids: string[] = [];
+    for (const [i, days] of [40, 39, 38].entries()) {
+      const name = unique(`budgeted-${i}`);
+      ids.push(await store(agent.token, { name, kind: 'api_key', value: secretValue() }));
+      expect((await h.api('DELETE', `/v1/credentials/${name}`, { token: agent.token })).status).toBe(200);
+      await h.sql(`UPDATE credentials SET deleted_at = now() - make_interval(days => $2) WHERE id = $1`, [ids[i], days]);
+    }
+    // An identity that keyed requests a day ago and none since: nothing of its own purges its keys.
+    const quiet = await identity();
+    for (const [key, hours] of [['old-1', 25], ['old-2', 30], ['fresh', 1]] as const) {
+      await h.sql(`INSERT INTO idempotency_keys (identity_id, action, key, target_id, request, created_at) VALUES ($1, 'mail.send', $2, $3, $4, now() - make_interval(hours => $5))`, [
+        quiet.id, key, randomUUID(), randomBytes(32), hours,
+      ]);
+    }
+    const destroyed = async () => (await h.sql('SELECT count(*)::int AS n FROM credentials WHERE id = ANY($1::uuid[]) AND destroyed_at IS NOT NULL', [ids])).rows[0].n as number;
+    const asOf = new Date().toISOString();
+    // Out of time at once: nothing destroyed, and it says there is more.
+    expect(await createActivities(h.deps).purgeDeleted({ asOf, retentionDays: 30, budgetMs: 0 })).toMatchObject({ destroyed: 0, left: true });
+    expect(await destroyed()).toBe(0);
+    // Before, only a keyed request of the same identity deleted its expired keys.
+    expect((await h.sql('SELECT key FROM idempotency_keys WHERE identity_id = $1', [quiet.id])).rows).toEqual([{ key: 'fresh' }]);
+    expect(await createActivities(h.deps).purgeDeleted({ asOf, retentionDays: 30 })).toMatchObject({ left: false });
+    expect(await destroyed()).toBe(3);
   });
 
   it('password policy: weak passwords are refused, managed ones rotated past the maximum age, unmanaged ones reminded and escalated once', async () => {
