@@ -419,6 +419,15 @@ describe('mailgent CLI', () => {
       h.secret(body.token);
       expect(body).toEqual({ id: expect.any(String), name: 'cli-made-2', email: null, token: expect.any(String) });
 
+      // A new token in place of the old, by name: the old one stops working.
+      const reissued = await mailgent(['identities', 'token', 'cli-made'], { env: admin() });
+      expect(reissued.code).toBe(0);
+      const newToken = h.secret(reissued.stdout.trim());
+      expect(reissued.stderr).toMatch(/^issued identity cli-made \(id [0-9a-f-]{36}\) a new token; its old one no longer works\. The new one follows, shown only this once:\n$/);
+      expect((await h.api('GET', '/v1/credentials', { token })).status).toBe(401);
+      expect((await h.api('GET', '/v1/credentials', { token: newToken })).status).toBe(200);
+      expect(await mailgent(['identities', 'token', 'no-such-identity'], { env: admin() })).toMatchObject({ code: 3, stdout: '' });
+
       // An identity's token is not the admin token: 403 → exit 3, with the problem detail.
       const denied = await mailgent(['identities', 'create', 'nope', '--admin-token', alice.token]);
       expect(denied).toMatchObject({ code: 3, stdout: '' });

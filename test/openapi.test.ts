@@ -108,6 +108,11 @@ describe('OpenAPI document', () => {
     expect((await call('POST', '/v1/identities', { token, body: { name: 'nope' } })).status).toBe(403);
     expect((await call('POST', '/v1/identities', { body: { name: 'nope' } })).status).toBe(401);
     expect((await call('PATCH', `/v1/identities/${other.id}`, { token: admin, body: { mcpMasking: true } })).status).toBe(200);
+    const spare = await h.createIdentity('openapi-spare');
+    const reissued = await call('POST', `/v1/identities/${spare.id}/token`, { token: admin });
+    expect(reissued.status).toBe(201);
+    h.secret(reissued.body.token);
+    expect((await call('POST', '/v1/identities/openapi-nobody/token', { token: admin })).status).toBe(404);
     expect((await call('GET', '/v1/whoami', { token })).body.name).toBe('openapi-agent');
 
     // The vault primitives, their policy routes and their problems.

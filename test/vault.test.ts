@@ -117,6 +117,36 @@ describe('vault.store / vault.get over HTTP', () => {
     expect(dup.status).toBe(409);
   });
 
+  it('the admin issues an identity a new token (by name or id) in place of its old one, which stops working at once', async () => {
+    const made = await h.api('POST', '/v1/identities', { token: h.adminToken, body: { name: 'dave' } });
+    const first = h.secret(made.body.token as string);
+    const stored = await h.api('POST', '/v1/vault.store', { token: first, body: { name: 'dave-key', kind: 'api_key', value: h.secret('sk_dave_value_00000001') } });
+    expect(stored.status).toBe(201);
+    expect((await h.api('GET', '/v1/whoami', { token: first })).status).toBe(200);
+    // Before, no route: a token lost or leaked could be neither replaced nor revoked.
+    const byName = await h.api('POST', '/v1/identities/dave/token', { token: h.adminToken });
+    expect(byName.status, byName.text).toBe(201);
+    expect(byName.body).toEqual({ id: made.body.id, name: 'dave', email: null, token: expect.stringMatching(/^mgt_[A-Za-z0-9_-]{43}$/) });
+    const second = h.secret(byName.body.token as string);
+    expect(second).not.toBe(first);
+    // Remembered a moment ago by this process, the old token is forgotten at once.
+    expect((await h.api('GET', '/v1/whoami', { token: first })).status).toBe(401);
+    expect((await h.api('POST', '/v1/vault.get', { token: second, body: { name: 'dave-key' } })).body.value).toBe('sk_dave_value_00000001');
+    const byId = await h.api('POST', `/v1/identities/${made.body.id}/token`, { token: h.adminToken });
+    expect(byId.status).toBe(201);
+    const third = h.secret(byId.body.token as string);
+    expect((await h.api('GET', '/v1/whoami', { token: second })).status).toBe(401);
+    expect((await h.api('GET', '/v1/whoami', { token: third })).body).toEqual({ id: made.body.id, name: 'dave', email: null });
+    // The admin's only: an identity's token is a 403 (its own included), an unknown identity a 404.
+    expect((await h.api('POST', '/v1/identities/dave/token', { token: third })).status).toBe(403);
+    expect((await h.api('POST', '/v1/identities/nobody-here/token', { token: h.adminToken })).status).toBe(404);
+    const trail = (await h.sql(`SELECT actor, outcome, detail FROM audit_log WHERE identity_id = $1 AND action = 'identity.token' AND outcome = 'ok' ORDER BY seq`, [made.body.id])).rows;
+    expect(trail).toEqual([
+      { actor: 'admin', outcome: 'ok', detail: {} },
+      { actor: 'admin', outcome: 'ok', detail: {} },
+    ]);
+  });
+
   it('lists metadata only, with ages, policies and filters', async () => {
     const carol = await h.createIdentity();
     const body = (name: string, kind: string, extra = {}) => ({ token: carol.token, body: { name, kind, value: h.secret(`value-of-${name}-123`), ...extra } });

@@ -38,8 +38,8 @@ export function tokensEqual(presented: string, expectedHash: Buffer): boolean {
 }
 
 /**
- * How long an API process remembers a token that authenticated. Identities and tokens never change
- * today (no route revokes a token or deletes an identity); one that does must clear this cache.
+ * How long an API process remembers a token that authenticated. A token re-issued (reissueToken)
+ * leaves the cache of the process that re-issued it at once, and the others' within this time.
  */
 export const AUTH_CACHE_MS = 5_000;
 const AUTH_CACHE_MAX = 10_000;
@@ -72,6 +72,26 @@ export class Identities {
       throw err;
     }
     return { id, name: input.name, email: input.email ?? null, token };
+  }
+
+  /**
+   * A new token for an identity (by id, or by name), in place of its old one, which stops working:
+   * at once in this process, within AUTH_CACHE_MS in other API processes. For a token lost (its
+   * identity's creation answered, the answer never read) or leaked. Audited as identity.token.
+   */
+  async reissueToken(ref: { id: string } | { name: string }, audit: { actor: string; requestId?: string }): Promise<Identity & { token: string }> {
+    const token = newToken();
+    const identity = await withTransaction(this.pool, async (tx) => {
+      const { rows } = await tx.query<Identity>(
+        `UPDATE identities SET token_hash = $2 WHERE ${'id' in ref ? 'id = $1::uuid' : 'name = $1'} RETURNING id, name, email`,
+        ['id' in ref ? ref.id : ref.name, hashToken(token)],
+      );
+      if (!rows[0]) throw new NotFoundError(`no identity ${'id' in ref ? `with id ${ref.id}` : `named '${ref.name}'`}`);
+      await appendAudit(tx, { identityId: rows[0].id, actor: audit.actor, action: 'identity.token', outcome: 'ok', requestId: audit.requestId, detail: {} });
+      return rows[0];
+    });
+    for (const [key, cached] of this.authCache) if (cached.identity.id === identity.id) this.authCache.delete(key);
+    return { id: identity.id, name: identity.name, email: identity.email, token };
   }
 
   /** The identity whose token hashes (hashToken) to `hash`, if any; the caller has hashed the token already. */

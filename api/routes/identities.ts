@@ -15,6 +15,18 @@ export function identityRoutes(auth: AuthDeps, identities: Identities): Router {
       body: await identities.create(body, { actor: 'admin', requestId }),
     })),
   );
+  // A new token in place of the old one (lost, or leaked): shown once, the old one stops working.
+  router.post(
+    '/v1/identities/:ref/token',
+    ...endpoint(
+      auth,
+      { who: 'admin', action: 'identity.token', summary: 'Issue an identity a new token in place of its old one (shown once)', responses: { 201: identityCreated }, problems: [404] },
+      async ({ req, requestId }) => {
+        const ref = String(req.params.ref);
+        return { status: 201, body: await identities.reissueToken(isUuid(ref) ? { id: ref } : { name: ref }, { actor: 'admin', requestId }) };
+      },
+    ),
+  );
   // Who the bearer token belongs to. Does no vault work, so it is also the HTTP floor of `npm run bench`.
   router.get(
     '/v1/whoami',

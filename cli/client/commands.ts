@@ -49,26 +49,36 @@ function jsonFlag(flag: string, raw: string | undefined, usage: string): Record<
 }
 
 const identitiesUsage = `Usage: mailgent identities create <name> [--email <address>] [--json]
+       mailgent identities token <name|id> [--json]
 
-Creates an identity (an agent or a team) and prints its bearer token on stdout. The token is shown
-only this once; the service keeps its hash.
+create makes an identity (an agent or a team) and prints its bearer token on stdout. token issues an
+identity a new token in place of its old one (lost, or leaked), which stops working (within 5 s on
+every API process), and prints it. A token is shown only this once; the service keeps its hash.
 
 ${ADMIN}
 ${JSON_NOTE}`;
 
 const identities: ClientCommand = {
-  summary: 'identities create <name>   make an identity; prints its token once (admin)',
+  summary: 'identities create <name> | token <name|id>   make an identity, or issue it a new token; prints the token once (admin)',
   usage: identitiesUsage,
   async run(args) {
     const { values, positionals: pos } = parse(args, { ...ADMIN_TOKEN_OPTION, email: { type: 'string' } }, identitiesUsage);
-    if (pos[0] !== 'create') throw usageError(pos[0] ? `unknown subcommand '${pos[0]}'` : 'missing subcommand: create', identitiesUsage);
-    const [, name] = positionals(pos, ['subcommand', 'name'], identitiesUsage);
+    if (pos[0] !== 'create' && pos[0] !== 'token') throw usageError(pos[0] ? `unknown subcommand '${pos[0]}'` : 'missing subcommand: create or token', identitiesUsage);
+    const [subcommand, name] = positionals(pos, ['subcommand', pos[0] === 'token' ? 'name or id' : 'name'], identitiesUsage);
+    if (subcommand === 'token' && values.email !== undefined) throw usageError('--email is for create', identitiesUsage);
     const api = new Api(baseUrl(values.url), adminToken(values['admin-token']));
-    const created = await api.call('POST', '/v1/identities', identityCreated, { name, ...(values.email ? { email: values.email } : {}) });
+    const made =
+      subcommand === 'create'
+        ? await api.call('POST', '/v1/identities', identityCreated, { name, ...(values.email ? { email: values.email } : {}) })
+        : await api.call('POST', `/v1/identities/${encodeURIComponent(name!)}/token`, identityCreated);
     const out = new Out(values.json);
-    out.result(created, () => {
-      out.note(`created identity ${created.name} (id ${created.id}); its token follows, shown only this once:`);
-      out.line(created.token);
+    out.result(made, () => {
+      out.note(
+        subcommand === 'create'
+          ? `created identity ${made.name} (id ${made.id}); its token follows, shown only this once:`
+          : `issued identity ${made.name} (id ${made.id}) a new token; its old one no longer works. The new one follows, shown only this once:`,
+      );
+      out.line(made.token);
     });
     return EXIT.ok;
   },
