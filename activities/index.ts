@@ -7,6 +7,7 @@ import type { Identities } from '../vault/identities';
 import type { RotationVault } from '../vault/rotation-vault';
 import type { Vault } from '../vault/vault';
 import { batchActivities } from './batch';
+import { leakActivities } from './leak-runs';
 import { noticeActivities } from './notices';
 import { policyActivities } from './policies';
 import { rotationActivities } from './rotation';
@@ -37,6 +38,7 @@ export interface ActivityDeps {
 export function createActivities(deps: ActivityDeps) {
   return {
     ...rotationActivities(deps),
+    ...leakActivities(deps),
     ...noticeActivities(deps),
     ...batchActivities(deps),
     ...policyActivities(deps),

@@ -268,6 +268,33 @@ describe('POST /v1/leaks', () => {
     h.secret((await current('start-lost')).value);
   });
 
+  it('an incident whose report died before starting its rotation, never reported again, has that rotation started by the next sweep', async () => {
+    const id = await store('report-died', 'sk_report_died_value_001', { rotation: { provider: 'generated', graceHours: 0 } });
+    const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
+    // The incident, its rotation and its email committed; the start never made (a 503 here, or the process gone).
+    await expect(reportLeak(depsLosingSignalWithStart(), caller, agent.id, { credential: 'report-died', source: 'scan' })).rejects.toMatchObject({ status: 503 });
+    const [incident] = (await h.sql('SELECT id FROM leak_incidents WHERE credential_id = $1', [id])).rows;
+    // A sweep leaves an incident younger than a minute to its report, which may still be starting it.
+    const sweep = async () => {
+      const handle = await h.client.workflow.start('rotationSweep', { taskQueue: h.taskQueue, workflowId: `sweep-leaks-${randomUUID()}`, args: [{ waitSeconds: 1 }] });
+      await handle.result();
+    };
+    await sweep();
+    expect((await h.sql('SELECT run_id FROM rotation_runs r JOIN leak_incidents i ON i.rotation_id = r.rotation_id WHERE i.id = $1', [incident.id])).rows).toEqual([{ run_id: null }]);
+    await h.sql(`UPDATE leak_incidents SET opened_at = now() - interval '2 minutes' WHERE id = $1`, [incident.id]);
+    // Before, nothing but another report of the credential would ever start it: the leaked value stayed live.
+    await sweep();
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1, toVersion: 2 });
+    expect(await revokedVersions(id)).toEqual([1]);
+    expect((await h.sql('SELECT status FROM leak_incidents WHERE id = $1', [incident.id])).rows).toEqual([{ status: 'closed' }]);
+    const alert = await waitFor('the incident email', async () => {
+      const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for report-died');
+      return mails.length > 0 ? mails : undefined;
+    });
+    expect(alert).toHaveLength(1);
+    h.secret((await current('report-died')).value);
+  });
+
   it('a leak the running rotation never heard (its report lost Temporal, answered 503, and was not repeated) is not closed unanswered when that rotation ends: the leaked value is rotated', async () => {
     const id = await store('unheard-leak', 'sk_unheard_leak_value_0001', { rotation: { provider: 'generated', graceHours: 0.001 } }); // 3.6 s of grace
     const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['unheard-leak'] } });

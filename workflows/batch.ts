@@ -1,6 +1,7 @@
-import { continueAsNew, proxyActivities, workflowInfo } from '@temporalio/workflow';
+import { continueAsNew, patched, proxyActivities, workflowInfo } from '@temporalio/workflow';
 import type { createActivities } from '../activities';
 import { batchStep, databaseStep, emailDelivery } from './options';
+import { SWEEP_RESUMES_LEAKS } from './patches';
 
 type Activities = ReturnType<typeof createActivities>;
 const batch = proxyActivities<Activities>(batchStep);
@@ -37,13 +38,15 @@ const SWEEP_WAIT_SECONDS = 45 * 60;
 const PAGES_PER_RUN = 25;
 
 /**
- * The scheduled sweep: due credentials (age ≥ periodDays, or expiring within the lead time) are
+ * The scheduled sweep: leak incidents whose rotation never started are started; due credentials (age ≥ periodDays, or expiring within the lead time) are
  * selected page by page with one index scan each, their rotations started in bounded batches; then
  * the password policies, expiry reminders and retention run, and each team gets one summary.
  */
 export async function rotationSweep(input: SweepInput = {}): Promise<{ sweepId: string; total: number; rotated: number; failed: number; open?: number }> {
   const asOf = input.asOf ?? workflowInfo().startTime.toISOString();
   const pageSize = input.pageSize ?? 500;
+  // Leaks first: an incident whose report died before starting its rotation has waited since.
+  if (!input.sweepId && patched(SWEEP_RESUMES_LEAKS)) await batch.resumeLeakIncidents({ asOf });
   const sweepId = input.sweepId ?? (await db.beginSweep({ workflowId: workflowInfo().workflowId, asOf })).sweepId;
   let after = input.after;
   for (let page = 0; page < PAGES_PER_RUN; page++) {

@@ -111,6 +111,13 @@ export const LEAKS_COUNTED_AT_OUTCOME = 'leaks-counted-when-the-outcome-is-decid
  */
 export const ROLLBACK_ANSWER_OUTLIVES_CANCEL = 'rollback-answer-outlives-a-cancel';
 
+/**
+ * Sweeps recorded before this patch did not look for leak incidents whose rotation was never
+ * started (their report's process died between the incident's commit and the start); newer sweeps
+ * start those first (resumeLeakIncidents).
+ */
+export const SWEEP_RESUMES_LEAKS = 'sweep-resumes-leak-incidents';
+
 export const PATCH_IDS: readonly string[] = [
   CLOSE_INCIDENTS_LAST,
   NOTICE_FAILURES_CONTINUE,
@@ -125,4 +132,5 @@ export const PATCH_IDS: readonly string[] = [
   GRACE_BESIDE_NOTICE,
   LEAKS_COUNTED_AT_OUTCOME,
   ROLLBACK_ANSWER_OUTLIVES_CANCEL,
+  SWEEP_RESUMES_LEAKS,
 ];

@@ -2,7 +2,8 @@ import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
 import type { z } from 'zod';
 import { WorkflowNotFoundError, type Client } from '@temporalio/client';
-import { incidentMailId, stableUuid } from '../../activities/support';
+import { rotationWorkflowId, STALE_INCIDENT_SECONDS, startLeakRun, versionLeakId } from '../../activities/leak-runs';
+import { incidentMailId } from '../../activities/support';
 import { AppError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { idOf } from '../../core/ids';
 import { latestRunOf } from '../../core/run-chain';
@@ -14,7 +15,6 @@ import { appendAudit, auditChangeMade, type AuditEntry } from '../../vault/audit
 import type { SecretStore } from '../../vault/secret-store';
 import type { Caller, Vault } from '../../vault/vault';
 import { leakSignal } from '../../workflows/definitions';
-import type { rotateCredential } from '../../workflows/rotate-credential';
 import { endpoint, type AuthDeps } from '../endpoint';
 import { leakResults } from '../responses';
 import { leakReport } from '../schemas';
@@ -120,12 +120,6 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
   return { results };
 }
 
-/**
- * An open incident whose run is not running, and whose run was never recorded as started, is left
- * over (its starter died) only once it is older than this: a run is started within moments of its
- * incident's commit. One whose run was started is left over as soon as no run is running.
- */
-const STALE_INCIDENT_SECONDS = 60;
 
 type LeakResult = Awaited<ReturnType<typeof respond>>;
 
@@ -287,35 +281,6 @@ async function respond(
   await deliverIncidentMail(deps, mailId).catch((err: unknown) => Promise.reject(Object.assign(err as Error, { leakStarted: rotating })));
   return rotating;
 }
-
-/**
- * Starts the credential's rotation in leak mode for an incident (or, one running, signals it) and
- * records the run on the incident's rotation. Safe to repeat: a run hears an incident once.
- */
-async function startLeakRun(deps: LeakDeps, t: Target, rotationId: string, incidentId: string, version: number, leftOver?: number): Promise<void> {
-  let signaledRunId: string;
-  try {
-    const handle = await deps.client.workflow.signalWithStart<typeof rotateCredential, [{ incidentId: string; version?: number }]>('rotateCredential', {
-      taskQueue: deps.taskQueue,
-      workflowId: rotationWorkflowId(t.credentialId),
-      args: [{ rotationId, identityId: t.identityId, credentialId: t.credentialId, mode: 'leak', ...(leftOver !== undefined ? { leakedVersions: [leftOver] } : {}) }],
-      signal: leakSignal,
-      signalArgs: [{ incidentId, version }],
-    });
-    signaledRunId = handle.signaledRunId;
-    // A run already going took the signal, not the input: it hears the left-over version as a report of its own.
-    if (leftOver !== undefined) await handle.signal(leakSignal, { incidentId: versionLeakId(incidentId, leftOver), version: leftOver });
-  } catch {
-    throw new UnavailableError('the leak rotation could not be started (Temporal is unavailable); report again shortly');
-  }
-  await deps.pool.query('UPDATE rotation_runs SET run_id = $2 WHERE rotation_id = $1 AND run_id IS NULL', [rotationId, signaledRunId]);
-}
-
-/** The workflow that rotates a credential (one at a time). */
-const rotationWorkflowId = (credentialId: string) => `rotate:${credentialId}`;
-
-/** The leak of another version than its incident's, as the run hears it: one id per incident and version, so a repeated report is one signal. */
-const versionLeakId = (incidentId: string, version: number) => stableUuid(`${incidentId}:version:${version}`);
 
 async function signalLeak(handle: ReturnType<Client['workflow']['getHandle']>, leak: { incidentId: string; version: number }): Promise<void> {
   try {

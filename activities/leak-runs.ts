@@ -1,0 +1,86 @@
+import type { Client } from '@temporalio/client';
+import { UnavailableError } from '../core/errors';
+import type { Pool } from '../db/pool';
+import { startDelivery } from '../mail/outbox';
+import { leakSignal } from '../workflows/definitions';
+import type { rotateCredential } from '../workflows/rotate-credential';
+import type { ActivityDeps } from './index';
+import { heartbeat, incidentMailId, stableUuid } from './support';
+
+/** The workflow that rotates a credential (one at a time). */
+export const rotationWorkflowId = (credentialId: string) => `rotate:${credentialId}`;
+
+/** The leak of another version than its incident's, as the run hears it: one id per incident and version, so a repeated report is one signal. */
+export const versionLeakId = (incidentId: string, version: number) => stableUuid(`${incidentId}:version:${version}`);
+
+/**
+ * Starts the credential's rotation in leak mode for an incident (or, one running, signals it) and
+ * records the run on the incident's rotation. Safe to repeat: a run hears an incident once.
+ * `leftOver`: a version an earlier incident left live, for this run to revoke too.
+ */
+export async function startLeakRun(
+  deps: { pool: Pool; client: Client; taskQueue: string },
+  t: { credentialId: string; identityId: string },
+  rotationId: string,
+  incidentId: string,
+  version: number,
+  leftOver?: number,
+): Promise<void> {
+  let signaledRunId: string;
+  try {
+    const handle = await deps.client.workflow.signalWithStart<typeof rotateCredential, [{ incidentId: string; version?: number }]>('rotateCredential', {
+      taskQueue: deps.taskQueue,
+      workflowId: rotationWorkflowId(t.credentialId),
+      args: [{ rotationId, identityId: t.identityId, credentialId: t.credentialId, mode: 'leak', ...(leftOver !== undefined ? { leakedVersions: [leftOver] } : {}) }],
+      signal: leakSignal,
+      signalArgs: [{ incidentId, version }],
+    });
+    signaledRunId = handle.signaledRunId;
+    // A run already going took the signal, not the input: it hears the left-over version as a report of its own.
+    if (leftOver !== undefined) await handle.signal(leakSignal, { incidentId: versionLeakId(incidentId, leftOver), version: leftOver });
+  } catch {
+    throw new UnavailableError('the leak rotation could not be started (Temporal is unavailable); report again shortly');
+  }
+  await deps.pool.query('UPDATE rotation_runs SET run_id = $2 WHERE rotation_id = $1 AND run_id IS NULL', [rotationId, signaledRunId]);
+}
+
+/**
+ * An open incident whose run is not running, and whose run was never recorded as started, is left
+ * over (its starter died) only once it is older than this: a run is started within moments of its
+ * incident's commit. One whose run was started is left over as soon as no run is running.
+ */
+export const STALE_INCIDENT_SECONDS = 60;
+
+/** Incidents a sweep starts at most (the next sweep starts the rest). */
+const RESUMED_PER_SWEEP = 200;
+
+export function leakActivities(deps: ActivityDeps) {
+  return {
+    /**
+     * Open leak incidents whose rotation was never started: their report's process died (or lost
+     * Temporal) between the incident's commit and the start, and its reporter, told nothing or told
+     * to report again, never did. Nothing else would start them (a later report of the credential
+     * would), and the leaked value would stay live with nobody told. The sweep starts each one's
+     * leak rotation as its report would have (a run going meanwhile is signalled instead) and hands
+     * its incident email over. Only incidents older than STALE_INCIDENT_SECONDS: a younger one's
+     * report may still be starting it.
+     */
+    async resumeLeakIncidents(input: { asOf: string }): Promise<{ started: number }> {
+      if (!deps.temporal) throw new Error('no Temporal client here for starting leak rotations');
+      const temporal = deps.temporal;
+      const { rows } = await deps.pool.query(
+        `SELECT i.id, i.credential_id, i.identity_id, i.version, i.rotation_id
+           FROM leak_incidents i JOIN rotation_runs r ON r.rotation_id = i.rotation_id AND r.credential_id = i.credential_id
+          WHERE i.status = 'open' AND r.run_id IS NULL AND i.opened_at < $1::timestamptz - make_interval(secs => $2)
+          ORDER BY i.opened_at LIMIT ${RESUMED_PER_SWEEP}`,
+        [input.asOf, STALE_INCIDENT_SECONDS],
+      );
+      for (const row of rows) {
+        heartbeat();
+        await startLeakRun({ pool: deps.pool, ...temporal }, { credentialId: row.credential_id, identityId: row.identity_id }, row.rotation_id, row.id, row.version);
+        await startDelivery(deps.pool, temporal, incidentMailId(row.id));
+      }
+      return { started: rows.length };
+    },
+  };
+}
