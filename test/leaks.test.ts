@@ -195,6 +195,34 @@ describe('POST /v1/leaks', () => {
     h.secret((await current('left-over-version')).value);
   });
 
+  it('parallel reports that meet a left-over incident all join the one incident that replaces it, none the closed one', async () => {
+    const id = await store('left-over-parallel', 'sk_left_over_parallel_1', { rotation: { provider: 'generated', graceHours: 0 } });
+    const first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'left-over-parallel', source: 'scan' } });
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak' });
+    h.secret((await current('left-over-parallel')).value);
+    // Its incident left open by a run that ended: the next report replaces it.
+    const leftOver = first.body.results[0].incidentId as string;
+    await h.sql(`UPDATE leak_incidents SET status = 'open', closed_at = NULL WHERE id = $1`, [leftOver]);
+
+    const reports = await Promise.all(
+      Array.from({ length: 6 }, () => h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'left-over-parallel', source: 'scan' } })),
+    );
+    expect(reports.map((r) => r.status)).toEqual([202, 202, 202, 202, 202, 202]);
+    const answered = reports.map((r) => r.body.results[0]);
+    // Before, those that found it closed by another report were answered joined to it: a closed incident, an ended run.
+    expect(answered.filter((r) => r.incidentId === leftOver)).toEqual([]);
+    expect(new Set(answered.map((r) => r.incidentId)).size).toBe(1);
+    expect(answered.filter((r) => r.action === 'rotating')).toHaveLength(1);
+    const incidents = (await h.sql('SELECT id, status, reports FROM leak_incidents WHERE credential_id = $1 ORDER BY opened_at', [id])).rows;
+    expect(incidents).toEqual([
+      { id: leftOver, status: 'closed', reports: 1 },
+      { id: answered[0].incidentId, status: expect.any(String), reports: 6 },
+    ]);
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 2, toVersion: 3 });
+    expect(await rotationsOf(id)).toBe(2);
+    h.secret((await current('left-over-parallel')).value);
+  });
+
   it('a leak of a credential with no one to tell (no security contacts, owners or identity email) queues no incident email', async () => {
     const quiet = await h.createIdentity();
     const stored = await h.api('POST', '/v1/vault.store', {
@@ -396,8 +424,9 @@ describe('POST /v1/leaks', () => {
       const again = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'mail-handover', source: 'scan' } });
       expect(again.status, again.text).toBe(202);
       expect(again.body.results).toEqual([expect.objectContaining({ credentialId: id, incidentId: open[0].id, action: 'joined' })]);
-      // Before, the report answered 503 counted too: 3.
-      expect((await h.sql('SELECT reports FROM leak_incidents WHERE id = $1', [open[0].id])).rows).toEqual([{ reports: 2 }]);
+      // Only the report answered 202 counts: neither the one answered 503 as it joined (before: 3), nor
+      // the one that opened the incident and was answered 503 as its email could not be handed over (before: 2).
+      expect((await h.sql('SELECT reports FROM leak_incidents WHERE id = $1', [open[0].id])).rows).toEqual([{ reports: 1 }]);
       const alert = await waitFor('the incident email', async () => {
         const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for mail-handover');
         return mails.length > 0 ? mails : undefined;

@@ -121,7 +121,9 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
 }
 
 
-type LeakResult = Awaited<ReturnType<typeof respond>>;
+type LeakResult =
+  | { credentialId: string; version: number; action: 'already-revoked' }
+  | { credentialId: string; version: number; incidentId: string; workflowId: string; rotationId?: string; action: 'joined' | 'rotating' };
 
 async function respond(
   deps: LeakDeps,
@@ -131,7 +133,13 @@ async function respond(
   again = false,
   /** A left-over incident's version, still live, that the incident replacing it must have revoked too. */
   leftOver?: number,
-) {
+  /**
+   * The left-over incident this report replaces: closed in the transaction that opens its
+   * replacement. `answered`: the report's answer when the incident turns out closed by its own run
+   * as it ended (the leak answered) and the report is a duplicate of it.
+   */
+  replacing?: { id: string; newVersion: boolean; answered: () => Promise<LeakResult> },
+): Promise<LeakResult> {
   const workflowId = rotationWorkflowId(t.credentialId);
   if (!t.live) return { credentialId: t.credentialId, version: t.version, action: 'already-revoked' as const };
 
@@ -143,7 +151,22 @@ async function respond(
   // The incident commits with its rotation's rows or not at all: an incident left open without a
   // rotation would make every later report only join it. A parallel report of the same credential
   // waits here for this one's commit, then joins.
+  let closedLeftOver = false;
   const incident = await withTransaction(deps.pool, async (tx) => {
+    if (replacing) {
+      // In one transaction with the opening of its replacement: a parallel report that meets the
+      // left-over incident waits here on its row, then finds it closed and this one open, and joins
+      // it (before, closed on its own first, it was answered joined to the closed one).
+      const closed = await tx.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = $1 AND status = 'open'`, [replacing.id]);
+      closedLeftOver = closed.rowCount === 1;
+      // Closed meanwhile by another: a parallel report replacing it (whose incident is open now, and
+      // is joined below), or its own run as it ended, which answered the leak this report names (the
+      // same version: a duplicate; another version is answered afresh).
+      if (!closedLeftOver && !replacing.newVersion) {
+        const open = await tx.query(`SELECT 1 FROM leak_incidents WHERE credential_id = $1 AND status = 'open'`, [t.credentialId]);
+        if (open.rowCount === 0) return 'answered' as const;
+      }
+    }
     const opened = (
       await tx.query(
         `INSERT INTO leak_incidents (id, credential_id, identity_id, version, source, rotation_id) VALUES ($1, $2, $3, $4, $5, $7)
@@ -188,6 +211,9 @@ async function respond(
     await appendAudit(tx, { identityId: t.identityId, actor, action: 'mail.send', credentialId: t.credentialId, outcome: 'ok', detail: { messageId: mailId, purpose: 'leak.incident', incidentId: opened.id } });
     return opened;
   });
+  if (incident === 'answered') return replacing!.answered();
+  // Its email, if its run never started, is not sent late: this report's incident has its own.
+  if (closedLeftOver) await abandonMail(deps.pool, incidentMailId(replacing!.id), 'its incident was closed without a rotation; a later report opened another');
   if (!incident.created) {
     // A report counts on the incident it joins once it is answered so: not one answered 503 (asked to
     // report again), nor one that closes a left-over incident and opens its own.
@@ -247,7 +273,7 @@ async function respond(
         // answers. So the report starts it as the starter would have (one run per workflow id: a
         // run the starter got going meanwhile is signalled instead, and hears the incident once),
         // and hands the incident email over.
-        await startLeakRun(deps, t, incident.rotation_id, incident.id, incident.version);
+        await startLeakRun(deps, t, incident.rotation_id, incident.id, incident.version, leftOver);
         await deliverIncidentMail(deps, incidentMailId(incident.id));
         if (newVersion) await signalLeak(handle, { incidentId: versionLeakId(incident.id, t.version), version: t.version });
         return joined();
@@ -255,19 +281,13 @@ async function respond(
       if (!newVersion) return joined();
       throw new UnavailableError('the leak rotation is still starting; report again shortly');
     }
-    const closed = await deps.pool.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = $1 AND status = 'open'`, [incident.id]);
-    // Its email, if its run never started, is not sent late: this report's incident has its own.
-    if (closed.rowCount === 1) await abandonMail(deps.pool, incidentMailId(incident.id), 'its incident was closed without a rotation; a later report opened another');
-    // Its run closed it a moment ago, as it ended: the leak this report names (the same version) was
-    // answered by that run, and the report is a duplicate. (Another version is answered afresh.)
-    if (closed.rowCount === 0 && !newVersion) return joined();
     // The left-over incident's own version, when another than this report's and still live (its run
     // ended before revoking it: terminated after its promotion, say), goes to the incident that
     // replaces it: else both incidents end closed with that leaked value still working.
     const leftOverLive =
       incident.version !== t.version &&
       (await deps.pool.query('SELECT 1 FROM secret_versions WHERE credential_id = $1 AND version = $2 AND revoked_at IS NULL', [t.credentialId, incident.version])).rowCount === 1;
-    if (!again) return respond(deps, t, body, actor, true, leftOverLive ? incident.version : leftOver);
+    if (!again) return respond(deps, t, body, actor, true, leftOverLive ? incident.version : leftOver, { id: incident.id, newVersion, answered: joined });
     throw new UnavailableError('the leak rotation could not be started; report again shortly');
   }
 
@@ -276,9 +296,16 @@ async function respond(
   // email unsent), and a report again within STALE_INCIDENT_SECONDS starts it (above), a later one
   // replaces the incident. Once the rotation runs, whatever fails leaves the incident open too (a
   // report again joins it, and starts the incident email's delivery if it has not started).
-  await startLeakRun(deps, t, rotationId, incident.id, t.version, leftOver);
+  // The incident counted this report as it opened: answered 503 (report again), it is not counted,
+  // or the report repeated as asked would count twice.
+  const uncount = (err: unknown) =>
+    deps.pool
+      .query('UPDATE leak_incidents SET reports = reports - 1 WHERE id = $1 AND reports > 0', [incident.id])
+      .catch(() => undefined)
+      .then(() => Promise.reject(err));
+  await startLeakRun(deps, t, rotationId, incident.id, t.version, leftOver).catch(uncount);
   const rotating = { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, rotationId, action: 'rotating' as const };
-  await deliverIncidentMail(deps, mailId).catch((err: unknown) => Promise.reject(Object.assign(err as Error, { leakStarted: rotating })));
+  await deliverIncidentMail(deps, mailId).catch((err: unknown) => uncount(Object.assign(err as Error, { leakStarted: rotating })));
   return rotating;
 }
 
