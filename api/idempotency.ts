@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import { UnprocessableError, ValidationError } from '../core/errors';
 import { IDEMPOTENCY_HOURS, purgeExpiredKeys } from '../db/idempotency-keys';
 import type { Db } from '../db/pool';
@@ -98,4 +98,47 @@ export function idempotencyKeyOf(header: string | undefined, field: string | und
     throw new ValidationError("the Idempotency-Key header and the body's idempotencyKey differ: give one", [{ path: 'idempotencyKey', message: 'differs from the Idempotency-Key header' }]);
   }
   return parsed.data;
+}
+
+/** Whose keys the admin's are: it acts for no identity. */
+export const ADMIN_KEY_OWNER = '00000000-0000-0000-0000-000000000000';
+
+/**
+ * For a request whose effect is not one row committed with its key (a leak report: several
+ * transactions and Temporal calls), the key is claimed before the work and the answer kept with it
+ * once answered (keepAnswer). The answer an earlier request under the key was given, if it has one
+ * (a repeat gets it back); undefined when the key is new, or its request has no answer kept (still
+ * being carried out, or it failed or died on the way: the repeat carries it out again, which a leak
+ * report takes as a duplicate of what the first did); a 422 if the key named another request.
+ */
+export async function keptAnswer(db: Db, owner: string, k: Keyed): Promise<unknown> {
+  await purgeExpiredKeys(db, PURGE_ON_REQUEST, owner);
+  await db.query(
+    `INSERT INTO idempotency_keys (identity_id, action, key, target_id, request) VALUES ($1, $2, $3, $4, $5)
+     ON CONFLICT (identity_id, action, key) DO UPDATE SET target_id = EXCLUDED.target_id, request = EXCLUDED.request, answer = NULL, created_at = now()
+       WHERE idempotency_keys.created_at <= now() - make_interval(hours => $6)`,
+    [owner, k.action, k.key, randomUUID(), k.request, IDEMPOTENCY_HOURS],
+  );
+  const { rows } = await db.query('SELECT request = $4 AS same, answer FROM idempotency_keys WHERE identity_id = $1 AND action = $2 AND key = $3', [
+    owner,
+    k.action,
+    k.key,
+    k.request,
+  ]);
+  if (rows[0] && !rows[0].same) {
+    throw new UnprocessableError(
+      `this Idempotency-Key was used within ${IDEMPOTENCY_HOURS} hours for another request; nothing was done: use a new key for a new request`,
+      'idempotency-key-reused',
+      'Idempotency-Key reused for another request',
+    );
+  }
+  return rows[0]?.answer ?? undefined;
+}
+
+/** Keeps a request's answer with its key (keptAnswer), unless one is kept already. */
+export async function keepAnswer(db: Db, owner: string, k: Keyed, answer: unknown): Promise<void> {
+  await db.query(
+    'UPDATE idempotency_keys SET answer = $5 WHERE identity_id = $1 AND action = $2 AND key = $3 AND request = $4 AND answer IS NULL',
+    [owner, k.action, k.key, k.request, JSON.stringify(answer)],
+  );
 }

@@ -172,6 +172,8 @@ export const leakResults = z.strictObject({
       }),
     ]),
   ),
+  /** A repeat of an earlier report by its Idempotency-Key: that report's answer, nothing done again. */
+  repeated: z.literal(true).optional(),
 });
 
 export const passwordPolicyBody = z.strictObject({

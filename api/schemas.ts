@@ -247,6 +247,8 @@ export const leakReport = z
     fingerprint: z.string().regex(/^[0-9a-fA-F]{64}$/, 'must be the SHA-256 of the leaked value, as 64 hex digits').optional(),
     source: z.string().min(1).max(200),
     details: z.string().max(2000).optional(),
+    /** The Idempotency-Key header's value, for clients that cannot send headers (MCP): a repeat gets the first report's answer. */
+    idempotencyKey: idempotencyKey.optional(),
   })
   .superRefine((body, ctx) => {
     if ((body.credential === undefined) === (body.fingerprint === undefined)) {

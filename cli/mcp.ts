@@ -112,7 +112,7 @@ function sendFailure(request: JSONRPCRequest, err: Error, url: URL): string {
   const cause = status === undefined ? fetchFailure(err) : status === -1 ? 'not a JSON-RPC answer' : `HTTP ${status}`;
   const unanswered = status === undefined ? !neverSent(cause) : status === -1 || status === 502 || status === 504;
   if (request.method === 'tools/call' && unanswered) {
-    return `the request was sent to the Mailgent API at ${url.href} but no answer came from it (${cause}); it may have been carried out: check (e.g. with list_credentials or rotation_status) before repeating it (a mail_send or rotate_credentials given an idempotencyKey may be repeated with the same key)`;
+    return `the request was sent to the Mailgent API at ${url.href} but no answer came from it (${cause}); it may have been carried out: check (e.g. with list_credentials or rotation_status) before repeating it (a mail_send, rotate_credentials or report_leak given an idempotencyKey may be repeated with the same key)`;
   }
   return `${err.message} (${cause})`;
 }

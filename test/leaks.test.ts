@@ -195,6 +195,41 @@ describe('POST /v1/leaks', () => {
     h.secret((await current('left-over-version')).value);
   });
 
+  it('a report repeated by its Idempotency-Key after its rotation ended gets the first answer back: no second incident, rotation or email', async () => {
+    const id = await store('keyed-leak', 'sk_keyed_leak_value_0001', { rotation: { provider: 'generated', graceHours: 0 } });
+    const key = `leak-${randomUUID()}`;
+    const body = { credential: 'keyed-leak', source: 'scan' };
+    const first = await h.api('POST', '/v1/leaks', { token: agent.token, body, headers: { 'idempotency-key': key } });
+    expect(first.status, first.text).toBe(202);
+    expect(first.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 1, action: 'rotating' })]);
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1, toVersion: 2 });
+    // The answer was lost; the reporter repeats it. Before, by name it named version 2, the new
+    // value: a second incident, a second rotation, a second incident email.
+    const again = await h.api('POST', '/v1/leaks', { token: agent.token, body, headers: { 'idempotency-key': key } });
+    expect(again.status, again.text).toBe(202);
+    expect(again.body).toEqual({ ...first.body, repeated: true });
+    const viaBody = await h.api('POST', '/v1/leaks', { token: agent.token, body: { ...body, idempotencyKey: key } });
+    expect(viaBody.body).toEqual({ ...first.body, repeated: true });
+    expect((await h.sql('SELECT count(*)::int AS n FROM leak_incidents WHERE credential_id = $1', [id])).rows[0].n).toBe(1);
+    expect(await rotationsOf(id)).toBe(1);
+    const repeats = (await h.sql(`SELECT detail FROM audit_log WHERE action = 'leak.report' AND identity_id = $1 AND detail->>'repeated' = 'true'`, [agent.id])).rows;
+    expect(repeats).toEqual([{ detail: { source: 'scan', repeated: true } }, { detail: { source: 'scan', repeated: true } }]);
+    // Another report under the key is refused; the admin's keys are its own.
+    const other = await h.api('POST', '/v1/leaks', { token: agent.token, body: { ...body, source: 'another-scan' }, headers: { 'idempotency-key': key } });
+    expect(other.status).toBe(422);
+    expect(other.body.type).toMatch(/idempotency-key-reused$/);
+    const byAdmin = await h.api('POST', '/v1/leaks', { token: h.adminToken, body: { credential: id, source: 'scan' }, headers: { 'idempotency-key': key } });
+    expect(byAdmin.status, byAdmin.text).toBe(202);
+    expect(byAdmin.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 2, action: 'rotating' })]);
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 2, toVersion: 3 });
+    expect((await h.api('POST', '/v1/leaks', { token: h.adminToken, body: { credential: id, source: 'scan' }, headers: { 'idempotency-key': key } })).body).toEqual({
+      ...byAdmin.body,
+      repeated: true,
+    });
+    expect(await rotationsOf(id)).toBe(2);
+    h.secret((await current('keyed-leak')).value);
+  });
+
   it('parallel reports that meet a left-over incident all join the one incident that replaces it, none the closed one', async () => {
     const id = await store('left-over-parallel', 'sk_left_over_parallel_1', { rotation: { provider: 'generated', graceHours: 0 } });
     const first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'left-over-parallel', source: 'scan' } });

@@ -16,6 +16,7 @@ import type { SecretStore } from '../../vault/secret-store';
 import type { Caller, Vault } from '../../vault/vault';
 import { leakSignal } from '../../workflows/definitions';
 import { endpoint, type AuthDeps } from '../endpoint';
+import { ADMIN_KEY_OWNER, idempotencyKeyOf, keepAnswer, keptAnswer, keyed } from '../idempotency';
 import { leakResults } from '../responses';
 import { leakReport } from '../schemas';
 
@@ -56,7 +57,10 @@ export function leakRoutes(auth: AuthDeps, deps: LeakDeps): Router {
         body: leakReport,
         responses: { 202: leakResults },
         problems: [404, 422],
-      }, async ({ body, caller, identity }) => ({ status: 202, body: await reportLeak(deps, caller, identity?.id, body) })),
+      }, async ({ req, body, caller, identity }) => ({
+        status: 202,
+        body: await reportLeak(deps, caller, identity?.id, { ...body, idempotencyKey: idempotencyKeyOf(req.get('idempotency-key'), body.idempotencyKey) }),
+      })),
   );
   return router;
 }
@@ -65,7 +69,29 @@ export function leakRoutes(auth: AuthDeps, deps: LeakDeps): Router {
  * One leak report (POST /v1/leaks, MCP report_leak). `scope` is the reporting identity, whose own
  * credentials are the only ones it can name; undefined for the admin, who may name any.
  */
-export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string | undefined, body: z.output<typeof leakReport>) {
+export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string | undefined, input: z.output<typeof leakReport>) {
+  const { idempotencyKey, ...body } = input;
+  // With an Idempotency-Key, a report repeated (its answer lost) is answered as the first was: a
+  // report by name names the current version, so carried out again once the first's rotation had
+  // ended it would open a second incident and rotate the new value too.
+  const key = keyed('leak.report', idempotencyKey, body);
+  const owner = scope ?? ADMIN_KEY_OWNER;
+  if (key) {
+    const earlier = (await keptAnswer(deps.pool, owner, key)) as { results: LeakResult[] } | undefined;
+    if (earlier) {
+      await appendAudit(deps.pool, {
+        identityId: scope ?? null,
+        actor: scope ? caller.actor : 'admin',
+        action: 'leak.report',
+        credentialId: null,
+        outcome: 'ok',
+        requestId: caller.requestId,
+        via: caller.via,
+        detail: { source: body.source, repeated: true },
+      });
+      return { ...earlier, repeated: true as const };
+    }
+  }
   const targets = body.fingerprint ? await byFingerprint(deps, body.fingerprint, scope) : await byCredential(deps, body.credential!, body.version, scope);
   // Both free-text fields go into the audit row, the rotation's reason and the incident email (to the
   // owners, whom the reporter may set): neither may carry a value the identity can read, its own or
@@ -117,6 +143,8 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
   // A report that changed nothing (every value already revoked) has its row written as any other: a failure to is a plain 503.
   if (changed(results)) await recordChange(results);
   else await appendAudit(deps.pool, entry(results));
+  // Not kept (the database lost meanwhile), a repeat carries the report out again: it joins what this one opened.
+  if (key) await keepAnswer(deps.pool, owner, key, { results }).catch(() => undefined);
   return { results };
 }
 

@@ -5,7 +5,7 @@ import { ADMIN_TOKEN_OPTION, adminToken, Api, baseUrl, identityToken, Out, parse
 import { readSecret } from './secret-input';
 import { chainReport, identityCreated, leakResults, secretRead, storedVersion, totpCode } from './answers';
 import { table } from './render';
-import { rotate } from './rotate';
+import { idempotencyKeyOption, rotate, sendKeyed } from './rotate';
 import { isUuid } from '../../core/ids';
 
 /** A command of the `mailgent` CLI that talks to the HTTP API. */
@@ -256,6 +256,11 @@ Options:
   --source <who>    who found it (default mailgent-cli)
   --details <text>  what happened (must not contain the value)
   --admin           report with the admin token (any identity's credentials); --admin-token implies it
+  --idempotency-key <key>
+                    the report's Idempotency-Key (default: a new one). The report is sent up to
+                    three times when its answer is lost or the API answers 503; if it still fails
+                    after an answer was lost, the key is printed: run again with it to get the
+                    report's answer instead of reporting again
 
 ${IDENTITY}
 With --admin, the admin token: --admin-token, MAILGENT_ADMIN_TOKEN, ADMIN_TOKEN or DATA_DIR/admin-token.
@@ -276,9 +281,11 @@ const leak: ClientCommand = {
         'value-file': { type: 'string' },
         source: { type: 'string', default: 'mailgent-cli' },
         details: { type: 'string' },
+        'idempotency-key': { type: 'string' },
       },
       leakUsage,
     );
+    const key = idempotencyKeyOption(values['idempotency-key'], leakUsage);
     const ways = [pos.length > 0, values.fingerprint !== undefined, values['value-file'] !== undefined].filter(Boolean).length;
     if (ways !== 1) throw usageError('name the credential, or give --fingerprint or --value-file (exactly one)', leakUsage);
     // An empty one (an unset shell variable) must not fall through to reading the value from stdin.
@@ -297,7 +304,10 @@ const leak: ClientCommand = {
     if (pos[0]) target = { credential: pos[0], ...(version !== undefined ? { version } : {}) };
     else if (values.fingerprint) target = { fingerprint: values.fingerprint };
     else target = { fingerprint: createHash('sha256').update(await readSecret({ file: values['value-file'], what: 'Leaked value' })).digest('hex') };
-    const reported = await api.call('POST', '/v1/leaks', leakResults, { ...target, source: values.source, ...(values.details ? { details: values.details } : {}) });
+    const reported = await sendKeyed(api, '/v1/leaks', leakResults, { ...target, source: values.source, ...(values.details ? { details: values.details } : {}) }, key, {
+      sent: 'the report',
+      made: 'its answer instead of reporting again (by name, a report again would name the new value its rotation made)',
+    });
     const out = new Out(values.json);
     out.result(reported, () => {
       out.line(

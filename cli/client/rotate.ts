@@ -94,13 +94,19 @@ export const rotate: ClientCommand = {
     const api = new Api(baseUrl(values.url), identityToken(values.token));
     const out = new Out(values.json);
 
-    const key = values['idempotency-key'] ?? randomUUID();
-    if (!/^[\x21-\x7e]{1,255}$/.test(key)) throw usageError('--idempotency-key must be 1–255 visible ASCII characters (no spaces)', usage);
-    const started = await startOnce(api, key, {
-      ...(filtered ? { filter: { ...(values.kind ? { kind: values.kind } : {}), ...(olderThanDays !== undefined ? { olderThanDays } : {}) } } : { credentials: names }),
-      ...(values.reason ? { reason: values.reason } : {}),
-      ...(values.notify ? { notify: values.notify } : {}),
-    });
+    const key = idempotencyKeyOption(values['idempotency-key'], usage);
+    const started = await sendKeyed(
+      api,
+      '/v1/rotations',
+      rotationStarted,
+      {
+        ...(filtered ? { filter: { ...(values.kind ? { kind: values.kind } : {}), ...(olderThanDays !== undefined ? { olderThanDays } : {}) } } : { credentials: names }),
+        ...(values.reason ? { reason: values.reason } : {}),
+        ...(values.notify ? { notify: values.notify } : {}),
+      },
+      key,
+      { sent: "the rotation's start", made: 'that rotation instead of starting another' },
+    );
     if (values['no-wait']) {
       out.result(started, () => out.line(started.rotationId));
       return EXIT.ok;
@@ -271,35 +277,42 @@ function outcomeText(c: RunReport): string {
   return error ? `${c.state}: ${error}` : c.state;
 }
 
-/** Tries of a rotation's start whose answer was lost, or that the API could not carry out now (503). */
-export const START_TRIES = 3;
+/** Tries of a keyed change whose answer was lost, or that the API could not carry out now (503). */
+export const KEYED_TRIES = 3;
 
 /**
- * POST /v1/rotations with an Idempotency-Key (this invocation's own, or --idempotency-key): a start
- * whose answer was lost (the connection dropped, a proxy's 502 or 504) or that the API answered 503
- * is sent again, up to START_TRIES in all, with the same key, which the API answers with the rotation
- * the first made (if it made one) instead of rotating again. If the tries run out after an answer
- * was lost, the start may have been carried out: that is the failure (exit 1), with the key to run
+ * A change sent with an Idempotency-Key (this invocation's own, or --idempotency-key): one whose
+ * answer was lost (the connection dropped, a proxy's 502 or 504) or that the API answered 503 is
+ * sent again, up to KEYED_TRIES in all, with the same key, which the API answers with what the first
+ * made (if it made anything) instead of doing it again. If the tries run out after an answer was
+ * lost, the change may have been carried out: that is the failure (exit 1), with the key to run
  * again with, whatever the last try got (a 503 would say "try again later", and a run with a new key
- * could rotate the credentials a second time).
+ * could do it a second time). `what`: the change, for that message ("the rotation's start").
  */
-async function startOnce(api: Api, key: string, body: Record<string, unknown>) {
+export async function sendKeyed<S extends z.ZodType>(api: Api, route: string, answer: S, body: Record<string, unknown>, key: string, what: { sent: string; made: string }): Promise<z.infer<S>> {
   const headers = { 'idempotency-key': key };
   let lost: CliError | undefined;
   for (let tried = 1; ; tried++) {
     try {
-      return await api.call('POST', '/v1/rotations', rotationStarted, body, { headers });
+      return await api.call('POST', route, answer, body, { headers });
     } catch (err) {
       const wasLost = err instanceof CliError && (err.problem.type === ANSWER_LOST || err.problem.unconfirmed === true);
       if (wasLost) lost = err;
       const again = wasLost || (err instanceof CliError && err.problem.status === 503);
-      if (!again || tried >= START_TRIES) {
+      if (!again || tried >= KEYED_TRIES) {
         if (!lost) throw err;
         throw answerLost(
-          `the rotation's start was sent ${tried} times and no answer confirmed it (last: ${(err as Error).message}); it may have been carried out: run again with --idempotency-key ${key} to get that rotation instead of starting another`,
+          `${what.sent} was sent ${tried} times and no answer confirmed it (last: ${(err as Error).message}); it may have been carried out: run again with --idempotency-key ${key} to get ${what.made}`,
         );
       }
       await new Promise((resolve) => setTimeout(resolve, 500 * tried));
     }
   }
+}
+
+/** A --idempotency-key given, checked, or a new one. */
+export function idempotencyKeyOption(given: string | undefined, usage: string): string {
+  const key = given ?? randomUUID();
+  if (!/^[\x21-\x7e]{1,255}$/.test(key)) throw usageError('--idempotency-key must be 1–255 visible ASCII characters (no spaces)', usage);
+  return key;
 }

@@ -286,6 +286,31 @@ describe('mailgent CLI against a stand-in API', () => {
     );
   });
 
+  it('leak: a report whose answer was lost or answered 503 is sent again with the same Idempotency-Key; tries run out after a loss, the key is named', async () => {
+    const isReport = (r: Seen) => r.method === 'POST' && r.url === '/v1/leaks';
+    const answer = { results: [{ credentialId: CREDENTIAL_ID, version: 1, incidentId: ROTATION_ID, workflowId: `rotate:${CREDENTIAL_ID}`, rotationId: ROTATION_ID, action: 'rotating' }] };
+    await withApi(
+      (req, seen) => (isReport(req) && seen.filter(isReport).length === 1 ? 'drop' : { status: 202, body: answer }),
+      async (url, seen) => {
+        const run = await mailgent(['leak', 'stripe', '--json'], { url });
+        // Before, exit 1 (answer lost: "check before repeating it"), and no key was sent.
+        expect(run).toMatchObject({ code: 0, stderr: '' });
+        expect(json(run)).toEqual(answer);
+        const reports = seen.filter(isReport);
+        expect(reports.map((r) => r.idempotencyKey)).toEqual([expect.stringMatching(/^[0-9a-f-]{36}$/), reports[0]!.idempotencyKey]);
+      },
+    );
+    await withApi(
+      (req, seen) => (isReport(req) && seen.filter(isReport).length === 1 ? proxyPage(502) : { status: 503, body: { type: 'https://mailgent.dev/problems/unavailable', title: 'Service unavailable', status: 503, detail: 'try again shortly' } }),
+      async (url, seen) => {
+        const run = await mailgent(['leak', 'stripe', '--json', '--idempotency-key', 'leak-key-1'], { url });
+        expect(run.code, run.stdout + run.stderr).toBe(1);
+        expect(json(run)).toMatchObject({ type: 'https://mailgent.dev/problems/cli-answer-lost', detail: expect.stringContaining('run again with --idempotency-key leak-key-1 to get its answer') });
+        expect(seen.filter(isReport).map((r) => r.idempotencyKey)).toEqual(['leak-key-1', 'leak-key-1', 'leak-key-1']);
+      },
+    );
+  });
+
   it('rotate: an --interval longer than --timeout does not outlast it', async () => {
     await withApi(
       (req) => (isStart(req) ? { status: 201, body: started } : { status: 200, body: report('running') }),
@@ -509,7 +534,7 @@ describe('mailgent CLI against a stand-in API', () => {
       return { call: answers.find((a) => a.id === 1)!.error.message, list: answers.find((a) => a.id === 2)!.error.message };
     };
     const check =
-      'it may have been carried out: check (e.g. with list_credentials or rotation_status) before repeating it (a mail_send or rotate_credentials given an idempotencyKey may be repeated with the same key)';
+      'it may have been carried out: check (e.g. with list_credentials or rotation_status) before repeating it (a mail_send, rotate_credentials or report_leak given an idempotencyKey may be repeated with the same key)';
 
     // Sent, then: the connection reset at once; the headers and part of the body, then cut; a proxy's
     // 502 in the server's place. Each with the cause's code (a pattern: a reset is seen while the
