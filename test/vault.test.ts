@@ -1,4 +1,6 @@
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import type { Pool } from '../db/pool';
+import { hashToken, Identities } from '../vault/identities';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 
@@ -145,6 +147,34 @@ describe('vault.store / vault.get over HTTP', () => {
       { actor: 'admin', outcome: 'ok', detail: {} },
       { actor: 'admin', outcome: 'ok', detail: {} },
     ]);
+  });
+
+  it("a lookup of a token under way while the token is re-issued is not remembered: the old token does not come back for the cache's 5 s", async () => {
+    const made = await h.api('POST', '/v1/identities', { token: h.adminToken, body: { name: 'erin' } });
+    const old = h.secret(made.body.token as string);
+    // The lookup reads the old token's row, then is held until the re-issue has committed and cleared the cache.
+    let release!: () => void;
+    const gate = new Promise<void>((resolve) => (release = resolve));
+    let held = false;
+    const pool = {
+      query: async (sql: string, params?: unknown[]) => {
+        const res = await h.services.pool.query(sql, params);
+        if (!held && sql.startsWith('SELECT id, name, email, token_hash')) {
+          held = true;
+          await gate;
+        }
+        return res;
+      },
+      connect: () => h.services.pool.connect(),
+    } as unknown as Pool;
+    const identities = new Identities(pool, h.services.dataKeys);
+    const lookup = identities.authenticate(hashToken(old));
+    await vi.waitFor(() => expect(held).toBe(true));
+    h.secret((await identities.reissueToken({ id: made.body.id }, { actor: 'admin' })).token);
+    release();
+    expect(await lookup).toMatchObject({ id: made.body.id });
+    // Before, that lookup put the old token in the cache after the re-issue had cleared it: it worked on.
+    expect(await identities.authenticate(hashToken(old))).toBeUndefined();
   });
 
   it('lists metadata only, with ages, policies and filters', async () => {

@@ -47,6 +47,8 @@ const AUTH_CACHE_MAX = 10_000;
 export class Identities {
   /** Token hash (base64) → identity, for AUTH_CACHE_MS: spares every request a database round trip. */
   private readonly authCache = new Map<string, { identity: Identity; expires: number }>();
+  /** Tokens re-issued by this process: a lookup that began before one is not remembered (it may have read the old token). */
+  private reissues = 0;
 
   constructor(
     private readonly pool: Pool,
@@ -90,6 +92,7 @@ export class Identities {
       await appendAudit(tx, { identityId: rows[0].id, actor: audit.actor, action: 'identity.token', outcome: 'ok', requestId: audit.requestId, detail: {} });
       return rows[0];
     });
+    this.reissues += 1;
     for (const [key, cached] of this.authCache) if (cached.identity.id === identity.id) this.authCache.delete(key);
     return { id: identity.id, name: identity.name, email: identity.email, token };
   }
@@ -99,11 +102,14 @@ export class Identities {
     const key = hash.toString('base64');
     const cached = this.authCache.get(key);
     if (cached && cached.expires > Date.now()) return cached.identity;
+    const reissues = this.reissues;
     const { rows } = await this.pool.query('SELECT id, name, email, token_hash FROM identities WHERE token_hash = $1', [hash]);
     const row = rows[0];
     if (!row || !timingSafeEqual(hash, row.token_hash)) return undefined;
     const identity: Identity = { id: row.id, name: row.name, email: row.email };
-    // Only tokens that worked are remembered, so guesses always reach the database (and the guard).
+    // Only tokens that worked are remembered, so guesses always reach the database (and the guard);
+    // and not one read before a re-issue here cleared the cache (the token it read may be the old one).
+    if (this.reissues !== reissues) return identity;
     if (this.authCache.size >= AUTH_CACHE_MAX) this.authCache.clear();
     this.authCache.set(key, { identity, expires: Date.now() + AUTH_CACHE_MS });
     return identity;
