@@ -182,9 +182,12 @@ export function batchActivities(deps: ActivityDeps) {
       if (!row.start_sent) {
         // Not once the batch is cancelled: a cancel that came after the wave read its rows stops the
         // rest of them here (before, each was started and then cancelled, with a notice each).
+        // The rotation's row taken FOR SHARE: a request's failed start, cancelling it under its row
+        // lock (api/routes/rotations.ts), sees this mark, or this sees its cancel.
         const marked = await deps.pool.query(
-          `UPDATE rotation_runs r SET start_sent_at = now() FROM rotations ro
-            WHERE r.rotation_id = $1 AND r.credential_id = $2 AND ro.id = r.rotation_id AND ro.cancelled_at IS NULL`,
+          `UPDATE rotation_runs r SET start_sent_at = now()
+             FROM (SELECT id FROM rotations WHERE id = $1 AND cancelled_at IS NULL FOR SHARE) ro
+            WHERE r.rotation_id = ro.id AND r.credential_id = $2`,
           [rotationId, row.credential_id],
         );
         if (marked.rowCount === 0) continue;

@@ -406,6 +406,33 @@ describe('rotateCredential', () => {
     h.secret(read.body.value);
   });
 
+  it("a failed start that waits on a repeat's take-over sees it (not the row as it was when it began): the 503 says the repeat took it over", async () => {
+    const sender = await h.createIdentity();
+    await h.api('POST', '/v1/vault.store', { token: sender.token, body: { name: 'racing-start-key', kind: 'api_key', value: h.secret('sk_live_racing_start_val1') } });
+    const other = new pg.Client({ connectionString: h.databaseUrl });
+    await other.connect();
+    try {
+      // The start fails as a repeat is taking it over: the take-over holds the rotation's row, and commits a moment later.
+      const racing = {
+        workflow: {
+          start: async (_type: string, options: { workflowId: string }) => {
+            await other.query('BEGIN');
+            await other.query('UPDATE rotations SET start_taken_over_at = now() WHERE id = $1', [options.workflowId.replace(/^rotation:/, '')]);
+            setTimeout(() => void other.query('COMMIT'), 300);
+            throw new Error('deadline exceeded');
+          },
+        },
+      } as unknown as Client;
+      const caller = { identityId: sender.id, actor: `identity:${sender.id}`, requestId: 'req-racing-start' };
+      // Before, the statement read the take-over as it was when it began (none) and answered 202, the batch never started by this request.
+      await expect(
+        startRotation({ pool: h.services.pool, vault: h.services.vault, client: racing, taskQueue: h.taskQueue }, caller, { credentials: ['racing-start-key'], idempotencyKey: `racing-${randomUUID()}` }),
+      ).rejects.toMatchObject({ status: 503, message: expect.stringContaining('a repeat of this request with the same Idempotency-Key has taken it over') });
+    } finally {
+      await other.end();
+    }
+  });
+
   it('a repeat of a request whose rotation its owner cancelled before the batch started answers with that rotation, and starts nothing', async () => {
     const sender = await h.createIdentity();
     const stored = await h.api('POST', '/v1/vault.store', { token: sender.token, body: { name: 'cancelled-first', kind: 'api_key', value: h.secret('sk_live_cancelled_first_1') } });

@@ -161,18 +161,21 @@ export async function startRotation(deps: RotationDeps, caller: Caller, input: z
     // reached the server after all (its answer lost) and rotations are going; the answer is the
     // rotation's. (Cancelled, its key given back, the wave's runs would have gone on all the same, and
     // the request repeated as a 503 asks would have rotated those credentials a second time.)
-    const { rows } = await deps.pool.query(
-      `WITH cancelled AS (
-         UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now())
-          WHERE id = $1 AND start_taken_over_at IS NULL
-            AND NOT EXISTS (SELECT 1 FROM rotation_runs WHERE rotation_id = $1 AND (run_id IS NOT NULL OR start_sent_at IS NOT NULL))
-          RETURNING id),
-            freed AS (DELETE FROM idempotency_keys WHERE target_id IN (SELECT id FROM cancelled) AND action = 'rotation.start')
-       SELECT EXISTS (SELECT 1 FROM cancelled) AS cancelled, (SELECT start_taken_over_at IS NOT NULL FROM rotations WHERE id = $1) AS taken_over`,
-      [rotationId],
-    );
-    if (!rows[0].cancelled && !rows[0].taken_over) return started();
-    if (!rows[0].cancelled) {
+    // Under the rotation's row lock, each read after it (a statement of its own sees what committed
+    // before the lock was had): a repeat's take-over, and the wave's mark, which takes the row FOR
+    // SHARE (activities/batch.ts), so a wave either marked its start before this looks, or finds the
+    // rotation cancelled.
+    const outcome = await withTransaction(deps.pool, async (tx) => {
+      const { rows: locked } = await tx.query('SELECT start_taken_over_at IS NOT NULL AS taken_over FROM rotations WHERE id = $1 FOR UPDATE', [rotationId]);
+      if (locked[0].taken_over) return 'taken-over' as const;
+      const { rowCount: begun } = await tx.query('SELECT 1 FROM rotation_runs WHERE rotation_id = $1 AND (run_id IS NOT NULL OR start_sent_at IS NOT NULL) LIMIT 1', [rotationId]);
+      if (begun) return 'begun' as const;
+      await tx.query('UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1', [rotationId]);
+      await tx.query(`DELETE FROM idempotency_keys WHERE target_id = $1 AND action = 'rotation.start'`, [rotationId]);
+      return 'cancelled' as const;
+    });
+    if (outcome === 'begun') return started();
+    if (outcome === 'taken-over') {
       const carried = new UnavailableError(
         `the rotation's start could not be confirmed (${err instanceof Error ? err.message : 'Temporal failed'}); a repeat of this request with the same Idempotency-Key has taken it over and answers with rotation ${rotationId}`,
       );
