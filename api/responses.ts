@@ -124,7 +124,7 @@ const rotationProgress = z.strictObject({
 
 export const rotationReport = z.strictObject({
   rotationId: uuid,
-  state: z.string().describe('running, grace, succeeded, partial, failed (or every credential’s common outcome); not_started when its batch ended, or never started, before starting any'),
+  state: z.string().describe('running, grace, succeeded, partial, failed (or every credential’s common outcome); not_started when its batch ended before starting any, or was never started (a minute after the request)'),
   reason: z.string().nullable(),
   createdAt: time,
   credentials: z.array(
@@ -134,7 +134,7 @@ export const rotationReport = z.strictObject({
       workflowId: z.string(),
       runId: z.string().nullable(),
       outcome: z.string().nullable(),
-      state: z.string().describe('not_started (waiting its turn: a batch keeps a bounded number of rotations open; for good once its batch has ended), running, grace, succeeded, failed, cancelled, rolled_back'),
+      state: z.string().describe('not_started (waiting its turn: a batch keeps a bounded number of rotations open; for good once its batch has ended without starting it), running, grace, succeeded, failed, cancelled, rolled_back'),
       status: z.string().nullable().describe('the Temporal workflow status (null before the run starts, or once the server no longer keeps the run)'),
       progress: rotationProgress.nullable(),
     }),

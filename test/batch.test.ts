@@ -272,10 +272,13 @@ describe('batch rotation in waves', () => {
       outcome: 'rotated',
     });
 
-    // A rotation recorded by a request whose process died before it started the batch.
+    // A rotation recorded by a request whose process died before it started the batch: for a minute
+    // its batch may still be starting (running); after that, never started.
     const orphan = randomUUID();
     await h.sql(`INSERT INTO rotations (id, identity_id, kind, reason, notify, workflow_id) VALUES ($1, $2, 'request', NULL, '{}', $3)`, [orphan, agent.id, `rotation:${orphan}`]);
     await h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) VALUES ($1, $2, $3)`, [orphan, sent.credential_id, sent.workflow_id]);
+    expect((await h.api('GET', `/v1/rotations/${orphan}`, { token: agent.token })).body.state).toBe('running');
+    await h.sql(`UPDATE rotations SET created_at = now() - interval '2 minutes' WHERE id = $1`, [orphan]);
     const never = await h.api('GET', `/v1/rotations/${orphan}`, { token: agent.token });
     expect(never.body).toMatchObject({ state: 'not_started', credentials: [{ credentialId: sent.credential_id, state: 'not_started', runId: null }] });
   });

@@ -233,16 +233,23 @@ async function repeatedRotation(deps: RotationDeps, caller: Caller, rotationId: 
   return { rotationId, batchWorkflowId: `rotation:${rotationId}`, workflowIds: runs.rows.map((r) => r.workflow_id as string), repeated: true as const };
 }
 
+/** How long after a rotation is recorded its batch may still be starting (Temporal's start under way). */
+const BATCH_START_SECONDS = 60;
+
 /** A rotation's state and each credential's progress (GET /v1/rotations/:id, MCP rotation_status). */
 export async function rotationStatus(deps: RotationDeps, caller: Caller, id: string) {
   const rotation = await ownRotation(deps.pool, caller.identityId, id);
   let runs = await runsOf(deps.pool, rotation.id);
   // Runs waiting their turn wait on their batch (rotation:<id>). One that ended without starting
   // them (terminated, failed) or was never started (its request's process died once it had recorded
-  // the rotation) starts none of them: they stay not_started, and the rotation no longer reads as
-  // running for ever. (A repeat of that request by its Idempotency-Key starts a batch never started.)
+  // the rotation; after BATCH_START_SECONDS) starts none of them: they stay not_started, and the
+  // rotation no longer reads as running for ever. (A repeat of that request by its Idempotency-Key
+  // starts a batch never started: it reads as running again.)
+  // A batch not there yet is still being started for a while after its request (or a repeat's take-over) recorded the rotation.
   const waiting = runs.filter((r) => !r.run_id && !r.outcome);
-  const batchEnded = rotation.kind === 'request' && waiting.length > 0 && (await temporal(() => statusOf(deps.client.workflow.getHandle(rotation.workflow_id)))) !== 'RUNNING';
+  const batchStatus = rotation.kind === 'request' && waiting.length > 0 ? await temporal(() => statusOf(deps.client.workflow.getHandle(rotation.workflow_id))) : 'RUNNING';
+  const startedBy = Math.max(rotation.created_at.getTime(), rotation.start_taken_over_at?.getTime() ?? 0) + BATCH_START_SECONDS * 1000;
+  const batchEnded = batchStatus !== 'RUNNING' && (batchStatus !== null || Date.now() > startedBy);
   if (batchEnded && waiting.some((r) => r.start_sent)) {
     // A start the batch's last wave sent without recording it (see the cancel above): the run it
     // made, if any, reported as it is (read here, not recorded).
