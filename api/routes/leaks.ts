@@ -245,8 +245,16 @@ async function respond(
   if (!incident.created) {
     // A report counts on the incident it joins once it is answered so: not one answered 503 (asked to
     // report again), nor one that closes a left-over incident and opens its own.
-    const joined = async () => {
-      await deps.pool.query('UPDATE leak_incidents SET reports = reports + 1 WHERE id = $1', [incident.id]);
+    const joined = async (): Promise<LeakResult> => {
+      // Replaced meanwhile by a parallel report (closed in the transaction that opened its successor,
+      // whose run this report may have found running): it joins the successor instead. One closed
+      // by its own run as it ended, with none open since, answered this report's leak: it counts there.
+      const counted = await deps.pool.query(
+        `UPDATE leak_incidents SET reports = reports + 1
+          WHERE id = $1 AND (status = 'open' OR NOT EXISTS (SELECT 1 FROM leak_incidents o WHERE o.credential_id = $2 AND o.status = 'open'))`,
+        [incident.id, t.credentialId],
+      );
+      if (counted.rowCount === 0 && !again) return respond(deps, t, body, actor, true, leftOver);
       return { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, ...(incident.rotation_id ? { rotationId: incident.rotation_id } : {}), action: 'joined' as const };
     };
     // A fingerprint, or a name with a version, names the version that leaked. Another version than
