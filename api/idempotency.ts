@@ -105,40 +105,49 @@ export const ADMIN_KEY_OWNER = '00000000-0000-0000-0000-000000000000';
 
 /**
  * For a request whose effect is not one row committed with its key (a leak report: several
- * transactions and Temporal calls), the key is claimed before the work and the answer kept with it
- * once answered (keepAnswer). The answer an earlier request under the key was given, if it has one
- * (a repeat gets it back); undefined when the key is new, or its request has no answer kept (still
- * being carried out, or it failed or died on the way: the repeat carries it out again, which a leak
- * report takes as a duplicate of what the first did); a 422 if the key named another request.
+ * transactions and Temporal calls), the key is claimed once the request knows what it acts on (its
+ * `pinned` part: for a leak report, the credentials and versions it names), and the answer kept with
+ * it once answered (keepAnswer). What an earlier request under the key left: its answer (a repeat
+ * gets it back), or, none kept (still being carried out, or it failed or died on the way), what it
+ * pinned (a repeat acts on that, not on what the request would name now); undefined for a key not
+ * claimed; a 422 if the key named another request.
  */
-export async function keptAnswer(db: Db, owner: string, k: Keyed): Promise<unknown> {
+export async function keyedEarlier(db: Db, owner: string, k: Keyed): Promise<{ answer?: unknown; pinned: unknown } | undefined> {
   await purgeExpiredKeys(db, PURGE_ON_REQUEST, owner);
-  await db.query(
-    `INSERT INTO idempotency_keys (identity_id, action, key, target_id, request) VALUES ($1, $2, $3, $4, $5)
-     ON CONFLICT (identity_id, action, key) DO UPDATE SET target_id = EXCLUDED.target_id, request = EXCLUDED.request, answer = NULL, created_at = now()
-       WHERE idempotency_keys.created_at <= now() - make_interval(hours => $6)`,
-    [owner, k.action, k.key, randomUUID(), k.request, IDEMPOTENCY_HOURS],
+  const { rows } = await db.query(
+    `SELECT request = $4 AS same, answer FROM idempotency_keys
+      WHERE identity_id = $1 AND action = $2 AND key = $3 AND created_at > now() - make_interval(hours => $5)`,
+    [owner, k.action, k.key, k.request, IDEMPOTENCY_HOURS],
   );
-  const { rows } = await db.query('SELECT request = $4 AS same, answer FROM idempotency_keys WHERE identity_id = $1 AND action = $2 AND key = $3', [
-    owner,
-    k.action,
-    k.key,
-    k.request,
-  ]);
-  if (rows[0] && !rows[0].same) {
+  const row = rows[0];
+  if (!row) return undefined;
+  if (!row.same) {
     throw new UnprocessableError(
       `this Idempotency-Key was used within ${IDEMPOTENCY_HOURS} hours for another request; nothing was done: use a new key for a new request`,
       'idempotency-key-reused',
       'Idempotency-Key reused for another request',
     );
   }
-  return rows[0]?.answer ?? undefined;
+  return { answer: row.answer?.answer, pinned: row.answer?.pinned };
 }
 
-/** Keeps a request's answer with its key (keptAnswer), unless one is kept already. */
+/** Claims the key with what the request acts on (keyedEarlier); what another request under the key pinned if it claimed it first. */
+export async function claimPinned(db: Db, owner: string, k: Keyed, pinned: unknown): Promise<{ pinned: unknown; answer?: unknown }> {
+  await db.query(
+    `INSERT INTO idempotency_keys (identity_id, action, key, target_id, request, answer) VALUES ($1, $2, $3, $4, $5, $6)
+     ON CONFLICT (identity_id, action, key) DO UPDATE SET target_id = EXCLUDED.target_id, request = EXCLUDED.request, answer = EXCLUDED.answer, created_at = now()
+       WHERE idempotency_keys.created_at <= now() - make_interval(hours => $7)`,
+    [owner, k.action, k.key, randomUUID(), k.request, JSON.stringify({ pinned }), IDEMPOTENCY_HOURS],
+  );
+  const earlier = await keyedEarlier(db, owner, k);
+  return earlier ?? { pinned };
+}
+
+/** Keeps a request's answer with its key (keyedEarlier), beside what it pinned, unless one is kept already. */
 export async function keepAnswer(db: Db, owner: string, k: Keyed, answer: unknown): Promise<void> {
   await db.query(
-    'UPDATE idempotency_keys SET answer = $5 WHERE identity_id = $1 AND action = $2 AND key = $3 AND request = $4 AND answer IS NULL',
+    `UPDATE idempotency_keys SET answer = answer || jsonb_build_object('answer', $5::jsonb)
+      WHERE identity_id = $1 AND action = $2 AND key = $3 AND request = $4 AND NOT answer ? 'answer'`,
     [owner, k.action, k.key, k.request, JSON.stringify(answer)],
   );
 }

@@ -228,6 +228,27 @@ describe('POST /v1/leaks', () => {
     });
     expect(await rotationsOf(id)).toBe(2);
     h.secret((await current('keyed-leak')).value);
+
+    // A first report whose answer was never kept (it died after its work, before keeping it): a
+    // repeat acts on the version the first resolved (3, revoked by its rotation by now), not on the
+    // current one. Before, by name it resolved version 4, the new value, and rotated that.
+    const lostKey = `leak-${randomUUID()}`;
+    const lost = await h.api('POST', '/v1/leaks', { token: agent.token, body, headers: { 'idempotency-key': lostKey } });
+    expect(lost.body.results).toEqual([expect.objectContaining({ version: 3, action: 'rotating' })]);
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', fromVersion: 3, toVersion: 4 });
+    await h.sql(`UPDATE idempotency_keys SET answer = answer - 'answer' WHERE key = $1`, [lostKey]);
+    const afterLoss = await h.api('POST', '/v1/leaks', { token: agent.token, body, headers: { 'idempotency-key': lostKey } });
+    expect(afterLoss.status, afterLoss.text).toBe(202);
+    expect(afterLoss.body.results).toEqual([{ credentialId: id, version: 3, action: 'already-revoked' }]);
+    expect(await rotationsOf(id)).toBe(3);
+    h.secret((await current('keyed-leak')).value);
+
+    // A report refused (404) does not take its key: the request set right under it is carried out.
+    const fixKey = `leak-${randomUUID()}`;
+    expect((await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'keyed-leek', source: 'scan' }, headers: { 'idempotency-key': fixKey } })).status).toBe(404);
+    const fixed = await h.api('POST', '/v1/leaks', { token: agent.token, body: { ...body, version: 1 }, headers: { 'idempotency-key': fixKey } });
+    expect(fixed.status, fixed.text).toBe(202);
+    expect(fixed.body.results).toEqual([{ credentialId: id, version: 1, action: 'already-revoked' }]);
   });
 
   it('parallel reports that meet a left-over incident all join the one incident that replaces it, none the closed one', async () => {

@@ -16,7 +16,7 @@ import type { SecretStore } from '../../vault/secret-store';
 import type { Caller, Vault } from '../../vault/vault';
 import { leakSignal } from '../../workflows/definitions';
 import { endpoint, type AuthDeps } from '../endpoint';
-import { ADMIN_KEY_OWNER, idempotencyKeyOf, keepAnswer, keptAnswer, keyed } from '../idempotency';
+import { ADMIN_KEY_OWNER, claimPinned, idempotencyKeyOf, keepAnswer, keyedEarlier, keyed } from '../idempotency';
 import { leakResults } from '../responses';
 import { leakReport } from '../schemas';
 
@@ -71,28 +71,32 @@ export function leakRoutes(auth: AuthDeps, deps: LeakDeps): Router {
  */
 export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string | undefined, input: z.output<typeof leakReport>) {
   const { idempotencyKey, ...body } = input;
-  // With an Idempotency-Key, a report repeated (its answer lost) is answered as the first was: a
-  // report by name names the current version, so carried out again once the first's rotation had
-  // ended it would open a second incident and rotate the new value too.
+  // With an Idempotency-Key, a report repeated (its answer lost) is answered as the first was, or,
+  // the first's answer not kept (it failed, or died, on the way), carried out again on the versions
+  // the first resolved: a report by name names the current version, so resolved again once the
+  // first's rotation had ended, it would open a second incident and rotate the new value too.
   const key = keyed('leak.report', idempotencyKey, body);
   const owner = scope ?? ADMIN_KEY_OWNER;
-  if (key) {
-    const earlier = (await keptAnswer(deps.pool, owner, key)) as { results: LeakResult[] } | undefined;
-    if (earlier) {
-      await appendAudit(deps.pool, {
-        identityId: scope ?? null,
-        actor: scope ? caller.actor : 'admin',
-        action: 'leak.report',
-        credentialId: null,
-        outcome: 'ok',
-        requestId: caller.requestId,
-        via: caller.via,
-        detail: { source: body.source, repeated: true },
-      });
-      return { ...earlier, repeated: true as const };
-    }
-  }
-  const targets = body.fingerprint ? await byFingerprint(deps, body.fingerprint, scope) : await byCredential(deps, body.credential!, body.version, scope);
+  let earlier = key ? await keyedEarlier(deps.pool, owner, key) : undefined;
+  const repeated = async (answer: unknown) => {
+    await appendAudit(deps.pool, {
+      identityId: scope ?? null,
+      actor: scope ? caller.actor : 'admin',
+      action: 'leak.report',
+      credentialId: null,
+      outcome: 'ok',
+      requestId: caller.requestId,
+      via: caller.via,
+      detail: { source: body.source, repeated: true },
+    });
+    return { ...(answer as { results: LeakResult[] }), repeated: true as const };
+  };
+  if (earlier?.answer) return repeated(earlier.answer);
+  let targets = earlier
+    ? await pinnedTargets(deps, earlier.pinned as Pinned[], scope)
+    : body.fingerprint
+      ? await byFingerprint(deps, body.fingerprint, scope)
+      : await byCredential(deps, body.credential!, body.version, scope);
   // Both free-text fields go into the audit row, the rotation's reason and the incident email (to the
   // owners, whom the reporter may set): neither may carry a value the identity can read, its own or
   // one granted to it, as mail.send refuses them. Text shorter than any value the scan matches needs
@@ -106,6 +110,13 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
         }
       }
     }
+  }
+  // Claimed once the report is known to be carried out (not refused): a key whose request was a
+  // 404 or a 422 stays free for the request set right.
+  if (key && !earlier) {
+    earlier = await claimPinned(deps.pool, owner, key, targets.map((t): Pinned => ({ credentialId: t.credentialId, version: t.version })));
+    if (earlier.answer) return repeated(earlier.answer);
+    targets = await pinnedTargets(deps, earlier.pinned as Pinned[], scope);
   }
   const results: LeakResult[] = [];
   const entry = (done: LeakResult[], extra: Record<string, unknown> = {}): AuditEntry => ({
@@ -394,6 +405,23 @@ async function byFingerprint(deps: LeakDeps, sha256Hex: string, scope: string | 
     [fingerprint, scope ?? null],
   );
   if (rows.length === 0) throw new NotFoundError('no stored version matches this fingerprint');
+  return rows.map(toTarget);
+}
+
+/** What a keyed report acts on, kept with its key: a repeat acts on the same versions. */
+interface Pinned {
+  credentialId: string;
+  version: number;
+}
+
+/** The versions a keyed report pinned, as they are now (one revoked since reads as such). */
+async function pinnedTargets(deps: LeakDeps, pinned: Pinned[], scope: string | undefined): Promise<Target[]> {
+  const { rows } = await deps.pool.query(
+    `${TARGET_SQL} JOIN unnest($1::uuid[], $2::int[]) AS p(credential_id, version) ON p.credential_id = c.id AND p.version = v.version
+      WHERE c.deleted_at IS NULL AND ($3::uuid IS NULL OR c.identity_id = $3)`,
+    [pinned.map((p) => p.credentialId), pinned.map((p) => p.version), scope ?? null],
+  );
+  if (rows.length === 0) throw new NotFoundError('the credentials this report named (by its Idempotency-Key) are deleted or gone');
   return rows.map(toTarget);
 }
 
