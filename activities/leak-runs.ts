@@ -1,6 +1,6 @@
 import type { Client } from '@temporalio/client';
 import { UnavailableError } from '../core/errors';
-import type { Pool } from '../db/pool';
+import { withTransaction, type Pool } from '../db/pool';
 import { startDelivery } from '../mail/outbox';
 import { leakSignal } from '../workflows/definitions';
 import type { rotateCredential } from '../workflows/rotate-credential';
@@ -75,12 +75,25 @@ export function leakActivities(deps: ActivityDeps) {
           ORDER BY i.opened_at LIMIT ${RESUMED_PER_SWEEP}`,
         [input.asOf, STALE_INCIDENT_SECONDS],
       );
+      let started = 0;
       for (const row of rows) {
         heartbeat();
-        await startLeakRun({ pool: deps.pool, ...temporal }, { credentialId: row.credential_id, identityId: row.identity_id }, row.rotation_id, row.id, row.version);
-        await startDelivery(deps.pool, temporal, incidentMailId(row.id));
+        // Under the incident's row lock, checked again: a report replacing it meanwhile (closing it in
+        // the transaction that opens its successor, its email abandoned there) waits for this, or this
+        // finds it closed and leaves it.
+        await withTransaction(deps.pool, async (tx) => {
+          const still = await tx.query(
+            `SELECT 1 FROM leak_incidents i JOIN rotation_runs r ON r.rotation_id = i.rotation_id AND r.credential_id = i.credential_id
+              WHERE i.id = $1 AND i.status = 'open' AND r.run_id IS NULL FOR UPDATE OF i SKIP LOCKED`,
+            [row.id],
+          );
+          if (still.rowCount === 0) return;
+          await startLeakRun({ pool: deps.pool, ...temporal }, { credentialId: row.credential_id, identityId: row.identity_id }, row.rotation_id, row.id, row.version);
+          await startDelivery(deps.pool, temporal, incidentMailId(row.id));
+          started += 1;
+        });
       }
-      return { started: rows.length };
+      return { started };
     },
   };
 }

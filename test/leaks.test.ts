@@ -1,5 +1,8 @@
 import { createHash, randomUUID } from 'node:crypto';
+import pg from 'pg';
+import { WorkflowNotFoundError } from '@temporalio/client';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createActivities } from '../activities';
 import { incidentMailId } from '../activities/support';
 import { reportLeak } from '../api/routes/leaks';
 import { expectCleanRun } from './support/leaks';
@@ -377,6 +380,28 @@ describe('POST /v1/leaks', () => {
     });
     expect(alert).toHaveLength(1);
     h.secret((await current('report-died')).value);
+  });
+
+  it("the sweep leaves an unstarted incident a report is replacing (its row held) or has closed: no run for it", async () => {
+    const id = await store('replaced-unstarted', 'sk_replaced_unstarted_01', { rotation: { provider: 'generated', graceHours: 0 } });
+    const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
+    await expect(reportLeak(depsLosingSignalWithStart(), caller, agent.id, { credential: 'replaced-unstarted', source: 'scan' })).rejects.toMatchObject({ status: 503 });
+    const [incident] = (await h.sql(`UPDATE leak_incidents SET opened_at = now() - interval '2 minutes' WHERE credential_id = $1 RETURNING id`, [id])).rows;
+    const other = new pg.Client({ connectionString: h.databaseUrl });
+    await other.connect();
+    try {
+      // A report closing it as its replacement opens: the row held until that commits.
+      await other.query('BEGIN');
+      await other.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = $1`, [incident.id]);
+      const resume = () => createActivities(h.deps).resumeLeakIncidents({ asOf: new Date().toISOString() });
+      // Before, it was started all the same: a run for a closed incident, and its email beside the successor's.
+      expect(await resume()).toEqual({ started: 0 });
+      await other.query('COMMIT');
+      expect(await resume()).toEqual({ started: 0 });
+    } finally {
+      await other.end();
+    }
+    await expect(h.client.workflow.getHandle(`rotate:${id}`).describe()).rejects.toBeInstanceOf(WorkflowNotFoundError);
   });
 
   it('a leak the running rotation never heard (its report lost Temporal, answered 503, and was not repeated) is not closed unanswered when that rotation ends: the leaked value is rotated', async () => {

@@ -190,14 +190,15 @@ async function respond(
   // The incident commits with its rotation's rows or not at all: an incident left open without a
   // rotation would make every later report only join it. A parallel report of the same credential
   // waits here for this one's commit, then joins.
-  let closedLeftOver = false;
   const incident = await withTransaction(deps.pool, async (tx) => {
     if (replacing) {
       // In one transaction with the opening of its replacement: a parallel report that meets the
       // left-over incident waits here on its row, then finds it closed and this one open, and joins
       // it (before, closed on its own first, it was answered joined to the closed one).
       const closed = await tx.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = $1 AND status = 'open'`, [replacing.id]);
-      closedLeftOver = closed.rowCount === 1;
+      const closedLeftOver = closed.rowCount === 1;
+      // Its email, if its run never started, is not sent late: this report's incident has its own.
+      if (closedLeftOver) await abandonMail(tx, incidentMailId(replacing.id), 'its incident was closed without a rotation; a later report opened another');
       // Closed meanwhile by another: a parallel report replacing it (whose incident is open now, and
       // is joined below), or its own run as it ended, which answered the leak this report names (the
       // same version: a duplicate; another version is answered afresh).
@@ -251,8 +252,6 @@ async function respond(
     return opened;
   });
   if (incident === 'answered') return replacing!.answered();
-  // Its email, if its run never started, is not sent late: this report's incident has its own.
-  if (closedLeftOver) await abandonMail(deps.pool, incidentMailId(replacing!.id), 'its incident was closed without a rotation; a later report opened another');
   if (!incident.created) {
     // A report counts on the incident it joins once it is answered so: not one answered 503 (asked to
     // report again), nor one that closes a left-over incident and opens its own.
