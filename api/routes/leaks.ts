@@ -159,7 +159,6 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
   return { results };
 }
 
-
 type LeakResult =
   | { credentialId: string; version: number; action: 'already-revoked' }
   | { credentialId: string; version: number; incidentId: string; workflowId: string; rotationId?: string; action: 'joined' | 'rotating' };

@@ -161,9 +161,10 @@ export async function startRotation(deps: RotationDeps, caller: Caller, input: z
     // reached the server after all (its answer lost) and rotations are going; the answer is the
     // rotation's. (Cancelled, its key given back, the wave's runs would have gone on all the same, and
     // the request repeated as a 503 asks would have rotated those credentials a second time.)
-    // Under the rotation's row lock, each read after it (a statement of its own sees what committed
-    // before the lock was had): a repeat's take-over, and the wave's mark, which takes the row FOR
-    // SHARE (activities/batch.ts), so a wave either marked its start before this looks, or finds the
+    //
+    // Decided under the rotation's row lock, each read a statement of its own after it (seeing what
+    // committed before the lock was had): a repeat's take-over, and the wave's mark, which takes the
+    // row FOR SHARE (activities/batch.ts): a wave marked its start before this looks, or finds the
     // rotation cancelled.
     const outcome = await withTransaction(deps.pool, async (tx) => {
       const { rows: locked } = await tx.query('SELECT start_taken_over_at IS NOT NULL AS taken_over FROM rotations WHERE id = $1 FOR UPDATE', [rotationId]);
@@ -245,7 +246,6 @@ export async function rotationStatus(deps: RotationDeps, caller: Caller, id: str
   // the rotation; after BATCH_START_SECONDS) starts none of them: they stay not_started, and the
   // rotation no longer reads as running for ever. (A repeat of that request by its Idempotency-Key
   // starts a batch never started: it reads as running again.)
-  // A batch not there yet is still being started for a while after its request (or a repeat's take-over) recorded the rotation.
   const waiting = runs.filter((r) => !r.run_id && !r.outcome);
   const batchStatus = rotation.kind === 'request' && waiting.length > 0 ? await temporal(() => statusOf(deps.client.workflow.getHandle(rotation.workflow_id))) : 'RUNNING';
   const startedBy = Math.max(rotation.created_at.getTime(), rotation.start_taken_over_at?.getTime() ?? 0) + BATCH_START_SECONDS * 1000;
