@@ -131,16 +131,15 @@ export async function keyedEarlier(db: Db, owner: string, k: Keyed): Promise<{ a
   return { answer: row.answer?.answer, pinned: row.answer?.pinned };
 }
 
-/** Claims the key with what the request acts on (keyedEarlier); what another request under the key pinned if it claimed it first. */
-export async function claimPinned(db: Db, owner: string, k: Keyed, pinned: unknown): Promise<{ pinned: unknown; answer?: unknown }> {
-  await db.query(
+/** Claims the key with what the request acts on (keyedEarlier): undefined if claimed; what another request under the key left if it claimed it first. */
+export async function claimPinned(db: Db, owner: string, k: Keyed, pinned: unknown): Promise<{ pinned: unknown; answer?: unknown } | undefined> {
+  const { rowCount } = await db.query(
     `INSERT INTO idempotency_keys (identity_id, action, key, target_id, request, answer) VALUES ($1, $2, $3, $4, $5, $6)
      ON CONFLICT (identity_id, action, key) DO UPDATE SET target_id = EXCLUDED.target_id, request = EXCLUDED.request, answer = EXCLUDED.answer, created_at = now()
        WHERE idempotency_keys.created_at <= now() - make_interval(hours => $7)`,
     [owner, k.action, k.key, randomUUID(), k.request, JSON.stringify({ pinned }), IDEMPOTENCY_HOURS],
   );
-  const earlier = await keyedEarlier(db, owner, k);
-  return earlier ?? { pinned };
+  return rowCount === 1 ? undefined : keyedEarlier(db, owner, k);
 }
 
 /** Keeps a request's answer with its key (keyedEarlier), beside what it pinned, unless one is kept already. */

@@ -57,6 +57,12 @@ describe('POST /v1/leaks', () => {
     const workflow = Object.create(h.client.workflow, { signalWithStart: { value: async () => Promise.reject(new Error('14 UNAVAILABLE: the connection was lost')) } });
     return { ...depsLosingStarts(), client: Object.create(h.client, { workflow: { value: workflow } }) };
   };
+  /** The incident emails of a credential's leak, once at least one has arrived. */
+  const incidentEmails = (name: string) =>
+    waitFor('the incident email', async () => {
+      const mails = (await readMailbox()).filter((m) => m.mail.subject === `[mailgent] SECURITY: leak reported for ${name}`);
+      return mails.length > 0 ? mails : undefined;
+    });
   const rotationsOf = async (credentialId: string) =>
     (await h.sql("SELECT count(*)::int AS n FROM audit_log WHERE credential_id = $1 AND action = 'rotation.create_pending' AND outcome = 'ok'", [credentialId])).rows[0].n as number;
 
@@ -347,10 +353,7 @@ describe('POST /v1/leaks', () => {
     expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1, toVersion: 2 });
     expect(await revokedVersions(id)).toEqual([1]);
     expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
-    const alert = await waitFor('the incident email', async () => {
-      const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for start-lost');
-      return mails.length > 0 ? mails : undefined;
-    });
+    const alert = await incidentEmails('start-lost');
     expect(alert).toHaveLength(1);
     h.secret((await current('start-lost')).value);
   });
@@ -374,10 +377,7 @@ describe('POST /v1/leaks', () => {
     expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1, toVersion: 2 });
     expect(await revokedVersions(id)).toEqual([1]);
     expect((await h.sql('SELECT status FROM leak_incidents WHERE id = $1', [incident.id])).rows).toEqual([{ status: 'closed' }]);
-    const alert = await waitFor('the incident email', async () => {
-      const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for report-died');
-      return mails.length > 0 ? mails : undefined;
-    });
+    const alert = await incidentEmails('report-died');
     expect(alert).toHaveLength(1);
     h.secret((await current('report-died')).value);
   });
@@ -427,10 +427,7 @@ describe('POST /v1/leaks', () => {
     expect(await revokedVersions(id)).toEqual([1, 2]);
     expect((await current('unheard-leak')).version).toBe(3);
     expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
-    const alert = await waitFor('the incident email', async () => {
-      const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for unheard-leak');
-      return mails.length > 0 ? mails : undefined;
-    });
+    const alert = await incidentEmails('unheard-leak');
     expect(alert).toHaveLength(1);
     expect(await rotationsOf(id)).toBe(2);
   });
@@ -456,10 +453,7 @@ describe('POST /v1/leaks', () => {
     expect((await current('unheard-revoked')).version).toBe(2);
     expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
     expect(await rotationsOf(id)).toBe(1);
-    const alert = await waitFor('the incident email', async () => {
-      const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for unheard-revoked');
-      return mails.length > 0 ? mails : undefined;
-    });
+    const alert = await incidentEmails('unheard-revoked');
     expect(alert).toHaveLength(1);
   });
 
@@ -508,10 +502,7 @@ describe('POST /v1/leaks', () => {
       // Only the report answered 202 counts: neither the one answered 503 as it joined (before: 3), nor
       // the one that opened the incident and was answered 503 as its email could not be handed over (before: 2).
       expect((await h.sql('SELECT reports FROM leak_incidents WHERE id = $1', [open[0].id])).rows).toEqual([{ reports: 1 }]);
-      const alert = await waitFor('the incident email', async () => {
-        const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for mail-handover');
-        return mails.length > 0 ? mails : undefined;
-      });
+      const alert = await incidentEmails('mail-handover');
       expect(alert).toHaveLength(1);
       await lock.release();
       expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1 });
@@ -601,10 +592,7 @@ describe('POST /v1/leaks', () => {
     const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
     await expect(reportLeak(deps, caller, agent.id, { credential: 'mail-at-close', source: 'scan' })).rejects.toMatchObject({ status: 503 });
     // Nobody reports again. Before, the run closed the incident and the email stayed queued for good.
-    const alert = await waitFor('the incident email', async () => {
-      const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for mail-at-close');
-      return mails.length > 0 ? mails : undefined;
-    });
+    const alert = await incidentEmails('mail-at-close');
     expect(alert).toHaveLength(1);
     const id = (await h.sql("SELECT id FROM credentials WHERE name = 'mail-at-close'")).rows[0].id as string;
     expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak' });

@@ -77,7 +77,7 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
   // first's rotation had ended, it would open a second incident and rotate the new value too.
   const key = keyed('leak.report', idempotencyKey, body);
   const owner = scope ?? ADMIN_KEY_OWNER;
-  let earlier = key ? await keyedEarlier(deps.pool, owner, key) : undefined;
+  const earlier = key ? await keyedEarlier(deps.pool, owner, key) : undefined;
   const repeated = async (answer: unknown) => {
     await appendAudit(deps.pool, {
       identityId: scope ?? null,
@@ -114,9 +114,10 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
   // Claimed once the report is known to be carried out (not refused): a key whose request was a
   // 404 or a 422 stays free for the request set right.
   if (key && !earlier) {
-    earlier = await claimPinned(deps.pool, owner, key, targets.map((t): Pinned => ({ credentialId: t.credentialId, version: t.version })));
-    if (earlier.answer) return repeated(earlier.answer);
-    targets = await pinnedTargets(deps, earlier.pinned as Pinned[], scope);
+    // Another request under the key claimed it first: what it pinned is acted on, as a repeat would.
+    const first = await claimPinned(deps.pool, owner, key, targets.map((t): Pinned => ({ credentialId: t.credentialId, version: t.version })));
+    if (first?.answer) return repeated(first.answer);
+    if (first) targets = await pinnedTargets(deps, first.pinned as Pinned[], scope);
   }
   const results: LeakResult[] = [];
   const entry = (done: LeakResult[], extra: Record<string, unknown> = {}): AuditEntry => ({

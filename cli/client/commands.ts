@@ -1,11 +1,11 @@
 import { createHash } from 'node:crypto';
 import { KINDS } from '../../vault/types';
 import { EXIT, unexpectedArgument, usageError } from './errors';
-import { ADMIN_TOKEN_OPTION, adminToken, Api, baseUrl, identityToken, Out, parse, TOKEN_OPTION } from './context';
+import { ADMIN_TOKEN_OPTION, adminToken, Api, baseUrl, idempotencyKeyOption, identityToken, Out, parse, sendKeyed, TOKEN_OPTION } from './context';
 import { readSecret } from './secret-input';
 import { chainReport, identityCreated, leakResults, secretRead, storedVersion, totpCode } from './answers';
 import { table } from './render';
-import { idempotencyKeyOption, rotate, sendKeyed } from './rotate';
+import { rotate } from './rotate';
 import { isUuid } from '../../core/ids';
 
 /** A command of the `mailgent` CLI that talks to the HTTP API. */

@@ -1,10 +1,11 @@
+import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { DEFAULT_PORT } from '../../core/config';
 import type { z } from 'zod';
 import { mismatchedFields } from './answers';
-import { answerLost, CliError, EXIT, exitCodeOf, HelpRequested, unexpectedAnswer, unreachable, usageError, type Problem } from './errors';
+import { ANSWER_LOST, answerLost, CliError, EXIT, exitCodeOf, HelpRequested, unexpectedAnswer, unreachable, usageError, type Problem } from './errors';
 
 /**
  * What every client command shares: its flags (node:util parseArgs, strict), where the API is,
@@ -281,4 +282,44 @@ export const neverSent = (code: string) => NEVER_CONNECTED.has(code) || /^(CERT_
 export function fetchFailure(err: unknown): string {
   const cause = (err as { cause?: { code?: string; message?: string } }).cause;
   return cause?.code ?? cause?.message ?? (err as Error).message;
+}
+
+/** Tries of a keyed change whose answer was lost, or that the API could not carry out now (503). */
+export const KEYED_TRIES = 3;
+
+/**
+ * A change sent with an Idempotency-Key (this invocation's own, or --idempotency-key): one whose
+ * answer was lost (the connection dropped, a proxy's 502 or 504) or that the API answered 503 is
+ * sent again, up to KEYED_TRIES in all, with the same key, which the API answers with what the first
+ * made (if it made anything) instead of doing it again. If the tries run out after an answer was
+ * lost, the change may have been carried out: that is the failure (exit 1), with the key to run
+ * again with, whatever the last try got (a 503 would say "try again later", and a run with a new key
+ * could do it a second time). `what`: the change, for that message ("the rotation's start").
+ */
+export async function sendKeyed<S extends z.ZodType>(api: Api, route: string, answer: S, body: Record<string, unknown>, key: string, what: { sent: string; made: string }): Promise<z.infer<S>> {
+  const headers = { 'idempotency-key': key };
+  let lost: CliError | undefined;
+  for (let tried = 1; ; tried++) {
+    try {
+      return await api.call('POST', route, answer, body, { headers });
+    } catch (err) {
+      const wasLost = err instanceof CliError && (err.problem.type === ANSWER_LOST || err.problem.unconfirmed === true);
+      if (wasLost) lost = err;
+      const again = wasLost || (err instanceof CliError && err.problem.status === 503);
+      if (!again || tried >= KEYED_TRIES) {
+        if (!lost) throw err;
+        throw answerLost(
+          `${what.sent} was sent ${tried} times and no answer confirmed it (last: ${(err as Error).message}); it may have been carried out: run again with --idempotency-key ${key} to get ${what.made}`,
+        );
+      }
+      await new Promise((resolve) => setTimeout(resolve, 500 * tried));
+    }
+  }
+}
+
+/** A --idempotency-key given, checked, or a new one. */
+export function idempotencyKeyOption(given: string | undefined, usage: string): string {
+  const key = given ?? randomUUID();
+  if (!/^[\x21-\x7e]{1,255}$/.test(key)) throw usageError('--idempotency-key must be 1–255 visible ASCII characters (no spaces)', usage);
+  return key;
 }

@@ -1,8 +1,7 @@
 import type { z } from 'zod';
 import { KINDS } from '../../vault/types';
-import { randomUUID } from 'node:crypto';
-import { ANSWER_LOST, answerLost, CliError, EXIT, usageError } from './errors';
-import { Api, baseUrl, identityToken, Out, parse, reportError, TOKEN_OPTION } from './context';
+import { CliError, EXIT, usageError } from './errors';
+import { Api, baseUrl, idempotencyKeyOption, identityToken, Out, parse, reportError, sendKeyed, TOKEN_OPTION } from './context';
 import { Progress, table } from './render';
 import { credentialPage, rotationReport, rotationStarted } from './answers';
 import type { ClientCommand } from './commands';
@@ -275,44 +274,4 @@ function outcomeText(c: RunReport): string {
   if (c.state === 'grace') return `succeeded; previous version valid until ${c.progress?.graceEndsAt ?? 'the grace period ends'}`;
   const error = errorOf(c);
   return error ? `${c.state}: ${error}` : c.state;
-}
-
-/** Tries of a keyed change whose answer was lost, or that the API could not carry out now (503). */
-export const KEYED_TRIES = 3;
-
-/**
- * A change sent with an Idempotency-Key (this invocation's own, or --idempotency-key): one whose
- * answer was lost (the connection dropped, a proxy's 502 or 504) or that the API answered 503 is
- * sent again, up to KEYED_TRIES in all, with the same key, which the API answers with what the first
- * made (if it made anything) instead of doing it again. If the tries run out after an answer was
- * lost, the change may have been carried out: that is the failure (exit 1), with the key to run
- * again with, whatever the last try got (a 503 would say "try again later", and a run with a new key
- * could do it a second time). `what`: the change, for that message ("the rotation's start").
- */
-export async function sendKeyed<S extends z.ZodType>(api: Api, route: string, answer: S, body: Record<string, unknown>, key: string, what: { sent: string; made: string }): Promise<z.infer<S>> {
-  const headers = { 'idempotency-key': key };
-  let lost: CliError | undefined;
-  for (let tried = 1; ; tried++) {
-    try {
-      return await api.call('POST', route, answer, body, { headers });
-    } catch (err) {
-      const wasLost = err instanceof CliError && (err.problem.type === ANSWER_LOST || err.problem.unconfirmed === true);
-      if (wasLost) lost = err;
-      const again = wasLost || (err instanceof CliError && err.problem.status === 503);
-      if (!again || tried >= KEYED_TRIES) {
-        if (!lost) throw err;
-        throw answerLost(
-          `${what.sent} was sent ${tried} times and no answer confirmed it (last: ${(err as Error).message}); it may have been carried out: run again with --idempotency-key ${key} to get ${what.made}`,
-        );
-      }
-      await new Promise((resolve) => setTimeout(resolve, 500 * tried));
-    }
-  }
-}
-
-/** A --idempotency-key given, checked, or a new one. */
-export function idempotencyKeyOption(given: string | undefined, usage: string): string {
-  const key = given ?? randomUUID();
-  if (!/^[\x21-\x7e]{1,255}$/.test(key)) throw usageError('--idempotency-key must be 1–255 visible ASCII characters (no spaces)', usage);
-  return key;
 }
