@@ -243,18 +243,30 @@ describe('batch rotation in waves', () => {
 
   it('a batch that ended, or never started, before starting its rotations reports them not started, and no longer reads as running', async () => {
     const { names } = await storeAll('ended', 4);
-    receiver.delayMs = 1_500;
-    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: names } });
-    expect(started.status).toBe(202);
-    const rotationId = started.body.rotationId as string;
-    // Its first wave open, the batch is stopped by an operator before the next.
-    let first = await runsOf(rotationId);
-    for (const deadline = Date.now() + 30_000; first.filter((r) => r.run_id).length < maxOpen; first = await runsOf(rotationId)) {
-      if (Date.now() > deadline) throw new Error(`the first wave did not start: ${JSON.stringify(first)}`);
-      await new Promise((r) => setTimeout(r, 50));
+    // The first wave's rotations are held at their dependents' update, so none ends (and no next wave
+    // starts) before the batch is stopped.
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    receiver.onEvent = async (received) => {
+      if (received.event.type === 'credential.pending') await held;
+    };
+    let first: Awaited<ReturnType<typeof runsOf>>;
+    let started: Awaited<ReturnType<Harness['api']>>;
+    try {
+      started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: names } });
+      expect(started.status).toBe(202);
+      // Its first wave open, the batch is stopped by an operator before the next.
+      first = await runsOf(started.body.rotationId);
+      for (const deadline = Date.now() + 30_000; first.filter((r) => r.run_id).length < maxOpen; first = await runsOf(started.body.rotationId)) {
+        if (Date.now() > deadline) throw new Error(`the first wave did not start: ${JSON.stringify(first)}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      await h.client.workflow.getHandle(started.body.batchWorkflowId).terminate('stopped by an operator');
+    } finally {
+      release();
+      receiver.onEvent = undefined;
     }
-    await h.client.workflow.getHandle(started.body.batchWorkflowId).terminate('stopped by an operator');
-    receiver.delayMs = 0;
+    const rotationId = started.body.rotationId as string;
     const report = () => h.api('GET', `/v1/rotations/${rotationId}`, { token: agent.token });
     expect((await report()).body.state).toBe('running');
     for (const run of first.filter((r) => r.run_id)) await h.client.workflow.getHandle(run.workflow_id, run.run_id!).result();
