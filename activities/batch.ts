@@ -3,7 +3,8 @@ import { ConflictError, NotFoundError } from '../core/errors';
 import { batchRunOf, latestRunOf, runOpenSince, statusOf } from '../core/run-chain';
 import { purgeExpiredKeys } from '../db/idempotency-keys';
 import { recordBatchRun, RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
-import { handOverNotice } from './notices';
+import { eraseSettledMail } from '../mail/outbox';
+import { handOverNotice, REFUSED_NOTICE, UNCHECKED_NOTICE } from './notices';
 import type { RotationWindow } from '../vault/types';
 import type { rotateCredential } from '../workflows/rotate-credential';
 import type { RotationMode } from '../workflows/types';
@@ -429,22 +430,32 @@ export function batchActivities(deps: ActivityDeps) {
 
     /**
      * Soft-deleted credentials past their retention are destroyed (their ciphertexts deleted);
-     * rotation plans past any run's use are dropped (ROTATION_PLAN_DAYS), and Idempotency-Keys past
-     * their day. Bounded in time (PURGE_BUDGET_MS, under the step's 20 s limit): an attempt cut off
+     * rotation plans past any run's use are dropped (ROTATION_PLAN_DAYS), Idempotency-Keys past their
+     * day, and what settled mail said and to whom past `mailRetentionDays` (default 30: a sweep
+     * scheduled before the setting). Bounded in time (PURGE_BUDGET_MS, under the step's 20 s limit): an attempt cut off
      * by that limit went on destroying beside its retry (each auditing the other's destroys as
      * refusals), and a backlog failed the sweep once its retries ran out. What is left (oldest
      * first) goes to the next sweep's.
      */
-    async purgeDeleted(input: { asOf: string; retentionDays: number; budgetMs?: number }): Promise<{ destroyed: number; left: boolean }> {
+    async purgeDeleted(input: { asOf: string; retentionDays: number; mailRetentionDays?: number; budgetMs?: number }): Promise<{ destroyed: number; erased: number; left: boolean }> {
       const deadline = Date.now() + (input.budgetMs ?? PURGE_BUDGET_MS);
       await deps.pool.query(`DELETE FROM rotation_plans WHERE planned_at < $1::timestamptz - make_interval(days => ${ROTATION_PLAN_DAYS})`, [input.asOf]);
       let left = false;
-      while ((await purgeExpiredKeys(deps.pool, PURGE_PAGE)) === PURGE_PAGE) {
-        if (Date.now() >= deadline) {
-          left = true;
-          break;
+      /** Runs `page` until it does less than a page, or the time is up (then there is more left). */
+      const pages = async (page: () => Promise<number>) => {
+        let done = 0;
+        for (let n = PURGE_PAGE; n === PURGE_PAGE; done += n) {
+          if (done && Date.now() >= deadline) {
+            left = true;
+            break;
+          }
+          n = await page();
         }
-      }
+        return done;
+      };
+      await pages(() => purgeExpiredKeys(deps.pool, PURGE_PAGE));
+      const mailCutoff = new Date(Date.parse(input.asOf) - (input.mailRetentionDays ?? 30) * 86_400_000);
+      const erased = await pages(() => eraseSettledMail(deps.pool, mailCutoff, PURGE_PAGE, [REFUSED_NOTICE, UNCHECKED_NOTICE]));
       // One cutoff for the list and the check under the lock (days of 24 hours: the session's time
       // zone and its daylight-saving days do not move it between the two).
       const cutoff = new Date(Date.parse(input.asOf) - input.retentionDays * 86_400_000);
@@ -481,14 +492,14 @@ export function batchActivities(deps: ActivityDeps) {
           if (!(err instanceof NotFoundError) && !(err instanceof ConflictError)) throw err;
         }
       }
-      return { destroyed, left };
+      return { destroyed, erased, left };
     },
   };
 }
 
 /** How long one retention step works before it leaves the rest to the next sweep's: well under databaseStep's 20 s. */
 export const PURGE_BUDGET_MS = 10_000;
-/** Credentials a retention step lists at a time, and Idempotency-Keys it deletes per statement. */
+/** Credentials a retention step lists at a time, and Idempotency-Keys or messages it deletes or erases per statement. */
 const PURGE_PAGE = 1_000;
 
 /**

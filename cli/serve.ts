@@ -192,6 +192,7 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
         orphanCron: config.ORPHAN_REPORT_CRON,
         orphanDays: config.ORPHAN_DAYS,
         retentionDays: config.DELETE_RETENTION_DAYS,
+        mailRetentionDays: config.MAIL_RETENTION_DAYS,
         logger,
       });
       checkpoint();

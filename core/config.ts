@@ -179,6 +179,7 @@ const schema = z.object({
   ORPHAN_REPORT_CRON: cron.default('0 6 * * 1'),
   ORPHAN_DAYS: whole(1, 3650).default(30),
   DELETE_RETENTION_DAYS: whole(0, 3650).default(30),
+  MAIL_RETENTION_DAYS: whole(0, 3650).default(30),
   CODEC_CORS_ORIGINS: z
     .string()
     .transform(commaList)

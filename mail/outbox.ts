@@ -215,6 +215,27 @@ export async function abandonedPlaceholder(db: Db, row: { id: string; identityId
   return rowCount === 1;
 }
 
+/**
+ * Mail retention: settled messages (sent or abandoned) queued before `cutoff` lose what they said and
+ * to whom (recipients, subject, bodies, refused recipients, and the last error, which may be the SMTP
+ * server's, naming addresses), at most `limit` of them, oldest first. Their rows stay: the id keeps a
+ * notice from being queued again, and the status and times answer repeats and escalations. A last
+ * error that is one of `keptErrors` (the service's own records that an escalation reads) is kept.
+ * Returns how many were erased.
+ */
+export async function eraseSettledMail(db: Db, cutoff: Date, limit: number, keptErrors: string[]): Promise<number> {
+  const { rowCount } = await db.query(
+    `UPDATE mail_outbox m
+        SET recipients = '{}', refused = '{}', subject = '', text_body = '', html_body = NULL,
+            last_error = CASE WHEN m.last_error = ANY($3::text[]) THEN m.last_error END, erased_at = now()
+      WHERE m.id IN (SELECT id FROM mail_outbox
+                      WHERE erased_at IS NULL AND created_at < $1 AND status <> 'queued'
+                      ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)`,
+    [cutoff, limit, keptErrors],
+  );
+  return rowCount ?? 0;
+}
+
 export async function abandonMail(db: Db, id: string, reason: string): Promise<void> {
   await db.query(`UPDATE mail_outbox SET status = 'abandoned', last_error = $2 WHERE id = $1 AND status = 'queued'`, [id, reason]);
 }

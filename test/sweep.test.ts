@@ -4,7 +4,9 @@ import { WorkflowNotFoundError, type ScheduleHandle, type WorkflowHandle } from 
 import pg from 'pg';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { createActivities } from '../activities';
+import { REFUSED_NOTICE } from '../activities/notices';
 import { ConfigError } from '../core/config';
+import { queueMail } from '../mail/outbox';
 import { checkPolicy } from '../providers';
 import { ensureSchedules, ORPHAN_SCHEDULE_ID, scheduleId, SWEEP_SCHEDULE_ID } from '../worker/schedules';
 import { expectCleanRun } from './support/leaks';
@@ -74,6 +76,23 @@ describe('scheduled sweep', () => {
     const { rowCount } = await h.sql('UPDATE credentials SET rotation = $2 WHERE id = $1 AND kind = $3', [id, JSON.stringify(checkPolicy({ settings: {}, ...policy })), 'totp_seed']);
     expect(rowCount).toBe(1);
     return id;
+  };
+  /** A message in the outbox queued `daysAgo` (sent then, unless `status` says otherwise, after one attempt); its id. */
+  const settledMail = async (m: { daysAgo: number; status?: 'sent' | 'abandoned' | 'queued'; refused?: string[]; lastError?: string; html?: string; attempts?: number }) => {
+    const id = randomUUID();
+    const status = m.status ?? 'sent';
+    await h.sql(
+      `INSERT INTO mail_outbox (id, purpose, recipients, subject, text_body, html_body, status, attempts, refused, last_error, created_at, sent_at)
+       VALUES ($1, 'rotation.notice', '{ops@example.com}', 'the subject', 'the body', $2, $3, $4, $5, $6,
+               now() - make_interval(days => $7), CASE WHEN $3 = 'sent' THEN now() - make_interval(days => $7) END)`,
+      [id, m.html ?? null, status, m.attempts ?? 1, m.refused ?? [], m.lastError ?? null, m.daysAgo],
+    );
+    return id;
+  };
+  /** Whether each message's recipients, subject and bodies were erased. */
+  const erasedOf = async (ids: string[]) => {
+    const { rows: found } = await h.sql(`SELECT id, erased_at IS NOT NULL AND subject = '' AND recipients = '{}' AS erased FROM mail_outbox WHERE id = ANY($1::uuid[])`, [ids]);
+    return ids.map((id) => found.find((r) => r.id === id)?.erased);
   };
   /** Backdates the current version of each credential by `days`; the triggers move next_rotation_at. */
   const age = async (ids: string[], days: number) => {
@@ -150,7 +169,7 @@ describe('scheduled sweep', () => {
       orphans: h.client.schedule.getHandle(scheduleId(ORPHAN_SCHEDULE_ID, h.taskQueue)),
     };
     if (!schedulesMade) {
-      await ensureSchedules(h.client, { taskQueue: h.taskQueue, sweepCron: '0 3 * * *', orphanCron: '0 6 * * 1', orphanDays: 30, retentionDays: 30 });
+      await ensureSchedules(h.client, { taskQueue: h.taskQueue, sweepCron: '0 3 * * *', orphanCron: '0 6 * * 1', orphanDays: 30, retentionDays: 30, mailRetentionDays: 7 });
       schedulesMade = true;
       const { info } = await made.sweep.describe();
       expect(info.nextActionTimes[0]?.toISOString(), 'the sweep runs daily at 03:00 UTC').toMatch(/T03:00:00\.000Z$/);
@@ -211,7 +230,7 @@ describe('scheduled sweep', () => {
   it('the rotation-sweep schedule, triggered on demand, rotates only due credentials and mails one summary per team address', async () => {
     const { sweep: schedule } = await schedules();
     const described = await schedule.describe();
-    expect(described.action).toMatchObject({ type: 'startWorkflow', workflowType: 'rotationSweep', taskQueue: h.taskQueue, args: [{ retentionDays: 30 }] });
+    expect(described.action).toMatchObject({ type: 'startWorkflow', workflowType: 'rotationSweep', taskQueue: h.taskQueue, args: [{ retentionDays: 30, mailRetentionDays: 7 }] });
     expect(described.policies.overlap).toBe('SKIP');
 
     const teamA = address('team-a');
@@ -243,9 +262,13 @@ describe('scheduled sweep', () => {
       ['deleted-a', 'due-a1', 'due-a2', 'due-b', 'due-b-totp'],
     );
 
+    // Mail sent 8 days ago and 6 days ago: the schedule's MAIL_RETENTION_DAYS (7) reaches the sweep's retention.
+    const oldMail = [await settledMail({ daysAgo: 8 }), await settledMail({ daysAgo: 6 })];
+
     const run = await trigger(schedule);
     expect(run.workflowId.startsWith(scheduleId(SWEEP_SCHEDULE_ID, h.taskQueue))).toBe(true);
     const result = await finish<SweepResult>('the scheduled sweep', run.workflowId, run.firstExecutionRunId);
+    expect(await erasedOf(oldMail)).toEqual([true, false]);
     expect(result).toMatchObject({ total: 4, rotated: 3, failed: 1 });
     expect(await sweptIds(result.sweepId)).toEqual([...due].sort());
     expect(await versions(all)).toEqual({ 'due-a1': 2, 'due-a2': 2, 'due-b': 2, 'due-b-totp': 1, 'fresh-a': 1, 'manual-a': 1, 'deleted-a': 1 });
@@ -789,7 +812,7 @@ describe('scheduled sweep', () => {
         },
       },
     } as unknown as NonNullable<typeof h.deps.temporal>;
-    expect(await createActivities({ ...h.deps, temporal }).purgeDeleted({ asOf: new Date().toISOString(), retentionDays: 30 })).toEqual({ destroyed: 0, left: false });
+    expect(await createActivities({ ...h.deps, temporal }).purgeDeleted({ asOf: new Date().toISOString(), retentionDays: 30 })).toMatchObject({ destroyed: 0, left: false });
     expect(asked).toBe(2);
     // Before, it was destroyed: the key that rotation's provider made could be neither staged nor revoked.
     expect((await h.sql('SELECT count(*)::int AS n FROM secret_versions WHERE credential_id = $1', [id])).rows[0].n).toBe(1);
@@ -821,6 +844,38 @@ describe('scheduled sweep', () => {
     expect((await h.sql('SELECT key FROM idempotency_keys WHERE identity_id = $1', [quiet.id])).rows).toEqual([{ key: 'fresh' }]);
     expect(await createActivities(h.deps).purgeDeleted({ asOf, retentionDays: 30 })).toMatchObject({ left: false });
     expect(await destroyed()).toBe(3);
+  });
+
+  it('retention erases what settled mail said and to whom past MAIL_RETENTION_DAYS, keeping the row that stops a notice going twice', async () => {
+    const asOf = new Date().toISOString();
+    const sent = await settledMail({ daysAgo: 40, refused: ['gone@example.com'], lastError: '550 5.1.1 <gone@example.com>: user unknown', html: '<p>old body</p>' });
+    const abandoned = await settledMail({ daysAgo: 40, status: 'abandoned', lastError: 'undelivered: 550 5.1.1 <ops@example.com>: mailbox full' });
+    const refusedNotice = await settledMail({ daysAgo: 40, status: 'abandoned', lastError: REFUSED_NOTICE, attempts: 0 });
+    const stillQueued = await settledMail({ daysAgo: 40, status: 'queued', lastError: '421 try later' });
+    const recent = await settledMail({ daysAgo: 20 });
+    const kept = { recipients: ['ops@example.com'], subject: 'the subject', text_body: 'the body', erased_at: null };
+    // The default, 30 days (a sweep scheduled before the setting passes none).
+    expect((await createActivities(h.deps).purgeDeleted({ asOf, retentionDays: 30 })).erased).toBeGreaterThanOrEqual(3);
+    const row = async (id: string) =>
+      (await h.sql('SELECT recipients, refused, subject, text_body, html_body, last_error, status, attempts, sent_at IS NOT NULL AS sent, erased_at FROM mail_outbox WHERE id = $1', [id])).rows[0];
+    const erased = { recipients: [], refused: [], subject: '', text_body: '', html_body: null, erased_at: expect.any(Date) };
+    // Before, every message's recipients, subject and bodies were kept for good.
+    expect(await row(sent)).toMatchObject({ ...erased, last_error: null, status: 'sent', attempts: 1, sent: true });
+    expect(await row(abandoned)).toMatchObject({ ...erased, last_error: null, status: 'abandoned' });
+    // The record an escalation reads (its reminder refused) stays.
+    expect(await row(refusedNotice)).toMatchObject({ ...erased, last_error: REFUSED_NOTICE, status: 'abandoned' });
+    expect(await row(stillQueued)).toMatchObject({ ...kept, last_error: '421 try later', status: 'queued' });
+    expect(await row(recent)).toMatchObject(kept);
+    // The id is still taken: the notice it was is not queued again.
+    expect(await queueMail(h.deps.pool, { id: sent, identityId: null, purpose: 'rotation.notice', to: ['ops@example.com'], subject: 'again', text: 'again' })).toBe(false);
+    expect(await row(sent)).toMatchObject(erased);
+    // A shorter retention reaches the recent one; each is erased once.
+    const firstErased = (await row(sent)).erased_at;
+    await createActivities(h.deps).purgeDeleted({ asOf, retentionDays: 30, mailRetentionDays: 10 });
+    expect(await row(recent)).toMatchObject({ ...erased, status: 'sent' });
+    expect((await row(sent)).erased_at).toEqual(firstErased);
+    // (No delivery was started for the queued one: settled, so later tests' waits for delivery end.)
+    await h.sql(`UPDATE mail_outbox SET status = 'abandoned' WHERE id = $1`, [stillQueued]);
   });
 
   it('password policy: weak passwords are refused, managed ones rotated past the maximum age, unmanaged ones reminded and escalated once', async () => {

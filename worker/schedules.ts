@@ -17,10 +17,10 @@ export function scheduleId(base: string, taskQueue: string): string {
 
 export async function ensureSchedules(
   client: Client,
-  opts: { taskQueue: string; sweepCron: string; orphanCron: string; orphanDays: number; retentionDays: number; logger?: Logger },
+  opts: { taskQueue: string; sweepCron: string; orphanCron: string; orphanDays: number; retentionDays: number; mailRetentionDays?: number; logger?: Logger },
 ): Promise<void> {
   const schedules = [
-    { scheduleId: scheduleId(SWEEP_SCHEDULE_ID, opts.taskQueue), setting: 'SWEEP_CRON', cron: opts.sweepCron, workflowType: 'rotationSweep', args: [{ retentionDays: opts.retentionDays }] },
+    { scheduleId: scheduleId(SWEEP_SCHEDULE_ID, opts.taskQueue), setting: 'SWEEP_CRON', cron: opts.sweepCron, workflowType: 'rotationSweep', args: [{ retentionDays: opts.retentionDays, mailRetentionDays: opts.mailRetentionDays ?? 30 }] },
     { scheduleId: scheduleId(ORPHAN_SCHEDULE_ID, opts.taskQueue), setting: 'ORPHAN_REPORT_CRON', cron: opts.orphanCron, workflowType: 'orphanReport', args: [{ days: opts.orphanDays }] },
   ];
   for (const s of schedules) {

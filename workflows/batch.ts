@@ -23,6 +23,8 @@ export interface SweepInput {
   after?: { at: string; id: string };
   pageSize?: number;
   retentionDays?: number;
+  /** MAIL_RETENTION_DAYS: settled mail older than this loses its recipients, subject and bodies (default 30). */
+  mailRetentionDays?: number;
   /** How long after its (last) run started the sweep stops waiting for its rotations' outcomes and sends its summaries (default 45 minutes). */
   waitSeconds?: number;
 }
@@ -64,7 +66,7 @@ export async function rotationSweep(input: SweepInput = {}): Promise<{ sweepId: 
   const outcome = await batch.awaitOutcomes({ rotationId: sweepId, until });
   await mail.sendBatchSummaries({ rotationId: sweepId });
   await mail.sendExpiryReminders({ asOf });
-  await db.purgeDeleted({ asOf, retentionDays: input.retentionDays ?? 30 });
+  await db.purgeDeleted({ asOf, retentionDays: input.retentionDays ?? 30, mailRetentionDays: input.mailRetentionDays ?? 30 });
   return { sweepId, ...outcome };
 }
 
