@@ -3,12 +3,24 @@ import { isIP } from 'node:net';
 import path from 'node:path';
 import { z } from 'zod';
 import { inlineMasterKeys, KeyringFileError, readKeyringFile } from '../vault/keyring';
-import { outboundEntryProblem } from './outbound';
 
 /**
  * The service's whole configuration, read once from the environment at start.
  * Each problem names its variable; values of secret variables are never echoed.
  */
+
+/**
+ * Whether an OUTBOUND_ALLOW entry is well-formed (the configuration check; here, not in core/outbound.ts, so
+ * that loading the configuration, as every CLI command does, does not load the HTTP client).
+ */
+export function outboundEntryProblem(entry: string): string | undefined {
+  const [address, prefix, extra] = entry.split('/');
+  const family = isIP(address ?? '');
+  if (extra !== undefined) return `'${entry}' is not a host, an address or a CIDR range`;
+  if (family === 0) return prefix === undefined && /^[A-Za-z0-9.-]+$/.test(entry) ? undefined : `'${entry}' is not a host, an address or a CIDR range`;
+  if (prefix !== undefined && !(/^\d{1,3}$/.test(prefix) && Number(prefix) <= (family === 4 ? 32 : 128))) return `'${entry}' has a bad prefix length`;
+  return undefined;
+}
 
 /**
  * A whole number written in digits, and nothing else: Number() would take `0x50` as 80, `1e3` as

@@ -47,16 +47,6 @@ export function allowOutbound(entries: string[]): void {
   }
 }
 
-/** Whether an OUTBOUND_ALLOW entry is well-formed (for the configuration check). */
-export function outboundEntryProblem(entry: string): string | undefined {
-  const [address, prefix, extra] = entry.split('/');
-  const family = isIP(address ?? '');
-  if (extra !== undefined) return `'${entry}' is not a host, an address or a CIDR range`;
-  if (family === 0) return prefix === undefined && /^[A-Za-z0-9.-]+$/.test(entry) ? undefined : `'${entry}' is not a host, an address or a CIDR range`;
-  if (prefix !== undefined && !(/^\d{1,3}$/.test(prefix) && Number(prefix) <= (family === 4 ? 32 : 128))) return `'${entry}' has a bad prefix length`;
-  return undefined;
-}
-
 /** Refuses (a permanent error naming host and address) a URL whose host is not one the worker may reach. */
 export async function checkOutbound(url: string, what: string): Promise<void> {
   const host = new URL(url).hostname.replace(/^\[|\]$/g, '');
