@@ -160,7 +160,8 @@ export const rotationRolledBack = z.strictObject({
 export const leakResults = z.strictObject({
   results: z.array(
     z.union([
-      z.strictObject({ credentialId: uuid, version: z.number().int(), action: z.literal('already-revoked') }),
+      // already-revoked: nothing to do; deleted: a soft-deleted credential's, not rotated, its leak told to the security contacts and owners.
+      z.strictObject({ credentialId: uuid, version: z.number().int(), action: z.enum(['already-revoked', 'deleted']) }),
       z.strictObject({
         credentialId: uuid,
         version: z.number().int(),

@@ -728,6 +728,43 @@ describe('POST /v1/leaks', () => {
     expect(order.map((r) => r.action)).toEqual(['credential.delete', 'rotation.revoke']);
   });
 
+  it('a leak of a soft-deleted credential is not rotated and not a 404: the security contacts and owners are told once; a destroyed one is a 404', async () => {
+    const owner = `owner-${randomUUID().slice(0, 8)}@example.com`;
+    const value = 'sk_deleted_then_leaked_0001';
+    const id = await store('deleted-leak', value, { owners: [owner], rotation: { provider: 'generated', graceHours: 0 } });
+    expect((await h.api('DELETE', '/v1/credentials/deleted-leak', { token: agent.token })).status).toBe(200);
+    const subject = '[mailgent] SECURITY: leak reported for deleted-leak (deleted; not rotated)';
+
+    // Before, a 404 ("no stored version matches this fingerprint"), and no one was told.
+    const byValue = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256(value), source: 'paste-site-scan' } });
+    expect(byValue.status, byValue.text).toBe(202);
+    expect(byValue.body).toEqual({ results: [{ credentialId: id, version: 1, action: 'deleted' }] });
+    const [told, ...more] = await waitFor('the email about the deleted credential', async () => {
+      const mails = (await readMailbox()).filter((m) => m.mail.subject === subject);
+      return mails.length > 0 ? mails : undefined;
+    });
+    expect(more).toEqual([]);
+    expect(recipients(told!.mail)).toEqual(expect.arrayContaining([security, owner]));
+    expect(told!.mail.text).toContain('does not rotate it');
+    expect(told!.mail.text).toContain(`POST /v1/credentials/${id}/restore`);
+    // Not rotated, not restored, no incident.
+    expect((await h.sql('SELECT deleted_at IS NOT NULL AS deleted, current_version FROM credentials WHERE id = $1', [id])).rows).toEqual([{ deleted: true, current_version: 1 }]);
+    expect((await h.sql('SELECT count(*)::int AS n FROM leak_incidents WHERE credential_id = $1', [id])).rows[0].n).toBe(0);
+    await expect(h.client.workflow.getHandle(`rotate:${id}`).describe()).rejects.toThrow(WorkflowNotFoundError);
+
+    // By name (a deleted credential's name stays taken until it is destroyed), again: answered the same, no second email.
+    const byName = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'deleted-leak', source: 'paste-site-scan' } });
+    expect(byName.body).toEqual({ results: [{ credentialId: id, version: 1, action: 'deleted' }] });
+    const audited = (await h.sql(`SELECT detail FROM audit_log WHERE action = 'leak.report' AND credential_id = $1 ORDER BY seq`, [id])).rows;
+    expect(audited.map((r) => r.detail.results)).toEqual([['deleted'], ['deleted']]);
+    await new Promise((r) => setTimeout(r, 1_000));
+    expect((await readMailbox()).filter((m) => m.mail.subject === subject)).toHaveLength(1);
+
+    // Destroyed, nothing of it is left to match.
+    expect((await h.api('DELETE', `/v1/credentials/${id}?destroy=true`, { token: agent.token })).status).toBe(200);
+    expect((await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256(value), source: 'paste-site-scan' } })).status).toBe(404);
+  });
+
   it('refuses details that carry the leaked value, and unknown credentials', async () => {
     await store('careful', 'careful-secret-value-01');
     const res = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'careful', source: 'x', details: 'found careful-secret-value-01 in a gist' } });

@@ -3,7 +3,7 @@ import { Router } from 'express';
 import type { z } from 'zod';
 import { WorkflowNotFoundError, type Client } from '@temporalio/client';
 import { rotationWorkflowId, STALE_INCIDENT_SECONDS, startLeakRun, versionLeakId } from '../../activities/leak-runs';
-import { incidentMailId } from '../../activities/support';
+import { incidentMailId, stableUuid } from '../../activities/support';
 import { AppError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { idOf } from '../../core/ids';
 import { latestRunOf } from '../../core/run-chain';
@@ -37,6 +37,8 @@ interface Target {
   name: string;
   version: number;
   live: boolean;
+  /** Soft-deleted (restorable, not destroyed): not rotated; its leak is told to the people who can revoke it. */
+  deleted: boolean;
 }
 
 /**
@@ -44,7 +46,9 @@ interface Target {
  * matched against every stored version by its keyed fingerprint (no decryption). A version not yet
  * revoked (current, pending, previous, or older and replaced) opens one incident per credential: the security
  * contacts are mailed, and the credential's rotation is started in leak mode or, if one is
- * running, signalled to revoke the old value at once. Further reports join the open incident.
+ * running, signalled to revoke the old value at once. Further reports join the open incident. A
+ * live version of a soft-deleted credential is not rotated (deleted, it is out of rotation): the
+ * security contacts and owners are told once that the leaked value may still work (`deleted`).
  */
 export function leakRoutes(auth: AuthDeps, deps: LeakDeps): Router {
   const router = Router();
@@ -161,7 +165,7 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
 }
 
 type LeakResult =
-  | { credentialId: string; version: number; action: 'already-revoked' }
+  | { credentialId: string; version: number; action: 'already-revoked' | 'deleted' }
   | { credentialId: string; version: number; incidentId: string; workflowId: string; rotationId?: string; action: 'joined' | 'rotating' };
 
 async function respond(
@@ -181,6 +185,7 @@ async function respond(
 ): Promise<LeakResult> {
   const workflowId = rotationWorkflowId(t.credentialId);
   if (!t.live) return { credentialId: t.credentialId, version: t.version, action: 'already-revoked' as const };
+  if (t.deleted) return reportDeleted(deps, t, body, actor);
 
   const rotationId = randomUUID();
   const newIncidentId = randomUUID();
@@ -355,6 +360,46 @@ async function respond(
   return rotating;
 }
 
+/**
+ * A leak of a soft-deleted credential's version: Mailgent does not rotate a deleted credential, and
+ * the value may still work where it was issued (a delete revokes nothing at the provider). Before,
+ * the report was a 404 ("no stored version matches"), as if the value were none of Mailgent's, and
+ * no one was told. Now the security contacts, the owners and the identity are emailed once per
+ * version (a report again is answered the same, without another email): revoke it by hand, or
+ * restore the credential and report again to have it rotated.
+ */
+async function reportDeleted(deps: LeakDeps, t: Target, body: { source: string; details?: string }, actor: string): Promise<LeakResult> {
+  const answer = { credentialId: t.credentialId, version: t.version, action: 'deleted' as const };
+  const meta = await deps.vault.describe(t.identityId, t.credentialId);
+  const identity = (await deps.pool.query('SELECT email FROM identities WHERE id = $1', [t.identityId])).rows[0];
+  const to = [...new Set([...(deps.securityNotify ?? []), ...meta.owners, ...(identity?.email ? [identity.email] : [])])];
+  if (to.length === 0) return answer;
+  const mailId = stableUuid(`leak-deleted:${t.credentialId}:${t.version}`);
+  await withTransaction(deps.pool, async (tx) => {
+    const queued = await queueMail(tx, {
+      id: mailId,
+      identityId: t.identityId,
+      purpose: 'leak.incident',
+      to,
+      subject: `[mailgent] SECURITY: leak reported for ${t.name} (deleted; not rotated)`,
+      text: [
+        `A leak of the ${meta.kind} credential '${t.name}' (version ${t.version}) was reported by ${body.source}.`,
+        ...(body.details ? ['', `Details: ${body.details}`] : []),
+        '',
+        `The credential was deleted${meta.deletedAt ? ` on ${meta.deletedAt.slice(0, 10)}` : ''}, so Mailgent does not rotate it, and the leaked`,
+        'value may still work where it was issued: revoke it there by hand. Or restore the credential',
+        `(POST /v1/credentials/${t.credentialId}/restore) and report the leak again to have it rotated.`,
+        '',
+        `Credential id: ${t.credentialId}`,
+      ].join('\n'),
+    });
+    if (queued) await appendAudit(tx, { identityId: t.identityId, actor, action: 'mail.send', credentialId: t.credentialId, outcome: 'ok', detail: { messageId: mailId, purpose: 'leak.incident', deleted: true } });
+  });
+  // Handed over on every report while still queued (the first report's hand-over may have failed).
+  await deliverIncidentMail(deps, mailId);
+  return answer;
+}
+
 async function signalLeak(handle: ReturnType<Client['workflow']['getHandle']>, leak: { incidentId: string; version: number }): Promise<void> {
   try {
     await handle.signal(leakSignal, leak);
@@ -378,16 +423,22 @@ async function deliverIncidentMail(deps: LeakDeps, mailId: string): Promise<void
 
 const TARGET_SQL = `
   SELECT c.id AS credential_id, c.identity_id, c.name, v.version,
-         v.revoked_at IS NULL AS live
+         v.revoked_at IS NULL AS live, c.deleted_at IS NOT NULL AS deleted
     FROM credentials c JOIN secret_versions v ON v.credential_id = c.id`;
 
-/** The credential's `version` (its current one if absent), as a fingerprint report of that version's value would find it. */
+/**
+ * The credential's `version` (its current one if absent), as a fingerprint report of that version's
+ * value would find it; a soft-deleted one too (its name stays taken until it is destroyed): its leak
+ * is told, not rotated.
+ */
 async function byCredential(deps: LeakDeps, ref: string, version: number | undefined, scope: string | undefined): Promise<Target[]> {
-  const { rows } = await deps.pool.query(
+  let { rows } = await deps.pool.query(
     `${TARGET_SQL}
-      WHERE c.deleted_at IS NULL AND v.version = coalesce($4::int, c.current_version) AND (c.name = $1 OR c.id = $3::uuid) AND ($2::uuid IS NULL OR c.identity_id = $2)`,
+      WHERE v.version = coalesce($4::int, c.current_version) AND (c.name = $1 OR c.id = $3::uuid) AND ($2::uuid IS NULL OR c.identity_id = $2)`,
     [ref, scope ?? null, idOf(ref) ?? null, version ?? null],
   );
+  // (The admin's report by name: an identity's live credential goes before another identity's deleted one.)
+  if (rows.some((r) => !r.deleted)) rows = rows.filter((r) => !r.deleted);
   // The name is not repeated: a leaked value given in its place (`mailgent leak <value>`) would be.
   if (rows.length === 0) {
     const which = version === undefined ? '' : ` with a version ${version}`;
@@ -400,7 +451,7 @@ async function byCredential(deps: LeakDeps, ref: string, version: number | undef
 async function byFingerprint(deps: LeakDeps, sha256Hex: string, scope: string | undefined): Promise<Target[]> {
   const fingerprint = await deps.secrets.fingerprintOfSha256(deps.pool, Buffer.from(sha256Hex, 'hex'));
   const { rows } = await deps.pool.query(
-    `${TARGET_SQL} WHERE v.fingerprint = $1 AND c.deleted_at IS NULL AND ($2::uuid IS NULL OR c.identity_id = $2)`,
+    `${TARGET_SQL} WHERE v.fingerprint = $1 AND ($2::uuid IS NULL OR c.identity_id = $2)`,
     [fingerprint, scope ?? null],
   );
   if (rows.length === 0) throw new NotFoundError('no stored version matches this fingerprint');
@@ -417,13 +468,13 @@ interface Pinned {
 async function pinnedTargets(deps: LeakDeps, pinned: Pinned[], scope: string | undefined): Promise<Target[]> {
   const { rows } = await deps.pool.query(
     `${TARGET_SQL} JOIN unnest($1::uuid[], $2::int[]) AS p(credential_id, version) ON p.credential_id = c.id AND p.version = v.version
-      WHERE c.deleted_at IS NULL AND ($3::uuid IS NULL OR c.identity_id = $3)`,
+      WHERE ($3::uuid IS NULL OR c.identity_id = $3)`,
     [pinned.map((p) => p.credentialId), pinned.map((p) => p.version), scope ?? null],
   );
-  if (rows.length === 0) throw new NotFoundError('the credentials this report named (by its Idempotency-Key) are deleted or gone');
+  if (rows.length === 0) throw new NotFoundError('the credentials this report named (by its Idempotency-Key) are destroyed');
   return rows.map(toTarget);
 }
 
 function toTarget(r: Record<string, any>): Target {
-  return { credentialId: r.credential_id, identityId: r.identity_id, name: r.name, version: r.version, live: r.live };
+  return { credentialId: r.credential_id, identityId: r.identity_id, name: r.name, version: r.version, live: r.live, deleted: r.deleted };
 }
