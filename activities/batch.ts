@@ -9,7 +9,7 @@ import type { RotationWindow } from '../vault/types';
 import type { rotateCredential } from '../workflows/rotate-credential';
 import type { RotationMode } from '../workflows/types';
 import type { ActivityDeps } from './index';
-import { heartbeat, heartbeating, sleep, stableUuid } from './support';
+import { heartbeat, heartbeating, ownRunEnded, sleep, stableUuid } from './support';
 
 /** Rotations one batch keeps open at once unless BATCH_MAX_OPEN_ROTATIONS says otherwise. */
 export const DEFAULT_MAX_OPEN_ROTATIONS = 50;
@@ -330,7 +330,13 @@ export function batchActivities(deps: ActivityDeps) {
           );
         }
         if (started.length + unstarted === 0 || outOfTime) return totals();
-        if (unstarted > 0 && started.length < maxOpen) await startWave(input.rotationId);
+        if (unstarted > 0 && started.length < maxOpen) {
+          // Its batch stopped (terminated by an operator): no more waves. This wait hears of it only
+          // at a heartbeat's answer, up to 24 s on; meanwhile it started the waiting runs, which the
+          // rotation's status reports as never to start.
+          if (await ownRunEnded(client)) return totals();
+          await startWave(input.rotationId);
+        }
         if (round % 5 === 4) await settleEnded(started);
         await sleep(input.pollMs ?? 1_000);
       }

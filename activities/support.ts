@@ -1,6 +1,8 @@
 import { createHash } from 'node:crypto';
 import { ApplicationFailure, Context } from '@temporalio/activity';
+import type { Client } from '@temporalio/client';
 import { AppError, KeyIntegrityError } from '../core/errors';
+import { statusOf } from '../core/run-chain';
 import { isDatabaseUnavailable, outlastingOutages } from '../db/pool';
 
 /** What a run, its report and its notice say of a key that failed (KeyIntegrityError): which one is in the worker's log. */
@@ -102,6 +104,29 @@ export function heartbeat(details?: unknown): void {
     Context.current().heartbeat(details);
   } catch {
     // Not in an activity.
+  }
+}
+
+/**
+ * Whether the workflow run this activity works for has ended (terminated by an operator, say): the
+ * activity itself goes on until a heartbeat's answer brings the news, up to 0.8 × its heartbeat
+ * timeout later (24 s for a batch's wait). False outside an activity (direct calls in tests) and
+ * while Temporal cannot say.
+ */
+export async function ownRunEnded(client: Client): Promise<boolean> {
+  let ctx: Context;
+  try {
+    ctx = Context.current();
+  } catch {
+    return false;
+  }
+  const run = ctx.info.workflowExecution;
+  if (!run) return false;
+  try {
+    // (None kept: gone, so ended.)
+    return (await statusOf(client.workflow.getHandle(run.workflowId, run.runId))) !== 'RUNNING';
+  } catch {
+    return false;
   }
 }
 
