@@ -759,10 +759,42 @@ describe('POST /v1/leaks', () => {
     expect(audited.map((r) => r.detail.results)).toEqual([['deleted'], ['deleted']]);
     await new Promise((r) => setTimeout(r, 1_000));
     expect((await readMailbox()).filter((m) => m.mail.subject === subject)).toHaveLength(1);
+    const emails = async (n: number) =>
+      waitFor(`${n} emails about the deleted credential`, async () => {
+        const mails = (await readMailbox()).filter((m) => m.mail.subject === subject);
+        return mails.length >= n ? mails : undefined;
+      });
+    // Its email given up on (a day of SMTP refusals, say): the next report tells them again.
+    await h.sql(`UPDATE mail_outbox SET status = 'abandoned' WHERE purpose = 'leak.incident' AND recipients @> $1::text[] AND status = 'sent' AND subject = $2`, [[owner], subject]);
+    expect((await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256(value), source: 'paste-site-scan' } })).body.results[0].action).toBe('deleted');
+    expect(await emails(2)).toHaveLength(2);
+    // Restored and deleted again, a leak is news again.
+    expect((await h.api('POST', `/v1/credentials/${id}/restore`, { token: agent.token })).status).toBe(200);
+    expect((await h.api('DELETE', `/v1/credentials/${id}`, { token: agent.token })).status).toBe(200);
+    expect((await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256(value), source: 'paste-site-scan' } })).body.results[0].action).toBe('deleted');
+    expect(await emails(3)).toHaveLength(3);
 
     // Destroyed, nothing of it is left to match.
     expect((await h.api('DELETE', `/v1/credentials/${id}?destroy=true`, { token: agent.token })).status).toBe(200);
     expect((await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256(value), source: 'paste-site-scan' } })).status).toBe(404);
+  });
+
+  it("a leak of a deleted credential whose rotation still runs (in its grace period) is heard by that rotation: the leaked value is revoked at once", async () => {
+    const value = 'sk_deleted_grace_leak_0001';
+    const id = await store('deleted-grace-leak', value, { rotation: { provider: 'generated', graceHours: 1 } });
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['deleted-grace-leak'] } });
+    expect(started.status, started.text).toBe(202);
+    await waitFor('the grace period', async () => {
+      const r = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
+      return r.body.state === 'grace' ? r : undefined;
+    });
+    h.secret((await current('deleted-grace-leak')).value);
+    expect((await h.api('DELETE', '/v1/credentials/deleted-grace-leak', { token: agent.token })).status).toBe(200);
+    const report = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256(value), source: 'paste-site-scan' } });
+    // Answered as any leak the running rotation hears, not 'deleted' (left working until the grace period's end, an hour on).
+    expect(report.body.results).toMatchObject([{ credentialId: id, version: 1, action: 'rotating' }]);
+    expect(await waitFor('the leaked version revoked', async () => ((await revokedVersions(id)).includes(1) ? revokedVersions(id) : undefined))).toEqual([1]);
+    await h.client.workflow.getHandle(`rotate:${id}`).terminate('the test ends the grace period (an hour)');
   });
 
   it('refuses details that carry the leaked value, and unknown credentials', async () => {

@@ -6,7 +6,7 @@ import { rotationWorkflowId, STALE_INCIDENT_SECONDS, startLeakRun, versionLeakId
 import { incidentMailId, stableUuid } from '../../activities/support';
 import { AppError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { idOf } from '../../core/ids';
-import { latestRunOf } from '../../core/run-chain';
+import { latestRunOf, statusOf } from '../../core/run-chain';
 import { withTransaction, type Pool } from '../../db/pool';
 import { abandonMail, queueMail, startDelivery } from '../../mail/outbox';
 import { findStoredValue, MIN_SCANNED_LENGTH } from '../../mail/secret-scan';
@@ -57,7 +57,7 @@ export function leakRoutes(auth: AuthDeps, deps: LeakDeps): Router {
     ...endpoint(auth, {
         who: 'identity-or-admin',
         action: 'leak.report',
-        summary: 'Report a leaked credential (by name/id or the SHA-256 of the value): rotate it at once',
+        summary: 'Report a leaked credential (by name/id or the SHA-256 of the value): rotate it at once (a deleted one: tell its owners)',
         body: leakReport,
         responses: { 202: leakResults },
         problems: [404, 422],
@@ -185,7 +185,10 @@ async function respond(
 ): Promise<LeakResult> {
   const workflowId = rotationWorkflowId(t.credentialId);
   if (!t.live) return { credentialId: t.credentialId, version: t.version, action: 'already-revoked' as const };
-  if (t.deleted) return reportDeleted(deps, t, body, actor);
+  // A deleted credential's rotation still running (a delete does not stop one: in its grace period,
+  // say) hears of the leak as any other does, and revokes the leaked value at once; with none
+  // running, nothing rotates it.
+  if (t.deleted && !(await rotationRunning(deps, workflowId))) return reportDeleted(deps, t, body, actor);
 
   const rotationId = randomUUID();
   const newIncidentId = randomUUID();
@@ -360,13 +363,24 @@ async function respond(
   return rotating;
 }
 
+/** Whether a run of the credential's rotation is going (503 when Temporal cannot say). */
+async function rotationRunning(deps: LeakDeps, workflowId: string): Promise<boolean> {
+  try {
+    return (await statusOf(deps.client.workflow.getHandle(workflowId))) === 'RUNNING';
+  } catch {
+    throw new UnavailableError('the leak could not be checked against a running rotation (Temporal is unavailable); report again shortly');
+  }
+}
+
 /**
- * A leak of a soft-deleted credential's version: Mailgent does not rotate a deleted credential, and
- * the value may still work where it was issued (a delete revokes nothing at the provider). Before,
- * the report was a 404 ("no stored version matches"), as if the value were none of Mailgent's, and
- * no one was told. Now the security contacts, the owners and the identity are emailed once per
- * version (a report again is answered the same, without another email): revoke it by hand, or
- * restore the credential and report again to have it rotated.
+ * A leak of a soft-deleted credential's version, with no rotation of it running: Mailgent does not
+ * rotate a deleted credential, and the value may still work where it was issued (a delete revokes
+ * nothing at the provider). Before, the report was a 404 ("no stored version matches"), as if the
+ * value were none of Mailgent's, and no one was told. Now the security contacts, the owners and the
+ * identity are emailed: once per version and deletion (a report again is answered the same, without
+ * another email; deleted again after a restore, it is told again), and once a day again while the
+ * last such email was given up on (undelivered). They revoke it by hand, or restore the credential
+ * and report again to have it rotated.
  */
 async function reportDeleted(deps: LeakDeps, t: Target, body: { source: string; details?: string }, actor: string): Promise<LeakResult> {
   const answer = { credentialId: t.credentialId, version: t.version, action: 'deleted' as const };
@@ -374,7 +388,10 @@ async function reportDeleted(deps: LeakDeps, t: Target, body: { source: string; 
   const identity = (await deps.pool.query('SELECT email FROM identities WHERE id = $1', [t.identityId])).rows[0];
   const to = [...new Set([...(deps.securityNotify ?? []), ...meta.owners, ...(identity?.email ? [identity.email] : [])])];
   if (to.length === 0) return answer;
-  const mailId = stableUuid(`leak-deleted:${t.credentialId}:${t.version}`);
+  const seed = `leak-deleted:${t.credentialId}:${t.version}:${meta.deletedAt}`;
+  let mailId = stableUuid(seed);
+  const earlier = await deps.pool.query('SELECT status FROM mail_outbox WHERE id = $1', [mailId]);
+  if (earlier.rows[0]?.status === 'abandoned') mailId = stableUuid(`${seed}:${new Date().toISOString().slice(0, 10)}`);
   await withTransaction(deps.pool, async (tx) => {
     const queued = await queueMail(tx, {
       id: mailId,
@@ -396,7 +413,12 @@ async function reportDeleted(deps: LeakDeps, t: Target, body: { source: string; 
     if (queued) await appendAudit(tx, { identityId: t.identityId, actor, action: 'mail.send', credentialId: t.credentialId, outcome: 'ok', detail: { messageId: mailId, purpose: 'leak.incident', deleted: true } });
   });
   // Handed over on every report while still queued (the first report's hand-over may have failed).
-  await deliverIncidentMail(deps, mailId);
+  try {
+    await startDelivery(deps.pool, deps, mailId);
+  } catch (err) {
+    if (err instanceof AppError) throw err;
+    throw new UnavailableError("the leak was recorded, but its email could not be handed for delivery (Temporal is unavailable); report again shortly");
+  }
   return answer;
 }
 
