@@ -169,6 +169,7 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
         dataConverter: services.dataConverter,
         shutdownGraceMs: graceMs,
         maxCachedWorkflows: config.WORKER_CACHED_WORKFLOWS,
+        ...(config.WORKFLOW_BUNDLE ? { workflowBundle: { codePath: config.WORKFLOW_BUNDLE } } : {}),
       });
       const running = worker.run();
       // Polling stops at once; running activities get the grace period to finish, then are cancelled.

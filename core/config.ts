@@ -203,6 +203,8 @@ const schema = z.object({
   DATA_KEY_MAX_ENCRYPTIONS: whole(1, 2 ** 31).default(2 ** 30),
   SHUTDOWN_GRACE_SECONDS: whole(0, 3600).default(30),
   WORKER_CACHED_WORKFLOWS: whole(2, 100_000).default(100),
+  // A prebuilt workflow bundle (npm run bundle), so a worker does not bundle its workflows at each start.
+  WORKFLOW_BUNDLE: z.string().refine(isExistingFile, { error: 'must be the path of a workflow bundle file (npm run bundle -- <path>)' }).optional(),
   BATCH_MAX_OPEN_ROTATIONS: whole(1, 100_000).default(50),
   // The API's audited reads in a worker thread of their own (vault/read-thread.ts).
   READ_THREAD: z

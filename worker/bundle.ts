@@ -38,7 +38,11 @@ export async function bundleWorkflows(): Promise<string> {
   return (await bundleWorkflowCode({ workflowsPath: WORKFLOWS_PATH, failureConverterPath: FAILURE_CONVERTER_PATH, logger: quiet })).code;
 }
 
-// Run as a script: bundle into the file named by the argument.
+// Run as a script (npm run bundle -- <path>, and bundleInChild): bundle into the file named by the argument.
 if (process.argv[1] && pathToFileURL(process.argv[1]).href === import.meta.url) {
-  writeFileSync(process.argv[2]!, await bundleWorkflows());
+  if (!process.argv[2]) {
+    process.stderr.write('Usage: npm run bundle -- <path>   (writes the workflow bundle a worker loads with WORKFLOW_BUNDLE=<path>)\n');
+    process.exit(2);
+  }
+  writeFileSync(process.argv[2], await bundleWorkflows());
 }

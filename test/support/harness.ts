@@ -234,6 +234,9 @@ export async function startHarness(
       DATA_DIR: dir,
       MAIL_FROM: 'mailgent-test@localhost',
       OUTBOUND_ALLOW: TEST_OUTBOUND_ALLOW.join(','),
+      // The run's bundle, as the in-process worker uses: a worker process does not bundle its own
+      // (seconds of CPU each, dozens of starts a run). start.test's services bundle at start.
+      WORKFLOW_BUNDLE: inject('workflowBundlePath'),
       ...(opts.securityNotify ? { SECURITY_NOTIFY: opts.securityNotify.join(',') } : {}),
     }),
     adminToken,

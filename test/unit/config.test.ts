@@ -32,6 +32,18 @@ describe('configuration', () => {
     expect(problems({ READ_THREAD: 'yes please' })).toEqual(['READ_THREAD: must be on or off (got "yes please")']);
   });
 
+  it('WORKFLOW_BUNDLE names an existing file, and MAIL_RETENTION_DAYS is whole days (30 by default)', () => {
+    expect(loadConfig({}).WORKFLOW_BUNDLE).toBeUndefined();
+    expect(loadConfig({ WORKFLOW_BUNDLE: 'package.json' }).WORKFLOW_BUNDLE).toBe('package.json');
+    expect(problems({ WORKFLOW_BUNDLE: 'no/such/bundle.js' })).toEqual([
+      'WORKFLOW_BUNDLE: must be the path of a workflow bundle file (npm run bundle -- <path>) (got "no/such/bundle.js")',
+    ]);
+    expect(problems({ WORKFLOW_BUNDLE: 'test' })).toHaveLength(1);
+    expect(loadConfig({}).MAIL_RETENTION_DAYS).toBe(30);
+    expect(loadConfig({ MAIL_RETENTION_DAYS: '0' }).MAIL_RETENTION_DAYS).toBe(0);
+    expect(problems({ MAIL_RETENTION_DAYS: '-1' })).toHaveLength(1);
+  });
+
   it('uses external servers when their addresses are set', () => {
     const c = loadConfig({ DATABASE_URL: 'postgres://u:p@db:5432/m', TEMPORAL_ADDRESS: 'temporal:7233', SMTP_URL: 'smtp://mail:1025' });
     expect(c.embedded).toEqual({ postgres: false, temporal: false, smtp: false });
