@@ -438,10 +438,10 @@ export function batchActivities(deps: ActivityDeps) {
      * Soft-deleted credentials past their retention are destroyed (their ciphertexts deleted);
      * rotation plans past any run's use are dropped (ROTATION_PLAN_DAYS), Idempotency-Keys past their
      * day, and what settled mail said and to whom past `mailRetentionDays` (default 30: a sweep
-     * scheduled before the setting). Bounded in time (PURGE_BUDGET_MS, under the step's 20 s limit): an attempt cut off
-     * by that limit went on destroying beside its retry (each auditing the other's destroys as
-     * refusals), and a backlog failed the sweep once its retries ran out. What is left (oldest
-     * first) goes to the next sweep's.
+     * scheduled before the setting). Bounded in time (PURGE_BUDGET_MS, under the step's 20 s
+     * limit): an attempt cut off by that limit went on destroying beside its retry (each auditing the
+     * other's destroys as refusals), and a backlog failed the sweep once its retries ran out. What
+     * is left (oldest first) goes to the next sweep's.
      */
     async purgeDeleted(input: { asOf: string; retentionDays: number; mailRetentionDays?: number; budgetMs?: number }): Promise<{ destroyed: number; erased: number; left: boolean }> {
       const deadline = Date.now() + (input.budgetMs ?? PURGE_BUDGET_MS);

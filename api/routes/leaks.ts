@@ -47,8 +47,9 @@ interface Target {
  * revoked (current, pending, previous, or older and replaced) opens one incident per credential: the security
  * contacts are mailed, and the credential's rotation is started in leak mode or, if one is
  * running, signalled to revoke the old value at once. Further reports join the open incident. A
- * live version of a soft-deleted credential is not rotated (deleted, it is out of rotation): the
- * security contacts and owners are told once that the leaked value may still work (`deleted`).
+ * live version of a soft-deleted credential, with no rotation of it running, is not rotated (deleted,
+ * it is out of rotation): the security contacts and owners are told that the leaked value may still
+ * work (`deleted`; reportDeleted).
  */
 export function leakRoutes(auth: AuthDeps, deps: LeakDeps): Router {
   const router = Router();
