@@ -710,16 +710,22 @@ describe('POST /v1/leaks', () => {
     await expect(h.client.workflow.getHandle(`rotate:${id}`).result()).rejects.toThrow();
   });
 
-  it('a credential deleted during its rotation\'s grace period still has its old value revoked when the grace period ends', async () => {
-    const id = await store('deleted-in-grace', 'sk_deleted_in_grace_0001', { rotation: { provider: 'generated', graceHours: 0.003 } });
-    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['deleted-in-grace'] } });
+  /** Stores `name`, rotates it into its grace period (v2 current, v1 still working), then deletes it; its id. */
+  const deletedInGrace = async (name: string, value: string, graceHours: number) => {
+    const id = await store(name, value, { rotation: { provider: 'generated', graceHours } });
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: [name] } });
     expect(started.status, started.text).toBe(202);
     await waitFor('the grace period', async () => {
       const r = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
       return r.body.state === 'grace' ? r : undefined;
     });
-    h.secret((await current('deleted-in-grace')).value);
-    expect((await h.api('DELETE', '/v1/credentials/deleted-in-grace', { token: agent.token })).status).toBe(200);
+    h.secret((await current(name)).value);
+    expect((await h.api('DELETE', `/v1/credentials/${name}`, { token: agent.token })).status).toBe(200);
+    return id;
+  };
+
+  it('a credential deleted during its rotation\'s grace period still has its old value revoked when the grace period ends', async () => {
+    const id = await deletedInGrace('deleted-in-grace', 'sk_deleted_in_grace_0001', 0.003);
     // Before, the revoke refused the deleted credential for good: the old value stayed live, the run ended revoke_failed.
     expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
     expect(await revokedVersions(id)).toEqual([1]);
@@ -781,15 +787,7 @@ describe('POST /v1/leaks', () => {
 
   it("a leak of a deleted credential whose rotation still runs (in its grace period) is heard by that rotation: the leaked value is revoked at once", async () => {
     const value = 'sk_deleted_grace_leak_0001';
-    const id = await store('deleted-grace-leak', value, { rotation: { provider: 'generated', graceHours: 1 } });
-    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['deleted-grace-leak'] } });
-    expect(started.status, started.text).toBe(202);
-    await waitFor('the grace period', async () => {
-      const r = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
-      return r.body.state === 'grace' ? r : undefined;
-    });
-    h.secret((await current('deleted-grace-leak')).value);
-    expect((await h.api('DELETE', '/v1/credentials/deleted-grace-leak', { token: agent.token })).status).toBe(200);
+    const id = await deletedInGrace('deleted-grace-leak', value, 1);
     const report = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256(value), source: 'paste-site-scan' } });
     // Answered as any leak the running rotation hears, not 'deleted' (left working until the grace period's end, an hour on).
     expect(report.body.results).toMatchObject([{ credentialId: id, version: 1, action: 'rotating' }]);
