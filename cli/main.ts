@@ -1,4 +1,3 @@
-import { ConfigError, loadConfig } from '../core/config';
 import { clientCommands } from './client/commands';
 import { CliError, EXIT, HelpRequested, unexpectedArgument, usageError } from './client/errors';
 import { helpAsked, reportError } from './client/context';
@@ -27,6 +26,8 @@ const serviceCommand = (summary: string, run: () => Promise<number>): Command =>
 
 async function service() {
   const { createLogger } = await import('../core/logger');
+  // Loaded here, not at the top: a client command needs no configuration (nor zod's ESM modules).
+  const { loadConfig } = await import('../core/config');
   const config = loadConfig();
   return { config, logger: createLogger({ level: config.LOG_LEVEL }) };
 }
@@ -113,7 +114,7 @@ main(argv).then(
       // `mcp`'s stdout is the MCP channel: its errors go to stderr only, --json or not.
       reportError(err, argv[0] ?? 'serve', argv.includes('--json') && argv[0] !== 'mcp');
       process.exitCode = err.exitCode;
-    } else if (err instanceof ConfigError) {
+    } else if (err instanceof Error && err.name === 'ConfigError') {
       process.stderr.write(`${err.message}\n`);
       process.exitCode = EXIT.usage;
     } else {

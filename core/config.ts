@@ -3,6 +3,7 @@ import { isIP } from 'node:net';
 import path from 'node:path';
 import { z } from 'zod';
 import { inlineMasterKeys, KeyringFileError, readKeyringFile } from '../vault/keyring';
+import { DEFAULT_PORT } from './defaults';
 
 /**
  * The service's whole configuration, read once from the environment at start.
@@ -141,8 +142,7 @@ const commaList = (value: string) =>
     .map((part) => part.trim())
     .filter(Boolean);
 
-/** The API's port when PORT is not set; also where the CLI's client commands look by default. */
-export const DEFAULT_PORT = 8080;
+export { DEFAULT_PORT };
 
 /** The characters a bearer token is made of (api/endpoint.ts reads `Bearer <token>` with the same class). */
 export const ADMIN_TOKEN_CHARS = /^[\x21-\x7e]+$/;

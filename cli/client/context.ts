@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
-import { DEFAULT_PORT } from '../../core/config';
+import { DEFAULT_PORT } from '../../core/defaults';
 import type { z } from 'zod';
 import { mismatchedFields } from './answers';
 import { ANSWER_LOST, answerLost, CliError, EXIT, exitCodeOf, HelpRequested, unexpectedAnswer, unreachable, usageError, type Problem } from './errors';
