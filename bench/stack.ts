@@ -159,6 +159,8 @@ export async function startService(
       // The bench's webhook sink is on this machine.
       OUTBOUND_ALLOW: '127.0.0.1',
       ORPHAN_REPORT_CRON: '0 0 1 1 *',
+      // A prebuilt workflow bundle, if the bench was given one (the worker skips bundling at start).
+      ...(process.env.WORKFLOW_BUNDLE ? { WORKFLOW_BUNDLE: process.env.WORKFLOW_BUNDLE } : {}),
       ...productionTuning(part),
       ...opts.env,
     },

@@ -47,7 +47,9 @@ describe('npm run bench at a tiny size', () => {
     const args = ['--import', 'tsx', 'bench/run.ts', '--seconds', '1', '--slice-seconds', '0.5', '--warmup', '0', '--connections', '4', '--sizes', '100,400', '--sweep-sizes', '200,400',
       '--sweep-page-size', '5', '--rotations', '3', '--out', out,
       '--pg-admin-url', inject('pgAdminUrl'), '--temporal-address', inject('temporalAddress'), '--smtp-url', inject('smtpUrl')];
-    const { stdout } = await promisify(execFile)(process.execPath, args, { cwd: ROOT, timeout: 400_000, maxBuffer: 16 * 1024 * 1024 });
+    // The run's workflow bundle: its worker does not bundle its own (WORKFLOW_BUNDLE).
+    const env = { ...process.env, WORKFLOW_BUNDLE: inject('workflowBundlePath') };
+    const { stdout } = await promisify(execFile)(process.execPath, args, { cwd: ROOT, env, timeout: 400_000, maxBuffer: 16 * 1024 * 1024 });
     expect(stdout).toContain('operation');
 
     const r = JSON.parse(readFileSync(out, 'utf8'));
