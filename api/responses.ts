@@ -145,6 +145,7 @@ export const rotationCancelling = z.strictObject({
   rotationId: uuid,
   cancelling: z.array(uuid).describe('credentials whose rotation was running: undone before promotion, rolled back in its grace period'),
   notStarted: z.array(uuid).describe('credentials whose rotation was still waiting its turn in the batch: it will not start'),
+  finishing: z.array(uuid).describe('credentials whose rotation had promoted the new value and was past its grace period (or had none): not undone, it finishes'),
 });
 
 export const rotationRolledBack = z.strictObject({

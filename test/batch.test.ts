@@ -523,7 +523,7 @@ describe('batch rotation in waves', () => {
       const [first, second] = wave as [string, string];
       const third = ids.find((id) => !wave!.includes(id))!;
       expect(cancel?.status, cancel?.text).toBe(202);
-      expect({ ...cancel!.body, notStarted: [...cancel!.body.notStarted].sort() }).toEqual({ rotationId, cancelling: [first], notStarted: [second, third].sort() });
+      expect({ ...cancel!.body, notStarted: [...cancel!.body.notStarted].sort() }).toEqual({ rotationId, cancelling: [first], notStarted: [second, third].sort(), finishing: [] });
 
       const runs = await runsOf(rotationId);
       const runOf = (id: string) => runs.find((r) => r.credential_id === id)!;
@@ -641,7 +641,7 @@ describe('batch rotation in waves', () => {
     const cancel = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: agent.token });
     expect(cancel.status, cancel.text).toBe(202);
     // Before, it was answered as not started (the route took over only a run still running), and read as cancelled.
-    expect(cancel.body).toEqual({ rotationId, cancelling: [], notStarted: [] });
+    expect(cancel.body).toEqual({ rotationId, cancelling: [], notStarted: [], finishing: [] });
     expect((await runsOf(rotationId))[0]!.run_id).toBe(run.firstExecutionRunId);
 
     const report = await h.api('GET', `/v1/rotations/${rotationId}`, { token: agent.token });

@@ -7,6 +7,7 @@ import { ApplicationFailure } from '@temporalio/common';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { keyed } from '../api/idempotency';
+import { holdTable } from './support/lifecycle-fixtures';
 import { createActivities } from '../activities';
 import { decodedHistoryText, expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
@@ -282,6 +283,33 @@ describe('rotateCredential', () => {
     const cancel = await h.api('DELETE', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
     expect(cancel.status).toBe(202);
     expect(cancel.body).toMatchObject({ cancelling: [], notStarted: [] });
+  });
+
+  it('a cancel of a rotation promoted without a grace period lists it as finishing, not cancelling: nothing of it is undone any more', async () => {
+    const stored = await h.api('POST', '/v1/vault.store', {
+      token: agent.token,
+      body: { name: 'finishing-key', kind: 'api_key', value: h.secret('sk_live_finishing_value_0001'), rotation: { provider: 'generated', graceHours: 0 } },
+    });
+    expect(stored.status, stored.text).toBe(201);
+    // The run is held after its promotion, at its notice (queued in the outbox).
+    const lock = await holdTable(h, 'mail_outbox');
+    let cancel: Awaited<ReturnType<Harness['api']>>;
+    let rotationId: string;
+    try {
+      const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['finishing-key'] } });
+      expect(started.status, started.text).toBe(202);
+      rotationId = started.body.rotationId;
+      await lock.waiting();
+      expect((await h.sql('SELECT outcome FROM run_outcomes WHERE credential_id = $1', [stored.body.id])).rows).toEqual([{ outcome: 'rotated' }]);
+      cancel = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: agent.token });
+    } finally {
+      await lock.release();
+    }
+    // Before, listed cancelling, and it ended rotated all the same.
+    expect(cancel.body).toEqual({ rotationId, cancelling: [], notStarted: [], finishing: [stored.body.id] });
+    const done = await waitForRotation(rotationId);
+    expect(done.credentials[0]).toMatchObject({ state: 'succeeded', outcome: 'rotated' });
+    h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'finishing-key' } })).body.value);
   });
 
   it('a rotation request repeated with its Idempotency-Key gets the first one\'s rotation: the credential rotated once; another request under the key is refused', async () => {

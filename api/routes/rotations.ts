@@ -83,18 +83,30 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
       const notStarted = all.filter((r) => !r.run_id).map((r) => r.credential_id);
       const runs = all.filter((r) => r.run_id && !['failed', 'cancelled', 'rolled_back'].includes(r.outcome ?? ''));
       const cancelled: string[] = [];
+      const finishing: string[] = [];
       for (const run of runs) {
         const { handle, status } = await temporal(() => latestRunOf(deps.client, run.workflow_id, run.run_id!));
         if (status !== 'RUNNING') continue;
+        // Promoted and past its grace period (or with none): nothing of it is undone any more, it
+        // finishes (revoke, notices). Before, it was listed as cancelling, and ended rotated.
+        if (run.outcome === 'rotated' && (await pastGrace(deps.client, handle))) {
+          finishing.push(run.credential_id);
+          continue;
+        }
         await temporal(() => handle.cancel());
         cancelled.push(run.credential_id);
       }
       await auditChangeMade(
         deps,
-        { ...caller, action: 'rotation.cancel', outcome: 'ok', detail: { rotationId: rotation.id, cancelled: cancelled.length, notStarted: notStarted.length } },
+        {
+          ...caller,
+          action: 'rotation.cancel',
+          outcome: 'ok',
+          detail: { rotationId: rotation.id, cancelled: cancelled.length, notStarted: notStarted.length, ...(finishing.length ? { finishing: finishing.length } : {}) },
+        },
         `the cancellation of rotation ${rotation.id}`,
       );
-      return { status: 202, body: { rotationId: rotation.id, cancelling: cancelled, notStarted } };
+      return { status: 202, body: { rotationId: rotation.id, cancelling: cancelled, notStarted, finishing } };
     }),
   );
 
@@ -355,6 +367,21 @@ async function selectCredentials(vault: Vault, identityId: string, body: { crede
   }
   if (ids.length === 0) throw new UnprocessableError('no credential matches the filter; nothing to rotate');
   return ids;
+}
+
+/**
+ * Whether a promoted run is past its grace period, or had none (its grace step done or skipped): a
+ * cancel no longer undoes anything of it. False when its worker does not answer (it is cancelled, as
+ * before: the cancel is harmless there, every step after the promotion being out of its reach).
+ */
+async function pastGrace(client: Client, handle: ReturnType<Client['workflow']['getHandle']>): Promise<boolean> {
+  try {
+    const progress = await client.connection.withDeadline(Date.now() + 5_000, () => handle.query(progressQuery));
+    const grace = progress.steps.find((s) => s.name === 'grace')?.state;
+    return grace === 'done' || grace === 'skipped';
+  } catch {
+    return false;
+  }
 }
 
 async function describeRun(client: Client, run: RunRow) {
