@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
 import type { z } from 'zod';
-import { WorkflowExecutionAlreadyStartedError, WorkflowNotFoundError, WorkflowUpdateFailedError, type Client } from '@temporalio/client';
+import { WorkflowExecutionAlreadyStartedError, WorkflowNotFoundError, WorkflowUpdateFailedError, type Client, type WorkflowHandle } from '@temporalio/client';
 import { ConflictError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import type { Logger } from '../../core/logger';
 import { withTransaction, type Pool } from '../../db/pool';
@@ -84,17 +84,23 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
       const runs = all.filter((r) => r.run_id && !['failed', 'cancelled', 'rolled_back'].includes(r.outcome ?? ''));
       const cancelled: string[] = [];
       const finishing: string[] = [];
+      const going: { credentialId: string; handle: WorkflowHandle; promoted: boolean }[] = [];
       for (const run of runs) {
         const { handle, status } = await temporal(() => latestRunOf(deps.client, run.workflow_id, run.run_id!));
-        if (status !== 'RUNNING') continue;
-        // Promoted and past its grace period (or with none): nothing of it is undone any more, it
-        // finishes (revoke, notices). Before, it was listed as cancelling, and ended rotated.
-        if (run.outcome === 'rotated' && (await pastGrace(deps.client, handle))) {
-          finishing.push(run.credential_id);
+        if (status === 'RUNNING') going.push({ credentialId: run.credential_id, handle, promoted: run.outcome === 'rotated' });
+      }
+      // Promoted and past its grace period (or with none): nothing of it is undone any more, it
+      // finishes (revoke, notices). Before, it was listed as cancelling, and ended rotated. Its
+      // worker is asked, all of them at once under one deadline (a batch of 1,000 may all be in
+      // grace: one by one, a worker away would have made it 1,000 waits of 5 s).
+      const past = await pastGrace(deps.client, going.filter((g) => g.promoted).map((g) => g.handle));
+      for (const g of going) {
+        if (past.has(g.handle)) {
+          finishing.push(g.credentialId);
           continue;
         }
-        await temporal(() => handle.cancel());
-        cancelled.push(run.credential_id);
+        await temporal(() => g.handle.cancel());
+        cancelled.push(g.credentialId);
       }
       await auditChangeMade(
         deps,
@@ -370,18 +376,29 @@ async function selectCredentials(vault: Vault, identityId: string, body: { crede
 }
 
 /**
- * Whether a promoted run is past its grace period, or had none (its grace step done or skipped): a
- * cancel no longer undoes anything of it. False when its worker does not answer (it is cancelled, as
- * before: the cancel is harmless there, every step after the promotion being out of its reach).
+ * Which of these promoted runs are past their grace period, or had none: running again after it
+ * (not in grace, nor rolling back, which it does in state 'grace'), their own promote done and
+ * their grace step done or skipped. A cancel no longer undoes anything of them. One whose worker
+ * does not answer within the one deadline is not (it is cancelled, as before: harmless there, every
+ * step after the promotion being out of a cancel's reach).
  */
-async function pastGrace(client: Client, handle: ReturnType<Client['workflow']['getHandle']>): Promise<boolean> {
-  try {
-    const progress = await client.connection.withDeadline(Date.now() + 5_000, () => handle.query(progressQuery));
-    const grace = progress.steps.find((s) => s.name === 'grace')?.state;
-    return grace === 'done' || grace === 'skipped';
-  } catch {
-    return false;
-  }
+async function pastGrace(client: Client, handles: WorkflowHandle[]): Promise<Set<WorkflowHandle>> {
+  const deadline = Date.now() + 5_000;
+  const past = new Set<WorkflowHandle>();
+  let next = 0;
+  const ask = async () => {
+    for (let handle = handles[next++]; handle; handle = handles[next++]) {
+      try {
+        const progress = await client.connection.withDeadline(deadline, () => handle!.query(progressQuery));
+        const step = (name: string) => progress.steps.find((s) => s.name === name)?.state;
+        if (progress.state === 'running' && step('promote') === 'done' && ['done', 'skipped'].includes(step('grace') ?? '')) past.add(handle);
+      } catch {
+        // Not answered: cancelled as before.
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(16, handles.length) }, ask));
+  return past;
 }
 
 async function describeRun(client: Client, run: RunRow) {
