@@ -1,3 +1,4 @@
+import { ConfigError } from '../core/defaults';
 import { clientCommands } from './client/commands';
 import { CliError, EXIT, HelpRequested, unexpectedArgument, usageError } from './client/errors';
 import { helpAsked, reportError } from './client/context';
@@ -114,7 +115,7 @@ main(argv).then(
       // `mcp`'s stdout is the MCP channel: its errors go to stderr only, --json or not.
       reportError(err, argv[0] ?? 'serve', argv.includes('--json') && argv[0] !== 'mcp');
       process.exitCode = err.exitCode;
-    } else if (err instanceof Error && err.name === 'ConfigError') {
+    } else if (err instanceof ConfigError) {
       process.stderr.write(`${err.message}\n`);
       process.exitCode = EXIT.usage;
     } else {

@@ -17,6 +17,7 @@ import { startSmtpSink } from '../embedded/smtp-sink';
 import { adminTokenPath, ensureAdminToken, ensureDataDir, ensureKeyringFile } from '../embedded/state';
 import { startEmbeddedTemporal } from '../embedded/temporal';
 import { Keyring } from '../vault/keyring';
+import { checkWorkflowBundle } from '../worker/bundle';
 import { activityDeps } from '../worker/deps';
 import { ensureSchedules } from '../worker/schedules';
 import { createWorker, installTemporalLogging } from '../worker/worker';
@@ -46,6 +47,8 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
     alone && parts[0] === 'worker' && !config.SMTP_URL && "SMTP_URL: must be set for `mailgent worker` alone: the embedded SMTP sink would keep every notice in this worker's DATA_DIR, recorded as sent",
   ].filter((problem): problem is string => Boolean(problem));
   if (problems.length > 0) throw new ConfigError(problems);
+  // A prebuilt bundle is the worker's: checked before anything starts (there, readable, and built from these workflows).
+  if (parts.includes('worker') && config.WORKFLOW_BUNDLE) checkWorkflowBundle(config.WORKFLOW_BUNDLE);
   const closers: { name: string; close: () => Promise<unknown> }[] = [];
   let starting = true;
   /** Set when start-up is to stop at the next checkpoint: the exit code, 0 for a signal, 1 when an embedded server died. */

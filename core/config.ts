@@ -3,7 +3,7 @@ import { isIP } from 'node:net';
 import path from 'node:path';
 import { z } from 'zod';
 import { inlineMasterKeys, KeyringFileError, readKeyringFile } from '../vault/keyring';
-import { DEFAULT_PORT } from './defaults';
+import { ConfigError, DEFAULT_PORT } from './defaults';
 
 /**
  * The service's whole configuration, read once from the environment at start.
@@ -142,7 +142,7 @@ const commaList = (value: string) =>
     .map((part) => part.trim())
     .filter(Boolean);
 
-export { DEFAULT_PORT };
+export { ConfigError, DEFAULT_PORT };
 
 /** The characters a bearer token is made of (api/endpoint.ts reads `Bearer <token>` with the same class). */
 export const ADMIN_TOKEN_CHARS = /^[\x21-\x7e]+$/;
@@ -203,8 +203,9 @@ const schema = z.object({
   DATA_KEY_MAX_ENCRYPTIONS: whole(1, 2 ** 31).default(2 ** 30),
   SHUTDOWN_GRACE_SECONDS: whole(0, 3600).default(30),
   WORKER_CACHED_WORKFLOWS: whole(2, 100_000).default(100),
-  // A prebuilt workflow bundle (npm run bundle), so a worker does not bundle its workflows at each start.
-  WORKFLOW_BUNDLE: z.string().refine(isExistingFile, { error: 'must be the path of a workflow bundle file (npm run bundle -- <path>)' }).optional(),
+  // A prebuilt workflow bundle (npm run bundle), so a worker does not bundle its workflows at each
+  // start; checked by the worker (worker/bundle.ts, checkWorkflowBundle), not by the API beside it.
+  WORKFLOW_BUNDLE: z.string().min(1).optional(),
   BATCH_MAX_OPEN_ROTATIONS: whole(1, 100_000).default(50),
   // The API's audited reads in a worker thread of their own (vault/read-thread.ts).
   READ_THREAD: z
@@ -225,13 +226,6 @@ export interface Config extends Parsed {
   envFilesRoot: string;
   /** Servers the process must start itself because no external address was given. */
   embedded: { postgres: boolean; temporal: boolean; smtp: boolean };
-}
-
-export class ConfigError extends Error {
-  constructor(readonly problems: string[]) {
-    super(`Invalid configuration:\n${problems.map((p) => `  ${p}`).join('\n')}`);
-    this.name = 'ConfigError';
-  }
 }
 
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {

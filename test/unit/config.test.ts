@@ -1,7 +1,10 @@
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { describe, expect, inject, it } from 'vitest';
 import { ConfigError, loadConfig } from '../../core/config';
+import { checkWorkflowBundle } from '../../worker/bundle';
 
 function problems(env: Record<string, string>): string[] {
   try {
@@ -32,13 +35,25 @@ describe('configuration', () => {
     expect(problems({ READ_THREAD: 'yes please' })).toEqual(['READ_THREAD: must be on or off (got "yes please")']);
   });
 
-  it('WORKFLOW_BUNDLE names an existing file, and MAIL_RETENTION_DAYS is whole days (30 by default)', () => {
+  it('WORKFLOW_BUNDLE is checked by the worker only: there, and built from this checkout\'s workflows; MAIL_RETENTION_DAYS is whole days (30 by default)', () => {
     expect(loadConfig({}).WORKFLOW_BUNDLE).toBeUndefined();
-    expect(loadConfig({ WORKFLOW_BUNDLE: 'package.json' }).WORKFLOW_BUNDLE).toBe('package.json');
-    expect(problems({ WORKFLOW_BUNDLE: 'no/such/bundle.js' })).toEqual([
-      'WORKFLOW_BUNDLE: must be the path of a workflow bundle file (npm run bundle -- <path>) (got "no/such/bundle.js")',
-    ]);
-    expect(problems({ WORKFLOW_BUNDLE: 'test' })).toHaveLength(1);
+    // The API beside a worker shares its settings, not its files: the configuration does not look.
+    expect(loadConfig({ WORKFLOW_BUNDLE: 'no/such/bundle.js' }).WORKFLOW_BUNDLE).toBe('no/such/bundle.js');
+    const refusal = (file: string) => {
+      try {
+        checkWorkflowBundle(file);
+      } catch (err) {
+        return err instanceof ConfigError ? err.problems : [String(err)];
+      }
+      return [];
+    };
+    expect(refusal(inject('workflowBundlePath'))).toEqual([]);
+    expect(refusal('no/such/bundle.js')).toEqual(['WORKFLOW_BUNDLE: cannot read no/such/bundle.js (ENOENT); build it with npm run bundle -- <path>']);
+    // One built from other workflows (before an upgrade), or not a bundle at all.
+    const stale = path.join(mkdtempSync(path.join(tmpdir(), 'mailgent-bundle-test-')), 'workflows.js');
+    writeFileSync(stale, readFileSync(inject('workflowBundlePath'), 'utf8').replace(/^(\/\/ mailgent workflows )[0-9a-f]{8}/, '$100000000'));
+    expect(refusal(stale)).toEqual([`WORKFLOW_BUNDLE: ${stale} was not built from this checkout's workflows; build it again with npm run bundle -- <path>`]);
+    expect(refusal('package.json')).toHaveLength(1);
     expect(loadConfig({}).MAIL_RETENTION_DAYS).toBe(30);
     expect(loadConfig({ MAIL_RETENTION_DAYS: '0' }).MAIL_RETENTION_DAYS).toBe(0);
     expect(problems({ MAIL_RETENTION_DAYS: '-1' })).toHaveLength(1);
