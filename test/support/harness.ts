@@ -248,7 +248,8 @@ export async function startHarness(
     logFile,
     sql: (text, params) => superuser.query(text, params as unknown[]),
     api,
-    async createIdentity(name = `agent-${randomBytes(3).toString('hex')}`, email?: string) {
+    // (Eight random bytes: with three, a file's identities met a name taken once in a CI run: 409.)
+    async createIdentity(name = `agent-${randomBytes(8).toString('hex')}`, email?: string) {
       const res = await api('POST', '/v1/identities', { token: adminToken, body: { name, ...(email ? { email } : {}) } });
       if (res.status !== 201) throw new Error(`creating identity failed: ${res.status} ${res.text}`);
       secrets.push(res.body.token);
