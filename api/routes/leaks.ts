@@ -194,8 +194,7 @@ async function respond(
   const rotationId = randomUUID();
   const newIncidentId = randomUUID();
   const mailId = incidentMailId(newIncidentId);
-  const meta = await deps.vault.describe(t.identityId, t.credentialId);
-  const identity = (await deps.pool.query('SELECT email FROM identities WHERE id = $1', [t.identityId])).rows[0];
+  const { meta, to } = await toldOfLeak(deps, t);
   // The incident commits with its rotation's rows or not at all: an incident left open without a
   // rotation would make every later report only join it. A parallel report of the same credential
   // waits here for this one's commit, then joins.
@@ -235,7 +234,6 @@ async function respond(
       workflowId,
     ]);
     await tx.query(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) VALUES ($1, $2, $3)`, [rotationId, t.credentialId, workflowId]);
-    const to = [...new Set([...(deps.securityNotify ?? []), ...meta.owners, ...(identity?.email ? [identity.email] : [])])];
     // No one to tell (no security contacts, owners or identity email): no email, rather than one
     // tried for a day against "no recipients" and then recorded as undelivered.
     if (to.length === 0) return opened;
@@ -385,9 +383,7 @@ async function rotationRunning(deps: LeakDeps, workflowId: string): Promise<bool
  */
 async function reportDeleted(deps: LeakDeps, t: Target, body: { source: string; details?: string }, actor: string): Promise<LeakResult> {
   const answer = { credentialId: t.credentialId, version: t.version, action: 'deleted' as const };
-  const meta = await deps.vault.describe(t.identityId, t.credentialId);
-  const identity = (await deps.pool.query('SELECT email FROM identities WHERE id = $1', [t.identityId])).rows[0];
-  const to = [...new Set([...(deps.securityNotify ?? []), ...meta.owners, ...(identity?.email ? [identity.email] : [])])];
+  const { meta, to } = await toldOfLeak(deps, t);
   if (to.length === 0) return answer;
   const seed = `leak-deleted:${t.credentialId}:${t.version}:${meta.deletedAt}`;
   let mailId = stableUuid(seed);
@@ -414,13 +410,15 @@ async function reportDeleted(deps: LeakDeps, t: Target, body: { source: string; 
     if (queued) await appendAudit(tx, { identityId: t.identityId, actor, action: 'mail.send', credentialId: t.credentialId, outcome: 'ok', detail: { messageId: mailId, purpose: 'leak.incident', deleted: true } });
   });
   // Handed over on every report while still queued (the first report's hand-over may have failed).
-  try {
-    await startDelivery(deps.pool, deps, mailId);
-  } catch (err) {
-    if (err instanceof AppError) throw err;
-    throw new UnavailableError("the leak was recorded, but its email could not be handed for delivery (Temporal is unavailable); report again shortly");
-  }
+  await deliverIncidentMail(deps, mailId, 'the leak was recorded, but its email could not be handed for delivery (Temporal is unavailable); report again shortly');
   return answer;
+}
+
+/** The credential's metadata, and who hears of its leak: the security contacts, its owners and its identity's email. */
+async function toldOfLeak(deps: LeakDeps, t: Target) {
+  const meta = await deps.vault.describe(t.identityId, t.credentialId);
+  const identity = (await deps.pool.query('SELECT email FROM identities WHERE id = $1', [t.identityId])).rows[0];
+  return { meta, to: [...new Set([...(deps.securityNotify ?? []), ...meta.owners, ...(identity?.email ? [identity.email] : [])])] };
 }
 
 async function signalLeak(handle: ReturnType<Client['workflow']['getHandle']>, leak: { incidentId: string; version: number }): Promise<void> {
@@ -435,12 +433,16 @@ async function signalLeak(handle: ReturnType<Client['workflow']['getHandle']>, l
  * Starts the delivery of an incident's email if it is still queued (the report that opened the
  * incident may have started its rotation and then lost Temporal before the delivery).
  */
-async function deliverIncidentMail(deps: LeakDeps, mailId: string): Promise<void> {
+async function deliverIncidentMail(
+  deps: LeakDeps,
+  mailId: string,
+  unavailable = 'the leak rotation is running, but its incident email could not be handed for delivery (Temporal is unavailable); report again shortly',
+): Promise<void> {
   try {
     await startDelivery(deps.pool, deps, mailId);
   } catch (err) {
     if (err instanceof AppError) throw err;
-    throw new UnavailableError('the leak rotation is running, but its incident email could not be handed for delivery (Temporal is unavailable); report again shortly');
+    throw new UnavailableError(unavailable);
   }
 }
 
