@@ -300,6 +300,11 @@ describe('rotateCredential', () => {
       expect(started.status, started.text).toBe(202);
       rotationId = started.body.rotationId;
       await lock.waiting();
+      // (Another wait on the outbox can come first: the run's own is the one after its outcome.)
+      for (let i = 0; (await h.sql('SELECT 1 FROM run_outcomes WHERE credential_id = $1', [stored.body.id])).rowCount === 0; i++) {
+        if (i === 150) throw new Error('the rotation did not promote within 30 s');
+        await new Promise((r) => setTimeout(r, 200));
+      }
       expect((await h.sql('SELECT outcome FROM run_outcomes WHERE credential_id = $1', [stored.body.id])).rows).toEqual([{ outcome: 'rotated' }]);
       cancel = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: agent.token });
     } finally {
