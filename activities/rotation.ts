@@ -1,5 +1,6 @@
 import type { Dependent } from '../dependents/types';
 import { UnprocessableError } from '../core/errors';
+import { registered } from '../core/registry';
 import { DEFAULT_POLICY, type Provider } from '../providers';
 import type { SecretReader } from '../providers/types';
 import type { PlannedPolicy } from '../vault/rotation-vault';
@@ -38,7 +39,7 @@ export function rotationActivities(deps: ActivityDeps) {
     if (meta.deletedAt && !opts.deleted) throw new UnprocessableError(`credential '${meta.name}' is deleted; it is not rotated`);
     const { policy: plannedPolicy, dependents } = opts.plan ?? (await planned(ids, meta));
     const policy = plannedPolicy ?? DEFAULT_POLICY;
-    const provider = deps.providers[policy.provider];
+    const provider = registered(deps.providers, policy.provider);
     if (!provider) throw new UnprocessableError(`rotation provider '${policy.provider}' is not installed on this worker`);
     return { meta, policy, provider, dependents };
   };
@@ -54,7 +55,7 @@ export function rotationActivities(deps: ActivityDeps) {
   const dependentContext = async (ids: RotationIds, index: number, known?: { meta: CredentialMeta; dependents: DependentSpec[] }) => {
     const meta = known?.meta ?? (await deps.vault.describe(ids.identityId, ids.credentialId));
     const spec = (known?.dependents ?? (await planned(ids, meta)).dependents)[index];
-    const dependent: Dependent<any> | undefined = spec && deps.dependents[spec.type];
+    const dependent: Dependent<any> | undefined = spec && registered(deps.dependents, spec.type);
     if (!spec || !dependent) throw new UnprocessableError(`dependent ${index} of '${meta.name}' is not configured on this worker`);
     return {
       dependent,
@@ -86,7 +87,7 @@ export function rotationActivities(deps: ActivityDeps) {
           );
         }
         for (const [index, spec] of dependents.entries()) {
-          if (!deps.dependents[spec.type]) throw new UnprocessableError(`dependent ${index} of '${meta.name}' has unknown type '${spec.type}'`);
+          if (!registered(deps.dependents, spec.type)) throw new UnprocessableError(`dependent ${index} of '${meta.name}' has unknown type '${spec.type}'`);
         }
         return {
           provider: provider.name,
@@ -137,7 +138,7 @@ export function rotationActivities(deps: ActivityDeps) {
         const staged = await deps.rotations.findStaged(ids.credentialId, stepKey(ids, 'create', ids.attempt));
         const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
         const policy = (await planned(ids, meta)).policy ?? DEFAULT_POLICY;
-        const provider = deps.providers[policy.provider];
+        const provider = registered(deps.providers, policy.provider);
         if (provider) {
           const ctx = await providerContext(ids, meta, provider, policy.settings);
           const pending = staged ? await read(ids, staged.version, 'provider.discard') : undefined;
@@ -206,7 +207,7 @@ export function rotationActivities(deps: ActivityDeps) {
         const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
         const { dependents } = await planned(ids, meta);
         for (const [index, spec] of dependents.entries()) {
-          if (!deps.dependents[spec.type]?.promoted) continue;
+          if (!registered(deps.dependents, spec.type)?.promoted) continue;
           const { dependent, ctx } = await dependentContext(ids, index, { meta, dependents });
           const target = await read(ids, ids.version, `dependent.${index}.promoted`);
           await heartbeating(() => dependent.promoted!({ ...ctx, target, idempotencyKey: stepKey(ids, 'promoted', index, ids.version) }));

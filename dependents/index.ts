@@ -1,4 +1,5 @@
 import { UnprocessableError } from '../core/errors';
+import { registered } from '../core/registry';
 import { createEnvFileDependent } from './env-file';
 import type { Dependent } from './types';
 import { webhookDependent } from './webhook';
@@ -27,7 +28,7 @@ export function createDependents(deps: DependentDeps): Record<string, Dependent<
 /** Checks each entry's type and settings; returns the entries with their defaults filled in. */
 export function checkDependents<E extends DependentEntry>(list: E[], registry: Record<string, Dependent<any>>): E[] {
   return list.map((entry, i) => {
-    const dependent = registry[entry.type];
+    const dependent = registered(registry, entry.type);
     if (!dependent) {
       throw new UnprocessableError(`dependents.${i}.type '${entry.type}' is unknown; known types: ${Object.keys(registry).join(', ')}`);
     }

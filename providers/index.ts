@@ -1,4 +1,5 @@
 import { UnprocessableError } from '../core/errors';
+import { registered } from '../core/registry';
 import type { RotationPolicy } from '../vault/vault';
 import { generated } from './generated';
 import { httpApi } from './http';
@@ -18,7 +19,7 @@ export const DEFAULT_POLICY: RotationPolicy = { provider: 'generated', settings:
 
 /** Checks a policy's provider and settings; returns the policy with the provider's defaults filled in. */
 export function checkPolicy(policy: RotationPolicy): RotationPolicy {
-  const provider = providers[policy.provider];
+  const provider = registered(providers, policy.provider);
   if (!provider) {
     throw new UnprocessableError(`rotation.provider '${policy.provider}' is unknown; known providers: ${Object.keys(providers).join(', ')}`);
   }

@@ -131,6 +131,18 @@ describe('bad input', () => {
     const provider = await post('/v1/vault.store', { body: { name: 'd', kind: 'api_key', value: 'v', rotation: { provider: 'aws-magic' } } });
     expectProblem(provider, 422, 'unprocessable');
     expect(provider.body.detail).toBe("rotation.provider 'aws-magic' is unknown; known providers: generated, postgres-role, http");
+    // Names every object has (Object.prototype's) are unknown too: not a 500 from a lookup that found them there.
+    for (const name of ['constructor', 'toString', '__proto__', 'hasOwnProperty']) {
+      const inherited = await post('/v1/vault.store', { body: { name: 'd', kind: 'api_key', value: 'v', rotation: { provider: name } } });
+      expectProblem(inherited, 422, 'unprocessable');
+      expect(inherited.body.detail).toBe(`rotation.provider '${name}' is unknown; known providers: generated, postgres-role, http`);
+      const dependent = await post('/v1/vault.store', { body: { name: 'd', kind: 'api_key', value: 'v', dependents: [{ type: name }] } });
+      expectProblem(dependent, 422, 'unprocessable');
+      expect(dependent.body.detail).toBe(`dependents.0.type '${name}' is unknown; known types: env-file, webhook`);
+      const patched = await h.api('PATCH', '/v1/credentials/ten-byte-seed', { token: agent.token, body: { dependents: [{ type: name }] } });
+      expectProblem(patched, 422, 'unprocessable');
+    }
+    expect((await post('/v1/vault.get', { body: { name: 'd' } })).status).toBe(404);
     // No provider makes TOTP seeds: a seed with a rotation policy would fail at every sweep's plan.
     const seedPolicy = { provider: 'generated', periodDays: 30 };
     const seedStored = await post('/v1/vault.store', { body: { name: 'rotating-seed', kind: 'totp_seed', totp: { secret: h.secret('JBSWY3DPEHPK3PXP') }, rotation: seedPolicy } });
