@@ -223,6 +223,12 @@ export const chainQuery = z.strictObject({
   head: z
     .string()
     .regex(/^\d{1,18}:[0-9a-fA-F]{64}$/, 'must be <seq>:<hash>, as an earlier verify answered (head.seq and head.hash)')
+    // A seq no row can have (they start at 1; past 2^53 the number is not exact) is a mistake to
+    // answer as one, not a head reported gone: a false alarm of tampering.
+    .refine((s) => {
+      const seq = Number(s.split(':')[0]);
+      return seq >= 1 && Number.isSafeInteger(seq);
+    }, `head's seq must be 1 to ${Number.MAX_SAFE_INTEGER}, as an earlier verify answered it`)
     .transform((s) => ({ seq: Number(s.split(':')[0]), hash: s.split(':')[1]!.toLowerCase() }))
     .optional(),
 });

@@ -236,5 +236,11 @@ describe('audit log', () => {
     const malformed = await h.api('GET', '/v1/audit/verify?head=12', { token: h.adminToken });
     expect(malformed.status).toBe(400);
     expect(malformed.body.errors).toEqual([{ path: 'head', message: 'must be <seq>:<hash>, as an earlier verify answered (head.seq and head.hash)' }]);
+    // A head no verify could have answered (seq 0, or past what a number holds exactly) is a 400, not a log reported cut back.
+    for (const seq of ['0', '000', '9007199254740993']) {
+      const impossible = await h.api('GET', `/v1/audit/verify?head=${seq}:${head.hash}`, { token: h.adminToken });
+      expect(impossible.status, seq).toBe(400);
+      expect(impossible.body.errors).toEqual([{ path: 'head', message: "head's seq must be 1 to 9007199254740991, as an earlier verify answered it" }]);
+    }
   });
 });
