@@ -142,6 +142,16 @@ describe('npm run bench at a tiny size', () => {
     expect(r.memory.tuning.worker).toEqual({ NODE_OPTIONS: expect.stringMatching(/--max-old-space-size=\d+/), MALLOC_ARENA_MAX: '2' });
     expect(r.memory.tuning.api.NODE_OPTIONS).toMatch(/--v8-pool-size=1/);
 
+    // The run's time against the six minutes, and where it went: every part, none left out.
+    expect(r.duration).toMatchObject({ seconds: r.durationSeconds, target: 360, pass: r.durationSeconds <= 360 });
+    expect(Object.keys(r.duration.phases)).toEqual(['servers', 'seeding', 'primitives', 'sizeAndSweep', 'rotationSetup', 'rotationBatch', 'rotationBaseline']);
+    // (Tenths of a second: storing three credentials can round to 0.)
+    for (const [phase, seconds] of Object.entries(r.duration.phases)) expect(seconds, phase).toBeGreaterThanOrEqual(0);
+    expect(r.duration.phases.servers).toBeGreaterThan(0);
+    const phaseSum = Object.values(r.duration.phases as Record<string, number>).reduce((a, b) => a + b, 0);
+    expect(phaseSum).toBeGreaterThan(r.durationSeconds * 0.9);
+    expect(phaseSum).toBeLessThanOrEqual(r.durationSeconds + 0.1 * Object.keys(r.duration.phases).length);
+
     const svg = readFileSync(path.join(path.dirname(out), 'latency.svg'), 'utf8');
     expect(svg).toMatch(/^<svg /);
     expect(svg).toContain('vault.get (HTTP)');
