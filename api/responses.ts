@@ -161,8 +161,9 @@ export const rotationRolledBack = z.strictObject({
 export const leakResults = z.strictObject({
   results: z.array(
     z.union([
-      // already-revoked: nothing to do; deleted: a soft-deleted credential's, not rotated, its leak told to the security contacts and owners.
-      z.strictObject({ credentialId: uuid, version: z.number().int(), action: z.enum(['already-revoked', 'deleted']) }),
+      // already-revoked: nothing to do; deleted: a soft-deleted credential's, not rotated, its leak told to the security contacts and owners;
+      // no-policy: a credential without a rotation policy (a TOTP seed, say), not rotated, told the same.
+      z.strictObject({ credentialId: uuid, version: z.number().int(), action: z.enum(['already-revoked', 'deleted', 'no-policy']) }),
       z.strictObject({
         credentialId: uuid,
         version: z.number().int(),

@@ -202,8 +202,8 @@ export function mcpTools(deps: McpDeps): Tool[] {
       title: 'Report a leak',
       description:
         'Report a leaked credential (by name, id or handle), or a leaked value by its SHA-256 fingerprint: it is rotated at once, ' +
-        'without a grace period, and the security contacts and owners are told (a deleted credential is not rotated: answered deleted, ' +
-        'and they are told to revoke it by hand). Answers a rotationId for rotation_status. Never put the value in details.',
+        'without a grace period, and the security contacts and owners are told (a deleted credential, or one without a rotation policy, ' +
+        'is not rotated: answered deleted or no-policy, and they are told to revoke it by hand). Answers a rotationId for rotation_status. Never put the value in details.',
       input: leakReport,
       action: 'leak.report',
       hints: { readOnlyHint: false, destructiveHint: true, openWorldHint: true },

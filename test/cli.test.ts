@@ -835,6 +835,12 @@ describe('mailgent CLI', () => {
 
   describe('leak and audit verify', () => {
     it('leak by name rotates at once; a second report joins (or reopens); a value given on stdin is matched by its hash only', async () => {
+      // Without a rotation policy nothing can revoke it where it was issued: told, not rotated.
+      const unmanaged = await mailgent(['leak', 'cli-password', '--source', 'cli-test'], { env: as(alice) });
+      expect(unmanaged.code).toBe(0);
+      expect(unmanaged.stdout).toMatch(/^CREDENTIAL +VERSION +ACTION +WORKFLOW\n[0-9a-f-]{36} +1 +no-policy *\n$/);
+      const patched = await h.api('PATCH', '/v1/credentials/cli-password', { token: alice.token, body: { rotation: { provider: 'generated', graceHours: 0 } } });
+      expect(patched.status).toBe(200);
       const first = await mailgent(['leak', 'cli-password', '--source', 'cli-test'], { env: as(alice) });
       expect(first.code).toBe(0);
       expect(first.stdout).toMatch(/^CREDENTIAL +VERSION +ACTION +WORKFLOW\n[0-9a-f-]{36} +1 +rotating +rotate:[0-9a-f-]{36}\n$/);

@@ -653,7 +653,7 @@ describe('POST /v1/leaks', () => {
   it('matches a SHA-256 fingerprint against stored versions without decrypting them, and rotates only live ones', async () => {
     const id = await store('stripe-live', 'sk_live_fingerprinted_0001', { rotation: { provider: 'generated', graceHours: 0 } });
     const other = await h.createIdentity();
-    await h.api('POST', '/v1/vault.store', { token: other.token, body: { name: 'same-value', kind: 'api_key', value: 'sk_live_fingerprinted_0001' } });
+    await h.api('POST', '/v1/vault.store', { token: other.token, body: { name: 'same-value', kind: 'api_key', value: 'sk_live_fingerprinted_0001', rotation: { provider: 'generated' } } });
 
     const res = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256('sk_live_fingerprinted_0001'), source: 'github-scan' } });
     expect(res.status).toBe(202);
@@ -697,14 +697,13 @@ describe('POST /v1/leaks', () => {
   });
 
   it('when a leak rotation fails, the incident closes and the next report tries again', async () => {
-    // A TOTP seed cannot be rotated by the default provider: the leak rotation fails (and says so).
-    const res = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'leaked-seed', kind: 'totp_seed', totp: { secret: h.secret('JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXQ') } } });
-    const id = res.body.id as string;
-    const first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'leaked-seed', source: 'scan-1' } });
+    // A role's password whose admin connection names no stored credential: the leak rotation fails at its create (and says so).
+    const id = await store('unrotatable-role', 'role-password-0001', { rotation: { provider: 'postgres-role', settings: { adminCredential: 'no-such-admin-url', role: 'app' } } });
+    const first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'unrotatable-role', source: 'scan-1' } });
     expect(first.body.results[0].action).toBe('rotating');
     await expect(h.client.workflow.getHandle(`rotate:${id}`).result()).rejects.toThrow();
     expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
-    const second = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'leaked-seed', source: 'scan-2' } });
+    const second = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'unrotatable-role', source: 'scan-2' } });
     expect(second.body.results[0].action).toBe('rotating');
     expect(second.body.results[0].incidentId).not.toBe(first.body.results[0].incidentId);
     await expect(h.client.workflow.getHandle(`rotate:${id}`).result()).rejects.toThrow();
@@ -783,6 +782,59 @@ describe('POST /v1/leaks', () => {
     // Destroyed, nothing of it is left to match.
     expect((await h.api('DELETE', `/v1/credentials/${id}?destroy=true`, { token: agent.token })).status).toBe(200);
     expect((await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256(value), source: 'paste-site-scan' } })).status).toBe(404);
+  });
+
+  it('a leak of a credential without a rotation policy is not "rotated" into a random value: it stays, not marked revoked, and the security contacts and owners are told to revoke it; with a policy given, a report again rotates it', async () => {
+    const owner = `owner-${randomUUID().slice(0, 8)}@example.com`;
+    const value = 'sk_no_policy_leaked_0001';
+    const id = await store('no-policy-leak', value, { owners: [owner] });
+    const subject = '[mailgent] SECURITY: leak reported for no-policy-leak (no rotation policy; not rotated)';
+    // Before: rotated with the generated provider's defaults (a random value stored as version 2, version 1
+    // recorded as revoked, the incident email and the notice saying so) while the leaked key still worked at its issuer.
+    const byValue = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256(value), source: 'repo-scanner' } });
+    expect(byValue.status, byValue.text).toBe(202);
+    expect(byValue.body).toEqual({ results: [{ credentialId: id, version: 1, action: 'no-policy' }] });
+    const [told, ...more] = await waitFor('the email about the unrotated credential', async () => {
+      const mails = (await readMailbox()).filter((m) => m.mail.subject === subject);
+      return mails.length > 0 ? mails : undefined;
+    });
+    expect(more).toEqual([]);
+    expect(recipients(told!.mail)).toEqual(expect.arrayContaining([security, owner]));
+    expect(told!.mail.text).toContain('no rotation policy, so Mailgent cannot rotate it');
+    expect(told!.mail.text).toContain(`PATCH /v1/credentials/${id}`);
+    expect(told!.mail.text).not.toContain(value);
+    expect(await current('no-policy-leak')).toMatchObject({ version: 1, value });
+    expect(await revokedVersions(id)).toEqual([]);
+    expect((await h.sql('SELECT count(*)::int AS n FROM leak_incidents WHERE credential_id = $1', [id])).rows[0].n).toBe(0);
+    await expect(h.client.workflow.getHandle(`rotate:${id}`).describe()).rejects.toThrow(WorkflowNotFoundError);
+    // Again, by name: the same answer, no second email.
+    const again = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'no-policy-leak', source: 'repo-scanner' } });
+    expect(again.body).toEqual({ results: [{ credentialId: id, version: 1, action: 'no-policy' }] });
+    await new Promise((r) => setTimeout(r, 1_000));
+    expect((await readMailbox()).filter((m) => m.mail.subject === subject)).toHaveLength(1);
+
+    // Given a policy, the leak is rotated as any other.
+    expect((await h.api('PATCH', '/v1/credentials/no-policy-leak', { token: agent.token, body: { rotation: { provider: 'generated', graceHours: 0 } } })).status).toBe(200);
+    const rotated = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256(value), source: 'repo-scanner' } });
+    expect(rotated.body.results[0]).toMatchObject({ credentialId: id, version: 1, action: 'rotating' });
+    await h.client.workflow.getHandle(`rotate:${id}`).result();
+    expect(await revokedVersions(id)).toEqual([1]);
+  });
+
+  it('a leaked TOTP seed (no provider makes them) is answered no-policy, and they are told to enrol a new one', async () => {
+    const owner = `owner-${randomUUID().slice(0, 8)}@example.com`;
+    const seed = 'JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXQ';
+    const res = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'leaked-totp-seed', kind: 'totp_seed', totp: { secret: h.secret(seed) }, owners: [owner] } });
+    expect(res.status).toBe(201);
+    // Before: a leak rotation that failed at its plan ("a generated value would not be a TOTP seed"), its emails saying rotating, then failed.
+    const reported = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'leaked-totp-seed', source: 'screenshot-scan' } });
+    expect(reported.body).toEqual({ results: [{ credentialId: res.body.id, version: 1, action: 'no-policy' }] });
+    const [told] = await waitFor('the email about the leaked seed', async () => {
+      const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for leaked-totp-seed (no rotation policy; not rotated)');
+      return mails.length > 0 ? mails : undefined;
+    });
+    expect(told!.mail.text).toContain('enrol a new seed with its service');
+    await expect(h.client.workflow.getHandle(`rotate:${res.body.id}`).describe()).rejects.toThrow(WorkflowNotFoundError);
   });
 
   it("a leak of a deleted credential whose rotation still runs (in its grace period) is heard by that rotation: the leaked value is revoked at once", async () => {

@@ -39,6 +39,13 @@ interface Target {
   live: boolean;
   /** Soft-deleted (restorable, not destroyed): not rotated; its leak is told to the people who can revoke it. */
   deleted: boolean;
+  /**
+   * No rotation policy: no provider knows where the value was issued, so nothing can revoke it there.
+   * Not rotated either (a rotation would put a random value in its place, and call the leaked one
+   * revoked while it still works): told, as a deleted one's leak is.
+   */
+  unmanaged: boolean;
+  kind: string;
 }
 
 /**
@@ -49,7 +56,8 @@ interface Target {
  * running, signalled to revoke the old value at once. Further reports join the open incident. A
  * live version of a soft-deleted credential, with no rotation of it running, is not rotated (deleted,
  * it is out of rotation): the security contacts and owners are told that the leaked value may still
- * work (`deleted`; reportDeleted).
+ * work (`deleted`; reportUnrotated). Nor is one of a credential without a rotation policy (a TOTP
+ * seed, say), which no provider can revoke: they are told to revoke it where it was issued (`no-policy`).
  */
 export function leakRoutes(auth: AuthDeps, deps: LeakDeps): Router {
   const router = Router();
@@ -166,7 +174,7 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
 }
 
 type LeakResult =
-  | { credentialId: string; version: number; action: 'already-revoked' | 'deleted' }
+  | { credentialId: string; version: number; action: 'already-revoked' | 'deleted' | 'no-policy' }
   | { credentialId: string; version: number; incidentId: string; workflowId: string; rotationId?: string; action: 'joined' | 'rotating' };
 
 async function respond(
@@ -188,8 +196,8 @@ async function respond(
   if (!t.live) return { credentialId: t.credentialId, version: t.version, action: 'already-revoked' as const };
   // A deleted credential's rotation still running (a delete does not stop one: in its grace period,
   // say) hears of the leak as any other does, and revokes the leaked value at once; with none
-  // running, nothing rotates it.
-  if (t.deleted && !(await rotationRunning(deps, workflowId))) return reportDeleted(deps, t, body, actor);
+  // running, nothing rotates it. The same for one whose policy was taken away during its rotation.
+  if ((t.deleted || t.unmanaged) && !(await rotationRunning(deps, workflowId))) return reportUnrotated(deps, t, body, actor);
 
   const rotationId = randomUUID();
   const newIncidentId = randomUUID();
@@ -372,42 +380,60 @@ async function rotationRunning(deps: LeakDeps, workflowId: string): Promise<bool
 }
 
 /**
- * A leak of a soft-deleted credential's version, with no rotation of it running: Mailgent does not
- * rotate a deleted credential, and the value may still work where it was issued (a delete revokes
- * nothing at the provider). Before, the report was a 404 ("no stored version matches"), as if the
- * value were none of Mailgent's, and no one was told. Now the security contacts, the owners and the
- * identity are emailed: once per version and deletion (a report again is answered the same, without
- * another email; deleted again after a restore, it is told again), and once a day again while the
- * last such email was given up on (undelivered). They revoke it by hand, or restore the credential
- * and report again to have it rotated.
+ * A leak of a version that nothing will rotate, with no rotation of its credential running: a
+ * soft-deleted credential's (Mailgent does not rotate a deleted credential, and a delete revokes
+ * nothing at the provider), or one without a rotation policy (no provider knows where it was issued;
+ * before, a leak "rotated" it with the generated provider's defaults: a random value stored in its
+ * place, the leaked one recorded as revoked and the security contacts told so, while it still worked
+ * where it was issued). Before that, a deleted one's leak was a 404 ("no stored version matches"),
+ * and no one was told. Now the security contacts, the owners and the identity are emailed: once per
+ * version (and, deleted, per deletion: a report again is answered the same, without another email;
+ * deleted again after a restore, it is told again), and once a day again while the last such email
+ * was given up on (undelivered). They revoke it by hand; or restore the credential, or give it a
+ * rotation policy, and report again to have it rotated.
  */
-async function reportDeleted(deps: LeakDeps, t: Target, body: { source: string; details?: string }, actor: string): Promise<LeakResult> {
-  const answer = { credentialId: t.credentialId, version: t.version, action: 'deleted' as const };
+async function reportUnrotated(deps: LeakDeps, t: Target, body: { source: string; details?: string }, actor: string): Promise<LeakResult> {
+  const action = t.deleted ? ('deleted' as const) : ('no-policy' as const);
+  const answer = { credentialId: t.credentialId, version: t.version, action };
   const { meta, to } = await toldOfLeak(deps, t);
   if (to.length === 0) return answer;
-  const seed = `leak-deleted:${t.credentialId}:${t.version}:${meta.deletedAt}`;
+  const seed = t.deleted ? `leak-deleted:${t.credentialId}:${t.version}:${meta.deletedAt}` : `leak-no-policy:${t.credentialId}:${t.version}`;
   let mailId = stableUuid(seed);
   const earlier = await deps.pool.query('SELECT status FROM mail_outbox WHERE id = $1', [mailId]);
   if (earlier.rows[0]?.status === 'abandoned') mailId = stableUuid(`${seed}:${new Date().toISOString().slice(0, 10)}`);
+  const why = t.deleted
+    ? [
+        `The credential was deleted${meta.deletedAt ? ` on ${meta.deletedAt.slice(0, 10)}` : ''}, so Mailgent does not rotate it, and the leaked`,
+        'value may still work where it was issued: revoke it there by hand. Or restore the credential',
+        `(POST /v1/credentials/${t.credentialId}/restore) and report the leak again to have it rotated.`,
+      ]
+    : t.kind === 'totp_seed'
+      ? [
+          'It is a TOTP seed: no provider makes them, so Mailgent cannot rotate it, and codes from the leaked',
+          'seed still work: enrol a new seed with its service (which retires the old one) and store it with vault.store.',
+        ]
+      : [
+          'It has no rotation policy, so Mailgent cannot rotate it, and the leaked value still works where it',
+          'was issued: revoke it there by hand and store its replacement with vault.store. Or give it a rotation',
+          `policy (PATCH /v1/credentials/${t.credentialId}) and report the leak again to have it rotated.`,
+        ];
   await withTransaction(deps.pool, async (tx) => {
     const queued = await queueMail(tx, {
       id: mailId,
       identityId: t.identityId,
       purpose: 'leak.incident',
       to,
-      subject: `[mailgent] SECURITY: leak reported for ${t.name} (deleted; not rotated)`,
+      subject: `[mailgent] SECURITY: leak reported for ${t.name} (${t.deleted ? 'deleted' : 'no rotation policy'}; not rotated)`,
       text: [
         `A leak of the ${meta.kind} credential '${t.name}' (version ${t.version}) was reported by ${body.source}.`,
         ...(body.details ? ['', `Details: ${body.details}`] : []),
         '',
-        `The credential was deleted${meta.deletedAt ? ` on ${meta.deletedAt.slice(0, 10)}` : ''}, so Mailgent does not rotate it, and the leaked`,
-        'value may still work where it was issued: revoke it there by hand. Or restore the credential',
-        `(POST /v1/credentials/${t.credentialId}/restore) and report the leak again to have it rotated.`,
+        ...why,
         '',
         `Credential id: ${t.credentialId}`,
       ].join('\n'),
     });
-    if (queued) await appendAudit(tx, { identityId: t.identityId, actor, action: 'mail.send', credentialId: t.credentialId, outcome: 'ok', detail: { messageId: mailId, purpose: 'leak.incident', deleted: true } });
+    if (queued) await appendAudit(tx, { identityId: t.identityId, actor, action: 'mail.send', credentialId: t.credentialId, outcome: 'ok', detail: { messageId: mailId, purpose: 'leak.incident', notRotated: action } });
   });
   // Handed over on every report while still queued (the first report's hand-over may have failed).
   await deliverIncidentMail(deps, mailId, 'the leak was recorded, but its email could not be handed for delivery (Temporal is unavailable); report again shortly');
@@ -447,8 +473,8 @@ async function deliverIncidentMail(
 }
 
 const TARGET_SQL = `
-  SELECT c.id AS credential_id, c.identity_id, c.name, v.version,
-         v.revoked_at IS NULL AS live, c.deleted_at IS NOT NULL AS deleted
+  SELECT c.id AS credential_id, c.identity_id, c.name, c.kind, v.version,
+         v.revoked_at IS NULL AS live, c.deleted_at IS NOT NULL AS deleted, c.rotation IS NULL AS unmanaged
     FROM credentials c JOIN secret_versions v ON v.credential_id = c.id`;
 
 /**
@@ -501,5 +527,5 @@ async function pinnedTargets(deps: LeakDeps, pinned: Pinned[], scope: string | u
 }
 
 function toTarget(r: Record<string, any>): Target {
-  return { credentialId: r.credential_id, identityId: r.identity_id, name: r.name, version: r.version, live: r.live, deleted: r.deleted };
+  return { credentialId: r.credential_id, identityId: r.identity_id, name: r.name, version: r.version, live: r.live, deleted: r.deleted, unmanaged: r.unmanaged, kind: r.kind };
 }

@@ -250,8 +250,9 @@ const leakUsage = `Usage: mailgent leak <name|id> [--version <n>] [--source <who
 Reports a leaked credential: the security contacts and owners are told and it is rotated at once,
 without a grace period. Name it, or give the SHA-256 of the leaked value (--fingerprint), or let the
 CLI compute that hash from the value (--value-file; the value itself is never sent). Each matched
-version is answered rotating, joined (a report of it is being answered), already-revoked, or deleted
-(a deleted credential is not rotated: the security contacts and owners are told to revoke it by hand).
+version is answered rotating, joined (a report of it is being answered), already-revoked, deleted or
+no-policy (a deleted credential, or one without a rotation policy, is not rotated: the security
+contacts and owners are told to revoke it by hand).
 
 Options:
   --version <n>     the version of <name|id> that leaked (default: its current one)
