@@ -1,5 +1,6 @@
 import { decodeHTML } from 'entities';
 import { decodeBase32 } from '../core/base32';
+import { UnprocessableError } from '../core/errors';
 
 /**
  * Finds a stored secret inside an outgoing message: the value itself (also reversed, and in Unicode's
@@ -8,10 +9,12 @@ import { decodeBase32 } from '../core/base32';
  * its bytes. The subject is also read as a mail client shows it (RFC 2047 encoded words decoded),
  * the subject and text without the characters a client shows as nothing (U+200B, soft hyphen,
  * variation selectors: \p{Cf} and the default ignorables), and the html's text (markup dropped,
- * references decoded, any case). Encodings that tools wrap (base64) and the caseless forms that
- * are written in groups (hex, a TOTP seed: `JBSW Y3DP EHPK 3PXP`) are also found with whitespace
- * between their characters.
+ * references decoded, any case). Encodings that tools wrap (base64) are also found with whitespace
+ * between their characters, and the caseless forms that are written in groups (hex, a TOTP seed:
+ * `JBSW Y3DP EHPK 3PXP`, `JBSW-Y3DP-…`, `6b:73:5f…`) with whitespace, `-`, `.`, `_` or `:` between them.
  * Values shorter than MIN_SCANNED_LENGTH are not matched: they would block ordinary words.
+ * A subject with an encoded word in a charset the scan cannot read as a mail client does (see
+ * READABLE_CHARSETS) is refused with an UnprocessableError (422), if no value is found in it first.
  * What it does not stop (a value disguised on purpose: hidden markup, a split, a cipher) is in the README.
  */
 export const MIN_SCANNED_LENGTH = 6;
@@ -24,7 +27,8 @@ export interface ScannedMessage {
 }
 
 export function findStoredValue(message: ScannedMessage, stored: { name: string; value: string }[]): string | undefined {
-  return searchIn(prepared(message), stored);
+  const texts = prepared(message);
+  return searchIn(texts, stored) ?? refusedUnread(texts);
 }
 
 /** findStoredValue over pages of values (Vault.storedValues), stopping at the first page with a hit; the message is read once. */
@@ -34,7 +38,18 @@ export async function findStoredValueIn(message: ScannedMessage, pages: AsyncIte
     const hit = searchIn(texts, page);
     if (hit) return hit;
   }
-  return undefined;
+  return refusedUnread(texts);
+}
+
+/**
+ * A message the scan could not read whole is refused once no value is found in it: a value found is
+ * the more useful answer, and by then the charset quoted back is known to hold none the scan matches
+ * (the subject is searched as written too), so the refusal does not echo a stored value.
+ */
+function refusedUnread({ unread }: Prepared): undefined {
+  if (unread === undefined) return undefined;
+  const label = unread.length > 40 ? `${unread.slice(0, 40)}…` : unread;
+  throw new UnprocessableError(`charset '${label}' in the subject is not accepted (the check for stored values cannot read it as a mail client would): send the subject as UTF-8 text`);
 }
 
 interface Prepared {
@@ -43,7 +58,9 @@ interface Prepared {
   lower: Searchable;
   renderedLower: Searchable;
   unwrapped: Searchable;
-  unwrappedLower: Searchable;
+  ungroupedLower: Searchable;
+  /** The charset of an encoded word in the subject that the scan cannot read (the first), if any. */
+  unread?: string;
 }
 
 /**
@@ -100,7 +117,8 @@ function prepared(message: ScannedMessage): Prepared {
   // What the recipient reads: a client decodes the subject's encoded words and renders the html.
   // Invisible format characters (zero-width space, soft hyphen) show as nothing in the subject and
   // the text part as they do in the html: `sk_live_\u200b51HxYz` reads as the value.
-  const subject = visible(decodedSubject(message.subject));
+  const unread: string[] = [];
+  const subject = visible(decodedSubject(message.subject, unread));
   const text = visible(message.text);
   const rendered = message.html ? renderedText(message.html) : '';
   const shown = [subject === message.subject ? '' : subject, text === message.text ? '' : text, rendered === message.html ? '' : rendered].filter(Boolean);
@@ -119,6 +137,11 @@ function prepared(message: ScannedMessage): Prepared {
   // Grouped or wrapped encodings in the decoded texts too: a setup key put in a query string is
   // grouped and escaped (`?key=JBSW+Y3DP+EHPK+3PXP`).
   const unwrapped = haystack.replace(/\s+/g, '');
+  // The caseless forms' groups are also set apart with `-` (as vault/totp.ts takes a seed when it is
+  // stored: `JBSW-Y3DP-…` is the same seed to the vault), `.`, `_` or `:` (`6b:73:5f`, as openssl
+  // and fingerprints write hex). None of these is in the hex or base32 alphabet, so dropping them
+  // joins only groups; base64url has `-` and `_` in its alphabet, so base64 keeps `unwrapped`.
+  const ungrouped = unwrapped.replace(/[-._:]+/g, '');
   return {
     haystack: new Searchable(haystack),
     lower: new Searchable(haystack.toLowerCase()),
@@ -128,17 +151,18 @@ function prepared(message: ScannedMessage): Prepared {
     // be split across lines. Hex and TOTP seeds are written in groups (`JBSW Y3DP EHPK 3PXP`, as
     // authenticator apps show a setup key and take it back), in either case.
     unwrapped: new Searchable(unwrapped),
-    unwrappedLower: new Searchable(unwrapped.toLowerCase()),
+    ungroupedLower: new Searchable(ungrouped.toLowerCase()),
+    unread: unread[0],
   };
 }
 
-function searchIn({ haystack, lower, renderedLower, unwrapped, unwrappedLower }: Prepared, stored: { name: string; value: string }[]): string | undefined {
+function searchIn({ haystack, lower, renderedLower, unwrapped, ungroupedLower }: Prepared, stored: { name: string; value: string }[]): string | undefined {
   for (const { name, value } of stored) {
     if (value.length < MIN_SCANNED_LENGTH) continue;
     for (const { form, caseless, wraps, shown } of forms(value)) {
       if (form.length < MIN_SCANNED_LENGTH) continue;
       if (haystack.includes(form) || (shown && renderedLower.includes(form.toLowerCase()))) return name;
-      if (caseless ? lower.includes(form.toLowerCase()) || (wraps && unwrappedLower.includes(form.toLowerCase())) : wraps && unwrapped.includes(form)) return name;
+      if (caseless ? lower.includes(form.toLowerCase()) || (wraps && ungroupedLower.includes(form.toLowerCase())) : wraps && unwrapped.includes(form)) return name;
     }
   }
   return undefined;
@@ -147,9 +171,10 @@ function searchIn({ haystack, lower, renderedLower, unwrapped, unwrappedLower }:
 /**
  * The forms a value may take in a message. Hex and a TOTP seed's base32 mean the same in either case
  * (authenticator apps take `jbswy3dp…` as readily as `JBSWY3DP…`), so they match caselessly; both
- * are written in groups (`jbsw y3dp ehpk 3pxp`, `6b73 5f6c`), and base64 wrapped, so those match
- * with whitespace between their characters too (`wraps`). The value itself does not: a short one
- * (a PIN, a word) would match across the spaces between unrelated words and numbers.
+ * are written in groups (`jbsw y3dp ehpk 3pxp`, `JBSW-Y3DP-…`, `6b73 5f6c`, `6b:73:5f`), and base64
+ * wrapped, so those match with whitespace between their characters too (`wraps`), and the caseless
+ * ones with `-`, `.`, `_` or `:`. The value itself does not: a short one (a PIN, a word) would match
+ * across the spaces and punctuation between unrelated words and numbers (`482-913`, `sk-live`).
  */
 function forms(value: string): Form[] {
   const bytes = Buffer.from(value, 'utf8');
@@ -171,7 +196,7 @@ interface Form {
   form: string;
   /** Matched in any case (hex, base32). */
   caseless: boolean;
-  /** Matched with whitespace between its characters (base64, hex, base32: wrapped or grouped). */
+  /** Matched with whitespace between its characters (base64, hex, base32: wrapped or grouped); if caseless (hex, base32), with `-`, `.`, `_` or `:` too. */
   wraps?: boolean;
   /** The value as read: also matched in the html's text in any case (CSS may change it). */
   shown?: boolean;
@@ -205,22 +230,31 @@ const ENCODED_WORDS = new RegExp(`${ENCODED_WORD.source}(?:\\s*${ENCODED_WORD.so
  * The subject as a mail client shows it: encoded words decoded and adjacent ones joined across the
  * whitespace between them (RFC 2047 §6.2), so a value split over several words reads whole. Adjacent
  * words in one charset are decoded as one run of bytes, as clients do, so a character split between
- * words survives. nodemailer sends a subject of valid encoded words unchanged.
+ * words survives. nodemailer sends a subject of valid encoded words unchanged. The charset of a word
+ * the scan cannot read is added to `unread` (the message is refused); its bytes are still read as
+ * UTF-8, so that a value in them as ASCII is found, and refused as the value it is.
  */
-function decodedSubject(subject: string): string {
+function decodedSubject(subject: string, unread: string[]): string {
+  const read = (bytes: Buffer[], charset: string) => {
+    const joined = Buffer.concat(bytes);
+    const shown = inCharset(joined, charset);
+    if (shown !== undefined) return shown;
+    unread.push(charset);
+    return joined.toString('utf8');
+  };
   return subject.replace(ENCODED_WORDS, (run) => {
     let shown = '';
     let charset = '';
     let bytes: Buffer[] = [];
     for (const [, label = '', kind = '', text = ''] of run.matchAll(ENCODED_WORD)) {
       if (label.toLowerCase() !== charset) {
-        shown += inCharset(Buffer.concat(bytes), charset);
+        shown += read(bytes, charset);
         charset = label.toLowerCase();
         bytes = [];
       }
       bytes.push(kind.toLowerCase() === 'b' ? Buffer.from(text, 'base64') : qDecoded(text));
     }
-    return shown + inCharset(Buffer.concat(bytes), charset);
+    return shown + read(bytes, charset);
   });
 }
 
@@ -229,13 +263,49 @@ function qDecoded(text: string): Buffer {
   return Buffer.concat(text.replaceAll('_', ' ').split(/(=[0-9a-f]{2})/i).map((part, i) => (i % 2 ? Buffer.from(part.slice(1), 'hex') : Buffer.from(part))));
 }
 
-/** Bytes in a charset; one the runtime does not know is read as UTF-8, which shows an ASCII value as it is: refusing is the safe direction. */
-function inCharset(bytes: Buffer, charset: string): string {
+/**
+ * The charsets whose encoded words the scan reads as a mail client does, as TextDecoder names them
+ * (to it `us-ascii`, `latin1` and `iso-8859-1` are `windows-1252`, `iso-8859-9` is `windows-1254`):
+ * UTF-8, and single-byte charsets, in which each byte is one character and the ASCII bytes are
+ * ASCII, so a value reads the same whichever variant of a table a client holds; and UTF-16 in the
+ * byte order its label states. Any other is refused, not read as UTF-8 as it was, which let values
+ * through: UTF-7 (`+AHMAaw-` is `sk`), which TextDecoder does not know; the multi-byte charsets it
+ * does know (GBK under the label `gb2312`, Big5, Shift_JIS, EUC, ISO-2022-JP), whose tables and
+ * escapes differ between decoders, so that a byte pair it reads as one character may be, to a client,
+ * a byte it cannot show and the ASCII letter of a value; `ibm866`, whose control bytes ICU maps
+ * otherwise than WHATWG. A sender can always write the subject as UTF-8 text.
+ */
+const READABLE_CHARSETS = new Set([
+  'utf-8',
+  'utf-16le',
+  'utf-16be',
+  'windows-874',
+  ...[0, 1, 2, 3, 4, 5, 6, 7, 8].map((n) => `windows-125${n}`),
+  ...['2', '3', '4', '5', '6', '7', '8', '8-i', '10', '13', '14', '15', '16'].map((part) => `iso-8859-${part}`),
+  'koi8-r',
+  'koi8-u',
+  'macintosh',
+  'x-mac-cyrillic',
+]);
+
+/**
+ * Bytes in a charset of READABLE_CHARSETS; undefined for any other. UTF-16 only under a label that
+ * states its byte order: TextDecoder reads `utf-16`, `unicode` and `ucs-2` as little-endian, while
+ * RFC 2781 and other decoders read them as big-endian, and the value's bytes swapped would pass.
+ */
+function inCharset(bytes: Buffer, charset: string): string | undefined {
   if (!bytes.length) return '';
+  const decoder = decoderOf(charset);
+  if (!decoder || !READABLE_CHARSETS.has(decoder.encoding) || (decoder.encoding.startsWith('utf-16') && charset !== decoder.encoding)) return undefined;
+  return decoder.decode(bytes);
+}
+
+/** TextDecoder of a charset label, or undefined for a label it does not know (`utf-7`). */
+function decoderOf(charset: string) {
   try {
-    return new TextDecoder(charset).decode(bytes);
+    return new TextDecoder(charset);
   } catch {
-    return bytes.toString('utf8');
+    return undefined;
   }
 }
 

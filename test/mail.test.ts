@@ -178,6 +178,37 @@ describe('mail.send', () => {
     expect((await readMailbox()).filter((m) => recipients(m.mail).includes(to))).toHaveLength(0);
   });
 
+  it('refuses (422) a subject with an encoded word in a charset the scan cannot read, and finds a TOTP seed in dashed groups; other charsets are sent', async () => {
+    // An identity of its own: the test above counts the agent's refusals.
+    const sender = await h.createIdentity();
+    const value = h.secret('sk_live_51HxYzAbCdEf');
+    expect((await h.api('POST', '/v1/vault.store', { token: sender.token, body: { name: 'stripe-live', kind: 'api_key', value } })).status).toBe(201);
+    const seed = h.secret('JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP');
+    expect((await h.api('POST', '/v1/vault.store', { token: sender.token, body: { name: 'seed-2fa', kind: 'totp_seed', totp: { secret: seed } } })).status).toBe(201);
+    const to = `charset-${randomUUID().slice(0, 8)}@example.com`;
+    const queued = Number((await h.sql('SELECT count(*) FROM mail_outbox')).rows[0].count);
+    // Before, this was a 202 and sent: nodemailer passes the word on, and a client shows the value.
+    const utf7 = await h.api('POST', '/v1/mail.send', {
+      token: sender.token,
+      body: { to: [to], subject: '=?utf-7?Q?+AHMAawBfAGwAaQB2AGUAXwA1ADEASAB4AFkAegBBAGIAQwBkAEUAZg-?=', text: 'hi' },
+    });
+    expect(utf7.status, utf7.text).toBe(422);
+    expect(utf7.body).toMatchObject({ type: 'https://mailgent.dev/problems/unprocessable', detail: expect.stringMatching(/^charset 'utf-7' in the subject is not accepted .*: send the subject as UTF-8 text$/) });
+    // Before, this was a 202 and sent: vault/totp.ts takes `JBSW-Y3DP-…` as the same seed.
+    const dashed = await h.api('POST', '/v1/mail.send', { token: sender.token, body: { to: [to], subject: 'setup', text: 'key JBSW-Y3DP-EHPK-3PXP-JBSW-Y3DP-EHPK-3PXP' } });
+    expect(dashed.status, dashed.text).toBe(422);
+    expect(dashed.body).toMatchObject({ type: 'https://mailgent.dev/problems/secret-in-message', detail: expect.stringContaining("'seed-2fa'") });
+    for (const res of [utf7, dashed]) expect(res.text).not.toMatch(/sk_live|JBSW/);
+    expect(Number((await h.sql('SELECT count(*) FROM mail_outbox')).rows[0].count)).toBe(queued);
+    const audit = (await h.sql("SELECT detail FROM audit_log WHERE action = 'mail.send' AND outcome = 'rejected' AND identity_id = $1 ORDER BY seq", [sender.id])).rows;
+    expect(audit.map((row) => row.detail.error)).toEqual(['unprocessable', 'secret-in-message']);
+    // A word in ISO-8859-1 is read, and sent as it was written.
+    const latin1 = await h.api('POST', '/v1/mail.send', { token: sender.token, body: { to: [to], subject: '=?iso-8859-1?Q?Caf=E9?= menu', text: 'hi' } });
+    expect(latin1.status, latin1.text).toBe(202);
+    const [delivered] = await waitForMail(to);
+    expect(delivered!.mail.subject).toBe('Café menu');
+  });
+
   it('a grantee cannot mail a value granted to it: it may read it, not pass it on', async () => {
     const owner = await h.createIdentity();
     const grantee = await h.createIdentity();

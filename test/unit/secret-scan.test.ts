@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
-import { findStoredValue } from '../../mail/secret-scan';
+import { UnprocessableError } from '../../core/errors';
+import { findStoredValue, findStoredValueIn } from '../../mail/secret-scan';
 
 const stored = [
   { name: 'stripe', value: 'sk_live_51HxYz' },
@@ -57,6 +58,62 @@ describe('finding a stored secret in a message', () => {
     // Each word's base64 is too short to match as an encoding of the value, and the words are not one run of base64.
     for (const subject of [words.join(' '), `Re: ${words.join('\r\n ')}`, words.join('')]) {
       expect(findStoredValue({ subject, text: 'hi' }, stored), subject).toBe('stripe');
+    }
+  });
+
+  it('refuses a subject with an encoded word in a charset it cannot read as a mail client does, naming the charset', async () => {
+    const utf7 = '=?utf-7?Q?+AHMAawBfAGwAaQB2AGUAXwA1ADEASAB4AFkAegBBAGIAQwBkAEUAZg-?=';
+    // Before, each of these went out, and a client shows sk_live_51HxYzAbCdEf or sk_live_51HxYz: UTF-7,
+    // which TextDecoder does not know, was read as UTF-8; UTF-16 with no byte order TextDecoder reads
+    // little-endian, RFC 2781 big-endian. Any charset it does not read faithfully is refused.
+    const bigEndian = Buffer.from('sk_live_51HxYz', 'utf16le').swap16().toString('base64');
+    for (const [subject, charset] of [
+      [utf7, 'utf-7'],
+      [`Re: =?UTF-7?B?${Buffer.from('+AHMAawBfAGwAaQB2AGUAXwA1ADEASAB4AFkAegBBAGIAQwBkAEUAZg-').toString('base64')}?= done`, 'utf-7'],
+      ['=?gb2312?Q?=81=A1hello?=', 'gb2312'],
+      ['=?Shift_JIS?Q?=82=A0?=', 'shift_jis'],
+      ['=?iso-2022-jp?B?GyRCJCIbKEI=?=', 'iso-2022-jp'],
+      [`=?utf-16?B?${bigEndian}?=`, 'utf-16'],
+      [`=?unicode?B?${bigEndian}?=`, 'unicode'],
+      ['=?x-no-such-charset?Q?hello?=', 'x-no-such-charset'],
+    ]) {
+      expect(() => findStoredValue({ subject: subject!, text: 'hi' }, [...stored, { name: 'long', value: 'sk_live_51HxYzAbCdEf' }]), subject).toThrow(UnprocessableError);
+      expect(() => findStoredValue({ subject: subject!, text: 'hi' }, stored), subject).toThrow(`charset '${charset}' in the subject is not accepted`);
+    }
+    // With nothing stored, and a page at a time, as mail.send scans.
+    expect(() => findStoredValue({ subject: utf7, text: 'hi' }, [])).toThrow(/^charset 'utf-7' in the subject is not accepted .*: send the subject as UTF-8 text$/);
+    const pages = async function* () {
+      yield stored;
+      yield [{ name: 'other', value: 'nothing-like-it' }];
+    };
+    await expect(findStoredValueIn({ subject: `hi ${utf7}`, text: 'hi' }, pages())).rejects.toMatchObject({ status: 422, message: expect.stringContaining("charset 'utf-7'") });
+  });
+
+  it('finds a value before it refuses an unreadable charset, and then does not quote one back', () => {
+    // The value in the word's bytes as ASCII, or as the charset label itself: a refusal for the value, not the charset.
+    expect(findStoredValue({ subject: '=?utf-7?Q?sk=5Flive=5F51HxYz?=', text: 'hi' }, stored)).toBe('stripe');
+    // Before, this went out: TextDecoder reads gb2312 as GBK, whose table takes 0x81 and the `s` as one
+    // character, where a GB2312 decoder shows a byte it cannot read, then sk_live_51HxYz.
+    expect(findStoredValue({ subject: '=?gb2312?Q?=81sk=5Flive=5F51HxYz?=', text: 'hi' }, stored)).toBe('stripe');
+    expect(findStoredValue({ subject: '=?sk_live_51HxYz?Q?x?=', text: 'hi' }, stored)).toBe('stripe');
+    expect(findStoredValue({ subject: '=?utf-7?Q?x?=', text: 'sk_live_51HxYz' }, stored)).toBe('stripe');
+    expect(() => findStoredValue({ subject: `=?${'x'.repeat(60)}?Q?x?=`, text: 'hi' }, stored)).toThrow(`charset '${'x'.repeat(40)}…' in`);
+  });
+
+  it('reads encoded words in UTF-8, the single-byte charsets and UTF-16 in a stated byte order', () => {
+    const v = 'sk_live_51HxYz';
+    const q = (bytes: Buffer) => [...bytes].map((b) => `=${b.toString(16).padStart(2, '0').toUpperCase()}`).join('');
+    const found = [
+      ...['utf8', 'us-ascii', 'ascii', 'latin1', 'iso-8859-1', 'ISO-8859-2', 'iso-8859-5', 'iso-8859-9', 'iso-8859-15', 'windows-1250', 'cp1252', 'windows-1251', 'windows-874', 'koi8-r', 'koi8-u', 'macintosh'].map(
+        (charset) => `=?${charset}?Q?${q(Buffer.from(v))}?=`,
+      ),
+      `=?UTF-16BE?B?${Buffer.from(v, 'utf16le').swap16().toString('base64')}?=`,
+      `=?utf-16le?B?${Buffer.from(v, 'utf16le').toString('base64')}?=`,
+    ];
+    for (const subject of found) expect(findStoredValue({ subject, text: 'hi' }, stored), subject).toBe('stripe');
+    // Ordinary subjects in them pass.
+    for (const subject of ['=?iso-8859-1?Q?Caf=E9_cr=E8me?=', '=?koi8-r?B?8NLJ18XU?=', '=?windows-1251?Q?=CF=F0=E8=E2=E5=F2?=', '=?utf-16be?B?AEMAYQBmAOk=?=', '=?UTF-8*en?Q?Caf=C3=A9?=']) {
+      expect(findStoredValue({ subject, text: 'hi' }, stored), subject).toBeUndefined();
     }
   });
 
@@ -125,6 +182,34 @@ describe('finding a stored secret in a message', () => {
     const code = { name: 'code', value: '482913' };
     expect(findStoredValue({ subject: 's', text: 'call 482 913 or sk_live _51HxYz' }, [code, ...stored])).toBeUndefined();
     expect(findStoredValue({ subject: 's', text: 'seed JBSW Y3DP EHPK 3PX' }, stored)).toBeUndefined();
+  });
+
+  it('finds a TOTP seed or hex in groups set apart with `-`, `.`, `_` or `:`, as the vault takes a seed', () => {
+    // Before, each of these went out: vault/totp.ts stores `JBSW-Y3DP-…` as the same seed, and only whitespace was dropped.
+    for (const text of ['JBSW-Y3DP-EHPK-3PXP', 'jbsw-y3dp-ehpk-3pxp', 'JBSW.Y3DP.EHPK.3PXP', 'JBSW_Y3DP_EHPK_3PXP', 'jbsw:y3dp:ehpk:3pxp', 'JBSW - Y3DP - EHPK - 3PXP', 'https://x.test/?key=JBSW-Y3DP-EHPK-3PXP']) {
+      expect(findStoredValue({ subject: 's', text: `setup key ${text}` }, stored), text).toBe('gh-2fa');
+    }
+    expect(findStoredValue({ subject: 'seed JBSW-Y3DP-EHPK-3PXP', text: 'hi' }, stored)).toBe('gh-2fa');
+    const long = { name: 'long-seed', value: 'JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP' };
+    expect(findStoredValue({ subject: 's', text: 'key JBSW-Y3DP-EHPK-3PXP-JBSW-Y3DP-EHPK-3PXP' }, [long])).toBe('long-seed');
+    // The hex of the seed's bytes and of a value, as openssl and xxd-style dumps write it.
+    for (const text of ['48:65:6c:6c:6f:21:de:ad:be:ef', '48-65-6C-6C-6F-21-DE-AD-BE-EF', '4865.6c6c.6f21.dead.beef']) {
+      expect(findStoredValue({ subject: 's', text: `hex ${text}` }, stored), text).toBe('gh-2fa');
+    }
+    const hex = Buffer.from('sk_live_51HxYz').toString('hex').replace(/(..)(?!$)/g, '$1:');
+    expect(findStoredValue({ subject: 's', text: `key ${hex}` }, stored), hex).toBe('stripe');
+    // The value itself is not joined across punctuation, and a seed short of a character still passes.
+    const code = { name: 'code', value: '482913' };
+    expect(findStoredValue({ subject: 's', text: 'call 482-913 or 48.29.13, ref sk-live-51HxYz and sk_live:51HxYz' }, [code, ...stored])).toBeUndefined();
+    expect(findStoredValue({ subject: 's', text: 'seed JBSW-Y3DP-EHPK-3PX' }, stored)).toBeUndefined();
+  });
+
+  it('finds base64url with `-` or `_` in it wrapped across lines (its alphabet keeps them)', () => {
+    const value = { name: 'b64url', value: '\u00fb\u00ef\u00bf-secret-\u00fe\u00ff-value-\u00fb\u00ff' };
+    const encoded = Buffer.from(value.value).toString('base64url');
+    expect(encoded).toMatch(/[-_]/);
+    const wrapped = encoded.replace(/(.{8})/g, '$1\n');
+    expect(findStoredValue({ subject: 's', text: wrapped }, [value])).toBe('b64url');
   });
 
   it('finds the value with invisible format characters in the subject or the text, as in the html', () => {
