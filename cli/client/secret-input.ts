@@ -4,8 +4,9 @@ import { type CliError, usageError } from './errors';
 /**
  * Where a secret value comes from. Never from a plain argv flag: argv is visible to every user in
  * `ps`. In order: --value-file (`-` = stdin), --value-env NAME, piped stdin, else a prompt that
- * does not echo. One trailing newline (what `echo` and editors add) is dropped. It must be UTF-8
- * text (see utf8).
+ * does not echo. Stdin that is a terminal is read through that prompt, `--value-file -` too (read
+ * as a pipe is, what was typed was echoed). One trailing newline (what `echo` and editors add) is
+ * dropped. It must be UTF-8 text (see utf8).
  */
 export async function readSecret(opts: { file?: string; envName?: string; what: string }): Promise<string> {
   let value: string;
@@ -28,9 +29,11 @@ export async function readSecret(opts: { file?: string; envName?: string; what: 
     // mark is all that is left to tell a mangled value by.
     if (fromEnv.includes(REPLACEMENT)) throw notText(opts.what, 'the variable named by --value-env', ` (it holds U+FFFD, which stands in for such bytes)`);
     value = fromEnv;
-  } else if (opts.file === '-' || !process.stdin.isTTY) {
+  } else if (!process.stdin.isTTY) {
+    // A pipe or a redirected file (`--value-file -`, or no source named): all of it, every line.
     value = utf8(await readStdin(), opts.what, 'stdin');
   } else {
+    // A terminal (`--value-file -` on one too): never read in cooked mode, which echoes each key.
     value = await prompt(`${opts.what}: `, opts.what);
   }
   value = value.replace(/\r?\n$/, '');

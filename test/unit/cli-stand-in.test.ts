@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import { createServer as createNetServer, type Socket } from 'node:net';
@@ -19,6 +19,8 @@ const BIN = fileURLToPath(new URL('../../bin/mailgent.js', import.meta.url));
 const FAKE_TTY = 'data:text/javascript,process.stderr.isTTY=true';
 /** Makes the child's stdin pass for a terminal, so `store` prompts for the value (read from our pipe). */
 const FAKE_STDIN_TTY = 'data:text/javascript,process.stdin.isTTY=true;process.stdin.setRawMode=function(){return this}';
+/** After FAKE_STDIN_TTY: each switch of raw mode (no echo) is written to stderr, `[raw true]` … `[raw false]`. */
+const RECORD_RAW_MODE = `data:text/javascript,process.stdin.setRawMode=function(on){process.stderr.write('[raw '%2Bon%2B']');return this}`;
 
 interface Run {
   code: number | null;
@@ -84,13 +86,14 @@ describe('mailgent CLI against a stand-in API', () => {
       input?: string | Buffer;
       tty?: boolean;
       stdinTty?: boolean;
+      recordRawMode?: boolean;
       killAfterMs?: number;
       started?: (child: ChildProcess) => void;
     } = {},
   ): Promise<Run> =>
     new Promise((resolve, reject) => {
       const env = { PATH: process.env.PATH!, HOME: cwd, MAILGENT_URL: opts.url ?? 'http://127.0.0.1:9', MAILGENT_TOKEN: 'mgt_identity_token', ...opts.env };
-      const imports = [...(opts.tty ? ['--import', FAKE_TTY] : []), ...(opts.stdinTty ? ['--import', FAKE_STDIN_TTY] : [])];
+      const imports = [...(opts.tty ? ['--import', FAKE_TTY] : []), ...(opts.stdinTty ? ['--import', FAKE_STDIN_TTY] : []), ...(opts.recordRawMode ? ['--import', RECORD_RAW_MODE] : [])];
       const child = spawn(process.execPath, [...imports, BIN, ...args], { cwd, env });
       const killer = setTimeout(() => child.kill('SIGKILL'), opts.killAfterMs ?? 20_000);
       let stdout = '';
@@ -474,6 +477,46 @@ describe('mailgent CLI against a stand-in API', () => {
         const typed = await mailgent(['store', 'stripe'], { url, input: Buffer.from('pässwörd-€\r'), stdinTty: true });
         for (const run of [piped, typed]) expect(run.code, run.stderr).toBe(0);
         expect(seen.map((r) => JSON.parse(r.body).value)).toEqual(['pässwörd-€', 'pässwörd-€']);
+      },
+    );
+  });
+
+  it('--value-file - on a terminal is read by the prompt that does not echo (store and leak); piped, it is read as before', async () => {
+    // Before, stdin was read in cooked mode even when it was a terminal, which echoes each key
+    // typed: the secret was on the screen (and `leak` takes a value only through --value-file).
+    const stored = { id: CREDENTIAL_ID, name: 'stripe', version: 1, createdAt: new Date().toISOString() };
+    await withApi(
+      (req) => (req.url === '/v1/leaks' ? { status: 200, body: { results: [] } } : { status: 201, body: stored }),
+      async (url, seen) => {
+        const onTerminal = { url, stdinTty: true, recordRawMode: true };
+        // Enter ends the value, as Ctrl-D does; what follows it is not part of it.
+        const store = await mailgent(['store', 'stripe', '--value-file', '-'], { ...onTerminal, input: 'sk_live_SECRET_typed\rnot this' });
+        const leak = await mailgent(['leak', '--value-file', '-', '--json'], { ...onTerminal, input: 'sk_live_SECRET_typed\u0004' });
+        for (const [run, question] of [[store, 'Value of stripe: '], [leak, 'Leaked value: ']] as const) {
+          expect(run.code, run.stderr).toBe(0);
+          // The prompt: its question, raw mode (no echo) on while the value is typed, then off again.
+          expect(run.stderr).toContain(`${question}[raw true][raw false]\n`);
+          expect(run.stdout + run.stderr).not.toContain('SECRET');
+        }
+        expect(seen.map((r) => JSON.parse(r.body) as Record<string, unknown>)).toEqual([
+          expect.objectContaining({ value: 'sk_live_SECRET_typed' }),
+          expect.objectContaining({ fingerprint: createHash('sha256').update('sk_live_SECRET_typed').digest('hex') }),
+        ]);
+
+        // From a pipe or a file: every line, one trailing newline dropped, no prompt.
+        seen.length = 0;
+        const multiLine = '-----BEGIN KEY-----\nsk_live_SECRET\n-----END KEY-----\n\n';
+        const piped = await Promise.all([
+          mailgent(['store', 'stripe', '--value-file', '-'], { url, recordRawMode: true, input: multiLine }),
+          mailgent(['leak', '--value-file', '-', '--json'], { url, recordRawMode: true, input: multiLine }),
+        ]);
+        for (const run of piped) {
+          expect(run.code, run.stderr).toBe(0);
+          expect(run.stderr).toBe('');
+        }
+        const bodies = seen.map((r) => JSON.parse(r.body) as Record<string, unknown>);
+        expect(bodies.find((b) => 'value' in b)?.value).toBe(multiLine.slice(0, -1));
+        expect(bodies.find((b) => 'fingerprint' in b)?.fingerprint).toBe(createHash('sha256').update(multiLine.slice(0, -1)).digest('hex'));
       },
     );
   });
