@@ -42,6 +42,10 @@ function environmentOf(s: Service): Record<string, string> {
   return Object.fromEntries(Object.entries(s.environment ?? {}).map(([k, v]) => [k, v == null ? '' : String(v)]));
 }
 const envFilesOf = (s: Service): string[] => ([] as string[]).concat(s.env_file ?? []);
+/** A committed env file (a template read as defaults), as against an operator's, gitignored one. */
+const committed = (file: string) => file.endsWith('.example');
+/** The operator's env files a service reads (gitignored, written by make-env.sh). */
+const operatorEnvFilesOf = (s: Service): string[] => envFilesOf(s).filter((f) => !committed(f));
 function parseEnvFile(text: string): Record<string, string> {
   return Object.fromEntries(
     text
@@ -50,10 +54,15 @@ function parseEnvFile(text: string): Record<string, string> {
       .map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]),
   );
 }
-/** A service's whole environment as the container sees it, its env files read from their committed examples. */
-function fullEnvironment(s: Service, envDir?: string): Record<string, string> {
-  const fromFiles = envFilesOf(s).map((f) => parseEnvFile(readFileSync(envDir ? path.join(envDir, path.basename(f)) : path.join(root, `${f}.example`), 'utf8')));
-  return Object.assign({}, ...fromFiles, environmentOf(s));
+/**
+ * A service's whole environment as the container sees it, as Compose builds it: its env files in
+ * order, a later one's value winning, then `environment:` over them all. An operator's env file is
+ * read from envDir, or given as text by operatorFiles, or else its committed example stands in.
+ */
+function fullEnvironment(s: Service, envDir?: string, operatorFiles: Record<string, string> = {}): Record<string, string> {
+  const text = (f: string) =>
+    committed(f) ? read(f) : (operatorFiles[f] ?? readFileSync(envDir ? path.join(envDir, path.basename(f)) : path.join(root, `${f}.example`), 'utf8'));
+  return Object.assign({}, ...envFilesOf(s).map((f) => parseEnvFile(text(f))), environmentOf(s));
 }
 /** The container ports a service listens on, as it declares them (expose, and the container side of ports). */
 function listens(s: Service): Set<number> {
@@ -197,8 +206,11 @@ describe('docker-compose.yml', () => {
   });
 
   it('reads secrets only from env files: examples committed, real ones ignored by git, none in this file', () => {
-    const referenced = [...new Set(Object.values(services).flatMap(envFilesOf))];
+    const referenced = [...new Set(Object.values(services).flatMap(operatorEnvFilesOf))];
     expect(referenced.sort()).toEqual(['deploy/mailgent.env', 'deploy/postgres.env', 'deploy/temporal.env']);
+    // A committed env file a service reads besides (its defaults) is one of those files' examples.
+    const defaults = [...new Set(Object.values(services).flatMap(envFilesOf).filter(committed))];
+    expect(defaults.filter((f) => !referenced.map((r) => `${r}.example`).includes(f))).toEqual([]);
     const readme = read('README.md');
     for (const file of referenced) {
       expect(existsSync(path.join(root, `${file}.example`)) || readme.includes(file), `${file} has a committed example or is documented`).toBe(true);
@@ -240,12 +252,43 @@ describe('docker-compose.yml', () => {
     expect(known.has('DATABASE_URL') && known.has('TEMPORAL_ADDRESS')).toBe(true);
     for (const part of ['api', 'worker', 'migrate']) {
       const s = services[part]!;
-      const fromFile = Object.keys(parseEnvFile(read(`${envFilesOf(s)[0]}.example`)));
+      const fromFile = Object.keys(parseEnvFile(read(`${operatorEnvFilesOf(s)[0]}.example`)));
       const inline = Object.keys(environmentOf(s));
       expect([...fromFile, ...inline].filter((v) => !known.has(v)), `${part}: unknown variables`).toEqual([]);
       // environment: silently wins over env_file, so a value set in both would be a trap.
       expect(inline.filter((v) => fromFile.includes(v))).toEqual([]);
     }
+  });
+
+  it('lets deploy/mailgent.env set every setting, the shipped defaults applying where it says nothing', () => {
+    // environment: wins over every env_file, so a setting hard-coded there is one the operator's
+    // deploy/mailgent.env could never change (LOG_LEVEL=debug there was silently ignored).
+    const settings = new Set([...read('core/config.ts').matchAll(/^ {2}([A-Z][A-Z0-9_]+):/gm)].map((m) => m[1]!));
+    const readme = read('README.md');
+    const configuration = readme.slice(readme.indexOf('## Configuration'), readme.indexOf('\n## ', readme.indexOf('## Configuration') + 1));
+    const documented = configuration
+      .split('\n')
+      .filter((l) => l.startsWith('| `'))
+      .flatMap((l) => [...l.split('|')[1]!.matchAll(/`([A-Z][A-Z0-9_]+)`/g)].map((m) => m[1]!));
+    expect(documented).toEqual(expect.arrayContaining(['LOG_LEVEL', 'TEMPORAL_ADDRESS', 'TEMPORAL_NAMESPACE', 'TASK_QUEUE', 'DATABASE_URL']));
+    const operatorSettable = new Set([...settings, ...documented]);
+    const shipped = { TEMPORAL_ADDRESS: 'temporal:7233', TEMPORAL_NAMESPACE: 'default', TASK_QUEUE: 'mailgent', LOG_LEVEL: 'info' };
+    const operator = { TEMPORAL_ADDRESS: 'temporal.internal:7233', TEMPORAL_NAMESPACE: 'prod', TASK_QUEUE: 'mailgent-prod', LOG_LEVEL: 'debug', SWEEP_CRON: '*/5 * * * *' };
+    const secrets = 'DATABASE_URL=postgres://mailgent:pw@postgres:5432/mailgent\nADMIN_TOKEN=x\n';
+    for (const part of ['api', 'worker', 'migrate']) {
+      const s = services[part]!;
+      expect(Object.keys(environmentOf(s)).filter((v) => operatorSettable.has(v)), `${part}: settings hard-coded in environment:`).toEqual([]);
+      // The operator's file is read last, so its values win over the defaults read before it.
+      expect(envFilesOf(s).at(-1), part).toBe('deploy/mailgent.env');
+      // An env file that says nothing of them (one make-env.sh wrote before they were in the
+      // template) gets the defaults docker-compose.yml always gave: the compose Temporal server.
+      expect(fullEnvironment(s, undefined, { 'deploy/mailgent.env': secrets }), part).toMatchObject(shipped);
+      const text = secrets + Object.entries(operator).map(([k, v]) => `${k}=${v}\n`).join('');
+      expect(fullEnvironment(s, undefined, { 'deploy/mailgent.env': text }), part).toMatchObject(operator);
+    }
+    // The process tuning stays per service in environment: (not a setting; npm run bench reads it there).
+    expect(environmentOf(services.api!).NODE_OPTIONS).toMatch(/--max-old-space-size=\d+ --v8-pool-size=1/);
+    expect(environmentOf(services.worker!)).toMatchObject({ NODE_OPTIONS: expect.stringMatching(/--max-old-space-size=\d+/), MALLOC_ARENA_MAX: '2' });
   });
 
   describe('deploy/make-env.sh', () => {
