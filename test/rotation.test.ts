@@ -557,6 +557,29 @@ describe('rotateCredential', () => {
     expect(rolled.body.results).toEqual([expect.objectContaining({ rolledBack: true, current: 1, abandoned: 2 })]);
   });
 
+  it('a run terminated in its grace period is reported by its outcome, not as in grace for good', async () => {
+    await h.api('POST', '/v1/vault.store', {
+      token: agent.token,
+      body: { name: 'terminated-in-grace', kind: 'api_key', value: h.secret('sk_live_terminated_grace_01'), rotation: { provider: 'generated', settings: { length: 40 }, graceHours: 1 } },
+    });
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['terminated-in-grace'] } });
+    expect(started.status, started.text).toBe(202);
+    for (let i = 0; i < 100; i++) {
+      if ((await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token })).body.state === 'grace') break;
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'terminated-in-grace' } })).body.value);
+    await h.client.workflow.getHandle(started.body.workflowIds[0]).terminate('an operator stopped it');
+    // Before: state 'grace' (the query's answer as the run closed), the rotation's too, for good.
+    const after = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
+    expect(after.body.credentials).toEqual([expect.objectContaining({ state: 'succeeded', status: 'TERMINATED', outcome: 'rotated' })]);
+    expect(after.body.state).toBe('succeeded');
+    // Its steps say where it stopped: promoted, the previous value never revoked.
+    const steps = after.body.credentials[0].progress.steps as { name: string; state: string }[];
+    expect(steps.find((s) => s.name === 'promote')?.state).toBe('done');
+    expect(steps.find((s) => s.name === 'grace')?.state).not.toBe('done');
+  });
+
   it('a rollback that reaches one run and loses Temporal before the next reports the one it rolled back, and the other as not reached', async () => {
     const names = ['grace-a', 'grace-b'];
     const ids: string[] = [];

@@ -419,7 +419,12 @@ async function describeRun(client: Client, run: RunRow) {
   // closing, and is reported closed when the server has it so.
   const status = latest.status === 'RUNNING' ? await temporal(() => statusOf(handle)) : latest.status;
   const fallback = status === 'RUNNING' ? 'running' : run.outcome === 'rotated' ? 'succeeded' : (run.outcome ?? 'failed');
-  return { ...base, state: progress?.state ?? fallback, status, progress };
+  // A closed run still answers the query, with the state it had when it closed: one terminated (or
+  // timed out) in its grace period said 'grace' for good, its graceEndsAt a revoke that never comes,
+  // and held the rotation's state at 'grace' or 'running'. Ended so, it is reported by its outcome,
+  // and its steps (the revoke still pending) and status say where it stopped.
+  const unfinished = status !== 'RUNNING' && (progress?.state === 'running' || progress?.state === 'grace');
+  return { ...base, state: unfinished ? fallback : (progress?.state ?? fallback), status, progress };
 }
 
 function aggregate(states: string[], { batchEnded }: { batchEnded: boolean }): string {
