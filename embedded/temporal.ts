@@ -40,21 +40,26 @@ export async function startEmbeddedTemporal(opts: {
 
 /**
  * One Temporal server per SQLite file: two would both own its shards and fight over them. The
- * process that starts one records its pid in DATA_DIR/temporal.lock until it stops it; another
- * process finding a live pid there is refused (a dead one's lock is stale and taken over).
+ * process that starts one records its pid and start time in DATA_DIR/temporal.lock until it stops
+ * it; another process finding that process alive is refused (a dead one's lock is stale and taken
+ * over). The start time tells the owner from another process given its pid since (the lock of one
+ * killed, or of a machine since restarted, named whatever process had the pid now: start-up was
+ * refused until the lock was removed by hand). A lock of the pid alone (written before) is the pid's.
  */
 function claimTemporalFile(dataDir: string): () => void {
   const lock = path.join(dataDir, 'temporal.lock');
   const release = () => rmSync(lock, { force: true });
   for (let attempt = 0; attempt < 2; attempt++) {
     try {
-      writeFileSync(lock, String(process.pid), { flag: 'wx' });
+      writeFileSync(lock, [process.pid, startTimeOf(process.pid)].filter((part) => part !== undefined).join(' '), { flag: 'wx' });
       return release;
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-      const owner = Number(readFileSync(lock, 'utf8').trim());
+      const [pid, started] = readFileSync(lock, 'utf8').trim().split(/\s+/);
+      const owner = Number(pid);
       if (owner === process.pid) return release;
-      if (owner > 0 && isAlive(owner)) {
+      const sameProcess = started === undefined || startTimeOf(owner) === undefined || startTimeOf(owner) === started;
+      if (owner > 0 && isAlive(owner) && sameProcess) {
         throw new Error(
           `the embedded Temporal server of ${dataDir} is run by another Mailgent process (pid ${owner}); ` +
             'give this one TEMPORAL_ADDRESS (that server\'s address, in its log) or a DATA_DIR of its own',
@@ -65,6 +70,16 @@ function claimTemporalFile(dataDir: string): () => void {
     }
   }
   throw new Error(`could not claim ${lock}`);
+}
+
+/** When a process started (clock ticks after boot: /proc/<pid>/stat's 22nd field); undefined without /proc. */
+export function startTimeOf(pid: number): string | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+  } catch {
+    return undefined;
+  }
 }
 
 async function startOn(

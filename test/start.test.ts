@@ -6,7 +6,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort } from '../embedded/ports';
 import { startEmbeddedPostgres, withClient } from '../embedded/postgres';
-import { startEmbeddedTemporal } from '../embedded/temporal';
+import { startEmbeddedTemporal, startTimeOf } from '../embedded/temporal';
 
 /**
  * `npm start` end to end: the real entry point with no configuration embeds PostgreSQL, Temporal
@@ -357,19 +357,27 @@ describe('npm start with the embedded defaults', () => {
     }
   });
 
-  it('one embedded Temporal server per DATA_DIR: a live owner refuses a second, a dead owner’s lock is taken over', { timeout: 120_000 }, async () => {
+  it('one embedded Temporal server per DATA_DIR: a live owner refuses a second; a dead owner’s lock, or one whose pid another process has since, is taken over', { timeout: 120_000 }, async () => {
     const dir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-temporal-lock-'));
     const owner = spawn('sleep', ['60']);
+    const refused = `the embedded Temporal server of ${dir} is run by another Mailgent process (pid ${owner.pid}); give this one TEMPORAL_ADDRESS`;
     try {
+      // A lock of the pid alone (as written before the start time was added), and one with the owner's start time.
       writeFileSync(path.join(dir, 'temporal.lock'), String(owner.pid));
-      await expect(startEmbeddedTemporal({ dataDir: dir, namespace: 'default' })).rejects.toThrow(
-        `the embedded Temporal server of ${dir} is run by another Mailgent process (pid ${owner.pid}); give this one TEMPORAL_ADDRESS`,
-      );
+      await expect(startEmbeddedTemporal({ dataDir: dir, namespace: 'default' })).rejects.toThrow(refused);
+      writeFileSync(path.join(dir, 'temporal.lock'), `${owner.pid} ${startTimeOf(owner.pid!)}`);
+      await expect(startEmbeddedTemporal({ dataDir: dir, namespace: 'default' })).rejects.toThrow(refused);
       expect(existsSync(path.join(dir, 'temporal.sqlite'))).toBe(false);
+      // The lock of a process killed (or of a machine restarted), its pid since another process's: before, refused until removed by hand.
+      writeFileSync(path.join(dir, 'temporal.lock'), `${owner.pid} ${Number(startTimeOf(owner.pid!)) - 1}`);
+      const reused = await startEmbeddedTemporal({ dataDir: dir, namespace: 'default' });
+      expect(readFileSync(path.join(dir, 'temporal.lock'), 'utf8')).toBe(`${process.pid} ${startTimeOf(process.pid)}`);
+      await reused.stop();
       owner.kill('SIGKILL');
       await new Promise((r) => owner.once('exit', r));
+      writeFileSync(path.join(dir, 'temporal.lock'), String(owner.pid));
       const temporal = await startEmbeddedTemporal({ dataDir: dir, namespace: 'default' });
-      expect(readFileSync(path.join(dir, 'temporal.lock'), 'utf8')).toBe(String(process.pid));
+      expect(readFileSync(path.join(dir, 'temporal.lock'), 'utf8')).toBe(`${process.pid} ${startTimeOf(process.pid)}`);
       await temporal.stop();
       expect(existsSync(path.join(dir, 'temporal.lock'))).toBe(false);
     } finally {
