@@ -422,8 +422,9 @@ async function describeRun(client: Client, run: RunRow) {
   // A closed run still answers the query, with the state it had when it closed: one terminated (or
   // timed out) in its grace period said 'grace' for good, its graceEndsAt a revoke that never comes,
   // and held the rotation's state at 'grace' or 'running'. Ended so, it is reported by its outcome,
-  // and its steps (the revoke still pending) and status say where it stopped.
-  const unfinished = status !== 'RUNNING' && (progress?.state === 'running' || progress?.state === 'grace');
+  // and its steps (the revoke still pending) and status say where it stopped. (Not one continued as
+  // new, read between its close and its successor's start: the rotation goes on there.)
+  const unfinished = (status === 'TERMINATED' || status === 'TIMED_OUT') && (progress?.state === 'running' || progress?.state === 'grace');
   return { ...base, state: unfinished ? fallback : (progress?.state ?? fallback), status, progress };
 }
 
