@@ -75,7 +75,8 @@ export function rotationActivities(deps: ActivityDeps) {
   return {
     async planRotation(ids: RotationIds): Promise<RotationPlan> {
       return permanentErrorsFail(async () => {
-        const { meta, policy, provider, dependents } = await load(ids, { plan: await deps.rotations.planPolicy(ids) });
+        const plan = await deps.rotations.planPolicy(ids);
+        const { meta, policy, provider, dependents } = await load(ids, { plan });
         // No provider makes TOTP seeds: a generated value is none, postgres-role makes passwords, and
         // what an http provider answers was stored as it came (no seed checked, no otpauth:// URI: after
         // promotion vault.totp refused it and vault.get returned no URI), then sent to its verify as a
@@ -86,6 +87,10 @@ export function rotationActivities(deps: ActivityDeps) {
             `credential '${meta.name}' is a totp_seed; provider '${provider.name}' makes no TOTP seeds (enrol a new seed with its service and store it with vault.store)`,
           );
         }
+        // Without a policy (taken away since the rotation was asked for: a request names only
+        // credentials with one), no provider knows where the value was issued: the generated
+        // provider's defaults would put a random value in its place, the real one still working.
+        if (!plan.policy) throw new UnprocessableError(`credential '${meta.name}' has no rotation policy; it is not rotated (give it one, then rotate it)`);
         for (const [index, spec] of dependents.entries()) {
           if (!registered(deps.dependents, spec.type)) throw new UnprocessableError(`dependent ${index} of '${meta.name}' has unknown type '${spec.type}'`);
         }

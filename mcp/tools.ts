@@ -182,7 +182,7 @@ export function mcpTools(deps: McpDeps): Tool[] {
       title: 'Rotate credentials',
       description:
         'Start a rotation (a durable workflow per credential: new value from the provider, dependents updated and verified, promoted, owners told) ' +
-        'of credentials given by name, id or handle, or by filter. Answers a rotationId for rotation_status. Give an idempotencyKey (a new one per request) to repeat a call whose answer was lost without rotating twice.',
+        'of credentials given by name, id or handle, or by filter; only credentials with a rotation policy (one named without is refused). Answers a rotationId for rotation_status. Give an idempotencyKey (a new one per request) to repeat a call whose answer was lost without rotating twice.',
       input: rotationsStart,
       action: 'rotation.start',
       hints: { readOnlyHint: false, destructiveHint: true, openWorldHint: true },

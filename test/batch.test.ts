@@ -80,7 +80,9 @@ describe('batch rotation for agents', () => {
   it('a batch with a failing member reports it in the summary and as partial', async () => {
     const team = `mixed-${randomUUID().slice(0, 8)}@example.com`;
     await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'ok-key', kind: 'token', value: h.secret('ok-key-original'), rotation: { provider: 'generated', graceHours: 0 } } });
-    await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'seed', kind: 'totp_seed', totp: { secret: h.secret('JBSWY3DPEHPK3PXPJBSWY3DP') } } });
+    const seed = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'seed', kind: 'totp_seed', totp: { secret: h.secret('JBSWY3DPEHPK3PXPJBSWY3DP') } } });
+    // A seed given a policy before vault.store refused one (a request names only credentials with one): it fails at its plan.
+    await h.sql(`UPDATE credentials SET rotation = '{"provider": "generated", "settings": {}, "periodDays": 90}' WHERE id = $1`, [seed.body.id]);
     const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['ok-key', 'seed'], notify: [team] } });
     expect(await h.client.workflow.getHandle(started.body.batchWorkflowId).result()).toEqual({ total: 2, rotated: 1, failed: 1 });
     h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'ok-key' } })).body.value);

@@ -579,6 +579,8 @@ describe('mailgent CLI', () => {
       // A TOTP seed cannot be replaced by a generated value: its rotation fails.
       const seed = await mailgent(['store', 'rot-seed', '--kind', 'totp_seed'], { env: as(alice), input: h.secret('JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP') });
       expect(seed.code).toBe(0);
+      // Given a policy before vault.store refused one (a request names only credentials with one).
+      await h.sql(`UPDATE credentials SET rotation = '{"provider": "generated", "settings": {}, "periodDays": 90}' WHERE name = 'rot-seed'`);
     });
 
     it('by names: follows the batch with one progress line per credential, prints the table, exits 1 when one failed', async () => {
@@ -819,7 +821,7 @@ describe('mailgent CLI', () => {
     const idle = await startHarness();
     try {
       const carol = await idle.createIdentity('cli-carol');
-      const stored = await idle.api('POST', '/v1/vault.store', { token: carol.token, body: { name: 'stuck', kind: 'api_key', value: idle.secret(`sk_stuck_${randomBytes(8).toString('hex')}`) } });
+      const stored = await idle.api('POST', '/v1/vault.store', { token: carol.token, body: { name: 'stuck', kind: 'api_key', value: idle.secret(`sk_stuck_${randomBytes(8).toString('hex')}`), rotation: { provider: 'generated' } } });
       expect(stored.status).toBe(201);
       const run = await mailgent(['rotate', 'stuck', '--timeout', '2s', '--interval', '200'], { env: { MAILGENT_URL: idle.url, MAILGENT_TOKEN: carol.token } });
       expect(run).toMatchObject({ code: 1, stdout: '' });

@@ -79,6 +79,8 @@ describe('payload codec', () => {
       body: { name: `${marker}-totp`, kind: 'totp_seed', totp: { secret: h.secret('JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXQ') } },
     });
     expect([ok.status, bad.status]).toEqual([201, 201]);
+    // Given a policy before vault.store refused one (a request names only credentials with one): it fails at its plan.
+    await h.sql(`UPDATE credentials SET rotation = '{"provider": "generated", "settings": {}, "periodDays": 90}' WHERE id = $1`, [bad.body.id]);
     const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: [ok.body.id, bad.body.id], reason: `reason ${marker}` } });
     expect(started.status).toBe(202);
     await waitForRotation(started.body.rotationId);

@@ -133,6 +133,8 @@ describe('rotateCredential', () => {
       token: agent.token,
       body: { name: 'totp-login', kind: 'totp_seed', owners: [owner], totp: { secret: h.secret('JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP') } },
     });
+    // A seed given a policy before vault.store and PATCH refused one (a request names only credentials with one): its plan fails.
+    await h.sql(`UPDATE credentials SET rotation = '{"provider": "generated", "settings": {}, "periodDays": 90}' WHERE id = $1`, [stored.body.id]);
     const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: [stored.body.id] } });
     const report = await waitForRotation(started.body.rotationId);
     expect(report.state).toBe('failed');
@@ -169,7 +171,7 @@ describe('rotateCredential', () => {
   });
 
   it('two requests for one credential make one run and one new version', async () => {
-    await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'shared', kind: 'token', value: h.secret('shared-token-value-1') } });
+    await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'shared', kind: 'token', value: h.secret('shared-token-value-1'), rotation: { provider: 'generated' } } });
     // Hold the credential's row lock so the first run cannot finish before the second request arrives.
     const lock = new pg.Client({ connectionString: h.databaseUrl });
     await lock.connect();
@@ -210,7 +212,7 @@ describe('rotateCredential', () => {
   });
 
   it('a pending version left by an abandoned rotation does not block the next one', async () => {
-    const stored = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'stuck', kind: 'password', value: h.secret('stuck-original-pass') } });
+    const stored = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'stuck', kind: 'password', value: h.secret('stuck-original-pass'), rotation: { provider: 'generated' } } });
     const acts = createActivities(h.deps);
     const abandoned = { rotationId: randomUUID(), identityId: agent.id, credentialId: stored.body.id, workflowId: 'abandoned' };
     const pending = await acts.createPendingVersion({ ...abandoned, attempt: 1 });
@@ -241,6 +243,57 @@ describe('rotateCredential', () => {
     expect((await h.api('GET', `/v1/rotations/${mine.body.rotationId}`, { token: other.token })).status).toBe(404);
     await waitForRotation(mine.body.rotationId);
     h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'payments-key' } })).body.value);
+  });
+
+  it('rotates only credentials with a rotation policy: one named without is a 422 and nothing starts; a filter passes over them', async () => {
+    const asker = await h.createIdentity();
+    const store = (name: string, extra: Record<string, unknown> = {}) =>
+      h.api('POST', '/v1/vault.store', { token: asker.token, body: { name, kind: 'api_key', value: h.secret(`sk_live_${name}_value_0001`), ...extra } });
+    const unmanaged = await store('issued-elsewhere');
+    await store('managed-key', { rotation: { provider: 'generated', graceHours: 0 } });
+    // Before: rotated with the generated provider's defaults, a random value in the issued key's place.
+    const named = await h.api('POST', '/v1/rotations', { token: asker.token, body: { credentials: ['managed-key', 'issued-elsewhere'] } });
+    expect(named.status, named.text).toBe(422);
+    expect(named.body.detail).toBe(
+      'no rotation policy: issued-elsewhere; a credential is rotated by its policy\'s provider, so give it one first (PATCH /v1/credentials/:ref with rotation)',
+    );
+    expect((await h.sql('SELECT count(*)::int AS n FROM rotations WHERE identity_id = $1', [asker.id])).rows[0].n).toBe(0);
+    const byFilter = await h.api('POST', '/v1/rotations', { token: asker.token, body: { filter: { kind: 'api_key' } } });
+    expect(byFilter.status, byFilter.text).toBe(202);
+    expect(byFilter.body.workflowIds).toHaveLength(1);
+    expect((await waitForRotation(byFilter.body.rotationId, asker.token)).credentials).toEqual([expect.objectContaining({ name: 'managed-key', state: 'succeeded' })]);
+    const kept = await h.api('POST', '/v1/vault.get', { token: asker.token, body: { name: 'issued-elsewhere' } });
+    expect(kept.body).toMatchObject({ id: unmanaged.body.id, version: 1, value: 'sk_live_issued-elsewhere_value_0001' });
+    h.secret((await h.api('POST', '/v1/vault.get', { token: asker.token, body: { name: 'managed-key' } })).body.value);
+    // Only credentials without one matched: said so.
+    const seeds = await h.api('POST', '/v1/vault.store', { token: asker.token, body: { name: 'login-seed', kind: 'totp_seed', totp: { secret: h.secret('JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP') } } });
+    expect(seeds.status).toBe(201);
+    const seedFilter = await h.api('POST', '/v1/rotations', { token: asker.token, body: { filter: { kind: 'totp_seed' } } });
+    expect(seedFilter.status).toBe(422);
+    expect(seedFilter.body.detail).toBe('none of the 1 credentials the filter matches has a rotation policy; nothing to rotate');
+    const seedNamed = await h.api('POST', '/v1/rotations', { token: asker.token, body: { credentials: ['login-seed'] } });
+    expect(seedNamed.body.detail).toContain('a totp_seed takes none: enrol a new seed with its service');
+  });
+
+  it('a policy taken away between the request and the run\'s plan fails the run at its plan: no random value put in place', async () => {
+    const stored = await h.api('POST', '/v1/vault.store', {
+      token: agent.token,
+      body: { name: 'policy-withdrawn', kind: 'api_key', value: h.secret('sk_live_policy_withdrawn_01'), rotation: { provider: 'generated', graceHours: 0 } },
+    });
+    const plans = await holdTable(h, 'rotation_plans');
+    let started;
+    try {
+      started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['policy-withdrawn'] } });
+      expect(started.status, started.text).toBe(202);
+      await plans.waiting();
+      expect((await h.api('PATCH', '/v1/credentials/policy-withdrawn', { token: agent.token, body: { rotation: null } })).status).toBe(200);
+    } finally {
+      await plans.release();
+    }
+    const report = await waitForRotation(started.body.rotationId);
+    expect(report.state).toBe('failed');
+    expect(report.credentials[0].progress.error).toBe("credential 'policy-withdrawn' has no rotation policy; it is not rotated (give it one, then rotate it)");
+    expect((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'policy-withdrawn' } })).body).toMatchObject({ id: stored.body.id, version: 1, value: 'sk_live_policy_withdrawn_01' });
   });
 
   it('refuses a reason that carries any stored value of the caller (it goes into every notice), and starts nothing', async () => {
@@ -441,7 +494,7 @@ describe('rotateCredential', () => {
 
   it("a failed start that waits on a repeat's take-over sees it (not the row as it was when it began): the 503 says the repeat took it over", async () => {
     const sender = await h.createIdentity();
-    await h.api('POST', '/v1/vault.store', { token: sender.token, body: { name: 'racing-start-key', kind: 'api_key', value: h.secret('sk_live_racing_start_val1') } });
+    await h.api('POST', '/v1/vault.store', { token: sender.token, body: { name: 'racing-start-key', kind: 'api_key', value: h.secret('sk_live_racing_start_val1'), rotation: { provider: 'generated' } } });
     const other = new pg.Client({ connectionString: h.databaseUrl });
     await other.connect();
     try {
@@ -483,7 +536,7 @@ describe('rotateCredential', () => {
   });
 
   it('when Temporal cannot take the batch, the request is a 503 and the rotation it recorded reads as never started', async () => {
-    await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'stranded-key', kind: 'api_key', value: h.secret('sk_live_stranded_value_01') } });
+    await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'stranded-key', kind: 'api_key', value: h.secret('sk_live_stranded_value_01'), rotation: { provider: 'generated' } } });
     const unreachable = await unreachableTemporal();
     const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: 'req-stranded' };
     const deps = { pool: h.services.pool, vault: h.services.vault, client: unreachable, taskQueue: h.taskQueue };

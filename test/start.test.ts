@@ -109,7 +109,7 @@ describe('npm start with the embedded defaults', () => {
     const identity = await call('POST', '/v1/identities', admin, { name: 'deploy-bot', email: 'ops@example.com' });
     expect(identity.status).toBe(201);
     const token = identity.body.token;
-    expect((await call('POST', '/v1/vault.store', token, { name: 'stripe', kind: 'api_key', value: 'sk_test_walkthrough_1' })).status).toBe(201);
+    expect((await call('POST', '/v1/vault.store', token, { name: 'stripe', kind: 'api_key', value: 'sk_test_walkthrough_1', rotation: { provider: 'generated', settings: { length: 40, prefix: 'sk_' }, periodDays: 90 } })).status).toBe(201);
     const rotation = await call('POST', '/v1/rotations', token, { credentials: ['stripe'], reason: 'walk-through' });
     expect(rotation.status).toBe(202);
     let report: any;

@@ -134,7 +134,7 @@ export async function startRotation(deps: RotationDeps, caller: Caller, input: z
   const repeat = (rotationId: string) => repeatedRotation(deps, caller, rotationId);
   const earlier = await repeatOf(deps.pool, caller, key, repeat);
   if (earlier) return earlier;
-  const credentialIds = await selectCredentials(deps.vault, caller.identityId, body);
+  const credentialIds = await selectCredentials(deps, caller.identityId, body);
   // The reason goes into every notice of the batch, and a credential's notice is scanned only for
   // that credential's values (mail/notify.ts): it is checked here against every value the caller
   // may read (its own, and those granted to it), as mail.send is.
@@ -358,20 +358,45 @@ async function runsOf(pool: Pool, rotationId: string): Promise<RunRow[]> {
   return rows;
 }
 
-async function selectCredentials(vault: Vault, identityId: string, body: { credentials?: string[]; filter?: { kind?: Kind; olderThanDays?: number } }): Promise<string[]> {
+/**
+ * The credentials a rotation request names, or its filter selects. Only credentials with a rotation
+ * policy rotate (as the sweep rotates only those): without one, no provider knows where the value was
+ * issued, and a rotation put a random value (the generated provider's defaults) in its place and
+ * handed it to the dependents, while the real one went on working where it was issued. Named, one
+ * without a policy is a 422 and nothing starts; a filter passes over them.
+ */
+async function selectCredentials(
+  deps: Pick<RotationDeps, 'vault' | 'pool'>,
+  identityId: string,
+  body: { credentials?: string[]; filter?: { kind?: Kind; olderThanDays?: number } },
+): Promise<string[]> {
   if (body.credentials) {
-    const { found, missing } = await vault.resolve(identityId, [...new Set(body.credentials)]);
+    const { found, missing } = await deps.vault.resolve(identityId, [...new Set(body.credentials)]);
     if (missing.length) throw new NotFoundError(`no credential named or with id: ${missing.join(', ')}`);
-    return [...new Set(found.values())];
+    const ids = [...new Set(found.values())];
+    const { rows: unmanaged } = await deps.pool.query<{ name: string; kind: string }>(
+      'SELECT name, kind FROM credentials WHERE id = ANY($1::uuid[]) AND rotation IS NULL ORDER BY name',
+      [ids],
+    );
+    if (unmanaged.length) {
+      const seeds = unmanaged.some((c) => c.kind === 'totp_seed') ? ' (a totp_seed takes none: enrol a new seed with its service and store it with vault.store)' : '';
+      throw new UnprocessableError(
+        `no rotation policy: ${unmanaged.map((c) => c.name).join(', ')}; a credential is rotated by its policy's provider, so give it one first (PATCH /v1/credentials/:ref with rotation)${seeds}`,
+      );
+    }
+    return ids;
   }
   const ids: string[] = [];
+  let matched = 0;
   for (let after: string | undefined; ; ) {
-    const page = await vault.list(identityId, { ...body.filter, after, limit: 1000 });
-    ids.push(...page.map((c) => c.id));
+    const page = await deps.vault.list(identityId, { ...body.filter, after, limit: 1000 });
+    matched += page.length;
+    ids.push(...page.filter((c) => c.policy).map((c) => c.id));
     if (page.length < 1000) break;
     after = page.at(-1)!.name;
   }
-  if (ids.length === 0) throw new UnprocessableError('no credential matches the filter; nothing to rotate');
+  if (matched === 0) throw new UnprocessableError('no credential matches the filter; nothing to rotate');
+  if (ids.length === 0) throw new UnprocessableError(`none of the ${matched} credentials the filter matches has a rotation policy; nothing to rotate`);
   return ids;
 }
 

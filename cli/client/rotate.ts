@@ -15,7 +15,8 @@ import type { ClientCommand } from './commands';
 const usage = `Usage: mailgent rotate <name|id>... [options]
        mailgent rotate [--kind <kind>] [--older-than <days>d] [options]
 
-Rotates credentials through their rotation policy, follows the batch until every credential has an
+Rotates credentials through their rotation policy (one named without a policy is refused, and nothing
+starts; --kind and --older-than pass over them), follows the batch until every credential has an
 outcome, and prints a table: credential, old version → new version, outcome. Exit 0 when every
 credential rotated (a rotation in its grace period counts: the new version is current), 1 when any
 failed, was cancelled or rolled back. Once the rotation has started, a busy or unreachable API is
