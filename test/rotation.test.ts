@@ -209,6 +209,13 @@ describe('rotateCredential', () => {
     expect((await acts.sendRotationNotice(notice)).delivery).toBe('already-sent');
     expect(await waitForMail(owner, 2, 2_000)).toHaveLength(1);
     h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'retry-me' } })).body.value);
+    // A revoke retried after its commit: the version keeps the time of its revocation, and the repeat's row says replayed, not a second revocation.
+    await acts.revokeVersion({ ...ids, version: 1 });
+    const revokedAt = (await h.sql('SELECT revoked_at FROM secret_versions WHERE credential_id = $1 AND version = 1', [stored.body.id])).rows[0].revoked_at;
+    await acts.revokeVersion({ ...ids, version: 1 });
+    expect((await h.sql('SELECT revoked_at FROM secret_versions WHERE credential_id = $1 AND version = 1', [stored.body.id])).rows[0].revoked_at).toEqual(revokedAt);
+    const rows = (await h.sql(`SELECT detail FROM audit_log WHERE credential_id = $1 AND action = 'rotation.revoke' ORDER BY seq`, [stored.body.id])).rows;
+    expect(rows.map((r) => r.detail.replayed ?? false)).toEqual([false, true]);
   });
 
   it('a pending version left by an abandoned rotation does not block the next one', async () => {

@@ -247,16 +247,22 @@ export class RotationVault {
     });
   }
 
-  /** Records that a version was revoked at the provider. Idempotent. */
+  /**
+   * Records that a version was revoked at the provider. Idempotent: a version recorded revoked
+   * already (a revoke retried after its commit, its answer lost) keeps its time, and the repeat's
+   * audit row says `replayed`, as a repeated stage or promote does, not a second revocation.
+   */
   markRevoked(caller: Caller, credentialId: string, version: number) {
     return audited(this.pool, caller, 'rotation.revoke', { version }, async (tx, note) => {
       note.credentialId = credentialId;
       await lock(tx, caller.identityId, credentialId);
-      await tx.query('UPDATE secret_versions SET revoked_at = coalesce(revoked_at, $3) WHERE credential_id = $1 AND version = $2', [
-        credentialId,
-        version,
-        this.clock(),
-      ]);
+      const { rows } = await tx.query(
+        `UPDATE secret_versions n SET revoked_at = coalesce(n.revoked_at, $3)
+           FROM secret_versions o WHERE o.credential_id = n.credential_id AND o.version = n.version AND n.credential_id = $1 AND n.version = $2
+         RETURNING o.revoked_at IS NOT NULL AS earlier`,
+        [credentialId, version, this.clock()],
+      );
+      if (rows[0]?.earlier) note.detail.replayed = true;
     });
   }
 }
