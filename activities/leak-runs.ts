@@ -1,4 +1,4 @@
-import type { Client } from '@temporalio/client';
+import { WorkflowNotFoundError, type Client } from '@temporalio/client';
 import { UnavailableError } from '../core/errors';
 import { withTransaction, type Pool } from '../db/pool';
 import { startDelivery } from '../mail/outbox';
@@ -16,7 +16,11 @@ export const versionLeakId = (incidentId: string, version: number) => stableUuid
 /**
  * Starts the credential's rotation in leak mode for an incident (or, one running, signals it) and
  * records the run on the incident's rotation. Safe to repeat: a run hears an incident once.
- * `leftOver`: a version an earlier incident left live, for this run to revoke too.
+ * `leftOver`: a version an earlier incident left live, for this run to revoke too. `onlyRunning`:
+ * for a credential that is not rotated (deleted, or without a rotation policy) but whose rotation
+ * was running when the report looked: that run is signalled, and none is started: false when it
+ * has ended since (a leak run started for it would fail at its first step, its emails saying
+ * rotating, then failed).
  */
 export async function startLeakRun(
   deps: { pool: Pool; client: Client; taskQueue: string },
@@ -25,8 +29,26 @@ export async function startLeakRun(
   incidentId: string,
   version: number,
   leftOver?: number,
-): Promise<void> {
+  onlyRunning = false,
+): Promise<boolean> {
   let signaledRunId: string;
+  if (onlyRunning) {
+    const handle = deps.client.workflow.getHandle(rotationWorkflowId(t.credentialId));
+    try {
+      const running = await handle.describe();
+      if (running.status.name !== 'RUNNING') return false;
+      // That run, by its id: one ended meanwhile is not found (nor a later one signalled in its stead).
+      const run = deps.client.workflow.getHandle(running.workflowId, running.runId);
+      await run.signal(leakSignal, { incidentId, version });
+      if (leftOver !== undefined) await run.signal(leakSignal, { incidentId: versionLeakId(incidentId, leftOver), version: leftOver });
+      signaledRunId = running.runId;
+    } catch (err) {
+      if (err instanceof WorkflowNotFoundError) return false;
+      throw new UnavailableError('the leak could not be passed to the running rotation (Temporal is unavailable); report again shortly');
+    }
+    await deps.pool.query('UPDATE rotation_runs SET run_id = $2 WHERE rotation_id = $1 AND run_id IS NULL', [rotationId, signaledRunId]);
+    return true;
+  }
   try {
     const handle = await deps.client.workflow.signalWithStart<typeof rotateCredential, [{ incidentId: string; version?: number }]>('rotateCredential', {
       taskQueue: deps.taskQueue,
@@ -42,6 +64,7 @@ export async function startLeakRun(
     throw new UnavailableError('the leak rotation could not be started (Temporal is unavailable); report again shortly');
   }
   await deps.pool.query('UPDATE rotation_runs SET run_id = $2 WHERE rotation_id = $1 AND run_id IS NULL', [rotationId, signaledRunId]);
+  return true;
 }
 
 /**

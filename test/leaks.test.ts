@@ -837,6 +837,39 @@ describe('POST /v1/leaks', () => {
     await expect(h.client.workflow.getHandle(`rotate:${res.body.id}`).describe()).rejects.toThrow(WorkflowNotFoundError);
   });
 
+  it("a leak of a deleted credential whose rotation ends between the report's look and its signal is told, not rotated: no leak run is started for it", async () => {
+    const owner = `owner-${randomUUID().slice(0, 8)}@example.com`;
+    const id = await store('deleted-run-ending', 'sk_deleted_run_ending_0001', { owners: [owner], rotation: { provider: 'generated', graceHours: 0 } });
+    expect((await h.api('DELETE', '/v1/credentials/deleted-run-ending', { token: agent.token })).status).toBe(200);
+    // Temporal as the report sees it: the rotation running when it looks, ended when it signals; a start would be a failure.
+    const gone = (workflowId: string) => ({
+      describe: async () => ({ status: { name: 'RUNNING' }, workflowId, runId: 'ended-since' }),
+      signal: async () => Promise.reject(new WorkflowNotFoundError('workflow execution already completed', workflowId, 'ended-since')),
+    });
+    const workflow = Object.create(h.client.workflow, {
+      getHandle: { value: gone },
+      signalWithStart: { value: async () => Promise.reject(new Error('a leak run was started for a deleted credential')) },
+    });
+    const deps = { ...depsLosingStarts(), client: Object.create(h.client, { workflow: { value: workflow } }) };
+    const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
+    // Before: a leak run started (signal-with-start), which failed at its create; its emails said rotating, then failed.
+    const { results } = await reportLeak(deps, caller, agent.id, { credential: 'deleted-run-ending', source: 'scan' });
+    expect(results).toEqual([{ credentialId: id, version: 1, action: 'deleted' }]);
+    const incidents = (await h.sql('SELECT status, rotation_id FROM leak_incidents WHERE credential_id = $1', [id])).rows;
+    expect(incidents).toEqual([{ status: 'closed', rotation_id: expect.any(String) }]);
+    expect((await h.sql('SELECT cancelled_at IS NOT NULL AS cancelled FROM rotations WHERE id = $1', [incidents[0].rotation_id])).rows).toEqual([{ cancelled: true }]);
+    expect((await h.sql(`SELECT status FROM mail_outbox WHERE purpose = 'leak.incident' AND recipients @> $1::text[] ORDER BY created_at`, [[owner]])).rows.map((r) => r.status)).toEqual([
+      'abandoned',
+      expect.stringMatching(/^(queued|sending|sent)$/),
+    ]);
+    await waitFor('the email about the deleted credential', async () => {
+      const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for deleted-run-ending (deleted; not rotated)');
+      return mails.length > 0 ? mails : undefined;
+    });
+    expect((await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for deleted-run-ending')).toEqual([]);
+    await expect(h.client.workflow.getHandle(`rotate:${id}`).describe()).rejects.toThrow(WorkflowNotFoundError);
+  });
+
   it("a leak of a deleted credential whose rotation still runs (in its grace period) is heard by that rotation: the leaked value is revoked at once", async () => {
     const value = 'sk_deleted_grace_leak_0001';
     const id = await deletedInGrace('deleted-grace-leak', value, 1);

@@ -203,6 +203,20 @@ async function respond(
   const newIncidentId = randomUUID();
   const mailId = incidentMailId(newIncidentId);
   const { meta, to } = await toldOfLeak(deps, t);
+  // Not rotated (deleted, or without a policy), its rotation running when looked at above: that run
+  // is signalled, none started. Ended meanwhile, the incident is closed before its email leaves
+  // (its run never started, the rotation reads as cancelled before it started), and the leak is told as
+  // one nothing rotates: a leak run started for it would fail at its first step, its emails saying
+  // rotating, then failed.
+  const unrotated = t.deleted || t.unmanaged;
+  const notHeard = async (incidentId: string, incidentRotationId: string): Promise<LeakResult> => {
+    await withTransaction(deps.pool, async (tx) => {
+      await tx.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = $1 AND status = 'open'`, [incidentId]);
+      await abandonMail(tx, incidentMailId(incidentId), 'the rotation it was for ended before the leak reached it; the credential is not rotated, so its leak was told without a rotation');
+      await tx.query('UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1', [incidentRotationId]);
+    });
+    return reportUnrotated(deps, t, body, actor);
+  };
   // The incident commits with its rotation's rows or not at all: an incident left open without a
   // rotation would make every later report only join it. A parallel report of the same credential
   // waits here for this one's commit, then joins.
@@ -307,7 +321,7 @@ async function respond(
         // the run it continued as: a run continued as new would take the incident for a new one.)
         const own = async () => incident.run_id !== null && (await latestRunOf(deps.client, workflowId, incident.run_id)).runId === latest.runId;
         // (An unrecorded incident's recording signals the run going, this one's or another: a run hears an incident once.)
-        if (running && unrecorded) await startLeakRun(deps, t, unrecorded, incident.id, incident.version);
+        if (running && unrecorded) running = await startLeakRun(deps, t, unrecorded, incident.id, incident.version, undefined, unrotated);
         else if (running && latest.runId !== incident.run_id && !(await own())) await handle.signal(leakSignal, { incidentId: incident.id, version: t.version });
       }
     } catch (err) {
@@ -334,7 +348,7 @@ async function respond(
         // answers. So the report starts it as the starter would have (one run per workflow id: a
         // run the starter got going meanwhile is signalled instead, and hears the incident once),
         // and hands the incident email over.
-        await startLeakRun(deps, t, incident.rotation_id, incident.id, incident.version, leftOver);
+        if (!(await startLeakRun(deps, t, incident.rotation_id, incident.id, incident.version, leftOver, unrotated))) return notHeard(incident.id, incident.rotation_id);
         await deliverIncidentMail(deps, incidentMailId(incident.id));
         if (newVersion) await signalLeak(handle, { incidentId: versionLeakId(incident.id, t.version), version: t.version });
         return joined();
@@ -364,7 +378,7 @@ async function respond(
       .query('UPDATE leak_incidents SET reports = reports - 1 WHERE id = $1 AND reports > 0', [incident.id])
       .catch(() => undefined)
       .then(() => Promise.reject(err));
-  await startLeakRun(deps, t, rotationId, incident.id, t.version, leftOver).catch(uncount);
+  if (!(await startLeakRun(deps, t, rotationId, incident.id, t.version, leftOver, unrotated).catch(uncount))) return notHeard(incident.id, rotationId);
   const rotating = { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, rotationId, action: 'rotating' as const };
   await deliverIncidentMail(deps, mailId).catch((err: unknown) => uncount(Object.assign(err as Error, { leakStarted: rotating })));
   return rotating;
