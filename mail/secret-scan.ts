@@ -1,4 +1,4 @@
-import { decodeHTML } from 'entities';
+import { decodeHTML, decodeHTMLAttribute } from 'entities';
 import { decodeBase32 } from '../core/base32';
 import { UnprocessableError } from '../core/errors';
 
@@ -8,10 +8,14 @@ import { UnprocessableError } from '../core/errors';
  * spellings, HTML character references), and for TOTP seeds the bare base32 secret and the hex of
  * its bytes. The subject is also read as a mail client shows it (RFC 2047 encoded words decoded),
  * the subject and text without the characters a client shows as nothing (U+200B, soft hyphen,
- * variation selectors: \p{Cf} and the default ignorables), and the html's text (markup dropped,
- * references decoded, any case). Encodings that tools wrap (base64) are also found with whitespace
- * between their characters, and the caseless forms that are written in groups (hex, a TOTP seed:
- * `JBSW Y3DP EHPK 3PXP`, `JBSW-Y3DP-…`, `6b:73:5f…`) with whitespace, `-`, `.`, `_` or `:` between them.
+ * variation selectors: \p{Cf} and the default ignorables), each text in the order its right-to-left
+ * overrides show it (RLO … PDF, `<bdo dir="rtl">`: see Display), the html's text (markup dropped,
+ * references decoded, any case), the html as a client shows it, with scripting off and images
+ * blocked (noscript's content rendered, an image's alt text in its place: see shownHtml), and the
+ * values of the attributes a client shows (SHOWN_ATTRIBUTES: alt, title, placeholder, …), each a
+ * text of its own. Encodings that tools wrap (base64) are also found with whitespace between their
+ * characters, and the caseless forms that are written in groups (hex, a TOTP seed: `JBSW Y3DP EHPK
+ * 3PXP`, `JBSW-Y3DP-…`, `6b:73:5f…`) with whitespace, `-`, `.`, `_` or `:` between them.
  * Values shorter than MIN_SCANNED_LENGTH are not matched: they would block ordinary words.
  * A subject with an encoded word in a charset the scan cannot read as a mail client does (see
  * READABLE_CHARSETS) is refused with an UnprocessableError (422), if no value is found in it first.
@@ -118,10 +122,14 @@ function prepared(message: ScannedMessage): Prepared {
   // Invisible format characters (zero-width space, soft hyphen) show as nothing in the subject and
   // the text part as they do in the html: `sk_live_\u200b51HxYz` reads as the value.
   const unread: string[] = [];
-  const subject = visible(decodedSubject(message.subject, unread));
+  const readSubject = decodedSubject(message.subject, unread);
+  const subject = visible(readSubject);
   const text = visible(message.text);
-  const rendered = message.html ? renderedText(message.html) : '';
-  const shown = [subject === message.subject ? '' : subject, text === message.text ? '' : text, rendered === message.html ? '' : rendered].filter(Boolean);
+  const html = message.html ? htmlTexts(message.html) : [];
+  // And in the order a right-to-left override shows them: `sk_live_51HxYz\u202EfEdCbA` reads as the
+  // value, which neither the text as written nor the value reversed holds. Made from the texts with
+  // their controls, before they are dropped as invisible (the html's in htmlTexts).
+  const shown = [subject === message.subject ? '' : subject, text === message.text ? '' : text, displayed(readSubject), displayed(message.text), ...html.filter((t) => t !== message.html)].filter(Boolean);
   const written = [...(message.to ?? []), message.subject, message.text, message.html ?? '', ...shown].join('\n');
   // Unicode's compatibility form too: a value in another normal form (`é` as e and a combining
   // accent) or in compatibility characters (fullwidth `ｓｋ＿ｌｉｖｅ`) reads the same.
@@ -142,11 +150,12 @@ function prepared(message: ScannedMessage): Prepared {
   // and fingerprints write hex). None of these is in the hex or base32 alphabet, so dropping them
   // joins only groups; base64url has `-` and `_` in its alphabet, so base64 keeps `unwrapped`.
   const ungrouped = unwrapped.replace(/[-._:]+/g, '');
+  const htmlText = html.join('\n');
   return {
     haystack: new Searchable(haystack),
     lower: new Searchable(haystack.toLowerCase()),
     // CSS (text-transform, small-caps) may show the html's text in another case than it is written in.
-    renderedLower: new Searchable(`${rendered}\n${rendered.normalize('NFKC')}`.toLowerCase()),
+    renderedLower: new Searchable(`${htmlText}\n${htmlText.normalize('NFKC')}`.toLowerCase()),
     // base64 tools wrap their output (`base64` at 76 columns, PEM at 64): a long value's encoding may
     // be split across lines. Hex and TOTP seeds are written in groups (`JBSW Y3DP EHPK 3PXP`, as
     // authenticator apps show a setup key and take it back), in either case.
@@ -316,18 +325,29 @@ const TAG_REST = String.raw`(?:[\s/]+|[^\s/>][^\s/>=]*(?:\s*=\s*(?:"[^"]*(?:"|$)
  * Markup, read in one pass left to right as the HTML tokenizer reads it, so that none hides in another:
  * an element whose content is text (`<textarea><!--</textarea>` holds no comment; the content is kept,
  * shown or not: refusing is the safe direction), a comment (`<!-->` and `--!>` end one too), a bogus
- * comment (`<!x>`, `<?x>`, `</1>`, which end at the first `>`), a tag.
+ * comment (`<!x>`, `<?x>`, `</1>`, which end at the first `>`), a tag. The element's name is group 1,
+ * its text group 2, `<plaintext>`'s group 3.
  */
-const MARKUP = new RegExp(
-  [
-    String.raw`<(script|style|textarea|title|xmp|iframe|noembed|noframes|noscript)(?=[\s/>])${TAG_REST}([\s\S]*?)(?=<\/\1[\s/>]|$)`,
-    String.raw`<plaintext(?=[\s/>])${TAG_REST}([\s\S]*)`,
-    String.raw`<!--(?:-?>|[\s\S]*?(?:--!?>|$))`,
-    String.raw`<(?:[!?]|\/(?![a-z]))[^>]*(?:>|$)`,
-    String.raw`<\/?[a-z][^\s/>]*${TAG_REST}`,
-  ].join('|'),
-  'gi',
-);
+function markupOf(textElements: string): RegExp {
+  return new RegExp(
+    [
+      String.raw`<(${textElements})(?=[\s/>])${TAG_REST}([\s\S]*?)(?=<\/\1[\s/>]|$)`,
+      String.raw`<plaintext(?=[\s/>])${TAG_REST}([\s\S]*)`,
+      String.raw`<!--(?:-?>|[\s\S]*?(?:--!?>|$))`,
+      String.raw`<(?:[!?]|\/(?![a-z]))[^>]*(?:>|$)`,
+      String.raw`<\/?[a-z][^\s/>]*${TAG_REST}`,
+    ].join('|'),
+    'gi',
+  );
+}
+
+/** As a browser with scripting on reads it: `<noscript>`'s content is text (and not shown). */
+const MARKUP = markupOf('script|style|textarea|title|xmp|iframe|noembed|noframes|noscript');
+/**
+ * As a mail client reads it: clients run no scripts, so `<noscript>`'s content is markup, rendered as
+ * the rest is (`sk_live_51<noscript><b>Hx</b></noscript>YzAbCdEf` shows the value).
+ */
+const MARKUP_SHOWN = markupOf('script|style|textarea|title|xmp|iframe|noembed|noframes');
 
 /**
  * The html's text as it renders: markup dropped (`sk_<b></b>live`, `sk_<!-- -->live` show the value
@@ -337,6 +357,343 @@ const MARKUP = new RegExp(
 function renderedText(html: string): string {
   return visible(decodeHTML(html.replace(MARKUP, (_markup, _element, text?: string, plain?: string) => text ?? plain ?? '')));
 }
+
+/**
+ * The html's texts to search, each without invisible characters: its rendered text (read with
+ * scripting on, noscript's content as text); as a client shows it, where that may differ (see
+ * shownHtml); and the attributes a client shows, each a text of its own, so that none joins the text
+ * around its element into a value it does not show.
+ */
+function htmlTexts(html: string): string[] {
+  const shown = shownHtml(html);
+  return [renderedText(html), ...(shown.differs ? [shown.text] : []), ...shown.attributes];
+}
+
+/**
+ * Attributes whose values a client shows or reads out: an image's alt text (with images blocked,
+ * as most clients start), a tooltip, a field's value or placeholder, an option's label, what a screen
+ * reader says. Values it does not show (href, src, data-*) are searched as written only.
+ */
+const SHOWN_ATTRIBUTES = new Set(['alt', 'title', 'placeholder', 'value', 'label', 'aria-label', 'aria-description']);
+
+/** One attribute of a tag: name, then a value in double, single or no quotes (unclosed, to the end, as TAG_REST reads it). */
+const ATTRIBUTE = /([^\s/>][^\s/>=]*)(?:\s*=\s*(?:"([^"]*)"?|'([^']*)'?|([^\s>]*)))?/g;
+
+/** A tag's attributes by lowercase name, the first of a name kept (as a browser keeps it), values as written. */
+function attributesOf(tag: string): Map<string, string> {
+  const out = new Map<string, string>();
+  ATTRIBUTE.lastIndex = 0;
+  for (let match = ATTRIBUTE.exec(tag); match; match = ATTRIBUTE.exec(tag)) {
+    const [, name = '', double, single, bare] = match;
+    const key = name.toLowerCase();
+    if (!out.has(key)) out.set(key, double ?? single ?? bare ?? '');
+  }
+  return out;
+}
+
+/**
+ * Elements that are lines of their own (blocks; each is a bidi paragraph, which an override around it
+ * does not reach), as a browser's style sheet has them; an element that CSS makes a block is not known.
+ */
+const BLOCKS = new Set(
+  'address article aside blockquote body caption center dd details dialog dir div dl dt fieldset figcaption figure footer form h1 h2 h3 h4 h5 h6 head header hgroup hr html legend li listing main menu nav ol optgroup option p plaintext pre search section summary table tbody td textarea tfoot th thead tr ul xmp'.split(' '),
+);
+
+/**
+ * The html as a mail client shows it: no scripts run (noscript's content is markup, MARKUP_SHOWN),
+ * images blocked (an `<img>`'s or image button's alt text stands in its place, a unit of its own, as
+ * a broken image's box is), and `<bdo>` elements and bidi controls laid out (Display), each block,
+ * `<br>` and line of the source a line of its own. Its text (`differs`) is searched only where it can
+ * show what the rendered text does not: an override reversed a run, an alt text stood in, or noscript
+ * was read as markup. Where a `<bdo>` ends follows the tree builder roughly: at its end tag, unless a
+ * block opened inside it is still open, or when a block it is in ends (a block's start tag ends an
+ * open `<p>`, as in standards mode); inside a block opened within it, it has no effect (the block is
+ * a paragraph of its own, and the override is not inherited). An element that CSS makes a block, or
+ * makes an override (`unicode-bidi: bidi-override`), is not known. Also the values of
+ * SHOWN_ATTRIBUTES in every tag, references decoded as in an attribute.
+ */
+function shownHtml(html: string): { text: string; attributes: string[]; differs: boolean } {
+  // The open blocks and `<bdo>` elements, innermost last (other elements do not change the order of the text).
+  const open: { name: string; opening?: Opening }[] = [];
+  const counts = new Map<string, number>();
+  let ignoredBdo = 0;
+  // A line starts inside the `<bdo>` elements opened in its block (a block's own line is not overridden).
+  let inside: Opening[] | undefined;
+  const overrides = (): Opening[] => {
+    if (inside) return inside;
+    let i = open.length;
+    while (i > 0 && open[i - 1]!.opening) i--;
+    return (inside = open.slice(i).map((entry) => entry.opening!));
+  };
+  const push = (entry: { name: string; opening?: Opening }) => {
+    open.push(entry);
+    counts.set(entry.name, (counts.get(entry.name) ?? 0) + 1);
+    inside = undefined;
+  };
+  const popTo = (name: string) => {
+    if (!counts.get(name)) return;
+    inside = undefined;
+    for (let entry = open.pop(); entry; entry = open.pop()) {
+      counts.set(entry.name, counts.get(entry.name)! - 1);
+      if (entry.name === name) return;
+    }
+  };
+  const display = new Display(overrides);
+  const attributes = new Set<string>();
+  let differs = false;
+  let pending = '';
+  const flush = () => {
+    if (pending) display.write(pending.includes('&') ? decodeHTML(pending) : pending);
+    pending = '';
+  };
+  let at = 0;
+  for (const match of html.matchAll(MARKUP_SHOWN)) {
+    const [markup] = match;
+    const content = match[2] ?? match[3];
+    pending += html.slice(at, match.index);
+    at = match.index + markup.length;
+    const tag = /^<(\/?)([a-z][^\s/>]*)/i.exec(markup);
+    if (tag) {
+      const closing = tag[1] === '/';
+      const name = tag[2]!.toLowerCase();
+      const attrs = closing ? new Map<string, string>() : attributesOf(markup.slice(tag[0].length, markup.length - (content?.length ?? 0)));
+      for (const [key, value] of attrs) if (SHOWN_ATTRIBUTES.has(key)) attributes.add(visible(decodeHTMLAttribute(value)));
+      if (name === 'noscript') differs = true;
+      if (name === 'bdo') {
+        flush();
+        if (!closing) {
+          // Nested deeper than Unicode's 125 levels, further ones are not followed (nor their end tags).
+          if (overrides().length >= MAX_BIDI_DEPTH) ignoredBdo++;
+          else {
+            const opening = { reversed: decodeHTMLAttribute(attrs.get('dir') ?? '').toLowerCase() === 'rtl', isolate: true, element: true };
+            push({ name, opening });
+            display.enter(opening);
+          }
+        } else if (ignoredBdo) ignoredBdo--;
+        else if (open.at(-1)?.name === 'bdo') {
+          popTo(name);
+          display.closeElement();
+        }
+      } else if (name === 'br' || BLOCKS.has(name)) {
+        flush();
+        if (closing && name !== 'br') popTo(name);
+        else if (name !== 'br') {
+          popTo('p');
+          if (name !== 'hr') push({ name });
+        }
+        display.break();
+      } else if (!closing && (name === 'img' || (name === 'input' && attrs.get('type')?.toLowerCase() === 'image')) && attrs.get('alt')) {
+        flush();
+        display.enter({ reversed: false, isolate: true, element: true });
+        display.write(decodeHTMLAttribute(attrs.get('alt')!).replace(LINE_BREAKS, ' '));
+        display.closeElement();
+        differs = true;
+      }
+    }
+    if (content) pending += content;
+  }
+  pending += html.slice(at);
+  flush();
+  attributes.delete('');
+  return { text: visible(display.done()), attributes: [...attributes], differs: differs || display.reorders };
+}
+
+/**
+ * The text in the order a right-to-left override shows it, without invisible characters; '' if no
+ * override is in it (the text as written and without them is searched already).
+ */
+function displayed(text: string): string {
+  if (!/[\u202a-\u202e\u2066-\u2069]/.test(text)) return '';
+  // A paragraph separator ends every embedding, override and isolate; U+2028 ends only the line.
+  const display = new Display((separator, open) => (separator === '\u2028' ? open : []));
+  display.write(text);
+  return display.reorders ? visible(display.done()) : '';
+}
+
+/** Unicode's limit on nested embeddings, overrides and isolates (UAX #9 max_depth). */
+const MAX_BIDI_DEPTH = 125;
+/** Line and paragraph separators: `\r\n`, `\n`, `\r`, NEL, the information separators (bidi class B), U+2028, U+2029. */
+// eslint-disable-next-line no-control-regex -- the information separators end a bidi paragraph
+const LINE_BREAK = /(\r\n?|[\n\x1c-\x1e\x85\u2028\u2029])/;
+const LINE_BREAKS = new RegExp(LINE_BREAK.source, 'g');
+/** Bidi controls that open or close a span: LRE RLE PDF LRO RLO, LRI RLI FSI PDI. */
+const BIDI_CONTROLS = /[\u202a-\u202e\u2066-\u2069]/g;
+
+/** How a span of text is laid out. */
+interface Opening {
+  /** A right-to-left override (RLO, `<bdo dir="rtl">`): what is in it shows in reverse order. */
+  reversed: boolean;
+  /** An isolate (LRI, RLI, FSI, an element): a PDF inside it does not end what is around it. */
+  isolate: boolean;
+  /** Opened by an element (`<bdo>`, an alt text): only its end ends it, no control in its text. */
+  element: boolean;
+}
+
+/** The line's outermost span: left to right, not ended by any control. */
+const ROOT: Opening = { reversed: false, isolate: false, element: false };
+
+interface Span extends Opening {
+  parts: (string | Span)[];
+}
+
+function spanOf({ reversed, isolate, element }: Opening): Span {
+  return { reversed, isolate, element, parts: [] };
+}
+
+/**
+ * Text laid out line by line in the order its overrides show it. Of the Unicode bidirectional
+ * algorithm (UAX #9) it follows what reorders Latin text: a right-to-left override (RLO … PDF, or
+ * `<bdo dir="rtl">`) shows what it holds in reverse order, characters and nested spans alike, each
+ * nested span laid out by its own direction (`\u202Eab\u202Dcd\u202Cef` shows `fecdba`). Embeddings
+ * (LRE, RLE), left-to-right overrides and isolates keep their content's order; within an override
+ * they stand as a unit. PDF ends the innermost span if it is an embedding or override (not an
+ * isolate), PDI the innermost isolate with the spans open inside it, neither an element's span; an
+ * unterminated span runs to the end of its line or paragraph (`reopened` says which spans a new line
+ * starts inside). Spans nested deeper than Unicode's 125 levels are not followed. What it does not
+ * follow: the reordering of runs by the direction of their letters (Hebrew, Arabic, RLM) and of the
+ * paragraph, which moves words, not the characters of one.
+ */
+class Display {
+  private readonly lines: string[] = [];
+  private root = spanOf(ROOT);
+  /** The spans the line started inside (see top), the first `carriedOpen` of them still open, and the innermost one's Span once made. */
+  private carried: Opening[] = [];
+  private carriedOpen = 0;
+  private carriedSpan?: Span;
+  /** The spans opened in the line, innermost last: inside the carried ones. */
+  private spans: Span[] = [];
+  private overflow = 0;
+  /** Whether a right-to-left override was opened: else the text shows in the order it is written. */
+  reorders = false;
+
+  /** reopened: the spans a line starts inside, given the separator that ended the last and the spans open at its end. */
+  constructor(private readonly reopened: (separator: string, open: Opening[]) => Opening[]) {}
+
+  /** Text with bidi controls and line breaks in it. */
+  write(text: string): void {
+    const pieces = text.split(LINE_BREAK);
+    for (let i = 0; i < pieces.length; i++) {
+      if (i % 2) this.break(pieces[i]!);
+      else this.line(pieces[i]!);
+    }
+  }
+
+  /** Ends the line (`<br>`, a block, a line break in the text). */
+  break(separator = '\n'): void {
+    const open = this.carriedOpen === this.carried.length && !this.spans.length ? this.carried : [...this.carried.slice(0, this.carriedOpen), ...this.spans];
+    const carried = this.reopened(separator, open);
+    this.lines.push(this.shown());
+    this.root = spanOf(ROOT);
+    this.carried = carried;
+    this.carriedOpen = Math.min(carried.length, MAX_BIDI_DEPTH);
+    this.carriedSpan = undefined;
+    this.spans = [];
+    this.overflow = 0;
+  }
+
+  enter(opening: Opening): void {
+    if (1 + this.carriedOpen + this.spans.length > MAX_BIDI_DEPTH) {
+      this.overflow++;
+      return;
+    }
+    const span = spanOf(opening);
+    this.top().parts.push(span);
+    this.spans.push(span);
+    if (opening.reversed) this.reorders = true;
+  }
+
+  /** Ends the innermost element's span, and any span opened inside it. */
+  closeElement(): void {
+    if (this.overflow) this.overflow--;
+    else this.close((span) => span.element);
+  }
+
+  /** The lines laid out, one after another. */
+  done(): string {
+    this.lines.push(this.shown());
+    return this.lines.join('\n');
+  }
+
+  /**
+   * The innermost open span. One carried from the line before is made only when something is put in
+   * it (a line inside 125 spans would make them all, on every line): until then it holds nothing,
+   * and those carried around it hold nothing but it, which shows as it does, so each made one stands
+   * in the root in their place.
+   */
+  private top(): Span {
+    if (this.spans.length) return this.spans.at(-1)!;
+    if (!this.carriedOpen) return this.root;
+    if (!this.carriedSpan) {
+      const span = spanOf(this.carried[this.carriedOpen - 1]!);
+      if (this.root.parts.length) span.parts.push(this.root.parts.pop()!);
+      this.root.parts.push(span);
+      this.carriedSpan = span;
+    }
+    return this.carriedSpan;
+  }
+
+  private line(text: string): void {
+    let from = 0;
+    BIDI_CONTROLS.lastIndex = 0;
+    for (let match = BIDI_CONTROLS.exec(text); match; match = BIDI_CONTROLS.exec(text)) {
+      const [control] = match;
+      this.text(text.slice(from, match.index));
+      from = match.index + 1;
+      if (control === '\u202c' || control === '\u2069') {
+        if (this.overflow) this.overflow--;
+        // PDF ends the innermost embedding or override, if no isolate is opened inside it.
+        else if (control === '\u202c') this.close((span) => !span.isolate, true);
+        else this.close((span) => span.isolate && !span.element);
+      } else this.enter({ reversed: control === '\u202e', isolate: control >= '\u2066', element: false });
+    }
+    this.text(text.slice(from));
+  }
+
+  /**
+   * Ends the innermost span `stop` picks (the innermost only, if `innermost`), with the spans opened
+   * inside it; none outside an element's span, unless it is the one picked: an element ends at its
+   * end tag, no control in its text.
+   */
+  private close(stop: (span: Opening) => boolean, innermost = false): void {
+    for (let i = this.spans.length - 1; i >= 0; i--) {
+      const span = this.spans[i]!;
+      if (stop(span)) {
+        this.spans.length = i;
+        return;
+      }
+      if (span.element || innermost) return;
+    }
+    for (let i = this.carriedOpen - 1; i >= 0; i--) {
+      const span = this.carried[i]!;
+      if (stop(span)) {
+        this.spans.length = 0;
+        this.carriedOpen = i;
+        this.carriedSpan = undefined;
+        return;
+      }
+      if (span.element || innermost) return;
+    }
+  }
+
+  private text(text: string): void {
+    if (text) this.top().parts.push(text);
+  }
+
+  private shown(): string {
+    const out: string[] = [];
+    this.lay(this.root, out);
+    return out.join('');
+  }
+
+  private lay({ reversed, parts }: Span, out: string[]): void {
+    for (let i = 0; i < parts.length; i++) {
+      const part = parts[reversed ? parts.length - 1 - i : i]!;
+      if (typeof part !== 'string') this.lay(part, out);
+      else out.push(reversed ? [...part].reverse().join('') : part);
+    }
+  }
+}
+
 
 /**
  * Text without the characters a client shows as nothing: format characters (\p{Cf}: soft hyphen,

@@ -209,6 +209,30 @@ describe('mail.send', () => {
     expect(delivered!.mail.subject).toBe('Café menu');
   });
 
+  it('refuses (422) a value shown by an override of part of it, inside noscript, or in an alt text with an invisible character; ordinary html with alt texts is sent', async () => {
+    const sender = await h.createIdentity();
+    const value = h.secret('sk_live_51HxYzAbCdEf');
+    expect((await h.api('POST', '/v1/vault.store', { token: sender.token, body: { name: 'stripe-live', kind: 'api_key', value } })).status).toBe(201);
+    const to = `shown-${randomUUID().slice(0, 8)}@example.com`;
+    const queued = Number((await h.sql('SELECT count(*) FROM mail_outbox')).rows[0].count);
+    // Before, each of these was a 202 and sent: a client shows sk_live_51HxYzAbCdEf in each.
+    for (const body of [
+      { subject: 'key', text: 'sk_live_51HxYz\u202efEdCbA\u202c' },
+      { subject: 'key', text: 'see html', html: '<p>sk_live_51HxYz<bdo dir="rtl">fEdCbA</bdo></p>' },
+      { subject: 'key', text: 'see html', html: 'sk_live_51<noscript><b>Hx</b></noscript>YzAbCdEf' },
+      { subject: 'key', text: 'see html', html: '<img src="cid:none" alt="sk_live_&#8203;51HxYzAbCdEf">' },
+    ]) {
+      const res = await h.api('POST', '/v1/mail.send', { token: sender.token, body: { to: [to], ...body } });
+      expect(res.status, JSON.stringify(body)).toBe(422);
+      expect(res.body).toMatchObject({ type: 'https://mailgent.dev/problems/secret-in-message', detail: expect.stringContaining("'stripe-live'") });
+    }
+    expect(Number((await h.sql('SELECT count(*) FROM mail_outbox')).rows[0].count)).toBe(queued);
+    const html = '<img src="cid:logo" alt="Acme logo"><p dir="rtl" title="Rotation">שלום <bdo dir="rtl">עולם</bdo>, the key was rotated.</p>';
+    const sent = await h.api('POST', '/v1/mail.send', { token: sender.token, body: { to: [to], subject: 'Rotated', text: 'The key was rotated \u202eשלום\u202c.', html } });
+    expect(sent.status, sent.text).toBe(202);
+    expect(await waitForMail(to)).toHaveLength(1);
+  });
+
   it('a grantee cannot mail a value granted to it: it may read it, not pass it on', async () => {
     const owner = await h.createIdentity();
     const grantee = await h.createIdentity();

@@ -258,6 +258,92 @@ describe('finding a stored secret in a message', () => {
     }
   });
 
+  it('finds the value shown by an override of part of it: RLO … PDF, to the end of the line, `<bdo dir="rtl">`', () => {
+    const long = [{ name: 'long', value: 'sk_live_51HxYzAbCdEf' }];
+    // Before, each of these went out: only the value reversed whole was searched, and the text with the controls dropped.
+    for (const message of [
+      { subject: 's', text: 'key sk_live_51HxYz\u202efEdCbA\u202c, keep it' },
+      { subject: 's', text: 'first line\r\nkey sk_live_51HxYz\u202efEdCbA\nnext line' }, // unterminated: to the end of its line
+      { subject: 'sk_live_51HxYz\u202efEdCbA', text: 'hi' },
+      { subject: '=?UTF-8?Q?sk=5Flive=5F51HxYz=E2=80=AEfEdCbA?=', text: 'hi' },
+      { subject: 's', text: 'hi', html: '<p>sk_live_51HxYz<bdo dir="rtl">fEdCbA</bdo></p>' },
+      { subject: 's', text: 'hi', html: "sk_live_51HxYz<BDO class=k DIR='Rtl'>fEdCbA</BDO>" },
+      { subject: 's', text: 'hi', html: 'sk_live_51HxYz<bdo dir=rtl>f<b>Ed</b>CbA</bdo>' },
+      { subject: 's', text: 'hi', html: 'sk_live_51HxYz<bdo dir=rtl>fEdCbA' }, // unclosed: to the end
+      { subject: 's', text: 'hi', html: 'sk_live_51HxYz&#x202E;fEdCbA&#x202C;' },
+      // Nested: an inner span stands as a unit in the outer's reversed order, laid out by its own direction.
+      { subject: 's', text: 'sk_live_51HxYz\u202efE\u202dCd\u202cbA\u202c' }, // RLO fE LRO Cd PDF bA PDF
+      { subject: 's', text: 'sk_live_51HxYz\u202ef\u202eEdCb\u202cA' }, // RLO f RLO EdCb PDF A
+      { subject: 's', text: 'sk_live_51HxYz\u202efE\u2066C\u202cd\u2069bA\u202c' }, // RLO fE LRI C PDF d PDI bA PDF: a PDF in an isolate ends nothing
+      { subject: 's', text: 'hi', html: 'sk_live_51HxYz<bdo dir=rtl>fE<bdo dir=ltr>Cd</bdo>bA</bdo>' },
+      // A `<bdo>` goes on after a `<br>` (its line is laid out by itself), and ends with the block it is in.
+      { subject: 's', text: 'hi', html: '<bdo dir="rtl">junk<br>zYxH15_evil_ks</bdo>AbCdEf' },
+      { subject: 's', text: 'hi', html: '<p><bdo dir="rtl">junk</p>sk_live_51HxYz<bdo dir="rtl">fEdCbA</bdo>' },
+    ]) {
+      expect(findStoredValue(message, long), JSON.stringify(message)).toBe('long');
+    }
+  });
+
+  it('passes right-to-left text with overrides that show no value', () => {
+    const long = [{ name: 'long', value: 'sk_live_51HxYzAbCdEf' }];
+    for (const message of [
+      { subject: '\u202eשלום עולם\u202c', text: 'מספר ההזמנה \u202e12345\u202c נשלח. مرحبا \u202eبالعالم\u202c sk_live_51HxYz' },
+      { subject: 's', text: 'hi', html: '<p dir="rtl">שלום <bdo dir="rtl">עולם</bdo> <bdi>sk_live</bdi></p>' },
+      // An override ends at the end of its line: the next line is not reversed with it.
+      { subject: 's', text: 'sk_live_51HxYz\u202ejunk\nfEdCbA' },
+      // A PDF ends only the override, and an embedding (RLE) keeps Latin text in its order.
+      { subject: 's', text: 'sk_live_51HxYz\u202eknuj\u202cfEdCbA \u202bfEdCbA\u202c' },
+      // A block opened inside a `<bdo>` is a line of its own, which the override does not reach.
+      { subject: 's', text: 'hi', html: '<bdo dir="rtl">x<div>sk_live_51HxYzfEdCbA</div></bdo>' },
+    ]) {
+      expect(findStoredValue(message, long), JSON.stringify(message)).toBeUndefined();
+    }
+  });
+
+  it("reads noscript's content as markup, as a mail client (scripting off) renders it; and still as text", () => {
+    const long = [{ name: 'long', value: 'sk_live_51HxYzAbCdEf' }];
+    // Before, these went out: noscript's content was kept as text, tags and all.
+    for (const html of ['sk_live_51<noscript><b>Hx</b></noscript>YzAbCdEf', '<p>sk_live_<NOSCRIPT><span class="x">51HxYz</span><!-- --></NOSCRIPT>AbCdEf</p>']) {
+      expect(findStoredValue({ subject: 's', text: 'hi', html }, long), html).toBe('long');
+    }
+    // As a browser with scripting on reads it, a comment in it does not hide what follows its end tag.
+    expect(findStoredValue({ subject: 's', text: 'hi', html: '<noscript><!--</noscript>sk_live_<b></b>51HxYzAbCdEf-->' }, long)).toBe('long');
+    expect(findStoredValue({ subject: 's', text: 'hi', html: '<noscript><p>Turn on images to see the <b>chart</b>.</p></noscript><p>Rotated.</p>' }, long)).toBeUndefined();
+  });
+
+  it('finds the value in an attribute a client shows, without invisible characters, and an alt text in its image\'s place', () => {
+    const long = [{ name: 'long', value: 'sk_live_51HxYzAbCdEf' }];
+    // Before, each of these went out: attributes were searched only as written, invisible characters and all.
+    for (const html of [
+      '<img src="cid:none" alt="sk_live_&#8203;51HxYzAbCdEf">',
+      '<img src=cid:none alt=sk_live_&#8203;51HxYzAbCdEf>',
+      "<abbr title='sk_live_&shy;51HxYzAbCdEf'>key</abbr>",
+      '<input placeholder="sk_live_\u200b51HxYzAbCdEf">',
+      '<input value="sk_live_&#x2060;51HxYz&#xFE0F;AbCdEf" readonly>',
+      '<button ARIA-LABEL="sk_live_&ZeroWidthSpace;51HxYzAbCdEf">copy</button>',
+      '<select><option label="sk_live_&#173;51HxYzAbCdEf">1</option></select>',
+      // With images blocked, an alt text shows where its image stands.
+      'sk_live_<img src="cid:none" alt="51HxYz">AbCdEf',
+      'sk_live_<input type=IMAGE src="cid:none" alt="51HxYz&#8203;">AbCdEf',
+    ]) {
+      expect(findStoredValue({ subject: 's', text: 'hi', html }, long), html).toBe('long');
+    }
+    // Any case, as CSS may show it.
+    expect(findStoredValue({ subject: 's', text: 'hi', html: '<img alt="SK_LIVE_&#8203;51HXYZABCDEF" style="text-transform:lowercase">' }, [{ name: 'lower', value: 'sk_live_51hxyzabcdef' }])).toBe('lower');
+  });
+
+  it('passes ordinary html with alt texts and titles, and does not join an attribute to the text beside it', () => {
+    const long = [{ name: 'long', value: 'sk_live_51HxYzAbCdEf' }];
+    const html =
+      '<html><body><img src="cid:logo" alt="Acme logo" width="120"><p title="Rotation report">Hello <b>Ada</b>,</p><p><img src="cid:chart" alt="Chart: 3 keys rotated">' +
+      '<input type="text" value="Ada" placeholder="Your name" aria-label="Name"> <a href="https://x.example/r?id=1" title="Open the report">report</a></p></body></html>';
+    expect(findStoredValue({ subject: 'Rotation done', text: 'hi', html }, [...stored, ...long])).toBeUndefined();
+    // Shown apart (a tooltip, a field), an attribute's value does not run into the text around its element.
+    for (const html of ['<span title="sk_live_&#8203;">51HxYzAbCdEf</span>', '<input value="sk_live_51HxYz">AbCdEf', '<a href="x" title="sk_live_51Hx\u200b">YzAbCdEf</a>']) {
+      expect(findStoredValue({ subject: 's', text: 'hi', html }, long), html).toBeUndefined();
+    }
+  });
+
   it('finds base64 and the value in a URL whose query string escapes them', () => {
     const tricky = { name: 'tricky', value: 'Tr0ub4dor&3?>?>zz~~' };
     const base64 = Buffer.from(tricky.value).toString('base64');
