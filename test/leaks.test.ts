@@ -57,6 +57,15 @@ describe('POST /v1/leaks', () => {
     const workflow = Object.create(h.client.workflow, { signalWithStart: { value: async () => Promise.reject(new Error('14 UNAVAILABLE: the connection was lost')) } });
     return { ...depsLosingStarts(), client: Object.create(h.client, { workflow: { value: workflow } }) };
   };
+  /** The one email with this subject, once it has arrived (none other with it by then). */
+  const onlyEmail = async (subject: string) => {
+    const [told, ...more] = await waitFor(`the email '${subject}'`, async () => {
+      const mails = (await readMailbox()).filter((m) => m.mail.subject === subject);
+      return mails.length > 0 ? mails : undefined;
+    });
+    expect(more).toEqual([]);
+    return told!;
+  };
   /** The incident emails of a credential's leak, once at least one has arrived. */
   const incidentEmails = (name: string) =>
     waitFor('the incident email', async () => {
@@ -744,14 +753,10 @@ describe('POST /v1/leaks', () => {
     const byValue = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256(value), source: 'paste-site-scan' } });
     expect(byValue.status, byValue.text).toBe(202);
     expect(byValue.body).toEqual({ results: [{ credentialId: id, version: 1, action: 'deleted' }] });
-    const [told, ...more] = await waitFor('the email about the deleted credential', async () => {
-      const mails = (await readMailbox()).filter((m) => m.mail.subject === subject);
-      return mails.length > 0 ? mails : undefined;
-    });
-    expect(more).toEqual([]);
-    expect(recipients(told!.mail)).toEqual(expect.arrayContaining([security, owner]));
-    expect(told!.mail.text).toContain('does not rotate it');
-    expect(told!.mail.text).toContain(`POST /v1/credentials/${id}/restore`);
+    const told = await onlyEmail(subject);
+    expect(recipients(told.mail)).toEqual(expect.arrayContaining([security, owner]));
+    expect(told.mail.text).toContain('does not rotate it');
+    expect(told.mail.text).toContain(`POST /v1/credentials/${id}/restore`);
     // Not rotated, not restored, no incident.
     expect((await h.sql('SELECT deleted_at IS NOT NULL AS deleted, current_version FROM credentials WHERE id = $1', [id])).rows).toEqual([{ deleted: true, current_version: 1 }]);
     expect((await h.sql('SELECT count(*)::int AS n FROM leak_incidents WHERE credential_id = $1', [id])).rows[0].n).toBe(0);
@@ -794,15 +799,11 @@ describe('POST /v1/leaks', () => {
     const byValue = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256(value), source: 'repo-scanner' } });
     expect(byValue.status, byValue.text).toBe(202);
     expect(byValue.body).toEqual({ results: [{ credentialId: id, version: 1, action: 'no-policy' }] });
-    const [told, ...more] = await waitFor('the email about the unrotated credential', async () => {
-      const mails = (await readMailbox()).filter((m) => m.mail.subject === subject);
-      return mails.length > 0 ? mails : undefined;
-    });
-    expect(more).toEqual([]);
-    expect(recipients(told!.mail)).toEqual(expect.arrayContaining([security, owner]));
-    expect(told!.mail.text).toContain('no rotation policy, so Mailgent cannot rotate it');
-    expect(told!.mail.text).toContain(`PATCH /v1/credentials/${id}`);
-    expect(told!.mail.text).not.toContain(value);
+    const told = await onlyEmail(subject);
+    expect(recipients(told.mail)).toEqual(expect.arrayContaining([security, owner]));
+    expect(told.mail.text).toContain('no rotation policy, so Mailgent cannot rotate it');
+    expect(told.mail.text).toContain(`PATCH /v1/credentials/${id}`);
+    expect(told.mail.text).not.toContain(value);
     expect(await current('no-policy-leak')).toMatchObject({ version: 1, value });
     expect(await revokedVersions(id)).toEqual([]);
     expect((await h.sql('SELECT count(*)::int AS n FROM leak_incidents WHERE credential_id = $1', [id])).rows[0].n).toBe(0);
@@ -829,11 +830,8 @@ describe('POST /v1/leaks', () => {
     // Before: a leak rotation that failed at its plan ("a generated value would not be a TOTP seed"), its emails saying rotating, then failed.
     const reported = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'leaked-totp-seed', source: 'screenshot-scan' } });
     expect(reported.body).toEqual({ results: [{ credentialId: res.body.id, version: 1, action: 'no-policy' }] });
-    const [told] = await waitFor('the email about the leaked seed', async () => {
-      const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for leaked-totp-seed (no rotation policy; not rotated)');
-      return mails.length > 0 ? mails : undefined;
-    });
-    expect(told!.mail.text).toContain('enrol a new seed with its service');
+    const told = await onlyEmail('[mailgent] SECURITY: leak reported for leaked-totp-seed (no rotation policy; not rotated)');
+    expect(told.mail.text).toContain('enrol a new seed with its service');
     await expect(h.client.workflow.getHandle(`rotate:${res.body.id}`).describe()).rejects.toThrow(WorkflowNotFoundError);
   });
 
@@ -862,10 +860,7 @@ describe('POST /v1/leaks', () => {
       'abandoned',
       expect.stringMatching(/^(queued|sending|sent)$/),
     ]);
-    await waitFor('the email about the deleted credential', async () => {
-      const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for deleted-run-ending (deleted; not rotated)');
-      return mails.length > 0 ? mails : undefined;
-    });
+    await onlyEmail('[mailgent] SECURITY: leak reported for deleted-run-ending (deleted; not rotated)');
     expect((await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for deleted-run-ending')).toEqual([]);
     await expect(h.client.workflow.getHandle(`rotate:${id}`).describe()).rejects.toThrow(WorkflowNotFoundError);
   });
