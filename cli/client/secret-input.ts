@@ -5,8 +5,9 @@ import { type CliError, usageError } from './errors';
  * Where a secret value comes from. Never from a plain argv flag: argv is visible to every user in
  * `ps`. In order: --value-file (`-` = stdin), --value-env NAME, piped stdin, else a prompt that
  * does not echo. Stdin that is a terminal is read through that prompt, `--value-file -` too (read
- * as a pipe is, what was typed was echoed). One trailing newline (what `echo` and editors add) is
- * dropped. It must be UTF-8 text (see utf8).
+ * as a pipe is, what was typed was echoed), which then takes every line, as a file does, up to
+ * Ctrl-D (a PEM key pasted whole). One trailing newline (what `echo` and editors add) is dropped.
+ * It must be UTF-8 text (see utf8).
  */
 export async function readSecret(opts: { file?: string; envName?: string; what: string }): Promise<string> {
   let value: string;
@@ -34,7 +35,10 @@ export async function readSecret(opts: { file?: string; envName?: string; what: 
     value = utf8(await readStdin(), opts.what, 'stdin');
   } else {
     // A terminal (`--value-file -` on one too): never read in cooked mode, which echoes each key.
-    value = await prompt(`${opts.what}: `, opts.what);
+    // Asked for as a file, all its lines up to Ctrl-D: ended at the first line, a pasted key was
+    // stored cut short, and its other lines went on to the shell.
+    const lines = opts.file === '-';
+    value = await prompt(`${opts.what}${lines ? ' (every line up to Ctrl-D)' : ''}: `, opts.what, lines);
   }
   value = value.replace(/\r?\n$/, '');
   if (!value) throw usageError(`the ${opts.what.toLowerCase()} is empty`);
@@ -68,18 +72,20 @@ function notText(what: string, from: string, why = ''): CliError {
 }
 
 /**
- * Reads a line from the terminal without echoing it. What is typed must be UTF-8 as well: a terminal
+ * Reads a line from the terminal without echoing it (`lines`: every line, up to Ctrl-D; a line break
+ * typed or pasted, CR, LF or CRLF, is kept as LF). What is typed must be UTF-8 as well: a terminal
  * set to Latin-1 sends `ä` as the one byte 0xe4, which decoding with replacement (setEncoding) made
  * U+FFFD. Decoded as it comes (stream: a character's bytes may arrive apart), refused at the first
  * byte that cannot be UTF-8.
  */
-function prompt(question: string, what: string): Promise<string> {
+function prompt(question: string, what: string, lines = false): Promise<string> {
   const { stdin, stderr } = process;
   stderr.write(question);
   stdin.setRawMode(true);
   stdin.resume();
   const decoder = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
   let value = '';
+  let afterCr = false;
   return new Promise((resolve, reject) => {
     const finish = () => {
       stdin.off('data', onData);
@@ -97,6 +103,12 @@ function prompt(question: string, what: string): Promise<string> {
         return;
       }
       for (const ch of chunk) {
+        const crlf = afterCr && ch === '\n';
+        afterCr = ch === '\r';
+        if (lines && (ch === '\r' || ch === '\n')) {
+          if (!crlf) value += '\n';
+          continue;
+        }
         if (ch === '\r' || ch === '\n' || ch === '\u0004') {
           finish();
           resolve(value);

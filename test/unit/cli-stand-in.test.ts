@@ -489,17 +489,18 @@ describe('mailgent CLI against a stand-in API', () => {
       (req) => (req.url === '/v1/leaks' ? { status: 200, body: { results: [] } } : { status: 201, body: stored }),
       async (url, seen) => {
         const onTerminal = { url, stdinTty: true, recordRawMode: true };
-        // Enter ends the value, as Ctrl-D does; what follows it is not part of it.
-        const store = await mailgent(['store', 'stripe', '--value-file', '-'], { ...onTerminal, input: 'sk_live_SECRET_typed\rnot this' });
-        const leak = await mailgent(['leak', '--value-file', '-', '--json'], { ...onTerminal, input: 'sk_live_SECRET_typed\u0004' });
-        for (const [run, question] of [[store, 'Value of stripe: '], [leak, 'Leaked value: ']] as const) {
+        // As a file is read: every line (Enter, or a pasted line break, CR, LF or CRLF, kept as LF), up to Ctrl-D; one trailing newline dropped.
+        const store = await mailgent(['store', 'stripe', '--value-file', '-'], { ...onTerminal, input: '-----BEGIN KEY-----\rsk_live_SECRET\r\n-----END KEY-----\n\u0004not this' });
+        const leak = await mailgent(['leak', '--value-file', '-', '--json'], { ...onTerminal, input: 'sk_live_SECRET_typed\r\u0004' });
+        const question = (what: string) => `${what} (every line up to Ctrl-D): `;
+        for (const [run, asked] of [[store, question('Value of stripe')], [leak, question('Leaked value')]] as const) {
           expect(run.code, run.stderr).toBe(0);
           // The prompt: its question, raw mode (no echo) on while the value is typed, then off again.
-          expect(run.stderr).toContain(`${question}[raw true][raw false]\n`);
+          expect(run.stderr).toContain(`${asked}[raw true][raw false]\n`);
           expect(run.stdout + run.stderr).not.toContain('SECRET');
         }
         expect(seen.map((r) => JSON.parse(r.body) as Record<string, unknown>)).toEqual([
-          expect.objectContaining({ value: 'sk_live_SECRET_typed' }),
+          expect.objectContaining({ value: '-----BEGIN KEY-----\nsk_live_SECRET\n-----END KEY-----' }),
           expect.objectContaining({ fingerprint: createHash('sha256').update('sk_live_SECRET_typed').digest('hex') }),
         ]);
 
