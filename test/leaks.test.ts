@@ -865,6 +865,36 @@ describe('POST /v1/leaks', () => {
     await expect(h.client.workflow.getHandle(`rotate:${id}`).describe()).rejects.toThrow(WorkflowNotFoundError);
   });
 
+  it("a leak of a deleted credential whose rotation a parallel report's signal reached first is answered as heard: its incident not closed, not told as unrotated", async () => {
+    const owner = `owner-${randomUUID().slice(0, 8)}@example.com`;
+    const id = await store('deleted-heard-first', 'sk_deleted_heard_first_0001', { owners: [owner], rotation: { provider: 'generated', graceHours: 0 } });
+    expect((await h.api('DELETE', '/v1/credentials/deleted-heard-first', { token: agent.token })).status).toBe(200);
+    // Running when the report looks; by its signal, ended, a parallel report having signalled it first (recording the run on the incident's rotation).
+    let looks = 0;
+    const handle = (workflowId: string) => ({
+      describe: async () => {
+        looks += 1;
+        if (looks === 1) return { status: { name: 'RUNNING' }, workflowId, runId: 'heard-run' };
+        await h.sql(`UPDATE rotation_runs SET run_id = 'heard-run' WHERE credential_id = $1 AND run_id IS NULL`, [id]);
+        return { status: { name: 'COMPLETED' }, workflowId, runId: 'heard-run' };
+      },
+      signal: async () => Promise.reject(new WorkflowNotFoundError('workflow execution already completed', workflowId, 'heard-run')),
+    });
+    const workflow = Object.create(h.client.workflow, {
+      getHandle: { value: handle },
+      signalWithStart: { value: async () => Promise.reject(new Error('a leak run was started for a deleted credential')) },
+    });
+    const deps = { ...depsLosingStarts(), client: Object.create(h.client, { workflow: { value: workflow } }) };
+    const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
+    const { results } = await reportLeak(deps, caller, agent.id, { credential: 'deleted-heard-first', source: 'scan' });
+    // Before this check, the incident was closed, its email abandoned and its rotation marked cancelled under the run that heard it.
+    expect(results).toEqual([expect.objectContaining({ credentialId: id, action: 'rotating' })]);
+    expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'open' }]);
+    expect((await h.sql(`SELECT count(*)::int AS n FROM mail_outbox WHERE recipients @> $1::text[] AND status = 'abandoned'`, [[owner]])).rows[0].n).toBe(0);
+    expect((await h.sql('SELECT count(*)::int AS n FROM mail_outbox WHERE subject LIKE $1', ['%deleted-heard-first (deleted; not rotated)'])).rows[0].n).toBe(0);
+    await h.sql(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE credential_id = $1`, [id]);
+  });
+
   it("a leak of a deleted credential whose rotation still runs (in its grace period) is heard by that rotation: the leaked value is revoked at once", async () => {
     const value = 'sk_deleted_grace_leak_0001';
     const id = await deletedInGrace('deleted-grace-leak', value, 1);

@@ -66,7 +66,7 @@ export function leakRoutes(auth: AuthDeps, deps: LeakDeps): Router {
     ...endpoint(auth, {
         who: 'identity-or-admin',
         action: 'leak.report',
-        summary: 'Report a leaked credential (by name/id or the SHA-256 of the value): rotate it at once (a deleted one: tell its owners)',
+        summary: 'Report a leaked credential (by name/id or the SHA-256 of the value): rotate it at once (a deleted one, or one without a rotation policy: tell its owners)',
         body: leakReport,
         responses: { 202: leakResults },
         problems: [404, 422],
@@ -209,12 +209,21 @@ async function respond(
   // one nothing rotates: a leak run started for it would fail at its first step, its emails saying
   // rotating, then failed.
   const unrotated = t.deleted || t.unmanaged;
-  const notHeard = async (incidentId: string, incidentRotationId: string): Promise<LeakResult> => {
-    await withTransaction(deps.pool, async (tx) => {
-      await tx.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = $1 AND status = 'open'`, [incidentId]);
+  const notHeard = async (incidentId: string, incidentRotationId: string, joined?: () => Promise<LeakResult>): Promise<LeakResult> => {
+    // Closed only while still unheard: a parallel report that signalled the run first (recording it
+    // on the incident's rotation) had it heard, and this report joins that (its run revoked the value).
+    const closed = await withTransaction(deps.pool, async (tx) => {
+      const { rowCount } = await tx.query(
+        `UPDATE leak_incidents i SET status = 'closed', closed_at = now() WHERE i.id = $1 AND i.status = 'open'
+            AND NOT EXISTS (SELECT 1 FROM rotation_runs r WHERE r.rotation_id = $2 AND r.credential_id = i.credential_id AND r.run_id IS NOT NULL)`,
+        [incidentId, incidentRotationId],
+      );
+      if (!rowCount) return false;
       await abandonMail(tx, incidentMailId(incidentId), 'the rotation it was for ended before the leak reached it; the credential is not rotated, so its leak was told without a rotation');
       await tx.query('UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1', [incidentRotationId]);
+      return true;
     });
+    if (!closed && joined) return joined();
     return reportUnrotated(deps, t, body, actor);
   };
   // The incident commits with its rotation's rows or not at all: an incident left open without a
@@ -311,7 +320,7 @@ async function respond(
       if (newVersion) {
         await handle.signal(leakSignal, { incidentId: versionLeakId(incident.id, t.version), version: t.version });
         running = true;
-        if (unrecorded) await startLeakRun(deps, t, unrecorded, incident.id, incident.version);
+        if (unrecorded) await startLeakRun(deps, t, unrecorded, incident.id, incident.version, undefined, unrotated);
       } else {
         const latest = await handle.describe();
         running = latest.status.name === 'RUNNING';
@@ -348,7 +357,7 @@ async function respond(
         // answers. So the report starts it as the starter would have (one run per workflow id: a
         // run the starter got going meanwhile is signalled instead, and hears the incident once),
         // and hands the incident email over.
-        if (!(await startLeakRun(deps, t, incident.rotation_id, incident.id, incident.version, leftOver, unrotated))) return notHeard(incident.id, incident.rotation_id);
+        if (!(await startLeakRun(deps, t, incident.rotation_id, incident.id, incident.version, leftOver, unrotated))) return notHeard(incident.id, incident.rotation_id, joined);
         await deliverIncidentMail(deps, incidentMailId(incident.id));
         if (newVersion) await signalLeak(handle, { incidentId: versionLeakId(incident.id, t.version), version: t.version });
         return joined();
@@ -378,8 +387,11 @@ async function respond(
       .query('UPDATE leak_incidents SET reports = reports - 1 WHERE id = $1 AND reports > 0', [incident.id])
       .catch(() => undefined)
       .then(() => Promise.reject(err));
-  if (!(await startLeakRun(deps, t, rotationId, incident.id, t.version, leftOver, unrotated).catch(uncount))) return notHeard(incident.id, rotationId);
   const rotating = { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, rotationId, action: 'rotating' as const };
+  if (!(await startLeakRun(deps, t, rotationId, incident.id, t.version, leftOver, unrotated).catch(uncount))) {
+    // (Heard all the same, by a parallel report's signal: answered as this report's rotation.)
+    return notHeard(incident.id, rotationId, async () => (await deliverIncidentMail(deps, mailId), rotating));
+  }
   await deliverIncidentMail(deps, mailId).catch((err: unknown) => uncount(Object.assign(err as Error, { leakStarted: rotating })));
   return rotating;
 }
