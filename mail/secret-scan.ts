@@ -457,7 +457,14 @@ function shownHtml(html: string): { text: string; attributes: string[]; differs:
       const closing = tag[1] === '/';
       const name = tag[2]!.toLowerCase();
       const attrs = closing ? new Map<string, string>() : attributesOf(markup.slice(tag[0].length, markup.length - (content?.length ?? 0)));
-      for (const [key, value] of attrs) if (SHOWN_ATTRIBUTES.has(key)) attributes.add(visible(decodeHTMLAttribute(value)));
+      for (const [key, value] of attrs) {
+        if (!SHOWN_ATTRIBUTES.has(key)) continue;
+        // As shown: its right-to-left overrides laid out too (a title of `sk_live_51HxYz&#x202E;fEdCbA` reads as the value).
+        const decoded = decodeHTMLAttribute(value);
+        attributes.add(visible(decoded));
+        const shown = displayed(decoded);
+        if (shown) attributes.add(shown);
+      }
       if (name === 'noscript') differs = true;
       if (name === 'bdo') {
         flush();

@@ -156,7 +156,7 @@ export function mcpTools(deps: McpDeps): Tool[] {
       name: 'mail_send',
       title: 'Send a message',
       description:
-        'Send an email (a notice to a team). Refused if it carries any value this identity stores, raw or encoded. Give an idempotencyKey (a new one per message) to repeat a call whose answer was lost without sending twice.',
+        'Send an email (a notice to a team). Refused if it carries any value this identity stores, raw or encoded (or a subject encoded in a charset other than UTF-8 and the common single-byte ones). Give an idempotencyKey (a new one per message) to repeat a call whose answer was lost without sending twice.',
       input: mailSend,
       action: 'mail.send',
       hints: { readOnlyHint: false, destructiveHint: false, openWorldHint: true },

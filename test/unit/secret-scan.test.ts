@@ -322,6 +322,10 @@ describe('finding a stored secret in a message', () => {
       '<input value="sk_live_&#x2060;51HxYz&#xFE0F;AbCdEf" readonly>',
       '<button ARIA-LABEL="sk_live_&ZeroWidthSpace;51HxYzAbCdEf">copy</button>',
       '<select><option label="sk_live_&#173;51HxYzAbCdEf">1</option></select>',
+      // An override in an attribute is laid out as the client shows it.
+      '<abbr title="sk_live_51HxYz&#x202E;fEdCbA&#x202C;">key</abbr>',
+      '<input placeholder="sk_live_51HxYz&#8238;fEdCbA">',
+      '<input value="sk_live_51HxYz\u202efEdCbA" readonly>',
       // With images blocked, an alt text shows where its image stands.
       'sk_live_<img src="cid:none" alt="51HxYz">AbCdEf',
       'sk_live_<input type=IMAGE src="cid:none" alt="51HxYz&#8203;">AbCdEf',
