@@ -31,24 +31,21 @@ export async function startLeakRun(
   leftOver?: number,
   onlyRunning = false,
 ): Promise<boolean> {
-  let signaledRunId: string;
-  if (onlyRunning) {
-    const handle = deps.client.workflow.getHandle(rotationWorkflowId(t.credentialId));
-    try {
-      const running = await handle.describe();
-      if (running.status.name !== 'RUNNING') return false;
-      // That run, by its id: one ended meanwhile is not found (nor a later one signalled in its stead).
-      const run = deps.client.workflow.getHandle(running.workflowId, running.runId);
-      await run.signal(leakSignal, { incidentId, version });
-      if (leftOver !== undefined) await run.signal(leakSignal, { incidentId: versionLeakId(incidentId, leftOver), version: leftOver });
-      signaledRunId = running.runId;
-    } catch (err) {
-      if (err instanceof WorkflowNotFoundError) return false;
-      throw new UnavailableError('the leak could not be passed to the running rotation (Temporal is unavailable); report again shortly');
-    }
-    await deps.pool.query('UPDATE rotation_runs SET run_id = $2 WHERE rotation_id = $1 AND run_id IS NULL', [rotationId, signaledRunId]);
-    return true;
-  }
+  const signaledRunId = onlyRunning ? await signalRunning(deps.client, t.credentialId, incidentId, version, leftOver) : await signalOrStart(deps, t, rotationId, incidentId, version, leftOver);
+  if (signaledRunId === undefined) return false;
+  await deps.pool.query('UPDATE rotation_runs SET run_id = $2 WHERE rotation_id = $1 AND run_id IS NULL', [rotationId, signaledRunId]);
+  return true;
+}
+
+/** Signals the credential's rotation in leak mode, starting it if none runs; the run signalled. */
+async function signalOrStart(
+  deps: { client: Client; taskQueue: string },
+  t: { credentialId: string; identityId: string },
+  rotationId: string,
+  incidentId: string,
+  version: number,
+  leftOver?: number,
+): Promise<string> {
   try {
     const handle = await deps.client.workflow.signalWithStart<typeof rotateCredential, [{ incidentId: string; version?: number }]>('rotateCredential', {
       taskQueue: deps.taskQueue,
@@ -57,14 +54,28 @@ export async function startLeakRun(
       signal: leakSignal,
       signalArgs: [{ incidentId, version }],
     });
-    signaledRunId = handle.signaledRunId;
     // A run already going took the signal, not the input: it hears the left-over version as a report of its own.
     if (leftOver !== undefined) await handle.signal(leakSignal, { incidentId: versionLeakId(incidentId, leftOver), version: leftOver });
+    return handle.signaledRunId;
   } catch {
     throw new UnavailableError('the leak rotation could not be started (Temporal is unavailable); report again shortly');
   }
-  await deps.pool.query('UPDATE rotation_runs SET run_id = $2 WHERE rotation_id = $1 AND run_id IS NULL', [rotationId, signaledRunId]);
-  return true;
+}
+
+/** Signals the credential's rotation if a run of it is going, by that run's id; undefined when none is (or it ended meanwhile). */
+async function signalRunning(client: Client, credentialId: string, incidentId: string, version: number, leftOver?: number): Promise<string | undefined> {
+  try {
+    const running = await client.workflow.getHandle(rotationWorkflowId(credentialId)).describe();
+    if (running.status.name !== 'RUNNING') return undefined;
+    // That run, by its id: one ended meanwhile is not found (nor a later one signalled in its stead).
+    const run = client.workflow.getHandle(running.workflowId, running.runId);
+    await run.signal(leakSignal, { incidentId, version });
+    if (leftOver !== undefined) await run.signal(leakSignal, { incidentId: versionLeakId(incidentId, leftOver), version: leftOver });
+    return running.runId;
+  } catch (err) {
+    if (err instanceof WorkflowNotFoundError) return undefined;
+    throw new UnavailableError('the leak could not be passed to the running rotation (Temporal is unavailable); report again shortly');
+  }
 }
 
 /**

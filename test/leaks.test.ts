@@ -66,6 +66,14 @@ describe('POST /v1/leaks', () => {
     expect(more).toEqual([]);
     return told!;
   };
+  /** The leak route's dependencies with Temporal's handles made by `handle`; starting a leak run is a failure. */
+  const depsWithHandles = (handle: (workflowId: string) => object) => {
+    const workflow = Object.create(h.client.workflow, {
+      getHandle: { value: handle },
+      signalWithStart: { value: async () => Promise.reject(new Error('a leak run was started for a deleted credential')) },
+    });
+    return { ...depsLosingStarts(), client: Object.create(h.client, { workflow: { value: workflow } }) };
+  };
   /** The incident emails of a credential's leak, once at least one has arrived. */
   const incidentEmails = (name: string) =>
     waitFor('the incident email', async () => {
@@ -844,11 +852,7 @@ describe('POST /v1/leaks', () => {
       describe: async () => ({ status: { name: 'RUNNING' }, workflowId, runId: 'ended-since' }),
       signal: async () => Promise.reject(new WorkflowNotFoundError('workflow execution already completed', workflowId, 'ended-since')),
     });
-    const workflow = Object.create(h.client.workflow, {
-      getHandle: { value: gone },
-      signalWithStart: { value: async () => Promise.reject(new Error('a leak run was started for a deleted credential')) },
-    });
-    const deps = { ...depsLosingStarts(), client: Object.create(h.client, { workflow: { value: workflow } }) };
+    const deps = depsWithHandles(gone);
     const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
     // Before: a leak run started (signal-with-start), which failed at its create; its emails said rotating, then failed.
     const { results } = await reportLeak(deps, caller, agent.id, { credential: 'deleted-run-ending', source: 'scan' });
@@ -880,11 +884,7 @@ describe('POST /v1/leaks', () => {
       },
       signal: async () => Promise.reject(new WorkflowNotFoundError('workflow execution already completed', workflowId, 'heard-run')),
     });
-    const workflow = Object.create(h.client.workflow, {
-      getHandle: { value: handle },
-      signalWithStart: { value: async () => Promise.reject(new Error('a leak run was started for a deleted credential')) },
-    });
-    const deps = { ...depsLosingStarts(), client: Object.create(h.client, { workflow: { value: workflow } }) };
+    const deps = depsWithHandles(handle);
     const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
     const { results } = await reportLeak(deps, caller, agent.id, { credential: 'deleted-heard-first', source: 'scan' });
     // Before this check, the incident was closed, its email abandoned and its rotation marked cancelled under the run that heard it.
