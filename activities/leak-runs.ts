@@ -1,7 +1,9 @@
 import { WorkflowNotFoundError, type Client } from '@temporalio/client';
 import { UnavailableError } from '../core/errors';
-import { withTransaction, type Pool } from '../db/pool';
-import { startDelivery } from '../mail/outbox';
+import { withTransaction, type Db, type Pool } from '../db/pool';
+import { abandonMail, queueMail, startDelivery } from '../mail/outbox';
+import { appendAudit } from '../vault/audit';
+import type { Vault } from '../vault/vault';
 import { leakSignal } from '../workflows/definitions';
 import type { rotateCredential } from '../workflows/rotate-credential';
 import type { ActivityDeps } from './index';
@@ -78,6 +80,98 @@ async function signalRunning(client: Client, credentialId: string, incidentId: s
   }
 }
 
+/** What telling of a leak needs: who hears of it, and the outbox. */
+export interface LeakNoticeDeps {
+  pool: Pool;
+  vault: Pick<Vault, 'describe'>;
+  securityNotify?: string[];
+}
+
+/** The credential's metadata, and who hears of its leak: the security contacts, its owners and its identity's email. */
+export async function toldOfLeak(deps: LeakNoticeDeps, t: { credentialId: string; identityId: string }) {
+  const meta = await deps.vault.describe(t.identityId, t.credentialId);
+  const identity = (await deps.pool.query('SELECT email FROM identities WHERE id = $1', [t.identityId])).rows[0];
+  return { meta, to: [...new Set([...(deps.securityNotify ?? []), ...meta.owners, ...(identity?.email ? [identity.email] : [])])] };
+}
+
+/**
+ * Queues the email telling of a leak of a version that nothing will rotate: a soft-deleted
+ * credential's (Mailgent does not rotate a deleted credential, and a delete revokes nothing at the
+ * provider), or one without a rotation policy (no provider knows where it was issued; a rotation
+ * would store a random value in its place and call the leaked one revoked while it still worked).
+ * To the security contacts, the owners and the identity; once per version (and, deleted, per
+ * deletion: deleted again after a restore, it is told again), and once a day again while the last
+ * such email was given up on (undelivered). Its id, for its delivery to be started (again: on every
+ * report while it is queued); undefined when there is no one to tell.
+ */
+export async function queueUnrotatedNotice(
+  deps: LeakNoticeDeps,
+  t: { credentialId: string; identityId: string; version: number; deleted: boolean },
+  report: { source: string; details?: string },
+  actor: string,
+): Promise<string | undefined> {
+  const { meta, to } = await toldOfLeak(deps, t);
+  if (to.length === 0) return undefined;
+  const seed = t.deleted ? `leak-deleted:${t.credentialId}:${t.version}:${meta.deletedAt}` : `leak-no-policy:${t.credentialId}:${t.version}`;
+  let mailId = stableUuid(seed);
+  const earlier = await deps.pool.query('SELECT status FROM mail_outbox WHERE id = $1', [mailId]);
+  if (earlier.rows[0]?.status === 'abandoned') mailId = stableUuid(`${seed}:${new Date().toISOString().slice(0, 10)}`);
+  const why = t.deleted
+    ? [
+        `The credential was deleted${meta.deletedAt ? ` on ${meta.deletedAt.slice(0, 10)}` : ''}, so Mailgent does not rotate it, and the leaked`,
+        'value may still work where it was issued: revoke it there by hand. Or restore the credential',
+        `(POST /v1/credentials/${t.credentialId}/restore) and report the leak again to have it rotated.`,
+      ]
+    : meta.kind === 'totp_seed'
+      ? [
+          'It is a TOTP seed: no provider makes them, so Mailgent cannot rotate it, and codes from the leaked',
+          'seed still work: enrol a new seed with its service (which retires the old one) and store it with vault.store.',
+        ]
+      : [
+          'It has no rotation policy, so Mailgent cannot rotate it, and the leaked value still works where it',
+          'was issued: revoke it there by hand and store its replacement with vault.store. Or give it a rotation',
+          `policy (PATCH /v1/credentials/${t.credentialId}) and report the leak again to have it rotated.`,
+        ];
+  await withTransaction(deps.pool, async (tx) => {
+    const queued = await queueMail(tx, {
+      id: mailId,
+      identityId: t.identityId,
+      purpose: 'leak.incident',
+      to,
+      subject: `[mailgent] SECURITY: leak reported for ${meta.name} (${t.deleted ? 'deleted' : 'no rotation policy'}; not rotated)`,
+      text: [
+        `A leak of the ${meta.kind} credential '${meta.name}' (version ${t.version}) was reported by ${report.source}.`,
+        ...(report.details ? ['', `Details: ${report.details}`] : []),
+        '',
+        ...why,
+        '',
+        `Credential id: ${t.credentialId}`,
+      ].join('\n'),
+    });
+    const notRotated = t.deleted ? 'deleted' : 'no-policy';
+    if (queued) await appendAudit(tx, { identityId: t.identityId, actor, action: 'mail.send', credentialId: t.credentialId, outcome: 'ok', detail: { messageId: mailId, purpose: 'leak.incident', notRotated } });
+  });
+  return mailId;
+}
+
+/**
+ * Closes an incident no run will answer (its credential is not rotated), while it is still open and
+ * no run is recorded on its rotation (a parallel report's signal had it heard: false). Its email,
+ * which says the credential is being rotated, is not sent if it has not been, and its rotation
+ * reads as cancelled before it started.
+ */
+export async function closeUnanswered(db: Db, incidentId: string, rotationId: string | null, why: string): Promise<boolean> {
+  const { rowCount } = await db.query(
+    `UPDATE leak_incidents i SET status = 'closed', closed_at = now() WHERE i.id = $1 AND i.status = 'open'
+        AND NOT EXISTS (SELECT 1 FROM rotation_runs r WHERE r.rotation_id = $2 AND r.credential_id = i.credential_id AND r.run_id IS NOT NULL)`,
+    [incidentId, rotationId],
+  );
+  if (!rowCount) return false;
+  await abandonMail(db, incidentMailId(incidentId), why);
+  if (rotationId) await db.query('UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1', [rotationId]);
+  return true;
+}
+
 /**
  * An open incident whose run is not running, and whose run was never recorded as started, is left
  * over (its starter died) only once it is older than this: a run is started within moments of its
@@ -97,19 +191,24 @@ export function leakActivities(deps: ActivityDeps) {
      * would), and the leaked value would stay live with nobody told. The sweep starts each one's
      * leak rotation as its report would have (a run going meanwhile is signalled instead) and hands
      * its incident email over. Only incidents older than STALE_INCIDENT_SECONDS: a younger one's
-     * report may still be starting it.
+     * report may still be starting it. One of a credential not rotated now (deleted, or its policy
+     * taken away, since the report), with no run of it going, is closed unsent and its leak told as
+     * a report of it now would tell it (queueUnrotatedNotice): `told`.
      */
-    async resumeLeakIncidents(input: { asOf: string }): Promise<{ started: number }> {
+    async resumeLeakIncidents(input: { asOf: string }): Promise<{ started: number; told: number }> {
       if (!deps.temporal) throw new Error('no Temporal client here for starting leak rotations');
       const temporal = deps.temporal;
       const { rows } = await deps.pool.query(
-        `SELECT i.id, i.credential_id, i.identity_id, i.version, i.rotation_id
+        `SELECT i.id, i.credential_id, i.identity_id, i.version, i.rotation_id, i.source, coalesce(i.version, c.current_version) AS told_version,
+                c.deleted_at IS NOT NULL AS deleted, c.rotation IS NULL AS unmanaged
            FROM leak_incidents i JOIN rotation_runs r ON r.rotation_id = i.rotation_id AND r.credential_id = i.credential_id
+           JOIN credentials c ON c.id = i.credential_id
           WHERE i.status = 'open' AND r.run_id IS NULL AND i.opened_at < $1::timestamptz - make_interval(secs => $2)
           ORDER BY i.opened_at LIMIT ${RESUMED_PER_SWEEP}`,
         [input.asOf, STALE_INCIDENT_SECONDS],
       );
       let started = 0;
+      let told = 0;
       for (const row of rows) {
         heartbeat();
         // Under the incident's row lock, checked again: a report replacing it meanwhile (closing it in
@@ -122,12 +221,24 @@ export function leakActivities(deps: ActivityDeps) {
             [row.id],
           );
           if (still.rowCount === 0) return;
-          await startLeakRun({ pool: deps.pool, ...temporal }, { credentialId: row.credential_id, identityId: row.identity_id }, row.rotation_id, row.id, row.version);
-          await startDelivery(deps.pool, temporal, incidentMailId(row.id));
-          started += 1;
+          // A credential that is not rotated (deleted, or its policy taken away, since the report):
+          // a run going is signalled, none started (it would fail at its first step, its emails
+          // saying rotating, then failed); with none, the leak is told as its report would now.
+          const unrotated = row.deleted || row.unmanaged;
+          const t = { credentialId: row.credential_id, identityId: row.identity_id };
+          if (await startLeakRun({ pool: deps.pool, ...temporal }, t, row.rotation_id, row.id, row.version, undefined, unrotated)) {
+            await startDelivery(deps.pool, temporal, incidentMailId(row.id));
+            started += 1;
+            return;
+          }
+          // Told before the incident closes (both repeat safely): a retry after a crash finds it open and tells it again, once.
+          const mailId = await queueUnrotatedNotice(deps, { ...t, version: row.told_version, deleted: row.deleted }, { source: row.source }, 'schedule:rotation-sweep');
+          if (mailId) await startDelivery(deps.pool, temporal, mailId);
+          await closeUnanswered(tx, row.id, row.rotation_id, 'its report died before the rotation started, and the credential is not rotated now; its leak was told without a rotation');
+          told += 1;
         });
       }
-      return { started };
+      return { started, told };
     },
   };
 }

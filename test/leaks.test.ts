@@ -412,9 +412,9 @@ describe('POST /v1/leaks', () => {
       await other.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = $1`, [incident.id]);
       const resume = () => createActivities(h.deps).resumeLeakIncidents({ asOf: new Date().toISOString() });
       // Before, it was started all the same: a run for a closed incident, and its email beside the successor's.
-      expect(await resume()).toEqual({ started: 0 });
+      expect(await resume()).toEqual({ started: 0, told: 0 });
       await other.query('COMMIT');
-      expect(await resume()).toEqual({ started: 0 });
+      expect(await resume()).toEqual({ started: 0, told: 0 });
     } finally {
       await other.end();
     }
@@ -727,8 +727,8 @@ describe('POST /v1/leaks', () => {
   });
 
   /** Stores `name`, rotates it into its grace period (v2 current, v1 still working), then deletes it; its id. */
-  const deletedInGrace = async (name: string, value: string, graceHours: number) => {
-    const id = await store(name, value, { rotation: { provider: 'generated', graceHours } });
+  const deletedInGrace = async (name: string, value: string, graceHours: number, extra: Record<string, unknown> = {}) => {
+    const id = await store(name, value, { ...extra, rotation: { provider: 'generated', graceHours } });
     const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: [name] } });
     expect(started.status, started.text).toBe(202);
     await waitFor('the grace period', async () => {
@@ -903,6 +903,64 @@ describe('POST /v1/leaks', () => {
     expect(report.body.results).toMatchObject([{ credentialId: id, version: 1, action: 'rotating' }]);
     expect(await waitFor('the leaked version revoked', async () => ((await revokedVersions(id)).includes(1) ? revokedVersions(id) : undefined))).toEqual([1]);
     await h.client.workflow.getHandle(`rotate:${id}`).terminate('the test ends the grace period (an hour)');
+  });
+
+  it("a leak of a credential deleted during its rotation's grace period that the rotation never heard is told when it ends, not rotated again", async () => {
+    const owner = `owner-${randomUUID().slice(0, 8)}@example.com`;
+    const id = await deletedInGrace('unheard-deleted', 'sk_unheard_deleted_0001', 0.002, { owners: [owner] }); // 7.2 s of grace
+    // Version 2, current in the grace period, reported leaked; the report's signal to the running rotation is lost (503, its incident left open).
+    const losingSignals = depsWithHandles((workflowId: string) => {
+      const real = h.client.workflow.getHandle(workflowId);
+      return { describe: () => real.describe(), signal: async () => Promise.reject(new Error('14 UNAVAILABLE: the connection was lost')) };
+    });
+    const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
+    await expect(reportLeak(losingSignals, caller, agent.id, { credential: 'unheard-deleted', source: 'scan' })).rejects.toMatchObject({ status: 503 });
+    const [incident] = (await h.sql('SELECT id, version, rotation_id, status FROM leak_incidents WHERE credential_id = $1', [id])).rows;
+    expect(incident).toMatchObject({ version: 2, status: 'open' });
+
+    // Before: the run went on in leak mode (continue-as-new), which failed at its plan: its emails said rotating, then failed.
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'requested', fromVersion: 1, toVersion: 2 });
+    expect(await revokedVersions(id)).toEqual([1]);
+    expect(await rotationsOf(id)).toBe(1);
+    expect((await h.sql('SELECT status FROM leak_incidents WHERE id = $1', [incident.id])).rows).toEqual([{ status: 'closed' }]);
+    expect((await h.sql('SELECT cancelled_at IS NOT NULL AS cancelled FROM rotations WHERE id = $1', [incident.rotation_id])).rows).toEqual([{ cancelled: true }]);
+    expect((await h.sql('SELECT status FROM mail_outbox WHERE id = $1', [incidentMailId(incident.id)])).rows).toEqual([{ status: 'abandoned' }]);
+    const told = await onlyEmail('[mailgent] SECURITY: leak reported for unheard-deleted (deleted; not rotated)');
+    expect(told.mail.text).toContain("(version 2) was reported by scan");
+    expect((await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for unheard-deleted')).toEqual([]);
+  });
+
+  it('an unstarted incident of a credential deleted, or its policy taken away, since its report is told by the sweep, not rotated', async () => {
+    const owner = `owner-${randomUUID().slice(0, 8)}@example.com`;
+    const ids = {
+      deleted: await store('resumed-deleted', 'sk_resumed_deleted_0001', { owners: [owner], rotation: { provider: 'generated', graceHours: 0 } }),
+      unmanaged: await store('resumed-unmanaged', 'sk_resumed_unmanaged_0001', { owners: [owner], rotation: { provider: 'generated', graceHours: 0 } }),
+    };
+    const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
+    // Each report's incident, rotation and email committed; its start never made (a 503, or the process gone), and the report not repeated.
+    for (const name of ['resumed-deleted', 'resumed-unmanaged']) {
+      await expect(reportLeak(depsLosingSignalWithStart(), caller, agent.id, { credential: name, source: 'scan' })).rejects.toMatchObject({ status: 503 });
+    }
+    expect((await h.api('DELETE', '/v1/credentials/resumed-deleted', { token: agent.token })).status).toBe(200);
+    expect((await h.api('PATCH', '/v1/credentials/resumed-unmanaged', { token: agent.token, body: { rotation: null } })).status).toBe(200);
+    const incidents = (
+      await h.sql(`UPDATE leak_incidents SET opened_at = now() - interval '2 minutes' WHERE credential_id = ANY($1::uuid[]) RETURNING id, rotation_id`, [Object.values(ids)])
+    ).rows;
+    expect(incidents).toHaveLength(2);
+    const resume = () => createActivities(h.deps).resumeLeakIncidents({ asOf: new Date().toISOString() });
+    // Before: a leak run started for each, which failed at its first step, its emails saying rotating, then failed.
+    expect(await resume()).toEqual({ started: 0, told: 2 });
+    for (const incident of incidents) {
+      expect((await h.sql('SELECT status FROM leak_incidents WHERE id = $1', [incident.id])).rows).toEqual([{ status: 'closed' }]);
+      expect((await h.sql('SELECT cancelled_at IS NOT NULL AS cancelled FROM rotations WHERE id = $1', [incident.rotation_id])).rows).toEqual([{ cancelled: true }]);
+      expect((await h.sql('SELECT status FROM mail_outbox WHERE id = $1', [incidentMailId(incident.id)])).rows).toEqual([{ status: 'abandoned' }]);
+    }
+    await onlyEmail('[mailgent] SECURITY: leak reported for resumed-deleted (deleted; not rotated)');
+    const unmanaged = await onlyEmail('[mailgent] SECURITY: leak reported for resumed-unmanaged (no rotation policy; not rotated)');
+    expect(unmanaged.mail.text).toContain('It has no rotation policy');
+    for (const id of Object.values(ids)) await expect(h.client.workflow.getHandle(`rotate:${id}`).describe()).rejects.toThrow(WorkflowNotFoundError);
+    expect(await resume()).toEqual({ started: 0, told: 0 });
+    expect((await readMailbox()).filter((m) => /^\[mailgent\] SECURITY: leak reported for resumed-(deleted|unmanaged)$/.test(m.mail.subject ?? ''))).toEqual([]);
   });
 
   it('refuses details that carry the leaked value, and unknown credentials', async () => {

@@ -2,8 +2,8 @@ import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
 import type { z } from 'zod';
 import { WorkflowNotFoundError, type Client } from '@temporalio/client';
-import { rotationWorkflowId, STALE_INCIDENT_SECONDS, startLeakRun, versionLeakId } from '../../activities/leak-runs';
-import { incidentMailId, stableUuid } from '../../activities/support';
+import { closeUnanswered, queueUnrotatedNotice, rotationWorkflowId, STALE_INCIDENT_SECONDS, startLeakRun, toldOfLeak, versionLeakId } from '../../activities/leak-runs';
+import { incidentMailId } from '../../activities/support';
 import { AppError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { idOf } from '../../core/ids';
 import { latestRunOf, statusOf } from '../../core/run-chain';
@@ -212,17 +212,9 @@ async function respond(
   const notHeard = async (incidentId: string, incidentRotationId: string, joined?: () => Promise<LeakResult>): Promise<LeakResult> => {
     // Closed only while still unheard: a parallel report that signalled the run first (recording it
     // on the incident's rotation) had it heard, and this report joins that (its run revoked the value).
-    const closed = await withTransaction(deps.pool, async (tx) => {
-      const { rowCount } = await tx.query(
-        `UPDATE leak_incidents i SET status = 'closed', closed_at = now() WHERE i.id = $1 AND i.status = 'open'
-            AND NOT EXISTS (SELECT 1 FROM rotation_runs r WHERE r.rotation_id = $2 AND r.credential_id = i.credential_id AND r.run_id IS NOT NULL)`,
-        [incidentId, incidentRotationId],
-      );
-      if (!rowCount) return false;
-      await abandonMail(tx, incidentMailId(incidentId), 'the rotation it was for ended before the leak reached it; the credential is not rotated, so its leak was told without a rotation');
-      await tx.query('UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1', [incidentRotationId]);
-      return true;
-    });
+    const closed = await withTransaction(deps.pool, (tx) =>
+      closeUnanswered(tx, incidentId, incidentRotationId, 'the rotation it was for ended before the leak reached it; the credential is not rotated, so its leak was told without a rotation'),
+    );
     if (!closed && joined) return joined();
     return reportUnrotated(deps, t, body, actor);
   };
@@ -406,71 +398,18 @@ async function rotationRunning(deps: LeakDeps, workflowId: string): Promise<bool
 }
 
 /**
- * A leak of a version that nothing will rotate, with no rotation of its credential running: a
- * soft-deleted credential's (Mailgent does not rotate a deleted credential, and a delete revokes
- * nothing at the provider), or one without a rotation policy (no provider knows where it was issued;
- * before, a leak "rotated" it with the generated provider's defaults: a random value stored in its
- * place, the leaked one recorded as revoked and the security contacts told so, while it still worked
- * where it was issued). Before that, a deleted one's leak was a 404 ("no stored version matches"),
- * and no one was told. Now the security contacts, the owners and the identity are emailed: once per
- * version (and, deleted, per deletion: a report again is answered the same, without another email;
- * deleted again after a restore, it is told again), and once a day again while the last such email
- * was given up on (undelivered). They revoke it by hand; or restore the credential, or give it a
- * rotation policy, and report again to have it rotated.
+ * A leak of a version that nothing will rotate (deleted, or without a rotation policy), with no
+ * rotation of its credential running: answered `deleted` or `no-policy`, and told
+ * (queueUnrotatedNotice) to the people who can revoke it by hand, or restore the credential, or give
+ * it a policy, and report again to have it rotated. Before, a deleted one's leak was a 404 and no one
+ * was told; one without a policy was "rotated" with the generated provider's defaults.
  */
 async function reportUnrotated(deps: LeakDeps, t: Target, body: { source: string; details?: string }, actor: string): Promise<LeakResult> {
-  const action = t.deleted ? ('deleted' as const) : ('no-policy' as const);
-  const answer = { credentialId: t.credentialId, version: t.version, action };
-  const { meta, to } = await toldOfLeak(deps, t);
-  if (to.length === 0) return answer;
-  const seed = t.deleted ? `leak-deleted:${t.credentialId}:${t.version}:${meta.deletedAt}` : `leak-no-policy:${t.credentialId}:${t.version}`;
-  let mailId = stableUuid(seed);
-  const earlier = await deps.pool.query('SELECT status FROM mail_outbox WHERE id = $1', [mailId]);
-  if (earlier.rows[0]?.status === 'abandoned') mailId = stableUuid(`${seed}:${new Date().toISOString().slice(0, 10)}`);
-  const why = t.deleted
-    ? [
-        `The credential was deleted${meta.deletedAt ? ` on ${meta.deletedAt.slice(0, 10)}` : ''}, so Mailgent does not rotate it, and the leaked`,
-        'value may still work where it was issued: revoke it there by hand. Or restore the credential',
-        `(POST /v1/credentials/${t.credentialId}/restore) and report the leak again to have it rotated.`,
-      ]
-    : t.kind === 'totp_seed'
-      ? [
-          'It is a TOTP seed: no provider makes them, so Mailgent cannot rotate it, and codes from the leaked',
-          'seed still work: enrol a new seed with its service (which retires the old one) and store it with vault.store.',
-        ]
-      : [
-          'It has no rotation policy, so Mailgent cannot rotate it, and the leaked value still works where it',
-          'was issued: revoke it there by hand and store its replacement with vault.store. Or give it a rotation',
-          `policy (PATCH /v1/credentials/${t.credentialId}) and report the leak again to have it rotated.`,
-        ];
-  await withTransaction(deps.pool, async (tx) => {
-    const queued = await queueMail(tx, {
-      id: mailId,
-      identityId: t.identityId,
-      purpose: 'leak.incident',
-      to,
-      subject: `[mailgent] SECURITY: leak reported for ${t.name} (${t.deleted ? 'deleted' : 'no rotation policy'}; not rotated)`,
-      text: [
-        `A leak of the ${meta.kind} credential '${t.name}' (version ${t.version}) was reported by ${body.source}.`,
-        ...(body.details ? ['', `Details: ${body.details}`] : []),
-        '',
-        ...why,
-        '',
-        `Credential id: ${t.credentialId}`,
-      ].join('\n'),
-    });
-    if (queued) await appendAudit(tx, { identityId: t.identityId, actor, action: 'mail.send', credentialId: t.credentialId, outcome: 'ok', detail: { messageId: mailId, purpose: 'leak.incident', notRotated: action } });
-  });
+  const answer = { credentialId: t.credentialId, version: t.version, action: t.deleted ? ('deleted' as const) : ('no-policy' as const) };
+  const mailId = await queueUnrotatedNotice(deps, t, body, actor);
   // Handed over on every report while still queued (the first report's hand-over may have failed).
-  await deliverIncidentMail(deps, mailId, 'the leak was recorded, but its email could not be handed for delivery (Temporal is unavailable); report again shortly');
+  if (mailId) await deliverIncidentMail(deps, mailId, 'the leak was recorded, but its email could not be handed for delivery (Temporal is unavailable); report again shortly');
   return answer;
-}
-
-/** The credential's metadata, and who hears of its leak: the security contacts, its owners and its identity's email. */
-async function toldOfLeak(deps: LeakDeps, t: Target) {
-  const meta = await deps.vault.describe(t.identityId, t.credentialId);
-  const identity = (await deps.pool.query('SELECT email FROM identities WHERE id = $1', [t.identityId])).rows[0];
-  return { meta, to: [...new Set([...(deps.securityNotify ?? []), ...meta.owners, ...(identity?.email ? [identity.email] : [])])] };
 }
 
 async function signalLeak(handle: ReturnType<Client['workflow']['getHandle']>, leak: { incidentId: string; version: number }): Promise<void> {
