@@ -1,5 +1,5 @@
 import { WorkflowNotFoundError, type Client } from '@temporalio/client';
-import { UnavailableError } from '../core/errors';
+import { AppError, UnavailableError } from '../core/errors';
 import { withTransaction, type Db, type Pool } from '../db/pool';
 import { abandonMail, queueMail, startDelivery } from '../mail/outbox';
 import { appendAudit } from '../vault/audit';
@@ -7,7 +7,7 @@ import type { Vault } from '../vault/vault';
 import { leakSignal } from '../workflows/definitions';
 import type { rotateCredential } from '../workflows/rotate-credential';
 import type { ActivityDeps } from './index';
-import { heartbeat, incidentMailId, stableUuid } from './support';
+import { heartbeat, incidentMailId, stableUuid, warn } from './support';
 
 /** The workflow that rotates a credential (one at a time). */
 export const rotationWorkflowId = (credentialId: string) => `rotate:${credentialId}`;
@@ -200,7 +200,7 @@ export function leakActivities(deps: ActivityDeps) {
       const temporal = deps.temporal;
       const { rows } = await deps.pool.query(
         `SELECT i.id, i.credential_id, i.identity_id, i.version, i.rotation_id, i.source, coalesce(i.version, c.current_version) AS told_version,
-                c.deleted_at IS NOT NULL AS deleted, c.rotation IS NULL AS unmanaged
+                c.deleted_at IS NOT NULL AS deleted, c.rotation IS NULL AS unmanaged, c.destroyed_at IS NOT NULL AS destroyed
            FROM leak_incidents i JOIN rotation_runs r ON r.rotation_id = i.rotation_id AND r.credential_id = i.credential_id
            JOIN credentials c ON c.id = i.credential_id
           WHERE i.status = 'open' AND r.run_id IS NULL AND i.opened_at < $1::timestamptz - make_interval(secs => $2)
@@ -214,6 +214,9 @@ export function leakActivities(deps: ActivityDeps) {
         // Under the incident's row lock, checked again: a report replacing it meanwhile (closing it in
         // the transaction that opens its successor, its email abandoned there) waits for this, or this
         // finds it closed and leaves it.
+        // One incident that cannot be answered (a fault of its own, not of Temporal or the database)
+        // is left for the next sweep, and the others answered: retried for ever, it held up this
+        // first step of the sweep, and so every later sweep (they do not overlap).
         await withTransaction(deps.pool, async (tx) => {
           const still = await tx.query(
             `SELECT 1 FROM leak_incidents i JOIN rotation_runs r ON r.rotation_id = i.rotation_id AND r.credential_id = i.credential_id
@@ -221,6 +224,12 @@ export function leakActivities(deps: ActivityDeps) {
             [row.id],
           );
           if (still.rowCount === 0) return;
+          // Destroyed since the report (nothing running, or the destroy is refused): no version of it
+          // is left to rotate or to tell of (a report of it now is a 404). Closed unsent.
+          if (row.destroyed) {
+            await closeUnanswered(tx, row.id, row.rotation_id, 'its credential was destroyed before its rotation started');
+            return;
+          }
           // A credential that is not rotated (deleted, or its policy taken away, since the report):
           // a run going is signalled, none started (it would fail at its first step, its emails
           // saying rotating, then failed); with none, the leak is told as its report would now.
@@ -236,6 +245,9 @@ export function leakActivities(deps: ActivityDeps) {
           if (mailId) await startDelivery(deps.pool, temporal, mailId);
           await closeUnanswered(tx, row.id, row.rotation_id, 'its report died before the rotation started, and the credential is not rotated now; its leak was told without a rotation');
           told += 1;
+        }).catch((err: unknown) => {
+          if (!(err instanceof AppError) || err.status >= 500) throw err;
+          warn('a leak incident left open could not be answered; the next sweep tries it again', { incidentId: row.id, error: err.message });
         });
       }
       return { started, told };

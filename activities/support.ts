@@ -99,6 +99,15 @@ export function stableUuid(seed: string): string {
 }
 
 /** Tells Temporal a long activity is alive; a no-op outside an activity (direct calls in tests). */
+/** A warning in the activity's log (none outside an activity: a test calling it directly). */
+export function warn(message: string, attrs: Record<string, unknown>): void {
+  try {
+    Context.current().log.warn(message, attrs);
+  } catch {
+    // Not in an activity.
+  }
+}
+
 export function heartbeat(details?: unknown): void {
   try {
     Context.current().heartbeat(details);

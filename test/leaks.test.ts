@@ -930,37 +930,42 @@ describe('POST /v1/leaks', () => {
     expect((await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for unheard-deleted')).toEqual([]);
   });
 
-  it('an unstarted incident of a credential deleted, or its policy taken away, since its report is told by the sweep, not rotated', async () => {
+  it('an unstarted incident of a credential deleted, or its policy taken away, since its report is told by the sweep, not rotated (destroyed: closed)', async () => {
     const owner = `owner-${randomUUID().slice(0, 8)}@example.com`;
     const ids = {
       deleted: await store('resumed-deleted', 'sk_resumed_deleted_0001', { owners: [owner], rotation: { provider: 'generated', graceHours: 0 } }),
       unmanaged: await store('resumed-unmanaged', 'sk_resumed_unmanaged_0001', { owners: [owner], rotation: { provider: 'generated', graceHours: 0 } }),
+      destroyed: await store('resumed-destroyed', 'sk_resumed_destroyed_0001', { owners: [owner], rotation: { provider: 'generated', graceHours: 0 } }),
     };
     const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
     // Each report's incident, rotation and email committed; its start never made (a 503, or the process gone), and the report not repeated.
-    for (const name of ['resumed-deleted', 'resumed-unmanaged']) {
+    for (const name of ['resumed-deleted', 'resumed-unmanaged', 'resumed-destroyed']) {
       await expect(reportLeak(depsLosingSignalWithStart(), caller, agent.id, { credential: name, source: 'scan' })).rejects.toMatchObject({ status: 503 });
     }
     expect((await h.api('DELETE', '/v1/credentials/resumed-deleted', { token: agent.token })).status).toBe(200);
     expect((await h.api('PATCH', '/v1/credentials/resumed-unmanaged', { token: agent.token, body: { rotation: null } })).status).toBe(200);
+    expect((await h.api('DELETE', '/v1/credentials/resumed-destroyed?destroy=true', { token: agent.token })).status).toBe(200);
     const incidents = (
       await h.sql(`UPDATE leak_incidents SET opened_at = now() - interval '2 minutes' WHERE credential_id = ANY($1::uuid[]) RETURNING id, rotation_id`, [Object.values(ids)])
     ).rows;
-    expect(incidents).toHaveLength(2);
+    expect(incidents).toHaveLength(3);
     const resume = () => createActivities(h.deps).resumeLeakIncidents({ asOf: new Date().toISOString() });
     // Before: a leak run started for each, which failed at its first step, its emails saying rotating, then failed.
+    // (Destroyed, its incident is closed untold, as a report of it now is a 404: before, describing it to tell it failed,
+    // and the sweep's first step was retried for ever, every later sweep skipped.)
     expect(await resume()).toEqual({ started: 0, told: 2 });
     for (const incident of incidents) {
       expect((await h.sql('SELECT status FROM leak_incidents WHERE id = $1', [incident.id])).rows).toEqual([{ status: 'closed' }]);
       expect((await h.sql('SELECT cancelled_at IS NOT NULL AS cancelled FROM rotations WHERE id = $1', [incident.rotation_id])).rows).toEqual([{ cancelled: true }]);
       expect((await h.sql('SELECT status FROM mail_outbox WHERE id = $1', [incidentMailId(incident.id)])).rows).toEqual([{ status: 'abandoned' }]);
     }
+    expect((await h.sql("SELECT count(*)::int AS n FROM mail_outbox WHERE subject LIKE '%resumed-destroyed%' AND status <> 'abandoned'")).rows[0].n).toBe(0);
     await onlyEmail('[mailgent] SECURITY: leak reported for resumed-deleted (deleted; not rotated)');
     const unmanaged = await onlyEmail('[mailgent] SECURITY: leak reported for resumed-unmanaged (no rotation policy; not rotated)');
     expect(unmanaged.mail.text).toContain('It has no rotation policy');
     for (const id of Object.values(ids)) await expect(h.client.workflow.getHandle(`rotate:${id}`).describe()).rejects.toThrow(WorkflowNotFoundError);
     expect(await resume()).toEqual({ started: 0, told: 0 });
-    expect((await readMailbox()).filter((m) => /^\[mailgent\] SECURITY: leak reported for resumed-(deleted|unmanaged)$/.test(m.mail.subject ?? ''))).toEqual([]);
+    expect((await readMailbox()).filter((m) => /^\[mailgent\] SECURITY: leak reported for resumed-(deleted|unmanaged|destroyed)$/.test(m.mail.subject ?? ''))).toEqual([]);
   });
 
   it('refuses details that carry the leaked value, and unknown credentials', async () => {
