@@ -2,6 +2,7 @@ import type { Dependent } from '../dependents/types';
 import { UnprocessableError } from '../core/errors';
 import { registered } from '../core/registry';
 import { DEFAULT_POLICY, type Provider } from '../providers';
+import { DEFAULT_SYMBOLS } from '../providers/generated/schema';
 import type { SecretReader } from '../providers/types';
 import type { PlannedPolicy } from '../vault/rotation-vault';
 import { DEFAULT_GRACE_HOURS, type CredentialMeta, type DependentSpec } from '../vault/types';
@@ -341,20 +342,30 @@ export function stepKey(ids: RotationIds, step: string, ...parts: (string | numb
   return [ids.rotationId, ids.credentialId, step, ...parts].join(':');
 }
 
-/** A managed password follows its identity's password policy: at least its length, every class it requires. */
+/**
+ * A managed password follows its identity's password policy: at least its length, every class it
+ * requires. Both providers that make passwords: `generated` (a symbol set of letters or digits only
+ * gives no symbol: the default set then) and `postgres-role` (letters and digits always, one of each).
+ */
 async function withPasswordPolicy(deps: ActivityDeps, meta: CredentialMeta, provider: string, settings: Record<string, unknown>) {
-  if (meta.kind !== 'password' || provider !== 'generated') return settings;
+  if (meta.kind !== 'password' || (provider !== 'generated' && provider !== 'postgres-role')) return settings;
   const { rows } = await deps.pool.query('SELECT * FROM password_policies WHERE identity_id = $1', [meta.identityId]);
   const p = rows[0];
   if (!p) return settings;
-  const s = settings as { length?: number; lowercase?: boolean; uppercase?: boolean; digits?: boolean; symbols?: boolean };
+  if (provider === 'postgres-role') {
+    const s = settings as { passwordLength?: number; symbols?: boolean };
+    return { ...settings, passwordLength: Math.max(s.passwordLength ?? 32, p.length), symbols: (s.symbols ?? false) || p.symbols };
+  }
+  const s = settings as { length?: number; lowercase?: boolean; uppercase?: boolean; digits?: boolean; symbols?: boolean; symbolSet?: string };
+  const symbols = (s.symbols ?? false) || p.symbols;
   return {
     ...settings,
     length: Math.max(s.length ?? 32, p.length),
     lowercase: (s.lowercase ?? true) || p.lowercase,
     uppercase: (s.uppercase ?? true) || p.uppercase,
     digits: (s.digits ?? true) || p.digits,
-    symbols: (s.symbols ?? false) || p.symbols,
+    symbols,
+    ...(p.symbols && s.symbolSet !== undefined && !/[^A-Za-z0-9]/.test(s.symbolSet) ? { symbolSet: DEFAULT_SYMBOLS } : {}),
   };
 }
 

@@ -7,6 +7,7 @@ import { ApplicationFailure } from '@temporalio/common';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createActivities } from '../activities';
 import { checkPolicy } from '../providers';
+import { checkPassword } from '../vault/password-policy';
 import { verifyWebhookSignature } from '../dependents/webhook';
 import { startHarness, type Harness } from './support/harness';
 import { expectCleanRun } from './support/leaks';
@@ -876,6 +877,37 @@ describe('credential lifecycle', () => {
     expect(await canLogin(h, role, v1)).toBe(false);
     expect(await canLogin(h, role, v2.value)).toBe(true);
     expect(await revokedVersions(id)).toEqual([1]);
+  });
+
+  it("a managed password follows its identity's password policy with both providers that make passwords", async () => {
+    const holder = await h.createIdentity(unique('policy-holder'));
+    const storeAs = (name: string, kind: string, value: string, extra: Record<string, unknown> = {}) => store(name, kind, value, extra, holder.token);
+    const role = `mg_pol_${tag}`;
+    const adminName = unique('pg-admin');
+    // Stored before the policy (it refuses these version 1 values: shorter, no symbol).
+    const v1 = await loginRoleWithAdmin(h, role, adminName, storeAs);
+    roles.push(role);
+    const pgName = unique('policy-db');
+    await storeAs(pgName, 'password', v1, { rotation: { provider: 'postgres-role', settings: { adminCredential: adminName, role }, graceHours: 0 } });
+    // A symbol set of letters gives no symbol: before, the policy's symbols were "met" with these.
+    const genName = unique('policy-generated');
+    await storeAs(genName, 'password', h.secret(`Aa1-${randomBytes(8).toString('hex')}`), { rotation: { provider: 'generated', settings: { symbols: false, symbolSet: 'xyz' }, graceHours: 0 } });
+    const policy = { maxAgeDays: 90, length: 40, lowercase: true, uppercase: true, digits: true, symbols: true, escalateAfterDays: 7 };
+    expect((await h.api('PUT', '/v1/password-policy', { token: holder.token, body: policy })).status).toBe(200);
+
+    const started = await h.api('POST', '/v1/rotations', { token: holder.token, body: { credentials: [pgName, genName] } });
+    expect(started.status, started.text).toBe(202);
+    const done = await waitFor('both rotations', () => fixtures.rotationReport(h, holder.token, started.body.rotationId), (r) => ['succeeded', 'failed', 'partial'].includes(r.state));
+    expect(done.state).toBe('succeeded');
+    for (const name of [pgName, genName]) {
+      const { value, version } = (await read({ name }, undefined, holder.token)).body;
+      expect(version).toBe(2);
+      // Before: postgres-role's 32 letters and digits; generated's symbols drawn from 'xyz'.
+      expect(() => checkPassword(value, policy)).not.toThrow();
+    }
+    const rotated = (await read({ name: pgName }, undefined, holder.token)).body.value;
+    expect(await canLogin(h, role, rotated)).toBe(true);
+    expect(await canLogin(h, role, v1)).toBe(false);
   });
 
   it('a totp_seed with an http provider is refused at its plan: nothing is asked of the provider, nothing stored that is no seed', async () => {

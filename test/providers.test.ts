@@ -15,7 +15,7 @@ import { startHarness, TEST_OUTBOUND_ALLOW, type Harness } from './support/harne
 import { ProviderServer } from './support/provider-server';
 import { canLogin as canLoginAs } from './support/lifecycle-fixtures';
 import { allowOutbound } from '../core/outbound';
-import { consumerUrl } from '../providers/postgres-role/role';
+import { consumerUrl, randomPassword } from '../providers/postgres-role/role';
 
 /**
  * The postgres-role and http providers against real servers: the file's PostgreSQL cluster (roles
@@ -325,7 +325,15 @@ describe('rotation providers', () => {
         role: 'app',
         format: 'password',
         passwordLength: 32,
+        symbols: false,
       });
+      // Every class at least once, whatever the draw (a password policy requiring one is met at any length it allows).
+      for (let i = 0; i < 500; i++) {
+        const password = randomPassword(16, i % 2 === 0);
+        expect(password).toMatch(/^(?=.*[a-z])(?=.*[A-Z])(?=.*[0-9])[A-Za-z0-9._~-]{16}$/);
+        if (i % 2 === 0) expect(password).toMatch(/[._~-]/);
+        else expect(password).toMatch(/^[A-Za-z0-9]+$/);
+      }
       expect(issues({ adminCredential: 'pg-admin' })).toEqual(['role: give exactly one of role (one role) or roles (two roles that alternate)']);
       expect(issues({ adminCredential: 'pg-admin', role: 'a', roles: ['b', 'c'], format: 'url' })).toEqual([
         'role: give exactly one of role (one role) or roles (two roles that alternate)',

@@ -34,7 +34,7 @@ export const postgresRole: Provider<PostgresRoleSettings> = {
     // can be read back before the live password is replaced. Found out only at the undo, the role
     // was left on a password the vault no longer held as current, and no retry could mend it.
     if (!s.roles) loginOf(s, ctx.current);
-    const password = randomPassword(s.passwordLength);
+    const password = randomPassword(s.passwordLength, s.symbols);
     await setPassword(admin.url, role, password);
     return { value: s.format === 'url' ? consumerUrl(admin.url, role, password) : password, externalId: role };
   },
@@ -60,7 +60,7 @@ export const postgresRole: Provider<PostgresRoleSettings> = {
       if (ctx.pending) return retire(ctx, ctx.pending);
       // Create may have set a password on the idle role that nobody recorded: replace it with an unknown one.
       const admin = await adminConnection(ctx);
-      return setPassword(admin.url, idleRole(ctx.settings.roles, ctx.current), randomPassword(ctx.settings.passwordLength));
+      return setPassword(admin.url, idleRole(ctx.settings.roles, ctx.current), randomPassword(ctx.settings.passwordLength, ctx.settings.symbols));
     }
     const admin = await adminConnection(ctx);
     const { role, password } = loginOf(ctx.settings, ctx.current);
@@ -119,5 +119,5 @@ async function retire(ctx: Ctx, secret: ProviderSecret): Promise<void> {
     if ((err as { code?: unknown }).code === '28P01') return; // invalid_password
     throw safeError(`checking version ${secret.version} of role "${role}" before retiring it failed`, err, [password, admin.password]);
   }
-  await setPassword(admin.url, role, randomPassword(ctx.settings.passwordLength));
+  await setPassword(admin.url, role, randomPassword(ctx.settings.passwordLength, ctx.settings.symbols));
 }

@@ -5,10 +5,26 @@ import { GuardedSocket, OutboundRefusedError } from '../../core/outbound';
 
 /** PostgreSQL role operations. Every error they raise is built here, without the passwords in play. */
 
-const ALPHANUMERIC = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789';
+const CLASSES = ['ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz', '0123456789'];
+/** Symbols a URL carries as they are (RFC 3986's unreserved): a password put in a connection string by hand needs no escaping. */
+export const URL_SAFE_SYMBOLS = '-._~';
 
-export function randomPassword(length: number): string {
-  return Array.from({ length }, () => ALPHANUMERIC[randomInt(ALPHANUMERIC.length)]!).join('');
+/**
+ * A uniformly random password of upper- and lower-case letters and digits (and, with `symbols`,
+ * URL_SAFE_SYMBOLS), with one of each at least: it meets any password policy of its length.
+ */
+export function randomPassword(length: number, symbols = false): string {
+  const classes = symbols ? [...CLASSES, URL_SAFE_SYMBOLS] : CLASSES;
+  const alphabet = classes.join('');
+  const chars = Array.from({ length }, () => alphabet[randomInt(alphabet.length)]!);
+  // Each class at a distinct random position (length is 16 at least: room for every class).
+  const positions = [...Array(length).keys()];
+  classes.forEach((cls, i) => {
+    const j = i + randomInt(length - i);
+    [positions[i], positions[j]] = [positions[j]!, positions[i]!];
+    chars[positions[i]!] = cls[randomInt(cls.length)]!;
+  });
+  return chars.join('');
 }
 
 /** A postgres:// URL split into what we need; null when the text is not one. */

@@ -23,7 +23,9 @@ export const postgresRoleSettings = z
     role: roleName.optional(),
     roles: z.tuple([roleName, roleName]).optional(),
     format: z.enum(['password', 'url']).default('password'),
-    passwordLength: z.number().int().min(16).max(128).default(32),
+    passwordLength: z.number().int().min(16).max(256).default(32),
+    /** Symbols in the password too (- . _ ~, which a URL carries as they are); letters and digits always. */
+    symbols: z.boolean().default(false),
   })
   .superRefine((s, ctx) => {
     if ((s.role === undefined) === (s.roles === undefined)) {
