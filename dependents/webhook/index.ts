@@ -49,6 +49,5 @@ async function send(ctx: DependentContext<WebhookSettings>, type: WebhookEventTy
     credentialId: ctx.credentialId,
     credentialName: ctx.credentialName,
     version,
-    sentAt: new Date().toISOString(),
   });
 }

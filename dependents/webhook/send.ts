@@ -7,14 +7,17 @@ import { readCapped } from '../../core/read-capped';
 
 export type WebhookEventType = 'credential.pending' | 'credential.verify' | 'credential.restored' | 'credential.promoted';
 
-/** What a receiver gets: ids and a version, never a value. It reads the value itself with vault.get. */
+/**
+ * What a receiver gets: ids and a version, never a value. It reads the value itself with vault.get.
+ * The same body on every attempt under one id (its idempotency key): a receiver may refuse a key
+ * reused with another body. When it was sent is the signature's `t`.
+ */
 export interface WebhookEvent {
   id: string;
   type: WebhookEventType;
   credentialId: string;
   credentialName: string;
   version: number;
-  sentAt: string;
 }
 
 const MAX_ANSWER_BYTES = 64 * 1024;
