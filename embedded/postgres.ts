@@ -48,7 +48,7 @@ export async function startEmbeddedPostgres(opts: { dataDir: string; database?: 
     const child = startChild(
       binary,
       ['-D', clusterDir, '-p', String(port), '-c', 'listen_addresses=127.0.0.1', '-c', 'unix_socket_directories='],
-      { logFile: path.join(opts.dataDir, 'logs', 'postgres.log'), deathSignal: 'INT', ...ids, env: { ...process.env, LC_MESSAGES: 'C' } },
+      { logFile: path.join(opts.dataDir, 'logs', 'postgres.log'), deathSignal: 'INT', ...ids, env: serverEnv() },
     );
     const adminUrl = `postgres://postgres:${encodeURIComponent(password)}@127.0.0.1:${port}/postgres`;
     await waitUntilReady(child, 'PostgreSQL', () => withClient(adminUrl, (c) => c.query('SELECT 1')), 60_000);
@@ -73,6 +73,18 @@ export async function startEmbeddedPostgres(opts: { dataDir: string; database?: 
     stop: () => child.stop('SIGINT', 30_000),
     exited: child.exited,
   };
+}
+
+/**
+ * The server's environment: what it needs to find its libraries, and its locale and time zone, and
+ * nothing else. Not the service's: that holds VAULT_MASTER_KEY (when given inline), ADMIN_TOKEN and
+ * the SMTP password, which every program the server runs inherits (a superuser session's `COPY …
+ * FROM PROGRAM 'env'`, an archive_command), and which any process of its OS user (`postgres` under
+ * root) could read.
+ */
+export function serverEnv(): NodeJS.ProcessEnv {
+  const kept = Object.entries(process.env).filter(([name]) => /^(PATH|LD_LIBRARY_PATH|TMPDIR|TZ|LANG|LANGUAGE|LC_[A-Z]+)$/.test(name));
+  return { ...Object.fromEntries(kept), LC_MESSAGES: 'C' };
 }
 
 /**

@@ -308,9 +308,20 @@ describe('npm start with the embedded defaults', () => {
 
         // Before, the cut-short cluster had its PG_VERSION: it was taken for a made one, and
         // PostgreSQL would not start on it (and, made aside, one behind a link could not be put in place).
-        const pg = await startEmbeddedPostgres({ dataDir: dir });
+        // (The service's secrets in its environment stay out of the server's: a superuser session reads that.)
+        const marker = `probe-${randomBytes(8).toString('hex')}`;
+        process.env.MAILGENT_ENV_PROBE = marker;
+        const pg = await startEmbeddedPostgres({ dataDir: dir }).finally(() => delete process.env.MAILGENT_ENV_PROBE);
         try {
           expect(await withClient(pg.url, async (c) => (await c.query('SELECT 1 AS one')).rows)).toEqual([{ one: 1 }]);
+          // What a program the server runs (COPY … FROM PROGRAM, archive_command) inherits: its environment.
+          const environ = await withClient(pg.url, async (c) => {
+            await c.query('CREATE TEMP TABLE environ (line text)');
+            await c.query(`COPY environ FROM PROGRAM 'env'`);
+            return (await c.query(`SELECT string_agg(line, E'\\n') AS e FROM environ`)).rows[0].e as string;
+          });
+          expect(environ).toContain('LC_MESSAGES=C');
+          expect(environ).not.toContain(marker);
         } finally {
           await pg.stop();
         }
