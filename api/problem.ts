@@ -57,7 +57,8 @@ export function problemOf(err: AppError, instance?: string, requestId?: string):
 export function sendProblem(res: Response, err: AppError): void {
   const problem = problemOf(err, res.req.path, res.locals.requestId);
   if (err.status === 401) res.setHeader('WWW-Authenticate', 'Bearer realm="mailgent"');
-  if (err.status === 503) res.setHeader('Retry-After', '5');
+  // (Not on a change that may have been carried out, `unconfirmed`: a client or proxy honouring Retry-After would repeat it.)
+  if (err.status === 503 && err.extra.unconfirmed !== true) res.setHeader('Retry-After', '5');
   if (err instanceof TooManyRequestsError) res.setHeader('Retry-After', String(err.retryAfterSeconds));
   if (err instanceof MethodNotAllowedError) res.setHeader('Allow', err.allow.join(', '));
   res.status(err.status).type('application/problem+json').send(JSON.stringify(problem));

@@ -174,6 +174,8 @@ describe('a change made whose audit row cannot be written', () => {
       unconfirmed: true,
       detail: expect.stringMatching(/^the leak report \(rotating\) was carried out, but it could not be recorded in the audit log/),
     });
+    // Not an invitation to repeat it (a client honouring Retry-After would): it was carried out. (Before: Retry-After: 5.)
+    expect(res.headers.get('retry-after')).toBeNull();
     expect(refused).toBe(3);
     expect(await rowsOf(res.body.requestId)).toEqual([
       { action: 'leak.report', outcome: 'failed', detail: expect.objectContaining({ source: 'unrecorded-scan', results: ['rotating'], unconfirmed: true, error: 'unavailable' }) },
