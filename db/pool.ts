@@ -106,23 +106,58 @@ export async function withTransaction<T>(pool: pg.Pool, fn: (client: pg.PoolClie
 
 const MIGRATIONS_DIR = fileURLToPath(new URL('./migrations', import.meta.url));
 
-/** Brings the schema up to date; concurrent callers wait on node-pg-migrate's advisory lock. */
-export async function migrate(connectionString: string, logger?: Logger): Promise<void> {
+/** How a migration waits for the locks it needs (tests shorten these). */
+export interface MigrationPatience {
+  /** The longest one attempt waits for a lock (lock_timeout): the reads and writes queued behind its wait wait no longer. */
+  lockTimeoutMs?: number;
+  /** How long the attempts go on before the start-up fails, naming the cause. */
+  patienceMs?: number;
+  /** The pause between attempts, in which what queued behind the last one goes through. */
+  pauseMs?: number;
+}
+
+/**
+ * Brings the schema up to date; concurrent callers wait on node-pg-migrate's advisory lock. A
+ * migration that alters a table waits for every session using it (a pg_dump, a transaction left
+ * open), and every later statement on the table queues behind that wait: a live service's reads
+ * and writes stalled for as long as the dump ran, and this start-up hung without a word. Each
+ * attempt waits at most `lockTimeoutMs` for a lock (the advisory lock included: another process
+ * migrating), then rolls back, lets the queue through and tries again, for `patienceMs` in all.
+ */
+export async function migrate(connectionString: string, logger?: Logger, patience: MigrationPatience = {}): Promise<void> {
   // Loaded here, not at the top: only migrating processes need it (not the API's read thread).
   const { runner } = await import('node-pg-migrate');
-  const client = new pg.Client({ connectionString });
-  await client.connect();
-  try {
-    await runner({
-      dbClient: client,
-      dir: MIGRATIONS_DIR,
-      direction: 'up',
-      migrationsTable: 'schema_migrations',
-      singleTransaction: true,
-      advisoryLockMode: 'wait',
-      log: (message: string) => logger?.debug({ migration: message }, 'migration'),
-    });
-  } finally {
-    await client.end();
+  const { lockTimeoutMs = 3_000, patienceMs = 120_000, pauseMs = 2_000 } = patience;
+  const deadline = Date.now() + patienceMs;
+  for (let attempt = 1; ; attempt++) {
+    const client = new pg.Client({ connectionString, connectionTimeoutMillis: 10_000 });
+    client.on('error', () => undefined);
+    await client.connect();
+    try {
+      await client.query(`SET lock_timeout = ${Math.max(1, Math.round(lockTimeoutMs))}`);
+      await runner({
+        dbClient: client,
+        dir: MIGRATIONS_DIR,
+        direction: 'up',
+        migrationsTable: 'schema_migrations',
+        singleTransaction: true,
+        advisoryLockMode: 'wait',
+        log: (message: string) => logger?.debug({ migration: message }, 'migration'),
+      });
+      return;
+    } catch (err) {
+      if ((err as { code?: string }).code !== '55P03') throw err;
+      if (Date.now() + pauseMs >= deadline) {
+        throw new Error(
+          `the schema migration waited ${Math.round(patienceMs / 1000)} s for locks another session holds (a table it alters in use: a pg_dump, ` +
+            'a transaction left open, or another Mailgent process migrating); end that session (see pg_stat_activity) and start again',
+          { cause: err },
+        );
+      }
+      logger?.warn({ attempt }, 'the schema migration waits for a lock another session holds (a table it alters is in use); trying again shortly');
+      await new Promise((resolve) => setTimeout(resolve, pauseMs));
+    } finally {
+      await client.end().catch(() => undefined);
+    }
   }
 }

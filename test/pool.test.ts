@@ -1,6 +1,10 @@
+import { randomBytes } from 'node:crypto';
 import pg from 'pg';
-import { afterAll, describe, expect, inject, it } from 'vitest';
-import { withTransaction } from '../db/pool';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import type { Logger } from '../core/logger';
+import { migrate, withTransaction } from '../db/pool';
+import { withDatabase } from './support/global-setup';
+import { createDatabase, dropDatabase } from './support/harness';
 
 /** withTransaction against the run's real PostgreSQL, on a pool whose statements time out client-side (as the vault thread's do). */
 describe('withTransaction after a statement timed out', () => {
@@ -18,3 +22,62 @@ describe('withTransaction after a statement timed out', () => {
     expect(rows[0].fresh).toBe(true);
   });
 });
+
+/** migrate() on a live database whose pending migration alters a table another session is using. */
+describe('a migration that waits for a lock', () => {
+  const adminUrl = inject('pgAdminUrl');
+  const name = `mailgent_migrate_${randomBytes(4).toString('hex')}`;
+  const url = withDatabase(adminUrl, name);
+  const patience = { lockTimeoutMs: 300, patienceMs: 2_500, pauseMs: 500 };
+  let holder: pg.Client;
+
+  beforeAll(async () => {
+    await createDatabase(adminUrl, name, inject('templateDb'));
+    // The last migration pending again: its column and index gone, its row too.
+    await withClient(url, (c) =>
+      c.query(`DROP INDEX mail_outbox_unerased; ALTER TABLE mail_outbox DROP COLUMN erased_at; DELETE FROM schema_migrations WHERE name = '1735000000000_mail_retention'`),
+    );
+    // A session using the table it alters (a pg_dump's, a transaction left open).
+    holder = new pg.Client({ connectionString: url });
+    await holder.connect();
+    await holder.query('BEGIN');
+    await holder.query('SELECT count(*) FROM mail_outbox');
+  });
+  afterAll(async () => {
+    await holder.end().catch(() => undefined);
+    await dropDatabase(adminUrl, name);
+  });
+
+  it('gives up, naming the cause, without stalling the live reads of that table behind it; it applies once the session ends', async () => {
+    const warnings: unknown[] = [];
+    const logger = { debug: () => undefined, warn: (o: unknown) => warnings.push(o) } as unknown as Logger;
+    const migrating = migrate(url, logger, patience);
+    const failed = expect(migrating).rejects.toThrow(/^the schema migration waited 3 s for locks another session holds \(a table it alters in use/);
+    // While it tries, a read of the table answers: it waits at most one lock_timeout (300 ms) behind the
+    // migration's queued lock. Before, it waited as long as the session held the table.
+    await new Promise((r) => setTimeout(r, 100));
+    const started = Date.now();
+    await withClient(url, (c) => c.query('SELECT count(*) FROM mail_outbox'));
+    expect(Date.now() - started).toBeLessThan(2_000);
+    await failed;
+    expect(warnings.length).toBeGreaterThan(0);
+    expect(await hasColumn()).toBe(false);
+
+    await holder.query('COMMIT');
+    await migrate(url, logger, patience);
+    expect(await hasColumn()).toBe(true);
+  });
+
+  const hasColumn = async () =>
+    (await withClient(url, (c) => c.query(`SELECT 1 FROM information_schema.columns WHERE table_name = 'mail_outbox' AND column_name = 'erased_at'`))).rowCount === 1;
+});
+
+async function withClient<T>(url: string, fn: (c: pg.Client) => Promise<T>): Promise<T> {
+  const c = new pg.Client({ connectionString: url });
+  await c.connect();
+  try {
+    return await fn(c);
+  } finally {
+    await c.end();
+  }
+}

@@ -291,7 +291,7 @@ export async function startHarness(
   };
 }
 
-async function createDatabase(adminUrl: string, name: string, template: string): Promise<void> {
+export async function createDatabase(adminUrl: string, name: string, template: string): Promise<void> {
   const admin = new pg.Client({ connectionString: adminUrl });
   await admin.connect();
   try {
@@ -310,7 +310,7 @@ async function createDatabase(adminUrl: string, name: string, template: string):
   }
 }
 
-async function dropDatabase(adminUrl: string, name: string): Promise<void> {
+export async function dropDatabase(adminUrl: string, name: string): Promise<void> {
   const admin = new pg.Client({ connectionString: adminUrl });
   await admin.connect();
   try {
