@@ -61,7 +61,11 @@ function leakOf(input: z.output<typeof leakReport>): z.output<typeof leakReport>
   if (input.version !== undefined && input.version !== handle.version) {
     throw new UnprocessableError(`the handle names version ${handle.version}, and version says ${input.version}: give one of them`);
   }
-  return { ...input, credential: handle.id, version: handle.version };
+  // In the order the request schema gives a report's fields (credential, version, then the rest), as
+  // the same report by id and version has them: a report's Idempotency-Key matches its request's
+  // JSON, and the handle's report repeated by id under its key was refused as another request.
+  const { credential: _credential, version: _version, ...rest } = input;
+  return { credential: handle.id, version: handle.version, ...rest };
 }
 
 const handle = z.string().max(200).regex(HANDLE, 'must be a handle from vault_get or list_credentials: mailgent://credentials/<id>@<version>');

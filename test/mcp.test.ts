@@ -556,11 +556,19 @@ describe('MCP server', () => {
         }),
       );
       const { handle, id } = ok(await call(mcp, 'vault_get', { name: 'leaky' }));
-      const report = ok(await call(mcp, 'report_leak', { credential: handle, source: 'mcp test' }));
+      const key = `leak-${randomUUID()}`;
+      const report = ok(await call(mcp, 'report_leak', { credential: handle, source: 'mcp test', idempotencyKey: key }));
       expect(report.results).toMatchObject([{ credentialId: id, version: 1, action: 'rotating', workflowId: `rotate:${id}` }]);
+      // The same report, by id and version over HTTP under its key (its answer lost, say), is a repeat.
+      // Before: a 422 idempotency-key-reused (the handle's report hashed with its keys in another order).
+      const again = await h.api('POST', '/v1/leaks', { token: agent.token, headers: { 'idempotency-key': key }, body: { credential: id, version: 1, source: 'mcp test' } });
+      expect(again.status, again.text).toBe(202);
+      expect(again.body).toEqual({ ...report, repeated: true });
       await h.client.workflow.getHandle(`rotate:${id}`).result();
       expect(ok(await call(mcp, 'vault_get', { name: 'leaky' }))).toMatchObject({ version: 2 });
-      expect((await auditOf(agent.id, 'leak.report')).at(-1)).toMatchObject({ outcome: 'ok', detail: { via: 'mcp', matched: 1 } });
+      const rows = await auditOf(agent.id, 'leak.report');
+      expect(rows.at(-2)).toMatchObject({ outcome: 'ok', detail: { via: 'mcp', matched: 1 } });
+      expect(rows.at(-1)).toMatchObject({ outcome: 'ok', detail: { repeated: true } });
     });
 
     it("report_leak by a handle of an older version reports that version (rotated and revoked), not the current one", async () => {
