@@ -1,3 +1,4 @@
+import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import type { Pool } from '../db/pool';
 import { hashToken, Identities } from '../vault/identities';
@@ -147,6 +148,38 @@ describe('vault.store / vault.get over HTTP', () => {
       { actor: 'admin', outcome: 'ok', detail: {} },
       { actor: 'admin', outcome: 'ok', detail: {} },
     ]);
+  });
+
+  it("two re-issues of one identity's token at once: one is answered with the token that works, the other a 409 (not a token that never worked)", async () => {
+    const made = await h.api('POST', '/v1/identities', { token: h.adminToken, body: { name: 'fay' } });
+    h.secret(made.body.token as string);
+    // The identity's row held, so both re-issues have read the token they replace before either writes.
+    const holder = new pg.Client({ connectionString: h.databaseUrl });
+    await holder.connect();
+    let answers: Awaited<ReturnType<Harness['api']>>[];
+    try {
+      await holder.query('BEGIN');
+      await holder.query('SELECT 1 FROM identities WHERE id = $1 FOR UPDATE', [made.body.id]);
+      const both = Promise.all([0, 1].map(() => h.api('POST', '/v1/identities/fay/token', { token: h.adminToken })));
+      for (const until = Date.now() + 10_000; ; ) {
+        const waiting = `SELECT count(*)::int AS n FROM pg_stat_activity
+                          WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE 'UPDATE identities SET token_hash%'`;
+        const { n } = (await h.sql(waiting)).rows[0];
+        if (n >= 2) break;
+        if (Date.now() > until) throw new Error('the two re-issues never waited on the row');
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      await holder.query('ROLLBACK');
+      answers = await both;
+    } finally {
+      await holder.end();
+    }
+    // Before: two 201s, and the token of the one that committed first a 401 from the start.
+    expect(answers.map((a) => a.status).sort()).toEqual([201, 409]);
+    const issued = answers.find((a) => a.status === 201)!;
+    const refused = answers.find((a) => a.status === 409)!;
+    expect(refused.body.detail).toBe("another request re-issued this identity's token at the same moment: the token it was answered with is the one that works (re-issue again for another)");
+    expect((await h.api('GET', '/v1/whoami', { token: h.secret(issued.body.token as string) })).status).toBe(200);
   });
 
   it("a lookup of a token under way while the token is re-issued is not remembered: the old token does not come back for the cache's 5 s", async () => {

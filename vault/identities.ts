@@ -84,11 +84,21 @@ export class Identities {
   async reissueToken(ref: { id: string } | { name: string }, audit: { actor: string; requestId?: string }): Promise<Identity & { token: string }> {
     const token = newToken();
     const identity = await withTransaction(this.pool, async (tx) => {
-      const { rows } = await tx.query<Identity>(
-        `UPDATE identities SET token_hash = $2 WHERE ${'id' in ref ? 'id = $1::uuid' : 'name = $1'} RETURNING id, name, email`,
-        ['id' in ref ? ref.id : ref.name, hashToken(token)],
+      const found = await tx.query<{ id: string; token_hash: Buffer }>(
+        `SELECT id, token_hash FROM identities WHERE ${'id' in ref ? 'id = $1::uuid' : 'name = $1'}`,
+        ['id' in ref ? ref.id : ref.name],
       );
-      if (!rows[0]) throw new NotFoundError(`no identity ${'id' in ref ? `with id ${ref.id}` : `named '${ref.name}'`}`);
+      if (!found.rows[0]) throw new NotFoundError(`no identity ${'id' in ref ? `with id ${ref.id}` : `named '${ref.name}'`}`);
+      // In place of the token read: two re-issues at once both answered 201, each with a token "shown
+      // once", and the one committed first no longer worked. The second is a 409 now.
+      const { rows } = await tx.query<Identity>('UPDATE identities SET token_hash = $2 WHERE id = $1 AND token_hash = $3 RETURNING id, name, email', [
+        found.rows[0].id,
+        hashToken(token),
+        found.rows[0].token_hash,
+      ]);
+      if (!rows[0]) {
+        throw new ConflictError("another request re-issued this identity's token at the same moment: the token it was answered with is the one that works (re-issue again for another)");
+      }
       await appendAudit(tx, { identityId: rows[0].id, actor: audit.actor, action: 'identity.token', outcome: 'ok', requestId: audit.requestId, detail: {} });
       return rows[0];
     });

@@ -20,7 +20,7 @@ export function identityRoutes(auth: AuthDeps, identities: Identities): Router {
     '/v1/identities/:ref/token',
     ...endpoint(
       auth,
-      { who: 'admin', action: 'identity.token', summary: 'Issue an identity a new token in place of its old one (shown once)', responses: { 201: identityCreated }, problems: [404] },
+      { who: 'admin', action: 'identity.token', summary: 'Issue an identity a new token in place of its old one (shown once)', responses: { 201: identityCreated }, problems: [404, 409] },
       async ({ req, requestId }) => {
         const ref = String(req.params.ref);
         return { status: 201, body: await identities.reissueToken(isUuid(ref) ? { id: ref } : { name: ref }, { actor: 'admin', requestId }) };
