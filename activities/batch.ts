@@ -459,7 +459,6 @@ export function batchActivities(deps: ActivityDeps) {
         }
         return done;
       };
-      await pages(() => purgeExpiredKeys(deps.pool, PURGE_PAGE));
       // One cutoff for the list and the check under the lock (days of 24 hours: the session's time
       // zone and its daylight-saving days do not move it between the two).
       const cutoff = new Date(Date.parse(input.asOf) - input.retentionDays * 86_400_000);
@@ -496,8 +495,10 @@ export function batchActivities(deps: ActivityDeps) {
           if (!(err instanceof NotFoundError) && !(err instanceof ConflictError)) throw err;
         }
       }
-      // Last, with what time is left (a page at least): a backlog (every message kept before this
-      // setting) must not hold up the destruction of credentials past their retention.
+      // Then, with what time is left (a page at least each): the expired Idempotency-Keys of identities
+      // that keyed no request since (a backlog of them, first before, left no time for the destroys),
+      // and what settled mail said (a backlog: every message kept before this setting).
+      await pages(() => purgeExpiredKeys(deps.pool, PURGE_PAGE));
       const mailCutoff = new Date(Date.parse(input.asOf) - (input.mailRetentionDays ?? 30) * 86_400_000);
       const erased = await pages(() => eraseSettledMail(deps.pool, mailCutoff, PURGE_PAGE, [REFUSED_NOTICE, UNCHECKED_NOTICE]));
       return { destroyed, erased, left };

@@ -10,7 +10,7 @@ import { queueMail } from '../mail/outbox';
 import { checkPolicy } from '../providers';
 import { ensureSchedules, ORPHAN_SCHEDULE_ID, scheduleId, SWEEP_SCHEDULE_ID } from '../worker/schedules';
 import { expectCleanRun } from './support/leaks';
-import { waitFor } from './support/lifecycle-fixtures';
+import { holdTable, waitFor } from './support/lifecycle-fixtures';
 import { startHarness, type Harness } from './support/harness';
 import { readMailbox, recipients, type StoredMail } from './support/mail';
 
@@ -844,6 +844,26 @@ describe('scheduled sweep', () => {
     expect((await h.sql('SELECT key FROM idempotency_keys WHERE identity_id = $1', [quiet.id])).rows).toEqual([{ key: 'fresh' }]);
     expect(await createActivities(h.deps).purgeDeleted({ asOf, retentionDays: 30 })).toMatchObject({ left: false });
     expect(await destroyed()).toBe(3);
+  });
+
+  it("retention destroys credentials past it before it purges expired Idempotency-Keys: a slow purge (a backlog) does not leave them for ever", async () => {
+    const agent = await identity();
+    const name = unique('before-keys');
+    const id = await store(agent.token, { name, kind: 'api_key', value: secretValue() });
+    expect((await h.api('DELETE', `/v1/credentials/${name}`, { token: agent.token })).status).toBe(200);
+    await h.sql(`UPDATE credentials SET deleted_at = now() - interval '40 days' WHERE id = $1`, [id]);
+    // The purge of keys held up past the budget (as a backlog of pages would take it), the lock released at 1.5 s.
+    const keys = await holdTable(h, 'idempotency_keys');
+    const released = new Promise((r) => setTimeout(r, 1_500)).then(() => keys.release());
+    let result;
+    try {
+      result = await createActivities(h.deps).purgeDeleted({ asOf: new Date().toISOString(), retentionDays: 30, budgetMs: 500 });
+    } finally {
+      await released;
+    }
+    // Before: the keys first, the budget spent on them, and the destroy left to a sweep whose keys let it.
+    expect(result).toMatchObject({ destroyed: 1 });
+    expect((await h.sql('SELECT destroyed_at IS NOT NULL AS destroyed FROM credentials WHERE id = $1', [id])).rows).toEqual([{ destroyed: true }]);
   });
 
   it('retention erases what settled mail said and to whom past MAIL_RETENTION_DAYS, keeping the row that stops a notice going twice', async () => {
