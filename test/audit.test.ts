@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type pg from 'pg';
+import { firstSeqAt } from '../vault/audit';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 
@@ -120,6 +121,40 @@ describe('audit log', () => {
     const ambiguous = await byAdmin('seed');
     expect(ambiguous.status, ambiguous.text).toBe(422);
     expect(ambiguous.body.detail).toBe("'seed' names credentials of several identities; give the credential's id");
+  });
+
+  it('?since= answers from the first row at that time on, found by its place in the log (no row before it read), paging as without it', async () => {
+    // Rows a few milliseconds apart, a rolled-back one's seq among them (a gap).
+    for (let i = 0; i < 12; i++) {
+      await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: `since-${i}`, kind: 'generic', value: h.secret(`since-value-${i}-0001`) } });
+      if (i === 5) {
+        await h.sql(`BEGIN; INSERT INTO audit_log (identity_id, actor, action, outcome) VALUES ('${agent.id}', 'test', 'test.gap', 'ok'); ROLLBACK`);
+      }
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    const stamped = (await h.sql('SELECT seq, at FROM audit_log ORDER BY seq')).rows.map((r) => ({ seq: Number(r.seq), at: r.at as Date }));
+    const max = stamped.at(-1)!.seq;
+    const expected = (at: Date) => stamped.find((r) => r.at >= at)?.seq ?? max + 1;
+    const times = [new Date(0), ...stamped.map((r) => r.at), ...stamped.map((r) => new Date(r.at.getTime() + 1)), new Date(Date.now() + 60_000)];
+    // Where the rows at that time or later begin: the first of them is the first row from there (a gap's seq may come first).
+    for (const at of times) {
+      const from = await firstSeqAt(h.services.pool, at);
+      expect(stamped.find((r) => r.seq >= from)?.seq ?? max + 1, at.toISOString()).toBe(expected(at));
+    }
+
+    // Through the API: the agent's rows at that time or later, in pages.
+    const since = stamped[Math.floor(stamped.length / 2)]!.at;
+    const want = (await h.sql('SELECT seq FROM audit_log WHERE identity_id = $1 AND at >= $2 ORDER BY seq', [agent.id, since])).rows.map((r) => Number(r.seq));
+    expect(want.length).toBeGreaterThan(3);
+    const got: number[] = [];
+    for (let cursor: string | undefined, pages = 0; pages < 50; pages++) {
+      const res = await h.api('GET', `/v1/audit?since=${since.toISOString()}&limit=3${cursor ? `&after=${cursor}` : ''}`, { token: agent.token });
+      expect(res.status, res.text).toBe(200);
+      got.push(...res.body.items.map((e: { seq: number }) => e.seq));
+      cursor = res.body.nextCursor ?? undefined;
+      if (!cursor) break;
+    }
+    expect(got).toEqual(want);
   });
 
   it('is append-only: the service\'s own connection cannot update, delete or truncate it', async () => {

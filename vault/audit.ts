@@ -181,6 +181,9 @@ export interface AuditQuery {
 }
 
 export async function listAudit(db: Db, q: AuditQuery): Promise<AuditRow[]> {
+  // `since` as a place in the log too: no index has `at`, and the rows before it were all read
+  // (every read writes one: millions a day), past the statement timeout, a 503 "try again".
+  const after = q.since ? Math.max(q.afterSeq ?? 0, (await firstSeqAt(db, new Date(q.since.getTime() - CLOCK_STEP_MS))) - 1) : (q.afterSeq ?? 0);
   const { rows } = await db.query(
     `SELECT seq, at, identity_id, actor, action, credential_id, outcome, request_id, detail
        FROM audit_log
@@ -190,7 +193,7 @@ export async function listAudit(db: Db, q: AuditQuery): Promise<AuditRow[]> {
         AND seq > $4
       ORDER BY seq
       LIMIT $5`,
-    [q.identityId ?? null, q.credentialId ?? null, q.since ?? null, q.afterSeq ?? 0, q.limit],
+    [q.identityId ?? null, q.credentialId ?? null, q.since ?? null, after, q.limit],
   );
   return rows.map((r) => ({
     seq: Number(r.seq),
@@ -203,6 +206,34 @@ export async function listAudit(db: Db, q: AuditQuery): Promise<AuditRow[]> {
     requestId: r.request_id,
     detail: r.detail,
   }));
+}
+
+/**
+ * How far back a row's time may be from the row before it: a clock stepped back. Rows are stamped
+ * under the chain's lock (seq, then clock_timestamp()), so their times rise with seq but for that.
+ */
+const CLOCK_STEP_MS = 60_000;
+
+/**
+ * Where the rows stamped at `at` or later begin: a seq before which every row is older, and from
+ * which the first row is not (one past the newest row when none is; a rolled-back row's unused seq
+ * may come first). A binary search over seq, a primary-key probe a step (some 40 for a billion
+ * rows), since a row's time rises with its seq (CLOCK_STEP_MS aside).
+ */
+export async function firstSeqAt(db: Db, at: Date): Promise<number> {
+  const bounds = (await db.query('SELECT min(seq) AS lo, max(seq) AS hi FROM audit_log')).rows[0];
+  if (bounds.hi === null) return 1;
+  let lo = Number(bounds.lo);
+  let hi = Number(bounds.hi) + 1;
+  // Invariant: every row before lo is older than `at`; the row at hi (or none, past the end) is not.
+  while (lo < hi) {
+    const mid = Math.floor((lo + hi) / 2);
+    const row = (await db.query('SELECT seq, at FROM audit_log WHERE seq >= $1 ORDER BY seq LIMIT 1', [mid])).rows[0];
+    if (!row || Number(row.seq) >= hi) hi = mid;
+    else if ((row.at as Date) >= at) hi = Number(row.seq);
+    else lo = Number(row.seq) + 1;
+  }
+  return lo;
 }
 
 export interface ChainReport {
