@@ -77,8 +77,21 @@ export function startChild(
 }
 
 /** Polls `probe` until it resolves, the child exits, or the time runs out. */
-export async function waitUntilReady(child: Child, what: string, probe: () => Promise<unknown>, timeoutMs = 60_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
+/**
+ * Probes the child until it answers, for `timeoutMs`; longer (up to `patience.maxMs`) while its
+ * answer says it is still starting (`patience.starting`: PostgreSQL replaying its WAL after a crash
+ * answers "the database system is starting up"). Killed after a fixed minute, a long recovery was
+ * begun again at every start and never finished: the service never started.
+ */
+export async function waitUntilReady(
+  child: Child,
+  what: string,
+  probe: () => Promise<unknown>,
+  timeoutMs = 60_000,
+  patience?: { starting: (err: unknown) => boolean; maxMs: number },
+): Promise<void> {
+  const startedAt = Date.now();
+  let deadline = startedAt + timeoutMs;
   let lastError: unknown;
   while (Date.now() < deadline) {
     if (!child.isRunning()) {
@@ -91,11 +104,12 @@ export async function waitUntilReady(child: Child, what: string, probe: () => Pr
       return;
     } catch (err) {
       lastError = err;
+      if (patience?.starting(err)) deadline = Math.max(deadline, Math.min(Date.now() + timeoutMs, startedAt + patience.maxMs));
       await new Promise((r) => setTimeout(r, 150));
     }
   }
   await child.stop('SIGKILL');
-  throw new Error(`${what} was not ready after ${timeoutMs / 1000}s (${(lastError as Error)?.message}). Last log lines:\n${child.logTail()}`);
+  throw new Error(`${what} was not ready after ${Math.round((Date.now() - startedAt) / 1000)}s (${(lastError as Error)?.message}). Last log lines:\n${child.logTail()}`);
 }
 
 /** Whether a process with this pid exists (one of another user's counts: EPERM). */

@@ -51,7 +51,11 @@ export async function startEmbeddedPostgres(opts: { dataDir: string; database?: 
       { logFile: path.join(opts.dataDir, 'logs', 'postgres.log'), deathSignal: 'INT', ...ids, env: serverEnv() },
     );
     const adminUrl = `postgres://postgres:${encodeURIComponent(password)}@127.0.0.1:${port}/postgres`;
-    await waitUntilReady(child, 'PostgreSQL', () => withClient(adminUrl, (c) => c.query('SELECT 1')), 60_000);
+    // A minute to answer; while it says it is starting up (57P03: replaying its WAL after a crash), an hour.
+    await waitUntilReady(child, 'PostgreSQL', () => withClient(adminUrl, (c) => c.query('SELECT 1')), 60_000, {
+      starting: (err) => (err as { code?: string }).code === '57P03',
+      maxMs: 3_600_000,
+    });
     return { port, child, adminUrl };
   });
   try {

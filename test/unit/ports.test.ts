@@ -58,6 +58,28 @@ describe('withFreshPorts', () => {
     expect(calls).toBe(1);
   });
 
+  it('a server that says it is still starting (PostgreSQL replaying its WAL) is waited for past the timeout; one that does not answer is not', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'ports-'));
+    const child = startChild('/bin/sh', ['-c', 'sleep 30'], { logFile: path.join(dir, 'server.log') });
+    try {
+      const startingUntil = Date.now() + 1_500;
+      const recovering = async () => {
+        if (Date.now() < startingUntil) throw Object.assign(new Error('the database system is starting up'), { code: '57P03' });
+      };
+      const patience = { starting: (err: unknown) => (err as { code?: string }).code === '57P03', maxMs: 10_000 };
+      // Before: killed at the timeout (500 ms here, a minute in the service), the recovery begun again at the next start.
+      await waitUntilReady(child, 'the test server', recovering, 500, patience);
+      expect(Date.now()).toBeGreaterThanOrEqual(startingUntil);
+      expect(child.isRunning()).toBe(true);
+      // Silent (no answer at all), it is not waited for past its timeout, patience or not.
+      const silent = await waitUntilReady(child, 'the test server', () => Promise.reject(new Error('connect ECONNREFUSED')), 500, patience).catch((e: Error) => e);
+      expect((silent as Error).message).toMatch(/^the test server was not ready after \d+s \(connect ECONNREFUSED\)/);
+    } finally {
+      await child.stop('SIGKILL');
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('a server that exits during start-up is reported with its last log lines, which a clash is recognised by', async () => {
     const dir = mkdtempSync(path.join(os.tmpdir(), 'ports-'));
     try {
