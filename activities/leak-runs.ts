@@ -1,9 +1,8 @@
 import { WorkflowNotFoundError, type Client } from '@temporalio/client';
-import { AppError, UnavailableError } from '../core/errors';
+import { AppError, NotFoundError, UnavailableError } from '../core/errors';
 import { withTransaction, type Db, type Pool } from '../db/pool';
 import { abandonMail, queueMail, startDelivery } from '../mail/outbox';
 import { appendAudit } from '../vault/audit';
-import type { Vault } from '../vault/vault';
 import { leakSignal } from '../workflows/definitions';
 import type { rotateCredential } from '../workflows/rotate-credential';
 import type { ActivityDeps } from './index';
@@ -83,15 +82,25 @@ async function signalRunning(client: Client, credentialId: string, incidentId: s
 /** What telling of a leak needs: who hears of it, and the outbox. */
 export interface LeakNoticeDeps {
   pool: Pool;
-  vault: Pick<Vault, 'describe'>;
   securityNotify?: string[];
 }
 
-/** The credential's metadata, and who hears of its leak: the security contacts, its owners and its identity's email. */
+/**
+ * What a leak's email says of the credential, and who hears of it: the security contacts, its
+ * owners and its identity's email. From its row, which a destroy keeps (its versions gone): a
+ * destroyed credential's leak is told too (vault.describe refuses one).
+ */
 export async function toldOfLeak(deps: LeakNoticeDeps, t: { credentialId: string; identityId: string }) {
-  const meta = await deps.vault.describe(t.identityId, t.credentialId);
-  const identity = (await deps.pool.query('SELECT email FROM identities WHERE id = $1', [t.identityId])).rows[0];
-  return { meta, to: [...new Set([...(deps.securityNotify ?? []), ...meta.owners, ...(identity?.email ? [identity.email] : [])])] };
+  const { rows } = await deps.pool.query(
+    `SELECT c.name, c.kind, c.owners, c.deleted_at, c.destroyed_at, i.email
+       FROM credentials c JOIN identities i ON i.id = c.identity_id WHERE c.id = $1 AND c.identity_id = $2`,
+    [t.credentialId, t.identityId],
+  );
+  const row = rows[0];
+  if (!row) throw new NotFoundError(`no credential with id ${t.credentialId}`);
+  const iso = (d: Date | null) => (d ? d.toISOString() : null);
+  const meta = { name: row.name as string, kind: row.kind as string, owners: row.owners as string[], deletedAt: iso(row.deleted_at), destroyedAt: iso(row.destroyed_at) };
+  return { meta, to: [...new Set([...(deps.securityNotify ?? []), ...meta.owners, ...(row.email ? [row.email as string] : [])])] };
 }
 
 /**
@@ -116,7 +125,12 @@ export async function queueUnrotatedNotice(
   let mailId = stableUuid(seed);
   const earlier = await deps.pool.query('SELECT status FROM mail_outbox WHERE id = $1', [mailId]);
   if (earlier.rows[0]?.status === 'abandoned') mailId = stableUuid(`${seed}:${new Date().toISOString().slice(0, 10)}`);
-  const why = t.deleted
+  const why = meta.destroyedAt
+    ? [
+        `The credential was destroyed on ${meta.destroyedAt.slice(0, 10)}: Mailgent holds no version of it any more, and destroying it`,
+        'revoked nothing where it was issued, so the leaked value may still work there: revoke it there by hand.',
+      ]
+    : t.deleted
     ? [
         `The credential was deleted${meta.deletedAt ? ` on ${meta.deletedAt.slice(0, 10)}` : ''}, so Mailgent does not rotate it, and the leaked`,
         'value may still work where it was issued: revoke it there by hand. Or restore the credential',
@@ -138,7 +152,7 @@ export async function queueUnrotatedNotice(
       identityId: t.identityId,
       purpose: 'leak.incident',
       to,
-      subject: `[mailgent] SECURITY: leak reported for ${meta.name} (${t.deleted ? 'deleted' : 'no rotation policy'}; not rotated)`,
+      subject: `[mailgent] SECURITY: leak reported for ${meta.name} (${meta.destroyedAt ? 'destroyed' : t.deleted ? 'deleted' : 'no rotation policy'}; not rotated)`,
       text: [
         `A leak of the ${meta.kind} credential '${meta.name}' (version ${t.version}) was reported by ${report.source}.`,
         ...(report.details ? ['', `Details: ${report.details}`] : []),
@@ -199,40 +213,36 @@ export function leakActivities(deps: ActivityDeps) {
       if (!deps.temporal) throw new Error('no Temporal client here for starting leak rotations');
       const temporal = deps.temporal;
       const { rows } = await deps.pool.query(
-        `SELECT i.id, i.credential_id, i.identity_id, i.version, i.rotation_id, i.source, coalesce(i.version, c.current_version) AS told_version,
-                c.deleted_at IS NOT NULL AS deleted, c.rotation IS NULL AS unmanaged, c.destroyed_at IS NOT NULL AS destroyed
-           FROM leak_incidents i JOIN rotation_runs r ON r.rotation_id = i.rotation_id AND r.credential_id = i.credential_id
-           JOIN credentials c ON c.id = i.credential_id
+        `SELECT i.id FROM leak_incidents i JOIN rotation_runs r ON r.rotation_id = i.rotation_id AND r.credential_id = i.credential_id
           WHERE i.status = 'open' AND r.run_id IS NULL AND i.opened_at < $1::timestamptz - make_interval(secs => $2)
           ORDER BY i.opened_at LIMIT ${RESUMED_PER_SWEEP}`,
         [input.asOf, STALE_INCIDENT_SECONDS],
       );
       let started = 0;
       let told = 0;
-      for (const row of rows) {
+      for (const { id } of rows) {
         heartbeat();
-        // Under the incident's row lock, checked again: a report replacing it meanwhile (closing it in
-        // the transaction that opens its successor, its email abandoned there) waits for this, or this
-        // finds it closed and leaves it.
         // One incident that cannot be answered (a fault of its own, not of Temporal or the database)
         // is left for the next sweep, and the others answered: retried for ever, it held up this
         // first step of the sweep, and so every later sweep (they do not overlap).
         await withTransaction(deps.pool, async (tx) => {
-          const still = await tx.query(
-            `SELECT 1 FROM leak_incidents i JOIN rotation_runs r ON r.rotation_id = i.rotation_id AND r.credential_id = i.credential_id
+          // Under the incident's row lock, read again: a report replacing it meanwhile (closing it in
+          // the transaction that opens its successor, its email abandoned there) waits for this, or
+          // this finds it closed and leaves it. Its credential as it is now, not as the list found it
+          // (deleted, or restored, since: the list is read before up to 200 starts).
+          const { rows: still } = await tx.query(
+            `SELECT i.id, i.credential_id, i.identity_id, i.version, i.rotation_id, i.source, coalesce(i.version, c.current_version) AS told_version,
+                    c.deleted_at IS NOT NULL AS deleted, c.rotation IS NULL AS unmanaged
+               FROM leak_incidents i JOIN rotation_runs r ON r.rotation_id = i.rotation_id AND r.credential_id = i.credential_id
+               JOIN credentials c ON c.id = i.credential_id
               WHERE i.id = $1 AND i.status = 'open' AND r.run_id IS NULL FOR UPDATE OF i SKIP LOCKED`,
-            [row.id],
+            [id],
           );
-          if (still.rowCount === 0) return;
-          // Destroyed since the report (nothing running, or the destroy is refused): no version of it
-          // is left to rotate or to tell of (a report of it now is a 404). Closed unsent.
-          if (row.destroyed) {
-            await closeUnanswered(tx, row.id, row.rotation_id, 'its credential was destroyed before its rotation started');
-            return;
-          }
-          // A credential that is not rotated (deleted, or its policy taken away, since the report):
-          // a run going is signalled, none started (it would fail at its first step, its emails
-          // saying rotating, then failed); with none, the leak is told as its report would now.
+          const row = still[0];
+          if (!row) return;
+          // A credential that is not rotated (deleted or destroyed, or its policy taken away, since the
+          // report): a run going is signalled, none started (it would fail at its first step, its
+          // emails saying rotating, then failed); with none, the leak is told as its report would now.
           const unrotated = row.deleted || row.unmanaged;
           const t = { credentialId: row.credential_id, identityId: row.identity_id };
           if (await startLeakRun({ pool: deps.pool, ...temporal }, t, row.rotation_id, row.id, row.version, undefined, unrotated)) {
@@ -243,11 +253,11 @@ export function leakActivities(deps: ActivityDeps) {
           // Told before the incident closes (both repeat safely): a retry after a crash finds it open and tells it again, once.
           const mailId = await queueUnrotatedNotice(deps, { ...t, version: row.told_version, deleted: row.deleted }, { source: row.source }, 'schedule:rotation-sweep');
           if (mailId) await startDelivery(deps.pool, temporal, mailId);
-          await closeUnanswered(tx, row.id, row.rotation_id, 'its report died before the rotation started, and the credential is not rotated now; its leak was told without a rotation');
-          told += 1;
+          const why = 'its report died before the rotation started, and the credential is not rotated now; its leak was told without a rotation';
+          if (await closeUnanswered(tx, row.id, row.rotation_id, why)) told += 1;
         }).catch((err: unknown) => {
           if (!(err instanceof AppError) || err.status >= 500) throw err;
-          warn('a leak incident left open could not be answered; the next sweep tries it again', { incidentId: row.id, error: err.message });
+          warn('a leak incident left open could not be answered; the next sweep tries it again', { incidentId: id, error: err.message });
         });
       }
       return { started, told };

@@ -303,13 +303,13 @@ export function rotationActivities(deps: ActivityDeps) {
       const open = (
         await deps.pool.query(
           `SELECT i.id, i.version, i.rotation_id, i.source, v.revoked_at IS NOT NULL AS revoked, c.deleted_at IS NOT NULL AS deleted,
-                  c.rotation IS NULL AS unmanaged, c.destroyed_at IS NOT NULL AS destroyed, coalesce(i.version, c.current_version) AS told_version
+                  c.rotation IS NULL AS unmanaged, coalesce(i.version, c.current_version) AS told_version
              FROM leak_incidents i JOIN credentials c ON c.id = i.credential_id
              LEFT JOIN secret_versions v ON v.credential_id = i.credential_id AND v.version = i.version
             WHERE i.credential_id = $1 AND i.status = 'open'`,
           [ids.credentialId],
         )
-      ).rows as { id: string; version: number | null; rotation_id: string | null; source: string; revoked: boolean; deleted: boolean; unmanaged: boolean; destroyed: boolean; told_version: number }[];
+      ).rows as { id: string; version: number | null; rotation_id: string | null; source: string; revoked: boolean; deleted: boolean; unmanaged: boolean; told_version: number }[];
       const heard = ids.heard === undefined ? undefined : new Set(ids.heard);
       let unheard = open.filter((incident) => heard && !heard.has(incident.id) && !incident.revoked);
       // Unheard, of a credential not rotated now (deleted, or its policy taken away, during this run):
@@ -317,8 +317,7 @@ export function rotationActivities(deps: ActivityDeps) {
       // as a report of it now would tell it, and closed unsent (both repeat safely, told first).
       for (const incident of unheard.filter((i) => i.deleted || i.unmanaged)) {
         const t = { credentialId: ids.credentialId, identityId: ids.identityId, version: incident.told_version, deleted: incident.deleted };
-        // (Destroyed meanwhile, nothing of it is left to tell of: a report of it now is a 404.)
-        const mailId = incident.destroyed ? undefined : await queueUnrotatedNotice(deps, t, { source: incident.source }, `workflow:${ids.workflowId}`);
+        const mailId = await queueUnrotatedNotice(deps, t, { source: incident.source }, `workflow:${ids.workflowId}`);
         if (mailId && deps.temporal) await startDelivery(deps.pool, deps.temporal, mailId);
         const why = 'the rotation that would have answered it ended first, and the credential is not rotated now; its leak was told without a rotation';
         // (Heard by now after all, a parallel report's signal recorded on its rotation: left to the run.)

@@ -930,7 +930,7 @@ describe('POST /v1/leaks', () => {
     expect((await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for unheard-deleted')).toEqual([]);
   });
 
-  it('an unstarted incident of a credential deleted, or its policy taken away, since its report is told by the sweep, not rotated (destroyed: closed)', async () => {
+  it('an unstarted incident of a credential deleted or destroyed, or its policy taken away, since its report is told by the sweep, not rotated', async () => {
     const owner = `owner-${randomUUID().slice(0, 8)}@example.com`;
     const ids = {
       deleted: await store('resumed-deleted', 'sk_resumed_deleted_0001', { owners: [owner], rotation: { provider: 'generated', graceHours: 0 } }),
@@ -951,15 +951,17 @@ describe('POST /v1/leaks', () => {
     expect(incidents).toHaveLength(3);
     const resume = () => createActivities(h.deps).resumeLeakIncidents({ asOf: new Date().toISOString() });
     // Before: a leak run started for each, which failed at its first step, its emails saying rotating, then failed.
-    // (Destroyed, its incident is closed untold, as a report of it now is a 404: before, describing it to tell it failed,
+    // (Destroyed, it is told from its row, which the destroy keeps: before, describing it to tell it failed,
     // and the sweep's first step was retried for ever, every later sweep skipped.)
-    expect(await resume()).toEqual({ started: 0, told: 2 });
+    expect(await resume()).toEqual({ started: 0, told: 3 });
     for (const incident of incidents) {
       expect((await h.sql('SELECT status FROM leak_incidents WHERE id = $1', [incident.id])).rows).toEqual([{ status: 'closed' }]);
       expect((await h.sql('SELECT cancelled_at IS NOT NULL AS cancelled FROM rotations WHERE id = $1', [incident.rotation_id])).rows).toEqual([{ cancelled: true }]);
       expect((await h.sql('SELECT status FROM mail_outbox WHERE id = $1', [incidentMailId(incident.id)])).rows).toEqual([{ status: 'abandoned' }]);
     }
-    expect((await h.sql("SELECT count(*)::int AS n FROM mail_outbox WHERE subject LIKE '%resumed-destroyed%' AND status <> 'abandoned'")).rows[0].n).toBe(0);
+    const destroyed = await onlyEmail('[mailgent] SECURITY: leak reported for resumed-destroyed (destroyed; not rotated)');
+    expect(destroyed.mail.text).toContain('revoke it there by hand');
+    expect(recipients(destroyed.mail)).toEqual(expect.arrayContaining([owner, security]));
     await onlyEmail('[mailgent] SECURITY: leak reported for resumed-deleted (deleted; not rotated)');
     const unmanaged = await onlyEmail('[mailgent] SECURITY: leak reported for resumed-unmanaged (no rotation policy; not rotated)');
     expect(unmanaged.mail.text).toContain('It has no rotation policy');
