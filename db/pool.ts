@@ -121,12 +121,12 @@ export interface MigrationPatience {
  * migration that alters a table waits for every session using it (a pg_dump, a transaction left
  * open), and every later statement on the table queues behind that wait: a live service's reads
  * and writes stalled for as long as the dump ran, and this start-up hung without a word. Each
- * attempt waits at most `lockTimeoutMs` for a lock (the advisory lock included: another process
- * migrating), then rolls back, lets the queue through and tries again, for `patienceMs` in all.
+ * attempt waits at most `lockTimeoutMs` for a table's lock, then rolls back, lets the queue
+ * through and tries again, for `patienceMs` in all.
  */
 export async function migrate(connectionString: string, logger?: Logger, patience: MigrationPatience = {}): Promise<void> {
   // Loaded here, not at the top: only migrating processes need it (not the API's read thread).
-  const { runner } = await import('node-pg-migrate');
+  const { runner, PG_MIGRATE_LOCK_ID } = await import('node-pg-migrate');
   const { lockTimeoutMs = 3_000, patienceMs = 120_000, pauseMs = 2_000 } = patience;
   const deadline = Date.now() + patienceMs;
   for (let attempt = 1; ; attempt++) {
@@ -134,6 +134,9 @@ export async function migrate(connectionString: string, logger?: Logger, patienc
     client.on('error', () => undefined);
     await client.connect();
     try {
+      // Another process migrating is waited for as long as it takes (its lock blocks no table), as
+      // before: the time limit is for the tables' locks alone, taken after this one.
+      await client.query('SELECT pg_advisory_lock($1)', [PG_MIGRATE_LOCK_ID]);
       await client.query(`SET lock_timeout = ${Math.max(1, Math.round(lockTimeoutMs))}`);
       await runner({
         dbClient: client,
@@ -141,7 +144,7 @@ export async function migrate(connectionString: string, logger?: Logger, patienc
         direction: 'up',
         migrationsTable: 'schema_migrations',
         singleTransaction: true,
-        advisoryLockMode: 'wait',
+        noLock: true,
         log: (message: string) => logger?.debug({ migration: message }, 'migration'),
       });
       return;
@@ -150,7 +153,7 @@ export async function migrate(connectionString: string, logger?: Logger, patienc
       if (Date.now() + pauseMs >= deadline) {
         throw new Error(
           `the schema migration waited ${Math.round(patienceMs / 1000)} s for locks another session holds (a table it alters in use: a pg_dump, ` +
-            'a transaction left open, or another Mailgent process migrating); end that session (see pg_stat_activity) and start again',
+            'a transaction left open); end that session (see pg_stat_activity) and start again',
           { cause: err },
         );
       }

@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import { PG_MIGRATE_LOCK_ID } from 'node-pg-migrate';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import type { Logger } from '../core/logger';
@@ -55,7 +56,11 @@ describe('a migration that waits for a lock', () => {
     const failed = expect(migrating).rejects.toThrow(/^the schema migration waited 3 s for locks another session holds \(a table it alters in use/);
     // While it tries, a read of the table answers: it waits at most one lock_timeout (300 ms) behind the
     // migration's queued lock. Before, it waited as long as the session held the table.
-    await new Promise((r) => setTimeout(r, 100));
+    const altering = `SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock' AND query LIKE '%ALTER TABLE mail_outbox%'`;
+    for (const until = Date.now() + 2_000; (await withClient(adminUrl, (c) => c.query(altering, [name]))).rows[0].n === 0; ) {
+      if (Date.now() > until) throw new Error('the migration never waited for the table');
+      await new Promise((r) => setTimeout(r, 10));
+    }
     const started = Date.now();
     await withClient(url, (c) => c.query('SELECT count(*) FROM mail_outbox'));
     expect(Date.now() - started).toBeLessThan(2_000);
@@ -66,6 +71,20 @@ describe('a migration that waits for a lock', () => {
     await holder.query('COMMIT');
     await migrate(url, logger, patience);
     expect(await hasColumn()).toBe(true);
+  });
+
+  it('waits for another process migrating as long as it takes (its lock blocks no table): the time limit is for tables alone', async () => {
+    const other = new pg.Client({ connectionString: url });
+    await other.connect();
+    try {
+      await other.query('SELECT pg_advisory_lock($1)', [PG_MIGRATE_LOCK_ID]);
+      const released = new Promise((r) => setTimeout(r, 1_500)).then(() => other.query('SELECT pg_advisory_unlock($1)', [PG_MIGRATE_LOCK_ID]));
+      // Past its patience (1 s here) behind the other's lock: before, a lock timeout like a table's, and a failed start.
+      await migrate(url, undefined, { lockTimeoutMs: 300, patienceMs: 1_000, pauseMs: 200 });
+      await released;
+    } finally {
+      await other.end();
+    }
   });
 
   const hasColumn = async () =>
