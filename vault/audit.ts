@@ -150,13 +150,10 @@ export function auditValues(entries: AuditEntry[]): unknown[] {
 /**
  * SQL for a credential's last read: the time of its newest successful vault.get or vault.totp row
  * (the audit_log_reads index answers it). Every read has its row, so this is the only record kept.
- * Not a masked lookup's (MCP's default: metadata and a handle, nothing decrypted): an inventory
- * agent looking at a service account daily kept it off the orphan report, nobody using its value.
  */
 export function lastReadSql(credentialIdColumn: string): string {
   return `(SELECT max(a.at) FROM audit_log a
-            WHERE a.credential_id = ${credentialIdColumn} AND a.action IN ('vault.get', 'vault.totp') AND a.outcome = 'ok'
-              AND NOT a.detail @> '{"masked": true}')`;
+            WHERE a.credential_id = ${credentialIdColumn} AND a.action IN ('vault.get', 'vault.totp') AND a.outcome = 'ok')`;
 }
 
 export function outcomeOf(err: unknown): AuditOutcome {
