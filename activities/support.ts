@@ -98,7 +98,6 @@ export function stableUuid(seed: string): string {
   return `${h.slice(0, 8)}-${h.slice(8, 12)}-5${h.slice(13, 16)}-a${h.slice(17, 20)}-${h.slice(20, 32)}`;
 }
 
-/** Tells Temporal a long activity is alive; a no-op outside an activity (direct calls in tests). */
 /** A warning in the activity's log (none outside an activity: a test calling it directly). */
 export function warn(message: string, attrs: Record<string, unknown>): void {
   try {
@@ -108,6 +107,7 @@ export function warn(message: string, attrs: Record<string, unknown>): void {
   }
 }
 
+/** Tells Temporal a long activity is alive; a no-op outside an activity (direct calls in tests). */
 export function heartbeat(details?: unknown): void {
   try {
     Context.current().heartbeat(details);

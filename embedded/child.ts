@@ -76,9 +76,8 @@ export function startChild(
   };
 }
 
-/** Polls `probe` until it resolves, the child exits, or the time runs out. */
 /**
- * Probes the child until it answers, for `timeoutMs`; longer (up to `patience.maxMs`) while its
+ * Polls `probe` until it resolves, the child exits, or the time runs out: `timeoutMs`; longer (up to `patience.maxMs`) while its
  * answer says it is still starting (`patience.starting`: PostgreSQL replaying its WAL after a crash
  * answers "the database system is starting up"). Killed after a fixed minute, a long recovery was
  * begun again at every start and never finished: the service never started.
