@@ -303,6 +303,39 @@ describe('rotateCredential', () => {
     expect((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'policy-withdrawn' } })).body).toMatchObject({ id: stored.body.id, version: 1, value: 'sk_live_policy_withdrawn_01' });
   });
 
+  it("a run continued as new is reported by its successor's outcome when no worker answers: not the first run's", async () => {
+    const name = 'continued-then-failed';
+    expect((await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name, kind: 'api_key', value: h.secret('sk_live_continued_failed_01'), rotation: { provider: 'generated', graceHours: 0.002 } } })).status).toBe(201);
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: [name] } });
+    expect(started.status, started.text).toBe(202);
+    for (let i = 0; i < 100 && (await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token })).body.state !== 'grace'; i++) await new Promise((r) => setTimeout(r, 100));
+    // In grace (7.2 s), the new value reported leaked: the run goes on as a leak rotation once it
+    // ends (continue-as-new), and that run fails at its plan, the policy taken away meanwhile.
+    const leaked = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: name, source: 'continued-test' } });
+    expect(leaked.status, leaked.text).toBe(202);
+    h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name } })).body.value);
+    expect((await h.api('PATCH', `/v1/credentials/${name}`, { token: agent.token, body: { rotation: null } })).status).toBe(200);
+    const workflowId = started.body.workflowIds[0] as string;
+    await expect(h.client.workflow.getHandle(workflowId).result()).rejects.toBeInstanceOf(WorkflowFailedError);
+    const first = (await h.sql('SELECT run_id FROM rotation_runs WHERE rotation_id = $1', [started.body.rotationId])).rows[0].run_id as string;
+    expect((await h.sql('SELECT outcome FROM run_outcomes WHERE run_id = $1', [first])).rows).toEqual([{ outcome: 'rotated' }]);
+
+    // No worker answers the query: what the server and the outcomes say.
+    const workflow = Object.create(h.client.workflow, {
+      getHandle: {
+        value: (id: string, runId?: string) =>
+          Object.assign(Object.create(h.client.workflow.getHandle(id, runId)), { query: async () => Promise.reject(new Error('no worker answered')) }),
+      },
+    });
+    const deps = { pool: h.services.pool, vault: h.services.vault, client: Object.create(h.client, { workflow: { value: workflow } }), taskQueue: h.taskQueue };
+    const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
+    const report = await rotationStatus(deps, caller, started.body.rotationId);
+    // Before: 'succeeded', from the first run's outcome, the rotation chain having failed.
+    // (Its outcome stays the requested run's: rotated.)
+    expect(report.credentials).toEqual([expect.objectContaining({ state: 'failed', outcome: 'rotated', status: 'FAILED', runId: expect.not.stringMatching(first) })]);
+    expect(report.state).toBe('failed');
+  });
+
   it('refuses a reason that carries any stored value of the caller (it goes into every notice), and starts nothing', async () => {
     const other = h.secret(`sk_other_${randomUUID()}`);
     expect((await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'unrelated-key', kind: 'api_key', value: other } })).status).toBe(201);

@@ -281,7 +281,7 @@ export async function rotationStatus(deps: RotationDeps, caller: Caller, id: str
       }),
     );
   }
-  const credentials = await Promise.all(runs.map((run) => describeRun(deps.client, run)));
+  const credentials = await Promise.all(runs.map((run) => describeRun(deps, run)));
   return {
     rotationId: rotation.id as string,
     state: aggregate(credentials.map((c) => c.state), { batchEnded }),
@@ -426,13 +426,19 @@ async function pastGrace(client: Client, handles: WorkflowHandle[]): Promise<Set
   return past;
 }
 
-async function describeRun(client: Client, run: RunRow) {
+async function describeRun({ client, pool }: Pick<RotationDeps, 'client' | 'pool'>, run: RunRow) {
   const base = { credentialId: run.credential_id, name: run.name, workflowId: run.workflow_id, runId: run.run_id, outcome: run.outcome };
   // A batch starts its rotations in waves: a run may wait its turn (or be cancelled before it).
   if (!run.run_id) return { ...base, state: run.outcome ?? 'not_started', status: null, progress: null };
   // The run as it is now: the recorded one may have continued as new (its own state then stays 'running').
   const latest = await temporal(() => latestRunOf(client, run.workflow_id, run.run_id!));
   const { handle } = latest;
+  // `outcome` stays the recorded run's (a requested rotation cancelled, its run then continued as
+  // a leak rotation, reads cancelled); its state is the latest run's, from its progress or, with no
+  // worker answering, its own outcome (recorded under its id): the first run's, recorded before it
+  // continued (rotated, say), told a successor that failed as succeeded.
+  const latestOutcome =
+    latest.runId === run.run_id ? run.outcome : ((await pool.query('SELECT outcome FROM run_outcomes WHERE run_id = $1', [latest.runId])).rows[0]?.outcome ?? null);
   base.runId = latest.runId;
   let progress: RotationProgress | null = null;
   try {
@@ -443,7 +449,7 @@ async function describeRun(client: Client, run: RunRow) {
   // Read again after the query when it was running: a run whose query already tells its outcome is
   // closing, and is reported closed when the server has it so.
   const status = latest.status === 'RUNNING' ? await temporal(() => statusOf(handle)) : latest.status;
-  const fallback = status === 'RUNNING' ? 'running' : run.outcome === 'rotated' ? 'succeeded' : (run.outcome ?? 'failed');
+  const fallback = status === 'RUNNING' ? 'running' : latestOutcome === 'rotated' ? 'succeeded' : (latestOutcome ?? 'failed');
   // A closed run still answers the query, with the state it had when it closed: one terminated (or
   // timed out) in its grace period said 'grace' for good, its graceEndsAt a revoke that never comes,
   // and held the rotation's state at 'grace' or 'running'. Ended so, it is reported by its outcome,
