@@ -62,6 +62,23 @@ describe('vault.totp over HTTP, clock pinned (RFC 6238 Appendix B)', () => {
     expect(read.body.value).toMatch(/^otpauth:\/\/totp\/Example%3Aalice%40example\.com\?secret=GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZA/);
   });
 
+  it('refuses a URI whose label and issuer, percent-encoded as stored, would pass the URI limits: nothing stored that makes no code', async () => {
+    const secret = base32(SEEDS.SHA1);
+    const cases = [`otpauth://totp/${'é'.repeat(300)}?secret=${secret}`, `otpauth://totp/${'é'.repeat(100)}?secret=${secret}&issuer=${'é'.repeat(400)}`];
+    for (const [i, uri] of cases.entries()) {
+      const name = `long-label-${i}`;
+      const stored = await h.api('POST', '/v1/vault.store', { token, body: { name, kind: 'totp_seed', totp: { otpauthUri: h.secret(uri) } } });
+      // Before: 201, and every vault.totp of it a 422 ("totp.otpauthUri is not a valid otpauth:// URI … could not be parsed").
+      expect(stored.status, stored.text).toBe(422);
+      expect(stored.body.detail).toMatch(/^the TOTP label and issuer are too long/);
+      expect((await h.api('POST', '/v1/vault.totp', { token, body: { name } })).status).toBe(404);
+    }
+    // At the limit once encoded, it is stored, and makes codes.
+    const fits = await h.api('POST', '/v1/vault.store', { token, body: { name: 'long-label-fits', kind: 'totp_seed', totp: { otpauthUri: h.secret(`otpauth://totp/${'é'.repeat(85)}?secret=${secret}`) } } });
+    expect(fits.status, fits.text).toBe(201);
+    expect((await h.api('POST', '/v1/vault.totp', { token, body: { name: 'long-label-fits' } })).status).toBe(200);
+  });
+
   it('supports 6 digits and any period', async () => {
     now = new Date(59_000);
     await h.api('POST', '/v1/vault.store', { token, body: { name: 'six', kind: 'totp_seed', totp: { secret: base32(SEEDS.SHA1), period: 60 } } });

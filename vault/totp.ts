@@ -107,6 +107,24 @@ export function toOtpauthUri(p: TotpParams): string {
   return `otpauth://totp/${encodeURIComponent(p.label)}?${params.map(([k, v]) => `${k}=${encodeURIComponent(v)}`).join('&')}`;
 }
 
+/**
+ * The form a seed is stored in, checked to read back: the key URI's parser limits a label to 512
+ * characters and a URI to 2,048, and percent-encoding a label or issuer (a letter outside ASCII is
+ * 6 characters, `:` and `/` 3) could take one within them past them: stored (201), the seed then
+ * made no code at all (every vault.totp a 422 about a URI the caller never gave).
+ */
+export function storedTotpUri(input: TotpInput, label: string): string {
+  const uri = toOtpauthUri(normalizeTotp(input, label));
+  try {
+    parseOtpauth(uri);
+  } catch {
+    throw new UnprocessableError(
+      'the TOTP label and issuer are too long: percent-encoded in the stored otpauth URI they pass its limits (a label of 512 characters, a URI of 2,048); shorten them',
+    );
+  }
+  return uri;
+}
+
 export function parseStoredTotp(uri: string): TotpParams {
   return normalizeTotp({ otpauthUri: uri }, 'stored');
 }

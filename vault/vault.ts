@@ -7,7 +7,7 @@ import { INT4_MAX, ReadBatcher, storable } from './read-batch';
 import { StoreBatcher, storeRefusal, UNCONFIRMED_STORE } from './store-batch';
 import type { ReadThread } from './read-thread';
 import type { SecretStore } from './secret-store';
-import { normalizeTotp, parseStoredTotp, toOtpauthUri, totpCode, type TotpCode } from './totp';
+import { parseStoredTotp, storedTotpUri, totpCode, type TotpCode } from './totp';
 import { TOTP_SEED_NOT_ROTATED, type Caller, type CredentialMeta, type CredentialPolicy, type CredentialRef, type Kind, type SecretRead, type StoredVersion, type StoreInput } from './types';
 import { idOf, UUID } from '../core/ids';
 
@@ -489,7 +489,7 @@ const SELECT_META = `SELECT c.*, v.created_at AS version_created_at, ${lastReadS
 
 /** The value as sealed: a TOTP seed is kept as its otpauth URI. */
 function plaintextOf(input: StoreInput): string {
-  return input.kind === 'totp_seed' ? toOtpauthUri(normalizeTotp(input.totp!, input.name)) : input.value!;
+  return input.kind === 'totp_seed' ? storedTotpUri(input.totp!, input.name) : input.value!;
 }
 
 /** Whether the database can take the call as a batch's parameters: one it could not would roll the whole batch back. */
