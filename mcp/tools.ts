@@ -150,7 +150,8 @@ export function mcpTools(deps: McpDeps): Tool[] {
     define({
       name: 'vault_totp',
       title: 'Current TOTP code',
-      description: 'The current code of a stored TOTP seed (by name, id or handle), for a login step; the seed itself is never returned.',
+      description:
+        "The current code of a stored TOTP seed (by name, id or handle: a handle stands for its credential here, the code is always its current seed's), for a login step; the seed itself is never returned.",
       input: vaultTotpInput,
       action: 'vault.totp',
       hints: { readOnlyHint: true, openWorldHint: false },
