@@ -187,6 +187,43 @@ export async function closeUnanswered(db: Db, incidentId: string, rotationId: st
 }
 
 /**
+ * What an incident of a credential that is not rotated needs to be told without a rotation, over
+ * `leak_incidents i JOIN credentials c`: the version it names (an incident from before versions were
+ * recorded: the current one), and how the credential stands now.
+ */
+export const UNROTATED_INCIDENT_COLUMNS = `i.id, i.rotation_id, i.source, coalesce(i.version, c.current_version) AS told_version,
+  c.deleted_at IS NOT NULL AS deleted, c.rotation IS NULL AS unmanaged`;
+
+/** An incident as UNROTATED_INCIDENT_COLUMNS reads it. */
+export interface UnrotatedIncident {
+  id: string;
+  rotation_id: string | null;
+  source: string;
+  told_version: number;
+  deleted: boolean;
+  unmanaged: boolean;
+}
+
+/**
+ * Answers an incident no run will answer (its credential not rotated now) where a report of it now
+ * would: its leak told (queueUnrotatedNotice, handed for delivery), then the incident closed unsent
+ * (closeUnanswered, in `tx`). Both repeat safely, told first: a retry after a crash finds it open and
+ * tells it again, once. Whether it closed it (false: heard by a run meanwhile, left to that run).
+ */
+export async function answerUnrotated(
+  deps: LeakNoticeDeps & { temporal?: { client: Client; taskQueue: string } },
+  tx: Db,
+  t: { credentialId: string; identityId: string },
+  incident: UnrotatedIncident,
+  actor: string,
+  why: string,
+): Promise<boolean> {
+  const mailId = await queueUnrotatedNotice(deps, { ...t, version: incident.told_version, deleted: incident.deleted }, { source: incident.source }, actor);
+  if (mailId && deps.temporal) await startDelivery(deps.pool, deps.temporal, mailId);
+  return closeUnanswered(tx, incident.id, incident.rotation_id, why);
+}
+
+/**
  * An open incident whose run is not running, and whose run was never recorded as started, is left
  * over (its starter died) only once it is older than this: a run is started within moments of its
  * incident's commit. One whose run was started is left over as soon as no run is running.
@@ -231,8 +268,7 @@ export function leakActivities(deps: ActivityDeps) {
           // this finds it closed and leaves it. Its credential as it is now, not as the list found it
           // (deleted, or restored, since: the list is read before up to 200 starts).
           const { rows: still } = await tx.query(
-            `SELECT i.id, i.credential_id, i.identity_id, i.version, i.rotation_id, i.source, coalesce(i.version, c.current_version) AS told_version,
-                    c.deleted_at IS NOT NULL AS deleted, c.rotation IS NULL AS unmanaged
+            `SELECT ${UNROTATED_INCIDENT_COLUMNS}, i.credential_id, i.identity_id, i.version
                FROM leak_incidents i JOIN rotation_runs r ON r.rotation_id = i.rotation_id AND r.credential_id = i.credential_id
                JOIN credentials c ON c.id = i.credential_id
               WHERE i.id = $1 AND i.status = 'open' AND r.run_id IS NULL FOR UPDATE OF i SKIP LOCKED`,
@@ -250,11 +286,8 @@ export function leakActivities(deps: ActivityDeps) {
             started += 1;
             return;
           }
-          // Told before the incident closes (both repeat safely): a retry after a crash finds it open and tells it again, once.
-          const mailId = await queueUnrotatedNotice(deps, { ...t, version: row.told_version, deleted: row.deleted }, { source: row.source }, 'schedule:rotation-sweep');
-          if (mailId) await startDelivery(deps.pool, temporal, mailId);
           const why = 'its report died before the rotation started, and the credential is not rotated now; its leak was told without a rotation';
-          if (await closeUnanswered(tx, row.id, row.rotation_id, why)) told += 1;
+          if (await answerUnrotated(deps, tx, t, row, 'schedule:rotation-sweep', why)) told += 1;
         }).catch((err: unknown) => {
           if (!(err instanceof AppError) || err.status >= 500) throw err;
           warn('a leak incident left open could not be answered; the next sweep tries it again', { incidentId: id, error: err.message });

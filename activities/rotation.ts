@@ -10,7 +10,7 @@ import type { RotationIds, RotationOutcome, RotationPlan } from '../workflows/ty
 import { withTransaction } from '../db/pool';
 import { startDelivery } from '../mail/outbox';
 import type { ActivityDeps } from './index';
-import { closeUnanswered, queueUnrotatedNotice } from './leak-runs';
+import { answerUnrotated, UNROTATED_INCIDENT_COLUMNS, type UnrotatedIncident } from './leak-runs';
 import { callingRunId, externalStep, heartbeating, incidentMailId, permanentErrorsFail } from './support';
 
 export const DEFAULT_MAX_ATTEMPTS = 3;
@@ -302,26 +302,23 @@ export function rotationActivities(deps: ActivityDeps) {
     async closeLeakIncidents(ids: RotationIds & { heard?: string[] }): Promise<{ unheard: { incidentId: string; version?: number }[] }> {
       const open = (
         await deps.pool.query(
-          `SELECT i.id, i.version, i.rotation_id, i.source, v.revoked_at IS NOT NULL AS revoked, c.deleted_at IS NOT NULL AS deleted,
-                  c.rotation IS NULL AS unmanaged, coalesce(i.version, c.current_version) AS told_version
+          `SELECT ${UNROTATED_INCIDENT_COLUMNS}, i.version, v.revoked_at IS NOT NULL AS revoked
              FROM leak_incidents i JOIN credentials c ON c.id = i.credential_id
              LEFT JOIN secret_versions v ON v.credential_id = i.credential_id AND v.version = i.version
             WHERE i.credential_id = $1 AND i.status = 'open'`,
           [ids.credentialId],
         )
-      ).rows as { id: string; version: number | null; rotation_id: string | null; source: string; revoked: boolean; deleted: boolean; unmanaged: boolean; told_version: number }[];
+      ).rows as (UnrotatedIncident & { version: number | null; revoked: boolean })[];
       const heard = ids.heard === undefined ? undefined : new Set(ids.heard);
       let unheard = open.filter((incident) => heard && !heard.has(incident.id) && !incident.revoked);
       // Unheard, of a credential not rotated now (deleted, or its policy taken away, during this run):
       // rotated again, it would fail at its first step, its emails saying rotating, then failed. Told
-      // as a report of it now would tell it, and closed unsent (both repeat safely, told first).
+      // as a report of it now would tell it, and closed unsent (answerUnrotated).
+      const why = 'the rotation that would have answered it ended first, and the credential is not rotated now; its leak was told without a rotation';
       for (const incident of unheard.filter((i) => i.deleted || i.unmanaged)) {
-        const t = { credentialId: ids.credentialId, identityId: ids.identityId, version: incident.told_version, deleted: incident.deleted };
-        const mailId = await queueUnrotatedNotice(deps, t, { source: incident.source }, `workflow:${ids.workflowId}`);
-        if (mailId && deps.temporal) await startDelivery(deps.pool, deps.temporal, mailId);
-        const why = 'the rotation that would have answered it ended first, and the credential is not rotated now; its leak was told without a rotation';
+        const t = { credentialId: ids.credentialId, identityId: ids.identityId };
         // (Heard by now after all, a parallel report's signal recorded on its rotation: left to the run.)
-        if (await withTransaction(deps.pool, (tx) => closeUnanswered(tx, incident.id, incident.rotation_id, why))) unheard = unheard.filter((i) => i !== incident);
+        if (await withTransaction(deps.pool, (tx) => answerUnrotated(deps, tx, t, incident, `workflow:${ids.workflowId}`, why))) unheard = unheard.filter((i) => i !== incident);
       }
       if (deps.temporal) for (const { id } of open) await startDelivery(deps.pool, deps.temporal, incidentMailId(id));
       await deps.pool.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = ANY($1::uuid[]) AND status = 'open'`, [
