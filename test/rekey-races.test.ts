@@ -428,4 +428,44 @@ describe('rekey against concurrent work', () => {
     }
     await restartedReadsEverything();
   }, 120_000);
+
+  it('a read that fetched a key row just before rekey re-wrapped it, and unwraps it once the old master key left the file, reads the row again', async () => {
+    const { next, old } = addCurrentKey();
+    const id = randomUUID();
+    const plain = await addDataKeys(agent.id, old, [id]);
+    const pool = createPool(h.databaseUrl, 2);
+    try {
+      // Between the read's fetch of the row and its unwrap, rekey runs to its end: every key
+      // re-wrapped under the new master key, the old one dropped from the file.
+      let rekeyBetween: (() => Promise<void>) | undefined = async () => {
+        const { masterKeysInUse } = await new DataKeys(pool, Keyring.fromSetting(h.keyringFile)).rewrapAll();
+        expect(masterKeysInUse).toEqual([next.id]);
+        writeKeyringFile(h.keyringFile, [next], next.id);
+      };
+      const fetches: string[] = [];
+      const db = {
+        query: async (sql: string, params: unknown[]) => {
+          const result = await pool.query(sql, params);
+          fetches.push(result.rows[0]?.master_key_id);
+          const step = rekeyBetween;
+          rekeyBetween = undefined;
+          await step?.();
+          return result;
+        },
+      } as unknown as pg.Pool;
+      const reader = new DataKeys(pool, Keyring.fromSetting(h.keyringFile));
+      const key = await reader.byKeyId(db, agent.id, id);
+      expect(key.key.equals(plain.get(id)!)).toBe(true);
+      expect(fetches).toEqual([old.id, next.id]);
+      // A key whose master key is really gone still fails, after the same one re-read.
+      await h.sql('UPDATE data_keys SET master_key_id = $2 WHERE id = $1', [id, old.id]);
+      fetches.length = 0;
+      await expect(new DataKeys(pool, Keyring.fromSetting(h.keyringFile)).byKeyId(db, agent.id, id)).rejects.toThrow(/which this keyring does not hold/);
+      expect(fetches).toEqual([old.id, old.id]);
+      await h.sql('DELETE FROM data_keys WHERE id = $1', [id]);
+    } finally {
+      await pool.end();
+    }
+    await restartedReadsEverything();
+  });
 });

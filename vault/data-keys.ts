@@ -22,6 +22,9 @@ export const DEFAULT_MAX_ENCRYPTIONS = 2 ** 30;
 /** Data keys re-wrapped per transaction by rewrapAll: what a store may wait for while rekey runs. */
 const REWRAP_CHUNK = 500;
 
+/** A wrapped key's row, as data_keys holds it. */
+type WrappedKeyRow = { id: string; master_key_id: string; wrapped: Buffer };
+
 export interface DataKey {
   id: string;
   identityId: string;
@@ -93,13 +96,14 @@ export class DataKeys {
     const cachedId = this.activeByIdentity.get(identityId);
     const cached = cachedId ? this.cached(cachedId) : undefined;
     if (cached) return cached;
-    const { rows } = await db.query(
+    const row = await this.keyRow(
+      db,
       `SELECT id, master_key_id, wrapped FROM data_keys
         WHERE identity_id = $1 AND retired_at IS NULL ORDER BY created_at DESC LIMIT 1`,
       [identityId],
     );
-    if (!rows[0]) throw new KeyIntegrityError(`identity ${identityId} has no data key`);
-    const key = this.unwrap(identityId, rows[0]);
+    if (!row) throw new KeyIntegrityError(`identity ${identityId} has no data key`);
+    const key = this.unwrap(identityId, row);
     this.activeByIdentity.set(identityId, key.id);
     return key;
   }
@@ -108,12 +112,22 @@ export class DataKeys {
   async byKeyId(db: Db, identityId: string, dataKeyId: string): Promise<DataKey> {
     const cached = this.cached(dataKeyId);
     if (cached && cached.identityId === identityId) return cached;
-    const { rows } = await db.query('SELECT id, master_key_id, wrapped FROM data_keys WHERE id = $1 AND identity_id = $2', [
-      dataKeyId,
-      identityId,
-    ]);
-    if (!rows[0]) throw new KeyIntegrityError(`data key ${dataKeyId} does not belong to identity ${identityId}`);
-    return this.unwrap(identityId, rows[0]);
+    const row = await this.keyRow(db, 'SELECT id, master_key_id, wrapped FROM data_keys WHERE id = $1 AND identity_id = $2', [dataKeyId, identityId]);
+    if (!row) throw new KeyIntegrityError(`data key ${dataKeyId} does not belong to identity ${identityId}`);
+    return this.unwrap(identityId, row);
+  }
+
+  /**
+   * A key's row, read a second time if the keyring does not hold the master key that wraps it: a
+   * rekey can re-wrap the row after this read fetched it and drop the old master key from the file
+   * before the unwrap (milliseconds apart), and the read then failed as if the key were lost (a 500
+   * `integrity-failure` that a retry answered). Read again, the row names the new master key; a key
+   * that is really lost fails the same way twice.
+   */
+  private async keyRow<R extends { master_key_id: string } = WrappedKeyRow>(db: Db, sql: string, params: unknown[]): Promise<R | undefined> {
+    const first = (await db.query(sql, params)).rows[0] as R | undefined;
+    if (!first || this.keyring.find(first.master_key_id)) return first;
+    return (await db.query(sql, params)).rows[0] as R | undefined;
   }
 
   /**
@@ -123,7 +137,7 @@ export class DataKeys {
   async serviceKey(db: Db, name: string): Promise<Buffer> {
     const cached = this.serviceKeys.get(name);
     if (cached) return cached;
-    let row = (await db.query('SELECT master_key_id, wrapped FROM service_keys WHERE name = $1', [name])).rows[0];
+    let row = await this.keyRow<Omit<WrappedKeyRow, 'id'>>(db, 'SELECT master_key_id, wrapped FROM service_keys WHERE name = $1', [name]);
     if (!row) {
       const fresh = randomBytes(KEY_BYTES);
       try {
@@ -143,7 +157,8 @@ export class DataKeys {
       } finally {
         fresh.fill(0);
       }
-      row = (await this.pool.query('SELECT master_key_id, wrapped FROM service_keys WHERE name = $1', [name])).rows[0];
+      row = await this.keyRow<Omit<WrappedKeyRow, 'id'>>(this.pool, 'SELECT master_key_id, wrapped FROM service_keys WHERE name = $1', [name]);
+      if (!row) throw new KeyIntegrityError(`service key ${name} was not stored`);
     }
     const master = this.keyring.find(row.master_key_id);
     if (!master) throw new KeyIntegrityError(`service key ${name} is wrapped by master key ${row.master_key_id}, which this keyring does not hold`);
@@ -263,7 +278,7 @@ export class DataKeys {
   }
 
   /** A data key's bytes, opened with the master key that wraps it (not cached: the caller's to keep or zero). */
-  private openWrapped(identityId: string, row: { id: string; master_key_id: string; wrapped: Buffer }): Buffer {
+  private openWrapped(identityId: string, row: WrappedKeyRow): Buffer {
     const master = this.keyring.find(row.master_key_id);
     if (!master) {
       throw new KeyIntegrityError(
@@ -273,7 +288,7 @@ export class DataKeys {
     return openKey(master, row.wrapped, dataKeyAad(identityId, row.id), `data key ${row.id}`);
   }
 
-  private unwrap(identityId: string, row: { id: string; master_key_id: string; wrapped: Buffer }): DataKey {
+  private unwrap(identityId: string, row: WrappedKeyRow): DataKey {
     // Cached already (read by byKeyId, now wanted as the active key, say): the same buffer, not a
     // second copy that would replace the first in the cache and leave it unzeroed.
     const live = this.cached(row.id);
