@@ -600,6 +600,58 @@ describe('scheduled sweep', () => {
     for (const name of ['wave-rotated', 'wave-due']) await read(agent.token, name);
   });
 
+  it("the rotation id a sweep's notices give lets each owner follow, roll back and cancel the runs of its own credentials, and no one else's", async () => {
+    const [alice, bob, carol] = [await identity(), await identity(), await identity()];
+    const inGrace = { ...ROTATE_NOW, graceHours: 1 };
+    const ids = {
+      alice: await store(alice.token, { name: 'owned-by-alice', kind: 'api_key', value: secretValue(), rotation: inGrace }),
+      bob: await store(bob.token, { name: 'owned-by-bob', kind: 'api_key', value: secretValue(), rotation: inGrace }),
+      bobLater: await store(bob.token, { name: 'owned-by-bob-later', kind: 'api_key', value: secretValue(), rotation: inGrace }),
+    };
+    await age(Object.values(ids), 40);
+    // Selected by a sweep; its first wave starts two, the third waits its turn.
+    const acts = createActivities(h.deps);
+    const { sweepId } = await acts.beginSweep({ workflowId: `test-sweep-${randomUUID()}`, asOf: new Date().toISOString() });
+    const select = (id: string) => h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) VALUES ($1, $2, $3)`, [sweepId, id, `rotate:${id}`]);
+    await select(ids.alice);
+    await select(ids.bob);
+    expect(await acts.startRotations({ rotationId: sweepId })).toEqual({ started: 2 });
+    await select(ids.bobLater);
+    const view = (who: { token: string }) => h.api('GET', `/v1/rotations/${sweepId}`, { token: who.token });
+    const aliceView = await waitFor('alice\'s run in its grace period', () => view(alice), (r) => r.status === 200 && r.body.state === 'grace');
+    expect(aliceView.body.credentials.map((c: { name: string }) => c.name)).toEqual(['owned-by-alice']);
+    const bobView = await waitFor('bob\'s run in its grace period', () => view(bob), (r) => r.body.credentials?.[0]?.state === 'grace');
+    expect(bobView.body.credentials.map((c: { name: string; state: string }) => [c.name, c.state])).toEqual([
+      ['owned-by-bob', 'grace'],
+      ['owned-by-bob-later', 'not_started'],
+    ]);
+    // Before, all three were a 404 to every identity, the owners included.
+    for (const [method, path] of [['GET', ''], ['POST', '/rollback'], ['DELETE', '']] as const) {
+      expect((await h.api(method, `/v1/rotations/${sweepId}${path}`, { token: carol.token })).status).toBe(404);
+    }
+
+    const rolledBack = await h.api('POST', `/v1/rotations/${sweepId}/rollback`, { token: alice.token });
+    expect(rolledBack.status, rolledBack.text).toBe(200);
+    expect(rolledBack.body.results).toEqual([{ credentialId: ids.alice, rolledBack: true, current: 1, abandoned: 2 }]);
+    const cancel = await h.api('DELETE', `/v1/rotations/${sweepId}`, { token: bob.token });
+    expect(cancel.status, cancel.text).toBe(202);
+    expect(cancel.body).toEqual({ rotationId: sweepId, cancelling: [ids.bob], notStarted: [ids.bobLater], finishing: [] });
+
+    // Each ends rolled back; the sweep itself is not cancelled, and its next wave starts nothing of bob's.
+    for (const id of [ids.alice, ids.bob]) {
+      const { run_id } = (await h.sql('SELECT run_id FROM rotation_runs WHERE rotation_id = $1 AND credential_id = $2', [sweepId, id])).rows[0];
+      await h.client.workflow.getHandle(`rotate:${id}`, run_id).result();
+    }
+    expect((await h.sql('SELECT cancelled_at FROM rotations WHERE id = $1', [sweepId])).rows[0].cancelled_at).toBeNull();
+    expect(await acts.startRotations({ rotationId: sweepId })).toEqual({ started: 0 });
+    expect(await sweptIds(sweepId)).toEqual([ids.alice, ids.bob].sort());
+    expect(await versions(Object.values(ids))).toEqual({ 'owned-by-alice': 1, 'owned-by-bob': 1, 'owned-by-bob-later': 1 });
+    expect((await view(alice)).body.credentials).toMatchObject([{ name: 'owned-by-alice', state: 'rolled_back' }]);
+    expect((await view(bob)).body.credentials).toMatchObject([{ name: 'owned-by-bob', state: 'rolled_back' }]);
+    const audited = await h.sql(`SELECT detail FROM audit_log WHERE action = 'rotation.cancel' AND identity_id = $1`, [bob.id]);
+    expect(audited.rows.map((r) => r.detail)).toEqual([expect.objectContaining({ rotationId: sweepId, cancelled: 1, notStarted: 1, ownCredentialsOnly: true })]);
+  });
+
   it("the sweep's selection reads credentials through credentials_due, never a sequential scan", async () => {
     const source = readFileSync(new URL('../activities/batch.ts', import.meta.url), 'utf8');
     const squash = (s: string) => s.replace(/\s+/g, ' ').trim();

@@ -62,8 +62,20 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
     ...endpoint(auth, { who: 'identity', action: 'rotation.cancel', summary: 'Cancel a rotation (undone before promotion, rolled back in grace)', responses: { 202: rotationCancelling }, problems: [404] }, async ({ req, caller }) => {
       const rotation = await ownRotation(deps.pool, caller.identityId, String(req.params.id));
       // First the batch, so no waiting run starts from now on (a run starting meanwhile is cancelled by the batch itself).
-      await deps.pool.query('UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1', [rotation.id]);
-      let all = await runsOf(deps.pool, rotation.id);
+      // A sweep is not one owner's to cancel: its runs of the caller's credentials are. One not started
+      // yet leaves the sweep, as a credential changed since the sweep began does (activities/batch.ts):
+      // its wave finds no row to mark, and starts none. The next sweep selects it again if it is still due.
+      let dropped: string[] = [];
+      if (rotation.scoped_to) {
+        const { rows } = await deps.pool.query(
+          `DELETE FROM rotation_runs r USING credentials c
+            WHERE r.rotation_id = $1 AND c.id = r.credential_id AND c.identity_id = $2 AND r.run_id IS NULL AND r.start_sent_at IS NULL
+            RETURNING r.credential_id`,
+          [rotation.id, rotation.scoped_to],
+        );
+        dropped = rows.map((r) => r.credential_id as string);
+      } else await deps.pool.query('UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1', [rotation.id]);
+      let all = await runsOf(deps.pool, rotation);
       // A start a wave sent without recording its run (its worker died between the two) may have
       // started one. Started by this batch (its memo says so: not a leak's or another batch's
       // rotation of the same credential), running or ended, it is taken as this batch's, by its
@@ -79,8 +91,19 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
         await recordBatchRun(deps.pool, rotation.id, run.credential_id, runId);
       }
       // Read again: the runs taken over, with their outcomes (and any a wave recorded meanwhile).
-      if (sent.length > 0) all = await runsOf(deps.pool, rotation.id);
-      const notStarted = all.filter((r) => !r.run_id).map((r) => r.credential_id);
+      if (sent.length > 0) all = await runsOf(deps.pool, rotation);
+      // A sweep's start marked lately and not recorded is being sent this moment (or its wave died,
+      // and its retry sends it again): the sweep is not cancelled, so nothing would stop the run it
+      // makes. Marked longer ago, its wave is gone for good: it started nothing (batchRunOf above).
+      const unsettled = all.filter((r) => !r.run_id && r.start_sent).map((r) => r.credential_id);
+      if (rotation.scoped_to && unsettled.length > 0) {
+        const { rowCount } = await deps.pool.query(
+          `SELECT 1 FROM rotation_runs WHERE rotation_id = $1 AND credential_id = ANY($2::uuid[]) AND start_sent_at > now() - make_interval(secs => $3)`,
+          [rotation.id, unsettled, SWEEP_START_SECONDS],
+        );
+        if (rowCount) throw new UnavailableError('the sweep is starting a rotation of one of your credentials right now; cancel again in a few seconds');
+      }
+      const notStarted = [...dropped, ...all.filter((r) => !r.run_id).map((r) => r.credential_id)];
       const runs = all.filter((r) => r.run_id && !['failed', 'cancelled', 'rolled_back'].includes(r.outcome ?? ''));
       const cancelled: string[] = [];
       const finishing: string[] = [];
@@ -108,7 +131,13 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
           ...caller,
           action: 'rotation.cancel',
           outcome: 'ok',
-          detail: { rotationId: rotation.id, cancelled: cancelled.length, notStarted: notStarted.length, ...(finishing.length ? { finishing: finishing.length } : {}) },
+          detail: {
+            rotationId: rotation.id,
+            cancelled: cancelled.length,
+            notStarted: notStarted.length,
+            ...(finishing.length ? { finishing: finishing.length } : {}),
+            ...(rotation.scoped_to ? { ownCredentialsOnly: true } : {}),
+          },
         },
         `the cancellation of rotation ${rotation.id}`,
       );
@@ -252,13 +281,16 @@ async function repeatedRotation(deps: RotationDeps, caller: Caller, rotationId: 
   return { rotationId, batchWorkflowId: `rotation:${rotationId}`, workflowIds: runs.rows.map((r) => r.workflow_id as string), repeated: true as const };
 }
 
+/** How long after a sweep's wave marks a start it may still be sending it (its retry included). */
+const SWEEP_START_SECONDS = 120;
+
 /** How long after a rotation is recorded its batch may still be starting (Temporal's start under way). */
 const BATCH_START_SECONDS = 60;
 
 /** A rotation's state and each credential's progress (GET /v1/rotations/:id, MCP rotation_status). */
 export async function rotationStatus(deps: RotationDeps, caller: Caller, id: string) {
   const rotation = await ownRotation(deps.pool, caller.identityId, id);
-  let runs = await runsOf(deps.pool, rotation.id);
+  let runs = await runsOf(deps.pool, rotation);
   // Runs waiting their turn wait on their batch (rotation:<id>). One that ended without starting
   // them (terminated, failed) or was never started (its request's process died once it had recorded
   // the rotation; after BATCH_START_SECONDS) starts none of them: they stay not_started, and the
@@ -297,7 +329,7 @@ export async function rollbackRotation(deps: RotationDeps, caller: Caller, id: s
   const results = [];
   /** Temporal out of reach, or a fault: no answer about the grace period (not a 409). */
   const unanswered: unknown[] = [];
-  for (const run of await runsOf(deps.pool, rotation.id)) {
+  for (const run of await runsOf(deps.pool, rotation)) {
     if (!run.run_id) continue;
     try {
       const { handle } = await temporal(() => latestRunOf(deps.client, run.workflow_id, run.run_id!));
@@ -328,12 +360,26 @@ export async function rollbackRotation(deps: RotationDeps, caller: Caller, id: s
   return { rotationId: rotation.id as string, results };
 }
 
+/**
+ * The rotation as the caller may see and act on it: a rotation it started, all of it; a sweep's
+ * (no identity started it), the runs of the caller's own credentials (`scopedTo` names the caller),
+ * which its notices name it by: the owner of a credential the 90-day sweep rotated reads the run,
+ * rolls it back in its grace period, or cancels it, and sees nothing of anyone else's. (Before, the
+ * id its notice gave was a 404 to everyone.) Neither is a 404, as for an id that does not exist.
+ */
 async function ownRotation(pool: Pool, identityId: string, id: string) {
   const rotation = isUuid(id)
-    ? (await pool.query('SELECT * FROM rotations WHERE id = $1 AND identity_id = $2', [id, identityId])).rows[0]
+    ? (
+        await pool.query(
+          `SELECT ro.*, CASE WHEN ro.identity_id IS NULL THEN $2::uuid END AS scoped_to FROM rotations ro
+            WHERE ro.id = $1 AND (ro.identity_id = $2 OR (ro.identity_id IS NULL AND EXISTS (
+                    SELECT 1 FROM rotation_runs r JOIN credentials c ON c.id = r.credential_id WHERE r.rotation_id = ro.id AND c.identity_id = $2)))`,
+          [id, identityId],
+        )
+      ).rows[0]
     : undefined;
   if (!rotation) throw new NotFoundError(`no rotation with id ${id}`);
-  return rotation;
+  return rotation as Record<string, any> & { id: string; scoped_to: string | null };
 }
 
 interface RunRow {
@@ -347,13 +393,14 @@ interface RunRow {
   error: string | null;
 }
 
-async function runsOf(pool: Pool, rotationId: string): Promise<RunRow[]> {
+/** The rotation's runs; of the credentials `scopedTo` owns only, when set (see ownRotation). */
+async function runsOf(pool: Pool, rotation: { id: string; scoped_to: string | null }): Promise<RunRow[]> {
   const { rows } = await pool.query(
     `SELECT r.credential_id, r.workflow_id, r.run_id, r.start_sent_at IS NOT NULL AS start_sent, c.name, ${RUN_OUTCOME_SQL} AS outcome, ${RUN_ERROR_SQL} AS error
        FROM rotation_runs r JOIN rotations ro ON ro.id = r.rotation_id JOIN credentials c ON c.id = r.credential_id
        LEFT JOIN run_outcomes o ON o.run_id = r.run_id
-      WHERE r.rotation_id = $1 ORDER BY c.name`,
-    [rotationId],
+      WHERE r.rotation_id = $1 AND ($2::uuid IS NULL OR c.identity_id = $2) ORDER BY c.name`,
+    [rotation.id, rotation.scoped_to],
   );
   return rows;
 }
