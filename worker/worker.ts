@@ -2,9 +2,27 @@ import type { DataConverter } from '@temporalio/common';
 import { DefaultLogger, NativeConnection, Runtime, Worker, type ActivityInterceptorsFactory } from '@temporalio/worker';
 import type { Logger } from '../core/logger';
 import { createActivities, type ActivityDeps } from '../activities';
+import { waitsQueue } from '../workflows/options';
 import { bundleInChild } from './bundle';
 
-/** Builds a worker for the mailgent task queue; the caller owns `connection` and runs/stops the worker. */
+/**
+ * The service's worker: the rotations' task queue (workflows and activities), and beside it the
+ * queue of the batches' and sweeps' waits for their outcomes (waitsQueue), polled by a second,
+ * activity-only worker on the same connection. A wait lasts as long as its batch; on the first
+ * queue a hundred of them held every activity slot, and the rotations they waited for could not
+ * run a step (BATCH_WAITS_APART). Its slots hold nothing else, so a wait never stops a rotation.
+ * Run and stopped as one: either stopping (or failing) stops the other.
+ */
+export interface ServiceWorker {
+  run(): Promise<void>;
+  shutdown(): void;
+  getState(): ReturnType<Worker['getState']>;
+}
+
+/** Batches and sweeps waiting at once, each for its own runs; beyond it a wait queues for a slot (its runs go on meanwhile). */
+export const BATCH_WAIT_SLOTS = 500;
+
+/** Builds the worker for the mailgent task queue; the caller owns `connection` and runs/stops the worker. */
 export async function createWorker(opts: {
   connection: NativeConnection;
   namespace: string;
@@ -23,25 +41,63 @@ export async function createWorker(opts: {
   maxCachedWorkflows?: number;
   /** Around every activity this worker runs (the tests hold one at a chosen moment). */
   activityInterceptors?: ActivityInterceptorsFactory[];
-}): Promise<Worker> {
+  /** Activities the rotations' queue runs at once (the SDK's default, 100, unless set; tests set fewer). */
+  activitySlots?: number;
+}): Promise<ServiceWorker> {
+  const activities = createActivities(opts.deps);
+  const shared = {
+    connection: opts.connection,
+    namespace: opts.namespace,
+    ...(opts.shutdownGraceMs !== undefined ? { shutdownGraceTime: opts.shutdownGraceMs, shutdownForceTime: opts.shutdownGraceMs + 10_000 } : {}),
+    dataConverter: opts.dataConverter,
+    ...(opts.activityInterceptors ? { interceptors: { activity: opts.activityInterceptors } } : {}),
+  };
   // Bundled in a child process unless prebuilt, so webpack's memory is not the worker's for life.
   const bundle = opts.workflowBundle ? undefined : await bundleInChild();
+  let main: Worker;
   try {
-    return await Worker.create({
-      connection: opts.connection,
-      namespace: opts.namespace,
+    main = await Worker.create({
+      ...shared,
       taskQueue: opts.taskQueue,
-      activities: createActivities(opts.deps),
-      ...(opts.shutdownGraceMs !== undefined ? { shutdownGraceTime: opts.shutdownGraceMs, shutdownForceTime: opts.shutdownGraceMs + 10_000 } : {}),
-      dataConverter: opts.dataConverter,
+      activities,
       // The SDK's default grows with the heap limit (over 2,000 on a 4 GB heap): bounded, memory is too.
       maxCachedWorkflows: opts.maxCachedWorkflows ?? DEFAULT_CACHED_WORKFLOWS,
       workflowBundle: opts.workflowBundle ?? { codePath: bundle!.codePath },
-      ...(opts.activityInterceptors ? { interceptors: { activity: opts.activityInterceptors } } : {}),
+      ...(opts.activitySlots !== undefined ? { maxConcurrentActivityTaskExecutions: opts.activitySlots } : {}),
     });
   } finally {
     bundle?.remove();
   }
+  const waits = await Worker.create({
+    ...shared,
+    taskQueue: waitsQueue(opts.taskQueue),
+    activities: { awaitOutcomes: activities.awaitOutcomes },
+    maxConcurrentActivityTaskExecutions: BATCH_WAIT_SLOTS,
+  });
+  const both = [main, waits];
+  const service: ServiceWorker = {
+    async run() {
+      const runs = both.map((w) => w.run());
+      // Whichever ends first (stopped, or failed), the other is stopped with it: half a worker would
+      // run rotations whose batches never hear of them, or waits for rotations nothing runs.
+      for (const run of runs) {
+        run.then(
+          () => service.shutdown(),
+          () => service.shutdown(),
+        );
+      }
+      const settled = await Promise.allSettled(runs);
+      const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed) throw failed.reason;
+    },
+    shutdown() {
+      for (const w of both) if (w.getState() === 'RUNNING') w.shutdown();
+    },
+    getState() {
+      return main.getState();
+    },
+  };
+  return service;
 }
 
 export const DEFAULT_CACHED_WORKFLOWS = 100;

@@ -1,17 +1,22 @@
 import { continueAsNew, patched, proxyActivities, workflowInfo } from '@temporalio/workflow';
 import type { createActivities } from '../activities';
-import { batchStep, databaseStep, emailDelivery } from './options';
-import { SWEEP_RESUMES_LEAKS } from './patches';
+import { batchStep, databaseStep, emailDelivery, waitsQueue } from './options';
+import { BATCH_WAITS_APART, SWEEP_RESUMES_LEAKS } from './patches';
 
 type Activities = ReturnType<typeof createActivities>;
 const batch = proxyActivities<Activities>(batchStep);
 const db = proxyActivities<Activities>(databaseStep);
 const mail = proxyActivities<Activities>(emailDelivery);
 
+/** Where the wait for a batch's outcomes runs: on a task queue of its own (BATCH_WAITS_APART), or the rotations' in a run recorded before. */
+function outcomes(): Pick<Activities, 'awaitOutcomes'> {
+  return patched(BATCH_WAITS_APART) ? proxyActivities<Activities>({ ...batchStep, taskQueue: waitsQueue(workflowInfo().taskQueue) }) : batch;
+}
+
 /** An agent's batch (POST /v1/rotations): start every rotation, wait for the outcomes, send the summary. */
 export async function rotateBatch(input: { rotationId: string }): Promise<{ total: number; rotated: number; failed: number }> {
   await batch.startRotations(input);
-  const outcome = await batch.awaitOutcomes(input);
+  const outcome = await outcomes().awaitOutcomes(input);
   await mail.sendBatchSummaries(input);
   return outcome;
 }
@@ -63,7 +68,7 @@ export async function rotationSweep(input: SweepInput = {}): Promise<{ sweepId: 
   await batch.startRotations({ rotationId: sweepId });
   // (Only the activity's input changes with `until`, not the commands the workflow issues: replay is unaffected.)
   const until = new Date(workflowInfo().runStartTime.getTime() + (input.waitSeconds ?? SWEEP_WAIT_SECONDS) * 1000).toISOString();
-  const outcome = await batch.awaitOutcomes({ rotationId: sweepId, until });
+  const outcome = await outcomes().awaitOutcomes({ rotationId: sweepId, until });
   await mail.sendBatchSummaries({ rotationId: sweepId });
   await mail.sendExpiryReminders({ asOf });
   await db.purgeDeleted({ asOf, retentionDays: input.retentionDays ?? 30, mailRetentionDays: input.mailRetentionDays ?? 30 });

@@ -75,6 +75,14 @@ export const noticeDelivery: ActivityOptions = {
   heartbeatTimeout: '10s',
 };
 
+/**
+ * The task queue a batch's and a sweep's wait for its runs' outcomes goes to (see BATCH_WAITS_APART):
+ * the worker polls it beside the rotations' own, with slots of its own.
+ */
+export function waitsQueue(taskQueue: string): string {
+  return `${taskQueue}-batch-waits`;
+}
+
 /** Starting or watching a batch of rotations: long, heartbeating, resumable. */
 export const batchStep: ActivityOptions = {
   startToCloseTimeout: '6h',

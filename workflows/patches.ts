@@ -118,6 +118,16 @@ export const ROLLBACK_ANSWER_OUTLIVES_CANCEL = 'rollback-answer-outlives-a-cance
  */
 export const SWEEP_RESUMES_LEAKS = 'sweep-resumes-leak-incidents';
 
+/**
+ * Batches and sweeps recorded before this patch waited for their runs' outcomes (awaitOutcomes, an
+ * activity that lasts as long as the batch) on the rotations' own task queue, each holding one of
+ * the worker's activity slots: a hundred batches at once (an agent asking for one rotation per
+ * request) held them all, and the rotations they waited for could not run a single step, nor could
+ * a leak's revoke or a notice, for the six hours of the wait's timeout. Newer ones wait on a task
+ * queue of their own (waitsQueue), whose slots hold nothing but waits.
+ */
+export const BATCH_WAITS_APART = 'batch-waits-on-their-own-queue';
+
 export const PATCH_IDS: readonly string[] = [
   CLOSE_INCIDENTS_LAST,
   NOTICE_FAILURES_CONTINUE,
@@ -133,4 +143,5 @@ export const PATCH_IDS: readonly string[] = [
   LEAKS_COUNTED_AT_OUTCOME,
   ROLLBACK_ANSWER_OUTLIVES_CANCEL,
   SWEEP_RESUMES_LEAKS,
+  BATCH_WAITS_APART,
 ];

@@ -5,7 +5,7 @@ import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import pg from 'pg';
 import { Client, Connection } from '@temporalio/client';
-import { NativeConnection, type ActivityInterceptorsFactory, type Worker } from '@temporalio/worker';
+import { NativeConnection, type ActivityInterceptorsFactory } from '@temporalio/worker';
 import { inject } from 'vitest';
 import { createApp } from '../../api/app';
 import { listen } from '../../api/server';
@@ -15,7 +15,7 @@ import { newToken } from '../../vault/identities';
 import { generateMasterKey, Keyring, masterKeyId, writeKeyringFile } from '../../vault/keyring';
 import type { ActivityDeps } from '../../activities';
 import { activityDeps } from '../../worker/deps';
-import { createWorker, installTemporalLogging } from '../../worker/worker';
+import { createWorker, installTemporalLogging, type ServiceWorker } from '../../worker/worker';
 import { withDatabase } from './global-setup';
 import { decodedHistoryText } from './leaks';
 import { recordPlace, registerSecrets } from './sweep';
@@ -75,6 +75,8 @@ export async function startHarness(
     securityNotify?: string[];
     /** Around every activity the worker runs: a test holds a real activity at the moment it needs. */
     activityInterceptors?: ActivityInterceptorsFactory[];
+    /** Activities the worker runs at once on the rotations' queue (the SDK's default otherwise). */
+    workerActivitySlots?: number;
     /** Invalid tokens a client may present per window before it is throttled (the service default otherwise). */
     authFailures?: { maxFailures: number; windowMs: number };
     /** A Temporal server of the test's own (the fault suite restarts one); the run's shared server otherwise. */
@@ -143,7 +145,7 @@ export async function startHarness(
     messageCommitWaitMs: opts.messageCommitWaitMs,
   });
 
-  let worker: Worker | undefined;
+  let worker: ServiceWorker | undefined;
   let workerRun: Promise<void> | undefined;
   let nativeConnection: NativeConnection | undefined;
   if (opts.worker) {
@@ -159,6 +161,7 @@ export async function startHarness(
       // later is stopped: close() then fails with that cause instead of waiting for the hook's timeout.
       shutdownGraceMs: 0,
       activityInterceptors: opts.activityInterceptors,
+      activitySlots: opts.workerActivitySlots,
     });
     workerRun = worker.run();
   }
