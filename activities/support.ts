@@ -64,11 +64,21 @@ export async function heartbeating<T>(fn: () => Promise<T>): Promise<T> {
 }
 
 /**
+ * How long a step that calls a provider or a dependent waits out a database outage before its
+ * attempt fails. It tries the whole step again no later than this, and the try must end within the
+ * attempt's start-to-close timeout (externalCall, compensation: checked in test/unit/options.test.ts),
+ * or Temporal starts the next attempt beside it. (It was 120 s, as long as the 2-minute timeout
+ * itself: an outage of two minutes spent an attempt all the same, and its retry ran beside the
+ * attempt still waiting, two provider calls at once.)
+ */
+export const OUTAGE_WAIT_MS = 5 * 60_000;
+
+/**
  * A database outage is not the provider's fault: a step that calls a provider or a dependent gets
  * only a few attempts, so it waits the outage out (heartbeating, up to `limitMs`) instead of
  * spending them — and the rotation a new key. Safe because every step is idempotent.
  */
-export async function outlastingDatabaseOutages<T>(fn: () => Promise<T>, limitMs = 120_000): Promise<T> {
+export async function outlastingDatabaseOutages<T>(fn: () => Promise<T>, limitMs = OUTAGE_WAIT_MS): Promise<T> {
   const unavailable = (err: unknown) => isDatabaseUnavailable(err) || (err instanceof AppError && err.status === 503);
   return heartbeating(() => outlastingOutages(fn, limitMs, unavailable, sleep));
 }

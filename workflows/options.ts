@@ -29,17 +29,22 @@ export const rotationDatabaseStep: ActivityOptions = {
 
 /**
  * A call to a provider or a dependent: heartbeats while it waits, so a dead worker is noticed in
- * seconds; a few attempts, so a broken provider fails the step visibly instead of looping.
+ * seconds; a few attempts, so a broken provider fails the step visibly instead of looping. Its
+ * start-to-close bounds a live attempt only (a dead one is noticed by its heartbeat): it must hold
+ * a database outage waited out (OUTAGE_WAIT_MS) and then the whole step tried once more, two calls
+ * to a provider at its longest timeout in a discard's case. At 2 minutes it held neither: an HTTP
+ * provider at its 120 s timeout never finished a discard, and a retry ran beside an attempt still
+ * waiting for the database.
  */
 export const externalCall: ActivityOptions = {
-  startToCloseTimeout: '2m',
+  startToCloseTimeout: '10m',
   heartbeatTimeout: '10s',
   retry: { initialInterval: '1s', backoffCoefficient: 2, maximumInterval: '30s', maximumAttempts: 4 },
 };
 
 /** Compensation must get through: more patience than the step it undoes. */
 export const compensation: ActivityOptions = {
-  startToCloseTimeout: '2m',
+  startToCloseTimeout: '10m',
   heartbeatTimeout: '10s',
   scheduleToCloseTimeout: '1h',
   retry: { initialInterval: '2s', backoffCoefficient: 2, maximumInterval: '2m' },

@@ -22,6 +22,9 @@ const credentialName = z
   .regex(/^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$/, 'must be a credential name');
 
 /** A provider's REST API for API keys: mint with an admin token, try the key, delete it by id. */
+/** The longest a call to an HTTP provider may take (its `timeoutMs`): workflows/options.ts sizes the steps that make them by it. */
+export const MAX_TIMEOUT_MS = 120_000;
+
 export const httpSettings = z.strictObject({
   create: z.strictObject({
     url: httpUrl,
@@ -49,7 +52,7 @@ export const httpSettings = z.strictObject({
   valuePath: jsonPath,
   idPath: jsonPath,
   idempotencyHeader: headerName.default('Idempotency-Key'),
-  timeoutMs: z.number().int().min(100).max(120_000).default(10_000),
+  timeoutMs: z.number().int().min(100).max(MAX_TIMEOUT_MS).default(10_000),
 });
 
 export type HttpSettings = z.infer<typeof httpSettings>;
