@@ -119,6 +119,7 @@ const rotationProgress = z.strictObject({
   toVersion: z.number().int().optional(),
   graceEndsAt: time.optional(),
   leakReported: z.boolean().optional(),
+  rollbackRefused: z.string().optional().describe('why a rollback (or a cancel in grace) was refused: a value stored since is current; the grace period runs out as planned, and a cancel undoes nothing any more'),
   error: z.string().optional(),
 });
 

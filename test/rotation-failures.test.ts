@@ -404,6 +404,12 @@ describe('rotation failures', () => {
     expect((await report(rotationId)).state).toBe('grace');
     expect(await revokedVersions(id)).toEqual([]);
     expect(events(r)).toEqual(['credential.pending v2', 'credential.verify v2', 'credential.promoted v2']);
+    // A cancel now undoes nothing either (it would roll back, refused the same way): the run finishes.
+    // Before, it was listed as cancelling, and the run ended rotated all the same.
+    expect((await report(rotationId)).credentials[0]!.progress!.rollbackRefused).toContain('a value stored since is current');
+    const cancel = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: owner.token });
+    expect(cancel.status, cancel.text).toBe(202);
+    expect(cancel.body).toMatchObject({ cancelling: [], finishing: [id] });
 
     // The grace period runs out as planned: v1 is revoked, v3 stays current, the webhook was never sent back.
     expect(await runResult(rotationId)).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });

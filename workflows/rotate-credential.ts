@@ -460,6 +460,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     // rest of its grace period first (consumers may still be on the old value until it ends; a leak
     // still cuts it short).
     problems.push(`the ${cancelled ? 'cancel' : 'rollback'} could not roll back: ${rollbackRefusal}`);
+    progress.rollbackRefused = rollbackRefusal;
     if (graceOver) await CancellationScope.nonCancellable(() => Promise.race([graceOver, condition(() => leak)]));
   }
 

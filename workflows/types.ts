@@ -29,6 +29,11 @@ export interface RotationProgress {
   toVersion?: number;
   graceEndsAt?: string;
   leakReported?: boolean;
+  /**
+   * Why a rollback (or a cancel in grace) was refused: a value stored since is current. The run
+   * waits out its grace period and ends rotated; nothing a cancel could undo is left.
+   */
+  rollbackRefused?: string;
   error?: string;
 }
 

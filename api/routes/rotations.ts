@@ -464,6 +464,9 @@ async function pastGrace(client: Client, handles: WorkflowHandle[]): Promise<Set
         const progress = await client.connection.withDeadline(deadline, () => handle!.query(progressQuery));
         const step = (name: string) => progress.steps.find((s) => s.name === name)?.state;
         if (progress.state === 'running' && step('promote') === 'done' && ['done', 'skipped'].includes(step('grace') ?? '')) past.add(handle);
+        // Its rollback refused (a value stored since is current), it waits out its grace period and
+        // ends rotated, whatever a cancel says: before, it was listed as cancelling, and ended rotated.
+        else if (progress.state === 'grace' && progress.rollbackRefused !== undefined) past.add(handle);
       } catch {
         // Not answered: cancelled as before.
       }
