@@ -105,7 +105,7 @@ export async function startHarness(
   const logFile = path.join(dir, 'service.log');
   const logStream = createWriteStream(logFile);
   const logger = createLogger({ level: 'info', destination: logStream });
-  quietTemporal(logger);
+  const sdkLogsElsewhere = quietTemporal(logger);
 
   const services = openServices({
     databaseUrl: serviceDatabaseUrl,
@@ -287,6 +287,7 @@ export async function startHarness(
       await connection.close();
       await services.close();
       await superuser.end();
+      sdkLogsElsewhere();
       await new Promise((resolve) => logStream.end(resolve));
       await dropDatabase(adminUrl, dbName);
       if (workerFailure) throw new Error(`the test worker did not shut down: ${(workerFailure as Error).message}`, { cause: workerFailure });
@@ -323,17 +324,46 @@ export async function dropDatabase(adminUrl: string, name: string): Promise<void
   }
 }
 
+type HarnessLogger = ReturnType<typeof createLogger>;
+
+/** The open harnesses' loggers, the newest last: the SDK's logs go to the newest. */
+const openLoggers: HarnessLogger[] = [];
+let sdkFallback: HarnessLogger | undefined;
 let temporalLoggingInstalled = false;
 
-/** The SDK's logs (expected failures included) go to the first harness's log file, not the console. */
-function quietTemporal(logger: ReturnType<typeof createLogger>): void {
-  if (temporalLoggingInstalled) return;
-  temporalLoggingInstalled = true;
-  try {
-    installTemporalLogging(logger);
-  } catch {
-    // Already installed in this process.
+/**
+ * The SDK's logs (expected failures included, and every activity's Context.log: its warnings name
+ * what failed) go to the log file of the newest harness still open, which its leak check and the
+ * run's sweep read; between harnesses, to a file of the run's own. The SDK's logger is installed
+ * once per process, and files run one after another in a process: installed with the first
+ * harness's logger, every later file's SDK logs went to a stream that file had ended, and were lost
+ * unread.
+ */
+function quietTemporal(logger: HarnessLogger): () => void {
+  openLoggers.push(logger);
+  if (!temporalLoggingInstalled) {
+    temporalLoggingInstalled = true;
+    const target = () => {
+      const open = openLoggers.at(-1);
+      if (open) return open;
+      sdkFallback ??= createLogger({ level: 'info', destination: createWriteStream(path.join(inject('tmpDir'), `temporal-sdk-${process.pid}.log`), { flags: 'a' }) });
+      return sdkFallback;
+    };
+    const forward =
+      (level: 'error' | 'warn' | 'info' | 'debug') =>
+      (obj: object, msg?: string): void =>
+        target()[level](obj, msg);
+    const forwarding = { error: forward('error'), warn: forward('warn'), info: forward('info'), debug: forward('debug') } as unknown as HarnessLogger;
+    try {
+      installTemporalLogging(forwarding);
+    } catch {
+      // Already installed in this process.
+    }
   }
+  return () => {
+    const at = openLoggers.indexOf(logger);
+    if (at >= 0) openLoggers.splice(at, 1);
+  };
 }
 
 function withHost(url: string, host: string): string {

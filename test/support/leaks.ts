@@ -67,7 +67,7 @@ export async function findLeaks(h: Harness, recorded?: Recorded): Promise<string
   places.push(['audit_log', JSON.stringify(audit.rows)]);
   const outbox = await h.sql('SELECT * FROM mail_outbox');
   places.push(['mail_outbox', JSON.stringify(outbox.rows)]);
-  for (const m of await readMailbox()) places.push([`email ${m.file}`, m.raw + (m.mail.text ?? '')]);
+  for (const m of await readMailbox()) places.push([`email ${m.file}`, [m.raw, m.mail.subject, m.mail.text, m.mail.html].filter(Boolean).join('\n')]);
   for (const { workflowId, history } of recorded ?? (await histories(h))) {
     places.push([`history of ${workflowId}`, rawHistoryText(history)]);
     places.push([`decoded history of ${workflowId}`, await decodedHistoryText(h, history)]);

@@ -33,11 +33,28 @@ export interface SweepResult {
   hits: string[];
 }
 
-/** The forms a leaked value could take in text: as is, base64 (also URL-safe, unpadded) and hex. */
+/**
+ * The forms a leaked value could take in text: as is; JSON-escaped and percent-encoded; base64 (also
+ * URL-safe, unpadded) of the value alone and inside a longer encoded text, at each of the three
+ * places a byte can start in a base64 group (its first and last characters, which share bits with
+ * what surrounds it, left out); and hex in either case. (Whole-value base64 alone found a value
+ * inside a larger encoded blob only when it began on a group's boundary: one time in three.)
+ */
 export function leakForms(secret: string): string[] {
   const bytes = Buffer.from(secret);
   const b64 = bytes.toString('base64');
-  return [...new Set([secret, b64, b64.replace(/=+$/, ''), bytes.toString('base64url'), bytes.toString('hex')])];
+  const hex = bytes.toString('hex');
+  const forms = [secret, JSON.stringify(secret).slice(1, -1), encodeURIComponent(secret), b64, b64.replace(/=+$/, ''), bytes.toString('base64url'), hex, hex.toUpperCase()];
+  for (const offset of [0, 1, 2]) {
+    // Preceded by `offset` bytes: the characters that hold only the value's bits, from the first
+    // group boundary after them to the last whole group before whatever follows.
+    const inner = Buffer.concat([Buffer.alloc(offset), bytes]).toString('base64');
+    const start = offset === 0 ? 0 : offset === 1 ? 2 : 3;
+    const end = inner.length - 4;
+    const fragment = inner.slice(start, end);
+    if (fragment.length >= 8) forms.push(fragment, fragment.replace(/\+/g, '-').replace(/\//g, '_'));
+  }
+  return [...new Set(forms)];
 }
 
 export function sweep(secrets: Iterable<string>, places: Iterable<[string, string]>): SweepResult {
@@ -79,19 +96,18 @@ export function registeredSecrets(runDir: string): string[] {
 }
 
 /**
- * The files of the run the sweep reads: the harnesses' recorded places, every *.log (service and
- * child-process logs) and every *.eml under the run directory. Data directories of the servers
- * (PostgreSQL, Temporal's SQLite) are skipped: their contents are searched through the places the
- * harnesses recorded and through the Temporal API.
+ * The files of the run the sweep reads: the harnesses' recorded places, every *.log (service,
+ * child-process and the servers' own logs: PostgreSQL logs a failed statement, Temporal a refused
+ * request) and every *.eml under the run directory. The servers' data files are not read: their
+ * contents are searched through the places the harnesses recorded and through the Temporal API.
+ * (Their directories were skipped whole, and with them the servers' logs.)
  */
 export function* runFiles(runDir: string): Generator<[string, string]> {
   const walk = function* (dir: string): Generator<string> {
     for (const entry of readdirSync(dir, { withFileTypes: true })) {
       const full = path.join(dir, entry.name);
-      if (entry.isDirectory()) {
-        if (entry.name === 'pg' || entry.name === 'temporal') continue;
-        yield* walk(full);
-      } else if (entry.isFile()) yield full;
+      if (entry.isDirectory()) yield* walk(full);
+      else if (entry.isFile()) yield full;
     }
   };
   for (const file of walk(runDir)) {
