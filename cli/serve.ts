@@ -44,6 +44,10 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
     alone &&
       !config.TEMPORAL_ADDRESS &&
       `TEMPORAL_ADDRESS: ${alone}: a Temporal server embedded in this process has no other part to run or start its work; \`mailgent serve\` runs both parts with embedded servers`,
+    alone &&
+      parts[0] === 'api' &&
+      !config.ADMIN_TOKEN &&
+      'ADMIN_TOKEN: must be set for `mailgent api` alone: a token generated into its DATA_DIR would be lost with it (a container re-created, another API process with a DATA_DIR of its own), and with it every admin script',
     alone && parts[0] === 'worker' && !config.SMTP_URL && "SMTP_URL: must be set for `mailgent worker` alone: the embedded SMTP sink would keep every notice in this worker's DATA_DIR, recorded as sent",
   ].filter((problem): problem is string => Boolean(problem));
   if (problems.length > 0) throw new ConfigError(problems);
@@ -96,15 +100,22 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
     void stop(1);
   };
   // Ctrl-C under `npm start` arrives twice at once (the terminal signals the process group, and
-  // npm passes its own copy on): only a signal a moment after the first means "exit now".
+  // npm passes its own copy on): only a signal a moment after the first means "exit now". A first
+  // signal while the service is already stopping (a server died, the worker stopped) lets that
+  // stop go on: it was taken for a second one, and the process exited 130 at once, its drain and
+  // PostgreSQL's orderly stop skipped.
   let firstSignalAt = 0;
   for (const signal of ['SIGINT', 'SIGTERM'] as const) {
     process.on(signal, () => {
       if (firstSignalAt && Date.now() - firstSignalAt < 1_000) return;
-      firstSignalAt ||= Date.now();
-      if (stopping || (starting && stopCode !== undefined)) {
+      if (firstSignalAt) {
         logger.warn(`second ${signal}: exiting now`);
         process.exit(130);
+      }
+      firstSignalAt = Date.now();
+      if (stopping || (starting && stopCode !== undefined)) {
+        logger.info(`${signal}: already stopping; a second one exits at once`);
+        return;
       }
       if (starting) {
         stopCode = 0;

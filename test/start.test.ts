@@ -252,9 +252,15 @@ describe('npm start with the embedded defaults', () => {
       await waitReady(`http://127.0.0.1:${ownPort}`);
       const postmaster = Number(readFileSync(path.join(ownDir, 'postgres', 'postmaster.pid'), 'utf8').split('\n')[0]);
       process.kill(postmaster, 'SIGKILL');
+      // One SIGTERM while it stops (a supervisor's, say): the stop goes on. Before, it was taken for a
+      // second signal: exit 130 at once, the drain and the other servers' stops skipped.
+      for (const deadline = Date.now() + 30_000; !run.output().includes('shutting down') && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 5));
+      expect(run.proc.kill('SIGTERM')).toBe(true);
       const code = await run.exited;
       const log = run.output();
       expect(code, log).toBe(1);
+      expect(log).toContain('SIGTERM: already stopping; a second one exits at once');
+      expect(log).not.toContain('second SIGTERM');
       expect(log).toContain('the embedded postgres server exited (code null); stopping, since nothing works without it: start again to restart it');
       expect(log).toContain('"msg":"stopped"');
       expect(processesUsing(ownDir)).toEqual([]);
@@ -421,7 +427,9 @@ describe('npm start with the embedded defaults', () => {
       const api = start({ ...external, DATABASE_URL: 'postgres://mailgent:pw@127.0.0.1:1/mailgent', SMTP_URL: 'smtp://127.0.0.1:1' }, { command: 'api' });
       expect(await api.exited).toBe(2);
       expect(api.output()).toBe(
-        'Invalid configuration:\n  TEMPORAL_ADDRESS: must be set for `mailgent api` and `mailgent worker` (one part alone): a Temporal server embedded in this process has no other part to run or start its work; `mailgent serve` runs both parts with embedded servers\n',
+        'Invalid configuration:\n  TEMPORAL_ADDRESS: must be set for `mailgent api` and `mailgent worker` (one part alone): a Temporal server embedded in this process has no other part to run or start its work; `mailgent serve` runs both parts with embedded servers\n' +
+          // Before, it generated one into DATA_DIR: in a container, a new admin token at every re-creation.
+          '  ADMIN_TOKEN: must be set for `mailgent api` alone: a token generated into its DATA_DIR would be lost with it (a container re-created, another API process with a DATA_DIR of its own), and with it every admin script\n',
       );
       // Every problem at once (the master key too, which DATABASE_URL will need).
       const worker = start({ DATA_DIR: fresh, TEMPORAL_ADDRESS: '127.0.0.1:1' }, { command: 'worker' });
