@@ -34,7 +34,11 @@ describe('credential policy', () => {
       },
     });
     expect(res.status).toBe(201);
-    const [meta] = (await h.api('GET', '/v1/credentials', { token: agent.token })).body.items;
+    const listed = await h.api('GET', '/v1/credentials', { token: agent.token });
+    // Never a value: toMatchObject below would pass a listing that carried it beside the rest.
+    expect(listed.text).not.toContain('sk_live_policy_value_01');
+    const [meta] = listed.body.items;
+    expect(meta).not.toHaveProperty('value');
     expect(meta).toMatchObject({
       name: 'stripe',
       owners: ['payments@example.com'],
@@ -66,6 +70,8 @@ describe('credential policy', () => {
   });
 
   it('refuses unknown providers, dependents and settings with the path of the problem; nothing is stored', async () => {
+    const stripeRow = async () => (await h.sql("SELECT to_jsonb(c) - 'updated_at' AS row, updated_at FROM credentials c WHERE name = 'stripe'")).rows[0];
+    const stripeBefore = await stripeRow();
     const cases: [Record<string, unknown>, string][] = [
       [{ rotation: { provider: 'generated', settings: { length: 2 } } }, 'rotation.settings.length'],
       [{ dependents: [{ type: 'ftp-upload', settings: {} }] }, "dependents.0.type 'ftp-upload' is unknown"],
@@ -81,6 +87,8 @@ describe('credential policy', () => {
       expect(patch.status).toBe(422);
     }
     expect((await h.sql("SELECT count(*)::int AS n FROM credentials WHERE name = 'bad'")).rows[0].n).toBe(0);
+    // The refused PATCHes left stripe as it was: its policy, its dependents, its row's time.
+    expect(await stripeRow()).toEqual(stripeBefore);
     const window = await h.api('PATCH', '/v1/credentials/stripe', {
       token: agent.token,
       body: { rotation: { provider: 'generated', window: { days: [1], startHour: 9, endHour: 17, timezone: 'Mars/Olympus' } } },

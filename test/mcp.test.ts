@@ -244,6 +244,14 @@ describe('MCP server', () => {
       const listed = ok(await call(mcp, 'list_credentials', { kind: 'password' }));
       expect(listed.items.map((c: any) => [c.name, c.version, c.handle])).toEqual([['db-password', 2, after.handle]]);
       expect(JSON.stringify(listed)).not.toMatch(/"value"/);
+      // Neither value in anything the agent was answered: read here over HTTP, to look for them.
+      const v2 = (await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'db-password' } })).body.value as string;
+      h.secret(v2);
+      expect(v2).toHaveLength(32);
+      for (const answer of [started, status, after, listed]) {
+        expect(JSON.stringify(answer)).not.toContain(v2);
+        expect(JSON.stringify(answer)).not.toContain(`Initial-${kind}-password-0001`);
+      }
       expect((await auditOf(agent.id, 'rotation.start')).at(-1)).toMatchObject({ outcome: 'ok', detail: { rotationId: started.rotationId, via: 'mcp' } });
     });
 

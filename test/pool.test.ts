@@ -78,10 +78,18 @@ describe('a migration that waits for a lock', () => {
     await other.connect();
     try {
       await other.query('SELECT pg_advisory_lock($1)', [PG_MIGRATE_LOCK_ID]);
-      const released = new Promise((r) => setTimeout(r, 1_500)).then(() => other.query('SELECT pg_advisory_unlock($1)', [PG_MIGRATE_LOCK_ID]));
+      let releasedAt = 0;
+      const released = new Promise((r) => setTimeout(r, 1_500)).then(() => {
+        releasedAt = Date.now();
+        return other.query('SELECT pg_advisory_unlock($1)', [PG_MIGRATE_LOCK_ID]);
+      });
       // Past its patience (1 s here) behind the other's lock: before, a lock timeout like a table's, and a failed start.
       await migrate(url, undefined, { lockTimeoutMs: 300, patienceMs: 1_000, pauseMs: 200 });
+      // It waited for the lock (a migrate that took none would have ended at once, before the release).
+      const migratedAt = Date.now();
       await released;
+      expect(releasedAt).toBeGreaterThan(0);
+      expect(migratedAt).toBeGreaterThanOrEqual(releasedAt);
     } finally {
       await other.end();
     }

@@ -33,21 +33,23 @@ describe('leak sweep', () => {
     expect(hits[0]).not.toContain(secret);
   });
 
-  it('reads what harnesses registered and left, every log and email, and skips server data directories', () => {
+  it("reads what harnesses registered and left, every log and email (the servers' own logs too), and no server data file", () => {
     registerSecrets(dir, 'aaaa', [secret]);
     recordPlace(dir, 'aaaa', 'http-errors', 'POST /v1/x -> 400 {"detail":"fine"}');
     mkdirSync(path.join(dir, 'harness-aaaa'), { recursive: true });
     writeFileSync(path.join(dir, 'harness-aaaa', 'worker.log'), `a child process logged ${secret}`);
     mkdirSync(path.join(dir, 'mail'), { recursive: true });
     writeFileSync(path.join(dir, 'mail', '1.eml'), 'Subject: ok\r\n\r\nno value here');
-    mkdirSync(path.join(dir, 'pg'), { recursive: true });
-    writeFileSync(path.join(dir, 'pg', 'server.log'), secret);
+    mkdirSync(path.join(dir, 'pg', 'base'), { recursive: true });
+    // PostgreSQL's log (a failed statement is logged): read; before, the whole directory was skipped.
+    writeFileSync(path.join(dir, 'pg', 'server.log'), `ERROR: ... ${secret}`);
+    writeFileSync(path.join(dir, 'pg', 'base', '16384'), secret);
     writeFileSync(path.join(dir, 'harness-aaaa', 'value.txt'), secret);
 
     expect(registeredSecrets(dir)).toEqual([secret]);
     const files = [...runFiles(dir)].map(([where]) => where).sort();
-    expect(files).toEqual([path.join('harness-aaaa', 'worker.log'), path.join('leak-sweep', 'aaaa.http-errors.txt'), path.join('mail', '1.eml')]);
+    expect(files).toEqual([path.join('harness-aaaa', 'worker.log'), path.join('leak-sweep', 'aaaa.http-errors.txt'), path.join('mail', '1.eml'), path.join('pg', 'server.log')]);
     const { hits } = sweep(registeredSecrets(dir), runFiles(dir));
-    expect(hits).toEqual([expect.stringContaining(path.join('harness-aaaa', 'worker.log'))]);
+    expect(hits).toEqual([expect.stringContaining(path.join('harness-aaaa', 'worker.log')), expect.stringContaining(path.join('pg', 'server.log'))]);
   });
 });
