@@ -99,11 +99,11 @@ export function batchActivities(deps: ActivityDeps) {
     // to the back, behind as many others as the wave has places.
     const { rows } = await deps.pool.query(
       `WITH runs AS (
-         SELECT r.credential_id, r.run_id, r.start_sent_at, o.outcome FROM rotation_runs r LEFT JOIN run_outcomes o ON o.run_id = r.run_id
+         SELECT r.credential_id, r.run_id, r.start_sent_at, r.cancelled_at, o.outcome FROM rotation_runs r LEFT JOIN run_outcomes o ON o.run_id = r.run_id
           WHERE r.rotation_id = $1)
        SELECT r.credential_id, c.identity_id, ro.kind, c.rotation->'window' AS window, r.start_sent_at IS NOT NULL AS start_sent, r.start_sent_at AS sent_at
          FROM runs r JOIN credentials c ON c.id = r.credential_id JOIN rotations ro ON ro.id = $1
-        WHERE r.run_id IS NULL AND ro.cancelled_at IS NULL
+        WHERE r.run_id IS NULL AND ro.cancelled_at IS NULL AND r.cancelled_at IS NULL
         ORDER BY r.start_sent_at IS NULL, c.next_rotation_at NULLS LAST, r.credential_id
         LIMIT greatest($2 - (SELECT count(*) FROM runs WHERE run_id IS NOT NULL AND outcome IS NULL), 0)`,
       [rotationId, maxOpen],
@@ -188,7 +188,7 @@ export function batchActivities(deps: ActivityDeps) {
         const marked = await deps.pool.query(
           `UPDATE rotation_runs r SET start_sent_at = now()
              FROM (SELECT id FROM rotations WHERE id = $1 AND cancelled_at IS NULL FOR SHARE) ro
-            WHERE r.rotation_id = ro.id AND r.credential_id = $2`,
+            WHERE r.rotation_id = ro.id AND r.credential_id = $2 AND r.cancelled_at IS NULL`,
           [rotationId, row.credential_id],
         );
         if (marked.rowCount === 0) continue;
@@ -247,7 +247,7 @@ export function batchActivities(deps: ActivityDeps) {
         (
           await deps.pool.query(
             `SELECT count(*)::int AS n FROM rotation_runs r JOIN rotations ro ON ro.id = r.rotation_id
-              WHERE r.rotation_id = $1 AND r.run_id IS NULL AND ro.cancelled_at IS NULL`,
+              WHERE r.rotation_id = $1 AND r.run_id IS NULL AND ro.cancelled_at IS NULL AND r.cancelled_at IS NULL`,
             [input.rotationId],
           )
         ).rows[0].n as number;
@@ -325,7 +325,7 @@ export function batchActivities(deps: ActivityDeps) {
           await settleEnded(await adoptSent());
           await deps.pool.query(
             `DELETE FROM rotation_runs r USING rotations ro
-              WHERE r.rotation_id = $1 AND ro.id = r.rotation_id AND ro.cancelled_at IS NULL AND r.run_id IS NULL`,
+              WHERE r.rotation_id = $1 AND ro.id = r.rotation_id AND ro.cancelled_at IS NULL AND r.run_id IS NULL AND r.cancelled_at IS NULL`,
             [input.rotationId],
           );
         }

@@ -3,25 +3,27 @@ import type { Db } from './pool';
 /**
  * A batch run's outcome and error in SQL, over `rotation_runs r`, `rotations ro` and
  * `run_outcomes o` (left-joined on the run id): the run's own, or `cancelled` for a run that its
- * batch's cancellation kept from starting (a batch starts its rotations in waves). One definition
- * for the batch's wait and summary (activities/batch.ts) and for GET /v1/rotations/:id.
+ * batch's cancellation, or its owner's cancel of it in a sweep, kept from starting (a batch starts
+ * its rotations in waves). One definition for the batch's wait and summary (activities/batch.ts)
+ * and for GET /v1/rotations/:id.
  */
-const NEVER_STARTED = 'r.run_id IS NULL AND ro.cancelled_at IS NOT NULL';
+const NEVER_STARTED = 'r.run_id IS NULL AND (ro.cancelled_at IS NOT NULL OR r.cancelled_at IS NOT NULL)';
 
 export const RUN_OUTCOME_SQL = `coalesce(o.outcome, CASE WHEN ${NEVER_STARTED} THEN 'cancelled' END)`;
-export const RUN_ERROR_SQL = `coalesce(o.error, CASE WHEN ${NEVER_STARTED} THEN 'the batch was cancelled before this rotation started' END)`;
+export const RUN_ERROR_SQL = `coalesce(o.error, CASE WHEN ${NEVER_STARTED} THEN CASE WHEN ro.cancelled_at IS NOT NULL THEN 'the batch was cancelled before this rotation started' ELSE 'its owner cancelled it before it started' END END)`;
 
 /**
  * Records the run a batch row's start made (its first run's id), unless a run is recorded for it
- * already: whether this call recorded it, and whether the batch is cancelled (a run recorded after
- * the cancel listed the batch's runs is the recorder's to cancel). One statement for the wave that
+ * already: whether this call recorded it, and whether the batch (or the row: its owner's cancel in
+ * a sweep) is cancelled (a run recorded after the cancel listed the batch's runs is the recorder's
+ * to cancel). One statement for the wave that
  * started the run, the batch's wait and the cancel that take over a start sent but unrecorded.
  */
 export async function recordBatchRun(db: Db, rotationId: string, credentialId: string, runId: string): Promise<{ recorded: boolean; cancelled: boolean }> {
   const { rows } = await db.query(
     `UPDATE rotation_runs r SET run_id = $3 FROM rotations ro
       WHERE r.rotation_id = $1 AND r.credential_id = $2 AND r.run_id IS NULL AND ro.id = r.rotation_id
-      RETURNING ro.cancelled_at IS NOT NULL AS cancelled`,
+      RETURNING ro.cancelled_at IS NOT NULL OR r.cancelled_at IS NOT NULL AS cancelled`,
     [rotationId, credentialId, runId],
   );
   return { recorded: rows.length > 0, cancelled: rows[0]?.cancelled === true };

@@ -607,16 +607,22 @@ describe('scheduled sweep', () => {
       alice: await store(alice.token, { name: 'owned-by-alice', kind: 'api_key', value: secretValue(), rotation: inGrace }),
       bob: await store(bob.token, { name: 'owned-by-bob', kind: 'api_key', value: secretValue(), rotation: inGrace }),
       bobLater: await store(bob.token, { name: 'owned-by-bob-later', kind: 'api_key', value: secretValue(), rotation: inGrace }),
+      bobMarked: await store(bob.token, { name: 'owned-by-bob-marked', kind: 'api_key', value: secretValue(), rotation: inGrace }),
     };
     await age(Object.values(ids), 40);
     // Selected by a sweep; its first wave starts two, the third waits its turn.
     const acts = createActivities(h.deps);
     const { sweepId } = await acts.beginSweep({ workflowId: `test-sweep-${randomUUID()}`, asOf: new Date().toISOString() });
-    const select = (id: string) => h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) VALUES ($1, $2, $3)`, [sweepId, id, `rotate:${id}`]);
+    // As selectDue and the password policy's pass select (a second selection of a credential finds its row).
+    const select = (id: string) =>
+      h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING`, [sweepId, id, `rotate:${id}`]);
     await select(ids.alice);
     await select(ids.bob);
     expect(await acts.startRotations({ rotationId: sweepId })).toEqual({ started: 2 });
     await select(ids.bobLater);
+    // One a wave marked five minutes ago and died before sending (its retry would send it).
+    await select(ids.bobMarked);
+    await h.sql(`UPDATE rotation_runs SET start_sent_at = now() - interval '5 minutes' WHERE rotation_id = $1 AND credential_id = $2`, [sweepId, ids.bobMarked]);
     const view = (who: { token: string }) => h.api('GET', `/v1/rotations/${sweepId}`, { token: who.token });
     const aliceView = await waitFor('alice\'s run in its grace period', () => view(alice), (r) => r.status === 200 && r.body.state === 'grace');
     expect(aliceView.body.credentials.map((c: { name: string }) => c.name)).toEqual(['owned-by-alice']);
@@ -624,6 +630,7 @@ describe('scheduled sweep', () => {
     expect(bobView.body.credentials.map((c: { name: string; state: string }) => [c.name, c.state])).toEqual([
       ['owned-by-bob', 'grace'],
       ['owned-by-bob-later', 'not_started'],
+      ['owned-by-bob-marked', 'not_started'],
     ]);
     // Before, all three were a 404 to every identity, the owners included.
     for (const [method, path] of [['GET', ''], ['POST', '/rollback'], ['DELETE', '']] as const) {
@@ -635,21 +642,52 @@ describe('scheduled sweep', () => {
     expect(rolledBack.body.results).toEqual([{ credentialId: ids.alice, rolledBack: true, current: 1, abandoned: 2 }]);
     const cancel = await h.api('DELETE', `/v1/rotations/${sweepId}`, { token: bob.token });
     expect(cancel.status, cancel.text).toBe(202);
-    expect(cancel.body).toEqual({ rotationId: sweepId, cancelling: [ids.bob], notStarted: [ids.bobLater], finishing: [] });
+    expect(cancel.body).toEqual({ rotationId: sweepId, cancelling: [ids.bob], notStarted: [ids.bobLater, ids.bobMarked], finishing: [] });
+    // Asked again (its answer lost, say): the same answer, nothing lost from it.
+    const again = await h.api('DELETE', `/v1/rotations/${sweepId}`, { token: bob.token });
+    expect(again.body).toMatchObject({ notStarted: [ids.bobLater, ids.bobMarked] });
 
-    // Each ends rolled back; the sweep itself is not cancelled, and its next wave starts nothing of bob's.
+    // Each ends rolled back; the sweep itself is not cancelled, and its next wave starts nothing of
+    // bob's: not the one waiting, not the one marked (its retry), not one selected again (the
+    // password policy's pass, a retried page). Before, the marked one was started by the wave's retry,
+    // and one selected again was put back and started.
     for (const id of [ids.alice, ids.bob]) {
       const { run_id } = (await h.sql('SELECT run_id FROM rotation_runs WHERE rotation_id = $1 AND credential_id = $2', [sweepId, id])).rows[0];
       await h.client.workflow.getHandle(`rotate:${id}`, run_id).result();
     }
     expect((await h.sql('SELECT cancelled_at FROM rotations WHERE id = $1', [sweepId])).rows[0].cancelled_at).toBeNull();
+    await select(ids.bobLater);
     expect(await acts.startRotations({ rotationId: sweepId })).toEqual({ started: 0 });
-    expect(await sweptIds(sweepId)).toEqual([ids.alice, ids.bob].sort());
-    expect(await versions(Object.values(ids))).toEqual({ 'owned-by-alice': 1, 'owned-by-bob': 1, 'owned-by-bob-later': 1 });
+    const started = (await h.sql('SELECT credential_id FROM rotation_runs WHERE rotation_id = $1 AND run_id IS NOT NULL', [sweepId])).rows.map((r) => r.credential_id);
+    expect(started.sort()).toEqual([ids.alice, ids.bob].sort());
+    expect(await versions(Object.values(ids))).toEqual({ 'owned-by-alice': 1, 'owned-by-bob': 1, 'owned-by-bob-later': 1, 'owned-by-bob-marked': 1 });
     expect((await view(alice)).body.credentials).toMatchObject([{ name: 'owned-by-alice', state: 'rolled_back' }]);
-    expect((await view(bob)).body.credentials).toMatchObject([{ name: 'owned-by-bob', state: 'rolled_back' }]);
+    expect((await view(bob)).body.credentials.map((c: { name: string; state: string }) => [c.name, c.state])).toEqual([
+      ['owned-by-bob', 'rolled_back'],
+      ['owned-by-bob-later', 'cancelled'],
+      ['owned-by-bob-marked', 'cancelled'],
+    ]);
+    // The sweep's wait counts them done (cancelled), not waiting: it ends.
+    expect(await acts.awaitOutcomes({ rotationId: sweepId, until: new Date(Date.now() + 60_000).toISOString(), pollMs: 50 })).toEqual({
+      total: 4,
+      rotated: 0,
+      failed: 4,
+    });
     const audited = await h.sql(`SELECT detail FROM audit_log WHERE action = 'rotation.cancel' AND identity_id = $1`, [bob.id]);
-    expect(audited.rows.map((r) => r.detail)).toEqual([expect.objectContaining({ rotationId: sweepId, cancelled: 1, notStarted: 1, ownCredentialsOnly: true })]);
+    expect(audited.rows.map((r) => r.detail)[0]).toEqual(expect.objectContaining({ rotationId: sweepId, cancelled: 1, notStarted: 2, ownCredentialsOnly: true }));
+  });
+
+  it('a sweep that ended without starting a run of it (failed, terminated, gone) leaves the run not_started, not running for ever', async () => {
+    const owner = await identity();
+    const id = await store(owner.token, { name: 'never-started', kind: 'api_key', value: secretValue(), rotation: ROTATE_NOW });
+    const { sweepId } = await createActivities(h.deps).beginSweep({ workflowId: `test-sweep-gone-${randomUUID()}`, asOf: new Date().toISOString() });
+    await h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) VALUES ($1, $2, $3)`, [sweepId, id, `rotate:${id}`]);
+    // Its workflow is not on the server (never ran here), and the sweep was recorded more than a minute ago.
+    await h.sql(`UPDATE rotations SET created_at = now() - interval '2 minutes' WHERE id = $1`, [sweepId]);
+    const res = await h.api('GET', `/v1/rotations/${sweepId}`, { token: owner.token });
+    expect(res.status, res.text).toBe(200);
+    expect(res.body.state).toBe('not_started');
+    expect(res.body.credentials).toMatchObject([{ name: 'never-started', state: 'not_started', runId: null }]);
   });
 
   it("the sweep's selection reads credentials through credentials_due, never a sequential scan", async () => {

@@ -62,18 +62,16 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
     ...endpoint(auth, { who: 'identity', action: 'rotation.cancel', summary: 'Cancel a rotation (undone before promotion, rolled back in grace)', responses: { 202: rotationCancelling }, problems: [404] }, async ({ req, caller }) => {
       const rotation = await ownRotation(deps.pool, caller.identityId, String(req.params.id));
       // First the batch, so no waiting run starts from now on (a run starting meanwhile is cancelled by the batch itself).
-      // A sweep is not one owner's to cancel: its runs of the caller's credentials are. One not started
-      // yet leaves the sweep, as a credential changed since the sweep began does (activities/batch.ts):
-      // its wave finds no row to mark, and starts none. The next sweep selects it again if it is still due.
-      let dropped: string[] = [];
+      // A sweep is not one owner's to cancel: its runs of the caller's credentials are, each marked
+      // so (rotation_runs.cancelled_at) before it starts: its waves never mark it, a start already
+      // marked and sent is cancelled by the wave that records it (recordBatchRun), and a later
+      // selection in the same sweep finds the row there. The next sweep selects it again if it is still due.
       if (rotation.scoped_to) {
-        const { rows } = await deps.pool.query(
-          `DELETE FROM rotation_runs r USING credentials c
-            WHERE r.rotation_id = $1 AND c.id = r.credential_id AND c.identity_id = $2 AND r.run_id IS NULL AND r.start_sent_at IS NULL
-            RETURNING r.credential_id`,
+        await deps.pool.query(
+          `UPDATE rotation_runs r SET cancelled_at = coalesce(r.cancelled_at, now()) FROM credentials c
+            WHERE r.rotation_id = $1 AND c.id = r.credential_id AND c.identity_id = $2 AND r.run_id IS NULL`,
           [rotation.id, rotation.scoped_to],
         );
-        dropped = rows.map((r) => r.credential_id as string);
       } else await deps.pool.query('UPDATE rotations SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1', [rotation.id]);
       let all = await runsOf(deps.pool, rotation);
       // A start a wave sent without recording its run (its worker died between the two) may have
@@ -92,18 +90,7 @@ export function rotationRoutes(auth: AuthDeps, deps: RotationDeps): Router {
       }
       // Read again: the runs taken over, with their outcomes (and any a wave recorded meanwhile).
       if (sent.length > 0) all = await runsOf(deps.pool, rotation);
-      // A sweep's start marked lately and not recorded is being sent this moment (or its wave died,
-      // and its retry sends it again): the sweep is not cancelled, so nothing would stop the run it
-      // makes. Marked longer ago, its wave is gone for good: it started nothing (batchRunOf above).
-      const unsettled = all.filter((r) => !r.run_id && r.start_sent).map((r) => r.credential_id);
-      if (rotation.scoped_to && unsettled.length > 0) {
-        const { rowCount } = await deps.pool.query(
-          `SELECT 1 FROM rotation_runs WHERE rotation_id = $1 AND credential_id = ANY($2::uuid[]) AND start_sent_at > now() - make_interval(secs => $3)`,
-          [rotation.id, unsettled, SWEEP_START_SECONDS],
-        );
-        if (rowCount) throw new UnavailableError('the sweep is starting a rotation of one of your credentials right now; cancel again in a few seconds');
-      }
-      const notStarted = [...dropped, ...all.filter((r) => !r.run_id).map((r) => r.credential_id)];
+      const notStarted = all.filter((r) => !r.run_id).map((r) => r.credential_id);
       const runs = all.filter((r) => r.run_id && !['failed', 'cancelled', 'rolled_back'].includes(r.outcome ?? ''));
       const cancelled: string[] = [];
       const finishing: string[] = [];
@@ -281,9 +268,6 @@ async function repeatedRotation(deps: RotationDeps, caller: Caller, rotationId: 
   return { rotationId, batchWorkflowId: `rotation:${rotationId}`, workflowIds: runs.rows.map((r) => r.workflow_id as string), repeated: true as const };
 }
 
-/** How long after a sweep's wave marks a start it may still be sending it (its retry included). */
-const SWEEP_START_SECONDS = 120;
-
 /** How long after a rotation is recorded its batch may still be starting (Temporal's start under way). */
 const BATCH_START_SECONDS = 60;
 
@@ -295,9 +279,10 @@ export async function rotationStatus(deps: RotationDeps, caller: Caller, id: str
   // them (terminated, failed) or was never started (its request's process died once it had recorded
   // the rotation; after BATCH_START_SECONDS) starts none of them: they stay not_started, and the
   // rotation no longer reads as running for ever. (A repeat of that request by its Idempotency-Key
-  // starts a batch never started: it reads as running again.)
+  // starts a batch never started: it reads as running again.) A sweep's runs wait on the sweep's
+  // workflow the same way: one failed or terminated leaves them not_started, not running for ever.
   const waiting = runs.filter((r) => !r.run_id && !r.outcome);
-  const batchStatus = rotation.kind === 'request' && waiting.length > 0 ? await temporal(() => statusOf(deps.client.workflow.getHandle(rotation.workflow_id))) : 'RUNNING';
+  const batchStatus = (rotation.kind === 'request' || rotation.kind === 'sweep') && waiting.length > 0 ? await temporal(() => statusOf(deps.client.workflow.getHandle(rotation.workflow_id))) : 'RUNNING';
   const startedBy = Math.max(rotation.created_at.getTime(), rotation.start_taken_over_at?.getTime() ?? 0) + BATCH_START_SECONDS * 1000;
   const batchEnded = batchStatus !== 'RUNNING' && (batchStatus !== null || Date.now() > startedBy);
   if (batchEnded && waiting.some((r) => r.start_sent)) {
