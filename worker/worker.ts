@@ -68,12 +68,22 @@ export async function createWorker(opts: {
   } finally {
     bundle?.remove();
   }
-  const waits = await Worker.create({
-    ...shared,
-    taskQueue: waitsQueue(opts.taskQueue),
-    activities: { awaitOutcomes: activities.awaitOutcomes },
-    maxConcurrentActivityTaskExecutions: BATCH_WAIT_SLOTS,
-  });
+  let waits: Worker;
+  try {
+    waits = await Worker.create({
+      ...shared,
+      taskQueue: waitsQueue(opts.taskQueue),
+      activities: { awaitOutcomes: activities.awaitOutcomes },
+      maxConcurrentActivityTaskExecutions: BATCH_WAIT_SLOTS,
+    });
+  } catch (err) {
+    // The first worker holds the connection until it has run: run and stopped at once, so the
+    // caller can close the connection (closing it while a worker holds it throws).
+    const ran = main.run();
+    main.shutdown();
+    await ran.catch(() => undefined);
+    throw err;
+  }
   const both = [main, waits];
   const service: ServiceWorker = {
     async run() {
