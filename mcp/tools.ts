@@ -196,7 +196,8 @@ export function mcpTools(deps: McpDeps): Tool[] {
     define({
       name: 'rotation_status',
       title: 'Rotation status',
-      description: 'State of a rotation (running, grace, succeeded, partial, failed) and each credential’s steps.',
+      description:
+        'State of a rotation (running, grace, succeeded, partial, failed) and each credential’s steps: one you started, or a scheduled sweep’s (the rotation id its notices give), of which you see your own credentials’ runs.',
       input: rotationStatusInput,
       action: 'rotation.describe',
       hints: { readOnlyHint: true, openWorldHint: false },
