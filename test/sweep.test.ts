@@ -94,6 +94,11 @@ describe('scheduled sweep', () => {
     const { rows: found } = await h.sql(`SELECT id, erased_at IS NOT NULL AND subject = '' AND recipients = '{}' AS erased FROM mail_outbox WHERE id = ANY($1::uuid[])`, [ids]);
     return ids.map((id) => found.find((r) => r.id === id)?.erased);
   };
+  /** Soft-deletes a credential over the API, then dates the delete 40 days back: past a 30-day retention. */
+  const deletedLongAgo = async (token: string, name: string, id: string) => {
+    expect((await h.api('DELETE', `/v1/credentials/${name}`, { token })).status).toBe(200);
+    await h.sql(`UPDATE credentials SET deleted_at = now() - interval '40 days' WHERE id = $1`, [id]);
+  };
   /** Backdates the current version of each credential by `days`; the triggers move next_rotation_at. */
   const age = async (ids: string[], days: number) => {
     const { rowCount } = await h.sql(
@@ -850,8 +855,7 @@ describe('scheduled sweep', () => {
   it('retention destroys only what is still deleted when it gets to it: a credential restored meanwhile is kept', async () => {
     const agent = await identity();
     const id = await store(agent.token, { name: 'restored-in-time', kind: 'api_key', value: secretValue() });
-    expect((await h.api('DELETE', '/v1/credentials/restored-in-time', { token: agent.token })).status).toBe(200);
-    await h.sql(`UPDATE credentials SET deleted_at = now() - interval '40 days' WHERE id = $1`, [id]);
+    await deletedLongAgo(agent.token, 'restored-in-time', id);
     // Listed by the retention pass as deleted 40 days ago, then restored before its turn.
     expect((await h.api('POST', '/v1/credentials/restored-in-time/restore', { token: agent.token })).status).toBe(200);
     const cutoff = new Date(Date.now() - 30 * 86_400_000);
@@ -867,8 +871,7 @@ describe('scheduled sweep', () => {
     const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: [name] } });
     expect(started.status, started.text).toBe(202);
     await waitFor('the grace period', async () => (await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token })).body.state, (state) => state === 'grace');
-    expect((await h.api('DELETE', `/v1/credentials/${name}`, { token: agent.token })).status).toBe(200);
-    await h.sql(`UPDATE credentials SET deleted_at = now() - interval '40 days' WHERE id = $1`, [id]);
+    await deletedLongAgo(agent.token, name, id);
     const purge = () => createActivities(h.deps).purgeDeleted({ asOf: new Date().toISOString(), retentionDays: 30 });
     // Before, it was destroyed here: at the grace period's end the revoke of version 1 found nothing.
     await purge();
@@ -883,8 +886,7 @@ describe('scheduled sweep', () => {
     const agent = await identity();
     const name = unique('deleted-racing');
     const id = await store(agent.token, { name, kind: 'api_key', value: secretValue() });
-    expect((await h.api('DELETE', `/v1/credentials/${name}`, { token: agent.token })).status).toBe(200);
-    await h.sql(`UPDATE credentials SET deleted_at = now() - interval '40 days' WHERE id = $1`, [id]);
+    await deletedLongAgo(agent.token, name, id);
     const caller = { identityId: agent.id, actor: 'workflow:test' };
     // Temporal answers "not running" twice (the quiet look, then the destroy's check); as the second
     // answer comes, a rotation begins and its create reads the value for the provider.
@@ -940,8 +942,7 @@ describe('scheduled sweep', () => {
     const agent = await identity();
     const name = unique('before-keys');
     const id = await store(agent.token, { name, kind: 'api_key', value: secretValue() });
-    expect((await h.api('DELETE', `/v1/credentials/${name}`, { token: agent.token })).status).toBe(200);
-    await h.sql(`UPDATE credentials SET deleted_at = now() - interval '40 days' WHERE id = $1`, [id]);
+    await deletedLongAgo(agent.token, name, id);
     // The purge of keys held up past the budget (as a backlog of pages would take it), the lock released at 1.5 s.
     const keys = await holdTable(h, 'idempotency_keys');
     const released = new Promise((r) => setTimeout(r, 1_500)).then(() => keys.release());

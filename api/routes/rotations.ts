@@ -347,7 +347,7 @@ export async function rollbackRotation(deps: RotationDeps, caller: Caller, id: s
 
 /**
  * The rotation as the caller may see and act on it: a rotation it started, all of it; a sweep's
- * (no identity started it), the runs of the caller's own credentials (`scopedTo` names the caller),
+ * (no identity started it), the runs of the caller's own credentials (`scoped_to` names the caller),
  * which its notices name it by: the owner of a credential the 90-day sweep rotated reads the run,
  * rolls it back in its grace period, or cancels it, and sees nothing of anyone else's. (Before, the
  * id its notice gave was a 404 to everyone.) Neither is a 404, as for an id that does not exist.
