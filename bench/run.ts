@@ -36,6 +36,8 @@ export interface BenchOptions {
   /** Sweep page size (the product's default is 500; smaller pages make the sweep continue-as-new at these sizes). */
   sweepPageSize: number;
   rotations: number;
+  /** No-op workflows the rotation item's baseline runs (at most `rotations`; unset, as many: see bench/rotation.ts). */
+  baselineWorkflows?: number;
   out: string;
   /** External servers instead of embedded ones (the test passes its own). */
   pgAdminUrl?: string;
@@ -99,7 +101,7 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
     phases[name] = round((now - phaseStart) / 1000, 1);
     phaseStart = now;
   };
-  log(`mailgent bench: ${o.connections} connections, ${o.seconds} s per load, sizes ${o.sizes.join('/')}, sweep ${o.sweepSizes.join('/')}, ${o.rotations} rotations`);
+  log(`mailgent bench: ${o.connections} connections, ${o.seconds} s per load, sizes ${o.sizes.join('/')}, sweep ${o.sweepSizes.join('/')}, ${o.rotations} rotations (baseline ${Math.min(o.baselineWorkflows ?? o.rotations, o.rotations)})`);
   const stack = await startStack(dir, { pgAdminUrl: o.pgAdminUrl, temporalAddress: o.temporalAddress, smtpUrl: o.smtpUrl });
   let services: Services | undefined;
   let connection: Connection | undefined;
@@ -304,6 +306,7 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
     try {
       rotation = await measureRotation(as, client, stack, {
         count: o.rotations,
+        baselineWorkflows: o.baselineWorkflows,
         sinkUrl: sink.url,
         webhookEvents: sink.events,
         onPhase: (phase) => {
@@ -332,9 +335,9 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
         phases,
         target: TARGETS.durationSeconds,
         pass: durationSeconds <= TARGETS.durationSeconds,
-        method: 'wall time from the start to the results (the servers’ stop after it not counted); phases: each part from the end of the one before (rotationSetup stores the batch’s credentials, rotationBaseline includes its worker’s start)',
+        method: 'wall time from the start to the results (the servers’ stop after it not counted); phases: each part from the end of the one before (rotationSetup stores the batch’s credentials and starts the baseline’s worker)',
       },
-      options: { seconds: o.seconds, sliceSeconds: o.sliceSeconds, warmupSeconds: o.warmupSeconds, connections: o.connections, sizes: o.sizes, sweepSizes: o.sweepSizes, sweepPageSize: o.sweepPageSize, rotations: o.rotations },
+      options: { seconds: o.seconds, sliceSeconds: o.sliceSeconds, warmupSeconds: o.warmupSeconds, connections: o.connections, sizes: o.sizes, sweepSizes: o.sweepSizes, sweepPageSize: o.sweepPageSize, rotations: o.rotations, baselineWorkflows: Math.min(o.baselineWorkflows ?? o.rotations, o.rotations) },
       machine: {
         cpus: os.cpus().length,
         cpuModel: os.cpus()[0]?.model ?? 'unknown',
@@ -383,7 +386,7 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
         ratio: round(rotation.ratio, 3),
         target: TARGETS.rotationVsBaseline,
         pass: rotation.rotated === rotation.rotations && rotation.ratio >= TARGETS.rotationVsBaseline,
-        method: 'POST /v1/rotations of N credentials (generated provider, one webhook dependent on a local sink, graceHours 0) until the batch workflow returns; baseline: N no-op workflows with as many activities, started one by one, on a worker process of their own, same Temporal server',
+        method: 'POST /v1/rotations of N credentials (generated provider, one webhook dependent on a local sink, graceHours 0) until the batch workflow returns; baseline: as many no-op workflows (unless --baseline-workflows says fewer) with as many activities, started one by one, on a worker process of their own (started while the batch’s credentials are stored), same Temporal server',
       },
       sweep: {
         dueFraction: 0.01,
@@ -636,6 +639,7 @@ function parseOptions(argv: string[]): Partial<BenchOptions> {
       'sweep-sizes': { type: 'string' },
       'sweep-page-size': { type: 'string' },
       rotations: { type: 'string' },
+      'baseline-workflows': { type: 'string' },
       out: { type: 'string' },
       ...SERVER_ARGS,
     },
@@ -650,6 +654,10 @@ function parseOptions(argv: string[]): Partial<BenchOptions> {
   if (values['sweep-sizes']) opts.sweepSizes = nums(values['sweep-sizes']);
   if (values['sweep-page-size']) opts.sweepPageSize = Number(values['sweep-page-size']);
   if (values.rotations) opts.rotations = Number(values.rotations);
+  if (values['baseline-workflows']) {
+    opts.baselineWorkflows = Number(values['baseline-workflows']);
+    if (!Number.isInteger(opts.baselineWorkflows) || opts.baselineWorkflows < 1) throw new Error(`--baseline-workflows takes a whole number ≥ 1, not '${values['baseline-workflows']}'`);
+  }
   if (values.out) opts.out = path.resolve(values.out);
   return { ...opts, ...serverOptions(values) };
 }

@@ -45,7 +45,7 @@ describe('npm run bench at a tiny size', () => {
   it('runs every item and writes valid JSON with every figure, and a chart', { timeout: 420_000 }, async () => {
     const out = path.join(dir, 'results', 'latest.json');
     const args = ['--import', 'tsx', 'bench/run.ts', '--seconds', '1', '--slice-seconds', '0.5', '--warmup', '0', '--connections', '4', '--sizes', '100,400', '--sweep-sizes', '200,400',
-      '--sweep-page-size', '5', '--rotations', '3', '--out', out,
+      '--sweep-page-size', '5', '--rotations', '3', '--baseline-workflows', '2', '--out', out,
       '--pg-admin-url', inject('pgAdminUrl'), '--temporal-address', inject('temporalAddress'), '--smtp-url', inject('smtpUrl')];
     // The run's workflow bundle: its worker does not bundle its own (WORKFLOW_BUNDLE).
     const env = { ...process.env, WORKFLOW_BUNDLE: inject('workflowBundlePath') };
@@ -117,7 +117,9 @@ describe('npm run bench at a tiny size', () => {
     expect(r.rotation).toMatchObject({ rotations: 3, rotated: 3, failed: 0 });
     expect(r.rotation.perSecond).toBeGreaterThan(0);
     expect(r.rotation.activitiesPerRotation).toBeGreaterThan(3);
-    expect(r.rotation.baseline).toMatchObject({ workflows: 3, activitiesPerWorkflow: r.rotation.activitiesPerRotation });
+    // The baseline runs --baseline-workflows of them, not the batch's count.
+    expect(r.rotation.baseline).toMatchObject({ workflows: 2, activitiesPerWorkflow: r.rotation.activitiesPerRotation });
+    expect(r.options).toMatchObject({ rotations: 3, baselineWorkflows: 2 });
     expect(r.rotation.baseline.perSecond).toBeGreaterThan(0);
     expect(r.rotation.ratio).toBeGreaterThan(0);
     // pending, verify and promoted per rotation, each through the sink's signature check
