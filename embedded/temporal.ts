@@ -1,4 +1,5 @@
-import { lstatSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { linkSync, lstatSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { Connection } from '@temporalio/client';
 import type { Logger } from '../core/logger';
@@ -28,7 +29,7 @@ export async function startEmbeddedTemporal(opts: {
 }): Promise<EmbeddedTemporal> {
   mkdirSync(opts.dataDir, { recursive: true });
   const dbFile = path.join(opts.dataDir, 'temporal.sqlite');
-  const release = claimTemporalFile(opts.dataDir);
+  const release = await claimTemporalFile(opts.dataDir);
   try {
     const started = await startOn(opts, dbFile);
     return { address: started.address, stop: (signal) => started.stop(signal).finally(release), exited: started.exited };
@@ -45,31 +46,95 @@ export async function startEmbeddedTemporal(opts: {
  * over). The start time tells the owner from another process given its pid since (the lock of one
  * killed, or of a machine since restarted, named whatever process had the pid now: start-up was
  * refused until the lock was removed by hand). A lock of the pid alone (written before) is the pid's.
+ *
+ * Two processes starting at once: the lock appears with its content (written beside it, then
+ * linked into place), never empty, so the other reads who holds it (before, it could read the file
+ * between its creation and its write, take it for stale and claim it too). A lock found empty (an
+ * older writer between the two, or one that died there) is read again for up to a second before it
+ * counts as stale. A stale lock is moved aside before it is removed, and put back if what was moved
+ * is not what was judged stale (another process claimed it in between).
  */
-function claimTemporalFile(dataDir: string): () => void {
+async function claimTemporalFile(dataDir: string): Promise<() => void> {
   const lock = path.join(dataDir, 'temporal.lock');
+  const mine = [process.pid, startTimeOf(process.pid)].filter((part) => part !== undefined).join(' ');
   const release = () => rmSync(lock, { force: true });
-  for (let attempt = 0; attempt < 2; attempt++) {
-    try {
-      writeFileSync(lock, [process.pid, startTimeOf(process.pid)].filter((part) => part !== undefined).join(' '), { flag: 'wx' });
-      return release;
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-      const [pid, started] = readFileSync(lock, 'utf8').trim().split(/\s+/);
-      const owner = Number(pid);
-      if (owner === process.pid) return release;
-      const sameProcess = started === undefined || startTimeOf(owner) === undefined || startTimeOf(owner) === started;
-      if (owner > 0 && isAlive(owner) && sameProcess) {
-        throw new Error(
-          `the embedded Temporal server of ${dataDir} is run by another Mailgent process (pid ${owner}); ` +
-            'give this one TEMPORAL_ADDRESS (that server\'s address, in its log) or a DATA_DIR of its own',
-          { cause: err },
-        );
-      }
-      release();
+  for (let attempt = 0; attempt < 3; attempt++) {
+    if (createWith(lock, mine)) return release;
+    const held = await readLock(lock);
+    if (held === undefined) continue; // removed meanwhile
+    const [pid, started] = held.split(/\s+/);
+    const owner = Number(pid);
+    if (owner === process.pid) return release;
+    const sameProcess = started === undefined || startTimeOf(owner) === undefined || startTimeOf(owner) === started;
+    if (owner > 0 && isAlive(owner) && sameProcess) {
+      throw new Error(
+        `the embedded Temporal server of ${dataDir} is run by another Mailgent process (pid ${owner}); ` +
+          'give this one TEMPORAL_ADDRESS (that server\'s address, in its log) or a DATA_DIR of its own',
+      );
     }
+    removeStale(lock, held);
   }
   throw new Error(`could not claim ${lock}`);
+}
+
+/** Creates `file` holding `content`, or returns false if it exists; it never exists empty. */
+function createWith(file: string, content: string): boolean {
+  const beside = `${file}.${process.pid}.${randomBytes(4).toString('hex')}`;
+  writeFileSync(beside, content, { flag: 'wx' });
+  try {
+    linkSync(beside, file);
+    return true;
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EEXIST') return false;
+    // A file system without hard links: create and write, as before.
+    if (code === 'EPERM' || code === 'ENOTSUP' || code === 'EOPNOTSUPP' || code === 'ENOSYS') {
+      try {
+        writeFileSync(file, content, { flag: 'wx' });
+        return true;
+      } catch (again) {
+        if ((again as NodeJS.ErrnoException).code === 'EEXIST') return false;
+        throw again;
+      }
+    }
+    throw err;
+  } finally {
+    rmSync(beside, { force: true });
+  }
+}
+
+/** The lock's content, read again while it is empty (for up to a second); undefined once it is gone. */
+async function readLock(file: string): Promise<string | undefined> {
+  const deadline = Date.now() + 1_000;
+  for (;;) {
+    let content: string;
+    try {
+      content = readFileSync(file, 'utf8').trim();
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw err;
+    }
+    if (content !== '' || Date.now() >= deadline) return content;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** Removes the lock if it still holds `judged`: moved aside first, put back if it holds something else. */
+function removeStale(file: string, judged: string): void {
+  const aside = `${file}.stale.${process.pid}.${randomBytes(4).toString('hex')}`;
+  try {
+    renameSync(file, aside);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw err;
+  }
+  try {
+    const moved = readFileSync(aside, 'utf8').trim();
+    // Put back, unless a claim took its place meanwhile (that one stands).
+    if (moved !== judged) createWith(file, moved);
+  } finally {
+    rmSync(aside, { force: true });
+  }
 }
 
 /** When a process started (clock ticks after boot: /proc/<pid>/stat's 22nd field); undefined without /proc. */

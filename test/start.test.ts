@@ -403,6 +403,32 @@ describe('npm start with the embedded defaults', () => {
     }
   });
 
+  it('two starts at once on one DATA_DIR: a lock found empty (its writer between creating and writing it) is read again, not taken over; one that stays empty is stale', { timeout: 120_000 }, async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-temporal-lock-'));
+    const lock = path.join(dir, 'temporal.lock');
+    const owner = spawn('sleep', ['60']);
+    const held = `${owner.pid} ${startTimeOf(owner.pid!)}`;
+    try {
+      // The other starter has created the lock and writes it 300 ms later: before, read empty, taken for stale and claimed too.
+      writeFileSync(lock, '');
+      const writer = setTimeout(() => writeFileSync(lock, held), 300);
+      await expect(startEmbeddedTemporal({ dataDir: dir, namespace: 'default' })).rejects.toThrow(`is run by another Mailgent process (pid ${owner.pid})`);
+      clearTimeout(writer);
+      expect(readFileSync(lock, 'utf8')).toBe(held);
+      expect(existsSync(path.join(dir, 'temporal.sqlite'))).toBe(false);
+      // Empty for good (its writer died between the two): stale after a second, and claimed.
+      writeFileSync(lock, '');
+      const temporal = await startEmbeddedTemporal({ dataDir: dir, namespace: 'default' });
+      expect(readFileSync(lock, 'utf8')).toBe(`${process.pid} ${startTimeOf(process.pid)}`);
+      await temporal.stop();
+      // The files a claim writes beside the lock (its content before it is linked, a stale lock moved aside) are gone.
+      expect(readdirSync(dir).filter((f) => f.startsWith('temporal.lock'))).toEqual([]);
+    } finally {
+      owner.kill('SIGKILL');
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('a bad setting stops the process with one message naming the variable', async () => {
     const run = start({ DATA_DIR: dataDir, PORT: 'eighty' });
     expect(await run.exited).toBe(2);
