@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { linkSync, lstatSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { linkSync, lstatSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { Connection } from '@temporalio/client';
 import type { Logger } from '../core/logger';
@@ -51,14 +51,16 @@ export async function startEmbeddedTemporal(opts: {
  * linked into place), never empty, so the other reads who holds it (before, it could read the file
  * between its creation and its write, take it for stale and claim it too). A lock found empty (an
  * older writer between the two, or one that died there) is read again for up to a second before it
- * counts as stale. A stale lock is moved aside before it is removed, and put back if what was moved
- * is not what was judged stale (another process claimed it in between).
+ * counts as stale. A stale lock is removed by one process at a time (`breakStale`), and a stop
+ * removes the lock only while it is still its own.
  */
 async function claimTemporalFile(dataDir: string): Promise<() => void> {
   const lock = path.join(dataDir, 'temporal.lock');
   const mine = [process.pid, startTimeOf(process.pid)].filter((part) => part !== undefined).join(' ');
-  const release = () => rmSync(lock, { force: true });
-  for (let attempt = 0; attempt < 3; attempt++) {
+  const release = () => {
+    if (readIfThere(lock) === mine) rmSync(lock, { force: true });
+  };
+  for (let attempt = 0; attempt < 20; attempt++) {
     if (createWith(lock, mine)) return release;
     const held = await readLock(lock);
     if (held === undefined) continue; // removed meanwhile
@@ -72,15 +74,20 @@ async function claimTemporalFile(dataDir: string): Promise<() => void> {
           'give this one TEMPORAL_ADDRESS (that server\'s address, in its log) or a DATA_DIR of its own',
       );
     }
-    removeStale(lock, held);
+    await breakStale(lock, held);
   }
-  throw new Error(`could not claim ${lock}`);
+  throw new Error(`could not claim ${lock}: another process was taking over its stale lock all along (${lock}.break); start again`);
 }
 
 /** Creates `file` holding `content`, or returns false if it exists; it never exists empty. */
 function createWith(file: string, content: string): boolean {
   const beside = `${file}.${process.pid}.${randomBytes(4).toString('hex')}`;
-  writeFileSync(beside, content, { flag: 'wx' });
+  try {
+    writeFileSync(beside, content, { flag: 'wx' });
+  } catch (err) {
+    rmSync(beside, { force: true }); // a write that failed part-way (a full disk) leaves nothing
+    throw err;
+  }
   try {
     linkSync(beside, file);
     return true;
@@ -107,33 +114,44 @@ function createWith(file: string, content: string): boolean {
 async function readLock(file: string): Promise<string | undefined> {
   const deadline = Date.now() + 1_000;
   for (;;) {
-    let content: string;
-    try {
-      content = readFileSync(file, 'utf8').trim();
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-      throw err;
-    }
+    const content = readIfThere(file);
     if (content !== '' || Date.now() >= deadline) return content;
     await new Promise((r) => setTimeout(r, 50));
   }
 }
 
-/** Removes the lock if it still holds `judged`: moved aside first, put back if it holds something else. */
-function removeStale(file: string, judged: string): void {
-  const aside = `${file}.stale.${process.pid}.${randomBytes(4).toString('hex')}`;
+function readIfThere(file: string): string | undefined {
   try {
-    renameSync(file, aside);
+    return readFileSync(file, 'utf8').trim();
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
     throw err;
   }
+}
+
+/**
+ * Removes a stale lock, one process at a time: under `<lock>.break` (created as the lock is), the
+ * lock is read again and removed only if it still holds what was judged stale. Without it, of two
+ * starters that judged it stale the second could remove the first's fresh claim. A process that
+ * finds the break taken waits a moment and looks at the lock again; a break older than 10 s is of a
+ * process that died breaking the lock, and is removed.
+ */
+async function breakStale(lock: string, judged: string): Promise<void> {
+  const breaker = `${lock}.break`;
+  const me = `${process.pid} ${randomBytes(6).toString('hex')}`;
+  if (!createWith(breaker, me)) {
+    try {
+      if (Date.now() - statSync(breaker).mtimeMs > 10_000) rmSync(breaker, { force: true });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+    }
+    await new Promise((r) => setTimeout(r, 50));
+    return;
+  }
   try {
-    const moved = readFileSync(aside, 'utf8').trim();
-    // Put back, unless a claim took its place meanwhile (that one stands).
-    if (moved !== judged) createWith(file, moved);
+    if (readIfThere(lock) === judged) rmSync(lock, { force: true });
   } finally {
-    rmSync(aside, { force: true });
+    if (readIfThere(breaker) === me) rmSync(breaker, { force: true });
   }
 }
 

@@ -1,6 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { chmodSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, symlinkSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, symlinkSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -403,17 +403,17 @@ describe('npm start with the embedded defaults', () => {
     }
   });
 
-  it('two starts at once on one DATA_DIR: a lock found empty (its writer between creating and writing it) is read again, not taken over; one that stays empty is stale', { timeout: 120_000 }, async () => {
+  it('two starts at once on one DATA_DIR: a lock found empty (its writer between creating and writing it) is read again, not taken over; one that stays empty is stale; one process at a time breaks a stale lock; a stop removes only its own', { timeout: 120_000 }, async () => {
     const dir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-temporal-lock-'));
     const lock = path.join(dir, 'temporal.lock');
     const owner = spawn('sleep', ['60']);
     const held = `${owner.pid} ${startTimeOf(owner.pid!)}`;
+    let writer: NodeJS.Timeout | undefined;
     try {
       // The other starter has created the lock and writes it 300 ms later: before, read empty, taken for stale and claimed too.
       writeFileSync(lock, '');
-      const writer = setTimeout(() => writeFileSync(lock, held), 300);
+      writer = setTimeout(() => writeFileSync(lock, held), 300);
       await expect(startEmbeddedTemporal({ dataDir: dir, namespace: 'default' })).rejects.toThrow(`is run by another Mailgent process (pid ${owner.pid})`);
-      clearTimeout(writer);
       expect(readFileSync(lock, 'utf8')).toBe(held);
       expect(existsSync(path.join(dir, 'temporal.sqlite'))).toBe(false);
       // Empty for good (its writer died between the two): stale after a second, and claimed.
@@ -421,9 +421,26 @@ describe('npm start with the embedded defaults', () => {
       const temporal = await startEmbeddedTemporal({ dataDir: dir, namespace: 'default' });
       expect(readFileSync(lock, 'utf8')).toBe(`${process.pid} ${startTimeOf(process.pid)}`);
       await temporal.stop();
-      // The files a claim writes beside the lock (its content before it is linked, a stale lock moved aside) are gone.
+      // The files a claim writes beside the lock (its content before it is linked, the break of a stale one) are gone.
       expect(readdirSync(dir).filter((f) => f.startsWith('temporal.lock'))).toEqual([]);
+
+      // A stale lock another starter is breaking (its .break fresh) is left to it; a break of a process that died breaking it (older than 10 s) is removed.
+      owner.kill('SIGKILL');
+      await new Promise((r) => owner.once('exit', r));
+      writeFileSync(lock, held);
+      writeFileSync(`${lock}.break`, '1 other-breaker');
+      await expect(startEmbeddedTemporal({ dataDir: dir, namespace: 'default' })).rejects.toThrow(`could not claim ${lock}: another process was taking over its stale lock`);
+      expect(readFileSync(lock, 'utf8')).toBe(held);
+      utimesSync(`${lock}.break`, new Date(Date.now() - 20_000), new Date(Date.now() - 20_000));
+      const again = await startEmbeddedTemporal({ dataDir: dir, namespace: 'default' });
+      expect(readFileSync(lock, 'utf8')).toBe(`${process.pid} ${startTimeOf(process.pid)}`);
+      // A stop removes the lock only while it is its own: not one another process holds since.
+      writeFileSync(lock, held);
+      await again.stop();
+      expect(readFileSync(lock, 'utf8')).toBe(held);
+      expect(readdirSync(dir).filter((f) => f.startsWith('temporal.lock'))).toEqual(['temporal.lock']);
     } finally {
+      clearTimeout(writer);
       owner.kill('SIGKILL');
       rmSync(dir, { recursive: true, force: true });
     }
