@@ -37,11 +37,15 @@ export async function measureRotation(
   opts: { count: number; baselineWorkflows?: number; sinkUrl: string; webhookEvents: () => number; onPhase?: (phase: 'rotation' | 'baseline' | 'done') => void },
 ): Promise<RotationResult> {
   const baselineWorker = startBaselineWorker(stack);
+  let result: RotationResult;
   try {
-    return await measureBoth(api, client, stack, opts, baselineWorker);
+    result = await measureBoth(api, client, stack, opts, baselineWorker);
   } finally {
     await baselineWorker.worker.stop('SIGTERM', 20_000);
   }
+  // After the worker's stop, which the baseline's phase counts as before.
+  opts.onPhase?.('done');
+  return result;
 }
 
 async function measureBoth(
@@ -79,8 +83,7 @@ async function measureBoth(
   const activities = (history.events ?? []).filter((e) => e.activityTaskScheduledEventAttributes).length;
 
   opts.onPhase?.('baseline');
-  const baseline = await measureBaseline(plainClient, baselineWorker.taskQueue, Math.min(opts.baselineWorkflows ?? opts.count, opts.count), activities);
-  opts.onPhase?.('done');
+  const baseline = await measureBaseline(plainClient, baselineWorker, Math.min(opts.baselineWorkflows ?? opts.count, opts.count), activities);
   const perSecond = outcome.rotated / seconds;
   return {
     rotations: opts.count,
@@ -104,14 +107,23 @@ function startBaselineWorker(stack: Stack) {
   return { taskQueue, worker };
 }
 
-async function measureBaseline(client: Client, taskQueue: string, count: number, activities: number): Promise<RotationResult['baseline']> {
+async function measureBaseline(
+  client: Client,
+  { taskQueue, worker }: ReturnType<typeof startBaselineWorker>,
+  count: number,
+  activities: number,
+): Promise<RotationResult['baseline']> {
+  if (!worker.isRunning()) throw new Error(`the baseline's worker exited during the rotation batch:\n${worker.logTail(20)}`);
+  // A worker that dies now fails the baseline at once, not after the 900 s wait.
+  const died = worker.exited.then((code) => Promise.reject(new Error(`the baseline's worker exited (code ${code}):\n${worker.logTail(20)}`)));
+  died.catch(() => undefined);
   const prefix = `bench-noop-${Date.now()}`;
   const started = performance.now();
   const handles = [];
   for (let i = 0; i < count; i++) {
     handles.push(await client.workflow.start<typeof noopRotation>('noopRotation', { taskQueue, workflowId: `${prefix}-${i}`, args: [{ activities }] }));
   }
-  await within(Promise.all(handles.map((h) => h.result())), 900, 'the baseline workflows');
+  await within(Promise.race([Promise.all(handles.map((h) => h.result())), died]), 900, 'the baseline workflows');
   const seconds = (performance.now() - started) / 1000;
   return { workflows: count, activitiesPerWorkflow: activities, seconds, perSecond: count / seconds };
 }

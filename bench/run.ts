@@ -88,6 +88,9 @@ export const HTTP_OPS: Record<HttpOp, Pick<HttpLoad, 'method' | 'body'> & { rout
 
 export async function runBench(options: Partial<BenchOptions> = {}): Promise<Record<string, unknown>> {
   const o: BenchOptions = { ...DEFAULTS, ...options };
+  if (o.baselineWorkflows !== undefined && !(Number.isInteger(o.baselineWorkflows) && o.baselineWorkflows >= 1)) {
+    throw new Error(`--baseline-workflows takes a whole number ≥ 1, not ${o.baselineWorkflows}`);
+  }
   const log = o.log;
   const startedAt = new Date();
   const t0 = performance.now();
@@ -335,7 +338,7 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
         phases,
         target: TARGETS.durationSeconds,
         pass: durationSeconds <= TARGETS.durationSeconds,
-        method: 'wall time from the start to the results (the servers’ stop after it not counted); phases: each part from the end of the one before (rotationSetup stores the batch’s credentials and starts the baseline’s worker)',
+        method: 'wall time from the start to the results (the servers’ stop after it not counted); phases: each part from the end of the one before (rotationSetup stores the batch’s credentials and starts the baseline’s worker; rotationBaseline ends with that worker’s stop)',
       },
       options: { seconds: o.seconds, sliceSeconds: o.sliceSeconds, warmupSeconds: o.warmupSeconds, connections: o.connections, sizes: o.sizes, sweepSizes: o.sweepSizes, sweepPageSize: o.sweepPageSize, rotations: o.rotations, baselineWorkflows: Math.min(o.baselineWorkflows ?? o.rotations, o.rotations) },
       machine: {
@@ -654,10 +657,7 @@ function parseOptions(argv: string[]): Partial<BenchOptions> {
   if (values['sweep-sizes']) opts.sweepSizes = nums(values['sweep-sizes']);
   if (values['sweep-page-size']) opts.sweepPageSize = Number(values['sweep-page-size']);
   if (values.rotations) opts.rotations = Number(values.rotations);
-  if (values['baseline-workflows']) {
-    opts.baselineWorkflows = Number(values['baseline-workflows']);
-    if (!Number.isInteger(opts.baselineWorkflows) || opts.baselineWorkflows < 1) throw new Error(`--baseline-workflows takes a whole number ≥ 1, not '${values['baseline-workflows']}'`);
-  }
+  if (values['baseline-workflows']) opts.baselineWorkflows = Number(values['baseline-workflows']);
   if (values.out) opts.out = path.resolve(values.out);
   return { ...opts, ...serverOptions(values) };
 }
