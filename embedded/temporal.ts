@@ -64,11 +64,13 @@ async function claimTemporalFile(dataDir: string): Promise<() => void> {
     if (createWith(lock, mine)) return release;
     const held = await readLock(lock);
     if (held === undefined) continue; // removed meanwhile
+    if (held === mine) return release; // this process's own
     const [pid, started] = held.split(/\s+/);
     const owner = Number(pid);
-    if (owner === process.pid) return release;
     const sameProcess = started === undefined || startTimeOf(owner) === undefined || startTimeOf(owner) === started;
-    if (owner > 0 && isAlive(owner) && sameProcess) {
+    // This pid with another start time (or none) is a process before this one: before, taken for this
+    // process's own and left as it was, so others read it as stale and could take it over.
+    if (owner !== process.pid && owner > 0 && isAlive(owner) && sameProcess) {
       throw new Error(
         `the embedded Temporal server of ${dataDir} is run by another Mailgent process (pid ${owner}); ` +
           'give this one TEMPORAL_ADDRESS (that server\'s address, in its log) or a DATA_DIR of its own',

@@ -439,6 +439,12 @@ describe('npm start with the embedded defaults', () => {
       await again.stop();
       expect(readFileSync(lock, 'utf8')).toBe(held);
       expect(readdirSync(dir).filter((f) => f.startsWith('temporal.lock'))).toEqual(['temporal.lock']);
+      // This process's pid with another start time (a process of an earlier boot): claimed again as this process's, not kept as it was.
+      writeFileSync(lock, `${process.pid} ${Number(startTimeOf(process.pid)) - 1}`);
+      const third = await startEmbeddedTemporal({ dataDir: dir, namespace: 'default' });
+      expect(readFileSync(lock, 'utf8')).toBe(`${process.pid} ${startTimeOf(process.pid)}`);
+      await third.stop();
+      expect(existsSync(lock)).toBe(false);
     } finally {
       clearTimeout(writer);
       owner.kill('SIGKILL');
