@@ -1,5 +1,6 @@
 import { createHmac, randomBytes, randomUUID } from 'node:crypto';
-import { chmodSync, chownSync, linkSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { chmodSync, chownSync, closeSync, constants, linkSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { once } from 'node:events';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -8,7 +9,7 @@ import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { UnprocessableError } from '../core/errors';
 import { allowOutbound } from '../core/outbound';
 import { checkDependents, createDependents, type Dependent, type DependentTarget } from '../dependents';
-import { readNoFollow, rewriteFile, withEnvFile } from '../dependents/env-file/files';
+import { MAX_ENV_FILE_BYTES, readNoFollow, rewriteFile, withEnvFile } from '../dependents/env-file/files';
 import { verifyWebhookSignature } from '../dependents/webhook';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, TEST_OUTBOUND_ALLOW, type Harness } from './support/harness';
@@ -173,6 +174,39 @@ describe('dependents', () => {
         const file = envFile(content);
         await expect(apply(file, target(6, 'fits-anywhere'))).rejects.toThrow(/could not be written back exactly .* fix the line's quoting first/);
         expect(read(file).toString()).toBe(content);
+      }
+    });
+
+    it('a restore of the value the line already holds changes nothing, even one it could not write (the apply before it refused)', async () => {
+      // A space: no unquoted line can be written with it. Before, the compensation's restore failed ("cannot be written … as unquoted").
+      const value = `kept ${randomBytes(6).toString('hex')}`;
+      const content = `DB_PASSWORD=${value}\nOTHER=1\n`;
+      const file = envFile(content);
+      await expect(apply(file, target(6, `refused-${randomBytes(4).toString('hex')}`))).rejects.toThrow(/could not be written back exactly/);
+      await restore(file, target(5, value));
+      expect(read(file).toString()).toBe(content);
+    });
+
+    it('an env file over 1 MiB is refused unread, and left as it was', async () => {
+      const content = `DB_PASSWORD=old-value\n# ${'x'.repeat(MAX_ENV_FILE_BYTES)}\n`;
+      const file = envFile(content);
+      const err = (await apply(file, target(3, `big-${randomBytes(4).toString('hex')}`)).catch((e: Error) => e)) as Error;
+      expect(err).toBeInstanceOf(UnprocessableError);
+      expect(err.message).toMatch(/^env file app-\d+\.env is refused: it is larger than 1 MiB \(\d+ bytes\)$/);
+      expect(read(file).toString()).toBe(content);
+    });
+
+    it('a FIFO where the file was (swapped in after the check) is refused at once, not waited on', async () => {
+      const fifo = path.join(root, `pipe-${++n}.env`);
+      execFileSync('mkfifo', [fifo]);
+      // Before, the open waited for a writer (for good, holding a thread of libuv's pool): this valve lets a stuck open go after 3 s.
+      const valve = setTimeout(() => closeSync(openSync(fifo, constants.O_WRONLY | constants.O_NONBLOCK)), 3_000);
+      const started = Date.now();
+      try {
+        await expect(readNoFollow(fifo)).rejects.toThrow(/is refused: it is not a regular file/);
+        expect(Date.now() - started).toBeLessThan(2_000);
+      } finally {
+        clearTimeout(valve);
       }
     });
 

@@ -61,11 +61,21 @@ export async function withEnvFile<T>(root: string, file: string, fn: (f: EnvFile
   }
 }
 
+/** An env file larger than this is refused, not read: a rotation reads it whole, and more than once. */
+export const MAX_ENV_FILE_BYTES = 1024 * 1024;
+
+/**
+ * The file's content, opened without following a link and without blocking (a FIFO swapped in
+ * after the check would otherwise hold a thread of libuv's pool for good: every DNS lookup of the
+ * worker waits on that pool), then refused unless it is a regular file of at most 1 MiB.
+ */
 export async function readNoFollow(file: string): Promise<{ content: Buffer; stats: Stats }> {
-  const fh = await open(file, constants.O_RDONLY | constants.O_NOFOLLOW);
+  const fh = await open(file, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
   try {
     const stats = await fh.stat();
-    checkRegular(stats, (why) => new UnprocessableError(`env file ${path.basename(file)} is refused: ${why}`));
+    const refuse = (why: string) => new UnprocessableError(`env file ${path.basename(file)} is refused: ${why}`);
+    checkRegular(stats, refuse);
+    if (stats.size > MAX_ENV_FILE_BYTES) throw refuse(`it is larger than 1 MiB (${stats.size} bytes)`);
     return { content: await fh.readFile(), stats };
   } finally {
     await fh.close();

@@ -46,6 +46,8 @@ async function writeValue(root: string, s: EnvFileSettings, target: DependentTar
   await withEnvFile(root, s.file, (f) => rewriteFile(f, (content) => {
     const lines = splitLines(content);
     const line = findKeyLine(lines, s.key, s.file);
+    // Already there (a restore after an apply that changed nothing, a retry): the line's bytes stay as they are.
+    if (decodeValue(line.raw, line.quote) === target.value) return content;
     const raw = encodeValue(target.value, line.quote);
     if (raw === null) {
       const fits = stylesThatFit(target.value, line.quote);
