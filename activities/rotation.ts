@@ -1,5 +1,5 @@
 import type { Dependent } from '../dependents/types';
-import { UnprocessableError } from '../core/errors';
+import { AppError, KeyIntegrityError, UnprocessableError } from '../core/errors';
 import { registered } from '../core/registry';
 import { DEFAULT_POLICY, type Provider } from '../providers';
 import { DEFAULT_SYMBOLS } from '../providers/generated/schema';
@@ -209,17 +209,30 @@ export function rotationActivities(deps: ActivityDeps) {
       });
     },
 
-    /** Tells the dependents that want to know that the pending version is now current. */
+    /**
+     * Tells the dependents that want to know that the pending version is now current. One that
+     * refuses (a permanent error) does not keep the others from being told: every refusal is
+     * reported together once all were tried (before, the first ended the loop, and the dependents
+     * after it never heard, with nothing saying so). A transient failure is retried as a whole.
+     */
     async dependentsPromoted(ids: RotationIds & { version: number }): Promise<void> {
       return externalStep(async () => {
         const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
         const { dependents } = await planned(ids, meta);
+        const refused: AppError[] = [];
         for (const [index, spec] of dependents.entries()) {
           if (!registered(deps.dependents, spec.type)?.promoted) continue;
           const { dependent, ctx } = await dependentContext(ids, index, { meta, dependents });
           const target = await read(ids, ids.version, `dependent.${index}.promoted`);
-          await heartbeating(() => dependent.promoted!({ ...ctx, target, idempotencyKey: stepKey(ids, 'promoted', index, ids.version) }));
+          try {
+            await heartbeating(() => dependent.promoted!({ ...ctx, target, idempotencyKey: stepKey(ids, 'promoted', index, ids.version) }));
+          } catch (err) {
+            if (!(err instanceof AppError) || err.status === 503 || err instanceof KeyIntegrityError) throw err;
+            refused.push(err);
+          }
         }
+        if (refused.length === 1) throw refused[0];
+        if (refused.length > 1) throw new UnprocessableError(`${refused.length} dependents refused: ${refused.map((err) => err.message).join('; ')}`);
       });
     },
 

@@ -310,6 +310,25 @@ describe('rotation failures', () => {
     expect(notice!.mail.text).toMatch(/Not everything went through:\n- telling the dependents that version 2 is current failed: webhook .* answered 400 to credential\.promoted\n/);
   });
 
+  it('a dependent refusing credential.promoted does not keep the ones after it from hearing it; every refusal is told', async () => {
+    const { name, id, ownerMail } = await generatedKey();
+    const [first, second, third] = [await receiver(), await receiver(), await receiver()];
+    refusing(first, { 'credential.promoted': 400 });
+    refusing(third, { 'credential.promoted': 400 });
+    await setDependents(id, [webhook(first), webhook(second), webhook(third)]);
+
+    const rotationId = await startRotation(name);
+    expect(await runResult(rotationId)).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
+    // Before, the first's refusal ended the step: the second never heard, the third was never tried.
+    for (const r of [first, second, third]) expect(events(r)).toEqual(['credential.pending v2', 'credential.verify v2', 'credential.promoted v2']);
+    const [notice, ...more] = await notices(ownerMail, name);
+    expect(more).toEqual([]);
+    expect(notice!.mail.text).toMatch(
+      /Not everything went through:\n- telling the dependents that version 2 is current failed: 2 dependents refused: webhook http:\/\/127\.0\.0\.1:\d+ answered 400 to credential\.promoted; webhook http:\/\/127\.0\.0\.1:\d+ answered 400 to credential\.promoted\n/,
+    );
+    expect(await revokedVersions(id)).toEqual([1]);
+  });
+
   it('a notice that cannot be sent does not stop the rotation: it goes through grace and a rollback, each refused notice one of its problems', async () => {
     const name = unique('key');
     const ownerMail = `${name}@example.com`;
