@@ -11,7 +11,7 @@ import { withTransaction } from '../db/pool';
 import { startDelivery } from '../mail/outbox';
 import type { ActivityDeps } from './index';
 import { answerUnrotated, UNROTATED_INCIDENT_COLUMNS, type UnrotatedIncident } from './leak-runs';
-import { callingRunId, externalStep, heartbeating, incidentMailId, permanentErrorsFail } from './support';
+import { callingRunId, externalStep, heartbeating, incidentMailId, permanentErrorsFail, progressSoFar, reportProgress } from './support';
 
 export const DEFAULT_MAX_ATTEMPTS = 3;
 
@@ -213,26 +213,39 @@ export function rotationActivities(deps: ActivityDeps) {
      * Tells the dependents that want to know that the pending version is now current. One that
      * refuses (a permanent error) does not keep the others from being told: every refusal is
      * reported together once all were tried (before, the first ended the loop, and the dependents
-     * after it never heard, with nothing saying so). A transient failure is retried as a whole.
+     * after it never heard, with nothing saying so). The dependents done so far ride on the step's
+     * heartbeats, so a retry (a transient failure, a dead worker, an attempt out of time: twenty
+     * webhooks at their 60 s timeout outlast one attempt) goes on from the first not done instead of
+     * telling every one again from the start.
      */
     async dependentsPromoted(ids: RotationIds & { version: number }): Promise<void> {
       return externalStep(async () => {
         const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
         const { dependents } = await planned(ids, meta);
-        const refused: AppError[] = [];
-        for (const [index, spec] of dependents.entries()) {
-          if (!registered(deps.dependents, spec.type)?.promoted) continue;
+        const before = progressSoFar<{ version?: number; done?: number[]; refused?: string[] }>();
+        const sameStep = before?.version === ids.version;
+        const done = new Set<number>(sameStep ? (before?.done ?? []) : []);
+        const refused: string[] = sameStep ? [...(before?.refused ?? [])] : [];
+        let first: AppError | undefined;
+        reportProgress(() => ({ version: ids.version, done: [...done], refused }));
+        const wanted = [...dependents.entries()].filter(([, spec]) => registered(deps.dependents, spec.type)?.promoted);
+        for (const [position, [index]] of wanted.entries()) {
+          if (done.has(index)) continue;
           const { dependent, ctx } = await dependentContext(ids, index, { meta, dependents });
           const target = await read(ids, ids.version, `dependent.${index}.promoted`);
           try {
             await heartbeating(() => dependent.promoted!({ ...ctx, target, idempotencyKey: stepKey(ids, 'promoted', index, ids.version) }));
           } catch (err) {
             if (!(err instanceof AppError) || err.status === 503 || err instanceof KeyIntegrityError) throw err;
-            refused.push(err);
+            first ??= err;
+            refused.push(err.message);
           }
+          done.add(index);
+          // Recorded at once while others wait their turn (after the last, the step's end says it).
+          if (position < wanted.length - 1) reportProgress(() => ({ version: ids.version, done: [...done], refused }), true);
         }
-        if (refused.length === 1) throw refused[0];
-        if (refused.length > 1) throw new UnprocessableError(`${refused.length} dependents refused: ${refused.map((err) => err.message).join('; ')}`);
+        if (refused.length === 1) throw first ?? new UnprocessableError(refused[0]!);
+        if (refused.length > 1) throw new UnprocessableError(`${refused.length} dependents refused: ${refused.join('; ')}`);
       });
     },
 

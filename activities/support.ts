@@ -55,11 +55,39 @@ export async function heartbeating<T>(fn: () => Promise<T>): Promise<T> {
     return fn();
   }
   const active = ctx;
-  const timer = setInterval(() => active.heartbeat(), 2_000);
+  const timer = setInterval(() => active.heartbeat(progressOf.get(active)?.()), 2_000);
   try {
     return await fn();
   } finally {
     clearInterval(timer);
+  }
+}
+
+/** What each activity's heartbeats carry (reportProgress); a heartbeat without it would erase it. */
+const progressOf = new WeakMap<Context, () => unknown>();
+
+/**
+ * From now on the calling activity's heartbeats carry `progress()`, and with `now` one is sent at
+ * once (the SDK throttles it): a retry of the step reads the last one back (`progressSoFar`) and
+ * skips what was done. Outside an activity, nothing.
+ */
+export function reportProgress(progress: () => unknown, now = false): void {
+  let ctx: Context;
+  try {
+    ctx = Context.current();
+  } catch {
+    return;
+  }
+  progressOf.set(ctx, progress);
+  if (now) ctx.heartbeat(progress());
+}
+
+/** The progress the last attempt of this step reported (undefined on a first attempt, or outside an activity). */
+export function progressSoFar<T>(): T | undefined {
+  try {
+    return (Context.current().info.heartbeatDetails as T | undefined) ?? undefined;
+  } catch {
+    return undefined;
   }
 }
 
@@ -120,7 +148,8 @@ export function warn(message: string, attrs: Record<string, unknown>): void {
 /** Tells Temporal a long activity is alive; a no-op outside an activity (direct calls in tests). */
 export function heartbeat(details?: unknown): void {
   try {
-    Context.current().heartbeat(details);
+    const ctx = Context.current();
+    ctx.heartbeat(details ?? progressOf.get(ctx)?.());
   } catch {
     // Not in an activity.
   }

@@ -329,6 +329,25 @@ describe('rotation failures', () => {
     expect(await revokedVersions(id)).toEqual([1]);
   });
 
+  it('a retry of credential.promoted goes on from the dependent that failed, not from the first', async () => {
+    const { name, id } = await generatedKey();
+    const [first, second, third] = [await receiver(), await receiver(), await receiver()];
+    // The second is down for its first credential.promoted (a 503: the step is retried).
+    let promotedAtSecond = 0;
+    second.onEvent = async ({ event }) => {
+      second.failWith = event.type === 'credential.promoted' && ++promotedAtSecond === 1 ? 503 : null;
+    };
+    await setDependents(id, [webhook(first), webhook(second), webhook(third)]);
+
+    const rotationId = await startRotation(name);
+    expect(await runResult(rotationId)).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
+    const promoted = (r: WebhookReceiver) => r.events.filter((e) => e.event.type === 'credential.promoted').length;
+    // Before, the retry told the first again (same id, but a second delivery all the same).
+    expect([promoted(first), promoted(second), promoted(third)]).toEqual([1, 2, 1]);
+    const done = await waitForState(rotationId, ['succeeded']);
+    expect(done.credentials[0]).toMatchObject({ state: 'succeeded', outcome: 'rotated' });
+  });
+
   it('a notice that cannot be sent does not stop the rotation: it goes through grace and a rollback, each refused notice one of its problems', async () => {
     const name = unique('key');
     const ownerMail = `${name}@example.com`;
