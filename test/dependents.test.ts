@@ -1,6 +1,6 @@
 import { createHmac, randomBytes, randomUUID } from 'node:crypto';
 import { execFileSync } from 'node:child_process';
-import { chmodSync, chownSync, closeSync, constants, linkSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, closeSync, constants, existsSync, linkSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import { once } from 'node:events';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -185,6 +185,18 @@ describe('dependents', () => {
       await expect(apply(file, target(6, `refused-${randomBytes(4).toString('hex')}`))).rejects.toThrow(/could not be written back exactly/);
       await restore(file, target(5, value));
       expect(read(file).toString()).toBe(content);
+    });
+
+    it('a temp file a killed write left (holding the value it wrote) is removed by the next write once 10 s old; a younger one is left to its writer', async () => {
+      const file = envFile('DB_PASSWORD=orig-left\n');
+      const old = path.join(root, `.${file}.${'a1'.repeat(6)}.tmp`);
+      const young = path.join(root, `.${file}.${'b2'.repeat(6)}.tmp`);
+      const others = path.join(root, `.x${file}.${'c3'.repeat(6)}.tmp`); // another file's
+      for (const f of [old, young, others]) writeFileSync(f, 'DB_PASSWORD=left-behind\n', { mode: 0o600 });
+      const past = new Date(Date.now() - 60_000);
+      for (const f of [old, others]) utimesSync(f, past, past);
+      await apply(file, target(2, `after-leftover-${randomBytes(4).toString('hex')}`));
+      expect([existsSync(old), existsSync(young), existsSync(others)]).toEqual([false, true, true]);
     });
 
     it('an env file over 1 MiB is refused unread, and left as it was', async () => {

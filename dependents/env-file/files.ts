@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { constants, existsSync, type Stats } from 'node:fs';
-import { type FileHandle, lstat, open, realpath, rename, rm } from 'node:fs/promises';
+import { type FileHandle, lstat, open, readdir, realpath, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { UnprocessableError } from '../../core/errors';
 
@@ -91,6 +91,7 @@ export async function readNoFollow(file: string): Promise<{ content: Buffer; sta
 export async function rewriteFile(envFile: EnvFile, edit: (content: Buffer) => Buffer): Promise<void> {
   const file = envFile.path;
   await serialized(envFile.key, async () => {
+    await removeLeftovers(file);
     for (let attempt = 0; attempt < 5; attempt++) {
       const { content, stats } = await readNoFollow(file);
       const next = edit(content);
@@ -108,6 +109,27 @@ export async function rewriteFile(envFile: EnvFile, edit: (content: Buffer) => B
     }
     throw new Error(`env file ${path.basename(file)} kept changing while it was being written`);
   });
+}
+
+/** How old a temp file of this file must be before a write takes it for a leftover (see removeLeftovers). */
+export const LEFTOVER_AGE_MS = 10_000;
+
+/**
+ * Temp files of `file` that a worker killed between writing one and renaming it left behind: each
+ * holds a whole file, the value it was writing included, and nothing else ever removes it. A write
+ * removes those older than 10 s (a retry after a worker's death comes later than that: the
+ * heartbeat timeout); a younger one may be another process's write in progress, whose rename it
+ * would break.
+ */
+async function removeLeftovers(file: string): Promise<void> {
+  const dir = path.dirname(file);
+  const base = path.basename(file).replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+  const temp = new RegExp(`^\\.${base}\\.[0-9a-f]{12}\\.tmp$`);
+  for (const name of await readdir(dir)) {
+    if (!temp.test(name)) continue;
+    const stats = await lstat(path.join(dir, name)).catch(() => undefined);
+    if (stats?.isFile() && Date.now() - stats.mtimeMs > LEFTOVER_AGE_MS) await rm(path.join(dir, name), { force: true });
+  }
 }
 
 async function writeTemp(file: string, content: Buffer, stats: Stats): Promise<string> {
