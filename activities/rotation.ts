@@ -219,15 +219,19 @@ export function rotationActivities(deps: ActivityDeps) {
      * telling every one again from the start.
      */
     async dependentsPromoted(ids: RotationIds & { version: number }): Promise<void> {
+      // Outside the step's body: a database outage waited out reruns the body within the attempt,
+      // and it must go on from where it was, not from the attempt's start. Reported before the first
+      // wait, so no heartbeat of this attempt carries less than the last attempt's.
+      const before = progressSoFar<{ version?: number; done?: number[]; refused?: string[] }>();
+      const sameStep = before?.version === ids.version;
+      const done = new Set<number>(sameStep ? (before?.done ?? []) : []);
+      const refused: string[] = sameStep ? [...(before?.refused ?? [])] : [];
+      let first: AppError | undefined;
+      const progress = () => ({ version: ids.version, done: [...done], refused });
+      reportProgress(progress);
       return externalStep(async () => {
         const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
         const { dependents } = await planned(ids, meta);
-        const before = progressSoFar<{ version?: number; done?: number[]; refused?: string[] }>();
-        const sameStep = before?.version === ids.version;
-        const done = new Set<number>(sameStep ? (before?.done ?? []) : []);
-        const refused: string[] = sameStep ? [...(before?.refused ?? [])] : [];
-        let first: AppError | undefined;
-        reportProgress(() => ({ version: ids.version, done: [...done], refused }));
         const wanted = [...dependents.entries()].filter(([, spec]) => registered(deps.dependents, spec.type)?.promoted);
         for (const [position, [index]] of wanted.entries()) {
           if (done.has(index)) continue;
@@ -241,9 +245,10 @@ export function rotationActivities(deps: ActivityDeps) {
             refused.push(err.message);
           }
           done.add(index);
-          // Recorded at once while others wait their turn (after the last, the step's end says it).
-          if (position < wanted.length - 1) reportProgress(() => ({ version: ids.version, done: [...done], refused }), true);
+          // Sent now while others wait their turn (the SDK may hold it a few seconds; after the last, the step's end says it).
+          if (position < wanted.length - 1) reportProgress(progress, true);
         }
+        // One refusal keeps its error (from an earlier attempt, its message).
         if (refused.length === 1) throw first ?? new UnprocessableError(refused[0]!);
         if (refused.length > 1) throw new UnprocessableError(`${refused.length} dependents refused: ${refused.join('; ')}`);
       });

@@ -75,8 +75,20 @@ export async function readNoFollow(file: string): Promise<{ content: Buffer; sta
     const stats = await fh.stat();
     const refuse = (why: string) => new UnprocessableError(`env file ${path.basename(file)} is refused: ${why}`);
     checkRegular(stats, refuse);
-    if (stats.size > MAX_ENV_FILE_BYTES) throw refuse(`it is larger than 1 MiB (${stats.size} bytes)`);
-    return { content: await fh.readFile(), stats };
+    const tooLarge = (size: number) => refuse(`it is larger than 1 MiB (${size} bytes)`);
+    if (stats.size > MAX_ENV_FILE_BYTES) throw tooLarge(stats.size);
+    // Read to its end, but no further than the limit: it may have grown since the stat.
+    const chunks: Buffer[] = [];
+    let total = 0;
+    for (;;) {
+      const chunk = Buffer.alloc(64 * 1024);
+      const { bytesRead } = await fh.read(chunk, 0, chunk.length, total);
+      if (bytesRead === 0) break;
+      chunks.push(chunk.subarray(0, bytesRead));
+      total += bytesRead;
+      if (total > MAX_ENV_FILE_BYTES) throw tooLarge(Math.max(total, (await fh.stat()).size));
+    }
+    return { content: Buffer.concat(chunks, total), stats };
   } finally {
     await fh.close();
   }
@@ -125,10 +137,13 @@ async function removeLeftovers(file: string): Promise<void> {
   const dir = path.dirname(file);
   const base = path.basename(file).replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
   const temp = new RegExp(`^\\.${base}\\.[0-9a-f]{12}\\.tmp$`);
-  for (const name of await readdir(dir)) {
+  // Best effort: a directory the worker may write but not list, or a leftover it may not remove
+  // (another user's, in a sticky directory), must not stop the write itself.
+  const names = await readdir(dir).catch(() => [] as string[]);
+  for (const name of names) {
     if (!temp.test(name)) continue;
     const stats = await lstat(path.join(dir, name)).catch(() => undefined);
-    if (stats?.isFile() && Date.now() - stats.mtimeMs > LEFTOVER_AGE_MS) await rm(path.join(dir, name), { force: true });
+    if (stats?.isFile() && Date.now() - stats.mtimeMs > LEFTOVER_AGE_MS) await rm(path.join(dir, name), { force: true }).catch(() => undefined);
   }
 }
 
