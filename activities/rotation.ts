@@ -1,5 +1,5 @@
 import type { Dependent } from '../dependents/types';
-import { AppError, KeyIntegrityError, UnprocessableError } from '../core/errors';
+import { type AppError, UnprocessableError } from '../core/errors';
 import { registered } from '../core/registry';
 import { DEFAULT_POLICY, type Provider } from '../providers';
 import { DEFAULT_SYMBOLS } from '../providers/generated/schema';
@@ -11,7 +11,7 @@ import { withTransaction } from '../db/pool';
 import { startDelivery } from '../mail/outbox';
 import type { ActivityDeps } from './index';
 import { answerUnrotated, UNROTATED_INCIDENT_COLUMNS, type UnrotatedIncident } from './leak-runs';
-import { callingRunId, externalStep, heartbeating, incidentMailId, permanentErrorsFail, progressSoFar, reportProgress } from './support';
+import { callingRunId, externalStep, heartbeating, incidentMailId, isRefusal, permanentErrorsFail, progressSoFar, reportProgress } from './support';
 
 export const DEFAULT_MAX_ATTEMPTS = 3;
 
@@ -240,7 +240,7 @@ export function rotationActivities(deps: ActivityDeps) {
           try {
             await heartbeating(() => dependent.promoted!({ ...ctx, target, idempotencyKey: stepKey(ids, 'promoted', index, ids.version) }));
           } catch (err) {
-            if (!(err instanceof AppError) || err.status === 503 || err instanceof KeyIntegrityError) throw err;
+            if (!isRefusal(err)) throw err;
             first ??= err;
             refused.push(err.message);
           }

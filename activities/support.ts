@@ -17,6 +17,11 @@ export function logKeyFailure(err: Error): void {
   }
 }
 
+/** An error no retry mends (the service's own answer, not "unavailable"), other than a key failure (handled apart: its message names key ids). */
+export function isRefusal(err: unknown): err is AppError {
+  return err instanceof AppError && err.status !== 503 && !(err instanceof KeyIntegrityError);
+}
+
 /** Our own 4xx and integrity errors will not heal by retrying: fail the activity for good. */
 export async function permanentErrorsFail<T>(fn: () => Promise<T>): Promise<T> {
   try {
@@ -27,7 +32,7 @@ export async function permanentErrorsFail<T>(fn: () => Promise<T>): Promise<T> {
       logKeyFailure(err);
       throw ApplicationFailure.create({ type: err.slug, message: KEY_FAILED, nonRetryable: true });
     }
-    if (err instanceof AppError && err.status !== 503) {
+    if (isRefusal(err)) {
       // The error's fields (ids and versions, never a value: a version conflict's current version)
       // go along as details, for the workflow to act on.
       const details = Object.keys(err.extra).length > 0 ? [err.extra] : undefined;

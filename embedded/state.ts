@@ -1,8 +1,9 @@
-import { existsSync, linkSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { ADMIN_TOKEN_CHARS, ConfigError } from '../core/config';
 import { newToken } from '../vault/identities';
 import { generateMasterKey, masterKeyId, writeKeyringFile } from '../vault/keyring';
+import { placeOnce } from './place-once';
 
 /** Secrets the embedded mode generates once into DATA_DIR (mode 0600) and reuses on every start. */
 
@@ -23,25 +24,6 @@ export function ensureKeyringFile(dataDir: string): string {
     placeOnce(file, (made) => writeKeyringFile(made, [{ id: masterKeyId(key), key }], masterKeyId(key)));
   }
   return file;
-}
-
-/**
- * Writes a file aside (`write` gets the temporary path) and links it into place, which fails if
- * the file exists: of processes racing to make it, one wins whole and the others keep its file.
- * True if this call placed it.
- */
-export function placeOnce(file: string, write: (made: string) => void): boolean {
-  const made = `${file}.${process.pid}.new`;
-  write(made);
-  try {
-    linkSync(made, file);
-    return true;
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'EEXIST') return false;
-    throw err;
-  } finally {
-    rmSync(made, { force: true });
-  }
 }
 
 export function adminTokenPath(dataDir: string): string {

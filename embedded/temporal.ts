@@ -1,10 +1,11 @@
 import { randomBytes } from 'node:crypto';
-import { linkSync, lstatSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { lstatSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { Connection } from '@temporalio/client';
 import type { Logger } from '../core/logger';
 import { isAlive, startChild, waitUntilReady } from './child';
 import { freePort, withFreshPorts } from './ports';
+import { placeOnce } from './place-once';
 import { cacheDir, findTemporalCli } from './temporal-cli';
 
 /**
@@ -81,35 +82,9 @@ async function claimTemporalFile(dataDir: string): Promise<() => void> {
   throw new Error(`could not claim ${lock}: another process was taking over its stale lock all along (${lock}.break); start again`);
 }
 
-/** Creates `file` holding `content`, or returns false if it exists; it never exists empty. */
+/** Creates `file` holding `content`, or returns false if it exists; it never exists empty (placeOnce). */
 function createWith(file: string, content: string): boolean {
-  const beside = `${file}.${process.pid}.${randomBytes(4).toString('hex')}`;
-  try {
-    writeFileSync(beside, content, { flag: 'wx' });
-  } catch (err) {
-    rmSync(beside, { force: true }); // a write that failed part-way (a full disk) leaves nothing
-    throw err;
-  }
-  try {
-    linkSync(beside, file);
-    return true;
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'EEXIST') return false;
-    // A file system without hard links: create and write, as before.
-    if (code === 'EPERM' || code === 'ENOTSUP' || code === 'EOPNOTSUPP' || code === 'ENOSYS') {
-      try {
-        writeFileSync(file, content, { flag: 'wx' });
-        return true;
-      } catch (again) {
-        if ((again as NodeJS.ErrnoException).code === 'EEXIST') return false;
-        throw again;
-      }
-    }
-    throw err;
-  } finally {
-    rmSync(beside, { force: true });
-  }
+  return placeOnce(file, (made) => writeFileSync(made, content, { flag: 'wx' }));
 }
 
 /** The lock's content, read again while it is empty (for up to a second); undefined once it is gone. */
