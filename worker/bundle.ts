@@ -8,6 +8,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
 import { bundleWorkflowCode } from '@temporalio/worker';
 import { ConfigError } from '../core/defaults';
+import { HelperInterrupted, isStopSignal } from '../core/helper-interrupted';
 import { FAILURE_CONVERTER_PATH } from '../vault/payload-codec';
 
 export const WORKFLOWS_PATH = fileURLToPath(new URL('../workflows/index.ts', import.meta.url));
@@ -29,6 +30,10 @@ export async function bundleInChild(): Promise<{ codePath: string; remove(): voi
     });
   } catch (err) {
     rmSync(dir, { recursive: true, force: true });
+    // Ended by Ctrl-C (which signals the service's process group, this child too) or a SIGTERM:
+    // start-up interrupted, if the service took the signal too (cli/serve.ts), not a failed bundle.
+    const signal = (err as { signal?: unknown }).signal;
+    if (isStopSignal(signal)) throw new HelperInterrupted("the workflows' bundler", signal, { cause: err });
     const stderr = String((err as { stderr?: string }).stderr ?? '').trim();
     throw new Error(`bundling the workflows failed${stderr ? `: ${stderr.split('\n').slice(-5).join(' ')}` : ''}`, { cause: err });
   }
