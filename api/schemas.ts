@@ -27,6 +27,18 @@ const credentialName = z
 // a name, so it must be taken as an id (a 404 if there is none), as it is in a path.
 const credentialId = z.guid('must be a credential id (UUID)');
 /**
+ * A credential named by its id or by its name in one string, where it may be gone (an audit trail
+ * outlives its credential): an id's form, or a name of the form vault.store takes. Anything else
+ * names no credential there could ever have been: a 400 (as a malformed name is to vault.get), never
+ * looked up, and never written into the audit log (it was, verbatim: control characters, a value
+ * pasted by mistake).
+ */
+const credentialRef = z.string().superRefine((s, ctx) => {
+  if (isUuid(s)) return;
+  const asName = credentialName.safeParse(s);
+  if (!asName.success) ctx.addIssue({ code: 'custom', message: `must be a credential id (UUID) or name: ${asName.error.issues[0]!.message}` });
+});
+/**
  * An RFC 3339 date-time PostgreSQL can store: from the year 1 (UTC) on, with an offset of at most
  * 15 hours. `0000-…` is valid ISO 8601 (1 BC) and `+16:00` a valid RFC 3339 offset, but neither is a
  * timestamptz input: each would otherwise fail as a 500 after validation. Nor past the year 9999
@@ -234,7 +246,7 @@ export const chainQuery = z.strictObject({
 });
 
 export const auditQuery = z.strictObject({
-  credential: z.string().min(1).max(200).optional(),
+  credential: credentialRef.optional(),
   since: dateTime.optional(),
   after: queryInt(z.number().int().min(0)).optional(),
   limit: queryInt(z.number().int().min(1).max(1000).default(100)),

@@ -274,9 +274,11 @@ describe('bad input', () => {
     expectProblem(await h.api('POST', `/v1/rotations/${dashes}/rollback`, { token: agent.token }), 404, 'not-found');
     expectProblem(await h.api('DELETE', `/v1/grants/${dashes}`, { token: agent.token }), 404, 'not-found');
     expectProblem(await h.api('PATCH', `/v1/identities/${dashes}`, { token: h.adminToken, body: { mcpMasking: false } }), 404, 'not-found');
+    // Nor a credential's name (it starts with no letter or digit): a 400, as any reference of neither
+    // form is now (it was a 200 with no items, the text written into the caller's denied row).
     const audit = await h.api('GET', `/v1/audit?credential=${dashes}`, { token: h.adminToken });
-    expect(audit.status).toBe(200);
-    expect(audit.body.items).toEqual([]);
+    expectProblem(audit, 400, 'validation-failed');
+    expect(audit.body.errors.map((e: { path: string }) => e.path)).toEqual(['credential']);
   });
 
   it('a name shaped like a UUID is refused (a path segment of that shape names a credential by id)', async () => {

@@ -31,7 +31,10 @@ export function auditRoutes(auth: AuthDeps, deps: { pool: Pool; vault: Vault }):
         found = await deps.vault.resolveForAudit(identity?.id ?? null, query.credential);
         credentialId = found ?? (!identity && isUuid(query.credential) ? query.credential : '00000000-0000-0000-0000-000000000000');
         // The answer does not tell another identity's credential from none, but the log does: an
-        // identity probing ids or names against others' trails leaves a denied row for each try.
+        // identity probing ids or names against others' trails leaves a denied row for each try,
+        // naming what it tried: an id or a name of a credential's form (auditQuery refuses anything
+        // else with a 400, its row saying only that; before, any text up to 200 characters was
+        // written here as given, control characters and a value pasted by mistake included).
         if (!found && identity) {
           await appendAudit(deps.pool, { ...caller, action: 'audit.list', outcome: 'denied', detail: { credential: query.credential, error: 'not-found' } });
         }
