@@ -5,6 +5,7 @@ import { abandonMail, queueMail, startDelivery } from '../mail/outbox';
 import { appendAudit } from '../vault/audit';
 import { leakSignal } from '../workflows/definitions';
 import type { rotateCredential } from '../workflows/rotate-credential';
+import type { RotationIds } from '../workflows/types';
 import type { ActivityDeps } from './index';
 import { heartbeat, incidentMailId, stableUuid, warn } from './support';
 
@@ -235,6 +236,53 @@ const RESUMED_PER_SWEEP = 200;
 
 export function leakActivities(deps: ActivityDeps) {
   return {
+    /**
+     * Whether the credential is rotated now: not deleted (nor destroyed), and with a rotation policy.
+     * A run asks before it rotates the credential again for a leak (see UNROTATED_LEAKS_TOLD): a run
+     * started for one that is not would fail at its plan. `current`: its current version (null: no
+     * such credential).
+     */
+    async rotatedNow(ids: RotationIds): Promise<{ rotated: boolean; current: number | null }> {
+      const { rows } = await deps.pool.query(
+        `SELECT current_version, deleted_at IS NULL AND destroyed_at IS NULL AND rotation IS NOT NULL AS rotated
+           FROM credentials WHERE id = $1 AND identity_id = $2`,
+        [ids.credentialId, ids.identityId],
+      );
+      return { rotated: rows[0]?.rotated === true, current: (rows[0]?.current_version as number | undefined) ?? null };
+    },
+
+    /**
+     * Tells of the leaked `versions` (the current one if none) that are still live, of a credential
+     * that is not rotated now (rotatedNow), as a report of them now would (queueUnrotatedNotice: the
+     * security contacts, the owners and the identity; a deleted credential's "revoke it by hand, or
+     * restore it and report again"), each handed to its delivery: the run that heard of them cannot
+     * answer them by rotating again. Once per version (and deletion), however often it is asked.
+     * The report named is the latest of the incidents the run heard (`heard`).
+     */
+    async tellUnrotatedLeaks(ids: RotationIds & { versions: number[]; heard: string[] }): Promise<{ told: number[] }> {
+      const { rows } = await deps.pool.query(
+        `SELECT v.version, c.deleted_at IS NOT NULL OR c.destroyed_at IS NOT NULL AS deleted
+           FROM credentials c JOIN secret_versions v ON v.credential_id = c.id
+          WHERE c.id = $1 AND c.identity_id = $2 AND v.revoked_at IS NULL
+            AND (v.version = ANY($3::int[]) OR (cardinality($3::int[]) = 0 AND v.version = c.current_version))
+          ORDER BY v.version`,
+        [ids.credentialId, ids.identityId, ids.versions],
+      );
+      if (rows.length === 0) return { told: [] };
+      const reported = await deps.pool.query(
+        `SELECT source FROM leak_incidents WHERE credential_id = $1 ORDER BY (id::text = ANY($2::text[])) DESC, opened_at DESC LIMIT 1`,
+        [ids.credentialId, ids.heard],
+      );
+      const source = (reported.rows[0]?.source as string | undefined) ?? 'an earlier report';
+      for (const { version, deleted } of rows) {
+        heartbeat();
+        const t = { credentialId: ids.credentialId, identityId: ids.identityId, version: version as number, deleted: deleted as boolean };
+        const mailId = await queueUnrotatedNotice(deps, t, { source }, `workflow:${ids.workflowId}`);
+        if (mailId && deps.temporal) await startDelivery(deps.pool, deps.temporal, mailId);
+      }
+      return { told: rows.map((r) => r.version as number) };
+    },
+
     /**
      * Open leak incidents whose rotation was never started: their report's process died (or lost
      * Temporal) between the incident's commit and the start, and its reporter, told nothing or told

@@ -264,17 +264,26 @@ const SUBJECTS: Record<RotationNotice['outcome'], (name: string) => string> = {
   superseded: (name) => `[mailgent] ACTION NEEDED: the rotated value of ${name} was replaced; its dependents still have it`,
 };
 
-export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMeta, 'name' | 'kind' | 'nextRotationAt' | 'version'>, reason: string | null) {
+export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMeta, 'name' | 'kind' | 'nextRotationAt' | 'version'> & { deletedAt?: string | null }, reason: string | null) {
   const what = `the ${meta.kind} credential '${meta.name}'`;
   const problems = n.problems ?? [];
   const listed = problems.map((p) => `- ${p}`);
   // A failed or cancelled leak rotation leaves the leaked value working: the security contacts must
-  // hear that (unless the run rotates again, as a cancelled one that heard of a leak does).
+  // hear that (unless the run rotates again, as a cancelled one that heard of a leak does). A
+  // credential deleted while it ran is not rotated again (its next step refused it, or the run did
+  // not rotate it again): before, the notice told them to rotate it again, which it cannot be.
   const stillLeaked = n.rotatingAgain
     ? ['', 'A leak of this credential was reported, and a cancel does not stop the answer to it: it is being rotated again now, in leak mode.', 'You will get a notice when that rotation has finished.']
-    : n.mode === 'leak'
-      ? ['', 'A leak of this credential was reported and the rotation did not replace it: the leaked value still works.', 'Rotate it again, or revoke it at the provider by hand.']
-      : [];
+    : n.mode === 'leak' && meta.deletedAt
+      ? [
+          '',
+          'A leak of this credential was reported, but the credential was deleted while it was being rotated:',
+          'Mailgent does not rotate a deleted credential, so the leaked value was not replaced and still works where it was issued.',
+          `Revoke it there by hand, or restore the credential (POST /v1/credentials/${n.credentialId}/restore) and report the leak again to have it rotated.`,
+        ]
+      : n.mode === 'leak'
+        ? ['', 'A leak of this credential was reported and the rotation did not replace it: the leaked value still works.', 'Rotate it again, or revoke it at the provider by hand.']
+        : [];
   const body: Record<RotationNotice['outcome'], string[]> = {
     rotated: [
       `${cap(what)} was rotated${n.mode === 'leak' ? ' because a leak was reported' : ''}.`,

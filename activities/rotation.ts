@@ -139,11 +139,25 @@ export function rotationActivities(deps: ActivityDeps) {
     /**
      * Compensation for attempt n: the provider forgets whatever that attempt's create made (current
      * keeps working) and the vault drops the pending label. Runs even when create failed, because
-     * the provider may have acted before the step failed.
+     * the provider may have acted before the step failed; not when its create never reached the
+     * provider (below).
      */
     async discardAttempt(ids: RotationIds & { attempt: number; current: number }): Promise<void> {
       return permanentErrorsFail(async () => {
-        const staged = await deps.rotations.findStaged(ids.credentialId, stepKey(ids, 'create', ids.attempt));
+        const createKey = stepKey(ids, 'create', ids.attempt);
+        const staged = await deps.rotations.findStaged(ids.credentialId, createKey);
+        if (!staged) {
+          // An attempt whose create never reached the provider (refused before it was sent: a cancel
+          // that came first, a credential deleted meanwhile) left nothing there to undo, and nothing
+          // staged: the provider is not called, nor a value read for it. Before, it was asked to put
+          // "back" a value it had never left (a single PostgreSQL role's password set again): with
+          // the provider unreachable then, or the admin credential gone, the undo failed (retried for
+          // the compensation's hour), and a run that had changed nothing ended half-undone. Given up
+          // first: a create of this attempt still running (late: its undo came first) then sends
+          // nothing when it gets that far (see giveUpCreate).
+          await deps.rotations.giveUpCreate(caller(ids), ids.credentialId, createKey);
+          if (!(await deps.rotations.createMayHaveRun(ids.credentialId, ids.rotationId, createKey))) return;
+        }
         const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
         const policy = (await planned(ids, meta)).policy ?? DEFAULT_POLICY;
         const provider = registered(deps.providers, policy.provider);
@@ -151,23 +165,15 @@ export function rotationActivities(deps: ActivityDeps) {
           const ctx = await providerContext(ids, meta, provider, policy.settings);
           const pending = staged ? await read(ids, staged.version, 'provider.discard') : undefined;
           const idempotencyKey = stepKey(ids, 'discard', ids.attempt);
-          // An attempt whose create never reached the provider (refused before it was sent: a cancel
-          // that came first, a credential deleted meanwhile) left nothing there to find: a create
-          // sent now under its key, to learn what it made, would make a key.
-          const createKey = stepKey(ids, 'create', ids.attempt);
-          let sent = staged !== undefined;
-          if (!sent) {
-            await deps.rotations.giveUpCreate(caller(ids), ids.credentialId, createKey);
-            sent = await deps.rotations.createMayHaveRun(ids.credentialId, ids.rotationId, createKey);
-          }
           // Put back on `current` (the version the attempt's create read, or the one a refused
           // promote named), known only for a create that staged its version. One that did not (it
-          // failed, or was never sent) puts the provider on the vault's current version now: the
-          // workflow knew only the version current when the rotation planned, and a value stored
-          // since (between two attempts, say) is what consumers use.
+          // was sent and failed, its answer lost, say: `createKey` lets the provider find what it may
+          // have made) puts the provider on the vault's current version now: the workflow knew only
+          // the version current when the rotation planned, and a value stored since (between two
+          // attempts, say) is what consumers use.
           const currentVersion = staged ? storedSince(ids.current, meta.version, staged.version) : meta.version;
           await heartbeating(async () => {
-            if (provider.discard) await provider.discard({ ...ctx, pending, current: await read(ids, currentVersion, 'provider.discard'), idempotencyKey, ...(sent ? { createKey } : {}) });
+            if (provider.discard) await provider.discard({ ...ctx, pending, current: await read(ids, currentVersion, 'provider.discard'), idempotencyKey, createKey });
             else if (pending) await provider.revoke({ ...ctx, secret: pending, idempotencyKey });
           });
           if (staged) await deps.rotations.markRevoked(caller(ids), ids.credentialId, staged.version);

@@ -905,6 +905,34 @@ describe('POST /v1/leaks', () => {
     await h.client.workflow.getHandle(`rotate:${id}`).terminate('the test ends the grace period (an hour)');
   });
 
+  it("a leak of the current value of a credential deleted during its rotation's grace period is told as not rotated (deleted), not as a failed rotation: the run revokes the previous value and succeeds", async () => {
+    const owner = `owner-${randomUUID().slice(0, 8)}@example.com`;
+    const name = 'deleted-grace-current-leak';
+    const id = await deletedInGrace(name, 'sk_deleted_grace_current_0001', 1, { owners: [owner] });
+    // By name: the current version, v2, the one the running rotation made.
+    const report = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: name, source: 'paste-site-scan' } });
+    expect(report.body.results).toMatchObject([{ credentialId: id, version: 2, action: 'rotating' }]);
+
+    // Before: the run revoked v1, then continued as new in leak mode to rotate v2; that run failed at
+    // its plan ("is deleted; it is not rotated"), the credential was marked rotation_failed, and the
+    // owners and the security contacts got "Rotation FAILED … Rotate it again" (which a deleted credential cannot be).
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', leakReported: true, fromVersion: 1, toVersion: 2 });
+    expect(await revokedVersions(id)).toEqual([1]);
+    expect(await rotationsOf(id)).toBe(1);
+    expect((await h.sql('SELECT outcome FROM run_outcomes WHERE credential_id = $1', [id])).rows).toEqual([{ outcome: 'rotated' }]);
+    expect((await h.sql('SELECT status, current_version FROM credentials WHERE id = $1', [id])).rows).toEqual([{ status: 'active', current_version: 2 }]);
+    expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
+    // The leak of v2 is told as a report of it now would tell it: deleted, so not rotated; revoke it by hand, or restore and report again.
+    const told = await onlyEmail(`[mailgent] SECURITY: leak reported for ${name} (deleted; not rotated)`);
+    expect(recipients(told.mail)).toEqual(expect.arrayContaining([security, owner]));
+    expect(told.mail.text).toContain('(version 2) was reported by paste-site-scan');
+    expect(told.mail.text).toContain(`POST /v1/credentials/${id}/restore`);
+    await new Promise((r) => setTimeout(r, 1_000));
+    const subjects = (await readMailbox()).filter((m) => recipients(m.mail).includes(owner)).map((m) => m.mail.subject);
+    expect(subjects.filter((s) => s?.includes('FAILED'))).toEqual([]);
+    expect(subjects.filter((s) => s === `[mailgent] Rotated ${name}`)).toHaveLength(2); // the grace notice, and the leak's: v1 revoked
+  });
+
   it("a leak of a credential deleted during its rotation's grace period that the rotation never heard is told when it ends, not rotated again", async () => {
     const owner = `owner-${randomUUID().slice(0, 8)}@example.com`;
     const id = await deletedInGrace('unheard-deleted', 'sk_unheard_deleted_0001', 0.002, { owners: [owner] }); // 7.2 s of grace

@@ -937,7 +937,7 @@ describe('credential lifecycle', () => {
     expect((await h.api('POST', '/v1/vault.totp', { token: owner.token, body: { name } })).status).toBe(200);
   });
 
-  it("an attempt undone before its create staged puts a single role back on the vault's current value, not the one the rotation planned with", async () => {
+  it("an attempt undone before its create staged puts a single role back on the vault's current value, not the one the rotation planned with; one whose create was never sent leaves it alone", async () => {
     const role = `mg_undo_${tag}`;
     const adminName = unique('pg-admin');
     const v1 = await loginRoleWithAdmin(h, role, adminName, store);
@@ -955,12 +955,26 @@ describe('credential lifecycle', () => {
     await h.sql(`ALTER ROLE ${pg.escapeIdentifier(role)} PASSWORD '${v2}'`);
     expect(await canLogin(h, role, v2)).toBe(true);
 
-    // Attempt 2 is undone before its create staged anything: the workflow knows only version 1.
+    // Attempt 2's create was sent (it read the current value for the provider) and set a password on
+    // the role, its answer lost before it staged anything: the workflow knows only version 1.
+    const caller = { identityId: owner.id, actor: `workflow:${ids.workflowId}`, requestId: ids.rotationId };
+    await h.deps.rotations.read(caller, id, 2, 'provider.create', { rotationKey: `${ids.rotationId}:${id}:create:2` });
+    const lost = h.secret(`pw_${randomBytes(12).toString('hex')}`);
+    await h.sql(`ALTER ROLE ${pg.escapeIdentifier(role)} PASSWORD '${lost}'`);
     await activities.discardAttempt({ ...ids, attempt: 2, current: 1 });
     // Before, the role was set back to v1's password while the vault said v2 was current.
     expect(await canLogin(h, role, v2)).toBe(true);
     expect(await canLogin(h, role, v1)).toBe(false);
+    expect(await canLogin(h, role, lost)).toBe(false);
     expect((await read({ name })).body).toMatchObject({ version: 2, label: 'current' });
+
+    // Attempt 3's create was never sent: nothing reached the role, and its undo neither reads a value for it nor sets one.
+    const discardReads = async () =>
+      (await h.sql(`SELECT count(*)::int AS n FROM audit_log WHERE credential_id = $1 AND action = 'rotation.read' AND detail->>'purpose' = 'provider.discard'`, [id])).rows[0].n;
+    const readsBefore = await discardReads();
+    await activities.discardAttempt({ ...ids, attempt: 3, current: 1 });
+    expect(await discardReads()).toBe(readsBefore);
+    expect(await canLogin(h, role, v2)).toBe(true);
   });
 
   it('a credential whose rotation runs is not destroyed (409, nothing deleted, audited): the run still revokes the replaced value; once it ended, destroy works', async () => {

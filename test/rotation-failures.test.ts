@@ -16,6 +16,8 @@ import * as fixtures from './support/lifecycle-fixtures';
 import { canLogin, holdTable, loginRoleWithAdmin, mailTo, waitFor, type Identity, type RotationReport } from './support/lifecycle-fixtures';
 import type { ReceivedEvent } from './support/webhook-receiver';
 import { WebhookReceiver } from './support/webhook-receiver';
+import { TcpProxy } from './support/tcp-proxy';
+import { recipients } from './support/mail';
 
 /**
  * Rotations that go wrong after the first step: a promote the vault refuses, an undo a dependent
@@ -34,6 +36,7 @@ describe('rotation failures', () => {
   let signingKey: string;
   const receivers: WebhookReceiver[] = [];
   const roles: string[] = [];
+  const proxies: TcpProxy[] = [];
   let n = 0;
   const unique = (what: string) => `${what}-${tag}-${++n}`;
 
@@ -207,6 +210,7 @@ describe('rotation failures', () => {
       expect(await expectCleanRun(h)).toEqual({ leaks: [], replay: [] });
     } finally {
       for (const r of receivers) await r.stop();
+      for (const proxy of proxies) await proxy.stop();
       for (const role of roles) await h.sql(`DROP ROLE IF EXISTS ${pg.escapeIdentifier(role)}`);
       await h.close();
     }
@@ -574,6 +578,79 @@ describe('rotation failures', () => {
     expect(failed.outcome.mail.text).toContain('the rotation did not replace it: the leaked value still works.');
   });
 
+  it('a leak heard by a rotation whose credential was deleted before promotion is told as one that is not rotated: the leaked value still works (revoke it, or restore and report again); a cancel then does not rotate it again', async () => {
+    /** A rotation held at its dependent's credential.pending while the credential is deleted and its current value (v1) reported leaked; `then` runs before the hold ends. */
+    const deletedThenLeaked = async (then: (rotationId: string) => Promise<void>) => {
+      const { name, id, ownerMail } = await generatedKey({ graceHours: 1 });
+      const r = await receiver();
+      const pending = holdingPending(r);
+      await setDependents(id, [webhook(r)]);
+      const rotationId = await startRotation(name);
+      await pending.reached();
+      expect((await h.api('DELETE', `/v1/credentials/${id}`, { token: owner.token })).status).toBe(200);
+      const reported = await h.api('POST', '/v1/leaks', { token: owner.token, body: { credential: name, source: 'scanner' } });
+      expect(reported.status, reported.text).toBe(202);
+      // Its rotation runs: it hears of the leak (a delete does not stop it).
+      expect(reported.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 1, action: 'rotating' })]);
+      await waitFor('the run to hear of the leak', () => report(rotationId), (rep) => Boolean(rep.credentials[0]?.progress?.leakReported));
+      await then(rotationId);
+      pending.release();
+      const result = await h.client.workflow.getHandle(`rotate:${id}`).result().catch((e: unknown) => e);
+      expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
+      // One run: no leak run after it, which would fail at its plan (a deleted credential is not rotated).
+      const runs = (await h.sql(`SELECT outcome FROM run_outcomes WHERE credential_id = $1`, [id])).rows.map((row) => row.outcome);
+      expect(await revokedVersions(id)).toEqual([2]); // the pending version, discarded: v1, the leaked one, still works
+      await read(id, 2);
+      return { name, id, ownerMail, result, runs };
+    };
+    /** What a notice says of the leak: the credential deleted, so not rotated; the leaked value still works; what to do. */
+    const expectToldNotRotated = (text: string, id: string) => {
+      expect(text).toContain('A leak of this credential was reported, but the credential was deleted while it was being rotated');
+      expect(text).toContain('the leaked value was not replaced and still works where it was issued');
+      expect(text).toContain(`restore the credential (POST /v1/credentials/${id}/restore) and report the leak again to have it rotated`);
+      // Before: "Rotate it again, or revoke it at the provider by hand" (a deleted credential is not rotated), or, cancelled, "being rotated again".
+      expect(text).not.toContain('Rotate it again');
+      expect(text).not.toContain('being rotated again');
+    };
+
+    // The run's next step refuses the deleted credential: the attempt is undone, and the run fails.
+    const failed = await deletedThenLeaked(async () => undefined);
+    expectRotationFailed(failed.result, /is deleted; it is not rotated$/);
+    expect(failed.runs).toEqual(['failed']);
+    const [failedNotice, ...moreFailed] = (await notices(failed.ownerMail, failed.name)).filter((m) => !m.mail.subject?.includes('SECURITY'));
+    expect(moreFailed).toEqual([]);
+    expect(failedNotice!.mail.subject).toBe(`[mailgent] Rotation FAILED for ${failed.name}`);
+    expectToldNotRotated(failedNotice!.mail.text!, failed.id);
+
+    // Cancelled instead, the attempt undone: before, the run rotated again in leak mode (a cancel does
+    // not stop the answer to a leak), and that run failed at its plan: a "Rotation FAILED" notice after
+    // a cancelled one that said the credential was being rotated again.
+    const cancelled = await deletedThenLeaked(async (rotationId) => {
+      const res = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: owner.token });
+      expect(res.status, res.text).toBe(202);
+    });
+    expect(cancelled.result).toMatchObject({ state: 'cancelled', leakReported: true });
+    expect(cancelled.runs).toEqual(['cancelled']);
+    const told = await waitFor(
+      `the notices of ${cancelled.name}`,
+      async () => (await mailTo(cancelled.ownerMail)).filter((m) => m.mail.subject?.includes(cancelled.name)),
+      (mails) => mails.length >= 3,
+      { show: (mails) => mails.map((m) => m.mail.subject) },
+    );
+    expect(told.map((m) => m.mail.subject).sort()).toEqual(
+      [
+        `[mailgent] Rotation cancelled for ${cancelled.name}`,
+        `[mailgent] SECURITY: leak reported for ${cancelled.name}`,
+        `[mailgent] SECURITY: leak reported for ${cancelled.name} (deleted; not rotated)`,
+      ].sort(),
+    );
+    const cancelNotice = told.find((m) => m.mail.subject === `[mailgent] Rotation cancelled for ${cancelled.name}`)!;
+    expectToldNotRotated(cancelNotice.mail.text!, cancelled.id);
+    const unrotated = told.find((m) => m.mail.subject?.endsWith('(deleted; not rotated)'))!;
+    expect(unrotated.mail.text).toContain(`(version 1) was reported by scanner`);
+    expect(recipients(unrotated.mail)).toEqual(expect.arrayContaining([cancelled.ownerMail, securityDesk]));
+  });
+
   it('a leak rotation started with its answer lost, then reported again while it runs, is recorded: its rotation reads as its run ends, not running for ever', async () => {
     const { name, id } = await generatedKey({ graceHours: 1 });
     const r = await receiver();
@@ -791,6 +868,114 @@ describe('rotation failures', () => {
     expect(await canLogin(h, role, v1)).toBe(false);
     await read(id, 2);
     await read(id, 4);
+  });
+
+  /**
+   * A single-role postgres-role credential whose admin URL goes through a proxy (`proxy.down()` makes
+   * the admin connection, and so the provider, unreachable); its id, name and version 1's password.
+   */
+  const singleRoleBehindProxy = async (role: string, rotation: Record<string, unknown> = {}) => {
+    const db = new URL(h.databaseUrl);
+    const proxy = await new TcpProxy({ host: db.hostname, port: Number(db.port) }).start();
+    proxies.push(proxy);
+    db.host = proxy.address;
+    const adminName = unique('pg-admin');
+    const v1 = await loginRoleWithAdmin(h, role, adminName, store);
+    roles.push(role);
+    await store(adminName, 'generic', h.secret(db.href));
+    const name = unique('app-db');
+    const ownerMail = `${name}@example.com`;
+    const id = await store(name, 'password', v1, {
+      owners: [ownerMail],
+      rotation: { provider: 'postgres-role', settings: { adminCredential: adminName, role }, periodDays: 30, graceHours: 0, maxAttempts: 1, ...rotation },
+    });
+    return { proxy, role, name, id, ownerMail, v1 };
+  };
+  /** How the credential's run ended, once it did: within `timeoutMs`, or a failure naming what it still runs (each activity's attempt and last error). */
+  const runEnd = async (id: string, timeoutMs = 30_000) => {
+    const handle = h.client.workflow.getHandle(`rotate:${id}`);
+    const codecs = [...(h.services.dataConverter.payloadCodecs ?? [])].reverse();
+    // A failure's message travels encoded (the failure converter): decoded here for the test's report.
+    const message = async (failure: temporal.api.failure.v1.IFailure | null | undefined) => {
+      if (!failure?.encodedAttributes) return failure?.message;
+      let payloads = [failure.encodedAttributes];
+      for (const codec of codecs) payloads = await codec.decode(payloads);
+      return (JSON.parse(Buffer.from(payloads[0]!.data!).toString('utf8')) as { message?: string }).message;
+    };
+    const probe = async () => {
+      const d = await handle.describe();
+      const pending = await Promise.all((d.raw.pendingActivities ?? []).map(async (a) => ({ activity: a.activityType?.name, attempt: a.attempt, lastFailure: await message(a.lastFailure) })));
+      return { status: d.status.name, pending };
+    };
+    const described = await waitFor(`the run of ${id} to end`, probe, (d) => d.status !== 'RUNNING', { timeoutMs });
+    return { status: described.status, result: await handle.result().catch((e: unknown) => e) };
+  };
+  /** The reads of the credential's values for a provider's discard (each is a value handed to the provider). */
+  const discardReads = async (id: string) =>
+    (await h.sql(`SELECT count(*)::int AS n FROM audit_log WHERE credential_id = $1 AND action = 'rotation.read' AND detail->>'purpose' = 'provider.discard'`, [id])).rows[0]
+      .n as number;
+
+  it('an attempt whose create was refused before it reached the provider (the credential deleted meanwhile) is undone without the provider: one unreachable then does not hold up the undo', async () => {
+    const { proxy, role, name, id, ownerMail, v1 } = await singleRoleBehindProxy(`mg_rf_unsent_${tag}`);
+    const creating = holdActivity('createPendingVersion', id);
+    const rotationId = await startRotation(name);
+    await creating.reached();
+    // The credential is deleted before the create runs (which refuses it, sending nothing), and the admin connection is lost.
+    expect((await h.api('DELETE', `/v1/credentials/${id}`, { token: owner.token })).status).toBe(200);
+    await proxy.down();
+    creating.release();
+
+    // Before, the undo put the role "back" on version 1 through the admin connection it could not
+    // reach: retried for the compensation's hour, then the attempt counted as half-undone.
+    const end = await runEnd(id);
+    expect(end.status).toBe('FAILED');
+    expectRotationFailed(end.result, /is deleted; it is not rotated$/);
+    const failed = await report(rotationId);
+    expect(stepState(failed, 'create_pending')).toMatchObject({ state: 'failed' });
+    expect(stepState(failed, 'compensate')).toMatchObject({ state: 'done' });
+    // Nothing reached the provider, so nothing was asked of it: no value read for it, the role as it was.
+    expect(await discardReads(id)).toBe(0);
+    expect(await canLogin(h, role, v1)).toBe(true);
+    const [notice, ...more] = await notices(ownerMail, name);
+    expect(more).toEqual([]);
+    expect(notice!.mail.text).toContain('it was undone and nothing changed');
+  });
+
+  it('an attempt a cancel refused before its create was sent is undone without the provider: one unreachable then does not make the cancel half-undone', async () => {
+    const { proxy, role, name, id, ownerMail, v1 } = await singleRoleBehindProxy(`mg_rf_unsent2_${tag}`, { maxAttempts: 2 });
+    const r = await receiver();
+    r.answerVersion = 1; // it never picks up the new value: attempt 1 fails at verify (not for good), and is undone
+    await setDependents(id, [webhook(r)]);
+    const firstUndo = holdActivity('discardAttempt', id);
+    const rotationId = await startRotation(name);
+    await firstUndo.reached();
+    // The cancel comes while attempt 1 is being undone: attempt 2's create is refused before it is sent.
+    const cancelled = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: owner.token });
+    expect(cancelled.status, cancelled.text).toBe(202);
+    const cancelRequested = temporal.api.enums.v1.EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED;
+    await waitFor('the cancel to reach the run', async () => (await h.client.workflow.getHandle(`rotate:${id}`).fetchHistory()).events!.some((e) => e.eventType === cancelRequested), Boolean);
+    const secondUndo = holdActivity('discardAttempt', id);
+    firstUndo.release();
+    await secondUndo.reached();
+    // Attempt 1's undo has put the role back on version 1; now the admin connection is lost.
+    expect(await canLogin(h, role, v1)).toBe(true);
+    await proxy.down();
+    secondUndo.release();
+
+    // Before, attempt 2's undo asked the unreachable provider to put the role on version 1 (where it
+    // already was): retried for an hour, then the cancel ended half-undone, the credential rotation_failed.
+    const end = await runEnd(id);
+    expect(end.status).toBe('COMPLETED');
+    expect(end.result).toMatchObject({ state: 'cancelled', attempt: 2 });
+    expect(stepState(await report(rotationId), 'compensate')).toMatchObject({ state: 'done' });
+    expect(await credentialRow(id)).toMatchObject({ status: 'active', version: 1, pendingVersion: null });
+    expect(await discardReads(id)).toBe(2); // attempt 1's (its pending version and the current one): its create did reach the provider
+    expect(await canLogin(h, role, v1)).toBe(true);
+    const [notice, ...more] = await notices(ownerMail, name);
+    expect(more).toEqual([]);
+    expect(notice!.mail.subject).toBe(`[mailgent] Rotation cancelled for ${name}`);
+    expect(notice!.mail.text).toContain('was cancelled and undone; version 1 is still current.');
+    await read(id, 2);
   });
 
   /** A login role whose password a single-role postgres-role credential holds, rotated into its grace period: v2 now logs in. */

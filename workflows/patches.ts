@@ -112,6 +112,19 @@ export const LEAKS_COUNTED_AT_OUTCOME = 'leaks-counted-when-the-outcome-is-decid
 export const ROLLBACK_ANSWER_OUTLIVES_CANCEL = 'rollback-answer-outlives-a-cancel';
 
 /**
+ * Runs recorded before this patch rotated the credential again, in leak mode, for a leak they could
+ * not answer themselves (the version they made reported leaked, a leak heard before a cancel or a
+ * rollback, or during the final notice) even when the credential had been deleted (or its policy
+ * taken away) while they ran: that run failed at its plan ("is deleted; it is not rotated"), the
+ * credential was marked rotation_failed, and the owners and the security contacts were told the
+ * rotation had failed and to rotate it again, which a deleted credential cannot be. Newer runs ask
+ * first (rotatedNow) and, when it is not rotated now, answer those leaks themselves: a leaked version
+ * replaced since is revoked (as the next run would have), the rest told as a report of them now
+ * would tell them (tellUnrotatedLeaks: deleted, or no policy, so not rotated), and the run ends as it was.
+ */
+export const UNROTATED_LEAKS_TOLD = 'unrotated-leaks-told';
+
+/**
  * Sweeps recorded before this patch did not look for leak incidents whose rotation was never
  * started (their report's process died between the incident's commit and the start); newer sweeps
  * start those first (resumeLeakIncidents).
@@ -142,6 +155,7 @@ export const PATCH_IDS: readonly string[] = [
   GRACE_BESIDE_NOTICE,
   LEAKS_COUNTED_AT_OUTCOME,
   ROLLBACK_ANSWER_OUTLIVES_CANCEL,
+  UNROTATED_LEAKS_TOLD,
   SWEEP_RESUMES_LEAKS,
   BATCH_WAITS_APART,
 ];

@@ -29,6 +29,7 @@ import {
   ROLLBACK_REVOKE_FAILURES_CONTINUE,
   SUPERSEDED_AFTER_FINAL_NOTICE,
   SUPERSEDED_ANSWERED,
+  UNROTATED_LEAKS_TOLD,
 } from './patches';
 import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
 
@@ -222,13 +223,15 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       return undefined;
     }
   };
+  /** Versions reported leaked that this run has not revoked, oldest first. */
+  const leftLeaks = () => [...leakedVersions].filter((v) => !revokedHere.has(v)).sort((a, b) => a - b);
   /**
    * The next run of this rotation, in leak mode: it rotates the current version. Versions reported
    * leaked that this run has not revoked (values stored while it ran, replaced since; one an earlier
    * run left to it) go with it: it revokes the one it replaces, and older ones with it.
    */
   const nextRun = (): RotateCredentialInput => {
-    const left = [...leakedVersions].filter((v) => !revokedHere.has(v)).sort((a, b) => a - b);
+    const left = leftLeaks();
     const { leakedVersions: _given, heardIncidents: _heard, ...rest } = input;
     const incidentsHeard = heard();
     return {
@@ -238,6 +241,32 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       ...(left.length > 0 ? { leakedVersions: left } : {}),
       ...(incidentsHeard.length > 0 ? { heardIncidents: incidentsHeard } : {}),
     };
+  };
+  /** The leaked versions last answered here as not rotated (rotatedNow), as a key: asked again only for others. */
+  let answeredUnrotated: string | undefined;
+  /**
+   * Whether the credential may be rotated again, in leak mode, for the leaks this run leaves
+   * unanswered (see UNROTATED_LEAKS_TOLD): not when it was deleted, or its policy taken away, while
+   * the run went on (the next run would fail at its plan). Those leaks are then answered here: a
+   * leaked version replaced since (older than the current one) is revoked, as the next run would
+   * have revoked it, and the versions still live (the current one, whose replacement a deleted
+   * credential does not get) are told as a report of them now would tell them: deleted (or no
+   * policy), so not rotated; revoke it by hand, or restore it and report again.
+   */
+  const rotatedNow = async (): Promise<boolean> => {
+    if (!patched(UNROTATED_LEAKS_TOLD)) return true;
+    const versions = leftLeaks();
+    if (versions.join(',') === answeredUnrotated) return false;
+    return CancellationScope.nonCancellable(async () => {
+      const { rotated, current } = await db.rotatedNow(ids);
+      if (rotated) return true;
+      const replaced = versions.filter((v) => current !== null && v < current);
+      const revokes = replaced.map((version) => ({ what: `revoking the leaked version ${version} (it may still work)`, run: () => revoke(version) }));
+      problems.push(...(await runAll(revokes)));
+      await db.tellUnrotatedLeaks({ ...ids, versions, heard: heard() });
+      answeredUnrotated = versions.join(',');
+      return false;
+    });
   };
   /**
    * Closes the credential's leak incidents once the final notice is out. An incident reported after
@@ -253,7 +282,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     // The next run rotates the current version; a replaced one reported leaked is this run's to revoke.
     const rotateAgainNow = async () => {
       await answerSuperseded();
-      await continueAsNew<typeof rotateCredential>(nextRun());
+      if (await rotatedNow()) await continueAsNew<typeof rotateCredential>(nextRun());
     };
     // Reported late, and answered by revoking the replaced version: revoked now (if it was not yet).
     const answerLate = async () => {
@@ -290,11 +319,13 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       const closeLast = patched(CLOSE_INCIDENTS_LAST);
       if (!closeLast) await db.closeLeakIncidents(ids);
       const seen = decidedOn ?? incidents.size;
+      // Not said to be rotated again when it will not be (deleted meanwhile: rotatedNow answers the leak instead).
+      const rotatingAgain = (rotateAgain || (decidedOn !== undefined && incidents.size > decidedOn)) && outcome === 'cancelled' && (await rotatedNow());
       await tell(kind, {
         graceEndsAt: progress.graceEndsAt,
         error: progress.error,
         step: progress.steps.find((s) => s.state === 'failed')?.name,
-        ...((rotateAgain || (decidedOn !== undefined && incidents.size > decidedOn)) && outcome === 'cancelled' ? { rotatingAgain: true } : {}),
+        ...(rotatingAgain ? { rotatingAgain: true } : {}),
       });
       if (closeLast) await closeIncidents(seen, rotateAgain);
     });
@@ -605,8 +636,9 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     const newerLeaked = () => toVersion !== undefined && [...leakedVersions].some((v) => v > toVersion) && patched(LEAKED_VERSIONS_ANSWERED);
     // The version this run made, leaked but replaced since, was revoked above: rotating the current one would not stop it.
     const ownLeaked = () => toVersion !== undefined && leakedVersions.has(toVersion) && supersededBy === undefined;
-    if (ownLeaked() || newerLeaked()) {
-      // The value this rotation made current (or one stored since) was itself reported leaked: rotate again, in leak mode.
+    if ((ownLeaked() || newerLeaked()) && (await rotatedNow())) {
+      // The value this rotation made current (or one stored since) was itself reported leaked: rotate
+      // again, in leak mode (unless the credential is not rotated now: rotatedNow has answered it).
       await continueAsNew<typeof rotateCredential>(nextRun());
     }
     await CancellationScope.nonCancellable(async () => {
