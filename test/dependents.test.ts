@@ -1,6 +1,6 @@
 import { createHmac, randomBytes, randomUUID } from 'node:crypto';
-import { execFileSync } from 'node:child_process';
-import { chmodSync, chownSync, closeSync, constants, existsSync, linkSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
+import { chmodSync, chownSync, closeSync, constants, existsSync, linkSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import { once } from 'node:events';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -10,6 +10,7 @@ import { UnprocessableError } from '../core/errors';
 import { allowOutbound } from '../core/outbound';
 import { checkDependents, createDependents, type Dependent, type DependentTarget } from '../dependents';
 import { MAX_ENV_FILE_BYTES, readNoFollow, rewriteFile, withEnvFile } from '../dependents/env-file/files';
+import { lockOwner, STALE_LOCK_MS } from '../dependents/env-file/lock';
 import { verifyWebhookSignature } from '../dependents/webhook';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, TEST_OUTBOUND_ALLOW, type Harness } from './support/harness';
@@ -18,6 +19,7 @@ import { WebhookReceiver } from './support/webhook-receiver';
 /** Lines with their own endings, as bytes, to compare a file line by line. */
 const linesOf = (buf: Buffer): string[] => buf.toString('latin1').split(/(?<=\n)/);
 const asRoot = process.getuid?.() === 0;
+const ROOT = path.resolve(import.meta.dirname, '..');
 
 describe('dependents', () => {
   let h: Harness;
@@ -139,6 +141,193 @@ describe('dependents', () => {
       const db = target(2, 'concurrent-db-value');
       await Promise.all([apply(file, api, 'API_KEY'), apply(file, db)]);
       expect(read(file).toString()).toBe(`API_KEY=${api.value}\nDB_PASSWORD=${db.value}\n`);
+    });
+
+    const lockOf = (file: string) => path.join(root, `.${file}.lock`);
+    /** A process that is alive until killed, and what its lock would say. */
+    const otherProcess = async () => {
+      const proc = spawn('sleep', ['60']);
+      await once(proc, 'spawn');
+      const exited = once(proc, 'exit');
+      return { owner: `${lockOwner(proc.pid!)} ${randomBytes(8).toString('hex')}`, kill: async () => (proc.kill('SIGKILL'), await exited) };
+    };
+    const settles = <T>(p: Promise<T>) => {
+      const state = { settled: false, promise: p.finally(() => (state.settled = true)) };
+      return state;
+    };
+
+    /**
+     * A worker process applying `count` values of `key` to `file` one after another, once told to go
+     * (a line on stdin). Before each apply (and at the end) it checks that the file still holds the
+     * value it wrote last: only the other process writes the file meanwhile, and only another key.
+     */
+    const writer = (file: string, key: string, prefix: string, count: number) => {
+      const script = `
+        const { readFileSync } = await import('node:fs');
+        const { createEnvFileDependent } = await import(${JSON.stringify(path.join(ROOT, 'dependents/env-file/index.ts'))});
+        const dep = createEnvFileDependent({ root: ${JSON.stringify(envFilesRoot)} });
+        const full = ${JSON.stringify(path.join(root, file))};
+        const holds = (value) => readFileSync(full, 'latin1').split('\\n').includes(${JSON.stringify(key)} + '=' + value);
+        process.stdout.write('ready\\n');
+        await new Promise((go) => process.stdin.once('data', go));
+        let last = null, lost = 0;
+        const failed = [];
+        for (let i = 1; i <= ${count}; i++) {
+          if (last !== null && !holds(last)) lost++;
+          const value = ${JSON.stringify(prefix)} + '-' + i;
+          try {
+            await dep.apply({ settings: { file: ${JSON.stringify(file)}, key: ${JSON.stringify(key)} }, identityId: ${JSON.stringify(ME)}, credentialId: 'c', credentialName: 'n',
+              secrets: {}, target: { version: i, value }, idempotencyKey: 'apply:' + i });
+            last = value;
+          } catch (err) {
+            failed.push(err.message);
+          }
+        }
+        if (last !== null && !holds(last)) lost++;
+        process.stdout.write(JSON.stringify({ lost, failed }) + '\\n');
+        process.exit(0);
+      `;
+      const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { cwd: ROOT, stdio: ['pipe', 'pipe', 'pipe'] });
+      let out = '';
+      let err = '';
+      child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+      child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+      const ready = new Promise<void>((resolve, reject) => {
+        const check = () => (out.startsWith('ready\n') ? resolve() : undefined);
+        child.stdout.on('data', check);
+        child.once('exit', (code) => reject(new Error(`writer exited ${code} before it was ready: ${err}`)));
+      });
+      const done = new Promise<{ lost: number; failed: string[] }>((resolve, reject) => {
+        child.once('exit', (code) => (code === 0 ? resolve(JSON.parse(out.split('\n')[1]!)) : reject(new Error(`writer exited ${code}: ${err}`))));
+      });
+      // Awaited by the test, unless it failed before: then they are the finally's kill, not news.
+      for (const p of [ready, done]) p.catch(() => undefined);
+      return { ready, go: () => child.stdin.write('go\n'), done, kill: () => child.kill('SIGKILL') };
+    };
+
+    it('two processes applying different keys of one file many times lose neither key\'s writes', { timeout: 120_000 }, async () => {
+      // A rolling deploy's overlap: an old and a new worker, each rotating a credential of the same file.
+      const file = envFile('# two workers\nAPI_KEY=old-api\nMIDDLE=kept\nDB_PASSWORD=old-db\n');
+      const count = 300;
+      const writers = [writer(file, 'API_KEY', 'api', count), writer(file, 'DB_PASSWORD', 'db', count)];
+      try {
+        await Promise.all(writers.map((w) => w.ready));
+        // Both find a lock a killed worker left, and both judge it stale: one of them takes it over.
+        const dead = await otherProcess();
+        await dead.kill();
+        writeFileSync(lockOf(file), `${dead.owner}\n`);
+        for (const w of writers) w.go();
+        const [api, db] = await Promise.all(writers.map((w) => w.done));
+        // Before, each process serialised only its own writes: one's rename dropped the other's line.
+        expect({ api, db }).toEqual({ api: { lost: 0, failed: [] }, db: { lost: 0, failed: [] } });
+        expect(read(file).toString()).toBe(`# two workers\nAPI_KEY=api-${count}\nMIDDLE=kept\nDB_PASSWORD=db-${count}\n`);
+        expect(readdirSync(root).filter((name) => name.startsWith(`.${file}`))).toEqual([]);
+      } finally {
+        for (const w of writers) w.kill();
+      }
+    });
+
+    it('a lock whose process is gone is taken over at once', async () => {
+      const file = envFile('API_KEY=old-api\nDB_PASSWORD=old-db\n');
+      const dead = await otherProcess();
+      await dead.kill();
+      writeFileSync(lockOf(file), `${dead.owner}\n`);
+      const began = Date.now();
+      await apply(file, target(2, 'after-a-dead-lock'));
+      expect(Date.now() - began).toBeLessThan(2_000);
+      expect(read(file).toString()).toBe(`API_KEY=old-api\nDB_PASSWORD=${h.secret('after-a-dead-lock')}\n`);
+      expect(existsSync(lockOf(file))).toBe(false);
+      expect(existsSync(`${lockOf(file)}.break`)).toBe(false);
+
+      // Its pid now another process's (this one's, say): the start time tells them apart.
+      const [pid, started, space] = lockOwner().split(' ');
+      writeFileSync(lockOf(file), `${pid} ${Number(started) - 1} ${space} ${randomBytes(8).toString('hex')}\n`);
+      await apply(file, target(3, 'after-a-reused-pid-lock'), 'API_KEY');
+      expect(read(file).toString()).toBe(`API_KEY=${h.secret('after-a-reused-pid-lock')}\nDB_PASSWORD=${h.secret('after-a-dead-lock')}\n`);
+      expect(existsSync(lockOf(file))).toBe(false);
+    });
+
+    it('a live holder makes a write wait until it releases the lock', async () => {
+      const file = envFile('DB_PASSWORD=held-orig\n');
+      const holder = await otherProcess();
+      try {
+        writeFileSync(lockOf(file), `${holder.owner}\n`);
+        // A call with nothing to change (a retry, a restore of the value in place) does not wait for it.
+        await restore(file, target(1, 'held-orig'));
+        const write = settles(apply(file, target(2, 'waited-for-the-lock')));
+        await new Promise((r) => setTimeout(r, 600));
+        expect(write.settled).toBe(false);
+        expect(read(file).toString()).toBe('DB_PASSWORD=held-orig\n');
+        expect(readFileSync(lockOf(file), 'utf8')).toBe(`${holder.owner}\n`);
+        rmSync(lockOf(file)); // the holder's release
+        await write.promise;
+        expect(read(file).toString()).toBe(`DB_PASSWORD=${h.secret('waited-for-the-lock')}\n`);
+        expect(existsSync(lockOf(file))).toBe(false);
+      } finally {
+        await holder.kill();
+      }
+    });
+
+    it('a lock of another container or host is waited for while touched, and taken over once untouched for the stale bound', async () => {
+      const file = envFile('DB_PASSWORD=elsewhere-orig\n');
+      // Its pid means nothing here (another pid namespace): this very process's pid, say.
+      writeFileSync(lockOf(file), `${process.pid} 12345 worker-2/${randomUUID()}/4026532999 ${randomBytes(8).toString('hex')}\n`);
+      const write = settles(apply(file, target(2, 'after-an-untouched-lock')));
+      await new Promise((r) => setTimeout(r, 600));
+      expect(write.settled).toBe(false);
+      expect(read(file).toString()).toBe('DB_PASSWORD=elsewhere-orig\n');
+      const untouched = (Date.now() - STALE_LOCK_MS - 1_000) / 1000;
+      utimesSync(lockOf(file), untouched, untouched);
+      await write.promise;
+      expect(read(file).toString()).toBe(`DB_PASSWORD=${h.secret('after-an-untouched-lock')}\n`);
+      expect(existsSync(lockOf(file))).toBe(false);
+    });
+
+    it('the lock holds who writes, never the value, and is gone after a write that fails', async () => {
+      const file = envFile("DB_PASSWORD='orig'\n");
+      const value = h.secret(`lock-${randomBytes(6).toString('hex')}`);
+      let seen = '';
+      await withEnvFile(root, file, (f) => rewriteFile(f, (content) => {
+        if (existsSync(lockOf(file))) seen = readFileSync(lockOf(file), 'utf8'); // its edit under the lock (a first one, without, finds there is work to do)
+        return Buffer.from(content.toString().replace('orig', value));
+      }));
+      expect(read(file).toString()).toBe(`DB_PASSWORD='${value}'\n`);
+      expect(seen).toMatch(new RegExp(`^${process.pid} \\S+ \\S+ [0-9a-f]{16}\\n$`));
+      expect(seen).not.toContain(value);
+      expect(existsSync(lockOf(file))).toBe(false);
+      // A value its line cannot hold: refused inside the lock.
+      await expect(apply(file, target(3, "it's-quoted"))).rejects.toBeInstanceOf(UnprocessableError);
+      expect(existsSync(lockOf(file))).toBe(false);
+      expect(readdirSync(root).filter((name) => name.startsWith(`.${file}`))).toEqual([]);
+    });
+
+    it('a write whose lock was taken over while it held it (paused past the stale bound) changes nothing', async () => {
+      const file = envFile('DB_PASSWORD=paused-orig\n');
+      const taker = `${process.pid} 1 elsewhere/-/- ${randomBytes(8).toString('hex')}\n`;
+      const err = await withEnvFile(root, file, (f) => rewriteFile(f, () => {
+        if (existsSync(lockOf(file))) {
+          // Under the lock: another process judged it stale, broke it and took it.
+          rmSync(lockOf(file));
+          writeFileSync(lockOf(file), taker);
+        }
+        return Buffer.from('DB_PASSWORD=must-not-land\n');
+      })).catch((e: Error) => e);
+      expect((err as Error).message).toBe(`env file ${file} was not written: its lock was taken over as stale while this write held it`);
+      expect(read(file).toString()).toBe('DB_PASSWORD=paused-orig\n');
+      expect(readFileSync(lockOf(file), 'utf8')).toBe(taker); // the taker's, left alone
+      expect(readdirSync(root).filter((name) => name.startsWith(`.${file}`))).toEqual([`.${file}.lock`]);
+      rmSync(lockOf(file));
+    });
+
+    it('something else at the lock\'s name is refused, not removed', async () => {
+      const file = envFile('DB_PASSWORD=in-the-way\n');
+      symlinkSync(path.join(root, file), lockOf(file));
+      await expect(apply(file, target(2, 'must-not-land-anywhere'))).rejects.toThrow(`env file ${file} cannot be locked: .${file}.lock beside it is not a lock file; remove it`);
+      expect(read(file).toString()).toBe('DB_PASSWORD=in-the-way\n');
+      rmSync(lockOf(file));
+      mkdirSync(lockOf(file));
+      await expect(apply(file, target(2, 'must-not-land-anywhere'))).rejects.toThrow(/cannot be locked/);
+      expect(statSync(lockOf(file)).isDirectory()).toBe(true);
     });
 
     it('verify fails when the file holds another value, without naming either value', async () => {

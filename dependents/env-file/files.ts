@@ -3,6 +3,7 @@ import { constants, existsSync, type Stats } from 'node:fs';
 import { type FileHandle, lstat, open, readdir, realpath, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { UnprocessableError } from '../../core/errors';
+import { withFileLock } from './lock';
 
 /** Whether a held directory can be named by its descriptor (Linux's /proc/self/fd). */
 const PINNED = existsSync('/proc/self/fd');
@@ -97,30 +98,45 @@ export async function readNoFollow(file: string): Promise<{ content: Buffer; sta
 /**
  * Read, edit, and atomically replace `file`: a temp file in the same directory with the same mode
  * (and owner) is written, fsynced and renamed over it, so a reader sees the old or the new file,
- * never half of one. Calls for one file are serialized in this process; a change by another
- * process between our read and our rename makes us start over instead of losing it.
+ * never half of one. Calls for one file are serialized in this process, and across processes by a
+ * lock file beside it (withFileLock; taken through the held directory, like every other open):
+ * before, another worker's rewrite of another key could land between our check and our rename,
+ * and ours dropped its line. A change by a writer that takes no lock (a person, a worker of a
+ * version before the lock) between our read and our rename still makes us start over.
  */
 export async function rewriteFile(envFile: EnvFile, edit: (content: Buffer) => Buffer): Promise<void> {
   const file = envFile.path;
   await serialized(envFile.key, async () => {
     await removeLeftovers(file);
-    for (let attempt = 0; attempt < 5; attempt++) {
-      const { content, stats } = await readNoFollow(file);
-      const next = edit(content);
-      if (next.equals(content)) return;
-      const temp = await writeTemp(file, next, stats);
-      try {
-        const now = await readNoFollow(file);
-        if (now.stats.ino !== stats.ino || !now.content.equals(content)) continue;
-        await rename(temp, file);
-      } finally {
-        await rm(temp, { force: true });
-      }
-      await envFile.dir.sync();
-      return;
-    }
-    throw new Error(`env file ${path.basename(file)} kept changing while it was being written`);
+    // Nothing to change (a retry, a restore of the value in place) takes no lock: it waits for no
+    // other process, and needs no more than reading, as before the lock.
+    const { content } = await readNoFollow(file);
+    if (edit(content).equals(content)) return;
+    await withFileLock(file, (stillMine) => rewriteLocked(envFile, edit, stillMine));
   });
+}
+
+async function rewriteLocked(envFile: EnvFile, edit: (content: Buffer) => Buffer, stillMine: () => Promise<boolean>): Promise<void> {
+  const file = envFile.path;
+  for (let attempt = 0; attempt < 5; attempt++) {
+    const { content, stats } = await readNoFollow(file);
+    const next = edit(content);
+    if (next.equals(content)) return;
+    const temp = await writeTemp(file, next, stats);
+    try {
+      const now = await readNoFollow(file);
+      if (now.stats.ino !== stats.ino || !now.content.equals(content)) continue;
+      if (!(await stillMine())) {
+        throw new Error(`env file ${path.basename(file)} was not written: its lock was taken over as stale while this write held it`);
+      }
+      await rename(temp, file);
+    } finally {
+      await rm(temp, { force: true });
+    }
+    await envFile.dir.sync();
+    return;
+  }
+  throw new Error(`env file ${path.basename(file)} kept changing while it was being written`);
 }
 
 /** How old a temp file of this file must be before a write takes it for a leftover (see removeLeftovers). */
