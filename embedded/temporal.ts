@@ -1,11 +1,10 @@
-import { randomBytes } from 'node:crypto';
-import { lstatSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { lstatSync, mkdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { Connection } from '@temporalio/client';
 import type { Logger } from '../core/logger';
 import { isAlive, startChild, startTimeOf, waitUntilReady } from './child';
 import { freePort, withFreshPorts } from './ports';
-import { placeOnce } from './place-once';
+import { breakStale, createLock, type LockState, readLock } from '../core/lock-file';
 import { cacheDir, findTemporalCli } from './temporal-cli';
 
 /**
@@ -48,12 +47,12 @@ export async function startEmbeddedTemporal(opts: {
  * killed, or of a machine since restarted, named whatever process had the pid now: start-up was
  * refused until the lock was removed by hand). A lock of the pid alone (written before) is the pid's.
  *
- * Two processes starting at once: the lock appears with its content (written beside it, then
- * linked into place), never empty, so the other reads who holds it (before, it could read the file
- * between its creation and its write, take it for stale and claim it too). A lock found empty (an
- * older writer between the two, or one that died there) is read again for up to a second before it
- * counts as stale. A stale lock is removed by one process at a time (`breakStale`), and a stop
- * removes the lock only while it is still its own.
+ * Two processes starting at once: the lock is created exclusively and written at once
+ * (core/lock-file.ts), and one found empty (its writer between the two, or one that died there) is
+ * read again for up to a second before it counts as stale (before, the other could read it empty,
+ * take it for stale and claim it too). A stale lock is removed by one process at a time
+ * (`breakStale`: only if it is still the lock judged stale), and a stop removes the lock only while
+ * it is still its own.
  */
 async function claimTemporalFile(dataDir: string): Promise<() => void> {
   const lock = path.join(dataDir, 'temporal.lock');
@@ -62,11 +61,15 @@ async function claimTemporalFile(dataDir: string): Promise<() => void> {
     if (readIfThere(lock) === mine) rmSync(lock, { force: true });
   };
   for (let attempt = 0; attempt < 20; attempt++) {
-    if (createWith(lock, mine)) return release;
-    const held = await readLock(lock);
+    const made = await createLock(lock, mine);
+    if (made) {
+      await made.close();
+      return release;
+    }
+    const held = await settledLock(lock);
     if (held === undefined) continue; // removed meanwhile
-    if (held === mine) return release; // this process's own
-    const [pid, started] = held.split(/\s+/);
+    if (held.content === mine) return release; // this process's own
+    const [pid, started] = held.content.split(/\s+/);
     const owner = Number(pid);
     const sameProcess = started === undefined || startTimeOf(owner) === undefined || startTimeOf(owner) === started;
     // This pid with another start time (or none) is a process before this one: before, taken for this
@@ -77,24 +80,24 @@ async function claimTemporalFile(dataDir: string): Promise<() => void> {
           'give this one TEMPORAL_ADDRESS (that server\'s address, in its log) or a DATA_DIR of its own',
       );
     }
-    await breakStale(lock, held);
+    // A break another starter holds is left to it: the lock is looked at again a moment later.
+    if (!(await breakStale(lock, held, notALock))) await new Promise((r) => setTimeout(r, 50));
   }
   throw new Error(`could not claim ${lock}: another process was taking over its stale lock all along (${lock}.break); start again`);
 }
 
-/** Creates `file` holding `content`, or returns false if it exists; it never exists empty (placeOnce). */
-function createWith(file: string, content: string): boolean {
-  return placeOnce(file, (made) => writeFileSync(made, content, { flag: 'wx' }));
-}
-
-/** The lock's content, read again while it is empty (for up to a second); undefined once it is gone. */
-async function readLock(file: string): Promise<string | undefined> {
+/** The lock's state, read again while it is empty (for up to a second: its writer may be between creating and writing it); undefined once it is gone. */
+async function settledLock(file: string): Promise<LockState | undefined> {
   const deadline = Date.now() + 1_000;
   for (;;) {
-    const content = readIfThere(file);
-    if (content !== '' || Date.now() >= deadline) return content;
+    const held = await readLock(file, notALock);
+    if (held?.content !== '' || Date.now() >= deadline) return held;
     await new Promise((r) => setTimeout(r, 50));
   }
+}
+
+function notALock(file: string): Error {
+  return new Error(`${file} is not a lock file (a link, a directory or something larger is at its name): remove it`);
 }
 
 function readIfThere(file: string): string | undefined {
@@ -103,32 +106,6 @@ function readIfThere(file: string): string | undefined {
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
     throw err;
-  }
-}
-
-/**
- * Removes a stale lock, one process at a time: under `<lock>.break` (created as the lock is), the
- * lock is read again and removed only if it still holds what was judged stale. Without it, of two
- * starters that judged it stale the second could remove the first's fresh claim. A process that
- * finds the break taken waits a moment and looks at the lock again; a break older than 10 s is of a
- * process that died breaking the lock, and is removed.
- */
-async function breakStale(lock: string, judged: string): Promise<void> {
-  const breaker = `${lock}.break`;
-  const me = `${process.pid} ${randomBytes(6).toString('hex')}`;
-  if (!createWith(breaker, me)) {
-    try {
-      if (Date.now() - statSync(breaker).mtimeMs > 10_000) rmSync(breaker, { force: true });
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
-    }
-    await new Promise((r) => setTimeout(r, 50));
-    return;
-  }
-  try {
-    if (readIfThere(lock) === judged) rmSync(lock, { force: true });
-  } finally {
-    if (readIfThere(breaker) === me) rmSync(breaker, { force: true });
   }
 }
 

@@ -553,7 +553,7 @@ describe('npm start with the embedded defaults', () => {
       const temporal = await startEmbeddedTemporal({ dataDir: dir, namespace: 'default' });
       expect(readFileSync(lock, 'utf8')).toBe(`${process.pid} ${startTimeOf(process.pid)}`);
       await temporal.stop();
-      // The files a claim writes beside the lock (its content before it is linked, the break of a stale one) are gone.
+      // Nothing a claim writes beside the lock (the break of a stale one) is left.
       expect(readdirSync(dir).filter((f) => f.startsWith('temporal.lock'))).toEqual([]);
 
       // A stale lock another starter is breaking (its .break fresh) is left to it; a break of a process that died breaking it (older than 10 s) is removed.
