@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { constants } from 'node:fs';
-import { type FileHandle, open, rm } from 'node:fs/promises';
+import { type FileHandle, link, open, rm } from 'node:fs/promises';
 
 /**
  * The parts of a lock file that every lock here shares (the embedded Temporal server's
@@ -24,17 +24,42 @@ const BREAK_STALE_MS = 10_000;
 
 /**
  * `file`, created holding `content` and left open, or undefined if it exists (a link at its name
- * counts as existing, and is not followed). One whose write fails is removed: created by this call
- * a moment before, empty or partly written, no one has judged it stale yet.
+ * counts as existing, and is not followed). It never exists empty: the content is written aside and
+ * hard-linked into place, and the handle kept is the aside's, now the lock's (as embedded/place-once.ts
+ * places files); a starter or a writer beside it that read a lock empty could take it for one whose
+ * writer died, break it and take it too. On a file system without hard links it is created in
+ * place and written at once (visible empty for that moment: readers re-read an empty lock before
+ * judging it). Nothing is left aside, whatever fails.
  */
 export async function createLock(file: string, content: string): Promise<FileHandle | undefined> {
-  let fh: FileHandle;
+  const aside = `${file}.${randomBytes(6).toString('hex')}.new`;
+  const fh = await createWith(aside, content);
   try {
-    fh = await open(file, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o644);
+    await link(aside, file);
+    return fh;
+  } catch (err) {
+    await fh.close().catch(() => undefined);
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EEXIST') return undefined;
+    if (code === 'EPERM' || code === 'ENOTSUP' || code === 'EOPNOTSUPP' || code === 'ENOSYS') return createInPlace(file, content);
+    throw err;
+  } finally {
+    await rm(aside, { force: true });
+  }
+}
+
+async function createInPlace(file: string, content: string): Promise<FileHandle | undefined> {
+  try {
+    return await createWith(file, content);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'EEXIST') return undefined;
     throw err;
   }
+}
+
+/** `file`, created exclusively (never through a link) holding `content`, left open; removed if the write fails. */
+async function createWith(file: string, content: string): Promise<FileHandle> {
+  const fh = await open(file, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o644);
   try {
     await fh.writeFile(content);
     return fh;

@@ -47,10 +47,11 @@ export async function startEmbeddedTemporal(opts: {
  * killed, or of a machine since restarted, named whatever process had the pid now: start-up was
  * refused until the lock was removed by hand). A lock of the pid alone (written before) is the pid's.
  *
- * Two processes starting at once: the lock is created exclusively and written at once
- * (core/lock-file.ts), and one found empty (its writer between the two, or one that died there) is
- * read again for up to a second before it counts as stale (before, the other could read it empty,
- * take it for stale and claim it too). A stale lock is removed by one process at a time
+ * Two processes starting at once: the lock appears with its content (written aside, then linked
+ * into place: core/lock-file.ts's createLock), never empty, so the other reads who holds it (before,
+ * it could read the file between its creation and its write, take it for stale and claim it too).
+ * One found empty (a writer without hard links between the two, or one that died there) is read
+ * again for up to a second before it counts as stale. A stale lock is removed by one process at a time
  * (`breakStale`: only if it is still the lock judged stale), and a stop removes the lock only while
  * it is still its own.
  */

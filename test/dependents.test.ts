@@ -295,8 +295,16 @@ describe('dependents', () => {
       expect(seen).toMatch(new RegExp(`^${process.pid} \\S+ \\S+ [0-9a-f]{16}\\n$`));
       expect(seen).not.toContain(value);
       expect(existsSync(lockOf(file))).toBe(false);
-      // A value its line cannot hold: refused inside the lock.
-      await expect(apply(file, target(3, "it's-quoted"))).rejects.toBeInstanceOf(UnprocessableError);
+      // An edit that fails under the lock (its first call, without it, found work to do): the lock is removed all the same.
+      let calls = 0;
+      let heldWhenItFailed = false;
+      const failing = withEnvFile(root, file, (f) => rewriteFile(f, (content) => {
+        if (++calls === 1) return Buffer.from(`${content}\n`);
+        heldWhenItFailed = existsSync(lockOf(file));
+        throw new UnprocessableError('refused under the lock');
+      }));
+      await expect(failing).rejects.toThrow('refused under the lock');
+      expect(heldWhenItFailed).toBe(true);
       expect(existsSync(lockOf(file))).toBe(false);
       expect(readdirSync(root).filter((name) => name.startsWith(`.${file}`))).toEqual([]);
     });

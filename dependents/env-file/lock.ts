@@ -16,11 +16,13 @@ const LOCK_WAIT_MS = 60_000;
 /**
  * Which processes a pid names: this host's boot and pid namespace. Workers in other containers
  * sharing the env files volume have pids of their own namespace, so their pid says nothing here:
- * their locks go stale by age only. Where there is no /proc, the host name alone.
+ * their locks go stale by age only. A part that cannot be read (no /proc) is `-`, and then every lock goes stale by age only.
  */
 const PID_SPACE = [os.hostname(), readOr(() => readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()), readOr(() => readlinkSync('/proc/self/ns/pid').replace(/\D/g, ''))]
   .map((part) => part.replace(/\s/g, '') || '-')
   .join('/');
+/** Without the boot or the pid namespace (no /proc), a pid might be another container's on this host: such locks go stale by age only. */
+const PID_SPACE_KNOWN = !PID_SPACE.split('/').includes('-');
 
 /**
  * Who holds a lock, as its file says: the pid, the process's start time (to tell it from a later
@@ -99,7 +101,7 @@ function isStale(held: LockState): boolean {
   if (Date.now() - held.mtimeMs > STALE_LOCK_MS) return true;
   const [pid, started, space, token] = held.content.split(' ');
   const owner = Number(pid);
-  if (space !== PID_SPACE || token === undefined || !Number.isInteger(owner) || owner <= 0) return false;
+  if (!PID_SPACE_KNOWN || space !== PID_SPACE || token === undefined || !Number.isInteger(owner) || owner <= 0) return false;
   // This process's own counts as alive too: another thread of it may hold it.
   if (!isAlive(owner)) return true;
   // Alive, but perhaps another process given the pid since. Unknown start times count as the same.
