@@ -3,6 +3,7 @@ import { accessSync, constants, mkdirSync, renameSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
+import { HelperInterrupted, isStopSignal } from '../core/helper-interrupted';
 import type { Logger } from '../core/logger';
 
 /**
@@ -40,7 +41,12 @@ export async function findTemporalCli(opts: { configured?: string; logger?: Logg
     });
     renameSync(path.join(staging, 'temporal'), cached);
   } catch (err) {
-    const e = err as { stderr?: string; message: string };
+    const e = err as { stderr?: string; message: string; signal?: unknown };
+    // Ctrl-C reaches go install too (it is in the service's process group): start-up interrupted, if
+    // the service took the signal (cli/serve.ts), not a failed build. go itself catches SIGINT and
+    // exits once the compilers it runs have died of it, saying so.
+    const signal = isStopSignal(e.signal) ? e.signal : /\bsignal: interrupt\b/.test(e.stderr ?? '') ? 'SIGINT' : /\bsignal: terminated\b/.test(e.stderr ?? '') ? 'SIGTERM' : undefined;
+    if (signal) throw new HelperInterrupted('go install', signal, { cause: err });
     throw new Error(`go install ${TEMPORAL_CLI_MODULE} failed: ${(e.stderr || e.message).trim().split('\n').slice(-5).join('\n')}`, { cause: err });
   } finally {
     rmSync(staging, { recursive: true, force: true });

@@ -1,6 +1,7 @@
 import { lstatSync, mkdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { Connection } from '@temporalio/client';
+import { HelperInterrupted } from '../core/helper-interrupted';
 import type { Logger } from '../core/logger';
 import { isAlive, startChild, startTimeOf, waitUntilReady } from './child';
 import { freePort, withFreshPorts } from './ports';
@@ -116,6 +117,8 @@ async function startOn(
 ): Promise<EmbeddedTemporal> {
   let buildError: Error | undefined;
   const binary = await findTemporalCli({ configured: opts.cliPath, logger: opts.logger }).catch((err: Error) => {
+    // A build Ctrl-C ended is start-up interrupted, not a reason to download the server instead.
+    if (err instanceof HelperInterrupted) throw err;
     buildError = err;
     return undefined;
   });

@@ -45,6 +45,30 @@ describe('the Temporal CLI build cache', () => {
     expect(existsSync(path.join(cache, `bin.tmp-${process.pid}`))).toBe(false);
   });
 
+  it('a build Ctrl-C ended (go dying of the signal, or go saying its compiler did) is start-up interrupted, not a failed build nor a reason to download the server', async () => {
+    const cache = mkdtempSync(path.join(os.tmpdir(), 'mailgent-cli-cache-'));
+    const data = mkdtempSync(path.join(os.tmpdir(), 'mailgent-temporal-data-'));
+    dirs.push(cache, data);
+    process.env.MAILGENT_CACHE_DIR = cache;
+    const goThat = (body: string) => {
+      const dir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-fake-go-'));
+      dirs.push(dir);
+      writeFileSync(path.join(dir, 'go'), `#!/bin/sh\n${body}\n`, { mode: 0o755 });
+      return dir;
+    };
+    process.env.PATH = goThat('kill -TERM $$');
+    await expect(findTemporalCli({})).rejects.toMatchObject({ name: 'HelperInterrupted', signal: 'SIGTERM', message: 'go install was ended by SIGTERM' });
+    // go catches SIGINT, and exits once the compilers it runs have died of it.
+    process.env.PATH = goThat("echo 'go.temporal.io/server/common: /usr/lib/go/pkg/tool/linux_amd64/compile: signal: interrupt' >&2; exit 1");
+    await expect(findTemporalCli({})).rejects.toMatchObject({ name: 'HelperInterrupted', signal: 'SIGINT' });
+    // Not followed by the SDK's download of the server (which would start one after the Ctrl-C).
+    await expect(startEmbeddedTemporal({ dataDir: data, namespace: 'default' })).rejects.toMatchObject({ name: 'HelperInterrupted' });
+    expect(existsSync(path.join(data, 'temporal.sqlite'))).toBe(false);
+    // Any other failure is a failed build, as before.
+    process.env.PATH = goThat("echo 'no route to proxy.golang.org' >&2; exit 1");
+    await expect(findTemporalCli({})).rejects.toThrow(/go install .* failed: no route to proxy.golang.org/);
+  });
+
   it('with no CLI and no Go, the SDK downloads the server into the cache (made 0700), never running a file planted in the shared temporary directory', async () => {
     const made = (prefix: string) => {
       const dir = mkdtempSync(path.join(os.tmpdir(), prefix));
