@@ -27,13 +27,15 @@ const credentialName = z
 // a name, so it must be taken as an id (a 404 if there is none), as it is in a path.
 const credentialId = z.guid('must be a credential id (UUID)');
 /**
- * A credential named by its id or by its name in one string, where it may be gone (an audit trail
- * outlives its credential): an id's form, or a name of the form vault.store takes. Anything else
- * names no credential there could ever have been: a 400 (as a malformed name is to vault.get), never
- * looked up, and never written into the audit log (it was, verbatim: control characters, a value
- * pasted by mistake).
+ * A credential named by its id or by its name in one string (a path's `:ref`, a grant's
+ * `credential`, the audit trail's `?credential=`, which outlives its credential): an id's form, or a
+ * name of the form vault.store takes. Anything else names no credential there could ever have been:
+ * a 400 (as a malformed name is to vault.get), never looked up, and never written into the audit log
+ * (it was, verbatim: control characters, a line break forging a line of whatever prints the log, a
+ * value pasted by mistake when it was not name-shaped; a name-shaped one is a name, recorded as
+ * vault.get records the names it is given).
  */
-const credentialRef = z.string().superRefine((s, ctx) => {
+export const credentialRef = z.string().superRefine((s, ctx) => {
   if (isUuid(s)) return;
   const asName = credentialName.safeParse(s);
   if (!asName.success) ctx.addIssue({ code: 'custom', message: `must be a credential id (UUID) or name: ${asName.error.issues[0]!.message}` });
@@ -253,7 +255,7 @@ export const auditQuery = z.strictObject({
 });
 
 export const grantCreate = z.strictObject({
-  credential: z.string().min(1).max(200),
+  credential: credentialRef,
   grantee: z.string().min(1).max(100),
 });
 

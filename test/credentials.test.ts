@@ -187,6 +187,37 @@ describe('credential policy', () => {
     expect((await h.api('POST', '/v1/vault.get', { token: reader.token, body: { id: stored.body.id } })).status).toBe(404);
   });
 
+  it('a credential named in a path or a grant by anything but an id or a name of a credential\'s form is a 400, never looked up nor written into the audit log', async () => {
+    // (Not h.secret: the harness records an error's route, where the leak sweep looks.)
+    const invalid = ['line\r\n{"forged":"row"}', 'a\u0001b\u007f', 'has space', 'x'.repeat(201), '-starts-with-a-dash', 'pasted=value$x'];
+    for (const [i, bad] of invalid.entries()) {
+      const path = `/v1/credentials/${encodeURIComponent(bad)}`;
+      const calls: [string, string, unknown][] = [
+        ['PATCH', path, { tags: ['x'] }],
+        ['DELETE', path, undefined],
+        ['DELETE', `${path}?destroy=true`, undefined],
+        ['POST', `${path}/restore`, undefined],
+        ['POST', '/v1/grants', { credential: bad, grantee: 'anyone' }],
+      ];
+      for (const [j, [method, route, body]] of calls.entries()) {
+        const requestId = `req-bad-ref-${i}-${j}`;
+        const res = await h.api(method, route, { token: agent.token, body, headers: { 'x-request-id': requestId } });
+        expect(res.status, `${method} ${route}: ${res.text}`).toBe(400);
+        expect(res.body.errors, res.text).toEqual([{ path: j === 4 ? 'credential' : 'ref', message: expect.stringMatching(/^must be a credential id \(UUID\) or name: /) }]);
+        // (The problem's `instance` is the caller's own path, as sent.)
+        expect(JSON.stringify([res.body.detail, res.body.errors])).not.toContain(bad);
+        const rows = (await h.sql('SELECT outcome, detail FROM audit_log WHERE request_id = $1', [requestId])).rows;
+        expect(rows, `${method} ${route}`).toEqual([{ outcome: 'rejected', detail: { error: 'validation-failed', status: 400 } }]);
+      }
+      const { rows } = await h.sql('SELECT count(*)::int AS n FROM audit_log WHERE strpos(detail::text, $1) > 0 OR strpos(detail::text, $2) > 0', [bad, JSON.stringify(bad).slice(1, -1)]);
+      expect(rows[0].n, JSON.stringify(bad)).toBe(0);
+    }
+    // A name of a credential's form that names none is looked up, and its denied row names it.
+    const missing = await h.api('PATCH', '/v1/credentials/no-such-credential', { token: agent.token, body: { tags: ['x'] }, headers: { 'x-request-id': 'req-missing-ref' } });
+    expect(missing.status, missing.text).toBe(404);
+    expect((await h.sql('SELECT outcome, detail FROM audit_log WHERE request_id = $1', ['req-missing-ref'])).rows).toMatchObject([{ outcome: 'denied', detail: { name: 'no-such-credential' } }]);
+  });
+
   it('an expiry with a UTC offset of up to 15 hours (what PostgreSQL takes) is stored as its instant', async () => {
     const stored = await h.api('POST', '/v1/vault.store', {
       token: agent.token,

@@ -8,9 +8,9 @@ import { checkPassword, getPasswordPolicy } from '../../vault/password-policy';
 import { TOTP_SEED_NOT_ROTATED, type Caller, type CredentialPolicy, type CredentialRef, type Vault } from '../../vault/vault';
 import { endpoint, type AuthDeps } from '../endpoint';
 import { credentialDeleted, credentialList, credentialMeta, secretRead, storedVersion, totpCode } from '../responses';
-import { credentialDeleteQuery, credentialsQuery, credentialUpdate, vaultGet, vaultStore, vaultTotp } from '../schemas';
+import { credentialDeleteQuery, credentialRef, credentialsQuery, credentialUpdate, vaultGet, vaultStore, vaultTotp } from '../schemas';
 import { isUuid } from '../../core/ids';
-import { ConflictError, UnavailableError, UnprocessableError } from '../../core/errors';
+import { ConflictError, UnavailableError, UnprocessableError, ValidationError } from '../../core/errors';
 import { statusOf } from '../../core/run-chain';
 
 export interface VaultRouteDeps {
@@ -133,8 +133,17 @@ function checkedPolicy<P extends CredentialPolicy>(deps: VaultRouteDeps, policy:
   };
 }
 
-/** A path segment names a credential by id (a UUID) or by name. */
+/**
+ * A path segment names a credential by id (a UUID) or by name; anything else is a 400 (credentialRef),
+ * never looked up nor written into the audit row as the name it is not.
+ */
 export function refOf(segment: unknown): CredentialRef {
   const s = String(segment);
-  return isUuid(s) ? { id: s } : { name: s };
+  if (isUuid(s)) return { id: s };
+  const checked = credentialRef.safeParse(s);
+  if (!checked.success) {
+    const message = checked.error.issues[0]!.message;
+    throw new ValidationError(`the request path is not valid: ref: ${message}`, [{ path: 'ref', message }]);
+  }
+  return { name: s };
 }
