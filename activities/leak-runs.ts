@@ -188,12 +188,32 @@ export async function closeUnanswered(db: Db, incidentId: string, rotationId: st
 }
 
 /**
+ * How a credential `c` stands for a leak, the one definition every activity that asks reads:
+ * `deleted` (soft-deleted or destroyed: a destroy sets deleted_at too) and `unmanaged` (no rotation
+ * policy). Either one is not rotated: its leak is told (queueUnrotatedNotice), not rotated.
+ */
+const CREDENTIAL_STANDING = `(c.deleted_at IS NOT NULL OR c.destroyed_at IS NOT NULL) AS deleted, c.rotation IS NULL AS unmanaged`;
+
+/**
  * What an incident of a credential that is not rotated needs to be told without a rotation, over
  * `leak_incidents i JOIN credentials c`: the version it names (an incident from before versions were
- * recorded: the current one), and how the credential stands now.
+ * recorded: the current one), and how the credential stands now (CREDENTIAL_STANDING).
  */
-export const UNROTATED_INCIDENT_COLUMNS = `i.id, i.rotation_id, i.source, coalesce(i.version, c.current_version) AS told_version,
-  c.deleted_at IS NOT NULL AS deleted, c.rotation IS NULL AS unmanaged`;
+export const UNROTATED_INCIDENT_COLUMNS = `i.id, i.rotation_id, i.source, coalesce(i.version, c.current_version) AS told_version, ${CREDENTIAL_STANDING}`;
+
+/**
+ * Tells a leak of a version that nothing will rotate (queueUnrotatedNotice) and hands its email to
+ * its delivery (where there is a Temporal client): what answerUnrotated and tellUnrotatedLeaks share.
+ */
+async function tellUnrotated(
+  deps: LeakNoticeDeps & { temporal?: { client: Client; taskQueue: string } },
+  t: { credentialId: string; identityId: string; version: number; deleted: boolean },
+  report: { source: string },
+  actor: string,
+): Promise<void> {
+  const mailId = await queueUnrotatedNotice(deps, t, report, actor);
+  if (mailId && deps.temporal) await startDelivery(deps.pool, deps.temporal, mailId);
+}
 
 /** An incident as UNROTATED_INCIDENT_COLUMNS reads it. */
 export interface UnrotatedIncident {
@@ -219,8 +239,7 @@ export async function answerUnrotated(
   actor: string,
   why: string,
 ): Promise<boolean> {
-  const mailId = await queueUnrotatedNotice(deps, { ...t, version: incident.told_version, deleted: incident.deleted }, { source: incident.source }, actor);
-  if (mailId && deps.temporal) await startDelivery(deps.pool, deps.temporal, mailId);
+  await tellUnrotated(deps, { ...t, version: incident.told_version, deleted: incident.deleted }, { source: incident.source }, actor);
   return closeUnanswered(tx, incident.id, incident.rotation_id, why);
 }
 
@@ -237,34 +256,35 @@ const RESUMED_PER_SWEEP = 200;
 export function leakActivities(deps: ActivityDeps) {
   return {
     /**
-     * Whether the credential is rotated now: not deleted (nor destroyed), and with a rotation policy.
-     * A run asks before it rotates the credential again for a leak (see UNROTATED_LEAKS_TOLD): a run
-     * started for one that is not would fail at its plan. `current`: its current version (null: no
-     * such credential).
+     * Whether the credential is rotated now: not deleted (nor destroyed), and with a rotation policy
+     * (CREDENTIAL_STANDING, as a report of it now reads it). A run asks before it rotates the
+     * credential again for a leak (see UNROTATED_LEAKS_TOLD): a run started for one that is not
+     * would fail at its plan. `current`: its current version (null: no such credential).
      */
     async rotatedNow(ids: RotationIds): Promise<{ rotated: boolean; current: number | null }> {
-      const { rows } = await deps.pool.query(
-        `SELECT current_version, deleted_at IS NULL AND destroyed_at IS NULL AND rotation IS NOT NULL AS rotated
-           FROM credentials WHERE id = $1 AND identity_id = $2`,
-        [ids.credentialId, ids.identityId],
-      );
-      return { rotated: rows[0]?.rotated === true, current: (rows[0]?.current_version as number | undefined) ?? null };
+      const { rows } = await deps.pool.query(`SELECT c.current_version, ${CREDENTIAL_STANDING} FROM credentials c WHERE c.id = $1 AND c.identity_id = $2`, [
+        ids.credentialId,
+        ids.identityId,
+      ]);
+      const row = rows[0] as { current_version: number; deleted: boolean; unmanaged: boolean } | undefined;
+      return { rotated: row !== undefined && !row.deleted && !row.unmanaged, current: row?.current_version ?? null };
     },
 
     /**
-     * Tells of the leaked `versions` (the current one if none) that are still live, of a credential
-     * that is not rotated now (rotatedNow), as a report of them now would (queueUnrotatedNotice: the
-     * security contacts, the owners and the identity; a deleted credential's "revoke it by hand, or
-     * restore it and report again"), each handed to its delivery: the run that heard of them cannot
-     * answer them by rotating again. Once per version (and deletion), however often it is asked.
-     * The report named is the latest of the incidents the run heard (`heard`).
+     * Tells of the leaked `versions` that are still live (none given: nothing is told), of a
+     * credential that is not rotated now (rotatedNow), as a report of them now would
+     * (queueUnrotatedNotice: the security contacts, the owners and the identity; a deleted
+     * credential's "revoke it by hand, or restore it and report again"), each handed to its delivery:
+     * the run that heard of them cannot answer them by rotating again. Once per version (and
+     * deletion), however often it is asked. The report named is the latest of the incidents the run
+     * heard (`heard`). `told`: the versions told (those still live).
      */
     async tellUnrotatedLeaks(ids: RotationIds & { versions: number[]; heard: string[] }): Promise<{ told: number[] }> {
+      if (ids.versions.length === 0) return { told: [] };
       const { rows } = await deps.pool.query(
-        `SELECT v.version, c.deleted_at IS NOT NULL OR c.destroyed_at IS NOT NULL AS deleted
+        `SELECT v.version, ${CREDENTIAL_STANDING}
            FROM credentials c JOIN secret_versions v ON v.credential_id = c.id
-          WHERE c.id = $1 AND c.identity_id = $2 AND v.revoked_at IS NULL
-            AND (v.version = ANY($3::int[]) OR (cardinality($3::int[]) = 0 AND v.version = c.current_version))
+          WHERE c.id = $1 AND c.identity_id = $2 AND v.revoked_at IS NULL AND v.version = ANY($3::int[])
           ORDER BY v.version`,
         [ids.credentialId, ids.identityId, ids.versions],
       );
@@ -277,8 +297,7 @@ export function leakActivities(deps: ActivityDeps) {
       for (const { version, deleted } of rows) {
         heartbeat();
         const t = { credentialId: ids.credentialId, identityId: ids.identityId, version: version as number, deleted: deleted as boolean };
-        const mailId = await queueUnrotatedNotice(deps, t, { source }, `workflow:${ids.workflowId}`);
-        if (mailId && deps.temporal) await startDelivery(deps.pool, deps.temporal, mailId);
+        await tellUnrotated(deps, t, { source }, `workflow:${ids.workflowId}`);
       }
       return { told: rows.map((r) => r.version as number) };
     },

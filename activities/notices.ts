@@ -264,26 +264,15 @@ const SUBJECTS: Record<RotationNotice['outcome'], (name: string) => string> = {
   superseded: (name) => `[mailgent] ACTION NEEDED: the rotated value of ${name} was replaced; its dependents still have it`,
 };
 
-export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMeta, 'name' | 'kind' | 'nextRotationAt' | 'version'> & { deletedAt?: string | null }, reason: string | null) {
+export function composeRotationNotice(
+  n: RotationNotice,
+  meta: Pick<CredentialMeta, 'name' | 'kind' | 'nextRotationAt' | 'version'> & { deletedAt?: string | null; policy?: CredentialMeta['policy'] },
+  reason: string | null,
+) {
   const what = `the ${meta.kind} credential '${meta.name}'`;
   const problems = n.problems ?? [];
   const listed = problems.map((p) => `- ${p}`);
-  // A failed or cancelled leak rotation leaves the leaked value working: the security contacts must
-  // hear that (unless the run rotates again, as a cancelled one that heard of a leak does). A
-  // credential deleted while it ran is not rotated again (its next step refused it, or the run did
-  // not rotate it again): before, the notice told them to rotate it again, which it cannot be.
-  const stillLeaked = n.rotatingAgain
-    ? ['', 'A leak of this credential was reported, and a cancel does not stop the answer to it: it is being rotated again now, in leak mode.', 'You will get a notice when that rotation has finished.']
-    : n.mode === 'leak' && meta.deletedAt
-      ? [
-          '',
-          'A leak of this credential was reported, but the credential was deleted while it was being rotated:',
-          'Mailgent does not rotate a deleted credential, so the leaked value was not replaced and still works where it was issued.',
-          `Revoke it there by hand, or restore the credential (POST /v1/credentials/${n.credentialId}/restore) and report the leak again to have it rotated.`,
-        ]
-      : n.mode === 'leak'
-        ? ['', 'A leak of this credential was reported and the rotation did not replace it: the leaked value still works.', 'Rotate it again, or revoke it at the provider by hand.']
-        : [];
+  const stillLeaked = leakLines(n, meta);
   const body: Record<RotationNotice['outcome'], string[]> = {
     rotated: [
       `${cap(what)} was rotated${n.mode === 'leak' ? ' because a leak was reported' : ''}.`,
@@ -298,6 +287,8 @@ export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMe
           : `Version ${n.fromVersion} has been revoked.`,
       `Next rotation due: ${meta.nextRotationAt ?? 'no rotation policy set'}.`,
       ...(problems.length > 0 ? ['', 'Not everything went through:', ...listed] : []),
+      // A leak of the version it made (or of one stored since), the credential not rotated now: not rotated again (UNROTATED_LEAKS_TOLD).
+      ...(n.unrotatedLeaks && (meta.deletedAt || meta.policy === null) ? stillLeaked : []),
     ],
     failed: [
       problems.length > 0
@@ -364,6 +355,56 @@ export function composeRotationNotice(n: RotationNotice, meta: Pick<CredentialMe
     'This notice never contains a secret. Read the current value with vault.get.',
   ];
   return { subject: SUBJECTS[n.outcome](meta.name), text: lines.join('\n') };
+}
+
+/**
+ * What a leak notice says of a leak the run did not answer by rotating: it is rotated again (a
+ * cancelled run's), or not, and then why and what the owners can do. A credential that is not
+ * rotated now (deleted, or its policy taken away, while it ran) is not rotated again: before, the
+ * notice told them to rotate it again, which it cannot be. What the run did instead
+ * (`unrotatedLeaks`: a replaced leaked version revoked, the live ones told) is said as it is: a
+ * leaked value the run revoked is not said to work still.
+ */
+function leakLines(n: RotationNotice, meta: { deletedAt?: string | null; policy?: CredentialMeta['policy']; kind: string }): string[] {
+  if (n.rotatingAgain) {
+    return ['', 'A leak of this credential was reported, and a cancel does not stop the answer to it: it is being rotated again now, in leak mode.', 'You will get a notice when that rotation has finished.'];
+  }
+  if (n.mode !== 'leak') return [];
+  // A policy taken away (not deleted): set one, or revoke by hand; not "rotate it again" (no policy, no rotation).
+  const unmanaged = !meta.deletedAt && meta.policy === null;
+  if (!meta.deletedAt && !unmanaged) {
+    return ['', 'A leak of this credential was reported and the rotation did not replace it: the leaked value still works.', 'Rotate it again, or revoke it at the provider by hand.'];
+  }
+  const answered = n.unrotatedLeaks;
+  const lines = [
+    '',
+    meta.deletedAt
+      ? 'A leak of this credential was reported, but the credential was deleted while it was being rotated: Mailgent does not rotate a deleted credential.'
+      : 'A leak of this credential was reported, but its rotation policy was taken away while it was being rotated: Mailgent cannot rotate it without one.',
+  ];
+  if (answered && answered.revoked.length > 0) {
+    lines.push(`${cap(versionsText(answered.revoked))}, reported leaked and replaced since, ${answered.revoked.length > 1 ? 'have' : 'has'} been revoked at the provider.`);
+  }
+  if (answered && answered.failed.length > 0) lines.push('Not revoked:', ...answered.failed.map((f) => `- ${f}`));
+  // Unknown (a run that did not answer them itself): the leaked value is taken to be live, as it may be.
+  const live = answered ? answered.live : undefined;
+  if (live && live.length === 0) return lines;
+  const which = live ? ` (${versionsText(live)})` : '';
+  lines.push(
+    `The leaked value${which} still works where it was issued.`,
+    meta.deletedAt
+      ? `Revoke it there by hand, or restore the credential (POST /v1/credentials/${n.credentialId}/restore) and report the leak again to have it rotated.`
+      : meta.kind === 'totp_seed'
+        ? 'Enrol a new seed with its service (which retires the old one) and store it with vault.store.'
+        : `Set a rotation policy on it (PATCH /v1/credentials/${n.credentialId}) and report the leak again to have it rotated, or revoke it there by hand and store its replacement with vault.store.`,
+  );
+  return lines;
+}
+
+/** "version 3", "versions 1 and 2", "versions 1, 2 and 4". */
+function versionsText(versions: number[]): string {
+  if (versions.length === 1) return `version ${versions[0]}`;
+  return `versions ${versions.slice(0, -1).join(', ')} and ${versions.at(-1)}`;
 }
 
 function cap(s: string): string {

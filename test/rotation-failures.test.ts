@@ -606,7 +606,7 @@ describe('rotation failures', () => {
     /** What a notice says of the leak: the credential deleted, so not rotated; the leaked value still works; what to do. */
     const expectToldNotRotated = (text: string, id: string) => {
       expect(text).toContain('A leak of this credential was reported, but the credential was deleted while it was being rotated');
-      expect(text).toContain('the leaked value was not replaced and still works where it was issued');
+      expect(text).toContain('The leaked value (version 1) still works where it was issued.');
       expect(text).toContain(`restore the credential (POST /v1/credentials/${id}/restore) and report the leak again to have it rotated`);
       // Before: "Rotate it again, or revoke it at the provider by hand" (a deleted credential is not rotated), or, cancelled, "being rotated again".
       expect(text).not.toContain('Rotate it again');
@@ -621,6 +621,15 @@ describe('rotation failures', () => {
     expect(moreFailed).toEqual([]);
     expect(failedNotice!.mail.subject).toBe(`[mailgent] Rotation FAILED for ${failed.name}`);
     expectToldNotRotated(failedNotice!.mail.text!, failed.id);
+    // The failed run tells the leak as a cancelled one does (before, only its FAILED notice told it).
+    const failedTold = await waitFor(
+      `the leak of ${failed.name} told as not rotated`,
+      async () => (await mailTo(failed.ownerMail)).filter((m) => m.mail.subject === `[mailgent] SECURITY: leak reported for ${failed.name} (deleted; not rotated)`),
+      (mails) => mails.length > 0,
+    );
+    expect(failedTold).toHaveLength(1);
+    expect(failedTold[0]!.mail.text).toContain('(version 1) was reported by scanner');
+    expect(recipients(failedTold[0]!.mail)).toEqual(expect.arrayContaining([failed.ownerMail, securityDesk]));
 
     // Cancelled instead, the attempt undone: before, the run rotated again in leak mode (a cancel does
     // not stop the answer to a leak), and that run failed at its plan: a "Rotation FAILED" notice after
@@ -649,6 +658,123 @@ describe('rotation failures', () => {
     const unrotated = told.find((m) => m.mail.subject?.endsWith('(deleted; not rotated)'))!;
     expect(unrotated.mail.text).toContain(`(version 1) was reported by scanner`);
     expect(recipients(unrotated.mail)).toEqual(expect.arrayContaining([cancelled.ownerMail, securityDesk]));
+  });
+
+  /** The rotation emails queued for `address` (the outbox: every one a run queued is there once it has ended, delivered or not). */
+  const queuedFor = async (address: string) =>
+    (await h.sql(`SELECT subject, text_body FROM mail_outbox WHERE $1 = ANY(recipients) ORDER BY created_at`, [address])).rows as { subject: string; text_body: string }[];
+
+  it('a replaced leaked version of a credential deleted during its rotation is revoked by the cancelled run, and nothing else is told: no leak email names a version nobody reported, and the notice does not say the revoked value still works', async () => {
+    const { name, id, ownerMail } = await generatedKey({ graceHours: 1 });
+    // Version 2 stored by hand: version 1 is replaced, and still live (a store revokes nothing at the provider).
+    await store(name, 'api_key', h.secret(`v2_${randomBytes(16).toString('hex')}`));
+    expect(await revokedVersions(id)).toEqual([]);
+    const r = await receiver();
+    const pending = holdingPending(r);
+    await setDependents(id, [webhook(r)]);
+    const rotationId = await startRotation(name);
+    await pending.reached();
+    expect((await h.api('DELETE', `/v1/credentials/${id}`, { token: owner.token })).status).toBe(200);
+    // Version 1, the replaced one, is reported leaked: the running rotation (from version 2) hears of it.
+    const reported = await h.api('POST', '/v1/leaks', { token: owner.token, body: { credential: name, version: 1, source: 'scanner' } });
+    expect(reported.status, reported.text).toBe(202);
+    expect(reported.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 1, action: 'rotating' })]);
+    await waitFor('the run to hear of the leak', () => report(rotationId), (rep) => Boolean(rep.credentials[0]?.progress?.leakReported));
+    const cancelled = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: owner.token });
+    expect(cancelled.status, cancelled.text).toBe(202);
+    pending.release();
+
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'cancelled', leakReported: true, fromVersion: 2, toVersion: 3 });
+    expect((await h.sql(`SELECT outcome FROM run_outcomes WHERE credential_id = $1`, [id])).rows.map((row) => row.outcome)).toEqual(['cancelled']);
+    expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
+    // The leaked version 1 is revoked (replaced, it is the run's to revoke), and the pending version 3 discarded; version 2 is current, and was never reported.
+    expect(await revokedVersions(id)).toEqual([1, 3]);
+
+    // Before, the run asked again as it closed its incidents, found no leaked version left, and told
+    // "the current one": a "(deleted; not rotated)" email of version 2, which nobody reported.
+    const queued = await queuedFor(ownerMail);
+    expect(queued.filter((m) => m.subject.includes('not rotated'))).toEqual([]);
+    expect(queued.filter((m) => m.text_body.includes('(version 2)')).map((m) => m.subject)).toEqual([]);
+    expect(queued.map((m) => m.subject).sort()).toEqual([`[mailgent] Rotation cancelled for ${name}`, `[mailgent] SECURITY: leak reported for ${name}`].sort());
+    const told = await waitFor(
+      `the notices of ${name}`,
+      async () => (await mailTo(ownerMail)).filter((m) => m.mail.subject?.includes(name)),
+      (mails) => mails.length >= 2,
+      { show: (mails) => mails.map((m) => m.mail.subject) },
+    );
+    const notice = told.find((m) => m.mail.subject === `[mailgent] Rotation cancelled for ${name}`)!;
+    expect(notice.mail.text).toContain('A leak of this credential was reported, but the credential was deleted while it was being rotated');
+    expect(notice.mail.text).toContain('Version 1, reported leaked and replaced since, has been revoked at the provider.');
+    // Before: "the leaked value was not replaced and still works where it was issued", of the value the run had just revoked.
+    expect(notice.mail.text).not.toContain('still works');
+    expect(notice.mail.text).not.toContain('Rotate it again');
+    expect(notice.mail.text).not.toContain('being rotated again');
+    await read(id, 3);
+  });
+
+  it('a leak heard by a rotation whose credential lost its rotation policy meanwhile: its cancel or failure notice says to set a policy and report again, or revoke it by hand, not to rotate it again', async () => {
+    /** A rotation held at its dependent's credential.pending while the credential's policy is taken away and its current value (v1) reported leaked; `then` runs before the hold ends. */
+    const unmanagedThenLeaked = async (then: (rotationId: string) => Promise<void>, failVerify = false) => {
+      const { name, id, ownerMail } = await generatedKey({ graceHours: 1 });
+      const r = await receiver();
+      if (failVerify) r.answerVersion = 1; // it never picks up the new value: the only attempt fails at verify
+      const pending = holdingPending(r);
+      await setDependents(id, [webhook(r)]);
+      const rotationId = await startRotation(name);
+      await pending.reached();
+      const patchedPolicy = await h.api('PATCH', `/v1/credentials/${id}`, { token: owner.token, body: { rotation: null } });
+      expect(patchedPolicy.status, patchedPolicy.text).toBe(200);
+      const reported = await h.api('POST', '/v1/leaks', { token: owner.token, body: { credential: name, source: 'scanner' } });
+      expect(reported.status, reported.text).toBe(202);
+      expect(reported.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 1, action: 'rotating' })]);
+      await waitFor('the run to hear of the leak', () => report(rotationId), (rep) => Boolean(rep.credentials[0]?.progress?.leakReported));
+      await then(rotationId);
+      pending.release();
+      const result = await h.client.workflow.getHandle(`rotate:${id}`).result().catch((e: unknown) => e);
+      expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
+      expect(await revokedVersions(id)).toEqual([2]);
+      const told = await waitFor(
+        `the notices of ${name}`,
+        async () => (await mailTo(ownerMail)).filter((m) => m.mail.subject?.includes(name)),
+        (mails) => mails.length >= 3,
+        { show: (mails) => mails.map((m) => m.mail.subject) },
+      );
+      await read(id, 2);
+      return { name, id, result, told };
+    };
+    const expectToldToSetPolicy = (text: string, id: string) => {
+      expect(text).toContain('A leak of this credential was reported, but its rotation policy was taken away while it was being rotated');
+      expect(text).toContain('The leaked value (version 1) still works where it was issued.');
+      expect(text).toContain(`Set a rotation policy on it (PATCH /v1/credentials/${id}) and report the leak again to have it rotated, or revoke it there by hand`);
+      // Before: "Rotate it again, or revoke it at the provider by hand" (nothing rotates a credential without a policy).
+      expect(text).not.toContain('Rotate it again');
+      expect(text).not.toContain('being rotated again');
+    };
+
+    const cancelled = await unmanagedThenLeaked(async (rotationId) => {
+      const res = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: owner.token });
+      expect(res.status, res.text).toBe(202);
+    });
+    expect(cancelled.result).toMatchObject({ state: 'cancelled', leakReported: true });
+    expect(cancelled.told.map((m) => m.mail.subject).sort()).toEqual(
+      [
+        `[mailgent] Rotation cancelled for ${cancelled.name}`,
+        `[mailgent] SECURITY: leak reported for ${cancelled.name}`,
+        `[mailgent] SECURITY: leak reported for ${cancelled.name} (no rotation policy; not rotated)`,
+      ].sort(),
+    );
+    expectToldToSetPolicy(cancelled.told.find((m) => m.mail.subject === `[mailgent] Rotation cancelled for ${cancelled.name}`)!.mail.text!, cancelled.id);
+
+    const failed = await unmanagedThenLeaked(async () => undefined, true);
+    expectRotationFailed(failed.result, /reports version 1, not 2$/);
+    expect(failed.told.map((m) => m.mail.subject).sort()).toEqual(
+      [
+        `[mailgent] Rotation FAILED for ${failed.name}`,
+        `[mailgent] SECURITY: leak reported for ${failed.name}`,
+        `[mailgent] SECURITY: leak reported for ${failed.name} (no rotation policy; not rotated)`,
+      ].sort(),
+    );
+    expectToldToSetPolicy(failed.told.find((m) => m.mail.subject === `[mailgent] Rotation FAILED for ${failed.name}`)!.mail.text!, failed.id);
   });
 
   it('a leak rotation started with its answer lost, then reported again while it runs, is recorded: its rotation reads as its run ends, not running for ever', async () => {

@@ -121,6 +121,7 @@ export const ROLLBACK_ANSWER_OUTLIVES_CANCEL = 'rollback-answer-outlives-a-cance
  * first (rotatedNow) and, when it is not rotated now, answer those leaks themselves: a leaked version
  * replaced since is revoked (as the next run would have), the rest told as a report of them now
  * would tell them (tellUnrotatedLeaks: deleted, or no policy, so not rotated), and the run ends as it was.
+ * A leak run that fails (a deletion refusing its next step, say) answers its leaks the same way.
  */
 export const UNROTATED_LEAKS_TOLD = 'unrotated-leaks-told';
 

@@ -126,6 +126,11 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   const heardBefore = new Set<string>(input.heardIncidents ?? []);
   const incidents = new Set<string>();
   const reports: { version?: number }[] = [];
+  /**
+   * A report heard here named no version (an incident from before versions were recorded): it is of
+   * the current one. Only rotatedNow reads it (a leak of the credential told as not rotated).
+   */
+  let unversionedReport = false;
   const hear = ({ incidentId, version }: { incidentId: string; version?: number }) => {
     leak = true;
     if (!incidents.has(incidentId) && !heardBefore.has(incidentId)) {
@@ -134,6 +139,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     }
     progress.leakReported = true;
     if (version !== undefined) leakedVersions.add(version);
+    if (typeof version !== 'number') unversionedReport = true;
   };
   setHandler(leakSignal, hear);
   const heard = () => [...new Set([...heardBefore, ...incidents])];
@@ -200,6 +206,15 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       ...(stepOf('revoke_previous').state === 'failed' ? { previousNotRevoked: true } : {}),
       ...(abandonedNotRevoked ? { abandonedNotRevoked: true } : {}),
       restoresFailed,
+      ...(unrotated
+        ? {
+            unrotatedLeaks: {
+              revoked: [...unrotated.revoked].sort((a, b) => a - b),
+              live: [...unrotated.live].filter((v) => !revokedHere.has(v)).sort((a, b) => a - b),
+              failed: [...unrotated.failed],
+            },
+          }
+        : {}),
       ...extra,
     });
   // Runs recorded before this patch failed when a notice could not be sent (after a day of SMTP
@@ -242,8 +257,14 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       ...(incidentsHeard.length > 0 ? { heardIncidents: incidentsHeard } : {}),
     };
   };
-  /** The leaked versions last answered here as not rotated (rotatedNow), as a key: asked again only for others. */
-  let answeredUnrotated: string | undefined;
+  /**
+   * How rotatedNow answered the leaks of a credential it found not rotated now (undefined: it has not
+   * had to): the leaked versions it revoked (replaced since), those it told as still live (a revoke
+   * that failed leaves its version among them), the revokes that failed, every version answered
+   * (asked again only for others) and how many incidents had been heard then (asked again once more
+   * have been: the credential may have been restored meanwhile, and is then rotated again, not told).
+   */
+  let unrotated: { revoked: Set<number>; live: Set<number>; failed: string[]; answered: Set<number>; heard: number } | undefined;
   /**
    * Whether the credential may be rotated again, in leak mode, for the leaks this run leaves
    * unanswered (see UNROTATED_LEAKS_TOLD): not when it was deleted, or its policy taken away, while
@@ -251,20 +272,31 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
    * leaked version replaced since (older than the current one) is revoked, as the next run would
    * have revoked it, and the versions still live (the current one, whose replacement a deleted
    * credential does not get) are told as a report of them now would tell them: deleted (or no
-   * policy), so not rotated; revoke it by hand, or restore it and report again.
+   * policy), so not rotated; revoke it by hand, or restore it and report again. The current version
+   * is told only for a report that named none: a leak of one version is never told as another's.
    */
   const rotatedNow = async (): Promise<boolean> => {
     if (!patched(UNROTATED_LEAKS_TOLD)) return true;
-    const versions = leftLeaks();
-    if (versions.join(',') === answeredUnrotated) return false;
+    // (A report resumed from an incident that recorded no version may carry null: it named none.)
+    const left = () => leftLeaks().filter((v) => typeof v === 'number');
+    if (unrotated && unrotated.heard === heard().length && left().every((v) => unrotated!.answered.has(v))) return false;
     return CancellationScope.nonCancellable(async () => {
+      const heardThen = heard().length;
       const { rotated, current } = await db.rotatedNow(ids);
       if (rotated) return true;
-      const replaced = versions.filter((v) => current !== null && v < current);
+      const answer = (unrotated ??= { revoked: new Set(), live: new Set(), failed: [], answered: new Set(), heard: heardThen });
+      const replaced = left().filter((v) => current !== null && v < current);
       const revokes = replaced.map((version) => ({ what: `revoking the leaked version ${version} (it may still work)`, run: () => revoke(version) }));
-      problems.push(...(await runAll(revokes)));
-      await db.tellUnrotatedLeaks({ ...ids, versions, heard: heard() });
-      answeredUnrotated = versions.join(',');
+      answer.failed.push(...(await runAll(revokes)));
+      for (const version of replaced) if (revokedHere.has(version)) answer.revoked.add(version);
+      // What is left after the revokes: still live, told (none left: nothing is told, nor asked of the activity).
+      const live = [...new Set([...left(), ...(unversionedReport && current !== null ? [current] : [])])].sort((a, b) => a - b);
+      if (live.length > 0) {
+        const { told } = await db.tellUnrotatedLeaks({ ...ids, versions: live, heard: heard() });
+        for (const version of told) answer.live.add(version);
+      }
+      for (const version of live) answer.answered.add(version);
+      answer.heard = heardThen;
       return false;
     });
   };
@@ -320,7 +352,13 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       if (!closeLast) await db.closeLeakIncidents(ids);
       const seen = decidedOn ?? incidents.size;
       // Not said to be rotated again when it will not be (deleted meanwhile: rotatedNow answers the leak instead).
-      const rotatingAgain = (rotateAgain || (decidedOn !== undefined && incidents.size > decidedOn)) && outcome === 'cancelled' && (await rotatedNow());
+      const again = (rotateAgain || (decidedOn !== undefined && incidents.size > decidedOn)) && outcome === 'cancelled';
+      const rotatingAgain = again && (await rotatedNow());
+      // A failed leak run is not rotated again, but its leaks are answered as a cancelled one's are
+      // when the credential is not rotated now (deleted, or its policy taken away, while it ran: the
+      // step that failed may have been refused for that): a leaked version replaced since revoked,
+      // the live ones told as not rotated. Before, only its notice told them.
+      if (outcome === 'failed' && leak) await rotatedNow();
       await tell(kind, {
         graceEndsAt: progress.graceEndsAt,
         error: progress.error,

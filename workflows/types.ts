@@ -72,4 +72,12 @@ export interface RotationNotice extends RotationIds {
   /** A `superseded` notice: the replaced version had been reported leaked, and was revoked unless `supersededRevoked` is false. */
   supersededLeaked?: boolean;
   supersededRevoked?: boolean;
+  /**
+   * The credential was not rotated now (deleted, or its policy taken away, while the run went on)
+   * when the run would have rotated it again for a leak, and the run answered the leaks itself (see
+   * UNROTATED_LEAKS_TOLD): the leaked versions it revoked at the provider (replaced since), those
+   * still live (told as not rotated, in an email of their own), and the revokes that failed (`what:
+   * why`; their versions are among `live`). Versions only.
+   */
+  unrotatedLeaks?: { revoked: number[]; live: number[]; failed: string[] };
 }
