@@ -578,30 +578,43 @@ describe('rotation failures', () => {
     expect(failed.outcome.mail.text).toContain('the rotation did not replace it: the leaked value still works.');
   });
 
+  /**
+   * A rotation held at its dependent's credential.pending while `change` is made to its credential
+   * (deleted, its policy taken away) and its current value (v1) is reported leaked; `then` runs
+   * before the hold ends (a cancel, say). `failVerify`: the dependent never picks up the new value,
+   * so the only attempt fails at verify. Ends with the run's result, its incident closed and only the
+   * pending version (v2) discarded.
+   */
+  const changedThenLeaked = async (change: (id: string) => Promise<void>, then: (rotationId: string) => Promise<void>, failVerify = false) => {
+    const { name, id, ownerMail } = await generatedKey({ graceHours: 1 });
+    const r = await receiver();
+    if (failVerify) r.answerVersion = 1;
+    const pending = holdingPending(r);
+    await setDependents(id, [webhook(r)]);
+    const rotationId = await startRotation(name);
+    await pending.reached();
+    await change(id);
+    const reported = await h.api('POST', '/v1/leaks', { token: owner.token, body: { credential: name, source: 'scanner' } });
+    expect(reported.status, reported.text).toBe(202);
+    // Its rotation runs: it hears of the leak (neither change stops it).
+    expect(reported.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 1, action: 'rotating' })]);
+    await waitFor('the run to hear of the leak', () => report(rotationId), (rep) => Boolean(rep.credentials[0]?.progress?.leakReported));
+    await then(rotationId);
+    pending.release();
+    const result = await h.client.workflow.getHandle(`rotate:${id}`).result().catch((e: unknown) => e);
+    expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
+    expect(await revokedVersions(id)).toEqual([2]); // the pending version, discarded: v1, the leaked one, still works
+    await read(id, 2);
+    return { name, id, ownerMail, result };
+  };
+
   it('a leak heard by a rotation whose credential was deleted before promotion is told as one that is not rotated: the leaked value still works (revoke it, or restore and report again); a cancel then does not rotate it again', async () => {
-    /** A rotation held at its dependent's credential.pending while the credential is deleted and its current value (v1) reported leaked; `then` runs before the hold ends. */
+    /** As changedThenLeaked, the credential deleted; with its runs' outcomes. */
     const deletedThenLeaked = async (then: (rotationId: string) => Promise<void>) => {
-      const { name, id, ownerMail } = await generatedKey({ graceHours: 1 });
-      const r = await receiver();
-      const pending = holdingPending(r);
-      await setDependents(id, [webhook(r)]);
-      const rotationId = await startRotation(name);
-      await pending.reached();
-      expect((await h.api('DELETE', `/v1/credentials/${id}`, { token: owner.token })).status).toBe(200);
-      const reported = await h.api('POST', '/v1/leaks', { token: owner.token, body: { credential: name, source: 'scanner' } });
-      expect(reported.status, reported.text).toBe(202);
-      // Its rotation runs: it hears of the leak (a delete does not stop it).
-      expect(reported.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 1, action: 'rotating' })]);
-      await waitFor('the run to hear of the leak', () => report(rotationId), (rep) => Boolean(rep.credentials[0]?.progress?.leakReported));
-      await then(rotationId);
-      pending.release();
-      const result = await h.client.workflow.getHandle(`rotate:${id}`).result().catch((e: unknown) => e);
-      expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
+      const run = await changedThenLeaked(async (id) => expect((await h.api('DELETE', `/v1/credentials/${id}`, { token: owner.token })).status).toBe(200), then);
       // One run: no leak run after it, which would fail at its plan (a deleted credential is not rotated).
-      const runs = (await h.sql(`SELECT outcome FROM run_outcomes WHERE credential_id = $1`, [id])).rows.map((row) => row.outcome);
-      expect(await revokedVersions(id)).toEqual([2]); // the pending version, discarded: v1, the leaked one, still works
-      await read(id, 2);
-      return { name, id, ownerMail, result, runs };
+      const runs = (await h.sql(`SELECT outcome FROM run_outcomes WHERE credential_id = $1`, [run.id])).rows.map((row) => row.outcome);
+      return { ...run, runs };
     };
     /** What a notice says of the leak: the credential deleted, so not rotated; the leaked value still works; what to do. */
     const expectToldNotRotated = (text: string, id: string) => {
@@ -713,34 +726,20 @@ describe('rotation failures', () => {
   });
 
   it('a leak heard by a rotation whose credential lost its rotation policy meanwhile: its cancel or failure notice says to set a policy and report again, or revoke it by hand, not to rotate it again', async () => {
-    /** A rotation held at its dependent's credential.pending while the credential's policy is taken away and its current value (v1) reported leaked; `then` runs before the hold ends. */
+    /** As changedThenLeaked, the credential's rotation policy taken away; with the three emails about it. */
     const unmanagedThenLeaked = async (then: (rotationId: string) => Promise<void>, failVerify = false) => {
-      const { name, id, ownerMail } = await generatedKey({ graceHours: 1 });
-      const r = await receiver();
-      if (failVerify) r.answerVersion = 1; // it never picks up the new value: the only attempt fails at verify
-      const pending = holdingPending(r);
-      await setDependents(id, [webhook(r)]);
-      const rotationId = await startRotation(name);
-      await pending.reached();
-      const patchedPolicy = await h.api('PATCH', `/v1/credentials/${id}`, { token: owner.token, body: { rotation: null } });
-      expect(patchedPolicy.status, patchedPolicy.text).toBe(200);
-      const reported = await h.api('POST', '/v1/leaks', { token: owner.token, body: { credential: name, source: 'scanner' } });
-      expect(reported.status, reported.text).toBe(202);
-      expect(reported.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 1, action: 'rotating' })]);
-      await waitFor('the run to hear of the leak', () => report(rotationId), (rep) => Boolean(rep.credentials[0]?.progress?.leakReported));
-      await then(rotationId);
-      pending.release();
-      const result = await h.client.workflow.getHandle(`rotate:${id}`).result().catch((e: unknown) => e);
-      expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
-      expect(await revokedVersions(id)).toEqual([2]);
+      const unmanage = async (id: string) => {
+        const patchedPolicy = await h.api('PATCH', `/v1/credentials/${id}`, { token: owner.token, body: { rotation: null } });
+        expect(patchedPolicy.status, patchedPolicy.text).toBe(200);
+      };
+      const run = await changedThenLeaked(unmanage, then, failVerify);
       const told = await waitFor(
-        `the notices of ${name}`,
-        async () => (await mailTo(ownerMail)).filter((m) => m.mail.subject?.includes(name)),
+        `the notices of ${run.name}`,
+        async () => (await mailTo(run.ownerMail)).filter((m) => m.mail.subject?.includes(run.name)),
         (mails) => mails.length >= 3,
         { show: (mails) => mails.map((m) => m.mail.subject) },
       );
-      await read(id, 2);
-      return { name, id, result, told };
+      return { ...run, told };
     };
     const expectToldToSetPolicy = (text: string, id: string) => {
       expect(text).toContain('A leak of this credential was reported, but its rotation policy was taken away while it was being rotated');
