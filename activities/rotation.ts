@@ -44,7 +44,7 @@ export function rotationActivities(deps: ActivityDeps) {
     const policy = plannedPolicy ?? DEFAULT_POLICY;
     const provider = registered(deps.providers, policy.provider);
     if (!provider) throw new UnprocessableError(`rotation provider '${policy.provider}' is not installed on this worker`);
-    return { meta, policy, provider, dependents };
+    return { meta, policy, provider, dependents, policyKnown: plannedPolicy !== null && plannedPolicy !== undefined };
   };
   const providerContext = async (ids: RotationIds, meta: CredentialMeta, provider: Provider<any>, settings: Record<string, unknown>) => ({
     settings: provider.settings.parse(await withPasswordPolicy(deps, meta, provider.name, settings)),
@@ -279,7 +279,14 @@ export function rotationActivities(deps: ActivityDeps) {
         // A credential deleted since (restorable, its versions kept) is not rotated, but the value
         // this revokes, replaced and perhaps leaked, must stop working all the same: before, the
         // revoke failed for good and the old value stayed live.
-        const { meta, policy, provider } = await load(ids, { deleted: true });
+        const { meta, policy, provider, policyKnown } = await load(ids, { deleted: true });
+        // No policy to say where the value was issued (taken away before this run planned: a leak
+        // run continued from one whose credential lost it): the default provider's revoke does
+        // nothing, and the version would be marked revoked while it still works. Refused: the run
+        // tells it as live instead (UNROTATED_LEAKS_TOLD).
+        if (!policyKnown) {
+          throw new UnprocessableError(`version ${ids.version} of credential '${meta.name}' cannot be revoked here: the credential has no rotation policy to say where it was issued; revoke it there by hand`);
+        }
         const ctx = await providerContext(ids, meta, provider, policy.settings);
         const secret = await read(ids, ids.version, 'provider.revoke');
         const idempotencyKey = stepKey(ids, 'revoke', ids.version);

@@ -560,6 +560,22 @@ describe('credential lifecycle', () => {
     expect(final.state).toBe('rolled_back');
   });
 
+  it('a replaced version of a credential whose policy was taken away before the run planned is not marked revoked: no provider says where it was issued', async () => {
+    const name = unique('no-policy-revoke');
+    const credential = await apiKeyAt(name);
+    await store(name, 'api_key', h.secret(`sk_v2_${randomBytes(12).toString('hex')}`));
+    const unmanaged = await h.api('PATCH', `/v1/credentials/${credential.id}`, { token: owner.token, body: { rotation: null } });
+    expect(unmanaged.status, unmanaged.text).toBe(200);
+    const activities = createActivities(h.deps);
+    const ids = { rotationId: randomUUID(), identityId: owner.id, credentialId: credential.id, workflowId: `rotate:${credential.id}` };
+    // The run plans (its plan records no policy) and is refused; a revoke of version 1 follows (a leak run answering a leak of it).
+    await expect(activities.planRotation(ids)).rejects.toThrow(/no rotation policy/);
+    // Before, the default provider's revoke (which does nothing) ran and version 1 was marked revoked while it still worked at the provider.
+    await expect(activities.revokeVersion({ ...ids, version: 1 })).rejects.toThrow(`version 1 of credential '${name}' cannot be revoked here: the credential has no rotation policy to say where it was issued; revoke it there by hand`);
+    expect(await revokedVersions(credential.id)).toEqual([]);
+    expect(credential.provider.requests.filter((r) => r.route === 'revoke')).toEqual([]);
+  });
+
   it('a cancel during a failed attempt\'s undo ends the run there: the next attempt, refused before it reached the provider, makes no key to discard (nor does it later)', async () => {
     const name = unique('undo-cancel');
     const receiver = new WebhookReceiver(signingKey);

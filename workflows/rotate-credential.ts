@@ -130,7 +130,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
    * A report heard here named no version (an incident from before versions were recorded): it is of
    * the current one. Only rotatedNow reads it (a leak of the credential told as not rotated).
    */
-  let unversionedReport = false;
+  let unversionedReport = (input.leakedVersions ?? []).some((v) => typeof v !== 'number');
   const hear = ({ incidentId, version }: { incidentId: string; version?: number }) => {
     leak = true;
     if (!incidents.has(incidentId) && !heardBefore.has(incidentId)) {
@@ -287,7 +287,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       const answer = (unrotated ??= { revoked: new Set(), live: new Set(), failed: [], answered: new Set(), heard: heardThen });
       const replaced = left().filter((v) => current !== null && v < current);
       const revokes = replaced.map((version) => ({ what: `revoking the leaked version ${version} (it may still work)`, run: () => revoke(version) }));
-      answer.failed.push(...(await runAll(revokes)));
+      for (const failure of await runAll(revokes)) if (!answer.failed.includes(failure)) answer.failed.push(failure);
       for (const version of replaced) if (revokedHere.has(version)) answer.revoked.add(version);
       // What is left after the revokes: still live, told (none left: nothing is told, nor asked of the activity).
       const live = [...new Set([...left(), ...(unversionedReport && current !== null ? [current] : [])])].sort((a, b) => a - b);
@@ -354,11 +354,12 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       // Not said to be rotated again when it will not be (deleted meanwhile: rotatedNow answers the leak instead).
       const again = (rotateAgain || (decidedOn !== undefined && incidents.size > decidedOn)) && outcome === 'cancelled';
       const rotatingAgain = again && (await rotatedNow());
-      // A failed leak run is not rotated again, but its leaks are answered as a cancelled one's are
-      // when the credential is not rotated now (deleted, or its policy taken away, while it ran: the
-      // step that failed may have been refused for that): a leaked version replaced since revoked,
-      // the live ones told as not rotated. Before, only its notice told them.
-      if (outcome === 'failed' && leak) await rotatedNow();
+      // A failed leak run, or a cancelled one not rotated again (its undo failed in part), answers its
+      // leaks as a cancelled one rotated again does when the credential is not rotated now (deleted,
+      // or its policy taken away, while it ran: the step that failed may have been refused for
+      // that): a leaked version replaced since revoked, the live ones told as not rotated. Before,
+      // only its notice told them.
+      if ((outcome === 'failed' || outcome === 'cancelled') && leak && !again) await rotatedNow();
       await tell(kind, {
         graceEndsAt: progress.graceEndsAt,
         error: progress.error,
