@@ -40,11 +40,13 @@ export function rotationActivities(deps: ActivityDeps) {
   const load = async (ids: RotationIds, opts: { deleted?: boolean; plan?: PlannedPolicy } = {}) => {
     const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
     if (meta.deletedAt && !opts.deleted) throw new UnprocessableError(`credential '${meta.name}' is deleted; it is not rotated`);
-    const { policy: plannedPolicy, dependents } = opts.plan ?? (await planned(ids, meta));
+    const plan = opts.plan ?? (await deps.rotations.plannedPolicy(ids));
+    const { policy: plannedPolicy, dependents } = plan ?? { policy: meta.policy, dependents: meta.dependents };
     const policy = plannedPolicy ?? DEFAULT_POLICY;
     const provider = registered(deps.providers, policy.provider);
     if (!provider) throw new UnprocessableError(`rotation provider '${policy.provider}' is not installed on this worker`);
-    return { meta, policy, provider, dependents, policyKnown: plannedPolicy !== null && plannedPolicy !== undefined };
+    // The run planned and found no policy (taken away before it planned): nothing says where its values were issued.
+    return { meta, policy, provider, dependents, plannedWithoutPolicy: plan !== undefined && !plan.policy };
   };
   const providerContext = async (ids: RotationIds, meta: CredentialMeta, provider: Provider<any>, settings: Record<string, unknown>) => ({
     settings: provider.settings.parse(await withPasswordPolicy(deps, meta, provider.name, settings)),
@@ -279,12 +281,12 @@ export function rotationActivities(deps: ActivityDeps) {
         // A credential deleted since (restorable, its versions kept) is not rotated, but the value
         // this revokes, replaced and perhaps leaked, must stop working all the same: before, the
         // revoke failed for good and the old value stayed live.
-        const { meta, policy, provider, policyKnown } = await load(ids, { deleted: true });
+        const { meta, policy, provider, plannedWithoutPolicy } = await load(ids, { deleted: true });
         // No policy to say where the value was issued (taken away before this run planned: a leak
         // run continued from one whose credential lost it): the default provider's revoke does
         // nothing, and the version would be marked revoked while it still works. Refused: the run
         // tells it as live instead (UNROTATED_LEAKS_TOLD).
-        if (!policyKnown) {
+        if (plannedWithoutPolicy) {
           throw new UnprocessableError(`version ${ids.version} of credential '${meta.name}' cannot be revoked here: the credential has no rotation policy to say where it was issued; revoke it there by hand`);
         }
         const ctx = await providerContext(ids, meta, provider, policy.settings);

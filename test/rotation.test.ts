@@ -1,11 +1,13 @@
 import { randomUUID } from 'node:crypto';
-import { createServer } from 'node:net';
+import { once } from 'node:events';
+import { createServer as createHttpServer } from 'node:http';
+import { createServer, type AddressInfo } from 'node:net';
 import { Client, Connection, defaultGrpcRetryOptions, makeGrpcRetryInterceptor, WorkflowFailedError, WorkflowNotFoundError } from '@temporalio/client';
 import { sendMail } from '../api/routes/mail';
 import { rollbackRotation, rotationStatus, startRotation } from '../api/routes/rotations';
 import { ApplicationFailure } from '@temporalio/common';
 import pg from 'pg';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, onTestFinished } from 'vitest';
 import { keyed } from '../api/idempotency';
 import { holdTable } from './support/lifecycle-fixtures';
 import { createActivities } from '../activities';
@@ -310,11 +312,19 @@ describe('rotateCredential', () => {
     expect(started.status, started.text).toBe(202);
     for (let i = 0; i < 100 && (await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token })).body.state !== 'grace'; i++) await new Promise((r) => setTimeout(r, 100));
     // In grace (7.2 s), the new value reported leaked: the run goes on as a leak rotation once it
-    // ends (continue-as-new), and that run fails at its plan, the policy taken away meanwhile.
+    // ends (continue-as-new), and that run fails: its policy, changed meanwhile, names a provider
+    // that refuses it (403, one attempt). (A policy taken away instead is no longer rotated again:
+    // the first run tells the leak as not rotated, UNROTATED_LEAKS_TOLD.)
     const leaked = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: name, source: 'continued-test' } });
     expect(leaked.status, leaked.text).toBe(202);
     h.secret((await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name } })).body.value);
-    expect((await h.api('PATCH', `/v1/credentials/${name}`, { token: agent.token, body: { rotation: null } })).status).toBe(200);
+    const refusing = createHttpServer((_req, res) => res.writeHead(403, { 'content-type': 'application/json' }).end('{"error":"forbidden"}')).listen(0, '127.0.0.1');
+    await once(refusing, 'listening');
+    const at = `http://127.0.0.1:${(refusing.address() as AddressInfo).port}`;
+    const refused = { provider: 'http', maxAttempts: 1, graceHours: 0.002, settings: { create: { url: `${at}/keys` }, verify: { url: `${at}/whoami` }, revoke: { url: `${at}/keys/{id}` }, auth: { credential: name }, valuePath: 'secret', idPath: 'id' } };
+    const changed = await h.api('PATCH', `/v1/credentials/${name}`, { token: agent.token, body: { rotation: refused } });
+    expect(changed.status, changed.text).toBe(200);
+    onTestFinished(() => void refusing.close());
     const workflowId = started.body.workflowIds[0] as string;
     await expect(h.client.workflow.getHandle(workflowId).result()).rejects.toBeInstanceOf(WorkflowFailedError);
     const first = (await h.sql('SELECT run_id FROM rotation_runs WHERE rotation_id = $1', [started.body.rotationId])).rows[0].run_id as string;
@@ -717,14 +727,19 @@ describe('rotateCredential', () => {
   });
 });
 
-/** A Temporal client for a port nobody listens on, trying each call once (not the SDK's minutes of retries). */
-async function unreachableTemporal(): Promise<Client> {
-  const closed = await new Promise<number>((resolve) => {
+/** A port nobody listens on (one just freed). */
+function closedPort(): Promise<number> {
+  return new Promise<number>((resolve) => {
     const server = createServer().listen(0, '127.0.0.1', () => {
       const { port } = server.address() as { port: number };
       server.close(() => resolve(port));
     });
   });
-  const once = makeGrpcRetryInterceptor(defaultGrpcRetryOptions({ maxAttempts: 1 }));
-  return new Client({ connection: Connection.lazy({ address: `127.0.0.1:${closed}`, connectTimeout: 1_000, interceptors: [once] }) });
+}
+
+/** A Temporal client for a port nobody listens on, trying each call once (not the SDK's minutes of retries). */
+async function unreachableTemporal(): Promise<Client> {
+  const closed = await closedPort();
+  const tryOnce = makeGrpcRetryInterceptor(defaultGrpcRetryOptions({ maxAttempts: 1 }));
+  return new Client({ connection: Connection.lazy({ address: `127.0.0.1:${closed}`, connectTimeout: 1_000, interceptors: [tryOnce] }) });
 }
