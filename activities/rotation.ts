@@ -31,8 +31,8 @@ export function rotationActivities(deps: ActivityDeps) {
    * The policy and dependents the run planned with (rotation_plans), not the credential's now: a
    * change made mid-rotation applies from the next one. A run planned before they were kept reads the credential's.
    */
-  const planned = async (ids: RotationIds, meta: CredentialMeta): Promise<PlannedPolicy> =>
-    (await deps.rotations.plannedPolicy(ids)) ?? { policy: meta.policy, dependents: meta.dependents };
+  const planned = async (ids: RotationIds, meta: CredentialMeta): Promise<PlannedPolicy> => (await deps.rotations.plannedPolicy(ids)) ?? unplanned(meta);
+  const unplanned = (meta: CredentialMeta): PlannedPolicy => ({ policy: meta.policy, dependents: meta.dependents });
   /**
    * `deleted`: a step that goes on for a deleted credential (a revoke: its old value must stop
    * working all the same). `plan`: the run's plan when the caller has it already (planRotation).
@@ -41,7 +41,7 @@ export function rotationActivities(deps: ActivityDeps) {
     const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
     if (meta.deletedAt && !opts.deleted) throw new UnprocessableError(`credential '${meta.name}' is deleted; it is not rotated`);
     const plan = opts.plan ?? (await deps.rotations.plannedPolicy(ids));
-    const { policy: plannedPolicy, dependents } = plan ?? { policy: meta.policy, dependents: meta.dependents };
+    const { policy: plannedPolicy, dependents } = plan ?? unplanned(meta);
     const policy = plannedPolicy ?? DEFAULT_POLICY;
     const provider = registered(deps.providers, policy.provider);
     if (!provider) throw new UnprocessableError(`rotation provider '${policy.provider}' is not installed on this worker`);

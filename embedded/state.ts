@@ -3,7 +3,7 @@ import path from 'node:path';
 import { ADMIN_TOKEN_CHARS, ConfigError } from '../core/config';
 import { newToken } from '../vault/identities';
 import { generateMasterKey, masterKeyId, writeKeyringFile } from '../vault/keyring';
-import { placeOnce } from './place-once';
+import { placeOnce } from '../core/place-once';
 
 /** Secrets the embedded mode generates once into DATA_DIR (mode 0600) and reuses on every start. */
 

@@ -3,7 +3,7 @@ import path from 'node:path';
 import { Connection } from '@temporalio/client';
 import { HelperInterrupted } from '../core/helper-interrupted';
 import type { Logger } from '../core/logger';
-import { isAlive, startChild, startTimeOf, waitUntilReady } from './child';
+import { startChild, startTimeOf, stillRunning, waitUntilReady } from './child';
 import { freePort, withFreshPorts } from './ports';
 import { breakStale, createLock, type LockState, readLock } from '../core/lock-file';
 import { cacheDir, findTemporalCli } from './temporal-cli';
@@ -73,10 +73,9 @@ async function claimTemporalFile(dataDir: string): Promise<() => void> {
     if (held.content === mine) return release; // this process's own
     const [pid, started] = held.content.split(/\s+/);
     const owner = Number(pid);
-    const sameProcess = started === undefined || startTimeOf(owner) === undefined || startTimeOf(owner) === started;
     // This pid with another start time (or none) is a process before this one: before, taken for this
     // process's own and left as it was, so others read it as stale and could take it over.
-    if (owner !== process.pid && owner > 0 && isAlive(owner) && sameProcess) {
+    if (owner !== process.pid && owner > 0 && stillRunning(owner, started)) {
       throw new Error(
         `the embedded Temporal server of ${dataDir} is run by another Mailgent process (pid ${owner}); ` +
           'give this one TEMPORAL_ADDRESS (that server\'s address, in its log) or a DATA_DIR of its own',

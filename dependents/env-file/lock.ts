@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { UnprocessableError } from '../../core/errors';
 import { breakStale, createLock, type LockState, readLock } from '../../core/lock-file';
-import { isAlive, startTimeOf } from '../../embedded/child';
+import { startTimeOf, stillRunning } from '../../embedded/child';
 
 /** A lock its holder has not touched for this long is stale, whoever holds it (a holder touches it every LOCK_TOUCH_MS). */
 export const STALE_LOCK_MS = 30_000;
@@ -102,11 +102,8 @@ function isStale(held: LockState): boolean {
   const [pid, started, space, token] = held.content.split(' ');
   const owner = Number(pid);
   if (!PID_SPACE_KNOWN || space !== PID_SPACE || token === undefined || !Number.isInteger(owner) || owner <= 0) return false;
-  // This process's own counts as alive too: another thread of it may hold it.
-  if (!isAlive(owner)) return true;
-  // Alive, but perhaps another process given the pid since. Unknown start times count as the same.
-  const now = startTimeOf(owner);
-  return started !== '-' && now !== undefined && now !== started;
+  // This process's own counts as running too: another thread of it may hold it.
+  return !stillRunning(owner, started);
 }
 
 /** Something at the lock's name that is not a lock file: refused, and left for its owner to remove. */
