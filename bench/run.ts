@@ -7,6 +7,7 @@ import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { Client, Connection } from '@temporalio/client';
 import { openServices, type Services } from '../core/services';
+import { bundleInChild } from '../worker/bundle';
 import { Keyring } from '../vault/keyring';
 import type { Caller } from '../vault/types';
 import { latencyChart } from './chart';
@@ -106,7 +107,21 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
     phaseStart = now;
   };
   log(`mailgent bench: ${o.connections} connections, ${o.seconds} s per load, sizes ${o.sizes.join('/')}, sweep ${o.sweepSizes.join('/')}, ${o.rotations} rotations (baseline ${baselineWorkflows})`);
-  const stack = await startStack(dir, { pgAdminUrl: o.pgAdminUrl, temporalAddress: o.temporalAddress, smtpUrl: o.smtpUrl });
+  // The worker's workflows are bundled while the servers start, not inside the worker's start after them.
+  const bundling = process.env.WORKFLOW_BUNDLE ? undefined : bundleInChild();
+  bundling?.catch(() => undefined); // awaited below
+  let stack: Stack;
+  try {
+    stack = await startStack(dir, { pgAdminUrl: o.pgAdminUrl, temporalAddress: o.temporalAddress, smtpUrl: o.smtpUrl });
+  } catch (err) {
+    await bundling?.then((b) => b.remove(), () => undefined);
+    throw err;
+  }
+  const bundle = await bundling?.catch(async (err) => {
+    await stack.stop();
+    throw err;
+  });
+  if (bundle) stack.onStop(async () => bundle.remove());
   let services: Services | undefined;
   let connection: Connection | undefined;
   let smallVaultOpening: ReturnType<typeof openSmallVault> | undefined;
@@ -124,7 +139,7 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
     const serverVersion = (await connection.workflowService.getSystemInfo({})).serverVersion ?? 'unknown';
     const [api, worker] = await Promise.all([
       startService(stack, 'api'),
-      startService(stack, 'worker', { ready: async () => (await pollers(client, stack.taskQueue)) > 0 }),
+      startService(stack, 'worker', { ready: async () => (await pollers(client, stack.taskQueue)) > 0, env: bundle ? { WORKFLOW_BUNDLE: bundle.codePath } : {} }),
     ]);
     log(`servers ready (${secondsSince(t0)} s)`);
     phaseEnds('servers');
@@ -244,15 +259,14 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
     // 2 and 4. Size independence of vault.get, and the sweep at each size.
     const [small, large] = o.sizes;
     // The small vault is a database of its own, with an API of its own: both sizes are then measured
-    // in one stretch, their slices alternating (small floor, small get, large floor, large get …).
-    // Measured minutes apart, one after the other, the machine's drift between them showed up as a
-    // size effect (1.36, 1.46); normalised by the floor beside each, as a floor's drift (1.30 where
-    // the raw ratio was 1.08).
+    // in one stretch, their get slices alternating (small, large, small, large …). Measured minutes
+    // apart, one after the other, the machine's drift between them showed up as a size effect (1.36,
+    // 1.46). HTTP floor slices between them, to divide each size's figure by, added more noise than
+    // they took out (bench/FINDINGS.md) and 16 s to the run: they are gone.
     const steps = [...new Set([large, ...o.sweepSizes])].sort((a, b) => a - b);
     const sizeGet: Record<string, ReturnType<typeof loadFigures>> = {};
-    const sizeFloor: Record<string, ReturnType<typeof loadFigures>> = {};
-    // Each slice's p50 (ms), floor and get, in the order run: whether the two processes' floors differ throughout or in bursts.
-    const sizeSlicesP50: Record<string, { floor: number[]; get: number[] }> = {};
+    // Each get slice's p50 (ms), in the order run.
+    const sizeSlicesP50: Record<string, number[]> = {};
     const storedCredentials: Record<string, number> = {};
     const sweeps: SweepResult[] = [];
     const seedSeconds: Record<string, number> = {};
@@ -268,25 +282,20 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
       if (size === large) {
         const smallVault = await smallVaultOpening!;
         const sides = [
-          { size: small, at: { url: smallVault.api.url, token: smallVault.token }, pool: smallVault.services.pool, floor: [] as LoadResult[], get: [] as LoadResult[] },
-          { size: large, at: { url: api.url, token }, pool: services.pool, floor: [] as LoadResult[], get: [] as LoadResult[] },
+          { size: small, at: { url: smallVault.api.url, token: smallVault.token }, pool: smallVault.services.pool, get: [] as LoadResult[] },
+          { size: large, at: { url: api.url, token }, pool: services.pool, get: [] as LoadResult[] },
         ];
         for (const side of sides) {
           storedCredentials[side.size] = Number((await side.pool.query('SELECT count(*) AS n FROM credentials')).rows[0].n);
-          // A get's warm-up warms the floor's path too: the floor is its middleware.
           if (o.warmupSeconds > 0) await load('vault.get', o.warmupSeconds, side.at);
         }
         for (let i = 0; i < slices; i++) {
-          for (const side of sides) {
-            side.floor.push(await load('floor', sliceSeconds, side.at));
-            side.get.push(await load('vault.get', sliceSeconds, side.at));
-          }
+          for (const side of sides) side.get.push(await load('vault.get', sliceSeconds, side.at));
         }
         for (const side of sides) {
           sizeGet[side.size] = loadFigures(meanLoad(side.get));
-          sizeFloor[side.size] = loadFigures(meanLoad(side.floor));
-          sizeSlicesP50[side.size] = { floor: side.floor.map((r) => round(r.p50)), get: side.get.map((r) => round(r.p50)) };
-          log(`  get @ ${String(side.size).padStart(7)}  ${fmtLoad(sizeGet[side.size] as LoadResult)}  (floor beside it: ${fmtLoad(sizeFloor[side.size] as LoadResult)})`);
+          sizeSlicesP50[side.size] = side.get.map((r) => round(r.p50));
+          log(`  get @ ${String(side.size).padStart(7)}  ${fmtLoad(sizeGet[side.size] as LoadResult)}`);
         }
         await smallVault.close();
       }
@@ -298,19 +307,11 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
     }
     const sizeRatioP50 = sizeGet[large]!.p50 / sizeGet[small]!.p50;
     const sizeRatioP99 = sizeGet[large]!.p99 / sizeGet[small]!.p99;
-    // The same ratio with each size's get p50 taken relative to the floor measured beside it.
-    // Percentiles are to the microsecond (bench/load.ts); the 0.01 ms under each only keeps a load
-    // that got no answer at all from dividing by zero.
-    const ms = (v: number) => Math.max(v, 0.01);
-    const floorRatioP50 = ms(sizeFloor[large]!.p50) / ms(sizeFloor[small]!.p50);
-    const sizeRatioP50VsFloor = sizeRatioP50 / floorRatioP50;
-    const sizeRatioP99VsFloor = sizeRatioP99 / (ms(sizeFloor[large]!.p99) / ms(sizeFloor[small]!.p99));
     // The figure judged: each round's own ratio (its two get slices seconds apart, so the machine's
     // drift mostly cancels), the median of the rounds (one slice caught in a burst moves one round,
-    // not the figure). Divided by the floors beside them it was noisier than the effect it corrected:
-    // a floor slice's p50 (~2–5 ms at ~10,000 req/s) moved ±50% between slices where get's moved
-    // ±15%, and the floors' ratio came out 0.75 in one run and 1.32 in the next (bench/FINDINGS.md).
-    const roundRatiosP50 = sizeSlicesP50[large]!.get.map((p50, i) => p50 / ms(sizeSlicesP50[small]!.get[i]!));
+    // not the figure). Percentiles are to the microsecond (bench/load.ts); the 0.01 ms under the
+    // small one only keeps a slice that got no answer at all from dividing by zero.
+    const roundRatiosP50 = sizeSlicesP50[large]!.map((p50, i) => p50 / Math.max(sizeSlicesP50[small]![i]!, 0.01));
     const medianRoundRatioP50 = median(roundRatiosP50);
     const first = sweeps[0]!;
     const last = sweeps.at(-1)!;
@@ -388,18 +389,14 @@ export async function runBench(options: Partial<BenchOptions> = {}): Promise<Rec
         storedSecrets: o.sizes,
         storedCredentials,
         get: sizeGet,
-        httpFloor: sizeFloor,
         slicesP50: sizeSlicesP50,
         ratioP50: round(sizeRatioP50, 3),
         ratioP99: round(sizeRatioP99, 3),
-        floorRatioP50: round(floorRatioP50, 3),
-        ratioP50VsFloor: round(sizeRatioP50VsFloor, 3),
-        ratioP99VsFloor: round(sizeRatioP99VsFloor, 3),
         roundRatiosP50: roundRatiosP50.map((r) => round(r, 3)),
         medianRoundRatioP50: round(medianRoundRatioP50, 3),
         target: TARGETS.sizeRatioP50,
         pass: medianRoundRatioP50 <= TARGETS.sizeRatioP50,
-        method: 'the small vault in a database of its own behind an API process of its own, the large one the bench’s; vault.get and the HTTP floor of both in alternating slices of one stretch (small floor, small get, large floor, large get, …); ratioP50 = get p50 at the large size ÷ at the small one; ratioP50VsFloor divides that by the same ratio of the floor slices beside them (reported, not judged: the floor slices’ p50 varies more than get’s); roundRatiosP50 = each round’s get p50 at the large size ÷ at the small one, slices seconds apart; pass is on their median, medianRoundRatioP50',
+        method: 'the small vault in a database of its own behind an API process of its own, the large one the bench’s; vault.get of both in alternating slices of one stretch (small, large, small, large, …); slicesP50 = each slice’s p50 in ms, in that order; roundRatiosP50 = each round’s get p50 at the large size ÷ at the small one, slices seconds apart; pass is on their median, medianRoundRatioP50; ratioP50 and ratioP99 = the same of the means over all slices (reported)',
       },
       rotation: {
         ...rotation,
@@ -479,7 +476,7 @@ function printTable(r: Result, out: string, log: (line: string) => void): void {
     log(`${k.padEnd(14)} ${op.rps.toFixed(0).padStart(6)}  ${op.p50.toFixed(1).padStart(7)} ${op.p99.toFixed(1).padStart(7)}  ${floor.toFixed(0).padStart(10)} (${op.floors.min.padEnd(4)})   ${op.ratioToMinFloor.toFixed(2)}  ≥ ${op.target}  ${pf(op.pass)}`);
   }
   log(
-    `size (get p50 ${r.options.sizes[1]}/${r.options.sizes[0]})  ${r.size.medianRoundRatioP50.toFixed(2)}, the median of its rounds (${r.size.roundRatiosP50.map((x: number) => x.toFixed(2)).join(', ')}; of the means ${r.size.ratioP50.toFixed(2)}, against the floor beside it ${r.size.ratioP50VsFloor.toFixed(2)}; p99 ${r.size.ratioP99.toFixed(2)})  ≤ ${r.size.target}  ${pf(r.size.pass)}`,
+    `size (get p50 ${r.options.sizes[1]}/${r.options.sizes[0]})  ${r.size.medianRoundRatioP50.toFixed(2)}, the median of its rounds (${r.size.roundRatiosP50.map((x: number) => x.toFixed(2)).join(', ')}; of the means ${r.size.ratioP50.toFixed(2)}, p99 ${r.size.ratioP99.toFixed(2)})  ≤ ${r.size.target}  ${pf(r.size.pass)}`,
   );
   log(`rotation       ${r.rotation.perSecond}/s vs baseline ${r.rotation.baseline.perSecond}/s = ${r.rotation.ratio}  ≥ ${r.rotation.target}  ${pf(r.rotation.pass)}`);
   log(
