@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createActivities } from '../activities';
 import { incidentMailId } from '../activities/support';
 import { reportLeak } from '../api/routes/leaks';
+import { leakSignal } from '../workflows/definitions';
 import { expectCleanRun } from './support/leaks';
 import { holdTable } from './support/lifecycle-fixtures';
 import { startHarness, type Harness } from './support/harness';
@@ -711,6 +712,31 @@ describe('POST /v1/leaks', () => {
     expect(await revokedVersions(id)).toEqual([1, 2]);
     expect((await current('signalled')).version).toBe(3);
     expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
+  });
+
+  it('a leak signal that names no version (null: an incident recorded before versions were, joined now) revokes the replaced value and tries no revoke of a version "null"', async () => {
+    const owner = `owner-${randomUUID().slice(0, 8)}@example.com`;
+    const id = await store('unversioned-signal', 'unversioned-original-0001', { owners: [owner], rotation: { provider: 'generated', graceHours: 1 } });
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['unversioned-signal'] } });
+    await waitFor('the grace period', async () => {
+      const r = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
+      return r.body.state === 'grace' ? r.body : undefined;
+    });
+    h.secret((await current('unversioned-signal')).value);
+    // What startLeakRun sends for such an incident: its version column is NULL.
+    await h.client.workflow.getHandle(`rotate:${id}`).signal(leakSignal, { incidentId: randomUUID(), version: null as unknown as number });
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
+    expect(await revokedVersions(id)).toEqual([1]);
+    // Every read of a value for the provider found its version: none of "version null".
+    const reads = await h.sql("SELECT outcome, detail->>'purpose' AS purpose, detail->>'version' AS version FROM audit_log WHERE credential_id = $1 AND action = 'rotation.read' ORDER BY seq", [id]);
+    expect(reads.rows.filter((r) => r.outcome !== 'ok')).toEqual([]);
+    expect(reads.rows).toContainEqual({ outcome: 'ok', purpose: 'provider.revoke', version: '1' });
+    // The owners' notices name no such revoke among the run's problems.
+    const told = await waitFor("the owner's leak notice", async () => {
+      const mails = (await readMailbox()).filter((m) => recipients(m.mail).includes(owner) && /revoked/i.test(m.mail.text ?? ''));
+      return mails.length > 0 ? mails : undefined;
+    });
+    for (const m of told) expect(m.mail.text).not.toMatch(/version null/);
   });
 
   it('when a leak rotation fails, the incident closes and the next report tries again', async () => {

@@ -126,6 +126,16 @@ export const ROLLBACK_ANSWER_OUTLIVES_CANCEL = 'rollback-answer-outlives-a-cance
 export const UNROTATED_LEAKS_TOLD = 'unrotated-leaks-told';
 
 /**
+ * Runs recorded before this patch, when a leak signal named no version (null: what a report sends
+ * for an incident recorded before versions were, joined later), counted that null among the leaked
+ * versions older than the one they replaced, and tried to revoke "version null": the provider's read
+ * found no such version, a denied read was audited and the owners' notice listed "revoking the
+ * leaked version null (it may still work)" among the run's problems. Newer runs revoke only versions
+ * a report named; the report names none older than the one the run replaces.
+ */
+export const UNVERSIONED_NOT_REVOKED = 'unversioned-leak-not-revoked';
+
+/**
  * Sweeps recorded before this patch did not look for leak incidents whose rotation was never
  * started (their report's process died between the incident's commit and the start); newer sweeps
  * start those first (resumeLeakIncidents).
@@ -157,6 +167,7 @@ export const PATCH_IDS: readonly string[] = [
   LEAKS_COUNTED_AT_OUTCOME,
   ROLLBACK_ANSWER_OUTLIVES_CANCEL,
   UNROTATED_LEAKS_TOLD,
+  UNVERSIONED_NOT_REVOKED,
   SWEEP_RESUMES_LEAKS,
   BATCH_WAITS_APART,
 ];

@@ -30,6 +30,7 @@ import {
   SUPERSEDED_AFTER_FINAL_NOTICE,
   SUPERSEDED_ANSWERED,
   UNROTATED_LEAKS_TOLD,
+  UNVERSIONED_NOT_REVOKED,
 } from './patches';
 import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
 
@@ -617,7 +618,9 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
    * working. A failure is one of the run's problems. See LEAKED_VERSIONS_ANSWERED.
    */
   async function revokeOlderLeaks(): Promise<void> {
-    const older = [...leakedVersions].filter((v) => v < progress.fromVersion!).sort((a, b) => a - b);
+    let older = [...leakedVersions].filter((v) => v < progress.fromVersion!).sort((a, b) => a - b);
+    // A report that named no version (null) names none to revoke: see UNVERSIONED_NOT_REVOKED.
+    if (older.some((v) => typeof v !== 'number') && patched(UNVERSIONED_NOT_REVOKED)) older = older.filter((v) => typeof v === 'number');
     if (older.length === 0 || !patched(LEAKED_VERSIONS_ANSWERED)) return;
     const revokes = older.map((version) => ({ what: `revoking the leaked version ${version} (it may still work)`, run: () => revoke(version) }));
     problems.push(...(await CancellationScope.nonCancellable(() => runAll(revokes))));
