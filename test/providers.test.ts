@@ -2,6 +2,8 @@ import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { randomBytes, randomUUID } from 'node:crypto';
 import pg from 'pg';
+import { CancelledFailure } from '@temporalio/common';
+import { MockActivityEnvironment } from '@temporalio/testing';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AppError, UnprocessableError } from '../core/errors';
 import { checkPolicy } from '../providers';
@@ -393,7 +395,7 @@ describe('rotation providers', () => {
         ['revoke', 404, 'k-http-1:revoke'],
       ]);
       expect(server.isActive(created.value)).toBe(false);
-      const err = await failure(httpApi.verify({ ...ctx, secret }));
+      const err = await failure(httpApi.verify({ ...ctx, settings: { ...ctx.settings, verify: { ...ctx.settings.verify, waitSeconds: 0 } }, secret }));
       expect(err.message).toBe(`version 2 does not work: GET ${server.url}/whoami answered 401 Unauthorized`);
     });
 
@@ -523,7 +525,7 @@ describe('rotation providers', () => {
       };
       expect(httpApi.settings.parse(settingsFor())).toMatchObject({
         create: { method: 'POST' },
-        verify: { method: 'GET', header: 'Authorization', scheme: 'Bearer' },
+        verify: { method: 'GET', header: 'Authorization', scheme: 'Bearer', waitSeconds: 30 },
         revoke: { method: 'DELETE' },
         auth: { header: 'Authorization', scheme: 'Bearer' },
         idempotencyHeader: 'Idempotency-Key',
@@ -538,6 +540,90 @@ describe('rotation providers', () => {
       expect(issues(settingsFor({ auth: { credential: 'api-admin', header: 'Bad Header:' } }))).toEqual(['auth.header: must be an HTTP header name']);
       expect(issues(settingsFor({ extra: true }))).toEqual([': Unrecognized key: "extra"']);
       expect(issues({ ...settingsFor(), idPath: undefined })).toEqual(['idPath: Invalid input: expected string, received undefined']);
+    });
+
+    it('verify tries a key that does not work yet again, 1 s, 2 s … apart, until verify.waitSeconds have passed (0: one call); a cancelled activity or a stopping worker ends the wait at once', async () => {
+      const created = await create(randomUUID());
+      const secret = { version: 2, value: created.value, externalId: created.externalId };
+      const verify = (waitSeconds: number) => httpApi.verify({ ...context(httpApi, settingsFor({ verify: { url: `${server.url}/whoami`, waitSeconds } })), secret });
+      const whoamis = () => server.requests.filter((r) => r.route === 'whoami').map((r) => r.status);
+      let seen = whoamis().length;
+      let began = Date.now();
+      const since = () => [whoamis().slice(seen), Date.now() - began] as const;
+      const again = () => {
+        seen = whoamis().length;
+        began = Date.now();
+      };
+
+      // Refused twice (as a key not known everywhere yet): the third call, 3 s after the first, gets through.
+      server.failNext('whoami', 2, 401);
+      await verify(10);
+      let [calls, took] = since();
+      expect(calls).toEqual([401, 401, 200]);
+      expect(took).toBeGreaterThanOrEqual(2_900);
+
+      // A key that never works: the last error once waitSeconds have passed (calls at 0, 1 and 2 s,
+      // the last wait cut short by the deadline); 0 is the single call it always was.
+      await httpApi.revoke({ ...context(httpApi, settingsFor()), secret, idempotencyKey: 'k-wait:revoke' });
+      again();
+      const never = await failure(verify(2));
+      [calls, took] = since();
+      expect(never.message).toBe(`version 2 does not work: GET ${server.url}/whoami answered 401 Unauthorized`);
+      expect(calls).toEqual([401, 401, 401]);
+      expect(took).toBeGreaterThanOrEqual(1_900);
+      expect(took).toBeLessThan(2_900);
+      again();
+      expect((await failure(verify(0))).message).toBe(never.message);
+      expect(since()[0]).toEqual([401]);
+
+      // In an activity, a cancel or the worker's shutdown ends the wait (300 s here) at once: no further call.
+      for (const reason of ['CANCELLED', 'WORKER_SHUTDOWN'] as const) {
+        const env = new MockActivityEnvironment({ currentAttemptScheduledTimestampMs: Date.now(), startToCloseTimeoutMs: 600_000, heartbeatTimeoutMs: 10_000 });
+        again();
+        const waiting = env.run(() => verify(300));
+        await new Promise((resolve) => setTimeout(resolve, 300));
+        env.cancel(reason);
+        const stopped = await failure(waiting);
+        took = since()[1];
+        expect(stopped).toBeInstanceOf(CancelledFailure);
+        expect(stopped.message).toBe(reason);
+        expect(took).toBeLessThan(1_000);
+        await new Promise((resolve) => setTimeout(resolve, 1_200));
+        expect(since()[0]).toEqual([401]);
+      }
+
+      // Nor does a wait go past what its attempt has left, less the last call and the step's database
+      // work (30 s): here 1.5 s of its start-to-close remain for it.
+      const short = new MockActivityEnvironment({ currentAttemptScheduledTimestampMs: Date.now(), startToCloseTimeoutMs: 10_000 + 30_000 + 1_500, heartbeatTimeoutMs: 10_000 });
+      again();
+      expect((await failure(short.run(() => verify(300)))).message).toBe(never.message);
+      [calls, took] = since();
+      expect(calls).toEqual([401, 401, 401]);
+      expect(took).toBeLessThan(2_500);
+    });
+
+    it('refuses a verify.waitSeconds outside 0–300 or not whole where the policy is set (a 422 problem naming it); nothing is stored', async () => {
+      const rotation = (waitSeconds?: unknown) => ({ provider: 'http', settings: settingsFor({ verify: { url: `${server.url}/whoami`, waitSeconds } }) });
+      const kept = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'wait-kept', kind: 'api_key', value: h.secret(`sk_${randomBytes(16).toString('hex')}`), rotation: rotation(300) } });
+      expect(kept.status, kept.text).toBe(201);
+      const keptRow = async () => (await h.sql("SELECT to_jsonb(c) AS row FROM credentials c WHERE name = 'wait-kept'")).rows[0].row;
+      const before = await keptRow();
+      expect(before.rotation.settings.verify.waitSeconds).toBe(300);
+      for (const waitSeconds of [-1, 301, 1.5]) {
+        const stored = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'wait-refused', kind: 'api_key', value: 'wait-refused-value', rotation: rotation(waitSeconds) } });
+        const patched = await h.api('PATCH', '/v1/credentials/wait-kept', { token: agent.token, body: { rotation: rotation(waitSeconds) } });
+        for (const res of [stored, patched]) {
+          expect(res.status, res.text).toBe(422);
+          expect(res.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+          expect(res.body.detail).toMatch(/^rotation settings are not valid for provider 'http': rotation\.settings\.verify\.waitSeconds: /);
+        }
+      }
+      expect((await h.sql("SELECT count(*)::int AS n FROM credentials WHERE name = 'wait-refused'")).rows[0].n).toBe(0);
+      expect(await keptRow()).toEqual(before);
+      // Not given, it is 30.
+      const defaulted = await h.api('PATCH', '/v1/credentials/wait-kept', { token: agent.token, body: { rotation: rotation() } });
+      expect(defaulted.status, defaulted.text).toBe(200);
+      expect(defaulted.body.policy.settings.verify).toMatchObject({ waitSeconds: 30 });
     });
 
     it('resolves dotted paths over own properties only', () => {

@@ -725,6 +725,67 @@ describe('rotateCredential', () => {
       expect.objectContaining({ credentialId: ids[1], rolledBack: true, current: 1, abandoned: 2 }),
     ]);
   });
+
+  it('an http provider whose new key works only ~9 s after it was made: verify keeps trying it for verify.waitSeconds (20), and the rotation succeeds', async () => {
+    // An eventually consistent key service (as cloud IAM is): a new key answers 401 for its first 9 s.
+    // The step's own attempts (externalCall: 4, 1 + 2 + 4 s apart) gave it ~7 s: the rotation failed.
+    const adminToken = h.secret(`adm_${randomUUID()}`);
+    const v1 = h.secret(`sk_${randomUUID()}`);
+    const keys = new Map([['key_v1', { secret: v1, madeAt: 0, active: true, idempotencyKey: undefined as string | undefined }]]);
+    const verifies: { id?: string; status: number; at: number }[] = [];
+    const provider = createHttpServer((req, res) => {
+      req.resume();
+      const reply = (status: number, body: unknown) => void res.writeHead(status, { 'content-type': 'application/json' }).end(JSON.stringify(body));
+      const bearer = /^Bearer (.+)$/.exec(req.headers.authorization ?? '')?.[1];
+      const path = new URL(req.url ?? '/', 'http://localhost').pathname;
+      if (req.method === 'GET' && path === '/whoami') {
+        const [id, key] = [...keys].find(([, k]) => k.secret === bearer && k.active) ?? [];
+        const status = key && Date.now() - key.madeAt >= 9_000 ? 200 : 401;
+        verifies.push({ id, status, at: Date.now() });
+        return reply(status, status === 200 ? { id } : { error: 'unknown key' });
+      }
+      if (bearer !== adminToken) return reply(401, { error: 'admin token required' });
+      const idempotencyKey = req.headers['idempotency-key'] as string;
+      if (req.method === 'POST' && path === '/keys') {
+        const made = [...keys].find(([, k]) => k.idempotencyKey === idempotencyKey);
+        const [id, key] = made ?? [`key_${keys.size + 1}`, { secret: `sk_${randomUUID()}`, madeAt: Date.now(), active: true, idempotencyKey }];
+        keys.set(id, key);
+        return reply(201, { id, secret: key.secret });
+      }
+      const key = req.method === 'DELETE' ? keys.get(decodeURIComponent(path.replace(/^\/keys\//, ''))) : undefined;
+      if (!key?.active) return reply(404, { error: 'no such key' });
+      key.active = false;
+      reply(200, { deleted: true });
+    }).listen(0, '127.0.0.1');
+    await once(provider, 'listening');
+    onTestFinished(() => void provider.close());
+    const at = `http://127.0.0.1:${(provider.address() as AddressInfo).port}`;
+    expect((await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'slow-key-admin', kind: 'api_key', value: adminToken } })).status).toBe(201);
+    const settings = { create: { url: `${at}/keys` }, verify: { url: `${at}/whoami`, waitSeconds: 20 }, revoke: { url: `${at}/keys/{id}` }, auth: { credential: 'slow-key-admin' }, valuePath: 'secret', idPath: 'id' };
+    const stored = await h.api('POST', '/v1/vault.store', {
+      token: agent.token,
+      body: { name: 'slow-key', kind: 'api_key', value: v1, externalId: 'key_v1', rotation: { provider: 'http', maxAttempts: 1, graceHours: 0, settings } },
+    });
+    expect(stored.status, stored.text).toBe(201);
+
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['slow-key'] } });
+    expect(started.status, started.text).toBe(202);
+    const report = await waitForRotation(started.body.rotationId);
+    expect(report).toMatchObject({ state: 'succeeded', credentials: [{ progress: { state: 'succeeded', attempt: 1, fromVersion: 1, toVersion: 2 } }] });
+    const current = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'slow-key' } });
+    expect(current.body).toMatchObject({ version: 2, label: 'current', value: h.secret(keys.get('key_2')!.secret) });
+    expect(keys.get('key_v1')!.active).toBe(false); // revoked after the promote
+
+    // Several calls with the new key, 401 until it worked; all in the verify step's first attempt (it heartbeat while it waited).
+    const tries = verifies.filter((v) => v.id === 'key_2');
+    expect(tries.length).toBeGreaterThanOrEqual(4);
+    expect(tries.map((v) => v.status)).toEqual([...Array<number>(tries.length - 1).fill(401), 200]);
+    expect(tries.at(-1)!.at - keys.get('key_2')!.madeAt).toBeGreaterThanOrEqual(9_000);
+    const history = (await h.client.workflow.getHandle(`rotate:${stored.body.id}`).fetchHistory()).events ?? [];
+    const verifySteps = new Set(history.filter((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'verifyVersion').map((e) => String(e.eventId)));
+    const verifyAttempts = history.filter((e) => verifySteps.has(String(e.activityTaskStartedEventAttributes?.scheduledEventId))).map((e) => e.activityTaskStartedEventAttributes!.attempt);
+    expect(verifyAttempts).toEqual([1]);
+  }, 45_000);
 });
 
 /** A port nobody listens on (one just freed). */

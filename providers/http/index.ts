@@ -1,7 +1,14 @@
 import { AppError, UnprocessableError } from '../../core/errors';
 import type { Provider } from '../types';
+import { cancellationOf } from '../../core/outbound-cancel';
 import { callName, credentialHeader, discardBody, readJson, resolvePath, send, statusError } from './request';
 import { httpSettings, type HttpSettings } from './schema';
+import { attemptWaitLimit, pause } from './wait';
+
+/** The longest pause between two calls of verify to a key that does not work yet. */
+const MAX_VERIFY_PAUSE_MS = 10_000;
+/** Kept in an attempt for the step's database work after verify's waits (test/unit/options.test.ts counts 30 s). */
+const STEP_DATABASE_MS = 30_000;
 
 /**
  * A provider's REST API, described by settings: create mints a key with the admin token (read from
@@ -65,6 +72,14 @@ export const httpApi: Provider<HttpSettings> = {
     await httpApi.revoke({ ...ctx, secret: { version: 0, value: made.value, externalId: made.externalId } });
   },
 
+  /**
+   * Calls the API with the new key. Some providers take a while before a new key works (eventually
+   * consistent IAM): a non-2xx answer or a failed call is tried again, after 1 s, 2 s, 4 s … (at most
+   * 10 s apart), until `verify.waitSeconds` have passed since the first call; then the last error is
+   * thrown (not permanent even on a 4xx: the step's own attempts try again). The waits end at once
+   * when the activity is cancelled, and never go past what is left of its attempt, less the last
+   * call and the step's database work.
+   */
   async verify({ settings: s, secret }) {
     const call = {
       method: s.verify.method,
@@ -72,10 +87,23 @@ export const httpApi: Provider<HttpSettings> = {
       headers: { [s.verify.header]: credentialHeader(s.verify.scheme, secret.value, `version ${secret.version}`) },
       timeoutMs: s.timeoutMs,
     };
-    const res = await send(call);
-    await discardBody(res);
-    // Not permanent even on a 4xx: some providers take a moment before a new key works.
-    if (!res.ok) throw new Error(`version ${secret.version} does not work: ${statusError(callName(call), res, [secret.value]).message}`);
+    const deadline = Math.min(Date.now() + s.verify.waitSeconds * 1000, attemptWaitLimit(s.timeoutMs + STEP_DATABASE_MS));
+    for (let delay = 1_000; ; delay = Math.min(delay * 2, MAX_VERIFY_PAUSE_MS)) {
+      let failure: unknown;
+      try {
+        const res = await send(call);
+        await discardBody(res);
+        if (res.ok) return;
+        failure = new Error(`version ${secret.version} does not work: ${statusError(callName(call), res, [secret.value]).message}`);
+      } catch (err) {
+        // A cancelled activity, or a call refused before it was sent (an address not allowed): no wait mends it.
+        if (cancellationOf() || err instanceof AppError) throw err;
+        failure = err;
+      }
+      const left = deadline - Date.now();
+      if (left <= 0) throw failure;
+      await pause(Math.min(delay, left));
+    }
   },
 
   async revoke({ settings: s, secrets, secret, idempotencyKey }) {

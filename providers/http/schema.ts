@@ -25,6 +25,13 @@ const credentialName = z
 /** The longest a call to an HTTP provider may take (its `timeoutMs`): workflows/options.ts sizes the steps that make them by it. */
 export const MAX_TIMEOUT_MS = 120_000;
 
+/**
+ * The longest `verify.waitSeconds`: how long verify keeps trying a new key that does not work yet.
+ * With a last call at MAX_TIMEOUT_MS it fits an attempt of externalCall (10 minutes); a wait that
+ * would not fit what is left of its attempt ends sooner (verify in index.ts).
+ */
+export const MAX_VERIFY_WAIT_SECONDS = 300;
+
 export const httpSettings = z.strictObject({
   create: z.strictObject({
     url: httpUrl,
@@ -39,6 +46,8 @@ export const httpSettings = z.strictObject({
     method: z.enum(['GET', 'HEAD', 'POST']).default('GET'),
     header: headerName.default('Authorization'),
     scheme: scheme.default('Bearer'),
+    /** How long a new key may take to start working (some providers are eventually consistent): tried again until then. */
+    waitSeconds: z.number().int().min(0).max(MAX_VERIFY_WAIT_SECONDS).default(30),
   }),
   revoke: z.strictObject({
     url: httpUrl.refine((u) => u.includes('{id}'), 'must contain {id}, where the key id goes'),

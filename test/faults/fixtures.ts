@@ -29,7 +29,7 @@ export interface RotatingKey {
 export async function rotatingKey(
   h: Harness,
   agent: Identity,
-  opts: { label: string; graceHours?: number; maxAttempts?: number; webhook?: boolean; signingKeyCredential?: string },
+  opts: { label: string; graceHours?: number; maxAttempts?: number; verifyWaitSeconds?: number; webhook?: boolean; signingKeyCredential?: string },
 ): Promise<RotatingKey> {
   const tag = randomBytes(3).toString('hex');
   const name = `${opts.label}-${tag}`;
@@ -62,7 +62,7 @@ export async function rotatingKey(
       maxAttempts: opts.maxAttempts ?? 3,
       settings: {
         create: { url: `${provider.url}/keys` },
-        verify: { url: `${provider.url}/whoami` },
+        verify: { url: `${provider.url}/whoami`, ...(opts.verifyWaitSeconds !== undefined ? { waitSeconds: opts.verifyWaitSeconds } : {}) },
         revoke: { url: `${provider.url}/keys/{id}` },
         auth: { credential: `${name}-admin` },
         valuePath: 'secret',

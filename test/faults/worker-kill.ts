@@ -25,6 +25,8 @@ interface Case {
   outcome: 'rotated' | 'failed';
   graceHours?: number;
   maxAttempts?: number;
+  /** The http provider's verify.waitSeconds (its default, 30, unless set). */
+  verifyWaitSeconds?: number;
   /** Arranges the hold before the rotation starts; resolves once the step is in flight. */
   arrange(key: RotatingKey, h: Harness): () => Promise<unknown>;
 }
@@ -46,6 +48,8 @@ export const CASES: Case[] = [
     step: 'compensate',
     outcome: 'failed',
     maxAttempts: 1,
+    // Each of verify's four attempts is one call: the four refusals below are every try.
+    verifyWaitSeconds: 0,
     // The provider refuses the new key on every try: the attempt is undone, and the worker dies while the dependent is being restored.
     arrange: (key) => {
       key.provider.failNext('whoami', 4, 403);
@@ -110,7 +114,7 @@ export function workerKillSuite(steps: StepName[]): void {
 
     it.for(cases)('SIGKILL during $step: a new worker ends the run ($outcome) as if nothing happened', { timeout: 120_000 }, async (c, { task }) => {
       const row = faultRow(task, `SIGKILL worker during ${c.step}`);
-      const key = await rotatingKey(h, agent, { label: `kill-${c.step.replace('_', '-')}`, webhook: true, graceHours: c.graceHours, maxAttempts: c.maxAttempts });
+      const key = await rotatingKey(h, agent, { label: `kill-${c.step.replace('_', '-')}`, webhook: true, graceHours: c.graceHours, maxAttempts: c.maxAttempts, verifyWaitSeconds: c.verifyWaitSeconds });
       keys.push(key);
       const inFlight = c.arrange(key, h);
       const workflowId = await key.rotate();
