@@ -1,11 +1,14 @@
-import type { RequestHandler } from 'express';
+import type { Request, RequestHandler } from 'express';
 import type { Logger } from '../core/logger';
 
 /**
  * One line per request once it is answered: method, path (never the query string), status, time
  * taken, request id and identity; never headers (tokens) or bodies (values). Server errors are
  * logged at error level (the problem handler logs their cause), requests the client abandoned at
- * warn, the rest at info.
+ * warn, the rest at info. A request that failed on a route with parameters shows the route's pattern
+ * (`/v1/credentials/:ref`), not its path: a parameter that found nothing, or was refused before it
+ * was looked up, is the caller's text unvetted, and may be a secret pasted where a name goes
+ * (vault/withheld.ts). Its request id finds its audit row, which says what was tried.
  *
  * The line is built only if its level is enabled. pino-http, used before, made two child loggers
  * per request whatever the level, each serialising and redacting its bindings: about 15% of the
@@ -23,7 +26,7 @@ export function accessLog(logger: Logger): RequestHandler {
       if (!logger.isLevelEnabled(level)) return;
       logger[level](
         {
-          req: { id: res.locals.requestId, method: req.method, path: req.originalUrl.split('?')[0] },
+          req: { id: res.locals.requestId, method: req.method, path: status >= 400 ? shownPath(req) : req.originalUrl.split('?')[0] },
           res: { statusCode: status },
           responseTime: Math.round(performance.now() - started),
           identity: res.locals.identity?.id,
@@ -35,4 +38,14 @@ export function accessLog(logger: Logger): RequestHandler {
     res.on('close', done);
     next();
   };
+}
+
+/**
+ * A failed request's path as the service shows it (the request log; a problem whose reference was
+ * withheld, as its `instance`): the pattern of the route it matched, its parameters left out, or
+ * the path as sent when it matched none or the route has none.
+ */
+export function shownPath(req: Request): string {
+  const pattern: unknown = req.route?.path;
+  return typeof pattern === 'string' && pattern.includes(':') ? req.baseUrl + pattern : req.originalUrl.split('?')[0]!;
 }

@@ -1,7 +1,8 @@
 import type { ErrorRequestHandler, Response } from 'express';
-import { AppError, KeyIntegrityError, MethodNotAllowedError, TooManyRequestsError, unconfirmedChange, UnavailableError, ValidationError, type FieldError } from '../core/errors';
+import { AppError, isRefWithheld, KeyIntegrityError, MethodNotAllowedError, TooManyRequestsError, unconfirmedChange, UnavailableError, ValidationError, type FieldError } from '../core/errors';
 import type { Logger } from '../core/logger';
 import { isCommitUnconfirmed, isDatabaseUnavailable } from '../db/pool';
+import { shownPath } from './access-log';
 
 /** RFC 9457 problem details: the one place errors become HTTP responses. */
 export const PROBLEM_BASE = 'https://mailgent.dev/problems/';
@@ -55,7 +56,8 @@ export function problemOf(err: AppError, instance?: string, requestId?: string):
 }
 
 export function sendProblem(res: Response, err: AppError): void {
-  const problem = problemOf(err, res.req.path, res.locals.requestId);
+  // A reference withheld (core/errors.ts, refWithheld) is not echoed in the path either.
+  const problem = problemOf(err, isRefWithheld(err) ? shownPath(res.req) : res.req.path, res.locals.requestId);
   if (err.status === 401) res.setHeader('WWW-Authenticate', 'Bearer realm="mailgent"');
   // (Not on a change that may have been carried out, `unconfirmed`: a client or proxy honouring Retry-After would repeat it.)
   if (err.status === 503 && err.extra.unconfirmed !== true) res.setHeader('Retry-After', '5');

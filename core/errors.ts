@@ -42,6 +42,29 @@ export class AppError extends Error {
   }
 }
 
+/**
+ * Marks an error whose request gave a reference (a credential's name or id, in a path or a body) that
+ * was withheld: a value the vault stores (vault/withheld.ts), or a path segment that names no
+ * credential there could be. The error's message does not repeat it, and the API shows the route's
+ * pattern (`/v1/credentials/:ref`) in place of the request's path, in the problem's `instance` and
+ * in the request log. An own field, so it crosses from the vault thread with the error.
+ */
+export function refWithheld<E extends AppError>(err: E): E {
+  return Object.assign(err, { refWithheld: true });
+}
+
+export function isRefWithheld(err: unknown): boolean {
+  return typeof err === 'object' && err !== null && (err as { refWithheld?: unknown }).refWithheld === true;
+}
+
+/**
+ * What an answer says in place of a reference it withholds because it is a stored value: why, and
+ * what to give instead (`instead`: a credential's name or id, unless said otherwise).
+ */
+export function storedValueGiven(instead = "a credential's name or id"): string {
+  return `it is a value stored in the vault, so it is neither repeated here nor written to the audit log: give ${instead}, never a value`;
+}
+
 export class ValidationError extends AppError {
   constructor(detail: string, readonly errors: FieldError[] = []) {
     super(400, 'validation-failed', 'The request is not valid', detail, { errors });

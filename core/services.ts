@@ -82,7 +82,7 @@ export function openServices(opts: {
     dataKeys,
     vault: new Vault(pool, secrets, clock, thread),
     rotations: new RotationVault(pool, secrets, clock),
-    grants: new Grants(pool),
+    grants: new Grants(pool, secrets),
     secrets,
     identities: new Identities(pool, dataKeys),
     mailer,

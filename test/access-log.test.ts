@@ -38,6 +38,9 @@ describe('access log', () => {
       res.status(500).json({ title: 'Internal Server Error' });
     });
     app.get('/hang', () => {});
+    app.get('/things/:ref', (req, res) => {
+      res.status(req.params.ref === 'known' ? 200 : 404).json({});
+    });
     server = app.listen(0, '127.0.0.1');
     await once(server, 'listening');
     const port = (server.address() as AddressInfo).port;
@@ -84,6 +87,20 @@ describe('access log', () => {
     expect(lines.map((l) => [l.level, l.msg, l.req.path, l.res.statusCode])).toEqual([
       [50, 'request completed', '/broken', 500],
       [40, 'request aborted', '/hang', 200],
+    ]);
+  });
+
+  it("shows a failed request's route pattern, not its path, when the route has parameters: what found nothing may be a value pasted there", async () => {
+    const { get, settle } = await start('info');
+    expect(await get('/things/known')).toBe(200);
+    expect(await get('/things/sk_live_pasted_value?x=1')).toBe(404);
+    expect(await get('/nowhere/sk_live_pasted_value')).toBe(404);
+    const lines = await settle(3);
+    expect(lines.map((l) => [l.req.path, l.res.statusCode])).toEqual([
+      ['/things/known', 200],
+      ['/things/:ref', 404],
+      // (A path no route matched is shown as sent: there is no pattern to show.)
+      ['/nowhere/sk_live_pasted_value', 404],
     ]);
   });
 });

@@ -1,7 +1,8 @@
+import { randomBytes, randomUUID } from 'node:crypto';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { expectCleanRun } from './support/leaks';
-import { startHarness, type Harness } from './support/harness';
+import { readLog, startHarness, type Harness } from './support/harness';
 import { waitFor } from './support/lifecycle-fixtures';
 
 /** Credential policy: stored with the value, changed without it, checked by each provider's and dependent's own schema. */
@@ -216,6 +217,182 @@ describe('credential policy', () => {
     const missing = await h.api('PATCH', '/v1/credentials/no-such-credential', { token: agent.token, body: { tags: ['x'] }, headers: { 'x-request-id': 'req-missing-ref' } });
     expect(missing.status, missing.text).toBe(404);
     expect((await h.sql('SELECT outcome, detail FROM audit_log WHERE request_id = $1', ['req-missing-ref'])).rows).toMatchObject([{ outcome: 'denied', detail: { name: 'no-such-credential' } }]);
+  });
+
+  it("a value the caller can read given where a credential is named finds nothing, as before, and is withheld from the answer, the audit row and the request log; another identity's value is not (no guess confirmed)", async () => {
+    // Values of the forms keys take, so they pass as names and ids: a Stripe-like key, stored and then
+    // replaced (an older version), and a key of an id's form; each given by the identity that stores
+    // it, and by another once granted it.
+    const holder = await h.createIdentity();
+    const other = await h.createIdentity();
+    const pasted = h.secret(`sk_live_51H${randomBytes(12).toString('hex')}`);
+    const uuidShaped = h.secret(randomUUID());
+    for (const [name, value] of [['pasted-key', pasted], ['pasted-key', h.secret(`sk_live_51H${randomBytes(12).toString('hex')}`)], ['pasted-uuid-key', uuidShaped]] as const) {
+      const stored = await h.api('POST', '/v1/vault.store', { token: holder.token, body: { name, kind: 'api_key', value } });
+      expect(stored.status, stored.text).toBe(201);
+    }
+    const inPath = encodeURIComponent(pasted);
+    const mcp = async (token: string, requestId: string, name: string, args: Record<string, unknown>) => {
+      const res = await fetch(`${h.url}/mcp`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json', accept: 'application/json, text/event-stream', 'x-request-id': requestId },
+        body: JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'tools/call', params: { name, arguments: args } }),
+      });
+      const text = await res.text();
+      expect(res.status, text).toBe(200);
+      const result = JSON.parse(text).result;
+      expect(result.isError, text).toBe(true);
+      return { status: result.structuredContent.status as number, text };
+    };
+    type Call = { call: string; status: number; field?: string; send: (who: { token: string }, requestId: string, counterpart: string) => Promise<{ status: number; text: string }> };
+    const api = (method: string, route: string, body?: unknown): Call['send'] => (who, requestId) => h.api(method, route, { token: who.token, body, headers: { 'x-request-id': requestId } });
+    // A route holding the value is sent past h.api, which records each error's route for the leak sweep (the test's own text, not the service's).
+    const direct =
+      (method: string, route: string, body?: unknown): Call['send'] =>
+      async (who, requestId) => {
+        const headers: Record<string, string> = { authorization: `Bearer ${who.token}`, 'x-request-id': requestId, ...(body ? { 'content-type': 'application/json' } : {}) };
+        const res = await fetch(h.url + route, { method, headers, body: body ? JSON.stringify(body) : undefined });
+        return { status: res.status, text: await res.text() };
+      };
+    const calls: Call[] = [
+      { call: 'vault.get by name', status: 404, field: 'name', send: api('POST', '/v1/vault.get', { name: pasted }) },
+      { call: 'vault.get of a version', status: 404, field: 'name', send: api('POST', '/v1/vault.get', { name: pasted, version: 1 }) },
+      { call: 'vault.get by id', status: 404, field: 'ref', send: api('POST', '/v1/vault.get', { id: uuidShaped }) },
+      { call: 'vault.totp', status: 404, field: 'name', send: api('POST', '/v1/vault.totp', { name: pasted }) },
+      { call: 'PATCH by name', status: 404, field: 'name', send: direct('PATCH', `/v1/credentials/${inPath}`, { tags: ['x'] }) },
+      { call: 'PATCH by id', status: 404, field: 'ref', send: direct('PATCH', `/v1/credentials/${uuidShaped}`, { tags: ['x'] }) },
+      { call: 'DELETE', status: 404, field: 'name', send: direct('DELETE', `/v1/credentials/${inPath}`) },
+      { call: 'DELETE ?destroy=true', status: 404, field: 'name', send: direct('DELETE', `/v1/credentials/${inPath}?destroy=true`) },
+      { call: 'restore', status: 404, field: 'name', send: direct('POST', `/v1/credentials/${inPath}/restore`) },
+      {
+        call: 'grant of it',
+        status: 404,
+        field: 'credential',
+        send: (who, requestId, counterpart) => h.api('POST', '/v1/grants', { token: who.token, body: { credential: pasted, grantee: counterpart }, headers: { 'x-request-id': requestId } }),
+      },
+      // (The other identity's try names a credential not its own: the grantee, in the row from the start, is withheld all the same.)
+      { call: 'grant to it', status: 404, field: 'grantee', send: api('POST', '/v1/grants', { credential: 'pasted-key', grantee: pasted }) },
+      { call: 'audit trail', status: 200, field: 'credential', send: direct('GET', `/v1/audit?credential=${inPath}`) },
+      { call: 'leak report', status: 404, send: api('POST', '/v1/leaks', { credential: pasted, source: 'withheld-test' }) },
+      { call: 'rotation', status: 404, send: api('POST', '/v1/rotations', { credentials: [pasted, 'no-such-rotated-key'] }) },
+      { call: 'MCP vault_get', status: 404, field: 'name', send: (who, requestId) => mcp(who.token, requestId, 'vault_get', { name: pasted }) },
+      { call: 'MCP vault_get reveal', status: 403, field: 'name', send: (who, requestId) => mcp(who.token, requestId, 'vault_get', { name: pasted, reveal: true }) },
+      { call: 'MCP vault_totp', status: 404, field: 'name', send: (who, requestId) => mcp(who.token, requestId, 'vault_totp', { name: pasted }) },
+    ];
+    const forms = (v: string) => [v, encodeURIComponent(v), JSON.stringify(v).slice(1, -1)];
+    // Another identity never granted them: answered and written as any name that names nothing (the
+    // mark would tell it that some identity stores the text it tried). A value of the holder's, not
+    // registered with the leak sweep and destroyed below, since these rows hold it by design.
+    const unregistered = `sk_live_51H${randomBytes(12).toString('hex')}`;
+    expect((await h.api('POST', '/v1/vault.store', { token: holder.token, body: { name: 'unregistered-key', kind: 'api_key', value: unregistered } })).status).toBe(201);
+    for (const [method, route, body, field] of [
+      ['POST', '/v1/vault.get', { name: unregistered }, 'name'],
+      ['PATCH', `/v1/credentials/${unregistered}`, { tags: ['x'] }, 'name'],
+      ['GET', `/v1/audit?credential=${unregistered}`, undefined, 'credential'],
+    ] as const) {
+      const requestId = `not-readable-${randomUUID()}`;
+      const res = await fetch(h.url + route, {
+        method,
+        headers: { authorization: `Bearer ${other.token}`, 'x-request-id': requestId, ...(body ? { 'content-type': 'application/json' } : {}) },
+        body: body ? JSON.stringify(body) : undefined,
+      });
+      const text = await res.text();
+      expect(res.status, text).toBe(method === 'GET' ? 200 : 404);
+      if (method !== 'GET') expect(text, route).toContain(unregistered);
+      const rows = (await h.sql('SELECT outcome, detail FROM audit_log WHERE request_id = $1', [requestId])).rows;
+      expect(rows, route).toEqual([{ outcome: 'denied', detail: expect.objectContaining({ [field]: unregistered }) }]);
+      expect(JSON.stringify(rows[0].detail)).not.toMatch(/Withheld/);
+    }
+    const destroyed = await h.api('DELETE', '/v1/credentials/unregistered-key?destroy=true', { token: holder.token });
+    expect(destroyed.status, destroyed.text).toBe(200);
+    // Granted them, it can read them: withheld as for the holder.
+    for (const name of ['pasted-key', 'pasted-uuid-key']) {
+      const granted = await h.api('POST', '/v1/grants', { token: holder.token, body: { credential: name, grantee: other.name } });
+      expect(granted.status, granted.text).toBe(201);
+    }
+    for (const [who, counterpart] of [[holder, other.name], [other, holder.name]] as const) {
+      for (const c of calls) {
+        const requestId = `withheld-${randomUUID()}`;
+        const res = await c.send(who, requestId, counterpart);
+        const label = `${c.call} by ${who === holder ? 'the holder' : 'another identity'}: ${res.text}`;
+        expect(res.status, label).toBe(c.status);
+        for (const form of forms(pasted)) expect(res.text, label).not.toContain(form);
+        expect(res.text, label).not.toContain(uuidShaped);
+        // The answer says why it names nothing where the value is what it did not find (a leak report never repeats a name; the other identity's grant to it fails on its credential first).
+        const says = c.status === 404 && c.call !== 'leak report' && !(c.call === 'grant to it' && who === other);
+        if (says) expect(res.text, label).toContain('a value stored in the vault');
+        if (c.call === 'rotation') expect(res.text, label).toContain('no-such-rotated-key');
+        const rows = (await h.sql('SELECT outcome, detail FROM audit_log WHERE request_id = $1', [requestId])).rows;
+        expect(rows.length, label).toBeGreaterThan(0);
+        for (const row of rows) {
+          expect(row.outcome, label).toBe('denied');
+          for (const form of forms(pasted)) expect(JSON.stringify(row.detail), label).not.toContain(form);
+          expect(JSON.stringify(row.detail), label).not.toContain(uuidShaped);
+          if (c.field) expect(row.detail, label).toMatchObject({ [`${c.field}Withheld`]: 'stored-value' });
+        }
+      }
+    }
+    // The request log (its lines are written as the answers go out).
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    for (const form of [...forms(pasted), uuidShaped]) expect(readLog(h).includes(form), 'the request log').toBe(false);
+    expect(readLog(h)).toContain('/v1/credentials/:ref');
+
+    // A name or id that is not a stored value is answered and written as given, as before.
+    const ghost = randomUUID();
+    const plain: [string, string, unknown, string, Record<string, unknown>][] = [
+      ['POST', '/v1/vault.get', { name: 'no-such-pasted-key' }, "no credential with name 'no-such-pasted-key'", { name: 'no-such-pasted-key' }],
+      ['POST', '/v1/vault.get', { id: ghost }, `no credential with id ${ghost}`, { ref: ghost }],
+      ['PATCH', '/v1/credentials/no-such-pasted-key', { tags: ['x'] }, "no credential with name 'no-such-pasted-key'", { name: 'no-such-pasted-key' }],
+      ['GET', '/v1/audit?credential=no-such-pasted-key', undefined, '', { credential: 'no-such-pasted-key' }],
+    ];
+    for (const [method, route, body, detail, recorded] of plain) {
+      const requestId = `not-withheld-${randomUUID()}`;
+      const res = await h.api(method, route, { token: other.token, body, headers: { 'x-request-id': requestId } });
+      if (detail) expect(res.body, res.text).toMatchObject({ status: 404, detail, instance: route });
+      const rows = (await h.sql('SELECT outcome, detail FROM audit_log WHERE request_id = $1', [requestId])).rows;
+      expect(rows, route).toEqual([{ outcome: 'denied', detail: expect.objectContaining(recorded) }]);
+      expect(JSON.stringify(rows[0].detail)).not.toMatch(/Withheld/);
+    }
+  });
+
+  it('vault.store refuses a new credential named by a value the caller can read, or by the value it comes with: a 422, nothing stored, the name withheld', async () => {
+    const holder = await h.createIdentity();
+    const other = await h.createIdentity();
+    const value = h.secret(`ghp_${randomBytes(16).toString('hex')}`);
+    expect((await h.api('POST', '/v1/vault.store', { token: holder.token, body: { name: 'github-token', kind: 'api_key', value } })).status).toBe(201);
+    // A stranger's store under the holder's value is a name like any other (a refusal would confirm that some identity stores it).
+    const stranger = await h.createIdentity();
+    const unregistered = `ghp_${randomBytes(16).toString('hex')}`;
+    expect((await h.api('POST', '/v1/vault.store', { token: holder.token, body: { name: 'unregistered-token', kind: 'api_key', value: unregistered } })).status).toBe(201);
+    const strangers = await h.api('POST', '/v1/vault.store', { token: stranger.token, body: { name: unregistered, kind: 'api_key', value: h.secret(`other-value-${randomBytes(8).toString('hex')}`) } });
+    expect(strangers.status, strangers.text).toBe(201);
+    // (Destroyed, so the leak sweep does not look for it: the stranger's credential is named by it, by design.)
+    expect((await h.api('DELETE', '/v1/credentials/unregistered-token?destroy=true', { token: holder.token })).status).toBe(200);
+    // The other identity, granted the holder's token, can read it: refused as the holder is.
+    const granted = await h.api('POST', '/v1/grants', { token: holder.token, body: { credential: 'github-token', grantee: other.name } });
+    expect(granted.status, granted.text).toBe(201);
+    const same = h.secret(`sk_same_${randomBytes(12).toString('hex')}`);
+    const attempts: [{ token: string }, Record<string, unknown>][] = [
+      [holder, { name: value, kind: 'api_key', value: h.secret(`other-value-${randomBytes(8).toString('hex')}`) }],
+      [other, { name: value, kind: 'api_key', value: h.secret(`other-value-${randomBytes(8).toString('hex')}`) }],
+      // With policy (a store alone, not in a batch), and with an expectedVersion for a credential there is not.
+      [other, { name: value, kind: 'api_key', value: h.secret(`other-value-${randomBytes(8).toString('hex')}`), tags: ['t'] }],
+      [other, { name: value, kind: 'api_key', value: h.secret(`other-value-${randomBytes(8).toString('hex')}`), expectedVersion: 3 }],
+      [other, { name: same, kind: 'api_key', value: same }],
+    ];
+    for (const [who, body] of attempts) {
+      const requestId = `store-withheld-${randomUUID()}`;
+      const res = await h.api('POST', '/v1/vault.store', { token: who.token, body, headers: { 'x-request-id': requestId } });
+      expect(res.status, res.text).toBe(422);
+      expect(res.body.type).toBe('https://mailgent.dev/problems/unprocessable');
+      expect(res.text).not.toContain(body.name as string);
+      const rows = (await h.sql('SELECT outcome, credential_id, detail FROM audit_log WHERE request_id = $1', [requestId])).rows;
+      expect(rows).toEqual([{ outcome: 'rejected', credential_id: null, detail: { nameWithheld: 'stored-value', error: 'unprocessable', status: 422 } }]);
+    }
+    expect((await h.sql('SELECT count(*)::int AS n FROM credentials WHERE name = ANY($1)', [[value, same]])).rows[0].n).toBe(0);
+    // A new version of a credential that is there, and a new credential of another name, store as before.
+    expect((await h.api('POST', '/v1/vault.store', { token: holder.token, body: { name: 'github-token', kind: 'api_key', value: h.secret(`ghp_${randomBytes(16).toString('hex')}`) } })).status).toBe(201);
+    expect((await h.api('POST', '/v1/vault.store', { token: other.token, body: { name: 'github-token', kind: 'api_key', value: h.secret(`ghp_${randomBytes(16).toString('hex')}`) } })).status).toBe(201);
   });
 
   it('an expiry with a UTC offset of up to 15 hours (what PostgreSQL takes) is stored as its instant', async () => {

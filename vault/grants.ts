@@ -1,9 +1,10 @@
 import { randomUUID } from 'node:crypto';
 import type { Pool } from '../db/pool';
-import { ConflictError, NotFoundError, UnprocessableError } from '../core/errors';
+import { ConflictError, NotFoundError, refWithheld, storedValueGiven, UnprocessableError } from '../core/errors';
 import { isUuid } from '../core/ids';
 import { audited } from './audited';
 import type { Caller, CredentialRef } from './types';
+import { type StoredValues, withholdStored } from './withheld';
 
 /**
  * Read access to one credential, given by its owner to another identity (a webhook dependent
@@ -21,7 +22,11 @@ export interface Grant {
 }
 
 export class Grants {
-  constructor(private readonly pool: Pool) {}
+  constructor(
+    private readonly pool: Pool,
+    /** For references that name nothing: withheld from the answer and the row if they are stored values (vault/withheld.ts). */
+    private readonly secrets: StoredValues,
+  ) {}
 
   create(caller: Caller, credential: CredentialRef, grantee: string): Promise<Grant> {
     return audited(this.pool, caller, 'grant.create', { grantee }, async (tx, note) => {
@@ -35,11 +40,23 @@ export class Grants {
           [caller.identityId, byId ? credential.id : credential.name],
         )
       ).rows[0];
-      if (!cred) throw new NotFoundError(`no credential with ${byId ? `id ${credential.id}` : `name '${credential.name}'`}`);
+      if (!cred) {
+        // Neither reference found anything (the grantee, in the row from the start, not looked for
+        // yet): each that is a stored value is withheld (vault/withheld.ts). The row names no
+        // credential it did not find, but says when the one given was a stored value.
+        const withheld = await withholdStored(tx, this.secrets, caller.identityId, note.detail, { credential: byId ? credential.id : credential.name, grantee });
+        if (withheld.has('credential')) throw refWithheld(new NotFoundError(`no credential with the ${byId ? 'id' : 'name'} given (${storedValueGiven()})`));
+        throw new NotFoundError(`no credential with ${byId ? `id ${credential.id}` : `name '${credential.name}'`}`);
+      }
       note.credentialId = cred.id;
       // By id when it has that form (no identity name does), else by name: never both at once.
       const who = (await tx.query(`SELECT id, name FROM identities WHERE ${isUuid(grantee) ? 'id = $1::uuid' : 'name = $1'}`, [grantee])).rows[0];
-      if (!who) throw new NotFoundError(`no identity '${grantee}'`);
+      if (!who) {
+        if ((await withholdStored(tx, this.secrets, caller.identityId, note.detail, { grantee })).size > 0) {
+          throw refWithheld(new NotFoundError(`no identity with the grantee given (${storedValueGiven("an identity's name or id")})`));
+        }
+        throw new NotFoundError(`no identity '${grantee}'`);
+      }
       if (who.id === caller.identityId) throw new UnprocessableError('an identity already reads its own credentials');
       const id = randomUUID();
       const inserted = await tx.query(

@@ -1,9 +1,10 @@
 import type { Pool } from 'pg';
-import { NotFoundError, UnprocessableError } from '../core/errors';
+import { NotFoundError, refWithheld, storedValueGiven, UnprocessableError } from '../core/errors';
 import { storableText } from '../core/storable';
 import { appendAuditRows, type AuditEntry, callerEntry, errorDetail, markAudited, outcomeOf } from './audit';
 import type { SecretStore } from './secret-store';
 import type { Caller, CredentialRef, Kind, VersionLabel } from './types';
+import { withhold } from './withheld';
 import { UUID } from '../core/ids';
 
 /**
@@ -18,7 +19,9 @@ import { UUID } from '../core/ids';
  * ciphertext that does not open) gets its own row with its outcome and fails alone. A batch whose
  * rows cannot be written fails all its calls with a 503, exactly as each would have failed alone.
  * A credential's last read is read from those rows (vault.ts): reads write nothing else, take no
- * row lock, and never wait on a rotation holding one.
+ * row lock, and never wait on a rotation holding one. A batch with a call that found nothing looks,
+ * between the two, for whether its reference is a value its caller can read, to withhold it from the
+ * call's row (vault/withheld.ts): a batch that found every credential has no third statement.
  *
  * Round trips are what a batch costs under load (each waits a turn of a busy event loop), hence two
  * statements and no BEGIN/COMMIT: the second statement is its own transaction. The read needs no
@@ -84,7 +87,7 @@ export class ReadBatcher {
 
   constructor(
     private readonly pool: Pool,
-    private readonly secrets: Pick<SecretStore, 'open'>,
+    private readonly secrets: Pick<SecretStore, 'open' | 'readableAmong'>,
     private readonly maxBatch = MAX_BATCH,
     private readonly maxInFlight = MAX_IN_FLIGHT,
   ) {}
@@ -124,8 +127,13 @@ export class ReadBatcher {
         ],
       });
       const found = new Map<number, Record<string, any>>(rows.map((r) => [Number(r.i) - 1, r]));
+      // A reference that found nothing is written into its row as given, unless it is a value its
+      // caller can read (vault/withheld.ts): one look for the batch's, none for a batch that found every one.
+      const missing = batch.filter((_, i) => !found.has(i));
+      const readable = missing.length > 0 ? await this.secrets.readableAmong(this.pool, missing.map((p) => ({ readerId: p.caller.identityId, text: given(p.ref) }))) : [];
+      const withheld = new Set(missing.filter((_, i) => readable[i]));
       settled = [];
-      for (const [i, p] of batch.entries()) settled.push(await this.settle(p, found.get(i)));
+      for (const [i, p] of batch.entries()) settled.push(await this.settle(p, found.get(i), withheld));
       // One statement, so one transaction: every audit row commits, or none (AuditUnavailableError).
       await appendAuditRows(this.pool, settled.map((s) => s.entry));
     } catch (err) {
@@ -135,12 +143,16 @@ export class ReadBatcher {
   }
 
   /** Decides one call's outcome inside the batch: its audit row, and what to hand back after commit. */
-  private async settle(p: Pending, row: Record<string, any> | undefined): Promise<Settled> {
+  private async settle(p: Pending, row: Record<string, any> | undefined, withheld: ReadonlySet<Pending>): Promise<Settled> {
     const entry = auditEntry(p);
     if (!row) {
-      const what = 'id' in p.ref ? `id ${p.ref.id}` : `name '${p.ref.name}'`;
-      const err = new NotFoundError(p.version ? `no version ${p.version} of a credential with ${what}` : `no credential with ${what}`);
-      return failed(p, entry, err);
+      const byId = 'id' in p.ref;
+      const hidden = withheld.has(p);
+      // (refDetail writes an id as `ref`, a name as `name`.)
+      if (hidden) withhold(entry.detail!, byId ? 'ref' : 'name');
+      const what = hidden ? `the ${byId ? 'id' : 'name'} given` : byId ? `id ${given(p.ref)}` : `name '${given(p.ref)}'`;
+      const message = p.version ? `no version ${p.version} of a credential with ${what}` : `no credential with ${what}`;
+      return failed(p, entry, hidden ? refWithheld(new NotFoundError(`${message} (${storedValueGiven()})`)) : new NotFoundError(message));
     }
     entry.credentialId = row.id;
     entry.detail!.version = row.version;
@@ -190,6 +202,11 @@ export class ReadBatcher {
 interface Settled {
   entry: AuditEntry;
   deliver: () => void;
+}
+
+/** The reference as the caller gave it: an id or a name. */
+function given(ref: CredentialRef): string {
+  return 'id' in ref ? ref.id : ref.name;
 }
 
 function auditEntry(p: Pending): AuditEntry {

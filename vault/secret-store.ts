@@ -149,6 +149,37 @@ export class SecretStore {
     }
   }
 
+  /**
+   * For each (reader, text) asked: whether the text is a value the reader can read (a version,
+   * still kept, of one of its own credentials, deleted ones too, or of one granted to it), found by
+   * fingerprint in one statement (the fingerprint index), nothing decrypted. Only values the reader
+   * can read: asked about every identity's, the answer would tell it that some identity stores a text
+   * it guessed (vault/withheld.ts).
+   */
+  async readableAmong(db: Db, asked: { readerId: string; text: string }[]): Promise<boolean[]> {
+    if (asked.length === 0) return [];
+    const fingerprints: Buffer[] = [];
+    for (const { text } of asked) {
+      const plaintext = Buffer.from(text, 'utf8');
+      try {
+        fingerprints.push(await this.fingerprintOf(db, plaintext));
+      } finally {
+        plaintext.fill(0);
+      }
+    }
+    const { rows } = await db.query<{ i: string }>({
+      name: 'secret-versions-readable-among',
+      text: `SELECT t.i FROM unnest($1::uuid[], $2::bytea[]) WITH ORDINALITY AS t(reader, fingerprint, i)
+              WHERE EXISTS (SELECT 1 FROM secret_versions v JOIN credentials c ON c.id = v.credential_id
+                             WHERE v.fingerprint IS NOT NULL AND v.fingerprint = t.fingerprint
+                               AND (c.identity_id = t.reader
+                                    OR EXISTS (SELECT 1 FROM grants g WHERE g.credential_id = c.id AND g.grantee_id = t.reader AND g.revoked_at IS NULL)))`,
+      values: [asked.map((a) => a.readerId), fingerprints],
+    });
+    const hit = new Set(rows.map((r) => Number(r.i) - 1));
+    return asked.map((_, i) => hit.has(i));
+  }
+
   /** The fingerprint of a value: its SHA-256 (wiped once used), keyed. */
   private async fingerprintOf(db: Db, plaintext: Buffer): Promise<Buffer> {
     const digest = createHash('sha256').update(plaintext).digest();

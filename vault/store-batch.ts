@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import type { Pool, PoolClient } from 'pg';
 import type { Db } from '../db/pool';
-import { type AppError, ConflictError, unconfirmedChange, UnavailableError, UnprocessableError, VersionConflictError } from '../core/errors';
+import { type AppError, ConflictError, refWithheld, unconfirmedChange, UnavailableError, UnprocessableError, VersionConflictError } from '../core/errors';
 import { appendAuditRows, type AuditEntry, callerEntry, errorDetail, markAudited, outcomeOf } from './audit';
 import type { SecretStore } from './secret-store';
 import type { Caller, Kind, StoredVersion, StoreInput } from './types';
@@ -82,6 +82,23 @@ export function storeRefusal(input: StoreInput, found: Found | null): AppError |
   return undefined;
 }
 
+/**
+ * The refusal of a store whose name finds no credential of the caller's (a new one, or
+ * `expectedVersion` for none) when the name is a secret: a value the caller can read (`readable`,
+ * vault/withheld.ts: its own or granted to it; not any identity's, or the refusal would confirm a
+ * guess at another's), or the value it comes with. A name is not secret: it is listed, mailed in
+ * notices and written into every audit row of the credential, so such a store would spread the value
+ * everywhere. Nothing is stored, and the refusal's row withholds the name.
+ */
+export function secretName(input: StoreInput, readable: boolean): AppError | undefined {
+  if (!readable && input.value !== input.name) return undefined;
+  return refWithheld(
+    new UnprocessableError(
+      `the name given is ${readable ? 'a value stored in the vault' : 'the value being stored'}: a name is not secret (it is listed, mailed in notices and audited), so nothing was stored, and the name is neither repeated here nor written to the audit log. Choose a name that does not hold the value`,
+    ),
+  );
+}
+
 export const UNCONFIRMED_STORE =
   'the store could not be confirmed: it may have been committed before the database connection failed; read the credential (or store with expectedVersion) before trying again';
 
@@ -98,7 +115,7 @@ export class StoreBatcher {
 
   constructor(
     private readonly pool: Pool,
-    private readonly secrets: Pick<SecretStore, 'insertMany'>,
+    private readonly secrets: Pick<SecretStore, 'insertMany' | 'readableAmong'>,
     private readonly clock: () => Date,
     /** Vault's one-call path, for every call of a batch that rolled back. */
     private readonly alone: (caller: Caller, input: StoreInput) => Promise<StoredVersion>,
@@ -215,6 +232,14 @@ export class StoreBatcher {
         this.clock(),
       ],
     });
+    // A name that found no credential (created now, or `absent`) and is a secret (secretName) is
+    // refused: the batch rolls back, and each call stores alone, where it is refused with its name
+    // withheld. One look for the batch's new names; none for a batch that found all its credentials.
+    const fresh = batch.filter((_, i) => rows[i]?.outcome === 'created' || rows[i]?.outcome === 'absent');
+    if (fresh.length > 0) {
+      const readable = await this.secrets.readableAmong(tx, fresh.map((p) => ({ readerId: p.caller.identityId, text: p.input.name })));
+      if (fresh.some((p, i) => secretName(p.input, readable[i]!))) throw new Error('a store batch named a new credential by a secret');
+    }
     const entries: AuditEntry[] = [];
     const stored: { p: Pending; id: string; version: number }[] = [];
     const refused: { p: Pending; err: AppError }[] = [];

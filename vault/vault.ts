@@ -1,15 +1,16 @@
 import { randomUUID } from 'node:crypto';
 import type { Db, Pool } from '../db/pool';
-import { ConflictError, NotFoundError, UnprocessableError } from '../core/errors';
+import { ConflictError, NotFoundError, refWithheld, storedValueGiven, UnprocessableError } from '../core/errors';
 import { audited, type AuditNote } from './audited';
 import { lastReadSql } from './audit';
 import { INT4_MAX, ReadBatcher, storable } from './read-batch';
-import { StoreBatcher, storeRefusal, UNCONFIRMED_STORE } from './store-batch';
+import { secretName, StoreBatcher, storeRefusal, UNCONFIRMED_STORE } from './store-batch';
 import type { ReadThread } from './read-thread';
 import type { SecretStore } from './secret-store';
 import { parseStoredTotp, storedTotpUri, totpCode, type TotpCode } from './totp';
 import { TOTP_SEED_NOT_ROTATED, type Caller, type CredentialMeta, type CredentialPolicy, type CredentialRef, type Kind, type SecretRead, type StoredVersion, type StoreInput } from './types';
 import { idOf, UUID } from '../core/ids';
+import { storedRefs, withhold, withholdStored } from './withheld';
 
 export * from './types';
 
@@ -87,7 +88,7 @@ export class Vault {
   private storeAlone(caller: Caller, input: StoreInput): Promise<StoredVersion> {
     return audited(this.pool, caller, 'vault.store', { name: input.name }, async (tx, note) => {
       const plaintext = plaintextOf(input);
-      const existing = await this.lockOrCreate(tx, caller.identityId, input);
+      const existing = await this.lockOrCreate(tx, caller.identityId, input, note);
       note.credentialId = existing.id;
       let version = 1;
       if (!existing.created) {
@@ -287,6 +288,14 @@ export class Vault {
   }
 
   /**
+   * Which of the references a caller gave are values it can read (vault/withheld.ts): for a refusal
+   * that would name the ones it did not find.
+   */
+  storedRefs(identityId: string, given: string[]): Promise<Set<string>> {
+    return storedRefs(this.pool, this.secrets, identityId, given);
+  }
+
+  /**
    * The credential a name or id refers to in the caller's scope for reading its audit trail, which
    * outlives it: deleted and destroyed ones count too. A name names the live credential if there is
    * one, else the one most recently deleted under it.
@@ -396,7 +405,9 @@ export class Vault {
     tx: Db,
     identityId: string,
     input: StoreInput,
+    note: AuditNote,
   ): Promise<{ id: string; created: boolean; deleted: boolean; currentVersion: number; kind: Kind }> {
+    let checked = false;
     for (let attempt = 0; attempt < 2; attempt++) {
       const found = await tx.query({
         name: 'credential-lock-by-name',
@@ -406,6 +417,14 @@ export class Vault {
       });
       const row = found.rows[0];
       if (row) return { id: row.id, created: false, deleted: row.deleted_at !== null, currentVersion: row.current_version, kind: row.kind };
+      if (!checked) {
+        checked = true;
+        const secret = secretName(input, (await storedRefs(tx, this.secrets, identityId, [input.name])).has(input.name));
+        if (secret) {
+          withhold(note.detail, 'name');
+          throw secret;
+        }
+      }
       const refusal = storeRefusal(input, null);
       if (refusal) throw refusal;
       const id = randomUUID();
@@ -449,6 +468,10 @@ export class Vault {
     );
     if (!rows[0]) {
       const which = opts.deletedBefore ? `deleted before ${opts.deletedBefore.toISOString()} ` : opts.deleted === true ? 'deleted ' : '';
+      // (refDetail writes an id as `ref`, a name as `name`.)
+      if ((await withholdStored(tx, this.secrets, identityId, note.detail, byId ? { ref: ref.id } : { name: ref.name })).size > 0) {
+        throw refWithheld(new NotFoundError(`no ${which}credential with the ${byId ? 'id' : 'name'} given (${storedValueGiven()})`));
+      }
       throw new NotFoundError(`no ${which}credential with ${byId ? `id ${ref.id}` : `name '${ref.name}'`}`);
     }
     note.credentialId = rows[0].id;

@@ -6,8 +6,9 @@ import { endpoint, type AuthDeps } from '../endpoint';
 import { auditList, chainReport } from '../responses';
 import { auditQuery, chainQuery } from '../schemas';
 import { isUuid } from '../../core/ids';
+import { type StoredValues, withholdStored } from '../../vault/withheld';
 
-export function auditRoutes(auth: AuthDeps, deps: { pool: Pool; vault: Vault }): Router {
+export function auditRoutes(auth: AuthDeps, deps: { pool: Pool; vault: Vault; secrets: StoredValues }): Router {
   const router = Router();
 
   router.get(
@@ -35,8 +36,11 @@ export function auditRoutes(auth: AuthDeps, deps: { pool: Pool; vault: Vault }):
         // naming what it tried: an id or a name of a credential's form (auditQuery refuses anything
         // else with a 400, its row saying only that; before, any text up to 200 characters was
         // written here as given, control characters and a value pasted by mistake included).
+        // (The text tried is withheld if it is a value the caller can read: vault/withheld.ts.)
         if (!found && identity) {
-          await appendAudit(deps.pool, { ...caller, action: 'audit.list', outcome: 'denied', detail: { credential: query.credential, error: 'not-found' } });
+          const detail: Record<string, unknown> = { credential: query.credential, error: 'not-found' };
+          await withholdStored(deps.pool, deps.secrets, identity.id, detail, { credential: query.credential });
+          await appendAudit(deps.pool, { ...caller, action: 'audit.list', outcome: 'denied', detail });
         }
       }
       const items = await listAudit(deps.pool, {

@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
 import type { z } from 'zod';
 import { WorkflowExecutionAlreadyStartedError, WorkflowNotFoundError, WorkflowUpdateFailedError, type Client, type WorkflowHandle } from '@temporalio/client';
-import { ConflictError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
+import { ConflictError, NotFoundError, refWithheld, storedValueGiven, UnavailableError, UnprocessableError } from '../../core/errors';
 import type { Logger } from '../../core/logger';
 import { withTransaction, type Pool } from '../../db/pool';
 import { recordBatchRun, RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../../db/run-outcome';
@@ -404,7 +404,14 @@ async function selectCredentials(
 ): Promise<string[]> {
   if (body.credentials) {
     const { found, missing } = await deps.vault.resolve(identityId, [...new Set(body.credentials)]);
-    if (missing.length) throw new NotFoundError(`no credential named or with id: ${missing.join(', ')}`);
+    if (missing.length) {
+      // Named as given, but any that is a value the caller can read (vault/withheld.ts): this answer reaches the caller's logs.
+      const stored = await deps.vault.storedRefs(identityId, missing);
+      const named = missing.filter((ref) => !stored.has(ref));
+      if (named.length === missing.length) throw new NotFoundError(`no credential named or with id: ${named.join(', ')}`);
+      const withheld = `${missing.length - named.length} ${named.length ? 'more ' : ''}not repeated (${storedValueGiven()})`;
+      throw refWithheld(new NotFoundError(`no credential named or with id: ${[...named, withheld].join(', ')}`));
+    }
     const ids = [...new Set(found.values())];
     const { rows: unmanaged } = await deps.pool.query<{ name: string; kind: string }>(
       'SELECT name, kind FROM credentials WHERE id = ANY($1::uuid[]) AND rotation IS NULL ORDER BY name',

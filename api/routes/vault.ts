@@ -10,7 +10,7 @@ import { endpoint, type AuthDeps } from '../endpoint';
 import { credentialDeleted, credentialList, credentialMeta, secretRead, storedVersion, totpCode } from '../responses';
 import { credentialDeleteQuery, credentialRef, credentialsQuery, credentialUpdate, vaultGet, vaultStore, vaultTotp } from '../schemas';
 import { isUuid } from '../../core/ids';
-import { ConflictError, UnavailableError, UnprocessableError, ValidationError } from '../../core/errors';
+import { ConflictError, refWithheld, UnavailableError, UnprocessableError, ValidationError } from '../../core/errors';
 import { statusOf } from '../../core/run-chain';
 
 export interface VaultRouteDeps {
@@ -135,7 +135,8 @@ function checkedPolicy<P extends CredentialPolicy>(deps: VaultRouteDeps, policy:
 
 /**
  * A path segment names a credential by id (a UUID) or by name; anything else is a 400 (credentialRef),
- * never looked up nor written into the audit row as the name it is not.
+ * never looked up nor written into the audit row as the name it is not. (One that names nothing and
+ * is a stored value is withheld where its 404 is decided: vault/withheld.ts.)
  */
 export function refOf(segment: unknown): CredentialRef {
   const s = String(segment);
@@ -143,7 +144,8 @@ export function refOf(segment: unknown): CredentialRef {
   const checked = credentialRef.safeParse(s);
   if (!checked.success) {
     const message = checked.error.issues[0]!.message;
-    throw new ValidationError(`the request path is not valid: ref: ${message}`, [{ path: 'ref', message }]);
+    // Not in the request log nor the problem's instance either (refWithheld): it may be a value pasted there.
+    throw refWithheld(new ValidationError(`the request path is not valid: ref: ${message}`, [{ path: 'ref', message }]));
   }
   return { name: s };
 }

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { AppError, AuditUnavailableError, IntegrityError, NotFoundError, TooManyRequestsError, ValidationError } from '../../core/errors';
+import { AppError, AuditUnavailableError, IntegrityError, isRefWithheld, NotFoundError, refWithheld, TooManyRequestsError, ValidationError } from '../../core/errors';
 import { isDatabaseUnavailable } from '../../db/pool';
 import { isAudited, markAudited } from '../../vault/audit';
 import { receiveError, sendError } from '../../vault/read-thread';
@@ -26,6 +26,11 @@ describe('errors crossing the read thread', () => {
   it('keeps the audited mark, and only where it was set', () => {
     expect(isAudited(cross(markAudited(new IntegrityError('altered'))))).toBe(true);
     expect(isAudited(cross(new IntegrityError('altered')))).toBe(false);
+  });
+
+  it('keeps the mark of a reference withheld (a stored value given as a name), and only where it was set', () => {
+    expect(isRefWithheld(cross(refWithheld(new NotFoundError('no credential with the name given'))))).toBe(true);
+    expect(isRefWithheld(cross(new NotFoundError("no credential with name 'x'")))).toBe(false);
   });
 
   it('a database error keeps what marks it unavailable, and a cause crosses with its error', () => {
