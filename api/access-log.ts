@@ -47,5 +47,8 @@ export function accessLog(logger: Logger): RequestHandler {
  */
 export function shownPath(req: Request): string {
   const pattern: unknown = req.route?.path;
-  return typeof pattern === 'string' && pattern.includes(':') ? req.baseUrl + pattern : req.originalUrl.split('?')[0]!;
+  if (typeof pattern === 'string' && pattern.includes(':')) return req.baseUrl + pattern;
+  // A method no route at the path answers: the pattern of one that matched it (api/app.ts, otherMethods).
+  const other: unknown = req.res?.locals.routePattern;
+  return typeof other === 'string' ? other : req.originalUrl.split('?')[0]!;
 }

@@ -3,7 +3,7 @@ import express, { type Express, type RequestHandler, Router } from 'express';
 import helmet from 'helmet';
 import type { Client } from '@temporalio/client';
 import type { DataConverter } from '@temporalio/common';
-import { AppError, MethodNotAllowedError, NotFoundError } from '../core/errors';
+import { AppError, MethodNotAllowedError, NotFoundError, refWithheld } from '../core/errors';
 import type { Logger } from '../core/logger';
 import type { Pool } from '../db/pool';
 import { appendAudit, errorDetail, isAudited, outcomeOf } from '../vault/audit';
@@ -77,17 +77,22 @@ function oneRouter(routers: Router[]): Router {
 }
 
 interface RouteLayer {
-  route?: { methods: Record<string, boolean>; _methods(): string[] };
+  route?: { path: unknown; methods: Record<string, boolean>; _methods(): string[] };
   handle: { stack?: RouteLayer[] };
   slash?: boolean;
   match(path: string): unknown;
 }
 
-/** The methods the app's routes answer at `path` (those of routers mounted at '/' included), OPTIONS last. */
-function methodsAt(stack: RouteLayer[], path: string, into = new Set<string>()): Set<string> {
+/**
+ * The methods the app's routes answer at `path` (those of routers mounted at '/' included), OPTIONS
+ * last, and the pattern of the first route that matched it (`/v1/credentials/:ref`).
+ */
+function methodsAt(stack: RouteLayer[], path: string, into = { methods: new Set<string>(), pattern: undefined as string | undefined }) {
   for (const layer of stack) {
     if (layer.route) {
-      if (layer.match(path)) for (const m of layer.route._methods()) into.add(m);
+      if (!layer.match(path)) continue;
+      for (const m of layer.route._methods()) into.methods.add(m);
+      if (into.pattern === undefined && typeof layer.route.path === 'string') into.pattern = layer.route.path;
     } else if (layer.slash && Array.isArray(layer.handle.stack)) {
       methodsAt(layer.handle.stack, path, into);
     }
@@ -104,10 +109,18 @@ function methodsAt(stack: RouteLayer[], path: string, into = new Set<string>()):
  * being earlier. A path no route answers falls through to the 404.
  */
 const otherMethods: RequestHandler = (req, res, next) => {
-  const methods = methodsAt((req.app as unknown as { router: { stack: RouteLayer[] } }).router.stack, req.path);
+  const { methods, pattern } = methodsAt((req.app as unknown as { router: { stack: RouteLayer[] } }).router.stack, req.path);
   if (methods.size === 0) return next();
   const allow = [...methods, 'OPTIONS'].filter((m, i, all) => all.indexOf(m) === i);
-  if (req.method !== 'OPTIONS') throw new MethodNotAllowedError(req.method, req.path, allow);
+  if (req.method !== 'OPTIONS') {
+    // A path with parameters is the caller's text (a value pasted where a name goes, say): its
+    // route's pattern is what the answer, its instance and the request log show (shownPath).
+    if (pattern?.includes(':')) {
+      res.locals.routePattern = pattern;
+      throw refWithheld(new MethodNotAllowedError(req.method, pattern, allow));
+    }
+    throw new MethodNotAllowedError(req.method, req.path, allow);
+  }
   res.setHeader('Allow', allow.join(', '));
   res.status(204).end();
 };

@@ -253,6 +253,8 @@ describe('bad input', () => {
     const put = await h.api('PUT', '/v1/credentials/0b6f3a5e-1c2d-4e5f-8a9b-0c1d2e3f4a5b', { token: agent.token, body: {} });
     expectProblem(put, 405, 'method-not-allowed');
     expect(put.headers.get('allow')).toBe('PATCH, DELETE, OPTIONS');
+    // Its answer names the route's pattern, not the path sent (a value pasted where a name goes, say).
+    expect(put.body).toMatchObject({ detail: '/v1/credentials/:ref does not answer PUT; it answers PATCH, DELETE, OPTIONS', instance: '/v1/credentials/:ref' });
     // HEAD is answered where GET is (Express's own), and refused where it is not.
     expect((await h.api('HEAD', '/v1/credentials', { token: agent.token })).status).toBe(200);
     expect((await h.api('HEAD', '/v1/vault.get', { token: agent.token })).status).toBe(405);

@@ -3,7 +3,11 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AppError } from '../core/errors';
 import { verifyAuditChain } from '../vault/audit';
 import { MAX_IN_FLIGHT } from '../vault/read-batch';
+import { DataKeys } from '../vault/data-keys';
+import { Keyring } from '../vault/keyring';
+import { SecretStore } from '../vault/secret-store';
 import type { Caller } from '../vault/types';
+import { Vault } from '../vault/vault';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 
@@ -115,6 +119,25 @@ describe('group commit of audited reads', () => {
       ['ok', null],
       ['failed', 'integrity-failure'],
     ]);
+  });
+
+  it("a batch whose check of its missed references fails hands out its found reads, and writes the missed ones' rows withheld, unchecked", async () => {
+    // A vault of its own in this process (the harness's reads run in a thread), whose check fails as a reset connection would.
+    const secrets = new SecretStore(new DataKeys(h.services.pool, Keyring.fromSetting(h.keyringFile)), () => new Date());
+    secrets.readableAmong = async () => Promise.reject(new Error('the connection was reset'));
+    const vault = new Vault(h.services.pool, secrets);
+    const callers = Array.from({ length: 5 }, () => as(alice));
+    const names = ['shared', 'no-such-credential', 'shared', 'sk_shared_first_value', 'shared'];
+    const results = await Promise.all(callers.map((c, i) => settle(vault.get(c, { name: names[i]! }))));
+    expect(results.map((r) => ('error' in r ? r.error.status : 'ok'))).toEqual(['ok', 404, 'ok', 404, 'ok']);
+    for (const r of results.filter((r) => 'error' in r)) expect(JSON.stringify((r as { error: AppError }).error.message)).not.toMatch(/no-such-credential|sk_shared_first_value/);
+    const inSeq = await rowsOf(callers.map((c) => c.requestId!));
+    const rows = callers.map((c) => inSeq.find((r) => r.request_id === c.requestId)!);
+    expect(rows.map((r) => r.outcome)).toEqual(['ok', 'denied', 'ok', 'denied', 'ok']);
+    for (const i of [1, 3]) {
+      expect(rows[i].detail).toMatchObject({ nameWithheld: 'unchecked' });
+      expect(rows[i].detail).not.toHaveProperty('name');
+    }
   });
 
   it('a batch whose audit rows cannot be written hands out nothing: every call is a 503', async () => {

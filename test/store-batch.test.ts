@@ -68,6 +68,38 @@ describe('group commit of stores', () => {
     await h.close();
   });
 
+  it('a new name that is a value the caller stores (or the value it comes with) is refused inside the batch, its name withheld: the rest of the batch commits as it would have, no fallback', async () => {
+    const vault = h.services.vault;
+    const secret = h.secret(`sk_live_51H${randomUUID().replace(/-/g, '')}`);
+    await vault.store(as(alice), { name: 'batch-secret-holder', kind: 'api_key', value: secret });
+    const older = h.secret(`sk_older_${randomUUID()}`);
+    await vault.store(as(alice), { name: 'batch-existing', kind: 'api_key', value: older });
+    const same = h.secret(`sk_same_${randomUUID()}`);
+    await idle();
+    const before = vault.storeBatchStats();
+    const calls = [
+      { name: `batch-fresh-a-${randomUUID()}`, kind: 'api_key' as const, value: h.secret(`sk_fresh_a_${randomUUID()}`) },
+      { name: `batch-fresh-b-${randomUUID()}`, kind: 'api_key' as const, value: h.secret(`sk_fresh_b_${randomUUID()}`) },
+      { name: secret, kind: 'api_key' as const, value: h.secret(`sk_other_${randomUUID()}`) },
+      { name: 'batch-existing', kind: 'api_key' as const, value: h.secret(`sk_newer_${randomUUID()}`) },
+      { name: same, kind: 'api_key' as const, value: same },
+      // (An older version of a credential's is a value it stores too; with expectedVersion for a credential there is not.)
+      { name: older, kind: 'api_key' as const, value: h.secret(`sk_other_${randomUUID()}`), expectedVersion: 2 },
+    ];
+    const callers = calls.map(() => as(alice));
+    const results = await Promise.all(calls.map((input, i) => settle(vault.store(callers[i]!, input))));
+    expect(results.map(outcome)).toEqual(['ok', 'ok', 422, 'ok', 422, 422]);
+    for (const i of [2, 4, 5]) expect(JSON.stringify((results[i] as { error: AppError }).error.message)).not.toContain(calls[i]!.name);
+    // The first call alone, the rest in one batch: nothing fell back to storing alone.
+    expect(vault.storeBatchStats()).toEqual({ batches: before.batches + 2, calls: before.calls + calls.length, fallbacks: before.fallbacks });
+    const { byCall } = await rowsOf(callers.map((c) => c.requestId!));
+    expect(byCall.slice(2).every((r) => r.tx === byCall[1].tx)).toBe(true);
+    for (const i of [2, 4, 5]) expect(byCall[i]).toMatchObject({ outcome: 'rejected', credential_id: null, detail: { nameWithheld: 'stored-value', error: 'unprocessable', status: 422 } });
+    expect((await h.sql('SELECT count(*)::int AS n FROM credentials WHERE name = ANY($1)', [[secret, same, older]])).rows[0].n).toBe(0);
+    expect(await currentVersion(alice.id, calls[0]!.name)).toBe(1);
+    expect(await currentVersion(alice.id, 'batch-existing')).toBe(2);
+  });
+
   it('thirty mixed stores commit in two transactions; each gets its own answer and its own audit row, refusals write nothing', async () => {
     const vault = h.services.vault;
     const before = vault.storeBatchStats();

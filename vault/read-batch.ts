@@ -4,7 +4,7 @@ import { storableText } from '../core/storable';
 import { appendAuditRows, type AuditEntry, callerEntry, errorDetail, markAudited, outcomeOf } from './audit';
 import type { SecretStore } from './secret-store';
 import type { Caller, CredentialRef, Kind, VersionLabel } from './types';
-import { withhold } from './withheld';
+import { STORED_VALUE, UNCHECKED, withhold } from './withheld';
 import { UUID } from '../core/ids';
 
 /**
@@ -130,8 +130,17 @@ export class ReadBatcher {
       // A reference that found nothing is written into its row as given, unless it is a value its
       // caller can read (vault/withheld.ts): one look for the batch's, none for a batch that found every one.
       const missing = batch.filter((_, i) => !found.has(i));
-      const readable = missing.length > 0 ? await this.secrets.readableAmong(this.pool, missing.map((p) => ({ readerId: p.caller.identityId, text: given(p.ref) }))) : [];
-      const withheld = new Set(missing.filter((_, i) => readable[i]));
+      const withheld = new Map<Pending, typeof STORED_VALUE | typeof UNCHECKED>();
+      if (missing.length > 0) {
+        try {
+          const readable = await this.secrets.readableAmong(this.pool, missing.map((p) => ({ readerId: p.caller.identityId, text: given(p.ref) })));
+          missing.forEach((p, i) => readable[i] && withheld.set(p, STORED_VALUE));
+        } catch {
+          // Failed closed, and only for them: the calls that found their credential go on; these are
+          // written withheld, unchecked (their answer is the same 404).
+          for (const p of missing) withheld.set(p, UNCHECKED);
+        }
+      }
       settled = [];
       for (const [i, p] of batch.entries()) settled.push(await this.settle(p, found.get(i), withheld));
       // One statement, so one transaction: every audit row commits, or none (AuditUnavailableError).
@@ -143,16 +152,17 @@ export class ReadBatcher {
   }
 
   /** Decides one call's outcome inside the batch: its audit row, and what to hand back after commit. */
-  private async settle(p: Pending, row: Record<string, any> | undefined, withheld: ReadonlySet<Pending>): Promise<Settled> {
+  private async settle(p: Pending, row: Record<string, any> | undefined, withheld: ReadonlyMap<Pending, typeof STORED_VALUE | typeof UNCHECKED>): Promise<Settled> {
     const entry = auditEntry(p);
     if (!row) {
       const byId = 'id' in p.ref;
-      const hidden = withheld.has(p);
+      const why = withheld.get(p);
       // (refDetail writes an id as `ref`, a name as `name`.)
-      if (hidden) withhold(entry.detail!, byId ? 'ref' : 'name');
-      const what = hidden ? `the ${byId ? 'id' : 'name'} given` : byId ? `id ${given(p.ref)}` : `name '${given(p.ref)}'`;
+      if (why) withhold(entry.detail!, byId ? 'ref' : 'name', why);
+      const what = why ? `the ${byId ? 'id' : 'name'} given` : byId ? `id ${given(p.ref)}` : `name '${given(p.ref)}'`;
       const message = p.version ? `no version ${p.version} of a credential with ${what}` : `no credential with ${what}`;
-      return failed(p, entry, hidden ? refWithheld(new NotFoundError(`${message} (${storedValueGiven()})`)) : new NotFoundError(message));
+      if (!why) return failed(p, entry, new NotFoundError(message));
+      return failed(p, entry, refWithheld(new NotFoundError(why === STORED_VALUE ? `${message} (${storedValueGiven()})` : message)));
     }
     entry.credentialId = row.id;
     entry.detail!.version = row.version;

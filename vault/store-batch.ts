@@ -5,6 +5,7 @@ import { type AppError, ConflictError, refWithheld, unconfirmedChange, Unavailab
 import { appendAuditRows, type AuditEntry, callerEntry, errorDetail, markAudited, outcomeOf } from './audit';
 import type { SecretStore } from './secret-store';
 import type { Caller, Kind, StoredVersion, StoreInput } from './types';
+import { withhold } from './withheld';
 
 /**
  * Group commit for vault.store, as read-batch.ts is for reads.
@@ -233,12 +234,19 @@ export class StoreBatcher {
       ],
     });
     // A name that found no credential (created now, or `absent`) and is a secret (secretName) is
-    // refused: the batch rolls back, and each call stores alone, where it is refused with its name
-    // withheld. One look for the batch's new names; none for a batch that found all its credentials.
+    // refused here, its name withheld, and the credential PREPARE made for it goes (nothing else of
+    // it was written): the rest of the batch stores as it would have. One look for the batch's new
+    // names; none for a batch that found all its credentials.
+    const secretNames = new Map<Pending, AppError>();
     const fresh = batch.filter((_, i) => rows[i]?.outcome === 'created' || rows[i]?.outcome === 'absent');
     if (fresh.length > 0) {
       const readable = await this.secrets.readableAmong(tx, fresh.map((p) => ({ readerId: p.caller.identityId, text: p.input.name })));
-      if (fresh.some((p, i) => secretName(p.input, readable[i]!))) throw new Error('a store batch named a new credential by a secret');
+      fresh.forEach((p, i) => {
+        const err = secretName(p.input, readable[i]!);
+        if (err) secretNames.set(p, err);
+      });
+      const made = batch.flatMap((p, i) => (secretNames.has(p) && rows[i]?.outcome === 'created' ? [rows[i].cred_id as string] : []));
+      if (made.length > 0) await tx.query('DELETE FROM credentials WHERE id = ANY($1::uuid[])', [made]);
     }
     const entries: AuditEntry[] = [];
     const stored: { p: Pending; id: string; version: number }[] = [];
@@ -246,6 +254,14 @@ export class StoreBatcher {
     for (const [i, p] of batch.entries()) {
       const row = rows[i];
       if (!row || row.i !== i + 1) throw new Error('the store batch lost track of its calls');
+      const secret = secretNames.get(p);
+      if (secret) {
+        const entry = callerEntry(p.caller, 'vault.store', {}, null);
+        withhold(entry.detail!, 'name');
+        entries.push({ ...entry, outcome: outcomeOf(secret), detail: { ...entry.detail, ...errorDetail(secret) } });
+        refused.push({ p, err: secret });
+        continue;
+      }
       const entry = callerEntry(p.caller, 'vault.store', { name: p.input.name }, row.cred_id);
       entries.push(entry);
       if (row.outcome === 'ok' || row.outcome === 'created') {

@@ -28,10 +28,13 @@ export async function storedRefs(db: Db, secrets: StoredValues, readerId: string
   return new Set(unique.filter((_, i) => readable[i]));
 }
 
+/** The mark of a reference withheld because the check could not be made (the database failed it): never written as given unchecked. */
+export const UNCHECKED = 'unchecked';
+
 /** Withholds `field` from an audit row's `detail`: left out, and `<field>Withheld` says why. */
-export function withhold(detail: Record<string, unknown>, field: string): void {
+export function withhold(detail: Record<string, unknown>, field: string, why: typeof STORED_VALUE | typeof UNCHECKED = STORED_VALUE): void {
   delete detail[field];
-  detail[`${field}Withheld`] = STORED_VALUE;
+  detail[`${field}Withheld`] = why;
 }
 
 /**
@@ -39,10 +42,18 @@ export function withhold(detail: Record<string, unknown>, field: string): void {
  * given, by the field of `detail` it is written under (or would be). Each that is a value `readerId`
  * can read is withheld from `detail` (one statement for them all); answers their fields. The
  * caller's error then says storedValueGiven() in place of a withheld one, and is marked refWithheld.
+ * A check that fails withholds them all (UNCHECKED) and throws.
  */
 export async function withholdStored(db: Db, secrets: StoredValues, readerId: string, detail: Record<string, unknown>, refs: Record<string, unknown>): Promise<Set<string>> {
   const given = Object.entries(refs).filter((e): e is [string, string] => typeof e[1] === 'string');
-  const stored = given.length > 0 ? await storedRefs(db, secrets, readerId, given.map(([, ref]) => ref)) : new Set<string>();
+  let stored = new Set<string>();
+  try {
+    if (given.length > 0) stored = await storedRefs(db, secrets, readerId, given.map(([, ref]) => ref));
+  } catch (err) {
+    // Failed closed: the call fails (its failure row is written from `detail`), none of them as given.
+    for (const [field] of given) withhold(detail, field, UNCHECKED);
+    throw err;
+  }
   const withheld = new Set(given.filter(([, ref]) => stored.has(ref)).map(([field]) => field));
   for (const field of withheld) withhold(detail, field);
   return withheld;
