@@ -4,6 +4,7 @@ import type { Client } from '@temporalio/client';
 import { AppError, KeyIntegrityError } from '../core/errors';
 import { statusOf } from '../core/run-chain';
 import { isDatabaseUnavailable, outlastingOutages } from '../db/pool';
+import { markAttemptStart } from '../providers/http/wait';
 
 /** What a run, its report and its notice say of a key that failed (KeyIntegrityError): which one is in the worker's log. */
 export const KEY_FAILED = "a key the vault needs failed its integrity check; the worker's log names it";
@@ -118,6 +119,8 @@ export async function outlastingDatabaseOutages<T>(fn: () => Promise<T>, limitMs
 
 /** A step that calls a provider or a dependent: permanent errors fail it, database outages are waited out. */
 export function externalStep<T>(fn: () => Promise<T>): Promise<T> {
+  // Its start, which a provider's waits are bounded by (providers/http/wait.ts).
+  markAttemptStart();
   return permanentErrorsFail(() => outlastingDatabaseOutages(fn));
 }
 

@@ -4,6 +4,7 @@ import { randomBytes, randomUUID } from 'node:crypto';
 import pg from 'pg';
 import { CancelledFailure } from '@temporalio/common';
 import { MockActivityEnvironment } from '@temporalio/testing';
+import { markAttemptStart } from '../providers/http/wait';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AppError, UnprocessableError } from '../core/errors';
 import { checkPolicy } from '../providers';
@@ -600,6 +601,13 @@ describe('rotation providers', () => {
       [calls, took] = since();
       expect(calls).toEqual([401, 401, 401]);
       expect(took).toBeLessThan(2_500);
+
+      // Counted from the attempt's start (markAttemptStart, as a rotation's steps call it), not from
+      // when it was scheduled: one queued 9 min 40 s of its 10 minutes behind busy slots still waits its 2 s.
+      const queued = new MockActivityEnvironment({ currentAttemptScheduledTimestampMs: Date.now() - 580_000, startToCloseTimeoutMs: 600_000, heartbeatTimeoutMs: 10_000 });
+      again();
+      expect((await failure(queued.run(() => (markAttemptStart(), verify(2)))))).toMatchObject({ message: never.message });
+      expect(since()[0]).toEqual([401, 401, 401]);
     });
 
     it('refuses a verify.waitSeconds outside 0–300 or not whole where the policy is set (a 422 problem naming it); nothing is stored', async () => {

@@ -7,7 +7,7 @@ import { attemptWaitLimit, pause } from './wait';
 
 /** The longest pause between two calls of verify to a key that does not work yet. */
 const MAX_VERIFY_PAUSE_MS = 10_000;
-/** Kept in an attempt for the step's database work after verify's waits (test/unit/options.test.ts counts 30 s). */
+/** Kept in an attempt beyond verify's last call: a margin for the step's last statements and the clocks (test/unit/options.test.ts counts 30 s of database work). */
 const STEP_DATABASE_MS = 30_000;
 
 /**
