@@ -24,7 +24,7 @@ export interface Grant {
 export class Grants {
   constructor(
     private readonly pool: Pool,
-    /** For references that name nothing: withheld from the answer and the row if they are stored values (vault/withheld.ts). */
+    /** For references that name nothing: withheld from the answer and the row if they are values the caller can read (vault/withheld.ts). */
     private readonly secrets: StoredValues,
   ) {}
 
@@ -42,8 +42,8 @@ export class Grants {
       ).rows[0];
       if (!cred) {
         // Neither reference found anything (the grantee, in the row from the start, not looked for
-        // yet): each that is a stored value is withheld (vault/withheld.ts). The row names no
-        // credential it did not find, but says when the one given was a stored value.
+        // yet): each that is a value the caller can read is withheld (vault/withheld.ts). The row
+        // names no credential it did not find, but says when the one given was such a value.
         const withheld = await withholdStored(tx, this.secrets, caller.identityId, note.detail, { credential: byId ? credential.id : credential.name, grantee });
         if (withheld.has('credential')) throw refWithheld(new NotFoundError(`no credential with the ${byId ? 'id' : 'name'} given (${storedValueGiven()})`));
         throw new NotFoundError(`no credential with ${byId ? `id ${credential.id}` : `name '${credential.name}'`}`);

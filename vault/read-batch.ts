@@ -137,7 +137,7 @@ export class ReadBatcher {
           missing.forEach((p, i) => readable[i] && withheld.set(p, STORED_VALUE));
         } catch {
           // Failed closed, and only for them: the calls that found their credential go on; these are
-          // written withheld, unchecked (their answer is the same 404).
+          // written withheld, unchecked (their answer a 404 that does not repeat them).
           for (const p of missing) withheld.set(p, UNCHECKED);
         }
       }
