@@ -4,7 +4,9 @@ import type { Client } from '@temporalio/client';
 import { AppError, KeyIntegrityError } from '../core/errors';
 import { statusOf } from '../core/run-chain';
 import { isDatabaseUnavailable, outlastingOutages } from '../db/pool';
-import { markAttemptStart } from '../providers/http/wait';
+import { markAttemptStart, sleep } from '../core/activity-attempt';
+
+export { sleep };
 
 /** What a run, its report and its notice say of a key that failed (KeyIntegrityError): which one is in the worker's log. */
 export const KEY_FAILED = "a key the vault needs failed its integrity check; the worker's log names it";
@@ -119,7 +121,7 @@ export async function outlastingDatabaseOutages<T>(fn: () => Promise<T>, limitMs
 
 /** A step that calls a provider or a dependent: permanent errors fail it, database outages are waited out. */
 export function externalStep<T>(fn: () => Promise<T>): Promise<T> {
-  // Its start, which a provider's waits are bounded by (providers/http/wait.ts).
+  // Its start, which a provider's waits are bounded by (core/activity-attempt.ts).
   markAttemptStart();
   return permanentErrorsFail(() => outlastingDatabaseOutages(fn));
 }
@@ -188,13 +190,3 @@ export async function ownRunEnded(client: Client): Promise<boolean> {
   }
 }
 
-/** Sleeps, but as an activity it wakes up (rejects) when the activity is cancelled or the worker shuts down. */
-export async function sleep(ms: number): Promise<void> {
-  let ctx: Context | undefined;
-  try {
-    ctx = Context.current();
-  } catch {
-    return new Promise((resolve) => setTimeout(resolve, ms));
-  }
-  await ctx.sleep(ms);
-}

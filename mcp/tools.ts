@@ -3,7 +3,7 @@ import { AppError, UnprocessableError } from '../core/errors';
 import { appendAudit, errorDetail, markAudited } from '../vault/audit';
 import type { Identities } from '../vault/identities';
 import { withholdStored } from '../vault/withheld';
-import type { Caller, CredentialRef } from '../vault/vault';
+import { refDetail, type Caller, type CredentialRef } from '../vault/vault';
 import { credentialsQuery, leakReport, mailSend, rotationsStart, vaultGet, vaultStore, vaultTotp } from '../api/schemas';
 import { reportLeak, type LeakDeps } from '../api/routes/leaks';
 import { sendMail, type MailDeps } from '../api/routes/mail';
@@ -136,9 +136,9 @@ export function mcpTools(deps: McpDeps): Tool[] {
             'Forbidden',
             'this identity may not read values unmasked over MCP; use the handle with the other tools, or ask an admin to set allowUnmaskedRead',
           );
-          const detail: Record<string, unknown> = { ...('name' in ref ? { name: ref.name } : { ref: ref.id }), unmasked: true, ...errorDetail(err) };
+          const detail: Record<string, unknown> = { ...refDetail(ref), unmasked: true, ...errorDetail(err) };
           // Not looked up, so not known to name nothing: a stored value is withheld all the same (vault/withheld.ts).
-          await withholdStored(deps.pool, deps.secrets, caller.identityId, detail, 'name' in ref ? { name: ref.name } : { ref: ref.id });
+          await withholdStored(deps.pool, deps.secrets, caller.identityId, detail, refDetail(ref));
           await appendAudit(deps.pool, { ...caller, action: 'vault.get', outcome: 'denied', detail });
           throw markAudited(err);
         }

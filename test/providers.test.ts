@@ -4,7 +4,7 @@ import { randomBytes, randomUUID } from 'node:crypto';
 import pg from 'pg';
 import { CancelledFailure } from '@temporalio/common';
 import { MockActivityEnvironment } from '@temporalio/testing';
-import { markAttemptStart } from '../providers/http/wait';
+import { markAttemptStart } from '../core/activity-attempt';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AppError, UnprocessableError } from '../core/errors';
 import { checkPolicy } from '../providers';

@@ -468,8 +468,7 @@ export class Vault {
     );
     if (!rows[0]) {
       const which = opts.deletedBefore ? `deleted before ${opts.deletedBefore.toISOString()} ` : opts.deleted === true ? 'deleted ' : '';
-      // (refDetail writes an id as `ref`, a name as `name`.)
-      if ((await withholdStored(tx, this.secrets, identityId, note.detail, byId ? { ref: ref.id } : { name: ref.name })).size > 0) {
+      if ((await withholdStored(tx, this.secrets, identityId, note.detail, refDetail(ref))).size > 0) {
         throw refWithheld(new NotFoundError(`no ${which}credential with the ${byId ? 'id' : 'name'} given (${storedValueGiven()})`));
       }
       throw new NotFoundError(`no ${which}credential with ${byId ? `id ${ref.id}` : `name '${ref.name}'`}`);
@@ -524,7 +523,8 @@ function batchable(caller: Caller, input: StoreInput): boolean {
   );
 }
 
-function refDetail(ref: CredentialRef, version?: number): Record<string, unknown> {
+/** How an audit row's detail names the credential a caller referred to: `name`, or an id as `ref`. */
+export function refDetail(ref: CredentialRef, version?: number): Record<string, unknown> {
   return { ...('name' in ref ? { name: ref.name } : { ref: ref.id }), ...(version ? { requestedVersion: version } : {}) };
 }
 

@@ -1,9 +1,9 @@
 import { AppError, UnprocessableError } from '../../core/errors';
 import type { Provider } from '../types';
+import { attemptWaitLimit, sleep } from '../../core/activity-attempt';
 import { cancellationOf } from '../../core/outbound-cancel';
 import { callName, credentialHeader, discardBody, readJson, resolvePath, send, statusError } from './request';
 import { httpSettings, type HttpSettings } from './schema';
-import { attemptWaitLimit, pause } from './wait';
 
 /** The longest pause between two calls of verify to a key that does not work yet. */
 const MAX_VERIFY_PAUSE_MS = 10_000;
@@ -102,7 +102,7 @@ export const httpApi: Provider<HttpSettings> = {
       }
       const left = deadline - Date.now();
       if (left <= 0) throw failure;
-      await pause(Math.min(delay, left));
+      await sleep(Math.min(delay, left));
     }
   },
 

@@ -1,11 +1,14 @@
 import { Context } from '@temporalio/activity';
 
+// The timing of the activity calling: its waits, and how long its attempt may still last. No
+// database code: providers (loaded by the API too) and activities/support.ts use it.
+
 /**
- * Waits `ms`. In an activity the wait ends early when the activity is cancelled (a cancelled
- * rotation, a worker shutting down): it rejects with the activity's CancelledFailure, so the step
- * is reported cancelled. Outside an activity (a direct call in a test) it is a plain timer.
+ * Sleeps, but as an activity it wakes up (rejects with the activity's CancelledFailure) when the
+ * activity is cancelled or the worker shuts down; outside an activity (a direct call in a test) a
+ * plain timer.
  */
-export async function pause(ms: number): Promise<void> {
+export async function sleep(ms: number): Promise<void> {
   let ctx: Context;
   try {
     ctx = Context.current();
