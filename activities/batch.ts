@@ -2,7 +2,7 @@ import { InternalWorkflowStartOptionsSymbol, type InternalWorkflowStartOptions }
 import { ConflictError, NotFoundError } from '../core/errors';
 import { batchRunOf, latestRunOf, runOpenSince, statusOf } from '../core/run-chain';
 import { purgeExpiredKeys } from '../db/idempotency-keys';
-import { recordBatchRun, RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
+import { CHANGED_SINCE_SWEEP_SQL, recordBatchRun, RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
 import { eraseSettledMail } from '../mail/outbox';
 import { handOverNotice, REFUSED_NOTICE, UNCHECKED_NOTICE } from './notices';
 import type { RotationWindow } from '../vault/types';
@@ -155,10 +155,7 @@ export function batchActivities(deps: ActivityDeps) {
       const found = await deps.pool.query(
         `SELECT c.id FROM credentials c JOIN rotations ro ON ro.id = $1
            LEFT JOIN secret_versions v ON v.credential_id = c.id AND v.version = c.current_version
-          WHERE c.id = ANY($2::uuid[])
-            AND (c.deleted_at IS NOT NULL OR c.rotation IS NULL OR c.updated_at > ro.created_at
-                 OR coalesce(v.promoted_at, v.created_at) > ro.created_at
-                 OR EXISTS (SELECT 1 FROM run_outcomes o WHERE o.credential_id = c.id AND o.finished_at > ro.created_at))`,
+          WHERE c.id = ANY($2::uuid[]) AND ${CHANGED_SINCE_SWEEP_SQL}`,
         [rotationId, asked],
       );
       for (const { id } of found.rows) changed.add(id);
@@ -268,15 +265,23 @@ export function batchActivities(deps: ActivityDeps) {
       const settleEnded = async (open: { workflow_id: string; run_id: string }[]) => {
         for (const r of open) {
           heartbeat();
-          const status = (await latestRunOf(client, r.workflow_id, r.run_id)).status ?? 'gone';
-          if (status !== 'RUNNING') {
-            await deps.pool.query(
-              `INSERT INTO run_outcomes (run_id, workflow_id, credential_id, outcome, error)
-               SELECT run_id, workflow_id, credential_id, 'failed', $2 FROM rotation_runs WHERE run_id = $1 LIMIT 1
-               ON CONFLICT (run_id) DO NOTHING`,
-              [r.run_id, `the rotation ended as ${status.toLowerCase()} without reporting an outcome`],
-            );
-          }
+          const latest = await latestRunOf(client, r.workflow_id, r.run_id);
+          const status = latest.status ?? 'gone';
+          if (status === 'RUNNING') continue;
+          // A sweep's run that this batch joined before its plan found the credential changed since
+          // the sweep began (NotDue), and ended without rotating it.
+          const notDue = status === 'COMPLETED' && (await latest.handle.result().catch(() => undefined))?.state === 'not_due';
+          await deps.pool.query(
+            `INSERT INTO run_outcomes (run_id, workflow_id, credential_id, outcome, error)
+             SELECT run_id, workflow_id, credential_id, 'failed', $2 FROM rotation_runs WHERE run_id = $1 LIMIT 1
+             ON CONFLICT (run_id) DO NOTHING`,
+            [
+              r.run_id,
+              notDue
+                ? "the sweep's rotation this one joined found the credential changed since the sweep began, and did not rotate it; ask again"
+                : `the rotation ended as ${status.toLowerCase()} without reporting an outcome`,
+            ],
+          );
         }
       };
       // A start a wave sent without recording its run is taken over if the server has the batch's

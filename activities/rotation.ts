@@ -6,9 +6,10 @@ import { DEFAULT_SYMBOLS } from '../providers/generated/schema';
 import type { SecretReader } from '../providers/types';
 import type { PlannedPolicy } from '../vault/rotation-vault';
 import { DEFAULT_GRACE_HOURS, type CredentialMeta, type DependentSpec } from '../vault/types';
-import type { RotationIds, RotationOutcome, RotationPlan } from '../workflows/types';
+import type { NotDue, RotationIds, RotationOutcome, RotationPlan } from '../workflows/types';
 import { withTransaction } from '../db/pool';
 import { startDelivery } from '../mail/outbox';
+import { CHANGED_SINCE_SWEEP_SQL } from '../db/run-outcome';
 import type { ActivityDeps } from './index';
 import { answerUnrotated, UNROTATED_INCIDENT_COLUMNS, type UnrotatedIncident } from './leak-runs';
 import { callingRunId, externalStep, heartbeating, incidentMailId, isRefusal, permanentErrorsFail, progressSoFar, reportProgress } from './support';
@@ -78,8 +79,32 @@ export function rotationActivities(deps: ActivityDeps) {
     deps.rotations.read(caller(ids), ids.credentialId, version, purpose, detail);
 
   return {
-    async planRotation(ids: RotationIds): Promise<RotationPlan> {
+    /**
+     * `sinceSweep` (a sweep's run, at its start): whether the credential changed since the sweep
+     * began, asked again. The sweep's wave asked before starting the run, but a run of another's
+     * (an agent's batch, a leak's, the last sweep's) may have ended between that check and the
+     * start, which then found nothing running to join and started a second rotation. Changed (and
+     * no leak incident open: a report is on its way to this run, which answers it), the run takes
+     * itself out of the sweep, as the wave would have (its row deleted: not in the sweep's totals
+     * or summary, left to the next sweep if still due), and is answered `notDue`: nothing planned,
+     * nothing sent to the provider, no notice. Not when another batch has recorded the run as
+     * its own (it joined it, and asked for a rotation).
+     */
+    async planRotation(ids: RotationIds & { sinceSweep?: boolean }): Promise<RotationPlan | NotDue> {
       return permanentErrorsFail(async () => {
+        if (ids.sinceSweep) {
+          const runId = callingRunId() ?? null;
+          const { rows } = await deps.pool.query(
+            `DELETE FROM rotation_runs r USING rotations ro, credentials c LEFT JOIN secret_versions v ON v.credential_id = c.id AND v.version = c.current_version
+              WHERE r.rotation_id = $1 AND r.credential_id = $2 AND (r.run_id IS NULL OR r.run_id = $3)
+                AND ro.id = r.rotation_id AND ro.kind = 'sweep' AND c.id = r.credential_id AND ${CHANGED_SINCE_SWEEP_SQL}
+                AND NOT EXISTS (SELECT 1 FROM leak_incidents i WHERE i.credential_id = c.id AND i.status = 'open')
+                AND NOT EXISTS (SELECT 1 FROM rotation_runs j WHERE j.run_id = $3 AND j.rotation_id <> r.rotation_id)
+              RETURNING c.name`,
+            [ids.rotationId, ids.credentialId, runId],
+          );
+          if (rows[0]) return { notDue: `'${rows[0].name}' changed since the sweep selected it (rotated, stored, edited or deleted meanwhile); the next sweep rotates it if it is still due` };
+        }
         const plan = await deps.rotations.planPolicy(ids);
         const { meta, policy, provider, dependents } = await load(ids, { plan });
         // No provider makes TOTP seeds: a generated value is none, postgres-role makes passwords, and

@@ -109,7 +109,7 @@ const stepProgress = z.strictObject({
   attempt: z.number().int().optional(),
   error: z.string().optional(),
 });
-const rotationState = z.enum(['running', 'grace', 'succeeded', 'rotated', 'failed', 'cancelled', 'rolled_back']);
+const rotationState = z.enum(['running', 'grace', 'succeeded', 'rotated', 'failed', 'cancelled', 'rolled_back', 'not_due']);
 const rotationProgress = z.strictObject({
   state: rotationState,
   mode: z.enum(['requested', 'scheduled', 'leak']),

@@ -9,6 +9,19 @@ import type { Db } from './pool';
  */
 const NEVER_STARTED = 'r.run_id IS NULL AND (ro.cancelled_at IS NOT NULL OR r.cancelled_at IS NOT NULL)';
 
+/**
+ * A sweep's credential changed since the sweep began, over `credentials c`, `rotations ro` (the
+ * sweep's) and `secret_versions v` (left-joined: c's current version): deleted, taken out of
+ * rotation, edited (a failure marks it too), a value stored or promoted since, or a run of it ended
+ * since. Rotating it would make a second key and a second notice (or give a credential without a
+ * policy a generated value); the next sweep selects it again if it is still due. Asked by a sweep's
+ * wave before it starts a run (activities/batch.ts) and by the run at its plan (activities/rotation.ts),
+ * since a run of another's may end between the two.
+ */
+export const CHANGED_SINCE_SWEEP_SQL = `(c.deleted_at IS NOT NULL OR c.rotation IS NULL OR c.updated_at > ro.created_at
+  OR coalesce(v.promoted_at, v.created_at) > ro.created_at
+  OR EXISTS (SELECT 1 FROM run_outcomes o WHERE o.credential_id = c.id AND o.finished_at > ro.created_at))`;
+
 export const RUN_OUTCOME_SQL = `coalesce(o.outcome, CASE WHEN ${NEVER_STARTED} THEN 'cancelled' END)`;
 export const RUN_ERROR_SQL = `coalesce(o.error, CASE WHEN ${NEVER_STARTED} THEN CASE WHEN ro.cancelled_at IS NOT NULL THEN 'the batch was cancelled before this rotation started' ELSE 'its owner cancelled it before it started' END END)`;
 

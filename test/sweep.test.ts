@@ -5,6 +5,7 @@ import pg from 'pg';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { createActivities } from '../activities';
 import { REFUSED_NOTICE } from '../activities/notices';
+import { recordBatchRun } from '../db/run-outcome';
 import { ConfigError } from '../core/config';
 import { queueMail } from '../mail/outbox';
 import { checkPolicy } from '../providers';
@@ -603,6 +604,74 @@ describe('scheduled sweep', () => {
       'wave-due': 2,
     });
     for (const name of ['wave-rotated', 'wave-due']) await read(agent.token, name);
+  });
+
+  it("a sweep's run whose credential changed after its wave's check (another's rotation ended in between) does nothing: no second rotation, no notice, out of the sweep", async () => {
+    const agent = await identity(address('owner'));
+    const [changed, unchanged, reported] = [
+      await store(agent.token, { name: 'run-changed', kind: 'api_key', value: secretValue(), rotation: ROTATE_NOW }),
+      await store(agent.token, { name: 'run-unchanged', kind: 'api_key', value: secretValue(), rotation: ROTATE_NOW }),
+      await store(agent.token, { name: 'run-reported', kind: 'api_key', value: secretValue(), rotation: ROTATE_NOW }),
+    ];
+    await age([changed, unchanged, reported], 40);
+    const acts = createActivities(h.deps);
+    const { sweepId } = await acts.beginSweep({ workflowId: `test-sweep-${randomUUID()}`, asOf: new Date().toISOString() });
+    for (const id of [changed, unchanged, reported]) await h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) VALUES ($1, $2, $3)`, [sweepId, id, `rotate:${id}`]);
+    // The wave's check passed; then another's rotation of one ended (its new value current since the
+    // sweep began), and the wave's start found nothing running to join. Started as the wave starts them:
+    await store(agent.token, { name: 'run-changed', kind: 'api_key', value: secretValue() });
+    const start = async (credentialId: string) => {
+      await h.sql('UPDATE rotation_runs SET start_sent_at = now() WHERE rotation_id = $1 AND credential_id = $2', [sweepId, credentialId]);
+      const run = await h.client.workflow.start('rotateCredential', {
+        taskQueue: h.taskQueue,
+        workflowId: `rotate:${credentialId}`,
+        args: [{ rotationId: sweepId, identityId: agent.id, credentialId, mode: 'scheduled' }],
+        memo: { rotationId: sweepId },
+      });
+      await recordBatchRun(h.deps.pool, sweepId, credentialId, run.firstExecutionRunId);
+      return run;
+    };
+    const runs = [await start(changed), await start(unchanged)];
+    const results = await Promise.all(runs.map((run) => run.result()));
+    // Before, the changed one was rotated a second time (version 3), and its owners told so again.
+    expect(results.map((r) => r.state)).toEqual(['not_due', 'succeeded']);
+    expect(results[0].error).toMatch(/'run-changed' changed since the sweep selected it/);
+    expect(await versions([changed, unchanged])).toEqual({ 'run-changed': 2, 'run-unchanged': 2 });
+    // Out of the sweep, as the wave would have left it: not waited for, counted or summarised; nothing planned, read for a provider or told.
+    expect(await sweptIds(sweepId)).toEqual([reported, unchanged].sort());
+    const planned = await h.sql('SELECT credential_id FROM rotation_plans WHERE rotation_id = $1', [sweepId]);
+    expect(planned.rows.map((r) => r.credential_id)).toEqual([unchanged]);
+    const providerReads = await h.sql(`SELECT count(*)::int AS n FROM audit_log WHERE credential_id = $1 AND action = 'rotation.read'`, [changed]);
+    expect(providerReads.rows[0].n).toBe(0);
+    const notices = await h.sql(`SELECT subject FROM mail_outbox WHERE purpose = 'rotation.notice' AND subject LIKE '%run-%changed'`);
+    expect(notices.rows.map((r) => r.subject)).toEqual(['[mailgent] Rotated run-unchanged']);
+    // An agent's batch that joined the run before its plan (recorded after the plan looked) is told why nothing was rotated.
+    const joined = randomUUID();
+    await h.sql(`INSERT INTO rotations (id, identity_id, kind, reason, workflow_id) VALUES ($1, $2, 'request', 'test', $3)`, [joined, agent.id, `batch-${joined}`]);
+    await h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id, run_id, start_sent_at) VALUES ($1, $2, $3, $4, now())`, [
+      joined,
+      changed,
+      `rotate:${changed}`,
+      runs[0]!.firstExecutionRunId,
+    ]);
+    expect(await acts.awaitOutcomes({ rotationId: joined, pollMs: 20 })).toEqual({ total: 1, rotated: 0, failed: 1 });
+    const told = await h.sql('SELECT error FROM run_outcomes WHERE run_id = $1', [runs[0]!.firstExecutionRunId]);
+    expect(told.rows[0].error).toMatch(/joined found the credential changed since the sweep began, and did not rotate it/);
+    // A credential with a leak incident open is rotated all the same: the report is on its way to the run, which answers it.
+    await h.sql(`UPDATE credentials SET updated_at = now() WHERE id = $1`, [reported]);
+    const incident = randomUUID();
+    await h.sql(`INSERT INTO leak_incidents (id, credential_id, identity_id, version, source) VALUES ($1, $2, $3, 1, 'test-scan')`, [incident, reported, agent.id]);
+    try {
+      const ids = { rotationId: sweepId, identityId: agent.id, credentialId: reported, workflowId: `rotate:${reported}` };
+      expect(await acts.planRotation({ ...ids, sinceSweep: true })).toMatchObject({ credentialName: 'run-reported', currentVersion: 1 });
+      expect(await sweptIds(sweepId)).toEqual([reported, unchanged].sort());
+      await h.sql(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = $1`, [incident]);
+      expect(await acts.planRotation({ ...ids, sinceSweep: true })).toEqual({ notDue: expect.stringMatching(/'run-reported' changed since/) });
+      expect(await sweptIds(sweepId)).toEqual([unchanged]);
+    } finally {
+      await h.sql(`UPDATE leak_incidents SET status = 'closed', closed_at = coalesce(closed_at, now()) WHERE id = $1`, [incident]);
+    }
+    for (const name of ['run-changed', 'run-unchanged']) await read(agent.token, name);
   });
 
   it("the rotation id a sweep's notices give lets each owner follow, roll back and cancel the runs of its own credentials, and no one else's", async () => {

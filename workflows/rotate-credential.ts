@@ -388,9 +388,11 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     return false;
   };
 
-  let plan: Awaited<ReturnType<typeof db.planRotation>>;
+  let planned: Awaited<ReturnType<typeof db.planRotation>>;
   try {
-    plan = await db.planRotation(ids);
+    // A sweep's run (its first) asks again whether its credential changed since the sweep began: see NotDue.
+    // (An older history's plan answered no such thing, and replays as it ran.)
+    planned = await db.planRotation(input.mode === 'scheduled' && input.attemptsBefore === undefined ? { ...ids, sinceSweep: true } : ids);
   } catch (err) {
     // Nothing was changed yet: record the failure (or the cancel), tell the owners, fail the run.
     progress.error = failureMessage(err);
@@ -401,6 +403,16 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     }
     return fail();
   }
+  if ('notDue' in planned) {
+    // Out of the sweep, nothing done, no notice. A leak heard meanwhile is answered as any other:
+    // the next run rotates the credential, in leak mode.
+    if (leak) await continueAsNew<typeof rotateCredential>(nextRun());
+    skip(...STEPS);
+    progress.state = 'not_due';
+    progress.error = planned.notDue;
+    return progress;
+  }
+  const plan = planned;
   let pending: { version: number; basedOn: number } | undefined;
   let undoStack: Undo[] = [];
 

@@ -21,7 +21,8 @@ export interface StepProgress {
 export type RotationOutcome = 'rotated' | 'failed' | 'cancelled' | 'rolled_back';
 
 export interface RotationProgress {
-  state: 'running' | 'grace' | 'succeeded' | RotationOutcome;
+  /** `not_due`: a sweep's run that found its credential changed since the sweep began, and did nothing (NotDue). */
+  state: 'running' | 'grace' | 'succeeded' | 'not_due' | RotationOutcome;
   mode: RotationMode;
   attempt: number;
   steps: StepProgress[];
@@ -35,6 +36,14 @@ export interface RotationProgress {
    */
   rollbackRefused?: string;
   error?: string;
+}
+
+/**
+ * What a sweep's run is answered at its plan when its credential changed since the sweep began
+ * (activities/rotation.ts, planRotation): the run ends `not_due`, having done nothing.
+ */
+export interface NotDue {
+  notDue: string;
 }
 
 export interface RotationPlan {
