@@ -154,12 +154,13 @@ export function rotationActivities(deps: ActivityDeps) {
       });
     },
 
-    async verifyVersion(ids: RotationIds & { version: number }): Promise<void> {
+    /** `madeAt`: when the create step that made the version ended (the workflow's clock); see Provider.verify. */
+    async verifyVersion(ids: RotationIds & { version: number; madeAt?: string }): Promise<void> {
       return externalStep(async () => {
         const { meta, policy, provider } = await load(ids);
         const ctx = await providerContext(ids, meta, provider, policy.settings);
         const secret = await read(ids, ids.version, 'provider.verify');
-        await heartbeating(() => provider.verify({ ...ctx, secret }));
+        await heartbeating(() => provider.verify({ ...ctx, secret, ...(ids.madeAt ? { madeAt: ids.madeAt } : {}) }));
       });
     },
 

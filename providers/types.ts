@@ -41,8 +41,12 @@ export interface Provider<S = unknown> {
   settings: z.ZodType<S>;
   /** Makes a new secret. The same idempotencyKey must yield the same secret, never a second one. */
   create(ctx: ProviderContext<S> & { idempotencyKey: string; current: ProviderSecret }): Promise<CreateResult>;
-  /** Proves the secret works (logs in with it, calls the API with it …); throws if it does not. */
-  verify(ctx: ProviderContext<S> & { secret: ProviderSecret }): Promise<void>;
+  /**
+   * Proves the secret works (logs in with it, calls the API with it …); throws if it does not.
+   * `madeAt` (ISO 8601): when a rotation's create step made it, for a provider that waits for a new
+   * secret to start working (counted from then, not from each call of verify); absent outside a rotation.
+   */
+  verify(ctx: ProviderContext<S> & { secret: ProviderSecret; madeAt?: string }): Promise<void>;
   /** After a promotion: makes an old secret stop working. Idempotent. */
   revoke(ctx: ProviderContext<S> & { secret: ProviderSecret; idempotencyKey: string }): Promise<void>;
   /**

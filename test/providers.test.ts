@@ -546,7 +546,8 @@ describe('rotation providers', () => {
     it('verify tries a key that does not work yet again, 1 s, 2 s … apart, until verify.waitSeconds have passed (0: one call); a cancelled activity or a stopping worker ends the wait at once', async () => {
       const created = await create(randomUUID());
       const secret = { version: 2, value: created.value, externalId: created.externalId };
-      const verify = (waitSeconds: number) => httpApi.verify({ ...context(httpApi, settingsFor({ verify: { url: `${server.url}/whoami`, waitSeconds } })), secret });
+      const verify = (waitSeconds: number, madeAt?: string) =>
+        httpApi.verify({ ...context(httpApi, settingsFor({ verify: { url: `${server.url}/whoami`, waitSeconds } })), secret, ...(madeAt ? { madeAt } : {}) });
       const whoamis = () => server.requests.filter((r) => r.route === 'whoami').map((r) => r.status);
       let seen = whoamis().length;
       let began = Date.now();
@@ -607,6 +608,20 @@ describe('rotation providers', () => {
       const queued = new MockActivityEnvironment({ currentAttemptScheduledTimestampMs: Date.now() - 580_000, startToCloseTimeoutMs: 600_000, heartbeatTimeoutMs: 10_000 });
       again();
       expect((await failure(queued.run(() => (markAttemptStart(), verify(2)))))).toMatchObject({ message: never.message });
+      expect(since()[0]).toEqual([401, 401, 401]);
+
+      // Counted from when the key was made (madeAt, its create step's end), not from each call: the
+      // step's next attempt, once the wait is over, makes one call (before: the whole wait again);
+      // one made 1.5 s before a 2 s wait, two. A madeAt ahead of this clock counts from the first call.
+      const ago = (ms: number) => new Date(Date.now() - ms).toISOString();
+      again();
+      expect(await failure(verify(2, ago(10_000)))).toMatchObject({ message: never.message });
+      expect(since()[0]).toEqual([401]);
+      again();
+      expect(await failure(verify(2, ago(1_500)))).toMatchObject({ message: never.message });
+      expect(since()[0]).toEqual([401, 401]);
+      again();
+      expect(await failure(verify(2, ago(-60_000)))).toMatchObject({ message: never.message });
       expect(since()[0]).toEqual([401, 401, 401]);
     });
 

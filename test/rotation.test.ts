@@ -726,9 +726,12 @@ describe('rotateCredential', () => {
     ]);
   });
 
-  it('an http provider whose new key works only ~9 s after it was made: verify keeps trying it for verify.waitSeconds (20), and the rotation succeeds', async () => {
-    // An eventually consistent key service (as cloud IAM is): a new key answers 401 for its first 9 s.
-    // The step's own attempts (externalCall: 4, 1 + 2 + 4 s apart) gave it ~7 s: the rotation failed.
+  /**
+   * An eventually consistent key service (as cloud IAM is): a new key answers 401 at /whoami until
+   * `worksAfterMs` after it was made. Stores the credential `name` (version 1 at key_v1) with an http
+   * policy (maxAttempts 1, no grace) whose verify waits `waitSeconds`; every verify call is recorded.
+   */
+  const slowKeyService = async (name: string, worksAfterMs: number, waitSeconds: number) => {
     const adminToken = h.secret(`adm_${randomUUID()}`);
     const v1 = h.secret(`sk_${randomUUID()}`);
     const keys = new Map([['key_v1', { secret: v1, madeAt: 0, active: true, idempotencyKey: undefined as string | undefined }]]);
@@ -740,7 +743,7 @@ describe('rotateCredential', () => {
       const path = new URL(req.url ?? '/', 'http://localhost').pathname;
       if (req.method === 'GET' && path === '/whoami') {
         const [id, key] = [...keys].find(([, k]) => k.secret === bearer && k.active) ?? [];
-        const status = key && Date.now() - key.madeAt >= 9_000 ? 200 : 401;
+        const status = key && Date.now() - key.madeAt >= worksAfterMs ? 200 : 401;
         verifies.push({ id, status, at: Date.now() });
         return reply(status, status === 200 ? { id } : { error: 'unknown key' });
       }
@@ -760,13 +763,19 @@ describe('rotateCredential', () => {
     await once(provider, 'listening');
     onTestFinished(() => void provider.close());
     const at = `http://127.0.0.1:${(provider.address() as AddressInfo).port}`;
-    expect((await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'slow-key-admin', kind: 'api_key', value: adminToken } })).status).toBe(201);
-    const settings = { create: { url: `${at}/keys` }, verify: { url: `${at}/whoami`, waitSeconds: 20 }, revoke: { url: `${at}/keys/{id}` }, auth: { credential: 'slow-key-admin' }, valuePath: 'secret', idPath: 'id' };
+    expect((await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: `${name}-admin`, kind: 'api_key', value: adminToken } })).status).toBe(201);
+    const settings = { create: { url: `${at}/keys` }, verify: { url: `${at}/whoami`, waitSeconds }, revoke: { url: `${at}/keys/{id}` }, auth: { credential: `${name}-admin` }, valuePath: 'secret', idPath: 'id' };
     const stored = await h.api('POST', '/v1/vault.store', {
       token: agent.token,
-      body: { name: 'slow-key', kind: 'api_key', value: v1, externalId: 'key_v1', rotation: { provider: 'http', maxAttempts: 1, graceHours: 0, settings } },
+      body: { name, kind: 'api_key', value: v1, externalId: 'key_v1', rotation: { provider: 'http', maxAttempts: 1, graceHours: 0, settings } },
     });
     expect(stored.status, stored.text).toBe(201);
+    return { keys, verifies, credentialId: stored.body.id as string };
+  };
+
+  it('an http provider whose new key works only ~9 s after it was made: verify keeps trying it for verify.waitSeconds (20), and the rotation succeeds', async () => {
+    // The step's own attempts (externalCall: 4, 1 + 2 + 4 s apart) gave it ~7 s: the rotation failed.
+    const { keys, verifies, credentialId } = await slowKeyService('slow-key', 9_000, 20);
 
     const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['slow-key'] } });
     expect(started.status, started.text).toBe(202);
@@ -781,11 +790,30 @@ describe('rotateCredential', () => {
     expect(tries.length).toBeGreaterThanOrEqual(4);
     expect(tries.map((v) => v.status)).toEqual([...Array<number>(tries.length - 1).fill(401), 200]);
     expect(tries.at(-1)!.at - keys.get('key_2')!.madeAt).toBeGreaterThanOrEqual(9_000);
-    const history = (await h.client.workflow.getHandle(`rotate:${stored.body.id}`).fetchHistory()).events ?? [];
-    const verifySteps = new Set(history.filter((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'verifyVersion').map((e) => String(e.eventId)));
-    const verifyAttempts = history.filter((e) => verifySteps.has(String(e.activityTaskStartedEventAttributes?.scheduledEventId))).map((e) => e.activityTaskStartedEventAttributes!.attempt);
-    expect(verifyAttempts).toEqual([1]);
+    expect(await verifyAttempts(credentialId)).toEqual([1]);
   }, 45_000);
+
+  it("an http provider's key that never works fails the rotation's attempt about verify.waitSeconds after it was made: the verify step's later attempts call once each, not wait it all again", async () => {
+    const { verifies, credentialId } = await slowKeyService('never-key', Infinity, 3);
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['never-key'] } });
+    expect(started.status, started.text).toBe(202);
+    const report = await waitForRotation(started.body.rotationId);
+    expect(report).toMatchObject({ state: 'failed', credentials: [{ progress: { state: 'failed', attempt: 1, toVersion: 2 } }] });
+    // Its first attempt: calls 1 and 2 s apart for 3 s (3); then one for each of the step's 3 later
+    // attempts. Before, each attempt waited the whole 3 s again: ~12 calls.
+    const tries = verifies.filter((v) => v.id === 'key_2');
+    expect(tries.map((v) => v.status)).toEqual(Array<number>(tries.length).fill(401));
+    expect(tries.length).toBeGreaterThanOrEqual(4);
+    expect(tries.length).toBeLessThanOrEqual(6);
+    expect(await verifyAttempts(credentialId)).toEqual([4]);
+  }, 45_000);
+
+  /** The attempt numbers of the rotation's verify steps, as its history records them (a step's last attempt). */
+  const verifyAttempts = async (credentialId: string) => {
+    const history = (await h.client.workflow.getHandle(`rotate:${credentialId}`).fetchHistory()).events ?? [];
+    const verifySteps = new Set(history.filter((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'verifyVersion').map((e) => String(e.eventId)));
+    return history.filter((e) => verifySteps.has(String(e.activityTaskStartedEventAttributes?.scheduledEventId))).map((e) => e.activityTaskStartedEventAttributes!.attempt);
+  };
 });
 
 /** A port nobody listens on (one just freed). */

@@ -428,6 +428,9 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       // (Only the undo's input changes with `created`, not the commands the workflow issues: replay is unaffected.)
       undoStack.push({ what: 'discard attempt', run: () => undo.discardAttempt({ ...ids, attempt, current: movedTo ?? created?.basedOn ?? plan.currentVersion }) });
       const staged = await step('create_pending', () => calls.createPendingVersion({ ...ids, attempt }));
+      // When the new value was made, for a provider that waits for it to start working: from then,
+      // not from each of the verify step's attempts. (Only the activity's input, as above.)
+      const madeAt = new Date().toISOString();
       created = staged;
       pending = staged;
       progress.fromVersion = staged.basedOn;
@@ -443,7 +446,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
         });
       }
       await step('verify', async () => {
-        await calls.verifyVersion({ ...ids, version: staged.version });
+        await calls.verifyVersion({ ...ids, version: staged.version, madeAt });
         for (const dependent of plan.dependents) await calls.verifyDependent({ ...ids, index: dependent.index, version: staged.version });
       });
       // A cancel that came while the last call ran (and let it finish) still undoes the attempt.

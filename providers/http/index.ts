@@ -75,19 +75,22 @@ export const httpApi: Provider<HttpSettings> = {
   /**
    * Calls the API with the new key. Some providers take a while before a new key works (eventually
    * consistent IAM): a non-2xx answer or a failed call is tried again, after 1 s, 2 s, 4 s … (at most
-   * 10 s apart), until `verify.waitSeconds` have passed since the first call; then the last error is
-   * thrown (not permanent even on a 4xx: the step's own attempts try again). The waits end at once
-   * when the activity is cancelled, and never go past what is left of its attempt, less the last
-   * call and the step's database work.
+   * 10 s apart), until `verify.waitSeconds` have passed since the key was made (`madeAt`, its create
+   * step's end; the first call when not given, or given later than it); then the last error is
+   * thrown (not permanent even on a 4xx: the step's own attempts try again, one call each once the
+   * wait is over: before, each of its four attempts waited the whole of it again). The waits end at
+   * once when the activity is cancelled, and never go past what is left of its attempt, less the
+   * last call and the step's database work.
    */
-  async verify({ settings: s, secret }) {
+  async verify({ settings: s, secret, madeAt }) {
     const call = {
       method: s.verify.method,
       url: s.verify.url,
       headers: { [s.verify.header]: credentialHeader(s.verify.scheme, secret.value, `version ${secret.version}`) },
       timeoutMs: s.timeoutMs,
     };
-    const deadline = Math.min(Date.now() + s.verify.waitSeconds * 1000, attemptWaitLimit(s.timeoutMs + STEP_DATABASE_MS));
+    const from = Math.min(Date.now(), (madeAt && Date.parse(madeAt)) || Infinity);
+    const deadline = Math.min(from + s.verify.waitSeconds * 1000, attemptWaitLimit(s.timeoutMs + STEP_DATABASE_MS));
     for (let delay = 1_000; ; delay = Math.min(delay * 2, MAX_VERIFY_PAUSE_MS)) {
       let failure: unknown;
       try {
