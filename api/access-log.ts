@@ -43,7 +43,8 @@ export function accessLog(logger: Logger): RequestHandler {
 /**
  * A failed request's path as the service shows it (the request log; a problem whose reference was
  * withheld, as its `instance`): the pattern of the route it matched, its parameters left out, or
- * the path as sent when it matched none or the route has none.
+ * the path as sent when the route has none, or when it matched none and the app named no pattern
+ * for it (the service's 404 names the path with the segments no route has as …: api/app.ts).
  */
 export function shownPath(req: Request): string {
   const pattern: unknown = req.route?.path;

@@ -125,7 +125,18 @@ const otherMethods: RequestHandler = (req, res, next) => {
   res.status(204).end();
 };
 
+/** The literal segments of the routes' paths (`v1`, `credentials`, `vault.get`; not `:ref`). */
+function segmentsOf(stack: RouteLayer[], into = new Set<string>()): Set<string> {
+  for (const layer of stack) {
+    if (layer.route && typeof layer.route.path === 'string') {
+      for (const s of layer.route.path.split('/')) if (s && !s.startsWith(':')) into.add(s);
+    } else if (layer.slash && Array.isArray(layer.handle.stack)) segmentsOf(layer.handle.stack, into);
+  }
+  return into;
+}
+
 export function createApp(deps: ApiDeps): Express {
+  let routeSegments: Set<string> | undefined;
   const app = express();
   app.disable('x-powered-by');
   // Express's default ETag is a SHA-1 of the body: of a vault.get answer, a fingerprint of the secret
@@ -193,8 +204,13 @@ export function createApp(deps: ApiDeps): Express {
   routes.use(otherMethods);
   app.use(routes);
 
-  app.use((req) => {
-    throw new NotFoundError(`no route ${req.method} ${req.path}`);
+  app.use((req, res) => {
+    // The path is the caller's text: a segment no route has (a typo, or a value pasted into the
+    // path) is shown as … in the answer, its instance and the request log (shownPath).
+    const known = (routeSegments ??= segmentsOf((req.app as unknown as { router: { stack: RouteLayer[] } }).router.stack));
+    const shown = req.path.split('/').map((s) => (s === '' || known.has(s) ? s : '…')).join('/');
+    res.locals.routePattern = shown;
+    throw refWithheld(new NotFoundError(`no route ${req.method} ${shown}`));
   });
   app.use(
     problemHandler(deps.logger, async (res, err: AppError, original) => {

@@ -99,7 +99,7 @@ describe('access log', () => {
     expect(lines.map((l) => [l.req.path, l.res.statusCode])).toEqual([
       ['/things/known', 200],
       ['/things/:ref', 404],
-      // (A path no route matched is shown as sent: there is no pattern to show.)
+      // (A path no route matched is shown as sent here: this app names no pattern for it. The service's 404 does, bad-input.test.)
       ['/nowhere/sk_live_pasted_value', 404],
     ]);
   });

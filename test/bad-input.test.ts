@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { randomUUID } from 'node:crypto';
 import { connect } from 'node:net';
 import { gzipSync } from 'node:zlib';
 import { expectCleanRun } from './support/leaks';
@@ -26,6 +27,17 @@ describe('bad input', () => {
     expect(res.body).toMatchObject({ type: `https://mailgent.dev/problems/${slug}`, status, title: expect.any(String), detail: expect.any(String) });
     // Nothing internal leaks: no stack frames, file paths or SQL.
     expect(res.text).not.toMatch(/\bat .+\(|node_modules|\/work\/|\.ts:\d|SELECT|INSERT|pg_/);
+  };
+
+  /**
+   * A request not recorded by the harness (it records a failed request's route, where the leak sweep
+   * looks): for a value sent in the path, whose answer and request log must not repeat it.
+   */
+  const unrecorded = async (method: string, path: string, token: string, body?: unknown) => {
+    const headers: Record<string, string> = { authorization: `Bearer ${token}`, ...(body ? { 'content-type': 'application/json' } : {}) };
+    const res = await fetch(h.url + path, { method, headers, body: body ? JSON.stringify(body) : undefined });
+    const text = await res.text();
+    return { status: res.status, headers: res.headers, text, body: JSON.parse(text) };
   };
 
   beforeAll(async () => {
@@ -245,6 +257,13 @@ describe('bad input', () => {
   it('unknown routes are 404 problems; a method a route does not answer is a 405 problem naming those it does', async () => {
     expectProblem(await h.api('GET', '/v1/nothing', { token: agent.token }), 404, 'not-found');
     expectProblem(await h.api('OPTIONS', '/v1/nothing'), 404, 'not-found');
+    // A path no route answers is not repeated as sent: a segment no route has (a typo, or a value
+    // pasted into the path) shows as …, in the answer, its instance and the request log (the leak sweep reads it).
+    const pasted = h.secret(`sk_live_${randomUUID().replaceAll('-', '')}`);
+    const typo = await unrecorded('GET', `/v1/credential/${pasted}`, agent.token);
+    expectProblem(typo, 404, 'not-found');
+    expect(typo.body).toMatchObject({ detail: 'no route GET /v1/…/…', instance: '/v1/…/…' });
+    expect((await unrecorded('POST', `/v1/credentials/x/${pasted}`, agent.token)).body).toMatchObject({ detail: 'no route POST /v1/credentials/…/…' });
     const wrong = await h.api('DELETE', '/v1/vault.get', { token: agent.token });
     expectProblem(wrong, 405, 'method-not-allowed');
     expect(wrong.headers.get('allow')).toBe('POST, OPTIONS');
@@ -269,7 +288,21 @@ describe('bad input', () => {
     }
   });
 
-  it('an id that is not a UUID is not found, even when it looks like one to a loose check (36 dashes)', async () => {
+  it('an id that is not a UUID is not found, even when it looks like one to a loose check (36 dashes); the text is not repeated', async () => {
+    // Nor logged (the leak sweep reads the request log): it may be a value pasted where an id goes.
+    const pasted = h.secret(`sk_live_${randomUUID().replaceAll('-', '')}`);
+    for (const [method, path, pattern, token, body] of [
+      ['GET', '/v1/rotations/', '/v1/rotations/:id', agent.token],
+      ['DELETE', '/v1/rotations/', '/v1/rotations/:id', agent.token],
+      ['POST', '/v1/rotations/', '/v1/rotations/:id/rollback', agent.token, '/rollback'],
+      ['DELETE', '/v1/grants/', '/v1/grants/:id', agent.token],
+      ['PATCH', '/v1/identities/', '/v1/identities/:id', h.adminToken],
+    ] as const) {
+      const res = await unrecorded(method, `${path}${pasted}${body ?? ''}`, token, method === 'PATCH' ? { mcpMasking: false } : undefined);
+      expectProblem(res, 404, 'not-found');
+      expect(res.body.instance, path).toBe(pattern);
+      expect(res.text).not.toContain(pasted);
+    }
     const dashes = '-'.repeat(36);
     expectProblem(await h.api('GET', `/v1/rotations/${dashes}`, { token: agent.token }), 404, 'not-found');
     expectProblem(await h.api('DELETE', `/v1/rotations/${dashes}`, { token: agent.token }), 404, 'not-found');

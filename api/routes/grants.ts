@@ -1,5 +1,5 @@
 import { Router } from 'express';
-import { NotFoundError } from '../../core/errors';
+import { NotFoundError, refWithheld } from '../../core/errors';
 import type { Grants } from '../../vault/grants';
 import { endpoint, type AuthDeps } from '../endpoint';
 import { grantCreated, grantList, grantRevoked } from '../responses';
@@ -26,7 +26,8 @@ export function grantRoutes(auth: AuthDeps, grants: Grants): Router {
     ...endpoint(auth, { who: 'identity', action: 'grant.revoke', summary: 'Revoke a grant (takes effect at once)', responses: { 200: grantRevoked }, problems: [404] }, async ({ req, caller }) => {
       // In lower case, as the database spells ids: an id given in upper case is answered and audited as the same grant's.
       const id = idOf(String(req.params.id));
-      if (!id) throw new NotFoundError(`no active grant with id ${String(req.params.id)}`);
+      // Text that is no id is not repeated (nor is the path, in the problem's instance or the request log): it may be anything pasted there.
+      if (!id) throw refWithheld(new NotFoundError('no active grant with the id given (a grant id is a UUID)'));
       return { body: await grants.revoke(caller, id) };
     }),
   );

@@ -1,5 +1,5 @@
 import { Router } from 'express';
-import { NotFoundError } from '../../core/errors';
+import { NotFoundError, refWithheld } from '../../core/errors';
 import type { Identities } from '../../vault/identities';
 import { endpoint, type AuthDeps } from '../endpoint';
 import { identityBody, identityCreated, identitySettings } from '../responses';
@@ -39,7 +39,8 @@ export function identityRoutes(auth: AuthDeps, identities: Identities): Router {
     '/v1/identities/:id',
     ...endpoint(auth, { who: 'admin', action: 'identity.update', summary: 'Change how an identity’s MCP calls treat values', body: identityUpdate, responses: { 200: identitySettings }, problems: [404] }, async ({ req, body, requestId }) => {
       const id = String(req.params.id);
-      if (!isUuid(id)) throw new NotFoundError(`no identity with id ${id}`);
+      // Text that is no id is not repeated (nor is the path, in the problem's instance or the request log): it may be anything pasted there.
+      if (!isUuid(id)) throw refWithheld(new NotFoundError('no identity with the id given (an identity id is a UUID)'));
       return { body: await identities.updateSettings(id, body, { actor: 'admin', requestId }) };
     }),
   );

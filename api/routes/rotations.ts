@@ -363,7 +363,11 @@ async function ownRotation(pool: Pool, identityId: string, id: string) {
         )
       ).rows[0]
     : undefined;
-  if (!rotation) throw new NotFoundError(`no rotation with id ${id}`);
+  if (!rotation) {
+    // Text that is no id is not repeated (nor is the path, in the problem's instance or the request log): it may be anything pasted there.
+    if (!isUuid(id)) throw refWithheld(new NotFoundError('no rotation with the id given (a rotation id is a UUID)'));
+    throw new NotFoundError(`no rotation with id ${id}`);
+  }
   return rotation as Record<string, any> & { id: string; scoped_to: string | null };
 }
 
