@@ -195,23 +195,38 @@ export function policyActivities(deps: ActivityDeps) {
         let sent = 0;
         for (const [identityId, list] of byIdentity) {
           const identity = await deps.identities.get(identityId);
-          const delivery = await handOverNotice(deps, {
-            id: stableUuid(`orphans:${identityId}:${week}`),
-            identityId,
-            purpose: 'orphan.report',
-            to: [...new Set([...(identity?.email ? [identity.email] : []), ...list.flatMap((o) => o.owners)])],
-            subject: `[mailgent] ${list.length} service account${list.length === 1 ? ' looks' : 's look'} orphaned`,
-            text: [
-              `These service accounts have no dependents and were not read for ${input.days} days:`,
-              '',
-              ...list.map((o) => `  - ${o.name} (age ${o.ageDays} days, last read ${o.lastReadAt ?? 'never'})`),
-              '',
-              'Delete the ones nobody uses (DELETE /v1/credentials/<id>), or record their dependents.',
-            ].join('\n'),
-            actor: 'schedule:orphan-report',
-            detail: { accounts: list.length },
-          });
-          if (delivery) sent += 1;
+          // The identity's email gets its whole list; an account's owners the accounts they own, in a
+          // report of their own (before, every owner got the whole list: accounts of other teams).
+          const reports = new Map<string, { id: string; list: ServiceAccountRow[] }>();
+          if (identity?.email) reports.set(identity.email, { id: stableUuid(`orphans:${identityId}:${week}`), list });
+          for (const account of list) {
+            for (const owner of account.owners) {
+              if (owner === identity?.email) continue;
+              const report = reports.get(owner) ?? { id: stableUuid(`orphans:${identityId}:${week}:${owner}`), list: [] };
+              report.list.push(account);
+              reports.set(owner, report);
+            }
+          }
+          for (const [to, report] of reports) {
+            heartbeat();
+            const delivery = await handOverNotice(deps, {
+              id: report.id,
+              identityId,
+              purpose: 'orphan.report',
+              to: [to],
+              subject: `[mailgent] ${report.list.length} service account${report.list.length === 1 ? ' looks' : 's look'} orphaned`,
+              text: [
+                `These service accounts have no dependents and were not read for ${input.days} days:`,
+                '',
+                ...report.list.map((o) => `  - ${o.name} (age ${o.ageDays} days, last read ${o.lastReadAt ?? 'never'})`),
+                '',
+                'Delete the ones nobody uses (DELETE /v1/credentials/<id>), or record their dependents.',
+              ].join('\n'),
+              actor: 'schedule:orphan-report',
+              detail: { accounts: report.list.length },
+            });
+            if (delivery) sent += 1;
+          }
         }
         return { sent };
       });

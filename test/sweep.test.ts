@@ -1196,6 +1196,7 @@ describe('scheduled sweep', () => {
     const agentEmail = address('sa-agent');
     const agent = await identity(agentEmail);
     const owner = address('sa-owner');
+    const otherOwner = address('sa-other-owner');
     const orphan = await store(agent.token, { name: 'sa-orphan', kind: 'service_account', value: secretValue(), owners: [owner], service: 'billing' });
     const readOne = await store(agent.token, { name: 'sa-read', kind: 'service_account', value: secretValue(), owners: [owner] });
     const withDependent = await store(agent.token, {
@@ -1207,7 +1208,7 @@ describe('scheduled sweep', () => {
     });
     await store(agent.token, { name: 'sa-new', kind: 'service_account', value: secretValue(), owners: [owner] });
     // Never read, but its value replaced every month (rotated, or stored again): a young value, an old account.
-    const rotated = await store(agent.token, { name: 'sa-rotated', kind: 'service_account', value: secretValue(), owners: [owner] });
+    const rotated = await store(agent.token, { name: 'sa-rotated', kind: 'service_account', value: secretValue(), owners: [owner, otherOwner, agentEmail] });
     await store(agent.token, { name: 'not-an-account', kind: 'api_key', value: secretValue() });
     await age([orphan, readOne, withDependent], 40);
     await age([rotated], 10);
@@ -1240,17 +1241,24 @@ describe('scheduled sweep', () => {
     expect((await h.api('GET', '/v1/reports/orphans?days=30', { token: stranger.token })).body.items).toEqual([]);
 
     const run = await trigger(schedule);
-    expect(await finish('the orphan report', run.workflowId, run.firstExecutionRunId)).toEqual({ sent: 1 });
-    const [report, ...more] = await mailTo(agentEmail);
-    expect(more).toEqual([]);
-    expect(report!.mail.subject).toBe('[mailgent] 2 service accounts look orphaned');
-    expect(report!.mail.text).toContain('  - sa-orphan (age 40 days, last read never)');
-    expect(report!.mail.text).toContain('  - sa-rotated (age 10 days, last read never)');
-    for (const name of ['sa-read', 'sa-dependent', 'sa-new', 'not-an-account']) expect(report!.mail.text).not.toContain(name);
+    // The identity's address gets the whole list (once, though it owns an account too); each owner the accounts it
+    // owns: before, one email to all of them, every owner seeing every account.
+    expect(await finish('the orphan report', run.workflowId, run.firstExecutionRunId)).toEqual({ sent: 3 });
+    const listed = async (to: string) => {
+      const [report, ...more] = await mailTo(to);
+      expect(more, to).toEqual([]);
+      expect(recipients(report!.mail), to).toEqual([to]);
+      for (const name of ['sa-read', 'sa-dependent', 'sa-new', 'not-an-account']) expect(report!.mail.text).not.toContain(name);
+      return [report!.mail.subject, (report!.mail.text ?? '').split('\n').filter((l) => l.startsWith('  - '))];
+    };
+    const both = ['  - sa-orphan (age 40 days, last read never)', '  - sa-rotated (age 10 days, last read never)'];
+    expect(await listed(agentEmail)).toEqual(['[mailgent] 2 service accounts look orphaned', both]);
+    expect(await listed(owner)).toEqual(['[mailgent] 2 service accounts look orphaned', both]);
+    expect(await listed(otherOwner)).toEqual(['[mailgent] 1 service account looks orphaned', [both[1]]]);
     // The report is weekly: triggering again in the same week sends nothing new.
     const again = await trigger(schedule);
     expect(await finish('the second orphan report', again.workflowId, again.firstExecutionRunId)).toEqual({ sent: 0 });
-    expect(await mailTo(agentEmail)).toHaveLength(1);
+    for (const to of [agentEmail, owner, otherOwner]) expect(await mailTo(to)).toHaveLength(1);
   });
 
   it('soft delete hides and restore brings back; the sweep destroys what stayed deleted past retention; ?destroy=true destroys at once', async () => {
