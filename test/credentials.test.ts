@@ -355,6 +355,40 @@ describe('credential policy', () => {
     }
   });
 
+  it('a grantee whose grant was revoked: a value it could read is still withheld where it gives it as a name; one stored after the grant ended is not (no guess confirmed)', async () => {
+    const holder = await h.createIdentity();
+    const other = await h.createIdentity();
+    const before = h.secret(`sk_live_51H${randomBytes(12).toString('hex')}`);
+    expect((await h.api('POST', '/v1/vault.store', { token: holder.token, body: { name: 'once-granted-key', kind: 'api_key', value: before } })).status).toBe(201);
+    const granted = await h.api('POST', '/v1/grants', { token: holder.token, body: { credential: 'once-granted-key', grantee: other.name } });
+    expect(granted.status, granted.text).toBe(201);
+    expect((await h.api('DELETE', `/v1/grants/${granted.body.id}`, { token: other.token })).status).toBe(404);
+    expect((await h.api('DELETE', `/v1/grants/${granted.body.id}`, { token: holder.token })).status).toBe(200);
+    // Stored after the revoke: never the grantee's to read. Not registered with the leak sweep (the grantee's row holds it by design); destroyed below.
+    const after = `sk_live_51H${randomBytes(12).toString('hex')}`;
+    expect((await h.api('POST', '/v1/vault.store', { token: holder.token, body: { name: 'once-granted-key', kind: 'api_key', value: after } })).status).toBe(201);
+    const asName = async (name: string) => {
+      const requestId = `revoked-grant-${randomUUID()}`;
+      const res = await fetch(`${h.url}/v1/vault.get`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${other.token}`, 'content-type': 'application/json', 'x-request-id': requestId },
+        body: JSON.stringify({ name }),
+      });
+      const rows = (await h.sql('SELECT outcome, detail FROM audit_log WHERE request_id = $1', [requestId])).rows;
+      return { status: res.status, text: await res.text(), rows };
+    };
+    // Before, only an active grant counted: the value it had read was written into its denied row as given.
+    const known = await asName(before);
+    expect(known.status).toBe(404);
+    expect(known.text).not.toContain(before);
+    expect(known.rows).toEqual([{ outcome: 'denied', detail: expect.objectContaining({ nameWithheld: 'stored-value' }) }]);
+    expect(JSON.stringify(known.rows)).not.toContain(before);
+    const unknown = await asName(after);
+    expect(unknown.status).toBe(404);
+    expect(unknown.rows).toEqual([{ outcome: 'denied', detail: expect.objectContaining({ name: after }) }]);
+    expect((await h.api('DELETE', '/v1/credentials/once-granted-key?destroy=true', { token: holder.token })).status).toBe(200);
+  });
+
   it('vault.store refuses a new credential named by a value the caller can read, or by the value it comes with: a 422, nothing stored, the name withheld', async () => {
     const holder = await h.createIdentity();
     const other = await h.createIdentity();

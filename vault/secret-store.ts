@@ -151,10 +151,12 @@ export class SecretStore {
 
   /**
    * For each (reader, text) asked: whether the text is a value the reader can read (a version,
-   * still kept, of one of its own credentials, deleted ones too, or of one granted to it), found by
-   * fingerprint in one statement (the fingerprint index), nothing decrypted. Only values the reader
-   * can read: asked about every identity's, the answer would tell it that some identity stores a text
-   * it guessed (vault/withheld.ts).
+   * still kept, of one of its own credentials, deleted ones too, or of one granted to it, stored
+   * before the grant ended if it was revoked since: a revoked grant does not make the grantee forget
+   * a value it read, as mail.send's scan holds, Vault.readableValues), found by fingerprint in one
+   * statement (the fingerprint index), nothing decrypted. Only values the reader can or could read:
+   * asked about every identity's, the answer would tell it that some identity stores a text it
+   * guessed (vault/withheld.ts).
    */
   async readableAmong(db: Db, asked: { readerId: string; text: string }[]): Promise<boolean[]> {
     if (asked.length === 0) return [];
@@ -173,7 +175,8 @@ export class SecretStore {
               WHERE EXISTS (SELECT 1 FROM secret_versions v JOIN credentials c ON c.id = v.credential_id
                              WHERE v.fingerprint IS NOT NULL AND v.fingerprint = t.fingerprint
                                AND (c.identity_id = t.reader
-                                    OR EXISTS (SELECT 1 FROM grants g WHERE g.credential_id = c.id AND g.grantee_id = t.reader AND g.revoked_at IS NULL)))`,
+                                    OR EXISTS (SELECT 1 FROM grants g WHERE g.credential_id = c.id AND g.grantee_id = t.reader
+                                                AND v.created_at <= coalesce(g.revoked_at, 'infinity'::timestamptz))))`,
       values: [asked.map((a) => a.readerId), fingerprints],
     });
     const hit = new Set(rows.map((r) => Number(r.i) - 1));
