@@ -268,19 +268,20 @@ export function batchActivities(deps: ActivityDeps) {
           const latest = await latestRunOf(client, r.workflow_id, r.run_id);
           const status = latest.status ?? 'gone';
           if (status === 'RUNNING') continue;
-          // A sweep's run that this batch joined before its plan found the credential changed since
-          // the sweep began (NotDue), and ended without rotating it.
-          const notDue = status === 'COMPLETED' && (await latest.handle.result().catch(() => undefined))?.state === 'not_due';
+          // A sweep's run this batch joined before its plan found the credential changed since the
+          // sweep began (NotDue), and ended having done nothing: the batch's rotation is started
+          // again, as one not yet started (a new run: the start joined that one, and no request id
+          // of this batch's is on it). Recorded as failed instead, it would read as a failure and
+          // hold the credential out of sweeps for a day (FAILED_RETRY_HOURS).
+          if (status === 'COMPLETED' && (await latest.handle.result().catch(() => undefined))?.state === 'not_due') {
+            await deps.pool.query('UPDATE rotation_runs SET run_id = NULL, start_sent_at = NULL WHERE rotation_id = $1 AND run_id = $2', [input.rotationId, r.run_id]);
+            continue;
+          }
           await deps.pool.query(
             `INSERT INTO run_outcomes (run_id, workflow_id, credential_id, outcome, error)
              SELECT run_id, workflow_id, credential_id, 'failed', $2 FROM rotation_runs WHERE run_id = $1 LIMIT 1
              ON CONFLICT (run_id) DO NOTHING`,
-            [
-              r.run_id,
-              notDue
-                ? "the sweep's rotation this one joined found the credential changed since the sweep began, and did not rotate it; ask again"
-                : `the rotation ended as ${status.toLowerCase()} without reporting an outcome`,
-            ],
+            [r.run_id, `the rotation ended as ${status.toLowerCase()} without reporting an outcome`],
           );
         }
       };

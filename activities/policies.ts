@@ -197,17 +197,18 @@ export function policyActivities(deps: ActivityDeps) {
           const identity = await deps.identities.get(identityId);
           // The identity's email gets its whole list; an account's owners the accounts they own, in a
           // report of their own (before, every owner got the whole list: accounts of other teams).
-          const reports = new Map<string, { id: string; list: ServiceAccountRow[] }>();
-          if (identity?.email) reports.set(identity.email, { id: stableUuid(`orphans:${identityId}:${week}`), list });
+          // Addresses compared in lower case (an owner spelled as the identity's email in other case is the same mailbox).
+          const reports = new Map<string, { to: string; id: string; list: ServiceAccountRow[] }>();
+          if (identity?.email) reports.set(identity.email.toLowerCase(), { to: identity.email, id: stableUuid(`orphans:${identityId}:${week}`), list });
           for (const account of list) {
             for (const owner of account.owners) {
-              if (owner === identity?.email) continue;
-              const report = reports.get(owner) ?? { id: stableUuid(`orphans:${identityId}:${week}:${owner}`), list: [] };
-              report.list.push(account);
-              reports.set(owner, report);
+              const key = owner.toLowerCase();
+              const report = reports.get(key) ?? { to: owner, id: stableUuid(`orphans:${identityId}:${week}:${key}`), list: [] };
+              if (!report.list.includes(account)) report.list.push(account);
+              reports.set(key, report);
             }
           }
-          for (const [to, report] of reports) {
+          for (const { to, ...report } of reports.values()) {
             heartbeat();
             const delivery = await handOverNotice(deps, {
               id: report.id,

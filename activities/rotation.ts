@@ -88,19 +88,24 @@ export function rotationActivities(deps: ActivityDeps) {
      * itself out of the sweep, as the wave would have (its row deleted: not in the sweep's totals
      * or summary, left to the next sweep if still due), and is answered `notDue`: nothing planned,
      * nothing sent to the provider, no notice. Not when another batch has recorded the run as
-     * its own (it joined it, and asked for a rotation).
+     * its own (it joined it, and asked for a rotation). Asked of the credential, not of whether the
+     * row is still there: a retry (the answer lost with its worker) answers as the first attempt did
+     * (what makes a credential changed only grows), where the row, deleted by then, would have let
+     * it rotate a second time.
      */
     async planRotation(ids: RotationIds & { sinceSweep?: boolean }): Promise<RotationPlan | NotDue> {
       return permanentErrorsFail(async () => {
         if (ids.sinceSweep) {
           const runId = callingRunId() ?? null;
           const { rows } = await deps.pool.query(
-            `DELETE FROM rotation_runs r USING rotations ro, credentials c LEFT JOIN secret_versions v ON v.credential_id = c.id AND v.version = c.current_version
-              WHERE r.rotation_id = $1 AND r.credential_id = $2 AND (r.run_id IS NULL OR r.run_id = $3)
-                AND ro.id = r.rotation_id AND ro.kind = 'sweep' AND c.id = r.credential_id AND ${CHANGED_SINCE_SWEEP_SQL}
-                AND NOT EXISTS (SELECT 1 FROM leak_incidents i WHERE i.credential_id = c.id AND i.status = 'open')
-                AND NOT EXISTS (SELECT 1 FROM rotation_runs j WHERE j.run_id = $3 AND j.rotation_id <> r.rotation_id)
-              RETURNING c.name`,
+            `WITH changed AS (
+               SELECT c.name FROM rotations ro, credentials c LEFT JOIN secret_versions v ON v.credential_id = c.id AND v.version = c.current_version
+                WHERE ro.id = $1 AND ro.kind = 'sweep' AND c.id = $2 AND ${CHANGED_SINCE_SWEEP_SQL}
+                  AND NOT EXISTS (SELECT 1 FROM leak_incidents i WHERE i.credential_id = c.id AND i.status = 'open')
+                  AND NOT EXISTS (SELECT 1 FROM rotation_runs j WHERE j.run_id = $3 AND j.rotation_id <> $1)),
+             dropped AS (
+               DELETE FROM rotation_runs r USING changed WHERE r.rotation_id = $1 AND r.credential_id = $2 AND (r.run_id IS NULL OR r.run_id = $3))
+             SELECT name FROM changed`,
             [ids.rotationId, ids.credentialId, runId],
           );
           if (rows[0]) return { notDue: `'${rows[0].name}' changed since the sweep selected it (rotated, stored, edited or deleted meanwhile); the next sweep rotates it if it is still due` };

@@ -393,6 +393,8 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     // A sweep's run (its first) asks again whether its credential changed since the sweep began: see NotDue.
     // (An older history's plan answered no such thing, and replays as it ran.)
     planned = await db.planRotation(input.mode === 'scheduled' && input.attemptsBefore === undefined ? { ...ids, sinceSweep: true } : ids);
+    // A leak heard meanwhile is answered by this run, as by any other: planned as one (the sweep has let the credential go).
+    if ('notDue' in planned && leak) planned = await db.planRotation(ids);
   } catch (err) {
     // Nothing was changed yet: record the failure (or the cancel), tell the owners, fail the run.
     progress.error = failureMessage(err);
@@ -404,9 +406,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     return fail();
   }
   if ('notDue' in planned) {
-    // Out of the sweep, nothing done, no notice. A leak heard meanwhile is answered as any other:
-    // the next run rotates the credential, in leak mode.
-    if (leak) await continueAsNew<typeof rotateCredential>(nextRun());
+    // Out of the sweep, nothing done, no notice.
     skip(...STEPS);
     progress.state = 'not_due';
     progress.error = planned.notDue;
