@@ -89,7 +89,7 @@ export const identityUpdate = z
 const totp = z.union([
   z.strictObject({ otpauthUri: z.string().min(1).max(2048).startsWith('otpauth://', 'must be an otpauth:// URI') }),
   z.strictObject({
-    secret: z.string().min(16).max(200),
+    secret: z.string().min(16, 'must be at least 16 base32 characters (a seed of 10 bytes or more)').max(200),
     algorithm: z.enum(['SHA1', 'SHA256', 'SHA512']).optional(),
     digits: z.union([z.literal(6), z.literal(8)]).optional(),
     period: z.number().int().min(1).max(MAX_PERIOD_SECONDS).optional(),

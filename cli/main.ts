@@ -25,16 +25,16 @@ const serviceCommand = (summary: string, run: () => Promise<number>): Command =>
   },
 });
 
-async function service() {
+async function service(parts?: ('api' | 'worker')[]) {
   const { createLogger } = await import('../core/logger');
   // Loaded here, not at the top: a client command needs no configuration (nor zod's ESM modules).
   const { loadConfig } = await import('../core/config');
-  const config = loadConfig();
+  const config = loadConfig(process.env, parts);
   return { config, logger: createLogger({ level: config.LOG_LEVEL }) };
 }
 
 async function serveParts(parts: ('api' | 'worker')[]): Promise<number> {
-  const { config, logger } = await service();
+  const { config, logger } = await service(parts);
   const { serve } = await import('./serve');
   await serve(config, logger, parts);
   return EXIT.ok;

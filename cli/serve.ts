@@ -8,7 +8,7 @@ import { createApp } from '../api/app';
 import { listen } from '../api/server';
 import { createDependents } from '../dependents';
 import type { Logger } from '../core/logger';
-import { ConfigError, type Config } from '../core/config';
+import { ConfigError, partProblems, type Config } from '../core/config';
 import { HelperInterrupted } from '../core/helper-interrupted';
 import { allowOutbound } from '../core/outbound';
 import { openServices } from '../core/services';
@@ -30,27 +30,7 @@ type Part = 'api' | 'worker';
  * worker and/or the API. Stops everything in reverse order on SIGINT/SIGTERM.
  */
 export async function serve(config: Config, logger: Logger, parts: Part[] = ['api', 'worker']): Promise<void> {
-  // A master key generated into this DATA_DIR works only for this process: the API and the workers
-  // of one database (in containers, each with a DATA_DIR of its own that a re-creation loses) must
-  // share one, or what one stores no other can open.
-  // One part alone shares its servers with the other part, run elsewhere: a server it embedded would
-  // be its own (an API's Temporal server with no worker polling it accepts rotations that never run).
-  // Every problem is named at once.
-  const alone = parts.length === 1 ? 'must be set for `mailgent api` and `mailgent worker` (one part alone)' : undefined;
-  const problems = [
-    alone && !config.DATABASE_URL && `DATABASE_URL: ${alone}: a database embedded in this process is out of the other part's reach`,
-    (config.DATABASE_URL || alone) &&
-      !config.VAULT_MASTER_KEY &&
-      `VAULT_MASTER_KEY: must be set when DATABASE_URL is${alone ? ' (as it must be here)' : ''}: every process using that database must share one master key (a key generated into one DATA_DIR would be lost with it; one made there before can be named by its path, VAULT_MASTER_KEY=<DATA_DIR>/master-keys.json)`,
-    alone &&
-      !config.TEMPORAL_ADDRESS &&
-      `TEMPORAL_ADDRESS: ${alone}: a Temporal server embedded in this process has no other part to run or start its work; \`mailgent serve\` runs both parts with embedded servers`,
-    alone &&
-      parts[0] === 'api' &&
-      !config.ADMIN_TOKEN &&
-      'ADMIN_TOKEN: must be set for `mailgent api` alone: a token generated into its DATA_DIR would be lost with it (a container re-created, another API process with a DATA_DIR of its own), and with it every admin script',
-    alone && parts[0] === 'worker' && !config.SMTP_URL && "SMTP_URL: must be set for `mailgent worker` alone: the embedded SMTP sink would keep every notice in this worker's DATA_DIR, recorded as sent",
-  ].filter((problem): problem is string => Boolean(problem));
+  const problems = partProblems(config, parts);
   if (problems.length > 0) throw new ConfigError(problems);
   // A prebuilt bundle is the worker's: checked before anything starts (there, readable, and built from these workflows).
   if (parts.includes('worker') && config.WORKFLOW_BUNDLE) checkWorkflowBundle(config.WORKFLOW_BUNDLE);

@@ -228,23 +228,59 @@ export interface Config extends Parsed {
   embedded: { postgres: boolean; temporal: boolean; smtp: boolean };
 }
 
-export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+/** The variables that say where the shared servers are, as far as partProblems looks at them: set or not. */
+type PartVariables = Partial<Record<'DATABASE_URL' | 'VAULT_MASTER_KEY' | 'TEMPORAL_ADDRESS' | 'ADMIN_TOKEN' | 'SMTP_URL', unknown>>;
+
+/**
+ * What the parts to run (`mailgent serve`: both; `api` or `worker`: one alone) need set beside the
+ * variables' own checks: loadConfig names them with those, so one start names every problem.
+ */
+export function partProblems(config: PartVariables, parts: readonly ('api' | 'worker')[]): string[] {
+  // A master key generated into this DATA_DIR works only for this process: the API and the workers
+  // of one database (in containers, each with a DATA_DIR of its own that a re-creation loses) must
+  // share one, or what one stores no other can open.
+  // One part alone shares its servers with the other part, run elsewhere: a server it embedded would
+  // be its own (an API's Temporal server with no worker polling it accepts rotations that never run).
+  // Every problem is named at once.
+  const alone = parts.length === 1 ? 'must be set for `mailgent api` and `mailgent worker` (one part alone)' : undefined;
+  return [
+    alone && !config.DATABASE_URL && `DATABASE_URL: ${alone}: a database embedded in this process is out of the other part's reach`,
+    (config.DATABASE_URL || alone) &&
+      !config.VAULT_MASTER_KEY &&
+      `VAULT_MASTER_KEY: must be set when DATABASE_URL is${alone ? ' (as it must be here)' : ''}: every process using that database must share one master key (a key generated into one DATA_DIR would be lost with it; one made there before can be named by its path, VAULT_MASTER_KEY=<DATA_DIR>/master-keys.json)`,
+    alone &&
+      !config.TEMPORAL_ADDRESS &&
+      `TEMPORAL_ADDRESS: ${alone}: a Temporal server embedded in this process has no other part to run or start its work; \`mailgent serve\` runs both parts with embedded servers`,
+    alone &&
+      parts[0] === 'api' &&
+      !config.ADMIN_TOKEN &&
+      'ADMIN_TOKEN: must be set for `mailgent api` alone: a token generated into its DATA_DIR would be lost with it (a container re-created, another API process with a DATA_DIR of its own), and with it every admin script',
+    alone && parts[0] === 'worker' && !config.SMTP_URL && "SMTP_URL: must be set for `mailgent worker` alone: the embedded SMTP sink would keep every notice in this worker's DATA_DIR, recorded as sent",
+  ].filter((problem): problem is string => Boolean(problem));
+}
+
+/**
+ * The configuration from the environment. `parts`: the parts a service command runs, whose needs
+ * (partProblems) are named with the variables' own problems: before, a bad value stopped the start
+ * alone, and a variable the part needed was named only at the next start.
+ */
+export function loadConfig(env: NodeJS.ProcessEnv = process.env, parts?: readonly ('api' | 'worker')[]): Config {
   // An empty variable means "not set", as in most shells' `VAR= cmd`.
   const input = Object.fromEntries(
     Object.keys(schema.shape).flatMap((key) => (env[key] ? [[key, env[key]]] : [])),
   );
   const result = schema.safeParse(input);
-  if (!result.success) {
-    throw new ConfigError(
-      result.error.issues.map((issue) => {
+  const problems = result.success
+    ? []
+    : result.error.issues.map((issue) => {
         const variable = String(issue.path[0]);
         // A list's problem names its entry, not the whole list once per bad entry.
         const entry = typeof issue.path[1] === 'number' ? commaList(String(input[variable]))[issue.path[1]] : undefined;
         const shown = SECRET_VARIABLES.has(variable) ? '' : entry !== undefined ? ` (got ${JSON.stringify(entry)})` : ` (got ${JSON.stringify(input[variable])})`;
         return `${variable}: ${issue.message}${shown}`;
-      }),
-    );
-  }
+      });
+  problems.push(...(parts ? partProblems(input, parts) : []));
+  if (!result.success || problems.length > 0) throw new ConfigError(problems);
   const parsed = result.data;
   return {
     ...parsed,

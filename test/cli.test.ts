@@ -147,7 +147,7 @@ describe('mailgent CLI', () => {
         writeFileSync(file, contents);
         // Before, the API migrated this database, then died on the keyring: exit 1, no heading.
         const run = await mailgent(['api'], {
-          env: { DATA_DIR: dir, DATABASE_URL: h.databaseUrl, TEMPORAL_ADDRESS: '127.0.0.1:1', SMTP_URL: 'smtp://127.0.0.1:1', VAULT_MASTER_KEY: file },
+          env: { DATA_DIR: dir, DATABASE_URL: h.databaseUrl, TEMPORAL_ADDRESS: '127.0.0.1:1', SMTP_URL: 'smtp://127.0.0.1:1', VAULT_MASTER_KEY: file, ADMIN_TOKEN: 'adm'.repeat(12) },
         });
         expect(run, name).toMatchObject({ code: 2, stdout: '' });
         expect(run.stderr, name).toBe(

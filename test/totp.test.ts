@@ -92,6 +92,8 @@ describe('vault.totp over HTTP, clock pinned (RFC 6238 Appendix B)', () => {
     const res = await h.api('POST', '/v1/vault.totp', { token, body: { name: 'plain' } });
     expect(res.status).toBe(422);
     expect(res.body.detail).toBe("credential 'plain' is a password, not a totp_seed");
+    await h.api('POST', '/v1/vault.store', { token, body: { name: 'plain-key', kind: 'api_key', value: h.secret('sk_plain_key_not_totp') } });
+    expect((await h.api('POST', '/v1/vault.totp', { token, body: { name: 'plain-key' } })).body.detail).toBe("credential 'plain-key' is an api_key, not a totp_seed");
 
     const other = await h.createIdentity();
     const denied = await h.api('POST', '/v1/vault.totp', { token: other.token, body: { name: 'rfc-SHA1' } });

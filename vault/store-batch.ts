@@ -4,7 +4,7 @@ import type { Db } from '../db/pool';
 import { type AppError, ConflictError, refWithheld, unconfirmedChange, UnavailableError, UnprocessableError, VersionConflictError } from '../core/errors';
 import { appendAuditRows, type AuditEntry, callerEntry, errorDetail, markAudited, outcomeOf } from './audit';
 import type { SecretStore } from './secret-store';
-import type { Caller, Kind, StoredVersion, StoreInput } from './types';
+import { aKind, type Caller, type Kind, type StoredVersion, type StoreInput } from './types';
 import { withhold } from './withheld';
 
 /**
@@ -79,7 +79,7 @@ export function storeRefusal(input: StoreInput, found: Found | null): AppError |
   if (input.expectedVersion !== undefined && input.expectedVersion !== found.currentVersion) {
     return new VersionConflictError(`credential '${input.name}' is at version ${found.currentVersion}, not ${input.expectedVersion}`, found.currentVersion);
   }
-  if (found.kind !== input.kind) return new UnprocessableError(`credential '${input.name}' is a ${found.kind}; its kind cannot change to ${input.kind}`);
+  if (found.kind !== input.kind) return new UnprocessableError(`credential '${input.name}' is ${aKind(found.kind)}; its kind cannot change to ${input.kind}`);
   return undefined;
 }
 

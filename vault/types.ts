@@ -4,6 +4,11 @@ import type { TotpInput } from './totp';
 
 export const KINDS = ['api_key', 'password', 'token', 'totp_seed', 'service_account', 'generic'] as const;
 export type Kind = (typeof KINDS)[number];
+
+/** A kind with its article, for messages: "an api_key", "a password". */
+export function aKind(kind: string): string {
+  return `${/^[aeiou]/.test(kind) ? 'an' : 'a'} ${kind}`;
+}
 /** Why a totp_seed takes no rotation policy (vault.store and PATCH refuse one). */
 export const TOTP_SEED_NOT_ROTATED =
   'a totp_seed takes no rotation policy: no provider makes TOTP seeds (enrol a new seed with its service and store it with vault.store)';

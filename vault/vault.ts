@@ -8,7 +8,7 @@ import { secretName, StoreBatcher, storeRefusal, UNCONFIRMED_STORE } from './sto
 import type { ReadThread } from './read-thread';
 import type { SecretStore } from './secret-store';
 import { parseStoredTotp, storedTotpUri, totpCode, type TotpCode } from './totp';
-import { TOTP_SEED_NOT_ROTATED, type Caller, type CredentialMeta, type CredentialPolicy, type CredentialRef, type Kind, type SecretRead, type StoredVersion, type StoreInput } from './types';
+import { aKind, TOTP_SEED_NOT_ROTATED, type Caller, type CredentialMeta, type CredentialPolicy, type CredentialRef, type Kind, type SecretRead, type StoredVersion, type StoreInput } from './types';
 import { idOf, UUID } from '../core/ids';
 import { storedRefs, withhold, withholdStored } from './withheld';
 
@@ -156,7 +156,7 @@ export class Vault {
       detail: refDetail(ref),
       open: true,
       finish: (row) => {
-        if (row.kind !== 'totp_seed') throw new UnprocessableError(`credential '${row.name}' is a ${row.kind}, not a totp_seed`);
+        if (row.kind !== 'totp_seed') throw new UnprocessableError(`credential '${row.name}' is ${aKind(row.kind)}, not a totp_seed`);
         return totpCode(parseStoredTotp(row.value), this.clock().getTime());
       },
     });

@@ -6,9 +6,9 @@ import { describe, expect, inject, it } from 'vitest';
 import { ConfigError, loadConfig } from '../../core/config';
 import { checkWorkflowBundle } from '../../worker/bundle';
 
-function problems(env: Record<string, string>): string[] {
+function problems(env: Record<string, string>, parts?: ('api' | 'worker')[]): string[] {
   try {
-    loadConfig(env);
+    loadConfig(env, parts);
   } catch (err) {
     if (err instanceof ConfigError) return err.problems;
     throw err;
@@ -88,6 +88,17 @@ describe('configuration', () => {
     expect(loadConfig({ MAIL_FROM: 'ops@localhost' }).MAIL_FROM).toBe('ops@localhost');
     expect(problems({ SECURITY_NOTIFY: 'a@example.com, nope' })[0]).toMatch(/^SECURITY_NOTIFY/);
     expect(problems({ PORT: 'x', LOG_LEVEL: 'loud' })).toHaveLength(2);
+  });
+
+  it("names a bad value and what the part to run needs unset, at once (before, the part's needs only at the next start)", () => {
+    const named = (list: string[]) => list.map((p) => p.split(':')[0]);
+    expect(named(problems({ ADMIN_TOKEN: 'short' }, ['api']))).toEqual(['ADMIN_TOKEN', 'DATABASE_URL', 'VAULT_MASTER_KEY', 'TEMPORAL_ADDRESS']);
+    expect(problems({ ADMIN_TOKEN: 'short' }, ['api'])[0]).toMatch(/^ADMIN_TOKEN: must be at least 32 characters/);
+    expect(named(problems({ PORT: 'x' }, ['worker']))).toEqual(['PORT', 'DATABASE_URL', 'VAULT_MASTER_KEY', 'TEMPORAL_ADDRESS', 'SMTP_URL']);
+    // serve (both parts) needs none of them; a command that runs no part (migrate, rekey) is not asked.
+    expect(named(problems({ PORT: 'x' }, ['api', 'worker']))).toEqual(['PORT']);
+    expect(named(problems({ ADMIN_TOKEN: 'short' }))).toEqual(['ADMIN_TOKEN']);
+    expect(named(problems({ DATABASE_URL: 'postgres://u:p@127.0.0.1:1/db' }, ['api', 'worker']))).toEqual(['VAULT_MASTER_KEY']);
   });
 
   it('checks cron schedules field by field, so a bad one stops the start with the variable named', () => {
