@@ -321,6 +321,10 @@ export function composeRotationNotice(
         ? `but version ${n.toVersion} could not be revoked at the provider and may still work there (a provider that holds one value may still be on it): revoke it there by hand, and put version ${n.fromVersion} back if needed. ${n.error ?? ''}`.trim()
         : `and version ${n.toVersion} was revoked. ${n.error ?? ''}`.trim(),
       ...(problems.length > 0 ? ['', 'Not everything went through:', ...listed] : []),
+      // A leak heard by a run rolled back (a cancel in its grace period) is answered all the same:
+      // the run rotates again, in leak mode, once this notice is out, unless the credential is not
+      // rotated now (deleted, or its policy taken away). Before, this notice said nothing of the leak.
+      ...(n.mode === 'leak' ? leakLines({ ...n, rotatingAgain: n.rotatingAgain ?? (!meta.deletedAt && meta.policy !== null) }, meta) : []),
     ],
     revoke_failed: [
       `${cap(what)} was rotated to version ${n.toVersion}, but revoking version ${n.fromVersion} at the provider failed:`,
@@ -367,7 +371,7 @@ export function composeRotationNotice(
  */
 function leakLines(n: RotationNotice, meta: { deletedAt?: string | null; policy?: CredentialMeta['policy']; kind: string }): string[] {
   if (n.rotatingAgain) {
-    return ['', 'A leak of this credential was reported, and a cancel does not stop the answer to it: it is being rotated again now, in leak mode.', 'You will get a notice when that rotation has finished.'];
+    return ['', 'A leak of this credential was reported, and a cancel or a rollback does not stop the answer to it: it is being rotated again now, in leak mode.', 'You will get a notice when that rotation has finished.'];
   }
   if (n.mode !== 'leak') return [];
   // A policy taken away (not deleted): set one, or revoke by hand; not "rotate it again" (no policy, no rotation).
