@@ -335,7 +335,7 @@ export function leakActivities(deps: ActivityDeps) {
           // this finds it closed and leaves it. Its credential as it is now, not as the list found it
           // (deleted, or restored, since: the list is read before up to 200 starts).
           const { rows: still } = await tx.query(
-            `SELECT ${UNROTATED_INCIDENT_COLUMNS}, i.credential_id, i.identity_id, i.version
+            `SELECT ${UNROTATED_INCIDENT_COLUMNS}, i.credential_id, i.identity_id, i.version, i.left_over
                FROM leak_incidents i JOIN rotation_runs r ON r.rotation_id = i.rotation_id AND r.credential_id = i.credential_id
                JOIN credentials c ON c.id = i.credential_id
               WHERE i.id = $1 AND i.status = 'open' AND r.run_id IS NULL FOR UPDATE OF i SKIP LOCKED`,
@@ -348,7 +348,8 @@ export function leakActivities(deps: ActivityDeps) {
           // emails saying rotating, then failed); with none, the leak is told as its report would now.
           const unrotated = row.deleted || row.unmanaged;
           const t = { credentialId: row.credential_id, identityId: row.identity_id };
-          if (await startLeakRun({ pool: deps.pool, ...temporal }, t, row.rotation_id, row.id, row.version, undefined, unrotated)) {
+          // With the version a left-over incident it replaced handed it (its report's start failed).
+          if (await startLeakRun({ pool: deps.pool, ...temporal }, t, row.rotation_id, row.id, row.version, row.left_over ?? undefined, unrotated)) {
             await startDelivery(deps.pool, temporal, incidentMailId(row.id));
             started += 1;
             return;

@@ -222,6 +222,26 @@ describe('POST /v1/leaks', () => {
     h.secret((await current('left-over-version')).value);
   });
 
+  it('the version a left-over incident hands its replacement is kept on it: a replacement whose start failed, started by a report again, revokes it too', async () => {
+    const id = await store('left-over-kept', 'sk_left_over_kept_0001', { rotation: { provider: 'generated', graceHours: 0 } });
+    const first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'left-over-kept', source: 'scan' } });
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
+    h.secret((await current('left-over-kept')).value);
+    // As above: version 1 leaked and still live, its incident left open; then the report replacing it gets a 503 (its start failed).
+    await h.sql('UPDATE secret_versions SET revoked_at = NULL WHERE credential_id = $1 AND version = 1', [id]);
+    await h.sql(`UPDATE leak_incidents SET status = 'open', closed_at = NULL WHERE id = $1`, [first.body.results[0].incidentId]);
+    const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
+    await expect(reportLeak(depsLosingSignalWithStart(), caller, agent.id, { credential: 'left-over-kept', source: 'scan' })).rejects.toMatchObject({ status: 503 });
+    expect((await h.sql(`SELECT version, left_over FROM leak_incidents WHERE credential_id = $1 AND status = 'open'`, [id])).rows).toEqual([{ version: 2, left_over: 1 }]);
+    // Reported again as the 503 asked: it starts the replacement's rotation, with the version handed to it.
+    const again = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'left-over-kept', source: 'scan' } });
+    expect(again.body.results).toEqual([expect.objectContaining({ version: 2, action: 'joined' })]);
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 2, toVersion: 3 });
+    // Before, [2]: the version handed over was in the failed start's memory alone, and version 1 kept working.
+    expect(await revokedVersions(id)).toEqual([1, 2]);
+    h.secret((await current('left-over-kept')).value);
+  });
+
   it('a report repeated by its Idempotency-Key after its rotation ended gets the first answer back: no second incident, rotation or email', async () => {
     const id = await store('keyed-leak', 'sk_keyed_leak_value_0001', { rotation: { provider: 'generated', graceHours: 0 } });
     const key = `leak-${randomUUID()}`;
@@ -648,6 +668,37 @@ describe('POST /v1/leaks', () => {
     h.secret((await current('older-leak')).value);
   });
 
+  it('an older version reported while the run revokes the older leaked versions is revoked too, not closed with the incident still working', async () => {
+    const id = await store('late-older-leak', 'sk_late_older_leak_0001', { rotation: { provider: 'generated', graceHours: 0 } });
+    await store('late-older-leak', 'sk_late_older_leak_0002');
+    await store('late-older-leak', 'sk_late_older_leak_0003');
+    // Version 2's row held: the leak run (3 → 4) revokes version 3, then waits at version 2's revoke.
+    const held = new pg.Client({ connectionString: h.databaseUrl });
+    await held.connect();
+    try {
+      await held.query('BEGIN');
+      await held.query('SELECT 1 FROM secret_versions WHERE credential_id = $1 AND version = 2 FOR UPDATE', [id]);
+      const first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256('sk_late_older_leak_0002'), source: 'paste-1' } });
+      expect(first.body.results).toEqual([expect.objectContaining({ version: 2, action: 'rotating' })]);
+      await waitFor('the run to wait at the revoke of version 2', async () => {
+        const revoked = await revokedVersions(id);
+        const { rows } = await h.sql('SELECT count(*)::int AS n FROM pg_locks WHERE NOT granted');
+        return revoked.includes(3) && rows[0].n > 0 ? true : undefined;
+      });
+      // Meanwhile version 1 is found pasted too: the running rotation hears of it.
+      const second = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256('sk_late_older_leak_0001'), source: 'paste-2' } });
+      expect(second.body.results).toEqual([expect.objectContaining({ version: 1, action: 'joined' })]);
+    } finally {
+      await held.query('ROLLBACK').catch(() => undefined);
+      await held.end();
+    }
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 3, toVersion: 4 });
+    // Before, version 1 kept working, its incident closed with version 2's.
+    expect(await revokedVersions(id)).toEqual([1, 2, 3]);
+    expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
+    h.secret((await current('late-older-leak')).value);
+  });
+
   it('a leak of a value stored during the grace period (current once the rotation ends) rotates again, in leak mode', async () => {
     const id = await store('stored-in-grace', 'sk_in_grace_value_0001', { rotation: { provider: 'generated', graceHours: 1 } });
     const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['stored-in-grace'] } });
@@ -737,6 +788,35 @@ describe('POST /v1/leaks', () => {
       return mails.length > 0 ? mails : undefined;
     });
     for (const m of told) expect(m.mail.text).not.toMatch(/version null/);
+  });
+
+  it("a report that found the version live, which its rotation revokes (closing its incident) before the report opens one, is answered already-revoked: no second incident, email or rotation", async () => {
+    const id = await store('revoked-meanwhile', 'sk_revoked_meanwhile_0001', { rotation: { provider: 'generated', graceHours: 0 } });
+    // The run's end, held: the version revoked (the incident closed), not yet committed; the
+    // report reads it live, then waits at its incident's INSERT for this transaction.
+    const held = new pg.Client({ connectionString: h.databaseUrl });
+    await held.connect();
+    try {
+      await held.query('BEGIN');
+      await held.query('LOCK TABLE leak_incidents IN EXCLUSIVE MODE');
+      await held.query('UPDATE secret_versions SET revoked_at = now() WHERE credential_id = $1 AND version = 1', [id]);
+      const report = h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'revoked-meanwhile', source: 'slow-scan' } });
+      await waitFor('the report to wait at its incident', async () => {
+        const { rows } = await h.sql(`SELECT count(*)::int AS n FROM pg_locks WHERE NOT granted AND relation = 'leak_incidents'::regclass`);
+        return rows[0].n > 0 ? true : undefined;
+      });
+      await held.query('COMMIT');
+      const res = await report;
+      // Before, it opened a second incident and started a leak rotation of the value that had replaced the leaked one.
+      expect(res.status, res.text).toBe(202);
+      expect(res.body.results).toEqual([{ credentialId: id, version: 1, action: 'already-revoked' }]);
+    } finally {
+      await held.query('ROLLBACK').catch(() => undefined);
+      await held.end();
+    }
+    expect((await h.sql('SELECT count(*)::int AS n FROM leak_incidents WHERE credential_id = $1', [id])).rows[0].n).toBe(0);
+    expect((await h.sql(`SELECT count(*)::int AS n FROM mail_outbox WHERE purpose = 'leak.incident' AND subject LIKE '%revoked-meanwhile'`)).rows[0].n).toBe(0);
+    await expect(h.client.workflow.getHandle(`rotate:${id}`).describe()).rejects.toBeInstanceOf(WorkflowNotFoundError);
   });
 
   it('when a leak rotation fails, the incident closes and the next report tries again', async () => {

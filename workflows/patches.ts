@@ -136,6 +136,15 @@ export const UNROTATED_LEAKS_TOLD = 'unrotated-leaks-told';
 export const UNVERSIONED_NOT_REVOKED = 'unversioned-leak-not-revoked';
 
 /**
+ * Runs recorded before this patch revoked the leaked versions older than the one they replaced once,
+ * after revoking that one: an older version reported after that (while a revoke went on, or the grace
+ * notice, or the superseded answer) was heard, its incident closed with the others at the run's end,
+ * and it kept working. Newer runs revoke such versions too before they count the incidents they
+ * answered (closeOut), each once.
+ */
+export const OLDER_LEAKS_BEFORE_CLOSE = 'older-leaks-revoked-before-close';
+
+/**
  * Sweeps recorded before this patch did not look for leak incidents whose rotation was never
  * started (their report's process died between the incident's commit and the start); newer sweeps
  * start those first (resumeLeakIncidents).
@@ -168,6 +177,7 @@ export const PATCH_IDS: readonly string[] = [
   ROLLBACK_ANSWER_OUTLIVES_CANCEL,
   UNROTATED_LEAKS_TOLD,
   UNVERSIONED_NOT_REVOKED,
+  OLDER_LEAKS_BEFORE_CLOSE,
   SWEEP_RESUMES_LEAKS,
   BATCH_WAITS_APART,
 ];

@@ -31,6 +31,7 @@ import {
   SUPERSEDED_ANSWERED,
   UNROTATED_LEAKS_TOLD,
   UNVERSIONED_NOT_REVOKED,
+  OLDER_LEAKS_BEFORE_CLOSE,
 } from './patches';
 import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
 
@@ -118,6 +119,8 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   const leakedVersions = new Set<number>(input.leakedVersions ?? []);
   /** Versions this run has revoked at the provider (a leaked one not among them is left to the next run). */
   const revokedHere = new Set<number>();
+  /** Leaked versions older than the one replaced whose revoke revokeOlderLeaks has tried (see olderUntried). */
+  const olderTried = new Set<number>();
   const revoke = async (version: number, extra: { current?: number; currentNow?: boolean } = {}) => {
     await undo.revokeVersion({ ...ids, version, ...extra });
     revokedHere.add(version);
@@ -633,12 +636,18 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
    * working. A failure is one of the run's problems. See LEAKED_VERSIONS_ANSWERED.
    */
   async function revokeOlderLeaks(): Promise<void> {
-    let older = [...leakedVersions].filter((v) => v < progress.fromVersion!).sort((a, b) => a - b);
+    let older = olderUntried();
     // A report that named no version (null) names none to revoke: see UNVERSIONED_NOT_REVOKED.
     if (older.some((v) => typeof v !== 'number') && patched(UNVERSIONED_NOT_REVOKED)) older = older.filter((v) => typeof v === 'number');
     if (older.length === 0 || !patched(LEAKED_VERSIONS_ANSWERED)) return;
+    for (const version of older) olderTried.add(version);
     const revokes = older.map((version) => ({ what: `revoking the leaked version ${version} (it may still work)`, run: () => revoke(version) }));
     problems.push(...(await CancellationScope.nonCancellable(() => runAll(revokes))));
+  }
+
+  /** Leaked versions older than the one this run replaced that revokeOlderLeaks has not tried yet (a failed one is a problem, not tried again), oldest first. */
+  function olderUntried(): number[] {
+    return [...leakedVersions].filter((v) => v < progress.fromVersion! && !olderTried.has(v)).sort((a, b) => a - b);
   }
 
   /**
@@ -701,6 +710,13 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     await CancellationScope.nonCancellable(async () => {
       const closeLast = patched(CLOSE_INCIDENTS_LAST);
       if (!closeLast) await db.closeLeakIncidents(ids);
+      // An older version reported since revokeOlderLeaks ran is revoked before the incidents are
+      // counted (a report heard after that rotates again): see OLDER_LEAKS_BEFORE_CLOSE.
+      while (olderUntried().some((v) => typeof v === 'number') && patched(OLDER_LEAKS_BEFORE_CLOSE)) {
+        const tried = olderTried.size;
+        await revokeOlderLeaks();
+        if (olderTried.size === tried) break;
+      }
       const seen = incidents.size;
       if (stepOf('notify').state === 'waiting') {
         const told = await tell('rotated', supersededBy ? { currentVersion: supersededBy } : {});

@@ -177,6 +177,9 @@ type LeakResult =
   | { credentialId: string; version: number; action: 'already-revoked' | 'deleted' | 'no-policy' }
   | { credentialId: string; version: number; incidentId: string; workflowId: string; rotationId?: string; action: 'joined' | 'rotating' };
 
+/** Rolls an incident's transaction back: the version it was for was revoked since the report found it live. */
+class RevokedMeanwhile extends Error {}
+
 async function respond(
   deps: LeakDeps,
   t: Target,
@@ -240,15 +243,21 @@ async function respond(
     }
     const opened = (
       await tx.query(
-        `INSERT INTO leak_incidents (id, credential_id, identity_id, version, source, rotation_id) VALUES ($1, $2, $3, $4, $5, $7)
+        `INSERT INTO leak_incidents (id, credential_id, identity_id, version, source, rotation_id, left_over) VALUES ($1, $2, $3, $4, $5, $7, $8)
          ON CONFLICT (credential_id) WHERE status = 'open' DO UPDATE SET reports = leak_incidents.reports
-         RETURNING id, version, rotation_id, (xmax = 0) AS created, opened_at < now() - make_interval(secs => $6) AS stale,
+         RETURNING id, version, rotation_id, left_over, (xmax = 0) AS created, opened_at < now() - make_interval(secs => $6) AS stale,
                    (SELECT r.run_id FROM rotation_runs r
                      WHERE r.rotation_id = leak_incidents.rotation_id AND r.credential_id = leak_incidents.credential_id) AS run_id`,
-        [newIncidentId, t.credentialId, t.identityId, t.version, body.source, STALE_INCIDENT_SECONDS, rotationId],
+        [newIncidentId, t.credentialId, t.identityId, t.version, body.source, STALE_INCIDENT_SECONDS, rotationId, leftOver ?? null],
       )
-    ).rows[0] as { id: string; version: number; rotation_id: string | null; created: boolean; stale: boolean; run_id: string | null };
+    ).rows[0] as { id: string; version: number; rotation_id: string | null; left_over: number | null; created: boolean; stale: boolean; run_id: string | null };
     if (!opened.created) return opened;
+    // Revoked since this report found it live: its rotation ended meanwhile, revoking the value, then
+    // closing the incident this report would have joined. Opened now, it was a second incident,
+    // email and rotation (of the value that replaced it). Asked after the INSERT, which waited for
+    // any parallel one: a run's revoke commits before its close.
+    const live = await tx.query('SELECT 1 FROM secret_versions WHERE credential_id = $1 AND version = $2 AND revoked_at IS NULL', [t.credentialId, t.version]);
+    if (live.rowCount === 0) throw new RevokedMeanwhile();
     // The incident names this rotation before its row is in: the foreign key is checked at commit.
     await tx.query(`INSERT INTO rotations (id, identity_id, kind, reason, workflow_id) VALUES ($1, $2, 'leak', $3, $4)`, [
       rotationId,
@@ -280,8 +289,15 @@ async function respond(
     });
     await appendAudit(tx, { identityId: t.identityId, actor, action: 'mail.send', credentialId: t.credentialId, outcome: 'ok', detail: { messageId: mailId, purpose: 'leak.incident', incidentId: opened.id } });
     return opened;
+  }).catch((err: unknown) => {
+    if (err instanceof RevokedMeanwhile) return 'revoked' as const;
+    throw err;
   });
+  if (incident === 'revoked') return { credentialId: t.credentialId, version: t.version, action: 'already-revoked' as const };
   if (incident === 'answered') return replacing!.answered();
+  // The version a left-over incident this one replaced handed it (kept on it): a report that starts
+  // or signals its run passes it on, as its opener did.
+  if (leftOver === undefined && incident.left_over !== null) leftOver = incident.left_over;
   if (!incident.created) {
     // A report counts on the incident it joins once it is answered so: not one answered 503 (asked to
     // report again), nor one that closes a left-over incident and opens its own.
@@ -357,13 +373,14 @@ async function respond(
       if (!newVersion) return joined();
       throw new UnavailableError('the leak rotation is still starting; report again shortly');
     }
-    // The left-over incident's own version, when another than this report's and still live (its run
-    // ended before revoking it: terminated after its promotion, say), goes to the incident that
-    // replaces it: else both incidents end closed with that leaked value still working.
-    const leftOverLive =
-      incident.version !== t.version &&
-      (await deps.pool.query('SELECT 1 FROM secret_versions WHERE credential_id = $1 AND version = $2 AND revoked_at IS NULL', [t.credentialId, incident.version])).rowCount === 1;
-    if (!again) return respond(deps, t, body, actor, true, leftOverLive ? incident.version : leftOver, { id: incident.id, newVersion, answered: joined });
+    // The left-over incident's own version, or the one it was handed, when another than this
+    // report's and still live (its run ended before revoking it: terminated after its promotion,
+    // say), goes to the incident that replaces it: else both incidents end closed with that leaked
+    // value still working. (One: the incident's own first.)
+    const handed = [incident.version, leftOver].filter((v): v is number => v !== undefined && v !== t.version);
+    const live = handed.length === 0 ? [] : (await deps.pool.query('SELECT version FROM secret_versions WHERE credential_id = $1 AND version = ANY($2::int[]) AND revoked_at IS NULL', [t.credentialId, handed])).rows.map((r) => r.version as number);
+    const passOn = handed.find((v) => live.includes(v));
+    if (!again) return respond(deps, t, body, actor, true, passOn, { id: incident.id, newVersion, answered: joined });
     throw new UnavailableError('the leak rotation could not be started; report again shortly');
   }
 
