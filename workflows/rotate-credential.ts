@@ -647,7 +647,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
 
   /** Leaked versions older than the one this run replaced that revokeOlderLeaks has not tried yet (a failed one is a problem, not tried again), oldest first. */
   function olderUntried(): number[] {
-    return [...leakedVersions].filter((v) => v < progress.fromVersion! && !olderTried.has(v)).sort((a, b) => a - b);
+    return [...leakedVersions].filter((v) => v < progress.fromVersion! && !olderTried.has(v) && !revokedHere.has(v)).sort((a, b) => a - b);
   }
 
   /**
@@ -698,11 +698,29 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   async function closeOut(): Promise<void> {
     const toVersion = progress.toVersion;
     await answerSuperseded();
+    // An older version reported since revokeOlderLeaks ran (while a revoke, the grace notice or the
+    // superseded answer went on) is revoked here, before the run decides below whether to rotate
+    // again and counts the incidents it answered: see OLDER_LEAKS_BEFORE_CLOSE. One that could not be
+    // revoked after the owners' last notice went out makes the run rotate again (the next run tries
+    // it, and tells them).
+    let lateRevokes = false;
+    let lateFailed = false;
+    while (olderUntried().some((v) => typeof v === 'number') && patched(OLDER_LEAKS_BEFORE_CLOSE)) {
+      lateRevokes = true;
+      const trying = olderUntried().filter((v) => typeof v === 'number');
+      const tried = olderTried.size;
+      await revokeOlderLeaks();
+      if (trying.some((v) => !revokedHere.has(v))) lateFailed = true;
+      if (olderTried.size === tried) break;
+    }
+    // A leak of the superseded version heard while they were revoked.
+    if (lateRevokes) await answerSuperseded();
+    const lateUntold = () => lateFailed && stepOf('notify').state !== 'waiting';
     // A value stored during grace, newer than the one this rotation made, is current once it ends.
     const newerLeaked = () => toVersion !== undefined && [...leakedVersions].some((v) => v > toVersion) && patched(LEAKED_VERSIONS_ANSWERED);
     // The version this run made, leaked but replaced since, was revoked above: rotating the current one would not stop it.
     const ownLeaked = () => toVersion !== undefined && leakedVersions.has(toVersion) && supersededBy === undefined;
-    if ((ownLeaked() || newerLeaked()) && (await rotatedNow())) {
+    if ((ownLeaked() || newerLeaked() || lateUntold()) && (await rotatedNow())) {
       // The value this rotation made current (or one stored since) was itself reported leaked: rotate
       // again, in leak mode (unless the credential is not rotated now: rotatedNow has answered it).
       await continueAsNew<typeof rotateCredential>(nextRun());
@@ -710,13 +728,6 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     await CancellationScope.nonCancellable(async () => {
       const closeLast = patched(CLOSE_INCIDENTS_LAST);
       if (!closeLast) await db.closeLeakIncidents(ids);
-      // An older version reported since revokeOlderLeaks ran is revoked before the incidents are
-      // counted (a report heard after that rotates again): see OLDER_LEAKS_BEFORE_CLOSE.
-      while (olderUntried().some((v) => typeof v === 'number') && patched(OLDER_LEAKS_BEFORE_CLOSE)) {
-        const tried = olderTried.size;
-        await revokeOlderLeaks();
-        if (olderTried.size === tried) break;
-      }
       const seen = incidents.size;
       if (stepOf('notify').state === 'waiting') {
         const told = await tell('rotated', supersededBy ? { currentVersion: supersededBy } : {});

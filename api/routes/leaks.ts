@@ -255,9 +255,12 @@ async function respond(
     // Revoked since this report found it live: its rotation ended meanwhile, revoking the value, then
     // closing the incident this report would have joined. Opened now, it was a second incident,
     // email and rotation (of the value that replaced it). Asked after the INSERT, which waited for
-    // any parallel one: a run's revoke commits before its close.
-    const live = await tx.query('SELECT 1 FROM secret_versions WHERE credential_id = $1 AND version = $2 AND revoked_at IS NULL', [t.credentialId, t.version]);
-    if (live.rowCount === 0) throw new RevokedMeanwhile();
+    // any parallel one: a run's revoke commits before its close. (Not when the incident carries a
+    // version a left-over one handed it: that one is still to be revoked.)
+    if (leftOver === undefined) {
+      const live = await tx.query('SELECT 1 FROM secret_versions WHERE credential_id = $1 AND version = $2 AND revoked_at IS NULL', [t.credentialId, t.version]);
+      if (live.rowCount === 0) throw new RevokedMeanwhile();
+    }
     // The incident names this rotation before its row is in: the foreign key is checked at commit.
     await tx.query(`INSERT INTO rotations (id, identity_id, kind, reason, workflow_id) VALUES ($1, $2, 'leak', $3, $4)`, [
       rotationId,
