@@ -197,9 +197,12 @@ const CREDENTIAL_STANDING = `(c.deleted_at IS NOT NULL OR c.destroyed_at IS NOT 
 /**
  * What an incident of a credential that is not rotated needs to be told without a rotation, over
  * `leak_incidents i JOIN credentials c`: the version it names (an incident from before versions were
- * recorded: the current one), and how the credential stands now (CREDENTIAL_STANDING).
+ * recorded: the current one), the version a left-over incident handed it if still live
+ * (`left_over_live`), and how the credential stands now (CREDENTIAL_STANDING).
  */
-export const UNROTATED_INCIDENT_COLUMNS = `i.id, i.rotation_id, i.source, coalesce(i.version, c.current_version) AS told_version, ${CREDENTIAL_STANDING}`;
+export const UNROTATED_INCIDENT_COLUMNS = `i.id, i.rotation_id, i.source, coalesce(i.version, c.current_version) AS told_version,
+  (SELECT lv.version FROM secret_versions lv WHERE lv.credential_id = i.credential_id AND lv.version = i.left_over AND lv.revoked_at IS NULL) AS left_over_live,
+  ${CREDENTIAL_STANDING}`;
 
 /**
  * Tells a leak of a version that nothing will rotate (queueUnrotatedNotice) and hands its email to
@@ -221,6 +224,7 @@ export interface UnrotatedIncident {
   rotation_id: string | null;
   source: string;
   told_version: number;
+  left_over_live: number | null;
   deleted: boolean;
   unmanaged: boolean;
 }
@@ -240,6 +244,10 @@ export async function answerUnrotated(
   why: string,
 ): Promise<boolean> {
   await tellUnrotated(deps, { ...t, version: incident.told_version, deleted: incident.deleted }, { source: incident.source }, actor);
+  // The version a left-over incident handed it, still live: told too (nothing else would revoke it).
+  if (incident.left_over_live !== null && incident.left_over_live !== incident.told_version) {
+    await tellUnrotated(deps, { ...t, version: incident.left_over_live, deleted: incident.deleted }, { source: incident.source }, actor);
+  }
   return closeUnanswered(tx, incident.id, incident.rotation_id, why);
 }
 

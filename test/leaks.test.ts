@@ -242,6 +242,27 @@ describe('POST /v1/leaks', () => {
     h.secret((await current('left-over-kept')).value);
   });
 
+  it('an unstarted replacement incident of a credential deleted since is told by the sweep with the version a left-over incident handed it', async () => {
+    const id = await store('left-over-told', 'sk_left_over_told_0001', { rotation: { provider: 'generated', graceHours: 0 } });
+    const first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'left-over-told', source: 'scan' } });
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
+    h.secret((await current('left-over-told')).value);
+    // Version 1 leaked and live, its incident left open; the report replacing it got a 503; then the credential was deleted.
+    await h.sql('UPDATE secret_versions SET revoked_at = NULL WHERE credential_id = $1 AND version = 1', [id]);
+    await h.sql(`UPDATE leak_incidents SET status = 'open', closed_at = NULL WHERE id = $1`, [first.body.results[0].incidentId]);
+    const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
+    await expect(reportLeak(depsLosingSignalWithStart(), caller, agent.id, { credential: 'left-over-told', source: 'scan' })).rejects.toMatchObject({ status: 503 });
+    expect((await h.api('DELETE', '/v1/credentials/left-over-told', { token: agent.token })).status).toBe(200);
+    await h.sql(`UPDATE leak_incidents SET opened_at = now() - interval '2 minutes' WHERE credential_id = $1 AND status = 'open'`, [id]);
+    expect(await createActivities(h.deps).resumeLeakIncidents({ asOf: new Date().toISOString() })).toEqual({ started: 0, told: 1 });
+    // Both live leaked versions told as not rotated: before, version 2 alone (version 1 kept working, told to no one).
+    const told = await waitFor('both versions told', async () => {
+      const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for left-over-told (deleted; not rotated)');
+      return mails.length >= 2 ? mails : undefined;
+    });
+    expect(told.map((m) => /\(version (\d+)\)/.exec(m.mail.text ?? '')?.[1]).sort()).toEqual(['1', '2']);
+  });
+
   it('a report repeated by its Idempotency-Key after its rotation ended gets the first answer back: no second incident, rotation or email', async () => {
     const id = await store('keyed-leak', 'sk_keyed_leak_value_0001', { rotation: { provider: 'generated', graceHours: 0 } });
     const key = `leak-${randomUUID()}`;
