@@ -154,7 +154,6 @@ export function batchActivities(deps: ActivityDeps) {
     if (asked.length > 0) {
       const found = await deps.pool.query(
         `SELECT c.id FROM credentials c JOIN rotations ro ON ro.id = $1
-           LEFT JOIN secret_versions v ON v.credential_id = c.id AND v.version = c.current_version
           WHERE c.id = ANY($2::uuid[]) AND ${CHANGED_SINCE_SWEEP_SQL}`,
         [rotationId, asked],
       );

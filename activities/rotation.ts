@@ -99,7 +99,7 @@ export function rotationActivities(deps: ActivityDeps) {
           const runId = callingRunId() ?? null;
           const { rows } = await deps.pool.query(
             `WITH changed AS (
-               SELECT c.name FROM rotations ro, credentials c LEFT JOIN secret_versions v ON v.credential_id = c.id AND v.version = c.current_version
+               SELECT c.name FROM rotations ro, credentials c
                 WHERE ro.id = $1 AND ro.kind = 'sweep' AND c.id = $2 AND ${CHANGED_SINCE_SWEEP_SQL}
                   AND NOT EXISTS (SELECT 1 FROM leak_incidents i WHERE i.credential_id = c.id AND i.status = 'open')
                   AND NOT EXISTS (SELECT 1 FROM rotation_runs j WHERE j.run_id = $3 AND j.rotation_id <> $1)),

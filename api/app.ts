@@ -83,19 +83,24 @@ interface RouteLayer {
   match(path: string): unknown;
 }
 
-/**
- * The methods the app's routes answer at `path` (those of routers mounted at '/' included), OPTIONS
- * last, and the pattern of the first route that matched it (`/v1/credentials/:ref`).
- */
-function methodsAt(stack: RouteLayer[], path: string, into = { methods: new Set<string>(), pattern: undefined as string | undefined }) {
+/** The app's route layers, in order, those of routers mounted at '/' included. */
+function* routeLayers(stack: RouteLayer[]): Generator<RouteLayer & { route: NonNullable<RouteLayer['route']> }> {
   for (const layer of stack) {
-    if (layer.route) {
-      if (!layer.match(path)) continue;
-      for (const m of layer.route._methods()) into.methods.add(m);
-      if (into.pattern === undefined && typeof layer.route.path === 'string') into.pattern = layer.route.path;
-    } else if (layer.slash && Array.isArray(layer.handle.stack)) {
-      methodsAt(layer.handle.stack, path, into);
-    }
+    if (layer.route) yield layer as RouteLayer & { route: NonNullable<RouteLayer['route']> };
+    else if (layer.slash && Array.isArray(layer.handle.stack)) yield* routeLayers(layer.handle.stack);
+  }
+}
+
+/**
+ * The methods the app's routes answer at `path`, OPTIONS last, and the pattern of the first route
+ * that matched it (`/v1/credentials/:ref`).
+ */
+function methodsAt(stack: RouteLayer[], path: string) {
+  const into = { methods: new Set<string>(), pattern: undefined as string | undefined };
+  for (const layer of routeLayers(stack)) {
+    if (!layer.match(path)) continue;
+    for (const m of layer.route._methods()) into.methods.add(m);
+    if (into.pattern === undefined && typeof layer.route.path === 'string') into.pattern = layer.route.path;
   }
   return into;
 }
@@ -126,11 +131,10 @@ const otherMethods: RequestHandler = (req, res, next) => {
 };
 
 /** The literal segments of the routes' paths (`v1`, `credentials`, `vault.get`; not `:ref`). */
-function segmentsOf(stack: RouteLayer[], into = new Set<string>()): Set<string> {
-  for (const layer of stack) {
-    if (layer.route && typeof layer.route.path === 'string') {
-      for (const s of layer.route.path.split('/')) if (s && !s.startsWith(':')) into.add(s);
-    } else if (layer.slash && Array.isArray(layer.handle.stack)) segmentsOf(layer.handle.stack, into);
+function segmentsOf(stack: RouteLayer[]): Set<string> {
+  const into = new Set<string>();
+  for (const { route } of routeLayers(stack)) {
+    if (typeof route.path === 'string') for (const s of route.path.split('/')) if (s && !s.startsWith(':')) into.add(s);
   }
   return into;
 }

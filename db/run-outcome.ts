@@ -10,8 +10,8 @@ import type { Db } from './pool';
 const NEVER_STARTED = 'r.run_id IS NULL AND (ro.cancelled_at IS NOT NULL OR r.cancelled_at IS NOT NULL)';
 
 /**
- * A sweep's credential changed since the sweep began, over `credentials c`, `rotations ro` (the
- * sweep's) and `secret_versions v` (left-joined: c's current version): deleted, taken out of
+ * A sweep's credential changed since the sweep began, over `credentials c` and `rotations ro` (the
+ * sweep's): deleted, taken out of
  * rotation, edited (a failure marks it too), a value stored or promoted since, or a run of it ended
  * since. Rotating it would make a second key and a second notice (or give a credential without a
  * policy a generated value); the next sweep selects it again if it is still due. Asked by a sweep's
@@ -19,7 +19,7 @@ const NEVER_STARTED = 'r.run_id IS NULL AND (ro.cancelled_at IS NOT NULL OR r.ca
  * since a run of another's may end between the two.
  */
 export const CHANGED_SINCE_SWEEP_SQL = `(c.deleted_at IS NOT NULL OR c.rotation IS NULL OR c.updated_at > ro.created_at
-  OR coalesce(v.promoted_at, v.created_at) > ro.created_at
+  OR EXISTS (SELECT 1 FROM secret_versions v WHERE v.credential_id = c.id AND v.version = c.current_version AND coalesce(v.promoted_at, v.created_at) > ro.created_at)
   OR EXISTS (SELECT 1 FROM run_outcomes o WHERE o.credential_id = c.id AND o.finished_at > ro.created_at))`;
 
 export const RUN_OUTCOME_SQL = `coalesce(o.outcome, CASE WHEN ${NEVER_STARTED} THEN 'cancelled' END)`;

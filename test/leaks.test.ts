@@ -200,16 +200,29 @@ describe('POST /v1/leaks', () => {
     }
   });
 
-  it("a report that replaces a left-over incident of another version, still live, has the new rotation revoke that version too", async () => {
-    const id = await store('left-over-version', 'sk_left_over_version_01', { rotation: { provider: 'generated', graceHours: 0 } });
-    const first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'left-over-version', source: 'scan' } });
+  /**
+   * What a run terminated after its promotion and before its revoke leaves: `name` stored and
+   * reported leaked, version 2 current, the leaked version 1 still live, its incident open with
+   * nothing running to close it. The credential's id.
+   */
+  const leakLeftLive = async (name: string) => {
+    const id = await store(name, `sk_${name.replaceAll('-', '_')}_0001`, { rotation: { provider: 'generated', graceHours: 0 } });
+    const first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: name, source: 'scan' } });
     expect(first.body.results).toEqual([expect.objectContaining({ version: 1, action: 'rotating' })]);
     expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1, toVersion: 2 });
-    h.secret((await current('left-over-version')).value);
-    // What a run terminated after its promotion and before its revoke leaves: version 2 current, the
-    // leaked version 1 still live, its incident open with nothing running to close it.
+    h.secret((await current(name)).value);
     await h.sql('UPDATE secret_versions SET revoked_at = NULL WHERE credential_id = $1 AND version = 1', [id]);
     await h.sql(`UPDATE leak_incidents SET status = 'open', closed_at = NULL WHERE id = $1`, [first.body.results[0].incidentId]);
+    return id;
+  };
+  /** A report by name that replaces `name`'s left-over incident, answered 503 (its rotation's start failed). */
+  const replacementStartLost = async (name: string) => {
+    const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
+    await expect(reportLeak(depsLosingSignalWithStart(), caller, agent.id, { credential: name, source: 'scan' })).rejects.toMatchObject({ status: 503 });
+  };
+
+  it("a report that replaces a left-over incident of another version, still live, has the new rotation revoke that version too", async () => {
+    const id = await leakLeftLive('left-over-version');
 
     // A report by name names the current version, 2: its incident replaces the left-over one.
     const again = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'left-over-version', source: 'scan' } });
@@ -223,15 +236,8 @@ describe('POST /v1/leaks', () => {
   });
 
   it('the version a left-over incident hands its replacement is kept on it: a replacement whose start failed, started by a report again, revokes it too', async () => {
-    const id = await store('left-over-kept', 'sk_left_over_kept_0001', { rotation: { provider: 'generated', graceHours: 0 } });
-    const first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'left-over-kept', source: 'scan' } });
-    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
-    h.secret((await current('left-over-kept')).value);
-    // As above: version 1 leaked and still live, its incident left open; then the report replacing it gets a 503 (its start failed).
-    await h.sql('UPDATE secret_versions SET revoked_at = NULL WHERE credential_id = $1 AND version = 1', [id]);
-    await h.sql(`UPDATE leak_incidents SET status = 'open', closed_at = NULL WHERE id = $1`, [first.body.results[0].incidentId]);
-    const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
-    await expect(reportLeak(depsLosingSignalWithStart(), caller, agent.id, { credential: 'left-over-kept', source: 'scan' })).rejects.toMatchObject({ status: 503 });
+    const id = await leakLeftLive('left-over-kept');
+    await replacementStartLost('left-over-kept');
     expect((await h.sql(`SELECT version, left_over FROM leak_incidents WHERE credential_id = $1 AND status = 'open'`, [id])).rows).toEqual([{ version: 2, left_over: 1 }]);
     // Reported again as the 503 asked: it starts the replacement's rotation, with the version handed to it.
     const again = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'left-over-kept', source: 'scan' } });
@@ -243,15 +249,9 @@ describe('POST /v1/leaks', () => {
   });
 
   it('an unstarted replacement incident of a credential deleted since is told by the sweep with the version a left-over incident handed it', async () => {
-    const id = await store('left-over-told', 'sk_left_over_told_0001', { rotation: { provider: 'generated', graceHours: 0 } });
-    const first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'left-over-told', source: 'scan' } });
-    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
-    h.secret((await current('left-over-told')).value);
-    // Version 1 leaked and live, its incident left open; the report replacing it got a 503; then the credential was deleted.
-    await h.sql('UPDATE secret_versions SET revoked_at = NULL WHERE credential_id = $1 AND version = 1', [id]);
-    await h.sql(`UPDATE leak_incidents SET status = 'open', closed_at = NULL WHERE id = $1`, [first.body.results[0].incidentId]);
-    const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
-    await expect(reportLeak(depsLosingSignalWithStart(), caller, agent.id, { credential: 'left-over-told', source: 'scan' })).rejects.toMatchObject({ status: 503 });
+    const id = await leakLeftLive('left-over-told');
+    // The report replacing its incident got a 503; then the credential was deleted.
+    await replacementStartLost('left-over-told');
     expect((await h.api('DELETE', '/v1/credentials/left-over-told', { token: agent.token })).status).toBe(200);
     await h.sql(`UPDATE leak_incidents SET opened_at = now() - interval '2 minutes' WHERE credential_id = $1 AND status = 'open'`, [id]);
     expect(await createActivities(h.deps).resumeLeakIncidents({ asOf: new Date().toISOString() })).toEqual({ started: 0, told: 1 });

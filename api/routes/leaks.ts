@@ -177,6 +177,13 @@ type LeakResult =
   | { credentialId: string; version: number; action: 'already-revoked' | 'deleted' | 'no-policy' }
   | { credentialId: string; version: number; incidentId: string; workflowId: string; rotationId?: string; action: 'joined' | 'rotating' };
 
+/** Which of the credential's `versions` are not revoked (none asked: none). */
+async function liveVersions(db: Pick<Pool, 'query'>, credentialId: string, versions: number[]): Promise<number[]> {
+  if (versions.length === 0) return [];
+  const { rows } = await db.query('SELECT version FROM secret_versions WHERE credential_id = $1 AND version = ANY($2::int[]) AND revoked_at IS NULL', [credentialId, versions]);
+  return rows.map((r) => r.version as number);
+}
+
 /** Rolls an incident's transaction back: the version it was for was revoked since the report found it live. */
 class RevokedMeanwhile extends Error {}
 
@@ -258,8 +265,7 @@ async function respond(
     // any parallel one: a run's revoke commits before its close. (Not when the incident carries a
     // version a left-over one handed it: that one is still to be revoked.)
     if (leftOver === undefined) {
-      const live = await tx.query('SELECT 1 FROM secret_versions WHERE credential_id = $1 AND version = $2 AND revoked_at IS NULL', [t.credentialId, t.version]);
-      if (live.rowCount === 0) throw new RevokedMeanwhile();
+      if ((await liveVersions(tx, t.credentialId, [t.version])).length === 0) throw new RevokedMeanwhile();
     }
     // The incident names this rotation before its row is in: the foreign key is checked at commit.
     await tx.query(`INSERT INTO rotations (id, identity_id, kind, reason, workflow_id) VALUES ($1, $2, 'leak', $3, $4)`, [
@@ -381,7 +387,7 @@ async function respond(
     // say), goes to the incident that replaces it: else both incidents end closed with that leaked
     // value still working. (One: the incident's own first.)
     const handed = [incident.version, leftOver].filter((v): v is number => v !== undefined && v !== t.version);
-    const live = handed.length === 0 ? [] : (await deps.pool.query('SELECT version FROM secret_versions WHERE credential_id = $1 AND version = ANY($2::int[]) AND revoked_at IS NULL', [t.credentialId, handed])).rows.map((r) => r.version as number);
+    const live = await liveVersions(deps.pool, t.credentialId, handed);
     const passOn = handed.find((v) => live.includes(v));
     if (!again) return respond(deps, t, body, actor, true, passOn, { id: incident.id, newVersion, answered: joined });
     throw new UnavailableError('the leak rotation could not be started; report again shortly');
