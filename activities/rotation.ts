@@ -11,7 +11,7 @@ import { withTransaction } from '../db/pool';
 import { startDelivery } from '../mail/outbox';
 import { CHANGED_SINCE_SWEEP_SQL } from '../db/run-outcome';
 import type { ActivityDeps } from './index';
-import { answerUnrotated, UNROTATED_INCIDENT_COLUMNS, type UnrotatedIncident } from './leak-runs';
+import { answerUnrotated, UNROTATED_INCIDENT_COLUMNS, type UnrotatedIncident, versionLeakId } from './leak-runs';
 import { callingRunId, externalStep, heartbeating, incidentMailId, isRefusal, permanentErrorsFail, progressSoFar, reportProgress } from './support';
 
 export const DEFAULT_MAX_ATTEMPTS = 3;
@@ -368,7 +368,8 @@ export function rotationActivities(deps: ActivityDeps) {
      * signal (answered 503) leaves its incident open, and the run that closed it would have answered
      * a leak it never heard, its value possibly still live. The run hears those now and rotates
      * again; one whose version is revoked by now (the version this run replaced, say) needs nothing
-     * more and is closed. Each incident's email goes out first, if it is still queued: the report
+     * more and is closed, unless a left-over incident handed it a version still live (heard now, as its
+     * own would be). Each incident's email goes out first, if it is still queued: the report
      * that opened the incident may have lost Temporal after starting this run and before starting
      * the email's delivery (or before its signal), and a later report would find no incident to join.
      * An unheard one of a credential not rotated now (deleted, or its policy taken away, during the
@@ -387,21 +388,37 @@ export function rotationActivities(deps: ActivityDeps) {
         )
       ).rows as (UnrotatedIncident & { version: number | null; revoked: boolean })[];
       const heard = ids.heard === undefined ? undefined : new Set(ids.heard);
-      let unheard = open.filter((incident) => heard && !heard.has(incident.id) && !incident.revoked);
+      // What an incident leaves live that the run never heard: its own version, and the version a
+      // left-over incident handed it (its report's signal of it, under versionLeakId, lost too). Its
+      // own revoked (the version this run replaced, say), the handed one may still work: closed
+      // with the incident, it was a leaked value left working with no one to answer it.
+      const unheardOf = (incident: (typeof open)[number]) => {
+        if (!heard) return [];
+        const own = !heard.has(incident.id) && !incident.revoked ? [{ incidentId: incident.id, ...(incident.version === null ? {} : { version: incident.version }) }] : [];
+        const handed = incident.left_over_live;
+        const handedId = handed === null ? undefined : versionLeakId(incident.id, handed);
+        const left = handed !== null && handed !== incident.version && !heard.has(handedId!) ? [{ incidentId: handedId!, version: handed }] : [];
+        return [...own, ...left];
+      };
+      let unheard = open.map((incident) => ({ incident, leaks: unheardOf(incident) })).filter(({ leaks }) => leaks.length > 0);
       // Unheard, of a credential not rotated now (deleted, or its policy taken away, during this run):
       // rotated again, it would fail at its first step, its emails saying rotating, then failed. Told
-      // as a report of it now would tell it, and closed unsent (answerUnrotated).
+      // as a report of it now would tell it, and closed unsent (answerUnrotated): the versions left
+      // live alone (its own, revoked, is not told as not rotated).
       const why = 'the rotation that would have answered it ended first, and the credential is not rotated now; its leak was told without a rotation';
-      for (const incident of unheard.filter((i) => i.deleted || i.unmanaged)) {
+      for (const entry of unheard.filter(({ incident }) => incident.deleted || incident.unmanaged)) {
         const t = { credentialId: ids.credentialId, identityId: ids.identityId };
+        const [first, second] = entry.leaks.map((leak) => leak.version ?? entry.incident.told_version);
+        const told = { ...entry.incident, told_version: first!, left_over_live: second ?? null };
         // (Heard by now after all, a parallel report's signal recorded on its rotation: left to the run.)
-        if (await withTransaction(deps.pool, (tx) => answerUnrotated(deps, tx, t, incident, `workflow:${ids.workflowId}`, why))) unheard = unheard.filter((i) => i !== incident);
+        if (await withTransaction(deps.pool, (tx) => answerUnrotated(deps, tx, t, told, `workflow:${ids.workflowId}`, why))) unheard = unheard.filter((e) => e !== entry);
       }
       if (deps.temporal) for (const { id } of open) await startDelivery(deps.pool, deps.temporal, incidentMailId(id));
+      const left = new Set(unheard.map(({ incident }) => incident));
       await deps.pool.query(`UPDATE leak_incidents SET status = 'closed', closed_at = now() WHERE id = ANY($1::uuid[]) AND status = 'open'`, [
-        open.filter((incident) => !unheard.includes(incident)).map((incident) => incident.id),
+        open.filter((incident) => !left.has(incident)).map((incident) => incident.id),
       ]);
-      return { unheard: unheard.map(({ id, version }) => ({ incidentId: id, ...(version === null ? {} : { version }) })) };
+      return { unheard: unheard.flatMap(({ leaks }) => leaks) };
     },
   };
 }

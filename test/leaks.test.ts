@@ -248,6 +248,27 @@ describe('POST /v1/leaks', () => {
     h.secret((await current('left-over-kept')).value);
   });
 
+  it('a rotation that never heard a replacement incident, and revokes its version, hears the live version a left-over incident handed it: revoked, not closed with it', async () => {
+    const id = await leakLeftLive('left-over-unheard');
+    await replacementStartLost('left-over-unheard');
+    // A requested rotation runs before any report again: it replaces version 2 (the incident's own)
+    // and revokes it as it ends, never having heard of the incident.
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['left-over-unheard'] } });
+    expect(started.status, started.text).toBe(202);
+    const requested = await waitFor('the requested rotation to start', async () => {
+      const { rows } = await h.sql('SELECT run_id FROM rotation_runs WHERE rotation_id = $1 AND run_id IS NOT NULL', [started.body.rotationId]);
+      return rows[0]?.run_id as string | undefined;
+    });
+    // It hears version 1 as it ends and rotates again, in leak mode: that run revokes it as an
+    // older leaked version. (Before, it succeeded as requested, 2 → 3, revoked [2] alone, and closed
+    // the incident with version 1 working.)
+    const chain = h.client.workflow.getHandle(`rotate:${id}`, requested);
+    expect(await chain.result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 3, toVersion: 4 });
+    expect(await revokedVersions(id)).toEqual([1, 2, 3]);
+    expect((await h.sql(`SELECT count(*)::int AS n FROM leak_incidents WHERE credential_id = $1 AND status = 'open'`, [id])).rows).toEqual([{ n: 0 }]);
+    h.secret((await current('left-over-unheard')).value);
+  });
+
   it('an unstarted replacement incident of a credential deleted since is told by the sweep with the version a left-over incident handed it', async () => {
     const id = await leakLeftLive('left-over-told');
     // The report replacing its incident got a 503; then the credential was deleted.
@@ -1029,7 +1050,9 @@ describe('POST /v1/leaks', () => {
     // Answered as any leak the running rotation hears, not 'deleted' (left working until the grace period's end, an hour on).
     expect(report.body.results).toMatchObject([{ credentialId: id, version: 1, action: 'rotating' }]);
     expect(await waitFor('the leaked version revoked', async () => ((await revokedVersions(id)).includes(1) ? revokedVersions(id) : undefined))).toEqual([1]);
-    await h.client.workflow.getHandle(`rotate:${id}`).terminate('the test ends the grace period (an hour)');
+    // The leak cut the grace period short: the run ends now, not in an hour. (Before, the test
+    // terminated it, and failed whenever the run had ended first.)
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
   });
 
   it("a leak of the current value of a credential deleted during its rotation's grace period is told as not rotated (deleted), not as a failed rotation: the run revokes the previous value and succeeds", async () => {
