@@ -12,7 +12,7 @@ import { startDelivery } from '../mail/outbox';
 import { CHANGED_SINCE_SWEEP_SQL } from '../db/run-outcome';
 import type { ActivityDeps } from './index';
 import { answerUnrotated, UNROTATED_INCIDENT_COLUMNS, type UnrotatedIncident, versionLeakId } from './leak-runs';
-import { callingRunId, externalStep, heartbeating, incidentMailId, isRefusal, permanentErrorsFail, progressSoFar, reportProgress } from './support';
+import { callingRunId, externalStep, heartbeating, incidentMailId, isRefusal, onWorkerClock, permanentErrorsFail, progressSoFar, reportProgress } from './support';
 
 export const DEFAULT_MAX_ATTEMPTS = 3;
 
@@ -159,13 +159,13 @@ export function rotationActivities(deps: ActivityDeps) {
       });
     },
 
-    /** `madeAt`: when the create step that made the version ended (the workflow's clock); see Provider.verify. */
+    /** `madeAt`: when the create step that made the version ended (the workflow's clock; passed on on the worker's, onWorkerClock); see Provider.verify. */
     async verifyVersion(ids: RotationIds & { version: number; madeAt?: string }): Promise<void> {
       return externalStep(async () => {
         const { meta, policy, provider } = await load(ids);
         const ctx = await providerContext(ids, meta, provider, policy.settings);
         const secret = await read(ids, ids.version, 'provider.verify');
-        await heartbeating(() => provider.verify({ ...ctx, secret, ...(ids.madeAt ? { madeAt: ids.madeAt } : {}) }));
+        await heartbeating(() => provider.verify({ ...ctx, secret, ...(ids.madeAt ? { madeAt: onWorkerClock(ids.madeAt) } : {}) }));
       });
     },
 

@@ -135,6 +135,24 @@ export function callingRunId(): string | undefined {
   }
 }
 
+/**
+ * `at`, a time on the workflow's clock (the Temporal server's), on this worker's: as long before now
+ * as it was before this attempt was scheduled (both on the server's clock). A worker clock ahead of
+ * the server's would otherwise count that difference as time gone by (a provider's wait for a new
+ * key cut short by it). The attempt's time in the queue is not counted: the wait is longer, never
+ * shorter. Outside an activity (a test calling one directly), `at` as it is.
+ */
+export function onWorkerClock(at: string): string {
+  let scheduled: number;
+  try {
+    scheduled = Context.current().info.currentAttemptScheduledTimestampMs;
+  } catch {
+    return at;
+  }
+  const before = scheduled - Date.parse(at);
+  return Number.isFinite(before) ? new Date(Date.now() - Math.max(0, before)).toISOString() : at;
+}
+
 /** A leak incident's email's message id, derived from the incident's, so a later report or the incident's run can find it. */
 export function incidentMailId(incidentId: string): string {
   return stableUuid(`${incidentId}:incident-mail`);
