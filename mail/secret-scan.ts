@@ -130,7 +130,12 @@ function prepared(message: ScannedMessage): Prepared {
   // value, which neither the text as written nor the value reversed holds. Made from the texts with
   // their controls, before they are dropped as invisible (the html's in htmlTexts).
   const shown = [subject === message.subject ? '' : subject, text === message.text ? '' : text, displayed(readSubject), displayed(message.text), ...html.filter((t) => t !== message.html)].filter(Boolean);
-  const written = [...(message.to ?? []), message.subject, message.text, message.html ?? '', ...shown].join('\n');
+  const joined = [...(message.to ?? []), message.subject, message.text, message.html ?? '', ...shown].join('\n');
+  // Its line breaks as any one kind: SMTP sends every line break as CRLF (nodemailer rewrites them),
+  // so a multi-line value (a PEM key, a JSON key file) stored with LF and sent with CRLF is the
+  // same mail on the wire as the one sent with LF. (A value stored with CRLF: its forms, below.)
+  const lf = joined.replace(/\r\n?/g, '\n');
+  const written = lf === joined ? joined : `${joined}\n${lf}`;
   // Unicode's compatibility form too: a value in another normal form (`é` as e and a combining
   // accent) or in compatibility characters (fullwidth `ｓｋ＿ｌｉｖｅ`) reads the same.
   const compatible = written.normalize('NFKC');
@@ -168,13 +173,53 @@ function prepared(message: ScannedMessage): Prepared {
 function searchIn({ haystack, lower, renderedLower, unwrapped, ungroupedLower }: Prepared, stored: { name: string; value: string }[]): string | undefined {
   for (const { name, value } of stored) {
     if (value.length < MIN_SCANNED_LENGTH) continue;
-    for (const { form, caseless, wraps, shown } of forms(value)) {
+    for (const { form, caseless, wraps, shown, renderedOnly } of variants(value).flatMap(forms)) {
       if (form.length < MIN_SCANNED_LENGTH) continue;
+      if (renderedOnly) {
+        if (renderedLower.includes(form.toLowerCase())) return name;
+        continue;
+      }
       if (haystack.includes(form) || (shown && renderedLower.includes(form.toLowerCase()))) return name;
       if (caseless ? lower.includes(form.toLowerCase()) || (wraps && ungroupedLower.includes(form.toLowerCase())) : wraps && unwrapped.includes(form)) return name;
     }
   }
   return undefined;
+}
+
+/**
+ * A value, and a multi-line one with its line breaks as the other kind (LF, CRLF): the message's
+ * texts are searched with LF (see prepared), and an encoding of the value (base64, say) may have
+ * been made of either.
+ */
+function variants(value: string): string[] {
+  const out = [value];
+  if (/[\r\n]/.test(value)) {
+    const lf = value.replace(/\r\n?/g, '\n');
+    out.push(lf, lf.replaceAll('\n', '\r\n'));
+  }
+  // The secret inside a URL that carries one (`postgresql://app:PASSWORD@db/app`, as the
+  // postgres-role provider's `format: url` stores it): the password alone, in every form a value has.
+  const password = urlPassword(value);
+  if (password !== undefined && password.length >= MIN_SCANNED_LENGTH) out.push(password);
+  return [...new Set(out)];
+}
+
+/** The password of a URL with one (`scheme://user:password@host…`), decoded; undefined for anything else. */
+function urlPassword(value: string): string | undefined {
+  if (!/^[a-z][a-z0-9+.-]*:\/\/[^/?#]*:[^/?#]*@/i.test(value)) return undefined;
+  try {
+    const password = new URL(value).password;
+    return password ? decodeURIComponent(password) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The base64 bodies of the PEM blocks in a value (a private key, a certificate), their line breaks dropped. */
+function pemBodies(value: string): string[] {
+  const blocks = value.matchAll(/-----BEGIN [A-Z0-9 ]+-----([\s\S]*?)-----END [A-Z0-9 ]+-----/g);
+  // Headers inside a block (`Proc-Type: …`) are not the key: only lines of base64 are kept.
+  return [...blocks].map((m) => m[1]!.split(/\r?\n/).filter((line) => /^[A-Za-z0-9+/=]+$/.test(line.trim())).map((l) => l.trim()).join('')).filter((body) => body.length >= 16);
 }
 
 /**
@@ -192,8 +237,13 @@ function forms(value: string): Form[] {
   // in compatibility form (the message's texts are searched in it too), and reversed, which a
   // right-to-left override (U+202E, `<bdo dir="rtl">`) shows in its order.
   const out: Form[] = [...new Set([value, value.normalize('NFKC'), [...value].reverse().join('')])].map((form) => ({ form, caseless, shown: true }));
+  // With spaces in it, as html shows it (each run of white space one space), in the html's text alone.
+  const collapsed = collapsedSpace(value);
+  if (collapsed !== value) out.push({ form: collapsed, caseless, renderedOnly: true });
   out.push({ form: bytes.toString('hex'), caseless: true, wraps: true }, { form: encodeURIComponent(value), caseless: false });
   for (const form of base64Cores(bytes)) out.push({ form, caseless: false, wraps: true }, { form: toBase64url(form), caseless: false, wraps: true });
+  // A PEM block's body alone, wrapped at any width: the key without its BEGIN and END lines.
+  for (const body of pemBodies(value)) out.push({ form: body, caseless: false, wraps: true });
   // A TOTP seed: its base32 (in an otpauth:// URI, or the value itself), and the bytes it stands
   // for in hex, as `oathtool --totp <hex>` and some authenticators take them.
   const seed = /^otpauth:\/\/.*[?&]secret=([A-Z2-7]+)/i.exec(value)?.[1] ?? (/^[A-Z2-7]{16,}=*$/i.test(value) ? value.replace(/=+$/, '') : undefined);
@@ -209,6 +259,8 @@ interface Form {
   wraps?: boolean;
   /** The value as read: also matched in the html's text in any case (CSS may change it). */
   shown?: boolean;
+  /** Matched in the html's text alone (in any case): the value with its white space as html shows it. */
+  renderedOnly?: boolean;
 }
 
 
@@ -366,7 +418,16 @@ function renderedText(html: string): string {
  */
 function htmlTexts(html: string): string[] {
   const shown = shownHtml(html);
-  return [renderedText(html), ...(shown.differs ? [shown.text] : []), ...shown.attributes];
+  const texts = [renderedText(html), ...(shown.differs ? [shown.text] : [])];
+  // And with each run of white space shown as the one space a client shows (outside `<pre>`): a
+  // value with spaces in it (a passphrase) wrapped across the html's source lines reads whole.
+  const collapsed = texts.map(collapsedSpace).filter((t, i) => t !== texts[i]);
+  return [...texts, ...collapsed, ...shown.attributes];
+}
+
+/** Each run of HTML's white space (space, tab, line feed, form feed, carriage return) as one space. */
+function collapsedSpace(text: string): string {
+  return text.replace(/[\t\n\f\r ]+/g, ' ');
 }
 
 /**

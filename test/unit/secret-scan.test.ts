@@ -348,6 +348,45 @@ describe('finding a stored secret in a message', () => {
     }
   });
 
+  it('finds a multi-line value sent with the other kind of line break: SMTP sends every one as CRLF', () => {
+    const pem = `-----BEGIN PRIVATE KEY-----\n${randomBytes(48).toString('base64')}\n${randomBytes(48).toString('base64')}\n-----END PRIVATE KEY-----\n`;
+    const crlf = pem.replaceAll('\n', '\r\n');
+    // Before, each passed: the texts were compared with their line breaks as written.
+    expect(findStoredValue({ subject: 's', text: `key:\r\n${crlf}` }, [{ name: 'lf-key', value: pem }])).toBe('lf-key');
+    expect(findStoredValue({ subject: 's', text: `key:\n${pem}` }, [{ name: 'crlf-key', value: crlf }])).toBe('crlf-key');
+    expect(findStoredValue({ subject: 's', text: 'k', html: `<pre>${crlf}</pre>` }, [{ name: 'lf-key', value: pem }])).toBe('lf-key');
+    expect(findStoredValue({ subject: 's', text: Buffer.from(crlf).toString('base64') }, [{ name: 'lf-key', value: pem }])).toBe('lf-key');
+  });
+
+  it("finds the secret inside a value: a URL's password (as postgres-role's url format stores it), a PEM block's body without its BEGIN and END lines", () => {
+    const password = `Pw${randomBytes(16).toString('hex')}`;
+    const url = [{ name: 'db-url', value: `postgresql://app:${password}@db.example.com:5432/app` }];
+    // Before, each passed: only the whole URL was looked for.
+    for (const text of [`db password: ${password}`, Buffer.from(password).toString('base64'), Buffer.from(password).toString('hex')]) {
+      expect(findStoredValue({ subject: 's', text }, url), text).toBe('db-url');
+    }
+    // Escaped in the URL as stored: the password as it decodes.
+    expect(findStoredValue({ subject: 's', text: 'pw: p@ss/w0rd!' }, [{ name: 'escaped', value: 'https://u:p%40ss%2Fw0rd!@h.example/' }])).toBe('escaped');
+    const body = randomBytes(96).toString('base64');
+    const pem = [{ name: 'tls-key', value: `-----BEGIN PRIVATE KEY-----\n${body.slice(0, 64)}\n${body.slice(64)}\n-----END PRIVATE KEY-----\n` }];
+    expect(findStoredValue({ subject: 's', text: `the key body:\n${body.slice(0, 40)}\n${body.slice(40)}` }, pem)).toBe('tls-key');
+    // A URL without a password, and ordinary text about a database, pass.
+    expect(findStoredValue({ subject: 's', text: 'connect to db.example.com:5432 as app' }, [...url, { name: 'plain-url', value: 'https://app@db.example.com/app' }])).toBeUndefined();
+  });
+
+  it('finds a value with spaces in html whose source wraps or pads it: a client shows each run of white space as one space', () => {
+    const passphrase = [{ name: 'phrase', value: 'correct horse XXXX staple' }];
+    // Before, each passed, and the recipient read the passphrase whole.
+    for (const html of ['<p>correct\nhorse XXXX staple</p>', '<p>correct   horse\tXXXX\r\n  staple</p>', '<p>correct <b>horse</b>\n XXXX staple</p>']) {
+      expect(findStoredValue({ subject: 's', text: 'see html', html }, passphrase), html).toBe('phrase');
+    }
+    // A value with a run of spaces, shown by html as one.
+    expect(findStoredValue({ subject: 's', text: 'x', html: '<p>two spaces here</p>' }, [{ name: 'runs', value: 'two  spaces  here' }])).toBe('runs');
+    // The plain text part shows white space as written: the words apart there are not the value.
+    expect(findStoredValue({ subject: 's', text: 'correct\nhorse XXXX staple' }, passphrase)).toBeUndefined();
+    expect(findStoredValue({ subject: 's', text: 'two spaces here' }, [{ name: 'runs', value: 'two  spaces  here' }])).toBeUndefined();
+  });
+
   it('finds base64 and the value in a URL whose query string escapes them', () => {
     const tricky = { name: 'tricky', value: 'Tr0ub4dor&3?>?>zz~~' };
     const base64 = Buffer.from(tricky.value).toString('base64');
