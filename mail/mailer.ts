@@ -14,6 +14,11 @@ export interface OutgoingMail {
 export interface RefusedRecipient {
   address: string;
   reply: string;
+  /**
+   * A 4xx reply: not a refusal but "try again later" (greylisting, a full queue or mailbox, too many
+   * recipients in one transaction). The message is sent to it again (mail/outbox.ts).
+   */
+  temporary?: boolean;
 }
 
 /**
@@ -35,7 +40,7 @@ export interface Mailer {
 interface Refusals {
   accepted?: unknown[];
   rejected?: unknown[];
-  rejectedErrors?: { recipient?: string; response?: string }[];
+  rejectedErrors?: { recipient?: string; response?: string; responseCode?: number }[];
 }
 
 export function createMailer(smtpUrl: string, from: string): Mailer {
@@ -67,8 +72,13 @@ export function createMailer(smtpUrl: string, from: string): Mailer {
 }
 
 function refusals(r: Refusals): RefusedRecipient[] {
-  const replies = new Map((r.rejectedErrors ?? []).map((e) => [e.recipient, e.response ?? '']));
-  return (r.rejected ?? []).map(addressOf).map((address) => ({ address, reply: (replies.get(address) ?? '').slice(0, 200) }));
+  const errors = new Map((r.rejectedErrors ?? []).map((e) => [e.recipient, e]));
+  return (r.rejected ?? []).map(addressOf).map((address) => {
+    const error = errors.get(address);
+    const reply = error?.response ?? '';
+    const code = error?.responseCode ?? Number(/^\d{3}/.exec(reply)?.[0]);
+    return { address, reply: reply.slice(0, 200), ...(code >= 400 && code < 500 ? { temporary: true } : {}) };
+  });
 }
 
 function addressOf(a: unknown): string {

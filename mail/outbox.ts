@@ -1,7 +1,7 @@
 import { WorkflowExecutionAlreadyStartedError, type Client } from '@temporalio/client';
 import { isCommitUnconfirmed, isDatabaseUnavailable, outlastingOutages, withTransaction, type Db, type Pool } from '../db/pool';
 import { appendAudit } from '../vault/audit';
-import { describeRefused, type Mailer, type SendReport } from './mailer';
+import { describeRefused, type Mailer, type RefusedRecipient, type SendReport } from './mailer';
 
 /**
  * Every message is first written to the outbox (in the same transaction as its audit row), then
@@ -80,7 +80,10 @@ export const UNWATCHED_DELIVERY = { lease: { seconds: 45, renewMs: 15_000 }, wai
  * Sends a queued message and marks it sent. A server that accepts some recipients and refuses others
  * has delivered the message: it is marked sent (sending it again would reach the accepted ones a
  * second time, ~290 times over the retry policy's day), the refused addresses are kept on the row and
- * in an audit row of the sender's. Only a message nobody accepted fails, and is retried.
+ * in an audit row of the sender's. Only a message nobody accepted fails, and is retried. Recipients
+ * the server deferred (a 4xx reply: try again later) keep it queued for them: the recipients reached
+ * are kept on the row (`delivered`), the attempt fails, and each retry sends it only to those not yet
+ * reached nor refused (giveUpMail records the ones left refused once the day is spent).
  *
  * An attempt first claims the message (lease_until), so a second attempt that overlaps it (a retry
  * started while the first still talks to a slow relay) does not send it again: it fails retryably,
@@ -165,38 +168,70 @@ export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: strin
     await giveBack();
     throw cancelled();
   }
-  let report: SendReport;
+  // Sent to the recipients an earlier attempt neither reached nor had refused for good: a server
+  // that deferred some (a 4xx reply) asked for it to be sent to them again.
+  const reached: string[] = row.delivered ?? [];
+  const refusedBefore: string[] = row.refused ?? [];
+  const settled = new Set([...reached, ...refusedBefore].map((address) => address.toLowerCase()));
+  const pending = (row.recipients as string[]).filter((address) => !settled.has(address.toLowerCase()));
+  let report: SendReport = { accepted: [], refused: [] };
   try {
-    report = await mailer.send({ id, to: row.recipients, subject: row.subject, text: row.text_body, html: row.html_body });
+    if (pending.length > 0) report = await mailer.send({ id, to: pending, subject: row.subject, text: row.text_body, html: row.html_body });
   } catch (err) {
-    await giveBack(err as Error).catch(() => undefined); // the send's error is the one to report; the claim lapses
-    throw err;
+    // Every recipient refused or deferred: a message that has reached no one yet is tried again
+    // whole; one that has is settled for those refused for good, and kept for those deferred.
+    const refusedAll = (err as { refused?: RefusedRecipient[] }).refused;
+    if (!refusedAll || reached.length === 0) {
+      await giveBack(err as Error).catch(() => undefined); // the send's error is the one to report; the claim lapses
+      throw err;
+    }
+    report = { accepted: [], refused: refusedAll };
   }
-  const refused = report.refused.map((r) => r.address);
-  // The server has the message: marking it sent must outlast a database outage (the renewals take
-  // hold again once it is back). Failing here would leave it queued, and a retry would send it again
-  // once the claim lapsed. (An outage longer than the patience can still end that way.)
-  const markSent = () =>
+  const refusedNow = report.refused.filter((r) => !r.temporary);
+  const deferred = report.refused.filter((r) => r.temporary);
+  const delivered = [...reached, ...report.accepted];
+  const refused = [...refusedBefore, ...refusedNow.map((r) => r.address)];
+  const refusedAll = [...refusedBefore.map((address) => ({ address, reply: '' })), ...refusedNow];
+  const done = deferred.length === 0;
+  const lastError = [
+    ...(done ? [] : [`deferred by the SMTP server: ${describeRefused(deferred)}`]),
+    ...(refused.length ? [`refused by the SMTP server: ${describeRefused(refusedAll)}`] : []),
+  ].join('; ');
+  if (!done) {
+    // Its claim given back once no renewal is in flight (a renewal landing later would take it again).
+    clearInterval(renew);
+    await renewing;
+  }
+  // The server has the message (for some recipients at least): recording that must outlast a
+  // database outage (the renewals take hold again once it is back). Failing here would leave it
+  // queued as it was, and a retry would send it to them again once the claim lapsed. (An outage
+  // longer than the patience can still end that way.) Deferred recipients keep it queued for them.
+  const record = () =>
     withTransaction(pool, async (tx) => {
       const marked = await tx.query(
-        `UPDATE mail_outbox SET status = 'sent', attempts = attempts + 1, sent_at = now(), refused = $2, last_error = $3
+        `UPDATE mail_outbox SET status = CASE WHEN $5 THEN 'sent' ELSE status END, attempts = attempts + 1, sent_at = CASE WHEN $5 THEN now() ELSE sent_at END,
+                delivered = $2, refused = $3, last_error = $4,
+                lease_until = CASE WHEN NOT $5 AND lease_until = $6::timestamptz THEN NULL ELSE lease_until END
           WHERE id = $1 AND status <> 'sent'`,
-        [id, refused, refused.length ? `refused by the SMTP server: ${describeRefused(report.refused)}`.slice(0, 500) : null],
+        [id, delivered, refused, lastError ? lastError.slice(0, 500) : null, done, held],
       );
-      if (marked.rowCount === 1 && refused.length > 0) {
+      if (marked.rowCount === 1 && refusedNow.length > 0) {
         await appendAudit(tx, {
           identityId: row.identity_id,
           actor: 'mail:delivery',
           action: 'mail.recipients_refused',
           outcome: 'failed',
-          detail: { messageId: id, purpose: row.purpose, delivered: report.accepted.length, refused: report.refused },
+          detail: { messageId: id, purpose: row.purpose, delivered: report.accepted.length, refused: refusedNow },
         });
       }
     });
   try {
-    await outlastingOutages(markSent, patienceMs, (err) => isDatabaseUnavailable(err) || isCommitUnconfirmed(err));
+    await outlastingOutages(record, patienceMs, (err) => isDatabaseUnavailable(err) || isCommitUnconfirmed(err));
   } finally {
     clearInterval(renew);
+  }
+  if (!done) {
+    throw new Error(`the SMTP server deferred ${describeRefused(deferred)}; the message is sent to them again (it has reached ${delivered.length} of ${row.recipients.length})`);
   }
   return { result: 'sent', refused };
 }
@@ -226,7 +261,7 @@ export async function abandonedPlaceholder(db: Db, row: { id: string; identityId
 export async function eraseSettledMail(db: Db, cutoff: Date, limit: number, keptErrors: string[]): Promise<number> {
   const { rowCount } = await db.query(
     `UPDATE mail_outbox m
-        SET recipients = '{}', refused = '{}', subject = '', text_body = '', html_body = NULL,
+        SET recipients = '{}', refused = '{}', delivered = '{}', subject = '', text_body = '', html_body = NULL,
             last_error = CASE WHEN m.last_error = ANY($3::text[]) THEN m.last_error END, erased_at = now()
       WHERE m.id IN (SELECT id FROM mail_outbox
                       WHERE erased_at IS NULL AND created_at < $1 AND status <> 'queued'
@@ -250,6 +285,26 @@ export async function abandonMail(db: Db, id: string, reason: string): Promise<v
  */
 export async function giveUpMail(pool: Pool, id: string, error: string): Promise<boolean> {
   return withTransaction(pool, async (tx) => {
+    // One that reached some recipients (others deferred it for the day) is sent, to them: the
+    // deferred ones join the refused, and the audit row names them.
+    const partly = await tx.query(
+      `WITH m AS (SELECT id, ARRAY(SELECT r FROM unnest(recipients) r WHERE lower(r) <> ALL (SELECT lower(x) FROM unnest(delivered || refused) x)) AS deferred
+                    FROM mail_outbox WHERE id = $1 AND status = 'queued' AND cardinality(delivered) > 0 AND (lease_until IS NULL OR lease_until <= now()) FOR UPDATE)
+       UPDATE mail_outbox o SET status = 'sent', sent_at = now(), refused = o.refused || m.deferred FROM m WHERE o.id = m.id
+       RETURNING o.identity_id, o.purpose, o.last_error, cardinality(o.delivered) AS delivered, m.deferred AS refused`,
+      [id],
+    );
+    if (partly.rows[0]) {
+      const given = partly.rows[0];
+      await appendAudit(tx, {
+        identityId: given.identity_id,
+        actor: 'mail:delivery',
+        action: 'mail.recipients_refused',
+        outcome: 'failed',
+        detail: { messageId: id, purpose: given.purpose, delivered: given.delivered, refused: (given.refused as string[]).map((address) => ({ address })), error: given.last_error },
+      });
+      return true;
+    }
     const { rows } = await tx.query(
       `UPDATE mail_outbox SET status = 'abandoned', last_error = coalesce(last_error, $2)
         WHERE id = $1 AND status = 'queued' AND (lease_until IS NULL OR lease_until <= now())

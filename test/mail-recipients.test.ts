@@ -30,9 +30,13 @@ interface Received {
   rcptTo: string[];
 }
 
-/** An SMTP server that refuses every address starting with `typo` and keeps what it accepted. */
+/**
+ * An SMTP server that refuses every address starting with `typo`, defers (451, greylisting) every one
+ * starting with `grey` while `greylisting` is on, and keeps what it accepted.
+ */
 async function startPickyServer() {
   const received: Received[] = [];
+  const state = { greylisting: true };
   const server = new SMTPServer({
     authOptional: true,
     disabledCommands: ['AUTH', 'STARTTLS'],
@@ -40,6 +44,9 @@ async function startPickyServer() {
     onRcptTo(address, _session, callback) {
       if (address.address.startsWith('typo')) {
         return callback(Object.assign(new Error(`5.1.1 <${address.address}>: mailbox unavailable`), { responseCode: 550 }));
+      }
+      if (address.address.startsWith('grey') && state.greylisting) {
+        return callback(Object.assign(new Error(`4.7.1 <${address.address}>: greylisted, try again later`), { responseCode: 451 }));
       }
       callback();
     },
@@ -58,7 +65,7 @@ async function startPickyServer() {
     server.listen(0, '127.0.0.1', () => resolve());
   });
   const { port } = server.server.address() as AddressInfo;
-  return { url: `smtp://127.0.0.1:${port}`, received, stop: () => new Promise<void>((resolve) => server.close(() => resolve())) };
+  return { url: `smtp://127.0.0.1:${port}`, received, state, stop: () => new Promise<void>((resolve) => server.close(() => resolve())) };
 }
 
 describe('mail with a recipient the SMTP server refuses', () => {
@@ -145,6 +152,46 @@ describe('mail with a recipient the SMTP server refuses', () => {
     await new Promise((r) => setTimeout(r, 3_000));
     expect(deliveriesOf(id)).toHaveLength(1);
     expect((await outboxRow(id)).attempts).toBe(1);
+  });
+
+  it('a recipient the server defers (4xx: greylisting) is sent the message again later, the ones it reached are not; after its day, the rest are recorded refused', async () => {
+    const [owner, grey, typo] = [unique('owner'), unique('grey'), unique('typo')];
+    smtp.state.greylisting = true;
+    try {
+      const res = await h.api('POST', '/v1/mail.send', { token: agent.token, body: { to: [owner, grey, typo], subject: 'Greylisted', text: 'Release 44 is live.' } });
+      expect(res.status).toBe(202);
+      const id = res.body.messageId as string;
+      // Before, the message was marked sent at once: the deferred recipient never got it.
+      const row = await waitFor('the first attempt', () => outboxRow(id), (r) => r.attempts >= 1, { timeoutMs: 20_000 });
+      expect(row).toMatchObject({ status: 'queued', refused: [typo] });
+      expect(row.last_error).toContain(`deferred by the SMTP server: ${grey} (451`);
+      expect((await h.sql('SELECT delivered FROM mail_outbox WHERE id = $1', [id])).rows[0].delivered).toEqual([owner]);
+      // The server stops deferring: a retry sends it to the deferred recipient alone.
+      smtp.state.greylisting = false;
+      expect(await h.client.workflow.getHandle(`mail:${id}`).result()).toBe(`sent; refused by the SMTP server: ${typo}`);
+      expect(deliveriesOf(id)).toEqual([
+        { messageId: `<${id}@mailgent>`, rcptTo: [owner] },
+        { messageId: `<${id}@mailgent>`, rcptTo: [grey] },
+      ]);
+      expect(await outboxRow(id)).toMatchObject({ status: 'sent', refused: [typo], last_error: expect.not.stringContaining('deferred') });
+      const audited = await h.sql("SELECT detail FROM audit_log WHERE action = 'mail.recipients_refused' AND detail->>'messageId' = $1", [id]);
+      expect(audited.rows.map((r) => r.detail.refused.map((x: { address: string }) => x.address))).toEqual([[typo]]);
+
+      // Deferred for its whole day: the message is sent (it reached the owner), the deferred one recorded refused and audited.
+      smtp.state.greylisting = true;
+      const notice = { id: randomUUID(), identityId: agent.id, purpose: 'rotation.notice', to: [owner, grey], subject: '[mailgent] Rotated api', text: 'Version 4 is now current.', actor: 'test' };
+      await queueNotice(h.deps, notice);
+      await expect(deliverQueued(h.deps.pool, h.deps.mailer, notice.id, UNWATCHED_DELIVERY)).rejects.toThrow(`the SMTP server deferred ${grey} (451`);
+      await expect(deliverQueued(h.deps.pool, h.deps.mailer, notice.id, UNWATCHED_DELIVERY)).rejects.toThrow(/it has reached 1 of 2/);
+      expect(deliveriesOf(notice.id)).toEqual([{ messageId: `<${notice.id}@mailgent>`, rcptTo: [owner] }]);
+      expect(await giveUpMail(h.deps.pool, notice.id, 'its day of retries is spent')).toBe(true);
+      expect(await outboxRow(notice.id)).toMatchObject({ status: 'sent', refused: [grey] });
+      const given = await h.sql("SELECT detail FROM audit_log WHERE action = 'mail.recipients_refused' AND detail->>'messageId' = $1", [notice.id]);
+      expect(given.rows).toEqual([{ detail: expect.objectContaining({ delivered: 1, refused: [{ address: grey }], error: expect.stringContaining('451') }) }]);
+      expect(await deliverQueued(h.deps.pool, h.deps.mailer, notice.id)).toBe('already-sent');
+    } finally {
+      smtp.state.greylisting = true;
+    }
   });
 
   it('a notice (as a rotation sends it, delivered inline) with a refused recipient is sent once, not failed', async () => {
