@@ -99,4 +99,29 @@ describe('vault.totp over HTTP, clock pinned (RFC 6238 Appendix B)', () => {
     const denied = await h.api('POST', '/v1/vault.totp', { token: other.token, body: { name: 'rfc-SHA1' } });
     expect(denied.status).toBe(404);
   });
+
+  it("a seed pasted where a name goes, in any spelling, is withheld as any stored value is; a seed is not its own credential's name", async () => {
+    const seed = h.secret('KRSXG5CTMVRXEZLUKRSXG5CTMVRXEZLU');
+    const stored = await h.api('POST', '/v1/vault.store', { token, body: { name: 'pasted-2fa', kind: 'totp_seed', totp: { secret: `${seed.slice(0, 16)} ${seed.slice(16)}` } } });
+    expect(stored.status, stored.text).toBe(201);
+    // The seed as an authenticator shows it, in upper and lower case: stored as the otpauth URI, it
+    // was never matched (the URI is no name), and each was written into the 404 and its audit row.
+    for (const [i, pasted] of [seed, seed.toLowerCase()].entries()) {
+      const requestId = `pasted-seed-${i}-${Date.now()}`;
+      const res = await h.api('POST', '/v1/vault.totp', { token, body: { name: pasted }, headers: { 'x-request-id': requestId } });
+      expect(res.status).toBe(404);
+      expect(res.text.toUpperCase()).not.toContain(seed);
+      const { rows } = await h.sql("SELECT detail FROM audit_log WHERE request_id = $1 AND action = 'vault.totp'", [requestId]);
+      expect(rows).toEqual([{ detail: expect.objectContaining({ nameWithheld: 'stored-value' }) }]);
+      expect(JSON.stringify(rows).toUpperCase()).not.toContain(seed);
+    }
+    // A seed named after itself: before, stored, then listed, audited and mailed under its name.
+    const own = h.secret('MFRGGZDFMZTWQ2LKNNWG23TPOBYXE43U');
+    for (const totp of [{ secret: own.toLowerCase() }, { otpauthUri: `otpauth://totp/x?secret=${own}` }]) {
+      const self = await h.api('POST', '/v1/vault.store', { token, body: { name: own, kind: 'totp_seed', totp } });
+      expect(self.status, self.text).toBe(422);
+      expect(self.body.detail).toMatch(/^the name given is the value being stored/);
+    }
+    expect((await h.sql("SELECT count(*)::int AS n FROM credentials WHERE upper(name) = $1", [own])).rows[0].n).toBe(0);
+  });
 });

@@ -4,6 +4,7 @@ import { open, seal, versionAad } from './crypto';
 import type { DataKeys } from './data-keys';
 import { KeyIntegrityError } from '../core/errors';
 import { type AuditEntry, auditInsertSql, auditValues } from './audit';
+import { asSeed, storedSeedOf } from './totp';
 
 /**
  * Sealing and opening secret versions: the one place a version row is written or decrypted.
@@ -53,6 +54,15 @@ export interface NewVersion {
   providerRef?: string | null;
 }
 
+/**
+ * What a version's keyed fingerprint is made of: the value, or, for a TOTP seed's otpauth URI, the
+ * seed alone (storedSeedOf): what is pasted where a name goes, or leaked and reported by its SHA-256.
+ */
+function fingerprinted(value: string, plaintext: Buffer): Buffer {
+  const seed = value.startsWith('otpauth://') ? storedSeedOf(value) : undefined;
+  return seed === undefined ? plaintext : Buffer.from(seed, 'utf8');
+}
+
 /** The service key of the keyed fingerprints of stored values (see DataKeys.warm). */
 export const FINGERPRINT_KEY = 'fingerprint';
 
@@ -78,7 +88,7 @@ export class SecretStore {
   ): Promise<Date> {
     const plaintext = Buffer.from(value, 'utf8');
     try {
-      const fingerprint = await this.fingerprintOf(tx, plaintext);
+      const fingerprint = await this.fingerprintOf(tx, fingerprinted(value, plaintext));
       for (let attempt = 0; attempt < 5; attempt++) {
         const key = await this.dataKeys.active(tx, ownerId);
         const sealed = seal(key.key, plaintext, versionAad(ownerId, credentialId, version));
@@ -110,7 +120,7 @@ export class SecretStore {
       const fingerprints: Buffer[] = [];
       for (const [i, v] of versions.entries()) {
         const plaintext = plaintexts[i]!;
-        fingerprints.push(await this.fingerprintOf(tx, plaintext));
+        fingerprints.push(await this.fingerprintOf(tx, fingerprinted(v.value, plaintext)));
         const key = await this.dataKeys.active(tx, v.ownerId);
         keyIds.push(key.id);
         sealed.push(seal(key.key, plaintext, versionAad(v.ownerId, v.credentialId, v.version)));
@@ -160,24 +170,34 @@ export class SecretStore {
    */
   async readableAmong(db: Db, asked: { readerId: string; text: string }[]): Promise<boolean[]> {
     if (asked.length === 0) return [];
+    // Each text, and one that is a TOTP seed's base32 in another spelling (lower case, in groups:
+    // as an authenticator shows a setup key) as the vault keeps it: a seed version's fingerprint is
+    // its seed's (storedSeedOf).
+    const readers: string[] = [];
     const fingerprints: Buffer[] = [];
-    for (const { text } of asked) {
-      const plaintext = Buffer.from(text, 'utf8');
-      try {
-        fingerprints.push(await this.fingerprintOf(db, plaintext));
-      } finally {
-        plaintext.fill(0);
+    const of: number[] = [];
+    for (const [i, { readerId, text }] of asked.entries()) {
+      const seed = asSeed(text);
+      for (const form of seed === undefined || seed === text ? [text] : [text, seed]) {
+        const plaintext = Buffer.from(form, 'utf8');
+        try {
+          fingerprints.push(await this.fingerprintOf(db, plaintext));
+        } finally {
+          plaintext.fill(0);
+        }
+        readers.push(readerId);
+        of.push(i + 1);
       }
     }
     const { rows } = await db.query<{ i: string }>({
-      name: 'secret-versions-readable-among',
-      text: `SELECT t.i FROM unnest($1::uuid[], $2::bytea[]) WITH ORDINALITY AS t(reader, fingerprint, i)
+      name: 'secret-versions-readable-among-forms',
+      text: `SELECT DISTINCT t.i FROM unnest($1::uuid[], $2::bytea[], $3::int[]) AS t(reader, fingerprint, i)
               WHERE EXISTS (SELECT 1 FROM secret_versions v JOIN credentials c ON c.id = v.credential_id
                              WHERE v.fingerprint IS NOT NULL AND v.fingerprint = t.fingerprint
                                AND (c.identity_id = t.reader
                                     OR EXISTS (SELECT 1 FROM grants g WHERE g.credential_id = c.id AND g.grantee_id = t.reader
                                                 AND v.created_at <= coalesce(g.revoked_at, 'infinity'::timestamptz))))`,
-      values: [asked.map((a) => a.readerId), fingerprints],
+      values: [readers, fingerprints, of],
     });
     const hit = new Set(rows.map((r) => Number(r.i) - 1));
     return asked.map((_, i) => hit.has(i));

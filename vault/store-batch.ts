@@ -6,6 +6,7 @@ import { appendAuditRows, type AuditEntry, callerEntry, errorDetail, markAudited
 import type { SecretStore } from './secret-store';
 import { aKind, type Caller, type Kind, type StoredVersion, type StoreInput } from './types';
 import { withhold } from './withheld';
+import { asSeed, inputSeedOf } from './totp';
 
 /**
  * Group commit for vault.store, as read-batch.ts is for reads.
@@ -92,7 +93,10 @@ export function storeRefusal(input: StoreInput, found: Found | null): AppError |
  * everywhere. Nothing is stored, and the refusal's row withholds the name.
  */
 export function secretName(input: StoreInput, readable: boolean): AppError | undefined {
-  if (!readable && input.value !== input.name) return undefined;
+  // A TOTP seed comes as its base32 (or in a URI), in any spelling: the name is compared as a seed.
+  const seed = input.kind === 'totp_seed' && input.totp ? inputSeedOf(input.totp) : undefined;
+  const ownValue = input.value === input.name || (seed !== undefined && asSeed(input.name) === seed);
+  if (!readable && !ownValue) return undefined;
   return refWithheld(
     new UnprocessableError(
       `the name given is ${readable ? 'a value stored in the vault' : 'the value being stored'}: a name is not secret (it is listed, mailed in notices and audited), so nothing was stored, and the name is neither repeated here nor written to the audit log. Choose a name that does not hold the value`,

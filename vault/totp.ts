@@ -125,6 +125,38 @@ export function storedTotpUri(input: TotpInput, label: string): string {
   return uri;
 }
 
+/**
+ * The seed a text stands for, as the vault keeps it (upper case, without white space, `-` or `=`
+ * padding), if it is base32 of a seed's length (MIN_SEED_BYTES–MAX_SEED_BYTES): how one pasted from
+ * an authenticator's setup screen (`jbsw y3dp …`) is recognised as the value it is.
+ */
+export function asSeed(text: string): string | undefined {
+  const seed = text.replace(/[\s-]/g, '').replace(/=+$/, '').toUpperCase();
+  if (!/^[A-Z2-7]+$/.test(seed)) return undefined;
+  const bytes = Math.floor((seed.length * 5) / 8);
+  return bytes >= MIN_SEED_BYTES && bytes <= MAX_SEED_BYTES ? seed : undefined;
+}
+
+/**
+ * The seed of a stored value that is an otpauth://totp URI (a totp_seed's, as storedTotpUri writes
+ * it); undefined for any other value. What a TOTP version's keyed fingerprint is made of: the seed is
+ * the secret (pasted, leaked, reported), the URI around it is Mailgent's own.
+ */
+export function storedSeedOf(value: string): string | undefined {
+  const secret = /^otpauth:\/\/totp\/[^?]*\?(?:[^#]*&)?secret=([A-Za-z2-7]+)(?:[&#]|$)/.exec(value)?.[1];
+  return secret === undefined ? undefined : asSeed(secret);
+}
+
+/** The seed a totp_seed store comes with (normalised as asSeed), if its input is well formed. */
+export function inputSeedOf(input: TotpInput): string | undefined {
+  if ('secret' in input) return typeof input.secret === 'string' ? asSeed(input.secret) : undefined;
+  try {
+    return asSeed(parseOtpauth(input.otpauthUri).params.secret);
+  } catch {
+    return undefined;
+  }
+}
+
 export function parseStoredTotp(uri: string): TotpParams {
   return normalizeTotp({ otpauthUri: uri }, 'stored');
 }
