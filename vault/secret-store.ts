@@ -88,7 +88,7 @@ export class SecretStore {
   ): Promise<Date> {
     const plaintext = Buffer.from(value, 'utf8');
     try {
-      const fingerprint = await this.fingerprintOf(tx, fingerprinted(value, plaintext));
+      const fingerprint = await this.fingerprintOfValue(tx, value, plaintext);
       for (let attempt = 0; attempt < 5; attempt++) {
         const key = await this.dataKeys.active(tx, ownerId);
         const sealed = seal(key.key, plaintext, versionAad(ownerId, credentialId, version));
@@ -120,7 +120,7 @@ export class SecretStore {
       const fingerprints: Buffer[] = [];
       for (const [i, v] of versions.entries()) {
         const plaintext = plaintexts[i]!;
-        fingerprints.push(await this.fingerprintOf(tx, fingerprinted(v.value, plaintext)));
+        fingerprints.push(await this.fingerprintOfValue(tx, v.value, plaintext));
         const key = await this.dataKeys.active(tx, v.ownerId);
         keyIds.push(key.id);
         sealed.push(seal(key.key, plaintext, versionAad(v.ownerId, v.credentialId, v.version)));
@@ -201,6 +201,16 @@ export class SecretStore {
     });
     const hit = new Set(rows.map((r) => Number(r.i) - 1));
     return asked.map((_, i) => hit.has(i));
+  }
+
+  /** A version's fingerprint: of its value, or of a TOTP seed's base32 alone (fingerprinted; that copy wiped once used). */
+  private async fingerprintOfValue(db: Db, value: string, plaintext: Buffer): Promise<Buffer> {
+    const form = fingerprinted(value, plaintext);
+    try {
+      return await this.fingerprintOf(db, form);
+    } finally {
+      if (form !== plaintext) form.fill(0);
+    }
   }
 
   /** The fingerprint of a value: its SHA-256 (wiped once used), keyed. */
