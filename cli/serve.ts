@@ -18,6 +18,7 @@ import { startSmtpSink } from '../embedded/smtp-sink';
 import { adminTokenPath, ensureAdminToken, ensureDataDir, ensureKeyringFile } from '../embedded/state';
 import { startEmbeddedTemporal } from '../embedded/temporal';
 import { Keyring } from '../vault/keyring';
+import { refingerprintSeeds } from '../vault/seed-fingerprints';
 import { checkWorkflowBundle } from '../worker/bundle';
 import { activityDeps } from '../worker/deps';
 import { ensureSchedules } from '../worker/schedules';
@@ -145,6 +146,11 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
         ),
       );
     }
+
+    // TOTP seed versions stored before a seed's fingerprint was of its seed: set again, once (a no-op after).
+    const refingerprinted = await refingerprintSeeds(services.pool, services.secrets, logger);
+    if (refingerprinted > 0) logger.info({ versions: refingerprinted }, 'fingerprinted the seeds of TOTP versions stored before their fingerprint was of the seed');
+    checkpoint();
 
     const clientConnection = await Connection.connect({ address: temporalAddress });
     onClose('temporal client', () => clientConnection.close());

@@ -1,4 +1,6 @@
+import { createHash, randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { refingerprintSeeds } from '../vault/seed-fingerprints';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 import { base32 } from './support/base32';
@@ -123,5 +125,26 @@ describe('vault.totp over HTTP, clock pinned (RFC 6238 Appendix B)', () => {
       expect(self.body.detail).toMatch(/^the name given is the value being stored/);
     }
     expect((await h.sql("SELECT count(*)::int AS n FROM credentials WHERE upper(name) = $1", [own])).rows[0].n).toBe(0);
+  });
+
+  it("a seed stored before its fingerprint was of the seed is fingerprinted again as the services start: found as a pasted seed from then on", async () => {
+    const holder = await h.createIdentity();
+    const seed = h.secret('ONSWG4TFOQQHGZLFMQQGC3TEEBWW64TF');
+    const stored = await h.api('POST', '/v1/vault.store', { token: holder.token, body: { name: 'legacy-2fa', kind: 'totp_seed', totp: { secret: seed } } });
+    expect(stored.status, stored.text).toBe(201);
+    // As such a version is: fingerprinted as its otpauth URI, and listed by the migration.
+    const uri = (await h.api('POST', '/v1/vault.get', { token: holder.token, body: { name: 'legacy-2fa' } })).body.value as string;
+    const { pool, secrets } = h.services;
+    const uriFingerprint = await secrets.fingerprintOfSha256(pool, createHash('sha256').update(uri).digest());
+    await h.sql('UPDATE secret_versions SET fingerprint = $2 WHERE credential_id = $1', [stored.body.id, uriFingerprint]);
+    await h.sql('INSERT INTO seed_fingerprints_pending (credential_id, version) VALUES ($1, 1), ($2, 1)', [stored.body.id, randomUUID()]);
+    const pasted = () => secrets.readableAmong(pool, [{ readerId: holder.id, text: seed.toLowerCase() }]);
+    expect(await pasted()).toEqual([false]);
+
+    // One set (the other listed version is gone: a credential destroyed since), the list emptied; then a no-op.
+    expect(await refingerprintSeeds(pool, secrets)).toBe(1);
+    expect(await pasted()).toEqual([true]);
+    expect((await h.sql('SELECT count(*)::int AS n FROM seed_fingerprints_pending')).rows[0].n).toBe(0);
+    expect(await refingerprintSeeds(pool, secrets)).toBe(0);
   });
 });

@@ -203,6 +203,16 @@ export class SecretStore {
     return asked.map((_, i) => hit.has(i));
   }
 
+  /** The keyed fingerprint a version of `value` is stored with (vault/seed-fingerprints.ts sets it again for seeds stored before it was of the seed). */
+  async versionFingerprint(db: Db, value: string): Promise<Buffer> {
+    const plaintext = Buffer.from(value, 'utf8');
+    try {
+      return await this.fingerprintOfValue(db, value, plaintext);
+    } finally {
+      plaintext.fill(0);
+    }
+  }
+
   /** A version's fingerprint: of its value, or of a TOTP seed's base32 alone (fingerprinted; that copy wiped once used). */
   private async fingerprintOfValue(db: Db, value: string, plaintext: Buffer): Promise<Buffer> {
     const form = fingerprinted(value, plaintext);
