@@ -7,7 +7,8 @@ import type { SecretReader } from '../providers/types';
 import type { PlannedPolicy } from '../vault/rotation-vault';
 import { DEFAULT_GRACE_HOURS, type CredentialMeta, type DependentSpec } from '../vault/types';
 import type { NotDue, RotationIds, RotationOutcome, RotationPlan } from '../workflows/types';
-import { withTransaction } from '../db/pool';
+import { isDatabaseUnavailable, withTransaction } from '../db/pool';
+import { cancellationOf } from '../core/outbound-cancel';
 import { startDelivery } from '../mail/outbox';
 import { CHANGED_SINCE_SWEEP_SQL } from '../db/run-outcome';
 import type { ActivityDeps } from './index';
@@ -272,6 +273,11 @@ export function rotationActivities(deps: ActivityDeps) {
         const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
         const { dependents } = await planned(ids, meta);
         const wanted = [...dependents.entries()].filter(([, spec]) => registered(deps.dependents, spec.type)?.promoted);
+        // A dependent that fails for now (down, too slow, a 5xx) does not keep the ones after it from
+        // being told either: it is left not done, and the attempt fails once every other was tried,
+        // so its retry tells those left alone (before, the loop ended at it: the ones after it were
+        // never told, and the notice named it alone).
+        const failing: { index: number; err: unknown }[] = [];
         for (const [position, [index]] of wanted.entries()) {
           if (done.has(index)) continue;
           const { dependent, ctx } = await dependentContext(ids, index, { meta, dependents });
@@ -279,13 +285,24 @@ export function rotationActivities(deps: ActivityDeps) {
           try {
             await heartbeating(() => dependent.promoted!({ ...ctx, target, idempotencyKey: stepKey(ids, 'promoted', index, ids.version) }));
           } catch (err) {
-            if (!isRefusal(err)) throw err;
+            // The activity cancelled, or the database away (waited out, from where it was): not the dependent's failure.
+            if (cancellationOf() || isDatabaseUnavailable(err)) throw err;
+            if (!isRefusal(err)) {
+              failing.push({ index, err });
+              continue;
+            }
             first ??= err;
             refused.push(err.message);
           }
           done.add(index);
           // Sent now while others wait their turn (the SDK may hold it a few seconds; after the last, the step's end says it).
           if (position < wanted.length - 1) reportProgress(progress, true);
+        }
+        // Its retry goes on from those not done: the ones told after a failing one are sent with the failure.
+        if (failing.length > 0) reportProgress(progress, true);
+        if (failing.length === 1) throw failing[0]!.err;
+        if (failing.length > 1) {
+          throw new Error(`${failing.length} dependents could not be told for now: ${failing.map(({ index, err }) => `dependent ${index}: ${err instanceof Error ? err.message : String(err)}`).join('; ')}`);
         }
         // One refusal keeps its error (from an earlier attempt, its message).
         if (refused.length === 1) throw first ?? new UnprocessableError(refused[0]!);

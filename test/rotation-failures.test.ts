@@ -352,6 +352,24 @@ describe('rotation failures', () => {
     expect(done.credentials[0]).toMatchObject({ state: 'succeeded', outcome: 'rotated' });
   });
 
+  it('a dependent that keeps failing credential.promoted (a 503 every time) does not keep the ones after it from hearing it', async () => {
+    const { name, id, ownerMail } = await generatedKey();
+    const [first, second, third] = [await receiver(), await receiver(), await receiver()];
+    refusing(second, { 'credential.promoted': 503 });
+    await setDependents(id, [webhook(first), webhook(second), webhook(third)]);
+
+    const rotationId = await startRotation(name);
+    expect(await runResult(rotationId)).toMatchObject({ state: 'succeeded', fromVersion: 1, toVersion: 2 });
+    const promoted = (r: WebhookReceiver) => r.events.filter((e) => e.event.type === 'credential.promoted').length;
+    // Before, [1, 4, 0]: each attempt stopped at the second, and the third never heard.
+    expect([promoted(first), promoted(third)]).toEqual([1, 1]);
+    expect(promoted(second)).toBeGreaterThan(1);
+    const [notice, ...more] = await notices(ownerMail, name);
+    expect(more).toEqual([]);
+    expect(notice!.mail.text).toMatch(/Not everything went through:\n- telling the dependents that version 2 is current failed: webhook .* answered 503 to credential\.promoted\n/);
+    expect(await revokedVersions(id)).toEqual([1]);
+  });
+
   it('a notice that cannot be sent does not stop the rotation: it goes through grace and a rollback, each refused notice one of its problems', async () => {
     const name = unique('key');
     const ownerMail = `${name}@example.com`;
