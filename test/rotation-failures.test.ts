@@ -370,6 +370,28 @@ describe('rotation failures', () => {
     expect(await revokedVersions(id)).toEqual([1]);
   });
 
+  it("a leak's rotation revokes the leaked value before it tells the dependents of the new one: a slow receiver of credential.promoted does not keep it working", async () => {
+    const { name, id } = await generatedKey();
+    const r = await receiver();
+    let release!: () => void;
+    const released = new Promise<void>((resolve) => (release = resolve));
+    r.onEvent = async ({ event }) => {
+      if (event.type === 'credential.promoted') await released;
+    };
+    await setDependents(id, [webhook(r)]);
+    try {
+      const leak = await h.api('POST', '/v1/leaks', { token: owner.token, body: { credential: name, source: 'scan' } });
+      expect(leak.status, leak.text).toBe(202);
+      await waitFor('the receiver to hold credential.promoted', async () => events(r), (e) => e.includes('credential.promoted v2'));
+      // Before, the revoke waited for the receiver's answer (four attempts, each up to its timeout).
+      expect(await waitFor('the leaked version revoked while credential.promoted is held', () => revokedVersions(id), (v) => v.includes(1), { timeoutMs: 10_000 })).toEqual([1]);
+    } finally {
+      release();
+    }
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1, toVersion: 2 });
+    expect(events(r)).toEqual(['credential.pending v2', 'credential.verify v2', 'credential.promoted v2']);
+  });
+
   it('a notice that cannot be sent does not stop the rotation: it goes through grace and a rollback, each refused notice one of its problems', async () => {
     const name = unique('key');
     const ownerMail = `${name}@example.com`;

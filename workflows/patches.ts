@@ -161,6 +161,14 @@ export const SWEEP_RESUMES_LEAKS = 'sweep-resumes-leak-incidents';
  */
 export const BATCH_WAITS_APART = 'batch-waits-on-their-own-queue';
 
+/**
+ * Runs recorded before this patch, in leak mode, told the dependents that the new version is current
+ * (credential.promoted: four attempts, each webhook up to its timeout) before revoking the leaked
+ * previous value: a slow or unreachable receiver kept the leaked value working for minutes. Newer
+ * leak runs revoke the previous version (and older leaked ones) first, then tell the dependents.
+ */
+export const LEAK_REVOKES_BEFORE_PROMOTED = 'leak-revokes-before-promoted';
+
 export const PATCH_IDS: readonly string[] = [
   CLOSE_INCIDENTS_LAST,
   NOTICE_FAILURES_CONTINUE,
@@ -180,4 +188,5 @@ export const PATCH_IDS: readonly string[] = [
   OLDER_LEAKS_BEFORE_CLOSE,
   SWEEP_RESUMES_LEAKS,
   BATCH_WAITS_APART,
+  LEAK_REVOKES_BEFORE_PROMOTED,
 ];

@@ -32,6 +32,7 @@ import {
   UNROTATED_LEAKS_TOLD,
   UNVERSIONED_NOT_REVOKED,
   OLDER_LEAKS_BEFORE_CLOSE,
+  LEAK_REVOKES_BEFORE_PROMOTED,
 } from './patches';
 import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
 
@@ -486,6 +487,14 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     await compensate(undoStack);
     return fail();
   }
+  // A leak's run revokes the leaked value before it tells the dependents of the new one: a slow or
+  // unreachable receiver of credential.promoted no longer keeps it working. See LEAK_REVOKES_BEFORE_PROMOTED.
+  const revokedFirst = leak && patched(LEAK_REVOKES_BEFORE_PROMOTED);
+  if (revokedFirst) {
+    skip('grace');
+    await revokePrevious();
+    await revokeOlderLeaks();
+  }
   await CancellationScope.nonCancellable(async () => {
     try {
       await external.dependentsPromoted({ ...ids, version: pending!.version });
@@ -498,8 +507,10 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
 
   if (leak || plan.graceSeconds === 0) {
     // No grace: the old value stops working now, then the owners hear about both.
-    skip('grace');
-    await revokePrevious();
+    if (!revokedFirst) {
+      skip('grace');
+      await revokePrevious();
+    }
     await revokeOlderLeaks();
     await learnSuperseded();
     await closeOut();
