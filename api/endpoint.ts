@@ -99,7 +99,7 @@ export function endpoint<BS extends z.ZodType | undefined = undefined, QS extend
     },
     authenticate(auth, spec.who),
   ];
-  if (spec.body) chain.push(jsonBody);
+  chain.push(spec.body ? jsonBody : noBody);
   const run: RequestHandler = async (req: Request, res: Response) => {
     refuseUnstorable(req.params, 'path');
     refuseUnstorable(req.query, 'query');
@@ -195,6 +195,41 @@ export function jsonBody(req: Request, res: Response, next: NextFunction): void 
   req.on('end', onEnd);
   req.on('error', onError);
   req.on('close', onClose);
+}
+
+/**
+ * An endpoint that takes no body refuses one it is given, as it refuses a query it does not take:
+ * before, it was ignored, and the call went ahead (`DELETE` with `{"destroy":true}` only soft-deleted
+ * the credential; a rollback given `credentials` rolled back every run). An empty body is none; one
+ * over the size limit is a 413, as on any endpoint.
+ */
+function noBody(req: Request, _res: Response, next: NextFunction): void {
+  const declared = req.headers['content-length'];
+  if (req.headers['transfer-encoding'] === undefined) {
+    const length = declared === undefined ? 0 : Number(declared);
+    if (length === 0) return next();
+    return next(length > MAX_REQUEST_BYTES ? Object.assign(new Error('request entity too large'), { status: 413, type: 'entity.too.large' }) : takesNoBody());
+  }
+  // Chunked: read (as far as the limit) to learn whether anything came.
+  let bytes = 0;
+  let answered = false;
+  const answer = (err?: unknown) => {
+    if (answered) return;
+    answered = true;
+    req.off('data', onData);
+    next(err);
+  };
+  const onData = (chunk: Buffer) => {
+    bytes += chunk.length;
+    if (bytes > MAX_REQUEST_BYTES) answer(Object.assign(new Error('request entity too large'), { status: 413, type: 'entity.too.large' }));
+  };
+  req.on('data', onData);
+  req.once('end', () => answer(bytes > 0 ? takesNoBody() : undefined));
+  req.once('error', (err) => answer(Object.assign(err, { status: 400, type: 'request.aborted' })));
+}
+
+function takesNoBody(): ValidationError {
+  return new ValidationError('this endpoint takes no request body (what it needs goes in its path and query string); send none', [{ path: 'body', message: 'is not taken here' }]);
 }
 
 const PLAIN_JSON = new Set(['application/json', 'application/json; charset=utf-8', 'application/json; charset=UTF-8', 'application/json;charset=utf-8', 'application/json;charset=UTF-8']);

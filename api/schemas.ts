@@ -213,7 +213,10 @@ export const credentialsQuery = z.strictObject({
   kind: kind.optional(),
   olderThanDays: days.optional(),
   dueWithinDays: days.optional(),
-  after: credentialName.optional(),
+  // The last name of the page before, as nextCursor gave it: any name a credential has, a name from
+  // before a rule refused it (`mailgent:…`, a UUID's form) too. Checked as a new name, such a cursor
+  // was a 400, and the pages after it could not be reached.
+  after: z.string().min(1).max(200).optional(),
   limit: queryInt(z.number().int().min(1).max(1000).default(100)),
 });
 

@@ -121,6 +121,16 @@ describe('audit log', () => {
     const ambiguous = await byAdmin('seed');
     expect(ambiguous.status, ambiguous.text).toBe(422);
     expect(ambiguous.body.detail).toBe("'seed' names credentials of several identities; give the credential's id");
+    // A name another identity's credential had, destroyed since (its name free again), does not make
+    // the live one's ambiguous: before, a 422 here, while a leak report by the name found the live one.
+    const [a, b] = [await h.createIdentity(), await h.createIdentity()];
+    for (const [who, value] of [[a, 'reused-name-value-a1'], [b, 'reused-name-value-b1']] as const) {
+      if (who === b) expect((await h.api('DELETE', '/v1/credentials/reused-name?destroy=true', { token: a.token })).status).toBe(200);
+      expect((await h.api('POST', '/v1/vault.store', { token: who.token, body: { name: 'reused-name', kind: 'generic', value: h.secret(value) } })).status).toBe(201);
+    }
+    const reused = await byAdmin('reused-name');
+    expect(reused.status, reused.text).toBe(200);
+    expect(reused.body.items.map((e: { action: string; identityId: string }) => [e.action, e.identityId])).toEqual([['vault.store', b.id]]);
   });
 
   it('?credential= takes an id or a name of a credential\'s form: anything else is a 400 whose row says only that, never the text given', async () => {

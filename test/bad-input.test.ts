@@ -1,3 +1,4 @@
+import http from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomUUID } from 'node:crypto';
 import { connect } from 'node:net';
@@ -181,6 +182,31 @@ describe('bad input', () => {
     expect(accepted.exactly.status).toBe(201);
     const huge = await post('/v1/vault.store', { body: { name: 'huge', kind: 'generic', value: 'x'.repeat(300 * 1024) } });
     expectProblem(huge, 413, 'payload-too-large');
+  });
+
+  it('an endpoint that takes no body refuses one (before, ignored: a DELETE given {"destroy":true} went ahead as a soft delete); an empty one is none', async () => {
+    const destroy = await h.api('DELETE', '/v1/credentials/edge', { token: agent.token, body: { destroy: true } });
+    expectProblem(destroy, 400, 'validation-failed');
+    expect(destroy.body.errors).toEqual([{ path: 'body', message: 'is not taken here' }]);
+    const restore = await h.api('POST', '/v1/credentials/edge/restore', { token: agent.token, raw: 'x'.repeat(300 * 1024), headers: { 'content-type': 'text/plain' } });
+    expectProblem(restore, 413, 'payload-too-large');
+    // Chunked: read to learn whether anything came.
+    const chunked = (path: string, method: string, chunks: string[]) =>
+      new Promise<{ status: number; body: string }>((resolve, reject) => {
+        const req = http.request(`${h.url}${path}`, { method, headers: { authorization: `Bearer ${agent.token}`, 'transfer-encoding': 'chunked' } }, (res) => {
+          let body = '';
+          res.on('data', (c) => (body += c));
+          res.on('end', () => resolve({ status: res.statusCode!, body }));
+        });
+        req.on('error', reject);
+        for (const c of chunks) req.write(c);
+        req.end();
+      });
+    const sent = await chunked('/v1/credentials/edge', 'DELETE', ['{"destroy":', 'true}']);
+    expect(sent.status, sent.body).toBe(400);
+    expect((await chunked('/v1/whoami', 'GET', [])).status).toBe(200);
+    // Not deleted, soft or otherwise.
+    expect((await h.sql("SELECT deleted_at, destroyed_at FROM credentials WHERE name = 'edge'")).rows).toEqual([{ deleted_at: null, destroyed_at: null }]);
   });
 
   it('a body is read alike whichever path it takes (the plain JSON request read directly, the rest by body-parser)', async () => {

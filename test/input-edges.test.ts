@@ -106,6 +106,22 @@ describe('input edges', () => {
     expect((await h.api('GET', '/v1/reports/orphans?days=30', { token: agent.token })).body.days).toBe(30);
   });
 
+  it("a credentials page that ends on a name from before a rule refused it is followed: its cursor is any name a credential has", async () => {
+    const lister = await h.createIdentity();
+    for (const name of ['m1', 'm2', 'mb', 'mc']) {
+      expect((await h.api('POST', '/v1/vault.store', { token: lister.token, body: { name, kind: 'generic', value: h.secret(`page-value-${name}-0001`) } })).status).toBe(201);
+    }
+    // As an older version allowed (names starting with mailgent: are refused since).
+    await h.sql("UPDATE credentials SET name = 'mailgent:old' WHERE identity_id = $1 AND name = 'm2'", [lister.id]);
+    const first = await h.api('GET', '/v1/credentials?limit=2', { token: lister.token });
+    expect(first.body.items.map((c: { name: string }) => c.name)).toEqual(['m1', 'mailgent:old']);
+    expect(first.body.nextCursor).toBe('mailgent:old');
+    // Before, a 400: "after: must not start with mailgent:", and the pages after it were out of reach.
+    const next = await h.api('GET', `/v1/credentials?limit=2&after=${encodeURIComponent(first.body.nextCursor)}`, { token: lister.token });
+    expect(next.status, next.text).toBe(200);
+    expect(next.body.items.map((c: { name: string }) => c.name)).toEqual(['mb', 'mc']);
+  });
+
   it('a path whose percent-encoding does not decode is a 400 problem that says so, titled as every validation problem', async () => {
     for (const route of ['/v1/credentials/%ZZ', '/v1/grants/%C0']) {
       const res = await h.api(route.includes('grants') ? 'DELETE' : 'PATCH', route, { token: agent.token, body: route.includes('grants') ? undefined : { tags: [] } });

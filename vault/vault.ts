@@ -302,14 +302,21 @@ export class Vault {
    */
   async resolveForAudit(identityId: string | null, ref: string): Promise<string | undefined> {
     const { rows } = await this.pool.query(
-      `SELECT id, identity_id, coalesce(id = $3::uuid, false) AS by_id FROM credentials
+      `SELECT id, identity_id, coalesce(id = $3::uuid, false) AS by_id, deleted_at IS NULL AS live FROM credentials
         WHERE ($1::uuid IS NULL OR identity_id = $1) AND (name = $2 OR id = $3::uuid)
         ORDER BY by_id DESC, deleted_at IS NULL DESC, deleted_at DESC`,
       [identityId, ref, idOf(ref) ?? null],
     );
-    // Without an identity (the admin), a name several identities use names none of them.
-    if (identityId === null && !rows[0]?.by_id && new Set(rows.map((r) => r.identity_id)).size > 1) {
-      throw new UnprocessableError(`'${ref}' names credentials of several identities; give the credential's id`);
+    // Without an identity (the admin), a name several identities use names none of them: the live
+    // credentials of that name if there is one, else those deleted or destroyed under it (before, a
+    // destroyed one, whose name is free again, made the live one of another identity's a 422).
+    if (identityId === null && !rows[0]?.by_id) {
+      const live = rows.filter((r) => r.live);
+      const named = live.length > 0 ? live : rows;
+      if (new Set(named.map((r) => r.identity_id)).size > 1) {
+        throw new UnprocessableError(`'${ref}' names credentials of several identities; give the credential's id`);
+      }
+      return named[0]?.id;
     }
     return rows[0]?.id;
   }
