@@ -392,6 +392,34 @@ describe('rotation failures', () => {
     expect(events(r)).toEqual(['credential.pending v2', 'credential.verify v2', 'credential.promoted v2']);
   });
 
+  it('a rollback puts the dependents back all at once: one failing for now (a 503) does not hold up the others', async () => {
+    const { name, id } = await generatedKey({ graceHours: 1 });
+    const v1 = (await read(id)).value as string;
+    const file = `${unique('service')}.env`;
+    const dir = path.join(h.envFilesRoot, owner.id);
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(path.join(dir, file), `${ENV_KEY}=${v1}\n`);
+    const r = await receiver();
+    await setDependents(id, [webhook(r), { type: 'env-file', settings: { file, key: ENV_KEY } }]);
+    const rotationId = await startRotation(name);
+    await waitForState(rotationId, ['grace']);
+    h.secret(readFileSync(path.join(dir, file), 'utf8').trim().slice(ENV_KEY.length + 1));
+    refusing(r, { 'credential.restored': 503 });
+    const rollback = h.api('POST', `/v1/rotations/${rotationId}/rollback`, { token: owner.token });
+    try {
+      // Before, the env file waited for the webhook's restore, retried for up to an hour.
+      await waitFor('the env file put back while the webhook still fails', async () => readFileSync(path.join(dir, file), 'utf8'), (text) => text === `${ENV_KEY}=${v1}\n`, { timeoutMs: 8_000 });
+      expect(r.events.filter((e) => e.event.type === 'credential.restored').length).toBeGreaterThan(0);
+    } finally {
+      r.onEvent = undefined;
+      r.failWith = null;
+    }
+    const answered = await rollback;
+    expect(answered.status, answered.text).toBe(200);
+    expect(await runResult(rotationId)).toMatchObject({ state: 'rolled_back', fromVersion: 1, toVersion: 2 });
+    expect(events(r)).toEqual(['credential.pending v2', 'credential.verify v2', 'credential.promoted v2', 'credential.restored v1']);
+  });
+
   it('a notice that cannot be sent does not stop the rotation: it goes through grace and a rollback, each refused notice one of its problems', async () => {
     const name = unique('key');
     const ownerMail = `${name}@example.com`;

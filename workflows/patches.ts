@@ -169,6 +169,14 @@ export const BATCH_WAITS_APART = 'batch-waits-on-their-own-queue';
  */
 export const LEAK_REVOKES_BEFORE_PROMOTED = 'leak-revokes-before-promoted';
 
+/**
+ * Runs recorded before this patch put the dependents back one after another on a rollback, each
+ * retried for an hour (compensation) while it failed for now: one unreachable receiver held up every
+ * dependent after it, the rollback's answer and the provider's revoke. Newer runs put them back all
+ * at once, and the rollback waits for the slowest alone.
+ */
+export const RESTORES_AT_ONCE = 'rollback-restores-at-once';
+
 export const PATCH_IDS: readonly string[] = [
   CLOSE_INCIDENTS_LAST,
   NOTICE_FAILURES_CONTINUE,
@@ -189,4 +197,5 @@ export const PATCH_IDS: readonly string[] = [
   SWEEP_RESUMES_LEAKS,
   BATCH_WAITS_APART,
   LEAK_REVOKES_BEFORE_PROMOTED,
+  RESTORES_AT_ONCE,
 ];

@@ -33,6 +33,7 @@ import {
   UNVERSIONED_NOT_REVOKED,
   OLDER_LEAKS_BEFORE_CLOSE,
   LEAK_REVOKES_BEFORE_PROMOTED,
+  RESTORES_AT_ONCE,
 } from './patches';
 import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
 
@@ -587,7 +588,9 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   async function rollBack(): Promise<string | undefined> {
     return CancellationScope.nonCancellable(async () => {
       const restores = async () => {
-        const failed = await runAll(plan.dependents.map((dependent) => restoreOf(dependent, progress.fromVersion!, progress.toVersion!)));
+        const items = plan.dependents.map((dependent) => restoreOf(dependent, progress.fromVersion!, progress.toVersion!));
+        // All at once: one dependent failing for now (retried for an hour) does not hold up the others. See RESTORES_AT_ONCE.
+        const failed = await (patched(RESTORES_AT_ONCE) ? runAllAtOnce(items) : runAll(items));
         if (failed.length > 0) restoresFailed = true;
         return failed;
       };
@@ -753,6 +756,21 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     });
     progress.state = 'succeeded';
   }
+}
+
+/** Runs every item at once; returns what failed, each as `what: why`, in the items' order. */
+async function runAllAtOnce(items: Undo[]): Promise<string[]> {
+  const outcomes = await Promise.all(
+    items.map(async (item) => {
+      try {
+        await item.run();
+        return undefined;
+      } catch (err) {
+        return `${item.what}: ${failureMessage(err)}`;
+      }
+    }),
+  );
+  return outcomes.filter((outcome): outcome is string => outcome !== undefined);
 }
 
 /** Runs each item in order, every one even after a failure; returns what failed, each as `what: why`. */
