@@ -317,9 +317,11 @@ export function composeRotationNotice(
       (n.restoresFailed ?? problems.length > (n.abandonedNotRevoked ? 1 : 0))
         ? `The rotation of ${what} was rolled back: version ${n.fromVersion} is current again in the vault, but not everywhere (see below),`
         : `The rotation of ${what} was rolled back: version ${n.fromVersion} is current again everywhere,`,
-      n.abandonedNotRevoked
-        ? `but version ${n.toVersion} could not be revoked at the provider and may still work there (a provider that holds one value may still be on it): revoke it there by hand, and put version ${n.fromVersion} back if needed. ${n.error ?? ''}`.trim()
-        : `and version ${n.toVersion} was revoked. ${n.error ?? ''}`.trim(),
+      n.abandonedKept
+        ? `and version ${n.toVersion} was left working at the provider: the dependents below could not be put back and still use it. Revoke it there once they are off it. ${n.error ?? ''}`.trim()
+        : n.abandonedNotRevoked
+          ? `but version ${n.toVersion} could not be revoked at the provider and may still work there (a provider that holds one value may still be on it): revoke it there by hand, and put version ${n.fromVersion} back if needed. ${n.error ?? ''}`.trim()
+          : `and version ${n.toVersion} was revoked. ${n.error ?? ''}`.trim(),
       ...(problems.length > 0 ? ['', 'Not everything went through:', ...listed] : []),
       // A leak heard by a run rolled back (a cancel in its grace period) is answered all the same:
       // the run rotates again, in leak mode, once this notice is out, unless the credential is not

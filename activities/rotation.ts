@@ -324,7 +324,12 @@ export function rotationActivities(deps: ActivityDeps) {
      * is put back on `current`, which a revoke would not do; with `currentNow` too, on the version
      * current when this runs (a value stored after the workflow learnt `current` is).
      */
-    async revokeVersion(ids: RotationIds & { version: number; current?: number; currentNow?: boolean }): Promise<void> {
+    /**
+     * `keepLive` (a rollback that could not put every dependent back): a provider that keeps versions
+     * apart is not asked to revoke, and the version is left live (`kept`); one that holds one value
+     * (discard: a single PostgreSQL role) is put back on `current` all the same, as the vault is.
+     */
+    async revokeVersion(ids: RotationIds & { version: number; current?: number; currentNow?: boolean; keepLive?: boolean }): Promise<{ kept?: true } | void> {
       return externalStep(async () => {
         // A credential deleted since (restorable, its versions kept) is not rotated, but the value
         // this revokes, replaced and perhaps leaked, must stop working all the same: before, the
@@ -337,11 +342,13 @@ export function rotationActivities(deps: ActivityDeps) {
         if (plannedWithoutPolicy) {
           throw new UnprocessableError(`version ${ids.version} of credential '${meta.name}' cannot be revoked here: the credential has no rotation policy to say where it was issued; revoke it there by hand`);
         }
+        const holdsOne = ids.current !== undefined && provider.discard !== undefined;
+        if (ids.keepLive && !holdsOne) return { kept: true as const };
         const ctx = await providerContext(ids, meta, provider, policy.settings);
         const secret = await read(ids, ids.version, 'provider.revoke');
         const idempotencyKey = stepKey(ids, 'revoke', ids.version);
-        if (ids.current !== undefined && provider.discard) {
-          const version = ids.currentNow && meta.version !== ids.version ? meta.version : ids.current;
+        if (holdsOne) {
+          const version = ids.currentNow && meta.version !== ids.version ? meta.version : ids.current!;
           const current = await read(ids, version, 'provider.discard');
           await heartbeating(() => provider.discard!({ ...ctx, pending: secret, current, idempotencyKey }));
         } else {

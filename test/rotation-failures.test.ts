@@ -960,6 +960,10 @@ describe('rotation failures', () => {
     expect(notice.mail.text).toContain('version 1 is current again in the vault, but not everywhere (see below)');
     expect(notice.mail.text).not.toContain('everywhere,');
     expect(notice.mail.text).toMatch(/Not everything went through:\n- .*answered 400/);
+    // The dependent not put back still uses version 2: left working, not revoked under it (before,
+    // revoked: the rollback broke the one dependent it could not spare).
+    expect(await revokedVersions(id)).toEqual([]);
+    expect(notice.mail.text).toContain('and version 2 was left working at the provider: the dependents below could not be put back and still use it. Revoke it there once they are off it.');
     await read(id, 1);
     await read(id, 2);
   });

@@ -104,6 +104,8 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
   /** The provider would not forget the version a rollback abandoned: it may still work there. */
   let abandonedNotRevoked = false;
   /** A rollback could not put a dependent back on the previous version. */
+  /** A rollback left the abandoned version working: a dependent it could not put back still uses it (see forget). */
+  let abandonedKept = false;
   let restoresFailed = false;
   /** Why the vault refused the rollback (a newer value was stored during grace), if it did. */
   let rollbackRefusal: string | undefined;
@@ -211,6 +213,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       ...(problems.length > 0 ? { problems: [...problems] } : {}),
       ...(stepOf('revoke_previous').state === 'failed' ? { previousNotRevoked: true } : {}),
       ...(abandonedNotRevoked ? { abandonedNotRevoked: true } : {}),
+      ...(abandonedKept ? { abandonedKept: true } : {}),
       restoresFailed,
       ...(unrotated
         ? {
@@ -599,7 +602,15 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
         try {
           // `currentNow`: a provider holding one value is put on the version current when this runs
           // (the rollback answered before it; a value stored since then is current), not on fromVersion.
-          await revoke(progress.toVersion!, { current: progress.fromVersion!, currentNow: true });
+          // `keepLive`: a dependent that could not be put back still uses the abandoned version, so a
+          // provider that keeps versions apart leaves it working (revoked, it broke that dependent on
+          // a rollback meant to spare it), the owners told to revoke it once the dependent is off it.
+          // Not after a leak: the leaked value must stop. (Runs recorded before it sent none, and
+          // read no answer: revoked, as then.)
+          const keepLive = restoresFailed && !leak;
+          const result = await undo.revokeVersion({ ...ids, version: progress.toVersion!, current: progress.fromVersion!, currentNow: true, ...(keepLive ? { keepLive } : {}) });
+          if (result?.kept) abandonedKept = true;
+          else revokedHere.add(progress.toVersion!);
         } catch (err) {
           // The rollback is done everywhere else: the run ends rolled back, and its notice says the
           // provider still has the rotated value. See ROLLBACK_REVOKE_FAILURES_CONTINUE.
