@@ -127,6 +127,20 @@ describe('vault.totp over HTTP, clock pinned (RFC 6238 Appendix B)', () => {
     expect((await h.sql("SELECT count(*)::int AS n FROM credentials WHERE upper(name) = $1", [own])).rows[0].n).toBe(0);
   });
 
+  it('a store refused for its seed does not write a name that is a stored value into its audit row', async () => {
+    const holder = await h.createIdentity();
+    const value = h.secret('sk_live_seedRefusalName0123456789');
+    expect((await h.api('POST', '/v1/vault.store', { token: holder.token, body: { name: 'k1', kind: 'api_key', value } })).status).toBe(201);
+    // A seed that passes the schema but is no base32: before, refused before the name was checked, the value written as the row's name.
+    const requestId = `seed-refusal-${Date.now()}`;
+    const res = await h.api('POST', '/v1/vault.store', { token: holder.token, body: { name: value, kind: 'totp_seed', totp: { secret: '1111111111111111' } }, headers: { 'x-request-id': requestId } });
+    expect(res.status).toBe(422);
+    expect(res.text).not.toContain(value);
+    const { rows } = await h.sql("SELECT detail FROM audit_log WHERE request_id = $1 AND action = 'vault.store'", [requestId]);
+    expect(rows).toEqual([{ detail: expect.objectContaining({ nameWithheld: 'stored-value' }) }]);
+    expect(JSON.stringify(rows)).not.toContain(value);
+  });
+
   it("a seed stored before its fingerprint was of the seed is fingerprinted again as the services start: found as a pasted seed from then on", async () => {
     const holder = await h.createIdentity();
     const seed = h.secret('ONSWG4TFOQQHGZLFMQQGC3TEEBWW64TF');

@@ -87,8 +87,11 @@ export class Vault {
   /** One store in a transaction of its own: policy columns, and every call of a batch that rolled back. */
   private storeAlone(caller: Caller, input: StoreInput): Promise<StoredVersion> {
     return audited(this.pool, caller, 'vault.store', { name: input.name }, async (tx, note) => {
-      const plaintext = plaintextOf(input);
+      // The name is checked first (lockOrCreate: a new name that is a value the caller can read is
+      // withheld from this row), then the value: a TOTP seed refused before the check wrote such a
+      // name into the audit row as given.
       const existing = await this.lockOrCreate(tx, caller.identityId, input, note);
+      const plaintext = plaintextOf(input);
       note.credentialId = existing.id;
       let version = 1;
       if (!existing.created) {
