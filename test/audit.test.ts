@@ -330,4 +330,28 @@ describe('audit log', () => {
       expect(impossible.body.errors).toEqual([{ path: 'head', message: "head's seq must be 1 to 9007199254740991, as an earlier verify answered it" }]);
     }
   });
+
+  it("verify computes each row's hash itself: a table owner who edits a row and replaces audit_payload to hand back its old bytes is found", async () => {
+    await h.api('GET', '/v1/whoami', { token: agent.token });
+    const recorded = await h.api('GET', '/v1/audit/verify', { token: h.adminToken });
+    expect(recorded.body.ok).toBe(true);
+    const head = recorded.body.head as { seq: number; hash: string };
+    const target = Number((await h.sql("SELECT max(seq) AS seq FROM audit_log WHERE action = 'vault.store'")).rows[0].seq);
+    const original = (await h.sql('SELECT actor, audit_payload(a) AS payload FROM audit_log a WHERE seq = $1', [target])).rows[0] as { actor: string; payload: Buffer };
+    const payloadSql = `convert_to(jsonb_build_array(a.seq, floor(extract(epoch FROM a.at) * 1000000)::bigint, a.identity_id, a.actor, a.action,
+                          a.credential_id, a.outcome, a.request_id, a.detail)::text, 'UTF8')`;
+    try {
+      // The row made another's, its hash kept; the function every hash was computed with made to hand back the old bytes for it.
+      await h.sql(`DO $$ BEGIN SET LOCAL session_replication_role = replica; UPDATE audit_log SET actor = 'someone-else' WHERE seq = ${target}; END $$`);
+      await h.sql(`CREATE OR REPLACE FUNCTION audit_payload(a audit_log) RETURNS bytea LANGUAGE sql STABLE AS $$
+                     SELECT CASE WHEN a.seq = ${target} THEN '\\x${original.payload.toString('hex')}'::bytea ELSE ${payloadSql} END $$`);
+      // Before, { ok: true } against the recorded head too.
+      const verified = await h.api('GET', `/v1/audit/verify?head=${head.seq}:${head.hash}`, { token: h.adminToken });
+      expect(verified.body).toMatchObject({ ok: false, firstBroken: { seq: target, reason: 'hash mismatch: the row was edited after it was written' } });
+    } finally {
+      await h.sql(`CREATE OR REPLACE FUNCTION audit_payload(a audit_log) RETURNS bytea LANGUAGE sql STABLE AS $$ SELECT ${payloadSql} $$`);
+      await h.sql(`DO $$ BEGIN SET LOCAL session_replication_role = replica; UPDATE audit_log SET actor = '${original.actor}' WHERE seq = ${target}; END $$`);
+    }
+    expect((await h.api('GET', `/v1/audit/verify?head=${head.seq}:${head.hash}`, { token: h.adminToken })).body.ok).toBe(true);
+  });
 });

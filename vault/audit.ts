@@ -242,6 +242,11 @@ export interface ChainReport {
 }
 
 const GENESIS = Buffer.alloc(32);
+
+/** sha256(prev_hash || audit_payload(a)), spelt out of pg_catalog's functions (see verifyAuditChain). */
+const VERIFIED_HASH_SQL = `pg_catalog.sha256(a.prev_hash OPERATOR(pg_catalog.||) pg_catalog.convert_to(pg_catalog.jsonb_build_array(
+    a.seq, pg_catalog.floor(EXTRACT(epoch FROM a.at) OPERATOR(pg_catalog.*) 1000000)::bigint, a.identity_id, a.actor, a.action,
+    a.credential_id, a.outcome, a.request_id, a.detail)::text, 'UTF8'))`;
 const BATCH = 5_000;
 
 /**
@@ -266,8 +271,12 @@ export async function verifyAuditChain(pool: Pool, expected?: { seq: number; has
     return { ok: false, rows, firstBroken: { seq: expected.seq, reason }, ...(head ? { head } : {}) };
   };
   for (;;) {
+    // The payload is built here, of built-in functions only (schema-qualified), as audit_payload
+    // (the foundation migration) builds it: not by calling that function, which the table's owner
+    // can replace with one handing back a row's old bytes after editing it (its hash then matched,
+    // and so did a head kept outside the database).
     const batch = await pool.query(
-      `SELECT seq, prev_hash, hash, sha256(prev_hash || audit_payload(a)) AS computed
+      `SELECT seq, prev_hash, hash, ${VERIFIED_HASH_SQL} AS computed
          FROM audit_log a WHERE seq > $1 ORDER BY seq LIMIT $2`,
       [after, BATCH],
     );
