@@ -1,4 +1,4 @@
-import { KeyIntegrityError, UnprocessableError } from '../core/errors';
+import { IntegrityError, KeyIntegrityError, UnprocessableError } from '../core/errors';
 import { Context } from '@temporalio/activity';
 import { abandonedPlaceholder, deliverOutboxMessage, deliverQueued, giveUpMail, startDelivery, UNWATCHED_DELIVERY, WATCHED_DELIVERY, type DeliveryOptions, type DeliveryResult } from '../mail/outbox';
 import { withTransaction } from '../db/pool';
@@ -175,11 +175,18 @@ export async function handOverNotice(deps: ActivityDeps, notice: Notice, scanIde
     // (nothing of the message in it: not its text, not its recipients) answers every later sweep,
     // as any queued notice does (queueNotice finds it before scanning; startDelivery and
     // deliverQueued leave an abandoned message alone).
+    // A stored version that fails its own check (a damaged ciphertext: bit rot, a bad restore, a row
+    // moved) cannot be checked either, and does not heal: before, its error failed the activity,
+    // retried for a day (summaries, reminders) or for good (password policies), every sweep held.
     const refusal =
-      err instanceof UnprocessableError ? { reason: REFUSED_NOTICE, error: 'secret-in-message' } : err instanceof KeyIntegrityError ? { reason: UNCHECKED_NOTICE, error: 'key-failed' } : undefined;
+      err instanceof UnprocessableError
+        ? { reason: REFUSED_NOTICE, error: 'secret-in-message' }
+        : err instanceof IntegrityError
+          ? { reason: UNCHECKED_NOTICE, error: err instanceof KeyIntegrityError ? 'key-failed' : 'integrity-failed' }
+          : undefined;
     if (!refusal) throw err;
-    // Its message names key ids: for the worker's log, not for the outbox or the audit log.
-    if (err instanceof KeyIntegrityError) logKeyFailure(err);
+    // Its message names key ids, or the version that failed: for the worker's log, not for the outbox or the audit log.
+    if (err instanceof IntegrityError) logKeyFailure(err);
     await recordRefusedNotice(deps, notice, refusal);
     return false;
   }

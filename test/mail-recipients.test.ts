@@ -245,6 +245,25 @@ describe('mail with a recipient the SMTP server refuses', () => {
     }
   });
 
+  it("a scheduled notice whose scan meets a damaged ciphertext (one version failing its check) is skipped and audited once, not retried (it held every sweep)", async () => {
+    const damaged = await h.createIdentity(`damaged-${randomUUID().slice(0, 8)}`);
+    const stored = await h.api('POST', '/v1/vault.store', { token: damaged.token, body: { name: 'k', kind: 'api_key', value: h.secret(`sk_damaged_${randomUUID()}`) } });
+    expect(stored.status, stored.text).toBe(201);
+    const flip = () => h.sql('UPDATE secret_versions SET sealed = set_byte(sealed, 20, get_byte(sealed, 20) # 1) WHERE credential_id = $1', [stored.body.id]);
+    await flip();
+    try {
+      const notice = { id: randomUUID(), identityId: damaged.id, purpose: 'password.reminder', to: [unique('owner')], subject: '[mailgent] k is overdue', text: 'Change it.', actor: 'test' };
+      // Before, the IntegrityError escaped: the sweep's activity failed and was retried (for good, under password policies).
+      expect(await handOverNotice(h.deps, notice, [damaged.id])).toBe(false);
+      expect(await outboxRow(notice.id)).toMatchObject({ status: 'abandoned', last_error: UNCHECKED_NOTICE });
+      expect(await handOverNotice(h.deps, notice, [damaged.id])).toBe(false);
+      const audited = await h.sql("SELECT outcome, detail FROM audit_log WHERE action = 'mail.send' AND detail->>'messageId' = $1", [notice.id]);
+      expect(audited.rows).toEqual([{ outcome: 'rejected', detail: expect.objectContaining({ error: 'integrity-failed', purpose: 'password.reminder' }) }]);
+    } finally {
+      await flip();
+    }
+  });
+
   it('two delivery attempts that overlap (a retry while the first still talks to the server) send the message once', async () => {
     const to = unique('overlap');
     const notice = { id: randomUUID(), identityId: agent.id, purpose: 'rotation.notice', to: [to], subject: '[mailgent] Rotated api', text: 'Version 3 is now current.', actor: 'test' };
