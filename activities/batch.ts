@@ -359,14 +359,16 @@ export function batchActivities(deps: ActivityDeps) {
         // list gets one from each (before, one of both: the identities' runs mixed, recorded and
         // audited under one of them, and one's stored value, were it the address, withheld the
         // other's summary too). An agent's batch is its identity's alone.
-        const byRecipient = new Map<string, { to: string; identityId: string | null; list: RunSummary[] }>();
+        const byRecipient = new Map<string, { to: string; identityId: string | null; list: RunSummary[]; listed: Set<RunSummary> }>();
         // A run once per recipient, however often the address is listed (the identity's email in
         // `notify` too, an owner also in a credential's notify list): before, it was counted twice.
+        // Addresses compared in lower case, as the orphan report compares them: `Team-X@` and
+        // `team-x@` are one mailbox (before, two half-summaries), sent to as first spelled.
         const add = (to: string, identityId: string | null, run: RunSummary) => {
-          const key = `${identityId ?? ''}\n${to}`;
+          const key = `${identityId ?? ''}\n${to.toLowerCase()}`;
           const entry = byRecipient.get(key);
-          if (!entry) byRecipient.set(key, { to, identityId, list: [run] });
-          else if (!entry.list.includes(run)) entry.list.push(run);
+          if (!entry) byRecipient.set(key, { to, identityId, list: [run], listed: new Set([run]) });
+          else if (!entry.listed.has(run)) (entry.list.push(run), entry.listed.add(run));
         };
         if (rotation.kind === 'request') {
           const identity = rotation.identity_id ? await deps.identities.get(rotation.identity_id) : undefined;
@@ -375,11 +377,11 @@ export function batchActivities(deps: ActivityDeps) {
           for (const run of runs) run.recipients.forEach((to) => add(to, run.identityId, run));
         }
         const identitiesOf = new Map<string, number>();
-        for (const { to } of byRecipient.values()) identitiesOf.set(to, (identitiesOf.get(to) ?? 0) + 1);
+        for (const { to } of byRecipient.values()) identitiesOf.set(to.toLowerCase(), (identitiesOf.get(to.toLowerCase()) ?? 0) + 1);
         let sent = 0;
         for (const { to, identityId, list } of byRecipient.values()) {
           heartbeat();
-          const shared = (identitiesOf.get(to) ?? 0) > 1;
+          const shared = (identitiesOf.get(to.toLowerCase()) ?? 0) > 1;
           await handOverNotice(
             deps,
             {

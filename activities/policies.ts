@@ -190,7 +190,13 @@ export function policyActivities(deps: ActivityDeps) {
         const asOf = new Date(input.asOf);
         const orphans = await findOrphans(deps.pool, { asOf, days: input.days });
         const byIdentity = new Map<string, ServiceAccountRow[]>();
-        for (const o of orphans) byIdentity.set(o.identityId, [...(byIdentity.get(o.identityId) ?? []), o]);
+        // Grouped in one pass (before, each account copied its identity's list so far: 50,000 orphans
+        // held the worker's event loop for ~30 s, past the heartbeat timeouts of every activity on it).
+        for (const o of orphans) {
+          const list = byIdentity.get(o.identityId);
+          if (list) list.push(o);
+          else byIdentity.set(o.identityId, [o]);
+        }
         const week = Math.floor(asOf.getTime() / (7 * DAY_MS));
         let sent = 0;
         for (const [identityId, list] of byIdentity) {
@@ -198,13 +204,13 @@ export function policyActivities(deps: ActivityDeps) {
           // The identity's email gets its whole list; an account's owners the accounts they own, in a
           // report of their own (before, every owner got the whole list: accounts of other teams).
           // Addresses compared in lower case (an owner spelled as the identity's email in other case is the same mailbox).
-          const reports = new Map<string, { to: string; id: string; list: ServiceAccountRow[] }>();
-          if (identity?.email) reports.set(identity.email.toLowerCase(), { to: identity.email, id: stableUuid(`orphans:${identityId}:${week}`), list });
+          const reports = new Map<string, { to: string; id: string; list: ServiceAccountRow[]; listed: Set<ServiceAccountRow> }>();
+          if (identity?.email) reports.set(identity.email.toLowerCase(), { to: identity.email, id: stableUuid(`orphans:${identityId}:${week}`), list, listed: new Set(list) });
           for (const account of list) {
             for (const owner of account.owners) {
               const key = owner.toLowerCase();
-              const report = reports.get(key) ?? { to: owner, id: stableUuid(`orphans:${identityId}:${week}:${key}`), list: [] };
-              if (!report.list.includes(account)) report.list.push(account);
+              const report = reports.get(key) ?? { to: owner, id: stableUuid(`orphans:${identityId}:${week}:${key}`), list: [], listed: new Set<ServiceAccountRow>() };
+              if (!report.listed.has(account)) (report.list.push(account), report.listed.add(account));
               reports.set(key, report);
             }
           }

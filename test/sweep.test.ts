@@ -409,6 +409,22 @@ describe('scheduled sweep', () => {
     expect(refusedB.rows).toEqual([{ identity_id: b.id }]);
   });
 
+  it('a team address spelled in two cases gets one summary of both its rotations', async () => {
+    const team = address('Case-Team');
+    const agent = await identity();
+    const policy = { ...ROTATE_NOW, settings: { length: 32 } };
+    const upper = await store(agent.token, { name: unique('case-upper'), kind: 'api_key', value: secretValue('sk'), owners: [team], rotation: policy });
+    const lower = await store(agent.token, { name: unique('case-lower'), kind: 'api_key', value: secretValue('sk'), owners: [team.toLowerCase()], rotation: policy });
+    await age([upper, lower], 45);
+    const result = await sweep();
+    expect(await sweptIds(result.sweepId)).toEqual(expect.arrayContaining([upper, lower]));
+    const { rows } = await h.sql("SELECT recipients, subject FROM mail_outbox WHERE purpose = 'rotation.summary' AND lower(recipients[1]) = lower($1)", [team]);
+    // Before, two summaries, each "1 rotated".
+    expect(rows.map((r) => ({ to: (r.recipients as string[]).map((a) => a.toLowerCase()), subject: r.subject }))).toEqual([
+      { to: [team.toLowerCase()], subject: '[mailgent] Scheduled rotation: 2 rotated, 0 failed' },
+    ]);
+  });
+
   it('a sweep waits for its rotations only so long: one still running then is left to finish on its own, and the summary says so', async () => {
     const team = address('held-team');
     const agent = await identity();
