@@ -469,14 +469,26 @@ export function batchActivities(deps: ActivityDeps) {
       // One cutoff for the list and the check under the lock (days of 24 hours: the session's time
       // zone and its daylight-saving days do not move it between the two).
       const cutoff = new Date(Date.parse(input.asOf) - input.retentionDays * 86_400_000);
-      const { rows } = await deps.pool.query(
-        `SELECT id, identity_id FROM credentials WHERE deleted_at IS NOT NULL AND destroyed_at IS NULL AND deleted_at < $1
-          ORDER BY deleted_at, id LIMIT ${PURGE_PAGE}`,
-        [cutoff],
-      );
-      if (rows.length === PURGE_PAGE) left = true;
+      // Page after page (keyed on deleted_at and id: as text, to the microsecond), while time is left:
+      // kept ones (their rotations running) do not hide those after them. Before, one page of the
+      // oldest was read, and a thousand kept ones held back every destroy behind them, sweep after sweep.
+      let after: { at: string; id: string } | undefined;
+      const credentials = async function* () {
+        for (;;) {
+          const { rows } = await deps.pool.query(
+            `SELECT id, identity_id, deleted_at::text AS at FROM credentials
+              WHERE deleted_at IS NOT NULL AND destroyed_at IS NULL AND deleted_at < $1
+                AND ($2::timestamptz IS NULL OR (deleted_at, id) > ($2::timestamptz, $3::uuid))
+              ORDER BY deleted_at, id LIMIT ${PURGE_PAGE}`,
+            [cutoff, after?.at ?? null, after?.id ?? null],
+          );
+          yield* rows as { id: string; identity_id: string; at: string }[];
+          if (rows.length < PURGE_PAGE) return;
+          after = { at: rows.at(-1).at, id: rows.at(-1).id };
+        }
+      };
       let destroyed = 0;
-      for (const row of rows) {
+      for await (const row of credentials()) {
         if (Date.now() >= deadline) {
           left = true;
           break;

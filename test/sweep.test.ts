@@ -972,6 +972,44 @@ describe('scheduled sweep', () => {
     expect((await h.sql('SELECT destroyed_at FROM credentials WHERE id = $1', [id])).rows[0].destroyed_at).not.toBeNull();
   });
 
+  it('retention reads past a page of deleted credentials it keeps (their rotations running): those after them are destroyed', async () => {
+    const agent = await identity();
+    const name = unique('behind-kept');
+    const id = await store(agent.token, { name, kind: 'api_key', value: secretValue() });
+    await deletedLongAgo(agent.token, name, id);
+    await h.sql(`UPDATE credentials SET deleted_at = now() - interval '35 days' WHERE id = $1`, [id]);
+    // A thousand deleted before it, each with a rotation still running (Temporal says so).
+    const kept = (
+      await h.sql(
+        `INSERT INTO credentials (id, identity_id, name, kind, current_version, deleted_at)
+         SELECT gen_random_uuid(), $1, 'kept-' || g, 'generic', 1, now() - interval '40 days' FROM generate_series(1, 1000) g RETURNING id`,
+        [agent.id],
+      )
+    ).rows.map((r) => r.id as string);
+    const running = new Set(kept.map((k) => `rotate:${k}`));
+    const temporal = {
+      ...h.deps.temporal!,
+      client: {
+        workflow: {
+          getHandle: (workflowId: string) => ({
+            describe: async () => {
+              if (running.has(workflowId)) return { status: { name: 'RUNNING' } };
+              throw new WorkflowNotFoundError('no run', workflowId, undefined);
+            },
+          }),
+        },
+      },
+    } as unknown as NonNullable<typeof h.deps.temporal>;
+    try {
+      // Before, { destroyed: 0, left: true } sweep after sweep: the same thousand read, and kept.
+      expect(await createActivities({ ...h.deps, temporal }).purgeDeleted({ asOf: new Date().toISOString(), retentionDays: 30 })).toMatchObject({ destroyed: 1, left: false });
+      expect((await h.sql('SELECT destroyed_at FROM credentials WHERE id = $1', [id])).rows[0].destroyed_at).not.toBeNull();
+      expect((await h.sql('SELECT count(*)::int AS n FROM credentials WHERE id = ANY($1::uuid[]) AND destroyed_at IS NULL', [kept])).rows[0].n).toBe(1000);
+    } finally {
+      await h.sql('DELETE FROM credentials WHERE id = ANY($1::uuid[])', [kept]);
+    }
+  });
+
   it('retention keeps a deleted credential whose rotation began while its destroy asked whether one runs (the create read under the row lock)', async () => {
     const agent = await identity();
     const name = unique('deleted-racing');
