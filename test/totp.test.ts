@@ -158,6 +158,8 @@ describe('vault.totp over HTTP, clock pinned (RFC 6238 Appendix B)', () => {
     // One set (the other listed version is gone: a credential destroyed since), the list emptied; then a no-op.
     expect(await refingerprintSeeds(pool, secrets)).toBe(1);
     expect(await pasted()).toEqual([true]);
+    // The otpauth URI vault.get answers is found too (by the seed in it), as it was before the seed's fingerprint.
+    expect(await secrets.readableAmong(pool, [{ readerId: holder.id, text: uri }])).toEqual([true]);
     expect((await h.sql('SELECT count(*)::int AS n FROM seed_fingerprints_pending')).rows[0].n).toBe(0);
     expect(await refingerprintSeeds(pool, secrets)).toBe(0);
   });

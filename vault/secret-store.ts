@@ -177,7 +177,8 @@ export class SecretStore {
     const fingerprints: Buffer[] = [];
     const of: number[] = [];
     for (const [i, { readerId, text }] of asked.entries()) {
-      const seed = asSeed(text);
+      // (An otpauth URI, as vault.get answers a seed, by the seed in it: as its version is fingerprinted.)
+      const seed = text.startsWith('otpauth://') ? storedSeedOf(text) : asSeed(text);
       for (const form of seed === undefined || seed === text ? [text] : [text, seed]) {
         const plaintext = Buffer.from(form, 'utf8');
         try {
