@@ -199,10 +199,14 @@ function variants(value: string): string[] {
   }
   // The secret inside a URL that carries one (`postgresql://app:PASSWORD@db/app`, as the
   // postgres-role provider's `format: url` stores it): the password alone, in every form a value has.
+  // (Of a length a word is not: `postgres://app:postgres@…`'s password would refuse every mail that names PostgreSQL.)
   const password = urlPassword(value);
-  if (password !== undefined && password.length >= MIN_SCANNED_LENGTH) out.push(password);
+  if (password !== undefined && password.length >= MIN_URL_PASSWORD_LENGTH) out.push(password);
   return [...new Set(out)];
 }
+
+/** The shortest password of a URL searched for alone: a longer one is no word of ordinary mail. */
+const MIN_URL_PASSWORD_LENGTH = 12;
 
 /** The password of a URL with one (`scheme://user:password@host…`), decoded; undefined for anything else. */
 function urlPassword(value: string): string | undefined {
@@ -215,11 +219,14 @@ function urlPassword(value: string): string | undefined {
   }
 }
 
-/** The base64 bodies of the PEM blocks in a value (a private key, a certificate), their line breaks dropped. */
+/**
+ * The base64 bodies of the private-key PEM blocks in a value, their line breaks dropped. Not a
+ * certificate's (public: a bundle's certificate may be mailed).
+ */
 function pemBodies(value: string): string[] {
-  const blocks = value.matchAll(/-----BEGIN [A-Z0-9 ]+-----([\s\S]*?)-----END [A-Z0-9 ]+-----/g);
+  const blocks = value.matchAll(/-----BEGIN ([A-Z0-9 ]*PRIVATE KEY)-----([\s\S]*?)-----END \1-----/g);
   // Headers inside a block (`Proc-Type: …`) are not the key: only lines of base64 are kept.
-  return [...blocks].map((m) => m[1]!.split(/\r?\n/).filter((line) => /^[A-Za-z0-9+/=]+$/.test(line.trim())).map((l) => l.trim()).join('')).filter((body) => body.length >= 16);
+  return [...blocks].map((m) => m[2]!.split(/\r?\n/).filter((line) => /^[A-Za-z0-9+/=]+$/.test(line.trim())).map((l) => l.trim()).join('')).filter((body) => body.length >= 16);
 }
 
 /**

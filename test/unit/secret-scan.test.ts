@@ -366,10 +366,19 @@ describe('finding a stored secret in a message', () => {
       expect(findStoredValue({ subject: 's', text }, url), text).toBe('db-url');
     }
     // Escaped in the URL as stored: the password as it decodes.
-    expect(findStoredValue({ subject: 's', text: 'pw: p@ss/w0rd!' }, [{ name: 'escaped', value: 'https://u:p%40ss%2Fw0rd!@h.example/' }])).toBe('escaped');
+    expect(findStoredValue({ subject: 's', text: 'pw: p@ss/w0rd!-long' }, [{ name: 'escaped', value: 'https://u:p%40ss%2Fw0rd!-long@h.example/' }])).toBe('escaped');
+    // A short password is a word: not looked for alone (the whole URL still is).
+    const dev = [{ name: 'dev-db', value: 'postgresql://app:postgres@localhost:5432/app' }];
+    expect(findStoredValue({ subject: 's', text: 'We now run postgres 16 in staging.' }, dev)).toBeUndefined();
+    expect(findStoredValue({ subject: 's', text: 'x', html: '<p>We now run PostgreSQL 16.</p>' }, dev)).toBeUndefined();
     const body = randomBytes(96).toString('base64');
     const pem = [{ name: 'tls-key', value: `-----BEGIN PRIVATE KEY-----\n${body.slice(0, 64)}\n${body.slice(64)}\n-----END PRIVATE KEY-----\n` }];
     expect(findStoredValue({ subject: 's', text: `the key body:\n${body.slice(0, 40)}\n${body.slice(40)}` }, pem)).toBe('tls-key');
+    // A bundle's certificate is public: mailing it is not refused (its key's body is).
+    const cert = randomBytes(96).toString('base64');
+    const bundle = [{ name: 'bundle', value: `-----BEGIN CERTIFICATE-----\n${cert}\n-----END CERTIFICATE-----\n${pem[0]!.value}` }];
+    expect(findStoredValue({ subject: 's', text: `our certificate:\n-----BEGIN CERTIFICATE-----\n${cert}\n-----END CERTIFICATE-----\n` }, bundle)).toBeUndefined();
+    expect(findStoredValue({ subject: 's', text: body }, bundle)).toBe('bundle');
     // A URL without a password, and ordinary text about a database, pass.
     expect(findStoredValue({ subject: 's', text: 'connect to db.example.com:5432 as app' }, [...url, { name: 'plain-url', value: 'https://app@db.example.com/app' }])).toBeUndefined();
   });
