@@ -300,9 +300,12 @@ export function rotationActivities(deps: ActivityDeps) {
         }
         // Its retry goes on from those not done: the ones told after a failing one are sent with the failure.
         if (failing.length > 0) reportProgress(progress, true);
-        if (failing.length === 1) throw failing[0]!.err;
-        if (failing.length > 1) {
-          throw new Error(`${failing.length} dependents could not be told for now: ${failing.map(({ index, err }) => `dependent ${index}: ${err instanceof Error ? err.message : String(err)}`).join('; ')}`);
+        // With the refusals so far named too: the last attempt's error is what the notice says.
+        const alsoRefused = refused.length ? `; and ${refused.length} refused: ${refused.join('; ')}` : '';
+        if (failing.length === 1 && !alsoRefused) throw failing[0]!.err;
+        if (failing.length > 0) {
+          const told = failing.map(({ index, err }) => `${failing.length > 1 ? `dependent ${index}: ` : ''}${err instanceof Error ? err.message : String(err)}`).join('; ');
+          throw new Error(`${failing.length > 1 ? `${failing.length} dependents could not be told for now: ` : ''}${told}${alsoRefused}`);
         }
         // One refusal keeps its error (from an earlier attempt, its message).
         if (refused.length === 1) throw first ?? new UnprocessableError(refused[0]!);

@@ -197,11 +197,6 @@ export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: strin
     ...(done ? [] : [`deferred by the SMTP server: ${describeRefused(deferred)}`]),
     ...(refused.length ? [`refused by the SMTP server: ${describeRefused(refusedAll)}`] : []),
   ].join('; ');
-  if (!done) {
-    // Its claim given back once no renewal is in flight (a renewal landing later would take it again).
-    clearInterval(renew);
-    await renewing;
-  }
   // The server has the message (for some recipients at least): recording that must outlast a
   // database outage (the renewals take hold again once it is back). Failing here would leave it
   // queued as it was, and a retry would send it to them again once the claim lapsed. (An outage
@@ -210,10 +205,9 @@ export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: strin
     withTransaction(pool, async (tx) => {
       const marked = await tx.query(
         `UPDATE mail_outbox SET status = CASE WHEN $5 THEN 'sent' ELSE status END, attempts = attempts + 1, sent_at = CASE WHEN $5 THEN now() ELSE sent_at END,
-                delivered = $2, refused = $3, last_error = $4,
-                lease_until = CASE WHEN NOT $5 AND lease_until = $6::timestamptz THEN NULL ELSE lease_until END
+                delivered = $2, refused = $3, last_error = $4
           WHERE id = $1 AND status <> 'sent'`,
-        [id, delivered, refused, lastError ? lastError.slice(0, 500) : null, done, held],
+        [id, delivered, refused, lastError ? lastError.slice(0, 500) : null, done],
       );
       if (marked.rowCount === 1 && refusedNow.length > 0) {
         await appendAudit(tx, {
@@ -231,6 +225,10 @@ export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: strin
     clearInterval(renew);
   }
   if (!done) {
+    // Recorded (the claim renewed meanwhile, through an outage too): given back once no renewal is
+    // in flight (one landing later would take it again), for the retry to send to the deferred.
+    await renewing;
+    await pool.query('UPDATE mail_outbox SET lease_until = NULL WHERE id = $1 AND lease_until = $2::timestamptz', [id, held]).catch(() => undefined);
     throw new Error(`the SMTP server deferred ${describeRefused(deferred)}; the message is sent to them again (it has reached ${delivered.length} of ${row.recipients.length})`);
   }
   return { result: 'sent', refused };

@@ -966,6 +966,14 @@ describe('rotation failures', () => {
     expect(notice.mail.text).toContain('and version 2 was left working at the provider: the dependents below could not be put back and still use it. Revoke it there once they are off it.');
     await read(id, 1);
     await read(id, 2);
+
+    // Version 2, left working, is reported leaked: the leak's rotation (1 → 3) revokes it too. Before,
+    // it lay between the version replaced and the one made, and the incident closed with it working.
+    r.failWith = null;
+    const leak = await h.api('POST', '/v1/leaks', { token: owner.token, body: { credential: name, version: 2, source: 'scan' } });
+    expect(leak.body.results, leak.text).toEqual([expect.objectContaining({ version: 2, action: 'rotating' })]);
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1, toVersion: 3 });
+    expect(await revokedVersions(id)).toEqual([1, 2]);
   });
 
   it('a leak reported while the final notice is being sent rotates the leaked value again and closes the incident', async () => {

@@ -177,6 +177,14 @@ export const LEAK_REVOKES_BEFORE_PROMOTED = 'leak-revokes-before-promoted';
  */
 export const RESTORES_AT_ONCE = 'rollback-restores-at-once';
 
+/**
+ * Runs recorded before this patch revoked leaked versions older than the one they replaced, not a
+ * leaked version between it and the one they made: one a rollback abandoned and left working (its
+ * dependents not put back), or an attempt's, reported leaked later, was closed with its incident
+ * while it still worked. Newer runs revoke those too.
+ */
+export const ABANDONED_LEAKS_REVOKED = 'abandoned-leaks-revoked';
+
 export const PATCH_IDS: readonly string[] = [
   CLOSE_INCIDENTS_LAST,
   NOTICE_FAILURES_CONTINUE,
@@ -198,4 +206,5 @@ export const PATCH_IDS: readonly string[] = [
   BATCH_WAITS_APART,
   LEAK_REVOKES_BEFORE_PROMOTED,
   RESTORES_AT_ONCE,
+  ABANDONED_LEAKS_REVOKED,
 ];

@@ -34,6 +34,7 @@ import {
   OLDER_LEAKS_BEFORE_CLOSE,
   LEAK_REVOKES_BEFORE_PROMOTED,
   RESTORES_AT_ONCE,
+  ABANDONED_LEAKS_REVOKED,
 } from './patches';
 import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
 
@@ -672,7 +673,11 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
 
   /** Leaked versions older than the one this run replaced that revokeOlderLeaks has not tried yet (a failed one is a problem, not tried again), oldest first. */
   function olderUntried(): number[] {
-    return [...leakedVersions].filter((v) => v < progress.fromVersion! && !olderTried.has(v) && !revokedHere.has(v)).sort((a, b) => a - b);
+    // A leaked version between the one replaced and the one made (abandoned by a rollback and left
+    // working, or an earlier attempt's): revoked as an older one. See ABANDONED_LEAKS_REVOKED.
+    const between = (v: number) =>
+      typeof v === 'number' && progress.toVersion !== undefined && v > progress.fromVersion! && v < progress.toVersion && patched(ABANDONED_LEAKS_REVOKED);
+    return [...leakedVersions].filter((v) => (v < progress.fromVersion! || between(v)) && !olderTried.has(v) && !revokedHere.has(v)).sort((a, b) => a - b);
   }
 
   /**
