@@ -368,7 +368,10 @@ export function batchActivities(deps: ActivityDeps) {
           const key = `${identityId ?? ''}\n${to.toLowerCase()}`;
           const entry = byRecipient.get(key);
           if (!entry) byRecipient.set(key, { to, identityId, list: [run], listed: new Set([run]) });
-          else if (!entry.listed.has(run)) (entry.list.push(run), entry.listed.add(run));
+          else if (!entry.listed.has(run)) {
+            entry.list.push(run);
+            entry.listed.add(run);
+          }
         };
         if (rotation.kind === 'request') {
           const identity = rotation.identity_id ? await deps.identities.get(rotation.identity_id) : undefined;

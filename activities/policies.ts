@@ -210,7 +210,10 @@ export function policyActivities(deps: ActivityDeps) {
             for (const owner of account.owners) {
               const key = owner.toLowerCase();
               const report = reports.get(key) ?? { to: owner, id: stableUuid(`orphans:${identityId}:${week}:${key}`), list: [], listed: new Set<ServiceAccountRow>() };
-              if (!report.listed.has(account)) (report.list.push(account), report.listed.add(account));
+              if (!report.listed.has(account)) {
+                report.list.push(account);
+                report.listed.add(account);
+              }
               reports.set(key, report);
             }
           }
