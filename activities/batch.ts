@@ -359,7 +359,7 @@ export function batchActivities(deps: ActivityDeps) {
         // list gets one from each (before, one of both: the identities' runs mixed, recorded and
         // audited under one of them, and one's stored value, were it the address, withheld the
         // other's summary too). An agent's batch is its identity's alone.
-        const byRecipient = new Map<string, { to: string; identityId: string | null; list: RunSummary[]; listed: Set<RunSummary> }>();
+        const byRecipient = new Map<string, { to: string; identityId: string | null; runs: Set<RunSummary> }>();
         // A run once per recipient, however often the address is listed (the identity's email in
         // `notify` too, an owner also in a credential's notify list): before, it was counted twice.
         // Addresses compared in lower case, as the orphan report compares them: `Team-X@` and
@@ -367,11 +367,8 @@ export function batchActivities(deps: ActivityDeps) {
         const add = (to: string, identityId: string | null, run: RunSummary) => {
           const key = `${identityId ?? ''}\n${to.toLowerCase()}`;
           const entry = byRecipient.get(key);
-          if (!entry) byRecipient.set(key, { to, identityId, list: [run], listed: new Set([run]) });
-          else if (!entry.listed.has(run)) {
-            entry.list.push(run);
-            entry.listed.add(run);
-          }
+          if (!entry) byRecipient.set(key, { to, identityId, runs: new Set([run]) });
+          else entry.runs.add(run);
         };
         if (rotation.kind === 'request') {
           const identity = rotation.identity_id ? await deps.identities.get(rotation.identity_id) : undefined;
@@ -382,8 +379,9 @@ export function batchActivities(deps: ActivityDeps) {
         const identitiesOf = new Map<string, number>();
         for (const { to } of byRecipient.values()) identitiesOf.set(to.toLowerCase(), (identitiesOf.get(to.toLowerCase()) ?? 0) + 1);
         let sent = 0;
-        for (const { to, identityId, list } of byRecipient.values()) {
+        for (const { to, identityId, runs: listed } of byRecipient.values()) {
           heartbeat();
+          const list = [...listed];
           const shared = (identitiesOf.get(to.toLowerCase()) ?? 0) > 1;
           await handOverNotice(
             deps,

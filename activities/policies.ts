@@ -204,21 +204,20 @@ export function policyActivities(deps: ActivityDeps) {
           // The identity's email gets its whole list; an account's owners the accounts they own, in a
           // report of their own (before, every owner got the whole list: accounts of other teams).
           // Addresses compared in lower case (an owner spelled as the identity's email in other case is the same mailbox).
-          const reports = new Map<string, { to: string; id: string; list: ServiceAccountRow[]; listed: Set<ServiceAccountRow> }>();
-          if (identity?.email) reports.set(identity.email.toLowerCase(), { to: identity.email, id: stableUuid(`orphans:${identityId}:${week}`), list, listed: new Set(list) });
+          // Each report's accounts as a set (in the order first listed): an account once however often an owner is named.
+          const reports = new Map<string, { to: string; id: string; accounts: Set<ServiceAccountRow> }>();
+          if (identity?.email) reports.set(identity.email.toLowerCase(), { to: identity.email, id: stableUuid(`orphans:${identityId}:${week}`), accounts: new Set(list) });
           for (const account of list) {
             for (const owner of account.owners) {
               const key = owner.toLowerCase();
-              const report = reports.get(key) ?? { to: owner, id: stableUuid(`orphans:${identityId}:${week}:${key}`), list: [], listed: new Set<ServiceAccountRow>() };
-              if (!report.listed.has(account)) {
-                report.list.push(account);
-                report.listed.add(account);
-              }
+              const report = reports.get(key) ?? { to: owner, id: stableUuid(`orphans:${identityId}:${week}:${key}`), accounts: new Set<ServiceAccountRow>() };
+              report.accounts.add(account);
               reports.set(key, report);
             }
           }
-          for (const { to, ...report } of reports.values()) {
+          for (const { to, id, accounts } of reports.values()) {
             heartbeat();
+            const report = { id, list: [...accounts] };
             const delivery = await handOverNotice(deps, {
               id: report.id,
               identityId,

@@ -180,12 +180,12 @@ export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: strin
   } catch (err) {
     // Every recipient refused or deferred: a message that has reached no one yet is tried again
     // whole; one that has is settled for those refused for good, and kept for those deferred.
-    const refusedAll = (err as { refused?: RefusedRecipient[] }).refused;
-    if (!refusedAll || reached.length === 0) {
+    const everyone = (err as { refused?: RefusedRecipient[] }).refused;
+    if (!everyone || reached.length === 0) {
       await giveBack(err as Error).catch(() => undefined); // the send's error is the one to report; the claim lapses
       throw err;
     }
-    report = { accepted: [], refused: refusedAll };
+    report = { accepted: [], refused: everyone };
   }
   const refusedNow = report.refused.filter((r) => !r.temporary);
   const deferred = report.refused.filter((r) => r.temporary);
@@ -227,8 +227,7 @@ export async function deliverOutboxMessage(pool: Pool, mailer: Mailer, id: strin
   if (!done) {
     // Recorded (the claim renewed meanwhile, through an outage too): given back once no renewal is
     // in flight (one landing later would take it again), for the retry to send to the deferred.
-    await renewing;
-    await pool.query('UPDATE mail_outbox SET lease_until = NULL WHERE id = $1 AND lease_until = $2::timestamptz', [id, held]).catch(() => undefined);
+    await giveBack().catch(() => undefined);
     throw new Error(`the SMTP server deferred ${describeRefused(deferred)}; the message is sent to them again (it has reached ${delivered.length} of ${row.recipients.length})`);
   }
   return { result: 'sent', refused };

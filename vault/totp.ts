@@ -75,8 +75,13 @@ function uriProblem(err: unknown): string {
   return 'it could not be parsed';
 }
 
+/** A seed's base32 as the vault keeps it: upper case, without white space, `-` or `=` padding. */
+function seedSpelling(text: string): string {
+  return text.replace(/[\s-]/g, '').replace(/=+$/, '').toUpperCase();
+}
+
 function checked(params: TotpParams): TotpParams {
-  const secret = params.secret.replace(/[\s-]/g, '').replace(/=+$/, '').toUpperCase();
+  const secret = seedSpelling(params.secret);
   // Decoded as authenticator apps decode it: the bits past the last whole byte dropped (otplib's
   // strict decoder refused a 20-character secret, and one whose last character is not canonical).
   const bytes = secret ? decodeBase32(secret) : undefined;
@@ -131,7 +136,7 @@ export function storedTotpUri(input: TotpInput, label: string): string {
  * an authenticator's setup screen (`jbsw y3dp …`) is recognised as the value it is.
  */
 export function asSeed(text: string): string | undefined {
-  const seed = text.replace(/[\s-]/g, '').replace(/=+$/, '').toUpperCase();
+  const seed = seedSpelling(text);
   if (!/^[A-Z2-7]+$/.test(seed)) return undefined;
   const bytes = Math.floor((seed.length * 5) / 8);
   return bytes >= MIN_SEED_BYTES && bytes <= MAX_SEED_BYTES ? seed : undefined;
