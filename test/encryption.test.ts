@@ -127,6 +127,39 @@ describe('envelope encryption at rest', () => {
     await h.sql('UPDATE data_keys SET wrapped = set_byte(wrapped, 15, get_byte(wrapped, 15) # 1) WHERE identity_id = $1', [agent.id]);
   });
 
+  it('a fingerprint key deleted from the database fails closed: no new key is made in its place, no pasted value is written back', async () => {
+    const value = 'fingerprinted-value-0f3c2a9d1e';
+    await store('fp-check', value);
+    const saved = (await h.sql(`SELECT name, master_key_id, wrapped FROM service_keys WHERE name = 'fingerprint'`)).rows[0];
+    expect(saved).toBeDefined();
+    await h.sql(`DELETE FROM service_keys WHERE name = 'fingerprint'`);
+    const fresh = openServices({ databaseUrl: h.databaseUrl, poolSize: 2, keyring: Keyring.fromSetting(h.keyringFile), smtpUrl: 'smtp://unused', mailFrom: 'x@localhost' });
+    try {
+      const auditBefore = (await h.sql('SELECT coalesce(max(seq), 0) AS s FROM audit_log')).rows[0].s as string;
+      // Before, a new random key was made: the value pasted as a name no longer matched its fingerprint,
+      // and the 404 (and its audit row) carried it as given.
+      // A read fails closed: the name is withheld unchecked.
+      const missed = (await fresh.vault.get({ identityId: agent.id, actor: 'test' }, { name: value }).catch((e: unknown) => e)) as Error;
+      expect(missed).toMatchObject({ status: 404, refWithheld: true });
+      expect(missed.message).not.toContain(value);
+      await expect(fresh.vault.store({ identityId: agent.id, actor: 'test' }, { name: 'fp-after', kind: 'generic', value: h.secret('another-value-7b1e4c') })).rejects.toThrow(
+        /service key fingerprint is missing/,
+      );
+      expect((await h.sql(`SELECT count(*)::int AS n FROM service_keys WHERE name = 'fingerprint'`)).rows[0].n).toBe(0);
+      expect((await h.sql(`SELECT count(*)::int AS n FROM credentials WHERE name = 'fp-after'`)).rows[0].n).toBe(0);
+      const written = (await h.sql(`SELECT a::text AS d, detail->>'nameWithheld' AS w FROM audit_log a WHERE seq > $1`, [auditBefore])).rows;
+      expect(written.map((r) => r.w)).toContain('unchecked');
+      expect(written.filter((r) => (r.d as string).includes(value))).toEqual([]);
+    } finally {
+      await fresh.close();
+      await h.sql('INSERT INTO service_keys (name, master_key_id, wrapped) VALUES ($1, $2, $3)', [saved.name, saved.master_key_id, saved.wrapped]);
+    }
+    // Put back, the key is the one the values were fingerprinted with: the pasted value is withheld again.
+    const res = await get(value);
+    expect(res.status).toBe(404);
+    expect(JSON.stringify(res.body)).not.toContain(value);
+  });
+
   it('rekey re-wraps the data keys under a new master key without touching secret rows', async () => {
     const other = await h.createIdentity();
     values['other-identity'] = h.secret('other-identity-value');

@@ -22,6 +22,22 @@ export const DEFAULT_MAX_ENCRYPTIONS = 2 ** 30;
 /** Data keys re-wrapped per transaction by rewrapAll: what a store may wait for while rekey runs. */
 const REWRAP_CHUNK = 500;
 
+/** The service key that keys each version's fingerprint (vault/secret-store.ts). */
+export const FINGERPRINT_KEY = 'fingerprint';
+
+/**
+ * What shows a service key was made and used: its row missing then is no first use but a loss (a
+ * database writer deleting it, a partial restore), and a new random key would be made in its place.
+ * For the fingerprint key that failed open: every stored value's fingerprint stopped matching, so a
+ * value pasted as a name was no longer withheld (written into 404s and audit rows as given) and a
+ * leak report by its hash found nothing. It now fails closed (KeyIntegrityError), as a missing master
+ * key does. (The payload codec's key needs no check: a new one cannot open the payloads sealed
+ * before, which fail loudly as they are read.)
+ */
+const USED_SQL: Record<string, string> = {
+  [FINGERPRINT_KEY]: 'SELECT EXISTS (SELECT 1 FROM secret_versions WHERE fingerprint IS NOT NULL) AS used',
+};
+
 /** A wrapped key's row, as data_keys holds it. */
 type WrappedKeyRow = { id: string; master_key_id: string; wrapped: Buffer };
 
@@ -139,6 +155,10 @@ export class DataKeys {
     if (cached) return cached;
     let row = await this.keyRow<Omit<WrappedKeyRow, 'id'>>(db, 'SELECT master_key_id, wrapped FROM service_keys WHERE name = $1', [name]);
     if (!row) {
+      const used = USED_SQL[name];
+      if (used && (await db.query(used)).rows[0]?.used) {
+        throw new KeyIntegrityError(`service key ${name} is missing from service_keys, but values were fingerprinted with it: restore its row from a backup`);
+      }
       const fresh = randomBytes(KEY_BYTES);
       try {
         // The current master key is read inside the transaction that stores the key wrapped with it,

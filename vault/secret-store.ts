@@ -1,7 +1,7 @@
 import { createHash, createHmac } from 'node:crypto';
 import type { Db } from '../db/pool';
 import { open, seal, versionAad } from './crypto';
-import type { DataKeys } from './data-keys';
+import { type DataKeys, FINGERPRINT_KEY } from './data-keys';
 import { KeyIntegrityError } from '../core/errors';
 import { type AuditEntry, auditInsertSql, auditValues } from './audit';
 import { asSeed, storedSeedOf } from './totp';
@@ -64,7 +64,7 @@ function fingerprinted(value: string, plaintext: Buffer): Buffer {
 }
 
 /** The service key of the keyed fingerprints of stored values (see DataKeys.warm). */
-export const FINGERPRINT_KEY = 'fingerprint';
+export { FINGERPRINT_KEY } from './data-keys';
 
 export class SecretStore {
   constructor(
