@@ -294,6 +294,29 @@ describe('rotation failures', () => {
     await read(id, 2);
   });
 
+  it('an env file whose directory is missing refuses the apply; its restore has nothing to put back, so the undo is done, not failed', async () => {
+    const { name, id, ownerMail } = await generatedKey();
+    mkdirSync(path.join(h.envFilesRoot, owner.id), { recursive: true });
+    const file = `${unique('nowhere')}/service.env`;
+    const r = await receiver();
+    await setDependents(id, [webhook(r), { type: 'env-file', settings: { file, key: ENV_KEY } }]);
+
+    const rotationId = await startRotation(name);
+    expectRotationFailed(await runResult(rotationId), /its directory does not exist/);
+    const failed = await waitForState(rotationId, ['failed']);
+    expect(stepState(failed, 'apply_dependents')).toMatchObject({ state: 'failed' });
+    // Before, the env file's restore was refused as its apply was: `restore env-file 1: … its directory does not exist`.
+    expect(stepState(failed, 'compensate')).toMatchObject({ state: 'done' });
+    expect(await credentialRow(id)).toMatchObject({ status: 'rotation_failed', version: 1, pendingVersion: null });
+    expect(await revokedVersions(id)).toEqual([2]);
+    expect(events(r)).toEqual(['credential.pending v2', 'credential.restored v1']);
+    const [notice, ...more] = await notices(ownerMail, name);
+    expect(more).toEqual([]);
+    expect(notice!.mail.subject).toBe(`[mailgent] Rotation FAILED for ${name}`);
+    expect(notice!.mail.text).toContain('its directory does not exist');
+    expect(notice!.mail.text).not.toContain('undoing it failed');
+  });
+
   it('a dependent refusing credential.promoted does not undo a rotation that took effect: v1 revoked, the run and the batch succeed, the owners told', async () => {
     const { name, id, ownerMail } = await generatedKey();
     const r = await receiver();

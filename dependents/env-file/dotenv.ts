@@ -1,4 +1,5 @@
 import { UnprocessableError } from '../../core/errors';
+import { EnvFileAbsent } from './files';
 
 /**
  * One line of a dotenv file, cut around its value, so that everything but the value is kept byte
@@ -92,7 +93,7 @@ export function findKeyLine(lines: Buffer[], key: string, file: string): KeyLine
     }
     if (spans) open = rest[0]!;
   });
-  if (found.length === 0) throw new UnprocessableError(`${key} is not set in ${file}; the dependent is misconfigured: the file must already have one line ${key}=…`);
+  if (found.length === 0) throw new EnvFileAbsent(`${key} is not set in ${file}; the dependent is misconfigured: the file must already have one line ${key}=…`);
   if (found.length > 1) {
     throw new UnprocessableError(`${key} is set ${found.length} times in ${file} (lines ${found.map((i) => i + 1).join(', ')}); it must be set exactly once`);
   }

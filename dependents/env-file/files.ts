@@ -8,6 +8,12 @@ import { withFileLock } from './lock';
 /** Whether a held directory can be named by its descriptor (Linux's /proc/self/fd). */
 const PINNED = existsSync('/proc/self/fd');
 
+/**
+ * A refusal because the file, a directory on its way or its key's line is not there: the file then
+ * holds no version of the credential, and a restore has nothing to put back (EnvFileAbsent).
+ */
+export class EnvFileAbsent extends UnprocessableError {}
+
 /** A checked env file whose directory is held open (withEnvFile). */
 export interface EnvFile {
   /** The file through its held directory (/proc/self/fd/<n>/<name>; its checked path where there is no /proc). */
@@ -29,6 +35,7 @@ export interface EnvFile {
  */
 export async function withEnvFile<T>(root: string, file: string, fn: (f: EnvFile) => Promise<T>): Promise<T> {
   const refuse = (why: string) => new UnprocessableError(`env file '${file}' is refused: ${why}`);
+  const absent = (why: string) => new EnvFileAbsent(`env file '${file}' is refused: ${why}`);
   if (file.includes('\0') || path.isAbsolute(file)) throw refuse('it must be a path relative to the env files root');
   const realRoot = await realpath(root);
   const target = path.resolve(realRoot, file);
@@ -40,9 +47,9 @@ export async function withEnvFile<T>(root: string, file: string, fn: (f: EnvFile
     for (const part of path.relative(realRoot, path.dirname(target)).split(path.sep).filter(Boolean)) {
       const next = await open(path.join(PINNED ? `/proc/self/fd/${dir.fd}` : dirPath, part), constants.O_RDONLY | constants.O_DIRECTORY | constants.O_NOFOLLOW).catch(
         async (err: NodeJS.ErrnoException) => {
-          if (err.code === 'ENOENT') throw refuse('its directory does not exist');
+          if (err.code === 'ENOENT') throw absent('its directory does not exist');
           if (err.code === 'ELOOP' || err.code === 'ENOTDIR') {
-            throw (await lstat(path.join(dirPath, part)).then((st) => st.isSymbolicLink(), () => false)) ? refuse('a symbolic link is on its way') : refuse('its directory does not exist');
+            throw (await lstat(path.join(dirPath, part)).then((st) => st.isSymbolicLink(), () => false)) ? refuse('a symbolic link is on its way') : absent('its directory does not exist');
           }
           throw err;
         },
@@ -53,7 +60,7 @@ export async function withEnvFile<T>(root: string, file: string, fn: (f: EnvFile
     }
     const held = path.join(PINNED ? `/proc/self/fd/${dir.fd}` : dirPath, path.basename(target));
     const stats = await lstat(held).catch((err: NodeJS.ErrnoException) => {
-      throw err.code === 'ENOENT' ? refuse('it does not exist') : err;
+      throw err.code === 'ENOENT' ? absent('it does not exist') : err;
     });
     checkRegular(stats, refuse);
     return await fn({ path: held, key: target, dir });

@@ -4,7 +4,7 @@ import { UnprocessableError } from '../../core/errors';
 import { isUuid } from '../../core/ids';
 import type { Dependent, DependentTarget } from '../types';
 import { decodeValue, describeStyle, encodeValue, findKeyLine, isCanonical, joinLine, splitLines, stylesThatFit } from './dotenv';
-import { readNoFollow, rewriteFile, withEnvFile } from './files';
+import { EnvFileAbsent, readNoFollow, rewriteFile, withEnvFile } from './files';
 import { envFileSettings, type EnvFileSettings } from './schema';
 
 /**
@@ -19,7 +19,7 @@ export function createEnvFileDependent(opts: { root: string }): Dependent<EnvFil
   const rootOf = async (identityId: string) => {
     const dir = path.join(opts.root, identityId);
     if (!isUuid(identityId) || !(await stat(dir).then((s) => s.isDirectory(), () => false))) {
-      throw new UnprocessableError(`this identity has no env files directory: create ENV_FILES_ROOT/${identityId} and put its files there`);
+      throw new EnvFileAbsent(`this identity has no env files directory: create ENV_FILES_ROOT/${identityId} and put its files there`);
     }
     return dir;
   };
@@ -36,8 +36,18 @@ export function createEnvFileDependent(opts: { root: string }): Dependent<EnvFil
         throw new Error(`${settings.key} in ${settings.file} does not hold version ${target.version}`);
       }
     },
+    /**
+     * A file, directory or line that is not there holds no version, so there is nothing to put back:
+     * an apply refused for that reason (a directory missing) left nothing behind, and its attempt's
+     * undo is done. Before, the restore was refused the same way, and the run reported a failed undo
+     * (the credential marked half-undone, no further attempt) for an apply that changed nothing.
+     */
     async restore({ settings, target, identityId }) {
-      await writeValue(await rootOf(identityId), settings, target, false);
+      try {
+        await writeValue(await rootOf(identityId), settings, target, false);
+      } catch (err) {
+        if (!(err instanceof EnvFileAbsent)) throw err;
+      }
     },
   };
 }
