@@ -18,7 +18,7 @@ import { startHarness, TEST_OUTBOUND_ALLOW, type Harness } from './support/harne
 import { ProviderServer } from './support/provider-server';
 import { canLogin as canLoginAs } from './support/lifecycle-fixtures';
 import { allowOutbound } from '../core/outbound';
-import { consumerUrl, randomPassword } from '../providers/postgres-role/role';
+import { consumerUrl, login, randomPassword, saslPrepared, setPassword } from '../providers/postgres-role/role';
 
 /**
  * The postgres-role and http providers against real servers: the file's PostgreSQL cluster (roles
@@ -243,6 +243,44 @@ describe('rotation providers', () => {
       expect(err).toBeInstanceOf(AppError);
       expect(err.message).toBe('version 1 has an empty value');
       expect(await canLogin(role, v1)).toBe(true);
+    });
+
+    it('a password outside ASCII goes as the SCRAM verifier of its SASLprep form, the one PostgreSQL makes of the plaintext: never in clear', async () => {
+      const { role } = await newRole('saslprep');
+      const hex = randomBytes(4).toString('hex');
+      const samples: [string, 'prepared' | 'as given'][] = [
+        [`pässwörd-${hex}`, 'as given'], // NFKC leaves it as it is
+        [`ｆｕｌｌ\u00a0ｗｉｄｔｈ-${hex}`, 'prepared'], // fullwidth letters to ASCII, a no-break space to a space
+        [`so\u00adft\u200bhy-\ufb01x-${hex}`, 'prepared'], // a soft hyphen dropped, a zero-width space to a space, the ligature to "fi"
+        [`pa\u0301ss-${hex}`, 'prepared'], // a combining accent composed
+        [`private\ue000use-${hex}`, 'as given'], // a private-use character: prohibited, so used as given
+        [`\u05e9\u05dc\u05d5\u05dd-abc-${hex}`, 'as given'], // right-to-left beside left-to-right: prohibited
+      ];
+      const sent: string[] = [];
+      const query = pg.Client.prototype.query;
+      for (const [raw, form] of samples) {
+        const password = h.secret(raw);
+        expect(saslPrepared(password) === password, raw).toBe(form === 'as given');
+        // The server's own preparation of the plaintext (node-postgres prepares the password it logs in with as the server does).
+        await h.sql(`ALTER ROLE ${pg.escapeIdentifier(role)} PASSWORD ${pg.escapeLiteral(password)}`);
+        expect(await canLogin(role, password), raw).toBe(true);
+        await h.sql(`ALTER ROLE ${pg.escapeIdentifier(role)} PASSWORD ${pg.escapeLiteral(h.secret(randomBytes(12).toString('hex')))}`);
+        // Set here: the statement carries the verifier alone, and the same logins work.
+        pg.Client.prototype.query = function (this: pg.Client, ...args: unknown[]) {
+          if (typeof args[0] === 'string') sent.push(args[0]);
+          return (query as (...a: unknown[]) => unknown).apply(this, args);
+        } as typeof query;
+        try {
+          await setPassword(server, role, password);
+        } finally {
+          pg.Client.prototype.query = query;
+        }
+        expect(await canLogin(role, password), raw).toBe(true);
+        await login(server, role, password);
+      }
+      expect(sent.filter((text) => text.startsWith('ALTER ROLE'))).toHaveLength(samples.length);
+      // Before, each password outside ASCII went as plaintext in the statement (log_statement logs it).
+      expect(sent.filter((text) => samples.some(([raw]) => text.includes(raw)))).toEqual([]);
     });
 
     it('alternating roles: create sets the idle role, both work until revoke retires the old one; the next rotation flips back', async () => {

@@ -1,4 +1,5 @@
 import { createHash, createHmac, pbkdf2Sync, randomBytes, randomInt } from 'node:crypto';
+import saslprep from '@mongodb-js/saslprep';
 import pg from 'pg';
 import { UnprocessableError } from '../../core/errors';
 import { GuardedSocket, OutboundRefusedError } from '../../core/outbound';
@@ -162,12 +163,33 @@ export async function setPassword(admin: URL, role: string, password: string): P
 /**
  * ALTER ROLE cannot take a bind parameter, so the password is in the statement text, which the
  * server may log (log_statement, or the STATEMENT line of a failed command). Sending the SCRAM
- * verifier instead, as psql's \password does, keeps the plaintext off the server. SASLprep leaves
- * ASCII unchanged; anything else goes as is for the server to normalise.
+ * verifier instead, as psql's \password does, keeps the plaintext off the server, whatever the
+ * password: the verifier is of the password as PostgreSQL prepares it (saslPrepared). Before, a
+ * password with a character outside ASCII went as plaintext.
  */
 function storedForm(password: string): string {
+  return scramVerifier(saslPrepared(password));
+}
+
+/**
+ * The password as PostgreSQL's SCRAM prepares it (pg_saslprep, RFC 4013), so the verifier made
+ * here is the one the server would make of the plaintext: ASCII as it is; otherwise non-ASCII spaces
+ * mapped to a space and the characters "commonly mapped to nothing" dropped, then NFKC. A password
+ * SASLprep prohibits (a prohibited or unassigned character, a bidirectional mix, nothing left after
+ * the mapping) is used as given, as PostgreSQL does. (node-postgres prepares a password it logs in with
+ * too, without the prohibitions.) (PostgreSQL checks for prohibited characters before NFKC, the library after: they differ
+ * only for a character assigned after Unicode 3.2 whose NFKC form is another, which PostgreSQL then
+ * takes as given and this prepares.)
+ */
+export function saslPrepared(password: string): string {
   // eslint-disable-next-line no-control-regex
-  return /^[\x00-\x7f]*$/.test(password) ? scramVerifier(password) : password;
+  if (/^[\x00-\x7f]*$/.test(password)) return password;
+  try {
+    const prepared = saslprep(password);
+    return prepared === '' ? password : prepared;
+  } catch {
+    return password;
+  }
 }
 
 function scramVerifier(password: string, iterations = 4096): string {
