@@ -665,6 +665,44 @@ describe('POST /v1/leaks', () => {
     }
   });
 
+  it('a report that tells another rotation of an incident names the incident\'s version: an older leaked value (stored over by hand since) is revoked too', async () => {
+    const id = await store('joined-older', 'pw_joined_older_value_0001', { kind: 'password', rotation: { provider: 'generated', graceHours: 1 } });
+    // The incident (of version 1) whose leak rotation was terminated while it waited at its first provider step.
+    const lock = await holdTable(h, 'password_policies');
+    let first;
+    try {
+      first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'joined-older', source: 'scan' } });
+      expect(first.body.results).toEqual([expect.objectContaining({ action: 'rotating', version: 1 })]);
+      await lock.waiting();
+      await h.client.workflow.getHandle(`rotate:${id}`).terminate('stopped by an operator');
+    } finally {
+      await lock.release();
+    }
+    // A value stored by hand (version 2), then rotated on request (2 → 3), in its grace period.
+    await store('joined-older', 'pw_joined_older_value_0002', { kind: 'password' });
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['joined-older'] } });
+    expect(started.status, started.text).toBe(202);
+    await waitFor('the requested rotation\'s grace period', async () => {
+      const r = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
+      return r.body.state === 'grace' ? r : undefined;
+    });
+    const again = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'joined-older', source: 'scan' } });
+    expect(again.body.results).toEqual([expect.objectContaining({ incidentId: first.body.results[0].incidentId, action: 'joined' })]);
+    const reported = again.body.results[0].version as number;
+    await waitFor('the requested rotation to finish', async () => {
+      const r = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
+      return r.body.state === 'succeeded' ? r.body : undefined;
+    }, 20_000);
+    await waitFor('no incident open', async () => ((await h.sql("SELECT count(*)::int AS n FROM leak_incidents WHERE credential_id = $1 AND status = 'open'", [id])).rows[0].n === 0 ? true : undefined), 20_000);
+    // Before, the run heard version 3 alone: version 1, the one the incident was of, kept working, its incident closed.
+    await waitFor('version 1 revoked', async () => ((await revokedVersions(id)).includes(1) ? true : undefined), 10_000);
+    expect(await revokedVersions(id)).toEqual(expect.arrayContaining([1, reported]));
+    for (let v = reported; v <= (await current('joined-older')).version; v++) {
+      const res = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'joined-older', version: v } });
+      if (res.status === 200) h.secret(res.body.value);
+    }
+  });
+
   it('an incident email whose delivery was never started goes out when the incident\'s run closes it, if no report came again', async () => {
     await store('mail-at-close', 'sk_mail_at_close_0001', { rotation: { provider: 'generated', graceHours: 0 } });
     // Temporal takes the rotation, then is lost before the email's delivery is started (as above).

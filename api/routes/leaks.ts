@@ -348,7 +348,14 @@ async function respond(
         const own = async () => incident.run_id !== null && (await latestRunOf(deps.client, workflowId, incident.run_id)).runId === latest.runId;
         // (An unrecorded incident's recording signals the run going, this one's or another: a run hears an incident once.)
         if (running && unrecorded) running = await startLeakRun(deps, t, unrecorded, incident.id, incident.version, undefined, unrotated);
-        else if (running && latest.runId !== incident.run_id && !(await own())) await handle.signal(leakSignal, { incidentId: incident.id, version: t.version });
+        else if (running && latest.runId !== incident.run_id && !(await own())) {
+          // The incident's own version, the one that leaked: before, the version this report resolved
+          // went in its place (by name, the current one), so an older leaked version (a value stored
+          // by hand since) was never revoked, and the run closed the incident as heard. The report's
+          // own version goes too where it is another (by name: the current value, rotated again).
+          await handle.signal(leakSignal, { incidentId: incident.id, version: incident.version });
+          if (t.version !== incident.version) await handle.signal(leakSignal, { incidentId: versionLeakId(incident.id, t.version), version: t.version });
+        }
       }
     } catch (err) {
       if (!(err instanceof WorkflowNotFoundError)) {
