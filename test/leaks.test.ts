@@ -340,6 +340,26 @@ describe('POST /v1/leaks', () => {
     expect(fixed.body.results).toEqual([{ credentialId: id, version: 1, action: 'already-revoked' }]);
   });
 
+  it('a keyed report by fingerprint keeps no hash a guessed value can be checked against: its request hash is of the keyed fingerprint', async () => {
+    const value = 'sk_keyed_fingerprint_value_0001';
+    const id = await store('keyed-fingerprint', value, { rotation: { provider: 'generated', graceHours: 0 } });
+    const key = `leak-${randomUUID()}`;
+    const body = { fingerprint: createHash('sha256').update(value).digest('hex'), source: 'gitleaks' };
+    const first = await h.api('POST', '/v1/leaks', { token: agent.token, body, headers: { 'idempotency-key': key } });
+    expect(first.status, first.text).toBe(202);
+    expect(first.body.results).toEqual([expect.objectContaining({ credentialId: id, version: 1, action: 'rotating' })]);
+    const stored = (await h.sql('SELECT request FROM idempotency_keys WHERE key = $1', [key])).rows[0].request as Buffer;
+    // Before, it was the SHA-256 of the request as sent: a guess at the value (and the source, in the audit log) confirmed offline.
+    expect(stored.equals(createHash('sha256').update(JSON.stringify(body)).digest())).toBe(false);
+    const again = await h.api('POST', '/v1/leaks', { token: agent.token, body, headers: { 'idempotency-key': key } });
+    expect(again.body).toEqual({ ...first.body, repeated: true });
+    const other = await h.api('POST', '/v1/leaks', { token: agent.token, body: { ...body, fingerprint: createHash('sha256').update(`${value}x`).digest('hex') }, headers: { 'idempotency-key': key } });
+    expect(other.status).toBe(422);
+    expect(other.body.type).toMatch(/idempotency-key-reused$/);
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak' });
+    h.secret((await current('keyed-fingerprint')).value);
+  });
+
   it('parallel reports that meet a left-over incident all join the one incident that replaces it, none the closed one', async () => {
     const id = await store('left-over-parallel', 'sk_left_over_parallel_1', { rotation: { provider: 'generated', graceHours: 0 } });
     const first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'left-over-parallel', source: 'scan' } });

@@ -88,7 +88,14 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
   // the first's answer not kept (it failed, or died, on the way), carried out again on the versions
   // the first resolved: a report by name names the current version, so resolved again once the
   // first's rotation had ended, it would open a second incident and rotate the new value too.
-  const key = keyed('leak.report', idempotencyKey, body);
+  // A fingerprint (the value's plain SHA-256) goes into the key's request hash as its keyed
+  // fingerprint, as a version keeps it: before, the hash kept for a day was of the plain one, so
+  // whoever read the database could confirm a guessed value offline (the source is in the audit log).
+  const request =
+    idempotencyKey !== undefined && body.fingerprint
+      ? { ...body, fingerprint: (await deps.secrets.fingerprintOfSha256(deps.pool, Buffer.from(body.fingerprint, 'hex'))).toString('hex') }
+      : body;
+  const key = keyed('leak.report', idempotencyKey, request);
   const owner = scope ?? ADMIN_KEY_OWNER;
   const earlier = key ? await keyedEarlier(deps.pool, owner, key) : undefined;
   const repeated = async (answer: unknown) => {
