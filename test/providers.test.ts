@@ -579,6 +579,38 @@ describe('rotation providers', () => {
       expect(issues(settingsFor({ auth: { credential: 'api-admin', header: 'Bad Header:' } }))).toEqual(['auth.header: must be an HTTP header name']);
       expect(issues(settingsFor({ extra: true }))).toEqual([': Unrecognized key: "extra"']);
       expect(issues({ ...settingsFor(), idPath: undefined })).toEqual(['idPath: Invalid input: expected string, received undefined']);
+      expect(issues(settingsFor({ idPath: 'secret' }))).toEqual([
+        'idPath: must not be valuePath: the id is kept unencrypted, so a key revoked by its value cannot be rotated by this provider',
+      ]);
+    });
+
+    it('an id past 2^53 (its digits lost in JSON) or one holding the value is refused at create, never stored or sent in a URL', async () => {
+      const value = h.secret(`hk_${randomBytes(12).toString('hex')}`);
+      let answer = '';
+      const revoked: string[] = [];
+      const odd = createServer((req, res) => {
+        if (req.method === 'DELETE') revoked.push(req.url!);
+        res.writeHead(200, { 'content-type': 'application/json' }).end(req.method === 'DELETE' ? '{}' : answer);
+      });
+      await new Promise<void>((resolve) => odd.listen(0, '127.0.0.1', resolve));
+      const at = `http://127.0.0.1:${(odd.address() as AddressInfo).port}`;
+      const settings = settingsFor({ create: { url: `${at}/keys` }, revoke: { url: `${at}/keys/{id}` } });
+      try {
+        answer = `{"id": 1234567890123456789, "secret": "${value}"}`;
+        // Before, stored as 1234567890123456800: its revoke a 404 (taken for revoked), the key left working.
+        const tooLarge = await failure(create(randomUUID(), settings));
+        expect(tooLarge).toBeInstanceOf(UnprocessableError);
+        expect(tooLarge.message).toMatch(/answered an id at id too large for a JSON number to hold exactly \(past 2\^53\); point idPath at a string id/);
+        expect(revoked).toEqual([]);
+        answer = `{"id": "key-${value}", "secret": "${value}"}`;
+        // Before, the id (the value in it) was kept unencrypted and revoked by a URL that errors quote.
+        const holding = await failure(create(randomUUID(), settings));
+        expect(holding.message).toBe(`POST ${at}/keys answered an id at id that holds the key's value`);
+        expect(revoked).toEqual([`/keys/key-${value}`]);
+      } finally {
+        odd.closeAllConnections();
+        await new Promise((resolve) => odd.close(resolve));
+      }
     });
 
     it('verify tries a key that does not work yet again, 1 s, 2 s … apart, until verify.waitSeconds have passed (0: one call); a cancelled activity or a stopping worker ends the wait at once', async () => {

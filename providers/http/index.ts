@@ -44,10 +44,20 @@ export const httpApi: Provider<HttpSettings> = {
     if ((typeof id !== 'string' && typeof id !== 'number') || id === '') {
       throw new UnprocessableError(`${callName(call)} answered without an id (string or number) at ${s.idPath}`);
     }
-    if (typeof value !== 'string' || !value) {
+    // A whole number past 2^53 has lost digits in JSON.parse: revoked by it, the key at the provider
+    // would be another's (or none: a 404, taken for revoked), and the key made now kept working.
+    if (typeof id === 'number' && Number.isInteger(id) && !Number.isSafeInteger(id)) {
+      throw new UnprocessableError(
+        `${callName(call)} answered an id at ${s.idPath} too large for a JSON number to hold exactly (past 2^53); point idPath at a string id. The key it made may still work at the provider: revoke it there by hand`,
+      );
+    }
+    // The id is kept unencrypted and goes into the revoke URL (and its errors): never the value, nor a part of it.
+    if (typeof value !== 'string' || !value || String(id).includes(value)) {
       // A key was made that will never be stored: revoke it now, while its id is at hand.
       await httpApi.revoke({ ...ctx, secret: { version: 0, value: '', externalId: String(id) }, idempotencyKey: `${idempotencyKey}:unusable` }).catch(() => undefined);
-      throw new UnprocessableError(`${callName(call)} answered without a string at ${s.valuePath}`);
+      throw new UnprocessableError(
+        `${callName(call)} ${typeof value !== 'string' || !value ? `answered without a string at ${s.valuePath}` : `answered an id at ${s.idPath} that holds the key's value`}`,
+      );
     }
     return { value, externalId: String(id) };
   },

@@ -62,6 +62,10 @@ export const httpSettings = z.strictObject({
   idPath: jsonPath,
   idempotencyHeader: headerName.default('Idempotency-Key'),
   timeoutMs: z.number().int().min(100).max(MAX_TIMEOUT_MS).default(10_000),
+}).refine((s) => s.idPath !== s.valuePath, {
+  // A key's id is kept in the clear (and goes into the revoke URL and its errors): it must not be the value.
+  message: 'must not be valuePath: the id is kept unencrypted, so a key revoked by its value cannot be rotated by this provider',
+  path: ['idPath'],
 });
 
 export type HttpSettings = z.infer<typeof httpSettings>;
