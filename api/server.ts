@@ -1,4 +1,5 @@
 import { createServer, IncomingMessage, ServerResponse, type Server } from 'node:http';
+import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { Express } from 'express';
 import { PROBLEM_BASE } from './problem';
@@ -87,6 +88,53 @@ export function listen(app: Express, port: number, host: string): Server {
         `Cache-Control: no-store\r\nConnection: close\r\n\r\n${body}`,
     );
   });
+  // Open connections, for closeGracefully: one Set entry a connection, not a request.
+  const sockets = new Set<Socket>();
+  server.on('connection', (socket: Socket) => {
+    sockets.add(socket);
+    socket.once('close', () => sockets.delete(socket));
+  });
+  // Before the app's own listener: once the server drains, every response closes its connection.
+  server.prependListener('request', (_req: IncomingMessage, res: ServerResponse) => {
+    if (draining.has(server)) res.shouldKeepAlive = false;
+  });
+  servers.set(server, sockets);
   server.listen(port, host);
   return server;
+}
+
+/** Each listening server's open connections; a draining server is in `draining` too. */
+const servers = new WeakMap<Server, Set<Socket>>();
+const draining = new WeakSet<Server>();
+
+/**
+ * Stops a server built by listen(): no new connections, idle ones closed at once, and every
+ * response from now on, the ones in flight included, sent with `Connection: close` and its
+ * connection closed after it. Resolves once every connection is gone; at `graceMs` what is still
+ * open is cut (`onCut` is told first). Before, server.close() alone stopped new connections only: a
+ * client reusing a kept-alive connection (a reverse proxy upstream does) was still served on it,
+ * with keep-alive, so it never went idle, and the grace period's end cut whatever request it had in
+ * flight then (a change perhaps committed, its answer lost).
+ */
+export async function closeGracefully(server: Server, graceMs: number, onCut: () => void): Promise<void> {
+  draining.add(server);
+  const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+  server.closeIdleConnections();
+  for (const socket of servers.get(server) ?? []) {
+    // The response in flight on the connection (Node's own link from a socket to its response).
+    const res = (socket as Socket & { _httpMessage?: ServerResponse })._httpMessage;
+    if (!res) continue;
+    if (!res.headersSent) res.shouldKeepAlive = false;
+    // Its headers already said keep-alive: the connection is closed once it has gone idle after it.
+    else res.once('finish', () => setImmediate(() => server.closeIdleConnections()));
+  }
+  const cut = setTimeout(() => {
+    onCut();
+    server.closeAllConnections();
+  }, graceMs);
+  try {
+    await closed;
+  } finally {
+    clearTimeout(cut);
+  }
 }

@@ -5,7 +5,7 @@ import path from 'node:path';
 import { Client, Connection } from '@temporalio/client';
 import { NativeConnection } from '@temporalio/worker';
 import { createApp } from '../api/app';
-import { listen } from '../api/server';
+import { closeGracefully, listen } from '../api/server';
 import { createDependents } from '../dependents';
 import type { Logger } from '../core/logger';
 import { ConfigError, partProblems, type Config } from '../core/config';
@@ -220,16 +220,9 @@ export async function serve(config: Config, logger: Logger, parts: Part[] = ['ap
       await once(server, 'listening');
       // Stop taking connections and close idle keep-alive sockets; in-flight requests get the grace
       // period to finish (their connections close after the response), then are cut.
-      onClose('http', async () => {
-        const closed = new Promise((resolve) => server.close(resolve));
-        server.closeIdleConnections();
-        const cut = setTimeout(() => {
-          logger.warn({ graceSeconds: config.SHUTDOWN_GRACE_SECONDS }, 'in-flight requests did not finish in time; closing their connections');
-          server.closeAllConnections();
-        }, graceMs);
-        await closed;
-        clearTimeout(cut);
-      });
+      onClose('http', () =>
+        closeGracefully(server, graceMs, () => logger.warn({ graceSeconds: config.SHUTDOWN_GRACE_SECONDS }, 'in-flight requests did not finish in time; closing their connections')),
+      );
       logger.info({ port: config.PORT, host: config.HOST }, 'API listening');
     }
     checkpoint();

@@ -1,10 +1,10 @@
 import { once } from 'node:events';
-import { IncomingMessage, type Server, ServerResponse } from 'node:http';
+import http, { IncomingMessage, type Server, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Duplex } from 'node:stream';
 import express from 'express';
 import { afterEach, describe, expect, it } from 'vitest';
-import { listen } from '../../api/server';
+import { closeGracefully, listen } from '../../api/server';
 
 describe("the API's HTTP server", () => {
   let server: Server | undefined;
@@ -62,5 +62,67 @@ describe("the API's HTTP server", () => {
     expect(answerTo('HPE_CHUNK_EXTENSIONS_OVERFLOW')).toMatch(/^HTTP\/1\.1 413 /);
     expect(answerTo('HPE_HEADER_OVERFLOW')).toMatch(/^HTTP\/1\.1 431 /);
     expect(answerTo('HPE_INVALID_METHOD')).toMatch(/^HTTP\/1\.1 400 [\s\S]*malformed-request/);
+  });
+  it('closeGracefully: responses in flight close their kept-alive connections, which are not served again, and the server closes without waiting out the grace', async () => {
+    const app = express();
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    let arrived = 0;
+    app.get('/slow', async (_req, res) => {
+      arrived += 1;
+      await held;
+      res.send('slow');
+    });
+    // Its headers go before the drain begins (keep-alive), its body after.
+    app.get('/stream', async (_req, res) => {
+      arrived += 1;
+      res.writeHead(200, { 'content-type': 'text/plain' });
+      res.write('part ');
+      await held;
+      res.end('end');
+    });
+    app.get('/fast', (_req, res) => res.send('fast'));
+    const srv = listen(app, 0, '127.0.0.1');
+    server = srv;
+    await once(srv, 'listening');
+    srv.keepAliveTimeout = 30_000; // a connection left kept-alive would hold the close this long
+    const port = (srv.address() as AddressInfo).port;
+    const agent = new http.Agent({ keepAlive: true, maxSockets: 2 });
+    const get = (path: string) =>
+      new Promise<{ connection?: string; body: string }>((resolve, reject) => {
+        http
+          .get({ host: '127.0.0.1', port, path, agent }, (res) => {
+            let body = '';
+            res.setEncoding('utf8').on('data', (d: string) => (body += d));
+            res.on('end', () => resolve({ connection: res.headers.connection, body }));
+          })
+          .on('error', reject);
+      });
+    try {
+      // Both connections were used before (kept alive, as a proxy keeps them).
+      expect(await Promise.all([get('/fast'), get('/fast')])).toEqual([
+        { connection: 'keep-alive', body: 'fast' },
+        { connection: 'keep-alive', body: 'fast' },
+      ]);
+      const slow = get('/slow');
+      const stream = get('/stream');
+      while (arrived < 2) await new Promise((resolve) => setTimeout(resolve, 10));
+      let cut = false;
+      const started = Date.now();
+      const closing = closeGracefully(srv, 20_000, () => (cut = true));
+      release();
+      // Before, the slow one was answered keep-alive, and the next request was served on its connection.
+      expect(await slow).toEqual({ connection: 'close', body: 'slow' });
+      expect(await stream).toEqual({ connection: 'keep-alive', body: 'part end' });
+      await closing;
+      server = undefined;
+      expect(cut).toBe(false);
+      expect(Date.now() - started).toBeLessThan(5_000);
+      // Not served: refused, or (a kept-alive socket the agent had not yet seen closed) hung up.
+      await expect(get('/fast')).rejects.toMatchObject({ code: expect.stringMatching(/^ECONN(REFUSED|RESET)$/) });
+    } finally {
+      release();
+      agent.destroy();
+    }
   });
 });
