@@ -345,12 +345,13 @@ export function rotationActivities(deps: ActivityDeps) {
         if (plannedWithoutPolicy) {
           throw new UnprocessableError(`version ${ids.version} of credential '${meta.name}' cannot be revoked here: the credential has no rotation policy to say where it was issued; revoke it there by hand`);
         }
-        const holdsOne = ids.current !== undefined && provider.discard !== undefined;
-        if (ids.keepLive && !holdsOne) return { kept: true as const };
         const ctx = await providerContext(ids, meta, provider, policy.settings);
+        // Asked of the provider (before, any provider with a discard counted as holding one value:
+        // an http provider's, two PostgreSQL roles' abandoned version was revoked under the dependent).
+        if (ids.keepLive && !provider.holdsOneValue?.(ctx.settings)) return { kept: true as const };
         const secret = await read(ids, ids.version, 'provider.revoke');
         const idempotencyKey = stepKey(ids, 'revoke', ids.version);
-        if (holdsOne) {
+        if (ids.current !== undefined && provider.discard) {
           const version = ids.currentNow && meta.version !== ids.version ? meta.version : ids.current!;
           const current = await read(ids, version, 'provider.discard');
           await heartbeating(() => provider.discard!({ ...ctx, pending: secret, current, idempotencyKey }));

@@ -58,4 +58,10 @@ export interface Provider<S = unknown> {
    * `createKey`, the idempotency key that create was called with, then lets a provider find it again.
    */
   discard?(ctx: ProviderContext<S> & { pending?: ProviderSecret; current: ProviderSecret; idempotencyKey: string; createKey?: string }): Promise<void>;
+  /**
+   * Whether, under these settings, the provider holds one live secret (a single PostgreSQL role):
+   * a version a rollback abandons cannot then be left working beside the current one. Absent: it
+   * keeps versions apart.
+   */
+  holdsOneValue?(settings: S): boolean;
 }

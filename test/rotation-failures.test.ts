@@ -17,6 +17,7 @@ import { canLogin, holdTable, loginRoleWithAdmin, mailTo, waitFor, type Identity
 import type { ReceivedEvent } from './support/webhook-receiver';
 import { WebhookReceiver } from './support/webhook-receiver';
 import { TcpProxy } from './support/tcp-proxy';
+import { ProviderServer } from './support/provider-server';
 import { recipients } from './support/mail';
 
 /**
@@ -997,6 +998,40 @@ describe('rotation failures', () => {
     expect(leak.body.results, leak.text).toEqual([expect.objectContaining({ version: 2, action: 'rotating' })]);
     expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 1, toVersion: 3 });
     expect(await revokedVersions(id)).toEqual([1, 2]);
+  });
+
+  it('a rollback whose dependent cannot be put back leaves the abandoned key working at an http provider too, which keeps keys apart', async () => {
+    const provider = await new ProviderServer().start();
+    try {
+      const admin = unique('provider-admin');
+      await store(admin, 'api_key', h.secret(provider.adminToken));
+      const name = unique('http-key');
+      const ownerMail = `${name}@example.com`;
+      const settings = { create: { url: `${provider.url}/keys` }, verify: { url: `${provider.url}/whoami`, waitSeconds: 0 }, revoke: { url: `${provider.url}/keys/{id}` }, auth: { credential: admin }, valuePath: 'secret', idPath: 'id' };
+      const id = await store(name, 'api_key', h.secret(`v1_${randomBytes(16).toString('hex')}`), {
+        owners: [ownerMail],
+        rotation: { provider: 'http', settings, periodDays: 90, graceHours: 1, maxAttempts: 1 },
+      });
+      const r = await receiver();
+      await setDependents(id, [webhook(r)]);
+      const rotationId = await startRotation(name);
+      await waitForState(rotationId, ['grace']);
+      await read(id, 2);
+      expect(provider.listKeys()).toEqual([expect.objectContaining({ active: true })]);
+      r.failWith = 400;
+      const rolledBack = await h.api('POST', `/v1/rotations/${rotationId}/rollback`, { token: owner.token });
+      expect(rolledBack.status, rolledBack.text).toBe(200);
+      expect(await runResult(rotationId)).toMatchObject({ state: 'rolled_back' });
+      // Before, the provider's discard revoked it: the dependent still on it broke.
+      expect(provider.listKeys()).toEqual([expect.objectContaining({ active: true })]);
+      expect(await revokedVersions(id)).toEqual([]);
+      const notice = (await waitFor('the rollback notice', () => notices(ownerMail, name), (mails) => mails.some((m) => m.mail.subject?.startsWith('[mailgent] Rotation rolled back')))).find((m) =>
+        m.mail.subject?.startsWith('[mailgent] Rotation rolled back'),
+      )!;
+      expect(notice.mail.text).toContain('and version 2 was left working at the provider: the dependents below could not be put back and still use it. Revoke it there once they are off it.');
+    } finally {
+      await provider.stop();
+    }
   });
 
   it('a leak reported while the final notice is being sent rotates the leaked value again and closes the incident', async () => {

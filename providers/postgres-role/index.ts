@@ -55,6 +55,7 @@ export const postgresRole: Provider<PostgresRoleSettings> = {
   },
 
   // Also a rollback's: `pending` is then the abandoned rotated version, `current` the previous one.
+  holdsOneValue: (settings) => !settings.roles,
   async discard(ctx) {
     if (ctx.settings.roles) {
       if (ctx.pending) return retire(ctx, ctx.pending);
