@@ -466,14 +466,33 @@ describe('rotation providers', () => {
       await httpApi.discard!({ ...ctx, current, idempotencyKey: 'k-orphan:discard', createKey: 'k-orphan' });
       expect(server.listKeys().filter((k) => k.idempotencyKey === 'k-orphan')).toEqual([expect.objectContaining({ active: false })]);
       expect(server.creates - before).toBe(1);
-      // A create the provider refuses made nothing: nothing to find, and discard does not fail.
-      server.failNext('create', 1, 403);
+      // A create the provider refuses made nothing: nothing to find, and discard does not fail. (A
+      // 401 or 403 does not say so: an auth layer's answer, given before any key is looked for.)
+      server.failNext('create', 1, 422);
       await httpApi.discard!({ ...ctx, current, idempotencyKey: 'k-refused:discard', createKey: 'k-refused' });
       expect(server.listKeys().filter((k) => k.idempotencyKey === 'k-refused')).toEqual([]);
       // An answer with the key's id but no usable value: the key is revoked there and then.
       const noValue = await failure(create('k-no-value', settingsFor({ valuePath: 'data.secret' })));
       expect(noValue.message).toBe(`POST ${server.url}/keys answered without a string at data.secret`);
       expect(server.listKeys().filter((k) => k.idempotencyKey === 'k-no-value')).toEqual([expect.objectContaining({ active: false })]);
+      // Its revoke failing for now fails the create for now (retried), not for good with the key left working (before: ignored).
+      server.failNext('revoke', 1, 503);
+      const unrevoked = await failure(create('k-no-value-2', settingsFor({ valuePath: 'data.secret' })));
+      expect(unrevoked).not.toBeInstanceOf(AppError);
+      expect(unrevoked.message).toBe(`POST ${server.url}/keys answered without a string at data.secret; revoking the key it made failed for now`);
+      expect(server.listKeys().filter((k) => k.idempotencyKey === 'k-no-value-2')).toEqual([expect.objectContaining({ active: true })]);
+      await failure(create('k-no-value-2', settingsFor({ valuePath: 'data.secret' })));
+      expect(server.listKeys().filter((k) => k.idempotencyKey === 'k-no-value-2')).toEqual([expect.objectContaining({ active: false })]);
+      // The create sent again refused with 401 (the admin token no longer works) says nothing of what
+      // the first made: the discard fails (before, it passed, a key perhaps left working).
+      server.failNext('create', 1, 502, { afterEffect: true });
+      await failure(create('k-unauthorised'));
+      server.failNext('create', 1, 401);
+      const unauthorised = await failure(httpApi.discard!({ ...ctx, current, idempotencyKey: 'k-unauthorised:discard', createKey: 'k-unauthorised' }));
+      expect(unauthorised.message).toBe(`POST ${server.url}/keys answered 401 Unauthorized`);
+      expect(server.listKeys().filter((k) => k.idempotencyKey === 'k-unauthorised')).toEqual([expect.objectContaining({ active: true })]);
+      await httpApi.discard!({ ...ctx, current, idempotencyKey: 'k-unauthorised:discard', createKey: 'k-unauthorised' });
+      expect(server.listKeys().filter((k) => k.idempotencyKey === 'k-unauthorised')).toEqual([expect.objectContaining({ active: false })]);
     });
 
     it('failures surface as errors with method, URL and status only; 4xx are permanent, 5xx and timeouts are not', async () => {

@@ -2,7 +2,7 @@ import { AppError, UnprocessableError } from '../../core/errors';
 import type { Provider } from '../types';
 import { attemptWaitLimit, sleep } from '../../core/activity-attempt';
 import { cancellationOf } from '../../core/outbound-cancel';
-import { callName, credentialHeader, discardBody, readJson, resolvePath, send, statusError } from './request';
+import { callName, credentialHeader, discardBody, ProviderRefused, readJson, resolvePath, send, statusError } from './request';
 import { httpSettings, type HttpSettings } from './schema';
 
 /** The longest pause between two calls of verify to a key that does not work yet. */
@@ -53,11 +53,17 @@ export const httpApi: Provider<HttpSettings> = {
     }
     // The id is kept unencrypted and goes into the revoke URL (and its errors): never the value, nor a part of it.
     if (typeof value !== 'string' || !value || String(id).includes(value)) {
-      // A key was made that will never be stored: revoke it now, while its id is at hand.
-      await httpApi.revoke({ ...ctx, secret: { version: 0, value: '', externalId: String(id) }, idempotencyKey: `${idempotencyKey}:unusable` }).catch(() => undefined);
-      throw new UnprocessableError(
-        `${callName(call)} ${typeof value !== 'string' || !value ? `answered without a string at ${s.valuePath}` : `answered an id at ${s.idPath} that holds the key's value`}`,
-      );
+      const unusable = `${callName(call)} ${typeof value !== 'string' || !value ? `answered without a string at ${s.valuePath}` : `answered an id at ${s.idPath} that holds the key's value`}`;
+      // A key was made that will never be stored: revoke it now, while its id is at hand. Not
+      // revoked for now (a 5xx, down), the step fails for now: its retry sends the create again
+      // under its key, which answers the same key, and revokes it then (before, the failure was
+      // ignored, and the key left working). (The revoke's own message is not passed on: its URL
+      // holds the id, which may hold the value.)
+      await httpApi.revoke({ ...ctx, secret: { version: 0, value: '', externalId: String(id) }, idempotencyKey: `${idempotencyKey}:unusable` }).catch((err: unknown) => {
+        if (err instanceof AppError) throw new UnprocessableError(`${unusable}; revoking the key it made was refused too: revoke it at the provider by hand`);
+        throw new Error(`${unusable}; revoking the key it made failed for now`);
+      });
+      throw new UnprocessableError(unusable);
     }
     return { value, externalId: String(id) };
   },
@@ -75,8 +81,11 @@ export const httpApi: Provider<HttpSettings> = {
     try {
       made = await httpApi.create({ ...ctx, idempotencyKey: ctx.createKey });
     } catch (err) {
-      // Refused for good (a 4xx, an answer it cannot use): it made nothing now, and did not before.
-      if (err instanceof AppError) return;
+      // The provider refused the create sent again (a 4xx other than 401 or 403): it made nothing
+      // now, and did not before. Anything else does not say so (the admin token refused or
+      // unreadable, the call refused here, an answer it cannot use): before, every refusal of ours
+      // counted as "nothing made", and the attempt was taken as undone with a key perhaps left live.
+      if (err instanceof ProviderRefused && err.providerStatus !== 401 && err.providerStatus !== 403) return;
       throw err;
     }
     await httpApi.revoke({ ...ctx, secret: { version: 0, value: made.value, externalId: made.externalId } });

@@ -59,7 +59,17 @@ export function statusError(what: string, res: Response, secrets: string[]): Err
   text = text.slice(0, 80);
   const message = `${what} answered ${res.status}${text ? ` ${text}` : ''}`;
   const transient = res.status < 400 || res.status >= 500 || [408, 409, 425, 429].includes(res.status);
-  return transient ? new Error(message) : new UnprocessableError(message);
+  return transient ? new Error(message) : new ProviderRefused(message, res.status);
+}
+
+/** A provider's 4xx answer that a retry would not change: the call was refused, and did nothing. */
+export class ProviderRefused extends UnprocessableError {
+  constructor(
+    message: string,
+    readonly providerStatus: number,
+  ) {
+    super(message);
+  }
 }
 
 /** Lets the connection go back to the pool without reading a body we do not need. */
