@@ -126,6 +126,29 @@ describe('a keyring file replaced while a service runs', () => {
     expect(readKeyringFile(file).current).toBe(a.id);
   });
 
+  it('written over a file through a symbolic link, rewrites the target and keeps its owner, group and mode', () => {
+    const [a, b] = [newKey(), newKey()];
+    const real = path.join(dir, `real-${process.pid}.json`);
+    const link = path.join(dir, `link-${process.pid}.json`);
+    writeKeyringFile(real, [a], a.id);
+    chmodSync(real, 0o640);
+    // As the service's own user would own it (the test runs as root here).
+    if (process.geteuid?.() === 0) fs.chownSync(real, 4242, 4343);
+    fs.symlinkSync(real, link);
+    try {
+      writeKeyringFile(link, [b, a], b.id);
+      // Before, the link was replaced by a file of its own, root's and 0600; the target kept only the old key.
+      expect(fs.lstatSync(link).isSymbolicLink()).toBe(true);
+      expect(readKeyringFile(real).current).toBe(b.id);
+      const st = statSync(real);
+      expect(st.mode & 0o777).toBe(0o640);
+      if (process.geteuid?.() === 0) expect([st.uid, st.gid]).toEqual([4242, 4343]);
+    } finally {
+      rmSync(link, { force: true });
+      rmSync(real, { force: true });
+    }
+  });
+
   it('is read again after a read of it failed: one failure does not leave the service wrapping with the old key', () => {
     const [a, b] = [newKey(), newKey()];
     write([a], 1_700_000_000);

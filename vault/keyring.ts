@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, fsyncSync, openSync, readFileSync, renameSync, rmSync, statSync, writeSync } from 'node:fs';
+import { closeSync, fchmodSync, fchownSync, fsyncSync, openSync, readFileSync, realpathSync, renameSync, rmSync, statSync, writeSync } from 'node:fs';
 import path from 'node:path';
 import { KEY_BYTES } from './crypto';
 
@@ -202,8 +202,32 @@ export function readKeyringFile(file: string): { keys: MasterKey[]; current: str
  * Writes a keyring file atomically with mode 0600, and durably: the file and then its directory are
  * synced before this returns, because data keys wrapped under a key in it are committed next, and a
  * crash that kept those commits but lost the file would lose every secret they seal.
+ *
+ * A file already there is replaced where it really is (through a symbolic link, the link stays and
+ * its target is rewritten), keeping its owner, group and mode. Before, the link was replaced by a
+ * file of its own (whoever read the target never saw the new key, and the dropped key stayed there),
+ * and a keyring written by `sudo mailgent rekey` became root's, 0600: the service, running as its own
+ * user, could no longer read it. Where the owner cannot be kept (rekey run as another user, not
+ * root), nothing is written.
  */
 export function writeKeyringFile(file: string, keys: MasterKey[], current: string, now = new Date()): void {
+  let target = file;
+  let was: { mode: number; uid: number; gid: number } | undefined;
+  try {
+    target = realpathSync(file);
+    const st = statSync(target);
+    was = { mode: st.mode & 0o7777, uid: st.uid, gid: st.gid };
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+  }
+  const euid = process.geteuid?.();
+  if (was && euid !== undefined && euid !== 0 && euid !== was.uid) {
+    throw new KeyringFileError(
+      `keyring file ${file} is owned by uid ${was.uid}; run this as that user (or root), so the file keeps its owner`,
+      'is owned by another user than the one writing it',
+    );
+  }
+  file = target;
   const doc: KeyringFile = {
     version: 1,
     current,
@@ -215,6 +239,11 @@ export function writeKeyringFile(file: string, keys: MasterKey[], current: strin
   rmSync(tmp, { force: true });
   const fd = openSync(tmp, 'wx', 0o600);
   try {
+    if (was) {
+      if (euid === 0) fchownSync(fd, was.uid, was.gid);
+      else if (process.getegid?.() !== was.gid) fchownSync(fd, -1, was.gid);
+      fchmodSync(fd, was.mode);
+    }
     writeSync(fd, `${JSON.stringify(doc, null, 2)}\n`);
     fsyncSync(fd);
   } finally {
