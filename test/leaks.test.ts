@@ -723,6 +723,32 @@ describe('POST /v1/leaks', () => {
     }
   });
 
+  it('a report that meets a destroy between finding the version live and opening its incident is answered deleted and told, not already-revoked', async () => {
+    const id = await store('destroy-race', 'sk_destroy_race_value_0001', { rotation: { provider: 'generated', graceHours: 0 } });
+    // The report's scan of its free text runs between the two: the credential is destroyed there.
+    const real = h.services.vault;
+    const vault = Object.create(real, {
+      readableValues: {
+        value: async function* (identityId: string) {
+          const destroyed = await h.api('DELETE', '/v1/credentials/destroy-race?destroy=true', { token: agent.token });
+          expect(destroyed.status, destroyed.text).toBe(200);
+          yield* real.readableValues(identityId);
+        },
+      },
+    });
+    const deps = { ...depsLosingStarts(), vault, client: h.client };
+    const caller = { identityId: agent.id, actor: `identity:${agent.id}`, requestId: randomUUID() };
+    const answer = await reportLeak(deps, caller, agent.id, { credential: 'destroy-race', source: 'gitleaks-scan' });
+    // Before, `already-revoked`: the destroyed version's missing row read as revoked, and no one was told.
+    expect(answer.results).toEqual([{ credentialId: id, version: 1, action: 'deleted' }]);
+    const [told] = await waitFor('the leak told', async () => {
+      const mails = (await readMailbox()).filter((m) => m.mail.subject === '[mailgent] SECURITY: leak reported for destroy-race (destroyed; not rotated)');
+      return mails.length > 0 ? mails : undefined;
+    });
+    expect(told!.mail.text).toContain('The credential was destroyed on');
+    expect((await h.sql('SELECT count(*)::int AS n FROM leak_incidents WHERE credential_id = $1', [id])).rows[0].n).toBe(0);
+  });
+
   it('an incident email whose delivery was never started goes out when the incident\'s run closes it, if no report came again', async () => {
     await store('mail-at-close', 'sk_mail_at_close_0001', { rotation: { provider: 'generated', graceHours: 0 } });
     // Temporal takes the rotation, then is lost before the email's delivery is started (as above).

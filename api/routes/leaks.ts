@@ -194,6 +194,14 @@ async function liveVersions(db: Pick<Pool, 'query'>, credentialId: string, versi
 /** Rolls an incident's transaction back: the version it was for was revoked since the report found it live. */
 class RevokedMeanwhile extends Error {}
 
+/**
+ * Rolls an incident's transaction back: the version it was for is gone since the report found it
+ * live, its credential destroyed meanwhile. A destroy revokes nothing where the value was issued:
+ * the leak is told as one nothing rotates (before, a missing row read as revoked: `already-revoked`,
+ * and no one was told).
+ */
+class DestroyedMeanwhile extends Error {}
+
 async function respond(
   deps: LeakDeps,
   t: Target,
@@ -272,7 +280,9 @@ async function respond(
     // any parallel one: a run's revoke commits before its close. (Not when the incident carries a
     // version a left-over one handed it: that one is still to be revoked.)
     if (leftOver === undefined) {
-      if ((await liveVersions(tx, t.credentialId, [t.version])).length === 0) throw new RevokedMeanwhile();
+      const { rows } = await tx.query('SELECT revoked_at IS NULL AS live FROM secret_versions WHERE credential_id = $1 AND version = $2', [t.credentialId, t.version]);
+      if (!rows[0]) throw new DestroyedMeanwhile();
+      if (!rows[0].live) throw new RevokedMeanwhile();
     }
     // The incident names this rotation before its row is in: the foreign key is checked at commit.
     await tx.query(`INSERT INTO rotations (id, identity_id, kind, reason, workflow_id) VALUES ($1, $2, 'leak', $3, $4)`, [
@@ -307,9 +317,11 @@ async function respond(
     return opened;
   }).catch((err: unknown) => {
     if (err instanceof RevokedMeanwhile) return 'revoked' as const;
+    if (err instanceof DestroyedMeanwhile) return 'destroyed' as const;
     throw err;
   });
   if (incident === 'revoked') return { credentialId: t.credentialId, version: t.version, action: 'already-revoked' as const };
+  if (incident === 'destroyed') return reportUnrotated(deps, { ...t, deleted: true }, body, actor);
   if (incident === 'answered') return replacing!.answered();
   // The version a left-over incident this one replaced handed it (kept on it): a report that starts
   // or signals its run passes it on, as its opener did.
