@@ -195,23 +195,24 @@ export function rotationActivities(deps: ActivityDeps) {
         const meta = await deps.vault.describe(ids.identityId, ids.credentialId);
         const policy = (await planned(ids, meta)).policy ?? DEFAULT_POLICY;
         const provider = registered(deps.providers, policy.provider);
-        if (provider) {
-          const ctx = await providerContext(ids, meta, provider, policy.settings);
-          const pending = staged ? await read(ids, staged.version, 'provider.discard') : undefined;
-          const idempotencyKey = stepKey(ids, 'discard', ids.attempt);
-          // Put back on `current` (the version the attempt's create read, or the one a refused
-          // promote named), known only for a create that staged its version. One that did not (it
-          // was sent and failed, its answer lost, say: `createKey` lets the provider find what it may
-          // have made) puts the provider on the vault's current version now: the workflow knew only
-          // the version current when the rotation planned, and a value stored since (between two
-          // attempts, say) is what consumers use.
-          const currentVersion = staged ? storedSince(ids.current, meta.version, staged.version) : meta.version;
-          await heartbeating(async () => {
-            if (provider.discard) await provider.discard({ ...ctx, pending, current: await read(ids, currentVersion, 'provider.discard'), idempotencyKey, createKey });
-            else if (pending) await provider.revoke({ ...ctx, secret: pending, idempotencyKey });
-          });
-          if (staged) await deps.rotations.markRevoked(caller(ids), ids.credentialId, staged.version);
-        }
+        // Refused as every other step refuses it: before, the provider was passed over and the
+        // attempt taken as undone, with a key it may have made left working there.
+        if (!provider) throw new UnprocessableError(`rotation provider '${policy.provider}' is not installed on this worker`);
+        const ctx = await providerContext(ids, meta, provider, policy.settings);
+        const pending = staged ? await read(ids, staged.version, 'provider.discard') : undefined;
+        const idempotencyKey = stepKey(ids, 'discard', ids.attempt);
+        // Put back on `current` (the version the attempt's create read, or the one a refused
+        // promote named), known only for a create that staged its version. One that did not (it
+        // was sent and failed, its answer lost, say: `createKey` lets the provider find what it may
+        // have made) puts the provider on the vault's current version now: the workflow knew only
+        // the version current when the rotation planned, and a value stored since (between two
+        // attempts, say) is what consumers use.
+        const currentVersion = staged ? storedSince(ids.current, meta.version, staged.version) : meta.version;
+        await heartbeating(async () => {
+          if (provider.discard) await provider.discard({ ...ctx, pending, current: await read(ids, currentVersion, 'provider.discard'), idempotencyKey, createKey });
+          else if (pending) await provider.revoke({ ...ctx, secret: pending, idempotencyKey });
+        });
+        if (staged) await deps.rotations.markRevoked(caller(ids), ids.credentialId, staged.version);
         if (staged) await deps.rotations.discardPending(caller(ids), ids.credentialId, staged.version, 'active');
       });
     },

@@ -194,6 +194,28 @@ describe('rotateCredential', () => {
     expect(current.body.version).toBe(2);
   });
 
+  it('an undo on a worker without the credential\'s provider is refused, as every other step is: the pending version stays, not taken as discarded', async () => {
+    const stored = await h.api('POST', '/v1/vault.store', {
+      token: agent.token,
+      body: { name: 'undo-no-provider', kind: 'api_key', value: h.secret('undo-no-provider-v1'), rotation: { provider: 'generated', periodDays: 30 } },
+    });
+    expect(stored.status, stored.text).toBe(201);
+    const rotationId = randomUUID();
+    await h.sql('INSERT INTO rotations (id, identity_id) VALUES ($1, $2)', [rotationId, agent.id]);
+    const ids = { rotationId, identityId: agent.id, credentialId: stored.body.id, workflowId: `rotate:${stored.body.id}` };
+    const acts = createActivities(h.deps);
+    await acts.planRotation(ids);
+    const staged = await acts.createPendingVersion({ ...ids, attempt: 1 });
+    const { generated: _gone, ...others } = h.deps.providers;
+    // Before, the provider was passed over, and the pending version discarded as if undone there.
+    await expect(createActivities({ ...h.deps, providers: others }).discardAttempt({ ...ids, attempt: 1, current: 1 })).rejects.toThrow(
+      "rotation provider 'generated' is not installed on this worker",
+    );
+    expect((await h.sql('SELECT pending_version FROM credentials WHERE id = $1', [ids.credentialId])).rows[0].pending_version).toBe(staged.version);
+    await acts.discardAttempt({ ...ids, attempt: 1, current: 1 });
+    expect((await h.sql('SELECT pending_version FROM credentials WHERE id = $1', [ids.credentialId])).rows[0].pending_version).toBeNull();
+  });
+
   it('every step is idempotent: a retried activity makes no second version and sends no second notice', async () => {
     const owner = `owner-${randomUUID().slice(0, 8)}@example.com`;
     const stored = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'retry-me', kind: 'password', owners: [owner], value: h.secret('retry-original-pass') } });
