@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
-import { constants, copyFileSync, linkSync, rmSync } from 'node:fs';
+import { closeSync, constants, copyFileSync, fsyncSync, linkSync, openSync, rmSync } from 'node:fs';
+import path from 'node:path';
 
 /**
  * Writes a file aside (`write` gets the temporary path) and links it into place, which fails if
@@ -18,12 +19,27 @@ export function placeOnce(file: string, write: (made: string) => void): boolean 
       const code = (err as NodeJS.ErrnoException).code;
       if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP' && code !== 'ENOSYS') throw err;
       copyFileSync(made, file, constants.COPYFILE_EXCL);
+      syncPath(file);
     }
+    // The new name made durable before the temporary one goes: a crash then (a power cut) could
+    // otherwise keep neither, or an empty copy, while what the file guards (the data keys its
+    // master key wraps, in a database perhaps on another disk) was committed.
+    syncPath(path.dirname(file));
     return true;
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'EEXIST') return false;
     throw err;
   } finally {
     rmSync(made, { force: true });
+  }
+}
+
+/** fsync of a file or a directory. */
+function syncPath(p: string): void {
+  const fd = openSync(p, 'r');
+  try {
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
   }
 }

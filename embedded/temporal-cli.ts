@@ -14,8 +14,9 @@ import type { Logger } from '../core/logger';
  */
 export const TEMPORAL_CLI_MODULE = 'github.com/temporalio/cli/cmd/temporal@v1.5.1';
 
+/** As `.ci/run` finds it: a variable set empty counts as unset (before, an empty one made a path relative to the working directory). */
 export function cacheDir(): string {
-  return process.env.MAILGENT_CACHE_DIR ?? path.join(process.env.XDG_CACHE_HOME ?? path.join(os.homedir(), '.cache'), 'mailgent');
+  return process.env.MAILGENT_CACHE_DIR || path.join(process.env.XDG_CACHE_HOME || path.join(os.homedir(), '.cache'), 'mailgent');
 }
 
 export async function findTemporalCli(opts: { configured?: string; logger?: Logger; build?: boolean }): Promise<string | undefined> {

@@ -130,7 +130,10 @@ export function safeError(what: string, err: unknown, secrets: string[]): Error 
  * machine or its private network unless OUTBOUND_ALLOW lists the host.
  */
 async function withClient<T>(config: pg.ClientConfig, fn: (c: pg.Client) => Promise<T>): Promise<T> {
-  const client = new pg.Client({ ...config, query_timeout: 30_000, stream: () => new GuardedSocket() });
+  // The server gives up first (statement_timeout, lock_timeout under it): at query_timeout alone the
+  // client stopped waiting while an ALTER ROLE waiting on a lock could still commit later, after the
+  // undo that followed had put the role back: the role left on a password only an abandoned version holds.
+  const client = new pg.Client({ ...config, query_timeout: 30_000, statement_timeout: 20_000, lock_timeout: 15_000, stream: () => new GuardedSocket() });
   client.on('error', () => undefined); // a dropped idle connection must not crash the worker
   try {
     try {

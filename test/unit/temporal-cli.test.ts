@@ -4,7 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { startEmbeddedTemporal } from '../../embedded/temporal';
-import { findTemporalCli } from '../../embedded/temporal-cli';
+import { cacheDir, findTemporalCli } from '../../embedded/temporal-cli';
 
 describe('the Temporal CLI build cache', () => {
   const saved = { PATH: process.env.PATH, MAILGENT_CACHE_DIR: process.env.MAILGENT_CACHE_DIR, TMPDIR: process.env.TMPDIR };
@@ -16,6 +16,21 @@ describe('the Temporal CLI build cache', () => {
     if (saved.TMPDIR === undefined) delete process.env.TMPDIR;
     else process.env.TMPDIR = saved.TMPDIR;
     for (const dir of dirs.splice(0)) rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('a cache variable set empty counts as unset, as .ci/run reads it: the cache is never a path relative to the working directory', () => {
+    const xdg = process.env.XDG_CACHE_HOME;
+    try {
+      process.env.MAILGENT_CACHE_DIR = '';
+      process.env.XDG_CACHE_HOME = '';
+      // Before, `mailgent` under the working directory: CI built the CLI into ~/.cache, the suite then built it again there.
+      expect(cacheDir()).toBe(path.join(os.homedir(), '.cache', 'mailgent'));
+      process.env.XDG_CACHE_HOME = '/var/cache/x';
+      expect(cacheDir()).toBe('/var/cache/x/mailgent');
+    } finally {
+      if (xdg === undefined) delete process.env.XDG_CACHE_HOME;
+      else process.env.XDG_CACHE_HOME = xdg;
+    }
   });
 
   /** A `go` that writes part of the binary where GOBIN says, then dies (a build killed half way) or finishes. */
