@@ -23,7 +23,7 @@ export function checkPolicy(policy: RotationPolicy): RotationPolicy {
   if (!provider) {
     throw new UnprocessableError(`rotation.provider '${policy.provider}' is unknown; known providers: ${Object.keys(providers).join(', ')}`);
   }
-  const parsed = provider.settings.safeParse(policy.settings ?? {});
+  const parsed = (provider.newSettings ?? provider.settings).safeParse(policy.settings ?? {});
   if (!parsed.success) {
     const why = parsed.error.issues.map((i) => `${['rotation', 'settings', ...i.path].join('.')}: ${i.message}`).join('; ');
     throw new UnprocessableError(`rotation settings are not valid for provider '${policy.provider}': ${why}`);

@@ -39,6 +39,8 @@ export interface CreateResult {
 export interface Provider<S = unknown> {
   name: string;
   settings: z.ZodType<S>;
+  /** A policy's settings as they must be when it is written (stricter than `settings`, which every step parses); `settings` if absent. */
+  newSettings?: z.ZodType<S>;
   /** Makes a new secret. The same idempotencyKey must yield the same secret, never a second one. */
   create(ctx: ProviderContext<S> & { idempotencyKey: string; current: ProviderSecret }): Promise<CreateResult>;
   /**

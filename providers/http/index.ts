@@ -3,12 +3,15 @@ import type { Provider } from '../types';
 import { attemptWaitLimit, sleep } from '../../core/activity-attempt';
 import { cancellationOf } from '../../core/outbound-cancel';
 import { callName, credentialHeader, discardBody, ProviderRefused, readJson, resolvePath, send, statusError } from './request';
-import { httpSettings, type HttpSettings } from './schema';
+import { httpSettings, newHttpSettings, type HttpSettings } from './schema';
 
 /** The longest pause between two calls of verify to a key that does not work yet. */
 const MAX_VERIFY_PAUSE_MS = 10_000;
 /** Kept in an attempt beyond verify's last call: a margin for the step's last statements and the clocks (test/unit/options.test.ts counts 30 s of database work). */
 const STEP_DATABASE_MS = 30_000;
+
+/** A create answered a key that cannot be stored (no usable value, an id that holds it), which was revoked there and then. */
+class UnusableKeyRevoked extends UnprocessableError {}
 
 /**
  * A provider's REST API, described by settings: create mints a key with the admin token (read from
@@ -19,6 +22,7 @@ const STEP_DATABASE_MS = 30_000;
 export const httpApi: Provider<HttpSettings> = {
   name: 'http',
   settings: httpSettings,
+  newSettings: newHttpSettings,
 
   async create(ctx) {
     const { settings: s, secrets, idempotencyKey } = ctx;
@@ -63,7 +67,7 @@ export const httpApi: Provider<HttpSettings> = {
         if (err instanceof AppError) throw new UnprocessableError(`${unusable}; revoking the key it made was refused too: revoke it at the provider by hand`);
         throw new Error(`${unusable}; revoking the key it made failed for now`);
       });
-      throw new UnprocessableError(unusable);
+      throw new UnusableKeyRevoked(unusable);
     }
     return { value, externalId: String(id) };
   },
@@ -86,6 +90,8 @@ export const httpApi: Provider<HttpSettings> = {
       // unreadable, the call refused here, an answer it cannot use): before, every refusal of ours
       // counted as "nothing made", and the attempt was taken as undone with a key perhaps left live.
       if (err instanceof ProviderRefused && err.providerStatus !== 401 && err.providerStatus !== 403) return;
+      // The create sent again answered a key it could not use, and revoked it: nothing is left to undo.
+      if (err instanceof UnusableKeyRevoked) return;
       throw err;
     }
     await httpApi.revoke({ ...ctx, secret: { version: 0, value: made.value, externalId: made.externalId } });

@@ -62,8 +62,15 @@ export const httpSettings = z.strictObject({
   idPath: jsonPath,
   idempotencyHeader: headerName.default('Idempotency-Key'),
   timeoutMs: z.number().int().min(100).max(MAX_TIMEOUT_MS).default(10_000),
-}).refine((s) => s.idPath !== s.valuePath, {
-  // A key's id is kept in the clear (and goes into the revoke URL and its errors): it must not be the value.
+});
+
+/**
+ * A policy written now: its key's id is kept in the clear (and goes into the revoke URL and its
+ * errors), so it must not be the value. (Only for a policy written: one stored before this rule is
+ * still parsed by every step, so a run going on can revoke what it must; its creates are refused,
+ * an id that holds the value being one.)
+ */
+export const newHttpSettings = httpSettings.refine((s) => s.idPath !== s.valuePath, {
   message: 'must not be valuePath: the id is kept unencrypted, so a key revoked by its value cannot be rotated by this provider',
   path: ['idPath'],
 });
