@@ -2,7 +2,9 @@ import { findOrphans, type ServiceAccountRow } from '../vault/service-accounts';
 import type { ActivityDeps } from './index';
 import { FAILED_RETRY_HOURS, windowOpen } from './batch';
 import { handOverNotice, REFUSED_NOTICE, refusedEarlier, UNCHECKED_NOTICE } from './notices';
-import { heartbeat, heartbeating, stableUuid } from './support';
+import { AppError } from '../core/errors';
+import { isDatabaseUnavailable } from '../db/pool';
+import { heartbeat, heartbeating, stableUuid, warn } from './support';
 
 /** The outbox row of an overdue password's reminder to its owners. */
 interface ReminderRow {
@@ -86,7 +88,7 @@ export function policyActivities(deps: ActivityDeps) {
      * security contacts once more when the password is still unchanged the policy's escalation
      * period after the owners were told (so the owners always get that long to act).
      */
-    async enforcePasswordPolicies(input: { sweepId: string; asOf: string }): Promise<{ rotating: number; reminded: number; escalated: number }> {
+    async enforcePasswordPolicies(input: { sweepId: string; asOf: string }): Promise<{ rotating: number; reminded: number; escalated: number; failed?: number }> {
       const asOf = new Date(input.asOf);
       const { rows } = await deps.pool.query(
         `SELECT c.id, c.name, c.identity_id, c.owners, c.notify, c.rotation IS NOT NULL AS managed, c.rotation->'window' AS window, c.current_version,
@@ -112,8 +114,28 @@ export function policyActivities(deps: ActivityDeps) {
       }
       let reminded = 0;
       let escalated = 0;
+      let failed = 0;
       for (const c of rows.filter((r) => !r.managed)) {
         heartbeat();
+        try {
+          const told = await remindOverdue(c);
+          if (told.reminded) reminded += 1;
+          if (told.escalated) escalated += 1;
+        } catch (err) {
+          // One password whose notices fail for good (an error no retry mends: a bug, a row the
+          // outbox refuses) does not hold every later sweep: before, the step was retried without
+          // end, the sweep never got to its summaries, expiry reminders and retention, and the
+          // schedule skipped every sweep after it. Its notices are tried again by the next sweep
+          // (their ids are stable). An outage fails the step, retried as before.
+          if (isDatabaseUnavailable(err) || (err instanceof AppError && err.status === 503)) throw err;
+          failed += 1;
+          warn('a password policy notice failed; the next sweep tries it again', { credentialId: c.id, error: err instanceof Error ? err.message : String(err) });
+        }
+      }
+      return { rotating: managed.length, reminded, escalated, ...(failed > 0 ? { failed } : {}) };
+
+      /** The owners' reminder of one overdue unmanaged password, and the security contacts' escalation when it is due. */
+      async function remindOverdue(c: (typeof rows)[number]): Promise<{ reminded: boolean; escalated: boolean }> {
         const ageDays = Math.floor((asOf.getTime() - c.created_at.getTime()) / DAY_MS);
         const overdueDays = ageDays - c.max_age_days;
         const base = { identityId: c.identity_id, actor: 'schedule:password-policy', credentialId: c.id };
@@ -134,7 +156,7 @@ export function policyActivities(deps: ActivityDeps) {
             subject: `[mailgent] Password ${c.name} is past its maximum age`,
             text: text([]),
           });
-        if (reminder) reminded += 1;
+        let escalated = false;
         // The owners get the escalation period to act from when they were told. Owners who could not
         // be told (no address to tell; the reminder refused for carrying a stored value; not delivered
         // since it was queued) get it from when that was tried: before, the security contacts were
@@ -178,10 +200,10 @@ export function policyActivities(deps: ActivityDeps) {
               detail: { withheld: true },
             });
           }
-          if (escalation) escalated += 1;
+          escalated = Boolean(escalation);
         }
+        return { reminded: Boolean(reminder), escalated };
       }
-      return { rotating: managed.length, reminded, escalated };
     },
 
     /** Service accounts with no dependents and no read for `days`, one report per identity per week. */

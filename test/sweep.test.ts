@@ -1250,6 +1250,36 @@ describe('scheduled sweep', () => {
     expect((await mailTo(security)).filter((m) => m.mail.text?.includes(`Credential id: ${selfOwned}`))).toHaveLength(1);
   });
 
+  it('password policy: one password whose notice fails for good does not hold the step (retried for ever before): the others are told, it is tried again next time', async () => {
+    const agent = await identity();
+    expect((await h.api('PUT', '/v1/password-policy', { token: agent.token, body: { maxAgeDays: 30, length: 8, symbols: false, escalateAfterDays: 5 } })).status).toBe(200);
+    const [broken, fine] = [`broken-${randomUUID().slice(0, 6)}`, `fine-${randomUUID().slice(0, 6)}`];
+    const brokenId = await store(agent.token, { name: broken, kind: 'password', value: h.secret(`Pw0rd${randomBytes(8).toString('hex')}`), owners: [address('pw-broken')] });
+    const fineId = await store(agent.token, { name: fine, kind: 'password', value: h.secret(`Pw0rd${randomBytes(8).toString('hex')}`), owners: [address('pw-fine')] });
+    await age([brokenId, fineId], 33);
+    // The outbox refuses the one password's reminder, for good (a stand-in for a bug, or a row it cannot take).
+    const trigger = `refuse_${randomBytes(4).toString('hex')}`;
+    await h.sql(`CREATE FUNCTION ${trigger}() RETURNS trigger LANGUAGE plpgsql AS $$
+                   BEGIN IF NEW.subject LIKE '%${broken}%' THEN RAISE EXCEPTION 'the outbox refuses this row'; END IF; RETURN NEW; END $$`);
+    await h.sql(`CREATE TRIGGER ${trigger} BEFORE INSERT ON mail_outbox FOR EACH ROW EXECUTE FUNCTION ${trigger}()`);
+    const reminders = async (name: string) =>
+      (await h.sql(`SELECT count(*)::int AS n FROM mail_outbox WHERE identity_id = $1 AND purpose = 'password.reminder' AND subject LIKE $2`, [agent.id, `%${name}%`])).rows[0].n;
+    try {
+      const result = await createActivities(h.deps).enforcePasswordPolicies({ sweepId: randomUUID(), asOf: new Date().toISOString() });
+      // Before, the step failed (and was retried without end, holding the sweep and every one after it).
+      expect(result).toMatchObject({ failed: 1 });
+      expect(await reminders(fine)).toBe(1);
+      expect(await reminders(broken)).toBe(0);
+    } finally {
+      await h.sql(`DROP TRIGGER ${trigger} ON mail_outbox`);
+      await h.sql(`DROP FUNCTION ${trigger}()`);
+    }
+    // Once the outbox takes it, the next pass tells it.
+    const again = await createActivities(h.deps).enforcePasswordPolicies({ sweepId: randomUUID(), asOf: new Date().toISOString() });
+    expect(again.failed).toBeUndefined();
+    expect(await reminders(broken)).toBe(1);
+  });
+
   it('service accounts: inventory with last read from the audit log, orphans by API, and the weekly report by schedule', async () => {
     const { orphans: schedule } = await schedules();
     const agentEmail = address('sa-agent');
