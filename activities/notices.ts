@@ -302,6 +302,7 @@ export function composeRotationNotice(
         ? `Rotating ${what} failed${n.step ? ` at step ${n.step}` : ''}, and undoing it failed in part:`
         : `Rotating ${what} failed${n.step ? ` at step ${n.step}` : ''}; it was undone and nothing changed.`,
       ...(problems.length > 0 ? [...listed, 'Put those back by hand.'] : []),
+      ...(n.abandonedKept ? [keptPending(n)] : []),
       '',
       `Error: ${n.error ?? 'unknown'}`,
       // A value stored while the rotation ran (what makes promote refuse) is current now, not the one it started from.
@@ -317,6 +318,7 @@ export function composeRotationNotice(
           ? `Rotating ${what} was cancelled; nothing it made is left in place, and version ${meta.version} is still current.`
           : `Rotating ${what} was cancelled and undone; version ${n.fromVersion} is still current.`,
       ...(problems.length > 0 ? [...listed, 'Put those back by hand. The credential is marked rotation_failed.'] : []),
+      ...(n.abandonedKept ? [keptPending(n)] : []),
       ...stillLeaked,
     ],
     rolled_back: [
@@ -422,4 +424,9 @@ function versionsText(versions: number[]): string {
 
 function cap(s: string): string {
   return s.charAt(0).toUpperCase() + s.slice(1);
+}
+
+/** A failed or cancelled attempt's pending version left working (its undo could not put a dependent back: PENDING_KEPT_UNDER_DEPENDENTS). */
+function keptPending(n: RotationNotice): string {
+  return `Version ${n.toVersion}, which the rotation made, was left working at the provider: the dependents above could not be put back and still use it. Revoke it there once they are off it.`;
 }

@@ -176,7 +176,12 @@ export function rotationActivities(deps: ActivityDeps) {
      * the provider may have acted before the step failed; not when its create never reached the
      * provider (below).
      */
-    async discardAttempt(ids: RotationIds & { attempt: number; current: number }): Promise<void> {
+    /**
+     * `keepLive` (the attempt's undo could not put every dependent back): a staged version is left
+     * working where the provider keeps versions apart (`kept`), its pending label dropped all the
+     * same; one that holds one value (a single PostgreSQL role) is put back on `current`, as before.
+     */
+    async discardAttempt(ids: RotationIds & { attempt: number; current: number; keepLive?: boolean }): Promise<{ kept?: true } | void> {
       return permanentErrorsFail(async () => {
         const createKey = stepKey(ids, 'create', ids.attempt);
         const staged = await deps.rotations.findStaged(ids.credentialId, createKey);
@@ -199,6 +204,10 @@ export function rotationActivities(deps: ActivityDeps) {
         // attempt taken as undone, with a key it may have made left working there.
         if (!provider) throw new UnprocessableError(`rotation provider '${policy.provider}' is not installed on this worker`);
         const ctx = await providerContext(ids, meta, provider, policy.settings);
+        if (ids.keepLive && staged && !provider.holdsOneValue?.(ctx.settings)) {
+          await deps.rotations.discardPending(caller(ids), ids.credentialId, staged.version, 'active');
+          return { kept: true as const };
+        }
         const pending = staged ? await read(ids, staged.version, 'provider.discard') : undefined;
         const idempotencyKey = stepKey(ids, 'discard', ids.attempt);
         // Put back on `current` (the version the attempt's create read, or the one a refused

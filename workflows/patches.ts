@@ -185,6 +185,14 @@ export const RESTORES_AT_ONCE = 'rollback-restores-at-once';
  */
 export const ABANDONED_LEAKS_REVOKED = 'abandoned-leaks-revoked';
 
+/**
+ * Runs recorded before this patch discarded an attempt's pending version at the provider even when
+ * the attempt's undo could not put a dependent back (it still used the pending version, which the
+ * discard then broke). Newer runs leave it working where the provider keeps versions apart, the
+ * notice saying to revoke it once the dependent is off it, as a rollback does.
+ */
+export const PENDING_KEPT_UNDER_DEPENDENTS = 'pending-kept-under-dependents';
+
 export const PATCH_IDS: readonly string[] = [
   CLOSE_INCIDENTS_LAST,
   NOTICE_FAILURES_CONTINUE,
@@ -207,4 +215,5 @@ export const PATCH_IDS: readonly string[] = [
   LEAK_REVOKES_BEFORE_PROMOTED,
   RESTORES_AT_ONCE,
   ABANDONED_LEAKS_REVOKED,
+  PENDING_KEPT_UNDER_DEPENDENTS,
 ];

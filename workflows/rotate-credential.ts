@@ -35,6 +35,7 @@ import {
   LEAK_REVOKES_BEFORE_PROMOTED,
   RESTORES_AT_ONCE,
   ABANDONED_LEAKS_REVOKED,
+  PENDING_KEPT_UNDER_DEPENDENTS,
 } from './patches';
 import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
 
@@ -430,12 +431,24 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
     progress.attempt += 1;
     undoStack = [];
     const attempt = progress.attempt;
+    /** A restore of this attempt's undo failed: a dependent may still use its pending version. */
+    let restoreFailed = false;
     // This attempt's pending version, once created: its undo puts the provider on the version it was
     // based on, as the dependents' restores do (a value stored since the plan may be that version).
     let created: { version: number; basedOn: number } | undefined;
     try {
       // (Only the undo's input changes with `created`, not the commands the workflow issues: replay is unaffected.)
-      undoStack.push({ what: 'discard attempt', run: () => undo.discardAttempt({ ...ids, attempt, current: movedTo ?? created?.basedOn ?? plan.currentVersion }) });
+      // `keepLive`: a dependent not put back still uses the pending version, so a provider that
+      // keeps versions apart leaves it working (discarded, it broke that dependent), the notice
+      // saying to revoke it once the dependent is off it. See PENDING_KEPT_UNDER_DEPENDENTS.
+      undoStack.push({
+        what: 'discard attempt',
+        run: async () => {
+          const keepLive = restoreFailed && created !== undefined && patched(PENDING_KEPT_UNDER_DEPENDENTS);
+          const result = await undo.discardAttempt({ ...ids, attempt, current: movedTo ?? created?.basedOn ?? plan.currentVersion, ...(keepLive ? { keepLive } : {}) });
+          if (result?.kept) abandonedKept = true;
+        },
+      });
       const staged = await step('create_pending', () => calls.createPendingVersion({ ...ids, attempt }));
       // When the new value was made, for a provider that waits for it to start working: from then,
       // not from each of the verify step's attempts. (Only the activity's input, as above.)
@@ -449,7 +462,15 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
         await step('apply_dependents', async () => {
           for (const dependent of plan.dependents) {
             // Restore is pushed first: a dependent that failed half-way is put back too (restore is idempotent).
-            undoStack.push(restoreOf(dependent, () => movedTo ?? staged.basedOn, staged.version));
+            const restore = restoreOf(dependent, () => movedTo ?? staged.basedOn, staged.version);
+            undoStack.push({
+              what: restore.what,
+              run: () =>
+                restore.run().catch((err: unknown) => {
+                  restoreFailed = true;
+                  throw err;
+                }),
+            });
             await calls.applyDependent({ ...ids, index: dependent.index, version: staged.version });
           }
         });
