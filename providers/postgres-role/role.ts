@@ -130,10 +130,7 @@ export function safeError(what: string, err: unknown, secrets: string[]): Error 
  * machine or its private network unless OUTBOUND_ALLOW lists the host.
  */
 async function withClient<T>(config: pg.ClientConfig, fn: (c: pg.Client) => Promise<T>): Promise<T> {
-  // The server gives up first (statement_timeout, lock_timeout under it): at query_timeout alone the
-  // client stopped waiting while an ALTER ROLE waiting on a lock could still commit later, after the
-  // undo that followed had put the role back: the role left on a password only an abandoned version holds.
-  const client = new pg.Client({ ...config, query_timeout: 30_000, statement_timeout: 20_000, lock_timeout: 15_000, stream: () => new GuardedSocket() });
+  const client = new pg.Client({ ...config, query_timeout: 30_000, stream: () => new GuardedSocket() });
   client.on('error', () => undefined); // a dropped idle connection must not crash the worker
   try {
     try {
@@ -157,7 +154,17 @@ export async function login(admin: URL, role: string, password: string): Promise
 export async function setPassword(admin: URL, role: string, password: string): Promise<void> {
   const adminPassword = decodeURIComponent(admin.password);
   try {
-    await withClient(clientConfig(admin, decodeURIComponent(admin.username), adminPassword), (c) => c.query(`ALTER ROLE ${pg.escapeIdentifier(role)} PASSWORD ${pg.escapeLiteral(storedForm(password))}`));
+    // The server gives up first (statement_timeout, lock_timeout under it, for this transaction
+    // alone: as startup parameters a pooler such as PgBouncer refuses them): at query_timeout alone
+    // the client stopped waiting while an ALTER ROLE waiting on a lock could still commit later, after
+    // the undo that followed had put the role back, leaving it on a password only an abandoned version holds.
+    await withClient(clientConfig(admin, decodeURIComponent(admin.username), adminPassword), async (c) => {
+      await c.query('BEGIN');
+      await c.query("SET LOCAL statement_timeout = '20s'");
+      await c.query("SET LOCAL lock_timeout = '15s'");
+      await c.query(`ALTER ROLE ${pg.escapeIdentifier(role)} PASSWORD ${pg.escapeLiteral(storedForm(password))}`);
+      await c.query('COMMIT');
+    });
   } catch (err) {
     throw safeError(`setting the password of role "${role}" failed`, err, [password, adminPassword]);
   }
