@@ -249,13 +249,13 @@ export function rotationActivities(deps: ActivityDeps) {
      * dedupes on the key must not take the later ones for repeats. (Runs recorded before `abandoned`
      * existed keep their key.)
      */
-    async restoreDependent(ids: RotationIds & { index: number; version: number; abandoned?: number }): Promise<void> {
+    async restoreDependent(ids: RotationIds & { index: number; version: number; abandoned?: number; unapplied?: boolean }): Promise<void> {
       return permanentErrorsFail(async () => {
         const { dependent, ctx, meta } = await dependentContext(ids, ids.index);
         const version = ids.abandoned === undefined ? ids.version : storedSince(ids.version, meta.version, ids.abandoned);
         const target = await read(ids, version, `dependent.${ids.index}.restore`);
         const key = ids.abandoned === undefined ? stepKey(ids, 'restore', ids.index, version) : stepKey(ids, 'restore', ids.index, version, 'from', ids.abandoned);
-        await heartbeating(() => dependent.restore({ ...ctx, target, idempotencyKey: key }));
+        await heartbeating(() => dependent.restore({ ...ctx, target, idempotencyKey: key, ...(ids.unapplied ? { unapplied: true } : {}) }));
       });
     },
 

@@ -25,7 +25,12 @@ export interface Dependent<S = unknown> {
   settings: z.ZodType<S>;
   apply(ctx: DependentContext<S> & { target: DependentTarget; idempotencyKey: string }): Promise<void>;
   verify(ctx: DependentContext<S> & { target: DependentTarget }): Promise<void>;
-  restore(ctx: DependentContext<S> & { target: DependentTarget; idempotencyKey: string }): Promise<void>;
+  /**
+   * `unapplied`: the restore undoes an attempt whose apply to this dependent did not complete (it
+   * was refused, or failed), so it may have changed nothing; absent on a rollback and after an
+   * apply that completed.
+   */
+  restore(ctx: DependentContext<S> & { target: DependentTarget; idempotencyKey: string; unapplied?: boolean }): Promise<void>;
   /** Optional: told once the pending version has become current. */
   promoted?(ctx: DependentContext<S> & { target: DependentTarget; idempotencyKey: string }): Promise<void>;
 }

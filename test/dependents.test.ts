@@ -384,22 +384,25 @@ describe('dependents', () => {
       expect(read(file).toString()).toBe(content);
     });
 
-    it('a restore where the file, its directory or its line is not there has nothing to put back; any other refusal still fails it', async () => {
+    it('after an apply that did not complete, a restore where the file, its directory or its line is not there has nothing to put back; any other refusal, or absence after a completed apply, still fails it', async () => {
       const old = target(1, `absent-old-${randomBytes(4).toString('hex')}`);
       const noKey = envFile('OTHER=1\n');
+      const undo = (file: string, identityId = ME) => dep().restore({ ...ctx(file), identityId, target: old, idempotencyKey: 'rot:restore:1', unapplied: true });
       // Each refused the apply before it changed anything; before, the restore was refused the same way (a failed undo).
       for (const file of ['missing.env', 'nowhere/app.env', noKey]) {
         await expect(apply(file, target(2, 'absent-pending-value'))).rejects.toThrow(UnprocessableError);
-        await expect(restore(file, old)).resolves.toBeUndefined();
+        await expect(undo(file)).resolves.toBeUndefined();
+        // A rollback's restore (the apply completed): the file may come back holding the abandoned version.
+        await expect(restore(file, old)).rejects.toThrow(UnprocessableError);
       }
       expect(read(noKey).toString()).toBe('OTHER=1\n');
       const homeless = randomUUID();
-      await expect(dep().restore({ ...ctx(noKey), identityId: homeless, target: old, idempotencyKey: 'rot:restore:1' })).resolves.toBeUndefined();
+      await expect(undo(noKey, homeless)).resolves.toBeUndefined();
       expect(existsSync(path.join(envFilesRoot, homeless))).toBe(false);
       // Present but not restorable: still a failure.
       const twice = envFile('DB_PASSWORD=a\nDB_PASSWORD=b\n');
-      await expect(restore(twice, old)).rejects.toThrow(/is set 2 times/);
-      await expect(restore('../outside/victim.env', old)).rejects.toThrow(/outside the env files root/);
+      await expect(undo(twice)).rejects.toThrow(/is set 2 times/);
+      await expect(undo('../outside/victim.env')).rejects.toThrow(/outside the env files root/);
     });
 
     it('a temp file a killed write left (holding the value it wrote) is removed by the next write once 10 s old; a younger one is left to its writer', async () => {

@@ -184,9 +184,10 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
    */
   let movedTo: number | undefined;
   /** Puts a dependent back on `version` (read when the undo runs), away from `abandoned` (an attempt's undo, or a rollback's). */
-  const restoreOf = (dependent: { index: number; type: string }, version: number | (() => number), abandoned: number): Undo => ({
+  const restoreOf = (dependent: { index: number; type: string }, version: number | (() => number), abandoned: number, unapplied?: () => boolean): Undo => ({
     what: `restore ${dependent.type} ${dependent.index}`,
-    run: () => undo.restoreDependent({ ...ids, index: dependent.index, version: typeof version === 'function' ? version() : version, abandoned }),
+    run: () =>
+      undo.restoreDependent({ ...ids, index: dependent.index, version: typeof version === 'function' ? version() : version, abandoned, ...(unapplied?.() ? { unapplied: true } : {}) }),
   });
   const step = async <T>(name: StepName, run: () => Promise<T>): Promise<T> => {
     const entry = stepOf(name);
@@ -462,7 +463,9 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
         await step('apply_dependents', async () => {
           for (const dependent of plan.dependents) {
             // Restore is pushed first: a dependent that failed half-way is put back too (restore is idempotent).
-            const restore = restoreOf(dependent, () => movedTo ?? staged.basedOn, staged.version);
+            // (`unapplied` until its apply completes: only the activity's input changes, not the commands.)
+            let applied = false;
+            const restore = restoreOf(dependent, () => movedTo ?? staged.basedOn, staged.version, () => !applied);
             undoStack.push({
               what: restore.what,
               run: () =>
@@ -472,6 +475,7 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
                 }),
             });
             await calls.applyDependent({ ...ids, index: dependent.index, version: staged.version });
+            applied = true;
           }
         });
       }

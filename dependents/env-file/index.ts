@@ -37,16 +37,19 @@ export function createEnvFileDependent(opts: { root: string }): Dependent<EnvFil
       }
     },
     /**
-     * A file, directory or line that is not there holds no version, so there is nothing to put back:
-     * an apply refused for that reason (a directory missing) left nothing behind, and its attempt's
-     * undo is done. Before, the restore was refused the same way, and the run reported a failed undo
-     * (the credential marked half-undone, no further attempt) for an apply that changed nothing.
+     * After an apply that did not complete, a file, directory or line that is not there holds no
+     * version, so there is nothing to put back: an apply refused for that reason (a directory
+     * missing) left nothing behind, and its attempt's undo is done. Before, the restore was refused
+     * the same way, and the run reported a failed undo (the credential marked half-undone, no further
+     * attempt) for an apply that changed nothing. After an apply that completed (a rollback, say),
+     * it is a failure as before: the file may be away for a moment (a volume unmounted) and come back
+     * holding the abandoned version.
      */
-    async restore({ settings, target, identityId }) {
+    async restore({ settings, target, identityId, unapplied }) {
       try {
         await writeValue(await rootOf(identityId), settings, target, false);
       } catch (err) {
-        if (!(err instanceof EnvFileAbsent)) throw err;
+        if (!(unapplied && err instanceof EnvFileAbsent)) throw err;
       }
     },
   };
