@@ -94,30 +94,29 @@ export function listen(app: Express, port: number, host: string): Server {
     sockets.add(socket);
     socket.once('close', () => sockets.delete(socket));
   });
-  // Before the app's own listener: once the server drains, every response closes its connection.
-  server.prependListener('request', (_req: IncomingMessage, res: ServerResponse) => {
-    if (draining.has(server)) res.shouldKeepAlive = false;
-  });
   servers.set(server, sockets);
   server.listen(port, host);
   return server;
 }
 
-/** Each listening server's open connections; a draining server is in `draining` too. */
+/** Each listening server's open connections. */
 const servers = new WeakMap<Server, Set<Socket>>();
-const draining = new WeakSet<Server>();
 
 /**
  * Stops a server built by listen(): no new connections, idle ones closed at once, and every
- * response from now on, the ones in flight included, sent with `Connection: close` and its
- * connection closed after it. Resolves once every connection is gone; at `graceMs` what is still
+ * response from now on, the ones in flight whose headers are not sent yet included, sent with
+ * `Connection: close` and its connection closed after it (one whose headers went already: its
+ * connection ended once it is sent). Resolves once every connection is gone; at `graceMs` what is still
  * open is cut (`onCut` is told first). Before, server.close() alone stopped new connections only: a
  * client reusing a kept-alive connection (a reverse proxy upstream does) was still served on it,
  * with keep-alive, so it never went idle, and the grace period's end cut whatever request it had in
  * flight then (a change perhaps committed, its answer lost).
  */
 export async function closeGracefully(server: Server, graceMs: number, onCut: () => void): Promise<void> {
-  draining.add(server);
+  // Before the app's own listener (added only now: nothing on the hot path while the server serves).
+  server.prependListener('request', (_req: IncomingMessage, res: ServerResponse) => {
+    res.shouldKeepAlive = false;
+  });
   const closed = new Promise<void>((resolve) => server.close(() => resolve()));
   server.closeIdleConnections();
   for (const socket of servers.get(server) ?? []) {
@@ -125,8 +124,9 @@ export async function closeGracefully(server: Server, graceMs: number, onCut: ()
     const res = (socket as Socket & { _httpMessage?: ServerResponse })._httpMessage;
     if (!res) continue;
     if (!res.headersSent) res.shouldKeepAlive = false;
-    // Its headers already said keep-alive: the connection is closed once it has gone idle after it.
-    else res.once('finish', () => setImmediate(() => server.closeIdleConnections()));
+    // Its headers already said keep-alive: its connection is ended once it is sent (what is still
+    // buffered goes first; not the server's every idle connection, one still flushing among them).
+    else res.once('finish', () => socket.end());
   }
   const cut = setTimeout(() => {
     onCut();
