@@ -9,7 +9,7 @@ import path from 'node:path';
  * links it is copied into place instead (created only if absent, but visible before it is whole).
  * A write that fails part-way leaves nothing aside.
  */
-export function placeOnce(file: string, write: (made: string) => void): boolean {
+export function placeOnce(file: string, write: (made: string) => void, opts: { durable?: boolean } = {}): boolean {
   const made = `${file}.${process.pid}.${randomBytes(4).toString('hex')}.new`;
   try {
     write(made);
@@ -19,12 +19,13 @@ export function placeOnce(file: string, write: (made: string) => void): boolean 
       const code = (err as NodeJS.ErrnoException).code;
       if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP' && code !== 'ENOSYS') throw err;
       copyFileSync(made, file, constants.COPYFILE_EXCL);
-      syncPath(file);
+      if (opts.durable) syncPath(file);
     }
-    // The new name made durable before the temporary one goes: a crash then (a power cut) could
-    // otherwise keep neither, or an empty copy, while what the file guards (the data keys its
-    // master key wraps, in a database perhaps on another disk) was committed.
-    syncPath(path.dirname(file));
+    // `durable` (a key or a secret): the new name made durable before the temporary one goes, or a
+    // crash then (a power cut) could keep neither, or an empty copy, while what the file guards (the
+    // data keys its master key wraps, in a database perhaps on another disk) was committed. (Not for
+    // a lock file, made on every env-file write.)
+    if (opts.durable) syncPath(path.dirname(file));
     return true;
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'EEXIST') return false;

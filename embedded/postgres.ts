@@ -230,7 +230,7 @@ export async function withClient<T>(url: string, fn: (c: pg.Client) => Promise<T
 function readOrCreateSecret(file: string): string {
   if (!existsSync(file)) {
     const secret = randomBytes(24).toString('base64url');
-    if (placeOnce(file, (made) => writeFileSync(made, `${secret}\n`, { mode: 0o600 }))) return secret;
+    if (placeOnce(file, (made) => writeFileSync(made, `${secret}\n`, { mode: 0o600 }), { durable: true })) return secret;
   }
   return readFileSync(file, 'utf8').trim();
 }

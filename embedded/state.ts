@@ -21,7 +21,7 @@ export function ensureKeyringFile(dataDir: string): string {
     // Placed once: an API and a worker starting together on a fresh DATA_DIR agree on one key (a
     // rename would let the last one win, and whatever the first wrapped meanwhile would be lost).
     const key = generateMasterKey();
-    placeOnce(file, (made) => writeKeyringFile(made, [{ id: masterKeyId(key), key }], masterKeyId(key)));
+    placeOnce(file, (made) => writeKeyringFile(made, [{ id: masterKeyId(key), key }], masterKeyId(key)), { durable: true });
   }
   return file;
 }
@@ -36,7 +36,7 @@ export function ensureAdminToken(dataDir: string): { token: string; created: boo
   const token = newToken();
   // Placed whole, as the keyring file is: another process starting on this DATA_DIR at the same
   // moment gets the same token, never a half-written file.
-  if (placeOnce(file, (made) => writeFileSync(made, `${token}\n`, { mode: 0o600 }))) return { token, created: true };
+  if (placeOnce(file, (made) => writeFileSync(made, `${token}\n`, { mode: 0o600 }), { durable: true })) return { token, created: true };
   return { token: readAdminToken(file), created: false };
 }
 
