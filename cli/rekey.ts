@@ -1,4 +1,4 @@
-import { existsSync } from 'node:fs';
+import { existsSync, realpathSync } from 'node:fs';
 import pg from 'pg';
 import type { Config } from '../core/config';
 import { ConfigError } from '../core/config';
@@ -56,19 +56,24 @@ export async function rekey(config: Config, logger: Logger, env: NodeJS.ProcessE
     }
     let keyring: Keyring;
     let fileKeys: MasterKey[] = [];
+    let file = setting;
     if (inline) {
       keyring = Keyring.fromSetting(setting);
     } else {
       const key = generateMasterKey();
-      const before = readKeyringFile(setting);
+      // Its real path, resolved once: every write of this rekey goes to the file it read, not to
+      // wherever a symbolic link points by the last one (retargeted meanwhile by whoever can write
+      // the link's directory, the re-wrap between them taking a while).
+      file = realpathSync(setting);
+      const before = readKeyringFile(file);
       fileKeys = [{ id: masterKeyId(key), key }, ...before.keys];
       // The new key is in the file (synced) before any data key uses it, so no crash can strand a
       // data key: first beside the old current key, and only once that file and its directory are
       // synced, made current. (Written current at once, the file was visible, and a service could
       // wrap under the new key and commit, before the directory's sync made the rename durable: a
       // crash then could bring back the file without it.)
-      writeKeyringFile(setting, fileKeys, before.current);
-      writeKeyringFile(setting, fileKeys, fileKeys[0]!.id);
+      writeKeyringFile(file, fileKeys, before.current);
+      writeKeyringFile(file, fileKeys, fileKeys[0]!.id);
       // Taken once the file is in place, not before: a service that read the old current key just
       // before the rename wraps with it inside a transaction begun before then, so begun before this
       // (one begun while the file was being synced included). Once those have ended, the re-wrap
@@ -87,7 +92,7 @@ export async function rekey(config: Config, logger: Logger, env: NodeJS.ProcessE
       const unknown = masterKeysInUse.filter((id) => !known.includes(id));
       if (unknown.length) throw new Error(`master keys ${unknown.join(', ')} are still in use but not in the keyring; nothing was dropped`);
       const retiredMasterKeys = known.filter((id) => id !== current.id && !masterKeysInUse.includes(id));
-      if (!inline) writeKeyringFile(setting, fileKeys.filter((k) => !retiredMasterKeys.includes(k.id)), current.id);
+      if (!inline) writeKeyringFile(file, fileKeys.filter((k) => !retiredMasterKeys.includes(k.id)), current.id);
       await appendAudit(pool, {
         identityId: null,
         actor: 'admin',

@@ -1,4 +1,5 @@
 import fs, { chmodSync, mkdtempSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
 import { syncBuiltinESMExports } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
@@ -143,9 +144,44 @@ describe('a keyring file replaced while a service runs', () => {
       const st = statSync(real);
       expect(st.mode & 0o777).toBe(0o640);
       if (process.geteuid?.() === 0) expect([st.uid, st.gid]).toEqual([4242, 4343]);
+      // Others' bits are not kept: a keyring left world-readable is not rewritten so.
+      chmodSync(real, 0o644);
+      writeKeyringFile(link, [b], b.id);
+      expect(statSync(real).mode & 0o777).toBe(0o640);
+      expect(fs.readdirSync(dir).filter((f) => f.endsWith('.tmp'))).toEqual([]);
     } finally {
       rmSync(link, { force: true });
       rmSync(real, { force: true });
+    }
+  });
+
+  it('written by another user than its owner (not root), is refused before anything is written: no file of the wrong owner, no temporary file', () => {
+    // The suite runs as root here; the writer is a child process run as nobody.
+    expect(process.geteuid?.()).toBe(0);
+    const [a] = [newKey()];
+    const shared = mkdtempSync(path.join(os.tmpdir(), 'keyring-shared-'));
+    try {
+      chmodSync(shared, 0o777);
+      const owned = path.join(shared, 'keys.json');
+      writeKeyringFile(owned, [a], a.id);
+      fs.chownSync(owned, 4242, 4343);
+      const before = fs.readFileSync(owned, 'utf8');
+      const script = path.join(shared, 'write.mjs');
+      writeFileSync(
+        script,
+        `const { writeKeyringFile, generateMasterKey, masterKeyId } = await import(${JSON.stringify(path.resolve('vault/keyring.ts'))});
+         const k = generateMasterKey();
+         try { writeKeyringFile(${JSON.stringify(owned)}, [{ id: masterKeyId(k), key: k }], masterKeyId(k)); console.log('written'); }
+         catch (e) { console.log(e.constructor.name + ': ' + e.message); }`,
+      );
+      const child = spawnSync(process.execPath, ['--import', 'tsx', script], { uid: 65534, gid: 65534, env: { ...process.env, HOME: shared }, encoding: 'utf8' });
+      // Before, the nobody-owned 0600 file took its place: the service, running as 4242, could no longer read it.
+      expect(child.stdout.trim()).toBe(`KeyringFileError: keyring file ${owned} is owned by uid 4242; run this as that user (or root), so the file keeps its owner`);
+      expect(fs.readFileSync(owned, 'utf8')).toBe(before);
+      expect([statSync(owned).uid, statSync(owned).gid]).toEqual([4242, 4343]);
+      expect(fs.readdirSync(shared).filter((f) => f.endsWith('.tmp'))).toEqual([]);
+    } finally {
+      rmSync(shared, { recursive: true, force: true });
     }
   });
 

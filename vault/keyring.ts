@@ -204,7 +204,7 @@ export function readKeyringFile(file: string): { keys: MasterKey[]; current: str
  * crash that kept those commits but lost the file would lose every secret they seal.
  *
  * A file already there is replaced where it really is (through a symbolic link, the link stays and
- * its target is rewritten), keeping its owner, group and mode. Before, the link was replaced by a
+ * its target is rewritten), keeping its owner, group and mode (but for others' bits, dropped). Before, the link was replaced by a
  * file of its own (whoever read the target never saw the new key, and the dropped key stayed there),
  * and a keyring written by `sudo mailgent rekey` became root's, 0600: the service, running as its own
  * user, could no longer read it. Where the owner cannot be kept (rekey run as another user, not
@@ -221,11 +221,19 @@ export function writeKeyringFile(file: string, keys: MasterKey[], current: strin
     if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
   }
   const euid = process.geteuid?.();
-  if (was && euid !== undefined && euid !== 0 && euid !== was.uid) {
-    throw new KeyringFileError(
-      `keyring file ${file} is owned by uid ${was.uid}; run this as that user (or root), so the file keeps its owner`,
-      'is owned by another user than the one writing it',
-    );
+  if (was && euid !== undefined && euid !== 0) {
+    if (euid !== was.uid) {
+      throw new KeyringFileError(
+        `keyring file ${file} is owned by uid ${was.uid}; run this as that user (or root), so the file keeps its owner`,
+        'is owned by another user than the one writing it',
+      );
+    }
+    if (was.gid !== process.getegid?.() && !process.getgroups?.().includes(was.gid)) {
+      throw new KeyringFileError(
+        `keyring file ${file} belongs to group ${was.gid}, which this user is not in; run this as root, or as a member of that group, so the file keeps its group`,
+        'belongs to a group the user writing it is not in',
+      );
+    }
   }
   file = target;
   const doc: KeyringFile = {
@@ -239,17 +247,25 @@ export function writeKeyringFile(file: string, keys: MasterKey[], current: strin
   rmSync(tmp, { force: true });
   const fd = openSync(tmp, 'wx', 0o600);
   try {
-    if (was) {
-      if (euid === 0) fchownSync(fd, was.uid, was.gid);
-      else if (process.getegid?.() !== was.gid) fchownSync(fd, -1, was.gid);
-      fchmodSync(fd, was.mode);
+    try {
+      if (was) {
+        if (euid === 0) fchownSync(fd, was.uid, was.gid);
+        else if (process.getegid?.() !== was.gid) fchownSync(fd, -1, was.gid);
+        // Its owner's and group's bits kept, never others' (nor set-id bits): a keyring left
+        // world-readable is not kept so.
+        fchmodSync(fd, was.mode & 0o770);
+      }
+      writeSync(fd, `${JSON.stringify(doc, null, 2)}\n`);
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
     }
-    writeSync(fd, `${JSON.stringify(doc, null, 2)}\n`);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
+    renameSync(tmp, file);
+  } catch (err) {
+    // Not left beside it: the temporary file holds every master key.
+    rmSync(tmp, { force: true });
+    throw err;
   }
-  renameSync(tmp, file);
   const dir = openSync(path.dirname(file), 'r');
   try {
     fsyncSync(dir);
