@@ -12,6 +12,7 @@ import { loadConfig } from '../core/config';
 import { createLogger } from '../core/logger';
 import { openServices } from '../core/services';
 import { newToken } from '../vault/identities';
+import { refingerprintSeeds } from '../vault/seed-fingerprints';
 import { generateMasterKey, Keyring, readKeyringFile } from '../vault/keyring';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
@@ -158,6 +159,32 @@ describe('envelope encryption at rest', () => {
     const res = await get(value);
     expect(res.status).toBe(404);
     expect(JSON.stringify(res.body)).not.toContain(value);
+  });
+
+  it('a fingerprint key lost with no backup is recovered as README says: fingerprints cleared and listed, a new key made as the services start, every version fingerprinted again', async () => {
+    const value = 'recovered-fingerprint-value-7c1d0e';
+    await store('fp-recovered', value);
+    const savedKey = (await h.sql(`SELECT name, master_key_id, wrapped FROM service_keys WHERE name = 'fingerprint'`)).rows[0];
+    const savedPrints = (await h.sql('SELECT credential_id, version, fingerprint FROM secret_versions')).rows;
+    await h.sql(`DELETE FROM service_keys WHERE name = 'fingerprint'`);
+    // README's recovery, with every service stopped.
+    await h.sql(`UPDATE secret_versions SET fingerprint = NULL`);
+    await h.sql(`INSERT INTO seed_fingerprints_pending (credential_id, version) SELECT credential_id, version FROM secret_versions ON CONFLICT DO NOTHING`);
+    const fresh = openServices({ databaseUrl: h.databaseUrl, poolSize: 2, keyring: Keyring.fromSetting(h.keyringFile), smtpUrl: 'smtp://unused', mailFrom: 'x@localhost' });
+    try {
+      // Every version that opens (two tests above left theirs tampered with, which keep none).
+      const set = await refingerprintSeeds(fresh.pool, fresh.secrets);
+      expect(set).toBeGreaterThan(0);
+      expect((await h.sql('SELECT count(*)::int AS n FROM secret_versions WHERE fingerprint IS NOT NULL')).rows[0].n).toBe(set);
+      const missed = (await fresh.vault.get({ identityId: agent.id, actor: 'test' }, { name: value }).catch((e: unknown) => e)) as Error;
+      expect(missed).toMatchObject({ status: 404, refWithheld: true });
+      expect(missed.message).toContain('it is a value stored in the vault');
+    } finally {
+      await fresh.close();
+      await h.sql(`DELETE FROM service_keys WHERE name = 'fingerprint'`);
+      await h.sql('INSERT INTO service_keys (name, master_key_id, wrapped) VALUES ($1, $2, $3)', [savedKey.name, savedKey.master_key_id, savedKey.wrapped]);
+      for (const r of savedPrints) await h.sql('UPDATE secret_versions SET fingerprint = $3 WHERE credential_id = $1 AND version = $2', [r.credential_id, r.version, r.fingerprint]);
+    }
   });
 
   it('rekey re-wraps the data keys under a new master key without touching secret rows', async () => {
