@@ -116,6 +116,22 @@ describe('a keyring file replaced while a service runs', () => {
     expect(ring.current.id).toBe(b.id);
   });
 
+  it('a wrap reads the file again even when its inode and mtime are those it read (a rename that reused the inode, on a coarse clock)', () => {
+    const [a, b] = [newKey(), newKey()];
+    writeKeyringFile(file, [a, b], a.id);
+    utimesSync(file, 1_700_000_000, 1_700_000_000);
+    const ring = Keyring.fromSetting(file);
+    expect(ring.current.id).toBe(a.id);
+    const { ino } = statSync(file);
+    // The same inode and mtime, another current key (as a rekey's last write that took its first's inode).
+    const doc = JSON.parse(fs.readFileSync(file, 'utf8'));
+    fs.writeFileSync(file, JSON.stringify({ ...doc, current: b.id }, null, 2) + '\n');
+    utimesSync(file, 1_700_000_000, 1_700_000_000);
+    expect(statSync(file).ino).toBe(ino);
+    // Before, told apart by inode and mtime alone: the service went on wrapping with the old key.
+    expect(ring.current.id).toBe(b.id);
+  });
+
   it('is written 0600 even over a temporary file a dead writer of the same pid left with another mode', () => {
     const [a] = [newKey()];
     const stale = `${file}.${process.pid}.tmp`;

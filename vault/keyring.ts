@@ -51,10 +51,10 @@ export function generateMasterKey(): Buffer {
   return randomBytes(KEY_BYTES);
 }
 
-/** What tells one version of the keyring file from the next: its inode and mtime. */
+/** What tells one version of the keyring file from the next, for an unwrap: its inode, mtime, ctime and size. */
 function stamp(file: string): string {
-  const { ino, mtimeMs } = statSync(file);
-  return `${ino}:${mtimeMs}`;
+  const { ino, mtimeMs, ctimeMs, size } = statSync(file);
+  return `${ino}:${mtimeMs}:${ctimeMs}:${size}`;
 }
 
 export class Keyring {
@@ -103,8 +103,15 @@ export class Keyring {
     return keyring;
   }
 
+  /**
+   * Read again from the file at every call (a wrap, which is rare: a new identity's or service's
+   * key, a roll-over), not when its stamp changed: a rename can reuse the inode of a file replaced
+   * a moment before, and on a file system with a coarse clock (1–2 s) the stamp then stays the same
+   * (a rekey's last write took the inode of its first): a service that read the first went on
+   * wrapping with the key the last one dropped.
+   */
   get current(): MasterKey {
-    if (this.file && stamp(this.file) !== this.loaded) this.reload();
+    if (this.file) this.reload();
     return { id: this.currentId, key: this.keys.get(this.currentId)! };
   }
 
