@@ -360,6 +360,21 @@ describe('POST /v1/leaks', () => {
     h.secret((await current('keyed-fingerprint')).value);
   });
 
+  it('two requests under one Idempotency-Key at once are one report: the incident counts it once, the second audited as a repeat', async () => {
+    const id = await store('keyed-at-once', 'sk_keyed_at_once_value_01', { rotation: { provider: 'generated', graceHours: 0 } });
+    const key = `leak-${randomUUID()}`;
+    const body = { credential: 'keyed-at-once', source: 'scan' };
+    const answers = await Promise.all([0, 1].map(() => h.api('POST', '/v1/leaks', { token: agent.token, body, headers: { 'idempotency-key': key } })));
+    for (const a of answers) expect(a.status, a.text).toBe(202);
+    expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak' });
+    // Before, two reports counted (one answered rotating, the other joined, both audited as reports of their own).
+    expect((await h.sql('SELECT reports FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ reports: 1 }]);
+    const rows = (await h.sql(`SELECT detail FROM audit_log WHERE action = 'leak.report' AND credential_id = $1 ORDER BY seq`, [id])).rows.map((r) => r.detail);
+    expect(rows.filter((d) => d.repeated === true)).toHaveLength(1);
+    expect(await rotationsOf(id)).toBe(1);
+    h.secret((await current('keyed-at-once')).value);
+  });
+
   it('parallel reports that meet a left-over incident all join the one incident that replaces it, none the closed one', async () => {
     const id = await store('left-over-parallel', 'sk_left_over_parallel_1', { rotation: { provider: 'generated', graceHours: 0 } });
     const first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'left-over-parallel', source: 'scan' } });

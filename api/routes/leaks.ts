@@ -133,11 +133,16 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
   }
   // Claimed once the report is known to be carried out (not refused): a key whose request was a
   // 404 or a 422 stays free for the request set right.
+  // A repeat under the key of a report not answered yet (still going, or it failed or died on the
+  // way): the same report, carried out again, so it does not count on the incident it joins (before,
+  // two requests under one key at once counted two reports).
+  let repeat = earlier !== undefined;
   if (key && !earlier) {
     // Another request under the key claimed it first: what it pinned is acted on, as a repeat would.
     const first = await claimPinned(deps.pool, owner, key, targets.map((t): Pinned => ({ credentialId: t.credentialId, version: t.version })));
     if (first?.answer) return repeated(first.answer);
     if (first) targets = await pinnedTargets(deps, first.pinned as Pinned[], scope);
+    repeat = first !== undefined;
   }
   const results: LeakResult[] = [];
   const entry = (done: LeakResult[], extra: Record<string, unknown> = {}): AuditEntry => ({
@@ -155,6 +160,7 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
       ...(body.version !== undefined ? { version: body.version } : {}),
       matched: targets.length,
       results: done.map((r) => r.action),
+      ...(repeat ? { repeated: true } : {}),
       ...extra,
     },
   });
@@ -162,7 +168,7 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
   const recordChange = (done: LeakResult[], extra?: Record<string, unknown>) =>
     auditChangeMade(deps, entry(done, extra), `the leak report (${done.map((r) => r.action).join(', ')})`);
   try {
-    for (const target of targets) results.push(await respond(deps, target, body, scope ? caller.actor : 'admin'));
+    for (const target of targets) results.push(await respond(deps, target, repeat ? { ...body, repeat } : body, scope ? caller.actor : 'admin'));
   } catch (err) {
     // Failed after a rotation had started (this target's, its incident email then not handed over;
     // or an earlier target's): the answer is still the failure (report again), but what was started
@@ -205,7 +211,8 @@ class DestroyedMeanwhile extends Error {}
 async function respond(
   deps: LeakDeps,
   t: Target,
-  body: { source: string; details?: string; fingerprint?: string; version?: number },
+  /** `repeat`: a repeat under its Idempotency-Key of a report not answered yet, which does not count again on the incident it joins. */
+  body: { source: string; details?: string; fingerprint?: string; version?: number; repeat?: boolean },
   actor: string,
   again = false,
   /** A left-over incident's version, still live, that the incident replacing it must have revoked too. */
@@ -334,9 +341,10 @@ async function respond(
       // whose run this report may have found running): it joins the successor instead. One closed
       // by its own run as it ended, with none open since, answered this report's leak: it counts there.
       const counted = await deps.pool.query(
-        `UPDATE leak_incidents SET reports = reports + 1
+        // (A repeat counts only where nothing counts its report: the first answered 503 took its count back.)
+        `UPDATE leak_incidents SET reports = reports + CASE WHEN $3 AND reports > 0 THEN 0 ELSE 1 END
           WHERE id = $1 AND (status = 'open' OR NOT EXISTS (SELECT 1 FROM leak_incidents o WHERE o.credential_id = $2 AND o.status = 'open'))`,
-        [incident.id, t.credentialId],
+        [incident.id, t.credentialId, body.repeat === true],
       );
       if (counted.rowCount === 0 && !again) return respond(deps, t, body, actor, true, leftOver);
       return { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, ...(incident.rotation_id ? { rotationId: incident.rotation_id } : {}), action: 'joined' as const };
