@@ -2,7 +2,7 @@ import { AppError, UnprocessableError } from '../../core/errors';
 import type { Provider } from '../types';
 import { attemptWaitLimit, sleep } from '../../core/activity-attempt';
 import { cancellationOf } from '../../core/outbound-cancel';
-import { callName, credentialHeader, discardBody, ProviderRefused, readJson, resolvePath, send, statusError } from './request';
+import { callName, credentialHeader, discardBody, ProviderRefused, readJson, resolvePath, send, statusError, templateCallName } from './request';
 import { httpSettings, newHttpSettings, type HttpSettings } from './schema';
 
 /** The longest pause between two calls of verify to a key that does not work yet. */
@@ -146,6 +146,9 @@ export const httpApi: Provider<HttpSettings> = {
     const call = {
       method: s.revoke.method,
       url: s.revoke.url.replaceAll('{id}', encodeURIComponent(secret.externalId)),
+      // Named by its template, {id} unfilled: a policy stored before idPath had to differ from
+      // valuePath may revoke by the value itself, which the URL then holds.
+      name: templateCallName(s.revoke.method, s.revoke.url),
       headers: {
         [s.auth.header]: credentialHeader(s.auth.scheme, token, `the admin credential '${s.auth.credential}'`),
         [s.idempotencyHeader]: idempotencyKey,

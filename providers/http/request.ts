@@ -13,12 +13,22 @@ export interface Call {
   headers: Record<string, string>;
   body?: unknown;
   timeoutMs: number;
+  /** How messages name the call, where its URL carries what they must not (a key's id): callName's otherwise. */
+  name?: string;
 }
 
 /** `POST https://host/path`, without the query string, for messages. */
-export function callName(call: Pick<Call, 'method' | 'url'>): string {
+export function callName(call: Pick<Call, 'method' | 'url' | 'name'>): string {
+  if (call.name) return call.name;
   const url = new URL(call.url);
   return `${call.method} ${url.origin}${url.pathname}`;
+}
+
+/** A call named by its URL template, `{id}` left unfilled: `DELETE https://host/keys/{id}`. */
+export function templateCallName(method: string, template: string): string {
+  const marker = 'mailgent-key-id-placeholder';
+  const url = new URL(template.replaceAll('{id}', marker));
+  return `${method} ${url.origin}${url.pathname.replaceAll(marker, '{id}')}`;
 }
 
 export async function send(call: Call): Promise<Response> {
