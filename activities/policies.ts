@@ -3,8 +3,21 @@ import type { ActivityDeps } from './index';
 import { FAILED_RETRY_HOURS, windowOpen } from './batch';
 import { handOverNotice, REFUSED_NOTICE, refusedEarlier, UNCHECKED_NOTICE } from './notices';
 import { AppError } from '../core/errors';
+import { cancellationOf } from '../core/outbound-cancel';
 import { isDatabaseUnavailable } from '../db/pool';
 import { heartbeat, heartbeating, stableUuid, warn } from './support';
+
+/**
+ * An error that may pass by itself, which fails the step (retried) rather than passing one password
+ * over: the activity cancelled, an outage (the database, or a 503 of ours: Temporal away), or a
+ * PostgreSQL error of a class that a retry mends (40: serialization failure, deadlock; 53:
+ * resources; 57: operator intervention; 08: connection).
+ */
+function mayPass(err: unknown): boolean {
+  if (cancellationOf() || isDatabaseUnavailable(err) || (err instanceof AppError && err.status === 503)) return true;
+  const code = (err as { code?: unknown })?.code;
+  return typeof code === 'string' && /^(40|53|57|08)/.test(code);
+}
 
 /** The outbox row of an overdue password's reminder to its owners. */
 interface ReminderRow {
@@ -127,7 +140,7 @@ export function policyActivities(deps: ActivityDeps) {
           // end, the sweep never got to its summaries, expiry reminders and retention, and the
           // schedule skipped every sweep after it. Its notices are tried again by the next sweep
           // (their ids are stable). An outage fails the step, retried as before.
-          if (isDatabaseUnavailable(err) || (err instanceof AppError && err.status === 503)) throw err;
+          if (mayPass(err)) throw err;
           failed += 1;
           warn('a password policy notice failed; the next sweep tries it again', { credentialId: c.id, error: err instanceof Error ? err.message : String(err) });
         }

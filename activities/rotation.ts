@@ -205,7 +205,7 @@ export function rotationActivities(deps: ActivityDeps) {
         if (!provider) throw new UnprocessableError(`rotation provider '${policy.provider}' is not installed on this worker`);
         const ctx = await providerContext(ids, meta, provider, policy.settings);
         if (ids.keepLive && staged && !provider.holdsOneValue?.(ctx.settings)) {
-          await deps.rotations.discardPending(caller(ids), ids.credentialId, staged.version, 'active');
+          await deps.rotations.discardPending(caller(ids), ids.credentialId, staged.version, 'active', true);
           return { kept: true as const };
         }
         const pending = staged ? await read(ids, staged.version, 'provider.discard') : undefined;

@@ -124,9 +124,11 @@ export async function closeGracefully(server: Server, graceMs: number, onCut: ()
     const res = (socket as Socket & { _httpMessage?: ServerResponse })._httpMessage;
     if (!res) continue;
     if (!res.headersSent) res.shouldKeepAlive = false;
-    // Its headers already said keep-alive: its connection is ended once it is sent (what is still
-    // buffered goes first; not the server's every idle connection, one still flushing among them).
-    else res.once('finish', () => socket.end());
+    // Its headers already said keep-alive: its connection is closed once it is sent (what is still
+    // buffered goes first, as Node closes a `Connection: close` one; not the server's every idle
+    // connection, one still flushing among them; not end(), which leaves it readable: a request
+    // arriving on it then would be carried out with no way to answer).
+    else res.once('finish', () => socket.destroySoon());
   }
   const cut = setTimeout(() => {
     onCut();

@@ -80,7 +80,7 @@ export async function rekey(config: Config, logger: Logger, env: NodeJS.ProcessE
       // below sees every such key. As text, not a Date: that would cut the microseconds, and a
       // transaction begun earlier in the same millisecond would not count as begun before it.
       const written = (await lock.query('SELECT clock_timestamp()::text AS at')).rows[0].at as string;
-      keyring = Keyring.fromSetting(setting);
+      keyring = Keyring.fromSetting(file);
       await transactionsEnded(lock, written);
     }
     const current = keyring.current;

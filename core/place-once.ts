@@ -13,6 +13,8 @@ export function placeOnce(file: string, write: (made: string) => void, opts: { d
   const made = `${file}.${process.pid}.${randomBytes(4).toString('hex')}.new`;
   try {
     write(made);
+    // `durable`: what it holds on disk before its name is (written without a sync, a token could come back empty).
+    if (opts.durable) syncPath(made);
     try {
       linkSync(made, file);
     } catch (err) {

@@ -26,9 +26,9 @@ export interface Dependent<S = unknown> {
   apply(ctx: DependentContext<S> & { target: DependentTarget; idempotencyKey: string }): Promise<void>;
   verify(ctx: DependentContext<S> & { target: DependentTarget }): Promise<void>;
   /**
-   * `unapplied`: the restore undoes an attempt whose apply to this dependent did not complete (it
-   * was refused, or failed), so it may have changed nothing; absent on a rollback and after an
-   * apply that completed.
+   * `unapplied`: the restore undoes an attempt whose apply to this dependent was refused (the
+   * dependent's own answer, given before it changed anything); absent on a rollback, after an
+   * apply that completed, and after one that failed otherwise (a worker lost mid-write, say).
    */
   restore(ctx: DependentContext<S> & { target: DependentTarget; idempotencyKey: string; unapplied?: boolean }): Promise<void>;
   /** Optional: told once the pending version has become current. */

@@ -384,7 +384,7 @@ describe('dependents', () => {
       expect(read(file).toString()).toBe(content);
     });
 
-    it('after an apply that did not complete, a restore where the file, its directory or its line is not there has nothing to put back; any other refusal, or absence after a completed apply, still fails it', async () => {
+    it('after an apply that was refused, a restore where the file, its directory or its line is not there has nothing to put back; any other refusal, or absence after a completed apply, still fails it', async () => {
       const old = target(1, `absent-old-${randomBytes(4).toString('hex')}`);
       const noKey = envFile('OTHER=1\n');
       const undo = (file: string, identityId = ME) => dep().restore({ ...ctx(file), identityId, target: old, idempotencyKey: 'rot:restore:1', unapplied: true });

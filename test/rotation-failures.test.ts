@@ -297,6 +297,10 @@ describe('rotation failures', () => {
     expect(notice!.mail.text).toContain(
       'Version 2, which the rotation made, was left working at the provider: the dependents above could not be put back and still use it. Revoke it there once they are off it.',
     );
+    // Recorded beside the notice, which may never go out.
+    expect((await h.sql(`SELECT detail FROM audit_log WHERE credential_id = $1 AND action = 'rotation.discard_pending' AND detail ? 'kept'`, [id])).rows).toEqual([
+      { detail: { version: 2, status: 'active', kept: true } },
+    ]);
     await read(id, 2);
   });
 

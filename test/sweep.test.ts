@@ -1262,10 +1262,15 @@ describe('scheduled sweep', () => {
     await h.sql(`CREATE FUNCTION ${trigger}() RETURNS trigger LANGUAGE plpgsql AS $$
                    BEGIN IF NEW.subject LIKE '%${broken}%' THEN RAISE EXCEPTION 'the outbox refuses this row'; END IF; RETURN NEW; END $$`);
     await h.sql(`CREATE TRIGGER ${trigger} BEFORE INSERT ON mail_outbox FOR EACH ROW EXECUTE FUNCTION ${trigger}()`);
+    const sweepRun = async () => {
+      const sweepId = randomUUID();
+      await h.sql('INSERT INTO rotations (id, identity_id) VALUES ($1, $2)', [sweepId, agent.id]);
+      return sweepId;
+    };
     const reminders = async (name: string) =>
       (await h.sql(`SELECT count(*)::int AS n FROM mail_outbox WHERE identity_id = $1 AND purpose = 'password.reminder' AND subject LIKE $2`, [agent.id, `%${name}%`])).rows[0].n;
     try {
-      const result = await createActivities(h.deps).enforcePasswordPolicies({ sweepId: randomUUID(), asOf: new Date().toISOString() });
+      const result = await createActivities(h.deps).enforcePasswordPolicies({ sweepId: await sweepRun(), asOf: new Date().toISOString() });
       // Before, the step failed (and was retried without end, holding the sweep and every one after it).
       expect(result).toMatchObject({ failed: 1 });
       expect(await reminders(fine)).toBe(1);
@@ -1275,7 +1280,7 @@ describe('scheduled sweep', () => {
       await h.sql(`DROP FUNCTION ${trigger}()`);
     }
     // Once the outbox takes it, the next pass tells it.
-    const again = await createActivities(h.deps).enforcePasswordPolicies({ sweepId: randomUUID(), asOf: new Date().toISOString() });
+    const again = await createActivities(h.deps).enforcePasswordPolicies({ sweepId: await sweepRun(), asOf: new Date().toISOString() });
     expect(again.failed).toBeUndefined();
     expect(await reminders(broken)).toBe(1);
   });

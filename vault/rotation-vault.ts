@@ -235,8 +235,9 @@ export class RotationVault {
   }
 
   /** Compensation: drops the pending label (the row stays for the audit trail) and records the outcome. */
-  discardPending(caller: Caller, credentialId: string, version: number | null, status: 'active' | 'rotation_failed') {
-    return audited(this.pool, caller, 'rotation.discard_pending', { version, status }, async (tx, note) => {
+  /** `kept`: the version is left working at the provider (a dependent not put back may use it), said in the audit row. */
+  discardPending(caller: Caller, credentialId: string, version: number | null, status: 'active' | 'rotation_failed', kept = false) {
+    return audited(this.pool, caller, 'rotation.discard_pending', { version, status, ...(kept ? { kept: true } : {}) }, async (tx, note) => {
       note.credentialId = credentialId;
       await lock(tx, caller.identityId, credentialId);
       await tx.query(

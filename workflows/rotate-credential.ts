@@ -445,7 +445,8 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
       undoStack.push({
         what: 'discard attempt',
         run: async () => {
-          const keepLive = restoreFailed && created !== undefined && patched(PENDING_KEPT_UNDER_DEPENDENTS);
+          // (Not a version reported leaked, as a rollback revokes one all the same.)
+          const keepLive = restoreFailed && created !== undefined && !leakedVersions.has(created.version) && patched(PENDING_KEPT_UNDER_DEPENDENTS);
           const result = await undo.discardAttempt({ ...ids, attempt, current: movedTo ?? created?.basedOn ?? plan.currentVersion, ...(keepLive ? { keepLive } : {}) });
           if (result?.kept) abandonedKept = true;
         },
@@ -463,9 +464,9 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
         await step('apply_dependents', async () => {
           for (const dependent of plan.dependents) {
             // Restore is pushed first: a dependent that failed half-way is put back too (restore is idempotent).
-            // (`unapplied` until its apply completes: only the activity's input changes, not the commands.)
-            let applied = false;
-            const restore = restoreOf(dependent, () => movedTo ?? staged.basedOn, staged.version, () => !applied);
+            // (`unapplied` once its apply was refused: only the activity's input changes, not the commands.)
+            let refused = false;
+            const restore = restoreOf(dependent, () => movedTo ?? staged.basedOn, staged.version, () => refused);
             undoStack.push({
               what: restore.what,
               run: () =>
@@ -474,8 +475,11 @@ export async function rotateCredential(input: RotateCredentialInput): Promise<Ro
                   throw err;
                 }),
             });
-            await calls.applyDependent({ ...ids, index: dependent.index, version: staged.version });
-            applied = true;
+            await calls.applyDependent({ ...ids, index: dependent.index, version: staged.version }).catch((err: unknown) => {
+              // Refused (the dependent's own answer, before it changed anything): its undo may find nothing there.
+              refused = isPermanent(err);
+              throw err;
+            });
           }
         });
       }

@@ -73,8 +73,9 @@ export interface RotationNotice extends RotationIds {
   /** A rollback could not revoke the version it abandoned at the provider: the notice must not say it was revoked. */
   abandonedNotRevoked?: boolean;
   /**
-   * A rollback left the version it abandoned working at the provider: dependents it could not put
-   * back still use it (its problems say which), to be revoked once they are off it.
+   * A rollback (or a failed or cancelled attempt's undo: PENDING_KEPT_UNDER_DEPENDENTS) left the
+   * version it abandoned working at the provider: dependents it could not put back may still use it
+   * (its problems say which), to be revoked once they are off it.
    */
   abandonedKept?: boolean;
   /** A rollback could not put every dependent back on the previous version (its problems say which). */

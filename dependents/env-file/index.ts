@@ -37,12 +37,12 @@ export function createEnvFileDependent(opts: { root: string }): Dependent<EnvFil
       }
     },
     /**
-     * After an apply that did not complete, a file, directory or line that is not there holds no
+     * After an apply that was refused, a file, directory or line that is not there holds no
      * version, so there is nothing to put back: an apply refused for that reason (a directory
      * missing) left nothing behind, and its attempt's undo is done. Before, the restore was refused
      * the same way, and the run reported a failed undo (the credential marked half-undone, no further
-     * attempt) for an apply that changed nothing. After an apply that completed (a rollback, say),
-     * it is a failure as before: the file may be away for a moment (a volume unmounted) and come back
+     * attempt) for an apply that changed nothing. After any other apply (a rollback's, one lost
+     * with its worker), it is a failure as before: the file may be away for a moment (a volume unmounted) and come back
      * holding the abandoned version.
      */
     async restore({ settings, target, identityId, unapplied }) {
