@@ -53,6 +53,35 @@ describe('POST /v1/leaks', () => {
     const workflow = Object.create(h.client.workflow, { getHandle: { value: () => ({ describe: lost, signal: lost }) } });
     return { ...depsLosingStarts(), client: Object.create(h.client, { workflow: { value: workflow } }) };
   };
+  /** A leak incident of `name` whose leak rotation was terminated while it waited at its first provider step: the report's answer. */
+  const incidentWithRunTerminated = async (name: string, id: string) => {
+    const lock = await holdTable(h, 'password_policies');
+    try {
+      const first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: name, source: 'scan' } });
+      expect(first.body.results).toEqual([expect.objectContaining({ action: 'rotating', version: 1 })]);
+      await lock.waiting();
+      await h.client.workflow.getHandle(`rotate:${id}`).terminate('stopped by an operator');
+      return first;
+    } finally {
+      await lock.release();
+    }
+  };
+  /** A requested rotation of `name`, once in its grace period: its rotation id. */
+  const requestedInGrace = async (name: string): Promise<string> => {
+    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: [name] } });
+    expect(started.status, started.text).toBe(202);
+    await waitFor("the requested rotation's grace period", async () => {
+      const r = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
+      return r.body.state === 'grace' ? r : undefined;
+    });
+    return started.body.rotationId as string;
+  };
+  /** The rotation's report once it has succeeded. */
+  const rotationSucceeded = (rotationId: string, what: string) =>
+    waitFor(what, async () => {
+      const r = await h.api('GET', `/v1/rotations/${rotationId}`, { token: agent.token });
+      return r.body.state === 'succeeded' ? r.body : undefined;
+    }, 20_000);
   /** The same, with a Temporal client whose signal-with-start fails (the starter lost Temporal, or died, right after the incident was saved). */
   const depsLosingSignalWithStart = () => {
     const workflow = Object.create(h.client.workflow, { signalWithStart: { value: async () => Promise.reject(new Error('14 UNAVAILABLE: the connection was lost')) } });
@@ -661,32 +690,14 @@ describe('POST /v1/leaks', () => {
 
   it('a report that joins an incident while a rotation other than the incident\'s runs (a requested one, in grace) tells that rotation of the leak', async () => {
     const id = await store('joined-other-run', 'pw_other_run_value_0001', { kind: 'password', rotation: { provider: 'generated', graceHours: 1 } });
-    // An incident whose leak rotation was terminated while it waited at its first provider step.
-    const lock = await holdTable(h, 'password_policies');
-    let first;
-    try {
-      first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'joined-other-run', source: 'scan' } });
-      expect(first.body.results).toEqual([expect.objectContaining({ action: 'rotating' })]);
-      await lock.waiting();
-      await h.client.workflow.getHandle(`rotate:${id}`).terminate('stopped by an operator');
-    } finally {
-      await lock.release();
-    }
-    // Then someone rotates it on request, and that run enters its grace period.
-    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['joined-other-run'] } });
-    expect(started.status, started.text).toBe(202);
-    await waitFor('the requested rotation\'s grace period', async () => {
-      const r = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
-      return r.body.state === 'grace' ? r : undefined;
-    });
+    // An incident whose leak rotation was terminated; then someone rotates it on request, and that run enters its grace period.
+    const first = await incidentWithRunTerminated('joined-other-run', id);
+    const rotationId = await requestedInGrace('joined-other-run');
 
     const again = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'joined-other-run', source: 'scan' } });
     expect(again.body.results).toEqual([expect.objectContaining({ incidentId: first.body.results[0].incidentId, action: 'joined' })]);
     // Before, the running rotation never heard of it: it sat out its hour of grace with the leaked value working.
-    const result = await waitFor('the requested rotation to hear of the leak and finish', async () => {
-      const r = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
-      return r.body.state === 'succeeded' ? r.body : undefined;
-    }, 20_000);
+    const result = await rotationSucceeded(rotationId, 'the requested rotation to hear of the leak and finish');
     // The report named the current version, the one the rotation made: the old one was revoked at
     // once, and the run went on as a leak rotation of the new one (its report follows it there).
     expect(result.credentials[0].progress).toMatchObject({ mode: 'leak', state: 'succeeded' });
@@ -702,32 +713,14 @@ describe('POST /v1/leaks', () => {
 
   it('a report that tells another rotation of an incident names the incident\'s version: an older leaked value (stored over by hand since) is revoked too', async () => {
     const id = await store('joined-older', 'pw_joined_older_value_0001', { kind: 'password', rotation: { provider: 'generated', graceHours: 1 } });
-    // The incident (of version 1) whose leak rotation was terminated while it waited at its first provider step.
-    const lock = await holdTable(h, 'password_policies');
-    let first;
-    try {
-      first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'joined-older', source: 'scan' } });
-      expect(first.body.results).toEqual([expect.objectContaining({ action: 'rotating', version: 1 })]);
-      await lock.waiting();
-      await h.client.workflow.getHandle(`rotate:${id}`).terminate('stopped by an operator');
-    } finally {
-      await lock.release();
-    }
-    // A value stored by hand (version 2), then rotated on request (2 → 3), in its grace period.
+    // The incident (of version 1) whose leak rotation was terminated; a value stored by hand, then rotated on request, in its grace period.
+    const first = await incidentWithRunTerminated('joined-older', id);
     await store('joined-older', 'pw_joined_older_value_0002', { kind: 'password' });
-    const started = await h.api('POST', '/v1/rotations', { token: agent.token, body: { credentials: ['joined-older'] } });
-    expect(started.status, started.text).toBe(202);
-    await waitFor('the requested rotation\'s grace period', async () => {
-      const r = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
-      return r.body.state === 'grace' ? r : undefined;
-    });
+    const rotationId = await requestedInGrace('joined-older');
     const again = await h.api('POST', '/v1/leaks', { token: agent.token, body: { credential: 'joined-older', source: 'scan' } });
     expect(again.body.results).toEqual([expect.objectContaining({ incidentId: first.body.results[0].incidentId, action: 'joined' })]);
     const reported = again.body.results[0].version as number;
-    await waitFor('the requested rotation to finish', async () => {
-      const r = await h.api('GET', `/v1/rotations/${started.body.rotationId}`, { token: agent.token });
-      return r.body.state === 'succeeded' ? r.body : undefined;
-    }, 20_000);
+    await rotationSucceeded(rotationId, 'the requested rotation to finish');
     await waitFor('no incident open', async () => ((await h.sql("SELECT count(*)::int AS n FROM leak_incidents WHERE credential_id = $1 AND status = 'open'", [id])).rows[0].n === 0 ? true : undefined), 20_000);
     // Before, the run heard version 3 alone: version 1, the one the incident was of, kept working, its incident closed.
     await waitFor('version 1 revoked', async () => ((await revokedVersions(id)).includes(1) ? true : undefined), 10_000);
