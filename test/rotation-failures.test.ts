@@ -327,6 +327,27 @@ describe('rotation failures', () => {
     expect(notice!.mail.text).not.toContain('undoing it failed');
   });
 
+  it('an attempt whose pending version was reported leaked revokes it in its undo even where a dependent could not be put back: not kept live', async () => {
+    const { name, id } = await generatedKey();
+    const r = await receiver();
+    const refuse: Record<string, number> = { 'credential.verify': 404, 'credential.restored': 400 };
+    r.onEvent = async ({ event }) => {
+      // The new value leaks while the dependent takes it.
+      if (event.type === 'credential.pending') {
+        const pending = await read(id, 2);
+        const reported = await h.api('POST', '/v1/leaks', { token: owner.token, body: { fingerprint: createHash('sha256').update(pending.value as string).digest('hex'), source: 'scan' } });
+        expect(reported.status, reported.text).toBe(202);
+      }
+      r.failWith = refuse[event.type] ?? null;
+    };
+    await setDependents(id, [webhook(r)]);
+    await startRotation(name);
+    // Its restore refused, the undo would keep version 2 working for the dependent (PENDING_KEPT_UNDER_DEPENDENTS): leaked, it is revoked all the same.
+    await waitFor('version 2 revoked', () => revokedVersions(id), (versions) => versions.includes(2), { timeoutMs: 20_000 });
+    expect((await h.sql(`SELECT count(*)::int AS n FROM audit_log WHERE credential_id = $1 AND action = 'rotation.discard_pending' AND detail ? 'kept'`, [id])).rows[0].n).toBe(0);
+    expect(events(r).slice(0, 3)).toEqual(['credential.pending v2', 'credential.verify v2', 'credential.restored v1']);
+  });
+
   it('a dependent refusing credential.promoted does not undo a rotation that took effect: v1 revoked, the run and the batch succeed, the owners told', async () => {
     const { name, id, ownerMail } = await generatedKey();
     const r = await receiver();
