@@ -26,7 +26,9 @@ export function accessLog(logger: Logger): RequestHandler {
       if (!logger.isLevelEnabled(level)) return;
       logger[level](
         {
-          req: { id: res.locals.requestId, method: req.method, path: status >= 400 ? shownPath(req) : req.originalUrl.split('?')[0] },
+          // (Its path as sent only once answered below 400: before, a request the client abandoned,
+          // its status still the default 200, logged the caller's text, a value pasted into the path included.)
+          req: { id: res.locals.requestId, method: req.method, path: res.writableFinished && status < 400 ? req.originalUrl.split('?')[0] : shownPath(req) },
           res: { statusCode: status },
           responseTime: Math.round(performance.now() - started),
           identity: res.locals.identity?.id,
@@ -51,5 +53,11 @@ export function shownPath(req: Request): string {
   if (typeof pattern === 'string' && pattern.includes(':')) return req.baseUrl + pattern;
   // A method no route at the path answers: the pattern of one that matched it (api/app.ts, otherMethods).
   const other: unknown = req.res?.locals.routePattern;
-  return typeof other === 'string' ? other : req.originalUrl.split('?')[0]!;
+  if (typeof other === 'string') return other;
+  // A route without parameters: its path is the route's own text.
+  if (req.route) return req.originalUrl.split('?')[0]!;
+  // None matched yet (a path whose percent-encoding failed while matching, a request abandoned
+  // before its route ran): the segments no route has shown as …, as the service's 404 shows them.
+  const mask: unknown = req.app?.locals.maskPath;
+  return typeof mask === 'function' ? (mask as (path: string) => string)(req.path) : '…';
 }

@@ -142,6 +142,12 @@ function segmentsOf(stack: RouteLayer[]): Set<string> {
 export function createApp(deps: ApiDeps): Express {
   let routeSegments: Set<string> | undefined;
   const app = express();
+  /** A path with every segment no route has shown as …: the caller's text may be a value pasted into it. */
+  const maskPath = (path: string): string => {
+    const known = (routeSegments ??= segmentsOf((app as unknown as { router: { stack: RouteLayer[] } }).router.stack));
+    return path.split('/').map((s) => (s === '' || known.has(s) ? s : '…')).join('/');
+  };
+  app.locals.maskPath = maskPath;
   app.disable('x-powered-by');
   // Express's default ETag is a SHA-1 of the body: of a vault.get answer, a fingerprint of the secret
   // in a header that proxies log, against which a guessed password can be checked. Nothing is cached anyway.
@@ -211,8 +217,7 @@ export function createApp(deps: ApiDeps): Express {
   app.use((req, res) => {
     // The path is the caller's text: a segment no route has (a typo, or a value pasted into the
     // path) is shown as … in the answer, its instance and the request log (shownPath).
-    const known = (routeSegments ??= segmentsOf((req.app as unknown as { router: { stack: RouteLayer[] } }).router.stack));
-    const shown = req.path.split('/').map((s) => (s === '' || known.has(s) ? s : '…')).join('/');
+    const shown = maskPath(req.path);
     res.locals.routePattern = shown;
     throw refWithheld(new NotFoundError(`no route ${req.method} ${shown}`));
   });

@@ -1,5 +1,5 @@
 import type { ErrorRequestHandler, Response } from 'express';
-import { AppError, isRefWithheld, KeyIntegrityError, MethodNotAllowedError, TooManyRequestsError, unconfirmedChange, UnavailableError, ValidationError, type FieldError } from '../core/errors';
+import { AppError, isRefWithheld, KeyIntegrityError, refWithheld, MethodNotAllowedError, TooManyRequestsError, unconfirmedChange, UnavailableError, ValidationError, type FieldError } from '../core/errors';
 import type { Logger } from '../core/logger';
 import { isCommitUnconfirmed, isDatabaseUnavailable } from '../db/pool';
 import { shownPath } from './access-log';
@@ -29,7 +29,8 @@ export function toAppError(err: unknown): AppError {
   }
   // A path whose percent-encoding does not decode (the router decodes it while matching, before any
   // handler): said as such. Any other client error of a library's: the type's one title either way.
-  if (err instanceof URIError && e.status === 400) return new ValidationError('the request path is not valid percent-encoding');
+  // (Its path withheld, shown as the service's 404 shows one: a password with a % in it pasted into the path does not decode.)
+  if (err instanceof URIError && e.status === 400) return refWithheld(new ValidationError('the request path is not valid percent-encoding'));
   if (e?.status && e.status >= 400 && e.status < 500) return new ValidationError('the request could not be read');
   // A COMMIT sent and not answered (a route's own transaction: mail.send, a rotation's start, a leak
   // report …): it may be durable, so not "try again" (README, "unconfirmed").

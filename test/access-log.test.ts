@@ -38,6 +38,7 @@ describe('access log', () => {
       res.status(500).json({ title: 'Internal Server Error' });
     });
     app.get('/hang', () => {});
+    app.get('/hang/:ref', () => {});
     app.get('/things/:ref', (req, res) => {
       res.status(req.params.ref === 'known' ? 200 : 404).json({});
     });
@@ -99,8 +100,18 @@ describe('access log', () => {
     expect(lines.map((l) => [l.req.path, l.res.statusCode])).toEqual([
       ['/things/known', 200],
       ['/things/:ref', 404],
-      // (A path no route matched is shown as sent here: this app names no pattern for it. The service's 404 does, bad-input.test.)
-      ['/nowhere/sk_live_pasted_value', 404],
+      // (A path no route matched: this app has no maskPath, so nothing of it is shown. The service's shows the segments routes have, bad-input.test.)
+      ['…', 404],
     ]);
+  });
+
+  it('a request abandoned on a route with parameters shows the route pattern: it was never answered, so nothing vetted its path', async () => {
+    const { get, settle } = await start('info');
+    expect(await get('/hang/sk_live_pasted_value', 100)).toBe('aborted');
+    const lines = await settle(1);
+    await new Promise((r) => setTimeout(r, 50));
+    // Before, its status was still the default 200, and the path was logged as sent.
+    expect(lines.map((l) => [l.level, l.msg, l.req.path, l.res.statusCode])).toEqual([[40, 'request aborted', '/hang/:ref', 200]]);
+    expect(JSON.stringify(lines)).not.toContain('sk_live_pasted_value');
   });
 });

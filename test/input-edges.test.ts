@@ -129,6 +129,12 @@ describe('input edges', () => {
       // Before: "Bad request", "the request could not be read".
       expect(res.body).toMatchObject({ title: 'The request is not valid', detail: 'the request path is not valid percent-encoding' });
     }
+    // A password with a % in it pasted where a name goes: not repeated in the answer (nor, by the same path, in the request log).
+    const pasted = await h.api('PATCH', '/v1/credentials/hunter2%pa55word', { token: agent.token, body: { tags: [] } });
+    expectProblem(pasted, 400, 'validation-failed');
+    // Before, the instance was the path as sent.
+    expect(pasted.body.instance).toBe('/v1/credentials/…');
+    expect(JSON.stringify(pasted.body)).not.toContain('pa55word');
   });
 
   it('a grant revoked by its id in upper case is answered and audited with the id in lower case', async () => {
