@@ -22,7 +22,9 @@ export interface PoolLogger {
  */
 export function createPool(connectionString: string, max = 10, logger?: PoolLogger, opts: { queryTimeoutMs?: number } = {}): pg.Pool {
   const timeouts = opts.queryTimeoutMs ? { query_timeout: opts.queryTimeoutMs, statement_timeout: Math.max(opts.queryTimeoutMs - 1_000, 1) } : {};
-  const pool = new pg.Pool({ connectionString, max, connectionTimeoutMillis: 5_000, ...timeouts });
+  // READ COMMITTED whatever the database's default: the audit chain's trigger reads its head under
+  // the chain lock, which a REPEATABLE READ snapshot taken before the lock would hide (it refuses one).
+  const pool = new pg.Pool({ connectionString, max, connectionTimeoutMillis: 5_000, options: '-c default_transaction_isolation=read\\ committed', ...timeouts });
   // An idle client losing its server must not crash the process; the next query reports it.
   pool.on('error', (err) => logger?.warn({ err }, 'idle database client failed'));
   // Nor a checked-out client losing it between two statements (nobody else listens then): its next query fails instead.

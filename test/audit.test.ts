@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type pg from 'pg';
+import { createPool } from '../db/pool';
 import { firstSeqAt } from '../vault/audit';
 import { expectCleanRun } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
@@ -250,6 +251,34 @@ describe('audit log', () => {
     expect(await links()).toEqual(
       ['chain-a-1', 'chain-b-1', 'chain-b-2', 'chain-b-3', 'chain-c-1', 'chain-other-1', 'chain-d-1'].map((request_id) => ({ request_id, linked: true })),
     );
+    const total = Number((await h.sql('SELECT count(*) FROM audit_log')).rows[0].count);
+    expect((await h.api('GET', '/v1/audit/verify', { token: h.adminToken })).body).toMatchObject({ ok: true, rows: total });
+  });
+
+  it('a REPEATABLE READ transaction cannot append (its snapshot would hide the head: a fork), and the service asks for READ COMMITTED whatever the default', async () => {
+    const insert = (c: pg.PoolClient, tag: string) => c.query(`INSERT INTO audit_log (actor, action, outcome, request_id) VALUES ('test', 'chain.test', 'ok', $1)`, [tag]);
+    const [first, second] = [await h.services.pool.connect(), await h.services.pool.connect()];
+    try {
+      await first.query('BEGIN ISOLATION LEVEL REPEATABLE READ');
+      await first.query('SELECT 1'); // its snapshot, before another session appends
+      await insert(second, 'rr-other');
+      // Before, chained to the head its snapshot showed: a broken link on a history nobody touched.
+      await expect(insert(first, 'rr-stale')).rejects.toThrow(/audit rows are appended in READ COMMITTED transactions only \(this one is repeatable read\)/);
+    } finally {
+      await first.query('ROLLBACK').catch(() => undefined);
+      first.release();
+      second.release();
+    }
+    // A database whose default is REPEATABLE READ: the service's connections are READ COMMITTED all the same.
+    const database = new URL(h.databaseUrl).pathname.slice(1);
+    await h.sql(`ALTER DATABASE "${database}" SET default_transaction_isolation = 'repeatable read'`);
+    const pool = createPool(h.databaseUrl, 1);
+    try {
+      expect((await pool.query('SHOW transaction_isolation')).rows[0].transaction_isolation).toBe('read committed');
+    } finally {
+      await pool.end();
+      await h.sql(`ALTER DATABASE "${database}" RESET default_transaction_isolation`);
+    }
     const total = Number((await h.sql('SELECT count(*) FROM audit_log')).rows[0].count);
     expect((await h.api('GET', '/v1/audit/verify', { token: h.adminToken })).body).toMatchObject({ ok: true, rows: total });
   });
