@@ -20,7 +20,7 @@ export function auditRoutes(auth: AuthDeps, deps: { pool: Pool; vault: Vault; se
     ),
   );
 
-  // An identity sees its own events (and every event on a credential of its own); the admin token sees everyone's.
+  // An identity sees its own events (with ?credential= of its own: every event on it); the admin token sees everyone's.
   router.get(
     '/v1/audit',
     ...endpoint(auth, { who: 'identity-or-admin', action: 'audit.list', summary: 'Audit events (an identity’s own, or all with the admin token)', query: auditQuery, responses: { 200: auditList }, problems: [422] }, async ({ query, identity, caller }) => {
