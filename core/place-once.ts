@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
-import { closeSync, constants, copyFileSync, fsyncSync, linkSync, openSync, rmSync } from 'node:fs';
+import { constants, copyFileSync, linkSync, rmSync } from 'node:fs';
 import path from 'node:path';
+import { syncPath } from './fsync';
 
 /**
  * Writes a file aside (`write` gets the temporary path) and links it into place, which fails if
@@ -34,15 +35,5 @@ export function placeOnce(file: string, write: (made: string) => void, opts: { d
     throw err;
   } finally {
     rmSync(made, { force: true });
-  }
-}
-
-/** fsync of a file or a directory. */
-function syncPath(p: string): void {
-  const fd = openSync(p, 'r');
-  try {
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
   }
 }

@@ -1,6 +1,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { closeSync, fchmodSync, fchownSync, fsyncSync, openSync, readFileSync, realpathSync, renameSync, rmSync, statSync, writeSync } from 'node:fs';
 import path from 'node:path';
+import { syncPath } from '../core/fsync';
 import { KEY_BYTES } from './crypto';
 
 /**
@@ -273,10 +274,5 @@ export function writeKeyringFile(file: string, keys: MasterKey[], current: strin
     rmSync(tmp, { force: true });
     throw err;
   }
-  const dir = openSync(path.dirname(file), 'r');
-  try {
-    fsyncSync(dir);
-  } finally {
-    closeSync(dir);
-  }
+  syncPath(path.dirname(file));
 }
