@@ -8,6 +8,7 @@ import type { Logger } from '../core/logger';
 import type { Pool } from '../db/pool';
 import { appendAudit, errorDetail, isAudited, outcomeOf } from '../vault/audit';
 import { hashToken, type Identities } from '../vault/identities';
+import type { ReadThread } from '../vault/read-thread';
 import type { Vault } from '../vault/vault';
 import { accessLog } from './access-log';
 import { AuthGuard, type AuthGuardLimits } from './auth-guard';
@@ -52,6 +53,8 @@ export interface ApiDeps {
   logger: Logger;
   /** Invalid bearer tokens a client may present per window before it gets 429s. */
   authFailures?: AuthGuardLimits;
+  /** The vault thread, when the primitives run in one (READ_THREAD): /readyz checks it. */
+  readThread?: ReadThread;
 }
 
 export const DEFAULT_AUTH_FAILURES: AuthGuardLimits = { maxFailures: 50, windowMs: 5 * 60_000 };
@@ -198,7 +201,7 @@ export function createApp(deps: ApiDeps): Express {
     },
   );
   const routers = [
-    healthRoutes({ pool: deps.pool, client: deps.client, namespace: deps.namespace, logger: deps.logger }),
+    healthRoutes({ pool: deps.pool, client: deps.client, namespace: deps.namespace, logger: deps.logger, readThread: deps.readThread }),
     identityRoutes(auth, deps.identities),
     vaultRoutes(auth, deps),
     grantRoutes(auth, deps.grants),

@@ -226,5 +226,5 @@ export const chainReport = z.strictObject({
 export const health = z.strictObject({ status: z.literal('ok') });
 export const readiness = z.strictObject({
   status: z.literal('ready'),
-  checks: z.strictObject({ database: z.literal('ok'), temporal: z.literal('ok') }),
+  checks: z.strictObject({ database: z.literal('ok'), temporal: z.literal('ok'), vault: z.literal('ok').optional() }),
 });

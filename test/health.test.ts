@@ -7,6 +7,7 @@ import { openServices } from '../core/services';
 import { freePort } from '../embedded/ports';
 import { generateMasterKey, Keyring, masterKeyId } from '../vault/keyring';
 import { newToken } from '../vault/identities';
+import { ReadThread } from '../vault/read-thread';
 import { startHarness, type Harness } from './support/harness';
 
 describe('health, readiness and metrics', () => {
@@ -20,7 +21,32 @@ describe('health, readiness and metrics', () => {
     expect((await h.api('GET', '/healthz')).body).toEqual({ status: 'ok' });
     const ready = await h.api('GET', '/readyz');
     expect(ready.status).toBe(200);
-    expect(ready.body).toEqual({ status: 'ready', checks: { database: 'ok', temporal: 'ok' } });
+    // The harness's API runs its vault calls in a thread (READ_THREAD on), as `npm start` does.
+    expect(ready.body).toEqual({ status: 'ready', checks: { database: 'ok', temporal: 'ok', vault: 'ok' } });
+  });
+
+  it('/readyz is 503 when the vault thread cannot reach the database, the main pool still answering', async () => {
+    const logged: string[] = [];
+    const logger = createLogger({ level: 'warn', destination: { write: (line: string) => logged.push(line) } });
+    // A thread of its own whose pool is refused: every primitive would fail while SELECT 1 on the
+    // main pool, the only database check before, passes.
+    const readThread = new ReadThread({ databaseUrl: `postgres://nobody:nothing@127.0.0.1:${await freePort()}/none`, poolSize: 1, keyringSetting: h.keyringFile });
+    const app = createApp({ ...h.services, readThread, dependentTypes: h.deps.dependents, client: h.client, namespace: 'default', taskQueue: 'none', adminToken: newToken(), logger });
+    const server = app.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    try {
+      const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+      const res = await fetch(`${url}/readyz`);
+      expect(res.status).toBe(503);
+      const body = (await res.json()) as Record<string, unknown>;
+      expect(body).toMatchObject({ status: 503, detail: 'not ready: the vault thread is unavailable' });
+      expect(body.checks).toEqual({ database: 'ok', temporal: 'ok', vault: 'unavailable' });
+      expect(JSON.stringify(body)).not.toContain('ECONNREFUSED');
+      expect(logged.some((line) => line.includes('readiness check failed') && line.includes('"check":"vault"') && line.includes('ECONNREFUSED'))).toBe(true);
+    } finally {
+      server.close();
+      await readThread.close();
+    }
   });
 
   it('/readyz is 503 and says which dependency is down', async () => {

@@ -69,7 +69,8 @@ port.on('message', (m: ToThread) => {
 function run(c: ReadCall): void {
   let call: Promise<unknown>;
   try {
-    if (c.op === 'store') call = vault.store(c.caller, c.input);
+    if (c.op === 'ping') call = pool.query('SELECT 1').then(() => undefined);
+    else if (c.op === 'store') call = vault.store(c.caller, c.input);
     else call = c.op === 'get' ? vault.get(c.caller, c.ref, c.version, c.detail) : c.op === 'masked' ? vault.getMasked(c.caller, c.ref, c.version) : vault.totp(c.caller, c.ref);
   } catch (err) {
     // A malformed call fails alone; it must not end the thread and the other calls with it.

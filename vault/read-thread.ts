@@ -32,7 +32,8 @@ export type ReadOp = 'get' | 'masked' | 'totp';
 
 export type ReadCall =
   | { id: number; op: ReadOp; caller: Caller; ref: CredentialRef; version?: number; detail?: Record<string, unknown> }
-  | { id: number; op: 'store'; caller: Caller; input: StoreInput };
+  | { id: number; op: 'store'; caller: Caller; input: StoreInput }
+  | { id: number; op: 'ping' };
 
 export type ReadReply = { id: number; ok: true; value: unknown } | { id: number; ok: false; error: SentError };
 
@@ -231,6 +232,14 @@ export class ReadThread {
 
   store(caller: Caller, input: StoreInput): Promise<StoredVersion> {
     return this.send<StoredVersion>((id) => ({ id, op: 'store', caller, input }));
+  }
+
+  /**
+   * Readiness (/readyz): the thread answers, behind the calls already sent to it, and its own pool
+   * reaches the database. Fails as a call would: the thread restarting, closed, or its pool down.
+   */
+  ping(): Promise<void> {
+    return this.send<void>((id) => ({ id, op: 'ping' }));
   }
 
   private send<T>(call: (id: number) => ReadCall): Promise<T> {
