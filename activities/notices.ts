@@ -327,7 +327,7 @@ export function composeRotationNotice(
         ? `The rotation of ${what} was rolled back: version ${n.fromVersion} is current again in the vault, but not everywhere (see below),`
         : `The rotation of ${what} was rolled back: version ${n.fromVersion} is current again everywhere,`,
       n.abandonedKept
-        ? `and version ${n.toVersion} was left working at the provider: the dependents below could not be put back and still use it. Revoke it there once they are off it. ${n.error ?? ''}`.trim()
+        ? `and version ${n.toVersion} was left working: the dependents below could not be put back and still use it. Once they are off it, revoke it at the provider, if it keeps one. ${n.error ?? ''}`.trim()
         : n.abandonedNotRevoked
           ? `but version ${n.toVersion} could not be revoked at the provider and may still work there (a provider that holds one value may still be on it): revoke it there by hand, and put version ${n.fromVersion} back if needed. ${n.error ?? ''}`.trim()
           : `and version ${n.toVersion} was revoked. ${n.error ?? ''}`.trim(),
@@ -428,5 +428,5 @@ function cap(s: string): string {
 
 /** A failed or cancelled attempt's pending version left working (its undo could not put a dependent back: PENDING_KEPT_UNDER_DEPENDENTS). */
 function keptPending(n: RotationNotice): string {
-  return `Version ${n.toVersion}, which the rotation made, was left working at the provider: the dependents above could not be put back and still use it. Revoke it there once they are off it.`;
+  return `Version ${n.toVersion}, which the rotation made, was left working: the dependents above could not be put back and still use it. Once they are off it, revoke it at the provider, if it keeps one.`;
 }

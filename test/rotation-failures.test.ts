@@ -295,7 +295,7 @@ describe('rotation failures', () => {
     expect(notice!.mail.subject).toBe(`[mailgent] Rotation FAILED for ${name}`);
     expect(notice!.mail.text).toMatch(/failed at step verify, and undoing it failed in part:\n- restore webhook 1: webhook http:\/\/127\.0\.0\.1:\d+ answered 400 to credential\.restored\n/);
     expect(notice!.mail.text).toContain(
-      'Version 2, which the rotation made, was left working at the provider: the dependents above could not be put back and still use it. Revoke it there once they are off it.',
+      'Version 2, which the rotation made, was left working: the dependents above could not be put back and still use it. Once they are off it, revoke it at the provider, if it keeps one.',
     );
     // Recorded beside the notice, which may never go out.
     expect((await h.sql(`SELECT detail FROM audit_log WHERE credential_id = $1 AND action = 'rotation.discard_pending' AND detail ? 'kept'`, [id])).rows).toEqual([
@@ -1017,7 +1017,7 @@ describe('rotation failures', () => {
     // The dependent not put back still uses version 2: left working, not revoked under it (before,
     // revoked: the rollback broke the one dependent it could not spare).
     expect(await revokedVersions(id)).toEqual([]);
-    expect(notice.mail.text).toContain('and version 2 was left working at the provider: the dependents below could not be put back and still use it. Revoke it there once they are off it.');
+    expect(notice.mail.text).toContain('and version 2 was left working: the dependents below could not be put back and still use it. Once they are off it, revoke it at the provider, if it keeps one.');
     await read(id, 1);
     await read(id, 2);
 
@@ -1058,7 +1058,7 @@ describe('rotation failures', () => {
       const notice = (await waitFor('the rollback notice', () => notices(ownerMail, name), (mails) => mails.some((m) => m.mail.subject?.startsWith('[mailgent] Rotation rolled back')))).find((m) =>
         m.mail.subject?.startsWith('[mailgent] Rotation rolled back'),
       )!;
-      expect(notice.mail.text).toContain('and version 2 was left working at the provider: the dependents below could not be put back and still use it. Revoke it there once they are off it.');
+      expect(notice.mail.text).toContain('and version 2 was left working: the dependents below could not be put back and still use it. Once they are off it, revoke it at the provider, if it keeps one.');
     } finally {
       await provider.stop();
     }
