@@ -7,7 +7,8 @@ import { incidentMailId } from '../activities/support';
 import { reportLeak } from '../api/routes/leaks';
 import { leakSignal } from '../workflows/definitions';
 import { expectCleanRun } from './support/leaks';
-import { holdTable } from './support/lifecycle-fixtures';
+import { holdTable, mintKey, whoami } from './support/lifecycle-fixtures';
+import { ProviderServer } from './support/provider-server';
 import { startHarness, type Harness } from './support/harness';
 import { readMailbox, recipients, waitForMail } from './support/mail';
 
@@ -831,6 +832,99 @@ describe('POST /v1/leaks', () => {
     expect(await revokedVersions(id)).toEqual([1, 2, 3]);
     expect((await h.sql('SELECT status FROM leak_incidents WHERE credential_id = $1', [id])).rows).toEqual([{ status: 'closed' }]);
     h.secret((await current('late-older-leak')).value);
+  });
+
+  it('an older version reported late whose revoke the provider refuses, after the owners had their last notice, makes the run rotate again: the next run tries it and tells them', async () => {
+    // A key service whose revokes the test can hold or refuse, and four keys it minted: its admin
+    // token, and versions 1-3 of the credential (stored by hand, each with its key's id).
+    const provider = await new ProviderServer().start();
+    let hold: { reached: Promise<void>; release: () => void } | undefined;
+    try {
+      const owner = `owner-${randomUUID().slice(0, 8)}@example.com`;
+      await store('late-refused-admin', provider.adminToken, { kind: 'token' });
+      const k1 = await mintKey(h, provider);
+      const k2 = await mintKey(h, provider);
+      const k3 = await mintKey(h, provider);
+      const rotation = {
+        provider: 'http',
+        graceHours: 1,
+        settings: {
+          create: { url: `${provider.url}/keys` },
+          verify: { url: `${provider.url}/whoami`, waitSeconds: 0 },
+          revoke: { url: `${provider.url}/keys/{id}` },
+          auth: { credential: 'late-refused-admin' },
+          valuePath: 'secret',
+          idPath: 'id',
+        },
+      };
+      const id = await store('late-refused', k1.secret, { owners: [owner], rotation, externalId: k1.id });
+      await store('late-refused', k2.secret, { externalId: k2.id });
+      await store('late-refused', k3.secret, { externalId: k3.id });
+      // Rotated on request (3 → 4) into its grace period: the owners' notice of it is the run's `notify` step.
+      await requestedInGrace('late-refused');
+      const firstRun = (await h.client.workflow.getHandle(`rotate:${id}`).describe()).runId;
+      const toOwner = async () => (await readMailbox()).filter((m) => recipients(m.mail).includes(owner) && m.mail.subject === '[mailgent] Rotated late-refused');
+      await waitFor('the grace notice', async () => ((await toOwner()).length === 1 ? true : undefined));
+
+      // Version 2 is reported leaked: the run revokes version 3 (it replaced it) and waits at version 2's revoke.
+      provider.delayNext('revoke', 1, 1); // version 3's revoke goes through (the faults are queued per route, in order)
+      hold = provider.holdNext('revoke');
+      const first = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256(k2.secret), source: 'paste-1' } });
+      expect(first.body.results).toEqual([expect.objectContaining({ version: 2, action: 'rotating' })]);
+      await hold.reached;
+      // Meanwhile version 1 is found pasted too; the provider refuses its revoke (403), in this run and the next.
+      const second = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256(k1.secret), source: 'paste-2' } });
+      expect(second.body.results).toEqual([expect.objectContaining({ version: 1, action: 'joined' })]);
+      provider.failNext('revoke', 1, 403); // this run's late revoke of version 1
+      provider.delayNext('revoke', 1, 1); // the next run's revoke of version 4 goes through
+      provider.failNext('revoke', 1, 403); // the next run's revoke of version 1
+      hold.release();
+
+      // The run told the owners that version 3 is revoked before it tried version 1: with that notice
+      // out and version 1 still working, it continues as new, in leak mode (4 → 5), which tries
+      // version 1 again. Before, it ended there: version 1 working, the incident closed, no one told.
+      const result = await h.client.workflow.getHandle(`rotate:${id}`).result();
+      expect(result).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 4, toVersion: 5 });
+      expect((await h.client.workflow.getHandle(`rotate:${id}`, firstRun).describe()).status.name).toBe('CONTINUED_AS_NEW');
+      // The owners hear it from that run: its notice says version 1 may still work.
+      const notices = await waitFor('the notice of the rotation again', async () => {
+        const mails = await toOwner();
+        return mails.length >= 3 ? mails : undefined;
+      });
+      expect(notices).toHaveLength(3);
+      const texts = notices.map((m) => m.mail.text ?? '');
+      const [grace, leakNotice, again] = ['Version 3 keeps working until', 'because a leak was reported.\n\nVersion 4 is now current.', 'Version 5 is now current.'].map(
+        (line) => texts.find((t) => t.includes(line)) ?? `(no notice with '${line}' among: ${JSON.stringify(texts)})`,
+      );
+      expect(grace).toContain('Version 3 keeps working until');
+      expect(leakNotice).toContain('Version 3 has been revoked.');
+      expect(leakNotice).not.toMatch(/version 1\b/i);
+      expect(again).toContain('because a leak was reported');
+      expect(again).toContain('Version 4 has been revoked.');
+      expect(again).toContain(`- revoking the leaked version 1 (it may still work): DELETE ${provider.url}/keys/{id} answered 403`);
+      expect(await whoami(provider, k1.secret)).toBe(200);
+      expect(await revokedVersions(id)).toEqual([2, 3, 4]);
+      expect((await h.sql("SELECT count(*)::int AS n FROM leak_incidents WHERE credential_id = $1 AND status = 'open'", [id])).rows[0].n).toBe(0);
+
+      // Once the provider lets it be revoked, a report of it again gets it revoked, its incident closed.
+      const third = await h.api('POST', '/v1/leaks', { token: agent.token, body: { fingerprint: sha256(k1.secret), source: 'paste-3' } });
+      expect(third.body.results).toEqual([expect.objectContaining({ version: 1, action: 'rotating' })]);
+      expect(await h.client.workflow.getHandle(`rotate:${id}`).result()).toMatchObject({ state: 'succeeded', mode: 'leak', fromVersion: 5, toVersion: 6 });
+      expect(await whoami(provider, k1.secret)).toBe(401);
+      expect(await revokedVersions(id)).toEqual([1, 2, 3, 4, 5]);
+      expect((await h.sql("SELECT count(*)::int AS n FROM leak_incidents WHERE credential_id = $1 AND status = 'open'", [id])).rows[0].n).toBe(0);
+      // Every revoke the provider saw, by version (its keys in the order they were made: versions 1-6).
+      const versionOf = new Map(provider.listKeys().map((k, i) => [`/keys/${k.id}`, i + 1]));
+      const revokes = provider.requests.filter((r) => r.route === 'revoke').map((r) => `v${versionOf.get(r.path)} ${r.status}`);
+      expect(revokes).toEqual(['v3 200', 'v2 200', 'v1 403', 'v4 200', 'v1 403', 'v5 200', 'v1 200']);
+      for (let v = 4; v <= 6; v++) {
+        const res = await h.api('POST', '/v1/vault.get', { token: agent.token, body: { name: 'late-refused', version: v } });
+        if (res.status === 200) h.secret(res.body.value);
+      }
+    } finally {
+      hold?.release();
+      await provider.stop();
+    }
   });
 
   it('a leak of a value stored during the grace period (current once the rotation ends) rotates again, in leak mode', async () => {
