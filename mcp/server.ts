@@ -21,6 +21,7 @@ import { problemOf, toAppError } from '../api/problem';
 import { jsonSchema } from '../api/openapi';
 import { appendAudit, errorDetail, isAudited, outcomeOf } from '../vault/audit';
 import type { Caller } from '../vault/vault';
+import { withholdStored } from '../vault/withheld';
 import pkg from '../package.json' with { type: 'json' };
 import { mcpTools, type McpDeps, type Tool } from './tools';
 
@@ -39,7 +40,8 @@ export function createMcpServer(deps: McpDeps & { logger: Logger }, caller: Call
   server.setRequestHandler(ListToolsRequestSchema, () => ({ tools: [...tools.values()].map(describe) }));
   server.setRequestHandler(CallToolRequestSchema, async (request) => {
     const tool = tools.get(request.params.name);
-    if (!tool) throw new McpError(ErrorCode.InvalidParams, `no tool named ${request.params.name}`);
+    // Not repeated: a value pasted where the name goes would come back into the client's context.
+    if (!tool) throw new McpError(ErrorCode.InvalidParams, 'the tools/call names no tool this server has (tools/list gives their names)');
     return callTool(deps, tool, caller, request.params.arguments);
   });
   return server;
@@ -78,7 +80,15 @@ class AuditedServer extends Server {
       const requested = answered === undefined ? undefined : requests.get(answered);
       if (requested) {
         requests.delete(answered!);
-        if (isJSONRPCErrorResponse(message)) await this.auditRefused(requested, message.error.code);
+        if (isJSONRPCErrorResponse(message)) {
+          // Arguments that are not an object, or no tool name: the SDK's parse of the request fails
+          // inside its handler and answers -32603 (internal error), which a client takes for a fault
+          // of the server to retry or report. It is the request's: invalid params.
+          if (requested.refusal === 'mcp-invalid-params' && message.error.code === ErrorCode.InternalError) {
+            message = { ...message, error: { ...message.error, code: ErrorCode.InvalidParams } };
+          }
+          await this.auditRefused(requested, message.error.code);
+        }
       }
       return send(message, options);
     };
@@ -86,12 +96,14 @@ class AuditedServer extends Server {
 
   /** What an audit row may say of a request: its method and tool name (capped, storable), and why a tools/call will be refused. */
   private requested(message: Extract<JSONRPCMessage, { method: string; id: RequestId }>): Requested {
-    if (message.method !== 'tools/call') return { method: auditable(message.method) };
+    const given = { method: message.method };
+    if (message.method !== 'tools/call') return { method: auditable(message.method), given };
     const name: unknown = (message.params as { name?: unknown } | undefined)?.name;
     const tool = typeof name === 'string' ? auditable(name) : undefined;
-    if (!CallToolRequestSchema.safeParse(message).success) return { method: message.method, tool, refusal: 'mcp-invalid-params' };
-    if (!this.hasTool(name as string)) return { method: message.method, tool, refusal: 'mcp-unknown-tool' };
-    return { method: message.method, tool };
+    if (typeof name === 'string' && !this.hasTool(name)) Object.assign(given, { tool: name });
+    if (!CallToolRequestSchema.safeParse(message).success) return { method: message.method, tool, given, refusal: 'mcp-invalid-params' };
+    if (!this.hasTool(name as string)) return { method: message.method, tool, given, refusal: 'mcp-unknown-tool' };
+    return { method: message.method, tool, given };
   }
 
   private async auditRefused(requested: Requested, code: number): Promise<void> {
@@ -99,17 +111,50 @@ class AuditedServer extends Server {
     const detail: Record<string, unknown> = { error: requested.refusal ?? 'mcp-protocol', code };
     if (requested.method !== undefined) detail.method = requested.method;
     if (requested.tool !== undefined) detail.tool = requested.tool;
-    await appendAudit(deps.pool, { identityId: caller.identityId, actor: caller.actor, action: 'mcp.request', outcome: 'rejected', requestId: caller.requestId, via: caller.via, detail }).catch((err) =>
-      deps.logger.error({ err, requestId: caller.requestId }, 'could not audit a refused MCP request'),
-    );
+    try {
+      // A name the client chose that is none of this server's (a tool it does not have, a method it
+      // does not serve) goes into the append-only log as given, unless it is a value the caller can
+      // read: a secret pasted (or injected into an agent's prompt) where a name goes, withheld as a
+      // credential name is (vault/withheld.ts; a check that fails withholds it too).
+      // Checked whole: the row keeps at most 64 characters of a name, a longer secret's head.
+      const chosen: Record<string, unknown> = { tool: requested.given.tool };
+      if (!KNOWN_METHODS.has(requested.given.method)) chosen.method = requested.given.method;
+      await withholdStored(deps.pool, deps.secrets, caller.identityId, detail, chosen).catch(() => undefined);
+      await appendAudit(deps.pool, { identityId: caller.identityId, actor: caller.actor, action: 'mcp.request', outcome: 'rejected', requestId: caller.requestId, via: caller.via, detail });
+    } catch (err) {
+      deps.logger.error({ err, requestId: caller.requestId }, 'could not audit a refused MCP request');
+    }
   }
 }
 
 interface Requested {
   method: string | undefined;
   tool?: string;
+  /** The method, and the tool name unless it is one of this server's, as the client gave them (uncapped). */
+  given: { method: string; tool?: string };
   refusal?: 'mcp-invalid-params' | 'mcp-unknown-tool';
 }
+
+/** Methods an MCP server may be sent (whether or not this one serves them): written as given. */
+const KNOWN_METHODS = new Set([
+  'initialize',
+  'ping',
+  'tools/list',
+  'tools/call',
+  'resources/list',
+  'resources/templates/list',
+  'resources/read',
+  'resources/subscribe',
+  'resources/unsubscribe',
+  'prompts/list',
+  'prompts/get',
+  'completion/complete',
+  'logging/setLevel',
+  'tasks/get',
+  'tasks/list',
+  'tasks/cancel',
+  'tasks/result',
+]);
 
 /** The longest method or tool name an audit row keeps (MCP allows tool names of up to 128 characters). */
 const MAX_AUDITED_NAME = 64;

@@ -436,7 +436,7 @@ describe('MCP server', () => {
       const mcp = await connect('http', agent.token);
       const secret = h.secret('sk_live_refused_call_argument_0001');
       ok(await call(mcp, 'list_credentials', {}));
-      await expect(mcp.client.callTool({ name: 'no_such_tool', arguments: { value: secret } })).rejects.toThrow(/no tool named no_such_tool/);
+      await expect(mcp.client.callTool({ name: 'no_such_tool', arguments: { value: secret } })).rejects.toThrow(/names no tool this server has/);
       // Before, no row at all: the JSON-RPC error went out in a 200 the route does not audit.
       expect(await auditOf(agent.id, 'mcp.request')).toEqual([
         { outcome: 'rejected', credential_id: null, detail: { error: 'mcp-unknown-tool', code: -32602, method: 'tools/call', tool: 'no_such_tool', via: 'mcp' } },
@@ -474,12 +474,84 @@ describe('MCP server', () => {
           { error: 'mcp-protocol', method: 'resources/list' },
         ].map((detail, i) => ({ outcome: 'rejected', credential_id: null, detail: { ...detail, code: codes[i], via: 'mcp' } })),
       );
-      expect(codes[3]).toBe(-32602);
+      // Invalid params, not the SDK's -32603 (internal error: a fault of the server to retry or report).
+      expect(codes.slice(0, 5)).toEqual([-32602, -32602, -32602, -32602, -32602]);
       expect(codes[5]).toBe(-32601);
       expect(JSON.stringify(audit)).not.toContain(secret);
       // A call that succeeds, or fails as a tool (a result with isError, audited under its action), adds no mcp.request row.
       problem(await call(mcp, 'vault_get', { name: 'missing' }));
       expect(await auditOf(agent.id, 'mcp.request')).toHaveLength(audit.length);
+    });
+
+    it('a tool or method name that is a value the caller stored is withheld from the audit row and not repeated in the error', async () => {
+      const agent = await h.createIdentity('mcp-pasted-name');
+      const short = h.secret('sk_live_pasted_as_tool_name_0001');
+      const long = h.secret(`ghp_${'A1b2C3d4'.repeat(12)}`); // longer than the 64 characters a row keeps of a name
+      for (const [i, value] of [short, long].entries()) {
+        const stored = await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: `pasted-${i}`, kind: 'api_key', value } });
+        expect(stored.status, stored.text).toBe(201);
+      }
+      const rpc = async (id: number, message: Record<string, unknown>) => {
+        const res = await fetch(`${h.url}/mcp`, {
+          method: 'POST',
+          headers: { authorization: `Bearer ${agent.token}`, 'content-type': 'application/json', accept: 'application/json, text/event-stream' },
+          body: JSON.stringify({ jsonrpc: '2.0', id, ...message }),
+        });
+        expect(res.status).toBe(200);
+        return (await res.json()) as { error: { code: number; message: string } };
+      };
+      const answers = [
+        await rpc(1, { method: 'tools/call', params: { name: short, arguments: {} } }),
+        await rpc(2, { method: 'tools/call', params: { name: long, arguments: {} } }),
+        await rpc(3, { method: short }),
+        await rpc(4, { method: 'tools/call', params: { name: 'not_a_secret_tool', arguments: {} } }),
+      ];
+      expect(answers.map((a) => a.error.code)).toEqual([-32602, -32602, -32601, -32602]);
+      for (const a of answers) for (const v of [short, long, long.slice(0, 64)]) expect(a.error.message).not.toContain(v);
+      const rows = await auditOf(agent.id, 'mcp.request');
+      expect(rows.map((r) => r.detail)).toEqual([
+        { error: 'mcp-unknown-tool', code: -32602, method: 'tools/call', toolWithheld: 'stored-value', via: 'mcp' },
+        { error: 'mcp-unknown-tool', code: -32602, method: 'tools/call', toolWithheld: 'stored-value', via: 'mcp' },
+        { error: 'mcp-protocol', code: -32601, methodWithheld: 'stored-value', via: 'mcp' },
+        // A name that is no value is the trail of what was tried: kept as given.
+        { error: 'mcp-unknown-tool', code: -32602, method: 'tools/call', tool: 'not_a_secret_tool', via: 'mcp' },
+      ]);
+      for (const v of [short, long.slice(0, 64)]) expect(JSON.stringify(rows)).not.toContain(v);
+    });
+
+    it('refuses a JSON-RPC batch, and JSON that is not a JSON-RPC message, with a 400 invalid request (-32600), runs nothing of it, and audits it', async () => {
+      const agent = await h.createIdentity('mcp-batch');
+      const post = (requestId: string, body: unknown) =>
+        fetch(`${h.url}/mcp`, {
+          method: 'POST',
+          headers: { authorization: `Bearer ${agent.token}`, 'content-type': 'application/json', accept: 'application/json, text/event-stream', 'x-request-id': requestId },
+          body: JSON.stringify(body),
+        });
+      const store = (id: number, name: string) => ({
+        jsonrpc: '2.0',
+        id,
+        method: 'tools/call',
+        params: { name: 'vault_store', arguments: { name, kind: 'password', value: h.secret(`batched-value-${randomUUID()}`) } },
+      });
+      // Before: [] was a 202 (nothing refused, nothing audited); two requests sharing an id both ran
+      // and one was answered; a batch of one was answered by an object, not an array; `{}` was a
+      // -32700 parse error.
+      const cases: [string, unknown][] = [
+        ['mcp-batch-empty', []],
+        ['mcp-batch-one', [store(1, 'batched-one')]],
+        ['mcp-batch-same-id', [store(5, 'batched-a'), store(5, 'batched-b')]],
+        ['mcp-batch-not-rpc', {}],
+        ['mcp-batch-null', null],
+      ];
+      for (const [id, body] of cases) {
+        const res = await post(id, body);
+        expect(res.status, id).toBe(400);
+        expect(await res.json(), id).toMatchObject({ jsonrpc: '2.0', error: { code: -32600, message: expect.stringMatching(/^Invalid Request: /) }, id: null });
+      }
+      expect((await h.sql("SELECT name FROM credentials WHERE identity_id = $1 AND name LIKE 'batched-%'", [agent.id])).rows).toEqual([]);
+      const rows = async () => (await h.sql("SELECT request_id, outcome, detail FROM audit_log WHERE request_id LIKE 'mcp-batch-%' ORDER BY request_id")).rows;
+      const audit = await waitFor('the refusals to be audited', rows, (found) => found.length >= cases.length);
+      expect(audit).toEqual(cases.map(([id]) => ({ request_id: id, outcome: 'rejected', detail: { error: 'mcp-protocol', status: 400, via: 'mcp' } })).sort((a, b) => a.request_id.localeCompare(b.request_id)));
     });
 
     it('over stdio, requests piped in whole (stdin ends at once) are all answered before the bridge exits', async () => {
@@ -570,6 +642,15 @@ describe('MCP server', () => {
       const rows = await auditOf(agent.id, 'leak.report');
       expect(rows.at(-2)).toMatchObject({ outcome: 'ok', detail: { via: 'mcp', matched: 1 } });
       expect(rows.at(-1)).toMatchObject({ outcome: 'ok', detail: { repeated: true } });
+      // The incident's email row is the report's too: its request and interface (before, neither).
+      const mailRow = (
+        await h.sql(
+          `SELECT m.request_id, m.detail FROM audit_log m JOIN audit_log r ON r.request_id = m.request_id
+            WHERE m.action = 'mail.send' AND m.credential_id = $1 AND r.action = 'leak.report' AND r.identity_id = $2`,
+          [id, agent.id],
+        )
+      ).rows;
+      expect(mailRow).toEqual([{ request_id: expect.any(String), detail: expect.objectContaining({ purpose: 'leak.incident', via: 'mcp' }) }]);
     });
 
     it("report_leak by a handle of an older version reports that version (rotated and revoked), not the current one", async () => {

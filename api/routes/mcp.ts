@@ -1,6 +1,7 @@
 import { Router, type NextFunction, type Request, type Response } from 'express';
 import { StreamableHTTPServerTransport } from '@modelcontextprotocol/sdk/server/streamableHttp.js';
 import { isJsonContentType } from '@modelcontextprotocol/sdk/shared/mediaType.js';
+import { ErrorCode, JSONRPCMessageSchema } from '@modelcontextprotocol/sdk/types.js';
 import { z } from 'zod';
 import type { Logger } from '../../core/logger';
 import { createMcpServer } from '../../mcp/server';
@@ -23,7 +24,7 @@ export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): R
     documented({
       summary: 'MCP (streamable HTTP, stateless): JSON-RPC requests to the vault, mail and rotation tools',
       auth: 'identity',
-      requestBody: { contentType: 'application/json', description: 'a JSON-RPC message or batch (Model Context Protocol)' },
+      requestBody: { contentType: 'application/json', description: 'one JSON-RPC message (Model Context Protocol); a batch is refused with a 400 JSON-RPC error (-32600): MCP 2025-06-18 removed batching' },
       responses: {
         200: {
           description: 'The JSON-RPC response: a result (a tool’s failure is a result with isError: true and the problem), or a JSON-RPC error object for a refused request (an unknown tool, arguments that are not an object, an unknown method)',
@@ -31,7 +32,7 @@ export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): R
         },
         202: { description: 'a notification or response was accepted' },
         400: {
-          description: 'Refused before MCP sees it (a problem: a malformed body, a Host header the transport cannot use), or by the MCP transport (a JSON-RPC error object: not a JSON-RPC message, an unsupported MCP-Protocol-Version)',
+          description: 'Refused before MCP sees it (a problem: a malformed body, a Host header the transport cannot use), or as MCP refuses it (a JSON-RPC error object: not one JSON-RPC message (a batch, JSON that is not JSON-RPC: -32600), an unsupported MCP-Protocol-Version)',
           contentType: 'application/json',
           schema: jsonRpcError,
         },
@@ -55,18 +56,23 @@ export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): R
         throw new AppError(400, 'malformed-request', 'Malformed request', 'MCP over HTTP needs a Host header that names a host (and port)');
       }
       const identity: Identity = res.locals.identity;
-      const server = createMcpServer(deps, { identityId: identity.id, actor: `identity:${identity.id}`, requestId: res.locals.requestId, via: 'mcp' });
-      const transport = new StreamableHTTPServerTransport({ sessionIdGenerator: undefined, enableJsonResponse: true });
-      res.on('close', () => {
-        void transport.close();
-        void server.close();
-      });
-      await server.connect(transport);
-      await transport.handleRequest(req, res, req.body);
+      const invalid = notOneMessage(req.body);
+      if (invalid) {
+        res.status(400).json({ jsonrpc: '2.0', error: { code: ErrorCode.InvalidRequest, message: invalid }, id: null });
+      } else {
+        const server = createMcpServer(deps, { identityId: identity.id, actor: `identity:${identity.id}`, requestId: res.locals.requestId, via: 'mcp' });
+        const transport = new StreamableHTTPServerTransport({ sessionIdGenerator: undefined, enableJsonResponse: true });
+        res.on('close', () => {
+          void transport.close();
+          void server.close();
+        });
+        await server.connect(transport);
+        await transport.handleRequest(req, res, req.body);
+      }
       // The transport answers protocol errors itself, as JSON-RPC errors (MCP's streamable HTTP asks
-      // for them, not problems): an Accept without application/json and text/event-stream (406), a
-      // body that is not a JSON-RPC message or an unsupported MCP-Protocol-Version (400). Refused
-      // calls all the same: audited as the others are.
+      // for them, not problems): an Accept without application/json and text/event-stream (406), an
+      // unsupported MCP-Protocol-Version (400); and a body that is not one JSON-RPC message is
+      // answered above (400). Refused calls all the same: audited as the others are.
       if (res.statusCode >= 400) {
         const failed = res.statusCode >= 500;
         await appendAudit(deps.pool, {
@@ -103,6 +109,21 @@ export function mcpRoutes(auth: AuthDeps, deps: McpDeps & { logger: Logger }): R
     },
   );
   return router;
+}
+
+/**
+ * Why a body is not one JSON-RPC message, checked before the transport, which got both wrong:
+ * - a batch (an array): MCP 2025-06-18 removed JSON-RPC batching, and the SDK's handling of it broke
+ *   JSON-RPC: `[]` was a 202 (nothing refused, nothing audited), a batch whose requests share an id
+ *   ran them all and answered one (a second store or send the client never heard of), and a batch
+ *   of one request was answered by an object, not an array. One message per POST;
+ * - JSON that is not a JSON-RPC message (`{}`, `null`): the transport answered -32700, a parse
+ *   error, for JSON it had parsed; it is an invalid request (-32600).
+ */
+function notOneMessage(body: unknown): string | undefined {
+  if (Array.isArray(body)) return 'Invalid Request: JSON-RPC batches are not served (MCP removed them in 2025-06-18): POST one message at a time';
+  if (!JSONRPCMessageSchema.safeParse(body).success) return 'Invalid Request: the body is not a JSON-RPC message';
+  return undefined;
 }
 
 /** A JSON-RPC error object as the MCP transport (and the 405 above) answers it: no request id. */
