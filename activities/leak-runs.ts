@@ -2,7 +2,7 @@ import { WorkflowNotFoundError, type Client } from '@temporalio/client';
 import { AppError, NotFoundError, UnavailableError } from '../core/errors';
 import { withTransaction, type Db, type Pool } from '../db/pool';
 import { abandonMail, queueMail, startDelivery } from '../mail/outbox';
-import { appendAudit } from '../vault/audit';
+import { appendAudit, type AuditEntry } from '../vault/audit';
 import { leakSignal } from '../workflows/definitions';
 import type { rotateCredential } from '../workflows/rotate-credential';
 import type { RotationIds } from '../workflows/types';
@@ -118,7 +118,7 @@ export async function queueUnrotatedNotice(
   deps: LeakNoticeDeps,
   t: { credentialId: string; identityId: string; version: number; deleted: boolean },
   report: { source: string; details?: string },
-  actor: string,
+  who: Reporter | string,
 ): Promise<string | undefined> {
   const { meta, to } = await toldOfLeak(deps, t);
   if (to.length === 0) return undefined;
@@ -164,10 +164,13 @@ export async function queueUnrotatedNotice(
       ].join('\n'),
     });
     const notRotated = t.deleted ? 'deleted' : 'no-policy';
-    if (queued) await appendAudit(tx, { identityId: t.identityId, actor, action: 'mail.send', credentialId: t.credentialId, outcome: 'ok', detail: { messageId: mailId, purpose: 'leak.incident', notRotated } });
+    if (queued) await appendAudit(tx, { ...(typeof who === 'string' ? { actor: who } : who), identityId: t.identityId, action: 'mail.send', credentialId: t.credentialId, outcome: 'ok', detail: { messageId: mailId, purpose: 'leak.incident', notRotated } });
   });
   return mailId;
 }
+
+/** Who reported a leak, with the request's id and interface (REST or MCP) when it came through one: its rows carry them. */
+export type Reporter = Pick<AuditEntry, 'actor' | 'requestId' | 'via'>;
 
 /**
  * Closes an incident no run will answer (its credential is not rotated), while it is still open and

@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { Router } from 'express';
 import type { z } from 'zod';
 import { WorkflowNotFoundError, type Client } from '@temporalio/client';
-import { closeUnanswered, queueUnrotatedNotice, rotationWorkflowId, STALE_INCIDENT_SECONDS, startLeakRun, toldOfLeak, versionLeakId } from '../../activities/leak-runs';
+import { closeUnanswered, queueUnrotatedNotice, type Reporter, rotationWorkflowId, STALE_INCIDENT_SECONDS, startLeakRun, toldOfLeak, versionLeakId } from '../../activities/leak-runs';
 import { incidentMailId } from '../../activities/support';
 import { AppError, NotFoundError, UnavailableError, UnprocessableError } from '../../core/errors';
 import { idOf } from '../../core/ids';
@@ -168,7 +168,8 @@ export async function reportLeak(deps: LeakDeps, caller: Caller, scope: string |
   const recordChange = (done: LeakResult[], extra?: Record<string, unknown>) =>
     auditChangeMade(deps, entry(done, extra), `the leak report (${done.map((r) => r.action).join(', ')})`);
   try {
-    for (const target of targets) results.push(await respond(deps, target, repeat ? { ...body, repeat } : body, scope ? caller.actor : 'admin'));
+    const who: Reporter = { actor: scope ? caller.actor : 'admin', requestId: caller.requestId, via: caller.via };
+    for (const target of targets) results.push(await respond(deps, target, repeat ? { ...body, repeat } : body, who));
   } catch (err) {
     // Failed after a rotation had started (this target's, its incident email then not handed over;
     // or an earlier target's): the answer is still the failure (report again), but what was started
@@ -213,7 +214,8 @@ async function respond(
   t: Target,
   /** `repeat`: a repeat under its Idempotency-Key of a report not answered yet, which does not count again on the incident it joins. */
   body: { source: string; details?: string; fingerprint?: string; version?: number; repeat?: boolean },
-  actor: string,
+  /** Who reported it, and the request (its id and interface): the rows this report writes carry them. */
+  who: Reporter,
   again = false,
   /** A left-over incident's version, still live, that the incident replacing it must have revoked too. */
   leftOver?: number,
@@ -229,7 +231,7 @@ async function respond(
   // A deleted credential's rotation still running (a delete does not stop one: in its grace period,
   // say) hears of the leak as any other does, and revokes the leaked value at once; with none
   // running, nothing rotates it. The same for one whose policy was taken away during its rotation.
-  if ((t.deleted || t.unmanaged) && !(await rotationRunning(deps, workflowId))) return reportUnrotated(deps, t, body, actor);
+  if ((t.deleted || t.unmanaged) && !(await rotationRunning(deps, workflowId))) return reportUnrotated(deps, t, body, who);
 
   const rotationId = randomUUID();
   const newIncidentId = randomUUID();
@@ -248,7 +250,7 @@ async function respond(
       closeUnanswered(tx, incidentId, incidentRotationId, 'the rotation it was for ended before the leak reached it; the credential is not rotated, so its leak was told without a rotation'),
     );
     if (!closed && joined) return joined();
-    return reportUnrotated(deps, t, body, actor);
+    return reportUnrotated(deps, t, body, who);
   };
   // The incident commits with its rotation's rows or not at all: an incident left open without a
   // rotation would make every later report only join it. A parallel report of the same credential
@@ -320,7 +322,7 @@ async function respond(
         `Workflow: ${workflowId}`,
       ].join('\n'),
     });
-    await appendAudit(tx, { identityId: t.identityId, actor, action: 'mail.send', credentialId: t.credentialId, outcome: 'ok', detail: { messageId: mailId, purpose: 'leak.incident', incidentId: opened.id } });
+    await appendAudit(tx, { ...who, identityId: t.identityId, action: 'mail.send', credentialId: t.credentialId, outcome: 'ok', detail: { messageId: mailId, purpose: 'leak.incident', incidentId: opened.id } });
     return opened;
   }).catch((err: unknown) => {
     if (err instanceof RevokedMeanwhile) return 'revoked' as const;
@@ -328,7 +330,7 @@ async function respond(
     throw err;
   });
   if (incident === 'revoked') return { credentialId: t.credentialId, version: t.version, action: 'already-revoked' as const };
-  if (incident === 'destroyed') return reportUnrotated(deps, { ...t, deleted: true }, body, actor);
+  if (incident === 'destroyed') return reportUnrotated(deps, { ...t, deleted: true }, body, who);
   if (incident === 'answered') return replacing!.answered();
   // The version a left-over incident this one replaced handed it (kept on it): a report that starts
   // or signals its run passes it on, as its opener did.
@@ -346,7 +348,7 @@ async function respond(
           WHERE id = $1 AND (status = 'open' OR NOT EXISTS (SELECT 1 FROM leak_incidents o WHERE o.credential_id = $2 AND o.status = 'open'))`,
         [incident.id, t.credentialId, body.repeat === true],
       );
-      if (counted.rowCount === 0 && !again) return respond(deps, t, body, actor, true, leftOver);
+      if (counted.rowCount === 0 && !again) return respond(deps, t, body, who, true, leftOver);
       return { credentialId: t.credentialId, version: t.version, incidentId: incident.id, workflowId, ...(incident.rotation_id ? { rotationId: incident.rotation_id } : {}), action: 'joined' as const };
     };
     // A fingerprint, or a name with a version, names the version that leaked. Another version than
@@ -423,7 +425,7 @@ async function respond(
     const handed = [incident.version, leftOver].filter((v): v is number => v !== undefined && v !== t.version);
     const live = await liveVersions(deps.pool, t.credentialId, handed);
     const passOn = handed.find((v) => live.includes(v));
-    if (!again) return respond(deps, t, body, actor, true, passOn, { id: incident.id, newVersion, answered: joined });
+    if (!again) return respond(deps, t, body, who, true, passOn, { id: incident.id, newVersion, answered: joined });
     throw new UnavailableError('the leak rotation could not be started; report again shortly');
   }
 
@@ -464,9 +466,9 @@ async function rotationRunning(deps: LeakDeps, workflowId: string): Promise<bool
  * it a policy, and report again to have it rotated. Before, a deleted one's leak was a 404 and no one
  * was told; one without a policy was "rotated" with the generated provider's defaults.
  */
-async function reportUnrotated(deps: LeakDeps, t: Target, body: { source: string; details?: string }, actor: string): Promise<LeakResult> {
+async function reportUnrotated(deps: LeakDeps, t: Target, body: { source: string; details?: string }, who: Reporter): Promise<LeakResult> {
   const answer = { credentialId: t.credentialId, version: t.version, action: t.deleted ? ('deleted' as const) : ('no-policy' as const) };
-  const mailId = await queueUnrotatedNotice(deps, t, body, actor);
+  const mailId = await queueUnrotatedNotice(deps, t, body, who);
   // Handed over on every report while still queued (the first report's hand-over may have failed).
   if (mailId) await deliverIncidentMail(deps, mailId, 'the leak was recorded, but its email could not be handed for delivery (Temporal is unavailable); report again shortly');
   return answer;
