@@ -2,7 +2,7 @@ import { InternalWorkflowStartOptionsSymbol, type InternalWorkflowStartOptions }
 import { ConflictError, NotFoundError } from '../core/errors';
 import { batchRunOf, latestRunOf, runOpenSince, statusOf } from '../core/run-chain';
 import { purgeExpiredKeys } from '../db/idempotency-keys';
-import { CHANGED_SINCE_SWEEP_SQL, recordBatchRun, RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
+import { CHANGED_SINCE_SWEEP_SQL, JOINED_EARLIER_SQL, outcomeBefore, recordBatchRun, RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
 import { eraseSettledMail } from '../mail/outbox';
 import { handOverNotice, REFUSED_NOTICE, UNCHECKED_NOTICE } from './notices';
 import type { RotationWindow } from '../vault/types';
@@ -89,6 +89,10 @@ export function batchActivities(deps: ActivityDeps) {
    * records it: the credential is not rotated twice. (A start it sends again, not knowing whether the first reached the server, carries the
    * same request id, which Temporal answers with the first's run while that is the newest.)
    */
+  /** Takes a sweep's credential out of this sweep, its run not recorded: the next sweep selects it again if it is still due. */
+  const dropRow = (rotationId: string, credentialId: string) =>
+    deps.pool.query('DELETE FROM rotation_runs WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [rotationId, credentialId]);
+
   const startWave = async (rotationId: string): Promise<{ started: number }> => {
     const { client, taskQueue } = temporal();
     const now = deps.clock?.() ?? new Date();
@@ -99,13 +103,14 @@ export function batchActivities(deps: ActivityDeps) {
     // to the back, behind as many others as the wave has places.
     const { rows } = await deps.pool.query(
       `WITH runs AS (
-         SELECT r.credential_id, r.run_id, r.start_sent_at, r.cancelled_at, o.outcome FROM rotation_runs r LEFT JOIN run_outcomes o ON o.run_id = r.run_id
+         SELECT r.credential_id, r.run_id, r.start_sent_at, r.cancelled_at, o.outcome, ${JOINED_EARLIER_SQL} AS joined
+           FROM rotation_runs r LEFT JOIN run_outcomes o ON o.run_id = r.run_id
           WHERE r.rotation_id = $1)
        SELECT r.credential_id, c.identity_id, ro.kind, c.rotation->'window' AS window, r.start_sent_at IS NOT NULL AS start_sent, r.start_sent_at AS sent_at
          FROM runs r JOIN credentials c ON c.id = r.credential_id JOIN rotations ro ON ro.id = $1
         WHERE r.run_id IS NULL AND ro.cancelled_at IS NULL AND r.cancelled_at IS NULL
         ORDER BY r.start_sent_at IS NULL, c.next_rotation_at NULLS LAST, r.credential_id
-        LIMIT greatest($2 - (SELECT count(*) FROM runs WHERE run_id IS NOT NULL AND outcome IS NULL), 0)`,
+        LIMIT greatest($2 - (SELECT count(*) FROM runs WHERE run_id IS NOT NULL AND outcome IS NULL AND NOT joined), 0)`,
       [rotationId, maxOpen],
     );
     // A start sent but not recorded made a run only if a run of this batch's is there (every start
@@ -131,6 +136,11 @@ export function batchActivities(deps: ActivityDeps) {
       const runId =
         (await batchRunOf(client, workflowId, rotationId)) ?? (await runOpenSince(client, workflowId, new Date(row.sent_at.getTime() - CLOCK_SLACK_MS)));
       if (runId !== undefined) {
+        if (row.kind === 'sweep' && (await outcomeBefore(deps.pool, rotationId, runId))) {
+          await dropRow(rotationId, row.credential_id);
+          taken.add(row.credential_id);
+          continue;
+        }
         // Cancelled meanwhile: the run is cancelled here, as a started one is below (it may have continued as new).
         if ((await recordBatchRun(deps.pool, rotationId, row.credential_id, runId)).cancelled) {
           const { handle, status } = await latestRunOf(client, `rotate:${row.credential_id}`, runId);
@@ -173,7 +183,7 @@ export function batchActivities(deps: ActivityDeps) {
       // out of hours. Neither applies to a start that reached the server (its wave died before
       // recording the run): sent again, it answers with the run it started.
       if (row.kind === 'sweep' && !row.start_sent && (changed.has(row.credential_id) || (row.window && !windowOpen(row.window, now)))) {
-        await deps.pool.query('DELETE FROM rotation_runs WHERE rotation_id = $1 AND credential_id = $2 AND run_id IS NULL', [rotationId, row.credential_id]);
+        await dropRow(rotationId, row.credential_id);
         continue;
       }
       if (!row.start_sent) {
@@ -198,6 +208,12 @@ export function batchActivities(deps: ActivityDeps) {
         memo: { rotationId },
         ...startRequest(rotationId, row.credential_id),
       });
+      // Joined a run that had rotated the credential before the sweep began (in its grace period):
+      // not this sweep's; the next sweep selects the credential again if it is still due then.
+      if (row.kind === 'sweep' && (await outcomeBefore(deps.pool, rotationId, handle.firstExecutionRunId))) {
+        await dropRow(rotationId, row.credential_id);
+        continue;
+      }
       if ((await recordBatchRun(deps.pool, rotationId, row.credential_id, handle.firstExecutionRunId)).cancelled) {
         await client.workflow.getHandle(handle.workflowId, handle.firstExecutionRunId).cancel();
       }
@@ -233,11 +249,11 @@ export function batchActivities(deps: ActivityDeps) {
       const running = async () =>
         (
           await deps.pool.query(
-            `SELECT r.workflow_id, r.run_id FROM rotation_runs r LEFT JOIN run_outcomes o ON o.run_id = r.run_id
+            `SELECT r.workflow_id, r.run_id, ${JOINED_EARLIER_SQL} AS joined FROM rotation_runs r LEFT JOIN run_outcomes o ON o.run_id = r.run_id
               WHERE r.rotation_id = $1 AND r.run_id IS NOT NULL AND o.run_id IS NULL`,
             [input.rotationId],
           )
-        ).rows as { workflow_id: string; run_id: string }[];
+        ).rows as { workflow_id: string; run_id: string; joined: boolean }[];
       /** Runs waiting to start: never once the batch is cancelled (they count as cancelled). */
       const waiting = async () =>
         (
@@ -335,7 +351,8 @@ export function batchActivities(deps: ActivityDeps) {
           );
         }
         if (started.length + unstarted === 0 || outOfTime) return totals();
-        if (unstarted > 0 && started.length < maxOpen) {
+        // (Runs joined that another batch started before this one are that batch's to count: JOINED_EARLIER_SQL.)
+        if (unstarted > 0 && started.filter((r) => !r.joined).length < maxOpen) {
           // Its batch stopped (terminated by an operator): no more waves. This wait hears of it only
           // at a heartbeat's answer, up to 24 s on; meanwhile it started the waiting runs, which the
           // rotation's status reports as never to start.

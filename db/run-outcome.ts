@@ -22,6 +22,30 @@ export const CHANGED_SINCE_SWEEP_SQL = `(c.deleted_at IS NOT NULL OR c.rotation 
   OR EXISTS (SELECT 1 FROM secret_versions v WHERE v.credential_id = c.id AND v.version = c.current_version AND coalesce(v.promoted_at, v.created_at) > ro.created_at)
   OR EXISTS (SELECT 1 FROM run_outcomes o WHERE o.credential_id = c.id AND o.finished_at > ro.created_at))`;
 
+/**
+ * A batch's recorded run (over `rotation_runs r`) that it joined, not started: a run another batch
+ * (a sweep, an agent's, a leak's) recorded first, begun before this batch was. Such a run is that
+ * batch's to count among its open ones, not this one's: a run that never ends (stuck on a bug, a
+ * non-deterministic deploy) is joined by every sweep after the one that started it, since its
+ * credential stays due, and counted as theirs it took their open places, sweep after sweep, until
+ * none was left to start anything else.
+ */
+export const JOINED_EARLIER_SQL = `(r.run_id IS NOT NULL AND EXISTS (
+  SELECT 1 FROM rotation_runs e JOIN rotations eo ON eo.id = e.rotation_id JOIN rotations mine ON mine.id = r.rotation_id
+   WHERE e.run_id = r.run_id AND e.rotation_id <> r.rotation_id AND eo.created_at < mine.created_at))`;
+
+/**
+ * Whether the run a sweep's start joined had recorded its outcome before the sweep began: a run in
+ * its grace period, promoted (`rotated`) before, whose credential fell due again meanwhile (its period
+ * shortened during the grace, a password policy's age under the grace, an expiry moved into the
+ * lead). It is not this sweep's rotation: recorded as the sweep's, it was reported rotated again by
+ * every hourly sweep until its grace ended, each summary saying a rotation that did not happen.
+ */
+export async function outcomeBefore(db: Db, rotationId: string, runId: string): Promise<boolean> {
+  const { rows } = await db.query('SELECT 1 FROM run_outcomes o JOIN rotations ro ON ro.id = $1 WHERE o.run_id = $2 AND o.finished_at <= ro.created_at', [rotationId, runId]);
+  return rows.length > 0;
+}
+
 export const RUN_OUTCOME_SQL = `coalesce(o.outcome, CASE WHEN ${NEVER_STARTED} THEN 'cancelled' END)`;
 export const RUN_ERROR_SQL = `coalesce(o.error, CASE WHEN ${NEVER_STARTED} THEN CASE WHEN ro.cancelled_at IS NOT NULL THEN 'the batch was cancelled before this rotation started' ELSE 'its owner cancelled it before it started' END END)`;
 

@@ -622,6 +622,92 @@ describe('scheduled sweep', () => {
     for (const name of ['wave-rotated', 'wave-due']) await read(agent.token, name);
   });
 
+  it('a credential due again while its last rotation is in its grace period is left to that run: not reported rotated again by the next sweep', async () => {
+    const owner = address('grace-owner');
+    const agent = await identity(owner);
+    const id = await store(agent.token, { name: 'due-in-grace', kind: 'api_key', value: secretValue(), owners: [owner], rotation: { provider: 'generated', periodDays: 30, graceHours: 240 } });
+    await age([id], 45);
+    const first = await sweep();
+    expect(await sweptIds(first.sweepId)).toContain(id);
+    expect(await versions([id])).toEqual({ 'due-in-grace': 2 });
+    // In its grace period, the period shortened to a day (applies from the next rotation), and version 2 made two days ago: due again.
+    const patched = await h.api('PATCH', '/v1/credentials/due-in-grace', { token: agent.token, body: { rotation: { provider: 'generated', periodDays: 1, graceHours: 0 } } });
+    expect(patched.status, patched.text).toBe(200);
+    await age([id], 2);
+    const grace = h.client.workflow.getHandle(`rotate:${id}`);
+    expect((await grace.describe()).status.name).toBe('RUNNING');
+    const summaries = async () => (await mailTo(owner, '[mailgent] Scheduled rotation')).length;
+    const told = await summaries();
+    for (let i = 0; i < 2; i++) {
+      const again = await sweep();
+      // Before: each joined the run in its grace period and counted it as its own, rotated, in its summary.
+      expect(await sweptIds(again.sweepId)).not.toContain(id);
+    }
+    expect(await summaries()).toBe(told);
+    expect(await versions([id])).toEqual({ 'due-in-grace': 2 });
+    expect((await grace.describe()).status.name).toBe('RUNNING');
+    // Its grace over, the next sweep rotates it.
+    await grace.terminate('the test ends its grace period');
+    const after = await sweep();
+    expect(await sweptIds(after.sweepId)).toContain(id);
+    expect(await versions([id])).toEqual({ 'due-in-grace': 3 });
+    await read(agent.token, 'due-in-grace');
+  });
+
+  it('runs a sweep joined that an earlier batch started and that never end do not take its open places: it starts the others', async () => {
+    const agent = await identity();
+    const [stuckA, stuckB, healthy] = [
+      await store(agent.token, { name: 'stuck-a', kind: 'api_key', value: secretValue(), rotation: ROTATE_NOW }),
+      await store(agent.token, { name: 'stuck-b', kind: 'api_key', value: secretValue(), rotation: ROTATE_NOW }),
+      await store(agent.token, { name: 'stuck-healthy', kind: 'api_key', value: secretValue(), rotation: ROTATE_NOW }),
+    ];
+    await age([stuckA], 50);
+    await age([stuckB], 49);
+    await age([healthy], 40);
+    // An earlier batch's runs of two of them that never progress (as after a deploy that broke their replay): nobody polls their queue.
+    const earlier = randomUUID();
+    await h.sql(`INSERT INTO rotations (id, identity_id, kind, reason, workflow_id, created_at) VALUES ($1, $2, 'request', 'test', $3, now() - interval '2 hours')`, [
+      earlier,
+      agent.id,
+      `batch-${earlier}`,
+    ]);
+    const stuck = [];
+    for (const credentialId of [stuckA, stuckB]) {
+      const run = await h.client.workflow.start('rotateCredential', {
+        taskQueue: `${h.taskQueue}-nobody`,
+        workflowId: `rotate:${credentialId}`,
+        args: [{ rotationId: earlier, identityId: agent.id, credentialId, mode: 'requested' }],
+        memo: { rotationId: earlier },
+      });
+      await h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id, run_id, start_sent_at) VALUES ($1, $2, $3, $4, now() - interval '2 hours')`, [
+        earlier,
+        credentialId,
+        `rotate:${credentialId}`,
+        run.firstExecutionRunId,
+      ]);
+      stuck.push(run);
+    }
+    try {
+      // A sweep that may keep two rotations open, with the three due (most overdue first: the stuck ones).
+      const acts = createActivities({ ...h.deps, maxOpenRotations: 2 });
+      const { sweepId } = await acts.beginSweep({ workflowId: `test-sweep-${randomUUID()}`, asOf: new Date().toISOString() });
+      for (const id of [stuckA, stuckB, healthy]) await h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) VALUES ($1, $2, $3)`, [sweepId, id, `rotate:${id}`]);
+      const totals = await acts.awaitOutcomes({ rotationId: sweepId, pollMs: 50, until: new Date(Date.now() + 8_000).toISOString() });
+      // Before: the two joined runs filled its places, the healthy one was never started, and so every sweep after it.
+      expect(totals).toEqual({ total: 3, rotated: 1, failed: 0, open: 2 });
+      const recorded = (await h.sql('SELECT credential_id, run_id FROM rotation_runs WHERE rotation_id = $1', [sweepId])).rows;
+      expect(Object.fromEntries(recorded.map((r) => [r.credential_id, r.run_id]))).toEqual({
+        [stuckA]: stuck[0]!.firstExecutionRunId,
+        [stuckB]: stuck[1]!.firstExecutionRunId,
+        [healthy]: expect.any(String),
+      });
+      expect(await versions([stuckA, stuckB, healthy])).toEqual({ 'stuck-a': 1, 'stuck-b': 1, 'stuck-healthy': 2 });
+      await read(agent.token, 'stuck-healthy');
+    } finally {
+      for (const run of stuck) await run.terminate('the test ends it').catch(() => undefined);
+    }
+  });
+
   it("a sweep's run whose credential changed after its wave's check (another's rotation ended in between) does nothing: no second rotation, no notice, out of the sweep", async () => {
     const agent = await identity(address('owner'));
     const [changed, unchanged, reported] = [
