@@ -101,16 +101,17 @@ export function batchActivities(deps: ActivityDeps) {
     // recorded (the wave died between the two) goes before them all: it may be running (sent again,
     // it answers with that run and is recorded), and a run that promoted has moved its credential
     // to the back, behind as many others as the wave has places.
+    // (By the index rotation_runs_waiting, in its order: the run's due_at is its credential's
+    // next_rotation_at when the run was added. Before, every wave read, joined and sorted all of
+    // the batch's runs: 200-300 ms at 100,000 waiting.)
     const { rows } = await deps.pool.query(
-      `WITH runs AS (
-         SELECT r.credential_id, r.run_id, r.start_sent_at, r.cancelled_at, o.outcome, ${JOINED_EARLIER_SQL} AS joined
-           FROM rotation_runs r LEFT JOIN run_outcomes o ON o.run_id = r.run_id
-          WHERE r.rotation_id = $1)
-       SELECT r.credential_id, c.identity_id, ro.kind, c.rotation->'window' AS window, r.start_sent_at IS NOT NULL AS start_sent, r.start_sent_at AS sent_at
-         FROM runs r JOIN credentials c ON c.id = r.credential_id JOIN rotations ro ON ro.id = $1
-        WHERE r.run_id IS NULL AND ro.cancelled_at IS NULL AND r.cancelled_at IS NULL
-        ORDER BY r.start_sent_at IS NULL, c.next_rotation_at NULLS LAST, r.credential_id
-        LIMIT greatest($2 - (SELECT count(*) FROM runs WHERE run_id IS NOT NULL AND outcome IS NULL AND NOT joined), 0)`,
+      `SELECT r.credential_id, c.identity_id, ro.kind, c.rotation->'window' AS window, r.start_sent_at IS NOT NULL AS start_sent, r.start_sent_at AS sent_at
+         FROM rotation_runs r JOIN credentials c ON c.id = r.credential_id JOIN rotations ro ON ro.id = r.rotation_id
+        WHERE r.rotation_id = $1 AND r.run_id IS NULL AND r.cancelled_at IS NULL AND ro.cancelled_at IS NULL
+        ORDER BY r.start_sent_at IS NULL, r.due_at, r.credential_id
+        LIMIT greatest($2 - (SELECT count(*) FROM (SELECT r.rotation_id, r.run_id FROM rotation_runs r LEFT JOIN run_outcomes o ON o.run_id = r.run_id
+                                                    WHERE r.rotation_id = $1 AND r.run_id IS NOT NULL AND o.run_id IS NULL OFFSET 0) r
+                              WHERE NOT ${JOINED_EARLIER_SQL}), 0)`,
       [rotationId, maxOpen],
     );
     // A start sent but not recorded made a run only if a run of this batch's is there (every start

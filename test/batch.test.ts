@@ -510,7 +510,7 @@ describe('batch rotation in waves', () => {
     const pool = h.deps.pool;
     const query = async (text: string, params?: unknown[]) => {
       const result = await pool.query(text, params);
-      if (wave === undefined && text.includes('WITH runs AS')) wave = result.rows.map((r) => r.credential_id as string);
+      if (wave === undefined && text.includes('ORDER BY r.start_sent_at IS NULL, r.due_at')) wave = result.rows.map((r) => r.credential_id as string);
       if (cancel === undefined && text.includes('SET run_id = $3 FROM rotations')) cancel = await h.api('DELETE', `/v1/rotations/${rotationId}`, { token: agent.token });
       return result;
     };
@@ -564,13 +564,13 @@ describe('batch rotation in waves', () => {
     const seed = seedRes.body.id as string;
     const rotationId = randomUUID();
     await h.sql(`INSERT INTO rotations (id, identity_id, kind, reason, notify, workflow_id) VALUES ($1, $2, 'request', NULL, '{}', $3)`, [rotationId, agent.id, `rotation:${rotationId}`]);
-    await h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) SELECT $1, c, 'rotate:' || c FROM unnest($2::uuid[]) AS c`, [rotationId, [...ids, seed]]);
-    // The waves' order (most overdue first): ok and the seed, then the two that are held, then the one left waiting.
+    // The waves' order (most overdue when the runs were added, first): ok and the seed, then the two that are held, then the one left waiting.
     await h.sql(
       `UPDATE credentials SET next_rotation_at = now() - make_interval(days => CASE WHEN id = ANY($1::uuid[]) THEN 3 WHEN id = ANY($2::uuid[]) THEN 2 ELSE 1 END)
         WHERE id = ANY($3::uuid[])`,
       [[ok, seed], [terminated, cancelledRun], [...ids, seed]],
     );
+    await h.sql(`INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id) SELECT $1, c, 'rotate:' || c FROM unnest($2::uuid[]) AS c`, [rotationId, [...ids, seed]]);
     const acts = batchActivities(h.deps);
     const outcomeOf = async (id: string) => (await h.sql('SELECT o.outcome FROM rotation_runs r JOIN run_outcomes o ON o.run_id = r.run_id WHERE r.rotation_id = $1 AND r.credential_id = $2', [rotationId, id])).rows[0]?.outcome as string | undefined;
     expect(await acts.startRotations({ rotationId })).toEqual({ started: maxOpen });
