@@ -48,9 +48,12 @@ export interface RunSummary {
  * A credential whose rotation failed stays due, but the sweep tries it again only this long after
  * the failure or its last change (updated_at: a PATCH that fixes its policy waits a day too).
  * Hourly, every sweep would make keys at the provider and send a failure notice again, and rotate
- * on top of what its owners were asked to put back by hand.
+ * on top of what its owners were asked to put back by hand. A day less the sweep's hour: the next
+ * day's sweep of the same hour tries it. Held a full 24 hours, a failure a few minutes into a
+ * one-hour daily window was still held when the next day's window opened, and closed again before
+ * the hold ended: tried every other day.
  */
-export const FAILED_RETRY_HOURS = 24;
+export const FAILED_RETRY_HOURS = 23;
 
 /**
  * The sweep's page of due credentials (selectDue; the bench explains it): $1 as of, $2/$3 the cursor

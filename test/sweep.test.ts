@@ -343,7 +343,10 @@ describe('scheduled sweep', () => {
     // Before, every sweep started it again: keys made at the provider and a failure notice each hour.
     const soon = await sweep();
     expect(await sweptIds(soon.sweepId)).not.toContain(id);
-    await h.sql(`UPDATE credentials SET updated_at = now() - interval '25 hours' WHERE id = $1`, [id]);
+    // The next day's sweep of the same hour tries it, though it runs minutes less than 24 hours after
+    // the failure (a failure at 10:03 in a daily 10:00-11:00 window): before, held until 10:03, the
+    // window had closed before the next sweep, and it was tried every other day.
+    await h.sql(`UPDATE credentials SET updated_at = now() - interval '23 hours 50 minutes' WHERE id = $1`, [id]);
     const later = await sweep();
     expect(await sweptIds(later.sweepId)).toContain(id);
     expect(await versions([id])).toEqual({ 'failed-lately': 2 });
