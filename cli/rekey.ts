@@ -13,6 +13,8 @@ import { inlineMasterKeys, generateMasterKey, Keyring, masterKeyId, readKeyringF
 export interface RekeyResult {
   newMasterKeyId: string;
   rewrapped: number;
+  /** Data keys retired, each identity given a new one (new versions are sealed under fresh key material). */
+  renewed: number;
   retiredMasterKeys: string[];
   /** Set when the keys came from VAULT_MASTER_KEY: what the operator does next. */
   action?: string;
@@ -22,8 +24,10 @@ export interface RekeyResult {
 const REKEY_LOCK = 4631800002;
 
 /**
- * Re-wraps every data key under the current master key. Secret rows are not touched: they are
- * sealed by data keys, which do not change.
+ * Re-wraps every data key under the current master key, then retires each identity's active data
+ * key for a new one (DataKeys.renewActive): values stored from then on are sealed under key material
+ * no copy of the database from before the rekey holds. Secret rows are not touched: stored versions
+ * stay sealed by their data keys, re-wrapped.
  *
  * With a keyring file (the embedded default, or VAULT_MASTER_KEY naming a file) a new key is
  * generated and written there first; a running service picks it up, and keys no longer used are
@@ -87,7 +91,11 @@ export async function rekey(config: Config, logger: Logger, env: NodeJS.ProcessE
 
     const pool = createPool(db.url, 2, logger);
     try {
-      const { rewrapped, masterKeysInUse } = await new DataKeys(pool, keyring).rewrapAll();
+      const dataKeys = new DataKeys(pool, keyring);
+      const renewFrom = (await lock.query('SELECT clock_timestamp()::text AS at')).rows[0].at as string;
+      const { rewrapped } = await dataKeys.rewrapAll();
+      const renewed = await dataKeys.renewActive(renewFrom);
+      const masterKeysInUse = (await pool.query('SELECT master_key_id FROM data_keys UNION SELECT master_key_id FROM service_keys')).rows.map((r) => r.master_key_id as string);
       const known = inline ? keyring.ids : fileKeys.map((k) => k.id);
       const unknown = masterKeysInUse.filter((id) => !known.includes(id));
       if (unknown.length) throw new Error(`master keys ${unknown.join(', ')} are still in use but not in the keyring; nothing was dropped`);
@@ -98,11 +106,12 @@ export async function rekey(config: Config, logger: Logger, env: NodeJS.ProcessE
         actor: 'admin',
         action: 'vault.rekey',
         outcome: 'ok',
-        detail: { masterKeyId: current.id, rewrapped, retired: retiredMasterKeys },
+        detail: { masterKeyId: current.id, rewrapped, renewed, retired: retiredMasterKeys },
       });
       return {
         newMasterKeyId: current.id,
         rewrapped,
+        renewed,
         retiredMasterKeys,
         ...(inline ? { action: inlineAction(current.id, retiredMasterKeys, masterKeysInUse) } : {}),
       };

@@ -187,22 +187,39 @@ describe('envelope encryption at rest', () => {
     }
   });
 
-  it('rekey re-wraps the data keys under a new master key without touching secret rows', async () => {
+  it('rekey re-wraps the data keys under a new master key without touching secret rows, and gives each identity a new data key for what it stores next', async () => {
     const other = await h.createIdentity();
     values['other-identity'] = h.secret('other-identity-value');
     await h.api('POST', '/v1/vault.store', { token: other.token, body: { name: 'other-identity', kind: 'generic', value: 'other-identity-value' } });
     const before = (await h.sql('SELECT credential_id, version, sealed FROM secret_versions ORDER BY 1, 2')).rows;
     const oldKeyId = readKeyringFile(h.keyringFile).current;
+    const activeKeys = async () =>
+      Object.fromEntries((await h.sql('SELECT identity_id, id FROM data_keys WHERE retired_at IS NULL AND identity_id = ANY($1::uuid[])', [[agent.id, other.id]])).rows.map((r) => [r.identity_id, r.id]));
+    const oldActive = await activeKeys();
+    expect(Object.keys(oldActive)).toHaveLength(2);
+    // A copy of the data keys' rows as a backup of today holds them (wrapped under today's master key).
+    const backup = (await h.sql('SELECT id FROM data_keys')).rows.map((r) => r.id as string);
 
     const config = loadConfig({ VAULT_MASTER_KEY: h.keyringFile, DATABASE_URL: h.databaseUrl });
     const result = await rekey(config, silent);
 
     expect(result.rewrapped).toBe(2);
+    // Before, each identity kept sealing new versions under the same key material: an old master key
+    // with a backup of its day opened every value stored after the rekey.
+    expect(result.renewed).toBe(2);
+    const newActive = await activeKeys();
+    expect(Object.keys(newActive).sort()).toEqual([agent.id, other.id].sort());
+    for (const id of [agent.id, other.id]) expect(backup).not.toContain(newActive[id]);
     expect(result.retiredMasterKeys).toEqual([oldKeyId]);
     const file = readKeyringFile(h.keyringFile);
     expect(file.keys.map((k) => k.id)).toEqual([result.newMasterKeyId]);
     expect((await h.sql('SELECT DISTINCT master_key_id FROM data_keys')).rows).toEqual([{ master_key_id: result.newMasterKeyId }]);
     expect((await h.sql('SELECT credential_id, version, sealed FROM secret_versions ORDER BY 1, 2')).rows).toEqual(before);
+    const stored = await h.api('POST', '/v1/vault.store', { token: other.token, body: { name: 'after-rekey', kind: 'generic', value: h.secret('after-rekey-value') } });
+    expect(stored.status, stored.text).toBe(201);
+    const sealedUnder = (await h.sql('SELECT v.data_key_id FROM secret_versions v JOIN credentials c ON c.id = v.credential_id WHERE c.name = $1 AND c.identity_id = $2', ['after-rekey', other.id])).rows;
+    expect(sealedUnder).toEqual([{ data_key_id: newActive[other.id] }]);
+    expect((await h.api('POST', '/v1/vault.get', { token: other.token, body: { name: 'after-rekey' } })).body.value).toBe('after-rekey-value');
 
     // The running service keeps reading (and a new identity gets a data key under the new master key)...
     expect((await get('swap-b')).body.value).toBe('swap-value-bbbbbbbb');
@@ -220,7 +237,7 @@ describe('envelope encryption at rest', () => {
       await restarted.close();
     }
     const audit = (await h.sql("SELECT actor, detail FROM audit_log WHERE action = 'vault.rekey'")).rows;
-    expect(audit).toEqual([{ actor: 'admin', detail: { masterKeyId: result.newMasterKeyId, rewrapped: 2, retired: [oldKeyId] } }]);
+    expect(audit).toEqual([{ actor: 'admin', detail: { masterKeyId: result.newMasterKeyId, rewrapped: 2, renewed: 2, retired: [oldKeyId] } }]);
   });
 
   it('one rekey at a time: a second is refused before it touches the keyring, and the keyring keeps every key in use', async () => {

@@ -200,7 +200,7 @@ describe('rekey against concurrent work', () => {
     await restartedReadsEverything();
   });
 
-  it('rekey re-wraps more keys than one chunk holds, chunk by chunk in id order, leaving the keys and their counts as they were', async () => {
+  it('rekey re-wraps more keys than one chunk holds, chunk by chunk in id order, leaving the keys and their counts as they were (the active ones retired for new ones)', async () => {
     const { current: old } = fileKeys();
     const ids = Array.from({ length: 1100 }, () => randomUUID());
     const plain = await addDataKeys(agent.id, old, ids);
@@ -212,22 +212,29 @@ describe('rekey against concurrent work', () => {
     expect(result.retiredMasterKeys).toEqual([old.id]);
     const { keys, current } = fileKeys();
     expect(keys.map((k) => k.id)).toEqual([current.id]);
-    const after = (await h.sql('SELECT id, identity_id, master_key_id, wrapped, encryptions, retired_at, created_at, xmin::text AS tx FROM data_keys ORDER BY id')).rows;
+    const all = (await h.sql('SELECT id, identity_id, master_key_id, wrapped, encryptions, retired_at, created_at, xmin::text AS tx FROM data_keys ORDER BY id')).rows;
+    // The keys active before (each identity's) are retired, and each identity has a new one.
+    const renewed = new Set([...before].filter(([, r]) => r.retired_at === null).map(([id]) => id));
+    expect(renewed.size).toBeGreaterThan(0);
+    expect(result.renewed).toBe(renewed.size);
+    const made = all.filter((r) => !before.has(r.id));
+    expect(made).toHaveLength(renewed.size);
+    for (const row of made) expect({ retired: row.retired_at !== null, master: row.master_key_id }).toEqual({ retired: false, master: current.id });
+    const after = all.filter((r) => before.has(r.id));
     expect(after).toHaveLength(before.size);
     for (const row of after) {
       expect(row.master_key_id).toBe(current.id);
       const { encryptions, retired_at, created_at } = before.get(row.id)!;
-      expect({ encryptions: row.encryptions, retired_at: row.retired_at, created_at: row.created_at }).toEqual({ encryptions, retired_at, created_at });
+      expect({ encryptions: row.encryptions, created_at: row.created_at }).toEqual({ encryptions, created_at });
+      if (renewed.has(row.id)) expect(row.retired_at).not.toBeNull();
+      else expect(row.retired_at).toEqual(retired_at);
       const key = plain.get(row.id);
       if (key) expect(open(current.key, row.wrapped, dataKeyAad(row.identity_id, row.id), 'data key').equals(key)).toBe(true);
     }
-    // One transaction per 500 keys, each over a run of ids.
-    const chunks: { tx: string; n: number }[] = [];
-    for (const row of after) {
-      if (chunks.at(-1)?.tx === row.tx) chunks.at(-1)!.n++;
-      else chunks.push({ tx: row.tx, n: 1 });
-    }
-    expect(chunks.map((c) => c.n)).toEqual([500, 500, before.size - 1000]);
+    // One transaction per 500 keys, each over a run of ids (the renewed ones were written again after).
+    const chunks = [after.slice(0, 500), after.slice(500, 1000), after.slice(1000)].map((c) => new Set(c.filter((r) => !renewed.has(r.id)).map((r) => r.tx as string)));
+    expect(chunks.map((c) => c.size)).toEqual([1, 1, 1]);
+    expect(new Set(chunks.flatMap((c) => [...c])).size).toBe(3);
     await restartedReadsEverything();
   });
 

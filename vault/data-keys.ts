@@ -266,6 +266,44 @@ export class DataKeys {
     return { rewrapped, masterKeysInUse: inUse.rows.map((r) => r.master_key_id as string) };
   }
 
+  /**
+   * Retires every data key active before `before` (a timestamptz as text) and gives each identity a
+   * new one, wrapped under the current master key: rekey's second step. Re-wrapped only, a data key
+   * kept sealing new versions under the same key material (until its encryption limit: forever, in
+   * practice), so whoever held a master key being rotated out after a compromise and a backup of its
+   * day (its data keys wrapped under it) opened every value stored after the rekey too. Versions
+   * already stored stay under their keys (retired keys still open them; their wrapping is the new
+   * master key's after rewrapAll).
+   *
+   * In chunks, each its own transaction, in id order and locked as a store locks them (rewrapAll).
+   * A store holding a retired key has its insert refused (INSERT_COUNTED counts only active keys) and
+   * finds the new one (rollOver); a store batch falls back to storing each alone, as for a spent key.
+   * Keys made since `before` (this method's own, a spent key's successor) are new already. Returns how
+   * many keys were retired.
+   */
+  async renewActive(before: string, opts: { chunkSize?: number } = {}): Promise<number> {
+    const chunkSize = opts.chunkSize ?? REWRAP_CHUNK;
+    let renewed = 0;
+    for (let after: string | null = null; ; ) {
+      const last = await withTransaction(this.pool, async (tx): Promise<string | undefined> => {
+        const { rows } = await tx.query(
+          `SELECT id, identity_id FROM data_keys
+            WHERE retired_at IS NULL AND created_at < $1::timestamptz AND ($2::uuid IS NULL OR id > $2::uuid)
+            ORDER BY id LIMIT $3 FOR NO KEY UPDATE`,
+          [before, after, chunkSize],
+        );
+        if (rows.length > 0) {
+          await tx.query('UPDATE data_keys SET retired_at = now() WHERE id = ANY($1::uuid[])', [rows.map((r) => r.id)]);
+          for (const identityId of new Set(rows.map((r) => r.identity_id as string))) await this.create(tx, identityId);
+        }
+        renewed += rows.length;
+        return rows.length === chunkSize ? (rows[rows.length - 1].id as string) : undefined;
+      });
+      if (last === undefined) return renewed;
+      after = last;
+    }
+  }
+
   private cached(id: string): DataKey | undefined {
     const hit = this.byId.get(id);
     if (!hit) return undefined;
