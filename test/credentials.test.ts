@@ -389,6 +389,50 @@ describe('credential policy', () => {
     expect((await h.api('DELETE', '/v1/credentials/once-granted-key?destroy=true', { token: holder.token })).status).toBe(200);
   });
 
+  it('a value the caller can read pasted as a grant id (many keys are UUIDs) is neither repeated nor written into the denied row', async () => {
+    const owner = await h.createIdentity();
+    const uuidKey = h.secret(randomUUID());
+    expect((await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name: 'uuid-shaped-key', kind: 'api_key', value: uuidKey } })).status).toBe(201);
+    const other = randomUUID();
+    for (const given of [uuidKey, uuidKey.toUpperCase(), other]) {
+      const requestId = `grant-id-${randomUUID()}`;
+      const res = await h.api('DELETE', `/v1/grants/${given}`, { token: owner.token, headers: { 'x-request-id': requestId } });
+      expect(res.status).toBe(404);
+      const rows = (await h.sql('SELECT outcome, detail FROM audit_log WHERE request_id = $1', [requestId])).rows;
+      if (given === other) {
+        // An id that is no value is the trail of what was tried: kept, and repeated.
+        expect(res.body.detail).toBe(`no active grant with id ${other}`);
+        expect(rows).toEqual([{ outcome: 'denied', detail: expect.objectContaining({ grantId: other }) }]);
+        continue;
+      }
+      // Before: "no active grant with id <the value>", and the row's grantId the value.
+      expect(res.text.toLowerCase()).not.toContain(uuidKey);
+      expect(rows).toEqual([{ outcome: 'denied', detail: expect.objectContaining({ grantIdWithheld: 'stored-value' }) }]);
+      expect(JSON.stringify(rows).toLowerCase()).not.toContain(uuidKey);
+    }
+  });
+
+  it('vault.store refuses an externalId that holds the value (it is kept unencrypted), and a __proto__ key anywhere (zod dropped it from metadata): 400s, nothing stored', async () => {
+    const owner = await h.createIdentity();
+    const value = h.secret('sk_live_external_id_pasted_0001');
+    const held = await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name: 'ext-held', kind: 'api_key', value, externalId: value } });
+    expect(held.status).toBe(400);
+    expect(held.body.errors).toEqual([{ path: 'externalId', message: expect.stringContaining('holds the value being stored') }]);
+    expect(held.text).not.toContain(value);
+    const proto = await h.api('POST', '/v1/vault.store', {
+      token: owner.token,
+      raw: '{"name":"meta-proto","kind":"generic","value":"v-meta-proto","metadata":{"__proto__":"z","a":"b"}}',
+      headers: { 'content-type': 'application/json' },
+    });
+    expect(proto.status).toBe(400);
+    expect(proto.body.errors).toEqual([{ path: 'metadata.__proto__', message: 'is not accepted as a key' }]);
+    expect((await h.sql('SELECT name FROM credentials WHERE identity_id = $1', [owner.id])).rows).toEqual([]);
+    expect((await h.api('POST', '/v1/vault.store', { token: owner.token, body: { name: 'meta-ok', kind: 'generic', value: h.secret('v-meta-ok') } })).status).toBe(201);
+    const patched = await h.api('PATCH', '/v1/credentials/meta-ok', { token: owner.token, raw: '{"metadata":{"__proto__":{"x":1}}}', headers: { 'content-type': 'application/json' } });
+    // Before: 200, and metadata {}.
+    expect(patched.status).toBe(400);
+  });
+
   it('vault.store refuses a new credential named by a value the caller can read, or by the value it comes with: a 422, nothing stored, the name withheld', async () => {
     const holder = await h.createIdentity();
     const other = await h.createIdentity();

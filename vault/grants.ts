@@ -4,7 +4,7 @@ import { ConflictError, NotFoundError, refWithheld, storedValueGiven, Unprocessa
 import { isUuid } from '../core/ids';
 import { audited } from './audited';
 import type { Caller, CredentialRef } from './types';
-import { type StoredValues, withholdStored } from './withheld';
+import { storedRefs, type StoredValues, UNCHECKED, withhold, withholdStored } from './withheld';
 
 /**
  * Read access to one credential, given by its owner to another identity (a webhook dependent
@@ -79,8 +79,11 @@ export class Grants {
     });
   }
 
-  /** Only the owner revokes; the grantee loses access at once. */
-  revoke(caller: Caller, grantId: string): Promise<{ id: string; revokedAt: string }> {
+  /**
+   * Only the owner revokes; the grantee loses access at once. `given`: the id as the caller wrote it
+   * (`grantId` is its lower case), checked as written when it names no grant.
+   */
+  revoke(caller: Caller, grantId: string, given = grantId): Promise<{ id: string; revokedAt: string }> {
     return audited(this.pool, caller, 'grant.revoke', { grantId }, async (tx, note) => {
       const { rows } = await tx.query(
         `UPDATE grants g SET revoked_at = now()
@@ -89,7 +92,23 @@ export class Grants {
           RETURNING g.credential_id, g.revoked_at`,
         [grantId, caller.identityId],
       );
-      if (!rows[0]) throw new NotFoundError(`no active grant with id ${grantId}`);
+      if (!rows[0]) {
+        // A value the caller can read (many keys are UUIDs) pasted where a grant id goes is neither
+        // written into its denied row nor repeated (vault/withheld.ts): before, both held it as given.
+        // As written and in lower case: the id is looked up in either, a value stored in either.
+        let stored: Set<string>;
+        try {
+          stored = await storedRefs(tx, this.secrets, caller.identityId, [...new Set([given, grantId])]);
+        } catch (err) {
+          withhold(note.detail, 'grantId', UNCHECKED);
+          throw err;
+        }
+        if (stored.size > 0) {
+          withhold(note.detail, 'grantId');
+          throw refWithheld(new NotFoundError(`no active grant with the id given (${storedValueGiven('a grant id, from GET /v1/grants')})`));
+        }
+        throw new NotFoundError(`no active grant with id ${grantId}`);
+      }
       note.credentialId = rows[0].credential_id;
       return { id: grantId, revokedAt: rows[0].revoked_at.toISOString() };
     });

@@ -28,7 +28,7 @@ export function grantRoutes(auth: AuthDeps, grants: Grants): Router {
       const id = idOf(String(req.params.id));
       // Text that is no id is not repeated (nor is the path, in the problem's instance or the request log): it may be anything pasted there.
       if (!id) throw refWithheld(new NotFoundError('no active grant with the id given (a grant id is a UUID)'));
-      return { body: await grants.revoke(caller, id) };
+      return { body: await grants.revoke(caller, id, String(req.params.id)) };
     }),
   );
   return router;
