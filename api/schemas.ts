@@ -172,6 +172,10 @@ export const vaultStore = z
       if (body.value === undefined) ctx.addIssue({ code: 'custom', path: ['value'], message: 'is required' });
       if (body.totp) ctx.addIssue({ code: 'custom', path: ['totp'], message: 'is only allowed when kind is totp_seed' });
     }
+    // The provider's id is kept unencrypted beside the sealed value, and goes into revoke URLs: never the value.
+    if (body.externalId !== undefined && body.value && body.externalId.includes(body.value)) {
+      ctx.addIssue({ code: 'custom', path: ['externalId'], message: 'holds the value being stored: it is kept unencrypted, so give the provider\'s id of the value, not the value' });
+    }
   });
 
 const oneRef = <T extends { name?: string; id?: string }>(body: T, ctx: z.RefinementCtx) => {
