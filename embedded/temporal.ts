@@ -5,6 +5,7 @@ import { HelperInterrupted } from '../core/helper-interrupted';
 import type { Logger } from '../core/logger';
 import { startChild, startTimeOf, stillRunning, waitUntilReady } from './child';
 import { freePort, withFreshPorts } from './ports';
+import { serverEnv } from './postgres';
 import { breakStale, createLock, type LockState, readLock } from '../core/lock-file';
 import { cacheDir, findTemporalCli } from './temporal-cli';
 
@@ -127,12 +128,22 @@ async function startOn(
     const port = opts.port ?? (await freePort());
     const args = ['server', 'start-dev', '--headless', '--ip', '127.0.0.1', '--port', String(port), '--http-port', String(await freePort()),
       '--metrics-port', String(await freePort()), '--db-filename', dbFile, '--namespace', opts.namespace, '--log-level', 'warn', ...TUNING];
-    const child = startChild(binary, args, { logFile: path.join(opts.dataDir, 'logs', 'temporal.log'), deathSignal: 'TERM' });
+    const child = startChild(binary, args, { logFile: path.join(opts.dataDir, 'logs', 'temporal.log'), deathSignal: 'TERM', env: temporalEnv() });
     const address = `127.0.0.1:${port}`;
     await waitUntilReady(child, `Temporal dev server (${binary})`, () => probe(address, opts.namespace), 90_000);
     opts.logger?.info({ address, dbFile }, 'embedded Temporal ready');
     return { address, stop: (signal: NodeJS.Signals = 'SIGTERM') => child.stop(signal, 20_000), exited: child.exited };
   });
+}
+
+/**
+ * The dev server's environment: PostgreSQL's (serverEnv) and HOME, where the CLI looks for its
+ * configuration. Not the service's: an inline VAULT_MASTER_KEY, ADMIN_TOKEN and the passwords in
+ * DATABASE_URL and SMTP_URL went into a third-party process and whatever it runs (before; the
+ * embedded PostgreSQL was given only what it needs already).
+ */
+export function temporalEnv(): NodeJS.ProcessEnv {
+  return { ...serverEnv(), ...(process.env.HOME ? { HOME: process.env.HOME } : {}) };
 }
 
 /**

@@ -506,6 +506,35 @@ describe('npm start with the embedded defaults', () => {
     }
   });
 
+  it("the embedded Temporal server gets none of the service's secrets in its environment", { timeout: 120_000 }, async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-temporal-env-'));
+    const marker = `marker-${randomBytes(8).toString('hex')}`;
+    const saved = { VAULT_MASTER_KEY: process.env.VAULT_MASTER_KEY, ADMIN_TOKEN: process.env.ADMIN_TOKEN };
+    process.env.VAULT_MASTER_KEY = `${marker}-key`;
+    process.env.ADMIN_TOKEN = `${marker}-token`;
+    let temporal: Awaited<ReturnType<typeof startEmbeddedTemporal>> | undefined;
+    try {
+      temporal = await startEmbeddedTemporal({ dataDir: dir, namespace: 'default' });
+      const dbFile = path.join(dir, 'temporal.sqlite');
+      const pid = readdirSync('/proc').find((p) => /^\d+$/.test(p) && (() => {
+        try {
+          return readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0').includes(dbFile);
+        } catch {
+          return false;
+        }
+      })());
+      expect(pid, 'the dev server process').toBeDefined();
+      const environ = readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0');
+      // Before, the whole of the service's environment: an inline master key, the admin token, database and SMTP passwords.
+      expect(environ.filter((e) => e.includes(marker))).toEqual([]);
+      expect(environ.some((e) => e.startsWith('PATH='))).toBe(true);
+    } finally {
+      for (const [k, v] of Object.entries(saved)) if (v === undefined) delete process.env[k]; else process.env[k] = v;
+      await temporal?.stop();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('one embedded Temporal server per DATA_DIR: a live owner refuses a second; a dead owner’s lock, or one whose pid another process has since, is taken over', { timeout: 120_000 }, async () => {
     const dir = mkdtempSync(path.join(os.tmpdir(), 'mailgent-temporal-lock-'));
     const owner = spawn('sleep', ['60']);
