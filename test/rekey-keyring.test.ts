@@ -143,6 +143,23 @@ describe('a keyring file replaced while a service runs', () => {
     expect(readKeyringFile(file).current).toBe(a.id);
   });
 
+  it("removes a temporary file a killed writer of another pid left (a whole copy of the keyring), not a running writer's", () => {
+    const [a] = [newKey()];
+    // A pid that ran and has ended, and one running.
+    const ended = spawnSync('true').pid!;
+    const live = process.ppid;
+    const dead = `${file}.${ended}.tmp`;
+    const running = `${file}.${live}.tmp`;
+    const other = path.join(dir, 'other.json.123.tmp');
+    for (const f of [dead, running, other]) writeFileSync(f, 'a keyring copy');
+    writeKeyringFile(file, [a], a.id);
+    // Before, left for good: a backup of the directory kept the key a rekey had dropped.
+    expect(fs.existsSync(dead)).toBe(false);
+    expect(fs.existsSync(running)).toBe(true);
+    expect(fs.existsSync(other)).toBe(true);
+    expect(readKeyringFile(file).current).toBe(a.id);
+  });
+
   it('written over a file through a symbolic link, rewrites the target and keeps its owner, group and mode', () => {
     const [a, b] = [newKey(), newKey()];
     const real = path.join(dir, `real-${process.pid}.json`);

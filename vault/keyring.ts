@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, fchmodSync, fchownSync, fsyncSync, openSync, readFileSync, realpathSync, renameSync, rmSync, statSync, writeSync } from 'node:fs';
+import { closeSync, fchmodSync, fchownSync, fsyncSync, openSync, readdirSync, readFileSync, realpathSync, renameSync, rmSync, statSync, writeSync } from 'node:fs';
 import path from 'node:path';
 import { syncPath } from '../core/fsync';
 import { KEY_BYTES } from './crypto';
@@ -250,6 +250,10 @@ export function writeKeyringFile(file: string, keys: MasterKey[], current: strin
     keys: keys.map((k) => ({ id: k.id, key: k.key.toString('base64'), createdAt: now.toISOString() })),
   };
   const tmp = `${file}.${process.pid}.tmp`;
+  // A writer killed (SIGKILL, out of memory, power lost) between its fsync and its rename left its
+  // temporary file: a whole copy of the keyring, with a key a rekey meant to drop, picked up by any
+  // backup of the directory. Another process's is removed once its pid is not running.
+  removeDeadWriters(file);
   // Made anew ('wx', 0600): one left by a process of the same pid that died before its rename kept
   // its own mode under 'w' (0644, say), and the keyring renamed into place had it.
   rmSync(tmp, { force: true });
@@ -275,4 +279,32 @@ export function writeKeyringFile(file: string, keys: MasterKey[], current: strin
     throw err;
   }
   syncPath(path.dirname(file));
+}
+
+/** Temporary files of `file` (`<file>.<pid>.tmp`) whose writer is not running: removed. */
+function removeDeadWriters(file: string): void {
+  const dir = path.dirname(file);
+  const prefix = `${path.basename(file)}.`;
+  let names: string[];
+  try {
+    names = readdirSync(dir);
+  } catch {
+    return;
+  }
+  for (const name of names) {
+    if (!name.startsWith(prefix) || !name.endsWith('.tmp')) continue;
+    const pid = Number(name.slice(prefix.length, -'.tmp'.length));
+    if (!Number.isInteger(pid) || pid <= 0 || pid === process.pid || running(pid)) continue;
+    rmSync(path.join(dir, name), { force: true });
+  }
+}
+
+/** Whether a process of this pid runs (one of another user's answers EPERM: running). */
+function running(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
 }
