@@ -1,4 +1,3 @@
-import { randomUUID } from 'node:crypto';
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
@@ -9,7 +8,6 @@ import { KEY_FAILED, permanentErrorsFail } from '../activities/support';
 import { createApp } from '../api/app';
 import { rekey } from '../cli/rekey';
 import { KeyIntegrityError } from '../core/errors';
-import { CODEC_KEY_NAME } from '../vault/payload-codec';
 import { loadConfig } from '../core/config';
 import { createLogger } from '../core/logger';
 import { openServices } from '../core/services';
@@ -128,26 +126,6 @@ describe('envelope encryption at rest', () => {
       await fresh.close();
     }
     await h.sql('UPDATE data_keys SET wrapped = set_byte(wrapped, 15, get_byte(wrapped, 15) # 1) WHERE identity_id = $1', [agent.id]);
-  });
-
-  it('a payload codec key deleted from the database once workflows used it fails closed: no new key is made in its place', async () => {
-    // A rotation was started (a workflow whose payloads the key sealed).
-    await h.services.dataConverter.payloadCodecs![0]!.encode([{ metadata: {}, data: Buffer.from('"x"') }]);
-    const saved = (await h.sql(`SELECT name, master_key_id, wrapped FROM service_keys WHERE name = $1`, [CODEC_KEY_NAME])).rows[0];
-    expect(saved).toBeDefined();
-    const rotationId = randomUUID();
-    await h.sql(`INSERT INTO rotations (id, identity_id, kind, reason, workflow_id) VALUES ($1, $2, 'request', 'test', $3)`, [rotationId, agent.id, `batch-${rotationId}`]);
-    await h.sql(`DELETE FROM service_keys WHERE name = $1`, [CODEC_KEY_NAME]);
-    const fresh = openServices({ databaseUrl: h.databaseUrl, poolSize: 2, keyring: Keyring.fromSetting(h.keyringFile), smtpUrl: 'smtp://unused', mailFrom: 'x@localhost' });
-    try {
-      // Before, a new key was made: this process sealed under it while the running ones kept the old one.
-      await expect(fresh.dataConverter.payloadCodecs![0]!.encode([{ metadata: {}, data: Buffer.from('"x"') }])).rejects.toThrow(/service key payload-codec is missing/);
-      expect((await h.sql(`SELECT count(*)::int AS n FROM service_keys WHERE name = $1`, [CODEC_KEY_NAME])).rows[0].n).toBe(0);
-    } finally {
-      await fresh.close();
-      await h.sql('INSERT INTO service_keys (name, master_key_id, wrapped) VALUES ($1, $2, $3)', [saved.name, saved.master_key_id, saved.wrapped]);
-      await h.sql('DELETE FROM rotations WHERE id = $1', [rotationId]);
-    }
   });
 
   it('a fingerprint key deleted from the database fails closed: no new key is made in its place, no pasted value is written back', async () => {

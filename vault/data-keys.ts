@@ -31,15 +31,11 @@ export const FINGERPRINT_KEY = 'fingerprint';
  * For the fingerprint key that failed open: every stored value's fingerprint stopped matching, so a
  * value pasted as a name was no longer withheld (written into 404s and audit rows as given) and a
  * leak report by its hash found nothing. It now fails closed (KeyIntegrityError), as a missing master
- * key does. So does the payload codec's key (vault/payload-codec.ts, CODEC_KEY_NAME) once a rotation
- * or a message was started (each a workflow whose payloads it sealed): made again, a process started
- * after the loss sealed under a new key while those running kept the old one cached, each refusing
- * the other's payloads, and the row restored from a backup then broke every workflow started
- * meanwhile.
+ * key does. (The payload codec's key needs no check: a new one cannot open the payloads sealed
+ * before, which fail loudly as they are read.)
  */
 const USED_SQL: Record<string, string> = {
   [FINGERPRINT_KEY]: 'SELECT EXISTS (SELECT 1 FROM secret_versions WHERE fingerprint IS NOT NULL) AS used',
-  'payload-codec': 'SELECT EXISTS (SELECT 1 FROM rotations) OR EXISTS (SELECT 1 FROM mail_outbox) AS used',
 };
 
 /** A wrapped key's row, as data_keys holds it. */
@@ -161,8 +157,7 @@ export class DataKeys {
     if (!row) {
       const used = USED_SQL[name];
       if (used && (await db.query(used)).rows[0]?.used) {
-        const what = name === FINGERPRINT_KEY ? 'values were fingerprinted with it' : 'Temporal payloads were sealed with it';
-        throw new KeyIntegrityError(`service key ${name} is missing from service_keys, but ${what}: restore its row from a backup`);
+        throw new KeyIntegrityError(`service key ${name} is missing from service_keys, but values were fingerprinted with it: restore its row from a backup`);
       }
       const fresh = randomBytes(KEY_BYTES);
       try {
