@@ -70,6 +70,9 @@ function queryInt(checks: z.ZodType<number, number | undefined>) {
 }
 const days = queryInt(z.number().int().min(0).max(36500));
 
+/** What an identity's name may be (identityCreate's rule, its length too). */
+export const IDENTITY_NAME = /^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$/;
+
 export const identityCreate = z.strictObject({
   name: z
     .string()

@@ -335,6 +335,15 @@ describe('bad input', () => {
     expectProblem(await h.api('POST', `/v1/rotations/${dashes}/rollback`, { token: agent.token }), 404, 'not-found');
     expectProblem(await h.api('DELETE', `/v1/grants/${dashes}`, { token: agent.token }), 404, 'not-found');
     expectProblem(await h.api('PATCH', `/v1/identities/${dashes}`, { token: h.adminToken, body: { mcpMasking: false } }), 404, 'not-found');
+    // Text that is no identity's name or id, where the token route takes either: not repeated (before,
+    // `no identity named 'a\nb'`, a bidi override, 300 characters, as given).
+    for (const odd of ['a%0Ab', '%E2%80%AEevil', 'x'.repeat(300), dashes]) {
+      const res = await h.api('POST', `/v1/identities/${odd}/token`, { token: h.adminToken });
+      expectProblem(res, 404, 'not-found');
+      expect(res.body.instance).toBe('/v1/identities/:ref/token');
+      expect(res.text).not.toContain(decodeURIComponent(odd));
+    }
+    expect((await h.api('POST', '/v1/identities/no-such-identity/token', { token: h.adminToken })).body.detail).toBe("no identity named 'no-such-identity'");
     // Nor a credential's name (it starts with no letter or digit): a 400, as any reference of neither
     // form is now (it was a 200 with no items, the text written into the caller's denied row).
     const audit = await h.api('GET', `/v1/audit?credential=${dashes}`, { token: h.adminToken });

@@ -3,7 +3,7 @@ import { NotFoundError, refWithheld } from '../../core/errors';
 import type { Identities } from '../../vault/identities';
 import { endpoint, type AuthDeps } from '../endpoint';
 import { identityBody, identityCreated, identitySettings } from '../responses';
-import { identityCreate, identityUpdate } from '../schemas';
+import { IDENTITY_NAME, identityCreate, identityUpdate } from '../schemas';
 import { isUuid } from '../../core/ids';
 
 export function identityRoutes(auth: AuthDeps, identities: Identities): Router {
@@ -23,6 +23,9 @@ export function identityRoutes(auth: AuthDeps, identities: Identities): Router {
       { who: 'admin', action: 'identity.token', summary: 'Issue an identity a new token in place of its old one (shown once)', responses: { 201: identityCreated }, problems: [404, 409] },
       async ({ req, requestId }) => {
         const ref = String(req.params.ref);
+        // Text that is no identity's name or id cannot name one: not looked up, nor repeated (a line
+        // break, a bidi override, anything pasted there went back in the 404 as given).
+        if (!isUuid(ref) && !IDENTITY_NAME.test(ref)) throw refWithheld(new NotFoundError('no identity with the name or id given (a name is 1-100 letters, digits and . _ @ -; an id a UUID)'));
         return { status: 201, body: await identities.reissueToken(isUuid(ref) ? { id: ref } : { name: ref }, { actor: 'admin', requestId }) };
       },
     ),
