@@ -129,7 +129,7 @@ describe('npm start with the embedded defaults', () => {
   it('serves the walk-through, stops cleanly on SIGTERM, and keeps its data across a restart', { timeout: 300_000 }, async () => {
     const first = start({ DATA_DIR: dataDir, PORT: String(port) });
     try {
-      expect(await waitReady(url)).toEqual({ status: 'ready', checks: { database: 'ok', temporal: 'ok' } });
+      expect(await waitReady(url)).toEqual({ status: 'ready', checks: { database: 'ok', temporal: 'ok', vault: 'ok' } });
     } catch (err) {
       first.proc.kill('SIGKILL');
       throw new Error(`${(err as Error).message}\n${first.output()}`, { cause: err });

@@ -178,6 +178,8 @@ describe('a change made whose audit row cannot be written', () => {
     expect(res.headers.get('retry-after')).toBeNull();
     expect(refused).toBe(3);
     expect(await rowsOf(res.body.requestId)).toEqual([
+      // The incident's email row, written with the incident, is the request's too.
+      { action: 'mail.send', outcome: 'ok', detail: expect.objectContaining({ purpose: 'leak.incident' }) },
       { action: 'leak.report', outcome: 'failed', detail: expect.objectContaining({ source: 'unrecorded-scan', results: ['rotating'], unconfirmed: true, error: 'unavailable' }) },
     ]);
     // The leak rotation was started: it runs to its end and revokes the leaked value.
