@@ -118,7 +118,7 @@ export async function queueUnrotatedNotice(
   deps: LeakNoticeDeps,
   t: { credentialId: string; identityId: string; version: number; deleted: boolean },
   report: { source: string; details?: string },
-  who: Reporter | string,
+  who: Reporter,
 ): Promise<string | undefined> {
   const { meta, to } = await toldOfLeak(deps, t);
   if (to.length === 0) return undefined;
@@ -164,7 +164,7 @@ export async function queueUnrotatedNotice(
       ].join('\n'),
     });
     const notRotated = t.deleted ? 'deleted' : 'no-policy';
-    if (queued) await appendAudit(tx, { ...(typeof who === 'string' ? { actor: who } : who), identityId: t.identityId, action: 'mail.send', credentialId: t.credentialId, outcome: 'ok', detail: { messageId: mailId, purpose: 'leak.incident', notRotated } });
+    if (queued) await appendAudit(tx, { ...who, identityId: t.identityId, action: 'mail.send', credentialId: t.credentialId, outcome: 'ok', detail: { messageId: mailId, purpose: 'leak.incident', notRotated } });
   });
   return mailId;
 }
@@ -217,7 +217,7 @@ async function tellUnrotated(
   report: { source: string },
   actor: string,
 ): Promise<void> {
-  const mailId = await queueUnrotatedNotice(deps, t, report, actor);
+  const mailId = await queueUnrotatedNotice(deps, t, report, { actor });
   if (mailId && deps.temporal) await startDelivery(deps.pool, deps.temporal, mailId);
 }
 

@@ -95,7 +95,8 @@ export async function rekey(config: Config, logger: Logger, env: NodeJS.ProcessE
       const renewFrom = (await lock.query('SELECT clock_timestamp()::text AS at')).rows[0].at as string;
       const { rewrapped } = await dataKeys.rewrapAll();
       const renewed = await dataKeys.renewActive(renewFrom);
-      const masterKeysInUse = (await pool.query('SELECT master_key_id FROM data_keys UNION SELECT master_key_id FROM service_keys')).rows.map((r) => r.master_key_id as string);
+      // Counted after the renewal too (its new keys are wrapped under the current master key).
+      const masterKeysInUse = await dataKeys.masterKeysInUse();
       const known = inline ? keyring.ids : fileKeys.map((k) => k.id);
       const unknown = masterKeysInUse.filter((id) => !known.includes(id));
       if (unknown.length) throw new Error(`master keys ${unknown.join(', ')} are still in use but not in the keyring; nothing was dropped`);

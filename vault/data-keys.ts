@@ -227,31 +227,26 @@ export class DataKeys {
     const chunkSize = opts.chunkSize ?? REWRAP_CHUNK;
     const current = this.keyring.current;
     let rewrapped = 0;
-    // A short chunk is the last: LIMIT applies after the locking, so it counts only rows locked and still matching.
-    for (let after: string | null = null; ; ) {
-      const last = await withTransaction(this.pool, async (tx): Promise<string | undefined> => {
-        const { rows } = await tx.query(
-          `SELECT id, identity_id, master_key_id, wrapped FROM data_keys
-            WHERE master_key_id <> $1 AND ($2::uuid IS NULL OR id > $2::uuid)
-            ORDER BY id LIMIT $3 FOR NO KEY UPDATE`,
-          [current.id, after, chunkSize],
-        );
-        for (const row of rows) {
-          // Opened, re-sealed and zeroed here, never cached: a keyring of 100,000 identities would
-          // otherwise hold every one of their keys in this process until the cache's sweep.
-          const key = this.openWrapped(row.identity_id, row);
-          try {
-            await tx.query('UPDATE data_keys SET master_key_id = $2, wrapped = $3 WHERE id = $1', [row.id, current.id, seal(current.key, key, dataKeyAad(row.identity_id, row.id))]);
-          } finally {
-            key.fill(0);
-          }
+    await this.inChunks(chunkSize, async (tx, after) => {
+      const { rows } = await tx.query(
+        `SELECT id, identity_id, master_key_id, wrapped FROM data_keys
+          WHERE master_key_id <> $1 AND ($2::uuid IS NULL OR id > $2::uuid)
+          ORDER BY id LIMIT $3 FOR NO KEY UPDATE`,
+        [current.id, after, chunkSize],
+      );
+      for (const row of rows) {
+        // Opened, re-sealed and zeroed here, never cached: a keyring of 100,000 identities would
+        // otherwise hold every one of their keys in this process until the cache's sweep.
+        const key = this.openWrapped(row.identity_id, row);
+        try {
+          await tx.query('UPDATE data_keys SET master_key_id = $2, wrapped = $3 WHERE id = $1', [row.id, current.id, seal(current.key, key, dataKeyAad(row.identity_id, row.id))]);
+        } finally {
+          key.fill(0);
         }
-        rewrapped += rows.length;
-        return rows.length === chunkSize ? (rows[rows.length - 1].id as string) : undefined;
-      });
-      if (last === undefined) break;
-      after = last;
-    }
+      }
+      rewrapped += rows.length;
+      return rows;
+    });
     await withTransaction(this.pool, async (tx) => {
       const services = await tx.query('SELECT name, master_key_id, wrapped FROM service_keys WHERE master_key_id <> $1 FOR UPDATE', [current.id]);
       for (const row of services.rows) {
@@ -262,8 +257,13 @@ export class DataKeys {
         key.fill(0);
       }
     });
-    const inUse = await this.pool.query('SELECT master_key_id FROM data_keys UNION SELECT master_key_id FROM service_keys');
-    return { rewrapped, masterKeysInUse: inUse.rows.map((r) => r.master_key_id as string) };
+    return { rewrapped, masterKeysInUse: await this.masterKeysInUse() };
+  }
+
+  /** The master key ids that wrap a data or service key now. */
+  async masterKeysInUse(): Promise<string[]> {
+    const { rows } = await this.pool.query('SELECT master_key_id FROM data_keys UNION SELECT master_key_id FROM service_keys');
+    return rows.map((r) => r.master_key_id as string);
   }
 
   /**
@@ -284,23 +284,33 @@ export class DataKeys {
   async renewActive(before: string, opts: { chunkSize?: number } = {}): Promise<number> {
     const chunkSize = opts.chunkSize ?? REWRAP_CHUNK;
     let renewed = 0;
+    await this.inChunks(chunkSize, async (tx, after) => {
+      const { rows } = await tx.query(
+        `SELECT id, identity_id FROM data_keys
+          WHERE retired_at IS NULL AND created_at < $1::timestamptz AND ($2::uuid IS NULL OR id > $2::uuid)
+          ORDER BY id LIMIT $3 FOR NO KEY UPDATE`,
+        [before, after, chunkSize],
+      );
+      if (rows.length > 0) {
+        await tx.query('UPDATE data_keys SET retired_at = now() WHERE id = ANY($1::uuid[])', [rows.map((r) => r.id)]);
+        for (const identityId of new Set(rows.map((r) => r.identity_id as string))) await this.create(tx, identityId);
+      }
+      renewed += rows.length;
+      return rows;
+    });
+    return renewed;
+  }
+
+  /**
+   * Runs `chunk` in transactions of its own over data keys in id order (a keyset: each gets the last
+   * id of the one before, null first), until one returns fewer than `size` rows. A short chunk is the
+   * last: LIMIT applies after the locking, so it counts only rows locked and still matching.
+   */
+  private async inChunks(size: number, chunk: (tx: Db, after: string | null) => Promise<{ id: string }[]>): Promise<void> {
     for (let after: string | null = null; ; ) {
-      const last = await withTransaction(this.pool, async (tx): Promise<string | undefined> => {
-        const { rows } = await tx.query(
-          `SELECT id, identity_id FROM data_keys
-            WHERE retired_at IS NULL AND created_at < $1::timestamptz AND ($2::uuid IS NULL OR id > $2::uuid)
-            ORDER BY id LIMIT $3 FOR NO KEY UPDATE`,
-          [before, after, chunkSize],
-        );
-        if (rows.length > 0) {
-          await tx.query('UPDATE data_keys SET retired_at = now() WHERE id = ANY($1::uuid[])', [rows.map((r) => r.id)]);
-          for (const identityId of new Set(rows.map((r) => r.identity_id as string))) await this.create(tx, identityId);
-        }
-        renewed += rows.length;
-        return rows.length === chunkSize ? (rows[rows.length - 1].id as string) : undefined;
-      });
-      if (last === undefined) return renewed;
-      after = last;
+      const rows = await withTransaction(this.pool, (tx) => chunk(tx, after));
+      if (rows.length < size) return;
+      after = rows[rows.length - 1]!.id;
     }
   }
 

@@ -4,7 +4,7 @@ import { ConflictError, NotFoundError, refWithheld, storedValueGiven, Unprocessa
 import { isUuid } from '../core/ids';
 import { audited } from './audited';
 import type { Caller, CredentialRef } from './types';
-import { storedRefs, type StoredValues, UNCHECKED, withhold, withholdStored } from './withheld';
+import { type StoredValues, withholdStored } from './withheld';
 
 /**
  * Read access to one credential, given by its owner to another identity (a webhook dependent
@@ -96,15 +96,7 @@ export class Grants {
         // A value the caller can read (many keys are UUIDs) pasted where a grant id goes is neither
         // written into its denied row nor repeated (vault/withheld.ts): before, both held it as given.
         // As written and in lower case: the id is looked up in either, a value stored in either.
-        let stored: Set<string>;
-        try {
-          stored = await storedRefs(tx, this.secrets, caller.identityId, [...new Set([given, grantId])]);
-        } catch (err) {
-          withhold(note.detail, 'grantId', UNCHECKED);
-          throw err;
-        }
-        if (stored.size > 0) {
-          withhold(note.detail, 'grantId');
+        if ((await withholdStored(tx, this.secrets, caller.identityId, note.detail, { grantId: [given, grantId] })).size > 0) {
           throw refWithheld(new NotFoundError(`no active grant with the id given (${storedValueGiven('a grant id, from GET /v1/grants')})`));
         }
         throw new NotFoundError(`no active grant with id ${grantId}`);

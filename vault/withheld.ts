@@ -45,16 +45,19 @@ export function withhold(detail: Record<string, unknown>, field: string, why: ty
  * A check that fails withholds them all (UNCHECKED) and throws.
  */
 export async function withholdStored(db: Db, secrets: StoredValues, readerId: string, detail: Record<string, unknown>, refs: Record<string, unknown>): Promise<Set<string>> {
-  const given = Object.entries(refs).filter((e): e is [string, string] => typeof e[1] === 'string');
+  // A field may give several forms of its reference (a grant id as written and in lower case): withheld if any is a value.
+  const given = Object.entries(refs)
+    .map(([field, ref]): [string, string[]] => [field, (Array.isArray(ref) ? ref : [ref]).filter((r): r is string => typeof r === 'string')])
+    .filter(([, forms]) => forms.length > 0);
   let stored = new Set<string>();
   try {
-    if (given.length > 0) stored = await storedRefs(db, secrets, readerId, given.map(([, ref]) => ref));
+    if (given.length > 0) stored = await storedRefs(db, secrets, readerId, given.flatMap(([, forms]) => forms));
   } catch (err) {
     // Failed closed: the call fails (its failure row is written from `detail`), none of them as given.
     for (const [field] of given) withhold(detail, field, UNCHECKED);
     throw err;
   }
-  const withheld = new Set(given.filter(([, ref]) => stored.has(ref)).map(([field]) => field));
+  const withheld = new Set(given.filter(([, forms]) => forms.some((f) => stored.has(f))).map(([field]) => field));
   for (const field of withheld) withhold(detail, field);
   return withheld;
 }
