@@ -2,7 +2,7 @@ import { InternalWorkflowStartOptionsSymbol, type InternalWorkflowStartOptions }
 import { ConflictError, NotFoundError } from '../core/errors';
 import { batchRunOf, latestRunOf, runOpenSince, statusOf } from '../core/run-chain';
 import { purgeExpiredKeys } from '../db/idempotency-keys';
-import { CHANGED_SINCE_SWEEP_SQL, JOINED_EARLIER_SQL, outcomeBefore, recordBatchRun, RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
+import { CHANGED_SINCE_SWEEP_SQL, JOINED_EARLIER_SQL, openRunsOf, outcomeBefore, recordBatchRun, RUN_ERROR_SQL, RUN_OUTCOME_SQL } from '../db/run-outcome';
 import { eraseSettledMail } from '../mail/outbox';
 import { handOverNotice, REFUSED_NOTICE, UNCHECKED_NOTICE } from './notices';
 import type { RotationWindow } from '../vault/types';
@@ -112,9 +112,7 @@ export function batchActivities(deps: ActivityDeps) {
          FROM rotation_runs r JOIN credentials c ON c.id = r.credential_id JOIN rotations ro ON ro.id = r.rotation_id
         WHERE r.rotation_id = $1 AND r.run_id IS NULL AND r.cancelled_at IS NULL AND ro.cancelled_at IS NULL
         ORDER BY r.start_sent_at IS NULL, r.due_at, r.credential_id
-        LIMIT greatest($2 - (SELECT count(*) FROM (SELECT r.rotation_id, r.run_id FROM rotation_runs r LEFT JOIN run_outcomes o ON o.run_id = r.run_id
-                                                    WHERE r.rotation_id = $1 AND r.run_id IS NOT NULL AND o.run_id IS NULL OFFSET 0) r
-                              WHERE NOT ${JOINED_EARLIER_SQL}), 0)`,
+        LIMIT greatest($2 - (SELECT count(*) FROM ${openRunsOf('$1')} r WHERE NOT ${JOINED_EARLIER_SQL}), 0)`,
       [rotationId, maxOpen],
     );
     // A start sent but not recorded made a run only if a run of this batch's is there (every start
@@ -253,20 +251,23 @@ export function batchActivities(deps: ActivityDeps) {
       const running = async () =>
         (
           await deps.pool.query(
-            `SELECT r.workflow_id, r.run_id, ${JOINED_EARLIER_SQL} AS joined FROM rotation_runs r LEFT JOIN run_outcomes o ON o.run_id = r.run_id
-              WHERE r.rotation_id = $1 AND r.run_id IS NOT NULL AND o.run_id IS NULL`,
+            `SELECT r.workflow_id, r.run_id, ${JOINED_EARLIER_SQL} AS joined FROM ${openRunsOf('$1')} r`,
             [input.rotationId],
           )
         ).rows as { workflow_id: string; run_id: string; joined: boolean }[];
-      /** Runs waiting to start: never once the batch is cancelled (they count as cancelled). */
+      /**
+       * Whether a run waits to start: never once the batch is cancelled (they count as cancelled).
+       * Whether, not how many: the first row of the index rotation_runs_waiting, where a count read
+       * all of them (a sweep's 100,000) on every poll.
+       */
       const waiting = async () =>
         (
           await deps.pool.query(
-            `SELECT count(*)::int AS n FROM rotation_runs r JOIN rotations ro ON ro.id = r.rotation_id
-              WHERE r.rotation_id = $1 AND r.run_id IS NULL AND ro.cancelled_at IS NULL AND r.cancelled_at IS NULL`,
+            `SELECT EXISTS (SELECT 1 FROM rotation_runs r JOIN rotations ro ON ro.id = r.rotation_id
+                             WHERE r.rotation_id = $1 AND r.run_id IS NULL AND ro.cancelled_at IS NULL AND r.cancelled_at IS NULL) AS any`,
             [input.rotationId],
           )
-        ).rows[0].n as number;
+        ).rows[0].any as boolean;
       const totals = async () => {
         const { rows } = await deps.pool.query(
           `SELECT count(*)::int AS total, count(*) FILTER (WHERE outcome = 'rotated')::int AS rotated,
@@ -325,12 +326,12 @@ export function batchActivities(deps: ActivityDeps) {
       for (let round = 0; ; round++) {
         heartbeat();
         const started = await running();
-        const unstarted = await waiting();
+        const anyWaiting = await waiting();
         // Cancelled, the batch starts nothing more, and its rows sent but unrecorded would read as
         // "cancelled before it started": their runs are looked for (the cancel looks too, but may
         // have failed after marking the batch), and one found running is cancelled as the cancel
         // would have, then waited for as the others are.
-        if (unstarted === 0) {
+        if (!anyWaiting) {
           const adopted = await adoptSent();
           for (const run of adopted) {
             heartbeat();
@@ -339,7 +340,7 @@ export function batchActivities(deps: ActivityDeps) {
           }
           if (adopted.length > 0) continue;
         }
-        const outOfTime = started.length + unstarted > 0 && input.until !== undefined && Date.now() >= Date.parse(input.until);
+        const outOfTime = (started.length > 0 || anyWaiting) && input.until !== undefined && Date.now() >= Date.parse(input.until);
         if (outOfTime) {
           // What is still open now is counted as running: not a run that has just ended unrecorded.
           await settleEnded(started);
@@ -354,9 +355,9 @@ export function batchActivities(deps: ActivityDeps) {
             [input.rotationId],
           );
         }
-        if (started.length + unstarted === 0 || outOfTime) return totals();
+        if ((started.length === 0 && !anyWaiting) || outOfTime) return totals();
         // (Runs joined that another batch started before this one are that batch's to count: JOINED_EARLIER_SQL.)
-        if (unstarted > 0 && started.filter((r) => !r.joined).length < maxOpen) {
+        if (anyWaiting && started.filter((r) => !r.joined).length < maxOpen) {
           // Its batch stopped (terminated by an operator): no more waves. This wait hears of it only
           // at a heartbeat's answer, up to 24 s on; meanwhile it started the waiting runs, which the
           // rotation's status reports as never to start.

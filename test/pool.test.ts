@@ -41,8 +41,11 @@ describe('a migration that waits for a lock', () => {
         `DROP INDEX mail_outbox_unerased; ALTER TABLE mail_outbox DROP COLUMN erased_at; ALTER TABLE rotation_runs DROP COLUMN cancelled_at;
          ALTER TABLE leak_incidents DROP COLUMN left_over; ALTER TABLE mail_outbox DROP COLUMN delivered; DROP TABLE seed_fingerprints_pending;
          DROP TRIGGER rotation_runs_due_at ON rotation_runs; DROP FUNCTION rotation_runs_due_at(); ALTER TABLE rotation_runs DROP COLUMN due_at;
+         DROP TRIGGER run_outcomes_close_runs ON run_outcomes; DROP FUNCTION run_outcomes_close_runs(); DROP TRIGGER rotation_runs_open ON rotation_runs; DROP FUNCTION rotation_runs_open();
+         ALTER TABLE rotation_runs DROP COLUMN open;
          DELETE FROM schema_migrations WHERE name IN ('1735000000000_mail_retention', '1735100000000_run_cancelled', '1735200000000_incident_left_over', '1735300000000_mail_delivered',
-                                                      '1735400000000_seed_fingerprints', '1735500000000_audit_chain_read_committed', '1735600000000_run_due_at')`,
+                                                      '1735400000000_seed_fingerprints', '1735500000000_audit_chain_read_committed', '1735600000000_run_due_at',
+                                                      '1735700000000_run_open')`,
       ),
     );
     // A session using the table it alters (a pg_dump's, a transaction left open).
