@@ -37,7 +37,7 @@ export async function findTemporalCli(opts: { configured?: string; logger?: Logg
   mkdirSync(staging, { recursive: true });
   try {
     await promisify(execFile)(go, ['install', TEMPORAL_CLI_MODULE], {
-      env: { ...process.env, GOBIN: staging, GOFLAGS: `${process.env.GOFLAGS ?? ''} -buildvcs=false`.trim() },
+      env: { ...goEnv(), GOBIN: staging, GOFLAGS: `${process.env.GOFLAGS ?? ''} -buildvcs=false`.trim() },
       maxBuffer: 64 * 1024 * 1024,
     });
     renameSync(path.join(staging, 'temporal'), cached);
@@ -53,6 +53,20 @@ export async function findTemporalCli(opts: { configured?: string; logger?: Logg
     rmSync(staging, { recursive: true, force: true });
   }
   return cached;
+}
+
+/**
+ * What go install is given of this process's environment: Go's own settings (GOPROXY, GOPATH,
+ * GOFLAGS …), where it caches and finds its configuration, the proxies and certificates it fetches
+ * modules through, git's and ssh's for a module fetched directly, locale and time zone. Not the
+ * service's: an inline VAULT_MASTER_KEY, ADMIN_TOKEN and the passwords in DATABASE_URL and SMTP_URL
+ * went into a toolchain that runs compilers and fetches third-party code (as the dev server's
+ * environment keeps them out: embedded/temporal.ts).
+ */
+const GO_ENV = /^(GO[A-Z0-9_]*|CGO_[A-Z0-9_]+|CC|CXX|AR|PKG_CONFIG[A-Z_]*|PATH|HOME|USER|TMPDIR|XDG_CACHE_HOME|XDG_CONFIG_HOME|NETRC|SSL_CERT_FILE|SSL_CERT_DIR|(HTTP|HTTPS|NO|ALL)_PROXY|(http|https|no|all)_proxy|GIT_[A-Z_]+|SSH_AUTH_SOCK|LANG|LANGUAGE|LC_[A-Z]+|TZ)$/;
+
+export function goEnv(): NodeJS.ProcessEnv {
+  return Object.fromEntries(Object.entries(process.env).filter(([name]) => GO_ENV.test(name)));
 }
 
 function which(name: string): string | undefined {

@@ -60,6 +60,41 @@ describe('the Temporal CLI build cache', () => {
     expect(existsSync(path.join(cache, `bin.tmp-${process.pid}`))).toBe(false);
   });
 
+  it("go install gets Go's environment, not the service's secrets", async () => {
+    const cache = mkdtempSync(path.join(os.tmpdir(), 'mailgent-cli-cache-'));
+    const fake = mkdtempSync(path.join(os.tmpdir(), 'mailgent-fake-go-'));
+    dirs.push(cache, fake);
+    // A go that writes down what it was given, then builds.
+    writeFileSync(path.join(fake, 'go'), `#!/bin/sh\n/usr/bin/env > "${fake}/env"\nprintf '#!/bin/sh\\n' > "$GOBIN/temporal"\n/bin/chmod +x "$GOBIN/temporal"\n`, { mode: 0o755 });
+    process.env.MAILGENT_CACHE_DIR = cache;
+    process.env.PATH = fake;
+    const given = {
+      VAULT_MASTER_KEY: `base64:${Buffer.alloc(32, 7).toString('base64')}`,
+      ADMIN_TOKEN: 'admin-token-that-stays-home',
+      DATABASE_URL: 'postgres://mailgent:db-password-that-stays-home@db/mailgent',
+      SMTP_URL: 'smtp://u:smtp-password-that-stays-home@mail',
+      GOPROXY: 'https://proxy.example/go',
+      GOFLAGS: '-mod=mod',
+      https_proxy: 'http://proxy.example:3128',
+    };
+    const before = Object.fromEntries(Object.keys(given).map((k) => [k, process.env[k]]));
+    Object.assign(process.env, given);
+    try {
+      expect(await findTemporalCli({})).toBe(path.join(cache, 'bin', 'temporal'));
+    } finally {
+      for (const [k, v] of Object.entries(before)) {
+        if (v === undefined) delete process.env[k];
+        else process.env[k] = v;
+      }
+    }
+    const env = Object.fromEntries(readFileSync(path.join(fake, 'env'), 'utf8').trim().split('\n').map((line) => [line.slice(0, line.indexOf('=')), line.slice(line.indexOf('=') + 1)]));
+    expect(env).toMatchObject({ PATH: fake, GOPROXY: given.GOPROXY, GOFLAGS: '-mod=mod -buildvcs=false', https_proxy: given.https_proxy });
+    expect(env.GOBIN).toMatch(/bin\.tmp-\d+$/);
+    for (const name of ['VAULT_MASTER_KEY', 'ADMIN_TOKEN', 'DATABASE_URL', 'SMTP_URL']) expect(env[name], name).toBeUndefined();
+    const text = readFileSync(path.join(fake, 'env'), 'utf8');
+    for (const secret of ['stays-home', given.VAULT_MASTER_KEY]) expect(text).not.toContain(secret);
+  });
+
   it('a build Ctrl-C ended (go dying of the signal, or go saying its compiler did) is start-up interrupted, not a failed build nor a reason to download the server', async () => {
     const cache = mkdtempSync(path.join(os.tmpdir(), 'mailgent-cli-cache-'));
     const data = mkdtempSync(path.join(os.tmpdir(), 'mailgent-temporal-data-'));
