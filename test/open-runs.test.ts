@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { JOINED_EARLIER_SQL, openRunsOf } from '../db/run-outcome';
 import { startHarness, type Harness } from './support/harness';
@@ -77,6 +78,28 @@ describe("a batch's open runs", () => {
     // A flag left open of a run whose outcome is there (recorded as the run was) does not count it.
     await h.sql('UPDATE rotation_runs SET open = true WHERE rotation_id = $1 AND credential_id = $2', [rotationId, a]);
     expect(await read(rotationId)).toEqual([{ credential_id: b }]);
+  });
+
+  it("the migration flags a live database's runs: waiting, going and ended", async () => {
+    const rotationId = await newBatch();
+    const [waiting, going, ended] = (await credentials('migrated-', 3)) as [string, string, string];
+    await h.sql(
+      `INSERT INTO rotation_runs (rotation_id, credential_id, workflow_id, run_id) VALUES ($1, $2::uuid, 'w', NULL), ($1, $3::uuid, 'w', 'run-going-' || $1), ($1, $4::uuid, 'w', 'run-ended-' || $1)`,
+      [rotationId, waiting, going, ended],
+    );
+    await h.sql(`INSERT INTO run_outcomes (run_id, workflow_id, credential_id, outcome) VALUES ('run-ended-' || $1, 'w', $2, 'rotated')`, [rotationId, ended]);
+    // As the database was before the migration (the flag all false, as a column added without it would read), then migrated.
+    await h.sql(
+      `BEGIN;
+       DROP INDEX rotation_runs_open; DROP TRIGGER run_outcomes_close_runs ON run_outcomes; DROP FUNCTION run_outcomes_close_runs();
+       DROP TRIGGER rotation_runs_open ON rotation_runs; DROP FUNCTION rotation_runs_open(); ALTER TABLE rotation_runs DROP COLUMN open;
+       COMMIT`,
+    );
+    await h.sql(`BEGIN; ${readFileSync(new URL('../db/migrations/1735700000000_run_open.sql', import.meta.url), 'utf8')}; COMMIT`);
+    expect([await open(rotationId, waiting), await open(rotationId, going), await open(rotationId, ended)]).toEqual([false, true, false]);
+    // And its statistics are there: the planner is not left to take half the runs for open.
+    const stats = await h.sql(`SELECT 1 FROM pg_stats WHERE tablename = 'rotation_runs' AND attname = 'open'`);
+    expect(stats.rowCount).toBe(1);
   });
 
   it('are read by the index of open runs, not by reading every run the batch has finished', async () => {

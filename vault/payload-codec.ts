@@ -31,7 +31,7 @@ const AAD = 'mailgent/temporal-payload/v1';
 /** Payloads one encoding subkey seals before a new salt is drawn (random 96-bit nonces: far under 2^32). */
 export const PAYLOADS_PER_SUBKEY = 65_536;
 /** Subkeys a codec remembers for decoding: the current ones of the processes it hears from. */
-const OPENED_SUBKEYS = 64;
+export const OPENED_SUBKEYS = 64;
 
 export interface CodecKey {
   id: string;
@@ -93,23 +93,21 @@ export class EncryptionCodec implements PayloadCodec {
       const keyId = text(payload.metadata?.[KEY_ID_HEADER]);
       if (keyId !== id) throw new KeyIntegrityError(`a Temporal payload is encrypted under key '${keyId}', not this deployment's '${id}'`);
       const data = Buffer.from(payload.data ?? []);
-      const plain = open(this.openingKey(key, data.subarray(0, SALT_BYTES)), data.subarray(SALT_BYTES), AAD, 'a Temporal payload');
+      const salt = data.subarray(0, SALT_BYTES);
+      const name = salt.toString('hex');
+      const known = this.opened.get(name);
+      const opening = known ?? subkey(key, salt);
+      const plain = open(opening, data.subarray(SALT_BYTES), AAD, 'a Temporal payload');
+      // Remembered once it has opened a payload (an altered one's salt is not kept), most recent last.
+      if (known) this.opened.delete(name);
+      this.remember(name, opening);
       return deserialize(plain);
     });
   }
 
-  /** The subkey for a payload's salt: remembered if recently used (an altered salt derives a key that fails to open). */
-  private openingKey(key: Buffer, salt: Buffer): Buffer {
-    const name = salt.toString('hex');
-    const known = this.opened.get(name);
-    if (known) {
-      this.opened.delete(name);
-      this.opened.set(name, known);
-      return known;
-    }
-    const derived = subkey(key, salt);
-    this.remember(name, derived);
-    return derived;
+  /** How many subkeys it remembers for decoding (at most OPENED_SUBKEYS). */
+  get heldSubkeys(): number {
+    return this.opened.size;
   }
 
   private remember(name: string, derived: Buffer): void {

@@ -13,7 +13,12 @@
 -- scanned every outcome instead.
 -- A flag that says open of a run whose outcome a concurrent transaction was recording (its run id
 -- recorded meanwhile) is harmless: readers still look up the outcome of each row the index gives
--- them. A flag never says not open of a started run without a committed outcome.
+-- them. Through the service's own writes (it never deletes an outcome) a flag never says not open
+-- of a started run without a committed outcome.
+-- run_outcomes first: a wait's INSERT INTO run_outcomes … SELECT … FROM rotation_runs locks them in
+-- that order, and the other order (the ALTER's, then the trigger's on run_outcomes) could deadlock with it.
+LOCK TABLE run_outcomes IN SHARE ROW EXCLUSIVE MODE;
+
 ALTER TABLE rotation_runs ADD COLUMN open boolean NOT NULL DEFAULT false;
 
 UPDATE rotation_runs r SET open = true WHERE r.run_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM run_outcomes o WHERE o.run_id = r.run_id);
@@ -43,3 +48,7 @@ $$;
 CREATE TRIGGER run_outcomes_close_runs AFTER INSERT OR DELETE ON run_outcomes FOR EACH ROW EXECUTE FUNCTION run_outcomes_close_runs();
 
 CREATE INDEX rotation_runs_open ON rotation_runs (rotation_id) WHERE open;
+
+-- The new column's statistics now: without them the planner takes half of a batch's runs for open
+-- until autovacuum analyzes the table, and reads every outcome on each poll of a sweep running then.
+ANALYZE rotation_runs;

@@ -2,7 +2,7 @@ import { createCipheriv, hkdfSync, randomBytes } from 'node:crypto';
 import type { Payload } from '@temporalio/common';
 import { describe, expect, it } from 'vitest';
 import { IntegrityError } from '../../core/errors';
-import { ENCODING, EncryptionCodec, KEY_ID_HEADER, PAYLOADS_PER_SUBKEY } from '../../vault/payload-codec';
+import { ENCODING, EncryptionCodec, KEY_ID_HEADER, OPENED_SUBKEYS, PAYLOADS_PER_SUBKEY } from '../../vault/payload-codec';
 
 const AAD = 'mailgent/temporal-payload/v1';
 const key = randomBytes(32);
@@ -51,19 +51,24 @@ describe('the payload codec’s subkeys', () => {
     const c = codec();
     const old = Array.from({ length: 200 }, (_, i) => sealedAlone(plain(i)));
     expect((await c.decode(old)).map(text)).toEqual(old.map((_, i) => `{"i":${i}}`));
-    // Its memory holds the last few salts: the first ones, forgotten, still open (derived again).
+    // It remembers the last few salts, no more; the first ones, forgotten, still open (derived again).
+    expect(c.heldSubkeys).toBe(OPENED_SUBKEYS);
     expect((await c.decode([old[0]!, old[199]!])).map(text)).toEqual(['{"i":0}', '{"i":199}']);
+    expect(c.heldSubkeys).toBe(OPENED_SUBKEYS);
   });
 
   it('refuses a payload whose salt or body was altered, and still opens the untouched ones of the same run', async () => {
     const c = codec();
     const [a, b] = await c.encode([plain(1), plain(2)]);
+    const fresh = codec();
     for (const at of [0, 20, b!.data!.length - 1]) {
       const altered = Buffer.from(b!.data!);
       altered[at]! ^= 1;
       await expect(c.decode([{ ...b!, data: altered }])).rejects.toBeInstanceOf(IntegrityError);
-      await expect(codec().decode([{ ...b!, data: altered }])).rejects.toBeInstanceOf(IntegrityError);
+      await expect(fresh.decode([{ ...b!, data: altered }])).rejects.toBeInstanceOf(IntegrityError);
     }
+    // What failed to open is not remembered (an altered salt would take a place from a real one).
+    expect(fresh.heldSubkeys).toBe(0);
     expect((await c.decode([a!, b!])).map(text)).toEqual(['{"i":1}', '{"i":2}']);
   });
 });

@@ -76,6 +76,12 @@ describe('the Temporal CLI build cache', () => {
       GOPROXY: 'https://proxy.example/go',
       GOFLAGS: '-mod=mod',
       https_proxy: 'http://proxy.example:3128',
+      // git's configuration given in the environment (CI's insteadOf rules, certificates).
+      GIT_CONFIG_COUNT: '1',
+      GIT_CONFIG_KEY_0: 'url.https://proxy.example/.insteadOf',
+      GIT_CONFIG_VALUE_0: 'https://github.com/',
+      // Not Go's, though its name begins with GO.
+      GOOGLE_APPLICATION_CREDENTIALS: '/secrets/gcp-key-that-stays-home.json',
     };
     const before = Object.fromEntries(Object.keys(given).map((k) => [k, process.env[k]]));
     Object.assign(process.env, given);
@@ -88,9 +94,17 @@ describe('the Temporal CLI build cache', () => {
       }
     }
     const env = Object.fromEntries(readFileSync(path.join(fake, 'env'), 'utf8').trim().split('\n').map((line) => [line.slice(0, line.indexOf('=')), line.slice(line.indexOf('=') + 1)]));
-    expect(env).toMatchObject({ PATH: fake, GOPROXY: given.GOPROXY, GOFLAGS: '-mod=mod -buildvcs=false', https_proxy: given.https_proxy });
+    expect(env).toMatchObject({
+      PATH: fake,
+      GOPROXY: given.GOPROXY,
+      GOFLAGS: '-mod=mod -buildvcs=false',
+      https_proxy: given.https_proxy,
+      GIT_CONFIG_COUNT: '1',
+      GIT_CONFIG_KEY_0: given.GIT_CONFIG_KEY_0,
+      GIT_CONFIG_VALUE_0: given.GIT_CONFIG_VALUE_0,
+    });
     expect(env.GOBIN).toMatch(/bin\.tmp-\d+$/);
-    for (const name of ['VAULT_MASTER_KEY', 'ADMIN_TOKEN', 'DATABASE_URL', 'SMTP_URL']) expect(env[name], name).toBeUndefined();
+    for (const name of ['VAULT_MASTER_KEY', 'ADMIN_TOKEN', 'DATABASE_URL', 'SMTP_URL', 'GOOGLE_APPLICATION_CREDENTIALS']) expect(env[name], name).toBeUndefined();
     const text = readFileSync(path.join(fake, 'env'), 'utf8');
     for (const secret of ['stays-home', given.VAULT_MASTER_KEY]) expect(text).not.toContain(secret);
   });
