@@ -60,10 +60,10 @@ export async function findTemporalCli(opts: { configured?: string; logger?: Logg
  * GOFLAGS …: no underscore in their names but GO_EXTLINK_ENABLED's, so GOOGLE_APPLICATION_CREDENTIALS
  * and the like stay out), where it caches and finds its configuration, the proxies and certificates
  * it fetches modules through, git's (GIT_CONFIG_KEY_0 …) and ssh's for a module fetched directly,
- * the library path of a toolchain installed aside, locale and time zone. Not the
- * service's: an inline VAULT_MASTER_KEY, ADMIN_TOKEN and the passwords in DATABASE_URL and SMTP_URL
- * went into a toolchain that runs compilers and fetches third-party code (as the dev server's
- * environment keeps them out: embedded/temporal.ts).
+ * the library path of a toolchain installed aside, locale and time zone. Not the service's: an
+ * inline VAULT_MASTER_KEY, ADMIN_TOKEN and the passwords in DATABASE_URL and SMTP_URL went into a
+ * toolchain that runs compilers and fetches third-party code (as the dev server's environment keeps
+ * them out: embedded/temporal.ts).
  */
 const GO_ENV =
   /^(GO[A-Z0-9]+|GO_EXTLINK_ENABLED|CGO_[A-Z0-9_]+|CC|CXX|AR|PKG_CONFIG[A-Z_]*|PATH|LD_LIBRARY_PATH|HOME|USER|TMPDIR|XDG_CACHE_HOME|XDG_CONFIG_HOME|NETRC|SSL_CERT_FILE|SSL_CERT_DIR|(HTTP|HTTPS|NO|ALL)_PROXY|(http|https|no|all)_proxy|GIT_[A-Z0-9_]+|SSH_AUTH_SOCK|LANG|LANGUAGE|LC_[A-Z]+|TZ)$/;
