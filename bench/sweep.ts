@@ -60,12 +60,7 @@ export async function measureSweep(
 export async function explainSelectDue(pool: Pool, asOf: string, limit: number): Promise<SweepResult['plan']> {
   const { rows } = await pool.query(`EXPLAIN (ANALYZE, FORMAT JSON) ${SELECT_DUE_SQL}`, [asOf, null, null, limit, FAILED_RETRY_HOURS]);
   const root = rows[0]['QUERY PLAN'][0];
-  const nodes: Record<string, any>[] = [];
-  const walk = (n: Record<string, any>) => {
-    nodes.push(n);
-    for (const child of n.Plans ?? []) walk(child);
-  };
-  walk(root.Plan);
+  const nodes = planNodes(root.Plan);
   const onCredentials = nodes.filter((n) => n['Relation Name'] === 'credentials');
   // Index Scan / Index Only Scan name the relation; a Bitmap Index Scan names only its index.
   const scan = nodes.find((n) => /Index/.test(n['Node Type']) && String(n['Index Name'] ?? '').startsWith('credentials_'));
@@ -77,4 +72,9 @@ export async function explainSelectDue(pool: Pool, asOf: string, limit: number):
     executionMs: root['Execution Time'],
     rowsRead: onCredentials.reduce((sum, n) => sum + (n['Actual Rows'] ?? 0), 0),
   };
+}
+
+/** Every node of an EXPLAIN (FORMAT JSON) plan, the root first, each before its children. */
+export function planNodes(plan: Record<string, any>): Record<string, any>[] {
+  return [plan, ...(plan.Plans ?? []).flatMap((child: Record<string, any>) => planNodes(child))];
 }

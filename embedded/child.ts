@@ -19,6 +19,11 @@ export interface Child {
 
 const SETPRIV = '/usr/bin/setpriv';
 
+/** The variables of this process's environment whose names match `names`: what a helper process is given of it. */
+export function envNamed(names: RegExp): NodeJS.ProcessEnv {
+  return Object.fromEntries(Object.entries(process.env).filter(([name]) => names.test(name)));
+}
+
 export function startChild(
   command: string,
   args: string[],

@@ -6,7 +6,7 @@ import path from 'node:path';
 import pg from 'pg';
 import { HelperInterrupted, isStopSignal } from '../core/helper-interrupted';
 import type { Logger } from '../core/logger';
-import { isAlive, startChild, waitUntilReady } from './child';
+import { envNamed, isAlive, startChild, waitUntilReady } from './child';
 import { freePort, withFreshPorts } from './ports';
 import { placeOnce } from '../core/place-once';
 
@@ -88,8 +88,7 @@ export async function startEmbeddedPostgres(opts: { dataDir: string; database?: 
  * root) could read.
  */
 export function serverEnv(): NodeJS.ProcessEnv {
-  const kept = Object.entries(process.env).filter(([name]) => /^(PATH|LD_LIBRARY_PATH|TMPDIR|TZ|LANG|LANGUAGE|LC_[A-Z]+)$/.test(name));
-  return { ...Object.fromEntries(kept), LC_MESSAGES: 'C' };
+  return { ...envNamed(/^(PATH|LD_LIBRARY_PATH|TMPDIR|TZ|LANG|LANGUAGE|LC_[A-Z]+)$/), LC_MESSAGES: 'C' };
 }
 
 /**

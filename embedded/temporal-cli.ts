@@ -5,6 +5,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { HelperInterrupted, isStopSignal } from '../core/helper-interrupted';
 import type { Logger } from '../core/logger';
+import { envNamed } from './child';
 
 /**
  * Finds the Temporal CLI (whose `server start-dev` is the embedded Temporal), in this order:
@@ -69,7 +70,7 @@ const GO_ENV =
   /^(GO[A-Z0-9]+|GO_EXTLINK_ENABLED|CGO_[A-Z0-9_]+|CC|CXX|AR|PKG_CONFIG[A-Z_]*|PATH|LD_LIBRARY_PATH|HOME|USER|TMPDIR|XDG_CACHE_HOME|XDG_CONFIG_HOME|NETRC|SSL_CERT_FILE|SSL_CERT_DIR|(HTTP|HTTPS|NO|ALL)_PROXY|(http|https|no|all)_proxy|GIT_[A-Z0-9_]+|SSH_AUTH_SOCK|LANG|LANGUAGE|LC_[A-Z]+|TZ)$/;
 
 export function goEnv(): NodeJS.ProcessEnv {
-  return Object.fromEntries(Object.entries(process.env).filter(([name]) => GO_ENV.test(name)));
+  return envNamed(GO_ENV);
 }
 
 function which(name: string): string | undefined {

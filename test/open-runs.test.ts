@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { planNodes } from '../bench/sweep';
 import { JOINED_EARLIER_SQL, openRunsOf } from '../db/run-outcome';
 import { startHarness, type Harness } from './support/harness';
 
@@ -129,12 +130,13 @@ describe("a batch's open runs", () => {
 
     const query = `SELECT r.workflow_id, r.run_id, ${JOINED_EARLIER_SQL} AS joined FROM ${openRunsOf('$1')} r`;
     expect((await h.sql(query, [rotationId])).rows.map((r) => r.run_id).sort()).toEqual(ids.slice(4000, 4050).map((id) => `run-${id}`).sort());
-    const nodes: { type: string; relation?: string; index?: string; rows: number }[] = [];
-    const walk = (node: any) => {
-      nodes.push({ type: node['Node Type'], relation: node['Relation Name'], index: node['Index Name'], rows: node['Actual Rows'] });
-      for (const child of node.Plans ?? []) walk(child);
-    };
-    walk((await h.sql(`EXPLAIN (ANALYZE, FORMAT JSON) ${query}`, [rotationId])).rows[0]['QUERY PLAN'][0].Plan);
+    const plan = (await h.sql(`EXPLAIN (ANALYZE, FORMAT JSON) ${query}`, [rotationId])).rows[0]['QUERY PLAN'][0].Plan;
+    const nodes: { type: string; relation?: string; index?: string; rows: number }[] = planNodes(plan).map((n) => ({
+      type: n['Node Type'],
+      relation: n['Relation Name'],
+      index: n['Index Name'],
+      rows: n['Actual Rows'],
+    }));
     const text = nodes.map((n) => [n.type, n.relation, n.index, n.rows].filter((x) => x !== undefined).join(' ')).join(' > ');
     expect(nodes.filter((n) => n.type.includes('Seq Scan') && n.relation !== 'rotations'), text).toEqual([]);
     const byOpen = nodes.find((n) => n.index === 'rotation_runs_open');

@@ -5,6 +5,7 @@ import pg from 'pg';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { createActivities } from '../activities';
 import { REFUSED_NOTICE } from '../activities/notices';
+import { planNodes } from '../bench/sweep';
 import { recordBatchRun } from '../db/run-outcome';
 import { ConfigError } from '../core/config';
 import { queueMail } from '../mail/outbox';
@@ -915,12 +916,8 @@ describe('scheduled sweep', () => {
       await h.sql('ANALYZE run_outcomes');
 
       const planOf = async (params: unknown[]) => {
-        const nodes: { type: string; relation?: string; index?: string }[] = [];
-        const walk = (node: any) => {
-          nodes.push({ type: node['Node Type'], relation: node['Relation Name'], index: node['Index Name'] });
-          for (const child of node.Plans ?? []) walk(child);
-        };
-        walk((await h.sql(`EXPLAIN (FORMAT JSON) ${SELECT_DUE_SQL}`, params)).rows[0]['QUERY PLAN'][0].Plan);
+        const plan = (await h.sql(`EXPLAIN (FORMAT JSON) ${SELECT_DUE_SQL}`, params)).rows[0]['QUERY PLAN'][0].Plan;
+        const nodes: { type: string; relation?: string; index?: string }[] = planNodes(plan).map((n) => ({ type: n['Node Type'], relation: n['Relation Name'], index: n['Index Name'] }));
         return { nodes, text: nodes.map((n) => [n.type, n.relation ?? n.index].filter(Boolean).join(' on ')).join(' > ') };
       };
       const asOf = new Date().toISOString();
