@@ -41,6 +41,15 @@ function escalationReason(row: ReminderRow | undefined, since: Date, sinceDays: 
   return `The owners' reminder, queued on ${day}, ${sinceDays} days ago, has not been delivered${row.status === 'abandoned' ? ' (its delivery gave up)' : ''}. It is still unchanged.`;
 }
 
+/** Overdue passwords whose notices are looked up in the outbox at once (three ids each). */
+const SETTLED_PAGE = 5_000;
+
+/** The outbox ids of an overdue password's notices, one set per version: the owners' reminder, the escalation, the escalation withheld. */
+export function passwordNoticeIds(c: { id: string; current_version: number }): { reminder: string; escalation: string; withheld: string } {
+  const of = `password-policy:${c.id}:${c.current_version}`;
+  return { reminder: stableUuid(`${of}:reminder`), escalation: stableUuid(`${of}:escalation`), withheld: stableUuid(`${of}:escalation:withheld`) };
+}
+
 /** Expiry reminders for credentials rotated by hand (14, 3 and 1 days ahead), each sent once. */
 export const REMINDER_DAYS = [14, 3, 1];
 const DAY_MS = 86_400_000;
@@ -128,8 +137,11 @@ export function policyActivities(deps: ActivityDeps) {
       let reminded = 0;
       let escalated = 0;
       let failed = 0;
-      for (const c of rows.filter((r) => !r.managed)) {
+      const unmanaged = rows.filter((r) => !r.managed);
+      const settled = await noticesSettled(unmanaged);
+      for (const c of unmanaged) {
         heartbeat();
+        if (settled.has(c.id)) continue;
         try {
           const told = await remindOverdue(c);
           if (told.reminded) reminded += 1;
@@ -147,6 +159,32 @@ export function policyActivities(deps: ActivityDeps) {
       }
       return { rotating: managed.length, reminded, escalated, ...(failed > 0 ? { failed } : {}) };
 
+      /**
+       * The overdue passwords whose notices are all settled: the owners' reminder and the security
+       * contacts' escalation (or, the escalation refused, its withheld form) sent or given up. Nothing
+       * is left to send for them until a new version (new ids) or the outbox's retention erases the
+       * rows; they cost the sweep nothing more (before, ~5 queries each, every sweep, for as long as
+       * the password stayed unchanged). A notice still queued is not settled: its delivery is started
+       * again, in case the attempt that queued it died first.
+       */
+      async function noticesSettled(overdue: typeof rows): Promise<Set<string>> {
+        const settled = new Set<string>();
+        for (let at = 0; at < overdue.length; at += SETTLED_PAGE) {
+          const page = overdue.slice(at, at + SETTLED_PAGE).map((c) => ({ id: c.id as string, notices: passwordNoticeIds(c) }));
+          const { rows: done } = await deps.pool.query(
+            `SELECT id, last_error FROM mail_outbox WHERE id = ANY($1::uuid[]) AND status IN ('sent', 'abandoned')`,
+            [page.flatMap(({ notices }) => [notices.reminder, notices.escalation, notices.withheld])],
+          );
+          const doneIds = new Map<string, string | null>(done.map((row) => [row.id, row.last_error]));
+          for (const { id, notices } of page) {
+            const escalation = doneIds.get(notices.escalation);
+            const escalated = doneIds.has(notices.withheld) || (escalation !== undefined && escalation !== REFUSED_NOTICE);
+            if (doneIds.has(notices.reminder) && escalated) settled.add(id);
+          }
+        }
+        return settled;
+      }
+
       /** The owners' reminder of one overdue unmanaged password, and the security contacts' escalation when it is due. */
       async function remindOverdue(c: (typeof rows)[number]): Promise<{ reminded: boolean; escalated: boolean }> {
         const ageDays = Math.floor((asOf.getTime() - c.created_at.getTime()) / DAY_MS);
@@ -160,7 +198,8 @@ export function policyActivities(deps: ActivityDeps) {
             '',
             `Credential id: ${c.id}`,
           ].join('\n');
-        const reminderId = stableUuid(`password-policy:${c.id}:${c.current_version}:reminder`);
+        const ids = passwordNoticeIds(c);
+        const reminderId = ids.reminder;
         const reminder = await handOverNotice(deps, {
             ...base,
             id: reminderId,
@@ -179,7 +218,7 @@ export function policyActivities(deps: ActivityDeps) {
         const sinceDays = Math.floor((asOf.getTime() - since.getTime()) / DAY_MS);
         // (A reminder still queued is given a day, its delivery's retries, before it counts as undelivered.)
         if (sinceDays >= c.escalate_after_days && (row?.sent_at || row?.status !== 'queued' || sinceDays >= 1)) {
-          const escalationId = stableUuid(`password-policy:${c.id}:${c.current_version}:escalation`);
+          const escalationId = ids.escalation;
           const reason = escalationReason(row, since, sinceDays);
           let escalation = await handOverNotice(deps, {
             ...base,
@@ -196,7 +235,7 @@ export function policyActivities(deps: ActivityDeps) {
           if (!escalation && (await refusedEarlier(deps, escalationId))) {
             escalation = await handOverNotice(deps, {
               ...base,
-              id: stableUuid(`password-policy:${c.id}:${c.current_version}:escalation:withheld`),
+              id: ids.withheld,
               purpose: 'password.escalation',
               to: deps.securityNotify?.length ? deps.securityNotify : [...(c.email ? [c.email] : []), ...c.owners],
               subject: `[mailgent] ESCALATION: a password is ${overdueDays} days overdue (notice withheld)`,
