@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { IntegrityError } from '../core/errors';
 import { findTemporalCli } from '../embedded/temporal-cli';
 import { codecKeyId, CODEC_KEY_NAME, ENCODING, EncryptionCodec, KEY_ID_HEADER } from '../vault/payload-codec';
-import { PATCH_IDS } from '../workflows/patches';
+import { PATCH_IDS, ROTATION_PATCHES_AT_START } from '../workflows/patches';
 import { decodedHistoryText, expectCleanRun, rawHistoryText } from './support/leaks';
 import { startHarness, type Harness } from './support/harness';
 
@@ -121,6 +121,19 @@ describe('payload codec', () => {
         }
         expect(decoded).toContain(`credential '${marker}-totp' is a totp_seed`);
       }
+    }
+  });
+
+  it('a rotation started now records one patch marker and one change-version update, whichever patched branches it takes', async () => {
+    for (const workflowId of [okWorkflow, failedWorkflow]) {
+      const { events } = await h.client.workflow.getHandle(workflowId).fetchHistory();
+      const markers = events!.filter((e) => e.markerRecordedEventAttributes?.markerName === 'core_patch');
+      const ids = markers.flatMap((e) =>
+        Object.values(e.markerRecordedEventAttributes!.details ?? {}).flatMap((d) => (d.payloads ?? []).map((p) => JSON.parse(Buffer.from(p.data!).toString()).id)),
+      );
+      // Before, one marker and one update for each patch the run reached (five in a completed rotation).
+      expect(ids).toEqual([ROTATION_PATCHES_AT_START]);
+      expect(events!.filter((e) => e.upsertWorkflowSearchAttributesEventAttributes).length).toBe(1);
     }
   });
 

@@ -193,7 +193,18 @@ export const ABANDONED_LEAKS_REVOKED = 'abandoned-leaks-revoked';
  */
 export const PENDING_KEPT_UNDER_DEPENDENTS = 'pending-kept-under-dependents';
 
+/**
+ * Every rotateCredential patch above at once. A run started after it records this one marker (and
+ * one `TemporalChangeVersion` search-attribute update) and takes every patched branch, where before
+ * it recorded a marker and an update for each patch it reached: a rotation's history had 87 events,
+ * ten of them those markers and updates of five patches. Runs recorded before it find no marker of
+ * it and replay as they were, each patch asked on its own. A change after it is a patch of its own,
+ * asked as `patched()` as before.
+ */
+export const ROTATION_PATCHES_AT_START = 'rotation-patches-at-start';
+
 export const PATCH_IDS: readonly string[] = [
+  ROTATION_PATCHES_AT_START,
   CLOSE_INCIDENTS_LAST,
   NOTICE_FAILURES_CONTINUE,
   ROLLBACK_CHECKS_FIRST,

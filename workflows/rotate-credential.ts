@@ -6,7 +6,7 @@ import {
   condition,
   continueAsNew,
   isCancellation,
-  patched,
+  patched as patchMarker,
   proxyActivities,
   setHandler,
   sleep,
@@ -36,6 +36,7 @@ import {
   RESTORES_AT_ONCE,
   ABANDONED_LEAKS_REVOKED,
   PENDING_KEPT_UNDER_DEPENDENTS,
+  ROTATION_PATCHES_AT_START,
 } from './patches';
 import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
 
@@ -91,6 +92,10 @@ interface Undo {
  * cancelling compensates the same way.
  */
 export async function rotateCredential(input: RotateCredentialInput): Promise<RotationProgress> {
+  // Asked first, before any command: a run started under it takes every patch below without a
+  // marker each; one recorded before it asks each patch as it did (ROTATION_PATCHES_AT_START).
+  const allPatched = patchMarker(ROTATION_PATCHES_AT_START);
+  const patched = (patchId: string): boolean => allPatched || patchMarker(patchId);
   const ids = { rotationId: input.rotationId, identityId: input.identityId, credentialId: input.credentialId, workflowId: workflowInfo().workflowId };
   /** The grace notice, sent beside the grace period (GRACE_BESIDE_NOTICE): waited for before any notice after it, and the run's end. */
   let graceNotice: Promise<unknown> | undefined;
