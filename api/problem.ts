@@ -1,5 +1,5 @@
 import type { ErrorRequestHandler, Response } from 'express';
-import { AppError, isRefWithheld, KeyIntegrityError, refWithheld, MethodNotAllowedError, TooManyRequestsError, unconfirmedChange, UnavailableError, ValidationError, type FieldError } from '../core/errors';
+import { AppError, KeyIntegrityError, refWithheld, MethodNotAllowedError, TooManyRequestsError, unconfirmedChange, UnavailableError, ValidationError, type FieldError } from '../core/errors';
 import type { Logger } from '../core/logger';
 import { isCommitUnconfirmed, isDatabaseUnavailable } from '../db/pool';
 import { shownPath } from './access-log';
@@ -57,8 +57,10 @@ export function problemOf(err: AppError, instance?: string, requestId?: string):
 }
 
 export function sendProblem(res: Response, err: AppError): void {
-  // A reference withheld (core/errors.ts, refWithheld) is not echoed in the path either.
-  const problem = problemOf(err, isRefWithheld(err) ? shownPath(res.req) : res.req.path, res.locals.requestId);
+  // The path as the request log shows it (a route's pattern where it has parameters; segments no
+  // route has shown as …), never as sent: a value pasted where a reference goes is not echoed, by
+  // the lookup's 404 (refWithheld) nor by any error before the lookup (401, 403, 400, 413, 415, 429).
+  const problem = problemOf(err, shownPath(res.req), res.locals.requestId);
   if (err.status === 401) res.setHeader('WWW-Authenticate', 'Bearer realm="mailgent"');
   // (Not on a change that may have been carried out, `unconfirmed`: a client or proxy honouring Retry-After would repeat it.)
   if (err.status === 503 && err.extra.unconfirmed !== true) res.setHeader('Retry-After', '5');

@@ -137,6 +137,28 @@ describe('input edges', () => {
     expect(JSON.stringify(pasted.body)).not.toContain('pa55word');
   });
 
+  it('a value pasted where a reference goes is not echoed by an error raised before its lookup either', async () => {
+    const caller = await h.createIdentity();
+    const pasted = `sk_live_${Math.random().toString(36).slice(2)}${Date.now().toString(36)}`;
+    const tries: [string, string, Parameters<Harness['api']>[2], number, string][] = [
+      ['PATCH', `/v1/credentials/${pasted}`, { token: caller.token, body: { tags: 5 } }, 400, '/v1/credentials/:ref'],
+      ['PATCH', `/v1/credentials/${pasted}`, { body: { tags: [] } }, 401, '/v1/credentials/:ref'],
+      ['PATCH', `/v1/credentials/${pasted}`, { token: h.adminToken, body: { tags: [] } }, 403, '/v1/credentials/:ref'],
+      ['PATCH', `/v1/credentials/${pasted}`, { token: caller.token, raw: 'tags', headers: { 'content-type': 'text/plain' } }, 415, '/v1/credentials/:ref'],
+      ['DELETE', `/v1/credentials/${pasted}?destroy=yes`, { token: caller.token }, 400, '/v1/credentials/:ref'],
+      ['POST', `/v1/credentials/${pasted}/restore`, { token: caller.token, body: { x: 1 } }, 400, '/v1/credentials/:ref/restore'],
+      ['GET', `/v1/rotations/${pasted}?x=1`, { token: caller.token }, 400, '/v1/rotations/:id'],
+      ['DELETE', `/v1/grants/${pasted}?x=1`, { token: caller.token }, 400, '/v1/grants/:id'],
+    ];
+    for (const [method, route, opts, status, instance] of tries) {
+      const res = await h.api(method, route, opts);
+      expect([method, route, res.status]).toEqual([method, route, status]);
+      // Before, the instance was the path as sent, for every error but the lookup's own 404.
+      expect([method, route, res.body.instance]).toEqual([method, route, instance]);
+      expect(res.text).not.toContain(pasted);
+    }
+  });
+
   it('a grant revoked by its id in upper case is answered and audited with the id in lower case', async () => {
     const reader = await h.createIdentity('edge-reader');
     expect((await h.api('POST', '/v1/vault.store', { token: agent.token, body: { name: 'shared', kind: 'api_key', value: h.secret('sk_shared_edge_0001') } })).status).toBe(201);
@@ -146,7 +168,7 @@ describe('input edges', () => {
     const revoked = await h.api('DELETE', `/v1/grants/${id.toUpperCase()}`, { token: agent.token });
     expect(revoked.status).toBe(200);
     expect(revoked.body.id).toBe(id);
-    const rows = (await h.sql("SELECT detail->>'grantId' AS id FROM audit_log WHERE action = 'grant.revoke'")).rows;
+    const rows = (await h.sql("SELECT detail->>'grantId' AS id FROM audit_log WHERE action = 'grant.revoke' AND identity_id = $1", [agent.id])).rows;
     expect(rows).toEqual([{ id }]);
   });
 });
