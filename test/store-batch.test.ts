@@ -233,6 +233,7 @@ describe('group commit of stores', () => {
 
   it('a batch whose COMMIT fails answers only the calls that would have stored as unconfirmed; those it refused (which stored nothing) get a plain 503', async () => {
     const removeCheck = await failAtCommit('commit-fails-beside-%');
+    const pastedName = h.secret(`sk_beside_named_${randomUUID().replaceAll('-', '')}`);
     try {
       const vault = h.services.vault;
       await idle();
@@ -246,6 +247,8 @@ describe('group commit of stores', () => {
         { name: 'gone', kind: 'api_key' as const, value: h.secret(`sk_beside_deleted_${randomUUID()}`) },
         { name: `never-${randomUUID()}`, kind: 'api_key' as const, value: h.secret(`sk_beside_absent_${randomUUID()}`), expectedVersion: 2 },
         { name: 'existing-0', kind: 'api_key' as const, value: h.secret(`sk_beside_stale_${randomUUID()}`), expectedVersion: 99 },
+        // A new name that is the value it comes with: refused inside the batch, its name withheld.
+        { name: pastedName, kind: 'api_key' as const, value: pastedName },
       ];
       const callers = calls.map(() => as(alice));
       const results = await Promise.all(calls.map((input, i) => settle(vault.store(callers[i]!, input))));
@@ -265,8 +268,11 @@ describe('group commit of stores', () => {
       expect(byCall.map((r) => [r.outcome, r.detail.error, r.detail.unconfirmed ?? false])).toEqual([
         ['failed', 'unavailable', true],
         ['failed', 'unavailable', true],
-        ...Array(4).fill(['failed', 'unavailable', false]),
+        ...Array(5).fill(['failed', 'unavailable', false]),
       ]);
+      // Before, the failure row of the call refused for its name carried the name as given.
+      expect(byCall.at(-1)!.detail).toMatchObject({ nameWithheld: 'stored-value' });
+      expect(JSON.stringify(byCall)).not.toContain(pastedName);
       expect((await h.sql(`SELECT count(*)::int AS n FROM credentials WHERE identity_id = $1 AND name LIKE 'commit-fails-beside-%'`, [alice.id])).rows[0].n).toBe(0);
       expect(await currentVersion(alice.id, 'existing-0')).toBe(existing);
     } finally {

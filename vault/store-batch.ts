@@ -56,6 +56,8 @@ interface Pending {
 interface Settled {
   deliver: (() => void)[];
   refused: ReadonlySet<Pending>;
+  /** Refused for a name that is a secret (secretName): its rows never carry the name. */
+  secretNamed: ReadonlySet<Pending>;
   stored: ReadonlyMap<Pending, { id: string; version: number }>;
 }
 
@@ -208,16 +210,16 @@ export class StoreBatcher {
    * unconfirmed (as audited() marks a single store's) for a call that would have stored; a plain 503
    * for one the batch refused, which stored nothing.
    */
-  private async unconfirmed(batch: Pending[], { refused, stored }: Settled): Promise<void> {
+  private async unconfirmed(batch: Pending[], { refused, secretNamed, stored }: Settled): Promise<void> {
     const errors = batch.map((p) => (refused.has(p) ? new UnavailableError(UNANSWERED_REFUSAL) : unconfirmedChange(UNCONFIRMED_STORE)));
     const audited = await appendAuditRows(
       this.pool,
       batch.map((p, i) => {
         const at = stored.get(p);
-        return {
-          ...callerEntry(p.caller, 'vault.store', { name: p.input.name, ...(at ? { version: at.version } : {}), ...errorDetail(errors[i]), ...(refused.has(p) ? {} : { unconfirmed: true }) }, at?.id ?? null),
-          outcome: outcomeOf(errors[i]),
-        };
+        const entry = callerEntry(p.caller, 'vault.store', { name: p.input.name, ...(at ? { version: at.version } : {}), ...errorDetail(errors[i]), ...(refused.has(p) ? {} : { unconfirmed: true }) }, at?.id ?? null);
+        // Withheld here as in the row the batch had written (before, the name went in as given: a secret, the request's own value even).
+        if (secretNamed.has(p)) withhold(entry.detail!, 'name');
+        return { ...entry, outcome: outcomeOf(errors[i]) };
       }),
     ).then(() => true, () => false);
     batch.forEach((p, i) => p.reject(audited ? markAudited(errors[i]) : errors[i]));
@@ -301,6 +303,7 @@ export class StoreBatcher {
         ...refused.map(({ p, err }) => () => p.reject(markAudited(err))),
       ],
       refused: new Set(refused.map(({ p }) => p)),
+      secretNamed: new Set(secretNames.keys()),
       stored: new Map(stored.map(({ p, id, version }) => [p, { id, version }])),
     };
   }
