@@ -140,6 +140,52 @@ describe('group commit of audited reads', () => {
     }
   });
 
+  it('a statement that fails before its lookup has decided writes the reference withheld, unchecked: a read batch, a change, a store', async () => {
+    // The database's own pool, but the lookups named fail as a statement timeout would (57014); the audit rows are written for real.
+    const timedOut = () => Object.assign(new Error('canceling statement due to statement timeout'), { code: '57014' });
+    let failing = /vault-read-batch|credential-lock-by-name|^SELECT id FROM credentials WHERE identity_id = \$1 AND name = \$2/;
+    const textOf = (q: unknown) => (typeof q === 'string' ? q : `${(q as { name?: string }).name ?? ''} ${(q as { text?: string }).text ?? ''}`.trim());
+    const wrap = <T extends { query: (...args: any[]) => any }>(db: T): T => {
+      const wrapped = Object.create(db) as T;
+      wrapped.query = ((q: unknown, ...rest: unknown[]) => (failing.test(textOf(q)) ? Promise.reject(timedOut()) : db.query(q, ...rest))) as T['query'];
+      return wrapped;
+    };
+    const pool = wrap(h.services.pool);
+    pool.connect = (async () => wrap(await h.services.pool.connect())) as typeof pool.connect;
+    const vault = new Vault(pool, new SecretStore(new DataKeys(pool, Keyring.fromSetting(h.keyringFile)), () => new Date()));
+    // A value alice stores, pasted where a name goes: never written as given while unchecked.
+    const pasted = 'sk_shared_first_value';
+    const callers = Array.from({ length: 4 }, () => as(alice));
+    const results = await Promise.all([
+      settle(vault.get(callers[0]!, { name: pasted })),
+      settle(vault.get(callers[1]!, { id: ids.shared! })),
+      settle(vault.remove(callers[2]!, { name: pasted })),
+      settle(vault.store(callers[3]!, { name: pasted, kind: 'api_key', value: h.secret(`sk_unchecked_${randomUUID()}`), rotation: { provider: 'generated', settings: {}, periodDays: 90 } })),
+    ]);
+    expect(results.map((r) => ('error' in r ? (r.error as { code?: string }).code : 'ok'))).toEqual(['57014', '57014', '57014', '57014']);
+    const rows = await rowsOf(callers.map((c) => c.requestId!));
+    const byCall = callers.map((c) => rows.find((r) => r.request_id === c.requestId));
+    expect(byCall.map((r) => [r?.action, r?.outcome])).toEqual([
+      ['vault.get', 'failed'],
+      ['vault.get', 'failed'],
+      ['credential.delete', 'failed'],
+      ['vault.store', 'failed'],
+    ]);
+    // Before, each was written as given: the pasted value in three permanent rows.
+    expect(byCall.map((r) => [r!.detail.nameWithheld ?? r!.detail.refWithheld, r!.detail.name ?? r!.detail.ref])).toEqual([
+      ['unchecked', undefined],
+      ['unchecked', undefined],
+      ['unchecked', undefined],
+      ['unchecked', undefined],
+    ]);
+    expect(JSON.stringify(byCall)).not.toContain(pasted);
+    // A change whose lookup found the credential, failing after, still names it (checked: one of the caller's).
+    const caller = as(alice);
+    failing = /^UPDATE credentials SET updated_at/;
+    await expect(vault.update(caller, { name: 'plain' }, { tags: ['x'] })).rejects.toMatchObject({ code: '57014' });
+    expect((await rowsOf([caller.requestId!]))[0]).toMatchObject({ action: 'credential.update', outcome: 'failed', credential_id: ids.plain, detail: { name: 'plain' } });
+  });
+
   it('a batch whose audit rows cannot be written hands out nothing: every call is a 503', async () => {
     await h.sql(`CREATE TRIGGER audit_refuse_batch BEFORE INSERT ON audit_log FOR EACH ROW WHEN (NEW.action = 'vault.get') EXECUTE FUNCTION audit_log_refuse()`);
     const lastRead = async () => (await h.services.vault.describe(alice.id, ids.shared!)).lastAccessedAt;

@@ -198,7 +198,12 @@ export class ReadBatcher {
         this.pool,
         batch.map((p, i) => {
           const known = settled[i]?.entry;
-          return failed(p, { ...auditEntry(p), ...(known ? { credentialId: known.credentialId, detail: { ...known.detail } } : {}) }, err).entry;
+          if (known) return failed(p, { ...auditEntry(p), credentialId: known.credentialId, detail: { ...known.detail } }, err).entry;
+          // The read never decided (its statement failed: a timeout, a dropped connection): the
+          // reference is not written as given, unchecked, as when the check itself fails.
+          const entry = auditEntry(p);
+          withhold(entry.detail!, 'id' in p.ref ? 'ref' : 'name', UNCHECKED);
+          return failed(p, entry, err).entry;
         }),
       );
       audited = true;

@@ -110,7 +110,7 @@ export class Vault {
       const createdAt = await this.secrets.insert(tx, caller.identityId, existing.id, version, plaintext, { providerRef: input.externalId });
       note.detail.version = version;
       return { id: existing.id, name: input.name, version, createdAt: createdAt.toISOString() };
-    }, UNCONFIRMED_STORE);
+    }, UNCONFIRMED_STORE, ['name']);
   }
 
   /** How many store batches ran, how many calls they carried, and how many rolled back to store alone. */
@@ -176,7 +176,7 @@ export class Vault {
       await this.setPolicy(tx, id, policy);
       await tx.query('UPDATE credentials SET updated_at = $2 WHERE id = $1', [id, this.clock()]);
       return this.describeIn(tx, caller.identityId, id);
-    });
+    }, undefined, Object.keys(refDetail(ref)));
   }
 
   /** Soft delete: hidden from every read and rotation, restorable until destroyed; its grants are revoked. */
@@ -190,7 +190,7 @@ export class Vault {
       const revoked = await revokeGrants(tx, id, now);
       if (revoked) note.detail.grantsRevoked = revoked;
       return { id, deletedAt: now.toISOString() };
-    });
+    }, undefined, Object.keys(refDetail(ref)));
   }
 
   restore(caller: Caller, ref: CredentialRef): Promise<CredentialMeta> {
@@ -198,7 +198,7 @@ export class Vault {
       const id = await this.lockOwn(tx, caller.identityId, ref, note, { deleted: true });
       await tx.query('UPDATE credentials SET deleted_at = NULL, updated_at = $2 WHERE id = $1', [id, this.clock()]);
       return this.describeIn(tx, caller.identityId, id);
-    });
+    }, undefined, Object.keys(refDetail(ref)));
   }
 
   /**
@@ -249,7 +249,7 @@ export class Vault {
       await revokeGrants(tx, id, now);
       note.detail.destroyedVersions = rowCount;
       return { id, destroyedVersions: rowCount ?? 0 };
-    });
+    }, undefined, Object.keys(refDetail(ref)));
   }
 
   /** Metadata only, never a value. */
@@ -426,7 +426,10 @@ export class Vault {
         values: [identityId, input.name],
       });
       const row = found.rows[0];
-      if (row) return { id: row.id, created: false, deleted: row.deleted_at !== null, currentVersion: row.current_version, kind: row.kind };
+      if (row) {
+        note.unchecked.clear(); // the name of one of the caller's credentials
+        return { id: row.id, created: false, deleted: row.deleted_at !== null, currentVersion: row.current_version, kind: row.kind };
+      }
       if (!checked) {
         checked = true;
         const secret = secretName(input, (await storedRefs(tx, this.secrets, identityId, [input.name])).has(input.name));
@@ -434,6 +437,7 @@ export class Vault {
           withhold(note.detail, 'name');
           throw secret;
         }
+        note.unchecked.clear(); // checked: not a value the caller can read
       }
       const refusal = storeRefusal(input, null);
       if (refusal) throw refusal;
@@ -478,11 +482,14 @@ export class Vault {
     );
     if (!rows[0]) {
       const which = opts.deletedBefore ? `deleted before ${opts.deletedBefore.toISOString()} ` : opts.deleted === true ? 'deleted ' : '';
-      if ((await withholdStored(tx, this.secrets, identityId, note.detail, refDetail(ref))).size > 0) {
+      const withheld = await withholdStored(tx, this.secrets, identityId, note.detail, refDetail(ref));
+      note.unchecked.clear(); // checked: withheld if a value the caller can read, as given if not
+      if (withheld.size > 0) {
         throw refWithheld(new NotFoundError(`no ${which}credential with the ${byId ? 'id' : 'name'} given (${storedValueGiven()})`));
       }
       throw new NotFoundError(`no ${which}credential with ${byId ? `id ${ref.id}` : `name '${ref.name}'`}`);
     }
+    note.unchecked.clear(); // one of the caller's credentials
     note.credentialId = rows[0].id;
     return rows[0].id;
   }
