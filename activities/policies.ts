@@ -163,7 +163,7 @@ export function policyActivities(deps: ActivityDeps) {
        * The overdue passwords whose notices are all settled: the owners' reminder and the security
        * contacts' escalation (or, the escalation refused, its withheld form) sent or given up. Nothing
        * is left to send for them until a new version (new ids) or the outbox's retention erases the
-       * rows; they cost the sweep nothing more (before, ~5 queries each, every sweep, for as long as
+       * rows; they cost the sweep nothing more (before, ~6 queries each, every sweep, for as long as
        * the password stayed unchanged). A notice still queued is not settled: its delivery is started
        * again, in case the attempt that queued it died first.
        */

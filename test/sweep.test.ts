@@ -1309,7 +1309,7 @@ describe('scheduled sweep', () => {
     expect(await versions([managed, windowed, old32, old40])).toEqual({ 'db-admin': 2, 'db-windowed': 1, 'legacy-32': 1, 'legacy-40': 1 });
 
     // Both of legacy-40's notices are out: a sweep has nothing left to do for it and asks nothing of
-    // its own about it (before, ~5 queries every sweep for as long as it stayed unchanged). legacy-32,
+    // its own about it (before, ~6 queries every sweep for as long as it stayed unchanged). legacy-32,
     // its escalation not due yet, is still looked at as before.
     const pass = await passwordPolicyPass();
     expect(pass.result).toEqual({ rotating: 0, reminded: 0, escalated: 0 });
