@@ -194,14 +194,39 @@ export const ABANDONED_LEAKS_REVOKED = 'abandoned-leaks-revoked';
 export const PENDING_KEPT_UNDER_DEPENDENTS = 'pending-kept-under-dependents';
 
 /**
- * Every rotateCredential patch above at once. A run started after it records this one marker (and
- * one `TemporalChangeVersion` search-attribute update) and takes every patched branch, where before
- * it recorded a marker and an update for each patch it reached: a rotation's history had 87 events,
- * ten of them those markers and updates of five patches. Runs recorded before it find no marker of
- * it and replay as they were, each patch asked on its own. A change after it is a patch of its own,
- * asked as `patched()` as before.
+ * Every rotateCredential patch above at once (ROTATION_PATCHES_BEFORE_START). A run started after it
+ * records this one marker (and one `TemporalChangeVersion` search-attribute update) and takes every
+ * one of their patched branches, where before it recorded a marker and an update for each patch it
+ * reached: a rotation's history had 87 events, ten of them those markers and updates of five
+ * patches. Runs recorded before it find no marker of it and replay as they were, each patch asked on
+ * its own. A patch added after it is not in that list, and is asked on its own in every run (a run
+ * started today must replay tomorrow without tomorrow's branch).
  */
 export const ROTATION_PATCHES_AT_START = 'rotation-patches-at-start';
+
+/** The patches ROTATION_PATCHES_AT_START stands for: fixed for good (add none). */
+export const ROTATION_PATCHES_BEFORE_START: ReadonlySet<string> = new Set([
+  CLOSE_INCIDENTS_LAST,
+  NOTICE_FAILURES_CONTINUE,
+  ROLLBACK_CHECKS_FIRST,
+  CANCELLED_CALLS_FINISH_FIRST,
+  CANCEL_WHILE_PLANNING,
+  LEAKED_VERSIONS_ANSWERED,
+  ROLLBACK_REVOKE_FAILURES_CONTINUE,
+  LEAK_OUTLIVES_CANCEL,
+  SUPERSEDED_ANSWERED,
+  SUPERSEDED_AFTER_FINAL_NOTICE,
+  GRACE_BESIDE_NOTICE,
+  LEAKS_COUNTED_AT_OUTCOME,
+  ROLLBACK_ANSWER_OUTLIVES_CANCEL,
+  UNROTATED_LEAKS_TOLD,
+  UNVERSIONED_NOT_REVOKED,
+  OLDER_LEAKS_BEFORE_CLOSE,
+  LEAK_REVOKES_BEFORE_PROMOTED,
+  RESTORES_AT_ONCE,
+  ABANDONED_LEAKS_REVOKED,
+  PENDING_KEPT_UNDER_DEPENDENTS,
+]);
 
 export const PATCH_IDS: readonly string[] = [
   ROTATION_PATCHES_AT_START,

@@ -37,6 +37,7 @@ import {
   ABANDONED_LEAKS_REVOKED,
   PENDING_KEPT_UNDER_DEPENDENTS,
   ROTATION_PATCHES_AT_START,
+  ROTATION_PATCHES_BEFORE_START,
 } from './patches';
 import type { NoticeKind, RotationMode, RotationNotice, RotationOutcome, RotationProgress, StepName } from './types';
 
@@ -92,10 +93,10 @@ interface Undo {
  * cancelling compensates the same way.
  */
 export async function rotateCredential(input: RotateCredentialInput): Promise<RotationProgress> {
-  // Asked first, before any command: a run started under it takes every patch below without a
-  // marker each; one recorded before it asks each patch as it did (ROTATION_PATCHES_AT_START).
-  const allPatched = patchMarker(ROTATION_PATCHES_AT_START);
-  const patched = (patchId: string): boolean => allPatched || patchMarker(patchId);
+  // Asked first, before any command: a run started under it takes every patch it stands for
+  // without a marker each; one recorded before it asks each as it did (ROTATION_PATCHES_AT_START).
+  const atStart = patchMarker(ROTATION_PATCHES_AT_START);
+  const patched = (patchId: string): boolean => (atStart && ROTATION_PATCHES_BEFORE_START.has(patchId)) || patchMarker(patchId);
   const ids = { rotationId: input.rotationId, identityId: input.identityId, credentialId: input.credentialId, workflowId: workflowInfo().workflowId };
   /** The grace notice, sent beside the grace period (GRACE_BESIDE_NOTICE): waited for before any notice after it, and the run's end. */
   let graceNotice: Promise<unknown> | undefined;
