@@ -715,11 +715,15 @@ describe('credential lifecycle', () => {
     // The provider takes 4 s to answer the create, and makes the key whatever the caller does meanwhile.
     provider.delayNext('create', 1, 4_000);
     const rotationId = await startRotation(name);
-    await waitFor('the create to reach the provider', async () => provider.requests.filter((r) => r.route === 'create').length, (n) => n > 0);
+    // The rotation's own create (its key names the rotation): the fixture's v1 was minted by a create too,
+    // answered at once, and counted here the cancel could beat the rotation's create to the provider
+    // on a loaded machine (nothing made, nothing to wait for).
+    const ours = () => provider.requests.filter((r) => r.route === 'create' && r.idempotencyKey?.startsWith(`${rotationId}:`));
+    await waitFor('the create to reach the provider', async () => ours().length, (n) => n > 0);
     await waitFor('the run to be recorded', () => report(rotationId), (r) => Boolean(r.credentials[0]?.runId));
     await cancelled(rotationId, credential.id);
     // Let the slow create answer (to nobody, now) and anything that could follow it land.
-    await waitFor('the slow create to be answered', async () => provider.requests.filter((r) => r.route === 'create' && r.status === 0).length, (n) => n === 0);
+    await waitFor('the slow create to be answered', async () => ours().filter((r) => r.status === 0).length, (n) => n === 0);
     await new Promise((r) => setTimeout(r, 1_000));
 
     // Before, the undo ran beside the create: it revoked the key, then the create's late answer was
