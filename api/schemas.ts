@@ -264,9 +264,20 @@ export const auditQuery = z.strictObject({
   limit: queryInt(z.number().int().min(1).max(1000).default(100)),
 });
 
+/**
+ * An identity named by its id or its name (a grant's grantee): an id's form, or a name of the form
+ * identityCreate takes. Anything else names no identity there could be: a 400 that does not repeat
+ * it, never looked up nor written into the audit log (before, a line break, a bidi override or any
+ * text pasted there was repeated in the 404 and written into the row as given), as GET
+ * /v1/identities/:ref refuses it.
+ */
+export const identityRef = z
+  .string()
+  .refine((s) => isUuid(s) || IDENTITY_NAME.test(s), "must be an identity's id (UUID) or name (1-100 letters, digits and . _ @ -, starting with a letter or digit)");
+
 export const grantCreate = z.strictObject({
   credential: credentialRef,
-  grantee: z.string().min(1).max(100),
+  grantee: identityRef,
 });
 
 export const leakReport = z

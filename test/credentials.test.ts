@@ -188,7 +188,7 @@ describe('credential policy', () => {
     expect((await h.api('POST', '/v1/vault.get', { token: reader.token, body: { id: stored.body.id } })).status).toBe(404);
   });
 
-  it('a credential named in a path or a grant by anything but an id or a name of a credential\'s form is a 400, never looked up nor written into the audit log', async () => {
+  it('a credential named in a path or a grant, or a grantee, by anything but an id or a name of its form is a 400, never looked up nor written into the audit log', async () => {
     // (Not h.secret: the harness records an error's route, where the leak sweep looks.)
     const invalid = ['line\r\n{"forged":"row"}', 'a\u0001b\u007f', 'has space', 'x'.repeat(201), '-starts-with-a-dash', 'pasted=value$x'];
     for (const [i, bad] of invalid.entries()) {
@@ -199,12 +199,18 @@ describe('credential policy', () => {
         ['DELETE', `${path}?destroy=true`, undefined],
         ['POST', `${path}/restore`, undefined],
         ['POST', '/v1/grants', { credential: bad, grantee: 'anyone' }],
+        // A grantee of no identity's form: the same (before, looked up, repeated in the 404 and written into the row).
+        ['POST', '/v1/grants', { credential: 'stripe', grantee: bad }],
       ];
       for (const [j, [method, route, body]] of calls.entries()) {
         const requestId = `req-bad-ref-${i}-${j}`;
         const res = await h.api(method, route, { token: agent.token, body, headers: { 'x-request-id': requestId } });
         expect(res.status, `${method} ${route}: ${res.text}`).toBe(400);
-        expect(res.body.errors, res.text).toEqual([{ path: j === 4 ? 'credential' : 'ref', message: expect.stringMatching(/^must be a credential id \(UUID\) or name: /) }]);
+        expect(res.body.errors, res.text).toEqual([
+          j === 5
+            ? { path: 'grantee', message: expect.stringMatching(/^must be an identity's id \(UUID\) or name /) }
+            : { path: j === 4 ? 'credential' : 'ref', message: expect.stringMatching(/^must be a credential id \(UUID\) or name: /) },
+        ]);
         // (The problem's `instance` is the caller's own path, as sent.)
         expect(JSON.stringify([res.body.detail, res.body.errors])).not.toContain(JSON.stringify(bad).slice(1, -1));
         const rows = (await h.sql('SELECT outcome, detail FROM audit_log WHERE request_id = $1', [requestId])).rows;
@@ -267,7 +273,7 @@ describe('credential policy', () => {
       {
         call: 'grant of it',
         status: 404,
-        field: 'credential',
+        field: 'name',
         send: (who, requestId, counterpart) => h.api('POST', '/v1/grants', { token: who.token, body: { credential: pasted, grantee: counterpart }, headers: { 'x-request-id': requestId } }),
       },
       // (The other identity's try names a credential not its own: the grantee, in the row from the start, is withheld all the same.)
@@ -289,6 +295,8 @@ describe('credential policy', () => {
       ['POST', '/v1/vault.get', { name: unregistered }, 'name'],
       ['PATCH', `/v1/credentials/${unregistered}`, { tags: ['x'] }, 'name'],
       ['GET', `/v1/audit?credential=${unregistered}`, undefined, 'credential'],
+      // (Before, a grant's row did not name the credential tried at all.)
+      ['POST', '/v1/grants', { credential: unregistered, grantee: holder.name }, 'name'],
     ] as const) {
       const requestId = `not-readable-${randomUUID()}`;
       const res = await fetch(h.url + route, {
@@ -344,6 +352,8 @@ describe('credential policy', () => {
       ['POST', '/v1/vault.get', { id: ghost }, `no credential with id ${ghost}`, { ref: ghost }],
       ['PATCH', '/v1/credentials/no-such-pasted-key', { tags: ['x'] }, "no credential with name 'no-such-pasted-key'", { name: 'no-such-pasted-key' }],
       ['GET', '/v1/audit?credential=no-such-pasted-key', undefined, '', { credential: 'no-such-pasted-key' }],
+      ['POST', '/v1/grants', { credential: 'no-such-pasted-key', grantee: holder.name }, "no credential with name 'no-such-pasted-key'", { name: 'no-such-pasted-key', grantee: holder.name }],
+      ['POST', '/v1/grants', { credential: ghost, grantee: holder.name }, `no credential with id ${ghost}`, { ref: ghost, grantee: holder.name }],
     ];
     for (const [method, route, body, detail, recorded] of plain) {
       const requestId = `not-withheld-${randomUUID()}`;

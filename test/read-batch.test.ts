@@ -4,6 +4,7 @@ import { AppError } from '../core/errors';
 import { verifyAuditChain } from '../vault/audit';
 import { MAX_IN_FLIGHT } from '../vault/read-batch';
 import { DataKeys } from '../vault/data-keys';
+import { Grants } from '../vault/grants';
 import { Keyring } from '../vault/keyring';
 import { SecretStore } from '../vault/secret-store';
 import type { Caller } from '../vault/types';
@@ -152,7 +153,8 @@ describe('group commit of audited reads', () => {
     };
     const pool = wrap(h.services.pool);
     pool.connect = (async () => wrap(await h.services.pool.connect())) as typeof pool.connect;
-    const vault = new Vault(pool, new SecretStore(new DataKeys(pool, Keyring.fromSetting(h.keyringFile)), () => new Date()));
+    const secrets = new SecretStore(new DataKeys(pool, Keyring.fromSetting(h.keyringFile)), () => new Date());
+    const vault = new Vault(pool, secrets);
     // A value alice stores, pasted where a name goes: never written as given while unchecked.
     const pasted = 'sk_shared_first_value';
     const callers = Array.from({ length: 4 }, () => as(alice));
@@ -184,6 +186,25 @@ describe('group commit of audited reads', () => {
     failing = /^UPDATE credentials SET updated_at/;
     await expect(vault.update(caller, { name: 'plain' }, { tags: ['x'] })).rejects.toMatchObject({ code: '57014' });
     expect((await rowsOf([caller.requestId!]))[0]).toMatchObject({ action: 'credential.update', outcome: 'failed', credential_id: ids.plain, detail: { name: 'plain' } });
+
+    // Grants, the same (before, the grantee and the grant id were written as given, and the credential not at all).
+    const grants = new Grants(pool, secrets);
+    const granting = [as(alice), as(alice), as(alice)];
+    failing = /FROM credentials WHERE identity_id = \$1 AND deleted_at IS NULL/;
+    await expect(grants.create(granting[0]!, { name: pasted }, pasted)).rejects.toMatchObject({ code: '57014' });
+    failing = /FROM identities WHERE/;
+    await expect(grants.create(granting[1]!, { name: 'plain' }, pasted)).rejects.toMatchObject({ code: '57014' });
+    failing = /^UPDATE grants g SET revoked_at/;
+    const uuidPasted = randomUUID();
+    await expect(grants.revoke(granting[2]!, uuidPasted)).rejects.toMatchObject({ code: '57014' });
+    const grantRows = await rowsOf(granting.map((c) => c.requestId!));
+    expect(grantRows.map((r) => [r.action, r.outcome, r.credential_id, r.detail])).toEqual([
+      ['grant.create', 'failed', null, expect.objectContaining({ nameWithheld: 'unchecked', granteeWithheld: 'unchecked' })],
+      ['grant.create', 'failed', ids.plain, expect.objectContaining({ name: 'plain', granteeWithheld: 'unchecked' })],
+      ['grant.revoke', 'failed', null, expect.objectContaining({ grantIdWithheld: 'unchecked' })],
+    ]);
+    expect(JSON.stringify(grantRows)).not.toContain(pasted);
+    expect(JSON.stringify(grantRows)).not.toContain(uuidPasted);
   });
 
   it('a batch whose audit rows cannot be written hands out nothing: every call is a 503', async () => {

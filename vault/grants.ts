@@ -3,6 +3,7 @@ import type { Pool } from '../db/pool';
 import { ConflictError, NotFoundError, refWithheld, storedValueGiven, UnprocessableError } from '../core/errors';
 import { isUuid } from '../core/ids';
 import { audited } from './audited';
+import { refDetail } from './vault';
 import type { Caller, CredentialRef } from './types';
 import { type StoredValues, withholdStored } from './withheld';
 
@@ -29,7 +30,12 @@ export class Grants {
   ) {}
 
   create(caller: Caller, credential: CredentialRef, grantee: string): Promise<Grant> {
-    return audited(this.pool, caller, 'grant.create', { grantee }, async (tx, note) => {
+    // The credential as given (`name`, or `ref` for an id), as the other changes write it, and the
+    // grantee: both unchecked until their lookups have decided (AuditNote.unchecked), so a statement
+    // failing before then does not write a value pasted there as given.
+    const ref = refDetail(credential);
+    const refField = Object.keys(ref)[0]!;
+    return audited(this.pool, caller, 'grant.create', { ...ref, grantee }, async (tx, note) => {
       const byId = 'id' in credential;
       // FOR SHARE: a delete in progress (which revokes the grants it sees) is waited for, and its
       // row then read again, deleted: a 404. Without it, the grant's insert (whose foreign key
@@ -41,22 +47,24 @@ export class Grants {
         )
       ).rows[0];
       if (!cred) {
-        // Neither reference found anything (the grantee, in the row from the start, not looked for
-        // yet): each that is a value the caller can read is withheld (vault/withheld.ts). The row
-        // names no credential it did not find, but says when the one given was such a value.
-        const withheld = await withholdStored(tx, this.secrets, caller.identityId, note.detail, { credential: byId ? credential.id : credential.name, grantee });
-        if (withheld.has('credential')) throw refWithheld(new NotFoundError(`no credential with the ${byId ? 'id' : 'name'} given (${storedValueGiven()})`));
+        // The credential found nothing (the grantee, in the row from the start, not looked for yet):
+        // each that is a value the caller can read is withheld (vault/withheld.ts), the others written as given.
+        const withheld = await withholdStored(tx, this.secrets, caller.identityId, note.detail, { ...ref, grantee });
+        note.unchecked.clear();
+        if (withheld.has(refField)) throw refWithheld(new NotFoundError(`no credential with the ${byId ? 'id' : 'name'} given (${storedValueGiven()})`));
         throw new NotFoundError(`no credential with ${byId ? `id ${credential.id}` : `name '${credential.name}'`}`);
       }
+      note.unchecked.delete(refField); // one of the caller's credentials
       note.credentialId = cred.id;
       // By id when it has that form (no identity name does), else by name: never both at once.
       const who = (await tx.query(`SELECT id, name FROM identities WHERE ${isUuid(grantee) ? 'id = $1::uuid' : 'name = $1'}`, [grantee])).rows[0];
       if (!who) {
-        if ((await withholdStored(tx, this.secrets, caller.identityId, note.detail, { grantee })).size > 0) {
-          throw refWithheld(new NotFoundError(`no identity with the grantee given (${storedValueGiven("an identity's name or id")})`));
-        }
+        const withheld = await withholdStored(tx, this.secrets, caller.identityId, note.detail, { grantee });
+        note.unchecked.clear();
+        if (withheld.size > 0) throw refWithheld(new NotFoundError(`no identity with the grantee given (${storedValueGiven("an identity's name or id")})`));
         throw new NotFoundError(`no identity '${grantee}'`);
       }
+      note.unchecked.clear(); // an identity
       if (who.id === caller.identityId) throw new UnprocessableError('an identity already reads its own credentials');
       const id = randomUUID();
       const inserted = await tx.query(
@@ -76,7 +84,7 @@ export class Grants {
         granteeName: who.name,
         createdAt: inserted.rows[0].created_at.toISOString(),
       };
-    });
+    }, undefined, [refField, 'grantee']);
   }
 
   /**
@@ -84,6 +92,7 @@ export class Grants {
    * (`grantId` is its lower case), checked as written when it names no grant.
    */
   revoke(caller: Caller, grantId: string, given = grantId): Promise<{ id: string; revokedAt: string }> {
+    // The id unchecked until the UPDATE has found its grant or the check has run (AuditNote.unchecked).
     return audited(this.pool, caller, 'grant.revoke', { grantId }, async (tx, note) => {
       const { rows } = await tx.query(
         `UPDATE grants g SET revoked_at = now()
@@ -96,14 +105,15 @@ export class Grants {
         // A value the caller can read (many keys are UUIDs) pasted where a grant id goes is neither
         // written into its denied row nor repeated (vault/withheld.ts): before, both held it as given.
         // As written and in lower case: the id is looked up in either, a value stored in either.
-        if ((await withholdStored(tx, this.secrets, caller.identityId, note.detail, { grantId: [given, grantId] })).size > 0) {
-          throw refWithheld(new NotFoundError(`no active grant with the id given (${storedValueGiven('a grant id, from GET /v1/grants')})`));
-        }
+        const withheld = await withholdStored(tx, this.secrets, caller.identityId, note.detail, { grantId: [given, grantId] });
+        note.unchecked.clear();
+        if (withheld.size > 0) throw refWithheld(new NotFoundError(`no active grant with the id given (${storedValueGiven('a grant id, from GET /v1/grants')})`));
         throw new NotFoundError(`no active grant with id ${grantId}`);
       }
+      note.unchecked.clear(); // a grant of the caller's
       note.credentialId = rows[0].credential_id;
       return { id: grantId, revokedAt: rows[0].revoked_at.toISOString() };
-    });
+    }, undefined, ['grantId']);
   }
 
   /** Grants the identity gave and grants it holds. */
