@@ -29,6 +29,7 @@ interface Service {
   depends_on?: string[] | Record<string, { condition: string }>;
   healthcheck?: { test?: unknown; disable?: boolean };
   restart?: string;
+  volumes?: (string | { source?: string; target: string })[];
 }
 interface Compose {
   services: Record<string, Service>;
@@ -263,6 +264,23 @@ describe('docker-compose.yml', () => {
     }
   });
 
+  /** The settings docker-compose.yml pins to where its env-files volume is mounted, over the env files (the README says so). */
+  const PINNED = { DATA_DIR: '/var/lib/mailgent', ENV_FILES_ROOT: '/var/lib/mailgent/env-files' };
+
+  it("pins DATA_DIR and ENV_FILES_ROOT to the shared volume's mount, whatever deploy/mailgent.env says", () => {
+    // Before, only the image's ENV gave them: an operator's ENV_FILES_ROOT won, and each worker wrote
+    // env-file dependents into its own container, off the volume the others and the API share.
+    const dockerfile = read('Dockerfile');
+    for (const [variable, value] of Object.entries(PINNED)) expect(dockerfile, variable).toMatch(new RegExp(`${variable}=${value}\\b`));
+    const operator = 'DATABASE_URL=postgres://mailgent:pw@postgres:5432/mailgent\nENV_FILES_ROOT=/srv/env\nDATA_DIR=/data\n';
+    for (const part of ['api', 'worker', 'migrate']) {
+      const s = services[part]!;
+      expect(fullEnvironment(s, undefined, { 'deploy/mailgent.env': operator }), part).toMatchObject(PINNED);
+      const mounts = (s.volumes ?? []).map((v) => (typeof v === 'string' ? v.split(':')[1] : v.target));
+      expect(mounts, part).toContain(PINNED.ENV_FILES_ROOT);
+    }
+  });
+
   it('lets deploy/mailgent.env set every setting, the shipped defaults applying where it says nothing', () => {
     // environment: wins over every env_file, so a setting hard-coded there is one the operator's
     // deploy/mailgent.env could never change (LOG_LEVEL=debug there was silently ignored).
@@ -280,7 +298,7 @@ describe('docker-compose.yml', () => {
     const secrets = 'DATABASE_URL=postgres://mailgent:pw@postgres:5432/mailgent\nADMIN_TOKEN=x\n';
     for (const part of ['api', 'worker', 'migrate']) {
       const s = services[part]!;
-      expect(Object.keys(environmentOf(s)).filter((v) => operatorSettable.has(v)), `${part}: settings hard-coded in environment:`).toEqual([]);
+      expect(Object.keys(environmentOf(s)).filter((v) => operatorSettable.has(v) && !(v in PINNED)), `${part}: settings hard-coded in environment:`).toEqual([]);
       // The operator's file is read last, so its values win over the defaults read before it.
       expect(envFilesOf(s).at(-1), part).toBe('deploy/mailgent.env');
       // An env file that says nothing of them (one make-env.sh wrote before they were in the
